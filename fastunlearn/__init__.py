@@ -1,0 +1,11 @@
+"""fastunlearn: fused kernels and a LoRA training loop for LLM unlearning (IHL + FILA, ICLR 2025).
+
+Importing the package imports PyTorch only; Triton is loaded the first time a Triton backend runs,
+and the training, evaluation and command-line layers load on first use.
+"""
+
+from fastunlearn.ihl import IHLLoss, ihl_loss, ihl_paper_formulation, ihl_reference
+
+__version__ = "0.1.0"
+
+__all__ = ["IHLLoss", "__version__", "ihl_loss", "ihl_paper_formulation", "ihl_reference"]

@@ -1,0 +1,236 @@
+"""The Inverted Hinge Loss: user-facing function, module, autograd wrapper and references.
+
+IHL (Cha et al., ICLR 2025, §3.1) replaces gradient ascent on the forget set. For each target token,
+with ``p = softmax(z)`` and ``m`` the most likely *other* token,
+
+    ℓ = 1 + p_y − max_{v≠y} p_v ∈ [0, 2],
+
+so minimising it pushes the true token below its best alternative and the probability mass goes to a
+plausible replacement instead of collapsing the model. The loss of a batch is the mean of ℓ over its
+non-ignored target tokens.
+
+Backends (see :func:`ihl_loss`): the Triton kernels of ``fastunlearn.kernels.ihl`` on CUDA, a chunked
+PyTorch path with identical numerics on CPU, and two eager references — :func:`ihl_reference`, the
+formula written plainly (the test oracle and benchmark baseline), and :func:`ihl_paper_formulation`,
+the paper's code (full softmax, one-hot mask, masked copy).
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from fastunlearn import _ihl_torch
+from fastunlearn._backend import Backend, resolve_backend
+
+Reduction = Literal["mean", "sum", "none"]
+REDUCTIONS = ("mean", "sum", "none")
+
+__all__ = ["IHLLoss", "ihl_loss", "ihl_paper_formulation", "ihl_reference"]
+
+
+def _implementation(name: str) -> ModuleType:
+    if name == "triton":
+        from fastunlearn.kernels import ihl as triton_ihl  # imports triton: only when asked for
+
+        return triton_ihl
+    return _ihl_torch
+
+
+def _as_rows(logits: Tensor) -> Tensor:
+    """View ``[..., V]`` logits as ``[B, T, V]``, copying only when no view exists.
+
+    A flat ``[1, N, V]`` view is preferred; a strided ``[B, T, V]`` slice such as ``logits[:, :-1]``
+    (the causal shift) has none, but the kernels address rows through both leading strides.
+    """
+    V = logits.shape[-1]
+    for shape in ((1, -1, V), (-1, *logits.shape[-2:])):
+        try:
+            return logits.view(shape)
+        except RuntimeError:
+            continue
+    return logits.reshape(1, -1, V)
+
+
+def _valid_count(labels: Tensor, vocab: int, ignore_index: int) -> Tensor:
+    return ((labels != ignore_index) & (labels >= 0) & (labels < vocab)).sum()
+
+
+class _IHLFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        logits: Tensor,
+        labels: Tensor,
+        ignore_index: int,
+        reduction: str,
+        backend: str,
+        inplace_backward: bool,
+    ) -> Tensor:
+        impl = _implementation(backend)
+        rows = _as_rows(logits)
+        flat_labels = labels.reshape(-1)
+        row_loss, stats, argmax = impl.ihl_forward(rows, flat_labels, ignore_index)
+        count = _valid_count(flat_labels, logits.shape[-1], ignore_index)
+        if reduction == "none":
+            out = row_loss.view(labels.shape)
+        elif reduction == "sum":
+            out = row_loss.sum()
+        else:
+            out = row_loss.sum() / count.clamp_min(1)
+        ctx.save_for_backward(rows, flat_labels, stats, argmax, count)
+        ctx.logits_shape = logits.shape
+        ctx.options = (ignore_index, reduction, backend, inplace_backward)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        rows, labels, stats, argmax, count = ctx.saved_tensors
+        ignore_index, reduction, backend, inplace_backward = ctx.options
+        if reduction == "none":
+            grad_rows = grad_out.reshape(-1).contiguous()
+        elif reduction == "sum":
+            grad_rows = grad_out
+        else:
+            grad_rows = grad_out / count.clamp_min(1)
+        grad = rows if inplace_backward else torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+        _implementation(backend).ihl_backward(rows, labels, stats, argmax, grad_rows, grad, ignore_index)
+        return grad.view(ctx.logits_shape), None, None, None, None, None
+
+
+def _check_inputs(logits: Tensor, labels: Tensor, ignore_index: int, reduction: str, validate: bool) -> None:
+    if not isinstance(logits, Tensor) or not isinstance(labels, Tensor):
+        raise TypeError("ihl_loss expects tensors for `logits` and `labels`")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor (fp32, bf16 or fp16), got {logits.dtype}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor (token ids), got {labels.dtype}")
+    if logits.dim() < 1 or tuple(labels.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"labels must have the shape of logits without its last (vocabulary) dimension: logits "
+            f"{tuple(logits.shape)} needs labels {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
+        )
+    if logits.shape[-1] < 2:
+        raise ValueError(f"IHL needs a vocabulary of at least 2 entries, got {logits.shape[-1]}")
+    if labels.device != logits.device:
+        raise ValueError(f"logits are on {logits.device} but labels are on {labels.device}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+    if validate:
+        V = logits.shape[-1]
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        if bad.any():  # one host sync; validate=False skips it
+            first = labels[bad][0].item()
+            raise ValueError(
+                f"label {first} is outside the vocabulary [0, {V}) and is not ignore_index ({ignore_index})"
+            )
+
+
+# A graph break under torch.compile: Dynamo must not trace into the launchers. `torch._disable_dynamo`
+# is `torch.compiler.disable` with the import of Dynamo (and, through it, Triton) deferred to the
+# first call, which keeps `import fastunlearn` light.
+@torch._disable_dynamo
+def ihl_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    backend: Backend = "auto",
+    inplace_backward: bool = False,
+    validate: bool = True,
+) -> Tensor:
+    """Inverted Hinge Loss ``1 + p_y − max_{v≠y} p_v`` of each target token (SPEC §2).
+
+    Args:
+        logits: ``[..., V]`` scores, fp32, bf16 or fp16, any strides. Targets are aligned as in
+            ``F.cross_entropy``: the caller shifts them for causal language modelling.
+        labels: integer token ids of shape ``logits.shape[:-1]``; ``ignore_index`` marks positions
+            that carry no loss (prompt tokens, padding).
+        reduction: ``"mean"`` over non-ignored tokens of the whole batch (the paper's), ``"sum"``, or
+            ``"none"`` (per token, shape of ``labels``, 0 at ignored positions). A batch without a
+            valid token gives 0 and a zero gradient.
+        backend: ``"auto"`` (Triton for CUDA tensors, the chunked PyTorch path otherwise),
+            ``"triton"`` (also CPU tensors under ``TRITON_INTERPRET=1``), ``"torch"`` or
+            ``"reference"`` (the eager formula, :func:`ihl_reference`).
+        inplace_backward: write the gradient over the logits' storage (no extra memory). The logits
+            are destroyed by the backward: nothing else may read them afterwards.
+        validate: check that labels lie in ``[0, V)`` (one host synchronisation). With
+            ``validate=False`` out-of-range labels are treated as ignored.
+
+    Returns:
+        The loss in fp32 (fp64 for fp64 logits on the PyTorch paths); its gradient has the logits'
+        dtype. Fused paths accumulate in fp32 and keep ``1 − p_y`` as a sum, never a subtraction.
+    """
+    _check_inputs(logits, labels, ignore_index, reduction, validate)
+    resolved = resolve_backend(backend, logits.device)
+    if resolved == "reference":
+        return ihl_reference(logits, labels, ignore_index=ignore_index, reduction=reduction)
+    return _IHLFunction.apply(logits, labels, ignore_index, reduction, resolved, inplace_backward)
+
+
+class IHLLoss(nn.Module):
+    """``nn.Module`` wrapper of :func:`ihl_loss`; ``forward(logits, labels)``."""
+
+    def __init__(
+        self, ignore_index: int = -100, reduction: Reduction = "mean", backend: Backend = "auto"
+    ) -> None:
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return ihl_loss(
+            logits, labels, ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend
+        )
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, backend={self.backend!r}"
+
+
+def ihl_reference(
+    logits: Tensor, labels: Tensor, *, ignore_index: int = -100, reduction: Reduction = "mean"
+) -> Tensor:
+    """The IHL formula written plainly with eager PyTorch ops and differentiated by autograd.
+
+    Computes in fp32 (fp64 for fp64 input). It materialises the ``[N, V]`` softmax and a masked copy
+    and, through autograd, forms ``1 − p_y`` by subtraction — fine in fp64 (the tests' oracle), lossy
+    in fp32 for confident rows. Out-of-range labels count as ignored.
+    """
+    z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    V = z.shape[-1]
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < V)
+    y = torch.where(valid, labels, 0).unsqueeze(-1)
+    p = z.softmax(dim=-1)
+    p_y = p.gather(-1, y).squeeze(-1)
+    m = z.scatter(-1, y, float("-inf")).argmax(dim=-1, keepdim=True)  # first index on ties
+    p_m = p.gather(-1, m).squeeze(-1)
+    loss = torch.where(valid, 1 + p_y - p_m, 0.0)
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / valid.sum().clamp_min(1)
+
+
+def ihl_paper_formulation(logits: Tensor, labels: Tensor, *, ignore_index: int = -100) -> Tensor:
+    """IHL as the paper's code computes it: the benchmark's baseline, mean reduction only.
+
+    Softmax over the full ``[N, V]`` logits in their own dtype, a one-hot mask, the target
+    probabilities picked by the mask and a masked ``[N, V−1]`` copy of the others for their maximum.
+    """
+    V = logits.shape[-1]
+    flat_logits, flat_labels = logits.reshape(-1, V), labels.reshape(-1)
+    keep = flat_labels != ignore_index
+    probs = F.softmax(flat_logits[keep], dim=-1)
+    one_hot = F.one_hot(flat_labels[keep], V).bool()
+    p_y = probs[one_hot]
+    p_others = probs[~one_hot].view(-1, V - 1)
+    return (1 + p_y - p_others.max(dim=-1).values).mean()

@@ -1,0 +1,208 @@
+"""Triton kernels for the Inverted Hinge Loss (Cha et al., ICLR 2025, §3.1; SPEC §2).
+
+For one row of logits ``z ∈ R^V`` with target ``y``, ``p = softmax(z)`` and
+``m = argmax_{v≠y} z_v`` (first index on ties)::
+
+    ℓ = 1 + p_y − p_m
+
+Write ``e_v = exp(z_v − M)`` for the row maximum ``M``, ``R = Σ_{v∉{y,m}} e_v`` and
+``S = e_y + e_m + R``. Then, with no subtraction anywhere::
+
+    ℓ        = (2·e_y + R) / S                        (= (1 − p_m) + p_y)
+    ∂ℓ/∂z_y  =  p_y · (2·e_m + R) / S                  (= p_y·(1 − p_y + p_m))
+    ∂ℓ/∂z_m  = −p_m · ℓ                               (= −p_m·(1 − p_m + p_y))
+    ∂ℓ/∂z_j  = (p_m − p_y) · p_j                       for j ∉ {y, m}
+
+Memorised forget-set tokens have ``p_y ≈ 1``; computing ``1 − p_y`` by subtraction in fp32 loses every
+digit once ``1 − p_y`` falls below ~1e-7. Keeping ``R`` (the mass outside ``{y, m}``) as its own sum
+makes every quantity above a ratio of positive sums, accurate to a few fp32 ulps however confident the
+row is. ``R`` is accumulated online: each block contributes the exponentials of all its entries except
+``y`` and the block's own arg-max; when a block's arg-max takes over as the running ``m``, the old
+``m``'s exponential joins ``R``, otherwise the block's arg-max does.
+
+Forward: one read of the row, all arithmetic in fp32, and five numbers kept per row for the backward
+(``lse``, ``p_m − p_y``, the two special gradients, and ``m``) — never the probabilities.
+Backward: one more read of the row and one write of the gradient, ``p_j = exp(z_j − lse)``.
+
+Logits are addressed as ``[B, T, V]`` with arbitrary strides, so a shifted slice such as
+``logits[:, :-1]`` needs no copy; row offsets are computed in int64 so ``N·V ≥ 2³¹`` is safe.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# One program per row; a block of the vocabulary per loop iteration. 16k fp32 lanes over 16 warps is
+# 32 values per thread: large blocks amortise the per-iteration reductions without spilling.
+MAX_BLOCK_V = 16384
+
+
+@triton.jit
+def _ihl_forward_kernel(
+    logits_ptr,
+    labels_ptr,
+    loss_ptr,
+    stats_ptr,
+    argmax_ptr,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    stride_v,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    base = logits_ptr + b * stride_b + (row - b * T) * stride_t
+    y = tl.load(labels_ptr + row)
+    valid = (y != ignore_index) & (y >= 0) & (y < V)
+    if valid:
+        z_y = tl.load(base + y * stride_v).to(tl.float32)
+        run_max = z_y  # max over the whole row, y included: the shift of every exponential
+        best = float("-inf")  # max over v ≠ y ...
+        best_idx = 0  # ... and its first index
+        rest = 0.0  # Σ exp(z_v − shift) over v ∉ {y, best_idx}
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            z = tl.load(base + offs.to(tl.int64) * stride_v, mask=offs < V, other=float("-inf"))
+            z = tl.where(offs == y, float("-inf"), z.to(tl.float32))
+            blk_best = tl.max(z, axis=0)
+            blk_idx = tl.min(tl.where(z == blk_best, offs, V), axis=0)
+            new_max = tl.maximum(run_max, blk_best)
+            # A row of -inf so far would give exp(-inf - -inf) = nan; shifting by 0 keeps those zeros.
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            blk_rest = tl.sum(tl.where(offs == blk_idx, 0.0, tl.exp(z - shift)), axis=0)
+            rest = rest * tl.exp(run_max - shift)
+            take = blk_best > best  # strict: an earlier index wins ties
+            rest += blk_rest + tl.where(take, tl.exp(best - shift), tl.exp(blk_best - shift))
+            best_idx = tl.where(take, blk_idx, best_idx)
+            best = tl.maximum(best, blk_best)
+            run_max = new_max
+        shift = tl.where(run_max == float("-inf"), 0.0, run_max)
+        e_y = tl.exp(z_y - shift)
+        e_m = tl.exp(best - shift)
+        inv_s = 1.0 / (e_y + e_m + rest)
+        p_y = e_y * inv_s
+        p_m = e_m * inv_s
+        loss = (2.0 * e_y + rest) * inv_s
+        tl.store(loss_ptr + row, loss)
+        tl.store(stats_ptr + row * 4 + 0, shift + tl.log(e_y + e_m + rest))
+        tl.store(stats_ptr + row * 4 + 1, p_m - p_y)
+        tl.store(stats_ptr + row * 4 + 2, p_y * (2.0 * e_m + rest) * inv_s)
+        tl.store(stats_ptr + row * 4 + 3, -p_m * loss)
+        tl.store(argmax_ptr + row, best_idx)
+    else:
+        tl.store(loss_ptr + row, 0.0)
+
+
+@triton.jit
+def _ihl_backward_kernel(
+    logits_ptr,
+    labels_ptr,
+    stats_ptr,
+    argmax_ptr,
+    grad_rows_ptr,
+    grad_rows_stride,
+    grad_ptr,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    stride_v,
+    grad_stride_b,
+    grad_stride_t,
+    grad_stride_v,
+    ignore_index,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    base = logits_ptr + b * stride_b + t * stride_t
+    grad_base = grad_ptr + b * grad_stride_b + t * grad_stride_t
+    y = tl.load(labels_ptr + row)
+    valid = (y != ignore_index) & (y >= 0) & (y < V)
+    if valid:
+        scale = tl.load(grad_rows_ptr + row * grad_rows_stride).to(tl.float32)
+        lse = tl.load(stats_ptr + row * 4 + 0)
+        coef = tl.load(stats_ptr + row * 4 + 1) * scale
+        g_y = tl.load(stats_ptr + row * 4 + 2) * scale
+        g_m = tl.load(stats_ptr + row * 4 + 3) * scale
+        m = tl.load(argmax_ptr + row)
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            in_row = offs < V
+            z = tl.load(base + offs.to(tl.int64) * stride_v, mask=in_row, other=0.0).to(tl.float32)
+            g = coef * tl.exp(z - lse)
+            g = tl.where(offs == y, g_y, g)
+            g = tl.where(offs == m, g_m, g)
+            tl.store(
+                grad_base + offs.to(tl.int64) * grad_stride_v,
+                g.to(grad_ptr.dtype.element_ty),
+                mask=in_row,
+            )
+    else:
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            zeros = tl.zeros((BLOCK_V,), dtype=grad_ptr.dtype.element_ty)
+            tl.store(grad_base + offs.to(tl.int64) * grad_stride_v, zeros, mask=offs < V)
+
+
+def _launch_config(vocab: int) -> tuple[int, int]:
+    block = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
+    num_warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
+    return block, num_warps
+
+
+def ihl_forward(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row loss of ``logits`` (``[B, T, V]``, any strides) against flat ``labels`` (``[B·T]``).
+
+    Returns ``(loss [N] fp32, stats [N, 4] fp32, argmax [N] int32)``; ``stats`` holds
+    ``(lse, p_m − p_y, ∂ℓ/∂z_y, ∂ℓ/∂z_m)`` for the backward. Ignored rows get loss 0.
+    """
+    B, T, V = logits.shape
+    n_rows = B * T
+    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    stats = torch.empty(n_rows, 4, dtype=torch.float32, device=logits.device)
+    argmax = torch.zeros(n_rows, dtype=torch.int32, device=logits.device)
+    if n_rows == 0:
+        return loss, stats, argmax
+    block, num_warps = _launch_config(V)
+    _ihl_forward_kernel[(n_rows,)](
+        logits, labels, loss, stats, argmax,
+        T, V, *logits.stride(), ignore_index,
+        BLOCK_V=block, num_warps=num_warps,
+    )  # fmt: skip
+    return loss, stats, argmax
+
+
+def ihl_backward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    stats: torch.Tensor,
+    argmax: torch.Tensor,
+    grad_rows: torch.Tensor,
+    grad: torch.Tensor,
+    ignore_index: int,
+) -> torch.Tensor:
+    """Write ``grad_rows[r] · ∂ℓ_r/∂logits[r]`` into ``grad`` (``[B, T, V]``, any strides).
+
+    ``grad_rows`` is a 0-d tensor (one scale for every row) or a ``[N]`` tensor. ``grad`` may be
+    ``logits`` itself: each element is read before it is overwritten, by the same program.
+    """
+    B, T, V = logits.shape
+    if B * T == 0:
+        return grad
+    rows_stride = 0 if grad_rows.dim() == 0 else grad_rows.stride(0)
+    block, num_warps = _launch_config(V)
+    _ihl_backward_kernel[(B * T,)](
+        logits, labels, stats, argmax, grad_rows, rows_stride, grad,
+        T, V, *logits.stride(), *grad.stride(), ignore_index,
+        BLOCK_V=block, num_warps=num_warps,
+    )  # fmt: skip
+    return grad
