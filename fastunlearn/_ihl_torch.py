@@ -64,7 +64,9 @@ def ihl_forward(
         out = stats[r0:r1]
         # Ignored rows: lse = +inf and zero coefficients make the backward write exact zeros.
         out[:, 0:1] = torch.where(valid, shift + total.log(), float("inf"))
-        out[:, 1:2] = torch.where(valid, p_m - p_y, 0.0)
+        diff = best - z_y
+        coef = torch.where(diff.abs() < 0.5, e_y * torch.expm1(diff), e_m - e_y) / total
+        out[:, 1:2] = torch.where(valid, coef, 0.0)
         out[:, 2:3] = torch.where(valid, p_y * (2 * e_m + rest) / total, 0.0)
         out[:, 3:4] = torch.where(valid, -p_m * row_loss, 0.0)
         loss[r0:r1] = torch.where(valid, row_loss, 0.0).squeeze(1)

@@ -74,7 +74,7 @@ class _IHLFunction(torch.autograd.Function):
     ) -> Tensor:
         impl = _implementation(backend)
         rows = _as_rows(logits)
-        flat_labels = labels.reshape(-1)
+        flat_labels = labels.reshape(-1).long()
         row_loss, stats, argmax = impl.ihl_forward(rows, flat_labels, ignore_index)
         count = _valid_count(flat_labels, logits.shape[-1], ignore_index)
         if reduction == "none":

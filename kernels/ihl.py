@@ -20,6 +20,9 @@ row is. ``R`` is accumulated online: each block contributes the exponentials of 
 ``y`` and the block's own arg-max; when a block's arg-max takes over as the running ``m``, the old
 ``m``'s exponential joins ``R``, otherwise the block's arg-max does.
 
+The one remaining difference, ``p_m − p_y``, is formed as ``e_y·expm1(z_m − z_y)/S`` when the two
+logits are close, where ``e_m − e_y`` would cancel.
+
 Forward: one read of the row, all arithmetic in fp32, and five numbers kept per row for the backward
 (``lse``, ``p_m − p_y``, the two special gradients, and ``m``) — never the probabilities.
 Backward: one more read of the row and one write of the gradient, ``p_j = exp(z_j − lse)``.
@@ -37,6 +40,33 @@ import triton.language as tl
 # One program per row; a block of the vocabulary per loop iteration. 16k fp32 lanes over 16 warps is
 # 32 values per thread: large blocks amortise the per-iteration reductions without spilling.
 MAX_BLOCK_V = 16384
+
+
+@triton.jit
+def _expm1(x):
+    """``exp(x) − 1`` without cancellation near 0 (libdevice's expm1 fails under the interpreter).
+
+    Below |x| = 0.5 a degree-8 Taylor polynomial (relative truncation error < 1e-8); above, the
+    subtraction loses at most a couple of ulps.
+    """
+    poly = 1 / 5040 + x / 40320
+    poly = 1 / 24 + x * (1 / 120 + x * (1 / 720 + x * poly))
+    poly = x * (1.0 + x * (1 / 2 + x * (1 / 6 + x * poly)))
+    return tl.where(tl.abs(x) < 0.5, poly, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def _round_to_output(x, out_ptr):
+    """Cast fp32 ``x`` to ``out_ptr``'s element type with round-to-nearest-even.
+
+    For bf16 the rounding is done on the bits: GPUs round either way, but the Triton interpreter
+    truncates fp32 → bf16, which would make CPU tests see a bias of up to one bf16 ulp.
+    """
+    if out_ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(out_ptr.dtype.element_ty)
 
 
 @triton.jit
@@ -90,7 +120,10 @@ def _ihl_forward_kernel(
         loss = (2.0 * e_y + rest) * inv_s
         tl.store(loss_ptr + row, loss)
         tl.store(stats_ptr + row * 4 + 0, shift + tl.log(e_y + e_m + rest))
-        tl.store(stats_ptr + row * 4 + 1, p_m - p_y)
+        # p_m − p_y = e_y·expm1(z_m − z_y)/S: exact when the two logits are close, where e_m − e_y cancels.
+        diff = best - z_y
+        near = tl.abs(diff) < 0.5
+        tl.store(stats_ptr + row * 4 + 1, tl.where(near, e_y * _expm1(diff), e_m - e_y) * inv_s)
         tl.store(stats_ptr + row * 4 + 2, p_y * (2.0 * e_m + rest) * inv_s)
         tl.store(stats_ptr + row * 4 + 3, -p_m * loss)
         tl.store(argmax_ptr + row, best_idx)
@@ -139,11 +172,8 @@ def _ihl_backward_kernel(
             g = coef * tl.exp(z - lse)
             g = tl.where(offs == y, g_y, g)
             g = tl.where(offs == m, g_m, g)
-            tl.store(
-                grad_base + offs.to(tl.int64) * grad_stride_v,
-                g.to(grad_ptr.dtype.element_ty),
-                mask=in_row,
-            )
+            g = _round_to_output(g, grad_ptr)
+            tl.store(grad_base + offs.to(tl.int64) * grad_stride_v, g, mask=in_row)
     else:
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)

@@ -1,0 +1,132 @@
+"""Shared helpers for the benchmarks: device description, timing, peak memory and result files.
+
+Timing: medians over repeats after warm-up; CUDA timings bracket the work with events and synchronise.
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the call; on
+CPU, the allocator has no such counter, so the peak is sampled from the process's resident set
+(``/proc/self/status`` VmHWM) after a reset of the high-water mark through ``/proc/self/clear_refs`` —
+coarse (page granularity, includes allocator caching) but honest, and it sees every allocation.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    return f"CPU: {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_time(fn: Callable[[], Any], device: torch.device, *, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _cpu_rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
+    """Bytes allocated by ``fn()`` at its peak, above what was in use when it started."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # reset VmHWM to the current RSS
+    before = _cpu_rss_bytes("VmRSS:")
+    fn()
+    return max(0, _cpu_rss_bytes("VmHWM:") - before)
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_results(stem: str, rows: list[dict[str, Any]], env: dict[str, Any]) -> tuple[Path, Path]:
+    """Write ``rows`` to ``results/<stem>.csv`` and, with ``env``, to ``results/<stem>.json``."""
+    csv_path, json_path = RESULTS_DIR / f"{stem}.csv", RESULTS_DIR / f"{stem}.json"
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+
+    def write_csv(handle: Any) -> None:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    _atomic_write(csv_path, write_csv)
+    _atomic_write(json_path, lambda handle: json.dump({"environment": env, "rows": rows}, handle, indent=2))
+    return csv_path, json_path
+
+
+def slug(device: torch.device) -> str:
+    """Short file-name tag for a device: ``cpu``, ``h100``, ``h200``..."""
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    for tag in ("h200", "h100", "a100", "l40s", "l4", "a10"):
+        if tag in name:
+            return tag
+    return "cuda"

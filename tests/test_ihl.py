@@ -1,0 +1,283 @@
+"""IHL loss and gradient against an fp64 oracle written from SPEC §2, for every backend.
+
+Tolerances, per element, ``|got − want| ≤ rtol·|want| + atol`` against the fp64 oracle evaluated on the
+*same* (dtype-rounded) logits:
+- fp32: rtol 1e-5. The fused paths form every quantity as a ratio of positive sums; the only error is
+  fp32 rounding (~1e-7 per operation, amplified by |z − lse| ≲ 30 inside ``exp``).
+- bf16 / fp16 gradients: the stored value is the fp32 result rounded to the logits' dtype, so the
+  error is bounded by half a unit in the last place, 2⁻⁸ (bf16, 8 significant bits) / 2⁻¹¹ (fp16)
+  relative — the error
+  PyTorch makes when it rounds its own fp32 result — plus the fp32 error; fp16 adds half its smallest
+  subnormal (2⁻²⁵) for entries that underflow. The loss itself is returned in fp32: rtol 1e-5.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastunlearn import IHLLoss, ihl_loss, ihl_paper_formulation, ihl_reference
+
+GRAD_TOL = {
+    torch.float32: (1e-5, 0.0),
+    torch.bfloat16: (2.0**-8 + 1e-5, 0.0),
+    torch.float16: (2.0**-11 + 1e-5, 2.0**-25),
+}
+FUSED = ["torch", "triton"]
+SHAPES = [(13, 7), (9, 32003), (3, 70001)]  # small odd vocabulary, Llama-2-ish, above 65536
+
+
+def oracle(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
+    """Per-row loss, per-row gradient (closed form of SPEC §2) and validity, in fp64."""
+    z = logits.detach().double().reshape(-1, logits.shape[-1])
+    y = labels.reshape(-1)
+    valid = (y != ignore_index) & (y >= 0) & (y < z.shape[-1])
+    ys = torch.where(valid, y, 0)
+    p = z.softmax(-1)
+    rows = torch.arange(z.shape[0])
+    m = z.clone().index_put_((rows, ys), torch.tensor(float("-inf"), dtype=z.dtype)).argmax(-1)
+    p_y, p_m = p[rows, ys], p[rows, m]
+    # 1 − p_y and 1 − p_m as sums of the other probabilities (SPEC §2): by subtraction even fp64
+    # loses every digit once a row is confident enough (margin 40: 1 − p_y ≈ 1e-15).
+    not_y = p.index_put((rows, ys), torch.tensor(0.0, dtype=z.dtype)).sum(-1)
+    not_m = p.index_put((rows, m), torch.tensor(0.0, dtype=z.dtype)).sum(-1)
+    loss = torch.where(valid, not_m + p_y, 0.0)
+    grad = (p_m - p_y)[:, None] * p
+    grad[rows, ys] = p_y * (not_y + p_m)
+    grad[rows, m] = -p_m * (not_m + p_y)
+    grad[~valid] = 0
+    return loss, grad, valid
+
+
+def expected(logits, labels, reduction, grad_out, ignore_index=-100):
+    loss_rows, grad_rows, valid = oracle(logits, labels, ignore_index)
+    if reduction == "none":
+        return loss_rows.view(labels.shape), grad_rows * grad_out.double().reshape(-1, 1)
+    if reduction == "sum":
+        return loss_rows.sum(), grad_rows * float(grad_out)
+    count = max(int(valid.sum()), 1)
+    return loss_rows.sum() / count, grad_rows * float(grad_out) / count
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float = 0.0) -> None:
+    got, want = got.double().reshape(want.shape), want.double()
+    err = (got - want).abs()
+    bound = rtol * want.abs() + atol
+    assert torch.isfinite(got).all()
+    worst = (err - bound).argmax()
+    assert (err <= bound).all(), (
+        f"{int((err > bound).sum())} of {err.numel()} elements off; worst at {worst.item()}: "
+        f"got {got.flatten()[worst].item():.9g}, want {want.flatten()[worst].item():.9g}"
+    )
+
+
+def random_problem(n, vocab, dtype, seed, *, ignore_frac=0.2):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, vocab, generator=gen) * 3).to(dtype)
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    labels[torch.rand(n, generator=gen) < ignore_frac] = -100
+    return logits, labels
+
+
+def run(logits, labels, backend, reduction="mean", grad_out=None, **kwargs):
+    x = logits.clone().requires_grad_()
+    loss = ihl_loss(x, labels, backend=backend, reduction=reduction, **kwargs)
+    if grad_out is None:
+        grad_out = torch.tensor(0.37) if reduction != "none" else torch.rand(labels.shape) + 0.5
+    loss.backward(grad_out)
+    return loss, x.grad, grad_out
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("n", "vocab"), SHAPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_fp64_oracle(backend, dtype, n, vocab, reduction):
+    logits, labels = random_problem(n, vocab, dtype, seed=hash((n, vocab, str(dtype))) % 2**31)
+    loss, grad, grad_out = run(logits, labels, backend, reduction)
+    want_loss, want_grad = expected(logits, labels, reduction, grad_out)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert_close(loss, want_loss, 1e-5)
+    assert_close(grad, want_grad, *GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reference_backend_matches_oracle(reduction):
+    logits, labels = random_problem(17, 501, torch.float64, seed=3)
+    loss, grad, grad_out = run(logits, labels, "reference", reduction)
+    want_loss, want_grad = expected(logits, labels, reduction, grad_out)
+    assert_close(loss, want_loss, 1e-12)
+    assert_close(grad, want_grad, 1e-10, 1e-300)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reference_equals_paper_formulation(dtype):
+    logits, labels = random_problem(40, 1003, dtype, seed=5)
+    paper_in = logits.float().clone().requires_grad_()
+    ref_in = logits.float().clone().requires_grad_()
+    paper = ihl_paper_formulation(paper_in, labels)
+    ref = ihl_reference(ref_in, labels)
+    paper.backward()
+    ref.backward()
+    assert_close(ref, paper.detach(), 1e-6)
+    assert_close(ref_in.grad, paper_in.grad, 1e-5, 1e-9)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("margin", [20.0, 40.0])
+def test_confident_rows_keep_target_gradient(backend, margin):
+    """z_y ≥ max + 20: 1 − p_y ≈ V·e^-20 is below fp32's resolution next to 1; the target gradient
+    p_y·(1 − p_y + p_m) must still be accurate (the naive fp32 formula gets it wrong)."""
+    logits, labels = random_problem(6, 997, torch.float32, seed=11, ignore_frac=0)
+    rows = torch.arange(6)
+    logits[rows, labels] = logits.max(-1).values + margin
+    loss, grad, grad_out = run(logits, labels, backend, "sum", grad_out=torch.tensor(1.0))
+    want_loss, want_grad = expected(logits, labels, "sum", grad_out)
+    assert_close(loss, want_loss, 1e-5)
+    assert_close(grad, want_grad, 1e-5)
+    assert (want_grad[rows, labels] > 0).all()
+    # The same check on the plain fp32 formula fails: this test can tell the difference.
+    naive = logits.clone().requires_grad_()
+    ihl_reference(naive, labels, reduction="sum").backward()
+    naive_err = (naive.grad[rows, labels].double() - want_grad[rows, labels]).abs() / want_grad[rows, labels]
+    assert naive_err.max() > 1e-2
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_close_target_and_runner_up(backend):
+    """p_m − p_y when z_m ≈ z_y: formed through expm1, so it keeps its relative accuracy."""
+    logits, labels = random_problem(8, 300, torch.float32, seed=12, ignore_frac=0)
+    rows = torch.arange(8)
+    top = logits.max(-1).values + 5
+    logits[rows, labels] = top
+    logits[rows, (labels + 1) % 300] = top + torch.tensor([0, 1e-6, -1e-6, 1e-4, -1e-3, 1e-2, 0.3, -0.7])
+    loss, grad, grad_out = run(logits, labels, backend, "none")
+    want_loss, want_grad = expected(logits, labels, "none", grad_out)
+    assert_close(loss, want_loss, 1e-5)
+    assert_close(grad, want_grad, 1e-5)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_ties_pick_first_index(backend):
+    gen = torch.Generator().manual_seed(13)
+    logits = torch.randint(-3, 3, (24, 40), generator=gen).float()  # many exact ties
+    labels = torch.randint(0, 40, (24,), generator=gen)
+    loss, grad, grad_out = run(logits, labels, backend, "none")
+    want_loss, want_grad = expected(logits, labels, "none", grad_out)
+    assert_close(loss, want_loss, 1e-5)
+    assert_close(grad, want_grad, 1e-5)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_3d_and_non_contiguous_logits(backend):
+    gen = torch.Generator().manual_seed(14)
+    full = torch.randn(3, 9, 333, generator=gen) * 2
+    labels = torch.randint(0, 333, (3, 8), generator=gen)
+    labels[0, :3] = -100
+    shifted = full[:, :-1]  # the causal shift: a strided [B, T, V] slice, no flat view
+    loss, grad, grad_out = run(shifted, labels, backend, "mean")
+    want_loss, want_grad = expected(shifted, labels, "mean", grad_out)
+    assert_close(loss, want_loss, 1e-5)
+    assert_close(grad, want_grad, 1e-5)
+
+    columns = torch.randn(333, 10, generator=gen).t()  # vocabulary stride ≠ 1
+    col_labels = torch.randint(0, 333, (10,), generator=gen)
+    loss, grad, grad_out = run(columns, col_labels, backend, "sum")
+    want_loss, want_grad = expected(columns, col_labels, "sum", grad_out)
+    assert_close(loss, want_loss, 1e-5)
+    assert_close(grad, want_grad, 1e-5)
+
+
+@pytest.mark.parametrize("backend", [*FUSED, "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_not_nan(backend, reduction):
+    logits = torch.randn(5, 2, 50)
+    labels = torch.full((5, 2), -100)
+    loss, grad, _ = run(logits, labels, backend, reduction)
+    assert torch.equal(loss.detach(), torch.zeros_like(loss))
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_custom_ignore_index_and_int32_labels(backend):
+    logits, labels = random_problem(20, 77, torch.float32, seed=15, ignore_frac=0)
+    labels[::3] = 5  # ignore_index inside the vocabulary: those rows carry no loss
+    loss, grad, grad_out = run(logits, labels.int(), backend, "mean", ignore_index=5)
+    want_loss, want_grad = expected(logits, labels, "mean", grad_out, ignore_index=5)
+    assert_close(loss, want_loss, 1e-5)
+    assert_close(grad, want_grad, 1e-5)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_inplace_backward_reuses_logits_storage(backend):
+    logits, labels = random_problem(12, 1001, torch.bfloat16, seed=16)
+    _, want_grad, _ = run(logits, labels, backend, "mean")
+    x = logits.clone().requires_grad_()
+    scores = x * 1  # a non-leaf, as logits out of a model are
+    ihl_loss(scores, labels, backend=backend, inplace_backward=True).backward(torch.tensor(0.37))
+    assert torch.equal(scores.detach(), want_grad)  # the logits' storage now holds the gradient
+    assert torch.equal(x.grad, want_grad)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy
+@pytest.mark.parametrize("backend", FUSED)
+def test_non_finite_logits_propagate(backend):
+    logits, labels = random_problem(4, 64, torch.float32, seed=17, ignore_frac=0)
+    logits[1, 3] = float("nan")
+    logits[2, :] = float("inf")
+    loss, _, _ = run(logits, labels, backend, "none")
+    assert torch.isnan(loss[1]) and torch.isnan(loss[2])
+    assert torch.isfinite(loss[[0, 3]]).all()
+
+
+def test_module_wrapper_and_torch_compile():
+    logits, labels = random_problem(10, 101, torch.float32, seed=18)
+    module = IHLLoss(reduction="sum", backend="torch")
+    eager = module(logits, labels)
+
+    def step(z, y):
+        return module(z * 2.0, y) + 1.0
+
+    compiled = torch.compile(step, backend="aot_eager")
+    x = logits.clone().requires_grad_()
+    out = compiled(x, labels)
+    out.backward()
+    want_loss, want_grad = expected(logits * 2, labels, "sum", torch.tensor(2.0))
+    assert_close(out - 1.0, want_loss, 1e-5)
+    assert_close(x.grad, want_grad, 1e-5)
+    assert_close(eager, expected(logits, labels, "sum", torch.tensor(1.0))[0], 1e-5)
+    assert "reduction='sum'" in repr(module)
+
+
+@pytest.mark.parametrize(
+    ("logits", "labels", "kwargs", "error", "match"),
+    [
+        (torch.randn(4, 10), torch.zeros(5, dtype=torch.long), {}, ValueError, "shape"),
+        (torch.randn(4, 10), torch.zeros(4), {}, TypeError, "integer"),
+        (torch.randint(0, 5, (4, 10)), torch.zeros(4, dtype=torch.long), {}, TypeError, "floating"),
+        (torch.randn(4, 10), torch.tensor([0, 1, 10, 2]), {}, ValueError, "label 10 is outside"),
+        (torch.randn(4, 10), torch.tensor([0, -1, 3, 2]), {}, ValueError, "label -1 is outside"),
+        (torch.randn(4, 10), torch.zeros(4, dtype=torch.long), {"reduction": "avg"}, ValueError, "reduction"),
+        (torch.randn(4, 10), torch.zeros(4, dtype=torch.long), {"backend": "cuda"}, ValueError, "backend"),
+        (torch.randn(4, 1), torch.zeros(4, dtype=torch.long), {}, ValueError, "at least 2"),
+    ],
+)
+def test_bad_input_errors(logits, labels, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ihl_loss(logits, labels, **kwargs)
+
+
+def test_out_of_range_labels_without_validation_count_as_ignored():
+    logits, labels = random_problem(6, 30, torch.float32, seed=19, ignore_frac=0)
+    bad = labels.clone()
+    bad[2] = 99
+    loss = ihl_loss(logits, bad, validate=False, backend="torch", reduction="none")
+    masked = labels.clone()
+    masked[2] = -100
+    assert_close(loss, expected(logits, masked, "none", torch.ones(6))[0], 1e-5)
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        ihl_loss(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), backend="triton")
