@@ -1,0 +1,115 @@
+"""Correctness of the Triton kernels on a CUDA device, against fp64 references computed on the device.
+
+Run by ``benchmarks/gpu_run.sh`` before the GPU benchmarks. Each check draws fresh random inputs,
+poisons the allocator with NaN first (so an element the kernel forgets to write shows up), and compares
+every element by ‖got − want‖ / ‖want‖ and by the worst element-wise error. Exits non-zero on failure.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from fastunlearn import ihl_loss
+
+TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}  # relative norm error
+
+
+def poison_allocator(nbytes: int) -> None:
+    """Fill the caching allocator's free blocks with NaN so unwritten outputs cannot pass."""
+    block = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda")
+    block.fill_(float("nan"))
+    del block
+
+
+def ihl_oracle(logits: torch.Tensor, labels: torch.Tensor, grad_scale: float):
+    """Per-row loss and gradient in fp64 (SPEC §2, 1 − p as sums of the other probabilities)."""
+    z = logits.double()
+    valid = labels != -100
+    ys = torch.where(valid, labels, 0)
+    p = z.softmax(-1)
+    rows = torch.arange(z.shape[0], device=z.device)
+    m = z.index_put((rows, ys), torch.tensor(float("-inf"), dtype=z.dtype, device=z.device)).argmax(-1)
+    p_y, p_m = p[rows, ys], p[rows, m]
+    not_y = p.index_put((rows, ys), torch.zeros((), dtype=z.dtype, device=z.device)).sum(-1)
+    not_m = p.index_put((rows, m), torch.zeros((), dtype=z.dtype, device=z.device)).sum(-1)
+    grad = (p_m - p_y)[:, None] * p
+    grad[rows, ys] = p_y * (not_y + p_m)
+    grad[rows, m] = -p_m * (not_m + p_y)
+    grad[~valid] = 0
+    return torch.where(valid, not_m + p_y, 0.0), grad * grad_scale
+
+
+def check_ihl(n: int, vocab: int, dtype: torch.dtype, *, confident: bool = False, seed: int = 0) -> bool:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    logits = (torch.randn(n, vocab, device="cuda", generator=gen) * 3).to(dtype)
+    labels = torch.randint(0, vocab, (n,), device="cuda", generator=gen)
+    labels[::7] = -100
+    if confident:
+        rows = torch.arange(n, device="cuda")
+        logits[rows, labels.clamp_min(0)] = (logits.float().amax(-1) + 25).to(dtype)
+    poison_allocator(2 * logits.numel() * logits.element_size())
+    x = logits.clone().requires_grad_()
+    loss = ihl_loss(x, labels, backend="triton", reduction="none")
+    grad_out = torch.rand(n, device="cuda", generator=gen) + 0.5
+    loss.backward(grad_out)
+    want_loss, want_grad = ihl_oracle(logits, labels, 1.0)
+    want_grad *= grad_out.double()[:, None]
+    ok = True
+    for name, got, want, tol in (
+        ("loss", loss.detach(), want_loss, 2e-6),
+        ("grad", x.grad, want_grad, TOLERANCE[dtype]),
+    ):
+        finite = bool(torch.isfinite(got).all())
+        rel = float((got.double() - want).norm() / want.norm().clamp_min(1e-300))
+        passed = finite and rel <= tol
+        ok &= passed
+        print(f"  ihl n={n} V={vocab} {dtype} {'confident ' if confident else ''}{name}: rel err {rel:.2e}"
+              f" (tol {tol:.0e}), all written: {finite} -> {'ok' if passed else 'FAIL'}")  # fmt: skip
+    return ok
+
+
+def check_ihl_large_offsets() -> bool:
+    """N·V ≥ 2³¹ in bf16: rows past the 32-bit offset range must still be right."""
+    n, vocab = 16400, 131072  # 2.15e9 elements, 4.3 GB
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    logits = (torch.randn(n, vocab, device="cuda", generator=gen) * 3).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (n,), device="cuda", generator=gen)
+    x = logits.requires_grad_()
+    ihl_loss(x, labels, backend="triton", reduction="sum").backward()
+    tail = slice(n - 64, n)  # these rows start beyond element 2^31
+    _, want = ihl_oracle(logits[tail].detach(), labels[tail], 1.0)
+    rel = float((x.grad[tail].double() - want).norm() / want.norm())
+    passed = rel <= TOLERANCE[torch.bfloat16]
+    print(f"  ihl N*V={n * vocab:.3g} bf16, last 64 rows: rel err {rel:.2e} -> {'ok' if passed else 'FAIL'}")
+    return passed
+
+
+def main() -> int:
+    if not torch.cuda.is_available():
+        print("no CUDA device")
+        return 1
+    print(f"device: {torch.cuda.get_device_name()}")
+    ok = True
+    for n, vocab, dtype in [
+        (257, 32003, torch.float32),
+        (130, 131079, torch.bfloat16),
+        (300, 50257, torch.float16),
+        (64, 7, torch.float32),
+    ]:
+        ok &= check_ihl(n, vocab, dtype)
+    ok &= check_ihl(200, 32000, torch.float32, confident=True)
+    ok &= check_ihl_large_offsets()
+    try:
+        from bench_fisher import gpu_check as fisher_check  # the Fisher kernel's own GPU check
+    except ImportError:
+        fisher_check = None
+    if fisher_check is not None:
+        ok &= bool(fisher_check())
+    print("ALL CHECKS PASSED" if ok else "SOME CHECKS FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
