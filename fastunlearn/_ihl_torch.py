@@ -16,14 +16,15 @@ import torch
 # Elements of fp32 work per block. On CPU, 256k floats = 1 MiB, about an L2 cache, so the block's
 # passes run from cache. On a GPU (this path is not the GPU default) a block is one launch per op, so
 # blocks are large (64M floats = 256 MiB) to keep launch overhead small; still a bounded buffer.
-BLOCK_ELEMENTS = {"cpu": 1 << 18}
+CPU_BLOCK_ELEMENTS = 1 << 18
 DEVICE_BLOCK_ELEMENTS = 1 << 26
 
 
 def _row_blocks(logits: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(first_row, end_row, view)`` covering ``logits`` (``[B, T, V]``) in cache-sized views."""
     B, T, V = logits.shape
-    rows = max(1, BLOCK_ELEMENTS.get(logits.device.type, DEVICE_BLOCK_ELEMENTS) // V)
+    budget = CPU_BLOCK_ELEMENTS if logits.device.type == "cpu" else DEVICE_BLOCK_ELEMENTS
+    rows = max(1, budget // V)
     for b in range(B):
         for t0 in range(0, T, rows):
             t1 = min(T, t0 + rows)
