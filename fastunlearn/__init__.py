@@ -5,7 +5,15 @@ and the training, evaluation and command-line layers load on first use.
 """
 
 from fastunlearn.ihl import IHLLoss, ihl_loss, ihl_paper_formulation, ihl_reference
+from fastunlearn.ihl_linear import fused_linear_ihl_loss
 
 __version__ = "0.1.0"
 
-__all__ = ["IHLLoss", "__version__", "ihl_loss", "ihl_paper_formulation", "ihl_reference"]
+__all__ = [
+    "IHLLoss",
+    "__version__",
+    "fused_linear_ihl_loss",
+    "ihl_loss",
+    "ihl_paper_formulation",
+    "ihl_reference",
+]

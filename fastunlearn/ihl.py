@@ -104,32 +104,52 @@ class _IHLFunction(torch.autograd.Function):
         return grad.view(ctx.logits_shape), None, None, None, None, None
 
 
-def _check_inputs(logits: Tensor, labels: Tensor, ignore_index: int, reduction: str, validate: bool) -> None:
-    if not isinstance(logits, Tensor) or not isinstance(labels, Tensor):
-        raise TypeError("ihl_loss expects tensors for `logits` and `labels`")
-    if not logits.is_floating_point():
-        raise TypeError(f"logits must be a floating-point tensor (fp32, bf16 or fp16), got {logits.dtype}")
+def _check_labels(
+    labels: Tensor,
+    batch_shape: torch.Size,
+    vocab: int,
+    device: torch.device,
+    ignore_index: int,
+    validate: bool,
+) -> None:
+    """Errors for labels that do not fit logits of shape ``[*batch_shape, vocab]`` on ``device``."""
+    if not isinstance(labels, Tensor):
+        raise TypeError("labels must be a tensor of token ids")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor (token ids), got {labels.dtype}")
-    if logits.dim() < 1 or tuple(labels.shape) != tuple(logits.shape[:-1]):
+    if tuple(labels.shape) != tuple(batch_shape):
         raise ValueError(
             f"labels must have the shape of logits without its last (vocabulary) dimension: logits "
-            f"{tuple(logits.shape)} needs labels {tuple(logits.shape[:-1])}, got {tuple(labels.shape)}"
+            f"{(*batch_shape, vocab)} needs labels {tuple(batch_shape)}, got {tuple(labels.shape)}"
         )
-    if logits.shape[-1] < 2:
-        raise ValueError(f"IHL needs a vocabulary of at least 2 entries, got {logits.shape[-1]}")
-    if labels.device != logits.device:
-        raise ValueError(f"logits are on {logits.device} but labels are on {labels.device}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
+    if vocab < 2:
+        raise ValueError(f"IHL needs a vocabulary of at least 2 entries, got {vocab}")
+    if labels.device != device:
+        raise ValueError(f"logits are on {device} but labels are on {labels.device}")
     if validate:
-        V = logits.shape[-1]
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= V))
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
         if bad.any():  # one host sync; validate=False skips it
             first = labels[bad][0].item()
             raise ValueError(
-                f"label {first} is outside the vocabulary [0, {V}) and is not ignore_index ({ignore_index})"
+                f"label {first} is outside the vocabulary [0, {vocab}) and is not "
+                f"ignore_index ({ignore_index})"
             )
+
+
+def _check_reduction(reduction: str, allowed: tuple[str, ...] = REDUCTIONS) -> None:
+    if reduction not in allowed:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {allowed}")
+
+
+def _check_inputs(logits: Tensor, labels: Tensor, ignore_index: int, reduction: str, validate: bool) -> None:
+    if not isinstance(logits, Tensor):
+        raise TypeError("ihl_loss expects a tensor of logits")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor (fp32, bf16 or fp16), got {logits.dtype}")
+    if logits.dim() < 1:
+        raise ValueError("logits must have a vocabulary dimension")
+    _check_reduction(reduction)
+    _check_labels(labels, logits.shape[:-1], logits.shape[-1], logits.device, ignore_index, validate)
 
 
 # A graph break under torch.compile: Dynamo must not trace into the launchers. `torch._disable_dynamo`

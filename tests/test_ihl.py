@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracles import assert_close, ihl_oracle_rows
 
 from fastunlearn import IHLLoss, ihl_loss, ihl_paper_formulation, ihl_reference
 
@@ -27,26 +28,8 @@ FUSED = ["torch", "triton"]
 SHAPES = [(13, 7), (9, 32003), (3, 70001)]  # small odd vocabulary, Llama-2-ish, above 65536
 
 
-def oracle(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
-    """Per-row loss, per-row gradient (closed form of SPEC §2) and validity, in fp64."""
-    z = logits.detach().double().reshape(-1, logits.shape[-1])
-    y = labels.reshape(-1)
-    valid = (y != ignore_index) & (y >= 0) & (y < z.shape[-1])
-    ys = torch.where(valid, y, 0)
-    p = z.softmax(-1)
-    rows = torch.arange(z.shape[0])
-    m = z.clone().index_put_((rows, ys), torch.tensor(float("-inf"), dtype=z.dtype)).argmax(-1)
-    p_y, p_m = p[rows, ys], p[rows, m]
-    # 1 − p_y and 1 − p_m as sums of the other probabilities (SPEC §2): by subtraction even fp64
-    # loses every digit once a row is confident enough (margin 40: 1 − p_y ≈ 1e-15).
-    not_y = p.index_put((rows, ys), torch.tensor(0.0, dtype=z.dtype)).sum(-1)
-    not_m = p.index_put((rows, m), torch.tensor(0.0, dtype=z.dtype)).sum(-1)
-    loss = torch.where(valid, not_m + p_y, 0.0)
-    grad = (p_m - p_y)[:, None] * p
-    grad[rows, ys] = p_y * (not_y + p_m)
-    grad[rows, m] = -p_m * (not_m + p_y)
-    grad[~valid] = 0
-    return loss, grad, valid
+def oracle(logits, labels, ignore_index=-100):
+    return ihl_oracle_rows(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index)
 
 
 def expected(logits, labels, reduction, grad_out, ignore_index=-100):
@@ -57,18 +40,6 @@ def expected(logits, labels, reduction, grad_out, ignore_index=-100):
         return loss_rows.sum(), grad_rows * float(grad_out)
     count = max(int(valid.sum()), 1)
     return loss_rows.sum() / count, grad_rows * float(grad_out) / count
-
-
-def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float = 0.0) -> None:
-    got, want = got.double().reshape(want.shape), want.double()
-    err = (got - want).abs()
-    bound = rtol * want.abs() + atol
-    assert torch.isfinite(got).all()
-    worst = (err - bound).argmax()
-    assert (err <= bound).all(), (
-        f"{int((err > bound).sum())} of {err.numel()} elements off; worst at {worst.item()}: "
-        f"got {got.flatten()[worst].item():.9g}, want {want.flatten()[worst].item():.9g}"
-    )
 
 
 def random_problem(n, vocab, dtype, seed, *, ignore_frac=0.2):
