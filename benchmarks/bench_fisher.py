@@ -1,0 +1,525 @@
+"""Benchmark per-example squared gradients and Fisher estimation (issue 3; SPEC §3.1).
+
+Part 1, ``per_example_grad_sq`` on one linear layer, ``Σ_n (G_nᵀ X_n)²`` for ``B`` examples of ``T``
+tokens (FLOPs ``2·B·T·out·in``), compared in one run on the same inputs:
+- ``triton``     the fused kernel (CUDA only): output tiles in registers, no ``[B, out, in]`` buffer
+- ``torch``      the chunked PyTorch path (batched products over example chunks, bounded buffer)
+- ``reference``  full materialisation: ``einsum`` into ``[B, out, in]``, square, sum
+- ``vmap``       ``torch.func.vmap(torch.func.grad(·))`` per-sample gradients, then square and sum
+Peak memory is what the call allocates above its inputs.
+
+Part 2, ``estimate_fisher`` (per-example mode) on a small Llama-architecture model built from a
+config (random weights), one batch of ``B = 8`` sequences of ``T = 128`` tokens, against
+- ``loop``  one forward/backward per example with weight gradients, squared and summed;
+- ``vmap``  ``torch.func`` per-sample gradients of every target weight (``[B, out, in]`` each);
+- ``plain_step``  one ordinary forward+backward of the batch with weight gradients — not a Fisher
+  estimate but its floor: every method needs the forward, the backward to the layer outputs and one
+  ``out×in×T`` product per example and layer, i.e. the FLOPs of a training step (``≈ 6·P·B·T``).
+Methods are timed round-robin (see :func:`interleaved_medians`).
+"Extra peak" is the peak above that of one plain forward+backward with weight gradients (which holds
+the same activations and an fp32 gradient per weight, the size of the Fisher estimate itself), so it
+is what each method costs beyond an ordinary gradient; it is compared with one ``[B, out, in]`` fp32
+buffer of the largest target layer.
+
+Memory: on CUDA the allocator's peak; on CPU the peak of live PyTorch tensor bytes, summed from the
+profiler's allocation events (:func:`peak_bytes`; the resident-set high-water mark proved too coarse).
+CPU timings run on one thread by default: the machine is shared, and with 2 threads under load OpenMP
+barriers cost whole scheduler slices (a 688×256 layer measured 556 ms with one-example chunks against
+5 ms on one thread), which would distort every comparison.
+
+    python benchmarks/bench_fisher.py --preset cpu
+    python benchmarks/bench_fisher.py --preset gpu            # Llama-2-7B layer shapes, T up to 2048
+    python benchmarks/bench_fisher.py --preset gpu --quick    # check + the target cases, meant for < 2 min
+    python benchmarks/bench_fisher.py --preset gpu --check    # only the Triton-vs-fp64 correctness check
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR, environment, median_time, peak_memory, slug, write_results
+
+from fastunlearn.fisher import estimate_fisher, per_example_grad_sq, per_example_grad_sq_reference
+
+PRESETS = {
+    "cpu": {
+        # Llama-2-7B's attention and MLP shapes scaled down 8×.
+        "layers": [(512, 512), (1376, 512)],
+        "tokens": [32, 128],
+        "dtypes": [torch.float32],
+        "models": {
+            "tiny": {"hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2, "heads": 4},
+            "small": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4, "heads": 8},
+        },
+        "repeats": 3,
+    },
+    "gpu": {
+        "layers": [(4096, 4096), (11008, 4096)],
+        "tokens": [128, 512, 2048],
+        "dtypes": [torch.bfloat16],
+        "extra_cases": [(4096, 4096, 512, torch.float32)],
+        "models": {
+            "small": {"hidden_size": 512, "intermediate_size": 1376, "num_hidden_layers": 4, "heads": 8},
+            "medium": {"hidden_size": 2048, "intermediate_size": 5504, "num_hidden_layers": 4, "heads": 16},
+        },
+        "repeats": 5,
+    },
+}
+BATCH = 8
+MODEL_TOKENS = 128
+VOCAB = 4096
+
+
+def _clean(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes ``fn()`` allocates above what is live when it starts.
+
+    CUDA: ``_common.peak_memory`` (the caching allocator's counters). CPU: the running sum of the
+    profiler's tensor allocation and free events — exact for PyTorch tensors, allocator-independent
+    (it leaves out BLAS scratch space). The process's resident high-water mark was tried first and
+    moved by ±30 MB between identical runs of a 370 MB step, more than the 21.5 MB being compared.
+    """
+    if device.type == "cuda":
+        return peak_memory(fn, device)
+    from torch.profiler import ProfilerActivity, profile
+
+    _clean(device)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+# --------------------------------------------------------------------------------------------------
+# Part 1: one layer
+# --------------------------------------------------------------------------------------------------
+
+
+def vmap_grad_sq(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample gradients with ``torch.func``: ``grad`` of ``⟨G_n, X_n Wᵀ⟩`` is ``G_nᵀ X_n``."""
+    from torch.func import grad, vmap
+
+    weight = torch.zeros(g.shape[-1], x.shape[-1], dtype=x.dtype, device=x.device)
+
+    def inner(w: torch.Tensor, xn: torch.Tensor, gn: torch.Tensor) -> torch.Tensor:
+        return (gn * (xn @ w.t())).sum()
+
+    per_sample = vmap(grad(inner), in_dims=(None, 0, 0))(weight, x, g)  # [B, out, in]
+    return per_sample.float().square().sum(0)
+
+
+def layer_methods(device: torch.device) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    methods: dict[str, Callable] = {
+        "torch": lambda x, g: per_example_grad_sq(x, g, backend="torch"),
+        "reference": per_example_grad_sq_reference,
+        "vmap": vmap_grad_sq,
+    }
+    if device.type == "cuda":
+        methods = {"triton": lambda x, g: per_example_grad_sq(x, g, backend="triton"), **methods}
+    return methods
+
+
+def bench_layer(out_f, in_f, T, dtype, device, repeats) -> list[dict]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(BATCH, T, in_f, generator=gen, device=device).to(dtype)
+    g = torch.randn(BATCH, T, out_f, generator=gen, device=device).to(dtype)
+    flops = 2 * BATCH * T * out_f * in_f
+    rows = []
+    for name, fn in layer_methods(device).items():
+        row = {
+            "part": "layer", "method": name, "out": out_f, "in": in_f, "B": BATCH, "T": T,
+            "dtype": str(dtype).removeprefix("torch."),
+            "per_example_buffer_bytes": BATCH * out_f * in_f * 4,
+        }  # fmt: skip
+        try:
+            row["ms"] = median_time(lambda fn=fn: fn(x, g), device, repeats=repeats)
+            row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+            _clean(device)
+            row["peak_bytes"] = peak_bytes(lambda fn=fn: fn(x, g), device)
+        except torch.OutOfMemoryError:
+            row["error"] = "out of memory"
+        _clean(device)
+        rows.append(row)
+        print({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    return rows
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
+    """The device's measured dense matmul rate in TFLOP/s (``torch.mm``, ``n³``)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = median_time(lambda: torch.mm(a, b), device, repeats=10, warmup=3)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+# --------------------------------------------------------------------------------------------------
+# Part 2: a model
+# --------------------------------------------------------------------------------------------------
+
+
+def build_model(spec: dict, device: torch.device, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=spec["hidden_size"],
+        intermediate_size=spec["intermediate_size"],
+        num_hidden_layers=spec["num_hidden_layers"],
+        num_attention_heads=spec["heads"],
+        num_key_value_heads=spec["heads"],
+        attn_implementation="eager",  # the one torch.func can batch without a per-example fallback
+    )
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
+
+
+def target_weights(model) -> dict[str, torch.nn.Parameter]:
+    head = model.get_output_embeddings()
+    return {
+        name: module.weight
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not head
+    }
+
+
+def summed_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(
+        logits[..., :-1, :].flatten(0, -2).float(),
+        labels[..., 1:].flatten(),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+def fisher_loop(model, batch) -> dict[str, torch.Tensor]:
+    """One forward/backward per example, weight gradients squared and summed: the obvious method."""
+    weights = target_weights(model)
+    flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for w in weights.values():
+        w.requires_grad_(True)
+    sums = {n: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for n, w in weights.items()}
+    try:
+        for row in range(batch["input_ids"].shape[0]):
+            logits = model(input_ids=batch["input_ids"][row : row + 1], use_cache=False).logits
+            summed_nll(logits, batch["labels"][row : row + 1]).backward()
+            for name, w in weights.items():
+                sums[name].add_(w.grad.float().square())
+                w.grad = None
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    n = batch["input_ids"].shape[0]
+    return {k: v / n for k, v in sums.items()}
+
+
+def fisher_vmap(model, batch) -> dict[str, torch.Tensor]:
+    """``torch.func`` per-sample gradients of every target weight, then squared and averaged."""
+    from torch.func import functional_call, grad, vmap
+
+    weights = {name + ".weight": w.detach() for name, w in target_weights(model).items()}
+
+    def loss(params, ids, labels):
+        logits = functional_call(model, params, (ids[None],), {"use_cache": False}).logits
+        return summed_nll(logits, labels[None])
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(weights, batch["input_ids"], batch["labels"])
+    n = batch["input_ids"].shape[0]
+    return {k.removesuffix(".weight"): v.float().square().sum(0) / n for k, v in per_sample.items()}
+
+
+def plain_step(model, batch) -> None:
+    """One forward+backward with weight gradients: the memory baseline."""
+    weights = target_weights(model)
+    for w in weights.values():
+        w.requires_grad_(True)
+    try:
+        logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+        summed_nll(logits, batch["labels"]).backward()
+    finally:
+        for w in weights.values():
+            w.grad = None
+            w.requires_grad_(False)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict:
+    """Median ms of each function, timed round-robin (one call of each per round, after a warm-up
+    round) so that drifting load on a shared machine hits every method alike."""
+    import statistics
+    import time
+
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if round_:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_model(label, spec, device, dtype, repeats) -> list[dict]:
+    model = build_model(spec, device, dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, VOCAB, (BATCH, MODEL_TOKENS), generator=gen).to(device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    largest = max(target_weights(model).values(), key=lambda w: w.numel())
+    buffer = BATCH * largest.numel() * 4
+    params = sum(w.numel() for w in target_weights(model).values())
+    methods = {
+        "fastunlearn": lambda: estimate_fisher(model, [batch], progress=False),
+        "loop": lambda: fisher_loop(model, batch),
+        "vmap": lambda: fisher_vmap(model, batch),
+        "plain_step": lambda: plain_step(model, batch),  # not a Fisher: the floor of any of them
+    }
+    base_peak = peak_bytes(methods["plain_step"], device)
+    _clean(device)
+    reference = fisher_loop(model, batch)
+    rows, usable = [], {}
+    for name, fn in methods.items():
+        row = {
+            "part": "model", "method": name, "model": label, "dtype": str(dtype).removeprefix("torch."),
+            "B": BATCH, "T": MODEL_TOKENS, "target_params": params,
+            "largest_layer": "x".join(map(str, largest.shape)), "per_example_buffer_bytes": buffer,
+            "plain_step_peak_bytes": base_peak,
+        }  # fmt: skip
+        try:
+            result = fn()
+            if result is not None:
+                row["max_rel_diff_vs_loop"] = max(
+                    ((result[k].float() - reference[k]).abs().max() / reference[k].abs().max()).item()
+                    for k in reference
+                )
+            del result
+            _clean(device)
+            row["peak_bytes"] = peak_bytes(fn, device)
+            row["extra_peak_bytes"] = row["peak_bytes"] - base_peak
+            row["extra_peak_vs_buffer"] = row["extra_peak_bytes"] / buffer
+            usable[name] = fn
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+        _clean(device)
+        rows.append(row)
+    for name, ms in interleaved_medians(usable, device, repeats).items():
+        next(r for r in rows if r["method"] == name)["ms"] = ms
+    for row in rows:
+        print({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU correctness check of the Triton kernel
+# --------------------------------------------------------------------------------------------------
+
+
+def check_triton(device: torch.device) -> list[str]:
+    """The Triton kernel against an fp64 ``einsum`` on the GPU, with the tests' per-element bound
+    ``|got − want| ≤ 2·(2·T·u·Σ_n (|G_n|ᵀ|X_n|)² + u·|want|)``, ``u = 2⁻²⁴``. Returns failures."""
+    u = 2.0**-24
+    failures = []
+    cases = [
+        (3, 19, 45, 37, torch.float32, False),
+        (1, 300, 130, 257, torch.float32, True),
+        (8, 512, 1000, 700, torch.bfloat16, False),
+        (4, 77, 4096, 4096, torch.bfloat16, True),
+        (2, 1000, 333, 129, torch.float16, False),
+        (5, 64, 256, 256, torch.bfloat16, False),
+    ]
+    for B, T, n_in, n_out, dtype, accumulate in cases:
+        gen = torch.Generator(device=device).manual_seed(B * T)
+        x = torch.randn(B, T, n_in, generator=gen, device=device).to(dtype)
+        g = torch.randn(B, T, n_out, generator=gen, device=device).to(dtype)
+        base = torch.rand(n_out, n_in, generator=gen, device=device) if accumulate else None
+        got = per_example_grad_sq(x, g, base.clone() if accumulate else None, backend="triton")
+        want = torch.einsum("bto,bti->boi", g.double(), x.double()).square().sum(0)
+        scale = torch.einsum("bto,bti->boi", g.double().abs(), x.double().abs()).square().sum(0)
+        if accumulate:
+            want, scale = want + base.double(), scale + base.double()
+        ratio = (
+            ((got.double() - want).abs() / (2 * (2 * T * u * scale + u * want.abs()) + 1e-30)).max().item()
+        )
+        status = "ok" if ratio <= 1.0 else "FAIL"
+        line = (
+            f"triton check B={B} T={T} {n_out}x{n_in} {dtype} accumulate={accumulate}: "
+            f"{ratio:.3f} of the bound {status}"
+        )
+        print(line, flush=True)
+        if ratio > 1.0:
+            failures.append(line)
+    return failures
+
+
+def gpu_check() -> bool:
+    """Entry point for ``benchmarks/gpu_check.py``: the Triton kernel on the current CUDA device."""
+    return not check_triton(torch.device("cuda"))
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def summarise(rows: list[dict], device: torch.device, rate: float | None) -> list[str]:
+    """The issue's target ratios, each computed from this run's rows."""
+    lines = []
+    fused = "triton" if device.type == "cuda" else "torch"
+    if rate:
+        lines.append(f"device bf16 matmul rate (torch.mm 8192^3): {rate:.0f} TFLOP/s")
+    layer_cases = dict.fromkeys((r["out"], r["in"], r["T"], r["dtype"]) for r in rows if r["part"] == "layer")
+    for case in layer_cases:
+        by = {
+            r["method"]: r
+            for r in rows
+            if r["part"] == "layer" and (r["out"], r["in"], r["T"], r["dtype"]) == case and "error" not in r
+        }
+        if fused not in by:
+            continue
+        ours = by[fused]
+        text = (
+            f"{case[0]}x{case[1]} B={BATCH} T={case[2]} {case[3]}: {fused} {ours['ms']:.2f} ms, "
+            f"{ours['tflops']:.2f} TFLOP/s"
+        )
+        if rate and case[3] == "bfloat16":
+            text += f" ({ours['tflops'] / rate:.0%} of matmul)"
+        for other in ("torch", "reference", "vmap"):
+            if other != fused and other in by:
+                text += f"; {by[other]['ms'] / ours['ms']:.2f}x faster than {other}"
+        peak, buffer = ours["peak_bytes"] * 2**-20, ours["per_example_buffer_bytes"] * 2**-20
+        text += f"; peak {peak:.1f} MiB vs [B,out,in] {buffer:.1f} MiB"
+        lines.append(text)
+    for label in dict.fromkeys(r["model"] for r in rows if r["part"] == "model"):
+        by = {
+            r["method"]: r for r in rows if r["part"] == "model" and r["model"] == label and "error" not in r
+        }
+        if "fastunlearn" not in by:
+            continue
+        ours = by["fastunlearn"]
+        text = (
+            f"estimate_fisher, {label} model ({ours['target_params'] / 1e6:.1f}M measured weights, "
+            f"B={BATCH}, T={MODEL_TOKENS}): {ours['ms']:.0f} ms"
+        )
+        for other in ("loop", "vmap", "plain_step"):
+            if other in by:
+                text += f"; {by[other]['ms'] / ours['ms']:.2f}x faster than {other}"
+        extra, buffer = ours["extra_peak_bytes"] * 2**-20, ours["per_example_buffer_bytes"] * 2**-20
+        text += (
+            f"; extra peak {extra:.1f} MiB = {ours['extra_peak_vs_buffer']:.2f}x one [B,out,in] buffer of "
+            f"{ours['largest_layer']} ({buffer:.1f} MiB)"
+        )
+        if "vmap" in by:
+            text += f"; vmap extra peak {by['vmap']['extra_peak_vs_buffer']:.2f}x"
+        lines.append(text)
+    return lines
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layer = [r for r in rows if r["part"] == "layer" and "ms" in r]
+    cases = list(dict.fromkeys((r["out"], r["in"], r["T"], r["dtype"]) for r in layer))
+    methods = list(dict.fromkeys(r["method"] for r in layer))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(cases) + 3))
+    width = 0.8 / max(len(methods), 1)
+    for i, method in enumerate(methods):
+        for ax, key, scale in ((axes[0], "ms", 1.0), (axes[1], "peak_bytes", 2.0**-20)):
+            values = [
+                next((r[key] * scale for r in layer if (r["out"], r["in"], r["T"], r["dtype"]) == c
+                      and r["method"] == method), 0)
+                for c in cases
+            ]  # fmt: skip
+            ax.barh([j + i * width for j in range(len(cases))], values, height=width, label=method)
+    for ax, title in ((axes[0], "time (ms, median)"), (axes[1], "peak memory (MiB)")):
+        ax.set_xscale("log")
+        ax.set_yticks([j + 0.4 - width / 2 for j in range(len(cases))])
+        ax.set_yticklabels([f"{o}x{i} T={t} {d}" for o, i, t, d in cases])
+        ax.set_title(title)
+    fig.suptitle(f"per_example_grad_sq, B={BATCH} ({layer[0]['dtype'] if layer else ''})")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--repeats", type=int, help="timed repeats per case (default: the preset's)")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1; see the docstring)")
+    parser.add_argument("--check", action="store_true", help="only run the Triton correctness check (GPU)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the GPU check and the target cases only (T <= 512, first model): meant to fit in 2 min",
+    )
+    parser.add_argument("--skip-models", action="store_true", help="only the single-layer benchmark")
+    args = parser.parse_args(argv)
+
+    preset = PRESETS[args.preset]
+    device = torch.device("cuda" if args.preset == "gpu" else "cpu")
+    repeats = args.repeats or preset["repeats"]
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    env = environment(device)
+    if device.type == "cuda":
+        failures = check_triton(device)
+        env["triton_check"] = failures or "passed"
+        if args.check:
+            sys.exit(1 if failures else 0)
+    elif args.check:
+        parser.error("--check needs the gpu preset (a CUDA device)")
+
+    rows: list[dict] = []
+    tokens = [t for t in preset["tokens"] if t <= 512] if args.quick else preset["tokens"]
+    cases = [(o, i, t, d) for d in preset["dtypes"] for o, i in preset["layers"] for t in tokens]
+    if not args.quick:
+        cases += preset.get("extra_cases", [])
+    models = dict(list(preset["models"].items())[:1]) if args.quick else preset["models"]
+    for out_f, in_f, T, dtype in cases:
+        rows += bench_layer(out_f, in_f, T, dtype, device, repeats)
+    rate = matmul_rate(device, torch.bfloat16) if device.type == "cuda" else None
+    if not args.skip_models:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        for label, spec in models.items():
+            rows += bench_model(label, spec, device, dtype, repeats)
+            _clean(device)
+    summary = summarise(rows, device, rate)
+    env["summary"] = summary
+    env["threads"] = torch.get_num_threads()
+    stem = f"fisher_{slug(device)}" + ("_quick" if args.quick else "")
+    write_results(stem, rows, env)
+    plot(rows, RESULTS_DIR / f"{stem}.png")
+    for line in summary:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,436 @@
+"""FILA: Fisher-initialised LoRA (Cha et al., ICLR 2025, §3.2; SPEC §3.2), and adapter export.
+
+Given diagonal Fisher estimates ``F_f`` on the forget set and ``F_r`` on the retain set (each already
+normalised by its own count), every LoRA-wrapped linear layer ``W ∈ R^{out×in}`` of rank ``r`` and
+scaling ``s`` is initialised as follows (all in fp32, one layer at a time)::
+
+    R    = F_f / (F_r + ε)                  relative importance of each weight for the forget set
+    d_i  = sqrt(Σ_j R_ij)                   one weight per output row
+    U S Vᵀ = rank-r truncated SVD of diag(d)·W
+    A₀   = (V·sqrt(S/s))ᵀ                   r × in
+    B₀   = diag(1/(d + ε))·U·sqrt(S/s)      out × r
+    W_res = W − s·B₀A₀                      replaces the base weight
+
+Why: the row-weighted approximation problem ``min_{rank M ≤ r} ‖diag(d)(W − M)‖_F`` is solved exactly by
+``M* = D⁻¹[DW]_r`` (substitute ``N = DM``: Eckart–Young on ``DW``), and ``s·B₀A₀ = D_ε⁻¹ U_r S_r V_rᵀ``
+is that optimum (up to ``d/(d+ε)``). The adapters start on the part of ``W`` that matters most to the
+forget set relative to the retain set, while ``W_res + s·B₀A₀ = W`` keeps the model's function
+unchanged at initialisation. Rows with ``d_i = 0`` carry no weight in the problem; their rows of
+``U`` vanish in exact arithmetic, and ``B₀`` gets exact zeros there (rounding noise divided by ``ε``
+would otherwise become large junk entries).
+
+Export. After training, ``W_res + s·BA = W + s·(BA − B₀A₀) = W + s·[B, −B₀]·[A; A₀]``: on the
+*original* base weight the trained model is a rank-``2r`` LoRA adapter with the same scaling.
+:func:`save_adapter` writes exactly that as a standard ``peft`` adapter; :func:`save_merged` writes
+the merged full model. (The reference code saves ``B, A`` and loads them onto the original base,
+double-counting ``B₀A₀``.)
+
+Recording and resuming. :func:`fila_init` stores ``A₀``, ``B₀`` (fp32, on the CPU, exactly the values
+written into the adapters) and ``s`` on each LoRA layer, outside the ``state_dict``. The
+initialisation is a deterministic function of the base weights, the Fisher estimates and the
+arguments: the exact SVD's ``U_r S_r V_rᵀ`` is unique (whenever ``σ_r > σ_{r+1}``), so ``W_res`` is
+reproduced to rounding even where LAPACK/cuSOLVER choose other singular-vector signs, and the
+randomised solver draws its test matrix from a fixed seed. A trainer resumes by loading the original
+base, wrapping it with the same LoRA config, calling :func:`fila_init` with the saved estimates and
+arguments, then loading its own rank-``r`` checkpoint of ``lora_A``/``lora_B`` (e.g. with
+``peft.set_peft_model_state_dict``) over ``A₀``, ``B₀`` — not the rank-``2r`` export, which is for the
+original base model.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from fastunlearn.fisher import canonical_name, unwrap_model
+
+Solver = Literal["svd", "randomized"]
+SOLVERS = ("svd", "randomized")
+_RECORD_ATTR = "_fastunlearn_fila"
+# Submodule names under which peft keeps LoRA tensors (never part of the merged checkpoint).
+_ADAPTER_PARTS = frozenset(
+    {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
+)
+
+__all__ = [
+    "FilaInit",
+    "fila_factors",
+    "fila_init",
+    "fila_record",
+    "lora_layers",
+    "merged_state_dict",
+    "save_adapter",
+    "save_merged",
+]
+
+
+@dataclass(frozen=True)
+class FilaInit:
+    """What :func:`fila_init` wrote into one LoRA layer: the initial factors and the scaling."""
+
+    A0: Tensor  # [r, in], fp32, CPU
+    B0: Tensor  # [out, r], fp32, CPU
+    scaling: float
+
+
+def lora_layers(model: nn.Module, adapter_name: str = "default") -> dict[str, tuple[str, nn.Module]]:
+    """LoRA layers of a ``peft`` model holding ``adapter_name``: canonical name → (full name, layer)."""
+    from peft.tuners.lora import LoraLayer
+
+    found = {}
+    for full_name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            found[canonical_name(full_name)] = (full_name, module)
+    return found
+
+
+def _require_lora_model(model: nn.Module, adapter_name: str) -> dict[str, tuple[str, nn.Module]]:
+    layers = lora_layers(model, adapter_name)
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no LoRA layers with adapter {adapter_name!r}: wrap the model with "
+            "peft.get_peft_model(model, LoraConfig(...)) first"
+        )
+    return layers
+
+
+def _check_layer(name: str, layer: nn.Module, adapter_name: str) -> None:
+    base = layer.get_base_layer()
+    if not isinstance(base, nn.Linear):
+        raise ValueError(
+            f"LoRA layer {name!r} wraps a {type(base).__name__}; FILA handles nn.Linear layers only"
+        )
+    if getattr(layer, "fan_in_fan_out", False):
+        raise ValueError(
+            f"LoRA layer {name!r} uses fan_in_fan_out (Conv1D weights), which FILA does not handle"
+        )
+    if adapter_name in getattr(layer, "lora_variant", {}):
+        raise ValueError(f"LoRA layer {name!r} uses a LoRA variant (e.g. DoRA); FILA needs plain LoRA")
+    if getattr(layer, "lora_bias", {}).get(adapter_name, False):
+        raise ValueError(f"LoRA layer {name!r} has a LoRA bias (lora_bias=True), which FILA does not handle")
+
+
+def _fisher_table(estimate: Mapping[str, Tensor], what: str) -> dict[str, Tensor]:
+    if not isinstance(estimate, Mapping):
+        raise TypeError(f"{what} must be a FisherEstimate or a mapping of layer name to tensor")
+    table: dict[str, Tensor] = {}
+    for name, tensor in estimate.items():
+        if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+            raise TypeError(f"{what}[{name!r}] must be a floating-point tensor")
+        key = canonical_name(name)
+        if key in table:
+            raise ValueError(f"{what} has two entries for layer {key!r}")
+        table[key] = tensor
+    return table
+
+
+def _seeded_svd_lowrank(matrix: Tensor, rank: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.svd_lowrank(q=rank)`` (the paper's solver) with its random test matrix drawn from
+    ``seed``, leaving the caller's random state untouched."""
+    devices = [matrix.device] if matrix.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.random.default_generator.manual_seed(seed)
+        if devices:
+            with torch.cuda.device(matrix.device):
+                torch.cuda.manual_seed(seed)
+        return torch.svd_lowrank(matrix, q=rank)
+
+
+def fila_factors(
+    weight: Tensor,
+    forget: Tensor,
+    retain: Tensor,
+    rank: int,
+    scaling: float,
+    *,
+    eps: float = 1e-5,
+    solver: Solver = "svd",
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """FILA's initial factors ``(A₀ [r, in], B₀ [out, r])`` for one weight (module docstring), in fp32.
+
+    ``s·B₀A₀`` is the rank-``r`` minimiser of ``‖diag(d)(W − M)‖_F`` with ``d_i = sqrt(Σ_j R_ij)``,
+    ``R = F_f/(F_r + ε)``, up to the factor ``d/(d+ε)`` per row.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got {tuple(weight.shape)}")
+    if forget.shape != weight.shape or retain.shape != weight.shape:
+        raise ValueError(
+            f"Fisher shapes {tuple(forget.shape)} (forget) and {tuple(retain.shape)} (retain) must match the "
+            f"weight {tuple(weight.shape)}"
+        )
+    if not 1 <= rank <= min(weight.shape):
+        raise ValueError(f"LoRA rank {rank} must lie in [1, min(out, in) = {min(weight.shape)}]")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
+    W = weight.detach().float()
+    relative = forget.to(W.device, torch.float32) / (retain.to(W.device, torch.float32) + eps)
+    d = relative.sum(dim=1).sqrt()
+    weighted = d[:, None] * W
+    if solver == "svd":
+        U, S, Vh = torch.linalg.svd(weighted, full_matrices=False)
+        U, S, V = U[:, :rank], S[:rank], Vh[:rank].t()
+    else:
+        U, S, V = _seeded_svd_lowrank(weighted, rank, seed)
+    root = (S / scaling).sqrt()
+    A = (V * root).t().contiguous()
+    inv_d = torch.where(d > 0, 1.0 / (d + eps), torch.zeros_like(d))
+    B = (inv_d[:, None] * (U * root)).contiguous()
+    return A, B
+
+
+def fila_init(
+    model: nn.Module,
+    forget: Mapping[str, Tensor],
+    retain: Mapping[str, Tensor],
+    *,
+    eps: float = 1e-5,
+    solver: Solver = "svd",
+    adapter_name: str = "default",
+    seed: int = 0,
+) -> nn.Module:
+    """Initialise every LoRA layer of a ``peft`` model with FILA (SPEC §3.2), in place; returns ``model``.
+
+    Args:
+        model: a ``peft`` model whose adapter ``adapter_name`` is plain LoRA on ``nn.Linear`` layers.
+        forget, retain: Fisher estimates (:class:`~fastunlearn.fisher.FisherEstimate` or name → tensor
+            mappings) on the forget and retain sets; names taken on the plain or on the wrapped model
+            both match. Each must cover every LoRA layer with a tensor shaped like its weight.
+        eps: ``ε`` of the relative Fisher ``F_f/(F_r + ε)`` and of ``1/(d + ε)`` (the reference's 1e-5).
+        solver: ``"svd"`` (exact truncated SVD, ``torch.linalg.svd``) or ``"randomized"``
+            (``torch.svd_lowrank`` with ``q = r``, the paper's, seeded by ``seed``).
+
+    Each layer's base weight becomes ``W_res = W − s·B₀A₀``, computed with the adapter values as stored
+    (after rounding to the adapter dtype), so the model computes the same function afterwards up to the
+    rounding of ``W_res`` to the base dtype. One layer is processed at a time in fp32: the extra memory
+    is one layer's fp32 weight and its SVD. ``A₀``, ``B₀`` and ``s`` are recorded for
+    :func:`save_adapter` (see the module docstring for resuming).
+
+    Raises:
+        ValueError: no LoRA layers, Fisher estimates missing a layer or shaped differently, rank larger
+            than ``min(out, in)``, non-finite or negative Fisher values, a layer already initialised.
+    """
+    if not (isinstance(eps, float | int) and eps > 0 and torch.isfinite(torch.tensor(float(eps)))):
+        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
+    layers = _require_lora_model(model, adapter_name)
+    tables = {"forget": _fisher_table(forget, "forget"), "retain": _fisher_table(retain, "retain")}
+    for what, table in tables.items():
+        missing = sorted(set(layers) - set(table))
+        if missing:
+            raise ValueError(
+                f"the {what} Fisher estimate has no entry for {len(missing)} LoRA layer(s): {missing[:8]}; "
+                f"it covers {sorted(table)[:8]}{' ...' if len(table) > 8 else ''}"
+            )
+    for name, (_, layer) in layers.items():
+        _check_layer(name, layer, adapter_name)
+        if adapter_name in getattr(layer, _RECORD_ATTR, {}):
+            raise ValueError(f"LoRA layer {name!r} is already FILA-initialised for adapter {adapter_name!r}")
+        weight = layer.get_base_layer().weight
+        rank = layer.r[adapter_name]
+        if rank > min(weight.shape):
+            raise ValueError(
+                f"LoRA rank {rank} of layer {name!r} exceeds min(out, in) = {min(weight.shape)} of its "
+                f"weight {tuple(weight.shape)}"
+            )
+        for what, table in tables.items():
+            fisher = table[name]
+            if tuple(fisher.shape) != tuple(weight.shape):
+                raise ValueError(
+                    f"the {what} Fisher of layer {name!r} has shape {tuple(fisher.shape)}, the weight "
+                    f"{tuple(weight.shape)}"
+                )
+            # Checked for every layer before any is modified, so a bad estimate leaves the model intact.
+            if not bool(torch.isfinite(fisher).all()):
+                raise ValueError(f"the {what} Fisher of layer {name!r} has non-finite values (inf or nan)")
+            if bool((fisher < 0).any()):
+                raise ValueError(f"the {what} Fisher of layer {name!r} has negative values")
+    for name, (_, layer) in layers.items():
+        with torch.no_grad():
+            _init_layer(
+                name, layer, tables["forget"][name], tables["retain"][name], eps, solver, seed, adapter_name
+            )
+    return model
+
+
+def _init_layer(
+    name: str,
+    layer: nn.Module,
+    forget: Tensor,
+    retain: Tensor,
+    eps: float,
+    solver: str,
+    seed: int,
+    adapter: str,
+) -> None:
+    base = layer.get_base_layer()
+    scaling = float(layer.scaling[adapter])
+    W = base.weight.float()
+    A, B = fila_factors(W, forget, retain, layer.r[adapter], scaling, eps=eps, solver=solver, seed=seed)
+    if not bool(A.abs().sum() > 0):
+        warnings.warn(
+            f"layer {name!r}: the relative Fisher is zero in every row, so FILA initialises its adapter to "
+            "zero (A = B = 0), which receives no gradient",
+            stacklevel=3,
+        )
+    lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    # The residual uses the factors as they will be stored (rounded to the adapter dtype), so that
+    # W_res + s·B₀A₀ = W holds for what the model computes.
+    A0, B0 = A.to(lora_A.dtype).float(), B.to(lora_B.dtype).float()
+    residual = W - scaling * (B0 @ A0)
+    if not bool(torch.isfinite(residual).all()):
+        raise ValueError(f"layer {name!r}: FILA produced non-finite values (check the weights and Fisher)")
+    lora_A.copy_(A0)
+    lora_B.copy_(B0)
+    base.weight.copy_(residual)
+    records = getattr(layer, _RECORD_ATTR, None)
+    if records is None:
+        records = {}
+        setattr(layer, _RECORD_ATTR, records)
+    # Copies, not views: training updates the adapter parameters in place.
+    records[adapter] = FilaInit(A0=A0.to("cpu", copy=True), B0=B0.to("cpu", copy=True), scaling=scaling)
+
+
+def fila_record(layer: nn.Module, adapter_name: str = "default") -> FilaInit | None:
+    """The :class:`FilaInit` stored on a LoRA layer by :func:`fila_init`, or ``None``."""
+    return getattr(layer, _RECORD_ATTR, {}).get(adapter_name)
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _atomic_directory(path: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory next to ``path`` that replaces ``path`` when the block succeeds."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            os.replace(path, old / "previous")
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def _require_peft_model(model: nn.Module) -> None:
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise TypeError(f"expected a peft.PeftModel, got {type(model).__name__}")
+
+
+def save_adapter(
+    model: nn.Module, path: str | os.PathLike, *, adapter_name: str = "default", overwrite: bool = False
+) -> Path:
+    """Write ``adapter_name`` as a standard ``peft`` LoRA adapter for the *original* base model.
+
+    For FILA-initialised layers the adapter is the rank-``2r`` ``[B, −B₀]·[A; A₀]`` with the layer's
+    scaling ``s`` (``lora_alpha = 2r·s``, ``use_rslora = False``), because the model's base weights are
+    ``W_res = W − s·B₀A₀``; other LoRA layers are written as they are. Per-layer ranks and alphas that
+    differ from the most common ones go into ``rank_pattern``/``alpha_pattern`` under the layers' full
+    names. ``peft.PeftModel.from_pretrained(original_base, path)`` then reproduces the trained model.
+
+    Writes ``adapter_config.json`` and ``adapter_model.safetensors`` into ``path`` atomically; an
+    existing non-empty ``path`` is replaced only with ``overwrite=True``. Returns the path.
+    """
+    _require_peft_model(model)
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    layers = _require_lora_model(model, adapter_name)
+    state = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for name, (full_name, layer) in layers.items():
+        key_A, key_B = f"{full_name}.lora_A.weight", f"{full_name}.lora_B.weight"
+        if key_A not in state or key_B not in state:
+            raise ValueError(f"peft's state dict has no {key_A!r}/{key_B!r}; cannot export layer {name!r}")
+        scaling = float(layer.scaling[adapter_name])
+        record = fila_record(layer, adapter_name)
+        if record is not None:
+            A, B = state[key_A], state[key_B]
+            state[key_A] = torch.cat([A.float(), record.A0.to(A.device)], dim=0)
+            state[key_B] = torch.cat([B.float(), -record.B0.to(B.device)], dim=1)
+        ranks[name] = state[key_A].shape[0]
+        alphas[name] = scaling * ranks[name]
+    config = copy.deepcopy(model.peft_config[adapter_name])
+    config.r = max(set(ranks.values()), key=list(ranks.values()).count)
+    config.lora_alpha = _integral(max(set(alphas.values()), key=list(alphas.values()).count))
+    config.rank_pattern = {n: r for n, r in ranks.items() if r != config.r}
+    config.alpha_pattern = {n: _integral(a) for n, a in alphas.items() if a != config.lora_alpha}
+    config.use_rslora = False
+    config.init_lora_weights = True  # the saved weights replace any initialisation on load
+    tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
+    with _atomic_directory(path, overwrite) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return Path(path)
+
+
+def _integral(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else value
+
+
+def merged_state_dict(model: nn.Module, *, adapter_name: str = "default") -> dict[str, Tensor]:
+    """The plain model's state dict with every LoRA layer merged: ``W_res + s·B·A`` (= ``W + ΔW``).
+
+    Keys are those of the un-wrapped model (``...q_proj.weight``); adapter tensors are left out. Merged
+    weights are computed in fp32, rounded to the base dtype and moved to the CPU one at a time.
+    """
+    _require_peft_model(model)
+    layers = _require_lora_model(model, adapter_name)
+    by_prefix = {name + ".": layer for name, (_, layer) in layers.items()}
+    state: dict[str, Any] = {}
+    for key, tensor in unwrap_model(model).state_dict().items():
+        if _ADAPTER_PARTS.intersection(key.split(".")):
+            continue
+        plain = key.replace(".base_layer.", ".")
+        prefix = plain.rsplit(".", 1)[0] + "."
+        layer = by_prefix.get(prefix)
+        if layer is not None and plain.endswith(".weight"):
+            with torch.no_grad():
+                A = layer.lora_A[adapter_name].weight.float()
+                B = layer.lora_B[adapter_name].weight.float()
+                merged = tensor.float() + float(layer.scaling[adapter_name]) * (B @ A)
+            tensor = merged.to(tensor.dtype)
+        state[plain] = tensor.detach().to("cpu")
+    return state
+
+
+def save_merged(
+    model: nn.Module, path: str | os.PathLike, *, adapter_name: str = "default", overwrite: bool = False
+) -> Path:
+    """Write the trained model with its LoRA adapter merged, as a plain ``transformers`` checkpoint.
+
+    Every LoRA-wrapped weight becomes ``W_res + s·B·A`` (for FILA: the original ``W`` plus ``ΔW``);
+    ``AutoModelForCausalLM.from_pretrained(path)`` loads it without ``peft``. Safetensors, written
+    atomically; the model itself is not modified.
+    """
+    state = merged_state_dict(model, adapter_name=adapter_name)
+    base = unwrap_model(model)
+    with _atomic_directory(path, overwrite) as tmp:
+        base.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+    return Path(path)

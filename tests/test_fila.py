@@ -1,0 +1,282 @@
+"""FILA initialisation (SPEC §3.2) and the adapter export, on random matrices and a tiny Llama.
+
+Tolerances:
+- identities in fp32 (``W_res + s·B₀A₀ = W``, logits at init): the only error is the rounding of
+  ``W_res`` and of the products, a few fp32 ulps of the weights' scale: rtol/atol 1e-5 (1e-4 for the
+  logits, whose magnitudes sum ~100 such products).
+- optimality, against fp64 SVDs of ``diag(d)·W``: the fp32 SVD of a 40×24 matrix is accurate to
+  ~1e-6 relative to ``σ_1``; the ``d/(d+ε)`` factor adds ``ε/min d ≈ 1e-6``: rtol 1e-4 on the error.
+- export after training (fp32): the reloaded model computes ``W + s·(BA − B₀A₀)`` where the trained
+  one computes ``W_res + s·BA``; they differ by the rounding of ``W_res``: atol 1e-5 on the logits.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from test_fisher import make_batch, tiny_llama
+
+from fastunlearn.fila import fila_factors, fila_init, fila_record, lora_layers, save_adapter, save_merged
+from fastunlearn.fisher import estimate_fisher
+
+
+def random_problem(out=40, n_in=24, seed=0, zero_rows=()):
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(out, n_in, generator=gen)
+    # Row importances spread over four orders of magnitude, so row weighting matters.
+    forget = torch.rand(out, n_in, generator=gen) * torch.logspace(-2, 2, out)[:, None]
+    retain = torch.rand(out, n_in, generator=gen)
+    for row in zero_rows:
+        forget[row] = 0
+    return W, forget, retain
+
+
+def row_weights(forget, retain, eps=1e-5):
+    return (forget.double() / (retain.double() + eps)).sum(1).sqrt()
+
+
+@pytest.mark.parametrize("rank", [1, 5, 24])
+def test_factors_solve_the_row_weighted_problem(rank):
+    W, forget, retain = random_problem()
+    s = 2.0
+    A, B = fila_factors(W, forget, retain, rank, s)
+    assert A.shape == (rank, 24) and B.shape == (40, rank) and A.dtype == B.dtype == torch.float32
+    d = row_weights(forget, retain)
+    DW = d[:, None] * W.double()
+    sigma = torch.linalg.svdvals(DW)
+    optimum = sigma[rank:].square().sum()  # Eckart–Young on D·W; M* = D⁻¹[DW]_r attains it
+    approx = s * B.double() @ A.double()
+    error = (d[:, None] * (W.double() - approx)).square().sum()
+    torch.testing.assert_close(error, optimum, rtol=1e-4, atol=1e-6 * sigma[0] ** 2)
+    U, S, Vh = torch.linalg.svd(DW, full_matrices=False)
+    closed_form = (U[:, :rank] * S[:rank]) @ Vh[:rank] / d[:, None]
+    torch.testing.assert_close(approx, closed_form, rtol=1e-4, atol=1e-5 * closed_form.abs().max())
+    if rank < 24:
+        # The plain truncated SVD of W is worse in the weighted norm.
+        U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+        plain = (U[:, :rank] * S[:rank]) @ Vh[:rank]
+        plain_error = (d[:, None] * (W.double() - plain)).square().sum()
+        assert plain_error > 1.05 * error
+
+
+def test_factor_shapes_follow_sqrt_s_split():
+    # A = (V·sqrt(S/s))ᵀ and B = D⁻¹·U·sqrt(S/s): both factors carry sqrt(S/s), so ‖A_k‖ = ‖d∘B_k‖.
+    W, forget, retain = random_problem(seed=1)
+    A, B = fila_factors(W, forget, retain, 4, 0.5)
+    d = row_weights(forget, retain).float()
+    torch.testing.assert_close(A.norm(dim=1), ((d + 1e-5)[:, None] * B).norm(dim=0), rtol=1e-5, atol=0)
+
+
+def test_zero_fisher_rows():
+    W, forget, retain = random_problem(seed=2, zero_rows=(0, 7, 39))
+    A, B = fila_factors(W, forget, retain, 6, 2.0)
+    assert torch.isfinite(A).all() and torch.isfinite(B).all()
+    assert torch.equal(B[[0, 7, 39]], torch.zeros(3, 6))  # no weight on those rows: nothing to fit
+    d = row_weights(forget, retain)
+    sigma = torch.linalg.svdvals(d[:, None] * W.double())
+    error = (d[:, None] * (W.double() - 2.0 * B.double() @ A.double())).square().sum()
+    torch.testing.assert_close(error, sigma[6:].square().sum(), rtol=1e-4, atol=1e-6 * sigma[0] ** 2)
+    # Zero retain Fisher with a non-zero forget Fisher: huge but finite row weights.
+    A, B = fila_factors(W, forget, torch.zeros_like(retain), 6, 2.0)
+    assert torch.isfinite(A).all() and torch.isfinite(B).all()
+
+
+def test_randomized_solver_is_seeded_and_leaves_rng_alone():
+    W, forget, retain = random_problem(seed=3)
+    torch.manual_seed(123)
+    A1, B1 = fila_factors(W, forget, retain, 4, 2.0, solver="randomized")
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    A2, B2 = fila_factors(W, forget, retain, 4, 2.0, solver="randomized")
+    assert torch.equal(A1, A2) and torch.equal(B1, B2)
+    assert torch.equal(torch.rand(3), after)
+    # On an exactly rank-4 D·W the randomised range finder is exact.
+    low = torch.randn(40, 4) @ torch.randn(4, 24)
+    A, B = fila_factors(low, forget, retain, 4, 2.0, solver="randomized")
+    torch.testing.assert_close(2.0 * B @ A, low, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# On a model
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """A tiny fp32 Llama, its Fisher estimates on a forget and a retain batch, and probe inputs."""
+    base = tiny_llama(torch.float32, seed=3)
+    forget = [make_batch(4, 10, seed=11), make_batch(4, 10, seed=12)]
+    retain = [make_batch(4, 10, seed=13)]
+    return {
+        "base": base,
+        "forget": estimate_fisher(base, forget, progress=False),
+        "retain": estimate_fisher(base, retain, progress=False),
+        "probe": make_batch(3, 10, seed=14, pad_rows=[(2, 7)]),
+        "train": forget + retain,
+    }
+
+
+def wrap(base, **lora):
+    from peft import LoraConfig, get_peft_model
+
+    options = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", **lora}
+    return get_peft_model(copy.deepcopy(base), LoraConfig(**options))
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def train_a_few_steps(model, batches, steps=3):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_init_preserves_function_and_weights(setup):
+    model = wrap(setup["base"])
+    originals = {
+        n: layer.get_base_layer().weight.detach().clone() for n, (_, layer) in lora_layers(model).items()
+    }
+    assert len(originals) == 14  # every linear but lm_head
+    fila_init(model, setup["forget"], setup["retain"])
+    for name, (_, layer) in lora_layers(model).items():
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        s = layer.scaling["default"]
+        assert s == 2.0 and B.abs().sum() > 0
+        rebuilt = layer.get_base_layer().weight + s * B @ A
+        torch.testing.assert_close(rebuilt, originals[name], rtol=1e-5, atol=1e-5, msg=name)
+        record = fila_record(layer)
+        assert (
+            torch.equal(record.A0, A.detach()) and torch.equal(record.B0, B.detach()) and record.scaling == s
+        )
+        A_want, B_want = fila_factors(originals[name], setup["forget"][name], setup["retain"][name], 4, s)
+        assert torch.equal(A.detach(), A_want) and torch.equal(B.detach(), B_want)
+    torch.testing.assert_close(
+        logits(model, setup["probe"]), logits(setup["base"], setup["probe"]), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_init_is_reproducible_for_resume(setup):
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    first, second = wrap(setup["base"]), wrap(setup["base"])
+    fila_init(first, setup["forget"], setup["retain"])
+    fila_init(second, setup["forget"], setup["retain"])
+    for (k1, v1), (k2, v2) in zip(first.state_dict().items(), second.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+    # The documented resume: re-run fila_init on a fresh wrap, then load the trained rank-r adapter.
+    train_a_few_steps(first, setup["train"], steps=2)
+    checkpoint = {k: v.clone() for k, v in get_peft_model_state_dict(first).items()}
+    set_peft_model_state_dict(second, checkpoint)
+    assert torch.equal(logits(second, setup["probe"]), logits(first, setup["probe"]))
+
+
+def test_estimates_from_the_wrapped_model_match(setup):
+    model = wrap(setup["base"], target_modules=["q_proj", "down_proj"])
+    forget = estimate_fisher(model, setup["train"][:2], progress=False)  # names taken on the peft model
+    assert "model.layers.0.self_attn.q_proj" in forget
+    plain = {k: v for k, v in setup["forget"].items()}  # plain mapping with peft-style names
+    peft_named = {f"base_model.model.{k}.base_layer.weight": v for k, v in setup["retain"].items()}
+    fila_init(model, plain, peft_named)
+    torch.testing.assert_close(
+        logits(model, setup["probe"]), logits(setup["base"], setup["probe"]), rtol=1e-4, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "lora", [{}, {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"down_proj": 3}}, {"use_rslora": True}]
+)
+def test_exported_adapter_reproduces_trained_model(tmp_path, setup, lora):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = wrap(setup["base"], **lora)
+    fila_init(model, setup["forget"], setup["retain"])
+    train_a_few_steps(model, setup["train"])
+    trained = logits(model, setup["probe"])
+    assert (trained - logits(setup["base"], setup["probe"])).abs().max() > 1e-2  # training did something
+
+    save_adapter(model, tmp_path / "adapter")
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["use_rslora"] is False
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(setup["base"]), tmp_path / "adapter")
+    for name, (_, layer) in lora_layers(reloaded).items():
+        original = dict(lora_layers(model))[name][1]
+        assert layer.r["default"] == 2 * original.r["default"]
+        assert layer.scaling["default"] == pytest.approx(original.scaling["default"], rel=1e-12)
+    torch.testing.assert_close(logits(reloaded, setup["probe"]), trained, rtol=1e-4, atol=1e-5)
+
+    save_merged(model, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits(merged, setup["probe"]), trained, rtol=1e-4, atol=1e-5)
+
+
+def test_plain_lora_export(tmp_path, setup):
+    from peft import PeftModel
+
+    model = wrap(setup["base"], init_lora_weights="gaussian")  # non-zero B after training, no FILA
+    train_a_few_steps(model, setup["train"], steps=2)
+    save_adapter(model, tmp_path / "plain")
+    reloaded = PeftModel.from_pretrained(copy.deepcopy(setup["base"]), tmp_path / "plain")
+    assert all(layer.r["default"] == 4 for _, layer in lora_layers(reloaded).values())
+    torch.testing.assert_close(
+        logits(reloaded, setup["probe"]), logits(model, setup["probe"]), rtol=1e-5, atol=1e-6
+    )
+
+
+def test_export_refuses_to_overwrite(tmp_path, setup):
+    model = wrap(setup["base"])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_adapter(model, tmp_path / "out")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_merged(model, tmp_path / "out")
+    save_adapter(model, tmp_path / "out", overwrite=True)
+    assert not (tmp_path / "out" / "keep.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directories left
+
+
+def test_bad_input(setup):
+    forget, retain = setup["forget"], setup["retain"]
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        fila_init(copy.deepcopy(setup["base"]), forget, retain)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        fila_init(wrap(setup["base"]), forget, retain, adapter_name="other")
+    partial = {k: v for k, v in forget.items() if "down_proj" not in k}
+    with pytest.raises(ValueError, match=r"forget Fisher estimate has no entry for 2 LoRA layer.*down_proj"):
+        fila_init(wrap(setup["base"]), partial, retain)
+    reshaped = dict(retain.items())
+    reshaped["model.layers.1.mlp.up_proj"] = reshaped["model.layers.1.mlp.up_proj"].t()
+    with pytest.raises(ValueError, match=r"retain Fisher of layer 'model.layers.1.mlp.up_proj' has shape"):
+        fila_init(wrap(setup["base"]), forget, reshaped)
+    with pytest.raises(ValueError, match="exceeds min"):
+        fila_init(wrap(setup["base"], r=40), forget, retain)
+    for bad in (float("nan"), float("inf"), -1.0):
+        corrupt = dict(forget.items())
+        corrupt["model.layers.0.self_attn.k_proj"] = corrupt["model.layers.0.self_attn.k_proj"].clone()
+        corrupt["model.layers.0.self_attn.k_proj"][1, 2] = bad
+        with pytest.raises(ValueError, match=r"non-finite|negative"):
+            fila_init(wrap(setup["base"]), corrupt, retain)
+    with pytest.raises(ValueError, match="unknown solver"):
+        fila_init(wrap(setup["base"]), forget, retain, solver="qr")
+    with pytest.raises(ValueError, match="eps"):
+        fila_init(wrap(setup["base"]), forget, retain, eps=0.0)
+    model = fila_init(wrap(setup["base"]), forget, retain)
+    with pytest.raises(ValueError, match="already FILA-initialised"):
+        fila_init(model, forget, retain)
+    with pytest.raises(TypeError, match="PeftModel"):
+        save_adapter(setup["base"], "unused")
