@@ -1,10 +1,10 @@
 """Chunked PyTorch implementation of the IHL forward and backward: the CPU path.
 
-It computes exactly what ``fastunlearn.kernels.ihl`` computes (same stored statistics, same
+It computes what ``fastunlearn.kernels.ihl`` computes (the same stored statistics and
 cancellation-free formulas; see that module's docstring for the derivation), a block of rows at a
-time. Blocks are sized to stay in cache (about a megabyte of fp32), so the several elementwise passes
-each block needs cost little more than the one read of the logits from memory and the one write of
-the gradient; the only full-size buffer is the gradient itself.
+time. Blocks are sized to stay in cache (about a megabyte of fp32), so the few vectorised passes each
+block needs (PyTorch's fused softmax does the exponentials) cost little more than the one read of the
+logits from memory and the one write of the gradient; the only full-size buffer is the gradient.
 """
 
 from __future__ import annotations
@@ -39,43 +39,69 @@ def _valid(labels: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
     return (labels != ignore_index) & (labels >= 0) & (labels < vocab)
 
 
+def _first_argmax(x: torch.Tensor, row_max: torch.Tensor, width: int = 512) -> torch.Tensor:
+    """Index of the first occurrence of ``row_max`` in each row of ``x`` (``[n, 1]``, int64).
+
+    ``torch.max(dim)`` returns values and indices in one pass that is several times slower on CPU than
+    ``amax``; two ``amax``-speed passes find the first ``width``-wide segment holding the maximum, then
+    the first position inside it.
+    """
+    n, v = x.shape
+    padded = torch.nn.functional.pad(x, (0, -v % width), value=float("-inf")).view(n, -1, width)
+    segment = (padded.amax(dim=2) == row_max).int().argmax(dim=1, keepdim=True)
+    window = padded.gather(1, segment.unsqueeze(2).expand(n, 1, width)).squeeze(1)
+    return segment * width + (window == row_max).int().argmax(dim=1, keepdim=True)
+
+
 def ihl_forward(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as ``fastunlearn.kernels.ihl.ihl_forward`` (fp64 logits are kept in fp64)."""
+    """Same contract as ``fastunlearn.kernels.ihl.ihl_forward`` (fp64 logits are kept in fp64).
+
+    Per block, over the logits with ``y`` masked out: the best other logit ``z_m`` and its first index,
+    and ``q = softmax`` (PyTorch's fused kernel), whose entries outside ``m`` sum to ``R/S_{≠y}``
+    exactly — no subtraction. ``log S_{≠y} = z_m − log q_m`` is accurate because ``q_m ≥ 1/(V−1)``.
+    The per-row arithmetic that turns these into the loss and the stored statistics runs once, over
+    all rows, after the loop.
+    """
     B, T, V = logits.shape
     acc = _accumulation_dtype(logits.dtype)
-    loss = torch.empty(B * T, dtype=acc, device=logits.device)
-    stats = torch.empty(B * T, 4, dtype=acc, device=logits.device)
-    argmax = torch.empty(B * T, dtype=torch.int64, device=logits.device)
+    n = B * T
+    device = logits.device
+    valid = _valid(labels, V, ignore_index).unsqueeze(1)
+    targets = torch.where(valid, labels.unsqueeze(1), 0)
+    z_y = torch.empty(n, 1, dtype=acc, device=device)
+    best = torch.empty(n, 1, dtype=acc, device=device)
+    q_m = torch.empty(n, 1, dtype=acc, device=device)
+    rest_q = torch.empty(n, 1, dtype=acc, device=device)
+    argmax = torch.empty(n, 1, dtype=torch.int64, device=device)
     for r0, r1, block in _row_blocks(logits):
-        valid = _valid(labels[r0:r1], V, ignore_index).unsqueeze(1)
-        y = torch.where(valid, labels[r0:r1].unsqueeze(1), 0)
+        y = targets[r0:r1]
         z = block.to(acc)
-        z_y = z.gather(1, y)
+        torch.gather(z, 1, y, out=z_y[r0:r1])
         others = z.scatter(1, y, float("-inf"))
-        best, best_idx = others.max(dim=1, keepdim=True)
-        shift = torch.maximum(best, z_y)
-        shift = shift.masked_fill(shift == float("-inf"), 0.0)
-        others.sub_(shift).exp_()
-        others.scatter_(1, best_idx, 0.0)  # R excludes m exactly: no e_m to subtract later
-        rest = others.sum(dim=1, keepdim=True)
-        e_y = (z_y - shift).exp_()
-        e_m = (best - shift).exp_()
-        total = e_y + e_m + rest
-        p_y, p_m = e_y / total, e_m / total
-        row_loss = (2 * e_y + rest) / total
-        out = stats[r0:r1]
-        # Ignored rows: lse = +inf and zero coefficients make the backward write exact zeros.
-        out[:, 0:1] = torch.where(valid, shift + total.log(), float("inf"))
-        diff = best - z_y
-        coef = torch.where(diff.abs() < 0.5, e_y * torch.expm1(diff), e_m - e_y) / total
-        out[:, 1:2] = torch.where(valid, coef, 0.0)
-        out[:, 2:3] = torch.where(valid, p_y * (2 * e_m + rest) / total, 0.0)
-        out[:, 3:4] = torch.where(valid, -p_m * row_loss, 0.0)
-        loss[r0:r1] = torch.where(valid, row_loss, 0.0).squeeze(1)
-        argmax[r0:r1] = best_idx.squeeze(1)
-    return loss, stats, argmax
+        torch.amax(others, dim=1, keepdim=True, out=best[r0:r1])
+        idx = _first_argmax(others, best[r0:r1])
+        argmax[r0:r1] = idx
+        q = others.softmax(dim=1)
+        torch.gather(q, 1, idx, out=q_m[r0:r1])
+        torch.sum(q.scatter_(1, idx, 0.0), dim=1, keepdim=True, out=rest_q[r0:r1])
+
+    # e_v relative to shift = max(z_y, log S_{≠y}); one of e_y and S_{≠y} is 1 there.
+    lse_others = best - q_m.log()
+    shift = torch.maximum(z_y, lse_others)
+    e_y = (z_y - shift).exp()
+    e_m = (best - shift).exp()
+    rest = (lse_others - shift).exp() * rest_q
+    total = e_y + e_m + rest
+    p_y, p_m = e_y / total, e_m / total
+    row_loss = (2 * e_y + rest) / total
+    diff = best - z_y
+    coef = torch.where(diff.abs() < 0.5, e_y * torch.expm1(diff), e_m - e_y) / total
+    stats = torch.cat([shift + total.log(), coef, p_y * (2 * e_m + rest) / total, -p_m * row_loss], dim=1)
+    # Ignored rows: zero loss and zero coefficients, so the backward writes exact zeros there.
+    stats = torch.where(valid, stats, 0.0)
+    return torch.where(valid, row_loss, 0.0).squeeze(1), stats, argmax.squeeze(1)
 
 
 def ihl_backward(
@@ -89,21 +115,18 @@ def ihl_backward(
 ) -> torch.Tensor:
     """Same contract as ``fastunlearn.kernels.ihl.ihl_backward``."""
     V = logits.shape[-1]
-    acc = stats.dtype
-    direct = grad.dtype == acc  # fp32 gradient: compute straight into the output block
-    grad_rows = grad_rows.to(acc)
+    valid = _valid(labels, V, ignore_index).unsqueeze(1)
+    targets = torch.where(valid, labels.unsqueeze(1), 0)
+    scale = grad_rows.to(stats.dtype).reshape(-1, 1)  # [1, 1] or [N, 1]
+    coef = stats[:, 1:2] * scale
+    g_y = (stats[:, 2:3] * scale).to(grad.dtype)
+    g_m = (stats[:, 3:4] * scale).to(grad.dtype)
     for r0, r1, block in _row_blocks(logits):
-        scale = grad_rows if grad_rows.dim() == 0 else grad_rows[r0:r1].unsqueeze(1)
-        lse, coef, g_y, g_m = (s.unsqueeze(1) for s in stats[r0:r1].unbind(1))
-        valid = _valid(labels[r0:r1], V, ignore_index).unsqueeze(1)
-        y = torch.where(valid, labels[r0:r1].unsqueeze(1), 0)
         b, t0 = divmod(r0, logits.shape[1])
         out = grad[b, t0 : t0 + (r1 - r0)]
-        work = out if direct else torch.empty(block.shape, dtype=acc, device=block.device)
-        torch.sub(block, lse, out=work)
-        work.exp_().mul_(coef * scale)
-        work.scatter_(1, y, g_y * scale)
-        work.scatter_(1, argmax[r0:r1].unsqueeze(1), g_m * scale)
-        if not direct:
-            out.copy_(work)
+        # p_j from PyTorch's fused softmax (one vectorised pass, in cache), then one multiply that
+        # writes the output block in its own dtype.
+        torch.mul(torch.softmax(block, dim=1, dtype=stats.dtype), coef[r0:r1], out=out)
+        out.scatter_(1, targets[r0:r1], g_y[r0:r1])
+        out.scatter_(1, argmax[r0:r1].unsqueeze(1), g_m[r0:r1])
     return grad
