@@ -1,0 +1,127 @@
+"""Unlearning objectives on a paired forget/retain batch (SPEC §2).
+
+With ``NLL(D)`` the token-mean negative log-likelihood of the supervised (non ``-100``) shifted target
+tokens of batch ``D`` (logits at ``t`` predict the token at ``t + 1``):
+
+- ``ihl``: ``IHL(forget) + NLL(retain)`` — the paper's objective (Cha et al. 2025, Eq. 4), both
+  weights 1, no KL term; the IHL term is :func:`fastunlearn.ihl_loss` (token mean over the batch).
+- ``ga``:  ``−NLL(forget)`` — gradient ascent (Jang et al. 2023).
+- ``gd``:  ``−NLL(forget) + NLL(retain)`` — gradient difference.
+- ``npo``: ``(2/β)·mean_i softplus(β·(log π_θ(y_i|x_i) − log π_ref(y_i|x_i))) + NLL(retain)`` — NPO
+  (Zhang et al. 2024): ``softplus(β·Δ) = log(1 + (π_θ/π_ref)^β)``, with ``log π(y|x)`` the summed
+  log-probability of the supervised tokens of sequence ``i``.
+
+The NPO reference is the model *before unlearning*. Its sequence log-probabilities do not change
+during training, so they are computed once, before the first step (:func:`sequence_logprobs`), and
+travel with the batch as ``forget["ref_logp"]``. That needs no second copy of the model, and it is the
+right reference for every initialisation: for FILA the base with adapters disabled is the *residual*
+``W − s·B₀A₀``, not the model before unlearning, so ``disable_adapter()`` would be the wrong reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastunlearn.data import IGNORE_INDEX
+from fastunlearn.ihl import ihl_loss
+
+METHODS = ("ihl", "ga", "gd", "npo")
+NEEDS_RETAIN = frozenset({"ihl", "gd", "npo"})
+
+__all__ = [
+    "METHODS",
+    "NEEDS_RETAIN",
+    "method_loss",
+    "nll_mean",
+    "npo_loss",
+    "sequence_logprob",
+    "sequence_logprobs",
+]
+
+
+def _logits(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def nll_mean(logits: Tensor, labels: Tensor) -> Tensor:
+    """Token-mean NLL of the shifted, non-ignored targets of a batch (fp32)."""
+    V = logits.shape[-1]
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
+    )
+
+
+def sequence_logprob(logits: Tensor, labels: Tensor) -> Tensor:
+    """``log π(y_i|x_i) = Σ_t log p(y_{i,t+1} | y_{i,≤t})`` over supervised targets, per row (fp32)."""
+    B, T, V = logits.shape
+    nll = F.cross_entropy(
+        logits[:, :-1].reshape(-1, V).float(),
+        labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )
+    return -nll.view(B, T - 1).sum(dim=1)
+
+
+def npo_loss(logp: Tensor, ref_logp: Tensor, beta: float) -> Tensor:
+    """``(2/β)·mean softplus(β·(logp − ref_logp))`` (NPO, Zhang et al. 2024, Eq. 3)."""
+    return (2.0 / beta) * F.softplus(beta * (logp - ref_logp)).mean()
+
+
+@torch.no_grad()
+def sequence_logprobs(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]) -> Tensor:
+    """:func:`sequence_logprob` of every example of ``batches``, in eval mode, concatenated (on CPU)."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        out = [
+            sequence_logprob(_logits(model, {k: v.to(device) for k, v in b.items()}), b["labels"].to(device))
+            for b in batches
+        ]
+    finally:
+        model.train(was_training)
+    return torch.cat(out).cpu()
+
+
+def method_loss(
+    model: nn.Module,
+    batch: Mapping[str, Mapping[str, Tensor]],
+    method: str,
+    *,
+    npo_beta: float = 0.1,
+    ihl_backend: str = "auto",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The objective of ``method`` on ``{"forget": ..., "retain": ...}`` and its detached parts.
+
+    Each part is a batch of ``input_ids``, ``attention_mask``, ``labels``; NPO's forget part also
+    carries ``ref_logp`` ``[B]``. Returns ``(loss, {"forget_loss": ..., "retain_loss": ...})``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
+    if method in NEEDS_RETAIN and "retain" not in batch:
+        raise ValueError(f"method {method!r} needs a retain set")
+    forget = batch["forget"]
+    logits = _logits(model, forget)
+    if method == "ihl":
+        # Labels come from our own tokenisation, checked against the vocabulary once before training:
+        # skip the per-step validation and its host sync.
+        forget_loss = ihl_loss(logits[:, :-1], forget["labels"][:, 1:], backend=ihl_backend, validate=False)
+    elif method == "npo":
+        if "ref_logp" not in forget:
+            raise ValueError("method 'npo' needs the reference log-probabilities forget['ref_logp']")
+        forget_loss = npo_loss(sequence_logprob(logits, forget["labels"]), forget["ref_logp"], npo_beta)
+    else:
+        forget_loss = -nll_mean(logits, forget["labels"])
+    parts = {"forget_loss": forget_loss.detach()}
+    loss = forget_loss
+    if method in NEEDS_RETAIN:
+        retain = batch["retain"]
+        retain_loss = nll_mean(_logits(model, retain), retain["labels"])
+        parts["retain_loss"] = retain_loss.detach()
+        loss = loss + retain_loss
+    return loss, parts

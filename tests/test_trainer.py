@@ -1,0 +1,324 @@
+"""The Trainer-based loop: one optimiser step per method/init against a hand-written step, outputs, resume."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from test_methods import ref_objective, ref_seq_logp
+from transformers import AutoModelForCausalLM, TrainerCallback
+
+from fastunlearn import data as fdata
+from fastunlearn import demo
+from fastunlearn.fila import fila_init
+from fastunlearn.fisher import estimate_fisher
+from fastunlearn.trainer import UnlearnTrainer, unlearn
+
+# The tiny demo model (hidden 32, 2 layers) on 4 authors.
+SIZE = dataclasses.replace(demo.SIZES["tiny"], authors=4, hidden=32, layers=2, vocab=300)
+LR = 1e-2
+COMMON = dict(
+    template="phi",
+    max_length=128,
+    lora_r=4,
+    lora_alpha=8,
+    learning_rate=LR,
+    seed=0,
+    progress=False,
+    logging_steps=1,
+)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    data = demo.generate_dataset(SIZE.authors, seed=0)
+    texts = [
+        f"Question: {r['question']}\nAnswer: {r['answer']}"
+        for r in data["forget_perturbed"] + data["retain_perturbed"]
+    ]
+    tokenizer = demo.train_tokenizer(texts, SIZE.vocab)
+    forget, retain = data["forget"][:4], data["retain"][:10]
+    return tokenizer, forget, retain
+
+
+def fresh_model(tokenizer):
+    return demo.build_model(tokenizer, SIZE, seed=0)
+
+
+def lora_params(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def reference_step(tokenizer, forget, retain, method, init, *, weight_decay=0.01):
+    """The step written out by hand: same data, pairing, LoRA init, loss, clipping and AdamW."""
+    model = fresh_model(tokenizer)
+    prep = dict(template="phi", max_length=128)
+    forget_ex = fdata.prepare(forget, tokenizer, name="forget", **prep)
+    retain_ex = fdata.prepare(retain, tokenizer, name="retain", **prep)
+    pairing = fdata.PairedDataset(forget_ex, retain_ex, seed=0).pairing
+    pad = fdata.pad_id_of(tokenizer)
+    batch = {
+        "forget": fdata.collate(forget_ex, pad),
+        "retain": fdata.collate([retain_ex[j] for j in pairing], pad),
+    }
+    if init != "full":
+        torch.manual_seed(0)
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"
+            ),
+        )
+        if init == "fila":
+            f = estimate_fisher(model, fdata.batches(forget_ex, pad, 4), progress=False)
+            r = estimate_fisher(model, fdata.batches([retain_ex[j] for j in pairing], pad, 4), progress=False)
+            fila_init(model, f, r, seed=0)
+    if method == "npo":
+        with torch.no_grad():
+            batch["forget"]["ref_logp"] = ref_seq_logp(model.eval(), batch["forget"]).float()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = ref_objective(model, batch, method, beta=0.1)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=weight_decay)
+    opt.step()
+    model.ref_grads = grads
+    return model, loss.item()
+
+
+def one_step(setup, tmp_path, method, init, **options):
+    tokenizer, forget, retain = setup
+    return unlearn(
+        fresh_model(tokenizer),
+        tokenizer,
+        forget,
+        retain,
+        method=method,
+        init=init,
+        output_dir=tmp_path / "out",
+        num_epochs=1,
+        batch_size=len(forget),
+        gradient_accumulation_steps=1,
+        warmup_epochs=0,
+        evaluate=False,
+        **COMMON,
+        **options,
+    )
+
+
+def assert_same_step(result, reference, ref_loss):
+    """Same loss, and the same parameters after the step.
+
+    Adam's first step moves each weight by ``lr·g/(|g| + 1e-8)`` (plus weight decay): about ``lr·sign(g)``
+    wherever ``|g| ≫ 1e-8``, but where the gradient is itself at fp32 rounding level (``|g| < 1e-6``) the
+    rounding of the fp32 forward/backward (and the batch order the Trainer draws) decides it. Those entries
+    must only stay within one step ``lr`` of the reference; every other entry must match to fp32 rounding.
+    """
+    got, want = lora_params(result.model), lora_params(reference)
+    assert got.keys() == want.keys() and got
+    sensitive = total = 0
+    for name in want:
+        tiny = reference.ref_grads[name].abs() < 1e-6
+        diff = (got[name] - want[name]).abs()
+        zero = torch.zeros(1)
+        bound = 1e-6 + 1e-5 * torch.cat([zero, want[name][~tiny].abs()]).max()
+        assert torch.cat([zero, diff[~tiny]]).max() <= bound, name
+        assert torch.cat([zero, diff[tiny]]).max() <= 1.01 * LR, name
+        sensitive += int(tiny.sum() - (reference.ref_grads[name] == 0).sum())
+        total += tiny.numel()
+    assert sensitive < 0.02 * total  # the strict comparison covers nearly every weight
+    assert result.metrics["train"]["global_step"] == 1
+    assert result.metrics["train"]["loss"] == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ihl", "ga", "gd", "npo"])
+def test_one_lora_step_equals_hand_written_step(setup, tmp_path, method):
+    tokenizer, forget, retain = setup
+    reference, ref_loss = reference_step(tokenizer, forget, retain, method, "lora")
+    result = one_step(setup, tmp_path, method, "lora")
+    assert_same_step(result, reference, ref_loss)
+    lora_B = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+    assert all(b.abs().max() > 0 for b in lora_B)  # the LoRA update actually happened
+
+
+def test_one_full_step_equals_hand_written_step(setup, tmp_path):
+    tokenizer, forget, retain = setup
+    reference, ref_loss = reference_step(tokenizer, forget, retain, "ihl", "full", weight_decay=0.0)
+    result = one_step(setup, tmp_path, "ihl", "full", weight_decay=0.0)
+    assert_same_step(result, reference, ref_loss)
+    reloaded = AutoModelForCausalLM.from_pretrained(result.model_path)
+    torch.testing.assert_close(reloaded.model.embed_tokens.weight, result.model.model.embed_tokens.weight)
+
+
+def test_gradient_checkpointing_with_lora_trains_the_same_step(setup, tmp_path):
+    tokenizer, forget, retain = setup
+    reference, ref_loss = reference_step(tokenizer, forget, retain, "gd", "lora")
+    result = one_step(setup, tmp_path, "gd", "lora", gradient_checkpointing=True)
+    base = result.model.base_model.model
+    assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
+    assert_same_step(result, reference, ref_loss)
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+@pytest.mark.slow
+def test_fila_step_and_adapter_on_the_original_base(setup, tmp_path):
+    tokenizer, forget, retain = setup
+    reference, ref_loss = reference_step(tokenizer, forget, retain, "ihl", "fila")
+    result = one_step(setup, tmp_path, "ihl", "fila", merge=True)
+    assert_same_step(result, reference, ref_loss)
+    assert set(result.fisher_paths) == {"forget", "retain"}
+    assert all(os.path.isfile(p) for p in result.fisher_paths.values())
+
+    batch = fdata.collate(fdata.prepare(forget + retain, tokenizer, name="x", template="phi"), 0)
+    trained = _logits(result.model, batch)
+    # Stock peft on the ORIGINAL base reproduces the trained model, and so does the merged model.
+    on_original = PeftModel.from_pretrained(fresh_model(tokenizer), result.adapter_path)
+    torch.testing.assert_close(_logits(on_original, batch), trained, rtol=1e-4, atol=1e-4)
+    merged = AutoModelForCausalLM.from_pretrained(result.merged_path)
+    torch.testing.assert_close(_logits(merged, batch), trained, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(_logits(fresh_model(tokenizer), batch), trained, atol=1e-3)
+
+
+@pytest.mark.slow
+class EpochCounter(TrainerCallback):
+    def __init__(self):
+        self.epochs = 0
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.epochs += 1
+
+
+def test_outputs_metrics_and_run_config(setup, tmp_path):
+    tokenizer, forget, retain = setup
+    out = tmp_path / "run"
+    counter = EpochCounter()
+    result = unlearn(
+        fresh_model(tokenizer),
+        tokenizer,
+        forget,
+        retain,
+        method="ihl",
+        init="lora",
+        output_dir=out,
+        num_epochs=2,
+        batch_size=2,
+        gradient_accumulation_steps=1,
+        callbacks=[counter],
+        **COMMON,
+    )
+    assert counter.epochs == 2 and result.metrics["train"]["global_step"] == 4
+    metrics = json.loads((out / "metrics.json").read_text())
+    for when in ("before", "after"):
+        for split in ("forget", "retain"):
+            assert 0 <= metrics[when][split]["prob"] <= 1 and 0 <= metrics[when][split]["accuracy"] <= 1
+    assert metrics == json.loads(json.dumps(result.metrics))
+    config = json.loads((out / "run_config.json").read_text())
+    assert (
+        config["method"] == "ihl" and config["init"] == "lora" and config["forget"] == "<in-memory records>"
+    )
+    assert config["options"]["lora_r"] == 4 and config["options"]["learning_rate"] == LR
+    assert config["options"]["callbacks"] == ["EpochCounter"]
+    assert {"torch", "transformers", "peft", "fastunlearn"} <= set(config["versions"])
+    assert sorted(os.listdir(out)) == ["adapter", "checkpoints", "metrics.json", "run_config.json"]
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_output_dir_refusal_and_overwrite(setup, tmp_path):
+    tokenizer, forget, _ = setup
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    kwargs = dict(
+        method="ga", init="lora", output_dir=out, num_epochs=1, batch_size=4, evaluate=False, **COMMON
+    )
+    with pytest.raises(FileExistsError, match="not empty; pass overwrite=True"):
+        unlearn(fresh_model(tokenizer), tokenizer, forget, None, **kwargs)
+    unlearn(fresh_model(tokenizer), tokenizer, forget, None, overwrite=True, **kwargs)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "adapter").is_dir()
+    with pytest.raises(ValueError, match="exclude each other"):
+        unlearn(fresh_model(tokenizer), tokenizer, forget, None, overwrite=True, resume=True, **kwargs)
+    with pytest.raises(ValueError, match="no checkpoint to resume"):
+        unlearn(
+            fresh_model(tokenizer),
+            tokenizer,
+            forget,
+            None,
+            resume=True,
+            **{**kwargs, "output_dir": tmp_path / "empty"},
+        )
+    with pytest.raises(ValueError, match=r"differs in \['options.learning_rate'\]"):
+        unlearn(
+            fresh_model(tokenizer), tokenizer, forget, None, resume=True, **{**kwargs, "learning_rate": 1.0}
+        )
+
+
+@pytest.mark.slow
+def test_resume_after_a_crash_matches_an_uninterrupted_fila_run(setup, tmp_path, monkeypatch):
+    tokenizer, forget, retain = setup
+    kwargs = dict(
+        method="ihl",
+        init="fila",
+        num_epochs=2,
+        batch_size=2,
+        gradient_accumulation_steps=1,
+        evaluate=False,
+        **COMMON,
+    )
+    full = unlearn(fresh_model(tokenizer), tokenizer, forget, retain, output_dir=tmp_path / "a", **kwargs)
+
+    original = UnlearnTrainer.compute_loss
+
+    def crash_in_second_epoch(self, *args, **kw):
+        if self.state.global_step >= 2:  # the checkpoint of epoch 1 (step 2) is written
+            raise RuntimeError("simulated crash")
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(UnlearnTrainer, "compute_loss", crash_in_second_epoch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        unlearn(fresh_model(tokenizer), tokenizer, forget, retain, output_dir=tmp_path / "b", **kwargs)
+    monkeypatch.setattr(UnlearnTrainer, "compute_loss", original)
+    assert os.path.isdir(tmp_path / "b" / "checkpoints" / "checkpoint-2")
+    resumed = unlearn(
+        fresh_model(tokenizer), tokenizer, forget, retain, output_dir=tmp_path / "b", resume=True, **kwargs
+    )
+    assert resumed.metrics["train"]["global_step"] == 4
+    got, want = lora_params(resumed.model), lora_params(full.model)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+    batch = fdata.collate(fdata.prepare(forget, tokenizer, name="x", template="phi"), 0)
+    on_original = PeftModel.from_pretrained(fresh_model(tokenizer), resumed.adapter_path)
+    torch.testing.assert_close(_logits(on_original, batch), _logits(full.model, batch), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_arguments(setup, tmp_path):
+    tokenizer, forget, retain = setup
+    model = fresh_model(tokenizer)
+    out = tmp_path / "x"
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['epochs'\]"):
+        unlearn(model, tokenizer, forget, retain, output_dir=out, epochs=3)
+    with pytest.raises(ValueError, match="unknown method 'rmu'"):
+        unlearn(model, tokenizer, forget, retain, method="rmu", output_dir=out)
+    with pytest.raises(ValueError, match="unknown init 'pissa'"):
+        unlearn(model, tokenizer, forget, retain, init="pissa", output_dir=out)
+    with pytest.raises(ValueError, match="'ihl' needs a retain set"):
+        unlearn(model, tokenizer, forget, None, output_dir=out)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        unlearn(model, tokenizer, forget, retain, output_dir=out, batch_size=0)
+    with pytest.raises(TypeError, match="pass the tokenizer"):
+        unlearn(model, None, forget, retain, output_dir=out)
+    with pytest.raises(FileNotFoundError, match=r"not a local directory.*allow_download"):
+        unlearn(str(tmp_path / "no-model"), None, forget, retain, output_dir=out)
+    with pytest.raises(ValueError, match=r"forget\[0\]: every label is masked"):
+        unlearn(model, tokenizer, forget, retain, output_dir=tmp_path / "y", max_length=4)
+    small = demo.build_model(tokenizer, SIZE, seed=0)
+    small.resize_token_embeddings(20)
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        unlearn(small, tokenizer, forget, retain, output_dir=tmp_path / "z")
