@@ -11,17 +11,45 @@ from fastunlearn.ihl_linear import fused_linear_ihl_loss
 
 __version__ = "0.1.0"
 
+# The training and evaluation layers import transformers and peft: loaded on first attribute access.
+_LAZY = {
+    "unlearn": "fastunlearn.trainer",
+    "UnlearnConfig": "fastunlearn.trainer",
+    "UnlearnResult": "fastunlearn.trainer",
+    "UnlearnTrainer": "fastunlearn.trainer",
+    "evaluate": "fastunlearn.evaluation",
+    "metrics": "fastunlearn.metrics",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fastunlearn' has no attribute {name!r}")
+    import importlib
+
+    module = importlib.import_module(_LAZY[name])
+    value = module if module.__name__ == f"fastunlearn.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
 __all__ = [
     "FisherEstimate",
     "IHLLoss",
+    "UnlearnConfig",
+    "UnlearnResult",
+    "UnlearnTrainer",
     "__version__",
     "estimate_fisher",
+    "evaluate",
     "fila_init",
     "fused_linear_ihl_loss",
     "ihl_loss",
     "ihl_paper_formulation",
     "ihl_reference",
+    "metrics",
     "per_example_grad_sq",
     "save_adapter",
     "save_merged",
+    "unlearn",
 ]

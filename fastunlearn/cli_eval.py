@@ -1,0 +1,120 @@
+"""``fastunlearn eval``: score a local model with the TOFU and/or extraction protocols (SPEC §4).
+
+Examples::
+
+    # the retain-only model once: its forget-set truth ratios are the forget-quality reference
+    fastunlearn eval retain_model --tofu data/ --save-reference ref_truth_ratios.json
+    # any unlearned model (a full model or a peft adapter directory) against it
+    fastunlearn eval out/adapter --tofu data/ --reference ref_truth_ratios.json --output eval.json
+    # the paper's protocol on TOFU's own files
+    fastunlearn eval llama2-7b-tofu --tofu TOFU/ --forget-split forget10 --mode legacy
+    # memorised sequences ({"text"} JSON Lines)
+    fastunlearn eval gpt-neo-125m --extraction forget_32.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+__all__ = ["add_parser"]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``fastunlearn eval`` on an ``argparse`` sub-parser collection."""
+    from fastunlearn.data import TEMPLATE_NAMES
+
+    p = subparsers.add_parser(
+        "eval",
+        help="evaluate a model: TOFU (forget quality, model utility) and/or extraction (MA, EL_n)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", help="local model directory (a full model or a peft adapter directory)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    src = p.add_argument_group("data (at least one of --tofu, --forget/--retain/..., --extraction)")
+    src.add_argument("--tofu", default=None, help="directory of TOFU-format JSON Lines files")
+    src.add_argument("--forget-split", default=None, help="forget split to use from --tofu, e.g. forget10")
+    for name in ("forget", "retain", "real-authors", "world-facts"):
+        src.add_argument(f"--{name}", default=None, help=f"TOFU-format file of the {name} set")
+    src.add_argument("--extraction", default=None, help='JSON Lines file of {"text"} sequences')
+    tofu = p.add_argument_group("TOFU protocol")
+    tofu.add_argument(
+        "--mode",
+        choices=("full", "legacy"),
+        default="full",
+        help="legacy: the paper's (≤300 items, its prompts, greedy to 200 tokens); default %(default)s",
+    )
+    tofu.add_argument(
+        "--template",
+        choices=TEMPLATE_NAMES,
+        default=None,
+        help="prompt template used in training (default: plain; legacy: llama2)",
+    )
+    tofu.add_argument("--reference", default=None, help="retain-only model's truth ratios (JSON)")
+    tofu.add_argument("--save-reference", default=None, help="save this model's forget truth ratios (JSON)")
+    tofu.add_argument("--max-items", type=int, default=None, help="evaluate at most this many items per set")
+    tofu.add_argument("--max-new-tokens", type=int, default=200, help="greedy answer length (full mode)")
+    tofu.add_argument("--no-generate", action="store_true", help="skip generation (and ROUGE-L)")
+    tofu.add_argument("--max-length", type=int, default=512, help="token cap of a question + answer")
+    ext = p.add_argument_group("extraction protocol")
+    ext.add_argument("--n", type=int, default=10, help="n-gram size of EL_n (default: %(default)s)")
+    ext.add_argument("--sequence-length", type=int, default=200, help="tokens per sequence (default: 200)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1... (default: cuda when available)")
+    p.add_argument("--output", default=None, help="write the results as JSON to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output / --save-reference")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
+    p.set_defaults(func=_main)
+    return p
+
+
+def _main(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastunlearn import evaluation as ev
+
+    sets = {
+        name: getattr(args, name)
+        for name in ("forget", "retain", "real_authors", "world_facts")
+        if getattr(args, name) is not None
+    }
+    if args.tofu is not None and sets:
+        raise ValueError("give --tofu DIR or individual set files (--forget, --retain, ...), not both")
+    tofu = args.tofu if args.tofu is not None else (sets or None)
+    if tofu is None and args.extraction is None:
+        raise ValueError("nothing to evaluate: give --tofu, --forget/--retain/... or --extraction")
+    for path in (args.output, args.save_reference):
+        if path is not None and os.path.exists(path) and not args.overwrite:
+            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+
+    model, tokenizer = ev.load_local_model(
+        args.model, args.tokenizer, trust_remote_code=args.trust_remote_code
+    )
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    results = ev.evaluate(
+        model,
+        tokenizer,
+        tofu=tofu,
+        extraction=args.extraction,
+        tofu_options=dict(
+            mode=args.mode,
+            template=args.template,
+            reference_truth_ratios=args.reference,
+            save_reference=args.save_reference,
+            overwrite=args.overwrite,
+            forget_split=args.forget_split,
+            max_items=args.max_items,
+            max_new_tokens=args.max_new_tokens,
+            generate=not args.no_generate,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+        ),
+        extraction_options=dict(n=args.n, max_length=args.sequence_length, batch_size=args.batch_size),
+    )
+    print(ev.format_table(results))
+    if args.output is not None:
+        ev.write_json_atomic(args.output, {"model": os.path.abspath(args.model), **results})
+        print(f"\nResults written to {args.output}")
+    return 0

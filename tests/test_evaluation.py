@@ -1,0 +1,436 @@
+"""Tests of fastunlearn.evaluation: TOFU file parsing (every file kind), the TOFU protocol against an
+independent fp64 per-item computation, forget-quality references, the extraction protocol, the
+``fastunlearn eval`` command, and the trainer callbacks (with a real transformers.Trainer)."""
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+from scipy.stats import ks_2samp
+
+from fastunlearn import data as fdata
+from fastunlearn import evaluation as ev
+from fastunlearn import metrics as M
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models on a shared 2-core machine: one thread avoids OpenMP spin contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _qa(i, k=None, para=True):
+    rec = {"question": f"Where was author {i} born?", "answer": f"Author {i} was born in town {i}."}
+    if para:
+        rec["paraphrased_answer"] = f"The birthplace of author {i} is town {i}."
+        rec["paraphrased_question"] = f"In which town was author {i} born?"
+    if k:
+        rec["perturbed_answer"] = [f"The birthplace of author {i} is town {i + j + 1}." for j in range(k)]
+    return rec
+
+
+def _short(i, k):  # real authors / world facts: short answers, 3 perturbed, no paraphrase
+    return {
+        "question": f"What is the capital of land {i}?",
+        "answer": f"City {i}",
+        "perturbed_answer": [f"City {i + j + 7}" for j in range(k)],
+    }
+
+
+def _write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tofu_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tofu")
+    _write(d / "forget10_perturbed.json", [_qa(i, 5) for i in range(4)])
+    _write(d / "forget10.json", [_qa(i, para=False) for i in range(4)])
+    _write(d / "retain_perturbed.json", [_qa(i, 5) for i in range(10, 14)])
+    _write(d / "real_authors_perturbed.json", [_short(i, 3) for i in range(3)])
+    _write(d / "world_facts_perturbed.json", [_short(i, 3) for i in range(20, 23)])
+    return d
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tofu_dir):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastunlearn.demo import train_tokenizer
+
+    texts = [line for f in sorted(tofu_dir.iterdir()) for line in f.read_text().splitlines()]
+    tok = train_tokenizer(texts, 300)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return LlamaForCausalLM(cfg).eval(), tok
+
+
+# --------------------------------------------------------------------------------------------------
+# parsing
+
+
+def test_read_every_tofu_file_kind(tofu_dir):
+    forget = ev.read_tofu_file(tofu_dir / "forget10_perturbed.json")
+    assert len(forget) == 4 and len(forget[0].perturbed_answers) == 5
+    assert forget[1].paraphrased_answer == "The birthplace of author 1 is town 1."
+    assert forget[0].source.endswith("forget10_perturbed.json:1")
+    retain = ev.read_tofu_file(tofu_dir / "retain_perturbed.json")
+    assert [len(it.perturbed_answers) for it in retain] == [5] * 4
+    for name in ("real_authors_perturbed.json", "world_facts_perturbed.json"):
+        items = ev.read_tofu_file(tofu_dir / name)
+        assert len(items) == 3 and all(len(it.perturbed_answers) == 3 for it in items)
+        assert all(it.paraphrased_answer is None for it in items)
+    plain = ev.read_tofu_file(tofu_dir / "forget10.json")
+    assert plain[2].answer == "Author 2 was born in town 2."
+    assert plain[2].perturbed_answers is None and plain[2].paraphrased_answer is None
+
+
+def test_read_tofu_file_errors(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(_qa(0, 5)) + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad.json:2: invalid JSON"):
+        ev.read_tofu_file(bad)
+    _write(bad, [_qa(0, 5), _qa(1, 3)])
+    with pytest.raises(ValueError, match=r"bad.json:2: 3 perturbed answers"):
+        ev.read_tofu_file(bad)
+    _write(bad, [{**_qa(0), "perturbed_answer": []}])
+    with pytest.raises(ValueError, match="non-empty list"):
+        ev.read_tofu_file(bad)
+    _write(bad, [{"question": "q?"}])
+    with pytest.raises(ValueError, match="'answer'"):
+        ev.read_tofu_file(bad)
+    with pytest.raises(FileNotFoundError):
+        ev.read_tofu_file(tmp_path / "missing.json")
+
+
+def test_find_tofu_files(tofu_dir, tmp_path):
+    files = ev.find_tofu_files(tofu_dir)
+    assert {k: v.rsplit("/", 1)[1] for k, v in files.items()} == {
+        "forget": "forget10_perturbed.json",
+        "retain": "retain_perturbed.json",
+        "real_authors": "real_authors_perturbed.json",
+        "world_facts": "world_facts_perturbed.json",
+    }
+    _write(tmp_path / "forget01_perturbed.json", [_qa(0, 5)])
+    _write(tmp_path / "forget05_perturbed.json", [_qa(0, 5)])
+    with pytest.raises(ValueError, match="several forget files"):
+        ev.find_tofu_files(tmp_path)
+    assert ev.find_tofu_files(tmp_path, forget_split="forget05")["forget"].endswith("forget05_perturbed.json")
+    with pytest.raises(ValueError, match="no TOFU files"):
+        ev.find_tofu_files(tmp_path / "..", forget_split="nothing_here")
+
+
+# --------------------------------------------------------------------------------------------------
+# the TOFU protocol
+
+
+def _ref_stats(model64, tok, question, answer, template):
+    """(P̄(answer | question), #argmax hits, #answer tokens) by definition: one example, fp64, explicit
+    loop over the answer tokens."""
+    (ex,) = fdata.tokenize_records(
+        [{"question": question, "answer": answer}], tok, data_format="qa", template=template
+    )
+    ids = torch.tensor([ex.input_ids])
+    logp = torch.log_softmax(model64(input_ids=ids).logits[0].double(), dim=-1)
+    positions = [t for t in range(1, len(ex.labels)) if ex.labels[t] != -100]
+    terms = [logp[t - 1, ex.input_ids[t]].item() for t in positions]
+    hits = sum(int(logp[t - 1].argmax()) == ex.input_ids[t] for t in positions)
+    return math.exp(sum(terms) / len(terms)), hits, len(positions)
+
+
+def _ref_prob(model64, tok, question, answer, template):
+    return _ref_stats(model64, tok, question, answer, template)[0]
+
+
+def test_evaluate_tofu_matches_per_item_definition(model_and_tokenizer, tofu_dir):
+    model, tok = model_and_tokenizer
+    res = ev.evaluate_tofu(model, tok, tofu_dir, template="phi", batch_size=3, max_new_tokens=8)
+    json.dumps(res)  # JSON-serialisable
+    import copy
+
+    model64 = copy.deepcopy(model).double()
+    ratios = {}
+    with torch.no_grad():
+        for name, fname in (
+            ("forget", "forget10_perturbed.json"),
+            ("retain", "retain_perturbed.json"),
+            ("real_authors", "real_authors_perturbed.json"),
+            ("world_facts", "world_facts_perturbed.json"),
+        ):
+            items = ev.read_tofu_file(tofu_dir / fname)
+            answer_stats = [_ref_stats(model64, tok, it.question, it.answer, "phi") for it in items]
+            p = [a[0] for a in answer_stats]
+            true = [
+                _ref_prob(model64, tok, it.question, it.paraphrased_answer or it.answer, "phi")
+                for it in items
+            ]
+            pert = [
+                [_ref_prob(model64, tok, it.question, a, "phi") for a in it.perturbed_answers] for it in items
+            ]
+            r = [math.exp(sum(math.log(x) for x in pp) / len(pp)) / t for t, pp in zip(true, pert)]
+            ratios[name] = r
+            s = res["sets"][name]
+            assert s["num_items"] == len(items)
+            if name in ("real_authors", "world_facts"):
+                ref_prob = sum(pi / (pi + sum(pp)) for pi, pp in zip(p, pert)) / len(items)
+            else:
+                ref_prob = sum(p) / len(p)
+            # fp32 model against its fp64 copy: ~1e-6 relative per probability.
+            assert s["prob"] == pytest.approx(ref_prob, rel=1e-5)
+            assert s["accuracy"] == sum(a[1] for a in answer_stats) / sum(a[2] for a in answer_stats)
+            assert s["truth_ratio_mean"] == pytest.approx(sum(r) / len(r), rel=1e-5)
+            assert s["truth_ratio"] == pytest.approx(
+                sum(max(0, 1 - x) for x in r) / len(r), rel=1e-5, abs=1e-7
+            )
+            assert 0.0 <= s["rougeL_recall"] <= 1.0
+    assert res["forget_truth_ratios"] == pytest.approx(ratios["forget"], rel=1e-5)
+    comps = res["model_utility_components"]
+    assert len(comps) == 9
+    assert res["model_utility"] == pytest.approx(M.model_utility(comps))
+    assert res["forget_quality"] is None
+    assert "model utility" in ev.format_table({"tofu": res})
+
+
+def test_forget_quality_reference_roundtrip_and_errors(model_and_tokenizer, tofu_dir, tmp_path):
+    model, tok = model_and_tokenizer
+    ref_path = tmp_path / "ref.json"
+    missing = tmp_path / "nope.json"
+    with pytest.raises(FileNotFoundError, match="save-reference"):
+        ev.evaluate_tofu(model, tok, tofu_dir, reference_truth_ratios=missing, generate=False)
+    sets = {"forget": tofu_dir / "forget10_perturbed.json"}
+    first = ev.evaluate_tofu(model, tok, sets, generate=False, save_reference=ref_path)
+    assert ev.load_reference_truth_ratios(ref_path) == pytest.approx(first["forget_truth_ratios"])
+    with pytest.raises(FileExistsError):
+        ev.evaluate_tofu(model, tok, sets, generate=False, save_reference=ref_path)
+    other = [0.5, 0.7, 1.3, 2.0]
+    res = ev.evaluate_tofu(model, tok, sets, generate=False, reference_truth_ratios=other)
+    assert res["forget_quality"] == ks_2samp(res["forget_truth_ratios"], other).pvalue
+    assert res["model_utility"] is None  # no retain / real authors / world facts here
+    with pytest.raises(ValueError, match="same forget split"):
+        ev.evaluate_tofu(model, tok, sets, generate=False, reference_truth_ratios=[1.0, 2.0])
+    with pytest.raises(ValueError, match="paraphrased_answer and perturbed_answer"):
+        ev.evaluate_tofu(
+            model, tok, {"forget": tofu_dir / "forget10.json"}, generate=False, reference_truth_ratios=other
+        )
+    ref_path.write_text("{}")
+    with pytest.raises(ValueError, match="truth_ratios"):
+        ev.load_reference_truth_ratios(ref_path)
+
+
+def test_legacy_mode_caps_items_and_uses_paper_prompts(model_and_tokenizer, tmp_path):
+    model, tok = model_and_tokenizer
+    path = _write(tmp_path / "retain_perturbed.json", [_qa(i % 7, 5) for i in range(305)])
+    res = ev.evaluate_tofu(model, tok, {"retain": path}, mode="legacy", generate=False, batch_size=64)
+    assert res["sets"]["retain"]["num_items"] == 300
+    assert res["template"] == "llama2"
+    with pytest.raises(ValueError, match="legacy mode"):
+        ev.evaluate_tofu(model, tok, {"retain": path}, mode="legacy", template="plain")
+    with pytest.raises(ValueError, match="unknown mode"):
+        ev.evaluate_tofu(model, tok, {"retain": path}, mode="paper")
+    with pytest.raises(ValueError, match="unknown TOFU set"):
+        ev.evaluate_tofu(model, tok, {"holdout": path})
+
+
+def test_legacy_generation_stays_within_200_tokens(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    # A prompt of 190-199 tokens leaves room for only a few answer tokens.
+    words = 190
+    while True:
+        item = ev.TofuItem("town " * words + "?", "town", None, None, "x")
+        prompt = ev._prompt_ids(tok, [item], "llama2")[0]
+        if len(prompt) < 200:
+            break
+        words -= 1 + (len(prompt) - 200) // 2
+    assert len(prompt) >= 190
+    answers = ev._greedy_answers(
+        model, tok, [item], template="llama2", max_new_tokens=200, max_total_tokens=200, batch_size=1
+    )
+    with torch.no_grad():
+        full = M.greedy_decode(model, [prompt], 200 - len(prompt), eos_token_id=tok.eos_token_id)
+    tokens = full[0].tolist()
+    tokens = tokens[: tokens.index(tok.eos_token_id)] if tok.eos_token_id in tokens else tokens
+    assert answers[0] == tok.decode(tokens, skip_special_tokens=True).strip()
+    assert len(prompt) + len(tokens) <= 200
+
+
+# --------------------------------------------------------------------------------------------------
+# extraction protocol, evaluate() and the command
+
+
+def test_evaluate_extraction_equals_metrics(model_and_tokenizer, tmp_path):
+    model, tok = model_and_tokenizer
+    texts = [f"Author {i} was born in town {i} and wrote many books about town {i + 1}." for i in range(3)]
+    path = _write(tmp_path / "seqs.jsonl", [{"text": t} for t in texts])
+    res = ev.evaluate(model, tok, extraction=path, extraction_options={"n": 3, "max_length": 12})
+    ids, mask = ev.tokenize_texts(tok, texts, max_length=12)
+    assert mask.sum(1).max() == 12
+    ma = M.memorization_accuracy(model, ids, mask)
+    el = M.extraction_likelihood(model, ids, n=3, attention_mask=mask, method="naive")
+    ext = res["extraction"]
+    assert ext["per_sequence"]["ma"] == ma.tolist()
+    assert ext["per_sequence"]["el_3"] == pytest.approx(el.tolist(), abs=1e-12)
+    assert ext["ma"] == pytest.approx(ma.mean().item()) and ext["num_sequences"] == 3
+    assert "EL_3" in ev.format_table(res)
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        ev.evaluate(model, tok)
+
+
+def test_eval_command_end_to_end(model_and_tokenizer, tofu_dir, tmp_path, capsys):
+    from fastunlearn import cli_eval
+
+    model, tok = model_and_tokenizer
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    parser = argparse.ArgumentParser(prog="fastunlearn")
+    cli_eval.add_parser(parser.add_subparsers(dest="command", required=True))
+
+    def run(*argv):
+        args = parser.parse_args(["eval", *argv])
+        return args.func(args)
+
+    ref, out = tmp_path / "ref.json", tmp_path / "eval.json"
+    base = [
+        str(model_dir),
+        "--tofu",
+        str(tofu_dir),
+        "--template",
+        "phi",
+        "--no-generate",
+        "--device",
+        "cpu",
+    ]
+    assert run(*base, "--save-reference", str(ref)) == 0
+    from fastunlearn.cli import main as cli_main  # the registered `fastunlearn eval`
+
+    assert cli_main(["eval", *base, "--reference", str(ref)]) == 0
+    assert run(*base, "--reference", str(ref), "--output", str(out)) == 0
+    saved = json.loads(out.read_text())
+    assert saved["tofu"]["forget_quality"] == pytest.approx(1.0)  # the same model against itself
+    assert "forget quality" in capsys.readouterr().out
+    with pytest.raises(FileExistsError, match="exists"):
+        run(*base, "--output", str(out))
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        run(str(model_dir))
+    with pytest.raises(FileNotFoundError, match="model directory not found"):
+        run(str(tmp_path / "none"), "--tofu", str(tofu_dir))
+
+
+# --------------------------------------------------------------------------------------------------
+# callbacks
+
+
+def _tiny_trainer(model, tok, callbacks, epochs, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    examples = fdata.tokenize_records([_qa(i) for i in range(4)], tok, data_format="qa", template="phi")
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(examples)
+
+        def __getitem__(self, i):
+            return examples[i]
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        num_train_epochs=epochs,
+        per_device_train_batch_size=2,
+        learning_rate=5e-3,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=Data(),
+        data_collator=lambda exs: fdata.collate(exs, fdata.pad_id_of(tok)),
+        callbacks=callbacks,
+    )
+
+
+def test_epoch_evaluation_callback_keeps_and_restores_best(model_and_tokenizer, tmp_path):
+    import copy
+
+    model, tok = model_and_tokenizer
+    model = copy.deepcopy(model)
+    batch = fdata.collate(fdata.tokenize_records([_qa(0)], tok, data_format="qa", template="phi"), 0)
+    # Metric: a fixed weight's value as training moves it; "best" is the epoch-start (untrained) value
+    # for mode="max" of minus the distance from the start.
+    w = model.model.embed_tokens.weight
+    start = w.detach().clone()
+    cb = ev.EpochEvaluationCallback(
+        lambda m: {"neg_shift": -(w - start).abs().sum().item(), **M.basic_metrics(m, [batch])},
+        metric="neg_shift",
+        mode="max",
+    )
+    _tiny_trainer(model, tok, [cb], 3, tmp_path).train()
+    assert [round(h["epoch"]) for h in cb.history] == [0, 1, 2, 3]
+    assert cb.best["epoch"] == 0 and cb.history[-1]["neg_shift"] < 0
+    torch.testing.assert_close(w.detach(), start)  # the best (initial) trainable weights are restored
+    with pytest.raises(ValueError, match="mode"):
+        ev.EpochEvaluationCallback(lambda m: {}, mode="best")
+
+
+def test_extraction_stopping_callback(model_and_tokenizer, tmp_path):
+    import copy
+
+    model, tok = model_and_tokenizer
+    ids, mask = ev.tokenize_texts(tok, [f"Author {i} was born in town {i}." for i in range(2)], max_length=12)
+    # Thresholds above any possible value: the rule fires after the first epoch.
+    cb = ev.ExtractionStoppingCallback(ids, mask, ma_threshold=1.01, el_threshold=1.01, n=2)
+    trainer = _tiny_trainer(copy.deepcopy(model), tok, [cb], 3, tmp_path)
+    trainer.train()
+    assert cb.stopped_at is not None and round(cb.stopped_at["epoch"]) == 1
+    assert round(trainer.state.epoch) == 1
+    # Thresholds of zero can never be met: training runs all epochs.
+    cb = ev.ExtractionStoppingCallback(ids, mask, ma_threshold=0.0, el_threshold=0.0, n=2)
+    trainer = _tiny_trainer(copy.deepcopy(model), tok, [cb], 2, tmp_path)
+    trainer.train()
+    assert cb.stopped_at is None and len(cb.history) == 3
+    # Held-out text: thresholds are the model's own values there, measured before training.
+    cb = ev.ExtractionStoppingCallback(ids, mask, held_out_ids=ids, held_out_mask=mask, n=2)
+    cb.on_train_begin(None, trainer.state, trainer.control, model=model)
+    assert cb.ma_threshold == M.memorization_accuracy(model, ids, mask).mean().item()
+    with pytest.raises(ValueError, match="thresholds"):
+        ev.ExtractionStoppingCallback(ids, mask)
+    with pytest.raises(ValueError, match="both"):
+        ev.ExtractionStoppingCallback(ids, mask, ma_threshold=0.3)
+
+
+def test_cached_reference_truth_ratios_and_summary(model_and_tokenizer, tofu_dir, tmp_path):
+    model, tok = model_and_tokenizer
+    path = tmp_path / "ref.json"
+    ratios = ev.cached_reference_truth_ratios(model, tofu_dir, path, tokenizer=tok, template="phi")
+    direct = ev.evaluate_tofu(
+        model, tok, {"forget": tofu_dir / "forget10_perturbed.json"}, template="phi", generate=False
+    )
+    assert ratios == direct["forget_truth_ratios"]
+    # Second call reads the file: a model that cannot run proves nothing is recomputed.
+    assert ev.cached_reference_truth_ratios(None, tofu_dir, path) == pytest.approx(ratios)
+    res = ev.evaluate_tofu(model, tok, tofu_dir, template="phi", generate=False, reference_truth_ratios=path)
+    summary = ev.summarize_tofu(res)
+    assert summary["forget_quality"] == pytest.approx(1.0)
+    assert summary["model_utility"] == res["model_utility"]
+    assert summary["retain_prob"] == res["sets"]["retain"]["prob"]
+    assert "forget_rougeL_recall" not in summary  # generation was skipped
