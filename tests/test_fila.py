@@ -17,7 +17,7 @@ import json
 
 import pytest
 import torch
-from test_fisher import make_batch, tiny_llama
+from test_fisher import fisher_llama, make_batch
 
 from fastunlearn.fila import fila_factors, fila_init, fila_record, lora_layers, save_adapter, save_merged
 from fastunlearn.fisher import estimate_fisher
@@ -107,7 +107,7 @@ def test_randomized_solver_is_seeded_and_leaves_rng_alone():
 @pytest.fixture(scope="module")
 def setup():
     """A tiny fp32 Llama, its Fisher estimates on a forget and a retain batch, and probe inputs."""
-    base = tiny_llama(torch.float32, seed=3)
+    base = fisher_llama(torch.float32, seed=3)
     forget = [make_batch(4, 10, seed=11), make_batch(4, 10, seed=12)]
     retain = [make_batch(4, 10, seed=13)]
     return {

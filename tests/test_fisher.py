@@ -19,26 +19,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from models import tiny_llama
 
 from fastunlearn.fisher import FisherEstimate, canonical_name, estimate_fisher
 
 VOCAB = 48
 
 
-def tiny_llama(dtype=torch.float64, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config).to(dtype)
+def fisher_llama(dtype=torch.float64, seed=0):
+    """fp64 by default: the per-example oracle compares sums of squares at 1e-6."""
+    return tiny_llama(VOCAB, seed=seed, dtype=dtype, intermediate_size=48, attn_implementation="sdpa")
 
 
 def make_batch(B, T, seed, prompt=3, pad_rows=()):
@@ -55,7 +45,7 @@ def make_batch(B, T, seed, prompt=3, pad_rows=()):
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama()
+    return fisher_llama()
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +154,7 @@ def test_per_example_matches_autograd_loop(model, batches):
 
 
 def test_triton_backend_matches_torch(model, batches):
-    model32 = tiny_llama(torch.float32)
+    model32 = fisher_llama(torch.float32)
     model32.load_state_dict(model.state_dict())
     names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
     reference = estimate_fisher(model, batches, target_modules=names, backend="torch", progress=False)
@@ -234,7 +224,7 @@ def assert_same_state(model, before):
 
 
 def test_model_left_unchanged(batches):
-    model = tiny_llama(seed=1)
+    model = fisher_llama(seed=1)
     model.train()
     model.model.layers[0].eval()  # a mix of modes must come back as it was
     for i, p in enumerate(model.parameters()):
@@ -314,7 +304,7 @@ def test_bad_batches(model, batches):
 
 
 def test_non_finite_fisher_is_an_error(batches):
-    model = tiny_llama(seed=2)
+    model = fisher_llama(seed=2)
     with torch.no_grad():
         model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
     with pytest.raises(ValueError, match="non-finite"):

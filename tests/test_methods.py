@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from models import tiny_llama
+from transformers import LlamaForCausalLM
 
 from fastunlearn.methods import METHODS, method_loss, npo_loss, sequence_logprob, sequence_logprobs
 
@@ -13,17 +14,7 @@ V = 53  # odd vocabulary
 
 
 def tiny_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(V, seed=seed)
 
 
 def random_batch(g: torch.Generator, lengths: list[int], prompt: int) -> dict[str, torch.Tensor]:

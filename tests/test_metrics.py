@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from models import tiny_llama
 from scipy.stats import ks_2samp
 from torch import nn
 
@@ -43,22 +44,6 @@ class Bigram(nn.Module):
         return Out(logits=logits, cache=object() if use_cache else None)
 
 
-def tiny_llama(vocab: int = 16, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
 # A 3-token bigram: the greedy chain is 0 -> 1 -> 2 -> 0 -> ...
 P3 = torch.tensor([[0.25, 0.5, 0.25], [0.125, 0.125, 0.75], [0.5, 0.25, 0.25]])
 
@@ -90,7 +75,7 @@ def test_answer_stats_and_basic_metrics_hand_computed():
 
 
 def test_answer_stats_matches_fp64_reference_on_llama():
-    model = tiny_llama(vocab=32, seed=1)
+    model = tiny_llama(32, seed=1).eval()
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, 32, (3, 11), generator=g)
     mask = torch.ones_like(ids)
@@ -133,7 +118,7 @@ def test_memorization_accuracy_hand_computed():
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_memorization_accuracy_equals_per_position_loop(side):
-    model = tiny_llama(vocab=8, seed=3)
+    model = tiny_llama(8, seed=3).eval()
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(0, 8, (4, 13), generator=g)
     lengths = [13, 9, 2, 11]
@@ -238,7 +223,7 @@ def test_extraction_likelihood_batched_equals_naive_on_memorised_chain(n):
 
 @pytest.mark.parametrize("n", [1, 2, 4])
 def test_extraction_likelihood_batched_equals_naive_on_tiny_llama(n):
-    model = tiny_llama(vocab=6, seed=10 + n)
+    model = tiny_llama(6, seed=10 + n).eval()
     g = torch.Generator().manual_seed(n)
     ids = torch.randint(0, 6, (3, 16), generator=g)
     mask = torch.ones_like(ids)
@@ -260,7 +245,7 @@ def test_extraction_likelihood_errors():
 
 
 def test_greedy_decode_left_padding_equals_single_prompts():
-    model = tiny_llama(vocab=16, seed=7)
+    model = tiny_llama(16, seed=7).eval()
     g = torch.Generator().manual_seed(8)
     prompts = [torch.randint(0, 16, (k,), generator=g) for k in (1, 6, 3)]
     with torch.no_grad():
