@@ -10,10 +10,8 @@ every epoch the TOFU protocol (SPEC §4) is run on the forget and retain sets:
 - model utility: harmonic mean of the retain set's probability, ROUGE-L recall and truth-ratio score
   (3 of TOFU's 9 numbers: the synthetic data has no real-authors / world-facts sets).
 
-Where the retain set's truth-ratio score is 0 (the model prefers the perturbed answers to the
-paraphrased one: on the demo's data, whose perturbed answers share the original answer's wording),
-the harmonic mean is 0 for every model; ``utility_prob_rouge`` (retain probability and ROUGE-L only)
-is reported next to it.
+``utility_prob_rouge`` (the harmonic mean of retain probability and ROUGE-L only) is reported next to
+model utility: it separates a change in the model's answers from a change in its truth ratios.
 
 "Forgetting threshold": the TOFU analogue of the extraction stopping rule (MA and EL_10 below their
 values on unseen text, SPEC §4): the forget set's teacher-forced accuracy (≈ MA) **and** ROUGE-L recall
@@ -27,14 +25,13 @@ by :mod:`fastunlearn.demo`), or a local model + TOFU files given by path. Writes
 ``quality.json`` (with the environment), ``quality.png`` (forget quality against model utility over
 training) and ``quality.md`` (the README table).
 
-    python benchmarks/bench_quality.py                       # demo data, 3 seeds, ~10 min on 2 cores
+    python benchmarks/bench_quality.py                       # demo data, 3 seeds, ~4 min on 2 cores
     python benchmarks/bench_quality.py --model M --retain-model R --forget F --retain S --template phi
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -119,7 +116,7 @@ class TofuProbe:
             "retain_truth_ratio_score": r["truth_ratio"],
             "forget_quality": res["forget_quality"],
             "model_utility": res["model_utility"],
-            # Without the truth-ratio component: see the note in the module docstring.
+            # Without the truth-ratio component (see the module docstring).
             "utility_prob_rouge": M.model_utility([r["prob"], r["rougeL_recall"]]),
         }
         return out, res["forget_truth_ratios"]
@@ -153,34 +150,18 @@ def run_one(inputs, tokenizer, probe, method, init, seed, epochs, out_root) -> l
         evaluate=False,
         overwrite=True,
     )
-    if "callbacks" in {f.name for f in dataclasses.fields(tr.UnlearnConfig)}:
-        options["callbacks"] = [callback]
-        patched = None
-    else:
-        # unlearn() has no callbacks option yet: attach ours to the Trainer it builds.
-        patched = tr.build_trainer
-
-        def build_with_probe(*a, **k):
-            trainer = patched(*a, **k)
-            trainer.add_callback(callback)
-            return trainer
-
-        tr.build_trainer = build_with_probe
     start = time.perf_counter()
-    try:
-        tr.unlearn(
-            inputs["model"],
-            tokenizer,
-            inputs.get("train_forget", inputs["forget"]),
-            inputs.get("train_retain", inputs["retain"]),
-            method=method,
-            init=init,
-            output_dir=os.path.join(out_root, f"{method}-{init}-{seed}"),
-            **options,
-        )
-    finally:
-        if patched is not None:
-            tr.build_trainer = patched
+    tr.unlearn(
+        inputs["model"],
+        tokenizer,
+        inputs.get("train_forget", inputs["forget"]),
+        inputs.get("train_retain", inputs["retain"]),
+        method=method,
+        init=init,
+        output_dir=os.path.join(out_root, f"{method}-{init}-{seed}"),
+        callbacks=[callback],
+        **options,
+    )
     seconds = time.perf_counter() - start
     for rec in callback.history:
         history.append({"method": method, "init": init, "seed": seed, **rec, "run_s": round(seconds, 1)})
@@ -231,7 +212,7 @@ def summarise(rows, threshold: dict[str, float]) -> list[dict[str, Any]]:
             max(sorted(h, key=lambda x: x["step"]), key=lambda x: x["forget_quality"]) for h in runs.values()
         ]
         row["best_epoch_fq_mean"] = statistics.mean(x["forget_quality"] for x in peaks)
-        row["best_epoch_utility_prob_rouge_mean"] = statistics.mean(x["utility_prob_rouge"] for x in peaks)
+        row["best_epoch_utility_mean"] = statistics.mean(x["model_utility"] for x in peaks)
         row["best_epoch_step_median"] = statistics.median(x["step"] for x in peaks)
         row["run_s_mean"] = statistics.mean(f["run_s"] for f in finals)
         summary.append(row)
@@ -281,7 +262,7 @@ def markdown(summary, meta) -> str:
     lines = [
         "| method | init | forget quality (KS p) | model utility | utility w/o truth ratio | forget prob "
         "| forget ROUGE-L | retain prob | retain ROUGE-L | reached threshold | steps to threshold "
-        "| best-epoch FQ (utility w/o TR, step) |",
+        "| best-epoch FQ (utility, step) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
@@ -292,7 +273,7 @@ def markdown(summary, meta) -> str:
             f"| {r['utility_prob_rouge_mean']:.3f} ± {r['utility_prob_rouge_std']:.3f} "
             f"| {r['forget_prob_mean']:.3f} | {r['forget_rougeL_mean']:.3f} | {r['retain_prob_mean']:.3f} "
             f"| {r['retain_rougeL_mean']:.3f} | {r['reached_threshold']} | {steps} "
-            f"| {r['best_epoch_fq_mean']:.3g} ({r['best_epoch_utility_prob_rouge_mean']:.3f}, "
+            f"| {r['best_epoch_fq_mean']:.3g} ({r['best_epoch_utility_mean']:.3f}, "
             f"{r['best_epoch_step_median']:.0f}) |"
         )
     b, ref = meta["before"], meta["retain_only"]

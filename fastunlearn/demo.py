@@ -8,8 +8,10 @@
    trained until it has memorised every answer, and a second model trained on the retain authors only
    (the reference for forget quality). Both are cached, so a second run skips this step.
 3. :func:`fastunlearn.unlearn` on the forget set with the chosen method and initialisation.
-4. A before/after table of the forget and retain metrics; ``DIR/metrics.json`` holds
-   ``{"before": {"forget", "retain"}, "after": {...}, "train": {...}}``.
+4. A before/after table of the forget and retain metrics and of TOFU's forget quality (against the
+   retain-only model's forget-set truth ratios, computed once and cached) and model utility;
+   ``DIR/metrics.json`` holds ``{"before": {"forget", "retain", "tofu"}, "after": {...}, "train": {...}}``
+   (``tofu``: :func:`fastunlearn.evaluation.summarize_tofu`).
 """
 
 from __future__ import annotations
@@ -297,7 +299,8 @@ def generate_dataset(n_authors: int, *, seed: int = 0, forget_fraction: float = 
     """Deterministic TOFU-format splits: ``forget``, ``retain`` and their ``*_perturbed`` versions.
 
     Every author gets one record per fact with ``question``, ``answer``, ``paraphrased_question``,
-    ``paraphrased_answer`` and ``perturbed_answer`` (5 wrong answers in the answer's own wording).
+    ``paraphrased_answer`` and ``perturbed_answer`` (5 wrong answers worded as the paraphrased answer:
+    they differ from it in the fact only).
     The first ``ceil(forget_fraction · n_authors)`` authors (a seeded random order) are forgotten.
     """
     if n_authors < 2:
@@ -318,7 +321,9 @@ def generate_dataset(n_authors: int, *, seed: int = 0, forget_fraction: float = 
                     "answer": a.format(n=name, v=value),
                     "paraphrased_question": pq.format(n=name),
                     "paraphrased_answer": pa.format(n=name, v=value),
-                    "perturbed_answer": [a.format(n=name, v=w) for w in wrong],
+                    # TOFU perturbs the paraphrased answer: same wording, wrong fact, so the truth ratio
+                    # P̄_pert / P̄_paraphrase compares like with like (SPEC §4).
+                    "perturbed_answer": [pa.format(n=name, v=w) for w in wrong],
                     "author": name,
                 }
             )
@@ -451,7 +456,9 @@ def memorise(
 def _cache_key(size: DemoSize, seed: int) -> str:
     import hashlib
 
-    blob = json.dumps({"v": 1, "size": asdict(size), "seed": seed}, sort_keys=True).encode()
+    # "v": bumped whenever the generated data or the models change (v2: perturbed answers worded as the
+    # paraphrase), so a stale cache is never reused.
+    blob = json.dumps({"v": 2, "size": asdict(size), "seed": seed}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -580,13 +587,25 @@ def _run_demo(
     log,
 ):
     from fastunlearn.cli import summary_table
-    from fastunlearn.trainer import unlearn
+    from fastunlearn.evaluation import cached_reference_truth_ratios, load_local_model
+    from fastunlearn.trainer import check_output_dir, unlearn, write_json
 
     if size not in SIZES:
         raise ValueError(f"unknown demo size {size!r}; expected one of {list(SIZES)}")
     spec = SIZES[size]
+    # unlearn() checks too, but only after the models are built and evaluated: refuse before any work.
+    check_output_dir(os.path.abspath(output_dir), overwrite=overwrite, resume=False)
     start = time.perf_counter()
     paths = prepare_models(cache_dir or default_cache_dir(), spec, seed=seed, progress=progress, log=log)
+    reference = cached_reference_truth_ratios(
+        paths["retain_model"],
+        {"forget": paths["forget_perturbed"]},
+        os.path.join(paths["dir"], "reference_truth_ratios.json"),
+        **_tofu_options(),
+    )
+    full_model, tokenizer = load_local_model(paths["full_model"])
+    before = _tofu_metrics(full_model, tokenizer, paths, reference)
+    del full_model
     log(f"Unlearning {os.path.basename(paths['forget'])} with method={method}, init={init}")
     result = unlearn(
         paths["full_model"],
@@ -611,13 +630,64 @@ def _run_demo(
         overwrite=overwrite,
         progress=progress,
     )
+    result.metrics["before"]["tofu"] = before
+    result.metrics["after"]["tofu"] = _tofu_metrics(result.model, result.tokenizer, paths, reference)
+    write_json(result.metrics_path, result.metrics)
     log("")
-    log(summary_table(result.metrics))
+    log(summary_table(_without_tofu(result.metrics)))
+    log(_tofu_table(result.metrics["before"]["tofu"], result.metrics["after"]["tofu"]))
     log(
         f"\nDone in {time.perf_counter() - start:.1f} s. Outputs in {result.output_dir}; retain-only "
         f"reference model in {paths['retain_model']}"
     )
     return result
+
+
+def _tofu_options() -> dict:
+    # Greedy answers of up to 32 tokens: every demo answer is shorter, so ROUGE-L sees it whole.
+    return dict(template=DEMO_TEMPLATE, max_length=DEMO_MAX_LENGTH, max_new_tokens=32, batch_size=64)
+
+
+def _tofu_metrics(model, tokenizer, paths: dict[str, str], reference: list[float]) -> dict[str, float]:
+    """TOFU's headline numbers (SPEC §4) on the demo's forget and retain sets.
+
+    Forget quality is the KS-test p-value of the forget-set truth ratios against the retain-only
+    model's (``reference``); model utility the harmonic mean of the retain set's probability, ROUGE-L
+    recall and ``mean max(0, 1 − R)`` (3 of TOFU's 9 numbers: the demo has no real-authors or
+    world-facts sets).
+    """
+    from fastunlearn.evaluation import evaluate_tofu, summarize_tofu
+
+    sets = {"forget": paths["forget_perturbed"], "retain": paths["retain_perturbed"]}
+    return summarize_tofu(
+        evaluate_tofu(model, tokenizer, sets, reference_truth_ratios=reference, **_tofu_options())
+    )
+
+
+def _without_tofu(metrics: dict) -> dict:
+    """``metrics`` with the per-split forget/retain numbers only (what ``summary_table`` renders)."""
+    return {
+        key: {k: v for k, v in value.items() if k != "tofu"} if key in ("before", "after") else value
+        for key, value in metrics.items()
+    }
+
+
+_TOFU_ROWS = (
+    ("forget_quality", "forget quality (KS p)"),
+    ("model_utility", "model utility"),
+    ("forget_truth_ratio_mean", "forget truth ratio"),
+    ("forget_rougeL_recall", "forget ROUGE-L"),
+    ("retain_rougeL_recall", "retain ROUGE-L"),
+    ("retain_truth_ratio", "retain max(0, 1-R)"),
+)
+
+
+def _tofu_table(before: dict, after: dict) -> str:
+    """Before/after rows of the TOFU numbers (3 significant digits: forget quality spans decades)."""
+    lines = [f"\n{'TOFU':<24}{'before':>12}{'after':>12}"]
+    for key, label in _TOFU_ROWS:
+        lines.append(f"{label:<24}{before[key]:>12.3g}{after[key]:>12.3g}")
+    return "\n".join(lines)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

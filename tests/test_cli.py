@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 
 import pytest
@@ -173,7 +174,13 @@ def test_demo_tiny_twice_uses_the_cache(tmp_path, capsys):
     for when in ("before", "after"):
         for split in ("forget", "retain"):
             assert {"prob", "accuracy"} <= set(metrics[when][split])
+        tofu = metrics[when]["tofu"]
+        for key in ("forget_quality", "model_utility", "forget_truth_ratio_mean", "retain_rougeL_recall"):
+            assert tofu[key] >= 0 and math.isfinite(tofu[key]), (when, key)
+        assert tofu["forget_quality"] <= 1 and tofu["model_utility"] <= 1
+    assert "forget quality (KS p)" in first and "model utility" in first
     (root,) = os.listdir(cache)
+    assert (cache / root / "reference_truth_ratios.json").is_file()
     for split in ("forget", "retain", "forget_perturbed", "retain_perturbed"):
         records, fmt = fdata.load_records(cache / root / "data" / f"{split}.json")
         assert fmt == "qa"
@@ -225,3 +232,22 @@ def test_demo_dataset_is_deterministic_tofu_format():
         assert set(plain) == {"question", "answer"} and plain["answer"] == full["answer"]
         assert len(full["perturbed_answer"]) == 5 and full["answer"] not in full["perturbed_answer"]
         assert len(set(full["perturbed_answer"])) == 5 and full["paraphrased_answer"] != full["answer"]
+
+
+def test_demo_perturbed_answers_are_the_paraphrase_with_a_wrong_fact():
+    # TOFU's truth ratio compares P̄(perturbed) with P̄(paraphrase): they must share the wording.
+    data = demo.generate_dataset(6, seed=2)
+    records = data["forget_perturbed"] + data["retain_perturbed"]
+    assert len(records) == 6 * len(demo._FACTS)
+    for i, r in enumerate(records):
+        _, _, answer, _, para = demo._FACTS[i % len(demo._FACTS)]
+
+        def split(template, text, name=r["author"]):
+            head, tail = template.format(n=name, v="\0").split("\0")
+            assert text.startswith(head) and text.endswith(tail), (template, text)
+            return text[len(head) : len(text) - len(tail)]
+
+        value = split(answer, r["answer"])
+        assert split(para, r["paraphrased_answer"]) == value
+        wrong = [split(para, p) for p in r["perturbed_answer"]]
+        assert value not in wrong and len(set(wrong)) == len(wrong) and all(wrong)
