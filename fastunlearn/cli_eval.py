@@ -49,14 +49,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--template",
         choices=TEMPLATE_NAMES,
         default=None,
-        help="prompt template used in training (default: plain; legacy: llama2)",
+        help="prompt template used in training (default: the run's, read from run_config.json beside an "
+        "unlearned model's directory; else plain; legacy: llama2)",
     )
     tofu.add_argument("--reference", default=None, help="retain-only model's truth ratios (JSON)")
     tofu.add_argument("--save-reference", default=None, help="save this model's forget truth ratios (JSON)")
     tofu.add_argument("--max-items", type=int, default=None, help="evaluate at most this many items per set")
     tofu.add_argument("--max-new-tokens", type=int, default=200, help="greedy answer length (full mode)")
     tofu.add_argument("--no-generate", action="store_true", help="skip generation (and ROUGE-L)")
-    tofu.add_argument("--max-length", type=int, default=512, help="token cap of a question + answer")
+    tofu.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="token cap of a question + answer (default: the run's, as --template; else 512)",
+    )
     ext = p.add_argument_group("extraction protocol")
     ext.add_argument("--n", type=int, default=10, help="n-gram size of EL_n (default: %(default)s)")
     ext.add_argument("--sequence-length", type=int, default=200, help="tokens per sequence (default: 200)")
@@ -67,6 +73,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
     p.set_defaults(func=_main)
     return p
+
+
+def _training_options(model_dir: str) -> dict:
+    """The template and length a ``fastunlearn unlearn`` run trained with, if ``model_dir`` is its output.
+
+    ``unlearn`` writes ``OUTPUT/run_config.json`` beside ``OUTPUT/adapter`` (and ``OUTPUT/merged``,
+    ``OUTPUT/model``): scoring with another prompt template would measure a different task.
+    """
+    import json
+
+    for folder in (model_dir, os.path.join(model_dir, os.pardir)):
+        candidate = os.path.join(folder, "run_config.json")
+        if os.path.isfile(candidate):
+            with open(candidate) as handle:
+                options = json.load(handle).get("options", {})
+            return {key: options[key] for key in ("template", "max_length") if key in options}
+    return {}
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -87,6 +110,17 @@ def _main(args: argparse.Namespace) -> int:
     for path in (args.output, args.save_reference):
         if path is not None and os.path.exists(path) and not args.overwrite:
             raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+
+    trained, taken = _training_options(args.model), []
+    if args.template is None and args.mode == "full" and "template" in trained:
+        args.template = trained["template"]
+        taken.append(f"template {args.template!r}")
+    if args.max_length is None:
+        args.max_length = trained.get("max_length", 512)
+        if "max_length" in trained:
+            taken.append(f"max length {args.max_length}")
+    if taken:
+        print(f"{' and '.join(taken)} from the run's run_config.json")
 
     model, tokenizer = ev.load_local_model(
         args.model, args.tokenizer, trust_remote_code=args.trust_remote_code

@@ -333,6 +333,28 @@ def test_eval_command_end_to_end(model_and_tokenizer, tofu_dir, tmp_path, capsys
         run(str(tmp_path / "none"), "--tofu", str(tofu_dir))
 
 
+def test_eval_command_takes_the_template_of_the_run(model_and_tokenizer, tofu_dir, tmp_path, capsys):
+    """`fastunlearn eval OUT/merged` scores with the template and length the run trained with."""
+    from fastunlearn.cli import main as cli_main
+
+    model, tok = model_and_tokenizer
+    run_dir = tmp_path / "run"
+    model.save_pretrained(run_dir / "merged")
+    tok.save_pretrained(run_dir / "merged")
+    (run_dir / "run_config.json").write_text(json.dumps({"options": {"template": "phi", "max_length": 200}}))
+    common = ["--tofu", str(tofu_dir), "--no-generate", "--device", "cpu", "--output"]
+    implicit, explicit, plain = (tmp_path / f"{name}.json" for name in ("implicit", "explicit", "plain"))
+    assert cli_main(["eval", str(run_dir / "merged"), *common, str(implicit)]) == 0
+    assert "template 'phi' and max length 200 from the run's run_config.json" in capsys.readouterr().out
+    assert cli_main(["eval", str(run_dir / "merged"), *common, str(explicit), "--template", "phi",
+                     "--max-length", "200"]) == 0  # fmt: skip
+    assert cli_main(["eval", str(run_dir / "merged"), *common, str(plain), "--template", "plain"]) == 0
+    tofu = {name: json.loads(path.read_text())["tofu"] for name, path in
+            (("implicit", implicit), ("explicit", explicit), ("plain", plain))}  # fmt: skip
+    assert tofu["implicit"] == tofu["explicit"]
+    assert tofu["implicit"] != tofu["plain"]
+
+
 # --------------------------------------------------------------------------------------------------
 # callbacks
 
