@@ -275,6 +275,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fastunlearn`` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "no_progress", False):
+        # transformers' own bars (loading and writing checkpoints) obey a global switch, not ours
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as err:
