@@ -10,17 +10,18 @@ coarse (page granularity, includes allocator caching) but honest, and it sees ev
 from __future__ import annotations
 
 import csv
-import json
+import io
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fastunlearn._io import write_json, write_text
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -104,30 +105,17 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
     return max(0, _cpu_rss_bytes("VmHWM:") - before)
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_results(stem: str, rows: list[dict[str, Any]], env: dict[str, Any]) -> tuple[Path, Path]:
     """Write ``rows`` to ``results/<stem>.csv`` and, with ``env``, to ``results/<stem>.json``."""
     csv_path, json_path = RESULTS_DIR / f"{stem}.csv", RESULTS_DIR / f"{stem}.json"
     fields = list(dict.fromkeys(key for row in rows for key in row))
 
-    def write_csv(handle: Any) -> None:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-
-    _atomic_write(csv_path, write_csv)
-    _atomic_write(json_path, lambda handle: json.dump({"environment": env, "rows": rows}, handle, indent=2))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(csv_path, table.getvalue())
+    write_json(json_path, {"environment": env, "rows": rows})
     return csv_path, json_path
 
 

@@ -32,7 +32,6 @@ training) and ``quality.md`` (the README table).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -46,10 +45,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, _atomic_write, environment, write_results
+from _common import RESULTS_DIR, environment, write_results
 
 from fastunlearn import evaluation as ev
 from fastunlearn import metrics as M
+from fastunlearn._io import write_json, write_text
 
 CONFIGS = [
     ("ga", "lora"),
@@ -408,13 +408,10 @@ def main() -> None:
         "date": env["date"],
         "items": f"{len(probe.sets['forget'])} forget and {len(probe.sets['retain'])} retain items evaluated",
     }
-    _atomic_write(
-        RESULTS_DIR / "quality.json",
-        lambda h: json.dump({"environment": env, "meta": meta, "summary": summary}, h, indent=2),
-    )
+    write_json(RESULTS_DIR / "quality.json", {"environment": env, "meta": meta, "summary": summary})
     plot(rows, before, ref_metrics, RESULTS_DIR / "quality.png")
     table = markdown(summary, meta)
-    _atomic_write(RESULTS_DIR / "quality.md", lambda h: h.write(table))
+    write_text(RESULTS_DIR / "quality.md", table)
     print("\n" + table + f"\ntotal {total:.0f} s")
 
 

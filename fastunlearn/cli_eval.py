@@ -96,6 +96,7 @@ def _main(args: argparse.Namespace) -> int:
     import torch
 
     from fastunlearn import evaluation as ev
+    from fastunlearn._io import write_json
 
     sets = {
         name: getattr(args, name)
@@ -149,6 +150,6 @@ def _main(args: argparse.Namespace) -> int:
     )
     print(ev.format_table(results))
     if args.output is not None:
-        ev.write_json_atomic(args.output, {"model": os.path.abspath(args.model), **results})
+        write_json(args.output, {"model": os.path.abspath(args.model), **results})
         print(f"\nResults written to {args.output}")
     return 0

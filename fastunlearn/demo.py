@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fastunlearn import data as fdata
+from fastunlearn._io import write_dir, write_json, write_text
 
 __all__ = [
     "SIZES",
@@ -344,8 +345,6 @@ def generate_dataset(n_authors: int, *, seed: int = 0, forget_fraction: float = 
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:
-    from fastunlearn.trainer import write_text
-
     write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
@@ -475,7 +474,6 @@ def prepare_models(
     Returns the paths: ``dir``, ``forget``, ``retain``, ``forget_perturbed``, ``retain_perturbed``,
     ``tokenizer``, ``full_model``, ``retain_model``.
     """
-    from fastunlearn.trainer import write_dir, write_json
 
     root = os.path.join(cache_dir, f"{_cache_key(size, seed)}")
     paths = {
@@ -588,7 +586,7 @@ def _run_demo(
 ):
     from fastunlearn.cli import summary_table
     from fastunlearn.evaluation import cached_reference_truth_ratios, load_local_model
-    from fastunlearn.trainer import check_output_dir, unlearn, write_json
+    from fastunlearn.trainer import check_output_dir, unlearn
 
     if size not in SIZES:
         raise ValueError(f"unknown demo size {size!r}; expected one of {list(SIZES)}")

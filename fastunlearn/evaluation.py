@@ -21,7 +21,6 @@ import glob
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from transformers import TrainerCallback
 
 from fastunlearn import data as fdata
 from fastunlearn import metrics as M
+from fastunlearn._io import write_json
 
 TOFU_SETS = ("forget", "retain", "real_authors", "world_facts")
 # Sets whose probability/ROUGE/truth-ratio numbers make up model utility (SPEC §4).
@@ -59,7 +59,6 @@ __all__ = [
     "save_reference_truth_ratios",
     "summarize_tofu",
     "tokenize_texts",
-    "write_json_atomic",
 ]
 
 
@@ -307,21 +306,6 @@ def _score_set(
     return out, ratios
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_reference_truth_ratios(
     path: str | os.PathLike, results: Mapping[str, Any], *, overwrite: bool = False
 ) -> str:
@@ -337,7 +321,7 @@ def save_reference_truth_ratios(
         )
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-    write_json_atomic(
+    write_json(
         path,
         {
             "kind": "fastunlearn.tofu_reference_truth_ratios",

@@ -41,11 +41,8 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +50,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from fastunlearn._io import atomic_directory
 from fastunlearn.fisher import canonical_name, unwrap_model
 
 Solver = Literal["svd", "randomized"]
@@ -313,28 +311,6 @@ def fila_record(layer: nn.Module, adapter_name: str = "default") -> FilaInit | N
 # --------------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _atomic_directory(path: str | os.PathLike, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory next to ``path`` that replaces ``path`` when the block succeeds."""
-    path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-            os.replace(path, old / "previous")
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
 def _require_peft_model(model: nn.Module) -> None:
     from peft import PeftModel
 
@@ -384,7 +360,7 @@ def save_adapter(
     config.use_rslora = False
     config.init_lora_weights = True  # the saved weights replace any initialisation on load
     tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
-    with _atomic_directory(path, overwrite) as tmp:
+    with atomic_directory(path, overwrite=overwrite) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     return Path(path)
@@ -431,6 +407,6 @@ def save_merged(
     """
     state = merged_state_dict(model, adapter_name=adapter_name)
     base = unwrap_model(model)
-    with _atomic_directory(path, overwrite) as tmp:
+    with atomic_directory(path, overwrite=overwrite) as tmp:
         base.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
     return Path(path)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastunlearn._backend import Backend, resolve_backend
+from fastunlearn._io import atomic_file
 
 Mode = Literal["per_example", "batch", "token"]
 MODES: tuple[str, ...] = ("per_example", "batch", "token")
@@ -315,22 +315,6 @@ def select_linear_layers(
 # --------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, write: Callable[[str], None], overwrite: bool) -> None:
-    """Write through ``write(tmp_path)`` into a temporary file next to ``path``, then rename."""
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _check_finite(tensors: Mapping[str, Tensor], what: str) -> None:
     bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
     if bad:
@@ -403,7 +387,7 @@ class FisherEstimate(Mapping[str, Tensor]):
             "num_tokens": str(self.num_tokens),
         }
         tensors = {n: t.detach().to("cpu").contiguous() for n, t in self._tensors.items()}
-        _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite)
+        atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> FisherEstimate:

@@ -26,10 +26,9 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +38,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from fastunlearn import data as fdata
 from fastunlearn._backend import BACKENDS
+from fastunlearn._io import write_dir, write_json
 from fastunlearn.fila import SOLVERS
 from fastunlearn.fisher import MODES
 from fastunlearn.methods import METHODS, NEEDS_RETAIN, method_loss, sequence_logprobs
@@ -201,42 +201,6 @@ class UnlearnTrainer(Trainer):
 
 # ---------------------------------------------------------------------------------------------------
 # Files
-
-
-def write_text(path: str, text: str) -> None:
-    """Write ``text`` atomically: a temporary file in the same directory, then ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json(path: str, obj: Any) -> None:
-    """Write ``obj`` as indented JSON atomically (:func:`write_text`)."""
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def write_dir(path: str, write: Callable[[str], None]) -> str:
-    """Let ``write(tmp)`` fill a temporary sibling directory, then move it to ``path`` (replacing it)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
-    try:
-        write(tmp)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
 
 
 def check_output_dir(path: str, *, overwrite: bool, resume: bool) -> None:

@@ -12,9 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastunlearn import data as fdata
 from fastunlearn import demo
+from fastunlearn._io import write_text
 from fastunlearn.cli import main
 from fastunlearn.fisher import FisherEstimate, estimate_fisher
-from fastunlearn.trainer import write_text
 
 # The tiny demo model (hidden 32, 2 layers) on 4 authors.
 SIZE = dataclasses.replace(demo.SIZES["tiny"], authors=4, hidden=32, layers=2, vocab=300)
