@@ -98,6 +98,12 @@ def add_unlearn_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help="default: %(default)s")
     t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default: %(default)s")
     t.add_argument("--npo-beta", type=float, default=d.npo_beta, help="NPO's beta (default: %(default)s)")
+    t.add_argument(
+        "--fused-linear",
+        action="store_true",
+        help="IHL from the last hidden states without materialising the forget batch's logits "
+        "(models whose logits are lm_head(decoder(x)))",
+    )
     t.add_argument("--bf16", action="store_true", help="bf16 weights and autocast")
     t.add_argument(
         "--gradient-checkpointing", action="store_true", help="trade compute for activation memory"
@@ -151,6 +157,7 @@ def _run_unlearn(args: argparse.Namespace) -> int:
         warmup_epochs=args.warmup_epochs,
         weight_decay=args.weight_decay,
         npo_beta=args.npo_beta,
+        fused_linear=args.fused_linear,
         bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing,
         seed=args.seed,

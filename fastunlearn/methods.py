@@ -4,7 +4,9 @@ With ``NLL(D)`` the token-mean negative log-likelihood of the supervised (non ``
 tokens of batch ``D`` (logits at ``t`` predict the token at ``t + 1``):
 
 - ``ihl``: ``IHL(forget) + NLL(retain)`` — the paper's objective (Cha et al. 2025, Eq. 4), both
-  weights 1, no KL term; the IHL term is :func:`fastunlearn.ihl_loss` (token mean over the batch).
+  weights 1, no KL term; the IHL term is :func:`fastunlearn.ihl_loss` (token mean over the batch), or
+  with ``fused_linear=True`` :func:`fastunlearn.fused_linear_ihl_loss` on the decoder's last hidden
+  states, so the forget batch's ``[B, T, V]`` logits are never materialised.
 - ``ga``:  ``−NLL(forget)`` — gradient ascent (Jang et al. 2023).
 - ``gd``:  ``−NLL(forget) + NLL(retain)`` — gradient difference.
 - ``npo``: ``(2/β)·mean_i softplus(β·(log π_θ(y_i|x_i) − log π_ref(y_i|x_i))) + NLL(retain)`` — NPO
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 
 from fastunlearn.data import IGNORE_INDEX
 from fastunlearn.ihl import ihl_loss
+from fastunlearn.ihl_linear import fused_linear_ihl_loss
 
 METHODS = ("ihl", "ga", "gd", "npo")
 NEEDS_RETAIN = frozenset({"ihl", "gd", "npo"})
@@ -45,6 +48,41 @@ __all__ = [
 
 def _logits(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+# Config fields of architectures whose logits are not simply output_embeddings(decoder(x)).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """The decoder stack and output embedding of a (possibly ``peft``-wrapped) causal LM.
+
+    Only for models whose logits are exactly ``head(decoder(x).last_hidden_state)``; anything else is
+    refused rather than silently given a different loss.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    transforms = [a for a in _LOGIT_TRANSFORMS if getattr(base.config, a, None) not in (None, 1, 1.0)]
+    if decoder is None or type(head) is not nn.Linear or transforms:
+        why = f"its logits are transformed ({', '.join(transforms)})" if transforms else (
+            "it has no get_decoder() or its output embedding is not a plain nn.Linear (a LoRA-wrapped head?)"
+        )
+        raise ValueError(f"fused_linear=True is not supported for {type(base).__name__}: {why}")
+    return decoder, head
+
+
+def _forget_ihl(model: nn.Module, forget: Mapping[str, Tensor], backend: str, fused_linear: bool) -> Tensor:
+    # Labels come from our own tokenisation, checked against the vocabulary once before training:
+    # skip the per-step validation and its host sync.
+    labels = forget["labels"][:, 1:]
+    if not fused_linear:
+        return ihl_loss(_logits(model, forget)[:, :-1], labels, backend=backend, validate=False)
+    decoder, head = _decoder_and_head(model)
+    hidden = decoder(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"]).last_hidden_state
+    return fused_linear_ihl_loss(
+        hidden[:, :-1], head.weight, labels, bias=head.bias, backend=backend, validate=False
+    )
 
 
 def nll_mean(logits: Tensor, labels: Tensor) -> Tensor:
@@ -95,28 +133,29 @@ def method_loss(
     *,
     npo_beta: float = 0.1,
     ihl_backend: str = "auto",
+    fused_linear: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The objective of ``method`` on ``{"forget": ..., "retain": ...}`` and its detached parts.
 
     Each part is a batch of ``input_ids``, ``attention_mask``, ``labels``; NPO's forget part also
-    carries ``ref_logp`` ``[B]``. Returns ``(loss, {"forget_loss": ..., "retain_loss": ...})``.
+    carries ``ref_logp`` ``[B]``. ``fused_linear`` (IHL only) computes the forget term from the
+    decoder's hidden states without the forget logits. Returns ``(loss, {"forget_loss": ...,
+    "retain_loss": ...})``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
     if method in NEEDS_RETAIN and "retain" not in batch:
         raise ValueError(f"method {method!r} needs a retain set")
     forget = batch["forget"]
-    logits = _logits(model, forget)
     if method == "ihl":
-        # Labels come from our own tokenisation, checked against the vocabulary once before training:
-        # skip the per-step validation and its host sync.
-        forget_loss = ihl_loss(logits[:, :-1], forget["labels"][:, 1:], backend=ihl_backend, validate=False)
+        forget_loss = _forget_ihl(model, forget, ihl_backend, fused_linear)
     elif method == "npo":
         if "ref_logp" not in forget:
             raise ValueError("method 'npo' needs the reference log-probabilities forget['ref_logp']")
-        forget_loss = npo_loss(sequence_logprob(logits, forget["labels"]), forget["ref_logp"], npo_beta)
+        logp = sequence_logprob(_logits(model, forget), forget["labels"])
+        forget_loss = npo_loss(logp, forget["ref_logp"], npo_beta)
     else:
-        forget_loss = -nll_mean(logits, forget["labels"])
+        forget_loss = -nll_mean(_logits(model, forget), forget["labels"])
     parts = {"forget_loss": forget_loss.detach()}
     loss = forget_loss
     if method in NEEDS_RETAIN:

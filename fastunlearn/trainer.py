@@ -81,6 +81,9 @@ class UnlearnConfig:
     data_format: str = "auto"
     npo_beta: float = 0.1
     ihl_backend: str = "auto"
+    # IHL from the last hidden states (fastunlearn.fused_linear_ihl_loss): the forget batch's [B, T, V]
+    # logits never exist. For models whose logits are exactly lm_head(decoder(x)).
+    fused_linear: bool = False
     fisher_mode: str = "per_example"
     fisher_batch_size: int = 4
     fila_eps: float = 1e-5
@@ -172,11 +175,20 @@ class UnlearnTrainer(Trainer):
 
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, method: str, npo_beta: float = 0.1, ihl_backend: str = "auto", **kwargs):
+    def __init__(
+        self,
+        *args,
+        method: str,
+        npo_beta: float = 0.1,
+        ihl_backend: str = "auto",
+        fused_linear: bool = False,
+        **kwargs,
+    ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
         super().__init__(*args, **kwargs)
         self.method, self.npo_beta, self.ihl_backend = method, npo_beta, ihl_backend
+        self.fused_linear = fused_linear
         self._parts: dict[str, torch.Tensor] = {}
         self._parts_n = 0
         if isinstance(self.train_dataset, fdata.PairedDataset):
@@ -184,7 +196,12 @@ class UnlearnTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, parts = method_loss(
-            model, inputs, self.method, npo_beta=self.npo_beta, ihl_backend=self.ihl_backend
+            model,
+            inputs,
+            self.method,
+            npo_beta=self.npo_beta,
+            ihl_backend=self.ihl_backend,
+            fused_linear=self.fused_linear,
         )
         for key, value in parts.items():
             self._parts[key] = self._parts.get(key, 0) + value
@@ -433,6 +450,8 @@ def unlearn(
     cfg = UnlearnConfig(**options)
     if retain is None and method in NEEDS_RETAIN:
         raise ValueError(f"method {method!r} needs a retain set")
+    if cfg.fused_linear and method != "ihl":
+        raise ValueError(f"fused_linear=True computes the IHL forget term; method {method!r} does not use it")
     output_dir = os.path.abspath(os.fspath(output_dir))
 
     run_config = {
@@ -591,6 +610,7 @@ def build_trainer(
         method=method,
         npo_beta=cfg.npo_beta,
         ihl_backend=cfg.ihl_backend,
+        fused_linear=cfg.fused_linear,
     )
 
 

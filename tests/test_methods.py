@@ -148,3 +148,39 @@ def test_method_loss_bad_inputs():
         method_loss(model, {"forget": forget}, "gd")
     with pytest.raises(ValueError, match="ref_logp"):
         method_loss(model, {"forget": forget, "retain": forget}, "npo")
+
+
+@pytest.mark.parametrize("wrap", ["full", "lora"])
+def test_fused_linear_ihl_matches_the_logits_path(wrap):
+    """Same objective and gradients with the forget logits never materialised (full: ∂lm_head too)."""
+    from peft import LoraConfig, get_peft_model
+
+    g = torch.Generator().manual_seed(12)
+    batch = {"forget": random_batch(g, [9, 6, 8], prompt=3), "retain": random_batch(g, [5, 7, 4], prompt=2)}
+    model = tiny_model(3)
+    if wrap == "lora":
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        for name, p in model.named_parameters():  # non-zero B, so the adapters change the function
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+    results = []
+    for fused in (False, True):
+        loss, parts = method_loss(model, batch, "ihl", ihl_backend="torch", fused_linear=fused)
+        loss.backward()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        results.append((loss.detach(), parts["forget_loss"], [p.grad.clone() for p in trainable]))
+        model.zero_grad(set_to_none=True)
+    (loss0, forget0, grads0), (loss1, forget1, grads1) = results
+    torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=0)
+    torch.testing.assert_close(forget1, forget0, rtol=1e-6, atol=0)
+    for a, b in zip(grads1, grads0, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_fused_linear_refuses_transformed_logits():
+    model = tiny_model()
+    model.config.final_logit_softcapping = 30.0  # Gemma-2 style: logits are not lm_head(hidden)
+    g = torch.Generator().manual_seed(13)
+    batch = {"forget": random_batch(g, [6, 5], prompt=2), "retain": random_batch(g, [6, 5], prompt=2)}
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        method_loss(model, batch, "ihl", fused_linear=True)

@@ -310,6 +310,8 @@ def test_bad_arguments(setup, tmp_path):
         unlearn(model, tokenizer, forget, retain, init="pissa", output_dir=out)
     with pytest.raises(ValueError, match="'ihl' needs a retain set"):
         unlearn(model, tokenizer, forget, None, output_dir=out)
+    with pytest.raises(ValueError, match="fused_linear=True computes the IHL forget term"):
+        unlearn(model, tokenizer, forget, retain, method="gd", output_dir=out, fused_linear=True)
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         unlearn(model, tokenizer, forget, retain, output_dir=out, batch_size=0)
     with pytest.raises(TypeError, match="pass the tokenizer"):
