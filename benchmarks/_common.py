@@ -15,7 +15,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +128,45 @@ def slug(device: torch.device) -> str:
         if tag in name:
             return tag
     return "cuda"
+
+
+def plot_bars(
+    rows: Sequence[dict[str, Any]],
+    path: Path,
+    *,
+    case: Callable[[dict[str, Any]], tuple],
+    case_label: Callable[[tuple], str],
+    series: str,
+    panels: Sequence[tuple[str, float, str]],
+    log_x: bool = False,
+    title: str | None = None,
+) -> None:
+    """Grouped horizontal bars: a group per ``case(row)``, a bar per value of ``row[series]``, and a
+    panel per ``(key, scale, panel title)``; missing values are drawn as 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = list(dict.fromkeys(case(r) for r in rows))
+    names = list(dict.fromkeys(r[series] for r in rows))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 0.6 * len(cases) + 3), squeeze=False)
+    width = 0.8 / max(len(names), 1)
+    for ax, (key, scale, panel_title) in zip(axes[0], panels):
+        for i, name in enumerate(names):
+            values = [
+                next((r.get(key, 0) * scale for r in rows if case(r) == c and r[series] == name), 0)
+                for c in cases
+            ]
+            ax.barh([j + i * width for j in range(len(cases))], values, height=width, label=name)
+        if log_x:
+            ax.set_xscale("log")
+        ax.set_yticks([j + 0.4 - width / 2 for j in range(len(cases))])
+        ax.set_yticklabels([case_label(c) for c in cases])
+        ax.set_title(panel_title)
+    axes[0][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

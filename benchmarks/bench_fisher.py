@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, environment, median_time, peak_memory, slug, write_results
+from _common import RESULTS_DIR, environment, median_time, peak_memory, plot_bars, slug, write_results
 
 from fastunlearn.fisher import estimate_fisher, per_example_grad_sq, per_example_grad_sq_reference
 
@@ -438,33 +438,17 @@ def summarise(rows: list[dict], device: torch.device, rate: float | None) -> lis
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     layer = [r for r in rows if r["part"] == "layer" and "ms" in r]
-    cases = list(dict.fromkeys((r["out"], r["in"], r["T"], r["dtype"]) for r in layer))
-    methods = list(dict.fromkeys(r["method"] for r in layer))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(cases) + 3))
-    width = 0.8 / max(len(methods), 1)
-    for i, method in enumerate(methods):
-        for ax, key, scale in ((axes[0], "ms", 1.0), (axes[1], "peak_bytes", 2.0**-20)):
-            values = [
-                next((r[key] * scale for r in layer if (r["out"], r["in"], r["T"], r["dtype"]) == c
-                      and r["method"] == method), 0)
-                for c in cases
-            ]  # fmt: skip
-            ax.barh([j + i * width for j in range(len(cases))], values, height=width, label=method)
-    for ax, title in ((axes[0], "time (ms, median)"), (axes[1], "peak memory (MiB)")):
-        ax.set_xscale("log")
-        ax.set_yticks([j + 0.4 - width / 2 for j in range(len(cases))])
-        ax.set_yticklabels([f"{o}x{i} T={t} {d}" for o, i, t, d in cases])
-        ax.set_title(title)
-    fig.suptitle(f"per_example_grad_sq, B={BATCH} ({layer[0]['dtype'] if layer else ''})")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plot_bars(
+        layer,
+        path,
+        case=lambda r: (r["out"], r["in"], r["T"], r["dtype"]),
+        case_label=lambda c: f"{c[0]}x{c[1]} T={c[2]} {c[3]}",
+        series="method",
+        panels=[("ms", 1.0, "time (ms, median)"), ("peak_bytes", 2.0**-20, "peak memory (MiB)")],
+        log_x=True,
+        title=f"per_example_grad_sq, B={BATCH}",
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

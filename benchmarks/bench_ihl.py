@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS_DIR, environment, median_time, peak_memory, slug, write_results
+from _common import RESULTS_DIR, environment, median_time, peak_memory, plot_bars, slug, write_results
 
 from fastunlearn import ihl_loss, ihl_paper_formulation, ihl_reference
 
@@ -100,30 +100,15 @@ def bench_case(n, vocab, dtype, name, fn, device, repeats) -> dict:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cases = list(dict.fromkeys((r["n"], r["vocab"], r["dtype"]) for r in rows))
-    backends = list(dict.fromkeys(r["backend"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.6 * len(cases) + 3))
-    width = 0.8 / len(backends)
-    for i, backend in enumerate(backends):
-        for ax, key, scale in ((axes[0], "fwd_bwd_ms", 1.0), (axes[1], "fwd_bwd_peak_bytes", 2.0**-30)):
-            values = [
-                next((r.get(key, 0) * scale for r in rows if (r["n"], r["vocab"], r["dtype"]) == c
-                      and r["backend"] == backend), 0)
-                for c in cases
-            ]  # fmt: skip
-            ax.barh([j + i * width for j in range(len(cases))], values, height=width, label=backend)
-    for ax, title in ((axes[0], "forward+backward (ms, median)"), (axes[1], "peak extra memory (GiB)")):
-        ax.set_yticks([j + 0.4 - width / 2 for j in range(len(cases))])
-        ax.set_yticklabels([f"N={n} V={v} {d}" for n, v, d in cases])
-        ax.set_title(title)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plot_bars(
+        rows,
+        path,
+        case=lambda r: (r["n"], r["vocab"], r["dtype"]),
+        case_label=lambda c: f"N={c[0]} V={c[1]} {c[2]}",
+        series="backend",
+        panels=[("fwd_bwd_ms", 1.0, "forward+backward (ms, median)"),
+                ("fwd_bwd_peak_bytes", 2.0**-30, "peak extra memory (GiB)")],
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
