@@ -35,7 +35,9 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _valid(labels: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
+def valid_targets(labels: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
+    """Positions that carry a loss: not ``ignore_index`` and inside the vocabulary (what every backend,
+    the kernels included, treats as a target; out-of-range labels only pass with ``validate=False``)."""
     return (labels != ignore_index) & (labels >= 0) & (labels < vocab)
 
 
@@ -68,7 +70,7 @@ def ihl_forward(
     acc = _accumulation_dtype(logits.dtype)
     n = B * T
     device = logits.device
-    valid = _valid(labels, V, ignore_index).unsqueeze(1)
+    valid = valid_targets(labels, V, ignore_index).unsqueeze(1)
     targets = torch.where(valid, labels.unsqueeze(1), 0)
     z_y = torch.empty(n, 1, dtype=acc, device=device)
     best = torch.empty(n, 1, dtype=acc, device=device)
@@ -115,7 +117,7 @@ def ihl_backward(
 ) -> torch.Tensor:
     """Same contract as ``fastunlearn.kernels.ihl.ihl_backward``."""
     V = logits.shape[-1]
-    valid = _valid(labels, V, ignore_index).unsqueeze(1)
+    valid = valid_targets(labels, V, ignore_index).unsqueeze(1)
     targets = torch.where(valid, labels.unsqueeze(1), 0)
     scale = grad_rows.to(stats.dtype).reshape(-1, 1)  # [1, 1] or [N, 1]
     coef = stats[:, 1:2] * scale

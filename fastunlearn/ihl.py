@@ -27,6 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from fastunlearn import _ihl_torch
 from fastunlearn._backend import Backend, resolve_backend
+from fastunlearn._ihl_torch import valid_targets
 
 Reduction = Literal["mean", "sum", "none"]
 REDUCTIONS = ("mean", "sum", "none")
@@ -57,10 +58,6 @@ def _as_rows(logits: Tensor) -> Tensor:
     return logits.reshape(1, -1, V)
 
 
-def _valid_count(labels: Tensor, vocab: int, ignore_index: int) -> Tensor:
-    return ((labels != ignore_index) & (labels >= 0) & (labels < vocab)).sum()
-
-
 class _IHLFunction(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -76,7 +73,7 @@ class _IHLFunction(torch.autograd.Function):
         rows = _as_rows(logits)
         flat_labels = labels.reshape(-1).long()
         row_loss, stats, argmax = impl.ihl_forward(rows, flat_labels, ignore_index)
-        count = _valid_count(flat_labels, logits.shape[-1], ignore_index)
+        count = valid_targets(flat_labels, logits.shape[-1], ignore_index).sum()
         if reduction == "none":
             out = row_loss.view(labels.shape)
         elif reduction == "sum":
@@ -226,7 +223,7 @@ def ihl_reference(
     """
     z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
     V = z.shape[-1]
-    valid = (labels != ignore_index) & (labels >= 0) & (labels < V)
+    valid = valid_targets(labels, V, ignore_index)
     y = torch.where(valid, labels, 0).unsqueeze(-1)
     p = z.softmax(dim=-1)
     p_y = p.gather(-1, y).squeeze(-1)

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fastunlearn._backend import Backend, resolve_backend
+from fastunlearn._ihl_torch import valid_targets
 from fastunlearn.ihl import _check_labels, _check_reduction, _implementation
 
 # Elements of logits per chunk: 64M (256 MB in fp32) keeps each chunk's matmuls large enough to run
@@ -40,8 +41,9 @@ class _FusedLinearIHL(torch.autograd.Function):
         h = hidden.reshape(-1, H)
         y = labels.reshape(-1).long()
         n = h.shape[0]
-        grad_h = torch.empty_like(h)
-        # ∂W and ∂b accumulate over chunks in fp32; a frozen output embedding (LoRA) gets neither.
+        # Only the gradients some input needs are formed: none under no_grad, no ∂W for a frozen head.
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        # ∂W and ∂b accumulate over chunks in fp32.
         fp32 = {"dtype": torch.float32, "device": weight.device}
         grad_w = torch.zeros(weight.shape, **fp32) if ctx.needs_input_grad[1] else None
         grad_b = torch.zeros(V, **fp32) if bias is not None and ctx.needs_input_grad[2] else None
@@ -54,13 +56,16 @@ class _FusedLinearIHL(torch.autograd.Function):
             chunk_labels = y[r0 : r0 + chunk_rows]
             row_loss, stats, argmax = impl.ihl_forward(rows, chunk_labels, ignore_index)
             total += row_loss.sum()
+            if grad_h is None and grad_w is None and grad_b is None:
+                continue
             impl.ihl_backward(rows, chunk_labels, stats, argmax, one, rows, ignore_index)  # in place
-            torch.mm(logits, weight, out=grad_h[r0 : r0 + chunk_rows])
+            if grad_h is not None:
+                torch.mm(logits, weight, out=grad_h[r0 : r0 + chunk_rows])
             if grad_w is not None:
                 grad_w.addmm_(logits.t().float(), h_chunk.float())
             if grad_b is not None:
                 grad_b += logits.float().sum(0)
-        count = ((y != ignore_index) & (y >= 0) & (y < V)).sum().clamp_min(1)
+        count = valid_targets(y, V, ignore_index).sum().clamp_min(1)
         scale = 1.0 / count if reduction == "mean" else one
         ctx.save_for_backward(grad_h, grad_w, grad_b, scale)
         ctx.shapes = (hidden.shape, weight.dtype)
@@ -71,7 +76,7 @@ class _FusedLinearIHL(torch.autograd.Function):
         grad_h, grad_w, grad_b, scale = ctx.saved_tensors
         hidden_shape, weight_dtype = ctx.shapes
         factor = grad_out * scale
-        dh = (grad_h * factor.to(grad_h.dtype)).view(hidden_shape) if ctx.needs_input_grad[0] else None
+        dh = (grad_h * factor.to(grad_h.dtype)).view(hidden_shape) if grad_h is not None else None
         dw = (grad_w * factor).to(weight_dtype) if grad_w is not None else None
         db = (grad_b * factor).to(weight_dtype) if grad_b is not None else None
         return dh, dw, db, None, None, None, None, None

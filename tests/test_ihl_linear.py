@@ -81,3 +81,13 @@ def test_frozen_weight_gets_no_gradient_and_bf16_matches_autograd():
 def test_bad_input(hidden, weight, labels, kwargs, error, match):
     with pytest.raises(error, match=match):
         fused_linear_ihl_loss(hidden, weight, labels, **kwargs)
+
+
+def test_no_grad_gives_the_same_loss():
+    gen = torch.Generator().manual_seed(23)
+    hidden, weight = torch.randn(11, 16, generator=gen), torch.randn(301, 16, generator=gen)
+    labels = torch.randint(0, 301, (11,), generator=gen)
+    with torch.no_grad():
+        loss = fused_linear_ihl_loss(hidden, weight, labels, backend="torch", chunk_rows=4)
+    want_loss, _, _, _ = oracle(hidden, weight, None, labels, "mean")
+    assert_close(loss, want_loss, 1e-5)
