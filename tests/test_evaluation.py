@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from models import tiny_llama
 from scipy.stats import ks_2samp
 
 from fastunlearn import data as fdata
@@ -60,26 +61,14 @@ def tofu_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model_and_tokenizer(tofu_dir):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from fastunlearn.demo import train_tokenizer
 
     texts = [line for f in sorted(tofu_dir.iterdir()) for line in f.read_text().splitlines()]
     tok = train_tokenizer(texts, 300)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+    model = tiny_llama(
+        len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )
-    return LlamaForCausalLM(cfg).eval(), tok
+    return model.eval(), tok
 
 
 # --------------------------------------------------------------------------------------------------
