@@ -62,6 +62,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def add_unlearn_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``fastunlearn unlearn``."""
+    from fastunlearn.fisher import MODES
     from fastunlearn.methods import METHODS
     from fastunlearn.trainer import INITS, UnlearnConfig
 
@@ -104,7 +105,7 @@ def add_unlearn_parser(subparsers) -> argparse.ArgumentParser:
         help="IHL from the last hidden states without materialising the forget batch's logits "
         "(models whose logits are lm_head(decoder(x)))",
     )
-    t.add_argument("--bf16", action="store_true", help="bf16 weights and autocast")
+    t.add_argument("--bf16", action="store_true", help="load the model in bf16 and train with bf16 autocast")
     t.add_argument(
         "--gradient-checkpointing", action="store_true", help="trade compute for activation memory"
     )
@@ -121,7 +122,7 @@ def add_unlearn_parser(subparsers) -> argparse.ArgumentParser:
     lora.add_argument(
         "--fisher-mode",
         default=d.fisher_mode,
-        choices=("per_example", "batch", "token"),
+        choices=MODES,
         help="Fisher estimator for FILA (default: %(default)s)",
     )
     out = p.add_argument_group("output")
@@ -200,6 +201,8 @@ def summary_table(metrics: dict[str, Any]) -> str:
 
 def add_fisher_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``fastunlearn fisher``."""
+    from fastunlearn.fisher import MODES
+
     p = subparsers.add_parser(
         "fisher",
         help="estimate the diagonal Fisher information of a model's linear layers on a data set",
@@ -214,10 +217,15 @@ def add_fisher_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--mode",
         default="per_example",
-        choices=("per_example", "batch", "token"),
+        choices=MODES,
         help="estimator (default: %(default)s)",
     )
-    p.add_argument("--target-modules", nargs="+", default=None, help="layer names or suffixes (default: all)")
+    p.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=None,
+        help="layer names or suffixes (default: every linear layer but the output head)",
+    )
     p.add_argument(
         "--batch-size", type=int, default=4, help="examples per forward pass (default: %(default)s)"
     )
@@ -230,7 +238,7 @@ def add_fisher_parser(subparsers) -> argparse.ArgumentParser:
 def _run_fisher(args: argparse.Namespace) -> int:
     from fastunlearn import data as fdata
     from fastunlearn.fisher import estimate_fisher
-    from fastunlearn.trainer import load_model_and_tokenizer
+    from fastunlearn.trainer import load_model_and_tokenizer, to_training_device
 
     if os.path.exists(args.output) and not args.overwrite:
         raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
@@ -240,6 +248,7 @@ def _run_fisher(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         allow_download=args.allow_download,
     )
+    to_training_device(model)  # on a GPU machine the Fisher kernel runs there
     examples = fdata.prepare(
         args.data,
         tokenizer,

@@ -549,7 +549,12 @@ def _batch_loss(
 
     ``per_example``/``token``: ``Σ_n L_n`` with ``L_n`` example n's summed token NLL.
     ``batch``: the token mean ``L̄_b = Σ_n L_n / c_b``, as the paper's code differentiates it; the hook
-    scales its output gradients by ``sqrt(c_b)`` so that the square is the paper's ``c_b·(∇L̄_b)²``.
+    scales its output gradients by ``sqrt(c_b)`` so that the square is the paper's ``c_b·(∇L̄_b)²``
+    (differentiating the same loss the same way keeps the estimate equal to the paper's to fp32
+    rounding, element by element).
+
+    ``targets`` are the labels shifted left by one (the logit at t predicts token t+1) and padded with
+    the ignored label, so the ``[B, T, V]`` logits flatten as a view rather than being sliced.
     """
     device = next(model.parameters()).device
     inputs: dict[str, Any] = {
@@ -559,7 +564,7 @@ def _batch_loss(
         inputs["use_cache"] = False  # a KV cache is dead weight here
     output = model(**inputs)
     logits = output.logits if hasattr(output, "logits") else output[0]
-    logits = logits[:, :-1].flatten(0, 1)
+    logits = logits.flatten(0, 1)
     # fp32 at least (bf16 logits lose the NLL's digits), fp64 kept for fp64 models.
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     targets = targets.to(logits.device).flatten()
@@ -633,7 +638,7 @@ def estimate_fisher(
             tqdm(batches, total=total, desc=f"Fisher ({mode})", disable=not progress)
         ):
             input_ids, labels = _check_batch(batch, index)
-            targets = labels[:, 1:]  # the usual causal shift: the logit at t predicts token t+1
+            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # the logit at t predicts t+1
             valid = targets != IGNORE_INDEX
             tokens, examples = valid.sum(), valid.any(dim=1).sum()
             collector.start_batch(input_ids.shape[0], tokens.clamp_min(1).double().sqrt())

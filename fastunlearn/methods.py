@@ -24,13 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastunlearn.data import IGNORE_INDEX
 from fastunlearn.ihl import ihl_loss
 from fastunlearn.ihl_linear import fused_linear_ihl_loss
+from fastunlearn.metrics import collect_answer_stats
 
 METHODS = ("ihl", "ga", "gd", "npo")
 NEEDS_RETAIN = frozenset({"ihl", "gd", "npo"})
@@ -85,24 +85,24 @@ def _forget_ihl(model: nn.Module, forget: Mapping[str, Tensor], backend: str, fu
     )
 
 
+def _shifted_nll(logits: Tensor, labels: Tensor, reduction: str) -> Tensor:
+    """NLL of each position's next token (fp32): the *labels* are shifted, so ``[B, T, V]`` logits
+    flatten as a view instead of being copied by a ``logits[:, :-1]`` slice; the last position,
+    which predicts nothing, gets the ignored label."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
+    )
+
+
 def nll_mean(logits: Tensor, labels: Tensor) -> Tensor:
     """Token-mean NLL of the shifted, non-ignored targets of a batch (fp32)."""
-    V = logits.shape[-1]
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX
-    )
+    return _shifted_nll(logits, labels, "mean")
 
 
 def sequence_logprob(logits: Tensor, labels: Tensor) -> Tensor:
     """``log π(y_i|x_i) = Σ_t log p(y_{i,t+1} | y_{i,≤t})`` over supervised targets, per row (fp32)."""
-    B, T, V = logits.shape
-    nll = F.cross_entropy(
-        logits[:, :-1].reshape(-1, V).float(),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )
-    return -nll.view(B, T - 1).sum(dim=1)
+    return -_shifted_nll(logits, labels, "none").view(labels.shape).sum(dim=1)
 
 
 def npo_loss(logp: Tensor, ref_logp: Tensor, beta: float) -> Tensor:
@@ -110,20 +110,10 @@ def npo_loss(logp: Tensor, ref_logp: Tensor, beta: float) -> Tensor:
     return (2.0 / beta) * F.softplus(beta * (logp - ref_logp)).mean()
 
 
-@torch.no_grad()
 def sequence_logprobs(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]) -> Tensor:
-    """:func:`sequence_logprob` of every example of ``batches``, in eval mode, concatenated (on CPU)."""
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        out = [
-            sequence_logprob(_logits(model, {k: v.to(device) for k, v in b.items()}), b["labels"].to(device))
-            for b in batches
-        ]
-    finally:
-        model.train(was_training)
-    return torch.cat(out).cpu()
+    """:func:`sequence_logprob` of every example of ``batches``, in eval mode, concatenated (on CPU):
+    the negated summed answer NLL that :func:`fastunlearn.metrics.collect_answer_stats` measures."""
+    return -collect_answer_stats(model, batches)["nll_sum"].cpu()
 
 
 def method_loss(

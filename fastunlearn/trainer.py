@@ -56,9 +56,19 @@ _RESUME_FREE = (
     "eval_batch_size",
     "logging_steps",
     "callbacks",
+    "allow_download",
+    "trust_remote_code",
 )
 
-__all__ = ["INITS", "UnlearnConfig", "UnlearnResult", "UnlearnTrainer", "load_model_and_tokenizer", "unlearn"]
+__all__ = [
+    "INITS",
+    "UnlearnConfig",
+    "UnlearnResult",
+    "UnlearnTrainer",
+    "load_model_and_tokenizer",
+    "to_training_device",
+    "unlearn",
+]
 
 
 @dataclass
@@ -89,6 +99,7 @@ class UnlearnConfig:
     fila_eps: float = 1e-5
     fila_solver: str = "svd"
     seed: int = 0
+    # bf16 autocast; a model given by path is also loaded in bf16 (a module object keeps its dtype)
     bf16: bool = False
     gradient_checkpointing: bool = False
     merge: bool = False
@@ -302,7 +313,7 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
-def _to_training_device(model: nn.Module) -> None:
+def to_training_device(model: nn.Module) -> None:
     """Move a CPU model to the GPU ``Trainer`` will use, so evaluation, Fisher and NPO's reference run there.
 
     Models dispatched with a ``device_map`` and runs without CUDA are left where they are.
@@ -364,7 +375,6 @@ def _fila(model, forget_batches, retain_batches, cfg: UnlearnConfig, output_dir:
     if all(os.path.isfile(p) for p in paths.values()):
         estimates = {name: FisherEstimate.load(p) for name, p in paths.items()}
     else:
-        os.makedirs(fisher_dir, exist_ok=True)
         estimates = {}
         for name, batches in (("forget", forget_batches), ("retain", retain_batches)):
             estimates[name] = estimate_fisher(
@@ -375,6 +385,8 @@ def _fila(model, forget_batches, retain_batches, cfg: UnlearnConfig, output_dir:
                 progress=cfg.progress,
             )
             estimates[name].save(paths[name], overwrite=True)
+            # Off the accelerator until FILA needs it, a layer at a time: at 7B each estimate is ~24 GiB.
+            estimates[name] = estimates[name].to("cpu")
     fila_init(
         model,
         estimates["forget"],
@@ -450,6 +462,8 @@ def unlearn(
     cfg = UnlearnConfig(**options)
     if retain is None and method in NEEDS_RETAIN:
         raise ValueError(f"method {method!r} needs a retain set")
+    if retain is None and init == "fila":
+        raise ValueError("init='fila' needs a retain set (relative Fisher information); use init='lora'")
     if cfg.fused_linear and method != "ihl":
         raise ValueError(f"fused_linear=True computes the IHL forget term; method {method!r} does not use it")
     output_dir = os.path.abspath(os.fspath(output_dir))
@@ -477,7 +491,7 @@ def unlearn(
         allow_download=cfg.allow_download,
         dtype=torch.bfloat16 if cfg.bf16 else None,
     )
-    _to_training_device(model)
+    to_training_device(model)
     prep = dict(data_format=cfg.data_format, template=cfg.template, max_length=cfg.max_length)
     forget_ex = fdata.prepare(forget, tokenizer, name="forget", **prep)
     retain_ex = [] if retain is None else fdata.prepare(retain, tokenizer, name="retain", **prep)
@@ -495,14 +509,12 @@ def unlearn(
         metrics["before"] = _evaluate(model, forget_ex, retain_ex, pad_id, cfg)
 
     fisher_paths: dict[str, str] = {}
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
     if init == "full":
         for p in model.parameters():
             p.requires_grad_(True)
-        if cfg.gradient_checkpointing:
-            _enable_gradient_checkpointing(model)
     else:
-        if cfg.gradient_checkpointing:
-            _enable_gradient_checkpointing(model)
         model = _lora_model(model, cfg)
         if init == "fila":
             # Fisher over one pass of the forget set and of the retain examples paired with it (SPEC §3.1).

@@ -187,7 +187,6 @@ def test_fila_step_and_adapter_on_the_original_base(setup, tmp_path):
     assert not torch.allclose(_logits(fresh_model(tokenizer), batch), trained, atol=1e-3)
 
 
-@pytest.mark.slow
 class EpochCounter(TrainerCallback):
     def __init__(self):
         self.epochs = 0
@@ -196,6 +195,7 @@ class EpochCounter(TrainerCallback):
         self.epochs += 1
 
 
+@pytest.mark.slow
 def test_outputs_metrics_and_run_config(setup, tmp_path):
     tokenizer, forget, retain = setup
     out = tmp_path / "run"
@@ -310,6 +310,9 @@ def test_bad_arguments(setup, tmp_path):
         unlearn(model, tokenizer, forget, retain, init="pissa", output_dir=out)
     with pytest.raises(ValueError, match="'ihl' needs a retain set"):
         unlearn(model, tokenizer, forget, None, output_dir=out)
+    with pytest.raises(ValueError, match="init='fila' needs a retain set"):
+        unlearn(model, tokenizer, forget, None, method="ga", output_dir=out)
+    assert not out.exists()  # refused before anything was written
     with pytest.raises(ValueError, match="fused_linear=True computes the IHL forget term"):
         unlearn(model, tokenizer, forget, retain, method="gd", output_dir=out, fused_linear=True)
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
