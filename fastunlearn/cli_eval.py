@@ -52,7 +52,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="prompt template used in training (default: the run's, read from run_config.json beside an "
         "unlearned model's directory; else plain; legacy: llama2)",
     )
-    tofu.add_argument("--reference", default=None, help="retain-only model's truth ratios (JSON)")
+    tofu.add_argument(
+        "--reference",
+        default=None,
+        help="retain-only model's truth ratios (JSON from --save-reference; same --mode and --template)",
+    )
     tofu.add_argument("--save-reference", default=None, help="save this model's forget truth ratios (JSON)")
     tofu.add_argument("--max-items", type=int, default=None, help="evaluate at most this many items per set")
     tofu.add_argument("--max-new-tokens", type=int, default=200, help="greedy answer length (full mode)")

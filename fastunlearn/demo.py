@@ -672,7 +672,7 @@ def _without_tofu(metrics: dict) -> dict:
 
 _TOFU_ROWS = (
     ("forget_quality", "forget quality (KS p)"),
-    ("model_utility", "model utility"),
+    ("model_utility_partial", "retain utility (3 of 9)"),
     ("forget_truth_ratio_mean", "forget truth ratio"),
     ("forget_rougeL_recall", "forget ROUGE-L"),
     ("retain_rougeL_recall", "retain ROUGE-L"),

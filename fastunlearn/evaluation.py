@@ -36,6 +36,8 @@ from fastunlearn._io import write_json
 TOFU_SETS = ("forget", "retain", "real_authors", "world_facts")
 # Sets whose probability/ROUGE/truth-ratio numbers make up model utility (SPEC §4).
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
+UTILITY_METRICS = ("prob", "rougeL_recall", "truth_ratio")
+NUM_UTILITY_COMPONENTS = len(UTILITY_SETS) * len(UTILITY_METRICS)  # TOFU's nine numbers
 MODES = ("full", "legacy")
 LEGACY_MAX_ITEMS = 300
 LEGACY_MAX_LENGTH = 200  # tokens, prompt included: the paper's generation budget
@@ -258,7 +260,7 @@ def _score_set(
         "num_items": len(items),
         "prob": probs.mean().item(),
         # Teacher-forced next-token accuracy on the answers: the QA analogue of MA.
-        "accuracy": (stats["correct"].sum() / stats["num_tokens"].sum()).item(),
+        "accuracy": (stats["correct"].sum().double() / stats["num_tokens"].sum()).item(),
     }
     ratios = None
     if items[0].perturbed_answers is not None:
@@ -284,10 +286,7 @@ def _score_set(
         out["truth_ratio_mean"] = r.mean().item()
         if name in ("real_authors", "world_facts"):
             # Multiple choice between the answer and its perturbations (SPEC §4).
-            out["prob_raw"] = out["prob"]
             out["prob"] = M.normalized_probability(probs, pert).mean().item()
-        if name == "forget":
-            out["truth_ratio_forget"] = torch.minimum(r, 1 / r).mean().item()  # TOFU's forget-set score
     if generate:
         preds = _greedy_answers(
             model,
@@ -310,7 +309,8 @@ def save_reference_truth_ratios(
     path: str | os.PathLike, results: Mapping[str, Any], *, overwrite: bool = False
 ) -> str:
     """Save the forget-set truth ratios of a TOFU evaluation (of the retain-only model) as the reference
-    for forget quality. Written atomically; an existing file is kept unless ``overwrite=True``."""
+    for forget quality, with the mode, template and forget file they were computed with (checked when
+    the file is loaded). Written atomically; an existing file is kept unless ``overwrite=True``."""
     path = os.fspath(path)
     tofu = results.get("tofu", results)
     ratios = tofu.get("forget_truth_ratios")
@@ -319,8 +319,7 @@ def save_reference_truth_ratios(
             "these results have no forget-set truth ratios (the forget file needs "
             "paraphrased_answer and perturbed_answer fields)"
         )
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    _check_new_file(path, overwrite)
     write_json(
         path,
         {
@@ -335,8 +334,27 @@ def save_reference_truth_ratios(
     return path
 
 
-def load_reference_truth_ratios(path: str | os.PathLike) -> list[float]:
-    """Load reference truth ratios saved by :func:`save_reference_truth_ratios`."""
+def _check_new_file(path: str | os.PathLike, overwrite: bool) -> None:
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{os.fspath(path)} exists; pass overwrite=True (--overwrite) to replace it")
+
+
+def load_reference_truth_ratios(
+    path: str | os.PathLike,
+    *,
+    mode: str | None = None,
+    template: str | None = None,
+    forget_file: str | os.PathLike | None = None,
+) -> list[float]:
+    """Load reference truth ratios saved by :func:`save_reference_truth_ratios`, checked against the run.
+
+    Truth ratios under other prompts (``template``) or another protocol (``mode``: item cap, prompts)
+    are another distribution, and a KS test against them would measure that change, not unlearning:
+    when ``mode`` / ``template`` are given (:func:`evaluate_tofu` passes its own) and the file records
+    different ones, ``ValueError``. A forget file of another name than the recorded one only warns
+    (files get moved and renamed; the item count is checked by the caller). A bare JSON list of
+    numbers records nothing and is taken as is.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -352,7 +370,63 @@ def load_reference_truth_ratios(path: str | os.PathLike) -> list[float]:
     ratios = obj.get("truth_ratios") if isinstance(obj, dict) else obj
     if not isinstance(ratios, list) or not ratios or not all(isinstance(r, (int, float)) for r in ratios):
         raise ValueError(f"{path}: expected {{'truth_ratios': [numbers...]}} with at least one number")
+    if isinstance(obj, dict):
+        for field, current in (("mode", mode), ("template", template)):
+            saved = obj.get(field)
+            if current is not None and saved is not None and saved != current:
+                raise ValueError(
+                    f"{path}: the reference truth ratios were computed with {field} {saved!r}, but this "
+                    f"evaluation uses {field} {current!r}; truth ratios of different protocols are not "
+                    f"comparable: evaluate the retain-only model again with {field} {current!r}"
+                )
+        saved_file = obj.get("forget_file")
+        if (
+            forget_file is not None
+            and saved_file
+            and os.path.basename(saved_file) != os.path.basename(os.fspath(forget_file))
+        ):
+            warnings.warn(
+                f"{path} was computed on forget file {saved_file}, this evaluation uses "
+                f"{os.fspath(forget_file)}",
+                stacklevel=2,
+            )
     return [float(r) for r in ratios]
+
+
+def _resolve_template(mode: str, template: str | None) -> str:
+    """The prompt template of a TOFU evaluation: the paper's for ``mode="legacy"`` (``llama2`` by
+    default, or ``phi``), else the given one (default ``plain``)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {list(MODES)}")
+    if mode == "legacy":
+        template = template or "llama2"
+        if template not in LEGACY_TEMPLATES:
+            raise ValueError(
+                f"legacy mode uses the paper's prompts: template must be one of "
+                f"{list(LEGACY_TEMPLATES)}, got {template!r}"
+            )
+    template = template or "plain"
+    if template not in fdata.TEMPLATE_NAMES:
+        raise ValueError(f"unknown template {template!r}; expected one of {list(fdata.TEMPLATE_NAMES)}")
+    return template
+
+
+def _utility_components(sets: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """The model-utility numbers present in ``sets``, named ``set/metric`` (SPEC §4).
+
+    All nine need the retain, real-authors and world-facts sets, each with perturbed answers, and
+    generation (ROUGE-L). The real-authors / world-facts probability counts only when normalised over
+    the options, i.e. when the file has perturbed answers: without them it is the plain ``P̄``, another
+    quantity.
+    """
+    components = {}
+    for name in UTILITY_SETS:
+        scores = sets.get(name, {})
+        for metric in UTILITY_METRICS:
+            normalised = metric != "prob" or name == "retain" or "truth_ratio" in scores
+            if metric in scores and normalised:
+                components[f"{name}/{metric}"] = scores[metric]
+    return components
 
 
 def evaluate_tofu(
@@ -376,8 +450,12 @@ def evaluate_tofu(
 
     ``data``: a directory (files found by :func:`find_tofu_files`) or a mapping from set name
     (``forget``, ``retain``, ``real_authors``, ``world_facts``) to a path or a list of
-    :class:`TofuItem`. Absent sets are skipped; model utility is the harmonic mean of the components
-    present (``model_utility_components`` lists them; 9 with every set).
+    :class:`TofuItem`. Absent sets are skipped.
+
+    Model utility is TOFU's harmonic mean of nine numbers; ``model_utility`` is ``None`` unless all nine
+    are present (every utility set with perturbed answers, and ``generate=True``). The harmonic mean
+    of the numbers present is then ``model_utility_partial`` (``None`` when all nine are there), and
+    ``model_utility_components`` maps each present number's ``set/metric`` name to its value.
 
     ``mode="legacy"``: the paper's protocol — at most 300 items per set, prompt ``[INST] q [/INST]``
     (``template="llama2"``, default) or ``Question: q\\nAnswer: `` (``"phi"``), greedy generation to 200
@@ -385,34 +463,17 @@ def evaluate_tofu(
     to ``max_new_tokens`` new tokens; ``max_items`` caps either.
 
     Forget quality needs ``reference_truth_ratios`` (a list or a JSON file from
-    :func:`save_reference_truth_ratios`); a missing file raises ``FileNotFoundError`` saying how to make
-    it, and without the argument forget quality is ``None``. ``save_reference`` writes this run's
-    forget truth ratios for use as a reference (evaluate the retain-only model with it).
-    Returns a JSON-serialisable dict.
+    :func:`save_reference_truth_ratios`, whose recorded mode and template must be this run's); a
+    missing file raises ``FileNotFoundError`` saying how to make it, and without the argument forget
+    quality is ``None``. ``save_reference`` writes this run's forget truth ratios for use as a reference
+    (evaluate the retain-only model with it). Files, reference and output path are all checked before
+    the model runs. Returns a JSON-serialisable dict.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {list(MODES)}")
+    template = _resolve_template(mode, template)
+    max_total: int | None = None
     if mode == "legacy":
-        template = template or "llama2"
-        if template not in LEGACY_TEMPLATES:
-            raise ValueError(
-                f"legacy mode uses the paper's prompts: template must be one of "
-                f"{list(LEGACY_TEMPLATES)}, got {template!r}"
-            )
         max_items = LEGACY_MAX_ITEMS if max_items is None else min(max_items, LEGACY_MAX_ITEMS)
-        max_total: int | None = LEGACY_MAX_LENGTH
-        max_new_tokens = LEGACY_MAX_LENGTH
-    else:
-        template = template or "plain"
-        max_total = None
-    if template not in fdata.TEMPLATE_NAMES:
-        raise ValueError(f"unknown template {template!r}; expected one of {list(fdata.TEMPLATE_NAMES)}")
-    reference = None
-    if reference_truth_ratios is not None:  # load first: a missing reference fails before any work
-        if isinstance(reference_truth_ratios, (str, os.PathLike)):
-            reference = load_reference_truth_ratios(reference_truth_ratios)
-        else:
-            reference = [float(r) for r in reference_truth_ratios]
+        max_total = max_new_tokens = LEGACY_MAX_LENGTH
 
     if isinstance(data, (str, os.PathLike)):
         sources: Mapping[str, Any] = find_tofu_files(data, forget_split=forget_split)
@@ -425,24 +486,53 @@ def evaluate_tofu(
     unknown = sorted(set(sources) - set(TOFU_SETS))
     if unknown:
         raise ValueError(f"unknown TOFU set(s) {unknown}; expected names from {list(TOFU_SETS)}")
+    files = {k: os.fspath(v) for k, v in sources.items() if isinstance(v, (str, os.PathLike))}
+
+    # Everything is read and checked before any model work: a bad file, a reference of another
+    # protocol or an existing output fails at once, not after the whole evaluation.
+    item_sets: dict[str, list[TofuItem]] = {}
+    for name in TOFU_SETS:
+        if name in sources:
+            src = sources[name]
+            items = read_tofu_file(src) if isinstance(src, (str, os.PathLike)) else list(src)
+            if not items:
+                raise ValueError(f"the {name} set is empty")
+            item_sets[name] = items if max_items is None else items[:max_items]
+    forget_items = item_sets.get("forget")
+    no_ratios = forget_items is None or forget_items[0].perturbed_answers is None
+    reference = None
+    if reference_truth_ratios is not None:
+        if isinstance(reference_truth_ratios, (str, os.PathLike)):
+            reference = load_reference_truth_ratios(
+                reference_truth_ratios, mode=mode, template=template, forget_file=files.get("forget")
+            )
+        else:
+            reference = [float(r) for r in reference_truth_ratios]
+        if no_ratios:
+            raise ValueError(
+                "forget quality needs a forget file with paraphrased_answer and perturbed_answer"
+            )
+        if len(reference) != len(forget_items):
+            raise ValueError(
+                f"the reference has {len(reference)} truth ratios but the forget set has "
+                f"{len(forget_items)} items: was it made on the same forget split and mode?"
+            )
+    if save_reference is not None:
+        if no_ratios:
+            raise ValueError(
+                "save_reference needs a forget file with paraphrased_answer and perturbed_answer"
+            )
+        _check_new_file(save_reference, overwrite)
 
     results: dict[str, Any] = {
         "protocol": "tofu",
         "mode": mode,
         "template": template,
-        "files": {k: os.fspath(v) for k, v in sources.items() if isinstance(v, (str, os.PathLike))},
+        "files": files,
         "sets": {},
     }
     forget_ratios = None
-    for name in TOFU_SETS:
-        if name not in sources:
-            continue
-        src = sources[name]
-        items = read_tofu_file(src) if isinstance(src, (str, os.PathLike)) else list(src)
-        if not items:
-            raise ValueError(f"the {name} set is empty")
-        if max_items is not None:
-            items = items[:max_items]
+    for name, items in item_sets.items():
         scores, ratios = _score_set(
             model,
             tokenizer,
@@ -460,39 +550,30 @@ def evaluate_tofu(
             forget_ratios = ratios
 
     results["forget_truth_ratios"] = forget_ratios
-    results["forget_quality"] = None
-    if reference is not None:
-        if forget_ratios is None:
-            raise ValueError(
-                "forget quality needs a forget file with paraphrased_answer and perturbed_answer"
-            )
-        if len(reference) != len(forget_ratios):
-            raise ValueError(
-                f"the reference has {len(reference)} truth ratios but the forget set has "
-                f"{len(forget_ratios)} items: was it made on the same forget split and mode?"
-            )
-        results["forget_quality"] = M.forget_quality(forget_ratios, reference)
-
-    components = {
-        f"{name}/{metric}": results["sets"][name][metric]
-        for name in UTILITY_SETS
-        if name in results["sets"]
-        for metric in ("prob", "rougeL_recall", "truth_ratio")
-        if metric in results["sets"][name]
-    }
+    results["forget_quality"] = None if reference is None else M.forget_quality(forget_ratios, reference)
+    components = _utility_components(results["sets"])
+    utility = M.model_utility(components) if components else None
+    complete = len(components) == NUM_UTILITY_COMPONENTS
     results["model_utility_components"] = components
-    results["model_utility"] = M.model_utility(components) if components else None
+    results["model_utility"] = utility if complete else None
+    results["model_utility_partial"] = None if complete else utility
     if save_reference is not None:
         save_reference_truth_ratios(save_reference, results, overwrite=overwrite)
         results["reference_saved_to"] = os.fspath(save_reference)
     return results
 
 
-def summarize_tofu(results: Mapping[str, Any]) -> dict[str, float | None]:
-    """The headline numbers of :func:`evaluate_tofu` as one flat dict (for ``metrics.json`` files)."""
-    out: dict[str, float | None] = {
+def summarize_tofu(results: Mapping[str, Any]) -> dict[str, float | int | None]:
+    """The headline numbers of :func:`evaluate_tofu` as one flat dict (for ``metrics.json`` files).
+
+    ``model_utility`` is ``None`` unless all nine numbers were measured; ``model_utility_partial`` is
+    then the harmonic mean of the ``model_utility_num_components`` numbers that were.
+    """
+    out: dict[str, float | int | None] = {
         "forget_quality": results["forget_quality"],
         "model_utility": results["model_utility"],
+        "model_utility_partial": results["model_utility_partial"],
+        "model_utility_num_components": len(results["model_utility_components"]),
     }
     for name, scores in results["sets"].items():
         for key in ("prob", "accuracy", "rougeL_recall", "truth_ratio", "truth_ratio_mean"):
@@ -509,11 +590,14 @@ def cached_reference_truth_ratios(
     tokenizer: Any = None,
     **options: Any,
 ) -> list[float]:
-    """The retain-only model's forget-set truth ratios: read from ``path`` when it exists, else computed
-    with :func:`evaluate_tofu` (``options`` as there; generation is skipped, truth ratios do not need
-    it) and saved there. ``retain_model`` is a model (with ``tokenizer``) or a local directory."""
+    """The retain-only model's forget-set truth ratios: read from ``path`` when it exists (its recorded
+    mode and template must be those of ``options``), else computed with :func:`evaluate_tofu`
+    (``options`` as there; generation is skipped, truth ratios do not need it) and saved there.
+    ``retain_model`` is a model (with ``tokenizer``) or a local directory."""
     if os.path.isfile(os.fspath(path)):
-        return load_reference_truth_ratios(path)
+        mode = options.get("mode", "full")
+        template = _resolve_template(mode, options.get("template"))
+        return load_reference_truth_ratios(path, mode=mode, template=template)
     if isinstance(retain_model, (str, os.PathLike)):
         retain_model, tokenizer = load_local_model(retain_model, tokenizer)
     if tokenizer is None:
@@ -566,8 +650,7 @@ def evaluate_extraction(
         if not texts:
             raise ValueError("no sequences to evaluate")
     ids, mask = tokenize_texts(tokenizer, texts, max_length=max_length)
-    ma = M.memorization_accuracy(model, ids, mask, batch_size=batch_size)
-    el = M.extraction_likelihood(model, ids, n=n, attention_mask=mask, method=method, batch_size=batch_size)
+    ma, el = M.extraction_metrics(model, ids, n=n, attention_mask=mask, method=method, batch_size=batch_size)
     return {
         "protocol": "extraction",
         "num_sequences": len(texts),
@@ -662,10 +745,16 @@ def format_table(results: Mapping[str, Any]) -> str:
         lines.append(f"{'set':<14}" + "".join(f"{c:>18}" for c in cols))
         for name, scores in tofu["sets"].items():
             lines.append(f"{name:<14}" + "".join(f"{_fmt(scores.get(c)):>18}" for c in cols))
-        k = len(tofu.get("model_utility_components") or {})
-        lines.append(
-            f"model utility   {_fmt(tofu.get('model_utility'))}  (harmonic mean of {k} of 9 numbers)"
-        )
+        k = len(tofu["model_utility_components"])
+        if tofu["model_utility"] is not None:
+            lines.append(f"model utility   {_fmt(tofu['model_utility'])}  (harmonic mean of all 9 numbers)")
+        elif k:
+            lines.append(
+                f"model utility (partial, {k} of 9)  {_fmt(tofu['model_utility_partial'])}  "
+                "(not TOFU's model utility, which needs all 9 numbers)"
+            )
+        else:
+            lines.append("model utility   —  (no retain / real authors / world facts numbers)")
         fq = tofu.get("forget_quality")
         lines.append(
             f"forget quality  {_fmt(fq)}" + ("" if fq is not None else "  (no reference truth ratios)")
@@ -689,11 +778,11 @@ def format_table(results: Mapping[str, Any]) -> str:
 class EpochEvaluationCallback(TrainerCallback):
     """Evaluate after every epoch (and before training), keep the history, and keep the best epoch.
 
-    ``evaluate_fn(model) -> dict[str, float]`` computes the metrics. With ``metric`` set, the
-    trainable parameters of the best epoch (``mode="min"`` or ``"max"`` of that metric) are copied to
-    CPU, and restored into the model when training ends (``restore_best=True``), so whatever the
-    trainer saves afterwards is the best checkpoint. ``history`` holds one dict per evaluation with
-    ``epoch`` and ``step``; ``best`` the best one.
+    ``evaluate_fn(model) -> dict[str, float]`` computes the metrics. With ``metric`` set, the best
+    epoch (``mode="min"`` or ``"max"`` of that metric) is tracked; with ``restore_best=True`` its
+    trainable parameters are also copied to CPU, and restored into the model when training ends, so
+    whatever the trainer saves afterwards is the best checkpoint. ``history`` holds one dict per
+    evaluation with ``epoch`` and ``step``; ``best`` the best one.
     """
 
     def __init__(
@@ -729,6 +818,7 @@ class EpochEvaluationCallback(TrainerCallback):
             )
             if better:
                 self.best = record
+            if better and self.restore_best:  # the copy costs a model's worth of host memory
                 self._best_state = {
                     k: p.detach().to("cpu", copy=True) for k, p in model.named_parameters() if p.requires_grad
                 }
@@ -791,8 +881,7 @@ class ExtractionStoppingCallback(EpochEvaluationCallback):
         super().__init__(self._measure, metric=f"el_{n}", mode="min", restore_best=restore_best)
 
     def _stats(self, model, ids, mask) -> dict[str, float]:
-        ma = M.memorization_accuracy(model, ids, mask, batch_size=self.batch_size)
-        el = M.extraction_likelihood(model, ids, n=self.n, attention_mask=mask, batch_size=self.batch_size)
+        ma, el = M.extraction_metrics(model, ids, n=self.n, attention_mask=mask, batch_size=self.batch_size)
         return {"ma": ma.mean().item(), f"el_{self.n}": el.mean().item()}
 
     def _measure(self, model) -> dict[str, float]:

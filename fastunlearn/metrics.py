@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from fastunlearn.data import IGNORE_INDEX
 
 
 def _model_device(model: torch.nn.Module) -> torch.device:
@@ -160,6 +160,60 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
+def _real_tokens(input_ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """Each row's real tokens (padding on either side dropped), with two host syncs for the whole batch."""
+    keep = mask != 0
+    return list(input_ids[keep].split(keep.sum(dim=1).tolist()))
+
+
+def _sequences(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    min_tokens: int,
+    what: str,
+) -> list[torch.Tensor]:
+    """Validated real-token sequences on the model's device, each of at least ``min_tokens`` tokens."""
+    mask = _check_sequences(input_ids, attention_mask)
+    device = _model_device(model)
+    seqs = _real_tokens(input_ids.to(device), mask.to(device))
+    short = next((b for b, s in enumerate(seqs) if len(s) < min_tokens), None)
+    if short is not None:
+        raise ValueError(
+            f"{what} needs at least {min_tokens} real tokens per sequence; sequence {short} has "
+            f"{len(seqs[short])}"
+        )
+    return seqs
+
+
+def _teacher_forced_hits(model: torch.nn.Module, seqs: list[torch.Tensor], batch_size: int) -> torch.Tensor:
+    """``hits[b, t−1] = 1[argmax_v p(v | x_<t) = x_t]`` for t = 1..T_b−1 of each sequence, False past its
+    end: a ``[B, W−1]`` bool tensor, W the longest length, on the model's device.
+
+    One forward pass per batch of ``batch_size`` right-padded sequences (causal attention: padding after
+    a sequence's tokens changes nothing they see). Both extraction metrics derive from it: MA is the
+    mean of a row, and the rows' misses are :func:`_el_batched`'s divergence points.
+    """
+    device = _model_device(model)
+    hits = torch.zeros((len(seqs), max(len(s) for s in seqs) - 1), dtype=torch.bool, device=device)
+    for start in range(0, len(seqs), batch_size):
+        chunk = seqs[start : start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for r, s in enumerate(chunk):
+            ids[r, : len(s)] = s
+            mask[r, : len(s)] = 1
+        pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(dim=-1)
+        hits[start : start + len(chunk), : width - 1] = (pred == ids[:, 1:]) & (mask[:, 1:] != 0)
+    return hits
+
+
+def _accuracy(hits: torch.Tensor, seqs: list[torch.Tensor]) -> torch.Tensor:
+    lengths = torch.tensor([len(s) for s in seqs], device=hits.device)
+    return hits.sum(dim=1).double() / (lengths - 1).double()
+
+
 def memorization_accuracy(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -173,25 +227,15 @@ def memorization_accuracy(
 
     One forward pass per batch gives every ``argmax_v p(v | x_<t)`` at once (the original code called
     ``generate`` once per position for the same numbers). Padding may sit on either side; ``T`` is each
-    sequence's own number of real tokens. Returns a float64 ``[B]`` tensor.
+    sequence's own number of real tokens. Returns a float64 ``[B]`` tensor on the model's device.
+    :func:`extraction_metrics` gives MA and EL_n from one shared forward pass.
     """
-    mask = _check_sequences(input_ids, attention_mask)
-    lengths = mask.sum(dim=1)
-    if bool((lengths < 2).any()):
-        raise ValueError("memorization_accuracy needs at least 2 real tokens per sequence")
-    device = _model_device(model)
-    step = batch_size or input_ids.shape[0]
-    results = []
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    seqs = _sequences(model, input_ids, attention_mask, 2, "memorization_accuracy")
     with eval_mode(model):
-        for start in range(0, input_ids.shape[0], step):
-            ids = input_ids[start : start + step].to(device)
-            am = mask[start : start + step].to(device)
-            logits = model(input_ids=ids, attention_mask=am, position_ids=_position_ids(am)).logits
-            hits = logits[:, :-1].argmax(dim=-1) == ids[:, 1:]
-            # A target counts only when it and its context token are both real (no padding either side).
-            valid = (am[:, 1:] != 0) & (am[:, :-1] != 0)
-            results.append((hits & valid).sum(dim=1).double() / valid.sum(dim=1).double())
-    return torch.cat(results)
+        hits = _teacher_forced_hits(model, seqs, batch_size or len(seqs))
+    return _accuracy(hits, seqs)
 
 
 def _decode_arguments(model: torch.nn.Module) -> tuple[str, dict[str, int]]:
@@ -268,10 +312,6 @@ def greedy_decode(
     return torch.stack(generated, dim=1)
 
 
-def _real_tokens(input_ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-    return [row[m != 0] for row, m in zip(input_ids, mask)]
-
-
 def _ngram_overlap(gen: torch.Tensor, true: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
     """``overlap_n`` for each row: #n-grams of ``gen`` found in the set of n-grams of ``true`` over
     #n-grams of ``true`` (SPEC §4). Rows are left aligned; row r uses its first ``lengths[r]`` tokens.
@@ -286,7 +326,7 @@ def _ngram_overlap(gen: torch.Tensor, true: torch.Tensor, lengths: torch.Tensor,
     gen_grams, true_grams = gen.unfold(1, n, 1)[valid], true.unfold(1, n, 1)[valid]
     _, ids = torch.unique(torch.cat([gen_grams, true_grams]), dim=0, return_inverse=True)
     row_of = torch.arange(rows, device=gen.device)[:, None].expand_as(valid)[valid]
-    num_ids = int(ids.max()) + 1
+    num_ids = ids.numel()  # > every id, and on the host already (int(ids.max()) would be another sync)
     gen_keys = row_of * num_ids + ids[: gen_grams.shape[0]]
     true_keys = row_of * num_ids + ids[gen_grams.shape[0] :]
     found = torch.isin(gen_keys, true_keys).double()
@@ -294,74 +334,78 @@ def _ngram_overlap(gen: torch.Tensor, true: torch.Tensor, lengths: torch.Tensor,
     return hits / count.double()
 
 
-def _teacher_forced_argmax(
-    model: torch.nn.Module, seqs: list[torch.Tensor], batch_size: int
-) -> list[torch.Tensor]:
-    """``pred[t] = argmax_v p(v | x_<t)`` for t = 1..T−1 of each sequence (index 0 unused: −1)."""
-    device = _model_device(model)
-    preds = []
-    for start in range(0, len(seqs), batch_size):
-        chunk = seqs[start : start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for r, s in enumerate(chunk):
-            ids[r, : len(s)] = s
-            mask[r, : len(s)] = 1
-        arg = model(input_ids=ids, attention_mask=mask).logits.argmax(dim=-1)
-        for r, s in enumerate(chunk):
-            preds.append(torch.cat([arg.new_full((1,), -1), arg[r, : len(s) - 1]]))
-    return preds
+def _divergence_points(hits: torch.Tensor, lengths: list[int], n: int) -> list[list[int]]:
+    """Per sequence, the sorted divergence points ``s`` (``argmax p(· | x_<s) ≠ x_s``) that some prefix
+    length t ≤ T−n needs: every s ≤ T−n, and the first s > T−n (prefixes past the last point ≤ T−n
+    continue from it); later ones are never used. One host sync for all sequences."""
+    last_col = torch.tensor(lengths, device=hits.device)[:, None] - 1
+    misses = ~hits & (torch.arange(hits.shape[1], device=hits.device)[None, :] < last_col)
+    points: list[list[int]] = [[] for _ in lengths]
+    for b, col in misses.nonzero().tolist():  # row-major: each sequence's points in increasing order
+        s, last_t = col + 1, lengths[b] - n
+        if s <= last_t or not points[b] or points[b][-1] <= last_t:
+            points[b].append(s)
+    return points
 
 
-def _el_batched(model: torch.nn.Module, seqs: list[torch.Tensor], n: int, batch_size: int) -> torch.Tensor:
-    """Extraction likelihood sharing work across prefixes.
+def _continuations(
+    seq: torch.Tensor, points: list[int], branch: dict[int, torch.Tensor], n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For t = 1..T−n, the greedy continuation of ``x_<t`` and the true one ``x_≥t`` as rows of
+    ``[T−n, T−1]`` tensors (left aligned, filled past ``T − t`` tokens), and the lengths ``T − t``."""
+    length = len(seq)
+    width = length - 1
+    # Row k of `full` is the whole sequence as seen by a prefix whose first divergence is points[k]:
+    # true tokens before it, the greedy branch after; the last row never diverges.
+    full = seq.repeat(len(points) + 1, 1)
+    for k, s in enumerate(points):
+        full[k, s:] = branch[s]
+    t = torch.arange(1, length - n + 1, device=seq.device)
+    row = torch.searchsorted(torch.tensor(points, dtype=torch.long, device=seq.device), t)
+    cols = t[:, None] + torch.arange(width, device=seq.device)[None, :]
+    in_range = cols < length
+    cols = cols.clamp(max=length - 1)
+    gen = torch.where(in_range, full[row[:, None], cols], -1)
+    true = torch.where(in_range, seq[cols], -2)
+    return gen, true, length - t
+
+
+def _el_batched(
+    model: torch.nn.Module, seqs: list[torch.Tensor], hits: torch.Tensor, n: int, batch_size: int
+) -> torch.Tensor:
+    """Extraction likelihood sharing work across prefixes, from :func:`_teacher_forced_hits`' ``hits``.
 
     Greedy decoding is a deterministic function of the prefix, so if the teacher-forced prediction at
     t is the true token (``argmax p(· | x_<t) = x_t``), the greedy run from ``x_<t`` emits ``x_t`` and
     then *is* the greedy run from ``x_<t+1``. Hence every prefix's continuation is
     ``x[t:s] ++ greedy(x_<s)`` with ``s`` the first divergence point ``≥ t`` (or ``x[t:T]`` when none):
-    one forward pass finds the divergence points, and only those prefixes are decoded, all of them
-    (over every sequence) as batches of ``batch_size`` rows with a KV cache, longest first. A memorised
-    sequence has few divergence points, so its O(T²) generated tokens shrink to nearly nothing. A
-    sequence the model does not know diverges almost everywhere: then only the larger batches help,
-    which matters on a GPU (a decode step costs about the same for 32 or 256 rows) and little on a
-    CPU, where decoding is compute-bound (``benchmarks/bench_extraction.py`` measures both regimes).
+    the teacher-forced pass finds the divergence points, and only those prefixes are decoded, all of
+    them (over every sequence) as batches of ``batch_size`` rows with a KV cache, longest first. A
+    memorised sequence has few divergence points, so its O(T²) generated tokens shrink to nearly
+    nothing. A sequence the model does not know diverges almost everywhere: then only the larger
+    batches help, which matters on a GPU (a decode step costs about the same for 32 or 256 rows) and
+    little on a CPU, where decoding is compute-bound (``benchmarks/bench_extraction.py`` measures the
+    memorised, partly memorised and unmemorised cases).
     """
-    preds = _teacher_forced_argmax(model, seqs, batch_size)
-    branch_rows = []  # (sequence index, divergence point s)
-    for b, (seq, pred) in enumerate(zip(seqs, preds)):
-        diverge = (pred[1:] != seq[1:]).nonzero().flatten() + 1
-        branch_rows.extend((b, int(s)) for s in diverge.tolist())
+    lengths = [len(s) for s in seqs]
+    points = _divergence_points(hits, lengths, n)
+    branch_rows = [(b, s) for b, ps in enumerate(points) for s in ps]
     # Longest continuation first, so that each batch's rows need similar numbers of steps.
-    branch_rows.sort(key=lambda bs: len(seqs[bs[0]]) - bs[1], reverse=True)
+    branch_rows.sort(key=lambda bs: lengths[bs[0]] - bs[1], reverse=True)
     branches: list[dict[int, torch.Tensor]] = [{} for _ in seqs]  # per sequence: s -> greedy(x_<s)
     for start in range(0, len(branch_rows), batch_size):
         chunk = branch_rows[start : start + batch_size]
-        steps = max(len(seqs[b]) - s for b, s in chunk)
+        steps = max(lengths[b] - s for b, s in chunk)
         gen = greedy_decode(model, [seqs[b][:s] for b, s in chunk], steps)
         for r, (b, s) in enumerate(chunk):
-            branches[b][s] = gen[r, : len(seqs[b]) - s]
+            branches[b][s] = gen[r, : lengths[b] - s]
 
-    scores = []
-    for b, seq in enumerate(seqs):
-        length = len(seq)
-        points = sorted(branches[b])
-        # Row k of `full` is the whole sequence as seen by a prefix whose first divergence is
-        # points[k]: true tokens before it, the greedy branch after; the last row never diverges.
-        full = seq.repeat(len(points) + 1, 1)
-        for k, s in enumerate(points):
-            full[k, s:] = branches[b][s]
-        t = torch.arange(1, length - n + 1, device=seq.device)
-        point_t = torch.tensor(points, dtype=torch.long, device=seq.device)
-        row = torch.searchsorted(point_t, t)  # index of the first divergence point ≥ t
-        width = length - 1
-        cols = t[:, None] + torch.arange(width, device=seq.device)[None, :]
-        in_range = cols < length
-        cols = cols.clamp(max=length - 1)
-        gen = torch.where(in_range, full[row[:, None], cols], -1)
-        true = torch.where(in_range, seq[cols], -2)
-        scores.append(_ngram_overlap(gen, true, length - t, n).mean())
+    # Scored one sequence at a time: one torch.unique over all sequences' n-grams measured ~30%
+    # slower on a CPU (32 sequences of 200 tokens).
+    scores = [
+        _ngram_overlap(*_continuations(seq, points[b], branches[b], n), n).mean()
+        for b, seq in enumerate(seqs)
+    ]
     return torch.stack(scores).cpu()
 
 
@@ -390,6 +434,37 @@ def _el_naive(model: torch.nn.Module, seqs: list[torch.Tensor], n: int, batch_si
     return torch.stack([torch.tensor(o, dtype=torch.float64).mean() for o in overlaps])
 
 
+def _check_extraction_options(n: int, method: str, batch_size: int) -> None:
+    if method not in ("batched", "naive"):
+        raise ValueError(f"unknown method {method!r}; expected 'batched' or 'naive'")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+
+
+def _extraction(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    n: int,
+    method: str,
+    batch_size: int,
+    with_ma: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    _check_extraction_options(n, method, batch_size)
+    seqs = _sequences(model, input_ids, attention_mask, n + 1, f"EL_{n}")
+    with eval_mode(model):
+        # The naive method decodes every prefix itself: it needs the teacher-forced pass only for MA.
+        hits = _teacher_forced_hits(model, seqs, batch_size) if with_ma or method == "batched" else None
+        if method == "batched":
+            el = _el_batched(model, seqs, hits, n, batch_size)
+        else:
+            el = _el_naive(model, seqs, n, batch_size)
+    return (_accuracy(hits, seqs).cpu() if with_ma else None), el.cpu()
+
+
 def extraction_likelihood(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -413,23 +488,31 @@ def extraction_likelihood(
     original algorithm, kept as the reference. Both give the same numbers (up to the rounding of
     batched matrix products deciding an exact argmax tie). Returns a float64 ``[B]`` tensor (CPU).
     """
-    if method not in ("batched", "naive"):
-        raise ValueError(f"unknown method {method!r}; expected 'batched' or 'naive'")
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-    mask = _check_sequences(input_ids, attention_mask)
-    seqs = _real_tokens(input_ids.to(_model_device(model)), mask.to(_model_device(model)))
-    short = [b for b, s in enumerate(seqs) if len(s) <= n]
-    if short:
-        raise ValueError(
-            f"EL_{n} needs sequences of more than {n} real tokens; sequence {short[0]} has "
-            f"{len(seqs[short[0]])}"
-        )
-    with eval_mode(model):
-        scores = (_el_batched if method == "batched" else _el_naive)(model, seqs, n, batch_size)
-    return scores.cpu()
+    return _extraction(
+        model, input_ids, attention_mask, n=n, method=method, batch_size=batch_size, with_ma=False
+    )[1]
+
+
+def extraction_metrics(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    n: int = 10,
+    attention_mask: torch.Tensor | None = None,
+    method: str = "batched",
+    batch_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(MA, EL_n)`` per sequence, each a float64 ``[B]`` CPU tensor (SPEC §4): the extraction protocol.
+
+    MA is :func:`memorization_accuracy`, EL_n :func:`extraction_likelihood` (same arguments); the
+    teacher-forced forward pass that gives MA also gives the batched method's divergence points, so
+    it runs once for both. Each sequence needs more than ``n`` real tokens.
+    """
+    ma, el = _extraction(
+        model, input_ids, attention_mask, n=n, method=method, batch_size=batch_size, with_ma=True
+    )
+    assert ma is not None  # with_ma=True
+    return ma, el
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ independent fp64 per-item computation, forget-quality references, the extraction
 ``fastunlearn eval`` command, and the trainer callbacks (with a real transformers.Trainer)."""
 
 import argparse
+import copy
 import json
 import math
 
@@ -26,7 +27,10 @@ def one_thread():
 
 
 def _qa(i, k=None, para=True):
-    rec = {"question": f"Where was author {i} born?", "answer": f"Author {i} was born in town {i}."}
+    # Questions of different lengths: generation sorts prompts by length, and the tests check that the
+    # answers come back in the items' order.
+    question = f"Where was author {i} born" + " in the old days" * (i % 3) + "?"
+    rec = {"question": question, "answer": f"Author {i} was born in town {i}."}
     if para:
         rec["paraphrased_answer"] = f"The birthplace of author {i} is town {i}."
         rec["paraphrased_question"] = f"In which town was author {i} born?"
@@ -68,6 +72,28 @@ def model_and_tokenizer(tofu_dir):
     model = tiny_llama(
         len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )
+    return model.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def trained_model_and_tokenizer(model_and_tokenizer, tofu_dir):
+    """The tiny model trained (``phi`` template) on every answer and paraphrase of the evaluation files:
+    its greedy answers reproduce some answers (ROUGE-L recall > 0) and it prefers the truth over the
+    perturbed answers (truth-ratio score > 0), so all nine utility numbers are non-zero."""
+    model, tok = model_and_tokenizer
+    model = copy.deepcopy(model).train()
+    records = []
+    for path in sorted(tofu_dir.glob("*_perturbed.json")):
+        for it in ev.read_tofu_file(path):
+            records += [
+                {"question": it.question, "answer": a} for a in (it.answer, it.paraphrased_answer) if a
+            ]
+    batch = fdata.collate(fdata.tokenize_records(records, tok, data_format="qa", template="phi"), 0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
     return model.eval(), tok
 
 
@@ -148,12 +174,27 @@ def _ref_prob(model64, tok, question, answer, template):
     return _ref_stats(model64, tok, question, answer, template)[0]
 
 
-def test_evaluate_tofu_matches_per_item_definition(model_and_tokenizer, tofu_dir):
-    model, tok = model_and_tokenizer
-    res = ev.evaluate_tofu(model, tok, tofu_dir, template="phi", batch_size=3, max_new_tokens=8)
-    json.dumps(res)  # JSON-serialisable
-    import copy
+def _ref_greedy_answer(model, tok, question, max_new_tokens):
+    """Greedy answer by definition: the ``phi`` prompt written out, one sequence, no cache, stop at EOS."""
+    seq = torch.tensor([tok(f"Question: {question}\nAnswer: ")["input_ids"]])
+    generated = []
+    for _ in range(max_new_tokens):
+        token = int(model(input_ids=seq).logits[0, -1].argmax())
+        if token == tok.eos_token_id:
+            break
+        generated.append(token)
+        seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
+    return tok.decode(generated, skip_special_tokens=True).strip()
 
+
+def test_evaluate_tofu_matches_per_item_definition(trained_model_and_tokenizer, tofu_dir):
+    from rouge_score import rouge_scorer
+
+    model, tok = trained_model_and_tokenizer
+    # batch_size 3 < set sizes, prompts of several lengths: generation batches items out of order.
+    res = ev.evaluate_tofu(model, tok, tofu_dir, template="phi", batch_size=3, max_new_tokens=16)
+    json.dumps(res)  # JSON-serialisable
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     model64 = copy.deepcopy(model).double()
     ratios = {}
     with torch.no_grad():
@@ -188,13 +229,21 @@ def test_evaluate_tofu_matches_per_item_definition(model_and_tokenizer, tofu_dir
             assert s["truth_ratio"] == pytest.approx(
                 sum(max(0, 1 - x) for x in r) / len(r), rel=1e-5, abs=1e-7
             )
-            assert 0.0 <= s["rougeL_recall"] <= 1.0
+            preds = [_ref_greedy_answer(model, tok, it.question, 16) for it in items]
+            recalls = [scorer.score(it.answer, p)["rougeL"].recall for it, p in zip(items, preds)]
+            assert [e["generated"] for e in s["examples"]] == preds[:3]
+            assert s["rougeL_recall"] == pytest.approx(sum(recalls) / len(recalls), abs=1e-12)
     assert res["forget_truth_ratios"] == pytest.approx(ratios["forget"], rel=1e-5)
-    comps = res["model_utility_components"]
-    assert len(comps) == 9
-    assert res["model_utility"] == pytest.approx(M.model_utility(comps))
+    sets = res["sets"]
+    nine = [sets[name][metric] for name in ("retain", "real_authors", "world_facts")
+            for metric in ("prob", "rougeL_recall", "truth_ratio")]  # fmt: skip
+    assert all(0 < x <= 1 for x in nine)  # the trained model makes every term count
+    assert 0 < sets["retain"]["rougeL_recall"] < 1  # some answers reproduced, not all
+    assert res["model_utility"] == pytest.approx(9 / sum(1 / x for x in nine), rel=1e-12)
+    assert len(res["model_utility_components"]) == 9 and res["model_utility_partial"] is None
     assert res["forget_quality"] is None
-    assert "model utility" in ev.format_table({"tofu": res})
+    table = ev.format_table({"tofu": res})
+    assert "(harmonic mean of all 9 numbers)" in table and "partial" not in table
 
 
 def test_forget_quality_reference_roundtrip_and_errors(model_and_tokenizer, tofu_dir, tmp_path):
@@ -206,18 +255,32 @@ def test_forget_quality_reference_roundtrip_and_errors(model_and_tokenizer, tofu
     sets = {"forget": tofu_dir / "forget10_perturbed.json"}
     first = ev.evaluate_tofu(model, tok, sets, generate=False, save_reference=ref_path)
     assert ev.load_reference_truth_ratios(ref_path) == pytest.approx(first["forget_truth_ratios"])
+    saved = ev.load_reference_truth_ratios(
+        ref_path, mode="full", template="plain", forget_file=sets["forget"]
+    )
+    assert saved == pytest.approx(first["forget_truth_ratios"])
+    # Every check below runs before the model does: model=None would fail at its first use.
     with pytest.raises(FileExistsError):
-        ev.evaluate_tofu(model, tok, sets, generate=False, save_reference=ref_path)
+        ev.evaluate_tofu(None, tok, sets, generate=False, save_reference=ref_path)
+    with pytest.raises(ValueError, match=r"computed with template 'plain'.*uses template 'phi'"):
+        ev.evaluate_tofu(None, tok, sets, template="phi", reference_truth_ratios=ref_path)
+    with pytest.raises(ValueError, match=r"computed with mode 'full'.*uses mode 'legacy'"):
+        ev.evaluate_tofu(None, tok, sets, mode="legacy", reference_truth_ratios=ref_path)
+    with pytest.warns(UserWarning, match="forget file"):
+        ev.load_reference_truth_ratios(ref_path, forget_file="forget05_perturbed.json")
     other = [0.5, 0.7, 1.3, 2.0]
     res = ev.evaluate_tofu(model, tok, sets, generate=False, reference_truth_ratios=other)
     assert res["forget_quality"] == ks_2samp(res["forget_truth_ratios"], other).pvalue
-    assert res["model_utility"] is None  # no retain / real authors / world facts here
+    # no retain / real authors / world facts here
+    assert res["model_utility"] is None and res["model_utility_partial"] is None
+    assert "no retain / real authors / world facts" in ev.format_table({"tofu": res})
     with pytest.raises(ValueError, match="same forget split"):
-        ev.evaluate_tofu(model, tok, sets, generate=False, reference_truth_ratios=[1.0, 2.0])
+        ev.evaluate_tofu(None, tok, sets, generate=False, reference_truth_ratios=[1.0, 2.0])
+    plain = {"forget": tofu_dir / "forget10.json"}
     with pytest.raises(ValueError, match="paraphrased_answer and perturbed_answer"):
-        ev.evaluate_tofu(
-            model, tok, {"forget": tofu_dir / "forget10.json"}, generate=False, reference_truth_ratios=other
-        )
+        ev.evaluate_tofu(None, tok, plain, generate=False, reference_truth_ratios=other)
+    with pytest.raises(ValueError, match="save_reference needs"):
+        ev.evaluate_tofu(None, tok, plain, generate=False, save_reference=tmp_path / "new.json")
     ref_path.write_text("{}")
     with pytest.raises(ValueError, match="truth_ratios"):
         ev.load_reference_truth_ratios(ref_path)
@@ -237,7 +300,30 @@ def test_legacy_mode_caps_items_and_uses_paper_prompts(model_and_tokenizer, tmp_
         ev.evaluate_tofu(model, tok, {"holdout": path})
 
 
-def test_legacy_generation_stays_within_200_tokens(model_and_tokenizer):
+class NeverEos(torch.nn.Module):
+    """A causal LM that never predicts EOS (its logit is −inf) and records each forward's input length."""
+
+    def __init__(self, model, eos_token_id):
+        super().__init__()
+        self.model, self.eos, self.calls = model, eos_token_id, []
+
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=False, logits_to_keep=0
+    ):
+        self.calls.append(input_ids.shape[1])
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+        )
+        out.logits[..., self.eos] = float("-inf")
+        return out
+
+
+def test_legacy_generation_fills_exactly_200_tokens(model_and_tokenizer):
     model, tok = model_and_tokenizer
     # A prompt of 190-199 tokens leaves room for only a few answer tokens.
     words = 190
@@ -248,15 +334,20 @@ def test_legacy_generation_stays_within_200_tokens(model_and_tokenizer):
             break
         words -= 1 + (len(prompt) - 200) // 2
     assert len(prompt) >= 190
+    assert prompt.tolist() == tok(f"[INST] {item.question} [/INST]")["input_ids"]  # the paper's prompt
+    never_eos = NeverEos(model, tok.eos_token_id)
     answers = ev._greedy_answers(
-        model, tok, [item], template="llama2", max_new_tokens=200, max_total_tokens=200, batch_size=1
+        never_eos, tok, [item], template="llama2", max_new_tokens=200, max_total_tokens=200, batch_size=1
     )
-    with torch.no_grad():
-        full = M.greedy_decode(model, [prompt], 200 - len(prompt), eos_token_id=tok.eos_token_id)
-    tokens = full[0].tolist()
-    tokens = tokens[: tokens.index(tok.eos_token_id)] if tok.eos_token_id in tokens else tokens
-    assert answers[0] == tok.decode(tokens, skip_special_tokens=True).strip()
-    assert len(prompt) + len(tokens) <= 200
+    # The prefill yields the first token, each later call one more: 200 − len(prompt) tokens in all.
+    assert never_eos.calls[0] == len(prompt)
+    assert len(never_eos.calls) == 200 - len(prompt)
+    seq = prompt[None]
+    with torch.no_grad():  # the definition: no cache, no batching
+        for _ in range(200 - len(prompt)):
+            seq = torch.cat([seq, never_eos(input_ids=seq).logits[:, -1:].argmax(-1)], dim=1)
+    assert seq.shape[1] == 200
+    assert answers[0] == tok.decode(seq[0, len(prompt) :].tolist(), skip_special_tokens=True).strip()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -381,8 +472,6 @@ def _tiny_trainer(model, tok, callbacks, epochs, tmp_path):
 
 
 def test_epoch_evaluation_callback_keeps_and_restores_best(model_and_tokenizer, tmp_path):
-    import copy
-
     model, tok = model_and_tokenizer
     model = copy.deepcopy(model)
     batch = fdata.collate(fdata.tokenize_records([_qa(0)], tok, data_format="qa", template="phi"), 0)
@@ -404,8 +493,6 @@ def test_epoch_evaluation_callback_keeps_and_restores_best(model_and_tokenizer, 
 
 
 def test_extraction_stopping_callback(model_and_tokenizer, tmp_path):
-    import copy
-
     model, tok = model_and_tokenizer
     ids, mask = ev.tokenize_texts(tok, [f"Author {i} was born in town {i}." for i in range(2)], max_length=12)
     # Thresholds above any possible value: the rule fires after the first epoch.
@@ -419,10 +506,17 @@ def test_extraction_stopping_callback(model_and_tokenizer, tmp_path):
     trainer = _tiny_trainer(copy.deepcopy(model), tok, [cb], 2, tmp_path)
     trainer.train()
     assert cb.stopped_at is None and len(cb.history) == 3
+    # MA below 1.01 always, EL below 0 never: the rule needs both ("and"), so it never fires either.
+    cb = ev.ExtractionStoppingCallback(ids, mask, ma_threshold=1.01, el_threshold=0.0, n=2)
+    trainer = _tiny_trainer(copy.deepcopy(model), tok, [cb], 2, tmp_path)
+    trainer.train()
+    assert cb.stopped_at is None and len(cb.history) == 3
+    assert cb.best is not None and cb._best_state is None  # restore_best=False: no weight snapshot
     # Held-out text: thresholds are the model's own values there, measured before training.
     cb = ev.ExtractionStoppingCallback(ids, mask, held_out_ids=ids, held_out_mask=mask, n=2)
     cb.on_train_begin(None, trainer.state, trainer.control, model=model)
     assert cb.ma_threshold == M.memorization_accuracy(model, ids, mask).mean().item()
+    assert cb.el_threshold == M.extraction_likelihood(model, ids, n=2, attention_mask=mask).mean().item()
     with pytest.raises(ValueError, match="thresholds"):
         ev.ExtractionStoppingCallback(ids, mask)
     with pytest.raises(ValueError, match="both"):
@@ -438,10 +532,17 @@ def test_cached_reference_truth_ratios_and_summary(model_and_tokenizer, tofu_dir
     )
     assert ratios == direct["forget_truth_ratios"]
     # Second call reads the file: a model that cannot run proves nothing is recomputed.
-    assert ev.cached_reference_truth_ratios(None, tofu_dir, path) == pytest.approx(ratios)
+    assert ev.cached_reference_truth_ratios(None, tofu_dir, path, template="phi") == pytest.approx(ratios)
+    with pytest.raises(ValueError, match="template"):  # the default template is "plain"
+        ev.cached_reference_truth_ratios(None, tofu_dir, path)
     res = ev.evaluate_tofu(model, tok, tofu_dir, template="phi", generate=False, reference_truth_ratios=path)
     summary = ev.summarize_tofu(res)
     assert summary["forget_quality"] == pytest.approx(1.0)
-    assert summary["model_utility"] == res["model_utility"]
+    # Without generation there is no ROUGE-L: 6 of the 9 numbers, so no model utility, a partial one.
+    six = [res["sets"][name][metric] for name in ("retain", "real_authors", "world_facts")
+           for metric in ("prob", "truth_ratio")]  # fmt: skip
+    assert summary["model_utility"] is None and summary["model_utility_num_components"] == 6
+    assert summary["model_utility_partial"] == pytest.approx(6 / sum(1 / x for x in six), rel=1e-12)
+    assert "model utility (partial, 6 of 9)" in ev.format_table({"tofu": res})
     assert summary["retain_prob"] == res["sets"]["retain"]["prob"]
     assert "forget_rougeL_recall" not in summary  # generation was skipped

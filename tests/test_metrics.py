@@ -236,12 +236,53 @@ def test_extraction_likelihood_batched_equals_naive_on_tiny_llama(n):
 def test_extraction_likelihood_errors():
     model = Bigram(P3)
     x = torch.tensor([[0, 1, 2, 0]])
-    with pytest.raises(ValueError, match="more than 4"):
+    with pytest.raises(ValueError, match="at least 5 real tokens"):
         M.extraction_likelihood(model, x, n=4)
     with pytest.raises(ValueError, match="method"):
         M.extraction_likelihood(model, x, n=1, method="fast")
     with pytest.raises(ValueError, match="positive"):
         M.extraction_likelihood(model, x, n=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        M.extraction_metrics(model, x, n=1, batch_size=0)
+
+
+class CountingBigram(Bigram):
+    """A :class:`Bigram` that records the input width of each forward pass without a KV cache."""
+
+    def __init__(self, probs: torch.Tensor) -> None:
+        super().__init__(probs)
+        self.full_passes: list[int] = []
+
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=False, logits_to_keep=0
+    ):
+        if not use_cache:
+            self.full_passes.append(input_ids.shape[1])
+        return super().forward(input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep)
+
+
+@pytest.mark.parametrize("method", ["batched", "naive"])
+def test_extraction_metrics_equal_separate_metrics_with_one_forward_pass(method):
+    model, seqs = _chain_model(vocab=7, seed=9)
+    mask = torch.ones_like(seqs)
+    mask[2, 20:] = 0
+    mask[4, :3] = 0
+    counting = CountingBigram(model.log_probs.detach().exp())
+    ma, el = M.extraction_metrics(counting, seqs, n=3, attention_mask=mask, method=method, batch_size=8)
+    assert counting.full_passes == [24]  # one teacher-forced pass for both metrics (5 sequences ≤ 8)
+    assert ma.dtype == el.dtype == torch.float64 and ma.device.type == el.device.type == "cpu"
+    assert torch.equal(ma, M.memorization_accuracy(model, seqs, mask))
+    assert torch.equal(el, M.extraction_likelihood(model, seqs, n=3, attention_mask=mask, method="naive"))
+
+
+def test_divergence_points_keep_only_the_needed_ones():
+    # Sequence 0 (T = 8, n = 3: t runs to 5) misses at s = 2, 4, 6, 7: 6 is the first past 5 and
+    # continues prefixes 5; 7 serves no prefix. Sequence 1 (T = 5: t ≤ 2) misses everywhere: 1, 2, 3.
+    hits = torch.tensor(
+        [[True, False, True, False, True, False, False], [False, False, False, False, False, False, False]]
+    )
+    assert M._divergence_points(hits, [8, 5], 3) == [[2, 4, 6], [1, 2, 3]]
+    assert M._divergence_points(torch.ones(1, 7, dtype=torch.bool), [8], 3) == [[]]
 
 
 def test_greedy_decode_left_padding_equals_single_prompts():
