@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, peak_memory, write_results
 
-from fastunlearn.metrics import extraction_likelihood, memorization_accuracy
+from fastunlearn.evaluation.metrics import extraction_likelihood, memorization_accuracy
 
 
 def build_model(vocab: int, seed: int):

@@ -47,7 +47,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, environment, median_time, peak_memory, plot_bars, slug, write_results
 
-from fastunlearn.fisher import estimate_fisher, per_example_grad_sq, per_example_grad_sq_reference
+from fastunlearn.fisher import estimate_fisher
+from fastunlearn.ops.grad_sq import per_example_grad_sq, per_example_grad_sq_reference
 
 PRESETS = {
     "cpu": {

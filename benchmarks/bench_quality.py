@@ -124,7 +124,7 @@ class TofuProbe:
 
 def run_one(inputs, tokenizer, probe, method, init, seed, epochs, out_root) -> list[dict[str, Any]]:
     """One unlearning run with the probe after set-up and after every epoch."""
-    import fastunlearn.trainer as tr
+    from fastunlearn.training.run import unlearn
 
     history = []
 
@@ -151,7 +151,7 @@ def run_one(inputs, tokenizer, probe, method, init, seed, epochs, out_root) -> l
         overwrite=True,
     )
     start = time.perf_counter()
-    tr.unlearn(
+    unlearn(
         inputs["model"],
         tokenizer,
         inputs.get("train_forget", inputs["forget"]),

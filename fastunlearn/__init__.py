@@ -4,21 +4,22 @@ Importing the package imports PyTorch only; Triton is loaded the first time a Tr
 and the training, evaluation and command-line layers load on first use.
 """
 
-from fastunlearn.fila import fila_init, save_adapter, save_merged
-from fastunlearn.fisher import FisherEstimate, estimate_fisher, per_example_grad_sq
-from fastunlearn.ihl import IHLLoss, ihl_loss, ihl_paper_formulation, ihl_reference
-from fastunlearn.ihl_linear import fused_linear_ihl_loss
+from fastunlearn.fisher import FisherEstimate, estimate_fisher, fila_init, save_adapter, save_merged
+from fastunlearn.ops.fused_linear import fused_linear_ihl_loss
+from fastunlearn.ops.grad_sq import per_example_grad_sq
+from fastunlearn.ops.ihl import IHLLoss, ihl_loss, ihl_paper_formulation, ihl_reference
 
 __version__ = "0.1.0"
 
 # The training and evaluation layers import transformers and peft: loaded on first attribute access.
+# name -> (module, attribute of it; None: the module itself)
 _LAZY = {
-    "unlearn": "fastunlearn.trainer",
-    "UnlearnConfig": "fastunlearn.trainer",
-    "UnlearnResult": "fastunlearn.trainer",
-    "UnlearnTrainer": "fastunlearn.trainer",
-    "evaluate": "fastunlearn.evaluation",
-    "metrics": "fastunlearn.metrics",
+    "unlearn": ("fastunlearn.training.run", "unlearn"),
+    "UnlearnConfig": ("fastunlearn.training.config", "UnlearnConfig"),
+    "UnlearnResult": ("fastunlearn.training.config", "UnlearnResult"),
+    "UnlearnTrainer": ("fastunlearn.training.trainer", "UnlearnTrainer"),
+    "evaluate": ("fastunlearn.evaluation", "evaluate"),
+    "metrics": ("fastunlearn.evaluation.metrics", None),
 }
 
 
@@ -27,8 +28,9 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'fastunlearn' has no attribute {name!r}")
     import importlib
 
-    module = importlib.import_module(_LAZY[name])
-    value = module if module.__name__ == f"fastunlearn.{name}" else getattr(module, name)
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
     globals()[name] = value
     return value
 

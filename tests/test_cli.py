@@ -10,11 +10,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fastunlearn import data as fdata
 from fastunlearn import demo
 from fastunlearn._io import write_text
 from fastunlearn.cli import main
+from fastunlearn.demo.data import _FACTS
 from fastunlearn.fisher import FisherEstimate, estimate_fisher
+from fastunlearn.training import data as fdata
 
 # The tiny demo model (hidden 32, 2 layers) on 4 authors.
 SIZE = dataclasses.replace(demo.SIZES["tiny"], authors=4, hidden=32, layers=2, vocab=300)
@@ -241,9 +242,9 @@ def test_demo_perturbed_answers_are_the_paraphrase_with_a_wrong_fact():
     # TOFU's truth ratio compares P̄(perturbed) with P̄(paraphrase): they must share the wording.
     data = demo.generate_dataset(6, seed=2)
     records = data["forget_perturbed"] + data["retain_perturbed"]
-    assert len(records) == 6 * len(demo._FACTS)
+    assert len(records) == 6 * len(_FACTS)
     for i, r in enumerate(records):
-        _, _, answer, _, para = demo._FACTS[i % len(demo._FACTS)]
+        _, _, answer, _, para = _FACTS[i % len(_FACTS)]
 
         def split(template, text, name=r["author"]):
             head, tail = template.format(n=name, v="\0").split("\0")

@@ -9,12 +9,13 @@ import math
 
 import pytest
 import torch
-from models import tiny_llama
+from helpers.models import tiny_llama
 from scipy.stats import ks_2samp
 
-from fastunlearn import data as fdata
 from fastunlearn import evaluation as ev
 from fastunlearn import metrics as M
+from fastunlearn.evaluation.tofu import _greedy_answers, _prompt_ids
+from fastunlearn.training import data as fdata
 
 
 @pytest.fixture(autouse=True)
@@ -329,14 +330,14 @@ def test_legacy_generation_fills_exactly_200_tokens(model_and_tokenizer):
     words = 190
     while True:
         item = ev.TofuItem("town " * words + "?", "town", None, None, "x")
-        prompt = ev._prompt_ids(tok, [item], "llama2")[0]
+        prompt = _prompt_ids(tok, [item], "llama2")[0]
         if len(prompt) < 200:
             break
         words -= 1 + (len(prompt) - 200) // 2
     assert len(prompt) >= 190
     assert prompt.tolist() == tok(f"[INST] {item.question} [/INST]")["input_ids"]  # the paper's prompt
     never_eos = NeverEos(model, tok.eos_token_id)
-    answers = ev._greedy_answers(
+    answers = _greedy_answers(
         never_eos, tok, [item], template="llama2", max_new_tokens=200, max_total_tokens=200, batch_size=1
     )
     # The prefill yields the first token, each later call one more: 200 − len(prompt) tokens in all.
@@ -373,7 +374,7 @@ def test_evaluate_extraction_equals_metrics(model_and_tokenizer, tmp_path):
 
 
 def test_eval_command_end_to_end(model_and_tokenizer, tofu_dir, tmp_path, capsys):
-    from fastunlearn import cli_eval
+    from fastunlearn.cli import eval as cli_eval
 
     model, tok = model_and_tokenizer
     model_dir = tmp_path / "model"

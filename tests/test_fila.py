@@ -19,8 +19,15 @@ import pytest
 import torch
 from test_fisher import fisher_llama, make_batch
 
-from fastunlearn.fila import fila_factors, fila_init, fila_record, lora_layers, save_adapter, save_merged
-from fastunlearn.fisher import estimate_fisher
+from fastunlearn.fisher import (
+    estimate_fisher,
+    fila_factors,
+    fila_init,
+    fila_record,
+    lora_layers,
+    save_adapter,
+    save_merged,
+)
 
 
 def random_problem(out=40, n_in=24, seed=0, zero_rows=()):

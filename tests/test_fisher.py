@@ -19,9 +19,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from models import tiny_llama
+from helpers.models import tiny_llama
 
-from fastunlearn.fisher import FisherEstimate, canonical_name, estimate_fisher
+from fastunlearn.fisher import FisherEstimate, estimate_fisher
+from fastunlearn.modeling import canonical_name
 
 VOCAB = 48
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastunlearn.fisher import _grad_sq_torch, per_example_grad_sq, per_example_grad_sq_reference
+from fastunlearn.ops.grad_sq import _grad_sq_torch, per_example_grad_sq, per_example_grad_sq_reference
 
 U32 = 2.0**-24
 BACKENDS = ["torch", "triton", "reference"]

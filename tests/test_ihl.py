@@ -17,7 +17,7 @@ import zlib
 
 import pytest
 import torch
-from oracles import assert_close, ihl_oracle_rows
+from helpers.oracles import assert_close, ihl_oracle_rows
 
 from fastunlearn import IHLLoss, ihl_loss, ihl_paper_formulation, ihl_reference
 

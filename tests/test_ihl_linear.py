@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from oracles import assert_close, ihl_oracle_rows
+from helpers.oracles import assert_close, ihl_oracle_rows
 
-from fastunlearn.ihl_linear import fused_linear_ihl_loss
+from fastunlearn.ops.fused_linear import fused_linear_ihl_loss
 
 
 def oracle(hidden, weight, bias, labels, reduction):

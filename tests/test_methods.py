@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from models import tiny_llama
+from helpers.models import tiny_llama
 from transformers import LlamaForCausalLM
 
-from fastunlearn.methods import METHODS, method_loss, npo_loss, sequence_logprob, sequence_logprobs
+from fastunlearn.training.methods import METHODS, method_loss, npo_loss, sequence_logprob, sequence_logprobs
 
 V = 53  # odd vocabulary
 

@@ -5,11 +5,16 @@ import math
 
 import pytest
 import torch
-from models import tiny_llama
+from helpers.models import tiny_llama
 from scipy.stats import ks_2samp
 from torch import nn
 
 from fastunlearn import metrics as M
+from fastunlearn.evaluation.extraction_metrics import (
+    _divergence_points,
+    _ngram_overlap,
+    _ngram_overlap_python,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -157,7 +162,7 @@ def test_memorization_accuracy_errors():
 def test_ngram_overlap_hand_computed():
     gen = torch.tensor([[1, 2, 1, 2, 3], [4, 4, 4, 0, 0]])
     true = torch.tensor([[1, 2, 3, 3, 3], [4, 5, 4, 0, 0]])
-    out = M._ngram_overlap(gen, true, torch.tensor([5, 3]), 2)
+    out = _ngram_overlap(gen, true, torch.tensor([5, 3]), 2)
     # Row 0: true bigrams {12, 23, 33}; generated 12, 21, 12, 23 -> 3 found of 4 true bigrams.
     # Row 1 (3 tokens): true bigrams {45, 54}; generated 44, 44 -> 0 of 2.
     assert out.tolist() == [3 / 4, 0.0]
@@ -169,9 +174,9 @@ def test_ngram_overlap_vectorised_equals_python_loop():
         gen = torch.randint(0, 3, (40, 12), generator=g)
         true = torch.randint(0, 3, (40, 12), generator=g)
         lengths = torch.randint(n, 13, (40,), generator=g)
-        out = M._ngram_overlap(gen, true, lengths, n)
+        out = _ngram_overlap(gen, true, lengths, n)
         ref = [
-            M._ngram_overlap_python(gen[r, :k].tolist(), true[r, :k].tolist(), n)
+            _ngram_overlap_python(gen[r, :k].tolist(), true[r, :k].tolist(), n)
             for r, k in enumerate(lengths.tolist())
         ]
         assert out.tolist() == pytest.approx(ref, abs=1e-15)
@@ -281,8 +286,8 @@ def test_divergence_points_keep_only_the_needed_ones():
     hits = torch.tensor(
         [[True, False, True, False, True, False, False], [False, False, False, False, False, False, False]]
     )
-    assert M._divergence_points(hits, [8, 5], 3) == [[2, 4, 6], [1, 2, 3]]
-    assert M._divergence_points(torch.ones(1, 7, dtype=torch.bool), [8], 3) == [[]]
+    assert _divergence_points(hits, [8, 5], 3) == [[2, 4, 6], [1, 2, 3]]
+    assert _divergence_points(torch.ones(1, 7, dtype=torch.bool), [8], 3) == [[]]
 
 
 def test_greedy_decode_left_padding_equals_single_prompts():

@@ -10,11 +10,11 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from test_methods import ref_objective, ref_seq_logp
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-from fastunlearn import data as fdata
 from fastunlearn import demo
-from fastunlearn.fila import fila_init
-from fastunlearn.fisher import estimate_fisher
-from fastunlearn.trainer import UnlearnTrainer, unlearn
+from fastunlearn.fisher import estimate_fisher, fila_init
+from fastunlearn.training import data as fdata
+from fastunlearn.training.run import unlearn
+from fastunlearn.training.trainer import UnlearnTrainer
 
 # The tiny demo model (hidden 32, 2 layers) on 4 authors.
 SIZE = dataclasses.replace(demo.SIZES["tiny"], authors=4, hidden=32, layers=2, vocab=300)

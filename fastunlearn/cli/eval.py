@@ -22,7 +22,7 @@ __all__ = ["add_parser"]
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``fastunlearn eval`` on an ``argparse`` sub-parser collection."""
-    from fastunlearn.data import TEMPLATE_NAMES
+    from fastunlearn.training.data import TEMPLATE_NAMES
 
     p = subparsers.add_parser(
         "eval",

@@ -1,137 +1,19 @@
-"""Unlearning metrics on any causal language model (SPEC §4), computed batched.
+"""Extraction metrics (SPEC §4; Jang et al. 2023): memorisation accuracy and extraction likelihood.
 
-Answer-level statistics (TOFU): every quantity comes from the per-token negative log-likelihood of the
-answer tokens under teacher forcing. With labels following the Hugging Face convention (``-100`` on the
-prompt and padding, causal shift done here: logits at position ``t`` predict the token at ``t + 1``),
-one forward pass per batch gives, per example,
-
-    nll_sum    = Σ_t −log p(y_t | y_<t, q)           (answer tokens only, fp32)
-    num_tokens = #answer tokens
-    correct    = Σ_t 1[argmax_v p(v | y_<t, q) = y_t]
-
-from which the length-normalised probability ``P̄(a|q) = exp(−nll_sum / num_tokens)`` follows.
+Both score raw token sequences (no prompt, no labels): MA from one teacher-forced pass, ``EL_n`` from
+greedy continuations of every prefix. :func:`extraction_metrics` gives the two from one shared
+teacher-forced pass, whose misses are also the only prefixes the batched ``EL_n`` has to decode.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-
 import torch
-import torch.nn.functional as F
 
-from fastunlearn.data import IGNORE_INDEX
+from fastunlearn.evaluation.decoding import greedy_decode
+from fastunlearn.evaluation.likelihood import eval_mode
+from fastunlearn.modeling import model_device
 
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode with gradients off, and restore its previous mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-
-
-def _require_batch(batch: Mapping[str, torch.Tensor], keys: tuple[str, ...]) -> None:
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise ValueError(f"batch is missing {missing}; expected keys {list(keys)}")
-    shape = batch[keys[0]].shape
-    if len(shape) != 2:
-        raise ValueError(f"batch[{keys[0]!r}] must be 2-D [batch, seq], got shape {tuple(shape)}")
-    for k in keys[1:]:
-        if batch[k].shape != shape:
-            raise ValueError(f"batch[{k!r}] has shape {tuple(batch[k].shape)}, expected {tuple(shape)}")
-
-
-def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Shifted per-token NLL (fp32), the label mask and the teacher-forced hits, each ``[B, T-1]``.
-
-    ``logits[:, t]`` scores ``labels[:, t + 1]``; positions whose label is ``-100`` get NLL 0 and are
-    excluded from the mask. The log-softmax runs in fp32 whatever the logits' dtype.
-    """
-    logits = logits[:, :-1].float()
-    target = labels[:, 1:]
-    mask = target != IGNORE_INDEX
-    safe_target = target.masked_fill(~mask, 0)
-    nll = F.cross_entropy(logits.transpose(1, 2), safe_target, reduction="none") * mask
-    hits = (logits.argmax(dim=-1) == safe_target) & mask
-    return nll, mask, hits
-
-
-def answer_stats(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-example answer statistics from one teacher-forced forward pass (no gradient).
-
-    ``batch`` holds ``input_ids``, ``attention_mask`` and ``labels`` (``[B, T]``, ``-100`` ignored).
-    Returns ``nll_sum`` (fp32), ``num_tokens`` and ``correct`` (int64), each ``[B]``, on the model's
-    device. The caller chooses the mode; :func:`basic_metrics` switches to eval mode.
-    """
-    _require_batch(batch, ("input_ids", "attention_mask", "labels"))
-    device = _model_device(model)
-    with torch.no_grad():
-        out = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        )
-        nll, mask, hits = token_nll(out.logits, batch["labels"].to(device))
-    return {"nll_sum": nll.sum(dim=1), "num_tokens": mask.sum(dim=1), "correct": hits.sum(dim=1)}
-
-
-def collect_answer_stats(
-    model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
-) -> dict[str, torch.Tensor]:
-    """:func:`answer_stats` over many batches, concatenated per example, in eval mode.
-
-    Raises ``ValueError`` when there are no examples or an example has no answer token (its
-    probability would be undefined).
-    """
-    parts: dict[str, list[torch.Tensor]] = {"nll_sum": [], "num_tokens": [], "correct": []}
-    with eval_mode(model):
-        for batch in batches:
-            for key, value in answer_stats(model, batch).items():
-                parts[key].append(value)
-    if not parts["nll_sum"]:
-        raise ValueError("no batches to evaluate: the data set is empty")
-    stats = {key: torch.cat(values) for key, values in parts.items()}
-    empty = (stats["num_tokens"] == 0).nonzero().flatten()
-    if empty.numel():  # one sync per evaluation, not per batch
-        raise ValueError(
-            f"{empty.numel()} example(s) have no answer tokens (every label is -100), e.g. example "
-            f"{int(empty[0])}; their answer probability is undefined"
-        )
-    return stats
-
-
-def basic_metrics(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
-    """Mean length-normalised answer probability, teacher-forced accuracy and mean NLL (SPEC §4).
-
-    - ``prob``: mean over examples of ``exp(−nll_sum / num_tokens)``;
-    - ``accuracy``: total correct answer tokens / total answer tokens (token-level, teacher forced);
-    - ``nll``: mean over examples of the per-token mean NLL ``nll_sum / num_tokens``.
-
-    The model is evaluated in eval mode without gradients and its mode restored afterwards.
-    """
-    stats = collect_answer_stats(model, batches)
-    mean_nll = stats["nll_sum"] / stats["num_tokens"]
-    return {
-        "prob": torch.exp(-mean_nll).mean().item(),
-        "accuracy": (stats["correct"].sum() / stats["num_tokens"].sum()).item(),
-        "nll": mean_nll.mean().item(),
-    }
-
-
-# ---------------------------------------------------------------------------------------------------
-# Extraction metrics (Jang et al. 2023): memorisation accuracy and extraction likelihood
-# ---------------------------------------------------------------------------------------------------
+__all__ = ["extraction_likelihood", "extraction_metrics", "memorization_accuracy"]
 
 
 def _check_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -155,11 +37,6 @@ def _check_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
     return attention_mask.to(input_ids.device)
 
 
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    # With left padding a sequence's first real token must still sit at position 0.
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-
-
 def _real_tokens(input_ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
     """Each row's real tokens (padding on either side dropped), with two host syncs for the whole batch."""
     keep = mask != 0
@@ -175,7 +52,7 @@ def _sequences(
 ) -> list[torch.Tensor]:
     """Validated real-token sequences on the model's device, each of at least ``min_tokens`` tokens."""
     mask = _check_sequences(input_ids, attention_mask)
-    device = _model_device(model)
+    device = model_device(model)
     seqs = _real_tokens(input_ids.to(device), mask.to(device))
     short = next((b for b, s in enumerate(seqs) if len(s) < min_tokens), None)
     if short is not None:
@@ -194,7 +71,7 @@ def _teacher_forced_hits(model: torch.nn.Module, seqs: list[torch.Tensor], batch
     a sequence's tokens changes nothing they see). Both extraction metrics derive from it: MA is the
     mean of a row, and the rows' misses are :func:`_el_batched`'s divergence points.
     """
-    device = _model_device(model)
+    device = model_device(model)
     hits = torch.zeros((len(seqs), max(len(s) for s in seqs) - 1), dtype=torch.bool, device=device)
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start : start + batch_size]
@@ -236,80 +113,6 @@ def memorization_accuracy(
     with eval_mode(model):
         hits = _teacher_forced_hits(model, seqs, batch_size or len(seqs))
     return _accuracy(hits, seqs)
-
-
-def _decode_arguments(model: torch.nn.Module) -> tuple[str, dict[str, int]]:
-    """The forward argument that takes the KV cache (``cache`` from transformers 5.2x on, before that
-    ``past_key_values``), and the argument limiting logits to the last position where the model has one
-    (``logits_to_keep``; ``num_logits_to_keep`` in older versions): prefill then skips the vocabulary
-    projection of every prompt position."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(base.forward).parameters
-    keep = next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {})
-    return ("cache" if "cache" in params else "past_key_values"), keep
-
-
-def _output_cache(out: Mapping[str, object]) -> object:
-    cache = out.get("cache")
-    return cache if cache is not None else out.get("past_key_values")
-
-
-def greedy_decode(
-    model: torch.nn.Module,
-    prompts: list[torch.Tensor],
-    max_new_tokens: int,
-    *,
-    eos_token_id: int | None = None,
-    pad_token_id: int = 0,
-) -> torch.Tensor:
-    """Greedy continuation of a batch of prompts of any lengths, with a KV cache.
-
-    Prompts are left padded (position ids follow the mask, so padding changes nothing but rounding).
-    Without ``eos_token_id`` exactly ``max_new_tokens`` tokens are generated per prompt (the
-    extraction protocol never stops early). With it, a row stops at its first EOS — later positions
-    hold ``pad_token_id`` — and decoding ends once every row has stopped.
-    Returns ``[R, max_new_tokens]`` token ids (or fewer columns when every row stopped early).
-    Must be called under :func:`eval_mode`.
-    """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
-    if not prompts or min(len(p) for p in prompts) == 0:
-        raise ValueError("greedy_decode needs at least one prompt, each of at least one token")
-    device = _model_device(model)
-    rows, width = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((rows, width), pad_token_id, dtype=torch.long, device=device)
-    mask = torch.zeros((rows, width), dtype=torch.long, device=device)
-    for r, p in enumerate(prompts):
-        ids[r, width - len(p) :] = p.to(device)
-        mask[r, width - len(p) :] = 1
-    positions = _position_ids(mask)
-    cache_arg, keep_last = _decode_arguments(model)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep_last)
-    next_tok = out.logits[:, -1].argmax(dim=-1)
-    position = positions[:, -1:]
-    generated = [next_tok]
-    done = next_tok == eos_token_id if eos_token_id is not None else None
-    for _ in range(max_new_tokens - 1):
-        if done is not None and bool(done.all()):  # one sync per step, only when stopping at EOS
-            break
-        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-        position = position + 1
-        out = model(
-            input_ids=next_tok[:, None],
-            attention_mask=mask,
-            position_ids=position,
-            use_cache=True,
-            **keep_last,
-            **{cache_arg: _output_cache(out)},
-        )
-        next_tok = out.logits[:, -1].argmax(dim=-1)
-        if done is not None:
-            next_tok = next_tok.masked_fill(done, pad_token_id)
-            done = done | (next_tok == eos_token_id)
-        generated.append(next_tok)
-    return torch.stack(generated, dim=1)
 
 
 def _ngram_overlap(gen: torch.Tensor, true: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
@@ -513,107 +316,3 @@ def extraction_metrics(
     )
     assert ma is not None  # with_ma=True
     return ma, el
-
-
-# ---------------------------------------------------------------------------------------------------
-# TOFU metrics (Maini et al. 2024)
-# ---------------------------------------------------------------------------------------------------
-
-
-def answer_probability(stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Length-normalised probability ``P̄(a|q) = exp(−nll_sum / num_tokens)`` per example (SPEC §4),
-    from :func:`answer_stats` / :func:`collect_answer_stats` output."""
-    return torch.exp(-stats["nll_sum"].double() / stats["num_tokens"].double())
-
-
-def normalized_probability(true_prob: torch.Tensor, perturbed_prob: torch.Tensor) -> torch.Tensor:
-    """Probability of the true answer normalised over the options: ``P̄_true / (P̄_true + Σ_k P̄_pert,k)``.
-
-    TOFU scores the real-authors and world-facts sets this way (multiple choice between the true
-    answer and its perturbed versions). ``true_prob`` is ``[N]``, ``perturbed_prob`` ``[N, K]``.
-    """
-    _check_option_shapes(true_prob, perturbed_prob)
-    return true_prob / (true_prob + perturbed_prob.sum(dim=1))
-
-
-def truth_ratio(true_prob: torch.Tensor, perturbed_prob: torch.Tensor) -> torch.Tensor:
-    """Truth ratio ``R = P̄_pert / P̄_true`` per example (SPEC §4).
-
-    ``P̄_pert`` is the geometric mean of the K perturbed answers' length-normalised probabilities,
-    i.e. ``exp(mean_k log P̄_pert,k)``; computed in log space, so ``R = exp(mean_k log P̄_pert,k −
-    log P̄_true)``. ``true_prob`` is ``[N]`` (the paraphrased answer on forget/retain, the original
-    one on real authors / world facts), ``perturbed_prob`` ``[N, K]``. R < 1: the model prefers the
-    truth; R ≈ 1: it cannot tell the truth from plausible falsehoods.
-    """
-    _check_option_shapes(true_prob, perturbed_prob)
-    return torch.exp(perturbed_prob.log().mean(dim=1) - true_prob.log())
-
-
-def _check_option_shapes(true_prob: torch.Tensor, perturbed_prob: torch.Tensor) -> None:
-    if true_prob.dim() != 1 or perturbed_prob.dim() != 2 or perturbed_prob.shape[0] != true_prob.shape[0]:
-        raise ValueError(
-            f"expected true [N] and perturbed [N, K] probabilities, got {tuple(true_prob.shape)} "
-            f"and {tuple(perturbed_prob.shape)}"
-        )
-    if perturbed_prob.shape[1] == 0:
-        raise ValueError("perturbed probabilities need at least one perturbed answer per item (K ≥ 1)")
-
-
-def truth_ratio_score(ratios: torch.Tensor) -> float:
-    """TOFU's utility component from truth ratios: ``mean max(0, 1 − R)`` (SPEC §4)."""
-    return torch.clamp(1 - ratios.double(), min=0).mean().item()
-
-
-def rouge_l_recall(predictions: list[str], references: list[str]) -> list[float]:
-    """ROUGE-L recall of each prediction against its reference: ``LCS(pred, ref) / len(ref)`` in words.
-
-    Uses Google's ``rouge_score`` package with Porter stemming, as TOFU does, so numbers compare with
-    published ones.
-    """
-    from rouge_score import rouge_scorer
-
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    return [scorer.score(ref, pred)["rougeL"].recall for pred, ref in zip(predictions, references)]
-
-
-def forget_quality(
-    truth_ratios: Sequence[float] | torch.Tensor, reference_truth_ratios: Sequence[float] | torch.Tensor
-) -> float:
-    """Forget quality: p-value of the two-sample Kolmogorov–Smirnov test (SPEC §4).
-
-    Compares the unlearned model's forget-set truth ratios with those of the model trained on the
-    retain set only. A high p-value means the two distributions cannot be told apart, i.e. the model
-    behaves on the forget set as if it had never seen it. ``scipy.stats.ks_2samp`` (exact for small
-    samples, asymptotic otherwise), raw p-value. The test is invariant under monotone maps, so it
-    does not matter whether R or TOFU's 1/R is compared.
-    """
-    from scipy.stats import ks_2samp
-
-    a = torch.as_tensor(truth_ratios, dtype=torch.float64).flatten()
-    b = torch.as_tensor(reference_truth_ratios, dtype=torch.float64).flatten()
-    if a.numel() == 0 or b.numel() == 0:
-        raise ValueError("forget quality needs non-empty truth-ratio samples")
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        raise ValueError("truth ratios must be finite")
-    return float(ks_2samp(a.numpy(), b.numpy()).pvalue)
-
-
-def model_utility(components: Mapping[str, float] | Iterable[float]) -> float:
-    """Model utility: harmonic mean of TOFU's nine numbers (SPEC §4).
-
-    The nine numbers are {probability, ROUGE-L recall, ``mean max(0, 1 − R)``} on {retain, real
-    authors, world facts}. ``H = k / Σ_i 1/x_i``; a zero component makes H = 0 (its limit), which is
-    the point of a harmonic mean: one collapsed ability cannot be hidden by the others. Components
-    must lie in [0, 1].
-    """
-    values = list(components.values() if isinstance(components, Mapping) else components)
-    if not values:
-        raise ValueError("model utility needs at least one component")
-    for v in values:
-        if not 0.0 <= float(v) <= 1.0:
-            raise ValueError(f"model utility components must lie in [0, 1], got {v}")
-    if any(float(v) == 0.0 for v in values):
-        return 0.0
-    return len(values) / sum(1.0 / float(v) for v in values)

@@ -1,39 +1,35 @@
-"""Evaluation protocols of the paper (SPEC §4): TOFU and extraction, plus per-epoch trainer callbacks.
+"""The TOFU protocol (SPEC §4; Maini et al. 2024): per-set scores, forget quality and model utility.
 
-- :func:`evaluate_tofu` scores a model on TOFU-format JSON Lines files: per set, the length-normalised
-  answer probability, ROUGE-L recall of the greedy answer and the truth ratio; then forget quality (KS
-  test against the retain-only model's forget-set truth ratios, saved once with
-  :func:`save_reference_truth_ratios` and reused) and model utility (harmonic mean of the nine
-  retain / real-authors / world-facts numbers).
-- :func:`evaluate_extraction` scores memorised sequences (``{"text"}`` JSON Lines): MA and EL_n.
-- :func:`evaluate` runs either or both and returns JSON-serialisable results; :func:`format_table`
-  renders them for a terminal.
-- :class:`EpochEvaluationCallback` and :class:`ExtractionStoppingCallback` plug into any
-  ``transformers.Trainer`` (the unlearning loop included, which this module does not import).
+:func:`evaluate_tofu` scores a model on TOFU-format files (:mod:`fastunlearn.evaluation.tofu_files`):
+per set, the length-normalised answer probability, ROUGE-L recall of the greedy answer and the truth
+ratio; then forget quality (KS test against the retain-only model's forget-set truth ratios, saved
+once with :func:`fastunlearn.evaluation.reference.save_reference_truth_ratios` and reused) and model
+utility (harmonic mean of the nine retain / real-authors / world-facts numbers).
+:func:`summarize_tofu` flattens the headline numbers; :func:`cached_reference_truth_ratios` computes
+the reference once and reuses it.
 
-Data reading and prompt formatting are :mod:`fastunlearn.data`'s, so an evaluated prompt is byte for
-byte the prompt the model was trained on.
+Prompts are tokenised by :mod:`fastunlearn.training.data`, the training pipeline, so an evaluated
+prompt is byte for byte the prompt the model was trained on.
 """
 
 from __future__ import annotations
 
-import glob
-import json
-import math
 import os
-import warnings
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
 
-from fastunlearn import data as fdata
-from fastunlearn import metrics as M
-from fastunlearn._io import write_json
+from fastunlearn.evaluation import metrics as M
+from fastunlearn.evaluation.reference import (
+    _check_new_file,
+    load_reference_truth_ratios,
+    save_reference_truth_ratios,
+)
+from fastunlearn.evaluation.tofu_files import TOFU_SETS, TofuItem, find_tofu_files, read_tofu_file
+from fastunlearn.modeling import load_local_model
+from fastunlearn.training import data as fdata
 
-TOFU_SETS = ("forget", "retain", "real_authors", "world_facts")
 # Sets whose probability/ROUGE/truth-ratio numbers make up model utility (SPEC §4).
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
 UTILITY_METRICS = ("prob", "rougeL_recall", "truth_ratio")
@@ -45,120 +41,10 @@ LEGACY_TEMPLATES = ("llama2", "phi")
 
 __all__ = [
     "MODES",
-    "TOFU_SETS",
-    "EpochEvaluationCallback",
-    "ExtractionStoppingCallback",
-    "TofuItem",
     "cached_reference_truth_ratios",
-    "evaluate",
-    "evaluate_extraction",
     "evaluate_tofu",
-    "find_tofu_files",
-    "format_table",
-    "load_local_model",
-    "load_reference_truth_ratios",
-    "read_tofu_file",
-    "save_reference_truth_ratios",
     "summarize_tofu",
-    "tokenize_texts",
 ]
-
-
-# ---------------------------------------------------------------------------------------------------
-# TOFU files
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TofuItem:
-    """One TOFU question with its answers.
-
-    ``paraphrased_answer`` exists in the forget/retain ``*_perturbed`` files; ``perturbed_answers`` (3 in
-    real authors / world facts, 5 in forget/retain) in every ``*_perturbed`` file; plain split files
-    (``forget10.json``) have neither.
-    """
-
-    question: str
-    answer: str
-    paraphrased_answer: str | None
-    perturbed_answers: tuple[str, ...] | None
-    source: str
-
-
-def read_tofu_file(path: str | os.PathLike) -> list[TofuItem]:
-    """Parse a TOFU-format JSON Lines file; errors name the file and line.
-
-    Every item of a file must have the same fields and the same number of perturbed answers (the
-    truth ratio is computed on an ``[N, K]`` table).
-    """
-    items = []
-    for record in fdata.read_jsonl(path):
-        where = record["_source"]
-        for field in ("question", "answer"):
-            if not isinstance(record.get(field), str):
-                raise ValueError(f"{where}: field {field!r} must be present and a string")
-        para = record.get("paraphrased_answer")
-        if para is not None and not isinstance(para, str):
-            raise ValueError(f"{where}: 'paraphrased_answer' must be a string")
-        pert = record.get("perturbed_answer")
-        if pert is not None:
-            if isinstance(pert, str):
-                pert = [pert]
-            if not isinstance(pert, list) or not pert or not all(isinstance(p, str) for p in pert):
-                raise ValueError(f"{where}: 'perturbed_answer' must be a non-empty list of strings")
-            pert = tuple(pert)
-        items.append(TofuItem(record["question"], record["answer"], para, pert, where))
-    first = items[0]
-    for item in items[1:]:
-        if (item.paraphrased_answer is None) != (first.paraphrased_answer is None):
-            raise ValueError(f"{item.source}: 'paraphrased_answer' is present on some lines and not others")
-        k0 = None if first.perturbed_answers is None else len(first.perturbed_answers)
-        k = None if item.perturbed_answers is None else len(item.perturbed_answers)
-        if k != k0:
-            raise ValueError(
-                f"{item.source}: {k} perturbed answers where {first.source} has {k0}; "
-                "every line of a file needs the same number"
-            )
-    return items
-
-
-def find_tofu_files(data_dir: str | os.PathLike, *, forget_split: str | None = None) -> dict[str, str]:
-    """Locate TOFU evaluation files in a directory by TOFU's names.
-
-    forget: ``{forget_split}_perturbed.json`` (e.g. ``forget10``), or the only ``forget*_perturbed.json``,
-    else the plain ``{forget_split}.json`` / only ``forget*.json``; retain: ``retain_perturbed.json``
-    (else ``retain*.json`` when only one exists); real authors / world facts:
-    ``real_authors_perturbed.json`` / ``world_facts_perturbed.json``. Absent sets are left out;
-    ambiguity (several forget splits and no ``forget_split``) raises ``ValueError``.
-    """
-    data_dir = os.fspath(data_dir)
-    if not os.path.isdir(data_dir):
-        raise FileNotFoundError(f"TOFU data directory not found: {data_dir}")
-
-    def pick(kind: str, patterns: list[str]) -> str | None:
-        for pattern in patterns:
-            found = sorted(glob.glob(os.path.join(data_dir, pattern)))
-            if len(found) == 1:
-                return found[0]
-            if len(found) > 1:
-                names = [os.path.basename(f) for f in found]
-                raise ValueError(
-                    f"several {kind} files in {data_dir}: {names}; choose one (forget_split=... / "
-                    "--forget-split for the forget set, or pass the set's file explicitly)"
-                )
-        return None
-
-    split = forget_split or "forget*"
-    files = {
-        "forget": pick("forget", [f"{split}_perturbed.json", f"{split}.json"]),
-        "retain": pick("retain", ["retain_perturbed.json", "retain*.json"]),
-        "real_authors": pick("real authors", ["real_authors_perturbed.json", "real_authors.json"]),
-        "world_facts": pick("world facts", ["world_facts_perturbed.json", "world_facts.json"]),
-    }
-    files = {k: v for k, v in files.items() if v is not None}
-    if not files:
-        raise ValueError(f"no TOFU files (forget*, retain*, real_authors*, world_facts*) in {data_dir}")
-    return files
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -303,94 +189,6 @@ def _score_set(
             for it, p in list(zip(items, preds))[:3]
         ]
     return out, ratios
-
-
-def save_reference_truth_ratios(
-    path: str | os.PathLike, results: Mapping[str, Any], *, overwrite: bool = False
-) -> str:
-    """Save the forget-set truth ratios of a TOFU evaluation (of the retain-only model) as the reference
-    for forget quality, with the mode, template and forget file they were computed with (checked when
-    the file is loaded). Written atomically; an existing file is kept unless ``overwrite=True``."""
-    path = os.fspath(path)
-    tofu = results.get("tofu", results)
-    ratios = tofu.get("forget_truth_ratios")
-    if not ratios:
-        raise ValueError(
-            "these results have no forget-set truth ratios (the forget file needs "
-            "paraphrased_answer and perturbed_answer fields)"
-        )
-    _check_new_file(path, overwrite)
-    write_json(
-        path,
-        {
-            "kind": "fastunlearn.tofu_reference_truth_ratios",
-            "truth_ratios": ratios,
-            "num_items": len(ratios),
-            "mode": tofu.get("mode"),
-            "template": tofu.get("template"),
-            "forget_file": tofu.get("files", {}).get("forget"),
-        },
-    )
-    return path
-
-
-def _check_new_file(path: str | os.PathLike, overwrite: bool) -> None:
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{os.fspath(path)} exists; pass overwrite=True (--overwrite) to replace it")
-
-
-def load_reference_truth_ratios(
-    path: str | os.PathLike,
-    *,
-    mode: str | None = None,
-    template: str | None = None,
-    forget_file: str | os.PathLike | None = None,
-) -> list[float]:
-    """Load reference truth ratios saved by :func:`save_reference_truth_ratios`, checked against the run.
-
-    Truth ratios under other prompts (``template``) or another protocol (``mode``: item cap, prompts)
-    are another distribution, and a KS test against them would measure that change, not unlearning:
-    when ``mode`` / ``template`` are given (:func:`evaluate_tofu` passes its own) and the file records
-    different ones, ``ValueError``. A forget file of another name than the recorded one only warns
-    (files get moved and renamed; the item count is checked by the caller). A bare JSON list of
-    numbers records nothing and is taken as is.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"reference truth ratios not found: {path}. Forget quality compares against the retain-only "
-            "model: evaluate it once with `fastunlearn eval RETAIN_MODEL --tofu DATA "
-            f"--save-reference {path}` (or evaluate_tofu(..., save_reference=...)), then pass that file."
-        )
-    with open(path, encoding="utf-8") as f:
-        try:
-            obj = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    ratios = obj.get("truth_ratios") if isinstance(obj, dict) else obj
-    if not isinstance(ratios, list) or not ratios or not all(isinstance(r, (int, float)) for r in ratios):
-        raise ValueError(f"{path}: expected {{'truth_ratios': [numbers...]}} with at least one number")
-    if isinstance(obj, dict):
-        for field, current in (("mode", mode), ("template", template)):
-            saved = obj.get(field)
-            if current is not None and saved is not None and saved != current:
-                raise ValueError(
-                    f"{path}: the reference truth ratios were computed with {field} {saved!r}, but this "
-                    f"evaluation uses {field} {current!r}; truth ratios of different protocols are not "
-                    f"comparable: evaluate the retain-only model again with {field} {current!r}"
-                )
-        saved_file = obj.get("forget_file")
-        if (
-            forget_file is not None
-            and saved_file
-            and os.path.basename(saved_file) != os.path.basename(os.fspath(forget_file))
-        ):
-            warnings.warn(
-                f"{path} was computed on forget file {saved_file}, this evaluation uses "
-                f"{os.fspath(forget_file)}",
-                stacklevel=2,
-            )
-    return [float(r) for r in ratios]
 
 
 def _resolve_template(mode: str, template: str | None) -> str:
@@ -610,290 +408,3 @@ def cached_reference_truth_ratios(
     save_reference_truth_ratios(path, results)
     return results["forget_truth_ratios"]
 
-
-# ---------------------------------------------------------------------------------------------------
-# Extraction
-# ---------------------------------------------------------------------------------------------------
-
-
-def tokenize_texts(
-    tokenizer: Any, texts: Sequence[str], *, max_length: int = 200
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids of raw texts cut to ``max_length`` tokens (the extraction sets use 200), right padded:
-    ``(input_ids, attention_mask)``."""
-    records = [{"text": t, "_source": f"text {i}"} for i, t in enumerate(texts)]
-    with warnings.catch_warnings():  # cutting to max_length is the protocol here, not an accident
-        warnings.simplefilter("ignore", UserWarning)
-        examples = fdata.tokenize_records(records, tokenizer, data_format="text", max_length=max_length)
-    batch = fdata.collate(examples, fdata.pad_id_of(tokenizer))
-    return batch["input_ids"], batch["attention_mask"]
-
-
-def evaluate_extraction(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    data: str | os.PathLike | Sequence[str],
-    *,
-    n: int = 10,
-    max_length: int = 200,
-    batch_size: int = 64,
-    method: str = "batched",
-) -> dict[str, Any]:
-    """Extraction protocol (SPEC §4): mean memorisation accuracy and extraction likelihood ``EL_n`` over
-    a set of sequences (``{"text"}`` JSON Lines path or a list of strings), each cut to ``max_length``
-    tokens."""
-    if isinstance(data, (str, os.PathLike)):
-        records, _ = fdata.load_records(data, data_format="text")
-        texts = [r["text"] for r in records]
-    else:
-        texts = list(data)
-        if not texts:
-            raise ValueError("no sequences to evaluate")
-    ids, mask = tokenize_texts(tokenizer, texts, max_length=max_length)
-    ma, el = M.extraction_metrics(model, ids, n=n, attention_mask=mask, method=method, batch_size=batch_size)
-    return {
-        "protocol": "extraction",
-        "num_sequences": len(texts),
-        "n": n,
-        "ma": ma.mean().item(),
-        f"el_{n}": el.mean().item(),
-        "per_sequence": {"ma": ma.tolist(), f"el_{n}": el.tolist()},
-    }
-
-
-# ---------------------------------------------------------------------------------------------------
-# One entry point and a table
-# ---------------------------------------------------------------------------------------------------
-
-
-def evaluate(
-    model: torch.nn.Module | str | os.PathLike,
-    tokenizer: Any = None,
-    *,
-    tofu: str | os.PathLike | Mapping[str, Any] | None = None,
-    extraction: str | os.PathLike | Sequence[str] | None = None,
-    tofu_options: Mapping[str, Any] | None = None,
-    extraction_options: Mapping[str, Any] | None = None,
-    trust_remote_code: bool = False,
-) -> dict[str, Any]:
-    """Evaluate ``model`` with the TOFU and/or extraction protocols; JSON-serialisable results.
-
-    ``model`` may be a loaded causal LM (with its ``tokenizer``) or a local directory (loaded with
-    ``transformers`` from local files only). Options go to :func:`evaluate_tofu` /
-    :func:`evaluate_extraction`.
-    """
-    if tofu is None and extraction is None:
-        raise ValueError(
-            "nothing to evaluate: give tofu=DATA (TOFU files) and/or extraction=FILE ({'text'} lines)"
-        )
-    if isinstance(model, (str, os.PathLike)):
-        model, tokenizer = load_local_model(model, tokenizer, trust_remote_code=trust_remote_code)
-    if tokenizer is None:
-        raise ValueError("a tokenizer is needed with a model object")
-    results: dict[str, Any] = {}
-    if tofu is not None:
-        results["tofu"] = evaluate_tofu(model, tokenizer, tofu, **dict(tofu_options or {}))
-    if extraction is not None:
-        results["extraction"] = evaluate_extraction(
-            model, tokenizer, extraction, **dict(extraction_options or {})
-        )
-    return results
-
-
-def load_local_model(path: str | os.PathLike, tokenizer: Any = None, *, trust_remote_code: bool = False):
-    """A causal LM and its tokenizer from a local directory (never downloads). A directory holding a
-    ``peft`` adapter is loaded on its base model."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory not found: {path} (only local models are loaded)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(path, **kw)
-        base = model.peft_config["default"].base_model_name_or_path
-        tok_path = path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else base
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kw)
-        tok_path = path
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(tok_path, **kw)
-    elif isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer), **kw)
-    return model, tokenizer
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, float):
-        if value != 0 and (abs(value) < 1e-3 or not math.isfinite(value)):
-            return f"{value:.3e}"
-        return f"{value:.4f}"
-    return str(value)
-
-
-def format_table(results: Mapping[str, Any]) -> str:
-    """A plain-text table of :func:`evaluate` results."""
-    lines = []
-    tofu = results.get("tofu")
-    if tofu:
-        cols = ("num_items", "prob", "accuracy", "rougeL_recall", "truth_ratio", "truth_ratio_mean")
-        lines.append(f"TOFU ({tofu['mode']} mode, template {tofu['template']!r})")
-        lines.append(f"{'set':<14}" + "".join(f"{c:>18}" for c in cols))
-        for name, scores in tofu["sets"].items():
-            lines.append(f"{name:<14}" + "".join(f"{_fmt(scores.get(c)):>18}" for c in cols))
-        k = len(tofu["model_utility_components"])
-        if tofu["model_utility"] is not None:
-            lines.append(f"model utility   {_fmt(tofu['model_utility'])}  (harmonic mean of all 9 numbers)")
-        elif k:
-            lines.append(
-                f"model utility (partial, {k} of 9)  {_fmt(tofu['model_utility_partial'])}  "
-                "(not TOFU's model utility, which needs all 9 numbers)"
-            )
-        else:
-            lines.append("model utility   —  (no retain / real authors / world facts numbers)")
-        fq = tofu.get("forget_quality")
-        lines.append(
-            f"forget quality  {_fmt(fq)}" + ("" if fq is not None else "  (no reference truth ratios)")
-        )
-    ext = results.get("extraction")
-    if ext:
-        if lines:
-            lines.append("")
-        n = ext["n"]
-        lines.append(f"Extraction ({ext['num_sequences']} sequences)")
-        lines.append(f"MA     {_fmt(ext['ma'])}")
-        lines.append(f"EL_{n:<3} {_fmt(ext[f'el_{n}'])}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Trainer callbacks
-# ---------------------------------------------------------------------------------------------------
-
-
-class EpochEvaluationCallback(TrainerCallback):
-    """Evaluate after every epoch (and before training), keep the history, and keep the best epoch.
-
-    ``evaluate_fn(model) -> dict[str, float]`` computes the metrics. With ``metric`` set, the best
-    epoch (``mode="min"`` or ``"max"`` of that metric) is tracked; with ``restore_best=True`` its
-    trainable parameters are also copied to CPU, and restored into the model when training ends, so
-    whatever the trainer saves afterwards is the best checkpoint. ``history`` holds one dict per
-    evaluation with ``epoch`` and ``step``; ``best`` the best one.
-    """
-
-    def __init__(
-        self,
-        evaluate_fn: Callable[[torch.nn.Module], Mapping[str, float]],
-        *,
-        metric: str | None = None,
-        mode: str = "max",
-        restore_best: bool = True,
-        evaluate_at_start: bool = True,
-    ) -> None:
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        self.evaluate_fn, self.metric, self.mode = evaluate_fn, metric, mode
-        self.restore_best, self.evaluate_at_start = restore_best, evaluate_at_start
-        self.history: list[dict[str, Any]] = []
-        self.best: dict[str, Any] | None = None
-        self._best_state: dict[str, torch.Tensor] | None = None
-
-    def _run(self, model, state) -> dict[str, Any]:
-        record = {
-            "epoch": float(state.epoch or 0.0),
-            "step": int(state.global_step),
-            **dict(self.evaluate_fn(model)),
-        }
-        self.history.append(record)
-        if self.metric is not None:
-            if self.metric not in record:
-                raise ValueError(f"evaluate_fn returned no {self.metric!r}; it returned {sorted(record)}")
-            value = record[self.metric]
-            better = self.best is None or (
-                value < self.best[self.metric] if self.mode == "min" else value > self.best[self.metric]
-            )
-            if better:
-                self.best = record
-            if better and self.restore_best:  # the copy costs a model's worth of host memory
-                self._best_state = {
-                    k: p.detach().to("cpu", copy=True) for k, p in model.named_parameters() if p.requires_grad
-                }
-        return record
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.evaluate_at_start and model is not None and not self.history:
-            self._run(model, state)
-
-    def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        if model is not None:
-            self.on_evaluated(self._run(model, state), control)
-
-    def on_evaluated(self, record: Mapping[str, Any], control) -> None:
-        """Hook for subclasses (stopping rules)."""
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        if self.restore_best and self._best_state is not None and model is not None:
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for k, v in self._best_state.items():
-                    params[k].copy_(v.to(params[k].device))
-
-
-class ExtractionStoppingCallback(EpochEvaluationCallback):
-    """The extraction stopping rule (SPEC §4; Jang et al. 2023): after each epoch, measure mean MA and
-    mean EL_n on the forget sequences, and stop once **both** are below the thresholds.
-
-    Thresholds are given (``ma_threshold``, ``el_threshold``; the published GPT-Neo-125M values are
-    0.2994 and 0.0499) or measured on held-out sequences the model never saw (``held_out_ids``) with
-    the model before training.
-    """
-
-    def __init__(
-        self,
-        forget_ids: torch.Tensor,
-        forget_mask: torch.Tensor | None = None,
-        *,
-        ma_threshold: float | None = None,
-        el_threshold: float | None = None,
-        held_out_ids: torch.Tensor | None = None,
-        held_out_mask: torch.Tensor | None = None,
-        n: int = 10,
-        batch_size: int = 64,
-        restore_best: bool = False,
-    ) -> None:
-        given = (ma_threshold is not None, el_threshold is not None)
-        if given[0] != given[1]:
-            raise ValueError("give both ma_threshold and el_threshold, or neither (and held_out_ids)")
-        if not given[0] and held_out_ids is None:
-            raise ValueError(
-                "the stopping rule needs thresholds: ma_threshold and el_threshold, "
-                "or held_out_ids to measure them on unseen text"
-            )
-        self.forget = (forget_ids, forget_mask)
-        self.held_out = (held_out_ids, held_out_mask)
-        self.ma_threshold, self.el_threshold = ma_threshold, el_threshold
-        self.n, self.batch_size = n, batch_size
-        self.stopped_at: dict[str, Any] | None = None
-        super().__init__(self._measure, metric=f"el_{n}", mode="min", restore_best=restore_best)
-
-    def _stats(self, model, ids, mask) -> dict[str, float]:
-        ma, el = M.extraction_metrics(model, ids, n=self.n, attention_mask=mask, batch_size=self.batch_size)
-        return {"ma": ma.mean().item(), f"el_{self.n}": el.mean().item()}
-
-    def _measure(self, model) -> dict[str, float]:
-        return self._stats(model, *self.forget)
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if self.ma_threshold is None and model is not None:
-            ref = self._stats(model, *self.held_out)
-            self.ma_threshold, self.el_threshold = ref["ma"], ref[f"el_{self.n}"]
-        super().on_train_begin(args, state, control, model=model, **kwargs)
-
-    def on_evaluated(self, record, control) -> None:
-        if record["ma"] < self.ma_threshold and record[f"el_{self.n}"] < self.el_threshold:
-            self.stopped_at = dict(record)
-            control.should_training_stop = True

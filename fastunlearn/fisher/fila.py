@@ -1,4 +1,4 @@
-"""FILA: Fisher-initialised LoRA (Cha et al., ICLR 2025, §3.2; SPEC §3.2), and adapter export.
+"""FILA: Fisher-initialised LoRA (Cha et al., ICLR 2025, §3.2; SPEC §3.2).
 
 Given diagonal Fisher estimates ``F_f`` on the forget set and ``F_r`` on the retain set (each already
 normalised by its own count), every LoRA-wrapped linear layer ``W ∈ R^{out×in}`` of rank ``r`` and
@@ -19,11 +19,8 @@ unchanged at initialisation. Rows with ``d_i = 0`` carry no weight in the proble
 ``U`` vanish in exact arithmetic, and ``B₀`` gets exact zeros there (rounding noise divided by ``ε``
 would otherwise become large junk entries).
 
-Export. After training, ``W_res + s·BA = W + s·(BA − B₀A₀) = W + s·[B, −B₀]·[A; A₀]``: on the
-*original* base weight the trained model is a rank-``2r`` LoRA adapter with the same scaling.
-:func:`save_adapter` writes exactly that as a standard ``peft`` adapter; :func:`save_merged` writes
-the merged full model. (The reference code saves ``B, A`` and loads them onto the original base,
-double-counting ``B₀A₀``.)
+The trained model is exported by :mod:`fastunlearn.fisher.export`, as an adapter for the *original* base
+model (rank ``2r``: ``[B, −B₀]·[A; A₀]``) or as a merged checkpoint.
 
 Recording and resuming. :func:`fila_init` stores ``A₀``, ``B₀`` (fp32, on the CPU, exactly the values
 written into the adapters) and ``s`` on each LoRA layer, outside the ``state_dict``. The
@@ -39,38 +36,21 @@ original base model.
 
 from __future__ import annotations
 
-import copy
-import os
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from fastunlearn._io import atomic_directory
-from fastunlearn.fisher import canonical_name, unwrap_model
+from fastunlearn.modeling import canonical_name
 
 Solver = Literal["svd", "randomized"]
 SOLVERS = ("svd", "randomized")
 _RECORD_ATTR = "_fastunlearn_fila"
-# Submodule names under which peft keeps LoRA tensors (never part of the merged checkpoint).
-_ADAPTER_PARTS = frozenset(
-    {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
-)
 
-__all__ = [
-    "FilaInit",
-    "fila_factors",
-    "fila_init",
-    "fila_record",
-    "lora_layers",
-    "merged_state_dict",
-    "save_adapter",
-    "save_merged",
-]
+__all__ = ["SOLVERS", "FilaInit", "Solver", "fila_factors", "fila_init", "fila_record", "lora_layers"]
 
 
 @dataclass(frozen=True)
@@ -304,109 +284,3 @@ def _init_layer(
 def fila_record(layer: nn.Module, adapter_name: str = "default") -> FilaInit | None:
     """The :class:`FilaInit` stored on a LoRA layer by :func:`fila_init`, or ``None``."""
     return getattr(layer, _RECORD_ATTR, {}).get(adapter_name)
-
-
-# --------------------------------------------------------------------------------------------------
-# Export
-# --------------------------------------------------------------------------------------------------
-
-
-def _require_peft_model(model: nn.Module) -> None:
-    from peft import PeftModel
-
-    if not isinstance(model, PeftModel):
-        raise TypeError(f"expected a peft.PeftModel, got {type(model).__name__}")
-
-
-def save_adapter(
-    model: nn.Module, path: str | os.PathLike, *, adapter_name: str = "default", overwrite: bool = False
-) -> Path:
-    """Write ``adapter_name`` as a standard ``peft`` LoRA adapter for the *original* base model.
-
-    For FILA-initialised layers the adapter is the rank-``2r`` ``[B, −B₀]·[A; A₀]`` with the layer's
-    scaling ``s`` (``lora_alpha = 2r·s``, ``use_rslora = False``), because the model's base weights are
-    ``W_res = W − s·B₀A₀``; other LoRA layers are written as they are. Per-layer ranks and alphas that
-    differ from the most common ones go into ``rank_pattern``/``alpha_pattern`` under the layers' full
-    names. ``peft.PeftModel.from_pretrained(original_base, path)`` then reproduces the trained model.
-
-    Writes ``adapter_config.json`` and ``adapter_model.safetensors`` into ``path`` atomically; an
-    existing non-empty ``path`` is replaced only with ``overwrite=True``. Returns the path.
-    """
-    _require_peft_model(model)
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
-
-    layers = _require_lora_model(model, adapter_name)
-    state = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
-    for name, (full_name, layer) in layers.items():
-        key_A, key_B = f"{full_name}.lora_A.weight", f"{full_name}.lora_B.weight"
-        if key_A not in state or key_B not in state:
-            raise ValueError(f"peft's state dict has no {key_A!r}/{key_B!r}; cannot export layer {name!r}")
-        scaling = float(layer.scaling[adapter_name])
-        record = fila_record(layer, adapter_name)
-        if record is not None:
-            A, B = state[key_A], state[key_B]
-            state[key_A] = torch.cat([A.float(), record.A0.to(A.device)], dim=0)
-            state[key_B] = torch.cat([B.float(), -record.B0.to(B.device)], dim=1)
-        ranks[name] = state[key_A].shape[0]
-        alphas[name] = scaling * ranks[name]
-    config = copy.deepcopy(model.peft_config[adapter_name])
-    config.r = max(set(ranks.values()), key=list(ranks.values()).count)
-    config.lora_alpha = _integral(max(set(alphas.values()), key=list(alphas.values()).count))
-    config.rank_pattern = {n: r for n, r in ranks.items() if r != config.r}
-    config.alpha_pattern = {n: _integral(a) for n, a in alphas.items() if a != config.lora_alpha}
-    config.use_rslora = False
-    config.init_lora_weights = True  # the saved weights replace any initialisation on load
-    tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
-    with atomic_directory(path, overwrite=overwrite) as tmp:
-        config.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return Path(path)
-
-
-def _integral(value: float) -> float | int:
-    return int(value) if float(value).is_integer() else value
-
-
-def merged_state_dict(model: nn.Module, *, adapter_name: str = "default") -> dict[str, Tensor]:
-    """The plain model's state dict with every LoRA layer merged: ``W_res + s·B·A`` (= ``W + ΔW``).
-
-    Keys are those of the un-wrapped model (``...q_proj.weight``); adapter tensors are left out. Merged
-    weights are computed in fp32, rounded to the base dtype and moved to the CPU one at a time.
-    """
-    _require_peft_model(model)
-    layers = _require_lora_model(model, adapter_name)
-    by_prefix = {name + ".": layer for name, (_, layer) in layers.items()}
-    state: dict[str, Any] = {}
-    for key, tensor in unwrap_model(model).state_dict().items():
-        if _ADAPTER_PARTS.intersection(key.split(".")):
-            continue
-        plain = key.replace(".base_layer.", ".")
-        prefix = plain.rsplit(".", 1)[0] + "."
-        layer = by_prefix.get(prefix)
-        if layer is not None and plain.endswith(".weight"):
-            with torch.no_grad():
-                A = layer.lora_A[adapter_name].weight.float()
-                B = layer.lora_B[adapter_name].weight.float()
-                merged = tensor.float() + float(layer.scaling[adapter_name]) * (B @ A)
-            tensor = merged.to(tensor.dtype)
-        state[plain] = tensor.detach().to("cpu")
-    return state
-
-
-def save_merged(
-    model: nn.Module, path: str | os.PathLike, *, adapter_name: str = "default", overwrite: bool = False
-) -> Path:
-    """Write the trained model with its LoRA adapter merged, as a plain ``transformers`` checkpoint.
-
-    Every LoRA-wrapped weight becomes ``W_res + s·B·A`` (for FILA: the original ``W`` plus ``ΔW``);
-    ``AutoModelForCausalLM.from_pretrained(path)`` loads it without ``peft``. Safetensors, written
-    atomically; the model itself is not modified.
-    """
-    state = merged_state_dict(model, adapter_name=adapter_name)
-    base = unwrap_model(model)
-    with atomic_directory(path, overwrite=overwrite) as tmp:
-        base.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-    return Path(path)

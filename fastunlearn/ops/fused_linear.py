@@ -22,9 +22,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fastunlearn._backend import Backend, resolve_backend
-from fastunlearn._ihl_torch import valid_targets
-from fastunlearn.ihl import _check_labels, _check_reduction, _implementation
+from fastunlearn.ops._backend import Backend, resolve_backend
+from fastunlearn.ops._ihl_torch import valid_targets
+from fastunlearn.ops.ihl import _check_labels, _check_reduction, _implementation
 
 # Elements of logits per chunk: 64M (256 MB in fp32) keeps each chunk's matmuls large enough to run
 # at full rate on a GPU while bounding the memory.

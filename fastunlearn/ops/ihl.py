@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from fastunlearn import _ihl_torch
-from fastunlearn._backend import Backend, resolve_backend
-from fastunlearn._ihl_torch import valid_targets
+from fastunlearn.ops import _ihl_torch
+from fastunlearn.ops._backend import Backend, resolve_backend
+from fastunlearn.ops._ihl_torch import valid_targets
 
 Reduction = Literal["mean", "sum", "none"]
 REDUCTIONS = ("mean", "sum", "none")

@@ -27,10 +27,10 @@ from collections.abc import Iterable, Mapping
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastunlearn.data import IGNORE_INDEX
-from fastunlearn.ihl import ihl_loss
-from fastunlearn.ihl_linear import fused_linear_ihl_loss
-from fastunlearn.metrics import collect_answer_stats
+from fastunlearn.evaluation.likelihood import collect_answer_stats
+from fastunlearn.ops.fused_linear import fused_linear_ihl_loss
+from fastunlearn.ops.ihl import ihl_loss
+from fastunlearn.training.data import IGNORE_INDEX
 
 METHODS = ("ihl", "ga", "gd", "npo")
 NEEDS_RETAIN = frozenset({"ihl", "gd", "npo"})

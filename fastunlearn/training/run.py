@@ -1,13 +1,11 @@
-"""The LoRA unlearning loop on ``transformers.Trainer`` and the :func:`unlearn` entry point.
+"""The :func:`unlearn` entry point: a model and two data sets in, an unlearned model on disk out.
 
-:class:`UnlearnTrainer` is a ``Trainer`` whose batches are paired forget/retain batches
-(:mod:`fastunlearn.data`) and whose loss is the chosen objective (:mod:`fastunlearn.methods`); mixed
-precision, gradient accumulation, checkpoints, resume, logging and multi-GPU come from ``Trainer``.
-
-:func:`unlearn` runs the paper's recipe (Cha et al. 2025 §4; SPEC §3.2): LoRA r = 32, alpha = 64,
-dropout 0 on every linear layer but the output head; AdamW with weight decay 0.01; one epoch of linear
-warm-up then linear decay; ``init="fila"`` estimates the forget and retain Fisher information and
-re-initialises the adapters with :func:`fastunlearn.fila.fila_init`. It writes, atomically::
+:func:`unlearn` runs the paper's recipe (Cha et al. 2025 §4; SPEC §3.2) with the options of
+:class:`~fastunlearn.training.config.UnlearnConfig`: it loads the model and the data, wraps the model
+with LoRA, for ``init="fila"`` estimates the forget and retain Fisher information and re-initialises
+the adapters with :func:`fastunlearn.fisher.fila_init`, trains with
+:class:`~fastunlearn.training.trainer.UnlearnTrainer`, measures the model before and after, and
+writes, atomically::
 
     output_dir/
       adapter/            peft adapter that loads on the ORIGINAL base model (LoRA / FILA)
@@ -17,33 +15,32 @@ re-initialises the adapters with :func:`fastunlearn.fila.fila_init`. It writes, 
       checkpoints/        Trainer checkpoints (resume=True continues from the last one)
       metrics.json        {"before": {"forget", "retain"}, "after": {...}, "train": {...}}
       run_config.json     every option, the data and model sources, library versions
+
+A non-empty output directory is refused unless ``overwrite`` (which removes only the entries above)
+or ``resume`` (which continues from the last checkpoint of the same run).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
 import time
 import warnings
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from fastunlearn import data as fdata
-from fastunlearn._backend import BACKENDS
 from fastunlearn._io import write_dir, write_json
-from fastunlearn.fila import SOLVERS
-from fastunlearn.fisher import MODES
-from fastunlearn.methods import METHODS, NEEDS_RETAIN, method_loss, sequence_logprobs
+from fastunlearn.modeling import load_model_and_tokenizer, to_training_device
+from fastunlearn.training import data as fdata
+from fastunlearn.training.config import INITS, UnlearnConfig, UnlearnResult
+from fastunlearn.training.methods import METHODS, NEEDS_RETAIN, sequence_logprobs
+from fastunlearn.training.trainer import build_trainer
 
-INITS = ("fila", "lora", "full")
 # Entries unlearn() writes; overwrite=True removes these and nothing else from output_dir.
 OUTPUT_ENTRIES = ("adapter", "model", "merged", "fisher", "checkpoints", "metrics.json", "run_config.json")
 # Options that may differ between a run and its resumption.
@@ -60,171 +57,7 @@ _RESUME_FREE = (
     "trust_remote_code",
 )
 
-__all__ = [
-    "INITS",
-    "UnlearnConfig",
-    "UnlearnResult",
-    "UnlearnTrainer",
-    "load_model_and_tokenizer",
-    "to_training_device",
-    "unlearn",
-]
-
-
-@dataclass
-class UnlearnConfig:
-    """Options of :func:`unlearn` (paper defaults where the paper has one)."""
-
-    lora_r: int = 32
-    lora_alpha: int = 64
-    lora_dropout: float = 0.0
-    target_modules: list[str] | None = None  # None: every nn.Linear but the output head
-    learning_rate: float = 1e-4
-    num_epochs: float = 5.0
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 8  # effective batch 32, as the paper's
-    warmup_epochs: float = 1.0
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
-    max_length: int = 512
-    template: str = "plain"
-    data_format: str = "auto"
-    npo_beta: float = 0.1
-    ihl_backend: str = "auto"
-    # IHL from the last hidden states (fastunlearn.fused_linear_ihl_loss): the forget batch's [B, T, V]
-    # logits never exist. For models whose logits are exactly lm_head(decoder(x)).
-    fused_linear: bool = False
-    fisher_mode: str = "per_example"
-    fisher_batch_size: int = 4
-    fila_eps: float = 1e-5
-    fila_solver: str = "svd"
-    seed: int = 0
-    # bf16 autocast; a model given by path is also loaded in bf16 (a module object keeps its dtype)
-    bf16: bool = False
-    gradient_checkpointing: bool = False
-    merge: bool = False
-    overwrite: bool = False
-    resume: bool = False
-    evaluate: bool = True
-    eval_batch_size: int = 16
-    logging_steps: int = 10
-    progress: bool = True
-    trust_remote_code: bool = False
-    allow_download: bool = False
-    # transformers.TrainerCallback instances added to the Trainer (e.g. per-epoch evaluation and stopping,
-    # fastunlearn.evaluation); recorded in run_config.json by class name.
-    callbacks: list[Any] | None = None
-
-    def __post_init__(self) -> None:
-        positive = (
-            "lora_r",
-            "batch_size",
-            "gradient_accumulation_steps",
-            "max_length",
-            "fisher_batch_size",
-            "eval_batch_size",
-            "logging_steps",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("learning_rate", "num_epochs", "npo_beta", "lora_alpha"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.warmup_epochs < 0 or self.weight_decay < 0 or not 0 <= self.lora_dropout < 1:
-            raise ValueError("warmup_epochs and weight_decay must be >= 0 and lora_dropout in [0, 1)")
-        if self.template not in fdata.TEMPLATE_NAMES:
-            raise ValueError(
-                f"unknown template {self.template!r}; expected one of {list(fdata.TEMPLATE_NAMES)}"
-            )
-        if self.data_format not in ("auto", *fdata.FORMATS):
-            raise ValueError(
-                f"unknown data format {self.data_format!r}; expected 'auto' or one of {list(fdata.FORMATS)}"
-            )
-        for name, allowed in (("fisher_mode", MODES), ("fila_solver", SOLVERS), ("ihl_backend", BACKENDS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {list(allowed)}")
-        if self.overwrite and self.resume:
-            raise ValueError("overwrite=True and resume=True exclude each other")
-
-
-@dataclass
-class UnlearnResult:
-    """What :func:`unlearn` produced: the trained model, its metrics, and the paths written."""
-
-    model: nn.Module
-    tokenizer: Any
-    output_dir: str
-    metrics: dict[str, Any]
-    metrics_path: str
-    run_config_path: str
-    adapter_path: str | None = None
-    model_path: str | None = None
-    merged_path: str | None = None
-    fisher_paths: dict[str, str] = field(default_factory=dict)
-
-
-class _EpochPairing(TrainerCallback):
-    """Re-draw the forget/retain pairing at the start of each epoch (also after a resume mid-epoch)."""
-
-    def __init__(self, dataset: fdata.PairedDataset) -> None:
-        self.dataset = dataset
-
-    def on_epoch_begin(self, args, state, control, **kwargs) -> None:
-        # state.epoch is e + (steps done)/(steps per epoch): its floor is the epoch index e.
-        self.dataset.set_epoch(math.floor(state.epoch or 0))
-
-
-class UnlearnTrainer(Trainer):
-    """``Trainer`` on :class:`fastunlearn.data.PairedDataset` batches with an unlearning objective.
-
-    ``compute_loss`` returns the per-micro-batch objective of :func:`fastunlearn.methods.method_loss`
-    (token means within the batch, as the paper's code), so ``Trainer`` divides it by the number of
-    accumulation steps. The forget and retain parts are averaged on-device between logging steps and
-    logged as ``forget_loss`` and ``retain_loss``.
-    """
-
-    loss_is_scaled_for_ga = False
-
-    def __init__(
-        self,
-        *args,
-        method: str,
-        npo_beta: float = 0.1,
-        ihl_backend: str = "auto",
-        fused_linear: bool = False,
-        **kwargs,
-    ):
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
-        super().__init__(*args, **kwargs)
-        self.method, self.npo_beta, self.ihl_backend = method, npo_beta, ihl_backend
-        self.fused_linear = fused_linear
-        self._parts: dict[str, torch.Tensor] = {}
-        self._parts_n = 0
-        if isinstance(self.train_dataset, fdata.PairedDataset):
-            self.add_callback(_EpochPairing(self.train_dataset))
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, parts = method_loss(
-            model,
-            inputs,
-            self.method,
-            npo_beta=self.npo_beta,
-            ihl_backend=self.ihl_backend,
-            fused_linear=self.fused_linear,
-        )
-        for key, value in parts.items():
-            self._parts[key] = self._parts.get(key, 0) + value
-        self._parts_n += 1
-        return (loss, None) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if "loss" in logs and self._parts_n:
-            for key, value in self._parts.items():
-                logs[key] = round(float(value) / self._parts_n, 4)  # one sync per logging step
-            self._parts, self._parts_n = {}, 0
-        super().log(logs, *args, **kwargs)
+__all__ = ["OUTPUT_ENTRIES", "check_output_dir", "clear_output_dir", "unlearn"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,63 +97,6 @@ def _last_checkpoint(output_dir: str) -> str | None:
 
 # ---------------------------------------------------------------------------------------------------
 # Model
-
-
-def load_model_and_tokenizer(
-    model: nn.Module | str | os.PathLike,
-    tokenizer: Any = None,
-    *,
-    trust_remote_code: bool = False,
-    allow_download: bool = False,
-    dtype: torch.dtype | str | None = None,
-) -> tuple[nn.Module, Any]:
-    """A causal LM and its tokenizer from objects or local paths (Hub ids only with ``allow_download``).
-
-    Raises ``FileNotFoundError`` with a clear message when a path is not a local directory and
-    downloads are not allowed, and ``TypeError`` for a model object without a tokenizer.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    def local(name: str, what: str) -> str:
-        if not allow_download and not os.path.isdir(name):
-            raise FileNotFoundError(
-                f"{what} {name!r} is not a local directory. fastunlearn loads local models only; "
-                "pass allow_download=True (--allow-download) to fetch it from the Hugging Face Hub"
-            )
-        return name
-
-    source = None
-    if isinstance(model, (str, os.PathLike)):
-        source = local(os.fspath(model), "model")
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            local_files_only=not allow_download,
-            trust_remote_code=trust_remote_code,
-            dtype=dtype if dtype is not None else "auto",
-        )
-    elif not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module or a local path, got {type(model).__name__}")
-    if tokenizer is None:
-        if source is None:
-            raise TypeError("pass the tokenizer with a model object (it can only be found from a model path)")
-        tokenizer = source
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(
-            local(os.fspath(tokenizer), "tokenizer"),
-            local_files_only=not allow_download,
-            trust_remote_code=trust_remote_code,
-        )
-    return model, tokenizer
-
-
-def to_training_device(model: nn.Module) -> None:
-    """Move a CPU model to the GPU ``Trainer`` will use, so evaluation, Fisher and NPO's reference run there.
-
-    Models dispatched with a ``device_map`` and runs without CUDA are left where they are.
-    """
-    on_cpu = next(model.parameters()).device.type == "cpu"
-    if torch.cuda.is_available() and on_cpu and getattr(model, "hf_device_map", None) is None:
-        model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
 
 
 def _check_vocab(model: nn.Module, examples: Iterable[fdata.Example], name: str) -> None:
@@ -367,8 +143,7 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
 
 def _fila(model, forget_batches, retain_batches, cfg: UnlearnConfig, output_dir: str) -> dict[str, str]:
     """Estimate (or, on resume, reload) the Fisher information and re-initialise the adapters (SPEC §3.2)."""
-    from fastunlearn.fila import fila_init
-    from fastunlearn.fisher import FisherEstimate, estimate_fisher
+    from fastunlearn.fisher import FisherEstimate, estimate_fisher, fila_init
 
     fisher_dir = os.path.join(output_dir, "fisher")
     paths = {name: os.path.join(fisher_dir, f"{name}.safetensors") for name in ("forget", "retain")}
@@ -421,7 +196,7 @@ def _versions() -> dict[str, str]:
 
 
 def _evaluate(model, forget_ex, retain_ex, pad_id: int, cfg: UnlearnConfig) -> dict[str, dict[str, float]]:
-    from fastunlearn.metrics import basic_metrics
+    from fastunlearn.evaluation.likelihood import basic_metrics
 
     return {
         name: basic_metrics(model, fdata.batches(examples, pad_id, cfg.eval_batch_size))
@@ -446,10 +221,10 @@ def unlearn(
     ``model``: an ``nn.Module`` (a Hugging Face causal LM; modified in place: wrapped with LoRA, and
     for FILA its base weights become the residual ``W − s·B₀A₀``) or a local directory.
     ``tokenizer``: a tokenizer, a local directory, or ``None`` with a model path. ``forget`` /
-    ``retain``: JSON Lines paths or iterables of records (see :mod:`fastunlearn.data`); ``retain`` may be
-    ``None`` only for ``method="ga"``. ``method``: ``"ihl"``, ``"ga"``, ``"gd"``, ``"npo"``
-    (:mod:`fastunlearn.methods`). ``init``: ``"fila"``, ``"lora"`` or ``"full"``. ``options``: the
-    fields of :class:`UnlearnConfig` (unknown names raise ``TypeError``).
+    ``retain``: JSON Lines paths or iterables of records (see :mod:`fastunlearn.training.data`);
+    ``retain`` may be ``None`` only for ``method="ga"``. ``method``: ``"ihl"``, ``"ga"``, ``"gd"``,
+    ``"npo"`` (:mod:`fastunlearn.training.methods`). ``init``: ``"fila"``, ``"lora"`` or ``"full"``.
+    ``options``: the fields of :class:`UnlearnConfig` (unknown names raise ``TypeError``).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
@@ -579,53 +354,6 @@ def _check_resumable(config_path: str, run_config: dict[str, Any]) -> None:
         raise ValueError(f"cannot resume: the run in {os.path.dirname(config_path)} differs in {mismatched}")
 
 
-def build_trainer(
-    model: nn.Module,
-    dataset: fdata.PairedDataset,
-    pad_id: int,
-    *,
-    method: str,
-    cfg: UnlearnConfig,
-    output_dir: str,
-):
-    """An :class:`UnlearnTrainer` with the paper's schedule: linear warm-up, then linear decay."""
-    batches_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps))
-    args = TrainingArguments(
-        output_dir=os.path.join(output_dir, "checkpoints"),
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        num_train_epochs=cfg.num_epochs,
-        learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        lr_scheduler_type="linear",
-        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
-        optim="adamw_torch",
-        bf16=cfg.bf16,
-        logging_steps=cfg.logging_steps,
-        save_strategy="epoch",
-        save_total_limit=1,
-        report_to="none",
-        seed=cfg.seed,
-        remove_unused_columns=False,
-        disable_tqdm=not cfg.progress,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-    )
-    return UnlearnTrainer(
-        model=model,
-        args=args,
-        callbacks=cfg.callbacks,
-        train_dataset=dataset,
-        data_collator=fdata.PairCollator(pad_id),
-        method=method,
-        npo_beta=cfg.npo_beta,
-        ihl_backend=cfg.ihl_backend,
-        fused_linear=cfg.fused_linear,
-    )
-
-
 def _save_outputs(result: UnlearnResult, *, init: str, merge: bool) -> None:
     model, out = result.model, result.output_dir
     if init == "full":
@@ -636,7 +364,7 @@ def _save_outputs(result: UnlearnResult, *, init: str, merge: bool) -> None:
 
         result.model_path = write_dir(os.path.join(out, "model"), save_full)
         return
-    from fastunlearn.fila import save_adapter, save_merged
+    from fastunlearn.fisher import save_adapter, save_merged
 
     result.adapter_path = os.fspath(save_adapter(model, os.path.join(out, "adapter"), overwrite=True))
     if merge:

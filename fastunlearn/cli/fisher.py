@@ -1,0 +1,81 @@
+"""``fastunlearn fisher``: estimate and save the diagonal Fisher information of a model on a data set."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from fastunlearn.cli._args import add_data_args, add_model_args
+
+__all__ = ["add_parser"]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``fastunlearn fisher``."""
+    from fastunlearn.fisher import MODES
+
+    p = subparsers.add_parser(
+        "fisher",
+        help="estimate the diagonal Fisher information of a model's linear layers on a data set",
+        description="Estimate the diagonal empirical Fisher information F = (1/N) Σ_n g_n² of every linear "
+        "layer of MODEL (but the output head) on the examples of --data, and save it as safetensors "
+        "(load it with fastunlearn.fisher.FisherEstimate.load).",
+    )
+    add_model_args(p)
+    p.add_argument("--data", required=True, help="JSON Lines file of the examples")
+    p.add_argument("--output", required=True, help="output .safetensors file")
+    add_data_args(p)
+    p.add_argument(
+        "--mode",
+        default="per_example",
+        choices=MODES,
+        help="estimator (default: %(default)s)",
+    )
+    p.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=None,
+        help="layer names or suffixes (default: every linear layer but the output head)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=4, help="examples per forward pass (default: %(default)s)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_run_fisher)
+    return p
+
+
+def _run_fisher(args: argparse.Namespace) -> int:
+    from fastunlearn.fisher import estimate_fisher
+    from fastunlearn.modeling import load_model_and_tokenizer, to_training_device
+    from fastunlearn.training import data as fdata
+
+    if os.path.exists(args.output) and not args.overwrite:
+        raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
+    model, tokenizer = load_model_and_tokenizer(
+        args.model,
+        args.tokenizer,
+        trust_remote_code=args.trust_remote_code,
+        allow_download=args.allow_download,
+    )
+    to_training_device(model)  # on a GPU machine the Fisher kernel runs there
+    examples = fdata.prepare(
+        args.data,
+        tokenizer,
+        name="data",
+        data_format=args.data_format,
+        template=args.template,
+        max_length=args.max_length,
+    )
+    batches = fdata.batches(examples, fdata.pad_id_of(tokenizer), args.batch_size)
+    estimate = estimate_fisher(
+        model, batches, target_modules=args.target_modules, mode=args.mode, progress=not args.no_progress
+    )
+    estimate.save(args.output, overwrite=args.overwrite)
+    total = sum(t.numel() for t in estimate.values())
+    print(
+        f"{'layers':<12}{len(estimate)}\n{'parameters':<12}{total}\n{'examples':<12}{estimate.num_examples}\n"
+        f"{'tokens':<12}{estimate.num_tokens}\n{'mode':<12}{args.mode}\nwrote {args.output}"
+    )
+    return 0

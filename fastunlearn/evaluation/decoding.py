@@ -1,0 +1,95 @@
+"""Greedy decoding with a KV cache for a batch of prompts of any lengths (left padded).
+
+Shared by the extraction metrics (:mod:`fastunlearn.evaluation.extraction_metrics`), which continue
+prefixes to a fixed length, and the TOFU protocol (:mod:`fastunlearn.evaluation.tofu`), which stops at
+EOS. Works with the calling conventions of ``transformers`` 4.x and 5.x (cache and logits arguments).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from fastunlearn.modeling import model_device
+
+__all__ = ["greedy_decode"]
+
+
+def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    # With left padding a sequence's first real token must still sit at position 0.
+    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+
+
+def _decode_arguments(model: torch.nn.Module) -> tuple[str, dict[str, int]]:
+    """The forward argument that takes the KV cache (``cache`` from transformers 5.2x on, before that
+    ``past_key_values``), and the argument limiting logits to the last position where the model has one
+    (``logits_to_keep``; ``num_logits_to_keep`` in older versions): prefill then skips the vocabulary
+    projection of every prompt position."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    keep = next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {})
+    return ("cache" if "cache" in params else "past_key_values"), keep
+
+
+def _output_cache(out: Mapping[str, object]) -> object:
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")
+
+
+def greedy_decode(
+    model: torch.nn.Module,
+    prompts: list[torch.Tensor],
+    max_new_tokens: int,
+    *,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
+) -> torch.Tensor:
+    """Greedy continuation of a batch of prompts of any lengths, with a KV cache.
+
+    Prompts are left padded (position ids follow the mask, so padding changes nothing but rounding).
+    Without ``eos_token_id`` exactly ``max_new_tokens`` tokens are generated per prompt (the
+    extraction protocol never stops early). With it, a row stops at its first EOS — later positions
+    hold ``pad_token_id`` — and decoding ends once every row has stopped.
+    Returns ``[R, max_new_tokens]`` token ids (or fewer columns when every row stopped early).
+    Must be called under :func:`fastunlearn.evaluation.likelihood.eval_mode`.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise ValueError("greedy_decode needs at least one prompt, each of at least one token")
+    device = model_device(model)
+    rows, width = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((rows, width), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros((rows, width), dtype=torch.long, device=device)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p) :] = p.to(device)
+        mask[r, width - len(p) :] = 1
+    positions = _position_ids(mask)
+    cache_arg, keep_last = _decode_arguments(model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep_last)
+    next_tok = out.logits[:, -1].argmax(dim=-1)
+    position = positions[:, -1:]
+    generated = [next_tok]
+    done = next_tok == eos_token_id if eos_token_id is not None else None
+    for _ in range(max_new_tokens - 1):
+        if done is not None and bool(done.all()):  # one sync per step, only when stopping at EOS
+            break
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+        position = position + 1
+        out = model(
+            input_ids=next_tok[:, None],
+            attention_mask=mask,
+            position_ids=position,
+            use_cache=True,
+            **keep_last,
+            **{cache_arg: _output_cache(out)},
+        )
+        next_tok = out.logits[:, -1].argmax(dim=-1)
+        if done is not None:
+            next_tok = next_tok.masked_fill(done, pad_token_id)
+            done = done | (next_tok == eos_token_id)
+        generated.append(next_tok)
+    return torch.stack(generated, dim=1)

@@ -1,0 +1,186 @@
+"""Likelihood metrics of answers on any causal language model (SPEC §4), computed batched.
+
+Answer-level statistics (TOFU): every quantity comes from the per-token negative log-likelihood of the
+answer tokens under teacher forcing. With labels following the Hugging Face convention (``-100`` on the
+prompt and padding, causal shift done here: logits at position ``t`` predict the token at ``t + 1``),
+one forward pass per batch gives, per example,
+
+    nll_sum    = Σ_t −log p(y_t | y_<t, q)           (answer tokens only, fp32)
+    num_tokens = #answer tokens
+    correct    = Σ_t 1[argmax_v p(v | y_<t, q) = y_t]
+
+from which the length-normalised probability ``P̄(a|q) = exp(−nll_sum / num_tokens)`` follows, and
+from it TOFU's normalisation over multiple-choice options and the truth ratio of perturbed against
+true answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from fastunlearn.modeling import model_device
+from fastunlearn.training.data import IGNORE_INDEX
+
+__all__ = [
+    "answer_probability",
+    "answer_stats",
+    "basic_metrics",
+    "collect_answer_stats",
+    "eval_mode",
+    "normalized_probability",
+    "token_nll",
+    "truth_ratio",
+    "truth_ratio_score",
+]
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode with gradients off, and restore its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _require_batch(batch: Mapping[str, torch.Tensor], keys: tuple[str, ...]) -> None:
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise ValueError(f"batch is missing {missing}; expected keys {list(keys)}")
+    shape = batch[keys[0]].shape
+    if len(shape) != 2:
+        raise ValueError(f"batch[{keys[0]!r}] must be 2-D [batch, seq], got shape {tuple(shape)}")
+    for k in keys[1:]:
+        if batch[k].shape != shape:
+            raise ValueError(f"batch[{k!r}] has shape {tuple(batch[k].shape)}, expected {tuple(shape)}")
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Shifted per-token NLL (fp32), the label mask and the teacher-forced hits, each ``[B, T-1]``.
+
+    ``logits[:, t]`` scores ``labels[:, t + 1]``; positions whose label is ``-100`` get NLL 0 and are
+    excluded from the mask. The log-softmax runs in fp32 whatever the logits' dtype.
+    """
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    mask = target != IGNORE_INDEX
+    safe_target = target.masked_fill(~mask, 0)
+    nll = F.cross_entropy(logits.transpose(1, 2), safe_target, reduction="none") * mask
+    hits = (logits.argmax(dim=-1) == safe_target) & mask
+    return nll, mask, hits
+
+
+def answer_stats(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-example answer statistics from one teacher-forced forward pass (no gradient).
+
+    ``batch`` holds ``input_ids``, ``attention_mask`` and ``labels`` (``[B, T]``, ``-100`` ignored).
+    Returns ``nll_sum`` (fp32), ``num_tokens`` and ``correct`` (int64), each ``[B]``, on the model's
+    device. The caller chooses the mode; :func:`basic_metrics` switches to eval mode.
+    """
+    _require_batch(batch, ("input_ids", "attention_mask", "labels"))
+    device = model_device(model)
+    with torch.no_grad():
+        out = model(
+            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+        )
+        nll, mask, hits = token_nll(out.logits, batch["labels"].to(device))
+    return {"nll_sum": nll.sum(dim=1), "num_tokens": mask.sum(dim=1), "correct": hits.sum(dim=1)}
+
+
+def collect_answer_stats(
+    model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """:func:`answer_stats` over many batches, concatenated per example, in eval mode.
+
+    Raises ``ValueError`` when there are no examples or an example has no answer token (its
+    probability would be undefined).
+    """
+    parts: dict[str, list[torch.Tensor]] = {"nll_sum": [], "num_tokens": [], "correct": []}
+    with eval_mode(model):
+        for batch in batches:
+            for key, value in answer_stats(model, batch).items():
+                parts[key].append(value)
+    if not parts["nll_sum"]:
+        raise ValueError("no batches to evaluate: the data set is empty")
+    stats = {key: torch.cat(values) for key, values in parts.items()}
+    empty = (stats["num_tokens"] == 0).nonzero().flatten()
+    if empty.numel():  # one sync per evaluation, not per batch
+        raise ValueError(
+            f"{empty.numel()} example(s) have no answer tokens (every label is -100), e.g. example "
+            f"{int(empty[0])}; their answer probability is undefined"
+        )
+    return stats
+
+
+def basic_metrics(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
+    """Mean length-normalised answer probability, teacher-forced accuracy and mean NLL (SPEC §4).
+
+    - ``prob``: mean over examples of ``exp(−nll_sum / num_tokens)``;
+    - ``accuracy``: total correct answer tokens / total answer tokens (token-level, teacher forced);
+    - ``nll``: mean over examples of the per-token mean NLL ``nll_sum / num_tokens``.
+
+    The model is evaluated in eval mode without gradients and its mode restored afterwards.
+    """
+    stats = collect_answer_stats(model, batches)
+    mean_nll = stats["nll_sum"] / stats["num_tokens"]
+    return {
+        "prob": torch.exp(-mean_nll).mean().item(),
+        "accuracy": (stats["correct"].sum() / stats["num_tokens"].sum()).item(),
+        "nll": mean_nll.mean().item(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# TOFU metrics (Maini et al. 2024)
+# ---------------------------------------------------------------------------------------------------
+
+
+def answer_probability(stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Length-normalised probability ``P̄(a|q) = exp(−nll_sum / num_tokens)`` per example (SPEC §4),
+    from :func:`answer_stats` / :func:`collect_answer_stats` output."""
+    return torch.exp(-stats["nll_sum"].double() / stats["num_tokens"].double())
+
+
+def normalized_probability(true_prob: torch.Tensor, perturbed_prob: torch.Tensor) -> torch.Tensor:
+    """Probability of the true answer normalised over the options: ``P̄_true / (P̄_true + Σ_k P̄_pert,k)``.
+
+    TOFU scores the real-authors and world-facts sets this way (multiple choice between the true
+    answer and its perturbed versions). ``true_prob`` is ``[N]``, ``perturbed_prob`` ``[N, K]``.
+    """
+    _check_option_shapes(true_prob, perturbed_prob)
+    return true_prob / (true_prob + perturbed_prob.sum(dim=1))
+
+
+def truth_ratio(true_prob: torch.Tensor, perturbed_prob: torch.Tensor) -> torch.Tensor:
+    """Truth ratio ``R = P̄_pert / P̄_true`` per example (SPEC §4).
+
+    ``P̄_pert`` is the geometric mean of the K perturbed answers' length-normalised probabilities,
+    i.e. ``exp(mean_k log P̄_pert,k)``; computed in log space, so ``R = exp(mean_k log P̄_pert,k −
+    log P̄_true)``. ``true_prob`` is ``[N]`` (the paraphrased answer on forget/retain, the original
+    one on real authors / world facts), ``perturbed_prob`` ``[N, K]``. R < 1: the model prefers the
+    truth; R ≈ 1: it cannot tell the truth from plausible falsehoods.
+    """
+    _check_option_shapes(true_prob, perturbed_prob)
+    return torch.exp(perturbed_prob.log().mean(dim=1) - true_prob.log())
+
+
+def _check_option_shapes(true_prob: torch.Tensor, perturbed_prob: torch.Tensor) -> None:
+    if true_prob.dim() != 1 or perturbed_prob.dim() != 2 or perturbed_prob.shape[0] != true_prob.shape[0]:
+        raise ValueError(
+            f"expected true [N] and perturbed [N, K] probabilities, got {tuple(true_prob.shape)} "
+            f"and {tuple(perturbed_prob.shape)}"
+        )
+    if perturbed_prob.shape[1] == 0:
+        raise ValueError("perturbed probabilities need at least one perturbed answer per item (K ≥ 1)")
+
+
+def truth_ratio_score(ratios: torch.Tensor) -> float:
+    """TOFU's utility component from truth ratios: ``mean max(0, 1 − R)`` (SPEC §4)."""
+    return torch.clamp(1 - ratios.double(), min=0).mean().item()

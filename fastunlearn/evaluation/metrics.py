@@ -1,0 +1,45 @@
+"""Every unlearning metric of SPEC §4 as a function on any causal LM: ``fastunlearn.metrics``.
+
+The metrics live by kind in :mod:`~fastunlearn.evaluation.likelihood` (answer statistics, probability,
+truth ratio), :mod:`~fastunlearn.evaluation.extraction_metrics` (MA, EL_n),
+:mod:`~fastunlearn.evaluation.decoding` (greedy decoding) and :mod:`~fastunlearn.evaluation.scores`
+(ROUGE-L, forget quality, model utility); this module gathers them under one name.
+"""
+
+from fastunlearn.evaluation.decoding import greedy_decode
+from fastunlearn.evaluation.extraction_metrics import (
+    extraction_likelihood,
+    extraction_metrics,
+    memorization_accuracy,
+)
+from fastunlearn.evaluation.likelihood import (
+    answer_probability,
+    answer_stats,
+    basic_metrics,
+    collect_answer_stats,
+    eval_mode,
+    normalized_probability,
+    token_nll,
+    truth_ratio,
+    truth_ratio_score,
+)
+from fastunlearn.evaluation.scores import forget_quality, model_utility, rouge_l_recall
+
+__all__ = [
+    "answer_probability",
+    "answer_stats",
+    "basic_metrics",
+    "collect_answer_stats",
+    "eval_mode",
+    "extraction_likelihood",
+    "extraction_metrics",
+    "forget_quality",
+    "greedy_decode",
+    "memorization_accuracy",
+    "model_utility",
+    "normalized_probability",
+    "rouge_l_recall",
+    "token_nll",
+    "truth_ratio",
+    "truth_ratio_score",
+]

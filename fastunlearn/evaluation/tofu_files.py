@@ -1,0 +1,112 @@
+"""TOFU-format evaluation files (Maini et al. 2024): reading them, and finding them in a directory.
+
+A file is JSON Lines with ``question`` and ``answer`` per line, and in the ``*_perturbed`` files also
+``paraphrased_answer`` (forget / retain) and ``perturbed_answer`` (every one); TOFU's own ``.json``
+files are in this format. Records are read by :func:`fastunlearn.training.data.read_jsonl`, the
+reader of the training data, so errors name the file and line the same way.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+from fastunlearn.training import data as fdata
+
+TOFU_SETS = ("forget", "retain", "real_authors", "world_facts")
+
+__all__ = ["TOFU_SETS", "TofuItem", "find_tofu_files", "read_tofu_file"]
+
+
+@dataclass(frozen=True)
+class TofuItem:
+    """One TOFU question with its answers.
+
+    ``paraphrased_answer`` exists in the forget/retain ``*_perturbed`` files; ``perturbed_answers`` (3 in
+    real authors / world facts, 5 in forget/retain) in every ``*_perturbed`` file; plain split files
+    (``forget10.json``) have neither.
+    """
+
+    question: str
+    answer: str
+    paraphrased_answer: str | None
+    perturbed_answers: tuple[str, ...] | None
+    source: str
+
+
+def read_tofu_file(path: str | os.PathLike) -> list[TofuItem]:
+    """Parse a TOFU-format JSON Lines file; errors name the file and line.
+
+    Every item of a file must have the same fields and the same number of perturbed answers (the
+    truth ratio is computed on an ``[N, K]`` table).
+    """
+    items = []
+    for record in fdata.read_jsonl(path):
+        where = record["_source"]
+        for field in ("question", "answer"):
+            if not isinstance(record.get(field), str):
+                raise ValueError(f"{where}: field {field!r} must be present and a string")
+        para = record.get("paraphrased_answer")
+        if para is not None and not isinstance(para, str):
+            raise ValueError(f"{where}: 'paraphrased_answer' must be a string")
+        pert = record.get("perturbed_answer")
+        if pert is not None:
+            if isinstance(pert, str):
+                pert = [pert]
+            if not isinstance(pert, list) or not pert or not all(isinstance(p, str) for p in pert):
+                raise ValueError(f"{where}: 'perturbed_answer' must be a non-empty list of strings")
+            pert = tuple(pert)
+        items.append(TofuItem(record["question"], record["answer"], para, pert, where))
+    first = items[0]
+    for item in items[1:]:
+        if (item.paraphrased_answer is None) != (first.paraphrased_answer is None):
+            raise ValueError(f"{item.source}: 'paraphrased_answer' is present on some lines and not others")
+        k0 = None if first.perturbed_answers is None else len(first.perturbed_answers)
+        k = None if item.perturbed_answers is None else len(item.perturbed_answers)
+        if k != k0:
+            raise ValueError(
+                f"{item.source}: {k} perturbed answers where {first.source} has {k0}; "
+                "every line of a file needs the same number"
+            )
+    return items
+
+
+def find_tofu_files(data_dir: str | os.PathLike, *, forget_split: str | None = None) -> dict[str, str]:
+    """Locate TOFU evaluation files in a directory by TOFU's names.
+
+    forget: ``{forget_split}_perturbed.json`` (e.g. ``forget10``), or the only ``forget*_perturbed.json``,
+    else the plain ``{forget_split}.json`` / only ``forget*.json``; retain: ``retain_perturbed.json``
+    (else ``retain*.json`` when only one exists); real authors / world facts:
+    ``real_authors_perturbed.json`` / ``world_facts_perturbed.json``. Absent sets are left out;
+    ambiguity (several forget splits and no ``forget_split``) raises ``ValueError``.
+    """
+    data_dir = os.fspath(data_dir)
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"TOFU data directory not found: {data_dir}")
+
+    def pick(kind: str, patterns: list[str]) -> str | None:
+        for pattern in patterns:
+            found = sorted(glob.glob(os.path.join(data_dir, pattern)))
+            if len(found) == 1:
+                return found[0]
+            if len(found) > 1:
+                names = [os.path.basename(f) for f in found]
+                raise ValueError(
+                    f"several {kind} files in {data_dir}: {names}; choose one (forget_split=... / "
+                    "--forget-split for the forget set, or pass the set's file explicitly)"
+                )
+        return None
+
+    split = forget_split or "forget*"
+    files = {
+        "forget": pick("forget", [f"{split}_perturbed.json", f"{split}.json"]),
+        "retain": pick("retain", ["retain_perturbed.json", "retain*.json"]),
+        "real_authors": pick("real authors", ["real_authors_perturbed.json", "real_authors.json"]),
+        "world_facts": pick("world facts", ["world_facts_perturbed.json", "world_facts.json"]),
+    }
+    files = {k: v for k, v in files.items() if v is not None}
+    if not files:
+        raise ValueError(f"no TOFU files (forget*, retain*, real_authors*, world_facts*) in {data_dir}")
+    return files
+

@@ -1,0 +1,99 @@
+"""The linear layers a Fisher estimate covers: discovery by canonical name, and the user's selection.
+
+Names are canonical (:func:`fastunlearn.modeling.canonical_name`): the same layer has the same name on
+a ``transformers`` model and on that model wrapped by ``peft``, DDP or DeepSpeed, so estimates taken on
+either apply to both. For a ``peft`` adapter layer the frozen base layer is the one measured.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+from fastunlearn.modeling import canonical_name, unwrap_model
+
+__all__ = ["linear_layers", "select_linear_layers"]
+
+
+def _tuner_layer_class() -> type | None:
+    # A model can only contain peft layers if peft has been imported: no need to import it otherwise.
+    if "peft" not in sys.modules:
+        return None
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return BaseTunerLayer
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` of ``model`` by canonical name; for a ``peft`` adapter layer, its frozen base.
+
+    The adapters' own linear layers (``lora_A``, ``lora_B``...) are not included.
+    """
+    root = unwrap_model(model)
+    tuner = _tuner_layer_class()
+    found: dict[str, nn.Linear] = {}
+    skip = None  # named_modules is pre-order: a tuner layer's submodules follow it directly
+    for name, module in root.named_modules():
+        if skip is not None and name.startswith(skip):
+            continue
+        skip = None
+        if tuner is not None and isinstance(module, tuner):
+            skip = name + "."
+            base = module.get_base_layer()
+            if isinstance(base, nn.Linear):
+                found[canonical_name(name)] = base
+        elif isinstance(module, nn.Linear):
+            found[canonical_name(name)] = module
+    return found
+
+
+def _output_embedding(model: nn.Module) -> nn.Module | None:
+    root = unwrap_model(model)
+    get_out = getattr(root, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    tuner = _tuner_layer_class()
+    if head is not None and tuner is not None and isinstance(head, tuner):
+        head = head.get_base_layer()
+    return head
+
+
+def _describe(names: Iterable[str], limit: int = 12) -> str:
+    names = sorted(names)
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+    return f"layer types {suffixes}; layers: {shown}"
+
+
+def select_linear_layers(
+    model: nn.Module, target_modules: str | Sequence[str] | None
+) -> dict[str, nn.Linear]:
+    """Resolve ``target_modules`` (full canonical names or dotted suffixes) to linear layers.
+
+    ``None`` selects every ``nn.Linear`` but the output embedding (``get_output_embeddings()``), the
+    reference's scope. Raises ``ValueError`` naming any entry that matches nothing, with the candidates.
+    """
+    layers = linear_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layers to measure")
+    if target_modules is None:
+        head = _output_embedding(model)
+        selected = {name: layer for name, layer in layers.items() if layer is not head}
+        if not selected:
+            raise ValueError("the model's only linear layer is its output embedding; name it explicitly")
+        return selected
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    selected = {}
+    for spec in target_modules:
+        if not isinstance(spec, str) or not spec:
+            raise TypeError(f"target_modules entries must be non-empty strings, got {spec!r}")
+        key = canonical_name(spec)
+        matched = {n: m for n, m in layers.items() if n == key or n.endswith("." + key)}
+        if not matched:
+            raise ValueError(
+                f"target module {spec!r} matches no linear layer of the model; {_describe(layers)}"
+            )
+        selected.update(matched)
+    return selected

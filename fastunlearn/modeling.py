@@ -1,0 +1,142 @@
+"""Models as fastunlearn meets them: loading, unwrapping, naming and placement.
+
+- :func:`load_model_and_tokenizer`: a causal LM and its tokenizer from objects or local directories.
+- :func:`unwrap_model`: the model under a ``peft`` wrapper.
+- :func:`canonical_name`: a layer's name with what wrappers add stripped, so that state taken on a
+  plain model and on the same model wrapped by ``peft``/DDP/DeepSpeed share their keys.
+- :func:`model_device`, :func:`to_training_device`: where a model is, and the device ``Trainer`` will
+  train on.
+
+``transformers`` and ``peft`` are imported inside the functions that need them: the Fisher layer uses
+this module, and ``import fastunlearn`` must stay free of both.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "canonical_name",
+    "load_local_model",
+    "load_model_and_tokenizer",
+    "model_device",
+    "to_training_device",
+    "unwrap_model",
+]
+
+
+def canonical_name(name: str) -> str:
+    """The name of a linear layer in the plain (un-wrapped) model.
+
+    Strips what wrappers add, so that estimates taken on a ``transformers`` model and on the same model
+    wrapped by ``peft`` (or DDP/DeepSpeed) share their keys:
+    ``module.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight`` →
+    ``model.layers.0.self_attn.q_proj``.
+    """
+    for prefix in ("module.", "base_model.model."):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    for suffix in (".weight", ".base_layer"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model under a ``peft`` wrapper (with its adapter layers in place), or ``model`` itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def load_model_and_tokenizer(
+    model: nn.Module | str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    trust_remote_code: bool = False,
+    allow_download: bool = False,
+    dtype: torch.dtype | str | None = None,
+) -> tuple[nn.Module, Any]:
+    """A causal LM and its tokenizer from objects or local paths (Hub ids only with ``allow_download``).
+
+    Raises ``FileNotFoundError`` with a clear message when a path is not a local directory and
+    downloads are not allowed, and ``TypeError`` for a model object without a tokenizer.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def local(name: str, what: str) -> str:
+        if not allow_download and not os.path.isdir(name):
+            raise FileNotFoundError(
+                f"{what} {name!r} is not a local directory. fastunlearn loads local models only; "
+                "pass allow_download=True (--allow-download) to fetch it from the Hugging Face Hub"
+            )
+        return name
+
+    source = None
+    if isinstance(model, (str, os.PathLike)):
+        source = local(os.fspath(model), "model")
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            local_files_only=not allow_download,
+            trust_remote_code=trust_remote_code,
+            dtype=dtype if dtype is not None else "auto",
+        )
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module or a local path, got {type(model).__name__}")
+    if tokenizer is None:
+        if source is None:
+            raise TypeError("pass the tokenizer with a model object (it can only be found from a model path)")
+        tokenizer = source
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(
+            local(os.fspath(tokenizer), "tokenizer"),
+            local_files_only=not allow_download,
+            trust_remote_code=trust_remote_code,
+        )
+    return model, tokenizer
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (the CPU for a model without parameters)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def to_training_device(model: nn.Module) -> None:
+    """Move a CPU model to the GPU ``Trainer`` will use, so evaluation, Fisher and NPO's reference run there.
+
+    Models dispatched with a ``device_map`` and runs without CUDA are left where they are.
+    """
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if torch.cuda.is_available() and on_cpu and getattr(model, "hf_device_map", None) is None:
+        model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+
+
+def load_local_model(path: str | os.PathLike, tokenizer: Any = None, *, trust_remote_code: bool = False):
+    """A causal LM and its tokenizer from a local directory (never downloads). A directory holding a
+    ``peft`` adapter is loaded on its base model."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model directory not found: {path} (only local models are loaded)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(path, **kw)
+        base = model.peft_config["default"].base_model_name_or_path
+        tok_path = path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else base
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, **kw)
+        tok_path = path
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(tok_path, **kw)
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer), **kw)
+    return model, tokenizer

@@ -1,0 +1,159 @@
+"""``Σ_n (G_nᵀ X_n)²``: the summed squared per-example weight gradients of a linear layer (SPEC §3.1).
+
+For an ``nn.Linear`` weight ``W ∈ R^{out×in}`` and example ``n`` with layer inputs ``X_n ∈ R^{T×in}``
+(one row per token) and output gradients ``G_n ∈ R^{T×out}`` of that example's loss ``L_n``, the
+chain rule through ``Y_n = X_n Wᵀ`` gives the example's weight gradient ``g_n = ∂L_n/∂W = G_nᵀ X_n``.
+:func:`per_example_grad_sq` returns ``Σ_n g_n ⊙ g_n``, the sum inside the diagonal empirical Fisher
+(:mod:`fastunlearn.fisher.estimator` supplies ``X`` and ``G`` from hooks).
+
+The fold is a GEMM over ``B·T`` whose accumulator is squared after each example's ``T`` tokens: the
+Triton kernel (``fastunlearn.kernels.grad_sq``) does it in registers, never building the
+``[B, out, in]`` per-example gradients that BackPACK, Opacus and ``torch.func`` build; the PyTorch path
+builds them in bounded chunks; :func:`per_example_grad_sq_reference` builds them all at once (the
+benchmark's baseline and, in fp64, the tests' oracle).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastunlearn.ops._backend import Backend, resolve_backend
+
+# Bytes of per-example gradients the chunked PyTorch path may hold at once ([chunk, out, in]). Small on
+# purpose: on CPU the chunk size does not change the speed (measured, single thread: 688×256 and
+# 1376×512 layers, chunks of 1 to 8 examples within noise), so the buffer stays far below the
+# [B, out, in] that per-sample-gradient libraries allocate; at 7B shapes it is one example.
+TORCH_BUFFER_BYTES = 8 * 2**20
+
+__all__ = ["TORCH_BUFFER_BYTES", "per_example_grad_sq", "per_example_grad_sq_reference"]
+
+
+def _check_grad_sq_inputs(inputs: Tensor, grad_outputs: Tensor, out: Tensor | None) -> None:
+    if not isinstance(inputs, Tensor) or not isinstance(grad_outputs, Tensor):
+        raise TypeError("per_example_grad_sq expects tensors for `inputs` and `grad_outputs`")
+    for name, t in (("inputs", inputs), ("grad_outputs", grad_outputs)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if inputs.dim() not in (2, 3) or grad_outputs.dim() != inputs.dim():
+        raise ValueError(
+            "inputs and grad_outputs must both be [B, T, features] or both [B, features]; got "
+            f"{tuple(inputs.shape)} and {tuple(grad_outputs.shape)}"
+        )
+    if inputs.shape[:-1] != grad_outputs.shape[:-1]:
+        raise ValueError(
+            f"inputs {tuple(inputs.shape)} and grad_outputs {tuple(grad_outputs.shape)} must agree in every "
+            "dimension but the last (examples and tokens)"
+        )
+    if inputs.device != grad_outputs.device:
+        raise ValueError(f"inputs are on {inputs.device} but grad_outputs are on {grad_outputs.device}")
+    if out is not None:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"out must be a tensor or None, got {type(out).__name__}")
+        expected = (grad_outputs.shape[-1], inputs.shape[-1])
+        if tuple(out.shape) != expected:
+            raise ValueError(f"out must have shape [out, in] = {expected}, got {tuple(out.shape)}")
+        if out.dtype != torch.float32:
+            raise TypeError(f"out must be float32, got {out.dtype}")
+        if out.device != inputs.device:
+            raise ValueError(f"out is on {out.device} but the inputs are on {inputs.device}")
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """fp64 when any operand is fp64 (the oracles), fp32 otherwise: the result is fp32 either way."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _token_products(inputs: Tensor, grad_outputs: Tensor, out: Tensor) -> None:
+    """``out += (G⊙G)ᵀ(X⊙X)`` over all rows: with one token per example, ``g_n`` is an outer product and
+    ``(g_n)²_{oi} = G_n[o]²·X_n[i]²``, so the sum over examples is one matrix product."""
+    dtype = _compute_dtype(inputs, grad_outputs)
+    x = inputs.reshape(-1, inputs.shape[-1]).to(dtype)
+    g = grad_outputs.reshape(-1, grad_outputs.shape[-1]).to(dtype)
+    out.add_(torch.mm(g.square().t(), x.square()))
+
+
+def _grad_sq_torch(inputs: Tensor, grad_outputs: Tensor, out: Tensor, buffer_bytes: int) -> None:
+    """Batched products over chunks of examples, holding at most ``buffer_bytes`` of ``g_n``."""
+    dtype = _compute_dtype(inputs, grad_outputs)
+    B = inputs.shape[0]
+    per_example = grad_outputs.shape[-1] * inputs.shape[-1] * torch.finfo(dtype).bits // 8
+    chunk = max(1, min(B, buffer_bytes // max(per_example, 1)))
+    # Both buffers are allocated once and written through `out=`: a fresh [chunk, out, in] per chunk
+    # would let the allocator fragment and grow the process well past the bound.
+    buffer = torch.empty(chunk, out.shape[0], out.shape[1], dtype=dtype, device=out.device)
+    total = torch.empty(out.shape, dtype=dtype, device=out.device)
+    for start in range(0, B, chunk):
+        x = inputs[start : start + chunk].to(dtype)
+        g = grad_outputs[start : start + chunk].to(dtype)
+        grads = buffer[: x.shape[0]]
+        torch.bmm(g.transpose(1, 2), x, out=grads)  # g_n = G_nᵀ X_n
+        torch.sum(grads.square_(), dim=0, out=total)
+        out.add_(total)
+
+
+def per_example_grad_sq_reference(inputs: Tensor, grad_outputs: Tensor, out: Tensor | None = None) -> Tensor:
+    """``Σ_n (G_nᵀ X_n)²`` by materialising every ``g_n`` at once (``einsum`` into ``[B, out, in]``).
+
+    What per-sample-gradient libraries do for sequence inputs; the benchmark's baseline and, in fp64,
+    the tests' oracle. Computes in fp32 (fp64 for fp64 operands) and returns/adds into fp32.
+    """
+    _check_grad_sq_inputs(inputs, grad_outputs, out)
+    if out is None:
+        out = torch.zeros(grad_outputs.shape[-1], inputs.shape[-1], dtype=torch.float32, device=inputs.device)
+    dtype = _compute_dtype(inputs, grad_outputs)
+    x, g = inputs.to(dtype), grad_outputs.to(dtype)
+    if x.dim() == 2:
+        x, g = x.unsqueeze(1), g.unsqueeze(1)
+    out.add_(torch.einsum("bto,bti->boi", g, x).square().sum(dim=0))
+    return out
+
+
+# A graph break under torch.compile: Dynamo must not trace into the Triton launcher.
+@torch._disable_dynamo
+def per_example_grad_sq(
+    inputs: Tensor, grad_outputs: Tensor, out: Tensor | None = None, *, backend: Backend = "auto"
+) -> Tensor:
+    """Sum over examples of the squared per-example weight gradient of a linear layer (SPEC §3.1).
+
+    With ``X_n = inputs[n]`` (``[T, in]``) and ``G_n = grad_outputs[n]`` (``[T, out]``), the weight
+    gradient of example ``n``'s loss is ``g_n = G_nᵀ X_n`` and this returns ``Σ_n g_n ⊙ g_n``, an fp32
+    ``[out, in]`` tensor. The token sum is completed before squaring; ``[B, out, in]`` is never built
+    by the Triton path and is built in bounded chunks by the PyTorch path.
+
+    Args:
+        inputs: ``[B, T, in]`` layer inputs, or ``[B, in]`` (one token per example, in which case the
+            result is the single product ``(G⊙G)ᵀ(X⊙X)``). Any float dtype and strides.
+        grad_outputs: ``[B, T, out]`` (or ``[B, out]``) gradients of the loss with respect to the
+            layer's outputs. Operands of different dtypes are promoted to a common one.
+        out: optional fp32 ``[out, in]`` tensor (any strides) to add the result into.
+        backend: ``"auto"`` (Triton for CUDA tensors, PyTorch otherwise), ``"triton"`` (also CPU
+            tensors under ``TRITON_INTERPRET=1``), ``"torch"`` (batched products over example chunks
+            holding at most ``TORCH_BUFFER_BYTES`` of gradients) or ``"reference"`` (full ``einsum``
+            materialisation, :func:`per_example_grad_sq_reference`).
+
+    Returns:
+        ``out`` (after adding into it) or a new fp32 tensor. Accumulation is fp32 in every backend,
+        fp64 on the PyTorch paths for fp64 operands.
+    """
+    _check_grad_sq_inputs(inputs, grad_outputs, out)
+    resolved = resolve_backend(backend, inputs.device)
+    if resolved == "reference":
+        return per_example_grad_sq_reference(inputs, grad_outputs, out)
+    accumulate = out is not None
+    if out is None:
+        out = torch.zeros(grad_outputs.shape[-1], inputs.shape[-1], dtype=torch.float32, device=inputs.device)
+    if inputs.numel() == 0 or grad_outputs.numel() == 0:
+        return out
+    if inputs.dim() == 2 or inputs.shape[1] == 1:
+        _token_products(inputs, grad_outputs, out)
+    elif resolved == "torch":
+        _grad_sq_torch(inputs, grad_outputs, out, TORCH_BUFFER_BYTES)
+    else:
+        from fastunlearn.kernels.grad_sq import grad_sq  # imports triton: only when asked for
+
+        dtype = torch.promote_types(inputs.dtype, grad_outputs.dtype)
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            dtype = torch.float32  # tl.dot has no fp64 tensor-core path worth having here
+        grad_sq(inputs.to(dtype), grad_outputs.to(dtype), out, accumulate=accumulate)
+    return out

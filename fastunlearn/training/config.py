@@ -1,0 +1,115 @@
+"""Options and result of :func:`fastunlearn.unlearn`: :class:`UnlearnConfig`, :class:`UnlearnResult`.
+
+The defaults are the paper's recipe (Cha et al. 2025 §4; SPEC §3.2) where the paper has one: LoRA
+r = 32, alpha = 64, dropout 0 on every linear layer but the output head; AdamW with weight decay 0.01;
+an effective batch of 32; one epoch of linear warm-up, then linear decay. Every option is checked when
+the config is made, so a bad value fails before a model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from fastunlearn.fisher import MODES, SOLVERS
+from fastunlearn.ops._backend import BACKENDS
+from fastunlearn.training import data as fdata
+
+INITS = ("fila", "lora", "full")
+
+__all__ = ["INITS", "UnlearnConfig", "UnlearnResult"]
+
+
+@dataclass
+class UnlearnConfig:
+    """Options of :func:`unlearn` (paper defaults where the paper has one)."""
+
+    lora_r: int = 32
+    lora_alpha: int = 64
+    lora_dropout: float = 0.0
+    target_modules: list[str] | None = None  # None: every nn.Linear but the output head
+    learning_rate: float = 1e-4
+    num_epochs: float = 5.0
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 8  # effective batch 32, as the paper's
+    warmup_epochs: float = 1.0
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    max_length: int = 512
+    template: str = "plain"
+    data_format: str = "auto"
+    npo_beta: float = 0.1
+    ihl_backend: str = "auto"
+    # IHL from the last hidden states (fastunlearn.fused_linear_ihl_loss): the forget batch's [B, T, V]
+    # logits never exist. For models whose logits are exactly lm_head(decoder(x)).
+    fused_linear: bool = False
+    fisher_mode: str = "per_example"
+    fisher_batch_size: int = 4
+    fila_eps: float = 1e-5
+    fila_solver: str = "svd"
+    seed: int = 0
+    # bf16 autocast; a model given by path is also loaded in bf16 (a module object keeps its dtype)
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    merge: bool = False
+    overwrite: bool = False
+    resume: bool = False
+    evaluate: bool = True
+    eval_batch_size: int = 16
+    logging_steps: int = 10
+    progress: bool = True
+    trust_remote_code: bool = False
+    allow_download: bool = False
+    # transformers.TrainerCallback instances added to the Trainer (e.g. per-epoch evaluation and stopping,
+    # fastunlearn.evaluation); recorded in run_config.json by class name.
+    callbacks: list[Any] | None = None
+
+    def __post_init__(self) -> None:
+        positive = (
+            "lora_r",
+            "batch_size",
+            "gradient_accumulation_steps",
+            "max_length",
+            "fisher_batch_size",
+            "eval_batch_size",
+            "logging_steps",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "num_epochs", "npo_beta", "lora_alpha"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.warmup_epochs < 0 or self.weight_decay < 0 or not 0 <= self.lora_dropout < 1:
+            raise ValueError("warmup_epochs and weight_decay must be >= 0 and lora_dropout in [0, 1)")
+        if self.template not in fdata.TEMPLATE_NAMES:
+            raise ValueError(
+                f"unknown template {self.template!r}; expected one of {list(fdata.TEMPLATE_NAMES)}"
+            )
+        if self.data_format not in ("auto", *fdata.FORMATS):
+            raise ValueError(
+                f"unknown data format {self.data_format!r}; expected 'auto' or one of {list(fdata.FORMATS)}"
+            )
+        for name, allowed in (("fisher_mode", MODES), ("fila_solver", SOLVERS), ("ihl_backend", BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {list(allowed)}")
+        if self.overwrite and self.resume:
+            raise ValueError("overwrite=True and resume=True exclude each other")
+
+
+@dataclass
+class UnlearnResult:
+    """What :func:`unlearn` produced: the trained model, its metrics, and the paths written."""
+
+    model: nn.Module
+    tokenizer: Any
+    output_dir: str
+    metrics: dict[str, Any]
+    metrics_path: str
+    run_config_path: str
+    adapter_path: str | None = None
+    model_path: str | None = None
+    merged_path: str | None = None
+    fisher_paths: dict[str, str] = field(default_factory=dict)

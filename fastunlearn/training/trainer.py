@@ -1,0 +1,133 @@
+"""The unlearning loop on ``transformers.Trainer``: :class:`UnlearnTrainer` and :func:`build_trainer`.
+
+:class:`UnlearnTrainer` is a ``Trainer`` whose batches are paired forget/retain batches
+(:mod:`fastunlearn.training.data`) and whose loss is the chosen objective
+(:mod:`fastunlearn.training.methods`); mixed precision, gradient accumulation, checkpoints, resume,
+logging and multi-GPU come from ``Trainer``. :func:`build_trainer` sets it up with the paper's schedule
+(linear warm-up, then linear decay; SPEC §3.2).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from fastunlearn.training import data as fdata
+from fastunlearn.training.config import UnlearnConfig
+from fastunlearn.training.methods import METHODS, method_loss
+
+__all__ = ["UnlearnTrainer", "build_trainer"]
+
+
+class _EpochPairing(TrainerCallback):
+    """Re-draw the forget/retain pairing at the start of each epoch (also after a resume mid-epoch)."""
+
+    def __init__(self, dataset: fdata.PairedDataset) -> None:
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args, state, control, **kwargs) -> None:
+        # state.epoch is e + (steps done)/(steps per epoch): its floor is the epoch index e.
+        self.dataset.set_epoch(math.floor(state.epoch or 0))
+
+
+class UnlearnTrainer(Trainer):
+    """``Trainer`` on :class:`fastunlearn.training.data.PairedDataset` batches with an unlearning objective.
+
+    ``compute_loss`` returns the per-micro-batch objective of :func:`fastunlearn.training.methods.method_loss`
+    (token means within the batch, as the paper's code), so ``Trainer`` divides it by the number of
+    accumulation steps. The forget and retain parts are averaged on-device between logging steps and
+    logged as ``forget_loss`` and ``retain_loss``.
+    """
+
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        *args,
+        method: str,
+        npo_beta: float = 0.1,
+        ihl_backend: str = "auto",
+        fused_linear: bool = False,
+        **kwargs,
+    ):
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
+        super().__init__(*args, **kwargs)
+        self.method, self.npo_beta, self.ihl_backend = method, npo_beta, ihl_backend
+        self.fused_linear = fused_linear
+        self._parts: dict[str, torch.Tensor] = {}
+        self._parts_n = 0
+        if isinstance(self.train_dataset, fdata.PairedDataset):
+            self.add_callback(_EpochPairing(self.train_dataset))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, parts = method_loss(
+            model,
+            inputs,
+            self.method,
+            npo_beta=self.npo_beta,
+            ihl_backend=self.ihl_backend,
+            fused_linear=self.fused_linear,
+        )
+        for key, value in parts.items():
+            self._parts[key] = self._parts.get(key, 0) + value
+        self._parts_n += 1
+        return (loss, None) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self._parts_n:
+            for key, value in self._parts.items():
+                logs[key] = round(float(value) / self._parts_n, 4)  # one sync per logging step
+            self._parts, self._parts_n = {}, 0
+        super().log(logs, *args, **kwargs)
+
+
+def build_trainer(
+    model: nn.Module,
+    dataset: fdata.PairedDataset,
+    pad_id: int,
+    *,
+    method: str,
+    cfg: UnlearnConfig,
+    output_dir: str,
+):
+    """An :class:`UnlearnTrainer` with the paper's schedule: linear warm-up, then linear decay."""
+    batches_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps))
+    args = TrainingArguments(
+        output_dir=os.path.join(output_dir, "checkpoints"),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        num_train_epochs=cfg.num_epochs,
+        learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        lr_scheduler_type="linear",
+        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+        optim="adamw_torch",
+        bf16=cfg.bf16,
+        logging_steps=cfg.logging_steps,
+        save_strategy="epoch",
+        save_total_limit=1,
+        report_to="none",
+        seed=cfg.seed,
+        remove_unused_columns=False,
+        disable_tqdm=not cfg.progress,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    return UnlearnTrainer(
+        model=model,
+        args=args,
+        callbacks=cfg.callbacks,
+        train_dataset=dataset,
+        data_collator=fdata.PairCollator(pad_id),
+        method=method,
+        npo_beta=cfg.npo_beta,
+        ihl_backend=cfg.ihl_backend,
+        fused_linear=cfg.fused_linear,
+    )
