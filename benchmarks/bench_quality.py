@@ -50,6 +50,7 @@ from _common import RESULTS_DIR, environment, write_results
 from fastunlearn import evaluation as ev
 from fastunlearn import metrics as M
 from fastunlearn._io import write_json, write_text
+from fastunlearn.modeling import load_model_and_tokenizer
 
 CONFIGS = [
     ("ga", "lora"),
@@ -357,7 +358,7 @@ def main() -> None:
     configs = CONFIGS if not args.configs else [tuple(c.split("-")) for c in args.configs.split(",")]
 
     # The retain-only model gives the forget-quality reference and the forgetting threshold.
-    ref_model, tokenizer = ev.load_local_model(inputs["retain_model"])
+    ref_model, tokenizer = load_model_and_tokenizer(inputs["retain_model"])
     probe = TofuProbe(
         tokenizer,
         inputs["forget"],
@@ -372,7 +373,7 @@ def main() -> None:
     # Against itself the retain-only model's forget quality is the KS p-value of identical samples.
     ref_metrics["forget_quality"] = M.forget_quality(ref_ratios, ref_ratios)
     probe.reference = ref_ratios
-    full_model, _ = ev.load_local_model(inputs["model"])
+    full_model, _ = load_model_and_tokenizer(inputs["model"])
     before, _ = probe(full_model)
     del ref_model, full_model
     threshold = {key: ref_metrics[key] for key in ("forget_accuracy", "forget_rougeL")}

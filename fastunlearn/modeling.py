@@ -21,7 +21,6 @@ from torch import nn
 
 __all__ = [
     "canonical_name",
-    "load_local_model",
     "load_model_and_tokenizer",
     "model_device",
     "to_training_device",
@@ -60,30 +59,49 @@ def load_model_and_tokenizer(
     allow_download: bool = False,
     dtype: torch.dtype | str | None = None,
 ) -> tuple[nn.Module, Any]:
-    """A causal LM and its tokenizer from objects or local paths (Hub ids only with ``allow_download``).
+    """A causal LM and its tokenizer, from objects or directories: the one loader of fastunlearn.
 
-    Raises ``FileNotFoundError`` with a clear message when a path is not a local directory and
-    downloads are not allowed, and ``TypeError`` for a model object without a tokenizer.
+    Policy (safe by default): directories on local disk only, unless ``allow_download`` lets a name be
+    a Hugging Face Hub id; the model's own Python code runs only with ``trust_remote_code``; weights
+    load from safetensors only (no pickle). A directory holding a ``peft`` adapter
+    (``adapter_config.json``) is loaded as that adapter on its base model, with the tokenizer saved
+    beside the adapter or else the base model's. ``dtype`` defaults to the checkpoint's (``"auto"``).
+    ``model`` may also be a loaded ``nn.Module``, returned as it is with ``tokenizer`` (an object or a
+    directory).
+
+    Raises ``FileNotFoundError`` naming the path when it is not a local directory and downloads are not
+    allowed, ``ValueError`` for a directory without safetensors weights, and ``TypeError`` for a model
+    object without a tokenizer.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def local(name: str, what: str) -> str:
         if not allow_download and not os.path.isdir(name):
             raise FileNotFoundError(
-                f"{what} {name!r} is not a local directory. fastunlearn loads local models only; "
-                "pass allow_download=True (--allow-download) to fetch it from the Hugging Face Hub"
+                f"{what} directory not found: {name!r} is not a local directory. fastunlearn loads local "
+                "models only; pass allow_download=True (--allow-download) to fetch it from the Hugging "
+                "Face Hub"
             )
         return name
 
+    options: dict[str, Any] = dict(local_files_only=not allow_download, trust_remote_code=trust_remote_code)
     source = None
     if isinstance(model, (str, os.PathLike)):
         source = local(os.fspath(model), "model")
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            local_files_only=not allow_download,
-            trust_remote_code=trust_remote_code,
-            dtype=dtype if dtype is not None else "auto",
-        )
+        if os.path.isdir(source) and not any(f.endswith(".safetensors") for f in os.listdir(source)):
+            raise ValueError(
+                f"model directory {source!r} holds no safetensors weights; fastunlearn does not load "
+                "pickled checkpoints (pytorch_model.bin): save the model with save_pretrained() first"
+            )
+        weights = dict(options, dtype=dtype if dtype is not None else "auto", use_safetensors=True)
+        if os.path.isfile(os.path.join(source, "adapter_config.json")):
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(source, **weights)
+            if not os.path.isfile(os.path.join(source, "tokenizer_config.json")):
+                source = model.peft_config["default"].base_model_name_or_path
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **weights)
     elif not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or a local path, got {type(model).__name__}")
     if tokenizer is None:
@@ -91,11 +109,7 @@ def load_model_and_tokenizer(
             raise TypeError("pass the tokenizer with a model object (it can only be found from a model path)")
         tokenizer = source
     if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(
-            local(os.fspath(tokenizer), "tokenizer"),
-            local_files_only=not allow_download,
-            trust_remote_code=trust_remote_code,
-        )
+        tokenizer = AutoTokenizer.from_pretrained(local(os.fspath(tokenizer), "tokenizer"), **options)
     return model, tokenizer
 
 
@@ -112,31 +126,6 @@ def to_training_device(model: nn.Module) -> None:
 
     Models dispatched with a ``device_map`` and runs without CUDA are left where they are.
     """
-    on_cpu = next(model.parameters()).device.type == "cpu"
+    on_cpu = model_device(model).type == "cpu"
     if torch.cuda.is_available() and on_cpu and getattr(model, "hf_device_map", None) is None:
         model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
-
-
-def load_local_model(path: str | os.PathLike, tokenizer: Any = None, *, trust_remote_code: bool = False):
-    """A causal LM and its tokenizer from a local directory (never downloads). A directory holding a
-    ``peft`` adapter is loaded on its base model."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model directory not found: {path} (only local models are loaded)")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kw = dict(local_files_only=True, trust_remote_code=trust_remote_code)
-    if os.path.isfile(os.path.join(path, "adapter_config.json")):
-        from peft import AutoPeftModelForCausalLM
-
-        model = AutoPeftModelForCausalLM.from_pretrained(path, **kw)
-        base = model.peft_config["default"].base_model_name_or_path
-        tok_path = path if os.path.isfile(os.path.join(path, "tokenizer_config.json")) else base
-    else:
-        model = AutoModelForCausalLM.from_pretrained(path, **kw)
-        tok_path = path
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(tok_path, **kw)
-    elif isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(os.fspath(tokenizer), **kw)
-    return model, tokenizer

@@ -101,6 +101,7 @@ def _main(args: argparse.Namespace) -> int:
 
     from fastunlearn import evaluation as ev
     from fastunlearn._io import write_json
+    from fastunlearn.modeling import load_model_and_tokenizer
 
     sets = {
         name: getattr(args, name)
@@ -127,7 +128,7 @@ def _main(args: argparse.Namespace) -> int:
     if taken:
         print(f"{' and '.join(taken)} from the run's run_config.json")
 
-    model, tokenizer = ev.load_local_model(
+    model, tokenizer = load_model_and_tokenizer(
         args.model, args.tokenizer, trust_remote_code=args.trust_remote_code
     )
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")

@@ -12,7 +12,7 @@ __all__ = ["add_parser"]
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``fastunlearn fisher``."""
-    from fastunlearn.fisher import MODES
+    from fastunlearn.fisher import FISHER_MODES
 
     p = subparsers.add_parser(
         "fisher",
@@ -28,7 +28,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--mode",
         default="per_example",
-        choices=MODES,
+        choices=FISHER_MODES,
         help="estimator (default: %(default)s)",
     )
     p.add_argument(

@@ -11,7 +11,7 @@ __all__ = ["add_parser"]
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``fastunlearn unlearn``."""
-    from fastunlearn.fisher import MODES
+    from fastunlearn.fisher import FISHER_MODES
     from fastunlearn.training.config import INITS, UnlearnConfig
     from fastunlearn.training.methods import METHODS
 
@@ -71,7 +71,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     lora.add_argument(
         "--fisher-mode",
         default=d.fisher_mode,
-        choices=MODES,
+        choices=FISHER_MODES,
         help="Fisher estimator for FILA (default: %(default)s)",
     )
     out = p.add_argument_group("output")

@@ -67,7 +67,7 @@ def _run_demo(
 ):
     from fastunlearn.evaluation import cached_reference_truth_ratios
     from fastunlearn.evaluation.report import summary_table
-    from fastunlearn.modeling import load_local_model
+    from fastunlearn.modeling import load_model_and_tokenizer
     from fastunlearn.training.run import check_output_dir, unlearn
 
     if size not in SIZES:
@@ -83,7 +83,7 @@ def _run_demo(
         os.path.join(paths["dir"], "reference_truth_ratios.json"),
         **_tofu_options(),
     )
-    full_model, tokenizer = load_local_model(paths["full_model"])
+    full_model, tokenizer = load_model_and_tokenizer(paths["full_model"])
     before = _tofu_metrics(full_model, tokenizer, paths, reference)
     del full_model
     log(f"Unlearning {os.path.basename(paths['forget'])} with method={method}, init={init}")

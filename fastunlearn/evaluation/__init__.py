@@ -27,15 +27,20 @@ import torch
 from fastunlearn.evaluation.extraction import evaluate_extraction, tokenize_texts
 from fastunlearn.evaluation.reference import load_reference_truth_ratios, save_reference_truth_ratios
 from fastunlearn.evaluation.report import format_table, summary_table
-from fastunlearn.evaluation.tofu import MODES, cached_reference_truth_ratios, evaluate_tofu, summarize_tofu
+from fastunlearn.evaluation.tofu import (
+    TOFU_MODES,
+    cached_reference_truth_ratios,
+    evaluate_tofu,
+    summarize_tofu,
+)
 from fastunlearn.evaluation.tofu_files import TOFU_SETS, TofuItem, find_tofu_files, read_tofu_file
-from fastunlearn.modeling import load_local_model
+from fastunlearn.modeling import load_model_and_tokenizer
 
 # The callbacks subclass transformers.TrainerCallback: imported on first access.
 _CALLBACKS = ("EpochEvaluationCallback", "ExtractionStoppingCallback")
 
 __all__ = [
-    "MODES",
+    "TOFU_MODES",
     "TOFU_SETS",
     "EpochEvaluationCallback",
     "ExtractionStoppingCallback",
@@ -46,7 +51,6 @@ __all__ = [
     "evaluate_tofu",
     "find_tofu_files",
     "format_table",
-    "load_local_model",
     "load_reference_truth_ratios",
     "read_tofu_file",
     "save_reference_truth_ratios",
@@ -85,7 +89,7 @@ def evaluate(
             "nothing to evaluate: give tofu=DATA (TOFU files) and/or extraction=FILE ({'text'} lines)"
         )
     if isinstance(model, (str, os.PathLike)):
-        model, tokenizer = load_local_model(model, tokenizer, trust_remote_code=trust_remote_code)
+        model, tokenizer = load_model_and_tokenizer(model, tokenizer, trust_remote_code=trust_remote_code)
     if tokenizer is None:
         raise ValueError("a tokenizer is needed with a model object")
     results: dict[str, Any] = {}
@@ -96,4 +100,3 @@ def evaluate(
             model, tokenizer, extraction, **dict(extraction_options or {})
         )
     return results
-

@@ -18,7 +18,6 @@ from fastunlearn.evaluation import metrics as M
 __all__ = ["EpochEvaluationCallback", "ExtractionStoppingCallback"]
 
 
-
 class EpochEvaluationCallback(TrainerCallback):
     """Evaluate after every epoch (and before training), keep the history, and keep the best epoch.
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fastunlearn.modeling import model_device
+from fastunlearn.modeling import model_device, unwrap_model
 
 __all__ = ["greedy_decode"]
 
@@ -28,7 +28,7 @@ def _decode_arguments(model: torch.nn.Module) -> tuple[str, dict[str, int]]:
     projection of every prompt position."""
     import inspect
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_model(model)
     params = inspect.signature(base.forward).parameters
     keep = next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {})
     return ("cache" if "cache" in params else "past_key_values"), keep

@@ -63,4 +63,3 @@ def evaluate_extraction(
         f"el_{n}": el.mean().item(),
         "per_sequence": {"ma": ma.tolist(), f"el_{n}": el.tolist()},
     }
-

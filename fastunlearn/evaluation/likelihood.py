@@ -5,7 +5,7 @@ answer tokens under teacher forcing. With labels following the Hugging Face conv
 prompt and padding, causal shift done here: logits at position ``t`` predict the token at ``t + 1``),
 one forward pass per batch gives, per example,
 
-    nll_sum    = Σ_t −log p(y_t | y_<t, q)           (answer tokens only, fp32)
+    nll_sum    = Σ_t −log p(y_t | y_<t, q)           (answer tokens only, fp32 at least)
     num_tokens = #answer tokens
     correct    = Σ_t 1[argmax_v p(v | y_<t, q) = y_t]
 
@@ -20,10 +20,10 @@ import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from fastunlearn.modeling import model_device
-from fastunlearn.training.data import IGNORE_INDEX
+from fastunlearn.ops import IGNORE_INDEX
+from fastunlearn.ops.nll import shifted_nll
 
 __all__ = [
     "answer_probability",
@@ -63,17 +63,16 @@ def _require_batch(batch: Mapping[str, torch.Tensor], keys: tuple[str, ...]) -> 
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Shifted per-token NLL (fp32), the label mask and the teacher-forced hits, each ``[B, T-1]``.
+    """Shifted per-token NLL, the label mask and the teacher-forced hits, each ``[B, T-1]``.
 
     ``logits[:, t]`` scores ``labels[:, t + 1]``; positions whose label is ``-100`` get NLL 0 and are
-    excluded from the mask. The log-softmax runs in fp32 whatever the logits' dtype.
+    excluded from the mask. The NLL is :func:`fastunlearn.ops.nll.shifted_nll`'s: in fp32 for fp32,
+    bf16 and fp16 logits (fp64 for fp64).
     """
-    logits = logits[:, :-1].float()
     target = labels[:, 1:]
     mask = target != IGNORE_INDEX
-    safe_target = target.masked_fill(~mask, 0)
-    nll = F.cross_entropy(logits.transpose(1, 2), safe_target, reduction="none") * mask
-    hits = (logits.argmax(dim=-1) == safe_target) & mask
+    nll = shifted_nll(logits, labels, "none").view(labels.shape)[:, :-1]
+    hits = (logits[:, :-1].argmax(dim=-1) == target) & mask
     return nll, mask, hits
 
 

@@ -106,4 +106,3 @@ def load_reference_truth_ratios(
                 stacklevel=2,
             )
     return [float(r) for r in ratios]
-

@@ -59,7 +59,6 @@ def format_table(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-
 def summary_table(metrics: dict[str, Any]) -> str:
     """Before/after table of every metric on forget and retain (or the training summary alone)."""
     lines = []
@@ -77,4 +76,3 @@ def summary_table(metrics: dict[str, Any]) -> str:
             f"{train['runtime_s']:.1f} s"
         )
     return "\n".join(lines)
-

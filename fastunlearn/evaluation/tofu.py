@@ -27,20 +27,20 @@ from fastunlearn.evaluation.reference import (
     save_reference_truth_ratios,
 )
 from fastunlearn.evaluation.tofu_files import TOFU_SETS, TofuItem, find_tofu_files, read_tofu_file
-from fastunlearn.modeling import load_local_model
+from fastunlearn.modeling import load_model_and_tokenizer
 from fastunlearn.training import data as fdata
 
 # Sets whose probability/ROUGE/truth-ratio numbers make up model utility (SPEC §4).
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
 UTILITY_METRICS = ("prob", "rougeL_recall", "truth_ratio")
 NUM_UTILITY_COMPONENTS = len(UTILITY_SETS) * len(UTILITY_METRICS)  # TOFU's nine numbers
-MODES = ("full", "legacy")
+TOFU_MODES = ("full", "legacy")
 LEGACY_MAX_ITEMS = 300
 LEGACY_MAX_LENGTH = 200  # tokens, prompt included: the paper's generation budget
 LEGACY_TEMPLATES = ("llama2", "phi")
 
 __all__ = [
-    "MODES",
+    "TOFU_MODES",
     "cached_reference_truth_ratios",
     "evaluate_tofu",
     "summarize_tofu",
@@ -194,8 +194,8 @@ def _score_set(
 def _resolve_template(mode: str, template: str | None) -> str:
     """The prompt template of a TOFU evaluation: the paper's for ``mode="legacy"`` (``llama2`` by
     default, or ``phi``), else the given one (default ``plain``)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; expected one of {list(MODES)}")
+    if mode not in TOFU_MODES:
+        raise ValueError(f"unknown mode {mode!r}; expected one of {list(TOFU_MODES)}")
     if mode == "legacy":
         template = template or "llama2"
         if template not in LEGACY_TEMPLATES:
@@ -397,7 +397,7 @@ def cached_reference_truth_ratios(
         template = _resolve_template(mode, options.get("template"))
         return load_reference_truth_ratios(path, mode=mode, template=template)
     if isinstance(retain_model, (str, os.PathLike)):
-        retain_model, tokenizer = load_local_model(retain_model, tokenizer)
+        retain_model, tokenizer = load_model_and_tokenizer(retain_model, tokenizer)
     if tokenizer is None:
         raise ValueError("a tokenizer is needed with a model object")
     if isinstance(data, (str, os.PathLike)):
@@ -407,4 +407,3 @@ def cached_reference_truth_ratios(
     results = evaluate_tofu(retain_model, tokenizer, {"forget": data["forget"]}, generate=False, **options)
     save_reference_truth_ratios(path, results)
     return results["forget_truth_ratios"]
-

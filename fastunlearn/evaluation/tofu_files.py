@@ -109,4 +109,3 @@ def find_tofu_files(data_dir: str | os.PathLike, *, forget_split: str | None = N
     if not files:
         raise ValueError(f"no TOFU files (forget*, retain*, real_authors*, world_facts*) in {data_dir}")
     return files
-

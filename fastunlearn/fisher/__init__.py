@@ -11,14 +11,14 @@ This layer uses :mod:`fastunlearn.ops` and :mod:`fastunlearn.modeling`; ``peft``
 brings it. It knows nothing of training loops, evaluation or the command line.
 """
 
-from fastunlearn.fisher.estimate import MODES, FisherEstimate
+from fastunlearn.fisher.estimate import FISHER_MODES, FisherEstimate
 from fastunlearn.fisher.estimator import estimate_fisher
 from fastunlearn.fisher.export import merged_state_dict, save_adapter, save_merged
 from fastunlearn.fisher.fila import SOLVERS, FilaInit, fila_factors, fila_init, fila_record, lora_layers
 from fastunlearn.fisher.layers import linear_layers, select_linear_layers
 
 __all__ = [
-    "MODES",
+    "FISHER_MODES",
     "SOLVERS",
     "FilaInit",
     "FisherEstimate",

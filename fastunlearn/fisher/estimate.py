@@ -18,12 +18,12 @@ from torch import Tensor
 from fastunlearn._io import atomic_file
 from fastunlearn.modeling import canonical_name
 
-Mode = Literal["per_example", "batch", "token"]
-MODES: tuple[str, ...] = ("per_example", "batch", "token")
+FisherMode = Literal["per_example", "batch", "token"]
+FISHER_MODES: tuple[str, ...] = ("per_example", "batch", "token")
 FORMAT = "fastunlearn.fisher"
 FORMAT_VERSION = "1"
 
-__all__ = ["MODES", "FisherEstimate", "Mode"]
+__all__ = ["FISHER_MODES", "FisherEstimate", "FisherMode"]
 
 
 def _check_finite(tensors: Mapping[str, Tensor], what: str) -> None:
@@ -46,8 +46,8 @@ class FisherEstimate(Mapping[str, Tensor]):
     def __init__(
         self, tensors: Mapping[str, Tensor], *, num_examples: int, num_tokens: int, mode: str
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"unknown Fisher mode {mode!r}; expected one of {MODES}")
+        if mode not in FISHER_MODES:
+            raise ValueError(f"unknown Fisher mode {mode!r}; expected one of {FISHER_MODES}")
         self._tensors: dict[str, Tensor] = {}
         for name, tensor in tensors.items():
             if not isinstance(tensor, Tensor) or not tensor.is_floating_point():

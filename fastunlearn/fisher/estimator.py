@@ -32,16 +32,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastunlearn.fisher.estimate import MODES, FisherEstimate, Mode, _check_finite
+from fastunlearn.fisher.estimate import FISHER_MODES, FisherEstimate, FisherMode, _check_finite
 from fastunlearn.fisher.layers import select_linear_layers
-from fastunlearn.modeling import unwrap_model
+from fastunlearn.modeling import model_device, unwrap_model
+from fastunlearn.ops import IGNORE_INDEX
 from fastunlearn.ops._backend import Backend, resolve_backend
 from fastunlearn.ops.grad_sq import per_example_grad_sq
-
-IGNORE_INDEX = -100
+from fastunlearn.ops.nll import shift_labels, shifted_nll
 
 __all__ = ["estimate_fisher"]
 
@@ -172,7 +171,7 @@ class _ModelState:
 
 
 def _batch_loss(
-    model: nn.Module, batch: Mapping[str, Any], targets: Tensor, tokens: Tensor, mode: str
+    model: nn.Module, batch: Mapping[str, Any], labels: Tensor, tokens: Tensor, mode: str
 ) -> Tensor:
     """The loss whose backward yields the wanted ``G``.
 
@@ -182,10 +181,10 @@ def _batch_loss(
     (differentiating the same loss the same way keeps the estimate equal to the paper's to fp32
     rounding, element by element).
 
-    ``targets`` are the labels shifted left by one (the logit at t predicts token t+1) and padded with
-    the ignored label, so the ``[B, T, V]`` logits flatten as a view rather than being sliced.
+    The NLL is :func:`fastunlearn.ops.nll.shifted_nll` (the logit at t predicts token t+1; fp32 at
+    least, fp64 kept for fp64 models).
     """
-    device = next(model.parameters()).device
+    device = model_device(model)
     inputs: dict[str, Any] = {
         k: v.to(device) for k, v in batch.items() if k in _MODEL_KEYS and isinstance(v, Tensor)
     }
@@ -193,11 +192,7 @@ def _batch_loss(
         inputs["use_cache"] = False  # a KV cache is dead weight here
     output = model(**inputs)
     logits = output.logits if hasattr(output, "logits") else output[0]
-    logits = logits.flatten(0, 1)
-    # fp32 at least (bf16 logits lose the NLL's digits), fp64 kept for fp64 models.
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    targets = targets.to(logits.device).flatten()
-    nll = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    nll = shifted_nll(logits, labels, "sum")
     if mode == "batch":
         nll = nll / tokens.to(nll.device).clamp_min(1)
     return nll
@@ -208,7 +203,7 @@ def estimate_fisher(
     batches: Iterable[Mapping[str, Any]],
     *,
     target_modules: str | Sequence[str] | None = None,
-    mode: Mode = "per_example",
+    mode: FisherMode = "per_example",
     backend: Backend = "auto",
     progress: bool = True,
 ) -> FisherEstimate:
@@ -237,8 +232,8 @@ def estimate_fisher(
         ValueError: an unknown mode or target, a batch without ``input_ids``/``labels``, no label token
             in any batch, non-finite values in the result.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown Fisher mode {mode!r}; expected one of {MODES}")
+    if mode not in FISHER_MODES:
+        raise ValueError(f"unknown Fisher mode {mode!r}; expected one of {FISHER_MODES}")
     layers = select_linear_layers(model, target_modules)
     for device in {layer.weight.device for layer in layers.values()}:
         resolve_backend(backend, device)  # an unusable backend fails now, not inside the backward
@@ -267,12 +262,11 @@ def estimate_fisher(
             tqdm(batches, total=total, desc=f"Fisher ({mode})", disable=not progress)
         ):
             input_ids, labels = _check_batch(batch, index)
-            targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # the logit at t predicts t+1
-            valid = targets != IGNORE_INDEX
+            valid = shift_labels(labels) != IGNORE_INDEX  # the logit at t predicts t+1
             tokens, examples = valid.sum(), valid.any(dim=1).sum()
             collector.start_batch(input_ids.shape[0], tokens.clamp_min(1).double().sqrt())
             with torch.enable_grad():
-                loss = _batch_loss(model, batch, targets, tokens, mode)
+                loss = _batch_loss(model, batch, labels, tokens, mode)
                 if loss.requires_grad:
                     loss.backward()
             collector.leaves.clear()

@@ -59,7 +59,8 @@ def _output_embedding(model: nn.Module) -> nn.Module | None:
     return head
 
 
-def _describe(names: Iterable[str], limit: int = 12) -> str:
+def _layer_summary(names: Iterable[str], limit: int = 12) -> str:
+    """The layer types and (the first ``limit``) names, for an error message naming the candidates."""
     names = sorted(names)
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
     shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
@@ -93,7 +94,7 @@ def select_linear_layers(
         matched = {n: m for n, m in layers.items() if n == key or n.endswith("." + key)}
         if not matched:
             raise ValueError(
-                f"target module {spec!r} matches no linear layer of the model; {_describe(layers)}"
+                f"target module {spec!r} matches no linear layer of the model; {_layer_summary(layers)}"
             )
         selected.update(matched)
     return selected

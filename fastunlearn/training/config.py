@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from fastunlearn.fisher import MODES, SOLVERS
+from fastunlearn.fisher import FISHER_MODES, SOLVERS
 from fastunlearn.ops._backend import BACKENDS
 from fastunlearn.training import data as fdata
 
@@ -92,7 +92,11 @@ class UnlearnConfig:
             raise ValueError(
                 f"unknown data format {self.data_format!r}; expected 'auto' or one of {list(fdata.FORMATS)}"
             )
-        for name, allowed in (("fisher_mode", MODES), ("fila_solver", SOLVERS), ("ihl_backend", BACKENDS)):
+        for name, allowed in (
+            ("fisher_mode", FISHER_MODES),
+            ("fila_solver", SOLVERS),
+            ("ihl_backend", BACKENDS),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {list(allowed)}")
         if self.overwrite and self.resume:

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 
-IGNORE_INDEX = -100
+from fastunlearn.ops import IGNORE_INDEX
 
 DataFormat = Literal["auto", "qa", "text", "prompt_completion"]
 FORMATS: dict[str, tuple[str, ...]] = {

@@ -1,7 +1,7 @@
 """Unlearning objectives on a paired forget/retain batch (SPEC §2).
 
 With ``NLL(D)`` the token-mean negative log-likelihood of the supervised (non ``-100``) shifted target
-tokens of batch ``D`` (logits at ``t`` predict the token at ``t + 1``):
+tokens of batch ``D`` (logits at ``t`` predict the token at ``t + 1``; :mod:`fastunlearn.ops.nll`):
 
 - ``ihl``: ``IHL(forget) + NLL(retain)`` — the paper's objective (Cha et al. 2025, Eq. 4), both
   weights 1, no KL term; the IHL term is :func:`fastunlearn.ihl_loss` (token mean over the batch), or
@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastunlearn.evaluation.likelihood import collect_answer_stats
+from fastunlearn.modeling import unwrap_model
 from fastunlearn.ops.fused_linear import fused_linear_ihl_loss
 from fastunlearn.ops.ihl import ihl_loss
-from fastunlearn.training.data import IGNORE_INDEX
+from fastunlearn.ops.nll import shifted_nll
 
 METHODS = ("ihl", "ga", "gd", "npo")
 NEEDS_RETAIN = frozenset({"ihl", "gd", "npo"})
@@ -60,7 +61,7 @@ def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     Only for models whose logits are exactly ``head(decoder(x).last_hidden_state)``; anything else is
     refused rather than silently given a different loss.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     transforms = [a for a in _LOGIT_TRANSFORMS if getattr(base.config, a, None) not in (None, 1, 1.0)]
@@ -85,24 +86,14 @@ def _forget_ihl(model: nn.Module, forget: Mapping[str, Tensor], backend: str, fu
     )
 
 
-def _shifted_nll(logits: Tensor, labels: Tensor, reduction: str) -> Tensor:
-    """NLL of each position's next token (fp32): the *labels* are shifted, so ``[B, T, V]`` logits
-    flatten as a view instead of being copied by a ``logits[:, :-1]`` slice; the last position,
-    which predicts nothing, gets the ignored label."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
-    )
-
-
 def nll_mean(logits: Tensor, labels: Tensor) -> Tensor:
-    """Token-mean NLL of the shifted, non-ignored targets of a batch (fp32)."""
-    return _shifted_nll(logits, labels, "mean")
+    """Token-mean NLL of the shifted, non-ignored targets of a batch (fp32 at least; SPEC §2)."""
+    return shifted_nll(logits, labels, "mean")
 
 
 def sequence_logprob(logits: Tensor, labels: Tensor) -> Tensor:
-    """``log π(y_i|x_i) = Σ_t log p(y_{i,t+1} | y_{i,≤t})`` over supervised targets, per row (fp32)."""
-    return -_shifted_nll(logits, labels, "none").view(labels.shape).sum(dim=1)
+    """``log π(y_i|x_i) = Σ_t log p(y_{i,t+1} | y_{i,≤t})`` over supervised targets, per row."""
+    return -shifted_nll(logits, labels, "none").view(labels.shape).sum(dim=1)
 
 
 def npo_loss(logp: Tensor, ref_logp: Tensor, beta: float) -> Tensor:

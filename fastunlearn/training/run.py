@@ -177,7 +177,8 @@ def _fila(model, forget_batches, retain_batches, cfg: UnlearnConfig, output_dir:
 # Entry point
 
 
-def _describe(data: Any) -> str:
+def _source_name(data: Any) -> str:
+    """How ``run_config.json`` records a data or model source: an absolute path, or in-memory."""
     return os.path.abspath(os.fspath(data)) if isinstance(data, (str, os.PathLike)) else "<in-memory records>"
 
 
@@ -247,11 +248,11 @@ def unlearn(
         "method": method,
         "init": init,
         "options": _options_record(cfg),
-        "model": _describe(model)
+        "model": _source_name(model)
         if isinstance(model, (str, os.PathLike))
         else getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
-        "forget": _describe(forget),
-        "retain": None if retain is None else _describe(retain),
+        "forget": _source_name(forget),
+        "retain": None if retain is None else _source_name(retain),
         "versions": _versions(),
     }
     config_path = os.path.join(output_dir, "run_config.json")
