@@ -21,13 +21,9 @@ processes' load; the ratio of the two, measured back to back, is the number to r
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import environment, peak_memory, write_results
 
 from fastunlearn.evaluation.metrics import extraction_likelihood, memorization_accuracy

@@ -43,8 +43,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, environment, median_time, peak_memory, plot_bars, slug, write_results
 
 from fastunlearn.fisher import estimate_fisher

@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, environment, median_time, peak_memory, plot_bars, slug, write_results
 
 from fastunlearn import ihl_loss, ihl_paper_formulation, ihl_reference

@@ -35,7 +35,6 @@ import argparse
 import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -43,8 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR, environment, write_results
 
 from fastunlearn import evaluation as ev

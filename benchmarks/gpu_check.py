@@ -13,7 +13,6 @@ from __future__ import annotations
 # ruff: noqa: E402  (the interpreter switch must precede the imports that may load triton)
 import os
 import sys
-from pathlib import Path
 
 DRY_RUN = "--dry-run" in sys.argv
 if DRY_RUN:
@@ -22,9 +21,7 @@ if DRY_RUN:
 import torch
 
 from fastunlearn import ihl_loss
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from oracles import ihl_oracle_rows
+from fastunlearn.ops.oracle import ihl_oracle_rows
 
 DEVICE = "cpu" if DRY_RUN else "cuda"
 

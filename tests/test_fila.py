@@ -17,7 +17,7 @@ import json
 
 import pytest
 import torch
-from test_fisher import fisher_llama, make_batch
+from helpers.fisher import fisher_llama, make_batch
 
 from fastunlearn.fisher import (
     estimate_fisher,

@@ -19,29 +19,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.models import tiny_llama
+from helpers.fisher import VOCAB, fisher_llama, make_batch
 
 from fastunlearn.fisher import FisherEstimate, estimate_fisher
 from fastunlearn.modeling import canonical_name
-
-VOCAB = 48
-
-
-def fisher_llama(dtype=torch.float64, seed=0):
-    """fp64 by default: the per-example oracle compares sums of squares at 1e-6."""
-    return tiny_llama(VOCAB, seed=seed, dtype=dtype, intermediate_size=48, attn_implementation="sdpa")
-
-
-def make_batch(B, T, seed, prompt=3, pad_rows=()):
-    """Right-padded batch; the first ``prompt`` labels of each row are -100 (a "question")."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, VOCAB, (B, T), generator=gen)
-    mask = torch.ones(B, T, dtype=torch.long)
-    for row, length in pad_rows:
-        mask[row, length:] = 0
-    labels = ids.masked_fill(mask == 0, -100)
-    labels[:, :prompt] = -100
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers.methods import ref_objective, ref_seq_logp
 from helpers.models import tiny_llama
 from transformers import LlamaForCausalLM
 
@@ -27,48 +27,6 @@ def random_batch(g: torch.Generator, lengths: list[int], prompt: int) -> dict[st
     labels = input_ids.masked_fill(mask == 0, -100)
     labels[:, :prompt] = -100
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
-def shifted_fp64(model, batch):
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
-    return logits[:, :-1], batch["labels"][:, 1:]
-
-
-def ref_nll(model, batch) -> torch.Tensor:
-    z, y = shifted_fp64(model, batch)
-    valid = y != -100
-    logp = torch.log_softmax(z, -1).gather(-1, y.clamp_min(0)[..., None])[..., 0]
-    return -(logp * valid).sum() / valid.sum()
-
-
-def ref_ihl(model, batch) -> torch.Tensor:
-    """``mean over valid tokens of 1 + p_y − max_{v≠y} p_v``, written plainly in fp64."""
-    z, y = shifted_fp64(model, batch)
-    valid = y != -100
-    p = torch.softmax(z, -1)
-    onehot = F.one_hot(y.clamp_min(0), z.shape[-1]).bool()
-    p_y = p.masked_fill(~onehot, 0).sum(-1)
-    p_m = p.masked_fill(onehot, -1.0).max(-1).values
-    return ((1 + p_y - p_m) * valid).sum() / valid.sum()
-
-
-def ref_seq_logp(model, batch) -> torch.Tensor:
-    z, y = shifted_fp64(model, batch)
-    valid = y != -100
-    logp = torch.log_softmax(z, -1).gather(-1, y.clamp_min(0)[..., None])[..., 0]
-    return (logp * valid).sum(-1)
-
-
-def ref_objective(model, batch, method: str, beta: float) -> torch.Tensor:
-    forget, retain = batch["forget"], batch.get("retain")
-    if method == "ihl":
-        return ref_ihl(model, forget) + ref_nll(model, retain)
-    if method == "ga":
-        return -ref_nll(model, forget)
-    if method == "gd":
-        return -ref_nll(model, forget) + ref_nll(model, retain)
-    ratio = ref_seq_logp(model, forget) - forget["ref_logp"].double()
-    return (2 / beta) * torch.log1p(torch.exp(beta * ratio)).mean() + ref_nll(model, retain)
 
 
 def grads(model) -> list[torch.Tensor]:

@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
+from helpers.methods import ref_objective, ref_seq_logp
 from peft import LoraConfig, PeftModel, get_peft_model
-from test_methods import ref_objective, ref_seq_logp
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from fastunlearn import demo
