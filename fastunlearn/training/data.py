@@ -16,6 +16,10 @@ id: a tokenizer whose pad token is its EOS token still gets its EOS targets.
 
 Pairing (SPEC §3.2): each forget example is paired with a random retain example, re-drawn every epoch
 from a generator seeded by ``(seed, epoch)``, so runs and resumed runs see the same pairs.
+
+Evaluation (:mod:`fastunlearn.evaluation`) reads and tokenises with this module too, so an evaluated
+prompt is byte for byte the prompt the model was trained on; it imports nothing but
+:mod:`fastunlearn.ops` (the ``IGNORE_INDEX`` label).
 """
 
 from __future__ import annotations

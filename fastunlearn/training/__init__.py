@@ -1,0 +1,13 @@
+"""The unlearning loop: data, objectives, configuration, the ``Trainer`` and :func:`fastunlearn.unlearn`.
+
+- :mod:`~fastunlearn.training.data`: JSON Lines records → tokenised examples → padded forget/retain
+  batches, the same pipeline evaluation uses.
+- :mod:`~fastunlearn.training.methods`: the objectives IHL, GA, GD and NPO (SPEC §2).
+- :mod:`~fastunlearn.training.config`: :class:`UnlearnConfig` and :class:`UnlearnResult`.
+- :mod:`~fastunlearn.training.trainer`: :class:`UnlearnTrainer`, a ``transformers.Trainer``.
+- :mod:`~fastunlearn.training.run`: :func:`unlearn`, from a model and data to files on disk.
+
+Importing this package loads none of its modules, so evaluation can use ``training.data`` without
+``transformers``. The public names are ``fastunlearn.unlearn``, ``fastunlearn.UnlearnConfig``,
+``fastunlearn.UnlearnResult`` and ``fastunlearn.UnlearnTrainer``.
+"""
