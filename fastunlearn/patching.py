@@ -77,7 +77,16 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
 
 _STATE = "_fastunlearn_patch"
 
-__all__ = ["FUSED_FAMILIES", "LOSS_TYPES", "find_causal_lm", "fused_blocker", "is_fused", "patch", "unpatch"]
+__all__ = [
+    "FUSED_FAMILIES",
+    "LOSS_TYPES",
+    "find_causal_lm",
+    "fused_blocker",
+    "is_fused",
+    "is_patched",
+    "patch",
+    "unpatch",
+]
 
 
 @dataclass
@@ -214,6 +223,11 @@ def unpatch(model: nn.Module) -> nn.Module:
         else:
             lm.forward = state.previous_forward
     return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether the causal LM in ``model`` is patched (takes ``loss_type``)."""
+    return _STATE in find_causal_lm(model).__dict__
 
 
 def is_fused(model: nn.Module) -> bool:

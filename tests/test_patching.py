@@ -31,7 +31,7 @@ from torch import nn
 
 import fastunlearn
 from fastunlearn import ihl_reference
-from fastunlearn.patching import find_causal_lm, fused_blocker, is_fused
+from fastunlearn.patching import find_causal_lm, fused_blocker, is_fused, is_patched
 
 VOCAB = 131  # not a power of two
 COMMON = {
@@ -276,6 +276,7 @@ def test_unpatch_restores_exactly_and_plain_calls_are_unchanged():
     same = model(**data)
     assert torch.equal(same.logits, plain.logits) and torch.equal(same.loss, plain.loss)
     fastunlearn.unpatch(model)
+    assert not is_patched(model)
     assert model.__dict__.keys() == before.keys()
     assert all(model.__dict__[k] is v for k, v in before.items())
     assert torch.equal(model(**data).logits, plain.logits)
@@ -300,7 +301,7 @@ def test_fused_false_takes_the_logits_path():
     data = batch(seed=10)
     want = step(model, data, "seq_logprob", patched=False)
     fastunlearn.patch(model, fused=False)
-    assert not is_fused(model)
+    assert is_patched(model) and not is_fused(model)
     assert_same_step(step(model, data, "seq_logprob", patched=True), want)
 
 
