@@ -5,11 +5,14 @@ Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocat
 CPU, the allocator has no such counter, so the peak is sampled from the process's resident set
 (``/proc/self/status`` VmHWM) after a reset of the high-water mark through ``/proc/self/clear_refs`` —
 coarse (page granularity, includes allocator caching) but honest, and it sees every allocation.
+``peak_tensor_bytes`` is the exact alternative on CPU: the peak of live PyTorch tensor bytes, from the
+profiler's allocation events.
 """
 
 from __future__ import annotations
 
 import csv
+import gc
 import io
 import os
 import platform
@@ -170,3 +173,53 @@ def plot_bars(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def free_memory(device: torch.device) -> None:
+    """Hand the memory of dead tensors back before a measurement."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def peak_tensor_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes ``fn()`` allocates above what is live when it starts.
+
+    CUDA: ``peak_memory`` (the caching allocator's counters). CPU: the running sum of the
+    profiler's tensor allocation and free events — exact for PyTorch tensors, allocator-independent
+    (it leaves out BLAS scratch space). The process's resident high-water mark was tried first and
+    moved by ±30 MB between identical runs of a 370 MB step, more than the 21.5 MB being compared.
+    """
+    if device.type == "cuda":
+        return peak_memory(fn, device)
+    from torch.profiler import ProfilerActivity, profile
+
+    free_memory(device)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+        key=lambda e: e.start_ns(),
+    )
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict:
+    """Median ms of each function, timed round-robin (one call of each per round, after a warm-up
+    round) so that drifting load on a shared machine hits every method alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if round_:
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}

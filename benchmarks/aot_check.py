@@ -28,17 +28,19 @@ def signature(kernel, dtype: str) -> dict[str, str]:
     types = {
         "logits_ptr": f"*{dtype}", "grad_ptr": f"*{dtype}", "labels_ptr": "*i64", "loss_ptr": "*fp32",
         "stats_ptr": "*fp32", "argmax_ptr": "*i32", "grad_rows_ptr": "*fp32",
-        "stride_v": "constexpr", "grad_stride_v": "constexpr", "BLOCK_V": "constexpr",
+        "stride_v": "constexpr", "grad_stride_v": "constexpr", "BLOCK_V": "constexpr", "NLL": "constexpr",
         "stride_b": "i64", "grad_stride_b": "i64",
     }  # fmt: skip
     return {name: types.get(name, "i32") for name in kernel.arg_names}
 
 
-def compile_kernel(kernel, dtype: str, block: int, aligned: bool, arch: int) -> str:
+def compile_kernel(kernel, dtype: str, block: int, aligned: bool, arch: int, nll: bool = False) -> str:
     sig = signature(kernel, dtype)
     divisible = POINTERS | (ROW_STRIDES if aligned else set())
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in divisible}
     constexprs = {name: 1 for name in ("stride_v", "grad_stride_v") if name in sig} | {"BLOCK_V": block}
+    if "NLL" in sig:
+        constexprs["NLL"] = nll
     num_warps = ihl._launch_config(block)[1]
     source = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
@@ -51,16 +53,22 @@ def main() -> None:
     )
     parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (default: 90)")
     args = parser.parse_args()
-    print(f"{'kernel':<22}{'dtype':<6}{'BLOCK_V':>8}  {'rows':<10}{'vector ld':>10}{'vector st':>10}")
-    for kernel in (ihl._ihl_forward_kernel, ihl._ihl_backward_kernel):
+    print(f"{'kernel':<28}{'dtype':<6}{'BLOCK_V':>8}  {'rows':<10}{'vector ld':>10}{'vector st':>10}")
+    variants = [
+        (ihl._ihl_forward_kernel, False),
+        (ihl._ihl_forward_kernel, True),
+        (ihl._ihl_backward_kernel, False),
+    ]
+    for kernel, nll in variants:
+        name = kernel.fn.__name__ + (" (NLL)" if nll else "")
         for dtype in ("fp32", "bf16", "fp16"):
             for block in (2048, ihl.MAX_BLOCK_V):
                 for aligned in (True, False):
-                    ptx = compile_kernel(kernel, dtype, block, aligned, args.arch)
+                    ptx = compile_kernel(kernel, dtype, block, aligned, args.arch, nll)
                     loads = len(re.findall(r"ld\.global[.\w:]*\.v[24]", ptx))
                     stores = len(re.findall(r"st\.global[.\w:]*\.v[24]", ptx))
                     rows = "aligned" if aligned else "unaligned"
-                    print(f"{kernel.fn.__name__:<22}{dtype:<6}{block:>8}  {rows:<10}{loads:>10}{stores:>10}")
+                    print(f"{name:<28}{dtype:<6}{block:>8}  {rows:<10}{loads:>10}{stores:>10}")
 
 
 if __name__ == "__main__":

@@ -15,14 +15,15 @@ config (random weights), one batch of ``B = 8`` sequences of ``T = 128`` tokens,
 - ``plain_step``  one ordinary forward+backward of the batch with weight gradients — not a Fisher
   estimate but its floor: every method needs the forward, the backward to the layer outputs and one
   ``out×in×T`` product per example and layer, i.e. the FLOPs of a training step (``≈ 6·P·B·T``).
-Methods are timed round-robin (see :func:`interleaved_medians`).
+Methods are timed round-robin (see ``_common.interleaved_medians``).
 "Extra peak" is the peak above that of one plain forward+backward with weight gradients (which holds
 the same activations and an fp32 gradient per weight, the size of the Fisher estimate itself), so it
 is what each method costs beyond an ordinary gradient; it is compared with one ``[B, out, in]`` fp32
 buffer of the largest target layer.
 
 Memory: on CUDA the allocator's peak; on CPU the peak of live PyTorch tensor bytes, summed from the
-profiler's allocation events (:func:`peak_bytes`; the resident-set high-water mark proved too coarse).
+profiler's allocation events (``_common.peak_tensor_bytes``; the resident-set high-water mark proved
+too coarse).
 CPU timings run on one thread by default: the machine is shared, and with 2 threads under load OpenMP
 barriers cost whole scheduler slices (a 688×256 layer measured 556 ms with one-example chunks against
 5 ms on one thread), which would distort every comparison.
@@ -36,14 +37,23 @@ barriers cost whole scheduler slices (a 688×256 layer measured 556 ms with one-
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _common import RESULTS_DIR, environment, median_time, peak_memory, plot_bars, slug, write_results
+from _common import (
+    RESULTS_DIR,
+    environment,
+    free_memory,
+    interleaved_medians,
+    median_time,
+    peak_tensor_bytes,
+    plot_bars,
+    slug,
+    write_results,
+)
 
 from fastunlearn.fisher import estimate_fisher
 from fastunlearn.ops.grad_sq import per_example_grad_sq, per_example_grad_sq_reference
@@ -75,38 +85,6 @@ PRESETS = {
 BATCH = 8
 MODEL_TOKENS = 128
 VOCAB = 4096
-
-
-def _clean(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """Peak bytes ``fn()`` allocates above what is live when it starts.
-
-    CUDA: ``_common.peak_memory`` (the caching allocator's counters). CPU: the running sum of the
-    profiler's tensor allocation and free events — exact for PyTorch tensors, allocator-independent
-    (it leaves out BLAS scratch space). The process's resident high-water mark was tried first and
-    moved by ±30 MB between identical runs of a 370 MB step, more than the 21.5 MB being compared.
-    """
-    if device.type == "cuda":
-        return peak_memory(fn, device)
-    from torch.profiler import ProfilerActivity, profile
-
-    _clean(device)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-        key=lambda e: e.start_ns(),
-    )
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,11 +131,11 @@ def bench_layer(out_f, in_f, T, dtype, device, repeats) -> list[dict]:
         try:
             row["ms"] = median_time(lambda fn=fn: fn(x, g), device, repeats=repeats)
             row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
-            _clean(device)
-            row["peak_bytes"] = peak_bytes(lambda fn=fn: fn(x, g), device)
+            free_memory(device)
+            row["peak_bytes"] = peak_tensor_bytes(lambda fn=fn: fn(x, g), device)
         except torch.OutOfMemoryError:
             row["error"] = "out of memory"
-        _clean(device)
+        free_memory(device)
         rows.append(row)
         print({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return rows
@@ -262,26 +240,6 @@ def plain_step(model, batch) -> None:
             w.requires_grad_(False)
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict:
-    """Median ms of each function, timed round-robin (one call of each per round, after a warm-up
-    round) so that drifting load on a shared machine hits every method alike."""
-    import statistics
-    import time
-
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for round_ in range(repeats + 1):
-        for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if round_:
-                times[name].append((time.perf_counter() - start) * 1e3)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def bench_model(label, spec, device, dtype, repeats) -> list[dict]:
     model = build_model(spec, device, dtype)
     for p in model.parameters():
@@ -298,8 +256,8 @@ def bench_model(label, spec, device, dtype, repeats) -> list[dict]:
         "vmap": lambda: fisher_vmap(model, batch),
         "plain_step": lambda: plain_step(model, batch),  # not a Fisher: the floor of any of them
     }
-    base_peak = peak_bytes(methods["plain_step"], device)
-    _clean(device)
+    base_peak = peak_tensor_bytes(methods["plain_step"], device)
+    free_memory(device)
     reference = fisher_loop(model, batch)
     rows, usable = [], {}
     for name, fn in methods.items():
@@ -317,14 +275,14 @@ def bench_model(label, spec, device, dtype, repeats) -> list[dict]:
                     for k in reference
                 )
             del result
-            _clean(device)
-            row["peak_bytes"] = peak_bytes(fn, device)
+            free_memory(device)
+            row["peak_bytes"] = peak_tensor_bytes(fn, device)
             row["extra_peak_bytes"] = row["peak_bytes"] - base_peak
             row["extra_peak_vs_buffer"] = row["extra_peak_bytes"] / buffer
             usable[name] = fn
         except (torch.OutOfMemoryError, RuntimeError) as err:
             row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
-        _clean(device)
+        free_memory(device)
         rows.append(row)
     for name, ms in interleaved_medians(usable, device, repeats).items():
         next(r for r in rows if r["method"] == name)["ms"] = ms
@@ -493,7 +451,7 @@ def main(argv: list[str] | None = None) -> None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         for label, spec in models.items():
             rows += bench_model(label, spec, device, dtype, repeats)
-            _clean(device)
+            free_memory(device)
     summary = summarise(rows, device, rate)
     env["summary"] = summary
     env["threads"] = torch.get_num_threads()

@@ -20,8 +20,10 @@ if DRY_RUN:
 
 import torch
 
-from fastunlearn import ihl_loss
-from fastunlearn.ops.oracle import ihl_oracle_rows
+from fastunlearn import fused_linear_nll_loss, ihl_loss, nll_loss
+from fastunlearn.ops.oracle import ihl_oracle_rows, nll_oracle_rows
+
+LOSSES = {"ihl": (ihl_loss, ihl_oracle_rows), "nll": (nll_loss, nll_oracle_rows)}
 
 DEVICE = "cpu" if DRY_RUN else "cuda"
 
@@ -35,7 +37,11 @@ def poison_allocator(nbytes: int) -> None:
     del block
 
 
-def check_ihl(n: int, vocab: int, dtype: torch.dtype, *, confident: bool = False, seed: int = 0) -> bool:
+def check_rows(
+    n: int, vocab: int, dtype: torch.dtype, *, loss_name: str = "ihl", confident: bool = False, seed: int = 0
+) -> bool:
+    """``ihl_loss`` or ``nll_loss`` (the kernels' two modes), per-token loss and gradient."""
+    loss_fn, oracle_rows = LOSSES[loss_name]
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     logits = (torch.randn(n, vocab, device=DEVICE, generator=gen) * 3).to(dtype)
     labels = torch.randint(0, vocab, (n,), device=DEVICE, generator=gen)
@@ -45,10 +51,10 @@ def check_ihl(n: int, vocab: int, dtype: torch.dtype, *, confident: bool = False
         logits[rows, labels.clamp_min(0)] = (logits.float().amax(-1) + 25).to(dtype)  # ignored rows too
     poison_allocator(2 * logits.numel() * logits.element_size())
     x = logits.clone().requires_grad_()
-    loss = ihl_loss(x, labels, backend="triton", reduction="none")
+    loss = loss_fn(x, labels, backend="triton", reduction="none")
     grad_out = torch.rand(n, device=DEVICE, generator=gen) + 0.5
     loss.backward(grad_out)
-    want_loss, want_grad, _ = ihl_oracle_rows(logits, labels)
+    want_loss, want_grad, _ = oracle_rows(logits, labels)
     want_grad *= grad_out.double()[:, None]
     ok = True
     for name, got, want, tol in (
@@ -59,8 +65,34 @@ def check_ihl(n: int, vocab: int, dtype: torch.dtype, *, confident: bool = False
         rel = float((got.double() - want).norm() / want.norm().clamp_min(1e-300))
         passed = finite and rel <= tol
         ok &= passed
-        print(f"  ihl n={n} V={vocab} {dtype} {'confident ' if confident else ''}{name}: rel err {rel:.2e}"
-              f" (tol {tol:.0e}), all written: {finite} -> {'ok' if passed else 'FAIL'}")  # fmt: skip
+        case = f"{loss_name} n={n} V={vocab} {dtype} {'confident ' if confident else ''}{name}"
+        verdict = "ok" if passed else "FAIL"
+        print(f"  {case}: rel err {rel:.2e} (tol {tol:.0e}), all written: {finite} -> {verdict}")
+    return ok
+
+
+def check_fused_linear_nll(n: int, hidden: int, vocab: int) -> bool:
+    """``fused_linear_nll_loss`` in bf16 (Triton rows, chunked bf16 matmuls) against the fp64 loss of
+    the same bf16 inputs: the chunk logits carry bf16 rounding (2⁻⁸), so 1e-2 in norm."""
+    gen = torch.Generator(device=DEVICE).manual_seed(2)
+    h = torch.randn(n, hidden, device=DEVICE, generator=gen).bfloat16().requires_grad_()
+    w = (torch.randn(vocab, hidden, device=DEVICE, generator=gen) * hidden**-0.5 * 3).bfloat16()
+    labels = torch.randint(0, vocab, (n,), device=DEVICE, generator=gen)
+    labels[::5] = -100
+    loss = fused_linear_nll_loss(h, w, labels, backend="triton", chunk_rows=max(1, n // 3))
+    loss.backward()
+    want_rows, want_grad, valid = nll_oracle_rows(h.detach().double() @ w.double().t(), labels)
+    want_h = (want_grad / valid.sum()) @ w.double()
+    ok = True
+    for name, got, want in (
+        ("loss", loss.detach(), want_rows.sum() / valid.sum()),
+        ("grad_h", h.grad, want_h),
+    ):
+        rel = float((got.double() - want).norm() / want.norm())
+        passed = bool(torch.isfinite(got).all()) and rel <= 1e-2
+        ok &= passed
+        print(f"  fused_linear_nll n={n} H={hidden} V={vocab} bf16 {name}: rel err {rel:.2e} -> "
+              f"{'ok' if passed else 'FAIL'}")  # fmt: skip
     return ok
 
 
@@ -93,8 +125,11 @@ def main() -> int:
         (300, 50257, torch.float16),
         (64, 7, torch.float32),
     ]:
-        ok &= check_ihl(max(2, n // shrink), vocab, dtype)
-    ok &= check_ihl(200 // shrink, 32000, torch.float32, confident=True)
+        for loss_name in LOSSES:
+            ok &= check_rows(max(2, n // shrink), vocab, dtype, loss_name=loss_name)
+    for loss_name in LOSSES:
+        ok &= check_rows(200 // shrink, 32000, torch.float32, loss_name=loss_name, confident=True)
+    ok &= check_fused_linear_nll(max(2, 600 // shrink), 256, 32003)
     if not DRY_RUN:
         ok &= check_ihl_large_offsets()
         from bench_fisher import gpu_check as fisher_check  # the Fisher kernel's own GPU check

@@ -13,6 +13,7 @@ status=0
 # Each step has its own time limit so one slow step cannot use up a lease (10 minutes a call).
 timeout 150 python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.txt" || status=1
 timeout 240 python3 benchmarks/bench_ihl.py --preset gpu 2>&1 | tee "$OUT/bench_ihl_gpu.txt" || status=1
+timeout 150 python3 benchmarks/bench_loss.py --preset gpu 2>&1 | tee "$OUT/bench_loss_gpu.txt" || status=1
 timeout 150 python3 benchmarks/bench_fisher.py --preset gpu --quick 2>&1 | tee "$OUT/bench_fisher_gpu.txt" || status=1
 [ "$OUT" != benchmarks/results ] && cp benchmarks/results/*_h[12]00* "$OUT/" 2>/dev/null
 exit $status

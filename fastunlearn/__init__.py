@@ -5,9 +5,10 @@ and the training, evaluation and command-line layers load on first use.
 """
 
 from fastunlearn.fisher import FisherEstimate, estimate_fisher, fila_init, save_adapter, save_merged
-from fastunlearn.ops.fused_linear import fused_linear_ihl_loss
+from fastunlearn.ops.fused_linear import fused_linear_ihl_loss, fused_linear_nll_loss
 from fastunlearn.ops.grad_sq import per_example_grad_sq
-from fastunlearn.ops.ihl import IHLLoss, ihl_loss, ihl_paper_formulation, ihl_reference
+from fastunlearn.ops.ihl import IHLLoss, ihl_loss, ihl_paper_formulation, ihl_reference, nll_loss
+from fastunlearn.patching import patch, unpatch
 
 __version__ = "0.1.0"
 
@@ -46,12 +47,16 @@ __all__ = [
     "evaluate",
     "fila_init",
     "fused_linear_ihl_loss",
+    "fused_linear_nll_loss",
     "ihl_loss",
     "ihl_paper_formulation",
     "ihl_reference",
     "metrics",
+    "nll_loss",
+    "patch",
     "per_example_grad_sq",
     "save_adapter",
     "save_merged",
     "unlearn",
+    "unpatch",
 ]

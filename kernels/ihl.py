@@ -1,4 +1,4 @@
-"""Triton kernels for the Inverted Hinge Loss (Cha et al., ICLR 2025, §3.1; SPEC §2).
+"""Triton kernels for the Inverted Hinge Loss (Cha et al., ICLR 2025, §3.1; SPEC §2) and the NLL.
 
 For one row of logits ``z ∈ R^V`` with target ``y``, ``p = softmax(z)`` and
 ``m = argmax_{v≠y} z_v`` (first index on ties)::
@@ -26,6 +26,13 @@ logits are close, where ``e_m − e_y`` would cancel.
 Forward: one read of the row, all arithmetic in fp32, and five numbers kept per row for the backward
 (``lse``, ``p_m − p_y``, the two special gradients, and ``m``) — never the probabilities.
 Backward: one more read of the row and one write of the gradient, ``p_j = exp(z_j − lse)``.
+
+NLL mode (``NLL=True``). The forward's single pass already holds every statistic the negative
+log-likelihood needs (SPEC §2: "other objectives share the same per-row statistics"): with
+``S_{≠y} = e_m + R``, ``−log p_y = log(1 + S_{≠y}/e_y) = softplus(log S_{≠y} − (z_y − M))``, formed
+as ``max(d, 0) + log1p(exp(−|d|))`` so a confident row (``p_y → 1``, loss ``≈ S_{≠y}/e_y``) keeps its
+relative accuracy where ``lse − z_y`` would cancel. Its gradient ``p_j − [j = y]`` fits the same
+backward: coefficient 1 on ``p_j``, ``−S_{≠y}/S`` at ``y`` (again no ``1 − p_y``) and ``p_m`` at ``m``.
 
 Logits are addressed as ``[B, T, V]`` with arbitrary strides, so a shifted slice such as
 ``logits[:, :-1]`` needs no copy; row offsets are computed in int64 so ``N·V ≥ 2³¹`` is safe.
@@ -56,6 +63,20 @@ def _expm1(x):
 
 
 @triton.jit
+def _log1p_unit(x):
+    """``log(1 + x)`` for ``x ∈ [0, 1]`` (libdevice's log1p fails under the interpreter).
+
+    ``log(1 + x) = 2·atanh(u)`` with ``u = x/(2 + x) ≤ 1/3``: the odd series to ``u¹⁵`` leaves a
+    relative truncation error below 2e-9, and there is no ``1 + x`` to lose small ``x`` in.
+    """
+    u = x / (2.0 + x)
+    w = u * u
+    poly = 1 / 11 + w * (1 / 13 + w * (1 / 15))
+    poly = 1 / 5 + w * (1 / 7 + w * (1 / 9 + w * poly))
+    return 2.0 * u * (1.0 + w * (1 / 3 + w * poly))
+
+
+@triton.jit
 def _round_to_output(x, out_ptr):
     """Cast fp32 ``x`` to ``out_ptr``'s element type with round-to-nearest-even.
 
@@ -82,6 +103,7 @@ def _ihl_forward_kernel(
     stride_t,
     stride_v,
     ignore_index,
+    NLL: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -115,18 +137,26 @@ def _ihl_forward_kernel(
         e_y = tl.exp(z_y - shift)
         e_m = tl.exp(best - shift)
         inv_s = 1.0 / (e_y + e_m + rest)
-        p_y = e_y * inv_s
         p_m = e_m * inv_s
-        loss = (2.0 * e_y + rest) * inv_s
-        tl.store(loss_ptr + row, loss)
         tl.store(stats_ptr + row * 4 + 0, shift + tl.log(e_y + e_m + rest))
-        # p_m − p_y = e_y·expm1(z_m − z_y)/S: exact when the two logits are close, where e_m − e_y cancels.
-        diff = best - z_y
-        near = tl.abs(diff) < 0.5
-        tl.store(stats_ptr + row * 4 + 1, tl.where(near, e_y * _expm1(diff), e_m - e_y) * inv_s)
-        tl.store(stats_ptr + row * 4 + 2, p_y * (2.0 * e_m + rest) * inv_s)
-        tl.store(stats_ptr + row * 4 + 3, -p_m * loss)
         tl.store(argmax_ptr + row, best_idx)
+        if NLL:
+            d = tl.log(e_m + rest) + (shift - z_y)  # log S_{≠y} − z_y
+            tl.store(loss_ptr + row, tl.maximum(d, 0.0) + _log1p_unit(tl.exp(-tl.abs(d))))
+            tl.store(stats_ptr + row * 4 + 1, 1.0)
+            tl.store(stats_ptr + row * 4 + 2, -(e_m + rest) * inv_s)
+            tl.store(stats_ptr + row * 4 + 3, p_m)
+        else:
+            p_y = e_y * inv_s
+            loss = (2.0 * e_y + rest) * inv_s
+            tl.store(loss_ptr + row, loss)
+            # p_m − p_y = e_y·expm1(z_m − z_y)/S: exact when the two logits are close, where e_m − e_y
+            # cancels.
+            diff = best - z_y
+            near = tl.abs(diff) < 0.5
+            tl.store(stats_ptr + row * 4 + 1, tl.where(near, e_y * _expm1(diff), e_m - e_y) * inv_s)
+            tl.store(stats_ptr + row * 4 + 2, p_y * (2.0 * e_m + rest) * inv_s)
+            tl.store(stats_ptr + row * 4 + 3, -p_m * loss)
     else:
         tl.store(loss_ptr + row, 0.0)
 
@@ -188,27 +218,29 @@ def _launch_config(vocab: int) -> tuple[int, int]:
 
 
 def ihl_forward(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, *, loss: str = "ihl"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row loss of ``logits`` (``[B, T, V]``, any strides) against flat ``labels`` (``[B·T]``).
 
-    Returns ``(loss [N] fp32, stats [N, 4] fp32, argmax [N] int32)``; ``stats`` holds
-    ``(lse, p_m − p_y, ∂ℓ/∂z_y, ∂ℓ/∂z_m)`` for the backward. Ignored rows get loss 0.
+    ``loss``: ``"ihl"`` or ``"nll"``. Returns ``(loss [N] fp32, stats [N, 4] fp32, argmax [N]
+    int32)``; ``stats`` holds ``(lse, c, ∂ℓ/∂z_y, ∂ℓ/∂z_m)`` for :func:`ihl_backward`, whose gradient
+    is ``c·p_j`` away from ``y`` and ``m = argmax`` (``c = p_m − p_y`` for IHL, 1 for NLL). Ignored
+    rows get loss 0.
     """
     B, T, V = logits.shape
     n_rows = B * T
-    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    row_loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     stats = torch.empty(n_rows, 4, dtype=torch.float32, device=logits.device)
     argmax = torch.zeros(n_rows, dtype=torch.int32, device=logits.device)
     if n_rows == 0:
-        return loss, stats, argmax
+        return row_loss, stats, argmax
     block, num_warps = _launch_config(V)
     _ihl_forward_kernel[(n_rows,)](
-        logits, labels, loss, stats, argmax,
+        logits, labels, row_loss, stats, argmax,
         T, V, *logits.stride(), ignore_index,
-        BLOCK_V=block, num_warps=num_warps,
+        NLL=loss == "nll", BLOCK_V=block, num_warps=num_warps,
     )  # fmt: skip
-    return loss, stats, argmax
+    return row_loss, stats, argmax
 
 
 def ihl_backward(
@@ -220,7 +252,8 @@ def ihl_backward(
     grad: torch.Tensor,
     ignore_index: int,
 ) -> torch.Tensor:
-    """Write ``grad_rows[r] · ∂ℓ_r/∂logits[r]`` into ``grad`` (``[B, T, V]``, any strides).
+    """Write ``grad_rows[r] · ∂ℓ_r/∂logits[r]`` (IHL or NLL, as ``stats`` says) into ``grad``
+    (``[B, T, V]``, any strides).
 
     ``grad_rows`` is a 0-d tensor (one scale for every row) or a ``[N]`` tensor. ``grad`` may be
     ``logits`` itself: each element is read before it is overwritten, by the same program.

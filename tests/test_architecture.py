@@ -24,6 +24,8 @@ INTERNAL: dict[str, tuple[str, ...]] = {
     "fastunlearn._io": (),
     "fastunlearn.ops": ("fastunlearn.kernels",),
     "fastunlearn.modeling": (),
+    # The losses inside a causal LM's forward: ops applied to a model.
+    "fastunlearn.patching": ("fastunlearn.ops", "fastunlearn.modeling"),
     "fastunlearn.fisher": ("fastunlearn.ops", "fastunlearn.modeling", "fastunlearn._io"),
     # The data pipeline sits below evaluation, which shares it so that an evaluated prompt is the
     # trained one; the rest of training sits above evaluation.
@@ -38,6 +40,7 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn",
         "fastunlearn.ops",
         "fastunlearn.modeling",
+        "fastunlearn.patching",
         "fastunlearn._io",
         "fastunlearn.fisher",
         "fastunlearn.evaluation",
@@ -45,6 +48,7 @@ INTERNAL: dict[str, tuple[str, ...]] = {
     "fastunlearn.demo": (
         "fastunlearn.ops",
         "fastunlearn.modeling",
+        "fastunlearn.patching",
         "fastunlearn._io",
         "fastunlearn.fisher",
         "fastunlearn.evaluation",
@@ -54,6 +58,7 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn",
         "fastunlearn.ops",
         "fastunlearn.modeling",
+        "fastunlearn.patching",
         "fastunlearn._io",
         "fastunlearn.fisher",
         "fastunlearn.evaluation",
@@ -61,7 +66,7 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn.demo",
     ),
     # The root package imports the light layers; training and evaluation load lazily (importlib).
-    "fastunlearn.__init__": ("fastunlearn.ops", "fastunlearn.fisher"),
+    "fastunlearn.__init__": ("fastunlearn.ops", "fastunlearn.patching", "fastunlearn.fisher"),
     "fastunlearn.__main__": ("fastunlearn.cli",),
 }
 # Layers restricted to a few outside libraries (the standard library is always allowed).

@@ -17,16 +17,11 @@ import zlib
 
 import pytest
 import torch
-from helpers.oracles import assert_close
+from helpers.oracles import GRAD_TOL, assert_close, random_problem
 
 from fastunlearn import IHLLoss, ihl_loss, ihl_paper_formulation, ihl_reference
 from fastunlearn.ops.oracle import ihl_oracle_rows
 
-GRAD_TOL = {
-    torch.float32: (1e-5, 0.0),
-    torch.bfloat16: (2.0**-8 + 1e-5, 0.0),
-    torch.float16: (2.0**-11 + 1e-5, 2.0**-25),
-}
 FUSED = ["torch", "triton"]
 SHAPES = [(13, 7), (9, 32003), (3, 70001)]  # small odd vocabulary, Llama-2-ish, above 65536
 
@@ -43,14 +38,6 @@ def expected(logits, labels, reduction, grad_out, ignore_index=-100):
         return loss_rows.sum(), grad_rows * float(grad_out)
     count = max(int(valid.sum()), 1)
     return loss_rows.sum() / count, grad_rows * float(grad_out) / count
-
-
-def random_problem(n, vocab, dtype, seed, *, ignore_frac=0.2):
-    gen = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(n, vocab, generator=gen) * 3).to(dtype)
-    labels = torch.randint(0, vocab, (n,), generator=gen)
-    labels[torch.rand(n, generator=gen) < ignore_frac] = -100
-    return logits, labels
 
 
 def run(logits, labels, backend, reduction="mean", grad_out=None, **kwargs):

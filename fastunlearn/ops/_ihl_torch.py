@@ -1,4 +1,4 @@
-"""Chunked PyTorch implementation of the IHL forward and backward: the CPU path.
+"""Chunked PyTorch implementation of the IHL and NLL forward and backward: the CPU path.
 
 It computes what ``fastunlearn.kernels.ihl`` computes (the same stored statistics and
 cancellation-free formulas; see that module's docstring for the derivation), a block of rows at a
@@ -56,32 +56,36 @@ def _first_argmax(x: torch.Tensor, row_max: torch.Tensor, width: int = 512) -> t
 
 
 def ihl_forward(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, *, loss: str = "ihl"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as ``fastunlearn.kernels.ihl.ihl_forward`` (fp64 logits are kept in fp64).
 
-    Per block, over the logits with ``y`` masked out: the best other logit ``z_m`` and its first index,
-    and ``q = softmax`` (PyTorch's fused kernel), whose entries outside ``m`` sum to ``R/S_{≠y}``
-    exactly — no subtraction. ``log S_{≠y} = z_m − log q_m`` is accurate because ``q_m ≥ 1/(V−1)``.
+    Per block, over the logits with ``y`` masked out. IHL: the best other logit ``z_m`` and its
+    first index, and ``q = softmax`` (PyTorch's fused kernel), whose entries outside ``m`` sum to
+    ``R/S_{≠y}`` exactly — no subtraction; ``log S_{≠y} = z_m − log q_m`` is accurate because
+    ``q_m ≥ 1/(V−1)``. NLL: ``log S_{≠y}`` straight from ``logsumexp``; the loss is
+    ``softplus(log S_{≠y} − z_y)`` and the target's gradient ``−S_{≠y}/S``, as in the kernel, with the
+    target itself standing in for ``m`` (the backward then writes ``∂ℓ/∂z_y`` there twice).
     The per-row arithmetic that turns these into the loss and the stored statistics runs once, over
     all rows, after the loop.
     """
     B, T, V = logits.shape
     acc = _accumulation_dtype(logits.dtype)
     n = B * T
+    nll = loss == "nll"
     device = logits.device
     valid = valid_targets(labels, V, ignore_index).unsqueeze(1)
     targets = torch.where(valid, labels.unsqueeze(1), 0)
-    z_y = torch.empty(n, 1, dtype=acc, device=device)
-    best = torch.empty(n, 1, dtype=acc, device=device)
-    q_m = torch.empty(n, 1, dtype=acc, device=device)
-    rest_q = torch.empty(n, 1, dtype=acc, device=device)
-    argmax = torch.empty(n, 1, dtype=torch.int64, device=device)
+    z_y, lse_others, best, q_m, rest_q = (torch.empty(n, 1, dtype=acc, device=device) for _ in range(5))
+    argmax = targets if nll else torch.empty(n, 1, dtype=torch.int64, device=device)
     for r0, r1, block in _row_blocks(logits):
         y = targets[r0:r1]
         z = block.to(acc)
         torch.gather(z, 1, y, out=z_y[r0:r1])
         others = z.scatter(1, y, float("-inf"))
+        if nll:
+            torch.logsumexp(others, dim=1, keepdim=True, out=lse_others[r0:r1])
+            continue
         torch.amax(others, dim=1, keepdim=True, out=best[r0:r1])
         idx = _first_argmax(others, best[r0:r1])
         argmax[r0:r1] = idx
@@ -89,6 +93,23 @@ def ihl_forward(
         torch.gather(q, 1, idx, out=q_m[r0:r1])
         torch.sum(q.scatter_(1, idx, 0.0), dim=1, keepdim=True, out=rest_q[r0:r1])
 
+    if nll:
+        d = lse_others - z_y
+        row_loss = d.clamp_min(0) + torch.log1p(torch.exp(-d.abs()))
+        lse = torch.logaddexp(lse_others, z_y)
+        g_y = -torch.exp(lse_others - lse)
+        stats = torch.cat([lse, torch.ones_like(lse), g_y, g_y], dim=1)
+    else:
+        row_loss, stats = _ihl_rows(z_y, best, q_m, rest_q)
+    # Ignored rows: zero loss and zero coefficients, so the backward writes exact zeros there.
+    stats = torch.where(valid, stats, 0.0)
+    return torch.where(valid, row_loss, 0.0).squeeze(1), stats, argmax.squeeze(1)
+
+
+def _ihl_rows(
+    z_y: torch.Tensor, best: torch.Tensor, q_m: torch.Tensor, rest_q: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """IHL loss and backward statistics of each row from ``z_y``, ``z_m``, ``q_m`` and ``R/S_{≠y}``."""
     # e_v relative to shift = max(z_y, log S_{≠y}); one of e_y and S_{≠y} is 1 there.
     lse_others = best - q_m.log()
     shift = torch.maximum(z_y, lse_others)
@@ -101,9 +122,7 @@ def ihl_forward(
     diff = best - z_y
     coef = torch.where(diff.abs() < 0.5, e_y * torch.expm1(diff), e_m - e_y) / total
     stats = torch.cat([shift + total.log(), coef, p_y * (2 * e_m + rest) / total, -p_m * row_loss], dim=1)
-    # Ignored rows: zero loss and zero coefficients, so the backward writes exact zeros there.
-    stats = torch.where(valid, stats, 0.0)
-    return torch.where(valid, row_loss, 0.0).squeeze(1), stats, argmax.squeeze(1)
+    return row_loss, stats
 
 
 def ihl_backward(

@@ -1,4 +1,5 @@
-"""The Inverted Hinge Loss: user-facing function, module, autograd wrapper and references.
+"""The Inverted Hinge Loss (and the NLL on the same kernels): user-facing functions, module, autograd
+wrapper and references.
 
 IHL (Cha et al., ICLR 2025, §3.1) replaces gradient ascent on the forget set. For each target token,
 with ``p = softmax(z)`` and ``m`` the most likely *other* token,
@@ -13,6 +14,10 @@ Backends (see :func:`ihl_loss`): the Triton kernels of ``fastunlearn.kernels.ihl
 PyTorch path with identical numerics on CPU, and two eager references — :func:`ihl_reference`, the
 formula written plainly (the test oracle and benchmark baseline), and :func:`ihl_paper_formulation`,
 the paper's code (full softmax, one-hot mask, masked copy).
+
+:func:`nll_loss` is the token negative log-likelihood ``−log p_y`` (cross-entropy) on the same
+kernels in their NLL mode: one read of the logits forward, one read and one write backward, fp32
+statistics for bf16 logits and no ``[N, V]`` log-softmax — the retain term of the paper's objective.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from fastunlearn.ops._ihl_torch import valid_targets
 Reduction = Literal["mean", "sum", "none"]
 REDUCTIONS = ("mean", "sum", "none")
 
-__all__ = ["IHLLoss", "ihl_loss", "ihl_paper_formulation", "ihl_reference"]
+__all__ = ["IHLLoss", "ihl_loss", "ihl_paper_formulation", "ihl_reference", "nll_loss"]
 
 
 def _implementation(name: str) -> ModuleType:
@@ -58,12 +63,13 @@ def _as_rows(logits: Tensor) -> Tensor:
     return logits.reshape(1, -1, V)
 
 
-class _IHLFunction(torch.autograd.Function):
+class _RowLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx,
         logits: Tensor,
         labels: Tensor,
+        loss: str,
         ignore_index: int,
         reduction: str,
         backend: str,
@@ -72,7 +78,7 @@ class _IHLFunction(torch.autograd.Function):
         impl = _implementation(backend)
         rows = _as_rows(logits)
         flat_labels = labels.reshape(-1).long()
-        row_loss, stats, argmax = impl.ihl_forward(rows, flat_labels, ignore_index)
+        row_loss, stats, argmax = impl.ihl_forward(rows, flat_labels, ignore_index, loss=loss)
         count = valid_targets(flat_labels, logits.shape[-1], ignore_index).sum()
         if reduction == "none":
             out = row_loss.view(labels.shape)
@@ -98,7 +104,7 @@ class _IHLFunction(torch.autograd.Function):
             grad_rows = grad_out / count.clamp_min(1)
         grad = rows if inplace_backward else torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
         _implementation(backend).ihl_backward(rows, labels, stats, argmax, grad_rows, grad, ignore_index)
-        return grad.view(ctx.logits_shape), None, None, None, None, None
+        return grad.view(ctx.logits_shape), None, None, None, None, None, None
 
 
 def _check_labels(
@@ -138,9 +144,11 @@ def _check_reduction(reduction: str, allowed: tuple[str, ...] = REDUCTIONS) -> N
         raise ValueError(f"unknown reduction {reduction!r}; expected one of {allowed}")
 
 
-def _check_inputs(logits: Tensor, labels: Tensor, ignore_index: int, reduction: str, validate: bool) -> None:
+def _check_inputs(
+    name: str, logits: Tensor, labels: Tensor, ignore_index: int, reduction: str, validate: bool
+) -> None:
     if not isinstance(logits, Tensor):
-        raise TypeError("ihl_loss expects a tensor of logits")
+        raise TypeError(f"{name} expects a tensor of logits")
     if not logits.is_floating_point():
         raise TypeError(f"logits must be a floating-point tensor (fp32, bf16 or fp16), got {logits.dtype}")
     if logits.dim() < 1:
@@ -185,11 +193,47 @@ def ihl_loss(
         The loss in fp32 (fp64 for fp64 logits on the PyTorch paths); its gradient has the logits'
         dtype. Fused paths accumulate in fp32 and keep ``1 − p_y`` as a sum, never a subtraction.
     """
-    _check_inputs(logits, labels, ignore_index, reduction, validate)
+    return _row_loss("ihl", logits, labels, ignore_index, reduction, backend, inplace_backward, validate)
+
+
+@torch._disable_dynamo
+def nll_loss(
+    logits: Tensor,
+    labels: Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    backend: Backend = "auto",
+    inplace_backward: bool = False,
+    validate: bool = True,
+) -> Tensor:
+    """Negative log-likelihood ``−log p_y = lse(z) − z_y`` of each target token (SPEC §2), the value
+    of ``F.cross_entropy`` without its ``[N, V]`` log-softmax or an fp32 copy of bf16 logits.
+
+    Arguments, reductions, backends and return dtypes as in :func:`ihl_loss`. The loss is formed as
+    ``softplus(log S_{≠y} − z_y)`` and its target gradient as ``−S_{≠y}/S`` (``S_{≠y}`` the sum of
+    the other exponentials), so confident rows keep their relative accuracy (see
+    ``fastunlearn.kernels.ihl``).
+    """
+    return _row_loss("nll", logits, labels, ignore_index, reduction, backend, inplace_backward, validate)
+
+
+def _row_loss(
+    loss: str,
+    logits: Tensor,
+    labels: Tensor,
+    ignore_index: int,
+    reduction: str,
+    backend: str,
+    inplace_backward: bool,
+    validate: bool,
+) -> Tensor:
+    _check_inputs(f"{loss}_loss", logits, labels, ignore_index, reduction, validate)
     resolved = resolve_backend(backend, logits.device)
     if resolved == "reference":
-        return ihl_reference(logits, labels, ignore_index=ignore_index, reduction=reduction)
-    return _IHLFunction.apply(logits, labels, ignore_index, reduction, resolved, inplace_backward)
+        reference = ihl_reference if loss == "ihl" else _nll_reference
+        return reference(logits, labels, ignore_index=ignore_index, reduction=reduction)
+    return _RowLossFunction.apply(logits, labels, loss, ignore_index, reduction, resolved, inplace_backward)
 
 
 class IHLLoss(nn.Module):
@@ -229,7 +273,20 @@ def ihl_reference(
     p_y = p.gather(-1, y).squeeze(-1)
     m = z.scatter(-1, y, float("-inf")).argmax(dim=-1, keepdim=True)  # first index on ties
     p_m = p.gather(-1, m).squeeze(-1)
-    loss = torch.where(valid, 1 + p_y - p_m, 0.0)
+    return _reduce(torch.where(valid, 1 + p_y - p_m, 0.0), valid, reduction)
+
+
+def _nll_reference(
+    logits: Tensor, labels: Tensor, *, ignore_index: int = -100, reduction: Reduction = "mean"
+) -> Tensor:
+    """``lse − z_y`` with eager ops (fp32; fp64 for fp64 input), out-of-range labels ignored."""
+    z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    valid = valid_targets(labels, z.shape[-1], ignore_index)
+    z_y = z.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1).long()).squeeze(-1)
+    return _reduce(torch.where(valid, z.logsumexp(-1) - z_y, 0.0), valid, reduction)
+
+
+def _reduce(loss: Tensor, valid: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return loss
     if reduction == "sum":

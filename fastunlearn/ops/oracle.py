@@ -45,3 +45,24 @@ def ihl_oracle_rows(
     grad[rows, m] = -p_m * (not_m + p_y)
     grad[~valid] = 0
     return loss, grad, valid
+
+
+def nll_oracle_rows(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
+    """Per-row NLL ``−log p_y`` and its gradient ``p − onehot(y)`` in fp64, cancellation-free.
+
+    With ``d = log Σ_{v≠y} e^{z_v} − z_y``, ``−log p_y = log(1 + e^d)`` (``logaddexp(d, 0)``) and
+    ``1 − p_y = Σ_{v≠y} p_v``: exact however confident the row. Returns ``(loss [N], grad [N, V],
+    valid [N])``.
+    """
+    z = logits.detach().double()
+    valid = (labels != ignore_index) & (labels >= 0) & (labels < z.shape[-1])
+    ys = torch.where(valid, labels, 0)
+    rows = torch.arange(z.shape[0], device=z.device)
+    neg_inf = torch.tensor(float("-inf"), dtype=z.dtype, device=z.device)
+    d = z.index_put((rows, ys), neg_inf).logsumexp(-1) - z[rows, ys]
+    loss = torch.where(valid, torch.logaddexp(d, torch.zeros_like(d)), 0.0)
+    p = z.softmax(-1)
+    grad = p.clone()
+    grad[rows, ys] = -p.index_put((rows, ys), torch.zeros((), dtype=z.dtype)).sum(-1)
+    grad[~valid] = 0
+    return loss, grad, valid

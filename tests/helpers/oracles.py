@@ -17,3 +17,20 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float
         f"{int((err > bound).sum())} of {err.numel()} elements off; worst at {worst}: "
         f"got {got.flatten()[worst].item():.9g}, want {want.flatten()[worst].item():.9g}"
     )
+
+
+# Gradient tolerances (rtol, atol) by input dtype: the stored gradient is rounded once to the input
+# dtype (half an ulp: 2^-8 bf16, 2^-11 fp16) on top of fp32 accumulation (~1e-5 relative).
+GRAD_TOL = {
+    torch.float32: (1e-5, 0.0),
+    torch.bfloat16: (2.0**-8 + 1e-5, 0.0),
+    torch.float16: (2.0**-11 + 1e-5, 2.0**-25),
+}
+
+
+def random_problem(n, vocab, dtype, seed, *, ignore_frac=0.2):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, vocab, generator=gen) * 3).to(dtype)
+    labels = torch.randint(0, vocab, (n,), generator=gen)
+    labels[torch.rand(n, generator=gen) < ignore_frac] = -100
+    return logits, labels

@@ -1,0 +1,355 @@
+"""Unlearning losses inside a causal LM's own forward: ``fastunlearn.patch(model)``.
+
+After ``patch(model)``, with ``labels`` aligned with ``input_ids`` (Hugging Face convention: the
+logits at ``t`` predict the label at ``t + 1``; ``-100`` marks tokens without a loss),
+
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, loss_type="ihl")
+
+returns ``out.loss`` and ``out.logits is None``. Loss types (SPEC §2):
+
+- ``"ihl"``: the Inverted Hinge Loss, mean over the valid shifted targets of the batch;
+- ``"nll"``: the token negative log-likelihood, same mean (the retain term; GA/GD's forget term);
+- ``"seq_logprob"``: ``log π(y_i | x_i) = Σ_t log p(y_{i,t+1} | y_{i,≤t})`` per sequence, shape
+  ``[B]`` (NPO's policy term).
+
+Without ``loss_type`` the model behaves exactly as before; :func:`unpatch` removes the patch.
+
+Why inside the forward. Distributed wrappers and mixed precision act on calls: DDP, FSDP and
+DeepSpeed wrap the model's ``__call__``, FSDP and ZeRO-3 gather a submodule's parameters in that
+submodule's pre-forward hook and follow its output for their backward hooks, and accelerate wraps
+the model's ``forward`` in autocast and converts its outputs to fp32. Computing the loss from a
+decoder called on the side skips all of that. Here the loss is computed in the model's own forward,
+by the output head's own call: every hook runs, autocast applies (the fused loss casts its inputs
+exactly as ``F.linear`` would), the ``[B, T, V]`` logits never exist, and there is no fp32 copy of
+them for accelerate to make — the output holds the loss only.
+
+How. The causal LM instance gets a ``forward`` attribute wrapping the one it had. Given a
+``loss_type`` it runs that forward without the labels (so the model computes no loss of its own),
+with the output head's ``forward`` swapped, for this call only, for one that takes the last hidden
+states and returns the loss (:func:`fastunlearn.fused_linear_ihl_loss` /
+:func:`fastunlearn.fused_linear_nll_loss`: chunked, bf16 in, fp32 statistics). The model's forward
+returns that as its "logits" and the patched forward hands it back as ``.loss``. The model's code —
+decoder call, position ids, embedding scaling, cache handling — runs unchanged, whatever the
+transformers version. The one assumption, that the logits are ``head(last_hidden_state)`` with
+nothing after the head, is checked: the architecture must be one of :data:`FUSED_FAMILIES` without
+the config-driven transforms of :data:`LOGIT_TRANSFORMS`, the head a plain ``nn.Linear`` (or peft's
+``modules_to_save`` copy of one), called exactly once with ``[B, T, H]`` hidden states. Other models
+take the logits path through the same call: the model's real logits, then
+:func:`fastunlearn.ihl_loss` / :func:`fastunlearn.nll_loss` (labels shifted, logits never copied),
+with one warning — or an error where the fused path was asked for explicitly (``fused=True``).
+
+Labels are shifted, never the hidden states or logits: the targets are ``labels[:, 1:]`` padded with
+``-100`` at the end, so every position's hidden state is used in place and nothing is copied.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import MethodType
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastunlearn.ops._backend import Backend, resolve_backend
+from fastunlearn.ops.fused_linear import fused_linear_ihl_loss, fused_linear_nll_loss
+from fastunlearn.ops.ihl import ihl_loss, nll_loss
+
+IGNORE_INDEX = -100
+LossType = Literal["ihl", "nll", "seq_logprob"]
+# loss type -> (row loss, reduction)
+_LOSSES = {"ihl": ("ihl", "mean"), "nll": ("nll", "mean"), "seq_logprob": ("nll", "none")}
+LOSS_TYPES = tuple(_LOSSES)
+
+# Architectures (``config.model_type``) whose causal-LM forward returns ``output_head(last hidden
+# states)`` with nothing after the head (unless one of LOGIT_TRANSFORMS is set); each is checked
+# against the logits path in tests/test_patching.py.
+FUSED_FAMILIES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gpt_neox", "gpt_neo", "gpt2", "gemma", "gemma2"}
+)
+# Config fields of architectures whose logits are transformed after the head (Gemma-2's soft-capping,
+# Cohere's scale, Granite's scaling, MiniCPM's multiplier): set to anything but None/1 → logits path.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+_STATE = "_fastunlearn_patch"
+
+__all__ = [
+    "FUSED_FAMILIES",
+    "LOSS_TYPES",
+    "find_causal_lm",
+    "fused_blocker",
+    "is_fused",
+    "is_patched",
+    "patch",
+    "unpatch",
+]
+
+
+@dataclass
+class _PatchState:
+    fused: bool | None
+    backend: str
+    chunk_rows: int | None
+    validate: bool
+    previous_forward: Callable[..., Any] | None  # the instance's own `forward` attribute, if it had one
+    function: Callable[..., Any]  # the patched forward's function, to recognise it on unpatch
+    warned: str | None = None  # the reason of the last fallback warning, so it is given once
+
+
+def _is_causal_lm(module: Any) -> bool:
+    get_head = getattr(module, "get_output_embeddings", None)
+    return isinstance(module, nn.Module) and hasattr(module, "config") and callable(get_head)
+
+
+def find_causal_lm(model: nn.Module) -> nn.Module:
+    """The Hugging Face causal LM inside ``model``: ``model`` itself, or under a peft ``PeftModel``,
+    DDP / FSDP / DeepSpeed / ``DataParallel`` (``.module``) or ``torch.compile`` (``._orig_mod``)."""
+    found = model
+    for _ in range(16):  # wrappers nest a few levels at most
+        if hasattr(found, "get_base_model"):  # peft: the transformers model with the adapters injected
+            found = found.get_base_model()
+            continue
+        # Unwrap before testing for a causal LM: FSDP and DeepSpeed forward attribute lookups to the
+        # module they wrap, so the wrapper itself would pass for one.
+        inner = getattr(found, "module", None)
+        inner = inner if isinstance(inner, nn.Module) else getattr(found, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            break
+        found = inner
+    if _is_causal_lm(found):
+        return found
+    raise TypeError(
+        f"found no causal language model (a module with a config and get_output_embeddings()) in "
+        f"{type(model).__name__}"
+    )
+
+
+def _head_linears(head: nn.Module | None) -> list[nn.Linear] | None:
+    """The plain ``nn.Linear`` modules the output head's call ends in: the head itself, or for peft's
+    ``modules_to_save`` wrapper its original and its trained copies; ``None`` for anything else."""
+    if type(head) is nn.Linear:
+        return [head]
+    if isinstance(getattr(head, "modules_to_save", None), nn.ModuleDict) and hasattr(head, "original_module"):
+        linears = [head.original_module, *head.modules_to_save.values()]
+        if all(type(m) is nn.Linear for m in linears):
+            return linears
+    return None
+
+
+def fused_blocker(model: nn.Module) -> str | None:
+    """Why the fused path cannot compute ``model``'s losses (``None`` when it can)."""
+    lm = find_causal_lm(model)
+    config = lm.config
+    family = getattr(config, "model_type", None)
+    if family not in FUSED_FAMILIES:
+        return (
+            f"model type {family!r} is not one whose logits are known to be the output head applied to the "
+            f"last hidden states ({', '.join(sorted(FUSED_FAMILIES))})"
+        )
+    transforms = [name for name in LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)]
+    if transforms:
+        return f"its logits are transformed after the output head ({', '.join(transforms)})"
+    if (getattr(config, "pretraining_tp", None) or 1) > 1:
+        return "pretraining_tp > 1 computes the logits from slices of the output head"
+    head = lm.get_output_embeddings()
+    if _head_linears(head) is None:
+        return f"its output head is a {type(head).__name__}, not a plain nn.Linear (LoRA on the head?)"
+    return None
+
+
+def patch(
+    model: nn.Module,
+    *,
+    fused: bool | None = None,
+    backend: Backend = "auto",
+    chunk_rows: int | None = None,
+    validate: bool = True,
+) -> nn.Module:
+    """Make the causal LM in ``model`` compute unlearning losses in its forward (see the module doc).
+
+    Args:
+        model: a transformers causal LM, bare or inside a peft model and/or a DDP / FSDP / DeepSpeed
+            wrapper (patched before or after wrapping: the causal LM itself is patched).
+        fused: ``None`` (default): fused where supported, else the logits path with one warning;
+            ``True``: fused or a ``ValueError``; ``False``: always the logits path.
+        backend: ``"auto"`` (Triton on CUDA, the chunked PyTorch path otherwise), ``"triton"`` or
+            ``"torch"``, as in :func:`fastunlearn.ihl_loss`.
+        chunk_rows: tokens per chunk of the fused path (default: about 64M logits on a GPU, 8M on CPU).
+        validate: check every batch's labels against the vocabulary (one host synchronisation per
+            call); pass ``False`` when they were checked once up front.
+
+    Returns ``model``. Patching a patched model replaces its options.
+    """
+    if fused not in (None, True, False):
+        raise ValueError(f"fused must be None, True or False, got {fused!r}")
+    if chunk_rows is not None and chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    lm = find_causal_lm(model)
+    resolve_backend(backend, torch.device("cpu"), has_reference=False)  # a bad name fails here, not mid-step
+    if fused is not False:
+        reason = fused_blocker(lm)
+        if reason is not None and fused:
+            raise ValueError(f"fused=True: cannot compute the loss of {type(lm).__name__} fused: {reason}")
+    old = lm.__dict__.get(_STATE)
+    if old is not None:
+        state = _PatchState(fused, backend, chunk_rows, validate, old.previous_forward, old.function)
+    else:
+        previous = lm.__dict__.get("forward")
+        state = _PatchState(fused, backend, chunk_rows, validate, previous, _make_forward(previous))
+        lm.forward = MethodType(state.function, lm)
+    lm.__dict__[_STATE] = state
+    if fused is None:
+        _warn_fallback(lm, state)
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch`: the causal LM's ``forward`` is what it was before. Returns ``model``.
+
+    If something wrapped the patched ``forward`` afterwards (accelerate does when it prepares a
+    model), that wrapper stays and the patch turns into a plain pass-through.
+    """
+    lm = find_causal_lm(model)
+    state = lm.__dict__.pop(_STATE, None)
+    if state is None:
+        return model
+    if getattr(lm.__dict__.get("forward"), "__func__", None) is state.function:
+        if state.previous_forward is None:
+            del lm.forward
+        else:
+            lm.forward = state.previous_forward
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether the causal LM in ``model`` is patched (takes ``loss_type``)."""
+    return _STATE in find_causal_lm(model).__dict__
+
+
+def is_fused(model: nn.Module) -> bool:
+    """Whether ``model`` is patched and its losses take the fused path."""
+    lm = find_causal_lm(model)
+    state = lm.__dict__.get(_STATE)
+    return state is not None and state.fused is not False and fused_blocker(lm) is None
+
+
+def _warn_fallback(lm: nn.Module, state: _PatchState) -> None:
+    reason = fused_blocker(lm)
+    if reason is not None and reason != state.warned:
+        state.warned = reason
+        warnings.warn(
+            f"fastunlearn: the losses of {type(lm).__name__} take the logits path (the [B, T, V] logits are "
+            f"materialised): {reason}",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def _make_forward(previous: Callable[..., Any] | None) -> Callable[..., Any]:
+    def forward(self, *args, loss_type: LossType | None = None, **kwargs):
+        call = previous if previous is not None else MethodType(type(self).forward, self)
+        state = self.__dict__.get(_STATE)
+        if loss_type is None:
+            return call(*args, **kwargs)
+        if state is None:
+            raise ValueError("loss_type needs fastunlearn.patch(model); the model was unpatched")
+        return _loss_forward(self, state, call, loss_type, args, kwargs)
+
+    return forward
+
+
+def _loss_forward(lm: nn.Module, state: _PatchState, call, loss_type: str, args, kwargs) -> Any:
+    if loss_type not in _LOSSES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    labels = kwargs.pop("labels", None)
+    if not isinstance(labels, Tensor) or labels.dim() != 2:
+        raise ValueError(
+            f"loss_type={loss_type!r} needs labels of shape [batch, sequence] (aligned with input_ids)"
+        )
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if kwargs.get(name):
+            raise ValueError(f"loss_type={loss_type!r} uses every position; {name} must not be set")
+    as_tuple = kwargs.get("return_dict") is False
+    kwargs["return_dict"] = True
+    kwargs.setdefault("use_cache", False)
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    blocker = "fused=False" if state.fused is False else fused_blocker(lm)
+    if blocker is None:
+        with _head_computes_loss(lm.get_output_embeddings(), targets, loss_type, state) as calls:
+            out = call(*args, **kwargs)
+        if calls != [1]:
+            raise RuntimeError(
+                f"{type(lm).__name__}.forward called its output head {sum(calls)} times instead of once; "
+                "its losses cannot be fused (patch it with fused=False)"
+            )
+        loss = out.logits
+    else:
+        if state.fused:
+            raise ValueError(f"fused=True: cannot compute the loss of {type(lm).__name__} fused: {blocker}")
+        if state.fused is None:
+            _warn_fallback(lm, state)
+        out = call(*args, **kwargs)
+        loss = _loss_from_logits(out.logits, targets, loss_type, state)
+    fields = {key: value for key, value in out.items() if key not in ("loss", "logits")}
+    result = type(out)(loss=loss, **fields)
+    return result.to_tuple() if as_tuple else result
+
+
+@contextmanager
+def _head_computes_loss(
+    head: nn.Module, targets: Tensor, loss_type: str, state: _PatchState
+) -> Iterator[list[int]]:
+    """Within the block, a call of the output head (through its ``__call__``, so its hooks run) takes
+    the last hidden states and returns the loss instead of logits. Yields the count of its calls."""
+    calls = [0]
+    linears = _head_linears(head)
+    saved = [(m, m.__dict__.get("forward")) for m in linears]
+
+    def loss_forward(linear: nn.Linear, hidden: Tensor) -> Tensor:
+        calls[0] += 1
+        if calls[0] > 1:
+            raise RuntimeError(
+                "the output head was called more than once in one forward; its loss cannot be fused"
+            )
+        if tuple(hidden.shape[:-1]) != tuple(targets.shape):
+            raise ValueError(
+                f"the output head received hidden states of shape {tuple(hidden.shape)}, not [B, T, H] for "
+                f"labels {tuple(targets.shape)}"
+            )
+        return _fused_loss(hidden, linear, targets.to(hidden.device), loss_type, state)
+
+    try:
+        for linear in linears:
+            linear.forward = MethodType(loss_forward, linear)
+        yield calls
+    finally:
+        for linear, forward in saved:
+            if forward is None:
+                del linear.forward
+            else:
+                linear.forward = forward
+
+
+def _fused_loss(
+    hidden: Tensor, head: nn.Linear, targets: Tensor, loss_type: str, state: _PatchState
+) -> Tensor:
+    kind, reduction = _LOSSES[loss_type]
+    fn = fused_linear_ihl_loss if kind == "ihl" else fused_linear_nll_loss
+    value = fn(
+        hidden, head.weight, targets, bias=head.bias, reduction=reduction, backend=state.backend,
+        chunk_rows=state.chunk_rows, validate=state.validate,
+    )  # fmt: skip
+    return -value.sum(-1) if loss_type == "seq_logprob" else value
+
+
+def _loss_from_logits(logits: Tensor, targets: Tensor, loss_type: str, state: _PatchState) -> Tensor:
+    kind, reduction = _LOSSES[loss_type]
+    fn = ihl_loss if kind == "ihl" else nll_loss
+    value = fn(
+        logits, targets.to(logits.device), reduction=reduction, backend=state.backend, validate=state.validate
+    )
+    return -value.sum(-1) if loss_type == "seq_logprob" else value

@@ -1,0 +1,339 @@
+"""fastunlearn.patch: the unlearning losses computed in the model's own forward, against the logits path.
+
+Reference: the same model, unpatched — its logits, the loss of those logits in fp64 (the IHL and NLL
+formulas written plainly), and autograd through the model. Checked: the loss, the gradient with
+respect to the last hidden states (what the patched head hands back) and every parameter gradient.
+
+Tolerances. fp32: the paths differ only by fp32 rounding of the row statistics (the fused losses'
+rtol 1e-5 against fp64) and of the chunked head products ``G·W`` (fp32 sums of V terms, at most
+V·2⁻²⁴ ≈ 1e-5 relative for the V = 131 used here), which then go through the same fp32 backward
+graph: rtol 1e-4 plus 1e-5 of each tensor's largest entry (for entries formed by cancellation).
+bf16 autocast: both paths compute the same bf16 logits, so the loss is judged at 2⁻⁸; the gradient
+of the hidden states carries a few bf16 roundings in either path (the chunk gradient, its product
+with W, and for ``grad_output ∉ 2^ℤ`` one more for its scaling in the fused path): 2⁻⁷ relative plus
+2⁻⁸ of the largest entry. The decoder's bf16 backward turns those last-bit differences into
+element-wise noise that cancellation can make large in relative terms, so the parameter gradients
+are judged in norm, at 2⁻⁵ (a wrong scale or a missing term is off by O(1)).
+"""
+
+from __future__ import annotations
+
+import copy
+import socket
+from types import MethodType
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers.models import tiny_llama
+from helpers.oracles import assert_close
+from torch import nn
+
+import fastunlearn
+from fastunlearn import ihl_reference
+from fastunlearn.patching import find_causal_lm, fused_blocker, is_fused, is_patched
+
+VOCAB = 131  # not a power of two
+COMMON = {
+    "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "max_position_embeddings": 64, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+}  # fmt: skip
+FAMILIES = {
+    "llama": {"num_key_value_heads": 2},
+    "mistral": {"num_key_value_heads": 2},
+    "qwen2": {"num_key_value_heads": 2},
+    "qwen3": {"num_key_value_heads": 2, "head_dim": 8},
+    "phi": {},  # its head has a bias
+    "phi3": {"num_key_value_heads": 2},
+    "gpt_neox": {},
+    "gpt_neo": {"attention_types": [[["global", "local"], 1]], "window_size": 8},
+    "gpt2": {},  # tied embeddings
+    "gemma": {"num_key_value_heads": 2, "head_dim": 8},
+    "gemma2": {"num_key_value_heads": 2, "head_dim": 8, "final_logit_softcapping": None},
+}
+LOSS_TYPES = ["ihl", "nll", "seq_logprob"]
+
+
+def build(family: str, seed: int = 0, **overrides) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = AutoConfig.for_model(family, vocab_size=VOCAB, **{**COMMON, **FAMILIES[family], **overrides})
+    # eval(): no dropout, so both paths see the same function; gradients are computed all the same.
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+
+
+def batch(seed: int, lengths=(11, 8, 10)):
+    """Right-padded ids, mask, and labels with an ignored prompt and padding."""
+    gen = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(3, VOCAB, (len(lengths), T), generator=gen)
+    mask = torch.zeros_like(ids)
+    labels = ids.clone()
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+        ids[i, n:] = 0
+        labels[i, n:] = -100
+        labels[i, : 2 + i] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def reference_loss(logits: torch.Tensor, labels: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """The loss of materialised logits in fp64 (labels shifted as the contract says)."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    z = logits.double()
+    if loss_type == "ihl":
+        return ihl_reference(z, targets)
+    valid = targets != -100
+    z_y = z.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    nll = torch.where(valid, z.logsumexp(-1) - z_y, 0.0)
+    return nll.sum() / valid.sum().clamp_min(1) if loss_type == "nll" else -nll.sum(-1)
+
+
+def grad_out_for(loss: torch.Tensor) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(99)
+    return torch.rand(loss.shape, generator=gen) + 0.5 if loss.dim() else torch.tensor(0.7)
+
+
+def step(model: nn.Module, data: dict, loss_type: str, *, patched: bool, autocast: bool = False):
+    """``(loss, ∂loss/∂hidden, {name: ∂loss/∂param})`` of one forward+backward through ``model`` on
+    either path; ``hidden`` is the last hidden states, the output head's input."""
+    captured = []
+
+    def capture(module, args):
+        args[0].retain_grad()
+        captured.append(args[0])
+
+    hook = find_causal_lm(model).get_output_embeddings().register_forward_pre_hook(capture)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        if patched:
+            out = model(**data, loss_type=loss_type)
+            assert out.logits is None
+            loss = out.loss
+        else:
+            logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+            loss = reference_loss(logits, data["labels"], loss_type)
+    hook.remove()
+    loss.backward(grad_out_for(loss).to(loss.dtype))
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), captured[0].grad, grads
+
+
+def assert_same_step(got, want, *, bf16: bool = False) -> None:
+    (loss, dh, grads), (want_loss, want_dh, want_grads) = got, want
+    assert loss.dtype == torch.float32 and loss.shape == want_loss.shape
+    assert grads.keys() == want_grads.keys() and grads
+    if not bf16:
+        assert_close(loss, want_loss, 1e-5)
+        for g, w in [(dh, want_dh), *((grads[k], want_grads[k]) for k in grads)]:
+            assert_close(g, w, 1e-4, 1e-5 * float(w.abs().max()))
+        return
+    assert_close(loss, want_loss, 2.0**-8)
+    assert_close(dh, want_dh, 2.0**-7, 2.0**-8 * float(want_dh.abs().max()))
+    for name, g in grads.items():
+        err = float((g - want_grads[name]).norm() / want_grads[name].norm())
+        assert err <= 2.0**-5, f"{name}: relative error {err:.3g} in norm"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_families_match_the_logits_path(family):
+    model = build(family)
+    data = batch(seed=1)
+    assert fused_blocker(model) is None
+    for loss_type in LOSS_TYPES:
+        want = step(model, data, loss_type, patched=False)
+        fastunlearn.patch(model, backend="torch")
+        assert is_fused(model)
+        assert_same_step(step(model, data, loss_type, patched=True), want)
+        fastunlearn.unpatch(model)
+
+
+def test_triton_backend_and_hooks_of_the_model_and_its_head_run():
+    """The loss is computed by the head's own call: hooks on the model and on its head (where FSDP
+    and ZeRO-3 gather and release the head's weight) run once per forward."""
+    model = tiny_llama(VOCAB, seed=2)
+    data = batch(seed=2)
+    want = step(model, data, "ihl", patched=False)
+    calls = {"model": 0, "head": 0}
+    model.register_forward_pre_hook(lambda *_: calls.__setitem__("model", calls["model"] + 1))
+    model.lm_head.register_forward_pre_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1))
+    fastunlearn.patch(model, backend="triton")
+    assert_same_step(step(model, data, "ihl", patched=True), want)
+    assert calls == {"model": 1, "head": 1}
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_bf16_autocast_with_fp32_weights(loss_type):
+    model = tiny_llama(VOCAB, seed=3)
+    data = batch(seed=3)
+    want = step(model, data, loss_type, patched=False, autocast=True)
+    fastunlearn.patch(model)
+    assert_same_step(step(model, data, loss_type, patched=True, autocast=True), want, bf16=True)
+
+
+@pytest.mark.parametrize("order", ["patch_first", "wrap_first"])
+def test_accelerate_mixed_precision_wrapping(order):
+    """accelerate's prepare() replaces ``model.forward`` with autocast + fp32 output conversion
+    (the code of Accelerator.prepare_model, with its context); either order computes the loss
+    under the autocast, and the loss stays what it is (fp32, no logits to convert)."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    def accelerate_prepare(model):
+        model.forward = MethodType(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward.__func__), model)
+        model.forward = MethodType(convert_outputs_to_fp32(model.forward.__func__), model)
+
+    model = tiny_llama(VOCAB, seed=4)
+    data = batch(seed=4)
+    want = step(model, data, "nll", patched=False, autocast=True)
+    if order == "patch_first":
+        fastunlearn.patch(model)
+        accelerate_prepare(model)
+    else:
+        accelerate_prepare(model)
+        wrapped = model.forward
+        fastunlearn.patch(model)
+    assert_same_step(step(model, data, "nll", patched=True), want, bf16=True)
+    fastunlearn.unpatch(model)
+    if order == "wrap_first":
+        assert model.__dict__["forward"] is wrapped  # accelerate's wrapper is back in place
+    else:  # accelerate's wrapper stays, around what is now a pass-through
+        with pytest.raises(ValueError, match="unpatched"):
+            model(**data, loss_type="nll")
+    assert model(input_ids=data["input_ids"]).logits.dtype == torch.float32
+
+
+@pytest.mark.parametrize("head", ["frozen", "modules_to_save"])
+def test_peft_lora(head):
+    """The decoder's LoRA layers are the ones used; the head is plain (frozen) or peft's trained copy."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama(VOCAB, seed=5)
+    extra = {"modules_to_save": ["lm_head"]} if head == "modules_to_save" else {}
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **extra))
+    for name, p in peft_model.named_parameters():  # non-zero B, so the adapters change the function
+        if "lora_B" in name:
+            nn.init.normal_(p, std=0.05)
+    data = batch(seed=5)
+    for loss_type in LOSS_TYPES:
+        want = step(peft_model, data, loss_type, patched=False)
+        fastunlearn.patch(peft_model)
+        assert find_causal_lm(peft_model) is model and is_fused(peft_model)
+        got = step(peft_model, data, loss_type, patched=True)
+        assert any("lora_B" in name for name in got[2])
+        assert any("modules_to_save" in name for name in got[2]) == (head == "modules_to_save")
+        assert_same_step(got, want)
+        fastunlearn.unpatch(peft_model)
+
+
+def test_lora_on_the_head_takes_the_logits_path():
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_llama(VOCAB, seed=6)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    data = batch(seed=6)
+    want = step(peft_model, data, "ihl", patched=False)
+    with pytest.raises(ValueError, match=r"not a plain nn\.Linear"):
+        fastunlearn.patch(peft_model, fused=True)
+    with pytest.warns(UserWarning, match=r"logits path.*not a plain nn\.Linear"):
+        fastunlearn.patch(peft_model)
+    assert not is_fused(peft_model)
+    assert_same_step(step(peft_model, data, "ihl", patched=True), want)
+
+
+@pytest.mark.parametrize("when", ["before_wrapping", "after_wrapping"])
+def test_ddp(when):
+    from torch.distributed import destroy_process_group, init_process_group
+    from torch.nn.parallel import DistributedDataParallel
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        model = tiny_llama(VOCAB, seed=7)
+        data = batch(seed=7)
+        want = step(DistributedDataParallel(copy.deepcopy(model)), data, "ihl", patched=False)
+        if when == "before_wrapping":
+            fastunlearn.patch(model)
+        ddp = DistributedDataParallel(model)
+        if when == "after_wrapping":
+            fastunlearn.patch(ddp)
+        assert find_causal_lm(ddp) is model and is_fused(ddp)
+        got = step(ddp, data, "ihl", patched=True)
+    finally:
+        destroy_process_group()
+    assert_same_step(got, want)
+
+
+def test_unpatch_restores_exactly_and_plain_calls_are_unchanged():
+    model = tiny_llama(VOCAB, seed=8)
+    data = batch(seed=8)
+    before = dict(model.__dict__)
+    plain = model(**data)  # Hugging Face's own loss and logits
+    fastunlearn.patch(model)
+    fastunlearn.patch(model, chunk_rows=3)  # re-patching replaces the options, wraps nothing twice
+    same = model(**data)
+    assert torch.equal(same.logits, plain.logits) and torch.equal(same.loss, plain.loss)
+    fastunlearn.unpatch(model)
+    assert not is_patched(model)
+    assert model.__dict__.keys() == before.keys()
+    assert all(model.__dict__[k] is v for k, v in before.items())
+    assert torch.equal(model(**data).logits, plain.logits)
+
+
+def test_soft_capped_gemma2_warns_and_takes_the_logits_path():
+    model = build("gemma2", final_logit_softcapping=3.0)
+    data = batch(seed=9)
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        fastunlearn.patch(model, fused=True)
+    want = {t: step(model, data, t, patched=False) for t in LOSS_TYPES}
+    with pytest.warns(UserWarning, match="final_logit_softcapping") as record:
+        fastunlearn.patch(model)
+        for t in LOSS_TYPES:
+            assert_same_step(step(model, data, t, patched=True), want[t])
+    assert len(record) == 1  # one warning, not one per step
+    assert not is_fused(model)
+
+
+def test_fused_false_takes_the_logits_path():
+    model = build("gpt_neox", seed=10)
+    data = batch(seed=10)
+    want = step(model, data, "seq_logprob", patched=False)
+    fastunlearn.patch(model, fused=False)
+    assert is_patched(model) and not is_fused(model)
+    assert_same_step(step(model, data, "seq_logprob", patched=True), want)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_all_ignored_batch_gives_zero_loss_and_gradient(fused):
+    model = build("gpt2", seed=11)
+    data = batch(seed=11)
+    data["labels"] = torch.full_like(data["labels"], -100)
+    fastunlearn.patch(model, fused=fused)
+    for loss_type in LOSS_TYPES:
+        loss, dh, grads = step(model, data, loss_type, patched=True)
+        assert torch.equal(loss, torch.zeros_like(loss))
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in [dh, *grads.values()])
+
+
+def test_return_dict_false_and_bad_calls():
+    model = tiny_llama(VOCAB, seed=12)
+    data = batch(seed=12)
+    fastunlearn.patch(model)
+    (loss,) = model(**data, loss_type="nll", return_dict=False)
+    assert_close(loss, model(**data, loss_type="nll").loss, 0.0)
+    with pytest.raises(ValueError, match="unknown loss_type"):
+        model(**data, loss_type="kl")
+    with pytest.raises(ValueError, match="needs labels"):
+        model(input_ids=data["input_ids"], loss_type="ihl")
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(**data, loss_type="ihl", logits_to_keep=1)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model(**{**data, "labels": data["labels"].clamp_min(0) + VOCAB}, loss_type="ihl")
+    with pytest.raises(TypeError, match="no causal language model"):
+        fastunlearn.patch(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="backend"):
+        fastunlearn.patch(model, backend="cuda")
+    with pytest.raises(ValueError, match="fused must be"):
+        fastunlearn.patch(model, fused="yes")
