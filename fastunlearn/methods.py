@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -86,22 +87,25 @@ def _forget_ihl(model: nn.Module, forget: Mapping[str, Tensor], backend: str, fu
 
 
 def _shifted_nll(logits: Tensor, labels: Tensor, reduction: str) -> Tensor:
-    """NLL of each position's next token (fp32): the *labels* are shifted, so ``[B, T, V]`` logits
-    flatten as a view instead of being copied by a ``logits[:, :-1]`` slice; the last position,
-    which predicts nothing, gets the ignored label."""
+    """NLL of each position's next token (fp32; fp64 for fp64 logits): the *labels* are shifted, so
+    ``[B, T, V]`` logits flatten as a view instead of being copied by a ``logits[:, :-1]`` slice; the
+    last position, which predicts nothing, gets the ignored label."""
     targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    z = logits.flatten(0, 1)
     return F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
+        z.to(torch.promote_types(z.dtype, torch.float32)), targets.flatten(), ignore_index=IGNORE_INDEX,
+        reduction=reduction,
     )
 
 
 def nll_mean(logits: Tensor, labels: Tensor) -> Tensor:
-    """Token-mean NLL of the shifted, non-ignored targets of a batch (fp32)."""
+    """Token-mean NLL of the shifted, non-ignored targets of a batch (fp32; fp64 for fp64 logits)."""
     return _shifted_nll(logits, labels, "mean")
 
 
 def sequence_logprob(logits: Tensor, labels: Tensor) -> Tensor:
-    """``log π(y_i|x_i) = Σ_t log p(y_{i,t+1} | y_{i,≤t})`` over supervised targets, per row (fp32)."""
+    """``log π(y_i|x_i) = Σ_t log p(y_{i,t+1} | y_{i,≤t})`` over supervised targets, per row (fp32; fp64
+    for fp64 logits)."""
     return -_shifted_nll(logits, labels, "none").view(labels.shape).sum(dim=1)
 
 

@@ -55,12 +55,13 @@ def _require_batch(batch: Mapping[str, torch.Tensor], keys: tuple[str, ...]) -> 
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Shifted per-token NLL (fp32), the label mask and the teacher-forced hits, each ``[B, T-1]``.
+    """Shifted per-token NLL (fp32; fp64 for fp64 logits), the label mask and the teacher-forced hits,
+    each ``[B, T-1]``.
 
     ``logits[:, t]`` scores ``labels[:, t + 1]``; positions whose label is ``-100`` get NLL 0 and are
-    excluded from the mask. The log-softmax runs in fp32 whatever the logits' dtype.
+    excluded from the mask. The log-softmax runs in fp32 for lower-precision logits.
     """
-    logits = logits[:, :-1].float()
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
     target = labels[:, 1:]
     mask = target != IGNORE_INDEX
     safe_target = target.masked_fill(~mask, 0)
@@ -73,8 +74,9 @@ def answer_stats(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> d
     """Per-example answer statistics from one teacher-forced forward pass (no gradient).
 
     ``batch`` holds ``input_ids``, ``attention_mask`` and ``labels`` (``[B, T]``, ``-100`` ignored).
-    Returns ``nll_sum`` (fp32), ``num_tokens`` and ``correct`` (int64), each ``[B]``, on the model's
-    device. The caller chooses the mode; :func:`basic_metrics` switches to eval mode.
+    Returns ``nll_sum`` (fp32; fp64 for an fp64 model), ``num_tokens`` and ``correct`` (int64), each
+    ``[B]``, on the model's device. The caller chooses the mode; :func:`basic_metrics` switches to eval
+    mode.
     """
     _require_batch(batch, ("input_ids", "attention_mask", "labels"))
     device = _model_device(model)
