@@ -1,12 +1,23 @@
 """Shared helpers for the benchmarks: device description, timing, peak memory and result files.
 
-Timing: medians over repeats after warm-up; CUDA timings bracket the work with events and synchronise.
+Timing (:func:`median_time`): on CUDA, the method of ``triton.testing.do_bench`` — the cost of one call
+estimated from a few calls, warm-up calls for ~25 ms, then enough timed calls to fill ~100 ms (at
+least ``repeats``), each between its own pair of CUDA events recorded on the stream after the L2 cache
+is flushed, and one synchronisation at the end; the median is reported. The events time the GPU's
+work; host overhead counts only where it leaves the GPU idle, as it would in real use. On CPU,
+``perf_counter`` around each call, the median of ``repeats`` calls after ``warmup``.
+
 Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above what was allocated before the call; on
 CPU, the allocator has no such counter, so the peak is sampled from the process's resident set
 (``/proc/self/status`` VmHWM) after a reset of the high-water mark through ``/proc/self/clear_refs`` —
 coarse (page granularity, includes allocator caching) but honest, and it sees every allocation.
 ``peak_tensor_bytes`` is the exact alternative on CPU: the peak of live PyTorch tensor bytes, from the
 profiler's allocation events.
+
+Results (:class:`ResultLog`): every row is written to ``<stem>.csv`` and ``<stem>.json`` as soon as it
+is measured (atomically, whole files), so a run stopped by a time limit keeps everything measured so
+far; the JSON's ``environment.complete`` says whether the run finished. Files are named after a
+sanitised device tag (:func:`slug`). ``FASTUNLEARN_BENCH_RESULTS`` overrides the results directory.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import gc
 import io
 import os
 import platform
+import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -24,9 +36,7 @@ from typing import Any
 
 import torch
 
-from fastunlearn._io import write_json, write_text
-
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(os.environ.get("FASTUNLEARN_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def device_name(device: torch.device) -> str:
@@ -69,19 +79,62 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_time(fn: Callable[[], Any], device: torch.device, *, repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
-    for _ in range(warmup):
+_L2_FLUSH_BYTES = 256 << 20  # more than any current GPU's L2 cache (H100/H200: 50-60 MB)
+
+
+def _cuda_times(fn: Callable[[], Any], device: torch.device, calls: int) -> list[float]:
+    """Milliseconds of each of ``calls`` calls of ``fn()``, by CUDA events, L2 flushed before each."""
+    flush = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+    events = [[torch.cuda.Event(enable_timing=True) for _ in range(2)] for _ in range(calls)]
+    for start, end in events:
+        flush.zero_()
+        start.record()
         fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
+        end.record()
+    torch.cuda.synchronize(device)
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def median_time(
+    fn: Callable[[], Any],
+    device: torch.device,
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    warmup_ms: float = 25.0,
+    target_ms: float = 100.0,
+    max_repeats: int = 1000,
+) -> float:
+    """Median time of one ``fn()`` call in milliseconds (see the module docstring).
+
+    On CUDA ``repeats`` and ``warmup`` are minimums: the counts grow until the calls fill ``target_ms``
+    and ``warmup_ms`` (at most ``max_repeats`` timed calls). On CPU they are the counts.
+    """
+    if device.type != "cuda":
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+    fn()  # first call: compilation, autotuning, allocator growth
+    estimate = max(statistics.median(_cuda_times(fn, device, 3)), 1e-3)
+    for _ in range(max(warmup, int(warmup_ms / estimate))):
         fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    calls = min(max_repeats, max(repeats, int(target_ms / estimate)))
+    return statistics.median(_cuda_times(fn, device, calls))
+
+
+def call_time(fn: Callable[[], Any], device: torch.device) -> float:
+    """Milliseconds of one ``fn()`` call: CUDA events (L2 flushed first) on CUDA, ``perf_counter`` on CPU.
+    For timing several functions round-robin, where :func:`median_time`'s batches do not fit."""
+    if device.type == "cuda":
+        return _cuda_times(fn, device, 1)[0]
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
 
 
 def _cpu_rss_bytes(field: str) -> int:
@@ -110,6 +163,10 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> int:
 
 def write_results(stem: str, rows: list[dict[str, Any]], env: dict[str, Any]) -> tuple[Path, Path]:
     """Write ``rows`` to ``results/<stem>.csv`` and, with ``env``, to ``results/<stem>.json``."""
+    # Imported here: the rest of this module works before the package is installed (gpu_run.sh asks
+    # it for the device tag first).
+    from fastunlearn._io import write_json, write_text
+
     csv_path, json_path = RESULTS_DIR / f"{stem}.csv", RESULTS_DIR / f"{stem}.json"
     fields = list(dict.fromkeys(key for row in rows for key in row))
 
@@ -122,15 +179,31 @@ def write_results(stem: str, rows: list[dict[str, Any]], env: dict[str, Any]) ->
     return csv_path, json_path
 
 
+class ResultLog:
+    """Rows of one benchmark run, written out after each :meth:`add` (see the module docstring)."""
+
+    def __init__(self, stem: str, env: dict[str, Any]) -> None:
+        self.stem, self.env, self.rows = stem, {**env, "complete": False}, []
+
+    def add(self, row: dict[str, Any]) -> dict[str, Any]:
+        self.rows.append(row)
+        write_results(self.stem, self.rows, self.env)
+        return row
+
+    def finish(self, **env: Any) -> tuple[Path, Path]:
+        """Record ``env`` (a summary, say) and mark the run complete."""
+        self.env.update(env, complete=True)
+        return write_results(self.stem, self.rows, self.env)
+
+
 def slug(device: torch.device) -> str:
-    """Short file-name tag for a device: ``cpu``, ``h100``, ``h200``..."""
+    """File-name tag for a device: ``cpu``, or the CUDA device's name lower-cased, without a leading
+    ``nvidia``, runs of other characters than letters and digits turned into ``-`` (``h200``,
+    ``h100-80gb-hbm3``, ``a100-sxm4-40gb``)."""
     if device.type != "cuda":
         return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    for tag in ("h200", "h100", "a100", "l40s", "l4", "a10"):
-        if tag in name:
-            return tag
-    return "cuda"
+    name = torch.cuda.get_device_name(device).lower().removeprefix("nvidia").strip()
+    return re.sub(r"[^a-z0-9]+", "-", name).strip("-") or "cuda"
 
 
 def plot_bars(
@@ -210,16 +283,12 @@ def peak_tensor_bytes(fn: Callable[[], object], device: torch.device) -> int:
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict:
     """Median ms of each function, timed round-robin (one call of each per round, after a warm-up
-    round) so that drifting load on a shared machine hits every method alike."""
+    round) so that drifting load on a shared machine hits every method alike; each call is timed by
+    :func:`call_time` (CUDA events on CUDA)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for round_ in range(repeats + 1):
         for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            ms = call_time(fn, device)
             if round_:
-                times[name].append((time.perf_counter() - start) * 1e3)
+                times[name].append(ms)
     return {name: statistics.median(t) for name, t in times.items()}

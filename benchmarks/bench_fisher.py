@@ -3,10 +3,14 @@
 Part 1, ``per_example_grad_sq`` on one linear layer, ``Σ_n (G_nᵀ X_n)²`` for ``B`` examples of ``T``
 tokens (FLOPs ``2·B·T·out·in``), compared in one run on the same inputs:
 - ``triton``     the fused kernel (CUDA only): output tiles in registers, no ``[B, out, in]`` buffer
-- ``torch``      the chunked PyTorch path (batched products over example chunks, bounded buffer)
+- ``torch``      the package's chunked PyTorch path (batched products over example chunks, bounded
+                 buffer); it multiplies in fp32 whatever the inputs (TF32 tensor cores on CUDA)
 - ``reference``  full materialisation: ``einsum`` into ``[B, out, in]``, square, sum
 - ``vmap``       ``torch.func.vmap(torch.func.grad(·))`` per-sample gradients, then square and sum
-Peak memory is what the call allocates above its inputs.
+The baselines run at the kernel's precision: with bf16/fp16 inputs ``reference`` and ``vmap`` multiply
+in that dtype on the tensor cores, as the kernel does (then square and sum in fp32); with fp32 inputs
+they multiply in fp32 with TF32 enabled on CUDA — faster than the kernel's IEEE fp32 products, so the
+fp32 rows are conservative for the kernel. Peak memory is what the call allocates above its inputs.
 
 Part 2, ``estimate_fisher`` (per-example mode) on a small Llama-architecture model built from a
 config (random weights), one batch of ``B = 8`` sequences of ``T = 128`` tokens, against
@@ -15,7 +19,7 @@ config (random weights), one batch of ``B = 8`` sequences of ``T = 128`` tokens,
 - ``plain_step``  one ordinary forward+backward of the batch with weight gradients — not a Fisher
   estimate but its floor: every method needs the forward, the backward to the layer outputs and one
   ``out×in×T`` product per example and layer, i.e. the FLOPs of a training step (``≈ 6·P·B·T``).
-Methods are timed round-robin (see ``_common.interleaved_medians``).
+Methods are timed round-robin (see :func:`interleaved_medians`), in the model's dtype (bf16 on CUDA).
 "Extra peak" is the peak above that of one plain forward+backward with weight gradients (which holds
 the same activations and an fp32 gradient per weight, the size of the Fisher estimate itself), so it
 is what each method costs beyond an ordinary gradient; it is compared with one ``[B, out, in]`` fp32
@@ -32,11 +36,13 @@ barriers cost whole scheduler slices (a 688×256 layer measured 556 ms with one-
     python benchmarks/bench_fisher.py --preset gpu            # Llama-2-7B layer shapes, T up to 2048
     python benchmarks/bench_fisher.py --preset gpu --quick    # check + the target cases, meant for < 2 min
     python benchmarks/bench_fisher.py --preset gpu --check    # only the Triton-vs-fp64 correctness check
+    python benchmarks/bench_fisher.py --preset dry            # toy sizes on CPU, Triton interpreter
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -45,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from _common import (
     RESULTS_DIR,
+    ResultLog,
     environment,
     free_memory,
     interleaved_medians,
@@ -52,7 +59,6 @@ from _common import (
     peak_tensor_bytes,
     plot_bars,
     slug,
-    write_results,
 )
 
 from fastunlearn.fisher import estimate_fisher
@@ -81,6 +87,13 @@ PRESETS = {
         },
         "repeats": 5,
     },
+    "dry": {
+        "layers": [(48, 40)],
+        "tokens": [16],
+        "dtypes": [torch.float32, torch.bfloat16],
+        "models": {"tiny": {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 1, "heads": 2}},
+        "repeats": 2,
+    },
 }
 BATCH = 8
 MODEL_TOKENS = 128
@@ -105,24 +118,32 @@ def vmap_grad_sq(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return per_sample.float().square().sum(0)
 
 
-def layer_methods(device: torch.device) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+def reference_grad_sq(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Full materialisation at the kernel's precision: products in the inputs' dtype when it is bf16 or
+    fp16 (``einsum`` into ``[B, out, in]`` on the tensor cores), squared and summed in fp32; fp32
+    inputs go through the package's reference (fp32 products)."""
+    if x.dtype in (torch.bfloat16, torch.float16) and g.dtype == x.dtype:
+        return torch.einsum("bto,bti->boi", g, x).float().square().sum(0)
+    return per_example_grad_sq_reference(x, g)
+
+
+def layer_methods(triton: bool) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     methods: dict[str, Callable] = {
         "torch": lambda x, g: per_example_grad_sq(x, g, backend="torch"),
-        "reference": per_example_grad_sq_reference,
+        "reference": reference_grad_sq,
         "vmap": vmap_grad_sq,
     }
-    if device.type == "cuda":
+    if triton:
         methods = {"triton": lambda x, g: per_example_grad_sq(x, g, backend="triton"), **methods}
     return methods
 
 
-def bench_layer(out_f, in_f, T, dtype, device, repeats) -> list[dict]:
+def bench_layer(out_f, in_f, T, dtype, device, repeats, log: ResultLog, triton: bool) -> None:
     gen = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(BATCH, T, in_f, generator=gen, device=device).to(dtype)
     g = torch.randn(BATCH, T, out_f, generator=gen, device=device).to(dtype)
     flops = 2 * BATCH * T * out_f * in_f
-    rows = []
-    for name, fn in layer_methods(device).items():
+    for name, fn in layer_methods(triton).items():
         row = {
             "part": "layer", "method": name, "out": out_f, "in": in_f, "B": BATCH, "T": T,
             "dtype": str(dtype).removeprefix("torch."),
@@ -136,9 +157,8 @@ def bench_layer(out_f, in_f, T, dtype, device, repeats) -> list[dict]:
         except torch.OutOfMemoryError:
             row["error"] = "out of memory"
         free_memory(device)
-        rows.append(row)
+        log.add(row)
         print({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    return rows
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
@@ -240,7 +260,7 @@ def plain_step(model, batch) -> None:
             w.requires_grad_(False)
 
 
-def bench_model(label, spec, device, dtype, repeats) -> list[dict]:
+def bench_model(label, spec, device, dtype, repeats, log: ResultLog) -> None:
     model = build_model(spec, device, dtype)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -286,9 +306,9 @@ def bench_model(label, spec, device, dtype, repeats) -> list[dict]:
         rows.append(row)
     for name, ms in interleaved_medians(usable, device, repeats).items():
         next(r for r in rows if r["method"] == name)["ms"] = ms
-    for row in rows:
+    for row in rows:  # the methods are timed together: their rows are complete only now
+        log.add(row)
         print({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    return rows
 
 
 # --------------------------------------------------------------------------------------------------
@@ -296,20 +316,26 @@ def bench_model(label, spec, device, dtype, repeats) -> list[dict]:
 # --------------------------------------------------------------------------------------------------
 
 
-def check_triton(device: torch.device) -> list[str]:
-    """The Triton kernel against an fp64 ``einsum`` on the GPU, with the tests' per-element bound
-    ``|got − want| ≤ 2·(2·T·u·Σ_n (|G_n|ᵀ|X_n|)² + u·|want|)``, ``u = 2⁻²⁴``. Returns failures."""
-    u = 2.0**-24
-    failures = []
-    cases = [
+CHECK_CASES = {  # (B, T, in, out, dtype, accumulate)
+    "gpu": [
         (3, 19, 45, 37, torch.float32, False),
         (1, 300, 130, 257, torch.float32, True),
         (8, 512, 1000, 700, torch.bfloat16, False),
         (4, 77, 4096, 4096, torch.bfloat16, True),
         (2, 1000, 333, 129, torch.float16, False),
         (5, 64, 256, 256, torch.bfloat16, False),
-    ]
-    for B, T, n_in, n_out, dtype, accumulate in cases:
+    ],
+    "dry": [(3, 19, 45, 37, torch.float32, False), (2, 17, 40, 33, torch.bfloat16, True)],
+}
+
+
+def check_triton(device: torch.device, cases: str = "gpu") -> list[str]:
+    """The Triton kernel against an fp64 ``einsum`` on ``device``, with the tests' per-element bound
+    ``|got − want| ≤ 2·(2·T·u·Σ_n (|G_n|ᵀ|X_n|)² + u·|want|)``, ``u = 2⁻²⁴``. Returns failures.
+    ``cases="dry"``: two small cases, for CPU tensors under the Triton interpreter."""
+    u = 2.0**-24
+    failures = []
+    for B, T, n_in, n_out, dtype, accumulate in CHECK_CASES[cases]:
         gen = torch.Generator(device=device).manual_seed(B * T)
         x = torch.randn(B, T, n_in, generator=gen, device=device).to(dtype)
         g = torch.randn(B, T, n_out, generator=gen, device=device).to(dtype)
@@ -333,8 +359,11 @@ def check_triton(device: torch.device) -> list[str]:
     return failures
 
 
-def gpu_check() -> bool:
-    """Entry point for ``benchmarks/gpu_check.py``: the Triton kernel on the current CUDA device."""
+def gpu_check(dry_run: bool = False) -> bool:
+    """Entry point for ``benchmarks/gpu_check.py``: the Triton kernel on the current CUDA device, or
+    (``dry_run``) small cases on CPU tensors under the Triton interpreter."""
+    if dry_run:
+        return not check_triton(torch.device("cpu"), "dry")
     return not check_triton(torch.device("cuda"))
 
 
@@ -365,7 +394,8 @@ def summarise(rows: list[dict], device: torch.device, rate: float | None) -> lis
             text += f" ({ours['tflops'] / rate:.0%} of matmul)"
         for other in ("torch", "reference", "vmap"):
             if other != fused and other in by:
-                text += f"; {by[other]['ms'] / ours['ms']:.2f}x faster than {other}"
+                label = "torch (fp32 products)" if other == "torch" and case[3] != "float32" else other
+                text += f"; {by[other]['ms'] / ours['ms']:.2f}x faster than {label}"
         peak, buffer = ours["peak_bytes"] * 2**-20, ours["per_example_buffer_bytes"] * 2**-20
         text += f"; peak {peak:.1f} MiB vs [B,out,in] {buffer:.1f} MiB"
         lines.append(text)
@@ -408,7 +438,8 @@ def plot(rows: list[dict], path: Path) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the preset; exit status 1 if the Triton correctness check failed."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -426,41 +457,51 @@ def main(argv: list[str] | None = None) -> None:
 
     preset = PRESETS[args.preset]
     device = torch.device("cuda" if args.preset == "gpu" else "cpu")
+    dry = args.preset == "dry"
+    if dry:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
     repeats = args.repeats or preset["repeats"]
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     env = environment(device)
-    if device.type == "cuda":
-        failures = check_triton(device)
+    env["threads"] = torch.get_num_threads()
+    failures: list[str] = []
+    if device.type == "cuda" or dry:
+        failures = check_triton(device, "dry" if dry else "gpu")
         env["triton_check"] = failures or "passed"
         if args.check:
-            sys.exit(1 if failures else 0)
+            return 1 if failures else 0
     elif args.check:
-        parser.error("--check needs the gpu preset (a CUDA device)")
+        parser.error("--check needs the gpu or dry preset")
+    if device.type == "cuda":
+        # fp32 baselines multiply on the tensor cores (TF32), as a user would let them; set after the
+        # check, whose fp64 reference must not be affected.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    env["tf32"] = device.type == "cuda"
 
-    rows: list[dict] = []
+    stem = f"fisher_{slug(device)}" + ("_quick" if args.quick else "") + ("_dry" if dry else "")
+    log = ResultLog(stem, env)
     tokens = [t for t in preset["tokens"] if t <= 512] if args.quick else preset["tokens"]
     cases = [(o, i, t, d) for d in preset["dtypes"] for o, i in preset["layers"] for t in tokens]
     if not args.quick:
         cases += preset.get("extra_cases", [])
     models = dict(list(preset["models"].items())[:1]) if args.quick else preset["models"]
     for out_f, in_f, T, dtype in cases:
-        rows += bench_layer(out_f, in_f, T, dtype, device, repeats)
+        bench_layer(out_f, in_f, T, dtype, device, repeats, log, triton=device.type == "cuda" or dry)
     rate = matmul_rate(device, torch.bfloat16) if device.type == "cuda" else None
     if not args.skip_models:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         for label, spec in models.items():
-            rows += bench_model(label, spec, device, dtype, repeats)
+            bench_model(label, spec, device, dtype, repeats, log)
             free_memory(device)
-    summary = summarise(rows, device, rate)
-    env["summary"] = summary
-    env["threads"] = torch.get_num_threads()
-    stem = f"fisher_{slug(device)}" + ("_quick" if args.quick else "")
-    write_results(stem, rows, env)
-    plot(rows, RESULTS_DIR / f"{stem}.png")
+    summary = summarise(log.rows, device, rate)
+    log.finish(summary=summary)
+    plot(log.rows, RESULTS_DIR / f"{stem}.png")
     for line in summary:
         print(line)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

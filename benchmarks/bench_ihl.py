@@ -4,8 +4,16 @@ Compared in one run, on the same inputs:
 - ``triton``      fused kernels (CUDA only), and ``triton-inplace`` (gradient written over the logits)
 - ``torch``       the chunked PyTorch path, and ``torch-inplace``
 - ``reference``   the eager formula (``ihl_reference``)
-- ``compiled``    ``torch.compile(ihl_reference)``
+- ``compiled``    ``torch.compile(ihl_reference)``, compiled afresh for each case (below)
 - ``paper``       the paper's formulation (softmax, one-hot mask, masked copy)
+
+Every backend gets the same logits, in the case's dtype (bf16 cases: bf16 logits for all of them).
+``compiled``: ``torch._dynamo.reset()`` before each case and a new ``torch.compile(fullgraph=True,
+dynamic=True)``, with Dynamo told to fail rather than fall back to eager at its recompile limit, so
+the column is compiled code in every case (one shared compiled function would hit the limit of 8
+recompilations after 8 of the GPU preset's 12 shapes and run the rest eagerly). ``dynamic=True``:
+the shape-generic graph of a dtype is compiled once and Inductor's cache serves it to the later
+cases; a static compilation per shape would cost minutes of a GPU session.
 
 Peak memory is what the call allocates above the logits and labels already in memory; for
 forward+backward that includes the gradient (one logits-sized buffer). On GPU the fused path's
@@ -14,17 +22,20 @@ kernels must move: two reads of the logits and one write of the gradient.
 
     python benchmarks/bench_ihl.py --preset cpu
     python benchmarks/bench_ihl.py --preset gpu
+    python benchmarks/bench_ihl.py --preset dry    # toy sizes on CPU, Triton interpreter: tries the script
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _common import RESULTS_DIR, environment, median_time, peak_memory, plot_bars, slug, write_results
+from _common import RESULTS_DIR, ResultLog, environment, median_time, peak_memory, plot_bars, slug
 
 from fastunlearn import ihl_loss, ihl_paper_formulation, ihl_reference
 
@@ -32,15 +43,22 @@ PRESETS = {
     "cpu": [(4096, 32000, torch.float32), (1024, 128256, torch.float32)],
     "gpu": [
         (n, v, dtype)
-        for dtype in (torch.float32, torch.bfloat16)
+        for dtype in (torch.bfloat16, torch.float32)  # bf16 first: what training uses
         for n in (4096, 16384)
         for v in (32000, 50257, 128256)
     ],
+    "dry": [(16, 1000, torch.float32), (8, 3001, torch.bfloat16)],
 }
 
 
-def loss_functions(device: torch.device) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
-    compiled = torch.compile(ihl_reference, dynamic=False)
+def loss_functions(*, triton: bool) -> dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The backends for one case; call once per case (``compiled`` is a fresh compilation)."""
+    torch._dynamo.reset()
+    for flag in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):  # the name before torch 2.7
+        if hasattr(torch._dynamo.config, flag):
+            setattr(torch._dynamo.config, flag, True)
+            break
+    compiled = torch.compile(ihl_reference, fullgraph=True, dynamic=True)
     fns: dict[str, Callable] = {
         "torch": lambda z, y: ihl_loss(z, y, backend="torch", validate=False),
         "torch-inplace": lambda z, y: ihl_loss(z, y, backend="torch", validate=False, inplace_backward=True),
@@ -48,7 +66,7 @@ def loss_functions(device: torch.device) -> dict[str, Callable[[torch.Tensor, to
         "compiled": lambda z, y: compiled(z, y),
         "paper": ihl_paper_formulation,
     }
-    if device.type == "cuda":
+    if triton:
         fns = {
             "triton": lambda z, y: ihl_loss(z, y, backend="triton", validate=False),
             "triton-inplace": lambda z, y: ihl_loss(
@@ -93,6 +111,8 @@ def bench_case(n, vocab, dtype, name, fn, device, repeats) -> dict:
         row["extra_peak_vs_logits"] = row["fwd_bwd_peak_bytes"] / row["logits_bytes"]
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
+    except Exception as err:  # a backend that fails (e.g. cannot be compiled) is reported, not fatal
+        row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
     return row
 
 
@@ -108,36 +128,40 @@ def plot(rows: list[dict], path: Path) -> None:
     )  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Run the preset; exit status 1 if a backend failed other than by running out of memory."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls (on CUDA: at least)")
     parser.add_argument("--backends", nargs="*", help="subset of backends to run (default: all)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if args.preset == "gpu" else "cpu")
-    fns = loss_functions(device)
-    if args.backends:
-        fns = {k: v for k, v in fns.items() if k in args.backends}
-    env = environment(device)
-    rows = []
+    if args.preset == "dry":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
+    stem = f"ihl_{slug(device)}" + ("_dry" if args.preset == "dry" else "")
+    log = ResultLog(stem, environment(device))
     for n, vocab, dtype in PRESETS[args.preset]:
+        fns = loss_functions(triton=device.type == "cuda" or args.preset == "dry")
         for name, fn in fns.items():
-            row = bench_case(n, vocab, dtype, name, fn, device, args.repeats)
+            if args.backends and name not in args.backends:
+                continue
+            row = log.add(bench_case(n, vocab, dtype, name, fn, device, args.repeats))
             gc.collect()  # the case's tensors die with bench_case's frame; hand their memory back
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            rows.append(row)
             print({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    summary = summarise(rows, device)
-    env["summary"] = summary
-    stem = f"ihl_{slug(device)}"
-    write_results(stem, rows, env)
-    plot(rows, RESULTS_DIR / f"{stem}.png")
+    summary = summarise(log.rows, device)
+    log.finish(summary=summary)
+    plot(log.rows, RESULTS_DIR / f"{stem}.png")
     for line in summary:
         print(line)
+    failed = [r for r in log.rows if r.get("error", "out of memory") != "out of memory"]
+    for row in failed:
+        print(f"FAILED: N={row['n']} V={row['vocab']} {row['dtype']} {row['backend']}: {row['error']}")
+    return 1 if failed else 0
 
 
 def summarise(rows: list[dict], device: torch.device) -> list[str]:
@@ -167,4 +191,4 @@ def summarise(rows: list[dict], device: torch.device) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,8 +1,13 @@
 """Correctness of the Triton kernels on a CUDA device, against fp64 references computed on the device.
 
 Run by ``benchmarks/gpu_run.sh`` before the GPU benchmarks. Each check draws fresh random inputs,
-poisons the allocator with NaN first (so an element the kernel forgets to write shows up), and compares
-every element by ‖got − want‖ / ‖want‖ and by the worst element-wise error. Exits non-zero on failure.
+poisons the allocator with NaN first (so an element the kernel forgets to write shows up), and reports
+the worst element: ``max |got − want| / (rtol·|want| + atol)`` over every element, which must be ≤ 1.
+The per-element tolerances are the tests' (``tests/test_ihl.py``, where they are derived): the loss in
+fp32, rtol 1e-5; the gradient rtol 1e-5 in fp32, plus half an ulp of the logits' dtype when it is
+bf16 (2⁻⁸) or fp16 (2⁻¹¹, and 2⁻²⁵ absolute for entries that underflow). The Fisher kernel's check
+(``bench_fisher.check_triton``) is element-wise against its own derived bound. Exits non-zero on
+failure.
 
 ``--dry-run`` runs the same checks at small sizes on CPU tensors under the Triton interpreter, to try
 the script before spending device time on it.
@@ -27,7 +32,22 @@ LOSSES = {"ihl": (ihl_loss, ihl_oracle_rows), "nll": (nll_loss, nll_oracle_rows)
 
 DEVICE = "cpu" if DRY_RUN else "cuda"
 
-TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 4e-3, torch.float16: 5e-4}  # relative norm error
+# Per element, |got − want| ≤ rtol·|want| + atol: (rtol, atol) of the gradient, by logits dtype.
+GRAD_TOL = {
+    torch.float32: (1e-5, 0.0),
+    torch.bfloat16: (2.0**-8 + 1e-5, 0.0),
+    torch.float16: (2.0**-11 + 1e-5, 2.0**-25),
+}
+LOSS_TOL = (1e-5, 0.0)
+
+
+def worst_element(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float) -> float:
+    """``max |got − want| / (rtol·|want| + atol)`` over every element (inf if any is not finite)."""
+    got = got.detach().double().reshape(want.shape)
+    if not bool(torch.isfinite(got).all()):
+        return float("inf")
+    bound = (rtol * want.abs() + atol).clamp_min(torch.finfo(torch.float64).tiny)
+    return float(((got - want).abs() / bound).max()) if want.numel() else 0.0
 
 
 def poison_allocator(nbytes: int) -> None:
@@ -58,22 +78,21 @@ def check_rows(
     want_grad *= grad_out.double()[:, None]
     ok = True
     for name, got, want, tol in (
-        ("loss", loss.detach(), want_loss, 2e-6),
-        ("grad", x.grad, want_grad, TOLERANCE[dtype]),
+        ("loss", loss, want_loss, LOSS_TOL),
+        ("grad", x.grad, want_grad, GRAD_TOL[dtype]),
     ):
-        finite = bool(torch.isfinite(got).all())
-        rel = float((got.double() - want).norm() / want.norm().clamp_min(1e-300))
-        passed = finite and rel <= tol
-        ok &= passed
+        worst = worst_element(got, want, *tol)
+        ok &= worst <= 1
         case = f"{loss_name} n={n} V={vocab} {dtype} {'confident ' if confident else ''}{name}"
-        verdict = "ok" if passed else "FAIL"
-        print(f"  {case}: rel err {rel:.2e} (tol {tol:.0e}), all written: {finite} -> {verdict}")
+        print(f"  {case}: worst element {worst:.3g} of its tolerance -> {'ok' if worst <= 1 else 'FAIL'}")
     return ok
 
 
 def check_fused_linear_nll(n: int, hidden: int, vocab: int) -> bool:
     """``fused_linear_nll_loss`` in bf16 (Triton rows, chunked bf16 matmuls) against the fp64 loss of
-    the same bf16 inputs: the chunk logits carry bf16 rounding (2⁻⁸), so 1e-2 in norm."""
+    the same bf16 inputs. The one check judged in norm rather than per element: each chunk's logits are
+    a bf16 matmul (2⁻⁸ relative per logit, cancelling in ∂h = Σ_v g_v W_v), so an element of ∂h near 0
+    has no meaningful relative bound; 1e-2 in norm is a few bf16 roundings."""
     gen = torch.Generator(device=DEVICE).manual_seed(2)
     h = torch.randn(n, hidden, device=DEVICE, generator=gen).bfloat16().requires_grad_()
     w = (torch.randn(vocab, hidden, device=DEVICE, generator=gen) * hidden**-0.5 * 3).bfloat16()
@@ -106,10 +125,10 @@ def check_ihl_large_offsets() -> bool:
     ihl_loss(x, labels, backend="triton", reduction="sum").backward()
     tail = slice(n - 64, n)  # these rows start beyond element 2^31
     _, want, _ = ihl_oracle_rows(logits[tail], labels[tail])
-    rel = float((x.grad[tail].double() - want).norm() / want.norm())
-    passed = rel <= TOLERANCE[torch.bfloat16]
-    print(f"  ihl N*V={n * vocab:.3g} bf16, last 64 rows: rel err {rel:.2e} -> {'ok' if passed else 'FAIL'}")
-    return passed
+    worst = worst_element(x.grad[tail], want, *GRAD_TOL[torch.bfloat16])
+    print(f"  ihl N*V={n * vocab:.3g} bf16, last 64 rows: worst element {worst:.3g} of its tolerance "
+          f"-> {'ok' if worst <= 1 else 'FAIL'}")  # fmt: skip
+    return worst <= 1
 
 
 def main() -> int:
@@ -132,9 +151,9 @@ def main() -> int:
     ok &= check_fused_linear_nll(max(2, 600 // shrink), 256, 32003)
     if not DRY_RUN:
         ok &= check_ihl_large_offsets()
-        from bench_fisher import gpu_check as fisher_check  # the Fisher kernel's own GPU check
+    from bench_fisher import gpu_check as fisher_check  # the Fisher kernel's own check
 
-        ok &= bool(fisher_check())
+    ok &= bool(fisher_check(dry_run=DRY_RUN))
     print("ALL CHECKS PASSED" if ok else "SOME CHECKS FAILED")
     return 0 if ok else 1
 

@@ -183,6 +183,16 @@ def test_demo_tiny_twice_uses_the_cache(tmp_path, capsys):
         # The demo has no real-author or world-fact sets: TOFU's 9-number utility is not defined.
         assert tofu["model_utility"] is None and tofu["model_utility_num_components"] == 3
     assert "forget quality (KS p)" in first and "retain utility (3 of 9)" in first
+    # The demo forgets, and only what it should. Seeds 0-3 of the tiny demo: answer probability
+    # 0.97-0.99 on both sets before; after IHL + FILA, 0.07-0.18 of it on the forgotten author's
+    # (worst 0.18x) and 0.74-0.87 on the retained ones' (worst 0.76x). Bounds about 2x wider.
+    before, after = metrics["before"], metrics["after"]
+    assert before["forget"]["prob"] >= 0.9 and before["retain"]["prob"] >= 0.9, before  # memorised
+    forget_kept = after["forget"]["prob"] / before["forget"]["prob"]
+    retain_kept = after["retain"]["prob"] / before["retain"]["prob"]
+    assert forget_kept <= 0.4, f"forget probability kept {forget_kept:.2f}x"
+    assert retain_kept >= 0.6, f"retain probability kept {retain_kept:.2f}x"
+    assert forget_kept <= 0.5 * retain_kept  # forgetting is selective
     (root,) = os.listdir(cache)
     assert (cache / root / "reference_truth_ratios.json").is_file()
     for split in ("forget", "retain", "forget_perturbed", "retain_perturbed"):

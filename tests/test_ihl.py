@@ -131,6 +131,52 @@ def test_ties_pick_first_index(backend):
     assert_close(grad, want_grad, 1e-5)
 
 
+def cross_block_ties(vocab: int, block: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Rows whose best non-target logit is tied across vocabulary blocks of width ``block``, and the
+    index SPEC §2 asks for in each (the first). The kernel keeps a running best over blocks; a later
+    block's equal maximum must not replace it."""
+    gen = torch.Generator().manual_seed(seed)
+    # Background logits below 3 (|N(0, 0.25)| < 3 is 6σ), ties at 4: no entry dominates the row, so
+    # the softmax sums stay well conditioned and any error is the tie's (m gets −p_m·ℓ, another
+    # tied j gets (p_m − p_y)·p_j, of the opposite sign).
+    logits = (torch.randn(7, vocab, generator=gen) * 0.5).clamp(-3, 3)
+    labels = torch.randint(0, 8, (7,), generator=gen) + 20  # away from every tie below
+    top, last = 4.0, vocab - 1
+    ties = [
+        [block - 1, block],  # the last entry of block 0 and the first of block 1
+        [3, block + 30],
+        [block + 5, block + 9, last],  # later blocks only; the target (below) holds the same value
+        [block + 2, last],  # the second tie in the last, partial block
+        [0, block, last],  # one in each of the first, second and last block
+        [block + 1, block + 3],  # block 1 beats block 0's maximum (below), then an in-block tie
+        [1, block + 1],  # the target holds a larger value
+    ]
+    for row, positions in enumerate(ties):
+        logits[row, positions] = top
+    labels[2] = 3
+    logits[2, 3] = top
+    logits[5, 10] = top - 0.5
+    logits[6, labels[6]] = top + 2
+    return logits, labels, [positions[0] for positions in ties]
+
+
+@pytest.mark.parametrize("backend", [*FUSED, "reference"])
+@pytest.mark.parametrize("blocks", [2, 3])
+def test_ties_across_kernel_blocks_pick_first_index(backend, blocks):
+    from fastunlearn.kernels.ihl import MAX_BLOCK_V, _launch_config
+
+    vocab = (blocks - 1) * MAX_BLOCK_V + 37  # just past whole blocks of the launcher's real width
+    block, _ = _launch_config(vocab)
+    assert block == MAX_BLOCK_V and -(-vocab // block) == blocks
+    logits, labels, first = cross_block_ties(vocab, block, seed=20 + blocks)
+    masked = logits.scatter(1, labels[:, None], float("-inf"))
+    assert masked.argmax(-1).tolist() == first  # the construction: torch.argmax returns the first too
+    loss, grad, grad_out = run(logits, labels, backend, "none")
+    want_loss, want_grad = expected(logits, labels, "none", grad_out)
+    assert_close(loss, want_loss, 1e-5)
+    assert_close(grad, want_grad, 1e-5)
+
+
 @pytest.mark.parametrize("backend", FUSED)
 def test_3d_and_non_contiguous_logits(backend):
     gen = torch.Generator().manual_seed(14)
