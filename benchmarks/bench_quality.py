@@ -26,7 +26,11 @@ by :mod:`fastunlearn.demo`), or a local model + TOFU files given by path. Writes
 training) and ``quality.md`` (the README table).
 
     python benchmarks/bench_quality.py                       # demo data, 3 seeds, ~4 min on 2 cores
-    python benchmarks/bench_quality.py --model M --retain-model R --forget F --retain S --template phi
+    python benchmarks/bench_quality.py --model M --retain-model R --forget F --retain S --template tofu-phi
+
+The demo's data are trained and evaluated with TOFU's own tokenisation (``tofu-phi``, SPEC §4.1); with
+``--model``, ``--template`` names the convention the model was fine-tuned with (``tofu-llama2``,
+``tofu-phi``, ... for TOFU's models).
 """
 
 from __future__ import annotations
@@ -330,14 +334,14 @@ def main() -> None:
             "retain_model": args.retain_model,
             "forget": args.forget,
             "retain": args.retain,
-            "template": args.template or "plain",
+            "template": args.template,
             "max_length": args.max_length or 512,
             "epochs": 5,
             "lr": 1e-4,
             "lora_r": 32,
             "batch_size": 8,
         }
-        missing = [k for k in ("retain_model", "forget", "retain") if not inputs[k]]
+        missing = [k for k in ("retain_model", "forget", "retain", "template") if not inputs[k]]
         if missing:
             raise SystemExit(
                 f"with --model, also give {', '.join('--' + m.replace('_', '-') for m in missing)}"

@@ -27,14 +27,16 @@ INTERNAL: dict[str, tuple[str, ...]] = {
     # The losses inside a causal LM's forward: ops applied to a model.
     "fastunlearn.patching": ("fastunlearn.ops", "fastunlearn.modeling"),
     "fastunlearn.fisher": ("fastunlearn.ops", "fastunlearn.modeling", "fastunlearn._io"),
-    # The data pipeline sits below evaluation, which shares it so that an evaluated prompt is the
-    # trained one; the rest of training sits above evaluation.
-    "fastunlearn.training.data": ("fastunlearn.ops",),
+    # The data pipeline (with TOFU's tokenisation beneath it) sits below evaluation, which shares it
+    # so that an evaluated prompt is the trained one; the rest of training sits above evaluation.
+    "fastunlearn.training.tofu_format": ("fastunlearn.ops",),
+    "fastunlearn.training.data": ("fastunlearn.ops", "fastunlearn.training.tofu_format"),
     "fastunlearn.evaluation": (
         "fastunlearn.ops",
         "fastunlearn.modeling",
         "fastunlearn._io",
         "fastunlearn.training.data",
+        "fastunlearn.training.tofu_format",
     ),
     "fastunlearn.training": (
         "fastunlearn",

@@ -115,6 +115,33 @@ def test_unlearn_command_refusal_resume_and_overwrite(workspace, capsys):
     assert config["method"] == "npo" and config["init"] == "lora" and not (out / "fisher").exists()
 
 
+@pytest.mark.slow
+def test_unlearn_with_a_tofu_template_then_eval_uses_it(workspace, tmp_path, capsys):
+    """`unlearn --template tofu-phi` trains on TOFU's encoding (SPEC §4.1) and records the template;
+    `eval --mode legacy` of the run's adapter takes it from run_config.json."""
+    from fastunlearn.evaluation.likelihood import basic_metrics
+
+    out = tmp_path / "run"
+    argv = args_for(workspace, out, "--init", "lora")
+    argv[argv.index("--template") + 1] = "tofu-phi"
+    assert main(argv) == 0
+    assert json.loads((out / "run_config.json").read_text())["options"]["template"] == "tofu-phi"
+    model = AutoModelForCausalLM.from_pretrained(workspace / "model")
+    tok = AutoTokenizer.from_pretrained(workspace / "model")
+    examples = fdata.prepare(str(workspace / "forget.json"), tok, name="forget", template="tofu-phi")
+    expected = basic_metrics(model, fdata.batches(examples, fdata.pad_id_of(tok), 16))
+    before = json.loads((out / "metrics.json").read_text())["before"]["forget"]
+    assert before["prob"] == pytest.approx(expected["prob"], rel=1e-5)
+    capsys.readouterr()
+
+    forget, result = tmp_path / "forget_perturbed.json", tmp_path / "eval.json"
+    demo.write_jsonl(str(forget), demo.generate_dataset(SIZE.authors, seed=1)["forget_perturbed"][:6])
+    eval_argv = ["eval", str(out / "adapter"), "--forget", str(forget), "--mode", "legacy"]
+    assert main([*eval_argv, "--no-generate", "--device", "cpu", "--output", str(result)]) == 0
+    assert "template 'tofu-phi' from the run's run_config.json" in capsys.readouterr().out
+    assert json.loads(result.read_text())["tofu"]["template"] == "tofu-phi"
+
+
 def test_unlearn_command_user_errors(workspace, tmp_path, capsys):
     argv = args_for(workspace, tmp_path / "a")
     argv[1] = str(tmp_path / "missing-model")

@@ -14,7 +14,7 @@ from scipy.stats import ks_2samp
 
 from fastunlearn import evaluation as ev
 from fastunlearn import metrics as M
-from fastunlearn.evaluation.tofu import _greedy_answers, _prompt_ids
+from fastunlearn.evaluation.tofu import _generation_prompts, _greedy_answers
 from fastunlearn.training import data as fdata
 
 
@@ -292,9 +292,16 @@ def test_legacy_mode_caps_items_and_uses_paper_prompts(model_and_tokenizer, tmp_
     path = _write(tmp_path / "retain_perturbed.json", [_qa(i % 7, 5) for i in range(305)])
     res = ev.evaluate_tofu(model, tok, {"retain": path}, mode="legacy", generate=False, batch_size=64)
     assert res["sets"]["retain"]["num_items"] == 300
-    assert res["template"] == "llama2"
-    with pytest.raises(ValueError, match="legacy mode"):
-        ev.evaluate_tofu(model, tok, {"retain": path}, mode="legacy", template="plain")
+    assert res["template"] == "tofu-llama2"
+    # SPEC §4.1 defines the pipeline for its model families only; fastunlearn's own templates
+    # (the separately tokenised "llama2" and "phi" included) are refused with the supported list.
+    for template in ("plain", "llama2", "phi", "chat"):
+        with pytest.raises(
+            ValueError,
+            match=r"legacy mode .* \['tofu-llama2', 'tofu-llama3', 'tofu-phi'\]; got template "
+            + repr(template),
+        ):
+            ev.evaluate_tofu(model, tok, {"retain": path}, mode="legacy", template=template)
     with pytest.raises(ValueError, match="unknown mode"):
         ev.evaluate_tofu(model, tok, {"retain": path}, mode="paper")
     with pytest.raises(ValueError, match="unknown TOFU set"):
@@ -327,19 +334,18 @@ class NeverEos(torch.nn.Module):
 def test_legacy_generation_fills_exactly_200_tokens(model_and_tokenizer):
     model, tok = model_and_tokenizer
     # A prompt of 190-199 tokens leaves room for only a few answer tokens.
-    words = 190
-    while True:
-        item = ev.TofuItem("town " * words + "?", "town", None, None, "x")
-        prompt = _prompt_ids(tok, [item], "llama2")[0]
-        if len(prompt) < 200:
-            break
-        words -= 1 + (len(prompt) - 200) // 2
-    assert len(prompt) >= 190
+    words = 200
+    while len(tok(f"[INST] {'town ' * words}? [/INST]")["input_ids"]) >= 200:
+        words -= 1
+    item = ev.TofuItem("town " * words + "?", "town", None, None, "x")
+    (prompt,), (reference,) = _generation_prompts(tok, [item], "tofu-llama2", 200)
+    assert 190 <= len(prompt) < 200
     assert prompt.tolist() == tok(f"[INST] {item.question} [/INST]")["input_ids"]  # the paper's prompt
+    # The ROUGE reference is the part of the answer within the 200 tokens scored: here a prefix.
+    assert reference and "town".startswith(reference)
     never_eos = NeverEos(model, tok.eos_token_id)
-    answers = _greedy_answers(
-        never_eos, tok, [item], template="llama2", max_new_tokens=200, max_total_tokens=200, batch_size=1
-    )
+    # Legacy generation ignores max_new_tokens and batch_size: 200 tokens in total.
+    answers = _greedy_answers(never_eos, tok, [prompt], legacy=True, max_new_tokens=3, batch_size=7)
     # The prefill yields the first token, each later call one more: 200 − len(prompt) tokens in all.
     assert never_eos.calls[0] == len(prompt)
     assert len(never_eos.calls) == 200 - len(prompt)
@@ -349,6 +355,20 @@ def test_legacy_generation_fills_exactly_200_tokens(model_and_tokenizer):
             seq = torch.cat([seq, never_eos(input_ids=seq).logits[:, -1:].argmax(-1)], dim=1)
     assert seq.shape[1] == 200
     assert answers[0] == tok.decode(seq[0, len(prompt) :].tolist(), skip_special_tokens=True).strip()
+
+
+def test_legacy_generation_budget_is_per_batch_of_30_in_file_order(model_and_tokenizer):
+    """The paper's generate(max_length=200) on batches of 30 in file order: every row of a batch gets
+    200 − (its batch's width) tokens, so a short prompt batched with a long one gets fewer."""
+    model, tok = model_and_tokenizer
+    never_eos = NeverEos(model, tok.eos_token_id)
+    lengths = [150] + [5] * 30 + [20]  # batches: items 0-29 (width 150), 30-31 (width 20)
+    prompts = [torch.arange(3, 3 + n) % len(tok) for n in lengths]
+    answers = _greedy_answers(never_eos, tok, prompts, legacy=True, max_new_tokens=200, batch_size=64)
+    # Two prefills (widths 150 and 20), then one call per further token of each batch.
+    assert never_eos.calls[0] == 150 and never_eos.calls[50] == 20
+    assert len(never_eos.calls) == (200 - 150) + (200 - 20)
+    assert len(answers) == 32 and all(answers)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,6 +454,25 @@ def test_eval_command_takes_the_template_of_the_run(model_and_tokenizer, tofu_di
             (("implicit", implicit), ("explicit", explicit), ("plain", plain))}  # fmt: skip
     assert tofu["implicit"] == tofu["explicit"]
     assert tofu["implicit"] != tofu["plain"]
+
+    # Legacy mode takes a run's tofu-* template (the run's max length does not apply: it cuts at 200)...
+    def legacy(output, *extra):
+        argv = ["eval", str(run_dir / "merged"), *common, str(output), "--mode", "legacy", "--overwrite"]
+        return cli_main([*argv, *extra])
+
+    options = {"template": "tofu-phi", "max_length": 64}
+    (run_dir / "run_config.json").write_text(json.dumps({"options": options}))
+    assert legacy(implicit) == 0
+    assert "template 'tofu-phi' from the run's run_config.json" in capsys.readouterr().out
+    assert legacy(explicit, "--template", "tofu-phi") == 0
+    tofu = {name: json.loads(path.read_text())["tofu"] for name, path in
+            (("implicit", implicit), ("explicit", explicit))}  # fmt: skip
+    assert tofu["implicit"] == tofu["explicit"] and tofu["implicit"]["template"] == "tofu-phi"
+    # ... and says so when the run's template is not one of SPEC §4.1's.
+    (run_dir / "run_config.json").write_text(json.dumps({"options": {"template": "phi"}}))
+    assert legacy(implicit) == 0
+    assert "template 'phi', which legacy mode does not define" in capsys.readouterr().out
+    assert json.loads(implicit.read_text())["tofu"]["template"] == "tofu-llama2"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
         "--template",
         default="plain",
         choices=TEMPLATE_NAMES,
-        help="prompt template of question/answer data (default: %(default)s)",
+        help="prompt template of question/answer data; tofu-*: TOFU's own tokenisation (SPEC §4.1), "
+        "as the TOFU models were fine-tuned (default: %(default)s)",
     )
     p.add_argument(
         "--format",

@@ -6,7 +6,7 @@ Examples::
     fastunlearn eval retain_model --tofu data/ --save-reference ref_truth_ratios.json
     # any unlearned model (a full model or a peft adapter directory) against it
     fastunlearn eval out/adapter --tofu data/ --reference ref_truth_ratios.json --output eval.json
-    # the paper's protocol on TOFU's own files
+    # the paper's protocol on TOFU's own files (SPEC §4.1; --template tofu-phi for Phi-1.5)
     fastunlearn eval llama2-7b-tofu --tofu TOFU/ --forget-split forget10 --mode legacy
     # memorised sequences ({"text"} JSON Lines)
     fastunlearn eval gpt-neo-125m --extraction forget_32.jsonl
@@ -43,14 +43,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--mode",
         choices=("full", "legacy"),
         default="full",
-        help="legacy: the paper's (≤300 items, its prompts, greedy to 200 tokens); default %(default)s",
+        help="legacy: the paper's pipeline token for token (≤300 items, a tofu-* template, TOFU's "
+        "tokenisation cut at 200 tokens, greedy to 200 tokens); default %(default)s",
     )
     tofu.add_argument(
         "--template",
         choices=TEMPLATE_NAMES,
         default=None,
-        help="prompt template used in training (default: the run's, read from run_config.json beside an "
-        "unlearned model's directory; else plain; legacy: llama2)",
+        help="prompt template used in training; tofu-*: TOFU's own tokenisation (default: the run's, read "
+        "from run_config.json beside an unlearned model's directory; else plain; legacy: tofu-llama2)",
     )
     tofu.add_argument(
         "--reference",
@@ -65,7 +66,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--max-length",
         type=int,
         default=None,
-        help="token cap of a question + answer (default: the run's, as --template; else 512)",
+        help="token cap of a question + answer (default: the run's, as --template; else 512; legacy: 200)",
     )
     ext = p.add_argument_group("extraction protocol")
     ext.add_argument("--n", type=int, default=10, help="n-gram size of EL_n (default: %(default)s)")
@@ -117,13 +118,22 @@ def _main(args: argparse.Namespace) -> int:
         if path is not None and os.path.exists(path) and not args.overwrite:
             raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
 
+    from fastunlearn.evaluation.tofu import LEGACY_TEMPLATES
+
     trained, taken = _training_options(args.model), []
-    if args.template is None and args.mode == "full" and "template" in trained:
-        args.template = trained["template"]
-        taken.append(f"template {args.template!r}")
+    legacy = args.mode == "legacy"
+    if args.template is None and "template" in trained:
+        if not legacy or trained["template"] in LEGACY_TEMPLATES:
+            args.template = trained["template"]
+            taken.append(f"template {args.template!r}")
+        else:
+            print(
+                f"the run trained with template {trained['template']!r}, which legacy mode does not "
+                f"define (it uses one of {list(LEGACY_TEMPLATES)}; default tofu-llama2)"
+            )
     if args.max_length is None:
         args.max_length = trained.get("max_length", 512)
-        if "max_length" in trained:
+        if "max_length" in trained and not legacy:  # legacy mode cuts at 200 tokens
             taken.append(f"max length {args.max_length}")
     if taken:
         print(f"{' and '.join(taken)} from the run's run_config.json")

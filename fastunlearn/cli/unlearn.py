@@ -24,7 +24,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "or {text} records. Writes OUTPUT/adapter (a peft adapter for the original MODEL), "
         "OUTPUT/metrics.json and OUTPUT/run_config.json.",
         epilog="example: fastunlearn unlearn ./llama2-7b-tofu --forget forget10.json --retain retain90.json "
-        "--template llama2 --output out/ --lr 1e-4 --bf16",
+        "--template tofu-llama2 --max-length 500 --output out/ --lr 1e-4 --bf16",
     )
     add_model_args(p)
     p.add_argument("--forget", required=True, help="JSON Lines file of the forget set")

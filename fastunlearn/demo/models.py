@@ -18,6 +18,7 @@ import torch
 from fastunlearn._io import write_dir, write_json
 from fastunlearn.demo.data import generate_dataset, write_jsonl
 from fastunlearn.training import data as fdata
+from fastunlearn.training.tofu_format import tofu_family
 
 __all__ = [
     "DEMO_MAX_LENGTH",
@@ -31,7 +32,9 @@ __all__ = [
     "train_tokenizer",
 ]
 
-DEMO_TEMPLATE = "phi"
+# TOFU's own convention (SPEC §4.1) for Phi-style prompts: the demo is trained and evaluated the way
+# the TOFU models were.
+DEMO_TEMPLATE = "tofu-phi"
 DEMO_MAX_LENGTH = 64
 
 
@@ -189,8 +192,11 @@ def _cache_key(size: DemoSize, seed: int) -> str:
     import hashlib
 
     # "v": bumped whenever the generated data or the models change (v2: perturbed answers worded as the
-    # paraphrase), so a stale cache is never reused.
-    blob = json.dumps({"v": 2, "size": asdict(size), "seed": seed}, sort_keys=True).encode()
+    # paraphrase), so a stale cache is never reused; the models are trained with DEMO_TEMPLATE's
+    # tokenisation, so it is part of the key too.
+    blob = json.dumps(
+        {"v": 2, "size": asdict(size), "seed": seed, "template": DEMO_TEMPLATE}, sort_keys=True
+    ).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -231,10 +237,10 @@ def prepare_models(
         f"{len(dataset['retain'])} retain question/answer pairs in {os.path.join(root, 'data')}"
     )
 
-    prompt = fdata.TEMPLATES[DEMO_TEMPLATE][0]
+    tags = tofu_family(DEMO_TEMPLATE)
     texts = [
-        f"{prompt.format(question=r['question'])}{r['answer']} {r['paraphrased_question']} "
-        f"{r['paraphrased_answer']} {' '.join(r['perturbed_answer'])}"
+        f"{tags.question_start}{r['question']}{tags.question_end}{tags.answer_tag}{r['answer']} "
+        f"{r['paraphrased_question']} {r['paraphrased_answer']} {' '.join(r['perturbed_answer'])}"
         for r in dataset["forget_perturbed"] + dataset["retain_perturbed"]
     ]
     tokenizer = train_tokenizer(texts, size.vocab)

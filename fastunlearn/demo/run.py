@@ -124,7 +124,8 @@ def _run_demo(
 
 
 def _tofu_options() -> dict:
-    # Greedy answers of up to 32 tokens: every demo answer is shorter, so ROUGE-L sees it whole.
+    # Greedy answers of up to 32 tokens: "Answer: " (the tofu-phi prompt stops before it) and every demo
+    # answer fit, so ROUGE-L sees the answer whole.
     return dict(template=DEMO_TEMPLATE, max_length=DEMO_MAX_LENGTH, max_new_tokens=32, batch_size=64)
 
 

@@ -9,7 +9,11 @@ utility (harmonic mean of the nine retain / real-authors / world-facts numbers).
 the reference once and reuses it.
 
 Prompts are tokenised by :mod:`fastunlearn.training.data`, the training pipeline, so an evaluated
-prompt is byte for byte the prompt the model was trained on.
+prompt is byte for byte the prompt the model was trained on. ``mode="legacy"`` is the paper's pipeline
+token for token (SPEC §4.1): the ``tofu-*`` templates (:mod:`fastunlearn.training.tofu_format`),
+question and answer tokenised as one string and cut at 200 tokens, generation from the decoded
+question in batches of 30 to 200 tokens in total. ``mode="full"`` is fastunlearn's own protocol with
+the template the model was trained with (any of them, ``tofu-*`` included).
 """
 
 from __future__ import annotations
@@ -29,6 +33,13 @@ from fastunlearn.evaluation.reference import (
 from fastunlearn.evaluation.tofu_files import TOFU_SETS, TofuItem, find_tofu_files, read_tofu_file
 from fastunlearn.modeling import load_model_and_tokenizer
 from fastunlearn.training import data as fdata
+from fastunlearn.training.tofu_format import (
+    TOFU_FAMILIES,
+    encode_tofu_example,
+    tofu_generation_batch,
+    tofu_generation_prompt,
+    tofu_max_new_tokens,
+)
 
 # Sets whose probability/ROUGE/truth-ratio numbers make up model utility (SPEC §4).
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
@@ -36,8 +47,9 @@ UTILITY_METRICS = ("prob", "rougeL_recall", "truth_ratio")
 NUM_UTILITY_COMPONENTS = len(UTILITY_SETS) * len(UTILITY_METRICS)  # TOFU's nine numbers
 TOFU_MODES = ("full", "legacy")
 LEGACY_MAX_ITEMS = 300
-LEGACY_MAX_LENGTH = 200  # tokens, prompt included: the paper's generation budget
-LEGACY_TEMPLATES = ("llama2", "phi")
+LEGACY_MAX_LENGTH = 200  # tokens, question included: the paper's scoring cut and generation budget
+LEGACY_GENERATION_BATCH = 30  # the paper's generation batch, whose width sets every row's budget
+LEGACY_TEMPLATES = tuple(TOFU_FAMILIES)
 
 __all__ = [
     "TOFU_MODES",
@@ -63,7 +75,8 @@ def _answer_stats(
     batch_size: int,
 ) -> dict[str, torch.Tensor]:
     """Answer statistics (:func:`fastunlearn.metrics.answer_stats`) of each (question, answer) pair, with
-    the training pipeline's tokenisation: the answer tokens and the closing EOS are scored."""
+    the training pipeline's tokenisation: the answer tokens and the closing EOS are scored (with a
+    ``tofu-*`` template every token after the question's, and no EOS when the cut reaches it)."""
     records = [
         {"question": q, "answer": a, "_source": f"item {i}"}
         for i, (q, a) in enumerate(zip(questions, answers))
@@ -75,8 +88,29 @@ def _answer_stats(
     return {key: value.cpu() for key, value in stats.items()}
 
 
-def _prompt_ids(tokenizer, items: Sequence[TofuItem], template: str) -> list[torch.Tensor]:
-    # The prompt is the labelled example's unlabelled head: exactly what training conditioned on.
+def _generation_prompts(
+    tokenizer, items: Sequence[TofuItem], template: str, max_length: int
+) -> tuple[list[torch.Tensor], list[str]]:
+    """Each item's generation prompt (token ids) and the reference its greedy answer is scored against.
+
+    ``tofu-*`` templates (SPEC §4.1): the example encoded at ``max_length`` is decoded and split at the
+    family's marker (:func:`~fastunlearn.training.tofu_format.tofu_generation_prompt`), the prompt
+    re-tokenised with special tokens; the reference is the decoded answer, cut where its scored tokens
+    are. Other templates: the labelled example's unlabelled head — exactly what training conditioned
+    on — and the file's answer.
+    """
+    if template in TOFU_FAMILIES:
+        texts, references = [], []
+        for it in items:
+            ex = encode_tofu_example(tokenizer, it.question, it.answer, template, max_length, where=it.source)
+            try:
+                prompt, reference = tofu_generation_prompt(tokenizer, ex.input_ids, template)
+            except ValueError as e:
+                raise ValueError(f"{it.source}: {e}") from None
+            texts.append(prompt)
+            references.append(reference)
+        ids, mask = tofu_generation_batch(tokenizer, texts)
+        return [ids[r][mask[r].bool()] for r in range(len(texts))], references
     records = [{"question": it.question, "answer": it.answer, "_source": it.source} for it in items]
     examples = fdata.tokenize_records(
         records, tokenizer, data_format="qa", template=template, max_length=10**9
@@ -85,44 +119,53 @@ def _prompt_ids(tokenizer, items: Sequence[TofuItem], template: str) -> list[tor
     for ex in examples:
         n = next(i for i, label in enumerate(ex.labels) if label != fdata.IGNORE_INDEX)
         heads.append(torch.tensor(ex.input_ids[:n], dtype=torch.long))
-    return heads
+    return heads, [it.answer for it in items]
 
 
 def _greedy_answers(
     model,
     tokenizer,
-    items: Sequence[TofuItem],
+    prompts: Sequence[torch.Tensor],
     *,
-    template: str,
+    legacy: bool,
     max_new_tokens: int,
-    max_total_tokens: int | None,
     batch_size: int,
 ) -> list[str]:
-    """Greedy answers, stopping at EOS; ``max_total_tokens`` caps prompt + answer (legacy protocol)."""
-    prompts = _prompt_ids(tokenizer, items, template)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths, less padding
-    answers: list[str] = [""] * len(prompts)
+    """Greedy answers to ``prompts``, each stopping at EOS, in the prompts' order.
+
+    Legacy (SPEC §4.1, the paper's ``generate(max_length=200)``): batches of 30 in file order, and every
+    row of a batch ``W`` tokens wide gets ``200 − W`` new tokens — the budget depends on the batch, so
+    the batches are the paper's. Otherwise ``max_new_tokens`` per row, prompts batched by length (less
+    padding). Left padding is masked, so the pad id changes nothing.
+    """
+    n = len(prompts)
+    if legacy:
+        chunks = [range(s, min(s + LEGACY_GENERATION_BATCH, n)) for s in range(0, n, LEGACY_GENERATION_BATCH)]
+    else:
+        order = sorted(range(n), key=lambda i: len(prompts[i]))
+        chunks = [order[s : s + batch_size] for s in range(0, n, batch_size)]
+    answers: list[str] = [""] * n
     eos, pad = tokenizer.eos_token_id, fdata.pad_id_of(tokenizer)
     with M.eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            budgets = [
-                max_new_tokens
-                if max_total_tokens is None
-                else min(max_new_tokens, max_total_tokens - len(prompts[i]))
-                for i in chunk
-            ]
-            if max(budgets) < 1:
+        for chunk in chunks:
+            width = max(len(prompts[i]) for i in chunk)
+            steps = tofu_max_new_tokens(width, max_length=LEGACY_MAX_LENGTH) if legacy else max_new_tokens
+            if steps < 1:
                 continue  # prompts already at the length cap: empty answers
             gen = M.greedy_decode(
-                model, [prompts[i] for i in chunk], max(budgets), eos_token_id=eos, pad_token_id=pad
+                model, [prompts[i] for i in chunk], steps, eos_token_id=eos, pad_token_id=pad
             )
             for r, i in enumerate(chunk):
-                tokens = gen[r, : max(budgets[r], 0)].tolist()
+                tokens = gen[r].tolist()
                 if eos is not None and eos in tokens:
                     tokens = tokens[: tokens.index(eos)]
                 answers[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
     return answers
+
+
+def _avg_nll(stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Per-item average NLL ``Σ NLL over targets / #targets`` (SPEC §4.1), in fp64."""
+    return stats["nll_sum"].double() / stats["num_tokens"].double()
 
 
 def _score_set(
@@ -132,9 +175,9 @@ def _score_set(
     items: Sequence[TofuItem],
     *,
     template: str,
+    legacy: bool,
     generate: bool,
     max_new_tokens: int,
-    max_total_tokens: int | None,
     max_length: int,
     batch_size: int,
 ) -> tuple[dict[str, Any], list[float] | None]:
@@ -142,20 +185,23 @@ def _score_set(
     opts = dict(template=template, max_length=max_length, batch_size=batch_size)
     stats = _answer_stats(model, tokenizer, qs, [it.answer for it in items], **opts)
     probs = M.answer_probability(stats)
+    # Per item, as TOFU's eval logs record them (avg_gt_loss, avg_paraphrased_loss, ...).
+    avg_nll: dict[str, Any] = {"answer": _avg_nll(stats).tolist()}
     out: dict[str, Any] = {
         "num_items": len(items),
         "prob": probs.mean().item(),
         # Teacher-forced next-token accuracy on the answers: the QA analogue of MA.
         "accuracy": (stats["correct"].sum().double() / stats["num_tokens"].sum()).item(),
+        "avg_nll": avg_nll,
     }
     ratios = None
     if items[0].perturbed_answers is not None:
         k = len(items[0].perturbed_answers)
         # "True" is the paraphrased answer where the file has one (forget/retain), else the answer.
         if items[0].paraphrased_answer is not None:
-            true = M.answer_probability(
-                _answer_stats(model, tokenizer, qs, [it.paraphrased_answer for it in items], **opts)
-            )
+            para_stats = _answer_stats(model, tokenizer, qs, [it.paraphrased_answer for it in items], **opts)
+            avg_nll["paraphrased"] = _avg_nll(para_stats).tolist()
+            true = M.answer_probability(para_stats)
         else:
             true = probs
         pert_stats = _answer_stats(
@@ -165,6 +211,7 @@ def _score_set(
             [p for it in items for p in it.perturbed_answers],
             **opts,
         )
+        avg_nll["perturbed"] = _avg_nll(pert_stats).view(len(items), k).tolist()
         pert = M.answer_probability(pert_stats).view(len(items), k)
         r = M.truth_ratio(true, pert)
         ratios = r.tolist()
@@ -174,34 +221,34 @@ def _score_set(
             # Multiple choice between the answer and its perturbations (SPEC §4).
             out["prob"] = M.normalized_probability(probs, pert).mean().item()
     if generate:
+        prompts, references = _generation_prompts(tokenizer, items, template, max_length)
         preds = _greedy_answers(
             model,
             tokenizer,
-            items,
-            template=template,
+            prompts,
+            legacy=legacy,
             max_new_tokens=max_new_tokens,
-            max_total_tokens=max_total_tokens,
             batch_size=batch_size,
         )
-        out["rougeL_recall"] = sum(M.rouge_l_recall(preds, [it.answer for it in items])) / len(items)
+        out["rougeL_recall"] = sum(M.rouge_l_recall(preds, references)) / len(items)
         out["examples"] = [
-            {"question": it.question, "answer": it.answer, "generated": p}
-            for it, p in list(zip(items, preds))[:3]
+            {"question": it.question, "answer": ref, "generated": pred}
+            for it, ref, pred in list(zip(items, references, preds))[:3]
         ]
     return out, ratios
 
 
 def _resolve_template(mode: str, template: str | None) -> str:
-    """The prompt template of a TOFU evaluation: the paper's for ``mode="legacy"`` (``llama2`` by
-    default, or ``phi``), else the given one (default ``plain``)."""
+    """The template of a TOFU evaluation: for ``mode="legacy"`` one of SPEC §4.1's families
+    (``tofu-llama2`` by default), else the given one (default ``plain``)."""
     if mode not in TOFU_MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {list(TOFU_MODES)}")
     if mode == "legacy":
-        template = template or "llama2"
+        template = template or "tofu-llama2"
         if template not in LEGACY_TEMPLATES:
             raise ValueError(
-                f"legacy mode uses the paper's prompts: template must be one of "
-                f"{list(LEGACY_TEMPLATES)}, got {template!r}"
+                f"legacy mode is the paper's TOFU pipeline (SPEC §4.1), defined for the model families "
+                f"{list(LEGACY_TEMPLATES)}; got template {template!r}"
             )
     template = template or "plain"
     if template not in fdata.TEMPLATE_NAMES:
@@ -255,10 +302,16 @@ def evaluate_tofu(
     of the numbers present is then ``model_utility_partial`` (``None`` when all nine are there), and
     ``model_utility_components`` maps each present number's ``set/metric`` name to its value.
 
-    ``mode="legacy"``: the paper's protocol — at most 300 items per set, prompt ``[INST] q [/INST]``
-    (``template="llama2"``, default) or ``Question: q\\nAnswer: `` (``"phi"``), greedy generation to 200
-    tokens in total. ``mode="full"``: every item, ``template`` as trained (default ``"plain"``), greedy up
-    to ``max_new_tokens`` new tokens; ``max_items`` caps either.
+    ``mode="legacy"``: the paper's pipeline token for token (SPEC §4.1) — at most 300 items per set;
+    ``template`` one of ``tofu-llama2`` (default), ``tofu-llama3``, ``tofu-phi``
+    (:mod:`fastunlearn.training.tofu_format`): question and answer tokenised as one string and cut at
+    200 tokens (``max_length`` is not used), the greedy answer generated from the decoded question in
+    batches of 30 (file order) to 200 tokens in total per batch (``max_new_tokens`` and
+    ``batch_size`` do not apply to generation) and scored against the decoded answer.
+    ``mode="full"``: fastunlearn's own protocol — every item, ``template`` as trained (default
+    ``"plain"``; a ``tofu-*`` one gives TOFU's tokenisation at ``max_length``), greedy answers of up
+    to ``max_new_tokens`` new tokens; ``max_items`` caps either. Each set's ``avg_nll`` holds the
+    per-item average NLLs (``answer``, ``paraphrased``, ``perturbed``) the numbers derive from.
 
     Forget quality needs ``reference_truth_ratios`` (a list or a JSON file from
     :func:`save_reference_truth_ratios`, whose recorded mode and template must be this run's); a
@@ -268,10 +321,10 @@ def evaluate_tofu(
     the model runs. Returns a JSON-serialisable dict.
     """
     template = _resolve_template(mode, template)
-    max_total: int | None = None
-    if mode == "legacy":
+    legacy = mode == "legacy"
+    if legacy:
         max_items = LEGACY_MAX_ITEMS if max_items is None else min(max_items, LEGACY_MAX_ITEMS)
-        max_total = max_new_tokens = LEGACY_MAX_LENGTH
+        max_length = LEGACY_MAX_LENGTH
 
     if isinstance(data, (str, os.PathLike)):
         sources: Mapping[str, Any] = find_tofu_files(data, forget_split=forget_split)
@@ -337,9 +390,9 @@ def evaluate_tofu(
             name,
             items,
             template=template,
+            legacy=legacy,
             generate=generate,
             max_new_tokens=max_new_tokens,
-            max_total_tokens=max_total,
             max_length=max_length,
             batch_size=batch_size,
         )

@@ -2,12 +2,14 @@
 
 - :mod:`~fastunlearn.training.data`: JSON Lines records → tokenised examples → padded forget/retain
   batches, the same pipeline evaluation uses.
+- :mod:`~fastunlearn.training.tofu_format`: TOFU's own tokenisation (SPEC §4.1), the ``tofu-*``
+  templates of ``training.data`` and the legacy TOFU evaluation.
 - :mod:`~fastunlearn.training.methods`: the objectives IHL, GA, GD and NPO (SPEC §2).
 - :mod:`~fastunlearn.training.config`: :class:`UnlearnConfig` and :class:`UnlearnResult`.
 - :mod:`~fastunlearn.training.trainer`: :class:`UnlearnTrainer`, a ``transformers.Trainer``.
 - :mod:`~fastunlearn.training.run`: :func:`unlearn`, from a model and data to files on disk.
 
-Importing this package loads none of its modules, so evaluation can use ``training.data`` without
-``transformers``. The public names are ``fastunlearn.unlearn``, ``fastunlearn.UnlearnConfig``,
-``fastunlearn.UnlearnResult`` and ``fastunlearn.UnlearnTrainer``.
+Importing this package loads none of its modules, so evaluation can use ``training.data`` (and
+``training.tofu_format``) without ``transformers``. The public names are ``fastunlearn.unlearn``,
+``fastunlearn.UnlearnConfig``, ``fastunlearn.UnlearnResult`` and ``fastunlearn.UnlearnTrainer``.
 """

@@ -4,12 +4,16 @@ Three record formats are read, detected per file from the first record or named 
 
 - ``qa``: ``{"question", "answer"}`` (TOFU; its ``.json`` files are JSON Lines). The question is
   wrapped in a prompt template and the loss covers the answer tokens and a closing EOS.
+  The ``tofu-*`` templates instead tokenise exactly as TOFU does (SPEC §4.1,
+  :mod:`fastunlearn.training.tofu_format`): question and answer as one string, the loss on every
+  token after the question's.
 - ``prompt_completion``: ``{"prompt", "completion"}``. The prompt is used verbatim (it is already
   formatted); the loss covers the completion and a closing EOS.
 - ``text``: ``{"text"}``. Raw sequences (the extraction protocol, SPEC §4): the loss covers every token.
 
 Labels follow the Hugging Face convention: ``labels[t] = input_ids[t]`` on supervised positions and
-``-100`` elsewhere, and the causal shift (logits at ``t`` predict ``t + 1``) is done by the loss. Prompt
+``-100`` elsewhere, and the causal shift (logits at ``t`` predict ``t + 1``) is done by the loss. With
+the other templates (fastunlearn's own convention, and the chat template of instruction models) prompt
 and answer are tokenised separately and concatenated, so the prompt/answer boundary is exact whatever
 the tokenizer merges across it. Masks are built from positions, never by comparing ids with the pad
 id: a tokenizer whose pad token is its EOS token still gets its EOS targets.
@@ -19,7 +23,7 @@ from a generator seeded by ``(seed, epoch)``, so runs and resumed runs see the s
 
 Evaluation (:mod:`fastunlearn.evaluation`) reads and tokenises with this module too, so an evaluated
 prompt is byte for byte the prompt the model was trained on; it imports nothing but
-:mod:`fastunlearn.ops` (the ``IGNORE_INDEX`` label).
+:mod:`fastunlearn.ops` (the ``IGNORE_INDEX`` label) and :mod:`fastunlearn.training.tofu_format`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any, Literal
 import torch
 
 from fastunlearn.ops import IGNORE_INDEX
+from fastunlearn.training.tofu_format import TOFU_FAMILIES, encode_tofu_example
 
 DataFormat = Literal["auto", "qa", "text", "prompt_completion"]
 FORMATS: dict[str, tuple[str, ...]] = {
@@ -48,7 +53,8 @@ TEMPLATES: dict[str, tuple[str, str]] = {
     "phi": ("Question: {question}\nAnswer: ", ""),
     "plain": ("{question}", " "),
 }
-TEMPLATE_NAMES = (*TEMPLATES, "chat")
+# "chat": the tokenizer's chat template; "tofu-*": TOFU's joint tokenisation (SPEC §4.1).
+TEMPLATE_NAMES = (*TEMPLATES, "chat", *TOFU_FAMILIES)
 
 __all__ = [
     "FORMATS",
@@ -185,15 +191,22 @@ def tokenize_records(
 ) -> list[Example]:
     """Tokenise records into :class:`Example` s.
 
-    QA: ``prompt(question) + sep + answer + EOS`` with labels on the answer and the EOS; prompt/completion
-    likewise without a template; text: every token labelled (no EOS appended). Sequences longer than
-    ``max_length`` are cut on the right and counted in one warning; an example whose labels are all
-    masked after the cut raises ``ValueError`` with its file and line.
+    QA: ``prompt(question) + sep + answer + EOS`` with labels on the answer and the EOS, or with a
+    ``tofu-*`` template :func:`~fastunlearn.training.tofu_format.encode_tofu_example` (SPEC §4.1: one
+    string, the first ``len(question tokens)`` labels masked, cut at ``max_length`` before the EOS);
+    prompt/completion like the first without a template; text: every token labelled (no EOS appended).
+    Sequences longer than ``max_length`` are cut on the right and counted in one warning; an example
+    whose labels are all masked after the cut raises ``ValueError`` with its file and line.
     """
     if template not in TEMPLATE_NAMES:
         raise ValueError(f"unknown template {template!r}; expected one of {list(TEMPLATE_NAMES)}")
     if data_format not in FORMATS:
         raise ValueError(f"unknown data format {data_format!r}; expected one of {list(FORMATS)}")
+    if template in TOFU_FAMILIES and data_format != "qa":
+        raise ValueError(
+            f"template {template!r} is TOFU's tokenisation of question/answer records (SPEC §4.1); "
+            f"it does not apply to {data_format!r} records"
+        )
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
     eos = tokenizer.eos_token_id
@@ -202,6 +215,13 @@ def tokenize_records(
     examples, truncated = [], 0
     for record in records:
         where = record.get("_source", "record")
+        if template in TOFU_FAMILIES:
+            ids, labels, cut = encode_tofu_example(
+                tokenizer, record["question"], record["answer"], template, max_length, where=where
+            )
+            truncated += cut
+            examples.append(Example(tuple(ids), tuple(labels), where))
+            continue
         if data_format == "text":
             ids = _encode(tokenizer, record["text"], special=True)
             labels = list(ids)
