@@ -1,5 +1,6 @@
 """Code shared by the tests: tiny models (``models``), fp64 oracles and comparisons (``oracles``), the
-Fisher tests' model and batches (``fisher``) and the objectives' references (``methods``).
+Fisher tests' model and batches (``fisher``), the objectives' references (``methods``) and a saved
+model with data files for end-to-end runs (``workspace``).
 
 ``tests/`` is on ``sys.path`` (pytest's ``pythonpath``), so tests import ``helpers.models`` and so on;
 test modules never import each other.
