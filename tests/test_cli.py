@@ -6,6 +6,7 @@ import os
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -426,3 +427,34 @@ def test_the_demo_command_line_is_the_demo_run(size):
     assert UnlearnConfig(**options_from_args(args)) == UnlearnConfig(**options)
     # and the demo's settings are not the command's defaults: without them the run is another one
     assert UnlearnConfig(**options) != UnlearnConfig()
+
+
+def test_the_readme_shows_the_committed_demo_run():
+    """The README's demo numbers and command are those of benchmarks/results/demo_*.json."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    results = root / "benchmarks" / "results"
+    metrics = json.loads((results / "demo_metrics.json").read_text())
+    config = json.loads((results / "demo_run_config.json").read_text())
+    before, after = metrics["before"], metrics["after"]
+    rows = [
+        ("forget prob", before["forget"]["prob"], after["forget"]["prob"], ".4f"),
+        ("retain prob", before["retain"]["prob"], after["retain"]["prob"], ".4f"),
+        ("forget quality (KS p)", before["tofu"]["forget_quality"], after["tofu"]["forget_quality"], ".3g"),
+        *[
+            (label, before["tofu"][key], after["tofu"][key], ".3g")
+            for label, key in (
+                ("retain utility (3 of 9)", "model_utility_partial"),
+                ("forget ROUGE-L", "forget_rougeL_recall"),
+            )
+        ],
+    ]
+    for label, b, a, fmt in rows:
+        assert f"| {label} | {b:{fmt}} | {a:{fmt}} |" in readme, label
+    assert config["command"] == metrics["command"]
+    argv = shlex.split(config["command"])
+    argv[argv.index("--output") + 1] = "fastunlearn-demo"
+    cache = os.path.dirname(config["model"])
+    expected = " ".join(arg.replace(cache, "CACHE") for arg in argv)
+    block = readme.split("```bash\nfastunlearn unlearn CACHE/")[1].split("```")[0]
+    assert " ".join(("fastunlearn unlearn CACHE/" + block).replace("\\\n", " ").split()) == expected
