@@ -458,3 +458,25 @@ def test_the_readme_shows_the_committed_demo_run():
     expected = " ".join(arg.replace(cache, "CACHE") for arg in argv)
     block = readme.split("```bash\nfastunlearn unlearn CACHE/")[1].split("```")[0]
     assert " ".join(("fastunlearn unlearn CACHE/" + block).replace("\\\n", " ").split()) == expected
+
+
+def test_no_command_line_is_recorded_for_what_the_command_cannot_run():
+    from fastunlearn.training.flags import command_line
+
+    def line(model="/m", forget="/f", **options):
+        return command_line(
+            model, None, forget, None, method="ga", init="lora", output_dir="/o", options=options
+        )
+
+    assert (
+        line(callbacks=[])
+        == line()
+        == "fastunlearn unlearn /m --forget /f --output /o --method ga --init lora"
+    )
+    assert (
+        line(max_grad_norm=0.0) is None and line(fila_eps=1e-3) is None and line(callbacks=[object()]) is None
+    )
+    assert line(model=torch.nn.Linear(1, 1)) is None and line(forget=[{"text": "a"}]) is None
+    assert line(merge=True, target_modules=["q_proj", "v_proj"]).endswith(
+        "--target-modules q_proj,v_proj --merge"
+    )

@@ -99,17 +99,23 @@ def command_line(
 
     Options at their default are left out, and so are ``overwrite``, ``resume`` and ``progress`` (how
     to run, not what). ``None`` when no command can: a model, tokenizer or data set given as Python
-    objects, or callbacks.
+    objects, callbacks, or another option without a flag (``fila_eps``...) away from its default.
     """
     sources = [model, forget] + [x for x in (tokenizer, retain) if x is not None]
-    if not all(_is_path(x) for x in sources) or options.get("callbacks"):
+    defaults = {f.name: f.default for f in dataclasses.fields(UnlearnConfig)}
+    # An option the command cannot spell (callbacks, fila_eps...) away from its default: no command runs this.
+    unspellable = [
+        k
+        for k, v in options.items()
+        if k not in FLAGS and v != defaults.get(k) and not (k == "callbacks" and not v)
+    ]
+    if not all(_is_path(x) for x in sources) or unspellable:
         return None
     argv = ["fastunlearn", "unlearn", os.fspath(model)]
     for name, value in (("tokenizer", tokenizer), ("forget", forget), ("retain", retain)):
         if value is not None:
             argv += [ARGUMENT_FLAGS[name], os.fspath(value)]
     argv += [ARGUMENT_FLAGS["output_dir"], os.fspath(output_dir), "--method", method, "--init", init]
-    defaults = {f.name: f.default for f in dataclasses.fields(UnlearnConfig)}
     for field, flag in FLAGS.items():
         value = options.get(field, defaults[field])
         if field in _RUN_CONTROL or value == defaults[field]:
