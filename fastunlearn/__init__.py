@@ -1,20 +1,29 @@
 """fastunlearn: fused kernels and a LoRA training loop for LLM unlearning (IHL + FILA, ICLR 2025).
 
-Importing the package imports PyTorch only; Triton is loaded the first time a Triton backend runs,
-and the training, evaluation and command-line layers load on first use.
+Importing the package imports nothing heavy: every public name is loaded on first use (the ops and
+the Fisher layer with PyTorch only; Triton the first time a Triton backend runs; the training and
+evaluation layers with ``transformers`` and ``peft``), so ``fastunlearn --help`` answers at once.
 """
-
-from fastunlearn.fisher import FisherEstimate, estimate_fisher, fila_init, save_adapter, save_merged
-from fastunlearn.ops.fused_linear import fused_linear_ihl_loss, fused_linear_nll_loss
-from fastunlearn.ops.grad_sq import per_example_grad_sq
-from fastunlearn.ops.ihl import IHLLoss, ihl_loss, ihl_paper_formulation, ihl_reference, nll_loss
-from fastunlearn.patching import patch, unpatch
 
 __version__ = "0.1.0"
 
-# The training and evaluation layers import transformers and peft: loaded on first attribute access.
 # name -> (module, attribute of it; None: the module itself)
 _LAZY = {
+    "FisherEstimate": ("fastunlearn.fisher", "FisherEstimate"),
+    "estimate_fisher": ("fastunlearn.fisher", "estimate_fisher"),
+    "fila_init": ("fastunlearn.fisher", "fila_init"),
+    "save_adapter": ("fastunlearn.fisher", "save_adapter"),
+    "save_merged": ("fastunlearn.fisher", "save_merged"),
+    "fused_linear_ihl_loss": ("fastunlearn.ops.fused_linear", "fused_linear_ihl_loss"),
+    "fused_linear_nll_loss": ("fastunlearn.ops.fused_linear", "fused_linear_nll_loss"),
+    "nll_loss": ("fastunlearn.ops.ihl", "nll_loss"),
+    "patch": ("fastunlearn.patching", "patch"),
+    "unpatch": ("fastunlearn.patching", "unpatch"),
+    "per_example_grad_sq": ("fastunlearn.ops.grad_sq", "per_example_grad_sq"),
+    "IHLLoss": ("fastunlearn.ops.ihl", "IHLLoss"),
+    "ihl_loss": ("fastunlearn.ops.ihl", "ihl_loss"),
+    "ihl_paper_formulation": ("fastunlearn.ops.ihl", "ihl_paper_formulation"),
+    "ihl_reference": ("fastunlearn.ops.ihl", "ihl_reference"),
     "unlearn": ("fastunlearn.training.run", "unlearn"),
     "UnlearnConfig": ("fastunlearn.training.config", "UnlearnConfig"),
     "UnlearnResult": ("fastunlearn.training.config", "UnlearnResult"),
@@ -25,10 +34,14 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'fastunlearn' has no attribute {name!r}")
     import importlib
+    import importlib.util
 
+    if name not in _LAZY:
+        # `import fastunlearn; fastunlearn.fisher...` worked while the package imported its layers.
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+            return importlib.import_module(f"{__name__}.{name}")
+        raise AttributeError(f"module 'fastunlearn' has no attribute {name!r}")
     module_name, attribute = _LAZY[name]
     module = importlib.import_module(module_name)
     value = module if attribute is None else getattr(module, attribute)

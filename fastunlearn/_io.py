@@ -3,25 +3,69 @@
 Every file or directory is produced under a temporary name in the destination's own directory (so the
 final ``os.replace`` is a rename within one file system) and renamed into place only once complete; on
 any error the temporary is removed and the destination is untouched.
+
+``tempfile`` creates its files and directories owner-only (``0600``/``0700``) and a rename keeps the
+mode, so before the rename every written file gets ``0666 & ~umask`` (``0777 & ~umask`` if it was
+executable) and every directory ``0777 & ~umask``: what ``open``/``mkdir`` would have given, so a
+serving container or another user of a shared group can read the outputs whenever the umask allows.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_directory", "atomic_file", "write_dir", "write_json", "write_text"]
+__all__ = ["atomic_directory", "atomic_file", "umask", "write_dir", "write_json", "write_text"]
+
+
+@functools.lru_cache(maxsize=1)
+def umask() -> int:
+    """The process's umask, read once: from ``/proc/self/status`` where it is listed (no change to the
+    process state), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _file_mode(current: int) -> int:
+    return (0o777 if current & stat.S_IXUSR else 0o666) & ~umask()
+
+
+def _apply_umask(path: Path) -> None:
+    """Give ``path`` (and, for a directory, everything under it) the modes of the user's umask."""
+    if path.is_dir() and not path.is_symlink():
+        for root, dirs, files in os.walk(path):
+            for name in files:
+                target = os.path.join(root, name)
+                if not os.path.islink(target):
+                    os.chmod(target, _file_mode(os.stat(target).st_mode))
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~umask())
+        os.chmod(path, 0o777 & ~umask())
+    elif path.is_file() and not path.is_symlink():
+        os.chmod(path, _file_mode(path.stat().st_mode))
 
 
 def atomic_file(path: str | os.PathLike, write: Callable[[str], None], *, overwrite: bool = True) -> None:
     """Let ``write(tmp_path)`` create a temporary file next to ``path``, then rename it to ``path``."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give the path of a file to write")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -29,6 +73,7 @@ def atomic_file(path: str | os.PathLike, write: Callable[[str], None], *, overwr
     os.close(fd)
     try:
         write(tmp)
+        _apply_umask(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -61,12 +106,15 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool) -> Iterator[Pa
     new one is renamed in, and deleted only after.
     """
     path = Path(path)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{path} exists and is not a directory")
+    if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
+        _apply_umask(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
             os.replace(path, old / "previous")

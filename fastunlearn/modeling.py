@@ -1,11 +1,16 @@
-"""Models as fastunlearn meets them: loading, unwrapping, naming and placement.
+"""Models as fastunlearn meets them: checking, loading, unwrapping, naming and placement.
 
 - :func:`load_model_and_tokenizer`: a causal LM and its tokenizer from objects or local directories.
+- :func:`model_source`, :func:`check_model_dir`, :func:`adapter_base`, :func:`load_config`,
+  :func:`model_skeleton`, :func:`load_tokenizer`: what can be known about a model before its weights
+  load (minutes at 7B): that its directory holds weights, which base an adapter needs, its
+  configuration, its modules (on the ``meta`` device, without memory), its tokenizer.
 - :func:`unwrap_model`: the model under a ``peft`` wrapper.
 - :func:`canonical_name`: a layer's name with what wrappers add stripped, so that state taken on a
   plain model and on the same model wrapped by ``peft``/DDP/DeepSpeed share their keys.
-- :func:`model_device`, :func:`to_training_device`: where a model is, and the device ``Trainer`` will
-  train on.
+- :func:`model_device`, :func:`to_training_device`, :func:`resolve_device`, :func:`num_threads`: where
+  a model is, the device ``Trainer`` will train on, a device named by the user, and PyTorch's threads.
+- :func:`quiet_peft_wrap`: wrapping a model with ``peft`` without the deprecation warning it triggers.
 
 ``transformers`` and ``peft`` are imported inside the functions that need them: the Fisher layer uses
 this module, and ``import fastunlearn`` must stay free of both.
@@ -13,19 +18,36 @@ this module, and ``import fastunlearn`` must stay free of both.
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = [
+    "ModelSource",
+    "adapter_base",
     "canonical_name",
+    "check_model_dir",
+    "load_config",
     "load_model_and_tokenizer",
+    "load_tokenizer",
     "model_device",
+    "model_skeleton",
+    "model_source",
+    "num_threads",
+    "quiet_peft_wrap",
+    "resolve_device",
     "to_training_device",
     "unwrap_model",
 ]
+
+ADAPTER_CONFIG = "adapter_config.json"
 
 
 def canonical_name(name: str) -> str:
@@ -51,6 +73,160 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def _local(name: str, what: str, allow_download: bool) -> str:
+    if not allow_download and not os.path.isdir(name):
+        raise FileNotFoundError(
+            f"{what} directory not found: {name!r} is not a local directory. fastunlearn loads local "
+            "models only; pass allow_download=True to fetch it from the Hugging Face Hub"
+        )
+    return name
+
+
+def check_model_dir(path: str | os.PathLike, *, what: str = "model") -> None:
+    """Check that a local directory holds a loadable checkpoint, without reading the weights.
+
+    A model directory needs ``config.json`` and safetensors weights (every shard its
+    ``model.safetensors.index.json`` names); an adapter directory (``adapter_config.json``)
+    ``adapter_model.safetensors``. Raises ``ValueError`` naming the directory and what is missing.
+    """
+    path = os.fspath(path)
+    names = set(os.listdir(path))
+    if ADAPTER_CONFIG in names:
+        if "adapter_model.safetensors" not in names:
+            raise ValueError(f"adapter directory {path!r} holds no adapter_model.safetensors")
+        return
+    if "config.json" not in names:
+        raise ValueError(
+            f"{what} directory {path!r} holds no config.json: it is not a Hugging Face model directory"
+        )
+    if not any(name.endswith(".safetensors") for name in names):
+        raise ValueError(
+            f"{what} directory {path!r} holds no safetensors weights; fastunlearn does not load pickled "
+            "checkpoints (pytorch_model.bin): save the model with save_pretrained() first"
+        )
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            shards = set(json.load(handle).get("weight_map", {}).values())
+        missing = sorted(shards - names)
+        if missing:
+            raise ValueError(f"{what} directory {path!r} lacks the weight shard(s) {missing} its index names")
+
+
+def adapter_base(
+    path: str | os.PathLike, base_model: str | os.PathLike | None = None, *, allow_download: bool = False
+) -> str:
+    """The base model a ``peft`` adapter directory loads on: ``base_model`` if given, else the one its
+    ``adapter_config.json`` records; a local base is checked with :func:`check_model_dir`.
+
+    Raises ``FileNotFoundError`` naming the recorded path when it is not a local directory (an adapter
+    moved to another machine, or one that recorded a relative path), suggesting ``base_model``.
+    """
+    path = os.fspath(path)
+    if base_model is None:
+        with open(os.path.join(path, ADAPTER_CONFIG), encoding="utf-8") as handle:
+            base_model = json.load(handle).get("base_model_name_or_path")
+        if not base_model:
+            raise ValueError(f"adapter {path!r} records no base model; pass base_model=PATH")
+        if not allow_download and not os.path.isdir(base_model):
+            raise FileNotFoundError(
+                f"adapter {path!r} was trained on the base model {base_model!r}, which is not a local "
+                "directory; pass base_model=PATH with the base model's directory"
+            )
+    base = _local(os.fspath(base_model), "base model", allow_download)
+    if os.path.isdir(base):
+        check_model_dir(base, what="base model")
+    return base
+
+
+def load_config(source: str, *, trust_remote_code: bool = False, allow_download: bool = False) -> Any:
+    """The ``transformers`` configuration of a model directory (or Hub id with ``allow_download``)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        source, local_files_only=not allow_download, trust_remote_code=trust_remote_code
+    )
+
+
+def model_skeleton(config: Any, *, trust_remote_code: bool = False) -> nn.Module:
+    """The causal LM of ``config`` on the ``meta`` device: every module with its shapes, no memory.
+
+    Module names and weight shapes are those of the loaded model, so target modules and ranks can be
+    checked before the weights load.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def load_tokenizer(
+    source: str | os.PathLike, *, trust_remote_code: bool = False, allow_download: bool = False
+):
+    """The tokenizer saved in a local directory (or a Hub id with ``allow_download``)."""
+    from transformers import AutoTokenizer
+
+    name = _local(os.fspath(source), "tokenizer", allow_download)
+    return AutoTokenizer.from_pretrained(
+        name, local_files_only=not allow_download, trust_remote_code=trust_remote_code
+    )
+
+
+@contextmanager
+def quiet_peft_wrap() -> Iterator[None]:
+    """Silence the ``FutureWarning`` that wrapping a model with ``peft`` triggers under transformers 5.
+
+    ``peft.PeftModel.__init__`` reads ``model.is_gradient_checkpointing``, a property transformers 5
+    deprecated; the warning concerns peft, not the user, and would print on every adapter load.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model named by path loads from: ``path`` (absolute when local); for a ``peft`` adapter
+    directory its ``base`` model; and the directory its ``tokenizer`` loads from (the adapter's when
+    saved beside it, else the base model's)."""
+
+    path: str
+    base: str | None
+    tokenizer: str
+
+
+def model_source(
+    model: str | os.PathLike,
+    *,
+    base_model: str | os.PathLike | None = None,
+    allow_download: bool = False,
+) -> ModelSource:
+    """Resolve and check a model path without loading anything heavy (:func:`check_model_dir`,
+    :func:`adapter_base`); ``FileNotFoundError`` / ``ValueError`` name the path at fault."""
+    path = _local(os.fspath(model), "model", allow_download)
+    if not os.path.isdir(path):
+        return ModelSource(path, None, path)  # a Hub id (allow_download)
+    path = os.path.abspath(path)
+    check_model_dir(path)
+    if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+        return ModelSource(path, None, path)
+    base = adapter_base(path, base_model, allow_download=allow_download)
+    base = os.path.abspath(base) if os.path.isdir(base) else base
+    own_tokenizer = os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+    return ModelSource(path, base, path if own_tokenizer else base)
+
+
+@contextmanager
+def _unreadable(path: str) -> Iterator[None]:
+    """Report weights that exist but cannot be read (a truncated or corrupt file) as one ``ValueError``."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"cannot read the weights in {path!r}: {err}") from err
+
+
 def load_model_and_tokenizer(
     model: nn.Module | str | os.PathLike,
     tokenizer: Any = None,
@@ -58,58 +234,49 @@ def load_model_and_tokenizer(
     trust_remote_code: bool = False,
     allow_download: bool = False,
     dtype: torch.dtype | str | None = None,
+    base_model: str | os.PathLike | None = None,
 ) -> tuple[nn.Module, Any]:
     """A causal LM and its tokenizer, from objects or directories: the one loader of fastunlearn.
 
     Policy (safe by default): directories on local disk only, unless ``allow_download`` lets a name be
     a Hugging Face Hub id; the model's own Python code runs only with ``trust_remote_code``; weights
     load from safetensors only (no pickle). A directory holding a ``peft`` adapter
-    (``adapter_config.json``) is loaded as that adapter on its base model, with the tokenizer saved
-    beside the adapter or else the base model's. ``dtype`` defaults to the checkpoint's (``"auto"``).
-    ``model`` may also be a loaded ``nn.Module``, returned as it is with ``tokenizer`` (an object or a
-    directory).
+    (``adapter_config.json``) is loaded as that adapter on its base model (:func:`adapter_base`:
+    ``base_model`` if given, else the recorded one), with the tokenizer saved beside the adapter or
+    else the base model's. ``dtype`` defaults to the checkpoint's (``"auto"``). ``model`` may also be a
+    loaded ``nn.Module``, returned as it is with ``tokenizer`` (an object or a directory). A local
+    directory is loaded by its absolute path, so that the model (and an adapter trained on it) records
+    a path that resolves from anywhere.
 
     Raises ``FileNotFoundError`` naming the path when it is not a local directory and downloads are not
-    allowed, ``ValueError`` for a directory without safetensors weights, and ``TypeError`` for a model
-    object without a tokenizer.
+    allowed, ``ValueError`` for a directory without safetensors weights (:func:`check_model_dir`), and
+    ``TypeError`` for a model object without a tokenizer.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    def local(name: str, what: str) -> str:
-        if not allow_download and not os.path.isdir(name):
-            raise FileNotFoundError(
-                f"{what} directory not found: {name!r} is not a local directory. fastunlearn loads local "
-                "models only; pass allow_download=True (--allow-download) to fetch it from the Hugging "
-                "Face Hub"
-            )
-        return name
+    from transformers import AutoModelForCausalLM
 
     options: dict[str, Any] = dict(local_files_only=not allow_download, trust_remote_code=trust_remote_code)
-    source = None
+    weights = dict(options, dtype=dtype if dtype is not None else "auto", use_safetensors=True)
     if isinstance(model, (str, os.PathLike)):
-        source = local(os.fspath(model), "model")
-        if os.path.isdir(source) and not any(f.endswith(".safetensors") for f in os.listdir(source)):
-            raise ValueError(
-                f"model directory {source!r} holds no safetensors weights; fastunlearn does not load "
-                "pickled checkpoints (pytorch_model.bin): save the model with save_pretrained() first"
-            )
-        weights = dict(options, dtype=dtype if dtype is not None else "auto", use_safetensors=True)
-        if os.path.isfile(os.path.join(source, "adapter_config.json")):
-            from peft import AutoPeftModelForCausalLM
-
-            model = AutoPeftModelForCausalLM.from_pretrained(source, **weights)
-            if not os.path.isfile(os.path.join(source, "tokenizer_config.json")):
-                source = model.peft_config["default"].base_model_name_or_path
+        source = model_source(model, base_model=base_model, allow_download=allow_download)
+        with _unreadable(source.base or source.path):
+            base = AutoModelForCausalLM.from_pretrained(source.base or source.path, **weights)
+        if source.base is None:
+            model = base
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, **weights)
+            from peft import PeftModel
+
+            with _unreadable(source.path), quiet_peft_wrap():
+                model = PeftModel.from_pretrained(base, source.path)
+        if tokenizer is None:
+            tokenizer = source.tokenizer
     elif not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module or a local path, got {type(model).__name__}")
-    if tokenizer is None:
-        if source is None:
-            raise TypeError("pass the tokenizer with a model object (it can only be found from a model path)")
-        tokenizer = source
+    elif tokenizer is None:
+        raise TypeError("pass the tokenizer with a model object (it can only be found from a model path)")
     if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(local(os.fspath(tokenizer), "tokenizer"), **options)
+        tokenizer = load_tokenizer(
+            tokenizer, trust_remote_code=trust_remote_code, allow_download=allow_download
+        )
     return model, tokenizer
 
 
@@ -129,3 +296,43 @@ def to_training_device(model: nn.Module) -> None:
     on_cpu = model_device(model).type == "cpu"
     if torch.cuda.is_available() and on_cpu and getattr(model, "hf_device_map", None) is None:
         model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device ``name`` asks for (``"auto"``: CUDA when available, else the CPU), checked to exist.
+
+    Raises ``ValueError`` for a malformed name, a CUDA device on a build or machine without CUDA, and a
+    device index beyond the GPUs present.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; expected cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise ValueError(f"device {name!r}: this PyTorch build has no CUDA support (a CPU build)")
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r}: no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return device
+
+
+@contextmanager
+def num_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` PyTorch intra-op threads (``None``: unchanged), then restore them.
+
+    On a small model, or a machine whose cores are busy with other jobs, OpenMP threads spin-waiting for
+    a core can make a CPU run many times slower than one thread.
+    """
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

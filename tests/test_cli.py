@@ -1,42 +1,30 @@
 """The ``fastunlearn`` command end to end on a tiny model: unlearn, fisher, demo, refusals and resume."""
 
-import dataclasses
 import json
 import math
 import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from helpers.workspace import SIZE, build_workspace
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fastunlearn import demo
 from fastunlearn._io import write_text
-from fastunlearn.cli import main
+from fastunlearn.cli import build_parser, main
 from fastunlearn.demo.data import _FACTS
 from fastunlearn.fisher import FisherEstimate, estimate_fisher
 from fastunlearn.training import data as fdata
 
-# The tiny demo model (hidden 32, 2 layers) on 4 authors.
-SIZE = dataclasses.replace(demo.SIZES["tiny"], authors=4, hidden=32, layers=2, vocab=300)
-
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli")
-    data = demo.generate_dataset(SIZE.authors, seed=1)
-    texts = [
-        f"Question: {r['question']}\nAnswer: {r['answer']}"
-        for r in data["forget_perturbed"] + data["retain_perturbed"]
-    ]
-    tokenizer = demo.train_tokenizer(texts, SIZE.vocab)
-    model = demo.build_model(tokenizer, SIZE, seed=0)
-    model_dir = root / "model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    for name in ("forget", "retain"):
-        demo.write_jsonl(str(root / f"{name}.json"), data[name][:6])
-    return root
+    return build_workspace(tmp_path_factory.mktemp("cli"))
 
 
 def args_for(ws, out, *extra):
@@ -220,6 +208,10 @@ def test_demo_tiny_twice_uses_the_cache(tmp_path, capsys):
     assert forget_kept <= 0.4, f"forget probability kept {forget_kept:.2f}x"
     assert retain_kept >= 0.6, f"retain probability kept {retain_kept:.2f}x"
     assert forget_kept <= 0.5 * retain_kept  # forgetting is selective
+    # The run is `fastunlearn unlearn` with the demo's settings: printed, and recorded with the run.
+    command = json.loads((out / "run_config.json").read_text())["command"]
+    assert command == metrics["command"] and f"the same run as the command\n  {command}\n" in first
+    assert "--template tofu-phi --max-length 64" in command and command.endswith("--threads 1")
     (root,) = os.listdir(cache)
     assert (cache / root / "reference_truth_ratios.json").is_file()
     for split in ("forget", "retain", "forget_perturbed", "retain_perturbed"):
@@ -228,7 +220,8 @@ def test_demo_tiny_twice_uses_the_cache(tmp_path, capsys):
     assert len(records[0]["perturbed_answer"]) == 5 and "paraphrased_answer" in records[0]
 
     assert main([*argv, "--output", str(out)]) == 2  # a second run into the same output is refused
-    assert "--overwrite" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--overwrite" in err and "resume" not in err  # the demo has no --resume
     assert main([*argv, "--output", str(tmp_path / "demo2"), "--method", "gd", "--init", "lora"]) == 0
     second = capsys.readouterr().out
     assert "Using cached demo models" in second and "Generated" not in second
@@ -292,3 +285,235 @@ def test_demo_perturbed_answers_are_the_paraphrase_with_a_wrong_fact():
         assert split(para, r["paraphrased_answer"]) == value
         wrong = [split(para, p) for p in r["perturbed_answer"]]
         assert value not in wrong and len(set(wrong)) == len(wrong) and all(wrong)
+
+
+# --------------------------------------------------------------------------------------------------
+# Run safety, messages and options (issue 8)
+
+
+def test_top_level_help_imports_neither_torch_nor_transformers():
+    """`fastunlearn --help` used to import PyTorch (seconds): the parser is built from a static table."""
+    code = (
+        "import sys\nfrom fastunlearn.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit as e:\n"
+        "    assert e.code == 0\nheavy = {'torch', 'transformers', 'peft'} & set(sys.modules)\n"
+        "assert not heavy, sorted(heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "unlearn" in done.stdout and "eval" in done.stdout
+
+
+def test_list_options_take_commas_and_repeats_and_never_swallow_the_model():
+    parser = build_parser(["unlearn"])
+    required = ["--forget", "f.json", "--output", "out"]
+    args = parser.parse_args(["unlearn", "--target-modules", "q_proj,v_proj", "MODEL", *required])
+    assert args.target_modules == ["q_proj", "v_proj"] and args.model == "MODEL"
+    args = parser.parse_args(
+        ["unlearn", "--target-modules", "q_proj", "--target-modules", "v_proj,o_proj", "MODEL", *required]
+    )
+    assert args.target_modules == ["q_proj", "v_proj", "o_proj"] and args.model == "MODEL"
+    assert parser.parse_args(["unlearn", "MODEL", *required, "--lr", "-1e-4"]).lr == -1e-4
+
+
+@pytest.mark.parametrize("command", ["unlearn", "eval", "fisher"])
+def test_threads_option(command, workspace, monkeypatch):
+    import importlib
+
+    module = importlib.import_module(f"fastunlearn.cli.{command}")
+    seen = []
+    name = {"unlearn": "_run_unlearn", "eval": "_main", "fisher": "_run_fisher"}[command]
+    monkeypatch.setattr(module, name, lambda args: seen.append(torch.get_num_threads()) or 0)
+    data = {"unlearn": ["--forget", "f", "--output", "o"], "fisher": ["--data", "d", "--output", "o"]}
+    before = torch.get_num_threads()
+    assert main([command, str(workspace / "model"), *data.get(command, []), "--threads", "1"]) == 0
+    assert seen == [1] and torch.get_num_threads() == before
+
+
+def test_ctrl_c_leaves_a_run_that_resume_finishes_and_overwrite_keeps_the_old_run(
+    workspace, tmp_path, monkeypatch, capsys
+):
+    from fastunlearn import _io
+    from fastunlearn.training.trainer import UnlearnTrainer
+
+    monkeypatch.chdir(workspace)
+    previous = os.umask(0o022)
+    _io.umask.cache_clear()
+    try:
+        out = tmp_path / "run"
+
+        def argv(*extra):
+            args = args_for(workspace, out, "--init", "lora", "--no-eval", "--threads", "1", *extra)
+            args[1] = "model"  # relative: the adapter must still record where the base is
+            return args
+
+        assert main(argv()) == 0
+        config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == str(workspace / "model")
+        assert oct(os.stat(out / "adapter").st_mode & 0o777) == oct(0o755)
+        assert oct(os.stat(out / "metrics.json").st_mode & 0o777) == oct(0o644)
+        assert oct(os.stat(out / "adapter" / "adapter_model.safetensors").st_mode & 0o777) == oct(0o644)
+    finally:
+        os.umask(previous)
+        _io.umask.cache_clear()
+    old = {p: (out / p).read_bytes() for p in ("metrics.json", "adapter/adapter_model.safetensors")}
+    capsys.readouterr()
+
+    original = UnlearnTrainer.compute_loss
+
+    def ctrl_c_in_second_epoch(self, *args, **kwargs):
+        if self.state.global_step >= 3:  # the checkpoint of epoch 1 (step 3) is written
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(UnlearnTrainer, "compute_loss", ctrl_c_in_second_epoch)
+    assert main(argv("--overwrite", "--epochs", "2")) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        f"interrupted; rerun with --resume to continue from step 3; the finished run in {out} is untouched"
+    )
+    assert "Traceback" not in err
+    assert {p: (out / p).read_bytes() for p in old} == old
+    assert main(argv("--epochs", "2")) == 2  # a plain re-run would lose the finished run
+    assert "--overwrite to replace it" in capsys.readouterr().err
+    monkeypatch.setattr(UnlearnTrainer, "compute_loss", original)
+    assert main(argv("--epochs", "2", "--resume")) == 0
+    assert json.loads((out / "metrics.json").read_text())["train"]["global_step"] == 6
+    assert json.loads((out / "run_config.json").read_text())["options"]["num_epochs"] == 2
+    assert sorted(os.listdir(out)) == ["adapter", "checkpoints", "metrics.json", "run_config.json"]
+    capsys.readouterr()
+
+    # Ctrl-C before the first checkpoint of a new run: a plain re-run is accepted (nothing finished to lose).
+    fresh = tmp_path / "fresh"
+
+    def ctrl_c_at_once(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(UnlearnTrainer, "compute_loss", ctrl_c_at_once)
+    out = fresh
+    assert main(argv()) == 130
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .startswith("interrupted before the first checkpoint; rerun with --resume to train from step 0 again")
+    )
+    monkeypatch.setattr(UnlearnTrainer, "compute_loss", original)
+    assert main(argv()) == 0
+
+
+def test_adapters_resolve_their_base_from_anywhere_and_eval_takes_base_model(
+    workspace, tmp_path, monkeypatch, capsys
+):
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from fastunlearn.fisher import save_adapter
+    from fastunlearn.modeling import load_model_and_tokenizer
+
+    monkeypatch.chdir(workspace)
+    model = AutoModelForCausalLM.from_pretrained("model")
+    adapter = tmp_path / "adapter"
+    save_adapter(get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"])), adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(workspace / "model")  # as typed it was "model"
+
+    config["base_model_name_or_path"] = "./model"  # what adapters written before recorded
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+    evaluate = ["eval", str(adapter), "--forget", str(workspace / "forget_perturbed.json"), "--no-generate"]
+    assert main(evaluate) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'./model', which is not a local directory; pass --base-model" in err
+    assert main([*evaluate, "--base-model", str(workspace / "model"), "--template", "phi"]) == 0
+    assert "forget" in capsys.readouterr().out
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_model_and_tokenizer(adapter, base_model=workspace / "model")
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_demo_refusal_names_overwrite_only(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "run_config.json").write_text("{}")
+    (out / "metrics.json").write_text("{}")
+    argv = ["demo", "--size", "tiny", "--cache-dir", str(tmp_path / "cache"), "--output", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "pass --overwrite to replace it" in err and "resume" not in err
+    assert not (tmp_path / "cache").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("size", ["small", "tiny"])
+def test_the_demo_command_line_is_the_demo_run(size):
+    from fastunlearn.demo.run import unlearn_options
+    from fastunlearn.training.config import UnlearnConfig
+    from fastunlearn.training.flags import command_line, options_from_args
+
+    options = unlearn_options(demo.SIZES[size], seed=3)
+    command = command_line(
+        "/m", None, "/d/forget.json", "/d/retain.json", method="gd", init="lora", output_dir="/o",
+        options=options, threads=1,
+    )  # fmt: skip
+    argv = shlex.split(command)
+    assert argv[:2] == ["fastunlearn", "unlearn"]
+    args = build_parser(["unlearn"]).parse_args(argv[1:])
+    paths = ("/m", "/d/forget.json", "/d/retain.json", "/o")
+    assert (args.model, args.forget, args.retain, args.output) == paths
+    assert (args.method, args.init, args.threads, args.tokenizer) == ("gd", "lora", 1, None)
+    assert UnlearnConfig(**options_from_args(args)) == UnlearnConfig(**options)
+    # and the demo's settings are not the command's defaults: without them the run is another one
+    assert UnlearnConfig(**options) != UnlearnConfig()
+
+
+def test_the_readme_shows_the_committed_demo_run():
+    """The README's demo numbers and command are those of benchmarks/results/demo_*.json."""
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    results = root / "benchmarks" / "results"
+    metrics = json.loads((results / "demo_metrics.json").read_text())
+    config = json.loads((results / "demo_run_config.json").read_text())
+    before, after = metrics["before"], metrics["after"]
+    rows = [
+        ("forget prob", before["forget"]["prob"], after["forget"]["prob"], ".4f"),
+        ("retain prob", before["retain"]["prob"], after["retain"]["prob"], ".4f"),
+        ("forget quality (KS p)", before["tofu"]["forget_quality"], after["tofu"]["forget_quality"], ".3g"),
+        *[
+            (label, before["tofu"][key], after["tofu"][key], ".3g")
+            for label, key in (
+                ("retain utility (3 of 9)", "model_utility_partial"),
+                ("forget ROUGE-L", "forget_rougeL_recall"),
+            )
+        ],
+    ]
+    for label, b, a, fmt in rows:
+        assert f"| {label} | {b:{fmt}} | {a:{fmt}} |" in readme, label
+    assert config["command"] == metrics["command"]
+    argv = shlex.split(config["command"])
+    argv[argv.index("--output") + 1] = "fastunlearn-demo"
+    cache = os.path.dirname(config["model"])
+    expected = " ".join(arg.replace(cache, "CACHE") for arg in argv)
+    block = readme.split("```bash\nfastunlearn unlearn CACHE/")[1].split("```")[0]
+    assert " ".join(("fastunlearn unlearn CACHE/" + block).replace("\\\n", " ").split()) == expected
+
+
+def test_no_command_line_is_recorded_for_what_the_command_cannot_run():
+    from fastunlearn.training.flags import command_line
+
+    def line(model="/m", forget="/f", **options):
+        return command_line(
+            model, None, forget, None, method="ga", init="lora", output_dir="/o", options=options
+        )
+
+    assert (
+        line(callbacks=[])
+        == line()
+        == "fastunlearn unlearn /m --forget /f --output /o --method ga --init lora"
+    )
+    assert (
+        line(max_grad_norm=0.0) is None and line(fila_eps=1e-3) is None and line(callbacks=[object()]) is None
+    )
+    assert line(model=torch.nn.Linear(1, 1)) is None and line(forget=[{"text": "a"}]) is None
+    assert line(merge=True, target_modules=["q_proj", "v_proj"]).endswith(
+        "--target-modules q_proj,v_proj --merge"
+    )

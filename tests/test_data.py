@@ -168,7 +168,19 @@ def test_read_jsonl_skips_blank_lines_and_detects_formats(tmp_path):
         (['{"question": "a", "answer": "b"}', '{"question": "a", "answer": '], r"bad\.json:2: invalid JSON"),
         (['{"question": "a", "answer": "b"}', '{"question": "a"}'], r"bad\.json:2: missing field 'answer'"),
         (['{"question": "a", "answer": 3}'], r"bad\.json:1: field 'answer' must be a string"),
-        (['["a", "b"]'], r"bad\.json:1: expected a JSON object"),
+        (
+            ['{"question": "a" "answer": "b"}'],
+            r"bad\.json:1: invalid JSON \(Expecting ',' delimiter at column 18\)$",
+        ),
+        (
+            ['{"question": "a", "answer": '],
+            r"bad\.json:1: invalid JSON \(Expecting value at the end of the line\)$",
+        ),
+        (
+            ['[{"question": "a", "answer": "b"},', '{"question": "c", "answer": "d"}]'],
+            r"bad\.json:1: expected JSON Lines \(one object per line\), got a JSON array",
+        ),
+        (['{"question": "a", "answer": "b"}', '["a", "b"]'], r"bad\.json:2: expected a JSON object"),
         (['{"title": "a"}'], r"bad\.json:1: cannot detect the data format"),
         (["", "   "], r"bad\.json: the file is empty"),
     ],

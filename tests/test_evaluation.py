@@ -149,8 +149,32 @@ def test_find_tofu_files(tofu_dir, tmp_path):
     with pytest.raises(ValueError, match="several forget files"):
         ev.find_tofu_files(tmp_path)
     assert ev.find_tofu_files(tmp_path, forget_split="forget05")["forget"].endswith("forget05_perturbed.json")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no TOFU files"):
-        ev.find_tofu_files(tmp_path / "..", forget_split="nothing_here")
+        ev.find_tofu_files(tmp_path / "empty")
+
+
+def test_a_forget_split_that_is_not_there_is_an_error_listing_the_splits(tofu_dir, tmp_path):
+    # It used to drop the forget set silently (and with it forget quality).
+    with pytest.raises(ValueError, match=r"no forget split 'forget01' in .*; splits found: \['forget10'\]"):
+        ev.find_tofu_files(tofu_dir, forget_split="forget01")
+    with pytest.raises(ValueError, match=r"splits found: none"):
+        ev.find_tofu_files(tmp_path, forget_split="forget10")
+
+
+def test_a_set_without_perturbed_answers_says_which_file_is_missing(model_and_tokenizer, tofu_dir, tmp_path):
+    model, tok = model_and_tokenizer
+    alone = tmp_path / "forget10.json"
+    alone.write_text((tofu_dir / "forget10.json").read_text())
+    for path, state in ((tofu_dir / "forget10.json", "use it instead"), (alone, "not found")):
+        res = ev.evaluate_tofu(model, tok, {"forget": path}, generate=False, template="phi")
+        reason = res["sets"]["forget"]["missing"]["truth_ratio"]
+        assert reason == (
+            f"{path} has no perturbed_answer field (TOFU keeps them in forget10_perturbed.json: {state})"
+        )
+        assert f"forget truth_ratio missing: {reason}" in ev.format_table({"tofu": res})
+    res = ev.evaluate_tofu(model, tok, {"forget": tofu_dir / "forget10_perturbed.json"}, generate=False)
+    assert "missing" not in res["sets"]["forget"]
 
 
 # --------------------------------------------------------------------------------------------------

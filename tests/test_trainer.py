@@ -248,13 +248,13 @@ def test_output_dir_refusal_and_overwrite(setup, tmp_path):
     kwargs = dict(
         method="ga", init="lora", output_dir=out, num_epochs=1, batch_size=4, evaluate=False, **COMMON
     )
-    with pytest.raises(FileExistsError, match="not empty; pass overwrite=True"):
+    with pytest.raises(FileExistsError, match=r"not empty: it holds files fastunlearn did not write \(notes"):
         unlearn(fresh_model(tokenizer), tokenizer, forget, None, **kwargs)
     unlearn(fresh_model(tokenizer), tokenizer, forget, None, overwrite=True, **kwargs)
     assert (out / "notes.txt").read_text() == "mine" and (out / "adapter").is_dir()
     with pytest.raises(ValueError, match="exclude each other"):
         unlearn(fresh_model(tokenizer), tokenizer, forget, None, overwrite=True, resume=True, **kwargs)
-    with pytest.raises(ValueError, match="no checkpoint to resume"):
+    with pytest.raises(ValueError, match="holds no run to resume"):
         unlearn(
             fresh_model(tokenizer),
             tokenizer,

@@ -3,61 +3,146 @@
 Every subcommand lives in a module of this package exposing ``add_parser(subparsers)``, which
 registers it on the ``argparse`` sub-parser collection and sets ``func`` (``args -> exit code``) as its
 default; options shared by several commands are in :mod:`~fastunlearn.cli._args`. Adding a subcommand
-is one module and one line in :data:`SUBCOMMANDS`. User errors (bad data, a missing model, a non-empty
-output directory) are printed as one line and exit with status 2; ``--debug`` shows the traceback.
-The command modules import what they run only when it runs, so ``--help`` stays fast.
+is one module and one line in :data:`SUBCOMMANDS`.
+
+The top-level parser is built from :data:`SUBCOMMANDS` alone (names and one-line help), and only the
+module of the command being run is imported, so ``fastunlearn --help`` imports neither PyTorch nor
+``transformers``. User errors (bad data, a missing model, a non-empty output directory) are printed as
+one line naming the flag, file or line at fault and exit with status 2; ``--debug`` shows the
+traceback. Ctrl-C prints one line saying what the interrupted command left and how to go on (status
+130).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
-# "module:function" registering one or more subcommands; imported when the parser is built.
-SUBCOMMANDS = (
-    "fastunlearn.cli.unlearn:add_parser",
-    "fastunlearn.cli.fisher:add_parser",
-    "fastunlearn.cli.demo:add_parser",
-    "fastunlearn.cli.eval:add_parser",
-)
+# name -> (module exposing add_parser(subparsers), one-line help shown by `fastunlearn --help`)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "unlearn": (
+        "fastunlearn.cli.unlearn",
+        "unlearn a forget set from a model (LoRA / FILA / full fine-tuning)",
+    ),
+    "fisher": (
+        "fastunlearn.cli.fisher",
+        "estimate the diagonal Fisher information of a model's linear layers on a data set",
+    ),
+    "demo": (
+        "fastunlearn.cli.demo",
+        "run the whole unlearning job offline on a synthetic data set (a few minutes on a CPU)",
+    ),
+    "eval": (
+        "fastunlearn.cli.eval",
+        "evaluate a model: TOFU (forget quality, model utility) and/or extraction (MA, EL_n)",
+    ),
+}
 # Errors that mean "the user asked for something impossible", reported without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``fastunlearn`` parser with every subcommand of :data:`SUBCOMMANDS`."""
-    from fastunlearn import __version__
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` with every negative number (``-1e-4`` too) read as a value, not as an option.
 
-    parser = argparse.ArgumentParser(
+    Python < 3.13 matches only ``-1`` and ``-.5``, so ``--lr -1e-4`` failed with "expected one
+    argument" instead of reaching the option's own check ("learning_rate must be positive").
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
+def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The ``fastunlearn`` parser: ``commands`` (default: all) registered with their full options,
+    the others by name and help only (enough for ``fastunlearn --help``)."""
+    full = set(SUBCOMMANDS if commands is None else commands)
+    parser = _Parser(
         prog="fastunlearn",
         description="LLM unlearning with Inverted Hinge Loss and Fisher-initialised LoRA.",
     )
-    parser.add_argument("--version", action="version", version=f"fastunlearn {__version__}")
+    parser.add_argument("--version", action="version", version=f"fastunlearn {_version()}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for entry in SUBCOMMANDS:
-        module, function = entry.split(":")
-        getattr(importlib.import_module(module), function)(subparsers)
+    for name, (module, summary) in SUBCOMMANDS.items():
+        if name in full:
+            importlib.import_module(module).add_parser(subparsers)
+        else:
+            subparsers.add_parser(name, help=summary, add_help=False)
     return parser
+
+
+def summary(name: str) -> str:
+    """The one-line help of subcommand ``name`` (for its module's ``add_parser``)."""
+    return SUBCOMMANDS[name][1]
+
+
+def _version() -> str:
+    from fastunlearn import __version__  # the package's __init__ imports nothing heavy
+
+    return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fastunlearn`` console script; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Top-level options take no value, so the first other word is the command.
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = None
+    try:
+        args = build_parser([command] if command in SUBCOMMANDS else []).parse_args(argv)
+        return _run(args)
+    except KeyboardInterrupt:
+        if args is not None and args.debug:
+            raise
+        print(_interrupted(args), file=sys.stderr)
+        return INTERRUPTED
+    except USER_ERRORS as err:
+        if args is None or args.debug:
+            raise
+        print(f"fastunlearn {args.command}: error: {_cli_message(str(err), args)}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if getattr(args, "no_progress", False):
         # transformers' own bars (loading and writing checkpoints) obey a global switch, not ours
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    try:
+    threads = getattr(args, "threads", None)
+    if threads is None:
         return int(args.func(args) or 0)
-    except USER_ERRORS as err:
-        if args.debug:
-            raise
-        print(f"fastunlearn {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    import torch
+
+    from fastunlearn.modeling import num_threads
+
+    # Settable once per process, before any inter-op work: a second command in one process keeps it.
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(threads)
+    with num_threads(threads):
+        return int(args.func(args) or 0)
+
+
+def _cli_message(message: str, args: argparse.Namespace) -> str:
+    """An error message with the Python names of options replaced by the command's flags."""
+    flags = getattr(args, "option_flags", None)
+    if not flags:
+        return message
+    from fastunlearn.training.flags import to_flags
+
+    return to_flags(message, flags)
+
+
+def _interrupted(args: argparse.Namespace | None) -> str:
+    what = getattr(args, "interrupted", None)
+    if what is None:
+        return "interrupted"
+    return _cli_message(what(args), args)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from fastunlearn.cli import summary
+from fastunlearn.cli._args import add_threads_arg, option_flags
+
 __all__ = ["add_parser"]
 
 
@@ -15,11 +18,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "demo",
-        help="run the whole unlearning job offline on a synthetic data set (a few minutes on a CPU)",
+        help=summary("demo"),
         description="Run the whole unlearning job offline: generate a synthetic TOFU-format data set of "
         "fictitious authors (10% to forget), train a tokenizer, a small Llama model that memorises it and a "
         "retain-only reference model (both cached), unlearn the forget set, print before/after metrics and "
-        "write OUTPUT/metrics.json.",
+        "write OUTPUT/metrics.json. The equivalent `fastunlearn unlearn` command line is printed and "
+        "recorded in OUTPUT/run_config.json.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--output", default="fastunlearn-demo", help="output directory (default: %(default)s)")
@@ -42,14 +46,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="'tiny' is a reduced, faster demo used by the tests (default: %(default)s)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --output")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="PyTorch intra-op threads; 1 is fastest for the demo's tiny model (default: %(default)s)",
-    )
+    add_threads_arg(p, default=1, why="(default: %(default)s, the fastest for the demo's small model)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=_main)
+    p.set_defaults(
+        func=_main,
+        interrupted=_interrupted,
+        option_flags=option_flags(p, {"output_dir": "--output"}),
+    )
     return p
 
 
@@ -68,3 +71,9 @@ def _main(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
     return 0
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    from fastunlearn.training.outputs import interrupted_message
+
+    return interrupted_message(args.output, resume_offered=False)

@@ -6,6 +6,8 @@ Examples::
     fastunlearn eval retain_model --tofu data/ --save-reference ref_truth_ratios.json
     # any unlearned model (a full model or a peft adapter directory) against it
     fastunlearn eval out/adapter --tofu data/ --reference ref_truth_ratios.json --output eval.json
+    # an adapter whose base model has moved since it was trained
+    fastunlearn eval out/adapter --base-model /models/llama2-7b-tofu --tofu data/
     # the paper's protocol on TOFU's own files (SPEC §4.1; --template tofu-phi for Phi-1.5)
     fastunlearn eval llama2-7b-tofu --tofu TOFU/ --forget-split forget10 --mode legacy
     # memorised sequences ({"text"} JSON Lines)
@@ -17,6 +19,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from fastunlearn.cli import summary
+from fastunlearn.cli._args import add_threads_arg, option_flags
+
 __all__ = ["add_parser"]
 
 
@@ -26,12 +31,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "eval",
-        help="evaluate a model: TOFU (forget quality, model utility) and/or extraction (MA, EL_n)",
+        help=summary("eval"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", help="local model directory (a full model or a peft adapter directory)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    p.add_argument(
+        "--base-model",
+        default=None,
+        help="base model directory of a peft adapter MODEL (default: the one its adapter_config.json "
+        "records)",
+    )
     src = p.add_argument_group("data (at least one of --tofu, --forget/--retain/..., --extraction)")
     src.add_argument("--tofu", default=None, help="directory of TOFU-format JSON Lines files")
     src.add_argument("--forget-split", default=None, help="forget split to use from --tofu, e.g. forget10")
@@ -76,7 +87,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="write the results as JSON to this file")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output / --save-reference")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code")
-    p.set_defaults(func=_main)
+    add_threads_arg(p)
+    p.set_defaults(
+        func=_main,
+        interrupted=lambda args: "interrupted; nothing was written",
+        option_flags=option_flags(p, {"reference_truth_ratios": "--reference"}),
+    )
     return p
 
 
@@ -97,12 +113,23 @@ def _training_options(model_dir: str) -> dict:
     return {}
 
 
-def _main(args: argparse.Namespace) -> int:
-    import torch
+def _check_data(args: argparse.Namespace, tofu) -> None:
+    """Read every data file before the model loads (a bad line, a missing split fail at once)."""
+    from fastunlearn.evaluation.tofu_files import find_tofu_files, read_tofu_file
+    from fastunlearn.training.data import read_jsonl
 
+    if tofu is not None:
+        files = find_tofu_files(tofu, forget_split=args.forget_split) if isinstance(tofu, str) else tofu
+        for path in files.values():
+            read_tofu_file(path)
+    if args.extraction is not None:
+        read_jsonl(args.extraction)
+
+
+def _main(args: argparse.Namespace) -> int:
     from fastunlearn import evaluation as ev
     from fastunlearn._io import write_json
-    from fastunlearn.modeling import load_model_and_tokenizer
+    from fastunlearn.modeling import load_model_and_tokenizer, resolve_device
 
     sets = {
         name: getattr(args, name)
@@ -111,12 +138,18 @@ def _main(args: argparse.Namespace) -> int:
     }
     if args.tofu is not None and sets:
         raise ValueError("give --tofu DIR or individual set files (--forget, --retain, ...), not both")
+    if args.forget_split is not None and args.tofu is None:
+        raise ValueError("--forget-split chooses a split of a --tofu directory; give --tofu DIR")
     tofu = args.tofu if args.tofu is not None else (sets or None)
     if tofu is None and args.extraction is None:
         raise ValueError("nothing to evaluate: give --tofu, --forget/--retain/... or --extraction")
     for path in (args.output, args.save_reference):
+        if path is not None and os.path.isdir(path):
+            raise IsADirectoryError(f"{path} is a directory; give the path of a JSON file to write")
         if path is not None and os.path.exists(path) and not args.overwrite:
             raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    device = resolve_device(args.device)
+    _check_data(args, tofu)
 
     from fastunlearn.evaluation.tofu import LEGACY_TEMPLATES
 
@@ -139,9 +172,8 @@ def _main(args: argparse.Namespace) -> int:
         print(f"{' and '.join(taken)} from the run's run_config.json")
 
     model, tokenizer = load_model_and_tokenizer(
-        args.model, args.tokenizer, trust_remote_code=args.trust_remote_code
+        args.model, args.tokenizer, trust_remote_code=args.trust_remote_code, base_model=args.base_model
     )
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     results = ev.evaluate(
         model,

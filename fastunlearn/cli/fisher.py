@@ -1,11 +1,22 @@
-"""``fastunlearn fisher``: estimate and save the diagonal Fisher information of a model on a data set."""
+"""``fastunlearn fisher``: estimate and save the diagonal Fisher information of a model on a data set.
+
+The output path, the model directory, the tokenizer, the data and the target modules (on the model
+built on the ``meta`` device) are checked before the weights load.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 
-from fastunlearn.cli._args import add_data_args, add_model_args
+from fastunlearn.cli import summary
+from fastunlearn.cli._args import (
+    add_data_args,
+    add_model_args,
+    add_target_modules_arg,
+    add_threads_arg,
+    option_flags,
+)
 
 __all__ = ["add_parser"]
 
@@ -16,7 +27,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser(
         "fisher",
-        help="estimate the diagonal Fisher information of a model's linear layers on a data set",
+        help=summary("fisher"),
         description="Estimate the diagonal empirical Fisher information F = (1/N) Σ_n g_n² of every linear "
         "layer of MODEL (but the output head) on the examples of --data, and save it as safetensors "
         "(load it with fastunlearn.fisher.FisherEstimate.load).",
@@ -31,43 +42,59 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         choices=FISHER_MODES,
         help="estimator (default: %(default)s)",
     )
-    p.add_argument(
-        "--target-modules",
-        nargs="+",
-        default=None,
-        help="layer names or suffixes (default: every linear layer but the output head)",
-    )
+    add_target_modules_arg(p)
     p.add_argument(
         "--batch-size", type=int, default=4, help="examples per forward pass (default: %(default)s)"
     )
+    add_threads_arg(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=_run_fisher)
+    p.set_defaults(
+        func=_run_fisher,
+        interrupted=lambda args: f"interrupted; nothing was written to {args.output}",
+        option_flags=option_flags(p, {"output_dir": "--output"}),
+    )
     return p
 
 
 def _run_fisher(args: argparse.Namespace) -> int:
     from fastunlearn.fisher import estimate_fisher
-    from fastunlearn.modeling import load_model_and_tokenizer, to_training_device
+    from fastunlearn.fisher.layers import select_linear_layers
+    from fastunlearn.modeling import (
+        load_config,
+        load_model_and_tokenizer,
+        load_tokenizer,
+        model_skeleton,
+        model_source,
+        to_training_device,
+    )
     from fastunlearn.training import data as fdata
+    from fastunlearn.training.preflight import check_vocab
 
+    if os.path.isdir(args.output):
+        raise IsADirectoryError(f"--output {args.output} is a directory; give the .safetensors file to write")
     if os.path.exists(args.output) and not args.overwrite:
         raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
-    model, tokenizer = load_model_and_tokenizer(
-        args.model,
-        args.tokenizer,
-        trust_remote_code=args.trust_remote_code,
-        allow_download=args.allow_download,
-    )
-    to_training_device(model)  # on a GPU machine the Fisher kernel runs there
+    access = dict(trust_remote_code=args.trust_remote_code, allow_download=args.allow_download)
+    source = model_source(args.model, allow_download=args.allow_download)
+    tokenizer = load_tokenizer(args.tokenizer or source.tokenizer, **access)
     examples = fdata.prepare(
         args.data,
         tokenizer,
         name="data",
-        data_format=args.data_format,
+        data_format=args.format,
         template=args.template,
         max_length=args.max_length,
     )
+    skeleton = model_skeleton(
+        load_config(source.base or source.path, **access), trust_remote_code=args.trust_remote_code
+    )
+    check_vocab(skeleton, examples, "data")
+    select_linear_layers(skeleton, args.target_modules)
+    del skeleton
+
+    model, tokenizer = load_model_and_tokenizer(args.model, tokenizer, **access)
+    to_training_device(model)  # on a GPU machine the Fisher kernel runs there
     batches = fdata.batches(examples, fdata.pad_id_of(tokenizer), args.batch_size)
     estimate = estimate_fisher(
         model, batches, target_modules=args.target_modules, mode=args.mode, progress=not args.no_progress

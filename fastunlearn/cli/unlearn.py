@@ -1,10 +1,23 @@
-"""``fastunlearn unlearn``: :func:`fastunlearn.unlearn` from the command line."""
+"""``fastunlearn unlearn``: :func:`fastunlearn.unlearn` from the command line.
+
+The options are :class:`~fastunlearn.training.config.UnlearnConfig`'s, spelled as
+:data:`fastunlearn.training.flags.FLAGS` says; their defaults are the paper's recipe for a 7B model.
+Small models want other settings: the demo's equivalent command (printed by ``fastunlearn demo`` and
+recorded in its ``run_config.json``) shows those it uses.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from fastunlearn.cli._args import add_data_args, add_model_args
+from fastunlearn.cli import summary
+from fastunlearn.cli._args import (
+    add_data_args,
+    add_model_args,
+    add_target_modules_arg,
+    add_threads_arg,
+    option_flags,
+)
 
 __all__ = ["add_parser"]
 
@@ -13,26 +26,33 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``fastunlearn unlearn``."""
     from fastunlearn.fisher import FISHER_MODES
     from fastunlearn.training.config import INITS, UnlearnConfig
+    from fastunlearn.training.flags import ARGUMENT_FLAGS, FLAGS
     from fastunlearn.training.methods import METHODS
 
     d = UnlearnConfig()
     p = subparsers.add_parser(
         "unlearn",
-        help="unlearn a forget set from a model (LoRA / FILA / full fine-tuning)",
+        help=summary("unlearn"),
         description="Unlearn the records of --forget from MODEL while keeping it good on --retain "
         "(IHL + FILA, Cha et al. ICLR 2025). Data: JSON Lines with {question, answer}, {prompt, completion} "
         "or {text} records. Writes OUTPUT/adapter (a peft adapter for the original MODEL), "
-        "OUTPUT/metrics.json and OUTPUT/run_config.json.",
+        "OUTPUT/metrics.json and OUTPUT/run_config.json (with the equivalent command line). Defaults are "
+        "the paper's recipe for 7B models; `fastunlearn demo` prints the settings of a small model.",
         epilog="example: fastunlearn unlearn ./llama2-7b-tofu --forget forget10.json --retain retain90.json "
         "--template tofu-llama2 --max-length 500 --output out/ --lr 1e-4 --bf16",
     )
     add_model_args(p)
     p.add_argument("--forget", required=True, help="JSON Lines file of the forget set")
     p.add_argument("--retain", default=None, help="JSON Lines file of the retain set (not needed for ga)")
-    p.add_argument("--output", required=True, help="output directory (must be empty or absent)")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="output directory: absent, empty or holding an interrupted run (a finished run needs "
+        "--overwrite or --resume)",
+    )
     p.add_argument("--method", default="ihl", choices=METHODS, help="objective (default: %(default)s)")
     p.add_argument("--init", default="fila", choices=INITS, help="initialisation (default: %(default)s)")
-    add_data_args(p)
+    add_data_args(p, max_length=d.max_length)
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=float, default=d.num_epochs, help="default: %(default)s")
     t.add_argument(
@@ -59,35 +79,57 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--gradient-checkpointing", action="store_true", help="trade compute for activation memory"
     )
     t.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
+    add_threads_arg(t)
     lora = p.add_argument_group("LoRA / FILA")
     lora.add_argument("--rank", type=int, default=d.lora_r, help="LoRA rank r (default: %(default)s)")
     lora.add_argument("--alpha", type=float, default=d.lora_alpha, help="LoRA alpha (default: %(default)s)")
-    lora.add_argument(
-        "--target-modules",
-        nargs="+",
-        default=None,
-        help="layer names or suffixes (default: every linear layer but the output head)",
-    )
+    add_target_modules_arg(lora)
     lora.add_argument(
         "--fisher-mode",
         default=d.fisher_mode,
         choices=FISHER_MODES,
         help="Fisher estimator for FILA (default: %(default)s)",
     )
+    lora.add_argument(
+        "--fisher-batch-size",
+        type=int,
+        default=d.fisher_batch_size,
+        help="examples per pass of the Fisher estimate (default: %(default)s)",
+    )
     out = p.add_argument_group("output")
     out.add_argument("--merge", action="store_true", help="also write the merged model to OUTPUT/merged")
-    out.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --output")
     out.add_argument(
-        "--resume", action="store_true", help="continue the run in --output from its last checkpoint"
+        "--overwrite",
+        action="store_true",
+        help="replace the finished run in --output; it is kept until the new run finishes",
+    )
+    out.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output (an interrupted one: from its last checkpoint)",
     )
     out.add_argument("--no-eval", action="store_true", help="skip the before/after metrics")
+    out.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=d.eval_batch_size,
+        help="rows per pass of the before/after metrics (default: %(default)s)",
+    )
+    out.add_argument(
+        "--logging-steps", type=int, default=d.logging_steps, help="optimiser steps between log lines"
+    )
     out.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(func=_run_unlearn)
+    p.set_defaults(
+        func=_run_unlearn,
+        interrupted=_interrupted,
+        option_flags=option_flags(p, {**FLAGS, **ARGUMENT_FLAGS}),
+    )
     return p
 
 
 def _run_unlearn(args: argparse.Namespace) -> int:
     from fastunlearn.evaluation.report import summary_table
+    from fastunlearn.training.flags import options_from_args
     from fastunlearn.training.run import unlearn
 
     result = unlearn(
@@ -98,33 +140,15 @@ def _run_unlearn(args: argparse.Namespace) -> int:
         method=args.method,
         init=args.init,
         output_dir=args.output,
-        template=args.template,
-        data_format=args.data_format,
-        max_length=args.max_length,
-        num_epochs=args.epochs,
-        learning_rate=args.lr,
-        batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        warmup_epochs=args.warmup_epochs,
-        weight_decay=args.weight_decay,
-        npo_beta=args.npo_beta,
-        fused_linear=args.fused_linear,
-        bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing,
-        seed=args.seed,
-        lora_r=args.rank,
-        lora_alpha=args.alpha,
-        target_modules=args.target_modules,
-        fisher_mode=args.fisher_mode,
-        merge=args.merge,
-        overwrite=args.overwrite,
-        resume=args.resume,
-        evaluate=not args.no_eval,
-        progress=not args.no_progress,
-        allow_download=args.allow_download,
-        trust_remote_code=args.trust_remote_code,
+        **options_from_args(args),
     )
     print(summary_table(result.metrics))
     written = [p for p in (result.adapter_path, result.model_path, result.merged_path) if p]
     print("\nwrote " + ", ".join([*written, result.metrics_path, result.run_config_path]))
     return 0
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    from fastunlearn.training.outputs import interrupted_message
+
+    return interrupted_message(args.output)

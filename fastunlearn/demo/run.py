@@ -2,25 +2,54 @@
 
 :func:`run_demo` prepares (or reuses) the demo's data and models (:mod:`fastunlearn.demo.models`),
 computes the retain-only model's forget-set truth ratios once (the forget-quality reference), unlearns
-the forget set, and prints the forget/retain metrics and TOFU's forget quality and model utility
-before and after. ``DIR/metrics.json`` holds ``{"before": {"forget", "retain", "tofu"}, "after":
-{...}, "train": {...}}`` (``tofu``: :func:`fastunlearn.evaluation.summarize_tofu`).
+the forget set with :func:`unlearn_options`, and prints the forget/retain metrics and TOFU's forget
+quality and model utility before and after. ``DIR/metrics.json`` holds ``{"before": {"forget",
+"retain", "tofu"}, "after": {...}, "train": {...}, "command": ...}`` (``tofu``:
+:func:`fastunlearn.evaluation.summarize_tofu`). ``command`` (also in ``DIR/run_config.json``, and
+printed) is the ``fastunlearn unlearn`` command line that trains the same model: the demo's settings
+(template, length, learning rate, epochs, rank...) are not the command's defaults, which are the
+paper's for a 7B model.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
-
-import torch
+from typing import Any
 
 from fastunlearn._io import write_json
-from fastunlearn.demo.models import DEMO_MAX_LENGTH, DEMO_TEMPLATE, SIZES, default_cache_dir, prepare_models
+from fastunlearn.demo.models import (
+    DEMO_MAX_LENGTH,
+    DEMO_TEMPLATE,
+    SIZES,
+    DemoSize,
+    default_cache_dir,
+    prepare_models,
+)
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "unlearn_options"]
 
 # ---------------------------------------------------------------------------------------------------
 # The job
+
+
+def unlearn_options(spec: DemoSize, *, seed: int) -> dict[str, Any]:
+    """The :func:`fastunlearn.unlearn` options of the demo for a model of size ``spec``."""
+    return dict(
+        template=DEMO_TEMPLATE,
+        max_length=DEMO_MAX_LENGTH,
+        seed=seed,
+        lora_r=spec.lora_r,
+        lora_alpha=2 * spec.lora_r,
+        learning_rate=spec.unlearn_lr,
+        num_epochs=spec.unlearn_epochs,
+        batch_size=spec.unlearn_batch,
+        gradient_accumulation_steps=1,
+        fisher_batch_size=8,
+        eval_batch_size=128,
+        logging_steps=10,
+    )
 
 
 def run_demo(
@@ -43,15 +72,10 @@ def run_demo(
     machine OpenMP threads spin-waiting for a core multiply the run time (measured: 265 s with 2 threads
     against 60 s with 1 on a 2-core CPU shared with other jobs).
     """
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        return _run_demo(output_dir, method, init, seed, size, cache_dir, overwrite, progress, log)
-    finally:
-        torch.set_num_threads(previous)
+    from fastunlearn.modeling import num_threads
+
+    with num_threads(threads):
+        return _run_demo(output_dir, method, init, seed, size, cache_dir, overwrite, progress, threads, log)
 
 
 def _run_demo(
@@ -63,18 +87,21 @@ def _run_demo(
     cache_dir: str | None,
     overwrite: bool,
     progress: bool,
+    threads: int | None,
     log,
 ):
     from fastunlearn.evaluation import cached_reference_truth_ratios
     from fastunlearn.evaluation.report import summary_table
     from fastunlearn.modeling import load_model_and_tokenizer
-    from fastunlearn.training.run import check_output_dir, unlearn
+    from fastunlearn.training.flags import command_line
+    from fastunlearn.training.outputs import plan_run
+    from fastunlearn.training.run import unlearn
 
     if size not in SIZES:
         raise ValueError(f"unknown demo size {size!r}; expected one of {list(SIZES)}")
     spec = SIZES[size]
     # unlearn() checks too, but only after the models are built and evaluated: refuse before any work.
-    check_output_dir(os.path.abspath(output_dir), overwrite=overwrite, resume=False)
+    plan_run(output_dir, overwrite=overwrite, resume=False, resume_offered=False)
     start = time.perf_counter()
     paths = prepare_models(cache_dir or default_cache_dir(), spec, seed=seed, progress=progress, log=log)
     reference = cached_reference_truth_ratios(
@@ -86,7 +113,20 @@ def _run_demo(
     full_model, tokenizer = load_model_and_tokenizer(paths["full_model"])
     before = _tofu_metrics(full_model, tokenizer, paths, reference)
     del full_model
-    log(f"Unlearning {os.path.basename(paths['forget'])} with method={method}, init={init}")
+    options = unlearn_options(spec, seed=seed)
+    command = command_line(
+        paths["full_model"],
+        None,
+        paths["forget"],
+        paths["retain"],
+        method=method,
+        init=init,
+        output_dir=os.path.abspath(output_dir),
+        options=options,
+        threads=threads,
+    )
+    name = os.path.basename(paths["forget"])
+    log(f"Unlearning {name} with method={method}, init={init}; the same run as the command\n  {command}")
     result = unlearn(
         paths["full_model"],
         None,
@@ -95,23 +135,16 @@ def _run_demo(
         method=method,
         init=init,
         output_dir=output_dir,
-        template=DEMO_TEMPLATE,
-        max_length=DEMO_MAX_LENGTH,
-        seed=seed,
-        lora_r=spec.lora_r,
-        lora_alpha=2 * spec.lora_r,
-        learning_rate=spec.unlearn_lr,
-        num_epochs=spec.unlearn_epochs,
-        batch_size=spec.unlearn_batch,
-        gradient_accumulation_steps=1,
-        fisher_batch_size=8,
-        eval_batch_size=128,
-        logging_steps=10,
         overwrite=overwrite,
         progress=progress,
+        **options,
     )
     result.metrics["before"]["tofu"] = before
     result.metrics["after"]["tofu"] = _tofu_metrics(result.model, result.tokenizer, paths, reference)
+    result.metrics["command"] = command
+    with open(result.run_config_path, encoding="utf-8") as handle:
+        run_config = json.load(handle)
+    write_json(result.run_config_path, {**run_config, "command": command})
     write_json(result.metrics_path, result.metrics)
     log("")
     log(summary_table(_without_tofu(result.metrics)))

@@ -34,6 +34,9 @@ def format_table(results: Mapping[str, Any]) -> str:
         lines.append(f"{'set':<14}" + "".join(f"{c:>18}" for c in cols))
         for name, scores in tofu["sets"].items():
             lines.append(f"{name:<14}" + "".join(f"{_fmt(scores.get(c)):>18}" for c in cols))
+        for name, scores in tofu["sets"].items():
+            for metric, reason in scores.get("missing", {}).items():
+                lines.append(f"  {name} {metric} missing: {reason}")
         k = len(tofu["model_utility_components"])
         if tofu["model_utility"] is not None:
             lines.append(f"model utility   {_fmt(tofu['model_utility'])}  (harmonic mean of all 9 numbers)")

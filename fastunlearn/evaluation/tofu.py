@@ -30,7 +30,13 @@ from fastunlearn.evaluation.reference import (
     load_reference_truth_ratios,
     save_reference_truth_ratios,
 )
-from fastunlearn.evaluation.tofu_files import TOFU_SETS, TofuItem, find_tofu_files, read_tofu_file
+from fastunlearn.evaluation.tofu_files import (
+    TOFU_SETS,
+    TofuItem,
+    find_tofu_files,
+    missing_truth_ratio_reason,
+    read_tofu_file,
+)
 from fastunlearn.modeling import load_model_and_tokenizer
 from fastunlearn.training import data as fdata
 from fastunlearn.training.tofu_format import (
@@ -318,7 +324,9 @@ def evaluate_tofu(
     missing file raises ``FileNotFoundError`` saying how to make it, and without the argument forget
     quality is ``None``. ``save_reference`` writes this run's forget truth ratios for use as a reference
     (evaluate the retain-only model with it). Files, reference and output path are all checked before
-    the model runs. Returns a JSON-serialisable dict.
+    the model runs. A set without perturbed answers (a plain ``forget10.json`` read where
+    ``forget10_perturbed.json`` is missing) has no truth ratio; its scores then say why under
+    ``missing`` (``{"truth_ratio": reason}``). Returns a JSON-serialisable dict.
     """
     template = _resolve_template(mode, template)
     legacy = mode == "legacy"
@@ -396,6 +404,9 @@ def evaluate_tofu(
             max_length=max_length,
             batch_size=batch_size,
         )
+        reason = missing_truth_ratio_reason(items, files.get(name))
+        if reason is not None:
+            scores["missing"] = {"truth_ratio": reason}
         results["sets"][name] = scores
         if name == "forget":
             forget_ratios = ratios

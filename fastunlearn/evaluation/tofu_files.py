@@ -16,7 +16,7 @@ from fastunlearn.training import data as fdata
 
 TOFU_SETS = ("forget", "retain", "real_authors", "world_facts")
 
-__all__ = ["TOFU_SETS", "TofuItem", "find_tofu_files", "read_tofu_file"]
+__all__ = ["TOFU_SETS", "TofuItem", "find_tofu_files", "missing_truth_ratio_reason", "read_tofu_file"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,25 @@ def read_tofu_file(path: str | os.PathLike) -> list[TofuItem]:
     return items
 
 
+def missing_truth_ratio_reason(items: list[TofuItem], source: str | os.PathLike | None) -> str | None:
+    """Why a set read from ``source`` has no truth ratio (its items lack ``perturbed_answer``), or ``None``.
+
+    TOFU keeps the perturbed answers in ``NAME_perturbed.json`` beside the plain ``NAME.json``; the
+    reason says which file was read and which one would have had them.
+    """
+    if not items or items[0].perturbed_answers is not None:
+        return None
+    if source is None:
+        return "its items have no perturbed_answer"
+    path = os.fspath(source)
+    stem, ext = os.path.splitext(path)
+    sibling = f"{stem}_perturbed{ext or '.json'}"
+    if stem.endswith("_perturbed"):
+        return f"{path} has no perturbed_answer field"
+    state = "use it instead" if os.path.isfile(sibling) else "not found"
+    return f"{path} has no perturbed_answer field (TOFU keeps them in {os.path.basename(sibling)}: {state})"
+
+
 def find_tofu_files(data_dir: str | os.PathLike, *, forget_split: str | None = None) -> dict[str, str]:
     """Locate TOFU evaluation files in a directory by TOFU's names.
 
@@ -79,7 +98,8 @@ def find_tofu_files(data_dir: str | os.PathLike, *, forget_split: str | None = N
     else the plain ``{forget_split}.json`` / only ``forget*.json``; retain: ``retain_perturbed.json``
     (else ``retain*.json`` when only one exists); real authors / world facts:
     ``real_authors_perturbed.json`` / ``world_facts_perturbed.json``. Absent sets are left out;
-    ambiguity (several forget splits and no ``forget_split``) raises ``ValueError``.
+    ambiguity (several forget splits and no ``forget_split``) and a ``forget_split`` with no file raise
+    ``ValueError`` (the latter listing the splits there are).
     """
     data_dir = os.fspath(data_dir)
     if not os.path.isdir(data_dir):
@@ -93,14 +113,27 @@ def find_tofu_files(data_dir: str | os.PathLike, *, forget_split: str | None = N
             if len(found) > 1:
                 names = [os.path.basename(f) for f in found]
                 raise ValueError(
-                    f"several {kind} files in {data_dir}: {names}; choose one (forget_split=... / "
-                    "--forget-split for the forget set, or pass the set's file explicitly)"
+                    f"several {kind} files in {data_dir}: {names}; choose one (forget_split=... for the "
+                    "forget set, or pass the set's file explicitly)"
                 )
         return None
 
     split = forget_split or "forget*"
+    forget_patterns = [f"{split}_perturbed.json", f"{split}.json"]
+    present = [p for p in forget_patterns if os.path.isfile(os.path.join(data_dir, p))]
+    if forget_split is not None and not present:
+        found = sorted(
+            {
+                os.path.basename(f)[: -len(".json")].removesuffix("_perturbed")
+                for f in glob.glob(os.path.join(data_dir, "forget*.json"))
+            }
+        )
+        raise ValueError(
+            f"no forget split {forget_split!r} in {data_dir} (neither {' nor '.join(forget_patterns)}); "
+            f"splits found: {found or 'none'}"
+        )
     files = {
-        "forget": pick("forget", [f"{split}_perturbed.json", f"{split}.json"]),
+        "forget": pick("forget", forget_patterns),
         "retain": pick("retain", ["retain_perturbed.json", "retain*.json"]),
         "real_authors": pick("real authors", ["real_authors_perturbed.json", "real_authors.json"]),
         "world_facts": pick("world facts", ["world_facts_perturbed.json", "world_facts.json"]),

@@ -46,6 +46,7 @@ def save_adapter(
     ``W_res = W − s·B₀A₀``; other LoRA layers are written as they are. Per-layer ranks and alphas that
     differ from the most common ones go into ``rank_pattern``/``alpha_pattern`` under the layers' full
     names. ``peft.PeftModel.from_pretrained(original_base, path)`` then reproduces the trained model.
+    A base model that is a local directory is recorded by its absolute path.
 
     Writes ``adapter_config.json`` and ``adapter_model.safetensors`` into ``path`` atomically; an
     existing non-empty ``path`` is replaced only with ``overwrite=True``. Returns the path.
@@ -77,6 +78,10 @@ def save_adapter(
     config.alpha_pattern = {n: _integral(a) for n, a in alphas.items() if a != config.lora_alpha}
     config.use_rslora = False
     config.init_lora_weights = True  # the saved weights replace any initialisation on load
+    base = config.base_model_name_or_path
+    if base and os.path.isdir(base):
+        # As typed ("./model") the path resolves only from the directory the run was started in.
+        config.base_model_name_or_path = os.path.abspath(base)
     tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
     with atomic_directory(path, overwrite=overwrite) as tmp:
         config.save_pretrained(str(tmp))

@@ -86,8 +86,9 @@ class Example:
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Read a JSON Lines file (one object per line; blank lines skipped).
 
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file and line for
-    invalid JSON, a line that is not an object, or a file without records.
+    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file, line and column
+    for invalid JSON, a line that is not an object, or a file without records. A file that opens with
+    ``[`` is a JSON array, not JSON Lines, and is reported as such.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -97,12 +98,23 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
+            if not records and line.lstrip().startswith("["):
+                raise ValueError(
+                    f"{path}:{lineno}: expected JSON Lines (one object per line), got a JSON array; "
+                    "write one record per line"
+                )
+            # Without its line break, an error at the end of the line is not reported as line 2 column 1.
+            text = line.rstrip("\r\n")
             try:
-                record = json.loads(line)
+                record = json.loads(text)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+                where = "the end of the line" if e.pos >= len(text) else f"column {e.colno}"
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at {where})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+                raise ValueError(
+                    f"{path}:{lineno}: expected a JSON object per line (JSON Lines), got "
+                    f"{type(record).__name__}"
+                )
             record["_source"] = f"{path}:{lineno}"
             records.append(record)
     if not records:

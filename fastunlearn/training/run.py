@@ -16,8 +16,13 @@ writes, atomically::
       metrics.json        {"before": {"forget", "retain"}, "after": {...}, "train": {...}}
       run_config.json     every option, the data and model sources, library versions
 
-A non-empty output directory is refused unless ``overwrite`` (which removes only the entries above)
-or ``resume`` (which continues from the last checkpoint of the same run).
+Everything that can be wrong with the arguments is checked before the model's weights load: the
+output directory (:func:`fastunlearn.training.outputs.plan_run`), then the model path, tokenizer, data,
+vocabulary, target modules and rank (:func:`fastunlearn.training.preflight.preflight`). A finished run
+in ``output_dir`` is refused unless ``overwrite``, which builds the new run beside it and swaps it in
+only when it finishes; an interrupted run is continued by ``resume`` and replaced by a plain run
+(:mod:`fastunlearn.training.outputs` defines the states). ``run_config.json`` records the equivalent
+``fastunlearn unlearn`` command line when there is one.
 """
 
 from __future__ import annotations
@@ -25,9 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import time
-import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -35,14 +38,15 @@ import torch
 from torch import nn
 
 from fastunlearn._io import write_dir, write_json
-from fastunlearn.modeling import load_model_and_tokenizer, to_training_device
+from fastunlearn.modeling import load_model_and_tokenizer, quiet_peft_wrap, to_training_device
 from fastunlearn.training import data as fdata
+from fastunlearn.training import outputs
 from fastunlearn.training.config import INITS, UnlearnConfig, UnlearnResult
+from fastunlearn.training.flags import command_line
 from fastunlearn.training.methods import METHODS, NEEDS_RETAIN, sequence_logprobs
+from fastunlearn.training.preflight import preflight
 from fastunlearn.training.trainer import build_trainer
 
-# Entries unlearn() writes; overwrite=True removes these and nothing else from output_dir.
-OUTPUT_ENTRIES = ("adapter", "model", "merged", "fisher", "checkpoints", "metrics.json", "run_config.json")
 # Options that may differ between a run and its resumption.
 _RESUME_FREE = (
     "resume",
@@ -57,56 +61,11 @@ _RESUME_FREE = (
     "trust_remote_code",
 )
 
-__all__ = ["OUTPUT_ENTRIES", "check_output_dir", "clear_output_dir", "unlearn"]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Files
-
-
-def check_output_dir(path: str, *, overwrite: bool, resume: bool) -> None:
-    """Refuse a non-empty ``path`` unless ``overwrite`` or ``resume`` (which needs a checkpoint in it)."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise NotADirectoryError(f"output_dir {path!r} exists and is not a directory")
-    if resume and not _last_checkpoint(path):
-        raise ValueError(f"resume=True but {path!r} holds no checkpoint to resume from")
-    if not resume and not overwrite and os.path.isdir(path) and os.listdir(path):
-        raise FileExistsError(
-            f"output_dir {path!r} is not empty; pass overwrite=True (--overwrite) to replace the run in it "
-            "or resume=True (--resume) to continue it"
-        )
-
-
-def clear_output_dir(path: str) -> None:
-    """Create ``path`` and remove what an earlier run wrote there (:data:`OUTPUT_ENTRIES`), nothing else."""
-    for entry in OUTPUT_ENTRIES:
-        target = os.path.join(path, entry)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        elif os.path.exists(target):
-            os.unlink(target)
-    os.makedirs(path, exist_ok=True)
-
-
-def _last_checkpoint(output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    ckpt_dir = os.path.join(output_dir, "checkpoints")
-    return get_last_checkpoint(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+__all__ = ["unlearn"]
 
 
 # ---------------------------------------------------------------------------------------------------
 # Model
-
-
-def _check_vocab(model: nn.Module, examples: Iterable[fdata.Example], name: str) -> None:
-    vocab = model.get_input_embeddings().num_embeddings
-    for e in examples:
-        if max(e.input_ids) >= vocab:
-            raise ValueError(
-                f"{e.source}: token id {max(e.input_ids)} is outside the model's vocabulary ({vocab}); "
-                f"the tokenizer does not match the model ({name} set)"
-            )
 
 
 def _lora_model(model: nn.Module, cfg: UnlearnConfig) -> nn.Module:
@@ -121,9 +80,7 @@ def _lora_model(model: nn.Module, cfg: UnlearnConfig) -> nn.Module:
         task_type="CAUSAL_LM",
     )
     torch.manual_seed(cfg.seed)  # peft draws A at random
-    with warnings.catch_warnings():
-        # peft probes a property that transformers 5 deprecated; the warning is not the user's business.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with quiet_peft_wrap():
         return get_peft_model(model, lora)
 
 
@@ -253,31 +210,37 @@ def unlearn(
         else getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
         "forget": _source_name(forget),
         "retain": None if retain is None else _source_name(retain),
+        "command": command_line(
+            _absolute(model),
+            _absolute(tokenizer),
+            _absolute(forget),
+            _absolute(retain),
+            method=method,
+            init=init,
+            output_dir=output_dir,
+            options=options,
+        ),
         "versions": _versions(),
     }
-    config_path = os.path.join(output_dir, "run_config.json")
-    check_output_dir(output_dir, overwrite=cfg.overwrite, resume=cfg.resume)
-    if cfg.resume:
+    # Every check that can fail runs before the weights load and before anything is written.
+    dirs = outputs.plan_run(output_dir, overwrite=cfg.overwrite, resume=cfg.resume)
+    config_path = os.path.join(dirs.build, "run_config.json")
+    if dirs.resume:
         _check_resumable(config_path, run_config)
+    checked = preflight(model, tokenizer, forget, retain, init=init, cfg=cfg)
+    forget_ex, retain_ex = checked.forget, checked.retain
 
     model, tokenizer = load_model_and_tokenizer(
         model,
-        tokenizer,
+        checked.tokenizer,
         trust_remote_code=cfg.trust_remote_code,
         allow_download=cfg.allow_download,
         dtype=torch.bfloat16 if cfg.bf16 else None,
     )
     to_training_device(model)
-    prep = dict(data_format=cfg.data_format, template=cfg.template, max_length=cfg.max_length)
-    forget_ex = fdata.prepare(forget, tokenizer, name="forget", **prep)
-    retain_ex = [] if retain is None else fdata.prepare(retain, tokenizer, name="retain", **prep)
-    for name, examples in (("forget", forget_ex), ("retain", retain_ex)):
-        _check_vocab(model, examples, name)
     pad_id = fdata.pad_id_of(tokenizer)
     dataset = fdata.PairedDataset(forget_ex, retain_ex, seed=cfg.seed)
-    # Only now that the model and the data are known to be good is an earlier run replaced.
-    if not cfg.resume:
-        clear_output_dir(output_dir)
+    outputs.start_run(dirs)
     write_json(config_path, run_config)
 
     metrics: dict[str, Any] = {}
@@ -302,15 +265,15 @@ def unlearn(
                 fdata.batches(forget_ex, pad_id, cfg.fisher_batch_size),
                 fdata.batches(paired_retain, pad_id, cfg.fisher_batch_size),
                 cfg,
-                output_dir,
+                dirs.build,
             )
     if method == "npo":
         # The model before unlearning (for FILA: W_res + s·B₀A₀ = W) gives the fixed reference.
         dataset.ref_logp = sequence_logprobs(model, fdata.batches(forget_ex, pad_id, cfg.eval_batch_size))
 
-    trainer = build_trainer(model, dataset, pad_id, method=method, cfg=cfg, output_dir=output_dir)
+    trainer = build_trainer(model, dataset, pad_id, method=method, cfg=cfg, output_dir=dirs.build)
     start = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=_last_checkpoint(output_dir) if cfg.resume else None)
+    out = trainer.train(resume_from_checkpoint=outputs.last_checkpoint(dirs.build) if dirs.resume else None)
     metrics["train"] = {
         "loss": out.training_loss,
         "global_step": out.global_step,
@@ -319,18 +282,30 @@ def unlearn(
     if cfg.evaluate:
         metrics["after"] = _evaluate(model, forget_ex, retain_ex, pad_id, cfg)
 
-    result = UnlearnResult(
+    written = _save_outputs(model, tokenizer, dirs.build, init=init, merge=cfg.merge)
+    write_json(os.path.join(dirs.build, outputs.COMPLETE_MARKER), metrics)  # last: the run is finished
+    outputs.finish_run(dirs)
+
+    def published(path: str) -> str:
+        return os.path.join(output_dir, os.path.relpath(path, dirs.build))
+
+    return UnlearnResult(
         model=model,
         tokenizer=tokenizer,
         output_dir=output_dir,
         metrics=metrics,
-        metrics_path=os.path.join(output_dir, "metrics.json"),
-        run_config_path=config_path,
-        fisher_paths=fisher_paths,
+        metrics_path=os.path.join(output_dir, outputs.COMPLETE_MARKER),
+        run_config_path=published(config_path),
+        adapter_path=published(written["adapter"]) if "adapter" in written else None,
+        model_path=published(written["model"]) if "model" in written else None,
+        merged_path=published(written["merged"]) if "merged" in written else None,
+        fisher_paths={name: published(path) for name, path in fisher_paths.items()},
     )
-    _save_outputs(result, init=init, merge=cfg.merge)
-    write_json(result.metrics_path, metrics)
-    return result
+
+
+def _absolute(source: Any) -> Any:
+    """A path made absolute (the recorded command must run from anywhere); anything else as it is."""
+    return os.path.abspath(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else source
 
 
 def _options_record(cfg: UnlearnConfig) -> dict[str, Any]:
@@ -355,23 +330,24 @@ def _check_resumable(config_path: str, run_config: dict[str, Any]) -> None:
         raise ValueError(f"cannot resume: the run in {os.path.dirname(config_path)} differs in {mismatched}")
 
 
-def _save_outputs(result: UnlearnResult, *, init: str, merge: bool) -> None:
-    model, out = result.model, result.output_dir
+def _save_outputs(model: nn.Module, tokenizer: Any, build: str, *, init: str, merge: bool) -> dict[str, str]:
+    """Write the trained model into ``build``: the full model (``init="full"``) or the adapter, and the
+    merged model with ``merge``; returns the paths written by kind."""
     if init == "full":
 
         def save_full(tmp: str) -> None:
             model.save_pretrained(tmp)
-            result.tokenizer.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
 
-        result.model_path = write_dir(os.path.join(out, "model"), save_full)
-        return
+        return {"model": write_dir(os.path.join(build, "model"), save_full)}
     from fastunlearn.fisher import save_adapter, save_merged
 
-    result.adapter_path = os.fspath(save_adapter(model, os.path.join(out, "adapter"), overwrite=True))
+    written = {"adapter": os.fspath(save_adapter(model, os.path.join(build, "adapter"), overwrite=True))}
     if merge:
 
         def save_merged_model(tmp: str) -> None:
             save_merged(model, tmp, overwrite=True)
-            result.tokenizer.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
 
-        result.merged_path = write_dir(os.path.join(out, "merged"), save_merged_model)
+        written["merged"] = write_dir(os.path.join(build, "merged"), save_merged_model)
+    return written

@@ -1,0 +1,257 @@
+"""The output directory of :func:`fastunlearn.unlearn`: what it holds, where a run is built, the swap.
+
+A run writes the entries of :data:`OUTPUT_ENTRIES` (``adapter/``, ``checkpoints/``, ``fisher/``,
+``run_config.json``, ...) and writes ``metrics.json`` last: its presence marks a finished run.
+:func:`inspect_output` sorts a directory into one of four states:
+
+- ``empty``: absent, or a directory holding nothing (but possibly a staged run, below).
+- ``complete``: a finished run (``metrics.json`` is there).
+- ``interrupted``: run entries without ``metrics.json``: a run stopped by Ctrl-C, a crash or an error
+  before it finished. It holds no result, only what a resumed run reuses (checkpoints, Fisher files).
+- ``foreign``: entries fastunlearn does not write (the user's files), with or without a run.
+
+Independently, ``OUTPUT/.fastunlearn-new`` (*staged*) holds a run started to replace a finished one.
+
+What a run does in each state (:func:`plan_run` decides, :func:`start_run` acts once the model and data
+are known to be good, :func:`finish_run` publishes):
+
+===============  ==========================  ==================================  =====================
+state            plain run                   ``overwrite``                       ``resume``
+===============  ==========================  ==================================  =====================
+empty            build in OUTPUT             build in OUTPUT                     refused: no run
+interrupted      clear it, build in OUTPUT   clear it, build in OUTPUT           continue in OUTPUT
+complete         refused                     build staged, swap in on success    continue in OUTPUT
+foreign          refused                     build staged, swap in on success    continue in OUTPUT if
+                                             (the user's entries are kept)       it holds a run
++ staged run     as the state of OUTPUT      the staged run is started again     continue the staged
+                                                                                 run, swap on success
+===============  ==========================  ==================================  =====================
+
+So a failed or interrupted run never costs a finished one: ``overwrite`` builds beside it and swaps
+only when the new run has finished (each old entry renamed aside, each new one renamed in,
+``metrics.json`` last, then the old ones deleted; a crash inside the swap is rolled forward by the
+next :func:`inspect_output`). An interrupted run is always accepted by a plain re-run (there is nothing
+finished to lose) and by ``resume`` (which continues from its last complete checkpoint, or from step 0
+reusing its Fisher estimates when none was written). Checkpoints live in the directory the run is
+built in, so ``resume`` finds them there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+
+# Entries unlearn() writes; nothing else in an output directory is ever removed.
+OUTPUT_ENTRIES = ("adapter", "model", "merged", "fisher", "checkpoints", "run_config.json", "metrics.json")
+COMPLETE_MARKER = "metrics.json"
+CONFIG = "run_config.json"
+STAGING = ".fastunlearn-new"  # a run being built to replace a finished one
+PREVIOUS = ".fastunlearn-old"  # the finished run's entries during the swap
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# _io's temporaries next to an entry: ".metrics.json.x1y2.tmp", ".adapter.x1y2.old"
+_TEMPORARY = re.compile(r"^\.(" + "|".join(re.escape(e) for e in OUTPUT_ENTRIES) + r")\..+\.(tmp|old)$")
+
+__all__ = [
+    "OUTPUT_ENTRIES",
+    "OutputState",
+    "RunDirs",
+    "finish_run",
+    "inspect_output",
+    "interrupted_message",
+    "last_checkpoint",
+    "plan_run",
+    "start_run",
+]
+
+
+@dataclass(frozen=True)
+class OutputState:
+    """What an output directory holds (see the module docstring for the states)."""
+
+    path: str
+    state: str  # "empty", "complete", "interrupted" or "foreign"
+    staged: bool  # OUTPUT/.fastunlearn-new holds a run
+    has_run: bool  # OUTPUT itself holds a run's run_config.json
+    foreign: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunDirs:
+    """Where a run ends up (``output``) and where it is built as it goes (``build``)."""
+
+    output: str
+    build: str
+    resume: bool
+
+    @property
+    def staged(self) -> bool:
+        return self.build != self.output
+
+
+def _ours(name: str) -> bool:
+    return name in OUTPUT_ENTRIES or name in (STAGING, PREVIOUS) or _TEMPORARY.match(name) is not None
+
+
+def _roll_forward(path: str) -> None:
+    """Finish a swap that a crash cut short: the staged run had finished, so it is the one to keep."""
+    previous, staging = os.path.join(path, PREVIOUS), os.path.join(path, STAGING)
+    if not os.path.isdir(previous):
+        return
+    if os.path.isdir(staging):
+        # The marker moves last: while it is still staged, some entries may still be too.
+        if os.path.exists(os.path.join(staging, COMPLETE_MARKER)):
+            _move_entries(staging, path)
+        if not os.listdir(staging):
+            os.rmdir(staging)
+    shutil.rmtree(previous)
+
+
+def inspect_output(path: str | os.PathLike) -> OutputState:
+    """The state of an output directory; ``NotADirectoryError`` if ``path`` is a file."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise NotADirectoryError(f"output_dir {path!r} exists and is not a directory")
+    if not os.path.isdir(path):
+        return OutputState(path, "empty", staged=False, has_run=False)
+    _roll_forward(path)
+    names = os.listdir(path)
+    foreign = tuple(sorted(n for n in names if not _ours(n)))
+    staged = os.path.isfile(os.path.join(path, STAGING, CONFIG))
+    has_run = CONFIG in names
+    run = [n for n in names if n in OUTPUT_ENTRIES]
+    if foreign:
+        state = "foreign"
+    elif COMPLETE_MARKER in names:
+        state = "complete"
+    elif run:
+        state = "interrupted"
+    else:
+        state = "empty"
+    return OutputState(path, state, staged=staged, has_run=has_run, foreign=foreign)
+
+
+def plan_run(
+    output_dir: str | os.PathLike, *, overwrite: bool, resume: bool, resume_offered: bool = True
+) -> RunDirs:
+    """Decide where a run into ``output_dir`` is built, or refuse it (the table of the module docstring).
+
+    Writes nothing. Raises ``FileExistsError`` for a finished run or foreign files without
+    ``overwrite``, ``ValueError`` for ``resume`` with no run to continue, ``NotADirectoryError`` for a
+    file. ``resume_offered=False`` (callers without a resume option) keeps ``resume`` out of messages.
+    """
+    out = inspect_output(output_dir)
+    path, staging = out.path, os.path.join(out.path, STAGING)
+    if resume:
+        if out.staged:
+            return RunDirs(path, staging, resume=True)
+        if out.has_run:
+            return RunDirs(path, path, resume=True)
+        raise ValueError(f"resume=True but output_dir {path!r} holds no run to resume")
+    if out.state in ("empty", "interrupted"):
+        return RunDirs(path, path, resume=False)
+    if overwrite:
+        return RunDirs(path, staging, resume=False)
+    if out.state == "foreign":
+        shown = ", ".join(out.foreign[:5]) + (", ..." if len(out.foreign) > 5 else "")
+        raise FileExistsError(
+            f"output_dir {path!r} is not empty: it holds files fastunlearn did not write ({shown}); choose "
+            "another output_dir, or pass overwrite=True to write the run beside them (only a run's own "
+            "entries are ever replaced)"
+        )
+    hint = "pass overwrite=True to replace it (it is kept until the new run finishes)"
+    if out.staged and resume_offered:
+        hint += ", or resume=True to continue the unfinished run started to replace it"
+    raise FileExistsError(f"output_dir {path!r} is not empty: it holds a finished run; {hint}")
+
+
+def _clear(directory: str) -> None:
+    for name in os.listdir(directory):
+        if _ours(name):
+            target = os.path.join(directory, name)
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            else:
+                os.unlink(target)
+
+
+def start_run(dirs: RunDirs) -> None:
+    """Prepare ``dirs.build``: a new run starts from an empty directory (an interrupted run's entries and
+    any earlier staged run removed; a finished run is never touched), a resumed one loses only its
+    incomplete checkpoints (a checkpoint is complete once ``trainer_state.json``, saved last, exists)."""
+    if dirs.resume:
+        checkpoints = os.path.join(dirs.build, "checkpoints")
+        if os.path.isdir(checkpoints):
+            for name in os.listdir(checkpoints):
+                folder = os.path.join(checkpoints, name)
+                if _CHECKPOINT.match(name) and not os.path.isfile(os.path.join(folder, "trainer_state.json")):
+                    shutil.rmtree(folder)
+        return
+    os.makedirs(dirs.output, exist_ok=True)
+    if dirs.staged:
+        if os.path.isdir(dirs.build):
+            shutil.rmtree(dirs.build)
+    else:
+        _clear(dirs.output)
+    os.makedirs(dirs.build, exist_ok=True)
+
+
+def _move_entries(source: str, target: str) -> None:
+    names = sorted(os.listdir(source), key=lambda n: n == COMPLETE_MARKER)  # the marker last
+    for name in names:
+        os.replace(os.path.join(source, name), os.path.join(target, name))
+
+
+def finish_run(dirs: RunDirs) -> None:
+    """Publish a finished staged run: the old run's entries renamed aside (its marker first), the new
+    ones renamed in (the marker last), then the old ones deleted. Nothing to do for a run built in place."""
+    if not dirs.staged:
+        return
+    previous = os.path.join(dirs.output, PREVIOUS)
+    if os.path.isdir(previous):
+        shutil.rmtree(previous)
+    os.makedirs(previous)
+    for name in sorted(OUTPUT_ENTRIES, key=lambda n: n != COMPLETE_MARKER):  # the marker first
+        source = os.path.join(dirs.output, name)
+        if os.path.lexists(source):
+            os.replace(source, os.path.join(previous, name))
+    _move_entries(dirs.build, dirs.output)
+    os.rmdir(dirs.build)
+    shutil.rmtree(previous)
+
+
+def last_checkpoint(build_dir: str | os.PathLike) -> str | None:
+    """The complete checkpoint of the highest step in ``build_dir/checkpoints``, or ``None``."""
+    folder = os.path.join(os.fspath(build_dir), "checkpoints")
+    if not os.path.isdir(folder):
+        return None
+    steps = [
+        (int(m.group(1)), name)
+        for name in os.listdir(folder)
+        if (m := _CHECKPOINT.match(name)) and os.path.isfile(os.path.join(folder, name, "trainer_state.json"))
+    ]
+    return os.path.join(folder, max(steps)[1]) if steps else None
+
+
+def interrupted_message(output_dir: str | os.PathLike, *, resume_offered: bool = True) -> str:
+    """One line saying what an interruption left in ``output_dir`` and how to go on from there."""
+    out = inspect_output(output_dir)
+    if out.staged:
+        build, kept = os.path.join(out.path, STAGING), f"; the finished run in {out.path} is untouched"
+    elif out.state == "interrupted" or (out.state == "foreign" and out.has_run):
+        build, kept = out.path, ""
+    elif out.state == "complete":
+        return f"interrupted; {out.path} still holds its finished run"
+    else:
+        return f"interrupted before anything was written to {out.path}; rerun to start"
+    if not resume_offered:
+        return f"interrupted; rerun the same command to start again{kept}"
+    checkpoint = last_checkpoint(build)
+    if checkpoint is None:
+        return (
+            f"interrupted before the first checkpoint; rerun with resume=True to train from step 0 again "
+            f"(reusing what was computed) or without it to start over{kept}"
+        )
+    step = int(_CHECKPOINT.match(os.path.basename(checkpoint)).group(1))
+    return f"interrupted; rerun with resume=True to continue from step {step}{kept}"

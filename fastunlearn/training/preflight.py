@@ -1,0 +1,123 @@
+"""Everything about a run that can be wrong, checked before the model's weights load (minutes at 7B).
+
+:func:`preflight` resolves a model path (a directory with safetensors weights, an adapter whose base
+exists), loads the tokenizer (seconds), reads and tokenises the data (file, line and field of a bad
+record; templates; lengths), and builds the model on the ``meta`` device from its ``config.json``
+(module names and weight shapes, no memory) to check the token ids against the vocabulary, every
+``target_modules`` entry against the model's modules and, for FILA, the rank against every adapted
+weight (``r ≤ min(out, in)``, SPEC §3.2). A model given as a module is checked on the module itself.
+The output directory is checked before this (:func:`fastunlearn.training.outputs.plan_run`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from fastunlearn.fisher.layers import select_linear_layers
+from fastunlearn.modeling import (
+    canonical_name,
+    load_config,
+    load_tokenizer,
+    model_skeleton,
+    model_source,
+)
+from fastunlearn.training import data as fdata
+from fastunlearn.training.config import UnlearnConfig
+
+__all__ = ["Checked", "check_target_modules", "check_vocab", "preflight"]
+
+
+@dataclass
+class Checked:
+    """What :func:`preflight` established: the tokenizer and the tokenised forget and retain sets."""
+
+    tokenizer: Any
+    forget: list[fdata.Example]
+    retain: list[fdata.Example]
+
+
+def check_vocab(model: nn.Module, examples: Iterable[fdata.Example], name: str) -> None:
+    """Every token id of ``examples`` must be inside the model's input embedding."""
+    vocab = model.get_input_embeddings().num_embeddings
+    for e in examples:
+        if max(e.input_ids) >= vocab:
+            raise ValueError(
+                f"{e.source}: token id {max(e.input_ids)} is outside the model's vocabulary ({vocab}); "
+                f"the tokenizer does not match the model ({name} set)"
+            )
+
+
+def check_target_modules(
+    model: nn.Module, target_modules: Sequence[str] | None, *, init: str, lora_r: int
+) -> None:
+    """The adapters ``init`` would place on ``model`` exist and fit.
+
+    FILA: the layers are those the Fisher estimate covers (:func:`select_linear_layers`, which names
+    an entry matching nothing), and ``r`` may not exceed ``min(out, in)`` of any of their weights: the
+    solver takes ``r`` singular directions of each. LoRA: each entry must name a leaf module (peft
+    matches a full name or a dotted suffix). Full fine-tuning has no adapters.
+    """
+    if init == "fila":
+        layers = select_linear_layers(model, target_modules)
+        small = {name: tuple(layer.weight.shape) for name, layer in layers.items()}
+        small = {name: shape for name, shape in small.items() if lora_r > min(shape)}
+        if small:
+            name, shape = next(iter(small.items()))
+            raise ValueError(
+                f"lora_r={lora_r} exceeds min(out, in) = {min(shape)} of layer {name!r} (weight {shape}) "
+                f"and {len(small) - 1} other layer(s); FILA needs r <= the smaller side of every "
+                "adapted weight"
+            )
+    elif init == "lora" and target_modules is not None:
+        leaves = [canonical_name(n) for n, m in model.named_modules() if n and not any(m.children())]
+        for spec in target_modules:
+            key = canonical_name(spec)
+            if not any(n == key or n.endswith("." + key) for n in leaves):
+                kinds = sorted({n.rsplit(".", 1)[-1] for n in leaves})
+                raise ValueError(
+                    f"target_modules entry {spec!r} matches no module of the model; its modules are {kinds}"
+                )
+
+
+def preflight(
+    model: nn.Module | str | os.PathLike,
+    tokenizer: Any,
+    forget: str | os.PathLike | Iterable[Mapping[str, Any]],
+    retain: str | os.PathLike | Iterable[Mapping[str, Any]] | None,
+    *,
+    init: str,
+    cfg: UnlearnConfig,
+) -> Checked:
+    """Check the model path, tokenizer, data, vocabulary, target modules and rank of a run (see the
+    module docstring); raise the first problem, naming the file, line or option at fault."""
+    skeleton = model if isinstance(model, nn.Module) else None
+    if isinstance(model, (str, os.PathLike)):
+        source = model_source(model, allow_download=cfg.allow_download)
+        config = load_config(
+            source.base or source.path,
+            trust_remote_code=cfg.trust_remote_code,
+            allow_download=cfg.allow_download,
+        )
+        skeleton = model_skeleton(config, trust_remote_code=cfg.trust_remote_code)
+        if tokenizer is None:
+            tokenizer = source.tokenizer
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module or a local path, got {type(model).__name__}")
+    elif tokenizer is None:
+        raise TypeError("pass the tokenizer with a model object (it can only be found from a model path)")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(
+            tokenizer, trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download
+        )
+    prep = dict(data_format=cfg.data_format, template=cfg.template, max_length=cfg.max_length)
+    forget_ex = fdata.prepare(forget, tokenizer, name="forget", **prep)
+    retain_ex = [] if retain is None else fdata.prepare(retain, tokenizer, name="retain", **prep)
+    for name, examples in (("forget", forget_ex), ("retain", retain_ex)):
+        check_vocab(skeleton, examples, name)
+    check_target_modules(skeleton, cfg.target_modules, init=init, lora_r=cfg.lora_r)
+    return Checked(tokenizer, forget_ex, retain_ex)
