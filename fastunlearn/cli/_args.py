@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_data_args", "add_model_args"]
+__all__ = ["add_data_args", "add_model_args", "memory_size"]
+
+
+def memory_size(text: str) -> int:
+    """``argparse`` type of a memory size ("64MiB", "2GB", bytes): the parse error as the message."""
+    from fastunlearn.fisher import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fastunlearn.cli._args import add_data_args, add_model_args
+from fastunlearn.cli._args import add_data_args, add_model_args, memory_size
 
 __all__ = ["add_parser"]
 
@@ -74,6 +74,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         choices=FISHER_MODES,
         help="Fisher estimator for FILA (default: %(default)s)",
     )
+    lora.add_argument(
+        "--fisher-memory",
+        type=memory_size,
+        default=None,
+        metavar="SIZE",
+        help="device memory for the Fisher accumulators of one group of layers, e.g. 4GiB or 2GB "
+        "(default: what is free after the model and a pass's activations)",
+    )
     out = p.add_argument_group("output")
     out.add_argument("--merge", action="store_true", help="also write the merged model to OUTPUT/merged")
     out.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --output")
@@ -116,6 +124,7 @@ def _run_unlearn(args: argparse.Namespace) -> int:
         lora_alpha=args.alpha,
         target_modules=args.target_modules,
         fisher_mode=args.fisher_mode,
+        fisher_memory=args.fisher_memory,
         merge=args.merge,
         overwrite=args.overwrite,
         resume=args.resume,
