@@ -14,5 +14,6 @@ status=0
 timeout 150 python3 benchmarks/gpu_check.py 2>&1 | tee "$OUT/gpu_check.txt" || status=1
 timeout 240 python3 benchmarks/bench_ihl.py --preset gpu 2>&1 | tee "$OUT/bench_ihl_gpu.txt" || status=1
 timeout 150 python3 benchmarks/bench_fisher.py --preset gpu --quick 2>&1 | tee "$OUT/bench_fisher_gpu.txt" || status=1
+timeout 120 python3 benchmarks/bench_fisher.py --preset gpu --memory 2>&1 | tee "$OUT/bench_fisher_memory_gpu.txt" || status=1
 [ "$OUT" != benchmarks/results ] && cp benchmarks/results/*_h[12]00* "$OUT/" 2>/dev/null
 exit $status
