@@ -32,7 +32,20 @@ CPU timings run on one thread by default: the machine is shared, and with 2 thre
 barriers cost whole scheduler slices (a 688×256 layer measured 556 ms with one-example chunks against
 5 ms on one thread), which would distort every comparison.
 
+Part 3 (``--memory``, issue 12), activation memory of the Fisher pass against a LoRA training step
+at the same batch (``B = 8``, ``T = 128``), on the ``peft``-wrapped model as ``unlearn`` measures it,
+each the peak above the start (:func:`peak_bytes`):
+- ``lora_step``: one forward and backward of the summed NLL through LoRA (r = 16, all linear layers
+  but the head, dropout 0), in training mode, with and without ``transformers``' checkpointing (its
+  peak includes the small LoRA gradients);
+- ``fisher_pass``: one Fisher pass over every layer that folds nothing: the pass's activations alone;
+- ``estimate_fisher`` (every layer in one group, with and without checkpointing; checkpointed in
+  groups of one decoder layer) and ``fila_row_weights`` (checkpointed, groups of one decoder layer):
+  the whole calls, accumulators included (created as the gradients arrive; on a CPU run the finished
+  groups of ``estimate_fisher`` stay in the measured memory, being its result).
+
     python benchmarks/bench_fisher.py --preset cpu
+    python benchmarks/bench_fisher.py --preset cpu --memory   # part 3 only
     python benchmarks/bench_fisher.py --preset gpu            # Llama-2-7B layer shapes, T up to 2048
     python benchmarks/bench_fisher.py --preset gpu --quick    # check + the target cases, meant for < 2 min
     python benchmarks/bench_fisher.py --preset gpu --check    # only the Triton-vs-fp64 correctness check
@@ -59,9 +72,10 @@ from _common import (
     peak_tensor_bytes,
     plot_bars,
     slug,
+    write_results,
 )
 
-from fastunlearn.fisher import estimate_fisher
+from fastunlearn.fisher import estimate_fisher, select_linear_layers
 from fastunlearn.ops.grad_sq import per_example_grad_sq, per_example_grad_sq_reference
 
 PRESETS = {
@@ -174,7 +188,9 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 8192) -> floa
 # --------------------------------------------------------------------------------------------------
 
 
-def build_model(spec: dict, device: torch.device, dtype: torch.dtype):
+def build_model(spec: dict, device: torch.device, dtype: torch.dtype, attention: str = "eager"):
+    """The bench model; eager attention by default, the one torch.func can batch without a per-example
+    fallback."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -185,7 +201,7 @@ def build_model(spec: dict, device: torch.device, dtype: torch.dtype):
         num_hidden_layers=spec["num_hidden_layers"],
         num_attention_heads=spec["heads"],
         num_key_value_heads=spec["heads"],
-        attn_implementation="eager",  # the one torch.func can batch without a per-example fallback
+        attn_implementation=attention,
     )
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
 
@@ -309,6 +325,120 @@ def bench_model(label, spec, device, dtype, repeats, log: ResultLog) -> None:
     for row in rows:  # the methods are timed together: their rows are complete only now
         log.add(row)
         print({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Part 3: activation memory of the Fisher pass against a LoRA step
+# --------------------------------------------------------------------------------------------------
+
+LORA_RANK = 16
+
+
+def lora_model(spec: dict, device: torch.device, dtype: torch.dtype, checkpointing: bool):
+    """The bench model wrapped with LoRA as ``unlearn`` wraps it, optionally with checkpointing."""
+    from peft import LoraConfig, get_peft_model
+
+    base = build_model(spec, device, dtype, attention="sdpa")
+    if checkpointing:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()
+    config = LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0, target_modules="all-linear")
+    return get_peft_model(base, config)
+
+
+def lora_step(model, batch) -> None:
+    """One training forward and backward (the optimiser's state is not an activation)."""
+    model.train()
+    logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+    summed_nll(logits, batch["labels"]).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def fisher_pass(model, batch) -> None:
+    """One Fisher pass over every layer without folding: the pass's activations alone (the
+    accumulators, created as the gradients arrive, are the budget's business)."""
+    from fastunlearn.fisher.passes import fisher_session, prepare_batches, run_pass
+
+    layers = select_linear_layers(model, None)
+    with fisher_session(model, None):
+        run_pass(model, prepare_batches([batch]), layers, mode="per_example", backend="auto", fold=False)
+
+
+def bench_memory(label: str, spec: dict, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    from fastunlearn.fisher import fila_row_weights
+
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, VOCAB, (BATCH, MODEL_TOKENS), generator=gen).to(device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    per_block = 4 * sum(
+        m.weight.numel()
+        for n, m in build_model(spec, device, dtype).named_modules()
+        if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.0.")
+    )
+    # (method, checkpointing, accumulator budget) → the measured call
+    cases = {
+        ("lora_step", False, None): lambda m: lora_step(m, batch),
+        ("lora_step", True, None): lambda m: lora_step(m, batch),
+        ("fisher_pass", False, None): lambda m: fisher_pass(m, batch),
+        ("fisher_pass", True, None): lambda m: fisher_pass(m, batch),
+        ("estimate_fisher", False, None): lambda m: estimate_fisher(m, [batch], progress=False),
+        ("estimate_fisher", True, None): lambda m: estimate_fisher(m, [batch], progress=False),
+        ("estimate_fisher", True, per_block): lambda m: estimate_fisher(
+            m, [batch], max_memory=per_block, progress=False
+        ),
+        ("fila_row_weights", True, 2 * per_block): lambda m: fila_row_weights(
+            m, [batch], [batch], max_memory=2 * per_block, progress=False
+        ),
+    }
+    rows = []
+    for (method, checkpointing, budget), fn in cases.items():
+        model = lora_model(spec, device, dtype, checkpointing)
+        fn(model)  # warm-up: lazily created state is not the step's
+        free_memory(device)
+        row = {
+            "part": "memory", "method": method, "model": label, "dtype": str(dtype).removeprefix("torch."),
+            "B": BATCH, "T": MODEL_TOKENS, "checkpointing": checkpointing,
+            "accumulator_budget_bytes": budget,
+            "target_params": sum(m.weight.numel() for m in select_linear_layers(model, None).values()),
+            "peak_bytes": peak_tensor_bytes(lambda fn=fn, model=model: fn(model), device),
+        }  # fmt: skip
+        rows.append(row)
+        print({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        del model
+        free_memory(device)
+    return rows
+
+
+def summarise_memory(rows: list[dict]) -> list[str]:
+    """Per model: the Fisher pass's activations against the LoRA step's peak, and the whole calls' peaks."""
+    mib = 2.0**-20
+    lines = []
+    for label in dict.fromkeys(r["model"] for r in rows if r["part"] == "memory"):
+        by = {
+            (r["method"], r["checkpointing"], r["accumulator_budget_bytes"]): r
+            for r in rows
+            if r["part"] == "memory" and r["model"] == label
+        }
+        lora = {ckpt: by[("lora_step", ckpt, None)]["peak_bytes"] for ckpt in (False, True)}
+        fisher = {ckpt: by[("fisher_pass", ckpt, None)]["peak_bytes"] for ckpt in (False, True)}
+        text = f"{label} model, B={BATCH}, T={MODEL_TOKENS}: Fisher pass activations vs LoRA step peak: "
+        text += "; ".join(
+            f"{name} {fisher[ckpt] * mib:.1f} vs {lora[ckpt] * mib:.1f} MiB "
+            f"({fisher[ckpt] / lora[ckpt]:.2f}x)"
+            for ckpt, name in ((False, "plain"), (True, "checkpointed"))
+        )
+        accumulators = 4 * next(iter(by.values()))["target_params"]
+        calls = [
+            f"{method} ({'checkpointed' if ckpt else 'plain'}"
+            + (f", budget {budget * mib:.2f} MiB" if budget else "")
+            + f") {r['peak_bytes'] * mib:.1f} MiB"
+            for (method, ckpt, budget), r in by.items()
+            if method in ("estimate_fisher", "fila_row_weights")
+        ]
+        text += f". Whole calls (fp32 accumulators of every layer: {accumulators * mib:.1f} MiB): "
+        text += "; ".join(calls)
+        lines.append(text)
+    return lines
 
 
 # --------------------------------------------------------------------------------------------------
@@ -453,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
         help="the GPU check and the target cases only (T <= 512, first model): meant to fit in 2 min",
     )
     parser.add_argument("--skip-models", action="store_true", help="only the single-layer benchmark")
+    parser.add_argument(
+        "--memory", action="store_true", help="only part 3: Fisher-pass activations against a LoRA step"
+    )
     args = parser.parse_args(argv)
 
     preset = PRESETS[args.preset]
@@ -479,6 +612,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     env["tf32"] = device.type == "cuda"
+
+    if args.memory:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        rows = []
+        for label, spec in preset["models"].items():
+            rows += bench_memory(label, spec, device, dtype)
+        env["summary"] = summarise_memory(rows)
+        env["threads"] = torch.get_num_threads()
+        write_results(f"fisher_memory_{slug(device)}", rows, env)
+        for line in env["summary"]:
+            print(line)
+        return 0
 
     stem = f"fisher_{slug(device)}" + ("_quick" if args.quick else "") + ("_dry" if dry else "")
     log = ResultLog(stem, env)

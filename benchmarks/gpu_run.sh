@@ -31,13 +31,13 @@ log() { echo "[gpu_run +$((SECONDS - START))s] $*"; }
 if [ "$DRY" = 1 ]; then
     export TRITON_INTERPRET=1
     BUDGET=${GPU_RUN_BUDGET_S:-1200}
-    LIMITS=(600 600 600 600)  # check, bench_ihl, bench_loss, bench_fisher: the interpreter on a shared CPU is slow
+    LIMITS=(600 600 600 600 600)  # check, bench_ihl, bench_loss, bench_fisher, its --memory: the interpreter on a shared CPU is slow
     RESULTS=$(mktemp -d)  # the committed CPU results are not touched
     PRESET=dry
     CHECK=(--dry-run)
 else
     BUDGET=${GPU_RUN_BUDGET_S:-480}
-    LIMITS=(75 170 110 120)
+    LIMITS=(75 150 100 100 55)
     RESULTS=$ROOT/benchmarks/results
     PRESET=gpu
     CHECK=()
@@ -142,6 +142,7 @@ step gpu_check "${LIMITS[0]}" "$PY" benchmarks/gpu_check.py ${CHECK[@]+"${CHECK[
 step bench_ihl "${LIMITS[1]}" "$PY" benchmarks/bench_ihl.py --preset "$PRESET"
 step bench_loss "${LIMITS[2]}" "$PY" benchmarks/bench_loss.py --preset "$PRESET"
 step bench_fisher "${LIMITS[3]}" "$PY" benchmarks/bench_fisher.py --preset "$PRESET" --quick
+step bench_fisher_memory "${LIMITS[4]}" "$PY" benchmarks/bench_fisher.py --preset "$PRESET" --memory
 
 # --- collect -----------------------------------------------------------------------------------------
 mapfile -t files < <(find "$RESULTS" -maxdepth 1 -type f -newer "$MARK" -name "*_${TAG}*" ! -name "*.tmp" | sort)

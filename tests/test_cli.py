@@ -145,6 +145,11 @@ def test_unlearn_command_user_errors(workspace, tmp_path, capsys):
     assert "bad.json:2: invalid JSON" in capsys.readouterr().err
     with pytest.raises(ValueError, match="invalid JSON"):
         main(["--debug", *argv])
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args_for(workspace, tmp_path / "c"), "--fisher-memory", "lots"])
+    assert exit_info.value.code == 2
+    assert "invalid memory size 'lots'" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.slow
@@ -175,7 +180,17 @@ def test_fisher_command_matches_the_api(workspace, tmp_path, capsys):
         torch.testing.assert_close(saved[name], direct[name], rtol=0, atol=0)
     assert main(argv) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
-    assert main([*argv, "--overwrite"]) == 0
+    # In groups of layers (8 KiB: one fp32 64×32 MLP accumulator, or q+k+v): one pass per group, the same
+    # estimate (to the fp32 tolerance of tests/test_fisher_stream.py).
+    assert main([*argv, "--overwrite", "--fisher-memory", "8KiB"]) == 0
+    grouped = FisherEstimate.load(out)
+    for name in direct:
+        scale = direct[name].abs().max().item()
+        torch.testing.assert_close(grouped[name], direct[name], rtol=1e-4, atol=1e-6 * scale)
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--overwrite", "--fisher-memory", "8 KB/s"])
+    assert exit_info.value.code == 2
+    assert "--fisher-memory: invalid memory size '8 KB/s'" in capsys.readouterr().err
 
 
 @pytest.mark.slow

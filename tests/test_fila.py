@@ -317,7 +317,7 @@ def test_bad_input(setup):
     with pytest.raises(ValueError, match="no LoRA layers"):
         fila_init(wrap(setup["base"]), forget, retain, adapter_name="other")
     partial = {k: v for k, v in forget.items() if "down_proj" not in k}
-    with pytest.raises(ValueError, match=r"forget Fisher estimate has no entry for 2 LoRA layer.*down_proj"):
+    with pytest.raises(ValueError, match=r"forget Fisher has no entry for 2 LoRA layer.*down_proj"):
         fila_init(wrap(setup["base"]), partial, retain)
     reshaped = dict(retain.items())
     reshaped["model.layers.1.mlp.up_proj"] = reshaped["model.layers.1.mlp.up_proj"].t()

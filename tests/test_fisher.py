@@ -24,7 +24,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers.fisher import VOCAB, fisher_llama, make_batch
+from helpers.fisher import VOCAB, fisher_llama, linear_weights, make_batch, per_example_oracle
 
 from fastunlearn.fisher import FisherEstimate, estimate_fisher
 from fastunlearn.modeling import canonical_name
@@ -41,32 +41,6 @@ def batches():
     second = make_batch(3, 9, seed=2, pad_rows=[(0, 6)])
     second["labels"][2] = -100
     return [make_batch(4, 12, seed=1, pad_rows=[(1, 8), (3, 5)]), second]
-
-
-def linear_weights(model, names):
-    params = dict(model.named_parameters())
-    return {name: params[name + ".weight"] for name in names}
-
-
-def per_example_oracle(model, batches, names):
-    weights = linear_weights(model, names)
-    sums = {n: torch.zeros_like(w) for n, w in weights.items()}
-    count = 0
-    for batch in batches:
-        for row in range(batch["input_ids"].shape[0]):
-            labels = batch["labels"][row : row + 1]
-            if not (labels[:, 1:] != -100).any():
-                continue
-            count += 1
-            logits = model(
-                input_ids=batch["input_ids"][row : row + 1],
-                attention_mask=batch["attention_mask"][row : row + 1],
-            ).logits
-            loss = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
-            grads = torch.autograd.grad(loss, list(weights.values()))
-            for name, grad in zip(weights, grads):
-                sums[name] += grad.square()
-    return {n: s / count for n, s in sums.items()}, count
 
 
 def batch_oracle(model, batches, names):

@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, TrainerCallback
 
 from fastunlearn import demo
-from fastunlearn.fisher import estimate_fisher, fila_init
+from fastunlearn.fisher import FilaRowWeights, estimate_fisher, fila_init
 from fastunlearn.training import data as fdata
 from fastunlearn.training.run import unlearn
 from fastunlearn.training.trainer import UnlearnTrainer
@@ -181,10 +181,15 @@ def _logits(model, batch):
 def test_fila_step_and_adapter_on_the_original_base(setup, tmp_path):
     tokenizer, forget, retain = setup
     reference, ref_loss = reference_step(tokenizer, forget, retain, "ihl", "fila")
-    result = one_step(setup, tmp_path, "ihl", "fila", merge=True)
+    # The run streams FILA's row weights in groups of layers (16 KiB: the forget and retain accumulators
+    # of one 64×32 MLP layer, or of q, k and v) and saves only them; the reference holds the whole
+    # estimates. Same step.
+    result = one_step(setup, tmp_path, "ihl", "fila", merge=True, fisher_memory="16KiB")
     assert_same_step(result, reference, ref_loss)
-    assert set(result.fisher_paths) == {"forget", "retain"}
-    assert all(os.path.isfile(p) for p in result.fisher_paths.values())
+    assert set(result.fisher_paths) == {"row_weights"}
+    assert os.listdir(os.path.dirname(result.fisher_paths["row_weights"])) == ["row_weights.safetensors"]
+    row_weights = FilaRowWeights.load(result.fisher_paths["row_weights"])
+    assert len(row_weights) == 2 * 7 and all(d.dim() == 1 for d in row_weights.values())
 
     batch = fdata.collate(fdata.prepare(forget + retain, tokenizer, name="x", template="phi"), 0)
     trained = _logits(result.model, batch)
@@ -295,6 +300,13 @@ def test_resume_after_a_crash_matches_an_uninterrupted_fila_run(setup, tmp_path,
         unlearn(fresh_model(tokenizer), tokenizer, forget, retain, output_dir=tmp_path / "b", **kwargs)
     monkeypatch.setattr(UnlearnTrainer, "compute_loss", original)
     assert os.path.isdir(tmp_path / "b" / "checkpoints" / "checkpoint-2")
+
+    def no_fisher_on_resume(*args, **kw):
+        raise AssertionError("resume must reuse the saved row weights, not measure the Fisher again")
+
+    import fastunlearn.fisher
+
+    monkeypatch.setattr(fastunlearn.fisher, "fila_row_weights", no_fisher_on_resume)
     resumed = unlearn(
         fresh_model(tokenizer), tokenizer, forget, retain, output_dir=tmp_path / "b", resume=True, **kwargs
     )
@@ -326,6 +338,8 @@ def test_bad_arguments(setup, tmp_path):
         unlearn(model, tokenizer, forget, retain, method="gd", output_dir=out, fused_linear=True)
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         unlearn(model, tokenizer, forget, retain, output_dir=out, batch_size=0)
+    with pytest.raises(ValueError, match="invalid memory size '64 parsecs'"):
+        unlearn(model, tokenizer, forget, retain, output_dir=out, fisher_memory="64 parsecs")
     with pytest.raises(TypeError, match="pass the tokenizer"):
         unlearn(model, None, forget, retain, output_dir=out)
     with pytest.raises(FileNotFoundError, match=r"not a local directory.*allow_download"):

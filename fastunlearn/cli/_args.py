@@ -11,6 +11,7 @@ __all__ = [
     "add_model_args",
     "add_target_modules_arg",
     "add_threads_arg",
+    "memory_size",
     "option_flags",
 ]
 
@@ -24,6 +25,16 @@ class CommaList(argparse.Action):
         if not all(items):
             parser.error(f"argument {option_string}: empty name in {values!r}")
         setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), *items])
+
+
+def memory_size(text: str) -> int:
+    """``argparse`` type of a memory size ("64MiB", "2GB", bytes): the parse error as the message."""
+    from fastunlearn.fisher import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ from fastunlearn.cli._args import (
     add_model_args,
     add_target_modules_arg,
     add_threads_arg,
+    memory_size,
     option_flags,
 )
 
@@ -47,6 +48,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--batch-size", type=int, default=4, help="examples per forward pass (default: %(default)s)"
     )
     add_threads_arg(p)
+    p.add_argument(
+        "--fisher-memory",
+        type=memory_size,
+        default=None,
+        metavar="SIZE",
+        help="device memory for the accumulators of one group of layers, e.g. 4GiB or 2GB; the data is "
+        "passed once per group (default: what is free after the model and a pass's activations)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(
@@ -97,7 +106,12 @@ def _run_fisher(args: argparse.Namespace) -> int:
     to_training_device(model)  # on a GPU machine the Fisher kernel runs there
     batches = fdata.batches(examples, fdata.pad_id_of(tokenizer), args.batch_size)
     estimate = estimate_fisher(
-        model, batches, target_modules=args.target_modules, mode=args.mode, progress=not args.no_progress
+        model,
+        batches,
+        target_modules=args.target_modules,
+        mode=args.mode,
+        max_memory=args.fisher_memory,
+        progress=not args.no_progress,
     )
     estimate.save(args.output, overwrite=args.overwrite)
     total = sum(t.numel() for t in estimate.values())

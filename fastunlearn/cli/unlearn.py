@@ -16,6 +16,7 @@ from fastunlearn.cli._args import (
     add_model_args,
     add_target_modules_arg,
     add_threads_arg,
+    memory_size,
     option_flags,
 )
 
@@ -95,6 +96,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         type=int,
         default=d.fisher_batch_size,
         help="examples per pass of the Fisher estimate (default: %(default)s)",
+    )
+    lora.add_argument(
+        "--fisher-memory",
+        type=memory_size,
+        default=None,
+        metavar="SIZE",
+        help="device memory for the Fisher accumulators of one group of layers, e.g. 4GiB or 2GB "
+        "(default: what is free after the model and a pass's activations)",
     )
     out = p.add_argument_group("output")
     out.add_argument("--merge", action="store_true", help="also write the merged model to OUTPUT/merged")

@@ -2,8 +2,12 @@
 
 - :mod:`~fastunlearn.fisher.layers`: which linear layers an estimate covers (canonical names).
 - :mod:`~fastunlearn.fisher.estimate`: :class:`FisherEstimate`, the estimate and its safetensors file.
-- :mod:`~fastunlearn.fisher.estimator`: :func:`estimate_fisher`, one forward and one backward per batch
-  with hooks feeding :func:`fastunlearn.ops.grad_sq.per_example_grad_sq` (SPEC §3.1).
+- :mod:`~fastunlearn.fisher.passes`: one pass of a data set, a forward and a backward per batch with
+  hooks feeding :func:`fastunlearn.ops.grad_sq.per_example_grad_sq` (SPEC §3.1); checkpointing-safe.
+- :mod:`~fastunlearn.fisher.budget`: memory sizes, the groups of layers whose accumulators fit a budget.
+- :mod:`~fastunlearn.fisher.estimator`: :func:`estimate_fisher`, the whole estimate, group by group.
+- :mod:`~fastunlearn.fisher.row_weights`: :func:`fila_row_weights`, FILA's row weights streamed group
+  by group without holding an estimate, and :class:`FilaRowWeights`, their file.
 - :mod:`~fastunlearn.fisher.fila`: :func:`fila_init`, Fisher-initialised LoRA (SPEC §3.2).
 - :mod:`~fastunlearn.fisher.export`: :func:`save_adapter` / :func:`save_merged` for the original base.
 
@@ -11,24 +15,38 @@ This layer uses :mod:`fastunlearn.ops` and :mod:`fastunlearn.modeling`; ``peft``
 brings it. It knows nothing of training loops, evaluation or the command line.
 """
 
+from fastunlearn.fisher.budget import parse_bytes
 from fastunlearn.fisher.estimate import FISHER_MODES, FisherEstimate
 from fastunlearn.fisher.estimator import estimate_fisher
 from fastunlearn.fisher.export import merged_state_dict, save_adapter, save_merged
-from fastunlearn.fisher.fila import SOLVERS, FilaInit, fila_factors, fila_init, fila_record, lora_layers
+from fastunlearn.fisher.fila import (
+    SOLVERS,
+    FilaInit,
+    fila_factors,
+    fila_factors_from_row_weights,
+    fila_init,
+    fila_record,
+    lora_layers,
+)
 from fastunlearn.fisher.layers import linear_layers, select_linear_layers
+from fastunlearn.fisher.row_weights import FilaRowWeights, fila_row_weights
 
 __all__ = [
     "FISHER_MODES",
     "SOLVERS",
     "FilaInit",
+    "FilaRowWeights",
     "FisherEstimate",
     "estimate_fisher",
     "fila_factors",
+    "fila_factors_from_row_weights",
     "fila_init",
     "fila_record",
+    "fila_row_weights",
     "linear_layers",
     "lora_layers",
     "merged_state_dict",
+    "parse_bytes",
     "save_adapter",
     "save_merged",
     "select_linear_layers",

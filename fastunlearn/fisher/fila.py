@@ -22,14 +22,19 @@ would otherwise become large junk entries).
 The trained model is exported by :mod:`fastunlearn.fisher.export`, as an adapter for the *original* base
 model (rank ``2r``: ``[B, −B₀]·[A; A₀]``) or as a merged checkpoint.
 
+The estimates enter only through the row weights ``d``: :func:`fila_init` takes either the two
+estimates or ``d`` itself (:class:`~fastunlearn.fisher.FilaRowWeights`, which
+:func:`~fastunlearn.fisher.fila_row_weights` computes without holding a whole model's estimates), and
+both give the same factors (``d`` is :func:`~fastunlearn.fisher.row_weights.row_weight` either way).
+
 Recording and resuming. :func:`fila_init` stores ``A₀``, ``B₀`` (fp32, on the CPU, exactly the values
 written into the adapters) and ``s`` on each LoRA layer, outside the ``state_dict``. The
-initialisation is a deterministic function of the base weights, the Fisher estimates and the
+initialisation is a deterministic function of the base weights, the row weights and the
 arguments: the exact SVD's ``U_r S_r V_rᵀ`` is unique (whenever ``σ_r > σ_{r+1}``), so ``W_res`` is
 reproduced to rounding even where LAPACK/cuSOLVER choose other singular-vector signs, and the
 randomised solver draws its test matrix from a fixed seed. A trainer resumes by loading the original
-base, wrapping it with the same LoRA config, calling :func:`fila_init` with the saved estimates and
-arguments, then loading its own rank-``r`` checkpoint of ``lora_A``/``lora_B`` (e.g. with
+base, wrapping it with the same LoRA config, calling :func:`fila_init` with the saved row weights (or
+estimates) and arguments, then loading its own rank-``r`` checkpoint of ``lora_A``/``lora_B`` (e.g. with
 ``peft.set_peft_model_state_dict``) over ``A₀``, ``B₀`` — not the rank-``2r`` export, which is for the
 original base model.
 """
@@ -44,13 +49,23 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from fastunlearn.fisher.row_weights import check_eps, row_weight
 from fastunlearn.modeling import canonical_name
 
 Solver = Literal["svd", "randomized"]
 SOLVERS = ("svd", "randomized")
 _RECORD_ATTR = "_fastunlearn_fila"
 
-__all__ = ["SOLVERS", "FilaInit", "Solver", "fila_factors", "fila_init", "fila_record", "lora_layers"]
+__all__ = [
+    "SOLVERS",
+    "FilaInit",
+    "Solver",
+    "fila_factors",
+    "fila_factors_from_row_weights",
+    "fila_init",
+    "fila_record",
+    "lora_layers",
+]
 
 
 @dataclass(frozen=True)
@@ -99,13 +114,14 @@ def _check_layer(name: str, layer: nn.Module, adapter_name: str) -> None:
         raise ValueError(f"LoRA layer {name!r} has a LoRA bias (lora_bias=True), which FILA does not handle")
 
 
-def _fisher_table(estimate: Mapping[str, Tensor], what: str) -> dict[str, Tensor]:
-    if not isinstance(estimate, Mapping):
-        raise TypeError(f"{what} must be a FisherEstimate or a mapping of layer name to tensor")
+def _table(mapping: Mapping[str, Tensor], what: str, dim: int) -> dict[str, Tensor]:
+    """``mapping`` by canonical layer name, its values checked to be ``dim``-D float tensors."""
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"{what} must be a mapping of layer name to tensor")
     table: dict[str, Tensor] = {}
-    for name, tensor in estimate.items():
-        if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
-            raise TypeError(f"{what}[{name!r}] must be a floating-point tensor")
+    for name, tensor in mapping.items():
+        if not isinstance(tensor, Tensor) or not tensor.is_floating_point() or tensor.dim() != dim:
+            raise TypeError(f"{what}[{name!r}] must be a {dim}-D floating-point tensor")
         key = canonical_name(name)
         if key in table:
             raise ValueError(f"{what} has two entries for layer {key!r}")
@@ -148,13 +164,36 @@ def fila_factors(
             f"Fisher shapes {tuple(forget.shape)} (forget) and {tuple(retain.shape)} (retain) must match the "
             f"weight {tuple(weight.shape)}"
         )
+    d = row_weight(forget.to(weight.device), retain.to(weight.device), eps)
+    return fila_factors_from_row_weights(weight, d, rank, scaling, eps=eps, solver=solver, seed=seed)
+
+
+def fila_factors_from_row_weights(
+    weight: Tensor,
+    row_weights: Tensor,
+    rank: int,
+    scaling: float,
+    *,
+    eps: float = 1e-5,
+    solver: Solver = "svd",
+    seed: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """:func:`fila_factors` given the row weights ``d`` ([out]) instead of the two Fisher estimates:
+    the rank-``r`` truncated SVD ``U S Vᵀ`` of ``diag(d)·W``, ``A₀ = (V·sqrt(S/s))ᵀ`` and
+    ``B₀ = diag(1/(d + ε))·U·sqrt(S/s)`` (zero rows where ``d = 0``), in fp32."""
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [out, in], got {tuple(weight.shape)}")
+    if tuple(row_weights.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"row weights of shape {tuple(row_weights.shape)} must have one entry per output row of the "
+            f"weight {tuple(weight.shape)}"
+        )
     if not 1 <= rank <= min(weight.shape):
         raise ValueError(f"LoRA rank {rank} must lie in [1, min(out, in) = {min(weight.shape)}]")
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
     W = weight.detach().float()
-    relative = forget.to(W.device, torch.float32) / (retain.to(W.device, torch.float32) + eps)
-    d = relative.sum(dim=1).sqrt()
+    d = row_weights.to(W.device, torch.float32)
     weighted = d[:, None] * W
     if solver == "svd":
         U, S, Vh = torch.linalg.svd(weighted, full_matrices=False)
@@ -170,10 +209,11 @@ def fila_factors(
 
 def fila_init(
     model: nn.Module,
-    forget: Mapping[str, Tensor],
-    retain: Mapping[str, Tensor],
+    forget: Mapping[str, Tensor] | None = None,
+    retain: Mapping[str, Tensor] | None = None,
     *,
-    eps: float = 1e-5,
+    row_weights: Mapping[str, Tensor] | None = None,
+    eps: float | None = None,
     solver: Solver = "svd",
     adapter_name: str = "default",
     seed: int = 0,
@@ -185,7 +225,12 @@ def fila_init(
         forget, retain: Fisher estimates (:class:`~fastunlearn.fisher.FisherEstimate` or name → tensor
             mappings) on the forget and retain sets; names taken on the plain or on the wrapped model
             both match. Each must cover every LoRA layer with a tensor shaped like its weight.
-        eps: ``ε`` of the relative Fisher ``F_f/(F_r + ε)`` and of ``1/(d + ε)`` (the reference's 1e-5).
+        row_weights: instead of the estimates, the row weights ``d`` they reduce to
+            (:class:`~fastunlearn.fisher.FilaRowWeights` from :func:`~fastunlearn.fisher.fila_row_weights`,
+            or a name → ``[out]`` tensor mapping), covering every LoRA layer.
+        eps: ``ε`` of the relative Fisher ``F_f/(F_r + ε)`` and of ``1/(d + ε)``; default the row
+            weights' own ``eps``, else the reference's 1e-5. Row weights computed with another ``ε`` are
+            refused.
         solver: ``"svd"`` (exact truncated SVD, ``torch.linalg.svd``) or ``"randomized"``
             (``torch.svd_lowrank`` with ``q = r``, the paper's, seeded by ``seed``).
 
@@ -196,20 +241,35 @@ def fila_init(
     :func:`save_adapter` (see the module docstring for resuming).
 
     Raises:
-        ValueError: no LoRA layers, Fisher estimates missing a layer or shaped differently, rank larger
-            than ``min(out, in)``, non-finite or negative Fisher values, a layer already initialised.
+        ValueError: no LoRA layers, estimates or row weights missing a layer or shaped differently, both
+            or neither of them given, rank larger than ``min(out, in)``, non-finite or negative values,
+            an ``eps`` other than the row weights', a layer already initialised.
     """
-    if not (isinstance(eps, float | int) and eps > 0 and torch.isfinite(torch.tensor(float(eps)))):
-        raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+    if row_weights is None and (forget is None or retain is None):
+        raise ValueError("fila_init needs the forget and retain Fisher estimates, or row_weights=")
+    if row_weights is not None and (forget is not None or retain is not None):
+        raise ValueError("pass either the forget and retain Fisher estimates or row_weights=, not both")
+    own_eps = getattr(row_weights, "eps", None)
+    if eps is None:
+        eps = own_eps if own_eps is not None else 1e-5
+    eps = check_eps(eps)
+    if own_eps is not None and eps != own_eps:
+        raise ValueError(f"the row weights were computed with eps={own_eps}; fila_init got eps={eps}")
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
     layers = _require_lora_model(model, adapter_name)
-    tables = {"forget": _fisher_table(forget, "forget"), "retain": _fisher_table(retain, "retain")}
+    if row_weights is not None:
+        tables = {"row weights": _table(row_weights, "row_weights", 1)}
+    else:
+        tables = {
+            "forget Fisher": _table(forget, "forget", 2),
+            "retain Fisher": _table(retain, "retain", 2),
+        }
     for what, table in tables.items():
         missing = sorted(set(layers) - set(table))
         if missing:
             raise ValueError(
-                f"the {what} Fisher estimate has no entry for {len(missing)} LoRA layer(s): {missing[:8]}; "
+                f"the {what} has no entry for {len(missing)} LoRA layer(s): {missing[:8]}; "
                 f"it covers {sorted(table)[:8]}{' ...' if len(table) > 8 else ''}"
             )
     for name, (_, layer) in layers.items():
@@ -224,39 +284,40 @@ def fila_init(
                 f"weight {tuple(weight.shape)}"
             )
         for what, table in tables.items():
-            fisher = table[name]
-            if tuple(fisher.shape) != tuple(weight.shape):
+            value = table[name]
+            shape = (weight.shape[0],) if row_weights is not None else tuple(weight.shape)
+            if tuple(value.shape) != shape:
                 raise ValueError(
-                    f"the {what} Fisher of layer {name!r} has shape {tuple(fisher.shape)}, the weight "
-                    f"{tuple(weight.shape)}"
+                    f"the {what} of layer {name!r} has shape {tuple(value.shape)}, expected {shape} for "
+                    f"its weight {tuple(weight.shape)}"
                 )
-            # Checked for every layer before any is modified, so a bad estimate leaves the model intact.
-            if not bool(torch.isfinite(fisher).all()):
-                raise ValueError(f"the {what} Fisher of layer {name!r} has non-finite values (inf or nan)")
-            if bool((fisher < 0).any()):
-                raise ValueError(f"the {what} Fisher of layer {name!r} has negative values")
+            # Checked for every layer before any is modified, so a bad input leaves the model intact.
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"the {what} of layer {name!r} has non-finite values (inf or nan)")
+            if bool((value < 0).any()):
+                raise ValueError(f"the {what} of layer {name!r} has negative values")
     for name, (_, layer) in layers.items():
+        device = layer.get_base_layer().weight.device
         with torch.no_grad():
-            _init_layer(
-                name, layer, tables["forget"][name], tables["retain"][name], eps, solver, seed, adapter_name
-            )
+            if row_weights is not None:
+                d = tables["row weights"][name].to(device)
+            else:
+                d = row_weight(
+                    tables["forget Fisher"][name].to(device),
+                    tables["retain Fisher"][name].to(device),
+                    eps,
+                )
+            _init_layer(name, layer, d, eps, solver, seed, adapter_name)
     return model
 
 
 def _init_layer(
-    name: str,
-    layer: nn.Module,
-    forget: Tensor,
-    retain: Tensor,
-    eps: float,
-    solver: str,
-    seed: int,
-    adapter: str,
+    name: str, layer: nn.Module, d: Tensor, eps: float, solver: str, seed: int, adapter: str
 ) -> None:
     base = layer.get_base_layer()
     scaling = float(layer.scaling[adapter])
     W = base.weight.float()
-    A, B = fila_factors(W, forget, retain, layer.r[adapter], scaling, eps=eps, solver=solver, seed=seed)
+    A, B = fila_factors_from_row_weights(W, d, layer.r[adapter], scaling, eps=eps, solver=solver, seed=seed)
     if not bool(A.abs().sum() > 0):
         warnings.warn(
             f"layer {name!r}: the relative Fisher is zero in every row, so FILA initialises its adapter to "

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from fastunlearn.fisher import FISHER_MODES, SOLVERS
+from fastunlearn.fisher import FISHER_MODES, SOLVERS, parse_bytes
 from fastunlearn.ops._backend import BACKENDS
 from fastunlearn.training import data as fdata
 
@@ -47,6 +47,9 @@ class UnlearnConfig:
     fused_linear: bool = False
     fisher_mode: str = "per_example"
     fisher_batch_size: int = 4
+    # Bytes (int, or a string like "4GiB") the forget and retain Fisher accumulators of one group of layers
+    # may take; None: what the device has free after the model and a pass's activations (fila_row_weights).
+    fisher_memory: int | str | None = None
     fila_eps: float = 1e-5
     fila_solver: str = "svd"
     seed: int = 0
@@ -99,6 +102,8 @@ class UnlearnConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {list(allowed)}")
+        if self.fisher_memory is not None:
+            parse_bytes(self.fisher_memory)  # a bad size fails here, before any model is loaded
         if self.overwrite and self.resume:
             raise ValueError("overwrite=True and resume=True exclude each other")
 

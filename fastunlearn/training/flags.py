@@ -42,6 +42,7 @@ FLAGS: dict[str, str] = {
     "target_modules": "--target-modules",
     "fisher_mode": "--fisher-mode",
     "fisher_batch_size": "--fisher-batch-size",
+    "fisher_memory": "--fisher-memory",
     "eval_batch_size": "--eval-batch-size",
     "logging_steps": "--logging-steps",
     "merge": "--merge",

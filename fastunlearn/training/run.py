@@ -2,8 +2,9 @@
 
 :func:`unlearn` runs the paper's recipe (Cha et al. 2025 §4; SPEC §3.2) with the options of
 :class:`~fastunlearn.training.config.UnlearnConfig`: it loads the model and the data, wraps the model
-with LoRA, for ``init="fila"`` estimates the forget and retain Fisher information and re-initialises
-the adapters with :func:`fastunlearn.fisher.fila_init`, trains with
+with LoRA, for ``init="fila"`` computes FILA's row weights from the forget and retain Fisher
+information (:func:`fastunlearn.fisher.fila_row_weights`, group by group within ``fisher_memory``)
+and re-initialises the adapters with :func:`fastunlearn.fisher.fila_init`, trains with
 :class:`~fastunlearn.training.trainer.UnlearnTrainer`, measures the model before and after, and
 writes, atomically::
 
@@ -11,7 +12,7 @@ writes, atomically::
       adapter/            peft adapter that loads on the ORIGINAL base model (LoRA / FILA)
       model/              the trained model (init="full")
       merged/             the merged model (merge=True)
-      fisher/             forget.safetensors, retain.safetensors (FILA; reused on resume)
+      fisher/             row_weights.safetensors: FILA's row weights (reused on resume)
       checkpoints/        Trainer checkpoints (resume=True continues from the last one)
       metrics.json        {"before": {"forget", "retain"}, "after": {...}, "train": {...}}
       run_config.json     every option, the data and model sources, library versions
@@ -59,6 +60,7 @@ _RESUME_FREE = (
     "callbacks",
     "allow_download",
     "trust_remote_code",
+    "fisher_memory",  # the grouping of the Fisher passes does not change their result
 )
 
 __all__ = ["unlearn"]
@@ -99,35 +101,30 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
 
 
 def _fila(model, forget_batches, retain_batches, cfg: UnlearnConfig, output_dir: str) -> dict[str, str]:
-    """Estimate (or, on resume, reload) the Fisher information and re-initialise the adapters (SPEC §3.2)."""
-    from fastunlearn.fisher import FisherEstimate, estimate_fisher, fila_init
+    """Compute (or, on resume, reload) FILA's row weights and re-initialise the adapters (SPEC §3.2).
 
-    fisher_dir = os.path.join(output_dir, "fisher")
-    paths = {name: os.path.join(fisher_dir, f"{name}.safetensors") for name in ("forget", "retain")}
-    if all(os.path.isfile(p) for p in paths.values()):
-        estimates = {name: FisherEstimate.load(p) for name, p in paths.items()}
+    Only the row weights are kept (``fisher/row_weights.safetensors``, megabytes at 7B): they are all
+    FILA takes from the Fisher estimates, and they re-create the same initialisation on resume.
+    """
+    from fastunlearn.fisher import FilaRowWeights, fila_init, fila_row_weights
+
+    path = os.path.join(output_dir, "fisher", "row_weights.safetensors")
+    if os.path.isfile(path):
+        row_weights = FilaRowWeights.load(path)
     else:
-        estimates = {}
-        for name, batches in (("forget", forget_batches), ("retain", retain_batches)):
-            estimates[name] = estimate_fisher(
-                model,
-                batches,
-                target_modules=cfg.target_modules,
-                mode=cfg.fisher_mode,
-                progress=cfg.progress,
-            )
-            estimates[name].save(paths[name], overwrite=True)
-            # Off the accelerator until FILA needs it, a layer at a time: at 7B each estimate is ~24 GiB.
-            estimates[name] = estimates[name].to("cpu")
-    fila_init(
-        model,
-        estimates["forget"],
-        estimates["retain"],
-        eps=cfg.fila_eps,
-        solver=cfg.fila_solver,
-        seed=cfg.seed,
-    )
-    return paths
+        row_weights = fila_row_weights(
+            model,
+            forget_batches,
+            retain_batches,
+            target_modules=cfg.target_modules,
+            mode=cfg.fisher_mode,
+            eps=cfg.fila_eps,
+            max_memory=cfg.fisher_memory,
+            progress=cfg.progress,
+        )
+        row_weights.save(path, overwrite=True)
+    fila_init(model, row_weights=row_weights, eps=cfg.fila_eps, solver=cfg.fila_solver, seed=cfg.seed)
+    return {"row_weights": path}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from helpers.models import tiny_llama
 
@@ -24,3 +25,31 @@ def make_batch(B, T, seed, prompt=3, pad_rows=()):
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, :prompt] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def linear_weights(model, names):
+    params = dict(model.named_parameters())
+    return {name: params[name + ".weight"] for name in names}
+
+
+def per_example_oracle(model, batches, names):
+    """One forward/backward per example *alone*, its weight gradients squared, averaged over the examples
+    that carry a label: the definition of the per-example estimate (SPEC §3.1), the slow way."""
+    weights = linear_weights(model, names)
+    sums = {n: torch.zeros_like(w) for n, w in weights.items()}
+    count = 0
+    for batch in batches:
+        for row in range(batch["input_ids"].shape[0]):
+            labels = batch["labels"][row : row + 1]
+            if not (labels[:, 1:] != -100).any():
+                continue
+            count += 1
+            logits = model(
+                input_ids=batch["input_ids"][row : row + 1],
+                attention_mask=batch["attention_mask"][row : row + 1],
+            ).logits
+            loss = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
+            grads = torch.autograd.grad(loss, list(weights.values()))
+            for name, grad in zip(weights, grads):
+                sums[name] += grad.square()
+    return {n: s / count for n, s in sums.items()}, count

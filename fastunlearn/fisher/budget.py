@@ -1,0 +1,158 @@
+"""The memory budget of the Fisher accumulators: sizes in bytes, groups of layers, the default budget.
+
+Fisher estimation keeps one fp32 accumulator shaped like each measured weight (SPEC §3.1): 4 bytes per
+weight and data set, 26 GB for Llama-2-7B's linear layers, 52 GB for FILA's forget and retain pair. To
+run on a card that cannot hold them, the layers are split into *groups* whose accumulators fit a
+budget, and the data is passed once per group (:mod:`fastunlearn.fisher.passes`). The groups are runs of
+consecutive layers in the model's order: a pass's backward only has to reach the lowest layer of its
+group, so contiguous groups keep the backward work per pass small.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from fastunlearn.fisher.passes import Data, largest_batch, run_pass
+
+__all__ = ["available_memory", "format_bytes", "parse_bytes", "plan_groups", "resolve_budget"]
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
+
+
+def parse_bytes(value: int | str) -> int:
+    """A size in bytes from an int or a string with an optional unit: ``65536``, ``"64MiB"``, ``"2GB"``,
+    ``"1.5 GiB"`` (decimal kB/MB/GB/TB, binary KiB/MiB/GiB/TiB, case-insensitive).
+
+    Raises ``ValueError`` for anything else, and for sizes below one byte.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ValueError(f"a memory size must be an int or a string like '64MiB', got {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.fullmatch(value)
+        unit = match.group(2).lower() if match else None
+        if unit not in _UNITS:
+            raise ValueError(
+                f"invalid memory size {value!r}: expected bytes as an integer or a number with a unit "
+                "(kB, MB, GB, TB, KiB, MiB, GiB, TiB), e.g. '64MiB' or '2GB'"
+            )
+        size = math.floor(float(match.group(1)) * _UNITS[unit])
+    if size < 1:
+        raise ValueError(f"a memory size must be at least one byte, got {value!r}")
+    return size
+
+
+def format_bytes(size: float) -> str:
+    """``size`` in the largest binary unit that keeps it at least 1 (``'64.0 MiB'``)."""
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{int(size)} B"
+
+
+def plan_groups(
+    sizes: Mapping[str, int], budget: int, *, what: str, origin: str = "the Fisher memory budget"
+) -> list[list[str]]:
+    """Split layers (name → accumulator bytes, in the model's order) into runs of consecutive layers
+    whose bytes sum to at most ``budget``; greedy, so the number of groups is the fewest possible for
+    runs in this order.
+
+    ``what`` says what the bytes of one layer are and ``origin`` where the budget came from, for the
+    ``ValueError`` (naming the layer and the bytes it needs) raised when a single layer exceeds it.
+    """
+    budget = max(budget, 0)
+    groups: list[list[str]] = []
+    used = budget + 1  # forces a new group for the first layer
+    for name, size in sizes.items():
+        if size > budget:
+            raise ValueError(
+                f"{origin}, {format_bytes(budget)} ({budget} bytes), is too small for layer {name!r}: its "
+                f"{what} need {format_bytes(size)} ({size} bytes); give at least that (max_memory=, "
+                "--fisher-memory)"
+            )
+        if used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(name)
+        used += size
+    return groups
+
+
+def _host_available() -> int:
+    """Memory the OS could give this process now: ``MemAvailable`` on Linux, free pages elsewhere."""
+    try:
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that tensors on ``device`` could still take: for CUDA the driver's free memory plus what
+    PyTorch's caching allocator holds unused; for the CPU the host's available memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return _host_available()
+
+
+def resolve_budget(
+    max_memory: int | None,
+    model: nn.Module,
+    data: Sequence[Data],
+    layers: Mapping[str, nn.Linear],
+    *,
+    mode: str,
+    backend: str,
+    cpu_default: Callable[[], int],
+) -> tuple[int, str]:
+    """The accumulator budget in bytes and where it came from (for error messages).
+
+    ``max_memory`` when given (already through :func:`parse_bytes`). Otherwise, on CUDA (the device of
+    the first layer), what is left after the model and the activations of a pass: one dry pass (every
+    layer measured, nothing folded) over the largest batch gives the activation peak, and the budget is
+    90 % of the available memory (:func:`available_memory`) less that peak, less one fp32 layer of
+    scratch for the fold. On the CPU, where no allocator counts its peak, ``cpu_default()``. Call
+    inside :func:`~fastunlearn.fisher.passes.fisher_session`.
+    """
+    if max_memory is not None:
+        return max_memory, "the Fisher memory budget (max_memory)"
+    device = next(iter(layers.values())).weight.device
+    if device.type != "cuda":
+        return cpu_default(), "the default Fisher memory budget (part of the available host memory)"
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run_pass(model, largest_batch(data), layers, mode=mode, backend=backend, fold=False)
+    torch.cuda.synchronize(device)
+    activations = torch.cuda.max_memory_allocated(device) - before
+    scratch = 4 * max(layer.weight.numel() for layer in layers.values())
+    budget = int(0.9 * (available_memory(device) - activations)) - scratch
+    origin = (
+        f"the default Fisher memory budget (free {device} memory after the model and "
+        f"{format_bytes(activations)} of activations)"
+    )
+    return budget, origin

@@ -1,0 +1,363 @@
+"""One pass of a data set through a model that folds ``Σ_n (G_nᵀ X_n)²`` of chosen layers into accumulators.
+
+For an ``nn.Linear`` weight ``W`` and example ``n`` with layer inputs ``X_n ∈ R^{T×in}`` and output
+gradients ``G_n ∈ R^{T×out}`` of that example's loss ``L_n``, the example's weight gradient is
+``g_n = G_nᵀ X_n`` (SPEC §3.1). One backward of the summed loss ``Σ_n L_n`` yields every ``G_n`` at once
+(examples do not interact), and no weight gradient is needed: the weights stay frozen.
+
+How ``X`` and ``G`` meet. A forward hook on each measured layer passes the layer's output through
+:class:`_Tap`, an autograd function that is the identity on the output, saves the layer input ``X``
+with ``ctx.save_for_backward`` and, in its backward, receives ``G`` and folds ``(X, G)`` with
+:func:`fastunlearn.ops.grad_sq.per_example_grad_sq`. Because ``X`` is an autograd saved tensor and
+the fold happens where the gradient is formed:
+
+- each layer is counted once per forward, whatever re-runs it: under activation checkpointing the
+  recomputation in the backward re-applies the tap (keeping the saved tensors of the original and the
+  recomputed forward alike), but only the original forward's tap is part of the backward graph;
+- under checkpointing ``X`` is not kept from the forward at all: checkpointing stores a placeholder
+  and recomputes it with the layer's block when the backward reaches that block;
+- without checkpointing, ``X`` is held exactly once, as a LoRA layer's ``lora_A`` holds it in training
+  (a frozen linear layer saves its weight, not its input, so nothing else keeps it).
+
+Where the backward stops. Frozen weights and inputs that need no gradient leave the measured layers'
+outputs outside the graph, so the tap of a layer whose output does not require grad also takes a
+0-dimensional *anchor* tensor that does: everything above it joins the graph, nothing below it does.
+The backward of a pass therefore runs from the loss down to the lowest measured layer and stops; the
+layers below it keep no activations. For the same reason the input embeddings' output is detached
+during the pass (``enable_input_require_grads``, which gradient checkpointing with frozen embeddings
+turns on, would otherwise pull every layer into the graph).
+
+Checkpointing. ``transformers`` checkpoints its decoder layers (``GradientCheckpointingLayer``) only in
+training mode, and training mode turns dropout on. The pass runs in eval mode instead and checkpoints
+those layers itself (``torch.utils.checkpoint``, non-reentrant: the reentrant variant would not
+backpropagate into a block whose inputs do not require grad), so the estimate is that of the
+deterministic model, with or without checkpointing.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fastunlearn.modeling import model_device, unwrap_model
+from fastunlearn.ops import IGNORE_INDEX
+from fastunlearn.ops.grad_sq import per_example_grad_sq
+from fastunlearn.ops.nll import shift_labels, shifted_nll
+
+__all__ = ["Batch", "Data", "fisher_session", "prepare_batches", "run_pass"]
+
+_MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A checked batch: the caller's mapping, its labels, and its label-token and example counts."""
+
+    inputs: Mapping[str, Any]
+    labels: Tensor
+    tokens: int  # c_b: label tokens (positions t whose logit predicts labels[t+1])
+    examples: int  # sequences with at least one label token
+
+
+@dataclass(frozen=True)
+class Data:
+    """A data set's batches, checked and kept so that every group of layers sees the same batches."""
+
+    batches: list[Batch]
+    num_examples: int
+    num_tokens: int
+
+
+def _check_batch(batch: Any, where: str) -> Batch:
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"{where} must be a mapping with input_ids and labels, got {type(batch).__name__}")
+    for key in ("input_ids", "labels"):
+        if key not in batch or not isinstance(batch[key], Tensor):
+            raise ValueError(
+                f"{where} has no {key!r} tensor (keys: {sorted(batch)}); Fisher estimation needs "
+                "input_ids and labels (-100 at positions without a loss)"
+            )
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    if input_ids.dim() != 2 or labels.shape != input_ids.shape:
+        raise ValueError(
+            f"{where}: input_ids and labels must both be [batch, tokens]; got {tuple(input_ids.shape)} "
+            f"and {tuple(labels.shape)}"
+        )
+    if labels.is_floating_point():
+        raise TypeError(f"{where}: labels must be integer token ids, got {labels.dtype}")
+    valid = shift_labels(labels) != IGNORE_INDEX  # the logit at t predicts t+1
+    return Batch(batch, labels, int(valid.sum()), int(valid.any(dim=1).sum()))
+
+
+def prepare_batches(batches: Iterable[Mapping[str, Any]], name: str | None = None) -> Data:
+    """Check every batch and keep them (token ids: small next to any model), before any compute.
+
+    Kept rather than re-iterated because a pass runs once per group of layers, and an iterable may be
+    a one-shot generator or a loader that reshuffles. Raises ``ValueError`` for no batches or no label;
+    ``name`` ("forget") says which data set in the messages.
+    """
+    of = f" of the {name} set" if name else ""
+    checked = [_check_batch(batch, f"batch {index}{of}") for index, batch in enumerate(batches)]
+    if not checked:
+        raise ValueError(f"got no batches{of}")
+    num_tokens = sum(b.tokens for b in checked)
+    if num_tokens == 0:
+        raise ValueError(
+            f"every label in the batches{of} is -100: there is no token to measure the Fisher on"
+        )
+    return Data(checked, sum(b.examples for b in checked), num_tokens)
+
+
+class _Tap(torch.autograd.Function):
+    """Identity on a layer's output; its backward hands ``(X, G)`` to ``fold`` (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, output: Tensor, inputs: Tensor, anchor: Tensor | None, fold: Callable) -> Tensor:
+        ctx.save_for_backward(inputs)
+        ctx.fold = fold
+        # A detached alias, not `output` itself: an input returned as-is would become a view whose
+        # in-place modification (by the model's code) autograd forbids for custom functions.
+        return output.detach()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+        (inputs,) = ctx.saved_tensors
+        ctx.fold(inputs, grad)
+        return (grad if ctx.needs_input_grad[0] else None), None, None, None
+
+
+class _Folder:
+    """The forward hooks of one pass and the fold of ``(X, G)`` into the accumulators ``sums``."""
+
+    def __init__(
+        self, layers: Mapping[str, nn.Linear], fold: bool, mode: str, backend: str, anchor: Tensor
+    ) -> None:
+        self.layers = layers
+        # Created at a layer's first output gradient, as autograd creates `.grad`: made before the
+        # forward, they would all add to the forward's activation peak. None: a dry pass.
+        self.sums: dict[str, Tensor] | None = {} if fold else None
+        self.mode = mode
+        self.backend = backend
+        self.anchor = anchor
+        self.batch_size = 0
+        self.batch_weight = 1.0
+        self.in_forward = False
+        self.calls: dict[str, int] = {}
+
+    def start_batch(self, batch: Batch) -> None:
+        self.batch_size = batch.labels.shape[0]
+        # mode="batch": the gradient of the token mean, weighted so that its square carries c_b.
+        self.batch_weight = math.sqrt(max(batch.tokens, 1))
+        self.calls = dict.fromkeys(self.layers, 0)
+        self.in_forward = True
+
+    def hook(self, name: str) -> Callable:
+        def forward_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+            if not torch.is_grad_enabled():
+                return None
+            if self.in_forward:  # recomputations run in the backward and are not counted
+                self.calls[name] += 1
+                if self.calls[name] > 1:
+                    raise ValueError(
+                        f"layer {name!r} ran more than once in one forward pass (shared weights); its "
+                        "per-example gradient is a sum over calls, which is not supported"
+                    )
+            if not args or not isinstance(args[0], Tensor):
+                raise ValueError(f"layer {name!r} was called without a positional input tensor")
+            x = args[0].detach()
+            if x.dim() < 2 or x.shape[0] != self.batch_size:
+                raise ValueError(
+                    f"layer {name!r} received inputs of shape {tuple(x.shape)}; per-example Fisher needs "
+                    f"the batch ({self.batch_size} examples) as the leading dimension"
+                )
+            anchor = None if output.requires_grad else self.anchor
+            return _Tap.apply(output, x, anchor, functools.partial(self.fold, name))
+
+        return forward_hook
+
+    def fold(self, name: str, x: Tensor, grad: Tensor) -> None:
+        if self.sums is None:
+            return
+        B = x.shape[0]
+        inputs = x.reshape(B, -1, x.shape[-1])
+        grads = grad.reshape(B, -1, grad.shape[-1])
+        if self.mode == "batch":  # one "example": the whole batch, its gradient weighted by sqrt(c_b)
+            inputs = inputs.reshape(1, -1, inputs.shape[-1])
+            grads = grads.reshape(1, -1, grads.shape[-1])
+            grads = grads.to(torch.promote_types(grads.dtype, torch.float32)) * self.batch_weight
+        elif self.mode == "token":  # every token its own "example"
+            inputs, grads = inputs.reshape(-1, inputs.shape[-1]), grads.reshape(-1, grads.shape[-1])
+        if name not in self.sums:
+            self.sums[name] = _zeros(self.layers[name])
+        per_example_grad_sq(inputs, grads, self.sums[name], backend=self.backend)
+
+
+def _batch_loss(model: nn.Module, batch: Batch, mode: str) -> Tensor:
+    """The loss whose backward yields the wanted ``G``.
+
+    ``per_example``/``token``: ``Σ_n L_n`` with ``L_n`` example n's summed token NLL.
+    ``batch``: the token mean ``L̄_b = Σ_n L_n / c_b``, as the paper's code differentiates it; the fold
+    scales its output gradients by ``sqrt(c_b)`` so that the square is the paper's ``c_b·(∇L̄_b)²``
+    (differentiating the same loss the same way keeps the estimate equal to the paper's to fp32
+    rounding, element by element).
+
+    The NLL is :func:`fastunlearn.ops.nll.shifted_nll` (the logit at t predicts token t+1; fp32 at
+    least, fp64 kept for fp64 models).
+    """
+    device = model_device(model)
+    inputs: dict[str, Any] = {
+        k: v.to(device) for k, v in batch.inputs.items() if k in _MODEL_KEYS and isinstance(v, Tensor)
+    }
+    if getattr(getattr(unwrap_model(model), "config", None), "use_cache", None) is not None:
+        inputs["use_cache"] = False  # a KV cache is dead weight here
+    output = model(**inputs)
+    logits = output.logits if hasattr(output, "logits") else output[0]
+    nll = shifted_nll(logits, batch.labels, "sum")
+    if mode == "batch":
+        nll = nll / max(batch.tokens, 1)
+    return nll
+
+
+def _zeros(layer: nn.Linear) -> Tensor:
+    return torch.zeros(layer.weight.shape, dtype=torch.float32, device=layer.weight.device)
+
+
+def run_pass(
+    model: nn.Module,
+    data: Data,
+    layers: Mapping[str, nn.Linear],
+    *,
+    mode: str,
+    backend: str,
+    fold: bool = True,
+    progress: bool = False,
+    desc: str = "Fisher",
+) -> dict[str, Tensor]:
+    """One forward and one backward per batch of ``data`` with ``layers`` measured: each layer's
+    ``Σ_n (G_nᵀ X_n)²`` summed over the batches (per the mode; fp32, shaped like the weight, zeros for
+    a layer no gradient reached), in the order of ``layers``. ``fold=False`` runs the pass without
+    folding and returns nothing (to measure its activations). Call inside :func:`fisher_session`."""
+    from tqdm.auto import tqdm
+
+    anchor = torch.zeros((), device=model_device(model), requires_grad=True)
+    folder = _Folder(layers, fold, mode, backend, anchor)
+    handles = [layer.register_forward_hook(folder.hook(name)) for name, layer in layers.items()]
+    try:
+        for batch in tqdm(data.batches, desc=desc, disable=not progress):
+            folder.start_batch(batch)
+            with torch.enable_grad():
+                loss = _batch_loss(model, batch, mode)
+                folder.in_forward = False
+                if loss.requires_grad:
+                    loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if folder.sums is None:
+        return {}
+    return {
+        name: folder.sums.pop(name) if name in folder.sums else _zeros(layer)
+        for name, layer in layers.items()
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model during a pass
+
+
+def _checkpoint_units(model: nn.Module, requested: bool | None) -> list[nn.Module]:
+    """The blocks to checkpoint: ``transformers``' checkpointable layers, those it checkpoints itself
+    when ``requested`` is ``None`` (follow the model), all of them when ``True``, none when ``False``."""
+    units: list[nn.Module] = []
+    if "transformers" in sys.modules:  # a model can only hold its layers if it has been imported
+        try:
+            from transformers.modeling_layers import GradientCheckpointingLayer
+        except ImportError:  # older transformers checkpoint in the model's loop, in training mode only
+            GradientCheckpointingLayer = None
+        if GradientCheckpointingLayer is not None:
+            units = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    enabled = [m for m in units if getattr(m, "gradient_checkpointing", False)]
+    if requested is None:
+        return enabled
+    if not requested:
+        return []
+    if not units:
+        raise ValueError(
+            f"gradient_checkpointing=True: {type(model).__name__} has no checkpointable layers "
+            "(transformers' GradientCheckpointingLayer); pass gradient_checkpointing=False"
+        )
+    return enabled or units
+
+
+def _checkpoint_forward(module: nn.Module) -> Callable[[], None]:
+    """Make ``module``'s forward run under non-reentrant checkpointing; returns the undo."""
+    own = "forward" in module.__dict__  # e.g. accelerate's dispatch hooks set an instance forward
+    previous = module.__dict__.get("forward")
+    inner = module.forward
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(functools.partial(inner, **kwargs), *args, use_reentrant=False)
+
+    module.forward = forward
+
+    def undo() -> None:
+        if own:
+            module.forward = previous
+        else:
+            del module.forward
+
+    return undo
+
+
+def _detach_output(module: nn.Module, args: tuple, output: Any) -> Any:
+    return output.detach() if isinstance(output, Tensor) and output.requires_grad else None
+
+
+@contextmanager
+def fisher_session(model: nn.Module, gradient_checkpointing: bool | None) -> Iterator[None]:
+    """The model as passes need it, restored however the block exits: eval mode (no dropout), every
+    parameter frozen (no ``.grad`` is made), the input embeddings' output detached, and the blocks of
+    :func:`_checkpoint_units` checkpointed (module docstring)."""
+    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    training = [(m, m.training) for m in model.modules()]
+    handles = []
+    undo: list[Callable[[], None]] = []
+    try:
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        get_embeddings = getattr(unwrap_model(model), "get_input_embeddings", None)
+        try:
+            embeddings = get_embeddings() if callable(get_embeddings) else None
+        except NotImplementedError:
+            embeddings = None
+        if isinstance(embeddings, nn.Module):
+            handles.append(embeddings.register_forward_hook(_detach_output))
+        for unit in _checkpoint_units(model, gradient_checkpointing):
+            undo.append(_checkpoint_forward(unit))
+        yield
+    finally:
+        for restore in reversed(undo):
+            restore()
+        for handle in handles:
+            handle.remove()
+        for p, flag in requires_grad:
+            p.requires_grad_(flag)
+        for m, flag in training:
+            m.training = flag
+
+
+def largest_batch(data: Sequence[Data]) -> Data:
+    """The one batch with the most token positions across ``data``, as a data set of its own."""
+    batch = max((b for d in data for b in d.batches), key=lambda b: b.labels.numel())
+    return Data([batch], batch.examples, batch.tokens)
