@@ -13,6 +13,7 @@ __all__ = ["add_parser"]
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``fastunlearn fisher``."""
     from fastunlearn.fisher import FISHER_MODES
+    from fastunlearn.modeling import PRECISIONS
 
     p = subparsers.add_parser(
         "fisher",
@@ -40,6 +41,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=int, default=4, help="examples per forward pass (default: %(default)s)"
     )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=PRECISIONS,
+        help="dtype the model is loaded in: auto = bf16 on CUDA GPUs of compute capability 8.0+, fp32 "
+        "elsewhere; fp16 is refused (its gradients underflow without loss scaling) (default: %(default)s)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_run_fisher)
@@ -48,16 +56,29 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _run_fisher(args: argparse.Namespace) -> int:
     from fastunlearn.fisher import estimate_fisher
-    from fastunlearn.modeling import load_model_and_tokenizer, to_training_device
+    from fastunlearn.modeling import (
+        PRECISION_DTYPES,
+        load_model_and_tokenizer,
+        resolve_precision,
+        to_training_device,
+        training_device,
+    )
     from fastunlearn.training import data as fdata
 
     if os.path.exists(args.output) and not args.overwrite:
         raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
+    dtype = resolve_precision(args.dtype, training_device())
+    if dtype == "fp16":
+        raise ValueError(
+            "--dtype fp16: the Fisher estimate squares per-example gradients, which in fp16 flush to zero "
+            "below 6e-8 without loss scaling (which it does not apply); use bf16 (same memory) or fp32"
+        )
     model, tokenizer = load_model_and_tokenizer(
         args.model,
         args.tokenizer,
         trust_remote_code=args.trust_remote_code,
         allow_download=args.allow_download,
+        dtype=PRECISION_DTYPES[dtype],
     )
     to_training_device(model)  # on a GPU machine the Fisher kernel runs there
     examples = fdata.prepare(

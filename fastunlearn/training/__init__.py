@@ -2,8 +2,11 @@
 
 - :mod:`~fastunlearn.training.data`: JSON Lines records → tokenised examples → padded forget/retain
   batches, the same pipeline evaluation uses.
-- :mod:`~fastunlearn.training.methods`: the objectives IHL, GA, GD and NPO (SPEC §2).
+- :mod:`~fastunlearn.training.methods`: the objectives IHL, GA, GD and NPO (SPEC §2), computed by the
+  model patched with :func:`fastunlearn.patch`.
 - :mod:`~fastunlearn.training.config`: :class:`UnlearnConfig` and :class:`UnlearnResult`.
+- :mod:`~fastunlearn.training.precision`: what ``precision`` resolves to, the dtype a model is loaded
+  in, and what is refused.
 - :mod:`~fastunlearn.training.trainer`: :class:`UnlearnTrainer`, a ``transformers.Trainer``.
 - :mod:`~fastunlearn.training.run`: :func:`unlearn`, from a model and data to files on disk.
 

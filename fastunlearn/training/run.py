@@ -3,8 +3,10 @@
 :func:`unlearn` runs the paper's recipe (Cha et al. 2025 §4; SPEC §3.2) with the options of
 :class:`~fastunlearn.training.config.UnlearnConfig`: it loads the model and the data, wraps the model
 with LoRA, for ``init="fila"`` estimates the forget and retain Fisher information and re-initialises
-the adapters with :func:`fastunlearn.fisher.fila_init`, trains with
-:class:`~fastunlearn.training.trainer.UnlearnTrainer`, measures the model before and after, and
+the adapters with :func:`fastunlearn.fisher.fila_init`, patches it (:func:`fastunlearn.patch`: the
+loss terms from the last hidden states, fused where the architecture allows) and trains with
+:class:`~fastunlearn.training.trainer.UnlearnTrainer` at the resolved precision
+(:mod:`fastunlearn.training.precision`), measures the model before and after, unpatches it, and
 writes, atomically::
 
     output_dir/
@@ -14,7 +16,7 @@ writes, atomically::
       fisher/             forget.safetensors, retain.safetensors (FILA; reused on resume)
       checkpoints/        Trainer checkpoints (resume=True continues from the last one)
       metrics.json        {"before": {"forget", "retain"}, "after": {...}, "train": {...}}
-      run_config.json     every option, the data and model sources, library versions
+      run_config.json     every option, the resolved precision, the data and model sources, versions
 
 A non-empty output directory is refused unless ``overwrite`` (which removes only the entries above)
 or ``resume`` (which continues from the last checkpoint of the same run).
@@ -35,10 +37,12 @@ import torch
 from torch import nn
 
 from fastunlearn._io import write_dir, write_json
-from fastunlearn.modeling import load_model_and_tokenizer, to_training_device
+from fastunlearn.modeling import load_model_and_tokenizer, to_training_device, training_device
+from fastunlearn.patching import fused_blocker, patch, unpatch
 from fastunlearn.training import data as fdata
 from fastunlearn.training.config import INITS, UnlearnConfig, UnlearnResult
 from fastunlearn.training.methods import METHODS, NEEDS_RETAIN, sequence_logprobs
+from fastunlearn.training.precision import autocast, load_dtype, resolve_training_precision, weights_dtype
 from fastunlearn.training.trainer import build_trainer
 
 # Entries unlearn() writes; overwrite=True removes these and nothing else from output_dir.
@@ -55,6 +59,8 @@ _RESUME_FREE = (
     "callbacks",
     "allow_download",
     "trust_remote_code",
+    "fused",  # how the loss is computed, not which loss
+    "ihl_backend",
 )
 
 __all__ = ["OUTPUT_ENTRIES", "check_output_dir", "clear_output_dir", "unlearn"]
@@ -240,8 +246,12 @@ def unlearn(
         raise ValueError(f"method {method!r} needs a retain set")
     if retain is None and init == "fila":
         raise ValueError("init='fila' needs a retain set (relative Fisher information); use init='lora'")
-    if cfg.fused_linear and method != "ihl":
-        raise ValueError(f"fused_linear=True computes the IHL forget term; method {method!r} does not use it")
+    precision = resolve_training_precision(
+        cfg.precision,
+        training_device(),
+        init=init,
+        weights=None if isinstance(model, (str, os.PathLike)) else weights_dtype(model),
+    )
     output_dir = os.path.abspath(os.fspath(output_dir))
 
     run_config = {
@@ -253,6 +263,7 @@ def unlearn(
         else getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__,
         "forget": _source_name(forget),
         "retain": None if retain is None else _source_name(retain),
+        "precision": precision,
         "versions": _versions(),
     }
     config_path = os.path.join(output_dir, "run_config.json")
@@ -265,8 +276,10 @@ def unlearn(
         tokenizer,
         trust_remote_code=cfg.trust_remote_code,
         allow_download=cfg.allow_download,
-        dtype=torch.bfloat16 if cfg.bf16 else None,
+        dtype=load_dtype(precision, init),
     )
+    if cfg.fused and (reason := fused_blocker(model)) is not None:  # refused before anything is written
+        raise ValueError(f"fused=True: cannot compute the losses of {type(model).__name__} fused: {reason}")
     to_training_device(model)
     prep = dict(data_format=cfg.data_format, template=cfg.template, max_length=cfg.max_length)
     forget_ex = fdata.prepare(forget, tokenizer, name="forget", **prep)
@@ -304,32 +317,42 @@ def unlearn(
                 cfg,
                 output_dir,
             )
-    if method == "npo":
-        # The model before unlearning (for FILA: W_res + s·B₀A₀ = W) gives the fixed reference.
-        dataset.ref_logp = sequence_logprobs(model, fdata.batches(forget_ex, pad_id, cfg.eval_batch_size))
+    # The loss terms inside the model's forward (fused where possible); labels were checked once above.
+    patch(model, fused=cfg.fused, backend=cfg.ihl_backend, validate=False)
+    try:
+        if method == "npo":
+            # The model before unlearning (for FILA: W_res + s·B₀A₀ = W) gives the fixed reference,
+            # computed as the training step computes the policy term.
+            with autocast(precision, training_device()):
+                batches = fdata.batches(forget_ex, pad_id, cfg.eval_batch_size)
+                dataset.ref_logp = sequence_logprobs(model, batches)
 
-    trainer = build_trainer(model, dataset, pad_id, method=method, cfg=cfg, output_dir=output_dir)
-    start = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=_last_checkpoint(output_dir) if cfg.resume else None)
-    metrics["train"] = {
-        "loss": out.training_loss,
-        "global_step": out.global_step,
-        "runtime_s": time.perf_counter() - start,
-    }
-    if cfg.evaluate:
-        metrics["after"] = _evaluate(model, forget_ex, retain_ex, pad_id, cfg)
+        trainer = build_trainer(
+            model, dataset, pad_id, method=method, cfg=cfg, output_dir=output_dir, precision=precision
+        )
+        start = time.perf_counter()
+        out = trainer.train(resume_from_checkpoint=_last_checkpoint(output_dir) if cfg.resume else None)
+        metrics["train"] = {
+            "loss": out.training_loss,
+            "global_step": out.global_step,
+            "runtime_s": time.perf_counter() - start,
+        }
+        if cfg.evaluate:
+            metrics["after"] = _evaluate(model, forget_ex, retain_ex, pad_id, cfg)
 
-    result = UnlearnResult(
-        model=model,
-        tokenizer=tokenizer,
-        output_dir=output_dir,
-        metrics=metrics,
-        metrics_path=os.path.join(output_dir, "metrics.json"),
-        run_config_path=config_path,
-        fisher_paths=fisher_paths,
-    )
-    _save_outputs(result, init=init, merge=cfg.merge)
-    write_json(result.metrics_path, metrics)
+        result = UnlearnResult(
+            model=model,
+            tokenizer=tokenizer,
+            output_dir=output_dir,
+            metrics=metrics,
+            metrics_path=os.path.join(output_dir, "metrics.json"),
+            run_config_path=config_path,
+            fisher_paths=fisher_paths,
+        )
+        _save_outputs(result, init=init, merge=cfg.merge)
+        write_json(result.metrics_path, metrics)
+    finally:
+        unpatch(model)
     return result
 
 
