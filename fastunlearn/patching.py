@@ -51,10 +51,9 @@ from dataclasses import dataclass
 from types import MethodType
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
 
-from fastunlearn.ops._backend import Backend, resolve_backend
+from fastunlearn.ops._backend import BACKENDS, Backend
 from fastunlearn.ops.fused_linear import fused_linear_ihl_loss, fused_linear_nll_loss
 from fastunlearn.ops.ihl import ihl_loss, nll_loss
 from fastunlearn.ops.nll import shift_labels
@@ -189,7 +188,11 @@ def patch(
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     lm = find_causal_lm(model)
-    resolve_backend(backend, torch.device("cpu"), has_reference=False)  # a bad name fails here, not mid-step
+    # A bad name fails here, not mid-step. Whether the backend runs where the model is is checked at
+    # each call: the model may move (e.g. to the GPU) after being patched.
+    backends = tuple(b for b in BACKENDS if b != "reference")
+    if backend not in backends:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {backends}")
     if fused is not False:
         reason = fused_blocker(lm)
         if reason is not None and fused:

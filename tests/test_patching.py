@@ -384,3 +384,16 @@ def test_bf16_model_losses_come_from_its_bf16_hidden_states_uncopied(loss_type, 
     if loss_type == "seq_logprob":  # a sum of up to T rows
         row_bound *= int((data["labels"][:, 1:] != -100).sum(-1).max())
     assert_close(out.loss.detach(), want, 0.0, row_bound)
+
+
+def test_backend_is_checked_where_the_loss_runs(monkeypatch):
+    """patch() checks the backend's name only: a model patched for Triton on the CPU (before being moved
+    to its GPU) is accepted, and a call where the backend cannot run fails then, with the reason."""
+    model = tiny_llama(VOCAB, seed=14)
+    data = batch(seed=14)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a GPU machine: no interpreter for CPU tensors
+    fastunlearn.patch(model, backend="triton")
+    with pytest.raises(ValueError, match="Triton interpreter"):
+        model(**data, loss_type="ihl")
+    with pytest.raises(ValueError, match=r"unknown backend 'reference'"):
+        fastunlearn.patch(model, backend="reference")
