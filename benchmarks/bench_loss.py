@@ -5,8 +5,8 @@ with hidden size ``H`` and vocabulary ``V``, forward and backward, through one o
 (frozen, as under LoRA: the gradient goes to the hidden states; ``--train-head`` adds ``∂W``):
 
 - ``eager``   ``z = h @ Wᵀ`` per term, ``ihl_loss(z_f) + F.cross_entropy(z_r.float())`` — the logits
-  path as ``fastunlearn.methods`` computes it today (an fp32 copy of bf16 retain logits, a
-  log-softmax);
+  path as ``fastunlearn.methods`` computed it before the objectives moved into the patched model
+  (an fp32 copy of bf16 retain logits, a log-softmax);
 - ``logits``  ``z = h @ Wᵀ`` per term, ``ihl_loss(z_f) + nll_loss(z_r)`` — the logits path of
   ``fastunlearn.patch(model, fused=False)``: both terms on the row kernels, bf16 stays bf16;
 - ``fused``   ``fused_linear_ihl_loss(h_f, W) + fused_linear_nll_loss(h_r, W)`` — the patched model's

@@ -8,9 +8,12 @@
 - :func:`unwrap_model`: the model under a ``peft`` wrapper.
 - :func:`canonical_name`: a layer's name with what wrappers add stripped, so that state taken on a
   plain model and on the same model wrapped by ``peft``/DDP/DeepSpeed share their keys.
-- :func:`model_device`, :func:`to_training_device`, :func:`resolve_device`, :func:`num_threads`: where
-  a model is, the device ``Trainer`` will train on, a device named by the user, and PyTorch's threads.
+- :func:`model_device`, :func:`training_device`, :func:`to_training_device`, :func:`resolve_device`,
+  :func:`num_threads`: where a model is, the device ``Trainer`` will train on, a device named by the
+  user, and PyTorch's threads.
 - :func:`quiet_peft_wrap`: wrapping a model with ``peft`` without the deprecation warning it triggers.
+- :func:`resolve_precision`: the compute precision a device supports (``"auto"``: bf16 on CUDA sm_80+,
+  fp32 elsewhere).
 
 ``transformers`` and ``peft`` are imported inside the functions that need them: the Fisher layer uses
 this module, and ``import fastunlearn`` must stay free of both.
@@ -30,6 +33,8 @@ import torch
 from torch import nn
 
 __all__ = [
+    "PRECISIONS",
+    "PRECISION_DTYPES",
     "ModelSource",
     "adapter_base",
     "canonical_name",
@@ -43,11 +48,17 @@ __all__ = [
     "num_threads",
     "quiet_peft_wrap",
     "resolve_device",
+    "resolve_precision",
     "to_training_device",
+    "training_device",
     "unwrap_model",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# transformers 4.56 renamed from_pretrained's `torch_dtype` to `dtype` (the old name is deprecated).
+_DTYPE_RENAMED_IN = (4, 56)
 
 
 def canonical_name(name: str) -> str:
@@ -255,7 +266,9 @@ def load_model_and_tokenizer(
     from transformers import AutoModelForCausalLM
 
     options: dict[str, Any] = dict(local_files_only=not allow_download, trust_remote_code=trust_remote_code)
-    weights = dict(options, dtype=dtype if dtype is not None else "auto", use_safetensors=True)
+    # transformers 4.56 renamed from_pretrained's `torch_dtype` to `dtype`.
+    dtype_arg = "dtype" if _transformers_version() >= _DTYPE_RENAMED_IN else "torch_dtype"
+    weights = {**options, dtype_arg: dtype if dtype is not None else "auto", "use_safetensors": True}
     if isinstance(model, (str, os.PathLike)):
         source = model_source(model, base_model=base_model, allow_download=allow_download)
         with _unreadable(source.base or source.path):
@@ -280,12 +293,26 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+def _transformers_version() -> tuple[int, int]:
+    import transformers
+
+    major, minor = transformers.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of ``model``'s first parameter (the CPU for a model without parameters)."""
     try:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
+
+
+def training_device() -> torch.device:
+    """The device ``Trainer`` trains on in this process: its local GPU, or the CPU without CUDA."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def to_training_device(model: nn.Module) -> None:
@@ -295,7 +322,7 @@ def to_training_device(model: nn.Module) -> None:
     """
     on_cpu = model_device(model).type == "cpu"
     if torch.cuda.is_available() and on_cpu and getattr(model, "hf_device_map", None) is None:
-        model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+        model.to(training_device())
 
 
 def resolve_device(name: str) -> torch.device:
@@ -336,3 +363,30 @@ def num_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"fp32"``, ``"bf16"`` or ``"fp16"``: the compute precision ``precision`` means on ``device``.
+
+    ``"auto"`` is bf16 on CUDA GPUs of compute capability 8.0 or newer (Ampere and later: native bf16
+    matmuls) and fp32 everywhere else. fp32 is the CPU default even though CPUs run bf16: without
+    AVX512-BF16 or AMX, bf16 matmuls are emulated and slower than fp32, so bf16 there is for those who
+    ask. ``"bf16"`` is refused on other GPUs (sm < 80 emulate it, slowly, and some kernels lack it),
+    with the alternatives. What fp16 needs (loss scaling) is the caller's to check.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        bf16_native = capability >= (8, 0)
+    else:
+        capability, bf16_native = None, device.type == "cpu"
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and bf16_native else "fp32"
+    if precision == "bf16" and not bf16_native:
+        where = f"this GPU is sm_{capability[0]}{capability[1]}" if capability else f"not on {device.type}"
+        raise ValueError(
+            f"precision 'bf16' needs a CUDA GPU of compute capability 8.0+ (Ampere or newer) or the CPU; "
+            f"{where}: use 'fp16' (loss-scaled) or 'fp32'"
+        )
+    return precision

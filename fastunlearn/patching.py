@@ -51,15 +51,13 @@ from dataclasses import dataclass
 from types import MethodType
 from typing import Any, Literal
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastunlearn.ops._backend import Backend, resolve_backend
+from fastunlearn.ops._backend import BACKENDS, Backend
 from fastunlearn.ops.fused_linear import fused_linear_ihl_loss, fused_linear_nll_loss
 from fastunlearn.ops.ihl import ihl_loss, nll_loss
+from fastunlearn.ops.nll import shift_labels
 
-IGNORE_INDEX = -100
 LossType = Literal["ihl", "nll", "seq_logprob"]
 # loss type -> (row loss, reduction)
 _LOSSES = {"ihl": ("ihl", "mean"), "nll": ("nll", "mean"), "seq_logprob": ("nll", "none")}
@@ -80,6 +78,7 @@ _STATE = "_fastunlearn_patch"
 __all__ = [
     "FUSED_FAMILIES",
     "LOSS_TYPES",
+    "LossType",
     "find_causal_lm",
     "fused_blocker",
     "is_fused",
@@ -189,7 +188,11 @@ def patch(
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     lm = find_causal_lm(model)
-    resolve_backend(backend, torch.device("cpu"), has_reference=False)  # a bad name fails here, not mid-step
+    # A bad name fails here, not mid-step. Whether the backend runs where the model is is checked at
+    # each call: the model may move (e.g. to the GPU) after being patched.
+    backends = tuple(b for b in BACKENDS if b != "reference")
+    if backend not in backends:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {backends}")
     if fused is not False:
         reason = fused_blocker(lm)
         if reason is not None and fused:
@@ -276,7 +279,7 @@ def _loss_forward(lm: nn.Module, state: _PatchState, call, loss_type: str, args,
     as_tuple = kwargs.get("return_dict") is False
     kwargs["return_dict"] = True
     kwargs.setdefault("use_cache", False)
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    targets = shift_labels(labels)
     blocker = "fused=False" if state.fused is False else fused_blocker(lm)
     if blocker is None:
         with _head_computes_loss(lm.get_output_embeddings(), targets, loss_type, state) as calls:

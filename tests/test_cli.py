@@ -19,6 +19,7 @@ from fastunlearn._io import write_text
 from fastunlearn.cli import build_parser, main
 from fastunlearn.demo.data import _FACTS
 from fastunlearn.fisher import FisherEstimate, estimate_fisher
+from fastunlearn.modeling import resolve_precision, training_device
 from fastunlearn.training import data as fdata
 
 
@@ -96,11 +97,27 @@ def test_unlearn_command_refusal_resume_and_overwrite(workspace, capsys):
     capsys.readouterr()
     assert json.loads((out / "metrics.json").read_text())["train"]["global_step"] == 3
 
-    assert (
-        main(args_for(workspace, out, "--init", "lora", "--method", "npo", "--overwrite", "--no-eval")) == 0
+    argv = args_for(
+        workspace, out, "--init", "lora", "--method", "npo", "--overwrite", "--no-eval", "--no-fused"
     )
+    assert main(argv) == 0
     config = json.loads((out / "run_config.json").read_text())
     assert config["method"] == "npo" and config["init"] == "lora" and not (out / "fisher").exists()
+    assert config["options"]["fused"] is False
+    assert config["precision"] == resolve_precision("auto", training_device())  # fp32 on CPU
+
+
+def test_unlearn_fused_and_precision_flags(tmp_path):
+    from fastunlearn.cli import build_parser
+
+    parse = build_parser().parse_args
+    base = args_for(tmp_path, tmp_path / "out")
+    assert (parse(base).fused, parse(base).precision) == (None, "auto")
+    assert parse([*base, "--fused"]).fused is True and parse([*base, "--no-fused"]).fused is False
+    assert parse([*base, "--bf16"]).precision == "bf16"
+    assert parse([*base, "--precision", "fp16"]).precision == "fp16"
+    with pytest.raises(SystemExit):
+        parse([*base, "--precision", "fp8"])
 
 
 @pytest.mark.slow

@@ -145,3 +145,34 @@ def test_bad_input_names_the_function():
         nll_loss([1.0, 2.0], torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match="label 10 is outside"):
         nll_loss(torch.randn(4, 10), torch.tensor([0, 1, 10, 2]))
+
+
+def test_shifted_nll_shifts_labels_and_reads_bf16_logits_without_an_fp32_copy(monkeypatch):
+    """``shifted_nll``: the label at ``t + 1`` scores the logits at ``t``; bf16 logits reach the kernel
+    as they are (no fp32 tensor of the logits' size is made, forward or backward) and the statistics
+    accumulate in fp32 (rtol 1e-5 against the fp64 oracle of the same bf16 values)."""
+    from helpers.allocations import RecordOutputs
+
+    from fastunlearn.ops import _ihl_torch
+    from fastunlearn.ops.nll import shifted_nll
+
+    monkeypatch.setattr(_ihl_torch, "CPU_BLOCK_ELEMENTS", 4096)  # several blocks at this size
+    B, T, V = 3, 9, 1031
+    logits, flat = random_problem(B * T, V, torch.bfloat16, seed=21)
+    logits = logits.view(B, T, V).requires_grad_()
+    labels = flat.view(B, T)
+    targets = F.pad(labels[:, 1:], (0, 1), value=-100)
+    want_rows, want_grad, valid = nll_oracle_rows(logits.detach().reshape(-1, V), targets.reshape(-1), -100)
+    with RecordOutputs() as rec:
+        loss = shifted_nll(logits, labels)
+        loss.backward()
+    assert 0 < rec.largest(torch.float32) <= 4096  # the PyTorch path's blocks, never [B, T, V]
+    assert loss.dtype == torch.float32
+    count = int(valid.sum())
+    assert_close(loss, want_rows.sum() / count, 1e-5)
+    assert_close(logits.grad, (want_grad / count).view(B, T, V), *GRAD_TOL[torch.bfloat16])
+    rows = shifted_nll(logits.detach(), labels, "none")
+    assert rows.shape == (B * T,) and torch.equal(rows.view(B, T)[:, -1], torch.zeros(B))
+    assert_close(rows, want_rows, 1e-5)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        shifted_nll(logits, labels.clamp_min(0) + V)

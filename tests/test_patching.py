@@ -337,3 +337,63 @@ def test_return_dict_false_and_bad_calls():
         fastunlearn.patch(model, backend="cuda")
     with pytest.raises(ValueError, match="fused must be"):
         fastunlearn.patch(model, fused="yes")
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_bf16_model_losses_come_from_its_bf16_hidden_states_uncopied(loss_type, monkeypatch):
+    """bf16 end to end: the fused loss gets the very bf16 tensor the head was called with (no fp32 or
+    contiguous copy), no ``[B, T, V]`` tensor of any dtype is made forward or backward (chunks of 8
+    rows), and the loss is the fp64 loss of the head's bf16 logits to their rounding: each fused logit
+    is the same bf16-rounded product as the head's (half an ulp, 2⁻⁹ of |z|, apart at most when the two
+    matmuls sum in different orders), which moves an IHL or NLL row by at most twice that (2⁻⁸·max|z|),
+    and the seq_logprob sum by that times the row count."""
+    from helpers.allocations import RecordOutputs
+
+    from fastunlearn import patching
+
+    model = tiny_llama(VOCAB, seed=13, dtype=torch.bfloat16)
+    data = batch(seed=13, lengths=(20, 17, 19))
+    B, T = data["labels"].shape
+    head_inputs, loss_inputs = [], []
+    model.lm_head.register_forward_pre_hook(lambda module, args: head_inputs.append(args[0]))
+    for name in ("fused_linear_ihl_loss", "fused_linear_nll_loss"):
+        original = getattr(patching, name)
+
+        def spy(hidden, *args, _original=original, **kwargs):
+            loss_inputs.append(hidden)
+            return _original(hidden, *args, **kwargs)
+
+        monkeypatch.setattr(patching, name, spy)
+    fastunlearn.patch(model, chunk_rows=8)
+    with RecordOutputs() as rec:
+        out = model(**data, loss_type=loss_type)
+        out.loss.sum().backward()
+    assert len(loss_inputs) == 1 and loss_inputs[0] is head_inputs[0]
+    assert loss_inputs[0].dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    assert max(n for _, _, n in rec.outputs) < B * T * VOCAB  # no logits (nor a copy of them)
+    # No fp32 product of the size of a chunk of hidden states (8 x 32) or more: nothing was upcast.
+    # (A rotary table, T x head_dim/2 = 80 entries, may be an fp32 product, depending on the version.)
+    assert not [(op, n) for op, d, n in rec.outputs if d == torch.float32 and "mm" in op and n >= 8 * 32]
+
+    fastunlearn.unpatch(model)
+    with torch.no_grad():
+        logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+    assert logits.dtype == torch.bfloat16
+    want = reference_loss(logits, data["labels"], loss_type)
+    row_bound = 2.0**-8 * float(logits.abs().max())
+    if loss_type == "seq_logprob":  # a sum of up to T rows
+        row_bound *= int((data["labels"][:, 1:] != -100).sum(-1).max())
+    assert_close(out.loss.detach(), want, 0.0, row_bound)
+
+
+def test_backend_is_checked_where_the_loss_runs(monkeypatch):
+    """patch() checks the backend's name only: a model patched for Triton on the CPU (before being moved
+    to its GPU) is accepted, and a call where the backend cannot run fails then, with the reason."""
+    model = tiny_llama(VOCAB, seed=14)
+    data = batch(seed=14)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a GPU machine: no interpreter for CPU tensors
+    fastunlearn.patch(model, backend="triton")
+    with pytest.raises(ValueError, match="Triton interpreter"):
+        model(**data, loss_type="ihl")
+    with pytest.raises(ValueError, match=r"unknown backend 'reference'"):
+        fastunlearn.patch(model, backend="reference")

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import os
 
 import pytest
@@ -10,6 +11,7 @@ from helpers.methods import ref_objective, ref_seq_logp
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, TrainerCallback
 
+import fastunlearn.patching
 from fastunlearn import demo
 from fastunlearn.fisher import FilaRowWeights, estimate_fisher, fila_init
 from fastunlearn.training import data as fdata
@@ -28,6 +30,7 @@ COMMON = dict(
     seed=0,
     progress=False,
     logging_steps=1,
+    precision="fp32",  # what "auto" is on CPU, and on a GPU too: the steps are compared in fp64
 )
 
 
@@ -144,11 +147,14 @@ def assert_same_step(result, reference, ref_loss):
     assert result.metrics["train"]["loss"] == pytest.approx(ref_loss, rel=2 * 2.0**-24, abs=0)
 
 
+@pytest.mark.parametrize("fused", [None, False], ids=["default", "no_fused"])
 @pytest.mark.parametrize("method", ["ihl", "ga", "gd", "npo"])
-def test_one_lora_step_equals_hand_written_step(setup, tmp_path, method):
+def test_one_lora_step_equals_hand_written_step(setup, tmp_path, method, fused):
+    """The default (fused) path and --no-fused (the logits path) each train the hand-written step, so
+    they train the same adapter to within twice the bound."""
     tokenizer, forget, retain = setup
     reference, ref_loss = reference_step(tokenizer, forget, retain, method, "lora")
-    result = one_step(setup, tmp_path, method, "lora")
+    result = one_step(setup, tmp_path, method, "lora", fused=fused)
     assert_same_step(result, reference, ref_loss)
     lora_B = [p for n, p in result.model.named_parameters() if "lora_B" in n]
     assert all(b.abs().max() > 0 for b in lora_B)  # the LoRA update actually happened
@@ -334,8 +340,10 @@ def test_bad_arguments(setup, tmp_path):
     with pytest.raises(ValueError, match="init='fila' needs a retain set"):
         unlearn(model, tokenizer, forget, None, method="ga", output_dir=out)
     assert not out.exists()  # refused before anything was written
-    with pytest.raises(ValueError, match="fused_linear=True computes the IHL forget term"):
-        unlearn(model, tokenizer, forget, retain, method="gd", output_dir=out, fused_linear=True)
+    with pytest.raises(ValueError, match="fused must be None, True or False"):
+        unlearn(model, tokenizer, forget, retain, output_dir=out, fused="yes")
+    with pytest.raises(ValueError, match=r"unknown precision 'fp8'"):
+        unlearn(model, tokenizer, forget, retain, output_dir=out, precision="fp8")
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         unlearn(model, tokenizer, forget, retain, output_dir=out, batch_size=0)
     with pytest.raises(ValueError, match="invalid memory size '64 parsecs'"):
@@ -350,3 +358,105 @@ def test_bad_arguments(setup, tmp_path):
     small.resize_token_embeddings(20)
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         unlearn(small, tokenizer, forget, retain, output_dir=tmp_path / "z")
+
+
+def tiny_gemma2(tokenizer, softcapping: float | None):
+    """A 2-layer Gemma-2 on the demo tokenizer; with soft-capping its logits are not ``lm_head(h)``."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(
+        "gemma2",
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        final_logit_softcapping=softcapping,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+
+
+def test_soft_capped_gemma2_warns_once_and_trains_on_the_logits_path(setup, tmp_path):
+    """A model the fused path cannot compute: by default one warning, then the same training as
+    --no-fused (both on the logits path: equal adapters); --fused is refused before anything is written."""
+    import warnings
+
+    tokenizer, forget, retain = setup
+    kwargs = dict(method="ihl", init="lora", num_epochs=1, batch_size=2, gradient_accumulation_steps=1)
+    kwargs.update(warmup_epochs=0, evaluate=False, **COMMON)
+    with pytest.raises(ValueError, match=r"fused=True: .*final_logit_softcapping"):
+        unlearn(
+            tiny_gemma2(tokenizer, 3.0),
+            tokenizer,
+            forget,
+            retain,
+            output_dir=tmp_path / "a",
+            fused=True,
+            **kwargs,
+        )
+    assert not (tmp_path / "a").exists()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        default = unlearn(
+            tiny_gemma2(tokenizer, 3.0), tokenizer, forget, retain, output_dir=tmp_path / "b", **kwargs
+        )
+    capping = [w for w in record if "final_logit_softcapping" in str(w.message)]
+    assert len(capping) == 1 and "logits path" in str(capping[0].message)
+    assert default.metrics["train"]["global_step"] == 2  # one warning for two steps (and the patch)
+    logits_path = unlearn(
+        tiny_gemma2(tokenizer, 3.0),
+        tokenizer,
+        forget,
+        retain,
+        output_dir=tmp_path / "c",
+        fused=False,
+        **kwargs,
+    )
+    got, want = lora_params(default.model), lora_params(logits_path.model)
+    assert got.keys() == want.keys() and got
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert not fastunlearn.patching.is_patched(default.model)  # unpatched once trained
+
+
+def test_bf16_model_end_to_end_computes_the_loss_from_bf16_hidden_states(setup, tmp_path, monkeypatch):
+    """A bf16 model (auto precision: bf16, as its weights): every loss term of every step gets the last
+    hidden states and the head's weight in bf16 — the tensors the head was called with, not copies —
+    and the logits path (--no-fused) trains to the same first-step loss within bf16 rounding."""
+    from fastunlearn import patching
+
+    tokenizer, forget, retain = setup
+    seen = []
+    for name in ("fused_linear_ihl_loss", "fused_linear_nll_loss"):
+        original = getattr(patching, name)
+
+        def spy(hidden, weight, *args, _original=original, _name=name, **kw):
+            seen.append((_name, hidden.dtype, weight.dtype))
+            return _original(hidden, weight, *args, **kw)
+
+        monkeypatch.setattr(patching, name, spy)
+    runs = {}
+    for fused in (None, False):
+        runs[fused] = unlearn(
+            fresh_model(tokenizer, torch.bfloat16), tokenizer, forget, retain, method="ihl", init="lora",
+            output_dir=tmp_path / str(fused), num_epochs=1, batch_size=2, gradient_accumulation_steps=1,
+            warmup_epochs=0, evaluate=False, fused=fused, **{**COMMON, "precision": "auto"},
+        )  # fmt: skip
+    config = json.loads((tmp_path / "None" / "run_config.json").read_text())
+    assert config["precision"] == "bf16"
+    # 2 steps x (IHL on the forget batch + NLL on the retain batch), all on the fused path, all bf16.
+    assert sorted(n for n, _, _ in seen) == ["fused_linear_ihl_loss"] * 2 + ["fused_linear_nll_loss"] * 2
+    assert all(h == torch.bfloat16 and w == torch.bfloat16 for _, h, w in seen)
+    losses = [runs[f].metrics["train"]["loss"] for f in (None, False)]
+    assert all(math.isfinite(x) for x in losses)
+    # Both paths compute bf16 logits (each a bf16-rounded product, 2^-8 relative) and fp32 statistics;
+    # over two steps the adapters differ by that rounding too, so the mean loss agrees to a few 2^-8.
+    assert losses[0] == pytest.approx(losses[1], rel=2**-5)
+    assert any(p.abs().max() > 0 for n, p in lora_params(runs[None].model).items() if "lora_B" in n)

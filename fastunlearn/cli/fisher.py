@@ -25,6 +25,7 @@ __all__ = ["add_parser"]
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``fastunlearn fisher``."""
     from fastunlearn.fisher import FISHER_MODES
+    from fastunlearn.modeling import PRECISIONS
 
     p = subparsers.add_parser(
         "fisher",
@@ -56,6 +57,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="device memory for the accumulators of one group of layers, e.g. 4GiB or 2GB; the data is "
         "passed once per group (default: what is free after the model and a pass's activations)",
     )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=PRECISIONS,
+        help="dtype the model is loaded in: auto = bf16 on CUDA GPUs of compute capability 8.0+, fp32 "
+        "elsewhere; fp16 is refused (its gradients underflow without loss scaling) (default: %(default)s)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(
@@ -70,12 +78,15 @@ def _run_fisher(args: argparse.Namespace) -> int:
     from fastunlearn.fisher import estimate_fisher
     from fastunlearn.fisher.layers import select_linear_layers
     from fastunlearn.modeling import (
+        PRECISION_DTYPES,
         load_config,
         load_model_and_tokenizer,
         load_tokenizer,
         model_skeleton,
         model_source,
+        resolve_precision,
         to_training_device,
+        training_device,
     )
     from fastunlearn.training import data as fdata
     from fastunlearn.training.preflight import check_vocab
@@ -84,6 +95,12 @@ def _run_fisher(args: argparse.Namespace) -> int:
         raise IsADirectoryError(f"--output {args.output} is a directory; give the .safetensors file to write")
     if os.path.exists(args.output) and not args.overwrite:
         raise FileExistsError(f"{args.output} exists; pass --overwrite to replace it")
+    dtype = resolve_precision(args.dtype, training_device())
+    if dtype == "fp16":
+        raise ValueError(
+            "--dtype fp16: the Fisher estimate squares per-example gradients, which in fp16 flush to zero "
+            "below 6e-8 without loss scaling (which it does not apply); use bf16 (same memory) or fp32"
+        )
     access = dict(trust_remote_code=args.trust_remote_code, allow_download=args.allow_download)
     source = model_source(args.model, allow_download=args.allow_download)
     tokenizer = load_tokenizer(args.tokenizer or source.tokenizer, **access)
@@ -102,7 +119,9 @@ def _run_fisher(args: argparse.Namespace) -> int:
     select_linear_layers(skeleton, args.target_modules)
     del skeleton
 
-    model, tokenizer = load_model_and_tokenizer(args.model, tokenizer, **access)
+    model, tokenizer = load_model_and_tokenizer(
+        args.model, tokenizer, **access, dtype=PRECISION_DTYPES[dtype]
+    )
     to_training_device(model)  # on a GPU machine the Fisher kernel runs there
     batches = fdata.batches(examples, fdata.pad_id_of(tokenizer), args.batch_size)
     estimate = estimate_fisher(

@@ -26,6 +26,7 @@ __all__ = ["add_parser"]
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``fastunlearn unlearn``."""
     from fastunlearn.fisher import FISHER_MODES
+    from fastunlearn.modeling import PRECISIONS
     from fastunlearn.training.config import INITS, UnlearnConfig
     from fastunlearn.training.flags import ARGUMENT_FLAGS, FLAGS
     from fastunlearn.training.methods import METHODS
@@ -70,12 +71,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--weight-decay", type=float, default=d.weight_decay, help="default: %(default)s")
     t.add_argument("--npo-beta", type=float, default=d.npo_beta, help="NPO's beta (default: %(default)s)")
     t.add_argument(
-        "--fused-linear",
-        action="store_true",
-        help="IHL from the last hidden states without materialising the forget batch's logits "
-        "(models whose logits are lm_head(decoder(x)))",
+        "--fused",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compute the losses from the last hidden states without the [B, T, V] logits: by default "
+        "wherever the architecture allows (else the logits path, with a warning); --fused makes that an "
+        "error, --no-fused always takes the logits path",
     )
-    t.add_argument("--bf16", action="store_true", help="load the model in bf16 and train with bf16 autocast")
+    t.add_argument(
+        "--precision",
+        default=d.precision,
+        choices=PRECISIONS,
+        help="compute precision: auto = bf16 on CUDA GPUs of compute capability 8.0+, fp32 elsewhere; "
+        "fp16 is loss-scaled and CUDA only (default: %(default)s)",
+    )
+    t.add_argument(
+        "--bf16", dest="precision", action="store_const", const="bf16", help="the same as --precision bf16"
+    )
     t.add_argument(
         "--gradient-checkpointing", action="store_true", help="trade compute for activation memory"
     )

@@ -81,7 +81,7 @@ def _teacher_forced_hits(model: torch.nn.Module, seqs: list[torch.Tensor], batch
         for r, s in enumerate(chunk):
             ids[r, : len(s)] = s
             mask[r, : len(s)] = 1
-        pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(dim=-1)
+        pred = model(input_ids=ids, attention_mask=mask).logits.argmax(dim=-1)[:, :-1]  # no logits slice
         hits[start : start + len(chunk), : width - 1] = (pred == ids[:, 1:]) & (mask[:, 1:] != 0)
     return hits
 

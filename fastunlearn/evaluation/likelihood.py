@@ -23,7 +23,7 @@ import torch
 
 from fastunlearn.modeling import model_device
 from fastunlearn.ops import IGNORE_INDEX
-from fastunlearn.ops.nll import shifted_nll
+from fastunlearn.ops.nll import shift_labels, shifted_nll
 
 __all__ = [
     "answer_probability",
@@ -66,14 +66,16 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     """Shifted per-token NLL, the label mask and the teacher-forced hits, each ``[B, T-1]``.
 
     ``logits[:, t]`` scores ``labels[:, t + 1]``; positions whose label is ``-100`` get NLL 0 and are
-    excluded from the mask. The NLL is :func:`fastunlearn.ops.nll.shifted_nll`'s: in fp32 for fp32,
-    bf16 and fp16 logits (fp64 for fp64).
+    excluded from the mask. The labels are shifted, not the logits, and the NLL is
+    :func:`fastunlearn.ops.nll.shifted_nll`'s: bf16/fp16 logits are read as they are (no fp32 copy)
+    with fp32 accumulation (fp64 for fp64 logits). Raises ``ValueError`` for a label outside the
+    vocabulary.
     """
-    target = labels[:, 1:]
-    mask = target != IGNORE_INDEX
-    nll = shifted_nll(logits, labels, "none").view(labels.shape)[:, :-1]
-    hits = (logits[:, :-1].argmax(dim=-1) == target) & mask
-    return nll, mask, hits
+    targets = shift_labels(labels.to(logits.device))
+    mask = targets != IGNORE_INDEX
+    nll = shifted_nll(logits, labels, "none").view(labels.shape)
+    hits = (logits.argmax(dim=-1) == targets) & mask
+    return nll[:, :-1], mask[:, :-1], hits[:, :-1]
 
 
 def answer_stats(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -6,12 +6,15 @@ Labels follow the Hugging Face convention: ``labels[:, t]`` is the token at posi
     nll[b, t] = −log softmax(logits[b, t])[labels[b, t + 1]]     (0 where that label is ignored)
 
 The *labels* are shifted (left by one, the last position getting ``IGNORE_INDEX``), never the logits:
-``[B, T, V]`` logits then flatten to ``[B·T, V]`` as a view instead of being copied by a
-``logits[:, :-1]`` slice. The log-softmax runs in fp32 at least (bf16/fp16 logits lose the NLL's
-digits) and in fp64 for fp64 logits.
+``[B, T, V]`` logits then reach the kernel as they are, instead of as a ``logits[:, :-1]`` slice whose
+gradient autograd would scatter into a fresh ``[B, T, V]`` buffer. The NLL is
+:func:`fastunlearn.nll_loss` (the row kernels in NLL mode): bf16/fp16 logits are read in their own
+dtype and the statistics accumulate in fp32 inside the kernel, so there is no fp32 copy of the
+logits (``F.cross_entropy`` would need one to keep the NLL's digits); fp64 logits stay fp64.
 
-Used by the training objectives (:mod:`fastunlearn.training.methods`), the answer statistics
-(:mod:`fastunlearn.evaluation.likelihood`) and the Fisher estimate (:mod:`fastunlearn.fisher.estimator`).
+Used by the answer statistics (:mod:`fastunlearn.evaluation.likelihood`), the Fisher estimate
+(:mod:`fastunlearn.fisher.estimator`) and the demo's pre-training. The training objectives compute the
+same quantity inside the model's forward (:mod:`fastunlearn.patching`), from the hidden states.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastunlearn.ops import IGNORE_INDEX
+from fastunlearn.ops.ihl import nll_loss
 
 __all__ = ["shift_labels", "shifted_nll"]
 
@@ -32,14 +36,23 @@ def shift_labels(labels: Tensor) -> Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def shifted_nll(logits: Tensor, labels: Tensor, reduction: Literal["mean", "sum", "none"] = "mean") -> Tensor:
+def shifted_nll(
+    logits: Tensor,
+    labels: Tensor,
+    reduction: Literal["mean", "sum", "none"] = "mean",
+    *,
+    validate: bool = True,
+) -> Tensor:
     """Next-token NLL of ``logits`` ``[B, T, V]`` against ``labels`` ``[B, T]`` (module docstring).
 
     ``reduction``: ``"mean"`` over the non-ignored targets, ``"sum"``, or ``"none"``: a flat ``[B·T]``
     tensor (``.view(labels.shape)`` gives ``[B, T]``; the last column and ignored targets are 0).
-    Labels may be on another device than the logits; the result is on the logits' device.
+    Labels may be on another device than the logits; the result is on the logits' device, in fp32
+    (fp64 for fp64 logits). ``validate``: a label outside ``[0, V)`` raises ``ValueError`` (one host
+    synchronisation; ``False`` skips it and counts such labels as ignored).
     """
-    logits = logits.flatten(0, 1)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    targets = shift_labels(labels).to(logits.device).flatten()
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+    targets = shift_labels(labels).to(logits.device)
+    # The Triton kernels compute in fp32; only the PyTorch path keeps fp64 logits in fp64.
+    backend = "torch" if logits.dtype == torch.float64 else "auto"
+    loss = nll_loss(logits, targets, reduction=reduction, backend=backend, validate=validate)
+    return loss.flatten() if reduction == "none" else loss

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from fastunlearn.fisher import FISHER_MODES, SOLVERS, parse_bytes
+from fastunlearn.modeling import PRECISIONS
 from fastunlearn.ops._backend import BACKENDS
 from fastunlearn.training import data as fdata
 
@@ -41,10 +42,12 @@ class UnlearnConfig:
     template: str = "plain"
     data_format: str = "auto"
     npo_beta: float = 0.1
+    # Kernels of the loss terms (fastunlearn.patch's backend): "auto", "triton" or "torch".
     ihl_backend: str = "auto"
-    # IHL from the last hidden states (fastunlearn.fused_linear_ihl_loss): the forget batch's [B, T, V]
-    # logits never exist. For models whose logits are exactly lm_head(decoder(x)).
-    fused_linear: bool = False
+    # The loss terms from the last hidden states without the [B, T, V] logits (fastunlearn.patch):
+    # None: wherever the architecture allows, else the logits path with one warning; True: fused or an
+    # error; False: the logits path.
+    fused: bool | None = None
     fisher_mode: str = "per_example"
     fisher_batch_size: int = 4
     # Bytes (int, or a string like "4GiB") the forget and retain Fisher accumulators of one group of layers
@@ -53,8 +56,9 @@ class UnlearnConfig:
     fila_eps: float = 1e-5
     fila_solver: str = "svd"
     seed: int = 0
-    # bf16 autocast; a model given by path is also loaded in bf16 (a module object keeps its dtype)
-    bf16: bool = False
+    # "auto" (bf16 on CUDA sm_80+, fp32 elsewhere), "bf16", "fp16" (loss-scaled, CUDA) or "fp32":
+    # fastunlearn.training.precision says what each loads and refuses.
+    precision: str = "auto"
     gradient_checkpointing: bool = False
     merge: bool = False
     overwrite: bool = False
@@ -98,12 +102,15 @@ class UnlearnConfig:
         for name, allowed in (
             ("fisher_mode", FISHER_MODES),
             ("fila_solver", SOLVERS),
-            ("ihl_backend", BACKENDS),
+            ("ihl_backend", tuple(b for b in BACKENDS if b != "reference")),
+            ("precision", PRECISIONS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"unknown {name} {getattr(self, name)!r}; expected one of {list(allowed)}")
         if self.fisher_memory is not None:
             parse_bytes(self.fisher_memory)  # a bad size fails here, before any model is loaded
+        if self.fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False, got {self.fused!r}")
         if self.overwrite and self.resume:
             raise ValueError("overwrite=True and resume=True exclude each other")
 

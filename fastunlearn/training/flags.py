@@ -33,8 +33,8 @@ FLAGS: dict[str, str] = {
     "warmup_epochs": "--warmup-epochs",
     "weight_decay": "--weight-decay",
     "npo_beta": "--npo-beta",
-    "fused_linear": "--fused-linear",
-    "bf16": "--bf16",
+    "fused": "--fused",
+    "precision": "--precision",
     "gradient_checkpointing": "--gradient-checkpointing",
     "seed": "--seed",
     "lora_r": "--rank",
@@ -122,7 +122,10 @@ def command_line(
         if field in _RUN_CONTROL or value == defaults[field]:
             continue
         if isinstance(value, bool):
-            argv.append(flag)  # a switch: only the non-default value is written
+            # A switch: only the non-default value is written; a tri-state one (fused: None/True/False)
+            # spells False as its --no- form.
+            negated = not value and field not in NEGATED
+            argv.append("--no-" + flag.removeprefix("--") if negated else flag)
         elif isinstance(value, (list, tuple)):
             argv += [flag, ",".join(value)]
         else:

@@ -1,99 +1,75 @@
 """Unlearning objectives on a paired forget/retain batch (SPEC §2).
 
 With ``NLL(D)`` the token-mean negative log-likelihood of the supervised (non ``-100``) shifted target
-tokens of batch ``D`` (logits at ``t`` predict the token at ``t + 1``; :mod:`fastunlearn.ops.nll`):
+tokens of batch ``D`` (logits at ``t`` predict the token at ``t + 1``):
 
 - ``ihl``: ``IHL(forget) + NLL(retain)`` — the paper's objective (Cha et al. 2025, Eq. 4), both
-  weights 1, no KL term; the IHL term is :func:`fastunlearn.ihl_loss` (token mean over the batch), or
-  with ``fused_linear=True`` :func:`fastunlearn.fused_linear_ihl_loss` on the decoder's last hidden
-  states, so the forget batch's ``[B, T, V]`` logits are never materialised.
+  weights 1, no KL term; ``IHL`` is the token mean of ``1 + p_y − max_{v≠y} p_v`` over the batch.
 - ``ga``:  ``−NLL(forget)`` — gradient ascent (Jang et al. 2023).
 - ``gd``:  ``−NLL(forget) + NLL(retain)`` — gradient difference.
 - ``npo``: ``(2/β)·mean_i softplus(β·(log π_θ(y_i|x_i) − log π_ref(y_i|x_i))) + NLL(retain)`` — NPO
   (Zhang et al. 2024): ``softplus(β·Δ) = log(1 + (π_θ/π_ref)^β)``, with ``log π(y|x)`` the summed
   log-probability of the supervised tokens of sequence ``i``.
 
+Every term is computed by the model itself, patched with :func:`fastunlearn.patch`:
+``model(input_ids=..., attention_mask=..., labels=..., loss_type=t).loss`` for ``t`` in ``"ihl"``,
+``"nll"``, ``"seq_logprob"``. The patched forward computes the loss from the last hidden states and
+the output head without the ``[B, T, V]`` logits where the architecture allows it (the fused path),
+and from the model's real logits otherwise or with ``patch(model, fused=False)`` (the logits path, the
+tested oracle); either way inside the model's own call, so wrappers' hooks and autocast apply.
+
 The NPO reference is the model *before unlearning*. Its sequence log-probabilities do not change
 during training, so they are computed once, before the first step (:func:`sequence_logprobs`), and
 travel with the batch as ``forget["ref_logp"]``. That needs no second copy of the model, and it is the
 right reference for every initialisation: for FILA the base with adapters disabled is the *residual*
 ``W − s·B₀A₀``, not the model before unlearning, so ``disable_adapter()`` would be the wrong reference.
+The reference is computed by the same patched call as the policy term (in eval mode, without
+gradients), so at the first step the log-ratio is exactly the change the adapters have made — zero for
+LoRA and FILA, whose initial adapters leave the function unchanged — rather than the rounding
+difference between two ways of computing the same number.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastunlearn.evaluation.likelihood import collect_answer_stats
-from fastunlearn.modeling import unwrap_model
-from fastunlearn.ops.fused_linear import fused_linear_ihl_loss
-from fastunlearn.ops.ihl import ihl_loss
+from fastunlearn.evaluation.likelihood import eval_mode
+from fastunlearn.modeling import model_device
 from fastunlearn.ops.nll import shifted_nll
+from fastunlearn.patching import LossType, is_patched
 
 METHODS = ("ihl", "ga", "gd", "npo")
 NEEDS_RETAIN = frozenset({"ihl", "gd", "npo"})
 
-__all__ = [
-    "METHODS",
-    "NEEDS_RETAIN",
-    "method_loss",
-    "nll_mean",
-    "npo_loss",
-    "sequence_logprob",
-    "sequence_logprobs",
-]
+__all__ = ["METHODS", "NEEDS_RETAIN", "method_loss", "nll_mean", "npo_loss", "sequence_logprobs"]
 
 
-def _logits(model: nn.Module, batch: Mapping[str, Tensor]) -> Tensor:
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-
-# Config fields of architectures whose logits are not simply output_embeddings(decoder(x)).
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
-
-def _decoder_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
-    """The decoder stack and output embedding of a (possibly ``peft``-wrapped) causal LM.
-
-    Only for models whose logits are exactly ``head(decoder(x).last_hidden_state)``; anything else is
-    refused rather than silently given a different loss.
-    """
-    base = unwrap_model(model)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
-    transforms = [a for a in _LOGIT_TRANSFORMS if getattr(base.config, a, None) not in (None, 1, 1.0)]
-    if decoder is None or type(head) is not nn.Linear or transforms:
-        why = f"its logits are transformed ({', '.join(transforms)})" if transforms else (
-            "it has no get_decoder() or its output embedding is not a plain nn.Linear (a LoRA-wrapped head?)"
+def _require_patched(model: nn.Module) -> None:
+    if not is_patched(model):
+        raise ValueError(
+            "the unlearning losses are computed by the patched model: call fastunlearn.patch(model) first "
+            "(fused=False for the logits path)"
         )
-        raise ValueError(f"fused_linear=True is not supported for {type(base).__name__}: {why}")
-    return decoder, head
 
 
-def _forget_ihl(model: nn.Module, forget: Mapping[str, Tensor], backend: str, fused_linear: bool) -> Tensor:
-    # Labels come from our own tokenisation, checked against the vocabulary once before training:
-    # skip the per-step validation and its host sync.
-    labels = forget["labels"][:, 1:]
-    if not fused_linear:
-        return ihl_loss(_logits(model, forget)[:, :-1], labels, backend=backend, validate=False)
-    decoder, head = _decoder_and_head(model)
-    hidden = decoder(input_ids=forget["input_ids"], attention_mask=forget["attention_mask"]).last_hidden_state
-    return fused_linear_ihl_loss(
-        hidden[:, :-1], head.weight, labels, bias=head.bias, backend=backend, validate=False
-    )
+def _loss(model: nn.Module, part: Mapping[str, Tensor], loss_type: LossType) -> Tensor:
+    """The ``loss_type`` term of one batch, computed by the patched model's own forward."""
+    return model(
+        input_ids=part["input_ids"],
+        attention_mask=part["attention_mask"],
+        labels=part["labels"],
+        loss_type=loss_type,
+    ).loss
 
 
 def nll_mean(logits: Tensor, labels: Tensor) -> Tensor:
-    """Token-mean NLL of the shifted, non-ignored targets of a batch (fp32 at least; SPEC §2)."""
+    """Token-mean NLL of the shifted, non-ignored targets of a batch, from logits (fp32 at least; SPEC
+    §2): the retain term's value for code that holds logits (the demo's pre-training)."""
     return shifted_nll(logits, labels, "mean")
-
-
-def sequence_logprob(logits: Tensor, labels: Tensor) -> Tensor:
-    """``log π(y_i|x_i) = Σ_t log p(y_{i,t+1} | y_{i,≤t})`` over supervised targets, per row."""
-    return -shifted_nll(logits, labels, "none").view(labels.shape).sum(dim=1)
 
 
 def npo_loss(logp: Tensor, ref_logp: Tensor, beta: float) -> Tensor:
@@ -102,9 +78,19 @@ def npo_loss(logp: Tensor, ref_logp: Tensor, beta: float) -> Tensor:
 
 
 def sequence_logprobs(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]) -> Tensor:
-    """:func:`sequence_logprob` of every example of ``batches``, in eval mode, concatenated (on CPU):
-    the negated summed answer NLL that :func:`fastunlearn.metrics.collect_answer_stats` measures."""
-    return -collect_answer_stats(model, batches)["nll_sum"].cpu()
+    """``log π(y_i|x_i) = Σ_t log p(y_{i,t+1} | y_{i,≤t})`` of every example of ``batches`` (fp32, on
+    CPU), from the patched model's ``"seq_logprob"`` term in eval mode without gradients: NPO's
+    reference, computed exactly as :func:`method_loss` computes the policy term."""
+    _require_patched(model)
+    device = model_device(model)
+    parts = []
+    with eval_mode(model):
+        for batch in batches:
+            part = {key: batch[key].to(device) for key in ("input_ids", "attention_mask", "labels")}
+            parts.append(_loss(model, part, "seq_logprob").float())
+    if not parts:
+        raise ValueError("no batches to compute the reference log-probabilities of: the data set is empty")
+    return torch.cat(parts).cpu()
 
 
 def method_loss(
@@ -113,35 +99,31 @@ def method_loss(
     method: str,
     *,
     npo_beta: float = 0.1,
-    ihl_backend: str = "auto",
-    fused_linear: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The objective of ``method`` on ``{"forget": ..., "retain": ...}`` and its detached parts.
 
-    Each part is a batch of ``input_ids``, ``attention_mask``, ``labels``; NPO's forget part also
-    carries ``ref_logp`` ``[B]``. ``fused_linear`` (IHL only) computes the forget term from the
-    decoder's hidden states without the forget logits. Returns ``(loss, {"forget_loss": ...,
-    "retain_loss": ...})``.
+    ``model`` is patched (:func:`fastunlearn.patch`; wrappers such as ``Trainer``'s are fine). Each part
+    is a batch of ``input_ids``, ``attention_mask``, ``labels``; NPO's forget part also carries
+    ``ref_logp`` ``[B]``. Returns ``(loss, {"forget_loss": ..., "retain_loss": ...})``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
     if method in NEEDS_RETAIN and "retain" not in batch:
         raise ValueError(f"method {method!r} needs a retain set")
     forget = batch["forget"]
+    if method == "npo" and "ref_logp" not in forget:
+        raise ValueError("method 'npo' needs the reference log-probabilities forget['ref_logp']")
+    _require_patched(model)
     if method == "ihl":
-        forget_loss = _forget_ihl(model, forget, ihl_backend, fused_linear)
+        forget_loss = _loss(model, forget, "ihl")
     elif method == "npo":
-        if "ref_logp" not in forget:
-            raise ValueError("method 'npo' needs the reference log-probabilities forget['ref_logp']")
-        logp = sequence_logprob(_logits(model, forget), forget["labels"])
-        forget_loss = npo_loss(logp, forget["ref_logp"], npo_beta)
+        forget_loss = npo_loss(_loss(model, forget, "seq_logprob"), forget["ref_logp"], npo_beta)
     else:
-        forget_loss = -nll_mean(_logits(model, forget), forget["labels"])
+        forget_loss = -_loss(model, forget, "nll")
     parts = {"forget_loss": forget_loss.detach()}
     loss = forget_loss
     if method in NEEDS_RETAIN:
-        retain = batch["retain"]
-        retain_loss = nll_mean(_logits(model, retain), retain["labels"])
+        retain_loss = _loss(model, batch["retain"], "nll")
         parts["retain_loss"] = retain_loss.detach()
         loss = loss + retain_loss
     return loss, parts

@@ -4,8 +4,10 @@
 :class:`~fastunlearn.training.config.UnlearnConfig`: it loads the model and the data, wraps the model
 with LoRA, for ``init="fila"`` computes FILA's row weights from the forget and retain Fisher
 information (:func:`fastunlearn.fisher.fila_row_weights`, group by group within ``fisher_memory``)
-and re-initialises the adapters with :func:`fastunlearn.fisher.fila_init`, trains with
-:class:`~fastunlearn.training.trainer.UnlearnTrainer`, measures the model before and after, and
+and re-initialises the adapters with :func:`fastunlearn.fisher.fila_init`, patches the model
+(:func:`fastunlearn.patch`: the loss terms from the last hidden states, fused where the architecture
+allows) and trains it with :class:`~fastunlearn.training.trainer.UnlearnTrainer` at the resolved
+precision (:mod:`fastunlearn.training.precision`), measures it before and after, unpatches it, and
 writes, atomically::
 
     output_dir/
@@ -15,7 +17,7 @@ writes, atomically::
       fisher/             row_weights.safetensors: FILA's row weights (reused on resume)
       checkpoints/        Trainer checkpoints (resume=True continues from the last one)
       metrics.json        {"before": {"forget", "retain"}, "after": {...}, "train": {...}}
-      run_config.json     every option, the data and model sources, library versions
+      run_config.json     every option, the resolved precision, the data and model sources, versions
 
 Everything that can be wrong with the arguments is checked before the model's weights load: the
 output directory (:func:`fastunlearn.training.outputs.plan_run`), then the model path, tokenizer, data,
@@ -39,12 +41,19 @@ import torch
 from torch import nn
 
 from fastunlearn._io import write_dir, write_json
-from fastunlearn.modeling import load_model_and_tokenizer, quiet_peft_wrap, to_training_device
+from fastunlearn.modeling import (
+    load_model_and_tokenizer,
+    quiet_peft_wrap,
+    to_training_device,
+    training_device,
+)
+from fastunlearn.patching import fused_blocker, patch, unpatch
 from fastunlearn.training import data as fdata
 from fastunlearn.training import outputs
 from fastunlearn.training.config import INITS, UnlearnConfig, UnlearnResult
 from fastunlearn.training.flags import command_line
 from fastunlearn.training.methods import METHODS, NEEDS_RETAIN, sequence_logprobs
+from fastunlearn.training.precision import autocast, load_dtype, resolve_training_precision, weights_dtype
 from fastunlearn.training.preflight import preflight
 from fastunlearn.training.trainer import build_trainer
 
@@ -61,6 +70,8 @@ _RESUME_FREE = (
     "allow_download",
     "trust_remote_code",
     "fisher_memory",  # the grouping of the Fisher passes does not change their result
+    "fused",  # how the loss is computed, not which loss
+    "ihl_backend",
 )
 
 __all__ = ["unlearn"]
@@ -194,8 +205,12 @@ def unlearn(
         raise ValueError(f"method {method!r} needs a retain set")
     if retain is None and init == "fila":
         raise ValueError("init='fila' needs a retain set (relative Fisher information); use init='lora'")
-    if cfg.fused_linear and method != "ihl":
-        raise ValueError(f"fused_linear=True computes the IHL forget term; method {method!r} does not use it")
+    precision = resolve_training_precision(
+        cfg.precision,
+        training_device(),
+        init=init,
+        weights=None if isinstance(model, (str, os.PathLike)) else weights_dtype(model),
+    )
     output_dir = os.path.abspath(os.fspath(output_dir))
 
     run_config = {
@@ -217,6 +232,7 @@ def unlearn(
             output_dir=output_dir,
             options=options,
         ),
+        "precision": precision,
         "versions": _versions(),
     }
     # Every check that can fail runs before the weights load and before anything is written.
@@ -232,8 +248,10 @@ def unlearn(
         checked.tokenizer,
         trust_remote_code=cfg.trust_remote_code,
         allow_download=cfg.allow_download,
-        dtype=torch.bfloat16 if cfg.bf16 else None,
+        dtype=load_dtype(precision, init),
     )
+    if cfg.fused and (reason := fused_blocker(model)) is not None:  # refused before anything is written
+        raise ValueError(f"fused=True: cannot compute the losses of {type(model).__name__} fused: {reason}")
     to_training_device(model)
     pad_id = fdata.pad_id_of(tokenizer)
     dataset = fdata.PairedDataset(forget_ex, retain_ex, seed=cfg.seed)
@@ -264,24 +282,35 @@ def unlearn(
                 cfg,
                 dirs.build,
             )
-    if method == "npo":
-        # The model before unlearning (for FILA: W_res + s·B₀A₀ = W) gives the fixed reference.
-        dataset.ref_logp = sequence_logprobs(model, fdata.batches(forget_ex, pad_id, cfg.eval_batch_size))
+    # The loss terms inside the model's forward (fused where possible); labels were checked once above.
+    patch(model, fused=cfg.fused, backend=cfg.ihl_backend, validate=False)
+    try:
+        if method == "npo":
+            # The model before unlearning (for FILA: W_res + s·B₀A₀ = W) gives the fixed reference,
+            # computed as the training step computes the policy term.
+            with autocast(precision, training_device()):
+                batches = fdata.batches(forget_ex, pad_id, cfg.eval_batch_size)
+                dataset.ref_logp = sequence_logprobs(model, batches)
 
-    trainer = build_trainer(model, dataset, pad_id, method=method, cfg=cfg, output_dir=dirs.build)
-    start = time.perf_counter()
-    out = trainer.train(resume_from_checkpoint=outputs.last_checkpoint(dirs.build) if dirs.resume else None)
-    metrics["train"] = {
-        "loss": out.training_loss,
-        "global_step": out.global_step,
-        "runtime_s": time.perf_counter() - start,
-    }
-    if cfg.evaluate:
-        metrics["after"] = _evaluate(model, forget_ex, retain_ex, pad_id, cfg)
+        trainer = build_trainer(
+            model, dataset, pad_id, method=method, cfg=cfg, output_dir=dirs.build, precision=precision
+        )
+        start = time.perf_counter()
+        checkpoint = outputs.last_checkpoint(dirs.build) if dirs.resume else None
+        out = trainer.train(resume_from_checkpoint=checkpoint)
+        metrics["train"] = {
+            "loss": out.training_loss,
+            "global_step": out.global_step,
+            "runtime_s": time.perf_counter() - start,
+        }
+        if cfg.evaluate:
+            metrics["after"] = _evaluate(model, forget_ex, retain_ex, pad_id, cfg)
 
-    written = _save_outputs(model, tokenizer, dirs.build, init=init, merge=cfg.merge)
-    write_json(os.path.join(dirs.build, outputs.COMPLETE_MARKER), metrics)  # last: the run is finished
-    outputs.finish_run(dirs)
+        written = _save_outputs(model, tokenizer, dirs.build, init=init, merge=cfg.merge)
+        write_json(os.path.join(dirs.build, outputs.COMPLETE_MARKER), metrics)  # last: the run is finished
+        outputs.finish_run(dirs)
+    finally:
+        unpatch(model)
 
     def published(path: str) -> str:
         return os.path.join(output_dir, os.path.relpath(path, dirs.build))
@@ -303,6 +332,7 @@ def unlearn(
 def _absolute(source: Any) -> Any:
     """A path made absolute (the recorded command must run from anywhere); anything else as it is."""
     return os.path.abspath(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else source
+
 
 
 def _options_record(cfg: UnlearnConfig) -> dict[str, Any]:

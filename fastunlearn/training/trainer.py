@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from fastunlearn.modeling import training_device
 from fastunlearn.training import data as fdata
 from fastunlearn.training.config import UnlearnConfig
 from fastunlearn.training.methods import METHODS, method_loss
@@ -39,40 +40,27 @@ class UnlearnTrainer(Trainer):
 
     ``compute_loss`` returns the per-micro-batch objective of :func:`fastunlearn.training.methods.method_loss`
     (token means within the batch, as the paper's code), so ``Trainer`` divides it by the number of
-    accumulation steps. The forget and retain parts are averaged on-device between logging steps and
-    logged as ``forget_loss`` and ``retain_loss``.
+    accumulation steps. The model must be patched (:func:`fastunlearn.patch`): the objective's terms
+    are computed by the call of the model ``Trainer`` hands over — wrapped by accelerate, DDP or
+    DeepSpeed — so the wrappers' hooks and autocast apply to the loss too. The forget and retain
+    parts are averaged on-device between logging steps and logged as ``forget_loss`` and
+    ``retain_loss``.
     """
 
     loss_is_scaled_for_ga = False
 
-    def __init__(
-        self,
-        *args,
-        method: str,
-        npo_beta: float = 0.1,
-        ihl_backend: str = "auto",
-        fused_linear: bool = False,
-        **kwargs,
-    ):
+    def __init__(self, *args, method: str, npo_beta: float = 0.1, **kwargs):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
         super().__init__(*args, **kwargs)
-        self.method, self.npo_beta, self.ihl_backend = method, npo_beta, ihl_backend
-        self.fused_linear = fused_linear
+        self.method, self.npo_beta = method, npo_beta
         self._parts: dict[str, torch.Tensor] = {}
         self._parts_n = 0
         if isinstance(self.train_dataset, fdata.PairedDataset):
             self.add_callback(_EpochPairing(self.train_dataset))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, parts = method_loss(
-            model,
-            inputs,
-            self.method,
-            npo_beta=self.npo_beta,
-            ihl_backend=self.ihl_backend,
-            fused_linear=self.fused_linear,
-        )
+        loss, parts = method_loss(model, inputs, self.method, npo_beta=self.npo_beta)
         for key, value in parts.items():
             self._parts[key] = self._parts.get(key, 0) + value
         self._parts_n += 1
@@ -94,8 +82,14 @@ def build_trainer(
     method: str,
     cfg: UnlearnConfig,
     output_dir: str,
+    precision: str = "fp32",
 ):
-    """An :class:`UnlearnTrainer` with the paper's schedule: linear warm-up, then linear decay."""
+    """An :class:`UnlearnTrainer` with the paper's schedule: linear warm-up, then linear decay.
+
+    ``precision`` is the resolved one (``"fp32"``, ``"bf16"`` or ``"fp16"``; see
+    :func:`fastunlearn.training.precision.resolve_training_precision`): bf16 or fp16 autocast, fp16 with loss
+    scaling. ``model`` must be patched (:func:`fastunlearn.patch`).
+    """
     batches_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps))
     args = TrainingArguments(
@@ -109,7 +103,9 @@ def build_trainer(
         lr_scheduler_type="linear",
         warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
         optim="adamw_torch",
-        bf16=cfg.bf16,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",  # with accelerate's GradScaler (loss scaling)
+        use_cpu=training_device().type == "cpu",  # without it, bf16 on CPU is refused as "no GPU"
         logging_steps=cfg.logging_steps,
         save_strategy="epoch",
         save_total_limit=1,
@@ -128,6 +124,4 @@ def build_trainer(
         data_collator=fdata.PairCollator(pad_id),
         method=method,
         npo_beta=cfg.npo_beta,
-        ihl_backend=cfg.ihl_backend,
-        fused_linear=cfg.fused_linear,
     )

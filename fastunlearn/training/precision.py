@@ -1,0 +1,95 @@
+"""Training precision that cannot silently degrade: what ``UnlearnConfig.precision`` resolves to, the
+dtype a model is loaded in, and the models refused (issue 11, part 4).
+
+``precision``: ``"auto"`` (default), ``"bf16"``, ``"fp16"`` or ``"fp32"`` — the dtype of the forward
+and backward. bf16 and fp16 are autocast (``Trainer``'s ``bf16`` / ``fp16``) over weights whose
+trained copies stay fp32:
+
+- ``"auto"``: bf16 on CUDA GPUs of compute capability 8.0+, fp32 elsewhere, CPU included
+  (:func:`fastunlearn.modeling.resolve_precision`); a model object whose weights are bf16 trains in
+  bf16.
+- ``"bf16"``: a model loaded from a path has its frozen base in bf16 (LoRA / FILA; peft keeps the
+  adapters in fp32) or, for ``init="full"``, in fp32: AdamW's updates are often below bf16's
+  resolution of a weight (2⁻⁸ relative) and would be lost on bf16 weights.
+- ``"fp16"``: only with loss scaling — fp16's range ends at 6·10⁻⁸, where small gradients flush to
+  zero. ``Trainer`` scales the loss (accelerate's ``GradScaler``) on CUDA only — elsewhere fp16 would
+  quietly run unscaled or not at all — and a ``GradScaler`` cannot unscale fp16 gradients, so the
+  weights are fp32 (a model from a path is loaded in fp32). Refused on other devices.
+- ``"fp32"``: no autocast; a model from a path is loaded in fp32 (not the checkpoint's dtype: a
+  checkpoint saved in fp16 would otherwise train in fp16 without loss scaling).
+
+Model objects keep their dtype; fp16 weights are refused (nothing would scale their gradients), and
+bf16 weights need bf16 precision and an adapter (not ``init="full"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from fastunlearn.modeling import PRECISION_DTYPES, resolve_precision
+
+__all__ = ["autocast", "load_dtype", "resolve_training_precision", "weights_dtype"]
+
+
+def weights_dtype(model: nn.Module) -> torch.dtype:
+    """The lowest-precision floating dtype among ``model``'s parameters (fp16 before bf16 before the
+    rest; fp32 for a model without floating parameters)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    for low in (torch.float16, torch.bfloat16):
+        if low in dtypes:
+            return low
+    return min(dtypes, key=lambda d: torch.finfo(d).bits, default=torch.float32)
+
+
+def resolve_training_precision(
+    precision: str, device: torch.device, *, init: str, weights: torch.dtype | None = None
+) -> str:
+    """``"fp32"``, ``"bf16"`` or ``"fp16"`` for training on ``device``, or a ``ValueError`` saying why
+    the request cannot be honoured (module docstring). ``weights``: the dtype of a model object's
+    weights (:func:`weights_dtype`); ``None`` for a model loaded from a path in :func:`load_dtype`."""
+    if weights == torch.float16:
+        raise ValueError(
+            "the model's weights are fp16: their gradients would flush to zero without loss scaling, and "
+            "loss scaling needs fp32 weights; pass the model in fp32 (precision='fp16' trains it under "
+            "fp16 autocast with loss scaling) or in bf16"
+        )
+    if weights == torch.bfloat16:
+        if init == "full":
+            raise ValueError(
+                "init='full' trains the model's own weights, which are bf16: AdamW's updates below bf16's "
+                "resolution (2^-8 of a weight) would be lost; pass the model in fp32 (precision='bf16' "
+                "still computes in bf16)"
+            )
+        if precision not in ("auto", "bf16"):
+            raise ValueError(
+                f"precision {precision!r} but the model's weights are bf16, so it computes in bf16; pass "
+                "precision='bf16' (or 'auto'), or the model in fp32"
+            )
+        precision = "bf16"
+    resolved = resolve_precision(precision, device)
+    if resolved == "fp16" and device.type != "cuda":
+        raise ValueError(
+            f"precision 'fp16' needs loss scaling, which the training loop applies on CUDA GPUs only (on "
+            f"{device.type} fp16 would run unscaled, its small gradients flushed to zero); use 'bf16' or "
+            "'fp32'"
+        )
+    return resolved
+
+
+def load_dtype(precision: str, init: str) -> torch.dtype:
+    """The dtype a model given by path is loaded in, for a resolved ``precision``: bf16 for a frozen
+    base under bf16, fp32 otherwise (trained weights, fp16 autocast, fp32)."""
+    return torch.bfloat16 if precision == "bf16" and init != "full" else torch.float32
+
+
+@contextlib.contextmanager
+def autocast(precision: str, device: torch.device) -> Iterator[None]:
+    """The autocast ``Trainer`` trains under, for computations outside it that must match a training
+    step exactly (NPO's reference log-probabilities)."""
+    dtype = PRECISION_DTYPES[precision]
+    with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
+        yield
