@@ -24,9 +24,16 @@ INTERNAL: dict[str, tuple[str, ...]] = {
     "fastunlearn._io": (),
     "fastunlearn.ops": ("fastunlearn.kernels",),
     "fastunlearn.modeling": (),
+    # torch.distributed helpers for runs under torchrun / accelerate launch.
+    "fastunlearn.distributed": (),
     # The losses inside a causal LM's forward: ops applied to a model.
     "fastunlearn.patching": ("fastunlearn.ops", "fastunlearn.modeling"),
-    "fastunlearn.fisher": ("fastunlearn.ops", "fastunlearn.modeling", "fastunlearn._io"),
+    "fastunlearn.fisher": (
+        "fastunlearn.ops",
+        "fastunlearn.modeling",
+        "fastunlearn._io",
+        "fastunlearn.distributed",
+    ),
     # The data pipeline (with TOFU's tokenisation beneath it) sits below evaluation, which shares it
     # so that an evaluated prompt is the trained one; the rest of training sits above evaluation.
     "fastunlearn.training.tofu_format": ("fastunlearn.ops",),
@@ -40,6 +47,7 @@ INTERNAL: dict[str, tuple[str, ...]] = {
     ),
     "fastunlearn.training": (
         "fastunlearn",
+        "fastunlearn.distributed",
         "fastunlearn.ops",
         "fastunlearn.modeling",
         "fastunlearn.patching",
@@ -48,6 +56,7 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn.evaluation",
     ),
     "fastunlearn.demo": (
+        "fastunlearn.distributed",
         "fastunlearn.ops",
         "fastunlearn.modeling",
         "fastunlearn.patching",
@@ -58,6 +67,7 @@ INTERNAL: dict[str, tuple[str, ...]] = {
     ),
     "fastunlearn.cli": (
         "fastunlearn",
+        "fastunlearn.distributed",
         "fastunlearn.ops",
         "fastunlearn.modeling",
         "fastunlearn.patching",
@@ -77,6 +87,7 @@ EXTERNAL: dict[str, tuple[str, ...]] = {
     "fastunlearn.kernels": ("torch", "triton"),
     "fastunlearn.ops": ("torch",),
     "fastunlearn._io": (),
+    "fastunlearn.distributed": ("torch",),
 }
 
 

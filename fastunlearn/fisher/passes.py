@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastunlearn import distributed
 from fastunlearn.modeling import model_device, unwrap_model
 from fastunlearn.ops import IGNORE_INDEX
 from fastunlearn.ops.grad_sq import per_example_grad_sq
@@ -244,14 +245,19 @@ def run_pass(
     """One forward and one backward per batch of ``data`` with ``layers`` measured: each layer's
     ``Σ_n (G_nᵀ X_n)²`` summed over the batches (per the mode; fp32, shaped like the weight, zeros for
     a layer no gradient reached), in the order of ``layers``. ``fold=False`` runs the pass without
-    folding and returns nothing (to measure its activations). Call inside :func:`fisher_session`."""
+    folding and returns nothing (to measure its activations). Call inside :func:`fisher_session`.
+
+    Under ``torchrun`` (:mod:`fastunlearn.distributed`) rank ``r`` of ``W`` passes batches ``r, r+W,
+    ...`` and the sums are all-reduced at the end, so every rank returns the single-process sums (the
+    fold is a sum over examples, and each batch is folded on exactly one rank)."""
     from tqdm.auto import tqdm
 
     anchor = torch.zeros((), device=model_device(model), requires_grad=True)
     folder = _Folder(layers, fold, mode, backend, anchor)
     handles = [layer.register_forward_hook(folder.hook(name)) for name, layer in layers.items()]
     try:
-        for batch in tqdm(data.batches, desc=desc, disable=not progress):
+        batches = distributed.shard(data.batches) if fold else data.batches
+        for batch in tqdm(batches, desc=desc, disable=not (progress and distributed.is_main())):
             folder.start_batch(batch)
             with torch.enable_grad():
                 loss = _batch_loss(model, batch, mode)
@@ -264,7 +270,7 @@ def run_pass(
     if folder.sums is None:
         return {}
     return {
-        name: folder.sums.pop(name) if name in folder.sums else _zeros(layer)
+        name: distributed.all_reduce_sum(folder.sums.pop(name) if name in folder.sums else _zeros(layer))
         for name, layer in layers.items()
     }
 

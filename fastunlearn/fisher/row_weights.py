@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastunlearn import distributed
 from fastunlearn._io import atomic_file
 from fastunlearn.fisher.budget import available_memory, parse_bytes, plan_groups, resolve_budget
 from fastunlearn.fisher.estimate import FISHER_MODES, FisherMode, _check_finite
@@ -211,7 +212,9 @@ def fila_row_weights(
             of one group may take (8 bytes per weight). ``None``: on CUDA, what is free after the model
             and a pass's activations; on the CPU, half of the available host memory.
 
-    Two passes (forget, retain) per group, each one forward and one backward per batch.
+    Two passes (forget, retain) per group, each one forward and one backward per batch. Under
+    ``torchrun`` the ranks share the batches and sum their accumulators
+    (:func:`~fastunlearn.fisher.passes.run_pass`); every rank returns rank 0's ``d``.
 
     Raises:
         ValueError: as :func:`estimate_fisher`; a budget too small for one layer (naming the layer and
@@ -254,7 +257,8 @@ def fila_row_weights(
                 r = sums["retain"].pop(name).mul_(scale["retain"])
                 _check_finite({name: f}, "the forget Fisher estimate")
                 _check_finite({name: r}, "the retain Fisher estimate")
-                weights[name] = row_weight(f, r, eps, in_place=True).to("cpu")
+                # Rank 0's d on every rank: FILA's factors are then computed from the same bits.
+                weights[name] = distributed.broadcast(row_weight(f, r, eps, in_place=True)).to("cpu")
                 del f, r
     counts = {}
     for what, d in data.items():

@@ -26,6 +26,14 @@ in ``output_dir`` is refused unless ``overwrite``, which builds the new run besi
 only when it finishes; an interrupted run is continued by ``resume`` and replaced by a plain run
 (:mod:`fastunlearn.training.outputs` defines the states). ``run_config.json`` records the equivalent
 ``fastunlearn unlearn`` command line when there is one.
+
+Under ``torchrun`` / ``accelerate launch`` (:mod:`fastunlearn.distributed`) every process runs this
+function: the main process alone plans, clears, stages and publishes the output directory and writes
+every file (the others wait for it and share its outcome, errors included); the read-only checks run
+on every rank and any rank's error stops them all; the Fisher passes share the batches; ``Trainer``
+runs DDP. ``metrics.json``'s ``before``/``after`` are evaluated by each rank on the whole sets (the
+same numbers on every rank; evaluation is not sharded) and ``train.loss`` is the mean over the ranks.
+``run_config.json`` records the number of processes, and ``resume`` refuses a different one.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastunlearn import distributed
 from fastunlearn._io import write_dir, write_json
 from fastunlearn.modeling import (
     load_model_and_tokenizer,
@@ -120,7 +129,7 @@ def _fila(model, forget_batches, retain_batches, cfg: UnlearnConfig, output_dir:
     from fastunlearn.fisher import FilaRowWeights, fila_init, fila_row_weights
 
     path = os.path.join(output_dir, "fisher", "row_weights.safetensors")
-    if os.path.isfile(path):
+    if distributed.on_main(lambda: os.path.isfile(path)):
         row_weights = FilaRowWeights.load(path)
     else:
         row_weights = fila_row_weights(
@@ -133,7 +142,7 @@ def _fila(model, forget_batches, retain_batches, cfg: UnlearnConfig, output_dir:
             max_memory=cfg.fisher_memory,
             progress=cfg.progress,
         )
-        row_weights.save(path, overwrite=True)
+        distributed.on_main(lambda: row_weights.save(path, overwrite=True))
     fila_init(model, row_weights=row_weights, eps=cfg.fila_eps, solver=cfg.fila_solver, seed=cfg.seed)
     return {"row_weights": path}
 
@@ -212,6 +221,7 @@ def unlearn(
         weights=None if isinstance(model, (str, os.PathLike)) else weights_dtype(model),
     )
     output_dir = os.path.abspath(os.fspath(output_dir))
+    distributed.init_from_env()  # under torchrun / accelerate launch: join the ranks' process group
 
     run_config = {
         "method": method,
@@ -234,13 +244,13 @@ def unlearn(
         ),
         "precision": precision,
         "versions": _versions(),
+        "world_size": distributed.world_size(),  # the data order and global batch depend on it
     }
-    # Every check that can fail runs before the weights load and before anything is written.
-    dirs = outputs.plan_run(output_dir, overwrite=cfg.overwrite, resume=cfg.resume)
+    # Every check that can fail runs before the weights load and before anything is written. Under
+    # several processes only the main one reads and writes the output directory (module docstring).
+    dirs = distributed.on_main(lambda: _plan(output_dir, cfg, run_config))
     config_path = os.path.join(dirs.build, "run_config.json")
-    if dirs.resume:
-        _check_resumable(config_path, run_config)
-    checked = preflight(model, tokenizer, forget, retain, init=init, cfg=cfg)
+    checked = distributed.on_all(lambda: preflight(model, tokenizer, forget, retain, init=init, cfg=cfg))
     forget_ex, retain_ex = checked.forget, checked.retain
 
     model, tokenizer = load_model_and_tokenizer(
@@ -255,8 +265,7 @@ def unlearn(
     to_training_device(model)
     pad_id = fdata.pad_id_of(tokenizer)
     dataset = fdata.PairedDataset(forget_ex, retain_ex, seed=cfg.seed)
-    outputs.start_run(dirs)
-    write_json(config_path, run_config)
+    distributed.on_main(lambda: (outputs.start_run(dirs), write_json(config_path, run_config)))
 
     metrics: dict[str, Any] = {}
     if cfg.evaluate:
@@ -299,16 +308,21 @@ def unlearn(
         checkpoint = outputs.last_checkpoint(dirs.build) if dirs.resume else None
         out = trainer.train(resume_from_checkpoint=checkpoint)
         metrics["train"] = {
-            "loss": out.training_loss,
+            "loss": distributed.mean(out.training_loss),  # Trainer adds its last interval unreduced
             "global_step": out.global_step,
             "runtime_s": time.perf_counter() - start,
         }
         if cfg.evaluate:
             metrics["after"] = _evaluate(model, forget_ex, retain_ex, pad_id, cfg)
 
-        written = _save_outputs(model, tokenizer, dirs.build, init=init, merge=cfg.merge)
-        write_json(os.path.join(dirs.build, outputs.COMPLETE_MARKER), metrics)  # last: the run is finished
-        outputs.finish_run(dirs)
+        def publish() -> dict[str, str]:
+            written = _save_outputs(model, tokenizer, dirs.build, init=init, merge=cfg.merge)
+            # metrics.json last: it marks the run finished
+            write_json(os.path.join(dirs.build, outputs.COMPLETE_MARKER), metrics)
+            outputs.finish_run(dirs)
+            return written
+
+        written = distributed.on_main(publish)  # the other ranks wait here until the run is published
     finally:
         unpatch(model)
 
@@ -342,11 +356,24 @@ def _options_record(cfg: UnlearnConfig) -> dict[str, Any]:
     return options
 
 
+def _plan(output_dir: str, cfg: UnlearnConfig, run_config: dict[str, Any]) -> outputs.RunDirs:
+    dirs = outputs.plan_run(output_dir, overwrite=cfg.overwrite, resume=cfg.resume)
+    if dirs.resume:
+        _check_resumable(os.path.join(dirs.build, "run_config.json"), run_config)
+    return dirs
+
+
 def _check_resumable(config_path: str, run_config: dict[str, Any]) -> None:
     if not os.path.isfile(config_path):
         raise ValueError(f"cannot resume: {config_path} is missing")
     with open(config_path, encoding="utf-8") as f:
         saved = json.load(f)
+    started = saved.get("world_size", 1)  # runs recorded before it was kept ran in one process
+    if started != run_config["world_size"]:
+        raise ValueError(
+            f"cannot resume: the run in {os.path.dirname(config_path)} was started on {started} process(es), "
+            f"this one has {run_config['world_size']} (the data order and global batch depend on it)"
+        )
     mismatched = [key for key in ("method", "init", "forget", "retain") if saved.get(key) != run_config[key]]
     mismatched += [
         f"options.{k}"

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from fastunlearn import distributed
 from fastunlearn.modeling import training_device
 from fastunlearn.training import data as fdata
 from fastunlearn.training.config import UnlearnConfig
@@ -90,7 +91,8 @@ def build_trainer(
     :func:`fastunlearn.training.precision.resolve_training_precision`): bf16 or fp16 autocast, fp16 with loss
     scaling. ``model`` must be patched (:func:`fastunlearn.patch`).
     """
-    batches_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+    # Under torchrun each of the W ranks takes its own batch: a step consumes W·batch_size pairs.
+    batches_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * distributed.world_size()))
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps))
     args = TrainingArguments(
         output_dir=os.path.join(output_dir, "checkpoints"),
@@ -115,6 +117,9 @@ def build_trainer(
         disable_tqdm=not cfg.progress,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Only the adapter trains: DDP need not search the graph for parameters without gradients.
+        ddp_find_unused_parameters=False,
+        ddp_backend="gloo" if distributed.is_distributed() and not torch.cuda.is_available() else None,
     )
     return UnlearnTrainer(
         model=model,

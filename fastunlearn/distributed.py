@@ -1,0 +1,205 @@
+"""The few ``torch.distributed`` operations a run under ``torchrun`` / ``accelerate launch`` needs.
+
+A launcher starts one process per device and tells each its ``RANK`` / ``WORLD_SIZE`` (and the
+rendezvous ``MASTER_ADDR`` / ``MASTER_PORT``) through the environment. :func:`init_from_env` joins the
+process group those variables describe (``nccl`` with CUDA, ``gloo`` otherwise); ``transformers``'
+``Trainer`` (through ``accelerate``) then finds it initialised and uses it. Without a launcher every
+helper here is the single-process identity: rank 0 of 1, no communication.
+
+What a run does with them (``fastunlearn.training.run``): the main process (rank 0) alone checks,
+clears, stages and writes the output directory (:func:`on_main`, which hands its result or its error
+to every rank, so a refused run is the same one-line error everywhere and no rank waits forever), every
+rank runs the checks that only read (:func:`on_all`, which raises the first failing rank's error on
+every rank), and the Fisher passes split the batches between the ranks (:func:`shard`) and sum their
+accumulators (:func:`all_reduce_sum`), so the estimate is that of one process on all the data.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+__all__ = [
+    "all_reduce_sum",
+    "barrier",
+    "broadcast",
+    "init_from_env",
+    "is_distributed",
+    "is_main",
+    "launched_world_size",
+    "mean",
+    "on_all",
+    "on_main",
+    "rank",
+    "shard",
+    "world_size",
+]
+
+
+def launched_world_size() -> int:
+    """The ``WORLD_SIZE`` a launcher set (1 without one); ``ValueError`` if it is not a positive integer."""
+    raw = os.environ.get("WORLD_SIZE", "1")
+    try:
+        size = int(raw)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ValueError(f"environment variable WORLD_SIZE={raw!r} is not a positive integer")
+    return size
+
+
+def init_from_env(timeout_s: float = 1800.0) -> bool:
+    """Join the process group a launcher describes, if there is one and it is not joined yet.
+
+    Returns whether the run is distributed. Raises ``ValueError`` in one line when ``WORLD_SIZE > 1``
+    but the group cannot be formed (``RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT`` missing, or the
+    rendezvous fails): a launcher's environment without its processes.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    size = launched_world_size()
+    if size == 1:
+        return False
+    if not dist.is_available():
+        raise ValueError(f"WORLD_SIZE={size} but this PyTorch build has no torch.distributed")
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise ValueError(
+            f"WORLD_SIZE={size} but {', '.join(missing)} not set: start several processes with torchrun or "
+            "accelerate launch, or unset WORLD_SIZE for one process"
+        )
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    from datetime import timedelta
+
+    try:
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    except Exception as err:  # the launcher's variables name no reachable group: one line, not a trace
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"WORLD_SIZE={size}: cannot join the process group at "
+            f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({first})"
+        ) from err
+    return True
+
+
+def is_distributed() -> bool:
+    """A joined process group of more than one process."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This rank's share of ``items``: rank ``r`` of ``W`` takes items ``r, r+W, r+2W, ...``."""
+    return list(items[rank() :: world_size()])
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the ranks, in place (every rank gets the sum)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """``tensor`` replaced, in place, by rank ``src``'s."""
+    if is_distributed():
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def mean(value: float) -> float:
+    """The mean over the ranks of a per-rank number (``value`` itself in one process)."""
+    if not is_distributed():
+        return value
+    values: list[Any] = [None] * world_size()
+    dist.all_gather_object(values, float(value))
+    return sum(values) / len(values)
+
+
+def _broadcast_object(obj: Any) -> Any:
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)  # through the current CUDA device under NCCL
+    return box[0]
+
+
+def _describe(err: BaseException) -> tuple[str, str]:
+    """An error as (builtin exception name, message): what every rank can re-create."""
+    for cls in type(err).__mro__:
+        if getattr(builtins, cls.__name__, None) is cls:
+            return cls.__name__, str(err)
+    return "RuntimeError", str(err)
+
+
+def _raise(described: tuple[str, str]) -> None:
+    name, message = described
+    cls = getattr(builtins, name, RuntimeError)
+    raise cls(message)
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on the main process only and return its result on every rank (it must pickle).
+
+    If ``fn`` raises, the main process re-raises its error and every other rank raises the same
+    builtin exception type with the same message, so all exit together with one line each.
+    """
+    if not is_distributed():
+        return fn()
+    result: Any = None
+    error: BaseException | None = None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as err:  # handed to the other ranks, then re-raised here
+            error = err
+    outcome = _broadcast_object(("error", _describe(error)) if error is not None else ("ok", result))
+    if error is not None:
+        raise error
+    if outcome[0] == "error":
+        _raise(outcome[1])
+    return outcome[1]
+
+
+def on_all(fn: Callable[[], T]) -> T:
+    """Run ``fn`` on every rank; if it raised on any, every rank raises the lowest failing rank's error."""
+    if not is_distributed():
+        return fn()
+    result: Any = None
+    error: BaseException | None = None
+    try:
+        result = fn()
+    except Exception as err:  # agreed on below, then re-raised
+        error = err
+    outcomes: list[Any] = [None] * world_size()
+    dist.all_gather_object(outcomes, None if error is None else _describe(error))
+    failed = next((o for o in outcomes if o is not None), None)
+    if failed is None:
+        return result
+    if error is not None and _describe(error) == failed:
+        raise error
+    _raise(failed)
+    raise AssertionError("unreachable")
