@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from fastunlearn.evaluation import metrics as M
+from fastunlearn.evaluation.decoding import greedy_completions
 from fastunlearn.evaluation.reference import (
     _check_new_file,
     load_reference_truth_ratios,
@@ -100,29 +101,11 @@ def _greedy_answers(
 ) -> list[str]:
     """Greedy answers, stopping at EOS; ``max_total_tokens`` caps prompt + answer (legacy protocol)."""
     prompts = _prompt_ids(tokenizer, items, template)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths, less padding
-    answers: list[str] = [""] * len(prompts)
-    eos, pad = tokenizer.eos_token_id, fdata.pad_id_of(tokenizer)
-    with M.eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            budgets = [
-                max_new_tokens
-                if max_total_tokens is None
-                else min(max_new_tokens, max_total_tokens - len(prompts[i]))
-                for i in chunk
-            ]
-            if max(budgets) < 1:
-                continue  # prompts already at the length cap: empty answers
-            gen = M.greedy_decode(
-                model, [prompts[i] for i in chunk], max(budgets), eos_token_id=eos, pad_token_id=pad
-            )
-            for r, i in enumerate(chunk):
-                tokens = gen[r, : max(budgets[r], 0)].tolist()
-                if eos is not None and eos in tokens:
-                    tokens = tokens[: tokens.index(eos)]
-                answers[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-    return answers
+    budgets = [
+        max_new_tokens if max_total_tokens is None else min(max_new_tokens, max_total_tokens - len(p))
+        for p in prompts
+    ]
+    return greedy_completions(model, tokenizer, prompts, budgets, batch_size=batch_size)
 
 
 def _score_set(
