@@ -74,6 +74,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         choices=FISHER_MODES,
         help="Fisher estimator for FILA (default: %(default)s)",
     )
+    _add_stopping_args(p, d)
     out = p.add_argument_group("output")
     out.add_argument("--merge", action="store_true", help="also write the merged model to OUTPUT/merged")
     out.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --output")
@@ -84,6 +85,59 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     out.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_run_unlearn)
     return p
+
+
+def _add_stopping_args(p: argparse.ArgumentParser, d) -> None:
+    from fastunlearn.evaluation.stopping import RESTORE, metric_help
+
+    s = p.add_argument_group(
+        "stopping",
+        "evaluate during training on bounded subsets, stop when a rule holds, keep that state; "
+        "writes OUTPUT/trajectory.csv and OUTPUT/trajectory.png",
+    )
+    s.add_argument(
+        "--stop-when",
+        metavar="RULE",
+        default=None,
+        help="'tofu' (forget accuracy and ROUGE-L at or below the retain-only model's: --reference-model, "
+        "or tofu:acc=A,rougeL=R), 'extraction' (forget MA and EL10 below the model's on unseen text: "
+        "--unseen, or extraction:ma=M,el10=E), or bounds joined by ',' such as "
+        f"forget.prob<=0.05,retain.rougeL>=0.5 on SET.KIND metrics, SET forget|retain; {metric_help()}",
+    )
+    s.add_argument(
+        "--eval-every",
+        metavar="N|epoch",
+        default=None,
+        help="evaluate every N optimiser steps or every epoch (default: epoch with --stop-when; "
+        "without a rule, records the trajectory only)",
+    )
+    s.add_argument(
+        "--patience",
+        metavar="K",
+        type=int,
+        default=d.patience,
+        help="evaluations to go on after the rule first holds (default: %(default)s)",
+    )
+    s.add_argument(
+        "--restore",
+        choices=RESTORE,
+        default=d.restore,
+        help="the state kept among those that satisfy the rule: the first, the best retain score, or "
+        "the last (default: %(default)s; best/last need --patience >= 1)",
+    )
+    s.add_argument(
+        "--eval-items",
+        metavar="N",
+        type=int,
+        default=d.eval_items,
+        help="examples per set at each evaluation (default: %(default)s)",
+    )
+    s.add_argument(
+        "--unseen", metavar="FILE", help='{"text"} JSON Lines the model never saw (extraction rule)'
+    )
+    s.add_argument(
+        "--reference-model", metavar="DIR", help="the retain-only model, same tokenizer (tofu rule)"
+    )
 
 
 def _run_unlearn(args: argparse.Namespace) -> int:
@@ -120,11 +174,34 @@ def _run_unlearn(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         resume=args.resume,
         evaluate=not args.no_eval,
+        stop=args.stop_when,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        restore=args.restore,
+        eval_items=args.eval_items,
+        unseen=args.unseen,
+        reference_model=args.reference_model,
         progress=not args.no_progress,
         allow_download=args.allow_download,
         trust_remote_code=args.trust_remote_code,
     )
     print(summary_table(result.metrics))
     written = [p for p in (result.adapter_path, result.model_path, result.merged_path) if p]
+    stopping = result.metrics.get("stopping")
+    if stopping is not None:
+        print(_stopping_line(stopping))
+        written += [p for p in (stopping["trajectory_csv"], stopping["trajectory_png"]) if p]
     print("\nwrote " + ", ".join([*written, result.metrics_path, result.run_config_path]))
     return 0
+
+
+def _stopping_line(summary) -> str:
+    """One line on where the rule held, where training stopped and which state was kept."""
+    if summary["rule"] is None:
+        return f"\nevaluated {summary['evaluations']} times during training (no stopping rule)"
+    if not summary["satisfied"]:
+        return f"\n{summary['rule']}: never satisfied; kept the final state (step {summary['kept_step']})"
+    return (
+        f"\n{summary['rule']}: first held at step {summary['first_satisfied_step']}, stopped at step "
+        f"{summary['stopped_step']}, kept step {summary['kept_step']} ({summary['restore']})"
+    )

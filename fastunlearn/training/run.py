@@ -13,8 +13,13 @@ writes, atomically::
       merged/             the merged model (merge=True)
       fisher/             forget.safetensors, retain.safetensors (FILA; reused on resume)
       checkpoints/        Trainer checkpoints (resume=True continues from the last one)
-      metrics.json        {"before": {"forget", "retain"}, "after": {...}, "train": {...}}
+      metrics.json        {"before": {"forget", "retain"}, "after": {...}, "train": {...}, "stopping"}
+      trajectory.csv/png  metrics at each evaluation during training (stop= / eval_every=)
       run_config.json     every option, the data and model sources, library versions
+
+With a stopping rule (``stop=``, :mod:`fastunlearn.training.stopping_setup`) the model is evaluated on
+bounded subsets during training, training stops where the rule says, and everything above is the
+state the rule keeps.
 
 A non-empty output directory is refused unless ``overwrite`` (which removes only the entries above)
 or ``resume`` (which continues from the last checkpoint of the same run).
@@ -39,10 +44,27 @@ from fastunlearn.modeling import load_model_and_tokenizer, to_training_device
 from fastunlearn.training import data as fdata
 from fastunlearn.training.config import INITS, UnlearnConfig, UnlearnResult
 from fastunlearn.training.methods import METHODS, NEEDS_RETAIN, sequence_logprobs
+from fastunlearn.training.stopping_setup import (
+    STOPPING_OPTIONS,
+    TRAJECTORY_FILES,
+    plan_run_stopping,
+    prepare_unseen,
+    record_inputs,
+    stopping_callback,
+)
 from fastunlearn.training.trainer import build_trainer
 
 # Entries unlearn() writes; overwrite=True removes these and nothing else from output_dir.
-OUTPUT_ENTRIES = ("adapter", "model", "merged", "fisher", "checkpoints", "metrics.json", "run_config.json")
+OUTPUT_ENTRIES = (
+    "adapter",
+    "model",
+    "merged",
+    "fisher",
+    "checkpoints",
+    "metrics.json",
+    "run_config.json",
+    *TRAJECTORY_FILES,
+)
 # Options that may differ between a run and its resumption.
 _RESUME_FREE = (
     "resume",
@@ -55,6 +77,7 @@ _RESUME_FREE = (
     "callbacks",
     "allow_download",
     "trust_remote_code",
+    *STOPPING_OPTIONS,  # a run that evaluates during training is never resumed
 )
 
 __all__ = ["OUTPUT_ENTRIES", "check_output_dir", "clear_output_dir", "unlearn"]
@@ -225,7 +248,9 @@ def unlearn(
     ``retain``: JSON Lines paths or iterables of records (see :mod:`fastunlearn.training.data`);
     ``retain`` may be ``None`` only for ``method="ga"``. ``method``: ``"ihl"``, ``"ga"``, ``"gd"``,
     ``"npo"`` (:mod:`fastunlearn.training.methods`). ``init``: ``"fila"``, ``"lora"`` or ``"full"``.
-    ``options``: the fields of :class:`UnlearnConfig` (unknown names raise ``TypeError``).
+    ``options``: the fields of :class:`UnlearnConfig` (unknown names raise ``TypeError``), among them
+    the stopping rule ``stop`` and its ``eval_every``, ``patience``, ``restore``, ``eval_items``,
+    ``unseen``, ``reference_model`` (:mod:`fastunlearn.training.stopping_setup`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
@@ -243,6 +268,12 @@ def unlearn(
     if cfg.fused_linear and method != "ihl":
         raise ValueError(f"fused_linear=True computes the IHL forget term; method {method!r} does not use it")
     output_dir = os.path.abspath(os.fspath(output_dir))
+    # The records are read once, here: their formats decide which metrics a stopping rule may read.
+    sets = {"forget": forget, **({"retain": retain} if retain is not None else {})}
+    records = {
+        name: fdata.load_records(data, data_format=cfg.data_format, name=name) for name, data in sets.items()
+    }
+    plan = plan_run_stopping(cfg, {name: fmt for name, (_, fmt) in records.items()})
 
     run_config = {
         "method": method,
@@ -268,10 +299,15 @@ def unlearn(
         dtype=torch.bfloat16 if cfg.bf16 else None,
     )
     to_training_device(model)
-    prep = dict(data_format=cfg.data_format, template=cfg.template, max_length=cfg.max_length)
-    forget_ex = fdata.prepare(forget, tokenizer, name="forget", **prep)
-    retain_ex = [] if retain is None else fdata.prepare(retain, tokenizer, name="retain", **prep)
-    for name, examples in (("forget", forget_ex), ("retain", retain_ex)):
+    tokenized = {
+        name: fdata.tokenize_records(
+            recs, tokenizer, data_format=fmt, template=cfg.template, max_length=cfg.max_length
+        )
+        for name, (recs, fmt) in records.items()
+    }
+    forget_ex, retain_ex = tokenized["forget"], tokenized.get("retain", [])
+    unseen_ex = prepare_unseen(cfg, tokenizer) if plan is not None else []
+    for name, examples in (("forget", forget_ex), ("retain", retain_ex), ("unseen", unseen_ex)):
         _check_vocab(model, examples, name)
     pad_id = fdata.pad_id_of(tokenizer)
     dataset = fdata.PairedDataset(forget_ex, retain_ex, seed=cfg.seed)
@@ -283,6 +319,11 @@ def unlearn(
     metrics: dict[str, Any] = {}
     if cfg.evaluate:
         metrics["before"] = _evaluate(model, forget_ex, retain_ex, pad_id, cfg)
+    extra_callbacks = []
+    if plan is not None:  # the rule's reference values are measured on the model before unlearning
+        extra_callbacks.append(
+            stopping_callback(plan, cfg, model, tokenizer, forget_ex, retain_ex, unseen_ex, output_dir)
+        )
 
     fisher_paths: dict[str, str] = {}
     if cfg.gradient_checkpointing:
@@ -308,7 +349,9 @@ def unlearn(
         # The model before unlearning (for FILA: W_res + s·B₀A₀ = W) gives the fixed reference.
         dataset.ref_logp = sequence_logprobs(model, fdata.batches(forget_ex, pad_id, cfg.eval_batch_size))
 
-    trainer = build_trainer(model, dataset, pad_id, method=method, cfg=cfg, output_dir=output_dir)
+    trainer = build_trainer(
+        model, dataset, pad_id, method=method, cfg=cfg, output_dir=output_dir, extra_callbacks=extra_callbacks
+    )
     start = time.perf_counter()
     out = trainer.train(resume_from_checkpoint=_last_checkpoint(output_dir) if cfg.resume else None)
     metrics["train"] = {
@@ -316,6 +359,8 @@ def unlearn(
         "global_step": out.global_step,
         "runtime_s": time.perf_counter() - start,
     }
+    if plan is not None:  # the callback has put the kept state back: "after" and the files are that state
+        metrics["stopping"] = extra_callbacks[0].summary
     if cfg.evaluate:
         metrics["after"] = _evaluate(model, forget_ex, retain_ex, pad_id, cfg)
 
@@ -337,6 +382,7 @@ def _options_record(cfg: UnlearnConfig) -> dict[str, Any]:
     """The options as JSON values (callbacks by class name)."""
     options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     options["callbacks"] = [type(cb).__name__ for cb in cfg.callbacks or ()]
+    options.update(record_inputs(cfg))
     return options
 
 

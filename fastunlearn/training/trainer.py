@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -94,8 +95,12 @@ def build_trainer(
     method: str,
     cfg: UnlearnConfig,
     output_dir: str,
+    extra_callbacks: Sequence[TrainerCallback] = (),
 ):
-    """An :class:`UnlearnTrainer` with the paper's schedule: linear warm-up, then linear decay."""
+    """An :class:`UnlearnTrainer` with the paper's schedule: linear warm-up, then linear decay.
+
+    Its callbacks are ``cfg.callbacks`` then ``extra_callbacks`` (those :func:`unlearn` adds itself).
+    """
     batches_per_epoch = math.ceil(len(dataset) / cfg.batch_size)
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps))
     args = TrainingArguments(
@@ -123,7 +128,7 @@ def build_trainer(
     return UnlearnTrainer(
         model=model,
         args=args,
-        callbacks=cfg.callbacks,
+        callbacks=[*(cfg.callbacks or ()), *extra_callbacks],
         train_dataset=dataset,
         data_collator=fdata.PairCollator(pad_id),
         method=method,

@@ -4,6 +4,8 @@ zero and unlearning has something to remove)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from fastunlearn.training import data as fdata
@@ -38,15 +40,14 @@ def examples(tok, records, fmt: str = "qa") -> list[fdata.Example]:
     return fdata.tokenize_records(records, tok, data_format=fmt, template="phi")
 
 
-def trained_model(tok) -> torch.nn.Module:
-    """The tiny model trained on the 20 question/answer pairs and the first 4 texts: its greedy answers
-    reproduce some answers, it extracts part of the other (unseen) texts of the same pattern."""
+def trained_model(tok, qa: Sequence[int] = range(20), texts: Sequence[str] = TEXTS[:4]) -> torch.nn.Module:
+    """The tiny model trained on the question/answer pairs ``qa`` (indices of :func:`qa_record`) and
+    ``texts``; by default all 20 pairs and the first 4 texts: its greedy answers reproduce some answers,
+    it extracts part of the other (unseen) texts of the same pattern."""
     model = tiny_llama(
         len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
     )
-    seen = examples(tok, [qa_record(i) for i in range(20)]) + examples(
-        tok, [{"text": t} for t in TEXTS[:4]], "text"
-    )
+    seen = examples(tok, [qa_record(i) for i in qa]) + examples(tok, [{"text": t} for t in texts], "text")
     batch = fdata.collate(seen, fdata.pad_id_of(tok))
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(60):
