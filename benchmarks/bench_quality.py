@@ -1,32 +1,39 @@
-"""Unlearning quality: does IHL + FILA beat the baselines? Our own measurements, every epoch.
+"""Unlearning quality with a stopping rule: how fast does each method forget, and what does it keep?
 
-Methods {ga, gd, ihl} × initialisations {lora, fila}, plus ihl with full fine-tuning, each for several
-seeds with the same step budget (same epochs, batch size and data). After FILA/LoRA set-up and after
-every epoch the TOFU protocol (SPEC §4) is run on the forget and retain sets:
+Methods {ga, gd, ihl} × initialisations {lora, fila}, plus ihl with full fine-tuning. Every run is
+stopped by the ``tofu`` rule (:mod:`fastunlearn.evaluation.stopping`): training stops at the first
+evaluation (every epoch, ``unlearn``'s default, or every ``--eval-every`` optimiser steps) where the
+forget set's teacher-forced accuracy **and** ROUGE-L recall of the greedy answer are at or below the
+retain-only model's values on the same forget items — the model that never saw those authors. That
+state (adapter / weights) is kept.
 
-- forget: length-normalised answer probability, teacher-forced accuracy, ROUGE-L recall of the greedy
-  answer, truth ratio;
-- forget quality: KS-test p-value of the forget-set truth ratios against the retain-only model's;
-- model utility: harmonic mean of the retain set's probability, ROUGE-L recall and truth-ratio score
-  (3 of TOFU's 9 numbers: the synthetic data has no real-authors / world-facts sets).
+1. **Learning-rate sweep, equal budget per method**: each method × init is run once (sweep seed, not
+   one of the reported seeds) at each of ``--lr-factors`` × its base learning rate (the demo's for
+   LoRA / FILA, a tenth of it for full fine-tuning). The chosen rate is the one whose run reaches the
+   rule with the highest retained teacher-forced performance at the stop (harmonic mean of retain
+   probability and accuracy relative to the model before unlearning, measured by the run itself);
+   ties (within 0.001) go to fewer steps; when no rate reaches the rule, the one with the lowest final
+   forget accuracy.
+2. **Reported runs**: ``--seeds`` seeds at the chosen rate; the kept model is scored with the TOFU
+   protocol (SPEC §4) on the forget set and a fixed subset of the retain set: forget quality (KS test
+   of truth ratios against the retain-only model's), retain probability, ROUGE-L and truth-ratio score,
+   and their harmonic mean (*retain utility*: 3 of TOFU's 9 numbers, the synthetic data has no
+   real-authors / world-facts sets).
 
-``utility_prob_rouge`` (the harmonic mean of retain probability and ROUGE-L only) is reported next to
-model utility: it separates a change in the model's answers from a change in its truth ratios.
-
-"Forgetting threshold": the TOFU analogue of the extraction stopping rule (MA and EL_10 below their
-values on unseen text, SPEC §4): the forget set's teacher-forced accuracy (≈ MA) **and** ROUGE-L recall
-of the greedy answer (≈ EL) both at or below the retain-only model's values on the forget set (the
-model that never saw those authors). The step at which each run first reaches it is recorded
-(per-epoch resolution).
+Reported per method × init, mean ± std over seeds: steps to the threshold, forget accuracy / ROUGE-L
+at the stop, retain probability and utility relative to the model before unlearning, forget quality,
+and the evaluation overhead (seconds spent evaluating during training / seconds training).
 
 Data: the demo's synthetic TOFU-format set, memorised model and retain-only model (built and cached
-by :mod:`fastunlearn.demo`), or a local model + TOFU files given by path. Writes under
-``benchmarks/results/``: ``quality_epochs.csv`` (every run, every epoch), ``quality_summary.csv``,
-``quality.json`` (with the environment), ``quality.png`` (forget quality against model utility over
-training) and ``quality.md`` (the README table).
+by :mod:`fastunlearn.demo`), or a local model + data given by path. Writes under
+``benchmarks/results/``: ``quality_runs.csv`` (every run, sweep included), ``quality_summary.csv``,
+``quality_trajectories.csv`` (every evaluation of every run), ``quality.json`` (with the environment),
+``quality.png`` (forget accuracy and retain probability over training) and ``quality.md`` (the README
+table); ``quality_every{N}*`` with ``--eval-every N``.
 
-    python benchmarks/bench_quality.py                       # demo data, 3 seeds, ~4 min on 2 cores
-    python benchmarks/bench_quality.py --model M --retain-model R --forget F --retain S --template tofu-phi
+    python benchmarks/bench_quality.py                       # demo data: sweep + 5 seeds, ~5 min on 2 cores
+    python benchmarks/bench_quality.py --model M --retain-model R --forget F --retain S \\
+        --eval-forget FP --eval-retain RP --template tofu-phi
 
 The demo's data are trained and evaluated with TOFU's own tokenisation (``tofu-phi``, SPEC §4.1); with
 ``--model``, ``--template`` names the convention the model was fine-tuned with (``tofu-llama2``,
@@ -51,7 +58,11 @@ from _common import RESULTS_DIR, environment, write_results
 from fastunlearn import evaluation as ev
 from fastunlearn import metrics as M
 from fastunlearn._io import write_json, write_text
+from fastunlearn.evaluation.stop_callback import SubsetEvaluator, measure_reference
+from fastunlearn.evaluation.stopping import parse_stop_rule
+from fastunlearn.evaluation.trajectory import read_trajectory
 from fastunlearn.modeling import load_model_and_tokenizer
+from fastunlearn.training import data as fdata
 
 CONFIGS = [
     ("ga", "lora"),
@@ -62,6 +73,8 @@ CONFIGS = [
     ("ihl", "fila"),
     ("ihl", "full"),
 ]
+EVAL_ITEMS = 32  # unlearn's default: the whole 21-item forget set, 32 of the 189 retain items
+EVAL_BATCH = 64
 
 
 def demo_inputs(size: str, cache_dir: str | None, seed: int) -> dict[str, Any]:
@@ -82,12 +95,12 @@ def demo_inputs(size: str, cache_dir: str | None, seed: int) -> dict[str, Any]:
         "epochs": spec.unlearn_epochs,
         "lr": spec.unlearn_lr,
         "lora_r": spec.lora_r,
-        "batch_size": getattr(spec, "unlearn_batch", 8),
+        "batch_size": spec.unlearn_batch,
     }
 
 
 class TofuProbe:
-    """The per-epoch evaluation: TOFU numbers on forget and (a fixed subset of) retain."""
+    """The TOFU numbers of a model on the forget set and a fixed subset of the retain set."""
 
     def __init__(
         self, tokenizer, forget, retain, *, template, max_length, reference, retain_items, max_new_tokens
@@ -96,7 +109,7 @@ class TofuProbe:
         self.sets = {"forget": ev.read_tofu_file(forget), "retain": ev.read_tofu_file(retain)[:retain_items]}
         self.reference, self.max_new_tokens = reference, max_new_tokens
 
-    def __call__(self, model) -> dict[str, float]:
+    def __call__(self, model) -> tuple[dict[str, float], Any]:
         res = ev.evaluate_tofu(
             model,
             self.tok,
@@ -110,120 +123,137 @@ class TofuProbe:
         f, r = res["sets"]["forget"], res["sets"]["retain"]
         out = {
             "forget_prob": f["prob"],
-            "forget_accuracy": f["accuracy"],
-            "forget_rougeL": f["rougeL_recall"],
-            "forget_truth_ratio": f["truth_ratio_mean"],
+            "forget_quality": res["forget_quality"],
             "retain_prob": r["prob"],
             "retain_rougeL": r["rougeL_recall"],
             "retain_truth_ratio_score": r["truth_ratio"],
-            "forget_quality": res["forget_quality"],
             "model_utility": res["model_utility_partial"],  # retain set only: 3 of TOFU's 9 numbers
-            # Without the truth-ratio component (see the module docstring).
             "utility_prob_rouge": M.model_utility([r["prob"], r["rougeL_recall"]]),
         }
         return out, res["forget_truth_ratios"]
 
 
-def run_one(inputs, tokenizer, probe, method, init, seed, epochs, out_root) -> list[dict[str, Any]]:
-    """One unlearning run with the probe after set-up and after every epoch."""
+def rule_evaluator(inputs, tokenizer) -> SubsetEvaluator:
+    """The forget-set evaluator of ``unlearn(stop="tofu")``: the same subset and generation budget."""
+    forget = fdata.prepare(
+        inputs["train_forget"],
+        tokenizer,
+        name="forget",
+        template=inputs["template"],
+        max_length=inputs["max_length"],
+    )
+    return SubsetEvaluator(tokenizer, forget, eval_items=EVAL_ITEMS, batch_size=EVAL_BATCH)
+
+
+def tofu_rule(inputs, tokenizer, evaluator: SubsetEvaluator) -> tuple[str, dict[str, float]]:
+    """The tofu rule with its reference values measured once on the retain-only model, as
+    ``unlearn(stop="tofu", reference_model=...)`` measures them at the start of every run."""
+    reference, _ = load_model_and_tokenizer(inputs["retain_model"], tokenizer)
+    rule = measure_reference(parse_stop_rule("tofu", reference_model=reference), evaluator, reference)
+    return f"tofu:acc={rule.acc!r},rougeL={rule.rougeL!r}", {"acc": rule.acc, "rougeL": rule.rougeL}
+
+
+def run_one(
+    inputs, tokenizer, rule, method, init, lr, seed, out_root, every
+) -> tuple[dict[str, Any], Any, list]:
+    """One unlearning run stopped by ``rule``: its outcome, the kept model and its trajectory."""
     from fastunlearn.training.run import unlearn
 
-    history = []
-
-    def evaluate_fn(model):
-        metrics, _ = probe(model)
-        return metrics
-
-    callback = ev.EpochEvaluationCallback(evaluate_fn, restore_best=False, evaluate_at_start=True)
-    options = dict(
+    out_dir = os.path.join(out_root, f"{method}-{init}-{lr:g}-{seed}")
+    start = time.perf_counter()
+    result = unlearn(
+        inputs["model"],
+        tokenizer,
+        inputs["train_forget"],
+        inputs["train_retain"],
+        method=method,
+        init=init,
+        output_dir=out_dir,
+        stop=rule,
+        eval_items=EVAL_ITEMS,
+        eval_every=every,
         template=inputs["template"],
         max_length=inputs["max_length"],
         seed=seed,
-        num_epochs=epochs,
-        learning_rate=inputs["lr"] if init != "full" else inputs["lr"] / 10,
+        num_epochs=inputs["epochs"],
+        learning_rate=lr,
         lora_r=inputs["lora_r"],
         lora_alpha=2 * inputs["lora_r"],
         batch_size=inputs["batch_size"],
         gradient_accumulation_steps=1,
         fisher_batch_size=8,
-        eval_batch_size=128,
+        eval_batch_size=EVAL_BATCH,
         logging_steps=1000,
         progress=False,
         evaluate=False,
         overwrite=True,
     )
-    start = time.perf_counter()
-    unlearn(
-        inputs["model"],
-        tokenizer,
-        inputs.get("train_forget", inputs["forget"]),
-        inputs.get("train_retain", inputs["retain"]),
-        method=method,
-        init=init,
-        output_dir=os.path.join(out_root, f"{method}-{init}-{seed}"),
-        callbacks=[callback],
-        **options,
-    )
     seconds = time.perf_counter() - start
-    for rec in callback.history:
-        history.append({"method": method, "init": init, "seed": seed, **rec, "run_s": round(seconds, 1)})
-    return history
+    s = result.metrics["stopping"]
+    trajectory = read_trajectory(os.path.join(out_dir, "trajectory.csv"))
+    base, kept = trajectory[0], s["kept_metrics"]
+    ratios = [kept[m] / base[m] for m in ("retain.prob", "retain.acc")]
+    row = {
+        "method": method,
+        "init": init,
+        "lr": lr,
+        "seed": seed,
+        "reached": s["satisfied"],
+        "steps_to_threshold": s["first_satisfied_step"],
+        "final_step": result.metrics["train"]["global_step"],
+        "forget_acc": kept["forget.acc"],
+        "retain_prob_tf": kept["retain.prob"],
+        "retain_acc_tf": kept["retain.acc"],
+        "retain_score_tf": 0.0 if min(ratios) <= 0 else len(ratios) / sum(1 / x for x in ratios),
+        "eval_s": s["eval_s"],
+        "train_s": s["train_s"],
+        "eval_fraction": s["eval_fraction"],
+        "run_s": round(seconds, 2),
+    }
+    steps = [{"method": method, "init": init, "lr": lr, "seed": seed, **r} for r in trajectory]
+    return row, result.model, steps
 
 
-def forgotten(rec: dict[str, Any], threshold: dict[str, float]) -> bool:
-    return all(rec[key] <= value for key, value in threshold.items())
+def choose_lr(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The sweep's choice (see the module docstring)."""
+    reached = [r for r in runs if r["reached"]]
+    if not reached:
+        return min(runs, key=lambda r: r["forget_acc"])
+    best = max(r["retain_score_tf"] for r in reached)
+    return min((r for r in reached if r["retain_score_tf"] >= best - 1e-3), key=lambda r: r["final_step"])
 
 
-def summarise(rows, threshold: dict[str, float]) -> list[dict[str, Any]]:
+def _ms(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(rows: list[dict[str, Any]], before: dict[str, float], budget: int) -> list[dict[str, Any]]:
     summary = []
     for method, init in CONFIGS:
-        runs = {}
-        for r in rows:
-            if r["method"] == method and r["init"] == init:
-                runs.setdefault(r["seed"], []).append(r)
+        runs = [r for r in rows if r["method"] == method and r["init"] == init]
         if not runs:
             continue
-        finals = [max(h, key=lambda x: x["step"]) for h in runs.values()]
-        reach = []
-        for h in runs.values():
-            hit = [x["step"] for x in sorted(h, key=lambda x: x["step"]) if forgotten(x, threshold)]
-            reach.append(hit[0] if hit else None)
-        reached = [s for s in reach if s is not None]
-
-        def ms(key, finals=finals):
-            vals = [f[key] for f in finals]
-            return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-        row = {"method": method, "init": init, "seeds": len(finals), "steps": finals[0]["step"]}
-        for key in (
-            "forget_prob",
-            "forget_accuracy",
-            "forget_rougeL",
-            "forget_quality",
-            "retain_prob",
-            "retain_rougeL",
-            "model_utility",
-            "utility_prob_rouge",
-        ):
-            row[f"{key}_mean"], row[f"{key}_std"] = ms(key)
-        row["log10_fq_mean"] = statistics.mean(math.log10(max(f["forget_quality"], 1e-300)) for f in finals)
-        row["reached_threshold"] = f"{len(reached)}/{len(reach)}"
-        row["steps_to_threshold_median"] = statistics.median(reached) if reached else None
-        # Best epoch by forget quality (earliest on ties): what per-epoch selection would keep.
-        peaks = [
-            max(sorted(h, key=lambda x: x["step"]), key=lambda x: x["forget_quality"]) for h in runs.values()
-        ]
-        row["best_epoch_fq_mean"] = statistics.mean(x["forget_quality"] for x in peaks)
-        row["best_epoch_utility_mean"] = statistics.mean(x["model_utility"] for x in peaks)
-        row["best_epoch_step_median"] = statistics.median(x["step"] for x in peaks)
-        row["run_s_mean"] = statistics.mean(f["run_s"] for f in finals)
+        reached = [r for r in runs if r["reached"]]
+        row: dict[str, Any] = {
+            "method": method,
+            "init": init,
+            "lr": runs[0]["lr"],
+            "seeds": len(runs),
+            "reached": f"{len(reached)}/{len(runs)}",
+            "budget_steps": budget,
+        }
+        steps = [r["steps_to_threshold"] for r in reached]
+        row["steps_mean"], row["steps_std"] = _ms(steps) if steps else (None, None)
+        for key in ("forget_acc", "forget_rougeL", "forget_quality", "eval_fraction"):
+            row[f"{key}_mean"], row[f"{key}_std"] = _ms([r[key] for r in runs])
+        for key in ("retain_prob", "model_utility", "utility_prob_rouge"):
+            row[f"{key}_ratio_mean"], row[f"{key}_ratio_std"] = _ms([r[key] / before[key] for r in runs])
         summary.append(row)
     return summary
 
 
-def plot(rows, before, reference, path: Path) -> None:
-    """Forget quality against utility over training (mean over seeds per epoch), like the paper's
-    figures: left with TOFU's model utility, right with its probability and ROUGE-L components only."""
+def plot(trajectories, threshold: dict[str, float], path: Path) -> None:
+    """Forget accuracy (left) and retain probability (right) over training, one line per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,80 +261,82 @@ def plot(rows, before, reference, path: Path) -> None:
 
     colors = {"ga": "tab:red", "gd": "tab:orange", "ihl": "tab:blue"}
     styles = {"lora": "--", "fila": "-", "full": ":"}
-    log_fq = lambda v: math.log10(max(v, 1e-300))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.2))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, key, label in (
-        (axes[0], "model_utility", "retain utility (3 of TOFU's 9: retain prob, ROUGE-L, truth-ratio score)"),
-        (axes[1], "utility_prob_rouge", "utility without truth ratio (retain prob, ROUGE-L)"),
+        (axes[0], "forget.acc", "forget accuracy (teacher forced)"),
+        (axes[1], "retain.prob", "retain probability (32 retain items)"),
     ):
         for method, init in CONFIGS:
-            steps = sorted({r["step"] for r in rows if r["method"] == method and r["init"] == init})
-            if not steps:
-                continue
-            xs, ys = [], []
-            for s in steps:
-                sel = [r for r in rows if r["method"] == method and r["init"] == init and r["step"] == s]
-                xs.append(statistics.mean(r[key] for r in sel))
-                ys.append(statistics.mean(log_fq(r["forget_quality"]) for r in sel))
-            ax.plot(xs, ys, styles[init], marker="o", ms=3, color=colors[method], label=f"{method} + {init}")
-            ax.plot(xs[-1], ys[-1], marker="*", ms=11, color=colors[method])
-        ax.plot(before[key], log_fq(before["forget_quality"]), "ks", ms=7, label="before unlearning")
-        ax.plot(reference[key], log_fq(reference["forget_quality"]), "k^", ms=8, label="retain-only model")
-        ax.set_xlabel(label)
-        ax.set_ylabel("forget quality: log10 KS p-value (higher is better)")
+            seeds = sorted({r["seed"] for r in trajectories if r["method"] == method and r["init"] == init})
+            for i, seed in enumerate(seeds):
+                pts = [r for r in trajectories if (r["method"], r["init"], r["seed"]) == (method, init, seed)]
+                ax.plot(
+                    [r["step"] for r in pts],
+                    [r[key] for r in pts],
+                    styles[init],
+                    marker="o",
+                    ms=2.5,
+                    alpha=0.8,
+                    color=colors[method],
+                    label=f"{method} + {init}" if i == 0 else None,
+                )
+        if key == "forget.acc":
+            ax.axhline(threshold["acc"], color="black", linestyle=":", label="retain-only model (the rule)")
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="best")
-    fig.suptitle("Unlearning the synthetic TOFU forget set: one point per epoch (mean over seeds), ★ = end")
+    fig.suptitle("Unlearning the synthetic TOFU forget set, stopped by the tofu rule (one line per seed)")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
 
+def _pm(mean: float | None, std: float | None, fmt: str = ".2f") -> str:
+    return "—" if mean is None else f"{mean:{fmt}} ± {std:{fmt}}"
+
+
 def markdown(summary, meta) -> str:
     lines = [
-        "| method | init | forget quality (KS p) | retain utility | utility w/o truth ratio | forget prob "
-        "| forget ROUGE-L | retain prob | retain ROUGE-L | reached threshold | steps to threshold "
-        "| best-epoch FQ (utility, step) |",
+        "| method | init | lr | reached | steps to threshold | forget acc | forget ROUGE-L "
+        "| retain prob (× before) | retain utility (× before) | utility w/o truth ratio (× before) "
+        "| forget quality (KS p) | eval overhead |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in summary:
-        steps = "—" if r["steps_to_threshold_median"] is None else f"{r['steps_to_threshold_median']:.0f}"
+        steps = (
+            f"> {r['budget_steps']}"
+            if r["steps_mean"] is None
+            else _pm(r["steps_mean"], r["steps_std"], ".1f")
+        )
         lines.append(
-            f"| {r['method']} | {r['init']} | {r['forget_quality_mean']:.3g} ± {r['forget_quality_std']:.2g} "
-            f"| {r['model_utility_mean']:.3f} ± {r['model_utility_std']:.3f} "
-            f"| {r['utility_prob_rouge_mean']:.3f} ± {r['utility_prob_rouge_std']:.3f} "
-            f"| {r['forget_prob_mean']:.3f} | {r['forget_rougeL_mean']:.3f} | {r['retain_prob_mean']:.3f} "
-            f"| {r['retain_rougeL_mean']:.3f} | {r['reached_threshold']} | {steps} "
-            f"| {r['best_epoch_fq_mean']:.3g} ({r['best_epoch_utility_mean']:.3f}, "
-            f"{r['best_epoch_step_median']:.0f}) |"
+            f"| {r['method']} | {r['init']} | {r['lr']:g} | {r['reached']} | {steps} "
+            f"| {_pm(r['forget_acc_mean'], r['forget_acc_std'], '.3f')} "
+            f"| {_pm(r['forget_rougeL_mean'], r['forget_rougeL_std'], '.3f')} "
+            f"| {_pm(r['retain_prob_ratio_mean'], r['retain_prob_ratio_std'], '.3f')} "
+            f"| {_pm(r['model_utility_ratio_mean'], r['model_utility_ratio_std'], '.3f')} "
+            f"| {_pm(r['utility_prob_rouge_ratio_mean'], r['utility_prob_rouge_ratio_std'], '.3f')} "
+            f"| {_pm(r['forget_quality_mean'], r['forget_quality_std'], '.3g')} "
+            f"| {100 * r['eval_fraction_mean']:.0f} % |"
         )
-    b, ref = meta["before"], meta["retain_only"]
+    b, ref, t = meta["before"], meta["retain_only"], meta["threshold"]
     notes = [
-        f"Before unlearning: forget quality {b['forget_quality']:.3g},",
-        f"retain utility {b['model_utility']:.3f}, forget prob {b['forget_prob']:.3f},",
-        f"retain prob {b['retain_prob']:.3f}. Retain-only model (the target):",
-        f"forget prob {ref['forget_prob']:.3f}, retain utility {ref['model_utility']:.3f}.",
-        "Retain utility: the harmonic mean of the retain set's three TOFU numbers (probability, ROUGE-L,",
-        "truth-ratio score); TOFU's model utility also needs real-author and world-fact sets, which the",
-        "synthetic data does not have.",
-        f"Mean ± std over {meta['seeds']} seeds after {meta['steps']} optimiser steps",
-        f"({meta['epochs']} epochs, batch {meta['batch_size']}), {meta['items']}.",
-        "Threshold (TOFU analogue of the extraction stopping rule): forget accuracy ≤ "
-        f"{meta['threshold']['forget_accuracy']:.3f} and forget ROUGE-L ≤ "
-        f"{meta['threshold']['forget_rougeL']:.3f}, the retain-only model's values on the forget set.",
-        f"Learning rate {meta['lr']:g} for LoRA/FILA, {meta['lr'] / 10:g} for full fine-tuning.",
-        "Final numbers are after the last epoch; the last column is the epoch of highest forget quality",
-        "(mean over seeds of its FQ and utility, median step).",
-        f"{meta['device']}; {meta['date']}.",
+        f"Rule: forget accuracy ≤ {t['acc']:.3f} and forget ROUGE-L ≤ {t['rougeL']:.3f}, the retain-only",
+        f"model's values on the forget set, evaluated every {meta['eval_every']}",
+        f"(an epoch: {meta['steps_per_epoch']} optimiser steps, batch {meta['batch_size']}) on",
+        f"{meta['eval_items']};",
+        f"at most {meta['epochs']} epochs. Learning rate: the best of {meta['lr_grid']} (× the base rate",
+        f"{meta['lr']:g} for LoRA/FILA, {meta['lr'] / 10:g} for full fine-tuning) in a sweep with seed",
+        f"{meta['sweep_seed']}; mean ± std over seeds 0–{meta['seeds'] - 1}. Steps to threshold: over the",
+        "runs that reached it. The other columns describe the state kept (the stopped one, or the last",
+        "when the rule never held), scored with the TOFU protocol on",
+        f"{meta['items']}. Before unlearning: retain prob {b['retain_prob']:.3f}, retain utility",
+        f"{b['model_utility']:.3f}, utility w/o truth ratio {b['utility_prob_rouge']:.3f}, forget quality",
+        f"{b['forget_quality']:.2g}. Retain-only model: forget prob {ref['forget_prob']:.3f}, retain utility",
+        f"{ref['model_utility']:.3f}. Eval overhead: seconds evaluating during training / seconds training.",
+        f"{meta['device']}; {meta['date']}; {meta['total_s']:.0f} s in all.",
     ]
-    if b["retain_truth_ratio_score"] == 0.0:
-        notes.append(
-            "The retain truth-ratio score of the model before unlearning is 0 (perturbed answers likelier "
-            "than the paraphrased one), which zeroes the retain utility; the column without the truth "
-            "ratio (harmonic mean of retain prob and ROUGE-L) carries the comparison."
-        )
-    lines += ["", " ".join(notes)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
 
 
 def main() -> None:
@@ -312,15 +344,24 @@ def main() -> None:
     p.add_argument("--size", default="small", help="demo size (default: small)")
     p.add_argument("--cache-dir", default=None, help="demo cache directory")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the demo data and models")
-    p.add_argument("--seeds", type=int, default=3, help="unlearning seeds per configuration")
-    p.add_argument("--epochs", type=float, default=None, help="epochs (default: the demo's)")
+    p.add_argument("--seeds", type=int, default=5, help="reported seeds per configuration (0, 1, ...)")
+    p.add_argument("--sweep-seed", type=int, default=100, help="seed of the learning-rate sweep")
+    p.add_argument(
+        "--lr-factors", default="1,3,10", help="sweep: multiples of the base learning rate (default: 1,3,10)"
+    )
+    p.add_argument(
+        "--epochs", type=float, default=None, help="at most this many epochs (default: the demo's)"
+    )
     p.add_argument("--configs", default=None, help="comma list like ihl-fila,ga-lora (default: all 7)")
-    p.add_argument("--retain-items", type=int, default=42, help="retain items evaluated per epoch")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="greedy answer length")
+    p.add_argument("--retain-items", type=int, default=42, help="retain items scored with the TOFU protocol")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="greedy answer length of the TOFU scoring")
+    p.add_argument(
+        "--eval-every", default="epoch", help="evaluate every N optimiser steps or epoch (default: epoch)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (shared machine: 1)")
-    for name in ("model", "retain-model", "forget", "retain", "template"):
+    for name in ("model", "retain-model", "forget", "retain", "eval-forget", "eval-retain", "template"):
         p.add_argument(f"--{name}", default=None, help="instead of the demo: local path / template name")
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None, help="base learning rate")
     p.add_argument("--lora-r", type=int, default=None)
     p.add_argument("--max-length", type=int, default=None)
     args = p.parse_args()
@@ -332,8 +373,10 @@ def main() -> None:
         inputs = {
             "model": args.model,
             "retain_model": args.retain_model,
-            "forget": args.forget,
-            "retain": args.retain,
+            "train_forget": args.forget,
+            "train_retain": args.retain,
+            "forget": args.eval_forget,
+            "retain": args.eval_retain,
             "template": args.template,
             "max_length": args.max_length or 512,
             "epochs": 5,
@@ -341,11 +384,10 @@ def main() -> None:
             "lora_r": 32,
             "batch_size": 8,
         }
-        missing = [k for k in ("retain_model", "forget", "retain", "template") if not inputs[k]]
+        names = ("retain_model", "train_forget", "train_retain", "forget", "retain", "template")
+        missing = [k for k in names if not inputs[k]]
         if missing:
-            raise SystemExit(
-                f"with --model, also give {', '.join('--' + m.replace('_', '-') for m in missing)}"
-            )
+            raise SystemExit(f"with --model, also give {', '.join('--' + m for m in missing)}")
     else:
         inputs = demo_inputs(args.size, args.cache_dir, args.data_seed)
     for key, value in (
@@ -356,9 +398,12 @@ def main() -> None:
     ):
         if value is not None:
             inputs[key] = value
+    every = "epoch" if args.eval_every == "epoch" else int(args.eval_every)
+    stem = "quality" if every == "epoch" else f"quality_every{every}"
     configs = CONFIGS if not args.configs else [tuple(c.split("-")) for c in args.configs.split(",")]
+    factors = [float(f) for f in args.lr_factors.split(",")]
 
-    # The retain-only model gives the forget-quality reference and the forgetting threshold.
+    # The retain-only model gives the forget-quality reference and the rule's values.
     ref_model, tokenizer = load_model_and_tokenizer(inputs["retain_model"])
     probe = TofuProbe(
         tokenizer,
@@ -371,53 +416,88 @@ def main() -> None:
         max_new_tokens=args.max_new_tokens,
     )
     ref_metrics, ref_ratios = probe(ref_model)
-    # Against itself the retain-only model's forget quality is the KS p-value of identical samples.
     ref_metrics["forget_quality"] = M.forget_quality(ref_ratios, ref_ratios)
     probe.reference = ref_ratios
-    full_model, _ = load_model_and_tokenizer(inputs["model"])
+    full_model, _ = load_model_and_tokenizer(inputs["model"], tokenizer)
     before, _ = probe(full_model)
     del ref_model, full_model
-    threshold = {key: ref_metrics[key] for key in ("forget_accuracy", "forget_rougeL")}
-    print(f"retain-only model: {ref_metrics}\nbefore unlearning: {before}", flush=True)
+    evaluator = rule_evaluator(inputs, tokenizer)
+    rule, threshold = tofu_rule(inputs, tokenizer, evaluator)
+    print(f"rule {rule}\nretain-only model: {ref_metrics}\nbefore unlearning: {before}", flush=True)
 
-    rows: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    trajectories: list[dict[str, Any]] = []
+    chosen: dict[tuple[str, str], float] = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fastunlearn-bench-quality-") as out_root:
         for method, init in configs:
-            for seed in range(args.seeds):
-                hist = run_one(inputs, tokenizer, probe, method, init, seed, inputs["epochs"], out_root)
-                rows.extend(hist)
-                last = hist[-1]
+            base = inputs["lr"] / (10 if init == "full" else 1)
+            sweep = []
+            for factor in factors:
+                row, _, _ = run_one(
+                    inputs, tokenizer, rule, method, init, base * factor, args.sweep_seed, out_root, every
+                )
+                sweep.append(row)
+                runs.append({"phase": "sweep", **row})
                 print(
-                    f"{method:>3}+{init:<4} seed {seed}: step {last['step']:>3}  "
-                    f"FQ {last['forget_quality']:.3g}  "
-                    f"MU {last['model_utility']:.3f}  forget prob {last['forget_prob']:.3f}  "
-                    f"retain prob {last['retain_prob']:.3f}  ({last['run_s']:.0f} s)",
+                    f"sweep {method:>3}+{init:<4} lr {row['lr']:<7g}: reached {row['reached']!s:<5} "
+                    f"step {row['final_step']:>3}  retain score {row['retain_score_tf']:.3f}  "
+                    f"({row['run_s']:.0f} s)",
+                    flush=True,
+                )
+            chosen[(method, init)] = choose_lr(sweep)["lr"]
+            for seed in range(args.seeds):
+                row, model, steps = run_one(
+                    inputs, tokenizer, rule, method, init, chosen[(method, init)], seed, out_root, every
+                )
+                scored, _ = probe(model)
+                # The rule's own numbers for the kept state (ROUGE-L is not computed far from the rule).
+                kept = evaluator.evaluate(model, {"forget.acc", "forget.rougeL"})
+                row.update(scored, forget_acc=kept["forget.acc"], forget_rougeL=kept["forget.rougeL"])
+                runs.append({"phase": "report", **row})
+                trajectories.extend(steps)
+                print(
+                    f"      {method:>3}+{init:<4} lr {row['lr']:<7g} seed {seed}: "
+                    f"reached {row['reached']!s:<5} "
+                    f"step {row['final_step']:>3}  retain prob {row['retain_prob']:.3f}  "
+                    f"utility {row['model_utility']:.3f}  FQ {row['forget_quality']:.3g}  "
+                    f"eval {100 * row['eval_fraction']:.0f} %  ({row['run_s']:.0f} s)",
                     flush=True,
                 )
     total = time.perf_counter() - start
-    summary = summarise(rows, threshold)
+    n_forget = len(fdata.load_records(inputs["train_forget"])[0])
+    steps_per_epoch = math.ceil(n_forget / inputs["batch_size"])
+    budget = math.ceil(inputs["epochs"] * steps_per_epoch)
+    summary = summarise([r for r in runs if r["phase"] == "report"], before, budget)
     env = environment(torch.device("cpu"))
     env.update(total_s=round(total, 1), note="shared 2-core CPU; timings include other processes' load")
-    write_results("quality_epochs", rows, env)
-    write_results("quality_summary", summary, env)
+    write_results(f"{stem}_runs", runs, env)
+    write_results(f"{stem}_summary", summary, env)
+    write_results(f"{stem}_trajectories", trajectories, env)
     meta = {
+        "rule": rule,
+        "threshold": threshold,
         "before": before,
         "retain_only": ref_metrics,
         "seeds": args.seeds,
-        "steps": summary[0]["steps"],
+        "sweep_seed": args.sweep_seed,
+        "lr_grid": factors,
+        "lr": inputs["lr"],
+        "chosen_lr": {f"{m}-{i}": lr for (m, i), lr in chosen.items()},
         "epochs": inputs["epochs"],
         "batch_size": inputs["batch_size"],
-        "threshold": threshold,
-        "lr": inputs["lr"],
+        "steps_per_epoch": steps_per_epoch,
+        "eval_every": "epoch" if every == "epoch" else f"{every} optimiser steps",
+        "eval_items": f"{min(n_forget, EVAL_ITEMS)} forget and {EVAL_ITEMS} retain items",
         "device": env["device"],
         "date": env["date"],
-        "items": f"{len(probe.sets['forget'])} forget and {len(probe.sets['retain'])} retain items evaluated",
+        "total_s": total,
+        "items": f"{len(probe.sets['forget'])} forget and {len(probe.sets['retain'])} retain items",
     }
-    write_json(RESULTS_DIR / "quality.json", {"environment": env, "meta": meta, "summary": summary})
-    plot(rows, before, ref_metrics, RESULTS_DIR / "quality.png")
+    write_json(RESULTS_DIR / f"{stem}.json", {"environment": env, "meta": meta, "summary": summary})
+    plot(trajectories, threshold, RESULTS_DIR / f"{stem}.png")
     table = markdown(summary, meta)
-    write_text(RESULTS_DIR / "quality.md", table)
+    write_text(RESULTS_DIR / f"{stem}.md", table)
     print("\n" + table + f"\ntotal {total:.0f} s")
 
 

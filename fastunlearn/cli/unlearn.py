@@ -9,6 +9,7 @@ recorded in its ``run_config.json``) shows those it uses.
 from __future__ import annotations
 
 import argparse
+import os
 
 from fastunlearn.cli import summary
 from fastunlearn.cli._args import (
@@ -117,6 +118,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="device memory for the Fisher accumulators of one group of layers, e.g. 4GiB or 2GB "
         "(default: what is free after the model and a pass's activations)",
     )
+    _add_stopping_args(p, d)
     out = p.add_argument_group("output")
     out.add_argument("--merge", action="store_true", help="also write the merged model to OUTPUT/merged")
     out.add_argument(
@@ -148,6 +150,59 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _add_stopping_args(p: argparse.ArgumentParser, d) -> None:
+    from fastunlearn.evaluation.stopping import RESTORE, metric_help
+
+    s = p.add_argument_group(
+        "stopping",
+        "evaluate during training on bounded subsets, stop when a rule holds, keep that state; "
+        "writes OUTPUT/trajectory.csv and OUTPUT/trajectory.png",
+    )
+    s.add_argument(
+        "--stop-when",
+        metavar="RULE",
+        default=None,
+        help="'tofu' (forget accuracy and ROUGE-L at or below the retain-only model's: --reference-model, "
+        "or tofu:acc=A,rougeL=R), 'extraction' (forget MA and EL10 below the model's on unseen text: "
+        "--unseen, or extraction:ma=M,el10=E), or bounds joined by ',' such as "
+        f"forget.prob<=0.05,retain.rougeL>=0.5 on SET.KIND metrics, SET forget|retain; {metric_help()}",
+    )
+    s.add_argument(
+        "--eval-every",
+        metavar="N|epoch",
+        default=None,
+        help="evaluate every N optimiser steps or every epoch (default: epoch with --stop-when; "
+        "without a rule, records the trajectory only)",
+    )
+    s.add_argument(
+        "--patience",
+        metavar="K",
+        type=int,
+        default=d.patience,
+        help="evaluations to go on after the rule first holds (default: %(default)s)",
+    )
+    s.add_argument(
+        "--restore",
+        choices=RESTORE,
+        default=d.restore,
+        help="the state kept among those that satisfy the rule: the first, the best retain score, or "
+        "the last (default: %(default)s; best/last need --patience >= 1)",
+    )
+    s.add_argument(
+        "--eval-items",
+        metavar="N",
+        type=int,
+        default=d.eval_items,
+        help="examples per set at each evaluation (default: %(default)s)",
+    )
+    s.add_argument(
+        "--unseen", metavar="FILE", help='{"text"} JSON Lines the model never saw (extraction rule)'
+    )
+    s.add_argument(
+        "--reference-model", metavar="DIR", help="the retain-only model, same tokenizer (tofu rule)"
+    )
+
+
 def _run_unlearn(args: argparse.Namespace) -> int:
     from fastunlearn.evaluation.report import summary_table
     from fastunlearn.training.flags import options_from_args
@@ -165,6 +220,12 @@ def _run_unlearn(args: argparse.Namespace) -> int:
     )
     print(summary_table(result.metrics))
     written = [p for p in (result.adapter_path, result.model_path, result.merged_path) if p]
+    stopping = result.metrics.get("stopping")
+    if stopping is not None:
+        print(_stopping_line(stopping))
+        # named in the published run (the callback wrote them where the run was built)
+        files = (stopping["trajectory_csv"], stopping["trajectory_png"])
+        written += [os.path.join(result.output_dir, os.path.basename(p)) for p in files if p]
     print("\nwrote " + ", ".join([*written, result.metrics_path, result.run_config_path]))
     return 0
 
@@ -173,3 +234,15 @@ def _interrupted(args: argparse.Namespace) -> str:
     from fastunlearn.training.outputs import interrupted_message
 
     return interrupted_message(args.output)
+
+
+def _stopping_line(summary) -> str:
+    """One line on where the rule held, where training stopped and which state was kept."""
+    if summary["rule"] is None:
+        return f"\nevaluated {summary['evaluations']} times during training (no stopping rule)"
+    if not summary["satisfied"]:
+        return f"\n{summary['rule']}: never satisfied; kept the final state (step {summary['kept_step']})"
+    return (
+        f"\n{summary['rule']}: first held at step {summary['first_satisfied_step']}, stopped at step "
+        f"{summary['stopped_step']}, kept step {summary['kept_step']} ({summary['restore']})"
+    )

@@ -11,6 +11,11 @@
 - :class:`EpochEvaluationCallback` and :class:`ExtractionStoppingCallback`
   (:mod:`~fastunlearn.evaluation.callbacks`) plug into any ``transformers.Trainer``; they load
   ``transformers`` on first use.
+- Stopping rules (:mod:`~fastunlearn.evaluation.stopping`: the metric namespace, the threshold /
+  extraction / TOFU rules, the controller), evaluation during training on bounded subsets with the
+  ``Trainer`` callback that stops and restores (:mod:`~fastunlearn.evaluation.stop_callback`) and its
+  ``trajectory.csv`` / ``.png`` (:mod:`~fastunlearn.evaluation.trajectory`); ``unlearn(stop=...)``
+  wires them into a run.
 
 Evaluation reads and tokenises data with the training pipeline (:mod:`fastunlearn.training.data`), so
 an evaluated prompt is the trained prompt, and imports nothing else of the training layer.

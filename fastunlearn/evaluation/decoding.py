@@ -1,19 +1,25 @@
 """Greedy decoding with a KV cache for a batch of prompts of any lengths (left padded).
 
-Shared by the extraction metrics (:mod:`fastunlearn.evaluation.extraction_metrics`), which continue
-prefixes to a fixed length, and the TOFU protocol (:mod:`fastunlearn.evaluation.tofu`), which stops at
-EOS. Works with the calling conventions of ``transformers`` 4.x and 5.x (cache and logits arguments).
+:func:`greedy_decode` is shared by the extraction metrics
+(:mod:`fastunlearn.evaluation.extraction_metrics`), which continue prefixes to a fixed length, and
+:func:`greedy_completions`, which stops each prompt at EOS or at its own token budget and decodes the
+text: the TOFU protocol's answers (:mod:`fastunlearn.evaluation.tofu`) and the ROUGE-L of the stopping
+rules (:mod:`fastunlearn.evaluation.stop_callback`). Works with the calling conventions of
+``transformers`` 4.x and 5.x (cache and logits arguments).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
+from fastunlearn.evaluation.likelihood import eval_mode
 from fastunlearn.modeling import model_device, unwrap_model
+from fastunlearn.training.data import pad_id_of
 
-__all__ = ["greedy_decode"]
+__all__ = ["greedy_completions", "greedy_decode"]
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -93,3 +99,41 @@ def greedy_decode(
             done = done | (next_tok == eos_token_id)
         generated.append(next_tok)
     return torch.stack(generated, dim=1)
+
+
+def greedy_completions(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[torch.Tensor],
+    budgets: Sequence[int],
+    *,
+    batch_size: int,
+) -> list[str]:
+    """Greedy continuations of token ``prompts``, each stopped at EOS or after its ``budgets[i]`` new
+    tokens (a budget below 1 gives ``""``), decoded without special tokens and stripped.
+
+    Prompts are decoded :func:`greedy_decode` in batches of ``batch_size``, sorted by budget then
+    length: a batch runs until its largest budget, so similar budgets waste fewer steps on finished
+    rows, and similar lengths less padding. Runs in eval mode without gradients.
+    """
+    order = sorted(
+        (i for i in range(len(prompts)) if budgets[i] >= 1), key=lambda i: (budgets[i], len(prompts[i]))
+    )
+    eos, pad = tokenizer.eos_token_id, pad_id_of(tokenizer)
+    texts = [""] * len(prompts)
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            gen = greedy_decode(
+                model,
+                [prompts[i] for i in chunk],
+                max(budgets[i] for i in chunk),
+                eos_token_id=eos,
+                pad_token_id=pad,
+            ).tolist()  # one transfer per batch
+            for row, i in zip(gen, chunk):
+                tokens = row[: budgets[i]]
+                if eos is not None and eos in tokens:
+                    tokens = tokens[: tokens.index(eos)]
+                texts[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return texts

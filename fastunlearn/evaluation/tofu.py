@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from fastunlearn.evaluation import metrics as M
+from fastunlearn.evaluation.decoding import greedy_completions
 from fastunlearn.evaluation.reference import (
     _check_new_file,
     load_reference_truth_ratios,
@@ -141,31 +142,18 @@ def _greedy_answers(
 
     Legacy (SPEC §4.1, the paper's ``generate(max_length=200)``): batches of 30 in file order, and every
     row of a batch ``W`` tokens wide gets ``200 − W`` new tokens — the budget depends on the batch, so
-    the batches are the paper's. Otherwise ``max_new_tokens`` per row, prompts batched by length (less
-    padding). Left padding is masked, so the pad id changes nothing.
+    the batches are the paper's (each decoded as one batch). Otherwise ``max_new_tokens`` per row.
+    Left padding is masked, so the pad id changes nothing.
     """
-    n = len(prompts)
-    if legacy:
-        chunks = [range(s, min(s + LEGACY_GENERATION_BATCH, n)) for s in range(0, n, LEGACY_GENERATION_BATCH)]
-    else:
-        order = sorted(range(n), key=lambda i: len(prompts[i]))
-        chunks = [order[s : s + batch_size] for s in range(0, n, batch_size)]
-    answers: list[str] = [""] * n
-    eos, pad = tokenizer.eos_token_id, fdata.pad_id_of(tokenizer)
-    with M.eval_mode(model):
-        for chunk in chunks:
-            width = max(len(prompts[i]) for i in chunk)
-            steps = tofu_max_new_tokens(width, max_length=LEGACY_MAX_LENGTH) if legacy else max_new_tokens
-            if steps < 1:
-                continue  # prompts already at the length cap: empty answers
-            gen = M.greedy_decode(
-                model, [prompts[i] for i in chunk], steps, eos_token_id=eos, pad_token_id=pad
-            )
-            for r, i in enumerate(chunk):
-                tokens = gen[r].tolist()
-                if eos is not None and eos in tokens:
-                    tokens = tokens[: tokens.index(eos)]
-                answers[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    if not legacy:
+        return greedy_completions(
+            model, tokenizer, prompts, [max_new_tokens] * len(prompts), batch_size=batch_size
+        )
+    answers: list[str] = []
+    for start in range(0, len(prompts), LEGACY_GENERATION_BATCH):
+        chunk = prompts[start : start + LEGACY_GENERATION_BATCH]
+        steps = tofu_max_new_tokens(max(len(p) for p in chunk), max_length=LEGACY_MAX_LENGTH)
+        answers += greedy_completions(model, tokenizer, chunk, [steps] * len(chunk), batch_size=len(chunk))
     return answers
 
 

@@ -8,6 +8,7 @@ the config is made, so a bad value fails before a model is loaded.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +73,16 @@ class UnlearnConfig:
     # transformers.TrainerCallback instances added to the Trainer (e.g. per-epoch evaluation and stopping,
     # fastunlearn.evaluation); recorded in run_config.json by class name.
     callbacks: list[Any] | None = None
+    # Evaluation during training and stopping rules (fastunlearn.evaluation.stopping; issue 14), checked
+    # with the data's record formats before the model loads (fastunlearn.training.stopping_setup).
+    stop: str | None = None  # a rule: "tofu", "extraction", "forget.prob<=0.05,retain.rougeL>=0.5", ...
+    eval_every: int | str | None = None  # optimiser steps or "epoch" (default with a rule)
+    patience: int = 0  # evaluations to go on after the rule first holds
+    restore: str = "first"  # the state kept: "first", "best" (retain score) or "last" that satisfies it
+    eval_items: int = 32  # examples per set at each evaluation
+    unseen: str | os.PathLike | list[str] | None = None  # the extraction rule's unseen text
+    reference_model: str | os.PathLike | nn.Module | None = None  # the tofu rule's retain-only model
+    eval_max_new_tokens: int = 200  # cap of the greedy answers scored by ROUGE-L
 
     def __post_init__(self) -> None:
         positive = (
@@ -82,6 +93,8 @@ class UnlearnConfig:
             "fisher_batch_size",
             "eval_batch_size",
             "logging_steps",
+            "eval_items",
+            "eval_max_new_tokens",
         )
         for name in positive:
             if getattr(self, name) < 1:

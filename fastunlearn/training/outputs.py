@@ -44,7 +44,18 @@ import shutil
 from dataclasses import dataclass
 
 # Entries unlearn() writes; nothing else in an output directory is ever removed.
-OUTPUT_ENTRIES = ("adapter", "model", "merged", "fisher", "checkpoints", "run_config.json", "metrics.json")
+# What a run that evaluates during training writes (fastunlearn.evaluation.trajectory).
+TRAJECTORY_FILES = ("trajectory.csv", "trajectory.png")
+OUTPUT_ENTRIES = (
+    "adapter",
+    "model",
+    "merged",
+    "fisher",
+    "checkpoints",
+    "run_config.json",
+    *TRAJECTORY_FILES,
+    "metrics.json",
+)
 COMPLETE_MARKER = "metrics.json"
 CONFIG = "run_config.json"
 STAGING = ".fastunlearn-new"  # a run being built to replace a finished one

@@ -16,7 +16,8 @@ writes, atomically::
       merged/             the merged model (merge=True)
       fisher/             row_weights.safetensors: FILA's row weights (reused on resume)
       checkpoints/        Trainer checkpoints (resume=True continues from the last one)
-      metrics.json        {"before": {"forget", "retain"}, "after": {...}, "train": {...}}
+      metrics.json        {"before": {"forget", "retain"}, "after": {...}, "train": {...}, "stopping"}
+      trajectory.csv/png  metrics at each evaluation during training (stop= / eval_every=)
       run_config.json     every option, the resolved precision, the data and model sources, versions
 
 Everything that can be wrong with the arguments is checked before the model's weights load: the
@@ -26,6 +27,10 @@ in ``output_dir`` is refused unless ``overwrite``, which builds the new run besi
 only when it finishes; an interrupted run is continued by ``resume`` and replaced by a plain run
 (:mod:`fastunlearn.training.outputs` defines the states). ``run_config.json`` records the equivalent
 ``fastunlearn unlearn`` command line when there is one.
+
+With a stopping rule (``stop=``, :mod:`fastunlearn.training.stopping_setup`) the model is evaluated on
+bounded subsets during training, training stops where the rule says, and everything above is the
+state the rule keeps.
 
 Under ``torchrun`` / ``accelerate launch`` (:mod:`fastunlearn.distributed`) every process runs this
 function: the main process alone plans, clears, stages and publishes the output directory and writes
@@ -63,7 +68,14 @@ from fastunlearn.training.config import INITS, UnlearnConfig, UnlearnResult
 from fastunlearn.training.flags import command_line
 from fastunlearn.training.methods import METHODS, NEEDS_RETAIN, sequence_logprobs
 from fastunlearn.training.precision import autocast, load_dtype, resolve_training_precision, weights_dtype
-from fastunlearn.training.preflight import preflight
+from fastunlearn.training.preflight import check_vocab, preflight
+from fastunlearn.training.stopping_setup import (
+    STOPPING_OPTIONS,
+    plan_run_stopping,
+    prepare_unseen,
+    record_inputs,
+    stopping_callback,
+)
 from fastunlearn.training.trainer import build_trainer
 
 # Options that may differ between a run and its resumption.
@@ -81,6 +93,7 @@ _RESUME_FREE = (
     "fisher_memory",  # the grouping of the Fisher passes does not change their result
     "fused",  # how the loss is computed, not which loss
     "ihl_backend",
+    *STOPPING_OPTIONS,  # refused with resume: a run that evaluates during training is never resumed
 )
 
 __all__ = ["unlearn"]
@@ -248,9 +261,17 @@ def unlearn(
     }
     # Every check that can fail runs before the weights load and before anything is written. Under
     # several processes only the main one reads and writes the output directory (module docstring).
+    # The records' formats decide which metrics a stopping rule may read; checked first.
+    sets = {"forget": forget, **({"retain": retain} if retain is not None else {})}
+    formats = {
+        name: fdata.load_records(data, data_format=cfg.data_format, name=name)[1]
+        for name, data in sets.items()
+    }
+    plan = distributed.on_all(lambda: plan_run_stopping(cfg, formats))
     dirs = distributed.on_main(lambda: _plan(output_dir, cfg, run_config))
     config_path = os.path.join(dirs.build, "run_config.json")
     checked = distributed.on_all(lambda: preflight(model, tokenizer, forget, retain, init=init, cfg=cfg))
+    unseen_ex = prepare_unseen(cfg, checked.tokenizer) if plan is not None else []
     forget_ex, retain_ex = checked.forget, checked.retain
 
     model, tokenizer = load_model_and_tokenizer(
@@ -263,6 +284,7 @@ def unlearn(
     if cfg.fused and (reason := fused_blocker(model)) is not None:  # refused before anything is written
         raise ValueError(f"fused=True: cannot compute the losses of {type(model).__name__} fused: {reason}")
     to_training_device(model)
+    check_vocab(model, unseen_ex, "unseen")
     pad_id = fdata.pad_id_of(tokenizer)
     dataset = fdata.PairedDataset(forget_ex, retain_ex, seed=cfg.seed)
     distributed.on_main(lambda: (outputs.start_run(dirs), write_json(config_path, run_config)))
@@ -270,6 +292,11 @@ def unlearn(
     metrics: dict[str, Any] = {}
     if cfg.evaluate:
         metrics["before"] = _evaluate(model, forget_ex, retain_ex, pad_id, cfg)
+    extra_callbacks = []
+    if plan is not None:  # the rule's reference values are measured on the model before unlearning
+        extra_callbacks.append(
+            stopping_callback(plan, cfg, model, tokenizer, forget_ex, retain_ex, unseen_ex, dirs.build)
+        )
 
     fisher_paths: dict[str, str] = {}
     if cfg.gradient_checkpointing:
@@ -302,7 +329,14 @@ def unlearn(
                 dataset.ref_logp = sequence_logprobs(model, batches)
 
         trainer = build_trainer(
-            model, dataset, pad_id, method=method, cfg=cfg, output_dir=dirs.build, precision=precision
+            model,
+            dataset,
+            pad_id,
+            method=method,
+            cfg=cfg,
+            output_dir=dirs.build,
+            precision=precision,
+            extra_callbacks=extra_callbacks,
         )
         start = time.perf_counter()
         checkpoint = outputs.last_checkpoint(dirs.build) if dirs.resume else None
@@ -312,6 +346,8 @@ def unlearn(
             "global_step": out.global_step,
             "runtime_s": time.perf_counter() - start,
         }
+        if plan is not None:  # the callback has put the kept state back: "after" and the files are that state
+            metrics["stopping"] = extra_callbacks[0].summary
         if cfg.evaluate:
             metrics["after"] = _evaluate(model, forget_ex, retain_ex, pad_id, cfg)
 
@@ -353,6 +389,7 @@ def _options_record(cfg: UnlearnConfig) -> dict[str, Any]:
     """The options as JSON values (callbacks by class name)."""
     options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
     options["callbacks"] = [type(cb).__name__ for cb in cfg.callbacks or ()]
+    options.update(record_inputs(cfg))
     return options
 
 

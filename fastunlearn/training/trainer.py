@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -84,12 +85,14 @@ def build_trainer(
     cfg: UnlearnConfig,
     output_dir: str,
     precision: str = "fp32",
+    extra_callbacks: Sequence[TrainerCallback] = (),
 ):
     """An :class:`UnlearnTrainer` with the paper's schedule: linear warm-up, then linear decay.
 
     ``precision`` is the resolved one (``"fp32"``, ``"bf16"`` or ``"fp16"``; see
     :func:`fastunlearn.training.precision.resolve_training_precision`): bf16 or fp16 autocast, fp16 with loss
-    scaling. ``model`` must be patched (:func:`fastunlearn.patch`).
+    scaling. ``model`` must be patched (:func:`fastunlearn.patch`). Its callbacks are ``cfg.callbacks``
+    then ``extra_callbacks`` (those :func:`unlearn` adds itself).
     """
     # Under torchrun each of the W ranks takes its own batch: a step consumes W·batch_size pairs.
     batches_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * distributed.world_size()))
@@ -124,7 +127,7 @@ def build_trainer(
     return UnlearnTrainer(
         model=model,
         args=args,
-        callbacks=cfg.callbacks,
+        callbacks=[*(cfg.callbacks or ()), *extra_callbacks],
         train_dataset=dataset,
         data_collator=fdata.PairCollator(pad_id),
         method=method,

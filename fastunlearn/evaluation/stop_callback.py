@@ -1,0 +1,372 @@
+"""Evaluation during training, on bounded subsets, feeding a stopping rule
+(:mod:`fastunlearn.evaluation.stopping`).
+
+- :class:`SubsetEvaluator` computes the metrics of :data:`~fastunlearn.evaluation.stopping.METRIC_NAMES`
+  (and the unseen-text reference) on at most ``eval_items`` examples per set, with
+  :mod:`fastunlearn.evaluation.metrics`: one teacher-forced pass per set gives ``prob`` / ``acc`` /
+  ``nll`` / ``ma``; greedy generation, batched with a KV cache, gives ``rougeL`` and ``el10`` — and
+  is run only for what is asked.
+- :class:`StoppingCallback` is the ``transformers.TrainerCallback``: it evaluates the model before
+  training and every N optimiser steps or every epoch, asks the
+  :class:`~fastunlearn.evaluation.stopping.StoppingController` what to compute and whether to stop,
+  writes ``trajectory.csv``, keeps the trainable parameters of states it may restore (on the CPU,
+  only when a restore may need them), puts the chosen state back when training ends and draws
+  ``trajectory.png``.
+
+Evaluation layer: this module does not import the training loop.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from fastunlearn.evaluation.decoding import greedy_completions
+from fastunlearn.evaluation.extraction_metrics import extraction_likelihood
+from fastunlearn.evaluation.likelihood import collect_answer_stats
+from fastunlearn.evaluation.scores import rouge_l_recall
+from fastunlearn.evaluation.stopping import (
+    EL_N,
+    StoppingController,
+    StopRule,
+    available_metrics,
+    parse_eval_every,
+)
+from fastunlearn.evaluation.trajectory import Trajectory, plot_trajectory
+from fastunlearn.training import data as fdata
+
+__all__ = ["StoppingCallback", "SubsetEvaluator", "measure_reference"]
+
+_TEACHER_FORCED = ("prob", "acc", "nll", "ma")
+
+
+def _spread(examples: Sequence[fdata.Example], k: int) -> list[fdata.Example]:
+    """``k`` examples evenly spaced over the set (its first, then every ``len/k``-th): a subset that
+    spans files sorted by topic (TOFU lists each author's questions together), with no randomness."""
+    n = len(examples)
+    return list(examples) if n <= k else [examples[(i * n) // k] for i in range(k)]
+
+
+def _record_format(examples: Sequence[fdata.Example]) -> str:
+    """``"text"`` when every token is labelled (raw text), ``"qa"`` when every example has an unlabelled
+    prompt (question/answer or prompt/completion), else ``"mixed"``."""
+    prompted = [ex.labels[0] == fdata.IGNORE_INDEX for ex in examples]
+    return "qa" if all(prompted) else "text" if not any(prompted) else "mixed"
+
+
+class SubsetEvaluator:
+    """The metrics of a run on bounded subsets of its forget / retain / unseen examples.
+
+    ``forget``, ``retain``, ``unseen``: tokenised examples (:func:`fastunlearn.training.data.prepare`,
+    the same prompts as training); ``unseen`` must be raw text. Each set is cut to ``eval_items`` examples
+    spread evenly over it (fixed for the run, so every evaluation and every reference value is
+    measured on the same examples). ROUGE-L: the greedy answer to the training prompt against the
+    labelled answer, up to ``min(max_new_tokens, 2 × the reference's tokens)`` new tokens — twice the
+    reference leaves room for any rewording, and a collapsed model that never emits EOS does not
+    decode to ``max_new_tokens``. The numbers are the subset means of :mod:`fastunlearn.evaluation.stopping`'s
+    definitions: a rule decided here is decided on the subset.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        forget: Sequence[fdata.Example],
+        retain: Sequence[fdata.Example] | None = None,
+        unseen: Sequence[fdata.Example] | None = None,
+        *,
+        eval_items: int = 32,
+        batch_size: int = 16,
+        max_new_tokens: int = 200,
+    ) -> None:
+        for name, value in (("eval_items", eval_items), ("batch_size", batch_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        self.tokenizer, self.batch_size, self.max_new_tokens = tokenizer, batch_size, max_new_tokens
+        self.pad_id = fdata.pad_id_of(tokenizer)
+        self.sets: dict[str, list[fdata.Example]] = {}
+        for name, examples in (("forget", forget), ("retain", retain), ("unseen", unseen)):
+            if examples:
+                self.sets[name] = _spread(examples, eval_items)
+        if "forget" not in self.sets:
+            raise ValueError("the forget set is empty: there is nothing to evaluate")
+        formats = {name: _record_format(examples) for name, examples in self.sets.items()}
+        if formats.get("unseen", "text") != "text":
+            raise ValueError('unseen text must be raw text ({"text"} records, every token labelled)')
+        self.available = available_metrics(formats)
+
+    def evaluate(self, model: torch.nn.Module, names: Collection[str]) -> dict[str, float]:
+        """The metrics ``names`` (``SET.KIND``) of ``model``, in eval mode without gradients."""
+        unknown = sorted(set(names) - self.available)
+        if unknown:
+            raise ValueError(f"cannot evaluate {unknown} on this data; available: {sorted(self.available)}")
+        wanted: dict[str, set[str]] = {}
+        for name in names:
+            set_name, _, kind = name.partition(".")
+            wanted.setdefault(set_name, set()).add(kind)
+        out: dict[str, float] = {}
+        for set_name, kinds in wanted.items():
+            examples = self.sets[set_name]
+            forced = [k for k in _TEACHER_FORCED if k in kinds]
+            if forced:
+                values = self._teacher_forced(model, examples, forced)
+                out.update({f"{set_name}.{k}": v for k, v in zip(forced, values)})
+            if "rougeL" in kinds:
+                out[f"{set_name}.rougeL"] = self._rouge(model, examples)
+            if f"el{EL_N}" in kinds:
+                out[f"{set_name}.el{EL_N}"] = self._el(model, examples)
+        return out
+
+    def _teacher_forced(
+        self, model: torch.nn.Module, examples: Sequence[fdata.Example], kinds: Sequence[str]
+    ) -> list[float]:
+        stats = collect_answer_stats(model, fdata.batches(examples, self.pad_id, self.batch_size))
+        nll_sum, tokens, correct = (stats[k].double() for k in ("nll_sum", "num_tokens", "correct"))
+        mean_nll = nll_sum / tokens
+        values = {
+            "prob": torch.exp(-mean_nll).mean(),
+            "acc": correct.sum() / tokens.sum(),
+            "nll": mean_nll.mean(),
+            # Raw text labels every token: correct / tokens is Jang et al.'s MA of each sequence.
+            "ma": (correct / tokens).mean(),
+        }
+        return torch.stack([values[k] for k in kinds]).tolist()  # one sync for all of them
+
+    def _rouge(self, model: torch.nn.Module, examples: Sequence[fdata.Example]) -> float:
+        eos = self.tokenizer.eos_token_id
+        prompts, references, budgets = [], [], []
+        for ex in examples:
+            start = next(i for i, label in enumerate(ex.labels) if label != fdata.IGNORE_INDEX)
+            answer = list(ex.input_ids[start:])
+            if answer and answer[-1] == eos:
+                answer = answer[:-1]
+            prompts.append(torch.tensor(ex.input_ids[:start], dtype=torch.long))
+            references.append(self.tokenizer.decode(answer, skip_special_tokens=True).strip())
+            budgets.append(min(self.max_new_tokens, 2 * max(len(answer), 1)))
+        answers = greedy_completions(model, self.tokenizer, prompts, budgets, batch_size=self.batch_size)
+        return sum(rouge_l_recall(answers, references)) / len(answers)
+
+    def _el(self, model: torch.nn.Module, examples: Sequence[fdata.Example]) -> float:
+        batch = fdata.collate(examples, self.pad_id)
+        el = extraction_likelihood(
+            model,
+            batch["input_ids"],
+            n=EL_N,
+            attention_mask=batch["attention_mask"],
+            batch_size=self.batch_size,
+        )
+        return el.mean().item()
+
+
+def measure_reference(rule: StopRule, evaluator: SubsetEvaluator, model: torch.nn.Module) -> StopRule:
+    """``rule`` resolved with its reference values measured on ``model`` by ``evaluator``: the model
+    before unlearning for the extraction rule (its unseen-text MA and EL₁₀), the retain-only model for
+    the tofu rule (its forget accuracy and ROUGE-L on the evaluator's forget subset; it must share the
+    tokenizer). A resolved rule is returned as is."""
+    if rule.resolved:
+        return rule
+    return rule.with_reference(evaluator.evaluate(model, rule.reference_metrics))
+
+
+class StoppingCallback(TrainerCallback):
+    """Evaluate during training, stop by a rule, keep the chosen state, write the trajectory.
+
+    ``every``: ``"epoch"`` or a number of optimiser steps (the final step is always evaluated).
+    ``output_dir``: where ``trajectory.csv`` (after every evaluation) and ``trajectory.png`` (at the
+    end, when ``plot``) go; ``None`` keeps the rows in :attr:`trajectory` only. The controller's rule
+    may wait for its reference only when that is the model itself (the extraction rule's unseen
+    text, measured when training begins); a tofu rule's reference model must be measured first
+    (:func:`measure_reference`).
+
+    The model at ``on_train_begin`` is evaluated as the baseline (step 0). At each evaluation the
+    controller's :meth:`~fastunlearn.evaluation.stopping.StoppingController.metrics_to_compute` is
+    followed until it asks for nothing, so generation runs only when it can matter. When the controller says
+    ``keep_state``, the trainable parameters are copied to the CPU (the LoRA weights, not the base
+    model); at ``on_train_end`` the chosen state is copied back, so whatever is saved afterwards
+    (adapter, merged model, metrics) is that state. :attr:`summary` holds the outcome and the time
+    spent evaluating next to the time spent training.
+    """
+
+    def __init__(
+        self,
+        controller: StoppingController,
+        evaluator: SubsetEvaluator,
+        *,
+        every: int | str = "epoch",
+        output_dir: str | os.PathLike | None = None,
+        plot: bool = True,
+    ) -> None:
+        self.every = parse_eval_every(every)
+        self.controller, self.evaluator, self.plot = controller, evaluator, plot
+        rule = controller.rule
+        needed = set(controller.baseline_metrics())
+        if rule is not None and not rule.resolved:
+            if rule.reference_source != "model":
+                raise ValueError(
+                    f"the {rule.name} rule's reference values come from another model: measure them "
+                    "first (measure_reference with the reference model)"
+                )
+            needed.update(rule.reference_metrics)
+        missing = sorted(needed - evaluator.available)
+        if missing:
+            raise ValueError(
+                f"the evaluator cannot compute {missing} on this data; "
+                f"available: {sorted(evaluator.available)}"
+            )
+        self.output_dir = None if output_dir is None else os.fspath(output_dir)
+        csv_path = None if self.output_dir is None else os.path.join(self.output_dir, "trajectory.csv")
+        self.trajectory = Trajectory(csv_path)
+        self.summary: dict[str, Any] = {}
+        self._snapshot: tuple[int, dict[str, torch.Tensor]] | None = None
+        self._eval_seconds = 0.0
+        self._setup_seconds = 0.0
+        self._train_start: float | None = None
+
+    # -- evaluation --------------------------------------------------------------------------------
+
+    def _complete(self, model: torch.nn.Module) -> dict[str, float]:
+        values: dict[str, float] = {}
+        while todo := self.controller.metrics_to_compute(values):
+            values.update(self.evaluator.evaluate(model, todo))
+        return values
+
+    @staticmethod
+    def _losses(logs: Mapping[str, Any]) -> dict[str, float]:
+        return {k: logs[k] for k in ("loss", "forget_loss", "retain_loss") if k in logs}
+
+    def _logged_loss(self, state) -> dict[str, float]:
+        """The loss the trainer has already logged at this step (the step-end log comes before the
+        epoch-end evaluation); otherwise :meth:`on_log` adds it when the trainer logs."""
+        for entry in reversed(state.log_history):
+            if entry.get("step") != state.global_step:
+                break
+            if "loss" in entry:
+                return self._losses(entry)
+        return {}
+
+    def _row(self, state, values: Mapping[str, float], seconds: float, **extra: Any) -> None:
+        self.trajectory.append(
+            {
+                "step": int(state.global_step),
+                "epoch": float(state.epoch or 0.0),
+                **values,
+                **self._logged_loss(state),
+                **extra,
+                "eval_s": round(seconds, 4),
+            }
+        )
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        start = time.perf_counter()
+        controller = self.controller
+        if controller.rule is not None and not controller.rule.resolved:
+            controller.resolve(self.evaluator.evaluate(model, controller.rule.reference_metrics))
+        baseline = self.evaluator.evaluate(model, controller.baseline_metrics())
+        controller.set_baseline(baseline)
+        extra: dict[str, Any] = {}
+        if controller.rule is not None:
+            extra["satisfied"] = bool(controller.rule.satisfied(baseline))
+            if extra["satisfied"]:
+                warnings.warn(
+                    f"the model satisfies the stopping rule ({controller.rule}) before unlearning: "
+                    "training stops at the first evaluation",
+                    stacklevel=2,
+                )
+        self._setup_seconds = time.perf_counter() - start
+        self._row(state, baseline, self._setup_seconds, **extra)
+        self._train_start = time.perf_counter()
+
+    def _evaluate(self, state, control, model) -> None:
+        history = self.controller.history
+        if model is None or (history and history[-1].step == state.global_step):
+            return
+        start = time.perf_counter()
+        values = self._complete(model)
+        final = state.global_step >= state.max_steps
+        decision = self.controller.record(state.global_step, state.epoch or 0.0, values, final=final)
+        if decision.keep_state:
+            self._snapshot = (
+                int(state.global_step),
+                {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad},
+            )
+        seconds = time.perf_counter() - start
+        self._eval_seconds += seconds
+        score = self.controller.history[-1].score
+        extra: dict[str, Any] = {} if self.controller.rule is None else {"satisfied": decision.satisfied}
+        if score is not None:
+            extra["retain_score"] = score
+        self._row(state, values, seconds, **extra)
+        # The trainer then logs the mean training loss since its previous log, at this very step.
+        control.should_log = True
+        if decision.stop:
+            control.should_training_stop = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        rows = self.trajectory.rows
+        if (
+            logs
+            and "loss" in logs
+            and rows
+            and rows[-1]["step"] == state.global_step
+            and "loss" not in rows[-1]
+        ):
+            self.trajectory.update_last(self._losses(logs))
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every != "epoch" and (
+            state.global_step % self.every == 0 or state.global_step >= state.max_steps
+        ):
+            self._evaluate(state, control, model)
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if self.every == "epoch":
+            self._evaluate(state, control, model)
+
+    # -- the end -----------------------------------------------------------------------------------
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        train_seconds = time.perf_counter() - (self._train_start or time.perf_counter()) - self._eval_seconds
+        target = self.controller.restore_target
+        if target is not None and model is not None:
+            if self._snapshot is None or self._snapshot[0] != target.step:
+                raise RuntimeError(f"no saved state for step {target.step} to restore")  # a bug, not input
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for name, value in self._snapshot[1].items():
+                    params[name].copy_(value.to(params[name].device))
+        self._snapshot = None
+        summary = self.controller.summary()
+        plot_path = None
+        if self.plot and self.output_dir is not None and self.trajectory.rows:
+            rule = self.controller.rule
+            marks = {
+                "rule first holds": summary["first_satisfied_step"],
+                "stopped": summary["stopped_step"],
+                "kept": summary["kept_step"] if summary["restored"] else None,
+            }
+            path = os.path.join(self.output_dir, "trajectory.png")
+            if plot_trajectory(
+                self.trajectory.rows,
+                path,
+                bounds=() if rule is None else rule.bounds,
+                marks=marks,
+                title=None if rule is None else str(rule),
+            ):
+                plot_path = path
+        self.summary = {
+            **summary,
+            "eval_items": {name: len(ex) for name, ex in self.evaluator.sets.items()},
+            "reference_and_baseline_eval_s": self._setup_seconds,
+            "eval_s": self._eval_seconds,
+            "train_s": train_seconds,
+            "eval_fraction": self._eval_seconds / train_seconds if train_seconds > 0 else None,
+            "trajectory_csv": self.trajectory.path,
+            "trajectory_png": plot_path,
+        }

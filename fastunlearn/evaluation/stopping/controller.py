@@ -1,0 +1,382 @@
+"""The stopping state machine (:class:`StoppingController`) and a run's validated options
+(:func:`plan_stopping` → :class:`StopPlan`).
+
+Pure logic on plain numbers: the controller is told each evaluation's metrics and answers whether to
+stop, whether to keep a copy of the current state, and which state to restore at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fastunlearn.evaluation.stopping.parsing import parse_eval_every, parse_stop_rule
+from fastunlearn.evaluation.stopping.rules import (
+    METRIC_NAMES,
+    StopRule,
+    _unknown_metric,
+    available_metrics,
+    is_generated,
+)
+
+RESTORE = ("first", "best", "last")
+NEAR = 0.2
+DEFAULT_RETAIN_METRICS = ("retain.prob", "retain.acc", "retain.rougeL")
+
+__all__ = [
+    "DEFAULT_RETAIN_METRICS",
+    "NEAR",
+    "RESTORE",
+    "Decision",
+    "Evaluation",
+    "StopPlan",
+    "StoppingController",
+    "plan_stopping",
+    "retain_score",
+]
+
+# ---------------------------------------------------------------------------------------------------
+# The decision state machine
+# ---------------------------------------------------------------------------------------------------
+
+
+def retain_score(values: Mapping[str, float], baseline: Mapping[str, float], names: Iterable[str]) -> float:
+    """Retain performance kept, relative to the original model: the harmonic mean of
+    ``values[m] / baseline[m]`` over the metrics ``names`` (higher is better, 1 = as before).
+
+    Why relative: probability, accuracy and ROUGE-L sit on different scales (a model's retain
+    probability may be 0.3 where its ROUGE-L is 0.9), and what matters for choosing among states of one
+    run is how much of each ability is kept; the ratio makes the metrics commensurable. Why harmonic
+    (as TOFU's model utility, SPEC §4): a state that has lost one ability cannot be rescued by the
+    others — a ratio near 0 pulls the mean near 0. Ratios above 1 (the retain term of GD/IHL can
+    improve the retain set) count as gains. A metric on which the original model scores 0 carries no
+    ability to keep and is left out.
+    """
+    ratios = []
+    for name in names:
+        if name not in values or name not in baseline:
+            raise ValueError(f"retain score: {name} is missing")
+        if baseline[name] > 0:
+            ratios.append(values[name] / baseline[name])
+    if not ratios:
+        raise ValueError("retain score: the original model scores 0 on every retain metric")
+    if min(ratios) <= 0:
+        return 0.0
+    return len(ratios) / sum(1.0 / r for r in ratios)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One evaluation during training: its step, epoch, metrics, whether the rule held, retain score."""
+
+    step: int
+    epoch: float
+    metrics: Mapping[str, float]
+    satisfied: bool
+    score: float | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the trainer does after an evaluation.
+
+    ``stop``: end training now. ``keep_state``: copy the trainable parameters now, because this state
+    may have to be restored after more training (never set when stopping or at the final step, where
+    the current state is the one kept).
+    """
+
+    stop: bool
+    satisfied: bool
+    keep_state: bool
+    reason: str
+
+
+class StoppingController:
+    """The stopping state machine: :meth:`record` one evaluation at a time, get a :class:`Decision`.
+
+    Semantics:
+
+    - Before training, :meth:`set_baseline` with the original model's metrics (the reference of the
+      retain score; it is not a candidate, training has not started).
+    - The run stops at the first evaluation that satisfies the rule when ``patience == 0``; with
+      ``patience = K`` it goes on for K more evaluations after that first one (whether they satisfy the
+      rule or not) and then stops. The run also ends when training ends.
+    - ``restore`` picks the state kept among the evaluated states that satisfy the rule: ``"first"``
+      (the first crossing), ``"best"`` (highest :func:`retain_score` of ``retain_metrics`` relative to
+      the baseline; ties go to the earlier step, the less trained one), or ``"last"``. ``"best"`` and
+      ``"last"`` need ``patience ≥ 1`` (otherwise there is one candidate). When the rule is never
+      satisfied the final state is kept.
+    - ``rule=None``: evaluate and record only (a trajectory without stopping).
+
+    Cost: :meth:`metrics_to_compute` says what to evaluate next. Teacher-forced metrics (the rule's and
+    ``track``) come first; the rule's generated metrics (ROUGE-L, EL₁₀) only when every teacher-forced
+    bound of the rule is *near*: satisfied or missed by at most ``near · |value|``
+    (:meth:`Bound.near`). Skipping them otherwise cannot change a decision, because a rule is a
+    conjunction and one of its teacher-forced bounds already fails; a rule with no teacher-forced
+    bound computes its generated metrics every time. The retain metrics of ``"best"`` that need
+    generation are computed only where the rule holds, the only states it ranks. :meth:`record`
+    refuses an evaluation whose missing metrics could have made the rule hold.
+    """
+
+    def __init__(
+        self,
+        rule: StopRule | None,
+        *,
+        patience: int = 0,
+        restore: str = "first",
+        near: float = NEAR,
+        retain_metrics: Sequence[str] = DEFAULT_RETAIN_METRICS,
+        track: Sequence[str] = (),
+    ) -> None:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"patience must be a non-negative number of evaluations, got {patience!r}")
+        if restore not in RESTORE:
+            raise ValueError(f"unknown restore policy {restore!r}; expected one of {list(RESTORE)}")
+        if rule is None and (patience or restore != "first"):
+            raise ValueError("patience and restore need a stopping rule (stop=... / --stop-when)")
+        if restore != "first" and patience == 0:
+            raise ValueError(
+                f"restore={restore!r} chooses among the evaluations after the rule first holds; with "
+                "patience 0 training stops there and there is one: give patience >= 1"
+            )
+        if not (isinstance(near, (int, float)) and math.isfinite(near) and near >= 0):
+            raise ValueError(f"near must be a finite margin >= 0, got {near!r}")
+        for name in (*retain_metrics, *track):
+            if name not in METRIC_NAMES:
+                raise ValueError(_unknown_metric(name, name))
+        if any(not m.startswith("retain.") for m in retain_metrics):
+            raise ValueError(f"retain_metrics must be retain-set metrics, got {list(retain_metrics)}")
+        if restore == "best" and not retain_metrics:
+            raise ValueError(
+                "restore='best' ranks the states by retain performance, but no retain metric is "
+                "available (there is no retain set)"
+            )
+        generated = [m for m in track if is_generated(m)]
+        if generated:
+            raise ValueError(f"track holds teacher-forced metrics only (no generation); got {generated}")
+        self.rule, self.patience, self.restore, self.near = rule, patience, restore, float(near)
+        self.retain_metrics, self.track = tuple(retain_metrics), tuple(track)
+        self.baseline: dict[str, float] | None = None
+        self.history: list[Evaluation] = []
+        self.first: Evaluation | None = None
+        self.chosen: Evaluation | None = None
+        self.stopped: Evaluation | None = None
+        self._score_metrics: tuple[str, ...] = ()
+
+    # -- what to compute ---------------------------------------------------------------------------
+
+    def resolve(self, values: Mapping[str, float]) -> None:
+        """Give the rule its measured reference values (``rule.reference_metrics``)."""
+        assert self.rule is not None
+        missing = [m for m in self.rule.reference_metrics if m not in values]
+        if missing:
+            raise ValueError(f"the {self.rule.name} rule's reference needs {missing}")
+        self.rule = self.rule.with_reference(values)
+
+    def _rule_metrics(self) -> tuple[str, ...]:
+        return () if self.rule is None else self.rule.metrics
+
+    def baseline_metrics(self) -> frozenset[str]:
+        """What to measure on the original model: what the rule, ``track`` and (``"best"``) the retain
+        score read."""
+        scored = self.retain_metrics if self.restore == "best" else ()
+        return frozenset((*self._rule_metrics(), *scored, *self.track))
+
+    def set_baseline(self, values: Mapping[str, float]) -> None:
+        """Record the original model's metrics (before any training step)."""
+        if self.restore == "best":
+            missing = [m for m in self.retain_metrics if m not in values]
+            if missing:
+                raise ValueError(f"the baseline lacks the retain metrics {missing}")
+            self._score_metrics = tuple(m for m in self.retain_metrics if values[m] > 0)
+            if not self._score_metrics:
+                raise ValueError(
+                    "restore='best' ranks states by retain performance relative to the original model, "
+                    f"but the original model scores 0 on every retain metric {list(self.retain_metrics)}"
+                )
+        self.baseline = dict(values)
+
+    def metrics_to_compute(self, values: Mapping[str, float]) -> frozenset[str]:
+        """The metrics to evaluate next, given those already computed at this evaluation; empty when
+        the evaluation is complete enough to :meth:`record`. Call repeatedly, merging the results."""
+        cheap = {m for m in (*self._rule_metrics(), *self.track) if not is_generated(m)}
+        todo = cheap - values.keys()
+        if todo or self.rule is None:
+            return frozenset(todo)
+        generated = [m for m in self.rule.metrics if is_generated(m) and m not in values]
+        if generated:
+            cheap_bounds = [b for b in self.rule.bounds if not is_generated(b.metric)]
+            if all(b.near(values[b.metric], self.near) for b in cheap_bounds):
+                return frozenset(generated)
+            return frozenset()
+        if self.restore == "best" and self.rule.satisfied(values):
+            return frozenset(m for m in self.retain_metrics if m not in values)
+        return frozenset()
+
+    # -- decisions ---------------------------------------------------------------------------------
+
+    def record(
+        self, step: int, epoch: float, values: Mapping[str, float], *, final: bool = False
+    ) -> Decision:
+        """Record the evaluation of the state after ``step`` optimiser steps and decide.
+
+        ``final``: training ends after this step anyway (no snapshot is needed for it).
+        """
+        if self.stopped is not None:
+            raise ValueError(f"the run stopped at step {self.stopped.step}; nothing more to record")
+        if self.history and step <= self.history[-1].step:
+            raise ValueError(f"step {step} is not after the last evaluated step {self.history[-1].step}")
+        if self.rule is not None and not self.rule.resolved:
+            raise ValueError(f"the {self.rule.name} rule's reference values are not measured yet (resolve)")
+        satisfied = False
+        if self.rule is not None:
+            verdict = self.rule.satisfied(values)
+            if verdict is None:
+                missing = [m for m in self.rule.metrics if m not in values]
+                raise ValueError(
+                    f"cannot decide the rule at step {step}: {missing} not computed while every computed "
+                    "bound holds (evaluate what metrics_to_compute asks for)"
+                )
+            satisfied = verdict
+        score = None
+        if satisfied and self.restore == "best":
+            if self.baseline is None:
+                raise ValueError("restore='best' needs the original model's metrics: call set_baseline")
+            score = retain_score(values, self.baseline, self._score_metrics)
+        ev = Evaluation(step, float(epoch), dict(values), satisfied, score)
+        self.history.append(ev)
+
+        if satisfied:
+            if self.first is None:
+                self.first = ev
+            if (
+                self.chosen is None
+                or self.restore == "last"
+                or (self.restore == "best" and score > self.chosen.score)
+            ):
+                self.chosen = ev
+        after_first = 0 if self.first is None else len(self.history) - 1 - self.history.index(self.first)
+        stop = self.first is not None and after_first >= self.patience
+        if stop:
+            self.stopped = ev
+            reason = (
+                "the rule holds: stopping"
+                if self.patience == 0
+                else f"{self.patience} evaluation(s) past the first that satisfied the rule: stopping"
+            )
+        elif self.first is not None:
+            reason = f"{self.patience - after_first} more evaluation(s) of patience"
+        else:
+            reason = "the rule does not hold" if self.rule is not None else "recorded (no stopping rule)"
+        keep = self.chosen is ev and not stop and not final
+        return Decision(stop=stop, satisfied=satisfied, keep_state=keep, reason=reason)
+
+    @property
+    def restore_target(self) -> Evaluation | None:
+        """The evaluation whose state must be put back at the end, or ``None`` when the state kept is the
+        current one (the last evaluated, or the rule never held)."""
+        if self.chosen is None or not self.history or self.chosen is self.history[-1]:
+            return None
+        return self.chosen
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-serialisable outcome: the rule, the steps where it first held, stopped, and was kept."""
+        kept = self.chosen or (self.history[-1] if self.history else None)
+        return {
+            "rule": None if self.rule is None else str(self.rule),
+            "patience": self.patience,
+            "restore": self.restore,
+            "evaluations": len(self.history),
+            "first_satisfied_step": None if self.first is None else self.first.step,
+            "stopped_step": None if self.stopped is None else self.stopped.step,
+            "kept_step": None if kept is None else kept.step,
+            "kept_metrics": None if kept is None else dict(kept.metrics),
+            "restored": self.restore_target is not None,
+            "satisfied": self.first is not None,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------
+# All options at once
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StopPlan:
+    """Validated stopping options of a run (:func:`plan_stopping`); :meth:`controller` makes the state
+    machine. ``retain_metrics``: the best-restore criterion's metrics that the data can give;
+    ``track``: the teacher-forced metrics recorded at every evaluation."""
+
+    rule: StopRule | None
+    every: int | Literal["epoch"]
+    patience: int
+    restore: str
+    eval_items: int
+    retain_metrics: tuple[str, ...]
+    track: tuple[str, ...]
+
+    def controller(self, *, near: float = NEAR) -> StoppingController:
+        return StoppingController(
+            self.rule,
+            patience=self.patience,
+            restore=self.restore,
+            near=near,
+            retain_metrics=self.retain_metrics,
+            track=self.track,
+        )
+
+
+def plan_stopping(
+    stop: str | None = None,
+    *,
+    eval_every: int | str | None = None,
+    patience: int = 0,
+    restore: str = "first",
+    eval_items: int = 32,
+    unseen: str | os.PathLike | Sequence[str] | None = None,
+    reference_model: Any = None,
+    data: Mapping[str, str],
+) -> StopPlan | None:
+    """Check every stopping option of a run before anything loads; ``None`` when the run evaluates
+    nothing during training (no rule and no ``eval_every``).
+
+    ``stop``: :func:`parse_stop_rule`'s spec; without one, ``eval_every`` alone records a trajectory.
+    ``eval_every``: ``"epoch"`` (default with a rule) or a number of optimiser steps. ``eval_items``:
+    examples per set at each evaluation. ``data``: set name → record format of the run's data.
+    """
+    if stop is None:
+        given = [
+            name
+            for name, value, default in (
+                ("patience", patience, 0),
+                ("restore", restore, "first"),
+                ("unseen", unseen, None),
+                ("reference_model", reference_model, None),
+            )
+            if value != default
+        ]
+        if given:
+            raise ValueError(f"{', '.join(given)} need(s) a stopping rule (stop=... / --stop-when)")
+        if eval_every is None:
+            return None
+        rule = None
+    else:
+        rule = parse_stop_rule(stop, unseen=unseen, reference_model=reference_model, data=data)
+    every = parse_eval_every("epoch" if eval_every is None else eval_every)
+    if isinstance(eval_items, bool) or not isinstance(eval_items, int) or eval_items < 1:
+        raise ValueError(f"eval_items must be a positive number of examples per set, got {eval_items!r}")
+    available = available_metrics(data)
+    plan = StopPlan(
+        rule=rule,
+        every=every,
+        patience=patience,
+        restore=restore,
+        eval_items=eval_items,
+        retain_metrics=tuple(m for m in DEFAULT_RETAIN_METRICS if m in available),
+        track=tuple(m for m in METRIC_NAMES if m in available and not is_generated(m)),
+    )
+    plan.controller()  # patience / restore errors now, not after the model has loaded
+    return plan
