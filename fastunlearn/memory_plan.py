@@ -406,7 +406,7 @@ def plan_memory(
         fisher: ``"streamed"`` (accumulators for groups of layers within ``fisher_memory`` bytes,
             default 4 GiB; checkpointing follows ``gradient_checkpointing``) or ``"all_layers"``
             (today's :func:`~fastunlearn.estimate_fisher`: every accumulator at once, no checkpointing).
-        fila_solver: ``"svd"`` (today's default), ``"randomized"`` or ``"truncated"``
+        fila_solver: ``"truncated"`` (the default), ``"svd"`` or ``"randomized"``
             (:mod:`fastunlearn.fisher.solver`).
         target_modules: suffixes of the adapted linears (default all seven, peft's ``"all-linear"``).
         padded: batches carry a padding mask (TOFU's do): the mask is kept per layer, and grouped-query
