@@ -228,7 +228,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--fisher-batches", type=int, default=2)
-    parser.add_argument("--fila-solver", default="randomized", help="svd, randomized (fila_init's solvers)")
+    parser.add_argument(
+        "--fila-solver", default="truncated", help="truncated, svd, randomized (fila_init's solvers)"
+    )
     parser.add_argument("--fused-linear", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--scratch", default="/tmp/fastunlearn_bench_scale")

@@ -83,9 +83,10 @@ Phases
     and ``fisher_retain``: one forward and backward per batch of ``fisher_batch_size`` examples with
     fp32 accumulators shaped like every target weight — ``fisher="all_layers"`` is today's
     :func:`~fastunlearn.estimate_fisher` (all accumulators at once, 4 bytes per target weight, and no
-    checkpointing: its hooks would see each layer twice); ``fisher="streamed"`` is the design issue 12
-    calls for and the default here: accumulators for a group of layers at a time under
-    ``fisher_memory`` bytes, one pass over the data per group, checkpointing allowed. The finished
+    checkpointing: its hooks would see each layer twice); ``fisher="streamed"`` is what ``unlearn``
+    does (``fisher_memory``; :func:`~fastunlearn.fisher.fila_row_weights`, ``estimate_fisher(max_memory=)``)
+    and the default here: accumulators for a group of layers at a time under ``fisher_memory`` bytes,
+    one pass over the data per group, checkpointing allowed (modelled, not yet measured here). The finished
     estimate leaves the device before the next one starts. ``fila``: one layer at a time in fp32
     (:func:`~fastunlearn.fisher.fila_init`), the largest of three moments on the largest layer: the
     weight, both Fisher tensors, ``F_r + ε`` and the ratio (5 copies; on a CPU run the estimates are
@@ -700,7 +701,7 @@ def _plan_notes(s: _Setup, settings: dict[str, Any]) -> tuple[str, ...]:
     ]
     if settings["init"] == "fila" and settings["fisher"] == "streamed":
         notes.append(
-            "fisher='streamed' is the design of issue 12 (not yet in estimate_fisher): accumulators for "
+            "fisher='streamed' (unlearn's fisher_memory; modelled, not measured): accumulators for "
             "one group of layers per pass"
             + (", with checkpointing" if settings["gradient_checkpointing"] else "")
         )
