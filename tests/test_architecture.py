@@ -26,6 +26,11 @@ INTERNAL: dict[str, tuple[str, ...]] = {
     "fastunlearn.modeling": (),
     # torch.distributed helpers for runs under torchrun / accelerate launch.
     "fastunlearn.distributed": (),
+    # The memory plan: pure arithmetic on a config's shapes, importable without torch.
+    "fastunlearn.model_shapes": (),
+    "fastunlearn.memory_plan": ("fastunlearn.model_shapes",),
+    # FILA's truncated SVD: linear algebra on tensors, nothing of the package.
+    "fastunlearn.fisher.solver": (),
     # The losses inside a causal LM's forward: ops applied to a model.
     "fastunlearn.patching": ("fastunlearn.ops", "fastunlearn.modeling"),
     "fastunlearn.fisher": (
@@ -76,6 +81,8 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn.evaluation",
         "fastunlearn.training",
         "fastunlearn.demo",
+        "fastunlearn.model_shapes",
+        "fastunlearn.memory_plan",
     ),
     # The root package imports nothing: every public name loads on first use (importlib), so that
     # `fastunlearn --help` does not wait for PyTorch.
@@ -88,6 +95,9 @@ EXTERNAL: dict[str, tuple[str, ...]] = {
     "fastunlearn.ops": ("torch",),
     "fastunlearn._io": (),
     "fastunlearn.distributed": ("torch",),
+    "fastunlearn.model_shapes": (),
+    "fastunlearn.memory_plan": (),
+    "fastunlearn.fisher.solver": ("torch",),
 }
 
 

@@ -32,6 +32,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "fastunlearn.cli.fisher",
         "estimate the diagonal Fisher information of a model's linear layers on a data set",
     ),
+    "plan": (
+        "fastunlearn.cli.plan",
+        "predict the peak device memory of each phase of an unlearn run from the model's config",
+    ),
     "demo": (
         "fastunlearn.cli.demo",
         "run the whole unlearning job offline on a synthetic data set (a few minutes on a CPU)",

@@ -31,9 +31,10 @@ Recording and resuming. :func:`fila_init` stores ``A₀``, ``B₀`` (fp32, on th
 written into the adapters) and ``s`` on each LoRA layer, outside the ``state_dict``. The
 initialisation is a deterministic function of the base weights, the row weights and the
 arguments: the exact SVD's ``U_r S_r V_rᵀ`` is unique (whenever ``σ_r > σ_{r+1}``), so ``W_res`` is
-reproduced to rounding even where LAPACK/cuSOLVER choose other singular-vector signs, and the
-randomised solver draws its test matrix from a fixed seed. A trainer resumes by loading the original
-base, wrapping it with the same LoRA config, calling :func:`fila_init` with the saved row weights (or
+reproduced to rounding even where LAPACK/cuSOLVER choose other singular-vector signs; the truncated
+solver's start block and the randomised solver's test matrix are drawn from a fixed seed. A trainer
+resumes by loading the original base, wrapping it with the same LoRA config, calling
+:func:`fila_init` with the saved row weights (or
 estimates) and arguments, then loading its own rank-``r`` checkpoint of ``lora_A``/``lora_B`` (e.g. with
 ``peft.set_peft_model_state_dict``) over ``A₀``, ``B₀`` — not the rank-``2r`` export, which is for the
 original base model.
@@ -50,10 +51,11 @@ import torch
 from torch import Tensor, nn
 
 from fastunlearn.fisher.row_weights import check_eps, row_weight
+from fastunlearn.fisher.solver import truncated_svd
 from fastunlearn.modeling import canonical_name
 
-Solver = Literal["svd", "randomized"]
-SOLVERS = ("svd", "randomized")
+Solver = Literal["truncated", "svd", "randomized"]
+SOLVERS = ("truncated", "svd", "randomized")
 _RECORD_ATTR = "_fastunlearn_fila"
 
 __all__ = [
@@ -149,7 +151,7 @@ def fila_factors(
     scaling: float,
     *,
     eps: float = 1e-5,
-    solver: Solver = "svd",
+    solver: Solver = "truncated",
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """FILA's initial factors ``(A₀ [r, in], B₀ [out, r])`` for one weight (module docstring), in fp32.
@@ -175,7 +177,7 @@ def fila_factors_from_row_weights(
     scaling: float,
     *,
     eps: float = 1e-5,
-    solver: Solver = "svd",
+    solver: Solver = "truncated",
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """:func:`fila_factors` given the row weights ``d`` ([out]) instead of the two Fisher estimates:
@@ -195,7 +197,9 @@ def fila_factors_from_row_weights(
     W = weight.detach().float()
     d = row_weights.to(W.device, torch.float32)
     weighted = d[:, None] * W
-    if solver == "svd":
+    if solver == "truncated":
+        U, S, V = truncated_svd(weighted, rank, seed=seed)
+    elif solver == "svd":
         U, S, Vh = torch.linalg.svd(weighted, full_matrices=False)
         U, S, V = U[:, :rank], S[:rank], Vh[:rank].t()
     else:
@@ -214,7 +218,7 @@ def fila_init(
     *,
     row_weights: Mapping[str, Tensor] | None = None,
     eps: float | None = None,
-    solver: Solver = "svd",
+    solver: Solver = "truncated",
     adapter_name: str = "default",
     seed: int = 0,
 ) -> nn.Module:
@@ -231,8 +235,11 @@ def fila_init(
         eps: ``ε`` of the relative Fisher ``F_f/(F_r + ε)`` and of ``1/(d + ε)``; default the row
             weights' own ``eps``, else the reference's 1e-5. Row weights computed with another ``ε`` are
             refused.
-        solver: ``"svd"`` (exact truncated SVD, ``torch.linalg.svd``) or ``"randomized"``
-            (``torch.svd_lowrank`` with ``q = r``, the paper's, seeded by ``seed``).
+        solver: ``"truncated"`` (default: the exact truncated SVD of :mod:`fastunlearn.fisher.solver`,
+            block Krylov with an fp64 Rayleigh–Ritz step, weighted error within a relative 1e-7 of the
+            Eckart–Young optimum, deterministic given ``seed``), ``"svd"`` (the full
+            ``torch.linalg.svd`` truncated to ``r``: the oracle, much slower on large layers) or
+            ``"randomized"`` (``torch.svd_lowrank`` with ``q = r``, the paper's, seeded by ``seed``).
 
     Each layer's base weight becomes ``W_res = W − s·B₀A₀``, computed with the adapter values as stored
     (after rounding to the adapter dtype), so the model computes the same function afterwards up to the

@@ -55,7 +55,7 @@ class UnlearnConfig:
     # may take; None: what the device has free after the model and a pass's activations (fila_row_weights).
     fisher_memory: int | str | None = None
     fila_eps: float = 1e-5
-    fila_solver: str = "svd"
+    fila_solver: str = "truncated"
     seed: int = 0
     # "auto" (bf16 on CUDA sm_80+, fp32 elsewhere), "bf16", "fp16" (loss-scaled, CUDA) or "fp32":
     # fastunlearn.training.precision says what each loads and refuses.

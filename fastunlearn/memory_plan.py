@@ -1,0 +1,710 @@
+"""Predicted peak device memory of an unlearning run, phase by phase, from a model's shapes alone.
+
+Pure arithmetic on a config (hidden size, layers, heads, vocabulary…): no weights, no ``transformers``.
+Each phase's peak is the largest of a few *moments* — the points where the allocator's high-water mark
+can occur — and each moment is a sum of named terms, so a plan says not only how much but what.
+The terms follow what the code of this package (and PyTorch, ``transformers``, ``peft``) keeps alive,
+tensor by tensor; they were checked against the saved-tensor sets and allocator peaks of tiny Llama
+models on CPU (tests/test_memory_plan.py). What is predicted is the bytes of live tensors —
+``torch.cuda.max_memory_allocated`` — plus, in :attr:`MemoryPlan.device_bytes`, a fixed allowance for
+the CUDA context (outside the allocator, not measured here). Allocator fragmentation is not modelled.
+
+Notation: ``H`` hidden size, ``I`` intermediate size, ``L`` decoder layers, ``n_h``/``n_kv`` attention /
+key-value heads, ``d`` head dim, ``H_q = n_h·d``, ``H_kv = n_kv·d``, ``V`` vocabulary, ``r`` LoRA rank,
+``T`` sequence length (``max_length``: the plan is for full-length batches), ``N = B·T`` tokens of a
+batch, ``w`` bytes of a stored weight (``dtype``), ``a`` bytes of an activation (2 under bf16/fp16
+autocast, 4 in fp32), ``P`` parameters, ``n`` LoRA parameters ``= L·Σ_targets r·(in + out)``.
+
+Static terms
+    weights ``w·P``. LoRA parameters ``4n``: peft keeps adapters in fp32 under a bf16 model
+    (``autocast_adapter_dtype``). Training adds their gradients ``4n`` (kept across gradient
+    accumulation) and AdamW's two fp32 moments ``8n``, and under autocast the bf16 copies of the
+    adapter weights, ``a·n``, which the backward keeps (with checkpointing, only the recomputed
+    layer's exist: the rest are released when the autocast region ends). ``init="full"`` trains every weight:
+    gradients ``w·P`` and moments ``2w·P`` in the weights' dtype.
+
+Saved activations of one decoder layer, per token (LoRA training under autocast; the set was
+enumerated with ``torch.autograd.graph.saved_tensors_hooks`` on tiny models and matches to the byte)
+    - 2 RMSNorms: the fp32 upcast of the input and the fp32 ``rsqrt``: ``2·(4H + 4)``. (Layer 0's first
+      norm records nothing — its input, the frozen embedding, needs no gradient — and the final norm
+      saves the same ``4H + 4``: the count stays ``2L``.)
+    - attention (SDPA): ``q``, ``k``, ``v``, the output (``a·H_q`` each; ``k``/``v`` are ``a·H_kv`` unless
+      grouped-query attention runs with a padding mask, where ``transformers`` expands them to ``H_q``
+      first) and the fp32 log-sum-exp ``4n_h``; with a padding mask, PyTorch converts the boolean mask
+      to the query dtype in every layer and the kernel keeps it: ``a·T``.
+    - MLP: ``gate`` output (SiLU input), SiLU output and ``up`` output: ``3a·I``.
+    - LoRA on a target of input width ``in``: peft casts the input to fp32 and autocast casts it back
+      to bf16 for ``lora_A`` — a copy of its own, saved for ``lora_A``'s gradient: ``a·in`` per target
+      (``q``, ``k``, ``v`` save three copies of one input), plus ``lora_B``'s input ``a·r``. In fp32
+      nothing is cast and the targets share their inputs (saved once per distinct input). The frozen
+      base layers save nothing: their input gradient needs only the weight.
+    For Llama-2-7B (all linear layers, ``r = 32``, bf16, ``T = 512``, padded): 204,360 bytes per token
+    and layer, 26.8 GB for one 4×512 forget batch plus one 4×512 retain batch over 32 layers.
+
+    Fisher estimation (:func:`fastunlearn.estimate_fisher`) runs in eval mode without autocast, all
+    weights frozen; its hooks keep every target layer's input (shared inputs once: ``a·H`` for
+    ``q/k/v``, ``a·H`` for ``gate/up``, ``a·I`` for ``down``; ``o``'s input is the attention output
+    SDPA keeps anyway — a transposed view of its ``[B, T, n_h, d]`` result) on top of the norm,
+    attention and MLP terms above; the frozen adapters save nothing. Full fine-tuning saves the same
+    layer inputs (for the weight gradients) plus the normalised output of each norm (its weight
+    trains): ``+2a·H``.
+
+    With gradient checkpointing (``transformers``, non-reentrant) a layer keeps only its input
+    ``a·H``; the final norm ``4H + 4`` stays; during the backward one layer is recomputed, so its full
+    set above exists for one layer at a time.
+
+Loss terms, per token of the batch that carries them
+    - NLL (retain; forget for ``ga``/``gd``/``npo``; Fisher): logits ``a·V`` → fp32 copy ``4V`` →
+      log-softmax, whose fp32 output ``4V`` is saved. Its backward holds that output, the NLL
+      gradient ``4V`` and the log-softmax gradient ``4V``: ``12V``, the training step's usual peak.
+    - IHL (``fastunlearn.ihl_loss``): the logits ``a·V`` are saved; the backward writes a gradient of
+      the same size (``a·V``) — the Triton kernels need no more; the CPU path works in 1 MiB blocks.
+    - IHL from hidden states (``fused_linear``): the gradient w.r.t. the hidden states ``a·H`` is
+      computed in the forward and saved; logits exist one chunk of ``≤ 2²⁶`` elements at a time.
+    - evaluation (no gradient): logits ``a·V``, their fp32 copy ``4V``, the contiguous ``[B, V, T]``
+      copy the log-softmax over the transposed logits makes ``4V``, and its output ``4V``.
+
+Moments of a training step (forget and retain are two forward passes whose graphs are both alive
+when the summed loss is differentiated; the engine finishes the retain graph — the later one — first)
+    - retain loss backward: static + both graphs' activations + the forget loss's saved tensors +
+      ``12V·N`` (retain);
+    - top layer's backward: static + activations + the layer's backward working set: at ``down_proj``
+      the base input gradient ``a·I``, the LoRA branch's gradient ``a·I`` cast to fp32 ``4I`` and
+      back ``a·I``, and the incoming ``a·H``: ``(3a + 4)·I + a·H`` per token (with checkpointing, plus
+      the recomputed layer);
+    - forget loss backward (after the retain graph is freed);
+    - optimizer step: AdamW's foreach ``sqrt`` of the second moments, ``4n`` (CUDA; the CPU path loops
+      over tensors: three temporaries the size of the largest, measured). Gradient clipping scales in
+      place.
+
+Phases
+    ``load``: weights. ``evaluate`` (before and after training, at ``eval_batch_size``; after is larger:
+    the adapters and the optimizer — the trainer is still referenced — are resident). ``fisher_forget``
+    and ``fisher_retain``: one forward and backward per batch of ``fisher_batch_size`` examples with
+    fp32 accumulators shaped like every target weight — ``fisher="all_layers"`` is today's
+    :func:`~fastunlearn.estimate_fisher` (all accumulators at once, 4 bytes per target weight, and no
+    checkpointing: its hooks would see each layer twice); ``fisher="streamed"`` is what ``unlearn``
+    does (``fisher_memory``; :func:`~fastunlearn.fisher.fila_row_weights`, ``estimate_fisher(max_memory=)``)
+    and the default here: accumulators for a group of layers at a time under ``fisher_memory`` bytes,
+    one pass over the data per group, checkpointing allowed (modelled, not yet measured here). The finished
+    estimate leaves the device before the next one starts. ``fila``: one layer at a time in fp32
+    (:func:`~fastunlearn.fisher.fila_init`), the largest of three moments on the largest layer: the
+    weight, both Fisher tensors, ``F_r + ε`` and the ratio (5 copies; on a CPU run the estimates are
+    already there: 3); the weight, ratio and ``diag(d)·W`` plus the solver's workspace (full SVD: a copy
+    of the input, ``U``, ``Vᵀ`` and, on CUDA, an estimated ``min(m, n)²`` of cuSOLVER work;
+    ``"truncated"``: an upper bound on its Krylov basis, ``T``, ``eigh`` and the fp64 Rayleigh–Ritz
+    step); the finiteness check of ``W_res`` (``W``, ``W_res``, ``|W_res|`` and three boolean masks:
+    3.75 copies). ``train_step``: the moments above. ``save``: the trainer's state plus the rank-``2r``
+    export ``[B, −B₀]``, ``[A; A₀]`` in fp32 (``8n``); merging adds two fp32 copies of the largest layer.
+
+Several processes (issue 13): ``engine="ddp"`` replicates everything and adds DDP's fp32 gradient
+buckets (``4n``); ``"fsdp"`` and ``"zero3"`` shard weights, gradients and optimizer states over
+``world_size`` ranks and gather two decoder layers at a time (the one running and the one prefetched),
+FSDP keeping its root unit (embeddings and output head) gathered for the whole step, ZeRO-3 the
+largest single module. Activations are per rank (``batch_size`` is per device); Fisher accumulators
+are not sharded.
+
+What is measured and what is assumed. On CPU (``device="cpu"``) every phase of a LoRA run was
+measured within 5 % (tests/test_memory_plan.py). On CUDA the same terms are assumed with the GPU
+paths' differences: the Triton IHL and Fisher kernels need no work buffers; AdamW runs its foreach
+path; cuSOLVER's SVD work is an estimate; PyTorch's flash and memory-efficient attention keep the same
+``q``, ``k``, ``v``, output, log-sum-exp (and converted mask) as its CPU kernel. ``fisher="streamed"``,
+DDP/FSDP/ZeRO-3 and ``init="full"`` are modelled, not measured. benchmarks/bench_scale.py measures a
+Llama-2-7B-wide model with 1–4 layers on either device.
+
+One module (about 700 lines, over the project's ~450) by choice: the phases' moments share one
+``_Setup`` and the per-token terms above, and each term is read against its neighbours in the same
+moment; the shapes and the published configs are apart in :mod:`fastunlearn.model_shapes`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastunlearn.model_shapes import KNOWN_MODELS, ModelShape, model_shape
+from fastunlearn.model_shapes import LINEARS as _LINEARS
+
+__all__ = [
+    "ENGINES",
+    "KNOWN_MODELS",
+    "MemoryPlan",
+    "ModelShape",
+    "Phase",
+    "model_shape",
+    "plan_memory",
+]
+
+GiB = 2**30
+
+# Kept equal to fastunlearn.training.config.INITS / fastunlearn.training.methods.METHODS (a test
+# checks) without importing them: this module is pure arithmetic, importable without torch.
+INITS = ("fila", "lora", "full")
+METHODS = ("ihl", "ga", "gd", "npo")
+_NEEDS_RETAIN = ("ihl", "gd", "npo")
+ENGINES = ("none", "ddp", "fsdp", "zero3")
+FISHER_MODES = ("streamed", "all_layers")
+SOLVERS = ("svd", "randomized", "truncated")
+DEVICES = ("cuda", "cpu")
+_DTYPES = {"bfloat16": (2, 2), "float16": (2, 2), "float32": (4, 4)}  # (weight bytes, activation bytes)
+# fused_linear_ihl_loss's logits chunk (fastunlearn.ops.fused_linear.CHUNK_ELEMENTS).
+_IHL_CHUNK_ELEMENTS = 1 << 26
+# fastunlearn.ops._ihl_torch.CPU_BLOCK_ELEMENTS: rows of the CPU IHL path are processed in blocks this size.
+_IHL_CPU_BLOCK = 1 << 18
+# The CPU Fisher path's per-example gradient buffer (fastunlearn.ops.grad_sq.TORCH_BUFFER_BYTES).
+_FISHER_TORCH_BUFFER = 8 * 2**20
+# The truncated solver's defaults and its fp64 chunk (fastunlearn.fisher.solver).
+_SOLVER_MAX_ITERS, _SOLVER_CHUNK_BYTES = 40, 8 * (1 << 23)
+DEFAULT_FISHER_MEMORY = 4 * GiB
+# CUDA context and cuBLAS workspaces: outside the caching allocator, typically 0.3–0.6 GiB.
+DEFAULT_CONTEXT_BYTES = GiB // 2
+
+
+# --------------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One phase: its candidate moments (label → terms, each term label → bytes) and notes.
+
+    The phase's peak is its largest moment; :attr:`moment` and :attr:`terms` describe that one.
+    """
+
+    name: str
+    moments: Mapping[str, Mapping[str, int]]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def moment(self) -> str:
+        return max(self.moments, key=lambda k: sum(self.moments[k].values()))
+
+    @property
+    def terms(self) -> tuple[tuple[str, int], ...]:
+        return tuple(self.moments[self.moment].items())
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.moments[self.moment].values())
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Per-phase predicted peak device bytes of one rank (module docstring)."""
+
+    model: ModelShape
+    settings: dict[str, Any]
+    phases: tuple[Phase, ...]
+    context_bytes: int = DEFAULT_CONTEXT_BYTES
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def peak_bytes(self) -> int:
+        """The largest phase peak (live tensors)."""
+        return max(p.peak_bytes for p in self.phases)
+
+    @property
+    def device_bytes(self) -> int:
+        """:attr:`peak_bytes` plus the CUDA-context allowance: what the device must hold."""
+        return self.peak_bytes + self.context_bytes
+
+    def phase(self, name: str) -> Phase:
+        for p in self.phases:
+            if p.name == name:
+                return p
+        raise KeyError(f"no phase {name!r}; phases: {[p.name for p in self.phases]}")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model.name,
+            "shape": {k: getattr(self.model, k) for k in self.model.__dataclass_fields__ if k != "name"},
+            "settings": self.settings,
+            "phases": [
+                {
+                    "name": p.name,
+                    "peak_bytes": p.peak_bytes,
+                    "moment": p.moment,
+                    "terms": [{"name": n, "bytes": b} for n, b in p.terms],
+                    "moments": {k: sum(v.values()) for k, v in p.moments.items()},
+                    "notes": list(p.notes),
+                }
+                for p in self.phases
+            ],
+            "peak_bytes": self.peak_bytes,
+            "context_bytes": self.context_bytes,
+            "device_bytes": self.device_bytes,
+            "notes": list(self.notes),
+        }
+
+    def format_table(self, *, terms: bool = False) -> str:
+        """A plain-text table (GB = 10⁹ bytes, GiB = 2³⁰): one row per phase, optionally its terms."""
+        s = self.settings
+        head = (
+            f"{self.model.name}: {s['engine']} × {s['world_size']}, "
+            f"batch {s['batch_size']}×{s['max_length']}, "
+            f"LoRA r={s['rank']}, init={s['init']}, method={s['method']}, {s['dtype']}, "
+            f"checkpointing={'on' if s['gradient_checkpointing'] else 'off'}, "
+            f"fused_linear={'on' if s['fused_linear'] else 'off'}, fisher={s['fisher']}"
+        )
+        rows = [head, f"{'phase':<15}{'peak GB':>10}{'GiB':>9}  at"]
+        for p in self.phases:
+            rows.append(f"{p.name:<15}{p.peak_bytes / 1e9:>10.2f}{p.peak_bytes / GiB:>9.2f}  {p.moment}")
+            if terms:
+                rows += [f"{'':<17}{b / 1e9:>8.3f}  {n}" for n, b in p.terms]
+                rows += [f"{'':<17}note: {n}" for n in p.notes]
+        rows.append(
+            f"{'peak':<15}{self.peak_bytes / 1e9:>10.2f}{self.peak_bytes / GiB:>9.2f}  "
+            f"(+{self.context_bytes / GiB:.1f} GiB CUDA context: "
+            f"{self.device_bytes / 1e9:.2f} GB on the device)"
+        )
+        rows += [f"note: {n}" for n in self.notes]
+        return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class _Setup:
+    shape: ModelShape
+    targets: tuple[str, ...]
+    rank: int
+    T: int
+    w: int
+    a: int
+    padded: bool
+    device: str
+
+
+def _saved_per_token(s: _Setup, regime: str) -> int:
+    """Bytes one decoder layer saves for the backward, per token (module docstring).
+
+    ``regime``: ``"lora"`` (adapters train), ``"inputs"`` (Fisher hooks keep the target layers'
+    inputs) or ``"full"`` (every weight trains).
+    """
+    m, a = s.shape, s.a
+    H, inner, Hq, Hkv = m.hidden, m.intermediate, m.heads * m.head_dim, m.kv_heads * m.head_dim
+    norms = 2 * (4 * H + 4)
+    kv = Hq if (m.kv_heads < m.heads and s.padded) else Hkv
+    attention = a * (2 * Hq + 2 * kv) + 4 * m.heads + (a * s.T if s.padded else 0)
+    mlp = 3 * a * inner
+    inputs = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "o"}
+    inputs.update({"gate_proj": "mlp", "up_proj": "mlp", "down_proj": "down"})
+    width = {"attn": H, "o": Hq, "mlp": H, "down": inner}
+    # Uncast, o_proj's input is the attention output SDPA already keeps (returned as a transposed view
+    # of a [B, T, n_h, d] tensor, so transformers' .contiguous() copies nothing).
+    own = {**width, "o": 0}
+    shared = a * sum(own[k] for k in {inputs[t] for t in s.targets})
+    if regime == "lora":
+        if a == 4:  # nothing is cast: the adapters save the layers' own (shared) inputs
+            adapters = shared + 4 * s.rank * len(s.targets)
+        else:
+            adapters = a * sum(width[inputs[t]] + s.rank for t in s.targets)
+        return norms + attention + mlp + adapters
+    kept = a * sum(own.values()) if regime == "full" else shared
+    return norms + attention + mlp + kept + (2 * a * H if regime == "full" else 0)
+
+
+def _checkpointed_per_token(s: _Setup) -> int:
+    """Per token, with checkpointing: every layer's input and the final norm's saved tensors."""
+    return s.shape.layers * s.a * s.shape.hidden + 4 * s.shape.hidden + 4
+
+
+def _layer_backward_per_token(s: _Setup) -> int:
+    """The working set of a layer's backward at ``down_proj`` (module docstring), per token."""
+    return (3 * s.a + 4) * s.shape.intermediate + s.a * s.shape.hidden
+
+
+def _fila_workspace(s: _Setup, solver: str) -> tuple[int, str]:
+    """Peak bytes of FILA's fp32 work on the largest target layer, and which step it is."""
+    out, n_in = max((s.shape.linears()[t] for t in s.targets), key=lambda shape: shape[0] * shape[1])
+    mn, small, large = out * n_in, min(out, n_in), max(out, n_in)
+    # W in fp32, F_r + ε and the ratio; on an accelerator also F_f and F_r, brought from the host.
+    ratio = (5 if s.device == "cuda" else 3) * 4 * mn
+    if solver == "svd":
+        # A copy of the input (LAPACK overwrites it), U and Vᵀ. MKL allocates its work arrays itself
+        # (outside PyTorch's allocator); cuSOLVER's comes from the allocator: estimated min(m, n)² floats.
+        solve = 4 * (mn + small * (out + n_in) + (small * small if s.device == "cuda" else 0))
+    elif solver == "randomized":
+        solve = 4 * (3 * s.rank * (out + n_in) + s.rank * s.rank)  # torch.svd_lowrank(q=r): thin blocks
+    else:
+        # fisher.solver's Krylov basis and T (allocated up front), eigh of T (vectors and work), the
+        # basis in fp64, a 64 MiB fp64 chunk of A and B = U_bᵀA with its SVD: an upper bound.
+        block = s.rank + min(max(s.rank, 8), 64)
+        cap = min(small, _SOLVER_MAX_ITERS * block)
+        solve = 4 * small * cap + 4 * 8 * cap * cap + 8 * small * cap + _SOLVER_CHUNK_BYTES
+        solve += 2 * 8 * block * (large + small)
+    during_solve = 3 * 4 * mn + solve  # W, the ratio and diag(d)·W stay alive while it runs
+    # The finiteness check of W_res = W − s·B₀A₀: isfinite is (x == x)·(|x| != inf), so |W_res| and
+    # three boolean masks join W and W_res.
+    check = 4 * mn * 2 + 4 * mn + 3 * mn
+    steps = {"ratio F_f/(F_r + ε)": ratio, f"{solver} solver": during_solve, "finite check of W_res": check}
+    step = max(steps, key=steps.__getitem__)
+    return steps[step], f"layer {out}×{n_in}: {step}"
+
+
+def _fisher_groups(shape: ModelShape, targets: Sequence[str], budget: int) -> tuple[int, int]:
+    """Greedy groups of consecutive target layers with fp32 accumulators within ``budget`` bytes:
+    (largest group's bytes, number of groups = passes over the data)."""
+    sizes = [
+        4 * out * n_in for _ in range(shape.layers) for out, n_in in (shape.linears()[t] for t in targets)
+    ]
+    if max(sizes) > budget:
+        raise ValueError(
+            f"fisher_memory {budget} bytes is less than the largest layer's fp32 accumulator "
+            f"({max(sizes)} bytes)"
+        )
+    groups, current, largest = 1, 0, 0
+    for size in sizes:
+        if current + size > budget:
+            groups, current = groups + 1, 0
+        current += size
+        largest = max(largest, current)
+    return largest, groups
+
+
+def _check_int(name: str, value: Any, low: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {list(allowed)}")
+
+
+def plan_memory(
+    config: str | os.PathLike | Mapping[str, Any] | Any,
+    *,
+    batch_size: int = 4,
+    max_length: int = 512,
+    rank: int = 32,
+    init: str = "fila",
+    method: str = "ihl",
+    gradient_checkpointing: bool = False,
+    fused_linear: bool = False,
+    dtype: str = "bfloat16",
+    fisher: str = "streamed",
+    fisher_memory: int | None = None,
+    fisher_batch_size: int = 4,
+    fila_solver: str = "truncated",
+    evaluate: bool = True,
+    eval_batch_size: int = 16,
+    merge: bool = False,
+    target_modules: Sequence[str] | None = None,
+    padded: bool = True,
+    world_size: int = 1,
+    engine: str = "none",
+    device: str = "cuda",
+    context_bytes: int = DEFAULT_CONTEXT_BYTES,
+) -> MemoryPlan:
+    """Predicted peak bytes of each phase of :func:`fastunlearn.unlearn` on one rank (module docstring).
+
+    Args mirror :class:`fastunlearn.UnlearnConfig` where they exist (``batch_size`` per device, for the
+    forget batch and its paired retain batch each; ``rank`` = ``lora_r``; ``dtype`` the weights' and
+    autocast's dtype). Others:
+        fisher: ``"streamed"`` (accumulators for groups of layers within ``fisher_memory`` bytes,
+            default 4 GiB; checkpointing follows ``gradient_checkpointing``) or ``"all_layers"``
+            (today's :func:`~fastunlearn.estimate_fisher`: every accumulator at once, no checkpointing).
+        fila_solver: ``"truncated"`` (the default), ``"svd"`` or ``"randomized"``
+            (:mod:`fastunlearn.fisher.solver`).
+        target_modules: suffixes of the adapted linears (default all seven, peft's ``"all-linear"``).
+        padded: batches carry a padding mask (TOFU's do): the mask is kept per layer, and grouped-query
+            attention expands ``k``/``v``.
+        engine, world_size: ``"none"`` (one device), ``"ddp"``, ``"fsdp"``, ``"zero3"``.
+        device: ``"cuda"`` (Triton kernels, foreach AdamW) or ``"cpu"`` (the PyTorch paths; for
+            comparing with CPU measurements).
+        context_bytes: the CUDA-context allowance added in :attr:`MemoryPlan.device_bytes`.
+    """
+    shape = model_shape(config)
+    for name, value in (
+        ("batch_size", batch_size),
+        ("rank", rank),
+        ("fisher_batch_size", fisher_batch_size),
+        ("eval_batch_size", eval_batch_size),
+        ("world_size", world_size),
+    ):
+        _check_int(name, value)
+    _check_int("max_length", max_length, 2)
+    _choice("init", init, INITS)
+    _choice("method", method, METHODS)
+    _choice("dtype", dtype, tuple(_DTYPES))
+    _choice("fisher", fisher, FISHER_MODES)
+    _choice("fila_solver", fila_solver, SOLVERS)
+    _choice("engine", engine, ENGINES)
+    _choice("device", device, DEVICES)
+    if engine == "none" and world_size != 1:
+        raise ValueError(
+            f"engine 'none' runs on one device; world_size {world_size} needs ddp, fsdp or zero3"
+        )
+    if fused_linear and method != "ihl":
+        raise ValueError(f"fused_linear computes the IHL forget term; method {method!r} does not use it")
+    if fisher_memory is not None:
+        _check_int("fisher_memory", fisher_memory)
+    _check_int("context_bytes", context_bytes, 0)
+    targets = tuple(_LINEARS if target_modules is None else target_modules)
+    unknown = sorted(set(targets) - set(_LINEARS))
+    if unknown or not targets:
+        raise ValueError(f"target_modules {unknown or list(targets)} are not among {list(_LINEARS)}")
+    if rank > min(min(s) for s in (shape.linears()[t] for t in targets)):
+        raise ValueError(f"LoRA rank {rank} exceeds the smallest dimension of a target layer")
+    w, a = _DTYPES[dtype]
+    s = _Setup(shape, targets, rank, max_length, w, a, padded, device)
+    settings = {
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "rank": rank,
+        "init": init,
+        "method": method,
+        "gradient_checkpointing": gradient_checkpointing,
+        "fused_linear": fused_linear,
+        "dtype": dtype,
+        "fisher": fisher,
+        "fisher_memory": fisher_memory if fisher_memory is not None else DEFAULT_FISHER_MEMORY,
+        "fisher_batch_size": fisher_batch_size,
+        "fila_solver": fila_solver,
+        "evaluate": evaluate,
+        "eval_batch_size": eval_batch_size,
+        "merge": merge,
+        "target_modules": list(targets),
+        "padded": padded,
+        "world_size": world_size,
+        "engine": engine,
+        "device": device,
+    }
+    phases = _phases(s, settings)
+    return MemoryPlan(shape, settings, tuple(phases), context_bytes, _plan_notes(s, settings))
+
+
+def _residency(s: _Setup, engine: str, world: int) -> tuple[dict[str, int], dict[str, int]]:
+    """Weights resident on one rank, and what a sharded engine gathers while the model runs."""
+    m, w = s.shape, s.w
+    total = w * m.num_params()
+    if engine in ("none", "ddp"):
+        return {"weights": total}, {}
+    embed = w * m.vocab * m.hidden
+    root = embed * (1 if m.tied else 2) + w * m.hidden
+    gathered = 2 * w * m.layer_params() + (root if engine == "fsdp" else embed)
+    return {f"weights (1/{world} shard)": math.ceil(total / world)}, {
+        "gathered layers and root modules": gathered
+    }
+
+
+def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
+    m, a, w = s.shape, s.a, s.w
+    engine, world, init, method = (
+        settings["engine"],
+        settings["world_size"],
+        settings["init"],
+        settings["method"],
+    )
+    sharded = engine in ("fsdp", "zero3")
+    shard = (lambda x: math.ceil(x / world)) if sharded else (lambda x: x)
+    n = m.lora_params(s.rank, s.targets) if init != "full" else 0
+    # ``weights``: resident; ``running``: the same while the model runs (plus gathered units).
+    weights, gathered = _residency(s, engine, world)
+    running = {**weights, **gathered}
+    lora = {"LoRA parameters (fp32)": shard(4 * n)} if n else {}
+    phases: list[Phase] = []
+
+    def phase(name: str, moments: dict[str, dict[str, int]], notes: Sequence[str] = ()) -> None:
+        kept = {label: {k: int(v) for k, v in terms.items() if v} for label, terms in moments.items()}
+        phases.append(Phase(name, kept, tuple(notes)))
+
+    phase("load", {"weights loaded": dict(weights)})
+
+    # Training state, resident from the first step to the end (the trainer is referenced until return).
+    if init == "full":
+        trained = {"gradients": shard(w * m.num_params()), "AdamW moments": shard(2 * w * m.num_params())}
+        step_extra = shard(w * m.num_params()) if engine == "ddp" else 0
+    else:
+        trained = {"LoRA gradients (fp32)": shard(4 * n), "AdamW moments (fp32)": shard(8 * n)}
+        step_extra = 4 * n if engine == "ddp" else 0
+    # Autocast's bf16 copies of the adapter weights live as long as a saved tensor refers to them:
+    # all of them without checkpointing, one layer's during its recomputation with it.
+    copies = a * n if (a != 4 and n) else 0
+    checkpointing = settings["gradient_checkpointing"]
+    autocast_copies = {"autocast copies of the adapters": copies} if copies and not checkpointing else {}
+    regime = "full" if init == "full" else "lora"
+
+    N = settings["batch_size"] * s.T
+    retain = method in _NEEDS_RETAIN
+    if settings["gradient_checkpointing"]:
+        acts = N * _checkpointed_per_token(s)
+        recompute = {
+            "one layer recomputed": N * _saved_per_token(s, regime),
+            "autocast copies of one layer's adapters": copies // m.layers,
+        }
+        acts_label = "checkpointed layer inputs"
+    else:
+        acts = N * m.layers * _saved_per_token(s, regime)
+        recompute = {}
+        acts_label = "saved activations"
+    V = m.vocab
+    if method == "ihl" and settings["fused_linear"]:
+        forget_saved, forget_backward = N * a * m.hidden, N * a * m.hidden
+        forget_label = "forget: hidden-state gradient (fused IHL)"
+    elif method == "ihl":
+        forget_saved, forget_backward = N * (a * V + 24), N * a * V
+        forget_label = "forget: logits saved by IHL"
+    else:
+        forget_saved, forget_backward = N * (4 * V + 8), N * 8 * V
+        forget_label = "forget: log-softmax (fp32)"
+    # The CPU IHL path's fp32 work block (fastunlearn.ops._ihl_torch): the Triton kernels need none.
+    ihl_blocks = {}
+    if method == "ihl" and not settings["fused_linear"] and s.device == "cpu":
+        ihl_blocks["IHL work block (CPU path)"] = 4 * min(N, max(1, _IHL_CPU_BLOCK // V)) * V
+    static = {**running, **lora, **trained, **autocast_copies}
+    if step_extra:
+        static["DDP gradient buckets"] = step_extra
+    graphs = {f"{acts_label}, forget batch": acts}
+    if retain:
+        graphs[f"{acts_label}, retain batch"] = acts
+    moments = {
+        "top layer backward": {
+            **static,
+            **graphs,
+            # the forget loss's tensors are freed by now unless the retain graph goes first
+            forget_label: forget_saved if retain else 0,
+            **recompute,
+            "layer backward working set": N * _layer_backward_per_token(s),
+        },
+        "forget loss backward": {
+            **static,
+            f"{acts_label}, forget batch": acts,
+            forget_label: forget_saved,
+            "forget loss gradient": forget_backward,
+            **ihl_blocks,
+        },
+        "optimizer step": {
+            **static,
+            "AdamW foreach temporaries": (
+                shard(4 * n if init != "full" else 4 * m.num_params())
+                if s.device == "cuda"
+                else 12 * (m.vocab * m.hidden if init == "full" else s.rank * max(m.hidden, m.intermediate))
+            ),
+        },
+    }
+    if retain:
+        moments["retain loss backward"] = {
+            **static,
+            **graphs,
+            forget_label: forget_saved,
+            "retain: log-softmax, its gradient and the NLL gradient (fp32)": N * (12 * V + 8),
+        }
+    if method == "ihl" and settings["fused_linear"]:
+        chunk = min(N, max(1, _IHL_CHUNK_ELEMENTS // V))
+        moments["fused IHL forward"] = {
+            **static,
+            f"{acts_label}, forget batch": acts,
+            "fused IHL logits chunk": chunk * V * a,
+        }
+    train_moments = moments
+
+    if settings["evaluate"]:
+        Ne = settings["eval_batch_size"] * s.T
+        state = {**static}
+        for key in ("LoRA gradients (fp32)", "gradients", "DDP gradient buckets"):
+            state.pop(key, None)  # set to None after the last step
+        for key in list(state):
+            if key.startswith("autocast"):
+                state.pop(key)
+        phase(
+            "evaluate",
+            {
+                "after training, logits of a batch": {
+                    **state,
+                    "eval logits, fp32 copy, its [B, V, T] copy and log-softmax": Ne * (a + 12) * V,
+                    "decoder working set": Ne * max(3 * a, a + 4) * m.intermediate,
+                }
+            },
+            [f"eval batch {settings['eval_batch_size']}×{s.T} tokens"],
+        )
+
+    if init == "fila":
+        Nf = settings["fisher_batch_size"] * s.T
+        total_acc = 4 * m.linear_params(s.targets)
+        if settings["fisher"] == "all_layers":
+            acc, passes, f_acts = total_acc, 1, Nf * m.layers * _saved_per_token(s, "inputs")
+            f_recompute = {}
+            acc_label, f_label = "fp32 accumulators, every target layer", "saved activations and kept inputs"
+        else:
+            budget = settings["fisher_memory"]
+            acc, passes = _fisher_groups(m, s.targets, budget)
+            acc_label = f"fp32 accumulators, one group of layers (budget {budget / GiB:.2f} GiB)"
+            if settings["gradient_checkpointing"]:
+                f_acts = Nf * _checkpointed_per_token(s)
+                f_recompute = {"one layer recomputed": Nf * _saved_per_token(s, "inputs")}
+                f_label = "checkpointed layer inputs"
+            else:
+                f_acts, f_recompute = Nf * m.layers * _saved_per_token(s, "inputs"), {}
+                f_label = "saved activations and kept inputs"
+        f_static = {**running, **lora}
+        # The CPU path's buffers (fastunlearn.fisher._grad_sq_torch): per-example gradients of as many
+        # examples as fit in 8 MiB (at least one) and their fp32 sum, for the largest layer.
+        largest = max(out * n_in for out, n_in in (m.linears()[t] for t in s.targets))
+        chunk = min(settings["fisher_batch_size"], max(1, _FISHER_TORCH_BUFFER // (4 * largest)))
+        backend = {"per-example gradient buffers (CPU path)": 4 * largest * (chunk + 1)}
+        if s.device == "cuda":
+            backend = {}
+        fisher_moments = {
+            "loss backward": {
+                **f_static,
+                acc_label: acc,
+                f_label: f_acts,
+                "log-softmax, its gradient and the NLL gradient (fp32)": Nf * (12 * V + 8),
+            },
+            "top layer backward": {
+                **f_static,
+                acc_label: acc,
+                f_label: f_acts,
+                **f_recompute,
+                "layer backward working set": Nf * _layer_backward_per_token(s),
+                **backend,
+            },
+        }
+        notes = [f"{passes} pass(es) over the data, batches of {settings['fisher_batch_size']}×{s.T}"]
+        if settings["fisher"] == "all_layers" and settings["gradient_checkpointing"]:
+            notes.append("estimate_fisher cannot checkpoint (its hooks would see each layer twice)")
+        phase("fisher_forget", fisher_moments, notes)
+        phase("fisher_retain", fisher_moments, notes)
+        workspace, step = _fila_workspace(s, settings["fila_solver"])
+        fila_static = {**weights, **lora}
+        if sharded:
+            fila_static["gathered layer"] = w * m.layer_params()
+        fila_moment = {**fila_static, "fp32 workspace of one layer": workspace}
+        if s.device == "cpu":  # the records of A₀, B₀ go to the host: on a CPU run, the same memory
+            fila_moment["FILA records A0, B0 (fp32, host)"] = 4 * n
+        phase("fila", {step: fila_moment})
+
+    phase("train_step", train_moments)
+
+    save_state = {**weights, **lora}
+    save_state.update({k: v for k, v in trained.items() if "moments" in k})
+    if init == "full":
+        save_moment = {**save_state}
+    else:
+        save_moment = {**save_state, "rank-2r export [B, -B0], [A; A0] (fp32)": 8 * n}
+    if settings["merge"]:
+        largest = max(out * n_in for out, n_in in (m.linears()[t] for t in s.targets))
+        save_moment["merging one layer (fp32)"] = 2 * 4 * largest
+    phase("save", {"export": save_moment})
+    return phases
+
+
+def _plan_notes(s: _Setup, settings: dict[str, Any]) -> tuple[str, ...]:
+    notes = [
+        "peaks are live tensor bytes (torch.cuda.max_memory_allocated); allocator fragmentation is not "
+        "modelled",
+        f"activations for full-length batches of {s.T} tokens" + (" with a padding mask" if s.padded else ""),
+    ]
+    if settings["init"] == "fila" and settings["fisher"] == "streamed":
+        notes.append(
+            "fisher='streamed' (unlearn's fisher_memory; modelled, not measured): accumulators for "
+            "one group of layers per pass"
+            + (", with checkpointing" if settings["gradient_checkpointing"] else "")
+        )
+    if settings["engine"] in ("fsdp", "zero3"):
+        notes.append("Fisher accumulators are not sharded; FILA gathers one layer at a time")
+    return tuple(notes)
