@@ -402,7 +402,7 @@ def test_row_weights_file(tmp_path, model, batches, retain):
     save_file({"x": torch.zeros(2)}, tmp_path / "other.safetensors")
     with pytest.raises(ValueError, match="not a fastunlearn FILA row-weights file"):
         FilaRowWeights.load(tmp_path / "other.safetensors")
-    with pytest.raises(FileNotFoundError, match="no FILA row weights"):
+    with pytest.raises(FileNotFoundError, match="no FILA row-weights at"):
         FilaRowWeights.load(tmp_path / "missing.safetensors")
 
 

@@ -103,22 +103,34 @@ class FisherEstimate(Mapping[str, Tensor]):
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> FisherEstimate:
         """Read a file written by :meth:`save`; ``ValueError`` if it is not one."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no Fisher estimate at {path}")
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a fastunlearn Fisher estimate (metadata {metadata})")
-            if metadata.get("format_version") != FORMAT_VERSION:
-                raise ValueError(
-                    f"{path}: unsupported Fisher format version {metadata.get('format_version')!r}"
-                )
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        tensors, metadata = read_tagged_safetensors(
+            path, FORMAT, FORMAT_VERSION, what="Fisher estimate", device=device
+        )
         try:
             counts = int(metadata["num_examples"]), int(metadata["num_tokens"])
         except (KeyError, ValueError) as err:
             raise ValueError(f"{path}: malformed Fisher metadata {metadata}") from err
         return cls(tensors, num_examples=counts[0], num_tokens=counts[1], mode=metadata.get("mode", ""))
+
+
+def read_tagged_safetensors(
+    path: str | os.PathLike, format_name: str, format_version: str, *, what: str, device: torch.device | str
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors file fastunlearn wrote with ``{"format": format_name,
+    "format_version": format_version}`` in its metadata (no pickle: safetensors only).
+
+    ``FileNotFoundError`` when ``path`` is not a file; ``ValueError`` naming ``what`` when the file is
+    another kind or another version.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no {what} at {path}")
+    with safe_open(str(path), framework="pt", device=str(device)) as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("format") != format_name:
+            raise ValueError(f"{path} is not a fastunlearn {what} file (metadata {metadata})")
+        if metadata.get("format_version") != format_version:
+            raise ValueError(f"{path}: unsupported {what} format version {metadata.get('format_version')!r}")
+        return {name: handle.get_tensor(name) for name in handle.keys()}, metadata  # noqa: SIM118

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +31,7 @@ from torch import Tensor, nn
 from fastunlearn import distributed
 from fastunlearn._io import atomic_file
 from fastunlearn.fisher.budget import available_memory, parse_bytes, plan_groups, resolve_budget
-from fastunlearn.fisher.estimate import FISHER_MODES, FisherMode, _check_finite
+from fastunlearn.fisher.estimate import FISHER_MODES, FisherMode, _check_finite, read_tagged_safetensors
 from fastunlearn.fisher.estimator import measured_layers
 from fastunlearn.fisher.passes import fisher_session, prepare_batches, run_pass
 from fastunlearn.modeling import canonical_name
@@ -161,20 +160,9 @@ class FilaRowWeights(Mapping[str, Tensor]):
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> FilaRowWeights:
         """Read a file written by :meth:`save`; ``ValueError`` if it is not one."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no FILA row weights at {path}")
-        with safe_open(str(path), framework="pt", device=str(device)) as handle:
-            metadata = handle.metadata() or {}
-            if metadata.get("format") != FORMAT:
-                raise ValueError(f"{path} is not a fastunlearn FILA row-weights file (metadata {metadata})")
-            if metadata.get("format_version") != FORMAT_VERSION:
-                raise ValueError(
-                    f"{path}: unsupported row-weights format version {metadata.get('format_version')!r}"
-                )
-            weights = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        weights, metadata = read_tagged_safetensors(
+            path, FORMAT, FORMAT_VERSION, what="FILA row-weights", device=device
+        )
         try:
             eps = float(metadata["eps"])
             counts = {k: int(metadata[k]) for k in _COUNTS if k in metadata}
