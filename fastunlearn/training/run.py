@@ -347,7 +347,11 @@ def unlearn(
             "runtime_s": time.perf_counter() - start,
         }
         if plan is not None:  # the callback has put the kept state back: "after" and the files are that state
-            metrics["stopping"] = extra_callbacks[0].summary
+            summary = dict(extra_callbacks[0].summary)
+            for key in ("trajectory_csv", "trajectory_png"):  # where they are once the run is published
+                if summary.get(key):
+                    summary[key] = os.path.join(output_dir, os.path.basename(summary[key]))
+            metrics["stopping"] = summary
         if cfg.evaluate:
             metrics["after"] = _evaluate(model, forget_ex, retain_ex, pad_id, cfg)
 
