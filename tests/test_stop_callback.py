@@ -12,6 +12,7 @@ import torch
 from helpers import stopping as helpers
 from helpers.stopping import TEXTS, examples, harmonic, qa_record
 
+import fastunlearn
 from fastunlearn.evaluation import metrics as M
 from fastunlearn.evaluation import stopping as S
 from fastunlearn.evaluation.trajectory import read_trajectory
@@ -211,11 +212,17 @@ def _train(model, tok, forget, retain, callback, out):
         callbacks=[callback],
     )
     dataset = fdata.PairedDataset(forget, retain, seed=0)
-    with tempfile.TemporaryDirectory() as ckpt:
-        trainer = build_trainer(model, dataset, fdata.pad_id_of(tok), method="gd", cfg=cfg, output_dir=ckpt)
-        start = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - start
+    fastunlearn.patch(model)  # the training step computes its losses in the patched model
+    try:
+        with tempfile.TemporaryDirectory() as ckpt:
+            trainer = build_trainer(
+                model, dataset, fdata.pad_id_of(tok), method="gd", cfg=cfg, output_dir=ckpt
+            )
+            start = time.perf_counter()
+            trainer.train()
+            seconds = time.perf_counter() - start
+    finally:
+        fastunlearn.unpatch(model)
     return trainer, seconds
 
 

@@ -277,7 +277,7 @@ def test_cli_passes_the_stopping_options(files, monkeypatch):
         (["--stop-when", "forget.prob<=0.1", "--restore", "best"], "give patience >= 1"),
         (["--stop-when", "forget.prob<=0.1", "--eval-every", "0"], "'epoch' or a positive number"),
         (["--stop-when", "forget.prob<=0.1", "--eval-every", "often"], "'epoch' or a positive number"),
-        (["--stop-when", "forget.prob<=0.1", "--eval-items", "0"], "eval_items must be at least 1"),
+        (["--stop-when", "forget.prob<=0.1", "--eval-items", "0"], "--eval-items must be at least 1"),
         (["--patience", "2"], r"patience need\(s\) a stopping rule"),
         (["--stop-when", "forget.prob<=0.1", "--resume"], "cannot continue a run that evaluates"),
         (["--eval-every", "epoch", "--resume"], "cannot continue a run that evaluates"),
