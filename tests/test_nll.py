@@ -1,4 +1,6 @@
-"""nll_loss (the IHL kernels in NLL mode) against an fp64 oracle, for every backend.
+"""nll_loss (the IHL kernels in NLL mode) against an fp64 oracle: what is particular to the NLL (it is
+cross-entropy, confident rows, the shifted form). The checks both row losses share are in
+test_row_losses.py.
 
 Tolerances as in test_ihl.py, per element against the oracle on the same dtype-rounded logits: the
 loss is fp32 statistics of positive sums (rtol 1e-5, amplified fp32 rounding); gradients are that
@@ -8,50 +10,20 @@ subnormal for entries that underflow).
 
 from __future__ import annotations
 
-import zlib
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import oracles
 from helpers.oracles import GRAD_TOL, assert_close, random_problem
 
 from fastunlearn import nll_loss
 from fastunlearn.ops.oracle import nll_oracle_rows
 
 FUSED = ["torch", "triton"]
-
-
-def expected(logits, labels, reduction, grad_out, ignore_index=-100):
-    loss_rows, grad_rows, valid = nll_oracle_rows(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index
-    )
-    if reduction == "none":
-        return loss_rows.view(labels.shape), grad_rows * grad_out.double().reshape(-1, 1)
-    count = max(int(valid.sum()), 1) if reduction == "mean" else 1
-    return loss_rows.sum() / count, grad_rows * float(grad_out) / count
-
-
-def run(logits, labels, backend, reduction="mean", grad_out=None, **kwargs):
-    x = logits.clone().requires_grad_()
-    loss = nll_loss(x, labels, backend=backend, reduction=reduction, **kwargs)
-    if grad_out is None:
-        grad_out = torch.tensor(0.37) if reduction != "none" else torch.rand(labels.shape) + 0.5
-    loss.backward(grad_out)
-    return loss, x.grad, grad_out
-
-
-@pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize(("n", "vocab"), [(13, 7), (9, 32003), (3, 70001)])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_matches_fp64_oracle(backend, dtype, n, vocab, reduction):
-    seed = zlib.crc32(f"nll-{n}-{vocab}-{dtype}-{reduction}-{backend}".encode())
-    logits, labels = random_problem(n, vocab, dtype, seed=seed)
-    loss, grad, grad_out = run(logits, labels, backend, reduction)
-    want_loss, want_grad = expected(logits, labels, reduction, grad_out)
-    assert loss.dtype == torch.float32 and grad.dtype == dtype
-    assert_close(loss, want_loss, 1e-5)
-    assert_close(grad, want_grad, *GRAD_TOL[dtype])
+run = functools.partial(oracles.run, nll_loss)
+expected = functools.partial(oracles.expected, nll_oracle_rows)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -82,69 +54,6 @@ def test_confident_rows_keep_relative_accuracy(backend, margin):
     assert_close(grad, want_grad, 1e-5)
     naive = F.cross_entropy(logits, labels, reduction="none").double()
     assert ((naive - want_loss).abs() / want_loss).max() > 1e-2  # the check can tell the difference
-
-
-@pytest.mark.parametrize("backend", FUSED)
-def test_shifted_slice_and_column_major_logits(backend):
-    gen = torch.Generator().manual_seed(14)
-    full = torch.randn(3, 9, 333, generator=gen) * 2
-    labels = torch.randint(0, 333, (3, 8), generator=gen)
-    labels[0, :3] = -100
-    shifted = full[:, :-1]
-    loss, grad, grad_out = run(shifted, labels, backend, "mean")
-    want_loss, want_grad = expected(shifted, labels, "mean", grad_out)
-    assert_close(loss, want_loss, 1e-5)
-    assert_close(grad, want_grad, 1e-5)
-    columns = torch.randn(333, 10, generator=gen).t()
-    col_labels = torch.randint(0, 333, (10,), generator=gen)
-    loss, grad, grad_out = run(columns, col_labels, backend, "sum")
-    want_loss, want_grad = expected(columns, col_labels, "sum", grad_out)
-    assert_close(loss, want_loss, 1e-5)
-    assert_close(grad, want_grad, 1e-5)
-
-
-@pytest.mark.parametrize("backend", [*FUSED, "reference"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_all_ignored_gives_zero_not_nan(backend, reduction):
-    logits = torch.randn(5, 2, 50)
-    labels = torch.full((5, 2), -100)
-    loss, grad, _ = run(logits, labels, backend, reduction)
-    assert torch.equal(loss.detach(), torch.zeros_like(loss))
-    assert torch.equal(grad, torch.zeros_like(grad))
-
-
-@pytest.mark.parametrize("backend", FUSED)
-def test_inplace_backward_and_custom_ignore_index(backend):
-    logits, labels = random_problem(12, 1001, torch.bfloat16, seed=16, ignore_frac=0)
-    labels[::3] = 7
-    _, want_grad, _ = run(logits, labels, backend, "mean", ignore_index=7)
-    x = logits.clone().requires_grad_()
-    scores = x * 1
-    nll_loss(scores, labels.int(), backend=backend, inplace_backward=True, ignore_index=7).backward(
-        torch.tensor(0.37)
-    )
-    assert torch.equal(scores.detach(), want_grad)
-    assert_close(
-        want_grad, expected(logits, labels, "mean", torch.tensor(0.37), 7)[1], *GRAD_TOL[torch.bfloat16]
-    )
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.parametrize("backend", FUSED)
-def test_non_finite_logits_propagate(backend):
-    logits, labels = random_problem(4, 64, torch.float32, seed=17, ignore_frac=0)
-    logits[1, 3] = float("nan")
-    logits[2, :] = float("inf")
-    loss, _, _ = run(logits, labels, backend, "none")
-    assert torch.isnan(loss[1]) and torch.isnan(loss[2])
-    assert torch.isfinite(loss[[0, 3]]).all()
-
-
-def test_bad_input_names_the_function():
-    with pytest.raises(TypeError, match="nll_loss expects a tensor"):
-        nll_loss([1.0, 2.0], torch.zeros(2, dtype=torch.long))
-    with pytest.raises(ValueError, match="label 10 is outside"):
-        nll_loss(torch.randn(4, 10), torch.tensor([0, 1, 10, 2]))
 
 
 def test_shifted_nll_shifts_labels_and_reads_bf16_logits_without_an_fp32_copy(monkeypatch):

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+
+OracleRows = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: float = 0.0) -> None:
@@ -34,3 +38,29 @@ def random_problem(n, vocab, dtype, seed, *, ignore_frac=0.2):
     labels = torch.randint(0, vocab, (n,), generator=gen)
     labels[torch.rand(n, generator=gen) < ignore_frac] = -100
     return logits, labels
+
+
+def expected(oracle_rows: OracleRows, logits, labels, reduction, grad_out, ignore_index=-100):
+    """The fp64 loss and logits gradient of a row loss reduced like the fused losses reduce it: ``mean``
+    over the rows that are not ignored (no NaN when every row is), ``sum``, or ``none`` with a
+    per-row ``grad_out``."""
+    loss_rows, grad_rows, valid = oracle_rows(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index
+    )
+    if reduction == "none":
+        return loss_rows.view(labels.shape), grad_rows * grad_out.double().reshape(-1, 1)
+    count = max(int(valid.sum()), 1) if reduction == "mean" else 1
+    return loss_rows.sum() / count, grad_rows * float(grad_out) / count
+
+
+def run(
+    loss_fn: Callable[..., torch.Tensor], logits, labels, backend, reduction="mean", grad_out=None, **kwargs
+):
+    """The loss and the logits' gradient for ``grad_out`` (0.37, or a per-row random one for ``none``:
+    a gradient of 1 would hide a missing scale)."""
+    x = logits.clone().requires_grad_()
+    loss = loss_fn(x, labels, backend=backend, reduction=reduction, **kwargs)
+    if grad_out is None:
+        grad_out = torch.tensor(0.37) if reduction != "none" else torch.rand(labels.shape) + 0.5
+    loss.backward(grad_out)
+    return loss, x.grad, grad_out
