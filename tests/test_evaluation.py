@@ -17,14 +17,7 @@ from fastunlearn import metrics as M
 from fastunlearn.evaluation.tofu import _generation_prompts, _greedy_answers
 from fastunlearn.training import data as fdata
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models on a shared 2-core machine: one thread avoids OpenMP spin contention.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _qa(i, k=None, para=True):

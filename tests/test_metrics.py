@@ -16,15 +16,7 @@ from fastunlearn.evaluation.extraction_metrics import (
     _ngram_overlap_python,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP spin contention that
-    otherwise makes each small matmul ~100x slower under load."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Out(dict):

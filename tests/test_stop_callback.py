@@ -23,25 +23,11 @@ from fastunlearn.training import data as fdata
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models on a shared 2-core machine: one thread avoids OpenMP spin contention. Module scope: the
-    # reference run (a module fixture) and the runs compared with it must reduce in the same order, or
-    # Adam turns rounding-level gradient differences into differences of a whole step.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return helpers.tokenizer()
-
-
-@pytest.fixture(scope="module")
-def trained(tok):
-    return helpers.trained_model(tok)
+tok = pytest.fixture(scope="module", name="tok")(helpers.tokenizer)
+trained = pytest.fixture(scope="module", name="trained")(helpers.trained_model)  # of `tok`
 
 
 def test_evaluator_matches_independent_computations(trained, tok):

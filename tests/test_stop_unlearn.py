@@ -8,7 +8,6 @@ import math
 import re
 
 import pytest
-import torch
 from helpers import stopping as helpers
 from helpers.models import tiny_llama
 from helpers.stopping import TEXTS, qa_record
@@ -42,23 +41,11 @@ OPTIONS = dict(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two runs compared step by step must reduce in the same order (see test_stop_callback.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return helpers.tokenizer()
-
-
-@pytest.fixture(scope="module")
-def trained(tok):
-    return helpers.trained_model(tok)
+tok = pytest.fixture(scope="module", name="tok")(helpers.tokenizer)
+trained = pytest.fixture(scope="module", name="trained")(helpers.trained_model)  # of `tok`
 
 
 @pytest.fixture(scope="module")
