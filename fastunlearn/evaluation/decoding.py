@@ -34,8 +34,8 @@ def _decode_arguments(model: torch.nn.Module) -> tuple[str, dict[str, int]]:
     projection of every prompt position."""
     import inspect
 
-    base = unwrap_model(model)
-    params = inspect.signature(base.forward).parameters
+    # The class's forward: fastunlearn.patch replaces the instance's with a ``**kwargs`` wrapper.
+    params = inspect.signature(type(unwrap_model(model)).forward).parameters
     keep = next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {})
     return ("cache" if "cache" in params else "past_key_values"), keep
 
