@@ -7,14 +7,10 @@ results are gathered in item order, so every aggregate is taken on all the items
   batches through the same kernels, so the gathered results must be *bitwise* those (this checks
   the sharding and the gather, not the arithmetic);
 - one process on all the items (what the user compares against): the ranks batch other examples
-  together, so the per-token logits are the same maths with fp32 reductions in another order
-  (matmul blocking, softmax over another padded width). Each such reduction of ``K ≤ 2⁸`` terms
-  (hidden 32, intermediate 64, sequences under 64 tokens, vocabulary 300) is exact to ``K·2⁻²⁴``
-  relative to the sum of the magnitudes, and the NLL of an answer token is a difference of
-  ``O(1)``-sized logits and their log-sum-exp: ``RTOL = ATOL = 2⁸ · 2⁻²⁴ · 2⁴`` (a factor 16 for the
-  two layers' compounding) bounds the per-item NLLs and everything smooth computed from them.
-  Greedy tokens, hits (MA, accuracy) and the answers' ROUGE-L change only where two logits tie
-  within that margin; the memorised model has no such ties, so they must be equal.
+  together, so the per-item numbers agree to ``EVAL_RTOL`` / ``EVAL_ATOL`` (derived in
+  ``helpers/distributed.py``). Greedy tokens, hits (MA, accuracy) and the answers' ROUGE-L change
+  only where two logits tie within that margin; the memorised model has no such ties, so they must
+  be equal.
 
 The stopping rule's decision is taken on the main process's numbers: both ranks stop at the same step,
 restore the same state, and only the main process writes ``trajectory.csv``.
@@ -30,11 +26,12 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import stopping as H
-from helpers.distributed import spawn
+from helpers.distributed import EVAL_ATOL as ATOL
+from helpers.distributed import EVAL_RTOL as RTOL
+from helpers.distributed import spawn, torchrun
+from helpers.workspace import build_workspace
 
 from fastunlearn import distributed
-
-RTOL = ATOL = 2.0**8 * 2.0**-24 * 2.0**4
 
 # ---------------------------------------------------------------------------------------------------
 # The sharding primitive
@@ -204,6 +201,34 @@ def test_two_rank_evaluation_equals_one_process(model_dir, tmp_path):
     _close(got, want, "results")
     assert want["tofu"]["forget_quality"] is not None and want["subset"]["retain.rougeL"] > 0
     assert 0 < want["extraction"]["ma"] < 1  # something to share: not all hits, not none
+
+
+@pytest.mark.slow
+def test_eval_under_torchrun_prints_and_writes_once_what_one_process_computes(tmp_path):
+    from fastunlearn.cli import main
+
+    ws = build_workspace(tmp_path / "ws")
+
+    def args(out: Path) -> list[str]:
+        return [
+            "eval", str(ws / "model"), "--forget", str(ws / "forget_perturbed.json"), "--retain",
+            str(ws / "forget.json"), "--template", "phi", "--max-new-tokens", "8", "--batch-size", "2",
+            "--output", str(out / "eval.json"), "--save-reference", str(out / "ref.json"),
+        ]  # fmt: skip
+
+    (tmp_path / "two").mkdir()
+    proc = torchrun(args(tmp_path / "two"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Results written to") == 1 and proc.stdout.count("forget") >= 1, proc.stdout
+    assert sorted(os.listdir(tmp_path / "two")) == ["eval.json", "ref.json"]
+    (tmp_path / "one").mkdir()
+    assert main(args(tmp_path / "one")) == 0
+    for name in ("eval.json", "ref.json"):
+        got = json.loads((tmp_path / "two" / name).read_text())
+        want = json.loads((tmp_path / "one" / name).read_text())
+        for record in (got, want):  # where each run saved its reference
+            record.get("tofu", {}).pop("reference_saved_to", None)
+        _close(got, want, name)
 
 
 # ---------------------------------------------------------------------------------------------------
