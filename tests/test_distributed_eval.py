@@ -327,3 +327,32 @@ def test_two_ranks_stop_at_the_same_step_and_keep_the_same_state(model_dir, tmp_
     assert sorted(os.listdir(tmp_path)) == sorted(
         ["trajectory.csv", "rank0.json", "rank1.json", "norm0.safetensors", "norm1.safetensors"]
     )
+
+
+@pytest.mark.slow
+def test_torchrun_unlearn_with_a_stopping_rule_stops_every_rank_at_the_same_step(tmp_path):
+    from fastunlearn.evaluation.trajectory import read_trajectory
+
+    ws = build_workspace(tmp_path / "ws")
+    out = tmp_path / "run"
+    proc = torchrun(
+        [
+            "unlearn", str(ws / "model"), "--forget", str(ws / "forget.json"), "--retain",
+            str(ws / "retain.json"), "--output", str(out), "--template", "phi", "--epochs", "2",
+            "--batch-size", "2", "--grad-accum", "1", "--rank", "4", "--init", "lora", "--no-progress",
+            # Holds at every evaluation (the untrained model gives its answers ~1/300): stops one
+            # evaluation after the first, at step 2 of 4, and keeps the better of steps 1 and 2.
+            "--stop-when", "forget.prob<=0.9", "--eval-every", "1", "--patience", "1", "--restore", "best",
+            "--eval-items", "5",
+        ]
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    # Had one rank gone on training, the other's DDP gradient all-reduce would have waited for it.
+    assert metrics["train"]["global_step"] == 2
+    assert metrics["stopping"]["stopped_step"] == 2 and metrics["stopping"]["first_satisfied_step"] == 1
+    rows = read_trajectory(out / "trajectory.csv")
+    assert [row["step"] for row in rows] == [0, 1, 2]
+    best = max(rows[1:], key=lambda row: (row["retain_score"], -row["step"]))
+    assert metrics["stopping"]["kept_step"] == best["step"]
+    assert not [name for name in os.listdir(out) if name.startswith(".")]  # no stray staging files
