@@ -63,7 +63,18 @@ def _map_worker(rank: int) -> None:
             [0, 1, 2],
         )
     assert distributed.broadcast_object({"rank": rank}) == {"rank": 0}
-    assert not distributed.parameters_sharded(torch.nn.Linear(2, 2))
+    # Weights split between the ranks (ZeRO-3 marks its parameters with ds_id): every rank runs fn on
+    # every item, in step.
+    layer = torch.nn.Linear(2, 2)
+    assert not distributed.parameters_sharded(layer)
+    layer.weight.ds_id = 0
+    calls.clear()
+    assert distributed.map_sharded(lambda part: calls.append(part) or part, [1, 2, 3], model=layer) == [
+        1,
+        2,
+        3,
+    ]
+    assert distributed.parameters_sharded(layer) and calls == [[1, 2, 3]]
 
 
 def test_map_sharded_gathers_in_item_order_and_shares_errors():

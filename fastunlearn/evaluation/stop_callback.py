@@ -251,9 +251,7 @@ class StoppingCallback(TrainerCallback):
                 f"available: {sorted(evaluator.available)}"
             )
         self.output_dir = None if output_dir is None else os.fspath(output_dir)
-        # Under several processes the main one alone writes the trajectory (csv and png).
-        writes = self.output_dir is not None and distributed.is_main()
-        csv_path = os.path.join(self.output_dir, "trajectory.csv") if writes else None
+        csv_path = None if self.output_dir is None else os.path.join(self.output_dir, "trajectory.csv")
         self.trajectory = Trajectory(csv_path)
         self.summary: dict[str, Any] = {}
         self._snapshot: tuple[int, dict[str, torch.Tensor]] | None = None
@@ -297,6 +295,8 @@ class StoppingCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         start = time.perf_counter()
+        if not distributed.is_main():  # the main process alone writes the trajectory (csv and png)
+            self.trajectory.path = None  # asked now: a launcher's process group may start after __init__
         controller = self.controller
         if controller.rule is not None and not controller.rule.resolved:
             controller.resolve(self.evaluator.evaluate(model, controller.rule.reference_metrics))

@@ -458,7 +458,7 @@ def cached_reference_truth_ratios(
     mode and template must be those of ``options``), else computed with :func:`evaluate_tofu`
     (``options`` as there; generation is skipped, truth ratios do not need it) and saved there.
     ``retain_model`` is a model (with ``tokenizer``) or a local directory."""
-    if os.path.isfile(os.fspath(path)):
+    if distributed.on_main(lambda: os.path.isfile(os.fspath(path))):  # every rank takes the same branch
         mode = options.get("mode", "full")
         template = _resolve_template(mode, options.get("template"))
         return load_reference_truth_ratios(path, mode=mode, template=template)
