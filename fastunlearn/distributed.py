@@ -31,13 +31,16 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "broadcast",
+    "broadcast_object",
     "init_from_env",
     "is_distributed",
     "is_main",
     "launched_world_size",
+    "map_sharded",
     "mean",
     "on_all",
     "on_main",
+    "parameters_sharded",
     "rank",
     "shard",
     "world_size",
@@ -151,10 +154,79 @@ def mean(value: float) -> float:
     return sum(values) / len(values)
 
 
-def _broadcast_object(obj: Any) -> Any:
+def broadcast_object(obj: T) -> T:
+    """The main process's ``obj`` on every rank (it must pickle); ``obj`` itself in one process."""
+    if not is_distributed():
+        return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)  # through the current CUDA device under NCCL
     return box[0]
+
+
+def parameters_sharded(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s weights are split between the ranks: FSDP (1 or 2) or DeepSpeed ZeRO-3.
+
+    Each of their forwards gathers the weights from every rank, so every rank must run the same
+    forwards in the same order: evaluation cannot give the ranks different items.
+    """
+    if not is_distributed():
+        return False
+    for module in model.modules():
+        names = {cls.__name__ for cls in type(module).__mro__}
+        if names & {"FullyShardedDataParallel", "FSDPModule"}:
+            return True
+    # ZeRO-3 marks its partitioned parameters with ds_id; FSDP2 holds DTensors.
+    return any(hasattr(p, "ds_id") or type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def _in_item_order(parts: list[Any], n: int) -> Any:
+    """Rank ``r``'s results for items ``r, r+W, ...`` (``None`` for an empty share) put back in item order:
+    lists by element, tensors (and dicts of them) along dimension 0."""
+    world = len(parts)
+    filled = [(r, p) for r, p in enumerate(parts) if p is not None]
+    first = filled[0][1]
+    if isinstance(first, torch.Tensor):
+        out = first.new_empty((n, *first.shape[1:]))
+        for r, p in filled:
+            out[r::world] = p
+        return out
+    if isinstance(first, dict):
+        return {key: _in_item_order([None if p is None else p[key] for p in parts], n) for key in first}
+    items: list[Any] = [None] * n
+    for r, p in filled:
+        items[r::world] = list(p)
+    return items
+
+
+def _cpu(result: Any) -> Any:
+    if isinstance(result, torch.Tensor):
+        return result.cpu()
+    if isinstance(result, dict):
+        return {key: _cpu(value) for key, value in result.items()}
+    return list(result)
+
+
+def map_sharded(
+    fn: Callable[[list[T]], Any], items: Sequence[T], *, model: torch.nn.Module | None = None
+) -> Any:
+    """``fn(items)`` computed by the ranks together: each runs ``fn`` on its :func:`shard` (items
+    ``r, r+W, ...``), and the per-item results are gathered in item order on every rank.
+
+    ``fn`` maps a list of items to one result per item: a list, a tensor or a dict of tensors, indexed
+    by item along dimension 0 (gathered to the CPU under several processes). The result is
+    ``fn(items)`` up to what the batching inside ``fn`` changes in rounding. ``fn`` is not called on a
+    rank with no items (more ranks than items). If ``fn`` raises on any rank, every rank raises the
+    lowest failing rank's error (:func:`on_all`). ``model``: the model ``fn`` runs; when its weights are
+    split between the ranks (:func:`parameters_sharded`) every rank runs ``fn`` on all the items, in
+    step. In one process, and for no items: ``fn(list(items))``.
+    """
+    if not is_distributed() or not items or (model is not None and parameters_sharded(model)):
+        return fn(list(items))
+    part = shard(items)
+    local = on_all(lambda: _cpu(fn(part)) if part else None)
+    parts: list[Any] = [None] * world_size()
+    dist.all_gather_object(parts, local)
+    return _in_item_order(parts, len(items))
 
 
 def _describe(err: BaseException) -> tuple[str, str]:
@@ -186,7 +258,7 @@ def on_main(fn: Callable[[], T]) -> T:
             result = fn()
         except Exception as err:  # handed to the other ranks, then re-raised here
             error = err
-    outcome = _broadcast_object(("error", _describe(error)) if error is not None else ("ok", result))
+    outcome = broadcast_object(("error", _describe(error)) if error is not None else ("ok", result))
     if error is not None:
         raise error
     if outcome[0] == "error":

@@ -47,6 +47,7 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn.ops",
         "fastunlearn.modeling",
         "fastunlearn._io",
+        "fastunlearn.distributed",
         "fastunlearn.training.data",
         "fastunlearn.training.tofu_format",
     ),

@@ -12,12 +12,15 @@ Examples::
     fastunlearn eval llama2-7b-tofu --tofu TOFU/ --forget-split forget10 --mode legacy
     # memorised sequences ({"text"} JSON Lines)
     fastunlearn eval gpt-neo-125m --extraction forget_32.jsonl
+    # several GPUs: the processes share the items; the main one prints and writes
+    torchrun --nproc_per_node 4 -m fastunlearn eval out/adapter --tofu data/ --output eval.json
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from fastunlearn.cli import summary
 from fastunlearn.cli._args import add_threads_arg, option_flags
@@ -127,50 +130,17 @@ def _check_data(args: argparse.Namespace, tofu) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
+    """Under ``torchrun`` / ``accelerate launch`` every process runs this: the checks on every rank (any
+    rank's error stops them all), the evaluation shared by the ranks (:mod:`fastunlearn.evaluation`
+    gathers the per-item results, every aggregate is computed on all the items), the table and the
+    files from the main process alone."""
+    from fastunlearn import distributed
     from fastunlearn import evaluation as ev
     from fastunlearn._io import write_json
-    from fastunlearn.modeling import load_model_and_tokenizer, resolve_device
+    from fastunlearn.modeling import load_model_and_tokenizer
 
-    sets = {
-        name: getattr(args, name)
-        for name in ("forget", "retain", "real_authors", "world_facts")
-        if getattr(args, name) is not None
-    }
-    if args.tofu is not None and sets:
-        raise ValueError("give --tofu DIR or individual set files (--forget, --retain, ...), not both")
-    if args.forget_split is not None and args.tofu is None:
-        raise ValueError("--forget-split chooses a split of a --tofu directory; give --tofu DIR")
-    tofu = args.tofu if args.tofu is not None else (sets or None)
-    if tofu is None and args.extraction is None:
-        raise ValueError("nothing to evaluate: give --tofu, --forget/--retain/... or --extraction")
-    for path in (args.output, args.save_reference):
-        if path is not None and os.path.isdir(path):
-            raise IsADirectoryError(f"{path} is a directory; give the path of a JSON file to write")
-        if path is not None and os.path.exists(path) and not args.overwrite:
-            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
-    device = resolve_device(args.device)
-    _check_data(args, tofu)
-
-    from fastunlearn.evaluation.tofu import LEGACY_TEMPLATES
-
-    trained, taken = _training_options(args.model), []
-    legacy = args.mode == "legacy"
-    if args.template is None and "template" in trained:
-        if not legacy or trained["template"] in LEGACY_TEMPLATES:
-            args.template = trained["template"]
-            taken.append(f"template {args.template!r}")
-        else:
-            print(
-                f"the run trained with template {trained['template']!r}, which legacy mode does not "
-                f"define (it uses one of {list(LEGACY_TEMPLATES)}; default tofu-llama2)"
-            )
-    if args.max_length is None:
-        args.max_length = trained.get("max_length", 512)
-        if "max_length" in trained and not legacy:  # legacy mode cuts at 200 tokens
-            taken.append(f"max length {args.max_length}")
-    if taken:
-        print(f"{' and '.join(taken)} from the run's run_config.json")
-
+    distributed.init_from_env()
+    tofu, device = distributed.on_all(lambda: _checked(args))
     model, tokenizer = load_model_and_tokenizer(
         args.model, args.tokenizer, trust_remote_code=args.trust_remote_code, base_model=args.base_model
     )
@@ -195,8 +165,63 @@ def _main(args: argparse.Namespace) -> int:
         ),
         extraction_options=dict(n=args.n, max_length=args.sequence_length, batch_size=args.batch_size),
     )
-    print(ev.format_table(results))
+    _say(ev.format_table(results))
     if args.output is not None:
-        write_json(args.output, {"model": os.path.abspath(args.model), **results})
-        print(f"\nResults written to {args.output}")
+        record = {"model": os.path.abspath(args.model), **results}
+        distributed.on_main(lambda: write_json(args.output, record))
+        _say(f"\nResults written to {args.output}")
     return 0
+
+
+def _say(text: str) -> None:
+    """Print from the main process only (every process runs the command under a launcher)."""
+    from fastunlearn import distributed
+
+    if distributed.is_main():
+        print(text)
+
+
+def _checked(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The TOFU data (a directory or a mapping of set files) and the device, every argument checked
+    before the model loads; the run's template and length taken from its ``run_config.json``."""
+    from fastunlearn.evaluation.tofu import LEGACY_TEMPLATES
+    from fastunlearn.modeling import resolve_device
+
+    sets = {
+        name: getattr(args, name)
+        for name in ("forget", "retain", "real_authors", "world_facts")
+        if getattr(args, name) is not None
+    }
+    if args.tofu is not None and sets:
+        raise ValueError("give --tofu DIR or individual set files (--forget, --retain, ...), not both")
+    if args.forget_split is not None and args.tofu is None:
+        raise ValueError("--forget-split chooses a split of a --tofu directory; give --tofu DIR")
+    tofu = args.tofu if args.tofu is not None else (sets or None)
+    if tofu is None and args.extraction is None:
+        raise ValueError("nothing to evaluate: give --tofu, --forget/--retain/... or --extraction")
+    for path in (args.output, args.save_reference):
+        if path is not None and os.path.isdir(path):
+            raise IsADirectoryError(f"{path} is a directory; give the path of a JSON file to write")
+        if path is not None and os.path.exists(path) and not args.overwrite:
+            raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
+    device = resolve_device(args.device)
+    _check_data(args, tofu)
+
+    trained, taken = _training_options(args.model), []
+    legacy = args.mode == "legacy"
+    if args.template is None and "template" in trained:
+        if not legacy or trained["template"] in LEGACY_TEMPLATES:
+            args.template = trained["template"]
+            taken.append(f"template {args.template!r}")
+        else:
+            _say(
+                f"the run trained with template {trained['template']!r}, which legacy mode does not "
+                f"define (it uses one of {list(LEGACY_TEMPLATES)}; default tofu-llama2)"
+            )
+    if args.max_length is None:
+        args.max_length = trained.get("max_length", 512)
+        if "max_length" in trained and not legacy:  # legacy mode cuts at 200 tokens
+            taken.append(f"max length {args.max_length}")
+    if taken:
+        _say(f"{' and '.join(taken)} from the run's run_config.json")
+    return tofu, device

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from fastunlearn import distributed
 from fastunlearn.evaluation import metrics as M
 from fastunlearn.training import data as fdata
 
@@ -53,8 +54,17 @@ def evaluate_extraction(
         texts = list(data)
         if not texts:
             raise ValueError("no sequences to evaluate")
-    ids, mask = tokenize_texts(tokenizer, texts, max_length=max_length)
-    ma, el = M.extraction_metrics(model, ids, n=n, attention_mask=mask, method=method, batch_size=batch_size)
+
+    def per_sequence(part: list[str]) -> dict[str, torch.Tensor]:
+        ids, mask = tokenize_texts(tokenizer, part, max_length=max_length)
+        ma, el = M.extraction_metrics(
+            model, ids, n=n, attention_mask=mask, method=method, batch_size=batch_size
+        )
+        return {"ma": ma, "el": el}
+
+    # Under several processes the ranks share the sequences; the means are taken on all of them.
+    scores = distributed.map_sharded(per_sequence, texts, model=model)
+    ma, el = scores["ma"], scores["el"]
     return {
         "protocol": "extraction",
         "num_sequences": len(texts),

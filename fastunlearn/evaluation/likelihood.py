@@ -17,20 +17,24 @@ true answers.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from fastunlearn import distributed
 from fastunlearn.modeling import model_device
 from fastunlearn.ops import IGNORE_INDEX
 from fastunlearn.ops.nll import shift_labels, shifted_nll
+from fastunlearn.training import data as fdata
 
 __all__ = [
+    "answer_metrics",
     "answer_probability",
     "answer_stats",
     "basic_metrics",
     "collect_answer_stats",
     "eval_mode",
+    "example_stats",
     "normalized_probability",
     "token_nll",
     "truth_ratio",
@@ -120,6 +124,23 @@ def collect_answer_stats(
     return stats
 
 
+def example_stats(
+    model: torch.nn.Module, examples: Sequence[fdata.Example], pad_id: int, batch_size: int
+) -> dict[str, torch.Tensor]:
+    """:func:`collect_answer_stats` of tokenised ``examples`` in batches of ``batch_size``, in their order.
+
+    Under several processes the ranks share the examples (:func:`fastunlearn.distributed.map_sharded`)
+    and every rank gets all of them, on the CPU: each example's numbers are those of one process up
+    to the rounding its batch's padding changes, and whatever is computed from them is computed on
+    all the examples.
+    """
+
+    def stats(part: list[fdata.Example]) -> dict[str, torch.Tensor]:
+        return collect_answer_stats(model, fdata.batches(part, pad_id, batch_size))
+
+    return distributed.map_sharded(stats, examples, model=model)
+
+
 def basic_metrics(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
     """Mean length-normalised answer probability, teacher-forced accuracy and mean NLL (SPEC §4).
 
@@ -129,7 +150,11 @@ def basic_metrics(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.T
 
     The model is evaluated in eval mode without gradients and its mode restored afterwards.
     """
-    stats = collect_answer_stats(model, batches)
+    return answer_metrics(collect_answer_stats(model, batches))
+
+
+def answer_metrics(stats: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """:func:`basic_metrics`' numbers from per-example :func:`collect_answer_stats` output."""
     mean_nll = stats["nll_sum"] / stats["num_tokens"]
     return {
         "prob": torch.exp(-mean_nll).mean().item(),

@@ -13,11 +13,13 @@ from fastunlearn.evaluation.extraction_metrics import (
     memorization_accuracy,
 )
 from fastunlearn.evaluation.likelihood import (
+    answer_metrics,
     answer_probability,
     answer_stats,
     basic_metrics,
     collect_answer_stats,
     eval_mode,
+    example_stats,
     normalized_probability,
     token_nll,
     truth_ratio,
@@ -26,11 +28,13 @@ from fastunlearn.evaluation.likelihood import (
 from fastunlearn.evaluation.scores import forget_quality, model_utility, rouge_l_recall
 
 __all__ = [
+    "answer_metrics",
     "answer_probability",
     "answer_stats",
     "basic_metrics",
     "collect_answer_stats",
     "eval_mode",
+    "example_stats",
     "extraction_likelihood",
     "extraction_metrics",
     "forget_quality",

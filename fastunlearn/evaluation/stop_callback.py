@@ -27,9 +27,10 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from fastunlearn import distributed
 from fastunlearn.evaluation.decoding import greedy_completions
 from fastunlearn.evaluation.extraction_metrics import extraction_likelihood
-from fastunlearn.evaluation.likelihood import collect_answer_stats
+from fastunlearn.evaluation.likelihood import example_stats
 from fastunlearn.evaluation.scores import rouge_l_recall
 from fastunlearn.evaluation.stopping import (
     EL_N,
@@ -103,12 +104,20 @@ class SubsetEvaluator:
         self.available = available_metrics(formats)
 
     def evaluate(self, model: torch.nn.Module, names: Collection[str]) -> dict[str, float]:
-        """The metrics ``names`` (``SET.KIND``) of ``model``, in eval mode without gradients."""
+        """The metrics ``names`` (``SET.KIND``) of ``model``, in eval mode without gradients.
+
+        Under several processes every rank calls it: the ranks share each subset's examples
+        (:func:`fastunlearn.distributed.map_sharded`), every rank takes the means over all of them,
+        and the main process's numbers are returned on every rank, so whatever is decided from them
+        is decided alike everywhere.
+        """
         unknown = sorted(set(names) - self.available)
         if unknown:
             raise ValueError(f"cannot evaluate {unknown} on this data; available: {sorted(self.available)}")
         wanted: dict[str, set[str]] = {}
-        for name in names:
+        # In a fixed order: the ranks' shared evaluations must come in the same sequence on every
+        # rank, and a set's order changes with each process's string hashing.
+        for name in sorted(names):
             set_name, _, kind = name.partition(".")
             wanted.setdefault(set_name, set()).add(kind)
         out: dict[str, float] = {}
@@ -122,12 +131,12 @@ class SubsetEvaluator:
                 out[f"{set_name}.rougeL"] = self._rouge(model, examples)
             if f"el{EL_N}" in kinds:
                 out[f"{set_name}.el{EL_N}"] = self._el(model, examples)
-        return out
+        return distributed.broadcast_object(out)
 
     def _teacher_forced(
         self, model: torch.nn.Module, examples: Sequence[fdata.Example], kinds: Sequence[str]
     ) -> list[float]:
-        stats = collect_answer_stats(model, fdata.batches(examples, self.pad_id, self.batch_size))
+        stats = example_stats(model, examples, self.pad_id, self.batch_size)
         nll_sum, tokens, correct = (stats[k].double() for k in ("nll_sum", "num_tokens", "correct"))
         mean_nll = nll_sum / tokens
         values = {
@@ -150,19 +159,31 @@ class SubsetEvaluator:
             prompts.append(torch.tensor(ex.input_ids[:start], dtype=torch.long))
             references.append(self.tokenizer.decode(answer, skip_special_tokens=True).strip())
             budgets.append(min(self.max_new_tokens, 2 * max(len(answer), 1)))
-        answers = greedy_completions(model, self.tokenizer, prompts, budgets, batch_size=self.batch_size)
+
+        def generate(rows: list[int]) -> list[str]:
+            return greedy_completions(
+                model,
+                self.tokenizer,
+                [prompts[i] for i in rows],
+                [budgets[i] for i in rows],
+                batch_size=self.batch_size,
+            )
+
+        answers = distributed.map_sharded(generate, range(len(prompts)), model=model)
         return sum(rouge_l_recall(answers, references)) / len(answers)
 
     def _el(self, model: torch.nn.Module, examples: Sequence[fdata.Example]) -> float:
-        batch = fdata.collate(examples, self.pad_id)
-        el = extraction_likelihood(
-            model,
-            batch["input_ids"],
-            n=EL_N,
-            attention_mask=batch["attention_mask"],
-            batch_size=self.batch_size,
-        )
-        return el.mean().item()
+        def el(part: list[fdata.Example]) -> torch.Tensor:
+            batch = fdata.collate(part, self.pad_id)
+            return extraction_likelihood(
+                model,
+                batch["input_ids"],
+                n=EL_N,
+                attention_mask=batch["attention_mask"],
+                batch_size=self.batch_size,
+            )
+
+        return distributed.map_sharded(el, examples, model=model).mean().item()
 
 
 def measure_reference(rule: StopRule, evaluator: SubsetEvaluator, model: torch.nn.Module) -> StopRule:
@@ -192,6 +213,15 @@ class StoppingCallback(TrainerCallback):
     model); at ``on_train_end`` the chosen state is copied back, so whatever is saved afterwards
     (adapter, merged model, metrics) is that state. :attr:`summary` holds the outcome and the time
     spent evaluating next to the time spent training.
+
+    Under several processes (``torchrun`` / ``accelerate launch``; every rank runs the callback) each
+    evaluation is shared by the ranks and its numbers are the main process's on every rank
+    (:meth:`SubsetEvaluator.evaluate`). The controller is pure logic on those numbers, so the decision
+    it makes on each rank is the main process's: every rank stops at the same step, snapshots its own
+    trainable parameters at the same steps and restores the same state. Sharing the evaluation rather
+    than running it on the main process alone costs each rank ``1/W`` of it (the others would wait for
+    the whole of it) and works under FSDP / ZeRO-3, whose forwards need every rank (there every rank
+    evaluates every example, in step). The main process alone writes ``trajectory.csv`` / ``.png``.
     """
 
     def __init__(
@@ -265,6 +295,8 @@ class StoppingCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         start = time.perf_counter()
+        if not distributed.is_main():  # the main process alone writes the trajectory (csv and png)
+            self.trajectory.path = None  # asked now: a launcher's process group may start after __init__
         controller = self.controller
         if controller.rule is not None and not controller.rule.resolved:
             controller.resolve(self.evaluator.evaluate(model, controller.rule.reference_metrics))
@@ -273,7 +305,7 @@ class StoppingCallback(TrainerCallback):
         extra: dict[str, Any] = {}
         if controller.rule is not None:
             extra["satisfied"] = bool(controller.rule.satisfied(baseline))
-            if extra["satisfied"]:
+            if extra["satisfied"] and distributed.is_main():
                 warnings.warn(
                     f"the model satisfies the stopping rule ({controller.rule}) before unlearning: "
                     "training stops at the first evaluation",
@@ -344,7 +376,7 @@ class StoppingCallback(TrainerCallback):
         self._snapshot = None
         summary = self.controller.summary()
         plot_path = None
-        if self.plot and self.output_dir is not None and self.trajectory.rows:
+        if self.plot and self.trajectory.path is not None and self.trajectory.rows:
             rule = self.controller.rule
             marks = {
                 "rule first holds": summary["first_satisfied_step"],

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from fastunlearn import distributed
 from fastunlearn.evaluation import metrics as M
 from fastunlearn.evaluation.decoding import greedy_completions
 from fastunlearn.evaluation.reference import (
@@ -91,7 +92,7 @@ def _answer_stats(
     examples = fdata.tokenize_records(
         records, tokenizer, data_format="qa", template=template, max_length=max_length
     )
-    stats = M.collect_answer_stats(model, fdata.batches(examples, fdata.pad_id_of(tokenizer), batch_size))
+    stats = M.example_stats(model, examples, fdata.pad_id_of(tokenizer), batch_size)  # shared by the ranks
     return {key: value.cpu() for key, value in stats.items()}
 
 
@@ -143,18 +144,31 @@ def _greedy_answers(
     Legacy (SPEC §4.1, the paper's ``generate(max_length=200)``): batches of 30 in file order, and every
     row of a batch ``W`` tokens wide gets ``200 − W`` new tokens — the budget depends on the batch, so
     the batches are the paper's (each decoded as one batch). Otherwise ``max_new_tokens`` per row.
-    Left padding is masked, so the pad id changes nothing.
+    Left padding is masked, so the pad id changes nothing. Under several processes the ranks share the
+    prompts (legacy: the batches of 30, whose budgets they set; :func:`fastunlearn.distributed.map_sharded`).
     """
     if not legacy:
-        return greedy_completions(
-            model, tokenizer, prompts, [max_new_tokens] * len(prompts), batch_size=batch_size
+        return distributed.map_sharded(
+            lambda part: greedy_completions(
+                model, tokenizer, part, [max_new_tokens] * len(part), batch_size=batch_size
+            ),
+            prompts,
+            model=model,
         )
-    answers: list[str] = []
-    for start in range(0, len(prompts), LEGACY_GENERATION_BATCH):
-        chunk = prompts[start : start + LEGACY_GENERATION_BATCH]
-        steps = tofu_max_new_tokens(max(len(p) for p in chunk), max_length=LEGACY_MAX_LENGTH)
-        answers += greedy_completions(model, tokenizer, chunk, [steps] * len(chunk), batch_size=len(chunk))
-    return answers
+
+    def legacy_batches(chunks: list[Sequence[torch.Tensor]]) -> list[list[str]]:
+        answers = []
+        for chunk in chunks:
+            steps = tofu_max_new_tokens(max(len(p) for p in chunk), max_length=LEGACY_MAX_LENGTH)
+            answers.append(
+                greedy_completions(model, tokenizer, chunk, [steps] * len(chunk), batch_size=len(chunk))
+            )
+        return answers
+
+    step = LEGACY_GENERATION_BATCH
+    chunks = [prompts[start : start + step] for start in range(0, len(prompts), step)]
+    batches = distributed.map_sharded(legacy_batches, chunks, model=model)
+    return [answer for batch in batches for answer in batch]
 
 
 def _avg_nll(stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -407,8 +421,8 @@ def evaluate_tofu(
     results["model_utility_components"] = components
     results["model_utility"] = utility if complete else None
     results["model_utility_partial"] = None if complete else utility
-    if save_reference is not None:
-        save_reference_truth_ratios(save_reference, results, overwrite=overwrite)
+    if save_reference is not None:  # every rank holds the results; one writes them
+        distributed.on_main(lambda: save_reference_truth_ratios(save_reference, results, overwrite=overwrite))
         results["reference_saved_to"] = os.fspath(save_reference)
     return results
 
@@ -444,7 +458,7 @@ def cached_reference_truth_ratios(
     mode and template must be those of ``options``), else computed with :func:`evaluate_tofu`
     (``options`` as there; generation is skipped, truth ratios do not need it) and saved there.
     ``retain_model`` is a model (with ``tokenizer``) or a local directory."""
-    if os.path.isfile(os.fspath(path)):
+    if distributed.on_main(lambda: os.path.isfile(os.fspath(path))):  # every rank takes the same branch
         mode = options.get("mode", "full")
         template = _resolve_template(mode, options.get("template"))
         return load_reference_truth_ratios(path, mode=mode, template=template)
@@ -457,5 +471,5 @@ def cached_reference_truth_ratios(
     if "forget" not in data:
         raise ValueError("the reference truth ratios need a forget set (forget*_perturbed.json)")
     results = evaluate_tofu(retain_model, tokenizer, {"forget": data["forget"]}, generate=False, **options)
-    save_reference_truth_ratios(path, results)
+    distributed.on_main(lambda: save_reference_truth_ratios(path, results))
     return results["forget_truth_ratios"]

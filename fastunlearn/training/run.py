@@ -36,8 +36,9 @@ Under ``torchrun`` / ``accelerate launch`` (:mod:`fastunlearn.distributed`) ever
 function: the main process alone plans, clears, stages and publishes the output directory and writes
 every file (the others wait for it and share its outcome, errors included); the read-only checks run
 on every rank and any rank's error stops them all; the Fisher passes share the batches; ``Trainer``
-runs DDP. ``metrics.json``'s ``before``/``after`` are evaluated by each rank on the whole sets (the
-same numbers on every rank; evaluation is not sharded) and ``train.loss`` is the mean over the ranks.
+runs DDP. ``metrics.json``'s ``before``/``after`` are evaluated with the ranks sharing the examples
+(their per-example numbers gathered, the means taken on all of them) and ``train.loss`` is the mean
+over the ranks; the stopping rule's evaluations are shared the same way.
 ``run_config.json`` records the number of processes, and ``resume`` refuses a different one.
 """
 
@@ -184,10 +185,10 @@ def _versions() -> dict[str, str]:
 
 
 def _evaluate(model, forget_ex, retain_ex, pad_id: int, cfg: UnlearnConfig) -> dict[str, dict[str, float]]:
-    from fastunlearn.evaluation.likelihood import basic_metrics
+    from fastunlearn.evaluation.likelihood import answer_metrics, example_stats
 
-    return {
-        name: basic_metrics(model, fdata.batches(examples, pad_id, cfg.eval_batch_size))
+    return {  # the ranks share the examples; every rank gets the metrics of all of them
+        name: answer_metrics(example_stats(model, examples, pad_id, cfg.eval_batch_size))
         for name, examples in (("forget", forget_ex), ("retain", retain_ex))
         if examples
     }

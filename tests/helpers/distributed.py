@@ -1,15 +1,28 @@
 """Running a function on 2 CPU ranks over gloo from a test: a free port, ``torch.multiprocessing.spawn``,
-and the launcher's environment for subprocesses started by hand."""
+the launcher's environment for subprocesses started by hand, and the tolerance of an evaluation the
+ranks share."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+# An evaluation shared by the ranks batches other examples together than one process does: the same
+# maths with fp32 reductions in another order (matmul blocking, softmax over another padded width).
+# Each reduction of K ≤ 2⁸ terms in the tests' tiny models (hidden ≤ 64, sequences under 64 tokens,
+# vocabulary ≤ 300) is exact to K·2⁻²⁴ relative to the sum of the magnitudes, and an answer token's
+# NLL is a difference of O(1)-sized logits and their log-sum-exp; a factor 2⁴ covers the two layers'
+# compounding. Everything smooth computed from the per-item NLLs (probabilities, truth ratios,
+# means) inherits the bound.
+EVAL_RTOL = EVAL_ATOL = 2.0**8 * 2.0**-24 * 2.0**4
 
 
 def free_port() -> int:
@@ -45,3 +58,14 @@ def launcher_env(rank: int, world: int, port: int) -> dict[str, str]:
         OMP_NUM_THREADS="1",
     )
     return env
+
+
+def torchrun(args: list[str]) -> subprocess.CompletedProcess:
+    """``fastunlearn ARGS`` on 2 processes started by ``torch.distributed.run``, from the repository root."""
+    root = Path(__file__).resolve().parents[2]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "fastunlearn", *args,
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=240, cwd=root)
