@@ -24,23 +24,31 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.distributed import spawn
+from helpers.fisher import fisher_llama, make_batch
+from helpers.oracles import assert_close
 from helpers.workspace import build_workspace
 
 from fastunlearn import demo
+from fastunlearn.fisher import estimate_fisher
 from fastunlearn.modeling import canonical_name, strip_wrappers
 from fastunlearn.training.config import UnlearnConfig
-from fastunlearn.training.fsdp import FsdpPlan, check_single_engine, parse_fsdp
+from fastunlearn.training.flags import command_line
+from fastunlearn.training.fsdp import FsdpPlan, check_single_engine, parse_fsdp, shard_model
 
+N_FISHER_BATCHES = 4  # as many per rank: a sharded forward is a collective every rank joins
 MAX_LENGTH = 12
 N_FORGET = 8  # two optimiser steps of 2 ranks x 2 examples
 LR = 1e-3
 SUM_TERMS = 1000  # the longest floating-point sum of a step (tokens x width x batch), rounded up
 FSDP = "full_shard auto_wrap"
 
-pytestmark = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-    reason="needs torch.distributed with gloo",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+        reason="needs torch.distributed with gloo",
+    ),
+    pytest.mark.filterwarnings("ignore:.*examples were truncated:UserWarning"),  # on purpose (docstring)
+]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -60,6 +68,10 @@ def test_fsdp_words():
             parse_fsdp(bad)
     with pytest.raises(ValueError, match="unknown word"):
         UnlearnConfig(fsdp="zero3")  # refused when the options are made, before anything loads
+    # A run records the command that repeats it, --fsdp included.
+    command = command_line("m", None, "f.json", "r.json", method="ihl", init="fila", output_dir="o",
+                           options={"fsdp": FSDP})  # fmt: skip
+    assert command is not None and command.endswith(f"--fsdp '{FSDP}'")
 
 
 def test_one_sharding_engine():
@@ -98,7 +110,12 @@ def test_fsdp_without_a_process_group_is_one_error(workspace, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    ("option", "match"), [({"resume": True}, "resume"), ({"stop": "forget.prob<=0.5"}, "stopping")]
+    ("option", "match"),
+    [
+        ({"resume": True}, "resume"),
+        ({"stop": "forget.prob<=0.5"}, "stopping"),
+        ({"init": "full"}, "init='full'"),
+    ],
 )
 def test_fsdp_refuses_what_it_does_not_support(workspace, tmp_path, option, match):
     from fastunlearn import unlearn
@@ -114,9 +131,11 @@ def test_fsdp_refuses_what_it_does_not_support(workspace, tmp_path, option, matc
 
 
 def _options(batch_size: int, **extra) -> dict:
-    return dict(data_format="text", max_length=MAX_LENGTH, num_epochs=1, batch_size=batch_size,
-                gradient_accumulation_steps=1, warmup_epochs=0, lora_r=4, lora_alpha=8, fisher_batch_size=2,
-                learning_rate=LR, ihl_backend="torch", progress=False, seed=3, **extra)  # fmt: skip
+    options = dict(data_format="text", max_length=MAX_LENGTH, num_epochs=1, batch_size=batch_size,
+                   gradient_accumulation_steps=1, warmup_epochs=0, lora_r=4, lora_alpha=8,
+                   fisher_batch_size=2, learning_rate=LR, ihl_backend="torch", progress=False,
+                   seed=3)  # fmt: skip
+    return {**options, **extra}
 
 
 def _fp64_run(ws: Path, out: Path, batch_size: int, **extra) -> None:
@@ -135,15 +154,28 @@ def _fp64_run(ws: Path, out: Path, batch_size: int, **extra) -> None:
         torch.set_default_dtype(default)
 
 
+def _fisher_batches():
+    return [make_batch(3, 7, seed=20 + i, pad_rows=[(1, 4 + i % 3)]) for i in range(N_FISHER_BATCHES)]
+
+
 def _worker(rank: int, ws: str, root: str) -> None:
+    from safetensors.torch import save_file
+
     from fastunlearn import unlearn
 
     # What torchrun sets: Trainer and accelerate read the ranks from the environment.
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
     ws_path, out = Path(ws), Path(root)
     _fp64_run(ws_path, out / "lora64", 2, fsdp=FSDP)
+    # Micro-batches of 1 accumulated twice: FSDP's gradient reduction deferred to the second (no_sync).
+    _fp64_run(ws_path, out / "accum64", 1, fsdp=FSDP, gradient_accumulation_steps=2)
     unlearn(str(ws_path / "model"), None, ws_path / "forget_text.json", ws_path / "retain_text.json",
-            init="fila", output_dir=out / "fila", merge=True, **_options(2, fsdp=FSDP))  # fmt: skip
+            init="fila", output_dir=out / "fila", merge=True,
+            **_options(2, fsdp="shard_grad_op auto_wrap", gradient_checkpointing=True))  # fmt: skip
+    # The Fisher hooks on a sharded model: they read layer inputs and output gradients, not weights.
+    model = shard_model(fisher_llama(), parse_fsdp(FSDP))
+    est = estimate_fisher(model, _fisher_batches(), mode="per_example", backend="torch", progress=False)
+    save_file({k: v.contiguous() for k, v in est.items()}, str(out / f"fisher{rank}.safetensors"))
 
 
 def _adapter(path: Path) -> dict[str, torch.Tensor]:
@@ -161,22 +193,40 @@ def fsdp_runs(workspace, tmp_path_factory):
 
 def test_two_rank_fsdp_adapter_equals_one_process(workspace, fsdp_runs, tmp_path):
     one = tmp_path / "one"
-    _fp64_run(workspace, one, 4)  # the same global batch: 2 ranks x 2
-    two = fsdp_runs / "lora64"
-    a1, a2 = _adapter(one), _adapter(two)
-    assert set(a1) == set(a2) and a1
-    steps = json.loads((two / "metrics.json").read_text())["train"]["global_step"]
-    assert steps == json.loads((one / "metrics.json").read_text())["train"]["global_step"] == 2
+    _fp64_run(workspace, one, 4)  # the same global batch: 2 ranks x 2, or 2 ranks x 1 x 2 accumulated
+    a1 = _adapter(one)
+    steps = json.loads((one / "metrics.json").read_text())["train"]["global_step"]
+    assert steps == 2
     bound = steps * LR * SUM_TERMS * 2.0**-53 / 1e-8  # module docstring
-    for key, want in a1.items():
-        assert want.dtype == a2[key].dtype == torch.float64
-        diff = float((a2[key] - want).abs().max())
-        assert diff <= bound, (key, diff, bound)
     # The comparison can fail: lora_B starts at zero, and trained it moves by ~lr per step.
     assert max(float(v.abs().max()) for k, v in a1.items() if "lora_B" in k) > 100 * bound
-    config = json.loads((two / "adapter" / "adapter_config.json").read_text())
-    assert config["r"] == 4
-    assert json.loads((two / "run_config.json").read_text())["world_size"] == 2
+    for name in ("lora64", "accum64"):
+        two = fsdp_runs / name
+        a2 = _adapter(two)
+        assert set(a1) == set(a2) and a1
+        assert json.loads((two / "metrics.json").read_text())["train"]["global_step"] == steps
+        for key, want in a1.items():
+            assert want.dtype == a2[key].dtype == torch.float64
+            diff = float((a2[key] - want).abs().max())
+            assert diff <= bound, (name, key, diff, bound)
+        assert json.loads((two / "adapter" / "adapter_config.json").read_text())["r"] == 4
+        assert json.loads((two / "run_config.json").read_text())["world_size"] == 2
+
+
+def test_fisher_hooks_on_a_sharded_model(fsdp_runs):
+    from safetensors.torch import load_file
+
+    ranks = [load_file(fsdp_runs / f"fisher{r}.safetensors") for r in range(2)]
+    want = estimate_fisher(
+        fisher_llama(), _fisher_batches(), mode="per_example", backend="torch", progress=False
+    )
+    assert set(ranks[0]) == set(ranks[1]) == set(want)
+    for key, value in want.items():
+        assert value.abs().max() > 0
+        for got in ranks:
+            # fp32 accumulators, the batches' sums added in another order (tests/test_distributed.py)
+            assert_close(got[key], value, rtol=4 * N_FISHER_BATCHES * 2.0**-24)
+        assert torch.equal(ranks[0][key], ranks[1][key])
 
 
 def test_fsdp_outputs_written_once_and_load_on_the_base(workspace, fsdp_runs):
