@@ -122,7 +122,7 @@ def test_fsdp_refuses_what_it_does_not_support(workspace, tmp_path, option, matc
 
     with pytest.raises(ValueError, match=match):
         unlearn(str(workspace / "model"), None, workspace / "forget.json", workspace / "retain.json",
-                output_dir=tmp_path / "o", fsdp=FSDP, progress=False, **option)  # fmt: skip
+                output_dir=tmp_path / "o", progress=False, **{"fsdp": FSDP, **option})  # fmt: skip
     assert not (tmp_path / "o").exists()
 
 

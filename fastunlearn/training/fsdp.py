@@ -24,11 +24,13 @@ micro-batch of an accumulation window (``no_sync``).
 
 Order of a run (:func:`fastunlearn.training.run.unlearn`). The model is loaded, wrapped with LoRA, its
 Fisher passes run and FILA initialises the adapters — all *before* sharding, so at that point each
-rank holds the whole model (FSDP lowers the training peak, not the loading peak). This is also what
-keeps the Fisher hooks exact: they fold only layer inputs ``X`` and output gradients ``G``
-(:mod:`fastunlearn.fisher.passes`), never the weight, so they would be unaffected by sharding; but the
-passes give different ranks different numbers of batches, and a sharded forward is a collective every
-rank must join. FILA reads each full base weight to factorise it, which is there before sharding.
+rank holds the whole model (FSDP lowers the training peak, not the loading peak). The Fisher hooks
+(:mod:`fastunlearn.fisher.passes`) fold only layer inputs ``X`` and output gradients ``G``, never a
+weight's values (their accumulators take its shape and device, which a ``DTensor`` shard reports as
+the full weight's), so they are exact on a sharded model too (tested with equal batch counts per
+rank); they run before sharding because the passes give the ranks different numbers of batches and
+a sharded forward is a collective every rank must join, and because FILA factorises each full base
+weight.
 
 Saving. Each parameter is a shard; :func:`gathered_state` gathers the tensors an export needs one at a
 time (``DTensor.full_tensor()``, a collective every rank joins in the same order) into the main
@@ -52,7 +54,7 @@ import torch
 from torch import Tensor, nn
 
 from fastunlearn import distributed
-from fastunlearn.modeling import strip_wrappers, unwrap_model
+from fastunlearn.modeling import strip_wrappers, training_device, unwrap_model
 from fastunlearn.training.precision import autocast
 
 SHARDING = ("full_shard", "shard_grad_op")
@@ -117,8 +119,12 @@ def check_single_engine(**engines: Any) -> None:
         )
 
 
-def check_fsdp_run(init: str, *, resume: bool, stop: str | None) -> None:
-    """What an FSDP run cannot do, refused before the model loads (``ValueError``, one line)."""
+def check_fsdp_run(spec: str, init: str, *, resume: bool, stop: str | None) -> FsdpPlan:
+    """The plan of ``fsdp=spec`` if this run can carry it out; else ``ValueError`` in one line, raised
+    before the model loads: a run on one process, what FSDP runs do not support (module docstring),
+    ``offload`` on CPU processes (its shards would be pinned for a device there is none of), or a
+    PyTorch without ``fully_shard``."""
+    plan = parse_fsdp(spec)
     if init == "full":
         raise ValueError(
             "fsdp shards LoRA / FILA runs; init='full' (full fine-tuning) is not supported with it"
@@ -129,6 +135,8 @@ def check_fsdp_run(init: str, *, resume: bool, stop: str | None) -> None:
         )
     if stop is not None:
         raise ValueError("stopping rules (stop=) are not supported with fsdp")
+    if plan.offload and training_device().type != "cuda":
+        raise ValueError(f"fsdp {spec!r}: offload moves shards off a GPU to the CPU; this run has no GPU")
     if not _has_fully_shard():
         raise ValueError(
             f"fsdp needs torch.distributed.fsdp.fully_shard (PyTorch 2.6+), not in {torch.__version__}"
@@ -138,6 +146,7 @@ def check_fsdp_run(init: str, *, resume: bool, stop: str | None) -> None:
             "fsdp shards the model over several processes, but this run has one: start it with "
             "torchrun --nproc_per_node N or accelerate launch, or drop fsdp"
         )
+    return plan
 
 
 def _has_fully_shard() -> bool:
@@ -176,12 +185,6 @@ def shard_model(model: nn.Module, plan: FsdpPlan) -> nn.Module:
             fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     return model
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
 
 
 class ShardedTrainingView(nn.Module):

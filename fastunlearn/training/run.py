@@ -235,8 +235,9 @@ def unlearn(
     )
     output_dir = os.path.abspath(os.fspath(output_dir))
     distributed.init_from_env()  # under torchrun / accelerate launch: join the ranks' process group
-    if cfg.fsdp is not None:
-        fsdp.check_fsdp_run(init, resume=cfg.resume, stop=cfg.stop)
+    fsdp_plan = None
+    if cfg.fsdp is not None:  # refused here, before anything is read or written, if it cannot run
+        fsdp_plan = fsdp.check_fsdp_run(cfg.fsdp, init, resume=cfg.resume, stop=cfg.stop)
 
     run_config = {
         "method": method,
@@ -331,8 +332,8 @@ def unlearn(
                 dataset.ref_logp = sequence_logprobs(model, batches)
 
         wrapped = None
-        if cfg.fsdp is not None:  # after the Fisher passes and FILA, which need the whole model
-            fsdp.shard_model(model, fsdp.parse_fsdp(cfg.fsdp))
+        if fsdp_plan is not None:  # after the Fisher passes and FILA (fastunlearn.training.fsdp)
+            fsdp.shard_model(model, fsdp_plan)
             wrapped = fsdp.ShardedTrainingView(model, precision, training_device())
         trainer = build_trainer(
             model,
