@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.distributed import free_port, launcher_env, spawn
+from helpers.distributed import run_ranks, spawn, torchrun
 from helpers.fisher import fisher_llama, make_batch
 from helpers.oracles import assert_close
 from helpers.workspace import build_workspace
@@ -114,15 +114,6 @@ def _unlearn_args(ws: Path, out: Path, batch_size: int, *extra: str) -> list[str
     ]  # fmt: skip
 
 
-def _torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "fastunlearn", *args,
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=240, cwd=ROOT)
-
-
 def _adapter(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -134,14 +125,14 @@ def test_torchrun_unlearn_matches_one_process_with_the_same_global_batch(workspa
     from fastunlearn.cli import main
 
     out = tmp_path / "two"
-    proc = _torchrun(_unlearn_args(workspace, out, 2))
+    proc = torchrun(_unlearn_args(workspace, out, 2), ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["adapter", "checkpoints", "fisher", "metrics.json", "run_config.json"]
     assert json.loads((out / "run_config.json").read_text())["world_size"] == 2
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics) == {"before", "after", "train"}
     # Again with --overwrite: built staged, swapped in once, nothing left beside it.
-    proc = _torchrun(_unlearn_args(workspace, out, 2, "--overwrite"))
+    proc = torchrun(_unlearn_args(workspace, out, 2, "--overwrite"), ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["adapter", "checkpoints", "fisher", "metrics.json", "run_config.json"]
 
@@ -169,16 +160,8 @@ def test_refused_run_stops_every_rank_with_one_line(workspace, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    port = free_port()
-    command = [sys.executable, "-m", "fastunlearn", *_unlearn_args(workspace, out, 2)]
-    procs = [
-        subprocess.Popen(command, env=launcher_env(r, 2, port), cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-        for r in range(2)
-    ]  # fmt: skip
-    results = [p.communicate(timeout=120) for p in procs]
-    for proc, (_, err) in zip(procs, results):
-        assert proc.returncode == 2, err[-2000:]
+    for code, err in run_ranks(_unlearn_args(workspace, out, 2), ROOT):
+        assert code == 2, err[-2000:]
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and "is not empty" in lines[0] and "notes.txt" in lines[0], err[-2000:]
     assert os.listdir(out) == ["notes.txt"]

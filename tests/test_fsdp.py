@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.distributed import spawn
+from helpers.distributed import run_ranks, spawn, torchrun
 from helpers.fisher import fisher_llama, make_batch
 from helpers.oracles import assert_close
 from helpers.workspace import build_workspace
@@ -36,6 +36,7 @@ from fastunlearn.training.flags import command_line
 from fastunlearn.training.fsdp import FsdpPlan, check_single_engine, parse_fsdp, shard_model
 
 N_FISHER_BATCHES = 4  # as many per rank: a sharded forward is a collective every rank joins
+ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 12
 N_FORGET = 8  # two optimiser steps of 2 ranks x 2 examples
 LR = 1e-3
@@ -255,3 +256,37 @@ def test_fsdp_outputs_written_once_and_load_on_the_base(workspace, fsdp_runs):
     scale = float(want.abs().max())
     assert float((got - want).abs().max()) <= 1e-4 * scale
     assert float((original.double() - want).abs().max()) > 1e-3 * scale  # the adapter changed the model
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command under torchrun
+
+
+def _cli(ws: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "unlearn", str(ws / "model"), "--forget", str(ws / "forget.json"), "--retain",
+        str(ws / "retain.json"), "--output", str(out), "--template", "phi", "--epochs", "1", "--batch-size",
+        "2", "--grad-accum", "1", "--rank", "4", "--alpha", "8", "--fisher-batch-size", "2",
+        "--no-progress", "--no-eval", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_unlearn(workspace, tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun(_cli(workspace, out, "--fsdp", FSDP, "--merge"), ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["adapter", "checkpoints", "fisher", "merged", "metrics.json",
+                                       "run_config.json"]  # fmt: skip
+    run_config = json.loads((out / "run_config.json").read_text())
+    assert run_config["world_size"] == 2 and run_config["options"]["fsdp"] == FSDP
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 8  # FILA: 2r
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="offload is refused without a GPU")
+def test_refused_fsdp_run_stops_every_rank_with_one_line(workspace, tmp_path):
+    out = tmp_path / "run"
+    for code, err in run_ranks(_cli(workspace, out, "--fsdp", "full_shard offload"), ROOT):
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and "offload" in lines[0], err[-3000:]
+    assert not out.exists()

@@ -1,11 +1,14 @@
 """Running a function on 2 CPU ranks over gloo from a test: a free port, ``torch.multiprocessing.spawn``,
-and the launcher's environment for subprocesses started by hand."""
+the launcher's environment for subprocesses started by hand, and ``fastunlearn`` under torchrun."""
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -45,3 +48,27 @@ def launcher_env(rank: int, world: int, port: int) -> dict[str, str]:
         OMP_NUM_THREADS="1",
     )
     return env
+
+
+def torchrun(args: list[str], root: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node nproc -m fastunlearn *args`` run from ``root``."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "fastunlearn", *args,
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=240, cwd=root)
+
+
+def run_ranks(args: list[str], root: Path, world: int = 2, timeout: float = 120) -> list[tuple[int, str]]:
+    """``python -m fastunlearn *args`` as ``world`` ranks started by hand (what torchrun would start, without
+    its agent's report of a failed rank): ``(exit code, stderr)`` of each rank."""
+    port = free_port()
+    command = [sys.executable, "-m", "fastunlearn", *args]
+    procs = [
+        subprocess.Popen(command, env=launcher_env(r, world, port), cwd=root, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for r in range(world)
+    ]  # fmt: skip
+    errors = [p.communicate(timeout=timeout)[1] for p in procs]
+    return [(p.returncode, err) for p, err in zip(procs, errors)]
