@@ -33,7 +33,7 @@ from fastunlearn.fisher import estimate_fisher
 from fastunlearn.modeling import canonical_name, strip_wrappers
 from fastunlearn.training.config import UnlearnConfig
 from fastunlearn.training.flags import command_line
-from fastunlearn.training.fsdp import FsdpPlan, check_single_engine, parse_fsdp, shard_model
+from fastunlearn.training.fsdp import FsdpPlan, check_single_engine, gathered_state, parse_fsdp, shard_model
 
 N_FISHER_BATCHES = 4  # as many per rank: a sharded forward is a collective every rank joins
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +86,19 @@ def test_wrapper_names_are_stripped():
     assert strip_wrappers(fsdp1) == "base_model.model.model.layers.0.mlp.up_proj.base_layer.weight"
     assert strip_wrappers("module._orig_mod.lm_head.weight") == "lm_head.weight"
     assert canonical_name(fsdp1) == "model.layers.0.mlp.up_proj"
+
+
+def test_gathered_state_of_one_process():
+    # Names as FSDP1 gives its parameters; one process: the tensors themselves, copied to the CPU.
+    model = torch.nn.Module()
+    model._fsdp_wrapped_module = torch.nn.Linear(3, 2)
+    model.head = torch.nn.Linear(2, 2)
+    model.head.requires_grad_(False)
+    state = gathered_state(model, trainable_only=True)
+    assert set(state) == {"weight", "bias"}
+    assert torch.equal(state["weight"], model._fsdp_wrapped_module.weight)
+    assert state["weight"].data_ptr() != model._fsdp_wrapped_module.weight.data_ptr()
+    assert set(gathered_state(model, trainable_only=False)) == {"weight", "bias", "head.weight", "head.bias"}
 
 
 @pytest.fixture(scope="module")

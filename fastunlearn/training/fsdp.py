@@ -222,13 +222,15 @@ def gathered_state(model: nn.Module, *, trainable_only: bool) -> dict[str, Tenso
     """
     from torch.distributed.tensor import DTensor
 
-    keep = {n for n, p in model.named_parameters() if p.requires_grad} if trainable_only else None
+    # By stripped name: FSDP1 names parameters with `_fsdp_wrapped_module.` but not its state dict's keys.
+    keep = {strip_wrappers(n) for n, p in model.named_parameters() if p.requires_grad}
     state: dict[str, Tensor] = {}
     for name, tensor in model.state_dict().items():
-        if keep is not None and name not in keep:
+        key = strip_wrappers(name)
+        if trainable_only and key not in keep:
             continue
         full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # every rank, same order
         if distributed.is_main():
-            state[strip_wrappers(name)] = full.detach().to("cpu", copy=True)
+            state[key] = full.detach().to("cpu", copy=True)
         del full
     return state
