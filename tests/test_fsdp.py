@@ -127,8 +127,14 @@ def test_fsdp_without_a_process_group_is_one_error(workspace, tmp_path, capsys):
     ("option", "match"),
     [
         ({"resume": True}, "resume"),
-        ({"stop": "forget.prob<=0.5"}, "stopping"),
+        ({"stop": "forget.prob<=0.5"}, "during training"),
+        ({"eval_every": 1}, "during training"),
         ({"init": "full"}, "init='full'"),
+        pytest.param(
+            {"fsdp": "full_shard offload"},
+            "offload.*no GPU",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="offload is refused without a GPU"),
+        ),
     ],
 )
 def test_fsdp_refuses_what_it_does_not_support(workspace, tmp_path, option, match):

@@ -39,8 +39,12 @@ The adapter and merged exports (:mod:`fastunlearn.fisher.export`) then run on th
 that state, under the names of the plain ``peft`` model (:func:`fastunlearn.modeling.strip_wrappers`),
 so the adapter loads with ``peft.PeftModel.from_pretrained`` on the original base.
 
+Evaluation. A sharded forward is a collective, so the sharded model is evaluated (``metrics.json``'s
+``after``) by every rank on the same batches, as without FSDP; an evaluation that split its items
+between the ranks would have to give every rank as many forwards.
+
 Not built: ``init="full"`` (full fine-tuning), Trainer checkpoints and ``resume`` (the optimizer
-state is sharded), stopping rules during training, ``hybrid_shard`` (a 2-D device mesh).
+state is sharded), evaluation during training (stopping rules), ``hybrid_shard`` (a 2-D device mesh).
 """
 
 from __future__ import annotations
@@ -119,7 +123,7 @@ def check_single_engine(**engines: Any) -> None:
         )
 
 
-def check_fsdp_run(spec: str, init: str, *, resume: bool, stop: str | None) -> FsdpPlan:
+def check_fsdp_run(spec: str, init: str, *, resume: bool, evaluates_during_training: bool) -> FsdpPlan:
     """The plan of ``fsdp=spec`` if this run can carry it out; else ``ValueError`` in one line, raised
     before the model loads: a run on one process, what FSDP runs do not support (module docstring),
     ``offload`` on CPU processes (its shards would be pinned for a device there is none of), or a
@@ -133,8 +137,8 @@ def check_fsdp_run(spec: str, init: str, *, resume: bool, stop: str | None) -> F
         raise ValueError(
             "resume=True is not supported with fsdp (its sharded optimizer state is not checkpointed)"
         )
-    if stop is not None:
-        raise ValueError("stopping rules (stop=) are not supported with fsdp")
+    if evaluates_during_training:
+        raise ValueError("evaluation during training (stop= / eval_every=) is not supported with fsdp")
     if plan.offload and training_device().type != "cuda":
         raise ValueError(f"fsdp {spec!r}: offload moves shards off a GPU to the CPU; this run has no GPU")
     if not _has_fully_shard():

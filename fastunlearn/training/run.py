@@ -237,7 +237,10 @@ def unlearn(
     distributed.init_from_env()  # under torchrun / accelerate launch: join the ranks' process group
     fsdp_plan = None
     if cfg.fsdp is not None:  # refused here, before anything is read or written, if it cannot run
-        fsdp_plan = fsdp.check_fsdp_run(cfg.fsdp, init, resume=cfg.resume, stop=cfg.stop)
+        evaluates = cfg.stop is not None or cfg.eval_every is not None
+        fsdp_plan = fsdp.check_fsdp_run(
+            cfg.fsdp, init, resume=cfg.resume, evaluates_during_training=evaluates
+        )
 
     run_config = {
         "method": method,
