@@ -36,8 +36,9 @@ Under ``torchrun`` / ``accelerate launch`` (:mod:`fastunlearn.distributed`) ever
 function: the main process alone plans, clears, stages and publishes the output directory and writes
 every file (the others wait for it and share its outcome, errors included); the read-only checks run
 on every rank and any rank's error stops them all; the Fisher passes share the batches; ``Trainer``
-runs DDP. ``metrics.json``'s ``before``/``after`` are evaluated by each rank on the whole sets (the
-same numbers on every rank; evaluation is not sharded) and ``train.loss`` is the mean over the ranks.
+runs DDP, or with ``fsdp`` trains the model sharded after FILA (:mod:`fastunlearn.training.fsdp`).
+``metrics.json``'s ``before``/``after`` are evaluated by each rank on the whole sets (the same numbers
+on every rank; evaluation is not sharded) and ``train.loss`` is the mean over the ranks.
 ``run_config.json`` records the number of processes, and ``resume`` refuses a different one.
 """
 
