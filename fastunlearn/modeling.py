@@ -7,7 +7,8 @@
   configuration, its modules (on the ``meta`` device, without memory), its tokenizer.
 - :func:`unwrap_model`: the model under a ``peft`` wrapper.
 - :func:`canonical_name`: a layer's name with what wrappers add stripped, so that state taken on a
-  plain model and on the same model wrapped by ``peft``/DDP/DeepSpeed share their keys.
+  plain model and on the same model wrapped by ``peft``/DDP/FSDP/DeepSpeed share their keys;
+  :func:`strip_wrappers`: a name without the distributed wrappers' parts (``peft``'s kept).
 - :func:`model_device`, :func:`training_device`, :func:`to_training_device`, :func:`resolve_device`,
   :func:`num_threads`: where a model is, the device ``Trainer`` will train on, a device named by the
   user, and PyTorch's threads.
@@ -49,6 +50,7 @@ __all__ = [
     "quiet_peft_wrap",
     "resolve_device",
     "resolve_precision",
+    "strip_wrappers",
     "to_training_device",
     "training_device",
     "unwrap_model",
@@ -61,14 +63,31 @@ PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch
 _DTYPE_RENAMED_IN = (4, 56)
 
 
+# What FSDP1 (``_fsdp_wrapped_module``), activation-checkpoint wrappers and ``torch.compile`` insert
+# into module names, anywhere along the path.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def strip_wrappers(name: str) -> str:
+    """A parameter or module name without what distributed wrappers insert: the leading ``module.`` of
+    DDP / DeepSpeed and every ``_fsdp_wrapped_module.`` / ``_checkpoint_wrapped_module.`` /
+    ``_orig_mod.``, so a wrapped ``peft`` model's names are the plain one's
+    (``_fsdp_wrapped_module.base_model.model.model.layers.0._fsdp_wrapped_module.mlp.up_proj`` →
+    ``base_model.model.model.layers.0.mlp.up_proj``)."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name.removeprefix("module.")
+
+
 def canonical_name(name: str) -> str:
     """The name of a linear layer in the plain (un-wrapped) model.
 
-    Strips what wrappers add, so that estimates taken on a ``transformers`` model and on the same model
-    wrapped by ``peft`` (or DDP/DeepSpeed) share their keys:
+    Strips what wrappers add (:func:`strip_wrappers`), so that estimates taken on a ``transformers``
+    model and on the same model wrapped by ``peft`` (or DDP/FSDP/DeepSpeed) share their keys:
     ``module.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight`` →
     ``model.layers.0.self_attn.q_proj``.
     """
+    name = strip_wrappers(name)
     for prefix in ("module.", "base_model.model."):
         if name.startswith(prefix):
             name = name[len(prefix) :]

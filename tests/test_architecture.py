@@ -51,6 +51,12 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn.training.data",
         "fastunlearn.training.tofu_format",
     ),
+    # The FSDP engine: sharding and gathering a model, below the trainer and the run that use it.
+    "fastunlearn.training.fsdp": (
+        "fastunlearn.distributed",
+        "fastunlearn.modeling",
+        "fastunlearn.training.precision",
+    ),
     "fastunlearn.training": (
         "fastunlearn",
         "fastunlearn.distributed",

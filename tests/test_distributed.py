@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.distributed import EVAL_ATOL, EVAL_RTOL, free_port, launcher_env, spawn, torchrun
+from helpers.distributed import EVAL_ATOL, EVAL_RTOL, run_ranks, spawn, torchrun
 from helpers.fisher import fisher_llama, make_batch
 from helpers.oracles import assert_close
 from helpers.workspace import build_workspace
@@ -166,16 +166,8 @@ def test_refused_run_stops_every_rank_with_one_line(workspace, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    port = free_port()
-    command = [sys.executable, "-m", "fastunlearn", *_unlearn_args(workspace, out, 2)]
-    procs = [
-        subprocess.Popen(command, env=launcher_env(r, 2, port), cwd=ROOT, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-        for r in range(2)
-    ]  # fmt: skip
-    results = [p.communicate(timeout=120) for p in procs]
-    for proc, (_, err) in zip(procs, results):
-        assert proc.returncode == 2, err[-2000:]
+    for code, err in run_ranks(_unlearn_args(workspace, out, 2)):
+        assert code == 2, err[-2000:]
         lines = [line for line in err.splitlines() if line.strip()]
         assert len(lines) == 1 and "is not empty" in lines[0] and "notes.txt" in lines[0], err[-2000:]
     assert os.listdir(out) == ["notes.txt"]

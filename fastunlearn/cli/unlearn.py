@@ -94,6 +94,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     t.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
     add_threads_arg(t)
+    t.add_argument(
+        "--fsdp",
+        metavar="WORDS",
+        default=None,
+        help="under torchrun / accelerate launch, shard the model over the processes with FSDP2: "
+        "full_shard or shard_grad_op, plus auto_wrap (one unit per transformer block) and offload, "
+        'e.g. --fsdp "full_shard auto_wrap" (LoRA / FILA runs; no --resume, --stop-when, --eval-every)',
+    )
     lora = p.add_argument_group("LoRA / FILA")
     lora.add_argument("--rank", type=int, default=d.lora_r, help="LoRA rank r (default: %(default)s)")
     lora.add_argument("--alpha", type=float, default=d.lora_alpha, help="LoRA alpha (default: %(default)s)")

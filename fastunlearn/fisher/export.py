@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 
 from fastunlearn._io import atomic_directory
 from fastunlearn.fisher.fila import _require_lora_model, fila_record
-from fastunlearn.modeling import unwrap_model
+from fastunlearn.modeling import strip_wrappers, unwrap_model
 
 # Submodule names under which peft keeps LoRA tensors (never part of the merged checkpoint).
 _ADAPTER_PARTS = frozenset(
@@ -37,7 +38,12 @@ def _require_peft_model(model: nn.Module) -> None:
 
 
 def save_adapter(
-    model: nn.Module, path: str | os.PathLike, *, adapter_name: str = "default", overwrite: bool = False
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    adapter_name: str = "default",
+    overwrite: bool = False,
+    state_dict: Mapping[str, Tensor] | None = None,
 ) -> Path:
     """Write ``adapter_name`` as a standard ``peft`` LoRA adapter for the *original* base model.
 
@@ -50,16 +56,21 @@ def save_adapter(
 
     Writes ``adapter_config.json`` and ``adapter_model.safetensors`` into ``path`` atomically; an
     existing non-empty ``path`` is replaced only with ``overwrite=True``. Returns the path.
+
+    ``state_dict``: the model's LoRA tensors in full, under the plain ``peft`` model's names, when the
+    model's own are shards (FSDP: :func:`fastunlearn.training.fsdp.gathered_state`).
     """
     _require_peft_model(model)
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     layers = _require_lora_model(model, adapter_name)
-    state = {k: v.detach() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name).items()}
+    peft_state = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=adapter_name)
+    state = {strip_wrappers(k): v.detach() for k, v in peft_state.items()}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     for name, (full_name, layer) in layers.items():
+        full_name = strip_wrappers(full_name)
         key_A, key_B = f"{full_name}.lora_A.weight", f"{full_name}.lora_B.weight"
         if key_A not in state or key_B not in state:
             raise ValueError(f"peft's state dict has no {key_A!r}/{key_B!r}; cannot export layer {name!r}")
@@ -93,17 +104,25 @@ def _integral(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
 
 
-def merged_state_dict(model: nn.Module, *, adapter_name: str = "default") -> dict[str, Tensor]:
+def merged_state_dict(
+    model: nn.Module, *, adapter_name: str = "default", state_dict: Mapping[str, Tensor] | None = None
+) -> dict[str, Tensor]:
     """The plain model's state dict with every LoRA layer merged: ``W_res + s·B·A`` (= ``W + ΔW``).
 
     Keys are those of the un-wrapped model (``...q_proj.weight``); adapter tensors are left out. Merged
     weights are computed in fp32, rounded to the base dtype and moved to the CPU one at a time.
+    ``state_dict``: the ``peft`` model's whole state in full when its own tensors are shards (FSDP:
+    :func:`fastunlearn.training.fsdp.gathered_state`).
     """
     _require_peft_model(model)
     layers = _require_lora_model(model, adapter_name)
     by_prefix = {name + ".": layer for name, (_, layer) in layers.items()}
+    if state_dict is None:
+        source = unwrap_model(model).state_dict()
+    else:
+        source = {strip_wrappers(k).removeprefix("base_model.model."): v for k, v in state_dict.items()}
     state: dict[str, Any] = {}
-    for key, tensor in unwrap_model(model).state_dict().items():
+    for key, tensor in source.items():
         if _ADAPTER_PARTS.intersection(key.split(".")):
             continue
         plain = key.replace(".base_layer.", ".")
@@ -111,8 +130,8 @@ def merged_state_dict(model: nn.Module, *, adapter_name: str = "default") -> dic
         layer = by_prefix.get(prefix)
         if layer is not None and plain.endswith(".weight"):
             with torch.no_grad():
-                A = layer.lora_A[adapter_name].weight.float()
-                B = layer.lora_B[adapter_name].weight.float()
+                A = source[f"{prefix}lora_A.{adapter_name}.weight"].float()
+                B = source[f"{prefix}lora_B.{adapter_name}.weight"].float()
                 merged = tensor.float() + float(layer.scaling[adapter_name]) * (B @ A)
             tensor = merged.to(tensor.dtype)
         state[plain] = tensor.detach().to("cpu")
@@ -120,15 +139,20 @@ def merged_state_dict(model: nn.Module, *, adapter_name: str = "default") -> dic
 
 
 def save_merged(
-    model: nn.Module, path: str | os.PathLike, *, adapter_name: str = "default", overwrite: bool = False
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    adapter_name: str = "default",
+    overwrite: bool = False,
+    state_dict: Mapping[str, Tensor] | None = None,
 ) -> Path:
     """Write the trained model with its LoRA adapter merged, as a plain ``transformers`` checkpoint.
 
     Every LoRA-wrapped weight becomes ``W_res + s·B·A`` (for FILA: the original ``W`` plus ``ΔW``);
     ``AutoModelForCausalLM.from_pretrained(path)`` loads it without ``peft``. Safetensors, written
-    atomically; the model itself is not modified.
+    atomically; the model itself is not modified. ``state_dict``: as for :func:`merged_state_dict`.
     """
-    state = merged_state_dict(model, adapter_name=adapter_name)
+    state = merged_state_dict(model, adapter_name=adapter_name, state_dict=state_dict)
     base = unwrap_model(model)
     with atomic_directory(path, overwrite=overwrite) as tmp:
         base.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)

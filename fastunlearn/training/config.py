@@ -83,6 +83,9 @@ class UnlearnConfig:
     unseen: str | os.PathLike | list[str] | None = None  # the extraction rule's unseen text
     reference_model: str | os.PathLike | nn.Module | None = None  # the tofu rule's retain-only model
     eval_max_new_tokens: int = 200  # cap of the greedy answers scored by ROUGE-L
+    # Shard the model over the ranks for training with FSDP2 (fastunlearn.training.fsdp): transformers'
+    # --fsdp words, e.g. "full_shard auto_wrap"; None: not sharded (DDP under several processes).
+    fsdp: str | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -126,6 +129,10 @@ class UnlearnConfig:
             raise ValueError(f"fused must be None, True or False, got {self.fused!r}")
         if self.overwrite and self.resume:
             raise ValueError("overwrite=True and resume=True exclude each other")
+        if self.fsdp is not None:
+            from fastunlearn.training.fsdp import parse_fsdp
+
+            parse_fsdp(self.fsdp)
 
 
 @dataclass

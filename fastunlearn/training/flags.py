@@ -52,6 +52,7 @@ FLAGS: dict[str, str] = {
     "eval_items": "--eval-items",
     "unseen": "--unseen",
     "reference_model": "--reference-model",
+    "fsdp": "--fsdp",
     "merge": "--merge",
     "overwrite": "--overwrite",
     "resume": "--resume",

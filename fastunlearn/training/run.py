@@ -36,9 +36,10 @@ Under ``torchrun`` / ``accelerate launch`` (:mod:`fastunlearn.distributed`) ever
 function: the main process alone plans, clears, stages and publishes the output directory and writes
 every file (the others wait for it and share its outcome, errors included); the read-only checks run
 on every rank and any rank's error stops them all; the Fisher passes share the batches; ``Trainer``
-runs DDP. ``metrics.json``'s ``before``/``after`` are evaluated with the ranks sharing the examples
-(their per-example numbers gathered, the means taken on all of them) and ``train.loss`` is the mean
-over the ranks; the stopping rule's evaluations are shared the same way.
+runs DDP, or with ``fsdp`` trains the model sharded after FILA (:mod:`fastunlearn.training.fsdp`).
+``metrics.json``'s ``before``/``after`` are evaluated with the ranks sharing the examples (their
+per-example numbers gathered, the means taken on all of them) and ``train.loss`` is the mean over the
+ranks; the stopping rule's evaluations are shared the same way.
 ``run_config.json`` records the number of processes, and ``resume`` refuses a different one.
 """
 
@@ -64,7 +65,7 @@ from fastunlearn.modeling import (
 )
 from fastunlearn.patching import fused_blocker, patch, unpatch
 from fastunlearn.training import data as fdata
-from fastunlearn.training import outputs
+from fastunlearn.training import fsdp, outputs
 from fastunlearn.training.config import INITS, UnlearnConfig, UnlearnResult
 from fastunlearn.training.flags import command_line
 from fastunlearn.training.methods import METHODS, NEEDS_RETAIN, sequence_logprobs
@@ -236,6 +237,12 @@ def unlearn(
     )
     output_dir = os.path.abspath(os.fspath(output_dir))
     distributed.init_from_env()  # under torchrun / accelerate launch: join the ranks' process group
+    fsdp_plan = None
+    if cfg.fsdp is not None:  # refused here, before anything is read or written, if it cannot run
+        evaluates = cfg.stop is not None or cfg.eval_every is not None
+        fsdp_plan = fsdp.check_fsdp_run(
+            cfg.fsdp, init, resume=cfg.resume, evaluates_during_training=evaluates
+        )
 
     run_config = {
         "method": method,
@@ -329,6 +336,10 @@ def unlearn(
                 batches = fdata.batches(forget_ex, pad_id, cfg.eval_batch_size)
                 dataset.ref_logp = sequence_logprobs(model, batches)
 
+        wrapped = None
+        if fsdp_plan is not None:  # after the Fisher passes and FILA (fastunlearn.training.fsdp)
+            fsdp.shard_model(model, fsdp_plan)
+            wrapped = fsdp.ShardedTrainingView(model, precision, training_device())
         trainer = build_trainer(
             model,
             dataset,
@@ -338,6 +349,7 @@ def unlearn(
             output_dir=dirs.build,
             precision=precision,
             extra_callbacks=extra_callbacks,
+            wrapped_model=wrapped,
         )
         start = time.perf_counter()
         checkpoint = outputs.last_checkpoint(dirs.build) if dirs.resume else None
@@ -356,8 +368,13 @@ def unlearn(
         if cfg.evaluate:
             metrics["after"] = _evaluate(model, forget_ex, retain_ex, pad_id, cfg)
 
+        # Sharded: the tensors to export, gathered from every rank into the main process's memory.
+        state = fsdp.gathered_state(model, trainable_only=not cfg.merge) if wrapped is not None else None
+
         def publish() -> dict[str, str]:
-            written = _save_outputs(model, tokenizer, dirs.build, init=init, merge=cfg.merge)
+            written = _save_outputs(
+                model, tokenizer, dirs.build, init=init, merge=cfg.merge, state_dict=state
+            )
             # metrics.json last: it marks the run finished
             write_json(os.path.join(dirs.build, outputs.COMPLETE_MARKER), metrics)
             outputs.finish_run(dirs)
@@ -426,9 +443,12 @@ def _check_resumable(config_path: str, run_config: dict[str, Any]) -> None:
         raise ValueError(f"cannot resume: the run in {os.path.dirname(config_path)} differs in {mismatched}")
 
 
-def _save_outputs(model: nn.Module, tokenizer: Any, build: str, *, init: str, merge: bool) -> dict[str, str]:
+def _save_outputs(
+    model: nn.Module, tokenizer: Any, build: str, *, init: str, merge: bool, state_dict: dict | None = None
+) -> dict[str, str]:
     """Write the trained model into ``build``: the full model (``init="full"``) or the adapter, and the
-    merged model with ``merge``; returns the paths written by kind."""
+    merged model with ``merge``; returns the paths written by kind. ``state_dict``: the gathered state
+    of a sharded LoRA model (:func:`fastunlearn.training.fsdp.gathered_state`)."""
     if init == "full":
 
         def save_full(tmp: str) -> None:
@@ -438,11 +458,12 @@ def _save_outputs(model: nn.Module, tokenizer: Any, build: str, *, init: str, me
         return {"model": write_dir(os.path.join(build, "model"), save_full)}
     from fastunlearn.fisher import save_adapter, save_merged
 
-    written = {"adapter": os.fspath(save_adapter(model, os.path.join(build, "adapter"), overwrite=True))}
+    adapter = save_adapter(model, os.path.join(build, "adapter"), overwrite=True, state_dict=state_dict)
+    written = {"adapter": os.fspath(adapter)}
     if merge:
 
         def save_merged_model(tmp: str) -> None:
-            save_merged(model, tmp, overwrite=True)
+            save_merged(model, tmp, overwrite=True, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
 
         written["merged"] = write_dir(os.path.join(build, "merged"), save_merged_model)

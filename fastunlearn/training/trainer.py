@@ -51,11 +51,14 @@ class UnlearnTrainer(Trainer):
 
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, method: str, npo_beta: float = 0.1, **kwargs):
+    def __init__(
+        self, *args, method: str, npo_beta: float = 0.1, wrapped_model: nn.Module | None = None, **kwargs
+    ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
         super().__init__(*args, **kwargs)
         self.method, self.npo_beta = method, npo_beta
+        self.wrapped_model = wrapped_model
         self._parts: dict[str, torch.Tensor] = {}
         self._parts_n = 0
         if isinstance(self.train_dataset, fdata.PairedDataset):
@@ -67,6 +70,13 @@ class UnlearnTrainer(Trainer):
             self._parts[key] = self._parts.get(key, 0) + value
         self._parts_n += 1
         return (loss, None) if return_outputs else loss
+
+    def _wrap_model(self, model, training=True, dataloader=None):
+        # An engine that wrapped the model itself (FSDP: fastunlearn.training.fsdp) hands its wrapper
+        # over; a wrapper that is not `self.model` makes Trainer prepare only the optimizer.
+        if training and self.wrapped_model is not None:
+            return self.wrapped_model
+        return super()._wrap_model(model, training, dataloader)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._parts_n:
@@ -86,13 +96,17 @@ def build_trainer(
     output_dir: str,
     precision: str = "fp32",
     extra_callbacks: Sequence[TrainerCallback] = (),
+    wrapped_model: nn.Module | None = None,
 ):
     """An :class:`UnlearnTrainer` with the paper's schedule: linear warm-up, then linear decay.
 
     ``precision`` is the resolved one (``"fp32"``, ``"bf16"`` or ``"fp16"``; see
     :func:`fastunlearn.training.precision.resolve_training_precision`): bf16 or fp16 autocast, fp16 with loss
     scaling. ``model`` must be patched (:func:`fastunlearn.patch`). Its callbacks are ``cfg.callbacks``
-    then ``extra_callbacks`` (those :func:`unlearn` adds itself).
+    then ``extra_callbacks`` (those :func:`unlearn` adds itself). ``wrapped_model``: ``model`` already
+    wrapped for distributed training by an engine (FSDP:
+    :class:`~fastunlearn.training.fsdp.ShardedTrainingView`), trained as it is and without checkpoints
+    (its optimizer state is sharded).
     """
     # Under torchrun each of the W ranks takes its own batch: a step consumes W·batch_size pairs.
     batches_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * distributed.world_size()))
@@ -112,7 +126,7 @@ def build_trainer(
         fp16=precision == "fp16",  # with accelerate's GradScaler (loss scaling)
         use_cpu=training_device().type == "cpu",  # without it, bf16 on CPU is refused as "no GPU"
         logging_steps=cfg.logging_steps,
-        save_strategy="epoch",
+        save_strategy="epoch" if wrapped_model is None else "no",
         save_total_limit=1,
         report_to="none",
         seed=cfg.seed,
@@ -132,4 +146,5 @@ def build_trainer(
         data_collator=fdata.PairCollator(pad_id),
         method=method,
         npo_beta=cfg.npo_beta,
+        wrapped_model=wrapped_model,
     )

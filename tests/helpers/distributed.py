@@ -1,6 +1,6 @@
 """Running a function on 2 CPU ranks over gloo from a test: a free port, ``torch.multiprocessing.spawn``,
-the launcher's environment for subprocesses started by hand, and the tolerance of an evaluation the
-ranks share."""
+the launcher's environment for subprocesses started by hand, ``fastunlearn`` under torchrun or as
+ranks started by hand, and the tolerance of an evaluation the ranks share."""
 
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ import torch.multiprocessing as mp
 # compounding. Everything smooth computed from the per-item NLLs (probabilities, truth ratios,
 # means) inherits the bound.
 EVAL_RTOL = EVAL_ATOL = 2.0**8 * 2.0**-24 * 2.0**4
+
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
 def free_port() -> int:
@@ -60,12 +63,26 @@ def launcher_env(rank: int, world: int, port: int) -> dict[str, str]:
     return env
 
 
-def torchrun(args: list[str]) -> subprocess.CompletedProcess:
-    """``fastunlearn ARGS`` on 2 processes started by ``torch.distributed.run``, from the repository root."""
-    root = Path(__file__).resolve().parents[2]
+def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    """``fastunlearn ARGS`` on ``nproc`` processes started by ``torch.distributed.run``, from the
+    repository root."""
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "fastunlearn", *args,
     ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=240, cwd=root)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=240, cwd=ROOT)
+
+
+def run_ranks(args: list[str], world: int = 2, timeout: float = 120) -> list[tuple[int, str]]:
+    """``python -m fastunlearn *args`` as ``world`` ranks started by hand (what torchrun would start, without
+    its agent's report of a failed rank): ``(exit code, stderr)`` of each rank."""
+    port = free_port()
+    command = [sys.executable, "-m", "fastunlearn", *args]
+    procs = [
+        subprocess.Popen(command, env=launcher_env(r, world, port), cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+        for r in range(world)
+    ]  # fmt: skip
+    errors = [p.communicate(timeout=timeout)[1] for p in procs]
+    return [(p.returncode, err) for p, err in zip(procs, errors)]
