@@ -36,7 +36,6 @@ from fastunlearn.training.flags import command_line
 from fastunlearn.training.fsdp import FsdpPlan, check_single_engine, gathered_state, parse_fsdp, shard_model
 
 N_FISHER_BATCHES = 4  # as many per rank: a sharded forward is a collective every rank joins
-ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 12
 N_FORGET = 8  # two optimiser steps of 2 ranks x 2 examples
 LR = 1e-3
