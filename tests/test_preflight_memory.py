@@ -101,6 +101,7 @@ def test_a_run_that_cannot_fit_is_refused_with_its_plan_before_the_weights_load(
     assert f"phase {peak.name!r}" in first
     assert f"({plan.peak_bytes} bytes)" in first and f"({plan.peak_bytes - 1} bytes) is available" in first
     assert "memory_check=False" in first
+    assert "use gradient_checkpointing" not in first  # it is on already
     assert table == plan.format_table()  # the plan of the run's options, as `fastunlearn plan` prints it
     assert not out.exists()  # nothing written
 
@@ -131,7 +132,7 @@ def test_command_line_refusal_and_no_memory_check(ws, tmp_path, monkeypatch, wei
     assert main(argv) == 2
     first, *rest = capsys.readouterr().err.splitlines()
     assert "does not fit" in first and "pass --no-memory-check to run anyway" in first
-    assert "--batch-size, --max-length or --rank" in first
+    assert "--batch-size, --max-length or --rank, use --gradient-checkpointing," in first
     # The table is printed as `fastunlearn plan` prints it: no option names rewritten into flags.
     assert any("init=fila, method=ihl" in line for line in rest)
     assert any(line.startswith("train_step") for line in rest)

@@ -152,11 +152,13 @@ def check_memory(
     available = device_available(device) + _resident(model, device)
     if plan.peak_bytes > available:
         peak = max(plan.phases, key=lambda p: p.peak_bytes)
+        remedies = "lower batch_size, max_length or lora_r"
+        if not cfg.gradient_checkpointing:
+            remedies += ", use gradient_checkpointing"
         raise ValueError(
-            f"the run does not fit the {device.type} device: phase {peak.name!r} is predicted to take "
+            f"the run does not fit the device ({device}): phase {peak.name!r} is predicted to take "
             f"{format_bytes(plan.peak_bytes)} ({plan.peak_bytes} bytes) but {format_bytes(available)} "
-            f"({available} bytes) is available; lower batch_size, max_length or lora_r, use "
-            "gradient_checkpointing, or pass memory_check=False to run anyway (the plan is an estimate)\n"
-            + plan.format_table()
+            f"({available} bytes) is available; {remedies}, or pass memory_check=False to run anyway "
+            "(the plan is an estimate)\n" + plan.format_table()
         )
     return plan

@@ -24,11 +24,10 @@ Everything that can be wrong with the arguments is checked before the model's we
 output directory (:func:`fastunlearn.training.outputs.plan_run`), then the model path, tokenizer, data,
 vocabulary, target modules and rank (:func:`fastunlearn.training.preflight.preflight`), then whether
 the run's memory plan fits the device (:mod:`fastunlearn.training.memory_check`; ``memory_check=False``
-skips it). A finished run
-in ``output_dir`` is refused unless ``overwrite``, which builds the new run beside it and swaps it in
-only when it finishes; an interrupted run is continued by ``resume`` and replaced by a plain run
-(:mod:`fastunlearn.training.outputs` defines the states). ``run_config.json`` records the equivalent
-``fastunlearn unlearn`` command line when there is one.
+skips it). A finished run in ``output_dir`` is refused unless ``overwrite``, which builds the new run
+beside it and swaps it in only when it finishes; an interrupted run is continued by ``resume`` and
+replaced by a plain run (:mod:`fastunlearn.training.outputs` defines the states). ``run_config.json``
+records the equivalent ``fastunlearn unlearn`` command line when there is one.
 
 With a stopping rule (``stop=``, :mod:`fastunlearn.training.stopping_setup`) the model is evaluated on
 bounded subsets during training, training stops where the rule says, and everything above is the
