@@ -109,7 +109,8 @@ def estimate_fisher(
     One forward and one backward per batch and group of layers, in eval mode (no dropout). The
     weights are frozen for the duration and no ``.grad`` is created; requires_grad flags, train/eval
     modes and hooks are restored however the function exits. The result is on the layers' device
-    when one group holds every layer, on the CPU otherwise.
+    when one group holds every layer, on the CPU otherwise; :func:`save_fisher` writes it to a file
+    instead, without ever holding it.
 
     Raises:
         ValueError: an unknown mode or target, a batch without ``input_ids``/``labels``, no label token
@@ -131,8 +132,9 @@ def estimate_fisher(
         progress=progress,
         cpu_default=lambda sizes: sum(sizes.values()),
     )
-    for name, tensor, groups in estimates:
-        fisher[name] = tensor.to("cpu") if groups > 1 else tensor
+    with contextlib.closing(estimates):  # the session ends here whatever happens
+        for name, tensor, groups in estimates:
+            fisher[name] = tensor.to("cpu") if groups > 1 else tensor
     _check_finite(fisher, "the Fisher estimate")
     return FisherEstimate(fisher, num_examples=data.num_examples, num_tokens=data.num_tokens, mode=mode)
 
@@ -152,16 +154,18 @@ def save_fisher(
 ) -> FisherFile:
     """:func:`estimate_fisher` written to ``path`` as it is computed, never held whole.
 
-    The file is the one :meth:`FisherEstimate.save` writes (:class:`~fastunlearn.fisher.estimate.FisherFile`
+    The file holds what :meth:`FisherEstimate.save` writes — the same tensors and metadata, read alike
+    by :meth:`FisherEstimate.load` and ``safetensors`` (:class:`~fastunlearn.fisher.estimate.FisherFile`
     says how): its header is written first, from the layers' shapes and the data's counts, and each
     group's layers are appended as their pass ends, one layer in host memory at a time; the file is
-    renamed into place when the last layer is in (``FileExistsError`` unless ``overwrite``). The
-    device holds one group's accumulators (``max_memory``; on CUDA by default what is free after the
-    model and a pass's activations), so a CUDA run's host memory is the model's loading and one layer.
-    On the CPU the accumulators are host memory: the default budget is half the available host memory,
-    as :func:`~fastunlearn.fisher.fila_row_weights`' (one group, one pass, when it fits). Arguments and
-    errors as :func:`estimate_fisher`'s; a non-finite layer stops the write and leaves ``path``
-    untouched.
+    renamed into place when the last layer is in (``FileExistsError``, before any pass, unless
+    ``overwrite``). The device holds one group's accumulators (``max_memory``; on CUDA by default what
+    is free after the model and a pass's activations), so beyond the model a CUDA run holds one layer
+    of the estimate in host memory. On the CPU the accumulators are host memory: the default budget
+    is half the available host memory, as :func:`~fastunlearn.fisher.fila_row_weights`' (one group,
+    one pass, when it fits). Arguments and errors as :func:`estimate_fisher`'s; a non-finite layer
+    stops the write and leaves ``path`` untouched. Returns the written file's :class:`FisherFile`
+    (layer shapes and counts).
     """
     budget_bytes = None if max_memory is None else parse_bytes(max_memory)
     layers = measured_layers(model, target_modules, mode, backend)
