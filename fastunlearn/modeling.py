@@ -2,9 +2,9 @@
 
 - :func:`load_model_and_tokenizer`: a causal LM and its tokenizer from objects or local directories.
 - :func:`model_source`, :func:`check_model_dir`, :func:`adapter_base`, :func:`load_config`,
-  :func:`model_skeleton`, :func:`load_tokenizer`: what can be known about a model before its weights
-  load (minutes at 7B): that its directory holds weights, which base an adapter needs, its
-  configuration, its modules (on the ``meta`` device, without memory), its tokenizer.
+  :func:`model_skeleton`, :func:`load_tokenizer`, :func:`resolve_model`: what can be known about a
+  model before its weights load (minutes at 7B): that its directory holds weights, which base an
+  adapter needs, its configuration, its modules (on the ``meta`` device, without memory), its tokenizer.
 - :func:`unwrap_model`: the model under a ``peft`` wrapper.
 - :func:`canonical_name`: a layer's name with what wrappers add stripped, so that state taken on a
   plain model and on the same model wrapped by ``peft``/DDP/FSDP/DeepSpeed share their keys;
@@ -49,6 +49,7 @@ __all__ = [
     "num_threads",
     "quiet_peft_wrap",
     "resolve_device",
+    "resolve_model",
     "resolve_precision",
     "strip_wrappers",
     "to_training_device",
@@ -246,6 +247,38 @@ def model_source(
     return ModelSource(path, base, path if own_tokenizer else base)
 
 
+def resolve_model(
+    model: nn.Module | str | os.PathLike,
+    tokenizer: Any = None,
+    *,
+    base_model: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
+    allow_download: bool = False,
+) -> tuple[ModelSource | None, Any]:
+    """Where a model argument loads from and its tokenizer, loaded, before any weight is read.
+
+    ``model``: a local path (resolved and checked by :func:`model_source`; returned as its
+    :class:`ModelSource`) or an ``nn.Module`` (``None``). ``tokenizer``: an object, returned as it is;
+    a directory, loaded; ``None``, the one saved with a model path. Raises ``TypeError`` for a model
+    that is neither, or a model object without a tokenizer. :func:`load_model_and_tokenizer` and the
+    run's preflight both resolve their arguments here.
+    """
+    source = None
+    if isinstance(model, (str, os.PathLike)):
+        source = model_source(model, base_model=base_model, allow_download=allow_download)
+        if tokenizer is None:
+            tokenizer = source.tokenizer
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module or a local path, got {type(model).__name__}")
+    elif tokenizer is None:
+        raise TypeError("pass the tokenizer with a model object (it can only be found from a model path)")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(
+            tokenizer, trust_remote_code=trust_remote_code, allow_download=allow_download
+        )
+    return source, tokenizer
+
+
 @contextmanager
 def _unreadable(path: str) -> Iterator[None]:
     """Report weights that exist but cannot be read (a truncated or corrupt file) as one ``ValueError``."""
@@ -288,8 +321,14 @@ def load_model_and_tokenizer(
     # transformers 4.56 renamed from_pretrained's `torch_dtype` to `dtype`.
     dtype_arg = "dtype" if _transformers_version() >= _DTYPE_RENAMED_IN else "torch_dtype"
     weights = {**options, dtype_arg: dtype if dtype is not None else "auto", "use_safetensors": True}
-    if isinstance(model, (str, os.PathLike)):
-        source = model_source(model, base_model=base_model, allow_download=allow_download)
+    source, tokenizer = resolve_model(
+        model,
+        tokenizer,
+        base_model=base_model,
+        trust_remote_code=trust_remote_code,
+        allow_download=allow_download,
+    )
+    if source is not None:
         with _unreadable(source.base or source.path):
             base = AutoModelForCausalLM.from_pretrained(source.base or source.path, **weights)
         if source.base is None:
@@ -299,16 +338,6 @@ def load_model_and_tokenizer(
 
             with _unreadable(source.path), quiet_peft_wrap():
                 model = PeftModel.from_pretrained(base, source.path)
-        if tokenizer is None:
-            tokenizer = source.tokenizer
-    elif not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module or a local path, got {type(model).__name__}")
-    elif tokenizer is None:
-        raise TypeError("pass the tokenizer with a model object (it can only be found from a model path)")
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = load_tokenizer(
-            tokenizer, trust_remote_code=trust_remote_code, allow_download=allow_download
-        )
     return model, tokenizer
 
 

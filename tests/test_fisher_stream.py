@@ -29,12 +29,16 @@ from torch import nn
 
 from fastunlearn.fisher import (
     FilaRowWeights,
+    FisherEstimate,
+    FisherFile,
     estimate_fisher,
     fila_init,
     fila_row_weights,
     linear_layers,
     lora_layers,
     parse_bytes,
+    save_fisher,
+    select_linear_layers,
 )
 from fastunlearn.fisher.budget import plan_groups
 
@@ -440,3 +444,104 @@ def test_fila_init_with_row_weights_refuses_bad_input(batches, retain):
     two = fila_init(wrap(base), row_weights=row_weights)
     for (k1, v1), (k2, v2) in zip(one.state_dict().items(), two.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2), k1
+
+
+# ---------------------------------------------------------------------------------------------------
+# The estimate streamed into its file (fastunlearn fisher)
+
+
+def read_file(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return {name: handle.get_tensor(name) for name in handle.keys()}, handle.metadata()  # noqa: SIM118
+
+
+@pytest.mark.parametrize("per_group", [None, 2])  # one group; 7 groups of ≤ 2 MLP-sized layers
+def test_streamed_file_is_the_saved_estimate(tmp_path, model, batches, per_group):
+    budget = None if per_group is None else per_group * LAYER_BYTES
+    options = dict(mode="batch", backend="torch", max_memory=budget, progress=False)
+    estimate = estimate_fisher(model, batches, **options)
+    estimate.save(tmp_path / "saved.safetensors")
+    written = save_fisher(model, batches, tmp_path / "streamed.safetensors", **options)
+
+    saved, saved_meta = read_file(tmp_path / "saved.safetensors")
+    streamed, streamed_meta = read_file(tmp_path / "streamed.safetensors")
+    assert streamed_meta == saved_meta
+    assert set(streamed) == set(saved) == set(written.shapes)
+    for name in saved:
+        # the same passes over the same groups: equal to the bit, dtype and shape included
+        assert streamed[name].dtype == saved[name].dtype == torch.float32
+        assert torch.equal(streamed[name], saved[name]), name
+        assert tuple(streamed[name].shape) == written.shapes[name]
+    loaded = FisherEstimate.load(tmp_path / "streamed.safetensors")
+    assert (loaded.num_examples, loaded.num_tokens, loaded.mode) == (
+        estimate.num_examples,
+        estimate.num_tokens,
+        "batch",
+    )
+    assert (written.num_examples, written.num_tokens) == (estimate.num_examples, estimate.num_tokens)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["saved.safetensors", "streamed.safetensors"]
+
+
+def test_finished_groups_are_on_disk_before_the_next_pass(tmp_path, model, batches):
+    """Each pass starts with every earlier group's layers written: the estimate is never held whole."""
+    layers = select_linear_layers(model, None)  # what an estimate covers: not the output head
+    budget = 3 * LAYER_BYTES
+    header = None
+    seen = []  # at the first forward of each pass: bytes of data in the temporary file
+
+    def on_forward(module, args, output):
+        nonlocal header
+        (tmp,) = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+        size = tmp.stat().st_size
+        if header is None:
+            header = size  # written before the first pass
+        if not seen or size - header != seen[-1]:
+            seen.append(size - header)
+
+    handle = model.register_forward_hook(on_forward)
+    try:
+        save_fisher(model, batches, tmp_path / "f.safetensors", backend="torch", max_memory=budget,
+                    progress=False)  # fmt: skip
+    finally:
+        handle.remove()
+    groups = plan_groups({n: 4 * m.weight.numel() for n, m in layers.items()}, budget, what="x")
+    assert len(groups) > 2
+    done, expected = 0, []
+    for group in groups:
+        expected.append(done)
+        done += sum(4 * layers[n].weight.numel() for n in group)
+    assert seen == expected
+    assert (tmp_path / "f.safetensors").stat().st_size == header + done
+
+
+def test_a_non_finite_layer_leaves_nothing(tmp_path, batches):
+    model = fisher_llama(seed=2)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
+    target = tmp_path / "f.safetensors"
+    with pytest.raises(ValueError, match="non-finite"):
+        save_fisher(model, batches, target, backend="torch", max_memory=LAYER_BYTES, progress=False)
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary
+
+
+def test_fisher_file_refuses_what_its_header_does_not_say(tmp_path):
+    shapes = {"a": (2, 3), "b": (4,)}
+    fisher_file = FisherFile(shapes, num_examples=3, num_tokens=7, mode="per_example")
+    good = [("a", torch.rand(2, 3)), ("b", torch.rand(4))]
+    with pytest.raises(ValueError, match=r"layer 'b' \(4,\) where the file's header has 'a' \(2, 3\)"):
+        fisher_file.write(tmp_path / "f", good[::-1])
+    with pytest.raises(ValueError, match=r"layer 'a' \(3, 2\)"):
+        fisher_file.write(tmp_path / "f", [("a", torch.rand(3, 2)), good[1]])
+    with pytest.raises(ValueError, match=r"lacks 1 layer\(s\): \['b'\]"):
+        fisher_file.write(tmp_path / "f", good[:1])
+    with pytest.raises(ValueError, match=r"layer 'c'"):
+        fisher_file.write(tmp_path / "f", [*good, ("c", torch.rand(1))])
+    assert list(tmp_path.iterdir()) == []
+    fisher_file.write(tmp_path / "f", good)
+    with pytest.raises(FileExistsError):
+        fisher_file.write(tmp_path / "f", good)
+    tensors, metadata = read_file(tmp_path / "f")
+    assert all(torch.equal(tensors[name], t) for name, t in good)
+    assert metadata["num_examples"] == "3" and metadata["num_tokens"] == "7"

@@ -193,3 +193,19 @@ def test_fisher_and_eval_check_before_loading(ws, tmp_path, no_weights, capsys):
     bad.write_text('{"question": "a", "answer": \n')
     assert main(["eval", str(ws / "model"), "--forget", str(bad)]) == 2
     assert "bad.json:1: invalid JSON (Expecting value at the end of the line)" in capsys.readouterr().err
+
+
+def test_the_data_is_read_once(ws, tmp_path, monkeypatch):
+    """Records given as a one-shot iterable reach the weights: the run reads each data set once."""
+
+    class Loaded(Exception):
+        pass
+
+    def load(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", load)
+    records = [json.loads(line) for line in (ws / "forget.json").read_text().splitlines()]
+    with pytest.raises(Loaded):
+        unlearn(ws / "model", None, iter(records), ws / "retain.json", output_dir=tmp_path / "o",
+                template="phi", lora_r=4, progress=False)  # fmt: skip

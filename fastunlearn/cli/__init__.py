@@ -136,13 +136,15 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _cli_message(message: str, args: argparse.Namespace) -> str:
-    """An error message with the Python names of options replaced by the command's flags."""
+    """An error message with the Python names of options replaced by the command's flags, in its first
+    line: the lines after it are data (the memory plan's table of a refused run), printed as they are."""
     flags = getattr(args, "option_flags", None)
     if not flags:
         return message
     from fastunlearn.training.flags import to_flags
 
-    return to_flags(message, flags)
+    first, newline, rest = message.partition("\n")
+    return to_flags(first, flags) + newline + rest
 
 
 def _interrupted(args: argparse.Namespace | None) -> str:

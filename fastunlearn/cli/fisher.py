@@ -1,12 +1,15 @@
 """``fastunlearn fisher``: estimate and save the diagonal Fisher information of a model on a data set.
 
 The output path, the model directory, the tokenizer, the data and the target modules (on the model
-built on the ``meta`` device) are checked before the weights load.
+built on the ``meta`` device) are checked before the weights load. The estimate is written into the
+output file group by group as it is computed (:func:`fastunlearn.fisher.save_fisher`): host memory
+holds one layer of it at a time, the device one group's accumulators (``--fisher-memory``).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 
 from fastunlearn.cli import summary
@@ -75,15 +78,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _run_fisher(args: argparse.Namespace) -> int:
-    from fastunlearn.fisher import estimate_fisher
+    from fastunlearn.fisher import save_fisher
     from fastunlearn.fisher.layers import select_linear_layers
     from fastunlearn.modeling import (
         PRECISION_DTYPES,
         load_config,
         load_model_and_tokenizer,
-        load_tokenizer,
         model_skeleton,
-        model_source,
+        resolve_model,
         resolve_precision,
         to_training_device,
         training_device,
@@ -102,8 +104,7 @@ def _run_fisher(args: argparse.Namespace) -> int:
             "below 6e-8 without loss scaling (which it does not apply); use bf16 (same memory) or fp32"
         )
     access = dict(trust_remote_code=args.trust_remote_code, allow_download=args.allow_download)
-    source = model_source(args.model, allow_download=args.allow_download)
-    tokenizer = load_tokenizer(args.tokenizer or source.tokenizer, **access)
+    source, tokenizer = resolve_model(args.model, args.tokenizer, **access)
     examples = fdata.prepare(
         args.data,
         tokenizer,
@@ -124,18 +125,21 @@ def _run_fisher(args: argparse.Namespace) -> int:
     )
     to_training_device(model)  # on a GPU machine the Fisher kernel runs there
     batches = fdata.batches(examples, fdata.pad_id_of(tokenizer), args.batch_size)
-    estimate = estimate_fisher(
+    # Streamed into the file as the groups of layers finish: the estimate is never whole in memory.
+    written = save_fisher(
         model,
         batches,
+        args.output,
+        overwrite=args.overwrite,
         target_modules=args.target_modules,
         mode=args.mode,
         max_memory=args.fisher_memory,
         progress=not args.no_progress,
     )
-    estimate.save(args.output, overwrite=args.overwrite)
-    total = sum(t.numel() for t in estimate.values())
+    total = sum(math.prod(shape) for shape in written.shapes.values())
     print(
-        f"{'layers':<12}{len(estimate)}\n{'parameters':<12}{total}\n{'examples':<12}{estimate.num_examples}\n"
-        f"{'tokens':<12}{estimate.num_tokens}\n{'mode':<12}{args.mode}\nwrote {args.output}"
+        f"{'layers':<12}{len(written.shapes)}\n{'parameters':<12}{total}\n"
+        f"{'examples':<12}{written.num_examples}\n{'tokens':<12}{written.num_tokens}\n"
+        f"{'mode':<12}{args.mode}\nwrote {args.output}"
     )
     return 0

@@ -92,6 +92,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument(
         "--gradient-checkpointing", action="store_true", help="trade compute for activation memory"
     )
+    t.add_argument(
+        "--no-memory-check",
+        action="store_true",
+        help="run even if the memory plan (`fastunlearn plan`) predicts more than the device has; "
+        "by default such a run is refused, with the plan's table, before the weights load",
+    )
     t.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
     add_threads_arg(t)
     t.add_argument(

@@ -2,15 +2,19 @@
 
 A :class:`FisherEstimate` is what :func:`fastunlearn.fisher.estimate_fisher` returns and what
 :func:`fastunlearn.fisher.fila_init` consumes. Saved as safetensors (no pickle) with the estimator and
-its counts in the metadata, so an estimate can be reused across runs (``unlearn`` resumes with it).
+its counts in the metadata, so an estimate can be reused across runs. :class:`FisherFile` writes the
+same file layer by layer as the estimate is computed (:func:`fastunlearn.fisher.save_fisher`).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
-from collections.abc import Iterator, Mapping
+import struct
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -23,7 +27,7 @@ FISHER_MODES: tuple[str, ...] = ("per_example", "batch", "token")
 FORMAT = "fastunlearn.fisher"
 FORMAT_VERSION = "1"
 
-__all__ = ["FISHER_MODES", "FisherEstimate", "FisherMode"]
+__all__ = ["FISHER_MODES", "FisherEstimate", "FisherFile", "FisherMode"]
 
 
 def _check_finite(tensors: Mapping[str, Tensor], what: str) -> None:
@@ -90,13 +94,7 @@ class FisherEstimate(Mapping[str, Tensor]):
         """Write a safetensors file (tensors plus ``format``/``mode``/counts metadata), atomically."""
         from safetensors.torch import save_file
 
-        metadata = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "mode": self.mode,
-            "num_examples": str(self.num_examples),
-            "num_tokens": str(self.num_tokens),
-        }
+        metadata = _metadata(self.mode, self.num_examples, self.num_tokens)
         tensors = {n: t.detach().to("cpu").contiguous() for n, t in self._tensors.items()}
         atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
 
@@ -111,6 +109,93 @@ class FisherEstimate(Mapping[str, Tensor]):
         except (KeyError, ValueError) as err:
             raise ValueError(f"{path}: malformed Fisher metadata {metadata}") from err
         return cls(tensors, num_examples=counts[0], num_tokens=counts[1], mode=metadata.get("mode", ""))
+
+
+def _metadata(mode: str, num_examples: int, num_tokens: int) -> dict[str, str]:
+    """The metadata of a Fisher estimate's file: its format and the estimator's counts."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "mode": mode,
+        "num_examples": str(num_examples),
+        "num_tokens": str(num_tokens),
+    }
+
+
+class FisherFile:
+    """A Fisher estimate's safetensors file written layer by layer, never holding the estimate.
+
+    The safetensors layout is an 8-byte little-endian header length, a JSON header (``__metadata__``
+    and, per tensor, its dtype, shape and ``[begin, end)`` byte offsets into the data, which must
+    cover the data without holes; the header is padded with spaces to a multiple of 8 bytes), then
+    the data. Every tensor of an estimate is fp32 and shaped like its layer's weight, and the counts
+    of the metadata are known once the data is read, so the header can be written before any layer is
+    estimated; the layers' data then follows in the header's order (the model's order, which is the
+    order the passes finish them). :meth:`FisherEstimate.load` and ``safetensors.safe_open`` read the
+    file as they read :meth:`FisherEstimate.save`'s (``safetensors`` orders tensors by offset, not by
+    name).
+
+    ``shapes``: layer name (made canonical) → weight shape, in the order the layers will be written.
+    """
+
+    def __init__(
+        self, shapes: Mapping[str, Sequence[int]], *, num_examples: int, num_tokens: int, mode: str
+    ) -> None:
+        if mode not in FISHER_MODES:
+            raise ValueError(f"unknown Fisher mode {mode!r}; expected one of {FISHER_MODES}")
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for name, shape in shapes.items():
+            key = canonical_name(name)
+            if key in self.shapes:
+                raise ValueError(f"Fisher entries {name!r} and another both map to layer {key!r}")
+            self.shapes[key] = tuple(int(n) for n in shape)
+        self.num_examples = int(num_examples)
+        self.num_tokens = int(num_tokens)
+        self.mode = mode
+
+    def _header(self) -> bytes:
+        header: dict[str, Any] = {"__metadata__": _metadata(self.mode, self.num_examples, self.num_tokens)}
+        offset = 0
+        for name, shape in self.shapes.items():
+            end = offset + 4 * math.prod(shape)
+            header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, end]}
+            offset = end
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)
+        return struct.pack("<Q", len(encoded)) + encoded
+
+    def write(
+        self, path: str | os.PathLike, tensors: Iterable[tuple[str, Tensor]], *, overwrite: bool = False
+    ) -> None:
+        """Write ``tensors`` (name, estimate), which must come in the order and shapes of ``shapes``,
+        to ``path`` atomically (a temporary file renamed into place once every layer is in). Each is
+        checked finite as it comes; ``ValueError`` for a non-finite, missing, extra, out-of-order or
+        misshapen layer, and ``path`` is left untouched."""
+
+        def write(tmp: str) -> None:
+            expected = iter(self.shapes.items())
+            with open(tmp, "wb") as handle:
+                handle.write(self._header())
+                handle.flush()
+                for name, tensor in tensors:
+                    key, shape = next(expected, (None, None))
+                    if canonical_name(name) != key or tuple(tensor.shape) != shape:
+                        raise ValueError(
+                            f"Fisher layer {name!r} {tuple(tensor.shape)} where the file's header has "
+                            f"{key!r} {shape}"
+                        )
+                    _check_finite({key: tensor}, "the Fisher estimate")
+                    host = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+                    handle.write(memoryview(host.astype("<f4", copy=False)).cast("B"))
+                    handle.flush()  # out of the process before the next group's pass
+                    del host  # one layer in host memory at a time
+                missing = [key for key, _ in expected]
+                if missing:
+                    raise ValueError(f"the Fisher estimate lacks {len(missing)} layer(s): {missing[:8]}")
+                handle.flush()
+                os.fsync(handle.fileno())
+
+        atomic_file(path, write, overwrite=overwrite)
 
 
 def read_tagged_safetensors(

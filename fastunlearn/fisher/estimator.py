@@ -29,25 +29,29 @@ and ``c_b`` its number of label tokens, ``F = Σ_b c_b·(∇L̄_b)² / Σ_b c_b`
 Memory. The fp32 accumulators (4 bytes per measured weight) are the estimate's whole cost beyond a
 training step's activations. Under a budget (``max_memory``) the layers are split into groups whose
 accumulators fit it (:mod:`fastunlearn.fisher.budget`), the data is passed once per group, and each
-finished group is scaled and moved to the CPU, so the device never holds more than one group. The
-estimate of a layer does not depend on the grouping: its ``X`` and ``G`` are computed by the same
-operations in every pass.
+finished group is scaled and moved to the CPU, so the device never holds more than one group — or,
+with :func:`save_fisher`, written into the estimate's file one layer at a time, so the host never holds
+the estimate either. The estimate of a layer does not depend on the grouping: its ``X`` and ``G`` are
+computed by the same operations in every pass.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import contextlib
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
-from fastunlearn.fisher.budget import parse_bytes, plan_groups, resolve_budget
-from fastunlearn.fisher.estimate import FISHER_MODES, FisherEstimate, FisherMode, _check_finite
+from fastunlearn.fisher.budget import available_memory, parse_bytes, plan_groups, resolve_budget
+from fastunlearn.fisher.estimate import FISHER_MODES, FisherEstimate, FisherFile, FisherMode, _check_finite
 from fastunlearn.fisher.layers import select_linear_layers
-from fastunlearn.fisher.passes import fisher_session, prepare_batches, run_pass
+from fastunlearn.fisher.passes import Data, fisher_session, prepare_batches, run_pass
 from fastunlearn.ops._backend import Backend, resolve_backend
 
-__all__ = ["estimate_fisher"]
+__all__ = ["estimate_fisher", "save_fisher"]
 
 
 def measured_layers(
@@ -105,7 +109,8 @@ def estimate_fisher(
     One forward and one backward per batch and group of layers, in eval mode (no dropout). The
     weights are frozen for the duration and no ``.grad`` is created; requires_grad flags, train/eval
     modes and hooks are restored however the function exits. The result is on the layers' device
-    when one group holds every layer, on the CPU otherwise.
+    when one group holds every layer, on the CPU otherwise; :func:`save_fisher` writes it to a file
+    instead, without ever holding it.
 
     Raises:
         ValueError: an unknown mode or target, a batch without ``input_ids``/``labels``, no label token
@@ -115,20 +120,103 @@ def estimate_fisher(
     budget_bytes = None if max_memory is None else parse_bytes(max_memory)
     layers = measured_layers(model, target_modules, mode, backend)
     data = prepare_batches(batches)
+    fisher: dict[str, Tensor] = {}
+    estimates = _layer_estimates(
+        model,
+        layers,
+        data,
+        mode=mode,
+        backend=backend,
+        max_memory=budget_bytes,
+        gradient_checkpointing=gradient_checkpointing,
+        progress=progress,
+        cpu_default=lambda sizes: sum(sizes.values()),
+    )
+    with contextlib.closing(estimates):  # the session ends here whatever happens
+        for name, tensor, groups in estimates:
+            fisher[name] = tensor.to("cpu") if groups > 1 else tensor
+    _check_finite(fisher, "the Fisher estimate")
+    return FisherEstimate(fisher, num_examples=data.num_examples, num_tokens=data.num_tokens, mode=mode)
+
+
+def save_fisher(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    target_modules: str | Sequence[str] | None = None,
+    mode: FisherMode = "per_example",
+    backend: Backend = "auto",
+    max_memory: int | str | None = None,
+    gradient_checkpointing: bool | None = None,
+    progress: bool = True,
+) -> FisherFile:
+    """:func:`estimate_fisher` written to ``path`` as it is computed, never held whole.
+
+    The file holds what :meth:`FisherEstimate.save` writes — the same tensors and metadata, read alike
+    by :meth:`FisherEstimate.load` and ``safetensors`` (:class:`~fastunlearn.fisher.estimate.FisherFile`
+    says how): its header is written first, from the layers' shapes and the data's counts, and each
+    group's layers are appended as their pass ends, one layer in host memory at a time; the file is
+    renamed into place when the last layer is in (``FileExistsError``, before any pass, unless
+    ``overwrite``). The device holds one group's accumulators (``max_memory``; on CUDA by default what
+    is free after the model and a pass's activations), so beyond the model a CUDA run holds one layer
+    of the estimate in host memory. On the CPU the accumulators are host memory: the default budget
+    is half the available host memory, as :func:`~fastunlearn.fisher.fila_row_weights`' (one group,
+    one pass, when it fits). Arguments and errors as :func:`estimate_fisher`'s; a non-finite layer
+    stops the write and leaves ``path`` untouched. Returns the written file's :class:`FisherFile`
+    (layer shapes and counts).
+    """
+    budget_bytes = None if max_memory is None else parse_bytes(max_memory)
+    layers = measured_layers(model, target_modules, mode, backend)
+    data = prepare_batches(batches)
+    estimates = _layer_estimates(
+        model,
+        layers,
+        data,
+        mode=mode,
+        backend=backend,
+        max_memory=budget_bytes,
+        gradient_checkpointing=gradient_checkpointing,
+        progress=progress,
+        cpu_default=lambda sizes: available_memory(torch.device("cpu")) // 2,
+    )
+    shapes = {name: tuple(layer.weight.shape) for name, layer in layers.items()}
+    written = FisherFile(shapes, num_examples=data.num_examples, num_tokens=data.num_tokens, mode=mode)
+    with contextlib.closing(estimates):
+        written.write(path, ((name, tensor) for name, tensor, _ in estimates), overwrite=overwrite)
+    return written
+
+
+def _layer_estimates(
+    model: nn.Module,
+    layers: Mapping[str, nn.Linear],
+    data: Data,
+    *,
+    mode: str,
+    backend: str,
+    max_memory: int | None,
+    gradient_checkpointing: bool | None,
+    progress: bool,
+    cpu_default: Callable[[Mapping[str, int]], int],
+) -> Iterator[tuple[str, Tensor, int]]:
+    """Each layer's finished estimate (scaled, on the layers' device) in the order of ``layers``, group
+    by group as the passes end, with the number of groups. The Fisher session (frozen weights, hooks)
+    is open while the caller consumes them; ``cpu_default(sizes)``: the budget on the CPU without
+    ``max_memory`` (bytes), from each layer's accumulator bytes."""
     sizes = {name: 4 * layer.weight.numel() for name, layer in layers.items()}
     with fisher_session(model, gradient_checkpointing):
         budget, origin = resolve_budget(
-            budget_bytes,
+            max_memory,
             model,
             [data],
             layers,
             mode=mode,
             backend=backend,
-            cpu_default=lambda: sum(sizes.values()),
+            cpu_default=lambda: cpu_default(sizes),
         )
         groups = plan_groups(sizes, budget, what="fp32 accumulator", origin=origin)
         scale = 1.0 / (data.num_tokens if mode == "batch" else data.num_examples)
-        fisher: dict[str, Tensor] = {}
         for index, group in enumerate(groups):
             desc = f"Fisher ({mode})" + (f", layers {index + 1}/{len(groups)}" if len(groups) > 1 else "")
             group_layers = {name: layers[name] for name in group}
@@ -136,8 +224,4 @@ def estimate_fisher(
                 model, data, group_layers, mode=mode, backend=backend, progress=progress, desc=desc
             )
             for name in group:
-                fisher[name] = sums.pop(name).mul_(scale)
-                if len(groups) > 1:
-                    fisher[name] = fisher[name].to("cpu")
-    _check_finite(fisher, "the Fisher estimate")
-    return FisherEstimate(fisher, num_examples=data.num_examples, num_tokens=data.num_tokens, mode=mode)
+                yield name, sums.pop(name).mul_(scale), len(groups)

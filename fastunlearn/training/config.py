@@ -61,6 +61,9 @@ class UnlearnConfig:
     # fastunlearn.training.precision says what each loads and refuses.
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    # Refuse, before the weights load, a run whose memory plan does not fit the device
+    # (fastunlearn.training.memory_check); False runs it anyway.
+    memory_check: bool = True
     merge: bool = False
     overwrite: bool = False
     resume: bool = False

@@ -20,7 +20,7 @@ from typing import Any
 
 from fastunlearn.training.config import UnlearnConfig
 
-# UnlearnConfig field -> `fastunlearn unlearn` flag. Boolean fields are switches; the two that default to
+# UnlearnConfig field -> `fastunlearn unlearn` flag. Boolean fields are switches; those that default to
 # True are switched off by a --no-... flag (NEGATED).
 FLAGS: dict[str, str] = {
     "template": "--template",
@@ -36,6 +36,7 @@ FLAGS: dict[str, str] = {
     "fused": "--fused",
     "precision": "--precision",
     "gradient_checkpointing": "--gradient-checkpointing",
+    "memory_check": "--no-memory-check",
     "seed": "--seed",
     "lora_r": "--rank",
     "lora_alpha": "--alpha",
@@ -61,7 +62,7 @@ FLAGS: dict[str, str] = {
     "allow_download": "--allow-download",
     "trust_remote_code": "--trust-remote-code",
 }
-NEGATED = frozenset({"evaluate", "progress"})
+NEGATED = frozenset({"evaluate", "progress", "memory_check"})
 # unlearn()'s own arguments
 ARGUMENT_FLAGS = {
     "tokenizer": "--tokenizer",
@@ -146,7 +147,8 @@ def command_line(
 def to_flags(message: str, flags: Mapping[str, str]) -> str:
     """``message`` with the Python names of ``flags`` replaced by their flags.
 
-    ``name=True`` becomes ``--flag``; ``name=value`` becomes ``--flag value``; a bare name is replaced
+    ``name=True`` becomes ``--flag``, and so does ``name=False`` when the flag is the ``--no-...`` switch
+    of an option that defaults to True; ``name=value`` becomes ``--flag value``; a bare name is replaced
     only when it holds an underscore (``learning_rate``), so that words like "resume" in prose stay.
     Names inside paths or quotes are left alone.
     """
@@ -156,7 +158,7 @@ def to_flags(message: str, flags: Mapping[str, str]) -> str:
         flag = flags.get(name)
         if flag is None or (value is None and "_" not in name):
             return match.group(0)
-        if value is None or value == "=True":
+        if value is None or value == "=True" or (value == "=False" and flag.startswith("--no-")):
             return flag
         return f"{flag} {value[1:]}"
 

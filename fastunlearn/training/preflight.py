@@ -1,12 +1,14 @@
 """Everything about a run that can be wrong, checked before the model's weights load (minutes at 7B).
 
+:func:`read_data` reads the data once (file, line and field of a bad record; each set's format).
 :func:`preflight` resolves a model path (a directory with safetensors weights, an adapter whose base
-exists), loads the tokenizer (seconds), reads and tokenises the data (file, line and field of a bad
-record; templates; lengths), and builds the model on the ``meta`` device from its ``config.json``
-(module names and weight shapes, no memory) to check the token ids against the vocabulary, every
-``target_modules`` entry against the model's modules and, for FILA, the rank against every adapted
-weight (``r ≤ min(out, in)``, SPEC §3.2). A model given as a module is checked on the module itself.
-The output directory is checked before this (:func:`fastunlearn.training.outputs.plan_run`).
+exists), loads the tokenizer (seconds), tokenises those records (templates; lengths), and builds the
+model on the ``meta`` device from its ``config.json`` (module names and weight shapes, no memory) to
+check the token ids against the vocabulary, every ``target_modules`` entry against the model's
+modules and, for FILA, the rank against every adapted weight (``r ≤ min(out, in)``, SPEC §3.2). A
+model given as a module is checked on the module itself. The output directory is checked before this
+(:func:`fastunlearn.training.outputs.plan_run`), and whether the run fits the device after it
+(:mod:`fastunlearn.training.memory_check`).
 """
 
 from __future__ import annotations
@@ -19,26 +21,39 @@ from typing import Any
 from torch import nn
 
 from fastunlearn.fisher.layers import select_linear_layers
-from fastunlearn.modeling import (
-    canonical_name,
-    load_config,
-    load_tokenizer,
-    model_skeleton,
-    model_source,
-)
+from fastunlearn.modeling import canonical_name, load_config, model_skeleton, resolve_model
 from fastunlearn.training import data as fdata
 from fastunlearn.training.config import UnlearnConfig
+from fastunlearn.training.data import tokenize_records
 
-__all__ = ["Checked", "check_target_modules", "check_vocab", "preflight"]
+__all__ = ["Checked", "Records", "check_target_modules", "check_vocab", "preflight", "read_data"]
+
+
+Records = tuple[list[dict[str, Any]], str]  # a data set's records and its detected format
 
 
 @dataclass
 class Checked:
-    """What :func:`preflight` established: the tokenizer and the tokenised forget and retain sets."""
+    """What :func:`preflight` established: the tokenizer, the tokenised forget and retain sets, and the
+    model's ``transformers`` configuration (``None`` for a module without one)."""
 
     tokenizer: Any
     forget: list[fdata.Example]
     retain: list[fdata.Example]
+    config: Any
+
+
+def read_data(
+    forget: str | os.PathLike | Iterable[Mapping[str, Any]],
+    retain: str | os.PathLike | Iterable[Mapping[str, Any]] | None,
+    *,
+    data_format: str,
+) -> dict[str, Records]:
+    """The records and format of ``forget`` and (unless ``None``) ``retain``, read once
+    (:func:`fastunlearn.training.data.load_records`): :func:`preflight` tokenises them, and the formats
+    decide which metrics a stopping rule may read."""
+    sets = {"forget": forget, **({"retain": retain} if retain is not None else {})}
+    return {name: fdata.load_records(data, data_format=data_format, name=name) for name, data in sets.items()}
 
 
 def check_vocab(model: nn.Module, examples: Iterable[fdata.Example], name: str) -> None:
@@ -87,37 +102,29 @@ def check_target_modules(
 def preflight(
     model: nn.Module | str | os.PathLike,
     tokenizer: Any,
-    forget: str | os.PathLike | Iterable[Mapping[str, Any]],
-    retain: str | os.PathLike | Iterable[Mapping[str, Any]] | None,
+    data: Mapping[str, Records],
     *,
     init: str,
     cfg: UnlearnConfig,
 ) -> Checked:
-    """Check the model path, tokenizer, data, vocabulary, target modules and rank of a run (see the
-    module docstring); raise the first problem, naming the file, line or option at fault."""
-    skeleton = model if isinstance(model, nn.Module) else None
-    if isinstance(model, (str, os.PathLike)):
-        source = model_source(model, allow_download=cfg.allow_download)
-        config = load_config(
-            source.base or source.path,
-            trust_remote_code=cfg.trust_remote_code,
-            allow_download=cfg.allow_download,
-        )
+    """Check the model path, tokenizer, data (``data``: what :func:`read_data` read), vocabulary,
+    target modules and rank of a run (see the module docstring); raise the first problem, naming the
+    file, line or option at fault."""
+    access = dict(trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download)
+    source, tokenizer = resolve_model(model, tokenizer, **access)
+    if source is not None:
+        config = load_config(source.base or source.path, **access)
         skeleton = model_skeleton(config, trust_remote_code=cfg.trust_remote_code)
-        if tokenizer is None:
-            tokenizer = source.tokenizer
-    elif not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module or a local path, got {type(model).__name__}")
-    elif tokenizer is None:
-        raise TypeError("pass the tokenizer with a model object (it can only be found from a model path)")
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = load_tokenizer(
-            tokenizer, trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download
+    else:
+        skeleton, config = model, getattr(model, "config", None)
+    examples = {
+        name: tokenize_records(
+            records, tokenizer, data_format=fmt, template=cfg.template, max_length=cfg.max_length
         )
-    prep = dict(data_format=cfg.data_format, template=cfg.template, max_length=cfg.max_length)
-    forget_ex = fdata.prepare(forget, tokenizer, name="forget", **prep)
-    retain_ex = [] if retain is None else fdata.prepare(retain, tokenizer, name="retain", **prep)
-    for name, examples in (("forget", forget_ex), ("retain", retain_ex)):
-        check_vocab(skeleton, examples, name)
+        for name, (records, fmt) in data.items()
+    }
+    forget_ex, retain_ex = examples["forget"], examples.get("retain", [])
+    for name, ex in (("forget", forget_ex), ("retain", retain_ex)):
+        check_vocab(skeleton, ex, name)
     check_target_modules(skeleton, cfg.target_modules, init=init, lora_r=cfg.lora_r)
-    return Checked(tokenizer, forget_ex, retain_ex)
+    return Checked(tokenizer, forget_ex, retain_ex, config)

@@ -22,11 +22,12 @@ writes, atomically::
 
 Everything that can be wrong with the arguments is checked before the model's weights load: the
 output directory (:func:`fastunlearn.training.outputs.plan_run`), then the model path, tokenizer, data,
-vocabulary, target modules and rank (:func:`fastunlearn.training.preflight.preflight`). A finished run
-in ``output_dir`` is refused unless ``overwrite``, which builds the new run beside it and swaps it in
-only when it finishes; an interrupted run is continued by ``resume`` and replaced by a plain run
-(:mod:`fastunlearn.training.outputs` defines the states). ``run_config.json`` records the equivalent
-``fastunlearn unlearn`` command line when there is one.
+vocabulary, target modules and rank (:func:`fastunlearn.training.preflight.preflight`), then whether
+the run's memory plan fits the device (:mod:`fastunlearn.training.memory_check`; ``memory_check=False``
+skips it). A finished run in ``output_dir`` is refused unless ``overwrite``, which builds the new run
+beside it and swaps it in only when it finishes; an interrupted run is continued by ``resume`` and
+replaced by a plain run (:mod:`fastunlearn.training.outputs` defines the states). ``run_config.json``
+records the equivalent ``fastunlearn unlearn`` command line when there is one.
 
 With a stopping rule (``stop=``, :mod:`fastunlearn.training.stopping_setup`) the model is evaluated on
 bounded subsets during training, training stops where the rule says, and everything above is the
@@ -68,9 +69,10 @@ from fastunlearn.training import data as fdata
 from fastunlearn.training import fsdp, outputs
 from fastunlearn.training.config import INITS, UnlearnConfig, UnlearnResult
 from fastunlearn.training.flags import command_line
+from fastunlearn.training.memory_check import check_memory
 from fastunlearn.training.methods import METHODS, NEEDS_RETAIN, sequence_logprobs
 from fastunlearn.training.precision import autocast, load_dtype, resolve_training_precision, weights_dtype
-from fastunlearn.training.preflight import check_vocab, preflight
+from fastunlearn.training.preflight import check_vocab, preflight, read_data
 from fastunlearn.training.stopping_setup import (
     STOPPING_OPTIONS,
     plan_run_stopping,
@@ -94,6 +96,7 @@ _RESUME_FREE = (
     "trust_remote_code",
     "fisher_memory",  # the grouping of the Fisher passes does not change their result
     "fused",  # how the loss is computed, not which loss
+    "memory_check",
     "ihl_backend",
     *STOPPING_OPTIONS,  # refused with resume: a run that evaluates during training is never resumed
 )
@@ -270,15 +273,13 @@ def unlearn(
     # Every check that can fail runs before the weights load and before anything is written. Under
     # several processes only the main one reads and writes the output directory (module docstring).
     # The records' formats decide which metrics a stopping rule may read; checked first.
-    sets = {"forget": forget, **({"retain": retain} if retain is not None else {})}
-    formats = {
-        name: fdata.load_records(data, data_format=cfg.data_format, name=name)[1]
-        for name, data in sets.items()
-    }
-    plan = distributed.on_all(lambda: plan_run_stopping(cfg, formats))
+    data = distributed.on_all(lambda: read_data(forget, retain, data_format=cfg.data_format))
+    plan = distributed.on_all(lambda: plan_run_stopping(cfg, {name: fmt for name, (_, fmt) in data.items()}))
     dirs = distributed.on_main(lambda: _plan(output_dir, cfg, run_config))
     config_path = os.path.join(dirs.build, "run_config.json")
-    checked = distributed.on_all(lambda: preflight(model, tokenizer, forget, retain, init=init, cfg=cfg))
+    checked = distributed.on_all(lambda: preflight(model, tokenizer, data, init=init, cfg=cfg))
+    if cfg.memory_check:  # the main process decides; its refusal is every rank's
+        distributed.on_main(lambda: _check_memory(model, checked, method, init, cfg, precision))
     unseen_ex = prepare_unseen(cfg, checked.tokenizer) if plan is not None else []
     forget_ex, retain_ex = checked.forget, checked.retain
 
@@ -405,6 +406,21 @@ def _absolute(source: Any) -> Any:
     """A path made absolute (the recorded command must run from anywhere); anything else as it is."""
     return os.path.abspath(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else source
 
+
+
+def _check_memory(model, checked, method: str, init: str, cfg: UnlearnConfig, precision: str) -> None:
+    module = model if isinstance(model, nn.Module) else None
+    check_memory(
+        checked.config,
+        checked.forget + checked.retain,
+        method=method,
+        init=init,
+        cfg=cfg,
+        weights=load_dtype(precision, init) if module is None else weights_dtype(module),
+        device=training_device(),
+        world_size=distributed.world_size(),
+        model=module,
+    )
 
 
 def _options_record(cfg: UnlearnConfig) -> dict[str, Any]:

@@ -1,0 +1,239 @@
+"""``unlearn`` refuses, before the weights load, a run whose memory plan does not fit the device.
+
+The device's capacity is injected (``memory_check.device_available``) so the tiny workspace model is
+refused; the refusal must carry the plan of the run's own options (compared with an independent
+:func:`plan_memory` call made with the values the run implies), happen before any weight is read, and
+be skipped by ``memory_check=False`` / ``--no-memory-check``. A model the plan cannot describe is run
+with a warning, not refused; under several processes the main one decides for all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from helpers.distributed import spawn
+from helpers.workspace import build_workspace
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from fastunlearn.cli import main
+from fastunlearn.memory_plan import plan_memory
+from fastunlearn.modeling import training_device
+from fastunlearn.training import data as fdata
+from fastunlearn.training import memory_check, run
+from fastunlearn.training.config import UnlearnConfig
+from fastunlearn.training.flags import command_line, options_from_args
+from fastunlearn.training.run import unlearn
+
+
+class Loaded(Exception):
+    """Raised instead of loading the weights: the run got past every check."""
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return build_workspace(tmp_path_factory.mktemp("memory"))
+
+
+@pytest.fixture
+def weights_reached(monkeypatch):
+    def load(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", load)
+
+
+def capacity(monkeypatch, available: int) -> None:
+    monkeypatch.setattr(memory_check, "device_available", lambda device: available)
+
+
+OPTIONS = dict(
+    template="phi",
+    lora_r=4,
+    batch_size=2,
+    fisher_batch_size=3,
+    eval_batch_size=5,
+    gradient_checkpointing=True,
+    progress=False,
+)
+
+
+def expected_plan(ws):
+    """The plan the run's options imply, built without the run's code: T the longest example."""
+    tokenizer = AutoTokenizer.from_pretrained(ws / "model")
+    tokens = max(
+        len(e.input_ids)
+        for name in ("forget", "retain")
+        for e in fdata.prepare(ws / f"{name}.json", tokenizer, name=name, template="phi")
+    )
+    config = AutoConfig.from_pretrained(ws / "model")
+    largest = max(config.intermediate_size, config.hidden_size) * config.hidden_size
+    return plan_memory(
+        config,
+        batch_size=2,
+        max_length=tokens,
+        rank=4,
+        init="fila",
+        method="ihl",
+        gradient_checkpointing=True,
+        fused_linear=True,  # ihl on a Llama with fused=None
+        dtype="float32",  # the CPU's (or an fp32 run's) weights
+        fisher_memory=8 * largest,  # fisher_memory=None: the smallest budget, one layer
+        fisher_batch_size=3,
+        eval_batch_size=5,
+        device=training_device().type,
+    )
+
+
+def test_a_run_that_cannot_fit_is_refused_with_its_plan_before_the_weights_load(
+    ws, tmp_path, monkeypatch, weights_reached
+):
+    plan = expected_plan(ws)
+    capacity(monkeypatch, plan.peak_bytes - 1)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as refused:
+        unlearn(ws / "model", None, ws / "forget.json", ws / "retain.json", output_dir=out, **OPTIONS)
+    first, table = str(refused.value).split("\n", 1)
+    peak = max(plan.phases, key=lambda p: p.peak_bytes)
+    assert f"phase {peak.name!r}" in first
+    assert f"({plan.peak_bytes} bytes)" in first and f"({plan.peak_bytes - 1} bytes) is available" in first
+    assert "memory_check=False" in first
+    assert "use gradient_checkpointing" not in first  # it is on already
+    assert table == plan.format_table()  # the plan of the run's options, as `fastunlearn plan` prints it
+    assert not out.exists()  # nothing written
+
+    # One byte more and the same run passes the check (and reaches the weights).
+    capacity(monkeypatch, plan.peak_bytes)
+    with pytest.raises(Loaded):
+        unlearn(ws / "model", None, ws / "forget.json", ws / "retain.json", output_dir=out, **OPTIONS)
+
+
+def test_memory_check_false_runs_anyway(ws, tmp_path, monkeypatch, weights_reached):
+    capacity(monkeypatch, 0)
+    with pytest.raises(Loaded):
+        unlearn(
+            ws / "model",
+            None,
+            ws / "forget.json",
+            ws / "retain.json",
+            output_dir=tmp_path / "out",
+            memory_check=False,
+            **OPTIONS,
+        )
+
+
+def test_command_line_refusal_and_no_memory_check(ws, tmp_path, monkeypatch, weights_reached, capsys):
+    capacity(monkeypatch, 0)
+    argv = ["unlearn", str(ws / "model"), "--forget", str(ws / "forget.json"), "--retain"]
+    argv += [str(ws / "retain.json"), "--output", str(tmp_path / "out"), "--template", "phi", "--rank", "4"]
+    assert main(argv) == 2
+    first, *rest = capsys.readouterr().err.splitlines()
+    assert "does not fit" in first and "pass --no-memory-check to run anyway" in first
+    assert "--batch-size, --max-length or --rank, use --gradient-checkpointing," in first
+    # The table is printed as `fastunlearn plan` prints it: no option names rewritten into flags.
+    assert any("init=fila, method=ihl" in line for line in rest)
+    assert any(line.startswith("train_step") for line in rest)
+    with pytest.raises(Loaded):
+        main([*argv, "--no-memory-check"])
+
+
+def test_the_recorded_command_keeps_no_memory_check(ws, tmp_path):
+    args = dict(method="ihl", init="fila", output_dir=tmp_path)
+    paths = (ws / "model", None, ws / "f.json", ws / "r.json")
+    command = command_line(*paths, options={"memory_check": False}, **args)
+    assert command.endswith("--no-memory-check")
+    assert "memory-check" not in command_line(ws / "model", None, ws / "f.json", None, options={}, **args)
+    from fastunlearn.cli import build_parser
+
+    parsed = build_parser(["unlearn"]).parse_args(command.split()[1:])
+    assert options_from_args(parsed)["memory_check"] is False
+
+
+def test_a_model_the_plan_cannot_describe_is_run_with_a_warning(ws, tmp_path, monkeypatch, weights_reached):
+    capacity(monkeypatch, 0)
+    model = tmp_path / "model"
+    shutil.copytree(ws / "model", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "model_type": "qwen2"}))  # same fields
+    skipped = r"memory check skipped: .*model_type 'qwen2' is not supported"
+    with pytest.warns(UserWarning, match=skipped), pytest.raises(Loaded):
+        unlearn(model, None, ws / "forget.json", ws / "retain.json", output_dir=tmp_path / "o", **OPTIONS)
+
+
+def test_a_config_without_a_planned_field_skips_with_a_warning(ws):
+    config = AutoConfig.from_pretrained(ws / "model").to_dict()
+    del config["intermediate_size"]
+    examples = fdata.prepare(ws / "forget.json", AutoTokenizer.from_pretrained(ws / "model"), name="f")
+
+
+    with pytest.warns(UserWarning, match="config has no field 'intermediate_size'"):
+        checked = memory_check.check_memory(
+            config,
+            examples,
+            method="ihl",
+            init="fila",
+            cfg=UnlearnConfig(),
+            weights=torch.float32,
+            device=torch.device("cpu"),
+            world_size=1,
+        )
+    assert checked is None
+
+
+def test_a_model_object_counts_its_resident_weights(ws, tmp_path, monkeypatch):
+    def placed(model):
+        raise Loaded
+
+    monkeypatch.setattr(run, "to_training_device", placed)  # the first step after the checks
+    model = AutoModelForCausalLM.from_pretrained(ws / "model")
+    tokenizer = AutoTokenizer.from_pretrained(ws / "model")
+    resident = sum(p.numel() * p.element_size() for p in model.parameters())
+    plan = expected_plan(ws)
+    # The plan counts the weights the module already holds: available = capacity + resident.
+    capacity(monkeypatch, plan.peak_bytes - resident - 1)
+    sets = (ws / "forget.json", ws / "retain.json")
+    with pytest.raises(ValueError, match=rf"\({plan.peak_bytes - 1} bytes\) is available"):
+        unlearn(model, tokenizer, *sets, output_dir=tmp_path / "o", **OPTIONS)
+    assert not (tmp_path / "o").exists()
+    capacity(monkeypatch, plan.peak_bytes - resident)
+    with pytest.raises(Loaded):
+        unlearn(model, tokenizer, *sets, output_dir=tmp_path / "o", **OPTIONS)
+
+
+def _two_ranks(rank: int, ws: str, out: str) -> None:
+    """Rank 0's capacity decides: a tiny capacity on rank 1 alone is not a refusal; on rank 0 it is
+    every rank's."""
+    import fastunlearn.training.memory_check as mc
+
+    def load(*args, **kwargs):
+        raise Loaded
+
+    AutoModelForCausalLM.from_pretrained = load
+    results = []
+    for tiny_on in (1, 0):
+        mc.device_available = lambda device, tiny=(rank == tiny_on): 0 if tiny else 1 << 50
+        try:
+            unlearn(
+                os.path.join(ws, "model"),
+                None,
+                os.path.join(ws, "forget.json"),
+                os.path.join(ws, "retain.json"),
+                output_dir=os.path.join(out, f"run{tiny_on}"),
+                **OPTIONS,
+            )
+        except Loaded:
+            results.append("loaded")
+        except ValueError as err:
+            results.append(str(err).split("\n", 1)[0])
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+
+
+def test_under_several_processes_the_main_one_decides(ws, tmp_path):
+    spawn(_two_ranks, str(ws), str(tmp_path))
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert results[0][0] == results[1][0] == "loaded"
+    assert results[0][1] == results[1][1] and "does not fit" in results[0][1]
