@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, slug, write_results
+from _common import environment, peak_tensor_bytes, slug, write_results
 
 from fastunlearn.memory_plan import KNOWN_MODELS, plan_memory
 
@@ -100,31 +100,15 @@ def batches(count: int, batch: int, length: int, seed: int) -> list[dict[str, to
 def measure(fn, device: torch.device) -> tuple[float, int, int]:
     """(seconds, peak tensor bytes above the start, peak RSS above the start or -1 on CUDA)."""
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
         start = time.perf_counter()
-        fn()
-        torch.cuda.synchronize(device)
-        return time.perf_counter() - start, torch.cuda.max_memory_allocated(device) - before, -1
-    from torch.profiler import ProfilerActivity, profile
-
+        peak = peak_tensor_bytes(fn, device)
+        return time.perf_counter() - start, peak, -1
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")
     rss_before = _status("VmRSS:")
     start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    seconds = time.perf_counter() - start
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-        key=lambda e: e.start_ns(),
-    )
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return seconds, peak, _status("VmHWM:") - rss_before
+    peak = peak_tensor_bytes(fn, device)
+    return time.perf_counter() - start, peak, _status("VmHWM:") - rss_before
 
 
 def _status(field: str) -> int:
