@@ -19,9 +19,10 @@ Static terms
     weights ``w·P``. LoRA parameters ``4n``: peft keeps adapters in fp32 under a bf16 model
     (``autocast_adapter_dtype``). Training adds their gradients ``4n`` (kept across gradient
     accumulation) and AdamW's two fp32 moments ``8n``, and under autocast the bf16 copies of the
-    adapter weights, ``a·n``, which the backward keeps (with checkpointing, only the recomputed
-    layer's exist: the rest are released when the autocast region ends). ``init="full"`` trains every weight:
-    gradients ``w·P`` and moments ``2w·P`` in the weights' dtype.
+    adapter weights, ``a·n``, which the backward keeps (with checkpointing they exist inside the
+    autocast region only, where its cache holds them — the forward moments below — and the
+    recomputed layer's are not among the tensors live at its backward's peak, measured).
+    ``init="full"`` trains every weight: gradients ``w·P`` and moments ``2w·P`` in the weights' dtype.
 
 Saved activations of one decoder layer, per token (LoRA training under autocast; the set was
 enumerated with ``torch.autograd.graph.saved_tensors_hooks`` on tiny models and matches to the byte)
@@ -373,10 +374,11 @@ def _row_blocks(s: _Setup, N: int, copies: int, per_row: int = 0) -> dict[str, i
     return {"row kernels' fp32 work blocks (CPU path)": rows * (copies * 4 * V + per_row)}
 
 
-def _loss_term(s: _Setup, kind: str, fused: bool, N: int) -> _LossTerm:
+def _loss_term(s: _Setup, kind: str, fused: bool, N: int, head_trains: bool = False) -> _LossTerm:
     """The bytes of a loss term ``kind`` (``"ihl"``, ``"nll"``: a mean or sum; ``"seq_logprob"``:
-    per token) on ``N`` tokens, computed fused at the output head or from the model's logits."""
-    a, H, V = s.a, s.shape.hidden, s.shape.vocab
+    per token) on ``N`` tokens, computed fused at the output head or from the model's logits.
+    ``head_trains`` (``init="full"``): the output head's weight gradient is formed too."""
+    a, H, V, w = s.a, s.shape.hidden, s.shape.vocab, s.w
     # The row kernels' forward (fastunlearn.ops._ihl_torch, enumerated with the profiler): an fp32 copy
     # of the block (none for fp32 logits), the block with the target masked, and one more: the
     # log-sum-exp's work (NLL), or the argmax's padded copy, then the softmax (IHL); IHL's first-argmax
@@ -384,34 +386,44 @@ def _loss_term(s: _Setup, kind: str, fused: bool, N: int) -> _LossTerm:
     # element) next to the padded copy. The backward: the softmax.
     forward_copies = 2 + (1 if a != 4 else 0)
     window = 9 * _ARGMAX_WINDOW if kind == "ihl" else 0
+    # A trained head: its weight gradient in the weights' dtype; the fused loss sums it over chunks in
+    # an fp32 buffer (in the forward for a mean or sum, kept until the backward scales and casts it).
+    head_grad = {"output head's weight gradient": w * V * H} if head_trains else {}
+    fp32_head = {"output head's fp32 ∂W accumulator (fused)": 4 * V * H} if head_trains else {}
     if not fused:
         stats = 24  # per row: four fp32 statistics and the argmax (int64)
-        saved = N * (a * V + stats)
+        saved = N * (a * V + stats) + (N * a * H if head_trains else 0)  # a trained head keeps its input
         return _LossTerm(
             "logits and row statistics (logits path)",
             saved,
             {"logits and row statistics (logits path)": saved, **_row_blocks(s, N, forward_copies, window)},
-            {"logits gradient": N * a * V, **_row_blocks(s, N, 1)},
+            {"logits gradient": N * a * V, **_row_blocks(s, N, 1), **head_grad},
         )
     elements = _IHL_CPU_CHUNK_ELEMENTS if s.device == "cpu" else _IHL_CHUNK_ELEMENTS
     chunk = {"logits chunk": a * V * min(N, max(1, elements // V))}
     if kind == "seq_logprob":  # the per-token reduction recomputes each chunk in its backward
+        saved = N * (a * H + 32)
         return _LossTerm(
             "last hidden states and row statistics (fused, per token)",
-            N * (a * H + 32),
-            {**chunk, **_row_blocks(s, N, forward_copies, window)},
-            {"∂L/∂h": N * a * H, **chunk, **_row_blocks(s, N, 1)},
+            saved,
+            {
+                "last hidden states and row statistics": saved,
+                **chunk,
+                **_row_blocks(s, N, forward_copies, window),
+            },
+            {"∂L/∂h": N * a * H, **chunk, **_row_blocks(s, N, 1), **fp32_head, **head_grad},
         )
     return _LossTerm(
         "∂L/∂h formed in the forward (fused)",
-        N * a * H,
+        N * a * H + (4 * V * H if head_trains else 0),
         {
             "last hidden states": N * a * H,
             "∂L/∂h being formed (fused)": N * a * H,
+            **fp32_head,
             **chunk,
             **_row_blocks(s, N, forward_copies, window),
         },
-        {"∂L/∂h × grad_output": N * a * H},
+        {"∂L/∂h × grad_output": N * a * H, **fp32_head, **head_grad},
     )
 
 
@@ -642,7 +654,7 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
         trained = {"LoRA gradients (fp32)": shard(4 * n), "AdamW moments (fp32)": shard(8 * n)}
         step_extra = 4 * n if engine == "ddp" else 0
     # Autocast's bf16 copies of the adapter weights live as long as a saved tensor refers to them:
-    # all of them without checkpointing, one layer's during its recomputation with it.
+    # all of them without checkpointing; with it, only inside the autocast region (its cache).
     copies = a * n if (a != 4 and n) else 0
     checkpointing = settings["gradient_checkpointing"]
     autocast_copies = {"autocast copies of the adapters": copies} if copies and not checkpointing else {}
@@ -653,18 +665,17 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
     fused = settings["fused_linear"]
     if checkpointing:
         acts = N * _checkpointed_per_token(s) + _rng_states(s)
-        recompute = {
-            "one layer recomputed": N * _saved_per_token(s, regime),
-            "autocast copies of one layer's adapters": copies // m.layers,
-        }
+        # The recomputed layer's saved tensors (its adapters' autocast copies are not among what is
+        # live at the peak: measured at Llama-2-7B width and below).
+        recompute = {"one layer recomputed": N * _saved_per_token(s, regime)}
         acts_label = "checkpointed layer inputs"
     else:
         acts = N * m.layers * _saved_per_token(s, regime)
         recompute = {}
         acts_label = "saved activations"
     forget_kind = {"ihl": "ihl", "npo": "seq_logprob"}.get(method, "nll")
-    forget = _loss_term(s, forget_kind, fused, N)
-    retain_term = _loss_term(s, "nll", fused, N)
+    forget = _loss_term(s, forget_kind, fused, N, head_trains=init == "full")
+    retain_term = _loss_term(s, "nll", fused, N, head_trains=init == "full")
     forget_label = f"forget: {forget.saved_label}"
     static = {**running, **lora, **trained, **autocast_copies}
     if step_extra:

@@ -13,8 +13,7 @@ Tolerance for peaks: 15 % of the predicted window + 256 KiB. The saved activatio
 to the byte below); what is modelled rather than enumerated is the transient working set at the peak
 moment (the gradient buffers of one operation), and the fixed part covers the small tensors no term
 tracks (labels, masks, position ids, per-row statistics, reductions) at these tiny sizes. Observed when
-written: measured/predicted between 0.99 and 1.05 in every case but FILA's (0.83: the plan
-over-predicts its SVD step).
+written: measured/predicted between 1.00 and 1.03 in every case but FILA's (0.83, over-predicted).
 """
 
 from __future__ import annotations
