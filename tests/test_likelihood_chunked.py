@@ -49,13 +49,16 @@ def reference(h, w, b, labels):
     return z, nll, (z.argmax(-1) == labels)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "dtype, backend",
+    [(torch.float64, "torch"), (torch.float32, "torch"), (torch.float32, "triton")],  # Triton: fp32 only
+)
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunk_rows", [1, 5, 64])
-def test_token_stats_equal_the_logits(dtype, bias, chunk_rows):
+def test_token_stats_equal_the_logits(dtype, backend, bias, chunk_rows):
     n, hidden, vocab = 37, 24, 301
     h, w, b, labels = problem(n, hidden, vocab, dtype, seed=chunk_rows, bias=bias)
-    nll, hit = fused_linear_token_stats(h, w, labels, bias=b, backend="torch", chunk_rows=chunk_rows)
+    nll, hit = fused_linear_token_stats(h, w, labels, bias=b, backend=backend, chunk_rows=chunk_rows)
     assert nll.shape == hit.shape == labels.shape and hit.dtype == torch.bool
     assert nll.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     z, want_nll, want_hit = reference(h, w, b, labels)
