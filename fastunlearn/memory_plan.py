@@ -19,9 +19,10 @@ Static terms
     weights ``w·P``. LoRA parameters ``4n``: peft keeps adapters in fp32 under a bf16 model
     (``autocast_adapter_dtype``). Training adds their gradients ``4n`` (kept across gradient
     accumulation) and AdamW's two fp32 moments ``8n``, and under autocast the bf16 copies of the
-    adapter weights, ``a·n``, which the backward keeps (with checkpointing, only the recomputed
-    layer's exist: the rest are released when the autocast region ends). ``init="full"`` trains every weight:
-    gradients ``w·P`` and moments ``2w·P`` in the weights' dtype.
+    adapter weights, ``a·n``, which the backward keeps (with checkpointing they exist inside the
+    autocast region only, where its cache holds them — the forward moments below — and the
+    recomputed layer's are not among the tensors live at its backward's peak, measured).
+    ``init="full"`` trains every weight: gradients ``w·P`` and moments ``2w·P`` in the weights' dtype.
 
 Saved activations of one decoder layer, per token (LoRA training under autocast; the set was
 enumerated with ``torch.autograd.graph.saved_tensors_hooks`` on tiny models and matches to the byte)
@@ -53,21 +54,32 @@ enumerated with ``torch.autograd.graph.saved_tensors_hooks`` on tiny models and 
     ``a·H``; the final norm ``4H + 4`` stays; during the backward one layer is recomputed, so its full
     set above exists for one layer at a time.
 
-Loss terms, per token of the batch that carries them
-    - NLL (retain; forget for ``ga``/``gd``/``npo``; Fisher): logits ``a·V`` → fp32 copy ``4V`` →
-      log-softmax, whose fp32 output ``4V`` is saved. Its backward holds that output, the NLL
-      gradient ``4V`` and the log-softmax gradient ``4V``: ``12V``, the training step's usual peak.
-    - IHL (``fastunlearn.ihl_loss``): the logits ``a·V`` are saved; the backward writes a gradient of
-      the same size (``a·V``) — the Triton kernels need no more; the CPU path works in 1 MiB blocks.
-    - IHL from hidden states (``fused_linear``): the gradient w.r.t. the hidden states ``a·H`` is
-      computed in the forward and saved; logits exist one chunk of ``≤ 2²⁶`` elements at a time.
-    - evaluation (no gradient): logits ``a·V``, their fp32 copy ``4V``, the contiguous ``[B, V, T]``
-      copy the log-softmax over the transposed logits makes ``4V``, and its output ``4V``.
+Loss terms, per token of the batch that carries them. ``unlearn`` computes every term inside the
+patched model (:mod:`fastunlearn.patching`): fused at the output head by default (``fused_linear``),
+from the model's logits under ``--no-fused``. The CPU row kernels (:mod:`fastunlearn.ops._ihl_torch`)
+work in fp32 blocks of about 2¹⁸ elements: forward, an fp32 copy of the bf16 block, the block with the
+target masked and one more (the log-sum-exp's work; for IHL the first-argmax's padded copy and a
+512-wide window, ``9·512`` bytes a row); backward, the softmax. The Triton kernels need no blocks.
+    - fused, mean or sum (IHL; NLL of the retain term, GA/GD's forget term and the Fisher pass):
+      ``∂L/∂h`` is formed in the forward, ``a·H``, and saved; while it is formed the last hidden states
+      ``a·H`` and one chunk of logits (``2²⁶`` elements on a GPU, ``2²³`` on CPU, ``a`` bytes each)
+      exist; the backward multiplies it by the output gradient: another ``a·H``.
+    - fused, per token (NPO's sequence log-probabilities): the hidden states and row statistics are
+      saved (``a·H + 32``); the backward recomputes each chunk and forms ``∂L/∂h``, ``a·H``.
+    - logits path: the logits ``a·V`` and the row statistics (24 bytes) are saved; the backward writes
+      the logits' gradient, ``a·V`` (the old plan's fp32 copies and ``[N, V]`` log-softmax are gone:
+      the row kernels read bf16 logits as they are).
+    - evaluation (no gradient): per-token NLL and hits at the output head, a chunk of logits at a time
+      (fused), or from the ``[B, T, V]`` logits ``a·V`` (logits path), with the row kernels' blocks;
+      the decoder's working set (residual stream and MLP intermediates) is a separate, earlier moment.
 
 Moments of a training step (forget and retain are two forward passes whose graphs are both alive
 when the summed loss is differentiated; the engine finishes the retain graph — the later one — first)
-    - retain loss backward: static + both graphs' activations + the forget loss's saved tensors +
-      ``12V·N`` (retain);
+    - forget / retain loss forward: static + the graphs so far + the term's forward working set, and,
+      with checkpointing, every adapter's autocast copy ``a·n`` — autocast caches them inside its
+      region, so they all exist at the end of the forward even though no layer keeps them;
+    - retain loss backward: static + both graphs' activations + the forget loss's saved tensors + the
+      retain term's saved tensors and backward working set;
     - top layer's backward: static + activations + the layer's backward working set: at ``down_proj``
       the base input gradient ``a·I``, the LoRA branch's gradient ``a·I`` cast to fp32 ``4I`` and
       back ``a·I``, and the incoming ``a·H``: ``(3a + 4)·I + a·H`` per token (with checkpointing, plus
@@ -76,11 +88,16 @@ when the summed loss is differentiated; the engine finishes the retain graph —
     - optimizer step: AdamW's foreach ``sqrt`` of the second moments, ``4n`` (CUDA; the CPU path loops
       over tensors: three temporaries the size of the largest, measured). Gradient clipping scales in
       place.
+    With checkpointing on a CPU run, ``torch.utils.checkpoint`` also keeps the CPU generator's state
+    (5,056 bytes) per layer and batch.
 
 Phases
-    ``load``: weights. ``evaluate`` (before and after training, at ``eval_batch_size``; after is larger:
-    the adapters and the optimizer — the trainer is still referenced — are resident). ``fisher_forget``
-    and ``fisher_retain``: one forward and backward per batch of ``fisher_batch_size`` examples with
+    ``load``: weights. ``evaluate`` (before training, on the unpatched model: fused wherever the
+    architecture allows; after training, on the patched model: fused unless ``--no-fused``; at
+    ``eval_batch_size``; after training the adapters and the optimizer — the trainer is still
+    referenced — are resident). ``fisher_forget`` and ``fisher_retain``: one forward and backward per
+    batch of ``fisher_batch_size`` examples, the batch's summed NLL computed fused at the output head
+    (the passes run before the model is patched, so ``--no-fused`` does not reach them), with
     fp32 accumulators shaped like every target weight — ``fisher="all_layers"`` is today's
     :func:`~fastunlearn.estimate_fisher` (all accumulators at once, 4 bytes per target weight, and no
     checkpointing: its hooks would see each layer twice); ``fisher="streamed"`` is what ``unlearn``
@@ -105,14 +122,16 @@ largest single module. Activations are per rank (``batch_size`` is per device); 
 are not sharded.
 
 What is measured and what is assumed. On CPU (``device="cpu"``) every phase of a LoRA run was
-measured within 5 % (tests/test_memory_plan.py). On CUDA the same terms are assumed with the GPU
+measured within 5 % (tests/test_memory_plan.py: training steps of every method on both paths, with
+and without checkpointing, the Fisher pass, evaluation on both paths, FILA within 18 % — the plan
+over-predicts its SVD step —, save). On CUDA the same terms are assumed with the GPU
 paths' differences: the Triton IHL and Fisher kernels need no work buffers; AdamW runs its foreach
 path; cuSOLVER's SVD work is an estimate; PyTorch's flash and memory-efficient attention keep the same
 ``q``, ``k``, ``v``, output, log-sum-exp (and converted mask) as its CPU kernel. ``fisher="streamed"``,
 DDP/FSDP/ZeRO-3 and ``init="full"`` are modelled, not measured. benchmarks/bench_scale.py measures a
 Llama-2-7B-wide model with 1–4 layers on either device.
 
-One module (about 700 lines, over the project's ~450) by choice: the phases' moments share one
+One module (about 830 lines, over the project's ~450) by choice: the phases' moments share one
 ``_Setup`` and the per-token terms above, and each term is read against its neighbours in the same
 moment; the shapes and the published configs are apart in :mod:`fastunlearn.model_shapes`.
 """
@@ -150,10 +169,16 @@ FISHER_MODES = ("streamed", "all_layers")
 SOLVERS = ("svd", "randomized", "truncated")
 DEVICES = ("cuda", "cpu")
 _DTYPES = {"bfloat16": (2, 2), "float16": (2, 2), "float32": (4, 4)}  # (weight bytes, activation bytes)
-# fused_linear_ihl_loss's logits chunk (fastunlearn.ops.fused_linear.CHUNK_ELEMENTS).
+# The fused losses' logits chunk on a GPU and on CPU (fastunlearn.ops.fused_linear.CHUNK_ELEMENTS,
+# CPU_CHUNK_ELEMENTS).
 _IHL_CHUNK_ELEMENTS = 1 << 26
+_IHL_CPU_CHUNK_ELEMENTS = 1 << 23
 # fastunlearn.ops._ihl_torch.CPU_BLOCK_ELEMENTS: rows of the CPU IHL path are processed in blocks this size.
 _IHL_CPU_BLOCK = 1 << 18
+# fastunlearn.ops._ihl_torch._first_argmax's segment width.
+_ARGMAX_WINDOW = 512
+# torch.get_rng_state(): the CPU generator's state, saved by torch.utils.checkpoint per call.
+_CPU_RNG_STATE = 5056
 # The CPU Fisher path's per-example gradient buffer (fastunlearn.ops.grad_sq.TORCH_BUFFER_BYTES).
 _FISHER_TORCH_BUFFER = 8 * 2**20
 # The truncated solver's defaults and its fp64 chunk (fastunlearn.fisher.solver).
@@ -316,6 +341,112 @@ def _layer_backward_per_token(s: _Setup) -> int:
     return (3 * s.a + 4) * s.shape.intermediate + s.a * s.shape.hidden
 
 
+def _rng_states(s: _Setup) -> int:
+    """``torch.utils.checkpoint`` keeps the CPU generator's state per checkpointed call: host memory,
+    so it counts on a CPU run only (CUDA's state is a few bytes on the device)."""
+    return _CPU_RNG_STATE * s.shape.layers if s.device == "cpu" else 0
+
+
+@dataclass(frozen=True)
+class _LossTerm:
+    """One loss term on ``N`` tokens (module docstring, "Loss terms"): what its forward keeps for its
+    backward, and the transient working sets of its forward and its backward on top of that."""
+
+    saved_label: str
+    saved: int
+    forward: dict[str, int]
+    backward: dict[str, int]
+
+    def forward_terms(self, who: str) -> dict[str, int]:
+        return {f"{who}: {k}": v for k, v in self.forward.items()}
+
+    def backward_terms(self, who: str) -> dict[str, int]:
+        return {f"{who}: {k}": v for k, v in self.backward.items()}
+
+
+def _row_blocks(s: _Setup, N: int, copies: int, per_row: int = 0) -> dict[str, int]:
+    """The CPU row kernels' fp32 work: ``copies`` blocks of about 2¹⁸ elements (whole rows, at most
+    ``N``) and ``per_row`` bytes more per row of a block; the Triton kernels need none."""
+    if s.device != "cpu":
+        return {}
+    V = s.shape.vocab
+    rows = min(N, max(1, _IHL_CPU_BLOCK // V))
+    return {"row kernels' fp32 work blocks (CPU path)": rows * (copies * 4 * V + per_row)}
+
+
+def _loss_term(s: _Setup, kind: str, fused: bool, N: int, head_trains: bool = False) -> _LossTerm:
+    """The bytes of a loss term ``kind`` (``"ihl"``, ``"nll"``: a mean or sum; ``"seq_logprob"``:
+    per token) on ``N`` tokens, computed fused at the output head or from the model's logits.
+    ``head_trains`` (``init="full"``): the output head's weight gradient is formed too."""
+    a, H, V, w = s.a, s.shape.hidden, s.shape.vocab, s.w
+    # The row kernels' forward (fastunlearn.ops._ihl_torch, enumerated with the profiler): an fp32 copy
+    # of the block (none for fp32 logits), the block with the target masked, and one more: the
+    # log-sum-exp's work (NLL), or the argmax's padded copy, then the softmax (IHL); IHL's first-argmax
+    # also holds a 512-wide window per row (fp32, its comparison and its int32 cast: 9 bytes an
+    # element) next to the padded copy. The backward: the softmax.
+    forward_copies = 2 + (1 if a != 4 else 0)
+    window = 9 * _ARGMAX_WINDOW if kind == "ihl" else 0
+    # A trained head: its weight gradient in the weights' dtype; the fused loss sums it over chunks in
+    # an fp32 buffer (in the forward for a mean or sum, kept until the backward scales and casts it).
+    head_grad = {"output head's weight gradient": w * V * H} if head_trains else {}
+    fp32_head = {"output head's fp32 ∂W accumulator (fused)": 4 * V * H} if head_trains else {}
+    if not fused:
+        stats = 24  # per row: four fp32 statistics and the argmax (int64)
+        saved = N * (a * V + stats) + (N * a * H if head_trains else 0)  # a trained head keeps its input
+        return _LossTerm(
+            "logits and row statistics (logits path)",
+            saved,
+            {"logits and row statistics (logits path)": saved, **_row_blocks(s, N, forward_copies, window)},
+            {"logits gradient": N * a * V, **_row_blocks(s, N, 1), **head_grad},
+        )
+    elements = _IHL_CPU_CHUNK_ELEMENTS if s.device == "cpu" else _IHL_CHUNK_ELEMENTS
+    chunk = {"logits chunk": a * V * min(N, max(1, elements // V))}
+    if kind == "seq_logprob":  # the per-token reduction recomputes each chunk in its backward
+        saved = N * (a * H + 32)
+        return _LossTerm(
+            "last hidden states and row statistics (fused, per token)",
+            saved,
+            {
+                "last hidden states and row statistics": saved,
+                **chunk,
+                **_row_blocks(s, N, forward_copies, window),
+            },
+            {"∂L/∂h": N * a * H, **chunk, **_row_blocks(s, N, 1), **fp32_head, **head_grad},
+        )
+    return _LossTerm(
+        "∂L/∂h formed in the forward (fused)",
+        N * a * H + (4 * V * H if head_trains else 0),
+        {
+            "last hidden states": N * a * H,
+            "∂L/∂h being formed (fused)": N * a * H,
+            **fp32_head,
+            **chunk,
+            **_row_blocks(s, N, forward_copies, window),
+        },
+        {"∂L/∂h × grad_output": N * a * H, **fp32_head, **head_grad},
+    )
+
+
+def _eval_terms(s: _Setup, fused: bool, N: int) -> dict[str, int]:
+    """Teacher-forced metrics of an evaluation batch of ``N`` tokens (no gradient): per-token NLL and
+    hits computed at the output head a chunk at a time, or from the model's logits."""
+    a, H, V = s.a, s.shape.hidden, s.shape.vocab
+    copies = 2 + (1 if a != 4 else 0)
+    if fused:
+        elements = _IHL_CPU_CHUNK_ELEMENTS if s.device == "cpu" else _IHL_CHUNK_ELEMENTS
+        return {
+            "eval: last hidden states": N * a * H,
+            "eval: logits chunk": a * V * min(N, max(1, elements // V)),
+            "eval: per-token NLL, hits and row statistics": N * 40,
+            **_row_blocks(s, N, copies),
+        }
+    return {
+        "eval: logits (logits path)": N * a * V,
+        "eval: per-token NLL, hits, argmax and row statistics": N * 40,
+        **_row_blocks(s, N, copies),
+    }
+
+
 def _fila_workspace(s: _Setup, solver: str) -> tuple[int, str]:
     """Peak bytes of FILA's fp32 work on the largest target layer, and which step it is."""
     out, n_in = max((s.shape.linears()[t] for t in s.targets), key=lambda shape: shape[0] * shape[1])
@@ -383,7 +514,7 @@ def plan_memory(
     init: str = "fila",
     method: str = "ihl",
     gradient_checkpointing: bool = False,
-    fused_linear: bool = False,
+    fused_linear: bool = True,
     dtype: str = "bfloat16",
     fisher: str = "streamed",
     fisher_memory: int | None = None,
@@ -407,6 +538,9 @@ def plan_memory(
         fisher: ``"streamed"`` (accumulators for groups of layers within ``fisher_memory`` bytes,
             default 4 GiB; checkpointing follows ``gradient_checkpointing``) or ``"all_layers"``
             (today's :func:`~fastunlearn.estimate_fisher`: every accumulator at once, no checkpointing).
+        fused_linear: the loss terms computed at the output head without the logits (``unlearn``'s
+            default, every method); ``False`` plans ``unlearn(fused=False)`` / ``--no-fused``, the
+            logits path. The Fisher passes and the evaluation before training are fused either way.
         fila_solver: ``"truncated"`` (the default), ``"svd"`` or ``"randomized"``
             (:mod:`fastunlearn.fisher.solver`).
         target_modules: suffixes of the adapted linears (default all seven, peft's ``"all-linear"``).
@@ -438,8 +572,6 @@ def plan_memory(
         raise ValueError(
             f"engine 'none' runs on one device; world_size {world_size} needs ddp, fsdp or zero3"
         )
-    if fused_linear and method != "ihl":
-        raise ValueError(f"fused_linear computes the IHL forget term; method {method!r} does not use it")
     if fisher_memory is not None:
         _check_int("fisher_memory", fisher_memory)
     _check_int("context_bytes", context_bytes, 0)
@@ -522,7 +654,7 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
         trained = {"LoRA gradients (fp32)": shard(4 * n), "AdamW moments (fp32)": shard(8 * n)}
         step_extra = 4 * n if engine == "ddp" else 0
     # Autocast's bf16 copies of the adapter weights live as long as a saved tensor refers to them:
-    # all of them without checkpointing, one layer's during its recomputation with it.
+    # all of them without checkpointing; with it, only inside the autocast region (its cache).
     copies = a * n if (a != 4 and n) else 0
     checkpointing = settings["gradient_checkpointing"]
     autocast_copies = {"autocast copies of the adapters": copies} if copies and not checkpointing else {}
@@ -530,52 +662,44 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
 
     N = settings["batch_size"] * s.T
     retain = method in _NEEDS_RETAIN
-    if settings["gradient_checkpointing"]:
-        acts = N * _checkpointed_per_token(s)
-        recompute = {
-            "one layer recomputed": N * _saved_per_token(s, regime),
-            "autocast copies of one layer's adapters": copies // m.layers,
-        }
+    fused = settings["fused_linear"]
+    if checkpointing:
+        acts = N * _checkpointed_per_token(s) + _rng_states(s)
+        # The recomputed layer's saved tensors (its adapters' autocast copies are not among what is
+        # live at the peak: measured at Llama-2-7B width and below).
+        recompute = {"one layer recomputed": N * _saved_per_token(s, regime)}
         acts_label = "checkpointed layer inputs"
     else:
         acts = N * m.layers * _saved_per_token(s, regime)
         recompute = {}
         acts_label = "saved activations"
-    V = m.vocab
-    if method == "ihl" and settings["fused_linear"]:
-        forget_saved, forget_backward = N * a * m.hidden, N * a * m.hidden
-        forget_label = "forget: hidden-state gradient (fused IHL)"
-    elif method == "ihl":
-        forget_saved, forget_backward = N * (a * V + 24), N * a * V
-        forget_label = "forget: logits saved by IHL"
-    else:
-        forget_saved, forget_backward = N * (4 * V + 8), N * 8 * V
-        forget_label = "forget: log-softmax (fp32)"
-    # The CPU IHL path's fp32 work block (fastunlearn.ops._ihl_torch): the Triton kernels need none.
-    ihl_blocks = {}
-    if method == "ihl" and not settings["fused_linear"] and s.device == "cpu":
-        ihl_blocks["IHL work block (CPU path)"] = 4 * min(N, max(1, _IHL_CPU_BLOCK // V)) * V
+    forget_kind = {"ihl": "ihl", "npo": "seq_logprob"}.get(method, "nll")
+    forget = _loss_term(s, forget_kind, fused, N, head_trains=init == "full")
+    retain_term = _loss_term(s, "nll", fused, N, head_trains=init == "full")
+    forget_label = f"forget: {forget.saved_label}"
     static = {**running, **lora, **trained, **autocast_copies}
     if step_extra:
         static["DDP gradient buckets"] = step_extra
-    graphs = {f"{acts_label}, forget batch": acts}
-    if retain:
-        graphs[f"{acts_label}, retain batch"] = acts
+    # Inside the autocast region its cache holds every adapter's bf16 copy, checkpointing or not
+    # (without checkpointing they are saved tensors, already in ``static``).
+    cached = {"autocast copies of the adapters (cached in the forward)": copies} if checkpointing else {}
+    forget_graph = {f"{acts_label}, forget batch": acts}
+    graphs = {**forget_graph, **({f"{acts_label}, retain batch": acts} if retain else {})}
     moments = {
+        "forget loss forward": {**static, **cached, **forget_graph, **forget.forward_terms("forget")},
+        "forget loss backward": {
+            **static,
+            **forget_graph,
+            forget_label: forget.saved,
+            **forget.backward_terms("forget"),
+        },
         "top layer backward": {
             **static,
             **graphs,
             # the forget loss's tensors are freed by now unless the retain graph goes first
-            forget_label: forget_saved if retain else 0,
+            forget_label: forget.saved if retain else 0,
             **recompute,
             "layer backward working set": N * _layer_backward_per_token(s),
-        },
-        "forget loss backward": {
-            **static,
-            f"{acts_label}, forget batch": acts,
-            forget_label: forget_saved,
-            "forget loss gradient": forget_backward,
-            **ihl_blocks,
         },
         "optimizer step": {
             **static,
@@ -587,18 +711,19 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
         },
     }
     if retain:
+        moments["retain loss forward"] = {
+            **static,
+            **cached,
+            **graphs,
+            forget_label: forget.saved,
+            **retain_term.forward_terms("retain"),
+        }
         moments["retain loss backward"] = {
             **static,
             **graphs,
-            forget_label: forget_saved,
-            "retain: log-softmax, its gradient and the NLL gradient (fp32)": N * (12 * V + 8),
-        }
-    if method == "ihl" and settings["fused_linear"]:
-        chunk = min(N, max(1, _IHL_CHUNK_ELEMENTS // V))
-        moments["fused IHL forward"] = {
-            **static,
-            f"{acts_label}, forget batch": acts,
-            "fused IHL logits chunk": chunk * V * a,
+            forget_label: forget.saved,
+            f"retain: {retain_term.saved_label}": retain_term.saved,
+            **retain_term.backward_terms("retain"),
         }
     train_moments = moments
 
@@ -610,14 +735,21 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
         for key in list(state):
             if key.startswith("autocast"):
                 state.pop(key)
+        # Inside a decoder layer (no gradient): the residual stream and the MLP's intermediates; at the
+        # output head, the metrics' terms. unlearn evaluates before patching the model (the fused path
+        # wherever the architecture allows) and after training on the patched model (the logits path
+        # under --no-fused).
+        decoder = {
+            "residual stream": Ne * a * m.hidden,
+            "decoder working set": Ne * max(3 * a, a + 4) * m.intermediate,
+        }
         phase(
             "evaluate",
             {
-                "after training, logits of a batch": {
-                    **state,
-                    "eval logits, fp32 copy, its [B, V, T] copy and log-softmax": Ne * (a + 12) * V,
-                    "decoder working set": Ne * max(3 * a, a + 4) * m.intermediate,
-                }
+                "before training, decoder layer": {**running, **decoder},
+                "before training, output head": {**running, **_eval_terms(s, True, Ne)},
+                "after training, decoder layer": {**state, **decoder},
+                "after training, output head": {**state, **_eval_terms(s, fused, Ne)},
             },
             [f"eval batch {settings['eval_batch_size']}×{s.T} tokens"],
         )
@@ -633,8 +765,8 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
             budget = settings["fisher_memory"]
             acc, passes = _fisher_groups(m, s.targets, budget)
             acc_label = f"fp32 accumulators, one group of layers (budget {budget / GiB:.2f} GiB)"
-            if settings["gradient_checkpointing"]:
-                f_acts = Nf * _checkpointed_per_token(s)
+            if checkpointing:
+                f_acts = Nf * _checkpointed_per_token(s) + _rng_states(s)
                 f_recompute = {"one layer recomputed": Nf * _saved_per_token(s, "inputs")}
                 f_label = "checkpointed layer inputs"
             else:
@@ -648,17 +780,18 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
         backend = {"per-example gradient buffers (CPU path)": 4 * largest * (chunk + 1)}
         if s.device == "cuda":
             backend = {}
+        # The pass's NLL (sum over the batch) is computed at the output head: the fused path.
+        f_loss = _loss_term(s, "nll", True, Nf)
+        f_base = {**f_static, acc_label: acc, f_label: f_acts}
         fisher_moments = {
+            "loss forward": {**f_base, **f_loss.forward_terms("NLL")},
             "loss backward": {
-                **f_static,
-                acc_label: acc,
-                f_label: f_acts,
-                "log-softmax, its gradient and the NLL gradient (fp32)": Nf * (12 * V + 8),
+                **f_base,
+                f"NLL: {f_loss.saved_label}": f_loss.saved,
+                **f_loss.backward_terms("NLL"),
             },
             "top layer backward": {
-                **f_static,
-                acc_label: acc,
-                f_label: f_acts,
+                **f_base,
                 **f_recompute,
                 "layer backward working set": Nf * _layer_backward_per_token(s),
                 **backend,

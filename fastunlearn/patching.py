@@ -81,9 +81,11 @@ __all__ = [
     "LossType",
     "find_causal_lm",
     "fused_blocker",
+    "head_computes",
     "is_fused",
     "is_patched",
     "patch",
+    "takes_fused_path",
     "unpatch",
 ]
 
@@ -240,6 +242,41 @@ def is_fused(model: nn.Module) -> bool:
     return state is not None and state.fused is not False and fused_blocker(lm) is None
 
 
+def takes_fused_path(model: nn.Module) -> bool:
+    """Whether a loss or metric of ``model`` computed outside :func:`patch`'s ``loss_type`` call (a Fisher
+    pass, teacher-forced evaluation) takes the fused path: wherever :func:`fused_blocker` allows, unless
+    the model is patched with ``fused=False`` (the logits path everywhere). ``False`` for a module that
+    is not a causal LM."""
+    try:
+        lm = find_causal_lm(model)
+    except TypeError:
+        return False
+    state = lm.__dict__.get(_STATE)
+    return (state is None or state.fused is not False) and fused_blocker(lm) is None
+
+
+def head_computes(
+    model: nn.Module, targets: Tensor, compute: Callable[[Tensor, nn.Linear], Tensor], call: Callable[[], Any]
+) -> Any:
+    """``call()`` (a forward of ``model``) with the causal LM's output head computing
+    ``compute(hidden, head)`` from its ``[B, T, H]`` hidden states instead of the logits; the model's
+    output carries that value as its ``logits``. The head is called through its ``__call__`` (its
+    hooks run, autocast applies) and must be called exactly once, with hidden states shaped like
+    ``targets`` ``[B, T]``. Only for models :func:`fused_blocker` accepts (``ValueError`` otherwise)."""
+    lm = find_causal_lm(model)
+    reason = fused_blocker(lm)
+    if reason is not None:
+        raise ValueError(f"cannot compute at the output head of {type(lm).__name__}: {reason}")
+    with _head_replaced(lm.get_output_embeddings(), targets, compute) as calls:
+        out = call()
+    if calls != [1]:
+        raise RuntimeError(
+            f"{type(lm).__name__}.forward called its output head {sum(calls)} times instead of once; "
+            "its losses cannot be fused (patch it with fused=False)"
+        )
+    return out
+
+
 def _warn_fallback(lm: nn.Module, state: _PatchState) -> None:
     reason = fused_blocker(lm)
     if reason is not None and reason != state.warned:
@@ -282,13 +319,11 @@ def _loss_forward(lm: nn.Module, state: _PatchState, call, loss_type: str, args,
     targets = shift_labels(labels)
     blocker = "fused=False" if state.fused is False else fused_blocker(lm)
     if blocker is None:
-        with _head_computes_loss(lm.get_output_embeddings(), targets, loss_type, state) as calls:
-            out = call(*args, **kwargs)
-        if calls != [1]:
-            raise RuntimeError(
-                f"{type(lm).__name__}.forward called its output head {sum(calls)} times instead of once; "
-                "its losses cannot be fused (patch it with fused=False)"
-            )
+
+        def compute(hidden: Tensor, head: nn.Linear) -> Tensor:
+            return _fused_loss(hidden, head, targets.to(hidden.device), loss_type, state)
+
+        out = head_computes(lm, targets, compute, lambda: call(*args, **kwargs))
         loss = out.logits
     else:
         if state.fused:
@@ -303,16 +338,17 @@ def _loss_forward(lm: nn.Module, state: _PatchState, call, loss_type: str, args,
 
 
 @contextmanager
-def _head_computes_loss(
-    head: nn.Module, targets: Tensor, loss_type: str, state: _PatchState
+def _head_replaced(
+    head: nn.Module, targets: Tensor, compute: Callable[[Tensor, nn.Linear], Tensor]
 ) -> Iterator[list[int]]:
     """Within the block, a call of the output head (through its ``__call__``, so its hooks run) takes
-    the last hidden states and returns the loss instead of logits. Yields the count of its calls."""
+    the last hidden states and returns ``compute(hidden, linear)`` instead of logits. Yields the count
+    of its calls."""
     calls = [0]
     linears = _head_linears(head)
     saved = [(m, m.__dict__.get("forward")) for m in linears]
 
-    def loss_forward(linear: nn.Linear, hidden: Tensor) -> Tensor:
+    def head_forward(linear: nn.Linear, hidden: Tensor) -> Tensor:
         calls[0] += 1
         if calls[0] > 1:
             raise RuntimeError(
@@ -323,11 +359,11 @@ def _head_computes_loss(
                 f"the output head received hidden states of shape {tuple(hidden.shape)}, not [B, T, H] for "
                 f"labels {tuple(targets.shape)}"
             )
-        return _fused_loss(hidden, linear, targets.to(hidden.device), loss_type, state)
+        return compute(hidden, linear)
 
     try:
         for linear in linears:
-            linear.forward = MethodType(loss_forward, linear)
+            linear.forward = MethodType(head_forward, linear)
         yield calls
     finally:
         for linear, forward in saved:

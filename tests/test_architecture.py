@@ -29,13 +29,18 @@ INTERNAL: dict[str, tuple[str, ...]] = {
     # The memory plan: pure arithmetic on a config's shapes, importable without torch.
     "fastunlearn.model_shapes": (),
     "fastunlearn.memory_plan": ("fastunlearn.model_shapes",),
+    # The peak of live tensor bytes while a function runs: how the plan is checked (tests, benchmarks).
+    "fastunlearn.peak_memory": (),
     # FILA's truncated SVD: linear algebra on tensors, nothing of the package.
     "fastunlearn.fisher.solver": (),
     # The losses inside a causal LM's forward: ops applied to a model.
     "fastunlearn.patching": ("fastunlearn.ops", "fastunlearn.modeling"),
+    # The Fisher passes and the teacher-forced metrics compute their NLL at the output head, as the
+    # patched forward computes the training losses (one head-call mechanism, patching's).
     "fastunlearn.fisher": (
         "fastunlearn.ops",
         "fastunlearn.modeling",
+        "fastunlearn.patching",
         "fastunlearn._io",
         "fastunlearn.distributed",
     ),
@@ -46,6 +51,7 @@ INTERNAL: dict[str, tuple[str, ...]] = {
     "fastunlearn.evaluation": (
         "fastunlearn.ops",
         "fastunlearn.modeling",
+        "fastunlearn.patching",
         "fastunlearn._io",
         "fastunlearn.distributed",
         "fastunlearn.training.data",
@@ -107,6 +113,7 @@ EXTERNAL: dict[str, tuple[str, ...]] = {
     "fastunlearn.distributed": ("torch",),
     "fastunlearn.model_shapes": (),
     "fastunlearn.memory_plan": (),
+    "fastunlearn.peak_memory": ("torch",),
     "fastunlearn.fisher.solver": ("torch",),
 }
 

@@ -30,7 +30,8 @@ def test_json_is_the_plan(capsys):
 @pytest.mark.parametrize(
     "flags, kwargs",
     [
-        (["--method", "gd"], {"method": "gd", "fused_linear": False}),  # fused only for ihl by default
+        (["--method", "gd"], {"method": "gd", "fused_linear": True}),  # fused by default, as unlearn
+        (["--method", "npo", "--no-fused"], {"method": "npo", "fused_linear": False}),
         (["--no-fused"], {"fused_linear": False}),
         (
             ["--engine", "fsdp", "--world-size", "4"],
@@ -60,7 +61,7 @@ def test_table_names_every_phase(capsys):
     [
         ({"model_type": "llama", "hidden_size": 64}, [], "config has no field 'intermediate_size'"),
         ({**KNOWN_MODELS["llama2-7b"], "model_type": "gpt2"}, [], "model_type 'gpt2'"),
-        (KNOWN_MODELS["llama2-7b"], ["--method", "ga", "--fused"], "--fused"),
+        (KNOWN_MODELS["llama2-7b"], ["--max-length", "1"], "--max-length"),
         (KNOWN_MODELS["llama2-7b"], ["--batch-size", "0"], "--batch-size"),
     ],
 )

@@ -41,9 +41,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--fused",
         action=argparse.BooleanOptionalAction,
-        default=None,
-        help="plan the IHL forget term fused with the output head (no logits); default: fused for "
-        "--method ihl, which is the only method the plan models fused",
+        default=True,
+        help="plan the loss terms computed at the output head without the logits, as unlearn computes "
+        "them by default; --no-fused plans unlearn --no-fused (the logits path) (default: fused)",
     )
     p.add_argument("--world-size", type=int, default=1, help="devices (default: %(default)s)")
     p.add_argument("--engine", default="none", choices=ENGINES, help="(default: %(default)s)")
@@ -59,7 +59,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _run_plan(args: argparse.Namespace) -> int:
     from fastunlearn.memory_plan import plan_memory
 
-    fused = args.method == "ihl" if args.fused is None else args.fused
     plan = plan_memory(
         args.model,
         batch_size=args.batch_size,
@@ -68,7 +67,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         init=args.init,
         method=args.method,
         gradient_checkpointing=args.gradient_checkpointing,
-        fused_linear=fused,
+        fused_linear=args.fused,
         world_size=args.world_size,
         engine=args.engine,
     )

@@ -22,9 +22,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 import torch
 
 from fastunlearn import distributed
-from fastunlearn.modeling import model_device
+from fastunlearn.modeling import model_device, unwrap_model
 from fastunlearn.ops import IGNORE_INDEX
+from fastunlearn.ops.fused_linear import fused_linear_token_stats
 from fastunlearn.ops.nll import shift_labels, shifted_nll
+from fastunlearn.patching import head_computes, takes_fused_path
 from fastunlearn.training import data as fdata
 
 __all__ = [
@@ -88,15 +90,46 @@ def answer_stats(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> d
     ``batch`` holds ``input_ids``, ``attention_mask`` and ``labels`` (``[B, T]``, ``-100`` ignored).
     Returns ``nll_sum`` (fp32), ``num_tokens`` and ``correct`` (int64), each ``[B]``, on the model's
     device. The caller chooses the mode; :func:`basic_metrics` switches to eval mode.
+
+    Where the architecture allows (:func:`fastunlearn.patching.takes_fused_path`) the per-token NLL and
+    hits are computed at the output head from the last hidden states, a chunk of tokens at a time
+    (:func:`fastunlearn.ops.fused_linear.fused_linear_token_stats`: the same row kernels as
+    :func:`token_nll`), so a batch's ``[B, T, V]`` logits never exist; otherwise from the model's logits
+    by :func:`token_nll`.
     """
     _require_batch(batch, ("input_ids", "attention_mask", "labels"))
     device = model_device(model)
+    inputs = {
+        "input_ids": batch["input_ids"].to(device),
+        "attention_mask": batch["attention_mask"].to(device),
+    }
+    labels = batch["labels"].to(device)
+    if getattr(getattr(unwrap_model(model), "config", None), "use_cache", None) is not None:
+        inputs["use_cache"] = False  # a KV cache of every layer would outlive the forward for nothing
     with torch.no_grad():
-        out = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        )
-        nll, mask, hits = token_nll(out.logits, batch["labels"].to(device))
+        if takes_fused_path(model):
+            nll, mask, hits = _fused_token_stats(model, inputs, labels)
+        else:
+            nll, mask, hits = token_nll(model(**inputs).logits, labels)
     return {"nll_sum": nll.sum(dim=1), "num_tokens": mask.sum(dim=1), "correct": hits.sum(dim=1)}
+
+
+def _fused_token_stats(
+    model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`token_nll`'s three ``[B, T-1]`` tensors, computed at the output head (no logits)."""
+    targets = shift_labels(labels)
+
+    def compute(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+        # fp64 stays fp64 on the PyTorch path, as in shifted_nll; the hits travel as 0/1 beside it.
+        backend = "torch" if hidden.dtype == torch.float64 else "auto"
+        nll, hit = fused_linear_token_stats(hidden, head.weight, targets, bias=head.bias, backend=backend)
+        return torch.stack([nll, hit.to(nll.dtype)], dim=-1)
+
+    out = head_computes(model, targets, compute, lambda: model(**inputs))
+    stats = out.logits
+    mask = targets != IGNORE_INDEX
+    return stats[:, :-1, 0], mask[:, :-1], stats[:, :-1, 1].bool()
 
 
 def collect_answer_stats(

@@ -50,8 +50,10 @@ from torch import Tensor, nn
 from fastunlearn import distributed
 from fastunlearn.modeling import model_device, unwrap_model
 from fastunlearn.ops import IGNORE_INDEX
+from fastunlearn.ops.fused_linear import fused_linear_nll_loss
 from fastunlearn.ops.grad_sq import per_example_grad_sq
 from fastunlearn.ops.nll import shift_labels, shifted_nll
+from fastunlearn.patching import find_causal_lm, head_computes, takes_fused_path
 
 __all__ = ["Batch", "Data", "fisher_session", "prepare_batches", "run_pass"]
 
@@ -201,7 +203,7 @@ class _Folder:
         per_example_grad_sq(inputs, grads, self.sums[name], backend=self.backend)
 
 
-def _batch_loss(model: nn.Module, batch: Batch, mode: str) -> Tensor:
+def _batch_loss(model: nn.Module, batch: Batch, mode: str, fused: bool) -> Tensor:
     """The loss whose backward yields the wanted ``G``.
 
     ``per_example``/``token``: ``Σ_n L_n`` with ``L_n`` example n's summed token NLL.
@@ -210,8 +212,12 @@ def _batch_loss(model: nn.Module, batch: Batch, mode: str) -> Tensor:
     (differentiating the same loss the same way keeps the estimate equal to the paper's to fp32
     rounding, element by element).
 
-    The NLL is :func:`fastunlearn.ops.nll.shifted_nll` (the logit at t predicts token t+1; fp32 at
-    least, fp64 kept for fp64 models).
+    ``fused``: the NLL is computed at the output head from the last hidden states
+    (:func:`fastunlearn.ops.fused_linear.fused_linear_nll_loss`, one chunk of logits at a time); else
+    from the model's logits by :func:`fastunlearn.ops.nll.shifted_nll`. Both are the same row kernels
+    (the logit at t predicts token t+1; fp32 statistics, fp64 kept for fp64 models). The fused loss
+    forms ``∂L/∂h`` row by row in its forward; rows are tokens, so example ``n``'s rows of it are
+    ``∂L_n/∂h_n`` and every measured layer below still receives each example's own ``G_n``.
     """
     device = model_device(model)
     inputs: dict[str, Any] = {
@@ -219,12 +225,31 @@ def _batch_loss(model: nn.Module, batch: Batch, mode: str) -> Tensor:
     }
     if getattr(getattr(unwrap_model(model), "config", None), "use_cache", None) is not None:
         inputs["use_cache"] = False  # a KV cache is dead weight here
+    reduction = "mean" if mode == "batch" else "sum"  # the mean is over the c_b label tokens
+    if fused:
+        targets = shift_labels(batch.labels).to(device)
+
+        def nll(hidden: Tensor, head: nn.Linear) -> Tensor:
+            backend = "torch" if hidden.dtype == torch.float64 else "auto"
+            return fused_linear_nll_loss(
+                hidden, head.weight, targets, bias=head.bias, reduction=reduction, backend=backend
+            )
+
+        return head_computes(model, targets, nll, lambda: model(**inputs)).logits
     output = model(**inputs)
     logits = output.logits if hasattr(output, "logits") else output[0]
-    nll = shifted_nll(logits, batch.labels, "sum")
-    if mode == "batch":
-        nll = nll / max(batch.tokens, 1)
-    return nll
+    return shifted_nll(logits, batch.labels, reduction)
+
+
+def _fused_loss_applies(model: nn.Module, layers: Mapping[str, nn.Linear]) -> bool:
+    """Whether a pass computes its loss fused: where the model allows it
+    (:func:`fastunlearn.patching.takes_fused_path`) and the output head is not measured (its output
+    gradient is the ``[B, T, V]`` logits' gradient, which only the logits path forms)."""
+    if not takes_fused_path(model):
+        return False
+    head = find_causal_lm(model).get_output_embeddings()
+    heads = {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
+    return not any(id(layer) in heads for layer in layers.values())
 
 
 def _zeros(layer: nn.Linear) -> Tensor:
@@ -254,13 +279,14 @@ def run_pass(
 
     anchor = torch.zeros((), device=model_device(model), requires_grad=True)
     folder = _Folder(layers, fold, mode, backend, anchor)
+    fused = _fused_loss_applies(model, layers)
     handles = [layer.register_forward_hook(folder.hook(name)) for name, layer in layers.items()]
     try:
         batches = distributed.shard(data.batches) if fold else data.batches
         for batch in tqdm(batches, desc=desc, disable=not (progress and distributed.is_main())):
             folder.start_batch(batch)
             with torch.enable_grad():
-                loss = _batch_loss(model, batch, mode)
+                loss = _batch_loss(model, batch, mode, fused)
                 folder.in_forward = False
                 if loss.requires_grad:
                     loss.backward()

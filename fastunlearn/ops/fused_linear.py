@@ -48,7 +48,7 @@ from fastunlearn.ops.ihl import _check_labels, _check_reduction, _implementation
 CHUNK_ELEMENTS = 1 << 26
 CPU_CHUNK_ELEMENTS = 1 << 23
 
-__all__ = ["fused_linear_ihl_loss", "fused_linear_nll_loss"]
+__all__ = ["fused_linear_ihl_loss", "fused_linear_nll_loss", "fused_linear_token_stats"]
 
 _Grads = tuple[Tensor | None, Tensor | None, Tensor | None]
 
@@ -168,19 +168,19 @@ def _autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     )
 
 
-def _fused_linear_loss(
-    loss: str,
+def _checked_inputs(
+    name: str,
     hidden: Tensor,
     weight: Tensor,
     labels: Tensor,
     bias: Tensor | None,
     ignore_index: int,
-    reduction: str,
     backend: str,
     chunk_rows: int | None,
     validate: bool,
-) -> Tensor:
-    name = f"fused_linear_{loss}_loss"
+) -> tuple[Tensor, Tensor, Tensor | None, str, int]:
+    """``(hidden, weight, bias)`` as ``F.linear`` would see them under autocast, the resolved backend
+    and the rows per chunk, after checking every argument (a clear error for each bad one)."""
     if not isinstance(hidden, Tensor) or not isinstance(weight, Tensor):
         raise TypeError(f"{name} expects tensors for `hidden` and `weight`")
     if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
@@ -195,7 +195,6 @@ def _fused_linear_loss(
         raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a floating dtype")
     if bias is not None and bias.dtype != weight.dtype:
         raise TypeError(f"bias ({bias.dtype}) must have the weight's dtype ({weight.dtype})")
-    _check_reduction(reduction)
     _check_labels(labels, hidden.shape[:-1], weight.shape[0], hidden.device, ignore_index, validate)
     resolved = resolve_backend(backend, hidden.device, has_reference=False)
     if chunk_rows is None:
@@ -203,6 +202,25 @@ def _fused_linear_loss(
         chunk_rows = max(1, budget // weight.shape[0])
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
+    return hidden, weight, bias, resolved, chunk_rows
+
+
+def _fused_linear_loss(
+    loss: str,
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    bias: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    backend: str,
+    chunk_rows: int | None,
+    validate: bool,
+) -> Tensor:
+    _check_reduction(reduction)
+    hidden, weight, bias, resolved, chunk_rows = _checked_inputs(
+        f"fused_linear_{loss}_loss", hidden, weight, labels, bias, ignore_index, backend, chunk_rows, validate
+    )
     return _FusedLinearLoss.apply(
         hidden, weight, bias, labels, loss, ignore_index, reduction, resolved, chunk_rows
     )
@@ -267,3 +285,39 @@ def fused_linear_nll_loss(
     return _fused_linear_loss(
         "nll", hidden, weight, labels, bias, ignore_index, reduction, backend, chunk_rows, validate
     )
+
+
+@torch._disable_dynamo
+def fused_linear_token_stats(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    bias: Tensor | None = None,
+    ignore_index: int = -100,
+    backend: Backend = "auto",
+    chunk_rows: int | None = None,
+    validate: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Teacher-forced metrics of the logits ``z = hidden @ weight.T (+ bias)`` without materialising
+    them: per token ``−log p(y)`` (:func:`fastunlearn.nll_loss`'s row kernels in NLL mode) and whether
+    ``argmax_v z_v = y`` (the first index of the maximum, as ``torch.argmax``), a chunk of rows at a
+    time — the memory of one chunk of logits instead of ``[N, V]``.
+
+    Arguments as in :func:`fused_linear_nll_loss`. Returns ``(nll, hit)``, both shaped like ``labels``:
+    ``nll`` in fp32 (fp64 for fp64 inputs on the PyTorch path), ``hit`` boolean; both are 0/False where
+    the label is ``ignore_index``. A metric, not a loss: computed without gradients.
+    """
+    hidden, weight, bias, resolved, chunk_rows = _checked_inputs(
+        "fused_linear_token_stats", hidden, weight, labels, bias, ignore_index, backend, chunk_rows, validate
+    )
+    impl = _implementation(resolved)
+    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
+    nll, hits = [], []
+    with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
+        for r0, h_chunk, logits in _chunks(h, weight, bias, chunk_rows):
+            chunk_labels = y[r0 : r0 + h_chunk.shape[0]]
+            nll.append(impl.ihl_forward(logits.unsqueeze(0), chunk_labels, ignore_index, loss="nll")[0])
+            hits.append(logits.argmax(dim=-1) == chunk_labels)
+            del logits
+    return torch.cat(nll).view(labels.shape), torch.cat(hits).view(labels.shape)

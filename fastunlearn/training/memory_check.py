@@ -92,7 +92,7 @@ def run_plan(
         init=init,
         method=method,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        fused_linear=method == "ihl" and cfg.fused is not False,
+        fused_linear=cfg.fused is not False,
         dtype="bfloat16" if weights == torch.bfloat16 else "float32",
         fisher_memory=parse_bytes(fisher_memory),
         fisher_batch_size=cfg.fisher_batch_size,
