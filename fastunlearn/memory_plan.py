@@ -119,7 +119,9 @@ buckets (``4n``); ``"fsdp"`` and ``"zero3"`` shard weights, gradients and optimi
 ``world_size`` ranks and gather two decoder layers at a time (the one running and the one prefetched),
 FSDP keeping its root unit (embeddings and output head) gathered for the whole step, ZeRO-3 the
 largest single module. Activations are per rank (``batch_size`` is per device); Fisher accumulators
-are not sharded.
+are not sharded. ZeRO-3 creates the model sharded; fastunlearn's FSDP (:mod:`fastunlearn.training.fsdp`)
+shards it after FILA, so under ``"fsdp"`` loading, the first evaluation, the Fisher passes and FILA
+hold the whole model on every rank.
 
 What is measured and what is assumed. On CPU (``device="cpu"``) every phase of a LoRA run was
 measured within 5 % (tests/test_memory_plan.py: training steps of every method on both paths, with
@@ -638,13 +640,20 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
     weights, gathered = _residency(s, engine, world)
     running = {**weights, **gathered}
     lora = {"LoRA parameters (fp32)": shard(4 * n)} if n else {}
+    # fastunlearn's FSDP (training.fsdp) shards the model after FILA: until then, through loading, the
+    # first evaluation, the Fisher passes and FILA, every rank holds it whole. ZeRO-3 creates it sharded.
+    if engine == "fsdp":
+        before = {"weights (whole until FILA)": w * m.num_params()}
+        before_lora = {"LoRA parameters (fp32)": 4 * n} if n else {}
+    else:
+        before, before_lora = running, lora
     phases: list[Phase] = []
 
     def phase(name: str, moments: dict[str, dict[str, int]], notes: Sequence[str] = ()) -> None:
         kept = {label: {k: int(v) for k, v in terms.items() if v} for label, terms in moments.items()}
         phases.append(Phase(name, kept, tuple(notes)))
 
-    phase("load", {"weights loaded": dict(weights)})
+    phase("load", {"weights loaded": dict(weights if engine != "fsdp" else before)})
 
     # Training state, resident from the first step to the end (the trainer is referenced until return).
     if init == "full":
@@ -746,8 +755,8 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
         phase(
             "evaluate",
             {
-                "before training, decoder layer": {**running, **decoder},
-                "before training, output head": {**running, **_eval_terms(s, True, Ne)},
+                "before training, decoder layer": {**before, **decoder},
+                "before training, output head": {**before, **_eval_terms(s, True, Ne)},
                 "after training, decoder layer": {**state, **decoder},
                 "after training, output head": {**state, **_eval_terms(s, fused, Ne)},
             },
@@ -772,7 +781,7 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
             else:
                 f_acts, f_recompute = Nf * m.layers * _saved_per_token(s, "inputs"), {}
                 f_label = "saved activations and kept inputs"
-        f_static = {**running, **lora}
+        f_static = {**before, **before_lora}
         # The CPU path's buffers (fastunlearn.fisher._grad_sq_torch): per-example gradients of as many
         # examples as fit in 8 MiB (at least one) and their fp32 sum, for the largest layer.
         largest = max(out * n_in for out, n_in in (m.linears()[t] for t in s.targets))
@@ -803,8 +812,8 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
         phase("fisher_forget", fisher_moments, notes)
         phase("fisher_retain", fisher_moments, notes)
         workspace, step = _fila_workspace(s, settings["fila_solver"])
-        fila_static = {**weights, **lora}
-        if sharded:
+        fila_static = {**weights, **lora} if engine != "fsdp" else {**before, **before_lora}
+        if engine == "zero3":
             fila_static["gathered layer"] = w * m.layer_params()
         fila_moment = {**fila_static, "fp32 workspace of one layer": workspace}
         if s.device == "cpu":  # the records of A₀, B₀ go to the host: on a CPU run, the same memory
@@ -838,6 +847,8 @@ def _plan_notes(s: _Setup, settings: dict[str, Any]) -> tuple[str, ...]:
             "one group of layers per pass"
             + (", with checkpointing" if settings["gradient_checkpointing"] else "")
         )
-    if settings["engine"] in ("fsdp", "zero3"):
+    if settings["engine"] == "zero3":
         notes.append("Fisher accumulators are not sharded; FILA gathers one layer at a time")
+    if settings["engine"] == "fsdp":
+        notes.append("fsdp: the model is sharded after FILA (whole on every rank until then)")
     return tuple(notes)

@@ -22,8 +22,9 @@ available, since the plan counts them too. The plan is made for the run as it wi
   the smallest budget they can run with: one layer's forget and retain accumulators.
 - The plan has one dtype for weights and activations; where they differ (fp32 weights under bf16 or
   fp16 autocast: ``init="full"``, ``precision="fp16"``) it is made in fp32, an upper bound.
-- Several processes are planned as DDP replicas (``engine="ddp"``) of ``world_size`` ranks; only the
-  main process decides (:func:`fastunlearn.distributed.on_main` shares its refusal).
+- Several processes are planned as DDP replicas (``engine="ddp"``) of ``world_size`` ranks, or with
+  ``fsdp`` as fastunlearn's FSDP (``engine="fsdp"``: sharded after FILA); only the main process
+  decides (:func:`fastunlearn.distributed.on_main` shares its refusal).
 
 A model the plan cannot describe (not a Llama-architecture decoder, a field it needs missing, target
 modules that are not Llama's linear layers) is not refused: the check is skipped with a warning
@@ -102,7 +103,7 @@ def run_plan(
         merge=cfg.merge,
         target_modules=targets,
         world_size=world_size,
-        engine="ddp" if world_size > 1 else "none",
+        engine=("fsdp" if cfg.fsdp else "ddp") if world_size > 1 else "none",
         device="cuda" if device.type == "cuda" else "cpu",
     )
 
