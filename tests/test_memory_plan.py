@@ -390,10 +390,14 @@ def test_design_choices_move_the_peaks_the_right_way():
     assert dict(fused.phase("train_step").moments["top layer backward"])[
         "forget: ∂L/∂h formed in the forward (fused)"
     ]
-    for engine in ("fsdp", "zero3"):
-        sharded = plan_memory("llama2-70b", engine=engine, world_size=8, gradient_checkpointing=True)
-        weights = dict(sharded.phase("load").terms)
-        assert weights["weights (1/8 shard)"] == -(-2 * model_shape("llama2-70b").num_params() // 8)
+    whole = 2 * model_shape("llama2-70b").num_params()
+    zero3 = plan_memory("llama2-70b", engine="zero3", world_size=8, gradient_checkpointing=True)
+    assert dict(zero3.phase("load").terms)["weights (1/8 shard)"] == -(-whole // 8)
+    # fastunlearn's FSDP shards after FILA: whole weights until then, the shard in training.
+    fsdp = plan_memory("llama2-70b", engine="fsdp", world_size=8, gradient_checkpointing=True)
+    assert dict(fsdp.phase("load").terms)["weights (whole until FILA)"] == whole
+    assert dict(fsdp.phase("fisher_forget").terms)["weights (whole until FILA)"] == whole
+    assert dict(fsdp.phase("train_step").terms)["weights (1/8 shard)"] == -(-whole // 8)
 
 
 def test_to_json_and_table(tmp_path):
