@@ -94,6 +94,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     t.add_argument("--seed", type=int, default=d.seed, help="default: %(default)s")
     add_threads_arg(t)
+    t.add_argument(
+        "--deepspeed",
+        metavar="CONFIG.json",
+        default=None,
+        help="train under DeepSpeed ZeRO with this config (ZeRO-3: the model is loaded sharded); values "
+        'that contradict the options (batch sizes, precision) are refused, "auto" ones filled in; '
+        'needs pip install "fastunlearn[deepspeed]"',
+    )
     lora = p.add_argument_group("LoRA / FILA")
     lora.add_argument("--rank", type=int, default=d.lora_r, help="LoRA rank r (default: %(default)s)")
     lora.add_argument("--alpha", type=float, default=d.lora_alpha, help="LoRA alpha (default: %(default)s)")

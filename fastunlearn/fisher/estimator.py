@@ -36,6 +36,7 @@ operations in every pass.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -46,6 +47,7 @@ from fastunlearn.fisher.estimate import FISHER_MODES, FisherEstimate, FisherMode
 from fastunlearn.fisher.layers import select_linear_layers
 from fastunlearn.fisher.passes import fisher_session, prepare_batches, run_pass
 from fastunlearn.ops._backend import Backend, resolve_backend
+from fastunlearn.sharded import linear_shape
 
 __all__ = ["estimate_fisher"]
 
@@ -115,7 +117,7 @@ def estimate_fisher(
     budget_bytes = None if max_memory is None else parse_bytes(max_memory)
     layers = measured_layers(model, target_modules, mode, backend)
     data = prepare_batches(batches)
-    sizes = {name: 4 * layer.weight.numel() for name, layer in layers.items()}
+    sizes = {name: 4 * math.prod(linear_shape(layer)) for name, layer in layers.items()}
     with fisher_session(model, gradient_checkpointing):
         budget, origin = resolve_budget(
             budget_bytes,

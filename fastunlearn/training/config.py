@@ -83,6 +83,9 @@ class UnlearnConfig:
     unseen: str | os.PathLike | list[str] | None = None  # the extraction rule's unseen text
     reference_model: str | os.PathLike | nn.Module | None = None  # the tofu rule's retain-only model
     eval_max_new_tokens: int = 200  # cap of the greedy answers scored by ROUGE-L
+    # A DeepSpeed config (JSON file or dict): Trainer trains under DeepSpeed ZeRO, ZeRO-3 with the model
+    # created sharded (fastunlearn.training.deepspeed_setup); checked against the options before loading.
+    deepspeed: str | os.PathLike | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -126,6 +129,12 @@ class UnlearnConfig:
             raise ValueError(f"fused must be None, True or False, got {self.fused!r}")
         if self.overwrite and self.resume:
             raise ValueError("overwrite=True and resume=True exclude each other")
+        if isinstance(self.deepspeed, os.PathLike):  # recorded in run_config.json as a string
+            self.deepspeed = os.fspath(self.deepspeed)
+        if self.deepspeed is not None and not isinstance(self.deepspeed, (str, dict)):
+            raise TypeError(
+                f"deepspeed must be a JSON file path or a dict, got {type(self.deepspeed).__name__}"
+            )
 
 
 @dataclass

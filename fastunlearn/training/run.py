@@ -43,6 +43,7 @@ same numbers on every rank; evaluation is not sharded) and ``train.loss`` is the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -60,11 +61,13 @@ from fastunlearn.modeling import (
     quiet_peft_wrap,
     to_training_device,
     training_device,
+    unwrap_model,
 )
 from fastunlearn.patching import fused_blocker, patch, unpatch
 from fastunlearn.training import data as fdata
 from fastunlearn.training import outputs
 from fastunlearn.training.config import INITS, UnlearnConfig, UnlearnResult
+from fastunlearn.training.deepspeed_setup import DeepSpeedSetup, prepare_deepspeed
 from fastunlearn.training.flags import command_line
 from fastunlearn.training.methods import METHODS, NEEDS_RETAIN, sequence_logprobs
 from fastunlearn.training.precision import autocast, load_dtype, resolve_training_precision, weights_dtype
@@ -133,7 +136,9 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
         model.config.use_cache = False
 
 
-def _fila(model, forget_batches, retain_batches, cfg: UnlearnConfig, output_dir: str) -> dict[str, str]:
+def _fila(
+    model, forget_batches, retain_batches, cfg: UnlearnConfig, output_dir: str, ds: DeepSpeedSetup | None
+) -> dict[str, str]:
     """Compute (or, on resume, reload) FILA's row weights and re-initialise the adapters (SPEC §3.2).
 
     Only the row weights are kept (``fisher/row_weights.safetensors``, megabytes at 7B): they are all
@@ -156,6 +161,8 @@ def _fila(model, forget_batches, retain_batches, cfg: UnlearnConfig, output_dir:
             progress=cfg.progress,
         )
         distributed.on_main(lambda: row_weights.save(path, overwrite=True))
+    if ds is not None:
+        ds.release()  # ZeRO-3: the weights the passes left gathered, partitioned before FILA writes
     fila_init(model, row_weights=row_weights, eps=cfg.fila_eps, solver=cfg.fila_solver, seed=cfg.seed)
     return {"row_weights": path}
 
@@ -235,6 +242,11 @@ def unlearn(
     )
     output_dir = os.path.abspath(os.fspath(output_dir))
     distributed.init_from_env()  # under torchrun / accelerate launch: join the ranks' process group
+    ds: DeepSpeedSetup | None = None
+    if cfg.deepspeed is not None:  # read and checked against the options on the main process
+        ds = distributed.on_main(
+            lambda: prepare_deepspeed(cfg.deepspeed, cfg, precision, distributed.world_size())
+        )
 
     run_config = {
         "method": method,
@@ -274,6 +286,8 @@ def unlearn(
     unseen_ex = prepare_unseen(cfg, checked.tokenizer) if plan is not None else []
     forget_ex, retain_ex = checked.forget, checked.retain
 
+    if ds is not None:
+        ds.sharded_loading()  # ZeRO-3: from_pretrained partitions every weight as it reads it
     model, tokenizer = load_model_and_tokenizer(
         model,
         checked.tokenizer,
@@ -283,13 +297,18 @@ def unlearn(
     )
     if cfg.fused and (reason := fused_blocker(model)) is not None:  # refused before anything is written
         raise ValueError(f"fused=True: cannot compute the losses of {type(model).__name__} fused: {reason}")
-    to_training_device(model)
+    if ds is None or not ds.zero3:  # ZeRO-3 shards are already on this rank's device
+        to_training_device(model)
     check_vocab(model, unseen_ex, "unseen")
     pad_id = fdata.pad_id_of(tokenizer)
     dataset = fdata.PairedDataset(forget_ex, retain_ex, seed=cfg.seed)
     distributed.on_main(lambda: (outputs.start_run(dirs), write_json(config_path, run_config)))
 
     metrics: dict[str, Any] = {}
+    # ZeRO-3: the passes before training fetch the partitioned weights through DeepSpeed's hooks.
+    fetching = contextlib.ExitStack()
+    if ds is not None:
+        fetching.enter_context(ds.fetching(model))
     if cfg.evaluate:
         metrics["before"] = _evaluate(model, forget_ex, retain_ex, pad_id, cfg)
     extra_callbacks = []
@@ -317,6 +336,7 @@ def unlearn(
                 fdata.batches(paired_retain, pad_id, cfg.fisher_batch_size),
                 cfg,
                 dirs.build,
+                ds,
             )
     # The loss terms inside the model's forward (fused where possible); labels were checked once above.
     patch(model, fused=cfg.fused, backend=cfg.ihl_backend, validate=False)
@@ -327,6 +347,7 @@ def unlearn(
             with autocast(precision, training_device()):
                 batches = fdata.batches(forget_ex, pad_id, cfg.eval_batch_size)
                 dataset.ref_logp = sequence_logprobs(model, batches)
+        fetching.close()  # Trainer's DeepSpeed engine installs its own hooks
 
         trainer = build_trainer(
             model,
@@ -337,6 +358,7 @@ def unlearn(
             output_dir=dirs.build,
             precision=precision,
             extra_callbacks=extra_callbacks,
+            deepspeed=None if ds is None else ds.config,
         )
         start = time.perf_counter()
         checkpoint = outputs.last_checkpoint(dirs.build) if dirs.resume else None
@@ -355,8 +377,11 @@ def unlearn(
         if cfg.evaluate:
             metrics["after"] = _evaluate(model, forget_ex, retain_ex, pad_id, cfg)
 
+        # Collected on every rank (a collective under ZeRO-3), kept and written by the main process.
+        exported = _collect_outputs(model, init=init, merge=cfg.merge)
+
         def publish() -> dict[str, str]:
-            written = _save_outputs(model, tokenizer, dirs.build, init=init, merge=cfg.merge)
+            written = _save_outputs(model, tokenizer, exported, dirs.build, init=init)
             # metrics.json last: it marks the run finished
             write_json(os.path.join(dirs.build, outputs.COMPLETE_MARKER), metrics)
             outputs.finish_run(dirs)
@@ -364,6 +389,7 @@ def unlearn(
 
         written = distributed.on_main(publish)  # the other ranks wait here until the run is published
     finally:
+        fetching.close()
         unpatch(model)
 
     def published(path: str) -> str:
@@ -425,23 +451,42 @@ def _check_resumable(config_path: str, run_config: dict[str, Any]) -> None:
         raise ValueError(f"cannot resume: the run in {os.path.dirname(config_path)} differs in {mismatched}")
 
 
-def _save_outputs(model: nn.Module, tokenizer: Any, build: str, *, init: str, merge: bool) -> dict[str, str]:
+def _collect_outputs(model: nn.Module, *, init: str, merge: bool) -> dict[str, Any]:
+    """What :func:`_save_outputs` writes, read from the model by every rank (under ZeRO-3 the weights
+    are gathered one module at a time, a collective) and kept by the main process only."""
+    from fastunlearn.sharded import gathered_state_dict
+
+    keep = distributed.is_main()
+    if init == "full":
+        return {"model": gathered_state_dict(unwrap_model(model), keep=keep)}
+    from fastunlearn.fisher import adapter_export, merged_state_dict
+
+    collected: dict[str, Any] = {"adapter": adapter_export(model)}
+    if merge:
+        collected["merged"] = merged_state_dict(model, keep=keep)
+    return collected
+
+
+def _save_outputs(
+    model: nn.Module, tokenizer: Any, collected: dict[str, Any], build: str, *, init: str
+) -> dict[str, str]:
     """Write the trained model into ``build``: the full model (``init="full"``) or the adapter, and the
-    merged model with ``merge``; returns the paths written by kind."""
+    merged model if collected; returns the paths written by kind."""
     if init == "full":
 
         def save_full(tmp: str) -> None:
-            model.save_pretrained(tmp)
+            unwrap_model(model).save_pretrained(tmp, state_dict=collected["model"])
             tokenizer.save_pretrained(tmp)
 
         return {"model": write_dir(os.path.join(build, "model"), save_full)}
-    from fastunlearn.fisher import save_adapter, save_merged
+    from fastunlearn.fisher import save_merged, write_adapter
 
-    written = {"adapter": os.fspath(save_adapter(model, os.path.join(build, "adapter"), overwrite=True))}
-    if merge:
+    adapter = write_adapter(collected["adapter"], os.path.join(build, "adapter"), overwrite=True)
+    written = {"adapter": os.fspath(adapter)}
+    if "merged" in collected:
 
         def save_merged_model(tmp: str) -> None:
-            save_merged(model, tmp, overwrite=True)
+            save_merged(model, tmp, overwrite=True, state_dict=collected["merged"])
             tokenizer.save_pretrained(tmp)
 
         written["merged"] = write_dir(os.path.join(build, "merged"), save_merged_model)

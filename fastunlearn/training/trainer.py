@@ -86,13 +86,15 @@ def build_trainer(
     output_dir: str,
     precision: str = "fp32",
     extra_callbacks: Sequence[TrainerCallback] = (),
+    deepspeed: dict | None = None,
 ):
     """An :class:`UnlearnTrainer` with the paper's schedule: linear warm-up, then linear decay.
 
     ``precision`` is the resolved one (``"fp32"``, ``"bf16"`` or ``"fp16"``; see
     :func:`fastunlearn.training.precision.resolve_training_precision`): bf16 or fp16 autocast, fp16 with loss
     scaling. ``model`` must be patched (:func:`fastunlearn.patch`). Its callbacks are ``cfg.callbacks``
-    then ``extra_callbacks`` (those :func:`unlearn` adds itself).
+    then ``extra_callbacks`` (those :func:`unlearn` adds itself). ``deepspeed``: a checked DeepSpeed
+    config (:mod:`fastunlearn.training.deepspeed_setup`) to train under DeepSpeed ZeRO.
     """
     # Under torchrun each of the W ranks takes its own batch: a step consumes W·batch_size pairs.
     batches_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * distributed.world_size()))
@@ -110,7 +112,10 @@ def build_trainer(
         optim="adamw_torch",
         bf16=precision == "bf16",
         fp16=precision == "fp16",  # with accelerate's GradScaler (loss scaling)
-        use_cpu=training_device().type == "cpu",  # without it, bf16 on CPU is refused as "no GPU"
+        # Without it, bf16 on CPU is refused as "no GPU"; with it, DeepSpeed is not used (its CPU
+        # accelerator runs DeepSpeed without use_cpu).
+        use_cpu=training_device().type == "cpu" and deepspeed is None,
+        deepspeed=deepspeed,
         logging_steps=cfg.logging_steps,
         save_strategy="epoch",
         save_total_limit=1,
