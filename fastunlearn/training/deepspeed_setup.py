@@ -215,5 +215,5 @@ def prepare_deepspeed(
             "restore are whole tensors); use ZeRO-2 or evaluate after the run"
         )
     if importlib.util.find_spec("deepspeed") is None:
-        raise ValueError('deepspeed= needs DeepSpeed: pip install "fastunlearn[deepspeed]"')
+        raise ValueError('DeepSpeed is not installed: pip install "fastunlearn[deepspeed]"')
     return DeepSpeedSetup(config, stage)

@@ -38,7 +38,10 @@ every file (the others wait for it and share its outcome, errors included); the 
 on every rank and any rank's error stops them all; the Fisher passes share the batches; ``Trainer``
 runs DDP. ``metrics.json``'s ``before``/``after`` are evaluated by each rank on the whole sets (the
 same numbers on every rank; evaluation is not sharded) and ``train.loss`` is the mean over the ranks.
-``run_config.json`` records the number of processes, and ``resume`` refuses a different one.
+``run_config.json`` records the number of processes, and ``resume`` refuses a different one. With
+``deepspeed=CONFIG`` ``Trainer`` trains under DeepSpeed ZeRO (:mod:`fastunlearn.training.deepspeed_setup`:
+the config checked before loading, ZeRO-3's partitioned loading and its passes before training), and
+the outputs are collected by every rank (gathered one layer at a time) and written by the main one.
 """
 
 from __future__ import annotations
@@ -454,11 +457,12 @@ def _check_resumable(config_path: str, run_config: dict[str, Any]) -> None:
 def _collect_outputs(model: nn.Module, *, init: str, merge: bool) -> dict[str, Any]:
     """What :func:`_save_outputs` writes, read from the model by every rank (under ZeRO-3 the weights
     are gathered one module at a time, a collective) and kept by the main process only."""
-    from fastunlearn.sharded import gathered_state_dict
+    from fastunlearn.sharded import gathered_state_dict, is_partitioned
 
     keep = distributed.is_main()
-    if init == "full":
-        return {"model": gathered_state_dict(unwrap_model(model), keep=keep)}
+    if init == "full":  # whole weights are saved from the model itself, without a copy in memory
+        partitioned = any(is_partitioned(p) for p in model.parameters())
+        return {"model": gathered_state_dict(unwrap_model(model), keep=keep) if partitioned else None}
     from fastunlearn.fisher import adapter_export, merged_state_dict
 
     collected: dict[str, Any] = {"adapter": adapter_export(model)}
