@@ -211,8 +211,8 @@ def prepare_deepspeed(
     stage = zero_stage(config)
     if stage == 3 and (cfg.stop is not None or cfg.eval_every is not None):
         raise ValueError(
-            "stop= / eval_every= are not supported under DeepSpeed ZeRO-3 yet (the states they keep and "
-            "restore are whole tensors); use ZeRO-2 or evaluate after the run"
+            "stop=RULE and eval_every=N are not supported under DeepSpeed ZeRO-3 yet (the states they keep "
+            "and restore are whole tensors); use ZeRO-2 or evaluate after the run"
         )
     if importlib.util.find_spec("deepspeed") is None:
         raise ValueError('DeepSpeed is not installed: pip install "fastunlearn[deepspeed]"')
