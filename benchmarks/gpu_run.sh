@@ -31,13 +31,13 @@ log() { echo "[gpu_run +$((SECONDS - START))s] $*"; }
 if [ "$DRY" = 1 ]; then
     export TRITON_INTERPRET=1
     BUDGET=${GPU_RUN_BUDGET_S:-1200}
-    LIMITS=(600 600 600 600 600)  # check, bench_ihl, bench_loss, bench_fisher, its --memory: the interpreter on a shared CPU is slow
+    LIMITS=(600 600 600 600 600 60)  # check, bench_ihl, bench_loss, bench_fisher, its --memory, deepspeed: the interpreter on a shared CPU is slow
     RESULTS=$(mktemp -d)  # the committed CPU results are not touched
     PRESET=dry
     CHECK=(--dry-run)
 else
     BUDGET=${GPU_RUN_BUDGET_S:-480}
-    LIMITS=(75 150 100 100 55)
+    LIMITS=(75 150 100 100 55 150)  # the last (DeepSpeed) runs in what is left: GPU_RUN_BUDGET_S=630 for all
     RESULTS=$ROOT/benchmarks/results
     PRESET=gpu
     CHECK=()
@@ -143,6 +143,8 @@ step bench_ihl "${LIMITS[1]}" "$PY" benchmarks/bench_ihl.py --preset "$PRESET"
 step bench_loss "${LIMITS[2]}" "$PY" benchmarks/bench_loss.py --preset "$PRESET"
 step bench_fisher "${LIMITS[3]}" "$PY" benchmarks/bench_fisher.py --preset "$PRESET" --quick
 step bench_fisher_memory "${LIMITS[4]}" "$PY" benchmarks/bench_fisher.py --preset "$PRESET" --memory
+# DeepSpeed ZeRO-3 unlearn vs DDP / one process; writes why it skipped without deepspeed or CUDA
+step gpu_deepspeed "${LIMITS[5]}" "$PY" benchmarks/gpu_deepspeed.py
 
 # --- collect -----------------------------------------------------------------------------------------
 mapfile -t files < <(find "$RESULTS" -maxdepth 1 -type f -newer "$MARK" -name "*_${TAG}*" ! -name "*.tmp" | sort)

@@ -57,6 +57,7 @@ from fastunlearn.ops._backend import BACKENDS, Backend
 from fastunlearn.ops.fused_linear import fused_linear_ihl_loss, fused_linear_nll_loss
 from fastunlearn.ops.ihl import ihl_loss, nll_loss
 from fastunlearn.ops.nll import shift_labels
+from fastunlearn.sharded import is_partitioned
 
 LossType = Literal["ihl", "nll", "seq_logprob"]
 # loss type -> (row loss, reduction)
@@ -159,6 +160,8 @@ def fused_blocker(model: nn.Module) -> str | None:
     head = lm.get_output_embeddings()
     if _head_linears(head) is None:
         return f"its output head is a {type(head).__name__}, not a plain nn.Linear (LoRA on the head?)"
+    if is_partitioned(head.weight):  # read outside the head's forward, where ZeRO-3 would fetch it
+        return "its output head's weight is partitioned (DeepSpeed ZeRO-3)"
     return None
 
 

@@ -26,6 +26,8 @@ INTERNAL: dict[str, tuple[str, ...]] = {
     "fastunlearn.modeling": (),
     # torch.distributed helpers for runs under torchrun / accelerate launch.
     "fastunlearn.distributed": (),
+    # ZeRO-3 partitioned parameters: shapes from the module, gathering one module at a time.
+    "fastunlearn.sharded": (),
     # The memory plan: pure arithmetic on a config's shapes, importable without torch.
     "fastunlearn.model_shapes": (),
     "fastunlearn.memory_plan": ("fastunlearn.model_shapes",),
@@ -34,7 +36,7 @@ INTERNAL: dict[str, tuple[str, ...]] = {
     # FILA's truncated SVD: linear algebra on tensors, nothing of the package.
     "fastunlearn.fisher.solver": (),
     # The losses inside a causal LM's forward: ops applied to a model.
-    "fastunlearn.patching": ("fastunlearn.ops", "fastunlearn.modeling"),
+    "fastunlearn.patching": ("fastunlearn.ops", "fastunlearn.modeling", "fastunlearn.sharded"),
     # The Fisher passes and the teacher-forced metrics compute their NLL at the output head, as the
     # patched forward computes the training losses (one head-call mechanism, patching's).
     "fastunlearn.fisher": (
@@ -43,6 +45,7 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn.patching",
         "fastunlearn._io",
         "fastunlearn.distributed",
+        "fastunlearn.sharded",
     ),
     # The data pipeline (with TOFU's tokenisation beneath it) sits below evaluation, which shares it
     # so that an evaluated prompt is the trained one; the rest of training sits above evaluation.
@@ -66,6 +69,7 @@ INTERNAL: dict[str, tuple[str, ...]] = {
     "fastunlearn.training": (
         "fastunlearn",
         "fastunlearn.distributed",
+        "fastunlearn.sharded",
         "fastunlearn.ops",
         "fastunlearn.modeling",
         "fastunlearn.patching",
@@ -78,6 +82,7 @@ INTERNAL: dict[str, tuple[str, ...]] = {
     ),
     "fastunlearn.demo": (
         "fastunlearn.distributed",
+        "fastunlearn.sharded",
         "fastunlearn.ops",
         "fastunlearn.modeling",
         "fastunlearn.patching",
@@ -89,6 +94,7 @@ INTERNAL: dict[str, tuple[str, ...]] = {
     "fastunlearn.cli": (
         "fastunlearn",
         "fastunlearn.distributed",
+        "fastunlearn.sharded",
         "fastunlearn.ops",
         "fastunlearn.modeling",
         "fastunlearn.patching",
@@ -111,6 +117,7 @@ EXTERNAL: dict[str, tuple[str, ...]] = {
     "fastunlearn.ops": ("torch",),
     "fastunlearn._io": (),
     "fastunlearn.distributed": ("torch",),
+    "fastunlearn.sharded": ("torch", "deepspeed"),
     "fastunlearn.model_shapes": (),
     "fastunlearn.memory_plan": (),
     "fastunlearn.peak_memory": ("torch",),

@@ -108,6 +108,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "full_shard or shard_grad_op, plus auto_wrap (one unit per transformer block) and offload, "
         'e.g. --fsdp "full_shard auto_wrap" (LoRA / FILA runs; no --resume, --stop-when, --eval-every)',
     )
+    p.add_argument(
+        "--deepspeed",
+        metavar="CONFIG.json",
+        default=None,
+        help="train under DeepSpeed ZeRO with this config (ZeRO-3: the model is loaded sharded); values "
+        'that contradict the options (batch sizes, precision) are refused, "auto" ones filled in; '
+        'needs pip install "fastunlearn[deepspeed]"',
+    )
     lora = p.add_argument_group("LoRA / FILA")
     lora.add_argument("--rank", type=int, default=d.lora_r, help="LoRA rank r (default: %(default)s)")
     lora.add_argument("--alpha", type=float, default=d.lora_alpha, help="LoRA alpha (default: %(default)s)")

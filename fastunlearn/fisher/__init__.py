@@ -11,7 +11,8 @@
 - :mod:`~fastunlearn.fisher.row_weights`: :func:`fila_row_weights`, FILA's row weights streamed group
   by group without holding an estimate, and :class:`FilaRowWeights`, their file.
 - :mod:`~fastunlearn.fisher.fila`: :func:`fila_init`, Fisher-initialised LoRA (SPEC §3.2).
-- :mod:`~fastunlearn.fisher.export`: :func:`save_adapter` / :func:`save_merged` for the original base.
+- :mod:`~fastunlearn.fisher.export`: :func:`save_adapter` / :func:`save_merged` for the original base
+  (collected one layer at a time, also from ZeRO-3 partitioned weights).
 
 This layer uses :mod:`fastunlearn.ops` and :mod:`fastunlearn.modeling`; ``peft`` only when a model
 brings it. It knows nothing of training loops, evaluation or the command line.
@@ -20,7 +21,14 @@ brings it. It knows nothing of training loops, evaluation or the command line.
 from fastunlearn.fisher.budget import parse_bytes
 from fastunlearn.fisher.estimate import FISHER_MODES, FisherEstimate, FisherFile
 from fastunlearn.fisher.estimator import estimate_fisher, save_fisher
-from fastunlearn.fisher.export import merged_state_dict, save_adapter, save_merged
+from fastunlearn.fisher.export import (
+    AdapterExport,
+    adapter_export,
+    merged_state_dict,
+    save_adapter,
+    save_merged,
+    write_adapter,
+)
 from fastunlearn.fisher.fila import (
     SOLVERS,
     FilaInit,
@@ -36,10 +44,12 @@ from fastunlearn.fisher.row_weights import FilaRowWeights, fila_row_weights
 __all__ = [
     "FISHER_MODES",
     "SOLVERS",
+    "AdapterExport",
     "FilaInit",
     "FilaRowWeights",
     "FisherEstimate",
     "FisherFile",
+    "adapter_export",
     "estimate_fisher",
     "fila_factors",
     "fila_factors_from_row_weights",
@@ -54,4 +64,5 @@ __all__ = [
     "save_fisher",
     "save_merged",
     "select_linear_layers",
+    "write_adapter",
 ]

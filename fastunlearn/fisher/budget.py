@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fastunlearn.fisher.passes import Data, largest_batch, run_pass
+from fastunlearn.sharded import linear_shape
 
 __all__ = ["available_memory", "format_bytes", "parse_bytes", "plan_groups", "resolve_budget"]
 
@@ -149,7 +150,7 @@ def resolve_budget(
     run_pass(model, largest_batch(data), layers, mode=mode, backend=backend, fold=False)
     torch.cuda.synchronize(device)
     activations = torch.cuda.max_memory_allocated(device) - before
-    scratch = 4 * max(layer.weight.numel() for layer in layers.values())
+    scratch = 4 * max(math.prod(linear_shape(layer)) for layer in layers.values())
     budget = int(0.9 * (available_memory(device) - activations)) - scratch
     origin = (
         f"the default Fisher memory budget (free {device} memory after the model and "

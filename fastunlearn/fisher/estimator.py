@@ -38,6 +38,7 @@ computed by the same operations in every pass.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -50,6 +51,7 @@ from fastunlearn.fisher.estimate import FISHER_MODES, FisherEstimate, FisherFile
 from fastunlearn.fisher.layers import select_linear_layers
 from fastunlearn.fisher.passes import Data, fisher_session, prepare_batches, run_pass
 from fastunlearn.ops._backend import Backend, resolve_backend
+from fastunlearn.sharded import linear_shape
 
 __all__ = ["estimate_fisher", "save_fisher"]
 
@@ -181,7 +183,7 @@ def save_fisher(
         progress=progress,
         cpu_default=lambda sizes: available_memory(torch.device("cpu")) // 2,
     )
-    shapes = {name: tuple(layer.weight.shape) for name, layer in layers.items()}
+    shapes = {name: linear_shape(layer) for name, layer in layers.items()}
     written = FisherFile(shapes, num_examples=data.num_examples, num_tokens=data.num_tokens, mode=mode)
     with contextlib.closing(estimates):
         written.write(path, ((name, tensor) for name, tensor, _ in estimates), overwrite=overwrite)
@@ -204,7 +206,7 @@ def _layer_estimates(
     by group as the passes end, with the number of groups. The Fisher session (frozen weights, hooks)
     is open while the caller consumes them; ``cpu_default(sizes)``: the budget on the CPU without
     ``max_memory`` (bytes), from each layer's accumulator bytes."""
-    sizes = {name: 4 * layer.weight.numel() for name, layer in layers.items()}
+    sizes = {name: 4 * math.prod(linear_shape(layer)) for name, layer in layers.items()}
     with fisher_session(model, gradient_checkpointing):
         budget, origin = resolve_budget(
             max_memory,

@@ -5,13 +5,23 @@ weight the trained model is a rank-``2r`` LoRA adapter with the same scaling. :f
 writes exactly that as a standard ``peft`` adapter; :func:`save_merged` writes the merged full model.
 (The reference code saves ``B, A`` and loads them onto the original base, double-counting ``B₀A₀``.)
 ``A₀``, ``B₀`` and ``s`` are the records :func:`fastunlearn.fisher.fila.fila_init` left on each layer.
+
+Under DeepSpeed ZeRO-3 the weights are partitioned: the tensors are gathered one layer at a time
+(:func:`fastunlearn.sharded.gathered`, a collective) and copied to the CPU. So under several processes
+the collection (:func:`adapter_export`, :func:`merged_state_dict`) runs on every rank and the writing
+(:func:`write_adapter`, :func:`save_merged` given ``state_dict=``) on the main one. Under FSDP the
+caller gathers the whole state first (:func:`fastunlearn.training.fsdp.gathered_state`) and passes it
+as ``state_dict=``: the tensors are then read from it, under the names it has after the wrappers'
+prefixes are stripped.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +31,21 @@ from torch import Tensor, nn
 from fastunlearn._io import atomic_directory
 from fastunlearn.fisher.fila import _require_lora_model, fila_record
 from fastunlearn.modeling import strip_wrappers, unwrap_model
+from fastunlearn.sharded import gathered
 
 # Submodule names under which peft keeps LoRA tensors (never part of the merged checkpoint).
 _ADAPTER_PARTS = frozenset(
     {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
 )
 
-__all__ = ["merged_state_dict", "save_adapter", "save_merged"]
+__all__ = [
+    "AdapterExport",
+    "adapter_export",
+    "merged_state_dict",
+    "save_adapter",
+    "save_merged",
+    "write_adapter",
+]
 
 
 def _require_peft_model(model: nn.Module) -> None:
@@ -35,6 +53,14 @@ def _require_peft_model(model: nn.Module) -> None:
 
     if not isinstance(model, PeftModel):
         raise TypeError(f"expected a peft.PeftModel, got {type(model).__name__}")
+
+
+@dataclass(frozen=True)
+class AdapterExport:
+    """An adapter ready to write: its ``peft`` config and its tensors (on the CPU)."""
+
+    config: Any
+    tensors: dict[str, Tensor]
 
 
 def save_adapter(
@@ -56,24 +82,38 @@ def save_adapter(
 
     Writes ``adapter_config.json`` and ``adapter_model.safetensors`` into ``path`` atomically; an
     existing non-empty ``path`` is replaced only with ``overwrite=True``. Returns the path.
-
-    ``state_dict``: the model's LoRA tensors in full, under the plain ``peft`` model's names, when the
-    model's own are shards (FSDP: :func:`fastunlearn.training.fsdp.gathered_state`).
+    ``state_dict``: the ``peft`` model's whole state when its own tensors are shards (FSDP; module
+    docstring).
     """
+    export = adapter_export(model, adapter_name=adapter_name, state_dict=state_dict)
+    return write_adapter(export, path, overwrite=overwrite)
+
+
+def adapter_export(
+    model: nn.Module, *, adapter_name: str = "default", state_dict: Mapping[str, Tensor] | None = None
+) -> AdapterExport:
+    """What :func:`save_adapter` writes, collected: under ZeRO-3 each LoRA layer's factors are gathered
+    in turn, so every rank must call it; with ``state_dict`` (FSDP's gathered state) they are read
+    from it (module docstring)."""
     _require_peft_model(model)
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
     layers = _require_lora_model(model, adapter_name)
-    peft_state = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=adapter_name)
+    with warnings.catch_warnings():
+        # Under ZeRO-3 peft warns of the empty (partitioned) factors: they are gathered just below.
+        warnings.filterwarnings("ignore", message=r"Adapter .* invalid shape")
+        peft_state = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=adapter_name)
     state = {strip_wrappers(k): v.detach() for k, v in peft_state.items()}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     for name, (full_name, layer) in layers.items():
-        full_name = strip_wrappers(full_name)
         key_A, key_B = f"{full_name}.lora_A.weight", f"{full_name}.lora_B.weight"
         if key_A not in state or key_B not in state:
             raise ValueError(f"peft's state dict has no {key_A!r}/{key_B!r}; cannot export layer {name!r}")
+        if state_dict is None:
+            params = [layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight]
+            with gathered(params):  # whole on every rank inside (ZeRO-3), copied out before the shards return
+                state[key_A], state[key_B] = (p.detach().to("cpu", copy=True) for p in params)
         scaling = float(layer.scaling[adapter_name])
         record = fila_record(layer, adapter_name)
         if record is not None:
@@ -93,10 +133,20 @@ def save_adapter(
     if base and os.path.isdir(base):
         # As typed ("./model") the path resolves only from the directory the run was started in.
         config.base_model_name_or_path = os.path.abspath(base)
-    tensors = {k: v.to("cpu").contiguous() for k, v in state.items()}
+    empty = sorted(k for k, v in state.items() if v.numel() == 0)
+    if empty:  # a peft extra (modules_to_save, biases) partitioned by ZeRO-3: not a LoRA factor
+        raise ValueError(f"cannot export the adapter tensors {empty[:4]}: they are empty (partitioned?)")
+    return AdapterExport(config, {k: v.to("cpu").contiguous() for k, v in state.items()})
+
+
+def write_adapter(export: AdapterExport, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write an :func:`adapter_export` as ``adapter_config.json`` + ``adapter_model.safetensors``
+    into ``path``, atomically (see :func:`save_adapter`)."""
+    from safetensors.torch import save_file
+
     with atomic_directory(path, overwrite=overwrite) as tmp:
-        config.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        export.config.save_pretrained(str(tmp))
+        save_file(export.tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
     return Path(path)
 
 
@@ -105,23 +155,56 @@ def _integral(value: float) -> float | int:
 
 
 def merged_state_dict(
-    model: nn.Module, *, adapter_name: str = "default", state_dict: Mapping[str, Tensor] | None = None
+    model: nn.Module,
+    *,
+    adapter_name: str = "default",
+    keep: bool = True,
+    state_dict: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """The plain model's state dict with every LoRA layer merged: ``W_res + s·B·A`` (= ``W + ΔW``).
 
-    Keys are those of the un-wrapped model (``...q_proj.weight``); adapter tensors are left out. Merged
-    weights are computed in fp32, rounded to the base dtype and moved to the CPU one at a time.
-    ``state_dict``: the ``peft`` model's whole state in full when its own tensors are shards (FSDP:
-    :func:`fastunlearn.training.fsdp.gathered_state`).
+    Keys are those of the un-wrapped model (``...q_proj.weight``); adapter tensors are left out. The
+    model is read one module at a time (under ZeRO-3 each module's parameters, with its LoRA factors,
+    are gathered in turn: every rank must call it; ``keep=False`` takes part without keeping a copy).
+    Merged weights are computed in fp32, rounded to the base dtype and moved to the CPU one at a time.
+    ``state_dict``: the ``peft`` model's whole state when its own tensors are shards (FSDP; module
+    docstring), read instead of the model.
     """
     _require_peft_model(model)
     layers = _require_lora_model(model, adapter_name)
-    by_prefix = {name + ".": layer for name, (_, layer) in layers.items()}
-    if state_dict is None:
-        source = unwrap_model(model).state_dict()
-    else:
-        source = {strip_wrappers(k).removeprefix("base_model.model."): v for k, v in state_dict.items()}
+    if state_dict is not None:
+        return _merged_from_state(layers, state_dict, adapter_name)
+    lora_of_base = {id(layer.get_base_layer()): layer for _, (_, layer) in layers.items()}
     state: dict[str, Any] = {}
+    for prefix, module in unwrap_model(model).named_modules():
+        if _ADAPTER_PARTS.intersection(prefix.split(".")):
+            continue
+        params = list(module.parameters(recurse=False))
+        lora = lora_of_base.get(id(module))
+        if lora is not None:
+            params += [lora.lora_A[adapter_name].weight, lora.lora_B[adapter_name].weight]
+        with gathered(params), torch.no_grad():
+            if not keep:
+                continue
+            for name, tensor in module.state_dict(keep_vars=True).items():
+                if "." in name:  # a submodule's: taken in its own turn
+                    continue
+                key = f"{prefix}.{name}".replace(".base_layer.", ".") if prefix else name
+                if lora is not None and name == "weight":
+                    A = lora.lora_A[adapter_name].weight.float()
+                    B = lora.lora_B[adapter_name].weight.float()
+                    merged = tensor.float() + float(lora.scaling[adapter_name]) * (B @ A)
+                    tensor = merged.to(tensor.dtype)
+                state[key] = tensor.detach().to("cpu", copy=True)
+    return state
+
+
+def _merged_from_state(
+    layers: Mapping[str, Any], state_dict: Mapping[str, Tensor], adapter_name: str
+) -> dict[str, Tensor]:
+    by_prefix = {name + ".": layer for name, (_, layer) in layers.items()}
+    source = {strip_wrappers(k).removeprefix("base_model.model."): v for k, v in state_dict.items()}
+    state: dict[str, Tensor] = {}
     for key, tensor in source.items():
         if _ADAPTER_PARTS.intersection(key.split(".")):
             continue
@@ -144,15 +227,16 @@ def save_merged(
     *,
     adapter_name: str = "default",
     overwrite: bool = False,
-    state_dict: Mapping[str, Tensor] | None = None,
+    state_dict: dict[str, Tensor] | None = None,
 ) -> Path:
     """Write the trained model with its LoRA adapter merged, as a plain ``transformers`` checkpoint.
 
     Every LoRA-wrapped weight becomes ``W_res + s·B·A`` (for FILA: the original ``W`` plus ``ΔW``);
     ``AutoModelForCausalLM.from_pretrained(path)`` loads it without ``peft``. Safetensors, written
-    atomically; the model itself is not modified. ``state_dict``: as for :func:`merged_state_dict`.
+    atomically; the model itself is not modified. ``state_dict``: the :func:`merged_state_dict` already
+    collected (under ZeRO-3, by every rank; this then writes without a collective).
     """
-    state = merged_state_dict(model, adapter_name=adapter_name, state_dict=state_dict)
+    state = merged_state_dict(model, adapter_name=adapter_name) if state_dict is None else state_dict
     base = unwrap_model(model)
     with atomic_directory(path, overwrite=overwrite) as tmp:
         base.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)

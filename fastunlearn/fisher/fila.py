@@ -50,9 +50,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from fastunlearn import distributed
 from fastunlearn.fisher.row_weights import check_eps, row_weight
 from fastunlearn.fisher.solver import truncated_svd
 from fastunlearn.modeling import canonical_name
+from fastunlearn.sharded import gathered, linear_shape
 
 Solver = Literal["truncated", "svd", "randomized"]
 SOLVERS = ("truncated", "svd", "randomized")
@@ -283,20 +285,20 @@ def fila_init(
         _check_layer(name, layer, adapter_name)
         if adapter_name in getattr(layer, _RECORD_ATTR, {}):
             raise ValueError(f"LoRA layer {name!r} is already FILA-initialised for adapter {adapter_name!r}")
-        weight = layer.get_base_layer().weight
+        weight_shape = linear_shape(layer.get_base_layer())  # not weight.shape: empty under ZeRO-3
         rank = layer.r[adapter_name]
-        if rank > min(weight.shape):
+        if rank > min(weight_shape):
             raise ValueError(
-                f"LoRA rank {rank} of layer {name!r} exceeds min(out, in) = {min(weight.shape)} of its "
-                f"weight {tuple(weight.shape)}"
+                f"LoRA rank {rank} of layer {name!r} exceeds min(out, in) = {min(weight_shape)} of its "
+                f"weight {weight_shape}"
             )
         for what, table in tables.items():
             value = table[name]
-            shape = (weight.shape[0],) if row_weights is not None else tuple(weight.shape)
+            shape = (weight_shape[0],) if row_weights is not None else weight_shape
             if tuple(value.shape) != shape:
                 raise ValueError(
                     f"the {what} of layer {name!r} has shape {tuple(value.shape)}, expected {shape} for "
-                    f"its weight {tuple(weight.shape)}"
+                    f"its weight {weight_shape}"
                 )
             # Checked for every layer before any is modified, so a bad input leaves the model intact.
             if not bool(torch.isfinite(value).all()):
@@ -322,9 +324,25 @@ def _init_layer(
     name: str, layer: nn.Module, d: Tensor, eps: float, solver: str, seed: int, adapter: str
 ) -> None:
     base = layer.get_base_layer()
+    lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    # Under ZeRO-3 the three tensors are whole only inside the gather, one layer at a time; rank 0's
+    # writes are what DeepSpeed partitions back (fastunlearn.sharded). A no-op otherwise.
+    with gathered([base.weight, lora_A, lora_B], modifier_rank=0):
+        _init_gathered(name, layer, d, eps, solver, seed, adapter)
+
+
+def _init_gathered(
+    name: str, layer: nn.Module, d: Tensor, eps: float, solver: str, seed: int, adapter: str
+) -> None:
+    base = layer.get_base_layer()
     scaling = float(layer.scaling[adapter])
     W = base.weight.float()
     A, B = fila_factors_from_row_weights(W, d, layer.r[adapter], scaling, eps=eps, solver=solver, seed=seed)
+    # Every rank computes the same factors from the same W and d; rank 0's are sent to all anyway, so the
+    # records (and any adapter exported from any rank) are the same bits everywhere, whatever the
+    # solver's reduction order on each device.
+    distributed.broadcast(A)
+    distributed.broadcast(B)
     if not bool(A.abs().sum() > 0):
         warnings.warn(
             f"layer {name!r}: the relative Fisher is zero in every row, so FILA initialises its adapter to "

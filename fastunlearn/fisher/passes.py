@@ -54,6 +54,7 @@ from fastunlearn.ops.fused_linear import fused_linear_nll_loss
 from fastunlearn.ops.grad_sq import per_example_grad_sq
 from fastunlearn.ops.nll import shift_labels, shifted_nll
 from fastunlearn.patching import find_causal_lm, head_computes, takes_fused_path
+from fastunlearn.sharded import is_partitioned, linear_shape
 
 __all__ = ["Batch", "Data", "fisher_session", "prepare_batches", "run_pass"]
 
@@ -154,6 +155,7 @@ class _Folder:
         self.batch_weight = 1.0
         self.in_forward = False
         self.calls: dict[str, int] = {}
+        self.folding = True  # False: a pass run only to take part in ZeRO-3's collectives (run_pass)
 
     def start_batch(self, batch: Batch) -> None:
         self.batch_size = batch.labels.shape[0]
@@ -187,7 +189,7 @@ class _Folder:
         return forward_hook
 
     def fold(self, name: str, x: Tensor, grad: Tensor) -> None:
-        if self.sums is None:
+        if self.sums is None or not self.folding:
             return
         B = x.shape[0]
         inputs = x.reshape(B, -1, x.shape[-1])
@@ -253,7 +255,8 @@ def _fused_loss_applies(model: nn.Module, layers: Mapping[str, nn.Linear]) -> bo
 
 
 def _zeros(layer: nn.Linear) -> Tensor:
-    return torch.zeros(layer.weight.shape, dtype=torch.float32, device=layer.weight.device)
+    # The shape from the module: under ZeRO-3 the weight itself is an empty shard (fastunlearn.sharded).
+    return torch.zeros(linear_shape(layer), dtype=torch.float32, device=layer.weight.device)
 
 
 def run_pass(
@@ -274,7 +277,9 @@ def run_pass(
 
     Under ``torchrun`` (:mod:`fastunlearn.distributed`) rank ``r`` of ``W`` passes batches ``r, r+W,
     ...`` and the sums are all-reduced at the end, so every rank returns the single-process sums (the
-    fold is a sum over examples, and each batch is folded on exactly one rank)."""
+    fold is a sum over examples, and each batch is folded on exactly one rank). Under ZeRO-3 every
+    forward and backward gathers the partitioned weights with all ranks, so a rank with one batch
+    fewer runs one more pass that folds nothing."""
     from tqdm.auto import tqdm
 
     anchor = torch.zeros((), device=model_device(model), requires_grad=True)
@@ -283,7 +288,13 @@ def run_pass(
     handles = [layer.register_forward_hook(folder.hook(name)) for name, layer in layers.items()]
     try:
         batches = distributed.shard(data.batches) if fold else data.batches
-        for batch in tqdm(batches, desc=desc, disable=not (progress and distributed.is_main())):
+        folding = [True] * len(batches)
+        if fold and any(is_partitioned(p) for p in model.parameters()):
+            missing = math.ceil(len(data.batches) / distributed.world_size()) - len(batches)
+            batches, folding = batches + data.batches[:missing], folding + [False] * missing
+        hidden = not (progress and distributed.is_main())
+        steps = zip(batches, folding)
+        for batch, folder.folding in tqdm(steps, total=len(batches), desc=desc, disable=hidden):
             folder.start_batch(batch)
             with torch.enable_grad():
                 loss = _batch_loss(model, batch, mode, fused)

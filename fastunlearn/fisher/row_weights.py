@@ -36,6 +36,7 @@ from fastunlearn.fisher.estimator import measured_layers
 from fastunlearn.fisher.passes import fisher_session, prepare_batches, run_pass
 from fastunlearn.modeling import canonical_name
 from fastunlearn.ops._backend import Backend
+from fastunlearn.sharded import linear_shape
 
 FORMAT = "fastunlearn.fila_row_weights"
 FORMAT_VERSION = "1"
@@ -212,7 +213,7 @@ def fila_row_weights(
     budget_bytes = None if max_memory is None else parse_bytes(max_memory)
     layers = measured_layers(model, target_modules, mode, backend)
     data = {"forget": prepare_batches(forget, "forget"), "retain": prepare_batches(retain, "retain")}
-    sizes = {name: 8 * layer.weight.numel() for name, layer in layers.items()}
+    sizes = {name: 8 * math.prod(linear_shape(layer)) for name, layer in layers.items()}
     scale = {what: 1.0 / (d.num_tokens if mode == "batch" else d.num_examples) for what, d in data.items()}
     weights: dict[str, Tensor] = {}
     with fisher_session(model, gradient_checkpointing):

@@ -89,6 +89,9 @@ class UnlearnConfig:
     # Shard the model over the ranks for training with FSDP2 (fastunlearn.training.fsdp): transformers'
     # --fsdp words, e.g. "full_shard auto_wrap"; None: not sharded (DDP under several processes).
     fsdp: str | None = None
+    # A DeepSpeed config (JSON file or dict): Trainer trains under DeepSpeed ZeRO, ZeRO-3 with the model
+    # created sharded (fastunlearn.training.deepspeed_setup); checked against the options before loading.
+    deepspeed: str | os.PathLike | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         positive = (
@@ -133,9 +136,16 @@ class UnlearnConfig:
         if self.overwrite and self.resume:
             raise ValueError("overwrite=True and resume=True exclude each other")
         if self.fsdp is not None:
-            from fastunlearn.training.fsdp import parse_fsdp
+            from fastunlearn.training.fsdp import check_single_engine, parse_fsdp
 
             parse_fsdp(self.fsdp)
+            check_single_engine(fsdp=self.fsdp, deepspeed=self.deepspeed)
+        if isinstance(self.deepspeed, os.PathLike):  # recorded in run_config.json as a string
+            self.deepspeed = os.fspath(self.deepspeed)
+        if self.deepspeed is not None and not isinstance(self.deepspeed, (str, dict)):
+            raise TypeError(
+                f"deepspeed must be a JSON file path or a dict, got {type(self.deepspeed).__name__}"
+            )
 
 
 @dataclass

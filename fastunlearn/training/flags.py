@@ -61,6 +61,7 @@ FLAGS: dict[str, str] = {
     "progress": "--no-progress",
     "allow_download": "--allow-download",
     "trust_remote_code": "--trust-remote-code",
+    "deepspeed": "--deepspeed",
 }
 NEGATED = frozenset({"evaluate", "progress", "memory_check"})
 # unlearn()'s own arguments
@@ -119,7 +120,7 @@ def command_line(
         for k, v in options.items()
         if k not in FLAGS and v != defaults.get(k) and not (k == "callbacks" and not v)
     ]
-    if not all(_is_path(x) for x in sources) or unspellable:
+    if not all(_is_path(x) for x in sources) or unspellable or isinstance(options.get("deepspeed"), Mapping):
         return None
     argv = ["fastunlearn", "unlearn", os.fspath(model)]
     for name, value in (("tokenizer", tokenizer), ("forget", forget), ("retain", retain)):

@@ -37,15 +37,19 @@ Under ``torchrun`` / ``accelerate launch`` (:mod:`fastunlearn.distributed`) ever
 function: the main process alone plans, clears, stages and publishes the output directory and writes
 every file (the others wait for it and share its outcome, errors included); the read-only checks run
 on every rank and any rank's error stops them all; the Fisher passes share the batches; ``Trainer``
-runs DDP, or with ``fsdp`` trains the model sharded after FILA (:mod:`fastunlearn.training.fsdp`).
+runs DDP, or with ``fsdp`` trains the model sharded after FILA (:mod:`fastunlearn.training.fsdp`),
+or with ``deepspeed=CONFIG`` under DeepSpeed ZeRO (:mod:`fastunlearn.training.deepspeed_setup`: the
+config checked before loading, ZeRO-3's partitioned loading and its passes before training).
 ``metrics.json``'s ``before``/``after`` are evaluated with the ranks sharing the examples (their
 per-example numbers gathered, the means taken on all of them) and ``train.loss`` is the mean over the
-ranks; the stopping rule's evaluations are shared the same way.
-``run_config.json`` records the number of processes, and ``resume`` refuses a different one.
+ranks; the stopping rule's evaluations are shared the same way. The outputs are collected by every
+rank (a collective under FSDP and ZeRO-3: gathered one tensor or layer at a time) and written by the
+main one. ``run_config.json`` records the number of processes, and ``resume`` refuses a different one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -63,11 +67,13 @@ from fastunlearn.modeling import (
     quiet_peft_wrap,
     to_training_device,
     training_device,
+    unwrap_model,
 )
 from fastunlearn.patching import fused_blocker, patch, unpatch
 from fastunlearn.training import data as fdata
 from fastunlearn.training import fsdp, outputs
 from fastunlearn.training.config import INITS, UnlearnConfig, UnlearnResult
+from fastunlearn.training.deepspeed_setup import DeepSpeedSetup, prepare_deepspeed
 from fastunlearn.training.flags import command_line
 from fastunlearn.training.memory_check import check_memory
 from fastunlearn.training.methods import METHODS, NEEDS_RETAIN, sequence_logprobs
@@ -138,7 +144,9 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
         model.config.use_cache = False
 
 
-def _fila(model, forget_batches, retain_batches, cfg: UnlearnConfig, output_dir: str) -> dict[str, str]:
+def _fila(
+    model, forget_batches, retain_batches, cfg: UnlearnConfig, output_dir: str, ds: DeepSpeedSetup | None
+) -> dict[str, str]:
     """Compute (or, on resume, reload) FILA's row weights and re-initialise the adapters (SPEC §3.2).
 
     Only the row weights are kept (``fisher/row_weights.safetensors``, megabytes at 7B): they are all
@@ -161,6 +169,8 @@ def _fila(model, forget_batches, retain_batches, cfg: UnlearnConfig, output_dir:
             progress=cfg.progress,
         )
         distributed.on_main(lambda: row_weights.save(path, overwrite=True))
+    if ds is not None:
+        ds.release()  # ZeRO-3: the weights the passes left gathered, partitioned before FILA writes
     fila_init(model, row_weights=row_weights, eps=cfg.fila_eps, solver=cfg.fila_solver, seed=cfg.seed)
     return {"row_weights": path}
 
@@ -246,6 +256,11 @@ def unlearn(
         fsdp_plan = fsdp.check_fsdp_run(
             cfg.fsdp, init, resume=cfg.resume, evaluates_during_training=evaluates
         )
+    ds: DeepSpeedSetup | None = None
+    if cfg.deepspeed is not None:  # read and checked against the options on the main process
+        ds = distributed.on_main(
+            lambda: prepare_deepspeed(cfg.deepspeed, cfg, precision, distributed.world_size())
+        )
 
     run_config = {
         "method": method,
@@ -283,6 +298,8 @@ def unlearn(
     unseen_ex = prepare_unseen(cfg, checked.tokenizer) if plan is not None else []
     forget_ex, retain_ex = checked.forget, checked.retain
 
+    if ds is not None:
+        ds.sharded_loading()  # ZeRO-3: from_pretrained partitions every weight as it reads it
     model, tokenizer = load_model_and_tokenizer(
         model,
         checked.tokenizer,
@@ -292,13 +309,18 @@ def unlearn(
     )
     if cfg.fused and (reason := fused_blocker(model)) is not None:  # refused before anything is written
         raise ValueError(f"fused=True: cannot compute the losses of {type(model).__name__} fused: {reason}")
-    to_training_device(model)
+    if ds is None or not ds.zero3:  # ZeRO-3 shards are already on this rank's device
+        to_training_device(model)
     check_vocab(model, unseen_ex, "unseen")
     pad_id = fdata.pad_id_of(tokenizer)
     dataset = fdata.PairedDataset(forget_ex, retain_ex, seed=cfg.seed)
     distributed.on_main(lambda: (outputs.start_run(dirs), write_json(config_path, run_config)))
 
     metrics: dict[str, Any] = {}
+    # ZeRO-3: the passes before training fetch the partitioned weights through DeepSpeed's hooks.
+    fetching = contextlib.ExitStack()
+    if ds is not None:
+        fetching.enter_context(ds.fetching(model))
     if cfg.evaluate:
         metrics["before"] = _evaluate(model, forget_ex, retain_ex, pad_id, cfg)
     extra_callbacks = []
@@ -326,6 +348,7 @@ def unlearn(
                 fdata.batches(paired_retain, pad_id, cfg.fisher_batch_size),
                 cfg,
                 dirs.build,
+                ds,
             )
     # The loss terms inside the model's forward (fused where possible); labels were checked once above.
     patch(model, fused=cfg.fused, backend=cfg.ihl_backend, validate=False)
@@ -336,6 +359,7 @@ def unlearn(
             with autocast(precision, training_device()):
                 batches = fdata.batches(forget_ex, pad_id, cfg.eval_batch_size)
                 dataset.ref_logp = sequence_logprobs(model, batches)
+        fetching.close()  # Trainer's DeepSpeed engine installs its own hooks
 
         wrapped = None
         if fsdp_plan is not None:  # after the Fisher passes and FILA (fastunlearn.training.fsdp)
@@ -351,6 +375,7 @@ def unlearn(
             precision=precision,
             extra_callbacks=extra_callbacks,
             wrapped_model=wrapped,
+            deepspeed=None if ds is None else ds.config,
         )
         start = time.perf_counter()
         checkpoint = outputs.last_checkpoint(dirs.build) if dirs.resume else None
@@ -369,13 +394,12 @@ def unlearn(
         if cfg.evaluate:
             metrics["after"] = _evaluate(model, forget_ex, retain_ex, pad_id, cfg)
 
-        # Sharded: the tensors to export, gathered from every rank into the main process's memory.
-        state = fsdp.gathered_state(model, trainable_only=not cfg.merge) if wrapped is not None else None
+        # Collected on every rank (a collective under FSDP and ZeRO-3), kept and written by the main process.
+        gathered = fsdp.gathered_state(model, trainable_only=not cfg.merge) if wrapped is not None else None
+        exported = _collect_outputs(model, init=init, merge=cfg.merge, state_dict=gathered)
 
         def publish() -> dict[str, str]:
-            written = _save_outputs(
-                model, tokenizer, dirs.build, init=init, merge=cfg.merge, state_dict=state
-            )
+            written = _save_outputs(model, tokenizer, exported, dirs.build, init=init)
             # metrics.json last: it marks the run finished
             write_json(os.path.join(dirs.build, outputs.COMPLETE_MARKER), metrics)
             outputs.finish_run(dirs)
@@ -383,6 +407,7 @@ def unlearn(
 
         written = distributed.on_main(publish)  # the other ranks wait here until the run is published
     finally:
+        fetching.close()
         unpatch(model)
 
     def published(path: str) -> str:
@@ -405,7 +430,6 @@ def unlearn(
 def _absolute(source: Any) -> Any:
     """A path made absolute (the recorded command must run from anywhere); anything else as it is."""
     return os.path.abspath(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else source
-
 
 
 def _check_memory(model, checked, method: str, init: str, cfg: UnlearnConfig, precision: str) -> None:
@@ -459,27 +483,47 @@ def _check_resumable(config_path: str, run_config: dict[str, Any]) -> None:
         raise ValueError(f"cannot resume: the run in {os.path.dirname(config_path)} differs in {mismatched}")
 
 
+def _collect_outputs(
+    model: nn.Module, *, init: str, merge: bool, state_dict: dict | None = None
+) -> dict[str, Any]:
+    """What :func:`_save_outputs` writes, read from the model by every rank (under ZeRO-3 the weights
+    are gathered one module at a time, a collective) and kept by the main process only.
+    ``state_dict``: the gathered state of an FSDP-sharded LoRA model
+    (:func:`fastunlearn.training.fsdp.gathered_state`), read instead of the model."""
+    from fastunlearn.sharded import gathered_state_dict, is_partitioned
+
+    keep = distributed.is_main()
+    if init == "full":  # whole weights are saved from the model itself, without a copy in memory
+        partitioned = any(is_partitioned(p) for p in model.parameters())
+        return {"model": gathered_state_dict(unwrap_model(model), keep=keep) if partitioned else None}
+    from fastunlearn.fisher import adapter_export, merged_state_dict
+
+    collected: dict[str, Any] = {"adapter": adapter_export(model, state_dict=state_dict)}
+    if merge:
+        collected["merged"] = merged_state_dict(model, keep=keep, state_dict=state_dict)
+    return collected
+
+
 def _save_outputs(
-    model: nn.Module, tokenizer: Any, build: str, *, init: str, merge: bool, state_dict: dict | None = None
+    model: nn.Module, tokenizer: Any, collected: dict[str, Any], build: str, *, init: str
 ) -> dict[str, str]:
     """Write the trained model into ``build``: the full model (``init="full"``) or the adapter, and the
-    merged model with ``merge``; returns the paths written by kind. ``state_dict``: the gathered state
-    of a sharded LoRA model (:func:`fastunlearn.training.fsdp.gathered_state`)."""
+    merged model if collected; returns the paths written by kind."""
     if init == "full":
 
         def save_full(tmp: str) -> None:
-            model.save_pretrained(tmp)
+            unwrap_model(model).save_pretrained(tmp, state_dict=collected["model"])
             tokenizer.save_pretrained(tmp)
 
         return {"model": write_dir(os.path.join(build, "model"), save_full)}
-    from fastunlearn.fisher import save_adapter, save_merged
+    from fastunlearn.fisher import save_merged, write_adapter
 
-    adapter = save_adapter(model, os.path.join(build, "adapter"), overwrite=True, state_dict=state_dict)
+    adapter = write_adapter(collected["adapter"], os.path.join(build, "adapter"), overwrite=True)
     written = {"adapter": os.fspath(adapter)}
-    if merge:
+    if "merged" in collected:
 
         def save_merged_model(tmp: str) -> None:
-            save_merged(model, tmp, overwrite=True, state_dict=state_dict)
+            save_merged(model, tmp, overwrite=True, state_dict=collected["merged"])
             tokenizer.save_pretrained(tmp)
 
         written["merged"] = write_dir(os.path.join(build, "merged"), save_merged_model)

@@ -97,6 +97,7 @@ def build_trainer(
     precision: str = "fp32",
     extra_callbacks: Sequence[TrainerCallback] = (),
     wrapped_model: nn.Module | None = None,
+    deepspeed: dict | None = None,
 ):
     """An :class:`UnlearnTrainer` with the paper's schedule: linear warm-up, then linear decay.
 
@@ -106,7 +107,8 @@ def build_trainer(
     then ``extra_callbacks`` (those :func:`unlearn` adds itself). ``wrapped_model``: ``model`` already
     wrapped for distributed training by an engine (FSDP:
     :class:`~fastunlearn.training.fsdp.ShardedTrainingView`), trained as it is and without checkpoints
-    (its optimizer state is sharded).
+    (its optimizer state is sharded). ``deepspeed``: a checked DeepSpeed
+    config (:mod:`fastunlearn.training.deepspeed_setup`) to train under DeepSpeed ZeRO.
     """
     # Under torchrun each of the W ranks takes its own batch: a step consumes W·batch_size pairs.
     batches_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * distributed.world_size()))
@@ -124,7 +126,10 @@ def build_trainer(
         optim="adamw_torch",
         bf16=precision == "bf16",
         fp16=precision == "fp16",  # with accelerate's GradScaler (loss scaling)
-        use_cpu=training_device().type == "cpu",  # without it, bf16 on CPU is refused as "no GPU"
+        # Without it, bf16 on CPU is refused as "no GPU"; with it, DeepSpeed is not used (its CPU
+        # accelerator runs DeepSpeed without use_cpu).
+        use_cpu=training_device().type == "cpu" and deepspeed is None,
+        deepspeed=deepspeed,
         logging_steps=cfg.logging_steps,
         save_strategy="epoch" if wrapped_model is None else "no",
         save_total_limit=1,

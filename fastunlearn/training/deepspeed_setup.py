@@ -1,0 +1,219 @@
+"""DeepSpeed ZeRO as the training engine of :func:`fastunlearn.unlearn` (``deepspeed=CONFIG``).
+
+``Trainer`` runs DeepSpeed when ``TrainingArguments(deepspeed=config)`` is given; this module does what
+must happen around it for an unlearning run:
+
+1. **The config, checked before any weight loads** (:func:`prepare_deepspeed`): a JSON file or a
+   mapping, read on the main process. A value that contradicts an option — ``train_micro_batch_size_per_gpu``
+   vs ``batch_size``, ``gradient_accumulation_steps``, ``train_batch_size`` (= processes × both),
+   ``gradient_clipping`` vs ``max_grad_norm``, ``optimizer.params.lr`` / ``weight_decay``, and
+   ``bf16.enabled`` / ``fp16.enabled`` vs the resolved precision — is one ``ValueError`` naming every
+   contradiction (``Trainer`` would find them only after the model had loaded). ``"auto"`` values are
+   filled from the options, as ``Trainer`` fills them.
+2. **The model created sharded** (ZeRO-3): a ``transformers.integrations.HfDeepSpeedConfig`` alive
+   while ``from_pretrained`` runs makes it build the model inside ``deepspeed.zero.Init``, so every
+   weight is partitioned as it is read and a 70B model never sits whole on one device.
+   :attr:`DeepSpeedSetup.keep_alive` holds it (``transformers`` keeps only a weak reference).
+3. **Forward and backward before training** (ZeRO-3): the partitioned weights are fetched by the
+   hooks of a DeepSpeed engine; the metrics before training, the Fisher passes and NPO's reference
+   run inside :meth:`DeepSpeedSetup.fetching`, a DeepSpeed engine without optimizer (ZeRO inference)
+   whose hooks are removed on exit, before ``Trainer`` builds its own. The Fisher hooks read only
+   layer inputs and output gradients (:mod:`fastunlearn.fisher.passes`), FILA and the exports gather
+   one layer at a time (:mod:`fastunlearn.sharded`).
+
+ZeRO-1/2 partition optimizer state and gradients only: the model loads whole and everything before
+training runs as under DDP. ``deepspeed`` is an optional extra (``pip install "fastunlearn[deepspeed]"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import json
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from fastunlearn.training.config import UnlearnConfig
+
+__all__ = ["DeepSpeedSetup", "check_deepspeed_config", "load_deepspeed_config", "prepare_deepspeed"]
+
+_AUTO = "auto"
+
+
+def load_deepspeed_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """A DeepSpeed config from a JSON file or a mapping (deep-copied), or a one-line ``ValueError``."""
+    if isinstance(source, Mapping):
+        return copy.deepcopy(dict(source))
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"deepspeed must be a JSON file path or a dict, got {type(source).__name__}")
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        raise ValueError(f"deepspeed config {path!r} is not a file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"deepspeed config {path!r} is not readable JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"deepspeed config {path!r} must hold a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _node(config: Mapping[str, Any], dotted: str) -> tuple[dict[str, Any] | None, str]:
+    """The dict holding ``dotted``'s last key (``None`` if a parent is missing), and that key."""
+    *parents, key = dotted.split(".")
+    node: Any = config
+    for part in parents:
+        node = node.get(part) if isinstance(node, Mapping) else None
+        if node is None:
+            return None, key
+    return (node if isinstance(node, dict) else None), key
+
+
+def zero_stage(config: Mapping[str, Any]) -> int:
+    """The config's ZeRO stage (0 without a ``zero_optimization`` section); ``ValueError`` if not 0–3."""
+    section = config.get("zero_optimization", {})
+    if not isinstance(section, Mapping):
+        raise ValueError("deepspeed config: zero_optimization must be an object")
+    stage = section.get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise ValueError(f"deepspeed config: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return stage
+
+
+def check_deepspeed_config(
+    config: Mapping[str, Any], cfg: UnlearnConfig, precision: str, world_size: int
+) -> dict[str, Any]:
+    """``config`` with its ``"auto"`` values for the options filled in, or a ``ValueError`` listing
+    every value that contradicts them (module docstring). ``precision``: the resolved one (``"fp32"``,
+    ``"bf16"`` or ``"fp16"``); ``world_size``: the number of processes."""
+    resolved = copy.deepcopy(dict(config))
+    zero_stage(resolved)
+    batch, accum = cfg.batch_size, cfg.gradient_accumulation_steps
+    # (config entry, the value the options give, the options as the message names them: Python names
+    # outside quotes, so that the command line shows its flags; config entries quoted, as in the JSON)
+    expected: list[tuple[str, Any, str]] = [
+        ("train_micro_batch_size_per_gpu", batch, f"batch_size={batch}"),
+        ("gradient_accumulation_steps", accum, f"gradient_accumulation_steps={accum}"),
+        (
+            "train_batch_size",
+            world_size * batch * accum,
+            f"{world_size} process(es) × batch_size={batch} × gradient_accumulation_steps={accum}",
+        ),
+        ("gradient_clipping", cfg.max_grad_norm, f"max_grad_norm={cfg.max_grad_norm}"),
+        ("optimizer.params.lr", cfg.learning_rate, f"learning_rate={cfg.learning_rate}"),
+        ("optimizer.params.weight_decay", cfg.weight_decay, f"weight_decay={cfg.weight_decay}"),
+        ("bf16.enabled", precision == "bf16", f"precision={precision}"),
+        ("fp16.enabled", precision == "fp16", f"precision={precision}"),
+    ]
+    contradictions = []
+    for dotted, want, option in expected:
+        node, key = _node(resolved, dotted)
+        if node is None or key not in node:
+            continue
+        if node[key] == _AUTO:
+            node[key] = want
+        elif node[key] != want or isinstance(node[key], bool) != isinstance(want, bool):
+            contradictions.append(f'"{dotted}": {json.dumps(node[key])} contradicts {option}')
+    if contradictions:
+        raise ValueError(
+            "the deepspeed config contradicts the options: "
+            + "; ".join(contradictions)
+            + ' (set these entries to "auto" or change the options)'
+        )
+    return resolved
+
+
+@dataclass
+class DeepSpeedSetup:
+    """A checked DeepSpeed config for one run (:func:`prepare_deepspeed`)."""
+
+    config: dict[str, Any]  # "auto" values of the options filled; the rest are Trainer's to fill
+    stage: int
+    keep_alive: Any = field(default=None, repr=False)  # the HfDeepSpeedConfig during loading (ZeRO-3)
+    engine: Any = field(default=None, repr=False)  # the engine of fetching(), while it runs
+
+    @property
+    def zero3(self) -> bool:
+        return self.stage == 3
+
+    def sharded_loading(self) -> None:
+        """Under ZeRO-3, make ``from_pretrained`` create the model partitioned (module docstring, 2);
+        kept until the run ends."""
+        if self.zero3 and self.keep_alive is None:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self.keep_alive = HfDeepSpeedConfig(self.config)
+
+    @contextlib.contextmanager
+    def fetching(self, model: nn.Module) -> Iterator[None]:
+        """Inside the block, forward and backward passes of a ZeRO-3 ``model`` fetch its partitioned
+        weights (module docstring, 3); nothing happens under ZeRO-0/1/2."""
+        if not self.zero3:
+            yield
+            return
+        import deepspeed
+
+        self.engine, *_ = deepspeed.initialize(model=model, config=_inference_config(self.config))
+        try:
+            yield
+        finally:
+            self.release()
+            self.engine.destroy()  # removes its hooks: Trainer's engine installs its own
+            self.engine = None
+
+    def release(self) -> None:
+        """Partition again every weight :meth:`fetching`'s passes left whole. A backward that DeepSpeed
+        does not drive (the Fisher passes call ``loss.backward()``, and their graph starts at an input
+        that needs no gradient) never fires the post-backward hooks of the modules below that input, so
+        their weights stay gathered and marked in use; gathering them again for a write
+        (``GatheredParameters(modifier_rank=0)``, in FILA) would fail. Call between the passes and FILA."""
+        if self.engine is None:
+            return
+        offload = self.engine.optimizer  # ZeRO-3 without optimizer: the hooks' owner, DeepSpeedZeRoOffload
+        release = getattr(offload, "release_backward_leftovers", None)
+        if release is None:
+            import deepspeed
+
+            raise RuntimeError(
+                f"DeepSpeed {deepspeed.__version__} cannot release the weights a Fisher pass left gathered "
+                "(no release_backward_leftovers); ZeRO-3 runs need deepspeed>=0.19"
+            )
+        release()
+
+
+def _inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a training config that a ZeRO-3 engine without optimizer needs: batch sizes,
+    precision and ``zero_optimization`` with ``"auto"`` entries left to DeepSpeed's defaults."""
+    zero = {k: v for k, v in config.get("zero_optimization", {}).items() if v != _AUTO}
+    kept = {"zero_optimization": zero}
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "fp16"):
+        if key in config:
+            kept[key] = config[key]
+    for key in ("bf16", "fp16"):
+        if isinstance(kept.get(key), Mapping):
+            kept[key] = {k: v for k, v in kept[key].items() if v != _AUTO}
+    return kept
+
+
+def prepare_deepspeed(
+    source: str | os.PathLike | Mapping[str, Any], cfg: UnlearnConfig, precision: str, world_size: int
+) -> DeepSpeedSetup:
+    """Read and check a run's DeepSpeed config before the model loads: ``ValueError`` in one line for an
+    unreadable config, a contradiction with the options (:func:`check_deepspeed_config`), a ZeRO-3 run
+    with a stopping rule (its restored states are whole tensors), or DeepSpeed not installed."""
+    config = check_deepspeed_config(load_deepspeed_config(source), cfg, precision, world_size)
+    stage = zero_stage(config)
+    if stage == 3 and (cfg.stop is not None or cfg.eval_every is not None):
+        raise ValueError(
+            "stop=RULE and eval_every=N are not supported under DeepSpeed ZeRO-3 yet (the states they keep "
+            "and restore are whole tensors); use ZeRO-2 or evaluate after the run"
+        )
+    if importlib.util.find_spec("deepspeed") is None:
+        raise ValueError('DeepSpeed is not installed: pip install "fastunlearn[deepspeed]"')
+    return DeepSpeedSetup(config, stage)
