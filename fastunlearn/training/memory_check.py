@@ -22,9 +22,10 @@ available, since the plan counts them too. The plan is made for the run as it wi
   the smallest budget they can run with: one layer's forget and retain accumulators.
 - The plan has one dtype for weights and activations; where they differ (fp32 weights under bf16 or
   fp16 autocast: ``init="full"``, ``precision="fp16"``) it is made in fp32, an upper bound.
-- Several processes are planned as DDP replicas (``engine="ddp"``) of ``world_size`` ranks, or with
-  ``fsdp`` as fastunlearn's FSDP (``engine="fsdp"``: sharded after FILA); only the main process
-  decides (:func:`fastunlearn.distributed.on_main` shares its refusal).
+- Several processes are planned with the run's ``engine``: ``"ddp"`` replicas of ``world_size``
+  ranks (also ZeRO-1/2, an upper bound), ``"fsdp"`` (fastunlearn's FSDP: sharded after FILA) or
+  ``"zero3"`` (created sharded); only the main process decides
+  (:func:`fastunlearn.distributed.on_main` shares its refusal).
 
 A model the plan cannot describe (not a Llama-architecture decoder, a field it needs missing, target
 modules that are not Llama's linear layers) is not refused: the check is skipped with a warning
@@ -75,6 +76,7 @@ def run_plan(
     weights: torch.dtype,
     device: torch.device,
     world_size: int,
+    engine: str = "ddp",
 ) -> MemoryPlan:
     """The memory plan of a run (module docstring): ``config`` a ``transformers`` config (or anything
     :func:`~fastunlearn.memory_plan.model_shape` reads), ``tokens`` the longest example, ``weights``
@@ -103,7 +105,7 @@ def run_plan(
         merge=cfg.merge,
         target_modules=targets,
         world_size=world_size,
-        engine=("fsdp" if cfg.fsdp else "ddp") if world_size > 1 else "none",
+        engine=engine if world_size > 1 else "none",
         device="cuda" if device.type == "cuda" else "cpu",
     )
 
@@ -126,6 +128,7 @@ def check_memory(
     weights: torch.dtype,
     device: torch.device,
     world_size: int,
+    engine: str = "ddp",
     model: nn.Module | None = None,
 ) -> MemoryPlan | None:
     """Refuse the run if its plan's peak exceeds what ``device`` has (module docstring).
@@ -146,6 +149,7 @@ def check_memory(
             weights=weights,
             device=device,
             world_size=world_size,
+            engine=engine,
         )
     except (ValueError, TypeError) as err:
         warnings.warn(f"memory check skipped: no memory plan for this model ({err})", stacklevel=2)

@@ -294,7 +294,8 @@ def unlearn(
     config_path = os.path.join(dirs.build, "run_config.json")
     checked = distributed.on_all(lambda: preflight(model, tokenizer, data, init=init, cfg=cfg))
     if cfg.memory_check:  # the main process decides; its refusal is every rank's
-        distributed.on_main(lambda: _check_memory(model, checked, method, init, cfg, precision))
+        engine = "zero3" if ds is not None and ds.stage == 3 else "fsdp" if cfg.fsdp else "ddp"
+        distributed.on_main(lambda: _check_memory(model, checked, method, init, cfg, precision, engine))
     unseen_ex = prepare_unseen(cfg, checked.tokenizer) if plan is not None else []
     forget_ex, retain_ex = checked.forget, checked.retain
 
@@ -432,7 +433,9 @@ def _absolute(source: Any) -> Any:
     return os.path.abspath(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else source
 
 
-def _check_memory(model, checked, method: str, init: str, cfg: UnlearnConfig, precision: str) -> None:
+def _check_memory(
+    model, checked, method: str, init: str, cfg: UnlearnConfig, precision: str, engine: str
+) -> None:
     module = model if isinstance(model, nn.Module) else None
     check_memory(
         checked.config,
@@ -443,6 +446,7 @@ def _check_memory(model, checked, method: str, init: str, cfg: UnlearnConfig, pr
         weights=load_dtype(precision, init) if module is None else weights_dtype(module),
         device=training_device(),
         world_size=distributed.world_size(),
+        engine=engine,
         model=module,
     )
 
