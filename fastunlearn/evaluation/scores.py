@@ -3,11 +3,20 @@ test between truth-ratio samples) and model utility (a harmonic mean of TOFU's n
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
 __all__ = ["forget_quality", "model_utility", "rouge_l_recall"]
+
+
+@functools.cache
+def _rouge_l_scorer():
+    # Built once: the stopping rules score answers at every evaluation near their threshold.
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
 def rouge_l_recall(predictions: list[str], references: list[str]) -> list[float]:
@@ -16,11 +25,9 @@ def rouge_l_recall(predictions: list[str], references: list[str]) -> list[float]
     Uses Google's ``rouge_score`` package with Porter stemming, as TOFU does, so numbers compare with
     published ones.
     """
-    from rouge_score import rouge_scorer
-
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scorer = _rouge_l_scorer()
     return [scorer.score(ref, pred)["rougeL"].recall for pred, ref in zip(predictions, references)]
 
 
