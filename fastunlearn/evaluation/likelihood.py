@@ -71,9 +71,11 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     with fp32 accumulation (fp64 for fp64 logits). Raises ``ValueError`` for a label outside the
     vocabulary.
     """
+    # The labels reach shifted_nll where they are: CPU labels are range-checked on the host, with no
+    # synchronisation of the logits' device per batch.
+    nll = shifted_nll(logits, labels, "none").view(labels.shape)
     targets = shift_labels(labels.to(logits.device))
     mask = targets != IGNORE_INDEX
-    nll = shifted_nll(logits, labels, "none").view(labels.shape)
     hits = (logits.argmax(dim=-1) == targets) & mask
     return nll[:, :-1], mask[:, :-1], hits[:, :-1]
 
@@ -91,7 +93,7 @@ def answer_stats(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> d
         out = model(
             input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
         )
-        nll, mask, hits = token_nll(out.logits, batch["labels"].to(device))
+        nll, mask, hits = token_nll(out.logits, batch["labels"])
     return {"nll_sum": nll.sum(dim=1), "num_tokens": mask.sum(dim=1), "correct": hits.sum(dim=1)}
 
 
