@@ -392,6 +392,7 @@ def main() -> None:
     for name in ("model", "retain-model", "forget", "retain", "eval-forget", "eval-retain", "template"):
         p.add_argument(f"--{name}", default=None, help="instead of the demo: local path / template name")
     p.add_argument("--lr", type=float, default=None, help="base learning rate")
+    p.add_argument("--tag", default=None, help="suffix of the result files' names (another grid, ...)")
     p.add_argument("--patience", type=int, default=0, help="unlearn's --patience (default 0: stop at once)")
     p.add_argument(
         "--restore", default="first", choices=("first", "best", "last"), help="unlearn's --restore"
@@ -418,6 +419,7 @@ def main() -> None:
     stem = "quality" if every == "epoch" else f"quality_every{every}"
     if args.patience or args.restore != "first":
         stem += f"_patience{args.patience}_{args.restore}"
+    stem += f"_{args.tag}" if args.tag else ""
     stopping = {"patience": args.patience, "restore": args.restore}
     configs = CONFIGS if not args.configs else [tuple(c.split("-")) for c in args.configs.split(",")]
     factors = [float(f) for f in args.lr_factors.split(",")]
