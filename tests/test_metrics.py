@@ -385,6 +385,42 @@ def test_rouge_l_recall_hand_computed():
         M.rouge_l_recall(["a"], [])
 
 
+def test_rouge_l_recall_with_remembered_tokens_equals_rouge_score():
+    """The scorer remembers each text's tokens (stopping rules score the same references at every
+    evaluation): scores equal rouge_score's own stemming scorer, on first and repeated texts."""
+    from rouge_score import rouge_scorer
+
+    g = torch.Generator().manual_seed(3)
+    words = [
+        "the",
+        "cats",
+        "sat",
+        "running",
+        "runs",
+        "ran",
+        "on",
+        "mat",
+        "Author",
+        "born",
+        "in",
+        "town",
+        "Paris",
+        "was",
+        "3",
+        "12",
+        "quickly",
+    ]
+    texts = [
+        " ".join(words[int(i)] for i in torch.randint(0, len(words), (n,), generator=g)) for n in range(9)
+    ]
+    preds, refs = texts + texts[::-1] + texts, texts[::-1] + texts + texts[3:] + texts[:3]
+    direct = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    want = [direct.score(r, p)["rougeL"].recall for p, r in zip(preds, refs)]
+    assert M.rouge_l_recall(preds, refs) == want
+    assert M.rouge_l_recall(preds, refs) == want  # every text remembered now
+    assert 0 < sum(want) < len(want)
+
+
 def test_forget_quality_equals_scipy_and_exact_small_case():
     # Fully separated samples of 3 and 3: D = 1, exact p = 2 / C(6, 3) = 0.1.
     assert M.forget_quality([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(0.1)
