@@ -114,7 +114,7 @@ def test_evaluator_matches_independent_computations(trained, tok):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_one_pass_over_all_sets_equals_the_set_by_set_passes(trained, tok, dtype):
     """The evaluator's teacher-forced metrics (every set in one pass, batches sorted by length, inputs
-    built once, inference mode) against the set-by-set path it replaced: each set alone in consecutive
+    built once) against the set-by-set path it replaced: each set alone in consecutive
     batches through ``collect_answer_stats``, the metrics formed from its per-example statistics.
 
     Per example the two differ only in the shape of the batch around it (other rows, padded length):

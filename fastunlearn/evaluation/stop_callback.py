@@ -93,8 +93,11 @@ class SubsetEvaluator:
     together, sorted by length into batches of ``batch_size`` (less padding than set by set; per
     example the result is the same up to the rounding of a different batch shape: right padding is
     masked and causal). Everything built from the examples (padded batches, prompts, decoded reference
-    answers, generation budgets) is built on first use and reused by every later evaluation. The model
-    runs under ``torch.inference_mode``; an evaluation moves its numbers to the host once.
+    answers, generation budgets) is built on first use and reused by every later evaluation; an
+    evaluation moves its numbers to the host once. The model runs in eval mode under ``torch.no_grad``,
+    not ``torch.inference_mode``: the evaluation before training is the model's first forward, and a
+    first forward in inference mode breaks FSDP's training forward afterwards (pytorch/pytorch#113203;
+    FSDP2 unsharding, #197327), for no measured gain here (the same milliseconds on the demo's model).
     """
 
     def __init__(
@@ -140,19 +143,18 @@ class SubsetEvaluator:
             set_name, _, kind = name.partition(".")
             wanted.setdefault(set_name, set()).add(kind)
         out: dict[str, float] = {}
-        with torch.inference_mode():
-            forced = {
-                s: [k for k in _TEACHER_FORCED if k in wanted[s]]
-                for s in self.sets
-                if s in wanted and any(k in wanted[s] for k in _TEACHER_FORCED)
-            }
-            if forced:
-                out.update(self._teacher_forced(model, forced))
-            for set_name, kinds in wanted.items():
-                if "rougeL" in kinds:
-                    out[f"{set_name}.rougeL"] = self._rouge(model, set_name)
-                if f"el{EL_N}" in kinds:
-                    out[f"{set_name}.el{EL_N}"] = self._el(model, set_name)
+        forced = {
+            s: [k for k in _TEACHER_FORCED if k in wanted[s]]
+            for s in self.sets
+            if s in wanted and any(k in wanted[s] for k in _TEACHER_FORCED)
+        }
+        if forced:
+            out.update(self._teacher_forced(model, forced))
+        for set_name, kinds in wanted.items():
+            if "rougeL" in kinds:
+                out[f"{set_name}.rougeL"] = self._rouge(model, set_name)
+            if f"el{EL_N}" in kinds:
+                out[f"{set_name}.el{EL_N}"] = self._el(model, set_name)
         return out
 
     def _forced_batches(
