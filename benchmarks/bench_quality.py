@@ -29,7 +29,9 @@ by :mod:`fastunlearn.demo`), or a local model + data given by path. Writes under
 ``benchmarks/results/``: ``quality_runs.csv`` (every run, sweep included), ``quality_summary.csv``,
 ``quality_trajectories.csv`` (every evaluation of every run), ``quality.json`` (with the environment),
 ``quality.png`` (forget accuracy and retain probability over training) and ``quality.md`` (the README
-table); ``quality_every{N}*`` with ``--eval-every N``.
+table); ``quality_every{N}*`` with ``--eval-every N``, ``quality*_patience{K}_{restore}*`` with
+``--patience K --restore POLICY`` (unlearn's options: go on K evaluations past the first crossing and
+keep the first / best / last state that satisfies the rule).
 
     python benchmarks/bench_quality.py                       # demo data: sweep + 5 seeds, ~5 min on 2 cores
     python benchmarks/bench_quality.py --model M --retain-model R --forget F --retain S \\
@@ -78,8 +80,10 @@ EVAL_BATCH = 64
 
 
 def demo_inputs(size: str, cache_dir: str | None, seed: int) -> dict[str, Any]:
-    """Paths and training options of the demo: its data, models and unlearning hyper-parameters."""
+    """Paths of the demo's data and models, and its unlearning options
+    (:func:`fastunlearn.demo.unlearn_options`: what ``fastunlearn demo`` trains with)."""
     from fastunlearn import demo
+    from fastunlearn.demo.run import unlearn_options
 
     spec = demo.SIZES[size]
     paths = demo.prepare_models(cache_dir or demo.default_cache_dir(), spec, seed=seed, progress=False)
@@ -90,13 +94,37 @@ def demo_inputs(size: str, cache_dir: str | None, seed: int) -> dict[str, Any]:
         "train_retain": paths["retain"],
         "forget": paths["forget_perturbed"],
         "retain": paths["retain_perturbed"],
-        "template": demo.DEMO_TEMPLATE,
-        "max_length": demo.DEMO_MAX_LENGTH,
-        "epochs": spec.unlearn_epochs,
-        "lr": spec.unlearn_lr,
-        "lora_r": spec.lora_r,
-        "batch_size": spec.unlearn_batch,
+        "options": unlearn_options(spec, seed=0),
     }
+
+
+def local_inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """Paths of a local model and data, with the paper's TOFU options for a small model (SPEC §3.2)."""
+    inputs = {
+        "model": args.model,
+        "retain_model": args.retain_model,
+        "train_forget": args.forget,
+        "train_retain": args.retain,
+        "forget": args.eval_forget,
+        "retain": args.eval_retain,
+        "options": dict(
+            template=args.template,
+            max_length=512,
+            lora_r=32,
+            lora_alpha=64,
+            learning_rate=1e-4,
+            num_epochs=5,
+            batch_size=8,
+            gradient_accumulation_steps=1,
+            fisher_batch_size=8,
+            eval_batch_size=EVAL_BATCH,
+        ),
+    }
+    names = ("retain_model", "train_forget", "train_retain", "forget", "retain")
+    missing = [k for k in names if not inputs[k]] + ([] if args.template else ["template"])
+    if missing:
+        raise SystemExit(f"with --model, also give {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    return inputs
 
 
 class TofuProbe:
@@ -139,10 +167,11 @@ def rule_evaluator(inputs, tokenizer) -> SubsetEvaluator:
         inputs["train_forget"],
         tokenizer,
         name="forget",
-        template=inputs["template"],
-        max_length=inputs["max_length"],
+        template=inputs["options"]["template"],
+        max_length=inputs["options"]["max_length"],
     )
-    return SubsetEvaluator(tokenizer, forget, eval_items=EVAL_ITEMS, batch_size=EVAL_BATCH)
+    batch = inputs["options"]["eval_batch_size"]
+    return SubsetEvaluator(tokenizer, forget, eval_items=EVAL_ITEMS, batch_size=batch)
 
 
 def tofu_rule(inputs, tokenizer, evaluator: SubsetEvaluator) -> tuple[str, dict[str, float]]:
@@ -154,9 +183,10 @@ def tofu_rule(inputs, tokenizer, evaluator: SubsetEvaluator) -> tuple[str, dict[
 
 
 def run_one(
-    inputs, tokenizer, rule, method, init, lr, seed, out_root, every
+    inputs, tokenizer, rule, method, init, lr, seed, out_root, every, patience=0, restore="first"
 ) -> tuple[dict[str, Any], Any, list]:
-    """One unlearning run stopped by ``rule``: its outcome, the kept model and its trajectory."""
+    """One unlearning run stopped by ``rule`` (with ``patience`` / ``restore``): its outcome, the kept
+    model and its trajectory."""
     from fastunlearn.training.run import unlearn
 
     out_dir = os.path.join(out_root, f"{method}-{init}-{lr:g}-{seed}")
@@ -172,18 +202,9 @@ def run_one(
         stop=rule,
         eval_items=EVAL_ITEMS,
         eval_every=every,
-        template=inputs["template"],
-        max_length=inputs["max_length"],
-        seed=seed,
-        num_epochs=inputs["epochs"],
-        learning_rate=lr,
-        lora_r=inputs["lora_r"],
-        lora_alpha=2 * inputs["lora_r"],
-        batch_size=inputs["batch_size"],
-        gradient_accumulation_steps=1,
-        fisher_batch_size=8,
-        eval_batch_size=EVAL_BATCH,
-        logging_steps=1000,
+        patience=patience,
+        restore=restore,
+        **{**inputs["options"], "learning_rate": lr, "seed": seed, "logging_steps": 1000},
         progress=False,
         evaluate=False,
         overwrite=True,
@@ -201,6 +222,7 @@ def run_one(
         "reached": s["satisfied"],
         "steps_to_threshold": s["first_satisfied_step"],
         "final_step": result.metrics["train"]["global_step"],
+        "kept_step": s["kept_step"],
         "forget_acc": kept["forget.acc"],
         "retain_prob_tf": kept["retain.prob"],
         "retain_acc_tf": kept["retain.acc"],
@@ -325,6 +347,14 @@ def markdown(summary, meta) -> str:
         f"model's values on the forget set, evaluated every {meta['eval_every']}",
         f"(an epoch: {meta['steps_per_epoch']} optimiser steps, batch {meta['batch_size']}) on",
         f"{meta['eval_items']};",
+        *(
+            [
+                f"the run goes on for {meta['patience']} evaluations past the first that satisfies the rule",
+                f"and keeps the {meta['restore']} state among those that satisfy it;",
+            ]
+            if meta["patience"]
+            else []
+        ),
         f"at most {meta['epochs']} epochs. Learning rate: the best of {meta['lr_grid']} (× the base rate",
         f"{meta['lr']:g} for LoRA/FILA, {meta['lr'] / 10:g} for full fine-tuning) in a sweep with seed",
         f"{meta['sweep_seed']}; mean ± std over seeds 0–{meta['seeds'] - 1}. Steps to threshold: over the",
@@ -362,6 +392,11 @@ def main() -> None:
     for name in ("model", "retain-model", "forget", "retain", "eval-forget", "eval-retain", "template"):
         p.add_argument(f"--{name}", default=None, help="instead of the demo: local path / template name")
     p.add_argument("--lr", type=float, default=None, help="base learning rate")
+    p.add_argument("--tag", default=None, help="suffix of the result files' names (another grid, ...)")
+    p.add_argument("--patience", type=int, default=0, help="unlearn's --patience (default 0: stop at once)")
+    p.add_argument(
+        "--restore", default="first", choices=("first", "best", "last"), help="unlearn's --restore"
+    )
     p.add_argument("--lora-r", type=int, default=None)
     p.add_argument("--max-length", type=int, default=None)
     args = p.parse_args()
@@ -369,37 +404,23 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*pin_memory.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
 
-    if args.model:
-        inputs = {
-            "model": args.model,
-            "retain_model": args.retain_model,
-            "train_forget": args.forget,
-            "train_retain": args.retain,
-            "forget": args.eval_forget,
-            "retain": args.eval_retain,
-            "template": args.template,
-            "max_length": args.max_length or 512,
-            "epochs": 5,
-            "lr": 1e-4,
-            "lora_r": 32,
-            "batch_size": 8,
-        }
-        names = ("retain_model", "train_forget", "train_retain", "forget", "retain", "template")
-        missing = [k for k in names if not inputs[k]]
-        if missing:
-            raise SystemExit(f"with --model, also give {', '.join('--' + m for m in missing)}")
-    else:
-        inputs = demo_inputs(args.size, args.cache_dir, args.data_seed)
+    inputs = local_inputs(args) if args.model else demo_inputs(args.size, args.cache_dir, args.data_seed)
+    options = inputs["options"]
     for key, value in (
-        ("lr", args.lr),
+        ("learning_rate", args.lr),
         ("lora_r", args.lora_r),
         ("max_length", args.max_length),
-        ("epochs", args.epochs),
+        ("num_epochs", args.epochs),
     ):
         if value is not None:
-            inputs[key] = value
+            options[key] = value
+    options["lora_alpha"] = 2 * options["lora_r"]
     every = "epoch" if args.eval_every == "epoch" else int(args.eval_every)
     stem = "quality" if every == "epoch" else f"quality_every{every}"
+    if args.patience or args.restore != "first":
+        stem += f"_patience{args.patience}_{args.restore}"
+    stem += f"_{args.tag}" if args.tag else ""
+    stopping = {"patience": args.patience, "restore": args.restore}
     configs = CONFIGS if not args.configs else [tuple(c.split("-")) for c in args.configs.split(",")]
     factors = [float(f) for f in args.lr_factors.split(",")]
 
@@ -409,8 +430,8 @@ def main() -> None:
         tokenizer,
         inputs["forget"],
         inputs["retain"],
-        template=inputs["template"],
-        max_length=inputs["max_length"],
+        template=options["template"],
+        max_length=options["max_length"],
         reference=None,
         retain_items=args.retain_items,
         max_new_tokens=args.max_new_tokens,
@@ -431,12 +452,13 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fastunlearn-bench-quality-") as out_root:
         for method, init in configs:
-            base = inputs["lr"] / (10 if init == "full" else 1)
+            base = options["learning_rate"] / (10 if init == "full" else 1)
             sweep = []
             for factor in factors:
                 row, _, _ = run_one(
-                    inputs, tokenizer, rule, method, init, base * factor, args.sweep_seed, out_root, every
-                )
+                    inputs, tokenizer, rule, method, init, base * factor, args.sweep_seed, out_root, every,
+                    **stopping,
+                )  # fmt: skip
                 sweep.append(row)
                 runs.append({"phase": "sweep", **row})
                 print(
@@ -448,8 +470,9 @@ def main() -> None:
             chosen[(method, init)] = choose_lr(sweep)["lr"]
             for seed in range(args.seeds):
                 row, model, steps = run_one(
-                    inputs, tokenizer, rule, method, init, chosen[(method, init)], seed, out_root, every
-                )
+                    inputs, tokenizer, rule, method, init, chosen[(method, init)], seed, out_root, every,
+                    **stopping,
+                )  # fmt: skip
                 scored, _ = probe(model)
                 # The rule's own numbers for the kept state (ROUGE-L is not computed far from the rule).
                 kept = evaluator.evaluate(model, {"forget.acc", "forget.rougeL"})
@@ -466,8 +489,8 @@ def main() -> None:
                 )
     total = time.perf_counter() - start
     n_forget = len(fdata.load_records(inputs["train_forget"])[0])
-    steps_per_epoch = math.ceil(n_forget / inputs["batch_size"])
-    budget = math.ceil(inputs["epochs"] * steps_per_epoch)
+    steps_per_epoch = math.ceil(n_forget / options["batch_size"])
+    budget = math.ceil(options["num_epochs"] * steps_per_epoch)
     summary = summarise([r for r in runs if r["phase"] == "report"], before, budget)
     env = environment(torch.device("cpu"))
     env.update(total_s=round(total, 1), note="shared 2-core CPU; timings include other processes' load")
@@ -482,10 +505,11 @@ def main() -> None:
         "seeds": args.seeds,
         "sweep_seed": args.sweep_seed,
         "lr_grid": factors,
-        "lr": inputs["lr"],
+        "lr": options["learning_rate"],
         "chosen_lr": {f"{m}-{i}": lr for (m, i), lr in chosen.items()},
-        "epochs": inputs["epochs"],
-        "batch_size": inputs["batch_size"],
+        "epochs": options["num_epochs"],
+        "batch_size": options["batch_size"],
+        **stopping,
         "steps_per_epoch": steps_per_epoch,
         "eval_every": "epoch" if every == "epoch" else f"{every} optimiser steps",
         "eval_items": f"{min(n_forget, EVAL_ITEMS)} forget and {EVAL_ITEMS} retain items",

@@ -549,6 +549,7 @@ def test_epoch_evaluation_callback_keeps_and_restores_best(model_and_tokenizer, 
         ev.EpochEvaluationCallback(lambda m: {}, mode="best")
 
 
+@pytest.mark.filterwarnings("ignore:ExtractionStoppingCallback is deprecated:FutureWarning")
 def test_extraction_stopping_callback(model_and_tokenizer, tmp_path):
     model, tok = model_and_tokenizer
     ids, mask = ev.tokenize_texts(tok, [f"Author {i} was born in town {i}." for i in range(2)], max_length=12)
@@ -578,6 +579,12 @@ def test_extraction_stopping_callback(model_and_tokenizer, tmp_path):
         ev.ExtractionStoppingCallback(ids, mask)
     with pytest.raises(ValueError, match="both"):
         ev.ExtractionStoppingCallback(ids, mask, ma_threshold=0.3)
+
+
+def test_extraction_stopping_callback_is_deprecated_for_the_built_in_rule():
+    ids = torch.zeros(1, 12, dtype=torch.long)
+    with pytest.warns(FutureWarning, match=r"deprecated.*unlearn\(stop='extraction'"):
+        ev.ExtractionStoppingCallback(ids, ma_threshold=0.3, el_threshold=0.05)
 
 
 def test_cached_reference_truth_ratios_and_summary(model_and_tokenizer, tofu_dir, tmp_path):

@@ -319,6 +319,31 @@ def test_greedy_decode_stops_at_eos():
     assert out.tolist() == [[1, 2], [2, 9]]  # decoding ends once every row has stopped
 
 
+def test_greedy_decode_checks_for_eos_every_k_steps_with_the_same_tokens():
+    """Checking whether every row has stopped only every k steps (the host synchronisation an
+    accelerator pays) changes nothing but the number of padding columns at the end."""
+    model = tiny_llama(12, seed=4).eval()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 12, (k,), generator=g) for k in (2, 5, 1, 4)]
+    with torch.no_grad():
+        free = M.greedy_decode(model, prompts, 30)
+        eos = 10  # every row emits it within its first 4 tokens, at different steps
+        every = {k: M.greedy_decode(model, prompts, 30, eos_token_id=eos, pad_token_id=11, eos_check_every=k)
+                 for k in (1, 3, 8)}  # fmt: skip
+    width = every[1].shape[1]
+    assert width < 30 and every[8].shape[1] > width  # all stopped early; checking less often costs columns
+    for k, out in every.items():
+        assert out.shape[1] >= width and out.shape[1] <= min(30, width + k - 1)
+        assert torch.equal(out[:, :width], every[1]), k
+        assert (out[:, width:] == 11).all(), k  # only padding after every row has stopped
+        for r in range(len(prompts)):  # each row: the free continuation up to its first EOS, then padding
+            row, ref = out[r].tolist(), free[r].tolist()
+            stop = ref.index(eos) + 1 if eos in ref else len(ref)
+            assert row[:stop] == ref[:stop] and all(t == 11 for t in row[stop:])
+    with pytest.raises(ValueError, match="eos_check_every"):
+        M.greedy_decode(model, prompts, 3, eos_token_id=eos, eos_check_every=0)
+
+
 # --------------------------------------------------------------------------------------------------
 # TOFU metrics
 
@@ -350,6 +375,42 @@ def test_rouge_l_recall_hand_computed():
     assert scores == pytest.approx([4 / 6, 1.0, 0.0])
     with pytest.raises(ValueError, match="references"):
         M.rouge_l_recall(["a"], [])
+
+
+def test_rouge_l_recall_with_remembered_tokens_equals_rouge_score():
+    """The scorer remembers each text's tokens (stopping rules score the same references at every
+    evaluation): scores equal rouge_score's own stemming scorer, on first and repeated texts."""
+    from rouge_score import rouge_scorer
+
+    g = torch.Generator().manual_seed(3)
+    words = [
+        "the",
+        "cats",
+        "sat",
+        "running",
+        "runs",
+        "ran",
+        "on",
+        "mat",
+        "Author",
+        "born",
+        "in",
+        "town",
+        "Paris",
+        "was",
+        "3",
+        "12",
+        "quickly",
+    ]
+    texts = [
+        " ".join(words[int(i)] for i in torch.randint(0, len(words), (n,), generator=g)) for n in range(9)
+    ]
+    preds, refs = texts + texts[::-1] + texts, texts[::-1] + texts + texts[3:] + texts[:3]
+    direct = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    want = [direct.score(r, p)["rougeL"].recall for p, r in zip(preds, refs)]
+    assert M.rouge_l_recall(preds, refs) == want
+    assert M.rouge_l_recall(preds, refs) == want  # every text remembered now
+    assert 0 < sum(want) < len(want)
 
 
 def test_forget_quality_equals_scipy_and_exact_small_case():

@@ -85,3 +85,19 @@ def test_shifted_nll_shifts_labels_and_reads_bf16_logits_without_an_fp32_copy(mo
     assert_close(rows, want_rows, 1e-5)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         shifted_nll(logits, labels.clamp_min(0) + V)
+
+
+def test_shifted_nll_checks_cpu_labels_on_the_host_before_they_move():
+    """Labels on the CPU with logits elsewhere are range-checked on the host, before anything runs on the
+    logits' device (no synchronisation of it per call). Logits on the ``meta`` device stand for an
+    accelerator: nothing can be computed or read there, so the clear error must come from the host."""
+    from fastunlearn.ops.nll import shifted_nll
+
+    logits = torch.empty(2, 5, 7, device="meta")
+    labels = torch.tensor([[-100, 1, 2, 3, 4], [-100, -100, 6, 7, 0]])  # 7 is outside [0, 7)
+    with pytest.raises(ValueError, match="label 7 is outside the vocabulary"):
+        shifted_nll(logits, labels)
+    with pytest.raises(ValueError, match="label -3 is outside the vocabulary"):
+        shifted_nll(
+            logits, labels.clamp_max(6).index_put_((torch.tensor([0]), torch.tensor([3])), torch.tensor(-3))
+        )

@@ -168,7 +168,6 @@ def test_a_config_without_a_planned_field_skips_with_a_warning(ws):
     del config["intermediate_size"]
     examples = fdata.prepare(ws / "forget.json", AutoTokenizer.from_pretrained(ws / "model"), name="f")
 
-
     with pytest.warns(UserWarning, match="config has no field 'intermediate_size'"):
         checked = memory_check.check_memory(
             config,

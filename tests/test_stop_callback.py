@@ -97,6 +97,56 @@ def test_evaluator_matches_independent_computations(trained, tok):
         SubsetEvaluator(tok, forget, eval_items=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_one_pass_over_all_sets_equals_the_set_by_set_passes(trained, tok, dtype):
+    """The evaluator's teacher-forced metrics (every set in one pass, batches sorted by length, inputs
+    built once) against the set-by-set path it replaced: each set alone in consecutive
+    batches through ``collect_answer_stats``, the metrics formed from its per-example statistics.
+
+    Per example the two differ only in the shape of the batch around it (other rows, padded length):
+    right padding is masked and the model causal, so only the order of floating-point reductions can
+    change. Reordering a sum of K terms moves it by at most ``K·eps·Σ|terms|`` (Higham, ch. 3); the
+    longest reduction here is the vocabulary's log-sum-exp (V terms), so the NLL / probability
+    tolerance is ``V·eps`` of the dtype — in fp64 that is 1e-13, agreement to the last digits. Accuracy
+    and MA count argmax hits: they are equal wherever the top-2 gap of the logits exceeds that
+    tolerance, which the test checks before asserting equality."""
+    from fastunlearn.evaluation.likelihood import collect_answer_stats
+    from fastunlearn.evaluation.stop_callback import SubsetEvaluator
+
+    model = copy.deepcopy(trained).to(dtype)
+    forget = examples(tok, [qa_record(i) for i in range(10)])
+    retain = examples(tok, [qa_record(i) for i in range(10, 17)])
+    unseen = examples(tok, [{"text": t} for t in TEXTS], "text")
+    # Batches of 3 over 6 + 7 + 5 examples of different lengths: several batches, each mixing sets.
+    ev = SubsetEvaluator(tok, forget, retain, unseen[:5], eval_items=7, batch_size=3)
+    names = {f"{s}.{k}" for s in ("forget", "retain", "unseen") for k in ("prob", "acc", "nll")}
+    names.add("unseen.ma")
+    got = ev.evaluate(model, names)
+    again = ev.evaluate(model, names)  # the cached inputs give the same numbers
+
+    tol = len(tok) * torch.finfo(dtype).eps
+    pad = fdata.pad_id_of(tok)
+    assert again == got and set(got) == names
+    for set_name, subset in ev.sets.items():
+        batches = fdata.batches(subset, pad, 3)
+        stats = collect_answer_stats(model, batches)
+        nll_sum, tokens, correct = (stats[k].double() for k in ("nll_sum", "num_tokens", "correct"))
+        mean_nll = nll_sum / tokens
+        assert got[f"{set_name}.prob"] == pytest.approx(torch.exp(-mean_nll).mean().item(), rel=tol)
+        assert got[f"{set_name}.nll"] == pytest.approx(mean_nll.mean().item(), rel=tol)
+        with torch.no_grad():  # the argmax margins behind the hit counts
+            for batch in batches:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                top2 = logits[:, :-1].topk(2, dim=-1).values
+                labelled = batch["labels"][:, 1:] != fdata.IGNORE_INDEX
+                gap = (top2[..., 0] - top2[..., 1])[labelled]
+                assert gap.min() > tol * logits.abs().max(), "a near-tie: the hit counts may differ"
+        assert got[f"{set_name}.acc"] == (correct.sum() / tokens.sum()).item()
+        if set_name == "unseen":
+            assert got["unseen.ma"] == (correct / tokens).mean().item()
+    assert 0.0 < got["retain.acc"] < 1.0 or 0.0 < got["unseen.acc"] < 1.0  # hits and misses both counted
+
+
 def test_callback_measures_the_unseen_reference_and_refuses_unmeasured_references(trained, tok):
     from transformers import TrainerControl, TrainerState
 

@@ -1,12 +1,17 @@
 """Per-epoch evaluation inside any ``transformers.Trainer`` (the unlearning loop included).
 
 :class:`EpochEvaluationCallback` measures after every epoch, keeps the history and the best epoch;
-:class:`ExtractionStoppingCallback` is the extraction protocol's stopping rule (SPEC §4). This module
-does not import the unlearning loop: the callbacks are given to it (``unlearn(callbacks=[...])``).
+:class:`ExtractionStoppingCallback` is the extraction protocol's stopping rule (SPEC §4), deprecated:
+the rule is built in (``unlearn(stop="extraction", unseen=...)``, ``--stop-when extraction``:
+:class:`~fastunlearn.evaluation.stopping.ExtractionRule` decided by
+:class:`~fastunlearn.evaluation.stop_callback.StoppingCallback`, which also evaluates on bounded subsets,
+restores the kept state and writes the trajectory). This module does not import the unlearning loop:
+the callbacks are given to it (``unlearn(callbacks=[...])``).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -93,6 +98,10 @@ class ExtractionStoppingCallback(EpochEvaluationCallback):
     Thresholds are given (``ma_threshold``, ``el_threshold``; the published GPT-Neo-125M values are
     0.2994 and 0.0499) or measured on held-out sequences the model never saw (``held_out_ids``) with
     the model before training.
+
+    Deprecated (``FutureWarning``): the same rule is :class:`~fastunlearn.evaluation.stopping.ExtractionRule`,
+    built into :func:`fastunlearn.unlearn` (``stop="extraction"``) and the ``StoppingCallback`` for any
+    ``Trainer``; this class stays for code written against it and will be removed.
     """
 
     def __init__(
@@ -108,6 +117,13 @@ class ExtractionStoppingCallback(EpochEvaluationCallback):
         batch_size: int = 64,
         restore_best: bool = False,
     ) -> None:
+        warnings.warn(
+            "ExtractionStoppingCallback is deprecated and will be removed: the extraction rule is built "
+            "in — unlearn(stop='extraction', unseen=...) / --stop-when extraction, or StoppingCallback "
+            "with fastunlearn.evaluation.stopping.ExtractionRule for your own Trainer",
+            FutureWarning,
+            stacklevel=2,
+        )
         given = (ma_threshold is not None, el_threshold is not None)
         if given[0] != given[1]:
             raise ValueError("give both ma_threshold and el_threshold, or neither (and held_out_ids)")

@@ -19,7 +19,11 @@ from fastunlearn.evaluation.likelihood import eval_mode
 from fastunlearn.modeling import model_device, unwrap_model
 from fastunlearn.training.data import pad_id_of
 
-__all__ = ["greedy_completions", "greedy_decode"]
+__all__ = ["EOS_CHECK_EVERY", "greedy_completions", "greedy_decode"]
+
+# Decoding steps between two checks that every row has stopped, on an accelerator (module docstring of
+# greedy_decode): a few wasted steps of a batch that has finished cost less than a stall every step.
+EOS_CHECK_EVERY = 8
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -52,21 +56,30 @@ def greedy_decode(
     *,
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
+    eos_check_every: int | None = None,
 ) -> torch.Tensor:
     """Greedy continuation of a batch of prompts of any lengths, with a KV cache.
 
     Prompts are left padded (position ids follow the mask, so padding changes nothing but rounding).
     Without ``eos_token_id`` exactly ``max_new_tokens`` tokens are generated per prompt (the
     extraction protocol never stops early). With it, a row stops at its first EOS — later positions
-    hold ``pad_token_id`` — and decoding ends once every row has stopped.
-    Returns ``[R, max_new_tokens]`` token ids (or fewer columns when every row stopped early).
+    hold ``pad_token_id`` — and decoding ends once every row has stopped, which is checked every
+    ``eos_check_every`` steps: the check reads a flag on the host, a synchronisation that stalls an
+    accelerator's queue, so by default it runs every step only on the CPU (where it costs nothing) and
+    every :data:`EOS_CHECK_EVERY` steps elsewhere. The tokens do not depend on it: a stopped row only
+    gains padding, and the result at most ``eos_check_every − 1`` columns of it.
+    Returns ``[R, ≤ max_new_tokens]`` token ids.
     Must be called under :func:`fastunlearn.evaluation.likelihood.eval_mode`.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    if eos_check_every is not None and eos_check_every < 1:
+        raise ValueError(f"eos_check_every must be ≥ 1, got {eos_check_every}")
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("greedy_decode needs at least one prompt, each of at least one token")
     device = model_device(model)
+    if eos_check_every is None:
+        eos_check_every = 1 if device.type == "cpu" else EOS_CHECK_EVERY
     rows, width = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((rows, width), pad_token_id, dtype=torch.long, device=device)
     mask = torch.zeros((rows, width), dtype=torch.long, device=device)
@@ -80,8 +93,8 @@ def greedy_decode(
     position = positions[:, -1:]
     generated = [next_tok]
     done = next_tok == eos_token_id if eos_token_id is not None else None
-    for _ in range(max_new_tokens - 1):
-        if done is not None and bool(done.all()):  # one sync per step, only when stopping at EOS
+    for step in range(1, max_new_tokens):
+        if done is not None and step % eos_check_every == 0 and bool(done.all()):  # a host sync
             break
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
         position = position + 1

@@ -77,9 +77,11 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
     with fp32 accumulation (fp64 for fp64 logits). Raises ``ValueError`` for a label outside the
     vocabulary.
     """
+    # The labels reach shifted_nll where they are: CPU labels are range-checked on the host, with no
+    # synchronisation of the logits' device per batch.
+    nll = shifted_nll(logits, labels, "none").view(labels.shape)
     targets = shift_labels(labels.to(logits.device))
     mask = targets != IGNORE_INDEX
-    nll = shifted_nll(logits, labels, "none").view(labels.shape)
     hits = (logits.argmax(dim=-1) == targets) & mask
     return nll[:, :-1], mask[:, :-1], hits[:, :-1]
 
@@ -109,8 +111,8 @@ def answer_stats(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> d
     with torch.no_grad():
         if takes_fused_path(model):
             nll, mask, hits = _fused_token_stats(model, inputs, labels)
-        else:
-            nll, mask, hits = token_nll(model(**inputs).logits, labels)
+        else:  # CPU labels as they are: token_nll range-checks them on the host, without a device sync
+            nll, mask, hits = token_nll(model(**inputs).logits, batch["labels"])
     return {"nll_sum": nll.sum(dim=1), "num_tokens": mask.sum(dim=1), "correct": hits.sum(dim=1)}
 
 

@@ -3,11 +3,35 @@ test between truth-ratio samples) and model utility (a harmonic mean of TOFU's n
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
 __all__ = ["forget_quality", "model_utility", "rouge_l_recall"]
+
+
+# Distinct texts whose tokens are remembered (a few MB at most): a run's reference answers and the
+# greedy answers that repeat across its evaluations.
+_TOKENIZED_TEXTS = 1 << 16
+
+
+@functools.cache
+def _rouge_l_scorer():
+    """``rouge_score``'s ROUGE-L scorer with TOFU's tokenisation (lower-cased words, Porter stemming),
+    built once and remembering each text's tokens: stemming costs more than the LCS of a short answer,
+    and the stopping rules score the same reference answers at every evaluation near their threshold.
+    The tokens of a text do not depend on when it is scored, so the scores are unchanged."""
+    from rouge_score import rouge_scorer, tokenizers
+
+    tofu_words = tokenizers.DefaultTokenizer(use_stemmer=True)
+    cached = functools.lru_cache(maxsize=_TOKENIZED_TEXTS)(tofu_words.tokenize)
+
+    class CachedTokenizer(tokenizers.Tokenizer):
+        def tokenize(self, text: str) -> list[str]:
+            return list(cached(text))  # a copy: the cached list is never handed out
+
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=CachedTokenizer())
 
 
 def rouge_l_recall(predictions: list[str], references: list[str]) -> list[float]:
@@ -16,11 +40,9 @@ def rouge_l_recall(predictions: list[str], references: list[str]) -> list[float]
     Uses Google's ``rouge_score`` package with Porter stemming, as TOFU does, so numbers compare with
     published ones.
     """
-    from rouge_score import rouge_scorer
-
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    scorer = _rouge_l_scorer()
     return [scorer.score(ref, pred)["rougeL"].recall for pred, ref in zip(predictions, references)]
 
 

@@ -3,9 +3,11 @@
 
 - :class:`SubsetEvaluator` computes the metrics of :data:`~fastunlearn.evaluation.stopping.METRIC_NAMES`
   (and the unseen-text reference) on at most ``eval_items`` examples per set, with
-  :mod:`fastunlearn.evaluation.metrics`: one teacher-forced pass per set gives ``prob`` / ``acc`` /
-  ``nll`` / ``ma``; greedy generation, batched with a KV cache, gives ``rougeL`` and ``el10`` — and
-  is run only for what is asked.
+  :mod:`fastunlearn.evaluation.metrics`: one teacher-forced pass over every set asked for at once
+  gives ``prob`` / ``acc`` / ``nll`` / ``ma``; greedy generation, batched with a KV cache and left
+  padding, gives ``rougeL`` and ``el10`` — and is run only for what is asked. The subsets are
+  tokenised once and their padded batches, prompts and reference answers built once per run, so an
+  evaluation is model calls and one transfer of its numbers to the host.
 - :class:`StoppingCallback` is the ``transformers.TrainerCallback``: it evaluates the model before
   training and every N optimiser steps or every epoch, asks the
   :class:`~fastunlearn.evaluation.stopping.StoppingController` what to compute and whether to stop,
@@ -30,7 +32,7 @@ from transformers import TrainerCallback
 from fastunlearn import distributed
 from fastunlearn.evaluation.decoding import greedy_completions
 from fastunlearn.evaluation.extraction_metrics import extraction_likelihood
-from fastunlearn.evaluation.likelihood import example_stats
+from fastunlearn.evaluation.likelihood import collect_answer_stats
 from fastunlearn.evaluation.scores import rouge_l_recall
 from fastunlearn.evaluation.stopping import (
     EL_N,
@@ -45,6 +47,7 @@ from fastunlearn.training import data as fdata
 __all__ = ["StoppingCallback", "SubsetEvaluator", "measure_reference"]
 
 _TEACHER_FORCED = ("prob", "acc", "nll", "ma")
+_STATS = ("nll_sum", "num_tokens", "correct")
 
 
 def _spread(examples: Sequence[fdata.Example], k: int) -> list[fdata.Example]:
@@ -61,6 +64,20 @@ def _record_format(examples: Sequence[fdata.Example]) -> str:
     return "qa" if all(prompted) else "text" if not any(prompted) else "mixed"
 
 
+def _forced_metrics(
+    nll_sum: torch.Tensor, tokens: torch.Tensor, correct: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The teacher-forced metrics of one subset from its per-example statistics (fp64, ``[N]`` each)."""
+    mean_nll = nll_sum / tokens
+    return {
+        "prob": torch.exp(-mean_nll).mean(),
+        "acc": correct.sum() / tokens.sum(),
+        "nll": mean_nll.mean(),
+        # Raw text labels every token: correct / tokens is Jang et al.'s MA of each sequence.
+        "ma": (correct / tokens).mean(),
+    }
+
+
 class SubsetEvaluator:
     """The metrics of a run on bounded subsets of its forget / retain / unseen examples.
 
@@ -72,6 +89,16 @@ class SubsetEvaluator:
     reference leaves room for any rewording, and a collapsed model that never emits EOS does not
     decode to ``max_new_tokens``. The numbers are the subset means of :mod:`fastunlearn.evaluation.stopping`'s
     definitions: a rule decided here is decided on the subset.
+
+    Cost: the teacher-forced metrics of every set asked for come from one pass over the sets' examples
+    together, sorted by length into batches of ``batch_size`` (less padding than set by set; per
+    example the result is the same up to the rounding of a different batch shape: right padding is
+    masked and causal). Everything built from the examples (padded batches, prompts, decoded reference
+    answers, generation budgets) is built on first use and reused by every later evaluation; an
+    evaluation moves its numbers to the host once. The model runs in eval mode under ``torch.no_grad``,
+    not ``torch.inference_mode``: the evaluation before training is the model's first forward, and a
+    first forward in inference mode breaks FSDP's training forward afterwards (pytorch/pytorch#113203;
+    FSDP2 unsharding, #197327), for no measured gain here (the same milliseconds on the demo's model).
     """
 
     def __init__(
@@ -102,6 +129,10 @@ class SubsetEvaluator:
         if formats.get("unseen", "text") != "text":
             raise ValueError('unseen text must be raw text ({"text"} records, every token labelled)')
         self.available = available_metrics(formats)
+        # Built on first use, then reused: the subsets (and each process's share of them) are fixed
+        # for the run.
+        self._forced_inputs: dict[tuple, tuple[list[dict[str, torch.Tensor]], torch.Tensor]] = {}
+        self._generation_inputs: dict[str, tuple[list[torch.Tensor], list[str], list[int]]] = {}
 
     def evaluate(self, model: torch.nn.Module, names: Collection[str]) -> dict[str, float]:
         """The metrics ``names`` (``SET.KIND``) of ``model``, in eval mode without gradients.
@@ -121,44 +152,71 @@ class SubsetEvaluator:
             set_name, _, kind = name.partition(".")
             wanted.setdefault(set_name, set()).add(kind)
         out: dict[str, float] = {}
+        forced = {
+            s: [k for k in _TEACHER_FORCED if k in wanted[s]]
+            for s in self.sets
+            if s in wanted and any(k in wanted[s] for k in _TEACHER_FORCED)
+        }
+        if forced:
+            out.update(self._teacher_forced(model, forced))
         for set_name, kinds in wanted.items():
-            examples = self.sets[set_name]
-            forced = [k for k in _TEACHER_FORCED if k in kinds]
-            if forced:
-                values = self._teacher_forced(model, examples, forced)
-                out.update({f"{set_name}.{k}": v for k, v in zip(forced, values)})
             if "rougeL" in kinds:
-                out[f"{set_name}.rougeL"] = self._rouge(model, examples)
+                out[f"{set_name}.rougeL"] = self._rouge(model, set_name)
             if f"el{EL_N}" in kinds:
-                out[f"{set_name}.el{EL_N}"] = self._el(model, examples)
+                out[f"{set_name}.el{EL_N}"] = self._el(model, set_name)
         return distributed.broadcast_object(out)
 
-    def _teacher_forced(
-        self, model: torch.nn.Module, examples: Sequence[fdata.Example], kinds: Sequence[str]
-    ) -> list[float]:
-        stats = example_stats(model, examples, self.pad_id, self.batch_size)
-        nll_sum, tokens, correct = (stats[k].double() for k in ("nll_sum", "num_tokens", "correct"))
-        mean_nll = nll_sum / tokens
-        values = {
-            "prob": torch.exp(-mean_nll).mean(),
-            "acc": correct.sum() / tokens.sum(),
-            "nll": mean_nll.mean(),
-            # Raw text labels every token: correct / tokens is Jang et al.'s MA of each sequence.
-            "ma": (correct / tokens).mean(),
-        }
-        return torch.stack([values[k] for k in kinds]).tolist()  # one sync for all of them
+    def _forced_batches(
+        self, set_names: tuple[str, ...], examples: Sequence[fdata.Example]
+    ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
+        """``examples`` (this process's share of the sets ``set_names``, the same at every evaluation) as
+        padded batches sorted by length, and the permutation that puts the batches' rows back in order."""
+        key = (set_names, len(examples))
+        if key not in self._forced_inputs:
+            order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids), reverse=True)
+            batches = fdata.batches([examples[i] for i in order], self.pad_id, self.batch_size)
+            self._forced_inputs[key] = (batches, torch.tensor(order).argsort())
+        return self._forced_inputs[key]
 
-    def _rouge(self, model: torch.nn.Module, examples: Sequence[fdata.Example]) -> float:
-        eos = self.tokenizer.eos_token_id
-        prompts, references, budgets = [], [], []
-        for ex in examples:
-            start = next(i for i, label in enumerate(ex.labels) if label != fdata.IGNORE_INDEX)
-            answer = list(ex.input_ids[start:])
-            if answer and answer[-1] == eos:
-                answer = answer[:-1]
-            prompts.append(torch.tensor(ex.input_ids[:start], dtype=torch.long))
-            references.append(self.tokenizer.decode(answer, skip_special_tokens=True).strip())
-            budgets.append(min(self.max_new_tokens, 2 * max(len(answer), 1)))
+    def _teacher_forced(self, model: torch.nn.Module, kinds: Mapping[str, Sequence[str]]) -> dict[str, float]:
+        """``kinds[set]`` of every set in ``kinds``, from one teacher-forced pass over all their examples."""
+        set_names = tuple(kinds)
+
+        def stats_of(share: list[fdata.Example]) -> dict[str, torch.Tensor]:
+            batches, unsort = self._forced_batches(set_names, share)
+            stats = collect_answer_stats(model, batches)
+            return {k: stats[k][unsort.to(stats[k].device)] for k in _STATS}
+
+        examples = [ex for name in set_names for ex in self.sets[name]]
+        stats = distributed.map_sharded(stats_of, examples, model=model)  # gathered in example order
+        nll_sum, tokens, correct = (stats[k].double() for k in _STATS)
+        names, values, start = [], [], 0
+        for set_name in set_names:
+            end = start + len(self.sets[set_name])
+            per_kind = _forced_metrics(nll_sum[start:end], tokens[start:end], correct[start:end])
+            names += [f"{set_name}.{kind}" for kind in kinds[set_name]]
+            values += [per_kind[kind] for kind in kinds[set_name]]
+            start = end
+        return dict(zip(names, torch.stack(values).tolist()))  # one transfer for all of them
+
+    def _generation(self, set_name: str) -> tuple[list[torch.Tensor], list[str], list[int]]:
+        """Prompts, reference answers (decoded text) and token budgets of the set's ROUGE-L."""
+        if set_name not in self._generation_inputs:
+            eos = self.tokenizer.eos_token_id
+            prompts, references, budgets = [], [], []
+            for ex in self.sets[set_name]:
+                start = next(i for i, label in enumerate(ex.labels) if label != fdata.IGNORE_INDEX)
+                answer = list(ex.input_ids[start:])
+                if answer and answer[-1] == eos:
+                    answer = answer[:-1]
+                prompts.append(torch.tensor(ex.input_ids[:start], dtype=torch.long))
+                references.append(self.tokenizer.decode(answer, skip_special_tokens=True).strip())
+                budgets.append(min(self.max_new_tokens, 2 * max(len(answer), 1)))
+            self._generation_inputs[set_name] = (prompts, references, budgets)
+        return self._generation_inputs[set_name]
+
+    def _rouge(self, model: torch.nn.Module, set_name: str) -> float:
+        prompts, references, budgets = self._generation(set_name)
 
         def generate(rows: list[int]) -> list[str]:
             return greedy_completions(
@@ -172,9 +230,9 @@ class SubsetEvaluator:
         answers = distributed.map_sharded(generate, range(len(prompts)), model=model)
         return sum(rouge_l_recall(answers, references)) / len(answers)
 
-    def _el(self, model: torch.nn.Module, examples: Sequence[fdata.Example]) -> float:
-        def el(part: list[fdata.Example]) -> torch.Tensor:
-            batch = fdata.collate(part, self.pad_id)
+    def _el(self, model: torch.nn.Module, set_name: str) -> float:
+        def el(share: list[fdata.Example]) -> torch.Tensor:
+            batch = fdata.collate(share, self.pad_id)
             return extraction_likelihood(
                 model,
                 batch["input_ids"],
@@ -183,7 +241,7 @@ class SubsetEvaluator:
                 batch_size=self.batch_size,
             )
 
-        return distributed.map_sharded(el, examples, model=model).mean().item()
+        return distributed.map_sharded(el, self.sets[set_name], model=model).mean().item()
 
 
 def measure_reference(rule: StopRule, evaluator: SubsetEvaluator, model: torch.nn.Module) -> StopRule:

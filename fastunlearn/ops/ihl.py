@@ -130,13 +130,18 @@ def _check_labels(
     if labels.device != device:
         raise ValueError(f"logits are on {device} but labels are on {labels.device}")
     if validate:
-        bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
-        if bad.any():  # one host sync; validate=False skips it
-            first = labels[bad][0].item()
-            raise ValueError(
-                f"label {first} is outside the vocabulary [0, {vocab}) and is not "
-                f"ignore_index ({ignore_index})"
-            )
+        check_label_range(labels, vocab, ignore_index)
+
+
+def check_label_range(labels: Tensor, vocab: int, ignore_index: int = -100) -> None:
+    """``ValueError`` for a label outside ``[0, vocab)`` that is not ``ignore_index``. Reads the answer on
+    the host: one synchronisation when ``labels`` live on an accelerator, none on the CPU."""
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bad.any():
+        first = labels[bad][0].item()
+        raise ValueError(
+            f"label {first} is outside the vocabulary [0, {vocab}) and is not ignore_index ({ignore_index})"
+        )
 
 
 def _check_reduction(reduction: str, allowed: tuple[str, ...] = REDUCTIONS) -> None:

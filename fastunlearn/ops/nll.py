@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastunlearn.ops import IGNORE_INDEX
-from fastunlearn.ops.ihl import nll_loss
+from fastunlearn.ops.ihl import check_label_range, nll_loss
 
 __all__ = ["shift_labels", "shifted_nll"]
 
@@ -48,10 +48,17 @@ def shifted_nll(
     ``reduction``: ``"mean"`` over the non-ignored targets, ``"sum"``, or ``"none"``: a flat ``[B·T]``
     tensor (``.view(labels.shape)`` gives ``[B, T]``; the last column and ignored targets are 0).
     Labels may be on another device than the logits; the result is on the logits' device, in fp32
-    (fp64 for fp64 logits). ``validate``: a label outside ``[0, V)`` raises ``ValueError`` (one host
-    synchronisation; ``False`` skips it and counts such labels as ignored).
+    (fp64 for fp64 logits). ``validate``: a label outside ``[0, V)`` raises ``ValueError``. The check
+    runs where the labels are, before they move: labels on the CPU (as a data loader gives them) are
+    checked without synchronising the logits' device, so a loop over batches never stalls on it;
+    labels already on an accelerator cost one host synchronisation per call. ``False`` skips the
+    check and counts such labels as ignored.
     """
-    targets = shift_labels(labels).to(logits.device)
+    targets = shift_labels(labels)
+    if validate and targets.device != logits.device and targets.device.type == "cpu":
+        check_label_range(targets, logits.shape[-1], IGNORE_INDEX)
+        validate = False  # checked here, on the host
+    targets = targets.to(logits.device)
     # The Triton kernels compute in fp32; only the PyTorch path keeps fp64 logits in fp64.
     backend = "torch" if logits.dtype == torch.float64 else "auto"
     loss = nll_loss(logits, targets, reduction=reduction, backend=backend, validate=validate)
