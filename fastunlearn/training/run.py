@@ -500,6 +500,8 @@ def _collect_outputs(
     if init == "full":  # whole weights are saved from the model itself, without a copy in memory
         partitioned = any(is_partitioned(p) for p in model.parameters())
         return {"model": gathered_state_dict(unwrap_model(model), keep=keep) if partitioned else None}
+    if state_dict is not None and not keep:  # FSDP: gathered already, into the main process alone
+        return {}
     from fastunlearn.fisher import adapter_export, merged_state_dict
 
     collected: dict[str, Any] = {"adapter": adapter_export(model, state_dict=state_dict)}
