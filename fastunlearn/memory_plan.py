@@ -84,11 +84,14 @@ when the summed loss is differentiated; the engine finishes the retain graph —
       the base input gradient ``a·I``, the LoRA branch's gradient ``a·I`` cast to fp32 ``4I`` and
       back ``a·I``, and the incoming ``a·H``: ``(3a + 4)·I + a·H`` per token (with checkpointing, plus
       the recomputed layer);
+    - with checkpointing, the retain graph's first layer (its last): the forget graph and the forget
+      loss's saved tensors, that layer's input, and the gradients of the layers above it waiting as
+      below;
     - forget loss backward and the forget graph's top layer (after the retain graph is freed): with
       the retain graph's gradient of every trained weight still waiting, in the weight's dtype (``4n``),
       for the forget graph's — each weight feeds both graphs, and Trainer's autocast (accelerate's,
       one region per model call) makes each forward cast the adapters itself, so the two meet at the
-      fp32 leaf. With checkpointing and a rank large against the width this is the step's peak
+      fp32 leaf. With checkpointing and a rank large against the tokens of a batch this is the peak
       (Llama-2-7B width, ``r = 32``: 12.1 MB a layer at 2×128 tokens, against 4.2 MB for both graphs'
       layer inputs at the retain graph's top layer);
     - optimizer step: AdamW's foreach ``sqrt`` of the second moments, ``4n`` (CUDA; the CPU path loops
@@ -746,6 +749,21 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
             **recompute,
             "layer backward working set": N * _layer_backward_per_token(s),
         }
+        if checkpointing and m.layers > 1:
+            # The retain graph's first layer, the last it differentiates: of the retain graph only that
+            # layer's input is left, and every layer above has left its gradients waiting.
+            moments["retain graph's first layer backward"] = {
+                **static,
+                **forget_graph,
+                forget_label: forget.saved,
+                "checkpointed layer input, retain batch (first layer)": N * a * m.hidden
+                + _rng_states(s) // m.layers,
+                "retain gradients awaiting the forget graph (layers above)": grad_bytes
+                * (m.layers - 1)
+                // m.layers,
+                **recompute,
+                "layer backward working set": N * _layer_backward_per_token(s),
+            }
         moments["retain loss forward"] = {
             **static,
             **cached,

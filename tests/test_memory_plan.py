@@ -281,11 +281,14 @@ def test_train_step_peak(kind, layers, vocab, checkpointing, method, fused):
 
 
 def test_train_step_per_layer_at_two_ranks():
-    # bench_scale's per-layer figure (Llama-2-7B width, r = 32) once measured 7.1 MB against 4.2 MB
-    # planned: with checkpointing and a rank large against the width, the peak moves from the retain
-    # graph's top layer (both graphs' layer inputs) to the forget graph's (one graph's inputs and every
-    # adapter's retain gradient, waiting for the forget graph's). The same proportions at a quarter
-    # of bench_scale's width, K = 1 and 2, r = 8 (retain graph's peak) and r = 32 (forget graph's).
+    # With checkpointing, every adapter's retain gradient waits for the forget graph's (4n) while the
+    # forget graph is differentiated. Against a batch's tokens a large rank makes that the step's
+    # peak, and the per-layer figure is a layer input plus 4·(adapters of a layer) instead of two
+    # layer inputs: bench_scale (Llama-2-7B width, r = 32, 2×128 tokens) measured 7.1 MB a layer
+    # against 4.2 MB planned (then under one autocast region, where the wait is in bf16). Same
+    # proportions at a quarter of the width (the ratio is r/N): K = 1 and 2; r = 32, and r = 8, where
+    # the plan's peak is the retain graph's top layer and the measured one its first layer (the plan
+    # over-predicts the top layer's fixed bytes by ~1 MB here): 1.09× per layer when written.
     from fastunlearn.training.methods import method_loss
 
     B, T, shape = 2, 128, {"hidden_size": 1024, "intermediate_size": 2752, "num_attention_heads": 8}
