@@ -7,7 +7,8 @@ runs the phases of a FILA + IHL run one after the other, as :func:`fastunlearn.u
 
     fisher_forget, fisher_retain   fastunlearn.estimate_fisher (today's all-layers estimator)
     fila                           fastunlearn.fila_init
-    train_step                     N steps of training.methods.method_loss under bf16 autocast with
+    train_step                     N steps of training.methods.method_loss under bf16 autocast (per
+                                   model call, as accelerate applies it) with
                                    gradient checkpointing, gradient clipping and AdamW (the Trainer's)
     save                           fastunlearn.save_adapter
 
@@ -160,13 +161,15 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     model.train()
     # --fused (the default, as unlearn's): every loss term at the output head; --no-fused: from the logits.
     fastunlearn.patch(model, fused=bool(args.fused_linear))
+    # Trainer's bf16: accelerate autocasts each call of the model on its own (not one region around
+    # the forget and the retain forward), which decides where the retain gradients wait (memory_plan).
+    model.forward = torch.autocast(device.type, dtype=torch.bfloat16)(model.forward)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
     pair = {"forget": forget[0], "retain": retain[0]}
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss, _ = method_loss(model, pair, "ihl")
+        loss, _ = method_loss(model, pair, "ihl")
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -84,7 +84,16 @@ when the summed loss is differentiated; the engine finishes the retain graph —
       the base input gradient ``a·I``, the LoRA branch's gradient ``a·I`` cast to fp32 ``4I`` and
       back ``a·I``, and the incoming ``a·H``: ``(3a + 4)·I + a·H`` per token (with checkpointing, plus
       the recomputed layer);
-    - forget loss backward (after the retain graph is freed);
+    - with checkpointing, the retain graph's first layer (its last): the forget graph and the forget
+      loss's saved tensors, that layer's input, and the gradients of the layers above it waiting as
+      below;
+    - forget loss backward and the forget graph's top layer (after the retain graph is freed): with
+      the retain graph's gradient of every trained weight still waiting, in the weight's dtype (``4n``),
+      for the forget graph's — each weight feeds both graphs, and Trainer's autocast (accelerate's,
+      one region per model call) makes each forward cast the adapters itself, so the two meet at the
+      fp32 leaf. With checkpointing and a rank large against the tokens of a batch this is the peak
+      (Llama-2-7B width, ``r = 32``: 12.1 MB a layer at 2×128 tokens, against 4.2 MB for both graphs'
+      layer inputs at the retain graph's top layer);
     - optimizer step: AdamW's foreach ``sqrt`` of the second moments, ``4n`` (CUDA; the CPU path loops
       over tensors: three temporaries the size of the largest, measured). Gradient clipping scales in
       place.
@@ -657,10 +666,12 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
 
     # Training state, resident from the first step to the end (the trainer is referenced until return).
     if init == "full":
-        trained = {"gradients": shard(w * m.num_params()), "AdamW moments": shard(2 * w * m.num_params())}
+        grad_bytes = shard(w * m.num_params())
+        trained = {"gradients": grad_bytes, "AdamW moments": shard(2 * w * m.num_params())}
         step_extra = shard(w * m.num_params()) if engine == "ddp" else 0
     else:
-        trained = {"LoRA gradients (fp32)": shard(4 * n), "AdamW moments (fp32)": shard(8 * n)}
+        grad_bytes = shard(4 * n)
+        trained = {"LoRA gradients (fp32)": grad_bytes, "AdamW moments (fp32)": shard(8 * n)}
         step_extra = 4 * n if engine == "ddp" else 0
     # Autocast's bf16 copies of the adapter weights live as long as a saved tensor refers to them:
     # all of them without checkpointing; with it, only inside the autocast region (its cache).
@@ -694,11 +705,20 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
     cached = {"autocast copies of the adapters (cached in the forward)": copies} if checkpointing else {}
     forget_graph = {f"{acts_label}, forget batch": acts}
     graphs = {**forget_graph, **({f"{acts_label}, retain batch": acts} if retain else {})}
+    # Both forwards use every trained weight, so each weight's gradient accumulator waits for two
+    # gradients: the retain graph's — differentiated first — is held, in the weight's dtype, until the
+    # forget graph's arrives, for every layer at once while the forget graph is differentiated.
+    # accelerate autocasts each model call on its own (Trainer's bf16), so each forward casts the
+    # adapters itself and the wait is at the fp32 leaf (one autocast region around both forwards
+    # would share the cached bf16 copies and wait in bf16 instead). Measured in
+    # tests/test_memory_plan.py; under FSDP/ZeRO-3 modelled as the sharded gradients.
+    awaiting = {"retain gradients awaiting the forget graph": grad_bytes} if retain else {}
     moments = {
         "forget loss forward": {**static, **cached, **forget_graph, **forget.forward_terms("forget")},
         "forget loss backward": {
             **static,
             **forget_graph,
+            **awaiting,
             forget_label: forget.saved,
             **forget.backward_terms("forget"),
         },
@@ -720,6 +740,30 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
         },
     }
     if retain:
+        # The forget graph's top layer, after the retain graph is done: its activations are freed,
+        # its gradients are waiting.
+        moments["forget graph's top layer backward"] = {
+            **static,
+            **forget_graph,
+            **awaiting,
+            **recompute,
+            "layer backward working set": N * _layer_backward_per_token(s),
+        }
+        if checkpointing and m.layers > 1:
+            # The retain graph's first layer, the last it differentiates: of the retain graph only that
+            # layer's input is left, and every layer above has left its gradients waiting.
+            moments["retain graph's first layer backward"] = {
+                **static,
+                **forget_graph,
+                forget_label: forget.saved,
+                "checkpointed layer input, retain batch (first layer)": N * a * m.hidden
+                + _rng_states(s) // m.layers,
+                "retain gradients awaiting the forget graph (layers above)": grad_bytes
+                * (m.layers - 1)
+                // m.layers,
+                **recompute,
+                "layer backward working set": N * _layer_backward_per_token(s),
+            }
         moments["retain loss forward"] = {
             **static,
             **cached,
