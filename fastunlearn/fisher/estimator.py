@@ -119,21 +119,11 @@ def estimate_fisher(
             in any batch, a budget too small for one layer's accumulator, non-finite values in the
             result.
     """
-    budget_bytes = None if max_memory is None else parse_bytes(max_memory)
-    layers = measured_layers(model, target_modules, mode, backend)
-    data = prepare_batches(batches)
-    fisher: dict[str, Tensor] = {}
-    estimates = _layer_estimates(
-        model,
-        layers,
-        data,
-        mode=mode,
-        backend=backend,
-        max_memory=budget_bytes,
-        gradient_checkpointing=gradient_checkpointing,
-        progress=progress,
+    _, data, estimates = _start(
+        model, batches, target_modules, mode, backend, max_memory, gradient_checkpointing, progress,
         cpu_default=lambda sizes: sum(sizes.values()),
-    )
+    )  # fmt: skip
+    fisher: dict[str, Tensor] = {}
     with contextlib.closing(estimates):  # the session ends here whatever happens
         for name, tensor, groups in estimates:
             fisher[name] = tensor.to("cpu") if groups > 1 else tensor
@@ -169,6 +159,31 @@ def save_fisher(
     stops the write and leaves ``path`` untouched. Returns the written file's :class:`FisherFile`
     (layer shapes and counts).
     """
+    layers, data, estimates = _start(
+        model, batches, target_modules, mode, backend, max_memory, gradient_checkpointing, progress,
+        cpu_default=lambda sizes: available_memory(torch.device("cpu")) // 2,
+    )  # fmt: skip
+    shapes = {name: linear_shape(layer) for name, layer in layers.items()}
+    written = FisherFile(shapes, num_examples=data.num_examples, num_tokens=data.num_tokens, mode=mode)
+    with contextlib.closing(estimates):
+        written.write(path, ((name, tensor) for name, tensor, _ in estimates), overwrite=overwrite)
+    return written
+
+
+def _start(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    target_modules: str | Sequence[str] | None,
+    mode: str,
+    backend: str,
+    max_memory: int | str | None,
+    gradient_checkpointing: bool | None,
+    progress: bool,
+    *,
+    cpu_default: Callable[[Mapping[str, int]], int],
+) -> tuple[Mapping[str, nn.Linear], Data, Iterator[tuple[str, Tensor, int]]]:
+    """The measured layers, the prepared data and the generator of :func:`_layer_estimates` (not
+    started: its session opens at the first ``next``)."""
     budget_bytes = None if max_memory is None else parse_bytes(max_memory)
     layers = measured_layers(model, target_modules, mode, backend)
     data = prepare_batches(batches)
@@ -181,13 +196,9 @@ def save_fisher(
         max_memory=budget_bytes,
         gradient_checkpointing=gradient_checkpointing,
         progress=progress,
-        cpu_default=lambda sizes: available_memory(torch.device("cpu")) // 2,
+        cpu_default=cpu_default,
     )
-    shapes = {name: linear_shape(layer) for name, layer in layers.items()}
-    written = FisherFile(shapes, num_examples=data.num_examples, num_tokens=data.num_tokens, mode=mode)
-    with contextlib.closing(estimates):
-        written.write(path, ((name, tensor) for name, tensor, _ in estimates), overwrite=overwrite)
-    return written
+    return layers, data, estimates
 
 
 def _layer_estimates(
