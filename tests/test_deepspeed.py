@@ -11,8 +11,10 @@ With DeepSpeed installed (``pip install -e ".[deepspeed]"``; skipped otherwise) 
 the CPU accelerator (``DS_ACCELERATOR=cpu``, gloo): 2 ranks with the model created partitioned
 (``from_pretrained`` under ``HfDeepSpeedConfig``) must give the single-process Fisher, row weights,
 FILA factors, merged weights and adapter; a 1-process ZeRO-3 ``fastunlearn unlearn`` must give the
-plain run's adapter. A 2-rank ``unlearn`` through ``Trainer`` cannot run on CPU (see
-:func:`test_two_rank_zero3_unlearn_needs_a_gpu`); ``benchmarks/gpu_deepspeed.py`` runs it on GPUs.
+plain run's adapter. A 2-rank ``unlearn`` through ``Trainer`` cannot run on CPU: accelerate's
+``PartialState`` builds a DeepSpeed process group only on a GPU-like backend, so on the CPU accelerator
+it reports one process and ``Trainer`` does not shard the data (accelerate 1.15: each of 2 ranks ran
+all 6 pairs in 3 steps); ``benchmarks/gpu_deepspeed.py`` runs it on GPUs.
 
 Tolerances. The ZeRO-3 model is fp32 (``zero.Init`` builds it in the config's precision) and DeepSpeed
 computes its linear layers with its own autograd function (``input @ weightᵀ`` rather than ``addmm``):
