@@ -5,8 +5,12 @@ Builds ``LlamaForCausalLM`` from Llama-2-7B's config with ``num_hidden_layers = 
 weights, wraps it with LoRA (the trainer's recipe: r, alpha = 2r, dropout 0, all linear layers), and
 runs the phases of a FILA + IHL run one after the other, as :func:`fastunlearn.unlearn` does:
 
-    fisher_forget, fisher_retain   fastunlearn.estimate_fisher (today's all-layers estimator)
-    fila                           fastunlearn.fila_init
+    fisher                         --fisher streamed (the default, unlearn's): fastunlearn.fisher.
+                                   fila_row_weights under --fisher-memory, with gradient checkpointing
+                                   — for each group of layers a forget and a retain pass, so one phase
+    fisher_forget, fisher_retain   --fisher all_layers: fastunlearn.estimate_fisher (every layer's
+                                   accumulators at once, no checkpointing), one phase per data set
+    fila                           fastunlearn.fila_init (from the row weights, or the two estimates)
     train_step                     N steps of training.methods.method_loss under bf16 autocast (per
                                    model call, as accelerate applies it) with
                                    gradient checkpointing, gradient clipping and AdamW (the Trainer's)
@@ -16,16 +20,29 @@ For each phase it records the wall time and the peak memory above what was live 
 started — on CUDA the allocator's peak; on CPU the peak of live tensor bytes from the profiler's
 allocation events (the resident set, ``VmHWM``, is recorded too, for reference: it includes allocator
 caching and library buffers). The same window of :func:`fastunlearn.memory_plan.plan_memory` (the
-phase's peak minus its resident terms, which are exact parameter counts) is reported next to it, and
-the per-layer figures — ``(peak(K₂) − peak(K₁)) / (K₂ − K₁)`` between consecutive K and between the
-extremes, measured and planned — are what the issue's 15 % target is about: the embedding and head
-are the same at every K. (A difference of peaks is a per-layer figure only while the peak stays at
-the same moment of the phase.)
+phase's peak minus its resident terms, which are exact parameter counts; for the streamed ``fisher``
+phase the larger of the plan's ``fisher_forget`` and ``fisher_retain``, planned with
+``fisher="streamed"`` and the same ``fisher_memory``) is reported next to it, and the per-layer
+figures — ``(peak(K₂) − peak(K₁)) / (K₂ − K₁)`` between consecutive K and between the extremes,
+measured and planned — are what the issue's 15 % target is about: the embedding and head are the
+same at every K. (A difference of peaks is a per-layer figure only while the peak stays at the same
+moment of the phase; streamed, only while the largest group of accumulators is the same at both K —
+the CPU default ``--fisher-memory`` holds one decoder layer's forget and retain accumulators, so a
+group is one layer at every K.)
 
-Each K runs in its own subprocess, so one K's allocations cannot inflate another's.
+``--memory-limit`` (CUDA only) caps each K's process with
+``torch.cuda.set_per_process_memory_fraction`` before anything is allocated — the issue's "32 layers
+under 24 GB" on a larger card. A phase that runs out of memory is recorded as a row with
+``result = "oom"`` and ends that K (the later phases need its result); the bench goes on.
 
-    python benchmarks/bench_scale.py                          # CPU: K = 1, 2, 4 at 2×128 tokens
-    python benchmarks/bench_scale.py --device cuda --max-length 512 --batch 4 --fila-solver svd
+Each K runs in its own subprocess, so one K's allocations cannot inflate another's; every row is
+written as soon as its phase is measured (``_common.ResultLog``). Results: ``scale_<device>`` for
+``--fisher all_layers``, ``scale_streamed_<device>`` for the default.
+
+    python benchmarks/bench_scale.py --layers 1 2                   # CPU, streamed: 2×128 tokens
+    python benchmarks/bench_scale.py --fisher all_layers            # CPU: K = 1, 2, 4, as scale_cpu.*
+    python benchmarks/bench_scale.py --device cuda --layers 32 --batch 4 --max-length 512 \
+        --memory-limit 24GiB --fisher-memory 4GiB --steps 2         # gpu_run.sh's step
 """
 
 from __future__ import annotations
@@ -38,23 +55,38 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import environment, peak_tensor_bytes, slug, write_results
+from _common import ResultLog, environment, peak_tensor_bytes, slug
 
+from fastunlearn.fisher.budget import parse_bytes
 from fastunlearn.memory_plan import KNOWN_MODELS, plan_memory
 
+FISHER_RESIDENT = ("weights", "LoRA parameters (fp32)")
 RESIDENT = {
-    "fisher_forget": ("weights", "LoRA parameters (fp32)"),
-    "fisher_retain": ("weights", "LoRA parameters (fp32)"),
-    "fila": ("weights", "LoRA parameters (fp32)"),
+    "fisher": FISHER_RESIDENT,
+    "fisher_forget": FISHER_RESIDENT,
+    "fisher_retain": FISHER_RESIDENT,
+    "fila": FISHER_RESIDENT,
     "train_step": ("weights", "LoRA parameters (fp32)", "LoRA gradients (fp32)", "AdamW moments (fp32)"),
     "save": ("weights", "LoRA parameters (fp32)", "AdamW moments (fp32)"),
 }
+# One decoder layer's forget and retain fp32 accumulators at Llama-2-7B width (8 bytes a weight,
+# 1.508 GiB): on the CPU a group is one layer at every K, so K = 2 runs two groups.
+CPU_FISHER_MEMORY = "1.51GiB"
+
+
+def byte_size(text: str) -> int:
+    """An argparse type: ``parse_bytes`` with its message kept."""
+    try:
+        return parse_bytes(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def config(layers: int) -> dict[str, Any]:
@@ -86,6 +118,13 @@ def build_model(layers: int, device: torch.device, rank: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return get_peft_model(model, lora)
+
+
+def enable_checkpointing(model) -> None:
+    """The trainer's gradient checkpointing (fastunlearn.training.run)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model.config.use_cache = False
 
 
 def batches(count: int, batch: int, length: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -123,73 +162,152 @@ def _status(field: str) -> int:
     raise RuntimeError(field)
 
 
-def run_one(args: argparse.Namespace) -> dict[str, Any]:
-    """All phases for one K, in this process."""
-    import fastunlearn
-    from fastunlearn.training.methods import method_loss
+def _is_oom(err: BaseException) -> bool:
+    # cuBLAS/cuSOLVER report a failed workspace allocation as a plain RuntimeError.
+    text = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and ("out of memory" in text or "ALLOC_FAILED" in text)
+    )
 
+
+def emit(record: dict[str, Any]) -> None:
+    """One result line to the parent process (the last line of stdout that parses is the record)."""
+    print(json.dumps(record), flush=True)
+
+
+def run_one(args: argparse.Namespace) -> None:
+    """All phases for one K, in this process, each reported by :func:`emit` as it ends; an OOM is
+    reported as its phase's record and ends the run (the later phases need its result)."""
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    model = build_model(args.layers, device, args.rank)
-    to_device = lambda b: {k: v.to(device) for k, v in b.items()}
-    forget = [to_device(b) for b in batches(args.fisher_batches, args.batch, args.max_length, 1)]
-    retain = [to_device(b) for b in batches(args.fisher_batches, args.batch, args.max_length, 2)]
-    results: dict[str, Any] = {}
-    estimates: dict[str, Any] = {}
+    if args.memory_limit is not None:  # before anything is allocated on the device
+        total = torch.cuda.get_device_properties(device).total_memory
+        fraction = min(1.0, args.memory_limit / total)
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
+        emit({"phase": "setup", "memory_fraction": fraction, "total_memory": total})
+    for name, prepare, fn, repeats in phases(args, device):
+        during = "preparation"  # not measured: the model's build, what the last phase left, a warm-up
+        try:
+            prepare()
+            during = "phase"
+            seconds, peak, rss = measure(fn, device)
+        except Exception as err:
+            if not _is_oom(err):
+                raise
+            emit({"phase": name, "result": "oom", "during": during, "error": str(err).splitlines()[0][:300]})
+            return
+        emit(
+            {
+                "phase": name,
+                "result": "ok",
+                "seconds": seconds / repeats,
+                "peak_bytes": peak,
+                "rss_bytes": rss,
+            }
+        )
 
-    def fisher(name, data):
+
+Phase = tuple[str, Callable[[], Any], Callable[[], Any], int]
+
+
+def phases(args: argparse.Namespace, device: torch.device) -> list[Phase]:
+    """(name, unmeasured preparation, measured callable, repeats) of each phase, in order; they share
+    one state, built by the first phase's preparation."""
+    import fastunlearn
+    from fastunlearn.fisher import fila_row_weights
+    from fastunlearn.training.methods import method_loss
+
+    state: dict[str, Any] = {}
+
+    def build():
+        state["model"] = build_model(args.layers, device, args.rank)
+        to_device = lambda b: {k: v.to(device) for k, v in b.items()}
+        state["forget"] = [to_device(b) for b in batches(args.fisher_batches, args.batch, args.max_length, 1)]
+        state["retain"] = [to_device(b) for b in batches(args.fisher_batches, args.batch, args.max_length, 2)]
+        if args.fisher == "streamed":  # unlearn enables checkpointing before the Fisher passes
+            enable_checkpointing(state["model"])
+
+    def estimate(what):
         def fn():
-            estimates[name] = fastunlearn.estimate_fisher(model, data, progress=False)
+            state[f"{what}_fisher"] = fastunlearn.estimate_fisher(state["model"], state[what], progress=False)
 
         return fn
 
-    for name, data in (("forget", forget), ("retain", retain)):
-        results[f"fisher_{name}"] = measure(fisher(name, data), device)
-        estimates[name] = estimates[name].to("cpu")  # as the trainer does between the two
-    results["fila"] = measure(
-        lambda: fastunlearn.fila_init(
-            model, estimates["forget"], estimates["retain"], solver=args.fila_solver
-        ),
-        device,
-    )
-    estimates.clear()  # the estimates are saved by the trainer; here they are no longer needed
-    # The trainer's gradient checkpointing (fastunlearn.training.run), then the Trainer's step.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.enable_input_require_grads()
-    model.config.use_cache = False
-    model.train()
-    # --fused (the default, as unlearn's): every loss term at the output head; --no-fused: from the logits.
-    fastunlearn.patch(model, fused=bool(args.fused_linear))
-    # Trainer's bf16: accelerate autocasts each call of the model on its own (not one region around
-    # the forget and the retain forward), which decides where the retain gradients wait (memory_plan).
-    model.forward = torch.autocast(device.type, dtype=torch.bfloat16)(model.forward)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
-    pair = {"forget": forget[0], "retain": retain[0]}
+    def to_host(*whats):
+        def fn():  # as the trainer did with a finished estimate
+            for what in whats:
+                state[f"{what}_fisher"] = state[f"{what}_fisher"].to("cpu")
 
-    def step():
-        loss, _ = method_loss(model, pair, "ihl")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        # Gradients stay allocated (zeroed), as between the micro-batches of gradient accumulation.
-        optimizer.zero_grad(set_to_none=False)
+        return fn
 
-    step()  # optimizer moments and gradients exist from here on
+    def row_weights():
+        state["row_weights"] = fila_row_weights(
+            state["model"], state["forget"], state["retain"], max_memory=args.fisher_memory, progress=False
+        )
+
+    def fila():
+        if args.fisher == "streamed":
+            inputs = {"row_weights": state.pop("row_weights")}
+        else:
+            inputs = {"forget": state.pop("forget_fisher"), "retain": state.pop("retain_fisher")}
+        fastunlearn.fila_init(state["model"], **inputs, solver=args.fila_solver)
+
+    def prepare_training():
+        model = state["model"]
+        if args.fisher == "all_layers":  # estimate_fisher cannot checkpoint: enabled after it
+            enable_checkpointing(model)
+        model.train()
+        # --fused (the default, as unlearn's): every loss term at the output head; --no-fused: from the
+        # logits.
+        fastunlearn.patch(model, fused=bool(args.fused_linear))
+        # Trainer's bf16: accelerate autocasts each call of the model on its own (not one region around
+        # the forget and the retain forward), which decides where the retain gradients wait (memory_plan).
+        model.forward = torch.autocast(device.type, dtype=torch.bfloat16)(model.forward)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)
+        pair = {"forget": state["forget"][0], "retain": state["retain"][0]}
+
+        def step():
+            loss, _ = method_loss(model, pair, "ihl")
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            # Gradients stay allocated (zeroed), as between the micro-batches of gradient accumulation.
+            optimizer.zero_grad(set_to_none=False)
+
+        step()  # optimizer moments and gradients exist from here on
+        state["step"] = step
 
     def steps():
         for _ in range(args.steps):
-            step()
+            state["step"]()
 
-    seconds, peak, rss = measure(steps, device)
-    results["train_step"] = (seconds / args.steps, peak, rss)
-    out_dir = Path(args.scratch) / f"adapter_K{args.layers}"
-    results["save"] = measure(lambda: fastunlearn.save_adapter(model, out_dir, overwrite=True), device)
-    return {k: {"seconds": v[0], "peak_bytes": v[1], "rss_bytes": v[2]} for k, v in results.items()}
+    def save():
+        out_dir = Path(args.scratch) / f"adapter_K{args.layers}"
+        fastunlearn.save_adapter(state["model"], out_dir, overwrite=True)
+
+    nothing = lambda: None
+    if args.fisher == "streamed":
+        fisher = [("fisher", build, row_weights, 1)]
+        before_fila = nothing
+    else:
+        fisher = [
+            ("fisher_forget", build, estimate("forget"), 1),
+            ("fisher_retain", to_host("forget"), estimate("retain"), 1),
+        ]
+        before_fila = to_host("retain")
+    return [
+        *fisher,
+        ("fila", before_fila, fila, 1),
+        ("train_step", prepare_training, steps, args.steps),
+        ("save", nothing, save, 1),
+    ]
 
 
 def planned(args: argparse.Namespace, layers: int) -> dict[str, int]:
+    """The plan's window of each phase: its peak less the resident terms (module docstring)."""
+    streamed = args.fisher == "streamed"
     plan = plan_memory(
         config(layers),
         batch_size=args.batch,
@@ -197,27 +315,87 @@ def planned(args: argparse.Namespace, layers: int) -> dict[str, int]:
         rank=args.rank,
         gradient_checkpointing=True,
         fused_linear=args.fused_linear,
-        fisher="all_layers",
+        fisher=args.fisher,
+        fisher_memory=args.fisher_memory if streamed else None,
         fisher_batch_size=args.batch,
         fila_solver=args.fila_solver,
         device=args.device.split(":")[0],
     )
-    out = {}
-    for phase, resident in RESIDENT.items():
-        moments = plan.phase(phase).moments
-        out[phase] = max(sum(b for n, b in t.items() if n not in resident) for t in moments.values())
+
+    def window(phase: str) -> int:
+        resident = RESIDENT[phase]
+        moments = plan.phase(phase).moments.values()
+        return max(sum(b for n, b in t.items() if n not in resident) for t in moments)
+
+    out = {phase: window(phase) for phase in ("fila", "train_step", "save")}
+    if streamed:  # one phase: the forget and the retain pass of every group
+        out["fisher"] = max(window("fisher_forget"), window("fisher_retain"))
+    else:
+        out.update({phase: window(phase) for phase in ("fisher_forget", "fisher_retain")})
     return out
+
+
+def child_command(args: argparse.Namespace, layers: int) -> list[str]:
+    cmd = [sys.executable, __file__, "--one", "--layers", str(layers)]
+    for key in (
+        "device",
+        "batch",
+        "max_length",
+        "rank",
+        "steps",
+        "fisher_batches",
+        "fila_solver",
+        "threads",
+        "fisher",
+    ):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    for key in ("fisher_memory", "memory_limit"):
+        if getattr(args, key) is not None:
+            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    return [*cmd, "--scratch", args.scratch, "--fused" if args.fused_linear else "--no-fused"]
+
+
+def run_child(args: argparse.Namespace, layers: int, on_record: Callable[[dict[str, Any]], None]) -> None:
+    """Run one K in its own process, passing each record to ``on_record`` as it arrives."""
+    child = subprocess.Popen(
+        child_command(args, layers), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None and child.stderr is not None
+    for line in child.stdout:
+        if line.startswith("{"):
+            on_record(json.loads(line))
+    stderr = child.stderr.read()
+    if child.wait():
+        raise SystemExit(f"K={layers} failed:\n{stderr[-4000:]}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--layers", type=int, nargs="+", default=None, help="K; default 1 2 4")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--fisher-batches", type=int, default=2)
+    parser.add_argument(
+        "--fisher",
+        choices=("streamed", "all_layers"),
+        default="streamed",
+        help="streamed: fila_row_weights, group by group (unlearn's); all_layers: estimate_fisher",
+    )
+    parser.add_argument(
+        "--fisher-memory",
+        type=byte_size,
+        default=None,
+        help=f"streamed: the accumulators' budget in bytes, e.g. 4GiB (default {CPU_FISHER_MEMORY}: a layer)",
+    )
+    parser.add_argument(
+        "--memory-limit",
+        type=byte_size,
+        default=None,
+        help="CUDA only: each K's process capped at this many bytes (set_per_process_memory_fraction)",
+    )
     parser.add_argument(
         "--fila-solver", default="truncated", help="truncated, svd, randomized (fila_init's solvers)"
     )
@@ -232,70 +410,69 @@ def main() -> None:
     parser.add_argument("--scratch", default="/tmp/fastunlearn_bench_scale")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the subprocess
     args = parser.parse_args()
+    args.layers = args.layers or [1, 2, 4]
+    device = torch.device(args.device)
+    if args.memory_limit is not None and device.type != "cuda":
+        parser.error(f"--memory-limit caps CUDA memory (set_per_process_memory_fraction); not on {device}")
+    if args.fisher == "all_layers":
+        if args.fisher_memory is not None:
+            parser.error("--fisher-memory is the streamed Fisher's budget; --fisher all_layers has none")
+    elif args.fisher_memory is None:
+        args.fisher_memory = parse_bytes(CPU_FISHER_MEMORY)
     if args.one:
         (args.layers,) = args.layers
-        print(json.dumps(run_one(args)))
+        run_one(args)
         return
-    measured: dict[int, dict[str, Any]] = {}
-    for K in args.layers:
-        cmd = [sys.executable, __file__, "--one", "--layers", str(K)]
-        for key in (
-            "device",
-            "batch",
-            "max_length",
-            "rank",
-            "steps",
-            "fisher_batches",
-            "fila_solver",
-            "threads",
-        ):
-            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
-        cmd += ["--scratch", args.scratch, "--fused" if args.fused_linear else "--no-fused"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"K={K} failed:\n{done.stderr[-4000:]}")
-        measured[K] = json.loads(done.stdout.strip().splitlines()[-1])
-        print(f"K={K}", measured[K], flush=True)
-    rows = []
+
+    env = environment(device)
+    env["settings"] = {k: v for k, v in vars(args).items() if k != "one"}
+    env["memory"] = "CUDA allocator peak" if device.type == "cuda" else "profiler live-tensor peak (CPU)"
+    stem = "scale_" + ("streamed_" if args.fisher == "streamed" else "") + slug(device)
+    log = ResultLog(stem, env)
+    measured: dict[int, dict[str, dict[str, Any]]] = {}
     for K in args.layers:
         plan = planned(args, K)
-        for phase, m in measured[K].items():
-            rows.append(
-                {
-                    "layers": K,
-                    "phase": phase,
-                    "seconds": round(m["seconds"], 2),
-                    "measured_bytes": m["peak_bytes"],
-                    "planned_bytes": plan[phase],
-                    "ratio": round(m["peak_bytes"] / plan[phase], 3),
-                    "rss_bytes": m["rss_bytes"],
-                }
-            )
-    # Per-layer figures between consecutive K and between the extremes.
+        measured[K] = {}
+
+        def record(rec: dict[str, Any], K: int = K, plan: dict[str, int] = plan) -> None:
+            phase = rec.pop("phase")
+            if phase == "setup":
+                log.env.setdefault("memory_limit", {}).update(rec)
+                return
+            measured[K][phase] = rec
+            row = {"layers": K, "phase": phase, "result": rec["result"], "planned_bytes": plan[phase]}
+            if rec["result"] == "ok":
+                row.update(
+                    seconds=round(rec["seconds"], 2),
+                    measured_bytes=rec["peak_bytes"],
+                    ratio=round(rec["peak_bytes"] / plan[phase], 3),
+                    rss_bytes=rec["rss_bytes"],
+                )
+            else:
+                row["error"] = f"{rec['during']}: {rec['error']}"
+            print(log.add(row), flush=True)
+
+        run_child(args, K, record)
+    # Per-layer figures between consecutive K and between the extremes, where both K measured the phase.
     ks = sorted(args.layers)
     pairs = list(itertools.pairwise(ks)) + ([(ks[0], ks[-1])] if len(ks) > 2 else [])
     for lo, hi in pairs:
         plan_lo, plan_hi = planned(args, lo), planned(args, hi)
-        for phase in measured[lo]:
-            per_layer = (measured[hi][phase]["peak_bytes"] - measured[lo][phase]["peak_bytes"]) / (hi - lo)
+        for phase, rec in measured[lo].items():
+            other = measured[hi].get(phase)
+            if rec["result"] != "ok" or other is None or other["result"] != "ok":
+                continue
+            per_layer = (other["peak_bytes"] - rec["peak_bytes"]) / (hi - lo)
             per_layer_plan = (plan_hi[phase] - plan_lo[phase]) / (hi - lo)
-            rows.append(
-                {
-                    "layers": f"per layer ({lo}→{hi})",
-                    "phase": phase,
-                    "measured_bytes": round(per_layer),
-                    "planned_bytes": round(per_layer_plan),
-                    "ratio": round(per_layer / per_layer_plan, 3) if per_layer_plan else None,
-                }
-            )
-    for row in rows:
-        print(row)
-    device = torch.device(args.device)
-    env = environment(device)
-    env["settings"] = {k: v for k, v in vars(args).items() if k != "one"}
-    env["load_average_1_5_15min"] = os.getloadavg()
-    env["memory"] = "CUDA allocator peak" if device.type == "cuda" else "profiler live-tensor peak (CPU)"
-    write_results(f"scale_{slug(device)}", rows, env)
+            row = {
+                "layers": f"per layer ({lo}→{hi})",
+                "phase": phase,
+                "measured_bytes": round(per_layer),
+                "planned_bytes": round(per_layer_plan),
+                "ratio": round(per_layer / per_layer_plan, 3) if per_layer_plan else None,
+            }
+            print(log.add(row), flush=True)
+    log.finish(load_average_1_5_15min=os.getloadavg())
 
 
 if __name__ == "__main__":

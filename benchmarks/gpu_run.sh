@@ -2,7 +2,7 @@
 # Everything a lent GPU should run, in one call (see README, "Benchmarks"): the Triton kernels'
 # correctness on the device, then the GPU presets of the benchmarks.
 #
-#   bash benchmarks/gpu_run.sh                # on a CUDA machine; at most GPU_RUN_BUDGET_S (480 s)
+#   bash benchmarks/gpu_run.sh                # on a CUDA machine; at most GPU_RUN_BUDGET_S (630 s)
 #   GPU_RUN_DRY=1 bash benchmarks/gpu_run.sh  # on a CPU, to try this script: the same steps at toy
 #                                             # sizes (Triton interpreter), results in a temporary dir
 #
@@ -31,16 +31,22 @@ log() { echo "[gpu_run +$((SECONDS - START))s] $*"; }
 if [ "$DRY" = 1 ]; then
     export TRITON_INTERPRET=1
     BUDGET=${GPU_RUN_BUDGET_S:-1200}
-    LIMITS=(600 600 600 600 600 60)  # check, bench_ihl, bench_loss, bench_fisher, its --memory, deepspeed: the interpreter on a shared CPU is slow
+    LIMITS=(600 600 600 600 600 120 60)  # check, bench_ihl, bench_loss, bench_fisher, its --memory, bench_scale, deepspeed: the interpreter on a shared CPU is slow
     RESULTS=$(mktemp -d)  # the committed CPU results are not touched
     PRESET=dry
     CHECK=(--dry-run)
+    # One full-width layer, 16 tokens, r = 2: the GPU step's code path (streamed Fisher, FILA, a
+    # training step, save) in about a minute; no memory limit (CUDA only).
+    SCALE=(--layers 1 --batch 1 --max-length 16 --rank 2 --steps 1 --fisher-batches 1)
 else
-    BUDGET=${GPU_RUN_BUDGET_S:-480}
-    LIMITS=(75 150 100 100 55 150)  # the last (DeepSpeed) runs in what is left: GPU_RUN_BUDGET_S=630 for all
+    BUDGET=${GPU_RUN_BUDGET_S:-630}
+    LIMITS=(75 150 100 100 55 150 150)  # the last (DeepSpeed) runs in what is left: GPU_RUN_BUDGET_S=780 for all
     RESULTS=$ROOT/benchmarks/results
     PRESET=gpu
     CHECK=()
+    # Issue 12's scale check: Llama-2-7B width, all 32 layers, the TOFU setting, in 24 GB of the card.
+    SCALE=(--device cuda --layers 32 --batch 4 --max-length 512 --rank 32 --memory-limit 24GiB
+        --fisher streamed --fisher-memory 4GiB --steps 2 --fila-solver truncated)
 fi
 export FASTUNLEARN_BENCH_RESULTS=$RESULTS
 mkdir -p "$RESULTS"
@@ -143,8 +149,10 @@ step bench_ihl "${LIMITS[1]}" "$PY" benchmarks/bench_ihl.py --preset "$PRESET"
 step bench_loss "${LIMITS[2]}" "$PY" benchmarks/bench_loss.py --preset "$PRESET"
 step bench_fisher "${LIMITS[3]}" "$PY" benchmarks/bench_fisher.py --preset "$PRESET" --quick
 step bench_fisher_memory "${LIMITS[4]}" "$PY" benchmarks/bench_fisher.py --preset "$PRESET" --memory
+# The memory plan at scale: every phase of a FILA + IHL run, measured next to the plan's figures
+step bench_scale "${LIMITS[5]}" "$PY" benchmarks/bench_scale.py "${SCALE[@]}"
 # DeepSpeed ZeRO-3 unlearn vs DDP / one process; writes why it skipped without deepspeed or CUDA
-step gpu_deepspeed "${LIMITS[5]}" "$PY" benchmarks/gpu_deepspeed.py
+step gpu_deepspeed "${LIMITS[6]}" "$PY" benchmarks/gpu_deepspeed.py
 
 # --- collect -----------------------------------------------------------------------------------------
 mapfile -t files < <(find "$RESULTS" -maxdepth 1 -type f -newer "$MARK" -name "*_${TAG}*" ! -name "*.tmp" | sort)
