@@ -486,16 +486,20 @@ def _fila_workspace(s: _Setup, solver: str) -> tuple[int, str]:
     return steps[step], f"layer {out}×{n_in}: {step}"
 
 
+FORGET_RETAIN = ("forget", "retain")
+
+
 def _fisher_groups(shape: ModelShape, targets: Sequence[str], budget: int) -> tuple[int, int]:
-    """Greedy groups of consecutive target layers with fp32 accumulators within ``budget`` bytes:
-    (largest group's bytes, number of groups = passes over the data)."""
+    """The groups of :func:`fastunlearn.fisher.fila_row_weights`: greedy runs of consecutive target
+    layers whose fp32 forget and retain accumulators (8 bytes a weight) fit ``budget`` bytes. Returns
+    (bytes of one fp32 accumulator set of the largest group, number of groups = passes over each set)."""
     sizes = [
-        4 * out * n_in for _ in range(shape.layers) for out, n_in in (shape.linears()[t] for t in targets)
+        8 * out * n_in for _ in range(shape.layers) for out, n_in in (shape.linears()[t] for t in targets)
     ]
     if max(sizes) > budget:
         raise ValueError(
-            f"fisher_memory {budget} bytes is less than the largest layer's fp32 accumulator "
-            f"({max(sizes)} bytes)"
+            f"fisher_memory {budget} bytes is less than the largest layer's fp32 forget and retain "
+            f"accumulators ({max(sizes)} bytes)"
         )
     groups, current, largest = 1, 0, 0
     for size in sizes:
@@ -503,7 +507,7 @@ def _fisher_groups(shape: ModelShape, targets: Sequence[str], budget: int) -> tu
             groups, current = groups + 1, 0
         current += size
         largest = max(largest, current)
-    return largest, groups
+    return largest // 2, groups
 
 
 def _check_int(name: str, value: Any, low: int = 1) -> None:
@@ -811,13 +815,24 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
         Nf = settings["fisher_batch_size"] * s.T
         total_acc = 4 * m.linear_params(s.targets)
         if settings["fisher"] == "all_layers":
-            acc, passes, f_acts = total_acc, 1, Nf * m.layers * _saved_per_token(s, "inputs")
+            passes, f_acts = 1, Nf * m.layers * _saved_per_token(s, "inputs")
             f_recompute = {}
-            acc_label, f_label = "fp32 accumulators, every target layer", "saved activations and kept inputs"
+            f_label = "saved activations and kept inputs"
+            accumulators = {
+                what: {"fp32 accumulators, every target layer": total_acc} for what in FORGET_RETAIN
+            }
         else:
             budget = settings["fisher_memory"]
-            acc, passes = _fisher_groups(m, s.targets, budget)
-            acc_label = f"fp32 accumulators, one group of layers (budget {budget / GiB:.2f} GiB)"
+            # fila_row_weights: a group's forget sums are kept through its retain pass.
+            group, passes = _fisher_groups(m, s.targets, budget)
+            of_group = f"one group of layers (budget {budget / GiB:.2f} GiB)"
+            accumulators = {
+                "forget": {f"fp32 forget accumulators, {of_group}": group},
+                "retain": {
+                    f"fp32 forget sums, {of_group}": group,
+                    f"fp32 retain accumulators, {of_group}": group,
+                },
+            }
             if checkpointing:
                 f_acts = Nf * _checkpointed_per_token(s) + _rng_states(s)
                 f_recompute = {"one layer recomputed": Nf * _saved_per_token(s, "inputs")}
@@ -835,26 +850,26 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
             backend = {}
         # The pass's NLL (sum over the batch) is computed at the output head: the fused path.
         f_loss = _loss_term(s, "nll", True, Nf)
-        f_base = {**f_static, acc_label: acc, f_label: f_acts}
-        fisher_moments = {
-            "loss forward": {**f_base, **f_loss.forward_terms("NLL")},
-            "loss backward": {
-                **f_base,
-                f"NLL: {f_loss.saved_label}": f_loss.saved,
-                **f_loss.backward_terms("NLL"),
-            },
-            "top layer backward": {
-                **f_base,
-                **f_recompute,
-                "layer backward working set": Nf * _layer_backward_per_token(s),
-                **backend,
-            },
-        }
         notes = [f"{passes} pass(es) over the data, batches of {settings['fisher_batch_size']}×{s.T}"]
         if settings["fisher"] == "all_layers" and settings["gradient_checkpointing"]:
             notes.append("estimate_fisher cannot checkpoint (its hooks would see each layer twice)")
-        phase("fisher_forget", fisher_moments, notes)
-        phase("fisher_retain", fisher_moments, notes)
+        for what in FORGET_RETAIN:
+            f_base = {**f_static, **accumulators[what], f_label: f_acts}
+            fisher_moments = {
+                "loss forward": {**f_base, **f_loss.forward_terms("NLL")},
+                "loss backward": {
+                    **f_base,
+                    f"NLL: {f_loss.saved_label}": f_loss.saved,
+                    **f_loss.backward_terms("NLL"),
+                },
+                "top layer backward": {
+                    **f_base,
+                    **f_recompute,
+                    "layer backward working set": Nf * _layer_backward_per_token(s),
+                    **backend,
+                },
+            }
+            phase(f"fisher_{what}", fisher_moments, notes)
         workspace, step = _fila_workspace(s, settings["fila_solver"])
         fila_static = {**weights, **lora} if engine != "fsdp" else {**before, **before_lora}
         if engine == "zero3":
