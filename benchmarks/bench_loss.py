@@ -26,6 +26,7 @@ path's extra peak ≤ 2.0× one bf16 logits buffer.
 
     python benchmarks/bench_loss.py --preset cpu     # N=4096, H=2048, V=32000, fp32 and bf16
     python benchmarks/bench_loss.py --preset gpu     # N=8192, H=4096, V=128256, bf16
+    python benchmarks/bench_loss.py --preset dry     # toy sizes on CPU (gpu_run.sh's dry run)
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ from fastunlearn import fused_linear_ihl_loss, fused_linear_nll_loss, ihl_loss, 
 PRESETS = {
     "cpu": {"cases": [(4096, 2048, 32000, torch.float32), (4096, 2048, 32000, torch.bfloat16)], "repeats": 3},
     "gpu": {"cases": [(8192, 4096, 128256, torch.bfloat16)], "repeats": 5},
+    # gpu_run.sh's dry run: this script's code path at toy sizes on the CPU.
+    "dry": {"cases": [(64, 32, 1001, torch.float32), (48, 32, 3001, torch.bfloat16)], "repeats": 1},
 }
 TARGETS = {"fused_peak_vs_eager": 0.25, "fused_time_vs_eager": 1.3, "bf16_logits_peak_vs_buffer": 2.0}
 
@@ -181,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         "CUDA allocator peak" if device.type == "cuda" else "peak of live PyTorch tensor bytes (profiler)"
     )
     stem = f"loss_{slug(device)}" + ("_train_head" if args.train_head else "")
+    stem += "_dry" if args.preset == "dry" else ""
     write_results(stem, rows, env)
     plot(rows, RESULTS_DIR / f"{stem}.png")
     for line in env["summary"]:
