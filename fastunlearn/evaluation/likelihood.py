@@ -25,6 +25,7 @@ from fastunlearn import distributed
 from fastunlearn.modeling import model_device, unwrap_model
 from fastunlearn.ops import IGNORE_INDEX
 from fastunlearn.ops.fused_linear import fused_linear_token_stats
+from fastunlearn.ops.ihl import check_label_range
 from fastunlearn.ops.nll import shift_labels, shifted_nll
 from fastunlearn.patching import head_computes, takes_fused_path
 from fastunlearn.training import data as fdata
@@ -110,22 +111,32 @@ def answer_stats(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> d
         inputs["use_cache"] = False  # a KV cache of every layer would outlive the forward for nothing
     with torch.no_grad():
         if takes_fused_path(model):
-            nll, mask, hits = _fused_token_stats(model, inputs, labels)
+            nll, mask, hits = _fused_token_stats(model, inputs, labels, batch["labels"])
         else:  # CPU labels as they are: token_nll range-checks them on the host, without a device sync
             nll, mask, hits = token_nll(model(**inputs).logits, batch["labels"])
     return {"nll_sum": nll.sum(dim=1), "num_tokens": mask.sum(dim=1), "correct": hits.sum(dim=1)}
 
 
 def _fused_token_stats(
-    model: torch.nn.Module, inputs: Mapping[str, torch.Tensor], labels: torch.Tensor
+    model: torch.nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    labels: torch.Tensor,
+    given: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`token_nll`'s three ``[B, T-1]`` tensors, computed at the output head (no logits)."""
+    """:func:`token_nll`'s three ``[B, T-1]`` tensors, computed at the output head (no logits).
+    ``given``: the labels as the batch holds them; CPU labels are range-checked there, as
+    :func:`~fastunlearn.ops.nll.shifted_nll` checks them, so no batch waits on the device for it."""
     targets = shift_labels(labels)
+    on_host = given.device.type == "cpu" and labels.device.type != "cpu"
 
     def compute(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+        if on_host:
+            check_label_range(shift_labels(given), head.weight.shape[0], IGNORE_INDEX)
         # fp64 stays fp64 on the PyTorch path, as in shifted_nll; the hits travel as 0/1 beside it.
         backend = "torch" if hidden.dtype == torch.float64 else "auto"
-        nll, hit = fused_linear_token_stats(hidden, head.weight, targets, bias=head.bias, backend=backend)
+        nll, hit = fused_linear_token_stats(
+            hidden, head.weight, targets, bias=head.bias, backend=backend, validate=not on_host
+        )
         return torch.stack([nll, hit.to(nll.dtype)], dim=-1)
 
     out = head_computes(model, targets, compute, lambda: model(**inputs))
