@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,9 +35,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
+def _entry(rank: int, world: int, store: str, fn: Callable, args: tuple) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         fn(rank, *args)
     finally:
@@ -44,8 +45,13 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple) -> None:
 
 
 def spawn(fn: Callable, *args, world: int = 2) -> None:
-    """``fn(rank, *args)`` on ``world`` processes joined in one gloo group (``fn`` must be importable)."""
-    mp.spawn(_entry, args=(world, free_port(), fn, args), nprocs=world, join=True)
+    """``fn(rank, *args)`` on ``world`` processes joined in one gloo group (``fn`` must be importable).
+
+    The ranks meet through a file, not a TCP port: a port found free here can be taken by another
+    process before the ranks bind it (a setup error that depends on what else the machine runs)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        mp.spawn(_entry, args=(world, store, fn, args), nprocs=world, join=True)
 
 
 def launcher_env(rank: int, world: int, port: int) -> dict[str, str]:
