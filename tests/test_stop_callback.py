@@ -284,10 +284,10 @@ def test_training_stops_at_the_right_step_and_keeps_the_right_weights(e2e, tok, 
     patience = 3 if case.startswith("patience") else 0
     restore = case.split("-")[1] if patience else "first"
     spec = f"tofu:acc={threshold!r},rougeL=1.0" if case == "tofu" else f"forget.prob<={threshold!r}"
-    plan = S.plan_stopping(spec, eval_every=1, patience=patience, restore=restore,
-                           data={"forget": "qa", "retain": "qa"})  # fmt: skip
     near = 0.05  # forget accuracy falls in big steps here: a narrow margin leaves some steps out
-    controller = plan.controller(near=near)
+    plan = S.plan_stopping(spec, eval_every=1, patience=patience, restore=restore, generate_within=near,
+                           data={"forget": "qa", "retain": "qa"})  # fmt: skip
+    controller = plan.controller()
     cb = StoppingCallback(controller, e2e["evaluator"](), every=plan.every, output_dir=tmp_path)
     model = copy.deepcopy(e2e["lora"])
     trainer, seconds = _train(model, tok, e2e["forget"], e2e["retain"], cb, tmp_path)

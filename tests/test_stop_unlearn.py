@@ -233,19 +233,22 @@ def test_cli_passes_the_stopping_options(files, monkeypatch):
 
     monkeypatch.setattr(run_module, "unlearn", fake_unlearn)
     extra = ["--stop-when", "forget.prob<=0.1", "--eval-every", "5", "--patience", "2", "--restore", "best"]
-    assert main(argv(files, *extra, "--eval-items", "8")) == 2
-    assert {k: seen[k] for k in ("stop", "eval_every", "patience", "restore", "eval_items")} == {
+    assert main(argv(files, *extra, "--eval-items", "8", "--generate-within", "0.25")) == 2
+    names = ("stop", "eval_every", "patience", "restore", "eval_items", "generate_within")
+    assert {k: seen[k] for k in names} == {
         "stop": "forget.prob<=0.1",
         "eval_every": "5",
         "patience": 2,
         "restore": "best",
         "eval_items": 8,
+        "generate_within": 0.25,
     }
     assert seen["unseen"] is None and seen["reference_model"] is None
     main(argv(files, "--stop-when", "extraction", "--unseen", str(files / "unseen.json")))
     assert seen["unseen"] == str(files / "unseen.json") and seen["eval_every"] is None
     main(argv(files))
     assert seen["stop"] is None and seen["patience"] == 0 and seen["restore"] == "first"
+    assert seen["generate_within"] == 0.0
 
 
 @pytest.mark.parametrize(
@@ -266,6 +269,7 @@ def test_cli_passes_the_stopping_options(files, monkeypatch):
         (["--stop-when", "forget.prob<=0.1", "--eval-every", "often"], "'epoch' or a positive number"),
         (["--stop-when", "forget.prob<=0.1", "--eval-items", "0"], "--eval-items must be at least 1"),
         (["--patience", "2"], r"patience need\(s\) a stopping rule"),
+        (["--stop-when", "tofu:acc=0.3,rougeL=0.4", "--generate-within", "-1"], "--generate-within must be"),
         (["--stop-when", "forget.prob<=0.1", "--resume"], "cannot continue a run that evaluates"),
         (["--eval-every", "epoch", "--resume"], "cannot continue a run that evaluates"),
     ],

@@ -4,6 +4,7 @@ trajectories (first crossing, patience, restore policies, a dip-and-recover reta
 gated without changing any decision), the CSV and PNG. Pure logic: no model."""
 
 import csv
+import math
 import random
 import sys
 
@@ -143,6 +144,13 @@ def test_plan_stopping():
         S.plan_stopping("forget.prob<=0.1", eval_items=0, data=qa)
     with pytest.raises(ValueError, match="unknown restore policy 'latest'"):
         S.plan_stopping("forget.prob<=0.1", patience=1, restore="latest", data=qa)
+    assert plan.generate_within == 0.0 and plan.controller().near == 0.0
+    assert S.plan_stopping("tofu:acc=0.3,rougeL=0.4", generate_within=0.2, data=qa).controller().near == 0.2
+    for bad in (-0.1, math.nan, math.inf, True, "0.2"):
+        with pytest.raises(ValueError, match="generate_within must be a finite margin >= 0"):
+            S.plan_stopping("tofu:acc=0.3,rougeL=0.4", generate_within=bad, data=qa)
+    with pytest.raises(ValueError, match=r"generate_within need\(s\) a stopping rule"):
+        S.plan_stopping(None, eval_every=5, generate_within=0.2, data=qa)
     with pytest.raises(ValueError, match="non-negative number of evaluations"):
         S.plan_stopping("forget.prob<=0.1", patience=-1, data=qa)
 
@@ -294,6 +302,10 @@ def test_rouge_only_near_the_threshold():
     assert all("forget.prob" in c and "forget.acc" in c for c in computed)
     assert [d.satisfied for d in decisions] == [False, False, False, False, True]
     assert decisions[-1].stop
+    # By default (near = 0) only where the teacher-forced bound holds: there alone can ROUGE-L decide.
+    default = S.StoppingController(rule, track=("forget.prob",))
+    _, computed = drive(default, BASE | {"forget.rougeL": 0.9}, rows)
+    assert ["forget.rougeL" in c for c in computed] == [False, False, False, True, True]
     # A rule that needs ROUGE-L is never declared satisfied without it.
     ctrl = S.StoppingController(rule)
     ctrl.set_baseline({})

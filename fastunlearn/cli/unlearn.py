@@ -218,6 +218,15 @@ def _add_stopping_args(p: argparse.ArgumentParser, d) -> None:
         help="examples per set at each evaluation (default: %(default)s)",
     )
     s.add_argument(
+        "--generate-within",
+        metavar="FRACTION",
+        type=float,
+        default=d.generate_within,
+        help="also generate (rougeL, el10) where every teacher-forced bound of the rule misses by at most "
+        "this fraction of its value, to see them in the trajectory around the crossing (default: "
+        "%(default)s: only where they can decide, i.e. where the teacher-forced bounds hold)",
+    )
+    s.add_argument(
         "--unseen", metavar="FILE", help='{"text"} JSON Lines the model never saw (extraction rule)'
     )
     s.add_argument(

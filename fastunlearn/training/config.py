@@ -83,6 +83,9 @@ class UnlearnConfig:
     patience: int = 0  # evaluations to go on after the rule first holds
     restore: str = "first"  # the state kept: "first", "best" (retain score) or "last" that satisfies it
     eval_items: int = 32  # examples per set at each evaluation
+    # Generate (ROUGE-L, EL10) also where the rule's teacher-forced bounds miss by at most this fraction
+    # of their values; 0: only where generation can decide (fastunlearn.evaluation.stopping.NEAR).
+    generate_within: float = 0.0
     unseen: str | os.PathLike | list[str] | None = None  # the extraction rule's unseen text
     reference_model: str | os.PathLike | nn.Module | None = None  # the tofu rule's retain-only model
     eval_max_new_tokens: int = 200  # cap of the greedy answers scored by ROUGE-L

@@ -51,6 +51,7 @@ FLAGS: dict[str, str] = {
     "patience": "--patience",
     "restore": "--restore",
     "eval_items": "--eval-items",
+    "generate_within": "--generate-within",
     "unseen": "--unseen",
     "reference_model": "--reference-model",
     "fsdp": "--fsdp",
