@@ -18,6 +18,7 @@ from fastunlearn import demo
 from fastunlearn._io import write_text
 from fastunlearn.cli import build_parser, main
 from fastunlearn.demo.data import _FACTS
+from fastunlearn.evaluation.trajectory import read_trajectory
 from fastunlearn.fisher import FisherEstimate, estimate_fisher
 from fastunlearn.modeling import resolve_precision, training_device
 from fastunlearn.training import data as fdata
@@ -240,6 +241,17 @@ def test_demo_tiny_twice_uses_the_cache(tmp_path, capsys):
     assert forget_kept <= 0.4, f"forget probability kept {forget_kept:.2f}x"
     assert retain_kept >= 0.6, f"retain probability kept {retain_kept:.2f}x"
     assert forget_kept <= 0.5 * retain_kept  # forgetting is selective
+    # Evaluated every epoch: the trajectory ends at the state scored "after" (the whole forget set is
+    # within --eval-items; the same numbers up to the rounding of another batch shape).
+    rows = read_trajectory(out / "trajectory.csv")
+    steps = metrics["train"]["global_step"]
+    assert (
+        rows[0]["step"] == 0
+        and rows[-1]["step"] == steps
+        and len(rows) == 1 + demo.SIZES["tiny"].unlearn_epochs
+    )
+    assert rows[-1]["forget.prob"] == pytest.approx(after["forget"]["prob"], rel=1e-4)
+    assert metrics["stopping"]["trajectory_csv"] == str(out / "trajectory.csv")
     # The run is `fastunlearn unlearn` with the demo's settings: printed, and recorded with the run.
     command = json.loads((out / "run_config.json").read_text())["command"]
     assert command == metrics["command"] and f"the same run as the command\n  {command}\n" in first
