@@ -101,12 +101,11 @@ when the summed loss is differentiated; the engine finishes the retain graph —
     (5,056 bytes) per layer and batch.
 
 Phases
-    ``load``: weights. ``evaluate`` (before training, on the unpatched model: fused wherever the
-    architecture allows; after training, on the patched model: fused unless ``--no-fused``; at
+    ``load``: weights. ``evaluate`` (before and after training: fused unless ``--no-fused``; at
     ``eval_batch_size``; after training the adapters and the optimizer — the trainer is still
     referenced — are resident). ``fisher_forget`` and ``fisher_retain``: one forward and backward per
     batch of ``fisher_batch_size`` examples, the batch's summed NLL computed fused at the output head
-    (the passes run before the model is patched, so ``--no-fused`` does not reach them), with
+    (from the logits under ``--no-fused``), with
     fp32 accumulators shaped like every target weight — ``fisher="all_layers"`` is today's
     :func:`~fastunlearn.estimate_fisher` (all accumulators at once, 4 bytes per target weight, and no
     checkpointing: its hooks would see each layer twice); ``fisher="streamed"`` is what ``unlearn``
@@ -555,7 +554,7 @@ def plan_memory(
             (today's :func:`~fastunlearn.estimate_fisher`: every accumulator at once, no checkpointing).
         fused_linear: the loss terms computed at the output head without the logits (``unlearn``'s
             default, every method); ``False`` plans ``unlearn(fused=False)`` / ``--no-fused``, the
-            logits path. The Fisher passes and the evaluation before training are fused either way.
+            logits path, in every phase (training, the Fisher passes, the evaluations).
         fila_solver: ``"truncated"`` (the default), ``"svd"`` or ``"randomized"``
             (:mod:`fastunlearn.fisher.solver`).
         target_modules: suffixes of the adapted linears (default all seven, peft's ``"all-linear"``).
@@ -793,9 +792,7 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
             if key.startswith("autocast"):
                 state.pop(key)
         # Inside a decoder layer (no gradient): the residual stream and the MLP's intermediates; at the
-        # output head, the metrics' terms. unlearn evaluates before patching the model (the fused path
-        # wherever the architecture allows) and after training on the patched model (the logits path
-        # under --no-fused).
+        # output head, the metrics' terms (from the logits under --no-fused).
         decoder = {
             "residual stream": Ne * a * m.hidden,
             "decoder working set": Ne * max(3 * a, a + 4) * m.intermediate,
@@ -804,7 +801,7 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
             "evaluate",
             {
                 "before training, decoder layer": {**before, **decoder},
-                "before training, output head": {**before, **_eval_terms(s, True, Ne)},
+                "before training, output head": {**before, **_eval_terms(s, fused, Ne)},
                 "after training, decoder layer": {**state, **decoder},
                 "after training, output head": {**state, **_eval_terms(s, fused, Ne)},
             },
@@ -848,8 +845,8 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
         backend = {"per-example gradient buffers (CPU path)": 4 * largest * (chunk + 1)}
         if s.device == "cuda":
             backend = {}
-        # The pass's NLL (sum over the batch) is computed at the output head: the fused path.
-        f_loss = _loss_term(s, "nll", True, Nf)
+        # The pass's NLL (sum over the batch): at the output head, or from the logits under --no-fused.
+        f_loss = _loss_term(s, "nll", fused, Nf)
         notes = [f"{passes} pass(es) over the data, batches of {settings['fisher_batch_size']}×{s.T}"]
         if settings["fisher"] == "all_layers" and settings["gradient_checkpointing"]:
             notes.append("estimate_fisher cannot checkpoint (its hooks would see each layer twice)")

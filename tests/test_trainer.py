@@ -426,6 +426,42 @@ def test_soft_capped_gemma2_warns_once_and_trains_on_the_logits_path(setup, tmp_
     assert not fastunlearn.patching.is_patched(default.model)  # unpatched once trained
 
 
+def test_no_fused_takes_the_logits_path_in_every_pass(setup, tmp_path, monkeypatch):
+    """fused=False reaches every pass of a run, not only training: the evaluations before and after,
+    the evaluations of the stopping rule and FILA's Fisher passes compute from the logits (the output
+    head is never replaced), and give the numbers of the default fused run to fp32 rounding."""
+    import fastunlearn.evaluation.likelihood as likelihood
+    import fastunlearn.fisher.passes as passes
+
+    tokenizer, forget, retain = setup
+    kwargs = dict(method="ihl", init="fila", num_epochs=1, batch_size=2, gradient_accumulation_steps=1)
+    kwargs.update(warmup_epochs=0, eval_every=1, **COMMON)
+    calls = {"head": 0}
+    original = fastunlearn.patching.head_computes
+
+    def counted(*args, **kw):
+        calls["head"] += 1
+        return original(*args, **kw)
+
+    for module in (likelihood, passes):
+        monkeypatch.setattr(module, "head_computes", counted)
+    fused = unlearn(fresh_model(tokenizer, torch.float32), tokenizer, forget, retain,
+                    output_dir=tmp_path / "fused", **kwargs)  # fmt: skip
+    assert calls["head"] > 0  # the default computes them at the output head
+    calls["head"] = 0
+    logits = unlearn(fresh_model(tokenizer, torch.float32), tokenizer, forget, retain,
+                     output_dir=tmp_path / "logits", fused=False, **kwargs)  # fmt: skip
+    assert calls["head"] == 0
+    # The model before unlearning, on both paths: fp32 sums of a few hundred terms in another order,
+    # ~1e-6 relative (accuracy is left out: a near-tie of two logits may flip with the rounding; after
+    # training, Adam's first steps amplify rounding where a gradient element is near 0).
+    for split in ("forget", "retain"):
+        for key in ("prob", "nll"):
+            want = fused.metrics["before"][split][key]
+            assert logits.metrics["before"][split][key] == pytest.approx(want, rel=1e-4), (split, key)
+    assert logits.metrics["stopping"]["evaluations"] == fused.metrics["stopping"]["evaluations"] > 0
+
+
 def test_bf16_model_end_to_end_computes_the_loss_from_bf16_hidden_states(setup, tmp_path, monkeypatch):
     """A bf16 model (auto precision: bf16, as its weights): every loss term of every step gets the last
     hidden states and the head's weight in bf16 — the tensors the head was called with, not copies —

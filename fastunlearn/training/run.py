@@ -310,6 +310,10 @@ def unlearn(
     )
     if cfg.fused and (reason := fused_blocker(model)) is not None:  # refused before anything is written
         raise ValueError(f"fused=True: cannot compute the losses of {type(model).__name__} fused: {reason}")
+    # The loss terms inside the model's forward (fused where possible; labels are checked once, by the
+    # preflight). Patched now, so that fused=False takes the logits path in every pass of the run: the
+    # evaluations, the Fisher passes and training (LoRA and the engines wrap this same causal LM).
+    patch(model, fused=cfg.fused, backend=cfg.ihl_backend, validate=False)
     if ds is None or not ds.zero3:  # ZeRO-3 shards are already on this rank's device
         to_training_device(model)
     check_vocab(model, unseen_ex, "unseen")
@@ -351,8 +355,6 @@ def unlearn(
                 dirs.build,
                 ds,
             )
-    # The loss terms inside the model's forward (fused where possible); labels were checked once above.
-    patch(model, fused=cfg.fused, backend=cfg.ihl_backend, validate=False)
     try:
         if method == "npo":
             # The model before unlearning (for FILA: W_res + s·B₀A₀ = W) gives the fixed reference,
