@@ -439,13 +439,16 @@ def _loss_term(s: _Setup, kind: str, fused: bool, N: int, head_trains: bool = Fa
 
 def _eval_terms(s: _Setup, fused: bool, N: int) -> dict[str, int]:
     """Teacher-forced metrics of an evaluation batch of ``N`` tokens (no gradient): per-token NLL and
-    hits computed at the output head a chunk at a time, or from the model's logits."""
+    hits computed at the output head a chunk at a time for the labelled positions (gathered first; the
+    plan counts every token as labelled, the upper bound), or from the model's logits."""
     a, H, V = s.a, s.shape.hidden, s.shape.vocab
     copies = 2 + (1 if a != 4 else 0)
     if fused:
         elements = _IHL_CPU_CHUNK_ELEMENTS if s.device == "cpu" else _IHL_CHUNK_ELEMENTS
         return {
             "eval: last hidden states": N * a * H,
+            # Only the labelled positions reach the head: their rows, gathered (at most every token).
+            "eval: labelled rows' hidden states": N * a * H,
             "eval: logits chunk": a * V * min(N, max(1, elements // V)),
             "eval: per-token NLL, hits and row statistics": N * 40,
             **_row_blocks(s, N, copies),

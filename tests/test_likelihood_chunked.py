@@ -23,6 +23,7 @@ from helpers.allocations import RecordOutputs
 from helpers.models import tiny_llama
 
 import fastunlearn
+from fastunlearn.evaluation import likelihood
 from fastunlearn.evaluation.likelihood import answer_stats, token_nll
 from fastunlearn.ops import fused_linear
 from fastunlearn.ops.fused_linear import fused_linear_token_stats
@@ -102,9 +103,19 @@ def test_answer_stats_at_the_head_equal_the_logits_path(monkeypatch, dtype):
     labels = ids.masked_fill(mask == 0, -100)
     labels[:, :3] = -100
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    rows = []
+    stats = likelihood.fused_linear_token_stats
+
+    def recorded(hidden, *args, **kwargs):
+        rows.append(hidden.shape[0])
+        return stats(hidden, *args, **kwargs)
+
+    monkeypatch.setattr(likelihood, "fused_linear_token_stats", recorded)
     with RecordOutputs() as record:
         got = answer_stats(model, batch)
     assert ids.numel() * VOCAB not in {n for _, _, n in record.outputs}  # no [B, T, V] logits
+    # Only the labelled positions reach the head: not the prompts, the padding or the last position.
+    assert rows == [int((labels[:, 1:] != -100).sum())]
     want = answer_stats(logits_model, batch)
     with torch.no_grad():  # the same statistics from the logits, as token_nll computes them
         logits = logits_model(input_ids=ids, attention_mask=mask).logits

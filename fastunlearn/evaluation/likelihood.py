@@ -26,7 +26,7 @@ from fastunlearn.modeling import model_device, unwrap_model
 from fastunlearn.ops import IGNORE_INDEX
 from fastunlearn.ops.fused_linear import fused_linear_token_stats
 from fastunlearn.ops.ihl import check_label_range
-from fastunlearn.ops.nll import shift_labels, shifted_nll
+from fastunlearn.ops.nll import labelled_rows, shift_labels, shifted_nll
 from fastunlearn.patching import head_computes, takes_fused_path
 from fastunlearn.training import data as fdata
 
@@ -128,16 +128,30 @@ def _fused_token_stats(
     :func:`~fastunlearn.ops.nll.shifted_nll` checks them, so no batch waits on the device for it."""
     targets = shift_labels(labels)
     on_host = given.device.type == "cpu" and labels.device.type != "cpu"
+    # The labelled positions, found where the labels are: only those rows reach the output head (the
+    # prompt and the padding are half of a question/answer batch). CPU labels give them without a
+    # device synchronisation; labels already on an accelerator would need one, so there every row goes.
+    rows = (
+        labelled_rows(shift_labels(given)).to(labels.device, non_blocking=True)
+        if given.device.type == "cpu"
+        else None
+    )
 
     def compute(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
         if on_host:
             check_label_range(shift_labels(given), head.weight.shape[0], IGNORE_INDEX)
         # fp64 stays fp64 on the PyTorch path, as in shifted_nll; the hits travel as 0/1 beside it.
         backend = "torch" if hidden.dtype == torch.float64 else "auto"
+        h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        if rows is not None:
+            h, y = h.index_select(0, rows), y.index_select(0, rows)
         nll, hit = fused_linear_token_stats(
-            hidden, head.weight, targets, bias=head.bias, backend=backend, validate=not on_host
+            h, head.weight, y, bias=head.bias, backend=backend, validate=not on_host
         )
-        return torch.stack([nll, hit.to(nll.dtype)], dim=-1)
+        stats = torch.stack([nll, hit.to(nll.dtype)], dim=-1)
+        if rows is None:
+            return stats.view(*targets.shape, 2)
+        return stats.new_zeros(targets.numel(), 2).index_copy_(0, rows, stats).view(*targets.shape, 2)
 
     out = head_computes(model, targets, compute, lambda: model(**inputs))
     stats = out.logits

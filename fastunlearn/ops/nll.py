@@ -36,6 +36,13 @@ def shift_labels(labels: Tensor) -> Tensor:
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def labelled_rows(targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """Flat indices of the positions of ``targets`` (any shape) that carry a label, in order: the rows
+    of ``hidden.reshape(-1, H)`` a loss or metric reads. On the targets' device; call it on CPU labels
+    (a data loader's) to know them without synchronising an accelerator, then move the indices."""
+    return (targets.reshape(-1) != ignore_index).nonzero().squeeze(1)
+
+
 def shifted_nll(
     logits: Tensor,
     labels: Tensor,
