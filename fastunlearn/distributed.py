@@ -32,6 +32,7 @@ __all__ = [
     "barrier",
     "broadcast",
     "broadcast_object",
+    "every_rank",
     "init_from_env",
     "is_distributed",
     "is_main",
@@ -152,6 +153,16 @@ def mean(value: float) -> float:
     values: list[Any] = [None] * world_size()
     dist.all_gather_object(values, float(value))
     return sum(values) / len(values)
+
+
+def every_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on every rank (``flag`` itself in one process): a decision that ranks
+    running collectives in step must take together, so that none leaves a loop the others stay in."""
+    if not is_distributed():
+        return bool(flag)
+    flags: list[Any] = [None] * world_size()
+    dist.all_gather_object(flags, bool(flag))
+    return all(flags)
 
 
 def broadcast_object(obj: T) -> T:

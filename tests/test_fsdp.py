@@ -41,6 +41,10 @@ N_FORGET = 8  # two optimiser steps of 2 ranks x 2 examples
 LR = 1e-3
 SUM_TERMS = 1000  # the longest floating-point sum of a step (tokens x width x batch), rounded up
 FSDP = "full_shard auto_wrap"
+# Holds from the first evaluation (a barely trained model extracts nothing and assigns the texts
+# little probability); one more evaluation, then the first state is put back: the restore path on
+# sharded parameters. EL10 makes every evaluation decode greedily on the sharded model.
+STOPPING = dict(stop="forget.prob<=0.999,forget.el10<=0.999", eval_every=1, patience=1, restore="first")
 
 pytestmark = [
     pytest.mark.skipif(
@@ -126,8 +130,6 @@ def test_fsdp_without_a_process_group_is_one_error(workspace, tmp_path, capsys):
     ("option", "match"),
     [
         ({"resume": True}, "resume"),
-        ({"stop": "forget.prob<=0.5"}, "during training"),
-        ({"eval_every": 1}, "during training"),
         ({"init": "full"}, "init='full'"),
         pytest.param(
             {"fsdp": "full_shard offload"},
@@ -188,6 +190,7 @@ def _worker(rank: int, ws: str, root: str) -> None:
     _fp64_run(ws_path, out / "lora64", 2, fsdp=FSDP)
     # Micro-batches of 1 accumulated twice: FSDP's gradient reduction deferred to the second (no_sync).
     _fp64_run(ws_path, out / "accum64", 1, fsdp=FSDP, gradient_accumulation_steps=2)
+    _fp64_run(ws_path, out / "stop64", 2, fsdp=FSDP, **STOPPING)
     unlearn(str(ws_path / "model"), None, ws_path / "forget_text.json", ws_path / "retain_text.json",
             init="fila", output_dir=out / "fila", merge=True,
             **_options(2, fsdp="shard_grad_op auto_wrap", gradient_checkpointing=True))  # fmt: skip
@@ -230,6 +233,40 @@ def test_two_rank_fsdp_adapter_equals_one_process(workspace, fsdp_runs, tmp_path
             assert diff <= bound, (name, key, diff, bound)
         assert json.loads((two / "adapter" / "adapter_config.json").read_text())["r"] == 4
         assert json.loads((two / "run_config.json").read_text())["world_size"] == 2
+
+
+def test_two_rank_fsdp_stops_keeps_and_restores_as_one_process(workspace, fsdp_runs, tmp_path):
+    import warnings
+
+    from fastunlearn.evaluation.trajectory import read_trajectory
+
+    one = tmp_path / "one"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*satisfies the stopping rule.*")
+        _fp64_run(workspace, one, 4, **STOPPING)
+    two = fsdp_runs / "stop64"
+    s1, s2 = (json.loads((d / "metrics.json").read_text())["stopping"] for d in (one, two))
+    for key in ("first_satisfied_step", "stopped_step", "kept_step", "restored", "evaluations"):
+        assert s1[key] == s2[key], key
+    assert s1["evaluations"] == 2 and s1["kept_step"] == 1 and s1["restored"] and s1["stopped_step"] == 2
+    rows1, rows2 = read_trajectory(one / "trajectory.csv"), read_trajectory(two / "trajectory.csv")
+    assert [r["step"] for r in rows1] == [r["step"] for r in rows2] == [0, 1, 2]
+    for r1, r2 in zip(rows1, rows2):
+        for key in ("forget.prob", "forget.el10", "retain.prob", "retain.acc"):
+            # fp64 metrics of the same states (the kept one within the adapter bound below): rounding.
+            assert r2[key] == pytest.approx(r1[key], rel=1e-9, abs=1e-12), (r1["step"], key)
+    # The state kept and put back is the state after step 1: that of a one-process run of one step
+    # (the linear schedule's first step has the full rate either way), within the bound of
+    # test_two_rank_fsdp_adapter_equals_one_process. The state after step 2 is a step (~lr) away.
+    first = tmp_path / "first"
+    _fp64_run(workspace, first, 4, num_epochs=0.5)
+    assert json.loads((first / "metrics.json").read_text())["train"]["global_step"] == 1
+    want, a1, a2 = _adapter(first), _adapter(one), _adapter(two)
+    bound = s1["stopped_step"] * LR * SUM_TERMS * 2.0**-53 / 1e-8
+    assert set(want) == set(a1) == set(a2) and want
+    for key, value in want.items():
+        assert float((a1[key] - value).abs().max()) <= bound, key
+        assert float((a2[key] - value).abs().max()) <= bound, key
 
 
 def test_fisher_hooks_on_a_sharded_model(fsdp_runs):

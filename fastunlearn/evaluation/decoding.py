@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from fastunlearn import distributed
 from fastunlearn.evaluation.likelihood import eval_mode
 from fastunlearn.modeling import model_device, unwrap_model
 from fastunlearn.training.data import pad_id_of
@@ -67,8 +68,11 @@ def greedy_decode(
     ``eos_check_every`` steps: the check reads a flag on the host, a synchronisation that stalls an
     accelerator's queue, so by default it runs every step only on the CPU (where it costs nothing) and
     every :data:`EOS_CHECK_EVERY` steps elsewhere. The tokens do not depend on it: a stopped row only
-    gains padding, and the result at most ``eos_check_every − 1`` columns of it.
-    Returns ``[R, ≤ max_new_tokens]`` token ids.
+    gains padding, and the result at most ``eos_check_every − 1`` columns of it. When the model's
+    weights are split between the ranks (FSDP, ZeRO-3), every rank decodes the same prompts and each
+    forward is a collective: the ranks stop together, when every row has stopped on every rank (one
+    more collective per check), so a rank whose rounding broke a tie otherwise cannot leave the others
+    waiting. Returns ``[R, ≤ max_new_tokens]`` token ids.
     Must be called under :func:`fastunlearn.evaluation.likelihood.eval_mode`.
     """
     if max_new_tokens < 1:
@@ -80,6 +84,7 @@ def greedy_decode(
     device = model_device(model)
     if eos_check_every is None:
         eos_check_every = 1 if device.type == "cpu" else EOS_CHECK_EVERY
+    in_step = distributed.parameters_sharded(model)
     rows, width = len(prompts), max(len(p) for p in prompts)
     ids = torch.full((rows, width), pad_token_id, dtype=torch.long, device=device)
     mask = torch.zeros((rows, width), dtype=torch.long, device=device)
@@ -94,8 +99,10 @@ def greedy_decode(
     generated = [next_tok]
     done = next_tok == eos_token_id if eos_token_id is not None else None
     for step in range(1, max_new_tokens):
-        if done is not None and step % eos_check_every == 0 and bool(done.all()):  # a host sync
-            break
+        if done is not None and step % eos_check_every == 0:
+            stopped = bool(done.all())  # a host sync
+            if distributed.every_rank(stopped) if in_step else stopped:
+                break
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
         position = position + 1
         out = model(

@@ -382,6 +382,8 @@ class StoppingCallback(TrainerCallback):
         final = state.global_step >= state.max_steps
         decision = self.controller.record(state.global_step, state.epoch or 0.0, values, final=final)
         if decision.keep_state:
+            # Under FSDP2 a parameter is a DTensor: its copy holds this rank's shard, and is put back
+            # into it (DTensor to DTensor, the same placement: no collective).
             self._snapshot = (
                 int(state.global_step),
                 {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad},

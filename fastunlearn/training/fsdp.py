@@ -40,11 +40,13 @@ that state, under the names of the plain ``peft`` model (:func:`fastunlearn.mode
 so the adapter loads with ``peft.PeftModel.from_pretrained`` on the original base.
 
 Evaluation. A sharded forward is a collective, so the sharded model is evaluated (``metrics.json``'s
-``after``) by every rank on the same batches, as without FSDP; an evaluation that split its items
-between the ranks would have to give every rank as many forwards.
+``after``, and the stopping rules' evaluations during training) by every rank on the same batches;
+an evaluation that split its items between the ranks would have to give every rank as many forwards.
+Greedy decoding stops when every rank's rows have (:func:`fastunlearn.evaluation.decoding.greedy_decode`),
+and a state the stopping rule may restore is kept as each rank's own shards (its DTensors' copies).
 
 Not built: ``init="full"`` (full fine-tuning), Trainer checkpoints and ``resume`` (the optimizer
-state is sharded), evaluation during training (stopping rules), ``hybrid_shard`` (a 2-D device mesh).
+state is sharded), ``hybrid_shard`` (a 2-D device mesh).
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ def check_single_engine(**engines: Any) -> None:
         )
 
 
-def check_fsdp_run(spec: str, init: str, *, resume: bool, evaluates_during_training: bool) -> FsdpPlan:
+def check_fsdp_run(spec: str, init: str, *, resume: bool) -> FsdpPlan:
     """The plan of ``fsdp=spec`` if this run can carry it out; else ``ValueError`` in one line, raised
     before the model loads: a run on one process, what FSDP runs do not support (module docstring),
     ``offload`` on CPU processes (its shards would be pinned for a device there is none of), or a
@@ -137,8 +139,6 @@ def check_fsdp_run(spec: str, init: str, *, resume: bool, evaluates_during_train
         raise ValueError(
             "resume=True is not supported with fsdp (its sharded optimizer state is not checkpointed)"
         )
-    if evaluates_during_training:
-        raise ValueError("evaluation during training (stop= / eval_every=) is not supported with fsdp")
     if plan.offload and training_device().type != "cuda":
         raise ValueError(f"fsdp {spec!r}: offload moves shards off a GPU to the CPU; this run has no GPU")
     if not _has_fully_shard():

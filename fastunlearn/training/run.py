@@ -252,10 +252,7 @@ def unlearn(
     distributed.init_from_env()  # under torchrun / accelerate launch: join the ranks' process group
     fsdp_plan = None
     if cfg.fsdp is not None:  # refused here, before anything is read or written, if it cannot run
-        evaluates = cfg.stop is not None or cfg.eval_every is not None
-        fsdp_plan = fsdp.check_fsdp_run(
-            cfg.fsdp, init, resume=cfg.resume, evaluates_during_training=evaluates
-        )
+        fsdp_plan = fsdp.check_fsdp_run(cfg.fsdp, init, resume=cfg.resume)
     ds: DeepSpeedSetup | None = None
     if cfg.deepspeed is not None:  # read and checked against the options on the main process
         ds = distributed.on_main(
