@@ -271,6 +271,9 @@ def summarise(rows: list[dict[str, Any]], before: dict[str, float], budget: int)
         }
         steps = [r["steps_to_threshold"] for r in reached]
         row["steps_mean"], row["steps_std"] = _ms(steps) if steps else (None, None)
+        # With --patience, training goes on past the first crossing: where the kept state and the run end.
+        for key in ("kept_step", "final_step"):
+            row[f"{key}_mean"], row[f"{key}_std"] = _ms([r[key] for r in runs])
         for key in ("forget_acc", "forget_rougeL", "forget_quality", "eval_fraction"):
             row[f"{key}_mean"], row[f"{key}_std"] = _ms([r[key] for r in runs])
         for key in ("retain_prob", "model_utility", "utility_prob_rouge"):
