@@ -9,7 +9,8 @@
   tokenised once and their padded batches, prompts and reference answers built once per run, so an
   evaluation is model calls and one transfer of its numbers to the host.
 - :class:`StoppingCallback` is the ``transformers.TrainerCallback``: it evaluates the model before
-  training and every N optimiser steps or every epoch, asks the
+  training and every N optimiser steps or every epoch (also sharded by FSDP2 or DeepSpeed ZeRO-3:
+  every rank evaluates every item in step, and the states kept are gathered), asks the
   :class:`~fastunlearn.evaluation.stopping.StoppingController` what to compute and whether to stop,
   writes ``trajectory.csv``, keeps the trainable parameters of states it may restore (on the CPU,
   only when a restore may need them), puts the chosen state back when training ends and draws
@@ -42,6 +43,7 @@ from fastunlearn.evaluation.stopping import (
     parse_eval_every,
 )
 from fastunlearn.evaluation.trajectory import Trajectory, plot_trajectory
+from fastunlearn.sharded import gathered
 from fastunlearn.training import data as fdata
 
 __all__ = ["StoppingCallback", "SubsetEvaluator", "measure_reference"]
@@ -244,6 +246,30 @@ class SubsetEvaluator:
         return distributed.map_sharded(el, self.sets[set_name], model=model).mean().item()
 
 
+def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Copies on the CPU of the parameters that train (the adapters: small), to be put back by
+    :func:`_put_back`. Under DeepSpeed ZeRO-3 each is gathered whole, one at a time (a collective:
+    every rank keeps a state at the same evaluations, the decision being the main process's); under
+    FSDP2 a parameter is a ``DTensor``, and its copy is this rank's shard."""
+    state = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            with gathered([param]):
+                state[name] = param.detach().to("cpu", copy=True)
+    return state
+
+
+def _put_back(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Copy :func:`_trainable_state`'s tensors back into the parameters (under ZeRO-3 through a gather
+    whose values DeepSpeed partitions back on exit; every rank holds the same copy)."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in state.items():
+            param = params[name]
+            with gathered([param], modifier_rank=0):
+                param.copy_(value.to(param.device))
+
+
 def measure_reference(rule: StopRule, evaluator: SubsetEvaluator, model: torch.nn.Module) -> StopRule:
     """``rule`` resolved with its reference values measured on ``model`` by ``evaluator``: the model
     before unlearning for the extraction rule (its unseen-text MA and EL₁₀), the retain-only model for
@@ -382,12 +408,7 @@ class StoppingCallback(TrainerCallback):
         final = state.global_step >= state.max_steps
         decision = self.controller.record(state.global_step, state.epoch or 0.0, values, final=final)
         if decision.keep_state:
-            # Under FSDP2 a parameter is a DTensor: its copy holds this rank's shard, and is put back
-            # into it (DTensor to DTensor, the same placement: no collective).
-            self._snapshot = (
-                int(state.global_step),
-                {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad},
-            )
+            self._snapshot = (int(state.global_step), _trainable_state(model))
         seconds = time.perf_counter() - start
         self._eval_seconds += seconds
         score = self.controller.history[-1].score
@@ -429,10 +450,7 @@ class StoppingCallback(TrainerCallback):
         if target is not None and model is not None:
             if self._snapshot is None or self._snapshot[0] != target.step:
                 raise RuntimeError(f"no saved state for step {target.step} to restore")  # a bug, not input
-            params = dict(model.named_parameters())
-            with torch.no_grad():
-                for name, value in self._snapshot[1].items():
-                    params[name].copy_(value.to(params[name].device))
+            _put_back(model, self._snapshot[1])
         self._snapshot = None
         summary = self.controller.summary()
         plot_path = None

@@ -205,15 +205,10 @@ def prepare_deepspeed(
     source: str | os.PathLike | Mapping[str, Any], cfg: UnlearnConfig, precision: str, world_size: int
 ) -> DeepSpeedSetup:
     """Read and check a run's DeepSpeed config before the model loads: ``ValueError`` in one line for an
-    unreadable config, a contradiction with the options (:func:`check_deepspeed_config`), a ZeRO-3 run
-    with a stopping rule (its restored states are whole tensors), or DeepSpeed not installed."""
+    unreadable config, a contradiction with the options (:func:`check_deepspeed_config`), or DeepSpeed
+    not installed."""
     config = check_deepspeed_config(load_deepspeed_config(source), cfg, precision, world_size)
     stage = zero_stage(config)
-    if stage == 3 and (cfg.stop is not None or cfg.eval_every is not None):
-        raise ValueError(
-            "stop=RULE and eval_every=N are not supported under DeepSpeed ZeRO-3 yet (the states they keep "
-            "and restore are whole tensors); use ZeRO-2 or evaluate after the run"
-        )
     if importlib.util.find_spec("deepspeed") is None:
         raise ValueError('DeepSpeed is not installed: pip install "fastunlearn[deepspeed]"')
     return DeepSpeedSetup(config, stage)
