@@ -51,12 +51,14 @@ INTERNAL: dict[str, tuple[str, ...]] = {
     # so that an evaluated prompt is the trained one; the rest of training sits above evaluation.
     "fastunlearn.training.tofu_format": ("fastunlearn.ops",),
     "fastunlearn.training.data": ("fastunlearn.ops", "fastunlearn.training.tofu_format"),
+    # Evaluation during training keeps and restores ZeRO-3 partitioned adapters (sharded.gathered).
     "fastunlearn.evaluation": (
         "fastunlearn.ops",
         "fastunlearn.modeling",
         "fastunlearn.patching",
         "fastunlearn._io",
         "fastunlearn.distributed",
+        "fastunlearn.sharded",
         "fastunlearn.training.data",
         "fastunlearn.training.tofu_format",
     ),
