@@ -233,8 +233,9 @@ def test_cli_passes_the_stopping_options(files, monkeypatch):
 
     monkeypatch.setattr(run_module, "unlearn", fake_unlearn)
     extra = ["--stop-when", "forget.prob<=0.1", "--eval-every", "5", "--patience", "2", "--restore", "best"]
-    assert main(argv(files, *extra, "--eval-items", "8", "--generate-within", "0.25")) == 2
-    names = ("stop", "eval_every", "patience", "restore", "eval_items", "generate_within")
+    extra += ["--eval-items", "8", "--generate-within", "0.25", "--best-by", "retain.prob,retain.acc"]
+    assert main(argv(files, *extra)) == 2
+    names = ("stop", "eval_every", "patience", "restore", "eval_items", "generate_within", "best_by")
     assert {k: seen[k] for k in names} == {
         "stop": "forget.prob<=0.1",
         "eval_every": "5",
@@ -242,6 +243,7 @@ def test_cli_passes_the_stopping_options(files, monkeypatch):
         "restore": "best",
         "eval_items": 8,
         "generate_within": 0.25,
+        "best_by": "retain.prob,retain.acc",
     }
     assert seen["unseen"] is None and seen["reference_model"] is None
     main(argv(files, "--stop-when", "extraction", "--unseen", str(files / "unseen.json")))
@@ -270,6 +272,10 @@ def test_cli_passes_the_stopping_options(files, monkeypatch):
         (["--stop-when", "forget.prob<=0.1", "--eval-items", "0"], "--eval-items must be at least 1"),
         (["--patience", "2"], r"patience need\(s\) a stopping rule"),
         (["--stop-when", "tofu:acc=0.3,rougeL=0.4", "--generate-within", "-1"], "--generate-within must be"),
+        (
+            ["--stop-when", "forget.prob<=0.1", "--patience", "1", "--best-by", "retain.prob"],
+            "--best-by ranks",
+        ),
         (["--stop-when", "forget.prob<=0.1", "--resume"], "cannot continue a run that evaluates"),
         (["--eval-every", "epoch", "--resume"], "cannot continue a run that evaluates"),
     ],

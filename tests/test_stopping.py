@@ -151,8 +151,46 @@ def test_plan_stopping():
             S.plan_stopping("tofu:acc=0.3,rougeL=0.4", generate_within=bad, data=qa)
     with pytest.raises(ValueError, match=r"generate_within need\(s\) a stopping rule"):
         S.plan_stopping(None, eval_every=5, generate_within=0.2, data=qa)
+    # best_by: the retain metrics that rank the states of restore="best".
+    rule = "tofu:acc=0.3,rougeL=0.4"
+    best = S.plan_stopping(rule, patience=2, restore="best", best_by=" retain.prob,retain.acc", data=qa)
+    assert best.retain_metrics == ("retain.prob", "retain.acc")
+    assert best.controller().retain_metrics == ("retain.prob", "retain.acc")
+    listed = S.plan_stopping(rule, patience=2, restore="best", best_by=["retain.rougeL"], data=qa)
+    assert listed.retain_metrics == ("retain.rougeL",)
+    for bad, match in (
+        ("retain.prob,forget.acc", "forget.acc is not a retain metric"),
+        ("retain.prb", "unknown metric 'retain.prb'"),
+        ("retain.prob,,retain.acc", "give retain metrics separated by ','"),
+        ("retain.prob,retain.prob", "names a metric twice"),
+        ("retain.ma", "retain.ma needs raw-text"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            S.plan_stopping(rule, patience=2, restore="best", best_by=bad, data=qa)
+    with pytest.raises(ValueError, match="best_by ranks the states of restore='best'"):
+        S.plan_stopping(rule, patience=2, restore="last", best_by="retain.prob", data=qa)
+    with pytest.raises(ValueError, match=r"best_by need\(s\) a stopping rule"):
+        S.plan_stopping(None, eval_every=5, best_by="retain.prob", data=qa)
+
     with pytest.raises(ValueError, match="non-negative number of evaluations"):
         S.plan_stopping("forget.prob<=0.1", patience=-1, data=qa)
+
+
+def test_best_by_teacher_forced_metrics_spares_the_retain_generation():
+    rule = S.parse_stop_rule("tofu:acc=0.3,rougeL=0.4")
+    rows = rows_of(forget_acc=[0.5, 0.25, 0.2, 0.1], forget_rougeL=[0.8, 0.3, 0.3, 0.2])
+    rows = [
+        {**r, "retain.prob": 0.7, "retain.acc": 0.6, "retain.rougeL": 0.5, "forget.prob": 0.4} for r in rows
+    ]
+    ranked = {}
+    for metrics in (S.DEFAULT_RETAIN_METRICS, ("retain.prob", "retain.acc")):
+        ctrl = S.StoppingController(rule, patience=2, restore="best", retain_metrics=metrics,
+                                    track=("forget.prob", "retain.prob", "retain.acc"))  # fmt: skip
+        _, computed = drive(ctrl, BASE | {"forget.rougeL": 0.9}, rows)
+        ranked[metrics] = ["retain.rougeL" in c for c in computed]
+    # The default criterion generates the retain answers wherever the rule holds; prob and acc never.
+    assert ranked[S.DEFAULT_RETAIN_METRICS] == [False, True, True, True]
+    assert ranked[("retain.prob", "retain.acc")] == [False, False, False, False]
 
 
 def test_available_metrics():

@@ -218,6 +218,14 @@ def _add_stopping_args(p: argparse.ArgumentParser, d) -> None:
         help="examples per set at each evaluation (default: %(default)s)",
     )
     s.add_argument(
+        "--best-by",
+        metavar="METRICS",
+        default=d.best_by,
+        help="--restore best: the retain metrics that rank the states, e.g. retain.prob,retain.acc "
+        "(teacher-forced only: no retain generation past the crossing; default: retain prob, acc and "
+        "rougeL, as the data allow)",
+    )
+    s.add_argument(
         "--generate-within",
         metavar="FRACTION",
         type=float,

@@ -86,6 +86,9 @@ class UnlearnConfig:
     # Generate (ROUGE-L, EL10) also where the rule's teacher-forced bounds miss by at most this fraction
     # of their values; 0: only where generation can decide (fastunlearn.evaluation.stopping.NEAR).
     generate_within: float = 0.0
+    # restore="best": the retain metrics that rank the states ("retain.prob,retain.acc"); None: prob,
+    # acc and ROUGE-L (fastunlearn.evaluation.stopping.DEFAULT_RETAIN_METRICS), as the data allow.
+    best_by: str | None = None
     unseen: str | os.PathLike | list[str] | None = None  # the extraction rule's unseen text
     reference_model: str | os.PathLike | nn.Module | None = None  # the tofu rule's retain-only model
     eval_max_new_tokens: int = 200  # cap of the greedy answers scored by ROUGE-L

@@ -52,6 +52,7 @@ FLAGS: dict[str, str] = {
     "restore": "--restore",
     "eval_items": "--eval-items",
     "generate_within": "--generate-within",
+    "best_by": "--best-by",
     "unseen": "--unseen",
     "reference_model": "--reference-model",
     "fsdp": "--fsdp",

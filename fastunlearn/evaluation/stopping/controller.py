@@ -18,6 +18,7 @@ from fastunlearn.evaluation.stopping.rules import (
     METRIC_NAMES,
     StopRule,
     _unknown_metric,
+    _why_unavailable,
     available_metrics,
     is_generated,
 )
@@ -344,6 +345,7 @@ def plan_stopping(
     restore: str = "first",
     eval_items: int = 32,
     generate_within: float = NEAR,
+    best_by: str | Sequence[str] | None = None,
     unseen: str | os.PathLike | Sequence[str] | None = None,
     reference_model: Any = None,
     data: Mapping[str, str],
@@ -355,8 +357,11 @@ def plan_stopping(
     ``eval_every``: ``"epoch"`` (default with a rule) or a number of optimiser steps. ``eval_items``:
     examples per set at each evaluation. ``generate_within``: compute the rule's generated metrics also
     where every teacher-forced bound is missed by at most this fraction of its value
-    (:class:`StoppingController`'s ``near``; 0: only where they can decide). ``data``: set name →
-    record format of the run's data.
+    (:class:`StoppingController`'s ``near``; 0: only where they can decide). ``best_by``: the retain
+    metrics whose :func:`retain_score` ranks the states of ``restore="best"`` (a comma list or a
+    sequence; default :data:`DEFAULT_RETAIN_METRICS`, those the data can give) — teacher-forced ones
+    alone (``retain.prob,retain.acc``) spare the evaluations past the crossing the retain set's
+    generation. ``data``: set name → record format of the run's data.
     """
     if stop is None:
         given = [
@@ -365,6 +370,7 @@ def plan_stopping(
                 ("patience", patience, 0),
                 ("restore", restore, "first"),
                 ("generate_within", generate_within, NEAR),
+                ("best_by", best_by, None),
                 ("unseen", unseen, None),
                 ("reference_model", reference_model, None),
             )
@@ -391,15 +397,42 @@ def plan_stopping(
             f"got {generate_within!r}"
         )
     available = available_metrics(data)
+    if best_by is None:
+        retain_metrics = tuple(m for m in DEFAULT_RETAIN_METRICS if m in available)
+    else:
+        retain_metrics = _best_by(best_by, restore, data)
     plan = StopPlan(
         rule=rule,
         every=every,
         patience=patience,
         restore=restore,
         eval_items=eval_items,
-        retain_metrics=tuple(m for m in DEFAULT_RETAIN_METRICS if m in available),
+        retain_metrics=retain_metrics,
         track=tuple(m for m in METRIC_NAMES if m in available and not is_generated(m)),
         generate_within=generate_within,
     )
     plan.controller()  # patience / restore errors now, not after the model has loaded
     return plan
+
+
+def _best_by(spec: str | Sequence[str], restore: str, data: Mapping[str, str]) -> tuple[str, ...]:
+    """The checked metrics of ``best_by``: retain-set metrics the data can give, each once."""
+    if restore != "best":
+        raise ValueError(f"best_by ranks the states of restore='best'; this run keeps restore={restore!r}")
+    names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else [str(n).strip() for n in spec]
+    if not names or any(not n for n in names):
+        raise ValueError(
+            f"best_by {spec!r}: give retain metrics separated by ',', e.g. retain.prob,retain.acc"
+        )
+    for name in names:
+        if name not in METRIC_NAMES:
+            raise ValueError(_unknown_metric(name, str(spec)))
+        if not name.startswith("retain."):
+            raise ValueError(
+                f"best_by ranks states by what the retain set keeps; {name} is not a retain metric"
+            )
+        if name not in available_metrics(data):
+            raise ValueError(f"best_by: {_why_unavailable(name, data)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"best_by {spec!r} names a metric twice")
+    return tuple(names)
