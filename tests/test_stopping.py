@@ -171,7 +171,6 @@ def test_plan_stopping():
         S.plan_stopping(rule, patience=2, restore="last", best_by="retain.prob", data=qa)
     with pytest.raises(ValueError, match=r"best_by need\(s\) a stopping rule"):
         S.plan_stopping(None, eval_every=5, best_by="retain.prob", data=qa)
-
     with pytest.raises(ValueError, match="non-negative number of evaluations"):
         S.plan_stopping("forget.prob<=0.1", patience=-1, data=qa)
 
