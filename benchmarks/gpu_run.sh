@@ -31,7 +31,7 @@ log() { echo "[gpu_run +$((SECONDS - START))s] $*"; }
 if [ "$DRY" = 1 ]; then
     export TRITON_INTERPRET=1
     BUDGET=${GPU_RUN_BUDGET_S:-1200}
-    LIMITS=(600 600 600 120 600 600 60)  # check, bench_ihl, bench_loss, bench_scale, bench_fisher, its --memory, deepspeed: the interpreter on a shared CPU is slow
+    LIMITS=(600 600 600 120 600 600 60 300)  # check, bench_ihl, bench_loss, bench_scale, bench_fisher, its --memory, deepspeed, smoke: the interpreter on a shared CPU is slow
     RESULTS=$(mktemp -d)  # the committed CPU results are not touched
     PRESET=dry
     CHECK=(--dry-run)
@@ -40,10 +40,12 @@ if [ "$DRY" = 1 ]; then
     SCALE=(--layers 1 --batch 1 --max-length 16 --rank 2 --steps 1 --fisher-batches 1)
 else
     # 480 s: one call of the device tool (at most 600 s) with room for a rerun in a 15-minute session.
-    # It covers the correctness check, the loss benchmarks and the 32-layer scale run; the Fisher
-    # benchmarks and DeepSpeed run in what is left (GPU_RUN_BUDGET_S=780 for every step).
+    # It covers the correctness check, the loss benchmarks and the 32-layer scale run (their limits;
+    # they usually finish sooner); the whole job end to end, the Fisher benchmarks and DeepSpeed run
+    # in what is left (every step's limit: 900 s in all, GPU_RUN_BUDGET_S=900 over two device calls'
+    # worth of time).
     BUDGET=${GPU_RUN_BUDGET_S:-480}
-    LIMITS=(75 150 100 150 100 55 150)
+    LIMITS=(75 150 100 150 100 55 150 120)
     RESULTS=$ROOT/benchmarks/results
     PRESET=gpu
     CHECK=()
@@ -152,6 +154,8 @@ step bench_ihl "${LIMITS[1]}" "$PY" benchmarks/bench_ihl.py --preset "$PRESET"
 step bench_loss "${LIMITS[2]}" "$PY" benchmarks/bench_loss.py --preset "$PRESET"
 # The memory plan at scale: every phase of a FILA + IHL run, measured next to the plan's figures
 step bench_scale "${LIMITS[3]}" "$PY" benchmarks/bench_scale.py "${SCALE[@]}"
+# The whole job on the device: the tiny demo (Trainer, TOFU protocol) and a run stopped by a rule
+step gpu_smoke "${LIMITS[7]}" "$PY" benchmarks/gpu_smoke.py ${CHECK[@]+"${CHECK[@]}"}
 step bench_fisher "${LIMITS[4]}" "$PY" benchmarks/bench_fisher.py --preset "$PRESET" --quick
 step bench_fisher_memory "${LIMITS[5]}" "$PY" benchmarks/bench_fisher.py --preset "$PRESET" --memory
 # DeepSpeed ZeRO-3 unlearn vs DDP / one process; writes why it skipped without deepspeed or CUDA
