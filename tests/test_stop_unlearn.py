@@ -276,8 +276,6 @@ def test_cli_passes_the_stopping_options(files, monkeypatch):
             ["--stop-when", "forget.prob<=0.1", "--patience", "1", "--best-by", "retain.prob"],
             "--best-by ranks",
         ),
-        (["--stop-when", "forget.prob<=0.1", "--resume"], "cannot continue a run that evaluates"),
-        (["--eval-every", "epoch", "--resume"], "cannot continue a run that evaluates"),
     ],
 )
 def test_cli_bad_stopping_input_exits_2_before_the_model_loads(files, monkeypatch, capsys, extra, message):

@@ -325,6 +325,67 @@ def test_resume_after_a_crash_matches_an_uninterrupted_fila_run(setup, tmp_path,
     torch.testing.assert_close(_logits(on_original, batch), _logits(full.model, batch), rtol=1e-4, atol=1e-4)
 
 
+def test_resume_after_a_crash_continues_the_stopping_rule(setup, tmp_path, monkeypatch):
+    """A run stopped by a rule, interrupted after its first checkpoint and resumed, decides, keeps and
+    puts back what the uninterrupted run does, and its trajectory is that run's: the evaluations up to
+    the checkpoint come from the record kept beside it (not evaluated again), the state kept at step 1
+    is put back from there."""
+    from fastunlearn.evaluation.stop_callback import RECORD_FILE, SNAPSHOT_FILE, SubsetEvaluator
+    from fastunlearn.evaluation.trajectory import read_trajectory
+
+    tokenizer, forget, retain = setup
+    kwargs = dict(method="ihl", init="lora", num_epochs=2, batch_size=2, gradient_accumulation_steps=1,
+                  evaluate=False, stop="forget.prob<=0.999", eval_every=1, patience=3, **COMMON)  # fmt: skip
+    full = unlearn(fresh_model(tokenizer), tokenizer, forget, retain, output_dir=tmp_path / "a", **kwargs)
+    s = full.metrics["stopping"]
+    # Holds from step 1 (first kept), three more evaluations, stops at the last step: step 1 put back.
+    assert (s["first_satisfied_step"], s["kept_step"], s["stopped_step"], s["restored"]) == (1, 1, 4, True)
+
+    original = UnlearnTrainer.compute_loss
+
+    def crash_in_second_epoch(self, *args, **kw):
+        if self.state.global_step >= 2:  # the checkpoint of epoch 1 (step 2) is written
+            raise RuntimeError("simulated crash")
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(UnlearnTrainer, "compute_loss", crash_in_second_epoch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        unlearn(fresh_model(tokenizer), tokenizer, forget, retain, output_dir=tmp_path / "b", **kwargs)
+    monkeypatch.setattr(UnlearnTrainer, "compute_loss", original)
+    checkpoint = tmp_path / "b" / "checkpoints" / "checkpoint-2"
+    assert (checkpoint / RECORD_FILE).is_file() and (checkpoint / SNAPSHOT_FILE).is_file()
+
+    evaluated = []
+    evaluate = SubsetEvaluator.evaluate
+
+    def counted(self, model, names):
+        evaluated.append(sorted(names))
+        return evaluate(self, model, names)
+
+    monkeypatch.setattr(SubsetEvaluator, "evaluate", counted)
+    resumed = unlearn(
+        fresh_model(tokenizer), tokenizer, forget, retain, output_dir=tmp_path / "b", resume=True, **kwargs
+    )
+    assert len(evaluated) == 2  # steps 3 and 4 only: no baseline, no step 1 or 2 again
+    r = resumed.metrics["stopping"]
+    for key in ("first_satisfied_step", "kept_step", "stopped_step", "restored", "evaluations"):
+        assert r[key] == s[key], key
+    rows_a, rows_b = (
+        read_trajectory(tmp_path / "a" / "trajectory.csv"),
+        read_trajectory(tmp_path / "b" / "trajectory.csv"),
+    )
+    assert [row["step"] for row in rows_b] == [row["step"] for row in rows_a] == [0, 1, 2, 3, 4]
+    for row_a, row_b in zip(rows_a, rows_b):
+        for key, value in row_a.items():
+            if key != "eval_s" and isinstance(value, float):
+                # The same computation after a resume (the checkpoint restores the RNG and the data
+                # order): fp32 rounding at most.
+                assert row_b[key] == pytest.approx(value, rel=1e-5, abs=1e-7), (row_a["step"], key)
+    got, want = lora_params(resumed.model), lora_params(full.model)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_bad_arguments(setup, tmp_path):
     tokenizer, forget, retain = setup
     model = fresh_model(tokenizer)

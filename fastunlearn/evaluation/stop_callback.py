@@ -21,6 +21,7 @@ Evaluation layer: this module does not import the training loop.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -31,6 +32,7 @@ import torch
 from transformers import TrainerCallback
 
 from fastunlearn import distributed
+from fastunlearn._io import atomic_file, write_json
 from fastunlearn.evaluation.decoding import greedy_completions
 from fastunlearn.evaluation.extraction_metrics import extraction_likelihood
 from fastunlearn.evaluation.likelihood import collect_answer_stats
@@ -46,7 +48,11 @@ from fastunlearn.evaluation.trajectory import Trajectory, plot_trajectory
 from fastunlearn.sharded import gathered
 from fastunlearn.training import data as fdata
 
-__all__ = ["StoppingCallback", "SubsetEvaluator", "measure_reference"]
+__all__ = ["RECORD_FILE", "SNAPSHOT_FILE", "StoppingCallback", "SubsetEvaluator", "measure_reference"]
+
+# Beside each Trainer checkpoint of a run that evaluates during training (StoppingCallback.on_save).
+RECORD_FILE = "stopping.json"
+SNAPSHOT_FILE = "stopping_snapshot.safetensors"
 
 _TEACHER_FORCED = ("prob", "acc", "nll", "ma")
 _STATS = ("nll_sum", "num_tokens", "correct")
@@ -342,6 +348,10 @@ class StoppingCallback(TrainerCallback):
         self._eval_seconds = 0.0
         self._setup_seconds = 0.0
         self._train_start: float | None = None
+        # A resumed run: the seconds of training and evaluation before the interruption.
+        self._resumed = False
+        self._train_before = 0.0
+        self._eval_before = 0.0
 
     # -- evaluation --------------------------------------------------------------------------------
 
@@ -381,6 +391,10 @@ class StoppingCallback(TrainerCallback):
         start = time.perf_counter()
         if not distributed.is_main():  # the main process alone writes the trajectory (csv and png)
             self.trajectory.path = None  # asked now: a launcher's process group may start after __init__
+        if self._resumed:  # the baseline and the evaluations up to the checkpoint come from it
+            self.trajectory.rewrite()
+            self._train_start = time.perf_counter()
+            return
         controller = self.controller
         if controller.rule is not None and not controller.rule.resolved:
             controller.resolve(self.evaluator.evaluate(model, controller.rule.reference_metrics))
@@ -442,10 +456,64 @@ class StoppingCallback(TrainerCallback):
         if self.every == "epoch":
             self._evaluate(state, control, model)
 
+    # -- checkpoints and resuming -----------------------------------------------------------------
+
+    def on_save(self, args, state, control, **kwargs):
+        """Beside each ``Trainer`` checkpoint, what a resumed run needs to go on deciding
+        (:meth:`resume_from`): the controller's record, the trajectory's rows, the state kept for a
+        restore and the seconds spent so far. Not after the run has stopped (nothing to resume)."""
+        if self.controller.stopped is not None or not distributed.is_main():
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        record = {
+            "controller": self.controller.state_dict(),
+            "trajectory": self.trajectory.rows,
+            "setup_s": self._setup_seconds,
+            "eval_s": self._eval_seconds,
+            "train_s": self._train_seconds(),
+            "snapshot_step": None if self._snapshot is None else self._snapshot[0],
+        }
+        if self._snapshot is not None:
+            from safetensors.torch import save_file
+
+            atomic_file(os.path.join(folder, SNAPSHOT_FILE), lambda tmp: save_file(self._snapshot[1], tmp))
+        write_json(os.path.join(folder, RECORD_FILE), record)
+
+    def resume_from(self, checkpoint: str | os.PathLike) -> None:
+        """Continue the record :meth:`on_save` wrote beside ``checkpoint`` (call before training):
+        the evaluations up to its step are not repeated, the trajectory goes on from its rows, and a
+        state kept before the interruption can still be put back."""
+        path = os.path.join(os.fspath(checkpoint), RECORD_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"cannot resume: {checkpoint} holds no stopping record ({RECORD_FILE}); the run was "
+                "interrupted after it stopped or was started without this rule"
+            )
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        self.controller.load_state_dict(record["controller"])
+        self.trajectory.rows = [dict(row) for row in record["trajectory"]]
+        self._setup_seconds = record["setup_s"]
+        self._eval_seconds = self._eval_before = record["eval_s"]
+        self._train_before = record["train_s"]
+        self._snapshot = None
+        if record["snapshot_step"] is not None:
+            from safetensors.torch import load_file
+
+            self._snapshot = (record["snapshot_step"], load_file(os.path.join(checkpoint, SNAPSHOT_FILE)))
+        self._resumed = True
+
+    def _train_seconds(self) -> float:
+        """Seconds training (evaluation excluded), before an interruption included."""
+        if self._train_start is None:
+            return self._train_before
+        elapsed = time.perf_counter() - self._train_start
+        return self._train_before + elapsed - (self._eval_seconds - self._eval_before)
+
     # -- the end -----------------------------------------------------------------------------------
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
-        train_seconds = time.perf_counter() - (self._train_start or time.perf_counter()) - self._eval_seconds
+        train_seconds = self._train_seconds()
         target = self.controller.restore_target
         if target is not None and model is not None:
             if self._snapshot is None or self._snapshot[0] != target.step:

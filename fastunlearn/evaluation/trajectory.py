@@ -73,6 +73,10 @@ class Trajectory:
         self.rows[-1].update(values)
         self._write()
 
+    def rewrite(self) -> None:
+        """Write the rows held now (a resumed run's, replacing what an interrupted one left after them)."""
+        self._write()
+
     def _write(self) -> None:
         if self.path is not None:
             write_text(self.path, self.to_csv())

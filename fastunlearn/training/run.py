@@ -15,7 +15,8 @@ writes, atomically::
       model/              the trained model (init="full")
       merged/             the merged model (merge=True)
       fisher/             row_weights.safetensors: FILA's row weights (reused on resume)
-      checkpoints/        Trainer checkpoints (resume=True continues from the last one)
+      checkpoints/        Trainer checkpoints (resume=True continues from the last one; with
+                          evaluation during training, beside each its stopping record)
       metrics.json        {"before": {"forget", "retain"}, "after": {...}, "train": {...}, "stopping"}
       trajectory.csv/png  metrics at each evaluation during training (stop= / eval_every=)
       run_config.json     every option, the resolved precision, the data and model sources, versions
@@ -80,7 +81,6 @@ from fastunlearn.training.methods import METHODS, NEEDS_RETAIN, sequence_logprob
 from fastunlearn.training.precision import autocast, load_dtype, resolve_training_precision, weights_dtype
 from fastunlearn.training.preflight import check_vocab, preflight, read_data
 from fastunlearn.training.stopping_setup import (
-    STOPPING_OPTIONS,
     plan_run_stopping,
     prepare_unseen,
     record_inputs,
@@ -104,7 +104,7 @@ _RESUME_FREE = (
     "fused",  # how the loss is computed, not which loss
     "memory_check",
     "ihl_backend",
-    *STOPPING_OPTIONS,  # refused with resume: a run that evaluates during training is never resumed
+    "generate_within",  # what the trajectory shows around the crossing, not what is decided
 )
 
 __all__ = ["unlearn"]
@@ -379,6 +379,8 @@ def unlearn(
         )
         start = time.perf_counter()
         checkpoint = outputs.last_checkpoint(dirs.build) if dirs.resume else None
+        if checkpoint is not None and plan is not None:  # the evaluations up to it are not repeated
+            extra_callbacks[0].resume_from(checkpoint)
         out = trainer.train(resume_from_checkpoint=checkpoint)
         metrics["train"] = {
             "loss": distributed.mean(out.training_loss),  # Trainer adds its last interval unreduced

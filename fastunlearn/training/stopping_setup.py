@@ -36,22 +36,7 @@ from fastunlearn.training.config import UnlearnConfig
 from fastunlearn.training.outputs import TRAJECTORY_FILES
 from fastunlearn.training.precision import weights_dtype
 
-# The UnlearnConfig fields of evaluation during training.
-STOPPING_OPTIONS = (
-    "stop",
-    "eval_every",
-    "patience",
-    "restore",
-    "eval_items",
-    "generate_within",
-    "best_by",
-    "unseen",
-    "reference_model",
-    "eval_max_new_tokens",
-)
-
 __all__ = [
-    "STOPPING_OPTIONS",
     "TRAJECTORY_FILES",
     "plan_run_stopping",
     "prepare_unseen",
@@ -64,8 +49,8 @@ def plan_run_stopping(cfg: UnlearnConfig, formats: Mapping[str, str]) -> StopPla
     """The run's validated stopping options, or ``None`` when it evaluates nothing during training.
 
     ``formats``: set name (``forget``, ``retain``) → record format of the run's data, which decides
-    the metrics a rule may read. Refuses ``resume`` with a plan: the trajectory, the controller's
-    history and the states it kept are not part of a ``Trainer`` checkpoint.
+    the metrics a rule may read. A resumed run goes on from the record its callback keeps beside
+    each checkpoint (:meth:`~fastunlearn.evaluation.stop_callback.StoppingCallback.resume_from`).
     """
     plan = plan_stopping(
         cfg.stop,
@@ -79,12 +64,6 @@ def plan_run_stopping(cfg: UnlearnConfig, formats: Mapping[str, str]) -> StopPla
         reference_model=cfg.reference_model,
         data=formats,
     )
-    if plan is not None and cfg.resume:
-        raise ValueError(
-            "resume=True (--resume) cannot continue a run that evaluates during training (stop= / "
-            "eval_every=): its trajectory and the states kept for restoring are not in the checkpoint; "
-            "start it again with overwrite=True (--overwrite)"
-        )
     return plan
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from fastunlearn.evaluation.stopping.parsing import parse_eval_every, parse_stop_rule
@@ -279,6 +279,41 @@ class StoppingController:
             reason = "the rule does not hold" if self.rule is not None else "recorded (no stopping rule)"
         keep = self.chosen is ev and not stop and not final
         return Decision(stop=stop, satisfied=satisfied, keep_state=keep, reason=reason)
+
+    # -- resuming ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything :meth:`load_state_dict` needs to go on deciding after an interrupted run, as plain
+        JSON-serialisable values: the baseline, every evaluation, and which of them first satisfied
+        the rule and is chosen. The rule itself is recorded by its text, which the resumed run's rule
+        (its reference measured again) must reproduce."""
+        if self.stopped is not None:
+            raise ValueError(f"the run stopped at step {self.stopped.step}: there is nothing to resume")
+        index = {id(ev): i for i, ev in enumerate(self.history)}
+        return {
+            "rule": None if self.rule is None else str(self.rule),
+            "baseline": self.baseline,
+            "score_metrics": list(self._score_metrics),
+            "history": [asdict(ev) for ev in self.history],
+            "first": None if self.first is None else index[id(self.first)],
+            "chosen": None if self.chosen is None else index[id(self.chosen)],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from :meth:`state_dict`'s record of an interrupted run of the same rule."""
+        saved_rule = state.get("rule")
+        rule = None if self.rule is None else str(self.rule)
+        if saved_rule != rule:
+            raise ValueError(
+                f"cannot resume: the interrupted run stopped by {saved_rule!r}, this one by {rule!r} (a "
+                "reference measured again must give the same values)"
+            )
+        self.baseline = None if state["baseline"] is None else dict(state["baseline"])
+        self._score_metrics = tuple(state["score_metrics"])
+        self.history = [Evaluation(**ev) for ev in state["history"]]
+        self.first = None if state["first"] is None else self.history[state["first"]]
+        self.chosen = None if state["chosen"] is None else self.history[state["chosen"]]
+        self.stopped = None
 
     @property
     def restore_target(self) -> Evaluation | None:
