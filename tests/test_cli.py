@@ -18,6 +18,7 @@ from fastunlearn import demo
 from fastunlearn._io import write_text
 from fastunlearn.cli import build_parser, main
 from fastunlearn.demo.data import _FACTS
+from fastunlearn.demo.run import STOP_PATIENCE
 from fastunlearn.evaluation.trajectory import read_trajectory
 from fastunlearn.fisher import FisherEstimate, estimate_fisher
 from fastunlearn.modeling import resolve_precision, training_device
@@ -269,6 +270,15 @@ def test_demo_tiny_twice_uses_the_cache(tmp_path, capsys):
     assert main([*argv, "--output", str(tmp_path / "demo2"), "--method", "gd", "--init", "lora"]) == 0
     second = capsys.readouterr().out
     assert "Using cached demo models" in second and "Generated" not in second
+    # --stop: the tofu rule against the demo's retain-only model, in the run and in its command.
+    assert main([*argv, "--output", str(tmp_path / "demo3"), "--stop"]) == 0
+    third = capsys.readouterr().out
+    stopped = json.loads((tmp_path / "demo3" / "metrics.json").read_text())
+    summary = stopped["stopping"]
+    assert summary["rule"].startswith("tofu: forget.acc<=") and summary["restore"] == "best"
+    assert summary["patience"] == STOP_PATIENCE and f"\n{summary['rule']}: " in third
+    for words in ("--stop-when tofu", "--patience 3 --restore best", "--reference-model "):
+        assert words in stopped["command"], words
 
 
 def test_demo_bad_arguments(tmp_path, capsys):

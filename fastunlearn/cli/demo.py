@@ -45,6 +45,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         choices=list(SIZES),
         help="'tiny' is a reduced, faster demo used by the tests (default: %(default)s)",
     )
+    p.add_argument(
+        "--stop",
+        action="store_true",
+        help="stop by the tofu rule (forget accuracy and ROUGE-L at the retain-only model's), 3 evaluations "
+        "past the first crossing, keeping the best state, instead of training the fixed 10 epochs",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --output")
     add_threads_arg(p, default=1, why="(default: %(default)s, the fastest for the demo's small model)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -69,6 +75,7 @@ def _main(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         progress=not args.no_progress,
         threads=args.threads,
+        stop=args.stop,
     )
     return 0
 

@@ -243,7 +243,7 @@ def _add_stopping_args(p: argparse.ArgumentParser, d) -> None:
 
 
 def _run_unlearn(args: argparse.Namespace) -> int:
-    from fastunlearn.evaluation.report import summary_table
+    from fastunlearn.evaluation.report import stopping_line, summary_table
     from fastunlearn.training.flags import options_from_args
     from fastunlearn.training.run import unlearn
 
@@ -261,7 +261,7 @@ def _run_unlearn(args: argparse.Namespace) -> int:
     written = [p for p in (result.adapter_path, result.model_path, result.merged_path) if p]
     stopping = result.metrics.get("stopping")
     if stopping is not None:
-        print(_stopping_line(stopping))
+        print(stopping_line(stopping))
         # named in the published run (the callback wrote them where the run was built)
         files = (stopping["trajectory_csv"], stopping["trajectory_png"])
         written += [os.path.join(result.output_dir, os.path.basename(p)) for p in files if p]
@@ -273,15 +273,3 @@ def _interrupted(args: argparse.Namespace) -> str:
     from fastunlearn.training.outputs import interrupted_message
 
     return interrupted_message(args.output)
-
-
-def _stopping_line(summary) -> str:
-    """One line on where the rule held, where training stopped and which state was kept."""
-    if summary["rule"] is None:
-        return f"\nevaluated {summary['evaluations']} times during training (no stopping rule)"
-    if not summary["satisfied"]:
-        return f"\n{summary['rule']}: never satisfied; kept the final state (step {summary['kept_step']})"
-    return (
-        f"\n{summary['rule']}: first held at step {summary['first_satisfied_step']}, stopped at step "
-        f"{summary['stopped_step']}, kept step {summary['kept_step']} ({summary['restore']})"
-    )

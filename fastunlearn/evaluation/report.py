@@ -11,7 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["format_table", "summary_table"]
+__all__ = ["format_table", "stopping_line", "summary_table"]
 
 
 def _fmt(value: Any) -> str:
@@ -79,3 +79,17 @@ def summary_table(metrics: dict[str, Any]) -> str:
             f"{train['runtime_s']:.1f} s"
         )
     return "\n".join(lines)
+
+
+def stopping_line(summary: Mapping[str, Any]) -> str:
+    """One line on where a run's stopping rule held, where training stopped and which state was kept,
+    from ``metrics["stopping"]`` (:class:`~fastunlearn.evaluation.stop_callback.StoppingCallback`'s
+    summary), after a blank line."""
+    if summary["rule"] is None:
+        return f"\nevaluated {summary['evaluations']} times during training (no stopping rule)"
+    if not summary["satisfied"]:
+        return f"\n{summary['rule']}: never satisfied; kept the final state (step {summary['kept_step']})"
+    return (
+        f"\n{summary['rule']}: first held at step {summary['first_satisfied_step']}, stopped at step "
+        f"{summary['stopped_step']}, kept step {summary['kept_step']} ({summary['restore']})"
+    )
