@@ -302,7 +302,8 @@ class StoppingCallback(TrainerCallback):
     ``keep_state``, the trainable parameters are copied to the CPU (the LoRA weights, not the base
     model); at ``on_train_end`` the chosen state is copied back, so whatever is saved afterwards
     (adapter, merged model, metrics) is that state. :attr:`summary` holds the outcome and the time
-    spent evaluating next to the time spent training.
+    spent evaluating next to the time spent training. Beside each ``Trainer`` checkpoint it keeps its
+    record (:meth:`on_save`), from which a resumed run goes on (:meth:`resume_from`).
 
     Under several processes (``torchrun`` / ``accelerate launch``; every rank runs the callback) each
     evaluation is shared by the ranks and its numbers are the main process's on every rank
