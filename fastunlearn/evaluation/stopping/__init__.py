@@ -5,7 +5,7 @@
 - :mod:`~fastunlearn.evaluation.stopping.parsing`: :func:`parse_stop_rule` and
   :func:`parse_eval_every`, every check before a model loads.
 - :mod:`~fastunlearn.evaluation.stopping.controller`: :class:`StoppingController` (first crossing,
-  patience, restore ``first`` / ``best`` / ``last``, generation only near the threshold) and
+  patience, restore ``first`` / ``best`` / ``last``, generation only where it can decide) and
   :func:`plan_stopping`, all of a run's options checked at once.
 
 The evaluation during training and the ``Trainer`` callback are
