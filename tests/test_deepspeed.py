@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.distributed import free_port, spawn
-from helpers.fisher import fisher_llama, make_batch
+from helpers.fisher import fisher_llama, fisher_record, make_batch
 from helpers.workspace import build_workspace
 from torch import nn
 
@@ -340,7 +340,6 @@ def _zero3_worker(rank: int, model_dir: str, out: str) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from fastunlearn.fisher import estimate_fisher, fila_row_weights
     from fastunlearn.training.deepspeed_setup import DeepSpeedSetup
 
     setup = DeepSpeedSetup(dict(ZERO3), stage=3)
@@ -349,14 +348,9 @@ def _zero3_worker(rank: int, model_dir: str, out: str) -> None:
     q = model.model.layers[0].self_attn.q_proj
     assert q.weight.numel() == 0 and sharded.is_partitioned(q.weight)  # created partitioned
     model = _lora(model)
-    tensors = {}
     with setup.fetching(model):
-        for mode in ("per_example", "batch"):
-            est = estimate_fisher(model, _batches(), mode=mode, backend="torch", progress=False)
-            tensors.update({f"{mode}/{k}": v.contiguous() for k, v in est.items()})
-        d = fila_row_weights(model, _batches(), _batches()[::-1][:3], backend="torch", progress=False)
-    tensors.update({f"d/{k}": v.contiguous() for k, v in d.items()})
-    fila_init(model, row_weights=d)
+        tensors = fisher_record(model, _batches)
+    fila_init(model, row_weights={k[2:]: v for k, v in tensors.items() if k.startswith("d/")})
     for name, (_, layer) in lora_layers(model).items():
         record = fila_record(layer)
         tensors[f"A0/{name}"], tensors[f"B0/{name}"] = record.A0, record.B0
@@ -369,16 +363,9 @@ def _zero3_worker(rank: int, model_dir: str, out: str) -> None:
 def _plain(model_dir: str) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
-    from fastunlearn.fisher import estimate_fisher, fila_row_weights
-
     model = _lora(AutoModelForCausalLM.from_pretrained(model_dir))
-    want = {}
-    for mode in ("per_example", "batch"):
-        est = estimate_fisher(model, _batches(), mode=mode, backend="torch", progress=False)
-        want.update({f"{mode}/{k}": v for k, v in est.items()})
-    d = fila_row_weights(model, _batches(), _batches()[::-1][:3], backend="torch", progress=False)
-    want.update({f"d/{k}": v for k, v in d.items()})
-    fila_init(model, row_weights=d)
+    want = fisher_record(model, _batches)
+    fila_init(model, row_weights={k[2:]: v for k, v in want.items() if k.startswith("d/")})
     for name, (_, layer) in lora_layers(model).items():
         want[f"A0/{name}"], want[f"B0/{name}"] = fila_record(layer).A0, fila_record(layer).B0
     want.update({f"adapter/{k}": v for k, v in adapter_export(model).tensors.items()})

@@ -19,12 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.distributed import EVAL_ATOL, EVAL_RTOL, run_ranks, spawn, torchrun
-from helpers.fisher import fisher_llama, make_batch
+from helpers.fisher import fisher_llama, fisher_record, make_batch
 from helpers.oracles import assert_close
 from helpers.workspace import build_workspace
 
 from fastunlearn import distributed
-from fastunlearn.fisher import estimate_fisher, fila_row_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 N_BATCHES = 5  # odd: the ranks get 3 and 2 batches
@@ -39,14 +38,7 @@ def _fisher_worker(rank: int, out: str) -> None:
 
     assert distributed.is_distributed() and distributed.world_size() == 2
     assert len(distributed.shard(_batches())) == (3 if rank == 0 else 2)
-    model = fisher_llama()
-    tensors = {}
-    for mode in ("per_example", "batch"):
-        est = estimate_fisher(model, _batches(), mode=mode, backend="torch", progress=False)
-        tensors.update({f"{mode}/{k}": v.contiguous() for k, v in est.items()})
-    d = fila_row_weights(model, _batches(), _batches()[::-1][:3], backend="torch", progress=False)
-    tensors.update({f"d/{k}": v.contiguous() for k, v in d.items()})
-    save_file(tensors, os.path.join(out, f"rank{rank}.safetensors"))
+    save_file(fisher_record(fisher_llama(), _batches), os.path.join(out, f"rank{rank}.safetensors"))
 
 
 def test_two_rank_fisher_equals_one_process(tmp_path):
@@ -54,13 +46,7 @@ def test_two_rank_fisher_equals_one_process(tmp_path):
 
     spawn(_fisher_worker, str(tmp_path))
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
-    model = fisher_llama()
-    want = {}
-    for mode in ("per_example", "batch"):
-        est = estimate_fisher(model, _batches(), mode=mode, backend="torch", progress=False)
-        want.update({f"{mode}/{k}": v for k, v in est.items()})
-    d = fila_row_weights(model, _batches(), _batches()[::-1][:3], backend="torch", progress=False)
-    want.update({f"d/{k}": v for k, v in d.items()})
+    want = fisher_record(fisher_llama(), _batches)
     assert set(ranks[0]) == set(ranks[1]) == set(want)
     rtol = 4 * N_BATCHES * 2.0**-24  # the batches' fp32 sums added in another order (module docstring)
     for key, value in want.items():

@@ -27,6 +27,22 @@ def make_batch(B, T, seed, prompt=3, pad_rows=()):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def fisher_record(model, batches) -> dict[str, torch.Tensor]:
+    """What the multi-process Fisher tests compare with one process: ``estimate_fisher`` in both modes
+    (``"per_example/NAME"``, ``"batch/NAME"``) and ``fila_row_weights`` with the first three batches,
+    reversed, as the retain data (``"d/NAME"``); contiguous, for ``safetensors``. ``batches`` is a
+    callable giving fresh batches (each pass reads its own)."""
+    from fastunlearn.fisher import estimate_fisher, fila_row_weights
+
+    record = {}
+    for mode in ("per_example", "batch"):
+        est = estimate_fisher(model, batches(), mode=mode, backend="torch", progress=False)
+        record.update({f"{mode}/{k}": v.contiguous() for k, v in est.items()})
+    d = fila_row_weights(model, batches(), batches()[::-1][:3], backend="torch", progress=False)
+    record.update({f"d/{k}": v.contiguous() for k, v in d.items()})
+    return record
+
+
 def linear_weights(model, names):
     params = dict(model.named_parameters())
     return {name: params[name + ".weight"] for name in names}
