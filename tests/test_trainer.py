@@ -281,6 +281,22 @@ def test_output_dir_refusal_and_overwrite(setup, tmp_path):
 
 
 @pytest.mark.slow
+def _crash_after_the_first_checkpoint(monkeypatch, run) -> None:
+    """``run()`` (a 2-epoch run of 2 steps an epoch) crashing in its second epoch, after the checkpoint
+    of the first (step 2) is written."""
+    original = UnlearnTrainer.compute_loss
+
+    def crash_in_second_epoch(self, *args, **kw):
+        if self.state.global_step >= 2:
+            raise RuntimeError("simulated crash")
+        return original(self, *args, **kw)
+
+    monkeypatch.setattr(UnlearnTrainer, "compute_loss", crash_in_second_epoch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run()
+    monkeypatch.setattr(UnlearnTrainer, "compute_loss", original)
+
+
 def test_resume_after_a_crash_matches_an_uninterrupted_fila_run(setup, tmp_path, monkeypatch):
     tokenizer, forget, retain = setup
     kwargs = dict(
@@ -294,17 +310,8 @@ def test_resume_after_a_crash_matches_an_uninterrupted_fila_run(setup, tmp_path,
     )
     full = unlearn(fresh_model(tokenizer), tokenizer, forget, retain, output_dir=tmp_path / "a", **kwargs)
 
-    original = UnlearnTrainer.compute_loss
-
-    def crash_in_second_epoch(self, *args, **kw):
-        if self.state.global_step >= 2:  # the checkpoint of epoch 1 (step 2) is written
-            raise RuntimeError("simulated crash")
-        return original(self, *args, **kw)
-
-    monkeypatch.setattr(UnlearnTrainer, "compute_loss", crash_in_second_epoch)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        unlearn(fresh_model(tokenizer), tokenizer, forget, retain, output_dir=tmp_path / "b", **kwargs)
-    monkeypatch.setattr(UnlearnTrainer, "compute_loss", original)
+    _crash_after_the_first_checkpoint(monkeypatch, lambda: unlearn(
+        fresh_model(tokenizer), tokenizer, forget, retain, output_dir=tmp_path / "b", **kwargs))  # fmt: skip
     assert os.path.isdir(tmp_path / "b" / "checkpoints" / "checkpoint-2")
 
     def no_fisher_on_resume(*args, **kw):
@@ -341,17 +348,8 @@ def test_resume_after_a_crash_continues_the_stopping_rule(setup, tmp_path, monke
     # Holds from step 1 (first kept), three more evaluations, stops at the last step: step 1 put back.
     assert (s["first_satisfied_step"], s["kept_step"], s["stopped_step"], s["restored"]) == (1, 1, 4, True)
 
-    original = UnlearnTrainer.compute_loss
-
-    def crash_in_second_epoch(self, *args, **kw):
-        if self.state.global_step >= 2:  # the checkpoint of epoch 1 (step 2) is written
-            raise RuntimeError("simulated crash")
-        return original(self, *args, **kw)
-
-    monkeypatch.setattr(UnlearnTrainer, "compute_loss", crash_in_second_epoch)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        unlearn(fresh_model(tokenizer), tokenizer, forget, retain, output_dir=tmp_path / "b", **kwargs)
-    monkeypatch.setattr(UnlearnTrainer, "compute_loss", original)
+    _crash_after_the_first_checkpoint(monkeypatch, lambda: unlearn(
+        fresh_model(tokenizer), tokenizer, forget, retain, output_dir=tmp_path / "b", **kwargs))  # fmt: skip
     checkpoint = tmp_path / "b" / "checkpoints" / "checkpoint-2"
     assert (checkpoint / RECORD_FILE).is_file() and (checkpoint / SNAPSHOT_FILE).is_file()
 
