@@ -43,6 +43,7 @@ import torch
 from _common import RESULTS_DIR, ResultLog, environment, slug
 
 from fastunlearn.demo import data as demo_data
+from fastunlearn.training import data as fdata
 
 # name -> (forget authors, retain authors, epochs); 7 question/answer items per author.
 SHAPES = {"demo": None, "issue": (12, 57, 5), "forget10": (57, 514, 2)}
@@ -147,8 +148,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fastunlearn-bench-eval-") as out_root:
         for shape in shapes:
             forget, retain, epochs = shape_data(shape, paths)
-            n_forget = len(forget) if isinstance(forget, list) else len(demo_data_lines(forget))
-            n_retain = len(retain) if isinstance(retain, list) else len(demo_data_lines(retain))
+            n_forget, n_retain = (len(fdata.load_records(d)[0]) for d in (forget, retain))
             runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
             for repeat in range(args.repeats):
                 for mode, within in MODES.items():
@@ -189,11 +189,6 @@ def main() -> None:
         plot(summary, RESULTS_DIR / f"eval_overhead_{slug(device)}.png")
     except ImportError:
         print("matplotlib is not installed: no plot")
-
-
-def demo_data_lines(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line for line in f if line.strip()]
 
 
 if __name__ == "__main__":

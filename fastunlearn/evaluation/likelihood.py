@@ -126,20 +126,18 @@ def _fused_token_stats(
     """:func:`token_nll`'s three ``[B, T-1]`` tensors, computed at the output head (no logits).
     ``given``: the labels as the batch holds them; CPU labels are range-checked there, as
     :func:`~fastunlearn.ops.nll.shifted_nll` checks them, so no batch waits on the device for it."""
-    targets = shift_labels(labels)
+    targets, given_targets = shift_labels(labels), shift_labels(given)
     on_host = given.device.type == "cpu" and labels.device.type != "cpu"
     # The labelled positions, found where the labels are: only those rows reach the output head (the
     # prompt and the padding are half of a question/answer batch). CPU labels give them without a
     # device synchronisation; labels already on an accelerator would need one, so there every row goes.
-    rows = (
-        labelled_rows(shift_labels(given)).to(labels.device, non_blocking=True)
-        if given.device.type == "cpu"
-        else None
-    )
+    rows = None
+    if given.device.type == "cpu":
+        rows = labelled_rows(given_targets).to(labels.device, non_blocking=True)
 
     def compute(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
         if on_host:
-            check_label_range(shift_labels(given), head.weight.shape[0], IGNORE_INDEX)
+            check_label_range(given_targets, head.weight.shape[0], IGNORE_INDEX)
         # fp64 stays fp64 on the PyTorch path, as in shifted_nll; the hits travel as 0/1 beside it.
         backend = "torch" if hidden.dtype == torch.float64 else "auto"
         h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)

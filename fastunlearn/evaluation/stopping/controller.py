@@ -452,6 +452,7 @@ def plan_stopping(
 
 def _best_by(spec: str | Sequence[str], restore: str, data: Mapping[str, str]) -> tuple[str, ...]:
     """The checked metrics of ``best_by``: retain-set metrics the data can give, each once."""
+    available = available_metrics(data)
     if restore != "best":
         raise ValueError(f"best_by ranks the states of restore='best'; this run keeps restore={restore!r}")
     names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else [str(n).strip() for n in spec]
@@ -466,7 +467,7 @@ def _best_by(spec: str | Sequence[str], restore: str, data: Mapping[str, str]) -
             raise ValueError(
                 f"best_by ranks states by what the retain set keeps; {name} is not a retain metric"
             )
-        if name not in available_metrics(data):
+        if name not in available:
             raise ValueError(f"best_by: {_why_unavailable(name, data)}")
     if len(set(names)) != len(names):
         raise ValueError(f"best_by {spec!r} names a metric twice")
