@@ -2,7 +2,7 @@
 
 What the CPU test suite cannot run (tests/test_deepspeed.py): ``transformers.Trainer`` under DeepSpeed
 on several processes needs a GPU backend (on the CPU accelerator accelerate reports one process and
-the data is not sharded). On the tiny demo model (no download), in fp32:
+the data is not sharded). On the tiny demo's data and memorising model (no download), in fp32:
 
 - ``zero3 ×W`` — ``torchrun --nproc_per_node W ... --deepspeed zero3.json --merge`` (the model created
   partitioned; Fisher, FILA, training and both exports under ZeRO-3);
@@ -25,11 +25,9 @@ skips (no DeepSpeed, no CUDA). Exits non-zero when a check fails or a run fails.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,42 +44,32 @@ TOL_SAME_MATHS = 1e-4
 TOL_GLOBAL_MEAN = 0.05
 
 
-def _workspace(root: Path) -> Path:
-    """The tiny demo model (hidden 32, 2 layers, its own tokenizer) and 8 forget/retain records."""
+def _workspace(root: Path) -> dict[str, str]:
+    """The tiny demo's data and memorising model (:func:`fastunlearn.demo.prepare_models`), built in
+    ``root``."""
     from fastunlearn import demo
 
-    size = dataclasses.replace(demo.SIZES["tiny"], authors=4, hidden=32, layers=2, vocab=300)
-    data = demo.generate_dataset(size.authors, seed=1)
-    texts = [
-        f"Question: {r['question']}\nAnswer: {r['answer']}"
-        for r in data["forget_perturbed"] + data["retain_perturbed"]
-    ]
-    tokenizer = demo.train_tokenizer(texts, size.vocab)
-    model = demo.build_model(tokenizer, size, seed=0)
-    model.save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    for name in ("forget", "retain"):
-        demo.write_jsonl(str(root / f"{name}.json"), data[name][:8])
-    return root
+    return demo.prepare_models(str(root), demo.SIZES["tiny"], seed=0, progress=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _run(ws: dict[str, str], out: Path, processes: int, batch: int, *extra: str) -> float:
+    from fastunlearn.demo import DEMO_TEMPLATE
 
-
-def _run(ws: Path, out: Path, processes: int, batch: int, *extra: str) -> float:
     args = [
-        "unlearn", str(ws / "model"), "--forget", str(ws / "forget.json"), "--retain",
-        str(ws / "retain.json"), "--output", str(out), "--template", "phi", "--epochs", "2",
+        "unlearn", ws["full_model"], "--forget", ws["forget"], "--retain", ws["retain"],
+        "--output", str(out), "--template", DEMO_TEMPLATE, "--epochs", "2",
         "--batch-size", str(batch), "--grad-accum", "1", "--rank", "4", "--alpha", "8", "--init", "fila",
         "--fisher-batch-size", "2", "--no-progress", "--lr", "1e-3", "--precision", "fp32", "--merge", *extra,
     ]  # fmt: skip
+    # --standalone: torchrun's own rendezvous on a free local port (none picked beforehand to race for)
     launcher = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(processes),
+    ]
     command = [*launcher, "-m", "fastunlearn", *args]
     start = time.perf_counter()
     proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -124,8 +112,9 @@ def main() -> int:
         os.environ["DS_ACCELERATOR"] = "cpu"  # inherited by the runs
     failed = False
     with tempfile.TemporaryDirectory() as tmp:
-        ws = _workspace(Path(tmp))
-        config = ws / "zero3.json"
+        root = Path(tmp)
+        ws = _workspace(root)
+        config = root / "zero3.json"
         config.write_text(json.dumps({
             "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
             "zero_optimization": {"stage": 3},
@@ -135,14 +124,14 @@ def main() -> int:
             runs["ddp"] = (world, BATCH)
         seconds = {}
         for name, (processes, batch, *extra) in runs.items():
-            seconds[name] = _run(ws, ws / name, processes, batch, *extra)
+            seconds[name] = _run(ws, root / name, processes, batch, *extra)
             print(f"gpu_deepspeed: {name} ×{processes}: {seconds[name]:.1f} s")
         if world > 1:
             checks = [("zero3", "ddp", TOL_SAME_MATHS), ("zero3", "one", TOL_GLOBAL_MEAN)]
         else:
             checks = [("zero3", "one", TOL_SAME_MATHS)]
         for a, b, tol in checks:
-            distance = _distance(ws / a, ws / b)
+            distance = _distance(root / a, root / b)
             ok = distance <= tol
             failed |= not ok
             row = {"processes": world, "compare": f"{a} vs {b}", "relative_distance": distance,
