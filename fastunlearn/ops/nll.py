@@ -28,7 +28,7 @@ from torch import Tensor
 from fastunlearn.ops import IGNORE_INDEX
 from fastunlearn.ops.ihl import check_label_range, nll_loss
 
-__all__ = ["shift_labels", "shifted_nll"]
+__all__ = ["labelled_rows", "shift_labels", "shifted_nll"]
 
 
 def shift_labels(labels: Tensor) -> Tensor:
