@@ -9,6 +9,7 @@ passing everything.
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import subprocess
 import sys
 from pathlib import Path
@@ -280,3 +281,51 @@ def test_every_package_is_installed():
     on_disk.add("fastunlearn.kernels")
     assert set(config["packages"]) == on_disk
     assert "words.json" in config["package-data"]["fastunlearn.demo"]
+
+
+# A checkout's root on sys.path (``python -m pytest``, ``python -m fastunlearn`` run from it) makes our
+# ``kernels/`` importable as the top-level ``kernels``, Hugging Face's name, which transformers imports.
+_IMPORT_KERNELS = """
+import sys
+sys.path[:] = [p for p in sys.path if "-packages" not in p]  # the standard library only
+sys.path[:0] = {paths!r}
+import kernels
+print(kernels.__file__)
+"""
+
+
+def _import_kernels(paths: list[Path]) -> subprocess.CompletedProcess:
+    code = _IMPORT_KERNELS.format(paths=[str(p) for p in paths])
+    return subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_a_checkout_root_on_the_path_leaves_the_name_kernels_to_an_installed_package(tmp_path):
+    hub = tmp_path / "site" / "kernels" / "__init__.py"
+    hub.parent.mkdir(parents=True)
+    hub.write_text("CUDAProperties = object\n", encoding="utf-8")
+    run = _import_kernels([ROOT, hub.parents[1]])
+    assert run.returncode == 0, run.stderr
+    assert Path(run.stdout.strip()) == hub
+
+
+def test_a_checkout_root_on_the_path_does_not_invent_a_package_kernels():
+    run = _import_kernels([ROOT])
+    assert run.returncode != 0
+    assert "ModuleNotFoundError: No module named 'kernels'" in run.stderr
+
+
+def test_transformers_imports_from_a_checkout_root():
+    """transformers ≥ 5 imports Hugging Face's ``kernels`` when it is installed: from the root it must
+    get that one, and ``python -m fastunlearn`` must start."""
+    try:
+        importlib.metadata.version("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    else:
+        code = "import transformers.integrations.hub_kernels, kernels, fastunlearn.kernels as ours; " \
+               "assert kernels is not ours and 'site-packages' in kernels.__file__"
+        run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+    cli = [sys.executable, "-m", "fastunlearn", "--help"]
+    run = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
