@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import gc
 import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -85,6 +86,11 @@ def init_from_env(timeout_s: float = 1800.0) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     from datetime import timedelta
 
+    # torch.distributed.nn binds the world group into its functions' default arguments when it is first
+    # imported; imported while the group exists (FSDP and transformers' model modules import it) it
+    # would hold the group past destroy_process_group, and with it gloo's worker threads (see below).
+    import torch.distributed.nn as _binds_world_defaults  # noqa: F401
+
     try:
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     except Exception as err:  # the launcher's variables name no reachable group: one line, not a trace
@@ -93,15 +99,18 @@ def init_from_env(timeout_s: float = 1800.0) -> bool:
             f"WORLD_SIZE={size}: cannot join the process group at "
             f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({first})"
         ) from err
-    # A group still alive when the interpreter exits is torn down by C++ destructors, whose threads
-    # abort the process ("terminate called without an active exception", exit -6) — after a refused
-    # run as much as after a finished one. Leave it explicitly, first thing at exit.
+    # A gloo worker thread frees each collective's tensors after the caller's wait() has returned, and
+    # freeing a tensor whose Python object has died takes the GIL: if that happens once the interpreter
+    # is finalizing, the thread is unwound and the process aborts ("terminate called without an active
+    # exception", exit -6), after a refused run as much as after a finished one. So leave the group at
+    # exit while the interpreter is whole: its destructor releases the GIL and joins those threads.
     atexit.register(_leave_group)
     return True
 
 
 def _leave_group() -> None:
     if dist.is_available() and dist.is_initialized():
+        gc.collect()  # wrappers in reference cycles (DDP and its reducer) still hold the group
         dist.destroy_process_group()
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.distributed import EVAL_ATOL, EVAL_RTOL, run_ranks, spawn, torchrun
+from helpers.distributed import EVAL_ATOL, EVAL_RTOL, run_command_ranks, run_ranks, spawn, torchrun
 from helpers.fisher import fisher_llama, fisher_record, make_batch
 from helpers.oracles import assert_close
 from helpers.workspace import build_workspace
@@ -169,3 +169,28 @@ def test_launcher_environment_without_a_group_is_one_error(workspace, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "WORLD_SIZE=2" in lines[0] and "MASTER_ADDR" in lines[0], proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+# What a run imports and builds while the group exists (the modules that bind the world group at import,
+# a DDP wrapper caught in a reference cycle), then the exit hook: no gloo worker thread may be left to
+# free a collective's tensors while the interpreter finalizes (an abort at exit, 1 run in ~20 before).
+_LEAVE = """
+import os, sys
+from fastunlearn import distributed
+assert distributed.init_from_env()
+import torch, torch.distributed.fsdp, transformers.models.llama.modeling_llama
+ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
+ddp.cycle = [ddp]
+distributed.broadcast_object({"rank": distributed.rank()})
+del ddp
+distributed._leave_group()
+threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+left = [name for name in threads if name.startswith(("pt_gloo", "gloo"))]
+sys.exit(f"gloo threads left after leaving the group: {left}" if left else 0)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names are read from /proc")
+def test_leaving_the_group_at_exit_joins_the_gloo_threads():
+    for code, err in run_command_ranks([sys.executable, "-c", _LEAVE]):
+        assert code == 0, err[-2000:]

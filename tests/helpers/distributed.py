@@ -83,8 +83,12 @@ def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
 def run_ranks(args: list[str], world: int = 2, timeout: float = 120) -> list[tuple[int, str]]:
     """``python -m fastunlearn *args`` as ``world`` ranks started by hand (what torchrun would start, without
     its agent's report of a failed rank): ``(exit code, stderr)`` of each rank."""
+    return run_command_ranks([sys.executable, "-m", "fastunlearn", *args], world, timeout)
+
+
+def run_command_ranks(command: list[str], world: int = 2, timeout: float = 120) -> list[tuple[int, str]]:
+    """``command`` as ``world`` ranks started by hand: ``(exit code, stderr)`` of each rank."""
     port = free_port()
-    command = [sys.executable, "-m", "fastunlearn", *args]
     procs = [
         subprocess.Popen(command, env=launcher_env(r, world, port), cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
