@@ -62,6 +62,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # transformers 4.56 renamed from_pretrained's `torch_dtype` to `dtype` (the old name is deprecated).
 _DTYPE_RENAMED_IN = (4, 56)
+# transformers 4.54 added `use_kernels`: Hugging Face's hub kernels swapped into a model's layers, which
+# transformers 5 does by default whenever the `kernels` package is installed (it comes with transformers).
+_HUB_KERNELS_FROM = (4, 54)
 
 
 # What FSDP1 (``_fsdp_wrapped_module``), activation-checkpoint wrappers and ``torch.compile`` insert
@@ -321,6 +324,12 @@ def load_model_and_tokenizer(
     # transformers 4.56 renamed from_pretrained's `torch_dtype` to `dtype`.
     dtype_arg = "dtype" if _transformers_version() >= _DTYPE_RENAMED_IN else "torch_dtype"
     weights = {**options, dtype_arg: dtype if dtype is not None else "auto", "use_safetensors": True}
+    if _transformers_version() >= _HUB_KERNELS_FROM:
+        # Off: hub kernels are fetched from the Hub for the device (no downloads unless asked), they
+        # replace layers whose numerics and memory the plan, the oracles and the fused losses assume,
+        # and every train()/eval() switch re-kernelizes the whole model (a tenth of a small model's
+        # evaluation on CPU). fastunlearn runs its own kernels.
+        weights["use_kernels"] = False
     source, tokenizer = resolve_model(
         model,
         tokenizer,

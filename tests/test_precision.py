@@ -88,16 +88,27 @@ def test_loading_argument_on_old_and_new_transformers(tmp_path, monkeypatch):
         return model
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
-    for version, name in [
-        ("4.45.2", "torch_dtype"),
-        ("4.55.0.dev0", "torch_dtype"),
-        ("4.56.0", "dtype"),
-        ("5.24.0", "dtype"),
+    for version, name, hub_kernels in [
+        ("4.45.2", "torch_dtype", False),
+        ("4.55.0.dev0", "torch_dtype", True),
+        ("4.56.0", "dtype", True),
+        ("5.24.0", "dtype", True),
     ]:
         monkeypatch.setattr(transformers, "__version__", version)
         load_model_and_tokenizer(str(tmp_path / "m"), object(), dtype=torch.float32)
         assert calls[-1][name] is torch.float32 and ({"dtype", "torch_dtype"} - {name}).isdisjoint(calls[-1])
+        # hub kernels (from 4.54 on) are asked to stay off wherever they exist, never named elsewhere
+        assert calls[-1].get("use_kernels", "absent") == (False if hub_kernels else "absent")
     assert modeling._transformers_version() == (5, 24)
+
+
+def test_a_loaded_model_is_not_kernelized(tmp_path):
+    """transformers 5 swaps Hugging Face's hub kernels into a model's layers by default when the
+    ``kernels`` package is installed (and re-kernelizes at every train()/eval()); not in a model
+    fastunlearn loads."""
+    tiny_llama(11).save_pretrained(tmp_path / "m")
+    loaded, _ = load_model_and_tokenizer(str(tmp_path / "m"), object())
+    assert not getattr(loaded, "use_kernels", False)
 
 
 def test_unlearn_refuses_before_anything_is_written(tmp_path):
