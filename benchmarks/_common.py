@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import gc
+import importlib.metadata
 import io
 import os
 import platform
@@ -65,12 +66,13 @@ def environment(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
+    # The libraries whose code a run executes (transformers' model code and its hub kernels, peft's LoRA
+    # layers): a timing is comparable only with one measured on the same versions.
+    for name in ("triton", "transformers", "peft"):
+        try:
+            info[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            info[name] = None
     if device.type == "cuda":
         info["cuda"] = torch.version.cuda
     return info
