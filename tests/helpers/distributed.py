@@ -4,6 +4,7 @@ ranks started by hand, and the tolerance of an evaluation the ranks share."""
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
@@ -37,10 +38,16 @@ def free_port() -> int:
 
 def _entry(rank: int, world: int, store: str, fn: Callable, args: tuple) -> None:
     torch.set_num_threads(1)
+    # As fastunlearn.distributed.init_from_env does: imported while the group exists, torch.distributed.nn
+    # would keep it (and gloo's worker threads) alive past destroy_process_group into the interpreter's
+    # finalization, where a worker freeing a collective's tensors aborts the process.
+    import torch.distributed.nn as _binds_world_defaults  # noqa: F401
+
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         fn(rank, *args)
     finally:
+        gc.collect()  # wrappers in reference cycles (DDP, FSDP) still hold the group
         dist.destroy_process_group()
 
 
