@@ -66,8 +66,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    # The libraries whose code a run executes (transformers' model code and its hub kernels, peft's LoRA
-    # layers): a timing is comparable only with one measured on the same versions.
+    # The libraries whose code a run executes (transformers' model code, peft's LoRA layers): a timing
+    # is comparable only with one measured on the same versions.
     for name in ("triton", "transformers", "peft"):
         try:
             info[name] = importlib.metadata.version(name)

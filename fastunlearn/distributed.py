@@ -3,8 +3,10 @@
 A launcher starts one process per device and tells each its ``RANK`` / ``WORLD_SIZE`` (and the
 rendezvous ``MASTER_ADDR`` / ``MASTER_PORT``) through the environment. :func:`init_from_env` joins the
 process group those variables describe (``nccl`` with CUDA, ``gloo`` otherwise); ``transformers``'
-``Trainer`` (through ``accelerate``) then finds it initialised and uses it. Without a launcher every
-helper here is the single-process identity: rank 0 of 1, no communication.
+``Trainer`` (through ``accelerate``) then finds it initialised and uses it, and the group is left at
+exit (:func:`join_group` / :func:`leave_group`: so that no gloo thread outlives it into the interpreter's
+finalization). Without a launcher every helper here is the single-process identity: rank 0 of 1, no
+communication.
 
 What a run does with them (``fastunlearn.training.run``): the main process (rank 0) alone checks,
 clears, stages and writes the output directory (:func:`on_main`, which hands its result or its error
@@ -37,7 +39,9 @@ __all__ = [
     "init_from_env",
     "is_distributed",
     "is_main",
+    "join_group",
     "launched_world_size",
+    "leave_group",
     "map_sharded",
     "mean",
     "on_all",
@@ -86,29 +90,38 @@ def init_from_env(timeout_s: float = 1800.0) -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     from datetime import timedelta
 
-    # torch.distributed.nn binds the world group into its functions' default arguments when it is first
-    # imported; imported while the group exists (FSDP and transformers' model modules import it) it
-    # would hold the group past destroy_process_group, and with it gloo's worker threads (see below).
-    import torch.distributed.nn as _binds_world_defaults  # noqa: F401
-
     try:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        join_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     except Exception as err:  # the launcher's variables name no reachable group: one line, not a trace
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
             f"WORLD_SIZE={size}: cannot join the process group at "
             f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({first})"
         ) from err
-    # A gloo worker thread frees each collective's tensors after the caller's wait() has returned, and
-    # freeing a tensor whose Python object has died takes the GIL: if that happens once the interpreter
-    # is finalizing, the thread is unwound and the process aborts ("terminate called without an active
-    # exception", exit -6), after a refused run as much as after a finished one. So leave the group at
-    # exit while the interpreter is whole: its destructor releases the GIL and joins those threads.
-    atexit.register(_leave_group)
+    atexit.register(leave_group)
     return True
 
 
-def _leave_group() -> None:
+def join_group(backend: str, **options: Any) -> None:
+    """``torch.distributed.init_process_group(backend, **options)``, such that :func:`leave_group` ends it.
+
+    A gloo worker thread frees each collective's tensors after the caller's ``wait()`` has returned,
+    and freeing a tensor whose Python object has died takes the GIL: if that happens once the
+    interpreter is finalizing, the thread is unwound and the process aborts ("terminate called without
+    an active exception", exit -6), after a refused run as much as after a finished one. Destroying the
+    group releases the GIL and joins those threads, but only if nothing else still holds the group:
+    ``torch.distributed.nn`` binds the world group into its functions' default arguments when it is
+    first imported, and FSDP and transformers' model modules import it. So it is imported here, while
+    there is no group to bind.
+    """
+    import torch.distributed.nn as _binds_world_defaults  # noqa: F401
+
+    dist.init_process_group(backend, **options)
+
+
+def leave_group() -> None:
+    """Destroy the process group, if there is one, while the interpreter is whole (at exit, before it
+    finalizes): with :func:`join_group`'s, no gloo worker thread outlives it."""
     if dist.is_available() and dist.is_initialized():
         gc.collect()  # wrappers in reference cycles (DDP and its reducer) still hold the group
         dist.destroy_process_group()

@@ -183,7 +183,7 @@ ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))
 ddp.cycle = [ddp]
 distributed.broadcast_object({"rank": distributed.rank()})
 del ddp
-distributed._leave_group()
+distributed.leave_group()
 threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
 left = [name for name in threads if name.startswith(("pt_gloo", "gloo"))]
 sys.exit(f"gloo threads left after leaving the group: {left}" if left else 0)

@@ -19,7 +19,6 @@ are judged in norm, at 2⁻⁵ (a wrong scale or a missing term is off by O(1)).
 from __future__ import annotations
 
 import copy
-import socket
 from types import MethodType
 
 import pytest
@@ -241,28 +240,33 @@ def test_lora_on_the_head_takes_the_logits_path():
     assert_same_step(step(peft_model, data, "ihl", patched=True), want)
 
 
-@pytest.mark.parametrize("when", ["before_wrapping", "after_wrapping"])
-def test_ddp(when):
-    from torch.distributed import destroy_process_group, init_process_group
+def _ddp_steps(when: str):
+    """The unpatched DDP step and the patched one (patched ``when``), in a function of their own so
+    that the wrappers, which hold the process group, are gone before the group is left."""
     from torch.nn.parallel import DistributedDataParallel
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    init_process_group("gloo", rank=0, world_size=1, init_method=f"tcp://127.0.0.1:{port}")
+    model = tiny_llama(VOCAB, seed=7)
+    data = batch(seed=7)
+    want = step(DistributedDataParallel(copy.deepcopy(model)), data, "ihl", patched=False)
+    if when == "before_wrapping":
+        fastunlearn.patch(model)
+    ddp = DistributedDataParallel(model)
+    if when == "after_wrapping":
+        fastunlearn.patch(ddp)
+    assert find_causal_lm(ddp) is model and is_fused(ddp)
+    return step(ddp, data, "ihl", patched=True), want
+
+
+@pytest.mark.parametrize("when", ["before_wrapping", "after_wrapping"])
+def test_ddp(when, tmp_path):
+    from fastunlearn import distributed
+
+    # A file store: a TCP port found free here can be taken by another process before the group binds it.
+    distributed.join_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'store'}")
     try:
-        model = tiny_llama(VOCAB, seed=7)
-        data = batch(seed=7)
-        want = step(DistributedDataParallel(copy.deepcopy(model)), data, "ihl", patched=False)
-        if when == "before_wrapping":
-            fastunlearn.patch(model)
-        ddp = DistributedDataParallel(model)
-        if when == "after_wrapping":
-            fastunlearn.patch(ddp)
-        assert find_causal_lm(ddp) is model and is_fused(ddp)
-        got = step(ddp, data, "ihl", patched=True)
+        got, want = _ddp_steps(when)
     finally:
-        destroy_process_group()
+        distributed.leave_group()
     assert_same_step(got, want)
 
 

@@ -4,7 +4,6 @@ ranks started by hand, and the tolerance of an evaluation the ranks share."""
 
 from __future__ import annotations
 
-import gc
 import os
 import socket
 import subprocess
@@ -14,8 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from fastunlearn import distributed
 
 # An evaluation shared by the ranks batches other examples together than one process does: the same
 # maths with fp32 reductions in another order (matmul blocking, softmax over another padded width).
@@ -38,17 +38,11 @@ def free_port() -> int:
 
 def _entry(rank: int, world: int, store: str, fn: Callable, args: tuple) -> None:
     torch.set_num_threads(1)
-    # As fastunlearn.distributed.init_from_env does: imported while the group exists, torch.distributed.nn
-    # would keep it (and gloo's worker threads) alive past destroy_process_group into the interpreter's
-    # finalization, where a worker freeing a collective's tensors aborts the process.
-    import torch.distributed.nn as _binds_world_defaults  # noqa: F401
-
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    distributed.join_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         fn(rank, *args)
     finally:
-        gc.collect()  # wrappers in reference cycles (DDP, FSDP) still hold the group
-        dist.destroy_process_group()
+        distributed.leave_group()
 
 
 def spawn(fn: Callable, *args, world: int = 2) -> None:
