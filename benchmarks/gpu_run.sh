@@ -10,7 +10,7 @@
 # there is installed, and torch never: a CUDA build of it must be there. The package is installed
 # editable (pip's build needs setuptools >= 77, upgraded first where an index is reachable); where
 # that cannot be done (offline with an older setuptools), or with GPU_RUN_SHIM=1, it is imported
-# from a temporary directory that mirrors the installed layout (fastunlearn/, kernels/ inside it).
+# from a temporary directory that mirrors the installed layout (fastunlearn/).
 #
 # Each step has its own time limit, cut to what is left of the budget, so one slow step cannot use
 # up a session; the benchmarks write every row as they measure it, so a step stopped at its limit
@@ -104,7 +104,6 @@ shim() {
     dir=$(mktemp -d)
     mkdir "$dir/fastunlearn"
     ln -s "$ROOT"/fastunlearn/* "$dir/fastunlearn/"
-    [ -d "$ROOT/kernels" ] && [ ! -e "$dir/fastunlearn/kernels" ] && ln -s "$ROOT/kernels" "$dir/fastunlearn/kernels"
     export PYTHONPATH=$dir${PYTHONPATH:+:$PYTHONPATH}
     log "package imported from $dir (links to this checkout)"
 }

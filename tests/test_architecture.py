@@ -129,11 +129,9 @@ EXTERNAL: dict[str, tuple[str, ...]] = {
 
 
 def module_name(path: Path, root: Path) -> tuple[str, str]:
-    """``(module, package)`` of a source file: ``kernels/`` is installed as ``fastunlearn.kernels``, and
-    the root ``__init__``/``__main__`` keep their names to get layers of their own."""
+    """``(module, package)`` of a source file; the root ``__init__``/``__main__`` keep their names to get
+    layers of their own."""
     parts = list(path.relative_to(root).with_suffix("").parts)
-    if parts[0] == "kernels":
-        parts = ["fastunlearn", *parts]
     if parts[-1] == "__init__":
         package = ".".join(parts[:-1])
         return (package if len(parts) > 2 else "fastunlearn.__init__"), package
@@ -141,10 +139,7 @@ def module_name(path: Path, root: Path) -> tuple[str, str]:
 
 
 def _is_module(root: Path, name: str) -> bool:
-    parts = name.split(".")
-    if parts[:2] == ["fastunlearn", "kernels"]:
-        parts = parts[1:]
-    base = root.joinpath(*parts)
+    base = root.joinpath(*name.split("."))
     return base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
@@ -172,11 +167,11 @@ def _matches(name: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def violations(root: Path) -> list[str]:
-    """Every import under ``root/fastunlearn`` and ``root/kernels`` that its layer may not make."""
+    """Every import under ``root/fastunlearn`` that its layer may not make."""
     tests_and_scripts = {"tests", "benchmarks", *_top_level_modules(root / "tests")}
     tests_and_scripts |= _top_level_modules(root / "benchmarks")
     found = []
-    for path in sorted([*(root / "fastunlearn").rglob("*.py"), *(root / "kernels").rglob("*.py")]):
+    for path in sorted((root / "fastunlearn").rglob("*.py")):
         module = module_name(path, root)[0]
         rel = path.relative_to(root)
         layers = [name for name in INTERNAL if module == name or module.startswith(name + ".")]
@@ -214,9 +209,15 @@ def _write(root: Path, relative: str, text: str = "") -> None:
 
 
 def test_the_checker_finds_each_kind_of_violation(tmp_path):
-    for package in ("fastunlearn", "fastunlearn/ops", "fastunlearn/evaluation", "fastunlearn/training"):
+    for package in (
+        "fastunlearn",
+        "fastunlearn/kernels",
+        "fastunlearn/ops",
+        "fastunlearn/evaluation",
+        "fastunlearn/training",
+    ):
         _write(tmp_path, f"{package}/__init__.py")
-    _write(tmp_path, "kernels/k.py", "import numpy\nimport triton\nimport torch\nimport math\n")
+    _write(tmp_path, "fastunlearn/kernels/k.py", "import numpy\nimport triton\nimport torch\nimport math\n")
     _write(tmp_path, "fastunlearn/ops/op.py", "import transformers\nfrom fastunlearn.kernels import k\n")
     _write(tmp_path, "fastunlearn/ops/lazy.py", "def f():\n    from fastunlearn.training import run\n")
     _write(tmp_path, "fastunlearn/ops/rel.py", "from ..evaluation import e\nfrom . import op\n")
@@ -229,7 +230,7 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path):
     _write(tmp_path, "tests/helpers/models.py")
     _write(tmp_path, "benchmarks/oracles.py")
     expected = {
-        "kernels/k.py:1: fastunlearn.kernels.k (fastunlearn.kernels layer) imports numpy",
+        "fastunlearn/kernels/k.py:1: fastunlearn.kernels.k (fastunlearn.kernels layer) imports numpy",
         "fastunlearn/ops/op.py:1: fastunlearn.ops.op (fastunlearn.ops layer) imports transformers",
         "fastunlearn/ops/lazy.py:2: fastunlearn.ops.lazy (fastunlearn.ops layer) imports "
         "fastunlearn.training",
@@ -273,45 +274,10 @@ def test_import_fastunlearn_is_light(heavy):
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
-def test_every_package_is_installed():
-    """pyproject lists the packages one by one (``kernels/`` is mapped): none may be left out."""
+def test_package_data_is_installed():
     tomllib = pytest.importorskip("tomllib")
     config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
-    on_disk = {module_name(p, ROOT)[1] for p in (ROOT / "fastunlearn").rglob("__init__.py")}
-    on_disk.add("fastunlearn.kernels")
-    assert set(config["packages"]) == on_disk
     assert "words.json" in config["package-data"]["fastunlearn.demo"]
-
-
-# A checkout's root on sys.path (``python -m pytest``, ``python -m fastunlearn`` run from it) makes our
-# ``kernels/`` importable as the top-level ``kernels``, Hugging Face's name, which transformers imports.
-_IMPORT_KERNELS = """
-import sys
-sys.path[:] = [p for p in sys.path if "-packages" not in p]  # the standard library only
-sys.path[:0] = {paths!r}
-import kernels
-print(kernels.__file__)
-"""
-
-
-def _import_kernels(paths: list[Path]) -> subprocess.CompletedProcess:
-    code = _IMPORT_KERNELS.format(paths=[str(p) for p in paths])
-    return subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=ROOT)
-
-
-def test_a_checkout_root_on_the_path_leaves_the_name_kernels_to_an_installed_package(tmp_path):
-    hub = tmp_path / "site" / "kernels" / "__init__.py"
-    hub.parent.mkdir(parents=True)
-    hub.write_text("CUDAProperties = object\n", encoding="utf-8")
-    run = _import_kernels([ROOT, hub.parents[1]])
-    assert run.returncode == 0, run.stderr
-    assert Path(run.stdout.strip()) == hub
-
-
-def test_a_checkout_root_on_the_path_does_not_invent_a_package_kernels():
-    run = _import_kernels([ROOT])
-    assert run.returncode != 0
-    assert "ModuleNotFoundError: No module named 'kernels'" in run.stderr
 
 
 def test_transformers_imports_from_a_checkout_root():
@@ -325,7 +291,7 @@ def test_transformers_imports_from_a_checkout_root():
         code = "import transformers.integrations.hub_kernels, kernels; print(kernels.__file__)"
         run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr
-        assert not Path(run.stdout.strip()).resolve().is_relative_to(ROOT / "kernels")
+        assert not Path(run.stdout.strip()).resolve().is_relative_to(ROOT / "fastunlearn")
     cli = [sys.executable, "-m", "fastunlearn", "--help"]
     run = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
