@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from fastunlearn.peak_memory import peak_tensor_bytes  # noqa: F401  (the benchmarks' import)
+from fastunlearn.plan.peak_memory import peak_tensor_bytes  # noqa: F401  (the benchmarks' import)
 
 RESULTS_DIR = Path(os.environ.get("FASTUNLEARN_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 

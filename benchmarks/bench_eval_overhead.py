@@ -42,8 +42,8 @@ import warnings
 import torch
 from _common import RESULTS_DIR, ResultLog, environment, slug
 
+from fastunlearn import data as fdata
 from fastunlearn.demo import data as demo_data
-from fastunlearn.training import data as fdata
 
 # name -> (forget authors, retain authors, epochs); 7 question/answer items per author.
 SHAPES = {"demo": None, "issue": (12, 57, 5), "forget10": (57, 514, 2)}
@@ -64,7 +64,7 @@ def shape_data(name: str, demo_paths: dict[str, str]) -> tuple[object, object, f
 
 
 def run(model_path, tokenizer, forget, retain, epochs, generate_within, options, out_dir) -> dict:
-    from fastunlearn.training.run import unlearn
+    from fastunlearn.training.pipeline import unlearn
 
     result = unlearn(
         model_path,
@@ -135,7 +135,7 @@ def main() -> None:
 
     from fastunlearn import demo
     from fastunlearn.demo.run import unlearn_options
-    from fastunlearn.modeling import load_model_and_tokenizer
+    from fastunlearn.models.loading import load_model_and_tokenizer
 
     spec = demo.SIZES["small"]
     paths = demo.prepare_models(args.cache_dir or demo.default_cache_dir(), spec, seed=0, progress=False)

@@ -57,14 +57,14 @@ from typing import Any
 import torch
 from _common import RESULTS_DIR, environment, write_results
 
+from fastunlearn import data as fdata
 from fastunlearn import evaluation as ev
 from fastunlearn import metrics as M
 from fastunlearn._io import write_json, write_text
 from fastunlearn.evaluation.stop_callback import SubsetEvaluator, measure_reference
 from fastunlearn.evaluation.stopping import parse_stop_rule
 from fastunlearn.evaluation.trajectory import read_trajectory
-from fastunlearn.modeling import load_model_and_tokenizer
-from fastunlearn.training import data as fdata
+from fastunlearn.models.loading import load_model_and_tokenizer
 
 CONFIGS = [
     ("ga", "lora"),
@@ -187,7 +187,7 @@ def run_one(
 ) -> tuple[dict[str, Any], Any, list]:
     """One unlearning run stopped by ``rule`` (with ``patience`` / ``restore``): its outcome, the kept
     model and its trajectory."""
-    from fastunlearn.training.run import unlearn
+    from fastunlearn.training.pipeline import unlearn
 
     out_dir = os.path.join(out_root, f"{method}-{init}-{lr:g}-{seed}")
     start = time.perf_counter()

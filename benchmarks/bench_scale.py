@@ -19,7 +19,7 @@ runs the phases of a FILA + IHL run one after the other, as :func:`fastunlearn.u
 For each phase it records the wall time and the peak memory above what was live when the phase
 started — on CUDA the allocator's peak; on CPU the peak of live tensor bytes from the profiler's
 allocation events (the resident set, ``VmHWM``, is recorded too, for reference: it includes allocator
-caching and library buffers). The same window of :func:`fastunlearn.memory_plan.plan_memory` (the
+caching and library buffers). The same window of :func:`fastunlearn.plan.memory_plan.plan_memory` (the
 phase's peak minus its resident terms, which are exact parameter counts; for the streamed ``fisher``
 phase the larger of the plan's ``fisher_forget`` and ``fisher_retain``, planned with
 ``fisher="streamed"`` and the same ``fisher_memory``) is reported next to it, and the per-layer
@@ -65,7 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ResultLog, environment, peak_tensor_bytes, slug
 
 from fastunlearn.fisher.budget import parse_bytes
-from fastunlearn.memory_plan import KNOWN_MODELS, plan_memory
+from fastunlearn.plan.memory_plan import KNOWN_MODELS, plan_memory
 
 FISHER_RESIDENT = ("weights", "LoRA parameters (fp32)")
 RESIDENT = {
@@ -216,7 +216,7 @@ def phases(args: argparse.Namespace, device: torch.device) -> list[Phase]:
     one state, built by the first phase's preparation."""
     import fastunlearn
     from fastunlearn.fisher import fila_row_weights
-    from fastunlearn.training.methods import method_loss
+    from fastunlearn.methods.objectives import method_loss
 
     state: dict[str, Any] = {}
 

@@ -24,90 +24,92 @@ INTERNAL: dict[str, tuple[str, ...]] = {
     "fastunlearn.kernels": (),
     "fastunlearn._io": (),
     "fastunlearn.ops": ("fastunlearn.kernels",),
-    "fastunlearn.modeling": (),
-    # torch.distributed helpers for runs under torchrun / accelerate launch.
-    "fastunlearn.distributed": (),
-    # ZeRO-3 partitioned parameters: shapes from the module, gathering one module at a time.
-    "fastunlearn.sharded": (),
-    # The memory plan: pure arithmetic on a config's shapes, importable without torch.
-    "fastunlearn.model_shapes": (),
-    "fastunlearn.memory_plan": ("fastunlearn.model_shapes",),
-    # The peak of live tensor bytes while a function runs: how the plan is checked (tests, benchmarks).
-    "fastunlearn.peak_memory": (),
+    # torch.distributed for runs under torchrun / accelerate launch, and ZeRO-3 partitioned parameters:
+    # the engines' primitives, below everything that runs on several ranks.
+    "fastunlearn.engines.distributed": (),
+    "fastunlearn.engines.sharded": (),
+    # Loading and checking models, names under wrappers, devices, precision.
+    "fastunlearn.models": (),
+    # The losses inside a causal LM's forward: ops applied to a model.
+    "fastunlearn.models.patching": ("fastunlearn.ops", "fastunlearn.models", "fastunlearn.engines.sharded"),
     # FILA's truncated SVD: linear algebra on tensors, nothing of the package.
     "fastunlearn.fisher.solver": (),
-    # The losses inside a causal LM's forward: ops applied to a model.
-    "fastunlearn.patching": ("fastunlearn.ops", "fastunlearn.modeling", "fastunlearn.sharded"),
-    # The Fisher passes and the teacher-forced metrics compute their NLL at the output head, as the
-    # patched forward computes the training losses (one head-call mechanism, patching's).
     "fastunlearn.fisher": (
         "fastunlearn.ops",
-        "fastunlearn.modeling",
-        "fastunlearn.patching",
+        "fastunlearn.models",
         "fastunlearn._io",
-        "fastunlearn.distributed",
-        "fastunlearn.sharded",
+        "fastunlearn.engines.distributed",
+        "fastunlearn.engines.sharded",
     ),
-    # The data pipeline (with TOFU's tokenisation beneath it) sits below evaluation, which shares it
-    # so that an evaluated prompt is the trained one; the rest of training sits above evaluation.
-    "fastunlearn.training.tofu_format": ("fastunlearn.ops",),
-    "fastunlearn.training.data": ("fastunlearn.ops", "fastunlearn.training.tofu_format"),
-    # Evaluation during training keeps and restores ZeRO-3 partitioned adapters (sharded.gathered).
+    # Records, templates, tokenisation, batches, TOFU's files: below training and evaluation alike.
+    "fastunlearn.data": ("fastunlearn", "fastunlearn.ops"),
+    "fastunlearn.methods": ("fastunlearn.ops", "fastunlearn.models", "fastunlearn.data"),
+    # FSDP2 and DeepSpeed: wrapping, sharded loading, gathering.
+    "fastunlearn.engines": (
+        "fastunlearn.ops",
+        "fastunlearn.models",
+        "fastunlearn.fisher",
+        "fastunlearn.data",
+    ),
+    "fastunlearn.options": (
+        "fastunlearn",
+        "fastunlearn.ops",
+        "fastunlearn.models",
+        "fastunlearn.fisher",
+        "fastunlearn.data",
+        "fastunlearn.methods",
+        "fastunlearn.engines",
+    ),
     "fastunlearn.evaluation": (
         "fastunlearn.ops",
-        "fastunlearn.modeling",
-        "fastunlearn.patching",
+        "fastunlearn.models",
         "fastunlearn._io",
-        "fastunlearn.distributed",
-        "fastunlearn.sharded",
-        "fastunlearn.training.data",
-        "fastunlearn.training.tofu_format",
+        "fastunlearn.engines.distributed",
+        "fastunlearn.engines.sharded",
+        "fastunlearn.data",
     ),
-    # The FSDP engine: sharding and gathering a model, below the trainer and the run that use it.
-    "fastunlearn.training.fsdp": (
-        "fastunlearn.distributed",
-        "fastunlearn.modeling",
-        "fastunlearn.training.precision",
-    ),
+    # The memory plan and the peak of live tensor bytes it is checked against.
+    "fastunlearn.plan": (),
+    "fastunlearn.plan.memory_plan": ("fastunlearn.plan.model_shapes",),
     "fastunlearn.training": (
         "fastunlearn",
-        "fastunlearn.distributed",
-        "fastunlearn.sharded",
         "fastunlearn.ops",
-        "fastunlearn.modeling",
-        "fastunlearn.patching",
+        "fastunlearn.models",
         "fastunlearn._io",
+        "fastunlearn.engines",
         "fastunlearn.fisher",
+        "fastunlearn.data",
+        "fastunlearn.methods",
+        "fastunlearn.options",
         "fastunlearn.evaluation",
-        # unlearn refuses a run whose memory plan does not fit the device (training.memory_check)
-        "fastunlearn.model_shapes",
-        "fastunlearn.memory_plan",
+        "fastunlearn.plan",
     ),
     "fastunlearn.demo": (
-        "fastunlearn.distributed",
-        "fastunlearn.sharded",
         "fastunlearn.ops",
-        "fastunlearn.modeling",
-        "fastunlearn.patching",
+        "fastunlearn.models",
         "fastunlearn._io",
+        "fastunlearn.engines",
         "fastunlearn.fisher",
+        "fastunlearn.data",
+        "fastunlearn.methods",
+        "fastunlearn.options",
         "fastunlearn.evaluation",
         "fastunlearn.training",
     ),
     "fastunlearn.cli": (
         "fastunlearn",
-        "fastunlearn.distributed",
-        "fastunlearn.sharded",
         "fastunlearn.ops",
-        "fastunlearn.modeling",
-        "fastunlearn.patching",
+        "fastunlearn.models",
         "fastunlearn._io",
+        "fastunlearn.engines",
         "fastunlearn.fisher",
+        "fastunlearn.data",
+        "fastunlearn.methods",
+        "fastunlearn.options",
         "fastunlearn.evaluation",
+        "fastunlearn.plan",
         "fastunlearn.training",
         "fastunlearn.demo",
-        "fastunlearn.model_shapes",
-        "fastunlearn.memory_plan",
     ),
     # The root package imports nothing: every public name loads on first use (importlib), so that
     # `fastunlearn --help` does not wait for PyTorch.
@@ -119,11 +121,10 @@ EXTERNAL: dict[str, tuple[str, ...]] = {
     "fastunlearn.kernels": ("torch", "triton"),
     "fastunlearn.ops": ("torch",),
     "fastunlearn._io": (),
-    "fastunlearn.distributed": ("torch",),
-    "fastunlearn.sharded": ("torch", "deepspeed"),
-    "fastunlearn.model_shapes": (),
-    "fastunlearn.memory_plan": (),
-    "fastunlearn.peak_memory": ("torch",),
+    "fastunlearn.engines.distributed": ("torch",),
+    "fastunlearn.engines.sharded": ("torch", "deepspeed"),
+    "fastunlearn.plan.model_shapes": (),
+    "fastunlearn.plan.memory_plan": (),
     "fastunlearn.fisher.solver": ("torch",),
 }
 
@@ -221,7 +222,7 @@ def test_the_checker_finds_each_kind_of_violation(tmp_path):
     _write(tmp_path, "fastunlearn/ops/op.py", "import transformers\nfrom fastunlearn.kernels import k\n")
     _write(tmp_path, "fastunlearn/ops/lazy.py", "def f():\n    from fastunlearn.training import run\n")
     _write(tmp_path, "fastunlearn/ops/rel.py", "from ..evaluation import e\nfrom . import op\n")
-    _write(tmp_path, "fastunlearn/evaluation/e.py", "from fastunlearn.training.data import batches\n")
+    _write(tmp_path, "fastunlearn/evaluation/e.py", "from fastunlearn.data.examples import batches\n")
     _write(tmp_path, "fastunlearn/evaluation/t.py", "from fastunlearn.training import trainer\n")
     _write(tmp_path, "fastunlearn/training/data.py")
     _write(tmp_path, "fastunlearn/training/trainer.py", "from fastunlearn import __version__\n")

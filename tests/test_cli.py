@@ -14,6 +14,7 @@ from helpers.workspace import SIZE, build_workspace
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fastunlearn import data as fdata
 from fastunlearn import demo
 from fastunlearn._io import write_text
 from fastunlearn.cli import build_parser, main
@@ -21,8 +22,8 @@ from fastunlearn.demo.data import _FACTS
 from fastunlearn.demo.run import STOP_PATIENCE
 from fastunlearn.evaluation.trajectory import read_trajectory
 from fastunlearn.fisher import FisherEstimate, estimate_fisher
-from fastunlearn.modeling import resolve_precision, training_device
-from fastunlearn.training import data as fdata
+from fastunlearn.models.devices import training_device
+from fastunlearn.models.precision import resolve_precision
 
 
 @pytest.fixture(scope="module")
@@ -462,7 +463,7 @@ def test_adapters_resolve_their_base_from_anywhere_and_eval_takes_base_model(
     from peft import LoraConfig, get_peft_model
 
     from fastunlearn.fisher import save_adapter
-    from fastunlearn.modeling import load_model_and_tokenizer
+    from fastunlearn.models.loading import load_model_and_tokenizer
 
     monkeypatch.chdir(workspace)
     model = AutoModelForCausalLM.from_pretrained("model")
@@ -498,28 +499,6 @@ def test_demo_refusal_names_overwrite_only(tmp_path, capsys):
     assert not (tmp_path / "cache").exists()  # refused before any work
 
 
-@pytest.mark.parametrize("size", ["small", "tiny"])
-def test_the_demo_command_line_is_the_demo_run(size):
-    from fastunlearn.demo.run import unlearn_options
-    from fastunlearn.training.config import UnlearnConfig
-    from fastunlearn.training.flags import command_line, options_from_args
-
-    options = unlearn_options(demo.SIZES[size], seed=3)
-    command = command_line(
-        "/m", None, "/d/forget.json", "/d/retain.json", method="gd", init="lora", output_dir="/o",
-        options=options, threads=1,
-    )  # fmt: skip
-    argv = shlex.split(command)
-    assert argv[:2] == ["fastunlearn", "unlearn"]
-    args = build_parser(["unlearn"]).parse_args(argv[1:])
-    paths = ("/m", "/d/forget.json", "/d/retain.json", "/o")
-    assert (args.model, args.forget, args.retain, args.output) == paths
-    assert (args.method, args.init, args.threads, args.tokenizer) == ("gd", "lora", 1, None)
-    assert UnlearnConfig(**options_from_args(args)) == UnlearnConfig(**options)
-    # and the demo's settings are not the command's defaults: without them the run is another one
-    assert UnlearnConfig(**options) != UnlearnConfig()
-
-
 def test_the_readme_shows_the_committed_demo_run():
     """The README's demo numbers and command are those of benchmarks/results/demo_*.json."""
     root = Path(__file__).resolve().parents[1]
@@ -551,23 +530,3 @@ def test_the_readme_shows_the_committed_demo_run():
     assert " ".join(("fastunlearn unlearn CACHE/" + block).replace("\\\n", " ").split()) == expected
 
 
-def test_no_command_line_is_recorded_for_what_the_command_cannot_run():
-    from fastunlearn.training.flags import command_line
-
-    def line(model="/m", forget="/f", **options):
-        return command_line(
-            model, None, forget, None, method="ga", init="lora", output_dir="/o", options=options
-        )
-
-    assert (
-        line(callbacks=[])
-        == line()
-        == "fastunlearn unlearn /m --forget /f --output /o --method ga --init lora"
-    )
-    assert (
-        line(max_grad_norm=0.0) is None and line(fila_eps=1e-3) is None and line(callbacks=[object()]) is None
-    )
-    assert line(model=torch.nn.Linear(1, 1)) is None and line(forget=[{"text": "a"}]) is None
-    assert line(merge=True, target_modules=["q_proj", "v_proj"]).endswith(
-        "--target-modules q_proj,v_proj --merge"
-    )

@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from fastunlearn.training import data as fdata
+from fastunlearn import data as fdata
 
 WORDS = [
     "<pad>",

@@ -41,11 +41,11 @@ from helpers.fisher import fisher_llama, fisher_record, make_batch
 from helpers.workspace import build_workspace
 from torch import nn
 
-from fastunlearn import sharded
+from fastunlearn.engines import sharded
+from fastunlearn.engines.deepspeed import check_deepspeed_config, load_deepspeed_config
 from fastunlearn.fisher import adapter_export, fila_init, fila_record, lora_layers, merged_state_dict
-from fastunlearn.patching import fused_blocker
-from fastunlearn.training.config import UnlearnConfig
-from fastunlearn.training.deepspeed_setup import check_deepspeed_config, load_deepspeed_config
+from fastunlearn.models.patching import fused_blocker
+from fastunlearn.options.unlearn import UnlearnConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 U32 = 2.0**-24
@@ -127,7 +127,7 @@ def test_bad_config_files(tmp_path, content, match):
 
 
 def test_missing_deepspeed_is_one_error(monkeypatch):
-    from fastunlearn.training.deepspeed_setup import prepare_deepspeed
+    from fastunlearn.engines.deepspeed import prepare_deepspeed
 
     real = importlib.util.find_spec
 
@@ -340,7 +340,7 @@ def _zero3_worker(rank: int, model_dir: str, out: str) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from fastunlearn.training.deepspeed_setup import DeepSpeedSetup
+    from fastunlearn.engines.deepspeed import DeepSpeedSetup
 
     setup = DeepSpeedSetup(dict(ZERO3), stage=3)
     setup.sharded_loading()

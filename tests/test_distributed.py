@@ -23,7 +23,7 @@ from helpers.fisher import fisher_llama, fisher_record, make_batch
 from helpers.oracles import assert_close
 from helpers.workspace import build_workspace
 
-from fastunlearn import distributed
+from fastunlearn.engines import distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 N_BATCHES = 5  # odd: the ranks get 3 and 2 batches
@@ -176,7 +176,7 @@ def test_launcher_environment_without_a_group_is_one_error(workspace, tmp_path):
 # free a collective's tensors while the interpreter finalizes (an abort at exit, 1 run in ~20 before).
 _LEAVE = """
 import os, sys
-from fastunlearn import distributed
+from fastunlearn.engines import distributed
 assert distributed.init_from_env()
 import torch, torch.distributed.fsdp, transformers.models.llama.modeling_llama
 ddp = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))

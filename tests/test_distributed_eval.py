@@ -31,7 +31,7 @@ from helpers.distributed import EVAL_RTOL as RTOL
 from helpers.distributed import spawn, torchrun
 from helpers.workspace import build_workspace
 
-from fastunlearn import distributed
+from fastunlearn.engines import distributed
 
 # ---------------------------------------------------------------------------------------------------
 # The sharding primitive
@@ -106,7 +106,7 @@ TOFU_OPTIONS = dict(template="phi", max_new_tokens=12, batch_size=3, reference_t
 
 
 def _examples(tok):
-    from fastunlearn.training import data as fdata
+    from fastunlearn import data as fdata
 
     forget = H.examples(tok, [H.qa_record(i) for i in FORGET])
     retain = H.examples(tok, [H.qa_record(i) for i in RETAIN])
@@ -138,7 +138,7 @@ def _evaluations(model, tok) -> dict:
 
 
 def _load(model_dir: str):
-    from fastunlearn.modeling import load_model_and_tokenizer
+    from fastunlearn.models.loading import load_model_and_tokenizer
 
     return load_model_and_tokenizer(model_dir, None)
 

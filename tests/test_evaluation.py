@@ -12,10 +12,10 @@ import torch
 from helpers.models import tiny_llama
 from scipy.stats import ks_2samp
 
+from fastunlearn import data as fdata
 from fastunlearn import evaluation as ev
 from fastunlearn import metrics as M
 from fastunlearn.evaluation.tofu import _generation_prompts, _greedy_answers
-from fastunlearn.training import data as fdata
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -526,65 +526,6 @@ def _tiny_trainer(model, tok, callbacks, epochs, tmp_path):
         data_collator=lambda exs: fdata.collate(exs, fdata.pad_id_of(tok)),
         callbacks=callbacks,
     )
-
-
-def test_epoch_evaluation_callback_keeps_and_restores_best(model_and_tokenizer, tmp_path):
-    model, tok = model_and_tokenizer
-    model = copy.deepcopy(model)
-    batch = fdata.collate(fdata.tokenize_records([_qa(0)], tok, data_format="qa", template="phi"), 0)
-    # Metric: a fixed weight's value as training moves it; "best" is the epoch-start (untrained) value
-    # for mode="max" of minus the distance from the start.
-    w = model.model.embed_tokens.weight
-    start = w.detach().clone()
-    cb = ev.EpochEvaluationCallback(
-        lambda m: {"neg_shift": -(w - start).abs().sum().item(), **M.basic_metrics(m, [batch])},
-        metric="neg_shift",
-        mode="max",
-    )
-    _tiny_trainer(model, tok, [cb], 3, tmp_path).train()
-    assert [round(h["epoch"]) for h in cb.history] == [0, 1, 2, 3]
-    assert cb.best["epoch"] == 0 and cb.history[-1]["neg_shift"] < 0
-    torch.testing.assert_close(w.detach(), start)  # the best (initial) trainable weights are restored
-    with pytest.raises(ValueError, match="mode"):
-        ev.EpochEvaluationCallback(lambda m: {}, mode="best")
-
-
-@pytest.mark.filterwarnings("ignore:ExtractionStoppingCallback is deprecated:FutureWarning")
-def test_extraction_stopping_callback(model_and_tokenizer, tmp_path):
-    model, tok = model_and_tokenizer
-    ids, mask = ev.tokenize_texts(tok, [f"Author {i} was born in town {i}." for i in range(2)], max_length=12)
-    # Thresholds above any possible value: the rule fires after the first epoch.
-    cb = ev.ExtractionStoppingCallback(ids, mask, ma_threshold=1.01, el_threshold=1.01, n=2)
-    trainer = _tiny_trainer(copy.deepcopy(model), tok, [cb], 3, tmp_path)
-    trainer.train()
-    assert cb.stopped_at is not None and round(cb.stopped_at["epoch"]) == 1
-    assert round(trainer.state.epoch) == 1
-    # Thresholds of zero can never be met: training runs all epochs.
-    cb = ev.ExtractionStoppingCallback(ids, mask, ma_threshold=0.0, el_threshold=0.0, n=2)
-    trainer = _tiny_trainer(copy.deepcopy(model), tok, [cb], 2, tmp_path)
-    trainer.train()
-    assert cb.stopped_at is None and len(cb.history) == 3
-    # MA below 1.01 always, EL below 0 never: the rule needs both ("and"), so it never fires either.
-    cb = ev.ExtractionStoppingCallback(ids, mask, ma_threshold=1.01, el_threshold=0.0, n=2)
-    trainer = _tiny_trainer(copy.deepcopy(model), tok, [cb], 2, tmp_path)
-    trainer.train()
-    assert cb.stopped_at is None and len(cb.history) == 3
-    assert cb.best is not None and cb._best_state is None  # restore_best=False: no weight snapshot
-    # Held-out text: thresholds are the model's own values there, measured before training.
-    cb = ev.ExtractionStoppingCallback(ids, mask, held_out_ids=ids, held_out_mask=mask, n=2)
-    cb.on_train_begin(None, trainer.state, trainer.control, model=model)
-    assert cb.ma_threshold == M.memorization_accuracy(model, ids, mask).mean().item()
-    assert cb.el_threshold == M.extraction_likelihood(model, ids, n=2, attention_mask=mask).mean().item()
-    with pytest.raises(ValueError, match="thresholds"):
-        ev.ExtractionStoppingCallback(ids, mask)
-    with pytest.raises(ValueError, match="both"):
-        ev.ExtractionStoppingCallback(ids, mask, ma_threshold=0.3)
-
-
-def test_extraction_stopping_callback_is_deprecated_for_the_built_in_rule():
-    ids = torch.zeros(1, 12, dtype=torch.long)
-    with pytest.warns(FutureWarning, match=r"deprecated.*unlearn\(stop='extraction'"):
-        ev.ExtractionStoppingCallback(ids, ma_threshold=0.3, el_threshold=0.05)
 
 
 def test_cached_reference_truth_ratios_and_summary(model_and_tokenizer, tofu_dir, tmp_path):

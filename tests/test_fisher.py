@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from helpers.fisher import VOCAB, fisher_llama, linear_weights, make_batch, per_example_oracle
 
 from fastunlearn.fisher import FisherEstimate, estimate_fisher
-from fastunlearn.modeling import canonical_name
+from fastunlearn.models.naming import canonical_name
 
 
 @pytest.fixture(scope="module")

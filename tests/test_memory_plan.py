@@ -1,6 +1,6 @@
-"""fastunlearn.memory_plan against exact counts and against measured peaks on CPU.
+"""fastunlearn.plan.memory_plan against exact counts and against measured peaks on CPU.
 
-Measurement: :func:`fastunlearn.peak_memory.peak_tensor_bytes` (the benchmarks' definition too): on
+Measurement: :func:`fastunlearn.plan.peak_memory.peak_tensor_bytes` (the benchmarks' definition too): on
 CPU the PyTorch profiler's allocation and free events summed in time order — the live bytes of every
 tensor PyTorch's CPU allocator hands out, exact and independent of allocator caching (what
 ``torch.cuda.max_memory_allocated`` is on a GPU), blind to MKL's and oneDNN's own buffers.
@@ -26,8 +26,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fastunlearn
-from fastunlearn.memory_plan import KNOWN_MODELS, MemoryPlan, model_shape, plan_memory
-from fastunlearn.peak_memory import peak_tensor_bytes
+from fastunlearn.plan.memory_plan import KNOWN_MODELS, MemoryPlan, model_shape, plan_memory
+from fastunlearn.plan.peak_memory import peak_tensor_bytes
 
 RESIDENT_TRAINING = ("weights", "LoRA parameters (fp32)", "LoRA gradients (fp32)", "AdamW moments (fp32)")
 CONFIGS = {
@@ -149,7 +149,7 @@ def test_lora_parameter_count_equals_peft(targets):
 
 def saved_bytes(fields: dict, dtype, *, padded: bool, T: int = 32, B: int = 2) -> int:
     """Storage bytes the autograd graph of one LoRA training forward (forget IHL + retain NLL) saves."""
-    from fastunlearn.training.methods import method_loss
+    from fastunlearn.methods.objectives import method_loss
 
     # The logits path (fused=False): the path whose saved activations the plan's per-layer terms count.
     model = fastunlearn.patch(lora_model(fields, dtype=dtype), fused=False, backend="torch")
@@ -220,7 +220,7 @@ def trainer_autocast(model):
 def training_setup(
     kind: str, layers: int, vocab: int, checkpointing: bool, B: int, T: int, rank: int = 8, **shape
 ):
-    from fastunlearn.training.run import _enable_gradient_checkpointing
+    from fastunlearn.training.adapters import _enable_gradient_checkpointing
 
     fields = {**config_fields(kind, layers, vocab), **shape}
     model = lora_model(fields, rank=rank)
@@ -250,7 +250,7 @@ def training_setup(
     ],
 )
 def test_train_step_peak(kind, layers, vocab, checkpointing, method, fused):
-    from fastunlearn.training.methods import method_loss
+    from fastunlearn.methods.objectives import method_loss
 
     B, T = 2, 64
     fields, model, _, optimizer, batch = training_setup(kind, layers, vocab, checkpointing, B, T)
@@ -289,7 +289,7 @@ def test_train_step_per_layer_at_two_ranks():
     # proportions at a quarter of the width (the ratio is r/N): K = 1 and 2; r = 32, and r = 8, where
     # the plan's peak is the retain graph's top layer and the measured one its first layer (the plan
     # over-predicts the top layer's fixed bytes by ~1 MB here): 1.09× per layer when written.
-    from fastunlearn.training.methods import method_loss
+    from fastunlearn.methods.objectives import method_loss
 
     B, T, shape = 2, 128, {"hidden_size": 1024, "intermediate_size": 2752, "num_attention_heads": 8}
     shape["num_key_value_heads"] = 8
@@ -490,9 +490,9 @@ def test_buffer_sizes_match_the_code_they_describe():
     # pure arithmetic, importable without torch): each must still be the size the code uses.
     import inspect
 
-    from fastunlearn import memory_plan
     from fastunlearn.fisher import solver
     from fastunlearn.ops import _ihl_torch, fused_linear, grad_sq
+    from fastunlearn.plan import memory_plan
 
     assert memory_plan._IHL_CHUNK_ELEMENTS == fused_linear.CHUNK_ELEMENTS
     assert memory_plan._IHL_CPU_CHUNK_ELEMENTS == fused_linear.CPU_CHUNK_ELEMENTS
@@ -507,9 +507,9 @@ def test_buffer_sizes_match_the_code_they_describe():
 
 
 def test_constants_match_the_training_layer():
-    from fastunlearn import memory_plan
-    from fastunlearn.training.config import INITS
-    from fastunlearn.training.methods import METHODS, NEEDS_RETAIN
+    from fastunlearn.methods.objectives import METHODS, NEEDS_RETAIN
+    from fastunlearn.options.unlearn import INITS
+    from fastunlearn.plan import memory_plan
 
     assert memory_plan.INITS == INITS and memory_plan.METHODS == METHODS
     assert set(memory_plan._NEEDS_RETAIN) == set(NEEDS_RETAIN)

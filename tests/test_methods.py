@@ -25,7 +25,7 @@ from helpers.oracles import assert_close
 from transformers import LlamaForCausalLM
 
 import fastunlearn
-from fastunlearn.training.methods import METHODS, method_loss, npo_loss, sequence_logprobs
+from fastunlearn.methods.objectives import METHODS, method_loss, npo_loss, sequence_logprobs
 
 V = 53  # odd vocabulary
 
@@ -111,7 +111,7 @@ def test_fused_path_equals_the_logits_path_in_fp64(method, wrap):
     results = []
     for fused in (False, True):
         fastunlearn.patch(model, fused=fused, backend="torch")
-        assert fastunlearn.patching.is_fused(model) == fused
+        assert fastunlearn.models.patching.is_fused(model) == fused
         loss, parts = method_loss(model, batch, method, npo_beta=0.37)
         loss.backward()
         results.append((loss.detach(), parts, grads(model)))

@@ -30,7 +30,7 @@ from torch import nn
 
 import fastunlearn
 from fastunlearn import ihl_reference
-from fastunlearn.patching import find_causal_lm, fused_blocker, is_fused, is_patched
+from fastunlearn.models.patching import find_causal_lm, fused_blocker, is_fused, is_patched
 
 VOCAB = 131  # not a power of two
 COMMON = {
@@ -259,7 +259,7 @@ def _ddp_steps(when: str):
 
 @pytest.mark.parametrize("when", ["before_wrapping", "after_wrapping"])
 def test_ddp(when, tmp_path):
-    from fastunlearn import distributed
+    from fastunlearn.engines import distributed
 
     # A file store: a TCP port found free here can be taken by another process before the group binds it.
     distributed.join_group("gloo", rank=0, world_size=1, init_method=f"file://{tmp_path / 'store'}")
@@ -353,7 +353,7 @@ def test_bf16_model_losses_come_from_its_bf16_hidden_states_uncopied(loss_type, 
     and the seq_logprob sum by that times the row count."""
     from helpers.allocations import RecordOutputs
 
-    from fastunlearn import patching
+    from fastunlearn.models import patching
 
     model = tiny_llama(VOCAB, seed=13, dtype=torch.bfloat16)
     data = batch(seed=13, lengths=(20, 17, 19))

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from fastunlearn.cli import main
-from fastunlearn.memory_plan import KNOWN_MODELS, plan_memory
+from fastunlearn.plan.memory_plan import KNOWN_MODELS, plan_memory
 
 
 def test_json_is_the_plan(capsys):

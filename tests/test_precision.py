@@ -12,9 +12,14 @@ import pytest
 import torch
 from helpers.models import tiny_llama
 
-from fastunlearn import modeling
-from fastunlearn.modeling import load_model_and_tokenizer, resolve_precision
-from fastunlearn.training.precision import load_dtype, resolve_training_precision, weights_dtype
+from fastunlearn.models import loading as modeling
+from fastunlearn.models.loading import load_model_and_tokenizer
+from fastunlearn.models.precision import (
+    load_dtype,
+    resolve_precision,
+    resolve_training_precision,
+    weights_dtype,
+)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 
@@ -112,7 +117,7 @@ def test_a_loaded_model_is_not_kernelized(tmp_path):
 
 
 def test_unlearn_refuses_before_anything_is_written(tmp_path):
-    from fastunlearn.training.run import unlearn
+    from fastunlearn.training.pipeline import unlearn
 
     records = [{"question": "q", "answer": "a"}]
     out = tmp_path / "out"

@@ -15,8 +15,8 @@ from helpers.workspace import build_workspace
 from transformers import AutoModelForCausalLM
 
 from fastunlearn.cli import main
-from fastunlearn.modeling import load_model_and_tokenizer
-from fastunlearn.training.run import unlearn
+from fastunlearn.models.loading import load_model_and_tokenizer
+from fastunlearn.training.pipeline import unlearn
 
 
 @pytest.fixture(scope="module")

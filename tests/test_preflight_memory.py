@@ -19,14 +19,13 @@ from helpers.distributed import spawn
 from helpers.workspace import build_workspace
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from fastunlearn import data as fdata
 from fastunlearn.cli import main
-from fastunlearn.memory_plan import plan_memory
-from fastunlearn.modeling import training_device
-from fastunlearn.training import data as fdata
+from fastunlearn.models.devices import training_device
+from fastunlearn.options.unlearn import UnlearnConfig
+from fastunlearn.plan.memory_plan import plan_memory
 from fastunlearn.training import memory_check, run
-from fastunlearn.training.config import UnlearnConfig
-from fastunlearn.training.flags import command_line, options_from_args
-from fastunlearn.training.run import unlearn
+from fastunlearn.training.pipeline import unlearn
 
 
 class Loaded(Exception):
@@ -138,18 +137,6 @@ def test_command_line_refusal_and_no_memory_check(ws, tmp_path, monkeypatch, wei
     assert any(line.startswith("train_step") for line in rest)
     with pytest.raises(Loaded):
         main([*argv, "--no-memory-check"])
-
-
-def test_the_recorded_command_keeps_no_memory_check(ws, tmp_path):
-    args = dict(method="ihl", init="fila", output_dir=tmp_path)
-    paths = (ws / "model", None, ws / "f.json", ws / "r.json")
-    command = command_line(*paths, options={"memory_check": False}, **args)
-    assert command.endswith("--no-memory-check")
-    assert "memory-check" not in command_line(ws / "model", None, ws / "f.json", None, options={}, **args)
-    from fastunlearn.cli import build_parser
-
-    parsed = build_parser(["unlearn"]).parse_args(command.split()[1:])
-    assert options_from_args(parsed)["memory_check"] is False
 
 
 def test_a_model_the_plan_cannot_describe_is_run_with_a_warning(ws, tmp_path, monkeypatch, weights_reached):

@@ -13,10 +13,10 @@ from helpers import stopping as helpers
 from helpers.stopping import TEXTS, examples, harmonic, qa_record
 
 import fastunlearn
+from fastunlearn import data as fdata
 from fastunlearn.evaluation import metrics as M
 from fastunlearn.evaluation import stopping as S
 from fastunlearn.evaluation.trajectory import read_trajectory
-from fastunlearn.training import data as fdata
 
 # --------------------------------------------------------------------------------------------------
 # the subset evaluator and the callback, on a tiny model
@@ -233,7 +233,7 @@ def e2e(trained, tok):
 def _train(model, tok, forget, retain, callback, out):
     import tempfile
 
-    from fastunlearn.training.config import UnlearnConfig
+    from fastunlearn.options.unlearn import UnlearnConfig
     from fastunlearn.training.trainer import build_trainer
 
     cfg = UnlearnConfig(

@@ -17,7 +17,7 @@ from fastunlearn.demo import write_jsonl
 from fastunlearn.evaluation.stop_callback import SubsetEvaluator
 from fastunlearn.evaluation.trajectory import read_trajectory
 from fastunlearn.training import run as run_module
-from fastunlearn.training.run import unlearn
+from fastunlearn.training.pipeline import unlearn
 
 FORGET = [qa_record(i) for i in range(4)]
 RETAIN = [qa_record(i) for i in range(8, 14)]

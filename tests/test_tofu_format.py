@@ -17,9 +17,9 @@ from helpers.models import tiny_llama
 from helpers.tokenizers import byte_level_bpe, corpus, sentencepiece_llama, sentencepiece_processor
 from transformers import PreTrainedTokenizerFast
 
+from fastunlearn import data as fdata
 from fastunlearn import metrics as M
-from fastunlearn.training import data as fdata
-from fastunlearn.training.tofu_format import (
+from fastunlearn.data.tofu_format import (
     TOFU_FAMILIES,
     TofuTags,
     encode_tofu_example,

@@ -11,11 +11,11 @@ from helpers.methods import ref_objective, ref_seq_logp
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, TrainerCallback
 
-import fastunlearn.patching
+import fastunlearn.models.patching
+from fastunlearn import data as fdata
 from fastunlearn import demo
 from fastunlearn.fisher import FilaRowWeights, estimate_fisher, fila_init
-from fastunlearn.training import data as fdata
-from fastunlearn.training.run import unlearn
+from fastunlearn.training.pipeline import unlearn
 from fastunlearn.training.trainer import UnlearnTrainer
 
 # The tiny demo model (hidden 32, 2 layers) on 4 authors.
@@ -482,7 +482,7 @@ def test_soft_capped_gemma2_warns_once_and_trains_on_the_logits_path(setup, tmp_
     assert got.keys() == want.keys() and got
     for name in want:
         assert torch.equal(got[name], want[name]), name
-    assert not fastunlearn.patching.is_patched(default.model)  # unpatched once trained
+    assert not fastunlearn.models.patching.is_patched(default.model)  # unpatched once trained
 
 
 def test_no_fused_takes_the_logits_path_in_every_pass(setup, tmp_path, monkeypatch):
@@ -496,7 +496,7 @@ def test_no_fused_takes_the_logits_path_in_every_pass(setup, tmp_path, monkeypat
     kwargs = dict(method="ihl", init="fila", num_epochs=1, batch_size=2, gradient_accumulation_steps=1)
     kwargs.update(warmup_epochs=0, eval_every=1, **COMMON)
     calls = {"head": 0}
-    original = fastunlearn.patching.head_computes
+    original = fastunlearn.models.patching.head_computes
 
     def counted(*args, **kw):
         calls["head"] += 1
@@ -527,7 +527,7 @@ def test_bf16_model_end_to_end_computes_the_loss_from_bf16_hidden_states(setup, 
     """A bf16 model (auto precision: bf16, as its weights): every loss term of every step gets the last
     hidden states and the head's weight in bf16 — the tensors the head was called with, not copies —
     and the logits path (--no-fused) trains to the same first-step loss within bf16 rounding."""
-    from fastunlearn import patching
+    from fastunlearn.models import patching
 
     tokenizer, forget, retain = setup
     seen = []

@@ -2,7 +2,7 @@
 
 Every subcommand lives in a module of this package exposing ``add_parser(subparsers)``, which
 registers it on the ``argparse`` sub-parser collection and sets ``func`` (``args -> exit code``) as its
-default; options shared by several commands are in :mod:`~fastunlearn.cli._args`. Adding a subcommand
+default; its options come from the option schema (:mod:`~fastunlearn.cli.parser`). Adding a subcommand
 is one module and one line in :data:`SUBCOMMANDS`.
 
 The top-level parser is built from :data:`SUBCOMMANDS` alone (names and one-line help), and only the
@@ -52,16 +52,21 @@ INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 
-class _Parser(argparse.ArgumentParser):
-    """``argparse`` with every negative number (``-1e-4`` too) read as a value, not as an option.
+class UsageError(Exception):
+    """A command line that does not parse: reported in one line, exit status 2."""
 
-    Python < 3.13 matches only ``-1`` and ``-.5``, so ``--lr -1e-4`` failed with "expected one
-    argument" instead of reaching the option's own check ("learning_rate must be positive").
-    """
+
+class _Parser(argparse.ArgumentParser):
+    """``argparse`` that reports a bad command line in one line (no usage dump) and reads every word
+    that starts with a minus and a digit (``-1e-4``, ``-1GB``) as a value, so that it reaches the
+    option's own check ("learning_rate must be positive") instead of "expected one argument"."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
 
 
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
@@ -103,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser([command] if command in SUBCOMMANDS else []).parse_args(argv)
         return _run(args)
+    except UsageError as err:
+        print(err, file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         if args is not None and args.debug:
             raise
@@ -116,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if getattr(args, "no_progress", False):
+    if getattr(args, "progress", True) is False:
         # transformers' own bars (loading and writing checkpoints) obey a global switch, not ours
         from transformers.utils import logging as hf_logging
 
@@ -126,7 +134,7 @@ def _run(args: argparse.Namespace) -> int:
         return int(args.func(args) or 0)
     import torch
 
-    from fastunlearn.modeling import num_threads
+    from fastunlearn.models.devices import num_threads
 
     # Settable once per process, before any inter-op work: a second command in one process keeps it.
     with contextlib.suppress(RuntimeError):
@@ -141,7 +149,7 @@ def _cli_message(message: str, args: argparse.Namespace) -> str:
     flags = getattr(args, "option_flags", None)
     if not flags:
         return message
-    from fastunlearn.training.flags import to_flags
+    from fastunlearn.cli.messages import to_flags
 
     first, newline, rest = message.partition("\n")
     return to_flags(first, flags) + newline + rest

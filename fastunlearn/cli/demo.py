@@ -5,16 +5,19 @@ from __future__ import annotations
 import argparse
 
 from fastunlearn.cli import summary
-from fastunlearn.cli._args import add_threads_arg, option_flags
 
 __all__ = ["add_parser"]
+
+# The run's options the demo takes, and its own defaults for them.
+_RUN_OPTIONS = ("output_dir", "method", "init", "seed", "overwrite", "progress", "threads")
+_DEFAULTS = {"output_dir": "fastunlearn-demo", "threads": 1}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``fastunlearn demo``."""
-    from fastunlearn.demo import SIZES, default_cache_dir
-    from fastunlearn.training.config import INITS
-    from fastunlearn.training.methods import METHODS
+    from fastunlearn.cli.parser import add_options, flags_of
+    from fastunlearn.options.demo import DemoOptions
+    from fastunlearn.options.unlearn import UnlearnConfig
 
     p = subparsers.add_parser(
         "demo",
@@ -24,63 +27,31 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "retain-only reference model (both cached), unlearn the forget set, print before/after metrics and "
         "write OUTPUT/metrics.json. The equivalent `fastunlearn unlearn` command line is printed and "
         "recorded in OUTPUT/run_config.json.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--output", default="fastunlearn-demo", help="output directory (default: %(default)s)")
-    p.add_argument(
-        "--method", default="ihl", choices=METHODS, help="unlearning objective (default: %(default)s)"
-    )
-    p.add_argument(
-        "--init", default="fila", choices=INITS, help="adapter initialisation (default: %(default)s)"
-    )
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, models and training (default: 0)")
-    p.add_argument(
-        "--cache-dir",
-        default=None,
-        help=f"where the data and pre-trained demo models are cached (default: {default_cache_dir()})",
-    )
-    p.add_argument(
-        "--size",
-        default="small",
-        choices=list(SIZES),
-        help="'tiny' is a reduced, faster demo used by the tests (default: %(default)s)",
-    )
-    p.add_argument(
-        "--stop",
-        action="store_true",
-        help="stop by the tofu rule (forget accuracy and ROUGE-L at the retain-only model's), 3 evaluations "
-        "past the first crossing, keeping the best state, instead of training the fixed 10 epochs",
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace the run in a non-empty --output")
-    add_threads_arg(p, default=1, why="(default: %(default)s, the fastest for the demo's small model)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    p.set_defaults(
-        func=_main,
-        interrupted=_interrupted,
-        option_flags=option_flags(p, {"output_dir": "--output"}),
-    )
+    add_options(p, UnlearnConfig, names=_RUN_OPTIONS, defaults=_DEFAULTS)
+    add_options(p, DemoOptions)
+    p.set_defaults(func=_main, interrupted=_interrupted, option_flags=flags_of(UnlearnConfig, DemoOptions))
     return p
+
+
+def _options(args: argparse.Namespace) -> dict:
+    from fastunlearn.cli.parser import options_from_args
+    from fastunlearn.options.demo import DemoOptions
+    from fastunlearn.options.unlearn import UnlearnConfig
+
+    run = {**_DEFAULTS, **options_from_args(args, UnlearnConfig)}
+    return {**run, **options_from_args(args, DemoOptions)}
 
 
 def _main(args: argparse.Namespace) -> int:
     from fastunlearn.demo import run_demo
 
-    run_demo(
-        args.output,
-        method=args.method,
-        init=args.init,
-        seed=args.seed,
-        size=args.size,
-        cache_dir=args.cache_dir,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-        threads=args.threads,
-        stop=args.stop,
-    )
+    options = _options(args)
+    run_demo(options.pop("output_dir"), **options)
     return 0
 
 
 def _interrupted(args: argparse.Namespace) -> str:
     from fastunlearn.training.outputs import interrupted_message
 
-    return interrupted_message(args.output, resume_offered=False)
+    return interrupted_message(_options(args)["output_dir"], resume_offered=False)

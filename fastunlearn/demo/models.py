@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from fastunlearn import data as fdata
 from fastunlearn._io import write_dir, write_json
+from fastunlearn.data.tofu_format import tofu_family
 from fastunlearn.demo.data import generate_dataset, write_jsonl
-from fastunlearn.training import data as fdata
-from fastunlearn.training.tofu_format import tofu_family
 
 __all__ = [
     "DEMO_MAX_LENGTH",
@@ -151,7 +151,7 @@ def memorise(
     from tqdm.auto import tqdm
 
     from fastunlearn.evaluation.likelihood import basic_metrics
-    from fastunlearn.training.methods import nll_mean
+    from fastunlearn.methods.objectives import nll_mean
 
     g = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(examples) / batch_size)

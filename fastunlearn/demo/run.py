@@ -15,7 +15,6 @@ demo's fixed budget, or with ``stop`` until the ``tofu`` rule stops it.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -86,7 +85,7 @@ def run_demo(
     machine OpenMP threads spin-waiting for a core multiply the run time (measured: 265 s with 2 threads
     against 60 s with 1 on a 2-core CPU shared with other jobs).
     """
-    from fastunlearn.modeling import num_threads
+    from fastunlearn.models.devices import num_threads
 
     with num_threads(threads):
         return _run_demo(
@@ -109,10 +108,12 @@ def _run_demo(
 ):
     from fastunlearn.evaluation import cached_reference_truth_ratios
     from fastunlearn.evaluation.report import stopping_line, summary_table
-    from fastunlearn.modeling import load_model_and_tokenizer
-    from fastunlearn.training.flags import command_line
+    from fastunlearn.models.loading import load_model_and_tokenizer
+    from fastunlearn.options.commandline import command_line
+    from fastunlearn.options.schema import with_absolute_paths
+    from fastunlearn.options.unlearn import UnlearnConfig
     from fastunlearn.training.outputs import plan_run
-    from fastunlearn.training.run import unlearn
+    from fastunlearn.training.pipeline import run_unlearning
 
     if size not in SIZES:
         raise ValueError(f"unknown demo size {size!r}; expected one of {list(SIZES)}")
@@ -135,37 +136,25 @@ def _run_demo(
         options.update(
             stop="tofu", reference_model=paths["retain_model"], patience=STOP_PATIENCE, restore="best"
         )
-    command = command_line(
-        paths["full_model"],
-        None,
-        paths["forget"],
-        paths["retain"],
-        method=method,
-        init=init,
-        output_dir=os.path.abspath(output_dir),
-        options=options,
-        threads=threads,
-    )
-    name = os.path.basename(paths["forget"])
-    log(f"Unlearning {name} with method={method}, init={init}; the same run as the command\n  {command}")
-    result = unlearn(
-        paths["full_model"],
-        None,
-        paths["forget"],
-        paths["retain"],
+    cfg = UnlearnConfig(
+        model=paths["full_model"],
+        forget=paths["forget"],
+        retain=paths["retain"],
         method=method,
         init=init,
         output_dir=output_dir,
         overwrite=overwrite,
         progress=progress,
+        threads=threads,
         **options,
     )
+    command = command_line(with_absolute_paths(cfg), "unlearn", skip=("overwrite", "resume", "progress"))
+    name = os.path.basename(paths["forget"])
+    log(f"Unlearning {name} with method={method}, init={init}; the same run as the command\n  {command}")
+    result = run_unlearning(cfg)
     result.metrics["before"]["tofu"] = before
     result.metrics["after"]["tofu"] = _tofu_metrics(result.model, result.tokenizer, paths, reference)
     result.metrics["command"] = command
-    with open(result.run_config_path, encoding="utf-8") as handle:
-        run_config = json.load(handle)
-    write_json(result.run_config_path, {**run_config, "command": command})
     write_json(result.metrics_path, result.metrics)
     log("")
     log(summary_table(_without_tofu(result.metrics)))

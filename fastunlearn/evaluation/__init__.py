@@ -2,7 +2,7 @@
 
 - :func:`evaluate` runs either protocol or both and returns JSON-serialisable results;
   :func:`~fastunlearn.evaluation.report.format_table` renders them for a terminal.
-- TOFU: :mod:`~fastunlearn.evaluation.tofu_files` (the files), :mod:`~fastunlearn.evaluation.tofu`
+- TOFU: :mod:`~fastunlearn.data.tofu_files` (the files), :mod:`~fastunlearn.evaluation.tofu`
   (scores, forget quality, model utility), :mod:`~fastunlearn.evaluation.reference` (the retain-only
   model's truth ratios).
 - Extraction: :mod:`~fastunlearn.evaluation.extraction` (MA and EL_n of memorised text).
@@ -17,7 +17,7 @@
   ``trajectory.csv`` / ``.png`` (:mod:`~fastunlearn.evaluation.trajectory`); ``unlearn(stop=...)``
   wires them into a run.
 
-Evaluation reads and tokenises data with the training pipeline (:mod:`fastunlearn.training.data`), so
+Evaluation reads and tokenises data with the training pipeline (:mod:`fastunlearn.data.examples`), so
 an evaluated prompt is the trained prompt, and imports nothing else of the training layer.
 """
 
@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from fastunlearn.data.tofu_files import TOFU_SETS, TofuItem, find_tofu_files, read_tofu_file
 from fastunlearn.evaluation.extraction import evaluate_extraction, tokenize_texts
 from fastunlearn.evaluation.reference import load_reference_truth_ratios, save_reference_truth_ratios
 from fastunlearn.evaluation.report import format_table, summary_table
@@ -38,17 +39,11 @@ from fastunlearn.evaluation.tofu import (
     evaluate_tofu,
     summarize_tofu,
 )
-from fastunlearn.evaluation.tofu_files import TOFU_SETS, TofuItem, find_tofu_files, read_tofu_file
-from fastunlearn.modeling import load_model_and_tokenizer
-
-# The callbacks subclass transformers.TrainerCallback: imported on first access.
-_CALLBACKS = ("EpochEvaluationCallback", "ExtractionStoppingCallback")
+from fastunlearn.models.loading import load_model_and_tokenizer
 
 __all__ = [
     "TOFU_MODES",
     "TOFU_SETS",
-    "EpochEvaluationCallback",
-    "ExtractionStoppingCallback",
     "TofuItem",
     "cached_reference_truth_ratios",
     "evaluate",
@@ -63,14 +58,6 @@ __all__ = [
     "summary_table",
     "tokenize_texts",
 ]
-
-
-def __getattr__(name: str):
-    if name not in _CALLBACKS:
-        raise AttributeError(f"module 'fastunlearn.evaluation' has no attribute {name!r}")
-    from fastunlearn.evaluation import callbacks
-
-    return getattr(callbacks, name)
 
 
 def evaluate(

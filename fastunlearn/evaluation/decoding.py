@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from fastunlearn import distributed
-from fastunlearn.evaluation.likelihood import eval_mode
-from fastunlearn.modeling import model_device, unwrap_model
-from fastunlearn.training.data import pad_id_of
+from fastunlearn.data.examples import pad_id_of
+from fastunlearn.engines import distributed
+from fastunlearn.models.devices import eval_mode, model_device
+from fastunlearn.models.naming import unwrap_model
 
 __all__ = ["EOS_CHECK_EVERY", "greedy_completions", "greedy_decode"]
 
@@ -73,7 +73,7 @@ def greedy_decode(
     forward is a collective: the ranks stop together, when every row has stopped on every rank (one
     more collective per check), so a rank whose rounding broke a tie otherwise cannot leave the others
     waiting. Returns ``[R, ≤ max_new_tokens]`` token ids.
-    Must be called under :func:`fastunlearn.evaluation.likelihood.eval_mode`.
+    Must be called under :func:`fastunlearn.models.devices.eval_mode`.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")

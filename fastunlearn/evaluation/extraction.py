@@ -1,7 +1,7 @@
 """Extraction protocol (SPEC §4): MA and EL_n of memorised sequences given as text.
 
 :func:`evaluate_extraction` tokenises ``{"text"}`` JSON Lines (or strings) with the training data's
-tokenisation (:func:`fastunlearn.training.data.tokenize_records`, cut to the protocol's length) and
+tokenisation (:func:`fastunlearn.data.examples.tokenize_records`, cut to the protocol's length) and
 scores them with :func:`fastunlearn.evaluation.extraction_metrics.extraction_metrics`.
 """
 
@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from fastunlearn import distributed
+from fastunlearn import data as fdata
+from fastunlearn.engines import distributed
 from fastunlearn.evaluation import metrics as M
-from fastunlearn.training import data as fdata
 
 __all__ = ["evaluate_extraction", "tokenize_texts"]
 

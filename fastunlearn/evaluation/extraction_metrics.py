@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastunlearn.evaluation.decoding import greedy_decode
-from fastunlearn.evaluation.likelihood import eval_mode
-from fastunlearn.modeling import model_device
+from fastunlearn.models.devices import eval_mode, model_device
 
 __all__ = ["extraction_likelihood", "extraction_metrics", "memorization_accuracy"]
 

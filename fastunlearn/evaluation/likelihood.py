@@ -16,19 +16,19 @@ true answers.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-from fastunlearn import distributed
-from fastunlearn.modeling import model_device, unwrap_model
+from fastunlearn import data as fdata
+from fastunlearn.engines import distributed
+from fastunlearn.models.devices import eval_mode, model_device
+from fastunlearn.models.naming import unwrap_model
+from fastunlearn.models.patching import head_computes, takes_fused_path
 from fastunlearn.ops import IGNORE_INDEX
 from fastunlearn.ops.fused_linear import fused_linear_token_stats
 from fastunlearn.ops.ihl import check_label_range
 from fastunlearn.ops.nll import labelled_rows, shift_labels, shifted_nll
-from fastunlearn.patching import head_computes, takes_fused_path
-from fastunlearn.training import data as fdata
 
 __all__ = [
     "answer_metrics",
@@ -36,25 +36,12 @@ __all__ = [
     "answer_stats",
     "basic_metrics",
     "collect_answer_stats",
-    "eval_mode",
     "example_stats",
     "normalized_probability",
     "token_nll",
     "truth_ratio",
     "truth_ratio_score",
 ]
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode with gradients off, and restore its previous mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
 
 
 def _require_batch(batch: Mapping[str, torch.Tensor], keys: tuple[str, ...]) -> None:
@@ -94,7 +81,7 @@ def answer_stats(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> d
     Returns ``nll_sum`` (fp32), ``num_tokens`` and ``correct`` (int64), each ``[B]``, on the model's
     device. The caller chooses the mode; :func:`basic_metrics` switches to eval mode.
 
-    Where the architecture allows (:func:`fastunlearn.patching.takes_fused_path`) the per-token NLL and
+    Where the architecture allows (:func:`fastunlearn.models.patching.takes_fused_path`) the per-token NLL and
     hits are computed at the output head from the last hidden states, a chunk of tokens at a time
     (:func:`fastunlearn.ops.fused_linear.fused_linear_token_stats`: the same row kernels as
     :func:`token_nll`), so a batch's ``[B, T, V]`` logits never exist; otherwise from the model's logits
@@ -187,7 +174,7 @@ def example_stats(
 ) -> dict[str, torch.Tensor]:
     """:func:`collect_answer_stats` of tokenised ``examples`` in batches of ``batch_size``, in their order.
 
-    Under several processes the ranks share the examples (:func:`fastunlearn.distributed.map_sharded`)
+    Under several processes the ranks share the examples (:func:`fastunlearn.engines.distributed.map_sharded`)
     and every rank gets all of them, on the CPU: each example's numbers are those of one process up
     to the rounding its batch's padding changes, and whatever is computed from them is computed on
     all the examples.

@@ -18,7 +18,6 @@ from fastunlearn.evaluation.likelihood import (
     answer_stats,
     basic_metrics,
     collect_answer_stats,
-    eval_mode,
     example_stats,
     normalized_probability,
     token_nll,
@@ -26,6 +25,7 @@ from fastunlearn.evaluation.likelihood import (
     truth_ratio_score,
 )
 from fastunlearn.evaluation.scores import forget_quality, model_utility, rouge_l_recall
+from fastunlearn.models.devices import eval_mode
 
 __all__ = [
     "answer_metrics",

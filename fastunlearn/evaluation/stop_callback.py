@@ -31,8 +31,10 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from fastunlearn import distributed
+from fastunlearn import data as fdata
 from fastunlearn._io import atomic_file, write_json
+from fastunlearn.engines import distributed
+from fastunlearn.engines.sharded import gathered
 from fastunlearn.evaluation.decoding import greedy_completions
 from fastunlearn.evaluation.extraction_metrics import extraction_likelihood
 from fastunlearn.evaluation.likelihood import collect_answer_stats
@@ -45,8 +47,6 @@ from fastunlearn.evaluation.stopping import (
     parse_eval_every,
 )
 from fastunlearn.evaluation.trajectory import Trajectory, plot_trajectory
-from fastunlearn.sharded import gathered
-from fastunlearn.training import data as fdata
 
 __all__ = ["RECORD_FILE", "SNAPSHOT_FILE", "StoppingCallback", "SubsetEvaluator", "measure_reference"]
 
@@ -89,7 +89,7 @@ def _forced_metrics(
 class SubsetEvaluator:
     """The metrics of a run on bounded subsets of its forget / retain / unseen examples.
 
-    ``forget``, ``retain``, ``unseen``: tokenised examples (:func:`fastunlearn.training.data.prepare`,
+    ``forget``, ``retain``, ``unseen``: tokenised examples (:func:`fastunlearn.data.examples.prepare`,
     the same prompts as training); ``unseen`` must be raw text. Each set is cut to ``eval_items`` examples
     spread evenly over it (fixed for the run, so every evaluation and every reference value is
     measured on the same examples). ROUGE-L: the greedy answer to the training prompt against the
@@ -146,7 +146,7 @@ class SubsetEvaluator:
         """The metrics ``names`` (``SET.KIND``) of ``model``, in eval mode without gradients.
 
         Under several processes every rank calls it: the ranks share each subset's examples
-        (:func:`fastunlearn.distributed.map_sharded`), every rank takes the means over all of them,
+        (:func:`fastunlearn.engines.distributed.map_sharded`), every rank takes the means over all of them,
         and the main process's numbers are returned on every rank, so whatever is decided from them
         is decided alike everywhere.
         """

@@ -1,6 +1,6 @@
 """The TOFU protocol (SPEC §4; Maini et al. 2024): per-set scores, forget quality and model utility.
 
-:func:`evaluate_tofu` scores a model on TOFU-format files (:mod:`fastunlearn.evaluation.tofu_files`):
+:func:`evaluate_tofu` scores a model on TOFU-format files (:mod:`fastunlearn.data.tofu_files`):
 per set, the length-normalised answer probability, ROUGE-L recall of the greedy answer and the truth
 ratio; then forget quality (KS test against the retain-only model's forget-set truth ratios, saved
 once with :func:`fastunlearn.evaluation.reference.save_reference_truth_ratios` and reused) and model
@@ -8,9 +8,9 @@ utility (harmonic mean of the nine retain / real-authors / world-facts numbers).
 :func:`summarize_tofu` flattens the headline numbers; :func:`cached_reference_truth_ratios` computes
 the reference once and reuses it.
 
-Prompts are tokenised by :mod:`fastunlearn.training.data`, the training pipeline, so an evaluated
+Prompts are tokenised by :mod:`fastunlearn.data.examples`, the training pipeline, so an evaluated
 prompt is byte for byte the prompt the model was trained on. ``mode="legacy"`` is the paper's pipeline
-token for token (SPEC §4.1): the ``tofu-*`` templates (:mod:`fastunlearn.training.tofu_format`),
+token for token (SPEC §4.1): the ``tofu-*`` templates (:mod:`fastunlearn.data.tofu_format`),
 question and answer tokenised as one string and cut at 200 tokens, generation from the decoded
 question in batches of 30 to 200 tokens in total. ``mode="full"`` is fastunlearn's own protocol with
 the template the model was trained with (any of them, ``tofu-*`` included).
@@ -24,7 +24,22 @@ from typing import Any
 
 import torch
 
-from fastunlearn import distributed
+from fastunlearn import data as fdata
+from fastunlearn.data.tofu_files import (
+    TOFU_SETS,
+    TofuItem,
+    find_tofu_files,
+    missing_truth_ratio_reason,
+    read_tofu_file,
+)
+from fastunlearn.data.tofu_format import (
+    TOFU_FAMILIES,
+    encode_tofu_example,
+    tofu_generation_batch,
+    tofu_generation_prompt,
+    tofu_max_new_tokens,
+)
+from fastunlearn.engines import distributed
 from fastunlearn.evaluation import metrics as M
 from fastunlearn.evaluation.decoding import greedy_completions
 from fastunlearn.evaluation.reference import (
@@ -32,22 +47,7 @@ from fastunlearn.evaluation.reference import (
     load_reference_truth_ratios,
     save_reference_truth_ratios,
 )
-from fastunlearn.evaluation.tofu_files import (
-    TOFU_SETS,
-    TofuItem,
-    find_tofu_files,
-    missing_truth_ratio_reason,
-    read_tofu_file,
-)
-from fastunlearn.modeling import load_model_and_tokenizer
-from fastunlearn.training import data as fdata
-from fastunlearn.training.tofu_format import (
-    TOFU_FAMILIES,
-    encode_tofu_example,
-    tofu_generation_batch,
-    tofu_generation_prompt,
-    tofu_max_new_tokens,
-)
+from fastunlearn.models.loading import load_model_and_tokenizer
 
 # Sets whose probability/ROUGE/truth-ratio numbers make up model utility (SPEC §4).
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
@@ -102,7 +102,7 @@ def _generation_prompts(
     """Each item's generation prompt (token ids) and the reference its greedy answer is scored against.
 
     ``tofu-*`` templates (SPEC §4.1): the example encoded at ``max_length`` is decoded and split at the
-    family's marker (:func:`~fastunlearn.training.tofu_format.tofu_generation_prompt`), the prompt
+    family's marker (:func:`~fastunlearn.data.tofu_format.tofu_generation_prompt`), the prompt
     re-tokenised with special tokens; the reference is the decoded answer, cut where its scored tokens
     are. Other templates: the labelled example's unlabelled head — exactly what training conditioned
     on — and the file's answer.
@@ -145,7 +145,7 @@ def _greedy_answers(
     row of a batch ``W`` tokens wide gets ``200 − W`` new tokens — the budget depends on the batch, so
     the batches are the paper's (each decoded as one batch). Otherwise ``max_new_tokens`` per row.
     Left padding is masked, so the pad id changes nothing. Under several processes the ranks share the
-    prompts (legacy: the batches of 30, whose budgets they set; :func:`fastunlearn.distributed.map_sharded`).
+    prompts (legacy: the batches of 30, whose budgets they set; :func:`fastunlearn.engines.distributed.map_sharded`).
     """
     if not legacy:
         return distributed.map_sharded(
@@ -312,7 +312,7 @@ def evaluate_tofu(
 
     ``mode="legacy"``: the paper's pipeline token for token (SPEC §4.1) — at most 300 items per set;
     ``template`` one of ``tofu-llama2`` (default), ``tofu-llama3``, ``tofu-phi``
-    (:mod:`fastunlearn.training.tofu_format`): question and answer tokenised as one string and cut at
+    (:mod:`fastunlearn.data.tofu_format`): question and answer tokenised as one string and cut at
     200 tokens (``max_length`` is not used), the greedy answer generated from the decoded question in
     batches of 30 (file order) to 200 tokens in total per batch (``max_new_tokens`` and
     ``batch_size`` do not apply to generation) and scored against the decoded answer.

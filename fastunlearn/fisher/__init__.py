@@ -14,7 +14,7 @@
 - :mod:`~fastunlearn.fisher.export`: :func:`save_adapter` / :func:`save_merged` for the original base
   (collected one layer at a time, also from ZeRO-3 partitioned weights).
 
-This layer uses :mod:`fastunlearn.ops` and :mod:`fastunlearn.modeling`; ``peft`` only when a model
+This layer uses :mod:`fastunlearn.ops` and :mod:`fastunlearn.models.loading`; ``peft`` only when a model
 brings it. It knows nothing of training loops, evaluation or the command line.
 """
 

@@ -17,8 +17,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from fastunlearn.engines.sharded import linear_shape
 from fastunlearn.fisher.passes import Data, largest_batch, run_pass
-from fastunlearn.sharded import linear_shape
 
 __all__ = ["available_memory", "format_bytes", "parse_bytes", "plan_groups", "resolve_budget"]
 

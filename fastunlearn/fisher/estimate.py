@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from fastunlearn._io import atomic_file
-from fastunlearn.modeling import canonical_name
+from fastunlearn.models.naming import canonical_name
 
 FisherMode = Literal["per_example", "batch", "token"]
 FISHER_MODES: tuple[str, ...] = ("per_example", "batch", "token")

@@ -46,12 +46,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastunlearn.engines import distributed
+from fastunlearn.engines.sharded import linear_shape
 from fastunlearn.fisher.budget import available_memory, parse_bytes, plan_groups, resolve_budget
 from fastunlearn.fisher.estimate import FISHER_MODES, FisherEstimate, FisherFile, FisherMode, _check_finite
 from fastunlearn.fisher.layers import select_linear_layers
 from fastunlearn.fisher.passes import Data, fisher_session, prepare_batches, run_pass
 from fastunlearn.ops._backend import Backend, resolve_backend
-from fastunlearn.sharded import linear_shape
 
 __all__ = ["estimate_fisher", "save_fisher"]
 
@@ -157,7 +158,8 @@ def save_fisher(
     is half the available host memory, as :func:`~fastunlearn.fisher.fila_row_weights`' (one group,
     one pass, when it fits). Arguments and errors as :func:`estimate_fisher`'s; a non-finite layer
     stops the write and leaves ``path`` untouched. Returns the written file's :class:`FisherFile`
-    (layer shapes and counts).
+    (layer shapes and counts). Under several processes every rank runs the passes and the main one
+    writes.
     """
     layers, data, estimates = _start(
         model, batches, target_modules, mode, backend, max_memory, gradient_checkpointing, progress,
@@ -166,7 +168,11 @@ def save_fisher(
     shapes = {name: linear_shape(layer) for name, layer in layers.items()}
     written = FisherFile(shapes, num_examples=data.num_examples, num_tokens=data.num_tokens, mode=mode)
     with contextlib.closing(estimates):
-        written.write(path, ((name, tensor) for name, tensor, _ in estimates), overwrite=overwrite)
+        if distributed.is_main():
+            written.write(path, ((name, tensor) for name, tensor, _ in estimates), overwrite=overwrite)
+        else:  # every rank drives the passes (their accumulators are all-reduced); the main one writes
+            for name, tensor, _ in estimates:
+                _check_finite({name: tensor}, "the Fisher estimate")
     return written
 
 

@@ -7,10 +7,10 @@ writes exactly that as a standard ``peft`` adapter; :func:`save_merged` writes t
 ``A₀``, ``B₀`` and ``s`` are the records :func:`fastunlearn.fisher.fila.fila_init` left on each layer.
 
 Under DeepSpeed ZeRO-3 the weights are partitioned: the tensors are gathered one layer at a time
-(:func:`fastunlearn.sharded.gathered`, a collective) and copied to the CPU. So under several processes
+(:func:`fastunlearn.engines.sharded.gathered`, a collective) and copied to the CPU. So under several processes
 the collection (:func:`adapter_export`, :func:`merged_state_dict`) runs on every rank and the writing
 (:func:`write_adapter`, :func:`save_merged` given ``state_dict=``) on the main one. Under FSDP the
-caller gathers the whole state first (:func:`fastunlearn.training.fsdp.gathered_state`) and passes it
+caller gathers the whole state first (:func:`fastunlearn.engines.fsdp.gathered_state`) and passes it
 as ``state_dict=``: the tensors are then read from it, under the names it has after the wrappers'
 prefixes are stripped.
 """
@@ -29,9 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from fastunlearn._io import atomic_directory
+from fastunlearn.engines.sharded import gathered
 from fastunlearn.fisher.fila import _require_lora_model, fila_record
-from fastunlearn.modeling import strip_wrappers, unwrap_model
-from fastunlearn.sharded import gathered
+from fastunlearn.models.naming import strip_wrappers, unwrap_model
 
 # Submodule names under which peft keeps LoRA tensors (never part of the merged checkpoint).
 _ADAPTER_PARTS = frozenset(

@@ -50,11 +50,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from fastunlearn import distributed
+from fastunlearn.engines import distributed
+from fastunlearn.engines.sharded import gathered, linear_shape
 from fastunlearn.fisher.row_weights import check_eps, row_weight
 from fastunlearn.fisher.solver import truncated_svd
-from fastunlearn.modeling import canonical_name
-from fastunlearn.sharded import gathered, linear_shape
+from fastunlearn.models.naming import canonical_name
 
 Solver = Literal["truncated", "svd", "randomized"]
 SOLVERS = ("truncated", "svd", "randomized")
@@ -326,7 +326,7 @@ def _init_layer(
     base = layer.get_base_layer()
     lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     # Under ZeRO-3 the three tensors are whole only inside the gather, one layer at a time; rank 0's
-    # writes are what DeepSpeed partitions back (fastunlearn.sharded). A no-op otherwise.
+    # writes are what DeepSpeed partitions back (fastunlearn.engines.sharded). A no-op otherwise.
     with gathered([base.weight, lora_A, lora_B], modifier_rank=0):
         _init_gathered(name, layer, d, eps, solver, seed, adapter)
 

@@ -1,6 +1,6 @@
 """The linear layers a Fisher estimate covers: discovery by canonical name, and the user's selection.
 
-Names are canonical (:func:`fastunlearn.modeling.canonical_name`): the same layer has the same name on
+Names are canonical (:func:`fastunlearn.models.loading.canonical_name`): the same layer has the same name on
 a ``transformers`` model and on that model wrapped by ``peft``, DDP or DeepSpeed, so estimates taken on
 either apply to both. For a ``peft`` adapter layer the frozen base layer is the one measured.
 """
@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from fastunlearn.modeling import canonical_name, unwrap_model
+from fastunlearn.models.naming import canonical_name, unwrap_model
 
 __all__ = ["linear_layers", "select_linear_layers"]
 

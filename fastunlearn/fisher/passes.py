@@ -47,14 +47,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastunlearn import distributed
-from fastunlearn.modeling import model_device, unwrap_model
+from fastunlearn.engines import distributed
+from fastunlearn.engines.sharded import is_partitioned, linear_shape
+from fastunlearn.models.devices import model_device
+from fastunlearn.models.naming import unwrap_model
+from fastunlearn.models.patching import find_causal_lm, head_computes, takes_fused_path
 from fastunlearn.ops import IGNORE_INDEX
 from fastunlearn.ops.fused_linear import fused_linear_nll_loss
 from fastunlearn.ops.grad_sq import per_example_grad_sq
 from fastunlearn.ops.nll import shift_labels, shifted_nll
-from fastunlearn.patching import find_causal_lm, head_computes, takes_fused_path
-from fastunlearn.sharded import is_partitioned, linear_shape
 
 __all__ = ["Batch", "Data", "fisher_session", "prepare_batches", "run_pass"]
 
@@ -245,7 +246,7 @@ def _batch_loss(model: nn.Module, batch: Batch, mode: str, fused: bool) -> Tenso
 
 def _fused_loss_applies(model: nn.Module, layers: Mapping[str, nn.Linear]) -> bool:
     """Whether a pass computes its loss fused: where the model allows it
-    (:func:`fastunlearn.patching.takes_fused_path`) and the output head is not measured (its output
+    (:func:`fastunlearn.models.patching.takes_fused_path`) and the output head is not measured (its output
     gradient is the ``[B, T, V]`` logits' gradient, which only the logits path forms)."""
     if not takes_fused_path(model):
         return False
@@ -255,7 +256,7 @@ def _fused_loss_applies(model: nn.Module, layers: Mapping[str, nn.Linear]) -> bo
 
 
 def _zeros(layer: nn.Linear) -> Tensor:
-    # The shape from the module: under ZeRO-3 the weight itself is an empty shard (fastunlearn.sharded).
+    # The shape from the module: under ZeRO-3 the weight itself is an empty shard (fastunlearn.engines.sharded).
     return torch.zeros(linear_shape(layer), dtype=torch.float32, device=layer.weight.device)
 
 
@@ -275,7 +276,7 @@ def run_pass(
     a layer no gradient reached), in the order of ``layers``. ``fold=False`` runs the pass without
     folding and returns nothing (to measure its activations). Call inside :func:`fisher_session`.
 
-    Under ``torchrun`` (:mod:`fastunlearn.distributed`) rank ``r`` of ``W`` passes batches ``r, r+W,
+    Under ``torchrun`` (:mod:`fastunlearn.engines.distributed`) rank ``r`` of ``W`` passes batches ``r, r+W,
     ...`` and the sums are all-reduced at the end, so every rank returns the single-process sums (the
     fold is a sum over examples, and each batch is folded on exactly one rank). Under ZeRO-3 every
     forward and backward gathers the partitioned weights with all ranks, so a rank with one batch

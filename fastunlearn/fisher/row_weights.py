@@ -28,15 +28,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastunlearn import distributed
 from fastunlearn._io import atomic_file
+from fastunlearn.engines import distributed
+from fastunlearn.engines.sharded import linear_shape
 from fastunlearn.fisher.budget import available_memory, parse_bytes, plan_groups, resolve_budget
 from fastunlearn.fisher.estimate import FISHER_MODES, FisherMode, _check_finite, read_tagged_safetensors
 from fastunlearn.fisher.estimator import measured_layers
 from fastunlearn.fisher.passes import fisher_session, prepare_batches, run_pass
-from fastunlearn.modeling import canonical_name
+from fastunlearn.models.naming import canonical_name
 from fastunlearn.ops._backend import Backend
-from fastunlearn.sharded import linear_shape
 
 FORMAT = "fastunlearn.fila_row_weights"
 FORMAT_VERSION = "1"

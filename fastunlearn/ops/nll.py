@@ -14,7 +14,7 @@ logits (``F.cross_entropy`` would need one to keep the NLL's digits); fp64 logit
 
 Used by the answer statistics (:mod:`fastunlearn.evaluation.likelihood`), the Fisher estimate
 (:mod:`fastunlearn.fisher.estimator`) and the demo's pre-training. The training objectives compute the
-same quantity inside the model's forward (:mod:`fastunlearn.patching`), from the hidden states.
+same quantity inside the model's forward (:mod:`fastunlearn.models.patching`), from the hidden states.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Refuse, before the weights load, a run whose predicted peak memory exceeds what the device has.
 
-:func:`check_memory` builds the run's memory plan (:func:`fastunlearn.memory_plan.plan_memory`, from the
+:func:`check_memory` builds the run's memory plan (:func:`fastunlearn.plan.memory_plan.plan_memory`, from the
 model's configuration alone) with the run's own options and compares its peak — the largest phase's
 live tensors — with :func:`device_available`:
 
@@ -8,7 +8,7 @@ live tensors — with :func:`device_available`:
   (:func:`fastunlearn.fisher.budget.available_memory`). That is the card's total less what other
   processes hold and less this process's CUDA context and live tensors. The context is measured
   here (``mem_get_info`` has created it), so the plan's context allowance
-  (:attr:`~fastunlearn.memory_plan.MemoryPlan.context_bytes`) is not added to the peak.
+  (:attr:`~fastunlearn.plan.memory_plan.MemoryPlan.context_bytes`) is not added to the peak.
 - CPU: the host's available memory (``MemAvailable``). A CPU run that outgrows it swaps or is killed
   by the OOM killer after the model has loaded, which is worth a refusal as much as a CUDA OOM is; the
   plan's CPU terms (``device="cpu"``) were measured on CPU (tests/test_memory_plan.py).
@@ -25,7 +25,7 @@ available, since the plan counts them too. The plan is made for the run as it wi
 - Several processes are planned with the run's ``engine``: ``"ddp"`` replicas of ``world_size``
   ranks (also ZeRO-1/2, an upper bound), ``"fsdp"`` (fastunlearn's FSDP: sharded after FILA) or
   ``"zero3"`` (created sharded); only the main process decides
-  (:func:`fastunlearn.distributed.on_main` shares its refusal).
+  (:func:`fastunlearn.engines.distributed.on_main` shares its refusal).
 
 A model the plan cannot describe (not a Llama-architecture decoder, a field it needs missing, target
 modules that are not Llama's linear layers) is not refused: the check is skipped with a warning
@@ -40,13 +40,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastunlearn import data as fdata
 from fastunlearn.fisher.budget import available_memory, format_bytes, parse_bytes
-from fastunlearn.memory_plan import MemoryPlan, model_shape, plan_memory
-from fastunlearn.model_shapes import LINEARS
-from fastunlearn.training import data as fdata
-from fastunlearn.training.config import UnlearnConfig
+from fastunlearn.options.unlearn import UnlearnConfig
+from fastunlearn.plan.memory_plan import MemoryPlan, model_shape, plan_memory
+from fastunlearn.plan.model_shapes import LINEARS
 
-__all__ = ["check_memory", "device_available", "run_plan"]
+__all__ = ["check_memory", "check_run_memory", "device_available", "run_plan"]
 
 
 def device_available(device: torch.device) -> int:
@@ -69,8 +69,6 @@ def _targets(target_modules: list[str] | None) -> tuple[str, ...] | None:
 def run_plan(
     config: Any,
     *,
-    method: str,
-    init: str,
     cfg: UnlearnConfig,
     tokens: int,
     weights: torch.dtype,
@@ -79,7 +77,7 @@ def run_plan(
     engine: str = "ddp",
 ) -> MemoryPlan:
     """The memory plan of a run (module docstring): ``config`` a ``transformers`` config (or anything
-    :func:`~fastunlearn.memory_plan.model_shape` reads), ``tokens`` the longest example, ``weights``
+    :func:`~fastunlearn.plan.memory_plan.model_shape` reads), ``tokens`` the longest example, ``weights``
     the dtype the weights are loaded in. ``ValueError`` when the plan cannot describe the model."""
     shape = model_shape(config)
     targets = _targets(cfg.target_modules)
@@ -92,8 +90,8 @@ def run_plan(
         batch_size=cfg.batch_size,
         max_length=max(tokens, 2),
         rank=cfg.lora_r,
-        init=init,
-        method=method,
+        init=cfg.init,
+        method=cfg.method,
         gradient_checkpointing=cfg.gradient_checkpointing,
         fused_linear=cfg.fused is not False,
         dtype="bfloat16" if weights == torch.bfloat16 else "float32",
@@ -122,8 +120,6 @@ def check_memory(
     config: Any,
     examples: list[fdata.Example],
     *,
-    method: str,
-    init: str,
     cfg: UnlearnConfig,
     weights: torch.dtype,
     device: torch.device,
@@ -142,8 +138,6 @@ def check_memory(
     try:
         plan = run_plan(
             config,
-            method=method,
-            init=init,
             cfg=cfg,
             tokens=tokens,
             weights=weights,
@@ -167,3 +161,24 @@ def check_memory(
             "(the plan is an estimate)\n" + plan.format_table()
         )
     return plan
+
+
+def check_run_memory(cfg: UnlearnConfig, checked: Any, precision: str, engine: str) -> MemoryPlan | None:
+    """:func:`check_memory` for a checked run: its model (a path, or a module already holding its
+    weights), tokenised data, precision and engine."""
+    from fastunlearn.engines import distributed
+    from fastunlearn.models.devices import training_device
+    from fastunlearn.models.precision import load_dtype, weights_dtype
+
+    module = cfg.model if isinstance(cfg.model, nn.Module) else None
+    world_size = distributed.world_size()
+    return check_memory(
+        checked.config,
+        checked.forget + checked.retain,
+        cfg=cfg,
+        weights=load_dtype(precision, cfg.init) if module is None else weights_dtype(module),
+        device=training_device(),
+        world_size=world_size,
+        engine=engine if engine in ("fsdp", "zero3") else "ddp",
+        model=module,
+    )

@@ -20,11 +20,12 @@ from typing import Any
 
 from torch import nn
 
+from fastunlearn import data as fdata
+from fastunlearn.data.examples import tokenize_records
 from fastunlearn.fisher.layers import select_linear_layers
-from fastunlearn.modeling import canonical_name, load_config, model_skeleton, resolve_model
-from fastunlearn.training import data as fdata
-from fastunlearn.training.config import UnlearnConfig
-from fastunlearn.training.data import tokenize_records
+from fastunlearn.models.loading import load_config, model_skeleton, resolve_model
+from fastunlearn.models.naming import canonical_name
+from fastunlearn.options.unlearn import UnlearnConfig
 
 __all__ = ["Checked", "Records", "check_target_modules", "check_vocab", "preflight", "read_data"]
 
@@ -42,6 +43,10 @@ class Checked:
     retain: list[fdata.Example]
     config: Any
 
+    @property
+    def pad_id(self) -> int:
+        return fdata.pad_id_of(self.tokenizer)
+
 
 def read_data(
     forget: str | os.PathLike | Iterable[Mapping[str, Any]],
@@ -50,7 +55,7 @@ def read_data(
     data_format: str,
 ) -> dict[str, Records]:
     """The records and format of ``forget`` and (unless ``None``) ``retain``, read once
-    (:func:`fastunlearn.training.data.load_records`): :func:`preflight` tokenises them, and the formats
+    (:func:`fastunlearn.data.examples.load_records`): :func:`preflight` tokenises them, and the formats
     decide which metrics a stopping rule may read."""
     sets = {"forget": forget, **({"retain": retain} if retain is not None else {})}
     return {name: fdata.load_records(data, data_format=data_format, name=name) for name, data in sets.items()}

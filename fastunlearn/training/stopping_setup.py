@@ -28,13 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastunlearn import data as fdata
 from fastunlearn.evaluation.stop_callback import StoppingCallback, SubsetEvaluator, measure_reference
 from fastunlearn.evaluation.stopping import StopPlan, plan_stopping
-from fastunlearn.modeling import load_model_and_tokenizer, to_training_device
-from fastunlearn.training import data as fdata
-from fastunlearn.training.config import UnlearnConfig
+from fastunlearn.models.devices import to_training_device
+from fastunlearn.models.loading import load_model_and_tokenizer
+from fastunlearn.models.precision import weights_dtype
+from fastunlearn.options.unlearn import UnlearnConfig
 from fastunlearn.training.outputs import TRAJECTORY_FILES
-from fastunlearn.training.precision import weights_dtype
 
 __all__ = [
     "TRAJECTORY_FILES",

@@ -1,14 +1,15 @@
 """The unlearning loop on ``transformers.Trainer``: :class:`UnlearnTrainer` and :func:`build_trainer`.
 
 :class:`UnlearnTrainer` is a ``Trainer`` whose batches are paired forget/retain batches
-(:mod:`fastunlearn.training.data`) and whose loss is the chosen objective
-(:mod:`fastunlearn.training.methods`); mixed precision, gradient accumulation, checkpoints, resume,
+(:mod:`fastunlearn.data.examples`) and whose loss is the chosen objective
+(:mod:`fastunlearn.methods.objectives`); mixed precision, gradient accumulation, checkpoints, resume,
 logging and multi-GPU come from ``Trainer``. :func:`build_trainer` sets it up with the paper's schedule
 (linear warm-up, then linear decay; SPEC §3.2).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -17,13 +18,16 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from fastunlearn import distributed
-from fastunlearn.modeling import training_device
-from fastunlearn.training import data as fdata
-from fastunlearn.training.config import UnlearnConfig
-from fastunlearn.training.methods import METHODS, method_loss
+from fastunlearn import data as fdata
+from fastunlearn._io import write_json
+from fastunlearn.engines import distributed
+from fastunlearn.methods.objectives import METHODS, method_loss
+from fastunlearn.models.devices import training_device
+from fastunlearn.options.unlearn import UnlearnConfig
 
-__all__ = ["UnlearnTrainer", "build_trainer"]
+__all__ = ["RUN_LOSS_FILE", "UnlearnTrainer", "build_trainer"]
+
+RUN_LOSS_FILE = "run_loss.json"  # beside each checkpoint: the loss summed over the steps before it
 
 
 class _EpochPairing(TrainerCallback):
@@ -38,9 +42,9 @@ class _EpochPairing(TrainerCallback):
 
 
 class UnlearnTrainer(Trainer):
-    """``Trainer`` on :class:`fastunlearn.training.data.PairedDataset` batches with an unlearning objective.
+    """``Trainer`` on :class:`fastunlearn.data.examples.PairedDataset` batches with an unlearning objective.
 
-    ``compute_loss`` returns the per-micro-batch objective of :func:`fastunlearn.training.methods.method_loss`
+    ``compute_loss`` returns the per-micro-batch objective of :func:`fastunlearn.methods.objectives.method_loss`
     (token means within the batch, as the paper's code), so ``Trainer`` divides it by the number of
     accumulation steps. The model must be patched (:func:`fastunlearn.patch`): the objective's terms
     are computed by the call of the model ``Trainer`` hands over — wrapped by accelerate, DDP or
@@ -61,22 +65,47 @@ class UnlearnTrainer(Trainer):
         self.wrapped_model = wrapped_model
         self._parts: dict[str, torch.Tensor] = {}
         self._parts_n = 0
+        # The run's loss over every optimiser step, a resumed run's earlier steps included
+        # (read_run_loss restores them): Trainer's own training_loss covers this call's steps only.
+        self._loss_sum: torch.Tensor | float = 0.0
+        self._earlier_loss_sum = 0.0
         if isinstance(self.train_dataset, fdata.PairedDataset):
             self.add_callback(_EpochPairing(self.train_dataset))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, parts = method_loss(model, inputs, self.method, npo_beta=self.npo_beta)
+        self._loss_sum = self._loss_sum + loss.detach() / self.args.gradient_accumulation_steps
         for key, value in parts.items():
             self._parts[key] = self._parts.get(key, 0) + value
         self._parts_n += 1
         return (loss, None) if return_outputs else loss
 
     def _wrap_model(self, model, training=True, dataloader=None):
-        # An engine that wrapped the model itself (FSDP: fastunlearn.training.fsdp) hands its wrapper
+        # An engine that wrapped the model itself (FSDP: fastunlearn.engines.fsdp) hands its wrapper
         # over; a wrapper that is not `self.model` makes Trainer prepare only the optimizer.
         if training and self.wrapped_model is not None:
             return self.wrapped_model
         return super()._wrap_model(model, training, dataloader)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        folder = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(folder):
+            write_json(os.path.join(folder, RUN_LOSS_FILE), {"loss_sum": self._run_loss_sum()})
+
+    def resume_run_loss(self, checkpoint: str) -> None:
+        """Take the loss of the steps before ``checkpoint`` from it (the run resumes there)."""
+        path = os.path.join(checkpoint, RUN_LOSS_FILE)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                self._earlier_loss_sum = float(json.load(handle)["loss_sum"])
+
+    def _run_loss_sum(self) -> float:
+        return self._earlier_loss_sum + float(self._loss_sum)
+
+    def run_loss(self) -> float:
+        """The mean loss per optimiser step over the whole run, averaged over the ranks."""
+        return distributed.mean(self._run_loss_sum() / max(self.state.global_step, 1))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._parts_n:
@@ -102,13 +131,13 @@ def build_trainer(
     """An :class:`UnlearnTrainer` with the paper's schedule: linear warm-up, then linear decay.
 
     ``precision`` is the resolved one (``"fp32"``, ``"bf16"`` or ``"fp16"``; see
-    :func:`fastunlearn.training.precision.resolve_training_precision`): bf16 or fp16 autocast, fp16 with loss
+    :func:`fastunlearn.models.precision.resolve_training_precision`): bf16 or fp16 autocast, fp16 with loss
     scaling. ``model`` must be patched (:func:`fastunlearn.patch`). Its callbacks are ``cfg.callbacks``
     then ``extra_callbacks`` (those :func:`unlearn` adds itself). ``wrapped_model``: ``model`` already
     wrapped for distributed training by an engine (FSDP:
-    :class:`~fastunlearn.training.fsdp.ShardedTrainingView`), trained as it is and without checkpoints
+    :class:`~fastunlearn.engines.fsdp.ShardedTrainingView`), trained as it is and without checkpoints
     (its optimizer state is sharded). ``deepspeed``: a checked DeepSpeed
-    config (:mod:`fastunlearn.training.deepspeed_setup`) to train under DeepSpeed ZeRO.
+    config (:mod:`fastunlearn.engines.deepspeed`) to train under DeepSpeed ZeRO.
     """
     # Under torchrun each of the W ranks takes its own batch: a step consumes W·batch_size pairs.
     batches_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * distributed.world_size()))

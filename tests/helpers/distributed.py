@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-from fastunlearn import distributed
+from fastunlearn.engines import distributed
 
 # An evaluation shared by the ranks batches other examples together than one process does: the same
 # maths with fp32 reductions in another order (matmul blocking, softmax over another padded width).

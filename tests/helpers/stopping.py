@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fastunlearn.training import data as fdata
+from fastunlearn import data as fdata
 from helpers.models import tiny_llama
 
 TEXTS = [

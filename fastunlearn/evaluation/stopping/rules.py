@@ -85,7 +85,7 @@ RULE_SETS = ("forget", "retain")
 # Every name a rule may use, in the trajectory's column order.
 METRIC_NAMES: tuple[str, ...] = tuple(f"{s}.{k}" for s in RULE_SETS for k in KINDS)
 UNSEEN_METRICS = ("unseen.ma", f"unseen.el{EL_N}")
-# Record formats (fastunlearn.training.data) and what they give: generation needs a prompt, MA/EL text.
+# Record formats (fastunlearn.data.examples) and what they give: generation needs a prompt, MA/EL text.
 _FORMAT_GIVES = {"qa": "prompt", "prompt_completion": "prompt", "text": "text"}
 _NEEDS_TEXT = {
     "prompt": "question/answer or prompt/completion records (the greedy answer is scored)",

@@ -19,7 +19,7 @@ must happen around it for an unlearning run:
    run inside :meth:`DeepSpeedSetup.fetching`, a DeepSpeed engine without optimizer (ZeRO inference)
    whose hooks are removed on exit, before ``Trainer`` builds its own. The Fisher hooks read only
    layer inputs and output gradients (:mod:`fastunlearn.fisher.passes`), FILA and the exports gather
-   one layer at a time (:mod:`fastunlearn.sharded`).
+   one layer at a time (:mod:`fastunlearn.engines.sharded`).
 
 ZeRO-1/2 partition optimizer state and gradients only: the model loads whole and everything before
 training runs as under DDP. ``deepspeed`` is an optional extra (``pip install "fastunlearn[deepspeed]"``).
@@ -38,7 +38,7 @@ from typing import Any
 
 from torch import nn
 
-from fastunlearn.training.config import UnlearnConfig
+from fastunlearn.engines.base import Engine
 
 __all__ = ["DeepSpeedSetup", "check_deepspeed_config", "load_deepspeed_config", "prepare_deepspeed"]
 
@@ -87,7 +87,7 @@ def zero_stage(config: Mapping[str, Any]) -> int:
 
 
 def check_deepspeed_config(
-    config: Mapping[str, Any], cfg: UnlearnConfig, precision: str, world_size: int
+    config: Mapping[str, Any], cfg: Any, precision: str, world_size: int
 ) -> dict[str, Any]:
     """``config`` with its ``"auto"`` values for the options filled in, or a ``ValueError`` listing
     every value that contradicts them (module docstring). ``precision``: the resolved one (``"fp32"``,
@@ -202,7 +202,7 @@ def _inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def prepare_deepspeed(
-    source: str | os.PathLike | Mapping[str, Any], cfg: UnlearnConfig, precision: str, world_size: int
+    source: str | os.PathLike | Mapping[str, Any], cfg: Any, precision: str, world_size: int
 ) -> DeepSpeedSetup:
     """Read and check a run's DeepSpeed config before the model loads: ``ValueError`` in one line for an
     unreadable config, a contradiction with the options (:func:`check_deepspeed_config`), or DeepSpeed
@@ -212,3 +212,30 @@ def prepare_deepspeed(
     if importlib.util.find_spec("deepspeed") is None:
         raise ValueError('DeepSpeed is not installed: pip install "fastunlearn[deepspeed]"')
     return DeepSpeedSetup(config, stage)
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO through ``Trainer``; ZeRO-3 creates the model partitioned and fetches its weights
+    for the passes before training (module docstring)."""
+
+    def __init__(self, setup: DeepSpeedSetup) -> None:
+        self.setup = setup
+        self.name = f"zero{setup.stage}" if setup.stage >= 2 else "ddp"
+
+    @contextlib.contextmanager
+    def loading(self) -> Iterator[None]:
+        self.setup.sharded_loading()
+        yield
+
+    def place(self, model: nn.Module) -> None:
+        if not self.setup.zero3:  # ZeRO-3 shards are already on this rank's device
+            super().place(model)
+
+    def before_training(self, model: nn.Module):
+        return self.setup.fetching(model)
+
+    def after_fisher(self) -> None:
+        self.setup.release()
+
+    def trainer_options(self) -> dict[str, Any]:
+        return {"deepspeed": self.setup.config}

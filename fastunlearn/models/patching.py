@@ -53,11 +53,11 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from fastunlearn.engines.sharded import is_partitioned
 from fastunlearn.ops._backend import BACKENDS, Backend
 from fastunlearn.ops.fused_linear import fused_linear_ihl_loss, fused_linear_nll_loss
 from fastunlearn.ops.ihl import ihl_loss, nll_loss
 from fastunlearn.ops.nll import shift_labels
-from fastunlearn.sharded import is_partitioned
 
 LossType = Literal["ihl", "nll", "seq_logprob"]
 # loss type -> (row loss, reduction)

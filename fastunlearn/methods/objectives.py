@@ -37,10 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastunlearn.evaluation.likelihood import eval_mode
-from fastunlearn.modeling import model_device
+from fastunlearn.models.devices import eval_mode, model_device
+from fastunlearn.models.patching import LossType, is_patched
 from fastunlearn.ops.nll import shifted_nll
-from fastunlearn.patching import LossType, is_patched
 
 METHODS = ("ihl", "ga", "gd", "npo")
 NEEDS_RETAIN = frozenset({"ihl", "gd", "npo"})

@@ -55,7 +55,7 @@ enumerated with ``torch.autograd.graph.saved_tensors_hooks`` on tiny models and 
     set above exists for one layer at a time.
 
 Loss terms, per token of the batch that carries them. ``unlearn`` computes every term inside the
-patched model (:mod:`fastunlearn.patching`): fused at the output head by default (``fused_linear``),
+patched model (:mod:`fastunlearn.models.patching`): fused at the output head by default (``fused_linear``),
 from the model's logits under ``--no-fused``. The CPU row kernels (:mod:`fastunlearn.ops._ihl_torch`)
 work in fp32 blocks of about 2¹⁸ elements: forward, an fp32 copy of the bf16 block, the block with the
 target masked and one more (the log-sum-exp's work; for IHL the first-argmax's padded copy and a
@@ -127,7 +127,7 @@ buckets (``4n``); ``"fsdp"`` and ``"zero3"`` shard weights, gradients and optimi
 ``world_size`` ranks and gather two decoder layers at a time (the one running and the one prefetched),
 FSDP keeping its root unit (embeddings and output head) gathered for the whole step, ZeRO-3 the
 largest single module. Activations are per rank (``batch_size`` is per device); Fisher accumulators
-are not sharded. ZeRO-3 creates the model sharded; fastunlearn's FSDP (:mod:`fastunlearn.training.fsdp`)
+are not sharded. ZeRO-3 creates the model sharded; fastunlearn's FSDP (:mod:`fastunlearn.engines.fsdp`)
 shards it after FILA, so under ``"fsdp"`` loading, the first evaluation, the Fisher passes and FILA
 hold the whole model on every rank.
 
@@ -143,7 +143,7 @@ Llama-2-7B-wide model with 1–4 layers on either device.
 
 One module (about 830 lines, over the project's ~450) by choice: the phases' moments share one
 ``_Setup`` and the per-token terms above, and each term is read against its neighbours in the same
-moment; the shapes and the published configs are apart in :mod:`fastunlearn.model_shapes`.
+moment; the shapes and the published configs are apart in :mod:`fastunlearn.plan.model_shapes`.
 """
 
 from __future__ import annotations
@@ -154,8 +154,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastunlearn.model_shapes import KNOWN_MODELS, ModelShape, model_shape
-from fastunlearn.model_shapes import LINEARS as _LINEARS
+from fastunlearn.plan.model_shapes import KNOWN_MODELS, ModelShape, model_shape
+from fastunlearn.plan.model_shapes import LINEARS as _LINEARS
 
 __all__ = [
     "ENGINES",
@@ -169,7 +169,7 @@ __all__ = [
 
 GiB = 2**30
 
-# Kept equal to fastunlearn.training.config.INITS / fastunlearn.training.methods.METHODS (a test
+# Kept equal to fastunlearn.options.unlearn.INITS / fastunlearn.methods.objectives.METHODS (a test
 # checks) without importing them: this module is pure arithmetic, importable without torch.
 INITS = ("fila", "lora", "full")
 METHODS = ("ihl", "ga", "gd", "npo")

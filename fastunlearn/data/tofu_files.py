@@ -2,7 +2,7 @@
 
 A file is JSON Lines with ``question`` and ``answer`` per line, and in the ``*_perturbed`` files also
 ``paraphrased_answer`` (forget / retain) and ``perturbed_answer`` (every one); TOFU's own ``.json``
-files are in this format. Records are read by :func:`fastunlearn.training.data.read_jsonl`, the
+files are in this format. Records are read by :func:`fastunlearn.data.examples.read_jsonl`, the
 reader of the training data, so errors name the file and line the same way.
 """
 
@@ -12,7 +12,7 @@ import glob
 import os
 from dataclasses import dataclass
 
-from fastunlearn.training import data as fdata
+from fastunlearn import data as fdata
 
 TOFU_SETS = ("forget", "retain", "real_authors", "world_facts")
 

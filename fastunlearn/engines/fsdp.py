@@ -36,7 +36,7 @@ Saving. Each parameter is a shard; :func:`gathered_state` gathers the tensors an
 time (``DTensor.full_tensor()``, a collective every rank joins in the same order) into the main
 process's CPU memory: the trainable (LoRA) tensors for the adapter, every tensor for the merged model.
 The adapter and merged exports (:mod:`fastunlearn.fisher.export`) then run on the main process from
-that state, under the names of the plain ``peft`` model (:func:`fastunlearn.modeling.strip_wrappers`),
+that state, under the names of the plain ``peft`` model (:func:`fastunlearn.models.loading.strip_wrappers`),
 so the adapter loads with ``peft.PeftModel.from_pretrained`` on the original base.
 
 Evaluation. A sharded forward is a collective, so the sharded model is evaluated (``metrics.json``'s
@@ -59,9 +59,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastunlearn import distributed
-from fastunlearn.modeling import strip_wrappers, training_device, unwrap_model
-from fastunlearn.training.precision import autocast
+from fastunlearn.engines import distributed
+from fastunlearn.engines.base import Engine
+from fastunlearn.models.devices import training_device
+from fastunlearn.models.naming import strip_wrappers, unwrap_model
+from fastunlearn.models.precision import autocast
 
 SHARDING = ("full_shard", "shard_grad_op")
 FSDP_WORDS = (*SHARDING, "auto_wrap", "offload")
@@ -238,3 +240,25 @@ def gathered_state(model: nn.Module, *, trainable_only: bool) -> dict[str, Tenso
             state[key] = full.detach().to("cpu", copy=True)
         del full
     return state
+
+
+class FsdpEngine(Engine):
+    """FSDP2: the model sharded after FILA (the Fisher passes see it whole) and trained as it is."""
+
+    name = "fsdp"
+
+    def __init__(self, plan: FsdpPlan) -> None:
+        self.plan = plan
+        self.sharded = False
+
+    @classmethod
+    def for_run(cls, spec: str, init: str, *, resume: bool) -> FsdpEngine:
+        return cls(check_fsdp_run(spec, init, resume=resume))
+
+    def wrap(self, model: nn.Module, precision: str) -> nn.Module:
+        shard_model(model, self.plan)
+        self.sharded = True
+        return ShardedTrainingView(model, precision, training_device())
+
+    def gathered_state(self, model: nn.Module, *, trainable_only: bool) -> dict[str, Tensor]:
+        return gathered_state(model, trainable_only=trainable_only)

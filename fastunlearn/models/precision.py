@@ -1,12 +1,12 @@
 """Training precision that cannot silently degrade: what ``UnlearnConfig.precision`` resolves to, the
-dtype a model is loaded in, and the models refused (issue 11, part 4).
+dtype a model is loaded in, and the models refused .
 
 ``precision``: ``"auto"`` (default), ``"bf16"``, ``"fp16"`` or ``"fp32"`` — the dtype of the forward
 and backward. bf16 and fp16 are autocast (``Trainer``'s ``bf16`` / ``fp16``) over weights whose
 trained copies stay fp32:
 
 - ``"auto"``: bf16 on CUDA GPUs of compute capability 8.0+, fp32 elsewhere, CPU included
-  (:func:`fastunlearn.modeling.resolve_precision`); a model object whose weights are bf16 trains in
+  (:func:`fastunlearn.models.loading.resolve_precision`); a model object whose weights are bf16 trains in
   bf16.
 - ``"bf16"``: a model loaded from a path has its frozen base in bf16 (LoRA / FILA; peft keeps the
   adapters in fp32) or, for ``init="full"``, in fp32: AdamW's updates are often below bf16's
@@ -30,9 +30,47 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from fastunlearn.modeling import PRECISION_DTYPES, resolve_precision
+__all__ = [
+    "PRECISIONS",
+    "PRECISION_DTYPES",
+    "autocast",
+    "load_dtype",
+    "resolve_precision",
+    "resolve_training_precision",
+    "weights_dtype",
+]
 
-__all__ = ["autocast", "load_dtype", "resolve_training_precision", "weights_dtype"]
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"fp32"``, ``"bf16"`` or ``"fp16"``: the compute precision ``precision`` means on ``device``.
+
+    ``"auto"`` is bf16 on CUDA GPUs of compute capability 8.0 or newer (Ampere and later: native bf16
+    matmuls) and fp32 everywhere else. fp32 is the CPU default even though CPUs run bf16: without
+    AVX512-BF16 or AMX, bf16 matmuls are emulated and slower than fp32, so bf16 there is for those who
+    ask. ``"bf16"`` is refused on other GPUs (sm < 80 emulate it, slowly, and some kernels lack it),
+    with the alternatives. What fp16 needs (loss scaling) is the caller's to check.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        bf16_native = capability >= (8, 0)
+    else:
+        capability, bf16_native = None, device.type == "cpu"
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" and bf16_native else "fp32"
+    if precision == "bf16" and not bf16_native:
+        where = f"this GPU is sm_{capability[0]}{capability[1]}" if capability else f"not on {device.type}"
+        raise ValueError(
+            f"precision 'bf16' needs a CUDA GPU of compute capability 8.0+ (Ampere or newer) or the CPU; "
+            f"{where}: use 'fp16' (loss-scaled) or 'fp32'"
+        )
+    return precision
 
 
 def weights_dtype(model: nn.Module) -> torch.dtype:

@@ -24,14 +24,14 @@ Families (:data:`TOFU_FAMILIES`):
 - ``tofu-phi``: Phi-1.5, StableLM-3B, Pythia, ``("Question: ", "\\n", "Answer: ")``; the generation
   prompt is ``"Question: q\\n"`` (the part before ``"Answer: "``), so the model writes the tag itself.
 
-:mod:`fastunlearn.training.data` uses these families as the templates ``tofu-llama2``,
+:mod:`fastunlearn.data.examples` uses these families as the templates ``tofu-llama2``,
 ``tofu-llama3`` and ``tofu-phi`` of question/answer records (training at the paper's
 ``max_length = 500``), and :func:`fastunlearn.evaluation.evaluate_tofu` scores and generates with
 them (``mode="legacy"``: at ``max_length = 200``, SPEC §4.1). This module imports only
 :mod:`fastunlearn.ops`, so that both layers can use it.
 
-Representation for :class:`~fastunlearn.training.data.Example` and
-:func:`~fastunlearn.training.data.collate`: the reference pads every sequence to ``max_length`` with
+Representation for :class:`~fastunlearn.data.examples.Example` and
+:func:`~fastunlearn.data.examples.collate`: the reference pads every sequence to ``max_length`` with
 EOS (attention 0) and its labels carry one EOS target at the first padding position. Here that EOS
 is part of ``input_ids`` (``input_ids`` and ``labels`` have equal length, as ``Example`` requires) and
 ``collate`` gives it attention 1. Both give the same loss: under the causal shift the EOS target is

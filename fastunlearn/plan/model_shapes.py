@@ -4,7 +4,7 @@
 (no network at run time); :func:`model_shape` reads a known name, a ``config.json`` (or the directory
 holding one), a dict or a ``transformers`` config object, and checks each field it uses, naming the
 one missing or malformed. Pure arithmetic: no ``transformers``, no ``torch``
-(:mod:`fastunlearn.memory_plan` builds on it).
+(:mod:`fastunlearn.plan.memory_plan` builds on it).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Peak bytes of live tensors while a function runs: what :mod:`fastunlearn.memory_plan` predicts.
+"""Peak bytes of live tensors while a function runs: what :mod:`fastunlearn.plan.memory_plan` predicts.
 
 One definition for the benchmarks (benchmarks/bench_scale.py and the others) and the plan's tests.
 

@@ -5,7 +5,7 @@ Three record formats are read, detected per file from the first record or named 
 - ``qa``: ``{"question", "answer"}`` (TOFU; its ``.json`` files are JSON Lines). The question is
   wrapped in a prompt template and the loss covers the answer tokens and a closing EOS.
   The ``tofu-*`` templates instead tokenise exactly as TOFU does (SPEC §4.1,
-  :mod:`fastunlearn.training.tofu_format`): question and answer as one string, the loss on every
+  :mod:`fastunlearn.data.tofu_format`): question and answer as one string, the loss on every
   token after the question's.
 - ``prompt_completion``: ``{"prompt", "completion"}``. The prompt is used verbatim (it is already
   formatted); the loss covers the completion and a closing EOS.
@@ -23,29 +23,23 @@ from a generator seeded by ``(seed, epoch)``, so runs and resumed runs see the s
 
 Evaluation (:mod:`fastunlearn.evaluation`) reads and tokenises with this module too, so an evaluated
 prompt is byte for byte the prompt the model was trained on; it imports nothing but
-:mod:`fastunlearn.ops` (the ``IGNORE_INDEX`` label) and :mod:`fastunlearn.training.tofu_format`.
+:mod:`fastunlearn.ops` (the ``IGNORE_INDEX`` label) and :mod:`fastunlearn.data.tofu_format`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from fastunlearn.data.records import FORMATS, DataFormat, load_records
+from fastunlearn.data.tofu_format import TOFU_FAMILIES, encode_tofu_example
 from fastunlearn.ops import IGNORE_INDEX
-from fastunlearn.training.tofu_format import TOFU_FAMILIES, encode_tofu_example
 
-DataFormat = Literal["auto", "qa", "text", "prompt_completion"]
-FORMATS: dict[str, tuple[str, ...]] = {
-    "qa": ("question", "answer"),
-    "prompt_completion": ("prompt", "completion"),
-    "text": ("text",),
-}
 # Prompt templates (SPEC §4, legacy protocol): the prompt around the question, and the text put
 # between the prompt and the answer.
 TEMPLATES: dict[str, tuple[str, str]] = {
@@ -57,7 +51,6 @@ TEMPLATES: dict[str, tuple[str, str]] = {
 TEMPLATE_NAMES = (*TEMPLATES, "chat", *TOFU_FAMILIES)
 
 __all__ = [
-    "FORMATS",
     "IGNORE_INDEX",
     "TEMPLATE_NAMES",
     "Example",
@@ -65,11 +58,8 @@ __all__ = [
     "PairedDataset",
     "batches",
     "collate",
-    "detect_format",
-    "load_records",
     "pad_id_of",
     "prepare",
-    "read_jsonl",
     "tokenize_records",
 ]
 
@@ -81,102 +71,6 @@ class Example:
     input_ids: tuple[int, ...]
     labels: tuple[int, ...]
     source: str  # "file:line" or "records[i]", for error messages
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a JSON Lines file (one object per line; blank lines skipped).
-
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file, line and column
-    for invalid JSON, a line that is not an object, or a file without records. A file that opens with
-    ``[`` is a JSON array, not JSON Lines, and is reported as such.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if not records and line.lstrip().startswith("["):
-                raise ValueError(
-                    f"{path}:{lineno}: expected JSON Lines (one object per line), got a JSON array; "
-                    "write one record per line"
-                )
-            # Without its line break, an error at the end of the line is not reported as line 2 column 1.
-            text = line.rstrip("\r\n")
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                where = "the end of the line" if e.pos >= len(text) else f"column {e.colno}"
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at {where})") from None
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object per line (JSON Lines), got "
-                    f"{type(record).__name__}"
-                )
-            record["_source"] = f"{path}:{lineno}"
-            records.append(record)
-    if not records:
-        raise ValueError(f"{path}: the file is empty (no JSON Lines records)")
-    return records
-
-
-def detect_format(record: Mapping[str, Any], where: str) -> str:
-    """The format whose fields ``record`` has (``qa`` first, then ``prompt_completion``, then ``text``)."""
-    for name, fields in FORMATS.items():
-        if all(k in record for k in fields):
-            return name
-    keys = sorted(k for k in record if k != "_source")
-    raise ValueError(
-        f"{where}: cannot detect the data format from fields {keys}; expected "
-        + ", ".join("{" + ", ".join(f) + "}" for f in FORMATS.values())
-    )
-
-
-def _validate(records: list[dict[str, Any]], fmt: str) -> None:
-    for record in records:
-        where = record["_source"]
-        for field in FORMATS[fmt]:
-            if field not in record:
-                raise ValueError(
-                    f"{where}: missing field {field!r} (format {fmt!r} needs {list(FORMATS[fmt])})"
-                )
-            if not isinstance(record[field], str):
-                raise ValueError(
-                    f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}"
-                )
-
-
-def load_records(
-    data: str | os.PathLike | Iterable[Mapping[str, Any]],
-    *,
-    data_format: DataFormat = "auto",
-    name: str = "data",
-) -> tuple[list[dict[str, Any]], str]:
-    """Records and their format from a JSON Lines path or an iterable of dicts.
-
-    ``data_format="auto"`` detects the format from the first record; every record must then carry that
-    format's fields. ``name`` ("forget", "retain") labels in-memory records in error messages.
-    """
-    if isinstance(data, (str, os.PathLike)):
-        records = read_jsonl(data)
-    else:
-        records = []
-        for i, record in enumerate(data):
-            if not isinstance(record, Mapping):
-                raise TypeError(f"{name}[{i}]: expected a dict record, got {type(record).__name__}")
-            records.append({**record, "_source": f"{name}[{i}]"})
-        if not records:
-            raise ValueError(f"{name}: no records (the data set is empty)")
-    if data_format == "auto":
-        fmt = detect_format(records[0], records[0]["_source"])
-    elif data_format in FORMATS:
-        fmt = data_format
-    else:
-        raise ValueError(f"unknown data format {data_format!r}; expected 'auto' or one of {list(FORMATS)}")
-    _validate(records, fmt)
-    return records, fmt
 
 
 def _prompt_text(question: str, template: str, tokenizer) -> str:
@@ -204,7 +98,7 @@ def tokenize_records(
     """Tokenise records into :class:`Example` s.
 
     QA: ``prompt(question) + sep + answer + EOS`` with labels on the answer and the EOS, or with a
-    ``tofu-*`` template :func:`~fastunlearn.training.tofu_format.encode_tofu_example` (SPEC §4.1: one
+    ``tofu-*`` template :func:`~fastunlearn.data.tofu_format.encode_tofu_example` (SPEC §4.1: one
     string, the first ``len(question tokens)`` labels masked, cut at ``max_length`` before the EOS);
     prompt/completion like the first without a template; text: every token labelled (no EOS appended).
     Sequences longer than ``max_length`` are cut on the right and counted in one warning; an example

@@ -34,77 +34,24 @@ import torch
 from torch import nn
 
 __all__ = [
-    "PRECISIONS",
-    "PRECISION_DTYPES",
     "ModelSource",
     "adapter_base",
-    "canonical_name",
     "check_model_dir",
     "load_config",
     "load_model_and_tokenizer",
     "load_tokenizer",
-    "model_device",
     "model_skeleton",
     "model_source",
-    "num_threads",
     "quiet_peft_wrap",
-    "resolve_device",
     "resolve_model",
-    "resolve_precision",
-    "strip_wrappers",
-    "to_training_device",
-    "training_device",
-    "unwrap_model",
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # transformers 4.56 renamed from_pretrained's `torch_dtype` to `dtype` (the old name is deprecated).
 _DTYPE_RENAMED_IN = (4, 56)
 # transformers 4.54 added `use_kernels`: Hugging Face's hub kernels swapped into a model's layers, which
 # transformers 5 does by default whenever the `kernels` package is installed (it comes with transformers).
 _HUB_KERNELS_FROM = (4, 54)
-
-
-# What FSDP1 (``_fsdp_wrapped_module``), activation-checkpoint wrappers and ``torch.compile`` insert
-# into module names, anywhere along the path.
-_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
-
-
-def strip_wrappers(name: str) -> str:
-    """A parameter or module name without what distributed wrappers insert: the leading ``module.`` of
-    DDP / DeepSpeed and every ``_fsdp_wrapped_module.`` / ``_checkpoint_wrapped_module.`` /
-    ``_orig_mod.``, so a wrapped ``peft`` model's names are the plain one's
-    (``_fsdp_wrapped_module.base_model.model.model.layers.0._fsdp_wrapped_module.mlp.up_proj`` →
-    ``base_model.model.model.layers.0.mlp.up_proj``)."""
-    for part in _WRAPPER_PARTS:
-        name = name.replace(part, "")
-    return name.removeprefix("module.")
-
-
-def canonical_name(name: str) -> str:
-    """The name of a linear layer in the plain (un-wrapped) model.
-
-    Strips what wrappers add (:func:`strip_wrappers`), so that estimates taken on a ``transformers``
-    model and on the same model wrapped by ``peft`` (or DDP/FSDP/DeepSpeed) share their keys:
-    ``module.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight`` →
-    ``model.layers.0.self_attn.q_proj``.
-    """
-    name = strip_wrappers(name)
-    for prefix in ("module.", "base_model.model."):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-    for suffix in (".weight", ".base_layer"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return name
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The model under a ``peft`` wrapper (with its adapter layers in place), or ``model`` itself."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def _local(name: str, what: str, allow_download: bool) -> str:
@@ -355,95 +302,3 @@ def _transformers_version() -> tuple[int, int]:
 
     major, minor = transformers.__version__.split(".")[:2]
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of ``model``'s first parameter (the CPU for a model without parameters)."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
-def training_device() -> torch.device:
-    """The device ``Trainer`` trains on in this process: its local GPU, or the CPU without CUDA."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def to_training_device(model: nn.Module) -> None:
-    """Move a CPU model to the GPU ``Trainer`` will use, so evaluation, Fisher and NPO's reference run there.
-
-    Models dispatched with a ``device_map`` and runs without CUDA are left where they are.
-    """
-    on_cpu = model_device(model).type == "cpu"
-    if torch.cuda.is_available() and on_cpu and getattr(model, "hf_device_map", None) is None:
-        model.to(training_device())
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device ``name`` asks for (``"auto"``: CUDA when available, else the CPU), checked to exist.
-
-    Raises ``ValueError`` for a malformed name, a CUDA device on a build or machine without CUDA, and a
-    device index beyond the GPUs present.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; expected cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda":
-        if not torch.backends.cuda.is_built():
-            raise ValueError(f"device {name!r}: this PyTorch build has no CUDA support (a CPU build)")
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name!r}: no CUDA device is available")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-    return device
-
-
-@contextmanager
-def num_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with ``threads`` PyTorch intra-op threads (``None``: unchanged), then restore them.
-
-    On a small model, or a machine whose cores are busy with other jobs, OpenMP threads spin-waiting for
-    a core can make a CPU run many times slower than one thread.
-    """
-    if threads is not None and threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``"fp32"``, ``"bf16"`` or ``"fp16"``: the compute precision ``precision`` means on ``device``.
-
-    ``"auto"`` is bf16 on CUDA GPUs of compute capability 8.0 or newer (Ampere and later: native bf16
-    matmuls) and fp32 everywhere else. fp32 is the CPU default even though CPUs run bf16: without
-    AVX512-BF16 or AMX, bf16 matmuls are emulated and slower than fp32, so bf16 there is for those who
-    ask. ``"bf16"`` is refused on other GPUs (sm < 80 emulate it, slowly, and some kernels lack it),
-    with the alternatives. What fp16 needs (loss scaling) is the caller's to check.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
-    if device.type == "cuda":
-        capability = torch.cuda.get_device_capability(device)
-        bf16_native = capability >= (8, 0)
-    else:
-        capability, bf16_native = None, device.type == "cpu"
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" and bf16_native else "fp32"
-    if precision == "bf16" and not bf16_native:
-        where = f"this GPU is sm_{capability[0]}{capability[1]}" if capability else f"not on {device.type}"
-        raise ValueError(
-            f"precision 'bf16' needs a CUDA GPU of compute capability 8.0+ (Ampere or newer) or the CPU; "
-            f"{where}: use 'fp16' (loss-scaled) or 'fp32'"
-        )
-    return precision

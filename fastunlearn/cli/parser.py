@@ -1,0 +1,163 @@
+"""Command-line parsers built from the option schema, and ``--config FILE``.
+
+Every option of a schema class (:mod:`fastunlearn.options`) becomes a flag with its help, choices and
+type; booleans become switches (``--no-...`` for those that default to True, both forms for a
+tri-state one). Values come, in increasing priority, from the schema's defaults, the ``--config``
+file (YAML or JSON; a run's ``run_config.json`` is one) and the command line: the parser records
+only what was typed (``argparse.SUPPRESS`` defaults), so the three merge without guessing. An option
+given twice with different values is an error, not "the last one wins".
+"""
+
+from __future__ import annotations
+
+import argparse
+import typing
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from fastunlearn.options.files import read_config_file
+from fastunlearn.options.schema import Spec, fields_of, flag_of
+
+__all__ = ["add_config_option", "add_options", "flags_of", "options_from_args"]
+
+
+def flags_of(*schemas: type) -> dict[str, str]:
+    """Python name → the flag a user types, for error messages (``overwrite=True`` → ``--overwrite``)."""
+    found = {}
+    for schema in schemas:
+        for f, spec, _ in fields_of(schema):
+            flag = flag_of(f.name, spec)
+            if spec.cli and flag:
+                found[f.name] = "--no-" + flag[2:] if spec.negate else flag
+            elif spec.cli:
+                found[f.name] = f.name.upper()
+    return found
+
+
+class _Once(argparse.Action):
+    """Store a value; the same option (or another flag of it) given again with another value is an error."""
+
+    def __init__(self, *args, const_value: Any = None, parse: Callable | None = None, **kwargs) -> None:
+        self.const_value, self.parse = const_value, parse
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        value = self.const_value if self.nargs == 0 else values
+        if self.parse is not None and isinstance(value, str):
+            try:
+                value = self.parse(value)
+            except ValueError as err:
+                parser.error(f"argument {option_string}: {err}")
+        if hasattr(namespace, self.dest) and getattr(namespace, self.dest) != value:
+            parser.error(
+                f"argument {option_string}: contradicts an earlier value of the same option; give one"
+            )
+        setattr(namespace, self.dest, value)
+
+
+class _CommaList(argparse.Action):
+    """A list given as ``a,b`` and/or repeated: one value per use, so it cannot swallow positionals."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        items = [item.strip() for item in values.split(",")]
+        if not all(items):
+            parser.error(f"argument {option_string}: empty name in {values!r}")
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest, []), *items])
+
+
+def _scalar_type(tp: Any) -> Any:
+    parts = [p for p in typing.get_args(tp) or (tp,) if p is not type(None)]
+    return parts[0] if parts in ([int], [float]) else str
+
+
+def _is_bool(tp: Any) -> bool:
+    return tp is bool or set(typing.get_args(tp)) == {bool, type(None)}
+
+
+def _is_list(tp: Any) -> bool:
+    return any(typing.get_origin(p) is list for p in typing.get_args(tp) or (tp,))
+
+
+def _add_one(target, name: str, spec: Spec, tp: Any, default: Any) -> None:
+    flag, S = flag_of(name, spec), argparse.SUPPRESS
+    shown = f" (default: {default})" if default not in (None, False, True, "") else ""
+    text = (spec.help + shown).replace("%", "%%")
+    if flag == "":
+        target.add_argument(name, nargs="?", default=S, help=text, metavar=name.upper())
+    elif _is_bool(tp) and default is None:  # tri-state: --x / --no-x
+        target.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=S, help=text)
+    elif _is_bool(tp):
+        switch = "--no-" + flag[2:] if spec.negate else flag
+        text = ("do not: " if spec.negate else "") + text
+        target.add_argument(
+            switch, dest=name, action="store_const", const=not spec.negate, default=S, help=text
+        )
+    elif _is_list(tp):
+        target.add_argument(flag, dest=name, action=_CommaList, default=S, help=text, metavar=spec.metavar)
+    else:
+        allowed = spec.allowed()
+        target.add_argument(
+            flag,
+            dest=name,
+            action=_Once,
+            type=_scalar_type(tp) if spec.parse is None else str,
+            parse=spec.parse,
+            choices=allowed,
+            default=S,
+            help=text,
+            metavar=spec.metavar or (None if allowed else name.upper()),
+        )
+    for const_flag, value in spec.consts.items():
+        target.add_argument(
+            const_flag,
+            dest=name,
+            action=_Once,
+            nargs=0,
+            const_value=value,
+            default=S,
+            help=f"the same as {flag} {value}",
+        )
+
+
+def add_options(
+    parser: argparse.ArgumentParser,
+    schema: type,
+    *,
+    only: Callable[[Spec], bool] | None = None,
+    names: Iterable[str] | None = None,
+    defaults: dict[str, Any] | None = None,
+) -> None:
+    """Add the command-line options of ``schema`` (those ``only(spec)`` keeps, or those ``names``) to
+    ``parser``, in argument groups named by the specs. ``defaults``: the command's own defaults where
+    they differ from the schema's (shown in the help; the command applies them)."""
+    groups: dict[str | None, Any] = {None: parser}
+    chosen = None if names is None else set(names)
+    for f, spec, tp in fields_of(schema):
+        if (
+            not spec.cli
+            or (only is not None and not only(spec))
+            or (chosen is not None and f.name not in chosen)
+        ):
+            continue
+        if spec.group not in groups:
+            groups[spec.group] = parser.add_argument_group(spec.group)
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        _add_one(groups[spec.group], f.name, spec, tp, (defaults or {}).get(f.name, default))
+
+
+def add_config_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help="read options from a YAML or JSON file (a run's run_config.json reproduces the run); "
+        "options on the command line override it",
+    )
+
+
+def options_from_args(args: argparse.Namespace, schema: type) -> dict[str, Any]:
+    """The schema's options that were given: the ``--config`` file's, overridden by the command line's."""
+    names = {f.name for f, spec, _ in fields_of(schema) if spec.cli}
+    typed = {name: value for name, value in vars(args).items() if name in names}
+    path = getattr(args, "config", None)
+    return {**(read_config_file(path, schema) if path else {}), **typed}

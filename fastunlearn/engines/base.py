@@ -1,0 +1,83 @@
+"""One interface for every way a run is spread over devices, and the choice among them.
+
+The training pipeline calls an :class:`Engine`'s hooks in order and knows nothing of the engines
+themselves:
+
+1. :meth:`Engine.loading` around ``from_pretrained`` (DeepSpeed ZeRO-3 creates the model partitioned);
+2. :meth:`Engine.place` to put the loaded model on its device;
+3. :meth:`Engine.before_training` around every forward and backward before ``Trainer`` starts (the
+   metrics before training, the Fisher passes, reference log-probabilities), and :meth:`Engine.after_fisher`
+   between the Fisher passes and FILA;
+4. :meth:`Engine.wrap` after FILA: a model the engine sharded itself (FSDP2), which ``Trainer`` trains as
+   it is, and :meth:`Engine.trainer_options` for ``TrainingArguments``;
+5. :meth:`Engine.gathered_state` to collect the trained state for the exports (a collective).
+
+One process and DDP (``Trainer`` wraps the model under ``torchrun``) need no hook: :class:`Engine` itself.
+Under several processes only the main one writes (:mod:`fastunlearn.engines.distributed`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from torch import nn
+
+from fastunlearn.engines import distributed
+from fastunlearn.models.devices import to_training_device
+
+__all__ = ["ENGINES", "Engine", "engine_for"]
+
+# What the memory plan and run_config.json call each engine.
+ENGINES = ("ddp", "fsdp", "zero2", "zero3")
+
+
+class Engine:
+    """One process, or DDP replicas under ``torchrun`` / ``accelerate launch``."""
+
+    name = "ddp"
+
+    @contextlib.contextmanager
+    def loading(self) -> Iterator[None]:
+        yield
+
+    def place(self, model: nn.Module) -> None:
+        to_training_device(model)
+
+    @contextlib.contextmanager
+    def before_training(self, model: nn.Module) -> Iterator[None]:
+        yield
+
+    def after_fisher(self) -> None:
+        """Called between the Fisher passes and FILA's writes into the weights."""
+
+    def wrap(self, model: nn.Module, precision: str) -> nn.Module | None:
+        """A model the engine prepared for training itself, or ``None`` for ``Trainer`` to wrap."""
+        return None
+
+    def trainer_options(self) -> dict[str, Any]:
+        return {}
+
+    def gathered_state(self, model: nn.Module, *, trainable_only: bool) -> dict | None:
+        """The trained state collected on the main process, or ``None`` to read the model itself."""
+        return None
+
+
+def engine_for(
+    fsdp: str | None, deepspeed: Any, *, init: str, resume: bool, cfg: Any, precision: str
+) -> Engine:
+    """The engine a run's options ask for, checked before anything loads: ``fsdp`` words or a
+    ``deepspeed`` config (read and checked against the options on the main process)."""
+    if fsdp:
+        from fastunlearn.engines.fsdp import FsdpEngine
+
+        return FsdpEngine.for_run(fsdp, init, resume=resume)
+    if deepspeed is not None:
+        from fastunlearn.engines.deepspeed import DeepSpeedEngine, prepare_deepspeed
+
+        setup = distributed.on_main(
+            lambda: prepare_deepspeed(deepspeed, cfg, precision, distributed.world_size())
+        )
+        return DeepSpeedEngine(setup)
+    return Engine()

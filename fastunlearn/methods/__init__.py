@@ -1,0 +1,1 @@
+"""Unlearning objectives: a forget term and a retain term computed by the patched model."""

@@ -1,0 +1,44 @@
+"""Layer names and models under wrappers: what ``peft``, DDP, FSDP and DeepSpeed add, stripped."""
+
+from __future__ import annotations
+
+from torch import nn
+
+# What FSDP1 (``_fsdp_wrapped_module``), activation-checkpoint wrappers and ``torch.compile`` insert
+# into module names, anywhere along the path.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def strip_wrappers(name: str) -> str:
+    """A parameter or module name without what distributed wrappers insert: the leading ``module.`` of
+    DDP / DeepSpeed and every ``_fsdp_wrapped_module.`` / ``_checkpoint_wrapped_module.`` /
+    ``_orig_mod.``, so a wrapped ``peft`` model's names are the plain one's
+    (``_fsdp_wrapped_module.base_model.model.model.layers.0._fsdp_wrapped_module.mlp.up_proj`` →
+    ``base_model.model.model.layers.0.mlp.up_proj``)."""
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    return name.removeprefix("module.")
+
+
+def canonical_name(name: str) -> str:
+    """The name of a linear layer in the plain (un-wrapped) model.
+
+    Strips what wrappers add (:func:`strip_wrappers`), so that estimates taken on a ``transformers``
+    model and on the same model wrapped by ``peft`` (or DDP/FSDP/DeepSpeed) share their keys:
+    ``module.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight`` →
+    ``model.layers.0.self_attn.q_proj``.
+    """
+    name = strip_wrappers(name)
+    for prefix in ("module.", "base_model.model."):
+        if name.startswith(prefix):
+            name = name[len(prefix) :]
+    for suffix in (".weight", ".base_layer"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model under a ``peft`` wrapper (with its adapter layers in place), or ``model`` itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model

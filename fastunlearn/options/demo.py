@@ -1,0 +1,29 @@
+"""The options of ``fastunlearn demo`` beyond the run's own (method, init, seed, output...)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastunlearn.options.schema import option, validate
+
+__all__ = ["DEMO_SIZES", "DemoOptions"]
+
+DEMO_SIZES = ("small", "tiny")
+
+
+@dataclass
+class DemoOptions:
+    """The synthetic data and models of the demo, and its stopping rule."""
+
+    cache_dir: str | None = option(
+        None, "where the data and pre-trained demo models are cached (default: the user cache)", path=True
+    )
+    size: str = option("small", "'tiny' is a reduced, faster demo used by the tests", choices=DEMO_SIZES)
+    stop: bool = option(
+        False,
+        "stop by the tofu rule (forget accuracy and ROUGE-L at the retain-only model's), 3 evaluations past "
+        "the first crossing, keeping the best state, instead of training the fixed 10 epochs",
+    )
+
+    def __post_init__(self) -> None:
+        validate(self)

@@ -1,0 +1,199 @@
+"""The option schema: every option of every command declared once, as a dataclass field.
+
+A field's metadata (:class:`Spec`, made by :func:`option`) says everything the rest of the package
+derives from it: the command-line flag and help, the choices and range that validation enforces,
+whether the value is part of a run's identity (a resumed run must keep it) or only says how to run,
+whether the memory plan reads it, and how ``run_config.json`` records it. The type is the field's
+annotation. Adding an option is one field here and the code that uses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+SPEC = "fastunlearn.option"
+
+__all__ = [
+    "Spec",
+    "fields_of",
+    "flag_of",
+    "option",
+    "record_value",
+    "require",
+    "spec_of",
+    "to_record",
+    "validate",
+    "with_absolute_paths",
+]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the package derives from one option (see the module docstring).
+
+    ``flag``: the command-line flag (default ``--name-with-dashes``); ``""`` makes it the positional
+    argument. ``negate``: a boolean that defaults to True is switched off by ``--no-...``.
+    ``consts``: extra flags that set a constant (``{"--bf16": "bf16"}``). ``identity``: a resumed run
+    must have the same value. ``plan``: an input of the memory plan. ``cli``: False for Python-only
+    options (objects). ``parse``: turns the command line's string into the value (memory sizes).
+    ``check``: more validation than type, choices and bounds. ``path``: recorded as an absolute path
+    (``True``: when it exists, so a Hub id stays one; ``"output"``: always).
+    """
+
+    help: str
+    flag: str | None = None
+    choices: tuple[Any, ...] | Callable[[], tuple[Any, ...]] | None = None
+    group: str | None = None
+    metavar: str | None = None
+    minimum: float | None = None
+    positive: bool = False
+    negate: bool = False
+    consts: Mapping[str, Any] = field(default_factory=dict)
+    identity: bool = True
+    plan: bool = False
+    cli: bool = True
+    parse: Callable[[str], Any] | None = None
+    check: Callable[[Any], None] | None = None
+    path: bool | str = False
+    required: bool = False
+
+    def allowed(self) -> tuple[Any, ...] | None:
+        return self.choices() if callable(self.choices) else self.choices
+
+
+def option(default: Any = None, help: str = "", **spec: Any) -> Any:
+    """A dataclass field with its :class:`Spec` (``default`` may be a list: each instance gets a copy)."""
+    metadata = {SPEC: Spec(help=help, **spec)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def flag_of(name: str, spec: Spec) -> str:
+    """The long flag of option ``name`` (``""`` for the positional argument)."""
+    return spec.flag if spec.flag is not None else "--" + name.replace("_", "-")
+
+
+def spec_of(f: dataclasses.Field) -> Spec:
+    return f.metadata.get(SPEC) or Spec(help="", cli=False)
+
+
+def fields_of(cls_or_obj: Any) -> Iterator[tuple[dataclasses.Field, Spec, Any]]:
+    """``(field, spec, type)`` of every option of a schema class or instance, in declaration order."""
+    cls = cls_or_obj if isinstance(cls_or_obj, type) else type(cls_or_obj)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        yield f, spec_of(f), hints[f.name]
+
+
+def _parts(tp: Any) -> tuple[Any, ...]:
+    """The members of a union type (``int | None`` → ``(int, NoneType)``), or the type alone."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return typing.get_args(tp)
+    return (tp,)
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    for part in _parts(tp):
+        origin = typing.get_origin(part) or part
+        if part is Any or (part is type(None) and value is None):
+            return True
+        if origin is bool and isinstance(value, bool):
+            return True
+        if origin in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return origin is float or isinstance(value, int)
+        if origin is list and isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(part) or (Any,)
+            return all(_type_ok(v, item) for v in value)
+        if origin is str and isinstance(value, str):
+            return True
+        if origin is os.PathLike and isinstance(value, os.PathLike):
+            return True
+        if origin is dict and isinstance(value, Mapping):
+            return True
+        if (
+            isinstance(origin, type)
+            and origin not in (int, float, bool, str, list, dict)
+            and isinstance(value, origin)
+        ):
+            return True
+    return False
+
+
+def _type_name(tp: Any) -> str:
+    names = []
+    for part in _parts(tp):
+        if part is type(None):
+            names.append("None")
+        else:
+            names.append(getattr(typing.get_origin(part) or part, "__name__", str(part)))
+    return " or ".join(names)
+
+
+def check_value(name: str, value: Any, spec: Spec, tp: Any) -> None:
+    """``ValueError`` (``TypeError`` for a wrong type) naming ``name`` if ``value`` breaks its spec."""
+    if not _type_ok(value, tp):
+        raise TypeError(f"{name} must be {_type_name(tp)}, got {value!r}")
+    if value is None:
+        return
+    allowed = spec.allowed()
+    if allowed is not None and isinstance(value, (str, int)) and value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; expected one of {list(allowed)}")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if number and spec.positive and not value > 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+    if number and spec.minimum is not None and value < spec.minimum:
+        raise ValueError(f"{name} must be at least {spec.minimum:g}, got {value}")
+    if spec.check is not None:
+        spec.check(value)
+
+
+def validate(obj: Any) -> None:
+    """Check every option of a schema instance against its spec (types, choices, bounds, checks)."""
+    for f, spec, tp in fields_of(obj):
+        check_value(f.name, getattr(obj, f.name), spec, tp)
+
+
+def require(obj: Any) -> None:
+    """``ValueError`` naming the first required option (the positional one included) left unset."""
+    for f, spec, _ in fields_of(obj):
+        if (spec.required or flag_of(f.name, spec) == "") and getattr(obj, f.name) is None:
+            raise ValueError(f"{f.name} is required")
+
+
+def record_value(value: Any, spec: Spec) -> Any:
+    """How ``run_config.json`` records a value: paths absolute, objects by class name, JSON as it is."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        absolute = spec.path == "output" or (spec.path and os.path.exists(path))
+        return os.path.abspath(path) if absolute else path
+    if isinstance(value, Mapping):
+        return {str(k): record_value(v, Spec(help="")) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(v, (str, int, float, bool)) for v in value):
+            return list(value)
+        return [f"<{type(v).__name__}>" for v in value]
+    return f"<{type(value).__name__}>"
+
+
+def with_absolute_paths(obj: Any) -> Any:
+    """A copy of ``obj`` with its path options absolute (the recorded command must run from anywhere)."""
+    changes = {
+        f.name: record_value(getattr(obj, f.name), spec)
+        for f, spec, _ in fields_of(obj)
+        if spec.path and isinstance(getattr(obj, f.name), (str, os.PathLike))
+    }
+    return dataclasses.replace(obj, **changes)
+
+
+def to_record(obj: Any) -> dict[str, Any]:
+    """Every option of ``obj`` as a JSON value (what ``run_config.json`` holds and ``--config`` reads)."""
+    return {f.name: record_value(getattr(obj, f.name), spec) for f, spec, _ in fields_of(obj)}

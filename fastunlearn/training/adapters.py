@@ -1,0 +1,114 @@
+"""What trains: LoRA adapters, FILA's Fisher-initialised adapters (Cha et al., ICLR 2025, §3.2), or
+every weight; and the fixed reference log-probabilities NPO needs."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastunlearn import data as fdata
+from fastunlearn.engines import distributed
+from fastunlearn.engines.base import Engine
+from fastunlearn.methods.objectives import sequence_logprobs
+from fastunlearn.models.devices import training_device
+from fastunlearn.models.loading import quiet_peft_wrap
+from fastunlearn.models.precision import autocast
+from fastunlearn.options.unlearn import UnlearnConfig
+
+__all__ = ["initialise_adapters", "reference_logprobs"]
+
+ROW_WEIGHTS = os.path.join("fisher", "row_weights.safetensors")
+
+
+def _lora_model(model: nn.Module, cfg: UnlearnConfig) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules if cfg.target_modules is not None else "all-linear",
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(cfg.seed)  # peft draws A at random
+    with quiet_peft_wrap():
+        return get_peft_model(model, lora)
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    # With frozen embeddings the checkpointed blocks get inputs that do not require grad, and nothing
+    # inside them would train: make the embedding output require grad.
+    model.enable_input_require_grads()
+    if getattr(model, "config", None) is not None:
+        model.config.use_cache = False
+
+
+def _fila(
+    model: nn.Module, forget, retain, cfg: UnlearnConfig, build_dir: str, engine: Engine
+) -> dict[str, str]:
+    """FILA's row weights (computed, or on resume reloaded: they re-create the same initialisation) and
+    the adapters re-initialised from them."""
+    from fastunlearn.fisher import FilaRowWeights, fila_init, fila_row_weights
+
+    path = os.path.join(build_dir, ROW_WEIGHTS)
+    if distributed.on_main(lambda: os.path.isfile(path)):
+        row_weights = FilaRowWeights.load(path)
+    else:
+        row_weights = fila_row_weights(
+            model,
+            forget,
+            retain,
+            target_modules=cfg.target_modules,
+            mode=cfg.fisher_mode,
+            eps=cfg.fila_eps,
+            max_memory=cfg.fisher_memory,
+            progress=cfg.progress,
+        )
+        distributed.on_main(lambda: row_weights.save(path, overwrite=True))
+    engine.after_fisher()
+    fila_init(model, row_weights=row_weights, eps=cfg.fila_eps, solver=cfg.fila_solver, seed=cfg.seed)
+    return {"row_weights": path}
+
+
+def initialise_adapters(
+    model: nn.Module,
+    cfg: UnlearnConfig,
+    checked: Any,
+    dataset: fdata.PairedDataset,
+    build_dir: str,
+    engine: Engine,
+) -> tuple[nn.Module, dict[str, str]]:
+    """The model ready to train (wrapped with LoRA unless ``init="full"``) and the files FILA wrote."""
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    if cfg.init == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model, {}
+    model = _lora_model(model, cfg)
+    if cfg.init != "fila":
+        return model, {}
+    # Fisher over one pass of the forget set and of the retain examples paired with it.
+    paired = [checked.retain[j] for j in dataset.pairing] if dataset.pairing else []
+    if not paired:
+        raise ValueError("init='fila' needs a retain set (relative Fisher information)")
+    batches = (fdata.batches(ex, checked.pad_id, cfg.fisher_batch_size) for ex in (checked.forget, paired))
+    return model, _fila(model, *batches, cfg, build_dir, engine)
+
+
+def reference_logprobs(
+    model: nn.Module, forget: list[fdata.Example], cfg: UnlearnConfig, precision: str, pad_id: int
+) -> torch.Tensor:
+    """Per-sequence log-probabilities of the forget set under the model before unlearning (for FILA:
+    ``W_res + s·B₀A₀ = W``), computed as the training step computes the policy term."""
+    with autocast(precision, training_device()):
+        return sequence_logprobs(model, fdata.batches(forget, pad_id, cfg.eval_batch_size))

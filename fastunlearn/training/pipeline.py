@@ -1,0 +1,282 @@
+"""An unlearning run as a pipeline: check → load → data → init → train → export.
+
+Each step is a function over one :class:`RunState`, read top to bottom in :func:`run_unlearning`.
+Everything that can be wrong with the options, the output directory, the model and the data is found
+by :func:`check`, before the weights load and before anything is written; the output directory's
+life (build, resume, swap) is :mod:`fastunlearn.training.outputs`'s; how the run is spread over
+devices is the engine's (:mod:`fastunlearn.engines.base`). Under ``torchrun`` every process runs this;
+the main one alone writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from fastunlearn import data as fdata
+from fastunlearn._io import write_json
+from fastunlearn.engines import distributed
+from fastunlearn.engines.base import Engine, engine_for
+from fastunlearn.models.devices import training_device
+from fastunlearn.models.loading import load_model_and_tokenizer
+from fastunlearn.models.patching import fused_blocker, patch, unpatch
+from fastunlearn.models.precision import load_dtype, resolve_training_precision, weights_dtype
+from fastunlearn.options.unlearn import UnlearnConfig
+from fastunlearn.training import outputs
+from fastunlearn.training.adapters import initialise_adapters, reference_logprobs
+from fastunlearn.training.exports import collect_outputs, save_outputs
+from fastunlearn.training.memory_check import check_run_memory
+from fastunlearn.training.preflight import Checked, check_vocab, preflight, read_data
+from fastunlearn.training.run_record import check_resumable, run_record
+from fastunlearn.training.stopping_setup import plan_run_stopping, prepare_unseen, stopping_callback
+from fastunlearn.training.trainer import build_trainer
+
+__all__ = ["RunState", "UnlearnResult", "run_unlearning", "unlearn"]
+
+
+@dataclass
+class UnlearnResult:
+    """What a run produced: the trained model, its metrics, and the paths written."""
+
+    model: nn.Module
+    tokenizer: Any
+    output_dir: str
+    metrics: dict[str, Any]
+    metrics_path: str
+    run_config_path: str
+    adapter_path: str | None = None
+    model_path: str | None = None
+    merged_path: str | None = None
+    fisher_paths: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunState:
+    """Everything a run knows, filled in step by step."""
+
+    cfg: UnlearnConfig
+    precision: str
+    engine: Engine
+    record: dict[str, Any]
+    dirs: outputs.RunDirs
+    checked: Checked
+    stop_plan: Any
+    model: Any = None
+    tokenizer: Any = None
+    dataset: fdata.PairedDataset | None = None
+    callbacks: list[Any] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    fisher_paths: dict[str, str] = field(default_factory=dict)
+    fetching: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+
+def check(cfg: UnlearnConfig) -> RunState:
+    """Every check that can fail, before the weights load and before anything is written."""
+    cfg.require()
+    model = cfg.model
+    weights = None if isinstance(model, (str, os.PathLike)) else weights_dtype(model)
+    precision = resolve_training_precision(cfg.precision, training_device(), init=cfg.init, weights=weights)
+    distributed.init_from_env()  # under torchrun / accelerate launch: join the ranks' process group
+    engine = engine_for(
+        cfg.fsdp, cfg.deepspeed, init=cfg.init, resume=cfg.resume, cfg=cfg, precision=precision
+    )
+    data = distributed.on_all(lambda: read_data(cfg.forget, cfg.retain, data_format=cfg.data_format))
+    stop_plan = distributed.on_all(lambda: plan_run_stopping(cfg, {n: fmt for n, (_, fmt) in data.items()}))
+    record = run_record(cfg, precision=precision, world_size=distributed.world_size(), engine=engine.name)
+    dirs = distributed.on_main(lambda: _plan_output(cfg, record))
+    checked = distributed.on_all(lambda: preflight(model, cfg.tokenizer, data, init=cfg.init, cfg=cfg))
+    if cfg.memory_check:  # the main process decides; its refusal is every rank's
+        distributed.on_main(lambda: check_run_memory(cfg, checked, precision, engine.name))
+    return RunState(cfg, precision, engine, record, dirs, checked, stop_plan)
+
+
+def _plan_output(cfg: UnlearnConfig, record: dict[str, Any]) -> outputs.RunDirs:
+    dirs = outputs.plan_run(cfg.output_dir, overwrite=cfg.overwrite, resume=cfg.resume)
+    if dirs.resume:
+        check_resumable(dirs.build, record, UnlearnConfig)
+    return dirs
+
+
+def load(run: RunState) -> None:
+    """The model and tokenizer, patched (the losses inside its forward) and on their device."""
+    cfg = run.cfg
+    with run.engine.loading():
+        run.model, run.tokenizer = load_model_and_tokenizer(
+            cfg.model,
+            run.checked.tokenizer,
+            trust_remote_code=cfg.trust_remote_code,
+            allow_download=cfg.allow_download,
+            dtype=load_dtype(run.precision, cfg.init),
+        )
+    if cfg.fused and (reason := fused_blocker(run.model)) is not None:
+        raise ValueError(
+            f"fused=True: cannot compute the losses of {type(run.model).__name__} fused: {reason}"
+        )
+    # Patched now, so that every pass of the run (evaluation, Fisher, training) takes the same path.
+    patch(run.model, fused=cfg.fused, backend=cfg.ihl_backend, validate=False)
+    run.engine.place(run.model)
+
+
+def prepare_data(run: RunState) -> None:
+    """The paired data set, the output directory started, the metrics before training and the
+    stopping rule's callback (its reference values measured on the model before unlearning)."""
+    cfg, checked = run.cfg, run.checked
+    unseen = prepare_unseen(cfg, checked.tokenizer) if run.stop_plan is not None else []
+    check_vocab(run.model, unseen, "unseen")
+    run.dataset = fdata.PairedDataset(checked.forget, checked.retain, seed=cfg.seed)
+    run.fetching.enter_context(run.engine.before_training(run.model))
+    if cfg.evaluate:
+        run.metrics["before"] = _evaluate(run)
+    if run.stop_plan is not None:
+        args = (checked.forget, checked.retain, unseen, run.dirs.build)
+        run.callbacks.append(stopping_callback(run.stop_plan, cfg, run.model, run.tokenizer, *args))
+    # The output directory is touched only now: a run refused above leaves it as it was.
+    config_path = os.path.join(run.dirs.build, outputs.CONFIG)
+    distributed.on_main(lambda: (outputs.start_run(run.dirs), write_json(config_path, run.record)))
+
+
+def initialise(run: RunState) -> None:
+    """LoRA, FILA (from the forget and retain Fisher information) or full fine-tuning."""
+    run.model, run.fisher_paths = initialise_adapters(
+        run.model, run.cfg, run.checked, run.dataset, run.dirs.build, run.engine
+    )
+    if run.cfg.method == "npo":  # the model before unlearning gives the fixed reference
+        run.dataset.ref_logp = reference_logprobs(
+            run.model, run.checked.forget, run.cfg, run.precision, run.checked.pad_id
+        )
+    run.fetching.close()  # Trainer's DeepSpeed engine installs its own hooks
+
+
+def train(run: RunState) -> None:
+    """``Trainer`` over the paired batches; a resumed run goes on from its last checkpoint."""
+    cfg = run.cfg
+    wrapped = run.engine.wrap(run.model, run.precision)
+    trainer = build_trainer(
+        run.model,
+        run.dataset,
+        run.checked.pad_id,
+        method=cfg.method,
+        cfg=cfg,
+        output_dir=run.dirs.build,
+        precision=run.precision,
+        extra_callbacks=run.callbacks,
+        wrapped_model=wrapped,
+        **run.engine.trainer_options(),
+    )
+    checkpoint = outputs.last_checkpoint(run.dirs.build) if run.dirs.resume else None
+    if checkpoint is not None:
+        trainer.resume_run_loss(checkpoint)
+    if checkpoint is not None and run.callbacks:  # the evaluations up to it are not repeated
+        run.callbacks[0].resume_from(checkpoint)
+    start = time.perf_counter()
+    out = trainer.train(resume_from_checkpoint=checkpoint)
+    run.metrics["train"] = {
+        "loss": trainer.run_loss(),  # over every step of the run, a resumed one's included
+        "global_step": out.global_step,
+        "runtime_s": time.perf_counter() - start,
+    }
+    if run.callbacks:  # the callback has put the kept state back: "after" and the files are that state
+        run.metrics["stopping"] = _published_stopping(run)
+    if cfg.evaluate:
+        run.metrics["after"] = _evaluate(run)
+
+
+def export(run: RunState) -> UnlearnResult:
+    """The adapter (or model) and merged model written, ``metrics.json`` last: the run is finished."""
+    cfg, dirs = run.cfg, run.dirs
+    gathered = run.engine.gathered_state(run.model, trainable_only=not cfg.merge)
+    exported = collect_outputs(run.model, init=cfg.init, merge=cfg.merge, state_dict=gathered)
+
+    def publish() -> dict[str, str]:
+        written = save_outputs(run.model, run.tokenizer, exported, dirs.build, init=cfg.init)
+        write_json(os.path.join(dirs.build, outputs.COMPLETE_MARKER), run.metrics)
+        outputs.finish_run(dirs)
+        return written
+
+    written = distributed.on_main(publish)  # the other ranks wait until the run is published
+
+    def published(path: str | None) -> str | None:
+        return None if path is None else os.path.join(dirs.output, os.path.relpath(path, dirs.build))
+
+    return UnlearnResult(
+        model=run.model,
+        tokenizer=run.tokenizer,
+        output_dir=dirs.output,
+        metrics=run.metrics,
+        metrics_path=os.path.join(dirs.output, outputs.COMPLETE_MARKER),
+        run_config_path=os.path.join(dirs.output, outputs.CONFIG),
+        adapter_path=published(written.get("adapter")),
+        model_path=published(written.get("model")),
+        merged_path=published(written.get("merged")),
+        fisher_paths={name: published(path) for name, path in run.fisher_paths.items()},
+    )
+
+
+def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
+    """Run the unlearning job ``cfg`` describes (module docstring)."""
+    run = check(cfg)
+    load(run)
+    try:
+        prepare_data(run)
+        initialise(run)
+        train(run)
+        return export(run)
+    finally:
+        run.fetching.close()
+        unpatch(run.model)
+
+
+def unlearn(
+    model: nn.Module | str | os.PathLike,
+    tokenizer: Any,
+    forget: str | os.PathLike | Iterable[Mapping[str, Any]],
+    retain: str | os.PathLike | Iterable[Mapping[str, Any]] | None,
+    *,
+    method: str = "ihl",
+    init: str = "fila",
+    output_dir: str | os.PathLike,
+    **options: Any,
+) -> UnlearnResult:
+    """Unlearn ``forget`` from ``model`` while keeping it good on ``retain`` (Cha et al., ICLR 2025).
+
+    ``model``: a Hugging Face causal LM (modified in place: wrapped with LoRA, and for FILA its base
+    weights become the residual ``W − s·B₀A₀``) or a local directory. ``forget`` / ``retain``: data files
+    or iterables of records. ``options``: the fields of :class:`~fastunlearn.options.unlearn.UnlearnConfig`.
+    """
+    cfg = UnlearnConfig(
+        model=model,
+        tokenizer=tokenizer,
+        forget=forget,
+        retain=retain,
+        method=method,
+        init=init,
+        output_dir=output_dir,
+        **options,
+    )
+    return run_unlearning(cfg)
+
+
+def _evaluate(run: RunState) -> dict[str, dict[str, float]]:
+    from fastunlearn.evaluation.likelihood import answer_metrics, example_stats
+
+    pad_id = run.checked.pad_id
+    sets = (("forget", run.checked.forget), ("retain", run.checked.retain))
+    return {
+        name: answer_metrics(example_stats(run.model, examples, pad_id, run.cfg.eval_batch_size))
+        for name, examples in sets
+        if examples
+    }
+
+
+def _published_stopping(run: RunState) -> dict[str, Any]:
+    summary = dict(run.callbacks[0].summary)
+    for key in ("trajectory_csv", "trajectory_png"):  # where they are once the run is published
+        if summary.get(key):
+            summary[key] = os.path.join(run.dirs.output, os.path.basename(summary[key]))
+    return summary

@@ -1,0 +1,134 @@
+"""``run_config.json``: what a run was — every option (from the schema), fingerprints of its model,
+tokenizer and data, the precision, engine, process count and library versions — and the check that a
+resumed run is the same run.
+
+A resumed run must agree on every option the schema marks as part of a run's identity, and on the
+fingerprints: the same model directory holding other weights, another tokenizer or edited data files
+is another run, whatever the paths say.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from fastunlearn.options.commandline import command_line
+from fastunlearn.options.schema import fields_of, to_record, with_absolute_paths
+
+__all__ = ["check_resumable", "fingerprint", "run_record"]
+
+# Files of a model or tokenizer directory hashed whole; weights are fingerprinted by name and size.
+_SMALL_SUFFIXES = (".json", ".model", ".txt", ".py", ".tiktoken")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def _hash_file(path: str, digest: Any) -> None:
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+
+
+def _hash_directory(path: str) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            continue
+        if name.endswith(_WEIGHT_SUFFIXES):
+            digest.update(f"{name}:{os.path.getsize(full)}\n".encode())
+        elif name.endswith(_SMALL_SUFFIXES):
+            digest.update(f"{name}\n".encode())
+            _hash_file(full, digest)
+    return digest.hexdigest()
+
+
+def fingerprint(value: Any) -> str | None:
+    """A content fingerprint of a data file, a model or tokenizer directory, in-memory records or a
+    loaded model (its config); ``None`` for anything else (a Hub id, an option that is not a source)."""
+    if isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        if os.path.isdir(path):
+            return "dir:" + _hash_directory(path)
+        if os.path.isfile(path):
+            digest = hashlib.sha256()
+            _hash_file(path, digest)
+            return "file:" + digest.hexdigest()
+        return None
+    config = getattr(value, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        return "config:" + hashlib.sha256(config.to_json_string().encode()).hexdigest()
+    if isinstance(value, (list, tuple)) and value and all(isinstance(r, Mapping) for r in value):
+        text = json.dumps(list(value), sort_keys=True, default=str)
+        return "records:" + hashlib.sha256(text.encode()).hexdigest()
+    return None
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    from fastunlearn import __version__
+
+    return {
+        "fastunlearn": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+def run_record(cfg: Any, *, precision: str, world_size: int, engine: str) -> dict[str, Any]:
+    """What ``run_config.json`` holds for a run (module docstring); its ``options`` read back by
+    ``--config`` run the same job."""
+    absolute = with_absolute_paths(cfg)
+    identity = {
+        f.name: fingerprint(getattr(cfg, f.name))
+        for f, spec, _ in fields_of(cfg)
+        if spec.path and spec.identity and getattr(cfg, f.name) is not None
+    }
+    if "model" in identity and cfg.tokenizer is None:
+        identity["tokenizer"] = identity["model"]  # the model directory's own tokenizer
+    return {
+        "command": command_line(absolute, "unlearn"),
+        "options": to_record(absolute),
+        "fingerprints": identity,
+        "precision": precision,
+        "engine": engine,
+        "world_size": world_size,  # the data order and global batch depend on it
+        "versions": _versions(),
+    }
+
+
+def _differences(saved: Mapping[str, Any], record: Mapping[str, Any], cfg_type: type) -> list[str]:
+    kept = {f.name for f, spec, _ in fields_of(cfg_type) if spec.identity}
+    options, before = record["options"], saved.get("options", {})
+    found = [name for name in options if name in kept and before.get(name) != options[name]]
+    for name, value in record["fingerprints"].items():
+        if saved.get("fingerprints", {}).get(name) != value and name not in found:
+            found.append(f"{name} (its content changed)" if before.get(name) == options.get(name) else name)
+    return found
+
+
+def check_resumable(build_dir: str, record: Mapping[str, Any], cfg_type: type) -> None:
+    """``ValueError`` unless the run recorded in ``build_dir`` is the run ``record`` describes."""
+    path = os.path.join(build_dir, "run_config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"cannot resume: {path} is missing")
+    with open(path, encoding="utf-8") as handle:
+        saved = json.load(handle)
+    started = saved.get("world_size", 1)
+    if started != record["world_size"]:
+        raise ValueError(
+            f"cannot resume: the run in {build_dir} was started on {started} process(es), this one has "
+            f"{record['world_size']} (the data order and global batch depend on it)"
+        )
+    differences = _differences(saved, record, cfg_type)
+    if differences:
+        raise ValueError(
+            f"cannot resume: the run in {build_dir} differs in {', '.join(differences)}; resume it with its "
+            "own options (--config its run_config.json) or start a new run with --overwrite"
+        )
