@@ -41,6 +41,8 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn.engines.distributed",
         "fastunlearn.engines.sharded",
     ),
+    # Stopping rules and their controller: pure logic over metric values, read by the option schema.
+    "fastunlearn.evaluation.stopping": (),
     # Records, templates, tokenisation, batches, TOFU's files: below training and evaluation alike.
     "fastunlearn.data": ("fastunlearn", "fastunlearn.ops"),
     "fastunlearn.methods": ("fastunlearn.ops", "fastunlearn.models", "fastunlearn.data"),
@@ -59,6 +61,7 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn.data",
         "fastunlearn.methods",
         "fastunlearn.engines",
+        "fastunlearn.evaluation.stopping",
     ),
     "fastunlearn.evaluation": (
         "fastunlearn.ops",

@@ -156,7 +156,7 @@ def _unlearn_args(ws: Path, out: Path, *extra: str) -> list[str]:
 
 def test_cli_refuses_a_contradicting_config_before_the_model_loads(workspace, tmp_path, capsys, monkeypatch):
     from fastunlearn.cli import main
-    from fastunlearn.training import run
+    from fastunlearn.training import pipeline as run
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded")

@@ -487,9 +487,8 @@ def test_eval_command_takes_the_template_of_the_run(model_and_tokenizer, tofu_di
     assert tofu["implicit"] == tofu["explicit"] and tofu["implicit"]["template"] == "tofu-phi"
     # ... and says so when the run's template is not one of SPEC §4.1's.
     (run_dir / "run_config.json").write_text(json.dumps({"options": {"template": "phi"}}))
-    assert legacy(implicit) == 0
-    assert "template 'phi', which legacy mode does not define" in capsys.readouterr().out
-    assert json.loads(implicit.read_text())["tofu"]["template"] == "tofu-llama2"
+    assert legacy(implicit) == 2  # no number under a template the user did not choose
+    assert "template 'phi', which legacy mode does not define; give --template" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------

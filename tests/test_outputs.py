@@ -60,9 +60,12 @@ def test_plan_refusals_and_where_runs_are_built(tmp_path):
     write(os.path.join(foreign, "notes.txt"), "mine")
     staging = os.path.join(complete, O.STAGING)
     for overwrite in (False, True):
-        for path in (empty, interrupted):
-            dirs = O.plan_run(path, overwrite=overwrite, resume=False)
-            assert (dirs.build, dirs.resume) == (path, False)
+        dirs = O.plan_run(empty, overwrite=overwrite, resume=False)
+        assert (dirs.build, dirs.resume) == (empty, False)
+    # An interrupted run is never started over by a plain run: it is resumed or overwritten.
+    with pytest.raises(FileExistsError, match="holds an interrupted run: pass resume=True to continue it, or"):
+        O.plan_run(interrupted, overwrite=False, resume=False)
+    assert O.plan_run(interrupted, overwrite=True, resume=False) == O.RunDirs(interrupted, interrupted, False)
     with pytest.raises(FileExistsError, match="holds a finished run; pass overwrite=True"):
         O.plan_run(complete, overwrite=False, resume=False)
     with pytest.raises(FileExistsError, match=r"files fastunlearn did not write \(notes\.txt\)"):
@@ -74,7 +77,8 @@ def test_plan_refusals_and_where_runs_are_built(tmp_path):
     with pytest.raises(ValueError, match="no run to resume"):
         O.plan_run(foreign, overwrite=False, resume=True)
     assert O.plan_run(interrupted, overwrite=False, resume=True).build == interrupted
-    assert O.plan_run(complete, overwrite=False, resume=True).build == complete
+    with pytest.raises(ValueError, match="holds a finished run: there is nothing to resume"):
+        O.plan_run(complete, overwrite=False, resume=True)
     # A staged run (an interrupted --overwrite) is what resume continues; a plain run is still refused.
     run_files(staging, finished=False, checkpoints=[3], tag="new")
     assert O.plan_run(complete, overwrite=False, resume=True) == O.RunDirs(complete, staging, resume=True)
@@ -90,7 +94,9 @@ def test_a_new_run_clears_only_an_interrupted_run_and_never_the_users_files(tmp_
     out = str(tmp_path / "out")
     run_files(out, finished=False, checkpoints=[2])
     run_files(os.path.join(out, O.STAGING), finished=False)
-    dirs = O.plan_run(out, overwrite=False, resume=False)
+    with pytest.raises(FileExistsError, match="interrupted run at step 2"):
+        O.plan_run(out, overwrite=False, resume=False)
+    dirs = O.plan_run(out, overwrite=True, resume=False)
     O.start_run(dirs)
     assert os.listdir(out) == []
     run_files(out, finished=True)
@@ -164,7 +170,7 @@ def test_interrupted_messages(tmp_path):
         "interrupted before the first checkpoint; rerun with resume=True to train from step 0 again"
     )
     assert O.interrupted_message(out, resume_offered=False) == (
-        "interrupted; rerun the same command to start again"
+        "interrupted; rerun with overwrite=True to start again"
     )
     run_files(out, finished=True)
     assert O.interrupted_message(out) == f"interrupted; {out} still holds its finished run"

@@ -24,7 +24,8 @@ from fastunlearn.cli import main
 from fastunlearn.models.devices import training_device
 from fastunlearn.options.unlearn import UnlearnConfig
 from fastunlearn.plan.memory_plan import plan_memory
-from fastunlearn.training import memory_check, run
+from fastunlearn.training import memory_check
+from fastunlearn.engines import base as engines_base
 from fastunlearn.training.pipeline import unlearn
 
 
@@ -159,8 +160,6 @@ def test_a_config_without_a_planned_field_skips_with_a_warning(ws):
         checked = memory_check.check_memory(
             config,
             examples,
-            method="ihl",
-            init="fila",
             cfg=UnlearnConfig(),
             weights=torch.float32,
             device=torch.device("cpu"),
@@ -173,7 +172,7 @@ def test_a_model_object_counts_its_resident_weights(ws, tmp_path, monkeypatch):
     def placed(model):
         raise Loaded
 
-    monkeypatch.setattr(run, "to_training_device", placed)  # the first step after the checks
+    monkeypatch.setattr(engines_base, "to_training_device", placed)  # the first step after the checks
     model = AutoModelForCausalLM.from_pretrained(ws / "model")
     tokenizer = AutoTokenizer.from_pretrained(ws / "model")
     resident = sum(p.numel() * p.element_size() for p in model.parameters())

@@ -16,7 +16,7 @@ from fastunlearn.cli import main
 from fastunlearn.demo import write_jsonl
 from fastunlearn.evaluation.stop_callback import SubsetEvaluator
 from fastunlearn.evaluation.trajectory import read_trajectory
-from fastunlearn.training import run as run_module
+from fastunlearn.training import pipeline as run_module
 from fastunlearn.training.pipeline import unlearn
 
 FORGET = [qa_record(i) for i in range(4)]
@@ -227,18 +227,18 @@ def argv(ws, *extra):
 def test_cli_passes_the_stopping_options(files, monkeypatch):
     seen = {}
 
-    def fake_unlearn(*args, **kwargs):
-        seen.update(kwargs)
+    def fake_run(cfg):
+        seen.update(vars(cfg))
         raise ValueError("stop here")
 
-    monkeypatch.setattr(run_module, "unlearn", fake_unlearn)
+    monkeypatch.setattr(run_module, "run_unlearning", fake_run)
     extra = ["--stop-when", "forget.prob<=0.1", "--eval-every", "5", "--patience", "2", "--restore", "best"]
     extra += ["--eval-items", "8", "--generate-within", "0.25", "--best-by", "retain.prob,retain.acc"]
     assert main(argv(files, *extra)) == 2
     names = ("stop", "eval_every", "patience", "restore", "eval_items", "generate_within", "best_by")
     assert {k: seen[k] for k in names} == {
         "stop": "forget.prob<=0.1",
-        "eval_every": "5",
+        "eval_every": 5,
         "patience": 2,
         "restore": "best",
         "eval_items": 8,
@@ -269,7 +269,7 @@ def test_cli_passes_the_stopping_options(files, monkeypatch):
         (["--stop-when", "forget.prob<=0.1", "--restore", "best"], "give patience >= 1"),
         (["--stop-when", "forget.prob<=0.1", "--eval-every", "0"], "'epoch' or a positive number"),
         (["--stop-when", "forget.prob<=0.1", "--eval-every", "often"], "'epoch' or a positive number"),
-        (["--stop-when", "forget.prob<=0.1", "--eval-items", "0"], "--eval-items must be at least 1"),
+        (["--stop-when", "forget.prob<=0.1", "--eval-items", "0"], "--eval-items must be positive"),
         (["--patience", "2"], r"patience need\(s\) a stopping rule"),
         (["--stop-when", "tofu:acc=0.3,rougeL=0.4", "--generate-within", "-1"], "--generate-within must be"),
         (

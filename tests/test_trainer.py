@@ -241,9 +241,8 @@ def test_outputs_metrics_and_run_config(setup, tmp_path):
             assert 0 <= metrics[when][split]["prob"] <= 1 and 0 <= metrics[when][split]["accuracy"] <= 1
     assert metrics == json.loads(json.dumps(result.metrics))
     config = json.loads((out / "run_config.json").read_text())
-    assert (
-        config["method"] == "ihl" and config["init"] == "lora" and config["forget"] == "<in-memory records>"
-    )
+    options = config["options"]
+    assert options["method"] == "ihl" and options["init"] == "lora" and options["forget"] == "<in-memory records>"
     assert config["options"]["lora_r"] == 4 and config["options"]["learning_rate"] == LR
     assert config["options"]["callbacks"] == ["EpochCounter"]
     assert {"torch", "transformers", "peft", "fastunlearn"} <= set(config["versions"])
@@ -274,7 +273,8 @@ def test_output_dir_refusal_and_overwrite(setup, tmp_path):
             resume=True,
             **{**kwargs, "output_dir": tmp_path / "empty"},
         )
-    with pytest.raises(ValueError, match=r"differs in \['options.learning_rate'\]"):
+    (out / "metrics.json").unlink()  # an interrupted run: resumable, but only as itself
+    with pytest.raises(ValueError, match=r"differs in learning_rate;"):
         unlearn(
             fresh_model(tokenizer), tokenizer, forget, None, resume=True, **{**kwargs, "learning_rate": 1.0}
         )
@@ -399,11 +399,11 @@ def test_bad_arguments(setup, tmp_path):
     with pytest.raises(ValueError, match="init='fila' needs a retain set"):
         unlearn(model, tokenizer, forget, None, method="ga", output_dir=out)
     assert not out.exists()  # refused before anything was written
-    with pytest.raises(ValueError, match="fused must be None, True or False"):
+    with pytest.raises(TypeError, match="fused must be bool or None, got 'yes'"):
         unlearn(model, tokenizer, forget, retain, output_dir=out, fused="yes")
     with pytest.raises(ValueError, match=r"unknown precision 'fp8'"):
         unlearn(model, tokenizer, forget, retain, output_dir=out, precision="fp8")
-    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+    with pytest.raises(ValueError, match="batch_size must be positive"):
         unlearn(model, tokenizer, forget, retain, output_dir=out, batch_size=0)
     with pytest.raises(ValueError, match="invalid memory size '64 parsecs'"):
         unlearn(model, tokenizer, forget, retain, output_dir=out, fisher_memory="64 parsecs")

@@ -153,7 +153,9 @@ def _checked(cfg) -> tuple[Any, Any]:
     from fastunlearn.data import TEMPLATE_NAMES
     from fastunlearn.evaluation.tofu import LEGACY_TEMPLATES
     from fastunlearn.models.devices import resolve_device
+    from fastunlearn.models.loading import model_source
 
+    model_source(cfg.model, base_model=cfg.base_model, allow_download=cfg.allow_download)
     tofu = _sources(cfg)
     for path in (cfg.output, cfg.save_reference):
         if path is not None and os.path.isdir(path):

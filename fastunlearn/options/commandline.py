@@ -25,7 +25,9 @@ def _spell(flag: str, value: Any, negate: bool, tp: Any) -> list[str]:
     return [flag, repr(value) if isinstance(value, float) else str(os.fspath(value) if isinstance(value, os.PathLike) else value)]
 
 
-def command_line(obj: Any, command: str, *, skip: tuple[str, ...] = ("overwrite", "resume")) -> str | None:
+def command_line(
+    obj: Any, command: str, *, skip: tuple[str, ...] = ("overwrite", "resume", "progress")
+) -> str | None:
     """``fastunlearn COMMAND ...`` running what ``obj`` holds, or ``None`` when no command line can (a
     model or data given as Python objects, a Python-only option away from its default). ``skip``: how
     to run, not what (left out)."""

@@ -15,7 +15,7 @@ TOFU_MODES = ("full", "legacy")
 
 
 @dataclass
-class EvalConfig(ModelAccess, RunControl):
+class EvalConfig(RunControl, ModelAccess):
     """Every option of an evaluation."""
 
     base_model: Any = option(

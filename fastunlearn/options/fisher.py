@@ -14,7 +14,7 @@ __all__ = ["FisherConfig"]
 
 
 @dataclass
-class FisherConfig(ModelAccess, DataShape, RunControl):
+class FisherConfig(RunControl, DataShape, ModelAccess):
     """Every option of a Fisher estimate."""
 
     data: Any = option(None, "data file of the examples", path=True, required=True, group="data")

@@ -180,7 +180,9 @@ def record_value(value: Any, spec: Spec) -> Any:
     if isinstance(value, (list, tuple)):
         if all(isinstance(v, (str, int, float, bool)) for v in value):
             return list(value)
-        return [f"<{type(v).__name__}>" for v in value]
+        if all(isinstance(v, Mapping) for v in value):
+            return "<in-memory records>"
+        return [type(v).__name__ for v in value]
     return f"<{type(value).__name__}>"
 
 

@@ -36,7 +36,7 @@ def _eval_every(value: Any) -> None:
 
 
 @dataclass
-class UnlearnConfig(ModelAccess, DataShape, RunControl):
+class UnlearnConfig(RunControl, DataShape, ModelAccess):
     """Every option of an unlearning run (defaults: the paper's recipe where it has one)."""
 
     forget: Any = option(

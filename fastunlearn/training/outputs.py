@@ -19,10 +19,12 @@ are known to be good, :func:`finish_run` publishes):
 state            plain run                   ``overwrite``                       ``resume``
 ===============  ==========================  ==================================  =====================
 empty            build in OUTPUT             build in OUTPUT                     refused: no run
-interrupted      clear it, build in OUTPUT   clear it, build in OUTPUT           continue in OUTPUT
-complete         refused                     build staged, swap in on success    continue in OUTPUT
+interrupted      refused: resume or          clear it, build in OUTPUT           continue in OUTPUT
+                 overwrite
+complete         refused                     build staged, swap in on success    refused: finished
 foreign          refused                     build staged, swap in on success    continue in OUTPUT if
-                                             (the user's entries are kept)       it holds a run
+                                             (the user's entries are kept)       it holds an unfinished
+                                                                                 run
 + staged run     as the state of OUTPUT      the staged run is started again     continue the staged
                                                                                  run, swap on success
 ===============  ==========================  ==================================  =====================
@@ -30,9 +32,9 @@ foreign          refused                     build staged, swap in on success   
 So a failed or interrupted run never costs a finished one: ``overwrite`` builds beside it and swaps
 only when the new run has finished (each old entry renamed aside, each new one renamed in,
 ``metrics.json`` last, then the old ones deleted; a crash inside the swap is rolled forward by the
-next :func:`inspect_output`). An interrupted run is always accepted by a plain re-run (there is nothing
-finished to lose) and by ``resume`` (which continues from its last complete checkpoint, or from step 0
-reusing its Fisher estimates when none was written). Checkpoints live in the directory the run is
+next :func:`inspect_output`). An interrupted run is never thrown away by a plain re-run: ``resume``
+continues it from its last complete checkpoint (or from step 0 reusing its Fisher estimates when none
+was written), ``overwrite`` starts again. Checkpoints live in the directory the run is
 built in, so ``resume`` finds them there.
 """
 
@@ -154,14 +156,29 @@ def plan_run(
     """
     out = inspect_output(output_dir)
     path, staging = out.path, os.path.join(out.path, STAGING)
+    finished = os.path.isfile(os.path.join(path, COMPLETE_MARKER))
     if resume:
         if out.staged:
             return RunDirs(path, staging, resume=True)
+        if finished:
+            raise ValueError(
+                f"output_dir {path!r} holds a finished run: there is nothing to resume (pass overwrite=True "
+                "to run it again)"
+            )
         if out.has_run:
             return RunDirs(path, path, resume=True)
         raise ValueError(f"resume=True but output_dir {path!r} holds no run to resume")
-    if out.state in ("empty", "interrupted"):
+    if out.state == "empty" or (out.state == "interrupted" and overwrite):
         return RunDirs(path, path, resume=False)
+    if out.state == "interrupted":
+        raise FileExistsError(
+            f"output_dir {path!r} holds an interrupted run{_progress(path)}: "
+            + (
+                "pass resume=True to continue it, or overwrite=True to start again"
+                if resume_offered
+                else "pass overwrite=True to start again"
+            )
+        )
     if overwrite:
         return RunDirs(path, staging, resume=False)
     if out.state == "foreign":
@@ -175,6 +192,13 @@ def plan_run(
     if out.staged and resume_offered:
         hint += ", or resume=True to continue the unfinished run started to replace it"
     raise FileExistsError(f"output_dir {path!r} is not empty: it holds a finished run; {hint}")
+
+
+def _progress(build: str) -> str:
+    checkpoint = last_checkpoint(build)
+    return (
+        "" if checkpoint is None else f" at step {_CHECKPOINT.match(os.path.basename(checkpoint)).group(1)}"
+    )
 
 
 def _clear(directory: str) -> None:
@@ -257,12 +281,12 @@ def interrupted_message(output_dir: str | os.PathLike, *, resume_offered: bool =
     else:
         return f"interrupted before anything was written to {out.path}; rerun to start"
     if not resume_offered:
-        return f"interrupted; rerun the same command to start again{kept}"
+        return f"interrupted; rerun with overwrite=True to start again{kept}"
     checkpoint = last_checkpoint(build)
     if checkpoint is None:
         return (
             f"interrupted before the first checkpoint; rerun with resume=True to train from step 0 again "
-            f"(reusing what was computed) or without it to start over{kept}"
+            f"(reusing what was computed) or with overwrite=True to start over{kept}"
         )
     step = int(_CHECKPOINT.match(os.path.basename(checkpoint)).group(1))
     return f"interrupted; rerun with resume=True to continue from step {step}{kept}"

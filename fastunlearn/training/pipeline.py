@@ -11,6 +11,8 @@ the main one alone writes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import difflib
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -249,6 +251,13 @@ def unlearn(
     weights become the residual ``W − s·B₀A₀``) or a local directory. ``forget`` / ``retain``: data files
     or iterables of records. ``options``: the fields of :class:`~fastunlearn.options.unlearn.UnlearnConfig`.
     """
+    names = [f.name for f in dataclasses.fields(UnlearnConfig)]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        hints = [
+            f"{n!r}: did you mean {c[0]!r}?" for n in unknown if (c := difflib.get_close_matches(n, names, 1))
+        ]
+        raise TypeError(f"unknown option(s) {unknown}" + (f" ({'; '.join(hints)})" if hints else ""))
     cfg = UnlearnConfig(
         model=model,
         tokenizer=tokenizer,
