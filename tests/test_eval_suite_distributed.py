@@ -16,6 +16,9 @@ from helpers.distributed import EVAL_ATOL, EVAL_RTOL, spawn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+CRITERIA = ("verbmem_forget", "knowmem_forget")
+BUDGETS = {"verbmem_max_new_tokens": 8, "knowmem_max_new_tokens": 8}
+
 
 def _dialogue():
     return [
@@ -31,15 +34,7 @@ def _evaluate(model, tok, muse_dir: str) -> dict:
 
     return {
         "mia": evaluate_mia(model, tok, H.TEXTS[:5], H.TEXTS[5:], batch_size=2, retrain_auc=0.5),
-        "muse": evaluate_muse(
-            model,
-            tok,
-            muse_dir,
-            criteria=("verbmem_forget", "knowmem_forget"),
-            batch_size=2,
-            verbmem_max_new_tokens=8,
-            knowmem_max_new_tokens=8,
-        ),  # fmt: skip
+        "muse": evaluate_muse(model, tok, muse_dir, criteria=CRITERIA, batch_size=2, **BUDGETS),
         "dialogue": evaluate_dialogue(model, tok, _dialogue(), max_new_tokens=8, batch_size=2),
     }
 

@@ -15,9 +15,9 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # nothing may download: before datasets is imported
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from helpers import stopping as H  # noqa: E402
+from helpers import stopping as H
 
-from fastunlearn.evaluation.harness import evaluate_lm_eval  # noqa: E402
+from fastunlearn.evaluation.harness import evaluate_lm_eval
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 lm_eval = pytest.importorskip("lm_eval")

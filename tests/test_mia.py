@@ -119,7 +119,7 @@ def test_bad_input_is_one_clear_error(trained, tmp_path):
     model, tok = trained
     with pytest.raises(ValueError, match="the holdout set is empty"):
         evaluate_mia(model, tok, FORGET, [])
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl"):
         evaluate_mia(model, tok, FORGET, tmp_path / "missing.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": "broken"\n')
