@@ -9,6 +9,7 @@ import math
 
 import pytest
 from helpers import stopping as H
+from helpers.memorised import memorised
 from references.generation import greedy_one_by_one
 
 from fastunlearn.evaluation.dialogue import evaluate_dialogue, normalize_text, unigram_f1
@@ -40,8 +41,7 @@ def test_unigram_f1(prediction, reference, f1):
 
 
 def test_batched_responses_match_one_by_one(tmp_path):
-    tok = H.tokenizer()
-    model = H.trained_model(tok)
+    model, tok = memorised()
     records = [
         {"context": f"Question: {H.qa_record(i)['question']}\nAnswer:", "response": H.qa_record(i)["answer"]}
         for i in range(5)

@@ -15,7 +15,7 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # nothing may download: before datasets is imported
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from helpers import stopping as H
+from helpers.memorised import memorised
 
 from fastunlearn.evaluation.harness import evaluate_lm_eval
 
@@ -29,8 +29,7 @@ COMPARED = ("results", "configs", "versions", "n-shot", "higher_is_better", "n-s
 
 @pytest.fixture(scope="module")
 def trained():
-    tok = H.tokenizer()
-    return H.trained_model(tok), tok
+    return memorised()
 
 
 @pytest.fixture
@@ -57,11 +56,13 @@ def _direct(model, tok, **options):
 def test_equals_simple_evaluate_called_directly(trained, task_dir, options):
     model, tok = trained
     model.train()
-    got = evaluate_lm_eval(
-        model, tok, TASK, include_path=task_dir, include_defaults=False, batch_size=4, **options
-    )
-    assert model.training  # the mode is restored
-    model.eval()
+    try:
+        got = evaluate_lm_eval(
+            model, tok, TASK, include_path=task_dir, include_defaults=False, batch_size=4, **options
+        )
+        assert model.training  # the mode is restored
+    finally:
+        model.eval()
     want = _direct(model, tok, **options)
     for key in COMPARED:
         assert got[key] == want[key], key

@@ -19,6 +19,7 @@ import pytest
 import torch
 from helpers import stopping as H
 from helpers.distributed import EVAL_ATOL, EVAL_RTOL
+from helpers.memorised import memorised
 from helpers.models import tiny_llama
 from references.mia import auc_reference, sequence_scores_reference
 
@@ -32,8 +33,7 @@ FORGET, HOLDOUT = H.TEXTS[:4], H.TEXTS[4:]  # the model is trained on the first 
 
 @pytest.fixture(scope="module")
 def trained():
-    tok = H.tokenizer()
-    return H.trained_model(tok), tok
+    return memorised()
 
 
 def _untrained(tok):

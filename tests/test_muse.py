@@ -13,6 +13,7 @@ import math
 
 import pytest
 from helpers import stopping as H
+from helpers.memorised import memorised
 from references.generation import greedy_one_by_one
 from rouge_score import rouge_scorer
 
@@ -38,8 +39,7 @@ def _qa(ids):
 
 @pytest.fixture(scope="module")
 def trained():
-    tok = H.tokenizer()
-    return H.trained_model(tok), tok
+    return memorised()
 
 
 @pytest.fixture

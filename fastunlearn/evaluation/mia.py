@@ -96,11 +96,11 @@ def privleak(auc_unlearned: float, auc_retrained: float) -> float:
 
 
 def _smallest_mean(values: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Tensor:
-    """Per row, the mean of the ``max(1, ⌊k·n⌋)`` smallest of the ``n`` masked-in values."""
+    """Per row, the mean of the ``max(1, ⌊k·n⌋)`` smallest of the ``n`` masked-in values: sorted with the
+    others as ``+inf`` (last), the prefix sum at ``count − 1 < n`` holds only masked-in values."""
     n = mask.sum(dim=1)
     count = torch.floor(k * n.double()).long().clamp_min(1)
-    ordered = torch.where(mask, values, math.inf).sort(dim=1).values
-    cumulative = torch.where(torch.isinf(ordered), 0.0, ordered).cumsum(dim=1)
+    cumulative = torch.where(mask, values, math.inf).sort(dim=1).values.cumsum(dim=1)
     return cumulative.gather(1, (count - 1).unsqueeze(1)).squeeze(1) / count
 
 

@@ -20,7 +20,7 @@ from fastunlearn.evaluation.likelihood import eval_mode
 from fastunlearn.modeling import model_device, unwrap_model
 from fastunlearn.ops import IGNORE_INDEX
 from fastunlearn.ops.ihl import check_label_range
-from fastunlearn.ops.nll import shift_labels
+from fastunlearn.ops.nll import labelled_rows, shift_labels
 from fastunlearn.ops.token_stats import linear_token_stats, token_stats
 from fastunlearn.patching import head_computes, takes_fused_path
 from fastunlearn.training.data import pad_id_of
@@ -63,13 +63,18 @@ def batch_token_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
 
     with torch.no_grad():
         if takes_fused_path(model):
+            # Only the positions with a target reach the head (not the padding, not each last token).
+            rows = labelled_rows(host_targets).to(device, non_blocking=True)
 
             def at_head(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
                 check_label_range(host_targets, head.weight.shape[0], IGNORE_INDEX)
+                h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
                 stats = linear_token_stats(
-                    hidden, head.weight, targets, bias=head.bias, backend=_backend(hidden), validate=False
-                )
-                return torch.stack(stats, dim=-1)
+                    h, head.weight, targets.reshape(-1)[rows], bias=head.bias, backend=_backend(hidden),
+                    validate=False,
+                )  # fmt: skip
+                out = torch.full((targets.numel(), 3), float("nan"), dtype=stats[0].dtype, device=device)
+                return out.index_copy_(0, rows, torch.stack(stats, dim=-1)).view(*targets.shape, 3)
 
             return head_computes(model, targets, at_head, lambda: model(**inputs)).logits
         logits = model(**inputs).logits

@@ -37,32 +37,31 @@ VARIANCE_FLOOR = 1e-6  # Min-K%++'s clamp of σ²: σ ≥ 1e-3 even where one to
 
 def _torch_token_stats(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
     """The CPU path: ``[N, 3]`` ``(log p_y, μ, σ)`` of ``[N, V]`` logits, a cache-sized block of rows at
-    a time; the same sums and final formulas as the kernel, each block's maximum taken at once."""
+    a time; the kernel's sums and final formulas, each block's maximum taken at once. A logit of
+    ``−inf`` has ``e = 0`` and ``e·d`` NaN: ``nansum`` leaves it out (NaN logits still give NaN, through
+    the maximum)."""
     n, vocab = logits.shape
     acc = _accumulation_dtype(logits.dtype)
     valid = valid_targets(labels, vocab, ignore_index).unsqueeze(1)
     targets = torch.where(valid, labels.unsqueeze(1), 0)
-    sums = torch.empty(n, 4, dtype=acc, device=logits.device)  # z_y − M and s, a, b over v ≠ y
+    sums = torch.empty(n, 4, dtype=acc, device=logits.device)  # z_y − M, s (v ≠ y), a, b (every v)
     for r0, r1, block in _row_blocks(logits.unsqueeze(0)):
-        z = block.to(acc)
-        z_y = z.gather(1, targets[r0:r1])
-        others = z.scatter(1, targets[r0:r1], float("-inf"))
-        top = torch.maximum(others.amax(dim=1, keepdim=True), z_y)
-        d = (others - top).clamp_min(torch.finfo(acc).min)  # −inf → a finite d whose e^d is 0
+        d = block.to(acc)
+        d = d - d.amax(dim=1, keepdim=True)
         e = d.exp()
         ed = e * d
-        sums[r0:r1, 0:1] = z_y - top
-        torch.sum(e, dim=1, keepdim=True, out=sums[r0:r1, 1:2])
-        torch.sum(ed, dim=1, keepdim=True, out=sums[r0:r1, 2:3])
-        torch.sum(ed * d, dim=1, keepdim=True, out=sums[r0:r1, 3:4])
+        torch.gather(d, 1, targets[r0:r1], out=sums[r0:r1, 0:1])
+        torch.nansum(ed, dim=1, keepdim=True, out=sums[r0:r1, 2:3])
+        torch.nansum(ed * d, dim=1, keepdim=True, out=sums[r0:r1, 3:4])
+        torch.sum(e.scatter_(1, targets[r0:r1], 0.0), dim=1, keepdim=True, out=sums[r0:r1, 1:2])
     d_y, s, a, b = sums.unbind(1)
     e_y = d_y.exp()
     gap = s.log() - d_y
     nll = gap.clamp_min(0) + torch.log1p(torch.exp(-gap.abs()))
     total = e_y + s
     log_total = torch.where(gap > 0, total.log(), d_y + nll)
-    mean = (a + e_y * d_y) / total
-    var = (b + e_y * d_y * d_y) / total - mean * mean
+    mean = a / total
+    var = b / total - mean * mean
     out = torch.stack([-nll, mean - log_total, var.clamp_min(VARIANCE_FLOOR).sqrt()], dim=1)
     return torch.where(valid, out, float("nan"))
 
