@@ -7,7 +7,9 @@ Two evaluations of the field, each timed against the way it is usually written:
   ``B`` sequences (each ``B`` of ``--batches``) with ``(log p_y, μ, σ)`` computed at the output head.
   ``per-sequence``: one forward per sequence, its ``[T, V]`` logits, ``log_softmax``, ``μ`` and ``σ``
   from the full distribution and the scores in PyTorch (the shape of MUSE's and Min-K%++'s code).
-  ``per-sequence (fused)``: ``membership_scores`` with batches of 1.
+  ``per-sequence (fused)``: ``membership_scores`` with batches of 1. ``forward only B``: the model's
+  forward over padded batches of ``B`` (in file order), nothing computed from its logits — the floor
+  of any batched scoring on the same model.
 - ``muse``: greedy KnowMem answers (MUSE's prompt: in-context examples, then the question; 32 new
   tokens, stop at EOS) of ``--prompts`` questions. ``batched B``:
   :func:`fastunlearn.evaluation.generation.greedy_texts`, left-padded batches of ``B`` with a KV
@@ -59,6 +61,17 @@ def per_sequence_scores(model, tokenizer, texts, *, k: float, max_length: int) -
             out["min_k"].append(-token_lp.sort().values[:count].mean().item())
             out["min_k_plus_plus"].append(-((token_lp - mu) / sigma).sort().values[:count].mean().item())
     return out
+
+
+def forward_only(model, tokenizer, texts, *, batch_size: int, max_length: int) -> None:
+    """The model's forward over padded batches, logits and nothing else: the floor of batched scoring."""
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            batch = tokenizer(
+                texts[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
+                return_tensors="pt",
+            )  # fmt: skip
+            model(**batch, use_cache=False)
 
 
 def generate_one_by_one(model, tokenizer, prompts, max_new_tokens: int) -> list[str]:
@@ -122,6 +135,7 @@ def main() -> None:
     mia["per-sequence (fused)"] = lambda: membership_scores(model, tok, texts, batch_size=1, **opts)
     for b in batches:
         mia[f"batched {b}"] = lambda b=b: membership_scores(model, tok, texts, batch_size=b, **opts)
+        mia[f"forward only {b}"] = lambda b=b: forward_only(model, tok, texts, batch_size=b, max_length=128)
 
     prompts = [knowmem_prompt(records[:3], r["question"]) for r in records[3 : 3 + args.prompts]]
     answers = generate_one_by_one(model, tok, prompts, 32)

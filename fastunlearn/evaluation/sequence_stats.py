@@ -23,7 +23,7 @@ from fastunlearn.ops.ihl import check_label_range
 from fastunlearn.ops.nll import labelled_rows, shift_labels
 from fastunlearn.ops.token_stats import linear_token_stats, token_stats
 from fastunlearn.patching import head_computes, takes_fused_path
-from fastunlearn.training.data import pad_id_of
+from fastunlearn.training.data import Example, collate, pad_id_of
 
 __all__ = ["batch_token_stats", "map_text_batches", "tokenize_texts"]
 
@@ -38,16 +38,6 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int, nam
         if len(row) < 2:
             raise ValueError(f"{name} item {i} has {len(row)} token(s): no target token to score")
     return [list(row) for row in ids]
-
-
-def _collate(rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)}
 
 
 def batch_token_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -107,8 +97,12 @@ def map_text_batches(
     parts: dict[str, list[torch.Tensor]] = {}
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
-            chunk = [token_ids[i] for i in order[start : start + batch_size]]
-            for key, value in reduce(batch_token_stats(model, _collate(chunk, pad_id))).items():
+            # Raw text: every token is a label (collate masks the padding by position).
+            chunk = [
+                Example(tuple(token_ids[i]), tuple(token_ids[i]), "")
+                for i in order[start : start + batch_size]
+            ]
+            for key, value in reduce(batch_token_stats(model, collate(chunk, pad_id))).items():
                 parts.setdefault(key, []).append(value)
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
