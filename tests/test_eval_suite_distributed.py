@@ -13,6 +13,7 @@ import pytest
 import torch
 from helpers import stopping as H
 from helpers.distributed import EVAL_ATOL, EVAL_RTOL, spawn
+from helpers.memorised import memorised
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,8 +63,7 @@ def _close(got, want, where: str = "") -> None:
 
 
 def test_two_ranks_equal_one_process(tmp_path):
-    tok = H.tokenizer()
-    model = H.trained_model(tok)
+    model, tok = memorised()
     model_dir, muse_dir = tmp_path / "model", tmp_path / "muse"
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
