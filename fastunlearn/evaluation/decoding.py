@@ -128,9 +128,11 @@ def greedy_completions(
     budgets: Sequence[int],
     *,
     batch_size: int,
+    strip: bool = True,
 ) -> list[str]:
     """Greedy continuations of token ``prompts``, each stopped at EOS or after its ``budgets[i]`` new
-    tokens (a budget below 1 gives ``""``), decoded without special tokens and stripped.
+    tokens (a budget below 1 gives ``""``), decoded without special tokens and stripped of surrounding
+    whitespace (``strip=False``: as decoded, for protocols that cut the text at a line break).
 
     Prompts are decoded :func:`greedy_decode` in batches of ``batch_size``, sorted by budget then
     length: a batch runs until its largest budget, so similar budgets waste fewer steps on finished
@@ -155,5 +157,6 @@ def greedy_completions(
                 tokens = row[: budgets[i]]
                 if eos is not None and eos in tokens:
                     tokens = tokens[: tokens.index(eos)]
-                texts[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                text = tokenizer.decode(tokens, skip_special_tokens=True)
+                texts[i] = text.strip() if strip else text
     return texts

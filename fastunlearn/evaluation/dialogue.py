@@ -1,0 +1,89 @@
+"""Dialogue utility: unigram F1 of the model's greedy response against the reference response.
+
+Jang et al. 2023 (Knowledge Unlearning, arXiv:2210.01504) report, after unlearning, four dialogue
+tasks (Wizard of Wikipedia, Empathetic Dialogues, Blended Skill Talk, Wizard of Internet) scored this
+way, as ParlAI does: both texts are normalised as in SQuAD's evaluation script (Rajpurkar et al.
+2016) — lower-cased, punctuation removed, the articles *a*, *an*, *the* removed, whitespace
+collapsed — and split into words; ``F1 = 2PR/(P + R)`` with precision and recall counted over the
+multiset of shared words (0 when none is shared; 1 when both are empty).
+
+Records are ``{"context", "response"}`` (JSON Lines or a JSON array). The response is the greedy
+continuation of the context (its tokens with the tokenizer's special tokens), up to
+``max_new_tokens`` tokens or EOS, cut at its first line break: one turn of the dialogue.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fastunlearn.evaluation.generation import cut_at, greedy_texts
+from fastunlearn.evaluation.records import read_records
+
+__all__ = ["evaluate_dialogue", "normalize_text", "unigram_f1"]
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_text(text: str) -> str:
+    """SQuAD's answer normalisation: lower case, no punctuation, no articles, single spaces."""
+    return " ".join(_ARTICLES.sub(" ", text.lower().translate(_PUNCTUATION)).split())
+
+
+def unigram_f1(prediction: str, reference: str) -> float:
+    """Unigram F1 of ``prediction`` against ``reference`` after :func:`normalize_text` (module docstring)."""
+    pred, ref = normalize_text(prediction).split(), normalize_text(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    shared = sum((Counter(pred) & Counter(ref)).values())
+    if shared == 0:
+        return 0.0
+    precision, recall = shared / len(pred), shared / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def evaluate_dialogue(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    data: str | os.PathLike | Sequence[dict[str, str]],
+    *,
+    max_new_tokens: int = 32,
+    batch_size: int = 8,
+    max_items: int | None = None,
+) -> dict[str, Any]:
+    """Mean unigram F1 of the greedy responses to ``data``'s contexts (module docstring).
+
+    ``data``: a ``{"context", "response"}`` file or a list of such dicts; ``max_items`` keeps the first
+    ones. Returns ``{"protocol": "dialogue", "f1", "num_items", "per_item": [F1...], "examples"}``.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        records = read_records(data, ("context", "response"))
+    else:
+        records = [dict(r) for r in data]
+        for i, r in enumerate(records):
+            if not all(isinstance(r.get(f), str) for f in ("context", "response")):
+                raise ValueError(f"dialogue record {i}: needs string fields 'context' and 'response'")
+        if not records:
+            raise ValueError("the dialogue set is empty")
+    records = records if max_items is None else records[:max_items]
+    contexts = [r["context"] for r in records]
+    outputs = greedy_texts(model, tokenizer, contexts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    responses = [cut_at(o, "\n") for o in outputs]
+    scores = [unigram_f1(pred, r["response"]) for pred, r in zip(responses, records)]
+    return {
+        "protocol": "dialogue",
+        "f1": sum(scores) / len(scores),
+        "num_items": len(scores),
+        "per_item": scores,
+        "examples": [
+            {"context": c[-300:], "reference": r["response"], "generated": g}
+            for c, r, g in list(zip(contexts, records, responses))[:3]
+        ],
+    }

@@ -1,0 +1,223 @@
+"""Membership inference against an unlearned model: per-sequence scores, their AUC, and PrivLeak.
+
+Each attack gives a sequence a score, **higher = looks less like training data**, from the
+teacher-forced statistics of its target tokens (every token after the first: raw text), with
+``n`` targets, ``N̄ = −(1/n) Σ_t log p(x_t | x_<t)`` and ``k_n = max(1, ⌊k·n⌋)``:
+
+- ``loss`` (Yeom et al. 2018): ``N̄``;
+- ``zlib`` (Carlini et al. 2021, arXiv:2012.07805): ``N̄ / len(zlib.compress(text.encode("utf-8")))``
+  — the model's surprise relative to a compressor's;
+- ``min_k`` (Min-K% Prob, Shi et al. 2024, arXiv:2310.16789): minus the mean of the ``k_n`` smallest
+  token log-probabilities — a member has few very unlikely tokens;
+- ``min_k_plus_plus`` (Min-K%++, Zhang et al. 2024, arXiv:2404.02936): the same over
+  ``z_t = (log p_y − μ_t)/σ_t``, the target's log-probability standardised by the mean and spread of
+  ``log p`` under the model's own distribution at ``t`` (members sit at local maxima);
+- ``reference`` (Carlini et al. 2021): ``N̄_θ − N̄_ref`` under a reference model (same tokenizer).
+
+All of them come from one forward pass per padded batch (:mod:`fastunlearn.evaluation.sequence_stats`).
+The AUC of an attack on a forget set (members) against a holdout set (non-members) is the
+probability that a holdout sequence scores higher than a forget sequence, ties counting ½ — scikit-
+learn's ``roc_auc_score`` with forget labelled 0 and holdout 1 — computed exactly from ranks. A model
+trained on the forget set is near 1, one that never saw it near 0.5. PrivLeak (Shi et al. 2024,
+MUSE, arXiv:2407.06460) compares the unlearned model's Min-K% AUC with a retrained model's:
+``(AUC_unlearned − AUC_retrained)/AUC_retrained × 100`` (:data:`PRIVLEAK_CONVENTION`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from fastunlearn import distributed
+from fastunlearn.evaluation.records import text_field
+from fastunlearn.evaluation.sequence_stats import map_text_batches, tokenize_texts
+
+__all__ = [
+    "ATTACKS",
+    "AUC_CONVENTION",
+    "PRIVLEAK_CONVENTION",
+    "auc",
+    "evaluate_mia",
+    "membership_scores",
+    "privleak",
+    "sequence_scores",
+]
+
+ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
+AUC_CONVENTION = (
+    "AUC = P(holdout score > forget score) + P(tie)/2 (roc_auc_score with forget labelled 0, holdout 1); "
+    "scores are higher for sequences that look less like training data"
+)
+PRIVLEAK_CONVENTION = (
+    "privleak = (AUC_unlearned - AUC_retrained) / AUC_retrained * 100 with the Min-K% (k=0.4) AUC above: "
+    "near 0 is right, positive = the forget set still looks more like training data than under the "
+    "retrained model (leaks), strongly negative = over-unlearned; MUSE's published tables (Shi et al. "
+    "2024) use the opposite sign"
+)
+
+MembershipData = str | os.PathLike | Sequence[str] | Sequence[dict[str, Any]]
+
+
+def auc(
+    member_scores: Sequence[float] | torch.Tensor, nonmember_scores: Sequence[float] | torch.Tensor
+) -> float:
+    """``P(nonmember score > member score) + ½ P(tie)`` over all pairs, exactly (Mann–Whitney: the
+    non-members' rank sum among all scores, ties sharing the average rank, less its minimum).
+
+    ``member_scores`` are the forget set's, ``nonmember_scores`` the holdout set's; both non-empty and
+    finite (``ValueError`` naming the set otherwise).
+    """
+    from scipy.stats import rankdata
+
+    member = torch.as_tensor(member_scores, dtype=torch.float64).flatten()
+    nonmember = torch.as_tensor(nonmember_scores, dtype=torch.float64).flatten()
+    for name, scores in (("forget (member)", member), ("holdout (non-member)", nonmember)):
+        if scores.numel() == 0:
+            raise ValueError(f"the {name} set is empty: the AUC needs scores on both sets")
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError(f"the {name} scores are not all finite")
+    ranks = rankdata(torch.cat([member, nonmember]).numpy())  # average ranks: exact halves
+    m, n = member.numel(), nonmember.numel()
+    return float((ranks[m:].sum() - n * (n + 1) / 2) / (m * n))
+
+
+def privleak(auc_unlearned: float, auc_retrained: float) -> float:
+    """``(AUC_unlearned − AUC_retrained) / AUC_retrained × 100`` (:data:`PRIVLEAK_CONVENTION`)."""
+    if not 0.0 < auc_retrained <= 1.0 or not 0.0 <= auc_unlearned <= 1.0:
+        raise ValueError(
+            f"AUCs must lie in [0, 1] (the retrained one above 0): got {auc_unlearned} and {auc_retrained}"
+        )
+    return (auc_unlearned - auc_retrained) / auc_retrained * 100.0
+
+
+def _smallest_mean(values: torch.Tensor, mask: torch.Tensor, k: float) -> torch.Tensor:
+    """Per row, the mean of the ``max(1, ⌊k·n⌋)`` smallest of the ``n`` masked-in values: sorted with the
+    others as ``+inf`` (last), the prefix sum at ``count − 1 < n`` holds only masked-in values."""
+    n = mask.sum(dim=1)
+    count = torch.floor(k * n.double()).long().clamp_min(1)
+    cumulative = torch.where(mask, values, math.inf).sort(dim=1).values.cumsum(dim=1)
+    return cumulative.gather(1, (count - 1).unsqueeze(1)).squeeze(1) / count
+
+
+def sequence_scores(stats: torch.Tensor, k: float = 0.4) -> dict[str, torch.Tensor]:
+    """Per-sequence ``loss``, ``min_k`` and ``min_k_plus_plus`` scores (module docstring) from a batch's
+    ``[B, T, 3]`` ``(log p_y, μ, σ)`` token statistics, NaN where a position has no target."""
+    log_p, mu, sigma = stats.unbind(-1)
+    mask = ~torch.isnan(log_p)
+    n = mask.sum(dim=1)
+    return {
+        "loss": -torch.where(mask, log_p, 0.0).sum(dim=1) / n,
+        "min_k": -_smallest_mean(log_p, mask, k),
+        "min_k_plus_plus": -_smallest_mean((log_p - mu) / sigma, mask, k),
+    }
+
+
+def membership_scores(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    k: float = 0.4,
+    batch_size: int = 16,
+    max_length: int = 512,
+    name: str = "data",
+) -> dict[str, torch.Tensor]:
+    """The :data:`ATTACKS`' scores of each text (fp64 ``[N]`` tensors, in order), one forward per batch.
+
+    Under several processes the ranks share the texts (:func:`fastunlearn.distributed.map_sharded`)
+    and every rank gets every score. ``name`` labels the set in errors.
+    """
+    if not 0.0 < k <= 1.0:
+        raise ValueError(f"k must lie in (0, 1], got {k}")
+    if not texts:
+        raise ValueError(f"the {name} set is empty")
+    token_ids = tokenize_texts(tokenizer, texts, max_length=max_length, name=name)  # errors before sharding
+    reduce = lambda stats: {key: v.double() for key, v in sequence_scores(stats, k).items()}
+
+    def scores(items: list[int]) -> dict[str, torch.Tensor]:
+        out = map_text_batches(model, tokenizer, [token_ids[i] for i in items], reduce, batch_size=batch_size)
+        sizes = [len(zlib.compress(texts[i].encode("utf-8"))) for i in items]
+        out["zlib"] = out["loss"] / torch.tensor(sizes, dtype=torch.float64)
+        return {attack: out[attack] for attack in ATTACKS}
+
+    return distributed.map_sharded(scores, range(len(texts)), model=model)
+
+
+def _retrained_auc(
+    retrain_auc: float | None,
+    retrain_model: torch.nn.Module | None,
+    tokenizer: Any,
+    sets: dict[str, list[str]],
+    opts: dict[str, Any],
+) -> float | None:
+    if retrain_auc is not None and retrain_model is not None:
+        raise ValueError("give the retrained model's AUC or the retrained model, not both")
+    if retrain_model is None:
+        return None if retrain_auc is None else float(retrain_auc)
+    forget, holdout = (
+        membership_scores(retrain_model, tokenizer, texts, name=name, **opts)["min_k"]
+        for name, texts in sets.items()
+    )
+    return auc(forget, holdout)
+
+
+def evaluate_mia(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    forget: MembershipData,
+    holdout: MembershipData,
+    *,
+    k: float = 0.4,
+    reference_model: torch.nn.Module | None = None,
+    retrain_auc: float | None = None,
+    retrain_model: torch.nn.Module | None = None,
+    batch_size: int = 16,
+    max_length: int = 512,
+) -> dict[str, Any]:
+    """Membership inference of ``forget`` (members) against ``holdout`` (non-members), module docstring.
+
+    ``forget`` and ``holdout``: ``{"text"}`` JSON Lines / JSON array files, lists of strings or of
+    ``{"text"}`` dicts. Texts are cut at ``max_length`` tokens; ``k`` is Min-K%'s fraction.
+    ``reference_model`` (sharing ``tokenizer``) adds the ``reference`` attack. The retrained model's
+    Min-K% AUC, given as ``retrain_auc`` or computed from ``retrain_model`` (the same tokenizer),
+    adds ``privleak``.
+
+    Returns a JSON-serialisable dict: per attack (``loss``, ``zlib``, ``min_k``, ``min_k_plus_plus``,
+    and ``reference``) ``{"auc", "forget": [scores], "holdout": [scores]}``; ``num_forget``,
+    ``num_holdout``, ``k``, ``auc_convention``; with a retrained AUC also ``privleak``,
+    ``retrain_auc`` and ``privleak_convention``.
+    """
+    sets = {"forget": text_field(forget, "text", "forget"), "holdout": text_field(holdout, "text", "holdout")}
+    opts = {"k": k, "batch_size": batch_size, "max_length": max_length}
+    scores = {
+        name: membership_scores(model, tokenizer, texts, name=name, **opts) for name, texts in sets.items()
+    }
+    if reference_model is not None:
+        for name, texts in sets.items():
+            ref = membership_scores(reference_model, tokenizer, texts, name=name, **opts)
+            scores[name]["reference"] = scores[name]["loss"] - ref["loss"]
+    results: dict[str, Any] = {
+        "protocol": "mia",
+        "num_forget": len(sets["forget"]),
+        "num_holdout": len(sets["holdout"]),
+        "k": k,
+        "auc_convention": AUC_CONVENTION,
+    }
+    for attack, forget_scores in scores["forget"].items():
+        holdout_scores = scores["holdout"][attack]
+        results[attack] = {
+            "auc": auc(forget_scores, holdout_scores),
+            "forget": forget_scores.tolist(),
+            "holdout": holdout_scores.tolist(),
+        }
+    retrained = _retrained_auc(retrain_auc, retrain_model, tokenizer, sets, opts)
+    if retrained is not None:
+        results["retrain_auc"] = retrained
+        results["privleak"] = privleak(results["min_k"]["auc"], retrained)
+        results["privleak_convention"] = PRIVLEAK_CONVENTION
+    return results

@@ -1,0 +1,160 @@
+"""MUSE (Shi et al. 2024, arXiv:2407.06460): six-way evaluation of machine unlearning; the four criteria
+measured on the unlearned model.
+
+- **C1 VerbMem** (``verbmem_forget``): the greedy continuation of each ``verbmem/forget`` prompt, up to
+  128 new tokens, against the true continuation ``gt``: ROUGE-L F1, mean over items. Verbatim
+  memorisation of the forget text.
+- **C2 / C4 KnowMem** (``knowmem_forget``, ``knowmem_retain``): each question of ``knowmem/*_qa`` after
+  the in-context examples of ``knowmem/*_qa_icl``, every one as ``"Question: q\\nAnswer: a\\n\\n"`` and
+  the asked one as ``"Question: q\\nAnswer: "``; the greedy answer (up to 32 new tokens) is cut at its
+  first blank line and scored by ROUGE-L F1 against the answer (``*_recall``: ROUGE-L recall).
+  Knowledge of the forget set (C2, to remove) and of the retain set (C4, to keep).
+- **C3 PrivLeak** (``privleak``): the Min-K% (k = 0.4) membership-inference AUC of ``privleak/forget``
+  against ``privleak/holdout``, relative to a retrained model's AUC
+  (:mod:`fastunlearn.evaluation.mia`, whose ``PRIVLEAK_CONVENTION`` gives the sign).
+
+ROUGE is Google's ``rouge-score`` without stemming, as MUSE scores; numbers lie in ``[0, 1]`` (MUSE's
+tables print them ×100). Generation is greedy, stops at EOS, and runs in left-padded batches with a
+KV cache (:mod:`fastunlearn.evaluation.generation`). Files: :mod:`fastunlearn.evaluation.muse_files`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from fastunlearn.evaluation.generation import cut_at, greedy_texts
+from fastunlearn.evaluation.mia import ATTACKS, evaluate_mia
+from fastunlearn.evaluation.muse_files import read_muse
+
+__all__ = ["CRITERIA", "evaluate_muse", "knowmem_prompt", "rouge_l"]
+
+CRITERIA = ("verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak")
+_FILES = {
+    "verbmem_forget": ("verbmem/forget",),
+    "knowmem_forget": ("knowmem/forget_qa", "knowmem/forget_qa_icl"),
+    "knowmem_retain": ("knowmem/retain_qa", "knowmem/retain_qa_icl"),
+    "privleak": ("privleak/forget", "privleak/holdout"),
+}
+VERBMEM_NEW_TOKENS = 128
+KNOWMEM_NEW_TOKENS = 32
+_EXAMPLES = 3  # generations kept in the results, per criterion, to read what the model says
+
+
+@functools.cache
+def _scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> tuple[list[float], list[float]]:
+    """ROUGE-L ``(F1, recall)`` of each prediction against its reference, without stemming (MUSE's)."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    scores = [_scorer().score(ref, pred)["rougeL"] for pred, ref in zip(predictions, references)]
+    return [s.fmeasure for s in scores], [s.recall for s in scores]
+
+
+def knowmem_prompt(examples: Sequence[Mapping[str, str]], question: str) -> str:
+    """MUSE's KnowMem prompt: each in-context ``{"question", "answer"}`` as ``"Question: q\\nAnswer:
+    a\\n\\n"``, then ``"Question: q\\nAnswer: "``."""
+    shots = "".join(f"Question: {e['question']}\nAnswer: {e['answer']}\n\n" for e in examples)
+    return f"{shots}Question: {question}\nAnswer: "
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _scored(
+    name: str, prompts: list[str], predictions: list[str], references: list[str], results: dict[str, Any]
+) -> list[float]:
+    """Record ``name``'s mean ROUGE-L F1, its per-item scores and a few examples; returns the recalls."""
+    f1, recall = rouge_l(predictions, references)
+    results[name] = _mean(f1)
+    results["num_items"][name] = len(f1)
+    results["per_item"][name] = f1
+    results["examples"][name] = [
+        {"prompt": p[-300:], "reference": r, "generated": g}
+        for p, r, g in list(zip(prompts, references, predictions))[:_EXAMPLES]
+    ]
+    return recall
+
+
+def _privleak(mia: Mapping[str, Any], results: dict[str, Any]) -> None:
+    """Record C3 from :func:`~fastunlearn.evaluation.mia.evaluate_mia`'s results on the privleak sets."""
+    results["privleak_auc"] = mia["min_k"]["auc"]
+    results["privleak_aucs"] = {attack: mia[attack]["auc"] for attack in ATTACKS}
+    results["num_items"].update(privleak_forget=mia["num_forget"], privleak_holdout=mia["num_holdout"])
+    if "privleak" in mia:
+        results["privleak"] = mia["privleak"]
+        results["privleak_retrain_auc"] = mia["retrain_auc"]
+        results["privleak_convention"] = mia["privleak_convention"]
+
+
+def evaluate_muse(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    muse_dir: str | os.PathLike,
+    *,
+    criteria: Sequence[str] = CRITERIA,
+    retrain_auc: float | None = None,
+    retrain_model: torch.nn.Module | None = None,
+    k: float = 0.4,
+    batch_size: int = 8,
+    max_items: int | None = None,
+    max_length: int = 2048,
+    verbmem_max_new_tokens: int = VERBMEM_NEW_TOKENS,
+    knowmem_max_new_tokens: int = KNOWMEM_NEW_TOKENS,
+) -> dict[str, Any]:
+    """MUSE's criteria (module docstring) of ``model`` on the benchmark directory ``muse_dir``.
+
+    ``criteria``: any of :data:`CRITERIA` (all by default; ``("knowmem_forget",)`` is the stopping
+    rule's). ``max_items`` caps each scored set (not the in-context examples). PrivLeak texts are cut
+    at ``max_length`` tokens; the retrained model's Min-K% AUC comes as ``retrain_auc`` or
+    ``retrain_model`` (same tokenizer), and without either only ``privleak_auc`` is reported.
+    ``verbmem_max_new_tokens`` (128) and ``knowmem_max_new_tokens`` (32) are MUSE's budgets. Every
+    file is read and checked before the model runs: a missing one raises ``FileNotFoundError`` naming
+    it, a malformed one ``ValueError`` naming its file and line.
+
+    Returns a JSON-serialisable dict: ``verbmem_forget``, ``knowmem_forget`` and
+    ``knowmem_forget_recall``, ``knowmem_retain`` and ``knowmem_retain_recall``, ``privleak_auc``,
+    ``privleak_aucs`` (every attack's), ``privleak``, ``privleak_retrain_auc``, ``privleak_convention``
+    (each for the criteria asked), ``num_items``, ``per_item`` (ROUGE-L F1 per item) and ``examples``.
+    """
+    unknown = sorted(set(criteria) - set(CRITERIA))
+    if unknown or not criteria:
+        raise ValueError(f"unknown MUSE criteria {unknown}; expected some of {list(CRITERIA)}")
+    data = {
+        name: read_muse(muse_dir, name, None if name.endswith("_icl") else max_items)
+        for criterion in criteria
+        for name in _FILES[criterion]
+    }
+    results: dict[str, Any] = {"protocol": "muse", "dir": os.fspath(muse_dir), "criteria": list(criteria)}
+    results.update(num_items={}, per_item={}, examples={})
+    generate = functools.partial(greedy_texts, model, tokenizer, batch_size=batch_size)
+    if "verbmem_forget" in criteria:
+        items = data["verbmem/forget"]
+        prompts = [r["prompt"] for r in items]
+        outputs = generate(prompts, max_new_tokens=verbmem_max_new_tokens)
+        _scored("verbmem_forget", prompts, [o.strip() for o in outputs], [r["gt"] for r in items], results)
+    for split in ("forget", "retain"):
+        if f"knowmem_{split}" in criteria:
+            qa, icl = data[f"knowmem/{split}_qa"], data[f"knowmem/{split}_qa_icl"]
+            prompts = [knowmem_prompt(icl, r["question"]) for r in qa]
+            answers = [cut_at(o, "\n\n") for o in generate(prompts, max_new_tokens=knowmem_max_new_tokens)]
+            recall = _scored(f"knowmem_{split}", prompts, answers, [r["answer"] for r in qa], results)
+            results[f"knowmem_{split}_recall"] = _mean(recall)
+    if "privleak" in criteria:
+        mia = evaluate_mia(
+            model, tokenizer, data["privleak/forget"], data["privleak/holdout"],
+            k=k, retrain_auc=retrain_auc, retrain_model=retrain_model, batch_size=batch_size,
+            max_length=max_length,
+        )  # fmt: skip
+        _privleak(mia, results)
+    return results

@@ -1,0 +1,1 @@
+"""Test oracles: the quantities of fastunlearn written plainly from their formulas, in fp64."""
