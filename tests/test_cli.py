@@ -518,5 +518,3 @@ def test_the_readme_shows_the_committed_demo_run():
     expected = " ".join(arg.replace(cache, "CACHE") for arg in argv)
     block = readme.split("```bash\nfastunlearn unlearn CACHE/")[1].split("```")[0]
     assert " ".join(("fastunlearn unlearn CACHE/" + block).replace("\\\n", " ").split()) == expected
-
-

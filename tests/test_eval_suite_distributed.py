@@ -41,7 +41,7 @@ def _evaluate(model, tok, muse_dir: str) -> dict:
 
 
 def _worker(rank: int, model_dir: str, muse_dir: str, out: str) -> None:
-    from fastunlearn.modeling import load_model_and_tokenizer
+    from fastunlearn.models.loading import load_model_and_tokenizer
 
     model, tok = load_model_and_tokenizer(model_dir, None)
     Path(out, f"rank{rank}.json").write_text(json.dumps(_evaluate(model, tok, muse_dir)))

@@ -24,7 +24,7 @@ from helpers.models import tiny_llama
 from references.mia import auc_reference, sequence_scores_reference
 
 from fastunlearn.evaluation.mia import ATTACKS, auc, evaluate_mia, privleak
-from fastunlearn.patching import patch, unpatch
+from fastunlearn.models.patching import patch, unpatch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

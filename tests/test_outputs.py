@@ -63,7 +63,9 @@ def test_plan_refusals_and_where_runs_are_built(tmp_path):
         dirs = O.plan_run(empty, overwrite=overwrite, resume=False)
         assert (dirs.build, dirs.resume) == (empty, False)
     # An interrupted run is never started over by a plain run: it is resumed or overwritten.
-    with pytest.raises(FileExistsError, match="holds an interrupted run: pass resume=True to continue it, or"):
+    with pytest.raises(
+        FileExistsError, match="holds an interrupted run: pass resume=True to continue it, or"
+    ):
         O.plan_run(interrupted, overwrite=False, resume=False)
     assert O.plan_run(interrupted, overwrite=True, resume=False) == O.RunDirs(interrupted, interrupted, False)
     with pytest.raises(FileExistsError, match="holds a finished run; pass overwrite=True"):

@@ -21,11 +21,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from fastunlearn import data as fdata
 from fastunlearn.cli import main
+from fastunlearn.engines import base as engines_base
 from fastunlearn.models.devices import training_device
 from fastunlearn.options.unlearn import UnlearnConfig
 from fastunlearn.plan.memory_plan import plan_memory
 from fastunlearn.training import memory_check
-from fastunlearn.engines import base as engines_base
 from fastunlearn.training.pipeline import unlearn
 
 

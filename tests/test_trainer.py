@@ -242,7 +242,11 @@ def test_outputs_metrics_and_run_config(setup, tmp_path):
     assert metrics == json.loads(json.dumps(result.metrics))
     config = json.loads((out / "run_config.json").read_text())
     options = config["options"]
-    assert options["method"] == "ihl" and options["init"] == "lora" and options["forget"] == "<in-memory records>"
+    assert (
+        options["method"] == "ihl"
+        and options["init"] == "lora"
+        and options["forget"] == "<in-memory records>"
+    )
     assert config["options"]["lora_r"] == 4 and config["options"]["learning_rate"] == LR
     assert config["options"]["callbacks"] == ["EpochCounter"]
     assert {"torch", "transformers", "peft", "fastunlearn"} <= set(config["versions"])

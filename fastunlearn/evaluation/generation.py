@@ -4,7 +4,7 @@ VerbMem and KnowMem and of the dialogue tasks.
 Prompts are tokenised with the tokenizer's special tokens and decoded in left-padded batches with a
 KV cache (:func:`fastunlearn.evaluation.decoding.greedy_completions`, which stops each row at EOS);
 under several processes each rank continues its share of the prompts
-(:func:`fastunlearn.distributed.map_sharded`) and every rank gets every text. The texts come back as
+(:func:`fastunlearn.engines.distributed.map_sharded`) and every rank gets every text. The texts come back as
 decoded, unstripped, so that a protocol can cut them where it defines an answer to end.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from fastunlearn import distributed
+from fastunlearn.engines import distributed
 from fastunlearn.evaluation.decoding import greedy_completions
 
 __all__ = ["cut_at", "greedy_texts"]

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fastunlearn import distributed
+from fastunlearn.engines import distributed
 from fastunlearn.evaluation.likelihood import eval_mode
 
 __all__ = ["evaluate_lm_eval"]

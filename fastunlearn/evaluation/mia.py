@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from fastunlearn import distributed
+from fastunlearn.engines import distributed
 from fastunlearn.evaluation.records import text_field
 from fastunlearn.evaluation.sequence_stats import map_text_batches, tokenize_texts
 
@@ -129,7 +129,7 @@ def membership_scores(
 ) -> dict[str, torch.Tensor]:
     """The :data:`ATTACKS`' scores of each text (fp64 ``[N]`` tensors, in order), one forward per batch.
 
-    Under several processes the ranks share the texts (:func:`fastunlearn.distributed.map_sharded`)
+    Under several processes the ranks share the texts (:func:`fastunlearn.engines.distributed.map_sharded`)
     and every rank gets every score. ``name`` labels the set in errors.
     """
     if not 0.0 < k <= 1.0:

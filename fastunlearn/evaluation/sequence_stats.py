@@ -5,7 +5,7 @@ and the membership-inference attacks built on it): token ids with the tokenizer'
 cut at ``max_length``, right padded. For each target token ``x_{t+1}`` the forward yields
 ``(log p(x_{t+1} | x_≤t), μ_t, σ_t)`` (:mod:`fastunlearn.ops.token_stats`), computed at the output
 head from the last hidden states a chunk of tokens at a time where the architecture allows
-(:func:`fastunlearn.patching.head_computes`), so a batch's ``[B, T, V]`` logits never exist; otherwise
+(:func:`fastunlearn.models.patching.head_computes`), so a batch's ``[B, T, V]`` logits never exist; otherwise
 from the model's logits.
 """
 
@@ -16,14 +16,15 @@ from typing import Any
 
 import torch
 
+from fastunlearn.data.examples import Example, collate, pad_id_of
 from fastunlearn.evaluation.likelihood import eval_mode
-from fastunlearn.modeling import model_device, unwrap_model
+from fastunlearn.models.devices import model_device
+from fastunlearn.models.naming import unwrap_model
+from fastunlearn.models.patching import head_computes, takes_fused_path
 from fastunlearn.ops import IGNORE_INDEX
 from fastunlearn.ops.ihl import check_label_range
 from fastunlearn.ops.nll import labelled_rows, shift_labels
 from fastunlearn.ops.token_stats import linear_token_stats, token_stats
-from fastunlearn.patching import head_computes, takes_fused_path
-from fastunlearn.training.data import Example, collate, pad_id_of
 
 __all__ = ["batch_token_stats", "map_text_batches", "tokenize_texts"]
 
