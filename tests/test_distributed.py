@@ -185,8 +185,18 @@ ddp.cycle = [ddp]
 distributed.broadcast_object({"rank": distributed.rank()})
 del ddp
 distributed.leave_group()
-threads = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-left = [name for name in threads if name.startswith(("pt_gloo", "gloo"))]
+import time
+for _ in range(50):  # gloo's transport loop ends asynchronously, within milliseconds of the destroy
+    names = []
+    for t in os.listdir("/proc/self/task"):
+        try:
+            names.append(open(f"/proc/self/task/{t}/comm").read().strip())
+        except FileNotFoundError:  # the thread ended while being listed
+            pass
+    left = [name for name in names if name.startswith(("pt_gloo", "gloo"))]
+    if not left:
+        break
+    time.sleep(0.1)
 sys.exit(f"gloo threads left after leaving the group: {left}" if left else 0)
 """
 
