@@ -191,6 +191,17 @@ def test_fallback_when_not_converged_is_a_full_svd_with_a_warning():
     check_optimal(A, result.U, result.S, result.V, 16)
 
 
+def test_a_flat_spectrum_that_fills_the_basis_is_solved_densely_without_a_warning():
+    # A 64×128 layer at rank 4 (tiny models): the Krylov basis reaches the whole space before the
+    # spectrum of a random matrix separates, so the dense SVD is the answer, and no cause for a warning.
+    A = torch.randn(64, 128, generator=torch.Generator().manual_seed(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = solve_truncated_svd(A, 4)
+    assert result.method == "dense"
+    check_optimal(A, result.U, result.S, result.V, 4)
+
+
 def test_the_optimality_check_can_fail():
     # The paper's solver (torch.svd_lowrank, q = r, two power iterations) misses the 1e-6 target on a
     # decaying spectrum: the check above discriminates between solvers.

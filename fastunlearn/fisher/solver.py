@@ -177,13 +177,17 @@ def solve_truncated_svd(
     p = min(max(rank, 8), 64) if oversample is None else oversample
     block = rank + p
     if A.shape[0] <= 4 * block:
-        U, S, Vh = torch.linalg.svd(A.double(), full_matrices=False)
-        result = TruncatedSVD(U[:, :rank], S[:rank], Vh[:rank].t(), "dense", 0, 0, 0.0)
+        result = _dense(A, rank)
     else:
         result = _block_krylov(A, norm_sq, rank, block, max_iters, tol, seed)
     if transposed:
         result = dataclasses.replace(result, U=result.V, V=result.U)
     return _finish(result, dtype)
+
+
+def _dense(A: Tensor, rank: int) -> TruncatedSVD:
+    U, S, Vh = torch.linalg.svd(A.double(), full_matrices=False)
+    return TruncatedSVD(U[:, :rank], S[:rank], Vh[:rank].t(), "dense", 0, 0, 0.0)
 
 
 def _block_krylov(
@@ -235,6 +239,8 @@ def _block_krylov(
         basis[:, K : K + block] = Qn
         T[K : K + block, K - block : K] = R.double()
         K += block
+    if capacity == m:  # the basis spans the whole space (a small or flat-spectrum matrix): solve densely
+        return _dense(A, rank)
     warnings.warn(
         f"truncated_svd: no convergence in {iterations} Krylov iterations (blocks of {block}) for a "
         f"{m}×{n} matrix at rank {rank} (estimated relative excess {bound:.2e} > tol {tol:.0e}); "
