@@ -80,15 +80,17 @@ def plan_groups(
     ``ValueError`` (naming the layer and the bytes it needs) raised when a single layer exceeds it.
     """
     budget = max(budget, 0)
+    largest = max(sizes, key=sizes.__getitem__, default=None)
+    if largest is not None and sizes[largest] > budget:  # the largest layer decides the least budget
+        need = sizes[largest]
+        raise ValueError(
+            f"{origin}, {format_bytes(budget)} ({budget} bytes), is too small for layer {largest!r}: its "
+            f"{what} need {format_bytes(need)} ({need} bytes), the most of any layer; give at least that "
+            "(max_memory=, --fisher-memory)"
+        )
     groups: list[list[str]] = []
     used = budget + 1  # forces a new group for the first layer
     for name, size in sizes.items():
-        if size > budget:
-            raise ValueError(
-                f"{origin}, {format_bytes(budget)} ({budget} bytes), is too small for layer {name!r}: its "
-                f"{what} need {format_bytes(size)} ({size} bytes); give at least that (max_memory=, "
-                "--fisher-memory)"
-            )
         if used + size > budget:
             groups.append([])
             used = 0

@@ -57,8 +57,8 @@ _HUB_KERNELS_FROM = (4, 54)
 def _local(name: str, what: str, allow_download: bool) -> str:
     if not allow_download and not os.path.isdir(name):
         raise FileNotFoundError(
-            f"{what} directory not found: {name!r} is not a local directory. fastunlearn loads local "
-            "models only; pass allow_download=True to fetch it from the Hugging Face Hub"
+            f"{what} directory not found: {name!r} is not a local directory; pass allow_download=True to "
+            "fetch it from the Hugging Face Hub"
         )
     return name
 
