@@ -20,6 +20,7 @@ import contextlib
 import importlib
 import re
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 
 # name -> (module exposing add_parser(subparsers), one-line help shown by `fastunlearn --help`)
@@ -107,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = None
     try:
         args = build_parser([command] if command in SUBCOMMANDS else []).parse_args(argv)
-        return _run(args)
+        with _plain_warnings(args):
+            return _run(args)
     except UsageError as err:
         print(err, file=sys.stderr)
         return 2
@@ -121,6 +123,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"fastunlearn {args.command}: error: {_cli_message(str(err), args)}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _plain_warnings(args: argparse.Namespace):
+    """Warnings shown as one line in the command's words, not with the source line that raised them."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = _cli_message(str(message), args).splitlines()[0]
+        print(f"fastunlearn {args.command}: warning: {text}", file=file or sys.stderr)
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def _run(args: argparse.Namespace) -> int:

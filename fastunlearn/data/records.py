@@ -80,6 +80,8 @@ def _validate(records: list[dict[str, Any]], fmt: str) -> None:
                 raise ValueError(
                     f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}"
                 )
+            if not record[field].strip():  # nothing to learn or unlearn: a silent no-op otherwise
+                raise ValueError(f"{where}: field {field!r} is empty")
 
 
 def load_records(

@@ -27,7 +27,15 @@ from fastunlearn.models.loading import load_config, model_skeleton, resolve_mode
 from fastunlearn.models.naming import canonical_name
 from fastunlearn.options.unlearn import UnlearnConfig
 
-__all__ = ["Checked", "Records", "check_target_modules", "check_vocab", "preflight", "read_data"]
+__all__ = [
+    "Checked",
+    "Records",
+    "check_context",
+    "check_target_modules",
+    "check_vocab",
+    "preflight",
+    "read_data",
+]
 
 
 Records = tuple[list[dict[str, Any]], str]  # a data set's records and its detected format
@@ -70,6 +78,20 @@ def check_vocab(model: nn.Module, examples: Iterable[fdata.Example], name: str) 
                 f"{e.source}: token id {max(e.input_ids)} is outside the model's vocabulary ({vocab}); "
                 f"the tokenizer does not match the model ({name} set)"
             )
+
+
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def check_context(config: Any, examples: Iterable[fdata.Example]) -> None:
+    """No example may be longer than the model's context (positions beyond it are untrained or absent)."""
+    context = next((v for k in _CONTEXT_FIELDS if isinstance(v := getattr(config, k, None), int)), None)
+    longest = max(examples, key=lambda e: len(e.input_ids), default=None)
+    if context is not None and longest is not None and len(longest.input_ids) > context:
+        raise ValueError(
+            f"{longest.source}: {len(longest.input_ids)} tokens, more than the model's context of {context} "
+            f"positions; give max_length={context} or less to cut the examples"
+        )
 
 
 def check_target_modules(
@@ -131,5 +153,6 @@ def preflight(
     forget_ex, retain_ex = examples["forget"], examples.get("retain", [])
     for name, ex in (("forget", forget_ex), ("retain", retain_ex)):
         check_vocab(skeleton, ex, name)
+    check_context(config, forget_ex + retain_ex)
     check_target_modules(skeleton, cfg.target_modules, init=init, lora_r=cfg.lora_r)
     return Checked(tokenizer, forget_ex, retain_ex, config)
