@@ -69,6 +69,14 @@ def format_bytes(size: float) -> str:
     return f"{int(size)} B"
 
 
+FILA_ACCUMULATORS = "fp32 forget and retain accumulators"
+
+
+def fila_accumulator_bytes(layers: Mapping[str, nn.Module]) -> dict[str, int]:
+    """Bytes of FILA's two fp32 Fisher accumulators (forget and retain) of each layer."""
+    return {name: 8 * math.prod(linear_shape(layer)) for name, layer in layers.items()}
+
+
 def plan_groups(
     sizes: Mapping[str, int], budget: int, *, what: str, origin: str = "the Fisher memory budget"
 ) -> list[list[str]]:

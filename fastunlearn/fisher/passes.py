@@ -256,7 +256,7 @@ def _fused_loss_applies(model: nn.Module, layers: Mapping[str, nn.Linear]) -> bo
 
 
 def _zeros(layer: nn.Linear) -> Tensor:
-    # The shape from the module: under ZeRO-3 the weight itself is an empty shard (fastunlearn.engines.sharded).
+    # The shape from the module: under ZeRO-3 the weight itself is an empty shard.
     return torch.zeros(linear_shape(layer), dtype=torch.float32, device=layer.weight.device)
 
 

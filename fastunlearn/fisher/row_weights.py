@@ -30,8 +30,14 @@ from torch import Tensor, nn
 
 from fastunlearn._io import atomic_file
 from fastunlearn.engines import distributed
-from fastunlearn.engines.sharded import linear_shape
-from fastunlearn.fisher.budget import available_memory, parse_bytes, plan_groups, resolve_budget
+from fastunlearn.fisher.budget import (
+    FILA_ACCUMULATORS,
+    available_memory,
+    fila_accumulator_bytes,
+    parse_bytes,
+    plan_groups,
+    resolve_budget,
+)
 from fastunlearn.fisher.estimate import FISHER_MODES, FisherMode, _check_finite, read_tagged_safetensors
 from fastunlearn.fisher.estimator import measured_layers
 from fastunlearn.fisher.passes import fisher_session, prepare_batches, run_pass
@@ -213,7 +219,7 @@ def fila_row_weights(
     budget_bytes = None if max_memory is None else parse_bytes(max_memory)
     layers = measured_layers(model, target_modules, mode, backend)
     data = {"forget": prepare_batches(forget, "forget"), "retain": prepare_batches(retain, "retain")}
-    sizes = {name: 8 * math.prod(linear_shape(layer)) for name, layer in layers.items()}
+    sizes = fila_accumulator_bytes(layers)
     scale = {what: 1.0 / (d.num_tokens if mode == "batch" else d.num_examples) for what, d in data.items()}
     weights: dict[str, Tensor] = {}
     with fisher_session(model, gradient_checkpointing):
@@ -226,7 +232,7 @@ def fila_row_weights(
             backend=backend,
             cpu_default=lambda: available_memory(torch.device("cpu")) // 2,
         )
-        groups = plan_groups(sizes, budget, what="fp32 forget and retain accumulators", origin=origin)
+        groups = plan_groups(sizes, budget, what=FILA_ACCUMULATORS, origin=origin)
         for index, group in enumerate(groups):
             group_layers = {name: layers[name] for name in group}
             sums = {}

@@ -22,6 +22,7 @@ from torch import nn
 
 from fastunlearn import data as fdata
 from fastunlearn.data.examples import tokenize_records
+from fastunlearn.fisher.budget import FILA_ACCUMULATORS, fila_accumulator_bytes, parse_bytes, plan_groups
 from fastunlearn.fisher.layers import select_linear_layers
 from fastunlearn.models.loading import load_config, model_skeleton, resolve_model
 from fastunlearn.models.naming import canonical_name
@@ -95,7 +96,12 @@ def check_context(config: Any, examples: Iterable[fdata.Example]) -> None:
 
 
 def check_target_modules(
-    model: nn.Module, target_modules: Sequence[str] | None, *, init: str, lora_r: int
+    model: nn.Module,
+    target_modules: Sequence[str] | None,
+    *,
+    init: str,
+    lora_r: int,
+    fisher_memory: int | str | None = None,
 ) -> None:
     """The adapters ``init`` would place on ``model`` exist and fit.
 
@@ -115,6 +121,10 @@ def check_target_modules(
                 f"and {len(small) - 1} other layer(s); FILA needs r <= the smaller side of every "
                 "adapted weight"
             )
+        if fisher_memory is not None:  # refused now rather than after the weights load
+            budget = parse_bytes(fisher_memory)
+            plan_groups(fila_accumulator_bytes(layers), budget, what=FILA_ACCUMULATORS,
+                        origin="the Fisher memory budget (fisher_memory)")  # fmt: skip
     elif init == "lora" and target_modules is not None:
         leaves = [canonical_name(n) for n, m in model.named_modules() if n and not any(m.children())]
         for spec in target_modules:
@@ -154,5 +164,7 @@ def preflight(
     for name, ex in (("forget", forget_ex), ("retain", retain_ex)):
         check_vocab(skeleton, ex, name)
     check_context(config, forget_ex + retain_ex)
-    check_target_modules(skeleton, cfg.target_modules, init=init, lora_r=cfg.lora_r)
+    check_target_modules(
+        skeleton, cfg.target_modules, init=init, lora_r=cfg.lora_r, fisher_memory=cfg.fisher_memory
+    )
     return Checked(tokenizer, forget_ex, retain_ex, config)
