@@ -25,32 +25,40 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     ``[`` is a JSON array, not JSON Lines, and is reported as such.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"data file {path} is a directory; give a JSON Lines file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return _read_lines(path, f)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a UTF-8 text file (JSON Lines expected)") from None
+
+
+def _read_lines(path: str, f) -> list[dict[str, Any]]:
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if not records and line.lstrip().startswith("["):
-                raise ValueError(
-                    f"{path}:{lineno}: expected JSON Lines (one object per line), got a JSON array; "
-                    "write one record per line"
-                )
-            # Without its line break, an error at the end of the line is not reported as line 2 column 1.
-            text = line.rstrip("\r\n")
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                where = "the end of the line" if e.pos >= len(text) else f"column {e.colno}"
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at {where})") from None
-            if not isinstance(record, dict):
-                raise ValueError(
-                    f"{path}:{lineno}: expected a JSON object per line (JSON Lines), got "
-                    f"{type(record).__name__}"
-                )
-            record["_source"] = f"{path}:{lineno}"
-            records.append(record)
+    for lineno, line in enumerate(f, start=1):
+        if not line.strip():
+            continue
+        if not records and line.lstrip().startswith("["):
+            raise ValueError(
+                f"{path}:{lineno}: expected JSON Lines (one object per line), got a JSON array; "
+                "write one record per line"
+            )
+        # Without its line break, an error at the end of the line is not reported as line 2 column 1.
+        text = line.rstrip("\r\n")
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError as e:
+            where = "the end of the line" if e.pos >= len(text) else f"column {e.colno}"
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at {where})") from None
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{path}:{lineno}: expected a JSON object per line (JSON Lines), got {type(record).__name__}"
+            )
+        record["_source"] = f"{path}:{lineno}"
+        records.append(record)
     if not records:
         raise ValueError(f"{path}: the file is empty (no JSON Lines records)")
     return records

@@ -63,6 +63,21 @@ def _local(name: str, what: str, allow_download: bool) -> str:
     return name
 
 
+def _read_json_object(path: str) -> dict:
+    """A JSON object from ``path``, or a one-line ``ValueError`` naming the file and what is wrong."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a text file (JSON expected)") from None
+    except json.JSONDecodeError as err:
+        what = "empty" if not err.doc.strip() else f"invalid JSON ({err.msg} at line {err.lineno})"
+        raise ValueError(f"{path}: {what}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def check_model_dir(path: str | os.PathLike, *, what: str = "model") -> None:
     """Check that a local directory holds a loadable checkpoint, without reading the weights.
 
@@ -80,6 +95,7 @@ def check_model_dir(path: str | os.PathLike, *, what: str = "model") -> None:
         raise ValueError(
             f"{what} directory {path!r} holds no config.json: it is not a Hugging Face model directory"
         )
+    _read_json_object(os.path.join(path, "config.json"))
     if not any(name.endswith(".safetensors") for name in names):
         raise ValueError(
             f"{what} directory {path!r} holds no safetensors weights; fastunlearn does not load pickled "
@@ -148,9 +164,15 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     name = _local(os.fspath(source), "tokenizer", allow_download)
-    return AutoTokenizer.from_pretrained(
-        name, local_files_only=not allow_download, trust_remote_code=trust_remote_code
-    )
+    try:
+        return AutoTokenizer.from_pretrained(
+            name, local_files_only=not allow_download, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"tokenizer {name!r}: no tokenizer could be loaded from it ({first.strip()})"
+        ) from None
 
 
 @contextmanager
