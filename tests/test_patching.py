@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from helpers.models import tiny_llama
 from helpers.oracles import assert_close
+from references.formulations import ihl_reference
 from torch import nn
 
 import fastunlearn
-from fastunlearn import ihl_reference
 from fastunlearn.patching import find_causal_lm, fused_blocker, is_fused, is_patched
 
 VOCAB = 131  # not a power of two

@@ -1,7 +1,7 @@
 """Fused operations on tensors: the losses and gradient statistics the rest of fastunlearn is built on.
 
 - :mod:`~fastunlearn.ops.ihl`: the Inverted Hinge Loss (SPEC §2): :func:`~fastunlearn.ops.ihl.ihl_loss`,
-  its module, autograd function and eager references; :mod:`~fastunlearn.ops._ihl_torch` is its
+  its module and autograd function; :mod:`~fastunlearn.ops._ihl_torch` is its
   chunked PyTorch (CPU) path.
 - :mod:`~fastunlearn.ops.fused_linear`: IHL from the last hidden states without the logits.
 - :mod:`~fastunlearn.ops.nll`: the shifted next-token NLL that training objectives, metrics and the
@@ -9,8 +9,6 @@
 - :mod:`~fastunlearn.ops.grad_sq`: ``Σ_n (G_nᵀ X_n)²``, the per-example squared weight gradients of a
   linear layer that the Fisher estimate sums (SPEC §3.1).
 - :mod:`~fastunlearn.ops._backend`: the ``backend=`` argument every operation shares.
-- :mod:`~fastunlearn.ops.oracle`: the IHL loss and gradient in fp64 closed form, for checking the fused
-  paths (tests, GPU check).
 
 Operations take tensors and return tensors. They import PyTorch, and the Triton kernels of
 ``fastunlearn.kernels`` only when a Triton backend runs; nothing here knows of models, training,

@@ -196,7 +196,7 @@ def _checked_inputs(
     if bias is not None and bias.dtype != weight.dtype:
         raise TypeError(f"bias ({bias.dtype}) must have the weight's dtype ({weight.dtype})")
     _check_labels(labels, hidden.shape[:-1], weight.shape[0], hidden.device, ignore_index, validate)
-    resolved = resolve_backend(backend, hidden.device, has_reference=False)
+    resolved = resolve_backend(backend, hidden.device)
     if chunk_rows is None:
         budget = CPU_CHUNK_ELEMENTS if hidden.device.type == "cpu" else CHUNK_ELEMENTS
         chunk_rows = max(1, budget // weight.shape[0])
@@ -250,8 +250,7 @@ def fused_linear_ihl_loss(
         labels: integer ids of shape ``hidden.shape[:-1]``; ``ignore_index`` carries no loss.
         reduction: ``"mean"`` over non-ignored tokens, ``"sum"``, or ``"none"`` (per token, shape of
             ``labels``; its backward recomputes the logits, one more matmul).
-        backend: as in :func:`fastunlearn.ihl_loss`; ``"reference"`` is not offered (use
-            ``ihl_loss(hidden @ weight.T, labels, backend="reference")``).
+        backend: as in :func:`fastunlearn.ihl_loss`.
         chunk_rows: tokens per chunk; the default keeps a chunk's logits near 64M elements on a GPU
             and 8M on CPU.
         validate: check that labels lie in ``[0, V)`` (one host synchronisation).

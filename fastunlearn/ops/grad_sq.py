@@ -9,8 +9,7 @@ chain rule through ``Y_n = X_n Wᵀ`` gives the example's weight gradient ``g_n 
 The fold is a GEMM over ``B·T`` whose accumulator is squared after each example's ``T`` tokens: the
 Triton kernel (``fastunlearn.kernels.grad_sq``) does it in registers, never building the
 ``[B, out, in]`` per-example gradients that BackPACK, Opacus and ``torch.func`` build; the PyTorch path
-builds them in bounded chunks; :func:`per_example_grad_sq_reference` builds them all at once (the
-benchmark's baseline and, in fp64, the tests' oracle).
+builds them in bounded chunks.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from fastunlearn.ops._backend import Backend, resolve_backend
 # [B, out, in] that per-sample-gradient libraries allocate; at 7B shapes it is one example.
 TORCH_BUFFER_BYTES = 8 * 2**20
 
-__all__ = ["TORCH_BUFFER_BYTES", "per_example_grad_sq", "per_example_grad_sq_reference"]
+__all__ = ["TORCH_BUFFER_BYTES", "per_example_grad_sq"]
 
 
 def _check_grad_sq_inputs(inputs: Tensor, grad_outputs: Tensor, out: Tensor | None) -> None:
@@ -92,23 +91,6 @@ def _grad_sq_torch(inputs: Tensor, grad_outputs: Tensor, out: Tensor, buffer_byt
         out.add_(total)
 
 
-def per_example_grad_sq_reference(inputs: Tensor, grad_outputs: Tensor, out: Tensor | None = None) -> Tensor:
-    """``Σ_n (G_nᵀ X_n)²`` by materialising every ``g_n`` at once (``einsum`` into ``[B, out, in]``).
-
-    What per-sample-gradient libraries do for sequence inputs; the benchmark's baseline and, in fp64,
-    the tests' oracle. Computes in fp32 (fp64 for fp64 operands) and returns/adds into fp32.
-    """
-    _check_grad_sq_inputs(inputs, grad_outputs, out)
-    if out is None:
-        out = torch.zeros(grad_outputs.shape[-1], inputs.shape[-1], dtype=torch.float32, device=inputs.device)
-    dtype = _compute_dtype(inputs, grad_outputs)
-    x, g = inputs.to(dtype), grad_outputs.to(dtype)
-    if x.dim() == 2:
-        x, g = x.unsqueeze(1), g.unsqueeze(1)
-    out.add_(torch.einsum("bto,bti->boi", g, x).square().sum(dim=0))
-    return out
-
-
 # A graph break under torch.compile: Dynamo must not trace into the Triton launcher.
 @torch._disable_dynamo
 def per_example_grad_sq(
@@ -128,9 +110,8 @@ def per_example_grad_sq(
             layer's outputs. Operands of different dtypes are promoted to a common one.
         out: optional fp32 ``[out, in]`` tensor (any strides) to add the result into.
         backend: ``"auto"`` (Triton for CUDA tensors, PyTorch otherwise), ``"triton"`` (also CPU
-            tensors under ``TRITON_INTERPRET=1``), ``"torch"`` (batched products over example chunks
-            holding at most ``TORCH_BUFFER_BYTES`` of gradients) or ``"reference"`` (full ``einsum``
-            materialisation, :func:`per_example_grad_sq_reference`).
+            tensors under ``TRITON_INTERPRET=1``) or ``"torch"`` (batched products over example chunks
+            holding at most ``TORCH_BUFFER_BYTES`` of gradients).
 
     Returns:
         ``out`` (after adding into it) or a new fp32 tensor. Accumulation is fp32 in every backend,
@@ -138,8 +119,6 @@ def per_example_grad_sq(
     """
     _check_grad_sq_inputs(inputs, grad_outputs, out)
     resolved = resolve_backend(backend, inputs.device)
-    if resolved == "reference":
-        return per_example_grad_sq_reference(inputs, grad_outputs, out)
     accumulate = out is not None
     if out is None:
         out = torch.zeros(grad_outputs.shape[-1], inputs.shape[-1], dtype=torch.float32, device=inputs.device)

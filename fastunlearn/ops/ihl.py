@@ -1,5 +1,5 @@
-"""The Inverted Hinge Loss (and the NLL on the same kernels): user-facing functions, module, autograd
-wrapper and references.
+"""The Inverted Hinge Loss (and the NLL on the same kernels): user-facing functions, module and
+autograd wrapper.
 
 IHL (Cha et al., ICLR 2025, §3.1) replaces gradient ascent on the forget set. For each target token,
 with ``p = softmax(z)`` and ``m`` the most likely *other* token,
@@ -10,10 +10,8 @@ so minimising it pushes the true token below its best alternative and the probab
 plausible replacement instead of collapsing the model. The loss of a batch is the mean of ℓ over its
 non-ignored target tokens.
 
-Backends (see :func:`ihl_loss`): the Triton kernels of ``fastunlearn.kernels.ihl`` on CUDA, a chunked
-PyTorch path with identical numerics on CPU, and two eager references — :func:`ihl_reference`, the
-formula written plainly (the test oracle and benchmark baseline), and :func:`ihl_paper_formulation`,
-the paper's code (full softmax, one-hot mask, masked copy).
+Backends (see :func:`ihl_loss`): the Triton kernels of ``fastunlearn.kernels.ihl`` on CUDA and a chunked
+PyTorch path with identical numerics on CPU.
 
 :func:`nll_loss` is the token negative log-likelihood ``−log p_y`` (cross-entropy) on the same
 kernels in their NLL mode: one read of the logits forward, one read and one write backward, fp32
@@ -26,7 +24,6 @@ from types import ModuleType
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -37,7 +34,7 @@ from fastunlearn.ops._ihl_torch import valid_targets
 Reduction = Literal["mean", "sum", "none"]
 REDUCTIONS = ("mean", "sum", "none")
 
-__all__ = ["IHLLoss", "ihl_loss", "ihl_paper_formulation", "ihl_reference", "nll_loss"]
+__all__ = ["IHLLoss", "ihl_loss", "nll_loss"]
 
 
 def _implementation(name: str) -> ModuleType:
@@ -187,8 +184,7 @@ def ihl_loss(
             ``"none"`` (per token, shape of ``labels``, 0 at ignored positions). A batch without a
             valid token gives 0 and a zero gradient.
         backend: ``"auto"`` (Triton for CUDA tensors, the chunked PyTorch path otherwise),
-            ``"triton"`` (also CPU tensors under ``TRITON_INTERPRET=1``), ``"torch"`` or
-            ``"reference"`` (the eager formula, :func:`ihl_reference`).
+            ``"triton"`` (also CPU tensors under ``TRITON_INTERPRET=1``) or ``"torch"``.
         inplace_backward: write the gradient over the logits' storage (no extra memory). The logits
             are destroyed by the backward: nothing else may read them afterwards.
         validate: check that labels lie in ``[0, V)`` (one host synchronisation). With
@@ -235,9 +231,6 @@ def _row_loss(
 ) -> Tensor:
     _check_inputs(f"{loss}_loss", logits, labels, ignore_index, reduction, validate)
     resolved = resolve_backend(backend, logits.device)
-    if resolved == "reference":
-        reference = ihl_reference if loss == "ihl" else _nll_reference
-        return reference(logits, labels, ignore_index=ignore_index, reduction=reduction)
     return _RowLossFunction.apply(logits, labels, loss, ignore_index, reduction, resolved, inplace_backward)
 
 
@@ -259,57 +252,3 @@ class IHLLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, backend={self.backend!r}"
-
-
-def ihl_reference(
-    logits: Tensor, labels: Tensor, *, ignore_index: int = -100, reduction: Reduction = "mean"
-) -> Tensor:
-    """The IHL formula written plainly with eager PyTorch ops and differentiated by autograd.
-
-    Computes in fp32 (fp64 for fp64 input). It materialises the ``[N, V]`` softmax and a masked copy
-    and, through autograd, forms ``1 − p_y`` by subtraction — fine in fp64 (the tests' oracle), lossy
-    in fp32 for confident rows. Out-of-range labels count as ignored.
-    """
-    z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    V = z.shape[-1]
-    valid = valid_targets(labels, V, ignore_index)
-    y = torch.where(valid, labels, 0).unsqueeze(-1)
-    p = z.softmax(dim=-1)
-    p_y = p.gather(-1, y).squeeze(-1)
-    m = z.scatter(-1, y, float("-inf")).argmax(dim=-1, keepdim=True)  # first index on ties
-    p_m = p.gather(-1, m).squeeze(-1)
-    return _reduce(torch.where(valid, 1 + p_y - p_m, 0.0), valid, reduction)
-
-
-def _nll_reference(
-    logits: Tensor, labels: Tensor, *, ignore_index: int = -100, reduction: Reduction = "mean"
-) -> Tensor:
-    """``lse − z_y`` with eager ops (fp32; fp64 for fp64 input), out-of-range labels ignored."""
-    z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    valid = valid_targets(labels, z.shape[-1], ignore_index)
-    z_y = z.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1).long()).squeeze(-1)
-    return _reduce(torch.where(valid, z.logsumexp(-1) - z_y, 0.0), valid, reduction)
-
-
-def _reduce(loss: Tensor, valid: Tensor, reduction: str) -> Tensor:
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / valid.sum().clamp_min(1)
-
-
-def ihl_paper_formulation(logits: Tensor, labels: Tensor, *, ignore_index: int = -100) -> Tensor:
-    """IHL as the paper's code computes it: the benchmark's baseline, mean reduction only.
-
-    Softmax over the full ``[N, V]`` logits in their own dtype, a one-hot mask, the target
-    probabilities picked by the mask and a masked ``[N, V−1]`` copy of the others for their maximum.
-    """
-    V = logits.shape[-1]
-    flat_logits, flat_labels = logits.reshape(-1, V), labels.reshape(-1)
-    keep = flat_labels != ignore_index
-    probs = F.softmax(flat_logits[keep], dim=-1)
-    one_hot = F.one_hot(flat_labels[keep], V).bool()
-    p_y = probs[one_hot]
-    p_others = probs[~one_hot].view(-1, V - 1)
-    return (1 + p_y - p_others.max(dim=-1).values).mean()
