@@ -23,11 +23,18 @@ from torch.library import opcheck
 
 import fastunlearn
 from fastunlearn import (
+    dpo_loss,
     fused_linear_ihl_loss,
+    fused_linear_kl_loss,
     fused_linear_nll_loss,
     ihl_loss,
+    kl_loss,
     nll_loss,
+    npo_loss,
     per_example_grad_sq,
+    rmu_loss,
+    sequence_logprobs,
+    simnpo_loss,
 )
 from fastunlearn.ops import _ihl_torch
 from fastunlearn.ops._fused_ops import fused_linear_row_loss
@@ -95,6 +102,42 @@ def test_fused_linear_losses_under_fake_tensor_mode(loss_fn, reduction, backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_kl_losses_under_fake_tensor_mode(backend, masked):
+    def run_logits(h, w, b, labels):
+        mask = labels != -100 if masked else None
+        logits, ref = h @ w.t(), (h @ w.t()).detach() + 1
+        loss = kl_loss(logits, ref, mask, backend=backend)
+        loss.backward()
+        return metadata(loss, h.grad, w.grad)
+
+    def run_fused(h, w, b, labels):
+        mask = labels != -100 if masked else None
+        loss = fused_linear_kl_loss(h, h.detach() * 0.5, w, mask, b, backend=backend, chunk_rows=4)
+        loss.backward()
+        return metadata(loss, h.grad, w.grad, b.grad)
+
+    for run in (run_logits, run_fused):
+        real, fake = in_both_modes(head_problem, run)
+        assert fake == real
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_losses_under_fake_tensor_mode(backend):
+    def run(logits, labels):
+        logp, counts = sequence_logprobs(logits, labels, backend=backend)
+        ref = logp.detach() - 1
+        loss = npo_loss(logp, ref) + simnpo_loss(logp, counts) + dpo_loss(logp, ref, logp.flip(0), ref)
+        hidden = logits[..., :8]
+        loss = loss + rmu_loss(hidden, hidden.detach() + 1, labels != -100)
+        loss.backward()
+        return metadata(logp, counts, loss, logits.grad)
+
+    real, fake = in_both_modes(row_problem, run)
+    assert fake == real
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("tokens", [1, 9])
 def test_grad_sq_under_fake_tensor_mode(backend, tokens):
     def make():
@@ -138,6 +181,18 @@ def test_opcheck_fused_linear_operators(backend, reduction):
         grad_rows = torch.rand(9) + 0.5
         args = (grad_rows, h.detach(), w.detach(), b.detach(), labels, stats, argmax, -100, backend, 4)
         opcheck(OPS.fused_linear_row_loss_backward.default, (*args, [True, False, True]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_kl_operators(backend):
+    h, w, b, labels = head_problem(torch.float32, (9,))
+    z = (h @ w.t()).detach().requires_grad_()
+    r, weights = z.detach() + torch.randn(9, 41), (labels != -100).float() / 6
+    opcheck(OPS.kl_rows.default, (z, r, weights, backend))
+    opcheck(OPS.kl_rows.default, (z, r, None, backend))
+    _, lse = OPS.kl_rows(z.detach(), r, weights, backend)
+    opcheck(OPS.kl_rows_backward.default, (z.detach(), r, lse, torch.rand(9), backend))
+    opcheck(OPS.fused_linear_kl.default, (h, h.detach() + 0.1, w, b, weights, backend, 4, [True] * 3))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -185,6 +240,26 @@ def test_a_tracker_under_fake_tensor_mode_sees_the_fused_workspace(monkeypatch, 
     fake = fake_peak(make, run)
     assert abs(fake - real) <= 0.05 * real
     assert chunk_rows * vocab * 4 > 0.05 * real  # the workspace: leaving it out would fail the check
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="MemTracker needs torch.distributed")
+def test_a_tracker_under_fake_tensor_mode_sees_the_fused_kl_workspace(monkeypatch):
+    """Two chunks of logits (one per model, 2.6 MB each) inside the operator: reported by its fake."""
+    monkeypatch.setattr(_ihl_torch, "CPU_BLOCK_ELEMENTS", 1024)  # the PyTorch KL path's blocks
+    chunk_rows, vocab = 128, 5003
+
+    def make():
+        gen = torch.Generator().manual_seed(7)
+        h = torch.randn(300, 64, generator=gen).requires_grad_()
+        return h, h.detach() + 0.1, torch.randn(vocab, 64, generator=gen).requires_grad_()
+
+    def run(h, ref_h, w):
+        fused_linear_kl_loss(h, ref_h, w, backend="torch", chunk_rows=chunk_rows).backward()
+
+    args = make()
+    real, fake = peak_tensor_bytes(lambda: run(*args)), fake_peak(make, run)
+    assert abs(fake - real) <= 0.05 * real
+    assert 0.05 * real < chunk_rows * vocab * 4
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="MemTracker needs torch.distributed")
