@@ -280,19 +280,30 @@ def test_a_tracker_under_fake_tensor_mode_sees_the_grad_sq_workspace():
     assert 0.05 * real < 6 * 80 * 96 * 4  # the chunk of per-example gradients alone
 
 
-def test_compiled_loss_is_one_graph():
-    """With ``validate=False`` (the label check reads values: a graph break) the whole function, loss
-    included, compiles to one graph, and gives the eager value and gradient."""
-    logits, labels = row_problem(torch.float32)
+def test_compiled_losses_are_one_graph():
+    """With ``validate=False`` (the label check reads values: a graph break) a function of every loss
+    compiles to one graph, and gives the eager value and gradients."""
+    h, w, _, labels = head_problem(torch.float32, (2, 5))
+    logits = (h @ w.t()).detach().requires_grad_()
 
-    def step(z, y):
-        return ihl_loss(z * 2.0, y, backend="torch", validate=False) + nll_loss(z, y, validate=False)
+    def step(z, y, h, w):
+        logp, counts = sequence_logprobs(z, y, validate=False)
+        return (
+            ihl_loss(z * 2.0, y, validate=False)
+            + nll_loss(z, y, validate=False)
+            + kl_loss(z, z.detach() + 1)
+            + fused_linear_nll_loss(h, w, y, validate=False, chunk_rows=4)
+            + fused_linear_kl_loss(h, h.detach() * 2, w, chunk_rows=4)
+            + npo_loss(logp, logp.detach() - 1)
+            + simnpo_loss(logp, counts)
+        )
 
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    x = logits.detach().clone().requires_grad_()
-    step(logits, labels).backward()
-    compiled(x, labels).backward()
-    torch.testing.assert_close(x.grad, logits.grad, rtol=0, atol=0)
+    copies = [t.detach().clone().requires_grad_() for t in (logits, h, w)]
+    step(logits, labels, h, w).backward()
+    compiled(copies[0], labels, *copies[1:]).backward()
+    for got, want in zip(copies, (logits, h, w)):
+        torch.testing.assert_close(got.grad, want.grad, rtol=0, atol=0)
 
 
 def test_compiled_patched_model_step_gives_the_eager_loss_and_gradients():
