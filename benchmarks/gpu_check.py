@@ -29,7 +29,7 @@ if DRY_RUN:
 
 import torch
 
-from fastunlearn import fused_linear_nll_loss, ihl_loss, nll_loss
+from fastunlearn import fused_linear_nll_loss, ihl_loss, kl_loss, nll_loss
 
 LOSSES = {"ihl": ihl_loss, "nll": nll_loss}
 
@@ -143,6 +143,37 @@ def check_ihl_large_offsets() -> bool:
     return worst <= 1
 
 
+def check_kl(n: int, vocab: int, dtype: torch.dtype) -> bool:
+    """``kl_loss`` on the Triton kernels against the PyTorch path on fp64 logits, with a mask. The
+    tolerances are the tests' (``tests/test_kl.py``): the loss within ``2e-6·(2·max|r − z| + 1)`` per
+    row of weight, each gradient element within ``1e-5·w·(p_j + q_j)`` plus half an ulp of its dtype."""
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    ref = torch.randn(n, vocab, device=DEVICE, generator=gen) * 3
+    logits = (ref + torch.randn(n, vocab, device=DEVICE, generator=gen)).to(dtype)
+    ref = ref.to(dtype)
+    mask = torch.rand(n, device=DEVICE, generator=gen) > 0.2
+    poison_allocator(2 * logits.numel() * logits.element_size())
+    x = logits.clone().requires_grad_()
+    kl_loss(x, ref, mask, backend="triton").backward()
+    z = logits.double().requires_grad_()
+    want = kl_loss(z, ref.double(), mask, backend="torch")
+    want.backward()
+    weights = mask.double() / mask.sum()
+    spread = (ref.double() - logits.double()).abs().amax(-1)
+    loss_bound = 2e-6 * float(((2 * spread + 1) * weights).sum())
+    got = kl_loss(logits, ref, mask, backend="triton").double()
+    p_plus_q = logits.double().softmax(-1) + ref.double().softmax(-1)
+    rtol, atol = GRAD_TOL[dtype]
+    bound = 1e-5 * p_plus_q * weights[:, None] + (rtol - 1e-5) * z.grad.abs() + atol
+    err = (x.grad.double() - z.grad).abs()
+    worst = max(float((got - want.detach()).abs()) / loss_bound,
+                float((err / bound.clamp_min(torch.finfo(torch.float64).tiny)).max()))  # fmt: skip
+    finite = bool(torch.isfinite(x.grad).all())
+    print(f"  kl n={n} V={vocab} {dtype}: worst element {worst:.3g} of its tolerance -> "
+          f"{'ok' if worst <= 1 and finite else 'FAIL'}")  # fmt: skip
+    return worst <= 1 and finite
+
+
 def main() -> int:
     if not DRY_RUN and not torch.cuda.is_available():
         print("no CUDA device (use --dry-run to try the checks on CPU under the Triton interpreter)")
@@ -161,6 +192,8 @@ def main() -> int:
     for loss_name in LOSSES:
         ok &= check_rows(200 // shrink, 32000, torch.float32, loss_name=loss_name, confident=True)
     ok &= check_fused_linear_nll(max(2, 600 // shrink), 256, 32003)
+    for n, vocab, dtype in [(257, 32003, torch.float32), (130, 131079, torch.bfloat16)]:
+        ok &= check_kl(max(2, n // shrink), vocab, dtype)
     if not DRY_RUN:
         ok &= check_ihl_large_offsets()
     from bench_fisher import gpu_check as fisher_check  # the Fisher kernel's own check
