@@ -74,9 +74,10 @@ from _common import (
     slug,
     write_results,
 )
+from _formulations import per_example_grad_sq_reference
 
 from fastunlearn.fisher import estimate_fisher, select_linear_layers
-from fastunlearn.ops.grad_sq import per_example_grad_sq, per_example_grad_sq_reference
+from fastunlearn.ops.grad_sq import per_example_grad_sq
 
 PRESETS = {
     "cpu": {
@@ -135,7 +136,7 @@ def vmap_grad_sq(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def reference_grad_sq(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Full materialisation at the kernel's precision: products in the inputs' dtype when it is bf16 or
     fp16 (``einsum`` into ``[B, out, in]`` on the tensor cores), squared and summed in fp32; fp32
-    inputs go through the package's reference (fp32 products)."""
+    inputs go through ``_formulations.per_example_grad_sq_reference`` (fp32 products)."""
     if x.dtype in (torch.bfloat16, torch.float16) and g.dtype == x.dtype:
         return torch.einsum("bto,bti->boi", g, x).float().square().sum(0)
     return per_example_grad_sq_reference(x, g)

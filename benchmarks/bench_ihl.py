@@ -36,8 +36,9 @@ from pathlib import Path
 
 import torch
 from _common import RESULTS_DIR, ResultLog, environment, median_time, peak_memory, plot_bars, slug
+from _formulations import ihl_paper_formulation, ihl_reference
 
-from fastunlearn import ihl_loss, ihl_paper_formulation, ihl_reference
+from fastunlearn import ihl_loss
 
 PRESETS = {
     "cpu": [(4096, 32000, torch.float32), (1024, 128256, torch.float32)],

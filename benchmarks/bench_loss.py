@@ -24,6 +24,15 @@ every small per-block op wait on OpenMP barriers (a first try at N=1024 measured
 Targets (issue 11): fused extra peak ≤ 0.25× the eager path's and time ≤ 1.3× it; in bf16 the logits
 path's extra peak ≤ 2.0× one bf16 logits buffer.
 
+On a GPU the same run also compares the cross-entropy (NLL) alone on all ``N`` tokens of the case, from
+the hidden states, with the other fused-linear implementations (imported only then; each skipped with a
+note when it is not installed): ``nll_fused`` (:func:`fastunlearn.fused_linear_nll_loss`), ``nll_eager``
+(``F.cross_entropy`` of fp32 logits), ``liger_flce`` (Liger-Kernel's fused linear cross-entropy,
+``liger_kernel.transformers.functional.liger_fused_linear_cross_entropy``) and ``cce`` (Apple's Cut
+Cross-Entropy, ``cut_cross_entropy.linear_cross_entropy`` with its defaults, gradient filtering
+included). Their rows have ``objective = "nll"``; the JSON records each one's loss relative to
+``nll_fused``'s. The dry preset runs this comparison on the CPU with the package's paths only.
+
     python benchmarks/bench_loss.py --preset cpu     # N=4096, H=2048, V=32000, fp32 and bf16
     python benchmarks/bench_loss.py --preset gpu     # N=8192, H=4096, V=128256, bf16
     python benchmarks/bench_loss.py --preset dry     # toy sizes on CPU (gpu_run.sh's dry run)
@@ -39,13 +48,13 @@ import torch
 import torch.nn.functional as F
 from _common import (
     RESULTS_DIR,
+    ResultLog,
     environment,
     free_memory,
     interleaved_medians,
     peak_tensor_bytes,
     plot_bars,
     slug,
-    write_results,
 )
 
 from fastunlearn import fused_linear_ihl_loss, fused_linear_nll_loss, ihl_loss, nll_loss
@@ -77,6 +86,31 @@ def fused(h_f, h_r, w, y_f, y_r):
 PATHS: dict[str, Callable] = {"eager": eager, "logits": logits, "fused": fused}
 
 
+def ce_paths(device: torch.device) -> tuple[dict[str, Callable], dict[str, str]]:
+    """The NLL-alone paths ``fn(h [N, H], w, y [N])``: the package's, and on CUDA the other libraries'
+    that are installed; notes say which were skipped and why."""
+    paths: dict[str, Callable] = {
+        "nll_fused": lambda h, w, y: fused_linear_nll_loss(h, w, y, validate=False),
+        "nll_eager": lambda h, w, y: F.cross_entropy((h @ w.t()).float(), y, ignore_index=-100),
+    }
+    if device.type != "cuda":
+        return paths, {"liger_flce, cce": "CUDA only: not run"}
+    notes = {}
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        paths["liger_flce"] = lambda h, w, y: liger_fused_linear_cross_entropy(h, w, y, ignore_index=-100)
+    except ImportError as err:
+        notes["liger_flce"] = f"liger-kernel not importable ({err})"
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        paths["cce"] = lambda h, w, y: linear_cross_entropy(h, w, y, ignore_index=-100)
+    except ImportError as err:
+        notes["cce"] = f"cut-cross-entropy not importable ({err})"
+    return paths, notes
+
+
 def inputs(n: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.device, train_head: bool):
     """Hidden states and a head giving logits of standard deviation ~3; 10 % of the labels ignored."""
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -89,10 +123,7 @@ def inputs(n: int, hidden: int, vocab: int, dtype: torch.dtype, device: torch.de
     return h_f, h_r, w.requires_grad_(train_head), *y.to(device).unbind(0)
 
 
-def bench_case(n, hidden, vocab, dtype, device, repeats, train_head) -> list[dict]:
-    args = inputs(n, hidden, vocab, dtype, device, train_head)
-    leaves = [a for a in args if a.requires_grad]
-
+def timed_steps(paths: dict[str, Callable], args: tuple, leaves: list) -> dict[str, Callable[[], None]]:
     def step(path: Callable) -> Callable[[], None]:
         def run() -> None:
             path(*args).backward()
@@ -101,30 +132,76 @@ def bench_case(n, hidden, vocab, dtype, device, repeats, train_head) -> list[dic
 
         return run
 
-    steps = {name: step(path) for name, path in PATHS.items()}
-    buffer = n * vocab * torch.finfo(dtype).bits // 8
-    rows = []
+    return {name: step(path) for name, path in paths.items()}
+
+
+def measure(
+    steps: dict[str, Callable[[], None]], device, repeats: int, buffer: int, case: dict
+) -> list[dict]:
+    """A row per path: its extra peak (after a warm-up call) and median time; a path that fails is a
+    row with its error."""
+    rows, working = [], {}
     for name, run in steps.items():
-        run()  # warm-up: one-time allocations (BLAS, Triton compilation) stay out of the peak
-        free_memory(device)
-        peak = peak_tensor_bytes(run, device)
-        rows.append({
-            "n": n, "hidden": hidden, "vocab": vocab, "dtype": str(dtype).removeprefix("torch."),
-            "head": "trained" if train_head else "frozen", "path": name, "peak_bytes": peak,
-            "logits_buffer_bytes": buffer, "peak_vs_logits_buffer": peak / buffer,
-        })  # fmt: skip
+        try:
+            run()  # warm-up: one-time allocations (BLAS, Triton compilation) stay out of the peak
+            free_memory(device)
+            peak = peak_tensor_bytes(run, device)
+        except Exception as err:  # another library's path that cannot run here is reported, not fatal
+            rows.append({**case, "path": name, "error": f"{type(err).__name__}: {str(err)[:200]}"})
+            continue
+        working[name] = run
+        rows.append({**case, "path": name, "peak_bytes": peak, "logits_buffer_bytes": buffer,
+                     "peak_vs_logits_buffer": peak / buffer})  # fmt: skip
         print(f"  {name}: peak {peak / 2**20:.0f} MiB = {peak / buffer:.2f}x one logits buffer", flush=True)
-    medians = interleaved_medians(steps, device, repeats)
+    medians = interleaved_medians(working, device, repeats)
     for row in rows:
-        row["fwd_bwd_ms"] = medians[row["path"]]
+        if row["path"] in medians:
+            row["fwd_bwd_ms"] = medians[row["path"]]
     return rows
+
+
+def bench_case(
+    n, hidden, vocab, dtype, device, repeats, train_head, log: ResultLog, compare_ce: bool
+) -> None:
+    args = inputs(n, hidden, vocab, dtype, device, train_head)
+    leaves = [a for a in args if a.requires_grad]
+    buffer = n * vocab * torch.finfo(dtype).bits // 8
+    case = {"n": n, "hidden": hidden, "vocab": vocab, "dtype": str(dtype).removeprefix("torch."),
+            "head": "trained" if train_head else "frozen"}  # fmt: skip
+    for row in measure(
+        timed_steps(PATHS, args, leaves), device, repeats, buffer, {**case, "objective": "ihl+nll"}
+    ):
+        log.add(row)
+    if not compare_ce:
+        return
+    h_f, h_r, w, y_f, y_r = args
+    h = torch.cat([h_f.detach(), h_r.detach()]).requires_grad_()
+    y = torch.cat([y_f, y_r])
+    paths, notes = ce_paths(device)
+    log.env.setdefault("notes", {}).update(notes)
+    ce_leaves = [t for t in (h, w) if t.requires_grad]
+    for row in measure(
+        timed_steps(paths, (h, w, y), ce_leaves), device, repeats, buffer, {**case, "objective": "nll"}
+    ):
+        log.add(row)
+    with torch.no_grad():
+        ours = float(paths["nll_fused"](h, w, y))
+        agreement = {
+            name: abs(float(fn(h, w, y)) - ours) / ours for name, fn in paths.items() if name != "nll_fused"
+        }
+    log.env.setdefault("nll_rel_diff_vs_fused", {})[str(tuple(case.values()))] = agreement
 
 
 def summarise(rows: list[dict]) -> list[str]:
     """Each target against this run's rows."""
     lines = []
-    for case in dict.fromkeys((r["n"], r["hidden"], r["vocab"], r["dtype"], r["head"]) for r in rows):
-        by = {r["path"]: r for r in rows if (r["n"], r["hidden"], r["vocab"], r["dtype"], r["head"]) == case}
+    main_rows = [r for r in rows if r["objective"] == "ihl+nll" and "fwd_bwd_ms" in r]
+    for case in dict.fromkeys((r["n"], r["hidden"], r["vocab"], r["dtype"], r["head"]) for r in main_rows):
+        by = {
+            r["path"]: r
+            for r in main_rows
+            if (r["n"], r["hidden"], r["vocab"], r["dtype"], r["head"]) == case
+        }
         eager_row, logits_row, fused_row = by["eager"], by["logits"], by["fused"]
         peak = fused_row["peak_bytes"] / eager_row["peak_bytes"]
         time = fused_row["fwd_bwd_ms"] / eager_row["fwd_bwd_ms"]
@@ -146,10 +223,10 @@ def summarise(rows: list[dict]) -> list[str]:
 
 def plot(rows: list[dict], path: Path) -> None:
     plot_bars(
-        rows,
+        [r for r in rows if "fwd_bwd_ms" in r],
         path,
-        case=lambda r: (r["n"], r["hidden"], r["vocab"], r["dtype"], r["head"]),
-        case_label=lambda c: f"N={c[0]} H={c[1]} V={c[2]}\n{c[3]}, {c[4]} head",
+        case=lambda r: (r["n"], r["hidden"], r["vocab"], r["dtype"], r["head"], r["objective"]),
+        case_label=lambda c: f"N={c[0]} H={c[1]} V={c[2]}\n{c[3]}, {c[4]} head, {c[5]}",
         series="path",
         panels=[("fwd_bwd_ms", 1.0, "forward+backward (ms, median)"),
                 ("peak_vs_logits_buffer", 1.0, "extra peak (x one logits buffer)")],
@@ -172,22 +249,22 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     preset = PRESETS[args.preset]
     env = environment(device)
-    rows = []
-    for n, hidden, vocab, dtype in preset["cases"]:
-        print(f"N={n} H={hidden} V={vocab} {dtype}", flush=True)
-        rows += bench_case(
-            n, hidden, vocab, dtype, device, args.repeats or preset["repeats"], args.train_head
-        )
-        free_memory(device)
-    env["summary"] = summarise(rows)
     env["memory"] = (
         "CUDA allocator peak" if device.type == "cuda" else "peak of live PyTorch tensor bytes (profiler)"
     )
     stem = f"loss_{slug(device)}" + ("_train_head" if args.train_head else "")
     stem += "_dry" if args.preset == "dry" else ""
-    write_results(stem, rows, env)
-    plot(rows, RESULTS_DIR / f"{stem}.png")
-    for line in env["summary"]:
+    log = ResultLog(stem, env)  # rows are written as they are measured
+    compare_ce = device.type == "cuda" or args.preset == "dry"
+    for n, hidden, vocab, dtype in preset["cases"]:
+        print(f"N={n} H={hidden} V={vocab} {dtype}", flush=True)
+        repeats = args.repeats or preset["repeats"]
+        bench_case(n, hidden, vocab, dtype, device, repeats, args.train_head, log, compare_ce)
+        free_memory(device)
+    summary = summarise(log.rows)
+    log.finish(summary=summary)
+    plot(log.rows, RESULTS_DIR / f"{stem}.png")
+    for line in summary:
         print(line)
 
 

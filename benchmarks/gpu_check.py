@@ -1,5 +1,9 @@
 """Correctness of the Triton kernels on a CUDA device, against fp64 references computed on the device.
 
+The reference of the row losses is the package's PyTorch path run on fp64 logits: it keeps them in fp64
+with the same cancellation-free formulas, and the tests check it against closed-form fp64 oracles to
+1e-12 (``tests/test_ihl.py``, ``tests/test_nll.py``).
+
 Run by ``benchmarks/gpu_run.sh`` before the GPU benchmarks. Each check draws fresh random inputs,
 poisons the allocator with NaN first (so an element the kernel forgets to write shows up), and reports
 the worst element: ``max |got − want| / (rtol·|want| + atol)`` over every element, which must be ≤ 1.
@@ -25,10 +29,9 @@ if DRY_RUN:
 
 import torch
 
-from fastunlearn import fused_linear_nll_loss, ihl_loss, nll_loss
-from fastunlearn.ops.oracle import ihl_oracle_rows, nll_oracle_rows
+from fastunlearn import fused_linear_nll_loss, ihl_loss, kl_loss, nll_loss
 
-LOSSES = {"ihl": (ihl_loss, ihl_oracle_rows), "nll": (nll_loss, nll_oracle_rows)}
+LOSSES = {"ihl": ihl_loss, "nll": nll_loss}
 
 DEVICE = "cpu" if DRY_RUN else "cuda"
 
@@ -50,6 +53,14 @@ def worst_element(got: torch.Tensor, want: torch.Tensor, rtol: float, atol: floa
     return float(((got - want).abs() / bound).max()) if want.numel() else 0.0
 
 
+def fp64_rows(loss_name: str, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-row loss and logits gradient (for a unit upstream gradient) in fp64, from the PyTorch path."""
+    z = logits.detach().double().requires_grad_()
+    rows = LOSSES[loss_name](z, labels, backend="torch", reduction="none", validate=False)
+    rows.backward(torch.ones_like(rows))
+    return rows.detach(), z.grad
+
+
 def poison_allocator(nbytes: int) -> None:
     """Fill the caching allocator's free blocks with NaN so unwritten outputs cannot pass."""
     block = torch.empty(nbytes // 4, dtype=torch.float32, device=DEVICE)
@@ -61,7 +72,7 @@ def check_rows(
     n: int, vocab: int, dtype: torch.dtype, *, loss_name: str = "ihl", confident: bool = False, seed: int = 0
 ) -> bool:
     """``ihl_loss`` or ``nll_loss`` (the kernels' two modes), per-token loss and gradient."""
-    loss_fn, oracle_rows = LOSSES[loss_name]
+    loss_fn = LOSSES[loss_name]
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     logits = (torch.randn(n, vocab, device=DEVICE, generator=gen) * 3).to(dtype)
     labels = torch.randint(0, vocab, (n,), device=DEVICE, generator=gen)
@@ -74,7 +85,7 @@ def check_rows(
     loss = loss_fn(x, labels, backend="triton", reduction="none")
     grad_out = torch.rand(n, device=DEVICE, generator=gen) + 0.5
     loss.backward(grad_out)
-    want_loss, want_grad, _ = oracle_rows(logits, labels)
+    want_loss, want_grad = fp64_rows(loss_name, logits, labels)
     want_grad *= grad_out.double()[:, None]
     ok = True
     for name, got, want, tol in (
@@ -100,7 +111,8 @@ def check_fused_linear_nll(n: int, hidden: int, vocab: int) -> bool:
     labels[::5] = -100
     loss = fused_linear_nll_loss(h, w, labels, backend="triton", chunk_rows=max(1, n // 3))
     loss.backward()
-    want_rows, want_grad, valid = nll_oracle_rows(h.detach().double() @ w.double().t(), labels)
+    want_rows, want_grad = fp64_rows("nll", h.detach().double() @ w.double().t(), labels)
+    valid = labels != -100
     want_h = (want_grad / valid.sum()) @ w.double()
     ok = True
     for name, got, want in (
@@ -124,11 +136,42 @@ def check_ihl_large_offsets() -> bool:
     x = logits.requires_grad_()
     ihl_loss(x, labels, backend="triton", reduction="sum").backward()
     tail = slice(n - 64, n)  # these rows start beyond element 2^31
-    _, want, _ = ihl_oracle_rows(logits[tail], labels[tail])
+    _, want = fp64_rows("ihl", logits[tail], labels[tail])
     worst = worst_element(x.grad[tail], want, *GRAD_TOL[torch.bfloat16])
     print(f"  ihl N*V={n * vocab:.3g} bf16, last 64 rows: worst element {worst:.3g} of its tolerance "
           f"-> {'ok' if worst <= 1 else 'FAIL'}")  # fmt: skip
     return worst <= 1
+
+
+def check_kl(n: int, vocab: int, dtype: torch.dtype) -> bool:
+    """``kl_loss`` on the Triton kernels against the PyTorch path on fp64 logits, with a mask. The
+    tolerances are the tests' (``tests/test_kl.py``): the loss within ``2e-6·(2·max|r − z| + 1)`` per
+    row of weight, each gradient element within ``1e-5·w·(p_j + q_j)`` plus half an ulp of its dtype."""
+    gen = torch.Generator(device=DEVICE).manual_seed(3)
+    ref = torch.randn(n, vocab, device=DEVICE, generator=gen) * 3
+    logits = (ref + torch.randn(n, vocab, device=DEVICE, generator=gen)).to(dtype)
+    ref = ref.to(dtype)
+    mask = torch.rand(n, device=DEVICE, generator=gen) > 0.2
+    poison_allocator(2 * logits.numel() * logits.element_size())
+    x = logits.clone().requires_grad_()
+    kl_loss(x, ref, mask, backend="triton").backward()
+    z = logits.double().requires_grad_()
+    want = kl_loss(z, ref.double(), mask, backend="torch")
+    want.backward()
+    weights = mask.double() / mask.sum()
+    spread = (ref.double() - logits.double()).abs().amax(-1)
+    loss_bound = 2e-6 * float(((2 * spread + 1) * weights).sum())
+    got = kl_loss(logits, ref, mask, backend="triton").double()
+    p_plus_q = logits.double().softmax(-1) + ref.double().softmax(-1)
+    rtol, atol = GRAD_TOL[dtype]
+    bound = 1e-5 * p_plus_q * weights[:, None] + (rtol - 1e-5) * z.grad.abs() + atol
+    err = (x.grad.double() - z.grad).abs()
+    worst = max(float((got - want.detach()).abs()) / loss_bound,
+                float((err / bound.clamp_min(torch.finfo(torch.float64).tiny)).max()))  # fmt: skip
+    finite = bool(torch.isfinite(x.grad).all())
+    print(f"  kl n={n} V={vocab} {dtype}: worst element {worst:.3g} of its tolerance -> "
+          f"{'ok' if worst <= 1 and finite else 'FAIL'}")  # fmt: skip
+    return worst <= 1 and finite
 
 
 def main() -> int:
@@ -149,6 +192,8 @@ def main() -> int:
     for loss_name in LOSSES:
         ok &= check_rows(200 // shrink, 32000, torch.float32, loss_name=loss_name, confident=True)
     ok &= check_fused_linear_nll(max(2, 600 // shrink), 256, 32003)
+    for n, vocab, dtype in [(257, 32003, torch.float32), (130, 131079, torch.bfloat16)]:
+        ok &= check_kl(max(2, n // shrink), vocab, dtype)
     if not DRY_RUN:
         ok &= check_ihl_large_offsets()
     from bench_fisher import gpu_check as fisher_check  # the Fisher kernel's own check

@@ -31,7 +31,7 @@ log() { echo "[gpu_run +$((SECONDS - START))s] $*"; }
 if [ "$DRY" = 1 ]; then
     export TRITON_INTERPRET=1
     BUDGET=${GPU_RUN_BUDGET_S:-1200}
-    LIMITS=(600 600 600 120 600 600 60 300)  # check, bench_ihl, bench_loss, bench_scale, bench_fisher, its --memory, deepspeed, smoke: the interpreter on a shared CPU is slow
+    LIMITS=(600 600 600 120 600 600 60 300 300)  # check, bench_ihl, bench_loss, bench_scale, bench_fisher, its --memory, deepspeed, smoke, bench_kl: the interpreter on a shared CPU is slow
     RESULTS=$(mktemp -d)  # the committed CPU results are not touched
     PRESET=dry
     CHECK=(--dry-run)
@@ -41,11 +41,11 @@ if [ "$DRY" = 1 ]; then
 else
     # 480 s: one call of the device tool (at most 600 s) with room for a rerun in a 15-minute session.
     # It covers the correctness check, the loss benchmarks and the 32-layer scale run (their limits;
-    # they usually finish sooner); the whole job end to end, the Fisher benchmarks and DeepSpeed run
-    # in what is left (every step's limit: 900 s in all, GPU_RUN_BUDGET_S=900 over two device calls'
-    # worth of time).
+    # they usually finish sooner); the whole job end to end, the KL benchmark, the Fisher benchmarks
+    # and DeepSpeed run in what is left (every step's limit: 960 s in all, GPU_RUN_BUDGET_S=960 over
+    # two device calls' worth of time).
     BUDGET=${GPU_RUN_BUDGET_S:-480}
-    LIMITS=(75 150 100 150 100 55 150 120)
+    LIMITS=(75 150 100 150 100 55 150 120 60)
     RESULTS=$ROOT/benchmarks/results
     PRESET=gpu
     CHECK=()
@@ -89,6 +89,18 @@ if [ -n "$missing" ]; then
     log "installing missing packages: $missing"
     # shellcheck disable=SC2086
     pip_install $missing || { log "could not install: $missing"; status=1; }
+fi
+# Other libraries' fused losses, which bench_loss and bench_kl compare with when they are importable
+# (the `bench-gpu` extra): installed if missing and an index answers; the benchmarks skip them otherwise.
+optional=$("$PY" - <<'EOF'
+import importlib.util
+wanted = {"liger_kernel": "liger-kernel", "cut_cross_entropy": "cut-cross-entropy"}
+print(" ".join(pip for module, pip in wanted.items() if importlib.util.find_spec(module) is None))
+EOF
+)
+if [ -n "$optional" ] && [ "$DRY" != 1 ]; then
+    # shellcheck disable=SC2086
+    pip_install $optional || log "not installed (the benchmarks skip them): $optional"
 fi
 
 # --- the package -----------------------------------------------------------------------------------
@@ -155,6 +167,8 @@ step bench_loss "${LIMITS[2]}" "$PY" benchmarks/bench_loss.py --preset "$PRESET"
 step bench_scale "${LIMITS[3]}" "$PY" benchmarks/bench_scale.py "${SCALE[@]}"
 # The whole job on the device: the tiny demo (Trainer, TOFU protocol) and a run stopped by a rule
 step gpu_smoke "${LIMITS[7]}" "$PY" benchmarks/gpu_smoke.py ${CHECK[@]+"${CHECK[@]}"}
+# The KL retain term from logits and hidden states, against eager PyTorch and Liger's fused linear JSD
+step bench_kl "${LIMITS[8]}" "$PY" benchmarks/bench_kl.py --preset "$PRESET"
 step bench_fisher "${LIMITS[4]}" "$PY" benchmarks/bench_fisher.py --preset "$PRESET" --quick
 step bench_fisher_memory "${LIMITS[5]}" "$PY" benchmarks/bench_fisher.py --preset "$PRESET" --memory
 # DeepSpeed ZeRO-3 unlearn vs DDP / one process; writes why it skipped without deepspeed or CUDA

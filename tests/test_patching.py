@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from helpers.models import tiny_llama
 from helpers.oracles import assert_close
+from references.formulations import ihl_reference
 from torch import nn
 
 import fastunlearn
-from fastunlearn import ihl_reference
 from fastunlearn.models.patching import find_causal_lm, fused_blocker, is_fused, is_patched
 
 VOCAB = 131  # not a power of two
@@ -77,10 +77,17 @@ def batch(seed: int, lengths=(11, 8, 10)):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def reference_loss(logits: torch.Tensor, labels: torch.Tensor, loss_type: str) -> torch.Tensor:
+def reference_loss(
+    logits: torch.Tensor, labels: torch.Tensor, loss_type: str, ref_logits: torch.Tensor | None = None
+) -> torch.Tensor:
     """The loss of materialised logits in fp64 (labels shifted as the contract says)."""
     targets = F.pad(labels[:, 1:], (0, 1), value=-100)
     z = logits.double()
+    if loss_type in ("kl", "kl_targets"):  # KL(P_ref ‖ P_θ) per position, averaged
+        log_p, log_q = z.log_softmax(-1), ref_logits.double().log_softmax(-1)
+        rows = (log_q.exp() * (log_q - log_p)).sum(-1)
+        keep = targets != -100 if loss_type == "kl_targets" else torch.ones_like(targets, dtype=torch.bool)
+        return (rows * keep).sum() / keep.sum()
     if loss_type == "ihl":
         return ihl_reference(z, targets)
     valid = targets != -100
@@ -94,24 +101,26 @@ def grad_out_for(loss: torch.Tensor) -> torch.Tensor:
     return torch.rand(loss.shape, generator=gen) + 0.5 if loss.dim() else torch.tensor(0.7)
 
 
-def step(model: nn.Module, data: dict, loss_type: str, *, patched: bool, autocast: bool = False):
+def step(model: nn.Module, data: dict, loss_type: str, *, patched: bool, autocast: bool = False, ref=None):
     """``(loss, ∂loss/∂hidden, {name: ∂loss/∂param})`` of one forward+backward through ``model`` on
-    either path; ``hidden`` is the last hidden states, the output head's input."""
+    either path; ``hidden`` is the last hidden states, the output head's input. ``ref``: the reference
+    model's ``(last hidden states, logits)`` for the KL losses."""
     captured = []
 
     def capture(module, args):
-        args[0].retain_grad()
-        captured.append(args[0])
+        if args[0].requires_grad:  # not the reference's hidden states (the KL's logits path)
+            args[0].retain_grad()
+            captured.append(args[0])
 
     hook = find_causal_lm(model).get_output_embeddings().register_forward_pre_hook(capture)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         if patched:
-            out = model(**data, loss_type=loss_type)
+            out = model(**data, loss_type=loss_type, **({} if ref is None else {"ref_hidden": ref[0]}))
             assert out.logits is None
             loss = out.loss
         else:
             logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
-            loss = reference_loss(logits, data["labels"], loss_type)
+            loss = reference_loss(logits, data["labels"], loss_type, None if ref is None else ref[1])
     hook.remove()
     loss.backward(grad_out_for(loss).to(loss.dtype))
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
@@ -328,7 +337,7 @@ def test_return_dict_false_and_bad_calls():
     (loss,) = model(**data, loss_type="nll", return_dict=False)
     assert_close(loss, model(**data, loss_type="nll").loss, 0.0)
     with pytest.raises(ValueError, match="unknown loss_type"):
-        model(**data, loss_type="kl")
+        model(**data, loss_type="npo")
     with pytest.raises(ValueError, match="needs labels"):
         model(input_ids=data["input_ids"], loss_type="ihl")
     with pytest.raises(ValueError, match="logits_to_keep"):
@@ -401,3 +410,53 @@ def test_backend_is_checked_where_the_loss_runs(monkeypatch):
         model(**data, loss_type="ihl")
     with pytest.raises(ValueError, match=r"unknown backend 'reference'"):
         fastunlearn.patch(model, backend="reference")
+
+
+def reference_model(model: nn.Module, data: dict, seed: int):
+    """The reference of the KL losses: ``model`` with its decoder perturbed (as before training), the
+    output head shared; its last hidden states (the head's input) and its logits."""
+    ref = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if "lm_head" not in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    captured = []
+    hook = ref.lm_head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
+    with torch.no_grad():
+        logits = ref(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+    hook.remove()
+    return captured[0], logits
+
+
+@pytest.mark.parametrize("loss_type", ["kl", "kl_targets"])
+@pytest.mark.parametrize("fused", [None, False])
+def test_kl_matches_the_logits(loss_type, fused):
+    """``KL(P_ref ‖ P_θ)`` over every position (``kl``) or the target positions (``kl_targets``), from
+    the reference's hidden states: the fused head (fused_linear_kl_loss) and the logits path (kl_loss of
+    head(ref_hidden)) against fp64 log-softmaxes of both models' logits; tolerances as above."""
+    model = tiny_llama(VOCAB, seed=13)
+    data = batch(seed=13)
+    ref = reference_model(model, data, seed=13)
+    want = step(model, data, loss_type, patched=False, ref=ref)
+    fastunlearn.patch(model, fused=fused)
+    assert is_fused(model) == (fused is None)
+    assert_same_step(step(model, data, loss_type, patched=True, ref=ref), want)
+
+
+def test_kl_arguments_are_checked():
+    model = fastunlearn.patch(tiny_llama(VOCAB, seed=14), fused=False)
+    data = batch(seed=14)
+    ref_hidden, _ = reference_model(model, data, seed=14)
+    with pytest.raises(ValueError, match="needs ref_hidden"):
+        model(**data, loss_type="kl")
+    with pytest.raises(ValueError, match="needs ref_hidden"):
+        model(**data, loss_type="kl", ref_hidden=ref_hidden[:, 1:])
+    with pytest.raises(ValueError, match="ref_hidden is for loss_type"):
+        model(**data, loss_type="ihl", ref_hidden=ref_hidden)
+    capped = build("gemma2", final_logit_softcapping=3.0)
+    with pytest.warns(UserWarning, match="logits path"):
+        fastunlearn.patch(capped)
+    ref_hidden = torch.zeros(*data["input_ids"].shape, COMMON["hidden_size"])
+    with pytest.raises(ValueError, match="transforms its logits after the head"):
+        capped(**data, loss_type="kl", ref_hidden=ref_hidden)

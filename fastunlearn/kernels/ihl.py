@@ -157,8 +157,10 @@ def _ihl_forward_kernel(
             tl.store(stats_ptr + row * 4 + 1, tl.where(near, e_y * _expm1(diff), e_m - e_y) * inv_s)
             tl.store(stats_ptr + row * 4 + 2, p_y * (2.0 * e_m + rest) * inv_s)
             tl.store(stats_ptr + row * 4 + 3, -p_m * loss)
-    else:
+    else:  # zeros, as the PyTorch path gives: every output element is written
         tl.store(loss_ptr + row, 0.0)
+        for k in tl.static_range(4):
+            tl.store(stats_ptr + row * 4 + k, 0.0)
 
 
 @triton.jit
@@ -225,7 +227,7 @@ def ihl_forward(
     ``loss``: ``"ihl"`` or ``"nll"``. Returns ``(loss [N] fp32, stats [N, 4] fp32, argmax [N]
     int32)``; ``stats`` holds ``(lse, c, ∂ℓ/∂z_y, ∂ℓ/∂z_m)`` for :func:`ihl_backward`, whose gradient
     is ``c·p_j`` away from ``y`` and ``m = argmax`` (``c = p_m − p_y`` for IHL, 1 for NLL). Ignored
-    rows get loss 0.
+    rows get loss, statistics and ``argmax`` 0.
     """
     B, T, V = logits.shape
     n_rows = B * T

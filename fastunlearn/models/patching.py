@@ -5,12 +5,18 @@ logits at ``t`` predict the label at ``t + 1``; ``-100`` marks tokens without a 
 
     out = model(input_ids=ids, attention_mask=mask, labels=labels, loss_type="ihl")
 
-returns ``out.loss`` and ``out.logits is None``. Loss types (SPEC §2):
+returns ``out.loss`` and ``out.logits is None``. Loss types:
 
 - ``"ihl"``: the Inverted Hinge Loss, mean over the valid shifted targets of the batch;
 - ``"nll"``: the token negative log-likelihood, same mean (the retain term; GA/GD's forget term);
 - ``"seq_logprob"``: ``log π(y_i | x_i) = Σ_t log p(y_{i,t+1} | y_{i,≤t})`` per sequence, shape
-  ``[B]`` (NPO's policy term).
+  ``[B]`` (NPO's policy term);
+- ``"kl"``: ``KL(P_ref ‖ P_θ)`` of the next-token distributions, mean over every position of the batch,
+  padding included (TOFU's KL retain term), and ``"kl_targets"``: the same mean over the positions that
+  carry a shifted target. The caller passes the reference model's last hidden states,
+  ``ref_hidden=`` (``[B, T, H]``, computed first under ``torch.no_grad()``: for LoRA, the same model
+  with its adapters disabled); the reference logits are the output head applied to them, so the head
+  is the one both models share (frozen, as under LoRA), and the reference is a constant.
 
 Without ``loss_type`` the model behaves exactly as before; :func:`unpatch` removes the patch.
 
@@ -51,17 +57,21 @@ from dataclasses import dataclass
 from types import MethodType
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from fastunlearn.engines.sharded import is_partitioned
+from fastunlearn.ops import IGNORE_INDEX
 from fastunlearn.ops._backend import BACKENDS, Backend
 from fastunlearn.ops.fused_linear import fused_linear_ihl_loss, fused_linear_nll_loss
 from fastunlearn.ops.ihl import ihl_loss, nll_loss
+from fastunlearn.ops.kl import fused_linear_kl_loss, kl_loss
 from fastunlearn.ops.nll import shift_labels
 
-LossType = Literal["ihl", "nll", "seq_logprob"]
+LossType = Literal["ihl", "nll", "seq_logprob", "kl", "kl_targets"]
 # loss type -> (row loss, reduction)
-_LOSSES = {"ihl": ("ihl", "mean"), "nll": ("nll", "mean"), "seq_logprob": ("nll", "none")}
+_LOSSES = {"ihl": ("ihl", "mean"), "nll": ("nll", "mean"), "seq_logprob": ("nll", "none"),
+           "kl": ("kl", "mean"), "kl_targets": ("kl", "mean")}  # fmt: skip
 LOSS_TYPES = tuple(_LOSSES)
 
 # Architectures (``config.model_type``) whose causal-LM forward returns ``output_head(last hidden
@@ -142,6 +152,10 @@ def _head_linears(head: nn.Module | None) -> list[nn.Linear] | None:
     return None
 
 
+def _logit_transforms(config: Any) -> list[str]:
+    return [name for name in LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)]
+
+
 def fused_blocker(model: nn.Module) -> str | None:
     """Why the fused path cannot compute ``model``'s losses (``None`` when it can)."""
     lm = find_causal_lm(model)
@@ -152,7 +166,7 @@ def fused_blocker(model: nn.Module) -> str | None:
             f"model type {family!r} is not one whose logits are known to be the output head applied to the "
             f"last hidden states ({', '.join(sorted(FUSED_FAMILIES))})"
         )
-    transforms = [name for name in LOGIT_TRANSFORMS if getattr(config, name, None) not in (None, 1, 1.0)]
+    transforms = _logit_transforms(config)
     if transforms:
         return f"its logits are transformed after the output head ({', '.join(transforms)})"
     if (getattr(config, "pretraining_tp", None) or 1) > 1:
@@ -308,11 +322,12 @@ def _make_forward(previous: Callable[..., Any] | None) -> Callable[..., Any]:
 def _loss_forward(lm: nn.Module, state: _PatchState, call, loss_type: str, args, kwargs) -> Any:
     if loss_type not in _LOSSES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
-    labels = kwargs.pop("labels", None)
+    labels, ref_hidden = kwargs.pop("labels", None), kwargs.pop("ref_hidden", None)
     if not isinstance(labels, Tensor) or labels.dim() != 2:
         raise ValueError(
             f"loss_type={loss_type!r} needs labels of shape [batch, sequence] (aligned with input_ids)"
         )
+    _check_ref_hidden(loss_type, ref_hidden, labels)
     for name in ("logits_to_keep", "num_logits_to_keep"):
         if kwargs.get(name):
             raise ValueError(f"loss_type={loss_type!r} uses every position; {name} must not be set")
@@ -324,7 +339,7 @@ def _loss_forward(lm: nn.Module, state: _PatchState, call, loss_type: str, args,
     if blocker is None:
 
         def compute(hidden: Tensor, head: nn.Linear) -> Tensor:
-            return _fused_loss(hidden, head, targets.to(hidden.device), loss_type, state)
+            return _fused_loss(hidden, head, targets.to(hidden.device), loss_type, state, ref_hidden)
 
         out = head_computes(lm, targets, compute, lambda: call(*args, **kwargs))
         loss = out.logits
@@ -334,7 +349,7 @@ def _loss_forward(lm: nn.Module, state: _PatchState, call, loss_type: str, args,
         if state.fused is None:
             _warn_fallback(lm, state)
         out = call(*args, **kwargs)
-        loss = _loss_from_logits(out.logits, targets, loss_type, state)
+        loss = _loss_from_logits(out.logits, targets, loss_type, state, lm, ref_hidden)
     fields = {key: value for key, value in out.items() if key not in ("loss", "logits")}
     result = type(out)(loss=loss, **fields)
     return result.to_tuple() if as_tuple else result
@@ -376,10 +391,30 @@ def _head_replaced(
                 linear.forward = forward
 
 
-def _fused_loss(
-    hidden: Tensor, head: nn.Linear, targets: Tensor, loss_type: str, state: _PatchState
-) -> Tensor:
+def _check_ref_hidden(loss_type: str, ref_hidden: Any, labels: Tensor) -> None:
+    if _LOSSES[loss_type][0] != "kl" and ref_hidden is not None:
+        raise ValueError(f"ref_hidden is for loss_type 'kl' and 'kl_targets', not {loss_type!r}")
+    if _LOSSES[loss_type][0] == "kl" and not (isinstance(ref_hidden, Tensor) and ref_hidden.dim() == 3
+                                              and ref_hidden.shape[:2] == labels.shape):  # fmt: skip
+        raise ValueError(
+            f"loss_type={loss_type!r} needs ref_hidden=, the reference model's last hidden states "
+            f"[batch, sequence, hidden] for labels {tuple(labels.shape)}"
+        )
+
+
+def _kl_mask(loss_type: str, targets: Tensor) -> Tensor | None:
+    """``None`` (every position) for ``"kl"``, the positions with a shifted target for ``"kl_targets"``."""
+    return targets != IGNORE_INDEX if loss_type == "kl_targets" else None
+
+
+def _fused_loss(hidden: Tensor, head: nn.Linear, targets: Tensor, loss_type: str, state: _PatchState,
+                ref_hidden: Tensor | None) -> Tensor:  # fmt: skip
     kind, reduction = _LOSSES[loss_type]
+    if kind == "kl":
+        return fused_linear_kl_loss(
+            hidden, ref_hidden.to(hidden.device), head.weight, _kl_mask(loss_type, targets), head.bias,
+            backend=state.backend, chunk_rows=state.chunk_rows,
+        )  # fmt: skip
     fn = fused_linear_ihl_loss if kind == "ihl" else fused_linear_nll_loss
     value = fn(
         hidden, head.weight, targets, bias=head.bias, reduction=reduction, backend=state.backend,
@@ -388,10 +423,26 @@ def _fused_loss(
     return -value.sum(-1) if loss_type == "seq_logprob" else value
 
 
-def _loss_from_logits(logits: Tensor, targets: Tensor, loss_type: str, state: _PatchState) -> Tensor:
+def _reference_logits(lm: nn.Module, ref_hidden: Tensor, device: torch.device) -> Tensor:
+    """The output head applied to the reference's hidden states (a constant): the reference logits only
+    where the model's logits are the head's output, so a transform after the head is refused."""
+    transforms = _logit_transforms(lm.config)
+    if transforms:
+        raise ValueError(
+            f"loss_type 'kl' forms the reference logits as head(ref_hidden), but {type(lm).__name__} "
+            f"transforms its logits after the head ({', '.join(transforms)})"
+        )
+    with torch.no_grad():
+        return lm.get_output_embeddings()(ref_hidden.to(device))
+
+
+def _loss_from_logits(logits: Tensor, targets: Tensor, loss_type: str, state: _PatchState, lm: nn.Module,
+                      ref_hidden: Tensor | None) -> Tensor:  # fmt: skip
     kind, reduction = _LOSSES[loss_type]
+    targets = targets.to(logits.device)
+    if kind == "kl":
+        ref_logits = _reference_logits(lm, ref_hidden, logits.device)
+        return kl_loss(logits, ref_logits, _kl_mask(loss_type, targets), backend=state.backend)
     fn = ihl_loss if kind == "ihl" else nll_loss
-    value = fn(
-        logits, targets.to(logits.device), reduction=reduction, backend=state.backend, validate=state.validate
-    )
+    value = fn(logits, targets, reduction=reduction, backend=state.backend, validate=state.validate)
     return -value.sum(-1) if loss_type == "seq_logprob" else value

@@ -15,8 +15,8 @@ from typing import Literal
 
 import torch
 
-Backend = Literal["auto", "triton", "torch", "reference"]
-BACKENDS: tuple[str, ...] = ("auto", "triton", "torch", "reference")
+Backend = Literal["auto", "triton", "torch"]
+BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 
 
 def triton_interpreter_on() -> bool:
@@ -27,14 +27,13 @@ def triton_installed() -> bool:
     return "triton" in sys.modules or importlib.util.find_spec("triton") is not None
 
 
-def resolve_backend(backend: str, device: torch.device, *, has_reference: bool = True) -> str:
-    """Turn a user's ``backend`` argument into ``"triton"``, ``"torch"`` or ``"reference"``.
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Turn a user's ``backend`` argument into ``"triton"`` or ``"torch"``.
 
     Raises ``ValueError`` for an unknown name, or for ``"triton"`` where Triton cannot run.
     """
-    if backend not in BACKENDS or (backend == "reference" and not has_reference):
-        allowed = BACKENDS if has_reference else tuple(b for b in BACKENDS if b != "reference")
-        raise ValueError(f"unknown backend {backend!r}; expected one of {allowed}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
         return "triton" if device.type == "cuda" and triton_installed() else "torch"
     if backend == "triton":

@@ -1,4 +1,5 @@
-"""``Σ_n (G_nᵀ X_n)²``: the summed squared per-example weight gradients of a linear layer (SPEC §3.1).
+"""``Σ_n (G_nᵀ X_n)²``: the summed squared per-example weight gradients of a linear layer, the sum inside
+the diagonal empirical Fisher information that FILA weights its initialisation by (Cha et al. 2025).
 
 For an ``nn.Linear`` weight ``W ∈ R^{out×in}`` and example ``n`` with layer inputs ``X_n ∈ R^{T×in}``
 (one row per token) and output gradients ``G_n ∈ R^{T×out}`` of that example's loss ``L_n``, the
@@ -9,8 +10,9 @@ chain rule through ``Y_n = X_n Wᵀ`` gives the example's weight gradient ``g_n 
 The fold is a GEMM over ``B·T`` whose accumulator is squared after each example's ``T`` tokens: the
 Triton kernel (``fastunlearn.kernels.grad_sq``) does it in registers, never building the
 ``[B, out, in]`` per-example gradients that BackPACK, Opacus and ``torch.func`` build; the PyTorch path
-builds them in bounded chunks; :func:`per_example_grad_sq_reference` builds them all at once (the
-benchmark's baseline and, in fp64, the tests' oracle).
+builds them in bounded chunks. Both run inside the custom operator ``fastunlearn::per_example_grad_sq``
+(one opaque node under ``torch.compile``; under ``FakeTensorMode`` a fake implementation that reports
+the PyTorch path's chunk buffers as the operator's workspace, see :mod:`fastunlearn.ops._workspace`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor
 
 from fastunlearn.ops._backend import Backend, resolve_backend
+from fastunlearn.ops._workspace import Layout, Workspace
 
 # Bytes of per-example gradients the chunked PyTorch path may hold at once ([chunk, out, in]). Small on
 # purpose: on CPU the chunk size does not change the speed (measured, single thread: 688×256 and
@@ -26,7 +29,7 @@ from fastunlearn.ops._backend import Backend, resolve_backend
 # [B, out, in] that per-sample-gradient libraries allocate; at 7B shapes it is one example.
 TORCH_BUFFER_BYTES = 8 * 2**20
 
-__all__ = ["TORCH_BUFFER_BYTES", "per_example_grad_sq", "per_example_grad_sq_reference"]
+__all__ = ["TORCH_BUFFER_BYTES", "per_example_grad_sq"]
 
 
 def _check_grad_sq_inputs(inputs: Tensor, grad_outputs: Tensor, out: Tensor | None) -> None:
@@ -64,57 +67,88 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _token_products(inputs: Tensor, grad_outputs: Tensor, out: Tensor) -> None:
+def _one_token(inputs: Tensor) -> bool:
+    return inputs.dim() == 2 or inputs.shape[1] == 1
+
+
+def _token_layout(inputs: Tensor, grad_outputs: Tensor) -> Layout:
+    dtype, n = _compute_dtype(inputs, grad_outputs), inputs.shape[:-1].numel()
+    n_in, n_out = inputs.shape[-1], grad_outputs.shape[-1]
+    return {"x_sq": ((n, n_in), dtype), "g_sq": ((n, n_out), dtype), "product": ((n_out, n_in), dtype)}
+
+
+def _token_products(inputs: Tensor, grad_outputs: Tensor, out: Tensor) -> Tensor:
     """``out += (G⊙G)ᵀ(X⊙X)`` over all rows: with one token per example, ``g_n`` is an outer product and
-    ``(g_n)²_{oi} = G_n[o]²·X_n[i]²``, so the sum over examples is one matrix product."""
+    ``(g_n)²_{oi} = G_n[o]²·X_n[i]²``, so the sum over examples is one matrix product. Returns the
+    workspace's handle."""
+    workspace = Workspace(_token_layout(inputs, grad_outputs), out.device)
+    x_sq, g_sq = workspace["x_sq"], workspace["g_sq"]
+    x_sq.copy_(inputs.reshape(x_sq.shape)).square_()
+    g_sq.copy_(grad_outputs.reshape(g_sq.shape)).square_()
+    out.add_(torch.mm(g_sq.t(), x_sq, out=workspace["product"]))
+    return workspace.handle()
+
+
+def _torch_layout(inputs: Tensor, grad_outputs: Tensor, buffer_bytes: int) -> Layout:
+    """``[chunk, out, in]`` per-example gradients (at most ``buffer_bytes``), their ``[out, in]`` sum,
+    and copies of a chunk's operands where their dtype is not the computation's."""
     dtype = _compute_dtype(inputs, grad_outputs)
-    x = inputs.reshape(-1, inputs.shape[-1]).to(dtype)
-    g = grad_outputs.reshape(-1, grad_outputs.shape[-1]).to(dtype)
-    out.add_(torch.mm(g.square().t(), x.square()))
+    (B, T, n_in), n_out = inputs.shape, grad_outputs.shape[-1]
+    chunk = max(1, min(B, buffer_bytes // max(n_out * n_in * dtype.itemsize, 1)))
+    layout = {"grads": ((chunk, n_out, n_in), dtype), "total": ((n_out, n_in), dtype)}
+    if inputs.dtype != dtype:
+        layout["x"] = ((chunk, T, n_in), dtype)
+    if grad_outputs.dtype != dtype:
+        layout["g"] = ((chunk, T, n_out), dtype)
+    return layout
 
 
-def _grad_sq_torch(inputs: Tensor, grad_outputs: Tensor, out: Tensor, buffer_bytes: int) -> None:
-    """Batched products over chunks of examples, holding at most ``buffer_bytes`` of ``g_n``."""
-    dtype = _compute_dtype(inputs, grad_outputs)
-    B = inputs.shape[0]
-    per_example = grad_outputs.shape[-1] * inputs.shape[-1] * torch.finfo(dtype).bits // 8
-    chunk = max(1, min(B, buffer_bytes // max(per_example, 1)))
-    # Both buffers are allocated once and written through `out=`: a fresh [chunk, out, in] per chunk
-    # would let the allocator fragment and grow the process well past the bound.
-    buffer = torch.empty(chunk, out.shape[0], out.shape[1], dtype=dtype, device=out.device)
-    total = torch.empty(out.shape, dtype=dtype, device=out.device)
-    for start in range(0, B, chunk):
-        x = inputs[start : start + chunk].to(dtype)
-        g = grad_outputs[start : start + chunk].to(dtype)
-        grads = buffer[: x.shape[0]]
-        torch.bmm(g.transpose(1, 2), x, out=grads)  # g_n = G_nᵀ X_n
-        torch.sum(grads.square_(), dim=0, out=total)
-        out.add_(total)
+def _grad_sq_torch(inputs: Tensor, grad_outputs: Tensor, out: Tensor, buffer_bytes: int) -> Tensor:
+    """Batched products over chunks of examples, holding at most ``buffer_bytes`` of ``g_n``, in one
+    workspace allocated once and written through ``out=`` (a fresh ``[chunk, out, in]`` per chunk would
+    let the allocator fragment and grow the process past the bound). Returns the workspace's handle."""
+    workspace = Workspace(_torch_layout(inputs, grad_outputs, buffer_bytes), out.device)
+    buffer, total = workspace["grads"], workspace["total"]
+    for start in range(0, inputs.shape[0], buffer.shape[0]):
+        x, g = inputs[start : start + buffer.shape[0]], grad_outputs[start : start + buffer.shape[0]]
+        n = x.shape[0]
+        x = x if workspace["x"] is None else workspace["x"][:n].copy_(x)
+        g = g if workspace["g"] is None else workspace["g"][:n].copy_(g)
+        grads = torch.bmm(g.transpose(1, 2), x, out=buffer[:n])  # g_n = G_nᵀ X_n
+        out.add_(torch.sum(grads.square_(), dim=0, out=total))
+    return workspace.handle()
 
 
-def per_example_grad_sq_reference(inputs: Tensor, grad_outputs: Tensor, out: Tensor | None = None) -> Tensor:
-    """``Σ_n (G_nᵀ X_n)²`` by materialising every ``g_n`` at once (``einsum`` into ``[B, out, in]``).
-
-    What per-sample-gradient libraries do for sequence inputs; the benchmark's baseline and, in fp64,
-    the tests' oracle. Computes in fp32 (fp64 for fp64 operands) and returns/adds into fp32.
-    """
-    _check_grad_sq_inputs(inputs, grad_outputs, out)
-    if out is None:
-        out = torch.zeros(grad_outputs.shape[-1], inputs.shape[-1], dtype=torch.float32, device=inputs.device)
-    dtype = _compute_dtype(inputs, grad_outputs)
-    x, g = inputs.to(dtype), grad_outputs.to(dtype)
-    if x.dim() == 2:
-        x, g = x.unsqueeze(1), g.unsqueeze(1)
-    out.add_(torch.einsum("bto,bti->boi", g, x).square().sum(dim=0))
-    return out
+def _layout(inputs: Tensor, grad_outputs: Tensor, backend: str) -> Layout:
+    if _one_token(inputs):
+        return _token_layout(inputs, grad_outputs)
+    return _torch_layout(inputs, grad_outputs, TORCH_BUFFER_BYTES) if backend == "torch" else {}
 
 
-# A graph break under torch.compile: Dynamo must not trace into the Triton launcher.
-@torch._disable_dynamo
+@torch.library.custom_op("fastunlearn::per_example_grad_sq", mutates_args=("out",))
+def _grad_sq_op(inputs: Tensor, grad_outputs: Tensor, out: Tensor, backend: str, accumulate: bool) -> Tensor:
+    """Adds ``Σ_n (G_nᵀ X_n)²`` into ``out`` (Triton without ``accumulate``: writes it); returns the
+    zero-element view of its workspace (:mod:`fastunlearn.ops._workspace`): the PyTorch paths' chunk
+    buffers, none for the Triton kernel. The fake implementation builds the same workspace."""
+    if _one_token(inputs):
+        return _token_products(inputs, grad_outputs, out)
+    if backend == "torch":
+        return _grad_sq_torch(inputs, grad_outputs, out, TORCH_BUFFER_BYTES)
+    from fastunlearn.kernels.grad_sq import grad_sq  # imports triton: only when asked for
+
+    grad_sq(inputs, grad_outputs, out, accumulate=accumulate)
+    return Workspace({}, out.device).handle()
+
+
+@_grad_sq_op.register_fake
+def _(inputs, grad_outputs, out, backend, accumulate):
+    return Workspace(_layout(inputs, grad_outputs, backend), out.device).handle()
+
+
 def per_example_grad_sq(
     inputs: Tensor, grad_outputs: Tensor, out: Tensor | None = None, *, backend: Backend = "auto"
 ) -> Tensor:
-    """Sum over examples of the squared per-example weight gradient of a linear layer (SPEC §3.1).
+    """Sum over examples of the squared per-example weight gradient of a linear layer.
 
     With ``X_n = inputs[n]`` (``[T, in]``) and ``G_n = grad_outputs[n]`` (``[T, out]``), the weight
     gradient of example ``n``'s loss is ``g_n = G_nᵀ X_n`` and this returns ``Σ_n g_n ⊙ g_n``, an fp32
@@ -128,9 +162,8 @@ def per_example_grad_sq(
             layer's outputs. Operands of different dtypes are promoted to a common one.
         out: optional fp32 ``[out, in]`` tensor (any strides) to add the result into.
         backend: ``"auto"`` (Triton for CUDA tensors, PyTorch otherwise), ``"triton"`` (also CPU
-            tensors under ``TRITON_INTERPRET=1``), ``"torch"`` (batched products over example chunks
-            holding at most ``TORCH_BUFFER_BYTES`` of gradients) or ``"reference"`` (full ``einsum``
-            materialisation, :func:`per_example_grad_sq_reference`).
+            tensors under ``TRITON_INTERPRET=1``) or ``"torch"`` (batched products over example chunks
+            holding at most ``TORCH_BUFFER_BYTES`` of gradients).
 
     Returns:
         ``out`` (after adding into it) or a new fp32 tensor. Accumulation is fp32 in every backend,
@@ -138,22 +171,15 @@ def per_example_grad_sq(
     """
     _check_grad_sq_inputs(inputs, grad_outputs, out)
     resolved = resolve_backend(backend, inputs.device)
-    if resolved == "reference":
-        return per_example_grad_sq_reference(inputs, grad_outputs, out)
     accumulate = out is not None
     if out is None:
         out = torch.zeros(grad_outputs.shape[-1], inputs.shape[-1], dtype=torch.float32, device=inputs.device)
     if inputs.numel() == 0 or grad_outputs.numel() == 0:
         return out
-    if inputs.dim() == 2 or inputs.shape[1] == 1:
-        _token_products(inputs, grad_outputs, out)
-    elif resolved == "torch":
-        _grad_sq_torch(inputs, grad_outputs, out, TORCH_BUFFER_BYTES)
-    else:
-        from fastunlearn.kernels.grad_sq import grad_sq  # imports triton: only when asked for
-
+    if resolved == "triton" and not _one_token(inputs):
         dtype = torch.promote_types(inputs.dtype, grad_outputs.dtype)
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             dtype = torch.float32  # tl.dot has no fp64 tensor-core path worth having here
-        grad_sq(inputs.to(dtype), grad_outputs.to(dtype), out, accumulate=accumulate)
+        inputs, grad_outputs = inputs.to(dtype), grad_outputs.to(dtype)
+    _grad_sq_op(inputs, grad_outputs, out, resolved, accumulate)  # its workspace is dropped at once
     return out

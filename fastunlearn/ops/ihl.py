@@ -1,5 +1,5 @@
-"""The Inverted Hinge Loss (and the NLL on the same kernels): user-facing functions, module, autograd
-wrapper and references.
+"""The Inverted Hinge Loss (and the NLL on the same kernels): user-facing functions, module and
+autograd wrapper.
 
 IHL (Cha et al., ICLR 2025, §3.1) replaces gradient ascent on the forget set. For each target token,
 with ``p = softmax(z)`` and ``m`` the most likely *other* token,
@@ -10,10 +10,10 @@ so minimising it pushes the true token below its best alternative and the probab
 plausible replacement instead of collapsing the model. The loss of a batch is the mean of ℓ over its
 non-ignored target tokens.
 
-Backends (see :func:`ihl_loss`): the Triton kernels of ``fastunlearn.kernels.ihl`` on CUDA, a chunked
-PyTorch path with identical numerics on CPU, and two eager references — :func:`ihl_reference`, the
-formula written plainly (the test oracle and benchmark baseline), and :func:`ihl_paper_formulation`,
-the paper's code (full softmax, one-hot mask, masked copy).
+Backends (see :func:`ihl_loss`): the Triton kernels of ``fastunlearn.kernels.ihl`` on CUDA and a chunked
+PyTorch path with identical numerics on CPU, both behind the custom operators of
+:mod:`fastunlearn.ops._row_ops`: ``torch.compile`` traces these functions to one opaque node (the
+label check of ``validate=True`` is a graph break) and ``FakeTensorMode`` runs them on shapes alone.
 
 :func:`nll_loss` is the token negative log-likelihood ``−log p_y`` (cross-entropy) on the same
 kernels in their NLL mode: one read of the logits forward, one read and one write backward, fp32
@@ -22,89 +22,33 @@ statistics for bf16 logits and no ``[N, V]`` log-softmax — the retain term of 
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from fastunlearn.ops import _ihl_torch
 from fastunlearn.ops._backend import Backend, resolve_backend
 from fastunlearn.ops._ihl_torch import valid_targets
+from fastunlearn.ops._row_ops import row_loss
 
 Reduction = Literal["mean", "sum", "none"]
 REDUCTIONS = ("mean", "sum", "none")
 
-__all__ = ["IHLLoss", "ihl_loss", "ihl_paper_formulation", "ihl_reference", "nll_loss"]
-
-
-def _implementation(name: str) -> ModuleType:
-    if name == "triton":
-        from fastunlearn.kernels import ihl as triton_ihl  # imports triton: only when asked for
-
-        return triton_ihl
-    return _ihl_torch
+__all__ = ["IHLLoss", "ihl_loss", "nll_loss"]
 
 
 def _as_rows(logits: Tensor) -> Tensor:
-    """View ``[..., V]`` logits as ``[B, T, V]``, copying only when no view exists.
-
-    A flat ``[1, N, V]`` view is preferred; a strided ``[B, T, V]`` slice such as ``logits[:, :-1]``
-    (the causal shift) has none, but the kernels address rows through both leading strides.
-    """
+    """``[..., V]`` logits as ``[B, T, V]``: a flat ``[1, N, V]`` view where one exists, else a
+    ``[B, T, V]`` view through both leading strides (a causal-shift slice such as ``logits[:, :-1]``
+    has no flat view; the kernels address rows through both), a copy only when neither exists."""
     V = logits.shape[-1]
-    for shape in ((1, -1, V), (-1, *logits.shape[-2:])):
-        try:
-            return logits.view(shape)
-        except RuntimeError:
-            continue
-    return logits.reshape(1, -1, V)
-
-
-class _RowLossFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx,
-        logits: Tensor,
-        labels: Tensor,
-        loss: str,
-        ignore_index: int,
-        reduction: str,
-        backend: str,
-        inplace_backward: bool,
-    ) -> Tensor:
-        impl = _implementation(backend)
-        rows = _as_rows(logits)
-        flat_labels = labels.reshape(-1).long()
-        row_loss, stats, argmax = impl.ihl_forward(rows, flat_labels, ignore_index, loss=loss)
-        count = valid_targets(flat_labels, logits.shape[-1], ignore_index).sum()
-        if reduction == "none":
-            out = row_loss.view(labels.shape)
-        elif reduction == "sum":
-            out = row_loss.sum()
-        else:
-            out = row_loss.sum() / count.clamp_min(1)
-        ctx.save_for_backward(rows, flat_labels, stats, argmax, count)
-        ctx.logits_shape = logits.shape
-        ctx.options = (ignore_index, reduction, backend, inplace_backward)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out: Tensor):
-        rows, labels, stats, argmax, count = ctx.saved_tensors
-        ignore_index, reduction, backend, inplace_backward = ctx.options
-        if reduction == "none":
-            grad_rows = grad_out.reshape(-1).contiguous()
-        elif reduction == "sum":
-            grad_rows = grad_out
-        else:
-            grad_rows = grad_out / count.clamp_min(1)
-        grad = rows if inplace_backward else torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
-        _implementation(backend).ihl_backward(rows, labels, stats, argmax, grad_rows, grad, ignore_index)
-        return grad.view(ctx.logits_shape), None, None, None, None, None, None
+    if logits.dim() < 3:
+        return logits.view(1, -1, V) if logits.dim() == 1 else logits.unsqueeze(0)
+    rows = logits.flatten(0, -3)  # a copy only when the dimensions before T cannot be merged
+    B, T = rows.shape[:2]
+    if B == 1 or T == 1 or rows.stride(0) == T * rows.stride(1):
+        return rows.view(1, -1, V)
+    return rows
 
 
 def _check_labels(
@@ -135,13 +79,24 @@ def _check_labels(
 
 def check_label_range(labels: Tensor, vocab: int, ignore_index: int = -100) -> None:
     """``ValueError`` for a label outside ``[0, vocab)`` that is not ``ignore_index``. Reads the answer on
-    the host: one synchronisation when ``labels`` live on an accelerator, none on the CPU."""
+    the host: one synchronisation when ``labels`` live on an accelerator, none on the CPU. Labels without
+    values (fake or meta tensors, as in a memory plan) are not checked. Under ``torch.compile`` the
+    check is a graph break (``validate=False`` avoids it)."""
+    if has_no_values(labels):
+        return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bad.any():
         first = labels[bad][0].item()
         raise ValueError(
             f"label {first} is outside the vocabulary [0, {vocab}) and is not ignore_index ({ignore_index})"
         )
+
+
+def has_no_values(tensor: Tensor) -> bool:
+    """Whether ``tensor`` carries shapes only (a ``FakeTensor`` or a meta tensor): nothing to read."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return tensor.device.type == "meta" or is_fake(tensor)
 
 
 def _check_reduction(reduction: str, allowed: tuple[str, ...] = REDUCTIONS) -> None:
@@ -162,10 +117,6 @@ def _check_inputs(
     _check_labels(labels, logits.shape[:-1], logits.shape[-1], logits.device, ignore_index, validate)
 
 
-# A graph break under torch.compile: Dynamo must not trace into the launchers. `torch._disable_dynamo`
-# is `torch.compiler.disable` with the import of Dynamo (and, through it, Triton) deferred to the
-# first call, which keeps `import fastunlearn` light.
-@torch._disable_dynamo
 def ihl_loss(
     logits: Tensor,
     labels: Tensor,
@@ -176,7 +127,7 @@ def ihl_loss(
     inplace_backward: bool = False,
     validate: bool = True,
 ) -> Tensor:
-    """Inverted Hinge Loss ``1 + p_y − max_{v≠y} p_v`` of each target token (SPEC §2).
+    """Inverted Hinge Loss ``1 + p_y − max_{v≠y} p_v`` of each target token (Cha et al. 2025).
 
     Args:
         logits: ``[..., V]`` scores, fp32, bf16 or fp16, any strides. Targets are aligned as in
@@ -187,8 +138,7 @@ def ihl_loss(
             ``"none"`` (per token, shape of ``labels``, 0 at ignored positions). A batch without a
             valid token gives 0 and a zero gradient.
         backend: ``"auto"`` (Triton for CUDA tensors, the chunked PyTorch path otherwise),
-            ``"triton"`` (also CPU tensors under ``TRITON_INTERPRET=1``), ``"torch"`` or
-            ``"reference"`` (the eager formula, :func:`ihl_reference`).
+            ``"triton"`` (also CPU tensors under ``TRITON_INTERPRET=1``) or ``"torch"``.
         inplace_backward: write the gradient over the logits' storage (no extra memory). The logits
             are destroyed by the backward: nothing else may read them afterwards.
         validate: check that labels lie in ``[0, V)`` (one host synchronisation). With
@@ -201,7 +151,6 @@ def ihl_loss(
     return _row_loss("ihl", logits, labels, ignore_index, reduction, backend, inplace_backward, validate)
 
 
-@torch._disable_dynamo
 def nll_loss(
     logits: Tensor,
     labels: Tensor,
@@ -212,7 +161,7 @@ def nll_loss(
     inplace_backward: bool = False,
     validate: bool = True,
 ) -> Tensor:
-    """Negative log-likelihood ``−log p_y = lse(z) − z_y`` of each target token (SPEC §2), the value
+    """Negative log-likelihood ``−log p_y = lse(z) − z_y`` of each target token, the value
     of ``F.cross_entropy`` without its ``[N, V]`` log-softmax or an fp32 copy of bf16 logits.
 
     Arguments, reductions, backends and return dtypes as in :func:`ihl_loss`. The loss is formed as
@@ -235,10 +184,14 @@ def _row_loss(
 ) -> Tensor:
     _check_inputs(f"{loss}_loss", logits, labels, ignore_index, reduction, validate)
     resolved = resolve_backend(backend, logits.device)
-    if resolved == "reference":
-        reference = ihl_reference if loss == "ihl" else _nll_reference
-        return reference(logits, labels, ignore_index=ignore_index, reduction=reduction)
-    return _RowLossFunction.apply(logits, labels, loss, ignore_index, reduction, resolved, inplace_backward)
+    flat_labels = labels.reshape(-1).long()
+    rows, _, _ = row_loss(_as_rows(logits), flat_labels, loss, ignore_index, resolved, inplace_backward)
+    if reduction == "none":
+        return rows.view(labels.shape)
+    if reduction == "sum":
+        return rows.sum()
+    count = valid_targets(flat_labels, logits.shape[-1], ignore_index).sum()
+    return rows.sum() / count.clamp_min(1)
 
 
 class IHLLoss(nn.Module):
@@ -259,57 +212,3 @@ class IHLLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, backend={self.backend!r}"
-
-
-def ihl_reference(
-    logits: Tensor, labels: Tensor, *, ignore_index: int = -100, reduction: Reduction = "mean"
-) -> Tensor:
-    """The IHL formula written plainly with eager PyTorch ops and differentiated by autograd.
-
-    Computes in fp32 (fp64 for fp64 input). It materialises the ``[N, V]`` softmax and a masked copy
-    and, through autograd, forms ``1 − p_y`` by subtraction — fine in fp64 (the tests' oracle), lossy
-    in fp32 for confident rows. Out-of-range labels count as ignored.
-    """
-    z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    V = z.shape[-1]
-    valid = valid_targets(labels, V, ignore_index)
-    y = torch.where(valid, labels, 0).unsqueeze(-1)
-    p = z.softmax(dim=-1)
-    p_y = p.gather(-1, y).squeeze(-1)
-    m = z.scatter(-1, y, float("-inf")).argmax(dim=-1, keepdim=True)  # first index on ties
-    p_m = p.gather(-1, m).squeeze(-1)
-    return _reduce(torch.where(valid, 1 + p_y - p_m, 0.0), valid, reduction)
-
-
-def _nll_reference(
-    logits: Tensor, labels: Tensor, *, ignore_index: int = -100, reduction: Reduction = "mean"
-) -> Tensor:
-    """``lse − z_y`` with eager ops (fp32; fp64 for fp64 input), out-of-range labels ignored."""
-    z = logits.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
-    valid = valid_targets(labels, z.shape[-1], ignore_index)
-    z_y = z.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1).long()).squeeze(-1)
-    return _reduce(torch.where(valid, z.logsumexp(-1) - z_y, 0.0), valid, reduction)
-
-
-def _reduce(loss: Tensor, valid: Tensor, reduction: str) -> Tensor:
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / valid.sum().clamp_min(1)
-
-
-def ihl_paper_formulation(logits: Tensor, labels: Tensor, *, ignore_index: int = -100) -> Tensor:
-    """IHL as the paper's code computes it: the benchmark's baseline, mean reduction only.
-
-    Softmax over the full ``[N, V]`` logits in their own dtype, a one-hot mask, the target
-    probabilities picked by the mask and a masked ``[N, V−1]`` copy of the others for their maximum.
-    """
-    V = logits.shape[-1]
-    flat_logits, flat_labels = logits.reshape(-1, V), labels.reshape(-1)
-    keep = flat_labels != ignore_index
-    probs = F.softmax(flat_logits[keep], dim=-1)
-    one_hot = F.one_hot(flat_labels[keep], V).bool()
-    p_y = probs[one_hot]
-    p_others = probs[~one_hot].view(-1, V - 1)
-    return (1 + p_y - p_others.max(dim=-1).values).mean()

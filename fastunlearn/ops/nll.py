@@ -15,6 +15,8 @@ logits (``F.cross_entropy`` would need one to keep the NLL's digits); fp64 logit
 Used by the answer statistics (:mod:`fastunlearn.evaluation.likelihood`), the Fisher estimate
 (:mod:`fastunlearn.fisher.estimator`) and the demo's pre-training. The training objectives compute the
 same quantity inside the model's forward (:mod:`fastunlearn.models.patching`), from the hidden states.
+:func:`sequence_logprobs` sums it per sequence: the log-probabilities the preference-style losses of
+:mod:`fastunlearn.ops.preference` compare.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastunlearn.ops import IGNORE_INDEX
+from fastunlearn.ops._backend import Backend
 from fastunlearn.ops.ihl import check_label_range, nll_loss
 
-__all__ = ["labelled_rows", "shift_labels", "shifted_nll"]
+__all__ = ["labelled_rows", "sequence_logprobs", "shift_labels", "shifted_nll"]
 
 
 def shift_labels(labels: Tensor) -> Tensor:
@@ -70,3 +73,40 @@ def shifted_nll(
     backend = "torch" if logits.dtype == torch.float64 else "auto"
     loss = nll_loss(logits, targets, reduction=reduction, backend=backend, validate=validate)
     return loss.flatten() if reduction == "none" else loss
+
+
+def sequence_logprobs(
+    logits: Tensor,
+    labels: Tensor,
+    ignore_index: int = IGNORE_INDEX,
+    *,
+    backend: Backend = "auto",
+    validate: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Per-sequence log-probability of the targets, ``S(x) = Σ_t log p(y_{t+1} | y_≤t)``, and their count
+    ``n(x)``: the scalars per sequence that NPO (Zhang et al. 2024, arXiv 2404.05868), SimNPO (Fan et al.
+    2024, arXiv 2410.07163) and DPO (Rafailov et al. 2023, arXiv 2305.18290) compare.
+
+    Args:
+        logits: ``[B, T, V]`` next-token logits of a causal LM, any float dtype.
+        labels: ``[B, T]`` token ids aligned with the inputs, as ``transformers`` models take them: the
+            logits at ``t`` score the label at ``t + 1`` (the labels are shifted here, the logits never
+            sliced); ``ignore_index`` marks tokens outside the answer (prompt, padding).
+        backend, validate: as in :func:`fastunlearn.nll_loss`, whose row kernels (NLL mode, per token)
+            compute the log-probabilities: no ``[B, T, V]`` log-softmax.
+
+    Returns ``(logp_sum [B], n_tokens [B])``: the sums in fp32 (fp64 for fp64 logits on the PyTorch
+    path), differentiable in ``logits``; the counts int64.
+    """
+    if not isinstance(logits, Tensor) or not isinstance(labels, Tensor):
+        raise TypeError("sequence_logprobs expects tensors for `logits` and `labels`")
+    if logits.dim() != 3 or labels.dim() != 2 or tuple(labels.shape) != tuple(logits.shape[:2]):
+        raise ValueError(
+            f"sequence_logprobs needs logits [B, T, V] and labels [B, T]: got {tuple(logits.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    nll = nll_loss(
+        logits, targets, ignore_index=ignore_index, reduction="none", backend=backend, validate=validate
+    )
+    return -nll.sum(-1), (targets != ignore_index).sum(-1)

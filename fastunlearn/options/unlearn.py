@@ -22,7 +22,7 @@ from fastunlearn.options.common import DataShape, ModelAccess, RunControl
 from fastunlearn.options.schema import option, require, validate
 
 INITS = ("fila", "lora", "full")
-KERNEL_BACKENDS = tuple(b for b in BACKENDS if b != "reference")
+KERNEL_BACKENDS = BACKENDS
 
 __all__ = ["INITS", "UnlearnConfig"]
 

@@ -44,8 +44,9 @@ class _EpochPairing(TrainerCallback):
 class UnlearnTrainer(Trainer):
     """``Trainer`` on paired forget/retain batches with an unlearning objective.
 
-    ``compute_loss`` returns the per-micro-batch objective (:mod:`fastunlearn.methods`; token means within the batch, as the paper's code), so ``Trainer`` divides it by the number of
-    accumulation steps. The model must be patched (:func:`fastunlearn.patch`): the objective's terms
+    ``compute_loss`` returns the per-micro-batch objective (:mod:`fastunlearn.methods`; token means
+    within the batch, as the paper's code), so ``Trainer`` divides it by the number of accumulation
+    steps. The model must be patched (:func:`fastunlearn.patch`): the objective's terms
     are computed by the call of the model ``Trainer`` hands over — wrapped by accelerate, DDP or
     DeepSpeed — so the wrappers' hooks and autocast apply to the loss too. The forget and retain
     parts are averaged on-device between logging steps and logged as ``forget_loss`` and

@@ -1,5 +1,4 @@
-"""Comparisons against fp64 oracles (the IHL oracle itself is :mod:`fastunlearn.ops.oracle`, which
-``benchmarks/gpu_check.py`` uses too)."""
+"""Comparisons against fp64 oracles (the row losses' oracles themselves are in :mod:`references.ihl`)."""
 
 from __future__ import annotations
 

@@ -1,28 +1,28 @@
-"""The IHL loss and its gradient per row in fp64 closed form: the oracle the fused paths are checked by.
+"""The IHL and NLL losses and their gradients per row in fp64 closed form: the oracles every path of
+the row losses is checked against.
 
-From SPEC §2, with ``p = softmax(z)``, ``y`` the target and ``m`` the most likely other token (first
-index on ties),
+From the Inverted Hinge Loss's definition (Cha et al., ICLR 2025), with ``p = softmax(z)``, ``y`` the
+target and ``m`` the most likely other token (first index on ties),
 
     ℓ = 1 + p_y − p_m = (1 − p_m) + p_y,
     ∂ℓ/∂z_j = (p_m − p_y)·p_j          for j ∉ {y, m},
     ∂ℓ/∂z_y = p_y·((1 − p_y) + p_m),   ∂ℓ/∂z_m = −p_m·((1 − p_m) + p_y),
 
 where every ``1 − p`` is formed as the sum of the other probabilities: by subtraction even fp64 loses
-every digit once a row is confident enough (margin 40: ``1 − p_y ≈ 1e-15``). No computation path uses
-this module; the tests and ``benchmarks/gpu_check.py`` compare every backend against it.
+every digit once a row is confident enough (margin 40: ``1 − p_y ≈ 1e-15``).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["ihl_oracle_rows"]
+__all__ = ["ihl_oracle_rows", "nll_oracle_rows"]
 
 
 def ihl_oracle_rows(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row IHL loss and its gradient in fp64, from the closed form of SPEC §2.
+    """Per-row IHL loss and its gradient in fp64, from the closed form above.
 
     ``logits`` is ``[N, V]``, ``labels`` ``[N]``. ``1 − p_y`` and ``1 − p_m`` are sums of the other
     probabilities: by subtraction even fp64 loses every digit once a row is confident enough

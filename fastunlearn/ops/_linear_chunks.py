@@ -1,0 +1,131 @@
+"""What every fused-linear loss shares: the logits ``hidden @ weight.T (+ bias)`` a chunk of rows at a
+time, and the folding of each chunk's logit gradient back into the inputs' gradients.
+
+For ``z = h Wᵀ (+ b)`` and the loss gradient ``G = ∂ℓ/∂z`` of a chunk of rows,
+
+    ∂ℓ/∂h = G W,        ∂ℓ/∂W = Gᵀ h,        ∂ℓ/∂b = Σ_rows G.
+
+A chunk's logits are written into a buffer of the operator's workspace (:mod:`._workspace`), the loss
+kernels write its gradient over them, and :class:`HeadGrads` folds that into ``∂h`` (the chunk's rows)
+and the ``∂W``, ``∂b`` accumulators before the next chunk. ``∂W`` and ``∂b`` are accumulated in fp32
+(fp64 for an fp64 head); with a bf16/fp16 head each chunk's ``Gᵀ h`` is a full-rate product in the
+head's dtype into a workspace buffer, added to the fp32 sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from fastunlearn.ops._workspace import Layout, Workspace
+
+__all__ = ["HeadGrads", "autocast_inputs", "check_head", "chunk_logits", "head_layout"]
+
+
+def chunk_logits(
+    h: Tensor, weight: Tensor, bias: Tensor | None, chunk_rows: int, buffer: Tensor
+) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """``(first_row, hidden_chunk, logits_chunk)`` over the rows of ``h`` (``[N, H]``), each chunk's
+    logits written into the first rows of ``buffer`` (``[≥ chunk_rows, V]``, or ``[N, V]`` when
+    ``N < chunk_rows``); one empty chunk when ``N = 0``, so the results still have their shapes."""
+    for r0 in range(0, max(h.shape[0], 1), chunk_rows):
+        h_chunk = h[r0 : r0 + chunk_rows]
+        logits = buffer[: h_chunk.shape[0]]
+        if bias is None:
+            torch.mm(h_chunk, weight.t(), out=logits)
+        else:
+            torch.addmm(bias, h_chunk, weight.t(), out=logits)
+        yield r0, h_chunk, logits
+
+
+def accumulation_dtype(weight: Tensor) -> torch.dtype:
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+def head_layout(weight: Tensor, needs: tuple[bool, bool, bool]) -> Layout:
+    """The workspace :class:`HeadGrads` needs for ``needs = (∂h, ∂W, ∂b)``: a ``[V, H]`` product in the
+    head's dtype when it is narrower than the fp32 accumulator, and a ``[V]`` row sum for ``∂b``."""
+    acc = accumulation_dtype(weight)
+    layout = {}
+    if needs[1] and weight.dtype != acc:
+        layout["weight_product"] = (tuple(weight.shape), weight.dtype)
+    if needs[2]:
+        layout["bias_sum"] = ((weight.shape[0],), acc)
+    return layout
+
+
+class HeadGrads:
+    """``∂h`` (the hidden states' dtype) and zeroed ``∂W``, ``∂b`` accumulators for the inputs in
+    ``needs`` (none under ``no_grad``, no ``∂W`` for a frozen head), filled chunk by chunk."""
+
+    def __init__(
+        self,
+        needs: tuple[bool, bool, bool],
+        h: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        workspace: Workspace,
+    ) -> None:
+        acc = {"dtype": accumulation_dtype(weight), "device": weight.device}
+        self.weight = weight
+        self.h = torch.empty_like(h) if needs[0] else None
+        self.w = torch.zeros(weight.shape, **acc) if needs[1] else None
+        self.b = torch.zeros(weight.shape[0], **acc) if bias is not None and needs[2] else None
+        self.product, self.bias_sum = workspace["weight_product"], workspace["bias_sum"]
+
+    @property
+    def any(self) -> bool:
+        return self.h is not None or self.w is not None or self.b is not None
+
+    def fold(self, r0: int, h_chunk: Tensor, grad_logits: Tensor) -> None:
+        """Add the contribution of one chunk's logit gradient ``[rows, V]``."""
+        if self.h is not None:
+            torch.mm(grad_logits, self.weight, out=self.h[r0 : r0 + h_chunk.shape[0]])
+        if self.w is not None:
+            if self.product is None:
+                self.w.addmm_(grad_logits.t(), h_chunk)
+            else:
+                self.w += torch.mm(grad_logits.t(), h_chunk, out=self.product)
+        if self.b is not None:
+            self.b += torch.sum(grad_logits, 0, dtype=self.b.dtype, out=self.bias_sum)
+
+    def outputs(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(∂h, ∂W, ∂b)`` as operator outputs: an empty tensor for each one not computed."""
+        return tuple(like.new_empty(0) if g is None else g for g in (self.h, self.w, self.b))
+
+
+def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The tensors as ``F.linear`` would see them under the current autocast: floating tensors other
+    than fp64 cast to the autocast dtype (no-op without autocast)."""
+    device_type = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in tensors
+    )
+
+
+def check_head(
+    name: str, hidden: Tensor, weight: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(hidden, weight, bias)`` as ``F.linear`` would see them under autocast, after checking that
+    they fit together (a one-line error for each misfit)."""
+    if not isinstance(hidden, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError(f"{name} expects tensors for `hidden` and `weight`")
+    if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"weight must be [V, H] with H = hidden.shape[-1]: got hidden {tuple(hidden.shape)}, "
+            f"weight {tuple(weight.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    hidden, weight, bias = autocast_inputs(hidden, weight, bias)
+    if not hidden.is_floating_point() or hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a floating dtype")
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"bias ({bias.dtype}) must have the weight's dtype ({weight.dtype})")
+    return hidden, weight, bias
