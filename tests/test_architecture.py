@@ -299,3 +299,16 @@ def test_transformers_imports_from_a_checkout_root():
     cli = [sys.executable, "-m", "fastunlearn", "--help"]
     run = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+def test_architecture_md_names_every_layer():
+    """ARCHITECTURE.md explains the INTERNAL map above: each layer appears in it, by its module name,
+    its name without the package prefix, or (the root modules) its file."""
+    text = (ROOT / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    missing = []
+    for layer in INTERNAL:
+        short = layer.removeprefix("fastunlearn.")
+        spellings = (layer, short, "fastunlearn/" + short + ".py")
+        if not any(f"`{name}`" in text for name in spellings):
+            missing.append(layer)
+    assert missing == []
