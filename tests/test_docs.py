@@ -71,16 +71,25 @@ def test_docs_cite_papers_not_internal_files():
 PENDING = {"docs/evaluation.md", "docs/ecosystem.md"}
 
 
+def _anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces to dashes."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(encoding="utf-8"), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 def test_relative_links_resolve():
-    """Every relative link of the README and docs points at a file of the repository."""
+    """Every relative link of the README and docs points at a file of the repository, and at one of
+    its headings when it names one."""
     broken = []
     for page in DOCS:
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
-            path = (page.parent / target).resolve()
+        for target, anchor in re.findall(
+            r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text(encoding="utf-8")
+        ):
+            path = (page.parent / target).resolve() if target else page
             if "://" in target or path.relative_to(ROOT).as_posix() in PENDING:
                 continue
-            if not path.exists():
-                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+            if not path.exists() or (anchor and path.suffix == ".md" and anchor not in _anchors(path)):
+                broken.append(f"{page.relative_to(ROOT)} -> {target}#{anchor}")
     assert broken == []
     assert sorted(p for p in PENDING if (ROOT / p).exists()) == [], (
         "take the pages that now exist off PENDING"
