@@ -97,6 +97,17 @@ def test_config_files_are_overridden_by_the_command_line(tmp_path, suffix):
         assert options == {"learning_rate": 0.5, "max_length": 32, "target_modules": ["q_proj"]}
 
 
+def test_yaml_numbers_written_without_a_dot_are_numbers(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 3e-4\nrank: '8'\n")  # YAML reads 3e-4 as a string
+    args = build_parser(["unlearn"]).parse_args(["unlearn", "--config", str(path)])
+    cfg = UnlearnConfig(**options_from_args(args, UnlearnConfig))
+    assert (cfg.learning_rate, cfg.lora_r) == (3e-4, 8)
+    path.write_text("lr: fast\n")
+    assert main(["unlearn", "m", "--forget", "f", "--output", str(tmp_path / "o"), "--config", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == "fastunlearn unlearn: error: --lr must be float, got 'fast'"
+
+
 def test_a_run_config_is_a_config_that_reproduces_the_run(tmp_path):
     cfg = UnlearnConfig(**_changed(UnlearnConfig, {"resume", "deepspeed"}))
     record = {"command": "...", "options": to_record(cfg), "versions": {}}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import re
 import sys
 import warnings
@@ -127,9 +128,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _plain_warnings(args: argparse.Namespace):
-    """Warnings shown as one line in the command's words, not with the source line that raised them."""
+    """fastunlearn's warnings shown as one line in the command's words, not with the source line that
+    raised them (other libraries' warnings as those libraries show them)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if not os.path.abspath(filename).startswith(package + os.sep):
+            previous(message, category, filename, lineno, file, line)
+            return
         text = _cli_message(str(message), args).splitlines()[0]
         print(f"fastunlearn {args.command}: warning: {text}", file=file or sys.stderr)
 

@@ -45,8 +45,7 @@ class UnlearnConfig(RunControl, DataShape, ModelAccess):
     retain: Any = option(None, "the retain set (not needed by ga)", path=True, group="data")
     output_dir: Any = option(
         None,
-        "output directory: absent, empty or holding an interrupted run (a finished run needs --overwrite "
-        "or --resume)",
+        "output directory; a finished run there is replaced only with --overwrite",
         flag="--output",
         path="output",
         identity=False,
