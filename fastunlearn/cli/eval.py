@@ -155,7 +155,9 @@ def _checked(cfg) -> tuple[Any, Any]:
     from fastunlearn.models.devices import resolve_device
     from fastunlearn.models.loading import model_source
 
-    model_source(cfg.model, base_model=cfg.base_model, allow_download=cfg.allow_download, revision=cfg.revision)
+    model_source(
+        cfg.model, base_model=cfg.base_model, allow_download=cfg.allow_download, revision=cfg.revision
+    )
     tofu = _sources(cfg)
     for path in (cfg.output, cfg.save_reference):
         if path is not None and os.path.isdir(path):

@@ -99,10 +99,16 @@ def _check_layout(name: str, layer: nn.Module) -> None:
 
 def dequantized_weight(layer: nn.Module) -> Tensor:
     """The weight of a ``bitsandbytes`` linear layer as an fp32 ``[out, in]`` tensor on its device
-    (what its forward multiplies by, up to the compute dtype's rounding)."""
-    from peft.utils.integrations import dequantize_module_weight
+    (what its forward multiplies by, up to the compute dtype's rounding): 4-bit blocks times their
+    (dequantised) scales; 8-bit rows ``W = C·s/127`` with ``s`` each row's absolute maximum."""
+    import bitsandbytes.functional as bnbf
 
     _check_layout(type(layer).__name__, layer)
+    weight = layer.weight
     with torch.no_grad():
-        weight = dequantize_module_weight(layer)
-    return weight.detach().to(torch.float32).reshape(layer.out_features, layer.in_features)
+        if type(weight).__name__ == "Params4bit":
+            dense = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+        else:
+            scales = weight.SCB if weight.SCB is not None else layer.state.SCB
+            dense = weight.data.float() * (scales.float()[:, None] / 127.0)
+    return dense.to(torch.float32).reshape(layer.out_features, layer.in_features)

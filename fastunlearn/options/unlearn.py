@@ -43,9 +43,16 @@ class UnlearnConfig(RunControl, DataShape, ModelAccess):
     """Every option of an unlearning run (defaults: the paper's recipe where it has one)."""
 
     forget: Any = option(
-        None, "the forget set: a data file or, in Python, records", path=True, group="data", required=True
+        None,
+        "the forget set: a JSON Lines, Parquet or CSV file, a datasets save_to_disk folder (FOLDER@SPLIT) or "
+        "a Hugging Face Hub data set NAME[:CONFIG][@SPLIT]; in Python also records",
+        path=True,
+        group="data",
+        required=True,
     )
-    retain: Any = option(None, "the retain set (not needed by ga)", path=True, group="data")
+    retain: Any = option(
+        None, "the retain set, in the same forms (not needed by ga)", path=True, group="data"
+    )
     output_dir: Any = option(
         None,
         "output directory: absent, empty or holding an interrupted run (a finished run needs --overwrite "
@@ -229,7 +236,7 @@ class UnlearnConfig(RunControl, DataShape, ModelAccess):
         10, "optimiser steps between log lines", positive=True, identity=False, group="output"
     )
     report_to: str | list[str] = option(
-        "none",
+        ["none"],
         "experiment trackers that receive the training scalars and every evaluation during training: "
         f"{', '.join(TRACKERS)} or none, comma-separated (offline: TensorBoard writes OUTPUT/logs; "
         "WANDB_MODE=offline; trackio is local unless TRACKIO_SPACE_ID is set)",
@@ -297,8 +304,8 @@ def _check_quantised(cfg: UnlearnConfig) -> None:
         raise ValueError(f"{which}: quantised weights do not train; use init='lora' or init='fila'")
     if cfg.merge:
         raise ValueError(
-            f"{which} with merge=True: a merged model would bake in the quantisation error; the adapter "
-            "loads on the full-precision base (peft's merge_and_unload merges it there)"
+            f"{which} excludes merge=True (a merged model would bake in the quantisation error): the "
+            "adapter loads on the full-precision base, where peft's merge_and_unload merges it"
         )
     if cfg.fsdp is not None or cfg.deepspeed is not None:
         raise ValueError(f"{which} is supported on one device or under DDP, not with fsdp or deepspeed")

@@ -50,7 +50,9 @@ class _EvaluationLog(TrainerCallback):
                 # Trainer stops at its last step anyway; before it, a stop is the rule's.
                 if control.should_training_stop and 0 < state.global_step < state.max_steps:
                     scalars["eval_stopped"] = 1.0
+                should_log = control.should_log  # Trainer.log clears it: the step's loss is still due
                 self.trainer.log(scalars)
+                control.should_log = should_log
         self.logged = len(rows)
 
     def on_train_begin(self, args, state, control, **kwargs):
