@@ -11,12 +11,11 @@ metrics; and the exported adapter is exactly the trained ``s·(BA − B₀A₀)`
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 
 import pytest
 import torch
-from helpers.workspace import SIZE, build_workspace
+from helpers.workspace import build_workspace
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -31,13 +30,10 @@ from fastunlearn.models.quantization import dequantized_weight, is_quantized
 
 pytest.importorskip("bitsandbytes")
 
-# bitsandbytes quantises blocks of 64 inputs: every linear layer needs in_features >= 64.
-QUANT_SIZE = dataclasses.replace(SIZE, hidden=64)
-
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    return build_workspace(tmp_path_factory.mktemp("quantised"), QUANT_SIZE)
+    return build_workspace(tmp_path_factory.mktemp("quantised"))
 
 
 def _batches(ws, tokenizer):
@@ -98,7 +94,7 @@ def runs(workspace, tmp_path_factory):
     for init in ("lora", "fila"):
         found[init] = unlearn(
             str(workspace / "model"), None, str(workspace / "forget.json"), str(workspace / "retain.json"),
-            init=init, method="ga", output_dir=tmp_path_factory.mktemp(init), load_in_4bit=True, num_epochs=3,
+            init=init, method="ga", output_dir=tmp_path_factory.mktemp(init), load_in_4bit=True, num_epochs=2,
             batch_size=3, gradient_accumulation_steps=1, learning_rate=1e-2, warmup_epochs=0, lora_r=4,
             lora_alpha=8, progress=False, seed=1,
         )  # fmt: skip
@@ -152,7 +148,11 @@ def test_the_adapter_is_the_trained_update_for_the_full_precision_base(runs, wor
         (["--load-in-4bit"], "bitsandbytes", "--load-in-4bit needs the bitsandbytes package"),
         (["--load-in-4bit", "--init", "full"], None, "--load-in-4bit: quantised weights do not train"),
         (["--load-in-4bit", "--load-in-8bit"], None, "exclude each other"),
-        (["--load-in-8bit", "--merge"], None, "--load-in-8bit excludes --merge (a merged model would bake in"),
+        (
+            ["--load-in-8bit", "--merge"],
+            None,
+            "--load-in-8bit excludes --merge (a merged model would bake in",
+        ),
     ],
 )
 def test_bad_quantised_runs_are_one_line_and_write_nothing(

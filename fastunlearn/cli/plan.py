@@ -70,10 +70,13 @@ def _run_plan(args: argparse.Namespace) -> int:
 
 def _cached_config(model: Any) -> Any:
     """A Hub id that is not a known model name nor a path: its ``config.json`` in the local Hugging
-    Face cache (nothing is fetched)."""
+    Face cache (nothing is fetched); a name the cache lacks as it is (the plan names what it takes)."""
     from fastunlearn._hub import is_hub_id, resolve_snapshot
     from fastunlearn.plan.model_shapes import KNOWN_MODELS
 
     if not isinstance(model, str) or model in KNOWN_MODELS or os.path.exists(model) or not is_hub_id(model):
         return model
-    return os.path.join(resolve_snapshot(model, patterns=["config.json"]).path, "config.json")
+    try:
+        return os.path.join(resolve_snapshot(model, patterns=["config.json"]).path, "config.json")
+    except FileNotFoundError:
+        return model

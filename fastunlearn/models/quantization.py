@@ -16,7 +16,6 @@ precision on top — and LLM.int8() (Dettmers et al. 2022, arXiv 2208.07339).
 from __future__ import annotations
 
 import importlib.util
-import logging
 from typing import Any
 
 import torch
@@ -41,18 +40,6 @@ def require_bitsandbytes(option: str) -> None:
         )
 
 
-def _import_bitsandbytes() -> None:
-    # On CPUs with AVX512-BF16, bitsandbytes looks for an optional kernel on the Hub at import and logs a
-    # warning when it cannot have it; its own kernels run instead. Not the user's concern.
-    logger = logging.getLogger("bitsandbytes")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        import bitsandbytes  # noqa: F401
-    finally:
-        logger.setLevel(level)
-
-
 def quantization_config(*, load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype) -> Any:
     """``BitsAndBytesConfig`` for a 4-bit (NF4, double quantisation) or 8-bit base, or ``None``."""
     if load_in_4bit and load_in_8bit:
@@ -60,7 +47,6 @@ def quantization_config(*, load_in_4bit: bool, load_in_8bit: bool, compute_dtype
     if not (load_in_4bit or load_in_8bit):
         return None
     require_bitsandbytes("load_in_4bit" if load_in_4bit else "load_in_8bit")
-    _import_bitsandbytes()
     from transformers import BitsAndBytesConfig
 
     if load_in_8bit:

@@ -7,23 +7,21 @@ import dataclasses
 from pathlib import Path
 
 from fastunlearn import demo
-from fastunlearn.demo.models import DemoSize
 
 # The tiny demo model (hidden 32, 2 layers) on 4 authors.
 SIZE = dataclasses.replace(demo.SIZES["tiny"], authors=4, hidden=32, layers=2, vocab=300)
 
 
-def build_workspace(root: Path, size: DemoSize = SIZE) -> Path:
+def build_workspace(root: Path) -> Path:
     """``root/model`` (weights + tokenizer), ``root/forget.json`` and ``root/retain.json`` (6 records
-    each, TOFU's ``{question, answer}``); returns ``root``. ``size``: the model's (hidden 64 for 4-bit
-    layers: bitsandbytes quantises blocks of 64 inputs)."""
-    data = demo.generate_dataset(size.authors, seed=1)
+    each, TOFU's ``{question, answer}``); returns ``root``."""
+    data = demo.generate_dataset(SIZE.authors, seed=1)
     texts = [
         f"Question: {r['question']}\nAnswer: {r['answer']}"
         for r in data["forget_perturbed"] + data["retain_perturbed"]
     ]
-    tokenizer = demo.train_tokenizer(texts, size.vocab)
-    model = demo.build_model(tokenizer, size, seed=0)
+    tokenizer = demo.train_tokenizer(texts, SIZE.vocab)
+    model = demo.build_model(tokenizer, SIZE, seed=0)
     model.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     for name in ("forget", "retain"):
