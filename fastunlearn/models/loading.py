@@ -65,7 +65,9 @@ def _local(name: str, what: str, allow_download: bool, revision: str | None = No
     if os.path.isdir(name):
         return name
     if os.path.exists(name) or not is_hub_id(name):
-        raise FileNotFoundError(f"{what} directory not found: {name!r} is not a local directory")
+        raise FileNotFoundError(
+            f"{what} directory not found: {name!r} is neither a local directory nor a Hugging Face Hub id"
+        )
     return resolve_snapshot(
         name, revision=revision, allow_download=allow_download, patterns=MODEL_FILES, what=what
     ).path

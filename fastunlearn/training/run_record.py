@@ -55,8 +55,9 @@ def _hash_directory(path: str) -> str:
 
 
 def fingerprint(value: Any) -> str | None:
-    """A content fingerprint of a data file, a model or tokenizer directory, in-memory records or a
-    loaded model (its config); ``None`` for anything else (a Hub id, an option that is not a source)."""
+    """A content fingerprint of a data file, a model, tokenizer or data set directory, in-memory records,
+    a ``datasets.Dataset`` or a loaded model (its config); ``None`` for anything else (a Hub id, whose
+    commit :func:`run_record` records instead, or an option that is not a source)."""
     if isinstance(value, (str, os.PathLike)):
         path = os.fspath(value)
         if os.path.isdir(path):
@@ -66,6 +67,8 @@ def fingerprint(value: Any) -> str | None:
             _hash_file(path, digest)
             return "file:" + digest.hexdigest()
         return None
+    if isinstance(getattr(value, "_fingerprint", None), str):  # a datasets.Dataset: its own content hash
+        return "dataset:" + value._fingerprint
     config = getattr(value, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         return "config:" + hashlib.sha256(config.to_json_string().encode()).hexdigest()
