@@ -117,7 +117,8 @@ def _main(args: argparse.Namespace) -> int:
     )
     _say(ev.format_table(results))
     if cfg.output is not None:
-        record = {"model": os.path.abspath(cfg.model), **results}
+        model = os.path.abspath(cfg.model) if os.path.exists(cfg.model) else cfg.model  # or a Hub id
+        record = {"model": model, **results}
         distributed.on_main(lambda: write_json(cfg.output, record))
         _say(f"\nResults written to {cfg.output}")
     return 0

@@ -112,23 +112,29 @@ def _parse_hub_name(name: str) -> tuple[str, str | None, str]:
 
 def resolve_hub_dataset(name: str, *, allow_download: bool = False) -> HubDataset:
     """The repository, configuration, split and commit that ``name[:config][@split]`` reads: the
-    cached snapshot, or with ``allow_download`` the Hub's current commit. ``FileNotFoundError`` when
-    the name is neither a file nor a Hub id found in the cache."""
+    cached snapshot, or with ``allow_download`` the Hub's current commit (the cached one when the Hub
+    cannot be reached). ``FileNotFoundError`` when the name is neither a file nor a Hub id found."""
     repo_id, config, split = _parse_hub_name(name)
     if not is_hub_id(repo_id) or repo_id.lower().endswith(FILE_SUFFIXES):
         raise FileNotFoundError(f"data file not found: {name}")
-    if not allow_download:
-        snapshot = resolve_snapshot(repo_id, repo_type="dataset", what="data set")
-        return HubDataset(repo_id, config, split, snapshot.revision, snapshot.path)
-    from huggingface_hub import HfApi
+    unreachable = None
+    if allow_download:
+        from huggingface_hub import HfApi
 
+        try:
+            return HubDataset(repo_id, config, split, HfApi().dataset_info(repo_id).sha)
+        except Exception as err:  # offline, or unreachable: the cache may still have it
+            unreachable = err
     try:
-        revision = HfApi().dataset_info(repo_id).sha
-    except Exception as err:  # huggingface_hub's errors differ between its versions
+        snapshot = resolve_snapshot(repo_id, repo_type="dataset", what="data set")
+    except FileNotFoundError:
+        if unreachable is None:
+            raise
         raise FileNotFoundError(
-            f"data set {repo_id!r}: cannot fetch it from the Hugging Face Hub ({err})"
+            f"data set {repo_id!r}: not in the Hugging Face cache, and the Hub cannot be reached "
+            f"({unreachable})"
         ) from None
-    return HubDataset(repo_id, config, split, revision)
+    return HubDataset(repo_id, config, split, snapshot.revision, snapshot.path)
 
 
 def _read_hub(name: str, allow_download: bool) -> list[dict[str, Any]]:
@@ -155,14 +161,16 @@ def read_source(source: str | os.PathLike, *, allow_download: bool = False) -> l
     """
     path = os.fspath(source)
     folder, _, split = path.rpartition("@")
-    if os.path.isdir(path) or (folder and os.path.isdir(folder)):
-        records = _read_saved(path, None) if os.path.isdir(path) else _read_saved(folder, split)
+    if os.path.isdir(path):
+        records = _read_saved(path, None)
     elif os.path.isfile(path) and path.lower().endswith(PARQUET):
         records = _read_parquet(path)
     elif os.path.isfile(path) and path.lower().endswith(CSV):
         records = _read_csv(path)
     elif os.path.exists(path):
         return read_jsonl(path)
+    elif folder and os.path.isdir(folder):
+        records = _read_saved(folder, split)
     else:
         records = _read_hub(path, allow_download)
     if not records:

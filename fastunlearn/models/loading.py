@@ -157,17 +157,13 @@ def model_skeleton(config: Any, *, trust_remote_code: bool = False) -> nn.Module
 
 
 def load_tokenizer(
-    source: str | os.PathLike,
-    *,
-    trust_remote_code: bool = False,
-    allow_download: bool = False,
-    revision: str | None = None,
+    source: str | os.PathLike, *, trust_remote_code: bool = False, allow_download: bool = False
 ):
     """The tokenizer saved in a local directory or, by Hub id, in the Hugging Face cache (fetched with
     ``allow_download``)."""
     from transformers import AutoTokenizer
 
-    name = _local(os.fspath(source), "tokenizer", allow_download, revision)
+    name = _local(os.fspath(source), "tokenizer", allow_download)
     return AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
 
 
@@ -298,6 +294,39 @@ def load_model_and_tokenizer(
     """
     from transformers import AutoModelForCausalLM
 
+    weights, quantised = _pretrained_options(trust_remote_code, dtype, load_in_4bit, load_in_8bit)
+    source, tokenizer = resolve_model(
+        model,
+        tokenizer,
+        base_model=base_model,
+        trust_remote_code=trust_remote_code,
+        allow_download=allow_download,
+        revision=revision,
+    )
+    if source is not None:
+        with _unreadable(source.base or source.path):
+            base = AutoModelForCausalLM.from_pretrained(source.base or source.path, **weights)
+        if quantised:
+            keep_trainable_layout(base)
+        if source.base is None:
+            model = base
+        else:
+            from peft import PeftModel
+
+            with _unreadable(source.path), quiet_peft_wrap():
+                model = PeftModel.from_pretrained(base, source.path)
+    elif quantised:
+        raise ValueError(
+            "load_in_4bit / load_in_8bit quantise a model loaded by path; the model given is already "
+            "loaded (pass it quantised, or pass its path)"
+        )
+    return model, tokenizer
+
+
+def _pretrained_options(
+    trust_remote_code: bool, dtype: torch.dtype | str | None, load_in_4bit: bool, load_in_8bit: bool
+) -> tuple[dict[str, Any], bool]:
+    """``from_pretrained``'s keyword arguments, and whether they quantise."""
     # transformers 4.56 renamed from_pretrained's `torch_dtype` to `dtype`.
     dtype_arg = "dtype" if _transformers_version() >= _DTYPE_RENAMED_IN else "torch_dtype"
     weights = {
@@ -321,32 +350,7 @@ def load_model_and_tokenizer(
 
         # bitsandbytes quantises the weights as they reach their device: the one training runs on.
         weights.update(quantization_config=quantised, device_map={"": str(training_device())})
-    source, tokenizer = resolve_model(
-        model,
-        tokenizer,
-        base_model=base_model,
-        trust_remote_code=trust_remote_code,
-        allow_download=allow_download,
-        revision=revision,
-    )
-    if source is not None:
-        with _unreadable(source.base or source.path):
-            base = AutoModelForCausalLM.from_pretrained(source.base or source.path, **weights)
-        if quantised is not None:
-            keep_trainable_layout(base)
-        if source.base is None:
-            model = base
-        else:
-            from peft import PeftModel
-
-            with _unreadable(source.path), quiet_peft_wrap():
-                model = PeftModel.from_pretrained(base, source.path)
-    elif quantised is not None:
-        raise ValueError(
-            "load_in_4bit / load_in_8bit quantise a model loaded by path; the model given is already "
-            "loaded (pass it quantised, or pass its path)"
-        )
-    return model, tokenizer
+    return weights, quantised is not None
 
 
 def _transformers_version() -> tuple[int, int]:

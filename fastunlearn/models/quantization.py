@@ -16,6 +16,7 @@ precision on top — and LLM.int8() (Dettmers et al. 2022, arXiv 2208.07339).
 from __future__ import annotations
 
 import importlib.util
+import logging
 from typing import Any
 
 import torch
@@ -40,6 +41,10 @@ def require_bitsandbytes(option: str) -> None:
         )
 
 
+def _not_the_fp16_cast(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
 def quantization_config(*, load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype) -> Any:
     """``BitsAndBytesConfig`` for a 4-bit (NF4, double quantisation) or 8-bit base, or ``None``."""
     if load_in_4bit and load_in_8bit:
@@ -50,6 +55,8 @@ def quantization_config(*, load_in_4bit: bool, load_in_8bit: bool, compute_dtype
     from transformers import BitsAndBytesConfig
 
     if load_in_8bit:
+        # LLM.int8() quantises each layer's input through fp16 by design; bitsandbytes logs so at every call.
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_the_fp16_cast)
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,

@@ -255,8 +255,10 @@ def unlearn(
     """Unlearn ``forget`` from ``model`` while keeping it good on ``retain`` (Cha et al., ICLR 2025).
 
     ``model``: a Hugging Face causal LM (modified in place: wrapped with LoRA, and for FILA its base
-    weights become the residual ``W − s·B₀A₀``) or a local directory. ``forget`` / ``retain``: data files
-    or iterables of records. ``options``: the fields of :class:`~fastunlearn.options.unlearn.UnlearnConfig`.
+    weights become the residual ``W − s·B₀A₀``, or on a 4-bit / 8-bit base carry it as a frozen adapter),
+    a local directory or a Hub id in the local Hugging Face cache. ``forget`` / ``retain``: data files,
+    ``datasets`` folders, Hub data sets (:mod:`fastunlearn.data.sources`) or iterables of records.
+    ``options``: the fields of :class:`~fastunlearn.options.unlearn.UnlearnConfig`.
     """
     names = [f.name for f in dataclasses.fields(UnlearnConfig)]
     unknown = sorted(set(options) - set(names))
