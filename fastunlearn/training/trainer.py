@@ -168,7 +168,7 @@ def build_trainer(
         save_strategy="epoch" if wrapped_model is None else "no",
         save_total_limit=1,
         report_to="none" if cfg.report_to == ["none"] else list(cfg.report_to),
-        run_name=cfg.run_name or os.path.basename(os.path.abspath(os.fspath(cfg.output_dir))),
+        run_name=cfg.run_name or os.path.basename(os.path.abspath(os.fspath(cfg.output_dir or output_dir))),
         seed=cfg.seed,
         remove_unused_columns=False,
         disable_tqdm=not cfg.progress,
