@@ -9,7 +9,9 @@ import json
 
 import pytest
 from helpers.hub import cache_repo, offline_cache
+from helpers.workspace import build_workspace
 
+from fastunlearn.cli import main
 from fastunlearn.data import load_records
 from fastunlearn.data.sources import read_source, resolve_hub_dataset
 from fastunlearn.evaluation.records import read_records
@@ -113,3 +115,16 @@ def test_bad_input_names_the_source_and_row(tmp_path, monkeypatch):
         load_records("org/absent")
     with pytest.raises(FileNotFoundError, match=r"data file not found: missing\.json"):
         load_records("missing.json")
+
+
+def test_a_bad_file_on_the_command_line_is_one_line_and_nothing_is_written(tmp_path, capsys):
+    ws = build_workspace(tmp_path / "ws")
+    capsys.readouterr()  # the workspace's own progress bars
+    no_fields = tmp_path / "x.parquet"
+    pq.write_table(pa.Table.from_pylist([{"title": "a", "body": "b"}]), no_fields)
+    out = tmp_path / "out"
+    argv = ["unlearn", str(ws / "model"), "--forget", str(no_fields), "--retain", str(ws / "retain.json")]
+    assert main([*argv, "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{no_fields}[0]: cannot detect the data format" in err[0], err
+    assert not out.exists()
