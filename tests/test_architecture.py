@@ -23,13 +23,15 @@ ROOT = Path(__file__).resolve().parents[1]
 INTERNAL: dict[str, tuple[str, ...]] = {
     "fastunlearn.kernels": (),
     "fastunlearn._io": (),
+    # Hub ids resolved in the local Hugging Face cache: models and data sets alike.
+    "fastunlearn._hub": (),
     "fastunlearn.ops": ("fastunlearn.kernels",),
     # torch.distributed for runs under torchrun / accelerate launch, and ZeRO-3 partitioned parameters:
     # the engines' primitives, below everything that runs on several ranks.
     "fastunlearn.engines.distributed": (),
     "fastunlearn.engines.sharded": (),
     # Loading and checking models, names under wrappers, devices, precision.
-    "fastunlearn.models": (),
+    "fastunlearn.models": ("fastunlearn._hub",),
     # The losses inside a causal LM's forward: ops applied to a model.
     "fastunlearn.models.patching": ("fastunlearn.ops", "fastunlearn.models", "fastunlearn.engines.sharded"),
     # FILA's truncated SVD: linear algebra on tensors, nothing of the package.
@@ -38,13 +40,14 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn.ops",
         "fastunlearn.models",
         "fastunlearn._io",
+        "fastunlearn._hub",
         "fastunlearn.engines.distributed",
         "fastunlearn.engines.sharded",
     ),
     # Stopping rules and their controller: pure logic over metric values, read by the option schema.
     "fastunlearn.evaluation.stopping": (),
     # Records, templates, tokenisation, batches, TOFU's files: below training and evaluation alike.
-    "fastunlearn.data": ("fastunlearn", "fastunlearn.ops"),
+    "fastunlearn.data": ("fastunlearn", "fastunlearn.ops", "fastunlearn._hub"),
     "fastunlearn.methods": ("fastunlearn.ops", "fastunlearn.models", "fastunlearn.data"),
     # FSDP2 and DeepSpeed: wrapping, sharded loading, gathering.
     "fastunlearn.engines": (
@@ -79,6 +82,7 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn.ops",
         "fastunlearn.models",
         "fastunlearn._io",
+        "fastunlearn._hub",
         "fastunlearn.engines",
         "fastunlearn.fisher",
         "fastunlearn.data",
@@ -104,6 +108,7 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn.ops",
         "fastunlearn.models",
         "fastunlearn._io",
+        "fastunlearn._hub",
         "fastunlearn.engines",
         "fastunlearn.fisher",
         "fastunlearn.data",

@@ -157,7 +157,14 @@ CASES = [
         "the most of any layer",
     ),
     Case("a negative size", lambda w, o: _unlearn(w, o, "--fisher-memory", "-1GB"), "invalid memory size"),
-    Case("a model that is not there", lambda w, o: _unlearn(w, o, model="nothere"), "--allow-download"),
+    Case(
+        "a model that is not there", lambda w, o: _unlearn(w, o, model="nothere"), "nor a Hugging Face Hub id"
+    ),
+    Case(
+        "a Hub id not in the cache",
+        lambda w, o: _unlearn(w, o)[:1] + ["nobody/nothere"] + _unlearn(w, o)[2:],
+        "--allow-download",
+    ),
     Case("an unknown method", lambda w, o: _unlearn(w, o, "--method", "forgetall"), "invalid choice"),
     Case(
         "a config file that is not there",
@@ -184,7 +191,7 @@ CASES = [
     Case(
         "eval a model that is not there",
         lambda w, o: ["eval", str(w / "nothere"), "--extraction", str(w / "forget.json")],
-        "--allow-download",
+        "nor a Hugging Face Hub id",
     ),
     Case(
         "fisher into a directory",

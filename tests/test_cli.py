@@ -144,7 +144,7 @@ def test_unlearn_command_user_errors(workspace, tmp_path, capsys):
     argv[1] = str(tmp_path / "missing-model")
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "not a local directory" in err and "--allow-download" in err
+    assert "is neither a local directory nor a Hugging Face Hub id" in err
 
     bad = tmp_path / "bad.json"
     write_text(str(bad), '{"question": "a", "answer": "b"}\n{"question": "a", "answer": \n')
@@ -468,7 +468,11 @@ def test_adapters_resolve_their_base_from_anywhere_and_eval_takes_base_model(
                 "--template", "phi"]  # fmt: skip
     assert main(evaluate) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "'./model', which is not a local directory; pass --base-model" in err
+    assert (
+        err.count("\n") == 1
+        and "'./model', which is neither a local directory nor in the Hugging Face cache; pass --base-model"
+        in err
+    )
     assert main([*evaluate, "--base-model", str(workspace / "model")]) == 0
     assert "forget" in capsys.readouterr().out
     with warnings.catch_warnings(record=True) as caught:

@@ -64,7 +64,7 @@ def _training_options(model_dir: str) -> dict:
 
 def _check_data(cfg, tofu) -> None:
     """Read every data file before the model loads (a bad line, a missing split fail at once)."""
-    from fastunlearn.data import read_jsonl
+    from fastunlearn.data import load_records
     from fastunlearn.data.tofu_files import find_tofu_files, read_tofu_file
 
     if tofu is not None:
@@ -72,7 +72,7 @@ def _check_data(cfg, tofu) -> None:
         for path in files.values():
             read_tofu_file(path)
     if cfg.extraction is not None:
-        read_jsonl(cfg.extraction)
+        load_records(cfg.extraction, data_format="text")
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -92,7 +92,7 @@ def _main(args: argparse.Namespace) -> int:
     distributed.init_from_env()
     tofu, device = distributed.on_all(lambda: _checked(cfg))
     model, tokenizer = load_model_and_tokenizer(
-        cfg.model, cfg.tokenizer, trust_remote_code=cfg.trust_remote_code, base_model=cfg.base_model
+        cfg.model, cfg.tokenizer, **cfg.loading_options(), base_model=cfg.base_model
     )
     model.to(device)
     results = ev.evaluate(
@@ -117,7 +117,8 @@ def _main(args: argparse.Namespace) -> int:
     )
     _say(ev.format_table(results))
     if cfg.output is not None:
-        record = {"model": os.path.abspath(cfg.model), **results}
+        model = os.path.abspath(cfg.model) if os.path.exists(cfg.model) else cfg.model  # or a Hub id
+        record = {"model": model, **results}
         distributed.on_main(lambda: write_json(cfg.output, record))
         _say(f"\nResults written to {cfg.output}")
     return 0
@@ -155,7 +156,9 @@ def _checked(cfg) -> tuple[Any, Any]:
     from fastunlearn.models.devices import resolve_device
     from fastunlearn.models.loading import model_source
 
-    model_source(cfg.model, base_model=cfg.base_model, allow_download=cfg.allow_download)
+    model_source(
+        cfg.model, base_model=cfg.base_model, allow_download=cfg.allow_download, revision=cfg.revision
+    )
     tofu = _sources(cfg)
     for path in (cfg.output, cfg.save_reference):
         if path is not None and os.path.isdir(path):

@@ -29,13 +29,14 @@ from fastunlearn.models.devices import training_device
 from fastunlearn.models.loading import load_model_and_tokenizer
 from fastunlearn.models.patching import fused_blocker, patch, unpatch
 from fastunlearn.models.precision import load_dtype, resolve_training_precision, weights_dtype
+from fastunlearn.models.quantization import keep_trainable_layout
 from fastunlearn.options.unlearn import UnlearnConfig
 from fastunlearn.training import outputs
 from fastunlearn.training.adapters import initialise_adapters, reference_logprobs
 from fastunlearn.training.exports import collect_outputs, save_outputs
 from fastunlearn.training.memory_check import check_run_memory
 from fastunlearn.training.preflight import Checked, check_vocab, preflight, read_data
-from fastunlearn.training.run_record import check_resumable, run_record
+from fastunlearn.training.run_record import check_resumable, pin_revision, run_record
 from fastunlearn.training.stopping_setup import plan_run_stopping, prepare_unseen, stopping_callback
 from fastunlearn.training.trainer import build_trainer
 
@@ -81,6 +82,7 @@ class RunState:
 def check(cfg: UnlearnConfig) -> RunState:
     """Every check that can fail, before the weights load and before anything is written."""
     cfg.require()
+    cfg = pin_revision(cfg)  # a Hub model id: the commit it resolves to now, for the whole run
     model = cfg.model
     weights = None if isinstance(model, (str, os.PathLike)) else weights_dtype(model)
     precision = resolve_training_precision(cfg.precision, training_device(), init=cfg.init, weights=weights)
@@ -88,7 +90,11 @@ def check(cfg: UnlearnConfig) -> RunState:
     engine = engine_for(
         cfg.fsdp, cfg.deepspeed, init=cfg.init, resume=cfg.resume, cfg=cfg, precision=precision
     )
-    data = distributed.on_all(lambda: read_data(cfg.forget, cfg.retain, data_format=cfg.data_format))
+    data = distributed.on_all(
+        lambda: read_data(
+            cfg.forget, cfg.retain, data_format=cfg.data_format, allow_download=cfg.allow_download
+        )
+    )
     stop_plan = distributed.on_all(lambda: plan_run_stopping(cfg, {n: fmt for n, (_, fmt) in data.items()}))
     record = run_record(cfg, precision=precision, world_size=distributed.world_size(), engine=engine.name)
     dirs = distributed.on_main(lambda: _plan_output(cfg, record))
@@ -112,10 +118,10 @@ def load(run: RunState) -> None:
         run.model, run.tokenizer = load_model_and_tokenizer(
             cfg.model,
             run.checked.tokenizer,
-            trust_remote_code=cfg.trust_remote_code,
-            allow_download=cfg.allow_download,
+            **cfg.loading_options(),
             dtype=load_dtype(run.precision, cfg.init),
         )
+    keep_trainable_layout(run.model)  # a 4-bit model given as an object too
     if cfg.fused and (reason := fused_blocker(run.model)) is not None:
         raise ValueError(
             f"fused=True: cannot compute the losses of {type(run.model).__name__} fused: {reason}"
@@ -169,6 +175,7 @@ def train(run: RunState) -> None:
         precision=run.precision,
         extra_callbacks=run.callbacks,
         wrapped_model=wrapped,
+        trajectory=run.callbacks[0].trajectory if run.callbacks else None,
         **run.engine.trainer_options(),
     )
     checkpoint = outputs.last_checkpoint(run.dirs.build) if run.dirs.resume else None
@@ -248,8 +255,10 @@ def unlearn(
     """Unlearn ``forget`` from ``model`` while keeping it good on ``retain`` (Cha et al., ICLR 2025).
 
     ``model``: a Hugging Face causal LM (modified in place: wrapped with LoRA, and for FILA its base
-    weights become the residual ``W − s·B₀A₀``) or a local directory. ``forget`` / ``retain``: data files
-    or iterables of records. ``options``: the fields of :class:`~fastunlearn.options.unlearn.UnlearnConfig`.
+    weights become the residual ``W − s·B₀A₀``, or on a 4-bit / 8-bit base carry it as a frozen adapter),
+    a local directory or a Hub id in the local Hugging Face cache. ``forget`` / ``retain``: data files,
+    ``datasets`` folders, Hub data sets (:mod:`fastunlearn.data.sources`) or iterables of records.
+    ``options``: the fields of :class:`~fastunlearn.options.unlearn.UnlearnConfig`.
     """
     names = [f.name for f in dataclasses.fields(UnlearnConfig)]
     unknown = sorted(set(options) - set(names))

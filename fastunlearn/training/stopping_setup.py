@@ -74,7 +74,10 @@ def prepare_unseen(cfg: UnlearnConfig, tokenizer: Any) -> list[fdata.Example]:
     if cfg.unseen is None:
         return []
     data = cfg.unseen if isinstance(cfg.unseen, (str, os.PathLike)) else [{"text": t} for t in cfg.unseen]
-    return fdata.prepare(data, tokenizer, name="unseen", data_format="text", max_length=cfg.max_length)
+    return fdata.prepare(
+        data, tokenizer, name="unseen", data_format="text", max_length=cfg.max_length,
+        allow_download=cfg.allow_download,
+    )  # fmt: skip
 
 
 def _load_reference(cfg: UnlearnConfig, model: nn.Module, tokenizer: Any) -> nn.Module:
