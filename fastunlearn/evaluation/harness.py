@@ -77,18 +77,21 @@ def check_tasks(
     include_defaults: bool = True,
 ) -> tuple[list[str], Any]:
     """The task names and the task manager that knows them: ``ImportError`` naming the extra to install
-    without ``lm-eval``, ``ValueError`` naming every task neither the harness nor ``include_path`` has."""
+    without ``lm-eval``, ``ValueError`` naming every task neither the harness nor ``include_path`` has.
+    Tasks all found in ``include_path`` are run from an index of it alone (the harness's own thousands
+    of task files take seconds to index)."""
     _harness()
     names = _task_list(tasks)
     paths = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path or [])
-    paths = [os.fspath(p) for p in paths]
-    manager = _task_manager(tuple(paths), include_defaults)
-    unknown = [t for t in names if t not in set(manager.all_tasks) and not os.path.isfile(t)]
-    if unknown:
-        raise ValueError(
-            f"unknown lm-eval task(s) {unknown}" + (f" (include_path: {paths})" if paths else "")
-        )
-    return names, manager
+    paths = tuple(os.fspath(p) for p in paths)
+    for defaults in dict.fromkeys((False, include_defaults) if paths else (include_defaults,)):
+        manager = _task_manager(paths, defaults)
+        unknown = [t for t in names if t not in set(manager.all_tasks) and not os.path.isfile(t)]
+        if not unknown:
+            return names, manager
+    raise ValueError(
+        f"unknown lm-eval task(s) {unknown}" + (f" (include_path: {list(paths)})" if paths else "")
+    )
 
 
 def evaluate_lm_eval(
