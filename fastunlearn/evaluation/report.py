@@ -99,10 +99,20 @@ def _lm_eval(out: Mapping[str, Any]) -> list[str]:
     rows = []
     for task, metrics in out.get("results", {}).items():
         for metric, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and "stderr" not in metric:
+            if _is_metric(metric, value):
                 name, _, kind = metric.partition(",")
                 rows.append((task, name, value, metrics.get(f"{name}_stderr,{kind}")))
     return ["lm-evaluation-harness", *_rows(("task", "metric", "value", "stderr"), rows, 24)]
+
+
+def _is_metric(key: str, value: Any) -> bool:
+    """A harness score: ``METRIC,FILTER`` with a number, not its standard error."""
+    return (
+        "," in key
+        and "_stderr" not in key
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+    )
 
 
 def _dialogue(d: Mapping[str, Any]) -> list[str]:
