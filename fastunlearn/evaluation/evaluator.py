@@ -38,7 +38,7 @@ from fastunlearn.evaluation.mia import ATTACKS, evaluate_mia
 from fastunlearn.evaluation.muse import CRITERIA, CRITERION_FILES, evaluate_muse
 from fastunlearn.evaluation.muse_files import read_muse
 from fastunlearn.evaluation.records import read_records, text_field
-from fastunlearn.evaluation.report import _is_metric
+from fastunlearn.evaluation.report import is_lm_eval_score
 from fastunlearn.evaluation.tofu import evaluate_tofu, summarize_tofu
 from fastunlearn.models.devices import model_device
 from fastunlearn.models.loading import load_model_and_tokenizer, model_source
@@ -114,7 +114,7 @@ def _lm_eval_headline(results: Mapping[str, Any]) -> dict[str, float]:
         f"{task}.{metric.removesuffix(',none')}": value
         for task, metrics in results.get("results", {}).items()
         for metric, value in metrics.items()
-        if _is_metric(metric, value)
+        if is_lm_eval_score(metric, value)
     }
 
 

@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["format_table", "stopping_line", "summary_table"]
+__all__ = ["TABLES", "format_table", "is_lm_eval_score", "stopping_line", "summary_table"]
 
 
 def _fmt(value: Any) -> str:
@@ -99,13 +99,13 @@ def _lm_eval(out: Mapping[str, Any]) -> list[str]:
     rows = []
     for task, metrics in out.get("results", {}).items():
         for metric, value in metrics.items():
-            if _is_metric(metric, value):
+            if is_lm_eval_score(metric, value):
                 name, _, kind = metric.partition(",")
                 rows.append((task, name, value, metrics.get(f"{name}_stderr,{kind}")))
     return ["lm-evaluation-harness", *_rows(("task", "metric", "value", "stderr"), rows, 24)]
 
 
-def _is_metric(key: str, value: Any) -> bool:
+def is_lm_eval_score(key: str, value: Any) -> bool:
     """A harness score: ``METRIC,FILTER`` with a number, not its standard error."""
     return (
         "," in key

@@ -142,8 +142,8 @@ class SetEvaluator:
             if f"el{EL_N}" in kinds:
                 out[f"{set_name}.el{EL_N}"] = self._el(model, set_name)
         if muse:
-            results = evaluate(model, self.tokenizer, muse={**self.muse, "criteria": muse})
-            out.update({f"muse.{k}": headline(results)[f"muse.{k}"] for k in muse})
+            numbers = headline(evaluate(model, self.tokenizer, muse={**self.muse, "criteria": muse}))
+            out.update({f"muse.{k}": numbers[f"muse.{k}"] for k in muse})
         return distributed.broadcast_object(out)
 
     def results(

@@ -178,18 +178,15 @@ def evaluate_tofu(
     batch_size: int = 16,
     max_length: int = 512,
 ) -> dict[str, Any]:
-    """TOFU evaluation (SPEC §4) of ``model`` on TOFU-format files.
+    """TOFU evaluation (Maini et al. 2024) of ``model`` on TOFU-format files.
 
     ``data``: a directory (files found by :func:`find_tofu_files`) or a mapping from set name
     (``forget``, ``retain``, ``real_authors``, ``world_facts``) to a path or a list of
-    :class:`TofuItem`. Absent sets are skipped.
+    :class:`TofuItem`. Model utility is TOFU's harmonic mean of nine numbers, ``None`` unless all nine
+    are present; ``model_utility_partial`` is then the mean of those present, named in
+    ``model_utility_components``.
 
-    Model utility is TOFU's harmonic mean of nine numbers; ``model_utility`` is ``None`` unless all nine
-    are present (every utility set with perturbed answers, and ``generate=True``). The harmonic mean
-    of the numbers present is then ``model_utility_partial`` (``None`` when all nine are there), and
-    ``model_utility_components`` maps each present number's ``set/metric`` name to its value.
-
-    ``mode="legacy"``: the paper's pipeline token for token (SPEC §4.1) — at most 300 items per set;
+    ``mode="legacy"``: the paper's pipeline token for token — at most 300 items per set;
     ``template`` one of ``tofu-llama2`` (default), ``tofu-llama3``, ``tofu-phi``
     (:mod:`fastunlearn.data.tofu_format`): question and answer tokenised as one string and cut at
     200 tokens (``max_length`` is not used), the greedy answer generated from the decoded question in
@@ -203,11 +200,10 @@ def evaluate_tofu(
     Forget quality needs ``reference_truth_ratios`` (a list or a JSON file from
     :func:`save_reference_truth_ratios`, whose recorded mode and template must be this run's); a
     missing file raises ``FileNotFoundError`` saying how to make it, and without the argument forget
-    quality is ``None``. ``save_reference`` writes this run's forget truth ratios for use as a reference
-    (evaluate the retain-only model with it). Files, reference and output path are all checked before
-    the model runs. A set without perturbed answers (a plain ``forget10.json`` read where
-    ``forget10_perturbed.json`` is missing) has no truth ratio; its scores then say why under
-    ``missing`` (``{"truth_ratio": reason}``). Returns a JSON-serialisable dict.
+    quality is ``None``. ``save_reference`` writes this run's forget truth ratios (evaluate the
+    retain-only model with it). Files, reference and output path are checked before the model runs. A
+    set without perturbed answers has no truth ratio; its scores say why under ``missing``. Returns a
+    JSON-serialisable dict.
     """
     template = _resolve_template(mode, template)
     legacy = mode == "legacy"
@@ -220,26 +216,12 @@ def evaluate_tofu(
         item_sets, files, reference_truth_ratios, save_reference, overwrite, mode=mode, template=template
     )
 
-    results: dict[str, Any] = {
-        "protocol": "tofu",
-        "mode": mode,
-        "template": template,
-        "files": files,
-        "sets": {},
-    }
-    forget_ratios = None
+    results: dict[str, Any] = {"protocol": "tofu", "mode": mode, "template": template, "files": files}
+    results["sets"], forget_ratios = {}, None
+    opts = dict(template=template, legacy=legacy, generate=generate, max_length=max_length)
     for name, items in item_sets.items():
         scores, ratios = score_set(
-            model,
-            tokenizer,
-            name,
-            items,
-            template=template,
-            legacy=legacy,
-            generate=generate,
-            max_new_tokens=max_new_tokens,
-            max_length=max_length,
-            batch_size=batch_size,
+            model, tokenizer, name, items, max_new_tokens=max_new_tokens, batch_size=batch_size, **opts
         )
         reason = missing_truth_ratio_reason(items, files.get(name))
         if reason is not None:
@@ -253,8 +235,7 @@ def evaluate_tofu(
     components = _utility_components(results["sets"])
     utility = M.model_utility(components) if components else None
     complete = len(components) == NUM_UTILITY_COMPONENTS
-    results["model_utility_components"] = components
-    results["model_utility"] = utility if complete else None
+    results.update(model_utility_components=components, model_utility=utility if complete else None)
     results["model_utility_partial"] = None if complete else utility
     if save_reference is not None:  # every rank holds the results; one writes them
         distributed.on_main(lambda: save_reference_truth_ratios(save_reference, results, overwrite=overwrite))

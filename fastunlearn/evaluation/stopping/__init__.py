@@ -3,17 +3,12 @@
 :mod:`~.rules` (the metric namespace, the threshold and reference rules), :mod:`~.parsing`
 (:func:`plan_stopping`, :func:`parse_stop_rule`, :func:`parse_eval_every`: every check before a model
 loads) and :mod:`~.controller` (:class:`StoppingController`: first crossing, patience, restore
-``first`` / ``best`` / ``last``, generation only where it can decide). Pure Python, read by
-the option schema; the callback that evaluates during training is
-:mod:`fastunlearn.evaluation.stop_callback`'s.
+``first`` / ``best`` / ``last``, generation only where it can decide). Pure Python, read by the option
+schema; the callback that evaluates during training is :mod:`fastunlearn.evaluation.stop_callback`'s.
 """
 
 from fastunlearn.evaluation.stopping.controller import (
     DEFAULT_RETAIN_METRICS,
-    NEAR,
-    RESTORE,
-    Decision,
-    Evaluation,
     StoppingController,
     retain_score,
 )
@@ -26,10 +21,6 @@ from fastunlearn.evaluation.stopping.parsing import (
 )
 from fastunlearn.evaluation.stopping.rules import (
     EL_N,
-    KINDS,
-    METRIC_NAMES,
-    REFERENCE_RULES,
-    UNSEEN_METRICS,
     Bound,
     ReferenceRule,
     StopRule,
@@ -42,16 +33,8 @@ from fastunlearn.evaluation.stopping.rules import (
 __all__ = [
     "DEFAULT_RETAIN_METRICS",
     "EL_N",
-    "KINDS",
-    "METRIC_NAMES",
-    "NEAR",
     "PLAN_OPTIONS",
-    "REFERENCE_RULES",
-    "RESTORE",
-    "UNSEEN_METRICS",
     "Bound",
-    "Decision",
-    "Evaluation",
     "ReferenceRule",
     "StopPlan",
     "StopRule",
