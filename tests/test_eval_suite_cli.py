@@ -70,6 +70,7 @@ def test_every_evaluation_in_one_call_writes_what_the_functions_return(
 ):
     from fastunlearn.evaluation import evaluator
     from fastunlearn.evaluation.dialogue import evaluate_dialogue
+    from fastunlearn.evaluation.evaluator import headline
     from fastunlearn.evaluation.harness import evaluate_lm_eval
     from fastunlearn.evaluation.mia import evaluate_mia
     from fastunlearn.evaluation.muse import evaluate_muse
@@ -112,6 +113,12 @@ def test_every_evaluation_in_one_call_writes_what_the_functions_return(
     assert saved["mia"]["min_k"]["auc"] > 0.5 and "privleak_convention" in saved["mia"]
     for key in ("verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak"):
         assert isinstance(saved["muse"][key], float)
+    # The headline numbers by flat name (what a trajectory column or a threshold would read).
+    numbers = headline({k: v for k, v in saved.items() if k != "model"})
+    assert numbers["mia.min_k.auc"] == saved["mia"]["min_k"]["auc"]
+    assert numbers["muse.knowmem_forget"] == saved["muse"]["knowmem_forget"]
+    assert numbers["dialogue.f1"] == saved["dialogue"]["f1"]
+    assert numbers[f"lm_eval.{TASK}.acc"] == saved["lm_eval"]["results"][TASK]["acc,none"]
 
 
 @pytest.fixture
@@ -136,6 +143,8 @@ def _local_tasks_only(monkeypatch):
         (["--mia-forget", "{ws}/forget.jsonl"], r"needs a holdout set \(--mia-holdout FILE\)"),
         (["--muse", "{ws}/muse", "--retrain-model", "{ws}/retrained", "--retrain-auc", "0.5"], "not both"),
         (["--muse", "{ws}/muse", "--retrain-auc", "1.5"], r"AUC must lie in \(0, 1\]"),
+        (["--mia-forget", "{ws}/forget.jsonl", "--mia-holdout", "{ws}/holdout.json", "--mia-k", "1.5"],
+         r"k must lie in \(0, 1\]"),
         (["--muse", "{ws}/muse", "--retrain-model", "{ws}/nowhere"], "nowhere"),
         (["--mia-forget", "{ws}/forget.jsonl", "--mia-holdout", "{ws}/holdout.json", "--muse", "{ws}/muse",
           "--retrain-auc", "0.5"], "--retrain-auc is the retrained model's AUC on one pair of sets"),
