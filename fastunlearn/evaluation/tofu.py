@@ -1,4 +1,4 @@
-"""The TOFU protocol (SPEC §4; Maini et al. 2024): per-set scores, forget quality and model utility.
+"""The TOFU protocol (Maini et al. 2024, arXiv:2401.06121): per-set scores, forget quality and model utility.
 
 :func:`evaluate_tofu` scores a model on TOFU-format files (:mod:`fastunlearn.data.tofu_files`):
 per set, the length-normalised answer probability, ROUGE-L recall of the greedy answer and the truth
@@ -10,7 +10,7 @@ the reference once and reuses it.
 
 Prompts are tokenised by :mod:`fastunlearn.data.examples`, the training pipeline, so an evaluated
 prompt is byte for byte the prompt the model was trained on. ``mode="legacy"`` is the paper's pipeline
-token for token (SPEC §4.1): the ``tofu-*`` templates (:mod:`fastunlearn.data.tofu_format`),
+token for token: the ``tofu-*`` templates (:mod:`fastunlearn.data.tofu_format`),
 question and answer tokenised as one string and cut at 200 tokens, generation from the decoded
 question in batches of 30 to 200 tokens in total. ``mode="full"`` is fastunlearn's own protocol with
 the template the model was trained with (any of them, ``tofu-*`` included).
@@ -45,7 +45,7 @@ from fastunlearn.evaluation.reference import (
 from fastunlearn.evaluation.tofu_scoring import LEGACY_MAX_LENGTH, score_set
 from fastunlearn.models.loading import load_model_and_tokenizer
 
-# Sets whose probability/ROUGE/truth-ratio numbers make up model utility (SPEC §4).
+# Sets whose probability/ROUGE/truth-ratio numbers make up TOFU's model utility.
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
 UTILITY_METRICS = ("prob", "rougeL_recall", "truth_ratio")
 NUM_UTILITY_COMPONENTS = len(UTILITY_SETS) * len(UTILITY_METRICS)  # TOFU's nine numbers
@@ -62,7 +62,7 @@ __all__ = [
 
 
 def _resolve_template(mode: str, template: str | None) -> str:
-    """The template of a TOFU evaluation: for ``mode="legacy"`` one of SPEC §4.1's families
+    """The template of a TOFU evaluation: for ``mode="legacy"`` one of the paper's model families
     (``tofu-llama2`` by default), else the given one (default ``plain``)."""
     if mode not in TOFU_MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {list(TOFU_MODES)}")
@@ -70,7 +70,7 @@ def _resolve_template(mode: str, template: str | None) -> str:
         template = template or "tofu-llama2"
         if template not in LEGACY_TEMPLATES:
             raise ValueError(
-                f"legacy mode is the paper's TOFU pipeline (SPEC §4.1), defined for the model families "
+                f"legacy mode is the paper's TOFU pipeline, defined for the model families "
                 f"{list(LEGACY_TEMPLATES)}; got template {template!r}"
             )
     template = template or "plain"
@@ -80,7 +80,7 @@ def _resolve_template(mode: str, template: str | None) -> str:
 
 
 def _utility_components(sets: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """The model-utility numbers present in ``sets``, named ``set/metric`` (SPEC §4).
+    """The model-utility numbers present in ``sets``, named ``set/metric``.
 
     All nine need the retain, real-authors and world-facts sets, each with perturbed answers, and
     generation (ROUGE-L). The real-authors / world-facts probability counts only when normalised over

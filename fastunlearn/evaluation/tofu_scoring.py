@@ -59,8 +59,8 @@ def _generation_prompts(
 ) -> tuple[list[torch.Tensor], list[str]]:
     """Each item's generation prompt (token ids) and the reference its greedy answer is scored against.
 
-    ``tofu-*`` templates (SPEC §4.1): the example encoded at ``max_length`` is decoded and split at the
-    family's marker (:func:`~fastunlearn.data.tofu_format.tofu_generation_prompt`), the prompt
+    ``tofu-*`` templates (the paper's pipeline): the example encoded at ``max_length`` is decoded and
+    split at the family's marker (:func:`~fastunlearn.data.tofu_format.tofu_generation_prompt`), the prompt
     re-tokenised with special tokens; the reference is the decoded answer, cut where its scored tokens
     are. Other templates: the labelled example's unlabelled head — exactly what training conditioned
     on — and the file's answer.
@@ -99,7 +99,7 @@ def _greedy_answers(
 ) -> list[str]:
     """Greedy answers to ``prompts``, each stopping at EOS, in the prompts' order.
 
-    Legacy (SPEC §4.1, the paper's ``generate(max_length=200)``): batches of 30 in file order, and every
+    Legacy (the paper's ``generate(max_length=200)``): batches of 30 in file order, and every
     row of a batch ``W`` tokens wide gets ``200 − W`` new tokens — the budget depends on the batch, so
     the batches are the paper's (each decoded as one batch). Otherwise ``max_new_tokens`` per row.
     Left padding is masked, so the pad id changes nothing. Under several processes the ranks share the
@@ -131,7 +131,7 @@ def _greedy_answers(
 
 
 def _avg_nll(stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Per-item average NLL ``Σ NLL over targets / #targets`` (SPEC §4.1), in fp64."""
+    """Per-item average NLL ``Σ NLL over targets / #targets`` (the paper's), in fp64."""
     return stats["nll_sum"].double() / stats["num_tokens"].double()
 
 
@@ -185,7 +185,7 @@ def score_set(
         out["truth_ratio"] = M.truth_ratio_score(r)  # mean max(0, 1 − R): the utility component
         out["truth_ratio_mean"] = r.mean().item()
         if name in ("real_authors", "world_facts"):
-            # Multiple choice between the answer and its perturbations (SPEC §4).
+            # Multiple choice between the answer and its perturbations (Maini et al. 2024).
             out["prob"] = M.normalized_probability(probs, pert).mean().item()
     if generate:
         prompts, references = _generation_prompts(tokenizer, items, template, max_length)
