@@ -80,7 +80,7 @@ def test_unlearn_command_refusal_resume_and_overwrite(workspace, capsys):
     for entry in ("adapter", "merged", "fisher", "metrics.json", "run_config.json"):
         assert (out / entry).exists(), entry
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"prob", "accuracy"} <= set(metrics["after"]["forget"]) and metrics["train"]["global_step"] == 3
+    assert {"prob", "acc"} <= set(metrics["after"]["forget"]) and metrics["train"]["global_step"] == 3
     adapter = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(workspace / "model"), out / "adapter"
     )
@@ -209,7 +209,7 @@ def test_demo_tiny_twice_uses_the_cache(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     for when in ("before", "after"):
         for split in ("forget", "retain"):
-            assert {"prob", "accuracy"} <= set(metrics[when][split])
+            assert {"prob", "acc"} <= set(metrics[when][split])
         tofu = metrics[when]["tofu"]
         keys = ("forget_quality", "model_utility_partial", "forget_truth_ratio_mean", "retain_rougeL_recall")
         for key in keys:

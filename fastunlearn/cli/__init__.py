@@ -49,7 +49,15 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
 }
 # Errors that mean "the user asked for something impossible", reported without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+# ImportError: an optional extra that is not installed (lm-eval), named with the pip command to install it
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    ImportError,
+)
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]

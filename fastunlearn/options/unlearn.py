@@ -20,6 +20,7 @@ from fastunlearn.methods.objectives import METHODS, NEEDS_RETAIN
 from fastunlearn.models.precision import PRECISIONS
 from fastunlearn.ops._backend import BACKENDS
 from fastunlearn.options.common import DataShape, ModelAccess, RunControl
+from fastunlearn.options.evaluate import EvalSuite
 from fastunlearn.options.schema import option, require, validate
 
 INITS = ("fila", "lora", "full")
@@ -39,19 +40,22 @@ def _eval_every(value: Any) -> None:
 
 
 @dataclass
-class UnlearnConfig(RunControl, DataShape, ModelAccess):
+class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
     """Every option of an unlearning run (defaults: the paper's recipe where it has one)."""
 
     forget: Any = option(
         None,
         "the forget set: a JSON Lines, Parquet or CSV file, a datasets save_to_disk folder (FOLDER@SPLIT) or "
-        "a Hugging Face Hub data set NAME[:CONFIG][@SPLIT]; in Python also records",
+        "a Hugging Face Hub data set NAME[:CONFIG][@SPLIT]; in Python also records (default with --muse: "
+        "its raw/forget)",
         path=True,
         group="data",
-        required=True,
     )
     retain: Any = option(
-        None, "the retain set, in the same forms (not needed by ga)", path=True, group="data"
+        None,
+        "the retain set, in the same forms; not needed by ga (default with --muse: its raw/retain1)",
+        path=True,
+        group="data",
     )
     output_dir: Any = option(
         None,
@@ -171,7 +175,9 @@ class UnlearnConfig(RunControl, DataShape, ModelAccess):
         None,
         "'tofu' (forget accuracy and ROUGE-L at or below the retain-only model's: --reference-model, or "
         "tofu:acc=A,rougeL=R), 'extraction' (forget MA and EL10 below the model's on unseen text: --unseen, "
-        "or extraction:ma=M,el10=E), or bounds such as forget.prob<=0.05,retain.rougeL>=0.5",
+        "or extraction:ma=M,el10=E), 'muse' (MUSE's forget KnowMem at or below the retrained model's: "
+        "--muse DIR with --retrain-model, or muse:knowmem_forget=K), or bounds such as "
+        "forget.prob<=0.05,retain.rougeL>=0.5",
         flag="--stop-when",
         metavar="RULE",
         group="stopping",
@@ -268,9 +274,11 @@ class UnlearnConfig(RunControl, DataShape, ModelAccess):
         """What a run needs beyond valid values: its inputs, and a retain set where the method or FILA
         uses one."""
         require(self)
-        if self.retain is None and self.method in NEEDS_RETAIN:
+        if self.forget is None and self.muse is None:
+            raise ValueError("forget is required (or --muse DIR, whose raw/forget it trains on)")
+        if self.retain is None and self.muse is None and self.method in NEEDS_RETAIN:
             raise ValueError(f"method {self.method!r} needs a retain set")
-        if self.retain is None and self.init == "fila":
+        if self.retain is None and self.muse is None and self.init == "fila":
             raise ValueError("init='fila' needs a retain set (relative Fisher information); use init='lora'")
 
 

@@ -25,6 +25,10 @@ from fastunlearn import data as fdata
 from fastunlearn._io import write_json
 from fastunlearn.engines import distributed
 from fastunlearn.engines.base import Engine, engine_for
+from fastunlearn.evaluation.evaluator import check as check_evaluations
+from fastunlearn.evaluation.evaluator import evaluate
+from fastunlearn.evaluation.muse_files import read_muse
+from fastunlearn.evaluation.sets import SetEvaluator
 from fastunlearn.models.devices import training_device
 from fastunlearn.models.loading import load_model_and_tokenizer
 from fastunlearn.models.patching import fused_blocker, patch, unpatch
@@ -70,9 +74,11 @@ class RunState:
     dirs: outputs.RunDirs
     checked: Checked
     stop_plan: Any
+    suite: dict[str, dict[str, Any]]
     model: Any = None
     tokenizer: Any = None
     dataset: fdata.PairedDataset | None = None
+    sets: Any = None
     callbacks: list[Any] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     fisher_paths: dict[str, str] = field(default_factory=dict)
@@ -92,16 +98,18 @@ def check(cfg: UnlearnConfig) -> RunState:
     )
     data = distributed.on_all(
         lambda: read_data(
-            cfg.forget, cfg.retain, data_format=cfg.data_format, allow_download=cfg.allow_download
+            *_training_data(cfg), data_format=cfg.data_format, allow_download=cfg.allow_download
         )
     )
-    stop_plan = distributed.on_all(lambda: plan_run_stopping(cfg, {n: fmt for n, (_, fmt) in data.items()}))
+    formats = {n: fmt for n, (_, fmt) in data.items()} | ({"muse": "muse"} if cfg.muse is not None else {})
+    stop_plan = distributed.on_all(lambda: plan_run_stopping(cfg, formats))
+    suite = distributed.on_all(lambda: _suite(cfg))
     record = run_record(cfg, precision=precision, world_size=distributed.world_size(), engine=engine.name)
     dirs = distributed.on_main(lambda: _plan_output(cfg, record))
     checked = distributed.on_all(lambda: preflight(model, cfg.tokenizer, data, init=cfg.init, cfg=cfg))
     if cfg.memory_check:  # the main process decides; its refusal is every rank's
         distributed.on_main(lambda: check_run_memory(cfg, checked, precision, engine.name))
-    return RunState(cfg, precision, engine, record, dirs, checked, stop_plan)
+    return RunState(cfg, precision, engine, record, dirs, checked, stop_plan, suite)
 
 
 def _plan_output(cfg: UnlearnConfig, record: dict[str, Any]) -> outputs.RunDirs:
@@ -139,8 +147,11 @@ def prepare_data(run: RunState) -> None:
     check_vocab(run.model, unseen, "unseen")
     run.dataset = fdata.PairedDataset(checked.forget, checked.retain, seed=cfg.seed)
     run.fetching.enter_context(run.engine.before_training(run.model))
+    run.sets = SetEvaluator(
+        run.tokenizer, checked.forget, checked.retain, eval_items=None, batch_size=cfg.eval_batch_size
+    )
     if cfg.evaluate:
-        run.metrics["before"] = _evaluate(run)
+        run.metrics["before"] = _evaluate(run, {})
     if run.stop_plan is not None:
         args = (checked.forget, checked.retain, unseen, run.dirs.build)
         run.callbacks.append(stopping_callback(run.stop_plan, cfg, run.model, run.tokenizer, *args))
@@ -192,8 +203,8 @@ def train(run: RunState) -> None:
     }
     if run.callbacks:  # the callback has put the kept state back: "after" and the files are that state
         run.metrics["stopping"] = _published_stopping(run)
-    if cfg.evaluate:
-        run.metrics["after"] = _evaluate(run)
+    if cfg.evaluate or run.suite:
+        run.metrics["after"] = _evaluate(run, run.suite)
 
 
 def export(run: RunState) -> UnlearnResult:
@@ -280,16 +291,30 @@ def unlearn(
     return run_unlearning(cfg)
 
 
-def _evaluate(run: RunState) -> dict[str, dict[str, float]]:
-    from fastunlearn.evaluation.likelihood import answer_metrics, example_stats
+def _training_data(cfg: UnlearnConfig) -> tuple[Any, Any]:
+    """``--forget`` / ``--retain``, or where not given a MUSE directory's ``raw/forget`` and
+    ``raw/retain1`` (raw text, every token a target: MUSE's unlearning data, Shi et al. 2024)."""
+    if cfg.muse is None:
+        return cfg.forget, cfg.retain
+    forget = cfg.forget if cfg.forget is not None else read_muse(cfg.muse, "raw/forget")
+    return forget, cfg.retain if cfg.retain is not None else read_muse(cfg.muse, "raw/retain1")
 
-    pad_id = run.checked.pad_id
-    sets = (("forget", run.checked.forget), ("retain", run.checked.retain))
-    return {
-        name: answer_metrics(example_stats(run.model, examples, pad_id, run.cfg.eval_batch_size))
-        for name, examples in sets
-        if examples
-    }
+
+def _suite(cfg: UnlearnConfig) -> dict[str, dict[str, Any]]:
+    """The field's evaluations to run after training, their inputs read and checked now."""
+    suite = cfg.suite_requests(cfg.eval_batch_size, retrain_elsewhere=cfg.stop == "muse")
+    if suite:
+        check_evaluations(**suite)
+    return suite
+
+
+def _evaluate(run: RunState, suite: Mapping[str, Any]) -> dict[str, Any]:
+    """The forget / retain metrics of every example (``metrics["before"]`` / ``["after"]``) with
+    ``suite``'s evaluations, through the one evaluator; only ``suite`` with ``--no-eval``."""
+    sets = {"sets": {"evaluator": run.sets}} if run.cfg.evaluate else {}
+    access = dict(trust_remote_code=run.cfg.trust_remote_code, allow_download=run.cfg.allow_download)
+    results = evaluate(run.model, run.tokenizer, **access, **sets, **suite)
+    return {**results.pop("sets", {}), **results}
 
 
 def _published_stopping(run: RunState) -> dict[str, Any]:
