@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import logging
 import os
 import re
 import sys
@@ -113,9 +112,6 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fastunlearn`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    # bitsandbytes (imported by peft whenever it is installed) logs, on CPUs with AVX512-BF16, that it
-    # could not fetch an optional kernel from the Hub: not a problem of the command being run.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # Top-level options take no value, so the first other word is the command.
     command = next((a for a in argv if not a.startswith("-")), None)
     args = None
