@@ -46,7 +46,12 @@ INTERNAL: dict[str, tuple[str, ...]] = {
     # Records, templates, tokenisation, batches, TOFU's files: below training and evaluation alike.
     "fastunlearn.data": ("fastunlearn", "fastunlearn.ops"),
     # FILA's reference model reads the initial adapters fila_init recorded.
-    "fastunlearn.methods": ("fastunlearn.ops", "fastunlearn.models", "fastunlearn.data", "fastunlearn.fisher"),
+    "fastunlearn.methods": (
+        "fastunlearn.ops",
+        "fastunlearn.models",
+        "fastunlearn.data",
+        "fastunlearn.fisher",
+    ),
     # FSDP2 and DeepSpeed: wrapping, sharded loading, gathering.
     "fastunlearn.engines": (
         "fastunlearn.ops",
