@@ -14,8 +14,8 @@ The per-sequence reference log-probabilities of NPO and DPO do not change during
 once, before the first step (:func:`sequence_logprobs`), by the same patched call as the policy's in eval
 mode, and ride on the batch as ``part["ref_logp"]``. That needs no copy of the model, and the model right
 after initialisation *is* the model before unlearning for every initialisation (LoRA's ``B = 0``,
-FILA's ``W_res + s·B₀A₀ = W``), so at the first step the log-ratio is exactly the change the training
-has made.
+FILA's ``W_res + s·B₀A₀ = W``), so at the first step the log-ratio is the change the training has made,
+up to the rounding of other batch shapes (the reference batches the examples its own way).
 """
 
 from __future__ import annotations
