@@ -102,7 +102,9 @@ def test_reference_equals_a_true_copy(init):
         )
 
 
-def test_fila_reference_needs_the_initial_adapters():
+def test_a_reference_without_its_adapters_is_refused():
+    with pytest.raises(ValueError, match="needs a peft model with LoRA layers"):
+        build_reference(tiny_llama(V), "lora")
     model = get_peft_model(tiny_llama(V), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     with pytest.raises(ValueError, match="fila_init's record"):
         build_reference(model, "fila")

@@ -51,9 +51,13 @@ class Reference:
             {} if kind == "copy" else {name: layer for _, (name, layer) in lora_layers(module).items()}
         )
         self._initial: dict[str, tuple[Tensor, Tensor, float]] = {}
+        if kind != "copy" and not self._layers:
+            raise ValueError(
+                f"the {kind} reference needs a peft model with LoRA layers; {type(module).__name__} has none"
+            )
         if kind == "initial_adapters":
             missing = [name for name, layer in self._layers.items() if fila_record(layer) is None]
-            if missing or not self._layers:
+            if missing:
                 raise ValueError(
                     f"the FILA reference needs fila_init's record on every LoRA layer; missing: {missing}"
                 )
