@@ -6,11 +6,11 @@ wrapped with LoRA whose ``B`` is non-zero (as after some training), so the polic
 reference: the package's reference is the same model with its adapters switched off
 (:mod:`fastunlearn.methods.reference`), the oracle's a true copy taken before wrapping. Two checks:
 
-- each path against the objective written out on fp64 logits (:mod:`helpers.methods`), on an fp32
+- the fused path against the objective written out on fp64 logits (:mod:`helpers.methods`), on an fp32
   model: the loss to fp32 rounding of the row statistics (rtol 1e-5), the parameter gradients to fp32
   rounding through the model's backward (rtol 1e-4 plus 1e-6 absolute, for entries formed by
   cancellation);
-- the two paths against each other on an fp64 model, where both compute the same sums in different
+- the logits path against the fused path on an fp64 model, where both compute the same sums in different
   orders (the chunked ``G·W`` and ``Gᵀh`` against autograd through the logits): each entry is a sum
   of at most a few thousand fp64 products (V·B·T), off by at most that many units of fp64 rounding
   (2⁻⁵³ ≈ 1.1e-16) of its terms' magnitudes, so 1e-11 of the tensor's largest entry (a bound with a
@@ -52,7 +52,7 @@ def random_batch(g: torch.Generator, lengths: list[int], prompt: int) -> dict[st
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
-def setup(method: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+def setup(method: str, dtype: torch.dtype = torch.float32, seed: int = 0, **terms):
     """A LoRA-wrapped tiny Llama with non-zero ``B``, a true copy of its base, the resolved preset
     (with non-default γ, α, β, δ so that every weight is exercised), its objective and a batch."""
     g = torch.Generator().manual_seed(11 + seed)
@@ -65,7 +65,7 @@ def setup(method: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     preset = PRESETS[method]
     spec = resolve_method(
         method, forget_weight=0.8 * preset.forget_weight, retain_weight=1.3 * preset.retain_weight,
-        beta=BETA, delta=0.25,
+        beta=BETA, delta=0.25, **terms,
     )  # fmt: skip
     rmu = RmuSetting(layer=1, steering=6.5, hidden_size=32, seed=3) if spec.uses_rmu else None
     objective = Objective(spec, build_reference(model, "lora") if spec.step_reference else None, rmu)
@@ -91,11 +91,19 @@ def grads(model) -> list[torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "logits"])
-@pytest.mark.parametrize("method", METHODS)
-def test_objective_matches_fp64_reference(method, fused):
-    model, copy_, spec, objective, batch = setup(method)
-    fastunlearn.patch(model, fused=fused, backend="torch")
+# Every preset, and pairs no preset makes: the targets-only KL, IdK not pooled, a retain term under RMU.
+PAIRS = [(m, {}) for m in METHODS] + [
+    ("ga", {"retain_term": "kl_targets"}), ("idk", {"retain_term": "kl"}), ("npo", {"retain_term": "rmu"}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("method", "terms"), PAIRS, ids=[m + "".join(f"-{v}" for v in t.values()) for m, t in PAIRS]
+)
+def test_objective_matches_fp64_reference(method, terms):
+    """The fused path (the default) against the formula; the logits path is held to it below."""
+    model, copy_, spec, objective, batch = setup(method, **terms)
+    fastunlearn.patch(model, backend="torch")
 
     loss, parts = objective(model, batch)
     loss.backward()
