@@ -21,16 +21,20 @@ warm-up; medians are reported with their speed-up over the per-item baseline. On
 per-call overhead is what batching removes, so the speed-up grows with the batch until the batch's
 own compute dominates.
 
-    python benchmarks/bench_eval_suite.py            # a few minutes on one CPU core
+    python benchmarks/bench_eval_suite.py               # a few minutes on one CPU core
+    python benchmarks/bench_eval_suite.py --threads 2   # both cores
 
 The demo's data and models are built on first use (``fastunlearn.demo``; cached). Writes
-``benchmarks/results/eval_suite_<device>.{csv,json}``.
+``benchmarks/results/eval_suite_<device>[_<N>threads].{csv,json}`` with the machine's load average
+before and after (the 1-minute ``os.getloadavg``): on a shared machine the other processes' load moves
+every number, the per-item baselines' most.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import warnings
 
 import torch
@@ -124,7 +128,9 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     model, tok, records = demo_model_and_texts(args.cache_dir)
     device = torch.device("cpu")
-    log = ResultLog(f"eval_suite_{slug(device)}", environment(device))
+    threads = "" if args.threads == 1 else f"_{args.threads}threads"
+    load = os.getloadavg()[0]  # a shared machine: the other processes' load is part of the measurement
+    log = ResultLog(f"eval_suite_{slug(device)}{threads}", {**environment(device), "load_before": load})
 
     qa = [f"Question: {r['question']}\nAnswer: {r['answer']}" for r in records]
     texts = (qa * math.ceil(args.texts / len(qa)))[: args.texts]
@@ -150,7 +156,10 @@ def main() -> None:
         for method, ms in times.items():
             row = {"task": task, "method": method, "items": len(items), "median_ms": ms, "baseline": base}
             print(log.add({**row, "speedup": times[base] / ms}))
-    log.finish(threads=args.threads, repeats=args.repeats, model="demo small (fastunlearn.demo)")
+    log.finish(
+        threads=args.threads, repeats=args.repeats, model="demo small (fastunlearn.demo)",
+        load_after=os.getloadavg()[0],
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ from fastunlearn import data as fdata
 from fastunlearn import evaluation as ev
 from fastunlearn import metrics as M
 from fastunlearn._io import write_json, write_text
-from fastunlearn.evaluation.stop_callback import SubsetEvaluator, measure_reference
+from fastunlearn.evaluation.sets import SetEvaluator
+from fastunlearn.evaluation.stop_callback import measure_reference
 from fastunlearn.evaluation.stopping import parse_stop_rule
 from fastunlearn.evaluation.trajectory import read_trajectory
 from fastunlearn.methods import METHODS
@@ -160,7 +161,7 @@ class TofuProbe:
         return out, res["forget_truth_ratios"]
 
 
-def rule_evaluator(inputs, tokenizer) -> SubsetEvaluator:
+def rule_evaluator(inputs, tokenizer) -> SetEvaluator:
     """The forget-set evaluator of ``unlearn(stop="tofu")``: the same subset and generation budget."""
     forget = fdata.prepare(
         inputs["train_forget"],
@@ -170,15 +171,16 @@ def rule_evaluator(inputs, tokenizer) -> SubsetEvaluator:
         max_length=inputs["options"]["max_length"],
     )
     batch = inputs["options"]["eval_batch_size"]
-    return SubsetEvaluator(tokenizer, forget, eval_items=EVAL_ITEMS, batch_size=batch)
+    return SetEvaluator(tokenizer, forget, eval_items=EVAL_ITEMS, batch_size=batch)
 
 
-def tofu_rule(inputs, tokenizer, evaluator: SubsetEvaluator) -> tuple[str, dict[str, float]]:
+def tofu_rule(inputs, tokenizer, evaluator: SetEvaluator) -> tuple[str, dict[str, float]]:
     """The tofu rule with its reference values measured once on the retain-only model, as
     ``unlearn(stop="tofu", reference_model=...)`` measures them at the start of every run."""
     reference, _ = load_model_and_tokenizer(inputs["retain_model"], tokenizer)
     rule = measure_reference(parse_stop_rule("tofu", reference_model=reference), evaluator, reference)
-    return f"tofu:acc={rule.acc!r},rougeL={rule.rougeL!r}", {"acc": rule.acc, "rougeL": rule.rougeL}
+    acc, rouge = rule.reference["acc"], rule.reference["rougeL"]
+    return f"tofu:acc={acc!r},rougeL={rouge!r}", {"acc": acc, "rougeL": rouge}
 
 
 def run_one(

@@ -5,7 +5,14 @@ the Fisher layer with PyTorch only; Triton the first time a Triton backend runs;
 evaluation layers with ``transformers`` and ``peft``), so ``fastunlearn --help`` answers at once.
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+# bitsandbytes, which peft imports whenever it is installed, looks for an optional CPU kernel on the
+# Hugging Face Hub at import on CPUs with AVX512-BF16 and logs a warning when it cannot have it (offline,
+# or untrusted); its own kernels run instead, and the warning would open every command.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 # name -> (module, attribute of it; None: the module itself)
 _LAZY = {

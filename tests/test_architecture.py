@@ -23,13 +23,15 @@ ROOT = Path(__file__).resolve().parents[1]
 INTERNAL: dict[str, tuple[str, ...]] = {
     "fastunlearn.kernels": (),
     "fastunlearn._io": (),
+    # Hub ids resolved in the local Hugging Face cache: models and data sets alike.
+    "fastunlearn._hub": (),
     "fastunlearn.ops": ("fastunlearn.kernels",),
     # torch.distributed for runs under torchrun / accelerate launch, and ZeRO-3 partitioned parameters:
     # the engines' primitives, below everything that runs on several ranks.
     "fastunlearn.engines.distributed": (),
     "fastunlearn.engines.sharded": (),
     # Loading and checking models, names under wrappers, devices, precision.
-    "fastunlearn.models": (),
+    "fastunlearn.models": ("fastunlearn._hub",),
     # The losses inside a causal LM's forward: ops applied to a model.
     "fastunlearn.models.patching": ("fastunlearn.ops", "fastunlearn.models", "fastunlearn.engines.sharded"),
     # FILA's truncated SVD: linear algebra on tensors, nothing of the package.
@@ -38,13 +40,14 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn.ops",
         "fastunlearn.models",
         "fastunlearn._io",
+        "fastunlearn._hub",
         "fastunlearn.engines.distributed",
         "fastunlearn.engines.sharded",
     ),
     # Stopping rules and their controller: pure logic over metric values, read by the option schema.
     "fastunlearn.evaluation.stopping": (),
     # Records, templates, tokenisation, batches, TOFU's files: below training and evaluation alike.
-    "fastunlearn.data": ("fastunlearn", "fastunlearn.ops"),
+    "fastunlearn.data": ("fastunlearn", "fastunlearn.ops", "fastunlearn._hub"),
     # FILA's reference model reads the initial adapters fila_init recorded.
     "fastunlearn.methods": (
         "fastunlearn.ops",
@@ -85,6 +88,7 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn.ops",
         "fastunlearn.models",
         "fastunlearn._io",
+        "fastunlearn._hub",
         "fastunlearn.engines",
         "fastunlearn.fisher",
         "fastunlearn.data",
@@ -110,6 +114,7 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn.ops",
         "fastunlearn.models",
         "fastunlearn._io",
+        "fastunlearn._hub",
         "fastunlearn.engines",
         "fastunlearn.fisher",
         "fastunlearn.data",
@@ -305,3 +310,16 @@ def test_transformers_imports_from_a_checkout_root():
     cli = [sys.executable, "-m", "fastunlearn", "--help"]
     run = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+
+
+def test_architecture_md_names_every_layer():
+    """ARCHITECTURE.md explains the INTERNAL map above: each layer appears in it, by its module name,
+    its name without the package prefix, or (the root modules) its file."""
+    text = (ROOT / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    missing = []
+    for layer in INTERNAL:
+        short = layer.removeprefix("fastunlearn.")
+        spellings = (layer, short, "fastunlearn/" + short + ".py")
+        if not any(f"`{name}`" in text for name in spellings):
+            missing.append(layer)
+    assert missing == []

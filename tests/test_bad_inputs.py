@@ -92,41 +92,41 @@ CASES = [
         lambda w, o: _unlearn(w, o, "--init", "lora", "--no-eval", "--resume", model="short_context"),
         "differs in model",
         "interrupted",
-    ),  # fmt: skip
+    ),
     Case(
         "resume a finished run",
         lambda w, o: _unlearn(w, o, "--init", "lora", "--resume"),
         "holds a finished run: there is nothing to resume",
         "finished",
-    ),  # fmt: skip
+    ),
     Case(
         "rerun an interrupted run",
         lambda w, o: _unlearn(w, o, "--init", "lora"),
         "holds an interrupted run",
         "interrupted",
-    ),  # fmt: skip
+    ),
     Case(
         "a failed --overwrite",
         lambda w, o: _unlearn(w, o, "--overwrite", "--stop-when", "forget.nonsense<=1"),
         "nonsense",
         "finished",
-    ),  # fmt: skip
+    ),
     # silent wrong answers
     Case(
         "longer than the context",
         lambda w, o: _unlearn(w, o, "--max-length", "1000000", model="short_context"),
         "more than the model's context of 8 positions",
-    ),  # fmt: skip
+    ),
     Case(
         "every answer empty",
         lambda w, o: _replace(_unlearn(w, o), "--forget", str(w / "blank_answers.json")),
         "field 'answer' is empty",
-    ),  # fmt: skip
+    ),
     Case(
         "forget is retain",
         lambda w, o: _replace(_unlearn(w, o), "--retain", str(w / "forget.json")),
         "forget and retain are the same file",
-    ),  # fmt: skip
+    ),
     Case("bf16 and fp32", lambda w, o: _unlearn(w, o, "--bf16", "--precision", "fp32"), "contradicts"),
     Case("fp32 and bf16", lambda w, o: _unlearn(w, o, "--precision", "fp32", "--bf16"), "contradicts"),
     Case("an option twice", lambda w, o: _unlearn(w, o, "--lr", "1e-4", "--lr", "1e-3"), "contradicts"),
@@ -137,7 +137,7 @@ CASES = [
         "binary data file",
         lambda w, o: _replace(_unlearn(w, o), "--forget", str(w / "garbage.json")),
         "garbage.json",
-    ),  # fmt: skip
+    ),
     Case(
         "empty data file", lambda w, o: _replace(_unlearn(w, o), "--forget", str(w / "empty.json")), "empty"
     ),
@@ -145,30 +145,37 @@ CASES = [
         "a directory as data",
         lambda w, o: _replace(_unlearn(w, o), "--forget", str(w / "model")),
         "is a directory",
-    ),  # fmt: skip
+    ),
     Case(
         "tokenizer folder without one",
         lambda w, o: _unlearn(w, o, "--tokenizer", str(w / "no_tokenizer")),
         "no_tokenizer",
-    ),  # fmt: skip
+    ),
     Case(
         "fisher memory too small",
         lambda w, o: _unlearn(w, o, "--fisher-memory", "1"),
         "the most of any layer",
-    ),  # fmt: skip
+    ),
     Case("a negative size", lambda w, o: _unlearn(w, o, "--fisher-memory", "-1GB"), "invalid memory size"),
-    Case("a model that is not there", lambda w, o: _unlearn(w, o, model="nothere"), "--allow-download"),
+    Case(
+        "a model that is not there", lambda w, o: _unlearn(w, o, model="nothere"), "nor a Hugging Face Hub id"
+    ),
+    Case(
+        "a Hub id not in the cache",
+        lambda w, o: _unlearn(w, o)[:1] + ["nobody/nothere"] + _unlearn(w, o)[2:],
+        "--allow-download",
+    ),
     Case("an unknown method", lambda w, o: _unlearn(w, o, "--method", "forgetall"), "invalid choice"),
     Case(
         "a config file that is not there",
         lambda w, o: _unlearn(w, o, "--config", str(w / "none.yaml")),
         "none.yaml",
-    ),  # fmt: skip
+    ),
     Case(
         "an unknown key in a config file",
         lambda w, o: _unlearn(w, o, "--config", str(w / "forget.json")),
         "config file",
-    ),  # fmt: skip
+    ),
     Case(
         "eval without a template",
         lambda w, o: [
@@ -180,12 +187,12 @@ CASES = [
             str(o / "e.json"),
         ],
         "give --template",
-    ),  # fmt: skip
+    ),
     Case(
         "eval a model that is not there",
         lambda w, o: ["eval", str(w / "nothere"), "--extraction", str(w / "forget.json")],
-        "--allow-download",
-    ),  # fmt: skip
+        "nor a Hugging Face Hub id",
+    ),
     Case(
         "fisher into a directory",
         lambda w, o: [
@@ -197,12 +204,12 @@ CASES = [
             str(w / "model"),
         ],
         "is a directory",
-    ),  # fmt: skip
+    ),
     Case(
         "demo cache at a file",
         lambda w, o: ["demo", "--size", "tiny", "--cache-dir", str(w / "a_file"), "--output", str(o)],
         "a_file",
-    ),  # fmt: skip
+    ),
 ]
 
 

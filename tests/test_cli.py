@@ -80,7 +80,7 @@ def test_unlearn_command_refusal_resume_and_overwrite(workspace, capsys):
     for entry in ("adapter", "merged", "fisher", "metrics.json", "run_config.json"):
         assert (out / entry).exists(), entry
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"prob", "accuracy"} <= set(metrics["after"]["forget"]) and metrics["train"]["global_step"] == 3
+    assert {"prob", "acc"} <= set(metrics["after"]["forget"]) and metrics["train"]["global_step"] == 3
     adapter = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(workspace / "model"), out / "adapter"
     )
@@ -144,7 +144,7 @@ def test_unlearn_command_user_errors(workspace, tmp_path, capsys):
     argv[1] = str(tmp_path / "missing-model")
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "not a local directory" in err and "--allow-download" in err
+    assert "is neither a local directory nor a Hugging Face Hub id" in err
 
     bad = tmp_path / "bad.json"
     write_text(str(bad), '{"question": "a", "answer": "b"}\n{"question": "a", "answer": \n')
@@ -209,7 +209,7 @@ def test_demo_tiny_twice_uses_the_cache(tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     for when in ("before", "after"):
         for split in ("forget", "retain"):
-            assert {"prob", "accuracy"} <= set(metrics[when][split])
+            assert {"prob", "acc"} <= set(metrics[when][split])
         tofu = metrics[when]["tofu"]
         keys = ("forget_quality", "model_utility_partial", "forget_truth_ratio_mean", "retain_rougeL_recall")
         for key in keys:
@@ -468,7 +468,11 @@ def test_adapters_resolve_their_base_from_anywhere_and_eval_takes_base_model(
                 "--template", "phi"]  # fmt: skip
     assert main(evaluate) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "'./model', which is not a local directory; pass --base-model" in err
+    assert (
+        err.count("\n") == 1
+        and "'./model', which is neither a local directory nor in the Hugging Face cache; pass --base-model"
+        in err
+    )
     assert main([*evaluate, "--base-model", str(workspace / "model")]) == 0
     assert "forget" in capsys.readouterr().out
     with warnings.catch_warnings(record=True) as caught:

@@ -118,14 +118,14 @@ def _evaluations(model, tok) -> dict:
     """Everything sharded: TOFU, extraction, the subset evaluator, unlearn's before/after statistics."""
     from fastunlearn.evaluation import evaluate_extraction, evaluate_tofu
     from fastunlearn.evaluation.likelihood import answer_metrics, example_stats
-    from fastunlearn.evaluation.stop_callback import SubsetEvaluator
+    from fastunlearn.evaluation.sets import SetEvaluator
 
     forget, retain, unseen, pad = _examples(tok)
     tofu = evaluate_tofu(
         model, tok, {"forget": _tofu_items(FORGET), "retain": _tofu_items(RETAIN)}, **TOFU_OPTIONS
     )
     extraction = evaluate_extraction(model, tok, H.TEXTS[:5], n=4, max_length=24, batch_size=2)
-    evaluator = SubsetEvaluator(tok, forget, retain, unseen, eval_items=6, batch_size=2, max_new_tokens=12)
+    evaluator = SetEvaluator(tok, forget, retain, unseen, eval_items=6, batch_size=2, max_new_tokens=12)
     subset = evaluator.evaluate(model, sorted(evaluator.available))
     stats = {k: v.tolist() for k, v in example_stats(model, forget, pad, 3).items()}
     return {
@@ -255,7 +255,8 @@ def _stop_run(model, tok, out: str | None, threshold: float | None):
     returns the callback, the step training stopped at and the final norm's weight."""
     from transformers import TrainerControl, TrainerState
 
-    from fastunlearn.evaluation.stop_callback import StoppingCallback, SubsetEvaluator
+    from fastunlearn.evaluation.sets import SetEvaluator
+    from fastunlearn.evaluation.stop_callback import StoppingCallback
     from fastunlearn.evaluation.stopping import StoppingController, parse_stop_rule
 
     forget, retain, _, _ = _examples(tok)
@@ -273,7 +274,7 @@ def _stop_run(model, tok, out: str | None, threshold: float | None):
         retain_metrics=("retain.prob", "retain.acc"),
         track=("forget.prob", "retain.prob", "retain.acc"),
     )
-    evaluator = SubsetEvaluator(tok, forget, retain, eval_items=7, batch_size=3, max_new_tokens=12)
+    evaluator = SetEvaluator(tok, forget, retain, eval_items=7, batch_size=3, max_new_tokens=12)
     cb = StoppingCallback(controller, evaluator, every=1, output_dir=out, plot=False)
     state, control = TrainerState(), TrainerControl()
     state.max_steps = STEPS

@@ -15,7 +15,7 @@ from scipy.stats import ks_2samp
 from fastunlearn import data as fdata
 from fastunlearn import evaluation as ev
 from fastunlearn import metrics as M
-from fastunlearn.evaluation.tofu import _generation_prompts, _greedy_answers
+from fastunlearn.evaluation.tofu_scoring import _generation_prompts, _greedy_answers
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -396,7 +396,7 @@ def test_evaluate_extraction_equals_metrics(model_and_tokenizer, tmp_path):
     model, tok = model_and_tokenizer
     texts = [f"Author {i} was born in town {i} and wrote many books about town {i + 1}." for i in range(3)]
     path = _write(tmp_path / "seqs.jsonl", [{"text": t} for t in texts])
-    res = ev.evaluate(model, tok, extraction=path, extraction_options={"n": 3, "max_length": 12})
+    res = ev.evaluate(model, tok, extraction={"data": path, "n": 3, "max_length": 12})
     ids, mask = ev.tokenize_texts(tok, texts, max_length=12)
     assert mask.sum(1).max() == 12
     ma = M.memorization_accuracy(model, ids, mask)

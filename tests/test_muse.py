@@ -12,6 +12,7 @@ import json
 import math
 
 import pytest
+from helpers import muse as M
 from helpers import stopping as H
 from helpers.memorised import memorised
 from references.generation import greedy_one_by_one
@@ -27,14 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 VERBMEM_TOKENS, KNOWMEM_TOKENS = 14, 10
 
 
-def _write(path, records, *, array: bool) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(records, indent=2) if array else "".join(json.dumps(r) + "\n" for r in records)
-    path.write_text(text)
-
-
-def _qa(ids):
-    return [H.qa_record(i) for i in ids]
+_write, _qa = M.write, M.qa
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +38,7 @@ def trained():
 
 @pytest.fixture
 def muse_dir(tmp_path):
-    """A MUSE directory: JSON arrays and JSON Lines, with ``.json``, ``.jsonl`` and no extension."""
-    words = [t.split() for t in H.TEXTS[:4]]
-    verbmem = [{"prompt": " ".join(w[:6]), "gt": " ".join(w[6:])} for w in words]
-    _write(tmp_path / "verbmem" / "forget.json", verbmem, array=True)
-    _write(tmp_path / "knowmem" / "forget_qa.jsonl", _qa([0, 1, 2, 3, 4]), array=False)
-    _write(tmp_path / "knowmem" / "forget_qa_icl.json", _qa([10, 11]), array=False)
-    _write(tmp_path / "knowmem" / "retain_qa", _qa([5, 6, 7]), array=True)
-    _write(tmp_path / "knowmem" / "retain_qa_icl.jsonl", _qa([12]), array=False)
-    _write(tmp_path / "privleak" / "forget.json", H.TEXTS[:4], array=True)
-    _write(tmp_path / "privleak" / "holdout.jsonl", [{"text": t} for t in H.TEXTS[4:]], array=False)
-    return tmp_path
+    return M.write_muse_dir(tmp_path)
 
 
 def _rouge(pred: str, ref: str):

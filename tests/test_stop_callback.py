@@ -33,12 +33,12 @@ trained = pytest.fixture(scope="module", name="trained")(helpers.trained_model) 
 def test_evaluator_matches_independent_computations(trained, tok):
     from rouge_score import rouge_scorer
 
-    from fastunlearn.evaluation.stop_callback import SubsetEvaluator
+    from fastunlearn.evaluation.sets import SetEvaluator
 
     forget_records = [qa_record(i) for i in range(10)]
     forget, unseen = examples(tok, forget_records), examples(tok, [{"text": t} for t in TEXTS], "text")
     retain = examples(tok, [qa_record(i) for i in range(10, 13)])
-    ev = SubsetEvaluator(tok, forget, retain, unseen, eval_items=4, batch_size=3, max_new_tokens=200)
+    ev = SetEvaluator(tok, forget, retain, unseen, eval_items=4, batch_size=3, max_new_tokens=200)
     picked = [0, 2, 5, 7]  # 4 of 10 spread evenly: (i · 10) // 4
     assert ev.sets["forget"] == [forget[i] for i in picked] and len(ev.sets["retain"]) == 3
     assert len(ev.sets["unseen"]) == 4
@@ -90,11 +90,11 @@ def test_evaluator_matches_independent_computations(trained, tok):
     with pytest.raises(ValueError, match=r"cannot evaluate \['forget.ma'\] on this data"):
         ev.evaluate(trained, {"forget.ma"})
     with pytest.raises(ValueError, match="unseen text must be raw text"):
-        SubsetEvaluator(tok, forget, unseen=forget)
+        SetEvaluator(tok, forget, unseen=forget)
     with pytest.raises(ValueError, match="the forget set is empty"):
-        SubsetEvaluator(tok, [])
+        SetEvaluator(tok, [])
     with pytest.raises(ValueError, match="eval_items must be at least 1"):
-        SubsetEvaluator(tok, forget, eval_items=0)
+        SetEvaluator(tok, forget, eval_items=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -111,14 +111,14 @@ def test_one_pass_over_all_sets_equals_the_set_by_set_passes(trained, tok, dtype
     and MA count argmax hits: they are equal wherever the top-2 gap of the logits exceeds that
     tolerance, which the test checks before asserting equality."""
     from fastunlearn.evaluation.likelihood import collect_answer_stats
-    from fastunlearn.evaluation.stop_callback import SubsetEvaluator
+    from fastunlearn.evaluation.sets import SetEvaluator
 
     model = copy.deepcopy(trained).to(dtype)
     forget = examples(tok, [qa_record(i) for i in range(10)])
     retain = examples(tok, [qa_record(i) for i in range(10, 17)])
     unseen = examples(tok, [{"text": t} for t in TEXTS], "text")
     # Batches of 3 over 6 + 7 + 5 examples of different lengths: several batches, each mixing sets.
-    ev = SubsetEvaluator(tok, forget, retain, unseen[:5], eval_items=7, batch_size=3)
+    ev = SetEvaluator(tok, forget, retain, unseen[:5], eval_items=7, batch_size=3)
     names = {f"{s}.{k}" for s in ("forget", "retain", "unseen") for k in ("prob", "acc", "nll")}
     names.add("unseen.ma")
     got = ev.evaluate(model, names)
@@ -150,10 +150,11 @@ def test_one_pass_over_all_sets_equals_the_set_by_set_passes(trained, tok, dtype
 def test_callback_measures_the_unseen_reference_and_refuses_unmeasured_references(trained, tok):
     from transformers import TrainerControl, TrainerState
 
-    from fastunlearn.evaluation.stop_callback import StoppingCallback, SubsetEvaluator, measure_reference
+    from fastunlearn.evaluation.sets import SetEvaluator
+    from fastunlearn.evaluation.stop_callback import StoppingCallback, measure_reference
 
     text = examples(tok, [{"text": t} for t in TEXTS], "text")
-    ev = SubsetEvaluator(tok, text[:4], unseen=text[4:])
+    ev = SetEvaluator(tok, text[:4], unseen=text[4:])
     controller = S.StoppingController(
         S.parse_stop_rule("extraction", unseen=TEXTS[4:]), track=("forget.prob",)
     )
@@ -161,18 +162,18 @@ def test_callback_measures_the_unseen_reference_and_refuses_unmeasured_reference
     cb.on_train_begin(None, TrainerState(), TrainerControl(), model=trained)
     ref = ev.evaluate(trained, {"unseen.ma", "unseen.el10"})
     assert controller.rule.resolved
-    assert (controller.rule.ma, controller.rule.el10) == (ref["unseen.ma"], ref["unseen.el10"])
+    assert controller.rule.reference == {"ma": ref["unseen.ma"], "el10": ref["unseen.el10"]}
     row = cb.trajectory.rows[0]
     assert row["step"] == 0 and {"forget.ma", "forget.el10", "forget.prob", "satisfied"} <= set(row)
 
     qa = examples(tok, [qa_record(i) for i in range(4)])
-    ev = SubsetEvaluator(tok, qa)
+    ev = SetEvaluator(tok, qa)
     rule = S.parse_stop_rule("tofu", reference_model=trained)
     with pytest.raises(ValueError, match="measure them first"):
         StoppingCallback(S.StoppingController(rule), ev)
     resolved = measure_reference(rule, ev, trained)
     ref = ev.evaluate(trained, {"forget.acc", "forget.rougeL"})
-    assert (resolved.acc, resolved.rougeL) == (ref["forget.acc"], ref["forget.rougeL"])
+    assert resolved.reference == {"acc": ref["forget.acc"], "rougeL": ref["forget.rougeL"]}
     with pytest.raises(ValueError, match=r"cannot compute \['retain.acc', 'retain.prob'"):
         StoppingCallback(S.StoppingController(resolved, patience=1, restore="best"), ev)
     with pytest.raises(ValueError, match="eval_every must be"):
@@ -195,7 +196,7 @@ def e2e(trained, tok):
     from peft import LoraConfig, get_peft_model
     from transformers import TrainerCallback
 
-    from fastunlearn.evaluation.stop_callback import SubsetEvaluator
+    from fastunlearn.evaluation.sets import SetEvaluator
 
     torch.manual_seed(0)
     lora = get_peft_model(
@@ -208,7 +209,7 @@ def e2e(trained, tok):
     )
 
     def evaluator():
-        return SubsetEvaluator(tok, forget, retain, eval_items=6, batch_size=8, max_new_tokens=32)
+        return SetEvaluator(tok, forget, retain, eval_items=6, batch_size=8, max_new_tokens=32)
 
     class Recorder(TrainerCallback):
         def __init__(self):

@@ -14,7 +14,7 @@ from helpers.stopping import TEXTS, qa_record
 
 from fastunlearn.cli import main
 from fastunlearn.demo import write_jsonl
-from fastunlearn.evaluation.stop_callback import SubsetEvaluator
+from fastunlearn.evaluation.sets import SetEvaluator
 from fastunlearn.evaluation.trajectory import read_trajectory
 from fastunlearn.training import pipeline as run_module
 from fastunlearn.training.pipeline import unlearn
@@ -112,7 +112,7 @@ def test_unlearn_stops_keeps_the_first_crossing_and_writes_the_trajectory(free_r
     assert abs(after - rows[k + 2]["forget.prob"]) > 1e-3
     assert json.loads((out / "metrics.json").read_text())["stopping"]["kept_step"] == k
     adapter = PeftModel.from_pretrained(base, out / "adapter")
-    reloaded = SubsetEvaluator(tok, helpers.examples(tok, FORGET)).evaluate(adapter, {"forget.prob"})
+    reloaded = SetEvaluator(tok, helpers.examples(tok, FORGET)).evaluate(adapter, {"forget.prob"})
     assert reloaded["forget.prob"] == pytest.approx(rows[k]["forget.prob"], rel=1e-5)
     config = json.loads((out / "run_config.json").read_text())["options"]
     assert config["stop"] == f"forget.prob<={threshold!r}" and config["patience"] == 2
@@ -136,7 +136,7 @@ def test_tofu_rule_measures_the_reference_model(trained, tok, tmp_path):
         reference_model=str(ref_dir),
         **options,
     )
-    want = SubsetEvaluator(tok, helpers.examples(tok, FORGET), max_new_tokens=200).evaluate(
+    want = SetEvaluator(tok, helpers.examples(tok, FORGET), max_new_tokens=200).evaluate(
         reference, {"forget.acc", "forget.rougeL"}
     )
     rule = result.metrics["stopping"]["rule"]

@@ -44,7 +44,7 @@ def test_parse_extraction_and_tofu_rules(tmp_path):
     assert rule.reference_source == "model"
     resolved = rule.with_reference({"unseen.ma": 0.25, "unseen.el10": 0.04})
     assert resolved.bounds == (S.Bound("forget.ma", "<", 0.25), S.Bound("forget.el10", "<", 0.04))
-    assert S.parse_stop_rule("extraction", unseen=["a text", "another"]).unseen == ["a text", "another"]
+    assert S.parse_stop_rule("extraction", unseen=["a text", "another"]).input == ["a text", "another"]
 
     rule = S.parse_stop_rule("tofu:acc=0.41,rougeL=0.38", data={"forget": "qa"})
     assert rule.bounds == (S.Bound("forget.acc", "<=", 0.41), S.Bound("forget.rougeL", "<=", 0.38))
@@ -53,6 +53,34 @@ def test_parse_extraction_and_tofu_rules(tmp_path):
     # A measured reference may make one bound trivially true (the retain-only model answers every
     # forget question perfectly in ROUGE terms): that is data, not a user error.
     assert rule.with_reference({"forget.acc": 0.5, "forget.rougeL": 1.0}).bounds[1].value == 1.0
+
+
+def test_parse_muse_rule(tmp_path):
+    """MUSE's stopping point (Shi et al. 2024): forget KnowMem at or below the retrained model's, given
+    as a number or measured on the retrained model; its metrics need a MUSE directory."""
+    muse = {"forget": "text", "retain": "text", "muse": "muse"}
+    rule = S.parse_stop_rule("muse:knowmem_forget=0.3", data=muse)
+    assert rule.bounds == (S.Bound("muse.knowmem_forget", "<=", 0.3),) and rule.reference == {
+        "knowmem_forget": 0.3
+    }
+    rule = S.parse_stop_rule("muse", retrain_model=str(tmp_path), data=muse)
+    assert not rule.resolved and rule.reference_source == "reference_model"
+    assert rule.reference_metrics == ("muse.knowmem_forget",) and rule.input == str(tmp_path)
+    assert str(rule.with_reference({"muse.knowmem_forget": 0.25})) == "muse: muse.knowmem_forget<=0.25"
+    bounds = S.parse_stop_rule("muse.knowmem_forget<=0.2,muse.knowmem_retain>=0.4", data=muse).bounds
+    assert [b.metric for b in bounds] == ["muse.knowmem_forget", "muse.knowmem_retain"]
+    assert {"muse.knowmem_forget", "muse.knowmem_retain", "muse.verbmem_forget"} <= S.available_metrics(muse)
+    assert not any(m.startswith("muse.") for m in S.available_metrics({"forget": "text"}))
+    assert S.is_generated("muse.knowmem_forget") and S.is_retain("muse.knowmem_retain")
+    # The retrained model is PrivLeak's reference too: a rule other than a bare "muse" leaves it be.
+    plan = S.plan_stopping("forget.prob<=0.1", retrain_model=str(tmp_path), data=muse)
+    assert plan.rule.name == "threshold"
+    plan = S.plan_stopping("muse", retrain_model=str(tmp_path), patience=1, restore="best",
+                           best_by="muse.knowmem_retain", data=muse)  # fmt: skip
+    assert plan.rule.input == str(tmp_path) and plan.retain_metrics == ("muse.knowmem_retain",)
+    assert not any(m.startswith("muse.") for m in plan.track)  # generated: never tracked
+    with pytest.raises(ValueError, match=r"give that model \(--retrain-model DIR\)"):
+        S.plan_stopping("muse", data=muse)
 
 
 @pytest.mark.parametrize(
@@ -83,7 +111,7 @@ def test_parse_extraction_and_tofu_rules(tmp_path):
         ("extraction:ma=0.3,el=0.05", {}, ValueError, "unknown value 'el'"),
         ("extraction:ma=0.3,el10=0.05,ma=0.2", {}, ValueError, "'ma' is given twice"),
         ("extraction:ma,el10=0.05", {}, ValueError, "malformed value 'ma'"),
-        ("extraction:ma=1.3,el10=0.05", {}, ValueError, r"MA must lie in \[0, 1\]"),
+        ("extraction:ma=1.3,el10=0.05", {}, ValueError, r"reference ma=1.3 must lie in \[0, 1\]"),
         ("extraction:ma=0.3,el10=0", {}, ValueError, "nothing is below 0.*needs a threshold rule"),
         ("extraction:ma=0.3,el10=0.05", {"unseen": ["x"]}, ValueError, "not both"),
         ("extraction", {"unseen": "/no/such/file.jsonl"}, FileNotFoundError, "unseen text file not found"),
@@ -97,6 +125,19 @@ def test_parse_extraction_and_tofu_rules(tmp_path):
         ("tofu:acc=0.4,rougeL=0.3", {"data": {"forget": "text"}}, ValueError, "forget.rougeL needs question"),
         ("retain.prob>=0.5", {"data": {"forget": "qa"}}, ValueError, "needs a retain set.*has none"),
         ("extraction:ma=0.3,el10=0.05", {"data": {"forget": "qa"}}, ValueError, "forget.ma needs raw-text"),
+        ("muse", {}, ValueError, r"retrained model's \(MUSE, Shi et al. 2024\): give that model"),
+        ("muse", {"retrain_model": "/no/such/dir"}, FileNotFoundError, "retrained model directory not found"),
+        ("muse:knowmem_forget=0.3", {"retrain_model": "/tmp"}, ValueError, "not both"),
+        ("muse:knowmem=0.3", {}, ValueError, r"unknown value 'knowmem'.*\['knowmem_forget'\]"),
+        ("muse:knowmem_forget=1.5", {}, ValueError, r"knowmem_forget=1.5 must lie in \[0, 1\]"),
+        ("tofu", {"retrain_model": "/tmp"}, ValueError, "retrained model is the muse rule's input"),
+        (
+            "muse:knowmem_forget=0.3",
+            {"data": {"forget": "text"}},
+            ValueError,
+            r"needs a MUSE directory \(--muse",
+        ),
+        ("forget.knowmem_forget<=0.3", {}, ValueError, "unknown metric 'forget.knowmem_forget'"),
     ],
 )
 def test_parse_errors(spec, kwargs, error, match):
@@ -407,7 +448,7 @@ def test_controller_errors():
         S.StoppingController(prob_rule(), track=("forget.rougeL",))
     with pytest.raises(ValueError, match=r"unknown metric 'retain\.bleu'"):
         S.StoppingController(prob_rule(), track=("retain.bleu",))
-    ctrl = S.StoppingController(S.ExtractionRule(unseen=["x"]))
+    ctrl = S.StoppingController(S.ReferenceRule("extraction", input=["x"]))
     with pytest.raises(ValueError, match="not measured yet"):
         ctrl.record(1, 1.0, {"forget.ma": 0.1, "forget.el10": 0.0})
     with pytest.raises(ValueError, match=r"reference needs \['unseen.el10'\]"):

@@ -239,7 +239,7 @@ def test_outputs_metrics_and_run_config(setup, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     for when in ("before", "after"):
         for split in ("forget", "retain"):
-            assert 0 <= metrics[when][split]["prob"] <= 1 and 0 <= metrics[when][split]["accuracy"] <= 1
+            assert 0 <= metrics[when][split]["prob"] <= 1 and 0 <= metrics[when][split]["acc"] <= 1
     assert metrics == json.loads(json.dumps(result.metrics))
     config = json.loads((out / "run_config.json").read_text())
     options = config["options"]
@@ -342,7 +342,8 @@ def test_resume_after_a_crash_continues_the_stopping_rule(setup, tmp_path, monke
     puts back what the uninterrupted run does, and its trajectory is that run's: the evaluations up to
     the checkpoint come from the record kept beside it (not evaluated again), the state kept at step 1
     is put back from there."""
-    from fastunlearn.evaluation.stop_callback import RECORD_FILE, SNAPSHOT_FILE, SubsetEvaluator
+    from fastunlearn.evaluation.sets import SetEvaluator
+    from fastunlearn.evaluation.stop_callback import RECORD_FILE, SNAPSHOT_FILE
     from fastunlearn.evaluation.trajectory import read_trajectory
 
     tokenizer, forget, retain = setup
@@ -359,13 +360,13 @@ def test_resume_after_a_crash_continues_the_stopping_rule(setup, tmp_path, monke
     assert (checkpoint / RECORD_FILE).is_file() and (checkpoint / SNAPSHOT_FILE).is_file()
 
     evaluated = []
-    evaluate = SubsetEvaluator.evaluate
+    evaluate = SetEvaluator.evaluate
 
     def counted(self, model, names):
         evaluated.append(sorted(names))
         return evaluate(self, model, names)
 
-    monkeypatch.setattr(SubsetEvaluator, "evaluate", counted)
+    monkeypatch.setattr(SetEvaluator, "evaluate", counted)
     resumed = unlearn(
         fresh_model(tokenizer), tokenizer, forget, retain, output_dir=tmp_path / "b", resume=True, **kwargs
     )
@@ -414,7 +415,7 @@ def test_bad_arguments(setup, tmp_path):
         unlearn(model, tokenizer, forget, retain, output_dir=out, fisher_memory="64 parsecs")
     with pytest.raises(TypeError, match="pass the tokenizer"):
         unlearn(model, None, forget, retain, output_dir=out)
-    with pytest.raises(FileNotFoundError, match=r"not a local directory.*allow_download"):
+    with pytest.raises(FileNotFoundError, match=r"is neither a local directory nor a Hugging Face Hub id"):
         unlearn(str(tmp_path / "no-model"), None, forget, retain, output_dir=out)
     with pytest.raises(ValueError, match=r"forget\[0\]: every label is masked"):
         unlearn(model, tokenizer, forget, retain, output_dir=tmp_path / "y", max_length=4)

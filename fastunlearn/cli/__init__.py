@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import logging
+import os
 import re
 import sys
 import warnings
@@ -47,7 +49,15 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
 }
 # Errors that mean "the user asked for something impossible", reported without a traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+# ImportError: an optional extra that is not installed (lm-eval), named with the pip command to install it
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    ImportError,
+)
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
@@ -103,6 +113,9 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fastunlearn`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # bitsandbytes (imported by peft whenever it is installed) logs, on CPUs with AVX512-BF16, that it
+    # could not fetch an optional kernel from the Hub: not a problem of the command being run.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # Top-level options take no value, so the first other word is the command.
     command = next((a for a in argv if not a.startswith("-")), None)
     args = None
@@ -127,9 +140,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _plain_warnings(args: argparse.Namespace):
-    """Warnings shown as one line in the command's words, not with the source line that raised them."""
+    """fastunlearn's warnings shown as one line in the command's words, not with the source line that
+    raised them (other libraries' warnings as those libraries show them)."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if not os.path.abspath(filename).startswith(package + os.sep):
+            previous(message, category, filename, lineno, file, line)
+            return
         text = _cli_message(str(message), args).splitlines()[0]
         print(f"fastunlearn {args.command}: warning: {text}", file=file or sys.stderr)
 

@@ -1,4 +1,6 @@
-"""``fastunlearn eval``: score a local model with the TOFU and/or extraction protocols (SPEC §4).
+"""``fastunlearn eval``: score a local model with any of the field's evaluations, in one call and one
+model load: TOFU, extraction (MA, EL_10), membership inference, MUSE, lm-evaluation-harness tasks
+(WMDP, MMLU, ...), dialogue F1.
 
 Examples::
 
@@ -6,12 +8,14 @@ Examples::
     fastunlearn eval retain_model --tofu data/ --save-reference ref_truth_ratios.json
     # any unlearned model (a full model or a peft adapter directory) against it
     fastunlearn eval out/adapter --tofu data/ --reference ref_truth_ratios.json --output eval.json
-    # an adapter whose base model has moved since it was trained
-    fastunlearn eval out/adapter --base-model /models/llama2-7b-tofu --tofu data/
-    # the paper's protocol on TOFU's own files (SPEC §4.1; --template tofu-phi for Phi-1.5)
+    # the paper's protocol on TOFU's own files (--template tofu-phi for Phi-1.5)
     fastunlearn eval llama2-7b-tofu --tofu TOFU/ --forget-split forget10 --mode legacy
-    # memorised sequences ({"text"} JSON Lines)
+    # memorised sequences ({"text"} records)
     fastunlearn eval gpt-neo-125m --extraction forget_32.jsonl
+    # membership inference (AUCs of LOSS, ZLib, Min-K%, Min-K%++) and PrivLeak against a retrained model
+    fastunlearn eval out/merged --mia-forget forget.jsonl --mia-holdout holdout.jsonl --retrain-model retrain/
+    # MUSE's C1-C4 on a benchmark directory, WMDP and MMLU through lm-evaluation-harness
+    fastunlearn eval out/merged --muse news/ --retrain-auc 0.5 --lm-eval wmdp_bio,wmdp_cyber,wmdp_chem,mmlu
     # several GPUs: the processes share the items; the main one prints and writes
     torchrun --nproc_per_node 4 -m fastunlearn eval out/adapter --tofu data/ --output eval.json
 """
@@ -62,19 +66,6 @@ def _training_options(model_dir: str) -> dict:
     return {}
 
 
-def _check_data(cfg, tofu) -> None:
-    """Read every data file before the model loads (a bad line, a missing split fail at once)."""
-    from fastunlearn.data import read_jsonl
-    from fastunlearn.data.tofu_files import find_tofu_files, read_tofu_file
-
-    if tofu is not None:
-        files = find_tofu_files(tofu, forget_split=cfg.forget_split) if isinstance(tofu, str) else tofu
-        for path in files.values():
-            read_tofu_file(path)
-    if cfg.extraction is not None:
-        read_jsonl(cfg.extraction)
-
-
 def _main(args: argparse.Namespace) -> int:
     """Under ``torchrun`` / ``accelerate launch`` every process runs this: the checks on every rank (any
     rank's error stops them all), the evaluation shared by the ranks, the table and the files from the
@@ -90,34 +81,17 @@ def _main(args: argparse.Namespace) -> int:
     cfg = EvalConfig(**options_from_args(args, EvalConfig))
     require(cfg)
     distributed.init_from_env()
-    tofu, device = distributed.on_all(lambda: _checked(cfg))
+    requests, device = distributed.on_all(lambda: _checked(cfg))
+    access = dict(trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download)
     model, tokenizer = load_model_and_tokenizer(
-        cfg.model, cfg.tokenizer, trust_remote_code=cfg.trust_remote_code, base_model=cfg.base_model
+        cfg.model, cfg.tokenizer, **cfg.loading_options(), base_model=cfg.base_model
     )
     model.to(device)
-    results = ev.evaluate(
-        model,
-        tokenizer,
-        tofu=tofu,
-        extraction=cfg.extraction,
-        tofu_options=dict(
-            mode=cfg.mode,
-            template=cfg.template,
-            reference_truth_ratios=cfg.reference_truth_ratios,
-            save_reference=cfg.save_reference,
-            overwrite=cfg.overwrite,
-            forget_split=cfg.forget_split,
-            max_items=cfg.max_items,
-            max_new_tokens=cfg.max_new_tokens,
-            generate=cfg.generate,
-            batch_size=cfg.batch_size,
-            max_length=cfg.max_length,
-        ),
-        extraction_options=dict(n=cfg.n, max_length=cfg.sequence_length, batch_size=cfg.batch_size),
-    )
+    results = ev.evaluate(model, tokenizer, **access, **requests)
     _say(ev.format_table(results))
     if cfg.output is not None:
-        record = {"model": os.path.abspath(cfg.model), **results}
+        model = os.path.abspath(cfg.model) if os.path.exists(cfg.model) else cfg.model  # or a Hub id
+        record = {"model": model, **results}
         distributed.on_main(lambda: write_json(cfg.output, record))
         _say(f"\nResults written to {cfg.output}")
     return 0
@@ -131,7 +105,8 @@ def _say(text: str) -> None:
         print(text)
 
 
-def _sources(cfg) -> Any:
+def _tofu_data(cfg) -> Any:
+    """The TOFU data: a directory or a mapping of set files; ``None`` without either."""
     sets = {
         name: getattr(cfg, name)
         for name in ("forget", "retain", "real_authors", "world_facts")
@@ -141,29 +116,62 @@ def _sources(cfg) -> Any:
         raise ValueError("give --tofu DIR or individual set files (--forget, --retain, ...), not both")
     if cfg.forget_split is not None and cfg.tofu is None:
         raise ValueError("--forget-split chooses a split of a --tofu directory; give --tofu DIR")
-    tofu = cfg.tofu if cfg.tofu is not None else (sets or None)
-    if tofu is None and cfg.extraction is None:
-        raise ValueError("nothing to evaluate: give --tofu, --forget/--retain/... or --extraction")
-    return tofu
+    return cfg.tofu if cfg.tofu is not None else (sets or None)
 
 
-def _checked(cfg) -> tuple[Any, Any]:
-    """The TOFU data (a directory or a mapping of set files) and the device, every argument checked
-    before the model loads; the run's template and length taken from its ``run_config.json``."""
-    from fastunlearn.data import TEMPLATE_NAMES
-    from fastunlearn.evaluation.tofu import LEGACY_TEMPLATES
+def _checked(cfg) -> tuple[dict[str, Any], Any]:
+    """The evaluations asked for (as :func:`fastunlearn.evaluate` takes them) and the device, every
+    argument checked and every input read before the model loads; a run's template and length taken
+    from its ``run_config.json``."""
+    from fastunlearn.evaluation import check
     from fastunlearn.models.devices import resolve_device
     from fastunlearn.models.loading import model_source
 
-    model_source(cfg.model, base_model=cfg.base_model, allow_download=cfg.allow_download)
-    tofu = _sources(cfg)
+    model_source(
+        cfg.model, base_model=cfg.base_model, allow_download=cfg.allow_download, revision=cfg.revision
+    )
+    tofu = _tofu_data(cfg)
+    requests = cfg.suite_requests(cfg.batch_size)
+    if cfg.extraction is not None:
+        requests["extraction"] = dict(
+            data=cfg.extraction, n=cfg.n, max_length=cfg.sequence_length, batch_size=cfg.batch_size
+        )
+    if tofu is None and not requests:
+        raise ValueError(
+            "nothing to evaluate: give --tofu or --forget/--retain/... (TOFU), --extraction, --mia-forget "
+            "and --mia-holdout, --muse, --lm-eval or --dialogue"
+        )
     for path in (cfg.output, cfg.save_reference):
         if path is not None and os.path.isdir(path):
             raise IsADirectoryError(f"{path} is a directory; give the path of a JSON file to write")
         if path is not None and os.path.exists(path) and not cfg.overwrite:
             raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
     device = resolve_device(cfg.device)
-    _check_data(cfg, tofu)
+    check(**requests, tofu=None if tofu is None else {"data": tofu, "forget_split": cfg.forget_split})
+    if tofu is not None:
+        _run_template(cfg)
+        requests["tofu"] = dict(
+            data=tofu,
+            mode=cfg.mode,
+            template=cfg.template,
+            reference_truth_ratios=cfg.reference_truth_ratios,
+            save_reference=cfg.save_reference,
+            overwrite=cfg.overwrite,
+            forget_split=cfg.forget_split,
+            max_items=cfg.max_items,
+            max_new_tokens=cfg.max_new_tokens,
+            generate=cfg.generate,
+            batch_size=cfg.batch_size,
+            max_length=cfg.max_length,
+        )
+    return requests, device
+
+
+def _run_template(cfg) -> None:
+    """``cfg.template`` and ``cfg.max_length`` from the run that trained ``cfg.model`` where not given;
+    a bare model needs ``--template`` (the scores depend on it)."""
+    from fastunlearn.data import TEMPLATE_NAMES
+    from fastunlearn.evaluation.tofu import LEGACY_TEMPLATES
 
     trained, taken = _training_options(cfg.model), []
     legacy = cfg.mode == "legacy"
@@ -176,7 +184,7 @@ def _checked(cfg) -> tuple[Any, Any]:
                 f"the run trained with template {trained['template']!r}, which legacy mode does not define; "
                 f"give --template, one of {list(LEGACY_TEMPLATES)}"
             )
-    if cfg.template is None and tofu is not None:
+    if cfg.template is None:
         choices = list(LEGACY_TEMPLATES) if legacy else list(TEMPLATE_NAMES)
         raise ValueError(
             f"{cfg.model} records no prompt template (it is not a fastunlearn run); give --template, one of "
@@ -188,4 +196,3 @@ def _checked(cfg) -> tuple[Any, Any]:
             taken.append(f"max length {cfg.max_length}")
     if taken:
         _say(f"{' and '.join(taken)} from the run's run_config.json")
-    return tofu, device

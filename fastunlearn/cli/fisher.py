@@ -76,19 +76,22 @@ def _run_fisher(args: argparse.Namespace) -> int:
             "below 6e-8 without loss scaling (which it does not apply); use bf16 (same memory) or fp32"
         )
     access = dict(trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download)
-    source, tokenizer = resolve_model(cfg.model, cfg.tokenizer, **access)
+    source, tokenizer = resolve_model(cfg.model, cfg.tokenizer, **access, revision=cfg.revision)
     examples = fdata.prepare(
         cfg.data, tokenizer, name="data", data_format=cfg.data_format, template=cfg.template,
-        max_length=cfg.max_length,
+        max_length=cfg.max_length, allow_download=cfg.allow_download,
     )  # fmt: skip
     skeleton = model_skeleton(
-        load_config(source.base or source.path, **access), trust_remote_code=cfg.trust_remote_code
+        load_config(source.base or source.path, trust_remote_code=cfg.trust_remote_code),
+        trust_remote_code=cfg.trust_remote_code,
     )
     check_vocab(skeleton, examples, "data")
     select_linear_layers(skeleton, cfg.target_modules)
     del skeleton
 
-    model, tokenizer = load_model_and_tokenizer(cfg.model, tokenizer, **access, dtype=PRECISION_DTYPES[dtype])
+    model, tokenizer = load_model_and_tokenizer(
+        cfg.model, tokenizer, **cfg.loading_options(), dtype=PRECISION_DTYPES[dtype]
+    )
     to_training_device(model)
     batches = fdata.batches(examples, fdata.pad_id_of(tokenizer), cfg.batch_size)
     written = save_fisher(

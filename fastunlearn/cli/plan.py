@@ -1,11 +1,14 @@
 """``fastunlearn plan``: the predicted peak device memory of an ``unlearn`` run, phase by phase, from
-the model's config alone. MODEL is a known name (``llama2-7b``, ``llama3-8b``, …), a ``config.json`` or
-a model directory holding one; the run's options are ``unlearn``'s own."""
+the model's config alone. MODEL is a known name (``llama2-7b``, ``llama3-8b``, …), a ``config.json``, a
+model directory holding one or a Hub id in the local Hugging Face cache; the run's options are
+``unlearn``'s own."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+from typing import Any
 
 from fastunlearn.cli import summary
 
@@ -44,7 +47,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     if cfg.model is None:
         require(cfg)
     plan = plan_memory(
-        cfg.model,
+        _cached_config(cfg.model),
         batch_size=cfg.batch_size,
         max_length=cfg.max_length,
         rank=cfg.lora_r,
@@ -63,3 +66,17 @@ def _run_plan(args: argparse.Namespace) -> int:
     else:
         print(plan.format_table(terms=how.terms))
     return 0
+
+
+def _cached_config(model: Any) -> Any:
+    """A Hub id that is not a known model name nor a path: its ``config.json`` in the local Hugging
+    Face cache (nothing is fetched); a name the cache lacks as it is (the plan names what it takes)."""
+    from fastunlearn._hub import is_hub_id, resolve_snapshot
+    from fastunlearn.plan.model_shapes import KNOWN_MODELS
+
+    if not isinstance(model, str) or model in KNOWN_MODELS or os.path.exists(model) or not is_hub_id(model):
+        return model
+    try:
+        return os.path.join(resolve_snapshot(model, patterns=["config.json"]).path, "config.json")
+    except FileNotFoundError:
+        return model

@@ -24,9 +24,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "unlearn",
         help=summary("unlearn"),
         description="Unlearn the records of --forget from MODEL while keeping it good on --retain "
-        "(IHL + FILA, Cha et al. ICLR 2025). Data: JSON Lines with {question, answer}, {prompt, completion} "
-        "or {text} records. Writes OUTPUT/adapter (a peft adapter for the original MODEL), "
-        "OUTPUT/metrics.json and OUTPUT/run_config.json (which --config reads back).",
+        "(IHL + FILA, Cha et al. ICLR 2025). Data: {question, answer}, {prompt, completion} or {text} "
+        "records in JSON Lines, Parquet or CSV files, datasets folders or Hub data sets. Writes "
+        "OUTPUT/adapter (a peft adapter for the original MODEL), OUTPUT/metrics.json and "
+        "OUTPUT/run_config.json (which --config reads back).",
         epilog="example: fastunlearn unlearn ./llama2-7b-tofu --forget forget10.json --retain retain90.json "
         "--template tofu-llama2 --max-length 500 --output out/ --lr 1e-4 --bf16",
     )

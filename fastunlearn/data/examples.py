@@ -281,7 +281,8 @@ def prepare(
     data_format: DataFormat = "auto",
     template: str = "plain",
     max_length: int = 512,
+    allow_download: bool = False,
 ) -> list[Example]:
     """:func:`load_records` then :func:`tokenize_records`: the one call the trainer and the CLI use."""
-    records, fmt = load_records(data, data_format=data_format, name=name)
+    records, fmt = load_records(data, data_format=data_format, name=name, allow_download=allow_download)
     return tokenize_records(records, tokenizer, data_format=fmt, template=template, max_length=max_length)

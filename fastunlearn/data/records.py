@@ -1,4 +1,5 @@
-"""Data records: JSON Lines files or in-memory dicts, their format detected and checked."""
+"""Data records: files, data sets (:mod:`fastunlearn.data.sources`) or in-memory dicts, their format
+detected and checked."""
 
 from __future__ import annotations
 
@@ -97,14 +98,19 @@ def load_records(
     *,
     data_format: DataFormat = "auto",
     name: str = "data",
+    allow_download: bool = False,
 ) -> tuple[list[dict[str, Any]], str]:
-    """Records and their format from a JSON Lines path or an iterable of dicts.
+    """Records and their format from a source :func:`~fastunlearn.data.sources.read_source` reads (a JSON
+    Lines, Parquet or CSV file, a ``save_to_disk`` folder, a Hub data set ``name[:config][@split]``,
+    fetched only with ``allow_download``) or an iterable of dicts (a ``datasets.Dataset`` among them).
 
     ``data_format="auto"`` detects the format from the first record; every record must then carry that
     format's fields. ``name`` ("forget", "retain") labels in-memory records in error messages.
     """
     if isinstance(data, (str, os.PathLike)):
-        records = read_jsonl(data)
+        from fastunlearn.data.sources import read_source
+
+        records = read_source(data, allow_download=allow_download)
     else:
         records = []
         for i, record in enumerate(data):

@@ -2,8 +2,9 @@
 
 A file is JSON Lines with ``question`` and ``answer`` per line, and in the ``*_perturbed`` files also
 ``paraphrased_answer`` (forget / retain) and ``perturbed_answer`` (every one); TOFU's own ``.json``
-files are in this format. Records are read by :func:`fastunlearn.data.examples.read_jsonl`, the
-reader of the training data, so errors name the file and line the same way.
+files are in this format. Records are read by :func:`fastunlearn.data.sources.read_source`, the
+reader of the training data, so errors name the file and line the same way, and the same records may
+come from Parquet or CSV, a ``save_to_disk`` folder or the Hub's copy (``locuslab/TOFU:forget10_perturbed``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import glob
 import os
 from dataclasses import dataclass
 
-from fastunlearn import data as fdata
+from fastunlearn.data.sources import read_source
 
 TOFU_SETS = ("forget", "retain", "real_authors", "world_facts")
 
@@ -42,7 +43,7 @@ def read_tofu_file(path: str | os.PathLike) -> list[TofuItem]:
     truth ratio is computed on an ``[N, K]`` table).
     """
     items = []
-    for record in fdata.read_jsonl(path):
+    for record in read_source(path):
         where = record["_source"]
         for field in ("question", "answer"):
             if not isinstance(record.get(field), str):

@@ -1,4 +1,4 @@
-"""Extraction protocol (SPEC §4): MA and EL_n of memorised sequences given as text.
+"""Extraction protocol (Jang et al. 2023, arXiv:2210.01504): MA and EL_n of memorised sequences given as text.
 
 :func:`evaluate_extraction` tokenises ``{"text"}`` JSON Lines (or strings) with the training data's
 tokenisation (:func:`fastunlearn.data.examples.tokenize_records`, cut to the protocol's length) and
@@ -44,9 +44,9 @@ def evaluate_extraction(
     batch_size: int = 64,
     method: str = "batched",
 ) -> dict[str, Any]:
-    """Extraction protocol (SPEC §4): mean memorisation accuracy and extraction likelihood ``EL_n`` over
-    a set of sequences (``{"text"}`` JSON Lines path or a list of strings), each cut to ``max_length``
-    tokens."""
+    """Extraction protocol (Jang et al. 2023): mean memorisation accuracy and extraction likelihood
+    ``EL_n`` over a set of sequences (``{"text"}`` JSON Lines path or a list of strings), each cut to
+    ``max_length`` tokens."""
     if isinstance(data, (str, os.PathLike)):
         records, _ = fdata.load_records(data, data_format="text")
         texts = [r["text"] for r in records]

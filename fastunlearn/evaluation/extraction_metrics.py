@@ -1,4 +1,4 @@
-"""Extraction metrics (SPEC §4; Jang et al. 2023): memorisation accuracy and extraction likelihood.
+"""Extraction metrics (Jang et al. 2023): memorisation accuracy and extraction likelihood.
 
 Both score raw token sequences (no prompt, no labels): MA from one teacher-forced pass, ``EL_n`` from
 greedy continuations of every prefix. :func:`extraction_metrics` gives the two from one shared
@@ -97,7 +97,7 @@ def memorization_accuracy(
     *,
     batch_size: int | None = None,
 ) -> torch.Tensor:
-    """Memorisation accuracy per sequence, teacher forced (SPEC §4; Jang et al. 2023, Eq. 2).
+    """Memorisation accuracy per sequence, teacher forced (Jang et al. 2023, Eq. 2).
 
         MA(x) = 1/(T−1) · Σ_{t=1}^{T−1} 1[argmax_v p(v | x_<t) = x_t]
 
@@ -116,7 +116,7 @@ def memorization_accuracy(
 
 def _ngram_overlap(gen: torch.Tensor, true: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
     """``overlap_n`` for each row: #n-grams of ``gen`` found in the set of n-grams of ``true`` over
-    #n-grams of ``true`` (SPEC §4). Rows are left aligned; row r uses its first ``lengths[r]`` tokens.
+    #n-grams of ``true``. Rows are left aligned; row r uses its first ``lengths[r]`` tokens.
 
     Exact and vectorised: every n-gram (a row of an ``[M, n]`` tensor) gets an integer id from
     ``torch.unique``; membership is then ``torch.isin`` on (row, id) keys. Returns float64 ``[R]``.
@@ -276,7 +276,7 @@ def extraction_likelihood(
     method: str = "batched",
     batch_size: int = 64,
 ) -> torch.Tensor:
-    """Extraction likelihood ``EL_n`` per sequence (SPEC §4; Jang et al. 2023, Eq. 1).
+    """Extraction likelihood ``EL_n`` per sequence (Jang et al. 2023, Eq. 1).
 
         EL_n(x) = 1/(T−n) · Σ_{t=1}^{T−n} overlap_n(greedy(x_<t), x_≥t)
 
@@ -304,7 +304,7 @@ def extraction_metrics(
     method: str = "batched",
     batch_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(MA, EL_n)`` per sequence, each a float64 ``[B]`` CPU tensor (SPEC §4): the extraction protocol.
+    """``(MA, EL_n)`` per sequence, each a float64 ``[B]`` CPU tensor: the extraction protocol.
 
     MA is :func:`memorization_accuracy`, EL_n :func:`extraction_likelihood` (same arguments); the
     teacher-forced forward pass that gives MA also gives the batched method's divergence points, so

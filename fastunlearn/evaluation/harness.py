@@ -13,6 +13,7 @@ the Hugging Face Hub (or its cache) the first time.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -23,7 +24,7 @@ import torch
 from fastunlearn.engines import distributed
 from fastunlearn.evaluation.likelihood import eval_mode
 
-__all__ = ["evaluate_lm_eval"]
+__all__ = ["check_tasks", "evaluate_lm_eval"]
 
 _INSTALL = 'pip install "fastunlearn[eval]"'
 # What simple_evaluate returns beside the scores that is not kept: the per-document records.
@@ -62,6 +63,37 @@ def _harness():
     return lm_eval, HFLM, TaskManager
 
 
+@functools.cache
+def _task_manager(paths: tuple[str, ...], include_defaults: bool) -> Any:
+    """The harness's task index (seconds to build with its own tasks), built once per process."""
+    _, _, TaskManager = _harness()
+    return TaskManager(include_path=list(paths) or None, include_defaults=include_defaults)
+
+
+def check_tasks(
+    tasks: str | Sequence[str],
+    *,
+    include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    include_defaults: bool = True,
+) -> tuple[list[str], Any]:
+    """The task names and the task manager that knows them: ``ImportError`` naming the extra to install
+    without ``lm-eval``, ``ValueError`` naming every task neither the harness nor ``include_path`` has.
+    Tasks all found in ``include_path`` are run from an index of it alone (the harness's own thousands
+    of task files take seconds to index)."""
+    _harness()
+    names = _task_list(tasks)
+    paths = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path or [])
+    paths = tuple(os.fspath(p) for p in paths)
+    for defaults in dict.fromkeys((False, include_defaults) if paths else (include_defaults,)):
+        manager = _task_manager(paths, defaults)
+        unknown = [t for t in names if t not in set(manager.all_tasks) and not os.path.isfile(t)]
+        if not unknown:
+            return names, manager
+    raise ValueError(
+        f"unknown lm-eval task(s) {unknown}" + (f" (include_path: {list(paths)})" if paths else "")
+    )
+
+
 def evaluate_lm_eval(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -89,17 +121,8 @@ def evaluate_lm_eval(
     Under several processes the main process evaluates and every rank gets its results; when the
     weights are split between the ranks (FSDP, ZeRO-3) every rank runs the same requests, in step.
     """
-    lm_eval, HFLM, TaskManager = _harness()
-    names = _task_list(tasks)
-    paths = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path or [])
-    manager = TaskManager(
-        include_path=[os.fspath(p) for p in paths] or None, include_defaults=include_defaults
-    )
-    known = set(manager.all_tasks)
-    unknown = [t for t in names if t not in known and not os.path.isfile(t)]
-    if unknown:
-        where = f" (include_path: {[os.fspath(p) for p in paths]})" if paths else ""
-        raise ValueError(f"unknown lm-eval task(s) {unknown}{where}")
+    lm_eval, HFLM, _ = _harness()
+    names, manager = check_tasks(tasks, include_path=include_path, include_defaults=include_defaults)
 
     def run() -> dict[str, Any] | None:
         with eval_mode(model):

@@ -1,4 +1,4 @@
-"""Likelihood metrics of answers on any causal language model (SPEC §4), computed batched.
+"""Likelihood metrics of answers on any causal language model (TOFU, Maini et al. 2024), computed batched.
 
 Answer-level statistics (TOFU): every quantity comes from the per-token negative log-likelihood of the
 answer tokens under teacher forcing. With labels following the Hugging Face convention (``-100`` on the
@@ -187,7 +187,7 @@ def example_stats(
 
 
 def basic_metrics(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
-    """Mean length-normalised answer probability, teacher-forced accuracy and mean NLL (SPEC §4).
+    """Mean length-normalised answer probability, teacher-forced accuracy and mean NLL (Maini et al. 2024).
 
     - ``prob``: mean over examples of ``exp(−nll_sum / num_tokens)``;
     - ``accuracy``: total correct answer tokens / total answer tokens (token-level, teacher forced);
@@ -214,7 +214,7 @@ def answer_metrics(stats: Mapping[str, torch.Tensor]) -> dict[str, float]:
 
 
 def answer_probability(stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Length-normalised probability ``P̄(a|q) = exp(−nll_sum / num_tokens)`` per example (SPEC §4),
+    """Length-normalised probability ``P̄(a|q) = exp(−nll_sum / num_tokens)`` per example (Maini et al. 2024),
     from :func:`answer_stats` / :func:`collect_answer_stats` output."""
     return torch.exp(-stats["nll_sum"].double() / stats["num_tokens"].double())
 
@@ -230,7 +230,7 @@ def normalized_probability(true_prob: torch.Tensor, perturbed_prob: torch.Tensor
 
 
 def truth_ratio(true_prob: torch.Tensor, perturbed_prob: torch.Tensor) -> torch.Tensor:
-    """Truth ratio ``R = P̄_pert / P̄_true`` per example (SPEC §4).
+    """Truth ratio ``R = P̄_pert / P̄_true`` per example (Maini et al. 2024).
 
     ``P̄_pert`` is the geometric mean of the K perturbed answers' length-normalised probabilities,
     i.e. ``exp(mean_k log P̄_pert,k)``; computed in log space, so ``R = exp(mean_k log P̄_pert,k −
@@ -253,5 +253,5 @@ def _check_option_shapes(true_prob: torch.Tensor, perturbed_prob: torch.Tensor) 
 
 
 def truth_ratio_score(ratios: torch.Tensor) -> float:
-    """TOFU's utility component from truth ratios: ``mean max(0, 1 − R)`` (SPEC §4)."""
+    """TOFU's utility component from truth ratios: ``mean max(0, 1 − R)`` (Maini et al. 2024)."""
     return torch.clamp(1 - ratios.double(), min=0).mean().item()

@@ -1,4 +1,4 @@
-"""Every unlearning metric of SPEC §4 as a function on any causal LM: ``fastunlearn.metrics``.
+"""TOFU's and the extraction protocol's metrics as functions on any causal LM: ``fastunlearn.metrics``.
 
 The metrics live by kind in :mod:`~fastunlearn.evaluation.likelihood` (answer statistics, probability,
 truth ratio), :mod:`~fastunlearn.evaluation.extraction_metrics` (MA, EL_n),

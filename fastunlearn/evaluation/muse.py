@@ -31,10 +31,10 @@ from fastunlearn.evaluation.generation import cut_at, greedy_texts
 from fastunlearn.evaluation.mia import ATTACKS, evaluate_mia
 from fastunlearn.evaluation.muse_files import read_muse
 
-__all__ = ["CRITERIA", "evaluate_muse", "knowmem_prompt", "rouge_l"]
+__all__ = ["CRITERIA", "CRITERION_FILES", "evaluate_muse", "knowmem_prompt", "rouge_l"]
 
 CRITERIA = ("verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak")
-_FILES = {
+CRITERION_FILES = {
     "verbmem_forget": ("verbmem/forget",),
     "knowmem_forget": ("knowmem/forget_qa", "knowmem/forget_qa_icl"),
     "knowmem_retain": ("knowmem/retain_qa", "knowmem/retain_qa_icl"),
@@ -133,7 +133,7 @@ def evaluate_muse(
     data = {
         name: read_muse(muse_dir, name, None if name.endswith("_icl") else max_items)
         for criterion in criteria
-        for name in _FILES[criterion]
+        for name in CRITERION_FILES[criterion]
     }
     results: dict[str, Any] = {"protocol": "muse", "dir": os.fspath(muse_dir), "criteria": list(criteria)}
     results.update(num_items={}, per_item={}, examples={})

@@ -4,7 +4,8 @@ Benchmarks publish the same records both ways (MUSE's files are JSON arrays, mos
 JSON Lines), so the format is read from the file, not its name: a file whose first non-blank
 character is ``[`` is one JSON array of records, anything else is JSON Lines (one object a line,
 blank lines skipped). Every record must be an object holding each required field as a string; in a
-set of raw texts (``fields=("text",)``) a JSON string stands for ``{"text": ...}``.
+set of raw texts (``fields=("text",)``) a JSON string stands for ``{"text": ...}``. Parquet and CSV
+files, ``save_to_disk`` folders and Hub data sets are read by :func:`fastunlearn.data.sources.read_source`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from fastunlearn.data.sources import CSV, PARQUET, read_source
+
 __all__ = ["read_records", "text_field"]
+
+TABULAR = (*PARQUET, *CSV)
 
 
 def _skip_space(text: str, pos: int) -> int:
@@ -77,15 +82,15 @@ def read_records(path: str | os.PathLike, fields: Sequence[str]) -> list[dict[st
     no records.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    body = text.lstrip()
-    items = _array_items(path, text) if body.startswith("[") else _lines(path, text)
+    if not os.path.isfile(path) or path.lower().endswith(TABULAR):  # Parquet, CSV, data sets, Hub ids
+        items = ((r, r.pop("_source")) for r in read_source(path))
+    else:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        found = _array_items(path, text) if text.lstrip().startswith("[") else _lines(path, text)
+        items = ((value, f"{path}:{line}") for value, line in found)
     records = []
-    for value, line in items:
-        where = f"{path}:{line}"
+    for value, where in items:
         if isinstance(value, str) and tuple(fields) == ("text",):
             value = {"text": value}
         if not isinstance(value, dict):

@@ -1,6 +1,6 @@
 """Reference truth ratios for forget quality: the retain-only model's, saved once and checked on use.
 
-Forget quality (SPEC §4) is a KS test of the unlearned model's forget-set truth ratios against those
+Forget quality (Maini et al. 2024) is a KS test of the unlearned model's forget-set truth ratios against those
 of a model never trained on the forget set. The reference is computed once
 (:func:`fastunlearn.evaluation.tofu.evaluate_tofu` with ``save_reference``) and saved as JSON with the
 protocol it was computed under, so that a later run under another protocol is refused rather than

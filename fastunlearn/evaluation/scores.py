@@ -1,4 +1,4 @@
-"""Metrics built on text comparison and statistics (SPEC §4): ROUGE-L recall, forget quality (a KS
+"""Metrics built on text comparison and statistics (Maini et al. 2024): ROUGE-L recall, forget quality (a KS
 test between truth-ratio samples) and model utility (a harmonic mean of TOFU's nine numbers)."""
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def rouge_l_recall(predictions: list[str], references: list[str]) -> list[float]
 def forget_quality(
     truth_ratios: Sequence[float] | torch.Tensor, reference_truth_ratios: Sequence[float] | torch.Tensor
 ) -> float:
-    """Forget quality: p-value of the two-sample Kolmogorov–Smirnov test (SPEC §4).
+    """Forget quality: p-value of the two-sample Kolmogorov–Smirnov test (Maini et al. 2024).
 
     Compares the unlearned model's forget-set truth ratios with those of the model trained on the
     retain set only. A high p-value means the two distributions cannot be told apart, i.e. the model
@@ -69,7 +69,7 @@ def forget_quality(
 
 
 def model_utility(components: Mapping[str, float] | Iterable[float]) -> float:
-    """Model utility: harmonic mean of TOFU's nine numbers (SPEC §4).
+    """Model utility: harmonic mean of TOFU's nine numbers (Maini et al. 2024).
 
     The nine numbers are {probability, ROUGE-L recall, ``mean max(0, 1 − R)``} on {retain, real
     authors, world facts}. ``H = k / Σ_i 1/x_i``; a zero component makes H = 0 (its limit), which is

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fastunlearn.data.examples import Example, collate, pad_id_of
+from fastunlearn.data.examples import pad_id_of
 from fastunlearn.evaluation.likelihood import eval_mode
 from fastunlearn.models.devices import model_device
 from fastunlearn.models.naming import unwrap_model
@@ -44,9 +44,16 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int, nam
 def batch_token_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``[B, T, 3]`` ``(log p_y, μ, σ)`` of one right-padded batch (``input_ids``, ``attention_mask``,
     ``labels`` on the CPU, ``-100`` on padding): position ``t`` holds the statistics of the label at
-    ``t + 1``; NaN where there is none (padding, the last position). One forward, no gradient."""
+    ``t + 1``; NaN where there is none (padding, the last position). One forward, no gradient.
+
+    Right padding needs no attention mask in a causal model: a real token attends only to the tokens
+    before it, all real, at the same positions. The mask is left out (the model's causal path, without
+    building a padding mask) unless a row has padding before a real token."""
     device = model_device(model)
-    inputs: dict[str, Any] = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device)}
+    mask = batch["attention_mask"]
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):  # not right padded (a host check: the batch is on the CPU)
+        inputs["attention_mask"] = mask.to(device)
     if getattr(getattr(unwrap_model(model), "config", None), "use_cache", None) is not None:
         inputs["use_cache"] = False
     host_targets = shift_labels(batch["labels"])  # range-checked here, with no device synchronisation
@@ -77,6 +84,15 @@ def _backend(x: torch.Tensor) -> str:
     return "torch" if x.dtype == torch.float64 else "auto"  # fp64 stays fp64 on the PyTorch path
 
 
+def _raw_text_batch(rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` of raw texts (every token a label,
+    ``-100`` on the padding), built with one tensor conversion rather than one per row."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([list(r) + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
+    mask = torch.arange(width) < torch.tensor([len(r) for r in rows])[:, None]
+    return {"input_ids": ids, "attention_mask": mask.long(), "labels": ids.masked_fill(~mask, IGNORE_INDEX)}
+
+
 def map_text_batches(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -98,12 +114,8 @@ def map_text_batches(
     parts: dict[str, list[torch.Tensor]] = {}
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
-            # Raw text: every token is a label (collate masks the padding by position).
-            chunk = [
-                Example(tuple(token_ids[i]), tuple(token_ids[i]), "")
-                for i in order[start : start + batch_size]
-            ]
-            for key, value in reduce(batch_token_stats(model, collate(chunk, pad_id))).items():
+            batch = _raw_text_batch([token_ids[i] for i in order[start : start + batch_size]], pad_id)
+            for key, value in reduce(batch_token_stats(model, batch)).items():
                 parts.setdefault(key, []).append(value)
     inverse = torch.empty(len(order), dtype=torch.long)
     inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))

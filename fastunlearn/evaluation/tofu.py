@@ -1,4 +1,4 @@
-"""The TOFU protocol (SPEC §4; Maini et al. 2024): per-set scores, forget quality and model utility.
+"""The TOFU protocol (Maini et al. 2024, arXiv:2401.06121): per-set scores, forget quality and model utility.
 
 :func:`evaluate_tofu` scores a model on TOFU-format files (:mod:`fastunlearn.data.tofu_files`):
 per set, the length-normalised answer probability, ROUGE-L recall of the greedy answer and the truth
@@ -10,7 +10,7 @@ the reference once and reuses it.
 
 Prompts are tokenised by :mod:`fastunlearn.data.examples`, the training pipeline, so an evaluated
 prompt is byte for byte the prompt the model was trained on. ``mode="legacy"`` is the paper's pipeline
-token for token (SPEC §4.1): the ``tofu-*`` templates (:mod:`fastunlearn.data.tofu_format`),
+token for token: the ``tofu-*`` templates (:mod:`fastunlearn.data.tofu_format`),
 question and answer tokenised as one string and cut at 200 tokens, generation from the decoded
 question in batches of 30 to 200 tokens in total. ``mode="full"`` is fastunlearn's own protocol with
 the template the model was trained with (any of them, ``tofu-*`` included).
@@ -34,29 +34,23 @@ from fastunlearn.data.tofu_files import (
 )
 from fastunlearn.data.tofu_format import (
     TOFU_FAMILIES,
-    encode_tofu_example,
-    tofu_generation_batch,
-    tofu_generation_prompt,
-    tofu_max_new_tokens,
 )
 from fastunlearn.engines import distributed
 from fastunlearn.evaluation import metrics as M
-from fastunlearn.evaluation.decoding import greedy_completions
 from fastunlearn.evaluation.reference import (
     _check_new_file,
     load_reference_truth_ratios,
     save_reference_truth_ratios,
 )
+from fastunlearn.evaluation.tofu_scoring import LEGACY_MAX_LENGTH, score_set
 from fastunlearn.models.loading import load_model_and_tokenizer
 
-# Sets whose probability/ROUGE/truth-ratio numbers make up model utility (SPEC §4).
+# Sets whose probability/ROUGE/truth-ratio numbers make up TOFU's model utility.
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
 UTILITY_METRICS = ("prob", "rougeL_recall", "truth_ratio")
 NUM_UTILITY_COMPONENTS = len(UTILITY_SETS) * len(UTILITY_METRICS)  # TOFU's nine numbers
 TOFU_MODES = ("full", "legacy")
 LEGACY_MAX_ITEMS = 300
-LEGACY_MAX_LENGTH = 200  # tokens, question included: the paper's scoring cut and generation budget
-LEGACY_GENERATION_BATCH = 30  # the paper's generation batch, whose width sets every row's budget
 LEGACY_TEMPLATES = tuple(TOFU_FAMILIES)
 
 __all__ = [
@@ -67,187 +61,8 @@ __all__ = [
 ]
 
 
-# ---------------------------------------------------------------------------------------------------
-# TOFU scoring
-# ---------------------------------------------------------------------------------------------------
-
-
-def _answer_stats(
-    model,
-    tokenizer,
-    questions: Sequence[str],
-    answers: Sequence[str],
-    *,
-    template: str,
-    max_length: int,
-    batch_size: int,
-) -> dict[str, torch.Tensor]:
-    """Answer statistics (:func:`fastunlearn.metrics.answer_stats`) of each (question, answer) pair, with
-    the training pipeline's tokenisation: the answer tokens and the closing EOS are scored (with a
-    ``tofu-*`` template every token after the question's, and no EOS when the cut reaches it)."""
-    records = [
-        {"question": q, "answer": a, "_source": f"item {i}"}
-        for i, (q, a) in enumerate(zip(questions, answers))
-    ]
-    examples = fdata.tokenize_records(
-        records, tokenizer, data_format="qa", template=template, max_length=max_length
-    )
-    stats = M.example_stats(model, examples, fdata.pad_id_of(tokenizer), batch_size)  # shared by the ranks
-    return {key: value.cpu() for key, value in stats.items()}
-
-
-def _generation_prompts(
-    tokenizer, items: Sequence[TofuItem], template: str, max_length: int
-) -> tuple[list[torch.Tensor], list[str]]:
-    """Each item's generation prompt (token ids) and the reference its greedy answer is scored against.
-
-    ``tofu-*`` templates (SPEC §4.1): the example encoded at ``max_length`` is decoded and split at the
-    family's marker (:func:`~fastunlearn.data.tofu_format.tofu_generation_prompt`), the prompt
-    re-tokenised with special tokens; the reference is the decoded answer, cut where its scored tokens
-    are. Other templates: the labelled example's unlabelled head — exactly what training conditioned
-    on — and the file's answer.
-    """
-    if template in TOFU_FAMILIES:
-        texts, references = [], []
-        for it in items:
-            ex = encode_tofu_example(tokenizer, it.question, it.answer, template, max_length, where=it.source)
-            try:
-                prompt, reference = tofu_generation_prompt(tokenizer, ex.input_ids, template)
-            except ValueError as e:
-                raise ValueError(f"{it.source}: {e}") from None
-            texts.append(prompt)
-            references.append(reference)
-        ids, mask = tofu_generation_batch(tokenizer, texts)
-        return [ids[r][mask[r].bool()] for r in range(len(texts))], references
-    records = [{"question": it.question, "answer": it.answer, "_source": it.source} for it in items]
-    examples = fdata.tokenize_records(
-        records, tokenizer, data_format="qa", template=template, max_length=10**9
-    )
-    heads = []
-    for ex in examples:
-        n = next(i for i, label in enumerate(ex.labels) if label != fdata.IGNORE_INDEX)
-        heads.append(torch.tensor(ex.input_ids[:n], dtype=torch.long))
-    return heads, [it.answer for it in items]
-
-
-def _greedy_answers(
-    model,
-    tokenizer,
-    prompts: Sequence[torch.Tensor],
-    *,
-    legacy: bool,
-    max_new_tokens: int,
-    batch_size: int,
-) -> list[str]:
-    """Greedy answers to ``prompts``, each stopping at EOS, in the prompts' order.
-
-    Legacy (SPEC §4.1, the paper's ``generate(max_length=200)``): batches of 30 in file order, and every
-    row of a batch ``W`` tokens wide gets ``200 − W`` new tokens — the budget depends on the batch, so
-    the batches are the paper's (each decoded as one batch). Otherwise ``max_new_tokens`` per row.
-    Left padding is masked, so the pad id changes nothing. Under several processes the ranks share the
-    prompts (legacy: the batches of 30, whose budgets they set; :func:`fastunlearn.engines.distributed.map_sharded`).
-    """
-    if not legacy:
-        return distributed.map_sharded(
-            lambda part: greedy_completions(
-                model, tokenizer, part, [max_new_tokens] * len(part), batch_size=batch_size
-            ),
-            prompts,
-            model=model,
-        )
-
-    def legacy_batches(chunks: list[Sequence[torch.Tensor]]) -> list[list[str]]:
-        answers = []
-        for chunk in chunks:
-            steps = tofu_max_new_tokens(max(len(p) for p in chunk), max_length=LEGACY_MAX_LENGTH)
-            answers.append(
-                greedy_completions(model, tokenizer, chunk, [steps] * len(chunk), batch_size=len(chunk))
-            )
-        return answers
-
-    step = LEGACY_GENERATION_BATCH
-    chunks = [prompts[start : start + step] for start in range(0, len(prompts), step)]
-    batches = distributed.map_sharded(legacy_batches, chunks, model=model)
-    return [answer for batch in batches for answer in batch]
-
-
-def _avg_nll(stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Per-item average NLL ``Σ NLL over targets / #targets`` (SPEC §4.1), in fp64."""
-    return stats["nll_sum"].double() / stats["num_tokens"].double()
-
-
-def _score_set(
-    model,
-    tokenizer,
-    name: str,
-    items: Sequence[TofuItem],
-    *,
-    template: str,
-    legacy: bool,
-    generate: bool,
-    max_new_tokens: int,
-    max_length: int,
-    batch_size: int,
-) -> tuple[dict[str, Any], list[float] | None]:
-    qs = [it.question for it in items]
-    opts = dict(template=template, max_length=max_length, batch_size=batch_size)
-    stats = _answer_stats(model, tokenizer, qs, [it.answer for it in items], **opts)
-    probs = M.answer_probability(stats)
-    # Per item, as TOFU's eval logs record them (avg_gt_loss, avg_paraphrased_loss, ...).
-    avg_nll: dict[str, Any] = {"answer": _avg_nll(stats).tolist()}
-    out: dict[str, Any] = {
-        "num_items": len(items),
-        "prob": probs.mean().item(),
-        # Teacher-forced next-token accuracy on the answers: the QA analogue of MA.
-        "accuracy": (stats["correct"].sum().double() / stats["num_tokens"].sum()).item(),
-        "avg_nll": avg_nll,
-    }
-    ratios = None
-    if items[0].perturbed_answers is not None:
-        k = len(items[0].perturbed_answers)
-        # "True" is the paraphrased answer where the file has one (forget/retain), else the answer.
-        if items[0].paraphrased_answer is not None:
-            para_stats = _answer_stats(model, tokenizer, qs, [it.paraphrased_answer for it in items], **opts)
-            avg_nll["paraphrased"] = _avg_nll(para_stats).tolist()
-            true = M.answer_probability(para_stats)
-        else:
-            true = probs
-        pert_stats = _answer_stats(
-            model,
-            tokenizer,
-            [q for q in qs for _ in range(k)],
-            [p for it in items for p in it.perturbed_answers],
-            **opts,
-        )
-        avg_nll["perturbed"] = _avg_nll(pert_stats).view(len(items), k).tolist()
-        pert = M.answer_probability(pert_stats).view(len(items), k)
-        r = M.truth_ratio(true, pert)
-        ratios = r.tolist()
-        out["truth_ratio"] = M.truth_ratio_score(r)  # mean max(0, 1 − R): the utility component
-        out["truth_ratio_mean"] = r.mean().item()
-        if name in ("real_authors", "world_facts"):
-            # Multiple choice between the answer and its perturbations (SPEC §4).
-            out["prob"] = M.normalized_probability(probs, pert).mean().item()
-    if generate:
-        prompts, references = _generation_prompts(tokenizer, items, template, max_length)
-        preds = _greedy_answers(
-            model,
-            tokenizer,
-            prompts,
-            legacy=legacy,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-        )
-        out["rougeL_recall"] = sum(M.rouge_l_recall(preds, references)) / len(items)
-        out["examples"] = [
-            {"question": it.question, "answer": ref, "generated": pred}
-            for it, ref, pred in list(zip(items, references, preds))[:3]
-        ]
-    return out, ratios
-
-
 def _resolve_template(mode: str, template: str | None) -> str:
-    """The template of a TOFU evaluation: for ``mode="legacy"`` one of SPEC §4.1's families
+    """The template of a TOFU evaluation: for ``mode="legacy"`` one of the paper's model families
     (``tofu-llama2`` by default), else the given one (default ``plain``)."""
     if mode not in TOFU_MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {list(TOFU_MODES)}")
@@ -255,7 +70,7 @@ def _resolve_template(mode: str, template: str | None) -> str:
         template = template or "tofu-llama2"
         if template not in LEGACY_TEMPLATES:
             raise ValueError(
-                f"legacy mode is the paper's TOFU pipeline (SPEC §4.1), defined for the model families "
+                f"legacy mode is the paper's TOFU pipeline, defined for the model families "
                 f"{list(LEGACY_TEMPLATES)}; got template {template!r}"
             )
     template = template or "plain"
@@ -265,7 +80,7 @@ def _resolve_template(mode: str, template: str | None) -> str:
 
 
 def _utility_components(sets: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """The model-utility numbers present in ``sets``, named ``set/metric`` (SPEC §4).
+    """The model-utility numbers present in ``sets``, named ``set/metric``.
 
     All nine need the retain, real-authors and world-facts sets, each with perturbed answers, and
     generation (ROUGE-L). The real-authors / world-facts probability counts only when normalised over
@@ -280,6 +95,70 @@ def _utility_components(sets: Mapping[str, Mapping[str, Any]]) -> dict[str, floa
             if metric in scores and normalised:
                 components[f"{name}/{metric}"] = scores[metric]
     return components
+
+
+def _read_sets(
+    data: Any, forget_split: str | None, max_items: int | None
+) -> tuple[dict[str, list[TofuItem]], dict[str, str]]:
+    """Every set of ``data`` read (in :data:`TOFU_SETS` order, at most ``max_items`` items each) and the
+    files they came from."""
+    if isinstance(data, (str, os.PathLike)):
+        sources: Mapping[str, Any] = find_tofu_files(data, forget_split=forget_split)
+    elif isinstance(data, Mapping):
+        sources = data
+    else:
+        raise TypeError(
+            f"data must be a directory or a mapping of set name to file, got {type(data).__name__}"
+        )
+    unknown = sorted(set(sources) - set(TOFU_SETS))
+    if unknown:
+        raise ValueError(f"unknown TOFU set(s) {unknown}; expected names from {list(TOFU_SETS)}")
+    files = {k: os.fspath(v) for k, v in sources.items() if isinstance(v, (str, os.PathLike))}
+    item_sets: dict[str, list[TofuItem]] = {}
+    for name in (n for n in TOFU_SETS if n in sources):
+        src = sources[name]
+        items = read_tofu_file(src) if isinstance(src, (str, os.PathLike)) else list(src)
+        if not items:
+            raise ValueError(f"the {name} set is empty")
+        item_sets[name] = items if max_items is None else items[:max_items]
+    return item_sets, files
+
+
+def _checked_reference(
+    item_sets: Mapping[str, list[TofuItem]],
+    files: Mapping[str, str],
+    reference_truth_ratios: Any,
+    save_reference: Any,
+    overwrite: bool,
+    *,
+    mode: str,
+    template: str,
+) -> list[float] | None:
+    """The reference truth ratios (read and matched to the forget set) and the reference file to save
+    checked, before any model work."""
+    forget_items = item_sets.get("forget")
+    no_ratios = forget_items is None or forget_items[0].perturbed_answers is None
+    needs = "a forget file with paraphrased_answer and perturbed_answer"
+    reference = None
+    if reference_truth_ratios is not None:
+        if isinstance(reference_truth_ratios, (str, os.PathLike)):
+            reference = load_reference_truth_ratios(
+                reference_truth_ratios, mode=mode, template=template, forget_file=files.get("forget")
+            )
+        else:
+            reference = [float(r) for r in reference_truth_ratios]
+        if no_ratios:
+            raise ValueError(f"forget quality needs {needs}")
+        if len(reference) != len(forget_items):
+            raise ValueError(
+                f"the reference has {len(reference)} truth ratios but the forget set has "
+                f"{len(forget_items)} items: was it made on the same forget split and mode?"
+            )
+    if save_reference is not None:
+        if no_ratios:
+            raise ValueError(f"save_reference needs {needs}")
+        _check_new_file(save_reference, overwrite)
+    return reference
 
 
 def evaluate_tofu(
@@ -299,18 +178,15 @@ def evaluate_tofu(
     batch_size: int = 16,
     max_length: int = 512,
 ) -> dict[str, Any]:
-    """TOFU evaluation (SPEC §4) of ``model`` on TOFU-format files.
+    """TOFU evaluation (Maini et al. 2024) of ``model`` on TOFU-format files.
 
     ``data``: a directory (files found by :func:`find_tofu_files`) or a mapping from set name
     (``forget``, ``retain``, ``real_authors``, ``world_facts``) to a path or a list of
-    :class:`TofuItem`. Absent sets are skipped.
+    :class:`TofuItem`. Model utility is TOFU's harmonic mean of nine numbers, ``None`` unless all nine
+    are present; ``model_utility_partial`` is then the mean of those present, named in
+    ``model_utility_components``.
 
-    Model utility is TOFU's harmonic mean of nine numbers; ``model_utility`` is ``None`` unless all nine
-    are present (every utility set with perturbed answers, and ``generate=True``). The harmonic mean
-    of the numbers present is then ``model_utility_partial`` (``None`` when all nine are there), and
-    ``model_utility_components`` maps each present number's ``set/metric`` name to its value.
-
-    ``mode="legacy"``: the paper's pipeline token for token (SPEC §4.1) — at most 300 items per set;
+    ``mode="legacy"``: the paper's pipeline token for token — at most 300 items per set;
     ``template`` one of ``tofu-llama2`` (default), ``tofu-llama3``, ``tofu-phi``
     (:mod:`fastunlearn.data.tofu_format`): question and answer tokenised as one string and cut at
     200 tokens (``max_length`` is not used), the greedy answer generated from the decoded question in
@@ -324,11 +200,10 @@ def evaluate_tofu(
     Forget quality needs ``reference_truth_ratios`` (a list or a JSON file from
     :func:`save_reference_truth_ratios`, whose recorded mode and template must be this run's); a
     missing file raises ``FileNotFoundError`` saying how to make it, and without the argument forget
-    quality is ``None``. ``save_reference`` writes this run's forget truth ratios for use as a reference
-    (evaluate the retain-only model with it). Files, reference and output path are all checked before
-    the model runs. A set without perturbed answers (a plain ``forget10.json`` read where
-    ``forget10_perturbed.json`` is missing) has no truth ratio; its scores then say why under
-    ``missing`` (``{"truth_ratio": reason}``). Returns a JSON-serialisable dict.
+    quality is ``None``. ``save_reference`` writes this run's forget truth ratios (evaluate the
+    retain-only model with it). Files, reference and output path are checked before the model runs. A
+    set without perturbed answers has no truth ratio; its scores say why under ``missing``. Returns a
+    JSON-serialisable dict.
     """
     template = _resolve_template(mode, template)
     legacy = mode == "legacy"
@@ -336,75 +211,17 @@ def evaluate_tofu(
         max_items = LEGACY_MAX_ITEMS if max_items is None else min(max_items, LEGACY_MAX_ITEMS)
         max_length = LEGACY_MAX_LENGTH
 
-    if isinstance(data, (str, os.PathLike)):
-        sources: Mapping[str, Any] = find_tofu_files(data, forget_split=forget_split)
-    elif isinstance(data, Mapping):
-        sources = data
-    else:
-        raise TypeError(
-            f"data must be a directory or a mapping of set name to file, got {type(data).__name__}"
-        )
-    unknown = sorted(set(sources) - set(TOFU_SETS))
-    if unknown:
-        raise ValueError(f"unknown TOFU set(s) {unknown}; expected names from {list(TOFU_SETS)}")
-    files = {k: os.fspath(v) for k, v in sources.items() if isinstance(v, (str, os.PathLike))}
+    item_sets, files = _read_sets(data, forget_split, max_items)
+    reference = _checked_reference(
+        item_sets, files, reference_truth_ratios, save_reference, overwrite, mode=mode, template=template
+    )
 
-    # Everything is read and checked before any model work: a bad file, a reference of another
-    # protocol or an existing output fails at once, not after the whole evaluation.
-    item_sets: dict[str, list[TofuItem]] = {}
-    for name in TOFU_SETS:
-        if name in sources:
-            src = sources[name]
-            items = read_tofu_file(src) if isinstance(src, (str, os.PathLike)) else list(src)
-            if not items:
-                raise ValueError(f"the {name} set is empty")
-            item_sets[name] = items if max_items is None else items[:max_items]
-    forget_items = item_sets.get("forget")
-    no_ratios = forget_items is None or forget_items[0].perturbed_answers is None
-    reference = None
-    if reference_truth_ratios is not None:
-        if isinstance(reference_truth_ratios, (str, os.PathLike)):
-            reference = load_reference_truth_ratios(
-                reference_truth_ratios, mode=mode, template=template, forget_file=files.get("forget")
-            )
-        else:
-            reference = [float(r) for r in reference_truth_ratios]
-        if no_ratios:
-            raise ValueError(
-                "forget quality needs a forget file with paraphrased_answer and perturbed_answer"
-            )
-        if len(reference) != len(forget_items):
-            raise ValueError(
-                f"the reference has {len(reference)} truth ratios but the forget set has "
-                f"{len(forget_items)} items: was it made on the same forget split and mode?"
-            )
-    if save_reference is not None:
-        if no_ratios:
-            raise ValueError(
-                "save_reference needs a forget file with paraphrased_answer and perturbed_answer"
-            )
-        _check_new_file(save_reference, overwrite)
-
-    results: dict[str, Any] = {
-        "protocol": "tofu",
-        "mode": mode,
-        "template": template,
-        "files": files,
-        "sets": {},
-    }
-    forget_ratios = None
+    results: dict[str, Any] = {"protocol": "tofu", "mode": mode, "template": template, "files": files}
+    results["sets"], forget_ratios = {}, None
+    opts = dict(template=template, legacy=legacy, generate=generate, max_length=max_length)
     for name, items in item_sets.items():
-        scores, ratios = _score_set(
-            model,
-            tokenizer,
-            name,
-            items,
-            template=template,
-            legacy=legacy,
-            generate=generate,
-            max_new_tokens=max_new_tokens,
-            max_length=max_length,
-            batch_size=batch_size,
+        scores, ratios = score_set(
+            model, tokenizer, name, items, max_new_tokens=max_new_tokens, batch_size=batch_size, **opts
         )
         reason = missing_truth_ratio_reason(items, files.get(name))
         if reason is not None:
@@ -418,8 +235,7 @@ def evaluate_tofu(
     components = _utility_components(results["sets"])
     utility = M.model_utility(components) if components else None
     complete = len(components) == NUM_UTILITY_COMPONENTS
-    results["model_utility_components"] = components
-    results["model_utility"] = utility if complete else None
+    results.update(model_utility_components=components, model_utility=utility if complete else None)
     results["model_utility_partial"] = None if complete else utility
     if save_reference is not None:  # every rank holds the results; one writes them
         distributed.on_main(lambda: save_reference_truth_ratios(save_reference, results, overwrite=overwrite))

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fastunlearn._io import atomic_file, write_text
-from fastunlearn.evaluation.stopping.rules import KINDS, METRIC_NAMES, Bound
+from fastunlearn.evaluation.stopping.rules import KINDS, METRIC_NAMES, Bound, is_retain
 
 LEADING = ("step", "epoch")
 # loss (and its forget / retain parts): the training loss the trainer logged at the step, its mean since
@@ -124,11 +124,11 @@ def plot_trajectory(
     marks: Mapping[str, int | None] | None = None,
     title: str | None = None,
 ) -> bool:
-    """Draw forget (solid) and retain (dashed) metrics over optimiser steps, one colour per kind, the
-    rule's bounds as dotted lines of their metric's colour, and ``marks`` (label → step, e.g. where the
-    rule first held, where training stopped, the state kept) as vertical lines; the training loss in a
-    second panel when the rows have it. Written atomically as PNG. Returns ``False`` (after one
-    warning) when matplotlib is not installed."""
+    """Draw forget (solid) and retain (dashed) metrics, MUSE's included, over optimiser steps, one colour
+    per kind, the rule's bounds as dotted lines of their metric's colour, and ``marks`` (label → step,
+    e.g. where the rule first held, where training stopped, the state kept) as vertical lines; the
+    training loss in a second panel when the rows have it. Written atomically as PNG. Returns ``False``
+    (after one warning) when matplotlib is not installed."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -147,10 +147,9 @@ def plot_trajectory(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(2 if losses else 1, 1, 1)
     for name in rates:
-        set_name, _, kind = name.partition(".")
         x, y = series(name)
-        style = "-" if set_name == "forget" else "--"
-        ax.plot(x, y, style, marker="o", markersize=3, color=_COLOURS[kind], label=name)
+        style = "--" if is_retain(name) else "-"
+        ax.plot(x, y, style, marker="o", markersize=3, color=_COLOURS[name.partition(".")[2]], label=name)
     for bound in bounds:
         kind = bound.metric.partition(".")[2]
         ax.axhline(bound.value, linestyle=":", color=_COLOURS[kind], linewidth=1.2, label=f"rule: {bound}")

@@ -52,6 +52,7 @@ from fastunlearn.fisher.budget import available_memory, parse_bytes, plan_groups
 from fastunlearn.fisher.estimate import FISHER_MODES, FisherEstimate, FisherFile, FisherMode, _check_finite
 from fastunlearn.fisher.layers import select_linear_layers
 from fastunlearn.fisher.passes import Data, fisher_session, prepare_batches, run_pass
+from fastunlearn.models.quantization import is_quantized
 from fastunlearn.ops._backend import Backend, resolve_backend
 
 __all__ = ["estimate_fisher", "save_fisher"]
@@ -67,7 +68,7 @@ def measured_layers(
     for device in {layer.weight.device for layer in layers.values()}:
         resolve_backend(backend, device)  # an unusable backend fails now, not inside the backward
     for name, layer in layers.items():
-        if not layer.weight.is_floating_point():
+        if not layer.weight.is_floating_point() and not is_quantized(layer):
             raise TypeError(
                 f"layer {name!r} stores {layer.weight.dtype} weights (quantised?); cannot measure it"
             )

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastunlearn._hub import snapshot_of
 from fastunlearn._io import atomic_directory
 from fastunlearn.engines.sharded import gathered
 from fastunlearn.fisher.fila import _require_lora_model, fila_record
@@ -78,7 +79,8 @@ def save_adapter(
     ``W_res = W − s·B₀A₀``; other LoRA layers are written as they are. Per-layer ranks and alphas that
     differ from the most common ones go into ``rank_pattern``/``alpha_pattern`` under the layers' full
     names. ``peft.PeftModel.from_pretrained(original_base, path)`` then reproduces the trained model.
-    A base model that is a local directory is recorded by its absolute path.
+    A base model that is a local directory is recorded by its absolute path, one from the Hugging Face
+    cache by its Hub id and commit (``revision``).
 
     Writes ``adapter_config.json`` and ``adapter_model.safetensors`` into ``path`` atomically; an
     existing non-empty ``path`` is replaced only with ``overwrite=True``. Returns the path.
@@ -130,7 +132,10 @@ def adapter_export(
     config.use_rslora = False
     config.init_lora_weights = True  # the saved weights replace any initialisation on load
     base = config.base_model_name_or_path
-    if base and os.path.isdir(base):
+    snapshot = snapshot_of(base) if base else None
+    if snapshot is not None:  # a model of the Hugging Face cache: its Hub id at the commit trained on
+        config.base_model_name_or_path, config.revision = snapshot.repo_id, snapshot.revision
+    elif base and os.path.isdir(base):
         # As typed ("./model") the path resolves only from the directory the run was started in.
         config.base_model_name_or_path = os.path.abspath(base)
     empty = sorted(k for k, v in state.items() if v.numel() == 0)

@@ -20,7 +20,9 @@ unchanged at initialisation. Rows with ``d_i = 0`` carry no weight in the proble
 would otherwise become large junk entries).
 
 The trained model is exported by :mod:`fastunlearn.fisher.export`, as an adapter for the *original* base
-model (rank ``2r``: ``[B, −B₀]·[A; A₀]``) or as a merged checkpoint.
+model (rank ``2r``: ``[B, −B₀]·[A; A₀]``) or as a merged checkpoint. A quantised base (4-bit, 8-bit) is
+never rewritten: ``W`` is its dequantised weight and ``−s·B₀A₀`` a frozen adapter beside the trained one
+(:mod:`fastunlearn.fisher.residual`); the export is the same.
 
 The estimates enter only through the row weights ``d``: :func:`fila_init` takes either the two
 estimates or ``d`` itself (:class:`~fastunlearn.fisher.FilaRowWeights`, which
@@ -52,9 +54,11 @@ from torch import Tensor, nn
 
 from fastunlearn.engines import distributed
 from fastunlearn.engines.sharded import gathered, linear_shape
+from fastunlearn.fisher.residual import attach_residual
 from fastunlearn.fisher.row_weights import check_eps, row_weight
 from fastunlearn.fisher.solver import truncated_svd
 from fastunlearn.models.naming import canonical_name
+from fastunlearn.models.quantization import dequantized_weight, is_quantized
 
 Solver = Literal["truncated", "svd", "randomized"]
 SOLVERS = ("truncated", "svd", "randomized")
@@ -245,7 +249,9 @@ def fila_init(
 
     Each layer's base weight becomes ``W_res = W − s·B₀A₀``, computed with the adapter values as stored
     (after rounding to the adapter dtype), so the model computes the same function afterwards up to the
-    rounding of ``W_res`` to the base dtype. One layer is processed at a time in fp32: the extra memory
+    rounding of ``W_res`` to the base dtype. A quantised base (``bitsandbytes`` 4-bit or 8-bit) is not
+    written: ``W`` is its dequantised weight and ``−s·B₀A₀`` a frozen adapter next to the trained one
+    (:mod:`fastunlearn.fisher.residual`). One layer is processed at a time in fp32: the extra memory
     is one layer's fp32 weight and its SVD. ``A₀``, ``B₀`` and ``s`` are recorded for
     :func:`save_adapter` (see the module docstring for resuming).
 
@@ -336,7 +342,8 @@ def _init_gathered(
 ) -> None:
     base = layer.get_base_layer()
     scaling = float(layer.scaling[adapter])
-    W = base.weight.float()
+    quantised = is_quantized(base)
+    W = dequantized_weight(base) if quantised else base.weight.float()
     A, B = fila_factors_from_row_weights(W, d, layer.r[adapter], scaling, eps=eps, solver=solver, seed=seed)
     # Every rank computes the same factors from the same W and d; rank 0's are sent to all anyway, so the
     # records (and any adapter exported from any rank) are the same bits everywhere, whatever the
@@ -358,7 +365,10 @@ def _init_gathered(
         raise ValueError(f"layer {name!r}: FILA produced non-finite values (check the weights and Fisher)")
     lora_A.copy_(A0)
     lora_B.copy_(B0)
-    base.weight.copy_(residual)
+    if quantised:  # the base stays W_q; −s·B₀A₀ rides along, frozen (fastunlearn.fisher.residual)
+        attach_residual(layer, lora_A.detach(), lora_B.detach(), scaling)
+    else:
+        base.weight.copy_(residual)
     records = getattr(layer, _RECORD_ATTR, None)
     if records is None:
         records = {}

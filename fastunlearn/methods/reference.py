@@ -8,7 +8,8 @@ computes the reference itself:
   its adapters switched off (``W``).
 - FILA: the base weights are the residual ``W_res = W − s·B₀A₀``, so switching the adapters off is *not*
   the reference; each LoRA layer instead adds the initial adapter ``s·B₀A₀x`` (a frozen copy of the
-  factors FILA recorded) in place of the trained one: ``W_res + s·B₀A₀ = W``.
+  factors FILA recorded) in place of the trained one: ``W_res + s·B₀A₀ = W``. (On a quantised base
+  FILA keeps ``W_q`` and a frozen hook subtracts ``s·B₀A₀x``; the added initial adapter cancels it.)
 - Full fine-tuning changes the weights themselves: a frozen copy, made before the first step.
 
 The adapters are switched by giving each LoRA layer, for the reference call only, a ``forward`` that

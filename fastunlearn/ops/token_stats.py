@@ -114,7 +114,7 @@ def token_stats(
     Returns fp32 tensors (fp64 for fp64 logits on the PyTorch path), no gradient.
     """
     rows = _checked_rows(logits, labels, ignore_index, validate)
-    resolved = resolve_backend(backend, logits.device, has_reference=False)
+    resolved = resolve_backend(backend, logits.device)
     with torch.no_grad():
         out = _token_stats_op(rows, labels.reshape(-1).long(), ignore_index, resolved)
     return tuple(col.view(labels.shape) for col in out.unbind(1))  # type: ignore[return-value]
@@ -137,7 +137,8 @@ def linear_token_stats(
     ``[..., H]``, ``weight`` ``[V, H]``, ``labels`` ``hidden.shape[:-1]``; under ``torch.autocast``
     the inputs are cast as ``F.linear`` casts them. Returns ``(log p_y, μ, σ)`` shaped like ``labels``.
     """
-    from fastunlearn.ops.fused_linear import _checked_inputs, _chunks
+    from fastunlearn.ops._linear_chunks import chunk_logits
+    from fastunlearn.ops.fused_linear import _checked_inputs
 
     hidden, weight, bias, resolved, chunk_rows = _checked_inputs(
         "linear_token_stats", hidden, weight, labels, bias, ignore_index, backend, chunk_rows, validate
@@ -145,8 +146,8 @@ def linear_token_stats(
     h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
     parts = []
     with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
-        for r0, h_chunk, logits in _chunks(h, weight, bias, chunk_rows):
+        buffer = h.new_empty(min(chunk_rows, h.shape[0]), weight.shape[0])
+        for r0, h_chunk, logits in chunk_logits(h, weight, bias, chunk_rows, buffer):
             parts.append(_token_stats_op(logits, y[r0 : r0 + h_chunk.shape[0]], ignore_index, resolved))
-            del logits
     out = torch.cat(parts)
     return tuple(col.view(labels.shape) for col in out.unbind(1))  # type: ignore[return-value]

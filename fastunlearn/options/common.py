@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastunlearn.data import FORMATS, TEMPLATE_NAMES
+from fastunlearn.models.quantization import require_bitsandbytes
 from fastunlearn.options.schema import option
 
 __all__ = ["DataShape", "ModelAccess", "RunControl"]
@@ -18,8 +19,8 @@ class ModelAccess:
 
     model: Any = option(
         None,
-        "a local model directory (Hugging Face format) or a peft adapter directory; in Python also a "
-        "loaded causal LM",
+        "a local model directory (Hugging Face format), a peft adapter directory or a Hugging Face Hub id "
+        "(found in the local cache); in Python also a loaded causal LM",
         flag="",
         path=True,
         plan=True,
@@ -30,10 +31,46 @@ class ModelAccess:
     )
     allow_download: bool = option(
         False,
-        "allow MODEL to be a Hugging Face Hub id, downloaded if not cached",
+        "allow fetching from the Hugging Face Hub what the local cache lacks (MODEL by Hub id, Hub data "
+        "sets); without it Hub ids resolve from the cache alone",
         identity=False,
         group="model",
     )
+    revision: str | None = option(
+        None,
+        "branch, tag or commit of a Hub MODEL (default: main; the run records the commit it resolved to)",
+        group="model",
+    )
+    load_in_4bit: bool = option(
+        False,
+        "load the base weights in 4 bits (bitsandbytes NF4, double quantisation; QLoRA); LoRA / FILA "
+        "adapters train in full precision on top",
+        check=lambda on: on and require_bitsandbytes("load_in_4bit"),
+        plan=True,
+        group="model",
+    )
+    load_in_8bit: bool = option(
+        False,
+        "load the base weights in 8 bits (bitsandbytes LLM.int8())",
+        check=lambda on: on and require_bitsandbytes("load_in_8bit"),
+        plan=True,
+        group="model",
+    )
+
+    def loading_options(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`~fastunlearn.models.loading.load_model_and_tokenizer` these
+        options set."""
+        return {
+            "trust_remote_code": self.trust_remote_code,
+            "allow_download": self.allow_download,
+            "revision": self.revision,
+            "load_in_4bit": self.load_in_4bit,
+            "load_in_8bit": self.load_in_8bit,
+        }
+
+    @property
+    def quantised(self) -> bool:
+        return self.load_in_4bit or self.load_in_8bit
 
 
 @dataclass

@@ -9,13 +9,118 @@ from fastunlearn.data import TEMPLATE_NAMES
 from fastunlearn.options.common import ModelAccess, RunControl
 from fastunlearn.options.schema import option, validate
 
-__all__ = ["TOFU_MODES", "EvalConfig"]
+__all__ = ["TOFU_MODES", "EvalConfig", "EvalSuite"]
 
 TOFU_MODES = ("full", "legacy")
+_MIA, _PRIVLEAK = "membership inference", "PrivLeak (membership inference, MUSE)"
 
 
 @dataclass
-class EvalConfig(RunControl, ModelAccess):
+class EvalSuite:
+    """The field's evaluations, for ``fastunlearn eval`` and after an unlearning run: membership
+    inference, MUSE, lm-evaluation-harness tasks, dialogue. In a run only ``muse`` (its training data,
+    its stopping rule) and ``retrain_model`` (the muse rule's reference) are part of what it computes;
+    the others say what is evaluated after it (``identity=False``: a resumed run may change them)."""
+
+    mia_forget: Any = option(
+        None,
+        "the members: a data file of text records, every token a target",
+        path=True,
+        identity=False,
+        group=_MIA,
+    )
+    mia_holdout: Any = option(
+        None, "the non-members: texts never trained on", path=True, identity=False, group=_MIA
+    )
+    mia_k: float = option(
+        0.4,
+        "Min-K%'s fraction of lowest-scoring tokens (and PrivLeak's)",
+        positive=True,
+        identity=False,
+        group=_MIA,
+    )
+    mia_reference_model: Any = option(
+        None,
+        "a reference model, same tokenizer, for the reference attack",
+        path=True,
+        identity=False,
+        group=_MIA,
+    )
+    muse: Any = option(
+        None,
+        "a MUSE benchmark directory (verbmem/, knowmem/, privleak/; unlearn trains on raw/forget and "
+        "raw/retain1 when --forget/--retain are not given)",
+        path=True,
+        group="MUSE",
+    )
+    retrain_model: Any = option(
+        None, "the model retrained without the forget set (same tokenizer)", path=True, group=_PRIVLEAK
+    )
+    retrain_auc: float | None = option(
+        None, "the retrained model's Min-K% AUC on the same sets, instead of --retrain-model", positive=True,
+        identity=False, group=_PRIVLEAK,
+    )  # fmt: skip
+    lm_eval: str | None = option(
+        None, "lm-evaluation-harness tasks, e.g. wmdp_bio,wmdp_cyber,wmdp_chem,mmlu", metavar="TASKS",
+        identity=False, group="lm-eval",
+    )  # fmt: skip
+    lm_eval_include: Any = option(
+        None, "a directory of local task YAML files", path=True, identity=False, group="lm-eval"
+    )
+    lm_eval_limit: int | None = option(
+        None, "documents per task", positive=True, identity=False, group="lm-eval"
+    )
+    lm_eval_fewshot: int | None = option(
+        None, "in-context examples (default: each task's own)", minimum=0, identity=False, group="lm-eval"
+    )
+    dialogue: Any = option(
+        None, 'a file of {"context", "response"} records: unigram F1 of the greedy response', path=True,
+        identity=False, group="dialogue",
+    )  # fmt: skip
+
+    def suite_requests(
+        self, batch_size: int, *, retrain_elsewhere: bool = False
+    ) -> dict[str, dict[str, Any]]:
+        """The evaluations these options ask for, as :func:`fastunlearn.evaluate` takes them; an option
+        that nothing would use is an error (``retrain_elsewhere``: a stopping rule uses the retrained
+        model)."""
+        privleak = {"retrain_model": self.retrain_model, "retrain_auc": self.retrain_auc, "k": self.mia_k}
+        out: dict[str, dict[str, Any]] = {}
+        if self.mia_forget is not None or self.mia_holdout is not None:
+            out["mia"] = dict(
+                forget=self.mia_forget, holdout=self.mia_holdout, reference_model=self.mia_reference_model,
+                batch_size=batch_size, **privleak,
+            )  # fmt: skip
+        if self.muse is not None:
+            out["muse"] = dict(muse_dir=self.muse, batch_size=batch_size, **privleak)
+        if self.lm_eval is not None:
+            out["lm_eval"] = dict(
+                tasks=self.lm_eval, include_path=self.lm_eval_include, limit=self.lm_eval_limit,
+                num_fewshot=self.lm_eval_fewshot, batch_size=batch_size,
+            )  # fmt: skip
+        if self.dialogue is not None:
+            out["dialogue"] = dict(data=self.dialogue, batch_size=batch_size)
+        privleak_sets = ("--mia-forget/--mia-holdout or --muse", "mia", "muse")
+        for flag, value, (needed, *names) in (
+            ("--mia-reference-model", self.mia_reference_model, ("--mia-forget/--mia-holdout", "mia")),
+            ("--retrain-model", None if retrain_elsewhere else self.retrain_model, privleak_sets),
+            ("--retrain-auc", self.retrain_auc, privleak_sets),
+            ("--lm-eval-include", self.lm_eval_include, ("--lm-eval TASKS", "lm_eval")),
+            ("--lm-eval-limit", self.lm_eval_limit, ("--lm-eval TASKS", "lm_eval")),
+            ("--lm-eval-fewshot", self.lm_eval_fewshot, ("--lm-eval TASKS", "lm_eval")),
+        ):
+            if value is not None and not set(names) & set(out):
+                raise ValueError(f"{flag} is used with {needed}, and none is given")
+        if self.retrain_auc is not None and {"mia", "muse"} <= set(out):
+            raise ValueError(
+                "--retrain-auc is the retrained model's AUC on one pair of sets: give it with --mia-forget/"
+                "--mia-holdout or with --muse, not both (or give --retrain-model)"
+            )
+        return out
+
+
+@dataclass
+class EvalConfig(RunControl, EvalSuite, ModelAccess):
     """Every option of an evaluation."""
 
     base_model: Any = option(

@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any
 
-from fastunlearn.options.schema import fields_of, flag_of
+from fastunlearn.options.schema import coerce, fields_of, flag_of
 
 __all__ = ["read_config_file"]
 
@@ -53,6 +53,7 @@ def read_config_file(path: str | os.PathLike, schema: type) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path}: expected a mapping of option names to values")
     names: dict[str, str] = {}
+    types = {f.name: tp for f, _, tp in fields_of(schema)}
     for f, spec, _ in fields_of(schema):
         if spec.cli:
             names[f.name] = f.name
@@ -66,5 +67,5 @@ def read_config_file(path: str | os.PathLike, schema: type) -> dict[str, Any]:
             close = difflib.get_close_matches(str(key), list(names), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ValueError(f"config file {path}: unknown option {key!r}{hint}")
-        options[name] = value
+        options[name] = coerce(value, types[name])
     return options

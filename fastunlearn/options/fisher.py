@@ -17,7 +17,14 @@ __all__ = ["FisherConfig"]
 class FisherConfig(RunControl, DataShape, ModelAccess):
     """Every option of a Fisher estimate."""
 
-    data: Any = option(None, "data file of the examples", path=True, required=True, group="data")
+    data: Any = option(
+        None,
+        "the examples: a JSON Lines, Parquet or CSV file, a datasets folder or a Hub data set "
+        "NAME[:CONFIG][@SPLIT]",
+        path=True,
+        required=True,
+        group="data",
+    )
     output: Any = option(None, "the .safetensors file to write", path="output", required=True)
     mode: str = option("per_example", "estimator", choices=FISHER_MODES)
     target_modules: list[str] | None = option(

@@ -20,6 +20,7 @@ from typing import Any
 SPEC = "fastunlearn.option"
 
 __all__ = [
+    "OptionTypeError",
     "Spec",
     "fields_of",
     "flag_of",
@@ -136,10 +137,16 @@ def _type_name(tp: Any) -> str:
     return " or ".join(names)
 
 
+class OptionTypeError(TypeError, ValueError):
+    """An option given a value of the wrong type: a ``TypeError`` in Python, a user error on the command
+    line (where values come from a ``--config`` file)."""
+
+
 def check_value(name: str, value: Any, spec: Spec, tp: Any) -> None:
-    """``ValueError`` (``TypeError`` for a wrong type) naming ``name`` if ``value`` breaks its spec."""
+    """``ValueError`` (:class:`OptionTypeError` for a wrong type) naming ``name`` if ``value`` breaks its
+    spec."""
     if not _type_ok(value, tp):
-        raise TypeError(f"{name} must be {_type_name(tp)}, got {value!r}")
+        raise OptionTypeError(f"{name} must be {_type_name(tp)}, got {value!r}")
     if value is None:
         return
     allowed = spec.allowed()
@@ -165,6 +172,20 @@ def require(obj: Any) -> None:
     for f, spec, _ in fields_of(obj):
         if (spec.required or flag_of(f.name, spec) == "") and getattr(obj, f.name) is None:
             raise ValueError(f"{f.name} is required")
+
+
+def coerce(value: Any, tp: Any) -> Any:
+    """A number written as a string in a config file (YAML reads ``3e-4`` as a string) as the number
+    the option's type wants; anything else unchanged."""
+    if not isinstance(value, str) or _type_ok(value, tp):
+        return value
+    for number in (int, float):
+        if number in _parts(tp):
+            try:
+                return number(value)
+            except ValueError:
+                continue
+    return value
 
 
 def record_value(value: Any, spec: Spec) -> Any:

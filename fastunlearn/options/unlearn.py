@@ -7,6 +7,7 @@ effective batch of 32; one epoch of linear warm-up, then linear decay.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -19,12 +20,15 @@ from fastunlearn.methods.presets import FORGET_TERMS, METHODS, RETAIN_TERMS, Met
 from fastunlearn.models.precision import PRECISIONS
 from fastunlearn.ops._backend import BACKENDS
 from fastunlearn.options.common import DataShape, ModelAccess, RunControl
+from fastunlearn.options.evaluate import EvalSuite
 from fastunlearn.options.schema import option, require, validate
 
 INITS = ("fila", "lora", "full")
+# Experiment trackers (transformers' integrations) and the package each needs.
+TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "trackio": ("trackio",)}
 KERNEL_BACKENDS = BACKENDS
 
-__all__ = ["INITS", "UnlearnConfig"]
+__all__ = ["INITS", "TRACKERS", "UnlearnConfig", "check_trackers"]
 
 
 def _memory_size(value: Any) -> None:
@@ -36,17 +40,26 @@ def _eval_every(value: Any) -> None:
 
 
 @dataclass
-class UnlearnConfig(RunControl, DataShape, ModelAccess):
+class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
     """Every option of an unlearning run (defaults: the paper's recipe where it has one)."""
 
     forget: Any = option(
-        None, "the forget set: a data file or, in Python, records", path=True, group="data", required=True
+        None,
+        "the forget set: a JSON Lines, Parquet or CSV file, a datasets save_to_disk folder (FOLDER@SPLIT) or "
+        "a Hugging Face Hub data set NAME[:CONFIG][@SPLIT]; in Python also records (default with --muse: "
+        "its raw/forget)",
+        path=True,
+        group="data",
     )
-    retain: Any = option(None, "the retain set (not needed by ga)", path=True, group="data")
+    retain: Any = option(
+        None,
+        "the retain set, in the same forms; not needed by ga (default with --muse: its raw/retain1)",
+        path=True,
+        group="data",
+    )
     output_dir: Any = option(
         None,
-        "output directory: absent, empty or holding an interrupted run (a finished run needs --overwrite "
-        "or --resume)",
+        "output directory; a finished run there is replaced only with --overwrite",
         flag="--output",
         path="output",
         identity=False,
@@ -210,7 +223,9 @@ class UnlearnConfig(RunControl, DataShape, ModelAccess):
         None,
         "'tofu' (forget accuracy and ROUGE-L at or below the retain-only model's: --reference-model, or "
         "tofu:acc=A,rougeL=R), 'extraction' (forget MA and EL10 below the model's on unseen text: --unseen, "
-        "or extraction:ma=M,el10=E), or bounds such as forget.prob<=0.05,retain.rougeL>=0.5",
+        "or extraction:ma=M,el10=E), 'muse' (MUSE's forget KnowMem at or below the retrained model's: "
+        "--muse DIR with --retrain-model, or muse:knowmem_forget=K), or bounds such as "
+        "forget.prob<=0.05,retain.rougeL>=0.5",
         flag="--stop-when",
         metavar="RULE",
         group="stopping",
@@ -273,6 +288,20 @@ class UnlearnConfig(RunControl, DataShape, ModelAccess):
     logging_steps: int = option(
         10, "optimiser steps between log lines", positive=True, identity=False, group="output"
     )
+    report_to: str | list[str] = option(
+        ["none"],
+        "experiment trackers that receive the training scalars and every evaluation during training: "
+        f"{', '.join(TRACKERS)} or none, comma-separated (offline: TensorBoard writes OUTPUT/logs; "
+        "WANDB_MODE=offline; trackio is local unless TRACKIO_SPACE_ID is set)",
+        metavar="NAME[,NAME...]",
+        check=lambda v: check_trackers(v) and None,
+        identity=False,
+        group="output",
+    )
+    run_name: str | None = option(
+        None, "the run's name in the trackers (default: the output directory's name)", identity=False,
+        group="output",
+    )  # fmt: skip
     callbacks: list[Any] | None = option(
         None, "transformers.TrainerCallback instances added to the Trainer", cli=False, identity=False
     )
@@ -281,6 +310,8 @@ class UnlearnConfig(RunControl, DataShape, ModelAccess):
         if isinstance(self.rmu_train_layers, (list, tuple)):
             self.rmu_train_layers = [_layer_index(v) for v in self.rmu_train_layers]
         validate(self)
+        self.report_to = check_trackers(self.report_to)
+        _check_quantised(self)
         if self.overwrite and self.resume:
             raise ValueError("overwrite=True and resume=True exclude each other")
         if isinstance(self.deepspeed, os.PathLike):
@@ -317,12 +348,50 @@ class UnlearnConfig(RunControl, DataShape, ModelAccess):
         uses one."""
         require(self)
         spec = self.method_spec()
-        if self.retain is None and spec.needs_retain:
+        if self.forget is None and self.muse is None:
+            raise ValueError("forget is required (or --muse DIR, whose raw/forget it trains on)")
+        if self.retain is None and self.muse is None and spec.needs_retain:
             raise ValueError(
                 f"method {self.method!r} needs a retain set (its retain term is {spec.retain!r})"
             )
-        if self.retain is None and self.init == "fila":
+        if self.retain is None and self.muse is None and self.init == "fila":
             raise ValueError("init='fila' needs a retain set (relative Fisher information); use init='lora'")
+
+
+def check_trackers(value: str | list[str]) -> list[str]:
+    """The trackers of ``report_to`` (a name, a comma-separated string or a list) as a list; ``ValueError``
+    for an unknown one or one whose package is not installed."""
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value)]
+    if names == ["none"]:
+        return names
+    if "none" in names:
+        raise ValueError(f"report_to {value!r}: 'none' excludes the other trackers")
+    for name in names:
+        if name not in TRACKERS:
+            raise ValueError(f"unknown tracker {name!r} in report_to; expected {', '.join(TRACKERS)} or none")
+        if not any(importlib.util.find_spec(package) for package in TRACKERS[name]):
+            raise ValueError(
+                f"report_to {name!r} needs the {TRACKERS[name][0]} package: pip install {TRACKERS[name][0]}"
+            )
+    return list(dict.fromkeys(names))
+
+
+def _check_quantised(cfg: UnlearnConfig) -> None:
+    """What a 4-bit or 8-bit base allows: adapters (LoRA, FILA) on one device or under DDP."""
+    if not cfg.quantised:
+        return
+    which = "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
+    if cfg.load_in_4bit and cfg.load_in_8bit:
+        raise ValueError("load_in_4bit and load_in_8bit exclude each other; choose one")
+    if cfg.init == "full":
+        raise ValueError(f"{which}: quantised weights do not train; use init='lora' or init='fila'")
+    if cfg.merge:
+        raise ValueError(
+            f"{which} excludes merge=True (a merged model would bake in the quantisation error): the "
+            "adapter loads on the full-precision base, where peft's merge_and_unload merges it"
+        )
+    if cfg.fsdp is not None or cfg.deepspeed is not None:
+        raise ValueError(f"{which} is supported on one device or under DDP, not with fsdp or deepspeed")
 
 
 def _layer_index(value: Any) -> Any:

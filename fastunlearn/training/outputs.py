@@ -54,6 +54,7 @@ OUTPUT_ENTRIES = (
     "merged",
     "fisher",
     "checkpoints",
+    "logs",
     "run_config.json",
     *TRAJECTORY_FILES,
     "metrics.json",

@@ -26,6 +26,10 @@ from fastunlearn._io import write_json
 from fastunlearn.data.refusals import refusal_examples
 from fastunlearn.engines import distributed
 from fastunlearn.engines.base import Engine, engine_for
+from fastunlearn.evaluation.evaluator import check as check_evaluations
+from fastunlearn.evaluation.evaluator import evaluate
+from fastunlearn.evaluation.muse_files import read_muse
+from fastunlearn.evaluation.sets import SetEvaluator
 from fastunlearn.methods.capture import num_layers
 from fastunlearn.methods.objectives import Objective, build_objective
 from fastunlearn.methods.presets import MethodSpec
@@ -34,13 +38,14 @@ from fastunlearn.models.devices import training_device
 from fastunlearn.models.loading import load_model_and_tokenizer
 from fastunlearn.models.patching import fused_blocker, patch, unpatch
 from fastunlearn.models.precision import load_dtype, resolve_training_precision, weights_dtype
+from fastunlearn.models.quantization import keep_trainable_layout
 from fastunlearn.options.unlearn import UnlearnConfig
 from fastunlearn.training import outputs
 from fastunlearn.training.adapters import initialise_adapters, reference_logprobs
 from fastunlearn.training.exports import collect_outputs, save_outputs
 from fastunlearn.training.memory_check import check_run_memory
 from fastunlearn.training.preflight import Checked, check_vocab, preflight, read_data
-from fastunlearn.training.run_record import check_resumable, run_record
+from fastunlearn.training.run_record import check_resumable, pin_revision, run_record
 from fastunlearn.training.stopping_setup import plan_run_stopping, prepare_unseen, stopping_callback
 from fastunlearn.training.trainer import build_trainer
 
@@ -74,11 +79,13 @@ class RunState:
     dirs: outputs.RunDirs
     checked: Checked
     stop_plan: Any
+    suite: dict[str, dict[str, Any]]
     spec: MethodSpec
     idk: list[fdata.Example] | None = None  # each forget question with a refusal (IdK, DPO)
     model: Any = None
     tokenizer: Any = None
     dataset: fdata.PairedDataset | None = None
+    sets: Any = None
     objective: Objective | None = None
     callbacks: list[Any] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -89,6 +96,7 @@ class RunState:
 def check(cfg: UnlearnConfig) -> RunState:
     """Every check that can fail, before the weights load and before anything is written."""
     cfg.require()
+    cfg = pin_revision(cfg)  # a Hub model id: the commit it resolves to now, for the whole run
     model = cfg.model
     weights = None if isinstance(model, (str, os.PathLike)) else weights_dtype(model)
     precision = resolve_training_precision(cfg.precision, training_device(), init=cfg.init, weights=weights)
@@ -96,8 +104,14 @@ def check(cfg: UnlearnConfig) -> RunState:
     engine = engine_for(
         cfg.fsdp, cfg.deepspeed, init=cfg.init, resume=cfg.resume, cfg=cfg, precision=precision
     )
-    data = distributed.on_all(lambda: read_data(cfg.forget, cfg.retain, data_format=cfg.data_format))
-    stop_plan = distributed.on_all(lambda: plan_run_stopping(cfg, {n: fmt for n, (_, fmt) in data.items()}))
+    data = distributed.on_all(
+        lambda: read_data(
+            *_training_data(cfg), data_format=cfg.data_format, allow_download=cfg.allow_download
+        )
+    )
+    formats = {n: fmt for n, (_, fmt) in data.items()} | ({"muse": "muse"} if cfg.muse is not None else {})
+    stop_plan = distributed.on_all(lambda: plan_run_stopping(cfg, formats))
+    suite = distributed.on_all(lambda: _suite(cfg))
     record = run_record(cfg, precision=precision, world_size=distributed.world_size(), engine=engine.name)
     dirs = distributed.on_main(lambda: _plan_output(cfg, record))
     checked = distributed.on_all(lambda: preflight(model, cfg.tokenizer, data, init=cfg.init, cfg=cfg))
@@ -105,7 +119,7 @@ def check(cfg: UnlearnConfig) -> RunState:
     idk = distributed.on_all(lambda: _check_method(cfg, spec, checked, data["forget"], engine))
     if cfg.memory_check:  # the main process decides; its refusal is every rank's
         distributed.on_main(lambda: check_run_memory(cfg, checked, precision, engine.name))
-    return RunState(cfg, precision, engine, record, dirs, checked, stop_plan, spec, idk)
+    return RunState(cfg, precision, engine, record, dirs, checked, stop_plan, suite, spec, idk)
 
 
 def _check_method(
@@ -144,10 +158,10 @@ def load(run: RunState) -> None:
         run.model, run.tokenizer = load_model_and_tokenizer(
             cfg.model,
             run.checked.tokenizer,
-            trust_remote_code=cfg.trust_remote_code,
-            allow_download=cfg.allow_download,
+            **cfg.loading_options(),
             dtype=load_dtype(run.precision, cfg.init),
         )
+    keep_trainable_layout(run.model)  # a 4-bit model given as an object too
     if cfg.fused and (reason := fused_blocker(run.model)) is not None:
         raise ValueError(
             f"fused=True: cannot compute the losses of {type(run.model).__name__} fused: {reason}"
@@ -166,8 +180,11 @@ def prepare_data(run: RunState) -> None:
     check_vocab(run.model, run.idk or [], "idk")
     run.dataset = fdata.PairedDataset(checked.forget, checked.retain, seed=cfg.seed, idk=run.idk)
     run.fetching.enter_context(run.engine.before_training(run.model))
+    run.sets = SetEvaluator(
+        run.tokenizer, checked.forget, checked.retain, eval_items=None, batch_size=cfg.eval_batch_size
+    )
     if cfg.evaluate:
-        run.metrics["before"] = _evaluate(run)
+        run.metrics["before"] = _evaluate(run, {})
     if run.stop_plan is not None:
         args = (checked.forget, checked.retain, unseen, run.dirs.build)
         run.callbacks.append(stopping_callback(run.stop_plan, cfg, run.model, run.tokenizer, *args))
@@ -209,6 +226,7 @@ def train(run: RunState) -> None:
         precision=run.precision,
         extra_callbacks=run.callbacks,
         wrapped_model=wrapped,
+        trajectory=run.callbacks[0].trajectory if run.callbacks else None,
         **run.engine.trainer_options(),
     )
     checkpoint = outputs.last_checkpoint(run.dirs.build) if run.dirs.resume else None
@@ -225,8 +243,8 @@ def train(run: RunState) -> None:
     }
     if run.callbacks:  # the callback has put the kept state back: "after" and the files are that state
         run.metrics["stopping"] = _published_stopping(run)
-    if cfg.evaluate:
-        run.metrics["after"] = _evaluate(run)
+    if cfg.evaluate or run.suite:
+        run.metrics["after"] = _evaluate(run, run.suite)
 
 
 def export(run: RunState) -> UnlearnResult:
@@ -288,8 +306,10 @@ def unlearn(
     """Unlearn ``forget`` from ``model`` while keeping it good on ``retain`` (Cha et al., ICLR 2025).
 
     ``model``: a Hugging Face causal LM (modified in place: wrapped with LoRA, and for FILA its base
-    weights become the residual ``W − s·B₀A₀``) or a local directory. ``forget`` / ``retain``: data files
-    or iterables of records. ``options``: the fields of :class:`~fastunlearn.options.unlearn.UnlearnConfig`.
+    weights become the residual ``W − s·B₀A₀``, or on a 4-bit / 8-bit base carry it as a frozen adapter),
+    a local directory or a Hub id in the local Hugging Face cache. ``forget`` / ``retain``: data files,
+    ``datasets`` folders, Hub data sets (:mod:`fastunlearn.data.sources`) or iterables of records.
+    ``options``: the fields of :class:`~fastunlearn.options.unlearn.UnlearnConfig`.
     """
     names = [f.name for f in dataclasses.fields(UnlearnConfig)]
     unknown = sorted(set(options) - set(names))
@@ -311,16 +331,30 @@ def unlearn(
     return run_unlearning(cfg)
 
 
-def _evaluate(run: RunState) -> dict[str, dict[str, float]]:
-    from fastunlearn.evaluation.likelihood import answer_metrics, example_stats
+def _training_data(cfg: UnlearnConfig) -> tuple[Any, Any]:
+    """``--forget`` / ``--retain``, or where not given a MUSE directory's ``raw/forget`` and
+    ``raw/retain1`` (raw text, every token a target: MUSE's unlearning data, Shi et al. 2024)."""
+    if cfg.muse is None:
+        return cfg.forget, cfg.retain
+    forget = cfg.forget if cfg.forget is not None else read_muse(cfg.muse, "raw/forget")
+    return forget, cfg.retain if cfg.retain is not None else read_muse(cfg.muse, "raw/retain1")
 
-    pad_id = run.checked.pad_id
-    sets = (("forget", run.checked.forget), ("retain", run.checked.retain))
-    return {
-        name: answer_metrics(example_stats(run.model, examples, pad_id, run.cfg.eval_batch_size))
-        for name, examples in sets
-        if examples
-    }
+
+def _suite(cfg: UnlearnConfig) -> dict[str, dict[str, Any]]:
+    """The field's evaluations to run after training, their inputs read and checked now."""
+    suite = cfg.suite_requests(cfg.eval_batch_size, retrain_elsewhere=cfg.stop == "muse")
+    if suite:
+        check_evaluations(**suite)
+    return suite
+
+
+def _evaluate(run: RunState, suite: Mapping[str, Any]) -> dict[str, Any]:
+    """The forget / retain metrics of every example (``metrics["before"]`` / ``["after"]``) with
+    ``suite``'s evaluations, through the one evaluator; only ``suite`` with ``--no-eval``."""
+    sets = {"sets": {"evaluator": run.sets}} if run.cfg.evaluate else {}
+    access = dict(trust_remote_code=run.cfg.trust_remote_code, allow_download=run.cfg.allow_download)
+    results = evaluate(run.model, run.tokenizer, **access, **sets, **suite)
+    return {**results.pop("sets", {}), **results}
 
 
 def _published_stopping(run: RunState) -> dict[str, Any]:

@@ -62,12 +62,16 @@ def read_data(
     retain: str | os.PathLike | Iterable[Mapping[str, Any]] | None,
     *,
     data_format: str,
+    allow_download: bool = False,
 ) -> dict[str, Records]:
     """The records and format of ``forget`` and (unless ``None``) ``retain``, read once
     (:func:`fastunlearn.data.examples.load_records`): :func:`preflight` tokenises them, and the formats
     decide which metrics a stopping rule may read."""
     sets = {"forget": forget, **({"retain": retain} if retain is not None else {})}
-    return {name: fdata.load_records(data, data_format=data_format, name=name) for name, data in sets.items()}
+    return {
+        name: fdata.load_records(data, data_format=data_format, name=name, allow_download=allow_download)
+        for name, data in sets.items()
+    }
 
 
 def check_vocab(model: nn.Module, examples: Iterable[fdata.Example], name: str) -> None:
@@ -148,9 +152,9 @@ def preflight(
     target modules and rank of a run (see the module docstring); raise the first problem, naming the
     file, line or option at fault."""
     access = dict(trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download)
-    source, tokenizer = resolve_model(model, tokenizer, **access)
+    source, tokenizer = resolve_model(model, tokenizer, **access, revision=cfg.revision)
     if source is not None:
-        config = load_config(source.base or source.path, **access)
+        config = load_config(source.base or source.path, trust_remote_code=cfg.trust_remote_code)
         skeleton = model_skeleton(config, trust_remote_code=cfg.trust_remote_code)
     else:
         skeleton, config = model, getattr(model, "config", None)

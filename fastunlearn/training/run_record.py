@@ -1,28 +1,36 @@
 """``run_config.json``: what a run was — every option (from the schema), fingerprints of its model,
-tokenizer and data, the precision, engine, process count and library versions — and the check that a
-resumed run is the same run.
+tokenizer and data, the Hub commits its Hub ids resolved to, the precision, engine, process count and
+library versions — and the check that a resumed run is the same run.
 
 A resumed run must agree on every option the schema marks as part of a run's identity, and on the
-fingerprints: the same model directory holding other weights, another tokenizer or edited data files
-is another run, whatever the paths say.
+fingerprints: the same model directory holding other weights, another tokenizer, edited data files or
+a Hub id now at another commit is another run, whatever the names say. A model named by Hub id is
+pinned to its commit (:func:`pin_revision`): the recorded ``revision`` option is that commit, so
+``--config run_config.json`` loads the very same weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
+from fastunlearn._hub import MODEL_FILES, is_hub_id, resolve_snapshot
+from fastunlearn.data.sources import resolve_hub_dataset
 from fastunlearn.options.commandline import command_line
 from fastunlearn.options.schema import fields_of, to_record, with_absolute_paths
 
-__all__ = ["check_resumable", "fingerprint", "run_record"]
+__all__ = ["check_resumable", "fingerprint", "pin_revision", "run_record"]
 
-# Files of a model or tokenizer directory hashed whole; weights are fingerprinted by name and size.
-_SMALL_SUFFIXES = (".json", ".model", ".txt", ".py", ".tiktoken")
+# Files of a model, tokenizer or data set directory hashed whole (data sets' Arrow and Parquet files
+# included); weights are fingerprinted by name and size.
+_SMALL_SUFFIXES = (".json", ".model", ".txt", ".py", ".tiktoken", ".arrow", ".parquet")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+# Options naming a model or tokenizer (a Hub id there is a model repository; elsewhere a data set).
+_MODEL_OPTIONS = ("model", "tokenizer", "reference_model", "base_model")
 
 
 def _hash_file(path: str, digest: Any) -> None:
@@ -33,21 +41,23 @@ def _hash_file(path: str, digest: Any) -> None:
 
 def _hash_directory(path: str) -> str:
     digest = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if not os.path.isfile(full):
-            continue
-        if name.endswith(_WEIGHT_SUFFIXES):
-            digest.update(f"{name}:{os.path.getsize(full)}\n".encode())
-        elif name.endswith(_SMALL_SUFFIXES):
-            digest.update(f"{name}\n".encode())
-            _hash_file(full, digest)
+    for folder, dirs, names in sorted(os.walk(path)):
+        dirs.sort()
+        for name in sorted(names):
+            full = os.path.join(folder, name)
+            rel = os.path.relpath(full, path)
+            if name.endswith(_WEIGHT_SUFFIXES):
+                digest.update(f"{rel}:{os.path.getsize(full)}\n".encode())
+            elif name.endswith(_SMALL_SUFFIXES):
+                digest.update(f"{rel}\n".encode())
+                _hash_file(full, digest)
     return digest.hexdigest()
 
 
 def fingerprint(value: Any) -> str | None:
-    """A content fingerprint of a data file, a model or tokenizer directory, in-memory records or a
-    loaded model (its config); ``None`` for anything else (a Hub id, an option that is not a source)."""
+    """A content fingerprint of a data file, a model, tokenizer or data set directory, in-memory records,
+    a ``datasets.Dataset`` or a loaded model (its config); ``None`` for anything else (a Hub id, whose
+    commit :func:`run_record` records instead, or an option that is not a source)."""
     if isinstance(value, (str, os.PathLike)):
         path = os.fspath(value)
         if os.path.isdir(path):
@@ -57,6 +67,8 @@ def fingerprint(value: Any) -> str | None:
             _hash_file(path, digest)
             return "file:" + digest.hexdigest()
         return None
+    if isinstance(getattr(value, "_fingerprint", None), str):  # a datasets.Dataset: its own content hash
+        return "dataset:" + value._fingerprint
     config = getattr(value, "config", None)
     if config is not None and hasattr(config, "to_json_string"):
         return "config:" + hashlib.sha256(config.to_json_string().encode()).hexdigest()
@@ -64,6 +76,33 @@ def fingerprint(value: Any) -> str | None:
         text = json.dumps(list(value), sort_keys=True, default=str)
         return "records:" + hashlib.sha256(text.encode()).hexdigest()
     return None
+
+
+def _hub_source(name: str, value: Any, cfg: Any) -> dict[str, Any] | None:
+    """The repository and commit a Hub id option resolved to (``None`` for anything else)."""
+    if (
+        not isinstance(value, str)
+        or os.path.exists(value)
+        or not is_hub_id(value.partition(":")[0].partition("@")[0])
+    ):
+        return None
+    if name in _MODEL_OPTIONS:
+        revision = cfg.revision if name == "model" else None
+        snapshot = resolve_snapshot(
+            value, revision=revision, allow_download=cfg.allow_download, patterns=MODEL_FILES
+        )
+        return {"hub": snapshot.repo_id, "revision": snapshot.revision}
+    dataset = resolve_hub_dataset(value, allow_download=cfg.allow_download)
+    return {"hub": str(dataset), "revision": dataset.revision}
+
+
+def pin_revision(cfg: Any) -> Any:
+    """``cfg`` with ``revision`` set to the commit its Hub model id resolves to (the same ``cfg`` for a
+    local model), so that the run loads, and records, one commit."""
+    source = _hub_source("model", cfg.model, cfg)
+    if source is None or source["revision"] == cfg.revision:
+        return cfg
+    return dataclasses.replace(cfg, revision=source["revision"])
 
 
 def _versions() -> dict[str, str]:
@@ -85,10 +124,14 @@ def run_record(cfg: Any, *, precision: str, world_size: int, engine: str) -> dic
     """What ``run_config.json`` holds for a run (module docstring); its ``options`` read back by
     ``--config`` run the same job."""
     absolute = with_absolute_paths(cfg)
-    identity = {
-        f.name: fingerprint(getattr(cfg, f.name))
+    sources = {
+        f.name: (fingerprint(getattr(cfg, f.name)), _hub_source(f.name, getattr(cfg, f.name), cfg))
         for f, spec, _ in fields_of(cfg)
         if spec.path and spec.identity and getattr(cfg, f.name) is not None
+    }
+    identity = {
+        name: found if hub is None else f"hub:{hub['hub']}@{hub['revision']}"
+        for name, (found, hub) in sources.items()
     }
     if "model" in identity and cfg.tokenizer is None:
         identity["tokenizer"] = identity["model"]  # the model directory's own tokenizer
@@ -96,6 +139,7 @@ def run_record(cfg: Any, *, precision: str, world_size: int, engine: str) -> dic
         "command": command_line(absolute, "unlearn"),
         "options": to_record(absolute),
         "fingerprints": identity,
+        "hub": {name: hub for name, (_, hub) in sources.items() if hub is not None},
         "precision": precision,
         "engine": engine,
         "world_size": world_size,  # the data order and global batch depend on it

@@ -13,6 +13,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from fastunlearn.engines import distributed
 from fastunlearn.methods.objectives import Objective
 from fastunlearn.models.devices import training_device
 from fastunlearn.options.unlearn import UnlearnConfig
+from fastunlearn.training.tracking import connect_trackers
 
 __all__ = ["RUN_LOSS_FILE", "UnlearnTrainer", "build_trainer"]
 
@@ -123,6 +125,7 @@ def build_trainer(
     extra_callbacks: Sequence[TrainerCallback] = (),
     wrapped_model: nn.Module | None = None,
     deepspeed: dict | None = None,
+    trajectory: Any = None,
 ):
     """An :class:`UnlearnTrainer` with the paper's schedule: linear warm-up, then linear decay.
 
@@ -133,7 +136,9 @@ def build_trainer(
     wrapped for distributed training by an engine (FSDP:
     :class:`~fastunlearn.engines.fsdp.ShardedTrainingView`), trained as it is and without checkpoints
     (its optimizer state is sharded). ``deepspeed``: a checked DeepSpeed
-    config (:mod:`fastunlearn.engines.deepspeed`) to train under DeepSpeed ZeRO.
+    config (:mod:`fastunlearn.engines.deepspeed`) to train under DeepSpeed ZeRO. ``cfg.report_to``'s
+    trackers receive the training scalars and each row added to ``trajectory`` (the evaluations during
+    training; :func:`~fastunlearn.training.tracking.connect_trackers`).
     """
     # Under torchrun each of the W ranks takes its own batch: a step consumes W·batch_size pairs.
     batches_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * distributed.world_size()))
@@ -158,7 +163,8 @@ def build_trainer(
         logging_steps=cfg.logging_steps,
         save_strategy="epoch" if wrapped_model is None else "no",
         save_total_limit=1,
-        report_to="none",
+        report_to="none" if cfg.report_to == ["none"] else list(cfg.report_to),
+        run_name=cfg.run_name or os.path.basename(os.path.abspath(os.fspath(cfg.output_dir or output_dir))),
         seed=cfg.seed,
         remove_unused_columns=False,
         disable_tqdm=not cfg.progress,
@@ -168,7 +174,7 @@ def build_trainer(
         ddp_find_unused_parameters=False,
         ddp_backend="gloo" if distributed.is_distributed() and not torch.cuda.is_available() else None,
     )
-    return UnlearnTrainer(
+    trainer = UnlearnTrainer(
         model=model,
         args=args,
         callbacks=[*(cfg.callbacks or ()), *extra_callbacks],
@@ -177,3 +183,5 @@ def build_trainer(
         objective=objective,
         wrapped_model=wrapped_model,
     )
+    connect_trackers(trainer, output_dir, trajectory)
+    return trainer

@@ -1,65 +1,48 @@
 """Stopping rules for unlearning runs: *when* has the model forgotten, and which state to keep.
 
-- :mod:`~fastunlearn.evaluation.stopping.rules`: the metric namespace (``forget.prob``,
-  ``retain.rougeL``, …) and the rules (threshold, extraction, TOFU) as conjunctions of bounds.
-- :mod:`~fastunlearn.evaluation.stopping.parsing`: :func:`parse_stop_rule` and
-  :func:`parse_eval_every`, every check before a model loads.
-- :mod:`~fastunlearn.evaluation.stopping.controller`: :class:`StoppingController` (first crossing,
-  patience, restore ``first`` / ``best`` / ``last``, generation only where it can decide) and
-  :func:`plan_stopping`, all of a run's options checked at once.
-
-The evaluation during training and the ``Trainer`` callback are
-:mod:`fastunlearn.evaluation.stop_callback`'s; the trajectory files
-:mod:`fastunlearn.evaluation.trajectory`'s. Nothing here imports torch.
+:mod:`~.rules` (the metric namespace, the threshold and reference rules), :mod:`~.parsing`
+(:func:`plan_stopping`, :func:`parse_stop_rule`, :func:`parse_eval_every`: every check before a model
+loads) and :mod:`~.controller` (:class:`StoppingController`: first crossing, patience, restore
+``first`` / ``best`` / ``last``, generation only where it can decide). Pure Python, read by the option
+schema; the callback that evaluates during training is :mod:`fastunlearn.evaluation.stop_callback`'s.
 """
 
 from fastunlearn.evaluation.stopping.controller import (
     DEFAULT_RETAIN_METRICS,
-    NEAR,
-    RESTORE,
-    Decision,
-    Evaluation,
     StoppingController,
-    StopPlan,
-    plan_stopping,
     retain_score,
 )
-from fastunlearn.evaluation.stopping.parsing import parse_eval_every, parse_stop_rule
+from fastunlearn.evaluation.stopping.parsing import (
+    PLAN_OPTIONS,
+    StopPlan,
+    parse_eval_every,
+    parse_stop_rule,
+    plan_stopping,
+)
 from fastunlearn.evaluation.stopping.rules import (
     EL_N,
-    KINDS,
-    METRIC_NAMES,
-    UNSEEN_METRICS,
     Bound,
-    ExtractionRule,
+    ReferenceRule,
     StopRule,
     ThresholdRule,
-    TofuRule,
     available_metrics,
     is_generated,
-    metric_help,
+    is_retain,
 )
 
 __all__ = [
     "DEFAULT_RETAIN_METRICS",
     "EL_N",
-    "KINDS",
-    "METRIC_NAMES",
-    "NEAR",
-    "RESTORE",
-    "UNSEEN_METRICS",
+    "PLAN_OPTIONS",
     "Bound",
-    "Decision",
-    "Evaluation",
-    "ExtractionRule",
+    "ReferenceRule",
     "StopPlan",
     "StopRule",
     "StoppingController",
     "ThresholdRule",
-    "TofuRule",
     "available_metrics",
     "is_generated",
-    "metric_help",
+    "is_retain",
     "parse_eval_every",
     "parse_stop_rule",
     "plan_stopping",

@@ -1,5 +1,4 @@
-"""The stopping state machine (:class:`StoppingController`) and a run's validated options
-(:func:`plan_stopping` → :class:`StopPlan`).
+"""The stopping state machine, :class:`StoppingController`.
 
 Pure logic on plain numbers: the controller is told each evaluation's metrics and answers whether to
 stop, whether to keep a copy of the current state, and which state to restore at the end.
@@ -8,19 +7,16 @@ stop, whether to keep a copy of the current state, and which state to restore at
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
-from fastunlearn.evaluation.stopping.parsing import parse_eval_every, parse_stop_rule
 from fastunlearn.evaluation.stopping.rules import (
     METRIC_NAMES,
     StopRule,
     _unknown_metric,
-    _why_unavailable,
-    available_metrics,
     is_generated,
+    is_retain,
 )
 
 RESTORE = ("first", "best", "last")
@@ -35,28 +31,19 @@ __all__ = [
     "RESTORE",
     "Decision",
     "Evaluation",
-    "StopPlan",
     "StoppingController",
-    "plan_stopping",
     "retain_score",
 ]
-
-# ---------------------------------------------------------------------------------------------------
-# The decision state machine
-# ---------------------------------------------------------------------------------------------------
 
 
 def retain_score(values: Mapping[str, float], baseline: Mapping[str, float], names: Iterable[str]) -> float:
     """Retain performance kept, relative to the original model: the harmonic mean of
     ``values[m] / baseline[m]`` over the metrics ``names`` (higher is better, 1 = as before).
 
-    Why relative: probability, accuracy and ROUGE-L sit on different scales (a model's retain
-    probability may be 0.3 where its ROUGE-L is 0.9), and what matters for choosing among states of one
-    run is how much of each ability is kept; the ratio makes the metrics commensurable. Why harmonic
-    (as TOFU's model utility, SPEC §4): a state that has lost one ability cannot be rescued by the
-    others — a ratio near 0 pulls the mean near 0. Ratios above 1 (the retain term of GD/IHL can
-    improve the retain set) count as gains. A metric on which the original model scores 0 carries no
-    ability to keep and is left out.
+    Relative, because probability, accuracy and ROUGE-L sit on different scales and what matters is how
+    much of each ability is kept; harmonic (as TOFU's model utility, Maini et al. 2024), because one lost
+    ability cannot be rescued by the others. Ratios above 1 count as gains; a metric on which the
+    original model scores 0 carries no ability to keep and is left out.
     """
     ratios = []
     for name in names:
@@ -94,7 +81,6 @@ class Decision:
     stop: bool
     satisfied: bool
     keep_state: bool
-    reason: str
 
 
 class StoppingController:
@@ -115,16 +101,14 @@ class StoppingController:
     - ``rule=None``: evaluate and record only (a trajectory without stopping).
 
     Cost: :meth:`metrics_to_compute` says what to evaluate next. Teacher-forced metrics (the rule's and
-    ``track``) come first; the rule's generated metrics (ROUGE-L, EL₁₀) only when every teacher-forced
-    bound of the rule is *near*: satisfied or missed by at most ``near · |value|``
-    (:meth:`Bound.near`). Skipping them otherwise cannot change a decision, because a rule is a
-    conjunction and one of its teacher-forced bounds already fails: with the default ``near = 0`` the
-    generated metrics are computed exactly where they can decide; a positive margin only adds them to
-    the trajectory around the crossing, at the price of a generation per evaluation there (on the
-    demo's data a greedy pass costs 1–2 teacher-forced ones). A rule with no teacher-forced bound
-    computes its generated metrics every time. The retain metrics of ``"best"`` that need
-    generation are computed only where the rule holds, the only states it ranks. :meth:`record`
-    refuses an evaluation whose missing metrics could have made the rule hold.
+    ``track``) come first; the rule's generated ones (ROUGE-L, EL₁₀, MUSE's) only when every
+    teacher-forced bound of the rule is *near* (:meth:`Bound.near`: satisfied or missed by at most
+    ``near · |value|``). Skipping them otherwise cannot change a decision: a rule is a conjunction and
+    one of its bounds already fails. ``near = 0`` generates exactly where it can decide; a positive
+    margin adds generated values to the trajectory around the crossing. A rule with no teacher-forced
+    bound generates every time; the generated retain metrics of ``"best"`` only where the rule holds,
+    the only states it ranks. :meth:`record` refuses an evaluation whose missing metrics could have
+    made the rule hold.
     """
 
     def __init__(
@@ -148,12 +132,11 @@ class StoppingController:
                 f"restore={restore!r} chooses among the evaluations after the rule first holds; with "
                 "patience 0 training stops there and there is one: give patience >= 1"
             )
-        if not (isinstance(near, (int, float)) and math.isfinite(near) and near >= 0):
-            raise ValueError(f"near must be a finite margin >= 0, got {near!r}")
+        _check_margin(near, "near")
         for name in (*retain_metrics, *track):
             if name not in METRIC_NAMES:
                 raise ValueError(_unknown_metric(name, name))
-        if any(not m.startswith("retain.") for m in retain_metrics):
+        if not all(map(is_retain, retain_metrics)):
             raise ValueError(f"retain_metrics must be retain-set metrics, got {list(retain_metrics)}")
         if restore == "best" and not retain_metrics:
             raise ValueError(
@@ -268,17 +251,8 @@ class StoppingController:
         stop = self.first is not None and after_first >= self.patience
         if stop:
             self.stopped = ev
-            reason = (
-                "the rule holds: stopping"
-                if self.patience == 0
-                else f"{self.patience} evaluation(s) past the first that satisfied the rule: stopping"
-            )
-        elif self.first is not None:
-            reason = f"{self.patience - after_first} more evaluation(s) of patience"
-        else:
-            reason = "the rule does not hold" if self.rule is not None else "recorded (no stopping rule)"
         keep = self.chosen is ev and not stop and not final
-        return Decision(stop=stop, satisfied=satisfied, keep_state=keep, reason=reason)
+        return Decision(stop=stop, satisfied=satisfied, keep_state=keep)
 
     # -- resuming ----------------------------------------------------------------------------------
 
@@ -340,135 +314,13 @@ class StoppingController:
         }
 
 
-# ---------------------------------------------------------------------------------------------------
-# All options at once
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StopPlan:
-    """Validated stopping options of a run (:func:`plan_stopping`); :meth:`controller` makes the state
-    machine. ``retain_metrics``: the best-restore criterion's metrics that the data can give;
-    ``track``: the teacher-forced metrics recorded at every evaluation; ``generate_within``: the
-    controller's ``near`` margin."""
-
-    rule: StopRule | None
-    every: int | Literal["epoch"]
-    patience: int
-    restore: str
-    eval_items: int
-    retain_metrics: tuple[str, ...]
-    track: tuple[str, ...]
-    generate_within: float = NEAR
-
-    def controller(self) -> StoppingController:
-        return StoppingController(
-            self.rule,
-            patience=self.patience,
-            restore=self.restore,
-            near=self.generate_within,
-            retain_metrics=self.retain_metrics,
-            track=self.track,
-        )
-
-
-def plan_stopping(
-    stop: str | None = None,
-    *,
-    eval_every: int | str | None = None,
-    patience: int = 0,
-    restore: str = "first",
-    eval_items: int = 32,
-    generate_within: float = NEAR,
-    best_by: str | Sequence[str] | None = None,
-    unseen: str | os.PathLike | Sequence[str] | None = None,
-    reference_model: Any = None,
-    data: Mapping[str, str],
-) -> StopPlan | None:
-    """Check every stopping option of a run before anything loads; ``None`` when the run evaluates
-    nothing during training (no rule and no ``eval_every``).
-
-    ``stop``: :func:`parse_stop_rule`'s spec; without one, ``eval_every`` alone records a trajectory.
-    ``eval_every``: ``"epoch"`` (default with a rule) or a number of optimiser steps. ``eval_items``:
-    examples per set at each evaluation. ``generate_within``: compute the rule's generated metrics also
-    where every teacher-forced bound is missed by at most this fraction of its value
-    (:class:`StoppingController`'s ``near``; 0: only where they can decide). ``best_by``: the retain
-    metrics whose :func:`retain_score` ranks the states of ``restore="best"`` (a comma list or a
-    sequence; default :data:`DEFAULT_RETAIN_METRICS`, those the data can give) — teacher-forced ones
-    alone (``retain.prob,retain.acc``) spare the evaluations past the crossing the retain set's
-    generation. ``data``: set name → record format of the run's data.
-    """
-    if stop is None:
-        given = [
-            name
-            for name, value, default in (
-                ("patience", patience, 0),
-                ("restore", restore, "first"),
-                ("generate_within", generate_within, NEAR),
-                ("best_by", best_by, None),
-                ("unseen", unseen, None),
-                ("reference_model", reference_model, None),
-            )
-            if value != default
-        ]
-        if given:
-            raise ValueError(f"{', '.join(given)} need(s) a stopping rule (stop=... / --stop-when)")
-        if eval_every is None:
-            return None
-        rule = None
-    else:
-        rule = parse_stop_rule(stop, unseen=unseen, reference_model=reference_model, data=data)
-    every = parse_eval_every("epoch" if eval_every is None else eval_every)
-    if isinstance(eval_items, bool) or not isinstance(eval_items, int) or eval_items < 1:
-        raise ValueError(f"eval_items must be a positive number of examples per set, got {eval_items!r}")
+def _check_margin(value: Any, name: str) -> None:
     if (
-        isinstance(generate_within, bool)
-        or not isinstance(generate_within, (int, float))
-        or not math.isfinite(generate_within)
-        or generate_within < 0
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
     ):
         raise ValueError(
-            "generate_within must be a finite margin >= 0 (a fraction of each bound's value), "
-            f"got {generate_within!r}"
+            f"{name} must be a finite margin >= 0 (a fraction of each bound's value), got {value!r}"
         )
-    available = available_metrics(data)
-    if best_by is None:
-        retain_metrics = tuple(m for m in DEFAULT_RETAIN_METRICS if m in available)
-    else:
-        retain_metrics = _best_by(best_by, restore, data)
-    plan = StopPlan(
-        rule=rule,
-        every=every,
-        patience=patience,
-        restore=restore,
-        eval_items=eval_items,
-        retain_metrics=retain_metrics,
-        track=tuple(m for m in METRIC_NAMES if m in available and not is_generated(m)),
-        generate_within=generate_within,
-    )
-    plan.controller()  # patience / restore errors now, not after the model has loaded
-    return plan
-
-
-def _best_by(spec: str | Sequence[str], restore: str, data: Mapping[str, str]) -> tuple[str, ...]:
-    """The checked metrics of ``best_by``: retain-set metrics the data can give, each once."""
-    available = available_metrics(data)
-    if restore != "best":
-        raise ValueError(f"best_by ranks the states of restore='best'; this run keeps restore={restore!r}")
-    names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else [str(n).strip() for n in spec]
-    if not names or any(not n for n in names):
-        raise ValueError(
-            f"best_by {spec!r}: give retain metrics separated by ',', e.g. retain.prob,retain.acc"
-        )
-    for name in names:
-        if name not in METRIC_NAMES:
-            raise ValueError(_unknown_metric(name, str(spec)))
-        if not name.startswith("retain."):
-            raise ValueError(
-                f"best_by ranks states by what the retain set keeps; {name} is not a retain metric"
-            )
-        if name not in available:
-            raise ValueError(f"best_by: {_why_unavailable(name, data)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"best_by {spec!r} names a metric twice")
-    return tuple(names)

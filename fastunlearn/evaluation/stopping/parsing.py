@@ -1,10 +1,11 @@
-"""Parsing the stopping options of a run: :func:`parse_stop_rule` and :func:`parse_eval_every`.
+"""The stopping options of a run checked at once: :func:`plan_stopping` (→ :class:`StopPlan`), with
+:func:`parse_stop_rule` and :func:`parse_eval_every`.
 
 Every check happens here, before a model is loaded: the rule's syntax, its metric names, whether each
-bound can both hold and fail within its metric's range, the inputs the rule needs (unseen text, a
-reference model) and no input it would silently ignore, and whether the run's data can give the
-metrics the rule reads. Every error is one ``ValueError`` (``FileNotFoundError`` for a missing input)
-naming the problem.
+bound can both hold and fail within its metric's range, the input the rule needs (unseen text, a
+reference or retrained model) and no input it would silently ignore, and whether the run's data can
+give the metrics the rule reads. Every error is one ``ValueError`` (``FileNotFoundError`` for a
+missing input) naming the problem.
 """
 
 from __future__ import annotations
@@ -12,33 +13,46 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
+from fastunlearn.evaluation.stopping.controller import (
+    DEFAULT_RETAIN_METRICS,
+    NEAR,
+    StoppingController,
+    _check_margin,
+)
 from fastunlearn.evaluation.stopping.rules import (
-    EL_N,
     METRIC_NAMES,
     OPS,
+    REFERENCE_RULES,
     Bound,
-    ExtractionRule,
+    ReferenceRule,
     StopRule,
     ThresholdRule,
-    TofuRule,
     _kind,
     _number,
     _unknown_metric,
     _why_unavailable,
     available_metrics,
+    is_generated,
+    is_retain,
 )
 
-__all__ = ["parse_eval_every", "parse_stop_rule"]
+__all__ = ["PLAN_OPTIONS", "StopPlan", "parse_eval_every", "parse_stop_rule", "plan_stopping"]
 
-# ---------------------------------------------------------------------------------------------------
-# Parsing: every check before a model is loaded
-# ---------------------------------------------------------------------------------------------------
-
-_RULE_KINDS = ("extraction", "tofu", "threshold")
 _BOUND_RE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=|<|>)\s*([^<>=\s]+)\s*$")
 _EXAMPLE = "e.g. forget.prob<=0.05,retain.rougeL>=0.5"
+# The inputs a reference rule measures its values on, as errors name them.
+_INPUTS = {
+    "unseen": "unseen text",
+    "reference_model": "a reference model",
+    "retrain_model": "a retrained model",
+}
+_MODELS = {
+    "reference_model": ("reference model", "the retain-only model"),
+    "retrain_model": ("retrained model", "the model trained without the forget set"),
+}
 
 
 def _check_satisfiable(bound: Bound) -> None:
@@ -54,6 +68,17 @@ def _check_satisfiable(bound: Bound) -> None:
     # A one-sided bound holds on an interval that contains one end of [0, upper] when it is not empty.
     if not any(at_ends):
         raise ValueError(f"{bound} can never hold ({bound.metric} lies in [0, {upper:g}])")
+
+
+def _check_compatible(bounds: list[Bound], spec: str) -> None:
+    """Refuse bounds on one metric that exclude each other (``forget.prob>=0.1,forget.prob<=0.05``)."""
+    lower = max((b for b in bounds if not b.upper_bound), key=lambda b: (b.value, b.op == ">"), default=None)
+    upper = min((b for b in bounds if b.upper_bound), key=lambda b: (b.value, b.op == "<"), default=None)
+    if lower is None or upper is None:
+        return
+    strict = lower.op == ">" or upper.op == "<"
+    if lower.value > upper.value or (strict and lower.value == upper.value):
+        raise ValueError(f"{lower} and {upper} in stopping rule {spec!r} can never hold together")
 
 
 def _parse_bounds(body: str, spec: str) -> ThresholdRule:
@@ -76,18 +101,8 @@ def _parse_bounds(body: str, spec: str) -> ThresholdRule:
     return ThresholdRule(tuple(terms))
 
 
-def _check_compatible(bounds: list[Bound], spec: str) -> None:
-    """Refuse bounds on one metric that exclude each other (``forget.prob>=0.1,forget.prob<=0.05``)."""
-    lower = max((b for b in bounds if not b.upper_bound), key=lambda b: (b.value, b.op == ">"), default=None)
-    upper = min((b for b in bounds if b.upper_bound), key=lambda b: (b.value, b.op == "<"), default=None)
-    if lower is None or upper is None:
-        return
-    strict = lower.op == ">" or upper.op == "<"
-    if lower.value > upper.value or (strict and lower.value == upper.value):
-        raise ValueError(f"{lower} and {upper} in stopping rule {spec!r} can never hold together")
-
-
-def _key_values(body: str, keys: tuple[str, ...], spec: str) -> dict[str, float]:
+def _key_values(body: str, keys: tuple[str, ...], spec: str) -> tuple[float, ...]:
+    """``key=NUMBER,...`` with every one of ``keys`` exactly once, in ``keys``' order."""
     values: dict[str, float] = {}
     for item in body.split(","):
         key, eq, text = (part.strip() for part in item.partition("="))
@@ -104,25 +119,46 @@ def _key_values(body: str, keys: tuple[str, ...], spec: str) -> dict[str, float]
     missing = [k for k in keys if k not in values]
     if missing:
         raise ValueError(f"stopping rule {spec!r} is missing {missing}; give every one of {list(keys)}")
-    return values
+    return tuple(values[k] for k in keys)
 
 
-def _check_unseen(unseen: Any) -> None:
-    if isinstance(unseen, (str, os.PathLike)):
-        if not os.path.isfile(unseen):
-            raise FileNotFoundError(
-                f'unseen text file not found: {os.fspath(unseen)} ({{"text"}} JSON Lines)'
-            )
-    elif not (isinstance(unseen, Sequence) and unseen and all(isinstance(t, str) and t for t in unseen)):
-        raise ValueError("unseen must be a JSON Lines file path or a non-empty list of non-empty texts")
-
-
-def _check_reference_model(reference_model: Any) -> None:
-    if isinstance(reference_model, (str, os.PathLike)) and not os.path.isdir(reference_model):
+def _check_input(name: str, value: Any) -> None:
+    """Unseen text: a file that exists or a non-empty list of texts; a model: a directory that exists
+    (or a model object)."""
+    if name == "unseen":
+        if isinstance(value, (str, os.PathLike)):
+            if not os.path.isfile(value):
+                raise FileNotFoundError(
+                    f'unseen text file not found: {os.fspath(value)} ({{"text"}} JSON Lines)'
+                )
+        elif not (isinstance(value, Sequence) and value and all(isinstance(t, str) and t for t in value)):
+            raise ValueError("unseen must be a JSON Lines file path or a non-empty list of non-empty texts")
+    elif isinstance(value, (str, os.PathLike)) and not os.path.isdir(value):
+        what, meaning = _MODELS[name]
         raise FileNotFoundError(
-            f"reference model directory not found: {os.fspath(reference_model)} (the retain-only model, "
-            "a local directory)"
+            f"{what} directory not found: {os.fspath(value)} ({meaning}, a local directory)"
         )
+
+
+def _head_and_body(spec: Any) -> tuple[str, str]:
+    """The rule's name (``threshold`` for bare bounds) and what follows its ``:``."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"the stopping rule must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    head, colon, tail = spec.partition(":")
+    head, body = head.strip(), tail.strip()
+    if head not in (*REFERENCE_RULES, "threshold"):
+        if colon or re.fullmatch(r"[A-Za-z_]+", spec):
+            names = ", ".join(repr(n) for n in REFERENCE_RULES)
+            raise ValueError(
+                f"unknown stopping rule {head!r}; expected {names}, or bounds on metrics ({_EXAMPLE})"
+            )
+        head, body = "threshold", spec
+    if colon and not body:
+        raise ValueError(f"nothing after ':' in stopping rule {spec!r}")
+    if head == "threshold" and not body:
+        raise ValueError(f"the threshold rule needs bounds, {_EXAMPLE}")
+    return head, body
 
 
 def parse_stop_rule(
@@ -130,81 +166,48 @@ def parse_stop_rule(
     *,
     unseen: str | os.PathLike | Sequence[str] | None = None,
     reference_model: Any = None,
+    retrain_model: Any = None,
     data: Mapping[str, str] | None = None,
 ) -> StopRule:
     """Parse and check a stopping rule; every error is one ``ValueError`` (``FileNotFoundError`` for a
     missing input) naming the problem.
 
-    ``spec``:
-
-    - ``"extraction"`` with ``unseen`` (text the model never saw: a ``{"text"}`` JSON Lines path or a
-      list of texts), or ``"extraction:ma=0.2994,el10=0.0499"`` (the unseen-text values themselves);
-    - ``"tofu"`` with ``reference_model`` (the retain-only model: a local directory or a model object),
-      or ``"tofu:acc=0.41,rougeL=0.38"``;
-    - bounds on :data:`METRIC_NAMES`, ``"forget.prob<=0.05,retain.rougeL>=0.5"`` (``,`` is AND; an
-      optional ``"threshold:"`` prefix), each able both to hold and to fail within the metric's range.
+    ``spec``: bounds on :data:`METRIC_NAMES`, ``"forget.prob<=0.05,retain.rougeL>=0.5"`` (``,`` is AND;
+    an optional ``"threshold:"`` prefix), each able both to hold and to fail within the metric's range;
+    or a rule of :data:`REFERENCE_RULES` with its input or its values: ``"extraction"`` with
+    ``unseen`` (a ``{"text"}`` JSON Lines path or a list of texts) or
+    ``"extraction:ma=0.2994,el10=0.0499"``; ``"tofu"`` with ``reference_model`` (the retain-only model:
+    a local directory or a model object) or ``"tofu:acc=0.41,rougeL=0.38"``; ``"muse"`` with
+    ``retrain_model`` or ``"muse:knowmem_forget=0.3"``.
 
     An input the rule does not use is an error too (it would be silently ignored). ``data`` (set name →
-    record format, e.g. ``{"forget": "qa", "retain": "qa"}``) checks that the run's data can give every
-    metric the rule reads.
+    record format, e.g. ``{"forget": "qa", "retain": "qa"}``, and ``"muse": "muse"``) checks that the
+    run can give every metric the rule reads.
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"the stopping rule must be a non-empty string, got {spec!r}")
-    spec = spec.strip()
-    head, colon, tail = spec.partition(":")
-    head, body = head.strip(), tail.strip()
-    if head not in _RULE_KINDS:
-        if colon or re.fullmatch(r"[A-Za-z_]+", spec):
-            raise ValueError(
-                f"unknown stopping rule {head!r}; expected 'extraction', 'tofu', or bounds on metrics "
-                f"({_EXAMPLE})"
-            )
-        head, body = "threshold", spec
-    if colon and not body:
-        raise ValueError(f"nothing after ':' in stopping rule {spec!r}")
-    if unseen is not None and head != "extraction":
-        raise ValueError(f"unseen text is the extraction rule's input; the {head} rule does not use it")
-    if reference_model is not None and head != "tofu":
-        raise ValueError(f"a reference model is the tofu rule's input; the {head} rule does not use it")
-
+    inputs = {"unseen": unseen, "reference_model": reference_model, "retrain_model": retrain_model}
+    head, body = _head_and_body(spec)
+    ref = REFERENCE_RULES.get(head)
+    for key, value in inputs.items():
+        if value is not None and (ref is None or ref.input != key):
+            owner = next(n for n, r in REFERENCE_RULES.items() if r.input == key)
+            raise ValueError(f"{_INPUTS[key]} is the {owner} rule's input; the {head} rule does not use it")
     rule: StopRule
-    if head == "threshold":
-        if not body:
-            raise ValueError(f"the threshold rule needs bounds, {_EXAMPLE}")
-        rule = _parse_bounds(body, spec)
-    elif head == "extraction":
-        if body and unseen is not None:
-            raise ValueError("give the extraction rule's unseen-text values or unseen text, not both")
-        if body:
-            rule = ExtractionRule(**_key_values(body, ("ma", f"el{EL_N}"), spec))
-        elif unseen is None:
-            raise ValueError(
-                f"the extraction rule compares forget MA and EL{EL_N} with the model's values on text it "
-                f"never saw: give that text (--unseen FILE) or the values (extraction:ma=0.2994,"
-                f"el{EL_N}=0.0499)"
-            )
-        else:
-            _check_unseen(unseen)
-            rule = ExtractionRule(unseen=unseen)
+    if ref is None:
+        rule = _parse_bounds(body, spec.strip())
+    elif body and inputs[ref.input] is not None:
+        raise ValueError(f"give the {head} rule's reference values or {_INPUTS[ref.input]}, not both")
+    elif body:
+        rule = ReferenceRule(head, _key_values(body, ref.keys, spec.strip()))
+    elif inputs[ref.input] is None:
+        raise ValueError(ref.missing)
     else:
-        if body and reference_model is not None:
-            raise ValueError("give the tofu rule's reference values or a reference model, not both")
-        if body:
-            rule = TofuRule(**_key_values(body, ("acc", "rougeL"), spec))
-        elif reference_model is None:
-            raise ValueError(
-                "the tofu rule compares forget accuracy and ROUGE-L with the retain-only model's: give "
-                "that model (--reference-model DIR) or its values (tofu:acc=0.41,rougeL=0.38)"
-            )
-        else:
-            _check_reference_model(reference_model)
-            rule = TofuRule(reference_model=reference_model)
-
+        _check_input(ref.input, inputs[ref.input])
+        rule = ReferenceRule(head, input=inputs[ref.input])
     if data is not None:
         available = available_metrics(data)
         for name in rule.metrics:
             if name not in available:
-                raise ValueError(f"stopping rule {spec!r}: {_why_unavailable(name, data)}")
+                raise ValueError(f"stopping rule {spec.strip()!r}: {_why_unavailable(name, data)}")
     return rule
 
 
@@ -217,3 +220,123 @@ def parse_eval_every(value: int | str) -> int | Literal["epoch"]:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"eval_every must be 'epoch' or a positive number of optimiser steps, got {value!r}")
     return value
+
+
+@dataclass(frozen=True)
+class StopPlan:
+    """Validated stopping options of a run (:func:`plan_stopping`); :meth:`controller` makes the state
+    machine. ``retain_metrics``: the best-restore criterion's metrics that the data can give;
+    ``track``: the teacher-forced metrics recorded at every evaluation; ``generate_within``: the
+    controller's ``near`` margin."""
+
+    rule: StopRule | None
+    every: int | Literal["epoch"]
+    patience: int
+    restore: str
+    eval_items: int
+    retain_metrics: tuple[str, ...]
+    track: tuple[str, ...]
+    generate_within: float = NEAR
+
+    def controller(self) -> StoppingController:
+        return StoppingController(
+            self.rule,
+            patience=self.patience,
+            restore=self.restore,
+            near=self.generate_within,
+            retain_metrics=self.retain_metrics,
+            track=self.track,
+        )
+
+
+# The options of a run that plan_stopping reads, by the names UnlearnConfig gives them.
+PLAN_OPTIONS = (
+    "stop", "eval_every", "patience", "restore", "eval_items", "generate_within", "best_by", "unseen",
+    "reference_model", "retrain_model",
+)  # fmt: skip
+
+
+def plan_stopping(
+    stop: str | None = None,
+    *,
+    eval_every: int | str | None = None,
+    patience: int = 0,
+    restore: str = "first",
+    eval_items: int = 32,
+    generate_within: float = NEAR,
+    best_by: str | Sequence[str] | None = None,
+    unseen: str | os.PathLike | Sequence[str] | None = None,
+    reference_model: Any = None,
+    retrain_model: Any = None,
+    data: Mapping[str, str],
+) -> StopPlan | None:
+    """Check every stopping option of a run before anything loads; ``None`` when the run evaluates
+    nothing during training (no rule and no ``eval_every``).
+
+    ``stop``: :func:`parse_stop_rule`'s spec (with ``unseen`` / ``reference_model`` / ``retrain_model``,
+    the inputs of its reference); without one, ``eval_every`` alone records a trajectory. The retrained
+    model is also PrivLeak's reference after training, so only a bare ``"muse"`` rule takes it.
+    ``eval_every``: ``"epoch"`` (default with a rule) or a number of optimiser steps. ``eval_items``:
+    examples per set at each evaluation. ``generate_within``: compute the rule's generated metrics also
+    where every teacher-forced bound is missed by at most this fraction of its value
+    (:class:`StoppingController`'s ``near``; 0: only where they can decide). ``best_by``: the retain
+    metrics whose :func:`retain_score` ranks the states of ``restore="best"`` (a comma list or a
+    sequence; default :data:`DEFAULT_RETAIN_METRICS`, those the data can give). ``data``: set name →
+    record format of the run's data (``"muse": "muse"`` with a MUSE directory).
+    """
+    if stop is None:
+        given = [
+            name
+            for name, value, default in (
+                ("patience", patience, 0), ("restore", restore, "first"),
+                ("generate_within", generate_within, NEAR), ("best_by", best_by, None),
+                ("unseen", unseen, None), ("reference_model", reference_model, None),
+            )
+            if value != default
+        ]  # fmt: skip
+        if given:
+            raise ValueError(f"{', '.join(given)} need(s) a stopping rule (stop=... / --stop-when)")
+        if eval_every is None:
+            return None
+        rule = None
+    else:
+        retrain = retrain_model if isinstance(stop, str) and stop.strip() == "muse" else None
+        rule = parse_stop_rule(
+            stop, unseen=unseen, reference_model=reference_model, retrain_model=retrain, data=data
+        )
+    every = parse_eval_every("epoch" if eval_every is None else eval_every)
+    if isinstance(eval_items, bool) or not isinstance(eval_items, int) or eval_items < 1:
+        raise ValueError(f"eval_items must be a positive number of examples per set, got {eval_items!r}")
+    _check_margin(generate_within, "generate_within")
+    available = available_metrics(data)
+    if best_by is None:
+        retain_metrics = tuple(m for m in DEFAULT_RETAIN_METRICS if m in available)
+    else:
+        retain_metrics = _best_by(best_by, restore, data)
+    track = tuple(m for m in METRIC_NAMES if m in available and not is_generated(m))
+    plan = StopPlan(rule, every, patience, restore, eval_items, retain_metrics, track, generate_within)
+    plan.controller()  # patience / restore errors now, not after the model has loaded
+    return plan
+
+
+def _best_by(spec: str | Sequence[str], restore: str, data: Mapping[str, str]) -> tuple[str, ...]:
+    """The checked metrics of ``best_by``: retain metrics the data can give, each once."""
+    if restore != "best":
+        raise ValueError(f"best_by ranks the states of restore='best'; this run keeps restore={restore!r}")
+    names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else [str(n).strip() for n in spec]
+    if not names or any(not n for n in names):
+        raise ValueError(
+            f"best_by {spec!r}: give retain metrics separated by ',', e.g. retain.prob,retain.acc"
+        )
+    for name in names:
+        if name not in METRIC_NAMES:
+            raise ValueError(_unknown_metric(name, str(spec)))
+        if not is_retain(name):
+            raise ValueError(
+                f"best_by ranks states by what the retain set keeps; {name} is not a retain metric"
+            )
+        if name not in available_metrics(data):
+            raise ValueError(f"best_by: {_why_unavailable(name, data)}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"best_by {spec!r} names a metric twice")
+    return tuple(names)

@@ -1,37 +1,37 @@
-"""Stopping rules: the metric namespace, bounds, and the rules built from them (issue 14).
+"""Stopping rules: the metric namespace, bounds, and the rules built from them.
 
 Pure logic, no torch: a rule is checked (names, bounds, whether the data can give the metrics it
 needs) before any model is loaded. Parsing a rule from text is :mod:`.parsing`'s; the decision state
-machine is :mod:`.controller`'s; the evaluation itself (metrics on bounded subsets inside a
-``Trainer``) is :mod:`fastunlearn.evaluation.stop_callback`'s.
+machine :mod:`.controller`'s; the evaluation itself :mod:`fastunlearn.evaluation.sets`'.
 
 Metric namespace
 ----------------
-``SET.KIND`` with SET ``forget`` or ``retain`` and KIND one of :data:`KINDS`, each the mean over a
-bounded subset of the set's examples (SPEC §4 definitions, :mod:`fastunlearn.evaluation.metrics`):
+``SET.KIND``, each the mean over a bounded subset of the set's examples (SET ``forget`` or
+``retain``, the run's data):
 
 - ``prob``: length-normalised probability ``P̄ = exp(−mean NLL of the labelled tokens)``, mean over
   examples; ``acc``: teacher-forced next-token accuracy, correct / labelled tokens pooled over the
   subset; ``nll``: mean over examples of the per-token NLL. One teacher-forced pass gives all three.
-- ``ma``: memorisation accuracy (Jang et al. 2023, Eq. 2), per-sequence teacher-forced accuracy,
-  averaged — raw-text (``{"text"}``) sets only, the extraction protocol.
+- ``ma``: memorisation accuracy (Jang et al. 2023, arXiv:2210.01504), per-sequence teacher-forced
+  accuracy, averaged — raw-text sets only.
 - ``rougeL``: ROUGE-L recall of the greedy answer against the reference answer — sets with a prompt
   (``qa`` / ``prompt_completion`` records). Needs generation.
-- ``el10``: extraction likelihood EL₁₀ (Jang et al. 2023, Eq. 1) — raw-text sets. Needs generation.
+- ``el10``: extraction likelihood EL₁₀ (Jang et al. 2023) — raw-text sets. Needs generation.
 
-``unseen.ma`` / ``unseen.el10`` are the same metrics on text the model never saw: the extraction rule's
-reference, measured once, not a stopping criterion. The training loss is written to the trajectory
-but is not a metric here: the trainer logs it after the step's evaluation, as a mean since its previous
-log, so a rule could not be decided on it at an evaluation.
+``muse.KIND`` are MUSE's criteria (Shi et al. 2024, arXiv:2407.06460) on a benchmark directory:
+``knowmem_forget`` (C2), ``knowmem_retain`` (C4) and ``verbmem_forget`` (C1), ROUGE-L F1 of greedy
+answers. ``unseen.ma`` / ``unseen.el10`` are the extraction rule's reference, not a criterion. The
+training loss is written to the trajectory but is not a metric here: the trainer logs it after the
+step's evaluation, so a rule could not be decided on it.
 
-Rules (all a conjunction of :class:`Bound` s once their reference values are known)
-------------------------------------------------------------------------------------
-- :class:`ExtractionRule` (SPEC §4, the paper's): ``forget.ma < MA_unseen`` **and**
-  ``forget.el10 < EL10_unseen``, the model's own values on unseen text (measured before training) or
-  given numbers (published GPT-Neo-125M: 0.2994 and 0.0499).
-- :class:`TofuRule`: ``forget.acc <= acc_ref`` and ``forget.rougeL <= rougeL_ref``, the retain-only
-  model's values on the same forget subset (measured once from the reference model) or given numbers.
-- :class:`ThresholdRule`: user bounds, e.g. ``forget.prob<=0.05,retain.rougeL>=0.5`` (``,`` is AND).
+Rules (a conjunction of :class:`Bound` s once their reference values are known)
+-------------------------------------------------------------------------------
+- ``threshold`` (:class:`ThresholdRule`): user bounds, ``forget.prob<=0.05,retain.rougeL>=0.5``.
+- :data:`REFERENCE_RULES` (:class:`ReferenceRule`): fixed metrics bounded by a reference's values,
+  given as numbers or measured once. ``extraction`` (Jang et al. 2023): forget MA **and** EL₁₀ below
+  the model's own values on unseen text, measured before training (published GPT-Neo-125M: 0.2994
+  and 0.0499). ``tofu``: forget accuracy and ROUGE-L at or below the retain-only model's on the same
+  forget subset. ``muse`` (Shi et al. 2024): forget KnowMem at or below the retrained model's.
 """
 
 from __future__ import annotations
@@ -41,38 +41,39 @@ import math
 import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 __all__ = [
     "EL_N",
     "KINDS",
     "METRIC_NAMES",
     "OPS",
+    "REFERENCE_RULES",
     "UNSEEN_METRICS",
     "Bound",
-    "ExtractionRule",
     "Kind",
+    "ReferenceRule",
     "StopRule",
     "ThresholdRule",
-    "TofuRule",
     "available_metrics",
     "is_generated",
-    "metric_help",
+    "is_retain",
 ]
 
-EL_N = 10  # the n of EL_n in the namespace (SPEC §4: n = 10)
+EL_N = 10  # the n of EL_n in the namespace (n = 10, Jang et al. 2023)
 
 
 @dataclass(frozen=True)
 class Kind:
-    """One kind of metric: whether it needs generation, what records it needs, its range."""
+    """One kind of metric: whether it needs generation, what data gives it, its range."""
 
     description: str
     generates: bool  # greedy generation: seconds where a teacher-forced pass takes milliseconds
-    needs: Literal["any", "prompt", "text"]
+    needs: str  # "any" record format, a "prompt", raw "text", or a "muse" directory
     upper: float  # values lie in [0, upper]
 
 
+_MUSE = "MUSE {}: ROUGE-L F1 of the greedy answers to {}"
 KINDS: dict[str, Kind] = {
     "prob": Kind("mean length-normalised probability of the labelled tokens", False, "any", 1.0),
     "acc": Kind("teacher-forced next-token accuracy of the labelled tokens", False, "any", 1.0),
@@ -80,16 +81,26 @@ KINDS: dict[str, Kind] = {
     "ma": Kind("memorisation accuracy (raw-text sets)", False, "text", 1.0),
     "rougeL": Kind("ROUGE-L recall of the greedy answer (question/answer sets)", True, "prompt", 1.0),
     f"el{EL_N}": Kind(f"extraction likelihood EL_{EL_N} (raw-text sets)", True, "text", 1.0),
+    "knowmem_forget": Kind(_MUSE.format("C2", "knowmem/forget_qa"), True, "muse", 1.0),
+    "knowmem_retain": Kind(_MUSE.format("C4", "knowmem/retain_qa"), True, "muse", 1.0),
+    "verbmem_forget": Kind(_MUSE.format("C1", "the verbmem/forget prompts"), True, "muse", 1.0),
 }
-RULE_SETS = ("forget", "retain")
+
+
+def _names(set_name: str) -> list[str]:
+    """The metric names of a set: MUSE's kinds on ``muse``, the others on a data set."""
+    return [f"{set_name}.{k}" for k, kind in KINDS.items() if (kind.needs == "muse") == (set_name == "muse")]
+
+
 # Every name a rule may use, in the trajectory's column order.
-METRIC_NAMES: tuple[str, ...] = tuple(f"{s}.{k}" for s in RULE_SETS for k in KINDS)
+METRIC_NAMES: tuple[str, ...] = tuple(n for s in ("forget", "retain", "muse") for n in _names(s))
 UNSEEN_METRICS = ("unseen.ma", f"unseen.el{EL_N}")
 # Record formats (fastunlearn.data.examples) and what they give: generation needs a prompt, MA/EL text.
-_FORMAT_GIVES = {"qa": "prompt", "prompt_completion": "prompt", "text": "text"}
+_FORMAT_GIVES = {"qa": "prompt", "prompt_completion": "prompt", "text": "text", "muse": "muse"}
 _NEEDS_TEXT = {
     "prompt": "question/answer or prompt/completion records (the greedy answer is scored)",
     "text": 'raw-text ({"text"}) records (the extraction protocol)',
+    "muse": "a MUSE directory (--muse DIR)",
 }
 
 OPS: dict[str, Callable[[float, float], bool]] = {
@@ -104,35 +115,36 @@ def _kind(name: str) -> Kind:
     return KINDS[name.partition(".")[2]]
 
 
-def metric_help() -> str:
-    """One line per metric kind, for command-line help."""
-    return "; ".join(f"{k}: {kind.description}" for k, kind in KINDS.items())
-
-
 def is_generated(name: str) -> bool:
-    """Whether metric ``name`` needs greedy generation (``rougeL``, ``el10``): the expensive ones."""
+    """Whether metric ``name`` needs greedy generation (``rougeL``, ``el10``, MUSE's): the expensive ones."""
     return _kind(name).generates
 
 
-def available_metrics(data: Mapping[str, str]) -> frozenset[str]:
-    """The metric names a run can compute, from the record format of each set it has.
+def is_retain(name: str) -> bool:
+    """Whether metric ``name`` measures what unlearning must keep (the retain set, MUSE's C4)."""
+    return name.startswith("retain.") or name.endswith("_retain")
 
-    ``data`` maps ``forget`` / ``retain`` / ``unseen`` to ``"qa"``, ``"prompt_completion"`` or
-    ``"text"``; a set that is absent is not there. Any other format value gives only the metrics that
-    every record format gives (``prob``, ``acc``, ``nll``).
+
+def available_metrics(data: Mapping[str, str]) -> frozenset[str]:
+    """The metric names a run can compute, from what each of its sets is.
+
+    ``data`` maps ``forget`` / ``retain`` / ``unseen`` to a record format (``"qa"``,
+    ``"prompt_completion"``, ``"text"``; any other value gives only ``prob``, ``acc``, ``nll``) and
+    ``muse`` to ``"muse"`` when the run has a MUSE directory; an absent set is not there.
     """
     out = set()
     for set_name, fmt in data.items():
         gives = _FORMAT_GIVES.get(fmt)
-        out.update(f"{set_name}.{k}" for k, kind in KINDS.items() if kind.needs in ("any", gives))
+        out.update(n for n in _names(set_name) if _kind(n).needs in ("any", gives))
     return frozenset(out)
 
 
 def _why_unavailable(name: str, data: Mapping[str, str]) -> str:
-    set_name = name.partition(".")[0]
+    set_name, needs = name.partition(".")[0], _kind(name).needs
     if set_name not in data:
-        return f"{name} needs a {set_name} set, and this run has none"
-    return f"{name} needs {_NEEDS_TEXT[_kind(name).needs]}; the {set_name} set is {data[set_name]!r}"
+        what = _NEEDS_TEXT["muse"] if needs == "muse" else f"a {set_name} set"
+        return f"{name} needs {what}, and this run has none"
+    return f"{name} needs {_NEEDS_TEXT[needs]}; the {set_name} set is {data[set_name]!r}"
 
 
 def _number(text: str, where: str) -> float:
@@ -143,11 +155,6 @@ def _number(text: str, where: str) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{where}: the value must be finite, got {text!r}")
     return value
-
-
-# ---------------------------------------------------------------------------------------------------
-# Bounds and rules
-# ---------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -186,35 +193,28 @@ class Bound:
 
 
 class StopRule:
-    """A stopping rule: a conjunction of :class:`Bound` s, once its reference values are known.
+    """A stopping rule: a conjunction of :class:`Bound` s once its reference values are known.
 
-    ``metrics`` are the names the rule reads; ``reference_metrics`` what must be measured to resolve it
-    (empty when resolved) and ``reference_source`` on what: ``"model"`` (the model being unlearned,
-    before training: the extraction rule's unseen text) or ``"reference_model"`` (the retain-only
-    model: the TOFU rule). :meth:`with_reference` returns the resolved rule.
+    ``metrics``: the names the rule reads; ``reference_metrics``: what must be measured to resolve it
+    (empty when resolved), on ``reference_source``: ``"model"`` (the model being unlearned, before
+    training) or ``"reference_model"`` (another model); :meth:`with_reference` returns it resolved.
     """
 
     name: ClassVar[str]
-    reference_source: ClassVar[str | None] = None
+    resolved: bool = True
+    reference_source: str | None = None
+    reference_metrics: tuple[str, ...] = ()
 
     @property
     def metrics(self) -> tuple[str, ...]:
-        raise NotImplementedError
-
-    @property
-    def resolved(self) -> bool:
-        return True
-
-    @property
-    def reference_metrics(self) -> tuple[str, ...]:
-        return ()
-
-    def with_reference(self, values: Mapping[str, float]) -> StopRule:
-        raise ValueError(f"the {self.name} rule has no reference to measure")
+        return tuple(dict.fromkeys(b.metric for b in self.bounds))
 
     @property
     def bounds(self) -> tuple[Bound, ...]:
         raise NotImplementedError
+
+    def with_reference(self, values: Mapping[str, float]) -> StopRule:
+        raise ValueError(f"the {self.name} rule has no reference to measure")
 
     def satisfied(self, values: Mapping[str, float]) -> bool | None:
         """``True`` when every bound holds, ``False`` as soon as one computed metric fails, ``None``
@@ -245,107 +245,108 @@ class ThresholdRule(StopRule):
             raise ValueError("a threshold rule needs at least one bound")
 
     @property
-    def metrics(self) -> tuple[str, ...]:
-        return tuple(dict.fromkeys(b.metric for b in self.terms))
-
-    @property
     def bounds(self) -> tuple[Bound, ...]:
         return self.terms
 
 
-def _check_rate(value: float | None, what: str) -> None:
-    if value is not None and not 0.0 <= value <= 1.0:
-        raise ValueError(f"{what} must lie in [0, 1], got {value}")
+@dataclass(frozen=True)
+class Reference:
+    """What a reference rule bounds and where its values come from: ``metrics`` each ``op`` the value
+    of ``measured`` (same order) on ``source`` — ``"model"``, the model before unlearning, or
+    ``"reference_model"`` — given by the option ``input``; ``missing`` says what to give."""
+
+    metrics: tuple[str, ...]
+    op: str
+    measured: tuple[str, ...]
+    source: str
+    input: str
+    missing: str
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The names of the values in ``NAME:key=value,...``: the metrics' kinds."""
+        return tuple(m.partition(".")[2] for m in self.metrics)
 
 
-def _both_or_neither(a: float | None, b: float | None, names: str) -> None:
-    if (a is None) != (b is None):
-        raise ValueError(f"give both {names}, or neither")
+REFERENCE_RULES: dict[str, Reference] = {
+    "extraction": Reference(
+        ("forget.ma", f"forget.el{EL_N}"), "<", UNSEEN_METRICS, "model", "unseen",
+        f"the extraction rule compares forget MA and EL{EL_N} with the model's values on text it never "
+        f"saw: give that text (--unseen FILE) or the values (extraction:ma=0.2994,el{EL_N}=0.0499)",
+    ),
+    "tofu": Reference(
+        ("forget.acc", "forget.rougeL"), "<=", ("forget.acc", "forget.rougeL"), "reference_model",
+        "reference_model",
+        "the tofu rule compares forget accuracy and ROUGE-L with the retain-only model's: give that model "
+        "(--reference-model DIR) or its values (tofu:acc=0.41,rougeL=0.38)",
+    ),
+    "muse": Reference(
+        ("muse.knowmem_forget",), "<=", ("muse.knowmem_forget",), "reference_model", "retrain_model",
+        "the muse rule compares forget KnowMem with the retrained model's (MUSE, Shi et al. 2024): give "
+        "that model (--retrain-model DIR) or its value (muse:knowmem_forget=0.3)",
+    ),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
-class ExtractionRule(StopRule):
-    """SPEC §4 / Jang et al. 2023: stop once forget MA **and** forget EL₁₀ are both below the model's
-    values on unseen text (strictly: ``<``). ``ma`` / ``el10`` given, or ``None`` until measured on
-    ``unseen`` (a ``{"text"}`` JSON Lines path or a list of texts) with the model before unlearning."""
+class ReferenceRule(StopRule):
+    """A rule of :data:`REFERENCE_RULES`: ``values`` (one per metric) given, or ``None`` until measured
+    on ``input`` (unseen text, or the reference model)."""
 
-    name: ClassVar[str] = "extraction"
-    reference_source: ClassVar[str | None] = "model"
-    ma: float | None = None
-    el10: float | None = None
-    unseen: Any = field(default=None, compare=False)
+    name: str
+    values: tuple[float, ...] | None = None
+    input: Any = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        _both_or_neither(self.ma, self.el10, "ma and el10")
-        _check_rate(self.ma, "the unseen-text MA")
-        _check_rate(self.el10, f"the unseen-text EL{EL_N}")
-        if self.ma == 0.0 or self.el10 == 0.0:
+        if self.name not in REFERENCE_RULES:
+            raise ValueError(f"unknown reference rule {self.name!r}; expected one of {list(REFERENCE_RULES)}")
+        if self.values is None:
+            return
+        ref = self.spec
+        for key, value in zip(ref.keys, self.values, strict=True):
+            upper = KINDS[key].upper
+            if not 0.0 <= value <= upper:
+                raise ValueError(f"the {self.name} rule's reference {key}={value} must lie in [0, {upper:g}]")
+        if ref.op == "<" and 0.0 in self.values:
             raise ValueError(
-                f"the extraction rule stops when forget MA and EL{EL_N} are strictly below the unseen-text "
-                f"values, and nothing is below 0 (ma={self.ma}, el{EL_N}={self.el10}): a model that "
-                "never extracts unseen text needs a threshold rule instead, e.g. "
-                f"forget.ma<0.3,forget.el{EL_N}<=0"
+                f"the {self.name} rule stops when {' and '.join(ref.metrics)} are strictly below the "
+                f"reference values, and nothing is below 0 ({self.reference}): a model that scores 0 "
+                f"there needs a threshold rule instead, e.g. {ref.metrics[0]}<0.3,{ref.metrics[-1]}<=0"
             )
 
     @property
-    def metrics(self) -> tuple[str, ...]:
-        return ("forget.ma", f"forget.el{EL_N}")
+    def spec(self) -> Reference:
+        return REFERENCE_RULES[self.name]
 
     @property
-    def resolved(self) -> bool:
-        return self.ma is not None
+    def resolved(self) -> bool:  # type: ignore[override]
+        return self.values is not None
 
     @property
-    def reference_metrics(self) -> tuple[str, ...]:
-        return () if self.resolved else UNSEEN_METRICS
-
-    def with_reference(self, values: Mapping[str, float]) -> ExtractionRule:
-        return replace(self, ma=float(values["unseen.ma"]), el10=float(values[f"unseen.el{EL_N}"]))
+    def reference_source(self) -> str:  # type: ignore[override]
+        return self.spec.source
 
     @property
-    def bounds(self) -> tuple[Bound, ...]:
-        if not self.resolved:
-            raise ValueError("the extraction rule's unseen-text values are not measured yet")
-        return (Bound("forget.ma", "<", self.ma), Bound(f"forget.el{EL_N}", "<", self.el10))
-
-
-@dataclass(frozen=True)
-class TofuRule(StopRule):
-    """Stop once forget accuracy and forget ROUGE-L are at or below the retain-only model's values on the
-    same forget subset (that model never saw the forget set: matching it is what "forgotten" can mean).
-    ``acc`` / ``rougeL`` given, or ``None`` until measured on ``reference_model``."""
-
-    name: ClassVar[str] = "tofu"
-    reference_source: ClassVar[str | None] = "reference_model"
-    acc: float | None = None
-    rougeL: float | None = None
-    reference_model: Any = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        _both_or_neither(self.acc, self.rougeL, "acc and rougeL")
-        _check_rate(self.acc, "the reference forget accuracy")
-        _check_rate(self.rougeL, "the reference forget ROUGE-L")
+    def reference_metrics(self) -> tuple[str, ...]:  # type: ignore[override]
+        return () if self.resolved else self.spec.measured
 
     @property
     def metrics(self) -> tuple[str, ...]:
-        return ("forget.acc", "forget.rougeL")
+        return self.spec.metrics
 
     @property
-    def resolved(self) -> bool:
-        return self.acc is not None
+    def reference(self) -> dict[str, float] | None:
+        """The values by key (``{"acc": 0.41, "rougeL": 0.38}``), ``None`` until measured."""
+        return None if self.values is None else dict(zip(self.spec.keys, self.values))
 
-    @property
-    def reference_metrics(self) -> tuple[str, ...]:
-        return () if self.resolved else self.metrics
-
-    def with_reference(self, values: Mapping[str, float]) -> TofuRule:
-        return replace(self, acc=float(values["forget.acc"]), rougeL=float(values["forget.rougeL"]))
+    def with_reference(self, values: Mapping[str, float]) -> ReferenceRule:
+        return replace(self, values=tuple(float(values[m]) for m in self.spec.measured))
 
     @property
     def bounds(self) -> tuple[Bound, ...]:
-        if not self.resolved:
-            raise ValueError("the tofu rule's reference values are not measured yet")
-        return (Bound("forget.acc", "<=", self.acc), Bound("forget.rougeL", "<=", self.rougeL))
+        if self.values is None:
+            raise ValueError(f"the {self.name} rule's reference values are not measured yet")
+        return tuple(Bound(m, self.spec.op, v) for m, v in zip(self.spec.metrics, self.values))
 
 
 def _unknown_metric(name: str, where: str) -> str:

@@ -1,0 +1,178 @@
+"""Where records come from: a JSON Lines file, a Parquet or CSV file, a folder written by
+``datasets.Dataset.save_to_disk``, or a data set on the Hugging Face Hub.
+
+:func:`read_source` reads any of them into a list of dicts, each with ``"_source"`` naming where it came
+from, so that a bad record is reported at its place: ``path:line`` for text files (JSON Lines, CSV:
+the file's line), ``name[i]`` for the ``i``-th row (from 0) of a Parquet file or a data set. A Hub
+data set is named ``name[:config][@split]`` (``split`` defaults to ``train``); a ``save_to_disk``
+folder holding several splits is named ``folder@split``. A Hub id is read from the local Hugging
+Face cache (:mod:`fastunlearn._hub`): nothing is fetched unless ``allow_download``.
+:func:`resolve_hub_dataset` says which repository, configuration, split and commit a name resolves to.
+
+Parquet needs ``pyarrow``, folders and Hub data sets ``datasets`` (``pip install 'fastunlearn[data]'``).
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from fastunlearn._hub import is_hub_id, resolve_snapshot
+from fastunlearn.data.records import read_jsonl
+
+__all__ = ["HubDataset", "read_source", "resolve_hub_dataset"]
+
+PARQUET = (".parquet", ".pq")
+CSV = (".csv",)
+# A missing name ending so is a missing file, not a Hub id.
+FILE_SUFFIXES = (".json", ".jsonl", ".txt", ".tsv", ".arrow", *PARQUET, *CSV)
+
+
+def _require(package: str, what: str) -> None:
+    if importlib.util.find_spec(package) is None:
+        raise ValueError(f"{what} needs the {package} package: pip install 'fastunlearn[data]'")
+
+
+def _rows(rows: Any, name: str) -> list[dict[str, Any]]:
+    return [{**row, "_source": f"{name}[{i}]"} for i, row in enumerate(rows)]
+
+
+def _read_csv(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8", newline="") as handle:
+        reader = csv.DictReader(handle)
+        # line_num after a row is read: the line it ended on (a quoted field may span lines)
+        return [{**row, "_source": f"{path}:{reader.line_num}"} for row in reader]
+
+
+def _read_parquet(path: str) -> list[dict[str, Any]]:
+    _require("pyarrow", f"reading the Parquet file {path}")
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow's own error types
+        raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
+    return _rows(table.to_pylist(), path)
+
+
+def _pick_split(splits: dict[str, Any], split: str | None, name: str) -> Any:
+    if split is None and len(splits) == 1:
+        return next(iter(splits.values()))
+    if split is None:
+        raise ValueError(f"{name} holds the splits {sorted(splits)}; name one as {name}@SPLIT")
+    if split not in splits:
+        raise ValueError(f"{name} has no split {split!r}; it has {sorted(splits)}")
+    return splits[split]
+
+
+def _read_saved(path: str, split: str | None) -> list[dict[str, Any]]:
+    """A ``save_to_disk`` folder: a ``Dataset`` or a ``DatasetDict`` (one split chosen)."""
+    names = set(os.listdir(path))
+    if not names & {"dataset_dict.json", "state.json"}:
+        raise ValueError(
+            f"{path} is a directory but not a data set saved by datasets' save_to_disk (no state.json or "
+            "dataset_dict.json)"
+        )
+    _require("datasets", f"reading the data set folder {path}")
+    from datasets import DatasetDict, load_from_disk
+
+    data = load_from_disk(path)
+    where = path if split is None else f"{path}@{split}"
+    if isinstance(data, DatasetDict):
+        data = _pick_split(dict(data), split, path)
+    elif split is not None:
+        raise ValueError(f"{path} holds one data set without splits; drop @{split}")
+    return _rows(data, where)
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    """A Hub data set name resolved: repository, configuration, split, the commit read and its cached
+    snapshot folder (``None`` when it is to be fetched)."""
+
+    repo_id: str
+    config: str | None
+    split: str
+    revision: str
+    folder: str | None = None
+
+    def __str__(self) -> str:
+        config = f":{self.config}" if self.config else ""
+        return f"{self.repo_id}{config}@{self.split}"
+
+
+def _parse_hub_name(name: str) -> tuple[str, str | None, str]:
+    rest, _, split = name.partition("@")
+    repo_id, _, config = rest.partition(":")
+    return repo_id, config or None, split or "train"
+
+
+def resolve_hub_dataset(name: str, *, allow_download: bool = False) -> HubDataset:
+    """The repository, configuration, split and commit that ``name[:config][@split]`` reads: the
+    cached snapshot, or with ``allow_download`` the Hub's current commit (the cached one when the Hub
+    cannot be reached). ``FileNotFoundError`` when the name is neither a file nor a Hub id found."""
+    repo_id, config, split = _parse_hub_name(name)
+    if not is_hub_id(repo_id) or repo_id.lower().endswith(FILE_SUFFIXES):
+        raise FileNotFoundError(f"data file not found: {name}")
+    unreachable = None
+    if allow_download:
+        from huggingface_hub import HfApi
+
+        try:
+            return HubDataset(repo_id, config, split, HfApi().dataset_info(repo_id).sha)
+        except Exception as err:  # offline, or unreachable: the cache may still have it
+            unreachable = err
+    try:
+        snapshot = resolve_snapshot(repo_id, repo_type="dataset", what="data set")
+    except FileNotFoundError:
+        if unreachable is None:
+            raise
+        raise FileNotFoundError(
+            f"data set {repo_id!r}: not in the Hugging Face cache, and the Hub cannot be reached "
+            f"({unreachable})"
+        ) from None
+    return HubDataset(repo_id, config, split, snapshot.revision, snapshot.path)
+
+
+def _read_hub(name: str, allow_download: bool) -> list[dict[str, Any]]:
+    hub = resolve_hub_dataset(name, allow_download=allow_download)
+    _require("datasets", f"reading the Hub data set {hub.repo_id}")
+    from datasets import load_dataset
+
+    try:
+        if hub.folder is None:  # fetched into the cache, where the next run finds it offline
+            data = load_dataset(hub.repo_id, hub.config, split=hub.split, revision=hub.revision)
+        else:  # the cached snapshot is a local folder: streamed from its files, nothing written
+            data = load_dataset(hub.folder, hub.config, split=hub.split, streaming=True)
+    except ValueError as err:  # an unknown configuration or split
+        raise ValueError(f"data set {hub}: {err}") from None
+    return _rows(data, str(hub))
+
+
+def read_source(source: str | os.PathLike, *, allow_download: bool = False) -> list[dict[str, Any]]:
+    """The records of a file, a ``save_to_disk`` folder or a Hub data set (module docstring), each a
+    dict with ``"_source"``; JSON Lines files are read by :func:`fastunlearn.data.records.read_jsonl`.
+
+    Raises ``FileNotFoundError`` for a name that is none of them and ``ValueError`` naming the source
+    for a file it cannot read or an empty data set.
+    """
+    path = os.fspath(source)
+    folder, _, split = path.rpartition("@")
+    if os.path.isdir(path):
+        records = _read_saved(path, None)
+    elif os.path.isfile(path) and path.lower().endswith(PARQUET):
+        records = _read_parquet(path)
+    elif os.path.isfile(path) and path.lower().endswith(CSV):
+        records = _read_csv(path)
+    elif os.path.exists(path):
+        return read_jsonl(path)
+    elif folder and os.path.isdir(folder):
+        records = _read_saved(folder, split)
+    else:
+        records = _read_hub(path, allow_download)
+    if not records:
+        raise ValueError(f"{path}: no records (the data set is empty)")
+    return records

@@ -1,0 +1,107 @@
+"""4-bit and 8-bit base models with ``bitsandbytes``: QLoRA's recipe (Dettmers et al. 2023,
+arXiv 2305.14314) — NF4 weights with double quantisation of their scales, LoRA adapters trained in full
+precision on top — and LLM.int8() (Dettmers et al. 2022, arXiv 2208.07339).
+
+- :func:`quantization_config`: the ``transformers`` ``BitsAndBytesConfig`` of ``load_in_4bit`` /
+  ``load_in_8bit``, computing in ``compute_dtype`` (bf16 on GPUs that have it, fp32 on the CPU).
+- :func:`require_bitsandbytes`: the one-line error when the package is missing.
+- :func:`is_quantized`, :func:`dequantized_weight`: a linear layer whose weight is stored quantised,
+  and that weight as fp32 ``[out, in]`` (one layer at a time: FILA's SVD reads it so).
+- :func:`keep_trainable_layout`: on CPUs with AVX512-BF16, ``bitsandbytes`` repacks a 4-bit weight for
+  its inference kernel the first time the layer runs in eval mode without gradients, and from then on
+  multiplies by it with an operation that has no backward: the gradients reaching earlier layers
+  (the Fisher passes, training) would be wrong. This keeps every layer in the layout that trains.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "dequantized_weight",
+    "is_quantized",
+    "keep_trainable_layout",
+    "quantization_config",
+    "require_bitsandbytes",
+]
+
+_QUANTISED_PARAMS = ("Params4bit", "Int8Params")
+
+
+def require_bitsandbytes(option: str) -> None:
+    """``ValueError`` naming ``option`` when ``bitsandbytes`` is not installed."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError(
+            f"{option} needs the bitsandbytes package: pip install 'fastunlearn[quant]' (or bitsandbytes)"
+        )
+
+
+def _not_the_fp16_cast(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("MatMul8bitLt: inputs will be cast")
+
+
+def quantization_config(*, load_in_4bit: bool, load_in_8bit: bool, compute_dtype: torch.dtype) -> Any:
+    """``BitsAndBytesConfig`` for a 4-bit (NF4, double quantisation) or 8-bit base, or ``None``."""
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("load_in_4bit and load_in_8bit exclude each other; choose one")
+    if not (load_in_4bit or load_in_8bit):
+        return None
+    require_bitsandbytes("load_in_4bit" if load_in_4bit else "load_in_8bit")
+    from transformers import BitsAndBytesConfig
+
+    if load_in_8bit:
+        # LLM.int8() quantises each layer's input through fp16 by design; bitsandbytes logs so at every call.
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_the_fp16_cast)
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def is_quantized(layer: nn.Module) -> bool:
+    """Whether ``layer``'s weight is stored quantised by ``bitsandbytes`` (4- or 8-bit)."""
+    weight = getattr(layer, "weight", None)
+    return type(weight).__name__ in _QUANTISED_PARAMS
+
+
+def keep_trainable_layout(model: nn.Module) -> None:
+    """Keep ``bitsandbytes``' CPU inference repacking off every 4-bit layer of ``model`` (module
+    docstring); ``ValueError`` for a layer repacked already."""
+    for name, module in model.named_modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            _check_layout(name, module)
+            module.support_avx512bf16_for_cpu = False
+
+
+def _check_layout(name: str, layer: nn.Module) -> None:
+    if getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False):
+        raise ValueError(
+            f"layer {name!r}: bitsandbytes has repacked its 4-bit weight for CPU inference (the model ran in "
+            "eval mode without gradients), a layout that trains wrongly; load the model again"
+        )
+
+
+def dequantized_weight(layer: nn.Module) -> Tensor:
+    """The weight of a ``bitsandbytes`` linear layer as an fp32 ``[out, in]`` tensor on its device
+    (what its forward multiplies by, up to the compute dtype's rounding): 4-bit blocks times their
+    (dequantised) scales; 8-bit rows ``W = C·s/127`` with ``s`` each row's absolute maximum."""
+    import bitsandbytes.functional as bnbf
+
+    _check_layout(type(layer).__name__, layer)
+    weight = layer.weight
+    with torch.no_grad():
+        if type(weight).__name__ == "Params4bit":
+            dense = bnbf.dequantize_4bit(weight.data, weight.quant_state)
+        else:
+            scales = weight.SCB if weight.SCB is not None else layer.state.SCB
+            dense = weight.data.float() * (scales.float()[:, None] / 127.0)
+    return dense.to(torch.float32).reshape(layer.out_features, layer.in_features)
