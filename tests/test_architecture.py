@@ -48,7 +48,13 @@ INTERNAL: dict[str, tuple[str, ...]] = {
     "fastunlearn.evaluation.stopping": (),
     # Records, templates, tokenisation, batches, TOFU's files: below training and evaluation alike.
     "fastunlearn.data": ("fastunlearn", "fastunlearn.ops", "fastunlearn._hub"),
-    "fastunlearn.methods": ("fastunlearn.ops", "fastunlearn.models", "fastunlearn.data"),
+    # FILA's reference model reads the initial adapters fila_init recorded.
+    "fastunlearn.methods": (
+        "fastunlearn.ops",
+        "fastunlearn.models",
+        "fastunlearn.data",
+        "fastunlearn.fisher",
+    ),
     # FSDP2 and DeepSpeed: wrapping, sharded loading, gathering.
     "fastunlearn.engines": (
         "fastunlearn.ops",

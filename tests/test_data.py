@@ -228,7 +228,7 @@ def test_pairing_is_seeded_per_epoch_and_collated():
     assert a.pairing == first
     assert a[2]["forget"] is forget[2] and a[2]["retain"] is retain[first[2]]
 
-    a.ref_logp = torch.arange(len(forget), dtype=torch.float64)
+    a.ref_logp = {"forget": torch.arange(len(forget), dtype=torch.float64)}
     batch = fdata.PairCollator(fdata.pad_id_of(tok))([a[i] for i in (1, 4)])
     torch.testing.assert_close(
         batch["forget"]["input_ids"], fdata.collate([forget[1], forget[4]], 0)["input_ids"]

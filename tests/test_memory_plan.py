@@ -507,7 +507,7 @@ def test_buffer_sizes_match_the_code_they_describe():
 
 
 def test_constants_match_the_training_layer():
-    from fastunlearn.methods.objectives import METHODS, NEEDS_RETAIN
+    from fastunlearn.methods import METHODS, NEEDS_RETAIN
     from fastunlearn.options.unlearn import INITS
     from fastunlearn.plan import memory_plan
 

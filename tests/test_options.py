@@ -38,7 +38,7 @@ def _other_value(name: str, spec, tp, default):
     if bool in parts:
         return not default if default is not None else True
     if parts and typing.get_origin(parts[0]) is list:
-        return ["q_proj", "v_proj"]
+        return [0, 1] if typing.get_args(parts[0]) == (int,) else ["q_proj", "v_proj"]
     if int in parts and float not in parts:
         return (default or 0) + 3
     if float in parts:

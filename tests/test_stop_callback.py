@@ -234,6 +234,8 @@ def e2e(trained, tok):
 def _train(model, tok, forget, retain, callback, out):
     import tempfile
 
+    from fastunlearn.methods import resolve_method
+    from fastunlearn.methods.objectives import Objective
     from fastunlearn.options.unlearn import UnlearnConfig
     from fastunlearn.training.trainer import build_trainer
 
@@ -253,7 +255,12 @@ def _train(model, tok, forget, retain, callback, out):
     try:
         with tempfile.TemporaryDirectory() as ckpt:
             trainer = build_trainer(
-                model, dataset, fdata.pad_id_of(tok), method="gd", cfg=cfg, output_dir=ckpt
+                model,
+                dataset,
+                fdata.pad_id_of(tok),
+                objective=Objective(resolve_method("gd")),
+                cfg=cfg,
+                output_dir=ckpt,
             )
             start = time.perf_counter()
             trainer.train()

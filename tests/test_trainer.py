@@ -15,6 +15,7 @@ import fastunlearn.models.patching
 from fastunlearn import data as fdata
 from fastunlearn import demo
 from fastunlearn.fisher import FilaRowWeights, estimate_fisher, fila_init
+from fastunlearn.methods import resolve_method
 from fastunlearn.training.pipeline import unlearn
 from fastunlearn.training.trainer import UnlearnTrainer
 
@@ -84,7 +85,7 @@ def reference_step(tokenizer, forget, retain, method, init, *, weight_decay=0.01
             batch["forget"]["ref_logp"] = ref_seq_logp(model.eval(), batch["forget"]).float()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    loss = ref_objective(model, batch, method, beta=0.1)
+    loss = ref_objective(model, batch, resolve_method(method))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -395,8 +396,8 @@ def test_bad_arguments(setup, tmp_path):
     out = tmp_path / "x"
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['epochs'\]"):
         unlearn(model, tokenizer, forget, retain, output_dir=out, epochs=3)
-    with pytest.raises(ValueError, match="unknown method 'rmu'"):
-        unlearn(model, tokenizer, forget, retain, method="rmu", output_dir=out)
+    with pytest.raises(ValueError, match="unknown method 'forgetall'"):
+        unlearn(model, tokenizer, forget, retain, method="forgetall", output_dir=out)
     with pytest.raises(ValueError, match="unknown init 'pissa'"):
         unlearn(model, tokenizer, forget, retain, init="pissa", output_dir=out)
     with pytest.raises(ValueError, match="'ihl' needs a retain set"):

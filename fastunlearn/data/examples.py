@@ -205,14 +205,28 @@ class PairedDataset(torch.utils.data.Dataset):
     Item ``i`` of epoch ``e`` is ``{"forget": forget[i], "retain": retain[π_e[i]]}`` with
     ``π_e ~ Uniform{0..len(retain)-1}^len(forget)`` drawn from ``torch.Generator`` seeded by
     ``seed + 1_000_003·e``. ``retain`` may be empty for objectives that use no retain term (GA).
-    ``ref_logp`` (one value per forget example: NPO's reference log-probability) rides along when set.
+    ``idk``: one example per forget example, its question with a refusal (IdK, DPO), item ``"idk"``.
+    ``ref_logp``: ``{part: [len(forget)]}``, the reference model's per-sequence log-probabilities of
+    the forget or IdK examples (NPO, DPO), ridden along when set.
     """
 
-    def __init__(self, forget: Sequence[Example], retain: Sequence[Example], *, seed: int = 0) -> None:
+    def __init__(
+        self,
+        forget: Sequence[Example],
+        retain: Sequence[Example],
+        *,
+        seed: int = 0,
+        idk: Sequence[Example] | None = None,
+    ) -> None:
         if not forget:
             raise ValueError("the forget set is empty: there is nothing to unlearn")
+        if idk is not None and len(idk) != len(forget):
+            raise ValueError(
+                f"idk must hold one example per forget example, got {len(idk)} for {len(forget)}"
+            )
         self.forget, self.retain, self.seed = list(forget), list(retain), seed
-        self.ref_logp: torch.Tensor | None = None
+        self.idk = None if idk is None else list(idk)
+        self.ref_logp: dict[str, torch.Tensor] = {}
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -230,15 +244,18 @@ class PairedDataset(torch.utils.data.Dataset):
         item: dict[str, Any] = {"forget": self.forget[i]}
         if self.pairing is not None:
             item["retain"] = self.retain[self.pairing[i]]
-        if self.ref_logp is not None:
-            item["ref_logp"] = self.ref_logp[i]
+        if self.idk is not None:
+            item["idk"] = self.idk[i]
+        if self.ref_logp:
+            item["ref_logp"] = {part: values[i] for part, values in self.ref_logp.items()}
         return item
 
 
 class PairCollator:
-    """Collate :class:`PairedDataset` items into ``{"forget": batch, "retain": batch}``, each padded alone.
+    """Collate :class:`PairedDataset` items into ``{"forget": batch, "retain": batch, "idk": batch}`` (the
+    parts the items hold), each padded alone.
 
-    A ``ref_logp`` carried by the items becomes ``forget["ref_logp"]`` ``[B]`` (fp32).
+    The items' ``ref_logp`` becomes ``batch[part]["ref_logp"]`` ``[B]`` (fp32) for each part it covers.
     """
 
     def __init__(self, pad_id: int) -> None:
@@ -247,13 +264,12 @@ class PairCollator:
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
         out = {
             key: collate([item[key] for item in items], self.pad_id)
-            for key in ("forget", "retain")
+            for key in ("forget", "retain", "idk")
             if key in items[0]
         }
-        if "ref_logp" in items[0]:
-            out["forget"]["ref_logp"] = torch.stack(
-                [torch.as_tensor(item["ref_logp"]) for item in items]
-            ).float()
+        for part in items[0].get("ref_logp", {}):
+            values = [torch.as_tensor(item["ref_logp"][part]) for item in items]
+            out[part]["ref_logp"] = torch.stack(values).float()
         return out
 
 

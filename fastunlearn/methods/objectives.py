@@ -1,50 +1,42 @@
-"""Unlearning objectives on a paired forget/retain batch (SPEC §2).
+"""The unlearning objective of a training step: ``γ·forget_term + α·retain_term`` on a paired batch.
 
-With ``NLL(D)`` the token-mean negative log-likelihood of the supervised (non ``-100``) shifted target
-tokens of batch ``D`` (logits at ``t`` predict the token at ``t + 1``):
+An :class:`Objective` is a resolved method (:mod:`fastunlearn.methods.presets`), the reference model
+where its retain term runs one at every step (:mod:`fastunlearn.methods.reference`) and RMU's setting
+(:mod:`fastunlearn.methods.rmu`). Calling it on ``(model, batch)`` is the loss of one micro-batch; the
+memory plan and ``Trainer`` run this same call. Every term is computed by the model itself, patched with
+:func:`fastunlearn.patch` (:mod:`fastunlearn.methods.terms`): the fused path never forms the
+``[B, T, V]`` logits, and wrappers' hooks and autocast apply.
 
-- ``ihl``: ``IHL(forget) + NLL(retain)`` — the paper's objective (Cha et al. 2025, Eq. 4), both
-  weights 1, no KL term; ``IHL`` is the token mean of ``1 + p_y − max_{v≠y} p_v`` over the batch.
-- ``ga``:  ``−NLL(forget)`` — gradient ascent (Jang et al. 2023).
-- ``gd``:  ``−NLL(forget) + NLL(retain)`` — gradient difference.
-- ``npo``: ``(2/β)·mean_i softplus(β·(log π_θ(y_i|x_i) − log π_ref(y_i|x_i))) + NLL(retain)`` — NPO
-  (Zhang et al. 2024): ``softplus(β·Δ) = log(1 + (π_θ/π_ref)^β)``, with ``log π(y|x)`` the summed
-  log-probability of the supervised tokens of sequence ``i``.
+IdK with the NLL retain term is one token mean over the IdK and retain batches together (TOFU's idk
+concatenates them): ``−(γ·Σ S_θ(idk) + α·Σ S_θ(retain)) / (Σ n(idk) + Σ n(retain))``.
 
-Every term is computed by the model itself, patched with :func:`fastunlearn.patch`:
-``model(input_ids=..., attention_mask=..., labels=..., loss_type=t).loss`` for ``t`` in ``"ihl"``,
-``"nll"``, ``"seq_logprob"``. The patched forward computes the loss from the last hidden states and
-the output head without the ``[B, T, V]`` logits where the architecture allows it (the fused path),
-and from the model's real logits otherwise or with ``patch(model, fused=False)`` (the logits path, the
-tested oracle); either way inside the model's own call, so wrappers' hooks and autocast apply.
-
-The NPO reference is the model *before unlearning*. Its sequence log-probabilities do not change
-during training, so they are computed once, before the first step (:func:`sequence_logprobs`), and
-travel with the batch as ``forget["ref_logp"]``. That needs no second copy of the model, and it is the
-right reference for every initialisation: for FILA the base with adapters disabled is the *residual*
-``W − s·B₀A₀``, not the model before unlearning, so ``disable_adapter()`` would be the wrong reference.
-The reference is computed by the same patched call as the policy term (in eval mode, without
-gradients), so at the first step the log-ratio is exactly the change the adapters have made — zero for
-LoRA and FILA, whose initial adapters leave the function unchanged — rather than the rounding
-difference between two ways of computing the same number.
+The per-sequence reference log-probabilities of NPO and DPO do not change during training: they are taken
+once, before the first step (:func:`sequence_logprobs`), by the same patched call as the policy's in eval
+mode, and ride on the batch as ``part["ref_logp"]``. That needs no copy of the model, and the model right
+after initialisation *is* the model before unlearning for every initialisation (LoRA's ``B = 0``,
+FILA's ``W_res + s·B₀A₀ = W``), so at the first step the log-ratio is the change the training has made,
+up to the rounding of other batch shapes (the reference batches the examples its own way).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastunlearn.methods.capture import num_layers
+from fastunlearn.methods.presets import MethodSpec, resolve_method
+from fastunlearn.methods.reference import Reference, build_reference
+from fastunlearn.methods.rmu import RmuSetting, resolve_rmu_layers
+from fastunlearn.methods.terms import FORGET, RETAIN, model_loss, target_counts
 from fastunlearn.models.devices import eval_mode, model_device
-from fastunlearn.models.patching import LossType, is_patched
+from fastunlearn.models.patching import find_causal_lm, is_patched
 from fastunlearn.ops.nll import shifted_nll
 
-METHODS = ("ihl", "ga", "gd", "npo")
-NEEDS_RETAIN = frozenset({"ihl", "gd", "npo"})
-
-__all__ = ["METHODS", "NEEDS_RETAIN", "method_loss", "nll_mean", "npo_loss", "sequence_logprobs"]
+__all__ = ["Objective", "build_objective", "method_loss", "nll_mean", "sequence_logprobs"]
 
 
 def _require_patched(model: nn.Module) -> None:
@@ -55,41 +47,90 @@ def _require_patched(model: nn.Module) -> None:
         )
 
 
-def _loss(model: nn.Module, part: Mapping[str, Tensor], loss_type: LossType) -> Tensor:
-    """The ``loss_type`` term of one batch, computed by the patched model's own forward."""
-    return model(
-        input_ids=part["input_ids"],
-        attention_mask=part["attention_mask"],
-        labels=part["labels"],
-        loss_type=loss_type,
-    ).loss
+@dataclass
+class Objective:
+    """The loss of a training step (module docstring). ``reference``: needed by the ``kl``,
+    ``kl_targets`` and ``rmu`` retain terms; ``rmu``: by the ``rmu`` terms."""
+
+    spec: MethodSpec
+    reference: Reference | None = None
+    rmu: RmuSetting | None = None
+
+    def __post_init__(self) -> None:
+        if self.spec.step_reference and self.reference is None:
+            raise ValueError(f"the {self.spec.retain!r} retain term needs the reference model (reference=)")
+        if self.spec.uses_rmu and self.rmu is None:
+            raise ValueError("the rmu terms need RMU's layer and steering direction (rmu=)")
+
+    def __call__(
+        self, model: nn.Module, batch: Mapping[str, Mapping[str, Tensor]]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(loss, {"forget_loss": γ·forget term, "retain_loss": α·retain term})``, the parts detached
+        (they sum to the loss)."""
+        self._check(model, batch)
+        spec = self.spec
+        if spec.pooled:
+            forget, retain = self._pooled(model, batch)
+        else:
+            forget = spec.forget_weight * FORGET[spec.forget](self, model, batch)
+            retain = (
+                spec.retain_weight * RETAIN[spec.retain](self, model, batch) if spec.needs_retain else None
+            )
+        parts = {"forget_loss": forget.detach()}
+        if retain is None:
+            return forget, parts
+        parts["retain_loss"] = retain.detach()
+        return forget + retain, parts
+
+    def _pooled(self, model: nn.Module, batch: Mapping[str, Mapping[str, Tensor]]) -> tuple[Tensor, Tensor]:
+        idk, retain = batch["idk"], batch["retain"]
+        tokens = (target_counts(idk).sum() + target_counts(retain).sum()).clamp_min(1)
+        forget = -self.spec.forget_weight * model_loss(model, idk, "seq_logprob").sum() / tokens
+        return forget, -self.spec.retain_weight * model_loss(model, retain, "seq_logprob").sum() / tokens
+
+    def _check(self, model: nn.Module, batch: Mapping[str, Mapping[str, Tensor]]) -> None:
+        spec = self.spec
+        needed = (
+            {"forget"}
+            | ({"retain"} if spec.needs_retain else set())
+            | ({"idk"} if spec.uses_refusals else set())
+        )
+        missing = sorted(needed - set(batch))
+        if missing:
+            what = {
+                "retain": "a retain set",
+                "idk": "the refusal answers batch['idk']",
+                "forget": "a forget batch",
+            }
+            raise ValueError(f"{spec.forget} + {spec.retain} needs {', '.join(what[m] for m in missing)}")
+        for part in spec.fixed_reference:
+            if "ref_logp" not in batch[part]:
+                raise ValueError(
+                    f"the {spec.forget!r} forget term needs the reference log-probabilities "
+                    f"{part}['ref_logp']"
+                )
+        _require_patched(model)
 
 
-def nll_mean(logits: Tensor, labels: Tensor) -> Tensor:
-    """Token-mean NLL of the shifted, non-ignored targets of a batch, from logits (fp32 at least; SPEC
-    §2): the retain term's value for code that holds logits (the demo's pre-training)."""
-    return shifted_nll(logits, labels, "mean")
-
-
-def npo_loss(logp: Tensor, ref_logp: Tensor, beta: float) -> Tensor:
-    """``(2/β)·mean softplus(β·(logp − ref_logp))`` (NPO, Zhang et al. 2024, Eq. 3)."""
-    return (2.0 / beta) * F.softplus(beta * (logp - ref_logp)).mean()
-
-
-def sequence_logprobs(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]) -> Tensor:
-    """``log π(y_i|x_i) = Σ_t log p(y_{i,t+1} | y_{i,≤t})`` of every example of ``batches`` (fp32, on
-    CPU), from the patched model's ``"seq_logprob"`` term in eval mode without gradients: NPO's
-    reference, computed exactly as :func:`method_loss` computes the policy term."""
-    _require_patched(model)
-    device = model_device(model)
-    parts = []
-    with eval_mode(model):
-        for batch in batches:
-            part = {key: batch[key].to(device) for key in ("input_ids", "attention_mask", "labels")}
-            parts.append(_loss(model, part, "seq_logprob").float())
-    if not parts:
-        raise ValueError("no batches to compute the reference log-probabilities of: the data set is empty")
-    return torch.cat(parts).cpu()
+def build_objective(
+    spec: MethodSpec,
+    model: nn.Module,
+    *,
+    init: str,
+    precision: str = "fp32",
+    rmu_layer: int | None = None,
+    rmu_steering: float = 6.5,
+    seed: int = 0,
+) -> Objective:
+    """The objective of a run whose ``model`` was just initialised with ``init``: its reference where
+    the retain term needs one (full fine-tuning copies the model now, before training) and RMU's setting."""
+    reference = build_reference(model, init, precision) if spec.step_reference else None
+    rmu = None
+    if spec.uses_rmu:
+        config = find_causal_lm(model).config
+        layer, _ = resolve_rmu_layers(num_layers(config), rmu_layer, None)
+        rmu = RmuSetting(layer, rmu_steering, config.hidden_size, seed)
+    return Objective(spec, reference, rmu)
 
 
 def method_loss(
@@ -97,32 +138,32 @@ def method_loss(
     batch: Mapping[str, Mapping[str, Tensor]],
     method: str,
     *,
-    npo_beta: float = 0.1,
+    reference: Reference | None = None,
+    rmu: RmuSetting | None = None,
+    **overrides: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """The objective of ``method`` on ``{"forget": ..., "retain": ...}`` and its detached parts.
+    """The objective of preset ``method`` (terms, weights, β overridable as in
+    :func:`~fastunlearn.methods.presets.resolve_method`) on one batch: ``(loss, parts)``."""
+    return Objective(resolve_method(method, **overrides), reference, rmu)(model, batch)
 
-    ``model`` is patched (:func:`fastunlearn.patch`; wrappers such as ``Trainer``'s are fine). Each part
-    is a batch of ``input_ids``, ``attention_mask``, ``labels``; NPO's forget part also carries
-    ``ref_logp`` ``[B]``. Returns ``(loss, {"forget_loss": ..., "retain_loss": ...})``.
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
-    if method in NEEDS_RETAIN and "retain" not in batch:
-        raise ValueError(f"method {method!r} needs a retain set")
-    forget = batch["forget"]
-    if method == "npo" and "ref_logp" not in forget:
-        raise ValueError("method 'npo' needs the reference log-probabilities forget['ref_logp']")
+
+def nll_mean(logits: Tensor, labels: Tensor) -> Tensor:
+    """Token-mean NLL of the shifted, non-ignored targets of a batch, from logits (fp32 at least): the
+    retain term's value for code that holds logits (the demo's pre-training)."""
+    return shifted_nll(logits, labels, "mean")
+
+
+def sequence_logprobs(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]) -> Tensor:
+    """``S(x)`` of every example of ``batches`` (fp32, on the CPU) from the patched model's
+    ``"seq_logprob"`` term in eval mode without gradients: NPO's and DPO's fixed reference, computed
+    exactly as the training step computes the policy's."""
     _require_patched(model)
-    if method == "ihl":
-        forget_loss = _loss(model, forget, "ihl")
-    elif method == "npo":
-        forget_loss = npo_loss(_loss(model, forget, "seq_logprob"), forget["ref_logp"], npo_beta)
-    else:
-        forget_loss = -_loss(model, forget, "nll")
-    parts = {"forget_loss": forget_loss.detach()}
-    loss = forget_loss
-    if method in NEEDS_RETAIN:
-        retain_loss = _loss(model, batch["retain"], "nll")
-        parts["retain_loss"] = retain_loss.detach()
-        loss = loss + retain_loss
-    return loss, parts
+    device = model_device(model)
+    parts = []
+    with eval_mode(model):
+        for batch in batches:
+            part = {key: batch[key].to(device) for key in ("input_ids", "attention_mask", "labels")}
+            parts.append(model_loss(model, part, "seq_logprob").float())
+    if not parts:
+        raise ValueError("no batches to compute the reference log-probabilities of: the data set is empty")
+    return torch.cat(parts).cpu()

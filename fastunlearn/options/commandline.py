@@ -47,7 +47,7 @@ def command_line(
         if (
             not spec.cli
             or not plain
-            or (isinstance(value, (list, tuple)) and not all(isinstance(v, str) for v in value))
+            or (isinstance(value, (list, tuple)) and not all(isinstance(v, (str, int)) for v in value))
         ):
             return None
         flag = flag_of(f.name, spec)

@@ -16,7 +16,7 @@ from fastunlearn.engines.fsdp import check_single_engine, parse_fsdp
 from fastunlearn.evaluation.stopping.controller import RESTORE
 from fastunlearn.evaluation.stopping.parsing import parse_eval_every
 from fastunlearn.fisher import FISHER_MODES, SOLVERS, parse_bytes
-from fastunlearn.methods.objectives import METHODS, NEEDS_RETAIN
+from fastunlearn.methods.presets import FORGET_TERMS, METHODS, RETAIN_TERMS, MethodSpec, resolve_method
 from fastunlearn.models.precision import PRECISIONS
 from fastunlearn.ops._backend import BACKENDS
 from fastunlearn.options.common import DataShape, ModelAccess, RunControl
@@ -65,7 +65,13 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
         identity=False,
         required=True,
     )
-    method: str = option("ihl", "the unlearning objective", choices=METHODS, plan=True)
+    method: str = option(
+        "ihl",
+        "the unlearning method, a forget term plus a retain term: ga, gd, kl (GA + KL), ihl, npo, npo+gd, "
+        "npo+kl, simnpo, idk, dpo, rmu (--forget-term / --retain-term override either)",
+        choices=METHODS,
+        plan=True,
+    )
     init: str = option("fila", "adapter initialisation (full: full fine-tuning)", choices=INITS, plan=True)
     # training
     num_epochs: float = option(5.0, "epochs", flag="--epochs", positive=True, group="training")
@@ -79,7 +85,6 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
     warmup_epochs: float = option(1.0, "epochs of linear warm-up", minimum=0, group="training")
     weight_decay: float = option(0.01, "AdamW's weight decay", minimum=0, group="training")
     max_grad_norm: float = option(1.0, "gradient clipping norm", positive=True, group="training")
-    npo_beta: float = option(0.1, "NPO's beta", positive=True, group="training")
     seed: int = option(0, "seed of the pairing, LoRA's initialisation and training", group="training")
     precision: str = option(
         "auto",
@@ -132,6 +137,49 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
         metavar="CONFIG.json",
         path=True,
         group="training",
+    )
+    # the method's terms
+    forget_term: str | None = option(
+        None, "the forget term, instead of the method's", choices=FORGET_TERMS, plan=True, group="method"
+    )
+    retain_term: str | None = option(
+        None,
+        "the retain term, instead of the method's (kl: over every position, TOFU's; kl_targets: over the "
+        "answer tokens)",
+        choices=RETAIN_TERMS,
+        plan=True,
+        group="method",
+    )
+    forget_weight: float | None = option(
+        None, "gamma, the forget term's weight (default: the method's)", minimum=0, group="method"
+    )
+    retain_weight: float | None = option(
+        None, "alpha, the retain term's weight (default: the method's)", minimum=0, group="method"
+    )
+    beta: float | None = option(
+        None, "beta of npo and dpo (default 0.1) and simnpo (default 4.5)", positive=True, group="method"
+    )
+    simnpo_delta: float = option(0.0, "SimNPO's margin delta", group="method")
+    idk: Any = option(
+        None,
+        'refusal answers of idk and dpo: one a line, or JSON Lines {"answer"} (default: the package\'s list)',
+        metavar="FILE",
+        path=True,
+        group="method",
+    )
+    rmu_layer: int | None = option(
+        None,
+        "RMU's decoder layer, from 0 (default 7; the middle one for models with fewer than 16 layers)",
+        minimum=0,
+        group="method",
+    )
+    rmu_steering: float = option(6.5, "RMU's steering coefficient c", positive=True, group="method")
+    rmu_train_layers: list[int] | None = option(
+        None,
+        "the layers whose MLP down-projection RMU trains (default: rmu_layer-2 .. rmu_layer)",
+        metavar="I[,I...]",
+        plan=True,
+        group="method",
     )
     # LoRA / FILA
     lora_r: int = option(32, "LoRA rank r", flag="--rank", positive=True, plan=True, group="LoRA / FILA")
@@ -259,6 +307,8 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.rmu_train_layers, (list, tuple)):
+            self.rmu_train_layers = [_layer_index(v) for v in self.rmu_train_layers]
         validate(self)
         self.report_to = check_trackers(self.report_to)
         _check_quantised(self)
@@ -269,15 +319,41 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
         check_single_engine(fsdp=self.fsdp, deepspeed=self.deepspeed)
         if _same_file(self.forget, self.retain):
             raise ValueError(f"forget and retain are the same file ({self.forget}); give two different sets")
+        spec = self.method_spec()
+        if spec.forget == "rmu" and self.init == "fila":
+            raise ValueError(
+                "init='fila' does not apply to rmu: FILA fits the adapters to the Fisher information of "
+                "the answers' likelihood, RMU steers one layer's activations through a few MLP "
+                "down-projections; use init='lora' or 'full'"
+            )
+        if spec.forget == "rmu" and self.target_modules is not None:
+            raise ValueError(
+                "rmu trains the MLP down-projections of rmu_train_layers; target_modules does not apply"
+            )
+
+    def method_spec(self) -> MethodSpec:
+        """The method's terms, weights and beta, the options applied to its preset."""
+        return resolve_method(
+            self.method,
+            forget_term=self.forget_term,
+            retain_term=self.retain_term,
+            forget_weight=self.forget_weight,
+            retain_weight=self.retain_weight,
+            beta=self.beta,
+            delta=self.simnpo_delta,
+        )
 
     def require(self) -> None:
         """What a run needs beyond valid values: its inputs, and a retain set where the method or FILA
         uses one."""
         require(self)
+        spec = self.method_spec()
         if self.forget is None and self.muse is None:
             raise ValueError("forget is required (or --muse DIR, whose raw/forget it trains on)")
-        if self.retain is None and self.muse is None and self.method in NEEDS_RETAIN:
-            raise ValueError(f"method {self.method!r} needs a retain set")
+        if self.retain is None and self.muse is None and spec.needs_retain:
+            raise ValueError(
+                f"method {self.method!r} needs a retain set (its retain term is {spec.retain!r})"
+            )
         if self.retain is None and self.muse is None and self.init == "fila":
             raise ValueError("init='fila' needs a retain set (relative Fisher information); use init='lora'")
 
@@ -316,6 +392,16 @@ def _check_quantised(cfg: UnlearnConfig) -> None:
         )
     if cfg.fsdp is not None or cfg.deepspeed is not None:
         raise ValueError(f"{which} is supported on one device or under DDP, not with fsdp or deepspeed")
+
+
+def _layer_index(value: Any) -> Any:
+    """A layer index given on the command line (a string) as an int; anything else as it is."""
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"rmu_train_layers: {value!r} is not a layer index") from None
+    return value
 
 
 def _below_one(value: float) -> None:

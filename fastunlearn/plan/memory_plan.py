@@ -169,11 +169,11 @@ __all__ = [
 
 GiB = 2**30
 
-# Kept equal to fastunlearn.options.unlearn.INITS / fastunlearn.methods.objectives.METHODS (a test
+# Kept equal to fastunlearn.options.unlearn.INITS / fastunlearn.methods.METHODS (a test
 # checks) without importing them: this module is pure arithmetic, importable without torch.
 INITS = ("fila", "lora", "full")
-METHODS = ("ihl", "ga", "gd", "npo")
-_NEEDS_RETAIN = ("ihl", "gd", "npo")
+METHODS = ("ihl", "ga", "gd", "kl", "npo", "npo+gd", "npo+kl", "simnpo", "idk", "dpo", "rmu")
+_NEEDS_RETAIN = ("ihl", "gd", "kl", "npo+gd", "npo+kl", "simnpo", "idk", "dpo", "rmu")
 ENGINES = ("none", "ddp", "fsdp", "zero3")
 FISHER_MODES = ("streamed", "all_layers")
 SOLVERS = ("svd", "randomized", "truncated")
@@ -699,7 +699,8 @@ def _phases(s: _Setup, settings: dict[str, Any]) -> list[Phase]:
         acts = N * m.layers * _saved_per_token(s, regime)
         recompute = {}
         acts_label = "saved activations"
-    forget_kind = {"ihl": "ihl", "npo": "seq_logprob"}.get(method, "nll")
+    seq_logprob = ("npo", "npo+gd", "npo+kl", "simnpo", "dpo")
+    forget_kind = "ihl" if method == "ihl" else "seq_logprob" if method in seq_logprob else "nll"
     forget = _loss_term(s, forget_kind, fused, N, head_trains=init == "full")
     retain_term = _loss_term(s, "nll", fused, N, head_trains=init == "full")
     forget_label = f"forget: {forget.saved_label}"

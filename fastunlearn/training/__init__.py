@@ -4,8 +4,8 @@
   batches, the same pipeline evaluation uses.
 - :mod:`~fastunlearn.data.tofu_format`: TOFU's own tokenisation (SPEC §4.1), the ``tofu-*``
   templates of ``training.data`` and the legacy TOFU evaluation.
-- :mod:`~fastunlearn.methods.objectives`: the objectives IHL, GA, GD and NPO (SPEC §2), computed by the
-  model patched with :func:`fastunlearn.patch`.
+- :mod:`~fastunlearn.methods`: the objectives (a forget term plus a retain term; the field's methods as
+  presets), computed by the model patched with :func:`fastunlearn.patch`.
 - :mod:`~fastunlearn.options.unlearn`: :class:`UnlearnConfig` and :class:`UnlearnResult`.
 - :mod:`~fastunlearn.options.flags`: the options' command-line flags (parser, recorded command, messages).
 - :mod:`~fastunlearn.training.preflight`: everything checked before the model's weights load.

@@ -1,5 +1,6 @@
 """What trains: LoRA adapters, FILA's Fisher-initialised adapters (Cha et al., ICLR 2025, §3.2), or
-every weight; and the fixed reference log-probabilities NPO needs."""
+every weight (RMU: only the MLP down-projections of its layers, full or with LoRA on them); and the
+fixed reference log-probabilities NPO and DPO need."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from torch import nn
 from fastunlearn import data as fdata
 from fastunlearn.engines import distributed
 from fastunlearn.engines.base import Engine
+from fastunlearn.methods.capture import num_layers
 from fastunlearn.methods.objectives import sequence_logprobs
+from fastunlearn.methods.rmu import down_projections, resolve_rmu_layers
 from fastunlearn.models.devices import training_device
 from fastunlearn.models.loading import quiet_peft_wrap
 from fastunlearn.models.precision import autocast
@@ -23,14 +26,24 @@ __all__ = ["initialise_adapters", "reference_logprobs"]
 ROW_WEIGHTS = os.path.join("fisher", "row_weights.safetensors")
 
 
-def _lora_model(model: nn.Module, cfg: UnlearnConfig) -> nn.Module:
+def _rmu_weights(model: nn.Module, cfg: UnlearnConfig) -> list[str] | None:
+    """The modules RMU trains (``None`` for the other methods)."""
+    if cfg.method_spec().forget != "rmu":
+        return None
+    _, layers = resolve_rmu_layers(num_layers(model.config), cfg.rmu_layer, cfg.rmu_train_layers)
+    return down_projections(model, layers)
+
+
+def _lora_model(model: nn.Module, cfg: UnlearnConfig, targets: list[str] | None) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
+    if targets is None:
+        targets = cfg.target_modules if cfg.target_modules is not None else "all-linear"
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules if cfg.target_modules is not None else "all-linear",
+        target_modules=targets,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -90,11 +103,13 @@ def initialise_adapters(
     """The model ready to train (wrapped with LoRA unless ``init="full"``) and the files FILA wrote."""
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
+    rmu = _rmu_weights(model, cfg)
     if cfg.init == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
+        trained = None if rmu is None else {f"{name}.weight" for name in rmu}
+        for name, p in model.named_parameters():
+            p.requires_grad_(trained is None or name in trained)
         return model, {}
-    model = _lora_model(model, cfg)
+    model = _lora_model(model, cfg, rmu)
     if cfg.init != "fila":
         return model, {}
     # Fisher over one pass of the forget set and of the retain examples paired with it.
@@ -106,9 +121,13 @@ def initialise_adapters(
 
 
 def reference_logprobs(
-    model: nn.Module, forget: list[fdata.Example], cfg: UnlearnConfig, precision: str, pad_id: int
-) -> torch.Tensor:
-    """Per-sequence log-probabilities of the forget set under the model before unlearning (for FILA:
-    ``W_res + s·B₀A₀ = W``), computed as the training step computes the policy term."""
+    model: nn.Module, parts: dict[str, list[fdata.Example]], cfg: UnlearnConfig, precision: str, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Per-sequence log-probabilities of each part's examples (the forget set; DPO's refusals) under
+    the model before unlearning (for FILA: ``W_res + s·B₀A₀ = W``), computed as the training step
+    computes the policy term."""
     with autocast(precision, training_device()):
-        return sequence_logprobs(model, fdata.batches(forget, pad_id, cfg.eval_batch_size))
+        return {
+            name: sequence_logprobs(model, fdata.batches(examples, pad_id, cfg.eval_batch_size))
+            for name, examples in parts.items()
+        }

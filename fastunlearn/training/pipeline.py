@@ -23,12 +23,17 @@ from torch import nn
 
 from fastunlearn import data as fdata
 from fastunlearn._io import write_json
+from fastunlearn.data.refusals import refusal_examples
 from fastunlearn.engines import distributed
 from fastunlearn.engines.base import Engine, engine_for
 from fastunlearn.evaluation.evaluator import check as check_evaluations
 from fastunlearn.evaluation.evaluator import evaluate
 from fastunlearn.evaluation.muse_files import read_muse
 from fastunlearn.evaluation.sets import SetEvaluator
+from fastunlearn.methods.capture import num_layers
+from fastunlearn.methods.objectives import Objective, build_objective
+from fastunlearn.methods.presets import MethodSpec
+from fastunlearn.methods.rmu import resolve_rmu_layers
 from fastunlearn.models.devices import training_device
 from fastunlearn.models.loading import load_model_and_tokenizer
 from fastunlearn.models.patching import fused_blocker, patch, unpatch
@@ -75,10 +80,13 @@ class RunState:
     checked: Checked
     stop_plan: Any
     suite: dict[str, dict[str, Any]]
+    spec: MethodSpec
+    idk: list[fdata.Example] | None = None  # each forget question with a refusal (IdK, DPO)
     model: Any = None
     tokenizer: Any = None
     dataset: fdata.PairedDataset | None = None
     sets: Any = None
+    objective: Objective | None = None
     callbacks: list[Any] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     fisher_paths: dict[str, str] = field(default_factory=dict)
@@ -107,9 +115,33 @@ def check(cfg: UnlearnConfig) -> RunState:
     record = run_record(cfg, precision=precision, world_size=distributed.world_size(), engine=engine.name)
     dirs = distributed.on_main(lambda: _plan_output(cfg, record))
     checked = distributed.on_all(lambda: preflight(model, cfg.tokenizer, data, init=cfg.init, cfg=cfg))
+    spec = cfg.method_spec()
+    idk = distributed.on_all(lambda: _check_method(cfg, spec, checked, data["forget"], engine))
     if cfg.memory_check:  # the main process decides; its refusal is every rank's
         distributed.on_main(lambda: check_run_memory(cfg, checked, precision, engine.name))
-    return RunState(cfg, precision, engine, record, dirs, checked, stop_plan, suite)
+    return RunState(cfg, precision, engine, record, dirs, checked, stop_plan, suite, spec, idk)
+
+
+def _check_method(
+    cfg: UnlearnConfig, spec: MethodSpec, checked: Checked, forget: tuple[list, str], engine: Engine
+) -> list[fdata.Example] | None:
+    """What the method needs and the options alone cannot tell: a copy of the model as its reference
+    where the engine shards the weights, RMU's layers within the model's, the refusal answers (IdK,
+    DPO: tokenised here, each forget question paired with one)."""
+    if spec.step_reference and cfg.init == "full" and engine.name == "zero3":
+        raise ValueError(
+            f"the {spec.retain!r} retain term with init='full' needs a frozen copy of the model as its "
+            "reference, which DeepSpeed ZeRO-3's partitioned weights do not allow; use init='lora' or 'fila'"
+        )
+    if spec.uses_rmu and checked.config is not None:
+        resolve_rmu_layers(num_layers(checked.config), cfg.rmu_layer, cfg.rmu_train_layers)
+    if not spec.uses_refusals:
+        return None
+    records, fmt = forget
+    return refusal_examples(
+        records, fmt, checked.tokenizer, path=cfg.idk, seed=cfg.seed, template=cfg.template,
+        max_length=cfg.max_length,
+    )  # fmt: skip
 
 
 def _plan_output(cfg: UnlearnConfig, record: dict[str, Any]) -> outputs.RunDirs:
@@ -145,7 +177,8 @@ def prepare_data(run: RunState) -> None:
     cfg, checked = run.cfg, run.checked
     unseen = prepare_unseen(cfg, checked.tokenizer) if run.stop_plan is not None else []
     check_vocab(run.model, unseen, "unseen")
-    run.dataset = fdata.PairedDataset(checked.forget, checked.retain, seed=cfg.seed)
+    check_vocab(run.model, run.idk or [], "idk")
+    run.dataset = fdata.PairedDataset(checked.forget, checked.retain, seed=cfg.seed, idk=run.idk)
     run.fetching.enter_context(run.engine.before_training(run.model))
     run.sets = SetEvaluator(
         run.tokenizer, checked.forget, checked.retain, eval_items=None, batch_size=cfg.eval_batch_size
@@ -161,14 +194,21 @@ def prepare_data(run: RunState) -> None:
 
 
 def initialise(run: RunState) -> None:
-    """LoRA, FILA (from the forget and retain Fisher information) or full fine-tuning."""
+    """LoRA, FILA (from the forget and retain Fisher information) or full fine-tuning; then the
+    objective, with the model before unlearning as its reference (per-sequence log-probabilities taken
+    now, or the model itself with its initial adapters, or a frozen copy)."""
+    cfg, spec = run.cfg, run.spec
     run.model, run.fisher_paths = initialise_adapters(
-        run.model, run.cfg, run.checked, run.dataset, run.dirs.build, run.engine
+        run.model, cfg, run.checked, run.dataset, run.dirs.build, run.engine
     )
-    if run.cfg.method == "npo":  # the model before unlearning gives the fixed reference
-        run.dataset.ref_logp = reference_logprobs(
-            run.model, run.checked.forget, run.cfg, run.precision, run.checked.pad_id
-        )
+    if spec.fixed_reference:
+        parts = {"forget": run.checked.forget, "idk": run.idk}
+        parts = {name: parts[name] for name in spec.fixed_reference}
+        run.dataset.ref_logp = reference_logprobs(run.model, parts, cfg, run.precision, run.checked.pad_id)
+    run.objective = build_objective(
+        spec, run.model, init=cfg.init, precision=run.precision, rmu_layer=cfg.rmu_layer,
+        rmu_steering=cfg.rmu_steering, seed=cfg.seed,
+    )  # fmt: skip
     run.fetching.close()  # Trainer's DeepSpeed engine installs its own hooks
 
 
@@ -180,7 +220,7 @@ def train(run: RunState) -> None:
         run.model,
         run.dataset,
         run.checked.pad_id,
-        method=cfg.method,
+        objective=run.objective,
         cfg=cfg,
         output_dir=run.dirs.build,
         precision=run.precision,

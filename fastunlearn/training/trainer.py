@@ -1,10 +1,10 @@
 """The unlearning loop on ``transformers.Trainer``: :class:`UnlearnTrainer` and :func:`build_trainer`.
 
 :class:`UnlearnTrainer` is a ``Trainer`` whose batches are paired forget/retain batches
-(:mod:`fastunlearn.data.examples`) and whose loss is the chosen objective
-(:mod:`fastunlearn.methods.objectives`); mixed precision, gradient accumulation, checkpoints, resume,
-logging and multi-GPU come from ``Trainer``. :func:`build_trainer` sets it up with the paper's schedule
-(linear warm-up, then linear decay; SPEC §3.2).
+(:mod:`fastunlearn.data.examples`) and whose loss is the run's objective
+(:class:`~fastunlearn.methods.objectives.Objective`); mixed precision, gradient accumulation,
+checkpoints, resume, logging and multi-GPU come from ``Trainer``. :func:`build_trainer` sets it up
+with the paper's schedule (linear warm-up, then linear decay; SPEC §3.2).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from fastunlearn import data as fdata
 from fastunlearn._io import write_json
 from fastunlearn.engines import distributed
-from fastunlearn.methods.objectives import METHODS, method_loss
+from fastunlearn.methods.objectives import Objective
 from fastunlearn.models.devices import training_device
 from fastunlearn.options.unlearn import UnlearnConfig
 from fastunlearn.training.tracking import connect_trackers
@@ -57,13 +57,9 @@ class UnlearnTrainer(Trainer):
 
     loss_is_scaled_for_ga = False
 
-    def __init__(
-        self, *args, method: str, npo_beta: float = 0.1, wrapped_model: nn.Module | None = None, **kwargs
-    ):
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
+    def __init__(self, *args, objective: Objective, wrapped_model: nn.Module | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.method, self.npo_beta = method, npo_beta
+        self.objective = objective
         self.wrapped_model = wrapped_model
         self._parts: dict[str, torch.Tensor] = {}
         self._parts_n = 0
@@ -75,7 +71,7 @@ class UnlearnTrainer(Trainer):
             self.add_callback(_EpochPairing(self.train_dataset))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, parts = method_loss(model, inputs, self.method, npo_beta=self.npo_beta)
+        loss, parts = self.objective(model, inputs)
         self._loss_sum = self._loss_sum + loss.detach() / self.args.gradient_accumulation_steps
         for key, value in parts.items():
             self._parts[key] = self._parts.get(key, 0) + value
@@ -122,7 +118,7 @@ def build_trainer(
     dataset: fdata.PairedDataset,
     pad_id: int,
     *,
-    method: str,
+    objective: Objective,
     cfg: UnlearnConfig,
     output_dir: str,
     precision: str = "fp32",
@@ -184,8 +180,7 @@ def build_trainer(
         callbacks=[*(cfg.callbacks or ()), *extra_callbacks],
         train_dataset=dataset,
         data_collator=fdata.PairCollator(pad_id),
-        method=method,
-        npo_beta=cfg.npo_beta,
+        objective=objective,
         wrapped_model=wrapped_model,
     )
     connect_trackers(trainer, output_dir, trajectory)
