@@ -45,13 +45,13 @@ def signature(kernel, dtype: str) -> dict[str, str]:
 
 
 def compile_kernel(
-    kernel, launch_config, dtype: str, block: int, aligned: bool, arch: int, flags: dict[str, bool]
+    kernel, max_block: int, dtype: str, block: int, aligned: bool, arch: int, flags: dict[str, bool]
 ) -> str:
     sig = signature(kernel, dtype)
     divisible = POINTERS | (ROW_STRIDES if aligned else set())
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(sig) if name in divisible}
     constexprs = {name: 1 for name in UNIT_STRIDES if name in sig} | {"BLOCK_V": block} | flags
-    num_warps = launch_config(block)[1]
+    num_warps = ihl._launch_config(block, max_block)[1]
     source = ASTSource(fn=kernel, signature=sig, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
     return compiled.asm["ptx"]
@@ -79,9 +79,7 @@ def main() -> None:
         for dtype in ("fp32", "bf16", "fp16"):
             for block in (2048, module.MAX_BLOCK_V):
                 for aligned in (True, False):
-                    ptx = compile_kernel(
-                        kernel, module._launch_config, dtype, block, aligned, args.arch, flags
-                    )
+                    ptx = compile_kernel(kernel, module.MAX_BLOCK_V, dtype, block, aligned, args.arch, flags)
                     loads = len(re.findall(r"ld\.global[.\w:]*\.v[24]", ptx))
                     stores = len(re.findall(r"st\.global[.\w:]*\.v[24]", ptx))
                     rows = "aligned" if aligned else "unaligned"

@@ -1,31 +1,14 @@
-"""Triton kernel for summed squared per-example weight gradients (SPEC §3.1).
+"""Triton kernel for ``F = Σ_n (G_nᵀ X_n)²``, the summed squared per-example weight gradients of a linear
+layer (``X_n`` its ``[T, in]`` inputs, ``G_n`` its ``[T, out]`` output gradients for example ``n``).
 
-For an ``nn.Linear`` with inputs ``X_n ∈ R^{T×in}`` and output gradients ``G_n ∈ R^{T×out}`` of
-example ``n``, the example's weight gradient is ``g_n = G_nᵀ X_n`` and the quantity wanted is::
-
-    F = Σ_n g_n ⊙ g_n                   ([out, in], fp32)
-
-The square sits between the two sums: the token sum (inside ``g_n``) must be complete before squaring,
-the example sum may be split anywhere. So one program owns one ``BLOCK_O × BLOCK_I`` tile of ``F``
-and walks the examples in order; for each example it reduces over the tokens with ``tl.dot`` into a
-register tile (fp32 accumulate), squares it and adds it to a second register tile. The tile of ``F``
-is written once. No atomics (no two programs share an output element), no ``[B, out, in]`` buffer
-(each ``g_n`` tile lives in registers only while its example is being reduced) and no split of the
-token reduction. It is a GEMM over ``K = B·T`` whose accumulator is squared and folded every ``T``
-steps, so it has a GEMM's arithmetic intensity: FLOPs ``2·B·T·out·in``.
-
-The example and token loops are flattened into one loop of ``B·⌈T/BLOCK_T⌉`` steps so the software
-pipeliner overlaps the loads of one example's first tokens with the previous example's last ones;
-the fold happens on the step that ends an example. Tiles are addressed through arbitrary strides with
-int64 offsets and masked at every edge, so slices and transposed views need no copy. fp32 inputs are
-multiplied with ``input_precision="ieee"``: the fp32 reference would not survive TF32's 10-bit
-mantissa.
-
-Interpreter caveat (Triton 3.9, checked): ``tl.dot`` on bf16 operands returns garbage under
-``TRITON_INTERPRET=1`` (errors of 1e10 on a 16×16 product) while fp16 and fp32 are exact, so under the
-interpreter bf16 tiles are widened to fp32 before the product (``WIDEN``). That changes nothing in the
-result: a product of two bf16 numbers is exact in fp32 and the compiled kernel accumulates in fp32 too.
-The interpreter does not emulate TF32 either, so the ``"ieee"`` choice is only observable on a GPU.
+The square sits between the two sums: the token sum inside ``g_n = G_nᵀ X_n`` must be complete before
+squaring. One program owns a ``BLOCK_O × BLOCK_I`` tile of ``F`` and walks the examples in order,
+reducing each example's tokens with ``tl.dot`` into an fp32 register tile that is squared and folded
+into a second one when the example ends: a GEMM over ``K = B·T`` with no atomics and no
+``[B, out, in]`` buffer. The example and token loops are one flattened loop so the pipeliner overlaps
+consecutive examples' loads. fp32 inputs use ``input_precision="ieee"`` (TF32 would lose the fp32
+reference). Under the interpreter ``tl.dot`` on bf16 is wrong, so bf16 tiles are widened to fp32
+(``WIDEN``): a product of two bf16 numbers is exact in fp32, so the result is unchanged.
 """
 
 from __future__ import annotations
@@ -39,31 +22,12 @@ import triton.language as tl
 
 @triton.jit
 def _grad_sq_kernel(
-    x_ptr,
-    g_ptr,
-    out_ptr,
-    B,
-    T,
-    N_IN,
-    N_OUT,
-    stride_xb,
-    stride_xt,
-    stride_xi,
-    stride_gb,
-    stride_gt,
-    stride_go,
-    stride_oo,
-    stride_oi,
-    ACCUMULATE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr,
-    BLOCK_O: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    GROUP_O: tl.constexpr,
-):
-    # Grouped tile order: GROUP_O consecutive programs share the same columns of X, so the rows of X
-    # and G they read stay in L2 across the group (the usual GEMM swizzle).
+    x_ptr, g_ptr, out_ptr, B, T, N_IN, N_OUT,
+    stride_xb, stride_xt, stride_xi, stride_gb, stride_gt, stride_go, stride_oo, stride_oi,
+    ACCUMULATE: tl.constexpr, INPUT_PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr, GROUP_O: tl.constexpr,
+):  # fmt: skip
+    # Grouped tile order (the usual GEMM swizzle): GROUP_O consecutive programs share X's columns in L2.
     pid = tl.program_id(0)
     tiles_o = tl.cdiv(N_OUT, BLOCK_O)
     tiles_i = tl.cdiv(N_IN, BLOCK_I)
@@ -116,58 +80,43 @@ def _grad_sq_kernel(
     tl.store(out_ptrs, acc, mask=mask)
 
 
-def _configs() -> list[triton.Config]:
-    # Two fp32 register tiles per program bound the tile at 128×128 (64 + 64 fp32 registers per
-    # thread over 8 warps); the token block is the GEMM's K step. Checked by compiling ahead of time for
-    # sm_90 (unit feature strides, as the JIT specialises them): every bf16/fp16 config below lowers to
-    # wgmma without register spills (121–212 registers); 128×128 over only 4 warps spilled and is out.
-    shapes = [
-        (128, 128, 64, 8, 3),
-        (128, 128, 32, 8, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-    ]
-    return [
-        triton.Config({"BLOCK_O": o, "BLOCK_I": i, "BLOCK_T": t, "GROUP_O": 8}, num_warps=w, num_stages=s)
-        for o, i, t, w, s in shapes
-    ]
-
+# (BLOCK_O, BLOCK_I, BLOCK_T, warps, stages): two fp32 register tiles per program bound the tile at
+# 128×128 over 8 warps (4 warps spill).
+_CONFIGS = [
+    (128, 128, 64, 8, 3),
+    (128, 128, 32, 8, 4),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+]
 
 _grad_sq_kernel_tuned = triton.autotune(
-    configs=_configs(),
-    # Tuned per layer shape (and, implicitly, dtype), not per token count: T only sets the loop length,
-    # and batches padded to ever-new lengths would otherwise re-run the tuning on every batch.
+    configs=[
+        triton.Config({"BLOCK_O": o, "BLOCK_I": i, "BLOCK_T": t, "GROUP_O": 8}, num_warps=w, num_stages=s)
+        for o, i, t, w, s in _CONFIGS
+    ],
+    # Not keyed on T: it only sets the loop length, and ever-new padded lengths would re-tune each batch.
     key=["N_IN", "N_OUT", "ACCUMULATE", "INPUT_PRECISION", "WIDEN"],
-    # Autotuning runs the kernel several times; with ACCUMULATE each run would add into `out` again.
-    restore_value=["out_ptr"],
+    restore_value=["out_ptr"],  # each tuning run would otherwise add into `out` again
 )(_grad_sq_kernel)
 
-# Under the interpreter (CPU tensors) one small fixed tile: tl.dot needs every dimension ≥ 16, and
-# autotuning interpreted kernels would only multiply the (already slow) run time.
+# Under the interpreter one small fixed tile (tl.dot needs every dimension ≥ 16; no autotuning).
 _INTERPRETER_CONFIG = {"BLOCK_O": 32, "BLOCK_I": 32, "BLOCK_T": 16, "GROUP_O": 4}
 
 
 def grad_sq(inputs: torch.Tensor, grad_outputs: torch.Tensor, out: torch.Tensor, *, accumulate: bool) -> None:
-    """Write (or, with ``accumulate``, add) ``Σ_n (G_nᵀ X_n)²`` into ``out``.
-
-    ``inputs`` is ``[B, T, in]`` and ``grad_outputs`` ``[B, T, out]``, both fp32, fp16 or bf16 of the
-    same dtype, any strides; ``out`` is a fp32 ``[out, in]`` tensor, any strides, on the same device.
-    """
+    """Write (or, with ``accumulate``, add) ``Σ_n (G_nᵀ X_n)²`` into ``out``: ``inputs`` ``[B, T, in]`` and
+    ``grad_outputs`` ``[B, T, out]`` of one dtype (fp32, fp16 or bf16), ``out`` fp32 ``[out, in]``, any
+    strides."""
     B, T, n_in = inputs.shape
     n_out = grad_outputs.shape[2]
     interpreted = inputs.device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     widen = interpreted and inputs.dtype == torch.bfloat16
     precision = "ieee" if inputs.dtype == torch.float32 or widen else None
-    args = (
+    kernel, config = (_grad_sq_kernel, _INTERPRETER_CONFIG) if interpreted else (_grad_sq_kernel_tuned, {})
+    grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_O"]) * triton.cdiv(n_in, meta["BLOCK_I"]),)
+    kernel[grid](
         inputs, grad_outputs, out, B, T, n_in, n_out,
         *inputs.stride(), *grad_outputs.stride(), *out.stride(),
+        ACCUMULATE=accumulate, INPUT_PRECISION=precision, WIDEN=widen, **config,
     )  # fmt: skip
-    options = {"ACCUMULATE": accumulate, "INPUT_PRECISION": precision, "WIDEN": widen}
-    if not interpreted:
-        grid = lambda meta: (triton.cdiv(n_out, meta["BLOCK_O"]) * triton.cdiv(n_in, meta["BLOCK_I"]),)
-        _grad_sq_kernel_tuned[grid](*args, **options)
-        return
-    cfg = _INTERPRETER_CONFIG
-    grid = (triton.cdiv(n_out, cfg["BLOCK_O"]) * triton.cdiv(n_in, cfg["BLOCK_I"]),)
-    _grad_sq_kernel[grid](*args, **options, **cfg)

@@ -1,41 +1,27 @@
-"""Triton kernels for the Inverted Hinge Loss (Cha et al., ICLR 2025, §3.1; SPEC §2) and the NLL.
+"""Triton kernels for the Inverted Hinge Loss (Cha et al. 2025, arXiv 2408.06621) and the token NLL.
 
-For one row of logits ``z ∈ R^V`` with target ``y``, ``p = softmax(z)`` and
-``m = argmax_{v≠y} z_v`` (first index on ties)::
+For a row of logits ``z ∈ R^V`` with target ``y``, ``p = softmax(z)`` and ``m = argmax_{v≠y} z_v``
+(first index on ties), IHL is ``ℓ = 1 + p_y − p_m``. With ``e_v = exp(z_v − M)`` for the row maximum
+``M``, ``R = Σ_{v∉{y,m}} e_v`` and ``S = e_y + e_m + R``::
 
-    ℓ = 1 + p_y − p_m
+    ℓ        = (2·e_y + R) / S                   (= (1 − p_m) + p_y)
+    ∂ℓ/∂z_y  =  p_y · (2·e_m + R) / S             (= p_y·(1 − p_y + p_m))
+    ∂ℓ/∂z_m  = −p_m · ℓ
+    ∂ℓ/∂z_j  = (p_m − p_y) · p_j                  for j ∉ {y, m}
 
-Write ``e_v = exp(z_v − M)`` for the row maximum ``M``, ``R = Σ_{v∉{y,m}} e_v`` and
-``S = e_y + e_m + R``. Then, with no subtraction anywhere::
+Memorised tokens have ``p_y ≈ 1``, where ``1 − p_y`` formed by subtraction in fp32 loses every digit;
+keeping ``R`` as its own sum makes each quantity a ratio of positive sums. ``R`` is accumulated online:
+a block adds the exponentials of its entries but ``y`` and its own arg-max, and whichever of the old
+and the block's arg-max loses the running ``m`` joins ``R``. ``p_m − p_y`` is formed as
+``e_y·expm1(z_m − z_y)/S`` when the two logits are close.
 
-    ℓ        = (2·e_y + R) / S                        (= (1 − p_m) + p_y)
-    ∂ℓ/∂z_y  =  p_y · (2·e_m + R) / S                  (= p_y·(1 − p_y + p_m))
-    ∂ℓ/∂z_m  = −p_m · ℓ                               (= −p_m·(1 − p_m + p_y))
-    ∂ℓ/∂z_j  = (p_m − p_y) · p_j                       for j ∉ {y, m}
+NLL mode: with ``S_{≠y} = e_m + R``, ``−log p_y = softplus(log S_{≠y} − (z_y − M))``, accurate where
+``lse − z_y`` would cancel; its gradient ``p_j − [j = y]`` is the same backward with coefficient 1,
+``−S_{≠y}/S`` at ``y`` and ``p_m`` at ``m``.
 
-Memorised forget-set tokens have ``p_y ≈ 1``; computing ``1 − p_y`` by subtraction in fp32 loses every
-digit once ``1 − p_y`` falls below ~1e-7. Keeping ``R`` (the mass outside ``{y, m}``) as its own sum
-makes every quantity above a ratio of positive sums, accurate to a few fp32 ulps however confident the
-row is. ``R`` is accumulated online: each block contributes the exponentials of all its entries except
-``y`` and the block's own arg-max; when a block's arg-max takes over as the running ``m``, the old
-``m``'s exponential joins ``R``, otherwise the block's arg-max does.
-
-The one remaining difference, ``p_m − p_y``, is formed as ``e_y·expm1(z_m − z_y)/S`` when the two
-logits are close, where ``e_m − e_y`` would cancel.
-
-Forward: one read of the row, all arithmetic in fp32, and five numbers kept per row for the backward
-(``lse``, ``p_m − p_y``, the two special gradients, and ``m``) — never the probabilities.
-Backward: one more read of the row and one write of the gradient, ``p_j = exp(z_j − lse)``.
-
-NLL mode (``NLL=True``). The forward's single pass already holds every statistic the negative
-log-likelihood needs (SPEC §2: "other objectives share the same per-row statistics"): with
-``S_{≠y} = e_m + R``, ``−log p_y = log(1 + S_{≠y}/e_y) = softplus(log S_{≠y} − (z_y − M))``, formed
-as ``max(d, 0) + log1p(exp(−|d|))`` so a confident row (``p_y → 1``, loss ``≈ S_{≠y}/e_y``) keeps its
-relative accuracy where ``lse − z_y`` would cancel. Its gradient ``p_j − [j = y]`` fits the same
-backward: coefficient 1 on ``p_j``, ``−S_{≠y}/S`` at ``y`` (again no ``1 − p_y``) and ``p_m`` at ``m``.
-
-Logits are addressed as ``[B, T, V]`` with arbitrary strides, so a shifted slice such as
-``logits[:, :-1]`` needs no copy; row offsets are computed in int64 so ``N·V ≥ 2³¹`` is safe.
+The forward reads the row once and keeps per row ``lse``, the coefficient of ``p_j``, the two special
+gradients and ``m``; the backward reads the row again and writes the gradient. Logits are addressed as
+``[B, T, V]`` through arbitrary strides with int64 offsets.
 """
 
 from __future__ import annotations
@@ -44,18 +30,15 @@ import torch
 import triton
 import triton.language as tl
 
-# One program per row; a block of the vocabulary per loop iteration. 16k fp32 lanes over 16 warps is
-# 32 values per thread: large blocks amortise the per-iteration reductions without spilling.
+# One program per row, a block of the vocabulary per iteration: 16k fp32 lanes over 16 warps is 32
+# values per thread, large enough to amortise the reductions without spilling.
 MAX_BLOCK_V = 16384
 
 
 @triton.jit
 def _expm1(x):
-    """``exp(x) − 1`` without cancellation near 0 (libdevice's expm1 fails under the interpreter).
-
-    Below |x| = 0.5 a degree-8 Taylor polynomial (relative truncation error < 1e-8); above, the
-    subtraction loses at most a couple of ulps.
-    """
+    """``exp(x) − 1`` without cancellation near 0 (libdevice's expm1 fails under the interpreter): a
+    degree-8 Taylor polynomial below |x| = 0.5 (relative error < 1e-8), the subtraction above."""
     poly = 1 / 5040 + x / 40320
     poly = 1 / 24 + x * (1 / 120 + x * (1 / 720 + x * poly))
     poly = x * (1.0 + x * (1 / 2 + x * (1 / 6 + x * poly)))
@@ -64,11 +47,8 @@ def _expm1(x):
 
 @triton.jit
 def _log1p_unit(x):
-    """``log(1 + x)`` for ``x ∈ [0, 1]`` (libdevice's log1p fails under the interpreter).
-
-    ``log(1 + x) = 2·atanh(u)`` with ``u = x/(2 + x) ≤ 1/3``: the odd series to ``u¹⁵`` leaves a
-    relative truncation error below 2e-9, and there is no ``1 + x`` to lose small ``x`` in.
-    """
+    """``log(1 + x)`` for ``x ∈ [0, 1]`` (libdevice's log1p fails under the interpreter): ``2·atanh(u)``,
+    ``u = x/(2 + x) ≤ 1/3``, by its odd series to ``u¹⁵`` (relative error < 2e-9)."""
     u = x / (2.0 + x)
     w = u * u
     poly = 1 / 11 + w * (1 / 13 + w * (1 / 15))
@@ -78,11 +58,8 @@ def _log1p_unit(x):
 
 @triton.jit
 def _round_to_output(x, out_ptr):
-    """Cast fp32 ``x`` to ``out_ptr``'s element type with round-to-nearest-even.
-
-    For bf16 the rounding is done on the bits: GPUs round either way, but the Triton interpreter
-    truncates fp32 → bf16, which would make CPU tests see a bias of up to one bf16 ulp.
-    """
+    """Cast fp32 ``x`` to ``out_ptr``'s element type, rounding to nearest even: on the bits for bf16,
+    which the Triton interpreter would otherwise truncate."""
     if out_ptr.dtype.element_ty == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
@@ -91,21 +68,20 @@ def _round_to_output(x, out_ptr):
 
 
 @triton.jit
+def _store_zeros(base, stride, V, BLOCK_V: tl.constexpr):
+    """Zeros over a row of ``V`` elements (the gradient of a row that carries no loss)."""
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        zeros = tl.zeros((BLOCK_V,), dtype=base.dtype.element_ty)
+        tl.store(base + offs.to(tl.int64) * stride, zeros, mask=offs < V)
+
+
+@triton.jit
 def _ihl_forward_kernel(
-    logits_ptr,
-    labels_ptr,
-    loss_ptr,
-    stats_ptr,
-    argmax_ptr,
-    T,
-    V,
-    stride_b,
-    stride_t,
-    stride_v,
-    ignore_index,
-    NLL: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
+    logits_ptr, labels_ptr, loss_ptr, stats_ptr, argmax_ptr,
+    T, V, stride_b, stride_t, stride_v, ignore_index,
+    NLL: tl.constexpr, BLOCK_V: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     base = logits_ptr + b * stride_b + (row - b * T) * stride_t
@@ -165,24 +141,10 @@ def _ihl_forward_kernel(
 
 @triton.jit
 def _ihl_backward_kernel(
-    logits_ptr,
-    labels_ptr,
-    stats_ptr,
-    argmax_ptr,
-    grad_rows_ptr,
-    grad_rows_stride,
-    grad_ptr,
-    T,
-    V,
-    stride_b,
-    stride_t,
-    stride_v,
-    grad_stride_b,
-    grad_stride_t,
-    grad_stride_v,
-    ignore_index,
+    logits_ptr, labels_ptr, stats_ptr, argmax_ptr, grad_rows_ptr, grad_rows_stride, grad_ptr,
+    T, V, stride_b, stride_t, stride_v, grad_stride_b, grad_stride_t, grad_stride_v, ignore_index,
     BLOCK_V: tl.constexpr,
-):
+):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row - b * T
@@ -207,28 +169,21 @@ def _ihl_backward_kernel(
             g = _round_to_output(g, grad_ptr)
             tl.store(grad_base + offs.to(tl.int64) * grad_stride_v, g, mask=in_row)
     else:
-        for start in range(0, V, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            zeros = tl.zeros((BLOCK_V,), dtype=grad_ptr.dtype.element_ty)
-            tl.store(grad_base + offs.to(tl.int64) * grad_stride_v, zeros, mask=offs < V)
+        _store_zeros(grad_base, grad_stride_v, V, BLOCK_V)
 
 
-def _launch_config(vocab: int) -> tuple[int, int]:
-    block = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
-    num_warps = 4 if block <= 2048 else (8 if block <= 8192 else 16)
-    return block, num_warps
+def _launch_config(vocab: int, max_block: int = MAX_BLOCK_V) -> tuple[int, int]:
+    """``(BLOCK_V, num_warps)`` of a one-program-per-row kernel over a vocabulary of ``vocab``."""
+    block = min(max_block, triton.next_power_of_2(vocab))
+    return block, 4 if block <= 2048 else (8 if block <= max_block // 2 else 16)
 
 
 def ihl_forward(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, *, loss: str = "ihl"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-row loss of ``logits`` (``[B, T, V]``, any strides) against flat ``labels`` (``[B·T]``).
-
-    ``loss``: ``"ihl"`` or ``"nll"``. Returns ``(loss [N] fp32, stats [N, 4] fp32, argmax [N]
-    int32)``; ``stats`` holds ``(lse, c, ∂ℓ/∂z_y, ∂ℓ/∂z_m)`` for :func:`ihl_backward`, whose gradient
-    is ``c·p_j`` away from ``y`` and ``m = argmax`` (``c = p_m − p_y`` for IHL, 1 for NLL). Ignored
-    rows get loss, statistics and ``argmax`` 0.
-    """
+    """Per-row ``loss`` (``"ihl"`` or ``"nll"``) of ``logits`` ``[B, T, V]`` (any strides) against flat
+    ``labels`` ``[B·T]``: ``(loss [N], stats [N, 4], argmax [N] int32)``, ``stats`` = ``(lse, c,
+    ∂ℓ/∂z_y, ∂ℓ/∂z_m)`` with ``c`` the coefficient of ``p_j`` elsewhere; all 0 on ignored rows."""
     B, T, V = logits.shape
     n_rows = B * T
     row_loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
@@ -254,12 +209,8 @@ def ihl_backward(
     grad: torch.Tensor,
     ignore_index: int,
 ) -> torch.Tensor:
-    """Write ``grad_rows[r] · ∂ℓ_r/∂logits[r]`` (IHL or NLL, as ``stats`` says) into ``grad``
-    (``[B, T, V]``, any strides).
-
-    ``grad_rows`` is a 0-d tensor (one scale for every row) or a ``[N]`` tensor. ``grad`` may be
-    ``logits`` itself: each element is read before it is overwritten, by the same program.
-    """
+    """Write ``grad_rows[r]·∂ℓ_r/∂logits[r]`` into ``grad`` (``[B, T, V]``, any strides; may be ``logits``
+    itself: each element is read before the same program overwrites it). ``grad_rows``: 0-d or ``[N]``."""
     B, T, V = logits.shape
     if B * T == 0:
         return grad

@@ -1,28 +1,16 @@
-"""Triton kernel for the per-token statistics of Min-K%++ (Zhang et al. 2024, arXiv:2404.02936).
+"""Triton kernel for the per-token statistics of Min-K%++ (Zhang et al. 2024, arXiv 2404.02936): for logits
+``z`` with target ``y`` and ``p = softmax(z)``, ``log p_y``, ``μ = Σ_v p_v log p_v`` and
+``σ² = Σ_v p_v (log p_v)² − μ²`` (floored).
 
-For one row of logits ``z ∈ R^V`` with target ``y`` and ``p = softmax(z)``::
-
-    log p_y,      μ = Σ_v p_v log p_v,      σ² = Σ_v p_v (log p_v)² − μ²  (clamped at 1e-6)
-
-Since ``log p_v = z_v − lse`` differs from ``z_v`` by a constant, ``σ² = Var_p(log p) = Var_p(z)``:
-the variance can be taken of the logits relative to any shift. One read of the row keeps the running
-maximum ``M`` and
-
-    s = Σ_{v≠y} e^{z_v − M},    a = Σ_v e^{z_v − M}(z_v − M),    b = Σ_v e^{z_v − M}(z_v − M)²,
-
-rescaled when the maximum grows from ``M`` to ``M'`` (``δ = M − M' ≤ 0``)::
+``σ² = Var_p(z)``, since ``log p`` and ``z`` differ by a constant. One read of the row keeps the running
+maximum ``M``, ``s = Σ_{v≠y} e^{z_v − M}``, ``S = Σ_v e^{z_v − M}``, ``a = Σ_v e^{z_v − M}(z_v − M)`` and
+``b = Σ_v e^{z_v − M}(z_v − M)²``; when ``M`` grows by ``−δ ≥ 0``::
 
     s ← e^δ s,    a ← e^δ (a + δ S),    b ← e^δ (b + 2δ a + δ² S),    S ← e^δ S
 
-with ``S`` the running ``Σ_v e^{z_v − M}`` over every ``v`` read (``y`` included): sums of terms of
-one sign (``a, δ ≤ 0``), so nothing cancels. Then ``E = a/S``, ``μ = E − log S`` and
-``σ² = b/S − E²``. Keeping the target out of ``s`` gives ``−log p_y = log(1 + s/e_y) =
-softplus(log s − (z_y − M))`` without the cancellation of ``lse − z_y`` when ``p_y → 1`` (as in
-:mod:`fastunlearn.kernels.ihl`'s NLL mode), and ``log S`` from it where the target carries most of
-the mass. The running maximum starts at ``z_y``, so every shift is finite (the target's logit must
-be finite); logits of ``−inf`` carry no mass.
-
-Rows whose label is ``ignore_index`` (or outside ``[0, V)``) are not read; their outputs are NaN.
+(sums of terms of one sign). Then ``E = a/S``, ``μ = E − log S``, ``σ² = b/S − E²`` and
+``−log p_y = softplus(log s − (z_y − M))``, accurate as ``p_y → 1``. ``M`` starts at ``z_y``, so every
+shift is finite. Rows whose label is ignored (or outside ``[0, V)``) get NaN.
 """
 
 from __future__ import annotations
@@ -36,16 +24,9 @@ from fastunlearn.kernels.ihl import _launch_config, _log1p_unit
 
 @triton.jit
 def _token_stats_kernel(
-    logits_ptr,
-    labels_ptr,
-    out_ptr,
-    V,
-    stride_n,
-    stride_v,
-    ignore_index,
-    variance_floor,
+    logits_ptr, labels_ptr, out_ptr, V, stride_n, stride_v, ignore_index, variance_floor,
     BLOCK_V: tl.constexpr,
-):
+):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + row * stride_n
     y = tl.load(labels_ptr + row)
@@ -96,9 +77,8 @@ def _token_stats_kernel(
 def token_stats(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, variance_floor: float
 ) -> torch.Tensor:
-    """``[N, 3]`` fp32 ``(log p_y, μ, σ)`` of each row of ``logits`` (``[N, V]``, any strides) against
-    ``labels`` (``[N]``, contiguous), with ``σ² ≥ variance_floor``; NaN on ignored rows (module
-    docstring)."""
+    """``[N, 3]`` fp32 ``(log p_y, μ, σ)`` of each row of ``logits`` ``[N, V]`` (any strides) against
+    contiguous ``labels`` ``[N]``, with ``σ² ≥ variance_floor``; NaN on ignored rows."""
     n_rows, vocab = logits.shape
     out = torch.empty(n_rows, 3, dtype=torch.float32, device=logits.device)
     if n_rows == 0:
