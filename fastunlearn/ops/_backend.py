@@ -1,16 +1,17 @@
-"""Backend selection shared by every fused operation.
+"""The ``backend=`` argument every fused operation shares, and the dtypes its results take.
 
-``"auto"`` sends CUDA tensors to Triton and everything else to the chunked PyTorch path. ``"triton"``
-on CPU tensors runs the kernels under the Triton interpreter, which must be switched on
-(``TRITON_INTERPRET=1``) before ``triton`` is first imported: the interpreter is chosen when
-``@triton.jit`` decorates a kernel, so flipping the variable later has no effect.
+``"auto"`` sends CUDA tensors to Triton and everything else to the chunked PyTorch path. ``"triton"`` on
+CPU tensors runs the kernels under the Triton interpreter, which must be switched on
+(``TRITON_INTERPRET=1``) before ``triton`` is first imported.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 import sys
+from types import ModuleType
 from typing import Literal
 
 import torch
@@ -19,27 +20,21 @@ Backend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 
 
-def triton_interpreter_on() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def triton_installed() -> bool:
+def _triton_installed() -> bool:
     return "triton" in sys.modules or importlib.util.find_spec("triton") is not None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn a user's ``backend`` argument into ``"triton"`` or ``"torch"``.
-
-    Raises ``ValueError`` for an unknown name, or for ``"triton"`` where Triton cannot run.
-    """
+    """``"triton"`` or ``"torch"`` for a user's ``backend``; ``ValueError`` for an unknown name, or for
+    ``"triton"`` where Triton cannot run."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_installed() else "torch"
+        return "triton" if device.type == "cuda" and _triton_installed() else "torch"
     if backend == "triton":
-        if not triton_installed():
+        if not _triton_installed():
             raise ValueError("backend='triton' needs the `triton` package, which is not installed")
-        if device.type == "cpu" and not triton_interpreter_on():
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             raise ValueError(
                 "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 "
                 "before triton is first imported (or use backend='torch', the CPU path)"
@@ -47,3 +42,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"backend='triton' does not support {device.type} tensors")
     return backend
+
+
+def implementation(backend: str, kernel: str, torch_path: ModuleType) -> ModuleType:
+    """The module computing an operation for a resolved backend: ``fastunlearn.kernels.<kernel>``
+    (importing triton only now) or the PyTorch path, which offers the same functions."""
+    return importlib.import_module(f"fastunlearn.kernels.{kernel}") if backend == "triton" else torch_path
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp64 when any tensor is fp64 (the references), else fp32: what every operation accumulates in."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def result_dtype(tensor: torch.Tensor, backend: str) -> torch.dtype:
+    """The dtype of per-row results: fp32, or fp64 for fp64 inputs on the PyTorch path."""
+    return compute_dtype(tensor) if backend == "torch" else torch.float32

@@ -1,24 +1,13 @@
 """The fused-linear IHL and NLL as PyTorch custom operators, whichever backend runs the row kernels.
 
-- ``fastunlearn::fused_linear_row_loss(hidden [N, H], weight [V, H], bias, labels [N], loss,
-  ignore_index, reduction, backend, chunk_rows, needs) -> (value, stats, argmax, ∂h, ∂W, ∂b,
-  workspace)``: the loss of the logits ``hidden @ weight.T (+ bias)`` a chunk of rows at a time.
-  ``value`` is the reduced loss, or ``[N]`` per-row losses for ``reduction="none"``; for ``"mean"``
-  and ``"sum"`` the input gradients named by ``needs`` (``∂h``, ``∂W``, ``∂b``) are formed during the
-  forward (their scale is known then) and returned, empty where not needed; for ``"none"`` the row
-  statistics ``stats``, ``argmax`` are what the backward needs. Differentiable in ``hidden``,
-  ``weight`` and ``bias``.
-- ``fastunlearn::fused_linear_row_loss_backward(grad_rows, hidden, weight, bias, labels, stats,
-  argmax, ...) -> (∂h, ∂W, ∂b, workspace)``: the backward of ``reduction="none"``, recomputing each
-  chunk's logits.
-
-Workspace contract: both operators hold their scratch memory in one buffer (the chunk's logits
-``[min(chunk_rows, N), V]`` in the inputs' dtype, over which the row kernels write the chunk's
-gradient, and :func:`~fastunlearn.ops._linear_chunks.head_layout`'s ``∂W`` product and ``∂b`` row sum)
-and return a zero-element view of it as ``workspace``, which keeps that buffer alive until the caller
-drops it (:mod:`fastunlearn.ops._workspace`). The fake implementations build the same buffer and the
-same outputs without computing, so a live-bytes tracker under ``FakeTensorMode`` sees the peak the
-real operator reaches (less the PyTorch path's few-MiB row blocks, see :mod:`._row_ops`).
+``fastunlearn::fused_linear_row_loss`` computes the loss of the logits ``hidden @ weight.T (+ bias)`` a
+chunk of rows at a time and returns ``(value, stats, argmax, ∂h, ∂W, ∂b, workspace)``: for ``"mean"``
+and ``"sum"`` the input gradients named by ``needs`` are formed during the forward (empty where not
+needed); for ``"none"`` the per-row losses and the statistics that
+``fastunlearn::fused_linear_row_loss_backward`` needs to recompute each chunk's logits. Their scratch
+memory (the chunk's logits, over which the row kernels write its gradient, and
+:func:`~fastunlearn.ops._linear_chunks.chunk_scratch`) is one workspace (:mod:`fastunlearn.ops._workspace`),
+built alike by the fake implementations.
 """
 
 from __future__ import annotations
@@ -26,21 +15,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastunlearn.ops._backend import compute_dtype, result_dtype
 from fastunlearn.ops._ihl_torch import valid_targets
-from fastunlearn.ops._linear_chunks import HeadGrads, chunk_logits, head_layout
-from fastunlearn.ops._row_ops import implementation, index_dtype, stats_dtype
-from fastunlearn.ops._workspace import Layout, Workspace
+from fastunlearn.ops._linear_chunks import chunk_logits, chunk_scratch, input_grads
+from fastunlearn.ops._row_ops import index_dtype, row_implementation
 
 __all__ = ["fused_linear_row_loss", "fused_linear_row_loss_backward"]
-
-
-def _layout(hidden: Tensor, weight: Tensor, chunk_rows: int, needs: tuple[bool, ...]) -> Layout:
-    rows = min(chunk_rows, hidden.shape[0])
-    return {"logits": ((rows, weight.shape[0]), hidden.dtype), **head_layout(weight, needs)}
-
-
-def _scale_dtype(hidden: Tensor) -> torch.dtype:
-    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
 def _forward_grads(reduction: str, needs: list[bool]) -> tuple[bool, bool, bool]:
@@ -61,15 +41,13 @@ def fused_linear_row_loss(
     chunk_rows: int,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    impl = implementation(backend)
+    impl = row_implementation(backend)
     with torch.autocast(hidden.device.type, enabled=False):
         # 1/count of the mean, in the losses' dtype; a device tensor, no host synchronisation.
         count = valid_targets(labels, weight.shape[0], ignore_index).sum().clamp_min(1)
-        count = count.to(_scale_dtype(hidden))
+        count = count.to(compute_dtype(hidden))
         scale = count.reciprocal() if reduction == "mean" else torch.ones_like(count)
-        wanted = _forward_grads(reduction, needs)
-        workspace = Workspace(_layout(hidden, weight, chunk_rows, wanted), hidden.device)
-        grads = HeadGrads(wanted, hidden, weight, bias, workspace)
+        workspace, grads = chunk_scratch(hidden, weight, bias, chunk_rows, _forward_grads(reduction, needs))
         outs = []
         for r0, h_chunk, logits in chunk_logits(hidden, weight, bias, chunk_rows, workspace["logits"]):
             rows, y = logits.unsqueeze(0), labels[r0 : r0 + h_chunk.shape[0]]
@@ -85,14 +63,12 @@ def fused_linear_row_loss(
 
 @fused_linear_row_loss.register_fake
 def _(hidden, weight, bias, labels, loss, ignore_index, reduction, backend, chunk_rows, needs):
-    n, dtype = hidden.shape[0], stats_dtype(hidden, backend)
-    wanted = _forward_grads(reduction, needs)
-    workspace = Workspace(_layout(hidden, weight, chunk_rows, wanted), hidden.device)
-    grads = HeadGrads(wanted, hidden, weight, bias, workspace)
+    n, dtype = hidden.shape[0], result_dtype(hidden, backend)
+    workspace, grads = chunk_scratch(hidden, weight, bias, chunk_rows, _forward_grads(reduction, needs))
     if reduction == "none":
         value = hidden.new_empty(n, dtype=dtype)
     else:
-        value = hidden.new_empty((), dtype=torch.promote_types(dtype, _scale_dtype(hidden)))
+        value = hidden.new_empty((), dtype=torch.promote_types(dtype, compute_dtype(hidden)))
     stats = hidden.new_empty(n, 4, dtype=dtype)
     argmax = hidden.new_empty(n, dtype=index_dtype(backend))
     return value, stats, argmax, *grads.outputs(hidden), workspace.handle()
@@ -112,12 +88,10 @@ def fused_linear_row_loss_backward(
     chunk_rows: int,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    impl = implementation(backend)
+    impl = row_implementation(backend)
     grad_rows = grad_rows.to(stats.dtype)
-    wanted = (needs[0], needs[1], needs[2])
     with torch.autocast(hidden.device.type, enabled=False):
-        workspace = Workspace(_layout(hidden, weight, chunk_rows, wanted), hidden.device)
-        grads = HeadGrads(wanted, hidden, weight, bias, workspace)
+        workspace, grads = chunk_scratch(hidden, weight, bias, chunk_rows, tuple(needs))
         for r0, h_chunk, logits in chunk_logits(hidden, weight, bias, chunk_rows, workspace["logits"]):
             r1, rows = r0 + h_chunk.shape[0], logits.unsqueeze(0)
             impl.ihl_backward(
@@ -129,9 +103,8 @@ def fused_linear_row_loss_backward(
 
 @fused_linear_row_loss_backward.register_fake
 def _(grad_rows, hidden, weight, bias, labels, stats, argmax, ignore_index, backend, chunk_rows, needs):
-    wanted = (needs[0], needs[1], needs[2])
-    workspace = Workspace(_layout(hidden, weight, chunk_rows, wanted), hidden.device)
-    return *HeadGrads(wanted, hidden, weight, bias, workspace).outputs(hidden), workspace.handle()
+    workspace, grads = chunk_scratch(hidden, weight, bias, chunk_rows, tuple(needs))
+    return *grads.outputs(hidden), workspace.handle()
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -147,15 +120,12 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, grad_value: Tensor, *_unused):
     per_token, ignore_index, backend, chunk_rows, weight_dtype = ctx.options
-    needs = list(ctx.needs_input_grad[:3])
+    needs = ctx.needs_input_grad[:3]
     if per_token:
-        saved = ctx.saved_tensors
-        grads = fused_linear_row_loss_backward(grad_value, *saved, ignore_index, backend, chunk_rows, needs)
+        args = (grad_value, *ctx.saved_tensors, ignore_index, backend, chunk_rows, list(needs))
+        dh, dw, db = input_grads(fused_linear_row_loss_backward(*args), needs, weight_dtype)
     else:  # formed in the forward: only grad_output's scale is missing
-        grads = [g * grad_value.to(g.dtype) if need else None for g, need in zip(ctx.saved_tensors, needs)]
-    dh, dw, db = (g if need else None for g, need in zip(grads, needs))
-    dw = dw.to(weight_dtype) if dw is not None else None
-    db = db.to(weight_dtype) if db is not None else None
+        dh, dw, db = input_grads(ctx.saved_tensors, needs, weight_dtype, grad_value)
     return dh, dw, db, None, None, None, None, None, None, None
 
 

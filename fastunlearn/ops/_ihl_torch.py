@@ -1,10 +1,7 @@
-"""Chunked PyTorch implementation of the IHL and NLL forward and backward: the CPU path.
-
-It computes what ``fastunlearn.kernels.ihl`` computes (the same stored statistics and
-cancellation-free formulas; see that module's docstring for the derivation), a block of rows at a
-time. Blocks are sized to stay in cache (about a megabyte of fp32), so the few vectorised passes each
-block needs (PyTorch's fused softmax does the exponentials) cost little more than the one read of the
-logits from memory and the one write of the gradient; the only full-size buffer is the gradient.
+"""The PyTorch (CPU) path of the row kernels: the IHL and NLL forward and backward of
+``fastunlearn.kernels.ihl``, with its stored statistics and cancellation-free formulas, a cache-sized
+block of rows at a time, so the few vectorised passes per block cost little more than one read of the
+logits; the only full-size buffer is the gradient.
 """
 
 from __future__ import annotations
@@ -13,41 +10,38 @@ from collections.abc import Iterator
 
 import torch
 
-# Elements of fp32 work per block. On CPU, 256k floats = 1 MiB, about an L2 cache, so the block's
-# passes run from cache. On a GPU (this path is not the GPU default) a block is one launch per op, so
-# blocks are large (64M floats = 256 MiB) to keep launch overhead small; still a bounded buffer.
+from fastunlearn.ops._backend import compute_dtype
+
+# fp32 elements per block: 1 MiB (about an L2 cache) on CPU; on a GPU (not this path's default) large
+# blocks keep the launch overhead small, still a bounded buffer.
 CPU_BLOCK_ELEMENTS = 1 << 18
 DEVICE_BLOCK_ELEMENTS = 1 << 26
 
 
+def row_ranges(n: int, vocab: int, device: torch.device) -> Iterator[tuple[int, int]]:
+    """``(first, end)`` row ranges of ``n`` rows of ``vocab`` in blocks of about the budget's size."""
+    rows = max(1, (CPU_BLOCK_ELEMENTS if device.type == "cpu" else DEVICE_BLOCK_ELEMENTS) // vocab)
+    for r0 in range(0, n, rows):
+        yield r0, min(n, r0 + rows)
+
+
 def _row_blocks(logits: torch.Tensor) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield ``(first_row, end_row, view)`` covering ``logits`` (``[B, T, V]``) in cache-sized views."""
+    """``(first_row, end_row, view)`` covering ``[B, T, V]`` logits in cache-sized ``[rows, V]`` views."""
     B, T, V = logits.shape
-    budget = CPU_BLOCK_ELEMENTS if logits.device.type == "cpu" else DEVICE_BLOCK_ELEMENTS
-    rows = max(1, budget // V)
     for b in range(B):
-        for t0 in range(0, T, rows):
-            t1 = min(T, t0 + rows)
+        for t0, t1 in row_ranges(T, V, logits.device):
             yield b * T + t0, b * T + t1, logits[b, t0:t1]
 
 
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def valid_targets(labels: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
-    """Positions that carry a loss: not ``ignore_index`` and inside the vocabulary (what every backend,
-    the kernels included, treats as a target; out-of-range labels only pass with ``validate=False``)."""
+    """Positions that carry a loss, for every backend: not ``ignore_index`` and inside the vocabulary."""
     return (labels != ignore_index) & (labels >= 0) & (labels < vocab)
 
 
 def _first_argmax(x: torch.Tensor, row_max: torch.Tensor, width: int = 512) -> torch.Tensor:
-    """Index of the first occurrence of ``row_max`` in each row of ``x`` (``[n, 1]``, int64).
-
-    ``torch.max(dim)`` returns values and indices in one pass that is several times slower on CPU than
-    ``amax``; two ``amax``-speed passes find the first ``width``-wide segment holding the maximum, then
-    the first position inside it.
-    """
+    """Index ``[n, 1]`` of the first occurrence of ``row_max`` in each row of ``x``: two ``amax``-speed
+    passes (``torch.max(dim)`` is several times slower on CPU) find the first ``width``-wide segment
+    holding it, then the position inside."""
     n, v = x.shape
     padded = torch.nn.functional.pad(x, (0, -v % width), value=float("-inf")).view(n, -1, width)
     segment = (padded.amax(dim=2) == row_max).int().argmax(dim=1, keepdim=True)
@@ -58,19 +52,12 @@ def _first_argmax(x: torch.Tensor, row_max: torch.Tensor, width: int = 512) -> t
 def ihl_forward(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, *, loss: str = "ihl"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Same contract as ``fastunlearn.kernels.ihl.ihl_forward`` (fp64 logits are kept in fp64).
-
-    Per block, over the logits with ``y`` masked out. IHL: the best other logit ``z_m`` and its
-    first index, and ``q = softmax`` (PyTorch's fused kernel), whose entries outside ``m`` sum to
-    ``R/S_{≠y}`` exactly — no subtraction; ``log S_{≠y} = z_m − log q_m`` is accurate because
-    ``q_m ≥ 1/(V−1)``. NLL: ``log S_{≠y}`` straight from ``logsumexp``; the loss is
-    ``softplus(log S_{≠y} − z_y)`` and the target's gradient ``−S_{≠y}/S``, as in the kernel, with the
-    target itself standing in for ``m`` (the backward then writes ``∂ℓ/∂z_y`` there twice).
-    The per-row arithmetic that turns these into the loss and the stored statistics runs once, over
-    all rows, after the loop.
-    """
+    """``fastunlearn.kernels.ihl.ihl_forward`` (fp64 logits kept in fp64). Per block, with ``y`` masked
+    out: for IHL the best other logit ``z_m``, its first index and ``q = softmax``, whose entries outside
+    ``m`` sum to ``R/S_{≠y}`` with no subtraction (``log S_{≠y} = z_m − log q_m``, accurate since
+    ``q_m ≥ 1/(V−1)``); for NLL ``log S_{≠y}`` from ``logsumexp``, with ``y`` standing in for ``m``."""
     B, T, V = logits.shape
-    acc = _accumulation_dtype(logits.dtype)
+    acc = compute_dtype(logits)
     n = B * T
     nll = loss == "nll"
     device = logits.device
@@ -110,7 +97,7 @@ def _ihl_rows(
     z_y: torch.Tensor, best: torch.Tensor, q_m: torch.Tensor, rest_q: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """IHL loss and backward statistics of each row from ``z_y``, ``z_m``, ``q_m`` and ``R/S_{≠y}``."""
-    # e_v relative to shift = max(z_y, log S_{≠y}); one of e_y and S_{≠y} is 1 there.
+    # Shifted by max(z_y, log S_{≠y}): one of e_y and S_{≠y} is 1.
     lse_others = best - q_m.log()
     shift = torch.maximum(z_y, lse_others)
     e_y = (z_y - shift).exp()
@@ -134,7 +121,7 @@ def ihl_backward(
     grad: torch.Tensor,
     ignore_index: int,
 ) -> torch.Tensor:
-    """Same contract as ``fastunlearn.kernels.ihl.ihl_backward``."""
+    """``fastunlearn.kernels.ihl.ihl_backward``, with ``p_j`` from PyTorch's fused softmax."""
     V = logits.shape[-1]
     valid = valid_targets(labels, V, ignore_index).unsqueeze(1)
     targets = torch.where(valid, labels.unsqueeze(1), 0)
@@ -145,8 +132,6 @@ def ihl_backward(
     for r0, r1, block in _row_blocks(logits):
         b, t0 = divmod(r0, logits.shape[1])
         out = grad[b, t0 : t0 + (r1 - r0)]
-        # p_j from PyTorch's fused softmax (one vectorised pass, in cache), then one multiply that
-        # writes the output block in its own dtype.
         torch.mul(torch.softmax(block, dim=1, dtype=stats.dtype), coef[r0:r1], out=out)
         out.scatter_(1, targets[r0:r1], g_y[r0:r1])
         out.scatter_(1, argmax[r0:r1].unsqueeze(1), g_m[r0:r1])

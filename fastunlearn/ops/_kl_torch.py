@@ -1,24 +1,12 @@
-"""Chunked PyTorch implementation of the KL forward and backward: the CPU path of
-:mod:`fastunlearn.kernels.kl`, with the same formulas (see that module's docstring) a block of rows at a
-time. Blocks are cache-sized (``_ihl_torch.CPU_BLOCK_ELEMENTS`` on CPU), so their few vectorised passes
-cost little more than reading both rows; fp64 logits are kept in fp64.
-"""
+"""The PyTorch (CPU) path of ``fastunlearn.kernels.kl``: the same formulas a cache-sized block of rows at
+a time; fp64 logits are kept in fp64."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
-from fastunlearn.ops import _ihl_torch
-
-
-def _blocks(n: int, vocab: int, device: torch.device) -> Iterator[tuple[int, int]]:
-    cpu = device.type == "cpu"
-    budget = _ihl_torch.CPU_BLOCK_ELEMENTS if cpu else _ihl_torch.DEVICE_BLOCK_ELEMENTS
-    rows = max(1, budget // vocab)
-    for r0 in range(0, n, rows):
-        yield r0, min(n, r0 + rows)
+from fastunlearn.ops._backend import compute_dtype
+from fastunlearn.ops._ihl_torch import row_ranges
 
 
 def _shift(maximum: torch.Tensor) -> torch.Tensor:
@@ -29,12 +17,12 @@ def _shift(maximum: torch.Tensor) -> torch.Tensor:
 def kl_forward(
     logits: torch.Tensor, ref_logits: torch.Tensor, weights: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as ``fastunlearn.kernels.kl.kl_forward`` (fp64 logits are kept in fp64)."""
+    """``fastunlearn.kernels.kl.kl_forward``."""
     n, vocab = logits.shape
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(logits)
     kl = torch.empty(n, dtype=acc, device=logits.device)
     lse = torch.empty(n, 2, dtype=acc, device=logits.device)
-    for r0, r1 in _blocks(n, vocab, logits.device):
+    for r0, r1 in row_ranges(n, vocab, logits.device):
         z, r = logits[r0:r1].to(acc), ref_logits[r0:r1].to(acc)
         shift_z = _shift(z.amax(dim=1, keepdim=True))
         shift_r = _shift(r.amax(dim=1, keepdim=True))
@@ -58,10 +46,10 @@ def kl_backward(
     grad_rows: torch.Tensor,
     grad: torch.Tensor,
 ) -> torch.Tensor:
-    """Same contract as ``fastunlearn.kernels.kl.kl_backward``."""
+    """``fastunlearn.kernels.kl.kl_backward``."""
     n, vocab = logits.shape
     scale = grad_rows.to(lse.dtype).reshape(-1, 1).expand(n, 1)
-    for r0, r1 in _blocks(n, vocab, logits.device):
+    for r0, r1 in row_ranges(n, vocab, logits.device):
         z, r = logits[r0:r1].to(lse.dtype), ref_logits[r0:r1].to(lse.dtype)
         g = (z - lse[r0:r1, :1]).exp_().sub_((r - lse[r0:r1, 1:]).exp_())
         g = torch.where(scale[r0:r1] != 0, g.mul_(scale[r0:r1]), 0.0)

@@ -1,27 +1,29 @@
-"""What every fused-linear loss shares: the logits ``hidden @ weight.T (+ bias)`` a chunk of rows at a
-time, and the folding of each chunk's logit gradient back into the inputs' gradients.
+"""What every fused-linear loss shares: the logits ``z = h Wᵀ (+ b)`` a chunk of rows at a time, and the
+folding of each chunk's logit gradient ``G`` into ``∂h = G W``, ``∂W = Gᵀ h`` and ``∂b = Σ_rows G``.
 
-For ``z = h Wᵀ (+ b)`` and the loss gradient ``G = ∂ℓ/∂z`` of a chunk of rows,
-
-    ∂ℓ/∂h = G W,        ∂ℓ/∂W = Gᵀ h,        ∂ℓ/∂b = Σ_rows G.
-
-A chunk's logits are written into a buffer of the operator's workspace (:mod:`._workspace`), the loss
-kernels write its gradient over them, and :class:`HeadGrads` folds that into ``∂h`` (the chunk's rows)
-and the ``∂W``, ``∂b`` accumulators before the next chunk. ``∂W`` and ``∂b`` are accumulated in fp32
-(fp64 for an fp64 head); with a bf16/fp16 head each chunk's ``Gᵀ h`` is a full-rate product in the
-head's dtype into a workspace buffer, added to the fp32 sum.
+``∂W`` and ``∂b`` are accumulated in fp32 (fp64 for an fp64 head); with a bf16/fp16 head each chunk's
+``Gᵀ h`` is a full-rate product in the head's dtype into a workspace buffer, added to the fp32 sum.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from fastunlearn.ops._workspace import Layout, Workspace
+from fastunlearn.ops._backend import compute_dtype
+from fastunlearn.ops._workspace import Workspace
 
-__all__ = ["HeadGrads", "autocast_inputs", "check_head", "chunk_logits", "head_layout"]
+__all__ = [
+    "HeadGrads",
+    "autocast_inputs",
+    "check_head",
+    "chunk_logits",
+    "chunk_scratch",
+    "input_grads",
+    "map_chunks",
+]
 
 
 def chunk_logits(
@@ -40,20 +42,41 @@ def chunk_logits(
         yield r0, h_chunk, logits
 
 
-def accumulation_dtype(weight: Tensor) -> torch.dtype:
-    return torch.promote_types(weight.dtype, torch.float32)
+def map_chunks(
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    chunk_rows: int,
+    fn: Callable[[int, Tensor], tuple[Tensor, ...]],
+) -> tuple[Tensor, ...]:
+    """Without gradients, ``fn(first_row, logits_chunk)`` over the chunks of ``h``'s logits (one buffer
+    reused: ``fn`` must return new tensors), its outputs concatenated over the chunks."""
+    with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
+        buffer = h.new_empty(min(chunk_rows, h.shape[0]), weight.shape[0])
+        results = [fn(r0, logits) for r0, _, logits in chunk_logits(h, weight, bias, chunk_rows, buffer)]
+    return tuple(torch.cat(parts) for parts in zip(*results))
 
 
-def head_layout(weight: Tensor, needs: tuple[bool, bool, bool]) -> Layout:
-    """The workspace :class:`HeadGrads` needs for ``needs = (∂h, ∂W, ∂b)``: a ``[V, H]`` product in the
-    head's dtype when it is narrower than the fp32 accumulator, and a ``[V]`` row sum for ``∂b``."""
-    acc = accumulation_dtype(weight)
-    layout = {}
+def chunk_scratch(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    chunk_rows: int,
+    needs: tuple[bool, ...],
+    buffers: tuple[str, ...] = ("logits",),
+) -> tuple[Workspace, HeadGrads]:
+    """An operator's workspace, a ``[chunk, V]`` buffer per name of ``buffers`` and what
+    :class:`HeadGrads` needs for ``needs = (∂h, ∂W, ∂b)`` (a ``[V, H]`` product in the head's dtype when
+    it is narrower than the accumulator, a ``[V]`` row sum for ``∂b``), and those gradients."""
+    acc = compute_dtype(weight)
+    chunk = ((min(chunk_rows, hidden.shape[0]), weight.shape[0]), hidden.dtype)
+    layout = dict.fromkeys(buffers, chunk)
     if needs[1] and weight.dtype != acc:
         layout["weight_product"] = (tuple(weight.shape), weight.dtype)
     if needs[2]:
         layout["bias_sum"] = ((weight.shape[0],), acc)
-    return layout
+    workspace = Workspace(layout, hidden.device)
+    return workspace, HeadGrads(needs, hidden, weight, bias, workspace)
 
 
 class HeadGrads:
@@ -61,14 +84,9 @@ class HeadGrads:
     ``needs`` (none under ``no_grad``, no ``∂W`` for a frozen head), filled chunk by chunk."""
 
     def __init__(
-        self,
-        needs: tuple[bool, bool, bool],
-        h: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        workspace: Workspace,
+        self, needs: tuple[bool, ...], h: Tensor, weight: Tensor, bias: Tensor | None, workspace: Workspace
     ) -> None:
-        acc = {"dtype": accumulation_dtype(weight), "device": weight.device}
+        acc = {"dtype": compute_dtype(weight), "device": weight.device}
         self.weight = weight
         self.h = torch.empty_like(h) if needs[0] else None
         self.w = torch.zeros(weight.shape, **acc) if needs[1] else None
@@ -94,6 +112,16 @@ class HeadGrads:
     def outputs(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``(∂h, ∂W, ∂b)`` as operator outputs: an empty tensor for each one not computed."""
         return tuple(like.new_empty(0) if g is None else g for g in (self.h, self.w, self.b))
+
+
+def input_grads(
+    grads: tuple[Tensor, ...], needs: tuple[bool, ...], weight_dtype: torch.dtype, scale: Tensor | None = None
+) -> tuple[Tensor | None, ...]:
+    """The ``(∂h, ∂W, ∂b)`` an operator's backward returns: ``None`` where not needed, times ``scale``
+    (for gradients formed in the forward), ``∂W`` and ``∂b`` in the weight's dtype."""
+    out = [g if scale is None else g * scale.to(g.dtype) for g in grads]
+    out = [g if need else None for g, need in zip(out, needs)]
+    return out[0], *(None if g is None else g.to(weight_dtype) for g in out[1:])
 
 
 def autocast_inputs(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:

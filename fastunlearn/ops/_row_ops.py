@@ -1,18 +1,10 @@
 """The row losses (IHL and NLL) as PyTorch custom operators, whichever backend computes them.
 
-- ``fastunlearn::row_loss(logits, labels, loss, ignore_index, backend, inplace_backward)``: the
-  per-row loss of ``[B, T, V]`` logits (any strides) against flat int64 labels ``[B·T]``, and what the
-  backward needs: ``(loss [N], stats [N, 4], argmax [N])`` as ``fastunlearn.kernels.ihl.ihl_forward``
-  returns them. Differentiable in ``logits``.
-- ``fastunlearn::row_loss_backward(...)``: ``grad_rows[r]·∂ℓ_r/∂logits[r]`` into a new tensor, and
-  ``fastunlearn::row_loss_backward_(...)``: the same written over the logits (``inplace_backward``).
-
-``backend`` (``"triton"`` or ``"torch"``, already resolved) picks the Triton kernels or the chunked
-PyTorch path (:mod:`fastunlearn.ops._ihl_torch`) inside the operator, so ``torch.compile`` traces one
-opaque node and ``FakeTensorMode`` runs the fake implementations, which give every output's shape
-and dtype without computing. Neither backend allocates scratch memory beyond its outputs, except the
-PyTorch path's row blocks (``_ihl_torch.CPU_BLOCK_ELEMENTS``: a few MiB on CPU), which the fake
-implementations do not report.
+``fastunlearn::row_loss`` gives, for ``[B, T, V]`` logits (any strides) and flat int64 labels, what
+``fastunlearn.kernels.ihl.ihl_forward`` returns, differentiable in the logits; its backward is
+``fastunlearn::row_loss_backward`` (a new tensor) or ``row_loss_backward_`` (over the logits,
+``inplace_backward``). ``backend`` is already resolved. The fake implementations give shapes and
+dtypes; the PyTorch path's few-MiB row blocks are the only scratch memory, and they do not report it.
 """
 
 from __future__ import annotations
@@ -23,22 +15,13 @@ import torch
 from torch import Tensor
 
 from fastunlearn.ops import _ihl_torch
+from fastunlearn.ops._backend import implementation, result_dtype
 
-__all__ = ["implementation", "row_loss", "row_loss_backward", "row_loss_backward_"]
-
-
-def implementation(backend: str) -> ModuleType:
-    """The module computing the row losses for a resolved backend (same functions in both)."""
-    if backend == "triton":
-        from fastunlearn.kernels import ihl as triton_ihl  # imports triton: only when asked for
-
-        return triton_ihl
-    return _ihl_torch
+__all__ = ["index_dtype", "row_implementation", "row_loss"]
 
 
-def stats_dtype(logits: Tensor, backend: str) -> torch.dtype:
-    """The dtype of the per-row losses and statistics: fp32, or fp64 for fp64 logits on PyTorch."""
-    return torch.float64 if backend == "torch" and logits.dtype == torch.float64 else torch.float32
+def row_implementation(backend: str) -> ModuleType:
+    return implementation(backend, "ihl", _ihl_torch)
 
 
 def index_dtype(backend: str) -> torch.dtype:
@@ -49,17 +32,14 @@ def index_dtype(backend: str) -> torch.dtype:
 def row_loss(
     logits: Tensor, labels: Tensor, loss: str, ignore_index: int, backend: str, inplace_backward: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return implementation(backend).ihl_forward(logits, labels, ignore_index, loss=loss)
+    return row_implementation(backend).ihl_forward(logits, labels, ignore_index, loss=loss)
 
 
 @row_loss.register_fake
 def _(logits, labels, loss, ignore_index, backend, inplace_backward):
-    n, dtype = labels.shape[0], stats_dtype(logits, backend)
-    return (
-        logits.new_empty(n, dtype=dtype),
-        logits.new_empty(n, 4, dtype=dtype),
-        logits.new_empty(n, dtype=index_dtype(backend)),
-    )
+    n, dtype = labels.shape[0], result_dtype(logits, backend)
+    stats = logits.new_empty(n, 4, dtype=dtype)
+    return logits.new_empty(n, dtype=dtype), stats, logits.new_empty(n, dtype=index_dtype(backend))
 
 
 @torch.library.custom_op("fastunlearn::row_loss_backward", mutates_args=())
@@ -73,7 +53,9 @@ def row_loss_backward(
     backend: str,
 ) -> Tensor:
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    return implementation(backend).ihl_backward(logits, labels, stats, argmax, grad_rows, grad, ignore_index)
+    return row_implementation(backend).ihl_backward(
+        logits, labels, stats, argmax, grad_rows, grad, ignore_index
+    )
 
 
 @row_loss_backward.register_fake
@@ -91,7 +73,7 @@ def row_loss_backward_(
     ignore_index: int,
     backend: str,
 ) -> None:
-    implementation(backend).ihl_backward(logits, labels, stats, argmax, grad_rows, logits, ignore_index)
+    row_implementation(backend).ihl_backward(logits, labels, stats, argmax, grad_rows, logits, ignore_index)
 
 
 @row_loss_backward_.register_fake
@@ -110,12 +92,11 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad_loss: Tensor, _grad_stats, _grad_argmax):
     logits, labels, stats, argmax = ctx.saved_tensors
     ignore_index, backend, inplace_backward = ctx.options
-    if inplace_backward:
-        row_loss_backward_(logits, labels, stats, argmax, grad_loss, ignore_index, backend)
-        grad = logits
-    else:
+    if not inplace_backward:
         grad = row_loss_backward(logits, labels, stats, argmax, grad_loss, ignore_index, backend)
-    return grad, None, None, None, None, None
+        return grad, None, None, None, None, None
+    row_loss_backward_(logits, labels, stats, argmax, grad_loss, ignore_index, backend)
+    return logits, None, None, None, None, None
 
 
 row_loss.register_autograd(_backward, setup_context=_setup_context)

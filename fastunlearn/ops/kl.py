@@ -1,23 +1,13 @@
-"""``KL(P_ref ‖ P_θ)`` of next-token distributions, from logits or straight from the last hidden states:
-the KL retain term of TOFU (Maini et al. 2024, arXiv 2401.06121) and open-unlearning.
+"""``KL(P_ref ‖ P_θ)`` of next-token distributions, from logits or straight from the last hidden states: the
+KL retain term of TOFU (Maini et al. 2024, arXiv 2401.06121).
 
-With ``P_θ = softmax(z)`` the model's and ``P_ref = softmax(r)`` the reference model's distribution at a
-position, the loss is the mean over positions of ``Σ_v P_ref(v)·(log P_ref(v) − log P_θ(v))`` —
-``F.kl_div(log_softmax(z), log_softmax(r), reduction="batchmean", log_target=True)`` on the flattened
-rows, every position counted (padding too) unless a ``mask`` picks the positions to average over. Its
-gradient in the logits is ``(softmax(z) − softmax(r))·weight``; the reference is a constant.
-
-Neither function materialises an ``[N, V]`` softmax or log-softmax: :func:`kl_loss` runs one pass over
-both rows forward (an online log-sum-exp of each and the running ``Σ q·(r − z)``; see
-:mod:`fastunlearn.kernels.kl`) and one read of both and one write backward, in fp32 whatever the input
-dtype. :func:`fused_linear_kl_loss` computes both models' logits a chunk of rows at a time from their
-hidden states and the shared output head, like :mod:`fastunlearn.ops.fused_linear`, folding each
-chunk's gradient into ``∂h``, ``∂W``, ``∂b`` before the next: two chunks of logits instead of two
-``[N, V]`` tensors and their log-softmaxes.
-
-Both run inside custom operators (``fastunlearn::kl_rows`` and its backward, ``fastunlearn::fused_linear_kl``)
-with fake implementations, so ``torch.compile`` traces them as nodes and ``FakeTensorMode`` runs them;
-the fused operator reports its two chunk buffers as its workspace (:mod:`fastunlearn.ops._workspace`).
+With ``P_θ = softmax(z)`` and ``P_ref = softmax(r)`` at a position, the loss is the mean over positions of
+``Σ_v P_ref(v)·(log P_ref(v) − log P_θ(v))`` (``F.kl_div(..., reduction="batchmean", log_target=True)``
+on the flattened rows), every position counted unless a ``mask`` picks them. Its gradient in the logits
+is ``(softmax(z) − softmax(r))·weight``; the reference is a constant. No ``[N, V]`` softmax is formed:
+one pass over both rows forward, one read and one write backward (``fastunlearn.kernels.kl``);
+:func:`fused_linear_kl_loss` computes both models' logits a chunk of rows at a time from their hidden
+states and the shared head, folding each chunk's gradient before the next.
 """
 
 from __future__ import annotations
@@ -28,24 +18,21 @@ import torch
 from torch import Tensor
 
 from fastunlearn.ops import _kl_torch
-from fastunlearn.ops._backend import Backend, resolve_backend
-from fastunlearn.ops._linear_chunks import HeadGrads, autocast_inputs, check_head, chunk_logits, head_layout
-from fastunlearn.ops._workspace import Layout, Workspace
+from fastunlearn.ops._backend import Backend, compute_dtype, implementation, resolve_backend, result_dtype
+from fastunlearn.ops._linear_chunks import (
+    autocast_inputs,
+    check_head,
+    chunk_logits,
+    chunk_scratch,
+    input_grads,
+)
 from fastunlearn.ops.fused_linear import input_needs, resolve_chunk_rows
 
 __all__ = ["fused_linear_kl_loss", "kl_loss"]
 
 
 def _implementation(backend: str) -> ModuleType:
-    if backend == "triton":
-        from fastunlearn.kernels import kl as triton_kl  # imports triton: only when asked for
-
-        return triton_kl
-    return _kl_torch
-
-
-def _loss_dtype(logits: Tensor, backend: str) -> torch.dtype:
-    return torch.float64 if backend == "torch" and logits.dtype == torch.float64 else torch.float32
+    return implementation(backend, "kl", _kl_torch)
 
 
 @torch.library.custom_op("fastunlearn::kl_rows", mutates_args=())
@@ -59,7 +46,7 @@ def kl_rows(
 
 @kl_rows.register_fake
 def _(logits, ref_logits, weights, backend):
-    n, dtype = logits.shape[0], _loss_dtype(logits, backend)
+    n, dtype = logits.shape[0], result_dtype(logits, backend)
     return logits.new_empty(n, dtype=dtype), logits.new_empty(n, 2, dtype=dtype)
 
 
@@ -92,9 +79,7 @@ def _kl_rows_backward(ctx, grad_kl: Tensor, _grad_lse):
 kl_rows.register_autograd(_kl_rows_backward, setup_context=_kl_rows_setup)
 
 
-def _fused_layout(hidden: Tensor, weight: Tensor, chunk_rows: int, needs: tuple[bool, ...]) -> Layout:
-    chunk = ((min(chunk_rows, hidden.shape[0]), weight.shape[0]), hidden.dtype)
-    return {"logits": chunk, "ref_logits": chunk, **head_layout(weight, needs)}
+_BUFFERS = ("logits", "ref_logits")
 
 
 @torch.library.custom_op("fastunlearn::fused_linear_kl", mutates_args=())
@@ -111,10 +96,9 @@ def fused_linear_kl(
     """``Σ_rows weights·KL`` of the logits ``hidden @ weight.T (+ bias)`` against
     ``ref_hidden @ weight.T (+ bias)``, and the gradients named by ``needs`` (``∂h``, ``∂W``, ``∂b``;
     empty where not needed), formed chunk by chunk during the forward; then the workspace's handle."""
-    impl, wanted = _implementation(backend), (needs[0], needs[1], needs[2])
+    impl = _implementation(backend)
     with torch.autocast(hidden.device.type, enabled=False):
-        workspace = Workspace(_fused_layout(hidden, weight, chunk_rows, wanted), hidden.device)
-        grads = HeadGrads(wanted, hidden, weight, bias, workspace)
+        workspace, grads = chunk_scratch(hidden, weight, bias, chunk_rows, tuple(needs), _BUFFERS)
         kls = []
         chunks = zip(
             chunk_logits(hidden, weight, bias, chunk_rows, workspace["logits"]),
@@ -133,10 +117,8 @@ def fused_linear_kl(
 
 @fused_linear_kl.register_fake
 def _(hidden, ref_hidden, weight, bias, weights, backend, chunk_rows, needs):
-    wanted = (needs[0], needs[1], needs[2])
-    workspace = Workspace(_fused_layout(hidden, weight, chunk_rows, wanted), hidden.device)
-    grads = HeadGrads(wanted, hidden, weight, bias, workspace)
-    loss = hidden.new_empty((), dtype=torch.promote_types(_loss_dtype(hidden, backend), weights.dtype))
+    workspace, grads = chunk_scratch(hidden, weight, bias, chunk_rows, tuple(needs), _BUFFERS)
+    loss = hidden.new_empty((), dtype=torch.promote_types(result_dtype(hidden, backend), weights.dtype))
     return loss, *grads.outputs(hidden), workspace.handle()
 
 
@@ -148,12 +130,7 @@ def _fused_setup(ctx, inputs, output) -> None:
 
 def _fused_backward(ctx, grad_loss: Tensor, *_unused):
     needs = ctx.needs_input_grad
-    dh, dw, db = (
-        g * grad_loss.to(g.dtype) if need else None
-        for g, need in zip(ctx.saved_tensors, (needs[0], *needs[2:4]))
-    )
-    dw = dw.to(ctx.weight_dtype) if dw is not None else None
-    db = db.to(ctx.weight_dtype) if db is not None else None
+    dh, dw, db = input_grads(ctx.saved_tensors, (needs[0], *needs[2:4]), ctx.weight_dtype, grad_loss)
     return dh, None, dw, db, None, None, None, None
 
 
@@ -177,8 +154,7 @@ def _check_pair(name: str, first: str, a: Tensor, second: str, b: Tensor) -> Non
 def _row_weights(mask: Tensor | None, like: Tensor) -> Tensor:
     """``[N]`` weights of the mean over the rows of ``like`` (``[..., V]``): ``1/N`` each, or
     ``mask/Σ mask`` (0 everywhere when nothing is selected); fp32, fp64 for fp64 ``like``."""
-    leading, device = like.shape[:-1], like.device
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    leading, device, dtype = like.shape[:-1], like.device, compute_dtype(like)
     n = leading.numel()
     if mask is None:
         return torch.full((n,), 1 / max(n, 1), dtype=dtype, device=device)
@@ -195,19 +171,16 @@ def _row_weights(mask: Tensor | None, like: Tensor) -> Tensor:
 def kl_loss(
     logits: Tensor, ref_logits: Tensor, mask: Tensor | None = None, *, backend: Backend = "auto"
 ) -> Tensor:
-    """Mean over positions of ``KL(softmax(ref_logits) ‖ softmax(logits))`` (module docstring).
+    """Mean over positions of ``KL(softmax(ref_logits) ‖ softmax(logits))``.
 
     Args:
         logits: ``[..., V]`` logits of the model being trained, any float dtype and strides.
-        ref_logits: the reference model's logits, same shape; a constant (no gradient).
+        ref_logits: the reference model's logits, same shape; a constant.
         mask: optional bool or 0/1 tensor of shape ``logits.shape[:-1]``: average over the positions it
-            selects (0 and a zero gradient when it selects none). Without it every position counts, as
-            ``F.kl_div(..., reduction="batchmean")`` on the flattened rows.
-        backend: ``"auto"`` (Triton for CUDA tensors, the chunked PyTorch path otherwise), ``"triton"``
-            (also CPU tensors under ``TRITON_INTERPRET=1``) or ``"torch"``.
+            selects (0 and a zero gradient when none); without it every position counts.
+        backend: as in :func:`fastunlearn.ihl_loss`.
 
-    Returns the loss in fp32 (fp64 for fp64 logits on the PyTorch path); the gradient of ``logits`` has
-    their dtype.
+    Returns the loss in fp32 (fp64 for fp64 logits on the PyTorch path).
     """
     _check_pair("kl_loss", "logits", logits, "ref_logits", ref_logits)
     vocab = logits.shape[-1]
@@ -227,22 +200,11 @@ def fused_linear_kl_loss(
     backend: Backend = "auto",
     chunk_rows: int | None = None,
 ) -> Tensor:
-    """:func:`kl_loss` of the logits ``hidden @ weight.T (+ bias)`` against ``ref_hidden @ weight.T
-    (+ bias)`` without materialising either.
-
-    Args:
-        hidden: ``[..., H]`` last hidden states of the model being trained.
-        ref_hidden: the reference model's last hidden states, same shape (a constant: computed under
-            ``torch.no_grad()``, no gradient flows to it).
-        weight: ``[V, H]`` output head shared by both models (frozen under LoRA; when trained, ``∂W``
-            comes through the trained model's logits only: the reference logits are a constant).
-        mask, backend: as in :func:`kl_loss`.
-        bias: optional ``[V]`` bias of the head.
-        chunk_rows: rows per chunk (default: about 64M logits per chunk on a GPU, 8M on CPU; two
-            chunks, one per model, are alive at a time).
-
-    Returns the loss in fp32 (fp64 for fp64 inputs on the PyTorch path). Under ``torch.autocast`` the
-    inputs are cast as ``F.linear`` casts them.
+    """:func:`kl_loss` of the logits ``hidden @ weight.T (+ bias)`` against ``ref_hidden @ weight.T (+ bias)``
+    without materialising either: ``ref_hidden`` (same shape) is a constant, ``weight`` ``[V, H]`` the
+    head both share (``∂W`` comes through the trained logits only); ``mask``, ``backend`` as in
+    :func:`kl_loss`, ``chunk_rows`` as in :func:`fastunlearn.fused_linear_ihl_loss` (two chunks alive).
+    Returns the loss in fp32 (fp64 for fp64 inputs on the PyTorch path).
     """
     hidden, weight, bias = check_head("fused_linear_kl_loss", hidden, weight, bias)
     (ref_hidden,) = autocast_inputs(ref_hidden)
@@ -254,6 +216,5 @@ def fused_linear_kl_loss(
     chunk_rows = resolve_chunk_rows(chunk_rows, hidden.device, weight.shape[0])
     h = hidden.reshape(-1, hidden.shape[-1])
     ref = ref_hidden.detach().reshape(-1, hidden.shape[-1])
-    return fused_linear_kl(h, ref, weight, bias, weights, resolved, chunk_rows, input_needs(h, weight, bias))[
-        0
-    ]
+    needs = input_needs(h, weight, bias)
+    return fused_linear_kl(h, ref, weight, bias, weights, resolved, chunk_rows, needs)[0]

@@ -1,25 +1,11 @@
-"""Per-token statistics of Min-K%++ (Zhang et al. 2024, arXiv:2404.02936) without a softmax.
+"""Per-token statistics of Min-K%++ (Zhang et al. 2024, arXiv 2404.02936) without a softmax: for logits
+``z`` with target ``y`` and ``p = softmax(z)``, ``log p_y``, ``μ = E_p[log p]`` and
+``σ = sqrt(max(Var_p(log p), 1e-6))``, so that ``(log p_y − μ)/σ`` standardises the target's
+log-probability against the model's own distribution. The sums are taken relative to the row maximum
+and ``−log p_y`` as a softplus that stays accurate as ``p_y → 1`` (``fastunlearn.kernels.token_stats``).
 
-For logits ``z`` of a token with target ``y`` and ``p = softmax(z)``:
-
-    log p_y,      μ = Σ_v p_v log p_v = E_p[log p],      σ = sqrt(max(Var_p(log p), 1e-6)),
-
-so that Min-K%++'s ``(log p_y − μ)/σ`` standardises the target's log-probability against the
-model's own distribution at that position. ``Var_p(log p) = Var_p(z)`` (the two differ by the
-constant ``lse``), which both paths compute relative to the row maximum, with ``−log p_y`` as a
-softplus that stays accurate when ``p_y → 1`` (derivation in :mod:`fastunlearn.kernels.token_stats`).
-
-- :func:`token_stats`: from ``[..., V]`` logits; the op ``fastunlearn::token_stats``
-  (``torch.library.custom_op`` with a fake implementation, so ``torch.compile`` traces through it).
-  ``backend="triton"`` is the one-pass kernel; ``"torch"`` the CPU path, a cache-sized block of rows
-  at a time.
-- :func:`linear_token_stats`: from last hidden states and the output head, a chunk of tokens' logits
-  at a time (the chunking of :mod:`fastunlearn.ops.fused_linear`): never ``[N, V]`` logits.
-
-Rows whose label is ``ignore_index`` get NaN in all three outputs (the statistics of a position with
-no target are not defined here, and NaN cannot be summed by mistake). Statistics are computed in
-fp32 whatever the logits' dtype (fp64 logits stay fp64 on the PyTorch path). No gradient: these are
-metrics.
+Rows whose label is ``ignore_index`` get NaN in all three outputs (undefined there, and NaN cannot be
+summed by mistake). fp32 whatever the logits' dtype (fp64 kept on the PyTorch path); no gradient.
 """
 
 from __future__ import annotations
@@ -27,21 +13,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastunlearn.ops._backend import Backend, resolve_backend
-from fastunlearn.ops._ihl_torch import _accumulation_dtype, _row_blocks, valid_targets
+from fastunlearn.ops._backend import Backend, compute_dtype, resolve_backend, result_dtype
+from fastunlearn.ops._ihl_torch import _row_blocks, valid_targets
+from fastunlearn.ops._linear_chunks import map_chunks
+from fastunlearn.ops.fused_linear import _checked_inputs
+from fastunlearn.ops.ihl import _check_labels
 
-__all__ = ["VARIANCE_FLOOR", "linear_token_stats", "token_stats"]
+__all__ = ["linear_token_stats", "token_stats"]
 
 VARIANCE_FLOOR = 1e-6  # Min-K%++'s clamp of σ²: σ ≥ 1e-3 even where one token has all the mass
 
 
 def _torch_token_stats(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
-    """The CPU path: ``[N, 3]`` ``(log p_y, μ, σ)`` of ``[N, V]`` logits, a cache-sized block of rows at
-    a time; the kernel's sums and final formulas, each block's maximum taken at once. A logit of
-    ``−inf`` has ``e = 0`` and ``e·d`` NaN: ``nansum`` leaves it out (NaN logits still give NaN, through
-    the maximum)."""
+    """The PyTorch path: the kernel's sums and formulas over cache-sized blocks of ``[N, V]`` rows, each
+    block's maximum taken at once. A ``−inf`` logit has ``e = 0`` and ``e·d`` NaN, which ``nansum``
+    leaves out (NaN logits still give NaN, through the maximum)."""
     n, vocab = logits.shape
-    acc = _accumulation_dtype(logits.dtype)
+    acc = compute_dtype(logits)
     valid = valid_targets(labels, vocab, ignore_index).unsqueeze(1)
     targets = torch.where(valid, labels.unsqueeze(1), 0)
     sums = torch.empty(n, 4, dtype=acc, device=logits.device)  # z_y − M, s (v ≠ y), a, b (every v)
@@ -69,27 +57,16 @@ def _torch_token_stats(logits: Tensor, labels: Tensor, ignore_index: int) -> Ten
 @torch.library.custom_op("fastunlearn::token_stats", mutates_args=())
 def _token_stats_op(logits: Tensor, labels: Tensor, ignore_index: int, backend: str) -> Tensor:
     """``[N, 3]`` ``(log p_y, μ, σ)`` of ``[N, V]`` logits against ``[N]`` labels; NaN where ignored."""
-    if backend == "triton":
-        from fastunlearn.kernels import token_stats as kernel  # imports triton: only when asked for
+    if backend == "torch":
+        return _torch_token_stats(logits, labels, ignore_index)
+    from fastunlearn.kernels import token_stats as kernel  # imports triton: only when asked for
 
-        return kernel.token_stats(logits, labels.contiguous(), ignore_index, VARIANCE_FLOOR)
-    return _torch_token_stats(logits, labels, ignore_index)
+    return kernel.token_stats(logits, labels.contiguous(), ignore_index, VARIANCE_FLOOR)
 
 
 @_token_stats_op.register_fake
 def _(logits: Tensor, labels: Tensor, ignore_index: int, backend: str) -> Tensor:
-    fp64 = logits.dtype == torch.float64 and backend != "triton"
-    return logits.new_empty((logits.shape[0], 3), dtype=torch.float64 if fp64 else torch.float32)
-
-
-def _checked_rows(logits: Tensor, labels: Tensor, ignore_index: int, validate: bool) -> Tensor:
-    """``logits`` as ``[N, V]`` rows (a view where one exists) after checking both arguments."""
-    from fastunlearn.ops.ihl import _check_labels
-
-    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 1:
-        raise TypeError("token_stats expects floating-point logits with a vocabulary dimension [..., V]")
-    _check_labels(labels, logits.shape[:-1], logits.shape[-1], logits.device, ignore_index, validate)
-    return logits.reshape(-1, logits.shape[-1])
+    return logits.new_empty((logits.shape[0], 3), dtype=result_dtype(logits, backend))
 
 
 def token_stats(
@@ -113,7 +90,10 @@ def token_stats(
 
     Returns fp32 tensors (fp64 for fp64 logits on the PyTorch path), no gradient.
     """
-    rows = _checked_rows(logits, labels, ignore_index, validate)
+    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 1:
+        raise TypeError("token_stats expects floating-point logits with a vocabulary dimension [..., V]")
+    _check_labels(labels, logits.shape[:-1], logits.shape[-1], logits.device, ignore_index, validate)
+    rows = logits.reshape(-1, logits.shape[-1])
     resolved = resolve_backend(backend, logits.device)
     with torch.no_grad():
         out = _token_stats_op(rows, labels.reshape(-1).long(), ignore_index, resolved)
@@ -131,23 +111,15 @@ def linear_token_stats(
     chunk_rows: int | None = None,
     validate: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`token_stats` of the logits ``hidden @ weight.T (+ bias)`` without materialising them: a
-    chunk of ``chunk_rows`` tokens' logits at a time (by default about 64M elements on a GPU, 8M on
-    CPU), as :func:`fastunlearn.ops.fused_linear.fused_linear_nll_loss` does. ``hidden`` is
-    ``[..., H]``, ``weight`` ``[V, H]``, ``labels`` ``hidden.shape[:-1]``; under ``torch.autocast``
-    the inputs are cast as ``F.linear`` casts them. Returns ``(log p_y, μ, σ)`` shaped like ``labels``.
-    """
-    from fastunlearn.ops._linear_chunks import chunk_logits
-    from fastunlearn.ops.fused_linear import _checked_inputs
-
+    """:func:`token_stats` of the logits ``hidden @ weight.T (+ bias)`` a chunk of tokens at a time, never
+    ``[N, V]``; arguments as in :func:`fastunlearn.ops.fused_linear.fused_linear_nll_loss`."""
     hidden, weight, bias, resolved, chunk_rows = _checked_inputs(
         "linear_token_stats", hidden, weight, labels, bias, ignore_index, backend, chunk_rows, validate
     )
     h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
-    parts = []
-    with torch.no_grad(), torch.autocast(h.device.type, enabled=False):
-        buffer = h.new_empty(min(chunk_rows, h.shape[0]), weight.shape[0])
-        for r0, h_chunk, logits in chunk_logits(h, weight, bias, chunk_rows, buffer):
-            parts.append(_token_stats_op(logits, y[r0 : r0 + h_chunk.shape[0]], ignore_index, resolved))
-    out = torch.cat(parts)
+
+    def stats(r0: int, logits: Tensor) -> tuple[Tensor]:
+        return (_token_stats_op(logits, y[r0 : r0 + logits.shape[0]], ignore_index, resolved),)
+
+    (out,) = map_chunks(h, weight, bias, chunk_rows, stats)
     return tuple(col.view(labels.shape) for col in out.unbind(1))  # type: ignore[return-value]
