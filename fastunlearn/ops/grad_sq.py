@@ -1,18 +1,11 @@
 """``Σ_n (G_nᵀ X_n)²``: the summed squared per-example weight gradients of a linear layer, the sum inside
-the diagonal empirical Fisher information that FILA weights its initialisation by (Cha et al. 2025).
+the diagonal empirical Fisher that FILA weights its initialisation by (Cha et al. 2025).
 
-For an ``nn.Linear`` weight ``W ∈ R^{out×in}`` and example ``n`` with layer inputs ``X_n ∈ R^{T×in}``
-(one row per token) and output gradients ``G_n ∈ R^{T×out}`` of that example's loss ``L_n``, the
-chain rule through ``Y_n = X_n Wᵀ`` gives the example's weight gradient ``g_n = ∂L_n/∂W = G_nᵀ X_n``.
-:func:`per_example_grad_sq` returns ``Σ_n g_n ⊙ g_n``, the sum inside the diagonal empirical Fisher
-(:mod:`fastunlearn.fisher.estimator` supplies ``X`` and ``G`` from hooks).
-
-The fold is a GEMM over ``B·T`` whose accumulator is squared after each example's ``T`` tokens: the
-Triton kernel (``fastunlearn.kernels.grad_sq``) does it in registers, never building the
-``[B, out, in]`` per-example gradients that BackPACK, Opacus and ``torch.func`` build; the PyTorch path
-builds them in bounded chunks. Both run inside the custom operator ``fastunlearn::per_example_grad_sq``
-(one opaque node under ``torch.compile``; under ``FakeTensorMode`` a fake implementation that reports
-the PyTorch path's chunk buffers as the operator's workspace, see :mod:`fastunlearn.ops._workspace`).
+For an ``nn.Linear`` and example ``n`` with inputs ``X_n ∈ R^{T×in}`` and output gradients
+``G_n ∈ R^{T×out}``, the example's weight gradient is ``g_n = G_nᵀ X_n``. The Triton kernel
+(``fastunlearn.kernels.grad_sq``) squares and folds each ``g_n`` in registers, never building the
+``[B, out, in]`` per-example gradients of BackPACK, Opacus or ``torch.func``; the PyTorch path builds
+them in bounded chunks, which the custom operator reports as its workspace.
 """
 
 from __future__ import annotations
@@ -20,13 +13,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastunlearn.ops._backend import Backend, resolve_backend
+from fastunlearn.ops._backend import Backend, compute_dtype, resolve_backend
 from fastunlearn.ops._workspace import Layout, Workspace
 
-# Bytes of per-example gradients the chunked PyTorch path may hold at once ([chunk, out, in]). Small on
-# purpose: on CPU the chunk size does not change the speed (measured, single thread: 688×256 and
-# 1376×512 layers, chunks of 1 to 8 examples within noise), so the buffer stays far below the
-# [B, out, in] that per-sample-gradient libraries allocate; at 7B shapes it is one example.
+# Bytes of per-example gradients the PyTorch path holds at once ([chunk, out, in]): small, since on CPU
+# the chunk size does not change the speed; at 7B shapes it is one example.
 TORCH_BUFFER_BYTES = 8 * 2**20
 
 __all__ = ["TORCH_BUFFER_BYTES", "per_example_grad_sq"]
@@ -62,25 +53,19 @@ def _check_grad_sq_inputs(inputs: Tensor, grad_outputs: Tensor, out: Tensor | No
             raise ValueError(f"out is on {out.device} but the inputs are on {inputs.device}")
 
 
-def _compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """fp64 when any operand is fp64 (the oracles), fp32 otherwise: the result is fp32 either way."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
 def _one_token(inputs: Tensor) -> bool:
     return inputs.dim() == 2 or inputs.shape[1] == 1
 
 
 def _token_layout(inputs: Tensor, grad_outputs: Tensor) -> Layout:
-    dtype, n = _compute_dtype(inputs, grad_outputs), inputs.shape[:-1].numel()
+    dtype, n = compute_dtype(inputs, grad_outputs), inputs.shape[:-1].numel()
     n_in, n_out = inputs.shape[-1], grad_outputs.shape[-1]
     return {"x_sq": ((n, n_in), dtype), "g_sq": ((n, n_out), dtype), "product": ((n_out, n_in), dtype)}
 
 
 def _token_products(inputs: Tensor, grad_outputs: Tensor, out: Tensor) -> Tensor:
-    """``out += (G⊙G)ᵀ(X⊙X)`` over all rows: with one token per example, ``g_n`` is an outer product and
-    ``(g_n)²_{oi} = G_n[o]²·X_n[i]²``, so the sum over examples is one matrix product. Returns the
-    workspace's handle."""
+    """``out += (G⊙G)ᵀ(X⊙X)``: with one token per example ``g_n`` is an outer product, so
+    ``Σ_n (g_n)²_{oi} = Σ_n G_n[o]²·X_n[i]²`` is one matrix product. Returns the workspace's handle."""
     workspace = Workspace(_token_layout(inputs, grad_outputs), out.device)
     x_sq, g_sq = workspace["x_sq"], workspace["g_sq"]
     x_sq.copy_(inputs.reshape(x_sq.shape)).square_()
@@ -92,7 +77,7 @@ def _token_products(inputs: Tensor, grad_outputs: Tensor, out: Tensor) -> Tensor
 def _torch_layout(inputs: Tensor, grad_outputs: Tensor, buffer_bytes: int) -> Layout:
     """``[chunk, out, in]`` per-example gradients (at most ``buffer_bytes``), their ``[out, in]`` sum,
     and copies of a chunk's operands where their dtype is not the computation's."""
-    dtype = _compute_dtype(inputs, grad_outputs)
+    dtype = compute_dtype(inputs, grad_outputs)
     (B, T, n_in), n_out = inputs.shape, grad_outputs.shape[-1]
     chunk = max(1, min(B, buffer_bytes // max(n_out * n_in * dtype.itemsize, 1)))
     layout = {"grads": ((chunk, n_out, n_in), dtype), "total": ((n_out, n_in), dtype)}
@@ -104,9 +89,9 @@ def _torch_layout(inputs: Tensor, grad_outputs: Tensor, buffer_bytes: int) -> La
 
 
 def _grad_sq_torch(inputs: Tensor, grad_outputs: Tensor, out: Tensor, buffer_bytes: int) -> Tensor:
-    """Batched products over chunks of examples, holding at most ``buffer_bytes`` of ``g_n``, in one
-    workspace allocated once and written through ``out=`` (a fresh ``[chunk, out, in]`` per chunk would
-    let the allocator fragment and grow the process past the bound). Returns the workspace's handle."""
+    """Batched products over chunks of examples holding at most ``buffer_bytes`` of ``g_n``, in one
+    workspace written through ``out=`` (fresh buffers per chunk would fragment the allocator). Returns
+    the workspace's handle."""
     workspace = Workspace(_torch_layout(inputs, grad_outputs, buffer_bytes), out.device)
     buffer, total = workspace["grads"], workspace["total"]
     for start in range(0, inputs.shape[0], buffer.shape[0]):
@@ -127,9 +112,8 @@ def _layout(inputs: Tensor, grad_outputs: Tensor, backend: str) -> Layout:
 
 @torch.library.custom_op("fastunlearn::per_example_grad_sq", mutates_args=("out",))
 def _grad_sq_op(inputs: Tensor, grad_outputs: Tensor, out: Tensor, backend: str, accumulate: bool) -> Tensor:
-    """Adds ``Σ_n (G_nᵀ X_n)²`` into ``out`` (Triton without ``accumulate``: writes it); returns the
-    zero-element view of its workspace (:mod:`fastunlearn.ops._workspace`): the PyTorch paths' chunk
-    buffers, none for the Triton kernel. The fake implementation builds the same workspace."""
+    """Adds ``Σ_n (G_nᵀ X_n)²`` into ``out`` (Triton without ``accumulate``: writes it); returns its
+    workspace's handle (:mod:`fastunlearn.ops._workspace`), empty for the Triton kernel."""
     if _one_token(inputs):
         return _token_products(inputs, grad_outputs, out)
     if backend == "torch":
@@ -148,26 +132,19 @@ def _(inputs, grad_outputs, out, backend, accumulate):
 def per_example_grad_sq(
     inputs: Tensor, grad_outputs: Tensor, out: Tensor | None = None, *, backend: Backend = "auto"
 ) -> Tensor:
-    """Sum over examples of the squared per-example weight gradient of a linear layer.
-
-    With ``X_n = inputs[n]`` (``[T, in]``) and ``G_n = grad_outputs[n]`` (``[T, out]``), the weight
-    gradient of example ``n``'s loss is ``g_n = G_nᵀ X_n`` and this returns ``Σ_n g_n ⊙ g_n``, an fp32
-    ``[out, in]`` tensor. The token sum is completed before squaring; ``[B, out, in]`` is never built
-    by the Triton path and is built in bounded chunks by the PyTorch path.
+    """``Σ_n g_n ⊙ g_n`` with ``g_n = G_nᵀ X_n`` the weight gradient of example ``n``'s loss: an fp32
+    ``[out, in]`` tensor, the token sum completed before squaring.
 
     Args:
-        inputs: ``[B, T, in]`` layer inputs, or ``[B, in]`` (one token per example, in which case the
-            result is the single product ``(G⊙G)ᵀ(X⊙X)``). Any float dtype and strides.
-        grad_outputs: ``[B, T, out]`` (or ``[B, out]``) gradients of the loss with respect to the
-            layer's outputs. Operands of different dtypes are promoted to a common one.
+        inputs: ``[B, T, in]`` layer inputs ``X``, or ``[B, in]`` (one token per example); any float
+            dtype and strides (operands of different dtypes are promoted to a common one).
+        grad_outputs: ``[B, T, out]`` (or ``[B, out]``) gradients of the loss in the layer's outputs.
         out: optional fp32 ``[out, in]`` tensor (any strides) to add the result into.
-        backend: ``"auto"`` (Triton for CUDA tensors, PyTorch otherwise), ``"triton"`` (also CPU
-            tensors under ``TRITON_INTERPRET=1``) or ``"torch"`` (batched products over example chunks
-            holding at most ``TORCH_BUFFER_BYTES`` of gradients).
+        backend: as in :func:`fastunlearn.ihl_loss`; the PyTorch path holds at most
+            ``TORCH_BUFFER_BYTES`` of per-example gradients.
 
-    Returns:
-        ``out`` (after adding into it) or a new fp32 tensor. Accumulation is fp32 in every backend,
-        fp64 on the PyTorch paths for fp64 operands.
+    Returns ``out`` (after adding into it) or a new fp32 tensor; fp32 accumulation (fp64 on the
+    PyTorch path for fp64 operands).
     """
     _check_grad_sq_inputs(inputs, grad_outputs, out)
     resolved = resolve_backend(backend, inputs.device)

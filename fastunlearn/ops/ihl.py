@@ -1,23 +1,12 @@
-"""The Inverted Hinge Loss (and the NLL on the same kernels): user-facing functions, module and
-autograd wrapper.
+"""The Inverted Hinge Loss of Cha et al. 2025 (arXiv 2408.06621, §3.1) and the token NLL on the same
+kernels.
 
-IHL (Cha et al., ICLR 2025, §3.1) replaces gradient ascent on the forget set. For each target token,
-with ``p = softmax(z)`` and ``m`` the most likely *other* token,
-
-    ℓ = 1 + p_y − max_{v≠y} p_v ∈ [0, 2],
-
-so minimising it pushes the true token below its best alternative and the probability mass goes to a
-plausible replacement instead of collapsing the model. The loss of a batch is the mean of ℓ over its
-non-ignored target tokens.
-
-Backends (see :func:`ihl_loss`): the Triton kernels of ``fastunlearn.kernels.ihl`` on CUDA and a chunked
-PyTorch path with identical numerics on CPU, both behind the custom operators of
-:mod:`fastunlearn.ops._row_ops`: ``torch.compile`` traces these functions to one opaque node (the
-label check of ``validate=True`` is a graph break) and ``FakeTensorMode`` runs them on shapes alone.
-
-:func:`nll_loss` is the token negative log-likelihood ``−log p_y`` (cross-entropy) on the same
-kernels in their NLL mode: one read of the logits forward, one read and one write backward, fp32
-statistics for bf16 logits and no ``[N, V]`` log-softmax — the retain term of the paper's objective.
+For each target token, with ``p = softmax(z)``, IHL is ``ℓ = 1 + p_y − max_{v≠y} p_v ∈ [0, 2]``:
+minimising it pushes the true token below its best alternative, so the mass goes to a plausible
+replacement instead of collapsing the model (gradient ascent's failure). :func:`nll_loss` is
+``−log p_y`` on the same kernels in NLL mode. Both read the logits once forward and once backward, with
+fp32 statistics and no ``[N, V]`` log-softmax, through the custom operators of
+:mod:`fastunlearn.ops._row_ops` (Triton on CUDA, a chunked PyTorch path with the same numerics on CPU).
 """
 
 from __future__ import annotations
@@ -38,9 +27,8 @@ __all__ = ["IHLLoss", "ihl_loss", "nll_loss"]
 
 
 def _as_rows(logits: Tensor) -> Tensor:
-    """``[..., V]`` logits as ``[B, T, V]``: a flat ``[1, N, V]`` view where one exists, else a
-    ``[B, T, V]`` view through both leading strides (a causal-shift slice such as ``logits[:, :-1]``
-    has no flat view; the kernels address rows through both), a copy only when neither exists."""
+    """``[..., V]`` logits as ``[B, T, V]``: a flat ``[1, N, V]`` view where one exists, else a view
+    through both leading strides (as of a slice ``logits[:, :-1]``), a copy only when neither exists."""
     V = logits.shape[-1]
     if logits.dim() < 3:
         return logits.view(1, -1, V) if logits.dim() == 1 else logits.unsqueeze(0)
@@ -78,11 +66,12 @@ def _check_labels(
 
 
 def check_label_range(labels: Tensor, vocab: int, ignore_index: int = -100) -> None:
-    """``ValueError`` for a label outside ``[0, vocab)`` that is not ``ignore_index``. Reads the answer on
-    the host: one synchronisation when ``labels`` live on an accelerator, none on the CPU. Labels without
-    values (fake or meta tensors, as in a memory plan) are not checked. Under ``torch.compile`` the
-    check is a graph break (``validate=False`` avoids it)."""
-    if has_no_values(labels):
+    """``ValueError`` for a label outside ``[0, vocab)`` that is not ``ignore_index``: one host
+    synchronisation for labels on an accelerator, a graph break under ``torch.compile``. Fake and meta
+    tensors (a memory plan's) are not checked."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    if labels.device.type == "meta" or is_fake(labels):
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bad.any():
@@ -90,13 +79,6 @@ def check_label_range(labels: Tensor, vocab: int, ignore_index: int = -100) -> N
         raise ValueError(
             f"label {first} is outside the vocabulary [0, {vocab}) and is not ignore_index ({ignore_index})"
         )
-
-
-def has_no_values(tensor: Tensor) -> bool:
-    """Whether ``tensor`` carries shapes only (a ``FakeTensor`` or a meta tensor): nothing to read."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    return tensor.device.type == "meta" or is_fake(tensor)
 
 
 def _check_reduction(reduction: str, allowed: tuple[str, ...] = REDUCTIONS) -> None:
@@ -130,23 +112,19 @@ def ihl_loss(
     """Inverted Hinge Loss ``1 + p_y − max_{v≠y} p_v`` of each target token (Cha et al. 2025).
 
     Args:
-        logits: ``[..., V]`` scores, fp32, bf16 or fp16, any strides. Targets are aligned as in
-            ``F.cross_entropy``: the caller shifts them for causal language modelling.
-        labels: integer token ids of shape ``logits.shape[:-1]``; ``ignore_index`` marks positions
-            that carry no loss (prompt tokens, padding).
-        reduction: ``"mean"`` over non-ignored tokens of the whole batch (the paper's), ``"sum"``, or
-            ``"none"`` (per token, shape of ``labels``, 0 at ignored positions). A batch without a
-            valid token gives 0 and a zero gradient.
-        backend: ``"auto"`` (Triton for CUDA tensors, the chunked PyTorch path otherwise),
-            ``"triton"`` (also CPU tensors under ``TRITON_INTERPRET=1``) or ``"torch"``.
-        inplace_backward: write the gradient over the logits' storage (no extra memory). The logits
-            are destroyed by the backward: nothing else may read them afterwards.
-        validate: check that labels lie in ``[0, V)`` (one host synchronisation). With
-            ``validate=False`` out-of-range labels are treated as ignored.
+        logits: ``[..., V]`` scores, any float dtype and strides, aligned with ``labels`` as in
+            ``F.cross_entropy`` (shift the labels for causal language modelling).
+        labels: integer ids of shape ``logits.shape[:-1]``; ``ignore_index`` carries no loss.
+        reduction: ``"mean"`` over the batch's non-ignored tokens (the paper's; 0 when there are none),
+            ``"sum"``, or ``"none"`` (per token, shape of ``labels``, 0 where ignored).
+        backend: ``"auto"`` (Triton for CUDA tensors, the PyTorch path otherwise), ``"triton"`` (also
+            CPU tensors under ``TRITON_INTERPRET=1``) or ``"torch"``.
+        inplace_backward: write the gradient over the logits' storage, which the backward destroys.
+        validate: check that labels lie in ``[0, V)`` (one host synchronisation); without it
+            out-of-range labels count as ignored.
 
-    Returns:
-        The loss in fp32 (fp64 for fp64 logits on the PyTorch paths); its gradient has the logits'
-        dtype. Fused paths accumulate in fp32 and keep ``1 − p_y`` as a sum, never a subtraction.
+    Returns the loss in fp32 (fp64 for fp64 logits on the PyTorch path); the gradient has the logits'
+    dtype.
     """
     return _row_loss("ihl", logits, labels, ignore_index, reduction, backend, inplace_backward, validate)
 
@@ -161,14 +139,9 @@ def nll_loss(
     inplace_backward: bool = False,
     validate: bool = True,
 ) -> Tensor:
-    """Negative log-likelihood ``−log p_y = lse(z) − z_y`` of each target token, the value
-    of ``F.cross_entropy`` without its ``[N, V]`` log-softmax or an fp32 copy of bf16 logits.
-
-    Arguments, reductions, backends and return dtypes as in :func:`ihl_loss`. The loss is formed as
-    ``softplus(log S_{≠y} − z_y)`` and its target gradient as ``−S_{≠y}/S`` (``S_{≠y}`` the sum of
-    the other exponentials), so confident rows keep their relative accuracy (see
-    ``fastunlearn.kernels.ihl``).
-    """
+    """Negative log-likelihood ``−log p_y`` of each target token, ``F.cross_entropy``'s value without its
+    ``[N, V]`` log-softmax or an fp32 copy of bf16 logits, accurate on confident rows. Arguments and
+    results as in :func:`ihl_loss`."""
     return _row_loss("nll", logits, labels, ignore_index, reduction, backend, inplace_backward, validate)
 
 

@@ -1,22 +1,10 @@
-"""The shifted next-token negative log-likelihood of a causal LM: the one definition in fastunlearn.
+"""The shifted next-token negative log-likelihood of a causal LM, the one definition in fastunlearn.
 
-Labels follow the Hugging Face convention: ``labels[:, t]`` is the token at position ``t`` (or
-``IGNORE_INDEX`` where no loss is taken), and the logit at ``t`` predicts the token at ``t + 1``. So
-
-    nll[b, t] = −log softmax(logits[b, t])[labels[b, t + 1]]     (0 where that label is ignored)
-
-The *labels* are shifted (left by one, the last position getting ``IGNORE_INDEX``), never the logits:
-``[B, T, V]`` logits then reach the kernel as they are, instead of as a ``logits[:, :-1]`` slice whose
-gradient autograd would scatter into a fresh ``[B, T, V]`` buffer. The NLL is
-:func:`fastunlearn.nll_loss` (the row kernels in NLL mode): bf16/fp16 logits are read in their own
-dtype and the statistics accumulate in fp32 inside the kernel, so there is no fp32 copy of the
-logits (``F.cross_entropy`` would need one to keep the NLL's digits); fp64 logits stay fp64.
-
-Used by the answer statistics (:mod:`fastunlearn.evaluation.likelihood`), the Fisher estimate
-(:mod:`fastunlearn.fisher.estimator`) and the demo's pre-training. The training objectives compute the
-same quantity inside the model's forward (:mod:`fastunlearn.models.patching`), from the hidden states.
-:func:`sequence_logprobs` sums it per sequence: the log-probabilities the preference-style losses of
-:mod:`fastunlearn.ops.preference` compare.
+Labels follow Hugging Face: ``labels[:, t]`` is the token at ``t`` and the logit at ``t`` predicts
+``t + 1``, so ``nll[b, t] = −log softmax(logits[b, t])[labels[b, t + 1]]`` (0 where that label is
+ignored). The *labels* are shifted, never the logits: a ``logits[:, :-1]`` slice would make autograd
+scatter its gradient into a fresh ``[B, T, V]`` buffer. The NLL is :func:`fastunlearn.nll_loss`, which
+reads bf16/fp16 logits in their own dtype with fp32 statistics (fp64 logits stay fp64).
 """
 
 from __future__ import annotations
@@ -34,9 +22,9 @@ from fastunlearn.ops.ihl import check_label_range, nll_loss
 __all__ = ["labelled_rows", "sequence_logprobs", "shift_labels", "shifted_nll"]
 
 
-def shift_labels(labels: Tensor) -> Tensor:
-    """``targets[:, t] = labels[:, t + 1]``, and ``IGNORE_INDEX`` at the last position (``[B, T]``)."""
-    return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+def shift_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """``targets[:, t] = labels[:, t + 1]``, and ``ignore_index`` at the last position (``[B, T]``)."""
+    return F.pad(labels[:, 1:], (0, 1), value=ignore_index)
 
 
 def labelled_rows(targets: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -55,14 +43,11 @@ def shifted_nll(
 ) -> Tensor:
     """Next-token NLL of ``logits`` ``[B, T, V]`` against ``labels`` ``[B, T]`` (module docstring).
 
-    ``reduction``: ``"mean"`` over the non-ignored targets, ``"sum"``, or ``"none"``: a flat ``[B·T]``
-    tensor (``.view(labels.shape)`` gives ``[B, T]``; the last column and ignored targets are 0).
-    Labels may be on another device than the logits; the result is on the logits' device, in fp32
-    (fp64 for fp64 logits). ``validate``: a label outside ``[0, V)`` raises ``ValueError``. The check
-    runs where the labels are, before they move: labels on the CPU (as a data loader gives them) are
-    checked without synchronising the logits' device, so a loop over batches never stalls on it;
-    labels already on an accelerator cost one host synchronisation per call. ``False`` skips the
-    check and counts such labels as ignored.
+    ``reduction``: ``"mean"`` over the non-ignored targets, ``"sum"``, or ``"none"`` (a flat ``[B·T]``
+    tensor, 0 in the last column and at ignored targets). The result is on the logits' device in fp32
+    (fp64 for fp64 logits). ``validate``: ``ValueError`` for a label outside ``[0, V)``, checked where
+    the labels are before they move, so CPU labels never synchronise the logits' device; ``False``
+    counts such labels as ignored.
     """
     targets = shift_labels(labels)
     if validate and targets.device != logits.device and targets.device.type == "cpu":
@@ -84,16 +69,14 @@ def sequence_logprobs(
     validate: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Per-sequence log-probability of the targets, ``S(x) = Σ_t log p(y_{t+1} | y_≤t)``, and their count
-    ``n(x)``: the scalars per sequence that NPO (Zhang et al. 2024, arXiv 2404.05868), SimNPO (Fan et al.
-    2024, arXiv 2410.07163) and DPO (Rafailov et al. 2023, arXiv 2305.18290) compare.
+    ``n(x)``: what NPO (Zhang et al. 2024, arXiv 2404.05868), SimNPO (Fan et al. 2024, arXiv 2410.07163)
+    and DPO (Rafailov et al. 2023, arXiv 2305.18290) compare.
 
     Args:
         logits: ``[B, T, V]`` next-token logits of a causal LM, any float dtype.
-        labels: ``[B, T]`` token ids aligned with the inputs, as ``transformers`` models take them: the
-            logits at ``t`` score the label at ``t + 1`` (the labels are shifted here, the logits never
-            sliced); ``ignore_index`` marks tokens outside the answer (prompt, padding).
-        backend, validate: as in :func:`fastunlearn.nll_loss`, whose row kernels (NLL mode, per token)
-            compute the log-probabilities: no ``[B, T, V]`` log-softmax.
+        labels: ``[B, T]`` token ids aligned with the inputs, as ``transformers`` takes them (shifted
+            here); ``ignore_index`` marks tokens outside the answer.
+        backend, validate: as in :func:`fastunlearn.nll_loss`, which computes the log-probabilities.
 
     Returns ``(logp_sum [B], n_tokens [B])``: the sums in fp32 (fp64 for fp64 logits on the PyTorch
     path), differentiable in ``logits``; the counts int64.
@@ -105,7 +88,7 @@ def sequence_logprobs(
             f"sequence_logprobs needs logits [B, T, V] and labels [B, T]: got {tuple(logits.shape)} and "
             f"{tuple(labels.shape)}"
         )
-    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    targets = shift_labels(labels, ignore_index)
     nll = nll_loss(
         logits, targets, ignore_index=ignore_index, reduction="none", backend=backend, validate=validate
     )

@@ -15,9 +15,8 @@ before unlearning). With ``σ`` the logistic function and means over the sequenc
   layer's activations ``h`` and a target ``g``: a fixed scaled random direction on the forget set, the
   reference model's activations on the retain set.
 
-Everything is computed in fp32 (fp64 for fp64 inputs) whatever the input dtype, with ``logsigmoid``
-(no ``log(1 + exp)`` overflow); the reference quantities are constants (detached). Gradients are
-autograd's.
+All in fp32 (fp64 for fp64 inputs) with ``logsigmoid`` (no ``log(1 + exp)`` overflow); the reference
+quantities are constants.
 """
 
 from __future__ import annotations
@@ -26,11 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastunlearn.ops._backend import compute_dtype
+
 __all__ = ["dpo_loss", "npo_loss", "rmu_loss", "simnpo_loss"]
 
 
 def _compute(t: Tensor) -> Tensor:
-    return t.to(torch.float64 if t.dtype == torch.float64 else torch.float32)
+    return t.to(compute_dtype(t))
 
 
 def _check_sequences(
@@ -59,23 +60,17 @@ def _check_sequences(
 
 
 def npo_loss(logp: Tensor, ref_logp: Tensor, beta: float = 0.1) -> Tensor:
-    """Negative Preference Optimization: ``−(2/β)·mean log σ(−β·(logp − ref_logp))``.
-
-    ``logp``, ``ref_logp``: ``[B]`` per-sequence log-probabilities ``S_θ``, ``S_ref`` (any float dtype;
-    ``ref_logp`` a constant). Returns an fp32 scalar (fp64 for fp64 ``logp``).
-    """
+    """NPO: ``−(2/β)·mean log σ(−β·(logp − ref_logp))`` of ``[B]`` per-sequence log-probabilities
+    ``S_θ``, ``S_ref`` (a constant). Returns an fp32 scalar (fp64 for fp64 ``logp``)."""
     _check_sequences("npo_loss", {"logp": logp, "ref_logp": ref_logp}, beta)
     ratio = _compute(logp) - _compute(ref_logp.detach())
     return -(2 / beta) * F.logsigmoid(-beta * ratio).mean()
 
 
 def simnpo_loss(logp: Tensor, n_tokens: Tensor, beta: float = 4.5, delta: float = 0.0) -> Tensor:
-    """SimNPO: ``−(2/β)·mean log σ(β·(N̄ − δ))`` with ``N̄ = −logp/n_tokens``, the NLL per target token.
-
-    ``logp``: ``[B]`` per-sequence log-probabilities; ``n_tokens``: ``[B]`` their target counts (integer
-    or float; a sequence without targets counts as one token, so its ``N̄`` is 0, not NaN). Returns an
-    fp32 scalar (fp64 for fp64 ``logp``).
-    """
+    """SimNPO: ``−(2/β)·mean log σ(β·(N̄ − δ))``, ``N̄ = −logp/n_tokens`` the NLL per target token, of
+    ``[B]`` log-probabilities and target counts (a sequence without targets counts one, so ``N̄ = 0``).
+    Returns an fp32 scalar (fp64 for fp64 ``logp``)."""
     _check_sequences("simnpo_loss", {"logp": logp}, beta, {"n_tokens": n_tokens})
     logp = _compute(logp)
     mean_nll = -logp / n_tokens.to(logp.dtype).clamp_min(1)
@@ -103,16 +98,11 @@ def dpo_loss(
 
 
 def rmu_loss(hidden: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-    """RMU's activation loss ``mean_x [Σ_{t target} mean_d (h_t − g_t)² / n(x)]``.
-
-    Args:
-        hidden: ``[b, L, d]`` activations of the model being trained (a decoder layer's output).
-        target: broadcasts to ``hidden``: a ``[d]`` vector (the forget term's scaled random direction)
-            or ``[b, L, d]`` (the retain term: the reference model's activations, a constant).
-        mask: ``[b, L]`` bool or 0/1: the target positions; a sequence without any contributes 0.
-
-    Returns an fp32 scalar (fp64 for fp64 ``hidden``).
-    """
+    """RMU's activation loss ``mean_x [Σ_{t target} mean_d (h_t − g_t)² / n(x)]`` of ``hidden`` ``[b, L, d]``
+    (a decoder layer's output) against ``target`` broadcasting to it (the forget term's scaled random
+    ``[d]`` direction, or the reference's activations, a constant), over the ``[b, L]`` bool or 0/1
+    ``mask`` of target positions (a sequence without any contributes 0). Returns an fp32 scalar (fp64
+    for fp64 ``hidden``)."""
     if not isinstance(hidden, Tensor) or not isinstance(target, Tensor) or not isinstance(mask, Tensor):
         raise TypeError("rmu_loss expects tensors for `hidden`, `target` and `mask`")
     if hidden.dim() != 3 or not hidden.is_floating_point() or not target.is_floating_point():
