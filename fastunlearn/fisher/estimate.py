@@ -1,9 +1,7 @@
-"""The Fisher estimate: a mapping from canonical layer name to a diagonal Fisher tensor, and its file.
+"""The Fisher estimate (canonical layer name → diagonal Fisher tensor) and its safetensors file.
 
-A :class:`FisherEstimate` is what :func:`fastunlearn.fisher.estimate_fisher` returns and what
-:func:`fastunlearn.fisher.fila_init` consumes. Saved as safetensors (no pickle) with the estimator and
-its counts in the metadata, so an estimate can be reused across runs. :class:`FisherFile` writes the
-same file layer by layer as the estimate is computed (:func:`fastunlearn.fisher.save_fisher`).
+Saved as safetensors (no pickle) with the estimator and its counts in the metadata, so an estimate can
+be reused across runs; :class:`FisherFile` writes the same file layer by layer as it is computed.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from torch import Tensor
@@ -26,43 +24,54 @@ FisherMode = Literal["per_example", "batch", "token"]
 FISHER_MODES: tuple[str, ...] = ("per_example", "batch", "token")
 FORMAT = "fastunlearn.fisher"
 FORMAT_VERSION = "1"
+_V = TypeVar("_V")
 
 __all__ = ["FISHER_MODES", "FisherEstimate", "FisherFile", "FisherMode"]
 
 
-def _check_finite(tensors: Mapping[str, Tensor], what: str) -> None:
+def check_finite(tensors: Mapping[str, Tensor], what: str) -> None:
     bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
     if bad:
         raise ValueError(f"{what} has non-finite values (inf or nan) in {len(bad)} layer(s): {bad[:8]}")
 
 
-class FisherEstimate(Mapping[str, Tensor]):
-    """Diagonal Fisher estimates of linear layers: canonical layer name → fp32 tensor shaped like ``W``.
+def check_mode(mode: str) -> None:
+    if mode not in FISHER_MODES:
+        raise ValueError(f"unknown Fisher mode {mode!r}; expected one of {FISHER_MODES}")
 
-    Attributes:
-        num_examples: sequences that carried at least one label token (the ``N`` of the mean).
-        num_tokens: label tokens seen (``Σ_b c_b``, the normaliser of ``mode="batch"``).
-        mode: the estimator, ``"per_example"``, ``"batch"`` or ``"token"``.
 
-    Keys are canonical names (:func:`canonical_name`); lookups accept peft-style names too.
-    """
+def canonical_keys(mapping: Mapping[str, _V], what: str) -> dict[str, _V]:
+    """``mapping`` by canonical layer name (``ValueError`` when two names are one layer)."""
+    table: dict[str, _V] = {}
+    for name, value in mapping.items():
+        key = canonical_name(name)
+        if key in table:
+            raise ValueError(f"{what} has two entries for layer {key!r}")
+        table[key] = value
+    return table
 
-    def __init__(
-        self, tensors: Mapping[str, Tensor], *, num_examples: int, num_tokens: int, mode: str
-    ) -> None:
-        if mode not in FISHER_MODES:
-            raise ValueError(f"unknown Fisher mode {mode!r}; expected one of {FISHER_MODES}")
-        self._tensors: dict[str, Tensor] = {}
-        for name, tensor in tensors.items():
-            if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
-                raise TypeError(f"Fisher entry {name!r} must be a floating-point tensor")
-            key = canonical_name(name)
-            if key in self._tensors:
-                raise ValueError(f"Fisher entries {name!r} and another both map to layer {key!r}")
-            self._tensors[key] = tensor.float()
-        self.num_examples = int(num_examples)
-        self.num_tokens = int(num_tokens)
-        self.mode = mode
+
+def layer_table(mapping: Mapping[str, Tensor], what: str, dim: int | None = None) -> dict[str, Tensor]:
+    """``mapping`` by canonical layer name, its values checked to be floating tensors (``dim``-D)."""
+    if not isinstance(mapping, Mapping):
+        raise TypeError(f"{what} must be a mapping of layer name to tensor")
+    for name, tensor in mapping.items():
+        if (
+            not isinstance(tensor, Tensor)
+            or not tensor.is_floating_point()
+            or dim not in (None, tensor.dim())
+        ):
+            raise TypeError(
+                f"{what}[{name!r}] must be a {'' if dim is None else f'{dim}-D '}floating-point tensor"
+            )
+    return canonical_keys(mapping, what)
+
+
+class LayerTable(Mapping[str, Tensor]):
+    """fp32 tensors by canonical layer name; lookups accept peft-style names too."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], what: str, dim: int | None = None) -> None:
+        self._tensors = {key: t.float() for key, t in layer_table(tensors, what, dim).items()}
 
     def __getitem__(self, name: str) -> Tensor:
         return self._tensors[canonical_name(name)]
@@ -76,6 +85,31 @@ class FisherEstimate(Mapping[str, Tensor]):
     def __len__(self) -> int:
         return len(self._tensors)
 
+    def _save(self, path: str | os.PathLike, metadata: dict[str, str], overwrite: bool) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {n: t.detach().to("cpu").contiguous() for n, t in self._tensors.items()}
+        atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
+
+
+class FisherEstimate(LayerTable):
+    """Diagonal Fisher estimates of linear layers: canonical layer name → fp32 tensor shaped like ``W``.
+
+    Attributes:
+        num_examples: sequences that carried at least one label token (the ``N`` of the mean).
+        num_tokens: label tokens seen (``Σ_b c_b``, the normaliser of ``mode="batch"``).
+        mode: the estimator, ``"per_example"``, ``"batch"`` or ``"token"``.
+    """
+
+    def __init__(
+        self, tensors: Mapping[str, Tensor], *, num_examples: int, num_tokens: int, mode: str
+    ) -> None:
+        check_mode(mode)
+        super().__init__(tensors, "the Fisher estimate")
+        self.num_examples = int(num_examples)
+        self.num_tokens = int(num_tokens)
+        self.mode = mode
+
     def __repr__(self) -> str:
         return (
             f"FisherEstimate({len(self)} layers, mode={self.mode!r}, num_examples={self.num_examples}, "
@@ -83,20 +117,14 @@ class FisherEstimate(Mapping[str, Tensor]):
         )
 
     def to(self, device: torch.device | str) -> FisherEstimate:
+        tensors = {n: t.to(device) for n, t in self._tensors.items()}
         return FisherEstimate(
-            {n: t.to(device) for n, t in self._tensors.items()},
-            num_examples=self.num_examples,
-            num_tokens=self.num_tokens,
-            mode=self.mode,
+            tensors, num_examples=self.num_examples, num_tokens=self.num_tokens, mode=self.mode
         )
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write a safetensors file (tensors plus ``format``/``mode``/counts metadata), atomically."""
-        from safetensors.torch import save_file
-
-        metadata = _metadata(self.mode, self.num_examples, self.num_tokens)
-        tensors = {n: t.detach().to("cpu").contiguous() for n, t in self._tensors.items()}
-        atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
+        self._save(path, _metadata(self.mode, self.num_examples, self.num_tokens), overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> FisherEstimate:
@@ -112,7 +140,6 @@ class FisherEstimate(Mapping[str, Tensor]):
 
 
 def _metadata(mode: str, num_examples: int, num_tokens: int) -> dict[str, str]:
-    """The metadata of a Fisher estimate's file: its format and the estimator's counts."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -125,30 +152,21 @@ def _metadata(mode: str, num_examples: int, num_tokens: int) -> dict[str, str]:
 class FisherFile:
     """A Fisher estimate's safetensors file written layer by layer, never holding the estimate.
 
-    The safetensors layout is an 8-byte little-endian header length, a JSON header (``__metadata__``
-    and, per tensor, its dtype, shape and ``[begin, end)`` byte offsets into the data, which must
-    cover the data without holes; the header is padded with spaces to a multiple of 8 bytes), then
-    the data. Every tensor of an estimate is fp32 and shaped like its layer's weight, and the counts
-    of the metadata are known once the data is read, so the header can be written before any layer is
-    estimated; the layers' data then follows in the header's order (the model's order, which is the
-    order the passes finish them). :meth:`FisherEstimate.load` and ``safetensors.safe_open`` read the
-    file as they read :meth:`FisherEstimate.save`'s (``safetensors`` orders tensors by offset, not by
-    name).
-
-    ``shapes``: layer name (made canonical) → weight shape, in the order the layers will be written.
+    A safetensors file is an 8-byte little-endian header length, a JSON header (``__metadata__`` and,
+    per tensor, dtype, shape and ``[begin, end)`` offsets covering the data without holes, padded with
+    spaces to a multiple of 8 bytes), then the data. Every tensor of an estimate is fp32 and shaped like
+    its layer's weight and the counts are known before any layer is estimated, so the header is written
+    first and each layer's data follows in the order of ``shapes`` (layer name → weight shape), the
+    order the passes finish them. :meth:`FisherEstimate.load` reads the file as it reads its own.
     """
 
     def __init__(
         self, shapes: Mapping[str, Sequence[int]], *, num_examples: int, num_tokens: int, mode: str
     ) -> None:
-        if mode not in FISHER_MODES:
-            raise ValueError(f"unknown Fisher mode {mode!r}; expected one of {FISHER_MODES}")
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        for name, shape in shapes.items():
-            key = canonical_name(name)
-            if key in self.shapes:
-                raise ValueError(f"Fisher entries {name!r} and another both map to layer {key!r}")
-            self.shapes[key] = tuple(int(n) for n in shape)
+        check_mode(mode)
+        self.shapes = {
+            key: tuple(int(n) for n in s) for key, s in canonical_keys(shapes, "the Fisher file").items()
+        }
         self.num_examples = int(num_examples)
         self.num_tokens = int(num_tokens)
         self.mode = mode
@@ -167,10 +185,9 @@ class FisherFile:
     def write(
         self, path: str | os.PathLike, tensors: Iterable[tuple[str, Tensor]], *, overwrite: bool = False
     ) -> None:
-        """Write ``tensors`` (name, estimate), which must come in the order and shapes of ``shapes``,
-        to ``path`` atomically (a temporary file renamed into place once every layer is in). Each is
-        checked finite as it comes; ``ValueError`` for a non-finite, missing, extra, out-of-order or
-        misshapen layer, and ``path`` is left untouched."""
+        """Write ``tensors`` (name, estimate), in the order and shapes of ``shapes``, to ``path``
+        atomically, one layer in host memory at a time; ``ValueError`` for a non-finite, missing, extra,
+        out-of-order or misshapen layer, leaving ``path`` untouched."""
 
         def write(tmp: str) -> None:
             expected = iter(self.shapes.items())
@@ -184,11 +201,11 @@ class FisherFile:
                             f"Fisher layer {name!r} {tuple(tensor.shape)} where the file's header has "
                             f"{key!r} {shape}"
                         )
-                    _check_finite({key: tensor}, "the Fisher estimate")
+                    check_finite({key: tensor}, "the Fisher estimate")
                     host = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
                     handle.write(memoryview(host.astype("<f4", copy=False)).cast("B"))
                     handle.flush()  # out of the process before the next group's pass
-                    del host  # one layer in host memory at a time
+                    del host
                 missing = [key for key, _ in expected]
                 if missing:
                     raise ValueError(f"the Fisher estimate lacks {len(missing)} layer(s): {missing[:8]}")
@@ -201,12 +218,9 @@ class FisherFile:
 def read_tagged_safetensors(
     path: str | os.PathLike, format_name: str, format_version: str, *, what: str, device: torch.device | str
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """The tensors and metadata of a safetensors file fastunlearn wrote with ``{"format": format_name,
-    "format_version": format_version}`` in its metadata (no pickle: safetensors only).
-
-    ``FileNotFoundError`` when ``path`` is not a file; ``ValueError`` naming ``what`` when the file is
-    another kind or another version.
-    """
+    """The tensors and metadata of a safetensors file fastunlearn wrote with ``format_name`` and
+    ``format_version`` in its metadata: ``FileNotFoundError`` when ``path`` is not a file,
+    ``ValueError`` naming ``what`` when it is another kind or version."""
     from safetensors import safe_open
 
     path = Path(path)

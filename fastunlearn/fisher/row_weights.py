@@ -1,47 +1,41 @@
-"""FILA's row weights, computed without ever holding a whole model's Fisher information (SPEC §3.2).
+"""FILA's row weights, computed without ever holding a whole model's Fisher information.
 
-FILA needs from the two Fisher estimates only, per layer ``W ∈ R^{out×in}``, the row weights
+From the forget and retain estimates ``F_f``, ``F_r`` (each normalised by its own count) FILA needs only,
+per layer ``W ∈ R^{out×in}``, the row weights (Cha et al. 2025, arXiv 2408.06621)
 
     d_i = sqrt( Σ_j F_f,ij / (F_r,ij + ε) )         (one fp32 number per output row)
 
-``F_f``, ``F_r`` being the forget and retain estimates, each normalised by its own count. A layer's
-``d`` is ``out`` numbers where its estimates are ``2·out·in``: 2.3 MB for all of Llama-2-7B's linear
-layers against 52 GB of estimates. :func:`fila_row_weights` therefore computes them group by group:
-the layers are split into runs whose forget and retain accumulators (8 bytes per weight) fit a memory
-budget (:mod:`fastunlearn.fisher.budget`); for each group one pass of the forget and one of the retain
-data fill the accumulators (:mod:`fastunlearn.fisher.passes`), which are reduced to ``d`` and freed
-before the next group. The result, :class:`FilaRowWeights`, is what :func:`fastunlearn.fisher.fila_init`
-needs (``row_weights=``) and what a run keeps to resume.
-
-The reduction is :func:`row_weight`, the one definition of ``d`` (:func:`fila_init` given two estimates
-uses it too), and a layer's accumulators are the same whatever the grouping, so the streamed ``d``
-equals the ``d`` of two whole-model estimates.
+``out`` numbers where the estimates are ``2·out·in``: about 1.36 M values (5.4 MB in fp32) for all of
+Llama-2-7B's linear layers against 52 GB of estimates. :func:`fila_row_weights` therefore computes them
+group by group: the layers are split into runs whose forget and retain accumulators (8 bytes per
+weight) fit a memory budget, each group's accumulators are filled by one pass of each data set,
+reduced to ``d`` (:func:`row_weight`, the one definition, which :func:`fila_init` given two estimates
+uses too) and freed before the next group. A layer's accumulators do not depend on the grouping, so
+the streamed ``d`` equals that of two whole-model estimates.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fastunlearn._io import atomic_file
 from fastunlearn.engines import distributed
-from fastunlearn.fisher.budget import (
-    FILA_ACCUMULATORS,
-    available_memory,
-    fila_accumulator_bytes,
-    parse_bytes,
-    plan_groups,
-    resolve_budget,
+from fastunlearn.fisher.budget import FILA_ACCUMULATORS, available_memory, fila_accumulator_bytes, parse_bytes
+from fastunlearn.fisher.estimate import (
+    FisherMode,
+    LayerTable,
+    check_finite,
+    check_mode,
+    read_tagged_safetensors,
 )
-from fastunlearn.fisher.estimate import FISHER_MODES, FisherMode, _check_finite, read_tagged_safetensors
-from fastunlearn.fisher.estimator import measured_layers
-from fastunlearn.fisher.passes import fisher_session, prepare_batches, run_pass
-from fastunlearn.models.naming import canonical_name
+from fastunlearn.fisher.estimator import layer_estimates, measured_layers
+from fastunlearn.fisher.passes import prepare_batches
 from fastunlearn.ops._backend import Backend
 
 FORMAT = "fastunlearn.fila_row_weights"
@@ -73,18 +67,15 @@ def row_weight(forget: Tensor, retain: Tensor, eps: float, *, in_place: bool = F
     return relative.sum(dim=1).sqrt()
 
 
-class FilaRowWeights(Mapping[str, Tensor]):
+class FilaRowWeights(LayerTable):
     """FILA's row weights: canonical layer name → fp32 ``d`` of shape ``[out]`` (module docstring).
 
     Attributes:
         eps: the ``ε`` of ``F_f / (F_r + ε)`` they were computed with (:func:`fila_init` uses it again
             in ``1/(d + ε)``).
         mode: the Fisher estimator (``"per_example"``, ``"batch"``, ``"token"``), or ``None`` if unknown.
-        counts: ``forget_examples``, ``forget_tokens``, ``retain_examples``, ``retain_tokens`` of the
-            estimates (those known).
-
-    Keys are canonical names (:func:`canonical_name`); lookups accept peft-style names too. Saved as
-    safetensors with the attributes in its metadata (:meth:`save`, :meth:`load`).
+        counts: those known of ``forget_examples``, ``forget_tokens``, ``retain_examples``,
+            ``retain_tokens``.
     """
 
     def __init__(
@@ -95,19 +86,12 @@ class FilaRowWeights(Mapping[str, Tensor]):
         mode: str | None = None,
         counts: Mapping[str, int] | None = None,
     ) -> None:
-        if mode is not None and mode not in FISHER_MODES:
-            raise ValueError(f"unknown Fisher mode {mode!r}; expected one of {FISHER_MODES}")
+        if mode is not None:
+            check_mode(mode)
         unknown = sorted(set(counts or {}) - set(_COUNTS))
         if unknown:
             raise ValueError(f"unknown count(s) {unknown}; expected some of {list(_COUNTS)}")
-        self._weights: dict[str, Tensor] = {}
-        for name, d in weights.items():
-            if not isinstance(d, Tensor) or not d.is_floating_point() or d.dim() != 1:
-                raise TypeError(f"row weights of {name!r} must be a 1-D floating-point tensor")
-            key = canonical_name(name)
-            if key in self._weights:
-                raise ValueError(f"row weights {name!r} and another both map to layer {key!r}")
-            self._weights[key] = d.float()
+        super().__init__(weights, "row_weights", dim=1)
         self.eps = check_eps(eps)
         self.mode = mode
         self.counts = {k: int(v) for k, v in (counts or {}).items()}
@@ -138,31 +122,16 @@ class FilaRowWeights(Mapping[str, Tensor]):
                 counts[f"{what}_tokens"] = estimate.num_tokens
         return cls(weights, eps=eps, mode=modes.pop() if len(modes) == 1 else None, counts=counts)
 
-    def __getitem__(self, name: str) -> Tensor:
-        return self._weights[canonical_name(name)]
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and canonical_name(name) in self._weights
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._weights)
-
-    def __len__(self) -> int:
-        return len(self._weights)
-
     def __repr__(self) -> str:
         return f"FilaRowWeights({len(self)} layers, eps={self.eps}, mode={self.mode!r}, counts={self.counts})"
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> None:
         """Write a safetensors file (the ``d`` tensors plus eps/mode/counts metadata), atomically."""
-        from safetensors.torch import save_file
-
         metadata = {"format": FORMAT, "format_version": FORMAT_VERSION, "eps": repr(self.eps)}
         if self.mode is not None:
             metadata["mode"] = self.mode
         metadata.update({k: str(v) for k, v in self.counts.items()})
-        tensors = {n: d.detach().to("cpu").contiguous() for n, d in self._weights.items()}
-        atomic_file(path, lambda tmp: save_file(tensors, tmp, metadata=metadata), overwrite=overwrite)
+        self._save(path, metadata, overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> FilaRowWeights:
@@ -192,7 +161,7 @@ def fila_row_weights(
     progress: bool = True,
 ) -> FilaRowWeights:
     """FILA's row weights ``d`` of the model's linear layers from a forget and a retain data set,
-    streamed group by group under a memory budget (module docstring; SPEC §3.1–3.2).
+    streamed group by group under a memory budget (module docstring).
 
     Equal to ``FilaRowWeights.from_fisher(estimate_fisher(model, forget), estimate_fisher(model,
     retain), eps=eps)`` with the same options, without holding either estimate.
@@ -216,45 +185,22 @@ def fila_row_weights(
             the bytes it needs), checked before any pass; non-finite estimates (naming the layer).
     """
     eps = check_eps(eps)
-    budget_bytes = None if max_memory is None else parse_bytes(max_memory)
+    budget = None if max_memory is None else parse_bytes(max_memory)
     layers = measured_layers(model, target_modules, mode, backend)
     data = {"forget": prepare_batches(forget, "forget"), "retain": prepare_batches(retain, "retain")}
-    sizes = fila_accumulator_bytes(layers)
-    scale = {what: 1.0 / (d.num_tokens if mode == "batch" else d.num_examples) for what, d in data.items()}
+    options = {"max_memory": budget, "gradient_checkpointing": gradient_checkpointing, "progress": progress}
+    estimates = layer_estimates(
+        model, layers, data, fila_accumulator_bytes(layers), mode=mode, backend=backend,
+        what=FILA_ACCUMULATORS, cpu_default=lambda: available_memory(torch.device("cpu")) // 2, **options,
+    )  # fmt: skip
     weights: dict[str, Tensor] = {}
-    with fisher_session(model, gradient_checkpointing):
-        budget, origin = resolve_budget(
-            budget_bytes,
-            model,
-            list(data.values()),
-            layers,
-            mode=mode,
-            backend=backend,
-            cpu_default=lambda: available_memory(torch.device("cpu")) // 2,
-        )
-        groups = plan_groups(sizes, budget, what=FILA_ACCUMULATORS, origin=origin)
-        for index, group in enumerate(groups):
-            group_layers = {name: layers[name] for name in group}
-            sums = {}
-            for what in ("forget", "retain"):
-                desc = f"Fisher ({what})" + (f", layers {index + 1}/{len(groups)}" if len(groups) > 1 else "")
-                sums[what] = run_pass(
-                    model,
-                    data[what],
-                    group_layers,
-                    mode=mode,
-                    backend=backend,
-                    progress=progress,
-                    desc=desc,
-                )
-            for name in group:
-                f = sums["forget"].pop(name).mul_(scale["forget"])
-                r = sums["retain"].pop(name).mul_(scale["retain"])
-                _check_finite({name: f}, "the forget Fisher estimate")
-                _check_finite({name: r}, "the retain Fisher estimate")
-                # Rank 0's d on every rank: FILA's factors are then computed from the same bits.
-                weights[name] = distributed.broadcast(row_weight(f, r, eps, in_place=True)).to("cpu")
-                del f, r
+    with contextlib.closing(estimates):  # the session ends here whatever happens
+        for name, fisher, _ in estimates:
+            check_finite({name: fisher["forget"]}, "the forget Fisher estimate")
+            check_finite({name: fisher["retain"]}, "the retain Fisher estimate")
+            # Rank 0's d on every rank: FILA's factors are then computed from the same bits.
+            row = row_weight(fisher.pop("forget"), fisher.pop("retain"), eps, in_place=True)
+            weights[name] = distributed.broadcast(row).to("cpu")
     counts = {}
     for what, d in data.items():
         counts[f"{what}_examples"], counts[f"{what}_tokens"] = d.num_examples, d.num_tokens
