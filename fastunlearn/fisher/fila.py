@@ -1,45 +1,24 @@
-"""FILA: Fisher-initialised LoRA (Cha et al., ICLR 2025, §3.2; SPEC §3.2).
+"""FILA: Fisher-initialised LoRA (Cha et al. 2025, arXiv 2408.06621, §3.2).
 
-Given diagonal Fisher estimates ``F_f`` on the forget set and ``F_r`` on the retain set (each already
-normalised by its own count), every LoRA-wrapped linear layer ``W ∈ R^{out×in}`` of rank ``r`` and
-scaling ``s`` is initialised as follows (all in fp32, one layer at a time)::
+Given diagonal Fisher estimates ``F_f`` (forget set) and ``F_r`` (retain set), each normalised by its
+own count, every LoRA-wrapped linear layer ``W ∈ R^{out×in}`` of rank ``r`` and scaling ``s`` is
+initialised, in fp32 and one layer at a time, as::
 
-    R    = F_f / (F_r + ε)                  relative importance of each weight for the forget set
-    d_i  = sqrt(Σ_j R_ij)                   one weight per output row
+    d_i  = sqrt(Σ_j F_f,ij / (F_r,ij + ε))      row weights (:mod:`fastunlearn.fisher.row_weights`)
     U S Vᵀ = rank-r truncated SVD of diag(d)·W
-    A₀   = (V·sqrt(S/s))ᵀ                   r × in
-    B₀   = diag(1/(d + ε))·U·sqrt(S/s)      out × r
-    W_res = W − s·B₀A₀                      replaces the base weight
+    A₀   = (V·sqrt(S/s))ᵀ,    B₀ = diag(1/(d + ε))·U·sqrt(S/s),    W_res = W − s·B₀A₀
 
-Why: the row-weighted approximation problem ``min_{rank M ≤ r} ‖diag(d)(W − M)‖_F`` is solved exactly by
-``M* = D⁻¹[DW]_r`` (substitute ``N = DM``: Eckart–Young on ``DW``), and ``s·B₀A₀ = D_ε⁻¹ U_r S_r V_rᵀ``
-is that optimum (up to ``d/(d+ε)``). The adapters start on the part of ``W`` that matters most to the
-forget set relative to the retain set, while ``W_res + s·B₀A₀ = W`` keeps the model's function
-unchanged at initialisation. Rows with ``d_i = 0`` carry no weight in the problem; their rows of
-``U`` vanish in exact arithmetic, and ``B₀`` gets exact zeros there (rounding noise divided by ``ε``
-would otherwise become large junk entries).
+``min_{rank M ≤ r} ‖diag(d)(W − M)‖_F`` is solved by ``M* = D⁻¹[DW]_r`` (Eckart–Young on ``N = DM``),
+and ``s·B₀A₀`` is that optimum up to ``d/(d+ε)``: the adapters start on the part of ``W`` that matters
+most to the forget set relative to the retain set, while ``W_res + s·B₀A₀ = W`` keeps the model's
+function. Rows with ``d_i = 0`` get exact zeros in ``B₀`` (not rounding noise divided by ``ε``). A
+quantised base is never rewritten: ``−s·B₀A₀`` becomes a frozen adapter (:mod:`fastunlearn.fisher.residual`).
 
-The trained model is exported by :mod:`fastunlearn.fisher.export`, as an adapter for the *original* base
-model (rank ``2r``: ``[B, −B₀]·[A; A₀]``) or as a merged checkpoint. A quantised base (4-bit, 8-bit) is
-never rewritten: ``W`` is its dequantised weight and ``−s·B₀A₀`` a frozen adapter beside the trained one
-(:mod:`fastunlearn.fisher.residual`); the export is the same.
-
-The estimates enter only through the row weights ``d``: :func:`fila_init` takes either the two
-estimates or ``d`` itself (:class:`~fastunlearn.fisher.FilaRowWeights`, which
-:func:`~fastunlearn.fisher.fila_row_weights` computes without holding a whole model's estimates), and
-both give the same factors (``d`` is :func:`~fastunlearn.fisher.row_weights.row_weight` either way).
-
-Recording and resuming. :func:`fila_init` stores ``A₀``, ``B₀`` (fp32, on the CPU, exactly the values
-written into the adapters) and ``s`` on each LoRA layer, outside the ``state_dict``. The
-initialisation is a deterministic function of the base weights, the row weights and the
-arguments: the exact SVD's ``U_r S_r V_rᵀ`` is unique (whenever ``σ_r > σ_{r+1}``), so ``W_res`` is
-reproduced to rounding even where LAPACK/cuSOLVER choose other singular-vector signs; the truncated
-solver's start block and the randomised solver's test matrix are drawn from a fixed seed. A trainer
-resumes by loading the original base, wrapping it with the same LoRA config, calling
-:func:`fila_init` with the saved row weights (or
-estimates) and arguments, then loading its own rank-``r`` checkpoint of ``lora_A``/``lora_B`` (e.g. with
-``peft.set_peft_model_state_dict``) over ``A₀``, ``B₀`` — not the rank-``2r`` export, which is for the
-original base model.
+:func:`fila_init` records ``A₀``, ``B₀`` (fp32, CPU) and ``s`` on each layer, outside the
+``state_dict``, for the export (:mod:`fastunlearn.fisher.export`). The initialisation is deterministic
+given the base weights, the row weights and the arguments (``U_r S_r V_rᵀ`` is unique when
+``σ_r > σ_{r+1}``; the solvers' random blocks are seeded), so a run resumes by calling it again on the
+original base and then loading its own rank-``r`` ``lora_A``/``lora_B`` over ``A₀``, ``B₀``.
 """
 
 from __future__ import annotations
@@ -54,6 +33,7 @@ from torch import Tensor, nn
 
 from fastunlearn.engines import distributed
 from fastunlearn.engines.sharded import gathered, linear_shape
+from fastunlearn.fisher.estimate import layer_table
 from fastunlearn.fisher.residual import attach_residual
 from fastunlearn.fisher.row_weights import check_eps, row_weight
 from fastunlearn.fisher.solver import truncated_svd
@@ -106,7 +86,11 @@ def _require_lora_model(model: nn.Module, adapter_name: str) -> dict[str, tuple[
     return layers
 
 
-def _check_layer(name: str, layer: nn.Module, adapter_name: str) -> None:
+def _check_layer(
+    name: str, layer: nn.Module, adapter_name: str, tables: Mapping[str, Mapping[str, Tensor]]
+) -> None:
+    """Errors for a LoRA layer FILA cannot initialise, or whose Fisher values (``tables``: what → name →
+    estimate or row weights) do not fit it; run on every layer before any is modified."""
     base = layer.get_base_layer()
     if not isinstance(base, nn.Linear):
         raise ValueError(
@@ -120,21 +104,27 @@ def _check_layer(name: str, layer: nn.Module, adapter_name: str) -> None:
         raise ValueError(f"LoRA layer {name!r} uses a LoRA variant (e.g. DoRA); FILA needs plain LoRA")
     if getattr(layer, "lora_bias", {}).get(adapter_name, False):
         raise ValueError(f"LoRA layer {name!r} has a LoRA bias (lora_bias=True), which FILA does not handle")
-
-
-def _table(mapping: Mapping[str, Tensor], what: str, dim: int) -> dict[str, Tensor]:
-    """``mapping`` by canonical layer name, its values checked to be ``dim``-D float tensors."""
-    if not isinstance(mapping, Mapping):
-        raise TypeError(f"{what} must be a mapping of layer name to tensor")
-    table: dict[str, Tensor] = {}
-    for name, tensor in mapping.items():
-        if not isinstance(tensor, Tensor) or not tensor.is_floating_point() or tensor.dim() != dim:
-            raise TypeError(f"{what}[{name!r}] must be a {dim}-D floating-point tensor")
-        key = canonical_name(name)
-        if key in table:
-            raise ValueError(f"{what} has two entries for layer {key!r}")
-        table[key] = tensor
-    return table
+    if adapter_name in getattr(layer, _RECORD_ATTR, {}):
+        raise ValueError(f"LoRA layer {name!r} is already FILA-initialised for adapter {adapter_name!r}")
+    weight_shape = linear_shape(base)  # not weight.shape: empty under ZeRO-3
+    rank = layer.r[adapter_name]
+    if rank > min(weight_shape):
+        raise ValueError(
+            f"LoRA rank {rank} of layer {name!r} exceeds min(out, in) = {min(weight_shape)} of its weight "
+            f"{weight_shape}"
+        )
+    for what, table in tables.items():
+        value = table[name]
+        shape = (weight_shape[0],) if what == "row weights" else weight_shape
+        if tuple(value.shape) != shape:
+            raise ValueError(
+                f"the {what} of layer {name!r} has shape {tuple(value.shape)}, expected {shape} for its "
+                f"weight {weight_shape}"
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"the {what} of layer {name!r} has non-finite values (inf or nan)")
+        if bool((value < 0).any()):
+            raise ValueError(f"the {what} of layer {name!r} has negative values")
 
 
 def _seeded_svd_lowrank(matrix: Tensor, rank: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -160,17 +150,12 @@ def fila_factors(
     solver: Solver = "truncated",
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """FILA's initial factors ``(A₀ [r, in], B₀ [out, r])`` for one weight (module docstring), in fp32.
-
-    ``s·B₀A₀`` is the rank-``r`` minimiser of ``‖diag(d)(W − M)‖_F`` with ``d_i = sqrt(Σ_j R_ij)``,
-    ``R = F_f/(F_r + ε)``, up to the factor ``d/(d+ε)`` per row.
-    """
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out, in], got {tuple(weight.shape)}")
-    if forget.shape != weight.shape or retain.shape != weight.shape:
+    """FILA's initial factors ``(A₀ [r, in], B₀ [out, r])`` for one weight from its two Fisher estimates
+    (module docstring), in fp32; the arguments of :func:`fila_factors_from_row_weights`."""
+    if weight.dim() != 2 or forget.shape != weight.shape or retain.shape != weight.shape:
         raise ValueError(
             f"Fisher shapes {tuple(forget.shape)} (forget) and {tuple(retain.shape)} (retain) must match the "
-            f"weight {tuple(weight.shape)}"
+            f"2-D weight {tuple(weight.shape)}"
         )
     d = row_weight(forget.to(weight.device), retain.to(weight.device), eps)
     return fila_factors_from_row_weights(weight, d, rank, scaling, eps=eps, solver=solver, seed=seed)
@@ -186,9 +171,10 @@ def fila_factors_from_row_weights(
     solver: Solver = "truncated",
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """:func:`fila_factors` given the row weights ``d`` ([out]) instead of the two Fisher estimates:
-    the rank-``r`` truncated SVD ``U S Vᵀ`` of ``diag(d)·W``, ``A₀ = (V·sqrt(S/s))ᵀ`` and
-    ``B₀ = diag(1/(d + ε))·U·sqrt(S/s)`` (zero rows where ``d = 0``), in fp32."""
+    """FILA's ``(A₀, B₀)`` of ``weight`` ``[out, in]`` given its row weights ``d`` ``[out]``, in fp32: the
+    rank-``rank`` truncated SVD ``U S Vᵀ`` of ``diag(d)·W``, ``A₀ = (V·sqrt(S/s))ᵀ`` and
+    ``B₀ = diag(1/(d + ε))·U·sqrt(S/s)`` (zero rows where ``d = 0``), ``s = scaling``. ``solver``: as
+    in :func:`fila_init`."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got {tuple(weight.shape)}")
     if tuple(row_weights.shape) != (weight.shape[0],):
@@ -228,57 +214,47 @@ def fila_init(
     adapter_name: str = "default",
     seed: int = 0,
 ) -> nn.Module:
-    """Initialise every LoRA layer of a ``peft`` model with FILA (SPEC §3.2), in place; returns ``model``.
+    """Initialise every LoRA layer of a ``peft`` model with FILA (module docstring), in place; returns it.
 
     Args:
         model: a ``peft`` model whose adapter ``adapter_name`` is plain LoRA on ``nn.Linear`` layers.
         forget, retain: Fisher estimates (:class:`~fastunlearn.fisher.FisherEstimate` or name → tensor
-            mappings) on the forget and retain sets; names taken on the plain or on the wrapped model
-            both match. Each must cover every LoRA layer with a tensor shaped like its weight.
+            mappings; plain or wrapped names) covering every LoRA layer, shaped like its weight.
         row_weights: instead of the estimates, the row weights ``d`` they reduce to
-            (:class:`~fastunlearn.fisher.FilaRowWeights` from :func:`~fastunlearn.fisher.fila_row_weights`,
-            or a name → ``[out]`` tensor mapping), covering every LoRA layer.
-        eps: ``ε`` of the relative Fisher ``F_f/(F_r + ε)`` and of ``1/(d + ε)``; default the row
-            weights' own ``eps``, else the reference's 1e-5. Row weights computed with another ``ε`` are
-            refused.
-        solver: ``"truncated"`` (default: the exact truncated SVD of :mod:`fastunlearn.fisher.solver`,
-            block Krylov with an fp64 Rayleigh–Ritz step, weighted error within a relative 1e-7 of the
-            Eckart–Young optimum, deterministic given ``seed``), ``"svd"`` (the full
-            ``torch.linalg.svd`` truncated to ``r``: the oracle, much slower on large layers) or
-            ``"randomized"`` (``torch.svd_lowrank`` with ``q = r``, the paper's, seeded by ``seed``).
+            (:class:`~fastunlearn.fisher.FilaRowWeights` or a name → ``[out]`` tensor mapping).
+        eps: ``ε`` of ``F_f/(F_r + ε)`` and of ``1/(d + ε)``; default the row weights' own, else 1e-5.
+            Row weights computed with another ``ε`` are refused.
+        solver: ``"truncated"`` (the exact truncated SVD of :mod:`fastunlearn.fisher.solver`, weighted
+            error within a relative 1e-7 of the optimum), ``"svd"`` (``torch.linalg.svd``, the oracle,
+            slow on large layers) or ``"randomized"`` (``torch.svd_lowrank`` with ``q = r``, the
+            paper's); seeded by ``seed``.
 
-    Each layer's base weight becomes ``W_res = W − s·B₀A₀``, computed with the adapter values as stored
-    (after rounding to the adapter dtype), so the model computes the same function afterwards up to the
-    rounding of ``W_res`` to the base dtype. A quantised base (``bitsandbytes`` 4-bit or 8-bit) is not
-    written: ``W`` is its dequantised weight and ``−s·B₀A₀`` a frozen adapter next to the trained one
-    (:mod:`fastunlearn.fisher.residual`). One layer is processed at a time in fp32: the extra memory
-    is one layer's fp32 weight and its SVD. ``A₀``, ``B₀`` and ``s`` are recorded for
-    :func:`save_adapter` (see the module docstring for resuming).
+    Each base weight becomes ``W_res = W − s·B₀A₀`` with the adapter values as stored (rounded to the
+    adapter dtype), so the model's function changes only by the rounding of ``W_res``; a quantised base
+    keeps ``W`` and carries ``−s·B₀A₀`` as a frozen adapter. One layer at a time in fp32.
 
     Raises:
-        ValueError: no LoRA layers, estimates or row weights missing a layer or shaped differently, both
-            or neither of them given, rank larger than ``min(out, in)``, non-finite or negative values,
-            an ``eps`` other than the row weights', a layer already initialised.
+        ValueError: no LoRA layers, estimates or row weights missing a layer or misshapen, both or
+            neither given, a rank above ``min(out, in)``, non-finite or negative values, an ``eps``
+            other than the row weights', a layer already initialised.
     """
     if row_weights is None and (forget is None or retain is None):
         raise ValueError("fila_init needs the forget and retain Fisher estimates, or row_weights=")
     if row_weights is not None and (forget is not None or retain is not None):
         raise ValueError("pass either the forget and retain Fisher estimates or row_weights=, not both")
     own_eps = getattr(row_weights, "eps", None)
-    if eps is None:
-        eps = own_eps if own_eps is not None else 1e-5
-    eps = check_eps(eps)
+    eps = check_eps(eps if eps is not None else own_eps if own_eps is not None else 1e-5)
     if own_eps is not None and eps != own_eps:
         raise ValueError(f"the row weights were computed with eps={own_eps}; fila_init got eps={eps}")
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
     layers = _require_lora_model(model, adapter_name)
     if row_weights is not None:
-        tables = {"row weights": _table(row_weights, "row_weights", 1)}
+        tables = {"row weights": layer_table(row_weights, "row_weights", 1)}
     else:
         tables = {
-            "forget Fisher": _table(forget, "forget", 2),
-            "retain Fisher": _table(retain, "retain", 2),
+            "forget Fisher": layer_table(forget, "forget", 2),
+            "retain Fisher": layer_table(retain, "retain", 2),
         }
     for what, table in tables.items():
         missing = sorted(set(layers) - set(table))
@@ -288,56 +264,23 @@ def fila_init(
                 f"it covers {sorted(table)[:8]}{' ...' if len(table) > 8 else ''}"
             )
     for name, (_, layer) in layers.items():
-        _check_layer(name, layer, adapter_name)
-        if adapter_name in getattr(layer, _RECORD_ATTR, {}):
-            raise ValueError(f"LoRA layer {name!r} is already FILA-initialised for adapter {adapter_name!r}")
-        weight_shape = linear_shape(layer.get_base_layer())  # not weight.shape: empty under ZeRO-3
-        rank = layer.r[adapter_name]
-        if rank > min(weight_shape):
-            raise ValueError(
-                f"LoRA rank {rank} of layer {name!r} exceeds min(out, in) = {min(weight_shape)} of its "
-                f"weight {weight_shape}"
-            )
-        for what, table in tables.items():
-            value = table[name]
-            shape = (weight_shape[0],) if row_weights is not None else weight_shape
-            if tuple(value.shape) != shape:
-                raise ValueError(
-                    f"the {what} of layer {name!r} has shape {tuple(value.shape)}, expected {shape} for "
-                    f"its weight {weight_shape}"
-                )
-            # Checked for every layer before any is modified, so a bad input leaves the model intact.
-            if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"the {what} of layer {name!r} has non-finite values (inf or nan)")
-            if bool((value < 0).any()):
-                raise ValueError(f"the {what} of layer {name!r} has negative values")
+        _check_layer(name, layer, adapter_name, tables)
     for name, (_, layer) in layers.items():
-        device = layer.get_base_layer().weight.device
-        with torch.no_grad():
-            if row_weights is not None:
-                d = tables["row weights"][name].to(device)
-            else:
-                d = row_weight(
-                    tables["forget Fisher"][name].to(device),
-                    tables["retain Fisher"][name].to(device),
-                    eps,
-                )
+        weights = [
+            layer.get_base_layer().weight,
+            layer.lora_A[adapter_name].weight,
+            layer.lora_B[adapter_name].weight,
+        ]
+        # Under ZeRO-3 the three are whole only inside the gather, one layer at a time; rank 0's writes
+        # are what DeepSpeed partitions back. A no-op otherwise.
+        with torch.no_grad(), gathered(weights, modifier_rank=0):
+            values = [table[name].to(weights[0].device) for table in tables.values()]
+            d = values[0] if row_weights is not None else row_weight(*values, eps)
             _init_layer(name, layer, d, eps, solver, seed, adapter_name)
     return model
 
 
 def _init_layer(
-    name: str, layer: nn.Module, d: Tensor, eps: float, solver: str, seed: int, adapter: str
-) -> None:
-    base = layer.get_base_layer()
-    lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    # Under ZeRO-3 the three tensors are whole only inside the gather, one layer at a time; rank 0's
-    # writes are what DeepSpeed partitions back (fastunlearn.engines.sharded). A no-op otherwise.
-    with gathered([base.weight, lora_A, lora_B], modifier_rank=0):
-        _init_gathered(name, layer, d, eps, solver, seed, adapter)
-
-
-def _init_gathered(
     name: str, layer: nn.Module, d: Tensor, eps: float, solver: str, seed: int, adapter: str
 ) -> None:
     base = layer.get_base_layer()
@@ -369,12 +312,12 @@ def _init_gathered(
         attach_residual(layer, lora_A.detach(), lora_B.detach(), scaling)
     else:
         base.weight.copy_(residual)
-    records = getattr(layer, _RECORD_ATTR, None)
-    if records is None:
-        records = {}
-        setattr(layer, _RECORD_ATTR, records)
+    if not hasattr(layer, _RECORD_ATTR):
+        setattr(layer, _RECORD_ATTR, {})
     # Copies, not views: training updates the adapter parameters in place.
-    records[adapter] = FilaInit(A0=A0.to("cpu", copy=True), B0=B0.to("cpu", copy=True), scaling=scaling)
+    getattr(layer, _RECORD_ATTR)[adapter] = FilaInit(
+        A0=A0.to("cpu", copy=True), B0=B0.to("cpu", copy=True), scaling=scaling
+    )
 
 
 def fila_record(layer: nn.Module, adapter_name: str = "default") -> FilaInit | None:
