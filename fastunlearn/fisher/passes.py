@@ -1,37 +1,19 @@
-"""One pass of a data set through a model that folds ``Σ_n (G_nᵀ X_n)²`` of chosen layers into accumulators.
+"""One pass of a data set through a model, folding ``Σ_n (G_nᵀ X_n)²`` of chosen linear layers into
+accumulators (``X_n``, ``G_n``: example ``n``'s inputs and output gradients of a layer, whose weight
+gradient is ``g_n = G_nᵀ X_n``); one backward of the summed loss yields every ``G_n`` at once.
 
-For an ``nn.Linear`` weight ``W`` and example ``n`` with layer inputs ``X_n ∈ R^{T×in}`` and output
-gradients ``G_n ∈ R^{T×out}`` of that example's loss ``L_n``, the example's weight gradient is
-``g_n = G_nᵀ X_n`` (SPEC §3.1). One backward of the summed loss ``Σ_n L_n`` yields every ``G_n`` at once
-(examples do not interact), and no weight gradient is needed: the weights stay frozen.
+A forward hook passes each measured layer's output through :class:`_Tap`, an autograd function that is
+the identity, saves the layer input ``X`` for backward and, in its backward, receives ``G`` and folds
+``(X, G)`` with :func:`fastunlearn.per_example_grad_sq`. Because ``X`` is a saved tensor and the fold
+happens where the gradient is formed, each layer is counted once per forward whatever re-runs it
+(activation checkpointing recomputes the tap, but only the original is in the backward graph), and
+under checkpointing ``X`` is recomputed rather than kept.
 
-How ``X`` and ``G`` meet. A forward hook on each measured layer passes the layer's output through
-:class:`_Tap`, an autograd function that is the identity on the output, saves the layer input ``X``
-with ``ctx.save_for_backward`` and, in its backward, receives ``G`` and folds ``(X, G)`` with
-:func:`fastunlearn.ops.grad_sq.per_example_grad_sq`. Because ``X`` is an autograd saved tensor and
-the fold happens where the gradient is formed:
-
-- each layer is counted once per forward, whatever re-runs it: under activation checkpointing the
-  recomputation in the backward re-applies the tap (keeping the saved tensors of the original and the
-  recomputed forward alike), but only the original forward's tap is part of the backward graph;
-- under checkpointing ``X`` is not kept from the forward at all: checkpointing stores a placeholder
-  and recomputes it with the layer's block when the backward reaches that block;
-- without checkpointing, ``X`` is held exactly once, as a LoRA layer's ``lora_A`` holds it in training
-  (a frozen linear layer saves its weight, not its input, so nothing else keeps it).
-
-Where the backward stops. Frozen weights and inputs that need no gradient leave the measured layers'
-outputs outside the graph, so the tap of a layer whose output does not require grad also takes a
-0-dimensional *anchor* tensor that does: everything above it joins the graph, nothing below it does.
-The backward of a pass therefore runs from the loss down to the lowest measured layer and stops; the
-layers below it keep no activations. For the same reason the input embeddings' output is detached
-during the pass (``enable_input_require_grads``, which gradient checkpointing with frozen embeddings
-turns on, would otherwise pull every layer into the graph).
-
-Checkpointing. ``transformers`` checkpoints its decoder layers (``GradientCheckpointingLayer``) only in
-training mode, and training mode turns dropout on. The pass runs in eval mode instead and checkpoints
-those layers itself (``torch.utils.checkpoint``, non-reentrant: the reentrant variant would not
-backpropagate into a block whose inputs do not require grad), so the estimate is that of the
-deterministic model, with or without checkpointing.
+The weights stay frozen, so a tap whose output needs no gradient also takes a 0-d *anchor* that does:
+the backward runs from the loss down to the lowest measured layer and stops there. The input
+embeddings' output is detached for the same reason. ``transformers`` checkpoints its decoder layers only
+in training mode, which turns dropout on; a pass runs in eval mode and checkpoints them itself
+(non-reentrant), so the estimate is that of the deterministic model either way.
 """
 
 from __future__ import annotations
@@ -103,12 +85,9 @@ def _check_batch(batch: Any, where: str) -> Batch:
 
 
 def prepare_batches(batches: Iterable[Mapping[str, Any]], name: str | None = None) -> Data:
-    """Check every batch and keep them (token ids: small next to any model), before any compute.
-
-    Kept rather than re-iterated because a pass runs once per group of layers, and an iterable may be
-    a one-shot generator or a loader that reshuffles. Raises ``ValueError`` for no batches or no label;
-    ``name`` ("forget") says which data set in the messages.
-    """
+    """Check every batch and keep them (token ids), before any compute: a pass runs once per group of
+    layers, and an iterable may be a one-shot generator or a reshuffling loader. ``ValueError`` for no
+    batches or no label; ``name`` ("forget") names the data set in the messages."""
     of = f" of the {name} set" if name else ""
     checked = [_check_batch(batch, f"batch {index}{of}") for index, batch in enumerate(batches)]
     if not checked:
@@ -146,8 +125,7 @@ class _Folder:
         self, layers: Mapping[str, nn.Linear], fold: bool, mode: str, backend: str, anchor: Tensor
     ) -> None:
         self.layers = layers
-        # Created at a layer's first output gradient, as autograd creates `.grad`: made before the
-        # forward, they would all add to the forward's activation peak. None: a dry pass.
+        # Made at a layer's first output gradient, as `.grad` is, not at the forward's peak. None: dry pass.
         self.sums: dict[str, Tensor] | None = {} if fold else None
         self.mode = mode
         self.backend = backend
@@ -207,21 +185,11 @@ class _Folder:
 
 
 def _batch_loss(model: nn.Module, batch: Batch, mode: str, fused: bool) -> Tensor:
-    """The loss whose backward yields the wanted ``G``.
-
-    ``per_example``/``token``: ``Σ_n L_n`` with ``L_n`` example n's summed token NLL.
-    ``batch``: the token mean ``L̄_b = Σ_n L_n / c_b``, as the paper's code differentiates it; the fold
-    scales its output gradients by ``sqrt(c_b)`` so that the square is the paper's ``c_b·(∇L̄_b)²``
-    (differentiating the same loss the same way keeps the estimate equal to the paper's to fp32
-    rounding, element by element).
-
-    ``fused``: the NLL is computed at the output head from the last hidden states
-    (:func:`fastunlearn.ops.fused_linear.fused_linear_nll_loss`, one chunk of logits at a time); else
-    from the model's logits by :func:`fastunlearn.ops.nll.shifted_nll`. Both are the same row kernels
-    (the logit at t predicts token t+1; fp32 statistics, fp64 kept for fp64 models). The fused loss
-    forms ``∂L/∂h`` row by row in its forward; rows are tokens, so example ``n``'s rows of it are
-    ``∂L_n/∂h_n`` and every measured layer below still receives each example's own ``G_n``.
-    """
+    """The loss whose backward yields the wanted ``G``: ``Σ_n L_n`` (``L_n`` example n's summed token
+    NLL), or for ``mode="batch"`` the token mean ``L̄_b`` as the paper's code differentiates it (the fold
+    scales its gradients by ``sqrt(c_b)`` so the square is ``c_b·(∇L̄_b)²``). ``fused``: computed at the
+    output head from the last hidden states (:func:`fastunlearn.fused_linear_nll_loss`), else from the
+    logits; its rows are tokens, so each example still gets its own ``G_n``."""
     device = model_device(model)
     inputs: dict[str, Any] = {
         k: v.to(device) for k, v in batch.inputs.items() if k in _MODEL_KEYS and isinstance(v, Tensor)
@@ -245,9 +213,8 @@ def _batch_loss(model: nn.Module, batch: Batch, mode: str, fused: bool) -> Tenso
 
 
 def _fused_loss_applies(model: nn.Module, layers: Mapping[str, nn.Linear]) -> bool:
-    """Whether a pass computes its loss fused: where the model allows it
-    (:func:`fastunlearn.models.patching.takes_fused_path`) and the output head is not measured (its output
-    gradient is the ``[B, T, V]`` logits' gradient, which only the logits path forms)."""
+    """Whether a pass computes its loss fused: where the model allows it and the output head is not
+    measured (its output gradient is the logits' gradient, which only the logits path forms)."""
     if not takes_fused_path(model):
         return False
     head = find_causal_lm(model).get_output_embeddings()
@@ -271,16 +238,12 @@ def run_pass(
     progress: bool = False,
     desc: str = "Fisher",
 ) -> dict[str, Tensor]:
-    """One forward and one backward per batch of ``data`` with ``layers`` measured: each layer's
-    ``Σ_n (G_nᵀ X_n)²`` summed over the batches (per the mode; fp32, shaped like the weight, zeros for
-    a layer no gradient reached), in the order of ``layers``. ``fold=False`` runs the pass without
-    folding and returns nothing (to measure its activations). Call inside :func:`fisher_session`.
-
-    Under ``torchrun`` (:mod:`fastunlearn.engines.distributed`) rank ``r`` of ``W`` passes batches ``r, r+W,
-    ...`` and the sums are all-reduced at the end, so every rank returns the single-process sums (the
-    fold is a sum over examples, and each batch is folded on exactly one rank). Under ZeRO-3 every
-    forward and backward gathers the partitioned weights with all ranks, so a rank with one batch
-    fewer runs one more pass that folds nothing."""
+    """One forward and one backward per batch of ``data``: each layer's ``Σ_n (G_nᵀ X_n)²`` summed over
+    the batches (per the mode; fp32, shaped like the weight, zeros where no gradient reached), in the
+    order of ``layers``; ``fold=False`` only runs the pass (to measure its activations). Call inside
+    :func:`fisher_session`. Under ``torchrun`` rank ``r`` of ``W`` passes batches ``r, r+W, ...`` and the
+    sums are all-reduced; under ZeRO-3, whose passes are collectives, a rank with one batch fewer runs
+    one more pass that folds nothing."""
     from tqdm.auto import tqdm
 
     anchor = torch.zeros((), device=model_device(model), requires_grad=True)
@@ -311,10 +274,6 @@ def run_pass(
         name: distributed.all_reduce_sum(folder.sums.pop(name) if name in folder.sums else _zeros(layer))
         for name, layer in layers.items()
     }
-
-
-# ---------------------------------------------------------------------------------------------------
-# The model during a pass
 
 
 def _checkpoint_units(model: nn.Module, requested: bool | None) -> list[nn.Module]:
@@ -369,9 +328,8 @@ def _detach_output(module: nn.Module, args: tuple, output: Any) -> Any:
 
 @contextmanager
 def fisher_session(model: nn.Module, gradient_checkpointing: bool | None) -> Iterator[None]:
-    """The model as passes need it, restored however the block exits: eval mode (no dropout), every
-    parameter frozen (no ``.grad`` is made), the input embeddings' output detached, and the blocks of
-    :func:`_checkpoint_units` checkpointed (module docstring)."""
+    """The model as passes need it, restored however the block exits: eval mode, every parameter frozen,
+    the input embeddings' output detached and the blocks of :func:`_checkpoint_units` checkpointed."""
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
     training = [(m, m.training) for m in model.modules()]
     handles = []

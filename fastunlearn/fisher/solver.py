@@ -1,64 +1,32 @@
-"""The top-``r`` singular triplets of a matrix, exactly, without a full SVD (FILA's solver; SPEC §3.2).
+"""The top-``r`` singular triplets of a matrix, exactly, without a full SVD: FILA's solver.
 
-FILA needs ``[DW]_r``, the best rank-``r`` approximation of the row-weighted weight ``D·W`` (Eckart–Young),
-for every adapted layer: 224 matrices of 4096×4096 to 11008×4096 for Llama-2-7B at ``r = 32``. A full
-SVD costs ``O(m·n·min(m, n))`` and runs at a fraction of the machine's matrix-product rate; the top
-``r ≪ min(m, n)`` triplets need only a few dozen products of ``A`` with thin blocks.
+FILA needs ``[DW]_r``, the best rank-``r`` approximation of the row-weighted weight ``D·W``
+(Eckart–Young), for every adapted layer. A full SVD costs ``O(m·n·min(m, n))`` at a fraction of the
+matrix-product rate; the top ``r ≪ min(m, n)`` triplets need a few dozen products of ``A`` with thin
+blocks. With ``A`` wide (``m ≤ n``; a tall matrix is transposed) and block size ``b = r + p``:
 
-Method: randomised block Krylov (block Lanczos with full reorthogonalisation) on ``M = A·Aᵀ`` with a
-Rayleigh–Ritz convergence check, and a final Rayleigh–Ritz step in fp64. With ``A`` wide (``m ≤ n``;
-a tall matrix is transposed, which swaps ``U`` and ``V``) and block size ``b = r + p``:
+1. ``Q₀ = orth(A·Ω)``, ``Ω`` an ``n × b`` Gaussian block drawn from ``seed``.
+2. Block Lanczos on ``M = AAᵀ``: ``Y = A·(Aᵀ·Q_j)``, orthogonalised against the basis twice (classical
+   Gram–Schmidt) with coefficients ``H_j``, ``Q_{j+1} R_{j+1} = qr(Y)``, and once more after
+   normalising (a nearly vanished ``Y`` would otherwise lean on the basis). Then
+   ``M·Q − Q·T = Q_{j+1} R_{j+1} E_jᵀ`` with ``T = QᵀMQ`` assembled from the ``H``'s and ``R``'s, so
+   Rayleigh–Ritz is an ``eigh`` of the small ``T``: Ritz values ``θ_i ≤ σ_i²`` and residuals
+   ``ρ_i = ‖R_{j+1}·y_i[last block]‖`` for free.
+3. Convergence, on what FILA cares about: the projection error of the top-``r`` Ritz vectors exceeds the
+   optimum by ``Σ_{i≤r} (σ_i² − θ_i)``, which the trace form of the Kato–Temple bound limits, for any
+   ``k ≥ r``, by ``Σ_{i≤k} ρ_i² / (θ_k − θ_{k+1} − ρ_{k+1})`` (``λ_{k+1}`` estimated from above; the
+   best ``k`` is taken, so a cluster around ``σ_r`` does not stall the check). The iteration stops when
+   that is at most ``2·tol·tail²``, ``tail² ≈ Σ_{i>r} σ_i²``: since ``err² − opt² ≈ 2·opt·(err − opt)``,
+   this asks for ``err ≤ (1 + tol)·opt``. The ``O(K³)`` check runs every iteration while ``K ≤ 8b``,
+   then every ``K/(8b)``. The bound is an estimate (fp32 rounding floors the true residuals), not a proof.
+4. A final Rayleigh–Ritz in fp64 on the top ``b`` Ritz vectors: ``B = U_bᵀA = Ũ S Vᵀ``, ``U = U_b Ũ``;
+   ``U S Vᵀ = U_rU_rᵀA``, so the error is what step 3 bounded.
 
-1. ``Q₀ = orth(A·Ω)``, ``Ω`` an ``n × b`` Gaussian matrix drawn from ``seed``.
-2. For ``j = 0, 1, …``: ``Y = A·(Aᵀ·Q_j)``; orthogonalise ``Y`` against ``Q₀…Q_j`` twice (classical
-   Gram–Schmidt, repeated because one pass loses orthogonality in proportion to the condition
-   number), keeping the coefficients ``H_j``; ``Q_{j+1} R_{j+1} = qr(Y)``, and once more after
-   normalising (when the spectrum is captured, ``Y``'s remainder is at its rounding-noise level and
-   the normalised block would otherwise lean on the basis: measured 4.5e-4 in fp32, enough to cost
-   the Ritz vectors a relative 1e-5 of the optimum). The basis spans the block
-   Krylov space ``span{AΩ, (AAᵀ)AΩ, …, (AAᵀ)^j AΩ}``, and by construction
-
-       M·Q − Q·T = Q_{j+1} R_{j+1} E_jᵀ,    T = Qᵀ M Q  (assembled from the H's and R's),
-
-   so Rayleigh–Ritz costs an eigendecomposition of the small ``T`` (fp64): Ritz values ``θ_i`` (which
-   approximate ``σ_i²`` from below: ``θ_i ≤ σ_i²`` by Cauchy interlacing) and Ritz vectors ``Q·y_i``
-   whose residuals are ``ρ_i = ‖M Q y_i − θ_i Q y_i‖ = ‖R_{j+1}·y_i[last block]‖`` — free.
-3. Convergence, on the quantity FILA cares about. The projection error of the top-``r`` Ritz vectors
-   exceeds the optimum by ``excess = ‖A − U_rU_rᵀA‖² − Σ_{i>r} σ_i² = Σ_{i≤r} (σ_i² − θ_i)``, a sum of
-   non-negative terms, so it is at most the same sum to any ``k ≥ r``, which the trace form of the
-   Kato–Temple bound limits by ``Σ_{i≤k} ρ_i² / (θ_k − λ_{k+1})``. ``λ_{k+1}`` is estimated from above
-   by ``θ_{k+1} + ρ_{k+1}`` and the best ``k`` is taken, so a cluster of nearly equal singular values
-   around ``σ_r`` (where single vectors converge slowly but the error does not care which vectors of the
-   cluster are chosen) does not stall the check. The iteration stops when
-
-       min_k Σ_{i≤k} ρ_i² / (θ_k − θ_{k+1} − ρ_{k+1})  ≤  2·tol·tail²,
-
-   ``tail² ≥ Σ_{i>r} σ_i²`` estimated as ``max(‖A‖_F² − Σ_{i≤r} θ_i, Σ_{r<i≤K} θ_i)``: since
-   ``err² − opt² ≈ 2·opt·(err − opt)``, this asks for ``err ≤ (1 + tol)·opt``. A new block that
-   vanishes (an invariant subspace: the Ritz pairs are exact) gives ``ρ = 0`` and stops it at once.
-   The check is an ``eigh`` of ``T``, ``O(K³)``: it runs every iteration while ``K ≤ 8b``, then every
-   ``K/(8b)`` iterations, which keeps it near the cost of the products.
-   The bound is an estimate (``λ_{k+1}`` is not known, and fp32 rounding floors the true residuals
-   where the computed ones keep falling), not a proof: at the default ``tol = 1e-7`` the measured
-   excess stayed below 2e-8 on power-law, exponential, clustered, flat (Gaussian) and row-weighted
-   spectra over several seeds (tests/test_fila_solver.py checks 1e-6).
-4. Final Rayleigh–Ritz in fp64 on the top ``b`` Ritz vectors (re-orthonormalised): ``B = U_bᵀ A``
-   (``b × n``, computed in column chunks), ``B = Ũ S Vᵀ``, ``U = U_b Ũ``. The returned ``U`` and ``V``
-   are orthonormal to fp64 rounding before they are cast, and ``U S Vᵀ = U_rU_rᵀA``, so the error is
-   exactly what step 3 bounded.
-
-Why fp32 for the Krylov phase is enough: the error ``‖A − USVᵀ‖_F`` is stationary at the optimum
-(``(A − A_r)·V_r = 0`` and ``U_rᵀ(A − A_r) = 0``), so perturbations of the factors of size ``δ`` —
-fp32 rounding of the basis or of the returned factors — raise it only by ``O(δ²)``.
-
-Matrices whose smaller side is at most ``4·b`` gain nothing from a Krylov space: they get an fp64 full
-SVD (exact). A run that has not converged after ``max_iters`` iterations, or whose space would outgrow
-the matrix, falls back to the full SVD in the working dtype with a warning — never a silently worse answer.
-
-Determinism: ``Ω`` comes from a ``torch.Generator`` seeded with ``seed`` on the matrix's device (the
-global random state is untouched), and each singular-vector pair is given a fixed sign (largest entry
-of ``u`` positive), so every rank of a distributed run computes the same factors on the same hardware.
-The loop reads two scalars per iteration to the host (the convergence tests), a few dozen per layer.
+fp32 suffices for the Krylov phase: ``‖A − USVᵀ‖_F`` is stationary at the optimum, so perturbations of
+size ``δ`` raise it by ``O(δ²)``. Matrices whose smaller side is at most ``4b`` get an fp64 full SVD; a
+run that does not converge in ``max_iters`` iterations falls back to a full SVD with a warning. ``Ω``
+comes from a seeded generator and each pair gets a fixed sign (largest entry of ``u`` positive), so
+every rank computes the same factors on the same hardware.
 """
 
 from __future__ import annotations
@@ -67,6 +35,7 @@ import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -118,38 +87,9 @@ def _check(matrix: Tensor, rank: int, oversample: int | None, max_iters: int, to
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
 
 
-def truncated_svd(
-    matrix: Tensor,
-    rank: int,
-    *,
-    oversample: int | None = None,
-    max_iters: int = 40,
-    tol: float = 1e-7,
-    seed: int = 0,
-    dtype: torch.dtype = torch.float32,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The top-``rank`` singular triplets ``(U [m, r], S [r], V [n, r])`` of ``matrix``, on its device.
-
-    ``‖A − U·diag(S)·Vᵀ‖_F`` is within a relative ``tol`` of the Eckart–Young optimum
-    ``sqrt(Σ_{i>r} σ_i²)`` (up to the rounding of the working ``dtype``; module docstring), as a full
-    SVD truncated to ``r`` would give, at the cost of a few dozen products with thin blocks.
-
-    Args:
-        matrix: any real floating tensor (bf16/fp16/fp32/fp64); computed in ``dtype``.
-        rank: ``r`` in ``[1, min(m, n)]``.
-        oversample: ``p``, extra columns per Krylov block (``b = r + p``); default ``min(max(r, 8), 64)``.
-        max_iters: Krylov iterations (products with ``AAᵀ``) before falling back to a full SVD, with a
-            warning; the basis holds at most ``max_iters·b`` columns.
-        tol: target relative excess of the error over the optimum.
-        seed: seed of the Gaussian starting block (deterministic factors).
-        dtype: working dtype of the Krylov phase and of the results, fp32 or fp64. The final
-            Rayleigh–Ritz step and small matrices are computed in fp64 either way.
-
-    Returns ``U``, ``S`` (descending), ``V`` in ``dtype``, like ``torch.svd_lowrank``.
-    """
-    result = solve_truncated_svd(
-        matrix, rank, oversample=oversample, max_iters=max_iters, tol=tol, seed=seed, dtype=dtype
-    )
+def truncated_svd(matrix: Tensor, rank: int, **options: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """``(U, S, V)`` of :func:`solve_truncated_svd`, like ``torch.svd_lowrank``."""
+    result = solve_truncated_svd(matrix, rank, **options)
     return result.U, result.S, result.V
 
 
@@ -163,10 +103,22 @@ def solve_truncated_svd(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
 ) -> TruncatedSVD:
-    """:func:`truncated_svd` with the solver's record (:class:`TruncatedSVD`)."""
+    """The top-``rank`` singular triplets ``U [m, r]``, ``S [r]`` (descending), ``V [n, r]`` of ``matrix``,
+    on its device, with the solver's record: ``‖A − U·diag(S)·Vᵀ‖_F`` within a relative ``tol`` of the
+    Eckart–Young optimum (up to the rounding of ``dtype``; module docstring).
+
+    Args:
+        matrix: any real floating tensor; computed in ``dtype`` (fp32 or fp64; the final Rayleigh–Ritz
+            step and small matrices in fp64 either way), which the results take.
+        rank: ``r`` in ``[1, min(m, n)]``.
+        oversample: ``p``, extra columns per Krylov block (``b = r + p``); default ``min(max(r, 8), 64)``.
+        max_iters: Krylov iterations before falling back to a full SVD, with a warning.
+        tol: target relative excess of the error over the optimum.
+        seed: seed of the Gaussian starting block.
+    """
     _check(matrix, rank, oversample, max_iters, tol, dtype)
     A = matrix.to(dtype)
-    # Elementwise passes on the caller's layout (on a transposed view they are strided and slow).
+    # Elementwise passes on the caller's layout (strided and slow on a transposed view).
     if not bool(torch.isfinite(A).all()):
         raise ValueError("matrix has non-finite values (inf or nan)")
     norm_sq = torch.linalg.vector_norm(A, dtype=torch.float64).square()
@@ -211,10 +163,8 @@ def _block_krylov(
         H2 = Q.t() @ Y
         Y -= Q @ H2
         Qn, R = torch.linalg.qr(Y)
-        # Once the spectrum has been captured, what is left of Y is near its rounding noise and the
-        # normalised block can lean on the basis by ~u·‖Y‖/‖R‖: one more pass on the normalised block
-        # (Y = Q·H + Qn·R and Qn = Q·C + Qn'·R' give Y = Q·(H + C·R) + Qn'·(R'·R)) keeps the basis
-        # orthonormal to rounding, which the identities behind T and ρ assume.
+        # One more pass on the normalised block: Y = Q·H + Qn·R and Qn = Q·C + Qn'·R' give
+        # Y = Q·(H + C·R) + Qn'·(R'·R), and the basis stays orthonormal to rounding.
         C = Q.t() @ Qn
         Qn, R2 = torch.linalg.qr(Qn - Q @ C)
         T[:K, K - block : K] = (H + H2 + C @ R).double()
@@ -222,9 +172,8 @@ def _block_krylov(
         iterations += 1
         unchecked += 1
         last = K + block > capacity
-        # The Rayleigh–Ritz check costs O(K³) (an eigh of T): once the basis is large it runs every
-        # K/(8b) blocks, which keeps it below the cost of the products, and always when the new block
-        # has (nearly) vanished into the basis (an invariant subspace) or the basis is full.
+        # The O(K³) check: every K/(8b) blocks, and always when the new block has (nearly) vanished
+        # into the basis (an invariant subspace) or the basis is full.
         vanished = bool(torch.linalg.vector_norm(R) <= 1e-3 * before)
         if last or vanished or unchecked >= max(1, K // (8 * block)):
             unchecked = 0
