@@ -1,22 +1,6 @@
-"""Diagonal Fisher information of a model's linear layers, and the LoRA initialisation built on it.
-
-- :mod:`~fastunlearn.fisher.layers`: which linear layers an estimate covers (canonical names).
-- :mod:`~fastunlearn.fisher.estimate`: :class:`FisherEstimate`, the estimate and its safetensors file;
-  :class:`FisherFile`, that file written layer by layer.
-- :mod:`~fastunlearn.fisher.passes`: one pass of a data set, a forward and a backward per batch with
-  hooks feeding :func:`fastunlearn.ops.grad_sq.per_example_grad_sq` (SPEC §3.1); checkpointing-safe.
-- :mod:`~fastunlearn.fisher.budget`: memory sizes, the groups of layers whose accumulators fit a budget.
-- :mod:`~fastunlearn.fisher.estimator`: :func:`estimate_fisher`, the whole estimate, group by group;
-  :func:`save_fisher`, the same written to its file as it is computed.
-- :mod:`~fastunlearn.fisher.row_weights`: :func:`fila_row_weights`, FILA's row weights streamed group
-  by group without holding an estimate, and :class:`FilaRowWeights`, their file.
-- :mod:`~fastunlearn.fisher.fila`: :func:`fila_init`, Fisher-initialised LoRA (SPEC §3.2).
-- :mod:`~fastunlearn.fisher.export`: :func:`save_adapter` / :func:`save_merged` for the original base
-  (collected one layer at a time, also from ZeRO-3 partitioned weights).
-
-This layer uses :mod:`fastunlearn.ops` and :mod:`fastunlearn.models.loading`; ``peft`` only when a model
-brings it. It knows nothing of training loops, evaluation or the command line.
-"""
+"""Diagonal Fisher information of a model's linear layers, and the Fisher-initialised LoRA (FILA) built
+on it (Cha et al. 2025, arXiv 2408.06621). Uses :mod:`fastunlearn.ops` and :mod:`fastunlearn.models`;
+knows nothing of training loops, evaluation or the command line."""
 
 from fastunlearn.fisher.budget import parse_bytes
 from fastunlearn.fisher.estimate import FISHER_MODES, FisherEstimate, FisherFile

@@ -1,16 +1,15 @@
 """The memory budget of the Fisher accumulators: sizes in bytes, groups of layers, the default budget.
 
-Fisher estimation keeps one fp32 accumulator shaped like each measured weight (SPEC §3.1): 4 bytes per
-weight and data set, 26 GB for Llama-2-7B's linear layers, 52 GB for FILA's forget and retain pair. To
-run on a card that cannot hold them, the layers are split into *groups* whose accumulators fit a
-budget, and the data is passed once per group (:mod:`fastunlearn.fisher.passes`). The groups are runs of
-consecutive layers in the model's order: a pass's backward only has to reach the lowest layer of its
-group, so contiguous groups keep the backward work per pass small.
+An estimate keeps one fp32 accumulator per measured weight and data set: 26 GB for Llama-2-7B's linear
+layers, 52 GB for FILA's forget and retain pair. Where they do not fit, the layers are split into
+groups of consecutive layers whose accumulators fit a budget, and the data is passed once per group
+(a pass's backward only has to reach the lowest layer of its group).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 
@@ -22,27 +21,15 @@ from fastunlearn.fisher.passes import Data, largest_batch, run_pass
 
 __all__ = ["available_memory", "format_bytes", "parse_bytes", "plan_groups", "resolve_budget"]
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
+_UNITS = {"": 1, "b": 1, **{p + "b": 10 ** (3 * i) for i, p in enumerate("kmgt", 1)}}
+_UNITS |= {p + "ib": 2 ** (10 * i) for i, p in enumerate("kmgt", 1)}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")
 
 
 def parse_bytes(value: int | str) -> int:
-    """A size in bytes from an int or a string with an optional unit: ``65536``, ``"64MiB"``, ``"2GB"``,
-    ``"1.5 GiB"`` (decimal kB/MB/GB/TB, binary KiB/MiB/GiB/TiB, case-insensitive).
-
-    Raises ``ValueError`` for anything else, and for sizes below one byte.
-    """
+    """A size in bytes from an int or a string with an optional unit (decimal kB/MB/GB/TB, binary
+    KiB/MiB/GiB/TiB, case-insensitive): ``65536``, ``"64MiB"``, ``"1.5 GiB"``; ``ValueError`` for
+    anything else and for sizes below one byte."""
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"a memory size must be an int or a string like '64MiB', got {value!r}")
     if isinstance(value, int):
@@ -80,13 +67,9 @@ def fila_accumulator_bytes(layers: Mapping[str, nn.Module]) -> dict[str, int]:
 def plan_groups(
     sizes: Mapping[str, int], budget: int, *, what: str, origin: str = "the Fisher memory budget"
 ) -> list[list[str]]:
-    """Split layers (name → accumulator bytes, in the model's order) into runs of consecutive layers
-    whose bytes sum to at most ``budget``; greedy, so the number of groups is the fewest possible for
-    runs in this order.
-
-    ``what`` says what the bytes of one layer are and ``origin`` where the budget came from, for the
-    ``ValueError`` (naming the layer and the bytes it needs) raised when a single layer exceeds it.
-    """
+    """Split layers (name → accumulator bytes, in the model's order) into the fewest runs of consecutive
+    layers whose bytes fit ``budget`` (greedy). ``what`` (what a layer's bytes are) and ``origin``
+    (where the budget came from) word the ``ValueError`` for a layer that alone exceeds it."""
     budget = max(budget, 0)
     largest = max(sizes, key=sizes.__getitem__, default=None)
     if largest is not None and sizes[largest] > budget:  # the largest layer decides the least budget
@@ -107,27 +90,18 @@ def plan_groups(
     return groups
 
 
-def _host_available() -> int:
-    """Memory the OS could give this process now: ``MemAvailable`` on Linux, free pages elsewhere."""
-    try:
-        with open("/proc/meminfo") as info:
-            for line in info:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
 def available_memory(device: torch.device) -> int:
     """Bytes that tensors on ``device`` could still take: for CUDA the driver's free memory plus what
-    PyTorch's caching allocator holds unused; for the CPU the host's available memory."""
+    PyTorch's caching allocator holds unused; for the CPU the host's ``MemAvailable`` (free pages where
+    there is no ``/proc/meminfo``)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return _host_available()
+    try:
+        with open("/proc/meminfo") as info:
+            return next(int(line.split()[1]) * 1024 for line in info if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def resolve_budget(
@@ -140,15 +114,10 @@ def resolve_budget(
     backend: str,
     cpu_default: Callable[[], int],
 ) -> tuple[int, str]:
-    """The accumulator budget in bytes and where it came from (for error messages).
-
-    ``max_memory`` when given (already through :func:`parse_bytes`). Otherwise, on CUDA (the device of
-    the first layer), what is left after the model and the activations of a pass: one dry pass (every
-    layer measured, nothing folded) over the largest batch gives the activation peak, and the budget is
-    90 % of the available memory (:func:`available_memory`) less that peak, less one fp32 layer of
-    scratch for the fold. On the CPU, where no allocator counts its peak, ``cpu_default()``. Call
-    inside :func:`~fastunlearn.fisher.passes.fisher_session`.
-    """
+    """The accumulator budget in bytes and where it came from (for error messages): ``max_memory`` when
+    given; on CUDA 90 % of the available memory less the activation peak of one dry pass over the
+    largest batch, less one fp32 layer of scratch for the fold; on the CPU, ``cpu_default()``. Call
+    inside :func:`~fastunlearn.fisher.passes.fisher_session`."""
     if max_memory is not None:
         return max_memory, "the Fisher memory budget (max_memory)"
     device = next(iter(layers.values())).weight.device

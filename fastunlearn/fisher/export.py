@@ -1,18 +1,12 @@
-"""Exporting a LoRA model trained from a FILA initialisation (SPEC §3.2): adapter or merged checkpoint.
+"""Exporting a LoRA model trained from a FILA initialisation: a ``peft`` adapter or a merged checkpoint.
 
 After training, ``W_res + s·BA = W + s·(BA − B₀A₀) = W + s·[B, −B₀]·[A; A₀]``: on the *original* base
-weight the trained model is a rank-``2r`` LoRA adapter with the same scaling. :func:`save_adapter`
-writes exactly that as a standard ``peft`` adapter; :func:`save_merged` writes the merged full model.
-(The reference code saves ``B, A`` and loads them onto the original base, double-counting ``B₀A₀``.)
-``A₀``, ``B₀`` and ``s`` are the records :func:`fastunlearn.fisher.fila.fila_init` left on each layer.
+weight the trained model is a rank-``2r`` adapter with the same scaling (loading ``B, A`` alone onto the
+original base would count ``B₀A₀`` twice). ``A₀``, ``B₀``, ``s`` are the records of :func:`fila_init`.
 
-Under DeepSpeed ZeRO-3 the weights are partitioned: the tensors are gathered one layer at a time
-(:func:`fastunlearn.engines.sharded.gathered`, a collective) and copied to the CPU. So under several processes
-the collection (:func:`adapter_export`, :func:`merged_state_dict`) runs on every rank and the writing
-(:func:`write_adapter`, :func:`save_merged` given ``state_dict=``) on the main one. Under FSDP the
-caller gathers the whole state first (:func:`fastunlearn.engines.fsdp.gathered_state`) and passes it
-as ``state_dict=``: the tensors are then read from it, under the names it has after the wrappers'
-prefixes are stripped.
+Under DeepSpeed ZeRO-3 the tensors are gathered one layer at a time (a collective), so the collection
+(:func:`adapter_export`, :func:`merged_state_dict`) runs on every rank and the writing on the main one.
+Under FSDP the caller gathers the whole state first and passes it as ``state_dict=``.
 """
 
 from __future__ import annotations
@@ -72,20 +66,15 @@ def save_adapter(
     overwrite: bool = False,
     state_dict: Mapping[str, Tensor] | None = None,
 ) -> Path:
-    """Write ``adapter_name`` as a standard ``peft`` LoRA adapter for the *original* base model.
+    """Write ``adapter_name`` as a standard ``peft`` LoRA adapter for the *original* base model, so that
+    ``peft.PeftModel.from_pretrained(original_base, path)`` reproduces the trained model.
 
-    For FILA-initialised layers the adapter is the rank-``2r`` ``[B, −B₀]·[A; A₀]`` with the layer's
-    scaling ``s`` (``lora_alpha = 2r·s``, ``use_rslora = False``), because the model's base weights are
-    ``W_res = W − s·B₀A₀``; other LoRA layers are written as they are. Per-layer ranks and alphas that
-    differ from the most common ones go into ``rank_pattern``/``alpha_pattern`` under the layers' full
-    names. ``peft.PeftModel.from_pretrained(original_base, path)`` then reproduces the trained model.
-    A base model that is a local directory is recorded by its absolute path, one from the Hugging Face
-    cache by its Hub id and commit (``revision``).
-
-    Writes ``adapter_config.json`` and ``adapter_model.safetensors`` into ``path`` atomically; an
-    existing non-empty ``path`` is replaced only with ``overwrite=True``. Returns the path.
-    ``state_dict``: the ``peft`` model's whole state when its own tensors are shards (FSDP; module
-    docstring).
+    FILA-initialised layers become the rank-``2r`` ``[B, −B₀]·[A; A₀]`` with ``lora_alpha = 2r·s``
+    (``use_rslora = False``); other LoRA layers are written as they are; ranks and alphas other than the
+    most common go into ``rank_pattern``/``alpha_pattern``. A local base is recorded by its absolute path,
+    one from the Hugging Face cache by its Hub id and ``revision``. Writes ``adapter_config.json`` and
+    ``adapter_model.safetensors`` atomically (a non-empty ``path`` is replaced only with ``overwrite``).
+    ``state_dict``: the whole state when the model's own tensors are shards (FSDP).
     """
     export = adapter_export(model, adapter_name=adapter_name, state_dict=state_dict)
     return write_adapter(export, path, overwrite=overwrite)
@@ -94,9 +83,7 @@ def save_adapter(
 def adapter_export(
     model: nn.Module, *, adapter_name: str = "default", state_dict: Mapping[str, Tensor] | None = None
 ) -> AdapterExport:
-    """What :func:`save_adapter` writes, collected: under ZeRO-3 each LoRA layer's factors are gathered
-    in turn, so every rank must call it; with ``state_dict`` (FSDP's gathered state) they are read
-    from it (module docstring)."""
+    """What :func:`save_adapter` writes, collected (under ZeRO-3 by every rank)."""
     _require_peft_model(model)
     from peft.utils import get_peft_model_state_dict
 
@@ -145,8 +132,7 @@ def adapter_export(
 
 
 def write_adapter(export: AdapterExport, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write an :func:`adapter_export` as ``adapter_config.json`` + ``adapter_model.safetensors``
-    into ``path``, atomically (see :func:`save_adapter`)."""
+    """Write an :func:`adapter_export` into ``path``, atomically (see :func:`save_adapter`)."""
     from safetensors.torch import save_file
 
     with atomic_directory(path, overwrite=overwrite) as tmp:
@@ -166,14 +152,10 @@ def merged_state_dict(
     keep: bool = True,
     state_dict: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """The plain model's state dict with every LoRA layer merged: ``W_res + s·B·A`` (= ``W + ΔW``).
-
-    Keys are those of the un-wrapped model (``...q_proj.weight``); adapter tensors are left out. The
-    model is read one module at a time (under ZeRO-3 each module's parameters, with its LoRA factors,
-    are gathered in turn: every rank must call it; ``keep=False`` takes part without keeping a copy).
-    Merged weights are computed in fp32, rounded to the base dtype and moved to the CPU one at a time.
-    ``state_dict``: the ``peft`` model's whole state when its own tensors are shards (FSDP; module
-    docstring), read instead of the model.
+    """The plain model's state dict (un-wrapped keys, no adapter tensors) with every LoRA layer merged,
+    ``W_res + s·B·A`` computed in fp32 and rounded to the base dtype, one module at a time on the CPU.
+    Under ZeRO-3 every rank must call it (``keep=False`` takes part without keeping a copy);
+    ``state_dict``: the whole state, read instead of the model (FSDP).
     """
     _require_peft_model(model)
     layers = _require_lora_model(model, adapter_name)
@@ -196,12 +178,15 @@ def merged_state_dict(
                     continue
                 key = f"{prefix}.{name}".replace(".base_layer.", ".") if prefix else name
                 if lora is not None and name == "weight":
-                    A = lora.lora_A[adapter_name].weight.float()
-                    B = lora.lora_B[adapter_name].weight.float()
-                    merged = tensor.float() + float(lora.scaling[adapter_name]) * (B @ A)
-                    tensor = merged.to(tensor.dtype)
+                    A, B = lora.lora_A[adapter_name].weight, lora.lora_B[adapter_name].weight
+                    tensor = _merge(tensor, A, B, lora.scaling[adapter_name])
                 state[key] = tensor.detach().to("cpu", copy=True)
     return state
+
+
+def _merge(weight: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
+    """``W + s·B·A`` in fp32, rounded to the weight's dtype."""
+    return (weight.float() + float(scaling) * (B.float() @ A.float())).to(weight.dtype)
 
 
 def _merged_from_state(
@@ -217,11 +202,9 @@ def _merged_from_state(
         prefix = plain.rsplit(".", 1)[0] + "."
         layer = by_prefix.get(prefix)
         if layer is not None and plain.endswith(".weight"):
+            A, B = (source[f"{prefix}lora_{x}.{adapter_name}.weight"] for x in "AB")
             with torch.no_grad():
-                A = source[f"{prefix}lora_A.{adapter_name}.weight"].float()
-                B = source[f"{prefix}lora_B.{adapter_name}.weight"].float()
-                merged = tensor.float() + float(layer.scaling[adapter_name]) * (B @ A)
-            tensor = merged.to(tensor.dtype)
+                tensor = _merge(tensor, A, B, layer.scaling[adapter_name])
         state[plain] = tensor.detach().to("cpu")
     return state
 
@@ -234,12 +217,9 @@ def save_merged(
     overwrite: bool = False,
     state_dict: dict[str, Tensor] | None = None,
 ) -> Path:
-    """Write the trained model with its LoRA adapter merged, as a plain ``transformers`` checkpoint.
-
-    Every LoRA-wrapped weight becomes ``W_res + s·B·A`` (for FILA: the original ``W`` plus ``ΔW``);
-    ``AutoModelForCausalLM.from_pretrained(path)`` loads it without ``peft``. Safetensors, written
-    atomically; the model itself is not modified. ``state_dict``: the :func:`merged_state_dict` already
-    collected (under ZeRO-3, by every rank; this then writes without a collective).
+    """Write the trained model with its LoRA adapter merged (:func:`merged_state_dict`) as a plain
+    ``transformers`` checkpoint that loads without ``peft``; safetensors, written atomically, the model
+    unchanged. ``state_dict``: the merged state already collected (by every rank under ZeRO-3).
     """
     state = merged_state_dict(model, adapter_name=adapter_name) if state_dict is None else state_dict
     base = unwrap_model(model)

@@ -1,9 +1,5 @@
-"""The linear layers a Fisher estimate covers: discovery by canonical name, and the user's selection.
-
-Names are canonical (:func:`fastunlearn.models.loading.canonical_name`): the same layer has the same name on
-a ``transformers`` model and on that model wrapped by ``peft``, DDP or DeepSpeed, so estimates taken on
-either apply to both. For a ``peft`` adapter layer the frozen base layer is the one measured.
-"""
+"""The linear layers a Fisher estimate covers, by canonical name (the same on a model and on it wrapped by
+``peft``, DDP or DeepSpeed); for a ``peft`` adapter layer, its frozen base layer."""
 
 from __future__ import annotations
 
@@ -18,7 +14,7 @@ __all__ = ["linear_layers", "select_linear_layers"]
 
 
 def _tuner_layer_class() -> type | None:
-    # A model can only contain peft layers if peft has been imported: no need to import it otherwise.
+    # A model can only hold peft layers if peft has been imported.
     if "peft" not in sys.modules:
         return None
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -27,10 +23,8 @@ def _tuner_layer_class() -> type | None:
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` of ``model`` by canonical name; for a ``peft`` adapter layer, its frozen base.
-
-    The adapters' own linear layers (``lora_A``, ``lora_B``...) are not included.
-    """
+    """Every ``nn.Linear`` of ``model`` by canonical name; for a ``peft`` adapter layer its frozen base,
+    not the adapters' own layers."""
     root = unwrap_model(model)
     tuner = _tuner_layer_class()
     found: dict[str, nn.Linear] = {}
@@ -70,11 +64,8 @@ def _layer_summary(names: Iterable[str], limit: int = 12) -> str:
 def select_linear_layers(
     model: nn.Module, target_modules: str | Sequence[str] | None
 ) -> dict[str, nn.Linear]:
-    """Resolve ``target_modules`` (full canonical names or dotted suffixes) to linear layers.
-
-    ``None`` selects every ``nn.Linear`` but the output embedding (``get_output_embeddings()``), the
-    reference's scope. Raises ``ValueError`` naming any entry that matches nothing, with the candidates.
-    """
+    """Resolve ``target_modules`` (canonical names or dotted suffixes) to linear layers; ``None``: every
+    ``nn.Linear`` but the output embedding. ``ValueError`` naming an entry that matches nothing."""
     layers = linear_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layers to measure")
