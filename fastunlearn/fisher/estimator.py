@@ -115,29 +115,21 @@ def estimate_fisher(
     """Diagonal empirical Fisher of a causal LM's linear layers over ``batches`` (module docstring).
 
     Args:
-        model: a ``transformers`` causal LM (anything returning ``.logits`` from ``input_ids``), plain
-            or ``peft``-wrapped; for adapter layers the frozen base weight is measured.
-        batches: iterable of dicts with ``input_ids`` and ``labels`` (``[B, T]``, ``-100`` = no loss,
-            aligned with the inputs as in Hugging Face) and optionally ``attention_mask``,
-            ``position_ids``. Read once and kept (token ids only).
-        target_modules: canonical names or dotted suffixes (``["q_proj", "v_proj"]``); ``None`` = every
-            ``nn.Linear`` but the output embedding.
-        mode: ``"per_example"`` (``g_n`` the gradient of example ``n``'s summed token NLL, ``N`` the
-            examples with a label), ``"batch"`` or ``"token"`` (module docstring).
+        model: a ``transformers`` causal LM, plain or ``peft``-wrapped (adapter layers: the base weight).
+        batches: dicts with ``input_ids`` and ``labels`` (``[B, T]``, ``-100`` = no loss, aligned as in
+            Hugging Face), optionally ``attention_mask``, ``position_ids``; read once and kept.
+        target_modules: canonical names or dotted suffixes; ``None``: every ``nn.Linear`` but the head.
+        mode: ``"per_example"`` (``g_n`` of example ``n``'s summed token NLL), ``"batch"`` or ``"token"``.
         backend: for :func:`fastunlearn.per_example_grad_sq`.
-        max_memory: bytes (``int`` or ``"4GiB"``-style string) the fp32 accumulators may take at once.
-            ``None``: on CUDA what is free after the model and a pass's activations; on the CPU no limit.
-        gradient_checkpointing: recompute each decoder layer in the backward; ``None`` follows the
-            model. The estimate is the same either way.
+        max_memory: bytes (or ``"4GiB"``) the accumulators may take at once; ``None``: on CUDA what is
+            free after the model and a pass's activations, on the CPU no limit.
+        gradient_checkpointing: recompute each decoder layer in the backward (``None``: as the model).
         progress: show a ``tqdm`` progress bar.
 
-    One forward and one backward per batch and group of layers, in eval mode, the weights frozen (no
-    ``.grad``); the model's flags, modes and hooks are restored however the function exits. The result
-    is on the layers' device when one group holds every layer, on the CPU otherwise.
-
-    Raises:
-        ValueError: an unknown mode or target, a batch without ``input_ids``/``labels``, no label token
-            in any batch, a budget too small for one layer's accumulator, non-finite values.
+    One forward and backward per batch and group of layers, in eval mode with frozen weights; the
+    model is restored however the function exits. The result is on the layers' device when one group
+    holds every layer, else on the CPU. ``ValueError`` for an unknown mode or target, a bad batch, no
+    label token, a budget below one layer's accumulator or non-finite values.
     """
     _, data, estimates = _estimates(
         model, batches, target_modules, mode, backend, max_memory, gradient_checkpointing, progress,

@@ -92,20 +92,17 @@ def _check_layer(
     """Errors for a LoRA layer FILA cannot initialise, or whose Fisher values (``tables``: what → name →
     estimate or row weights) do not fit it; run on every layer before any is modified."""
     base = layer.get_base_layer()
-    if not isinstance(base, nn.Linear):
-        raise ValueError(
-            f"LoRA layer {name!r} wraps a {type(base).__name__}; FILA handles nn.Linear layers only"
-        )
-    if getattr(layer, "fan_in_fan_out", False):
-        raise ValueError(
-            f"LoRA layer {name!r} uses fan_in_fan_out (Conv1D weights), which FILA does not handle"
-        )
-    if adapter_name in getattr(layer, "lora_variant", {}):
-        raise ValueError(f"LoRA layer {name!r} uses a LoRA variant (e.g. DoRA); FILA needs plain LoRA")
-    if getattr(layer, "lora_bias", {}).get(adapter_name, False):
-        raise ValueError(f"LoRA layer {name!r} has a LoRA bias (lora_bias=True), which FILA does not handle")
-    if adapter_name in getattr(layer, _RECORD_ATTR, {}):
-        raise ValueError(f"LoRA layer {name!r} is already FILA-initialised for adapter {adapter_name!r}")
+    variant, bias, done = (getattr(layer, a, {}) for a in ("lora_variant", "lora_bias", _RECORD_ATTR))
+    unsupported = {
+        f"wraps a {type(base).__name__}; FILA handles nn.Linear layers only": not isinstance(base, nn.Linear),
+        "uses fan_in_fan_out (Conv1D weights); FILA does not handle it": getattr(layer, "fan_in_fan_out", 0),
+        "uses a LoRA variant (e.g. DoRA); FILA needs plain LoRA": adapter_name in variant,
+        "has a LoRA bias (lora_bias=True), which FILA does not handle": bias.get(adapter_name, False),
+        f"is already FILA-initialised for adapter {adapter_name!r}": adapter_name in done,
+    }
+    for problem, bad in unsupported.items():
+        if bad:
+            raise ValueError(f"LoRA layer {name!r} {problem}")
     weight_shape = linear_shape(base)  # not weight.shape: empty under ZeRO-3
     rank = layer.r[adapter_name]
     if rank > min(weight_shape):

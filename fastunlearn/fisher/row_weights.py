@@ -1,17 +1,10 @@
 """FILA's row weights, computed without ever holding a whole model's Fisher information.
 
-From the forget and retain estimates ``F_f``, ``F_r`` (each normalised by its own count) FILA needs only,
-per layer ``W ∈ R^{out×in}``, the row weights (Cha et al. 2025, arXiv 2408.06621)
-
-    d_i = sqrt( Σ_j F_f,ij / (F_r,ij + ε) )         (one fp32 number per output row)
-
-``out`` numbers where the estimates are ``2·out·in``: about 1.36 M values (5.4 MB in fp32) for all of
-Llama-2-7B's linear layers against 52 GB of estimates. :func:`fila_row_weights` therefore computes them
-group by group: the layers are split into runs whose forget and retain accumulators (8 bytes per
-weight) fit a memory budget, each group's accumulators are filled by one pass of each data set,
-reduced to ``d`` (:func:`row_weight`, the one definition, which :func:`fila_init` given two estimates
-uses too) and freed before the next group. A layer's accumulators do not depend on the grouping, so
-the streamed ``d`` equals that of two whole-model estimates.
+Of the forget and retain estimates ``F_f``, ``F_r`` FILA (Cha et al. 2025, arXiv 2408.06621) needs only
+the row weights ``d_i = sqrt(Σ_j F_f,ij / (F_r,ij + ε))`` of each layer ``W ∈ R^{out×in}``: about 1.36 M
+fp32 values (5.4 MB) for Llama-2-7B's linear layers against 52 GB of estimates. :func:`fila_row_weights`
+fills the accumulators of one group of layers at a time, reduces them to ``d`` and frees them; a layer's
+accumulators do not depend on the grouping, so ``d`` equals that of two whole-model estimates.
 """
 
 from __future__ import annotations
@@ -53,30 +46,17 @@ def check_eps(eps: Any) -> float:
 
 
 def row_weight(forget: Tensor, retain: Tensor, eps: float, *, in_place: bool = False) -> Tensor:
-    """``d_i = sqrt(Σ_j F_f,ij / (F_r,ij + ε))`` of one layer, in fp32 where the estimates are.
-
-    ``in_place``: use the fp32 estimates as scratch (they are overwritten) instead of allocating two
-    more layer-sized tensors; the result is bit for bit the same.
-    """
-    if in_place:
-        if forget.dtype != torch.float32 or retain.dtype != torch.float32:
-            raise TypeError("row_weight(in_place=True) needs fp32 estimates")
-        relative = forget.div_(retain.add_(eps))
-    else:
-        relative = forget.float() / (retain.float() + eps)
+    """``d_i = sqrt(Σ_j F_f,ij / (F_r,ij + ε))`` of one layer in fp32; ``in_place``: overwrite the fp32
+    estimates instead of allocating two more layer-sized tensors (the same bits)."""
+    relative = forget.div_(retain.add_(eps)) if in_place else forget.float() / (retain.float() + eps)
     return relative.sum(dim=1).sqrt()
 
 
 class FilaRowWeights(LayerTable):
-    """FILA's row weights: canonical layer name → fp32 ``d`` of shape ``[out]`` (module docstring).
-
-    Attributes:
-        eps: the ``ε`` of ``F_f / (F_r + ε)`` they were computed with (:func:`fila_init` uses it again
-            in ``1/(d + ε)``).
-        mode: the Fisher estimator (``"per_example"``, ``"batch"``, ``"token"``), or ``None`` if unknown.
-        counts: those known of ``forget_examples``, ``forget_tokens``, ``retain_examples``,
-            ``retain_tokens``.
-    """
+    """FILA's row weights: canonical layer name → fp32 ``d`` ``[out]``, with the ``eps`` they were
+    computed with (:func:`fila_init` uses it again in ``1/(d + ε)``), the Fisher ``mode`` (or ``None``)
+    and the ``counts`` known of ``forget_examples``, ``forget_tokens``, ``retain_examples``,
+    ``retain_tokens``."""
 
     def __init__(
         self,
@@ -160,29 +140,11 @@ def fila_row_weights(
     gradient_checkpointing: bool | None = None,
     progress: bool = True,
 ) -> FilaRowWeights:
-    """FILA's row weights ``d`` of the model's linear layers from a forget and a retain data set,
-    streamed group by group under a memory budget (module docstring).
-
-    Equal to ``FilaRowWeights.from_fisher(estimate_fisher(model, forget), estimate_fisher(model,
-    retain), eps=eps)`` with the same options, without holding either estimate.
-
-    Args:
-        model, target_modules, mode, backend, gradient_checkpointing, progress: as for
-            :func:`~fastunlearn.fisher.estimate_fisher`.
-        forget, retain: iterables of batches (dicts with ``input_ids`` and ``labels``), each read once
-            and kept (token ids only) for the passes of every group.
-        eps: ``ε`` of ``F_f / (F_r + ε)``.
-        max_memory: bytes (``int`` or ``"4GiB"``-style string) the forget and retain fp32 accumulators
-            of one group may take (8 bytes per weight). ``None``: on CUDA, what is free after the model
-            and a pass's activations; on the CPU, half of the available host memory.
-
-    Two passes (forget, retain) per group, each one forward and one backward per batch. Under
-    ``torchrun`` the ranks share the batches and sum their accumulators
-    (:func:`~fastunlearn.fisher.passes.run_pass`); every rank returns rank 0's ``d``.
-
-    Raises:
-        ValueError: as :func:`estimate_fisher`; a budget too small for one layer (naming the layer and
-            the bytes it needs), checked before any pass; non-finite estimates (naming the layer).
+    """``FilaRowWeights.from_fisher(estimate_fisher(model, forget), estimate_fisher(model, retain),
+    eps=eps)`` without holding either estimate: one pass of each data set per group of layers whose
+    forget and retain fp32 accumulators (8 bytes per weight) fit ``max_memory`` (by default, on the CPU,
+    half the available host memory). Other arguments and errors as :func:`estimate_fisher`'s; under
+    ``torchrun`` every rank returns rank 0's ``d``.
     """
     eps = check_eps(eps)
     budget = None if max_memory is None else parse_bytes(max_memory)
