@@ -93,7 +93,7 @@ def generate_one_by_one(model, tokenizer, prompts, max_new_tokens: int) -> list[
 
 def demo_model_and_texts(cache_dir: str | None):
     from fastunlearn import demo
-    from fastunlearn.evaluation.records import read_records
+    from fastunlearn.data.records import read_records
     from fastunlearn.models.loading import load_model_and_tokenizer
 
     paths = demo.prepare_models(cache_dir or demo.default_cache_dir(), demo.SIZES["small"], progress=False)

@@ -527,4 +527,3 @@ def test_trajectory_png(tmp_path):
     image = matplotlib.image.imread(path)
     assert image.shape[0] > 100 and image.shape[1] > 100
     assert image[..., :3].std() > 0.05  # something was drawn
-

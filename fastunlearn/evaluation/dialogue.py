@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
+from fastunlearn.data.records import read_records
 from fastunlearn.evaluation.generation import cut_at, greedy_texts
-from fastunlearn.evaluation.records import read_records
 
 __all__ = ["evaluate_dialogue", "normalize_text", "unigram_f1"]
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from fastunlearn import data as fdata
+from fastunlearn.data.records import read_records, text_field
 from fastunlearn.data.tofu_files import find_tofu_files, read_tofu_file
 from fastunlearn.evaluation.dialogue import evaluate_dialogue
 from fastunlearn.evaluation.extraction import evaluate_extraction
@@ -37,7 +38,6 @@ from fastunlearn.evaluation.harness import check_tasks, evaluate_lm_eval
 from fastunlearn.evaluation.mia import ATTACKS, evaluate_mia
 from fastunlearn.evaluation.muse import CRITERIA, CRITERION_FILES, evaluate_muse
 from fastunlearn.evaluation.muse_files import read_muse
-from fastunlearn.evaluation.records import read_records, text_field
 from fastunlearn.evaluation.report import is_lm_eval_score
 from fastunlearn.evaluation.tofu import evaluate_tofu, summarize_tofu
 from fastunlearn.models.devices import model_device

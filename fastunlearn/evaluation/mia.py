@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
+from fastunlearn.data.records import text_field
 from fastunlearn.engines import distributed
-from fastunlearn.evaluation.records import text_field
 from fastunlearn.evaluation.sequence_stats import map_text_batches, tokenize_texts
 
 __all__ = [

@@ -8,9 +8,8 @@ published subsets (News: BBC articles; Books: Harry Potter):
   ``knowmem/retain_qa_icl``: ``{"question", "answer"}``;
 - ``privleak/forget``, ``privleak/holdout``, ``privleak/retain``: ``{"text"}``.
 
-Each name is a file with or without an extension: ``NAME.jsonl``, ``NAME.json`` or ``NAME`` itself,
-exactly one of them; its content is JSON Lines or a JSON array, whatever the extension
-(:func:`fastunlearn.evaluation.records.read_records`; in a ``{"text"}`` file a string stands for a
+Each name is a file ``NAME.jsonl``, ``NAME.json`` or ``NAME`` itself, exactly one of them, holding
+JSON Lines or a JSON array whatever the extension (in a ``{"text"}`` file a string stands for a
 record).
 """
 
@@ -19,7 +18,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from fastunlearn.evaluation.records import read_records
+from fastunlearn.data.records import read_records
 
 __all__ = ["EXTENSIONS", "MUSE_FILES", "muse_file", "read_muse"]
 
