@@ -34,11 +34,6 @@ def _rows(rows: Any, name: str) -> list[dict[str, Any]]:
     return [{**row, "_source": f"{name}[{i}]"} for i, row in enumerate(rows)]
 
 
-def _json_error(path: str, line: int, err: json.JSONDecodeError, text: str) -> ValueError:
-    where = "the end of the line" if err.pos >= len(text) else f"column {err.colno}"
-    return ValueError(f"{path}:{line}: invalid JSON ({err.msg} at {where})")
-
-
 def _array_items(path: str, text: str) -> Iterator[tuple[Any, int]]:
     """``(value, line)`` of each element of the JSON array ``text``, decoded one at a time so that a
     bad element is reported at its line."""
@@ -66,7 +61,8 @@ def _lines(path: str, text: str) -> Iterator[tuple[Any, int]]:
             try:
                 yield json.loads(line), lineno
             except json.JSONDecodeError as err:
-                raise _json_error(path, lineno, err, line) from None
+                where = "the end of the line" if err.pos >= len(line) else f"column {err.colno}"
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg} at {where})") from None
 
 
 def _read_json(path: str) -> list[dict[str, Any]]:
