@@ -1,18 +1,15 @@
-"""Extraction metrics (Jang et al. 2023): memorisation accuracy and extraction likelihood.
-
-Both score raw token sequences (no prompt, no labels): MA from one teacher-forced pass, ``EL_n`` from
-greedy continuations of every prefix. :func:`extraction_metrics` gives the two from one shared
-teacher-forced pass, whose misses are also the only prefixes the batched ``EL_n`` has to decode.
-"""
+"""Extraction metrics of raw token sequences (Jang et al. 2023, arXiv:2210.01504): memorisation
+accuracy from one teacher-forced pass, extraction likelihood ``EL_n`` from greedy continuations of
+every prefix, of which only the teacher-forced misses need decoding."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 from fastunlearn.evaluation.decoding import greedy_decode
 from fastunlearn.models.devices import eval_mode, model_device
-
-__all__ = ["extraction_likelihood", "extraction_metrics", "memorization_accuracy"]
 
 
 def _check_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -63,13 +60,9 @@ def _sequences(
 
 
 def _teacher_forced_hits(model: torch.nn.Module, seqs: list[torch.Tensor], batch_size: int) -> torch.Tensor:
-    """``hits[b, t−1] = 1[argmax_v p(v | x_<t) = x_t]`` for t = 1..T_b−1 of each sequence, False past its
-    end: a ``[B, W−1]`` bool tensor, W the longest length, on the model's device.
-
-    One forward pass per batch of ``batch_size`` right-padded sequences (causal attention: padding after
-    a sequence's tokens changes nothing they see). Both extraction metrics derive from it: MA is the
-    mean of a row, and the rows' misses are :func:`_el_batched`'s divergence points.
-    """
+    """``hits[b, t−1] = 1[argmax_v p(v | x_<t) = x_t]`` for t = 1..T_b−1, False past each end: ``[B, W−1]``
+    bool, one forward per batch of right-padded sequences (causal: padding after a sequence changes
+    nothing it sees). MA is a row's mean; its misses are :func:`_el_batched`'s divergence points."""
     device = model_device(model)
     hits = torch.zeros((len(seqs), max(len(s) for s in seqs) - 1), dtype=torch.bool, device=device)
     for start in range(0, len(seqs), batch_size):
@@ -97,15 +90,11 @@ def memorization_accuracy(
     *,
     batch_size: int | None = None,
 ) -> torch.Tensor:
-    """Memorisation accuracy per sequence, teacher forced (Jang et al. 2023, Eq. 2).
+    """Memorisation accuracy per sequence (Jang et al. 2023, Eq. 2), float64 ``[B]`` on the model's device:
 
         MA(x) = 1/(T−1) · Σ_{t=1}^{T−1} 1[argmax_v p(v | x_<t) = x_t]
 
-    One forward pass per batch gives every ``argmax_v p(v | x_<t)`` at once (the original code called
-    ``generate`` once per position for the same numbers). Padding may sit on either side; ``T`` is each
-    sequence's own number of real tokens. Returns a float64 ``[B]`` tensor on the model's device.
-    :func:`extraction_metrics` gives MA and EL_n from one shared forward pass.
-    """
+    from one forward pass per batch; ``T`` is each sequence's own number of real tokens."""
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     seqs = _sequences(model, input_ids, attention_mask, 2, "memorization_accuracy")
@@ -115,12 +104,9 @@ def memorization_accuracy(
 
 
 def _ngram_overlap(gen: torch.Tensor, true: torch.Tensor, lengths: torch.Tensor, n: int) -> torch.Tensor:
-    """``overlap_n`` for each row: #n-grams of ``gen`` found in the set of n-grams of ``true`` over
-    #n-grams of ``true``. Rows are left aligned; row r uses its first ``lengths[r]`` tokens.
-
-    Exact and vectorised: every n-gram (a row of an ``[M, n]`` tensor) gets an integer id from
-    ``torch.unique``; membership is then ``torch.isin`` on (row, id) keys. Returns float64 ``[R]``.
-    """
+    """``overlap_n`` of each left-aligned row (its first ``lengths[r]`` tokens): #n-grams of ``gen`` among
+    those of ``true`` over #n-grams of ``true``, float64 ``[R]``. Every n-gram gets an integer id from
+    ``torch.unique``; membership is ``torch.isin`` on (row, id) keys."""
     rows, width = gen.shape
     count = lengths - n + 1  # number of n-grams per row (≥ 1 by construction)
     starts = torch.arange(width - n + 1, device=gen.device)
@@ -177,17 +163,12 @@ def _el_batched(
 ) -> torch.Tensor:
     """Extraction likelihood sharing work across prefixes, from :func:`_teacher_forced_hits`' ``hits``.
 
-    Greedy decoding is a deterministic function of the prefix, so if the teacher-forced prediction at
-    t is the true token (``argmax p(· | x_<t) = x_t``), the greedy run from ``x_<t`` emits ``x_t`` and
-    then *is* the greedy run from ``x_<t+1``. Hence every prefix's continuation is
-    ``x[t:s] ++ greedy(x_<s)`` with ``s`` the first divergence point ``≥ t`` (or ``x[t:T]`` when none):
-    the teacher-forced pass finds the divergence points, and only those prefixes are decoded, all of
-    them (over every sequence) as batches of ``batch_size`` rows with a KV cache, longest first. A
-    memorised sequence has few divergence points, so its O(T²) generated tokens shrink to nearly
-    nothing. A sequence the model does not know diverges almost everywhere: then only the larger
-    batches help, which matters on a GPU (a decode step costs about the same for 32 or 256 rows) and
-    little on a CPU, where decoding is compute-bound (``benchmarks/bench_extraction.py`` measures the
-    memorised, partly memorised and unmemorised cases).
+    Greedy decoding is a deterministic function of the prefix: where the teacher-forced prediction at
+    t is the true token, the greedy run from ``x_<t`` emits ``x_t`` and then *is* the run from
+    ``x_<t+1``. So every prefix's continuation is ``x[t:s] ++ greedy(x_<s)``, ``s`` the first
+    divergence point ``≥ t`` (``x[t:T]`` when none), and only the divergence points are decoded, over
+    every sequence in batches of ``batch_size`` rows, longest first. A memorised sequence's O(T²)
+    generated tokens shrink to nearly nothing.
     """
     lengths = [len(s) for s in seqs]
     points = _divergence_points(hits, lengths, n)
@@ -202,8 +183,7 @@ def _el_batched(
         for r, (b, s) in enumerate(chunk):
             branches[b][s] = gen[r, : lengths[b] - s]
 
-    # Scored one sequence at a time: one torch.unique over all sequences' n-grams measured ~30%
-    # slower on a CPU (32 sequences of 200 tokens).
+    # Scored one sequence at a time: a torch.unique over every sequence's n-grams is slower.
     scores = [
         _ngram_overlap(*_continuations(seq, points[b], branches[b], n), n).mean()
         for b, seq in enumerate(seqs)
@@ -236,65 +216,6 @@ def _el_naive(model: torch.nn.Module, seqs: list[torch.Tensor], n: int, batch_si
     return torch.stack([torch.tensor(o, dtype=torch.float64).mean() for o in overlaps])
 
 
-def _check_extraction_options(n: int, method: str, batch_size: int) -> None:
-    if method not in ("batched", "naive"):
-        raise ValueError(f"unknown method {method!r}; expected 'batched' or 'naive'")
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive integer, got {n!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
-
-
-def _extraction(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    *,
-    n: int,
-    method: str,
-    batch_size: int,
-    with_ma: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    _check_extraction_options(n, method, batch_size)
-    seqs = _sequences(model, input_ids, attention_mask, n + 1, f"EL_{n}")
-    with eval_mode(model):
-        # The naive method decodes every prefix itself: it needs the teacher-forced pass only for MA.
-        hits = _teacher_forced_hits(model, seqs, batch_size) if with_ma or method == "batched" else None
-        if method == "batched":
-            el = _el_batched(model, seqs, hits, n, batch_size)
-        else:
-            el = _el_naive(model, seqs, n, batch_size)
-    return (_accuracy(hits, seqs).cpu() if with_ma else None), el.cpu()
-
-
-def extraction_likelihood(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    *,
-    n: int = 10,
-    attention_mask: torch.Tensor | None = None,
-    method: str = "batched",
-    batch_size: int = 64,
-) -> torch.Tensor:
-    """Extraction likelihood ``EL_n`` per sequence (Jang et al. 2023, Eq. 1).
-
-        EL_n(x) = 1/(T−n) · Σ_{t=1}^{T−n} overlap_n(greedy(x_<t), x_≥t)
-
-    ``greedy(x_<t)`` is the greedy continuation of the first t tokens to total length T (no stop at
-    EOS), and ``overlap_n(a, b)`` the number of n-grams of ``a`` that occur among the n-grams of
-    ``b``, over the number of n-grams of ``b``. Padding may sit on either side; each sequence needs
-    more than ``n`` real tokens.
-
-    ``method="batched"`` (default) shares work across prefixes (see :func:`_el_batched`) and decodes
-    ``batch_size`` rows at a time; ``method="naive"`` decodes each prefix length separately, the
-    original algorithm, kept as the reference. Both give the same numbers (up to the rounding of
-    batched matrix products deciding an exact argmax tie). Returns a float64 ``[B]`` tensor (CPU).
-    """
-    return _extraction(
-        model, input_ids, attention_mask, n=n, method=method, batch_size=batch_size, with_ma=False
-    )[1]
-
-
 def extraction_metrics(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -304,14 +225,33 @@ def extraction_metrics(
     method: str = "batched",
     batch_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(MA, EL_n)`` per sequence, each a float64 ``[B]`` CPU tensor: the extraction protocol.
+    """``(MA, EL_n)`` per sequence (Jang et al. 2023, Eq. 2 and 1), float64 ``[B]`` CPU tensors, from one
+    shared teacher-forced pass:
 
-    MA is :func:`memorization_accuracy`, EL_n :func:`extraction_likelihood` (same arguments); the
-    teacher-forced forward pass that gives MA also gives the batched method's divergence points, so
-    it runs once for both. Each sequence needs more than ``n`` real tokens.
+        EL_n(x) = 1/(T−n) · Σ_{t=1}^{T−n} overlap_n(greedy(x_<t), x_≥t)
+
+    ``greedy(x_<t)`` continues the first t tokens to length T (no stop at EOS); ``overlap_n(a, b)`` is
+    the share of ``b``'s n-grams found among ``a``'s. Padding may sit on either side; each sequence
+    needs more than ``n`` real tokens. ``method="batched"`` shares work across prefixes
+    (:func:`_el_batched`, ``batch_size`` rows decoded at a time); ``"naive"`` decodes every prefix, the
+    original algorithm, kept as the reference: both agree up to an argmax tie broken by rounding.
     """
-    ma, el = _extraction(
-        model, input_ids, attention_mask, n=n, method=method, batch_size=batch_size, with_ma=True
-    )
-    assert ma is not None  # with_ma=True
-    return ma, el
+    if method not in ("batched", "naive"):
+        raise ValueError(f"unknown method {method!r}; expected 'batched' or 'naive'")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    seqs = _sequences(model, input_ids, attention_mask, n + 1, f"EL_{n}")
+    with eval_mode(model):
+        hits = _teacher_forced_hits(model, seqs, batch_size)
+        if method == "batched":
+            el = _el_batched(model, seqs, hits, n, batch_size)
+        else:
+            el = _el_naive(model, seqs, n, batch_size)
+    return _accuracy(hits, seqs).cpu(), el.cpu()
+
+
+def extraction_likelihood(model: torch.nn.Module, input_ids: torch.Tensor, **options: Any) -> torch.Tensor:
+    """Extraction likelihood ``EL_n`` per sequence: :func:`extraction_metrics`' second tensor."""
+    return extraction_metrics(model, input_ids, **options)[1]
