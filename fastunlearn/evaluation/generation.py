@@ -1,12 +1,5 @@
-"""Greedy continuations of text prompts, batched and shared by the ranks: the generation step of MUSE's
-VerbMem and KnowMem and of the dialogue tasks.
-
-Prompts are tokenised with the tokenizer's special tokens and decoded in left-padded batches with a
-KV cache (:func:`fastunlearn.evaluation.decoding.greedy_completions`, which stops each row at EOS);
-under several processes each rank continues its share of the prompts
-(:func:`fastunlearn.engines.distributed.map_sharded`) and every rank gets every text. The texts come back as
-decoded, unstripped, so that a protocol can cut them where it defines an answer to end.
-"""
+"""Greedy continuations of text prompts, batched and shared by the ranks: MUSE's VerbMem and KnowMem
+and the dialogue tasks. The texts come back unstripped, for a protocol to cut where an answer ends."""
 
 from __future__ import annotations
 
@@ -18,8 +11,6 @@ import torch
 from fastunlearn.engines import distributed
 from fastunlearn.evaluation.decoding import greedy_completions
 
-__all__ = ["cut_at", "greedy_texts"]
-
 
 def greedy_texts(
     model: torch.nn.Module,
@@ -29,8 +20,8 @@ def greedy_texts(
     max_new_tokens: int,
     batch_size: int,
 ) -> list[str]:
-    """The greedy continuation of each prompt, up to ``max_new_tokens`` new tokens or EOS, decoded
-    without special tokens; one batched decode per ``batch_size`` prompts, never one call per item."""
+    """The greedy continuation of each prompt (tokenised with special tokens), up to ``max_new_tokens``
+    new tokens or EOS, decoded without special tokens, ``batch_size`` prompts at a time."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
     if batch_size < 1:
@@ -52,6 +43,5 @@ def greedy_texts(
 
 
 def cut_at(text: str, marker: str) -> str:
-    """``text`` up to the first ``marker`` (all of it when there is none), stripped of surrounding
-    whitespace."""
+    """``text`` up to the first ``marker`` (all of it without one), stripped."""
     return text.split(marker, 1)[0].strip()

@@ -1,11 +1,6 @@
-"""Reference truth ratios for forget quality: the retain-only model's, saved once and checked on use.
-
-Forget quality (Maini et al. 2024) is a KS test of the unlearned model's forget-set truth ratios against those
-of a model never trained on the forget set. The reference is computed once
-(:func:`fastunlearn.evaluation.tofu.evaluate_tofu` with ``save_reference``) and saved as JSON with the
-protocol it was computed under, so that a later run under another protocol is refused rather than
-compared with numbers of a different distribution.
-"""
+"""Reference truth ratios for forget quality (Maini et al. 2024): the retain-only model's, saved once
+with the protocol they were computed under, so that a run under another protocol is refused rather
+than compared with numbers of a different distribution."""
 
 from __future__ import annotations
 
@@ -17,15 +12,12 @@ from typing import Any
 
 from fastunlearn._io import write_json
 
-__all__ = ["load_reference_truth_ratios", "save_reference_truth_ratios"]
-
 
 def save_reference_truth_ratios(
     path: str | os.PathLike, results: Mapping[str, Any], *, overwrite: bool = False
 ) -> str:
-    """Save the forget-set truth ratios of a TOFU evaluation (of the retain-only model) as the reference
-    for forget quality, with the mode, template and forget file they were computed with (checked when
-    the file is loaded). Written atomically; an existing file is kept unless ``overwrite=True``."""
+    """Save the forget-set truth ratios of a TOFU evaluation of the retain-only model with the mode,
+    template and forget file they were computed with; an existing file is kept unless ``overwrite``."""
     path = os.fspath(path)
     tofu = results.get("tofu", results)
     ratios = tofu.get("forget_truth_ratios")
@@ -61,15 +53,9 @@ def load_reference_truth_ratios(
     template: str | None = None,
     forget_file: str | os.PathLike | None = None,
 ) -> list[float]:
-    """Load reference truth ratios saved by :func:`save_reference_truth_ratios`, checked against the run.
-
-    Truth ratios under other prompts (``template``) or another protocol (``mode``: item cap, prompts)
-    are another distribution, and a KS test against them would measure that change, not unlearning:
-    when ``mode`` / ``template`` are given (:func:`evaluate_tofu` passes its own) and the file records
-    different ones, ``ValueError``. A forget file of another name than the recorded one only warns
-    (files get moved and renamed; the item count is checked by the caller). A bare JSON list of
-    numbers records nothing and is taken as is.
-    """
+    """Reference truth ratios saved by :func:`save_reference_truth_ratios`: ``ValueError`` when they
+    record another ``mode`` or ``template`` (a KS test against them would measure that change, not
+    unlearning); another forget file's name only warns. A bare JSON list is taken as is."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(

@@ -1,5 +1,5 @@
-"""Metrics built on text comparison and statistics (Maini et al. 2024): ROUGE-L recall, forget quality (a KS
-test between truth-ratio samples) and model utility (a harmonic mean of TOFU's nine numbers)."""
+"""TOFU's metrics built on text and statistics (Maini et al. 2024): ROUGE-L recall, forget quality (a KS
+test between truth-ratio samples) and model utility (a harmonic mean of nine numbers)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,6 @@ import functools
 from collections.abc import Iterable, Mapping, Sequence
 
 import torch
-
-__all__ = ["forget_quality", "model_utility", "rouge_l_recall"]
-
 
 # Distinct texts whose tokens are remembered (a few MB at most): a run's reference answers and the
 # greedy answers that repeat across its evaluations.
@@ -19,9 +16,8 @@ _TOKENIZED_TEXTS = 1 << 16
 @functools.cache
 def _rouge_l_scorer():
     """``rouge_score``'s ROUGE-L scorer with TOFU's tokenisation (lower-cased words, Porter stemming),
-    built once and remembering each text's tokens: stemming costs more than the LCS of a short answer,
-    and the stopping rules score the same reference answers at every evaluation near their threshold.
-    The tokens of a text do not depend on when it is scored, so the scores are unchanged."""
+    remembering each text's tokens: stemming costs more than the LCS of a short answer, and the
+    stopping rules score the same reference answers at every evaluation."""
     from rouge_score import rouge_scorer, tokenizers
 
     tofu_words = tokenizers.DefaultTokenizer(use_stemmer=True)
@@ -35,11 +31,7 @@ def _rouge_l_scorer():
 
 
 def rouge_l_recall(predictions: list[str], references: list[str]) -> list[float]:
-    """ROUGE-L recall of each prediction against its reference: ``LCS(pred, ref) / len(ref)`` in words.
-
-    Uses Google's ``rouge_score`` package with Porter stemming, as TOFU does, so numbers compare with
-    published ones.
-    """
+    """ROUGE-L recall ``LCS(pred, ref) / len(ref)`` in words of each prediction, as TOFU scores."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     scorer = _rouge_l_scorer()
@@ -49,14 +41,9 @@ def rouge_l_recall(predictions: list[str], references: list[str]) -> list[float]
 def forget_quality(
     truth_ratios: Sequence[float] | torch.Tensor, reference_truth_ratios: Sequence[float] | torch.Tensor
 ) -> float:
-    """Forget quality: p-value of the two-sample Kolmogorov–Smirnov test (Maini et al. 2024).
-
-    Compares the unlearned model's forget-set truth ratios with those of the model trained on the
-    retain set only. A high p-value means the two distributions cannot be told apart, i.e. the model
-    behaves on the forget set as if it had never seen it. ``scipy.stats.ks_2samp`` (exact for small
-    samples, asymptotic otherwise), raw p-value. The test is invariant under monotone maps, so it
-    does not matter whether R or TOFU's 1/R is compared.
-    """
+    """Forget quality: the p-value of the two-sample Kolmogorov–Smirnov test between the unlearned
+    model's forget-set truth ratios and the retain-only model's (high: the model behaves on the forget
+    set as if it had never seen it). Invariant under monotone maps, so R or TOFU's 1/R alike."""
     from scipy.stats import ks_2samp
 
     a = torch.as_tensor(truth_ratios, dtype=torch.float64).flatten()
@@ -69,13 +56,9 @@ def forget_quality(
 
 
 def model_utility(components: Mapping[str, float] | Iterable[float]) -> float:
-    """Model utility: harmonic mean of TOFU's nine numbers (Maini et al. 2024).
-
-    The nine numbers are {probability, ROUGE-L recall, ``mean max(0, 1 − R)``} on {retain, real
-    authors, world facts}. ``H = k / Σ_i 1/x_i``; a zero component makes H = 0 (its limit), which is
-    the point of a harmonic mean: one collapsed ability cannot be hidden by the others. Components
-    must lie in [0, 1].
-    """
+    """Model utility: the harmonic mean ``k / Σ_i 1/x_i`` of TOFU's numbers in [0, 1] ({probability,
+    ROUGE-L recall, ``mean max(0, 1 − R)``} on {retain, real authors, world facts}); a zero makes it 0,
+    the point of a harmonic mean: one collapsed ability cannot be hidden by the others."""
     values = list(components.values() if isinstance(components, Mapping) else components)
     if not values:
         raise ValueError("model utility needs at least one component")
