@@ -1,9 +1,5 @@
-"""Extraction protocol (Jang et al. 2023, arXiv:2210.01504): MA and EL_n of memorised sequences given as text.
-
-:func:`evaluate_extraction` tokenises ``{"text"}`` JSON Lines (or strings) with the training data's
-tokenisation (:func:`fastunlearn.data.examples.tokenize_records`, cut to the protocol's length) and
-scores them with :func:`fastunlearn.evaluation.extraction_metrics.extraction_metrics`.
-"""
+"""Extraction protocol (Jang et al. 2023, arXiv:2210.01504): MA and EL_n of memorised sequences given as
+text, tokenised as the training data is."""
 
 from __future__ import annotations
 
@@ -17,8 +13,6 @@ import torch
 from fastunlearn import data as fdata
 from fastunlearn.engines import distributed
 from fastunlearn.evaluation import metrics as M
-
-__all__ = ["evaluate_extraction", "tokenize_texts"]
 
 
 def tokenize_texts(
@@ -44,9 +38,8 @@ def evaluate_extraction(
     batch_size: int = 64,
     method: str = "batched",
 ) -> dict[str, Any]:
-    """Extraction protocol (Jang et al. 2023): mean memorisation accuracy and extraction likelihood
-    ``EL_n`` over a set of sequences (``{"text"}`` JSON Lines path or a list of strings), each cut to
-    ``max_length`` tokens."""
+    """Mean memorisation accuracy and ``EL_n`` over ``{"text"}`` records (a file) or strings, each cut to
+    ``max_length`` tokens, shared by the ranks."""
     if isinstance(data, (str, os.PathLike)):
         records, _ = fdata.load_records(data, data_format="text")
         texts = [r["text"] for r in records]
@@ -62,7 +55,6 @@ def evaluate_extraction(
         )
         return {"ma": ma, "el": el}
 
-    # Under several processes the ranks share the sequences; the means are taken on all of them.
     scores = distributed.map_sharded(per_sequence, texts, model=model)
     ma, el = scores["ma"], scores["el"]
     return {

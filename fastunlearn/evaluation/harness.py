@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -20,20 +20,6 @@ from fastunlearn.evaluation.likelihood import eval_mode
 _INSTALL = 'pip install "fastunlearn[eval]"'
 # What simple_evaluate returns beside the scores that is not kept: the per-document records.
 _DROPPED = ("samples",)
-
-
-def _json_part(value: Any) -> Any:
-    """``value`` with every leaf JSON can encode kept and every other one (a dtype, a device) written as
-    its ``str``; dict keys as strings."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_part(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_part(v) for v in value]
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return str(value)
-    return value
 
 
 def _task_list(tasks: str | Sequence[str]) -> list[str]:
@@ -112,7 +98,10 @@ def evaluate_lm_eval(
                 model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                 log_samples=False,
             )  # fmt: skip
-        return None if out is None else _json_part({k: v for k, v in out.items() if k not in _DROPPED})
+        if out is None:
+            return None
+        # What JSON cannot encode (a dtype, a device, a function) as its str.
+        return json.loads(json.dumps({k: v for k, v in out.items() if k not in _DROPPED}, default=str))
 
     if distributed.parameters_sharded(model):
         return distributed.broadcast_object(run())
