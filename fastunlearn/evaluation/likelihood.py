@@ -9,7 +9,8 @@ multiple-choice options and the truth ratio of perturbed against true answers.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -55,14 +56,8 @@ def answer_stats(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> d
     (:func:`~fastunlearn.ops.fused_linear.fused_linear_token_stats`), so the ``[B, T, V]`` logits never
     exist; otherwise by :func:`token_nll`."""
     _require_batch(batch, ("input_ids", "attention_mask", "labels"))
-    device = model_device(model)
-    inputs = {
-        "input_ids": batch["input_ids"].to(device),
-        "attention_mask": batch["attention_mask"].to(device),
-    }
-    labels = batch["labels"].to(device)
-    if getattr(getattr(unwrap_model(model), "config", None), "use_cache", None) is not None:
-        inputs["use_cache"] = False  # a KV cache of every layer would outlive the forward for nothing
+    inputs = model_inputs(model, batch["input_ids"], batch["attention_mask"])
+    labels = batch["labels"].to(model_device(model))
     with torch.no_grad():
         if takes_fused_path(model):
             nll, mask, hits = _fused_token_stats(model, inputs, labels, batch["labels"])
@@ -71,41 +66,67 @@ def answer_stats(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> d
     return {"nll_sum": nll.sum(dim=1), "num_tokens": mask.sum(dim=1), "correct": hits.sum(dim=1)}
 
 
-def _fused_token_stats(
+def model_inputs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> dict:
+    """The forward's arguments on the model's device, without a KV cache (it would outlive the forward)."""
+    device = model_device(model)
+    inputs: dict[str, Any] = {"input_ids": input_ids.to(device)}
+    if attention_mask is not None:
+        inputs["attention_mask"] = attention_mask.to(device)
+    if getattr(getattr(unwrap_model(model), "config", None), "use_cache", None) is not None:
+        inputs["use_cache"] = False
+    return inputs
+
+
+def backend_for(x: torch.Tensor) -> str:
+    return "torch" if x.dtype == torch.float64 else "auto"  # fp64 stays fp64 on the PyTorch path
+
+
+def stats_at_head(
     model: torch.nn.Module,
-    inputs: Mapping[str, torch.Tensor],
-    labels: torch.Tensor,
-    given: torch.Tensor,
+    inputs: Mapping[str, Any],
+    targets: torch.Tensor,
+    host_targets: torch.Tensor | None,
+    row_stats: Callable[[torch.Tensor, torch.Tensor, torch.nn.Linear], torch.Tensor],
+    fill: float,
+) -> torch.Tensor:
+    """``[B, T, k]`` statistics of each target computed at the output head from the last hidden states,
+    so the ``[B, T, V]`` logits never exist: ``row_stats(hidden rows, targets, head)`` → ``[n, k]``.
+    With ``host_targets`` (the targets on the CPU) only the rows with a target reach the head (the
+    prompt and padding are half of a question/answer batch), found without a device synchronisation;
+    the others hold ``fill``."""
+    rows = None if host_targets is None else labelled_rows(host_targets).to(targets.device, non_blocking=True)
+
+    def compute(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+        h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+        if rows is not None:
+            h, y = h.index_select(0, rows), y.index_select(0, rows)
+        stats = row_stats(h, y, head)
+        if rows is not None:
+            stats = stats.new_full((targets.numel(), stats.shape[-1]), fill).index_copy_(0, rows, stats)
+        return stats.view(*targets.shape, -1)
+
+    return head_computes(model, targets, compute, lambda: model(**inputs)).logits
+
+
+def _fused_token_stats(
+    model: torch.nn.Module, inputs: Mapping[str, Any], labels: torch.Tensor, given: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`token_nll`'s three ``[B, T-1]`` tensors computed at the output head; ``given``: the labels
     as the batch holds them (CPU labels are range-checked there, with no device synchronisation)."""
     targets, given_targets = shift_labels(labels), shift_labels(given)
     on_host = given.device.type == "cpu" and labels.device.type != "cpu"
-    # The labelled positions, found where the labels are: only those rows reach the output head (the
-    # prompt and the padding are half of a question/answer batch). CPU labels give them without a
-    # device synchronisation; labels already on an accelerator would need one, so there every row goes.
-    rows = None
-    if given.device.type == "cpu":
-        rows = labelled_rows(given_targets).to(labels.device, non_blocking=True)
 
-    def compute(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+    def row_stats(h: torch.Tensor, y: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
         if on_host:
             check_label_range(given_targets, head.weight.shape[0], IGNORE_INDEX)
-        # fp64 stays fp64 on the PyTorch path, as in shifted_nll; the hits travel as 0/1 beside it.
-        backend = "torch" if hidden.dtype == torch.float64 else "auto"
-        h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-        if rows is not None:
-            h, y = h.index_select(0, rows), y.index_select(0, rows)
-        nll, hit = fused_linear_token_stats(
-            h, head.weight, y, bias=head.bias, backend=backend, validate=not on_host
-        )
-        stats = torch.stack([nll, hit.to(nll.dtype)], dim=-1)
-        if rows is None:
-            return stats.view(*targets.shape, 2)
-        return stats.new_zeros(targets.numel(), 2).index_copy_(0, rows, stats).view(*targets.shape, 2)
+        w, b = head.weight, head.bias
+        nll, hit = fused_linear_token_stats(h, w, y, bias=b, backend=backend_for(h), validate=not on_host)
+        return torch.stack([nll, hit.to(nll.dtype)], dim=-1)  # the hits travel as 0/1 beside the NLL
 
-    out = head_computes(model, targets, compute, lambda: model(**inputs))
-    stats = out.logits
+    host = given_targets if given.device.type == "cpu" else None
+    stats = stats_at_head(model, inputs, targets, host, row_stats, 0.0)
     mask = targets != IGNORE_INDEX
     return stats[:, :-1, 0], mask[:, :-1], stats[:, :-1, 1].bool()
 

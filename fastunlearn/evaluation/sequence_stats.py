@@ -11,13 +11,12 @@ from typing import Any
 import torch
 
 from fastunlearn.data.examples import pad_id_of
-from fastunlearn.evaluation.likelihood import eval_mode
+from fastunlearn.evaluation.likelihood import backend_for, eval_mode, model_inputs, stats_at_head
 from fastunlearn.models.devices import model_device
-from fastunlearn.models.naming import unwrap_model
-from fastunlearn.models.patching import head_computes, takes_fused_path
+from fastunlearn.models.patching import takes_fused_path
 from fastunlearn.ops import IGNORE_INDEX
 from fastunlearn.ops.ihl import check_label_range
-from fastunlearn.ops.nll import labelled_rows, shift_labels
+from fastunlearn.ops.nll import shift_labels
 from fastunlearn.ops.token_stats import linear_token_stats, token_stats
 
 
@@ -37,39 +36,23 @@ def batch_token_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
     """``[B, T, 3]`` ``(log p_y, μ, σ)`` of one right-padded CPU batch: position ``t`` holds the label at
     ``t + 1``'s, NaN where there is none. Right padding needs no attention mask in a causal model (a
     real token attends only to real ones before it), so the mask is passed only for other padding."""
-    device = model_device(model)
-    inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device)}
     mask = batch["attention_mask"]
-    if bool((mask[:, 1:] > mask[:, :-1]).any()):  # not right padded (a host check: the batch is on the CPU)
-        inputs["attention_mask"] = mask.to(device)
-    if getattr(getattr(unwrap_model(model), "config", None), "use_cache", None) is not None:
-        inputs["use_cache"] = False
+    right_padded = not bool((mask[:, 1:] > mask[:, :-1]).any())  # a host check: the batch is on the CPU
+    inputs = model_inputs(model, batch["input_ids"], None if right_padded else mask)
     host_targets = shift_labels(batch["labels"])  # range-checked here, with no device synchronisation
-    targets = host_targets.to(device)
+    targets = host_targets.to(model_device(model))
+
+    def row_stats(h: torch.Tensor, y: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+        check_label_range(host_targets, head.weight.shape[0], IGNORE_INDEX)
+        stats = linear_token_stats(h, head.weight, y, bias=head.bias, backend=backend_for(h), validate=False)
+        return torch.stack(stats, dim=-1)
 
     with torch.no_grad():
         if takes_fused_path(model):
-            # Only the positions with a target reach the head (not the padding, not each last token).
-            rows = labelled_rows(host_targets).to(device, non_blocking=True)
-
-            def at_head(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
-                check_label_range(host_targets, head.weight.shape[0], IGNORE_INDEX)
-                h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-                stats = linear_token_stats(
-                    h, head.weight, targets.reshape(-1)[rows], bias=head.bias, backend=_backend(hidden),
-                    validate=False,
-                )  # fmt: skip
-                out = torch.full((targets.numel(), 3), float("nan"), dtype=stats[0].dtype, device=device)
-                return out.index_copy_(0, rows, torch.stack(stats, dim=-1)).view(*targets.shape, 3)
-
-            return head_computes(model, targets, at_head, lambda: model(**inputs)).logits
+            return stats_at_head(model, inputs, targets, host_targets, row_stats, float("nan"))
         logits = model(**inputs).logits
         check_label_range(host_targets, logits.shape[-1], IGNORE_INDEX)
-        return torch.stack(token_stats(logits, targets, backend=_backend(logits), validate=False), dim=-1)
-
-
-def _backend(x: torch.Tensor) -> str:
-    return "torch" if x.dtype == torch.float64 else "auto"  # fp64 stays fp64 on the PyTorch path
+        return torch.stack(token_stats(logits, targets, backend=backend_for(logits), validate=False), dim=-1)
 
 
 def _raw_text_batch(rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
