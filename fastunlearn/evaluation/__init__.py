@@ -9,12 +9,13 @@ from __future__ import annotations
 from fastunlearn.data.tofu_files import TOFU_SETS, TofuItem, find_tofu_files, read_tofu_file
 from fastunlearn.evaluation.evaluator import EVALUATIONS, check, evaluate, headline
 from fastunlearn.evaluation.extraction import evaluate_extraction, tokenize_texts
-from fastunlearn.evaluation.reference import load_reference_truth_ratios, save_reference_truth_ratios
 from fastunlearn.evaluation.report import format_table, summary_table
 from fastunlearn.evaluation.tofu import (
     TOFU_MODES,
     cached_reference_truth_ratios,
     evaluate_tofu,
+    load_reference_truth_ratios,
+    save_reference_truth_ratios,
     summarize_tofu,
 )
 

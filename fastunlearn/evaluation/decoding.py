@@ -1,5 +1,6 @@
 """Greedy decoding with a KV cache for a batch of prompts of any lengths (left padded), to a fixed
-length (the extraction metrics) or to EOS within each prompt's budget (:func:`greedy_completions`)."""
+length (the extraction metrics) or to EOS within each prompt's budget (:func:`greedy_completions`), and
+of text prompts shared by the ranks (:func:`greedy_texts`: MUSE, dialogue)."""
 
 from __future__ import annotations
 
@@ -139,3 +140,38 @@ def greedy_completions(
                 text = tokenizer.decode(tokens, skip_special_tokens=True)
                 texts[i] = text.strip() if strip else text
     return texts
+
+
+def greedy_texts(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[str]:
+    """The greedy continuation of each prompt (tokenised with special tokens), up to ``max_new_tokens``
+    new tokens or EOS, decoded without special tokens, ``batch_size`` prompts at a time."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    eos = tokenizer.eos_token_id
+    tokens = []
+    for i, row in enumerate(tokenizer(list(prompts), add_special_tokens=True)["input_ids"]):
+        if len(row) > 1 and row[-1] == eos:
+            row = row[:-1]  # tokenizers that append EOS to every encoding: a prompt does not end there
+        if not row:
+            raise ValueError(f"prompt {i} is empty after tokenisation: nothing to continue")
+        tokens.append(torch.tensor(row, dtype=torch.long))
+
+    def continue_part(part: list[torch.Tensor]) -> list[str]:
+        budgets = [max_new_tokens] * len(part)
+        return greedy_completions(model, tokenizer, part, budgets, batch_size=batch_size, strip=False)
+
+    return distributed.map_sharded(continue_part, tokens, model=model)
+
+
+def cut_at(text: str, marker: str) -> str:
+    """``text`` up to the first ``marker`` (all of it without one), stripped."""
+    return text.split(marker, 1)[0].strip()

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fastunlearn.data.records import read_records
-from fastunlearn.evaluation.generation import cut_at, greedy_texts
+from fastunlearn.evaluation.decoding import cut_at, greedy_texts
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)

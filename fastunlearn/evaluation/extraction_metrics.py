@@ -12,8 +12,15 @@ from fastunlearn.evaluation.decoding import greedy_decode
 from fastunlearn.models.devices import eval_mode, model_device
 
 
-def _check_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Validate ``input_ids`` / ``attention_mask`` and return the mask (all ones when absent)."""
+def _sequences(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    min_tokens: int,
+    what: str,
+) -> list[torch.Tensor]:
+    """Each row's real tokens (padding on either side dropped) on the model's device, checked to hold at
+    least ``min_tokens``."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(
             f"input_ids must be a 2-D [batch, seq] tensor, got {type(input_ids).__name__} "
@@ -23,33 +30,12 @@ def _check_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor | Non
         raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
     if input_ids.shape[0] == 0:
         raise ValueError("input_ids holds no sequence")
-    if attention_mask is None:
-        return torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask has shape {tuple(attention_mask.shape)}, "
-            f"expected {tuple(input_ids.shape)} like input_ids"
-        )
-    return attention_mask.to(input_ids.device)
-
-
-def _real_tokens(input_ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
-    """Each row's real tokens (padding on either side dropped), with two host syncs for the whole batch."""
-    keep = mask != 0
-    return list(input_ids[keep].split(keep.sum(dim=1).tolist()))
-
-
-def _sequences(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    min_tokens: int,
-    what: str,
-) -> list[torch.Tensor]:
-    """Validated real-token sequences on the model's device, each of at least ``min_tokens`` tokens."""
-    mask = _check_sequences(input_ids, attention_mask)
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, expected {tuple(input_ids.shape)}")
     device = model_device(model)
-    seqs = _real_tokens(input_ids.to(device), mask.to(device))
+    keep = mask.to(device) != 0
+    seqs = list(input_ids.to(device)[keep].split(keep.sum(dim=1).tolist()))  # two host syncs in all
     short = next((b for b, s in enumerate(seqs) if len(s) < min_tokens), None)
     if short is not None:
         raise ValueError(

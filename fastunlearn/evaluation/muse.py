@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from fastunlearn.evaluation.generation import cut_at, greedy_texts
+from fastunlearn.evaluation.decoding import cut_at, greedy_texts
 from fastunlearn.evaluation.mia import ATTACKS, evaluate_mia
 from fastunlearn.evaluation.muse_files import read_muse
 
