@@ -12,7 +12,7 @@ from fastunlearn import data as fdata
 from fastunlearn.engines import distributed
 from fastunlearn.evaluation.decoding import greedy_completions
 from fastunlearn.evaluation.evaluator import evaluate, headline
-from fastunlearn.evaluation.extraction_metrics import extraction_likelihood
+from fastunlearn.evaluation.extraction import extraction_likelihood
 from fastunlearn.evaluation.likelihood import collect_answer_stats
 from fastunlearn.evaluation.scores import rouge_l_recall
 from fastunlearn.evaluation.stopping import EL_N, available_metrics
