@@ -23,6 +23,7 @@ import torch
 from fastunlearn.evaluation.decoding import cut_at, greedy_texts
 from fastunlearn.evaluation.mia import ATTACKS, evaluate_mia
 from fastunlearn.evaluation.muse_files import read_muse
+from fastunlearn.evaluation.scores import rouge_l
 
 CRITERIA = ("verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak")
 CRITERION_FILES = {
@@ -34,21 +35,6 @@ CRITERION_FILES = {
 VERBMEM_NEW_TOKENS = 128
 KNOWMEM_NEW_TOKENS = 32
 _EXAMPLES = 3  # generations kept in the results, per criterion, to read what the model says
-
-
-@functools.cache
-def _scorer():
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-
-
-def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> tuple[list[float], list[float]]:
-    """ROUGE-L ``(F1, recall)`` of each prediction against its reference, without stemming (MUSE's)."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    scores = [_scorer().score(ref, pred)["rougeL"] for pred, ref in zip(predictions, references)]
-    return [s.fmeasure for s in scores], [s.recall for s in scores]
 
 
 def knowmem_prompt(examples: Sequence[Mapping[str, str]], question: str) -> str:
@@ -66,7 +52,8 @@ def _scored(
     name: str, prompts: list[str], predictions: list[str], references: list[str], results: dict[str, Any]
 ) -> list[float]:
     """Record ``name``'s mean ROUGE-L F1, its per-item scores and a few examples; returns the recalls."""
-    f1, recall = rouge_l(predictions, references)
+    scores = rouge_l(predictions, references, stem=False)
+    f1, recall = [s.fmeasure for s in scores], [s.recall for s in scores]
     results[name] = _mean(f1)
     results["num_items"][name] = len(f1)
     results["per_item"][name] = f1

@@ -1,10 +1,11 @@
-"""TOFU's metrics built on text and statistics (Maini et al. 2024): ROUGE-L recall, forget quality (a KS
-test between truth-ratio samples) and model utility (a harmonic mean of nine numbers)."""
+"""Metrics built on text and statistics: ROUGE-L (TOFU's and MUSE's), and TOFU's forget quality (a KS
+test between truth-ratio samples) and model utility (a harmonic mean of nine numbers; Maini et al. 2024)."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -14,14 +15,15 @@ _TOKENIZED_TEXTS = 1 << 16
 
 
 @functools.cache
-def _rouge_l_scorer():
-    """``rouge_score``'s ROUGE-L scorer with TOFU's tokenisation (lower-cased words, Porter stemming),
-    remembering each text's tokens: stemming costs more than the LCS of a short answer, and the
-    stopping rules score the same reference answers at every evaluation."""
+def _rouge_l_scorer(stem: bool) -> Any:
+    """``rouge_score``'s ROUGE-L scorer on lower-cased words (Porter-stemmed with ``stem``), remembering
+    each text's tokens: stemming costs more than the LCS of a short answer, and the stopping rules score
+    the same reference answers at every evaluation."""
     from rouge_score import rouge_scorer, tokenizers
 
-    tofu_words = tokenizers.DefaultTokenizer(use_stemmer=True)
-    cached = functools.lru_cache(maxsize=_TOKENIZED_TEXTS)(tofu_words.tokenize)
+    cached = functools.lru_cache(maxsize=_TOKENIZED_TEXTS)(
+        tokenizers.DefaultTokenizer(use_stemmer=stem).tokenize
+    )
 
     class CachedTokenizer(tokenizers.Tokenizer):
         def tokenize(self, text: str) -> list[str]:
@@ -30,12 +32,18 @@ def _rouge_l_scorer():
     return rouge_scorer.RougeScorer(["rougeL"], tokenizer=CachedTokenizer())
 
 
-def rouge_l_recall(predictions: list[str], references: list[str]) -> list[float]:
-    """ROUGE-L recall ``LCS(pred, ref) / len(ref)`` in words of each prediction, as TOFU scores."""
+def rouge_l(predictions: Sequence[str], references: Sequence[str], *, stem: bool) -> list[Any]:
+    """ROUGE-L ``Score`` s (``recall = LCS / len(ref)``, ``fmeasure``) in words of each prediction:
+    stemmed as TOFU scores, unstemmed as MUSE does."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    scorer = _rouge_l_scorer()
-    return [scorer.score(ref, pred)["rougeL"].recall for pred, ref in zip(predictions, references)]
+    scorer = _rouge_l_scorer(stem)
+    return [scorer.score(ref, pred)["rougeL"] for pred, ref in zip(predictions, references)]
+
+
+def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """TOFU's ROUGE-L recall of each prediction against its reference."""
+    return [score.recall for score in rouge_l(predictions, references, stem=True)]
 
 
 def forget_quality(
