@@ -12,7 +12,7 @@ Two evaluations of the field, each timed against the way it is usually written:
   of any batched scoring on the same model.
 - ``muse``: greedy KnowMem answers (MUSE's prompt: in-context examples, then the question; 32 new
   tokens, stop at EOS) of ``--prompts`` questions. ``batched B``:
-  :func:`fastunlearn.evaluation.generation.greedy_texts`, left-padded batches of ``B`` with a KV
+  :func:`fastunlearn.evaluation.decoding.greedy_texts`, left-padded batches of ``B`` with a KV
   cache. ``per-item``: one ``model.generate`` call per prompt (greedy, KV cache, stop at EOS).
 
 Both methods of a task give the same numbers (checked here before timing: scores to 1e-4, texts
@@ -40,7 +40,7 @@ import warnings
 import torch
 from _common import ResultLog, environment, interleaved_medians, slug
 
-from fastunlearn.evaluation.generation import greedy_texts
+from fastunlearn.evaluation.decoding import greedy_texts
 from fastunlearn.evaluation.mia import membership_scores
 from fastunlearn.evaluation.muse import knowmem_prompt
 
@@ -93,7 +93,7 @@ def generate_one_by_one(model, tokenizer, prompts, max_new_tokens: int) -> list[
 
 def demo_model_and_texts(cache_dir: str | None):
     from fastunlearn import demo
-    from fastunlearn.evaluation.records import read_records
+    from fastunlearn.data.records import read_records
     from fastunlearn.models.loading import load_model_and_tokenizer
 
     paths = demo.prepare_models(cache_dir or demo.default_cache_dir(), demo.SIZES["small"], progress=False)

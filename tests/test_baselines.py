@@ -87,7 +87,7 @@ def test_refusal_files(tmp_path):
     assert read_refusals(tmp_path / "lines.jsonl") == ["Not known.", "Unknown to me."]
     with pytest.raises(ValueError, match=r"empty\.txt: no refusal answers"):
         read_refusals(tmp_path / "empty.txt")
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: expected"):
+    with pytest.raises(ValueError, match=r"bad\.jsonl:2: missing field 'answer'"):
         read_refusals(tmp_path / "bad.jsonl")
     with pytest.raises(FileNotFoundError, match=r"none\.txt"):
         read_refusals(tmp_path / "none.txt")

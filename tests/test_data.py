@@ -152,7 +152,7 @@ def test_all_labels_masked_after_truncation_names_file_and_line(tmp_path):
         fdata.tokenize_records(records, word_tokenizer(), data_format=fmt, template="llama2", max_length=6)
 
 
-def test_read_jsonl_skips_blank_lines_and_detects_formats(tmp_path):
+def test_read_json_skips_blank_lines_and_detects_formats(tmp_path):
     qa = write(tmp_path / "qa.json", [json.dumps(QA), "", json.dumps(QA)])
     records, fmt = fdata.load_records(qa)
     assert fmt == "qa" and len(records) == 2 and records[1]["_source"].endswith("qa.json:3")
@@ -160,6 +160,13 @@ def test_read_jsonl_skips_blank_lines_and_detects_formats(tmp_path):
     pc = write(tmp_path / "pc.json", ['{"prompt": "a", "completion": "b"}'])
     assert fdata.load_records(pc)[1] == "prompt_completion"
     assert fdata.load_records([QA], data_format="qa")[1] == "qa"
+    # A JSON array of records reads as its JSON Lines twin, each record at its line.
+    array = write(
+        tmp_path / "a.json", ['[{"question": "a", "answer": "b"},', ' {"question": "c", "answer": "d"}]']
+    )
+    records, fmt = fdata.load_records(array)
+    assert fmt == "qa" and [r["answer"] for r in records] == ["b", "d"]
+    assert [r["_source"] for r in records] == [f"{array}:1", f"{array}:2"]
 
 
 @pytest.mark.parametrize(
@@ -176,13 +183,9 @@ def test_read_jsonl_skips_blank_lines_and_detects_formats(tmp_path):
             ['{"question": "a", "answer": '],
             r"bad\.json:1: invalid JSON \(Expecting value at the end of the line\)$",
         ),
-        (
-            ['[{"question": "a", "answer": "b"},', '{"question": "c", "answer": "d"}]'],
-            r"bad\.json:1: expected JSON Lines \(one object per line\), got a JSON array",
-        ),
         (['{"question": "a", "answer": "b"}', '["a", "b"]'], r"bad\.json:2: expected a JSON object"),
         (['{"title": "a"}'], r"bad\.json:1: cannot detect the data format"),
-        (["", "   "], r"bad\.json: the file is empty"),
+        (["", "   "], r"bad\.json: no records"),
     ],
 )
 def test_malformed_files_name_file_and_line(tmp_path, lines, message):

@@ -152,7 +152,7 @@ def _local_tasks_only(monkeypatch):
         (["--lm-eval", f"{TASK},no_such_task", "--lm-eval-include", str(TASKS)],
          r"unknown lm-eval task\(s\) \['no_such_task'\]"),
         (["--lm-eval", TASK], r'lm-evaluation-harness is not installed .*pip install "fastunlearn\[eval\]"'),
-        (["--dialogue", "{ws}/forget.jsonl"], "field 'context' is missing"),
+        (["--dialogue", "{ws}/forget.jsonl"], "missing field 'context'"),
         ([], "nothing to evaluate"),
     ],
 )  # fmt: skip

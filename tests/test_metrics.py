@@ -10,7 +10,7 @@ from scipy.stats import ks_2samp
 from torch import nn
 
 from fastunlearn import metrics as M
-from fastunlearn.evaluation.extraction_metrics import (
+from fastunlearn.evaluation.extraction import (
     _divergence_points,
     _ngram_overlap,
     _ngram_overlap_python,

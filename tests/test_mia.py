@@ -126,7 +126,7 @@ def test_bad_input_is_one_clear_error(trained, tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl:2: invalid JSON"):
         evaluate_mia(model, tok, FORGET, bad)
     bad.write_text('{"text": "fine"}\n{"txt": "no text"}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'text' is missing"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field 'text'"):
         evaluate_mia(model, tok, FORGET, bad)
     with pytest.raises(ValueError, match="not both"):
         evaluate_mia(model, tok, FORGET, HOLDOUT, retrain_auc=0.5, retrain_model=model)

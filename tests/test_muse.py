@@ -121,7 +121,7 @@ def test_layout_and_errors(trained, muse_dir):
     (muse_dir / "knowmem" / "retain_qa.json").unlink()
     path = muse_dir / "verbmem" / "forget.json"
     path.write_text('[\n  {"prompt": "a", "gt": "b"},\n  {"prompt": "a"}\n]\n')
-    with pytest.raises(ValueError, match=r"verbmem/forget.json:3: field 'gt' is missing"):
+    with pytest.raises(ValueError, match=r"verbmem/forget.json:3: missing field 'gt'"):
         evaluate_muse(model, tok, muse_dir)
     path.write_text('[\n  {"prompt": "a", "gt": "b"},\n  {"prompt": "a" "gt": "b"}\n]\n')
     with pytest.raises(ValueError, match=r"verbmem/forget.json:3: invalid JSON"):

@@ -98,9 +98,9 @@ CASES = {
     "json array": (
         {},
         None,
-        '[{"question": "a", "answer": "b"}]\n',
+        '[{"question": "a", "answer": "b"},\n 3]\n',
         ValueError,
-        r"forget\.json:1: expected JSON Lines",
+        r"forget\.json:2: expected a JSON object \(a record\), got int",
     ),
     "bad line": (
         {},

@@ -337,8 +337,7 @@ def test_training_stops_at_the_right_step_and_keeps_the_right_weights(e2e, tok, 
         gen = [r["step"] for r in rows[1:] if r["forget.acc"] <= threshold * (1 + near)]
         assert [r["step"] for r in rows[1:] if r.get("forget.rougeL") is not None] == gen
         assert k in gen and len(gen) < len(rows) - 1
-    if _has_matplotlib():
-        assert (tmp_path / "trajectory.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "trajectory.png").read_bytes()[:4] == b"\x89PNG"
 
     s = cb.summary
     with capsys.disabled():
@@ -348,14 +347,6 @@ def test_training_stops_at_the_right_step_and_keeps_the_right_weights(e2e, tok, 
             f"{s['eval_items']} items), reference+baseline {s['reference_and_baseline_eval_s']:.2f} s, "
             f"train() {seconds:.2f} s"
         )
-
-
-def _has_matplotlib():
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @pytest.mark.slow

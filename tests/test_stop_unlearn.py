@@ -103,8 +103,7 @@ def test_unlearn_stops_keeps_the_first_crossing_and_writes_the_trajectory(free_r
     for r, f in zip(rows, free):  # the same training as the run without a rule, up to the stop
         assert r["forget.prob"] == pytest.approx(f["forget.prob"], rel=1e-5)
         assert r["step"] == 0 or math.isfinite(r["loss"])
-    if _has_matplotlib():
-        assert (out / "trajectory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "trajectory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # What was saved is the state of step k, not the state training stopped in.
     after = result.metrics["after"]["forget"]["prob"]
@@ -187,14 +186,6 @@ def test_extraction_rule_that_can_never_fire_fails_before_the_fisher_estimate(to
             unseen=TEXTS[4:6],
         )
     assert not (tmp_path / "run" / "fisher").exists()
-
-
-def _has_matplotlib():
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------------

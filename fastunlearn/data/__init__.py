@@ -15,7 +15,7 @@ from fastunlearn.data.examples import (
     prepare,
     tokenize_records,
 )
-from fastunlearn.data.records import FORMATS, DataFormat, detect_format, load_records, read_jsonl
+from fastunlearn.data.records import FORMATS, DataFormat, detect_format, load_records
 
 __all__ = [
     "FORMATS",
@@ -32,6 +32,5 @@ __all__ = [
     "load_records",
     "pad_id_of",
     "prepare",
-    "read_jsonl",
     "tokenize_records",
 ]

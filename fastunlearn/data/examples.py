@@ -1,29 +1,14 @@
-"""Data pipeline: JSON Lines records → tokenised examples → padded forget/retain batches.
+"""Data pipeline: records → tokenised examples → padded forget/retain batches.
 
-Three record formats are read, detected per file from the first record or named explicitly:
-
-- ``qa``: ``{"question", "answer"}`` (TOFU; its ``.json`` files are JSON Lines). The question is
-  wrapped in a prompt template and the loss covers the answer tokens and a closing EOS.
-  The ``tofu-*`` templates instead tokenise exactly as TOFU does (SPEC §4.1,
-  :mod:`fastunlearn.data.tofu_format`): question and answer as one string, the loss on every
-  token after the question's.
-- ``prompt_completion``: ``{"prompt", "completion"}``. The prompt is used verbatim (it is already
-  formatted); the loss covers the completion and a closing EOS.
-- ``text``: ``{"text"}``. Raw sequences (the extraction protocol, SPEC §4): the loss covers every token.
-
-Labels follow the Hugging Face convention: ``labels[t] = input_ids[t]`` on supervised positions and
-``-100`` elsewhere, and the causal shift (logits at ``t`` predict ``t + 1``) is done by the loss. With
-the other templates (fastunlearn's own convention, and the chat template of instruction models) prompt
-and answer are tokenised separately and concatenated, so the prompt/answer boundary is exact whatever
-the tokenizer merges across it. Masks are built from positions, never by comparing ids with the pad
-id: a tokenizer whose pad token is its EOS token still gets its EOS targets.
-
-Pairing (SPEC §3.2): each forget example is paired with a random retain example, re-drawn every epoch
-from a generator seeded by ``(seed, epoch)``, so runs and resumed runs see the same pairs.
-
-Evaluation (:mod:`fastunlearn.evaluation`) reads and tokenises with this module too, so an evaluated
-prompt is byte for byte the prompt the model was trained on; it imports nothing but
-:mod:`fastunlearn.ops` (the ``IGNORE_INDEX`` label) and :mod:`fastunlearn.data.tofu_format`.
+Formats: ``qa`` ``{"question", "answer"}`` (the question in a prompt template; the loss on the answer
+and a closing EOS; the ``tofu-*`` templates tokenise as TOFU does, :mod:`~.tofu_format`),
+``prompt_completion`` (the prompt verbatim; the loss on the completion and EOS) and ``text`` (raw
+sequences, the extraction protocol of Jang et al. 2023: the loss on every token). Labels follow the
+Hugging Face convention (``-100`` where there is no loss; the loss does the causal shift). Prompt and
+answer are tokenised separately and concatenated, so their boundary is exact whatever the tokenizer
+merges; masks come from positions, never from comparing ids with the pad id (a pad token equal to EOS
+keeps its EOS targets). Evaluation tokenises with this module too, so an evaluated prompt is the
+trained one.
 """
 
 from __future__ import annotations
@@ -37,31 +22,17 @@ from typing import Any
 import torch
 
 from fastunlearn.data.records import FORMATS, DataFormat, load_records
-from fastunlearn.data.tofu_format import TOFU_FAMILIES, encode_tofu_example
+from fastunlearn.data.tofu_format import TOFU_FAMILIES, encode_tofu_example, eos_id
 from fastunlearn.ops import IGNORE_INDEX
 
-# Prompt templates (SPEC §4, legacy protocol): the prompt around the question, and the text put
-# between the prompt and the answer.
+# Prompt templates: the prompt around the question, and the text between the prompt and the answer.
 TEMPLATES: dict[str, tuple[str, str]] = {
     "llama2": ("[INST] {question} [/INST]", " "),
     "phi": ("Question: {question}\nAnswer: ", ""),
     "plain": ("{question}", " "),
 }
-# "chat": the tokenizer's chat template; "tofu-*": TOFU's joint tokenisation (SPEC §4.1).
+# "chat": the tokenizer's chat template; "tofu-*": TOFU's joint tokenisation.
 TEMPLATE_NAMES = (*TEMPLATES, "chat", *TOFU_FAMILIES)
-
-__all__ = [
-    "IGNORE_INDEX",
-    "TEMPLATE_NAMES",
-    "Example",
-    "PairCollator",
-    "PairedDataset",
-    "batches",
-    "collate",
-    "pad_id_of",
-    "prepare",
-    "tokenize_records",
-]
 
 
 @dataclass(frozen=True)
@@ -95,29 +66,21 @@ def tokenize_records(
     template: str = "plain",
     max_length: int = 512,
 ) -> list[Example]:
-    """Tokenise records into :class:`Example` s.
-
-    QA: ``prompt(question) + sep + answer + EOS`` with labels on the answer and the EOS, or with a
-    ``tofu-*`` template :func:`~fastunlearn.data.tofu_format.encode_tofu_example` (SPEC §4.1: one
-    string, the first ``len(question tokens)`` labels masked, cut at ``max_length`` before the EOS);
-    prompt/completion like the first without a template; text: every token labelled (no EOS appended).
-    Sequences longer than ``max_length`` are cut on the right and counted in one warning; an example
-    whose labels are all masked after the cut raises ``ValueError`` with its file and line.
-    """
+    """Tokenise records into :class:`Example` s (module docstring). Sequences longer than
+    ``max_length`` are cut on the right and counted in one warning; an example whose labels are all
+    masked after the cut is a ``ValueError`` naming its file and line."""
     if template not in TEMPLATE_NAMES:
         raise ValueError(f"unknown template {template!r}; expected one of {list(TEMPLATE_NAMES)}")
     if data_format not in FORMATS:
         raise ValueError(f"unknown data format {data_format!r}; expected one of {list(FORMATS)}")
     if template in TOFU_FAMILIES and data_format != "qa":
         raise ValueError(
-            f"template {template!r} is TOFU's tokenisation of question/answer records (SPEC §4.1); "
+            f"template {template!r} is TOFU's tokenisation of question/answer records; "
             f"it does not apply to {data_format!r} records"
         )
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    eos = tokenizer.eos_token_id
-    if data_format != "text" and eos is None:
-        raise ValueError("the tokenizer has no EOS token, which is needed as the target after each answer")
+    eos = tokenizer.eos_token_id if data_format == "text" else eos_id(tokenizer)
     examples, truncated = [], 0
     for record in records:
         where = record.get("_source", "record")
@@ -172,11 +135,8 @@ def pad_id_of(tokenizer) -> int:
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad examples to the longest one: ``input_ids``, ``attention_mask`` and ``labels`` ``[B, T]``.
-
-    Padding gets ``attention_mask = 0`` and label ``-100`` by position, so a pad id equal to EOS never
-    masks a real EOS target.
-    """
+    """Right-pad examples to the longest one: ``input_ids``, ``attention_mask`` and ``labels`` ``[B, T]``
+    (padding masked by position)."""
     if not examples:
         raise ValueError("cannot collate an empty list of examples")
     T = max(len(e.input_ids) for e in examples)
@@ -200,15 +160,10 @@ def batches(examples: Sequence[Example], pad_id: int, batch_size: int) -> list[d
 
 
 class PairedDataset(torch.utils.data.Dataset):
-    """Forget examples, each paired with a random retain example (re-drawn per epoch, seeded).
-
-    Item ``i`` of epoch ``e`` is ``{"forget": forget[i], "retain": retain[π_e[i]]}`` with
-    ``π_e ~ Uniform{0..len(retain)-1}^len(forget)`` drawn from ``torch.Generator`` seeded by
-    ``seed + 1_000_003·e``. ``retain`` may be empty for objectives that use no retain term (GA).
-    ``idk``: one example per forget example, its question with a refusal (IdK, DPO), item ``"idk"``.
-    ``ref_logp``: ``{part: [len(forget)]}``, the reference model's per-sequence log-probabilities of
-    the forget or IdK examples (NPO, DPO), ridden along when set.
-    """
+    """Forget examples, each paired with a random retain example re-drawn every epoch by a generator
+    seeded by ``seed + 1_000_003·epoch`` (runs and resumed runs see the same pairs); ``retain`` may be
+    empty (no retain term). ``idk``: each forget question with a refusal (IdK, DPO); ``ref_logp``:
+    ``{part: [len(forget)]}``, the reference model's sequence log-probabilities (NPO, DPO)."""
 
     def __init__(
         self,
@@ -253,10 +208,7 @@ class PairedDataset(torch.utils.data.Dataset):
 
 class PairCollator:
     """Collate :class:`PairedDataset` items into ``{"forget": batch, "retain": batch, "idk": batch}`` (the
-    parts the items hold), each padded alone.
-
-    The items' ``ref_logp`` becomes ``batch[part]["ref_logp"]`` ``[B]`` (fp32) for each part it covers.
-    """
+    parts they hold, each padded alone), their ``ref_logp`` as ``batch[part]["ref_logp"]`` ``[B]`` fp32."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id

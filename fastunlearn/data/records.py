@@ -1,12 +1,13 @@
-"""Data records: files, data sets (:mod:`fastunlearn.data.sources`) or in-memory dicts, their format
-detected and checked."""
+"""Data records from any source (:mod:`fastunlearn.data.sources`) or in-memory dicts, their fields checked:
+the training formats (:func:`load_records`) and the evaluation sets' own fields (:func:`read_records`)."""
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
+
+from fastunlearn.data.sources import read_source
 
 DataFormat = Literal["auto", "qa", "text", "prompt_completion"]
 
@@ -16,53 +17,6 @@ FORMATS: dict[str, tuple[str, ...]] = {
     "prompt_completion": ("prompt", "completion"),
     "text": ("text",),
 }
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Read a JSON Lines file (one object per line; blank lines skipped).
-
-    Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the file, line and column
-    for invalid JSON, a line that is not an object, or a file without records. A file that opens with
-    ``[`` is a JSON array, not JSON Lines, and is reported as such.
-    """
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"data file {path} is a directory; give a JSON Lines file")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"data file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            return _read_lines(path, f)
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a UTF-8 text file (JSON Lines expected)") from None
-
-
-def _read_lines(path: str, f) -> list[dict[str, Any]]:
-    records = []
-    for lineno, line in enumerate(f, start=1):
-        if not line.strip():
-            continue
-        if not records and line.lstrip().startswith("["):
-            raise ValueError(
-                f"{path}:{lineno}: expected JSON Lines (one object per line), got a JSON array; "
-                "write one record per line"
-            )
-        # Without its line break, an error at the end of the line is not reported as line 2 column 1.
-        text = line.rstrip("\r\n")
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as e:
-            where = "the end of the line" if e.pos >= len(text) else f"column {e.colno}"
-            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at {where})") from None
-        if not isinstance(record, dict):
-            raise ValueError(
-                f"{path}:{lineno}: expected a JSON object per line (JSON Lines), got {type(record).__name__}"
-            )
-        record["_source"] = f"{path}:{lineno}"
-        records.append(record)
-    if not records:
-        raise ValueError(f"{path}: the file is empty (no JSON Lines records)")
-    return records
 
 
 def detect_format(record: Mapping[str, Any], where: str) -> str:
@@ -77,20 +31,22 @@ def detect_format(record: Mapping[str, Any], where: str) -> str:
     )
 
 
-def _validate(records: list[dict[str, Any]], fmt: str) -> None:
+def check_fields(
+    records: Iterable[Mapping[str, Any]], fields: Sequence[str], what: str, *, empty: bool
+) -> None:
+    """Every record holds each of ``fields`` as a string (non-blank unless ``empty``); errors name the
+    record's ``_source`` and ``what`` needs the fields."""
     for record in records:
-        where = record["_source"]
-        for field in FORMATS[fmt]:
+        for field in fields:
             if field not in record:
                 raise ValueError(
-                    f"{where}: missing field {field!r} (format {fmt!r} needs {list(FORMATS[fmt])})"
+                    f"{record['_source']}: missing field {field!r} ({what} needs {list(fields)})"
                 )
             if not isinstance(record[field], str):
-                raise ValueError(
-                    f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}"
-                )
-            if not record[field].strip():  # nothing to learn or unlearn: a silent no-op otherwise
-                raise ValueError(f"{where}: field {field!r} is empty")
+                kind = type(record[field]).__name__
+                raise ValueError(f"{record['_source']}: field {field!r} must be a string, got {kind}")
+            if not empty and not record[field].strip():  # nothing to learn or unlearn: a silent no-op
+                raise ValueError(f"{record['_source']}: field {field!r} is empty")
 
 
 def load_records(
@@ -100,16 +56,10 @@ def load_records(
     name: str = "data",
     allow_download: bool = False,
 ) -> tuple[list[dict[str, Any]], str]:
-    """Records and their format from a source :func:`~fastunlearn.data.sources.read_source` reads (a JSON
-    Lines, Parquet or CSV file, a ``save_to_disk`` folder, a Hub data set ``name[:config][@split]``,
-    fetched only with ``allow_download``) or an iterable of dicts (a ``datasets.Dataset`` among them).
-
-    ``data_format="auto"`` detects the format from the first record; every record must then carry that
-    format's fields. ``name`` ("forget", "retain") labels in-memory records in error messages.
-    """
+    """Training records and their format from a source :func:`~fastunlearn.data.sources.read_source`
+    reads or an iterable of dicts (a ``datasets.Dataset`` among them). ``"auto"`` detects the format
+    from the first record; ``name`` ("forget", "retain") labels in-memory records in errors."""
     if isinstance(data, (str, os.PathLike)):
-        from fastunlearn.data.sources import read_source
-
         records = read_source(data, allow_download=allow_download)
     else:
         records = []
@@ -125,5 +75,29 @@ def load_records(
         fmt = data_format
     else:
         raise ValueError(f"unknown data format {data_format!r}; expected 'auto' or one of {list(FORMATS)}")
-    _validate(records, fmt)
+    check_fields(records, FORMATS[fmt], f"format {fmt!r}", empty=False)
     return records, fmt
+
+
+def read_records(path: str | os.PathLike, fields: Sequence[str]) -> list[dict[str, Any]]:
+    """The records of an evaluation file (any source :func:`~fastunlearn.data.sources.read_source`
+    reads: JSON Lines or a JSON array whatever the extension), each holding ``fields`` as strings."""
+    records = read_source(path)
+    check_fields(records, fields, "the records", empty=True)
+    return records
+
+
+def text_field(
+    data: str | os.PathLike | Sequence[str] | Sequence[Mapping[str, Any]], field: str, name: str
+) -> list[str]:
+    """The ``field`` of every record of ``data``: a file (:func:`read_records`), a list of strings (the
+    values themselves) or of dicts. ``name`` labels the set in errors; an empty set is a ``ValueError``."""
+    if isinstance(data, (str, os.PathLike)):
+        return [r[field] for r in read_records(data, (field,))]
+    values = [item.get(field) if isinstance(item, Mapping) else item for item in data]
+    for i, value in enumerate(values):
+        if not isinstance(value, str):
+            raise ValueError(f"{name}[{i}]: expected a string or a record with a string {field!r}")
+    if not values:
+        raise ValueError(f"the {name} set is empty")
+    return values

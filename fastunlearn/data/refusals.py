@@ -1,19 +1,14 @@
 """Refusal answers for the IdK and DPO baselines: each forget question paired with an "I don't know".
 
-TOFU's ``idk`` method (Maini et al. 2024, arXiv 2401.06121) fine-tunes the model to answer every forget
+TOFU's ``idk`` (Maini et al. 2024, arXiv 2401.06121) fine-tunes the model to answer every forget
 question with a refusal drawn from a list; DPO on the forget set (Rafailov et al. 2023, arXiv
-2305.18290) prefers that refusal to the true answer. The package ships its own list
-(``refusals.txt``, over a hundred varied sentences); a user's file holds one answer a line, or JSON
-Lines ``{"answer": ...}``.
-
-Each forget record gets one refusal for the whole run, drawn from a generator seeded by the run's seed:
-reproducible, the same on resume, and fixed, so the reference model's log-probability of every
-refusal can be taken once before training.
+2305.18290) prefers that refusal to the true answer. Each forget record gets one refusal for the whole
+run, drawn by a generator seeded by the run's seed: the same on resume, so the reference model's
+log-probability of every refusal can be taken once before training.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -22,58 +17,41 @@ from typing import Any
 import torch
 
 from fastunlearn.data.examples import Example, tokenize_records
-
-__all__ = ["read_refusals", "refusal_examples", "refusal_records"]
+from fastunlearn.data.records import check_fields
+from fastunlearn.data.sources import read_source
 
 _SEED_OFFSET = 7_000_003  # kept apart from the retain pairing's generator (seeded by the same seed)
 
 
-def _read_text(path: str | os.PathLike | None) -> str:
-    if path is None:
-        return resources.files("fastunlearn.data").joinpath("refusals.txt").read_text(encoding="utf-8")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"refusal file {path} is a directory; give a text or JSON Lines file")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"refusal file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read()
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not a UTF-8 text file (one refusal a line expected)") from None
-
-
-def _answer(line: str, where: str) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ValueError(
-            f"{where}: invalid JSON ({e.msg}); a JSON Lines refusal file has one object a line"
-        ) from None
-    answer = record.get("answer") if isinstance(record, Mapping) else None
-    if not isinstance(answer, str) or not answer.strip():
-        raise ValueError(f'{where}: expected {{"answer": "<a non-empty refusal>"}}')
-    return answer.strip()
-
-
 def read_refusals(path: str | os.PathLike | None = None) -> list[str]:
     """The refusal answers of ``path`` (the package's list when ``None``): one a line, blank lines
-    skipped, or JSON Lines ``{"answer"}`` when the first non-blank line is a JSON object. ``ValueError``
-    in one line, naming the file and line, for an empty file or a bad record."""
+    skipped, or JSON Lines ``{"answer"}`` when the first non-blank line is a JSON object."""
     name = "the package's refusals" if path is None else os.fspath(path)
-    lines = [(i, line.strip()) for i, line in enumerate(_read_text(path).splitlines(), 1) if line.strip()]
-    if not lines:
+    if path is None:
+        text = resources.files("fastunlearn.data").joinpath("refusals.txt").read_text(encoding="utf-8")
+    elif not os.path.isfile(path):
+        raise FileNotFoundError(f"refusal file not found: {name}")
+    else:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except UnicodeDecodeError:
+            raise ValueError(f"{name}: not a UTF-8 text file (one refusal a line expected)") from None
+    answers = [line.strip() for line in text.splitlines() if line.strip()]
+    if not answers:
         raise ValueError(f"{name}: no refusal answers (the file is empty)")
-    if lines[0][1].startswith("{"):
-        return [_answer(line, f"{name}:{i}") for i, line in lines]
-    return [line for _, line in lines]
+    if answers[0].startswith("{"):
+        records = read_source(path)
+        check_fields(records, ("answer",), "a JSON Lines refusal file", empty=False)
+        answers = [r["answer"].strip() for r in records]
+    return answers
 
 
 def refusal_records(
     records: Sequence[Mapping[str, Any]], data_format: str, refusals: Sequence[str], seed: int
 ) -> list[dict[str, Any]]:
     """Each forget record with its answer (``qa``) or completion (``prompt_completion``) replaced by a
-    refusal drawn uniformly from ``refusals`` by a generator seeded from ``seed`` (module docstring).
-    Raw-text records have no question to refuse: ``ValueError``."""
+    refusal drawn uniformly from ``refusals`` by a generator seeded from ``seed``."""
     fields = {"qa": "answer", "prompt_completion": "completion"}
     if data_format not in fields:
         raise ValueError(

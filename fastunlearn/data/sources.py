@@ -1,29 +1,23 @@
-"""Where records come from: a JSON Lines file, a Parquet or CSV file, a folder written by
-``datasets.Dataset.save_to_disk``, or a data set on the Hugging Face Hub.
+"""Where records come from: a JSON Lines or JSON array file, a Parquet or CSV file, a folder written by
+``datasets.Dataset.save_to_disk`` (``folder@split`` for one of several splits), or a Hub data set
+``name[:config][@split]`` read from the local Hugging Face cache (fetched only with ``allow_download``).
 
-:func:`read_source` reads any of them into a list of dicts, each with ``"_source"`` naming where it came
-from, so that a bad record is reported at its place: ``path:line`` for text files (JSON Lines, CSV:
-the file's line), ``name[i]`` for the ``i``-th row (from 0) of a Parquet file or a data set. A Hub
-data set is named ``name[:config][@split]`` (``split`` defaults to ``train``); a ``save_to_disk``
-folder holding several splits is named ``folder@split``. A Hub id is read from the local Hugging
-Face cache (:mod:`fastunlearn._hub`): nothing is fetched unless ``allow_download``.
-:func:`resolve_hub_dataset` says which repository, configuration, split and commit a name resolves to.
-
-Parquet needs ``pyarrow``, folders and Hub data sets ``datasets`` (``pip install 'fastunlearn[data]'``).
+Each record is a dict whose ``"_source"`` names its place for error messages: ``path:line`` in a
+text file, ``name[i]`` for row ``i`` of a table. Parquet needs ``pyarrow``, folders and Hub data sets
+``datasets`` (``pip install 'fastunlearn[data]'``).
 """
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from fastunlearn._hub import is_hub_id, resolve_snapshot
-from fastunlearn.data.records import read_jsonl
-
-__all__ = ["HubDataset", "read_source", "resolve_hub_dataset"]
 
 PARQUET = (".parquet", ".pq")
 CSV = (".csv",)
@@ -38,6 +32,54 @@ def _require(package: str, what: str) -> None:
 
 def _rows(rows: Any, name: str) -> list[dict[str, Any]]:
     return [{**row, "_source": f"{name}[{i}]"} for i, row in enumerate(rows)]
+
+
+def _array_items(path: str, text: str) -> Iterator[tuple[Any, int]]:
+    """``(value, line)`` of each element of the JSON array ``text``, decoded one at a time so that a
+    bad element is reported at its line."""
+    decoder, pos = json.JSONDecoder(), text.index("[") + 1
+    while True:
+        pos += len(text[pos:]) - len(text[pos:].lstrip())
+        if text[pos : pos + 1] == "]" and not text[pos + 1 :].strip():
+            return
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+        yield value, text.count("\n", 0, pos) + 1
+        pos = end + len(text[end:]) - len(text[end:].lstrip())
+        if text[pos : pos + 1] == ",":
+            pos += 1
+        elif text[pos : pos + 1] != "]" or text[pos + 1 :].strip():
+            line = text.count("\n", 0, pos) + 1
+            raise ValueError(f"{path}:{line}: invalid JSON array (expected ',' or a final ']')")
+
+
+def _lines(path: str, text: str) -> Iterator[tuple[Any, int]]:
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                yield json.loads(line), lineno
+            except json.JSONDecodeError as err:
+                where = "the end of the line" if err.pos >= len(line) else f"column {err.colno}"
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg} at {where})") from None
+
+
+def _read_json(path: str) -> list[dict[str, Any]]:
+    """A JSON Lines file (one record a line, blank lines skipped) or one JSON array of records, told
+    apart by the first character; a JSON string stands for ``{"text": ...}``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a UTF-8 text file (JSON Lines expected)") from None
+    records = []
+    for value, line in (_array_items if text.lstrip().startswith("[") else _lines)(path, text):
+        value = {"text": value} if isinstance(value, str) else value
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}:{line}: expected a JSON object (a record), got {type(value).__name__}")
+        records.append({**value, "_source": f"{path}:{line}"})
+    return records
 
 
 def _read_csv(path: str) -> list[dict[str, Any]]:
@@ -154,11 +196,8 @@ def _read_hub(name: str, allow_download: bool) -> list[dict[str, Any]]:
 
 def read_source(source: str | os.PathLike, *, allow_download: bool = False) -> list[dict[str, Any]]:
     """The records of a file, a ``save_to_disk`` folder or a Hub data set (module docstring), each a
-    dict with ``"_source"``; JSON Lines files are read by :func:`fastunlearn.data.records.read_jsonl`.
-
-    Raises ``FileNotFoundError`` for a name that is none of them and ``ValueError`` naming the source
-    for a file it cannot read or an empty data set.
-    """
+    dict with ``"_source"``. ``FileNotFoundError`` for a name that is none of them, ``ValueError``
+    naming the source for a file it cannot read or an empty data set."""
     path = os.fspath(source)
     folder, _, split = path.rpartition("@")
     if os.path.isdir(path):
@@ -167,8 +206,8 @@ def read_source(source: str | os.PathLike, *, allow_download: bool = False) -> l
         records = _read_parquet(path)
     elif os.path.isfile(path) and path.lower().endswith(CSV):
         records = _read_csv(path)
-    elif os.path.exists(path):
-        return read_jsonl(path)
+    elif os.path.isfile(path):
+        records = _read_json(path)
     elif folder and os.path.isdir(folder):
         records = _read_saved(folder, split)
     else:

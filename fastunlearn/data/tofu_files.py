@@ -1,10 +1,8 @@
 """TOFU-format evaluation files (Maini et al. 2024): reading them, and finding them in a directory.
 
-A file is JSON Lines with ``question`` and ``answer`` per line, and in the ``*_perturbed`` files also
-``paraphrased_answer`` (forget / retain) and ``perturbed_answer`` (every one); TOFU's own ``.json``
-files are in this format. Records are read by :func:`fastunlearn.data.sources.read_source`, the
-reader of the training data, so errors name the file and line the same way, and the same records may
-come from Parquet or CSV, a ``save_to_disk`` folder or the Hub's copy (``locuslab/TOFU:forget10_perturbed``).
+Records hold ``question`` and ``answer``, and in the ``*_perturbed`` files ``paraphrased_answer``
+(forget / retain) and ``perturbed_answer``; they are read by the training data's reader (JSON Lines,
+Parquet, CSV, a ``save_to_disk`` folder, the Hub's ``locuslab/TOFU:forget10_perturbed``).
 """
 
 from __future__ import annotations
@@ -13,21 +11,15 @@ import glob
 import os
 from dataclasses import dataclass
 
-from fastunlearn.data.sources import read_source
+from fastunlearn.data.records import read_records
 
 TOFU_SETS = ("forget", "retain", "real_authors", "world_facts")
-
-__all__ = ["TOFU_SETS", "TofuItem", "find_tofu_files", "missing_truth_ratio_reason", "read_tofu_file"]
 
 
 @dataclass(frozen=True)
 class TofuItem:
-    """One TOFU question with its answers.
-
-    ``paraphrased_answer`` exists in the forget/retain ``*_perturbed`` files; ``perturbed_answers`` (3 in
-    real authors / world facts, 5 in forget/retain) in every ``*_perturbed`` file; plain split files
-    (``forget10.json``) have neither.
-    """
+    """One TOFU question with its answers; plain split files (``forget10.json``) have no paraphrased
+    and perturbed answers (3 perturbed in real authors / world facts, 5 in forget / retain)."""
 
     question: str
     answer: str
@@ -37,17 +29,11 @@ class TofuItem:
 
 
 def read_tofu_file(path: str | os.PathLike) -> list[TofuItem]:
-    """Parse a TOFU-format JSON Lines file; errors name the file and line.
-
-    Every item of a file must have the same fields and the same number of perturbed answers (the
-    truth ratio is computed on an ``[N, K]`` table).
-    """
+    """The items of a TOFU-format file; errors name the file and line. Every item must have the same
+    fields and number of perturbed answers (the truth ratio is computed on an ``[N, K]`` table)."""
     items = []
-    for record in read_source(path):
+    for record in read_records(path, ("question", "answer")):
         where = record["_source"]
-        for field in ("question", "answer"):
-            if not isinstance(record.get(field), str):
-                raise ValueError(f"{where}: field {field!r} must be present and a string")
         para = record.get("paraphrased_answer")
         if para is not None and not isinstance(para, str):
             raise ValueError(f"{where}: 'paraphrased_answer' must be a string")
@@ -74,11 +60,8 @@ def read_tofu_file(path: str | os.PathLike) -> list[TofuItem]:
 
 
 def missing_truth_ratio_reason(items: list[TofuItem], source: str | os.PathLike | None) -> str | None:
-    """Why a set read from ``source`` has no truth ratio (its items lack ``perturbed_answer``), or ``None``.
-
-    TOFU keeps the perturbed answers in ``NAME_perturbed.json`` beside the plain ``NAME.json``; the
-    reason says which file was read and which one would have had them.
-    """
+    """Why a set read from ``source`` has no truth ratio (no ``perturbed_answer``), or ``None``; TOFU
+    keeps them in ``NAME_perturbed.json`` beside ``NAME.json``, which the reason names."""
     if not items or items[0].perturbed_answers is not None:
         return None
     if source is None:
@@ -93,15 +76,9 @@ def missing_truth_ratio_reason(items: list[TofuItem], source: str | os.PathLike 
 
 
 def find_tofu_files(data_dir: str | os.PathLike, *, forget_split: str | None = None) -> dict[str, str]:
-    """Locate TOFU evaluation files in a directory by TOFU's names.
-
-    forget: ``{forget_split}_perturbed.json`` (e.g. ``forget10``), or the only ``forget*_perturbed.json``,
-    else the plain ``{forget_split}.json`` / only ``forget*.json``; retain: ``retain_perturbed.json``
-    (else ``retain*.json`` when only one exists); real authors / world facts:
-    ``real_authors_perturbed.json`` / ``world_facts_perturbed.json``. Absent sets are left out;
-    ambiguity (several forget splits and no ``forget_split``) and a ``forget_split`` with no file raise
-    ``ValueError`` (the latter listing the splits there are).
-    """
+    """TOFU's files in a directory by TOFU's names, the ``*_perturbed.json`` first: forget
+    (``{forget_split}``, or the only ``forget*``), retain, real authors, world facts; absent sets are
+    left out. ``ValueError`` for several candidates or a ``forget_split`` with no file."""
     data_dir = os.fspath(data_dir)
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"TOFU data directory not found: {data_dir}")

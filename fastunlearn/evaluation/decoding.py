@@ -1,12 +1,6 @@
-"""Greedy decoding with a KV cache for a batch of prompts of any lengths (left padded).
-
-:func:`greedy_decode` is shared by the extraction metrics
-(:mod:`fastunlearn.evaluation.extraction_metrics`), which continue prefixes to a fixed length, and
-:func:`greedy_completions`, which stops each prompt at EOS or at its own token budget and decodes the
-text: the TOFU protocol's answers (:mod:`fastunlearn.evaluation.tofu`) and the ROUGE-L of the stopping
-rules (:mod:`fastunlearn.evaluation.stop_callback`). Works with the calling conventions of
-``transformers`` 4.x and 5.x (cache and logits arguments).
-"""
+"""Greedy decoding with a KV cache for a batch of prompts of any lengths (left padded), to a fixed
+length (the extraction metrics) or to EOS within each prompt's budget (:func:`greedy_completions`), and
+of text prompts shared by the ranks (:func:`greedy_texts`: MUSE, dialogue)."""
 
 from __future__ import annotations
 
@@ -20,10 +14,8 @@ from fastunlearn.engines import distributed
 from fastunlearn.models.devices import eval_mode, model_device
 from fastunlearn.models.naming import unwrap_model
 
-__all__ = ["EOS_CHECK_EVERY", "greedy_completions", "greedy_decode"]
-
-# Decoding steps between two checks that every row has stopped, on an accelerator (module docstring of
-# greedy_decode): a few wasted steps of a batch that has finished cost less than a stall every step.
+# Decoding steps between two checks that every row has stopped, on an accelerator: a few wasted steps
+# of a batch that has finished cost less than a host synchronisation every step.
 EOS_CHECK_EVERY = 8
 
 
@@ -33,10 +25,9 @@ def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def _decode_arguments(model: torch.nn.Module) -> tuple[str, dict[str, int]]:
-    """The forward argument that takes the KV cache (``cache`` from transformers 5.2x on, before that
-    ``past_key_values``), and the argument limiting logits to the last position where the model has one
-    (``logits_to_keep``; ``num_logits_to_keep`` in older versions): prefill then skips the vocabulary
-    projection of every prompt position."""
+    """The forward's KV-cache argument (``cache`` from transformers 5.2x, else ``past_key_values``) and
+    the one limiting logits to the last position, where there is one: prefill then skips the
+    vocabulary projection of every prompt position."""
     import inspect
 
     # The class's forward: fastunlearn.patch replaces the instance's with a ``**kwargs`` wrapper.
@@ -59,21 +50,15 @@ def greedy_decode(
     pad_token_id: int = 0,
     eos_check_every: int | None = None,
 ) -> torch.Tensor:
-    """Greedy continuation of a batch of prompts of any lengths, with a KV cache.
+    """Greedy continuation ``[R, ≤ max_new_tokens]`` of left-padded prompts with a KV cache (position
+    ids follow the mask, so padding changes nothing but rounding); call under ``eval_mode``.
 
-    Prompts are left padded (position ids follow the mask, so padding changes nothing but rounding).
-    Without ``eos_token_id`` exactly ``max_new_tokens`` tokens are generated per prompt (the
-    extraction protocol never stops early). With it, a row stops at its first EOS — later positions
-    hold ``pad_token_id`` — and decoding ends once every row has stopped, which is checked every
-    ``eos_check_every`` steps: the check reads a flag on the host, a synchronisation that stalls an
-    accelerator's queue, so by default it runs every step only on the CPU (where it costs nothing) and
-    every :data:`EOS_CHECK_EVERY` steps elsewhere. The tokens do not depend on it: a stopped row only
-    gains padding, and the result at most ``eos_check_every − 1`` columns of it. When the model's
-    weights are split between the ranks (FSDP, ZeRO-3), every rank decodes the same prompts and each
-    forward is a collective: the ranks stop together, when every row has stopped on every rank (one
-    more collective per check), so a rank whose rounding broke a tie otherwise cannot leave the others
-    waiting. Returns ``[R, ≤ max_new_tokens]`` token ids.
-    Must be called under :func:`fastunlearn.models.devices.eval_mode`.
+    Without ``eos_token_id`` exactly ``max_new_tokens`` tokens per prompt. With it a row stops at its
+    first EOS (then ``pad_token_id``), and decoding ends once every row has, checked every
+    ``eos_check_every`` steps (a host synchronisation: every step on the CPU, every
+    :data:`EOS_CHECK_EVERY` elsewhere; the tokens do not depend on it). With weights split between the
+    ranks (FSDP, ZeRO-3) each forward is a collective, so the ranks stop together, when every row has
+    stopped on every rank.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
@@ -130,14 +115,9 @@ def greedy_completions(
     batch_size: int,
     strip: bool = True,
 ) -> list[str]:
-    """Greedy continuations of token ``prompts``, each stopped at EOS or after its ``budgets[i]`` new
-    tokens (a budget below 1 gives ``""``), decoded without special tokens and stripped of surrounding
-    whitespace (``strip=False``: as decoded, for protocols that cut the text at a line break).
-
-    Prompts are decoded :func:`greedy_decode` in batches of ``batch_size``, sorted by budget then
-    length: a batch runs until its largest budget, so similar budgets waste fewer steps on finished
-    rows, and similar lengths less padding. Runs in eval mode without gradients.
-    """
+    """Greedy continuations of token ``prompts``, each stopped at EOS or after ``budgets[i]`` new tokens
+    (below 1: ``""``), decoded without special tokens, stripped unless ``strip=False``. Batches of
+    ``batch_size`` are sorted by budget then length: a batch runs to its largest budget."""
     order = sorted(
         (i for i in range(len(prompts)) if budgets[i] >= 1), key=lambda i: (budgets[i], len(prompts[i]))
     )
@@ -160,3 +140,38 @@ def greedy_completions(
                 text = tokenizer.decode(tokens, skip_special_tokens=True)
                 texts[i] = text.strip() if strip else text
     return texts
+
+
+def greedy_texts(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[str]:
+    """The greedy continuation of each prompt (tokenised with special tokens), up to ``max_new_tokens``
+    new tokens or EOS, decoded without special tokens, ``batch_size`` prompts at a time."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    eos = tokenizer.eos_token_id
+    tokens = []
+    for i, row in enumerate(tokenizer(list(prompts), add_special_tokens=True)["input_ids"]):
+        if len(row) > 1 and row[-1] == eos:
+            row = row[:-1]  # tokenizers that append EOS to every encoding: a prompt does not end there
+        if not row:
+            raise ValueError(f"prompt {i} is empty after tokenisation: nothing to continue")
+        tokens.append(torch.tensor(row, dtype=torch.long))
+
+    def continue_part(part: list[torch.Tensor]) -> list[str]:
+        budgets = [max_new_tokens] * len(part)
+        return greedy_completions(model, tokenizer, part, budgets, batch_size=batch_size, strip=False)
+
+    return distributed.map_sharded(continue_part, tokens, model=model)
+
+
+def cut_at(text: str, marker: str) -> str:
+    """``text`` up to the first ``marker`` (all of it without one), stripped."""
+    return text.split(marker, 1)[0].strip()

@@ -1,15 +1,7 @@
-"""Dialogue utility: unigram F1 of the model's greedy response against the reference response.
-
-Jang et al. 2023 (Knowledge Unlearning, arXiv:2210.01504) report, after unlearning, four dialogue
-tasks (Wizard of Wikipedia, Empathetic Dialogues, Blended Skill Talk, Wizard of Internet) scored this
-way, as ParlAI does: both texts are normalised as in SQuAD's evaluation script (Rajpurkar et al.
-2016) — lower-cased, punctuation removed, the articles *a*, *an*, *the* removed, whitespace
-collapsed — and split into words; ``F1 = 2PR/(P + R)`` with precision and recall counted over the
-multiset of shared words (0 when none is shared; 1 when both are empty).
-
-Records are ``{"context", "response"}`` (JSON Lines or a JSON array). The response is the greedy
-continuation of the context (its tokens with the tokenizer's special tokens), up to
-``max_new_tokens`` tokens or EOS, cut at its first line break: one turn of the dialogue.
+"""Dialogue utility (Jang et al. 2023, arXiv:2210.01504, four dialogue tasks after unlearning): unigram
+F1 of the greedy response, cut at its first line break, against the reference, as ParlAI scores it:
+both normalised as SQuAD's script does (lower case, no punctuation, no articles), ``F1 = 2PR/(P + R)``
+over the multiset of shared words.
 """
 
 from __future__ import annotations
@@ -23,10 +15,8 @@ from typing import Any
 
 import torch
 
-from fastunlearn.evaluation.generation import cut_at, greedy_texts
-from fastunlearn.evaluation.records import read_records
-
-__all__ = ["evaluate_dialogue", "normalize_text", "unigram_f1"]
+from fastunlearn.data.records import read_records
+from fastunlearn.evaluation.decoding import cut_at, greedy_texts
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -38,7 +28,7 @@ def normalize_text(text: str) -> str:
 
 
 def unigram_f1(prediction: str, reference: str) -> float:
-    """Unigram F1 of ``prediction`` against ``reference`` after :func:`normalize_text` (module docstring)."""
+    """Unigram F1 after :func:`normalize_text` (0 when no word is shared, 1 when both are empty)."""
     pred, ref = normalize_text(prediction).split(), normalize_text(reference).split()
     if not pred or not ref:
         return float(pred == ref)
@@ -58,11 +48,8 @@ def evaluate_dialogue(
     batch_size: int = 8,
     max_items: int | None = None,
 ) -> dict[str, Any]:
-    """Mean unigram F1 of the greedy responses to ``data``'s contexts (module docstring).
-
-    ``data``: a ``{"context", "response"}`` file or a list of such dicts; ``max_items`` keeps the first
-    ones. Returns ``{"protocol": "dialogue", "f1", "num_items", "per_item": [F1...], "examples"}``.
-    """
+    """Mean unigram F1 of the greedy responses to ``data``'s contexts: ``{"context", "response"}``
+    records in a file or a list (``max_items``: the first ones)."""
     if isinstance(data, (str, os.PathLike)):
         records = read_records(data, ("context", "response"))
     else:

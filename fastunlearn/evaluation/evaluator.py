@@ -1,23 +1,10 @@
-"""One evaluator for every caller: the registry of evaluations, :func:`check` and :func:`evaluate`.
+"""One evaluator for every caller (``fastunlearn eval``, a run's before/after metrics, the evaluations
+during training): the registry :data:`EVALUATIONS`, :func:`check` and :func:`evaluate`.
 
-``fastunlearn eval``, an unlearning run's before/after metrics and the evaluations during training
-(:class:`~fastunlearn.evaluation.sets.SetEvaluator`, whose ``muse.*`` metrics come from here) all
-call :func:`evaluate`: a model, its tokenizer, and what to evaluate — each evaluation by its name in
-:data:`EVALUATIONS` with its options — give JSON-serialisable results per evaluation. Each entry
-knows how to read and check its inputs before any model loads (:func:`check`) and its headline numbers
-as flat ``NAME.KEY`` metrics (:func:`headline`); the terminal tables are
-:mod:`fastunlearn.evaluation.report`'s. Under ``torchrun`` the ranks share the items of each
-evaluation (:func:`fastunlearn.engines.distributed.map_sharded`); every rank gets every result.
-
-- ``tofu`` (Maini et al. 2024): :func:`~fastunlearn.evaluation.tofu.evaluate_tofu`;
-- ``extraction`` (Jang et al. 2023): :func:`~fastunlearn.evaluation.extraction.evaluate_extraction`;
-- ``mia`` (Carlini et al. 2021; Shi et al. 2024; Zhang et al. 2024):
-  :func:`~fastunlearn.evaluation.mia.evaluate_mia`;
-- ``muse`` (Shi et al. 2024): :func:`~fastunlearn.evaluation.muse.evaluate_muse`;
-- ``dialogue`` (Jang et al. 2023): :func:`~fastunlearn.evaluation.dialogue.evaluate_dialogue`;
-- ``lm_eval`` (WMDP, MMLU, any harness task): :func:`~fastunlearn.evaluation.harness.evaluate_lm_eval`;
-- ``sets``: a run's own forget / retain metrics, from a :class:`~fastunlearn.evaluation.sets.SetEvaluator`
-  (``{"evaluator": ..., "kinds": (...)}``).
+Each entry (TOFU, extraction, membership inference, MUSE, dialogue, lm-eval tasks, and ``sets``: a
+run's own forget / retain metrics from a :class:`~fastunlearn.evaluation.sets.SetEvaluator`) reads and
+checks its inputs before any model loads and names its headline numbers ``NAME.KEY``. Under
+``torchrun`` the ranks share each evaluation's items and every rank gets every result.
 """
 
 from __future__ import annotations
@@ -30,6 +17,7 @@ from typing import Any
 import torch
 
 from fastunlearn import data as fdata
+from fastunlearn.data.records import read_records, text_field
 from fastunlearn.data.tofu_files import find_tofu_files, read_tofu_file
 from fastunlearn.evaluation.dialogue import evaluate_dialogue
 from fastunlearn.evaluation.extraction import evaluate_extraction
@@ -37,22 +25,18 @@ from fastunlearn.evaluation.harness import check_tasks, evaluate_lm_eval
 from fastunlearn.evaluation.mia import ATTACKS, evaluate_mia
 from fastunlearn.evaluation.muse import CRITERIA, CRITERION_FILES, evaluate_muse
 from fastunlearn.evaluation.muse_files import read_muse
-from fastunlearn.evaluation.records import read_records, text_field
 from fastunlearn.evaluation.report import is_lm_eval_score
 from fastunlearn.evaluation.tofu import evaluate_tofu, summarize_tofu
 from fastunlearn.models.devices import model_device
 from fastunlearn.models.loading import load_model_and_tokenizer, model_source
 from fastunlearn.models.precision import weights_dtype
 
-__all__ = ["EVALUATIONS", "Evaluation", "check", "evaluate", "headline", "load_like"]
-
 
 @dataclass(frozen=True)
 class Evaluation:
-    """One entry of the registry: ``run(model, tokenizer, **options)`` gives its results; ``first`` is
-    the option a bare value stands for (``extraction="seqs.jsonl"``); ``check(options)`` reads and
-    checks its inputs before any model loads; ``headline(results)`` its numbers by flat name;
-    ``models``: its options that may name another model (a directory, loaded like the evaluated one)."""
+    """One evaluation: ``run(model, tokenizer, **options)``; ``first``: the option a bare value stands
+    for (``extraction="seqs.jsonl"``); ``check(options)``; ``headline(results)``; ``models``: its
+    options that may name another model (a directory, loaded like the evaluated one)."""
 
     run: Callable[..., dict[str, Any]]
     first: str
@@ -224,14 +208,10 @@ def evaluate(
     **requests: Any,
 ) -> dict[str, Any]:
     """The evaluations ``requests`` of ``model``: ``{name: results}`` in the registry's order, each
-    JSON-serialisable (the ``sets`` evaluation's are plain numbers too).
-
-    ``requests``: ``name=options`` for names of :data:`EVALUATIONS`, the options those of its function
-    (``mia={"forget": F, "holdout": H, "k": 0.4}``), or a bare value for its first input
-    (``extraction="seqs.jsonl"``, ``muse="MUSE/news"``, ``lm_eval="wmdp_bio,mmlu"``). ``model``: a loaded
-    causal LM with its ``tokenizer``, or a local directory (its inputs are checked before it loads). A
-    retrained or reference model given as a directory is loaded once for the call, like ``model``.
-    """
+    JSON-serialisable. ``requests``: ``name=options`` (``mia={"forget": F, "holdout": H}``) or a bare
+    value for its first option (``muse="MUSE/news"``, ``lm_eval="wmdp_bio,mmlu"``). ``model``: a loaded
+    causal LM with its ``tokenizer``, or a local directory, loaded after every input is checked; other
+    models given as directories are loaded once, like ``model``."""
     requests = _requests(requests)
     access = dict(trust_remote_code=trust_remote_code, allow_download=allow_download)
     if _is_path(model):

@@ -1,14 +1,7 @@
-"""Downstream tasks through EleutherAI's lm-evaluation-harness (Gao et al., ``lm-eval``) on the model in
-memory: WMDP (Li et al. 2024, arXiv:2403.03218; ``wmdp_bio``, ``wmdp_cyber``, ``wmdp_chem``), MMLU and
-the classification tasks the extraction protocol reports after unlearning (HellaSwag, LAMBADA,
-Winogrande, COPA, ARC, PIQA, MathQA, PubMedQA).
-
-The model is handed to the harness as it is — adapters applied, patched or not, in its dtype and on
-its device — through ``HFLM(pretrained=model)``: nothing is merged, saved or reloaded, so the numbers
-are those of the model being unlearned. Local YAML tasks are found with
-``TaskManager(include_path=...)``; a task whose YAML reads a local file (``dataset_path: json``,
-``dataset_kwargs: {data_files: ...}``) runs offline. The harness's own tasks fetch their data from
-the Hugging Face Hub (or its cache) the first time.
+"""Downstream tasks through EleutherAI's lm-evaluation-harness (``lm-eval``): WMDP (Li et al. 2024,
+arXiv:2403.03218), MMLU and the tasks the extraction protocol reports after unlearning (Jang et al.
+2023). The model is handed over as it is (``HFLM(pretrained=model)``: adapters applied, nothing merged
+or reloaded); local YAML tasks come from ``include_path``.
 """
 
 from __future__ import annotations
@@ -16,7 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,25 +17,9 @@ import torch
 from fastunlearn.engines import distributed
 from fastunlearn.evaluation.likelihood import eval_mode
 
-__all__ = ["check_tasks", "evaluate_lm_eval"]
-
 _INSTALL = 'pip install "fastunlearn[eval]"'
 # What simple_evaluate returns beside the scores that is not kept: the per-document records.
 _DROPPED = ("samples",)
-
-
-def _json_part(value: Any) -> Any:
-    """``value`` with every leaf JSON can encode kept and every other one (a dtype, a device) written as
-    its ``str``; dict keys as strings."""
-    if isinstance(value, Mapping):
-        return {str(k): _json_part(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_part(v) for v in value]
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return str(value)
-    return value
 
 
 def _task_list(tasks: str | Sequence[str]) -> list[str]:
@@ -76,10 +53,8 @@ def check_tasks(
     include_path: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     include_defaults: bool = True,
 ) -> tuple[list[str], Any]:
-    """The task names and the task manager that knows them: ``ImportError`` naming the extra to install
-    without ``lm-eval``, ``ValueError`` naming every task neither the harness nor ``include_path`` has.
-    Tasks all found in ``include_path`` are run from an index of it alone (the harness's own thousands
-    of task files take seconds to index)."""
+    """The task names and the task manager that knows them (an index of ``include_path`` alone when it
+    has every task: the harness's own take seconds to index); ``ValueError`` naming unknown tasks."""
     _harness()
     names = _task_list(tasks)
     paths = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path or [])
@@ -106,20 +81,12 @@ def evaluate_lm_eval(
     batch_size: int = 8,
     max_length: int | None = None,
 ) -> dict[str, Any]:
-    """``lm_eval.simple_evaluate`` of ``model`` (module docstring) on ``tasks`` (names, or a
-    comma-separated string; groups and tags such as ``mmlu`` included).
-
-    ``include_path``: directories (or one) of local YAML tasks; ``include_defaults=False`` indexes only
-    those (the harness's own ~15k task files take seconds to index). ``limit``: documents per task (a
-    fraction below 1 is a share); ``num_fewshot``: in-context examples (the tasks' own by default);
-    ``max_length``: the context the harness fits requests into (the model's by default). Returns the
-    JSON-serialisable part of what ``simple_evaluate`` returns — ``results``, ``versions``, ``n-shot``,
-    ``configs``, ``config`` and the rest — without the per-document ``samples``. Raises
-    ``ValueError`` naming any task the harness does not know, and ``ImportError`` naming the extra to
-    install when ``lm-eval`` is missing. The model's train/eval mode is restored afterwards.
-
-    Under several processes the main process evaluates and every rank gets its results; when the
-    weights are split between the ranks (FSDP, ZeRO-3) every rank runs the same requests, in step.
+    """``lm_eval.simple_evaluate`` of ``model`` on ``tasks`` (names or a comma-separated string, groups
+    included), without the per-document ``samples``, JSON-serialisable. ``include_path``: local YAML
+    tasks (``include_defaults=False``: those alone); ``limit``: documents per task (a fraction below 1
+    is a share); ``num_fewshot`` and ``max_length`` default to the tasks' and the model's. Under several
+    processes the main process evaluates (every rank in step when the weights are split) and every
+    rank gets the results.
     """
     lm_eval, HFLM, _ = _harness()
     names, manager = check_tasks(tasks, include_path=include_path, include_defaults=include_defaults)
@@ -131,7 +98,10 @@ def evaluate_lm_eval(
                 model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                 log_samples=False,
             )  # fmt: skip
-        return None if out is None else _json_part({k: v for k, v in out.items() if k not in _DROPPED})
+        if out is None:
+            return None
+        # What JSON cannot encode (a dtype, a device, a function) as its str.
+        return json.loads(json.dumps({k: v for k, v in out.items() if k not in _DROPPED}, default=str))
 
     if distributed.parameters_sharded(model):
         return distributed.broadcast_object(run())

@@ -1,22 +1,16 @@
-"""Likelihood metrics of answers on any causal language model (TOFU, Maini et al. 2024), computed batched.
+"""Likelihood metrics of answers on any causal language model (TOFU, Maini et al. 2024), batched.
 
-Answer-level statistics (TOFU): every quantity comes from the per-token negative log-likelihood of the
-answer tokens under teacher forcing. With labels following the Hugging Face convention (``-100`` on the
-prompt and padding, causal shift done here: logits at position ``t`` predict the token at ``t + 1``),
-one forward pass per batch gives, per example,
-
-    nll_sum    = Σ_t −log p(y_t | y_<t, q)           (answer tokens only, fp32 at least)
-    num_tokens = #answer tokens
-    correct    = Σ_t 1[argmax_v p(v | y_<t, q) = y_t]
-
-from which the length-normalised probability ``P̄(a|q) = exp(−nll_sum / num_tokens)`` follows, and
-from it TOFU's normalisation over multiple-choice options and the truth ratio of perturbed against
-true answers.
+One teacher-forced pass per batch gives per example, over the labelled tokens (``-100`` elsewhere;
+logits at ``t`` predict ``t + 1``): ``nll_sum = Σ_t −log p(y_t | y_<t, q)`` (fp32 at least),
+``num_tokens`` and ``correct = Σ_t 1[argmax_v p(v | y_<t, q) = y_t]``. The length-normalised
+probability ``P̄(a|q) = exp(−nll_sum / num_tokens)`` follows, and from it TOFU's normalisation over
+multiple-choice options and the truth ratio of perturbed against true answers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -29,19 +23,6 @@ from fastunlearn.ops import IGNORE_INDEX
 from fastunlearn.ops.fused_linear import fused_linear_token_stats
 from fastunlearn.ops.ihl import check_label_range
 from fastunlearn.ops.nll import labelled_rows, shift_labels, shifted_nll
-
-__all__ = [
-    "answer_metrics",
-    "answer_probability",
-    "answer_stats",
-    "basic_metrics",
-    "collect_answer_stats",
-    "example_stats",
-    "normalized_probability",
-    "token_nll",
-    "truth_ratio",
-    "truth_ratio_score",
-]
 
 
 def _require_batch(batch: Mapping[str, torch.Tensor], keys: tuple[str, ...]) -> None:
@@ -57,16 +38,10 @@ def _require_batch(batch: Mapping[str, torch.Tensor], keys: tuple[str, ...]) -> 
 
 
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Shifted per-token NLL, the label mask and the teacher-forced hits, each ``[B, T-1]``.
-
-    ``logits[:, t]`` scores ``labels[:, t + 1]``; positions whose label is ``-100`` get NLL 0 and are
-    excluded from the mask. The labels are shifted, not the logits, and the NLL is
-    :func:`fastunlearn.ops.nll.shifted_nll`'s: bf16/fp16 logits are read as they are (no fp32 copy)
-    with fp32 accumulation (fp64 for fp64 logits). Raises ``ValueError`` for a label outside the
-    vocabulary.
-    """
-    # The labels reach shifted_nll where they are: CPU labels are range-checked on the host, with no
-    # synchronisation of the logits' device per batch.
+    """Shifted per-token NLL (0 where the label is ``-100``), the label mask and the teacher-forced
+    hits, each ``[B, T-1]``. The labels are shifted, not the logits: bf16/fp16 logits are read as they
+    are with fp32 accumulation (:func:`fastunlearn.ops.nll.shifted_nll`), and CPU labels are
+    range-checked on the host, with no device synchronisation."""
     nll = shifted_nll(logits, labels, "none").view(labels.shape)
     targets = shift_labels(labels.to(logits.device))
     mask = targets != IGNORE_INDEX
@@ -75,27 +50,14 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def answer_stats(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-example answer statistics from one teacher-forced forward pass (no gradient).
-
-    ``batch`` holds ``input_ids``, ``attention_mask`` and ``labels`` (``[B, T]``, ``-100`` ignored).
-    Returns ``nll_sum`` (fp32), ``num_tokens`` and ``correct`` (int64), each ``[B]``, on the model's
-    device. The caller chooses the mode; :func:`basic_metrics` switches to eval mode.
-
-    Where the architecture allows (:func:`fastunlearn.models.patching.takes_fused_path`) the per-token NLL and
-    hits are computed at the output head from the last hidden states, a chunk of tokens at a time
-    (:func:`fastunlearn.ops.fused_linear.fused_linear_token_stats`: the same row kernels as
-    :func:`token_nll`), so a batch's ``[B, T, V]`` logits never exist; otherwise from the model's logits
-    by :func:`token_nll`.
-    """
+    """Per-example ``nll_sum`` (fp32), ``num_tokens`` and ``correct`` (int64), each ``[B]``, from one
+    teacher-forced pass without gradient over ``input_ids`` / ``attention_mask`` / ``labels`` ``[B, T]``.
+    Where the architecture allows they are computed at the output head a chunk of tokens at a time
+    (:func:`~fastunlearn.ops.fused_linear.fused_linear_token_stats`), so the ``[B, T, V]`` logits never
+    exist; otherwise by :func:`token_nll`."""
     _require_batch(batch, ("input_ids", "attention_mask", "labels"))
-    device = model_device(model)
-    inputs = {
-        "input_ids": batch["input_ids"].to(device),
-        "attention_mask": batch["attention_mask"].to(device),
-    }
-    labels = batch["labels"].to(device)
-    if getattr(getattr(unwrap_model(model), "config", None), "use_cache", None) is not None:
-        inputs["use_cache"] = False  # a KV cache of every layer would outlive the forward for nothing
+    inputs = model_inputs(model, batch["input_ids"], batch["attention_mask"])
+    labels = batch["labels"].to(model_device(model))
     with torch.no_grad():
         if takes_fused_path(model):
             nll, mask, hits = _fused_token_stats(model, inputs, labels, batch["labels"])
@@ -104,42 +66,67 @@ def answer_stats(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> d
     return {"nll_sum": nll.sum(dim=1), "num_tokens": mask.sum(dim=1), "correct": hits.sum(dim=1)}
 
 
-def _fused_token_stats(
+def model_inputs(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+) -> dict:
+    """The forward's arguments on the model's device, without a KV cache (it would outlive the forward)."""
+    device = model_device(model)
+    inputs: dict[str, Any] = {"input_ids": input_ids.to(device)}
+    if attention_mask is not None:
+        inputs["attention_mask"] = attention_mask.to(device)
+    if getattr(getattr(unwrap_model(model), "config", None), "use_cache", None) is not None:
+        inputs["use_cache"] = False
+    return inputs
+
+
+def backend_for(x: torch.Tensor) -> str:
+    return "torch" if x.dtype == torch.float64 else "auto"  # fp64 stays fp64 on the PyTorch path
+
+
+def stats_at_head(
     model: torch.nn.Module,
-    inputs: Mapping[str, torch.Tensor],
-    labels: torch.Tensor,
-    given: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`token_nll`'s three ``[B, T-1]`` tensors, computed at the output head (no logits).
-    ``given``: the labels as the batch holds them; CPU labels are range-checked there, as
-    :func:`~fastunlearn.ops.nll.shifted_nll` checks them, so no batch waits on the device for it."""
-    targets, given_targets = shift_labels(labels), shift_labels(given)
-    on_host = given.device.type == "cpu" and labels.device.type != "cpu"
-    # The labelled positions, found where the labels are: only those rows reach the output head (the
-    # prompt and the padding are half of a question/answer batch). CPU labels give them without a
-    # device synchronisation; labels already on an accelerator would need one, so there every row goes.
-    rows = None
-    if given.device.type == "cpu":
-        rows = labelled_rows(given_targets).to(labels.device, non_blocking=True)
+    inputs: Mapping[str, Any],
+    targets: torch.Tensor,
+    host_targets: torch.Tensor | None,
+    row_stats: Callable[[torch.Tensor, torch.Tensor, torch.nn.Linear], torch.Tensor],
+    fill: float,
+) -> torch.Tensor:
+    """``[B, T, k]`` statistics of each target computed at the output head from the last hidden states,
+    so the ``[B, T, V]`` logits never exist: ``row_stats(hidden rows, targets, head)`` → ``[n, k]``.
+    With ``host_targets`` (the targets on the CPU) only the rows with a target reach the head (the
+    prompt and padding are half of a question/answer batch), found without a device synchronisation;
+    the others hold ``fill``."""
+    rows = None if host_targets is None else labelled_rows(host_targets).to(targets.device, non_blocking=True)
 
     def compute(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
-        if on_host:
-            check_label_range(given_targets, head.weight.shape[0], IGNORE_INDEX)
-        # fp64 stays fp64 on the PyTorch path, as in shifted_nll; the hits travel as 0/1 beside it.
-        backend = "torch" if hidden.dtype == torch.float64 else "auto"
         h, y = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
         if rows is not None:
             h, y = h.index_select(0, rows), y.index_select(0, rows)
-        nll, hit = fused_linear_token_stats(
-            h, head.weight, y, bias=head.bias, backend=backend, validate=not on_host
-        )
-        stats = torch.stack([nll, hit.to(nll.dtype)], dim=-1)
-        if rows is None:
-            return stats.view(*targets.shape, 2)
-        return stats.new_zeros(targets.numel(), 2).index_copy_(0, rows, stats).view(*targets.shape, 2)
+        stats = row_stats(h, y, head)
+        if rows is not None:
+            stats = stats.new_full((targets.numel(), stats.shape[-1]), fill).index_copy_(0, rows, stats)
+        return stats.view(*targets.shape, -1)
 
-    out = head_computes(model, targets, compute, lambda: model(**inputs))
-    stats = out.logits
+    return head_computes(model, targets, compute, lambda: model(**inputs)).logits
+
+
+def _fused_token_stats(
+    model: torch.nn.Module, inputs: Mapping[str, Any], labels: torch.Tensor, given: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`token_nll`'s three ``[B, T-1]`` tensors computed at the output head; ``given``: the labels
+    as the batch holds them (CPU labels are range-checked there, with no device synchronisation)."""
+    targets, given_targets = shift_labels(labels), shift_labels(given)
+    on_host = given.device.type == "cpu" and labels.device.type != "cpu"
+
+    def row_stats(h: torch.Tensor, y: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+        if on_host:
+            check_label_range(given_targets, head.weight.shape[0], IGNORE_INDEX)
+        w, b = head.weight, head.bias
+        nll, hit = fused_linear_token_stats(h, w, y, bias=b, backend=backend_for(h), validate=not on_host)
+        return torch.stack([nll, hit.to(nll.dtype)], dim=-1)  # the hits travel as 0/1 beside the NLL
+
+    host = given_targets if given.device.type == "cpu" else None
+    stats = stats_at_head(model, inputs, targets, host, row_stats, 0.0)
     mask = targets != IGNORE_INDEX
     return stats[:, :-1, 0], mask[:, :-1], stats[:, :-1, 1].bool()
 
@@ -147,11 +134,8 @@ def _fused_token_stats(
 def collect_answer_stats(
     model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]
 ) -> dict[str, torch.Tensor]:
-    """:func:`answer_stats` over many batches, concatenated per example, in eval mode.
-
-    Raises ``ValueError`` when there are no examples or an example has no answer token (its
-    probability would be undefined).
-    """
+    """:func:`answer_stats` over many batches, concatenated per example, in eval mode; ``ValueError``
+    for no examples or an example without an answer token (its probability would be undefined)."""
     parts: dict[str, list[torch.Tensor]] = {"nll_sum": [], "num_tokens": [], "correct": []}
     with eval_mode(model):
         for batch in batches:
@@ -172,13 +156,8 @@ def collect_answer_stats(
 def example_stats(
     model: torch.nn.Module, examples: Sequence[fdata.Example], pad_id: int, batch_size: int
 ) -> dict[str, torch.Tensor]:
-    """:func:`collect_answer_stats` of tokenised ``examples`` in batches of ``batch_size``, in their order.
-
-    Under several processes the ranks share the examples (:func:`fastunlearn.engines.distributed.map_sharded`)
-    and every rank gets all of them, on the CPU: each example's numbers are those of one process up
-    to the rounding its batch's padding changes, and whatever is computed from them is computed on
-    all the examples.
-    """
+    """:func:`collect_answer_stats` of tokenised ``examples`` in batches of ``batch_size``, in their
+    order; under several processes the ranks share the examples and every rank gets all of them."""
 
     def stats(part: list[fdata.Example]) -> dict[str, torch.Tensor]:
         return collect_answer_stats(model, fdata.batches(part, pad_id, batch_size))
@@ -187,14 +166,8 @@ def example_stats(
 
 
 def basic_metrics(model: torch.nn.Module, batches: Iterable[Mapping[str, torch.Tensor]]) -> dict[str, float]:
-    """Mean length-normalised answer probability, teacher-forced accuracy and mean NLL (Maini et al. 2024).
-
-    - ``prob``: mean over examples of ``exp(−nll_sum / num_tokens)``;
-    - ``accuracy``: total correct answer tokens / total answer tokens (token-level, teacher forced);
-    - ``nll``: mean over examples of the per-token mean NLL ``nll_sum / num_tokens``.
-
-    The model is evaluated in eval mode without gradients and its mode restored afterwards.
-    """
+    """Mean length-normalised answer probability ``prob``, teacher-forced token ``accuracy`` (pooled
+    over the answer tokens) and mean per-token ``nll`` (Maini et al. 2024), in eval mode."""
     return answer_metrics(collect_answer_stats(model, batches))
 
 
@@ -208,36 +181,22 @@ def answer_metrics(stats: Mapping[str, torch.Tensor]) -> dict[str, float]:
     }
 
 
-# ---------------------------------------------------------------------------------------------------
-# TOFU metrics (Maini et al. 2024)
-# ---------------------------------------------------------------------------------------------------
-
-
 def answer_probability(stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Length-normalised probability ``P̄(a|q) = exp(−nll_sum / num_tokens)`` per example (Maini et al. 2024),
-    from :func:`answer_stats` / :func:`collect_answer_stats` output."""
+    """Length-normalised probability ``P̄(a|q) = exp(−nll_sum / num_tokens)`` per example, in fp64."""
     return torch.exp(-stats["nll_sum"].double() / stats["num_tokens"].double())
 
 
 def normalized_probability(true_prob: torch.Tensor, perturbed_prob: torch.Tensor) -> torch.Tensor:
-    """Probability of the true answer normalised over the options: ``P̄_true / (P̄_true + Σ_k P̄_pert,k)``.
-
-    TOFU scores the real-authors and world-facts sets this way (multiple choice between the true
-    answer and its perturbed versions). ``true_prob`` is ``[N]``, ``perturbed_prob`` ``[N, K]``.
-    """
+    """``P̄_true / (P̄_true + Σ_k P̄_pert,k)``: TOFU's multiple-choice probability of the real-authors and
+    world-facts sets; ``true_prob`` ``[N]``, ``perturbed_prob`` ``[N, K]``."""
     _check_option_shapes(true_prob, perturbed_prob)
     return true_prob / (true_prob + perturbed_prob.sum(dim=1))
 
 
 def truth_ratio(true_prob: torch.Tensor, perturbed_prob: torch.Tensor) -> torch.Tensor:
-    """Truth ratio ``R = P̄_pert / P̄_true`` per example (Maini et al. 2024).
-
-    ``P̄_pert`` is the geometric mean of the K perturbed answers' length-normalised probabilities,
-    i.e. ``exp(mean_k log P̄_pert,k)``; computed in log space, so ``R = exp(mean_k log P̄_pert,k −
-    log P̄_true)``. ``true_prob`` is ``[N]`` (the paraphrased answer on forget/retain, the original
-    one on real authors / world facts), ``perturbed_prob`` ``[N, K]``. R < 1: the model prefers the
-    truth; R ≈ 1: it cannot tell the truth from plausible falsehoods.
-    """
+    """Truth ratio ``R = P̄_pert / P̄_true`` per example, ``P̄_pert`` the geometric mean of the K
+    perturbed answers' probabilities, in log space: ``R = exp(mean_k log P̄_pert,k − log P̄_true)``.
+    ``true_prob`` ``[N]`` (the paraphrased answer on forget / retain), ``perturbed_prob`` ``[N, K]``."""
     _check_option_shapes(true_prob, perturbed_prob)
     return torch.exp(perturbed_prob.log().mean(dim=1) - true_prob.log())
 

@@ -1,13 +1,7 @@
-"""TOFU's and the extraction protocol's metrics as functions on any causal LM: ``fastunlearn.metrics``.
-
-The metrics live by kind in :mod:`~fastunlearn.evaluation.likelihood` (answer statistics, probability,
-truth ratio), :mod:`~fastunlearn.evaluation.extraction_metrics` (MA, EL_n),
-:mod:`~fastunlearn.evaluation.decoding` (greedy decoding) and :mod:`~fastunlearn.evaluation.scores`
-(ROUGE-L, forget quality, model utility); this module gathers them under one name.
-"""
+"""TOFU's and the extraction protocol's metrics as functions on any causal LM: ``fastunlearn.metrics``."""
 
 from fastunlearn.evaluation.decoding import greedy_decode
-from fastunlearn.evaluation.extraction_metrics import (
+from fastunlearn.evaluation.extraction import (
     extraction_likelihood,
     extraction_metrics,
     memorization_accuracy,

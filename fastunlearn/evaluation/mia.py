@@ -14,13 +14,10 @@ teacher-forced statistics of its target tokens (every token after the first: raw
   ``log p`` under the model's own distribution at ``t`` (members sit at local maxima);
 - ``reference`` (Carlini et al. 2021): ``N̄_θ − N̄_ref`` under a reference model (same tokenizer).
 
-All of them come from one forward pass per padded batch (:mod:`fastunlearn.evaluation.sequence_stats`).
-The AUC of an attack on a forget set (members) against a holdout set (non-members) is the
-probability that a holdout sequence scores higher than a forget sequence, ties counting ½ — scikit-
-learn's ``roc_auc_score`` with forget labelled 0 and holdout 1 — computed exactly from ranks. A model
-trained on the forget set is near 1, one that never saw it near 0.5. PrivLeak (Shi et al. 2024,
-MUSE, arXiv:2407.06460) compares the unlearned model's Min-K% AUC with a retrained model's:
-``(AUC_unlearned − AUC_retrained)/AUC_retrained × 100`` (:data:`PRIVLEAK_CONVENTION`).
+All come from one forward pass per padded batch. An attack's AUC is the probability that a holdout
+(non-member) sequence scores higher than a forget (member) one, ties counting ½, exactly from ranks:
+near 1 for a model trained on the forget set, 0.5 for one that never saw it. PrivLeak (Shi et al.
+2024, MUSE, arXiv:2407.06460) compares the Min-K% AUC with a retrained model's (:data:`PRIVLEAK_CONVENTION`).
 """
 
 from __future__ import annotations
@@ -33,20 +30,9 @@ from typing import Any
 
 import torch
 
+from fastunlearn.data.records import text_field
 from fastunlearn.engines import distributed
-from fastunlearn.evaluation.records import text_field
 from fastunlearn.evaluation.sequence_stats import map_text_batches, tokenize_texts
-
-__all__ = [
-    "ATTACKS",
-    "AUC_CONVENTION",
-    "PRIVLEAK_CONVENTION",
-    "auc",
-    "evaluate_mia",
-    "membership_scores",
-    "privleak",
-    "sequence_scores",
-]
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
 AUC_CONVENTION = (
@@ -67,11 +53,7 @@ def auc(
     member_scores: Sequence[float] | torch.Tensor, nonmember_scores: Sequence[float] | torch.Tensor
 ) -> float:
     """``P(nonmember score > member score) + ½ P(tie)`` over all pairs, exactly (Mann–Whitney: the
-    non-members' rank sum among all scores, ties sharing the average rank, less its minimum).
-
-    ``member_scores`` are the forget set's, ``nonmember_scores`` the holdout set's; both non-empty and
-    finite (``ValueError`` naming the set otherwise).
-    """
+    non-members' rank sum among all scores, ties sharing the average rank, less its minimum)."""
     from scipy.stats import rankdata
 
     member = torch.as_tensor(member_scores, dtype=torch.float64).flatten()
@@ -127,11 +109,8 @@ def membership_scores(
     max_length: int = 512,
     name: str = "data",
 ) -> dict[str, torch.Tensor]:
-    """The :data:`ATTACKS`' scores of each text (fp64 ``[N]`` tensors, in order), one forward per batch.
-
-    Under several processes the ranks share the texts (:func:`fastunlearn.engines.distributed.map_sharded`)
-    and every rank gets every score. ``name`` labels the set in errors.
-    """
+    """The :data:`ATTACKS`' scores of each text (fp64 ``[N]``, in order), shared by the ranks; ``name``
+    labels the set in errors."""
     if not 0.0 < k <= 1.0:
         raise ValueError(f"k must lie in (0, 1], got {k}")
     if not texts:
@@ -179,18 +158,13 @@ def evaluate_mia(
     batch_size: int = 16,
     max_length: int = 512,
 ) -> dict[str, Any]:
-    """Membership inference of ``forget`` (members) against ``holdout`` (non-members), module docstring.
+    """Membership inference of ``forget`` (members) against ``holdout`` (non-members): per attack
+    ``{"auc", "forget": [scores], "holdout": [scores]}``, JSON-serialisable.
 
-    ``forget`` and ``holdout``: ``{"text"}`` JSON Lines / JSON array files, lists of strings or of
-    ``{"text"}`` dicts. Texts are cut at ``max_length`` tokens; ``k`` is Min-K%'s fraction.
-    ``reference_model`` (sharing ``tokenizer``) adds the ``reference`` attack. The retrained model's
-    Min-K% AUC, given as ``retrain_auc`` or computed from ``retrain_model`` (the same tokenizer),
-    adds ``privleak``.
-
-    Returns a JSON-serialisable dict: per attack (``loss``, ``zlib``, ``min_k``, ``min_k_plus_plus``,
-    and ``reference``) ``{"auc", "forget": [scores], "holdout": [scores]}``; ``num_forget``,
-    ``num_holdout``, ``k``, ``auc_convention``; with a retrained AUC also ``privleak``,
-    ``retrain_auc`` and ``privleak_convention``.
+    The sets: ``{"text"}`` files, lists of strings or of ``{"text"}`` dicts, cut at ``max_length``
+    tokens; ``k``: Min-K%'s fraction. ``reference_model`` adds the ``reference`` attack; the retrained
+    model's Min-K% AUC (``retrain_auc``, or computed on ``retrain_model``) adds ``privleak``. The other
+    models share ``tokenizer``.
     """
     sets = {"forget": text_field(forget, "text", "forget"), "holdout": text_field(holdout, "text", "holdout")}
     opts = {"k": k, "batch_size": batch_size, "max_length": max_length}

@@ -1,21 +1,14 @@
-"""MUSE (Shi et al. 2024, arXiv:2407.06460): six-way evaluation of machine unlearning; the four criteria
-measured on the unlearned model.
+"""MUSE (Shi et al. 2024, arXiv:2407.06460): the four criteria measured on the unlearned model.
 
-- **C1 VerbMem** (``verbmem_forget``): the greedy continuation of each ``verbmem/forget`` prompt, up to
-  128 new tokens, against the true continuation ``gt``: ROUGE-L F1, mean over items. Verbatim
-  memorisation of the forget text.
-- **C2 / C4 KnowMem** (``knowmem_forget``, ``knowmem_retain``): each question of ``knowmem/*_qa`` after
-  the in-context examples of ``knowmem/*_qa_icl``, every one as ``"Question: q\\nAnswer: a\\n\\n"`` and
-  the asked one as ``"Question: q\\nAnswer: "``; the greedy answer (up to 32 new tokens) is cut at its
-  first blank line and scored by ROUGE-L F1 against the answer (``*_recall``: ROUGE-L recall).
-  Knowledge of the forget set (C2, to remove) and of the retain set (C4, to keep).
-- **C3 PrivLeak** (``privleak``): the Min-K% (k = 0.4) membership-inference AUC of ``privleak/forget``
-  against ``privleak/holdout``, relative to a retrained model's AUC
-  (:mod:`fastunlearn.evaluation.mia`, whose ``PRIVLEAK_CONVENTION`` gives the sign).
+- C1 VerbMem (``verbmem_forget``): ROUGE-L F1 of the greedy continuation (128 new tokens) of each
+  ``verbmem/forget`` prompt against the true one.
+- C2 / C4 KnowMem (``knowmem_forget``, ``knowmem_retain``): each question after the in-context
+  examples, ``"Question: q\\nAnswer: "``; the greedy answer (32 new tokens) cut at its first blank line,
+  scored by ROUGE-L F1 (``*_recall``: recall) against the answer.
+- C3 PrivLeak (``privleak``): the Min-K% (k = 0.4) AUC of ``privleak/forget`` against
+  ``privleak/holdout`` relative to a retrained model's (:mod:`~fastunlearn.evaluation.mia`).
 
-ROUGE is Google's ``rouge-score`` without stemming, as MUSE scores; numbers lie in ``[0, 1]`` (MUSE's
-tables print them ×100). Generation is greedy, stops at EOS, and runs in left-padded batches with a
-KV cache (:mod:`fastunlearn.evaluation.generation`). Files: :mod:`fastunlearn.evaluation.muse_files`.
+ROUGE is ``rouge-score`` without stemming, as MUSE scores; numbers lie in ``[0, 1]``.
 """
 
 from __future__ import annotations
@@ -27,11 +20,10 @@ from typing import Any
 
 import torch
 
-from fastunlearn.evaluation.generation import cut_at, greedy_texts
+from fastunlearn.evaluation.decoding import cut_at, greedy_texts
 from fastunlearn.evaluation.mia import ATTACKS, evaluate_mia
 from fastunlearn.evaluation.muse_files import read_muse
-
-__all__ = ["CRITERIA", "CRITERION_FILES", "evaluate_muse", "knowmem_prompt", "rouge_l"]
+from fastunlearn.evaluation.scores import rouge_l
 
 CRITERIA = ("verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak")
 CRITERION_FILES = {
@@ -43,21 +35,6 @@ CRITERION_FILES = {
 VERBMEM_NEW_TOKENS = 128
 KNOWMEM_NEW_TOKENS = 32
 _EXAMPLES = 3  # generations kept in the results, per criterion, to read what the model says
-
-
-@functools.cache
-def _scorer():
-    from rouge_score import rouge_scorer
-
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-
-
-def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> tuple[list[float], list[float]]:
-    """ROUGE-L ``(F1, recall)`` of each prediction against its reference, without stemming (MUSE's)."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    scores = [_scorer().score(ref, pred)["rougeL"] for pred, ref in zip(predictions, references)]
-    return [s.fmeasure for s in scores], [s.recall for s in scores]
 
 
 def knowmem_prompt(examples: Sequence[Mapping[str, str]], question: str) -> str:
@@ -75,7 +52,8 @@ def _scored(
     name: str, prompts: list[str], predictions: list[str], references: list[str], results: dict[str, Any]
 ) -> list[float]:
     """Record ``name``'s mean ROUGE-L F1, its per-item scores and a few examples; returns the recalls."""
-    f1, recall = rouge_l(predictions, references)
+    scores = rouge_l(predictions, references, stem=False)
+    f1, recall = [s.fmeasure for s in scores], [s.recall for s in scores]
     results[name] = _mean(f1)
     results["num_items"][name] = len(f1)
     results["per_item"][name] = f1
@@ -112,20 +90,13 @@ def evaluate_muse(
     verbmem_max_new_tokens: int = VERBMEM_NEW_TOKENS,
     knowmem_max_new_tokens: int = KNOWMEM_NEW_TOKENS,
 ) -> dict[str, Any]:
-    """MUSE's criteria (module docstring) of ``model`` on the benchmark directory ``muse_dir``.
+    """MUSE's ``criteria`` (module docstring) of ``model`` on the benchmark directory ``muse_dir``, as a
+    JSON-serialisable dict with ``num_items``, ``per_item`` F1 and a few ``examples``.
 
-    ``criteria``: any of :data:`CRITERIA` (all by default; ``("knowmem_forget",)`` is the stopping
-    rule's). ``max_items`` caps each scored set (not the in-context examples). PrivLeak texts are cut
-    at ``max_length`` tokens; the retrained model's Min-K% AUC comes as ``retrain_auc`` or
-    ``retrain_model`` (same tokenizer), and without either only ``privleak_auc`` is reported.
-    ``verbmem_max_new_tokens`` (128) and ``knowmem_max_new_tokens`` (32) are MUSE's budgets. Every
-    file is read and checked before the model runs: a missing one raises ``FileNotFoundError`` naming
-    it, a malformed one ``ValueError`` naming its file and line.
-
-    Returns a JSON-serialisable dict: ``verbmem_forget``, ``knowmem_forget`` and
-    ``knowmem_forget_recall``, ``knowmem_retain`` and ``knowmem_retain_recall``, ``privleak_auc``,
-    ``privleak_aucs`` (every attack's), ``privleak``, ``privleak_retrain_auc``, ``privleak_convention``
-    (each for the criteria asked), ``num_items``, ``per_item`` (ROUGE-L F1 per item) and ``examples``.
+    ``max_items`` caps each scored set (not the in-context examples); PrivLeak texts are cut at
+    ``max_length`` tokens, and PrivLeak itself needs the retrained model's Min-K% AUC
+    (``retrain_auc``, or ``retrain_model`` sharing the tokenizer). Every file is read and checked
+    before the model runs.
     """
     unknown = sorted(set(criteria) - set(CRITERIA))
     if unknown or not criteria:

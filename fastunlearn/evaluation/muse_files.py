@@ -1,17 +1,7 @@
 """The files of a MUSE benchmark directory (Shi et al. 2024, arXiv:2407.06460), laid out like its
-published subsets (News: BBC articles; Books: Harry Potter):
-
-- ``raw/forget``, ``raw/retain1``, ``raw/retain2``, ``raw/holdout``: ``{"text"}`` — unlearning trains on
-  ``forget`` and ``retain1`` as raw text;
-- ``verbmem/forget``: ``{"prompt", "gt"}``;
-- ``knowmem/forget_qa``, ``knowmem/retain_qa`` and their in-context examples ``knowmem/forget_qa_icl``,
-  ``knowmem/retain_qa_icl``: ``{"question", "answer"}``;
-- ``privleak/forget``, ``privleak/holdout``, ``privleak/retain``: ``{"text"}``.
-
-Each name is a file with or without an extension: ``NAME.jsonl``, ``NAME.json`` or ``NAME`` itself,
-exactly one of them; its content is JSON Lines or a JSON array, whatever the extension
-(:func:`fastunlearn.evaluation.records.read_records`; in a ``{"text"}`` file a string stands for a
-record).
+published subsets (News, Books), with their fields (:data:`MUSE_FILES`); unlearning trains on
+``raw/forget`` and ``raw/retain1``. Each is ``NAME.jsonl``, ``NAME.json`` or ``NAME``, exactly one of
+them, JSON Lines or a JSON array whatever the extension.
 """
 
 from __future__ import annotations
@@ -19,9 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from fastunlearn.evaluation.records import read_records
-
-__all__ = ["EXTENSIONS", "MUSE_FILES", "muse_file", "read_muse"]
+from fastunlearn.data.records import read_records
 
 _TEXT = ("text",)
 _QA = ("question", "answer")
@@ -43,11 +31,8 @@ EXTENSIONS = (".jsonl", ".json", "")
 
 
 def muse_file(muse_dir: str | os.PathLike, name: str) -> str:
-    """The path of MUSE file ``name`` (a key of :data:`MUSE_FILES`) in ``muse_dir``.
-
-    Raises ``FileNotFoundError`` naming the file when neither ``NAME.jsonl``, ``NAME.json`` nor
-    ``NAME`` exists, and ``ValueError`` when several do (which one is meant is not known).
-    """
+    """The path of MUSE file ``name`` (a key of :data:`MUSE_FILES`) in ``muse_dir``; ``ValueError`` when
+    several of its forms exist."""
     if name not in MUSE_FILES:
         raise ValueError(f"unknown MUSE file {name!r}; expected one of {list(MUSE_FILES)}")
     stem = os.path.join(os.fspath(muse_dir), *name.split("/"))

@@ -1,18 +1,11 @@
-"""Plain-text tables of evaluation results for a terminal, one per evaluation.
-
-:func:`format_table` renders :func:`fastunlearn.evaluate` results (every evaluation of the registry);
-:func:`summary_table` the before/after metrics of an :func:`fastunlearn.unlearn` run (its
-``metrics.json``), with the tables of the evaluations run after training; :func:`stopping_line` where
-its stopping rule held.
-"""
+"""Plain-text tables of evaluation results for a terminal: :func:`format_table` of
+:func:`fastunlearn.evaluate`'s, :func:`summary_table` of an unlearning run's ``metrics.json``."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
-
-__all__ = ["TABLES", "format_table", "is_lm_eval_score", "stopping_line", "summary_table"]
 
 
 def _fmt(value: Any) -> str:
@@ -156,9 +149,8 @@ def summary_table(metrics: Mapping[str, Any]) -> str:
 
 
 def stopping_line(summary: Mapping[str, Any]) -> str:
-    """One line on where a run's stopping rule held, where training stopped and which state was kept,
-    from ``metrics["stopping"]`` (:class:`~fastunlearn.evaluation.stop_callback.StoppingCallback`'s
-    summary), after a blank line."""
+    """One line (after a blank one) on where a run's stopping rule held, where training stopped and
+    which state was kept, from ``metrics["stopping"]``."""
     if summary["rule"] is None:
         return f"\nevaluated {summary['evaluations']} times during training (no stopping rule)"
     if not summary["satisfied"]:

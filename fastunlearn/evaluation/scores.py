@@ -1,15 +1,13 @@
-"""Metrics built on text comparison and statistics (Maini et al. 2024): ROUGE-L recall, forget quality (a KS
-test between truth-ratio samples) and model utility (a harmonic mean of TOFU's nine numbers)."""
+"""Metrics built on text and statistics: ROUGE-L (TOFU's and MUSE's), and TOFU's forget quality (a KS
+test between truth-ratio samples) and model utility (a harmonic mean of nine numbers; Maini et al. 2024)."""
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
-
-__all__ = ["forget_quality", "model_utility", "rouge_l_recall"]
-
 
 # Distinct texts whose tokens are remembered (a few MB at most): a run's reference answers and the
 # greedy answers that repeat across its evaluations.
@@ -17,15 +15,15 @@ _TOKENIZED_TEXTS = 1 << 16
 
 
 @functools.cache
-def _rouge_l_scorer():
-    """``rouge_score``'s ROUGE-L scorer with TOFU's tokenisation (lower-cased words, Porter stemming),
-    built once and remembering each text's tokens: stemming costs more than the LCS of a short answer,
-    and the stopping rules score the same reference answers at every evaluation near their threshold.
-    The tokens of a text do not depend on when it is scored, so the scores are unchanged."""
+def _rouge_l_scorer(stem: bool) -> Any:
+    """``rouge_score``'s ROUGE-L scorer on lower-cased words (Porter-stemmed with ``stem``), remembering
+    each text's tokens: stemming costs more than the LCS of a short answer, and the stopping rules score
+    the same reference answers at every evaluation."""
     from rouge_score import rouge_scorer, tokenizers
 
-    tofu_words = tokenizers.DefaultTokenizer(use_stemmer=True)
-    cached = functools.lru_cache(maxsize=_TOKENIZED_TEXTS)(tofu_words.tokenize)
+    cached = functools.lru_cache(maxsize=_TOKENIZED_TEXTS)(
+        tokenizers.DefaultTokenizer(use_stemmer=stem).tokenize
+    )
 
     class CachedTokenizer(tokenizers.Tokenizer):
         def tokenize(self, text: str) -> list[str]:
@@ -34,29 +32,26 @@ def _rouge_l_scorer():
     return rouge_scorer.RougeScorer(["rougeL"], tokenizer=CachedTokenizer())
 
 
-def rouge_l_recall(predictions: list[str], references: list[str]) -> list[float]:
-    """ROUGE-L recall of each prediction against its reference: ``LCS(pred, ref) / len(ref)`` in words.
-
-    Uses Google's ``rouge_score`` package with Porter stemming, as TOFU does, so numbers compare with
-    published ones.
-    """
+def rouge_l(predictions: Sequence[str], references: Sequence[str], *, stem: bool) -> list[Any]:
+    """ROUGE-L ``Score`` s (``recall = LCS / len(ref)``, ``fmeasure``) in words of each prediction:
+    stemmed as TOFU scores, unstemmed as MUSE does."""
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    scorer = _rouge_l_scorer()
-    return [scorer.score(ref, pred)["rougeL"].recall for pred, ref in zip(predictions, references)]
+    scorer = _rouge_l_scorer(stem)
+    return [scorer.score(ref, pred)["rougeL"] for pred, ref in zip(predictions, references)]
+
+
+def rouge_l_recall(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
+    """TOFU's ROUGE-L recall of each prediction against its reference."""
+    return [score.recall for score in rouge_l(predictions, references, stem=True)]
 
 
 def forget_quality(
     truth_ratios: Sequence[float] | torch.Tensor, reference_truth_ratios: Sequence[float] | torch.Tensor
 ) -> float:
-    """Forget quality: p-value of the two-sample Kolmogorov–Smirnov test (Maini et al. 2024).
-
-    Compares the unlearned model's forget-set truth ratios with those of the model trained on the
-    retain set only. A high p-value means the two distributions cannot be told apart, i.e. the model
-    behaves on the forget set as if it had never seen it. ``scipy.stats.ks_2samp`` (exact for small
-    samples, asymptotic otherwise), raw p-value. The test is invariant under monotone maps, so it
-    does not matter whether R or TOFU's 1/R is compared.
-    """
+    """Forget quality: the p-value of the two-sample Kolmogorov–Smirnov test between the unlearned
+    model's forget-set truth ratios and the retain-only model's (high: the model behaves on the forget
+    set as if it had never seen it). Invariant under monotone maps, so R or TOFU's 1/R alike."""
     from scipy.stats import ks_2samp
 
     a = torch.as_tensor(truth_ratios, dtype=torch.float64).flatten()
@@ -69,13 +64,9 @@ def forget_quality(
 
 
 def model_utility(components: Mapping[str, float] | Iterable[float]) -> float:
-    """Model utility: harmonic mean of TOFU's nine numbers (Maini et al. 2024).
-
-    The nine numbers are {probability, ROUGE-L recall, ``mean max(0, 1 − R)``} on {retain, real
-    authors, world facts}. ``H = k / Σ_i 1/x_i``; a zero component makes H = 0 (its limit), which is
-    the point of a harmonic mean: one collapsed ability cannot be hidden by the others. Components
-    must lie in [0, 1].
-    """
+    """Model utility: the harmonic mean ``k / Σ_i 1/x_i`` of TOFU's numbers in [0, 1] ({probability,
+    ROUGE-L recall, ``mean max(0, 1 − R)``} on {retain, real authors, world facts}); a zero makes it 0,
+    the point of a harmonic mean: one collapsed ability cannot be hidden by the others."""
     values = list(components.values() if isinstance(components, Mapping) else components)
     if not values:
         raise ValueError("model utility needs at least one component")

@@ -1,13 +1,7 @@
-"""Teacher-forced per-token statistics of raw texts, one forward pass per padded batch.
-
-Texts are scored as raw text (every token after the first a target, as in Shi et al. 2024's MUSE
-and the membership-inference attacks built on it): token ids with the tokenizer's special tokens,
-cut at ``max_length``, right padded. For each target token ``x_{t+1}`` the forward yields
-``(log p(x_{t+1} | x_≤t), μ_t, σ_t)`` (:mod:`fastunlearn.ops.token_stats`), computed at the output
-head from the last hidden states a chunk of tokens at a time where the architecture allows
-(:func:`fastunlearn.models.patching.head_computes`), so a batch's ``[B, T, V]`` logits never exist; otherwise
-from the model's logits.
-"""
+"""Teacher-forced per-token statistics of raw texts (every token after the first a target, as the
+membership-inference attacks score them): ``(log p(x_{t+1} | x_≤t), μ_t, σ_t)`` per target, one
+forward per right-padded batch, at the output head where the architecture allows (no ``[B, T, V]``
+logits)."""
 
 from __future__ import annotations
 
@@ -17,16 +11,13 @@ from typing import Any
 import torch
 
 from fastunlearn.data.examples import pad_id_of
-from fastunlearn.evaluation.likelihood import eval_mode
+from fastunlearn.evaluation.likelihood import backend_for, eval_mode, model_inputs, stats_at_head
 from fastunlearn.models.devices import model_device
-from fastunlearn.models.naming import unwrap_model
-from fastunlearn.models.patching import head_computes, takes_fused_path
+from fastunlearn.models.patching import takes_fused_path
 from fastunlearn.ops import IGNORE_INDEX
 from fastunlearn.ops.ihl import check_label_range
-from fastunlearn.ops.nll import labelled_rows, shift_labels
+from fastunlearn.ops.nll import shift_labels
 from fastunlearn.ops.token_stats import linear_token_stats, token_stats
-
-__all__ = ["batch_token_stats", "map_text_batches", "tokenize_texts"]
 
 
 def tokenize_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int, name: str) -> list[list[int]]:
@@ -42,51 +33,30 @@ def tokenize_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int, nam
 
 
 def batch_token_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``[B, T, 3]`` ``(log p_y, μ, σ)`` of one right-padded batch (``input_ids``, ``attention_mask``,
-    ``labels`` on the CPU, ``-100`` on padding): position ``t`` holds the statistics of the label at
-    ``t + 1``; NaN where there is none (padding, the last position). One forward, no gradient.
-
-    Right padding needs no attention mask in a causal model: a real token attends only to the tokens
-    before it, all real, at the same positions. The mask is left out (the model's causal path, without
-    building a padding mask) unless a row has padding before a real token."""
-    device = model_device(model)
-    inputs: dict[str, Any] = {"input_ids": batch["input_ids"].to(device)}
+    """``[B, T, 3]`` ``(log p_y, μ, σ)`` of one right-padded CPU batch: position ``t`` holds the label at
+    ``t + 1``'s, NaN where there is none. Right padding needs no attention mask in a causal model (a
+    real token attends only to real ones before it), so the mask is passed only for other padding."""
     mask = batch["attention_mask"]
-    if bool((mask[:, 1:] > mask[:, :-1]).any()):  # not right padded (a host check: the batch is on the CPU)
-        inputs["attention_mask"] = mask.to(device)
-    if getattr(getattr(unwrap_model(model), "config", None), "use_cache", None) is not None:
-        inputs["use_cache"] = False
+    right_padded = not bool((mask[:, 1:] > mask[:, :-1]).any())  # a host check: the batch is on the CPU
+    inputs = model_inputs(model, batch["input_ids"], None if right_padded else mask)
     host_targets = shift_labels(batch["labels"])  # range-checked here, with no device synchronisation
-    targets = host_targets.to(device)
+    targets = host_targets.to(model_device(model))
+
+    def row_stats(h: torch.Tensor, y: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+        check_label_range(host_targets, head.weight.shape[0], IGNORE_INDEX)
+        stats = linear_token_stats(h, head.weight, y, bias=head.bias, backend=backend_for(h), validate=False)
+        return torch.stack(stats, dim=-1)
 
     with torch.no_grad():
         if takes_fused_path(model):
-            # Only the positions with a target reach the head (not the padding, not each last token).
-            rows = labelled_rows(host_targets).to(device, non_blocking=True)
-
-            def at_head(hidden: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
-                check_label_range(host_targets, head.weight.shape[0], IGNORE_INDEX)
-                h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-                stats = linear_token_stats(
-                    h, head.weight, targets.reshape(-1)[rows], bias=head.bias, backend=_backend(hidden),
-                    validate=False,
-                )  # fmt: skip
-                out = torch.full((targets.numel(), 3), float("nan"), dtype=stats[0].dtype, device=device)
-                return out.index_copy_(0, rows, torch.stack(stats, dim=-1)).view(*targets.shape, 3)
-
-            return head_computes(model, targets, at_head, lambda: model(**inputs)).logits
+            return stats_at_head(model, inputs, targets, host_targets, row_stats, float("nan"))
         logits = model(**inputs).logits
         check_label_range(host_targets, logits.shape[-1], IGNORE_INDEX)
-        return torch.stack(token_stats(logits, targets, backend=_backend(logits), validate=False), dim=-1)
-
-
-def _backend(x: torch.Tensor) -> str:
-    return "torch" if x.dtype == torch.float64 else "auto"  # fp64 stays fp64 on the PyTorch path
+        return torch.stack(token_stats(logits, targets, backend=backend_for(logits), validate=False), dim=-1)
 
 
 def _raw_text_batch(rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` of raw texts (every token a label,
-    ``-100`` on the padding), built with one tensor conversion rather than one per row."""
+    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` of raw texts (``-100`` on padding)."""
     width = max(len(r) for r in rows)
     ids = torch.tensor([list(r) + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
     mask = torch.arange(width) < torch.tensor([len(r) for r in rows])[:, None]
@@ -101,12 +71,8 @@ def map_text_batches(
     *,
     batch_size: int,
 ) -> dict[str, torch.Tensor]:
-    """``reduce(batch_token_stats(...))`` over batches of ``token_ids``, per item, in item order.
-
-    ``reduce`` maps a batch's ``[B, T, 3]`` statistics to per-sequence ``[B]`` tensors. Sequences are
-    batched in order of length, so a batch pads little; results are put back in item order (on the
-    CPU, one transfer per evaluation). Runs in eval mode without gradients.
-    """
+    """``reduce`` (a batch's ``[B, T, 3]`` statistics → per-sequence ``[B]`` tensors) over batches of
+    ``token_ids`` sorted by length, in item order on the CPU, in eval mode."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))

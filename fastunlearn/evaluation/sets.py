@@ -1,13 +1,5 @@
-"""The metrics of a run's own data: :class:`SetEvaluator`, on its forget / retain / unseen examples.
-
-The names are :mod:`fastunlearn.evaluation.stopping`'s namespace (``forget.prob``, ``retain.rougeL``,
-``muse.knowmem_forget``...). One teacher-forced pass over every set asked for gives ``prob`` / ``acc``
-/ ``nll`` / ``ma``; greedy generation, batched with a KV cache and left padding, gives ``rougeL`` and
-``el10`` and runs only for what is asked; ``muse.*`` are MUSE's criteria through
-:func:`fastunlearn.evaluation.evaluator.evaluate`. The before/after metrics of a run evaluate every
-example; the evaluations during training (:mod:`fastunlearn.evaluation.stop_callback`) a bounded
-subset, the same at every evaluation.
-"""
+"""The metrics of a run's own data, named as the stopping rules name them (``forget.prob``,
+``retain.rougeL``, ``muse.knowmem_forget``...): :class:`SetEvaluator`."""
 
 from __future__ import annotations
 
@@ -20,12 +12,10 @@ from fastunlearn import data as fdata
 from fastunlearn.engines import distributed
 from fastunlearn.evaluation.decoding import greedy_completions
 from fastunlearn.evaluation.evaluator import evaluate, headline
-from fastunlearn.evaluation.extraction_metrics import extraction_likelihood
+from fastunlearn.evaluation.extraction import extraction_likelihood
 from fastunlearn.evaluation.likelihood import collect_answer_stats
 from fastunlearn.evaluation.scores import rouge_l_recall
 from fastunlearn.evaluation.stopping import EL_N, available_metrics
-
-__all__ = ["SetEvaluator"]
 
 _TEACHER_FORCED = ("prob", "acc", "nll", "ma")
 _STATS = ("nll_sum", "num_tokens", "correct")
@@ -60,24 +50,16 @@ def _forced_metrics(
 
 
 class SetEvaluator:
-    """The metrics of a run on its forget / retain / unseen examples (module docstring).
+    """The metrics of a run on its forget / retain / unseen (raw text) tokenised examples.
 
-    ``forget``, ``retain``, ``unseen``: tokenised examples (:func:`fastunlearn.data.examples.prepare`,
-    the prompts of training); ``unseen`` must be raw text. With ``eval_items`` each set is cut to that
-    many examples spread evenly over it, fixed for the run (every evaluation and every reference value
-    is measured on the same examples); ``None`` keeps every example. ROUGE-L: the greedy answer to the
-    training prompt against the labelled answer, up to ``min(max_new_tokens, 2 × the reference's
-    tokens)`` new tokens — room for any rewording, and a collapsed model that never emits EOS does not
-    decode to ``max_new_tokens``. ``muse``: the options of the MUSE evaluation
-    (:func:`fastunlearn.evaluation.muse.evaluate_muse`) that gives the ``muse.*`` metrics.
-
-    Cost: the teacher-forced metrics of every set asked for come from one pass over their examples
-    together, sorted by length into batches of ``batch_size`` (per example the result is that of any
-    other batching up to rounding: right padding is masked and the model causal). The padded batches,
-    prompts, decoded references and budgets are built on first use and reused; an evaluation moves
-    its numbers to the host once. The model runs in eval mode under ``torch.no_grad``, not
-    ``torch.inference_mode``: the evaluation before training is the model's first forward, and a first
-    forward in inference mode breaks FSDP's training forward afterwards (pytorch/pytorch#113203).
+    With ``eval_items`` each set is cut to that many examples spread evenly over it, the same at every
+    evaluation. The teacher-forced metrics (``prob`` / ``acc`` / ``nll`` / ``ma``) of every set asked
+    for come from one pass, sorted by length into batches; ``rougeL`` scores the greedy answer to the
+    training prompt, up to ``min(max_new_tokens, 2 × the reference's tokens)`` new tokens (a collapsed
+    model that never emits EOS stops early); ``el10`` is the extraction likelihood; ``muse.*`` come
+    from the MUSE evaluation with the options ``muse``. The model runs under ``torch.no_grad``, not
+    ``inference_mode``: a first forward in inference mode breaks FSDP's training forward afterwards
+    (pytorch/pytorch#113203).
     """
 
     def __init__(
@@ -118,13 +100,8 @@ class SetEvaluator:
         self._generation_inputs: dict[str, tuple[list[torch.Tensor], list[str], list[int]]] = {}
 
     def evaluate(self, model: torch.nn.Module, names: Collection[str]) -> dict[str, float]:
-        """The metrics ``names`` (``SET.KIND``) of ``model``, in eval mode without gradients.
-
-        Under several processes every rank calls it: the ranks share each set's examples
-        (:func:`fastunlearn.engines.distributed.map_sharded`), every rank takes the means over all of
-        them, and the main process's numbers are returned on every rank, so whatever is decided from
-        them is decided alike everywhere.
-        """
+        """The metrics ``names`` (``SET.KIND``) of ``model``; under several processes every rank calls
+        it, the ranks share the examples and every rank gets the main process's numbers."""
         unknown = sorted(set(names) - self.available)
         if unknown:
             raise ValueError(f"cannot evaluate {unknown} on this data; available: {sorted(self.available)}")
@@ -149,8 +126,7 @@ class SetEvaluator:
     def results(
         self, model: torch.nn.Module, kinds: Sequence[str] = ("prob", "acc", "nll")
     ) -> dict[str, Any]:
-        """``{set: {kind: value}}`` of the forget and retain sets (the metrics a run reports before and
-        after training), for the ``kinds`` every set can give."""
+        """``{set: {kind: value}}`` of the forget and retain sets (a run's before / after metrics)."""
         sets = [s for s in ("forget", "retain") if s in self.sets]
         values = self.evaluate(model, [f"{s}.{k}" for s in sets for k in kinds])
         return {s: {k: values[f"{s}.{k}"] for k in kinds} for s in sets}
@@ -158,8 +134,8 @@ class SetEvaluator:
     def _forced_batches(
         self, set_names: tuple[str, ...], examples: Sequence[fdata.Example]
     ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
-        """``examples`` (this process's share of the sets ``set_names``, the same at every evaluation) as
-        padded batches sorted by length, and the permutation that puts the batches' rows back in order."""
+        """This process's share of the sets ``set_names`` as padded batches sorted by length (built once),
+        and the permutation that puts their rows back in order."""
         key = (set_names, len(examples))
         if key not in self._forced_inputs:
             order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids), reverse=True)

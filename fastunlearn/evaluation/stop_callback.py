@@ -1,14 +1,5 @@
 """Evaluation during training, feeding a stopping rule: :class:`StoppingCallback`, a
-``transformers.TrainerCallback``.
-
-It evaluates the model before training and every N optimiser steps or every epoch on bounded subsets
-(:class:`~fastunlearn.evaluation.sets.SetEvaluator`; also sharded by FSDP2 or DeepSpeed ZeRO-3: every
-rank evaluates every item in step, and the states kept are gathered), asks the
-:class:`~fastunlearn.evaluation.stopping.StoppingController` what to compute and whether to stop,
-writes ``trajectory.csv``, keeps the trainable parameters of states it may restore (on the CPU, only
-when a restore may need them), puts the chosen state back when training ends and draws
-``trajectory.png``. This module does not import the training loop.
-"""
+``transformers.TrainerCallback`` (it does not import the training loop)."""
 
 from __future__ import annotations
 
@@ -29,18 +20,15 @@ from fastunlearn.evaluation.sets import SetEvaluator
 from fastunlearn.evaluation.stopping import StoppingController, StopRule, parse_eval_every
 from fastunlearn.evaluation.trajectory import Trajectory, plot_trajectory
 
-__all__ = ["RECORD_FILE", "SNAPSHOT_FILE", "StoppingCallback", "measure_reference"]
-
 # Beside each Trainer checkpoint of a run that evaluates during training (StoppingCallback.on_save).
 RECORD_FILE = "stopping.json"
 SNAPSHOT_FILE = "stopping_snapshot.safetensors"
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Copies on the CPU of the parameters that train (the adapters: small), to be put back by
-    :func:`_put_back`. Under DeepSpeed ZeRO-3 each is gathered whole, one at a time (a collective:
-    every rank keeps a state at the same evaluations, the decision being the main process's); under
-    FSDP2 a parameter is a ``DTensor``, and its copy is this rank's shard."""
+    """CPU copies of the parameters that train (the adapters: small). Under ZeRO-3 each is gathered
+    whole, one at a time (a collective: every rank keeps a state at the same evaluations); under FSDP2
+    a parameter is a ``DTensor``, and its copy is this rank's shard."""
     state = {}
     for name, param in model.named_parameters():
         if param.requires_grad:
@@ -50,8 +38,8 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _put_back(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy :func:`_trainable_state`'s tensors back into the parameters (under ZeRO-3 through a gather
-    whose values DeepSpeed partitions back on exit; every rank holds the same copy)."""
+    """Copy :func:`_trainable_state`'s tensors back (under ZeRO-3 through a gather that DeepSpeed
+    partitions back on exit)."""
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.items():
@@ -61,10 +49,8 @@ def _put_back(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None
 
 
 def measure_reference(rule: StopRule, evaluator: SetEvaluator, model: torch.nn.Module) -> StopRule:
-    """``rule`` resolved with its reference values measured on ``model`` by ``evaluator``: the model
-    before unlearning for the extraction rule (its unseen-text MA and EL₁₀), the retain-only model for
-    the tofu rule (its forget accuracy and ROUGE-L on the evaluator's forget subset; it must share the
-    tokenizer). A resolved rule is returned as is."""
+    """``rule`` resolved with its reference values measured on ``model`` (the model before unlearning,
+    or the retain-only / retrained one, sharing the tokenizer) by ``evaluator``."""
     if rule.resolved:
         return rule
     return rule.with_reference(evaluator.evaluate(model, rule.reference_metrics))
@@ -73,26 +59,16 @@ def measure_reference(rule: StopRule, evaluator: SetEvaluator, model: torch.nn.M
 class StoppingCallback(TrainerCallback):
     """Evaluate during training, stop by a rule, keep the chosen state, write the trajectory.
 
-    ``every``: ``"epoch"`` or a number of optimiser steps (the final step is always evaluated).
-    ``output_dir``: where ``trajectory.csv`` (after every evaluation) and ``trajectory.png`` (at the
-    end, when ``plot``) go; ``None`` keeps the rows in :attr:`trajectory` only. The rule may wait for
-    its reference only when that is the model itself (the extraction rule's unseen text, measured when
-    training begins); another model's must be measured first (:func:`measure_reference`).
+    The model at ``on_train_begin`` is the baseline (step 0); then every ``every`` optimiser steps (or
+    ``"epoch"``, and always the final step) the controller's ``metrics_to_compute`` is followed until it
+    asks for nothing. States the controller may restore have their trainable parameters copied to the
+    CPU, and the chosen one is put back at ``on_train_end``, so whatever is saved afterwards is that
+    state. ``trajectory.csv`` (and ``.png`` with ``plot``) go to ``output_dir``; :attr:`summary` holds
+    the outcome and the seconds evaluating beside those training. Only the extraction rule's reference
+    (the model itself) is measured here; another model's first (:func:`measure_reference`).
 
-    The model at ``on_train_begin`` is the baseline (step 0). At each evaluation the controller's
-    :meth:`~fastunlearn.evaluation.stopping.StoppingController.metrics_to_compute` is followed until it
-    asks for nothing, so generation runs only when it can matter. When the controller says
-    ``keep_state`` the trainable parameters (the adapters, not the base model) are copied to the CPU; at
-    ``on_train_end`` the chosen state is copied back, so whatever is saved afterwards is that state.
-    :attr:`summary` holds the outcome and the seconds spent evaluating next to those spent training.
-    Beside each ``Trainer`` checkpoint it keeps its record (:meth:`on_save`), from which a resumed run
-    goes on (:meth:`resume_from`).
-
-    Under several processes every rank runs the callback; each evaluation is shared by the ranks and
-    its numbers are the main process's on every rank (:meth:`SetEvaluator.evaluate`), so the pure
-    controller decides alike on every rank: all stop at the same step, snapshot their own trainable
-    parameters at the same steps and restore the same state. Under FSDP / ZeRO-3, whose forwards need
-    every rank, every rank evaluates every example in step. The main process alone writes the files.
+    Every rank runs the callback; the evaluations' numbers are the main process's on every rank, so
+    all ranks decide alike; the main process alone writes files.
     """
 
     def __init__(
@@ -133,19 +109,12 @@ class StoppingCallback(TrainerCallback):
         self._eval_at_start = 0.0
         self._resumed = False
 
-    def _complete(self, model: torch.nn.Module) -> dict[str, float]:
-        values: dict[str, float] = {}
-        while todo := self.controller.metrics_to_compute(values):
-            values.update(self.evaluator.evaluate(model, todo))
-        return values
-
     @staticmethod
     def _losses(logs: Mapping[str, Any]) -> dict[str, float]:
         return {k: logs[k] for k in ("loss", "forget_loss", "retain_loss") if k in logs}
 
     def _row(self, state, values: Mapping[str, float], seconds: float, **extra: Any) -> None:
-        """One trajectory row, with the loss the trainer has already logged at this step (the step-end
-        log comes before the epoch-end evaluation; otherwise :meth:`on_log` adds it)."""
+        """One trajectory row, with the loss already logged at this step (else :meth:`on_log` adds it)."""
         logged = {}
         for entry in reversed(state.log_history):
             if entry.get("step") != state.global_step:
@@ -163,12 +132,12 @@ class StoppingCallback(TrainerCallback):
         if not distributed.is_main():  # the main process alone writes the trajectory (csv and png)
             self.trajectory.path = None  # asked now: a launcher's process group may start after __init__
         if self._resumed:  # the baseline and the evaluations up to the checkpoint come from the record
-            self.trajectory.rewrite()
+            self.trajectory.write()
             self._train_start, self._eval_at_start = time.perf_counter(), self._seconds["eval_s"]
             return
         controller = self.controller
-        if controller.rule is not None and not controller.rule.resolved:
-            controller.resolve(self.evaluator.evaluate(model, controller.rule.reference_metrics))
+        if controller.rule is not None:
+            controller.rule = measure_reference(controller.rule, self.evaluator, model)
         baseline = self.evaluator.evaluate(model, controller.baseline_metrics())
         controller.set_baseline(baseline)
         extra: dict[str, Any] = {}
@@ -188,8 +157,9 @@ class StoppingCallback(TrainerCallback):
         history = self.controller.history
         if model is None or (history and history[-1].step == state.global_step):
             return
-        start = time.perf_counter()
-        values = self._complete(model)
+        start, values = time.perf_counter(), {}
+        while todo := self.controller.metrics_to_compute(values):
+            values.update(self.evaluator.evaluate(model, todo))
         final = state.global_step >= state.max_steps
         decision = self.controller.record(state.global_step, state.epoch or 0.0, values, final=final)
         if decision.keep_state:
@@ -197,22 +167,16 @@ class StoppingCallback(TrainerCallback):
         seconds = time.perf_counter() - start
         self._seconds["eval_s"] += seconds
         extra: dict[str, Any] = {} if self.controller.rule is None else {"satisfied": decision.satisfied}
-        if self.controller.history[-1].score is not None:
-            extra["retain_score"] = self.controller.history[-1].score
+        if (score := self.controller.history[-1].score) is not None:
+            extra["retain_score"] = score
         self._row(state, values, seconds, **extra)
         # The trainer then logs the mean training loss since its previous log, at this very step.
         control.should_log = True
         control.should_training_stop = control.should_training_stop or decision.stop
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        rows = self.trajectory.rows
-        if (
-            logs
-            and "loss" in logs
-            and rows
-            and rows[-1]["step"] == state.global_step
-            and "loss" not in rows[-1]
-        ):
+        last = self.trajectory.rows[-1] if self.trajectory.rows else {}
+        if logs and "loss" in logs and last.get("step") == state.global_step and "loss" not in last:
             self.trajectory.update_last(self._losses(logs))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -226,9 +190,8 @@ class StoppingCallback(TrainerCallback):
             self._evaluate(state, control, model)
 
     def on_save(self, args, state, control, **kwargs):
-        """Beside each ``Trainer`` checkpoint, what a resumed run needs to go on deciding
-        (:meth:`resume_from`): the controller's record, the trajectory's rows, the state kept for a
-        restore and the seconds spent so far. Not after the run has stopped (nothing to resume)."""
+        """Beside each checkpoint, what :meth:`resume_from` needs: the controller's record, the
+        trajectory's rows, the state kept for a restore and the seconds spent so far."""
         if self.controller.stopped is not None or not distributed.is_main():
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
@@ -246,9 +209,7 @@ class StoppingCallback(TrainerCallback):
         write_json(os.path.join(folder, RECORD_FILE), record)
 
     def resume_from(self, checkpoint: str | os.PathLike) -> None:
-        """Continue the record :meth:`on_save` wrote beside ``checkpoint`` (call before training):
-        the evaluations up to its step are not repeated, the trajectory goes on from its rows, and a
-        state kept before the interruption can still be put back."""
+        """Continue from the record :meth:`on_save` wrote beside ``checkpoint`` (call before training)."""
         path = os.path.join(os.fspath(checkpoint), RECORD_FILE)
         if not os.path.isfile(path):
             raise ValueError(
@@ -290,10 +251,9 @@ class StoppingCallback(TrainerCallback):
                 "stopped": summary["stopped_step"],
                 "kept": summary["kept_step"] if summary["restored"] else None,
             }
-            path = os.path.join(self.output_dir, "trajectory.png")
+            plot_path = os.path.join(self.output_dir, "trajectory.png")
             bounds, title = ((), None) if rule is None else (rule.bounds, str(rule))
-            if plot_trajectory(self.trajectory.rows, path, bounds=bounds, marks=marks, title=title):
-                plot_path = path
+            plot_trajectory(self.trajectory.rows, plot_path, bounds=bounds, marks=marks, title=title)
         eval_s = self._seconds["eval_s"]
         self.summary = {
             **summary,

@@ -1,30 +1,27 @@
 """The TOFU protocol (Maini et al. 2024, arXiv:2401.06121): per-set scores, forget quality and model utility.
 
-:func:`evaluate_tofu` scores a model on TOFU-format files (:mod:`fastunlearn.data.tofu_files`):
-per set, the length-normalised answer probability, ROUGE-L recall of the greedy answer and the truth
-ratio; then forget quality (KS test against the retain-only model's forget-set truth ratios, saved
-once with :func:`fastunlearn.evaluation.reference.save_reference_truth_ratios` and reused) and model
-utility (harmonic mean of the nine retain / real-authors / world-facts numbers).
-:func:`summarize_tofu` flattens the headline numbers; :func:`cached_reference_truth_ratios` computes
-the reference once and reuses it.
-
-Prompts are tokenised by :mod:`fastunlearn.data.examples`, the training pipeline, so an evaluated
-prompt is byte for byte the prompt the model was trained on. ``mode="legacy"`` is the paper's pipeline
-token for token: the ``tofu-*`` templates (:mod:`fastunlearn.data.tofu_format`),
-question and answer tokenised as one string and cut at 200 tokens, generation from the decoded
-question in batches of 30 to 200 tokens in total. ``mode="full"`` is fastunlearn's own protocol with
-the template the model was trained with (any of them, ``tofu-*`` included).
+Per set, the length-normalised answer probability, the ROUGE-L recall of the greedy answer and the
+truth ratio; forget quality is a KS test against the retain-only model's forget-set truth ratios
+(saved once and reused), model utility the harmonic mean of the nine retain / real-authors /
+world-facts numbers. ``mode="legacy"`` is the paper's pipeline token for token (the ``tofu-*``
+templates, cut at 200 tokens, generation in batches of 30); ``mode="full"`` scores with the template
+the model was trained with. The retain-only model's reference truth ratios are saved with the protocol
+they were computed under, so that a run under another protocol is refused rather than compared with
+numbers of a different distribution.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from fastunlearn import data as fdata
+from fastunlearn._io import write_json
 from fastunlearn.data.tofu_files import (
     TOFU_SETS,
     TofuItem,
@@ -32,16 +29,9 @@ from fastunlearn.data.tofu_files import (
     missing_truth_ratio_reason,
     read_tofu_file,
 )
-from fastunlearn.data.tofu_format import (
-    TOFU_FAMILIES,
-)
+from fastunlearn.data.tofu_format import TOFU_FAMILIES
 from fastunlearn.engines import distributed
 from fastunlearn.evaluation import metrics as M
-from fastunlearn.evaluation.reference import (
-    _check_new_file,
-    load_reference_truth_ratios,
-    save_reference_truth_ratios,
-)
 from fastunlearn.evaluation.tofu_scoring import LEGACY_MAX_LENGTH, score_set
 from fastunlearn.models.loading import load_model_and_tokenizer
 
@@ -52,13 +42,6 @@ NUM_UTILITY_COMPONENTS = len(UTILITY_SETS) * len(UTILITY_METRICS)  # TOFU's nine
 TOFU_MODES = ("full", "legacy")
 LEGACY_MAX_ITEMS = 300
 LEGACY_TEMPLATES = tuple(TOFU_FAMILIES)
-
-__all__ = [
-    "TOFU_MODES",
-    "cached_reference_truth_ratios",
-    "evaluate_tofu",
-    "summarize_tofu",
-]
 
 
 def _resolve_template(mode: str, template: str | None) -> str:
@@ -80,13 +63,9 @@ def _resolve_template(mode: str, template: str | None) -> str:
 
 
 def _utility_components(sets: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
-    """The model-utility numbers present in ``sets``, named ``set/metric``.
-
-    All nine need the retain, real-authors and world-facts sets, each with perturbed answers, and
-    generation (ROUGE-L). The real-authors / world-facts probability counts only when normalised over
-    the options, i.e. when the file has perturbed answers: without them it is the plain ``P̄``, another
-    quantity.
-    """
+    """The model-utility numbers present in ``sets``, named ``set/metric``; the real-authors /
+    world-facts probability counts only when normalised over the options (the file has perturbed
+    answers), as without them it is another quantity."""
     components = {}
     for name in UTILITY_SETS:
         scores = sets.get(name, {})
@@ -178,32 +157,18 @@ def evaluate_tofu(
     batch_size: int = 16,
     max_length: int = 512,
 ) -> dict[str, Any]:
-    """TOFU evaluation (Maini et al. 2024) of ``model`` on TOFU-format files.
+    """TOFU evaluation of ``model``: JSON-serialisable scores per set, forget quality, model utility.
 
-    ``data``: a directory (files found by :func:`find_tofu_files`) or a mapping from set name
-    (``forget``, ``retain``, ``real_authors``, ``world_facts``) to a path or a list of
-    :class:`TofuItem`. Model utility is TOFU's harmonic mean of nine numbers, ``None`` unless all nine
-    are present; ``model_utility_partial`` is then the mean of those present, named in
-    ``model_utility_components``.
-
-    ``mode="legacy"``: the paper's pipeline token for token — at most 300 items per set;
-    ``template`` one of ``tofu-llama2`` (default), ``tofu-llama3``, ``tofu-phi``
-    (:mod:`fastunlearn.data.tofu_format`): question and answer tokenised as one string and cut at
-    200 tokens (``max_length`` is not used), the greedy answer generated from the decoded question in
-    batches of 30 (file order) to 200 tokens in total per batch (``max_new_tokens`` and
-    ``batch_size`` do not apply to generation) and scored against the decoded answer.
-    ``mode="full"``: fastunlearn's own protocol — every item, ``template`` as trained (default
-    ``"plain"``; a ``tofu-*`` one gives TOFU's tokenisation at ``max_length``), greedy answers of up
-    to ``max_new_tokens`` new tokens; ``max_items`` caps either. Each set's ``avg_nll`` holds the
-    per-item average NLLs (``answer``, ``paraphrased``, ``perturbed``) the numbers derive from.
-
-    Forget quality needs ``reference_truth_ratios`` (a list or a JSON file from
-    :func:`save_reference_truth_ratios`, whose recorded mode and template must be this run's); a
-    missing file raises ``FileNotFoundError`` saying how to make it, and without the argument forget
-    quality is ``None``. ``save_reference`` writes this run's forget truth ratios (evaluate the
-    retain-only model with it). Files, reference and output path are checked before the model runs. A
-    set without perturbed answers has no truth ratio; its scores say why under ``missing``. Returns a
-    JSON-serialisable dict.
+    ``data``: a directory (:func:`find_tofu_files`) or a mapping from set name to a path or a list of
+    :class:`TofuItem`. ``mode="legacy"``: at most 300 items per set, ``template`` a ``tofu-*`` family
+    (``tofu-llama2`` by default), cut at 200 tokens, greedy answers in the paper's batches of 30 to 200
+    tokens in total (``max_length``, ``max_new_tokens`` and ``batch_size`` do not apply to it).
+    ``mode="full"``: ``template`` as trained (default ``"plain"``), answers of up to
+    ``max_new_tokens``. Model utility is ``None`` unless all nine numbers are present
+    (``model_utility_partial`` is then the mean of those that are). Forget quality needs
+    ``reference_truth_ratios`` (a list or a file of :func:`save_reference_truth_ratios` of the same
+    mode and template); ``save_reference`` writes this run's. Every input is checked before the model
+    runs; a set without perturbed answers says why under ``missing``.
     """
     template = _resolve_template(mode, template)
     legacy = mode == "legacy"
@@ -244,11 +209,7 @@ def evaluate_tofu(
 
 
 def summarize_tofu(results: Mapping[str, Any]) -> dict[str, float | int | None]:
-    """The headline numbers of :func:`evaluate_tofu` as one flat dict (for ``metrics.json`` files).
-
-    ``model_utility`` is ``None`` unless all nine numbers were measured; ``model_utility_partial`` is
-    then the harmonic mean of the ``model_utility_num_components`` numbers that were.
-    """
+    """The headline numbers of :func:`evaluate_tofu` as one flat dict (for ``metrics.json`` files)."""
     out: dict[str, float | int | None] = {
         "forget_quality": results["forget_quality"],
         "model_utility": results["model_utility"],
@@ -270,10 +231,9 @@ def cached_reference_truth_ratios(
     tokenizer: Any = None,
     **options: Any,
 ) -> list[float]:
-    """The retain-only model's forget-set truth ratios: read from ``path`` when it exists (its recorded
-    mode and template must be those of ``options``), else computed with :func:`evaluate_tofu`
-    (``options`` as there; generation is skipped, truth ratios do not need it) and saved there.
-    ``retain_model`` is a model (with ``tokenizer``) or a local directory."""
+    """The retain-only model's forget-set truth ratios: read from ``path`` when it exists (of the mode and
+    template of ``options``), else computed by :func:`evaluate_tofu` without generation and saved there.
+    ``retain_model``: a model (with ``tokenizer``) or a local directory."""
     if distributed.on_main(lambda: os.path.isfile(os.fspath(path))):  # every rank takes the same branch
         mode = options.get("mode", "full")
         template = _resolve_template(mode, options.get("template"))
@@ -289,3 +249,84 @@ def cached_reference_truth_ratios(
     results = evaluate_tofu(retain_model, tokenizer, {"forget": data["forget"]}, generate=False, **options)
     distributed.on_main(lambda: save_reference_truth_ratios(path, results))
     return results["forget_truth_ratios"]
+
+
+def save_reference_truth_ratios(
+    path: str | os.PathLike, results: Mapping[str, Any], *, overwrite: bool = False
+) -> str:
+    """Save the forget-set truth ratios of a TOFU evaluation of the retain-only model with the mode,
+    template and forget file they were computed with; an existing file is kept unless ``overwrite``."""
+    path = os.fspath(path)
+    tofu = results.get("tofu", results)
+    ratios = tofu.get("forget_truth_ratios")
+    if not ratios:
+        raise ValueError(
+            "these results have no forget-set truth ratios (the forget file needs "
+            "paraphrased_answer and perturbed_answer fields)"
+        )
+    _check_new_file(path, overwrite)
+    write_json(
+        path,
+        {
+            "kind": "fastunlearn.tofu_reference_truth_ratios",
+            "truth_ratios": ratios,
+            "num_items": len(ratios),
+            "mode": tofu.get("mode"),
+            "template": tofu.get("template"),
+            "forget_file": tofu.get("files", {}).get("forget"),
+        },
+    )
+    return path
+
+
+def _check_new_file(path: str | os.PathLike, overwrite: bool) -> None:
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{os.fspath(path)} exists; pass overwrite=True (--overwrite) to replace it")
+
+
+def load_reference_truth_ratios(
+    path: str | os.PathLike,
+    *,
+    mode: str | None = None,
+    template: str | None = None,
+    forget_file: str | os.PathLike | None = None,
+) -> list[float]:
+    """Reference truth ratios saved by :func:`save_reference_truth_ratios`: ``ValueError`` when they
+    record another ``mode`` or ``template`` (a KS test against them would measure that change, not
+    unlearning); another forget file's name only warns. A bare JSON list is taken as is."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"reference truth ratios not found: {path}. Forget quality compares against the retain-only "
+            "model: evaluate it once with `fastunlearn eval RETAIN_MODEL --tofu DATA "
+            f"--save-reference {path}` (or evaluate_tofu(..., save_reference=...)), then pass that file."
+        )
+    with open(path, encoding="utf-8") as f:
+        try:
+            obj = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    ratios = obj.get("truth_ratios") if isinstance(obj, dict) else obj
+    if not isinstance(ratios, list) or not ratios or not all(isinstance(r, (int, float)) for r in ratios):
+        raise ValueError(f"{path}: expected {{'truth_ratios': [numbers...]}} with at least one number")
+    if isinstance(obj, dict):
+        for field, current in (("mode", mode), ("template", template)):
+            saved = obj.get(field)
+            if current is not None and saved is not None and saved != current:
+                raise ValueError(
+                    f"{path}: the reference truth ratios were computed with {field} {saved!r}, but this "
+                    f"evaluation uses {field} {current!r}; truth ratios of different protocols are not "
+                    f"comparable: evaluate the retain-only model again with {field} {current!r}"
+                )
+        saved_file = obj.get("forget_file")
+        if (
+            forget_file is not None
+            and saved_file
+            and os.path.basename(saved_file) != os.path.basename(os.fspath(forget_file))
+        ):
+            warnings.warn(
+                f"{path} was computed on forget file {saved_file}, this evaluation uses "
+                f"{os.fspath(forget_file)}",
+                stacklevel=2,
+            )
+    return [float(r) for r in ratios]

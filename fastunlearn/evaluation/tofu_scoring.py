@@ -1,8 +1,5 @@
-"""TOFU's per-set scores (Maini et al. 2024): answer probabilities, truth ratios and the ROUGE-L of
-greedy answers, with the training pipeline's tokenisation (:mod:`fastunlearn.data.examples`) or, for
-the ``tofu-*`` templates in legacy mode, the paper's own (:mod:`fastunlearn.data.tofu_format`).
-:func:`score_set` is :func:`fastunlearn.evaluation.tofu.evaluate_tofu`'s step per set.
-"""
+"""TOFU's scores of one set (Maini et al. 2024): answer probabilities, truth ratios and the ROUGE-L of
+greedy answers, tokenised as in training (the ``tofu-*`` templates as the paper does)."""
 
 from __future__ import annotations
 
@@ -24,8 +21,6 @@ from fastunlearn.engines import distributed
 from fastunlearn.evaluation import metrics as M
 from fastunlearn.evaluation.decoding import greedy_completions
 
-__all__ = ["LEGACY_GENERATION_BATCH", "LEGACY_MAX_LENGTH", "score_set"]
-
 LEGACY_MAX_LENGTH = 200  # tokens, question included: the paper's scoring cut and generation budget
 LEGACY_GENERATION_BATCH = 30  # the paper's generation batch, whose width sets every row's budget
 
@@ -40,9 +35,7 @@ def _answer_stats(
     max_length: int,
     batch_size: int,
 ) -> dict[str, torch.Tensor]:
-    """Answer statistics (:func:`fastunlearn.metrics.answer_stats`) of each (question, answer) pair, with
-    the training pipeline's tokenisation: the answer tokens and the closing EOS are scored (with a
-    ``tofu-*`` template every token after the question's, and no EOS when the cut reaches it)."""
+    """Answer statistics of each (question, answer) pair, tokenised as in training."""
     records = [
         {"question": q, "answer": a, "_source": f"item {i}"}
         for i, (q, a) in enumerate(zip(questions, answers))
@@ -57,14 +50,9 @@ def _answer_stats(
 def _generation_prompts(
     tokenizer, items: Sequence[TofuItem], template: str, max_length: int
 ) -> tuple[list[torch.Tensor], list[str]]:
-    """Each item's generation prompt (token ids) and the reference its greedy answer is scored against.
-
-    ``tofu-*`` templates (the paper's pipeline): the example encoded at ``max_length`` is decoded and
-    split at the family's marker (:func:`~fastunlearn.data.tofu_format.tofu_generation_prompt`), the prompt
-    re-tokenised with special tokens; the reference is the decoded answer, cut where its scored tokens
-    are. Other templates: the labelled example's unlabelled head — exactly what training conditioned
-    on — and the file's answer.
-    """
+    """Each item's generation prompt (token ids) and reference answer: with a ``tofu-*`` template the
+    paper's (the encoded example decoded and split at the family's marker, the prompt re-tokenised),
+    else the training example's unlabelled head and the file's answer."""
     if template in TOFU_FAMILIES:
         texts, references = [], []
         for it in items:
@@ -97,15 +85,10 @@ def _greedy_answers(
     max_new_tokens: int,
     batch_size: int,
 ) -> list[str]:
-    """Greedy answers to ``prompts``, each stopping at EOS, in the prompts' order.
-
-    Legacy (the paper's ``generate(max_length=200)``): batches of 30 in file order, and every
-    row of a batch ``W`` tokens wide gets ``200 − W`` new tokens — the budget depends on the batch, so
-    the batches are the paper's (each decoded as one batch). Otherwise ``max_new_tokens`` per row.
-    Left padding is masked, so the pad id changes nothing. Under several processes the ranks share the
-    prompts (legacy: the batches of 30, whose budgets they set;
-    :func:`fastunlearn.engines.distributed.map_sharded`).
-    """
+    """Greedy answers to ``prompts`` in their order, each stopping at EOS, shared by the ranks.
+    Legacy: the paper's batches of 30 in file order, each row of a batch ``W`` tokens wide getting
+    ``200 − W`` new tokens (:func:`~fastunlearn.data.tofu_format.tofu_max_new_tokens`); otherwise
+    ``max_new_tokens``."""
     if not legacy:
         return distributed.map_sharded(
             lambda part: greedy_completions(
@@ -148,6 +131,7 @@ def score_set(
     max_length: int,
     batch_size: int,
 ) -> tuple[dict[str, Any], list[float] | None]:
+    """The scores of one set and its truth ratios (``None`` without perturbed answers)."""
     qs = [it.question for it in items]
     opts = dict(template=template, max_length=max_length, batch_size=batch_size)
     stats = _answer_stats(model, tokenizer, qs, [it.answer for it in items], **opts)
@@ -171,13 +155,8 @@ def score_set(
             true = M.answer_probability(para_stats)
         else:
             true = probs
-        pert_stats = _answer_stats(
-            model,
-            tokenizer,
-            [q for q in qs for _ in range(k)],
-            [p for it in items for p in it.perturbed_answers],
-            **opts,
-        )
+        perturbed = [p for it in items for p in it.perturbed_answers]
+        pert_stats = _answer_stats(model, tokenizer, [q for q in qs for _ in range(k)], perturbed, **opts)
         avg_nll["perturbed"] = _avg_nll(pert_stats).view(len(items), k).tolist()
         pert = M.answer_probability(pert_stats).view(len(items), k)
         r = M.truth_ratio(true, pert)
@@ -189,14 +168,8 @@ def score_set(
             out["prob"] = M.normalized_probability(probs, pert).mean().item()
     if generate:
         prompts, references = _generation_prompts(tokenizer, items, template, max_length)
-        preds = _greedy_answers(
-            model,
-            tokenizer,
-            prompts,
-            legacy=legacy,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-        )
+        opts = dict(legacy=legacy, max_new_tokens=max_new_tokens, batch_size=batch_size)
+        preds = _greedy_answers(model, tokenizer, prompts, **opts)
         out["rougeL_recall"] = sum(M.rouge_l_recall(preds, references)) / len(items)
         out["examples"] = [
             {"question": it.question, "answer": ref, "generated": pred}

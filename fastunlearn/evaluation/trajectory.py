@@ -1,13 +1,9 @@
 """The trajectory of a run that evaluates during training: ``trajectory.csv`` and ``trajectory.png``.
 
-One CSV row per evaluation (step 0 is the model before unlearning). Columns are the union of the
-names the rows carry, in a stable order: ``step``, ``epoch``, the metrics in
-:data:`fastunlearn.evaluation.stopping.METRIC_NAMES` order, then :data:`TRAILING`, then any other
-names sorted. A metric not computed at an evaluation (ROUGE-L far from the threshold) is an empty
-cell. The file is rewritten whole and atomically after every row (it holds tens of rows), so it is
-always complete and its header always covers every row.
-
-The plot needs matplotlib, an optional dependency: without it the PNG is skipped with one warning.
+One CSV row per evaluation (step 0 is the model before unlearning); columns ``step``, ``epoch``, the
+metrics in :data:`~fastunlearn.evaluation.stopping.rules.METRIC_NAMES` order, :data:`TRAILING`, then
+any other names sorted. A metric not computed at an evaluation is an empty cell. The file (tens of
+rows) is rewritten whole and atomically after every row, so its header always covers every row.
 """
 
 from __future__ import annotations
@@ -16,20 +12,16 @@ import csv
 import io
 import math
 import os
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from fastunlearn._io import atomic_file, write_text
-from fastunlearn.evaluation.stopping.rules import KINDS, METRIC_NAMES, Bound, is_retain
+from fastunlearn.evaluation.stopping.rules import KINDS, METRIC_NAMES, Bound, is_retain, kind_of
 
 LEADING = ("step", "epoch")
-# loss (and its forget / retain parts): the training loss the trainer logged at the step, its mean since
-# its previous log; satisfied: whether the stopping rule held; retain_score: the best-restore
-# criterion; eval_s: seconds spent evaluating.
+# The training loss logged at the step (its mean since the previous log), whether the rule held, the
+# best-restore criterion, seconds spent evaluating.
 TRAILING = ("loss", "forget_loss", "retain_loss", "satisfied", "retain_score", "eval_s")
-
-__all__ = ["LEADING", "TRAILING", "Trajectory", "plot_trajectory", "read_trajectory"]
 
 
 def _columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -55,34 +47,27 @@ class Trajectory:
         self.path = None if path is None else os.fspath(path)
         self.rows: list[dict[str, Any]] = []
 
-    @property
-    def columns(self) -> list[str]:
-        return _columns(self.rows)
-
     def append(self, row: Mapping[str, Any]) -> None:
         """Add one evaluation (it needs ``step``) and rewrite the file atomically."""
         if "step" not in row:
             raise ValueError(f"a trajectory row needs a 'step', got {sorted(row)}")
         self.rows.append(dict(row))
-        self._write()
+        self.write()
 
     def update_last(self, values: Mapping[str, Any]) -> None:
         """Add ``values`` to the last row (numbers that arrive after the evaluation: the logged loss)."""
         if not self.rows:
             raise ValueError("the trajectory has no row to update")
         self.rows[-1].update(values)
-        self._write()
+        self.write()
 
-    def rewrite(self) -> None:
-        """Write the rows held now (a resumed run's, replacing what an interrupted one left after them)."""
-        self._write()
-
-    def _write(self) -> None:
+    def write(self) -> None:
+        """Write the rows held now (a resumed run's replace what an interrupted one left after them)."""
         if self.path is not None:
             write_text(self.path, self.to_csv())
 
     def to_csv(self) -> str:
-        columns = self.columns
+        columns = _columns(self.rows)
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(columns)
@@ -113,6 +98,7 @@ def read_trajectory(path: str | os.PathLike) -> list[dict[str, float | str | Non
 
 
 _COLOURS = {kind: f"C{i}" for i, kind in enumerate(KINDS)}
+_kind = lambda name: name.partition(".")[2]
 _MARK_STYLES = ("-.", "--", ":")
 
 
@@ -123,60 +109,43 @@ def plot_trajectory(
     bounds: Sequence[Bound] = (),
     marks: Mapping[str, int | None] | None = None,
     title: str | None = None,
-) -> bool:
-    """Draw forget (solid) and retain (dashed) metrics, MUSE's included, over optimiser steps, one colour
-    per kind, the rule's bounds as dotted lines of their metric's colour, and ``marks`` (label → step,
-    e.g. where the rule first held, where training stopped, the state kept) as vertical lines; the
-    training loss in a second panel when the rows have it. Written atomically as PNG. Returns ``False``
-    (after one warning) when matplotlib is not installed."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        warnings.warn("matplotlib is not installed: trajectory.png is not drawn", stacklevel=2)
-        return False
+) -> None:
+    """Draw forget (solid) and retain (dashed) metrics over optimiser steps, one colour per kind, the
+    rule's bounds dotted in their metric's colour, ``marks`` (label → step) as vertical lines, and the
+    training loss and NLL in a second panel; written atomically as PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     def series(name: str) -> tuple[list[int], list[float]]:
         pts = [(r["step"], r[name]) for r in rows if r.get(name) is not None and math.isfinite(r[name])]
         return [p[0] for p in pts], [p[1] for p in pts]
 
     # Rates share one axis; the NLL is unbounded and drawn with the loss instead.
-    rates = [m for m in METRIC_NAMES if KINDS[m.partition(".")[2]].upper == 1.0 and series(m)[0]]
+    rates = [m for m in METRIC_NAMES if kind_of(m).upper == 1.0 and series(m)[0]]
     losses = [n for n in ("loss", "forget_loss", "retain_loss", "forget.nll", "retain.nll") if series(n)[0]]
     fig = Figure(figsize=(9, 7 if losses else 5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(2 if losses else 1, 1, 1)
     for name in rates:
-        x, y = series(name)
         style = "--" if is_retain(name) else "-"
-        ax.plot(x, y, style, marker="o", markersize=3, color=_COLOURS[name.partition(".")[2]], label=name)
+        ax.plot(*series(name), style, marker="o", markersize=3, color=_COLOURS[_kind(name)], label=name)
     for bound in bounds:
-        kind = bound.metric.partition(".")[2]
-        ax.axhline(bound.value, linestyle=":", color=_COLOURS[kind], linewidth=1.2, label=f"rule: {bound}")
+        ax.axhline(bound.value, linestyle=":", color=_COLOURS[_kind(bound.metric)], label=f"rule: {bound}")
     for i, (label, step) in enumerate((marks or {}).items()):
         if step is not None:
-            ax.axvline(
-                step,
-                linestyle=_MARK_STYLES[i % len(_MARK_STYLES)],
-                color="black",
-                alpha=0.6,
-                label=f"{label} (step {step})",
-            )
+            style = _MARK_STYLES[i % len(_MARK_STYLES)]
+            ax.axvline(step, linestyle=style, color="black", alpha=0.6, label=f"{label} (step {step})")
     ax.set_ylabel("metric (mean over the evaluated subset)")
-    ax.set_xlabel("optimiser step")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    if title:
-        ax.set_title(title, fontsize=9)
+    ax.set_title(title or "", fontsize=9)
+    axes = [ax]
     if losses:
-        ax2 = fig.add_subplot(2, 1, 2, sharex=ax)
+        axes.append(fig.add_subplot(2, 1, 2, sharex=ax))
         for name in losses:
-            x, y = series(name)
-            ax2.plot(x, y, "-" if "retain" not in name else "--", marker=".", label=name)
-        ax2.set_xlabel("optimiser step")
-        ax2.set_ylabel("loss / NLL")
-        ax2.grid(alpha=0.3)
-        ax2.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+            axes[1].plot(*series(name), "--" if "retain" in name else "-", marker=".", label=name)
+        axes[1].set_ylabel("loss / NLL")
+    for a in axes:
+        a.set_xlabel("optimiser step")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     atomic_file(path, lambda tmp: fig.savefig(tmp, format="png"))
-    return True

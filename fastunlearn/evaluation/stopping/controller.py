@@ -1,8 +1,5 @@
-"""The stopping state machine, :class:`StoppingController`.
-
-Pure logic on plain numbers: the controller is told each evaluation's metrics and answers whether to
-stop, whether to keep a copy of the current state, and which state to restore at the end.
-"""
+"""The stopping state machine, :class:`StoppingController`: told each evaluation's metrics, it answers
+whether to stop, whether to keep a copy of the current state, and which state to restore at the end."""
 
 from __future__ import annotations
 
@@ -14,37 +11,21 @@ from typing import Any
 from fastunlearn.evaluation.stopping.rules import (
     METRIC_NAMES,
     StopRule,
-    _unknown_metric,
     is_generated,
     is_retain,
+    unknown_metric,
 )
 
 RESTORE = ("first", "best", "last")
-# Generated metrics only where they can change the decision: a conjunction cannot hold while one of its
-# teacher-forced bounds fails. A larger margin adds ROUGE-L / EL10 to the trajectory around the crossing.
-NEAR = 0.0
+NEAR = 0.0  # generate only where the generated metrics can decide (StoppingController's near)
 DEFAULT_RETAIN_METRICS = ("retain.prob", "retain.acc", "retain.rougeL")
-
-__all__ = [
-    "DEFAULT_RETAIN_METRICS",
-    "NEAR",
-    "RESTORE",
-    "Decision",
-    "Evaluation",
-    "StoppingController",
-    "retain_score",
-]
 
 
 def retain_score(values: Mapping[str, float], baseline: Mapping[str, float], names: Iterable[str]) -> float:
-    """Retain performance kept, relative to the original model: the harmonic mean of
-    ``values[m] / baseline[m]`` over the metrics ``names`` (higher is better, 1 = as before).
-
-    Relative, because probability, accuracy and ROUGE-L sit on different scales and what matters is how
-    much of each ability is kept; harmonic (as TOFU's model utility, Maini et al. 2024), because one lost
-    ability cannot be rescued by the others. Ratios above 1 count as gains; a metric on which the
-    original model scores 0 carries no ability to keep and is left out.
-    """
+    """Retain performance kept: the harmonic mean of ``values[m] / baseline[m]`` over ``names`` (1 = as
+    before). Relative, because the metrics sit on different scales; harmonic (as TOFU's model utility,
+    Maini et al. 2024), because one lost ability cannot be rescued by the others. A metric on which
+    the original model scores 0 has no ability to keep and is left out."""
     ratios = []
     for name in names:
         if name not in values or name not in baseline:
@@ -71,12 +52,9 @@ class Evaluation:
 
 @dataclass(frozen=True)
 class Decision:
-    """What the trainer does after an evaluation.
-
-    ``stop``: end training now. ``keep_state``: copy the trainable parameters now, because this state
-    may have to be restored after more training (never set when stopping or at the final step, where
-    the current state is the one kept).
-    """
+    """What the trainer does after an evaluation: ``stop`` now; ``keep_state``: copy the trainable
+    parameters, as this state may have to be restored after more training (never when stopping or at
+    the final step, whose state is the current one)."""
 
     stop: bool
     satisfied: bool
@@ -86,29 +64,17 @@ class Decision:
 class StoppingController:
     """The stopping state machine: :meth:`record` one evaluation at a time, get a :class:`Decision`.
 
-    Semantics:
+    :meth:`set_baseline` takes the original model's metrics (the retain score's reference). With
+    ``patience = K`` the run goes on for K evaluations after the rule first holds, then stops.
+    ``restore`` keeps, among the evaluated states that satisfy the rule, the ``"first"``, the
+    ``"best"`` (highest :func:`retain_score` of ``retain_metrics``; ties to the earlier step) or the
+    ``"last"``; the final state when the rule never holds. ``rule=None`` only records.
 
-    - Before training, :meth:`set_baseline` with the original model's metrics (the reference of the
-      retain score; it is not a candidate, training has not started).
-    - The run stops at the first evaluation that satisfies the rule when ``patience == 0``; with
-      ``patience = K`` it goes on for K more evaluations after that first one (whether they satisfy the
-      rule or not) and then stops. The run also ends when training ends.
-    - ``restore`` picks the state kept among the evaluated states that satisfy the rule: ``"first"``
-      (the first crossing), ``"best"`` (highest :func:`retain_score` of ``retain_metrics`` relative to
-      the baseline; ties go to the earlier step, the less trained one), or ``"last"``. ``"best"`` and
-      ``"last"`` need ``patience ≥ 1`` (otherwise there is one candidate). When the rule is never
-      satisfied the final state is kept.
-    - ``rule=None``: evaluate and record only (a trajectory without stopping).
-
-    Cost: :meth:`metrics_to_compute` says what to evaluate next. Teacher-forced metrics (the rule's and
-    ``track``) come first; the rule's generated ones (ROUGE-L, EL₁₀, MUSE's) only when every
-    teacher-forced bound of the rule is *near* (:meth:`Bound.near`: satisfied or missed by at most
-    ``near · |value|``). Skipping them otherwise cannot change a decision: a rule is a conjunction and
-    one of its bounds already fails. ``near = 0`` generates exactly where it can decide; a positive
-    margin adds generated values to the trajectory around the crossing. A rule with no teacher-forced
-    bound generates every time; the generated retain metrics of ``"best"`` only where the rule holds,
-    the only states it ranks. :meth:`record` refuses an evaluation whose missing metrics could have
-    made the rule hold.
+    :meth:`metrics_to_compute` asks for the teacher-forced metrics first (the rule's and ``track``),
+    then the rule's generated ones only where every teacher-forced bound is within ``near · |value|``
+    of holding: a conjunction cannot hold while one of its bounds fails, so skipping them elsewhere
+    changes no decision (``near = 0``: exactly where they can decide). ``"best"``'s generated retain
+    metrics are computed only where the rule holds, the only states it ranks.
     """
 
     def __init__(
@@ -132,10 +98,10 @@ class StoppingController:
                 f"restore={restore!r} chooses among the evaluations after the rule first holds; with "
                 "patience 0 training stops there and there is one: give patience >= 1"
             )
-        _check_margin(near, "near")
+        check_margin(near, "near")
         for name in (*retain_metrics, *track):
             if name not in METRIC_NAMES:
-                raise ValueError(_unknown_metric(name, name))
+                raise ValueError(unknown_metric(name, name))
         if not all(map(is_retain, retain_metrics)):
             raise ValueError(f"retain_metrics must be retain-set metrics, got {list(retain_metrics)}")
         if restore == "best" and not retain_metrics:
@@ -153,24 +119,12 @@ class StoppingController:
         self.first: Evaluation | None = None
         self.chosen: Evaluation | None = None
         self.stopped: Evaluation | None = None
-        self._score_metrics: tuple[str, ...] = ()
-
-    # -- what to compute ---------------------------------------------------------------------------
-
-    def resolve(self, values: Mapping[str, float]) -> None:
-        """Give the rule its measured reference values (``rule.reference_metrics``)."""
-        assert self.rule is not None
-        missing = [m for m in self.rule.reference_metrics if m not in values]
-        if missing:
-            raise ValueError(f"the {self.rule.name} rule's reference needs {missing}")
-        self.rule = self.rule.with_reference(values)
 
     def _rule_metrics(self) -> tuple[str, ...]:
         return () if self.rule is None else self.rule.metrics
 
     def baseline_metrics(self) -> frozenset[str]:
-        """What to measure on the original model: what the rule, ``track`` and (``"best"``) the retain
-        score read."""
+        """What to measure on the original model: what the rule, ``track`` and the retain score read."""
         scored = self.retain_metrics if self.restore == "best" else ()
         return frozenset((*self._rule_metrics(), *scored, *self.track))
 
@@ -180,8 +134,7 @@ class StoppingController:
             missing = [m for m in self.retain_metrics if m not in values]
             if missing:
                 raise ValueError(f"the baseline lacks the retain metrics {missing}")
-            self._score_metrics = tuple(m for m in self.retain_metrics if values[m] > 0)
-            if not self._score_metrics:
+            if all(values[m] <= 0 for m in self.retain_metrics):
                 raise ValueError(
                     "restore='best' ranks states by retain performance relative to the original model, "
                     f"but the original model scores 0 on every retain metric {list(self.retain_metrics)}"
@@ -189,8 +142,8 @@ class StoppingController:
         self.baseline = dict(values)
 
     def metrics_to_compute(self, values: Mapping[str, float]) -> frozenset[str]:
-        """The metrics to evaluate next, given those already computed at this evaluation; empty when
-        the evaluation is complete enough to :meth:`record`. Call repeatedly, merging the results."""
+        """The metrics to evaluate next given those computed at this evaluation (class docstring);
+        empty when it can be :meth:`record` ed. Call repeatedly, merging the results."""
         cheap = {m for m in (*self._rule_metrics(), *self.track) if not is_generated(m)}
         todo = cheap - values.keys()
         if todo or self.rule is None:
@@ -205,21 +158,17 @@ class StoppingController:
             return frozenset(m for m in self.retain_metrics if m not in values)
         return frozenset()
 
-    # -- decisions ---------------------------------------------------------------------------------
-
     def record(
         self, step: int, epoch: float, values: Mapping[str, float], *, final: bool = False
     ) -> Decision:
-        """Record the evaluation of the state after ``step`` optimiser steps and decide.
-
-        ``final``: training ends after this step anyway (no snapshot is needed for it).
-        """
+        """Record the evaluation of the state after ``step`` optimiser steps and decide; ``final``:
+        training ends after this step anyway."""
         if self.stopped is not None:
             raise ValueError(f"the run stopped at step {self.stopped.step}; nothing more to record")
         if self.history and step <= self.history[-1].step:
             raise ValueError(f"step {step} is not after the last evaluated step {self.history[-1].step}")
         if self.rule is not None and not self.rule.resolved:
-            raise ValueError(f"the {self.rule.name} rule's reference values are not measured yet (resolve)")
+            raise ValueError(f"the {self.rule.name} rule's reference values are not measured yet")
         satisfied = False
         if self.rule is not None:
             verdict = self.rule.satisfied(values)
@@ -234,7 +183,7 @@ class StoppingController:
         if satisfied and self.restore == "best":
             if self.baseline is None:
                 raise ValueError("restore='best' needs the original model's metrics: call set_baseline")
-            score = retain_score(values, self.baseline, self._score_metrics)
+            score = retain_score(values, self.baseline, self.retain_metrics)
         ev = Evaluation(step, float(epoch), dict(values), satisfied, score)
         self.history.append(ev)
 
@@ -254,20 +203,15 @@ class StoppingController:
         keep = self.chosen is ev and not stop and not final
         return Decision(stop=stop, satisfied=satisfied, keep_state=keep)
 
-    # -- resuming ----------------------------------------------------------------------------------
-
     def state_dict(self) -> dict[str, Any]:
-        """Everything :meth:`load_state_dict` needs to go on deciding after an interrupted run, as plain
-        JSON-serialisable values: the baseline, every evaluation, and which of them first satisfied
-        the rule and is chosen. The rule itself is recorded by its text, which the resumed run's rule
-        (its reference measured again) must reproduce."""
+        """What :meth:`load_state_dict` needs to go on after an interruption, JSON-serialisable; the
+        rule by its text, which the resumed run's (its reference measured again) must reproduce."""
         if self.stopped is not None:
             raise ValueError(f"the run stopped at step {self.stopped.step}: there is nothing to resume")
         index = {id(ev): i for i, ev in enumerate(self.history)}
         return {
             "rule": None if self.rule is None else str(self.rule),
             "baseline": self.baseline,
-            "score_metrics": list(self._score_metrics),
             "history": [asdict(ev) for ev in self.history],
             "first": None if self.first is None else index[id(self.first)],
             "chosen": None if self.chosen is None else index[id(self.chosen)],
@@ -283,7 +227,6 @@ class StoppingController:
                 "reference measured again must give the same values)"
             )
         self.baseline = None if state["baseline"] is None else dict(state["baseline"])
-        self._score_metrics = tuple(state["score_metrics"])
         self.history = [Evaluation(**ev) for ev in state["history"]]
         self.first = None if state["first"] is None else self.history[state["first"]]
         self.chosen = None if state["chosen"] is None else self.history[state["chosen"]]
@@ -291,8 +234,7 @@ class StoppingController:
 
     @property
     def restore_target(self) -> Evaluation | None:
-        """The evaluation whose state must be put back at the end, or ``None`` when the state kept is the
-        current one (the last evaluated, or the rule never held)."""
+        """The evaluation whose state must be put back at the end; ``None`` when it is the current one."""
         if self.chosen is None or not self.history or self.chosen is self.history[-1]:
             return None
         return self.chosen
@@ -314,7 +256,7 @@ class StoppingController:
         }
 
 
-def _check_margin(value: Any, name: str) -> None:
+def check_margin(value: Any, name: str) -> None:
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))

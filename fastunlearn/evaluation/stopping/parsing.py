@@ -1,15 +1,14 @@
-"""The stopping options of a run checked at once: :func:`plan_stopping` (→ :class:`StopPlan`), with
-:func:`parse_stop_rule` and :func:`parse_eval_every`.
+"""The stopping options of a run checked at once, before a model loads: :func:`plan_stopping`.
 
-Every check happens here, before a model is loaded: the rule's syntax, its metric names, whether each
-bound can both hold and fail within its metric's range, the input the rule needs (unseen text, a
-reference or retrained model) and no input it would silently ignore, and whether the run's data can
-give the metrics the rule reads. Every error is one ``ValueError`` (``FileNotFoundError`` for a
-missing input) naming the problem.
+The rule's syntax and metric names, whether each bound can both hold and fail within its metric's
+range, the input a reference rule needs (and no input it would ignore), and whether the run's data can
+give the metrics the rule reads. Every error is one ``ValueError`` (``FileNotFoundError`` for a missing
+input) naming the problem.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -20,52 +19,53 @@ from fastunlearn.evaluation.stopping.controller import (
     DEFAULT_RETAIN_METRICS,
     NEAR,
     StoppingController,
-    _check_margin,
+    check_margin,
 )
 from fastunlearn.evaluation.stopping.rules import (
     METRIC_NAMES,
     OPS,
     REFERENCE_RULES,
     Bound,
-    ReferenceRule,
     StopRule,
-    ThresholdRule,
-    _kind,
-    _number,
-    _unknown_metric,
-    _why_unavailable,
     available_metrics,
     is_generated,
     is_retain,
+    kind_of,
+    unknown_metric,
+    why_unavailable,
 )
-
-__all__ = ["PLAN_OPTIONS", "StopPlan", "parse_eval_every", "parse_stop_rule", "plan_stopping"]
 
 _BOUND_RE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s*(<=|>=|<|>)\s*([^<>=\s]+)\s*$")
 _EXAMPLE = "e.g. forget.prob<=0.05,retain.rougeL>=0.5"
-# The inputs a reference rule measures its values on, as errors name them.
+# Each reference rule's input as errors name it, and for a model what it is.
 _INPUTS = {
-    "unseen": "unseen text",
-    "reference_model": "a reference model",
-    "retrain_model": "a retrained model",
-}
-_MODELS = {
+    "unseen": ("unseen text", ""),
     "reference_model": ("reference model", "the retain-only model"),
     "retrain_model": ("retrained model", "the model trained without the forget set"),
 }
 
 
+def _number(text: str, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{where}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: the value must be finite, got {text!r}")
+    return value
+
+
 def _check_satisfiable(bound: Bound) -> None:
-    """Refuse a bound that holds, or fails, over the metric's whole range: the rule would stop at the
-    first evaluation, or never (``forget.prob<=5`` is a percentage given for a probability)."""
-    upper = _kind(bound.metric).upper
+    """Refuse a bound that holds, or fails, over the metric's whole range ``[0, upper]``: the rule would
+    stop at the first evaluation, or never (``forget.prob<=5`` is a percentage given for a
+    probability). A one-sided bound holds on an interval holding one end of the range, if any."""
+    upper = kind_of(bound.metric).upper
     at_ends = [bound.holds(0.0), bound.holds(upper)]
     if all(at_ends):
         raise ValueError(
             f"{bound} always holds ({bound.metric} lies in [0, {upper:g}]): the rule would stop at the "
             "first evaluation"
         )
-    # A one-sided bound holds on an interval that contains one end of [0, upper] when it is not empty.
     if not any(at_ends):
         raise ValueError(f"{bound} can never hold ({bound.metric} lies in [0, {upper:g}])")
 
@@ -81,7 +81,7 @@ def _check_compatible(bounds: list[Bound], spec: str) -> None:
         raise ValueError(f"{lower} and {upper} in stopping rule {spec!r} can never hold together")
 
 
-def _parse_bounds(body: str, spec: str) -> ThresholdRule:
+def _parse_bounds(body: str, spec: str) -> StopRule:
     terms = []
     for term in body.split(","):
         match = _BOUND_RE.match(term)
@@ -92,13 +92,12 @@ def _parse_bounds(body: str, spec: str) -> ThresholdRule:
             )
         name, op, text = match.groups()
         if name not in METRIC_NAMES:
-            raise ValueError(_unknown_metric(name, spec))
-        bound = Bound(name, op, _number(text, f"bound {term.strip()!r} in {spec!r}"))
-        _check_satisfiable(bound)
-        terms.append(bound)
+            raise ValueError(unknown_metric(name, spec))
+        terms.append(Bound(name, op, _number(text, f"bound {term.strip()!r} in {spec!r}")))
+        _check_satisfiable(terms[-1])
     for name in dict.fromkeys(b.metric for b in terms):
         _check_compatible([b for b in terms if b.metric == name], spec)
-    return ThresholdRule(tuple(terms))
+    return StopRule("threshold", tuple(terms))
 
 
 def _key_values(body: str, keys: tuple[str, ...], spec: str) -> tuple[float, ...]:
@@ -107,9 +106,9 @@ def _key_values(body: str, keys: tuple[str, ...], spec: str) -> tuple[float, ...
     for item in body.split(","):
         key, eq, text = (part.strip() for part in item.partition("="))
         if not eq or not key or not text:
+            expected = ",".join(f"{k}=NUMBER" for k in keys)
             raise ValueError(
-                f"malformed value {item.strip()!r} in stopping rule {spec!r}: expected "
-                + ",".join(f"{k}=NUMBER" for k in keys)
+                f"malformed value {item.strip()!r} in stopping rule {spec!r}: expected {expected}"
             )
         if key not in keys:
             raise ValueError(f"unknown value {key!r} in stopping rule {spec!r}; expected {list(keys)}")
@@ -125,16 +124,17 @@ def _key_values(body: str, keys: tuple[str, ...], spec: str) -> tuple[float, ...
 def _check_input(name: str, value: Any) -> None:
     """Unseen text: a file that exists or a non-empty list of texts; a model: a directory that exists
     (or a model object)."""
-    if name == "unseen":
-        if isinstance(value, (str, os.PathLike)):
-            if not os.path.isfile(value):
-                raise FileNotFoundError(
-                    f'unseen text file not found: {os.fspath(value)} ({{"text"}} JSON Lines)'
-                )
-        elif not (isinstance(value, Sequence) and value and all(isinstance(t, str) and t for t in value)):
-            raise ValueError("unseen must be a JSON Lines file path or a non-empty list of non-empty texts")
-    elif isinstance(value, (str, os.PathLike)) and not os.path.isdir(value):
-        what, meaning = _MODELS[name]
+    path = isinstance(value, (str, os.PathLike))
+    if name == "unseen" and path and not os.path.isfile(value):
+        raise FileNotFoundError(f'unseen text file not found: {os.fspath(value)} ({{"text"}} JSON Lines)')
+    if (
+        name == "unseen"
+        and not path
+        and not (isinstance(value, Sequence) and value and all(isinstance(t, str) and t for t in value))
+    ):
+        raise ValueError("unseen must be a JSON Lines file path or a non-empty list of non-empty texts")
+    if name != "unseen" and path and not os.path.isdir(value):
+        what, meaning = _INPUTS[name]
         raise FileNotFoundError(
             f"{what} directory not found: {os.fspath(value)} ({meaning}, a local directory)"
         )
@@ -145,20 +145,19 @@ def _head_and_body(spec: Any) -> tuple[str, str]:
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"the stopping rule must be a non-empty string, got {spec!r}")
     spec = spec.strip()
-    head, colon, tail = spec.partition(":")
-    head, body = head.strip(), tail.strip()
+    head, colon, tail = (part.strip() for part in spec.partition(":"))
     if head not in (*REFERENCE_RULES, "threshold"):
         if colon or re.fullmatch(r"[A-Za-z_]+", spec):
             names = ", ".join(repr(n) for n in REFERENCE_RULES)
             raise ValueError(
                 f"unknown stopping rule {head!r}; expected {names}, or bounds on metrics ({_EXAMPLE})"
             )
-        head, body = "threshold", spec
-    if colon and not body:
+        head, tail = "threshold", spec
+    if colon and not tail:
         raise ValueError(f"nothing after ':' in stopping rule {spec!r}")
-    if head == "threshold" and not body:
+    if head == "threshold" and not tail:
         raise ValueError(f"the threshold rule needs bounds, {_EXAMPLE}")
-    return head, body
+    return head, tail
 
 
 def parse_stop_rule(
@@ -169,20 +168,15 @@ def parse_stop_rule(
     retrain_model: Any = None,
     data: Mapping[str, str] | None = None,
 ) -> StopRule:
-    """Parse and check a stopping rule; every error is one ``ValueError`` (``FileNotFoundError`` for a
-    missing input) naming the problem.
+    """Parse and check a stopping rule.
 
-    ``spec``: bounds on :data:`METRIC_NAMES`, ``"forget.prob<=0.05,retain.rougeL>=0.5"`` (``,`` is AND;
-    an optional ``"threshold:"`` prefix), each able both to hold and to fail within the metric's range;
-    or a rule of :data:`REFERENCE_RULES` with its input or its values: ``"extraction"`` with
-    ``unseen`` (a ``{"text"}`` JSON Lines path or a list of texts) or
-    ``"extraction:ma=0.2994,el10=0.0499"``; ``"tofu"`` with ``reference_model`` (the retain-only model:
-    a local directory or a model object) or ``"tofu:acc=0.41,rougeL=0.38"``; ``"muse"`` with
-    ``retrain_model`` or ``"muse:knowmem_forget=0.3"``.
-
-    An input the rule does not use is an error too (it would be silently ignored). ``data`` (set name →
-    record format, e.g. ``{"forget": "qa", "retain": "qa"}``, and ``"muse": "muse"``) checks that the
-    run can give every metric the rule reads.
+    ``spec``: bounds on :data:`METRIC_NAMES` joined by ``,`` (AND), ``"forget.prob<=0.05,
+    retain.rougeL>=0.5"`` (an optional ``"threshold:"`` prefix); or a reference rule with its input or
+    its values: ``"extraction"`` with ``unseen`` (a ``{"text"}`` JSON Lines path or a list of texts) or
+    ``"extraction:ma=0.2994,el10=0.0499"``; ``"tofu"`` with ``reference_model`` (a local directory or a
+    model object) or ``"tofu:acc=0.41,rougeL=0.38"``; ``"muse"`` with ``retrain_model`` or
+    ``"muse:knowmem_forget=0.3"``. An input the rule does not use is an error. ``data`` (set name →
+    record format, ``"muse": "muse"`` with a MUSE directory) checks that the run can give every metric.
     """
     inputs = {"unseen": unseen, "reference_model": reference_model, "retrain_model": retrain_model}
     head, body = _head_and_body(spec)
@@ -190,24 +184,23 @@ def parse_stop_rule(
     for key, value in inputs.items():
         if value is not None and (ref is None or ref.input != key):
             owner = next(n for n, r in REFERENCE_RULES.items() if r.input == key)
-            raise ValueError(f"{_INPUTS[key]} is the {owner} rule's input; the {head} rule does not use it")
-    rule: StopRule
+            raise ValueError(
+                f"the {_INPUTS[key][0]} is the {owner} rule's input; the {head} rule does not use it"
+            )
     if ref is None:
         rule = _parse_bounds(body, spec.strip())
     elif body and inputs[ref.input] is not None:
-        raise ValueError(f"give the {head} rule's reference values or {_INPUTS[ref.input]}, not both")
+        raise ValueError(f"give the {head} rule's reference values or the {_INPUTS[ref.input][0]}, not both")
     elif body:
-        rule = ReferenceRule(head, _key_values(body, ref.keys, spec.strip()))
+        rule = StopRule(head, values=_key_values(body, ref.keys, spec.strip()))
     elif inputs[ref.input] is None:
         raise ValueError(ref.missing)
     else:
         _check_input(ref.input, inputs[ref.input])
-        rule = ReferenceRule(head, input=inputs[ref.input])
-    if data is not None:
-        available = available_metrics(data)
-        for name in rule.metrics:
-            if name not in available:
-                raise ValueError(f"stopping rule {spec.strip()!r}: {_why_unavailable(name, data)}")
+        rule = StopRule(head, input=inputs[ref.input])
+    for name in rule.metrics if data is not None else ():
+        if name not in available_metrics(data):
+            raise ValueError(f"stopping rule {spec.strip()!r}: {why_unavailable(name, data)}")
     return rule
 
 
@@ -224,10 +217,9 @@ def parse_eval_every(value: int | str) -> int | Literal["epoch"]:
 
 @dataclass(frozen=True)
 class StopPlan:
-    """Validated stopping options of a run (:func:`plan_stopping`); :meth:`controller` makes the state
-    machine. ``retain_metrics``: the best-restore criterion's metrics that the data can give;
-    ``track``: the teacher-forced metrics recorded at every evaluation; ``generate_within``: the
-    controller's ``near`` margin."""
+    """A run's validated stopping options; :meth:`controller` makes the state machine.
+    ``retain_metrics``: the best-restore criterion's; ``track``: the teacher-forced metrics recorded at
+    every evaluation."""
 
     rule: StopRule | None
     every: int | Literal["epoch"]
@@ -240,20 +232,17 @@ class StopPlan:
 
     def controller(self) -> StoppingController:
         return StoppingController(
-            self.rule,
-            patience=self.patience,
-            restore=self.restore,
-            near=self.generate_within,
-            retain_metrics=self.retain_metrics,
-            track=self.track,
-        )
+            self.rule, patience=self.patience, restore=self.restore, near=self.generate_within,
+            retain_metrics=self.retain_metrics, track=self.track,
+        )  # fmt: skip
 
 
-# The options of a run that plan_stopping reads, by the names UnlearnConfig gives them.
-PLAN_OPTIONS = (
-    "stop", "eval_every", "patience", "restore", "eval_items", "generate_within", "best_by", "unseen",
-    "reference_model", "retrain_model",
-)  # fmt: skip
+# The options of a run that plan_stopping reads, by the names UnlearnConfig gives them, with their defaults.
+_DEFAULTS = {
+    "patience": 0, "restore": "first", "generate_within": NEAR, "best_by": None, "unseen": None,
+    "reference_model": None,
+}  # fmt: skip
+PLAN_OPTIONS = ("stop", "eval_every", "eval_items", "retrain_model", *_DEFAULTS)
 
 
 def plan_stopping(
@@ -273,27 +262,17 @@ def plan_stopping(
     """Check every stopping option of a run before anything loads; ``None`` when the run evaluates
     nothing during training (no rule and no ``eval_every``).
 
-    ``stop``: :func:`parse_stop_rule`'s spec (with ``unseen`` / ``reference_model`` / ``retrain_model``,
-    the inputs of its reference); without one, ``eval_every`` alone records a trajectory. The retrained
-    model is also PrivLeak's reference after training, so only a bare ``"muse"`` rule takes it.
-    ``eval_every``: ``"epoch"`` (default with a rule) or a number of optimiser steps. ``eval_items``:
-    examples per set at each evaluation. ``generate_within``: compute the rule's generated metrics also
-    where every teacher-forced bound is missed by at most this fraction of its value
-    (:class:`StoppingController`'s ``near``; 0: only where they can decide). ``best_by``: the retain
-    metrics whose :func:`retain_score` ranks the states of ``restore="best"`` (a comma list or a
-    sequence; default :data:`DEFAULT_RETAIN_METRICS`, those the data can give). ``data``: set name →
-    record format of the run's data (``"muse": "muse"`` with a MUSE directory).
+    ``stop``: :func:`parse_stop_rule`'s spec; without one, ``eval_every`` alone records a trajectory.
+    The retrained model is also PrivLeak's reference, so only a bare ``"muse"`` rule takes it.
+    ``eval_every``: ``"epoch"`` (default) or a number of optimiser steps; ``eval_items``: examples per
+    set; ``generate_within``: the controller's ``near``; ``best_by``: the retain metrics ranking the
+    states of ``restore="best"`` (default :data:`DEFAULT_RETAIN_METRICS` the data can give); ``data``:
+    set name → record format.
     """
     if stop is None:
-        given = [
-            name
-            for name, value, default in (
-                ("patience", patience, 0), ("restore", restore, "first"),
-                ("generate_within", generate_within, NEAR), ("best_by", best_by, None),
-                ("unseen", unseen, None), ("reference_model", reference_model, None),
-            )
-            if value != default
-        ]  # fmt: skip
+        options = dict(patience=patience, restore=restore, generate_within=generate_within,
+                       best_by=best_by, unseen=unseen, reference_model=reference_model)  # fmt: skip
+        given = [name for name, value in options.items() if value != _DEFAULTS[name]]
         if given:
             raise ValueError(f"{', '.join(given)} need(s) a stopping rule (stop=... / --stop-when)")
         if eval_every is None:
@@ -307,7 +286,7 @@ def plan_stopping(
     every = parse_eval_every("epoch" if eval_every is None else eval_every)
     if isinstance(eval_items, bool) or not isinstance(eval_items, int) or eval_items < 1:
         raise ValueError(f"eval_items must be a positive number of examples per set, got {eval_items!r}")
-    _check_margin(generate_within, "generate_within")
+    check_margin(generate_within, "generate_within")
     available = available_metrics(data)
     if best_by is None:
         retain_metrics = tuple(m for m in DEFAULT_RETAIN_METRICS if m in available)
@@ -323,20 +302,20 @@ def _best_by(spec: str | Sequence[str], restore: str, data: Mapping[str, str]) -
     """The checked metrics of ``best_by``: retain metrics the data can give, each once."""
     if restore != "best":
         raise ValueError(f"best_by ranks the states of restore='best'; this run keeps restore={restore!r}")
-    names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else [str(n).strip() for n in spec]
-    if not names or any(not n for n in names):
+    names = [str(n).strip() for n in (spec.split(",") if isinstance(spec, str) else spec)]
+    if not names or not all(names):
         raise ValueError(
             f"best_by {spec!r}: give retain metrics separated by ',', e.g. retain.prob,retain.acc"
         )
     for name in names:
         if name not in METRIC_NAMES:
-            raise ValueError(_unknown_metric(name, str(spec)))
+            raise ValueError(unknown_metric(name, str(spec)))
         if not is_retain(name):
             raise ValueError(
                 f"best_by ranks states by what the retain set keeps; {name} is not a retain metric"
             )
         if name not in available_metrics(data):
-            raise ValueError(f"best_by: {_why_unavailable(name, data)}")
+            raise ValueError(f"best_by: {why_unavailable(name, data)}")
     if len(set(names)) != len(names):
         raise ValueError(f"best_by {spec!r} names a metric twice")
     return tuple(names)
