@@ -18,7 +18,7 @@ from fastunlearn.models.loading import quiet_peft_wrap
 from fastunlearn.models.precision import autocast
 from fastunlearn.options.unlearn import UnlearnConfig
 
-__all__ = ["initialise_adapters", "reference_logprobs"]
+__all__ = ["initialise_adapters", "reference_logprobs", "trainable_model"]
 
 ROW_WEIGHTS = os.path.join("fisher", "row_weights.safetensors")
 
@@ -79,6 +79,18 @@ def _fila(
     return {"row_weights": path}
 
 
+def trainable_model(model: nn.Module, cfg: UnlearnConfig) -> nn.Module:
+    """``model`` as it trains: gradient checkpointing on if asked, every weight trainable for
+    ``init="full"``, else wrapped with fresh LoRA adapters (FILA re-initialises them)."""
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    if cfg.init == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    return _lora_model(model, cfg)
+
+
 def initialise_adapters(
     model: nn.Module,
     cfg: UnlearnConfig,
@@ -88,13 +100,7 @@ def initialise_adapters(
     engine: Engine,
 ) -> tuple[nn.Module, dict[str, str]]:
     """The model ready to train (wrapped with LoRA unless ``init="full"``) and the files FILA wrote."""
-    if cfg.gradient_checkpointing:
-        _enable_gradient_checkpointing(model)
-    if cfg.init == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        return model, {}
-    model = _lora_model(model, cfg)
+    model = trainable_model(model, cfg)
     if cfg.init != "fila":
         return model, {}
     # Fisher over one pass of the forget set and of the retain examples paired with it.
