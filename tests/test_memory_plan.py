@@ -18,10 +18,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastunlearn.fisher import fila_row_weights
 from fastunlearn.ops import _ihl_torch
 from fastunlearn.options.unlearn import UnlearnConfig
-from fastunlearn.plan.configs import KNOWN_MODELS, model_config
-from fastunlearn.plan.phases import Setting, measure_phases, quantised_bytes
+from fastunlearn.plan.configs import model_config
+from fastunlearn.plan.peak_memory import step_peaks
+from fastunlearn.plan.phases import PhaseRunner, Setting, measure_phases
 from fastunlearn.plan.plan import plan_memory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,7 +71,7 @@ def run_config(**options) -> UnlearnConfig:
 
 @pytest.mark.parametrize("architecture, precision, options", CASES, ids=[c[0] for c in CASES])
 def test_each_phase_is_planned_as_it_runs(architecture, precision, options):
-    config = model_config({**SMALL, **ARCHITECTURES[architecture]})
+    config = tiny(architecture)
     cfg = run_config(**options)
     plan = plan_memory(cfg, config=config, tokens=TOKENS, device="cpu", precision=precision)
     torch.manual_seed(0)
@@ -80,24 +82,92 @@ def test_each_phase_is_planned_as_it_runs(architecture, precision, options):
         assert sum(phase.kinds.values()) == phase.peak_bytes
 
 
-def test_the_kinds_say_what():
-    """The kinds of a training step: the frozen weights exactly, the adapters and their gradients, the
-    optimiser's two moments, the activations, the loss at the output head."""
-    config = model_config({**SMALL, **ARCHITECTURES["llama"]})
-    plan = plan_memory(run_config(init="lora"), config=config, tokens=TOKENS, device="cpu")
-    weights = sum(p.numel() * 4 for p in torch.nn.Module.__new__(torch.nn.Module).parameters())
-    step = plan.phase("train_step")
-    frozen = sum(4 * n for n in _parameter_counts(config))
-    assert step.kinds["weights"] >= frozen > weights
-    lora = plan.phase("evaluate").kinds["trainable"]
-    assert step.kinds["optimizer"] >= 2 * lora  # exp_avg and exp_avg_sq, fp32
-    assert step.kinds["trainable"] == 2 * lora  # parameters and their gradients
-    assert step.kinds["activations"] > 0 and step.kinds["loss"] > 0
+def tiny(architecture: str = "llama", **fields):
+    return model_config({**SMALL, **ARCHITECTURES[architecture], **fields})
 
 
-def _parameter_counts(config):
+def tensor_bytes(config, *, quantised: int | None = None) -> int:
+    """Bytes of a model's parameters and buffers (fp32), built on the meta device; with ``quantised``
+    bits, every linear layer but the output head stored as bitsandbytes stores it: NF4 with double
+    quantisation (half a byte a weight, a byte per block of 64, four per 256 blocks, 1092 bytes of
+    code tables) or LLM.int8 (a byte a weight, an fp32 scale per row)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return [p.numel() for p in model.parameters()]
+    head = model.get_output_embeddings()
+    total = sum(4 * t.numel() for t in [*model.parameters(), *model.buffers()])
+    for module in model.modules():
+        if quantised and isinstance(module, torch.nn.Linear) and module is not head:
+            n, rows = module.weight.numel(), module.weight.shape[0]
+            stored = n // 2 + n // 64 + 4 * -(-n // (64 * 256)) + 1092 if quantised == 4 else n + 4 * rows
+            total += stored - 4 * n
+    return total
+
+
+def test_the_kinds_say_what():
+    """A LoRA step: the frozen weights exactly, the adapters and their gradients (fp32), the optimiser's
+    two moments and more, activations, and the loss at the output head."""
+    config = tiny()
+    plan = plan_memory(run_config(init="lora", evaluate=False), config=config, tokens=TOKENS, device="cpu")
+    assert plan.phase("load").kinds == {"weights": tensor_bytes(config)}
+    # q, k, v, o (32 and 16 wide: two key/value heads of 8), gate, up, down: r·(in + out) each, fp32
+    shapes = [(32, 32), (16, 32), (16, 32), (32, 32), (64, 32), (64, 32), (32, 64)]
+    lora = 4 * sum(4 * (out + n_in) for out, n_in in shapes)
+    step = plan.phase("train_step")
+    assert step.kinds["weights"] == tensor_bytes(config)
+    assert step.kinds["trainable"] == 2 * lora  # the adapters and their gradients (accumulated)
+    assert step.kinds["optimizer"] >= 2 * lora  # AdamW's two moments
+    assert step.kinds["activations"] > 0 and step.kinds["loss"] > 0
+
+
+def test_quantised_bases_count_their_weights_as_stored():
+    config = tiny()
+    for bits in (4, 8):
+        cfg = run_config(init="lora", evaluate=False)
+        cfg.load_in_4bit, cfg.load_in_8bit = bits == 4, bits == 8  # ModelAccess's options
+        plan = plan_memory(cfg, config=config, tokens=TOKENS, device="cpu", precision="fp32")
+        assert plan.phase("load").peak_bytes == tensor_bytes(config, quantised=bits)
+
+
+def test_sharded_engines_divide_the_resident_state():
+    config = tiny()
+    cfg = run_config(init="lora", evaluate=False)
+    alone = plan_memory(cfg, config=config, tokens=TOKENS, device="cpu")
+    sharded = plan_memory(cfg, config=config, tokens=TOKENS, device="cpu", engine="zero3", world_size=4)
+    for one, shard in zip(alone.phases, sharded.phases):
+        for kind, size in one.kinds.items():
+            divided = kind in ("weights", "trainable", "optimizer")
+            assert shard.kinds[kind] == (-(-size // 4) if divided else size)
+    assert any("divided by 4 devices" in note for note in sharded.notes)
+
+
+def test_a_gpu_plan_leaves_host_copies_out():
+    """FILA's records of A₀ and B₀ go to the host: on a CPU run that is the device, on a GPU's it is not."""
+    config = tiny()
+    cfg = run_config(init="fila", evaluate=False)
+    on_cpu = plan_memory(cfg, config=config, tokens=TOKENS, device="cpu", precision="fp32")
+    on_gpu = plan_memory(cfg, config=config, tokens=TOKENS, device="cuda", precision="fp32")
+    assert on_cpu.phase("save").kinds["host"] > 0 and "host" not in on_gpu.phase("save").kinds
+    assert on_gpu.context_bytes > 0 == on_cpu.context_bytes
+
+
+def test_the_planned_fisher_groups_hold_the_peak_of_all_groups():
+    """The plan runs the passes of the groups that can peak; the run passes every group."""
+    config = tiny(num_hidden_layers=2)
+    cfg = run_config(init="fila", evaluate=False, fisher_memory="48KiB")
+    plan = plan_memory(cfg, config=config, tokens=TOKENS, device="cpu", precision="fp32")
+    runner = PhaseRunner(cfg, Setting(config, TOKENS, "fp32"))
+
+    def run_up_to_every_group():
+        for phase, step, _, call in runner.steps():
+            if phase == "fisher" and step != "adapters":
+                batches = [runner.batch(2)], [runner.batch(2)]
+                yield lambda: fila_row_weights(runner.model, *batches, max_memory=runner.budget, progress=False)
+                return
+            yield call
+
+    torch.manual_seed(0)
+    every_group = step_peaks(run_up_to_every_group())[-1]
+    assert runner.groups > 2 and plan.phase("fisher").step.startswith("passes over")
+    assert plan.phase("fisher").peak_bytes == pytest.approx(every_group, rel=0.02)

@@ -137,11 +137,19 @@ class PhaseRunner:
         self.model = patch(model, fused=self.cfg.fused, validate=False)
         if self.tracker is not None:
             self.tracker.watch_head(model)
-            bits = _quantised_bits(self.cfg)
-            head = model.get_output_embeddings()
-            for module in model.modules() if bits else ():
-                if isinstance(module, nn.Linear) and module is not head:
-                    self.tracker.claim(module.weight, "weights", quantised_bytes(module.weight, bits))
+            self._quantise(model)
+
+    def _quantise(self, model: nn.Module) -> None:
+        """Count the linear layers' weights (but the output head's) at their quantised size, as
+        bitsandbytes loads them (``load_in_4bit`` / ``load_in_8bit``); the model runs in its dtype."""
+        bits = _quantised_bits(self.cfg)
+        if bits is None:
+            return
+        head = model.get_output_embeddings()
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module is not head:
+                self.tracker.claim(module.weight, "weights", quantised_bytes(module.weight, bits))
+        self.tracker.restart_peak()
 
     def evaluate(self) -> None:
         with eval_mode(self.model):

@@ -143,6 +143,7 @@ def plan_memory(
     live = LiveTensors(fake, host_counts=device == "cpu")
     live.node_kinds[_Tap] = "fisher"
     runner = PhaseRunner(cfg, setting, live)
+    _import_model_code(config)
     with _planning(device), fake, live:
         for phase, step, kind, call in runner.steps():
             with live.phase(phase), live.allocating(kind, step):
@@ -165,14 +166,28 @@ def plan_memory(
     return MemoryPlan(name, settings, phases, notes, CONTEXT_BYTES if device == "cuda" else 0)
 
 
+def _import_model_code(config: Any) -> None:
+    """Import what the phases import, before the fake run: tensors a module makes when it is first
+    imported (default arguments, constants) must be real, not the fake run's."""
+    import peft  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    with contextlib.suppress(KeyError, ValueError):  # a model with its own code: imported when built
+        AutoModelForCausalLM._model_mapping[type(config)]
+
+
 def _run(call: Any, step: str, config: Any) -> None:
+    """``call()``; a failure other than a ``ValueError`` (the package's own checks) is one line naming
+    the step."""
     try:
         call()
-    except (RuntimeError, TypeError, AttributeError, IndexError) as err:
-        if step != "loading":
-            raise
+    except ValueError:
+        raise
+    except Exception as err:
         model_type = getattr(config, "model_type", "?")
-        raise ValueError(f"transformers cannot build a {model_type!r} causal LM from this config ({_first_line(err)})") from None
+        if step == "loading":
+            raise ValueError(f"transformers cannot build a {model_type!r} causal LM from this config ({_first_line(err)})") from None
+        raise ValueError(f"the plan's {step!r} step cannot run a {model_type!r} model ({_first_line(err)})") from None
 
 
 @contextlib.contextmanager

@@ -128,6 +128,11 @@ class LiveTensors(TorchDispatchMode):
             self.live[kind] += size
             self.total += size if kind in self.counted else 0
 
+    def restart_peak(self) -> None:
+        """The current phase's peak is what is live now (a model built whole, then stored quantised)."""
+        self._current.peak = 0
+        self._note_peak()
+
     def watch_head(self, lm: nn.Module) -> None:
         """From a call of the causal LM ``lm``'s output head to the next call of ``lm``, allocations
         are of kind ``"loss"``, and so is the backward of what they compute."""
@@ -150,8 +155,9 @@ class LiveTensors(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is _DEVICE:
-            return func(*args, **kwargs)
+        if func is _DEVICE:  # the most frequent call by far: answered without the fake mode's dispatch
+            device = getattr(args[0], "fake_device", None)
+            return device if device is not None else func(*args, **kwargs)
         if self._fake and func is _aten._local_scalar_dense.default and getattr(args[0], "constant", None) is None:
             return self._answer(args[0])
         if self._fake and func is _aten.nonzero.default:  # every element non-zero: the upper bound
