@@ -32,7 +32,12 @@ TOKENS = 256
 SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "vocab_size": 16381}
 ARCHITECTURES = {
     "llama": {"model_type": "llama", "num_hidden_layers": 1, "num_key_value_heads": 2},
-    "mistral": {"model_type": "mistral", "num_hidden_layers": 1, "num_key_value_heads": 2, "sliding_window": 64},
+    "mistral": {
+        "model_type": "mistral",
+        "num_hidden_layers": 1,
+        "num_key_value_heads": 2,
+        "sliding_window": 64,
+    },
     "qwen2": {"model_type": "qwen2", "num_hidden_layers": 1, "num_key_value_heads": 2},
     "phi": {"model_type": "phi", "num_hidden_layers": 1},
     "gpt_neo": {
@@ -65,7 +70,13 @@ def small_row_blocks(monkeypatch):
 
 
 def run_config(**options) -> UnlearnConfig:
-    base = {"lora_r": 4, "batch_size": 2, "fisher_batch_size": 2, "eval_batch_size": 3, "fisher_memory": "1MiB"}
+    base = {
+        "lora_r": 4,
+        "batch_size": 2,
+        "fisher_batch_size": 2,
+        "eval_batch_size": 3,
+        "fisher_memory": "1MiB",
+    }
     return UnlearnConfig(**{**base, **options})
 
 
@@ -159,15 +170,18 @@ def test_the_planned_fisher_groups_hold_the_peak_of_all_groups():
     plan = plan_memory(cfg, config=config, tokens=TOKENS, device="cpu", precision="fp32")
     runner = PhaseRunner(cfg, Setting(config, TOKENS, "fp32"))
 
+    def every_group():
+        forget, retain = [runner.batch(2)], [runner.batch(2)]
+        fila_row_weights(runner.model, forget, retain, max_memory=runner.budget, progress=False)
+
     def run_up_to_every_group():
         for phase, step, _, call in runner.steps():
             if phase == "fisher" and step != "adapters":
-                batches = [runner.batch(2)], [runner.batch(2)]
-                yield lambda: fila_row_weights(runner.model, *batches, max_memory=runner.budget, progress=False)
+                yield every_group
                 return
             yield call
 
     torch.manual_seed(0)
-    every_group = step_peaks(run_up_to_every_group())[-1]
+    peak = step_peaks(run_up_to_every_group())[-1]
     assert runner.groups > 2 and plan.phase("fisher").step.startswith("passes over")
-    assert plan.phase("fisher").peak_bytes == pytest.approx(every_group, rel=0.02)
+    assert plan.phase("fisher").peak_bytes == pytest.approx(peak, rel=0.02)

@@ -39,22 +39,34 @@ def model_dir(tmp_path_factory):
     "flags, options, where",
     [
         ([], {}, {}),
-        (["--init", "lora", "--method", "gd", "--no-fused"], {"init": "lora", "method": "gd", "fused": False}, {}),
-        (["--gradient-checkpointing", "--device", "cpu"], {"gradient_checkpointing": True}, {"device": "cpu"}),
+        (
+            ["--init", "lora", "--method", "gd", "--no-fused"],
+            {"init": "lora", "method": "gd", "fused": False},
+            {},
+        ),
+        (
+            ["--gradient-checkpointing", "--device", "cpu"],
+            {"gradient_checkpointing": True},
+            {"device": "cpu"},
+        ),
         (["--engine", "fsdp", "--world-size", "4"], {}, {"engine": "fsdp", "world_size": 4}),
     ],
 )
 def test_json_is_the_plan_of_the_options(model_dir, flags, options, where, capsys):
     assert main(["plan", str(model_dir), *RUN, *flags, "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    cfg = UnlearnConfig(model=model_dir, batch_size=2, max_length=48, lora_r=4, fisher_memory="1MiB", **options)
+    cfg = UnlearnConfig(
+        model=model_dir, batch_size=2, max_length=48, lora_r=4, fisher_memory="1MiB", **options
+    )
     assert printed == plan_memory(cfg, **where).to_json()
 
 
 def test_table_names_every_phase_and_the_deciding_one(model_dir, capsys):
     assert main(["plan", str(model_dir / "config.json"), *RUN, "--terms"]) == 0
     out = capsys.readouterr().out
-    plan = plan_memory(UnlearnConfig(model=model_dir, batch_size=2, max_length=48, lora_r=4, fisher_memory="1MiB"))
+    plan = plan_memory(
+        UnlearnConfig(model=model_dir, batch_size=2, max_length=48, lora_r=4, fisher_memory="1MiB")
+    )
     for phase in plan.phases:
         assert any(line.startswith(phase.name) for line in out.splitlines())
     assert "peak" in out and plan.peak_phase.name in out.splitlines()[-len(plan.notes) - 1]
@@ -72,10 +84,16 @@ def test_the_well_known_models_build(name):
 @pytest.mark.parametrize(
     "source, message",
     [
-        ("llama-9b", "'llama-9b' is not a model directory, a config.json, a Hub id in the local cache nor a known"),
+        (
+            "llama-9b",
+            "'llama-9b' is not a model directory, a config.json, a Hub id in the local cache nor a known",
+        ),
         ("nobody/no-such-model", "'nobody/no-such-model' is not a model directory"),
         ({"model_type": "gpt9"}, "model_type 'gpt9' is not one transformers knows"),
-        ({**TINY, "model_type": "llama", "num_attention_heads": 5}, "transformers cannot build a 'llama' config"),
+        (
+            {**TINY, "model_type": "llama", "num_attention_heads": 5},
+            "transformers cannot build a 'llama' config",
+        ),
         ({**TINY, "num_attention_heads": 5}, "the plan's 'before training' step cannot run a 'qwen2' model"),
         ("[1, 2]", "a config.json holds a JSON object"),
     ],

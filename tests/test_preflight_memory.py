@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
 from helpers.distributed import spawn
@@ -134,7 +133,9 @@ def test_a_model_the_plan_cannot_run_is_run_with_a_warning(ws, tmp_path, monkeyp
     monkeypatch.setattr(memory_check, "plan_memory", fails)
     skipped = r"memory check skipped: no memory plan for this model \(transformers cannot build"
     with pytest.warns(UserWarning, match=skipped), pytest.raises(Loaded):
-        unlearn(ws / "model", None, ws / "forget.json", ws / "retain.json", output_dir=tmp_path / "o", **OPTIONS)
+        unlearn(
+            ws / "model", None, ws / "forget.json", ws / "retain.json", output_dir=tmp_path / "o", **OPTIONS
+        )
 
 
 def test_a_model_object_counts_its_resident_weights(ws, tmp_path, monkeypatch):

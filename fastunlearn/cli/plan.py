@@ -23,9 +23,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "plan",
         help=summary("plan"),
         description="Predict the peak device memory of each phase of `fastunlearn unlearn` (load, evaluate, "
-        "Fisher passes, FILA, a training step, save): the phases run on fake tensors (shapes, no data) built "
-        "from MODEL's config, their live tensors counted. Live tensors only (torch.cuda.max_memory_allocated); "
-        "the CUDA context is added to the total.",
+        "Fisher passes, FILA, a training step, save): the phases run on fake tensors (shapes, no data) "
+        "built from MODEL's config, their live tensors counted (torch.cuda.max_memory_allocated); the "
+        "CUDA context is added to the total.",
     )
     add_config_option(p)
     add_options(p, UnlearnConfig, only=lambda spec: spec.plan)

@@ -8,65 +8,34 @@ import json
 import os
 from typing import Any
 
-__all__ = ["KNOWN_MODELS", "model_config"]
+__all__ = ["KNOWN_MODELS", "first_line", "model_config"]
 
 _LLAMA = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32}
+_GQA = {**_LLAMA, "intermediate_size": 14336, "num_key_value_heads": 8}
 KNOWN_MODELS: dict[str, dict[str, Any]] = {
-    # meta-llama/Llama-2-7b-hf
+    # meta-llama/Llama-2-7b-hf, meta-llama/Meta-Llama-3-8B, mistralai/Mistral-7B-v0.1
     "llama2-7b": {**_LLAMA, "intermediate_size": 11008, "vocab_size": 32000, "max_position_embeddings": 4096},
-    # meta-llama/Meta-Llama-3-8B
-    "llama3-8b": {
-        **_LLAMA,
-        "intermediate_size": 14336,
-        "num_key_value_heads": 8,
-        "vocab_size": 128256,
-        "max_position_embeddings": 8192,
-        "rope_theta": 500000.0,
-    },
-    # mistralai/Mistral-7B-v0.1
-    "mistral-7b": {
-        **_LLAMA,
-        "model_type": "mistral",
-        "intermediate_size": 14336,
-        "num_key_value_heads": 8,
-        "vocab_size": 32000,
-        "max_position_embeddings": 32768,
-        "sliding_window": 4096,
-    },
+    "llama3-8b": {**_GQA, "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0},
+    "mistral-7b": {**_GQA, "model_type": "mistral", "vocab_size": 32000, "sliding_window": 4096},
     # Qwen/Qwen2.5-7B
     "qwen2.5-7b": {
-        "model_type": "qwen2",
-        "hidden_size": 3584,
-        "intermediate_size": 18944,
-        "num_hidden_layers": 28,
-        "num_attention_heads": 28,
-        "num_key_value_heads": 4,
-        "vocab_size": 152064,
-        "max_position_embeddings": 131072,
-        "rope_theta": 1000000.0,
-        "rms_norm_eps": 1e-6,
+        **{"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28},
+        **{"num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064, "rope_theta": 1e6},
     },
-    # microsoft/phi-1_5
+    # microsoft/phi-1_5, EleutherAI/gpt-neo-2.7B
     "phi-1.5": {
-        "model_type": "phi",
-        "hidden_size": 2048,
-        "intermediate_size": 8192,
-        "num_hidden_layers": 24,
-        "num_attention_heads": 32,
-        "vocab_size": 51200,
-        "max_position_embeddings": 2048,
-        "partial_rotary_factor": 0.5,
+        **{"model_type": "phi", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24},
+        **{"num_attention_heads": 32, "vocab_size": 51200, "partial_rotary_factor": 0.5},
     },
-    # EleutherAI/gpt-neo-2.7B
     "gpt-neo-2.7b": {
-        "model_type": "gpt_neo",
-        "hidden_size": 2560,
-        "num_layers": 32,
-        "num_heads": 20,
-        "vocab_size": 50257,
-        "max_position_embeddings": 2048,
-        "attention_types": [[["global", "local"], 16]],
-        "window_size": 256,
+        **{
+            "model_type": "gpt_neo",
+            "hidden_size": 2560,
+            "num_layers": 32,
+            "num_heads": 20,
+            "vocab_size": 50257,
+        },
+        **{"attention_types": [[["global", "local"], 16]], "window_size": 256},
     },
 }
 
@@ -82,7 +51,9 @@ def model_config(source: Any, *, trust_remote_code: bool = False) -> Any:
     if isinstance(source, dict):
         return _from_fields(dict(source), "the config")
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"a model configuration is a path, a name or a config object, not {type(source).__name__}")
+        raise TypeError(
+            f"a model configuration is a path, a name or a config object, not {type(source).__name__}"
+        )
     name = os.fspath(source)
     if name in KNOWN_MODELS:
         return _from_fields(dict(KNOWN_MODELS[name]), name)
@@ -101,11 +72,11 @@ def model_config(source: Any, *, trust_remote_code: bool = False) -> Any:
         return AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
     except OSError:
         raise ValueError(
-            f"{name!r} is not a model directory, a config.json, a Hub id in the local cache nor a known model "
-            f"({', '.join(KNOWN_MODELS)})"
+            f"{name!r} is not a model directory, a config.json, a Hub id in the local cache nor a known "
+            f"model ({', '.join(KNOWN_MODELS)})"
         ) from None
     except Exception as err:  # transformers' validators raise their own types
-        raise ValueError(f"{name}: transformers cannot read its config ({_first_line(err)})") from None
+        raise ValueError(f"{name}: transformers cannot read its config ({first_line(err)})") from None
 
 
 def _from_fields(fields: dict[str, Any], name: str) -> Any:
@@ -118,10 +89,12 @@ def _from_fields(fields: dict[str, Any], name: str) -> Any:
     try:
         return AutoConfig.for_model(model_type, **fields)
     except Exception as err:  # transformers' validators raise their own types
-        raise ValueError(f"{name}: transformers cannot build a {model_type!r} config ({_first_line(err)})") from None
+        raise ValueError(
+            f"{name}: transformers cannot build a {model_type!r} config ({first_line(err)})"
+        ) from None
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     """The last line of ``err``'s message (wrappers put the cause last), at most 200 characters."""
     text = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     return (text[-1][:200] if text else "") or type(err).__name__

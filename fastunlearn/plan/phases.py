@@ -1,30 +1,26 @@
-"""The phases of an unlearning run, executed by the package's own code on a model built from its config.
+"""The steps of an unlearning run, executed by the package's own code on a model built from its config.
 
-:class:`PhaseRunner` lists the steps of :func:`fastunlearn.unlearn` in order, each one a call of the
-functions the run calls: loading (``from_config`` in the weights' dtype, :func:`~fastunlearn.patch`),
-the metrics before training (:func:`~fastunlearn.evaluation.likelihood.answer_stats`), the adapters
+:class:`PhaseRunner` lists the steps of :func:`fastunlearn.unlearn` in order, each a call of what the
+run calls: loading (``from_config`` in the weights' dtype, :func:`~fastunlearn.patch`), the metrics
+before training (:func:`~fastunlearn.evaluation.likelihood.answer_stats`), the adapters
 (:func:`~fastunlearn.training.adapters.trainable_model`), the Fisher passes
 (:func:`~fastunlearn.fisher.fila_row_weights` under the run's ``fisher_memory``), FILA
-(:func:`~fastunlearn.fisher.fila_init`), NPO's reference (:func:`~fastunlearn.training.adapters.reference_logprobs`),
-a training step in the steady state (AdamW's moments and, under gradient accumulation, the earlier
-micro-batches' gradients already there; :func:`~fastunlearn.methods.objectives.method_loss` under the
-autocast ``Trainer`` applies per model call; clipping; the optimiser step), the metrics after training
-and the export (:func:`~fastunlearn.training.exports.collect_outputs`, in memory). Batches are
-full-length: ``tokens`` per example, one example a token shorter so that the batch is padded, every
-position labelled.
+(:func:`~fastunlearn.fisher.fila_init`), NPO's reference, a training step in the steady state (AdamW's
+moments and, under gradient accumulation, the earlier micro-batches' gradients there; the objective
+under the autocast ``Trainer`` applies to each model call; clipping; the optimiser step), the metrics
+after training and the export (:func:`~fastunlearn.training.exports.collect_outputs`). Every example
+has ``tokens`` tokens but the last of a batch, a token shorter (a padded batch), every token labelled.
 
 The Fisher passes run for the groups of layers that can hold their peak: a group's passes keep the
 activations of every layer from its lowest one up, so a later group can only peak higher with more
-accumulator bytes than every earlier one (:meth:`PhaseRunner.fisher_groups`). FILA's row weights are
-ones (their values do not change the memory).
+accumulator bytes than every earlier one. FILA's row weights are ones (values change no memory).
 
-The same steps run on fake tensors (:func:`fastunlearn.plan.plan.plan_memory`) or on real ones
+The steps run on fake tensors (:func:`fastunlearn.plan.plan.plan_memory`) or on real ones
 (:func:`measure_phases`, what the tests and ``benchmarks/bench_scale.py`` compare the plan with).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -49,30 +45,28 @@ from fastunlearn.plan.tracker import LiveTensors
 from fastunlearn.training.adapters import reference_logprobs, trainable_model
 from fastunlearn.training.exports import collect_outputs
 
-__all__ = ["PHASES", "PhaseRunner", "Setting", "Step", "measure_phases"]
+__all__ = ["PhaseRunner", "Setting", "measure_phases", "quantised_bytes"]
 
-PHASES = ("load", "evaluate", "fisher", "fila", "reference", "train_step", "save")
 Step = tuple[str, str, str, Callable[[], object]]  # (phase, step, kind of its allocations, call)
 
 
 @dataclass(frozen=True)
 class Setting:
-    """What a plan is made for beyond the run's options: the model's ``transformers`` config, the
-    tokens of an example, the resolved precision (``"fp32"``, ``"bf16"``, ``"fp16"``), the dtype of the
-    weights (default: the one the run loads them in), the device the tensors are made on and the kind
-    of device the run trains on (``"cuda"`` picks AdamW's foreach path)."""
+    """What a run is planned for beyond its options: the model's ``transformers`` config, the tokens of
+    an example, the resolved precision (``"fp32"``, ``"bf16"``, ``"fp16"``), the weights' dtype (default:
+    the one the run loads them in), where the tensors are made and the kind of device the run trains
+    on (``"cuda"``: AdamW's foreach path)."""
 
     config: Any
     tokens: int
     precision: str
     dtype: torch.dtype | None = None
-    device: torch.device = torch.device("cpu")
+    device: str = "cpu"
     target: str = "cpu"
 
 
 class _AutocastEachCall(nn.Module):
-    """``module`` called under the run's autocast, one region per call, as accelerate wraps a
-    ``Trainer``'s model (a wrapper :func:`~fastunlearn.models.patching.find_causal_lm` sees through)."""
+    """``module`` under the run's autocast, a region per call as accelerate wraps ``Trainer``'s model."""
 
     def __init__(self, module: nn.Module, precision: str) -> None:
         super().__init__()
@@ -81,16 +75,6 @@ class _AutocastEachCall(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         with autocast(self.precision, model_device(self.module)):
             return self.module(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 class PhaseRunner:
@@ -102,54 +86,68 @@ class PhaseRunner:
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.params: list[nn.Parameter] = []
-        self.budget = 0
-        self.groups = 0
+        self.budget = self.groups = 0
 
     def steps(self) -> Iterator[Step]:
+        """``(phase, step, kind, call)`` in the run's order; lazily: a step uses what earlier ones made."""
         cfg = self.cfg
         yield "load", "loading", "weights", self.load
         if cfg.evaluate:
             yield "evaluate", "before training", "activations", self.evaluate
-        first = "fisher" if cfg.init == "fila" else "train_step"
-        yield first, "adapters", "trainable", self.adapters
+        yield "fisher" if cfg.init == "fila" else "train_step", "adapters", "trainable", self.adapters
         if cfg.init == "fila":
             for group in self.fisher_groups():
                 yield "fisher", f"passes over {_span(group)}", "activations", lambda g=group: self.fisher(g)
             yield "fila", "fila_init", "solver", self.fila
         if cfg.method == "npo":
-            yield "reference", "NPO reference", "activations", self.reference
+            examples = self.examples(cfg.eval_batch_size)
+            yield (
+                "reference",
+                "NPO reference",
+                "activations",
+                lambda: reference_logprobs(self.model, examples, cfg, self.setting.precision, 0),
+            )
         yield "train_step", "earlier micro-batches' gradients", "trainable", self.gradients
         yield "train_step", "optimiser state", "optimizer", self.optimizer_state
         yield "train_step", "forward and backward", "activations", self.micro_batch
         yield "train_step", "clipping and optimiser step", "optimizer", self.optimizer_step
         if cfg.evaluate:
             yield "evaluate", "after training", "activations", self.evaluate
-        yield "save", "export", "activations", self.save
-
-    # -- the steps --------------------------------------------------------------------------------
+        yield (
+            "save",
+            "export",
+            "activations",
+            lambda: collect_outputs(self.model, init=cfg.init, merge=cfg.merge),
+        )
 
     def load(self) -> None:
         from transformers import AutoModelForCausalLM
 
-        dtype = self.setting.dtype or load_dtype(self.setting.precision, self.cfg.init)
-        with _default_dtype(dtype), torch.device(self.setting.device):
-            model = AutoModelForCausalLM.from_config(self.setting.config)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(self.setting.dtype or load_dtype(self.setting.precision, self.cfg.init))
+        try:
+            with torch.device(self.setting.device):
+                model = AutoModelForCausalLM.from_config(self.setting.config)
+        finally:
+            torch.set_default_dtype(default)
         self.model = patch(model, fused=self.cfg.fused, validate=False)
+        bits = (
+            4
+            if getattr(self.cfg, "load_in_4bit", False)
+            else 8
+            if getattr(self.cfg, "load_in_8bit", False)
+            else 0
+        )
         if self.tracker is not None:
             self.tracker.watch_head(model)
-            self._quantise(model)
-
-    def _quantise(self, model: nn.Module) -> None:
-        """Count the linear layers' weights (but the output head's) at their quantised size, as
-        bitsandbytes loads them (``load_in_4bit`` / ``load_in_8bit``); the model runs in its dtype."""
-        bits = _quantised_bits(self.cfg)
-        if bits is None:
-            return
-        head = model.get_output_embeddings()
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and module is not head:
-                self.tracker.claim(module.weight, "weights", quantised_bytes(module.weight, bits))
-        self.tracker.restart_peak()
+            head = model.get_output_embeddings()
+            for module in (
+                model.modules() if bits else ()
+            ):  # bitsandbytes' layers; the model runs in its dtype
+                if isinstance(module, nn.Linear) and module is not head:
+                    self.tracker.claim(module.weight, "weights", quantised_bytes(module.weight, bits))
+            if bits:
+                self.tracker.restart_peak()
 
     def evaluate(self) -> None:
         with eval_mode(self.model):
@@ -162,44 +160,30 @@ class PhaseRunner:
             self.tracker.count_gradients(self.params)
 
     def fisher_groups(self) -> list[list[str]]:
-        """The groups of layers whose Fisher passes are planned (module docstring), of all the groups
-        :func:`~fastunlearn.fisher.budget.plan_groups` makes under the budget."""
+        """Of the groups :func:`~fastunlearn.fisher.budget.plan_groups` makes under the budget, those
+        that can hold the passes' peak (module docstring)."""
         layers = select_linear_layers(self.model, self.cfg.target_modules)
         sizes = {name: 8 * math.prod(linear_shape(layer)) for name, layer in layers.items()}
         given = self.cfg.fisher_memory
         self.budget = max(sizes.values()) if given is None else parse_bytes(given)
         groups = plan_groups(sizes, self.budget, what="fp32 forget and retain accumulators")
-        self.groups = len(groups)
-        chosen, most = [], 0
+        self.groups, chosen, most = len(groups), [], 0
         for group in groups:
-            size = sum(sizes[name] for name in group)
-            if size > most:
+            if sum(sizes[name] for name in group) > most:
                 chosen.append(group)
-                most = size
+                most = sum(sizes[name] for name in group)
         return chosen
 
     def fisher(self, group: list[str]) -> None:
-        cfg = self.cfg
-        forget, retain = self.batch(cfg.fisher_batch_size), self.batch(cfg.fisher_batch_size)
-        fila_row_weights(
-            self.model,
-            [forget],
-            [retain],
-            target_modules=group,
-            mode=cfg.fisher_mode,
-            eps=cfg.fila_eps,
-            max_memory=self.budget,
-            progress=False,
-        )
+        cfg, batches = self.cfg, ([self.batch(self.cfg.fisher_batch_size)] for _ in range(2))
+        options = dict(mode=cfg.fisher_mode, eps=cfg.fila_eps, max_memory=self.budget, progress=False)
+        fila_row_weights(self.model, *batches, target_modules=group, **options)
 
     def fila(self) -> None:
-        rows = {name: torch.ones(linear_shape(layer.get_base_layer())[0]) for name, (_, layer) in lora_layers(self.model).items()}
+        layers = lora_layers(self.model).items()
+        rows = {name: torch.ones(linear_shape(layer.get_base_layer())[0]) for name, (_, layer) in layers}
         weights = FilaRowWeights(rows, eps=self.cfg.fila_eps)
         fila_init(self.model, row_weights=weights, solver=self.cfg.fila_solver, seed=self.cfg.seed)
-
-    def reference(self) -> None:
-        examples = self.examples(self.cfg.eval_batch_size)
-        reference_logprobs(self.model, examples, self.cfg, self.setting.precision, 0)
 
     def gradients(self) -> None:
         self.model.train()
@@ -207,12 +191,9 @@ class PhaseRunner:
             p.grad = torch.zeros_like(p)
 
     def optimizer_state(self) -> None:
-        cfg = self.cfg
+        cfg, foreach = self.cfg, self.setting.target == "cuda" or None
         self.optimizer = torch.optim.AdamW(
-            self.params,
-            lr=cfg.learning_rate,
-            weight_decay=cfg.weight_decay,
-            foreach=self.setting.target == "cuda" or None,
+            self.params, cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=foreach
         )
         self.optimizer.step()  # its moments exist from the first step on
         if cfg.gradient_accumulation_steps == 1:
@@ -224,9 +205,10 @@ class PhaseRunner:
         if cfg.method in NEEDS_RETAIN:
             batch["retain"] = self.batch(cfg.batch_size)
         if cfg.method == "npo":
-            batch["forget"]["ref_logp"] = torch.zeros(cfg.batch_size)
-        model = _AutocastEachCall(self.model, self.setting.precision)
-        loss, _ = method_loss(model, batch, cfg.method, npo_beta=cfg.npo_beta)
+            batch["forget"]["ref_logp"] = torch.zeros(cfg.batch_size, device=self.setting.device)
+        loss, _ = method_loss(
+            _AutocastEachCall(self.model, self.setting.precision), batch, cfg.method, npo_beta=cfg.npo_beta
+        )
         loss.backward()
 
     def optimizer_step(self) -> None:
@@ -234,33 +216,18 @@ class PhaseRunner:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def save(self) -> None:
-        collect_outputs(self.model, init=self.cfg.init, merge=self.cfg.merge)
-
-    # -- data ------------------------------------------------------------------------------------
-
     def examples(self, count: int) -> list[fdata.Example]:
-        """``count`` examples of ``tokens`` tokens, the last one a token shorter (a padded batch),
-        every token labelled."""
-        T = self.setting.tokens
-        lengths = [T] * (count - 1) + [T - 1]
+        lengths = [self.setting.tokens] * (count - 1) + [self.setting.tokens - 1]
         return [fdata.Example((1,) * n, (1,) * n, "plan") for n in lengths]
 
     def batch(self, count: int) -> dict[str, torch.Tensor]:
-        batch = fdata.collate(self.examples(count), 0)
-        return {key: value.to(self.setting.device) for key, value in batch.items()}
-
-
-def _quantised_bits(cfg: UnlearnConfig) -> int | None:
-    if getattr(cfg, "load_in_4bit", False):
-        return 4
-    return 8 if getattr(cfg, "load_in_8bit", False) else None
+        return {k: v.to(self.setting.device) for k, v in fdata.collate(self.examples(count), 0).items()}
 
 
 def quantised_bytes(weight: torch.Tensor, bits: int) -> int:
-    """Bytes of a linear layer's weight stored by bitsandbytes: NF4 with double quantisation (two
-    weights a byte, an 8-bit scale per block of 64 and an fp32 scale per 256 of those, plus the code
-    tables), or LLM.int8 (a byte a weight and an fp32 scale per row)."""
+    """Bytes of a linear layer's weight as bitsandbytes stores it: NF4 with double quantisation (two
+    weights a byte, an 8-bit scale per block of 64 and an fp32 one per 256 blocks, 1092 bytes of code
+    tables), or LLM.int8 (a byte a weight, an fp32 scale per row)."""
     n = weight.numel()
     if bits == 4:
         blocks = math.ceil(n / 64)
@@ -273,17 +240,12 @@ def _span(group: list[str]) -> str:
 
 
 def measure_phases(cfg: UnlearnConfig, setting: Setting) -> dict[str, int]:
-    """Each phase's peak of live tensor bytes, the steps run on real tensors on ``setting.device``
-    (:func:`~fastunlearn.plan.peak_memory.step_peaks`: the profiler's allocation events on CPU, the
-    allocator's counters on CUDA), counted from before the model is built."""
+    """Each phase's peak of live tensor bytes, its steps run on real tensors on ``setting.device``
+    (:func:`~fastunlearn.plan.peak_memory.step_peaks`), counted from before the model is built."""
+    steps = PhaseRunner(cfg, setting).steps()
     names: list[str] = []
-
-    def calls() -> Iterator[Callable[[], object]]:
-        for phase, _, _, call in PhaseRunner(cfg, setting).steps():  # lazily: steps use
-            names.append(phase)  # what the earlier ones made
-            yield call
-
+    calls = (names.append(phase) or call for phase, _, _, call in steps)
     peaks: dict[str, int] = {}
-    for phase, peak in zip(names, step_peaks(calls(), setting.device)):
+    for phase, peak in zip(names, step_peaks(calls, setting.device)):
         peaks[phase] = max(peaks.get(phase, 0), peak)
     return peaks

@@ -92,8 +92,8 @@ def check_run_memory(cfg: UnlearnConfig, checked: Any, precision: str, engine: s
         if not cfg.gradient_checkpointing:
             remedies += ", use gradient_checkpointing"
         raise ValueError(
-            f"the run does not fit the device ({device}): phase {plan.peak_phase.name!r} is predicted to take "
-            f"{format_bytes(plan.peak_bytes)} ({plan.peak_bytes} bytes) but {format_bytes(available)} "
+            f"the run does not fit the device ({device}): phase {plan.peak_phase.name!r} is predicted to "
+            f"take {format_bytes(plan.peak_bytes)} ({plan.peak_bytes} bytes) but {format_bytes(available)} "
             f"({available} bytes) is available; {remedies}, or pass memory_check=False to run anyway "
             "(the plan is an estimate)\n" + plan.format_table()
         )
