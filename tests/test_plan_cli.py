@@ -73,6 +73,17 @@ def test_table_names_every_phase_and_the_deciding_one(model_dir, capsys):
     assert "weights (frozen)" in out and "activations" in out  # --terms: the bytes by kind
 
 
+def test_an_adapter_is_planned_on_its_base(model_dir, tmp_path, capsys):
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(model_dir)}))
+    plans = []
+    for model in (adapter, model_dir):
+        assert main(["plan", str(model), *RUN, "--json"]) == 0
+        plans.append(json.loads(capsys.readouterr().out)["phases"])
+    assert plans[0] == plans[1]
+
+
 @pytest.mark.parametrize("name", sorted(KNOWN_MODELS))
 def test_the_well_known_models_build(name):
     with torch.device("meta"):

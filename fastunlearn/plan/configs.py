@@ -42,7 +42,8 @@ KNOWN_MODELS: dict[str, dict[str, Any]] = {
 
 def model_config(source: Any, *, trust_remote_code: bool = False) -> Any:
     """The ``transformers`` config of ``source``: a :data:`KNOWN_MODELS` name, a model directory or
-    its ``config.json``, a Hub id already in the local cache, a config object or a dict of its fields.
+    its ``config.json`` (a ``peft`` adapter directory: its base model's), a Hub id already in the local
+    cache, a config object or a dict of its fields.
     ``ValueError`` (one line) naming a source it cannot read."""
     from transformers import AutoConfig, PretrainedConfig
 
@@ -66,6 +67,11 @@ def model_config(source: Any, *, trust_remote_code: bool = False) -> Any:
         if not isinstance(fields, dict):
             raise ValueError(f"{name}: a config.json holds a JSON object")
         return _from_fields(fields, name)
+    adapter = os.path.join(name, "adapter_config.json")
+    if os.path.isfile(adapter) and not os.path.isfile(os.path.join(name, "config.json")):
+        with open(adapter, encoding="utf-8") as handle:  # a peft adapter: its base model's config
+            base = json.load(handle).get("base_model_name_or_path")
+        return model_config(base or name, trust_remote_code=trust_remote_code)
     if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
         raise ValueError(f"model directory {name!r} holds no config.json")
     try:

@@ -127,7 +127,9 @@ class PhaseRunner:
         torch.set_default_dtype(self.setting.dtype or load_dtype(self.setting.precision, self.cfg.init))
         try:
             with torch.device(self.setting.device):
-                model = AutoModelForCausalLM.from_config(self.setting.config)
+                model = AutoModelForCausalLM.from_config(
+                    self.setting.config, trust_remote_code=self.cfg.trust_remote_code
+                )
         finally:
             torch.set_default_dtype(default)
         self.model = patch(model, fused=self.cfg.fused, validate=False)

@@ -130,7 +130,9 @@ def plan_memory(
     settings.update(
         method=cfg.method, init=cfg.init, rank=cfg.lora_r, fused={None: "auto"}.get(cfg.fused, cfg.fused)
     )
-    settings.update(checkpointing=cfg.gradient_checkpointing, engine=f"{engine} x {world_size}")
+    settings.update(
+        checkpointing="on" if cfg.gradient_checkpointing else "off", engine=f"{engine} x {world_size}"
+    )
     name = getattr(config, "_name_or_path", "") or str(cfg.model)
     notes = _notes(cfg, runner, engine, world_size)
     return MemoryPlan(name, settings, phases, notes, CONTEXT_BYTES if device == "cuda" else 0)
