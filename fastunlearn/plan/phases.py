@@ -100,25 +100,14 @@ class PhaseRunner:
                 yield "fisher", f"passes over {_span(group)}", "activations", lambda g=group: self.fisher(g)
             yield "fila", "fila_init", "solver", self.fila
         if cfg.method == "npo":
-            examples = self.examples(cfg.eval_batch_size)
-            yield (
-                "reference",
-                "NPO reference",
-                "activations",
-                lambda: reference_logprobs(self.model, examples, cfg, self.setting.precision, 0),
-            )
+            yield "reference", "NPO reference", "activations", self.reference
         yield "train_step", "earlier micro-batches' gradients", "trainable", self.gradients
         yield "train_step", "optimiser state", "optimizer", self.optimizer_state
         yield "train_step", "forward and backward", "activations", self.micro_batch
         yield "train_step", "clipping and optimiser step", "optimizer", self.optimizer_step
         if cfg.evaluate:
             yield "evaluate", "after training", "activations", self.evaluate
-        yield (
-            "save",
-            "export",
-            "activations",
-            lambda: collect_outputs(self.model, init=cfg.init, merge=cfg.merge),
-        )
+        yield "save", "export", "activations", self.save
 
     def load(self) -> None:
         from transformers import AutoModelForCausalLM
@@ -133,23 +122,21 @@ class PhaseRunner:
         finally:
             torch.set_default_dtype(default)
         self.model = patch(model, fused=self.cfg.fused, validate=False)
-        bits = (
-            4
-            if getattr(self.cfg, "load_in_4bit", False)
-            else 8
-            if getattr(self.cfg, "load_in_8bit", False)
-            else 0
-        )
         if self.tracker is not None:
             self.tracker.watch_head(model)
-            head = model.get_output_embeddings()
-            for module in (
-                model.modules() if bits else ()
-            ):  # bitsandbytes' layers; the model runs in its dtype
-                if isinstance(module, nn.Linear) and module is not head:
-                    self.tracker.claim(module.weight, "weights", quantised_bytes(module.weight, bits))
-            if bits:
-                self.tracker.restart_peak()
+            self._quantised(model)
+
+    def _quantised(self, model: nn.Module) -> None:
+        """Count the linear layers' weights (the output head's excepted) as bitsandbytes stores them
+        under ``load_in_4bit`` / ``load_in_8bit``; the model runs in its compute dtype."""
+        bits = 4 if getattr(self.cfg, "load_in_4bit", False) else 8 * getattr(self.cfg, "load_in_8bit", False)
+        if not bits:
+            return
+        head = model.get_output_embeddings()
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module is not head:
+                self.tracker.claim(module.weight, "weights", quantised_bytes(module.weight, bits))
+        self.tracker.restart_peak()
 
     def evaluate(self) -> None:
         with eval_mode(self.model):
@@ -187,6 +174,10 @@ class PhaseRunner:
         weights = FilaRowWeights(rows, eps=self.cfg.fila_eps)
         fila_init(self.model, row_weights=weights, solver=self.cfg.fila_solver, seed=self.cfg.seed)
 
+    def reference(self) -> None:
+        examples = self.examples(self.cfg.eval_batch_size)
+        reference_logprobs(self.model, examples, self.cfg, self.setting.precision, 0)
+
     def gradients(self) -> None:
         self.model.train()
         for p in self.params:
@@ -217,6 +208,9 @@ class PhaseRunner:
         torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self) -> None:
+        collect_outputs(self.model, init=self.cfg.init, merge=self.cfg.merge)
 
     def examples(self, count: int) -> list[fdata.Example]:
         lengths = [self.setting.tokens] * (count - 1) + [self.setting.tokens - 1]
