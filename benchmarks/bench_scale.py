@@ -14,9 +14,10 @@ On a GPU the run takes the Triton kernels while the plan takes the PyTorch paths
 Triton kernel does not need: the plan over-predicts the Fisher phase by up to two fp32 copies of the
 largest layer).
 
-Each K runs in its own process (``--memory-limit``, CUDA only, caps it with
-``torch.cuda.set_per_process_memory_fraction`` before anything is allocated); a K that runs out of
-memory is recorded as such and the bench goes on. Results: ``scale_<device>.{csv,json}``.
+Each K is measured in its own process, while this one plans it (``--memory-limit``, CUDA only, caps
+the measuring process with ``torch.cuda.set_per_process_memory_fraction`` before anything is
+allocated); a K that runs out of memory is recorded as such and the bench goes on. Results:
+``scale_<device>.{csv,json}``.
 
     python benchmarks/bench_scale.py --layers 1 2                          # CPU, 2×128 tokens
     python benchmarks/bench_scale.py --device cuda --layers 32 --batch 4 --max-length 512 \
@@ -80,8 +81,8 @@ def run_one(args: argparse.Namespace) -> None:
     print(json.dumps(record), flush=True)
 
 
-def measured(args: argparse.Namespace, layers: int) -> dict[str, Any]:
-    """:func:`run_one` for ``layers`` in a process of its own."""
+def start_measuring(args: argparse.Namespace, layers: int) -> subprocess.Popen:
+    """:func:`run_one` for ``layers`` in a process of its own, started now (the plan is made meanwhile)."""
     cmd = [sys.executable, __file__, "--one", "--layers", str(layers)]
     for key in ("device", "batch", "max_length", "rank", "fila_solver", "threads", "precision"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
@@ -90,10 +91,14 @@ def measured(args: argparse.Namespace, layers: int) -> dict[str, Any]:
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
     cmd += [] if args.fused is None else ["--fused" if args.fused else "--no-fused"]
-    child = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def measured(child: subprocess.Popen, layers: int) -> dict[str, Any]:
+    out, err = child.communicate()
+    lines = [line for line in out.splitlines() if line.startswith("{")]
     if child.returncode or not lines:
-        raise SystemExit(f"K={layers} failed:\n{child.stderr[-4000:]}")
+        raise SystemExit(f"K={layers} failed:\n{err[-4000:]}")
     return json.loads(lines[-1])
 
 
@@ -125,6 +130,7 @@ def main() -> None:
     env["settings"] = {k: v for k, v in vars(args).items() if k != "one"}
     log = ResultLog(f"scale_{slug(device)}", env)
     for layers in args.layers:
+        child = start_measuring(args, layers)
         plan = plan_memory(
             run_config(args),
             config=config(layers),
@@ -132,7 +138,7 @@ def main() -> None:
             device=device.type,
             precision=args.precision,
         )
-        run = measured(args, layers)
+        run = measured(child, layers)
         for phase in plan.phases:
             row = {
                 "layers": layers,
