@@ -35,9 +35,9 @@ if [ "$DRY" = 1 ]; then
     RESULTS=$(mktemp -d)  # the committed CPU results are not touched
     PRESET=dry
     CHECK=(--dry-run)
-    # One full-width layer, 16 tokens, r = 2: the GPU step's code path (streamed Fisher, FILA, a
-    # training step, save) in about a minute; no memory limit (CUDA only).
-    SCALE=(--layers 1 --batch 1 --max-length 16 --rank 2 --steps 1 --fisher-batches 1)
+    # One full-width layer, 16 tokens, r = 2: every phase planned and measured (the Fisher passes,
+    # FILA, a training step, save) in about a minute; no memory limit (CUDA only).
+    SCALE=(--layers 1 --batch 1 --max-length 16 --rank 2 --threads 1)
 else
     # 480 s: one call of the device tool (at most 600 s) with room for a rerun in a 15-minute session.
     # It covers the correctness check, the loss benchmarks and the 32-layer scale run (their limits;
@@ -49,9 +49,10 @@ else
     RESULTS=$ROOT/benchmarks/results
     PRESET=gpu
     CHECK=()
-    # Issue 12's scale check: Llama-2-7B width, all 32 layers, the TOFU setting, in 24 GB of the card.
+    # The memory plan against the device, phase by phase: Llama-2-7B width, all 32 layers, the TOFU
+    # setting, in 24 GB of the card (the plan itself runs on the CPU, about a minute).
     SCALE=(--device cuda --layers 32 --batch 4 --max-length 512 --rank 32 --memory-limit 24GiB
-        --fisher streamed --fisher-memory 4GiB --steps 2 --fila-solver truncated)
+        --fisher-memory 4GiB --gradient-checkpointing)
 fi
 export FASTUNLEARN_BENCH_RESULTS=$RESULTS
 mkdir -p "$RESULTS"
@@ -163,7 +164,7 @@ step() {  # step NAME LIMIT_S COMMAND...
 step gpu_check "${LIMITS[0]}" "$PY" benchmarks/gpu_check.py ${CHECK[@]+"${CHECK[@]}"}
 step bench_ihl "${LIMITS[1]}" "$PY" benchmarks/bench_ihl.py --preset "$PRESET"
 step bench_loss "${LIMITS[2]}" "$PY" benchmarks/bench_loss.py --preset "$PRESET"
-# The memory plan at scale: every phase of a FILA + IHL run, measured next to the plan's figures
+# The memory plan at scale: every phase of a FILA + IHL run measured next to the plan's figures
 step bench_scale "${LIMITS[3]}" "$PY" benchmarks/bench_scale.py "${SCALE[@]}"
 # The whole job on the device: the tiny demo (Trainer, TOFU protocol) and a run stopped by a rule
 step gpu_smoke "${LIMITS[7]}" "$PY" benchmarks/gpu_smoke.py ${CHECK[@]+"${CHECK[@]}"}

@@ -27,7 +27,7 @@ class ModelAccess:
     )
     tokenizer: Any = option(None, "tokenizer directory (default: the model's)", path=True, group="model")
     trust_remote_code: bool = option(
-        False, "allow the model's own Python code to run", identity=False, group="model"
+        False, "allow the model's own Python code to run", identity=False, plan=True, group="model"
     )
     allow_download: bool = option(
         False,

@@ -13,11 +13,12 @@ __all__ = ["PlanOptions"]
 
 @dataclass
 class PlanOptions:
-    """How the plan is made and shown."""
+    """Where the run is planned and how the plan is shown."""
 
+    device: str = option("cuda", "the kind of device the run trains on", choices=("cuda", "cpu"))
     world_size: int = option(1, "devices", positive=True)
-    engine: str = option("ddp", "how the devices share the model", choices=ENGINES)
-    terms: bool = option(False, "list each phase's terms under its row")
+    engine: str = option("ddp", "how the devices share the model (fsdp, zero3: sharded)", choices=ENGINES)
+    terms: bool = option(False, "list each phase's bytes by kind under its row")
     json: bool = option(False, "print the plan as JSON")
 
     def __post_init__(self) -> None:

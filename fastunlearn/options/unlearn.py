@@ -80,7 +80,7 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
         4, "forget examples per micro-batch and device", positive=True, plan=True, group="training"
     )
     gradient_accumulation_steps: int = option(
-        8, "micro-batches per optimiser step", flag="--grad-accum", positive=True, group="training"
+        8, "micro-batches per optimiser step", flag="--grad-accum", positive=True, group="training", plan=True
     )
     warmup_epochs: float = option(1.0, "epochs of linear warm-up", minimum=0, group="training")
     weight_decay: float = option(0.01, "AdamW's weight decay", minimum=0, group="training")
@@ -185,7 +185,7 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
     lora_r: int = option(32, "LoRA rank r", flag="--rank", positive=True, plan=True, group="LoRA / FILA")
     lora_alpha: float = option(64, "LoRA alpha", flag="--alpha", positive=True, group="LoRA / FILA")
     lora_dropout: float = option(
-        0.0, "LoRA dropout", minimum=0, check=lambda v: _below_one(v), group="LoRA / FILA"
+        0.0, "LoRA dropout", minimum=0, check=lambda v: _below_one(v), group="LoRA / FILA", plan=True
     )
     target_modules: list[str] | None = option(
         None,
@@ -195,7 +195,7 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
         group="LoRA / FILA",
     )
     fisher_mode: str = option(
-        "per_example", "Fisher estimator for FILA", choices=FISHER_MODES, group="LoRA / FILA"
+        "per_example", "Fisher estimator for FILA", choices=FISHER_MODES, group="LoRA / FILA", plan=True
     )
     fisher_batch_size: int = option(
         4, "examples per pass of the Fisher estimate", positive=True, plan=True, group="LoRA / FILA"
@@ -268,7 +268,7 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
     )
     # output
     merge: bool = option(
-        False, "also write the merged model to OUTPUT/merged", identity=False, group="output"
+        False, "also write the merged model to OUTPUT/merged", identity=False, group="output", plan=True
     )
     overwrite: bool = option(
         False,
@@ -280,7 +280,13 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
         False, "continue the run in --output from its last checkpoint", identity=False, group="output"
     )
     evaluate: bool = option(
-        True, "the before/after metrics", flag="--eval", negate=True, identity=False, group="output"
+        True,
+        "the before/after metrics",
+        flag="--eval",
+        negate=True,
+        identity=False,
+        group="output",
+        plan=True,
     )
     eval_batch_size: int = option(
         16, "rows per pass of the evaluations", positive=True, identity=False, plan=True, group="output"

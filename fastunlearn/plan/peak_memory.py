@@ -1,4 +1,4 @@
-"""Peak bytes of live tensors while a function runs: what :mod:`fastunlearn.plan.memory_plan` predicts.
+"""Peak bytes of live tensors while a function runs, on real tensors: what the memory plan predicts.
 
 One definition for the benchmarks (benchmarks/bench_scale.py and the others) and the plan's tests.
 
@@ -16,38 +16,73 @@ garbage from earlier code cannot be freed inside the window and lower the figure
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-__all__ = ["peak_tensor_bytes"]
+__all__ = ["peak_tensor_bytes", "step_peaks", "young_garbage"]
+
+
+@contextlib.contextmanager
+def young_garbage() -> Iterator[None]:
+    """Within the block, ``gc.collect()`` scans only the objects made in it: those made before (the
+    imported libraries' many objects, and any garbage among them) are frozen, which makes a collection
+    after each step cheap and keeps earlier garbage from being freed inside a measurement."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def peak_tensor_bytes(fn: Callable[[], object], device: torch.device | str = "cpu") -> int:
     """Peak bytes of tensors ``fn()`` allocates on ``device`` above what is live when it starts."""
+    return step_peaks([fn], device)[0]
+
+
+def step_peaks(steps: Iterable[Callable[[], object]], device: torch.device | str = "cpu") -> list[int]:
+    """The peak of live tensor bytes on ``device`` during each of ``steps``, run one after the other,
+    above what was live when the first started; dead tensors are collected after each step."""
     device = torch.device(device)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    if device.type != "cpu":
+    if device.type not in ("cuda", "cpu"):
         raise ValueError(f"peak_tensor_bytes measures CUDA or CPU tensors, not {device.type!r}")
-    from torch.profiler import ProfilerActivity, profile
+    with young_garbage():
+        return _cuda_peaks(steps, device) if device.type == "cuda" else _cpu_peaks(steps)
+
+
+def _cuda_peaks(steps: Iterable[Callable[[], object]], device: torch.device) -> list[int]:
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize(device)
+    start, peaks = torch.cuda.memory_allocated(device), []
+    for step in steps:
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        gc.collect()
+        torch.cuda.synchronize(device)
+        peaks.append(torch.cuda.max_memory_allocated(device) - start)
+    return peaks
+
+
+def _cpu_peaks(steps: Iterable[Callable[[], object]]) -> list[int]:
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-        key=lambda e: e.start_ns(),
-    )
-    live = peak = 0
-    for event in events:
+        for index, step in enumerate(steps):
+            with record_function(f"step {index}"):
+                step()
+                gc.collect()
+    events = list(prof.profiler.kineto_results.events())
+    ends = sorted(e.end_ns() for e in events if e.name().startswith("step "))
+    memory = sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    peaks, live, index = [0] * len(ends), 0, 0
+    for event in memory:
+        while index < len(ends) - 1 and event.start_ns() > ends[index]:
+            index += 1
+            peaks[index] = live  # what the step starts with
         live += event.nbytes()
-        peak = max(peak, live)
-    return peak
+        peaks[index] = max(peaks[index], live)
+    for later in range(index + 1, len(ends)):  # steps that allocated nothing
+        peaks[later] = live
+    return peaks

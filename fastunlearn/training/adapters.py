@@ -21,7 +21,7 @@ from fastunlearn.models.loading import quiet_peft_wrap
 from fastunlearn.models.precision import autocast
 from fastunlearn.options.unlearn import UnlearnConfig
 
-__all__ = ["initialise_adapters", "reference_logprobs"]
+__all__ = ["initialise_adapters", "reference_logprobs", "trainable_model"]
 
 ROW_WEIGHTS = os.path.join("fisher", "row_weights.safetensors")
 
@@ -92,6 +92,20 @@ def _fila(
     return {"row_weights": path}
 
 
+def trainable_model(model: nn.Module, cfg: UnlearnConfig) -> nn.Module:
+    """``model`` as it trains: gradient checkpointing on if asked, every weight (RMU: its down-projections)
+    trainable for ``init="full"``, else wrapped with fresh LoRA adapters (FILA re-initialises them)."""
+    if cfg.gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    rmu = _rmu_weights(model, cfg)
+    if cfg.init == "full":
+        trained = None if rmu is None else {f"{name}.weight" for name in rmu}
+        for name, p in model.named_parameters():
+            p.requires_grad_(trained is None or name in trained)
+        return model
+    return _lora_model(model, cfg, rmu)
+
+
 def initialise_adapters(
     model: nn.Module,
     cfg: UnlearnConfig,
@@ -101,15 +115,7 @@ def initialise_adapters(
     engine: Engine,
 ) -> tuple[nn.Module, dict[str, str]]:
     """The model ready to train (wrapped with LoRA unless ``init="full"``) and the files FILA wrote."""
-    if cfg.gradient_checkpointing:
-        _enable_gradient_checkpointing(model)
-    rmu = _rmu_weights(model, cfg)
-    if cfg.init == "full":
-        trained = None if rmu is None else {f"{name}.weight" for name in rmu}
-        for name, p in model.named_parameters():
-            p.requires_grad_(trained is None or name in trained)
-        return model, {}
-    model = _lora_model(model, cfg, rmu)
+    model = trainable_model(model, cfg)
     if cfg.init != "fila":
         return model, {}
     # Fisher over one pass of the forget set and of the retain examples paired with it.

@@ -1,0 +1,247 @@
+"""The steps of an unlearning run, executed by the package's own code on a model built from its config.
+
+:class:`PhaseRunner` lists the steps of :func:`fastunlearn.unlearn` in order, each a call of what the
+run calls: loading (``from_config`` in the weights' dtype, :func:`~fastunlearn.patch`), the metrics
+before training (:func:`~fastunlearn.evaluation.likelihood.answer_stats`), the adapters
+(:func:`~fastunlearn.training.adapters.trainable_model`), the Fisher passes
+(:func:`~fastunlearn.fisher.fila_row_weights` under the run's ``fisher_memory``), FILA
+(:func:`~fastunlearn.fisher.fila_init`), NPO's reference, a training step in the steady state (AdamW's
+moments and, under gradient accumulation, the earlier micro-batches' gradients there; the objective
+under the autocast ``Trainer`` applies to each model call; clipping; the optimiser step), the metrics
+after training and the export (:func:`~fastunlearn.training.exports.collect_outputs`). Every example
+has ``tokens`` tokens but the last of a batch, a token shorter (a padded batch), every token labelled.
+
+The Fisher passes run for the groups of layers that can hold their peak: a group's passes keep the
+activations of every layer from its lowest one up, so a later group can only peak higher with more
+accumulator bytes than every earlier one. FILA's row weights are ones (values change no memory).
+
+The steps run on fake tensors (:func:`fastunlearn.plan.plan.plan_memory`) or on real ones
+(:func:`measure_phases`, what the tests and ``benchmarks/bench_scale.py`` compare the plan with).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastunlearn import data as fdata
+from fastunlearn.engines.sharded import linear_shape
+from fastunlearn.evaluation.likelihood import answer_stats
+from fastunlearn.fisher import FilaRowWeights, fila_init, fila_row_weights, lora_layers, parse_bytes
+from fastunlearn.fisher.budget import plan_groups
+from fastunlearn.fisher.layers import select_linear_layers
+from fastunlearn.methods.objectives import NEEDS_RETAIN, method_loss
+from fastunlearn.models.devices import eval_mode, model_device
+from fastunlearn.models.patching import patch
+from fastunlearn.models.precision import autocast, load_dtype
+from fastunlearn.options.unlearn import UnlearnConfig
+from fastunlearn.plan.peak_memory import step_peaks
+from fastunlearn.plan.tracker import LiveTensors
+from fastunlearn.training.adapters import reference_logprobs, trainable_model
+from fastunlearn.training.exports import collect_outputs
+
+__all__ = ["PhaseRunner", "Setting", "measure_phases", "quantised_bytes"]
+
+Step = tuple[str, str, str, Callable[[], object]]  # (phase, step, kind of its allocations, call)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """What a run is planned for beyond its options: the model's ``transformers`` config, the tokens of
+    an example, the resolved precision (``"fp32"``, ``"bf16"``, ``"fp16"``), the weights' dtype (default:
+    the one the run loads them in), where the tensors are made and the kind of device the run trains
+    on (``"cuda"``: AdamW's foreach path)."""
+
+    config: Any
+    tokens: int
+    precision: str
+    dtype: torch.dtype | None = None
+    device: str = "cpu"
+    target: str = "cpu"
+
+
+class _AutocastEachCall(nn.Module):
+    """``module`` under the run's autocast, a region per call as accelerate wraps ``Trainer``'s model."""
+
+    def __init__(self, module: nn.Module, precision: str) -> None:
+        super().__init__()
+        self.module, self.precision = module, precision
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with autocast(self.precision, model_device(self.module)):
+            return self.module(*args, **kwargs)
+
+
+class PhaseRunner:
+    """The steps of one run (module docstring). ``tracker``: the counter of a run on fake tensors,
+    told where the output head, the gradients and the quantised weights are."""
+
+    def __init__(self, cfg: UnlearnConfig, setting: Setting, tracker: LiveTensors | None = None) -> None:
+        self.cfg, self.setting, self.tracker = cfg, setting, tracker
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.params: list[nn.Parameter] = []
+        self.budget = self.groups = 0
+
+    def steps(self) -> Iterator[Step]:
+        """``(phase, step, kind, call)`` in the run's order; lazily: a step uses what earlier ones made."""
+        cfg = self.cfg
+        yield "load", "loading", "weights", self.load
+        if cfg.evaluate:
+            yield "evaluate", "before training", "activations", self.evaluate
+        yield "fisher" if cfg.init == "fila" else "train_step", "adapters", "trainable", self.adapters
+        if cfg.init == "fila":
+            for group in self.fisher_groups():
+                yield "fisher", f"passes over {_span(group)}", "activations", lambda g=group: self.fisher(g)
+            yield "fila", "fila_init", "solver", self.fila
+        if cfg.method == "npo":
+            yield "reference", "NPO reference", "activations", self.reference
+        yield "train_step", "earlier micro-batches' gradients", "trainable", self.gradients
+        yield "train_step", "optimiser state", "optimizer", self.optimizer_state
+        yield "train_step", "forward and backward", "activations", self.micro_batch
+        yield "train_step", "clipping and optimiser step", "optimizer", self.optimizer_step
+        if cfg.evaluate:
+            yield "evaluate", "after training", "activations", self.evaluate
+        yield "save", "export", "activations", self.save
+
+    def load(self) -> None:
+        from transformers import AutoModelForCausalLM
+
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(self.setting.dtype or load_dtype(self.setting.precision, self.cfg.init))
+        try:
+            with torch.device(self.setting.device):
+                model = AutoModelForCausalLM.from_config(
+                    self.setting.config, trust_remote_code=self.cfg.trust_remote_code
+                )
+        finally:
+            torch.set_default_dtype(default)
+        self.model = patch(model, fused=self.cfg.fused, validate=False)
+        if self.tracker is not None:
+            self.tracker.watch_head(model)
+            self._quantised(model)
+
+    def _quantised(self, model: nn.Module) -> None:
+        """Count the linear layers' weights (the output head's excepted) as bitsandbytes stores them
+        under ``load_in_4bit`` / ``load_in_8bit``; the model runs in its compute dtype."""
+        bits = 4 if getattr(self.cfg, "load_in_4bit", False) else 8 * getattr(self.cfg, "load_in_8bit", False)
+        if not bits:
+            return
+        head = model.get_output_embeddings()
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module is not head:
+                self.tracker.claim(module.weight, "weights", quantised_bytes(module.weight, bits))
+        self.tracker.restart_peak()
+
+    def evaluate(self) -> None:
+        with eval_mode(self.model):
+            answer_stats(self.model, self.batch(self.cfg.eval_batch_size))
+
+    def adapters(self) -> None:
+        self.model = trainable_model(self.model, self.cfg)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.tracker is not None:
+            self.tracker.count_gradients(self.params)
+
+    def fisher_groups(self) -> list[list[str]]:
+        """Of the groups :func:`~fastunlearn.fisher.budget.plan_groups` makes under the budget, those
+        that can hold the passes' peak (module docstring)."""
+        layers = select_linear_layers(self.model, self.cfg.target_modules)
+        sizes = {name: 8 * math.prod(linear_shape(layer)) for name, layer in layers.items()}
+        given = self.cfg.fisher_memory
+        self.budget = max(sizes.values()) if given is None else parse_bytes(given)
+        groups = plan_groups(sizes, self.budget, what="fp32 forget and retain accumulators")
+        self.groups, chosen, most = len(groups), [], 0
+        for group in groups:
+            if sum(sizes[name] for name in group) > most:
+                chosen.append(group)
+                most = sum(sizes[name] for name in group)
+        return chosen
+
+    def fisher(self, group: list[str]) -> None:
+        cfg, batches = self.cfg, ([self.batch(self.cfg.fisher_batch_size)] for _ in range(2))
+        options = dict(mode=cfg.fisher_mode, eps=cfg.fila_eps, max_memory=self.budget, progress=False)
+        fila_row_weights(self.model, *batches, target_modules=group, **options)
+
+    def fila(self) -> None:
+        layers = lora_layers(self.model).items()
+        rows = {name: torch.ones(linear_shape(layer.get_base_layer())[0]) for name, (_, layer) in layers}
+        weights = FilaRowWeights(rows, eps=self.cfg.fila_eps)
+        fila_init(self.model, row_weights=weights, solver=self.cfg.fila_solver, seed=self.cfg.seed)
+
+    def reference(self) -> None:
+        examples = self.examples(self.cfg.eval_batch_size)
+        reference_logprobs(self.model, examples, self.cfg, self.setting.precision, 0)
+
+    def gradients(self) -> None:
+        self.model.train()
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+
+    def optimizer_state(self) -> None:
+        cfg, foreach = self.cfg, self.setting.target == "cuda" or None
+        self.optimizer = torch.optim.AdamW(
+            self.params, cfg.learning_rate, weight_decay=cfg.weight_decay, foreach=foreach
+        )
+        self.optimizer.step()  # its moments exist from the first step on
+        if cfg.gradient_accumulation_steps == 1:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def micro_batch(self) -> None:
+        cfg = self.cfg
+        batch = {"forget": self.batch(cfg.batch_size)}
+        if cfg.method in NEEDS_RETAIN:
+            batch["retain"] = self.batch(cfg.batch_size)
+        if cfg.method == "npo":
+            batch["forget"]["ref_logp"] = torch.zeros(cfg.batch_size, device=self.setting.device)
+        loss, _ = method_loss(
+            _AutocastEachCall(self.model, self.setting.precision), batch, cfg.method, npo_beta=cfg.npo_beta
+        )
+        loss.backward()
+
+    def optimizer_step(self) -> None:
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self) -> None:
+        collect_outputs(self.model, init=self.cfg.init, merge=self.cfg.merge)
+
+    def examples(self, count: int) -> list[fdata.Example]:
+        lengths = [self.setting.tokens] * (count - 1) + [self.setting.tokens - 1]
+        return [fdata.Example((1,) * n, (1,) * n, "plan") for n in lengths]
+
+    def batch(self, count: int) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.setting.device) for k, v in fdata.collate(self.examples(count), 0).items()}
+
+
+def quantised_bytes(weight: torch.Tensor, bits: int) -> int:
+    """Bytes of a linear layer's weight as bitsandbytes stores it: NF4 with double quantisation (two
+    weights a byte, an 8-bit scale per block of 64 and an fp32 one per 256 blocks, 1092 bytes of code
+    tables), or LLM.int8 (a byte a weight, an fp32 scale per row)."""
+    n = weight.numel()
+    if bits == 4:
+        blocks = math.ceil(n / 64)
+        return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * (256 + 16 + 1)
+    return n + 4 * weight.shape[0]
+
+
+def _span(group: list[str]) -> str:
+    return group[0] if len(group) == 1 else f"{group[0]} … {group[-1]}"
+
+
+def measure_phases(cfg: UnlearnConfig, setting: Setting) -> dict[str, int]:
+    """Each phase's peak of live tensor bytes, its steps run on real tensors on ``setting.device``
+    (:func:`~fastunlearn.plan.peak_memory.step_peaks`), counted from before the model is built."""
+    steps = PhaseRunner(cfg, setting).steps()
+    names: list[str] = []
+    calls = (names.append(phase) or call for phase, _, _, call in steps)
+    peaks: dict[str, int] = {}
+    for phase, peak in zip(names, step_peaks(calls, setting.device)):
+        peaks[phase] = max(peaks.get(phase, 0), peak)
+    return peaks

@@ -1,0 +1,211 @@
+"""The memory plan of an unlearning run: its phases executed on fake tensors, each one's peak counted.
+
+:func:`plan_memory` builds the model from its ``transformers`` config under ``FakeTensorMode`` (shapes
+and dtypes, no storage) and runs the run's steps with the package's own code
+(:mod:`fastunlearn.plan.phases`) while :class:`~fastunlearn.plan.tracker.LiveTensors` counts the live
+tensor bytes by kind: any causal LM ``transformers`` can build, every method, initialisation,
+precision and option of the run, planned by the code that runs it.
+
+A plan is for one device (live tensors, ``torch.cuda.max_memory_allocated``). The fake tensors are made
+on the CPU; planned for a GPU, the chunks of logits are the GPU's, AdamW takes its foreach path and
+copies to the host are not counted. The row kernels of the loss terms are planned as the Triton kernels
+allocate (their outputs; the PyTorch path adds a few MiB of blocks), the Fisher fold on its PyTorch path
+(a chunk of per-example gradients the Triton kernel does not need). Sharded engines (``fsdp``,
+``zero3``) divide the weights, trainable state and optimiser moments by the number of devices;
+quantised bases (``load_in_4bit``, ``load_in_8bit``) run in their compute dtype, their linear layers'
+weights counted as stored (:func:`~fastunlearn.plan.phases.quantised_bytes`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastunlearn.fisher.passes import _Tap
+from fastunlearn.ops import _ihl_torch, fused_linear
+from fastunlearn.options.unlearn import UnlearnConfig
+from fastunlearn.plan.configs import first_line, model_config
+from fastunlearn.plan.peak_memory import young_garbage
+from fastunlearn.plan.phases import PhaseRunner, Setting
+from fastunlearn.plan.tracker import KINDS, LiveTensors, PhasePeak
+
+__all__ = ["MemoryPlan", "plan_memory"]
+
+GiB = 2**30
+CONTEXT_BYTES = GiB // 2  # the CUDA context and cuBLAS workspaces, outside the allocator
+SHARDED = ("fsdp", "zero3")
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Each phase's predicted peak on one device (module docstring)."""
+
+    model: str
+    settings: dict[str, Any]
+    phases: tuple[PhasePeak, ...]
+    notes: tuple[str, ...]
+    context_bytes: int
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.peak_phase.peak_bytes
+
+    @property
+    def peak_phase(self) -> PhasePeak:
+        return max(self.phases, key=lambda p: p.peak_bytes)
+
+    def phase(self, name: str) -> PhasePeak:
+        return next(p for p in self.phases if p.name == name)
+
+    def to_json(self) -> dict[str, Any]:
+        phases = [dataclasses.asdict(p) for p in self.phases]
+        return {
+            **{k: getattr(self, k) for k in ("model", "settings", "peak_bytes", "context_bytes")},
+            **{"peak_phase": self.peak_phase.name, "phases": phases, "notes": list(self.notes)},
+        }
+
+    def format_table(self, *, terms: bool = False) -> str:
+        """A plain-text table (GB = 10⁹ bytes, GiB = 2³⁰): a row per phase, with ``terms`` its kinds."""
+        rows = [f"{self.model}: " + ", ".join(f"{k}={v}" for k, v in self.settings.items())]
+        rows.append(f"{'phase':<12}{'peak GB':>9}{'GiB':>8}  at")
+        for p in (*self.phases, dataclasses.replace(self.peak_phase, name="peak", step=self.peak_phase.name)):
+            rows.append(f"{p.name:<12}{p.peak_bytes / 1e9:>9.2f}{p.peak_bytes / GiB:>8.2f}  {p.step}")
+            rows += [
+                f"{'':<14}{b / 1e9:>7.3f}  {KINDS[k]}"
+                for k, b in p.kinds.items()
+                if terms and p.name != "peak"
+            ]
+        if self.context_bytes:
+            total = (self.peak_bytes + self.context_bytes) / 1e9
+            rows[-1] += f" (+{self.context_bytes / GiB:.1f} GiB CUDA context: {total:.2f} GB on the device)"
+        return "\n".join(rows + [f"note: {n}" for n in self.notes])
+
+
+def plan_memory(
+    cfg: UnlearnConfig,
+    *,
+    config: Any = None,
+    tokens: int | None = None,
+    device: str = "cuda",
+    precision: str | None = None,
+    dtype: torch.dtype | None = None,
+    world_size: int = 1,
+    engine: str = "ddp",
+) -> MemoryPlan:
+    """The memory plan of the run ``cfg`` describes, phase by phase (module docstring).
+
+    ``config``: the model's ``transformers`` config (default: read from ``cfg.model`` by
+    :func:`~fastunlearn.plan.configs.model_config`); ``tokens``: every example's length (default
+    ``cfg.max_length``); ``device``: ``"cuda"`` or ``"cpu"``, where the run trains; ``precision``: the
+    resolved one (default: ``cfg.precision``, ``"auto"`` being bf16 on a GPU, fp32 on the CPU);
+    ``dtype``: the weights' (default: the one the run loads them in); ``engine`` (``"ddp"``,
+    ``"zero2"``: replicas; ``"fsdp"``, ``"zero3"``: sharded) over ``world_size`` devices. Raises a
+    one-line ``ValueError`` for a model or option the run would refuse or the plan cannot run.
+    """
+    config = model_config(cfg.model if config is None else config, trust_remote_code=cfg.trust_remote_code)
+    if precision is None:
+        precision = cfg.precision if cfg.precision != "auto" else "bf16" if device == "cuda" else "fp32"
+    setting = Setting(config, max(tokens or cfg.max_length, 2), precision, dtype, target=device)
+    fake = torch._subclasses.fake_tensor.FakeTensorMode()
+    live = LiveTensors(fake, host_counts=device == "cpu")
+    live.node_kinds[_Tap] = "fisher"
+    runner = PhaseRunner(cfg, setting, live)
+    _import_model_code(config)
+    with _planning(device), fake, live:
+        for phase, step, kind, call in runner.steps():
+            with live.phase(phase), live.allocating(kind, step):
+                _run(call, step, config)
+                gc.collect()
+    phases = tuple(_sharded(p, world_size) if engine in SHARDED else p for p in live.phases)
+    settings = {"device": device, "precision": precision, "batch": f"{cfg.batch_size}x{setting.tokens}"}
+    settings.update(
+        method=cfg.method, init=cfg.init, rank=cfg.lora_r, fused={None: "auto"}.get(cfg.fused, cfg.fused)
+    )
+    settings.update(
+        checkpointing="on" if cfg.gradient_checkpointing else "off", engine=f"{engine} x {world_size}"
+    )
+    name = getattr(config, "_name_or_path", "") or str(cfg.model)
+    notes = _notes(cfg, runner, engine, world_size)
+    return MemoryPlan(name, settings, phases, notes, CONTEXT_BYTES if device == "cuda" else 0)
+
+
+def _import_model_code(config: Any) -> None:
+    """Import what the phases import before the fake run: tensors a module makes when first imported
+    (default arguments, constants) must be real."""
+    import peft  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    with contextlib.suppress(KeyError, ValueError):  # a model with its own code: imported when built
+        AutoModelForCausalLM._model_mapping[type(config)]
+
+
+def _run(call: Any, step: str, config: Any) -> None:
+    """``call()``; a failure but a ``ValueError`` (the package's own checks) becomes one naming the step."""
+    try:
+        call()
+    except ValueError:
+        raise
+    except Exception as err:
+        kind = getattr(config, "model_type", "?")
+        if step == "loading":
+            raise ValueError(f"transformers cannot build a {kind!r} causal LM ({first_line(err)})") from None
+        raise ValueError(
+            f"the plan's {step!r} step cannot run a {kind!r} model ({first_line(err)})"
+        ) from None
+
+
+@contextlib.contextmanager
+def _planning(device: str) -> Iterator[None]:
+    """The fake run's process state: warnings silenced, earlier objects left alone by the garbage
+    collector, a GPU's chunks of logits on a GPU, and the row kernels as the Triton kernels allocate:
+    under fake tensors the PyTorch path's loop over blocks of rows costs thousands of operators."""
+    saved = fused_linear.CPU_CHUNK_ELEMENTS, _ihl_torch.ihl_forward, _ihl_torch.ihl_backward
+    if device == "cuda":
+        fused_linear.CPU_CHUNK_ELEMENTS = fused_linear.CHUNK_ELEMENTS
+    _ihl_torch.ihl_forward, _ihl_torch.ihl_backward = _rows_forward, lambda *args: args[5]  # in place
+    try:
+        with warnings.catch_warnings(), young_garbage():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        fused_linear.CPU_CHUNK_ELEMENTS, _ihl_torch.ihl_forward, _ihl_torch.ihl_backward = saved
+
+
+def _rows_forward(
+    logits: Tensor, labels: Tensor, ignore_index: int, *, loss: str = "ihl"
+) -> tuple[Tensor, ...]:
+    """The row kernels' outputs: per-row loss, four statistics and argmax."""
+    n, dtype = (
+        logits.shape[0] * logits.shape[1],
+        torch.float64 if logits.dtype == torch.float64 else torch.float32,
+    )
+    return logits.new_empty(n, dtype=dtype), logits.new_empty(n, 4, dtype=dtype), labels.new_empty(n)
+
+
+def _sharded(phase: PhasePeak, world_size: int) -> PhasePeak:
+    shared = ("weights", "trainable", "optimizer")
+    kinds = {k: math.ceil(b / world_size) if k in shared else b for k, b in phase.kinds.items()}
+    return dataclasses.replace(phase, peak_bytes=sum(kinds.values()), kinds=kinds)
+
+
+def _notes(cfg: UnlearnConfig, runner: PhaseRunner, engine: str, world_size: int) -> tuple[str, ...]:
+    notes = [f"every example {runner.setting.tokens} tokens, every token labelled, batches padded"]
+    if cfg.init == "fila":
+        why = "" if cfg.fisher_memory is not None else ": the smallest, the run takes what is free"
+        notes.append(f"Fisher passes in {runner.groups} groups of layers, {runner.budget / GiB:.2f} GiB{why}")
+    if getattr(cfg, "load_in_4bit", False) or getattr(cfg, "load_in_8bit", False):
+        notes.append("linear layers' weights quantised (bitsandbytes), the rest in the compute dtype")
+    if engine in SHARDED and world_size > 1:
+        notes.append(
+            f"{engine}: weights, trainable state and optimiser moments divided by {world_size} devices"
+        )
+    return tuple(notes)
