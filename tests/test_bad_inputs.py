@@ -162,7 +162,7 @@ CASES = [
     ),
     Case(
         "a Hub id not in the cache",
-        lambda w, o: _unlearn(w, o)[:1] + ["nobody/nothere"] + _unlearn(w, o)[2:],
+        lambda w, o: [*_unlearn(w, o)[:1], "nobody/nothere", *_unlearn(w, o)[2:]],
         "--allow-download",
     ),
     Case("an unknown method", lambda w, o: _unlearn(w, o, "--method", "forgetall"), "invalid choice"),

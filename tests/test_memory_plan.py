@@ -61,6 +61,11 @@ CASES = [
     ("gpt_neo", "bf16", {"init": "lora", "method": "ihl", "gradient_checkpointing": True, "merge": True}),
     ("gpt_neox", "bf16", {"init": "fila", "method": "ihl", "lora_dropout": 0.1}),
     ("gemma2", "fp32", {"init": "lora", "method": "npo", "gradient_checkpointing": True}),
+    # The reference: a copy of the model (full fine-tuning's KL), log-probabilities of two parts (DPO),
+    # the activations at RMU's layer with the adapters switched off.
+    ("llama", "fp32", {"init": "full", "method": "npo+kl"}),
+    ("qwen2", "bf16", {"init": "lora", "method": "dpo"}),
+    ("llama", "fp32", {"init": "lora", "method": "rmu"}),
 ]
 
 
@@ -80,7 +85,7 @@ def run_config(**options) -> UnlearnConfig:
     return UnlearnConfig(**{**base, **options})
 
 
-@pytest.mark.parametrize("architecture, precision, options", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("architecture, precision, options", CASES, ids=[f"{c[0]}-{c[2]['method']}-{c[2]['init']}" for c in CASES])
 def test_each_phase_is_planned_as_it_runs(architecture, precision, options):
     config = tiny(architecture)
     cfg = run_config(**options)

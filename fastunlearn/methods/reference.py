@@ -124,8 +124,9 @@ def build_reference(model: nn.Module, init: str, precision: str = "fp32") -> Ref
     """The reference of a run whose trainable ``model`` was just initialised with ``init`` (``"lora"``,
     ``"fila"`` or ``"full"``; module docstring). Full fine-tuning copies the model here, before training."""
     if init == "full":
-        frozen = copy.deepcopy(model)
-        for p in frozen.parameters():
-            p.requires_grad_(False)
-        return Reference(frozen, "copy", precision)
+        # Tensors cloned by the dispatcher (not deep-copied storages): a copy made under the memory
+        # plan's fake tensors stays in their mode.
+        memo = {id(p): nn.Parameter(p.detach().clone(), requires_grad=False) for p in model.parameters()}
+        memo |= {id(b): b.clone() for b in model.buffers()}
+        return Reference(copy.deepcopy(model, memo), "copy", precision)
     return Reference(model, "initial_adapters" if init == "fila" else "adapters_off", precision)

@@ -5,7 +5,8 @@ run calls: loading (``from_config`` in the weights' dtype, :func:`~fastunlearn.p
 before training (:func:`~fastunlearn.evaluation.likelihood.answer_stats`), the adapters
 (:func:`~fastunlearn.training.adapters.trainable_model`), the Fisher passes
 (:func:`~fastunlearn.fisher.fila_row_weights` under the run's ``fisher_memory``), FILA
-(:func:`~fastunlearn.fisher.fila_init`), NPO's reference, a training step in the steady state (AdamW's
+(:func:`~fastunlearn.fisher.fila_init`), the reference (NPO's and DPO's log-probabilities, a copy of
+the model where full fine-tuning's KL or RMU term needs one), a training step in the steady state (AdamW's
 moments and, under gradient accumulation, the earlier micro-batches' gradients there; the objective
 under the autocast ``Trainer`` applies to each model call; clipping; the optimiser step), the metrics
 after training and the export (:func:`~fastunlearn.training.exports.collect_outputs`). Every example
@@ -35,7 +36,7 @@ from fastunlearn.evaluation.likelihood import answer_stats
 from fastunlearn.fisher import FilaRowWeights, fila_init, fila_row_weights, lora_layers, parse_bytes
 from fastunlearn.fisher.budget import plan_groups
 from fastunlearn.fisher.layers import select_linear_layers
-from fastunlearn.methods.objectives import NEEDS_RETAIN, method_loss
+from fastunlearn.methods.objectives import Objective, build_objective
 from fastunlearn.models.devices import eval_mode, model_device
 from fastunlearn.models.patching import patch
 from fastunlearn.models.precision import autocast, load_dtype
@@ -86,6 +87,8 @@ class PhaseRunner:
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.params: list[nn.Parameter] = []
+        self.spec = cfg.method_spec()
+        self.objective: Objective | None = None
         self.budget = self.groups = 0
 
     def steps(self) -> Iterator[Step]:
@@ -99,8 +102,9 @@ class PhaseRunner:
             for group in self.fisher_groups():
                 yield "fisher", f"passes over {_span(group)}", "activations", lambda g=group: self.fisher(g)
             yield "fila", "fila_init", "solver", self.fila
-        if cfg.method == "npo":
-            yield "reference", "NPO reference", "activations", self.reference
+        if self.spec.fixed_reference:
+            yield "reference", "reference log-probabilities", "activations", self.reference
+        yield "train_step", "objective (a copy of the model where it is the reference)", "weights", self.build
         yield "train_step", "earlier micro-batches' gradients", "trainable", self.gradients
         yield "train_step", "optimiser state", "optimizer", self.optimizer_state
         yield "train_step", "forward and backward", "activations", self.micro_batch
@@ -175,8 +179,15 @@ class PhaseRunner:
         fila_init(self.model, row_weights=weights, solver=self.cfg.fila_solver, seed=self.cfg.seed)
 
     def reference(self) -> None:
-        examples = self.examples(self.cfg.eval_batch_size)
-        reference_logprobs(self.model, examples, self.cfg, self.setting.precision, 0)
+        parts = {name: self.examples(self.cfg.eval_batch_size) for name in self.spec.fixed_reference}
+        reference_logprobs(self.model, parts, self.cfg, self.setting.precision, 0)
+
+    def build(self) -> None:
+        cfg = self.cfg
+        self.objective = build_objective(
+            self.spec, self.model, init=cfg.init, precision=self.setting.precision,
+            rmu_layer=cfg.rmu_layer, rmu_steering=cfg.rmu_steering, seed=cfg.seed,
+        )  # fmt: skip
 
     def gradients(self) -> None:
         self.model.train()
@@ -193,15 +204,12 @@ class PhaseRunner:
             self.optimizer.zero_grad(set_to_none=True)
 
     def micro_batch(self) -> None:
-        cfg = self.cfg
-        batch = {"forget": self.batch(cfg.batch_size)}
-        if cfg.method in NEEDS_RETAIN:
-            batch["retain"] = self.batch(cfg.batch_size)
-        if cfg.method == "npo":
-            batch["forget"]["ref_logp"] = torch.zeros(cfg.batch_size, device=self.setting.device)
-        loss, _ = method_loss(
-            _AutocastEachCall(self.model, self.setting.precision), batch, cfg.method, npo_beta=cfg.npo_beta
-        )
+        spec, size = self.spec, self.cfg.batch_size
+        parts = ["forget"] + ["retain"] * spec.needs_retain + ["idk"] * spec.uses_refusals
+        batch = {name: self.batch(size) for name in parts}
+        for name in spec.fixed_reference:
+            batch[name]["ref_logp"] = torch.zeros(size, device=self.setting.device)
+        loss, _ = self.objective(_AutocastEachCall(self.model, self.setting.precision), batch)
         loss.backward()
 
     def optimizer_step(self) -> None:
