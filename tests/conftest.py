@@ -12,8 +12,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Two cores: keep intra-op threads from oversubscribing when pytest-xdist is not used.
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Two cores: keep intra-op threads from oversubscribing; under pytest-xdist each worker (and every
+# process a test starts) gets one thread, the workers sharing the cores.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
 
 
 @pytest.fixture(scope="module")
