@@ -1,6 +1,6 @@
 """Benchmark extraction likelihood EL_10: batched (shared prefixes) against the naive per-prefix loop.
 
-The workload of the extraction protocol (SPEC §4; Jang et al. 2023): 32 sequences of 200 tokens, EL_10,
+The workload of the extraction protocol (Jang et al. 2023): 32 sequences of 200 tokens, EL_10,
 on a small Llama-architecture model built from a config. Three regimes, all measured in this run:
 
 - ``memorised``: the model is first trained on the 32 sequences until it reproduces them (MA ≥ 0.99:

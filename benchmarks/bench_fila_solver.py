@@ -1,6 +1,6 @@
-"""Benchmark FILA's solver: the truncated SVD (fastunlearn.fisher.solver) vs a full SVD (issue 12, part 3).
+"""Benchmark FILA's solver: the truncated SVD (fastunlearn.fisher.solver) vs a full SVD.
 
-FILA (SPEC §3.2) needs the top ``r`` singular triplets of ``diag(d)·W`` for every adapted layer. This
+FILA (Cha et al. 2025) needs the top ``r`` singular triplets of ``diag(d)·W`` for every adapted layer. This
 times, for each distinct layer shape of Llama-2-7B (4096×4096 for q/k/v/o, 11008×4096 for gate/up,
 4096×11008 for down), at ``r = 32``:
 

@@ -1,4 +1,4 @@
-"""Benchmark per-example squared gradients and Fisher estimation (issue 3; SPEC §3.1).
+"""Benchmark per-example squared gradients and Fisher estimation.
 
 Part 1, ``per_example_grad_sq`` on one linear layer, ``Σ_n (G_nᵀ X_n)²`` for ``B`` examples of ``T``
 tokens (FLOPs ``2·B·T·out·in``), compared in one run on the same inputs:
@@ -32,7 +32,7 @@ CPU timings run on one thread by default: the machine is shared, and with 2 thre
 barriers cost whole scheduler slices (a 688×256 layer measured 556 ms with one-example chunks against
 5 ms on one thread), which would distort every comparison.
 
-Part 3 (``--memory``, issue 12), activation memory of the Fisher pass against a LoRA training step
+Part 3 (``--memory``), activation memory of the Fisher pass against a LoRA training step
 at the same batch (``B = 8``, ``T = 128``), on the ``peft``-wrapped model as ``unlearn`` measures it,
 each the peak above the start (:func:`peak_bytes`):
 - ``lora_step``: one forward and backward of the summed NLL through LoRA (r = 16, all linear layers

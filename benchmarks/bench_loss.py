@@ -1,4 +1,4 @@
-"""Benchmark the loss of one unlearning step from the last hidden states (issue 11; SPEC §2).
+"""Benchmark the loss of one unlearning step from the last hidden states.
 
 The paper's objective ``IHL(forget) + NLL(retain)`` on ``N`` tokens (``N/2`` forget, ``N/2`` retain)
 with hidden size ``H`` and vocabulary ``V``, forward and backward, through one output head ``W``
@@ -21,7 +21,7 @@ CPU timings run on one thread by default: on the shared 2-core machine, 2 thread
 every small per-block op wait on OpenMP barriers (a first try at N=1024 measured the fused step at
 3.6x eager with 2 threads and 0.88x with 1), which distorts the comparison (see bench_fisher.py).
 
-Targets (issue 11): fused extra peak ≤ 0.25× the eager path's and time ≤ 1.3× it; in bf16 the logits
+Targets: fused extra peak ≤ 0.25× the eager path's and time ≤ 1.3× it; in bf16 the logits
 path's extra peak ≤ 2.0× one bf16 logits buffer.
 
 On a GPU the same run also compares the cross-entropy (NLL) alone on all ``N`` tokens of the case, from

@@ -16,7 +16,7 @@ state (adapter / weights) is kept.
    ties (within 0.001) go to fewer steps; when no rate reaches the rule, the one with the lowest final
    forget accuracy.
 2. **Reported runs**: ``--seeds`` seeds at the chosen rate; the kept model is scored with the TOFU
-   protocol (SPEC §4) on the forget set and a fixed subset of the retain set: forget quality (KS test
+   protocol (Maini et al. 2024) on the forget set and a fixed subset of the retain set: forget quality (KS test
    of truth ratios against the retain-only model's), retain probability, ROUGE-L and truth-ratio score,
    and their harmonic mean (*retain utility*: 3 of TOFU's 9 numbers, the synthetic data has no
    real-authors / world-facts sets).
@@ -38,7 +38,7 @@ evaluations past the first crossing and keep the first / best / last state that 
     python benchmarks/bench_quality.py --model M --retain-model R --forget F --retain S \\
         --eval-forget FP --eval-retain RP --template tofu-phi
 
-The demo's data are trained and evaluated with TOFU's own tokenisation (``tofu-phi``, SPEC §4.1); with
+The demo's data are trained and evaluated with TOFU's own tokenisation (``tofu-phi``); with
 ``--model``, ``--template`` names the convention the model was fine-tuned with (``tofu-llama2``,
 ``tofu-phi``, ... for TOFU's models).
 """
@@ -99,7 +99,7 @@ def demo_inputs(size: str, cache_dir: str | None, seed: int) -> dict[str, Any]:
 
 
 def local_inputs(args: argparse.Namespace) -> dict[str, Any]:
-    """Paths of a local model and data, with the paper's TOFU options for a small model (SPEC §3.2)."""
+    """Paths of a local model and data, with the paper's TOFU options for a small model (Cha et al. 2025)."""
     inputs = {
         "model": args.model,
         "retain_model": args.retain_model,
