@@ -11,8 +11,10 @@ __version__ = "0.1.0"
 
 # bitsandbytes, which peft imports whenever it is installed, looks for an optional CPU kernel on the
 # Hugging Face Hub at import on CPUs with AVX512-BF16 and logs a warning when it cannot have it (offline,
-# or untrusted); its own kernels run instead, and the warning would open every command.
+# or untrusted; through Hugging Face's `kernels`, which logs too when offline); its own kernels run
+# instead, and the warnings would open every command.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+logging.getLogger("kernels._internals.hf_hub").setLevel(logging.ERROR)
 
 # name -> (module, attribute of it; None: the module itself)
 _LAZY = {
