@@ -1,14 +1,5 @@
-"""Experiment trackers (TensorBoard, Weights & Biases, trackio) on an unlearning run.
-
-``Trainer`` sends its training scalars (loss, its forget and retain parts, learning rate, gradient
-norm) to the trackers of ``report_to`` through ``transformers``' integrations. :func:`connect_trackers`
-adds what ``Trainer`` does not know: TensorBoard's event files go to ``OUTPUT/logs`` (unless
-``TENSORBOARD_LOGGING_DIR`` says otherwise), and every evaluation during training — the forget and
-retain metrics, whether the stopping rule held, the retain score, the stop — is logged through
-``Trainer.log`` at its optimiser step, so each tracker shows it beside the loss as ``eval/<metric>``.
-The trackers' own offline modes (``WANDB_MODE=offline``, trackio without ``TRACKIO_SPACE_ID``) are
-theirs to read.
-"""
+"""Experiment trackers (TensorBoard, Weights & Biases, trackio) on a run: TensorBoard writes to
+``OUTPUT/logs``, and every evaluation during training is logged at its step as ``eval/<metric>``."""
 
 from __future__ import annotations
 
@@ -66,8 +57,7 @@ class _EvaluationLog(TrainerCallback):
 
 
 def connect_trackers(trainer: Trainer, build_dir: str, trajectory: Any = None) -> None:
-    """Point TensorBoard at ``build_dir/logs`` and log the rows of ``trajectory`` (the stopping
-    callback's :class:`~fastunlearn.evaluation.trajectory.Trajectory`) as they are added."""
+    """Point TensorBoard at ``build_dir/logs`` and log the rows of ``trajectory`` as they are added."""
     from transformers.integrations import TensorBoardCallback
 
     for callback in trainer.callback_handler.callbacks:

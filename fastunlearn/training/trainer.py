@@ -1,11 +1,5 @@
-"""The unlearning loop on ``transformers.Trainer``: :class:`UnlearnTrainer` and :func:`build_trainer`.
-
-:class:`UnlearnTrainer` is a ``Trainer`` whose batches are paired forget/retain batches
-(:mod:`fastunlearn.data.examples`) and whose loss is the run's objective
-(:class:`~fastunlearn.methods.objectives.Objective`); mixed precision, gradient accumulation,
-checkpoints, resume, logging and multi-GPU come from ``Trainer``. :func:`build_trainer` sets it up
-with the paper's schedule (linear warm-up, then linear decay; SPEC §3.2).
-"""
+"""The unlearning loop on ``transformers.Trainer``: paired forget/retain batches, the run's objective as
+the loss, and Cha et al.'s (ICLR 2025) schedule: linear warm-up, then linear decay."""
 
 from __future__ import annotations
 
@@ -46,13 +40,9 @@ class _EpochPairing(TrainerCallback):
 class UnlearnTrainer(Trainer):
     """``Trainer`` on paired forget/retain batches with an unlearning objective.
 
-    ``compute_loss`` returns the per-micro-batch objective (:mod:`fastunlearn.methods`; token means
-    within the batch, as the paper's code), so ``Trainer`` divides it by the number of accumulation
-    steps. The model must be patched (:func:`fastunlearn.patch`): the objective's terms
-    are computed by the call of the model ``Trainer`` hands over — wrapped by accelerate, DDP or
-    DeepSpeed — so the wrappers' hooks and autocast apply to the loss too. The forget and retain
-    parts are averaged on-device between logging steps and logged as ``forget_loss`` and
-    ``retain_loss``.
+    The model must be patched (:func:`fastunlearn.patch`): the objective's terms are computed by the
+    call of the model ``Trainer`` hands over, so its wrappers' hooks and autocast apply to the loss.
+    The forget and retain parts are averaged between logging steps as ``forget_loss``, ``retain_loss``.
     """
 
     loss_is_scaled_for_ga = False
@@ -127,18 +117,11 @@ def build_trainer(
     deepspeed: dict | None = None,
     trajectory: Any = None,
 ):
-    """An :class:`UnlearnTrainer` with the paper's schedule: linear warm-up, then linear decay.
+    """An :class:`UnlearnTrainer` for a patched ``model`` in the resolved ``precision`` (fp16: loss-scaled).
 
-    ``precision`` is the resolved one (``"fp32"``, ``"bf16"`` or ``"fp16"``; see
-    :func:`fastunlearn.models.precision.resolve_training_precision`): bf16 or fp16 autocast, fp16 with loss
-    scaling. ``model`` must be patched (:func:`fastunlearn.patch`). Its callbacks are ``cfg.callbacks``
-    then ``extra_callbacks`` (those :func:`unlearn` adds itself). ``wrapped_model``: ``model`` already
-    wrapped for distributed training by an engine (FSDP:
-    :class:`~fastunlearn.engines.fsdp.ShardedTrainingView`), trained as it is and without checkpoints
-    (its optimizer state is sharded). ``deepspeed``: a checked DeepSpeed
-    config (:mod:`fastunlearn.engines.deepspeed`) to train under DeepSpeed ZeRO. ``cfg.report_to``'s
-    trackers receive the training scalars and each row added to ``trajectory`` (the evaluations during
-    training; :func:`~fastunlearn.training.tracking.connect_trackers`).
+    ``wrapped_model``: ``model`` as an engine wrapped it (FSDP), trained without checkpoints (its
+    optimizer state is sharded); ``deepspeed``: a checked DeepSpeed config. ``cfg.report_to``'s trackers
+    receive the training scalars and each row added to ``trajectory``.
     """
     # Under torchrun each of the W ranks takes its own batch: a step consumes W·batch_size pairs.
     batches_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * distributed.world_size()))
