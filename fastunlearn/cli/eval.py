@@ -137,19 +137,12 @@ def _checked(cfg) -> tuple[dict[str, Any], Any]:
     if tofu is not None:
         _run_template(cfg)
         requests["tofu"] = dict(
-            data=tofu,
-            mode=cfg.mode,
-            template=cfg.template,
-            reference_truth_ratios=cfg.reference_truth_ratios,
-            save_reference=cfg.save_reference,
-            overwrite=cfg.overwrite,
-            forget_split=cfg.forget_split,
-            max_items=cfg.max_items,
-            max_new_tokens=cfg.max_new_tokens,
-            generate=cfg.generate,
-            batch_size=cfg.batch_size,
+            data=tofu, mode=cfg.mode, template=cfg.template,
+            reference_truth_ratios=cfg.reference_truth_ratios, save_reference=cfg.save_reference,
+            overwrite=cfg.overwrite, forget_split=cfg.forget_split, max_items=cfg.max_items,
+            max_new_tokens=cfg.max_new_tokens, generate=cfg.generate, batch_size=cfg.batch_size,
             max_length=cfg.max_length,
-        )
+        )  # fmt: skip
     return requests, device
 
 

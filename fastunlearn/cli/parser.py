@@ -95,26 +95,15 @@ def _add_one(target, name: str, spec: Spec, tp: Any, default: Any) -> None:
     else:
         allowed = spec.allowed()
         target.add_argument(
-            flag,
-            dest=name,
-            action=_Once,
-            type=_scalar_type(tp) if spec.parse is None else str,
-            parse=spec.parse,
-            choices=allowed,
-            default=S,
-            help=text,
+            flag, dest=name, action=_Once, type=_scalar_type(tp) if spec.parse is None else str,
+            parse=spec.parse, choices=allowed, default=S, help=text,
             metavar=spec.metavar or (None if allowed else name.upper()),
-        )
+        )  # fmt: skip
     for const_flag, value in spec.consts.items():
         target.add_argument(
-            const_flag,
-            dest=name,
-            action=_Once,
-            nargs=0,
-            const_value=value,
-            default=S,
+            const_flag, dest=name, action=_Once, nargs=0, const_value=value, default=S,
             help=f"the same as {flag} {value}",
-        )
+        )  # fmt: skip
 
 
 def add_options(

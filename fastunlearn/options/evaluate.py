@@ -136,11 +136,9 @@ class EvalConfig(RunControl, EvalSuite, ModelAccess):
     max_new_tokens: int = option(200, "greedy answer length (full mode)", positive=True, group="TOFU")
     generate: bool = option(True, "generation (and ROUGE-L)", negate=True, group="TOFU")
     max_length: int | None = option(
-        None,
-        "token cap of a question + answer (default: the run's, else 512; legacy: 200)",
-        positive=True,
+        None, "token cap of a question + answer (default: the run's, else 512; legacy: 200)", positive=True,
         group="TOFU",
-    )
+    )  # fmt: skip
     # extraction
     extraction: Any = option(None, 'data file of {"text"} sequences', path=True, group="extraction")
     n: int = option(10, "n-gram size of EL_n", positive=True, group="extraction")

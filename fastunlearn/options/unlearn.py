@@ -37,10 +37,8 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
     forget: Any = option(
         None,
         "the forget set: a JSON Lines, Parquet or CSV file, a datasets folder (FOLDER@SPLIT) or a Hub data "
-        "set NAME[:CONFIG][@SPLIT]; in Python also records",
-        path=True,
-        group="data",
-    )
+        "set NAME[:CONFIG][@SPLIT]; in Python also records", path=True, group="data",
+    )  # fmt: skip
     retain: Any = option(
         None, "the retain set, in the same forms (not needed by ga)", path=True, group="data"
     )
@@ -80,23 +78,17 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
         False, "trade compute for activation memory", plan=True, group="training"
     )
     memory_check: bool = option(
-        True,
-        "refuse a run whose memory plan exceeds the device",
-        negate=True,
-        identity=False,
+        True, "refuse a run whose memory plan exceeds the device", negate=True, identity=False,
         group="training",
-    )
+    )  # fmt: skip
     fsdp: str | None = option(
         None, 'shard the model with FSDP2 under torchrun, e.g. "full_shard auto_wrap"', metavar="WORDS",
         check=lambda v: parse_fsdp(v) and None, group="training",
     )  # fmt: skip
     deepspeed: Any = option(
-        None,
-        "train under DeepSpeed ZeRO with this config",
-        metavar="CONFIG.json",
-        path=True,
+        None, "train under DeepSpeed ZeRO with this config", metavar="CONFIG.json", path=True,
         group="training",
-    )
+    )  # fmt: skip
     # the method's terms
     forget_term: str | None = option(
         None, "the forget term, instead of the method's", choices=FORGET_TERMS, plan=True, group="method"
@@ -185,23 +177,16 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
         False, "also write the merged model to OUTPUT/merged", identity=False, group="output", plan=True
     )
     overwrite: bool = option(
-        False,
-        "replace the finished run in --output once the new one finishes",
-        identity=False,
+        False, "replace the finished run in --output once the new one finishes", identity=False,
         group="output",
-    )
+    )  # fmt: skip
     resume: bool = option(
         False, "continue the run in --output from its last checkpoint", identity=False, group="output"
     )
     evaluate: bool = option(
-        True,
-        "the before/after metrics",
-        flag="--eval",
-        negate=True,
-        identity=False,
-        group="output",
+        True, "the before/after metrics", flag="--eval", negate=True, identity=False, group="output",
         plan=True,
-    )
+    )  # fmt: skip
     eval_batch_size: int = option(
         16, "rows per pass of the evaluations", positive=True, identity=False, plan=True, group="output"
     )
@@ -248,14 +233,10 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
     def method_spec(self) -> MethodSpec:
         """The method's terms, weights and beta, the options applied to its preset."""
         return resolve_method(
-            self.method,
-            forget_term=self.forget_term,
-            retain_term=self.retain_term,
-            forget_weight=self.forget_weight,
-            retain_weight=self.retain_weight,
-            beta=self.beta,
+            self.method, forget_term=self.forget_term, retain_term=self.retain_term,
+            forget_weight=self.forget_weight, retain_weight=self.retain_weight, beta=self.beta,
             delta=self.simnpo_delta,
-        )
+        )  # fmt: skip
 
     def require(self) -> None:
         """What a run needs beyond valid values: its inputs, and a retain set where the method or FILA

@@ -39,13 +39,9 @@ def _lora_model(model: nn.Module, cfg: UnlearnConfig, targets: list[str] | None)
     if targets is None:
         targets = cfg.target_modules if cfg.target_modules is not None else "all-linear"
     lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+        bias="none", task_type="CAUSAL_LM",
+    )  # fmt: skip
     torch.manual_seed(cfg.seed)  # peft draws A at random
     with quiet_peft_wrap():
         return get_peft_model(model, lora)
@@ -75,15 +71,9 @@ def _fila(
         row_weights = FilaRowWeights.load(path)
     else:
         row_weights = fila_row_weights(
-            model,
-            forget,
-            retain,
-            target_modules=cfg.target_modules,
-            mode=cfg.fisher_mode,
-            eps=cfg.fila_eps,
-            max_memory=cfg.fisher_memory,
-            progress=cfg.progress,
-        )
+            model, forget, retain, target_modules=cfg.target_modules, mode=cfg.fisher_mode, eps=cfg.fila_eps,
+            max_memory=cfg.fisher_memory, progress=cfg.progress,
+        )  # fmt: skip
         distributed.on_main(lambda: row_weights.save(path, overwrite=True))
     engine.after_fisher()
     fila_init(model, row_weights=row_weights, eps=cfg.fila_eps, solver=cfg.fila_solver, seed=cfg.seed)

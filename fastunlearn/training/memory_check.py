@@ -37,15 +37,10 @@ def run_plan(cfg: UnlearnConfig, checked: Any, precision: str, engine: str) -> M
     module = cfg.model if isinstance(cfg.model, nn.Module) else None
     tokens = max((len(e.input_ids) for e in checked.forget + checked.retain), default=2)
     return plan_memory(
-        cfg,
-        config=checked.config,
-        tokens=tokens,
-        device=training_device().type,
-        precision=precision,
-        dtype=weights_dtype(module) if module is not None else None,
-        world_size=distributed.world_size(),
+        cfg, config=checked.config, tokens=tokens, device=training_device().type, precision=precision,
+        dtype=weights_dtype(module) if module is not None else None, world_size=distributed.world_size(),
         engine=engine,
-    )
+    )  # fmt: skip
 
 
 def _resident(model: nn.Module | None, device: torch.device) -> int:

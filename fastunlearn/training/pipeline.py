@@ -151,11 +151,9 @@ def load(run: RunState) -> None:
     cfg = run.cfg
     with run.engine.loading():
         run.model, run.tokenizer = load_model_and_tokenizer(
-            cfg.model,
-            run.checked.tokenizer,
-            **cfg.loading_options(),
+            cfg.model, run.checked.tokenizer, **cfg.loading_options(),
             dtype=load_dtype(run.precision, cfg.init),
-        )
+        )  # fmt: skip
     keep_trainable_layout(run.model)  # a 4-bit model given as an object too
     if cfg.fused and (reason := fused_blocker(run.model)) is not None:
         raise ValueError(
@@ -211,18 +209,11 @@ def train(run: RunState) -> None:
     cfg = run.cfg
     wrapped = run.engine.wrap(run.model, run.precision)
     trainer = build_trainer(
-        run.model,
-        run.dataset,
-        run.checked.pad_id,
-        objective=run.objective,
-        cfg=cfg,
-        output_dir=run.dirs.build,
-        precision=run.precision,
-        extra_callbacks=run.callbacks,
-        wrapped_model=wrapped,
-        trajectory=run.callbacks[0].trajectory if run.callbacks else None,
+        run.model, run.dataset, run.checked.pad_id, objective=run.objective, cfg=cfg,
+        output_dir=run.dirs.build, precision=run.precision, extra_callbacks=run.callbacks,
+        wrapped_model=wrapped, trajectory=run.callbacks[0].trajectory if run.callbacks else None,
         **run.engine.trainer_options(),
-    )
+    )  # fmt: skip
     checkpoint = outputs.last_checkpoint(run.dirs.build) if run.dirs.resume else None
     if checkpoint is not None:
         trainer.resume_run_loss(checkpoint)
@@ -259,17 +250,13 @@ def export(run: RunState) -> UnlearnResult:
         return None if path is None else os.path.join(dirs.output, os.path.relpath(path, dirs.build))
 
     return UnlearnResult(
-        model=run.model,
-        tokenizer=run.tokenizer,
-        output_dir=dirs.output,
-        metrics=run.metrics,
+        model=run.model, tokenizer=run.tokenizer, output_dir=dirs.output, metrics=run.metrics,
         metrics_path=os.path.join(dirs.output, outputs.COMPLETE_MARKER),
         run_config_path=os.path.join(dirs.output, outputs.CONFIG),
-        adapter_path=published(written.get("adapter")),
-        model_path=published(written.get("model")),
+        adapter_path=published(written.get("adapter")), model_path=published(written.get("model")),
         merged_path=published(written.get("merged")),
         fisher_paths={name: published(path) for name, path in run.fisher_paths.items()},
-    )
+    )  # fmt: skip
 
 
 def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
@@ -311,15 +298,9 @@ def unlearn(
         ]
         raise TypeError(f"unknown option(s) {unknown}" + (f" ({'; '.join(hints)})" if hints else ""))
     cfg = UnlearnConfig(
-        model=model,
-        tokenizer=tokenizer,
-        forget=forget,
-        retain=retain,
-        method=method,
-        init=init,
-        output_dir=output_dir,
-        **options,
-    )
+        model=model, tokenizer=tokenizer, forget=forget, retain=retain, method=method, init=init,
+        output_dir=output_dir, **options,
+    )  # fmt: skip
     return run_unlearning(cfg)
 
 

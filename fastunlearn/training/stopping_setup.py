@@ -52,15 +52,10 @@ def stopping_callback(
     """The run's evaluating, stopping callback; call it with the model before LoRA / FILA."""
     muse = {"muse_dir": cfg.muse, "max_items": plan.eval_items, "batch_size": cfg.eval_batch_size}
     evaluator = SetEvaluator(
-        tokenizer,
-        forget,
-        retain or None,
-        unseen or None,
-        eval_items=plan.eval_items,
-        batch_size=cfg.eval_batch_size,
-        max_new_tokens=cfg.eval_max_new_tokens,
+        tokenizer, forget, retain or None, unseen or None, eval_items=plan.eval_items,
+        batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
         muse=None if cfg.muse is None else muse,
-    )
+    )  # fmt: skip
     rule = plan.rule
     if rule is not None and not rule.resolved and rule.reference_source == "model":
         rule = measure_reference(rule, evaluator, model)

@@ -213,13 +213,8 @@ def build_trainer(
         ddp_backend="gloo" if distributed.is_distributed() and not torch.cuda.is_available() else None,
     )
     trainer = UnlearnTrainer(
-        model=model,
-        args=args,
-        callbacks=[*(cfg.callbacks or ()), *extra_callbacks],
-        train_dataset=dataset,
-        data_collator=fdata.PairCollator(pad_id),
-        objective=objective,
-        wrapped_model=wrapped_model,
-    )
+        model=model, args=args, callbacks=[*(cfg.callbacks or ()), *extra_callbacks], train_dataset=dataset,
+        data_collator=fdata.PairCollator(pad_id), objective=objective, wrapped_model=wrapped_model,
+    )  # fmt: skip
     connect_trackers(trainer, output_dir, trajectory)
     return trainer
