@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 # name -> (module exposing add_parser(subparsers), one-line help shown by `fastunlearn --help`)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "unlearn": ("fastunlearn.cli.unlearn", "unlearn a forget set from a model (LoRA, FILA or all weights)"),
-    "fisher": ("fastunlearn.cli.fisher", "estimate the diagonal Fisher information of a model on a data set"),
+    "fisher": ("fastunlearn.cli.fisher", "estimate a model's diagonal Fisher information on a data set"),
     "plan": ("fastunlearn.cli.plan", "predict the peak device memory of each phase of an unlearn run"),
     "demo": ("fastunlearn.cli.demo", "run the whole unlearning job offline on a synthetic data set"),
     "eval": ("fastunlearn.cli.eval", "evaluate a model: TOFU, extraction, MIA, MUSE, lm-eval, dialogue"),
