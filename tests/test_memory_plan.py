@@ -85,7 +85,9 @@ def run_config(**options) -> UnlearnConfig:
     return UnlearnConfig(**{**base, **options})
 
 
-@pytest.mark.parametrize("architecture, precision, options", CASES, ids=[f"{c[0]}-{c[2]['method']}-{c[2]['init']}" for c in CASES])
+@pytest.mark.parametrize(
+    "architecture, precision, options", CASES, ids=[f"{c[0]}-{c[2]['method']}-{c[2]['init']}" for c in CASES]
+)
 def test_each_phase_is_planned_as_it_runs(architecture, precision, options):
     config = tiny(architecture)
     cfg = run_config(**options)

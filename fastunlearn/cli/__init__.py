@@ -1,16 +1,7 @@
-"""The ``fastunlearn`` command: ``unlearn``, ``fisher``, ``demo``, ``eval``.
-
-Every subcommand lives in a module of this package exposing ``add_parser(subparsers)``, which
-registers it on the ``argparse`` sub-parser collection and sets ``func`` (``args -> exit code``) as its
-default; its options come from the option schema (:mod:`~fastunlearn.cli.parser`). Adding a subcommand
-is one module and one line in :data:`SUBCOMMANDS`.
-
-The top-level parser is built from :data:`SUBCOMMANDS` alone (names and one-line help), and only the
-module of the command being run is imported, so ``fastunlearn --help`` imports neither PyTorch nor
-``transformers``. User errors (bad data, a missing model, a non-empty output directory) are printed as
-one line naming the flag, file or line at fault and exit with status 2; ``--debug`` shows the
-traceback. Ctrl-C prints one line saying what the interrupted command left and how to go on (status
-130).
+"""The ``fastunlearn`` command. Each subcommand is a module of this package whose ``add_parser(subparsers)``
+registers it with ``func`` (``args -> exit code``); only the command being run is imported, so
+``fastunlearn --help`` loads neither PyTorch nor ``transformers``. A user error is one line in the
+command's flags with exit status 2 (``--debug``: the traceback); Ctrl-C says what is left (status 130).
 """
 
 from __future__ import annotations
@@ -26,37 +17,16 @@ from collections.abc import Iterable, Sequence
 
 # name -> (module exposing add_parser(subparsers), one-line help shown by `fastunlearn --help`)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "unlearn": (
-        "fastunlearn.cli.unlearn",
-        "unlearn a forget set from a model (LoRA / FILA / full fine-tuning)",
-    ),
-    "fisher": (
-        "fastunlearn.cli.fisher",
-        "estimate the diagonal Fisher information of a model's linear layers on a data set",
-    ),
-    "plan": (
-        "fastunlearn.cli.plan",
-        "predict the peak device memory of each phase of an unlearn run from the model's config",
-    ),
-    "demo": (
-        "fastunlearn.cli.demo",
-        "run the whole unlearning job offline on a synthetic data set (a few minutes on a CPU)",
-    ),
-    "eval": (
-        "fastunlearn.cli.eval",
-        "evaluate a model: TOFU (forget quality, model utility) and/or extraction (MA, EL_n)",
-    ),
+    "unlearn": ("fastunlearn.cli.unlearn", "unlearn a forget set from a model (LoRA, FILA or all weights)"),
+    "fisher": ("fastunlearn.cli.fisher", "estimate a model's diagonal Fisher information on a data set"),
+    "plan": ("fastunlearn.cli.plan", "predict the peak device memory of each phase of an unlearn run"),
+    "demo": ("fastunlearn.cli.demo", "run the whole unlearning job offline on a synthetic data set"),
+    "eval": ("fastunlearn.cli.eval", "evaluate a model: TOFU, extraction, MIA, MUSE, lm-eval, dialogue"),
 }
-# Errors that mean "the user asked for something impossible", reported without a traceback.
-# ImportError: an optional extra that is not installed (lm-eval), named with the pip command to install it
-USER_ERRORS = (
-    ValueError,
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    IsADirectoryError,
-    ImportError,
-)
+# Errors that mean "the user asked for something impossible", reported without a traceback
+# (ImportError: an optional extra that is not installed, named with its pip command).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+USER_ERRORS += (ImportError,)
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
@@ -67,9 +37,8 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """``argparse`` that reports a bad command line in one line (no usage dump) and reads every word
-    that starts with a minus and a digit (``-1e-4``, ``-1GB``) as a value, so that it reaches the
-    option's own check ("learning_rate must be positive") instead of "expected one argument"."""
+    """``argparse`` reporting a bad command line in one line, and reading a word that starts with a minus
+    and a digit (``-1e-4``) as a value, so that the option's own check reports it."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -80,8 +49,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
-    """The ``fastunlearn`` parser: ``commands`` (default: all) registered with their full options,
-    the others by name and help only (enough for ``fastunlearn --help``)."""
+    """The ``fastunlearn`` parser: ``commands`` (default: all) with their options, the others by name."""
     full = set(SUBCOMMANDS if commands is None else commands)
     parser = _Parser(
         prog="fastunlearn",
@@ -96,11 +64,6 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
         else:
             subparsers.add_parser(name, help=summary, add_help=False)
     return parser
-
-
-def summary(name: str) -> str:
-    """The one-line help of subcommand ``name`` (for its module's ``add_parser``)."""
-    return SUBCOMMANDS[name][1]
 
 
 def _version() -> str:
@@ -136,8 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _plain_warnings(args: argparse.Namespace):
-    """fastunlearn's warnings shown as one line in the command's words, not with the source line that
-    raised them (other libraries' warnings as those libraries show them)."""
+    """fastunlearn's warnings shown as one line in the command's words (others' as they show them)."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
@@ -176,12 +138,12 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _cli_message(message: str, args: argparse.Namespace) -> str:
-    """An error message with the Python names of options replaced by the command's flags, in its first
-    line: the lines after it are data (the memory plan's table of a refused run), printed as they are."""
+    """``message`` with the options' Python names replaced by the command's flags, in its first line (the
+    lines after it are data, such as a refused run's memory plan)."""
     flags = getattr(args, "option_flags", None)
     if not flags:
         return message
-    from fastunlearn.cli.messages import to_flags
+    from fastunlearn.cli.parser import to_flags
 
     first, newline, rest = message.partition("\n")
     return to_flags(first, flags) + newline + rest

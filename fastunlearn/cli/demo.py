@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from fastunlearn.cli import summary
-
 __all__ = ["add_parser"]
 
 # The run's options the demo takes, and its own defaults for them.
@@ -14,23 +12,20 @@ _DEFAULTS = {"output_dir": "fastunlearn-demo", "threads": 1}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``fastunlearn demo``."""
-    from fastunlearn.cli.parser import add_options, flags_of
+    from fastunlearn.cli.parser import add_command, add_options
     from fastunlearn.options.demo import DemoOptions
     from fastunlearn.options.unlearn import UnlearnConfig
 
-    p = subparsers.add_parser(
-        "demo",
-        help=summary("demo"),
+    p = add_command(
+        subparsers, "demo", _main, [UnlearnConfig, DemoOptions], interrupted=_interrupted, config=False,
         description="Run the whole unlearning job offline: generate a synthetic TOFU-format data set of "
         "fictitious authors (10% to forget), train a tokenizer, a small Llama model that memorises it and a "
         "retain-only reference model (both cached), unlearn the forget set, print before/after metrics and "
         "write OUTPUT/metrics.json. The equivalent `fastunlearn unlearn` command line is printed and "
         "recorded in OUTPUT/run_config.json.",
-    )
+    )  # fmt: skip
     add_options(p, UnlearnConfig, names=_RUN_OPTIONS, defaults=_DEFAULTS)
     add_options(p, DemoOptions)
-    p.set_defaults(func=_main, interrupted=_interrupted, option_flags=flags_of(UnlearnConfig, DemoOptions))
     return p
 
 

@@ -26,35 +26,24 @@ import argparse
 import os
 from typing import Any
 
-from fastunlearn.cli import summary
-
 __all__ = ["add_parser"]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``fastunlearn eval`` on an ``argparse`` sub-parser collection."""
-    from fastunlearn.cli.parser import add_config_option, add_options, flags_of
+    from fastunlearn.cli.parser import add_command, add_options
     from fastunlearn.options.evaluate import EvalConfig
 
-    p = subparsers.add_parser(
-        "eval",
-        help=summary("eval"),
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_config_option(p)
+    p = add_command(
+        subparsers, "eval", _main, [EvalConfig], interrupted="interrupted; nothing was written",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     add_options(p, EvalConfig)
-    p.set_defaults(
-        func=_main,
-        interrupted=lambda args: "interrupted; nothing was written",
-        option_flags=flags_of(EvalConfig),
-    )
     return p
 
 
 def _training_options(model_dir: str) -> dict:
-    """The template and length a ``fastunlearn unlearn`` run trained with, if ``model_dir`` is its output
-    (``OUTPUT/run_config.json`` beside ``OUTPUT/adapter``, ``OUTPUT/merged``, ``OUTPUT/model``)."""
+    """The template and length of the run whose output ``model_dir`` is (its ``run_config.json`` there or
+    one level up)."""
     import json
 
     for folder in (model_dir, os.path.join(model_dir, os.pardir)):
@@ -67,9 +56,8 @@ def _training_options(model_dir: str) -> dict:
 
 
 def _main(args: argparse.Namespace) -> int:
-    """Under ``torchrun`` / ``accelerate launch`` every process runs this: the checks on every rank (any
-    rank's error stops them all), the evaluation shared by the ranks, the table and the files from the
-    main process alone."""
+    """Under a launcher every process runs this: the checks on every rank, the evaluation shared, the
+    table and the files from the main process alone."""
     from fastunlearn import evaluation as ev
     from fastunlearn._io import write_json
     from fastunlearn.cli.parser import options_from_args
@@ -120,9 +108,7 @@ def _tofu_data(cfg) -> Any:
 
 
 def _checked(cfg) -> tuple[dict[str, Any], Any]:
-    """The evaluations asked for (as :func:`fastunlearn.evaluate` takes them) and the device, every
-    argument checked and every input read before the model loads; a run's template and length taken
-    from its ``run_config.json``."""
+    """The evaluations asked for and the device, every input checked before the model loads."""
     from fastunlearn.evaluation import check
     from fastunlearn.models.devices import resolve_device
     from fastunlearn.models.loading import model_source
@@ -151,25 +137,17 @@ def _checked(cfg) -> tuple[dict[str, Any], Any]:
     if tofu is not None:
         _run_template(cfg)
         requests["tofu"] = dict(
-            data=tofu,
-            mode=cfg.mode,
-            template=cfg.template,
-            reference_truth_ratios=cfg.reference_truth_ratios,
-            save_reference=cfg.save_reference,
-            overwrite=cfg.overwrite,
-            forget_split=cfg.forget_split,
-            max_items=cfg.max_items,
-            max_new_tokens=cfg.max_new_tokens,
-            generate=cfg.generate,
-            batch_size=cfg.batch_size,
+            data=tofu, mode=cfg.mode, template=cfg.template,
+            reference_truth_ratios=cfg.reference_truth_ratios, save_reference=cfg.save_reference,
+            overwrite=cfg.overwrite, forget_split=cfg.forget_split, max_items=cfg.max_items,
+            max_new_tokens=cfg.max_new_tokens, generate=cfg.generate, batch_size=cfg.batch_size,
             max_length=cfg.max_length,
-        )
+        )  # fmt: skip
     return requests, device
 
 
 def _run_template(cfg) -> None:
-    """``cfg.template`` and ``cfg.max_length`` from the run that trained ``cfg.model`` where not given;
-    a bare model needs ``--template`` (the scores depend on it)."""
+    """``cfg.template`` and ``cfg.max_length`` from the run that trained ``cfg.model`` where not given."""
     from fastunlearn.data import TEMPLATE_NAMES
     from fastunlearn.evaluation.tofu import LEGACY_TEMPLATES
 

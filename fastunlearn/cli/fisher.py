@@ -1,10 +1,8 @@
 """``fastunlearn fisher``: estimate and save the diagonal Fisher information of a model on a data set.
 
-The output path, the model directory, the tokenizer, the data and the target modules (on the model
-built on the ``meta`` device) are checked before the weights load. The estimate is written into the
-output file group by group as it is computed: host memory holds one layer of it at a time, the device
-one group's accumulators (``--fisher-memory``). Under ``torchrun`` the ranks share the batches and the
-main process alone checks the output, writes it and prints the summary.
+Everything is checked before the weights load (the model built on the ``meta`` device); the estimate is
+written group by group as it is computed. Under ``torchrun`` the ranks share the batches and the main
+process alone writes.
 """
 
 from __future__ import annotations
@@ -13,30 +11,20 @@ import argparse
 import math
 import os
 
-from fastunlearn.cli import summary
-
 __all__ = ["add_parser"]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``fastunlearn fisher``."""
-    from fastunlearn.cli.parser import add_config_option, add_options, flags_of
+    from fastunlearn.cli.parser import add_command, add_options
     from fastunlearn.options.fisher import FisherConfig
 
-    p = subparsers.add_parser(
-        "fisher",
-        help=summary("fisher"),
+    p = add_command(
+        subparsers, "fisher", _run_fisher, [FisherConfig], interrupted="interrupted; nothing was written",
         description="Estimate the diagonal empirical Fisher information F = (1/N) Σ_n g_n² of every linear "
         "layer of MODEL (but the output head) on the examples of --data, and save it as safetensors "
         "(load it with fastunlearn.fisher.FisherEstimate.load).",
-    )
-    add_config_option(p)
+    )  # fmt: skip
     add_options(p, FisherConfig)
-    p.set_defaults(
-        func=_run_fisher,
-        interrupted=lambda args: "interrupted; nothing was written",
-        option_flags=flags_of(FisherConfig),
-    )
     return p
 
 

@@ -1,24 +1,22 @@
-"""Command-line parsers built from the option schema, and ``--config FILE``.
+"""Command-line parsers built from the option schema, ``--config FILE``, and messages in flags.
 
-Every option of a schema class (:mod:`fastunlearn.options`) becomes a flag with its help, choices and
-type; booleans become switches (``--no-...`` for those that default to True, both forms for a
-tri-state one). Values come, in increasing priority, from the schema's defaults, the ``--config``
-file (YAML or JSON; a run's ``run_config.json`` is one) and the command line: the parser records
-only what was typed (``argparse.SUPPRESS`` defaults), so the three merge without guessing. An option
-given twice with different values is an error, not "the last one wins".
+Values come from the schema's defaults, then the ``--config`` file, then the command line: the parser
+records only what was typed (``argparse.SUPPRESS`` defaults), so the three merge without guessing. An
+option given twice with different values is an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import typing
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from fastunlearn.options.files import read_config_file
 from fastunlearn.options.schema import Spec, fields_of, flag_of
 
-__all__ = ["add_config_option", "add_options", "flags_of", "options_from_args"]
+__all__ = ["add_command", "add_options", "flags_of", "options_from_args", "to_flags"]
 
 
 def flags_of(*schemas: type) -> dict[str, str]:
@@ -97,26 +95,15 @@ def _add_one(target, name: str, spec: Spec, tp: Any, default: Any) -> None:
     else:
         allowed = spec.allowed()
         target.add_argument(
-            flag,
-            dest=name,
-            action=_Once,
-            type=_scalar_type(tp) if spec.parse is None else str,
-            parse=spec.parse,
-            choices=allowed,
-            default=S,
-            help=text,
+            flag, dest=name, action=_Once, type=_scalar_type(tp) if spec.parse is None else str,
+            parse=spec.parse, choices=allowed, default=S, help=text,
             metavar=spec.metavar or (None if allowed else name.upper()),
-        )
+        )  # fmt: skip
     for const_flag, value in spec.consts.items():
         target.add_argument(
-            const_flag,
-            dest=name,
-            action=_Once,
-            nargs=0,
-            const_value=value,
-            default=S,
+            const_flag, dest=name, action=_Once, nargs=0, const_value=value, default=S,
             help=f"the same as {flag} {value}",
-        )
+        )  # fmt: skip
 
 
 def add_options(
@@ -145,14 +132,25 @@ def add_options(
         _add_one(groups[spec.group], f.name, spec, tp, (defaults or {}).get(f.name, default))
 
 
-def add_config_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        metavar="FILE",
-        default=None,
-        help="read options from a YAML or JSON file (a run's run_config.json reproduces the run); "
-        "options on the command line override it",
-    )
+def add_command(
+    subparsers, name: str, func: Callable, schemas: list[type], *, interrupted: Any = None,
+    config: bool = True, **kwargs: Any,
+) -> argparse.ArgumentParser:  # fmt: skip
+    """Register subcommand ``name`` running ``func``, its messages in the flags of ``schemas``, with
+    ``--config FILE`` unless ``config=False``. ``interrupted``: what Ctrl-C prints (or makes of args)."""
+    from fastunlearn.cli import SUBCOMMANDS
+
+    p = subparsers.add_parser(name, help=SUBCOMMANDS[name][1], **kwargs)
+    if config:
+        p.add_argument(
+            "--config", metavar="FILE", default=None,
+            help="read options from a YAML or JSON file (a run's run_config.json reproduces the run); "
+            "options on the command line override it",
+        )  # fmt: skip
+    if isinstance(interrupted, str):
+        interrupted = lambda args, line=interrupted: line
+    p.set_defaults(func=func, interrupted=interrupted, option_flags=flags_of(*schemas))
+    return p
 
 
 def options_from_args(args: argparse.Namespace, schema: type) -> dict[str, Any]:
@@ -161,3 +159,20 @@ def options_from_args(args: argparse.Namespace, schema: type) -> dict[str, Any]:
     typed = {name: value for name, value in vars(args).items() if name in names}
     path = getattr(args, "config", None)
     return {**(read_config_file(path, schema) if path else {}), **typed}
+
+
+def to_flags(message: str, flags: Mapping[str, str]) -> str:
+    """``message`` with the Python names of ``flags`` replaced by their flags: ``name=True`` (and
+    ``name=False`` of a ``--no-...`` switch) by ``--flag``, ``name=value`` by ``--flag value``, a bare
+    name only when it holds an underscore (so "resume" in prose stays); not inside paths or quotes."""
+
+    def replace(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2)
+        flag = flags.get(name)
+        if flag is None or (value is None and "_" not in name):
+            return match.group(0)
+        if value is None or value == "=True" or (value == "=False" and flag.startswith("--no-")):
+            return flag
+        return f"{flag} {value[1:]}"
+
+    return re.sub(r"(?<![\w/.\-'\"])([a-z][a-z0-9_]*)(=[^\s,;)]+)?", replace, message)

@@ -1,36 +1,29 @@
-"""``fastunlearn plan``: the predicted peak device memory of an ``unlearn`` run, phase by phase: the
-run's phases executed on fake tensors built from MODEL's config. MODEL is a model directory, its
-``config.json``, a Hub id in the local cache or a well-known name (``llama2-7b``, ``llama3-8b``,
-``mistral-7b``, ``qwen2.5-7b``, ``phi-1.5``, ``gpt-neo-2.7b``); the run's options are ``unlearn``'s own."""
+"""``fastunlearn plan``: the predicted peak device memory of an ``unlearn`` run, phase by phase."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from fastunlearn.cli import summary
-
 __all__ = ["add_parser"]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``fastunlearn plan``."""
-    from fastunlearn.cli.parser import add_config_option, add_options, flags_of
+    from fastunlearn.cli.parser import add_command, add_options
     from fastunlearn.options.plan import PlanOptions
     from fastunlearn.options.unlearn import UnlearnConfig
 
-    p = subparsers.add_parser(
-        "plan",
-        help=summary("plan"),
+    p = add_command(
+        subparsers, "plan", _run_plan, [UnlearnConfig, PlanOptions],
         description="Predict the peak device memory of each phase of `fastunlearn unlearn` (load, evaluate, "
         "Fisher passes, FILA, a training step, save): the phases run on fake tensors (shapes, no data) "
         "built from MODEL's config, their live tensors counted (torch.cuda.max_memory_allocated); the "
-        "CUDA context is added to the total.",
-    )
-    add_config_option(p)
+        "CUDA context is added to the total. MODEL: a model directory, its config.json, a Hub id in the "
+        "local cache or a well-known name (llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b, phi-1.5, "
+        "gpt-neo-2.7b).",
+    )  # fmt: skip
     add_options(p, UnlearnConfig, only=lambda spec: spec.plan)
     add_options(p, PlanOptions)
-    p.set_defaults(func=_run_plan, option_flags=flags_of(UnlearnConfig, PlanOptions))
     return p
 
 

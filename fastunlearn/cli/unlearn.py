@@ -1,28 +1,19 @@
-"""``fastunlearn unlearn``: :func:`fastunlearn.unlearn` from the command line.
-
-The options are :class:`~fastunlearn.options.unlearn.UnlearnConfig`'s; their defaults are the paper's
-recipe for a 7B model. Small models want other settings: ``fastunlearn demo`` prints the command line
-of its run, and every run records its own in ``OUTPUT/run_config.json``.
-"""
+"""``fastunlearn unlearn``: :func:`fastunlearn.unlearn` from the command line."""
 
 from __future__ import annotations
 
 import argparse
 import os
 
-from fastunlearn.cli import summary
-
 __all__ = ["add_parser"]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``fastunlearn unlearn``."""
-    from fastunlearn.cli.parser import add_config_option, add_options, flags_of
+    from fastunlearn.cli.parser import add_command, add_options
     from fastunlearn.options.unlearn import UnlearnConfig
 
-    p = subparsers.add_parser(
-        "unlearn",
-        help=summary("unlearn"),
+    p = add_command(
+        subparsers, "unlearn", _run_unlearn, [UnlearnConfig], interrupted=_interrupted,
         description="Unlearn the records of --forget from MODEL while keeping it good on --retain "
         "(IHL + FILA, Cha et al. ICLR 2025). Data: {question, answer}, {prompt, completion} or {text} "
         "records in JSON Lines, Parquet or CSV files, datasets folders or Hub data sets. Writes "
@@ -30,10 +21,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "OUTPUT/run_config.json (which --config reads back).",
         epilog="example: fastunlearn unlearn ./llama2-7b-tofu --forget forget10.json --retain retain90.json "
         "--template tofu-llama2 --max-length 500 --output out/ --lr 1e-4 --bf16",
-    )
-    add_config_option(p)
+    )  # fmt: skip
     add_options(p, UnlearnConfig)
-    p.set_defaults(func=_run_unlearn, interrupted=_interrupted, option_flags=flags_of(UnlearnConfig))
     return p
 
 

@@ -1,6 +1,5 @@
-"""The command line that runs what a schema instance holds (recorded in ``run_config.json``, printed by
-the demo): every option away from its default, spelled as the parser built from the same schema reads
-it (:mod:`fastunlearn.cli.parser`)."""
+"""The command line that runs what a schema instance holds: every option away from its default, spelled
+as :mod:`fastunlearn.cli.parser` reads it."""
 
 from __future__ import annotations
 
@@ -33,9 +32,8 @@ def _spell(flag: str, value: Any, negate: bool, tp: Any) -> list[str]:
 def command_line(
     obj: Any, command: str, *, skip: tuple[str, ...] = ("overwrite", "resume", "progress")
 ) -> str | None:
-    """``fastunlearn COMMAND ...`` running what ``obj`` holds, or ``None`` when no command line can (a
-    model or data given as Python objects, a Python-only option away from its default). ``skip``: how
-    to run, not what (left out)."""
+    """``fastunlearn COMMAND ...`` running what ``obj`` holds, or ``None`` when none can (Python objects
+    as values). ``skip``: options saying how to run, left out."""
     positional: list[str] = []
     argv: list[str] = []
     for f, spec, tp in fields_of(obj):

@@ -1,5 +1,5 @@
-"""Option groups shared by several commands: the model and how it may be loaded, how records become
-token sequences, and how a command runs (threads, progress bars)."""
+"""Option groups shared by several commands: the model, how records become token sequences, how a
+command runs."""
 
 from __future__ import annotations
 
@@ -18,48 +18,28 @@ class ModelAccess:
     """The model a command works on, and what loading it may do."""
 
     model: Any = option(
-        None,
-        "a local model directory (Hugging Face format), a peft adapter directory or a Hugging Face Hub id "
-        "(found in the local cache); in Python also a loaded causal LM",
-        flag="",
-        path=True,
-        plan=True,
-    )
+        None, "a model or peft adapter directory, or a Hub id; in Python also a loaded causal LM", flag="",
+        path=True, plan=True,
+    )  # fmt: skip
     tokenizer: Any = option(None, "tokenizer directory (default: the model's)", path=True, group="model")
     trust_remote_code: bool = option(
         False, "allow the model's own Python code to run", identity=False, plan=True, group="model"
     )
     allow_download: bool = option(
-        False,
-        "allow fetching from the Hugging Face Hub what the local cache lacks (MODEL by Hub id, Hub data "
-        "sets); without it Hub ids resolve from the cache alone",
-        identity=False,
-        group="model",
+        False, "fetch from the Hugging Face Hub what the local cache lacks", identity=False, group="model"
     )
-    revision: str | None = option(
-        None,
-        "branch, tag or commit of a Hub MODEL (default: main; the run records the commit it resolved to)",
-        group="model",
-    )
+    revision: str | None = option(None, "branch, tag or commit of a Hub MODEL (default: main)", group="model")
     load_in_4bit: bool = option(
-        False,
-        "load the base weights in 4 bits (bitsandbytes NF4, double quantisation; QLoRA); LoRA / FILA "
-        "adapters train in full precision on top",
-        check=lambda on: on and require_bitsandbytes("load_in_4bit"),
-        plan=True,
-        group="model",
-    )
+        False, "load the base weights in 4 bits (bitsandbytes NF4; QLoRA)",
+        check=lambda on: on and require_bitsandbytes("load_in_4bit"), plan=True, group="model",
+    )  # fmt: skip
     load_in_8bit: bool = option(
-        False,
-        "load the base weights in 8 bits (bitsandbytes LLM.int8())",
-        check=lambda on: on and require_bitsandbytes("load_in_8bit"),
-        plan=True,
-        group="model",
-    )
+        False, "load the base weights in 8 bits (bitsandbytes LLM.int8())",
+        check=lambda on: on and require_bitsandbytes("load_in_8bit"), plan=True, group="model",
+    )  # fmt: skip
 
     def loading_options(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`~fastunlearn.models.loading.load_model_and_tokenizer` these
-        options set."""
+        """The keyword arguments of ``load_model_and_tokenizer`` these options set."""
         return {
             "trust_remote_code": self.trust_remote_code,
             "allow_download": self.allow_download,
@@ -78,19 +58,13 @@ class DataShape:
     """How data records become token sequences."""
 
     template: str = option(
-        "plain",
-        "prompt template of question/answer records; tofu-*: TOFU's own tokenisation, as the TOFU models "
-        "were fine-tuned",
-        choices=TEMPLATE_NAMES,
-        group="data",
-    )
+        "plain", "prompt template of question/answer records (tofu-*: TOFU's own tokenisation)",
+        choices=TEMPLATE_NAMES, group="data",
+    )  # fmt: skip
     data_format: str = option(
-        "auto",
-        "record format of the data files (default: detected per file)",
-        flag="--format",
-        choices=("auto", *FORMATS),
-        group="data",
-    )
+        "auto", "record format of the data files (auto: detected per file)", flag="--format",
+        choices=("auto", *FORMATS), group="data",
+    )  # fmt: skip
     max_length: int = option(512, "token cap per example", positive=True, plan=True, group="data")
 
 
@@ -99,11 +73,6 @@ class RunControl:
     """How a command runs, never what it computes."""
 
     threads: int | None = option(
-        None,
-        "PyTorch CPU threads, intra- and inter-op (default: one per core; on a busy machine 1 or 2 can be "
-        "many times faster)",
-        positive=True,
-        identity=False,
-        group="run",
+        None, "PyTorch CPU threads (default: one per core)", positive=True, identity=False, group="run"
     )
     progress: bool = option(True, "show progress bars", negate=True, identity=False, group="run")

@@ -19,11 +19,7 @@ class DemoOptions:
         None, "where the data and pre-trained demo models are cached (default: the user cache)", path=True
     )
     size: str = option("small", "'tiny' is a reduced, faster demo used by the tests", choices=DEMO_SIZES)
-    stop: bool = option(
-        False,
-        "stop by the tofu rule (forget accuracy and ROUGE-L at the retain-only model's), 3 evaluations past "
-        "the first crossing, keeping the best state, instead of training the fixed 10 epochs",
-    )
+    stop: bool = option(False, "stop by the tofu rule instead of after 10 epochs")
 
     def __post_init__(self) -> None:
         validate(self)

@@ -17,52 +17,36 @@ _MIA, _PRIVLEAK = "membership inference", "PrivLeak (membership inference, MUSE)
 
 @dataclass
 class EvalSuite:
-    """The field's evaluations, for ``fastunlearn eval`` and after an unlearning run: membership
-    inference, MUSE, lm-evaluation-harness tasks, dialogue. In a run only ``muse`` (its training data,
-    its stopping rule) and ``retrain_model`` (the muse rule's reference) are part of what it computes;
-    the others say what is evaluated after it (``identity=False``: a resumed run may change them)."""
+    """The field's evaluations, for ``fastunlearn eval`` and after a run. Only ``muse`` and
+    ``retrain_model`` are part of a run's identity; a resumed run may change the others."""
 
     mia_forget: Any = option(
-        None,
-        "the members: a data file of text records, every token a target",
-        path=True,
-        identity=False,
-        group=_MIA,
+        None, "the members: text records, every token a target", path=True, identity=False, group=_MIA
     )
     mia_holdout: Any = option(
         None, "the non-members: texts never trained on", path=True, identity=False, group=_MIA
     )
     mia_k: float = option(
-        0.4,
-        "Min-K%'s fraction of lowest-scoring tokens (and PrivLeak's)",
-        positive=True,
-        identity=False,
+        0.4, "Min-K%'s fraction of lowest-scoring tokens (and PrivLeak's)", positive=True, identity=False,
         group=_MIA,
-    )
+    )  # fmt: skip
     mia_reference_model: Any = option(
-        None,
-        "a reference model, same tokenizer, for the reference attack",
-        path=True,
-        identity=False,
+        None, "a reference model, same tokenizer, for the reference attack", path=True, identity=False,
         group=_MIA,
-    )
+    )  # fmt: skip
     muse: Any = option(
-        None,
-        "a MUSE benchmark directory (verbmem/, knowmem/, privleak/; unlearn trains on raw/forget and "
-        "raw/retain1 when --forget/--retain are not given)",
-        path=True,
-        group="MUSE",
+        None, "a MUSE benchmark directory (unlearn's default forget and retain sets)", path=True, group="MUSE"
     )
     retrain_model: Any = option(
         None, "the model retrained without the forget set (same tokenizer)", path=True, group=_PRIVLEAK
     )
     retrain_auc: float | None = option(
-        None, "the retrained model's Min-K% AUC on the same sets, instead of --retrain-model", positive=True,
+        None, "the retrained model's Min-K% AUC, instead of --retrain-model", positive=True,
         identity=False, group=_PRIVLEAK,
     )  # fmt: skip
     lm_eval: str | None = option(
-        None, "lm-evaluation-harness tasks, e.g. wmdp_bio,wmdp_cyber,wmdp_chem,mmlu", metavar="TASKS",
-        identity=False, group="lm-eval",
+        None, "lm-evaluation-harness tasks, e.g. wmdp_bio,mmlu", metavar="TASKS", identity=False,
+        group="lm-eval",
     )  # fmt: skip
     lm_eval_include: Any = option(
         None, "a directory of local task YAML files", path=True, identity=False, group="lm-eval"
@@ -81,9 +65,8 @@ class EvalSuite:
     def suite_requests(
         self, batch_size: int, *, retrain_elsewhere: bool = False
     ) -> dict[str, dict[str, Any]]:
-        """The evaluations these options ask for, as :func:`fastunlearn.evaluate` takes them; an option
-        that nothing would use is an error (``retrain_elsewhere``: a stopping rule uses the retrained
-        model)."""
+        """The evaluations asked for, as :func:`fastunlearn.evaluate` takes them; an option nothing uses is
+        an error (``retrain_elsewhere``: a stopping rule uses the retrained model)."""
         privleak = {"retrain_model": self.retrain_model, "retrain_auc": self.retrain_auc, "k": self.mia_k}
         out: dict[str, dict[str, Any]] = {}
         if self.mia_forget is not None or self.mia_holdout is not None:
@@ -124,10 +107,7 @@ class EvalConfig(RunControl, EvalSuite, ModelAccess):
     """Every option of an evaluation."""
 
     base_model: Any = option(
-        None,
-        "base model directory of a peft adapter MODEL (default: the one its adapter_config.json records)",
-        path=True,
-        group="model",
+        None, "base model of a peft adapter MODEL (default: the one it records)", path=True, group="model"
     )
     # TOFU
     tofu: Any = option(None, "directory of TOFU-format JSON Lines files", path=True, group="TOFU")
@@ -137,26 +117,16 @@ class EvalConfig(RunControl, EvalSuite, ModelAccess):
     real_authors: Any = option(None, "TOFU-format file of the real-authors set", path=True, group="TOFU")
     world_facts: Any = option(None, "TOFU-format file of the world-facts set", path=True, group="TOFU")
     mode: str = option(
-        "full",
-        "legacy: the paper's pipeline token for token (<=300 items, a tofu-* template, TOFU's tokenisation "
-        "cut at 200 tokens, greedy to 200 tokens)",
-        choices=TOFU_MODES,
-        group="TOFU",
+        "full", "legacy: TOFU's own pipeline, token for token", choices=TOFU_MODES, group="TOFU"
     )
     template: str | None = option(
-        None,
-        "prompt template the model was trained with (default: the run's, from the run_config.json beside an "
-        "unlearned model; a bare model needs it)",
-        choices=TEMPLATE_NAMES,
+        None, "prompt template the model was trained with (default: its run's)", choices=TEMPLATE_NAMES,
         group="TOFU",
-    )
+    )  # fmt: skip
     reference_truth_ratios: Any = option(
-        None,
-        "retain-only model's truth ratios (JSON from --save-reference; same --mode and --template)",
-        flag="--reference",
-        path=True,
-        group="TOFU",
-    )
+        None, "the retain-only model's truth ratios (from --save-reference)", flag="--reference",
+        path=True, group="TOFU",
+    )  # fmt: skip
     save_reference: Any = option(
         None, "save this model's forget truth ratios (JSON)", path="output", group="TOFU"
     )
@@ -166,11 +136,9 @@ class EvalConfig(RunControl, EvalSuite, ModelAccess):
     max_new_tokens: int = option(200, "greedy answer length (full mode)", positive=True, group="TOFU")
     generate: bool = option(True, "generation (and ROUGE-L)", negate=True, group="TOFU")
     max_length: int | None = option(
-        None,
-        "token cap of a question + answer (default: the run's; else 512; legacy: 200)",
-        positive=True,
+        None, "token cap of a question + answer (default: the run's, else 512; legacy: 200)", positive=True,
         group="TOFU",
-    )
+    )  # fmt: skip
     # extraction
     extraction: Any = option(None, 'data file of {"text"} sequences', path=True, group="extraction")
     n: int = option(10, "n-gram size of EL_n", positive=True, group="extraction")

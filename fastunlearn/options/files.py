@@ -1,9 +1,5 @@
-"""``--config FILE``: options read from a YAML or JSON file.
-
-The file is a mapping of option names (the Python names, ``learning_rate``, or the flags' words,
-``lr`` / ``max-length``) to values. A run's ``run_config.json`` is such a file too: its ``options``
-are read, so ``--config OUTPUT/run_config.json`` runs the same job again.
-"""
+"""``--config FILE``: a YAML or JSON mapping of option names (``learning_rate``, or the flags' words
+``lr``, ``max-length``) to values; of a run's ``run_config.json`` its ``options`` are read."""
 
 from __future__ import annotations
 
@@ -42,8 +38,7 @@ def _load(path: str) -> Any:
 
 
 def read_config_file(path: str | os.PathLike, schema: type) -> dict[str, Any]:
-    """The options of ``schema`` that the file at ``path`` sets, by Python name; unknown names and a
-    file that is not a mapping are one-line errors naming the file."""
+    """The options of ``schema`` the file at ``path`` sets, by Python name."""
     path = os.fspath(path)
     data = _load(path)
     python_only = {f.name for f, spec, _ in fields_of(schema) if not spec.cli}

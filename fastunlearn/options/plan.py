@@ -1,5 +1,4 @@
-"""The options of ``fastunlearn plan`` beyond the run's own (the fields of
-:class:`~fastunlearn.options.unlearn.UnlearnConfig` marked as plan inputs)."""
+"""The options of ``fastunlearn plan`` beyond the run's own plan inputs."""
 
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
-"""The option schema: every option of every command declared once, as a dataclass field.
-
-A field's metadata (:class:`Spec`, made by :func:`option`) says everything the rest of the package
-derives from it: the command-line flag and help, the choices and range that validation enforces,
-whether the value is part of a run's identity (a resumed run must keep it) or only says how to run,
-whether the memory plan reads it, and how ``run_config.json`` records it. The type is the field's
-annotation. Adding an option is one field here and the code that uses it.
-"""
+"""The option schema: every option of every command is a dataclass field whose :class:`Spec` (made by
+:func:`option`) gives its flag, help, validation, identity, plan input and record; its annotation gives
+its type."""
 
 from __future__ import annotations
 
@@ -17,35 +12,18 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-SPEC = "fastunlearn.option"
+_META = "fastunlearn.option"
 
-__all__ = [
-    "OptionTypeError",
-    "Spec",
-    "fields_of",
-    "flag_of",
-    "option",
-    "record_value",
-    "require",
-    "spec_of",
-    "to_record",
-    "validate",
-    "with_absolute_paths",
-]
+__all__ = ["OptionTypeError", "Spec", "fields_of", "flag_of", "option", "require", "to_record", "validate"]
 
 
 @dataclass(frozen=True)
 class Spec:
-    """What the package derives from one option (see the module docstring).
-
-    ``flag``: the command-line flag (default ``--name-with-dashes``); ``""`` makes it the positional
-    argument. ``negate``: a boolean that defaults to True is switched off by ``--no-...``.
-    ``consts``: extra flags that set a constant (``{"--bf16": "bf16"}``). ``identity``: a resumed run
-    must have the same value. ``plan``: an input of the memory plan. ``cli``: False for Python-only
-    options (objects). ``parse``: turns the command line's string into the value (memory sizes).
-    ``check``: more validation than type, choices and bounds. ``path``: recorded as an absolute path
-    (``True``: when it exists, so a Hub id stays one; ``"output"``: always).
-    """
+    """What the package derives from one option. ``flag``: default ``--name-with-dashes``, ``""`` for the
+    positional argument; ``negate``: switched off by ``--no-...``; ``consts``: extra flags setting a
+    constant; ``identity``: a resumed run must keep the value; ``plan``: a memory-plan input; ``cli``:
+    False for Python-only options; ``parse``: command-line string to value; ``check``: extra validation;
+    ``path``: recorded absolute (``True``: when it exists; ``"output"``: always)."""
 
     help: str
     flag: str | None = None
@@ -70,7 +48,7 @@ class Spec:
 
 def option(default: Any = None, help: str = "", **spec: Any) -> Any:
     """A dataclass field with its :class:`Spec` (``default`` may be a list: each instance gets a copy)."""
-    metadata = {SPEC: Spec(help=help, **spec)}
+    metadata = {_META: Spec(help=help, **spec)}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -82,7 +60,7 @@ def flag_of(name: str, spec: Spec) -> str:
 
 
 def spec_of(f: dataclasses.Field) -> Spec:
-    return f.metadata.get(SPEC) or Spec(help="", cli=False)
+    return f.metadata.get(_META) or Spec(help="", cli=False)
 
 
 def fields_of(cls_or_obj: Any) -> Iterator[tuple[dataclasses.Field, Spec, Any]]:
@@ -138,13 +116,11 @@ def _type_name(tp: Any) -> str:
 
 
 class OptionTypeError(TypeError, ValueError):
-    """An option given a value of the wrong type: a ``TypeError`` in Python, a user error on the command
-    line (where values come from a ``--config`` file)."""
+    """A value of the wrong type: a ``TypeError`` in Python, a user error from a ``--config`` file."""
 
 
 def check_value(name: str, value: Any, spec: Spec, tp: Any) -> None:
-    """``ValueError`` (:class:`OptionTypeError` for a wrong type) naming ``name`` if ``value`` breaks its
-    spec."""
+    """``ValueError`` (:class:`OptionTypeError` for a wrong type) if ``value`` breaks ``spec``."""
     if not _type_ok(value, tp):
         raise OptionTypeError(f"{name} must be {_type_name(tp)}, got {value!r}")
     if value is None:
@@ -175,8 +151,7 @@ def require(obj: Any) -> None:
 
 
 def coerce(value: Any, tp: Any) -> Any:
-    """A number written as a string in a config file (YAML reads ``3e-4`` as a string) as the number
-    the option's type wants; anything else unchanged."""
+    """A number written as a string in a config file (YAML reads ``3e-4`` as one) as the type's number."""
     if not isinstance(value, str) or _type_ok(value, tp):
         return value
     for number in (int, float):

@@ -1,8 +1,8 @@
 """The options of ``fastunlearn unlearn`` / :func:`fastunlearn.unlearn`: :class:`UnlearnConfig`.
 
-Defaults are the recipe of Cha et al. (ICLR 2025, arXiv 2408.06621) for 7B models: LoRA r = 32,
-alpha = 64, dropout 0 on every linear layer but the output head; AdamW with weight decay 0.01; an
-effective batch of 32; one epoch of linear warm-up, then linear decay.
+Defaults are Cha et al.'s (ICLR 2025, arXiv 2408.06621) recipe for 7B models: LoRA r = 32, alpha = 64,
+no dropout, on every linear layer but the output head; AdamW, weight decay 0.01; an effective batch of
+32; one epoch of linear warm-up, then linear decay.
 """
 
 from __future__ import annotations
@@ -24,53 +24,29 @@ from fastunlearn.options.evaluate import EvalSuite
 from fastunlearn.options.schema import option, require, validate
 
 INITS = ("fila", "lora", "full")
-# Experiment trackers (transformers' integrations) and the package each needs.
+# Experiment trackers (transformers' integrations) and the packages that provide each.
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "trackio": ("trackio",)}
-KERNEL_BACKENDS = BACKENDS
 
 __all__ = ["INITS", "TRACKERS", "UnlearnConfig", "check_trackers"]
 
 
-def _memory_size(value: Any) -> None:
-    parse_bytes(value)
-
-
-def _eval_every(value: Any) -> None:
-    parse_eval_every(value)
-
-
 @dataclass
 class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
-    """Every option of an unlearning run (defaults: the paper's recipe where it has one)."""
+    """Every option of an unlearning run."""
 
     forget: Any = option(
         None,
-        "the forget set: a JSON Lines, Parquet or CSV file, a datasets save_to_disk folder (FOLDER@SPLIT) or "
-        "a Hugging Face Hub data set NAME[:CONFIG][@SPLIT]; in Python also records (default with --muse: "
-        "its raw/forget)",
-        path=True,
-        group="data",
-    )
+        "the forget set: a JSON Lines, Parquet or CSV file, a datasets folder (FOLDER@SPLIT) or a Hub data "
+        "set NAME[:CONFIG][@SPLIT]; in Python also records", path=True, group="data",
+    )  # fmt: skip
     retain: Any = option(
-        None,
-        "the retain set, in the same forms; not needed by ga (default with --muse: its raw/retain1)",
-        path=True,
-        group="data",
+        None, "the retain set, in the same forms (not needed by ga)", path=True, group="data"
     )
     output_dir: Any = option(
-        None,
-        "output directory; a finished run there is replaced only with --overwrite",
-        flag="--output",
-        path="output",
-        identity=False,
-        required=True,
+        None, "output directory", flag="--output", path="output", identity=False, required=True
     )
     method: str = option(
-        "ihl",
-        "the unlearning method, a forget term plus a retain term: ga, gd, kl (GA + KL), ihl, npo, npo+gd, "
-        "npo+kl, simnpo, idk, dpo, rmu (--forget-term / --retain-term override either)",
-        choices=METHODS,
-        plan=True,
+        "ihl", "unlearning method: a forget term plus a retain term", choices=METHODS, plan=True
     )
     init: str = option("fila", "adapter initialisation (full: full fine-tuning)", choices=INITS, plan=True)
     # training
@@ -87,68 +63,38 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
     max_grad_norm: float = option(1.0, "gradient clipping norm", positive=True, group="training")
     seed: int = option(0, "seed of the pairing, LoRA's initialisation and training", group="training")
     precision: str = option(
-        "auto",
-        "compute precision: auto = bf16 on CUDA GPUs of compute capability 8.0+, fp32 elsewhere; fp16 is "
-        "loss-scaled and CUDA only",
-        choices=PRECISIONS,
-        consts={"--bf16": "bf16"},
-        plan=True,
-        group="training",
-    )
+        "auto", "compute precision (auto: bf16 on CUDA GPUs that support it, else fp32)", choices=PRECISIONS,
+        consts={"--bf16": "bf16"}, plan=True, group="training",
+    )  # fmt: skip
     fused: bool | None = option(
-        None,
-        "compute the losses from the last hidden states without the [B, T, V] logits: by default wherever "
-        "the architecture allows (else the logits path, with a warning); --fused makes that an error, "
-        "--no-fused always takes the logits path",
-        identity=False,
-        plan=True,
-        group="training",
-    )
+        None, "compute the losses from the hidden states, without the logits (default: where possible)",
+        identity=False, plan=True, group="training",
+    )  # fmt: skip
     ihl_backend: str = option(
-        "auto",
-        "kernels of the loss terms: auto = Triton on CUDA, PyTorch elsewhere",
-        flag="--kernel-backend",
-        choices=KERNEL_BACKENDS,
-        identity=False,
-        group="training",
-    )
+        "auto", "kernels of the loss terms (auto: Triton on CUDA, else PyTorch)", flag="--kernel-backend",
+        choices=BACKENDS, identity=False, group="training",
+    )  # fmt: skip
     gradient_checkpointing: bool = option(
         False, "trade compute for activation memory", plan=True, group="training"
     )
     memory_check: bool = option(
-        True,
-        "refuse, before the weights load, a run whose memory plan (`fastunlearn plan`) exceeds the device",
-        negate=True,
-        identity=False,
+        True, "refuse a run whose memory plan exceeds the device", negate=True, identity=False,
         group="training",
-    )
+    )  # fmt: skip
     fsdp: str | None = option(
-        None,
-        "under torchrun / accelerate launch, shard the model with FSDP2: full_shard or shard_grad_op, plus "
-        'auto_wrap and offload, e.g. "full_shard auto_wrap"',
-        metavar="WORDS",
-        check=lambda v: parse_fsdp(v) and None,
-        group="training",
-    )
+        None, 'shard the model with FSDP2 under torchrun, e.g. "full_shard auto_wrap"', metavar="WORDS",
+        check=lambda v: parse_fsdp(v) and None, group="training",
+    )  # fmt: skip
     deepspeed: Any = option(
-        None,
-        "train under DeepSpeed ZeRO with this config (a JSON file; in Python also a dict); values that "
-        'contradict the options are refused, "auto" ones filled in',
-        metavar="CONFIG.json",
-        path=True,
+        None, "train under DeepSpeed ZeRO with this config", metavar="CONFIG.json", path=True,
         group="training",
-    )
+    )  # fmt: skip
     # the method's terms
     forget_term: str | None = option(
         None, "the forget term, instead of the method's", choices=FORGET_TERMS, plan=True, group="method"
     )
     retain_term: str | None = option(
-        None,
-        "the retain term, instead of the method's (kl: over every position, TOFU's; kl_targets: over the "
-        "answer tokens)",
-        choices=RETAIN_TERMS,
-        plan=True,
-        group="method",
+        None, "the retain term, instead of the method's", choices=RETAIN_TERMS, plan=True, group="method"
     )
     forget_weight: float | None = option(
         None, "gamma, the forget term's weight (default: the method's)", minimum=0, group="method"
@@ -161,26 +107,17 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
     )
     simnpo_delta: float = option(0.0, "SimNPO's margin delta", group="method")
     idk: Any = option(
-        None,
-        'refusal answers of idk and dpo: one a line, or JSON Lines {"answer"} (default: the package\'s list)',
-        metavar="FILE",
-        path=True,
-        group="method",
-    )
+        None, "refusal answers of idk and dpo, one a line (default: the package's)", metavar="FILE",
+        path=True, group="method",
+    )  # fmt: skip
     rmu_layer: int | None = option(
-        None,
-        "RMU's decoder layer, from 0 (default 7; the middle one for models with fewer than 16 layers)",
-        minimum=0,
-        group="method",
+        None, "RMU's steered decoder layer, from 0 (default 7, or the middle one)", minimum=0, group="method"
     )
     rmu_steering: float = option(6.5, "RMU's steering coefficient c", positive=True, group="method")
     rmu_train_layers: list[int] | None = option(
-        None,
-        "the layers whose MLP down-projection RMU trains (default: rmu_layer-2 .. rmu_layer)",
-        metavar="I[,I...]",
-        plan=True,
-        group="method",
-    )
+        None, "layers whose MLP down-projection RMU trains (default: rmu_layer-2 .. rmu_layer)",
+        metavar="I[,I...]", plan=True, group="method",
+    )  # fmt: skip
     # LoRA / FILA
     lora_r: int = option(32, "LoRA rank r", flag="--rank", positive=True, plan=True, group="LoRA / FILA")
     lora_alpha: float = option(64, "LoRA alpha", flag="--alpha", positive=True, group="LoRA / FILA")
@@ -188,12 +125,9 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
         0.0, "LoRA dropout", minimum=0, check=lambda v: _below_one(v), group="LoRA / FILA", plan=True
     )
     target_modules: list[str] | None = option(
-        None,
-        "layer names or suffixes, comma-separated (default: every linear layer but the output head)",
-        metavar="NAME[,NAME...]",
-        plan=True,
-        group="LoRA / FILA",
-    )
+        None, "layer names or suffixes (default: every linear layer but the output head)",
+        metavar="NAME[,NAME...]", plan=True, group="LoRA / FILA",
+    )  # fmt: skip
     fisher_mode: str = option(
         "per_example", "Fisher estimator for FILA", choices=FISHER_MODES, group="LoRA / FILA", plan=True
     )
@@ -201,65 +135,37 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
         4, "examples per pass of the Fisher estimate", positive=True, plan=True, group="LoRA / FILA"
     )
     fisher_memory: int | str | None = option(
-        None,
-        "device memory for the Fisher accumulators of one group of layers, e.g. 4GiB (default: what is free "
-        "after the model and a pass's activations)",
-        metavar="SIZE",
-        check=_memory_size,
-        identity=False,
-        plan=True,
-        group="LoRA / FILA",
-    )
+        None, "device memory for one group of Fisher accumulators, e.g. 4GiB (default: what is free)",
+        metavar="SIZE", check=parse_bytes, identity=False, plan=True, group="LoRA / FILA",
+    )  # fmt: skip
     fila_eps: float = option(1e-5, "epsilon of FILA's Fisher ratio", positive=True, group="LoRA / FILA")
     fila_solver: str = option(
-        "truncated",
-        "FILA's rank-r SVD: exact truncated, full, or randomised",
-        choices=SOLVERS,
-        plan=True,
-        group="LoRA / FILA",
+        "truncated", "FILA's rank-r SVD", choices=SOLVERS, plan=True, group="LoRA / FILA"
     )
     # evaluation during training and stopping
     stop: str | None = option(
-        None,
-        "'tofu' (forget accuracy and ROUGE-L at or below the retain-only model's: --reference-model, or "
-        "tofu:acc=A,rougeL=R), 'extraction' (forget MA and EL10 below the model's on unseen text: --unseen, "
-        "or extraction:ma=M,el10=E), 'muse' (MUSE's forget KnowMem at or below the retrained model's: "
-        "--muse DIR with --retrain-model, or muse:knowmem_forget=K), or bounds such as "
-        "forget.prob<=0.05,retain.rougeL>=0.5",
-        flag="--stop-when",
-        metavar="RULE",
-        group="stopping",
-    )
+        None, "stopping rule: tofu, extraction, muse, or bounds such as forget.prob<=0.05,retain.rougeL>=0.5",
+        flag="--stop-when", metavar="RULE", group="stopping",
+    )  # fmt: skip
     eval_every: int | str | None = option(
-        None,
-        "evaluate every N optimiser steps or every epoch (default: epoch with --stop-when)",
-        metavar="N|epoch",
-        parse=lambda s: int(s) if s.isdigit() else s,
-        check=_eval_every,
+        None, "evaluate every N optimiser steps or every epoch (default: epoch with --stop-when)",
+        metavar="N|epoch", parse=lambda s: int(s) if s.isdigit() else s, check=parse_eval_every,
         group="stopping",
-    )
+    )  # fmt: skip
     patience: int = option(0, "evaluations to go on after the rule first holds", minimum=0, group="stopping")
     restore: str = option(
         "first", "the state kept among those that satisfy the rule", choices=RESTORE, group="stopping"
     )
     eval_items: int = option(32, "examples per set at each evaluation", positive=True, group="stopping")
     best_by: str | None = option(
-        None,
-        "--restore best: the retain metrics that rank the states, e.g. retain.prob,retain.acc (default: "
-        "retain prob, acc and rougeL, as the data allow)",
-        metavar="METRICS",
+        None, "with --restore best: the retain metrics that rank the states", metavar="METRICS",
         group="stopping",
-    )
+    )  # fmt: skip
     generate_within: float = option(
-        0.0,
-        "also generate (rougeL, el10) where every teacher-forced bound misses by at most this fraction",
-        minimum=0,
-        identity=False,
-        group="stopping",
-    )
-    unseen: Any = option(
-        None, "text the model never saw, for the extraction rule", path=True, group="stopping"
-    )
+        0.0, "also generate where every teacher-forced bound misses by at most this fraction", minimum=0,
+        identity=False, group="stopping",
+    )  # fmt: skip
+    unseen: Any = option(None, "text the model never saw (extraction rule)", path=True, group="stopping")
     reference_model: Any = option(
         None, "the retain-only model, same tokenizer (tofu rule)", path=True, group="stopping"
     )
@@ -271,23 +177,16 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
         False, "also write the merged model to OUTPUT/merged", identity=False, group="output", plan=True
     )
     overwrite: bool = option(
-        False,
-        "replace the finished run in --output; kept until the new run finishes",
-        identity=False,
+        False, "replace the finished run in --output once the new one finishes", identity=False,
         group="output",
-    )
+    )  # fmt: skip
     resume: bool = option(
         False, "continue the run in --output from its last checkpoint", identity=False, group="output"
     )
     evaluate: bool = option(
-        True,
-        "the before/after metrics",
-        flag="--eval",
-        negate=True,
-        identity=False,
-        group="output",
+        True, "the before/after metrics", flag="--eval", negate=True, identity=False, group="output",
         plan=True,
-    )
+    )  # fmt: skip
     eval_batch_size: int = option(
         16, "rows per pass of the evaluations", positive=True, identity=False, plan=True, group="output"
     )
@@ -295,17 +194,11 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
         10, "optimiser steps between log lines", positive=True, identity=False, group="output"
     )
     report_to: str | list[str] = option(
-        ["none"],
-        "experiment trackers that receive the training scalars and every evaluation during training: "
-        f"{', '.join(TRACKERS)} or none, comma-separated (offline: TensorBoard writes OUTPUT/logs; "
-        "WANDB_MODE=offline; trackio is local unless TRACKIO_SPACE_ID is set)",
-        metavar="NAME[,NAME...]",
-        check=lambda v: check_trackers(v) and None,
-        identity=False,
-        group="output",
-    )
+        ["none"], f"experiment trackers: {', '.join(TRACKERS)} or none", metavar="NAME[,NAME...]",
+        check=lambda v: check_trackers(v) and None, identity=False, group="output",
+    )  # fmt: skip
     run_name: str | None = option(
-        None, "the run's name in the trackers (default: the output directory's name)", identity=False,
+        None, "the run's name in the trackers (default: the output directory's)", identity=False,
         group="output",
     )  # fmt: skip
     callbacks: list[Any] | None = option(
@@ -340,14 +233,10 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
     def method_spec(self) -> MethodSpec:
         """The method's terms, weights and beta, the options applied to its preset."""
         return resolve_method(
-            self.method,
-            forget_term=self.forget_term,
-            retain_term=self.retain_term,
-            forget_weight=self.forget_weight,
-            retain_weight=self.retain_weight,
-            beta=self.beta,
+            self.method, forget_term=self.forget_term, retain_term=self.retain_term,
+            forget_weight=self.forget_weight, retain_weight=self.retain_weight, beta=self.beta,
             delta=self.simnpo_delta,
-        )
+        )  # fmt: skip
 
     def require(self) -> None:
         """What a run needs beyond valid values: its inputs, and a retain set where the method or FILA
@@ -401,7 +290,7 @@ def _check_quantised(cfg: UnlearnConfig) -> None:
 
 
 def _layer_index(value: Any) -> Any:
-    """A layer index given on the command line (a string) as an int; anything else as it is."""
+    """A layer index given on the command line (a string) as an int."""
     if isinstance(value, str):
         try:
             return int(value)

@@ -1,6 +1,5 @@
-"""The ``transformers`` configuration a plan is made from: a model directory, a ``config.json``, a Hub
-id in the local cache, a config object, or one of a few well-known models (their published
-``config.json`` fields, shipped here so that planning needs no download)."""
+"""The ``transformers`` config a plan is made from: a model directory, a ``config.json``, a cached Hub id,
+a config object, or a well-known model (its published fields, shipped here: no download)."""
 
 from __future__ import annotations
 
@@ -28,23 +27,15 @@ KNOWN_MODELS: dict[str, dict[str, Any]] = {
         **{"num_attention_heads": 32, "vocab_size": 51200, "partial_rotary_factor": 0.5},
     },
     "gpt-neo-2.7b": {
-        **{
-            "model_type": "gpt_neo",
-            "hidden_size": 2560,
-            "num_layers": 32,
-            "num_heads": 20,
-            "vocab_size": 50257,
-        },
-        **{"attention_types": [[["global", "local"], 16]], "window_size": 256},
+        **{"model_type": "gpt_neo", "hidden_size": 2560, "num_layers": 32, "num_heads": 20},
+        **{"vocab_size": 50257, "attention_types": [[["global", "local"], 16]], "window_size": 256},
     },
 }
 
 
 def model_config(source: Any, *, trust_remote_code: bool = False) -> Any:
-    """The ``transformers`` config of ``source``: a :data:`KNOWN_MODELS` name, a model directory or
-    its ``config.json`` (a ``peft`` adapter directory: its base model's), a Hub id already in the local
-    cache, a config object or a dict of its fields.
-    ``ValueError`` (one line) naming a source it cannot read."""
+    """The config of ``source`` (module docstring; a peft adapter: its base model's, a dict: its fields);
+    a one-line ``ValueError`` for a source it cannot read."""
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(source, PretrainedConfig):

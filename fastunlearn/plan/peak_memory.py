@@ -1,17 +1,9 @@
 """Peak bytes of live tensors while a function runs, on real tensors: what the memory plan predicts.
 
-One definition for the benchmarks (benchmarks/bench_scale.py and the others) and the plan's tests.
-
-- CUDA: the caching allocator's counters, ``torch.cuda.max_memory_allocated`` above what was
-  allocated when ``fn`` started (after a synchronisation on both sides).
-- CPU: the PyTorch profiler's allocation and free events (``profile_memory=True``), summed in time
-  order — the live bytes of every tensor PyTorch's CPU allocator hands out, exact and independent of
-  allocator caching. It does not see memory that MKL or oneDNN allocate for themselves (matmul
-  packing buffers), nor Python objects. The process's resident set is no substitute: it moved by
-  tens of MB between identical runs of a few-hundred-MB step.
-
-Dead tensors are collected (``gc.collect``; on CUDA the cache emptied) before the measurement, so
-garbage from earlier code cannot be freed inside the window and lower the figure.
+CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated at the start. CPU: the profiler's
+allocation and free events summed in time order (exact and independent of allocator caching; memory
+MKL or oneDNN allocate for themselves is not seen). Dead tensors are collected first, so that earlier
+garbage cannot be freed inside the window.
 """
 
 from __future__ import annotations
@@ -27,9 +19,8 @@ __all__ = ["peak_tensor_bytes", "step_peaks", "young_garbage"]
 
 @contextlib.contextmanager
 def young_garbage() -> Iterator[None]:
-    """Within the block, ``gc.collect()`` scans only the objects made in it: those made before (the
-    imported libraries' many objects, and any garbage among them) are frozen, which makes a collection
-    after each step cheap and keeps earlier garbage from being freed inside a measurement."""
+    """Within the block ``gc.collect()`` scans only objects made in it: cheap, and earlier garbage is not
+    freed inside a measurement."""
     gc.freeze()
     try:
         yield
@@ -43,8 +34,8 @@ def peak_tensor_bytes(fn: Callable[[], object], device: torch.device | str = "cp
 
 
 def step_peaks(steps: Iterable[Callable[[], object]], device: torch.device | str = "cpu") -> list[int]:
-    """The peak of live tensor bytes on ``device`` during each of ``steps``, run one after the other,
-    above what was live when the first started; dead tensors are collected after each step."""
+    """The peak of live tensor bytes on ``device`` during each of ``steps``, run in turn, above what was
+    live when the first started."""
     device = torch.device(device)
     if device.type not in ("cuda", "cpu"):
         raise ValueError(f"peak_tensor_bytes measures CUDA or CPU tensors, not {device.type!r}")

@@ -1,23 +1,11 @@
-"""The steps of an unlearning run, executed by the package's own code on a model built from its config.
+"""The steps of an unlearning run, each a call of the run's own code, on a model built from its config.
 
-:class:`PhaseRunner` lists the steps of :func:`fastunlearn.unlearn` in order, each a call of what the
-run calls: loading (``from_config`` in the weights' dtype, :func:`~fastunlearn.patch`), the metrics
-before training (:func:`~fastunlearn.evaluation.likelihood.answer_stats`), the adapters
-(:func:`~fastunlearn.training.adapters.trainable_model`), the Fisher passes
-(:func:`~fastunlearn.fisher.fila_row_weights` under the run's ``fisher_memory``), FILA
-(:func:`~fastunlearn.fisher.fila_init`), the reference (NPO's and DPO's log-probabilities, a copy of
-the model where full fine-tuning's KL or RMU term needs one), a training step in the steady state (AdamW's
-moments and, under gradient accumulation, the earlier micro-batches' gradients there; the objective
-under the autocast ``Trainer`` applies to each model call; clipping; the optimiser step), the metrics
-after training and the export (:func:`~fastunlearn.training.exports.collect_outputs`). Every example
-has ``tokens`` tokens but the last of a batch, a token shorter (a padded batch), every token labelled.
-
-The Fisher passes run for the groups of layers that can hold their peak: a group's passes keep the
-activations of every layer from its lowest one up, so a later group can only peak higher with more
-accumulator bytes than every earlier one. FILA's row weights are ones (values change no memory).
-
-The steps run on fake tensors (:func:`fastunlearn.plan.plan.plan_memory`) or on real ones
-(:func:`measure_phases`, what the tests and ``benchmarks/bench_scale.py`` compare the plan with).
+Loading, the metrics before and after, the adapters, the Fisher passes, FILA, the reference, a training
+step in the steady state (AdamW's moments and the earlier micro-batches' gradients already there) and
+the export. Every example has ``tokens`` tokens but a batch's last, one shorter (a padded batch), every
+token labelled. Only the Fisher groups that can peak higher run: a group's passes keep the activations
+of every layer from its lowest one up, so a later group peaks higher only with more accumulator bytes.
+FILA's row weights are ones (values change no memory).
 """
 
 from __future__ import annotations
@@ -53,10 +41,9 @@ Step = tuple[str, str, str, Callable[[], object]]  # (phase, step, kind of its a
 
 @dataclass(frozen=True)
 class Setting:
-    """What a run is planned for beyond its options: the model's ``transformers`` config, the tokens of
-    an example, the resolved precision (``"fp32"``, ``"bf16"``, ``"fp16"``), the weights' dtype (default:
-    the one the run loads them in), where the tensors are made and the kind of device the run trains
-    on (``"cuda"``: AdamW's foreach path)."""
+    """What a run is planned for beyond its options: the model's config, an example's tokens, the
+    resolved precision, the weights' dtype (default: the run's), where the tensors are made and the
+    device the run trains on (``"cuda"``: AdamW's foreach path)."""
 
     config: Any
     tokens: int
@@ -79,8 +66,7 @@ class _AutocastEachCall(nn.Module):
 
 
 class PhaseRunner:
-    """The steps of one run (module docstring). ``tracker``: the counter of a run on fake tensors,
-    told where the output head, the gradients and the quantised weights are."""
+    """The steps of one run; ``tracker``: the counter of a run on fake tensors."""
 
     def __init__(self, cfg: UnlearnConfig, setting: Setting, tracker: LiveTensors | None = None) -> None:
         self.cfg, self.setting, self.tracker = cfg, setting, tracker
@@ -131,8 +117,7 @@ class PhaseRunner:
             self._quantised(model)
 
     def _quantised(self, model: nn.Module) -> None:
-        """Count the linear layers' weights (the output head's excepted) as bitsandbytes stores them
-        under ``load_in_4bit`` / ``load_in_8bit``; the model runs in its compute dtype."""
+        """Count the linear layers' weights but the head's as bitsandbytes stores them (4 or 8 bits)."""
         bits = 4 if getattr(self.cfg, "load_in_4bit", False) else 8 * getattr(self.cfg, "load_in_8bit", False)
         if not bits:
             return
@@ -153,8 +138,7 @@ class PhaseRunner:
             self.tracker.count_gradients(self.params)
 
     def fisher_groups(self) -> list[list[str]]:
-        """Of the groups :func:`~fastunlearn.fisher.budget.plan_groups` makes under the budget, those
-        that can hold the passes' peak (module docstring)."""
+        """The Fisher groups under the budget that can hold the passes' peak (module docstring)."""
         layers = select_linear_layers(self.model, self.cfg.target_modules)
         sizes = {name: 8 * math.prod(linear_shape(layer)) for name, layer in layers.items()}
         given = self.cfg.fisher_memory
@@ -229,9 +213,9 @@ class PhaseRunner:
 
 
 def quantised_bytes(weight: torch.Tensor, bits: int) -> int:
-    """Bytes of a linear layer's weight as bitsandbytes stores it: NF4 with double quantisation (two
-    weights a byte, an 8-bit scale per block of 64 and an fp32 one per 256 blocks, 1092 bytes of code
-    tables), or LLM.int8 (a byte a weight, an fp32 scale per row)."""
+    """Bytes of a linear weight as bitsandbytes stores it: NF4 with double quantisation (two weights a
+    byte, an 8-bit scale per 64, an fp32 one per 256 blocks, 1092 bytes of tables) or LLM.int8 (a byte
+    a weight, an fp32 scale per row)."""
     n = weight.numel()
     if bits == 4:
         blocks = math.ceil(n / 64)
@@ -244,8 +228,7 @@ def _span(group: list[str]) -> str:
 
 
 def measure_phases(cfg: UnlearnConfig, setting: Setting) -> dict[str, int]:
-    """Each phase's peak of live tensor bytes, its steps run on real tensors on ``setting.device``
-    (:func:`~fastunlearn.plan.peak_memory.step_peaks`), counted from before the model is built."""
+    """Each phase's peak of live tensor bytes on real tensors, from before the model is built."""
     steps = PhaseRunner(cfg, setting).steps()
     names: list[str] = []
     calls = (names.append(phase) or call for phase, _, _, call in steps)

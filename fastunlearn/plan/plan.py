@@ -1,19 +1,11 @@
-"""The memory plan of an unlearning run: its phases executed on fake tensors, each one's peak counted.
+"""The memory plan of an unlearning run: its phases run on fake tensors, each one's peak counted.
 
-:func:`plan_memory` builds the model from its ``transformers`` config under ``FakeTensorMode`` (shapes
-and dtypes, no storage) and runs the run's steps with the package's own code
-(:mod:`fastunlearn.plan.phases`) while :class:`~fastunlearn.plan.tracker.LiveTensors` counts the live
-tensor bytes by kind: any causal LM ``transformers`` can build, every method, initialisation,
-precision and option of the run, planned by the code that runs it.
-
-A plan is for one device (live tensors, ``torch.cuda.max_memory_allocated``). The fake tensors are made
-on the CPU; planned for a GPU, the chunks of logits are the GPU's, AdamW takes its foreach path and
-copies to the host are not counted. The row kernels of the loss terms are planned as the Triton kernels
-allocate (their outputs; the PyTorch path adds a few MiB of blocks), the Fisher fold on its PyTorch path
-(a chunk of per-example gradients the Triton kernel does not need). Sharded engines (``fsdp``,
-``zero3``) divide the weights, trainable state and optimiser moments by the number of devices;
-quantised bases (``load_in_4bit``, ``load_in_8bit``) run in their compute dtype, their linear layers'
-weights counted as stored (:func:`~fastunlearn.plan.phases.quantised_bytes`).
+The model is built from its config under ``FakeTensorMode`` and the run's own code runs each step while
+:class:`~fastunlearn.plan.tracker.LiveTensors` counts live bytes by kind: every model ``transformers``
+builds and every option of the run, planned by the code that runs it. A plan is for one device; planned
+for a GPU the logits' chunks are the GPU's, AdamW takes its foreach path and host copies are free. The
+row kernels are planned as the Triton kernels allocate. Sharded engines divide the weights, trainable
+state and optimiser moments by the devices; quantised layers count as stored.
 """
 
 from __future__ import annotations
@@ -101,15 +93,12 @@ def plan_memory(
     world_size: int = 1,
     engine: str = "ddp",
 ) -> MemoryPlan:
-    """The memory plan of the run ``cfg`` describes, phase by phase (module docstring).
+    """The memory plan of the run ``cfg`` describes on a ``device`` (``"cuda"``, ``"cpu"``).
 
-    ``config``: the model's ``transformers`` config (default: read from ``cfg.model`` by
-    :func:`~fastunlearn.plan.configs.model_config`); ``tokens``: every example's length (default
-    ``cfg.max_length``); ``device``: ``"cuda"`` or ``"cpu"``, where the run trains; ``precision``: the
-    resolved one (default: ``cfg.precision``, ``"auto"`` being bf16 on a GPU, fp32 on the CPU);
-    ``dtype``: the weights' (default: the one the run loads them in); ``engine`` (``"ddp"``,
-    ``"zero2"``: replicas; ``"fsdp"``, ``"zero3"``: sharded) over ``world_size`` devices. Raises a
-    one-line ``ValueError`` for a model or option the run would refuse or the plan cannot run.
+    ``config``: the model's (default: from ``cfg.model``); ``tokens``: every example's length (default
+    ``cfg.max_length``); ``precision``: resolved (default: ``cfg.precision``, auto: bf16 on a GPU);
+    ``dtype``: the weights' (default: the run's); ``engine`` over ``world_size`` devices. A one-line
+    ``ValueError`` for a model or option the run would refuse or the plan cannot run.
     """
     config = model_config(cfg.model if config is None else config, trust_remote_code=cfg.trust_remote_code)
     if precision is None:
@@ -139,8 +128,7 @@ def plan_memory(
 
 
 def _import_model_code(config: Any) -> None:
-    """Import what the phases import before the fake run: tensors a module makes when first imported
-    (default arguments, constants) must be real."""
+    """Import the phases' modules before the fake run: tensors made on import must be real."""
     import peft  # noqa: F401
     from transformers import AutoModelForCausalLM
 
@@ -165,9 +153,8 @@ def _run(call: Any, step: str, config: Any) -> None:
 
 @contextlib.contextmanager
 def _planning(device: str) -> Iterator[None]:
-    """The fake run's process state: warnings silenced, earlier objects left alone by the garbage
-    collector, a GPU's chunks of logits on a GPU, and the row kernels as the Triton kernels allocate:
-    under fake tensors the PyTorch path's loop over blocks of rows costs thousands of operators."""
+    """The fake run's state: warnings silenced, old objects frozen for the collector, a GPU's logits
+    chunks on a GPU, the row kernels as Triton allocates (the PyTorch path's loop costs thousands of ops)."""
     saved = fused_linear.CPU_CHUNK_ELEMENTS, _ihl_torch.ihl_forward, _ihl_torch.ihl_backward
     if device == "cuda":
         fused_linear.CPU_CHUNK_ELEMENTS = fused_linear.CHUNK_ELEMENTS

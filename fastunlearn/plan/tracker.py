@@ -1,21 +1,12 @@
-"""Live tensor bytes of code running on fake tensors, by kind and phase: the counting half of the plan.
+"""Live tensor bytes of code running on fake tensors, by kind and phase.
 
-:class:`LiveTensors` is a ``TorchDispatchMode`` run above a ``FakeTensorMode`` (tensors with shapes,
-dtypes and storages but no data). Every operator's outputs pass through it; a storage it has not
-counted yet is a new allocation (every tensor of the run is made under it), counted until the storage
-object is collected (a ``weakref`` finalizer), when the allocator would get it back. So the count is
-the run's live tensor bytes operator by operator — ``torch.cuda.memory_allocated`` — and a phase's
-peak its high-water mark. Scratch an operator allocates and frees inside itself is not seen (a custom
-operator's fake implementation can show it by returning a view of its workspace).
-
-Each allocation has a kind (:data:`KINDS`): the caller's (:meth:`LiveTensors.allocating`); in the
-backward, the kind the forward tagged on the autograd node running it, or the one registered for the
-node's ``autograd.Function`` (:attr:`LiveTensors.node_kinds`); from the output head on, ``"loss"``
-(:meth:`LiveTensors.watch_head`). Gradients become ``"trainable"`` when autograd accumulates them.
-
-Fake tensors have no values, so a read gets an answer: an ``all()`` is true, a ``sum()`` counts every
-element, any other read is false or zero (checks pass; the truncated SVD converges at its first test),
-and ``nonzero`` finds every element non-zero (every token labelled: an upper bound).
+:class:`LiveTensors` is a dispatch mode above a ``FakeTensorMode``: a storage it has not seen is a new
+allocation, counted until the storage object is collected (a ``weakref`` finalizer), so the count is
+``torch.cuda.memory_allocated`` operator by operator. Scratch freed inside an operator is not seen.
+An allocation's kind is the caller's, in the backward the one tagged on (or registered for) its autograd
+node, ``"loss"`` from the output head on; gradients are ``"trainable"``. Fake tensors have no values,
+so reads get answers: ``all()`` is true, ``sum()`` counts the elements, any other read is zero, and
+``nonzero`` finds every element non-zero (every token labelled: an upper bound).
 """
 
 from __future__ import annotations
@@ -66,9 +57,8 @@ class LiveTensors(TorchDispatchMode):
 
     def __init__(self, fake_mode: FakeTensorMode, *, host_counts: bool = True) -> None:
         super().__init__()
-        # FakeTensorMode remembers each fake tensor by a weak reference, and nn.Module.to cannot swap a
-        # parameter holding one: emptied after every operator (it maps real tensors, of which there
-        # are none, to fakes).
+        # FakeTensorMode's memo of real tensors (there are none) would keep nn.Module.to from swapping
+        # parameters: emptied after every operator.
         self._memo = fake_mode.fake_tensor_converter.tensor_memo
         self.counted = set(KINDS) - (set() if host_counts else {"host"})
         self.live = dict.fromkeys(KINDS, 0)
@@ -117,8 +107,7 @@ class LiveTensors(TorchDispatchMode):
         self._note_peak()
 
     def watch_head(self, lm: nn.Module) -> None:
-        """From a call of the causal LM ``lm``'s output head to its next call, allocations are of kind
-        ``"loss"``, and so is the backward of what they compute."""
+        """From ``lm``'s output head to its next call, allocations (and their backward) are ``"loss"``."""
         lm.get_output_embeddings().register_forward_pre_hook(lambda *_: setattr(self, "_at_head", True))
         lm.register_forward_pre_hook(lambda *_: setattr(self, "_at_head", False))
 

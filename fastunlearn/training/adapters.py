@@ -1,6 +1,5 @@
-"""What trains: LoRA adapters, FILA's Fisher-initialised adapters (Cha et al., ICLR 2025, §3.2), or
-every weight (RMU: only the MLP down-projections of its layers, full or with LoRA on them); and the
-fixed reference log-probabilities NPO and DPO need."""
+"""What trains: LoRA, FILA's Fisher-initialised adapters (Cha et al., ICLR 2025) or every weight (RMU:
+its MLP down-projections); and the fixed reference log-probabilities of NPO and DPO."""
 
 from __future__ import annotations
 
@@ -40,13 +39,9 @@ def _lora_model(model: nn.Module, cfg: UnlearnConfig, targets: list[str] | None)
     if targets is None:
         targets = cfg.target_modules if cfg.target_modules is not None else "all-linear"
     lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=targets,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+        bias="none", task_type="CAUSAL_LM",
+    )  # fmt: skip
     torch.manual_seed(cfg.seed)  # peft draws A at random
     with quiet_peft_wrap():
         return get_peft_model(model, lora)
@@ -68,8 +63,7 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
 def _fila(
     model: nn.Module, forget, retain, cfg: UnlearnConfig, build_dir: str, engine: Engine
 ) -> dict[str, str]:
-    """FILA's row weights (computed, or on resume reloaded: they re-create the same initialisation) and
-    the adapters re-initialised from them."""
+    """FILA's row weights (computed, or reloaded on resume) and the adapters initialised from them."""
     from fastunlearn.fisher import FilaRowWeights, fila_init, fila_row_weights
 
     path = os.path.join(build_dir, ROW_WEIGHTS)
@@ -77,15 +71,9 @@ def _fila(
         row_weights = FilaRowWeights.load(path)
     else:
         row_weights = fila_row_weights(
-            model,
-            forget,
-            retain,
-            target_modules=cfg.target_modules,
-            mode=cfg.fisher_mode,
-            eps=cfg.fila_eps,
-            max_memory=cfg.fisher_memory,
-            progress=cfg.progress,
-        )
+            model, forget, retain, target_modules=cfg.target_modules, mode=cfg.fisher_mode, eps=cfg.fila_eps,
+            max_memory=cfg.fisher_memory, progress=cfg.progress,
+        )  # fmt: skip
         distributed.on_main(lambda: row_weights.save(path, overwrite=True))
     engine.after_fisher()
     fila_init(model, row_weights=row_weights, eps=cfg.fila_eps, solver=cfg.fila_solver, seed=cfg.seed)
@@ -93,8 +81,8 @@ def _fila(
 
 
 def trainable_model(model: nn.Module, cfg: UnlearnConfig) -> nn.Module:
-    """``model`` as it trains: gradient checkpointing on if asked, every weight (RMU: its down-projections)
-    trainable for ``init="full"``, else wrapped with fresh LoRA adapters (FILA re-initialises them)."""
+    """``model`` as it trains: every weight (RMU: its down-projections) for ``init="full"``, else with
+    fresh LoRA adapters."""
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     rmu = _rmu_weights(model, cfg)
@@ -129,9 +117,8 @@ def initialise_adapters(
 def reference_logprobs(
     model: nn.Module, parts: dict[str, list[fdata.Example]], cfg: UnlearnConfig, precision: str, pad_id: int
 ) -> dict[str, torch.Tensor]:
-    """Per-sequence log-probabilities of each part's examples (the forget set; DPO's refusals) under
-    the model before unlearning (for FILA: ``W_res + s·B₀A₀ = W``), computed as the training step
-    computes the policy term."""
+    """Per-sequence log-probabilities of each part's examples under the model before unlearning (for
+    FILA ``W_res + s·B₀A₀ = W``), computed as the training step computes the policy's."""
     with autocast(precision, training_device()):
         return {
             name: sequence_logprobs(model, fdata.batches(examples, pad_id, cfg.eval_batch_size))

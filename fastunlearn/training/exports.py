@@ -1,5 +1,4 @@
-"""What a finished run writes: the adapter for the original base model (LoRA / FILA), the whole model
-(full fine-tuning), and the merged model if asked."""
+"""What a finished run writes: the adapter (LoRA / FILA) or the whole model, and the merged model."""
 
 from __future__ import annotations
 
@@ -18,9 +17,8 @@ __all__ = ["collect_outputs", "save_outputs"]
 def collect_outputs(
     model: nn.Module, *, init: str, merge: bool, state_dict: dict | None = None
 ) -> dict[str, Any]:
-    """What :func:`save_outputs` writes, read from the model by every rank (under ZeRO-3 gathered one
-    module at a time, a collective) and kept by the main process only. ``state_dict``: the state an
-    engine gathered itself (FSDP), read instead of the model."""
+    """What :func:`save_outputs` writes, read by every rank (a collective under ZeRO-3) and kept by the
+    main one. ``state_dict``: the state an engine gathered itself (FSDP)."""
     from fastunlearn.engines.sharded import gathered_state_dict, is_partitioned
 
     keep = distributed.is_main()

@@ -1,41 +1,12 @@
-"""The output directory of :func:`fastunlearn.unlearn`: what it holds, where a run is built, the swap.
+"""The output directory of a run: its states, where a run is built, and the swap.
 
-A run writes the entries of :data:`OUTPUT_ENTRIES` (``adapter/``, ``checkpoints/``, ``fisher/``,
-``run_config.json``, ...) and writes ``metrics.json`` last: its presence marks a finished run.
-:func:`inspect_output` sorts a directory into one of four states:
-
-- ``empty``: absent, or a directory holding nothing (but possibly a staged run, below).
-- ``complete``: a finished run (``metrics.json`` is there).
-- ``interrupted``: run entries without ``metrics.json``: a run stopped by Ctrl-C, a crash or an error
-  before it finished. It holds no result, only what a resumed run reuses (checkpoints, Fisher files).
-- ``foreign``: entries fastunlearn does not write (the user's files), with or without a run.
-
-Independently, ``OUTPUT/.fastunlearn-new`` (*staged*) holds a run started to replace a finished one.
-
-What a run does in each state (:func:`plan_run` decides, :func:`start_run` acts once the model and data
-are known to be good, :func:`finish_run` publishes):
-
-===============  ==========================  ==================================  =====================
-state            plain run                   ``overwrite``                       ``resume``
-===============  ==========================  ==================================  =====================
-empty            build in OUTPUT             build in OUTPUT                     refused: no run
-interrupted      refused: resume or          clear it, build in OUTPUT           continue in OUTPUT
-                 overwrite
-complete         refused                     build staged, swap in on success    refused: finished
-foreign          refused                     build staged, swap in on success    continue in OUTPUT if
-                                             (the user's entries are kept)       it holds an unfinished
-                                                                                 run
-+ staged run     as the state of OUTPUT      the staged run is started again     continue the staged
-                                                                                 run, swap on success
-===============  ==========================  ==================================  =====================
-
-So a failed or interrupted run never costs a finished one: ``overwrite`` builds beside it and swaps
-only when the new run has finished (each old entry renamed aside, each new one renamed in,
-``metrics.json`` last, then the old ones deleted; a crash inside the swap is rolled forward by the
-next :func:`inspect_output`). An interrupted run is never thrown away by a plain re-run: ``resume``
-continues it from its last complete checkpoint (or from step 0 reusing its Fisher estimates when none
-was written), ``overwrite`` starts again. Checkpoints live in the directory the run is
-built in, so ``resume`` finds them there.
+``metrics.json``, written last, marks a finished run. A directory is ``empty``, ``complete``,
+``interrupted`` (run entries without ``metrics.json``) or ``foreign`` (files fastunlearn did not write);
+``OUTPUT/.fastunlearn-new`` (*staged*) holds a run started to replace a finished one. :func:`plan_run`
+decides what a run does in each state (the table in docs/cli.md), :func:`start_run` acts once the model
+and data are known to be good, :func:`finish_run` publishes. ``overwrite`` builds beside a finished run
+and swaps only when the new one has finished (a crash inside the swap is rolled forward by the next
+:func:`inspect_output`), so a failed run never costs a finished one.
 """
 
 from __future__ import annotations
@@ -45,20 +16,10 @@ import re
 import shutil
 from dataclasses import dataclass
 
-# Entries unlearn() writes; nothing else in an output directory is ever removed.
-# What a run that evaluates during training writes (fastunlearn.evaluation.trajectory).
 TRAJECTORY_FILES = ("trajectory.csv", "trajectory.png")
-OUTPUT_ENTRIES = (
-    "adapter",
-    "model",
-    "merged",
-    "fisher",
-    "checkpoints",
-    "logs",
-    "run_config.json",
-    *TRAJECTORY_FILES,
-    "metrics.json",
-)
+# Entries a run writes; nothing else in an output directory is ever removed.
+OUTPUT_ENTRIES = ("adapter", "model", "merged", "fisher", "checkpoints", "logs", "run_config.json")
+OUTPUT_ENTRIES += (*TRAJECTORY_FILES, "metrics.json")
 COMPLETE_MARKER = "metrics.json"
 CONFIG = "run_config.json"
 STAGING = ".fastunlearn-new"  # a run being built to replace a finished one
@@ -67,22 +28,12 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # _io's temporaries next to an entry: ".metrics.json.x1y2.tmp", ".adapter.x1y2.old"
 _TEMPORARY = re.compile(r"^\.(" + "|".join(re.escape(e) for e in OUTPUT_ENTRIES) + r")\..+\.(tmp|old)$")
 
-__all__ = [
-    "OUTPUT_ENTRIES",
-    "OutputState",
-    "RunDirs",
-    "finish_run",
-    "inspect_output",
-    "interrupted_message",
-    "last_checkpoint",
-    "plan_run",
-    "start_run",
-]
+__all__ = ["RunDirs", "finish_run", "inspect_output", "interrupted_message", "last_checkpoint", "plan_run"]
 
 
 @dataclass(frozen=True)
 class OutputState:
-    """What an output directory holds (see the module docstring for the states)."""
+    """What an output directory holds (module docstring)."""
 
     path: str
     state: str  # "empty", "complete", "interrupted" or "foreign"
@@ -149,12 +100,8 @@ def inspect_output(path: str | os.PathLike) -> OutputState:
 def plan_run(
     output_dir: str | os.PathLike, *, overwrite: bool, resume: bool, resume_offered: bool = True
 ) -> RunDirs:
-    """Decide where a run into ``output_dir`` is built, or refuse it (the table of the module docstring).
-
-    Writes nothing. Raises ``FileExistsError`` for a finished run or foreign files without
-    ``overwrite``, ``ValueError`` for ``resume`` with no run to continue, ``NotADirectoryError`` for a
-    file. ``resume_offered=False`` (callers without a resume option) keeps ``resume`` out of messages.
-    """
+    """Where a run into ``output_dir`` is built, or a refusal (``FileExistsError``, ``ValueError``);
+    writes nothing. ``resume_offered=False`` keeps ``resume`` out of the messages."""
     out = inspect_output(output_dir)
     path, staging = out.path, os.path.join(out.path, STAGING)
     finished = os.path.isfile(os.path.join(path, COMPLETE_MARKER))
@@ -195,11 +142,13 @@ def plan_run(
     raise FileExistsError(f"output_dir {path!r} is not empty: it holds a finished run; {hint}")
 
 
+def _step(checkpoint: str) -> int:
+    return int(_CHECKPOINT.match(os.path.basename(checkpoint)).group(1))
+
+
 def _progress(build: str) -> str:
     checkpoint = last_checkpoint(build)
-    return (
-        "" if checkpoint is None else f" at step {_CHECKPOINT.match(os.path.basename(checkpoint)).group(1)}"
-    )
+    return "" if checkpoint is None else f" at step {_step(checkpoint)}"
 
 
 def _clear(directory: str) -> None:
@@ -213,9 +162,8 @@ def _clear(directory: str) -> None:
 
 
 def start_run(dirs: RunDirs) -> None:
-    """Prepare ``dirs.build``: a new run starts from an empty directory (an interrupted run's entries and
-    any earlier staged run removed; a finished run is never touched), a resumed one loses only its
-    incomplete checkpoints (a checkpoint is complete once ``trainer_state.json``, saved last, exists)."""
+    """Prepare ``dirs.build``: a new run starts empty (a finished run is never touched), a resumed one
+    loses its incomplete checkpoints (those without ``trainer_state.json``, saved last)."""
     if dirs.resume:
         checkpoints = os.path.join(dirs.build, "checkpoints")
         if os.path.isdir(checkpoints):
@@ -240,8 +188,8 @@ def _move_entries(source: str, target: str) -> None:
 
 
 def finish_run(dirs: RunDirs) -> None:
-    """Publish a finished staged run: the old run's entries renamed aside (its marker first), the new
-    ones renamed in (the marker last), then the old ones deleted. Nothing to do for a run built in place."""
+    """Publish a finished staged run: the old entries renamed aside (marker first), the new ones in
+    (marker last), the old ones deleted."""
     if not dirs.staged:
         return
     previous = os.path.join(dirs.output, PREVIOUS)
@@ -289,5 +237,4 @@ def interrupted_message(output_dir: str | os.PathLike, *, resume_offered: bool =
             f"interrupted before the first checkpoint; rerun with resume=True to train from step 0 again "
             f"(reusing what was computed) or with overwrite=True to start over{kept}"
         )
-    step = int(_CHECKPOINT.match(os.path.basename(checkpoint)).group(1))
-    return f"interrupted; rerun with resume=True to continue from step {step}{kept}"
+    return f"interrupted; rerun with resume=True to continue from step {_step(checkpoint)}{kept}"

@@ -1,11 +1,7 @@
-"""An unlearning run as a pipeline: check → load → data → init → train → export.
+"""An unlearning run as steps over one :class:`RunState`: check → load → data → init → train → export.
 
-Each step is a function over one :class:`RunState`, read top to bottom in :func:`run_unlearning`.
-Everything that can be wrong with the options, the output directory, the model and the data is found
-by :func:`check`, before the weights load and before anything is written; the output directory's
-life (build, resume, swap) is :mod:`fastunlearn.training.outputs`'s; how the run is spread over
-devices is the engine's (:mod:`fastunlearn.engines.base`). Under ``torchrun`` every process runs this;
-the main one alone writes.
+:func:`check` finds everything that can be wrong before the weights load and anything is written.
+Under ``torchrun`` every process runs this; the main one alone writes.
 """
 
 from __future__ import annotations
@@ -125,9 +121,8 @@ def check(cfg: UnlearnConfig) -> RunState:
 def _check_method(
     cfg: UnlearnConfig, spec: MethodSpec, checked: Checked, forget: tuple[list, str], engine: Engine
 ) -> list[fdata.Example] | None:
-    """What the method needs and the options alone cannot tell: a copy of the model as its reference
-    where the engine shards the weights, RMU's layers within the model's, the refusal answers (IdK,
-    DPO: tokenised here, each forget question paired with one)."""
+    """What the method needs beyond its options: a reference copy the engine allows, RMU's layers within
+    the model's, the refusal answers (IdK, DPO) tokenised."""
     if spec.step_reference and cfg.init == "full" and engine.name == "zero3":
         raise ValueError(
             f"the {spec.retain!r} retain term with init='full' needs a frozen copy of the model as its "
@@ -156,11 +151,9 @@ def load(run: RunState) -> None:
     cfg = run.cfg
     with run.engine.loading():
         run.model, run.tokenizer = load_model_and_tokenizer(
-            cfg.model,
-            run.checked.tokenizer,
-            **cfg.loading_options(),
+            cfg.model, run.checked.tokenizer, **cfg.loading_options(),
             dtype=load_dtype(run.precision, cfg.init),
-        )
+        )  # fmt: skip
     keep_trainable_layout(run.model)  # a 4-bit model given as an object too
     if cfg.fused and (reason := fused_blocker(run.model)) is not None:
         raise ValueError(
@@ -172,8 +165,8 @@ def load(run: RunState) -> None:
 
 
 def prepare_data(run: RunState) -> None:
-    """The paired data set, the output directory started, the metrics before training and the
-    stopping rule's callback (its reference values measured on the model before unlearning)."""
+    """The paired data set, the metrics before training, the stopping callback (its reference measured
+    on the model before unlearning), then the output directory started."""
     cfg, checked = run.cfg, run.checked
     unseen = prepare_unseen(cfg, checked.tokenizer) if run.stop_plan is not None else []
     check_vocab(run.model, unseen, "unseen")
@@ -194,9 +187,8 @@ def prepare_data(run: RunState) -> None:
 
 
 def initialise(run: RunState) -> None:
-    """LoRA, FILA (from the forget and retain Fisher information) or full fine-tuning; then the
-    objective, with the model before unlearning as its reference (per-sequence log-probabilities taken
-    now, or the model itself with its initial adapters, or a frozen copy)."""
+    """LoRA, FILA or full fine-tuning; then the objective, whose reference is the model before
+    unlearning (log-probabilities taken now, the model with its initial adapters, or a frozen copy)."""
     cfg, spec = run.cfg, run.spec
     run.model, run.fisher_paths = initialise_adapters(
         run.model, cfg, run.checked, run.dataset, run.dirs.build, run.engine
@@ -217,18 +209,11 @@ def train(run: RunState) -> None:
     cfg = run.cfg
     wrapped = run.engine.wrap(run.model, run.precision)
     trainer = build_trainer(
-        run.model,
-        run.dataset,
-        run.checked.pad_id,
-        objective=run.objective,
-        cfg=cfg,
-        output_dir=run.dirs.build,
-        precision=run.precision,
-        extra_callbacks=run.callbacks,
-        wrapped_model=wrapped,
-        trajectory=run.callbacks[0].trajectory if run.callbacks else None,
+        run.model, run.dataset, run.checked.pad_id, objective=run.objective, cfg=cfg,
+        output_dir=run.dirs.build, precision=run.precision, extra_callbacks=run.callbacks,
+        wrapped_model=wrapped, trajectory=run.callbacks[0].trajectory if run.callbacks else None,
         **run.engine.trainer_options(),
-    )
+    )  # fmt: skip
     checkpoint = outputs.last_checkpoint(run.dirs.build) if run.dirs.resume else None
     if checkpoint is not None:
         trainer.resume_run_loss(checkpoint)
@@ -265,17 +250,13 @@ def export(run: RunState) -> UnlearnResult:
         return None if path is None else os.path.join(dirs.output, os.path.relpath(path, dirs.build))
 
     return UnlearnResult(
-        model=run.model,
-        tokenizer=run.tokenizer,
-        output_dir=dirs.output,
-        metrics=run.metrics,
+        model=run.model, tokenizer=run.tokenizer, output_dir=dirs.output, metrics=run.metrics,
         metrics_path=os.path.join(dirs.output, outputs.COMPLETE_MARKER),
         run_config_path=os.path.join(dirs.output, outputs.CONFIG),
-        adapter_path=published(written.get("adapter")),
-        model_path=published(written.get("model")),
+        adapter_path=published(written.get("adapter")), model_path=published(written.get("model")),
         merged_path=published(written.get("merged")),
         fisher_paths={name: published(path) for name, path in run.fisher_paths.items()},
-    )
+    )  # fmt: skip
 
 
 def run_unlearning(cfg: UnlearnConfig) -> UnlearnResult:
@@ -305,11 +286,9 @@ def unlearn(
 ) -> UnlearnResult:
     """Unlearn ``forget`` from ``model`` while keeping it good on ``retain`` (Cha et al., ICLR 2025).
 
-    ``model``: a Hugging Face causal LM (modified in place: wrapped with LoRA, and for FILA its base
-    weights become the residual ``W − s·B₀A₀``, or on a 4-bit / 8-bit base carry it as a frozen adapter),
-    a local directory or a Hub id in the local Hugging Face cache. ``forget`` / ``retain``: data files,
-    ``datasets`` folders, Hub data sets (:mod:`fastunlearn.data.sources`) or iterables of records.
-    ``options``: the fields of :class:`~fastunlearn.options.unlearn.UnlearnConfig`.
+    ``model``: a causal LM (modified in place: wrapped with LoRA; for FILA its base weights become
+    ``W − s·B₀A₀``), a local directory or a Hub id. ``forget`` / ``retain``: data files, ``datasets``
+    folders, Hub data sets or records. ``options``: the fields of :class:`UnlearnConfig`.
     """
     names = [f.name for f in dataclasses.fields(UnlearnConfig)]
     unknown = sorted(set(options) - set(names))
@@ -319,21 +298,15 @@ def unlearn(
         ]
         raise TypeError(f"unknown option(s) {unknown}" + (f" ({'; '.join(hints)})" if hints else ""))
     cfg = UnlearnConfig(
-        model=model,
-        tokenizer=tokenizer,
-        forget=forget,
-        retain=retain,
-        method=method,
-        init=init,
-        output_dir=output_dir,
-        **options,
-    )
+        model=model, tokenizer=tokenizer, forget=forget, retain=retain, method=method, init=init,
+        output_dir=output_dir, **options,
+    )  # fmt: skip
     return run_unlearning(cfg)
 
 
 def _training_data(cfg: UnlearnConfig) -> tuple[Any, Any]:
-    """``--forget`` / ``--retain``, or where not given a MUSE directory's ``raw/forget`` and
-    ``raw/retain1`` (raw text, every token a target: MUSE's unlearning data, Shi et al. 2024)."""
+    """``forget`` / ``retain``, or else a MUSE directory's ``raw/forget`` and ``raw/retain1`` (Shi et al.
+    2024)."""
     if cfg.muse is None:
         return cfg.forget, cfg.retain
     forget = cfg.forget if cfg.forget is not None else read_muse(cfg.muse, "raw/forget")
@@ -349,8 +322,7 @@ def _suite(cfg: UnlearnConfig) -> dict[str, dict[str, Any]]:
 
 
 def _evaluate(run: RunState, suite: Mapping[str, Any]) -> dict[str, Any]:
-    """The forget / retain metrics of every example (``metrics["before"]`` / ``["after"]``) with
-    ``suite``'s evaluations, through the one evaluator; only ``suite`` with ``--no-eval``."""
+    """The forget / retain metrics (unless ``--no-eval``) and ``suite``'s evaluations."""
     sets = {"sets": {"evaluator": run.sets}} if run.cfg.evaluate else {}
     access = dict(trust_remote_code=run.cfg.trust_remote_code, allow_download=run.cfg.allow_download)
     results = evaluate(run.model, run.tokenizer, **access, **sets, **suite)

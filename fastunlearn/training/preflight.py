@@ -1,14 +1,9 @@
-"""Everything about a run that can be wrong, checked before the model's weights load (minutes at 7B).
+"""Everything about a run's model and data that can be wrong, checked before the weights load.
 
-:func:`read_data` reads the data once (file, line and field of a bad record; each set's format).
-:func:`preflight` resolves a model path (a directory with safetensors weights, an adapter whose base
-exists), loads the tokenizer (seconds), tokenises those records (templates; lengths), and builds the
-model on the ``meta`` device from its ``config.json`` (module names and weight shapes, no memory) to
-check the token ids against the vocabulary, every ``target_modules`` entry against the model's
-modules and, for FILA, the rank against every adapted weight (``r ≤ min(out, in)``, SPEC §3.2). A
-model given as a module is checked on the module itself. The output directory is checked before this
-(:func:`fastunlearn.training.outputs.plan_run`), and whether the run fits the device after it
-(:mod:`fastunlearn.training.memory_check`).
+The data is read once and tokenised with the run's tokenizer; the model is built on the ``meta`` device
+from its config (a module given as such is checked itself) to check token ids against the vocabulary,
+lengths against the context, ``target_modules`` against its modules and, for FILA, ``r ≤ min(out, in)``
+of every adapted weight (the solver takes ``r`` singular directions of each).
 """
 
 from __future__ import annotations
@@ -28,24 +23,14 @@ from fastunlearn.models.loading import load_config, model_skeleton, resolve_mode
 from fastunlearn.models.naming import canonical_name
 from fastunlearn.options.unlearn import UnlearnConfig
 
-__all__ = [
-    "Checked",
-    "Records",
-    "check_context",
-    "check_target_modules",
-    "check_vocab",
-    "preflight",
-    "read_data",
-]
-
+__all__ = ["Checked", "check_context", "check_target_modules", "check_vocab", "preflight", "read_data"]
 
 Records = tuple[list[dict[str, Any]], str]  # a data set's records and its detected format
 
 
 @dataclass
 class Checked:
-    """What :func:`preflight` established: the tokenizer, the tokenised forget and retain sets, and the
-    model's ``transformers`` configuration (``None`` for a module without one)."""
+    """The tokenizer, the tokenised forget and retain sets, and the model's config (or ``None``)."""
 
     tokenizer: Any
     forget: list[fdata.Example]
@@ -64,9 +49,7 @@ def read_data(
     data_format: str,
     allow_download: bool = False,
 ) -> dict[str, Records]:
-    """The records and format of ``forget`` and (unless ``None``) ``retain``, read once
-    (:func:`fastunlearn.data.examples.load_records`): :func:`preflight` tokenises them, and the formats
-    decide which metrics a stopping rule may read."""
+    """The records and format of ``forget`` and ``retain`` (unless ``None``), read once."""
     sets = {"forget": forget, **({"retain": retain} if retain is not None else {})}
     return {
         name: fdata.load_records(data, data_format=data_format, name=name, allow_download=allow_download)
@@ -89,7 +72,7 @@ _CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_lengt
 
 
 def check_context(config: Any, examples: Iterable[fdata.Example]) -> None:
-    """No example may be longer than the model's context (positions beyond it are untrained or absent)."""
+    """No example may be longer than the model's context."""
     context = next((v for k in _CONTEXT_FIELDS if isinstance(v := getattr(config, k, None), int)), None)
     longest = max(examples, key=lambda e: len(e.input_ids), default=None)
     if context is not None and longest is not None and len(longest.input_ids) > context:
@@ -107,13 +90,9 @@ def check_target_modules(
     lora_r: int,
     fisher_memory: int | str | None = None,
 ) -> None:
-    """The adapters ``init`` would place on ``model`` exist and fit.
-
-    FILA: the layers are those the Fisher estimate covers (:func:`select_linear_layers`, which names
-    an entry matching nothing), and ``r`` may not exceed ``min(out, in)`` of any of their weights: the
-    solver takes ``r`` singular directions of each. LoRA: each entry must name a leaf module (peft
-    matches a full name or a dotted suffix). Full fine-tuning has no adapters.
-    """
+    """The adapters ``init`` would place on ``model`` exist and fit: FILA's layers (those the Fisher
+    estimate covers) have ``r ≤ min(out, in)`` and their accumulators fit ``fisher_memory``; each LoRA
+    entry names a leaf module (a full name or a dotted suffix, as peft matches)."""
     if init == "fila":
         layers = select_linear_layers(model, target_modules)
         small = {name: tuple(layer.weight.shape) for name, layer in layers.items()}
@@ -148,9 +127,7 @@ def preflight(
     init: str,
     cfg: UnlearnConfig,
 ) -> Checked:
-    """Check the model path, tokenizer, data (``data``: what :func:`read_data` read), vocabulary,
-    target modules and rank of a run (see the module docstring); raise the first problem, naming the
-    file, line or option at fault."""
+    """Check a run's model, tokenizer and ``data`` (from :func:`read_data`); raise the first problem."""
     access = dict(trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download)
     source, tokenizer = resolve_model(model, tokenizer, **access, revision=cfg.revision)
     if source is not None:

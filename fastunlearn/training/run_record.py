@@ -1,12 +1,7 @@
-"""``run_config.json``: what a run was — every option (from the schema), fingerprints of its model,
-tokenizer and data, the Hub commits its Hub ids resolved to, the precision, engine, process count and
-library versions — and the check that a resumed run is the same run.
-
-A resumed run must agree on every option the schema marks as part of a run's identity, and on the
-fingerprints: the same model directory holding other weights, another tokenizer, edited data files or
-a Hub id now at another commit is another run, whatever the names say. A model named by Hub id is
-pinned to its commit (:func:`pin_revision`): the recorded ``revision`` option is that commit, so
-``--config run_config.json`` loads the very same weights.
+"""``run_config.json``: every option, fingerprints of the model, tokenizer and data, the Hub commits, the
+precision, engine, process count and library versions; and the check that a resumed run is the same run:
+the same identity options and the same fingerprints (other weights in the same directory, edited data
+or a Hub id now at another commit make another run). A Hub model id is pinned to its commit.
 """
 
 from __future__ import annotations
@@ -55,9 +50,8 @@ def _hash_directory(path: str) -> str:
 
 
 def fingerprint(value: Any) -> str | None:
-    """A content fingerprint of a data file, a model, tokenizer or data set directory, in-memory records,
-    a ``datasets.Dataset`` or a loaded model (its config); ``None`` for anything else (a Hub id, whose
-    commit :func:`run_record` records instead, or an option that is not a source)."""
+    """A content fingerprint of a file, a directory, records, a ``datasets.Dataset`` or a loaded model
+    (its config); ``None`` for anything else (a Hub id: its commit is recorded instead)."""
     if isinstance(value, (str, os.PathLike)):
         path = os.fspath(value)
         if os.path.isdir(path):
@@ -97,8 +91,7 @@ def _hub_source(name: str, value: Any, cfg: Any) -> dict[str, Any] | None:
 
 
 def pin_revision(cfg: Any) -> Any:
-    """``cfg`` with ``revision`` set to the commit its Hub model id resolves to (the same ``cfg`` for a
-    local model), so that the run loads, and records, one commit."""
+    """``cfg`` with ``revision`` the commit its Hub model id resolves to: the run loads and records one."""
     source = _hub_source("model", cfg.model, cfg)
     if source is None or source["revision"] == cfg.revision:
         return cfg
@@ -121,8 +114,7 @@ def _versions() -> dict[str, str]:
 
 
 def run_record(cfg: Any, *, precision: str, world_size: int, engine: str) -> dict[str, Any]:
-    """What ``run_config.json`` holds for a run (module docstring); its ``options`` read back by
-    ``--config`` run the same job."""
+    """What ``run_config.json`` holds (module docstring); ``--config`` reads back its ``options``."""
     absolute = with_absolute_paths(cfg)
     sources = {
         f.name: (fingerprint(getattr(cfg, f.name)), _hub_source(f.name, getattr(cfg, f.name), cfg))

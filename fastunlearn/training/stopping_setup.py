@@ -1,15 +1,6 @@
-"""Stopping rules inside :func:`fastunlearn.unlearn`, in the pipeline's order:
-
-1. :func:`plan_run_stopping`, before any model loads: every stopping option checked at once.
-2. :func:`prepare_unseen` once the tokenizer is known: the extraction rule's unseen text as raw text.
-3. :func:`stopping_callback` before LoRA / FILA: the rule's reference measured — the extraction rule's
-   on the model before unlearning (a rule that can never fire fails before the Fisher estimate), the
-   tofu and muse rules' on the retain-only / retrained model, loaded like the model and freed again.
-
-The :class:`~fastunlearn.evaluation.stop_callback.StoppingCallback` it returns evaluates during
-training, stops, and puts the kept state back when training ends; everything saved afterwards
-(adapter, merged model, ``metrics["after"]``) is that state.
-"""
+"""Stopping rules inside a run: the options checked before any model loads, the extraction rule's unseen
+text, and the callback, whose rule's reference is measured on the model before unlearning (extraction)
+or on the retain-only / retrained model (tofu, muse), loaded like the model and freed again."""
 
 from __future__ import annotations
 
@@ -32,15 +23,13 @@ __all__ = ["plan_run_stopping", "prepare_unseen", "stopping_callback"]
 
 
 def plan_run_stopping(cfg: UnlearnConfig, formats: Mapping[str, str]) -> StopPlan | None:
-    """The run's validated stopping options, or ``None`` when it evaluates nothing during training.
-    ``formats``: set name → record format of the run's data (``"muse": "muse"`` with a MUSE
-    directory), which decides the metrics a rule may read."""
+    """The run's checked stopping options, or ``None``; ``formats`` (set name → record format) decides
+    the metrics a rule may read."""
     return plan_stopping(**{name: getattr(cfg, name) for name in PLAN_OPTIONS}, data=formats)
 
 
 def prepare_unseen(cfg: UnlearnConfig, tokenizer: Any) -> list[fdata.Example]:
-    """The extraction rule's unseen text (a ``{"text"}`` JSON Lines path or a list of texts) as raw-text
-    examples; empty without one."""
+    """The extraction rule's unseen text (a ``{"text"}`` file or a list of texts) as examples."""
     if cfg.unseen is None:
         return []
     data = cfg.unseen if isinstance(cfg.unseen, (str, os.PathLike)) else [{"text": t} for t in cfg.unseen]
@@ -60,19 +49,13 @@ def stopping_callback(
     unseen: Sequence[fdata.Example],
     output_dir: str,
 ) -> StoppingCallback:
-    """The evaluating, stopping callback of a run, its rule's reference values measured: call it with
-    the model before unlearning (before LoRA / FILA)."""
+    """The run's evaluating, stopping callback; call it with the model before LoRA / FILA."""
     muse = {"muse_dir": cfg.muse, "max_items": plan.eval_items, "batch_size": cfg.eval_batch_size}
     evaluator = SetEvaluator(
-        tokenizer,
-        forget,
-        retain or None,
-        unseen or None,
-        eval_items=plan.eval_items,
-        batch_size=cfg.eval_batch_size,
-        max_new_tokens=cfg.eval_max_new_tokens,
+        tokenizer, forget, retain or None, unseen or None, eval_items=plan.eval_items,
+        batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
         muse=None if cfg.muse is None else muse,
-    )
+    )  # fmt: skip
     rule = plan.rule
     if rule is not None and not rule.resolved and rule.reference_source == "model":
         rule = measure_reference(rule, evaluator, model)

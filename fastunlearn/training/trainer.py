@@ -1,18 +1,14 @@
-"""The unlearning loop on ``transformers.Trainer``: :class:`UnlearnTrainer` and :func:`build_trainer`.
-
-:class:`UnlearnTrainer` is a ``Trainer`` whose batches are paired forget/retain batches
-(:mod:`fastunlearn.data.examples`) and whose loss is the run's objective
-(:class:`~fastunlearn.methods.objectives.Objective`); mixed precision, gradient accumulation,
-checkpoints, resume, logging and multi-GPU come from ``Trainer``. :func:`build_trainer` sets it up
-with the paper's schedule (linear warm-up, then linear decay; SPEC §3.2).
-"""
+"""The unlearning loop on ``transformers.Trainer``: paired forget/retain batches, the run's objective as
+the loss, and Cha et al.'s (ICLR 2025) schedule: linear warm-up, then linear decay. The trackers of
+``report_to`` get the training scalars and every evaluation during training at its step (``eval/<metric>``);
+TensorBoard writes to ``OUTPUT/logs``."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,11 +21,64 @@ from fastunlearn.engines import distributed
 from fastunlearn.methods.objectives import Objective
 from fastunlearn.models.devices import training_device
 from fastunlearn.options.unlearn import UnlearnConfig
-from fastunlearn.training.tracking import connect_trackers
 
 __all__ = ["RUN_LOSS_FILE", "UnlearnTrainer", "build_trainer"]
 
 RUN_LOSS_FILE = "run_loss.json"  # beside each checkpoint: the loss summed over the steps before it
+LOGS_DIR = "logs"  # TensorBoard's event files, inside the output directory
+# Trajectory columns that are not evaluation results: the step itself, and the loss Trainer logs anyway.
+_NOT_LOGGED = frozenset({"step", "epoch", "loss", "forget_loss", "retain_loss", "eval_s"})
+
+
+def _scalars(row: Mapping[str, Any]) -> dict[str, float]:
+    """An evaluation row as tracker scalars: ``eval_<name>`` (shown as ``eval/<name>``), booleans 0/1."""
+    return {
+        f"eval_{name}": float(value)
+        for name, value in row.items()
+        if name not in _NOT_LOGGED and isinstance(value, (int, float))
+    }
+
+
+class _EvaluationLog(TrainerCallback):
+    """Log each new evaluation row at its step (after the callback that evaluates, which runs first)."""
+
+    def __init__(self, trainer: Trainer, trajectory: Any) -> None:
+        self.trainer, self.trajectory = trainer, trajectory
+        self.logged = 0
+
+    def _log_new(self, state, control) -> None:
+        rows = self.trajectory.rows
+        for row in rows[self.logged :]:
+            # A resumed run's earlier rows were logged by the run that evaluated them.
+            if row["step"] == state.global_step:
+                scalars = _scalars(row)
+                # Trainer stops at its last step anyway; before it, a stop is the rule's.
+                if control.should_training_stop and 0 < state.global_step < state.max_steps:
+                    scalars["eval_stopped"] = 1.0
+                should_log = control.should_log  # Trainer.log clears it: the step's loss is still due
+                self.trainer.log(scalars)
+                control.should_log = should_log
+        self.logged = len(rows)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._log_new(state, control)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._log_new(state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self._log_new(state, control)
+
+
+def connect_trackers(trainer: Trainer, build_dir: str, trajectory: Any = None) -> None:
+    """Point TensorBoard at ``build_dir/logs`` and log the rows of ``trajectory`` as they are added."""
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = os.path.join(build_dir, LOGS_DIR)
+    if trajectory is not None:
+        trainer.add_callback(_EvaluationLog(trainer, trajectory))
 
 
 class _EpochPairing(TrainerCallback):
@@ -46,13 +95,9 @@ class _EpochPairing(TrainerCallback):
 class UnlearnTrainer(Trainer):
     """``Trainer`` on paired forget/retain batches with an unlearning objective.
 
-    ``compute_loss`` returns the per-micro-batch objective (:mod:`fastunlearn.methods`; token means
-    within the batch, as the paper's code), so ``Trainer`` divides it by the number of accumulation
-    steps. The model must be patched (:func:`fastunlearn.patch`): the objective's terms
-    are computed by the call of the model ``Trainer`` hands over — wrapped by accelerate, DDP or
-    DeepSpeed — so the wrappers' hooks and autocast apply to the loss too. The forget and retain
-    parts are averaged on-device between logging steps and logged as ``forget_loss`` and
-    ``retain_loss``.
+    The model must be patched (:func:`fastunlearn.patch`): the objective's terms are computed by the
+    call of the model ``Trainer`` hands over, so its wrappers' hooks and autocast apply to the loss.
+    The forget and retain parts are averaged between logging steps as ``forget_loss``, ``retain_loss``.
     """
 
     loss_is_scaled_for_ga = False
@@ -127,18 +172,11 @@ def build_trainer(
     deepspeed: dict | None = None,
     trajectory: Any = None,
 ):
-    """An :class:`UnlearnTrainer` with the paper's schedule: linear warm-up, then linear decay.
+    """An :class:`UnlearnTrainer` for a patched ``model`` in the resolved ``precision`` (fp16: loss-scaled).
 
-    ``precision`` is the resolved one (``"fp32"``, ``"bf16"`` or ``"fp16"``; see
-    :func:`fastunlearn.models.precision.resolve_training_precision`): bf16 or fp16 autocast, fp16 with loss
-    scaling. ``model`` must be patched (:func:`fastunlearn.patch`). Its callbacks are ``cfg.callbacks``
-    then ``extra_callbacks`` (those :func:`unlearn` adds itself). ``wrapped_model``: ``model`` already
-    wrapped for distributed training by an engine (FSDP:
-    :class:`~fastunlearn.engines.fsdp.ShardedTrainingView`), trained as it is and without checkpoints
-    (its optimizer state is sharded). ``deepspeed``: a checked DeepSpeed
-    config (:mod:`fastunlearn.engines.deepspeed`) to train under DeepSpeed ZeRO. ``cfg.report_to``'s
-    trackers receive the training scalars and each row added to ``trajectory`` (the evaluations during
-    training; :func:`~fastunlearn.training.tracking.connect_trackers`).
+    ``wrapped_model``: ``model`` as an engine wrapped it (FSDP), trained without checkpoints (its
+    optimizer state is sharded); ``deepspeed``: a checked DeepSpeed config. ``cfg.report_to``'s trackers
+    receive the training scalars and each row added to ``trajectory``.
     """
     # Under torchrun each of the W ranks takes its own batch: a step consumes W·batch_size pairs.
     batches_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * distributed.world_size()))
@@ -175,13 +213,8 @@ def build_trainer(
         ddp_backend="gloo" if distributed.is_distributed() and not torch.cuda.is_available() else None,
     )
     trainer = UnlearnTrainer(
-        model=model,
-        args=args,
-        callbacks=[*(cfg.callbacks or ()), *extra_callbacks],
-        train_dataset=dataset,
-        data_collator=fdata.PairCollator(pad_id),
-        objective=objective,
-        wrapped_model=wrapped_model,
-    )
+        model=model, args=args, callbacks=[*(cfg.callbacks or ()), *extra_callbacks], train_dataset=dataset,
+        data_collator=fdata.PairCollator(pad_id), objective=objective, wrapped_model=wrapped_model,
+    )  # fmt: skip
     connect_trackers(trainer, output_dir, trajectory)
     return trainer
