@@ -16,10 +16,10 @@ state (adapter / weights) is kept.
    ties (within 0.001) go to fewer steps; when no rate reaches the rule, the one with the lowest final
    forget accuracy.
 2. **Reported runs**: ``--seeds`` seeds at the chosen rate; the kept model is scored with the TOFU
-   protocol (Maini et al. 2024) on the forget set and a fixed subset of the retain set: forget quality (KS test
-   of truth ratios against the retain-only model's), retain probability, ROUGE-L and truth-ratio score,
-   and their harmonic mean (*retain utility*: 3 of TOFU's 9 numbers, the synthetic data has no
-   real-authors / world-facts sets).
+   protocol (Maini et al. 2024) on the forget set and a fixed subset of the retain set: forget quality
+   (KS test of truth ratios against the retain-only model's), retain probability, ROUGE-L and
+   truth-ratio score, and their harmonic mean (*retain utility*: 3 of TOFU's 9 numbers, the synthetic
+   data has no real-authors / world-facts sets).
 
 Reported per method × init, mean ± std over seeds: steps to the threshold, forget accuracy / ROUGE-L
 at the stop, retain probability and utility relative to the model before unlearning, forget quality,
