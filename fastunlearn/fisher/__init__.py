@@ -6,7 +6,6 @@ from fastunlearn.fisher.budget import parse_bytes
 from fastunlearn.fisher.estimate import FISHER_MODES, FisherEstimate, FisherFile
 from fastunlearn.fisher.estimator import estimate_fisher, save_fisher
 from fastunlearn.fisher.export import (
-    AdapterExport,
     adapter_export,
     merged_state_dict,
     save_adapter,
@@ -15,9 +14,7 @@ from fastunlearn.fisher.export import (
 )
 from fastunlearn.fisher.fila import (
     SOLVERS,
-    FilaInit,
     fila_factors,
-    fila_factors_from_row_weights,
     fila_init,
     fila_record,
     lora_layers,
@@ -28,15 +25,12 @@ from fastunlearn.fisher.row_weights import FilaRowWeights, fila_row_weights
 __all__ = [
     "FISHER_MODES",
     "SOLVERS",
-    "AdapterExport",
-    "FilaInit",
     "FilaRowWeights",
     "FisherEstimate",
     "FisherFile",
     "adapter_export",
     "estimate_fisher",
     "fila_factors",
-    "fila_factors_from_row_weights",
     "fila_init",
     "fila_record",
     "fila_row_weights",

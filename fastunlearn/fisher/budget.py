@@ -19,8 +19,6 @@ from torch import nn
 from fastunlearn.engines.sharded import linear_shape
 from fastunlearn.fisher.passes import Data, largest_batch, run_pass
 
-__all__ = ["available_memory", "format_bytes", "parse_bytes", "plan_groups", "resolve_budget"]
-
 _UNITS = {"": 1, "b": 1, **{p + "b": 10 ** (3 * i) for i, p in enumerate("kmgt", 1)}}
 _UNITS |= {p + "ib": 2 ** (10 * i) for i, p in enumerate("kmgt", 1)}
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*")

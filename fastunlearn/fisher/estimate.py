@@ -26,8 +26,6 @@ FORMAT = "fastunlearn.fisher"
 FORMAT_VERSION = "1"
 _V = TypeVar("_V")
 
-__all__ = ["FISHER_MODES", "FisherEstimate", "FisherFile", "FisherMode"]
-
 
 def check_finite(tensors: Mapping[str, Tensor], what: str) -> None:
     bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]

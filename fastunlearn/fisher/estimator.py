@@ -35,8 +35,6 @@ from fastunlearn.fisher.passes import Data, fisher_session, prepare_batches, run
 from fastunlearn.models.quantization import is_quantized
 from fastunlearn.ops._backend import Backend, resolve_backend
 
-__all__ = ["estimate_fisher", "save_fisher"]
-
 
 def measured_layers(
     model: nn.Module, target_modules: str | Sequence[str] | None, mode: str, backend: str

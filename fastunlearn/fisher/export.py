@@ -33,15 +33,6 @@ _ADAPTER_PARTS = frozenset(
     {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
 )
 
-__all__ = [
-    "AdapterExport",
-    "adapter_export",
-    "merged_state_dict",
-    "save_adapter",
-    "save_merged",
-    "write_adapter",
-]
-
 
 def _require_peft_model(model: nn.Module) -> None:
     from peft import PeftModel

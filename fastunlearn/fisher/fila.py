@@ -44,17 +44,6 @@ Solver = Literal["truncated", "svd", "randomized"]
 SOLVERS = ("truncated", "svd", "randomized")
 _RECORD_ATTR = "_fastunlearn_fila"
 
-__all__ = [
-    "SOLVERS",
-    "FilaInit",
-    "Solver",
-    "fila_factors",
-    "fila_factors_from_row_weights",
-    "fila_init",
-    "fila_record",
-    "lora_layers",
-]
-
 
 @dataclass(frozen=True)
 class FilaInit:

@@ -39,8 +39,6 @@ from fastunlearn.ops.fused_linear import fused_linear_nll_loss
 from fastunlearn.ops.grad_sq import per_example_grad_sq
 from fastunlearn.ops.nll import shift_labels, shifted_nll
 
-__all__ = ["Batch", "Data", "fisher_session", "prepare_batches", "run_pass"]
-
 _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 
 

@@ -14,8 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["attach_residual"]
-
 _A, _B = "fila_residual_A", "fila_residual_B"
 
 

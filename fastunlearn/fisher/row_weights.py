@@ -35,8 +35,6 @@ FORMAT = "fastunlearn.fila_row_weights"
 FORMAT_VERSION = "1"
 _COUNTS = ("forget_examples", "forget_tokens", "retain_examples", "retain_tokens")
 
-__all__ = ["FilaRowWeights", "check_eps", "fila_row_weights", "row_weight"]
-
 
 def check_eps(eps: Any) -> float:
     """``eps`` as a float; ``ValueError`` unless it is a positive finite number."""

@@ -40,8 +40,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["TruncatedSVD", "solve_truncated_svd", "truncated_svd"]
-
 # fp64 elements per column chunk of the final B = U_bᵀA: bounds the fp64 copy of A to 64 MB.
 _CHUNK_ELEMENTS = 1 << 23
 

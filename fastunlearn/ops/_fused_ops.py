@@ -20,8 +20,6 @@ from fastunlearn.ops._ihl_torch import valid_targets
 from fastunlearn.ops._linear_chunks import chunk_logits, chunk_scratch, input_grads
 from fastunlearn.ops._row_ops import index_dtype, row_implementation
 
-__all__ = ["fused_linear_row_loss", "fused_linear_row_loss_backward"]
-
 
 def _forward_grads(reduction: str, needs: list[bool]) -> tuple[bool, bool, bool]:
     """The gradients the forward forms: those asked for, except for per-row losses."""

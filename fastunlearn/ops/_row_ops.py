@@ -17,8 +17,6 @@ from torch import Tensor
 from fastunlearn.ops import _ihl_torch
 from fastunlearn.ops._backend import implementation, result_dtype
 
-__all__ = ["index_dtype", "row_implementation", "row_loss"]
-
 
 def row_implementation(backend: str) -> ModuleType:
     return implementation(backend, "ihl", _ihl_torch)

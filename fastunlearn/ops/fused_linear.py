@@ -32,8 +32,6 @@ from fastunlearn.ops.ihl import _check_labels, _check_reduction
 CHUNK_ELEMENTS = 1 << 26
 CPU_CHUNK_ELEMENTS = 1 << 23
 
-__all__ = ["fused_linear_ihl_loss", "fused_linear_nll_loss", "fused_linear_token_stats"]
-
 
 def resolve_chunk_rows(chunk_rows: int | None, device: torch.device, vocab: int) -> int:
     """Rows per chunk: ``chunk_rows`` (checked), or about ``(CPU_)CHUNK_ELEMENTS`` logits."""

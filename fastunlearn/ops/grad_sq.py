@@ -20,8 +20,6 @@ from fastunlearn.ops._workspace import Layout, Workspace
 # the chunk size does not change the speed; at 7B shapes it is one example.
 TORCH_BUFFER_BYTES = 8 * 2**20
 
-__all__ = ["TORCH_BUFFER_BYTES", "per_example_grad_sq"]
-
 
 def _check_grad_sq_inputs(inputs: Tensor, grad_outputs: Tensor, out: Tensor | None) -> None:
     if not isinstance(inputs, Tensor) or not isinstance(grad_outputs, Tensor):

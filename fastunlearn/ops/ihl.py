@@ -23,8 +23,6 @@ from fastunlearn.ops._row_ops import row_loss
 Reduction = Literal["mean", "sum", "none"]
 REDUCTIONS = ("mean", "sum", "none")
 
-__all__ = ["IHLLoss", "ihl_loss", "nll_loss"]
-
 
 def _as_rows(logits: Tensor) -> Tensor:
     """``[..., V]`` logits as ``[B, T, V]``: a flat ``[1, N, V]`` view where one exists, else a view

@@ -28,8 +28,6 @@ from fastunlearn.ops._linear_chunks import (
 )
 from fastunlearn.ops.fused_linear import input_needs, resolve_chunk_rows
 
-__all__ = ["fused_linear_kl_loss", "kl_loss"]
-
 
 def _implementation(backend: str) -> ModuleType:
     return implementation(backend, "kl", _kl_torch)

@@ -19,8 +19,6 @@ from fastunlearn.ops import IGNORE_INDEX
 from fastunlearn.ops._backend import Backend
 from fastunlearn.ops.ihl import check_label_range, nll_loss
 
-__all__ = ["labelled_rows", "sequence_logprobs", "shift_labels", "shifted_nll"]
-
 
 def shift_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
     """``targets[:, t] = labels[:, t + 1]``, and ``ignore_index`` at the last position (``[B, T]``)."""

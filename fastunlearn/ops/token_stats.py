@@ -19,8 +19,6 @@ from fastunlearn.ops._linear_chunks import map_chunks
 from fastunlearn.ops.fused_linear import _checked_inputs
 from fastunlearn.ops.ihl import _check_labels
 
-__all__ = ["linear_token_stats", "token_stats"]
-
 VARIANCE_FLOOR = 1e-6  # Min-K%++'s clamp of σ²: σ ≥ 1e-3 even where one token has all the mass
 
 
