@@ -12,13 +12,7 @@ from fastunlearn.fisher.export import (
     save_merged,
     write_adapter,
 )
-from fastunlearn.fisher.fila import (
-    SOLVERS,
-    fila_factors,
-    fila_init,
-    fila_record,
-    lora_layers,
-)
+from fastunlearn.fisher.fila import SOLVERS, fila_factors, fila_init, fila_record, lora_layers
 from fastunlearn.fisher.layers import linear_layers, select_linear_layers
 from fastunlearn.fisher.row_weights import FilaRowWeights, fila_row_weights
 

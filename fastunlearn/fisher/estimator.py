@@ -112,22 +112,15 @@ def estimate_fisher(
 ) -> FisherEstimate:
     """Diagonal empirical Fisher of a causal LM's linear layers over ``batches`` (module docstring).
 
-    Args:
-        model: a ``transformers`` causal LM, plain or ``peft``-wrapped (adapter layers: the base weight).
-        batches: dicts with ``input_ids`` and ``labels`` (``[B, T]``, ``-100`` = no loss, aligned as in
-            Hugging Face), optionally ``attention_mask``, ``position_ids``; read once and kept.
-        target_modules: canonical names or dotted suffixes; ``None``: every ``nn.Linear`` but the head.
-        mode: ``"per_example"`` (``g_n`` of example ``n``'s summed token NLL), ``"batch"`` or ``"token"``.
-        backend: for :func:`fastunlearn.per_example_grad_sq`.
-        max_memory: bytes (or ``"4GiB"``) the accumulators may take at once; ``None``: on CUDA what is
-            free after the model and a pass's activations, on the CPU no limit.
-        gradient_checkpointing: recompute each decoder layer in the backward (``None``: as the model).
-        progress: show a ``tqdm`` progress bar.
+    ``batches``: dicts with ``input_ids`` and ``labels`` (``[B, T]``, ``-100`` = no loss, aligned as in
+    Hugging Face), optionally ``attention_mask``, ``position_ids``; read once and kept.
+    ``target_modules``: canonical names or dotted suffixes (default every ``nn.Linear`` but the head).
+    ``max_memory``: bytes (or ``"4GiB"``) the accumulators may take at once; by default on CUDA what is
+    free after the model and a pass's activations, on the CPU no limit. ``gradient_checkpointing``:
+    recompute each decoder layer in the backward (``None``: as the model does).
 
-    One forward and backward per batch and group of layers, in eval mode with frozen weights; the
-    model is restored however the function exits. The result is on the layers' device when one group
-    holds every layer, else on the CPU. ``ValueError`` for an unknown mode or target, a bad batch, no
-    label token, a budget below one layer's accumulator or non-finite values.
+    The passes run in eval mode with frozen weights, restored however the function exits. The result is
+    on the layers' device when one group holds every layer, else on the CPU.
     """
     _, data, estimates = _estimates(
         model, batches, target_modules, mode, backend, max_memory, gradient_checkpointing, progress,
@@ -154,14 +147,9 @@ def save_fisher(
     gradient_checkpointing: bool | None = None,
     progress: bool = True,
 ) -> FisherFile:
-    """:func:`estimate_fisher` written to ``path`` as it is computed, never held whole.
-
-    The file is what :meth:`FisherEstimate.save` writes (:class:`~fastunlearn.fisher.estimate.FisherFile`
-    says how): the header first, then each group's layers as their pass ends, one layer in host memory
-    at a time, renamed into place once the last is in (``FileExistsError`` before any pass unless
-    ``overwrite``; a non-finite layer leaves ``path`` untouched). On the CPU the default budget is half
-    the available host memory. Arguments and errors as :func:`estimate_fisher`'s; returns the written
-    :class:`FisherFile`. Under several processes every rank runs the passes and the main one writes.
+    """:func:`estimate_fisher` written to ``path`` (:class:`~.estimate.FisherFile`) as each group's
+    pass ends, one layer in host memory at a time; returns the :class:`FisherFile`. On the CPU the default
+    budget is half the available host memory. Every rank runs the passes; the main one writes.
     """
     layers, data, estimates = _estimates(
         model, batches, target_modules, mode, backend, max_memory, gradient_checkpointing, progress,
