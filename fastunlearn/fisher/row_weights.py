@@ -1,11 +1,7 @@
-"""FILA's row weights, computed without ever holding a whole model's Fisher information.
-
-Of the forget and retain estimates ``F_f``, ``F_r`` FILA (Cha et al. 2025, arXiv 2408.06621) needs only
-the row weights ``d_i = sqrt(Σ_j F_f,ij / (F_r,ij + ε))`` of each layer ``W ∈ R^{out×in}``: about 1.36 M
-fp32 values (5.4 MB) for Llama-2-7B's linear layers against 52 GB of estimates. :func:`fila_row_weights`
-fills the accumulators of one group of layers at a time, reduces them to ``d`` and frees them; a layer's
-accumulators do not depend on the grouping, so ``d`` equals that of two whole-model estimates.
-"""
+"""FILA's row weights ``d_i = sqrt(Σ_j F_f,ij / (F_r,ij + ε))`` (Cha et al. 2025), computed without ever
+holding a whole model's Fisher: about 5 MB for Llama-2-7B against 52 GB of estimates. The accumulators of
+one group of layers at a time are filled, reduced to ``d`` and freed; a layer's do not depend on the
+grouping, so ``d`` equals that of two whole-model estimates."""
 
 from __future__ import annotations
 

@@ -106,17 +106,11 @@ def fused_linear_ihl_loss(
 ) -> Tensor:
     """IHL of the logits ``hidden @ weight.T (+ bias)`` without materialising them.
 
-    Args:
-        hidden: ``[..., H]`` last hidden states, aligned with ``labels`` (for causal language
-            modelling shift the *labels*, not the hidden states, which would copy them).
-        weight: ``[V, H]`` output head; when frozen (LoRA) no ``∂W`` is computed.
-        labels: integer ids of shape ``hidden.shape[:-1]``; ``ignore_index`` carries no loss.
-        reduction: ``"mean"`` over non-ignored tokens, ``"sum"``, or ``"none"`` (per token, shape of
-            ``labels``; its backward recomputes the logits).
-        backend, validate: as in :func:`fastunlearn.ihl_loss`.
-        chunk_rows: tokens per chunk; by default about 64M logits on a GPU, 8M on CPU.
-
-    Returns the loss in fp32 (fp64 for fp64 inputs on the PyTorch path).
+    ``hidden``: ``[..., H]`` last hidden states aligned with ``labels`` (shift the labels, not the
+    hidden states, which would copy them); ``weight``: ``[V, H]`` head, no ``∂W`` when frozen.
+    ``reduction="none"`` recomputes the logits in the backward. ``chunk_rows``: tokens per chunk (by
+    default about 64M logits on a GPU, 8M on CPU). Other arguments and the result as
+    :func:`fastunlearn.ihl_loss`.
     """
     return _fused_linear_loss(
         "ihl", hidden, weight, labels, bias, ignore_index, reduction, backend, chunk_rows, validate

@@ -133,16 +133,10 @@ def per_example_grad_sq(
     """``Σ_n g_n ⊙ g_n`` with ``g_n = G_nᵀ X_n`` the weight gradient of example ``n``'s loss: an fp32
     ``[out, in]`` tensor, the token sum completed before squaring.
 
-    Args:
-        inputs: ``[B, T, in]`` layer inputs ``X``, or ``[B, in]`` (one token per example); any float
-            dtype and strides (operands of different dtypes are promoted to a common one).
-        grad_outputs: ``[B, T, out]`` (or ``[B, out]``) gradients of the loss in the layer's outputs.
-        out: optional fp32 ``[out, in]`` tensor (any strides) to add the result into.
-        backend: as in :func:`fastunlearn.ihl_loss`; the PyTorch path holds at most
-            ``TORCH_BUFFER_BYTES`` of per-example gradients.
-
-    Returns ``out`` (after adding into it) or a new fp32 tensor; fp32 accumulation (fp64 on the
-    PyTorch path for fp64 operands).
+    ``inputs``: ``[B, T, in]`` (or ``[B, in]``) layer inputs, ``grad_outputs``: ``[B, T, out]`` (or
+    ``[B, out]``) output gradients, any float dtypes and strides. ``out``: an fp32 ``[out, in]`` tensor
+    to add into (returned). The PyTorch path holds at most ``TORCH_BUFFER_BYTES`` of per-example
+    gradients and accumulates fp64 operands in fp64.
     """
     _check_grad_sq_inputs(inputs, grad_outputs, out)
     resolved = resolve_backend(backend, inputs.device)

@@ -169,16 +169,9 @@ def _row_weights(mask: Tensor | None, like: Tensor) -> Tensor:
 def kl_loss(
     logits: Tensor, ref_logits: Tensor, mask: Tensor | None = None, *, backend: Backend = "auto"
 ) -> Tensor:
-    """Mean over positions of ``KL(softmax(ref_logits) ‖ softmax(logits))``.
-
-    Args:
-        logits: ``[..., V]`` logits of the model being trained, any float dtype and strides.
-        ref_logits: the reference model's logits, same shape; a constant.
-        mask: optional bool or 0/1 tensor of shape ``logits.shape[:-1]``: average over the positions it
-            selects (0 and a zero gradient when none); without it every position counts.
-        backend: as in :func:`fastunlearn.ihl_loss`.
-
-    Returns the loss in fp32 (fp64 for fp64 logits on the PyTorch path).
+    """Mean over positions of ``KL(softmax(ref_logits) ‖ softmax(logits))``, ``ref_logits`` a constant of
+    the same ``[..., V]`` shape. ``mask`` (bool or 0/1, ``logits.shape[:-1]``): average over the
+    positions it selects (0 and a zero gradient when none). fp32 (fp64 for fp64 logits on PyTorch).
     """
     _check_pair("kl_loss", "logits", logits, "ref_logits", ref_logits)
     vocab = logits.shape[-1]
