@@ -18,9 +18,10 @@ is passed once per group; a layer's estimate does not depend on the grouping.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,7 +29,13 @@ from torch import Tensor, nn
 
 from fastunlearn.engines import distributed
 from fastunlearn.engines.sharded import linear_shape
-from fastunlearn.fisher.budget import available_memory, parse_bytes, plan_groups, resolve_budget
+from fastunlearn.fisher.budget import (
+    FILA_ACCUMULATORS,
+    available_memory,
+    parse_bytes,
+    plan_groups,
+    resolve_budget,
+)
 from fastunlearn.fisher.estimate import FisherEstimate, FisherFile, FisherMode, check_finite, check_mode
 from fastunlearn.fisher.layers import select_linear_layers
 from fastunlearn.fisher.passes import Data, fisher_session, prepare_batches, run_pass
@@ -54,49 +61,46 @@ def measured_layers(
 
 def layer_estimates(
     model: nn.Module,
-    layers: Mapping[str, nn.Linear],
-    data: Mapping[str, Data],
-    sizes: Mapping[str, int],
+    batches: Mapping[str, Iterable[Mapping[str, Any]]],
+    options: Mapping[str, Any],
     *,
-    mode: str,
-    backend: str,
-    max_memory: int | None,
-    gradient_checkpointing: bool | None,
-    progress: bool,
-    what: str,
-    cpu_default: Callable[[], int],
-) -> Iterator[tuple[str, dict[str, Tensor], int]]:
-    """``(name, {label: estimate}, groups)`` for each layer in the order of ``layers``: its finished
-    estimate on each data set of ``data`` (label → data; scaled by its count, on the layers' device),
-    group by group as the passes end. ``sizes``: each layer's accumulator bytes, which are ``what``;
-    ``cpu_default()``: the budget on the CPU without ``max_memory``. The Fisher session is open while
-    the caller consumes the generator."""
-    with fisher_session(model, gradient_checkpointing):
-        data_sets = list(data.values())
-        budget, origin = resolve_budget(
-            max_memory, model, data_sets, layers, mode=mode, backend=backend, cpu_default=cpu_default
-        )
-        groups = plan_groups(sizes, budget, what=what, origin=origin)
-        scale = {
-            label: 1.0 / (d.num_tokens if mode == "batch" else d.num_examples) for label, d in data.items()
-        }
-        for index, group in enumerate(groups):
-            part = f", layers {index + 1}/{len(groups)}" if len(groups) > 1 else ""
-            subset = {name: layers[name] for name in group}
-            sums = {
-                label: run_pass(
-                    model,
-                    d,
-                    subset,
-                    mode=mode,
-                    backend=backend,
-                    progress=progress,
-                    desc=f"Fisher ({label}){part}",
-                )
-                for label, d in data.items()
-            }
-            for name in group:
-                yield name, {label: sums[label].pop(name).mul_(scale[label]) for label in data}, len(groups)
+    cpu_half: bool,
+) -> tuple[dict[str, nn.Linear], dict[str, Data], Iterator[tuple[str, dict[str, Tensor], int]]]:
+    """Everything checked before a pass: the measured layers, each data set of ``batches`` (label →
+    batches) prepared, and a generator of ``(name, {label: estimate}, groups)`` per layer in the order
+    of ``layers`` (scaled by its count, on the layers' device) as each group's passes end, its Fisher
+    session open while the caller consumes it. ``options``: :func:`estimate_fisher`'s keyword arguments;
+    without ``max_memory`` the CPU budget is half the host memory (``cpu_half``) or unlimited."""
+    mode, backend = options["mode"], options["backend"]
+    max_memory = options["max_memory"]
+    budget = None if max_memory is None else parse_bytes(max_memory)
+    layers = measured_layers(model, options["target_modules"], mode, backend)
+    named = len(batches) > 1
+    data = {label: prepare_batches(b, label if named else None) for label, b in batches.items()}
+    sizes = {name: 4 * len(data) * math.prod(linear_shape(layer)) for name, layer in layers.items()}
+    what = FILA_ACCUMULATORS if named else "fp32 accumulator"
+    cpu = (lambda: available_memory(torch.device("cpu")) // 2) if cpu_half else lambda: sum(sizes.values())
+    scale = {label: 1 / (d.num_tokens if mode == "batch" else d.num_examples) for label, d in data.items()}
+    run = functools.partial(run_pass, model, mode=mode, backend=backend, progress=options["progress"])
+
+    def passes() -> Iterator[tuple[str, dict[str, Tensor], int]]:
+        with fisher_session(model, options["gradient_checkpointing"]):
+            limit, origin = resolve_budget(
+                budget, model, list(data.values()), layers, mode=mode, backend=backend, cpu_default=cpu
+            )
+            groups = plan_groups(sizes, limit, what=what, origin=origin)
+            for index, group in enumerate(groups):
+                part = f", layers {index + 1}/{len(groups)}" if len(groups) > 1 else ""
+                subset = {name: layers[name] for name in group}
+                sums = {label: run(d, subset, desc=f"Fisher ({label}){part}") for label, d in data.items()}
+                for name in group:
+                    yield (
+                        name,
+                        {label: sums[label].pop(name).mul_(scale[label]) for label in data},
+                        len(groups),
+                    )
+
+    return layers, data, passes()
 
 
 def estimate_fisher(
@@ -122,15 +126,15 @@ def estimate_fisher(
     The passes run in eval mode with frozen weights, restored however the function exits. The result is
     on the layers' device when one group holds every layer, else on the CPU.
     """
-    _, data, estimates = _estimates(
-        model, batches, target_modules, mode, backend, max_memory, gradient_checkpointing, progress,
-        cpu_default=lambda sizes: sum(sizes.values()),
-    )  # fmt: skip
+    options = dict(target_modules=target_modules, mode=mode, backend=backend, max_memory=max_memory,
+                   gradient_checkpointing=gradient_checkpointing, progress=progress)  # fmt: skip
+    _, sets, estimates = layer_estimates(model, {mode: batches}, options, cpu_half=False)
     fisher: dict[str, Tensor] = {}
     with contextlib.closing(estimates):  # the session ends here whatever happens
-        for name, tensor, groups in estimates:
-            fisher[name] = tensor.to("cpu") if groups > 1 else tensor
+        for name, tensors, groups in estimates:
+            fisher[name] = tensors[mode].to("cpu") if groups > 1 else tensors[mode]
     check_finite(fisher, "the Fisher estimate")
+    data = sets[mode]
     return FisherEstimate(fisher, num_examples=data.num_examples, num_tokens=data.num_tokens, mode=mode)
 
 
@@ -151,41 +155,17 @@ def save_fisher(
     pass ends, one layer in host memory at a time; returns the :class:`FisherFile`. On the CPU the default
     budget is half the available host memory. Every rank runs the passes; the main one writes.
     """
-    layers, data, estimates = _estimates(
-        model, batches, target_modules, mode, backend, max_memory, gradient_checkpointing, progress,
-        cpu_default=lambda sizes: available_memory(torch.device("cpu")) // 2,
-    )  # fmt: skip
+    options = dict(target_modules=target_modules, mode=mode, backend=backend, max_memory=max_memory,
+                   gradient_checkpointing=gradient_checkpointing, progress=progress)  # fmt: skip
+    layers, sets, estimates = layer_estimates(model, {mode: batches}, options, cpu_half=True)
     shapes = {name: linear_shape(layer) for name, layer in layers.items()}
+    data = sets[mode]
     written = FisherFile(shapes, num_examples=data.num_examples, num_tokens=data.num_tokens, mode=mode)
+    tensors = ((name, tensors[mode]) for name, tensors, _ in estimates)
     with contextlib.closing(estimates):
         if distributed.is_main():
-            written.write(path, ((name, tensor) for name, tensor, _ in estimates), overwrite=overwrite)
+            written.write(path, tensors, overwrite=overwrite)
         else:  # every rank drives the passes (their accumulators are all-reduced); the main one writes
-            for name, tensor, _ in estimates:
+            for name, tensor in tensors:
                 check_finite({name: tensor}, "the Fisher estimate")
     return written
-
-
-def _estimates(
-    model: nn.Module,
-    batches: Iterable[Mapping[str, Any]],
-    target_modules: str | Sequence[str] | None,
-    mode: str,
-    backend: str,
-    max_memory: int | str | None,
-    gradient_checkpointing: bool | None,
-    progress: bool,
-    cpu_default: Callable[[Mapping[str, int]], int],
-) -> tuple[Mapping[str, nn.Linear], Data, Iterator[tuple[str, Tensor, int]]]:
-    """The measured layers, the prepared data and ``(name, estimate, groups)`` per layer (a generator:
-    its session opens at the first ``next``); ``cpu_default(sizes)``: the budget on the CPU."""
-    budget = None if max_memory is None else parse_bytes(max_memory)
-    layers = measured_layers(model, target_modules, mode, backend)
-    data = prepare_batches(batches)
-    sizes = {name: 4 * math.prod(linear_shape(layer)) for name, layer in layers.items()}
-    options = {"max_memory": budget, "gradient_checkpointing": gradient_checkpointing, "progress": progress}
-    estimates = layer_estimates(
-        model, layers, {mode: data}, sizes, mode=mode, backend=backend, what="fp32 accumulator",
-        cpu_default=lambda: cpu_default(sizes), **options,
-    )  # fmt: skip
-    return layers, data, ((name, tensors[mode], groups) for name, tensors, groups in estimates)

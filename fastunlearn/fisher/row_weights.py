@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from fastunlearn.engines import distributed
-from fastunlearn.fisher.budget import FILA_ACCUMULATORS, available_memory, fila_accumulator_bytes, parse_bytes
 from fastunlearn.fisher.estimate import (
     FisherMode,
     LayerTable,
@@ -23,8 +22,7 @@ from fastunlearn.fisher.estimate import (
     check_mode,
     read_tagged_safetensors,
 )
-from fastunlearn.fisher.estimator import layer_estimates, measured_layers
-from fastunlearn.fisher.passes import prepare_batches
+from fastunlearn.fisher.estimator import layer_estimates
 from fastunlearn.ops._backend import Backend
 
 FORMAT = "fastunlearn.fila_row_weights"
@@ -141,14 +139,10 @@ def fila_row_weights(
     ``torchrun`` every rank returns rank 0's ``d``.
     """
     eps = check_eps(eps)
-    budget = None if max_memory is None else parse_bytes(max_memory)
-    layers = measured_layers(model, target_modules, mode, backend)
-    data = {"forget": prepare_batches(forget, "forget"), "retain": prepare_batches(retain, "retain")}
-    options = {"max_memory": budget, "gradient_checkpointing": gradient_checkpointing, "progress": progress}
-    estimates = layer_estimates(
-        model, layers, data, fila_accumulator_bytes(layers), mode=mode, backend=backend,
-        what=FILA_ACCUMULATORS, cpu_default=lambda: available_memory(torch.device("cpu")) // 2, **options,
-    )  # fmt: skip
+    options = dict(target_modules=target_modules, mode=mode, backend=backend, max_memory=max_memory,
+                   gradient_checkpointing=gradient_checkpointing, progress=progress)  # fmt: skip
+    batches = {"forget": forget, "retain": retain}
+    _, data, estimates = layer_estimates(model, batches, options, cpu_half=True)
     weights: dict[str, Tensor] = {}
     with contextlib.closing(estimates):  # the session ends here whatever happens
         for name, fisher, _ in estimates:
