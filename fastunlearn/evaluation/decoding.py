@@ -139,12 +139,7 @@ def greedy_completions(
 
 
 def greedy_texts(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int,
-    batch_size: int,
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int
 ) -> list[str]:
     """The greedy continuation of each prompt (tokenised with special tokens), up to ``max_new_tokens``
     new tokens or EOS, decoded without special tokens, ``batch_size`` prompts at a time."""
