@@ -1,18 +1,13 @@
 """Diagonal empirical Fisher information of a model's linear layers, without per-example gradients.
 
-For a linear layer and example ``n`` with inputs ``X_n ∈ R^{T×in}`` and output gradients
-``G_n ∈ R^{T×out}`` of its loss ``L_n``, the weight gradient is ``g_n = G_nᵀ X_n`` and the diagonal
-empirical Fisher (Cha et al. 2025, arXiv 2408.06621) is ``F = (1/N) Σ_n g_n ⊙ g_n``. One backward of
-``Σ_n L_n`` yields every ``G_n`` (examples do not interact), and the backward itself folds
-``Σ_n (G_nᵀ X_n)²`` into ``F`` (:mod:`fastunlearn.fisher.passes`), so no weight gradient is formed.
-The square is inside the example sum and outside the token sum; the token-level
-``Σ_{n,t} (G_n[t] ⊗ X_n[t])²`` is a different estimator, ``mode="token"``. ``mode="batch"`` is the
-paper code's ``Σ_b c_b·(∇L̄_b)² / Σ_b c_b`` (``L̄_b`` the token-mean NLL of batch ``b``, ``c_b`` its
-label tokens).
-
-The fp32 accumulators (4 bytes per measured weight) are the cost beyond a training step. Under a budget
-the layers are split into groups whose accumulators fit (:mod:`fastunlearn.fisher.budget`) and the data
-is passed once per group; a layer's estimate does not depend on the grouping.
+For a linear layer and example ``n`` with inputs ``X_n`` and output gradients ``G_n`` of its loss
+``L_n``, the weight gradient is ``g_n = G_nᵀ X_n`` and the diagonal empirical Fisher (Cha et al. 2025)
+is ``F = (1/N) Σ_n g_n ⊙ g_n``: one backward of ``Σ_n L_n`` gives every ``G_n`` and folds
+``Σ_n (G_nᵀ X_n)²`` into ``F`` (:mod:`fastunlearn.fisher.passes`). The square is inside the example
+sum and outside the token sum; ``mode="token"`` squares per token, ``mode="batch"`` is the paper
+code's ``Σ_b c_b·(∇L̄_b)² / Σ_b c_b`` (``L̄_b`` batch ``b``'s token-mean NLL, ``c_b`` its label
+tokens). Under a memory budget the layers are split into groups whose fp32 accumulators fit, and the
+data is passed once per group; a layer's estimate does not depend on the grouping.
 """
 
 from __future__ import annotations

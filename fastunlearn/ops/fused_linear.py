@@ -1,17 +1,12 @@
 """IHL and NLL straight from the last hidden states, the logits never whole (the "fused linear" loss of
 Liger-Kernel and Cut Cross-Entropy, here also for the Inverted Hinge Loss of Cha et al. 2025).
 
-A chunk of tokens' logits is computed, the row kernels of :func:`fastunlearn.ihl_loss` give its loss
-and write its gradient over it, and the gradient is folded into ``∂h``, ``∂W``, ``∂b`` before the next
-chunk (:mod:`fastunlearn.ops._linear_chunks`): one chunk of logits instead of ``[N, V]``. For
-``reduction="mean"``/``"sum"`` the gradients are formed in the forward, as Liger-Kernel does, and the
-backward only scales them by ``grad_output`` (in bf16 one more rounding of ``∂h`` unless that is a power
-of two); for ``"none"`` (per-token weights known only in the backward) the forward keeps the row
-statistics and the backward recomputes each chunk's logits, as Cut Cross-Entropy does.
-
-Logits and gradient chunks stay in the inputs' dtype, the row statistics and ``∂W``, ``∂b`` accumulate
-in fp32. Under ``torch.autocast`` the inputs are cast as ``F.linear`` casts them and the computation
-runs with autocast off.
+A chunk of tokens' logits is computed, the row kernels give its loss and write its gradient over it,
+and the gradient is folded into ``∂h``, ``∂W``, ``∂b`` before the next chunk. For ``"mean"``/``"sum"``
+the gradients are formed in the forward (as Liger-Kernel does) and the backward scales them by
+``grad_output``; for ``"none"`` (per-token weights known only in the backward) the backward recomputes
+each chunk's logits (as Cut Cross-Entropy does). Logits stay in the inputs' dtype, statistics and
+``∂W``, ``∂b`` accumulate in fp32; under autocast the inputs are cast as ``F.linear`` casts them.
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
 """``KL(P_ref ‖ P_θ)`` of next-token distributions, from logits or straight from the last hidden states: the
-KL retain term of TOFU (Maini et al. 2024, arXiv 2401.06121).
-
-With ``P_θ = softmax(z)`` and ``P_ref = softmax(r)`` at a position, the loss is the mean over positions of
-``Σ_v P_ref(v)·(log P_ref(v) − log P_θ(v))`` (``F.kl_div(..., reduction="batchmean", log_target=True)``
-on the flattened rows), every position counted unless a ``mask`` picks them. Its gradient in the logits
-is ``(softmax(z) − softmax(r))·weight``; the reference is a constant. No ``[N, V]`` softmax is formed:
-one pass over both rows forward, one read and one write backward (``fastunlearn.kernels.kl``);
-:func:`fused_linear_kl_loss` computes both models' logits a chunk of rows at a time from their hidden
-states and the shared head, folding each chunk's gradient before the next.
+KL retain term of TOFU (Maini et al. 2024). The loss is the mean over positions (or those a ``mask``
+picks) of ``Σ_v P_ref(v)·(log P_ref(v) − log P_θ(v))``, as ``F.kl_div(..., "batchmean",
+log_target=True)``; its gradient in the logits is ``(softmax(z) − softmax(r))·weight``, the reference a
+constant. No ``[N, V]`` softmax is formed (``fastunlearn.kernels.kl``); :func:`fused_linear_kl_loss`
+computes both models' logits a chunk of rows at a time from their hidden states and the shared head.
 """
 
 from __future__ import annotations

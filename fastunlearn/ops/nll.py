@@ -1,10 +1,8 @@
 """The shifted next-token negative log-likelihood of a causal LM, the one definition in fastunlearn.
 
-Labels follow Hugging Face: ``labels[:, t]`` is the token at ``t`` and the logit at ``t`` predicts
-``t + 1``, so ``nll[b, t] = −log softmax(logits[b, t])[labels[b, t + 1]]`` (0 where that label is
-ignored). The *labels* are shifted, never the logits: a ``logits[:, :-1]`` slice would make autograd
-scatter its gradient into a fresh ``[B, T, V]`` buffer. The NLL is :func:`fastunlearn.nll_loss`, which
-reads bf16/fp16 logits in their own dtype with fp32 statistics (fp64 logits stay fp64).
+``nll[b, t] = −log softmax(logits[b, t])[labels[b, t + 1]]`` (Hugging Face's labels; 0 where ignored).
+The *labels* are shifted, never the logits: a ``logits[:, :-1]`` slice would make autograd scatter its
+gradient into a fresh ``[B, T, V]`` buffer. Computed by :func:`fastunlearn.nll_loss` (fp32 statistics).
 """
 
 from __future__ import annotations
