@@ -1,14 +1,10 @@
 """Data pipeline: records → tokenised examples → padded forget/retain batches.
 
-Formats: ``qa`` ``{"question", "answer"}`` (the question in a prompt template; the loss on the answer
-and a closing EOS; the ``tofu-*`` templates tokenise as TOFU does, :mod:`~.tofu_format`),
-``prompt_completion`` (the prompt verbatim; the loss on the completion and EOS) and ``text`` (raw
-sequences, the extraction protocol of Jang et al. 2023: the loss on every token). Labels follow the
-Hugging Face convention (``-100`` where there is no loss; the loss does the causal shift). Prompt and
-answer are tokenised separately and concatenated, so their boundary is exact whatever the tokenizer
-merges; masks come from positions, never from comparing ids with the pad id (a pad token equal to EOS
-keeps its EOS targets). Evaluation tokenises with this module too, so an evaluated prompt is the
-trained one.
+Formats: ``qa`` (the question in a prompt template, the loss on the answer and a closing EOS; the
+``tofu-*`` templates tokenise as TOFU does), ``prompt_completion`` (the prompt verbatim) and ``text``
+(raw sequences, Jang et al. 2023: the loss on every token). Labels are ``-100`` where there is no loss
+(the loss does the causal shift). Prompt and answer are tokenised separately, so their boundary is
+exact; masks come from positions, never from pad ids (a pad equal to EOS keeps its EOS targets).
 """
 
 from __future__ import annotations

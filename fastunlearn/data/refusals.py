@@ -1,11 +1,6 @@
-"""Refusal answers for the IdK and DPO baselines: each forget question paired with an "I don't know".
-
-TOFU's ``idk`` (Maini et al. 2024, arXiv 2401.06121) fine-tunes the model to answer every forget
-question with a refusal drawn from a list; DPO on the forget set (Rafailov et al. 2023, arXiv
-2305.18290) prefers that refusal to the true answer. Each forget record gets one refusal for the whole
-run, drawn by a generator seeded by the run's seed: the same on resume, so the reference model's
-log-probability of every refusal can be taken once before training.
-"""
+"""Refusal answers for the IdK and DPO baselines (TOFU, Maini et al. 2024; Rafailov et al. 2023): each
+forget question paired with an "I don't know" drawn once per run by a generator seeded by the run's
+seed, so a resumed run draws the same and the reference log-probabilities are taken once."""
 
 from __future__ import annotations
 

@@ -1,10 +1,7 @@
 """Where records come from: a JSON Lines or JSON array file, a Parquet or CSV file, a folder written by
-``datasets.Dataset.save_to_disk`` (``folder@split`` for one of several splits), or a Hub data set
-``name[:config][@split]`` read from the local Hugging Face cache (fetched only with ``allow_download``).
-
-Each record is a dict whose ``"_source"`` names its place for error messages: ``path:line`` in a
-text file, ``name[i]`` for row ``i`` of a table. Parquet needs ``pyarrow``, folders and Hub data sets
-``datasets`` (``pip install 'fastunlearn[data]'``).
+``datasets.Dataset.save_to_disk`` (``folder@split``), or a Hub data set ``name[:config][@split]`` read
+from the local Hugging Face cache (fetched only with ``allow_download``). Each record's ``"_source"``
+(``path:line``, ``name[i]``) names it in error messages.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""TOFU-format evaluation files (Maini et al. 2024): reading them, and finding them in a directory.
-
-Records hold ``question`` and ``answer``, and in the ``*_perturbed`` files ``paraphrased_answer``
-(forget / retain) and ``perturbed_answer``; they are read by the training data's reader (JSON Lines,
-Parquet, CSV, a ``save_to_disk`` folder, the Hub's ``locuslab/TOFU:forget10_perturbed``).
-"""
+"""TOFU-format evaluation files (Maini et al. 2024): ``question``, ``answer`` and, in the ``*_perturbed``
+files, ``paraphrased_answer`` and ``perturbed_answer``; read by the training data's reader, and found
+in a directory by TOFU's names."""
 
 from __future__ import annotations
 

@@ -76,13 +76,7 @@ def eos_id(tokenizer) -> int:
 
 
 def encode_tofu_example(
-    tokenizer,
-    question: str,
-    answer: str,
-    family: str | TofuTags,
-    max_length: int,
-    *,
-    where: str = "example",
+    tokenizer, question: str, answer: str, family: str | TofuTags, max_length: int, *, where: str = "example"
 ) -> TofuExample:
     """Tokenise one (question, answer) pair exactly as TOFU does (module docstring), cut by the
     tokenizer's own truncation. ``ValueError`` naming ``where`` when the question fills ``max_length``

@@ -1,8 +1,6 @@
-"""The evaluations of unlearning behind one entry point, :func:`evaluate` (:mod:`~.evaluator`): TOFU,
-extraction, membership inference, MUSE, dialogue and lm-evaluation-harness tasks; the metrics on any
-causal LM (:mod:`~.metrics`, ``fastunlearn.metrics``); a run's own metrics (:mod:`~.sets`) and its
-stopping rules (:mod:`~.stopping`, :mod:`~.stop_callback`). Data is read and tokenised as in training.
-"""
+"""The evaluations of unlearning behind one entry point, :func:`evaluate`: TOFU, extraction, membership
+inference, MUSE, dialogue and lm-evaluation-harness tasks, a run's own metrics and its stopping rules.
+Data is read and tokenised as in training."""
 
 from __future__ import annotations
 

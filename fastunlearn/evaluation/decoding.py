@@ -50,15 +50,11 @@ def greedy_decode(
     pad_token_id: int = 0,
     eos_check_every: int | None = None,
 ) -> torch.Tensor:
-    """Greedy continuation ``[R, ≤ max_new_tokens]`` of left-padded prompts with a KV cache (position
-    ids follow the mask, so padding changes nothing but rounding); call under ``eval_mode``.
-
-    Without ``eos_token_id`` exactly ``max_new_tokens`` tokens per prompt. With it a row stops at its
-    first EOS (then ``pad_token_id``), and decoding ends once every row has, checked every
-    ``eos_check_every`` steps (a host synchronisation: every step on the CPU, every
-    :data:`EOS_CHECK_EVERY` elsewhere; the tokens do not depend on it). With weights split between the
-    ranks (FSDP, ZeRO-3) each forward is a collective, so the ranks stop together, when every row has
-    stopped on every rank.
+    """Greedy continuation ``[R, ≤ max_new_tokens]`` of left-padded prompts with a KV cache; call under
+    ``eval_mode``. Without ``eos_token_id`` exactly ``max_new_tokens`` tokens per prompt; with it a row
+    stops at its first EOS (then ``pad_token_id``) and decoding ends once every row has, checked every
+    ``eos_check_every`` steps (a host sync: every step on the CPU, :data:`EOS_CHECK_EVERY` elsewhere).
+    With weights split between the ranks each forward is a collective, so the ranks stop together.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
@@ -143,12 +139,7 @@ def greedy_completions(
 
 
 def greedy_texts(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int,
-    batch_size: int,
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int, batch_size: int
 ) -> list[str]:
     """The greedy continuation of each prompt (tokenised with special tokens), up to ``max_new_tokens``
     new tokens or EOS, decoded without special tokens, ``batch_size`` prompts at a time."""

@@ -1,11 +1,7 @@
 """One evaluator for every caller (``fastunlearn eval``, a run's before/after metrics, the evaluations
-during training): the registry :data:`EVALUATIONS`, :func:`check` and :func:`evaluate`.
-
-Each entry (TOFU, extraction, membership inference, MUSE, dialogue, lm-eval tasks, and ``sets``: a
-run's own forget / retain metrics from a :class:`~fastunlearn.evaluation.sets.SetEvaluator`) reads and
-checks its inputs before any model loads and names its headline numbers ``NAME.KEY``. Under
-``torchrun`` the ranks share each evaluation's items and every rank gets every result.
-"""
+during training): the registry :data:`EVALUATIONS`, :func:`check` and :func:`evaluate`. Each entry
+checks its inputs before any model loads and names its headline numbers ``NAME.KEY``; under
+``torchrun`` the ranks share each evaluation's items."""
 
 from __future__ import annotations
 

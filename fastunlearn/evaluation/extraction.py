@@ -153,14 +153,12 @@ def _continuations(
 def _el_batched(
     model: torch.nn.Module, seqs: list[torch.Tensor], hits: torch.Tensor, n: int, batch_size: int
 ) -> torch.Tensor:
-    """Extraction likelihood sharing work across prefixes, from :func:`_teacher_forced_hits`' ``hits``.
+    """Extraction likelihood decoding only the divergence points of :func:`_teacher_forced_hits`.
 
-    Greedy decoding is a deterministic function of the prefix: where the teacher-forced prediction at
-    t is the true token, the greedy run from ``x_<t`` emits ``x_t`` and then *is* the run from
-    ``x_<t+1``. So every prefix's continuation is ``x[t:s] ++ greedy(x_<s)``, ``s`` the first
-    divergence point ``≥ t`` (``x[t:T]`` when none), and only the divergence points are decoded, over
-    every sequence in batches of ``batch_size`` rows, longest first. A memorised sequence's O(T²)
-    generated tokens shrink to nearly nothing.
+    Greedy decoding is a function of the prefix: where the teacher-forced prediction at t is ``x_t``,
+    the run from ``x_<t`` is the run from ``x_<t+1``. So every prefix continues as
+    ``x[t:s] ++ greedy(x_<s)``, ``s`` the first divergence point ``≥ t``, and a memorised sequence's
+    O(T²) generated tokens shrink to nearly nothing.
     """
     lengths = [len(s) for s in seqs]
     points = _divergence_points(hits, lengths, n)
@@ -217,16 +215,14 @@ def extraction_metrics(
     method: str = "batched",
     batch_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(MA, EL_n)`` per sequence (Jang et al. 2023, Eq. 2 and 1), float64 ``[B]`` CPU tensors, from one
-    shared teacher-forced pass:
+    """``(MA, EL_n)`` per sequence (Jang et al. 2023, Eq. 2 and 1), float64 ``[B]`` CPU tensors::
 
         EL_n(x) = 1/(T−n) · Σ_{t=1}^{T−n} overlap_n(greedy(x_<t), x_≥t)
 
     ``greedy(x_<t)`` continues the first t tokens to length T (no stop at EOS); ``overlap_n(a, b)`` is
-    the share of ``b``'s n-grams found among ``a``'s. Padding may sit on either side; each sequence
-    needs more than ``n`` real tokens. ``method="batched"`` shares work across prefixes
-    (:func:`_el_batched`, ``batch_size`` rows decoded at a time); ``"naive"`` decodes every prefix, the
-    original algorithm, kept as the reference: both agree up to an argmax tie broken by rounding.
+    the share of ``b``'s n-grams among ``a``'s. Each sequence needs more than ``n`` real tokens.
+    ``method="batched"`` shares work across prefixes (:func:`_el_batched`); ``"naive"`` decodes every
+    prefix, the reference: both agree up to an argmax tie broken by rounding.
     """
     if method not in ("batched", "naive"):
         raise ValueError(f"unknown method {method!r}; expected 'batched' or 'naive'")

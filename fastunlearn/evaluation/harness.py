@@ -81,12 +81,9 @@ def evaluate_lm_eval(
     batch_size: int = 8,
     max_length: int | None = None,
 ) -> dict[str, Any]:
-    """``lm_eval.simple_evaluate`` of ``model`` on ``tasks`` (names or a comma-separated string, groups
-    included), without the per-document ``samples``, JSON-serialisable. ``include_path``: local YAML
-    tasks (``include_defaults=False``: those alone); ``limit``: documents per task (a fraction below 1
-    is a share); ``num_fewshot`` and ``max_length`` default to the tasks' and the model's. Under several
-    processes the main process evaluates (every rank in step when the weights are split) and every
-    rank gets the results.
+    """``lm_eval.simple_evaluate`` of ``model`` on ``tasks`` (names or a comma-separated string), without
+    the per-document ``samples``, JSON-serialisable. ``limit``: documents per task (below 1 a share).
+    Under several processes the main process evaluates and every rank gets the results.
     """
     lm_eval, HFLM, _ = _harness()
     names, manager = check_tasks(tasks, include_path=include_path, include_defaults=include_defaults)

@@ -1,11 +1,7 @@
-"""Likelihood metrics of answers on any causal language model (TOFU, Maini et al. 2024), batched.
-
-One teacher-forced pass per batch gives per example, over the labelled tokens (``-100`` elsewhere;
-logits at ``t`` predict ``t + 1``): ``nll_sum = Σ_t −log p(y_t | y_<t, q)`` (fp32 at least),
-``num_tokens`` and ``correct = Σ_t 1[argmax_v p(v | y_<t, q) = y_t]``. The length-normalised
-probability ``P̄(a|q) = exp(−nll_sum / num_tokens)`` follows, and from it TOFU's normalisation over
-multiple-choice options and the truth ratio of perturbed against true answers.
-"""
+"""Likelihood metrics of answers on any causal LM (TOFU, Maini et al. 2024), batched: per example the
+``nll_sum`` and ``correct`` predictions over its ``num_tokens`` labelled tokens from one teacher-forced
+pass; from them the length-normalised probability ``exp(−nll_sum / num_tokens)``, TOFU's
+multiple-choice normalisation and the truth ratio."""
 
 from __future__ import annotations
 

@@ -1,11 +1,7 @@
 """TOFU's and the extraction protocol's metrics as functions on any causal LM: ``fastunlearn.metrics``."""
 
 from fastunlearn.evaluation.decoding import greedy_decode
-from fastunlearn.evaluation.extraction import (
-    extraction_likelihood,
-    extraction_metrics,
-    memorization_accuracy,
-)
+from fastunlearn.evaluation.extraction import extraction_likelihood, extraction_metrics, memorization_accuracy
 from fastunlearn.evaluation.likelihood import (
     answer_metrics,
     answer_probability,

@@ -1,23 +1,16 @@
 """Membership inference against an unlearned model: per-sequence scores, their AUC, and PrivLeak.
 
-Each attack gives a sequence a score, **higher = looks less like training data**, from the
-teacher-forced statistics of its target tokens (every token after the first: raw text), with
-``n`` targets, ``N̄ = −(1/n) Σ_t log p(x_t | x_<t)`` and ``k_n = max(1, ⌊k·n⌋)``:
+Each attack scores a sequence, **higher = looks less like training data**, from one teacher-forced
+pass over its ``n`` target tokens, with ``N̄ = −(1/n) Σ_t log p(x_t | x_<t)``, ``k_n = max(1, ⌊k·n⌋)``:
+``loss`` (Yeom et al. 2018) ``N̄``; ``zlib`` (Carlini et al. 2021) ``N̄`` over the zlib-compressed
+length of the text; ``min_k`` (Min-K%, Shi et al. 2024) minus the mean of the ``k_n`` smallest token
+log-probabilities; ``min_k_plus_plus`` (Min-K%++, Zhang et al. 2024) the same over
+``(log p_y − μ_t)/σ_t``, the target standardised against the model's own distribution at ``t``;
+``reference`` (Carlini et al. 2021) ``N̄_θ − N̄_ref`` under a reference model (same tokenizer).
 
-- ``loss`` (Yeom et al. 2018): ``N̄``;
-- ``zlib`` (Carlini et al. 2021, arXiv:2012.07805): ``N̄ / len(zlib.compress(text.encode("utf-8")))``
-  — the model's surprise relative to a compressor's;
-- ``min_k`` (Min-K% Prob, Shi et al. 2024, arXiv:2310.16789): minus the mean of the ``k_n`` smallest
-  token log-probabilities — a member has few very unlikely tokens;
-- ``min_k_plus_plus`` (Min-K%++, Zhang et al. 2024, arXiv:2404.02936): the same over
-  ``z_t = (log p_y − μ_t)/σ_t``, the target's log-probability standardised by the mean and spread of
-  ``log p`` under the model's own distribution at ``t`` (members sit at local maxima);
-- ``reference`` (Carlini et al. 2021): ``N̄_θ − N̄_ref`` under a reference model (same tokenizer).
-
-All come from one forward pass per padded batch. An attack's AUC is the probability that a holdout
-(non-member) sequence scores higher than a forget (member) one, ties counting ½, exactly from ranks:
-near 1 for a model trained on the forget set, 0.5 for one that never saw it. PrivLeak (Shi et al.
-2024, MUSE, arXiv:2407.06460) compares the Min-K% AUC with a retrained model's (:data:`PRIVLEAK_CONVENTION`).
+An attack's AUC is ``P(holdout score > forget score)``, ties counting ½: near 1 for a model trained on
+the forget set, 0.5 for one that never saw it. PrivLeak (MUSE, Shi et al. 2024) compares the Min-K%
+AUC with a retrained model's (:data:`PRIVLEAK_CONVENTION`).
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
 """MUSE (Shi et al. 2024, arXiv:2407.06460): the four criteria measured on the unlearned model.
 
-- C1 VerbMem (``verbmem_forget``): ROUGE-L F1 of the greedy continuation (128 new tokens) of each
-  ``verbmem/forget`` prompt against the true one.
-- C2 / C4 KnowMem (``knowmem_forget``, ``knowmem_retain``): each question after the in-context
-  examples, ``"Question: q\\nAnswer: "``; the greedy answer (32 new tokens) cut at its first blank line,
-  scored by ROUGE-L F1 (``*_recall``: recall) against the answer.
-- C3 PrivLeak (``privleak``): the Min-K% (k = 0.4) AUC of ``privleak/forget`` against
-  ``privleak/holdout`` relative to a retrained model's (:mod:`~fastunlearn.evaluation.mia`).
-
-ROUGE is ``rouge-score`` without stemming, as MUSE scores; numbers lie in ``[0, 1]``.
+C1 VerbMem: ROUGE-L F1 of the greedy continuation (128 tokens) of each ``verbmem/forget`` prompt. C2 /
+C4 KnowMem: the greedy answer (32 tokens, cut at its first blank line) to each question after the
+in-context examples, ROUGE-L F1 (``*_recall``: recall) against the answer. C3 PrivLeak: the Min-K%
+AUC of ``privleak/forget`` against ``privleak/holdout`` relative to a retrained model's. ROUGE is
+``rouge-score`` unstemmed, as MUSE scores.
 """
 
 from __future__ import annotations
@@ -90,13 +86,9 @@ def evaluate_muse(
     verbmem_max_new_tokens: int = VERBMEM_NEW_TOKENS,
     knowmem_max_new_tokens: int = KNOWMEM_NEW_TOKENS,
 ) -> dict[str, Any]:
-    """MUSE's ``criteria`` (module docstring) of ``model`` on the benchmark directory ``muse_dir``, as a
-    JSON-serialisable dict with ``num_items``, ``per_item`` F1 and a few ``examples``.
-
-    ``max_items`` caps each scored set (not the in-context examples); PrivLeak texts are cut at
-    ``max_length`` tokens, and PrivLeak itself needs the retrained model's Min-K% AUC
-    (``retrain_auc``, or ``retrain_model`` sharing the tokenizer). Every file is read and checked
-    before the model runs.
+    """MUSE's ``criteria`` of ``model`` on the benchmark directory ``muse_dir``: a JSON-serialisable dict
+    with ``num_items``, ``per_item`` F1 and a few ``examples``. ``max_items`` caps each scored set;
+    PrivLeak needs ``retrain_auc`` or ``retrain_model``. Every file is checked before the model runs.
     """
     unknown = sorted(set(criteria) - set(CRITERIA))
     if unknown or not criteria:

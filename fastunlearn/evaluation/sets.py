@@ -52,14 +52,11 @@ def _forced_metrics(
 class SetEvaluator:
     """The metrics of a run on its forget / retain / unseen (raw text) tokenised examples.
 
-    With ``eval_items`` each set is cut to that many examples spread evenly over it, the same at every
-    evaluation. The teacher-forced metrics (``prob`` / ``acc`` / ``nll`` / ``ma``) of every set asked
-    for come from one pass, sorted by length into batches; ``rougeL`` scores the greedy answer to the
-    training prompt, up to ``min(max_new_tokens, 2 × the reference's tokens)`` new tokens (a collapsed
-    model that never emits EOS stops early); ``el10`` is the extraction likelihood; ``muse.*`` come
-    from the MUSE evaluation with the options ``muse``. The model runs under ``torch.no_grad``, not
-    ``inference_mode``: a first forward in inference mode breaks FSDP's training forward afterwards
-    (pytorch/pytorch#113203).
+    Each set is cut to ``eval_items`` examples spread evenly over it. The teacher-forced metrics of all
+    sets come from one pass sorted by length; ``rougeL`` scores the greedy answer to the training prompt
+    (at most ``min(max_new_tokens, 2 × the reference's tokens)`` new tokens), ``el10`` is the extraction
+    likelihood, ``muse.*`` come from the MUSE evaluation with the options ``muse``. The model runs under
+    ``no_grad``, not ``inference_mode``, which breaks FSDP's next training forward (pytorch#113203).
     """
 
     def __init__(

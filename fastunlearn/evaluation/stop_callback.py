@@ -60,15 +60,10 @@ class StoppingCallback(TrainerCallback):
     """Evaluate during training, stop by a rule, keep the chosen state, write the trajectory.
 
     The model at ``on_train_begin`` is the baseline (step 0); then every ``every`` optimiser steps (or
-    ``"epoch"``, and always the final step) the controller's ``metrics_to_compute`` is followed until it
-    asks for nothing. States the controller may restore have their trainable parameters copied to the
-    CPU, and the chosen one is put back at ``on_train_end``, so whatever is saved afterwards is that
-    state. ``trajectory.csv`` (and ``.png`` with ``plot``) go to ``output_dir``; :attr:`summary` holds
-    the outcome and the seconds evaluating beside those training. Only the extraction rule's reference
-    (the model itself) is measured here; another model's first (:func:`measure_reference`).
-
-    Every rank runs the callback; the evaluations' numbers are the main process's on every rank, so
-    all ranks decide alike; the main process alone writes files.
+    each ``"epoch"``, and the final step) the controller's ``metrics_to_compute`` is followed until it
+    asks for nothing. States the controller may restore are copied to the CPU and the chosen one is put
+    back at ``on_train_end``. Every rank runs the callback and gets the main process's numbers, so all
+    decide alike; the main process alone writes files (``trajectory.csv``, ``.png``).
     """
 
     def __init__(

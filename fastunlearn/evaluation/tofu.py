@@ -1,13 +1,9 @@
 """The TOFU protocol (Maini et al. 2024, arXiv:2401.06121): per-set scores, forget quality and model utility.
 
-Per set, the length-normalised answer probability, the ROUGE-L recall of the greedy answer and the
-truth ratio; forget quality is a KS test against the retain-only model's forget-set truth ratios
-(saved once and reused), model utility the harmonic mean of the nine retain / real-authors /
-world-facts numbers. ``mode="legacy"`` is the paper's pipeline token for token (the ``tofu-*``
-templates, cut at 200 tokens, generation in batches of 30); ``mode="full"`` scores with the template
-the model was trained with. The retain-only model's reference truth ratios are saved with the protocol
-they were computed under, so that a run under another protocol is refused rather than compared with
-numbers of a different distribution.
+``mode="legacy"`` is the paper's pipeline token for token (``tofu-*`` templates, cut at 200 tokens,
+generation in batches of 30); ``mode="full"`` scores with the template the model was trained with. The
+retain-only model's reference truth ratios are saved with their mode and template, so a run under
+another protocol is refused rather than compared with numbers of a different distribution.
 """
 
 from __future__ import annotations
@@ -159,16 +155,12 @@ def evaluate_tofu(
 ) -> dict[str, Any]:
     """TOFU evaluation of ``model``: JSON-serialisable scores per set, forget quality, model utility.
 
-    ``data``: a directory (:func:`find_tofu_files`) or a mapping from set name to a path or a list of
-    :class:`TofuItem`. ``mode="legacy"``: at most 300 items per set, ``template`` a ``tofu-*`` family
-    (``tofu-llama2`` by default), cut at 200 tokens, greedy answers in the paper's batches of 30 to 200
-    tokens in total (``max_length``, ``max_new_tokens`` and ``batch_size`` do not apply to it).
-    ``mode="full"``: ``template`` as trained (default ``"plain"``), answers of up to
-    ``max_new_tokens``. Model utility is ``None`` unless all nine numbers are present
-    (``model_utility_partial`` is then the mean of those that are). Forget quality needs
-    ``reference_truth_ratios`` (a list or a file of :func:`save_reference_truth_ratios` of the same
-    mode and template); ``save_reference`` writes this run's. Every input is checked before the model
-    runs; a set without perturbed answers says why under ``missing``.
+    ``data``: a directory (:func:`find_tofu_files`) or set name → path or list of :class:`TofuItem`.
+    ``mode="legacy"``: at most 300 items per set, a ``tofu-*`` template (default ``tofu-llama2``) and the
+    paper's lengths and batches (``max_length``, ``max_new_tokens``, ``batch_size`` do not apply).
+    Model utility is ``None`` unless all nine numbers are present (``model_utility_partial`` is the mean
+    of those that are). Forget quality needs ``reference_truth_ratios`` (a list or a file of the same
+    mode and template); ``save_reference`` writes this run's. Every input is checked before the model runs.
     """
     template = _resolve_template(mode, template)
     legacy = mode == "legacy"

@@ -77,13 +77,7 @@ def _generation_prompts(
 
 
 def _greedy_answers(
-    model,
-    tokenizer,
-    prompts: Sequence[torch.Tensor],
-    *,
-    legacy: bool,
-    max_new_tokens: int,
-    batch_size: int,
+    model, tokenizer, prompts: Sequence[torch.Tensor], *, legacy: bool, max_new_tokens: int, batch_size: int
 ) -> list[str]:
     """Greedy answers to ``prompts`` in their order, each stopping at EOS, shared by the ranks.
     Legacy: the paper's batches of 30 in file order, each row of a batch ``W`` tokens wide getting

@@ -1,10 +1,6 @@
 """The trajectory of a run that evaluates during training: ``trajectory.csv`` and ``trajectory.png``.
-
-One CSV row per evaluation (step 0 is the model before unlearning); columns ``step``, ``epoch``, the
-metrics in :data:`~fastunlearn.evaluation.stopping.rules.METRIC_NAMES` order, :data:`TRAILING`, then
-any other names sorted. A metric not computed at an evaluation is an empty cell. The file (tens of
-rows) is rewritten whole and atomically after every row, so its header always covers every row.
-"""
+One row per evaluation (step 0: before unlearning), columns ``step``, ``epoch``, the metrics, then
+:data:`TRAILING`; rewritten whole and atomically after every row, so the header covers every row."""
 
 from __future__ import annotations
 

@@ -6,37 +6,25 @@ from fastunlearn.fisher.budget import parse_bytes
 from fastunlearn.fisher.estimate import FISHER_MODES, FisherEstimate, FisherFile
 from fastunlearn.fisher.estimator import estimate_fisher, save_fisher
 from fastunlearn.fisher.export import (
-    AdapterExport,
     adapter_export,
     merged_state_dict,
     save_adapter,
     save_merged,
     write_adapter,
 )
-from fastunlearn.fisher.fila import (
-    SOLVERS,
-    FilaInit,
-    fila_factors,
-    fila_factors_from_row_weights,
-    fila_init,
-    fila_record,
-    lora_layers,
-)
+from fastunlearn.fisher.fila import SOLVERS, fila_factors, fila_init, fila_record, lora_layers
 from fastunlearn.fisher.layers import linear_layers, select_linear_layers
 from fastunlearn.fisher.row_weights import FilaRowWeights, fila_row_weights
 
 __all__ = [
     "FISHER_MODES",
     "SOLVERS",
-    "AdapterExport",
-    "FilaInit",
     "FilaRowWeights",
     "FisherEstimate",
     "FisherFile",
     "adapter_export",
     "estimate_fisher",
     "fila_factors",
-    "fila_factors_from_row_weights",
     "fila_init",
     "fila_record",
     "fila_row_weights",

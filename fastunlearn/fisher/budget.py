@@ -1,10 +1,6 @@
-"""The memory budget of the Fisher accumulators: sizes in bytes, groups of layers, the default budget.
-
-An estimate keeps one fp32 accumulator per measured weight and data set: 26 GB for Llama-2-7B's linear
-layers, 52 GB for FILA's forget and retain pair. Where they do not fit, the layers are split into
-groups of consecutive layers whose accumulators fit a budget, and the data is passed once per group
-(a pass's backward only has to reach the lowest layer of its group).
-"""
+"""The memory budget of the Fisher accumulators (one fp32 value per measured weight and data set, 26 GB
+for Llama-2-7B): sizes in bytes, groups of consecutive layers that fit a budget (the data is passed once
+per group), the default budget."""
 
 from __future__ import annotations
 
@@ -18,8 +14,6 @@ from torch import nn
 
 from fastunlearn.engines.sharded import linear_shape
 from fastunlearn.fisher.passes import Data, largest_batch, run_pass
-
-__all__ = ["available_memory", "format_bytes", "parse_bytes", "plan_groups", "resolve_budget"]
 
 _UNITS = {"": 1, "b": 1, **{p + "b": 10 ** (3 * i) for i, p in enumerate("kmgt", 1)}}
 _UNITS |= {p + "ib": 2 ** (10 * i) for i, p in enumerate("kmgt", 1)}

@@ -26,8 +26,6 @@ FORMAT = "fastunlearn.fisher"
 FORMAT_VERSION = "1"
 _V = TypeVar("_V")
 
-__all__ = ["FISHER_MODES", "FisherEstimate", "FisherFile", "FisherMode"]
-
 
 def check_finite(tensors: Mapping[str, Tensor], what: str) -> None:
     bad = [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
@@ -152,12 +150,10 @@ def _metadata(mode: str, num_examples: int, num_tokens: int) -> dict[str, str]:
 class FisherFile:
     """A Fisher estimate's safetensors file written layer by layer, never holding the estimate.
 
-    A safetensors file is an 8-byte little-endian header length, a JSON header (``__metadata__`` and,
-    per tensor, dtype, shape and ``[begin, end)`` offsets covering the data without holes, padded with
-    spaces to a multiple of 8 bytes), then the data. Every tensor of an estimate is fp32 and shaped like
-    its layer's weight and the counts are known before any layer is estimated, so the header is written
-    first and each layer's data follows in the order of ``shapes`` (layer name → weight shape), the
-    order the passes finish them. :meth:`FisherEstimate.load` reads the file as it reads its own.
+    A safetensors file is an 8-byte header length, a JSON header (metadata and each tensor's dtype,
+    shape and data offsets, space-padded to 8 bytes), then the data. Every tensor of an estimate is fp32
+    shaped like its weight and the counts are known beforehand, so the header is written first and the
+    layers follow in the order of ``shapes`` (name → weight shape), as the passes finish them.
     """
 
     def __init__(

@@ -33,15 +33,6 @@ _ADAPTER_PARTS = frozenset(
     {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"}
 )
 
-__all__ = [
-    "AdapterExport",
-    "adapter_export",
-    "merged_state_dict",
-    "save_adapter",
-    "save_merged",
-    "write_adapter",
-]
-
 
 def _require_peft_model(model: nn.Module) -> None:
     from peft import PeftModel
@@ -67,14 +58,10 @@ def save_adapter(
     state_dict: Mapping[str, Tensor] | None = None,
 ) -> Path:
     """Write ``adapter_name`` as a standard ``peft`` LoRA adapter for the *original* base model, so that
-    ``peft.PeftModel.from_pretrained(original_base, path)`` reproduces the trained model.
-
-    FILA-initialised layers become the rank-``2r`` ``[B, −B₀]·[A; A₀]`` with ``lora_alpha = 2r·s``
-    (``use_rslora = False``); other LoRA layers are written as they are; ranks and alphas other than the
-    most common go into ``rank_pattern``/``alpha_pattern``. A local base is recorded by its absolute path,
-    one from the Hugging Face cache by its Hub id and ``revision``. Writes ``adapter_config.json`` and
-    ``adapter_model.safetensors`` atomically (a non-empty ``path`` is replaced only with ``overwrite``).
-    ``state_dict``: the whole state when the model's own tensors are shards (FSDP).
+    ``PeftModel.from_pretrained(original_base, path)`` reproduces the trained model: FILA layers as the
+    rank-``2r`` ``[B, −B₀]·[A; A₀]`` with ``lora_alpha = 2r·s``, other ranks and alphas in
+    ``rank_pattern``/``alpha_pattern``; the base recorded by absolute path or Hub id and revision.
+    Written atomically; ``state_dict``: the whole state when the model holds shards (FSDP).
     """
     export = adapter_export(model, adapter_name=adapter_name, state_dict=state_dict)
     return write_adapter(export, path, overwrite=overwrite)

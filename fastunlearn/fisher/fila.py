@@ -1,24 +1,19 @@
 """FILA: Fisher-initialised LoRA (Cha et al. 2025, arXiv 2408.06621, §3.2).
 
-Given diagonal Fisher estimates ``F_f`` (forget set) and ``F_r`` (retain set), each normalised by its
-own count, every LoRA-wrapped linear layer ``W ∈ R^{out×in}`` of rank ``r`` and scaling ``s`` is
-initialised, in fp32 and one layer at a time, as::
+From diagonal Fisher estimates ``F_f`` (forget) and ``F_r`` (retain), each LoRA layer ``W ∈ R^{out×in}``
+of rank ``r`` and scaling ``s`` is initialised in fp32, one layer at a time::
 
-    d_i  = sqrt(Σ_j F_f,ij / (F_r,ij + ε))      row weights (:mod:`fastunlearn.fisher.row_weights`)
+    d_i  = sqrt(Σ_j F_f,ij / (F_r,ij + ε))      row weights
     U S Vᵀ = rank-r truncated SVD of diag(d)·W
     A₀   = (V·sqrt(S/s))ᵀ,    B₀ = diag(1/(d + ε))·U·sqrt(S/s),    W_res = W − s·B₀A₀
 
-``min_{rank M ≤ r} ‖diag(d)(W − M)‖_F`` is solved by ``M* = D⁻¹[DW]_r`` (Eckart–Young on ``N = DM``),
-and ``s·B₀A₀`` is that optimum up to ``d/(d+ε)``: the adapters start on the part of ``W`` that matters
-most to the forget set relative to the retain set, while ``W_res + s·B₀A₀ = W`` keeps the model's
-function. Rows with ``d_i = 0`` get exact zeros in ``B₀`` (not rounding noise divided by ``ε``). A
-quantised base is never rewritten: ``−s·B₀A₀`` becomes a frozen adapter (:mod:`fastunlearn.fisher.residual`).
-
-:func:`fila_init` records ``A₀``, ``B₀`` (fp32, CPU) and ``s`` on each layer, outside the
-``state_dict``, for the export (:mod:`fastunlearn.fisher.export`). The initialisation is deterministic
-given the base weights, the row weights and the arguments (``U_r S_r V_rᵀ`` is unique when
-``σ_r > σ_{r+1}``; the solvers' random blocks are seeded), so a run resumes by calling it again on the
-original base and then loading its own rank-``r`` ``lora_A``/``lora_B`` over ``A₀``, ``B₀``.
+``M* = D⁻¹[DW]_r`` minimises ``‖diag(d)(W − M)‖_F`` over rank-``r`` ``M`` (Eckart–Young on ``N = DM``)
+and ``s·B₀A₀`` is ``M*`` up to ``d/(d+ε)``: the adapters start on the part of ``W`` that matters most to
+the forget set relative to the retain set, and ``W_res + s·B₀A₀ = W`` keeps the model's function. Rows
+with ``d_i = 0`` get exact zeros in ``B₀``. A quantised base is not rewritten: ``−s·B₀A₀`` becomes a
+frozen adapter (:mod:`fastunlearn.fisher.residual`). ``A₀``, ``B₀``, ``s`` are recorded on each layer
+for the export; the result is deterministic (seeded solvers), so a run resumes by calling
+:func:`fila_init` again on the original base and loading its trained factors over them.
 """
 
 from __future__ import annotations
@@ -43,17 +38,6 @@ from fastunlearn.models.quantization import dequantized_weight, is_quantized
 Solver = Literal["truncated", "svd", "randomized"]
 SOLVERS = ("truncated", "svd", "randomized")
 _RECORD_ATTR = "_fastunlearn_fila"
-
-__all__ = [
-    "SOLVERS",
-    "FilaInit",
-    "Solver",
-    "fila_factors",
-    "fila_factors_from_row_weights",
-    "fila_init",
-    "fila_record",
-    "lora_layers",
-]
 
 
 @dataclass(frozen=True)
@@ -168,10 +152,8 @@ def fila_factors_from_row_weights(
     solver: Solver = "truncated",
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """FILA's ``(A₀, B₀)`` of ``weight`` ``[out, in]`` given its row weights ``d`` ``[out]``, in fp32: the
-    rank-``rank`` truncated SVD ``U S Vᵀ`` of ``diag(d)·W``, ``A₀ = (V·sqrt(S/s))ᵀ`` and
-    ``B₀ = diag(1/(d + ε))·U·sqrt(S/s)`` (zero rows where ``d = 0``), ``s = scaling``. ``solver``: as
-    in :func:`fila_init`."""
+    """FILA's ``(A₀, B₀)`` of ``weight`` ``[out, in]`` from its row weights ``d`` ``[out]``, in fp32
+    (module docstring; ``solver`` as in :func:`fila_init`)."""
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got {tuple(weight.shape)}")
     if tuple(row_weights.shape) != (weight.shape[0],):
@@ -213,27 +195,13 @@ def fila_init(
 ) -> nn.Module:
     """Initialise every LoRA layer of a ``peft`` model with FILA (module docstring), in place; returns it.
 
-    Args:
-        model: a ``peft`` model whose adapter ``adapter_name`` is plain LoRA on ``nn.Linear`` layers.
-        forget, retain: Fisher estimates (:class:`~fastunlearn.fisher.FisherEstimate` or name → tensor
-            mappings; plain or wrapped names) covering every LoRA layer, shaped like its weight.
-        row_weights: instead of the estimates, the row weights ``d`` they reduce to
-            (:class:`~fastunlearn.fisher.FilaRowWeights` or a name → ``[out]`` tensor mapping).
-        eps: ``ε`` of ``F_f/(F_r + ε)`` and of ``1/(d + ε)``; default the row weights' own, else 1e-5.
-            Row weights computed with another ``ε`` are refused.
-        solver: ``"truncated"`` (the exact truncated SVD of :mod:`fastunlearn.fisher.solver`, weighted
-            error within a relative 1e-7 of the optimum), ``"svd"`` (``torch.linalg.svd``, the oracle,
-            slow on large layers) or ``"randomized"`` (``torch.svd_lowrank`` with ``q = r``, the
-            paper's); seeded by ``seed``.
-
-    Each base weight becomes ``W_res = W − s·B₀A₀`` with the adapter values as stored (rounded to the
-    adapter dtype), so the model's function changes only by the rounding of ``W_res``; a quantised base
-    keeps ``W`` and carries ``−s·B₀A₀`` as a frozen adapter. One layer at a time in fp32.
-
-    Raises:
-        ValueError: no LoRA layers, estimates or row weights missing a layer or misshapen, both or
-            neither given, a rank above ``min(out, in)``, non-finite or negative values, an ``eps``
-            other than the row weights', a layer already initialised.
+    ``forget``/``retain``: Fisher estimates (or name → tensor mappings) covering every LoRA layer, or
+    instead ``row_weights`` (:class:`~fastunlearn.fisher.FilaRowWeights` or name → ``[out]`` tensors).
+    ``eps``: the ``ε`` of ``F_f/(F_r + ε)`` and ``1/(d + ε)``, by default the row weights' own (another is
+    refused), else 1e-5. ``solver``: ``"truncated"`` (exact truncated SVD, :mod:`~.solver`), ``"svd"``
+    (``torch.linalg.svd``, the oracle) or ``"randomized"`` (``torch.svd_lowrank`` with ``q = r``, the
+    paper's), seeded by ``seed``. Every layer is checked before any is modified; ``W_res`` is formed with
+    the factors as stored in the adapter dtype, so the function changes only by the rounding of ``W_res``.
     """
     if row_weights is None and (forget is None or retain is None):
         raise ValueError("fila_init needs the forget and retain Fisher estimates, or row_weights=")

@@ -10,8 +10,6 @@ from torch import nn
 
 from fastunlearn.models.naming import canonical_name, unwrap_model
 
-__all__ = ["linear_layers", "select_linear_layers"]
-
 
 def _tuner_layer_class() -> type | None:
     # A model can only hold peft layers if peft has been imported.

@@ -1,19 +1,13 @@
 """One pass of a data set through a model, folding ``Σ_n (G_nᵀ X_n)²`` of chosen linear layers into
-accumulators (``X_n``, ``G_n``: example ``n``'s inputs and output gradients of a layer, whose weight
-gradient is ``g_n = G_nᵀ X_n``); one backward of the summed loss yields every ``G_n`` at once.
+accumulators (``X_n``, ``G_n``: example ``n``'s layer inputs and output gradients; ``g_n = G_nᵀ X_n``).
 
-A forward hook passes each measured layer's output through :class:`_Tap`, an autograd function that is
-the identity, saves the layer input ``X`` for backward and, in its backward, receives ``G`` and folds
-``(X, G)`` with :func:`fastunlearn.per_example_grad_sq`. Because ``X`` is a saved tensor and the fold
-happens where the gradient is formed, each layer is counted once per forward whatever re-runs it
-(activation checkpointing recomputes the tap, but only the original is in the backward graph), and
-under checkpointing ``X`` is recomputed rather than kept.
-
-The weights stay frozen, so a tap whose output needs no gradient also takes a 0-d *anchor* that does:
-the backward runs from the loss down to the lowest measured layer and stops there. The input
-embeddings' output is detached for the same reason. ``transformers`` checkpoints its decoder layers only
-in training mode, which turns dropout on; a pass runs in eval mode and checkpoints them itself
-(non-reentrant), so the estimate is that of the deterministic model either way.
+A forward hook passes each measured layer's output through :class:`_Tap`, an identity autograd function
+that saves ``X`` and, in its backward, folds ``(X, G)`` with :func:`fastunlearn.per_example_grad_sq`:
+one backward of the summed loss gives every ``G_n``, each layer is counted once per forward whatever
+recomputes it (checkpointing re-runs the tap outside the graph), and no weight gradient is formed.
+The weights are frozen, so a tap whose output needs no gradient takes a 0-d *anchor* that does, and
+the input embeddings' output is detached: the backward stops at the lowest measured layer. A pass runs
+in eval mode (no dropout) and checkpoints the decoder layers itself.
 """
 
 from __future__ import annotations
@@ -38,8 +32,6 @@ from fastunlearn.ops import IGNORE_INDEX
 from fastunlearn.ops.fused_linear import fused_linear_nll_loss
 from fastunlearn.ops.grad_sq import per_example_grad_sq
 from fastunlearn.ops.nll import shift_labels, shifted_nll
-
-__all__ = ["Batch", "Data", "fisher_session", "prepare_batches", "run_pass"]
 
 _MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 

@@ -1,11 +1,9 @@
-"""FILA on a quantised base (4-bit NF4 or 8-bit, QLoRA): the residual as a frozen adapter.
+"""FILA on a quantised base (QLoRA): the residual as a frozen adapter.
 
-A quantised weight cannot take FILA's write ``W_res = W − s·B₀A₀`` without being quantised again, so the
-base stays ``W_q`` and ``−s·B₀A₀`` rides next to the trained adapter: each layer computes
-``y = W_q x + s·B A x − s·B₀ A₀ x``, which is ``W_q x`` at initialisation (up to rounding) and
-``W_q + s·(BA − B₀A₀)`` after training, the same ``ΔW`` (and export) as on a full-precision base.
-The frozen term is a forward hook over two non-persistent buffers (in no ``state_dict``: a resumed run
-recomputes it), computed exactly as ``peft`` computes the trained term so the two cancel at first.
+A quantised weight cannot take ``W_res = W − s·B₀A₀`` without being quantised again, so the base stays
+``W_q`` and each layer computes ``W_q x + s·B A x − s·B₀ A₀ x``: ``W_q x`` at initialisation and the same
+``ΔW`` (and export) as on a full-precision base after training. The frozen term is a forward hook over
+two non-persistent buffers (a resumed run recomputes them), computed as ``peft`` computes the trained one.
 """
 
 from __future__ import annotations
@@ -13,8 +11,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-__all__ = ["attach_residual"]
 
 _A, _B = "fila_residual_A", "fila_residual_B"
 

@@ -1,11 +1,7 @@
-"""FILA's row weights, computed without ever holding a whole model's Fisher information.
-
-Of the forget and retain estimates ``F_f``, ``F_r`` FILA (Cha et al. 2025, arXiv 2408.06621) needs only
-the row weights ``d_i = sqrt(Σ_j F_f,ij / (F_r,ij + ε))`` of each layer ``W ∈ R^{out×in}``: about 1.36 M
-fp32 values (5.4 MB) for Llama-2-7B's linear layers against 52 GB of estimates. :func:`fila_row_weights`
-fills the accumulators of one group of layers at a time, reduces them to ``d`` and frees them; a layer's
-accumulators do not depend on the grouping, so ``d`` equals that of two whole-model estimates.
-"""
+"""FILA's row weights ``d_i = sqrt(Σ_j F_f,ij / (F_r,ij + ε))`` (Cha et al. 2025), computed without ever
+holding a whole model's Fisher: about 5 MB for Llama-2-7B against 52 GB of estimates. The accumulators of
+one group of layers at a time are filled, reduced to ``d`` and freed; a layer's do not depend on the
+grouping, so ``d`` equals that of two whole-model estimates."""
 
 from __future__ import annotations
 
@@ -19,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from fastunlearn.engines import distributed
-from fastunlearn.fisher.budget import FILA_ACCUMULATORS, available_memory, fila_accumulator_bytes, parse_bytes
 from fastunlearn.fisher.estimate import (
     FisherMode,
     LayerTable,
@@ -27,15 +22,12 @@ from fastunlearn.fisher.estimate import (
     check_mode,
     read_tagged_safetensors,
 )
-from fastunlearn.fisher.estimator import layer_estimates, measured_layers
-from fastunlearn.fisher.passes import prepare_batches
+from fastunlearn.fisher.estimator import layer_estimates
 from fastunlearn.ops._backend import Backend
 
 FORMAT = "fastunlearn.fila_row_weights"
 FORMAT_VERSION = "1"
 _COUNTS = ("forget_examples", "forget_tokens", "retain_examples", "retain_tokens")
-
-__all__ = ["FilaRowWeights", "check_eps", "fila_row_weights", "row_weight"]
 
 
 def check_eps(eps: Any) -> float:
@@ -147,14 +139,10 @@ def fila_row_weights(
     ``torchrun`` every rank returns rank 0's ``d``.
     """
     eps = check_eps(eps)
-    budget = None if max_memory is None else parse_bytes(max_memory)
-    layers = measured_layers(model, target_modules, mode, backend)
-    data = {"forget": prepare_batches(forget, "forget"), "retain": prepare_batches(retain, "retain")}
-    options = {"max_memory": budget, "gradient_checkpointing": gradient_checkpointing, "progress": progress}
-    estimates = layer_estimates(
-        model, layers, data, fila_accumulator_bytes(layers), mode=mode, backend=backend,
-        what=FILA_ACCUMULATORS, cpu_default=lambda: available_memory(torch.device("cpu")) // 2, **options,
-    )  # fmt: skip
+    options = dict(target_modules=target_modules, mode=mode, backend=backend, max_memory=max_memory,
+                   gradient_checkpointing=gradient_checkpointing, progress=progress)  # fmt: skip
+    batches = {"forget": forget, "retain": retain}
+    _, data, estimates = layer_estimates(model, batches, options, cpu_half=True)
     weights: dict[str, Tensor] = {}
     with contextlib.closing(estimates):  # the session ends here whatever happens
         for name, fisher, _ in estimates:

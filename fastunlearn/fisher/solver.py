@@ -40,8 +40,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["TruncatedSVD", "solve_truncated_svd", "truncated_svd"]
-
 # fp64 elements per column chunk of the final B = U_bᵀA: bounds the fp64 copy of A to 64 MB.
 _CHUNK_ELEMENTS = 1 << 23
 
@@ -107,14 +105,10 @@ def solve_truncated_svd(
     on its device, with the solver's record: ``‖A − U·diag(S)·Vᵀ‖_F`` within a relative ``tol`` of the
     Eckart–Young optimum (up to the rounding of ``dtype``; module docstring).
 
-    Args:
-        matrix: any real floating tensor; computed in ``dtype`` (fp32 or fp64; the final Rayleigh–Ritz
-            step and small matrices in fp64 either way), which the results take.
-        rank: ``r`` in ``[1, min(m, n)]``.
-        oversample: ``p``, extra columns per Krylov block (``b = r + p``); default ``min(max(r, 8), 64)``.
-        max_iters: Krylov iterations before falling back to a full SVD, with a warning.
-        tol: target relative excess of the error over the optimum.
-        seed: seed of the Gaussian starting block.
+    ``matrix`` is computed in ``dtype`` (fp32 or fp64; the final Rayleigh–Ritz step and small matrices
+    in fp64 either way). ``oversample``: extra columns per Krylov block (``b = r + p``; default
+    ``min(max(r, 8), 64)``); ``max_iters``: Krylov iterations before a full SVD, with a warning;
+    ``tol``: target relative excess of the error over the optimum; ``seed``: the starting block's.
     """
     _check(matrix, rank, oversample, max_iters, tol, dtype)
     A = matrix.to(dtype)

@@ -1,13 +1,10 @@
 """The fused-linear IHL and NLL as PyTorch custom operators, whichever backend runs the row kernels.
 
-``fastunlearn::fused_linear_row_loss`` computes the loss of the logits ``hidden @ weight.T (+ bias)`` a
-chunk of rows at a time and returns ``(value, stats, argmax, ∂h, ∂W, ∂b, workspace)``: for ``"mean"``
-and ``"sum"`` the input gradients named by ``needs`` are formed during the forward (empty where not
-needed); for ``"none"`` the per-row losses and the statistics that
-``fastunlearn::fused_linear_row_loss_backward`` needs to recompute each chunk's logits. Their scratch
-memory (the chunk's logits, over which the row kernels write its gradient, and
-:func:`~fastunlearn.ops._linear_chunks.chunk_scratch`) is one workspace (:mod:`fastunlearn.ops._workspace`),
-built alike by the fake implementations.
+``fastunlearn::fused_linear_row_loss`` computes the loss of ``hidden @ weight.T (+ bias)`` a chunk of
+rows at a time, returning ``(value, stats, argmax, ∂h, ∂W, ∂b, workspace)``: for ``"mean"``/``"sum"``
+the gradients named by ``needs`` are formed in the forward; for ``"none"`` the row statistics let
+``fused_linear_row_loss_backward`` recompute each chunk. Scratch memory is one workspace
+(:mod:`fastunlearn.ops._workspace`), built alike by the fake implementations.
 """
 
 from __future__ import annotations
@@ -19,8 +16,6 @@ from fastunlearn.ops._backend import compute_dtype, result_dtype
 from fastunlearn.ops._ihl_torch import valid_targets
 from fastunlearn.ops._linear_chunks import chunk_logits, chunk_scratch, input_grads
 from fastunlearn.ops._row_ops import index_dtype, row_implementation
-
-__all__ = ["fused_linear_row_loss", "fused_linear_row_loss_backward"]
 
 
 def _forward_grads(reduction: str, needs: list[bool]) -> tuple[bool, bool, bool]:

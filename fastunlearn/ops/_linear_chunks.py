@@ -15,16 +15,6 @@ from torch import Tensor
 from fastunlearn.ops._backend import compute_dtype
 from fastunlearn.ops._workspace import Workspace
 
-__all__ = [
-    "HeadGrads",
-    "autocast_inputs",
-    "check_head",
-    "chunk_logits",
-    "chunk_scratch",
-    "input_grads",
-    "map_chunks",
-]
-
 
 def chunk_logits(
     h: Tensor, weight: Tensor, bias: Tensor | None, chunk_rows: int, buffer: Tensor

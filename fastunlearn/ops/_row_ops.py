@@ -1,11 +1,7 @@
-"""The row losses (IHL and NLL) as PyTorch custom operators, whichever backend computes them.
-
-``fastunlearn::row_loss`` gives, for ``[B, T, V]`` logits (any strides) and flat int64 labels, what
-``fastunlearn.kernels.ihl.ihl_forward`` returns, differentiable in the logits; its backward is
-``fastunlearn::row_loss_backward`` (a new tensor) or ``row_loss_backward_`` (over the logits,
-``inplace_backward``). ``backend`` is already resolved. The fake implementations give shapes and
-dtypes; the PyTorch path's few-MiB row blocks are the only scratch memory, and they do not report it.
-"""
+"""The row losses (IHL and NLL) as PyTorch custom operators, whichever backend computes them:
+``fastunlearn::row_loss`` (what ``fastunlearn.kernels.ihl.ihl_forward`` returns, differentiable in the
+``[B, T, V]`` logits), its backward ``row_loss_backward`` (a new tensor) or ``row_loss_backward_`` (over
+the logits). ``backend`` is already resolved; the fake implementations give shapes and dtypes."""
 
 from __future__ import annotations
 
@@ -16,8 +12,6 @@ from torch import Tensor
 
 from fastunlearn.ops import _ihl_torch
 from fastunlearn.ops._backend import implementation, result_dtype
-
-__all__ = ["index_dtype", "row_implementation", "row_loss"]
 
 
 def row_implementation(backend: str) -> ModuleType:

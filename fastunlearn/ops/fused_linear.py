@@ -1,17 +1,12 @@
 """IHL and NLL straight from the last hidden states, the logits never whole (the "fused linear" loss of
 Liger-Kernel and Cut Cross-Entropy, here also for the Inverted Hinge Loss of Cha et al. 2025).
 
-A chunk of tokens' logits is computed, the row kernels of :func:`fastunlearn.ihl_loss` give its loss
-and write its gradient over it, and the gradient is folded into ``∂h``, ``∂W``, ``∂b`` before the next
-chunk (:mod:`fastunlearn.ops._linear_chunks`): one chunk of logits instead of ``[N, V]``. For
-``reduction="mean"``/``"sum"`` the gradients are formed in the forward, as Liger-Kernel does, and the
-backward only scales them by ``grad_output`` (in bf16 one more rounding of ``∂h`` unless that is a power
-of two); for ``"none"`` (per-token weights known only in the backward) the forward keeps the row
-statistics and the backward recomputes each chunk's logits, as Cut Cross-Entropy does.
-
-Logits and gradient chunks stay in the inputs' dtype, the row statistics and ``∂W``, ``∂b`` accumulate
-in fp32. Under ``torch.autocast`` the inputs are cast as ``F.linear`` casts them and the computation
-runs with autocast off.
+A chunk of tokens' logits is computed, the row kernels give its loss and write its gradient over it,
+and the gradient is folded into ``∂h``, ``∂W``, ``∂b`` before the next chunk. For ``"mean"``/``"sum"``
+the gradients are formed in the forward (as Liger-Kernel does) and the backward scales them by
+``grad_output``; for ``"none"`` (per-token weights known only in the backward) the backward recomputes
+each chunk's logits (as Cut Cross-Entropy does). Logits stay in the inputs' dtype, statistics and
+``∂W``, ``∂b`` accumulate in fp32; under autocast the inputs are cast as ``F.linear`` casts them.
 """
 
 from __future__ import annotations
@@ -31,8 +26,6 @@ from fastunlearn.ops.ihl import _check_labels, _check_reduction
 # hundred rows already are, so 8M.
 CHUNK_ELEMENTS = 1 << 26
 CPU_CHUNK_ELEMENTS = 1 << 23
-
-__all__ = ["fused_linear_ihl_loss", "fused_linear_nll_loss", "fused_linear_token_stats"]
 
 
 def resolve_chunk_rows(chunk_rows: int | None, device: torch.device, vocab: int) -> int:
@@ -108,17 +101,11 @@ def fused_linear_ihl_loss(
 ) -> Tensor:
     """IHL of the logits ``hidden @ weight.T (+ bias)`` without materialising them.
 
-    Args:
-        hidden: ``[..., H]`` last hidden states, aligned with ``labels`` (for causal language
-            modelling shift the *labels*, not the hidden states, which would copy them).
-        weight: ``[V, H]`` output head; when frozen (LoRA) no ``∂W`` is computed.
-        labels: integer ids of shape ``hidden.shape[:-1]``; ``ignore_index`` carries no loss.
-        reduction: ``"mean"`` over non-ignored tokens, ``"sum"``, or ``"none"`` (per token, shape of
-            ``labels``; its backward recomputes the logits).
-        backend, validate: as in :func:`fastunlearn.ihl_loss`.
-        chunk_rows: tokens per chunk; by default about 64M logits on a GPU, 8M on CPU.
-
-    Returns the loss in fp32 (fp64 for fp64 inputs on the PyTorch path).
+    ``hidden``: ``[..., H]`` last hidden states aligned with ``labels`` (shift the labels, not the
+    hidden states, which would copy them); ``weight``: ``[V, H]`` head, no ``∂W`` when frozen.
+    ``reduction="none"`` recomputes the logits in the backward. ``chunk_rows``: tokens per chunk (by
+    default about 64M logits on a GPU, 8M on CPU). Other arguments and the result as
+    :func:`fastunlearn.ihl_loss`.
     """
     return _fused_linear_loss(
         "ihl", hidden, weight, labels, bias, ignore_index, reduction, backend, chunk_rows, validate

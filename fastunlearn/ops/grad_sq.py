@@ -20,8 +20,6 @@ from fastunlearn.ops._workspace import Layout, Workspace
 # the chunk size does not change the speed; at 7B shapes it is one example.
 TORCH_BUFFER_BYTES = 8 * 2**20
 
-__all__ = ["TORCH_BUFFER_BYTES", "per_example_grad_sq"]
-
 
 def _check_grad_sq_inputs(inputs: Tensor, grad_outputs: Tensor, out: Tensor | None) -> None:
     if not isinstance(inputs, Tensor) or not isinstance(grad_outputs, Tensor):
@@ -135,16 +133,10 @@ def per_example_grad_sq(
     """``Σ_n g_n ⊙ g_n`` with ``g_n = G_nᵀ X_n`` the weight gradient of example ``n``'s loss: an fp32
     ``[out, in]`` tensor, the token sum completed before squaring.
 
-    Args:
-        inputs: ``[B, T, in]`` layer inputs ``X``, or ``[B, in]`` (one token per example); any float
-            dtype and strides (operands of different dtypes are promoted to a common one).
-        grad_outputs: ``[B, T, out]`` (or ``[B, out]``) gradients of the loss in the layer's outputs.
-        out: optional fp32 ``[out, in]`` tensor (any strides) to add the result into.
-        backend: as in :func:`fastunlearn.ihl_loss`; the PyTorch path holds at most
-            ``TORCH_BUFFER_BYTES`` of per-example gradients.
-
-    Returns ``out`` (after adding into it) or a new fp32 tensor; fp32 accumulation (fp64 on the
-    PyTorch path for fp64 operands).
+    ``inputs``: ``[B, T, in]`` (or ``[B, in]``) layer inputs, ``grad_outputs``: ``[B, T, out]`` (or
+    ``[B, out]``) output gradients, any float dtypes and strides. ``out``: an fp32 ``[out, in]`` tensor
+    to add into (returned). The PyTorch path holds at most ``TORCH_BUFFER_BYTES`` of per-example
+    gradients and accumulates fp64 operands in fp64.
     """
     _check_grad_sq_inputs(inputs, grad_outputs, out)
     resolved = resolve_backend(backend, inputs.device)

@@ -23,8 +23,6 @@ from fastunlearn.ops._row_ops import row_loss
 Reduction = Literal["mean", "sum", "none"]
 REDUCTIONS = ("mean", "sum", "none")
 
-__all__ = ["IHLLoss", "ihl_loss", "nll_loss"]
-
 
 def _as_rows(logits: Tensor) -> Tensor:
     """``[..., V]`` logits as ``[B, T, V]``: a flat ``[1, N, V]`` view where one exists, else a view
@@ -111,20 +109,13 @@ def ihl_loss(
 ) -> Tensor:
     """Inverted Hinge Loss ``1 + p_y − max_{v≠y} p_v`` of each target token (Cha et al. 2025).
 
-    Args:
-        logits: ``[..., V]`` scores, any float dtype and strides, aligned with ``labels`` as in
-            ``F.cross_entropy`` (shift the labels for causal language modelling).
-        labels: integer ids of shape ``logits.shape[:-1]``; ``ignore_index`` carries no loss.
-        reduction: ``"mean"`` over the batch's non-ignored tokens (the paper's; 0 when there are none),
-            ``"sum"``, or ``"none"`` (per token, shape of ``labels``, 0 where ignored).
-        backend: ``"auto"`` (Triton for CUDA tensors, the PyTorch path otherwise), ``"triton"`` (also
-            CPU tensors under ``TRITON_INTERPRET=1``) or ``"torch"``.
-        inplace_backward: write the gradient over the logits' storage, which the backward destroys.
-        validate: check that labels lie in ``[0, V)`` (one host synchronisation); without it
-            out-of-range labels count as ignored.
-
-    Returns the loss in fp32 (fp64 for fp64 logits on the PyTorch path); the gradient has the logits'
-    dtype.
+    ``logits``: ``[..., V]``, any float dtype and strides, aligned with the integer ``labels`` as in
+    ``F.cross_entropy`` (shift the labels for causal LMs); ``ignore_index`` carries no loss.
+    ``reduction``: ``"mean"`` over non-ignored tokens (0 when none), ``"sum"`` or ``"none"`` (shape of
+    ``labels``). ``backend``: ``"auto"`` (Triton for CUDA tensors, else PyTorch), ``"triton"`` (also CPU
+    under ``TRITON_INTERPRET=1``) or ``"torch"``. ``inplace_backward``: the gradient overwrites the
+    logits. ``validate``: check labels lie in ``[0, V)`` (one host sync); else out-of-range labels are
+    ignored. The loss is fp32 (fp64 for fp64 logits on the PyTorch path); the gradient the logits' dtype.
     """
     return _row_loss("ihl", logits, labels, ignore_index, reduction, backend, inplace_backward, validate)
 

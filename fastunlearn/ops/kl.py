@@ -1,13 +1,9 @@
 """``KL(P_ref ‖ P_θ)`` of next-token distributions, from logits or straight from the last hidden states: the
-KL retain term of TOFU (Maini et al. 2024, arXiv 2401.06121).
-
-With ``P_θ = softmax(z)`` and ``P_ref = softmax(r)`` at a position, the loss is the mean over positions of
-``Σ_v P_ref(v)·(log P_ref(v) − log P_θ(v))`` (``F.kl_div(..., reduction="batchmean", log_target=True)``
-on the flattened rows), every position counted unless a ``mask`` picks them. Its gradient in the logits
-is ``(softmax(z) − softmax(r))·weight``; the reference is a constant. No ``[N, V]`` softmax is formed:
-one pass over both rows forward, one read and one write backward (``fastunlearn.kernels.kl``);
-:func:`fused_linear_kl_loss` computes both models' logits a chunk of rows at a time from their hidden
-states and the shared head, folding each chunk's gradient before the next.
+KL retain term of TOFU (Maini et al. 2024). The loss is the mean over positions (or those a ``mask``
+picks) of ``Σ_v P_ref(v)·(log P_ref(v) − log P_θ(v))``, as ``F.kl_div(..., "batchmean",
+log_target=True)``; its gradient in the logits is ``(softmax(z) − softmax(r))·weight``, the reference a
+constant. No ``[N, V]`` softmax is formed (``fastunlearn.kernels.kl``); :func:`fused_linear_kl_loss`
+computes both models' logits a chunk of rows at a time from their hidden states and the shared head.
 """
 
 from __future__ import annotations
@@ -27,8 +23,6 @@ from fastunlearn.ops._linear_chunks import (
     input_grads,
 )
 from fastunlearn.ops.fused_linear import input_needs, resolve_chunk_rows
-
-__all__ = ["fused_linear_kl_loss", "kl_loss"]
 
 
 def _implementation(backend: str) -> ModuleType:
@@ -171,16 +165,9 @@ def _row_weights(mask: Tensor | None, like: Tensor) -> Tensor:
 def kl_loss(
     logits: Tensor, ref_logits: Tensor, mask: Tensor | None = None, *, backend: Backend = "auto"
 ) -> Tensor:
-    """Mean over positions of ``KL(softmax(ref_logits) ‖ softmax(logits))``.
-
-    Args:
-        logits: ``[..., V]`` logits of the model being trained, any float dtype and strides.
-        ref_logits: the reference model's logits, same shape; a constant.
-        mask: optional bool or 0/1 tensor of shape ``logits.shape[:-1]``: average over the positions it
-            selects (0 and a zero gradient when none); without it every position counts.
-        backend: as in :func:`fastunlearn.ihl_loss`.
-
-    Returns the loss in fp32 (fp64 for fp64 logits on the PyTorch path).
+    """Mean over positions of ``KL(softmax(ref_logits) ‖ softmax(logits))``, ``ref_logits`` a constant of
+    the same ``[..., V]`` shape. ``mask`` (bool or 0/1, ``logits.shape[:-1]``): average over the
+    positions it selects (0 and a zero gradient when none). fp32 (fp64 for fp64 logits on PyTorch).
     """
     _check_pair("kl_loss", "logits", logits, "ref_logits", ref_logits)
     vocab = logits.shape[-1]

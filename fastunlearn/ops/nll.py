@@ -1,10 +1,8 @@
 """The shifted next-token negative log-likelihood of a causal LM, the one definition in fastunlearn.
 
-Labels follow Hugging Face: ``labels[:, t]`` is the token at ``t`` and the logit at ``t`` predicts
-``t + 1``, so ``nll[b, t] = −log softmax(logits[b, t])[labels[b, t + 1]]`` (0 where that label is
-ignored). The *labels* are shifted, never the logits: a ``logits[:, :-1]`` slice would make autograd
-scatter its gradient into a fresh ``[B, T, V]`` buffer. The NLL is :func:`fastunlearn.nll_loss`, which
-reads bf16/fp16 logits in their own dtype with fp32 statistics (fp64 logits stay fp64).
+``nll[b, t] = −log softmax(logits[b, t])[labels[b, t + 1]]`` (Hugging Face's labels; 0 where ignored).
+The *labels* are shifted, never the logits: a ``logits[:, :-1]`` slice would make autograd scatter its
+gradient into a fresh ``[B, T, V]`` buffer. Computed by :func:`fastunlearn.nll_loss` (fp32 statistics).
 """
 
 from __future__ import annotations
@@ -18,8 +16,6 @@ from torch import Tensor
 from fastunlearn.ops import IGNORE_INDEX
 from fastunlearn.ops._backend import Backend
 from fastunlearn.ops.ihl import check_label_range, nll_loss
-
-__all__ = ["labelled_rows", "sequence_logprobs", "shift_labels", "shifted_nll"]
 
 
 def shift_labels(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
@@ -41,13 +37,9 @@ def shifted_nll(
     *,
     validate: bool = True,
 ) -> Tensor:
-    """Next-token NLL of ``logits`` ``[B, T, V]`` against ``labels`` ``[B, T]`` (module docstring).
-
-    ``reduction``: ``"mean"`` over the non-ignored targets, ``"sum"``, or ``"none"`` (a flat ``[B·T]``
-    tensor, 0 in the last column and at ignored targets). The result is on the logits' device in fp32
-    (fp64 for fp64 logits). ``validate``: ``ValueError`` for a label outside ``[0, V)``, checked where
-    the labels are before they move, so CPU labels never synchronise the logits' device; ``False``
-    counts such labels as ignored.
+    """Next-token NLL of ``logits`` ``[B, T, V]`` against ``labels`` ``[B, T]`` (module docstring), fp32
+    on the logits' device (fp64 for fp64 logits); ``"none"`` gives a flat ``[B·T]`` tensor, 0 in the
+    last column and at ignored targets. CPU labels are range-checked on the host, with no device sync.
     """
     targets = shift_labels(labels)
     if validate and targets.device != logits.device and targets.device.type == "cpu":
@@ -69,17 +61,10 @@ def sequence_logprobs(
     validate: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Per-sequence log-probability of the targets, ``S(x) = Σ_t log p(y_{t+1} | y_≤t)``, and their count
-    ``n(x)``: what NPO (Zhang et al. 2024, arXiv 2404.05868), SimNPO (Fan et al. 2024, arXiv 2410.07163)
-    and DPO (Rafailov et al. 2023, arXiv 2305.18290) compare.
-
-    Args:
-        logits: ``[B, T, V]`` next-token logits of a causal LM, any float dtype.
-        labels: ``[B, T]`` token ids aligned with the inputs, as ``transformers`` takes them (shifted
-            here); ``ignore_index`` marks tokens outside the answer.
-        backend, validate: as in :func:`fastunlearn.nll_loss`, which computes the log-probabilities.
-
-    Returns ``(logp_sum [B], n_tokens [B])``: the sums in fp32 (fp64 for fp64 logits on the PyTorch
-    path), differentiable in ``logits``; the counts int64.
+    ``n(x)``: what NPO (Zhang et al. 2024), SimNPO (Fan et al. 2024) and DPO (Rafailov et al. 2023)
+    compare. ``logits`` ``[B, T, V]``, ``labels`` ``[B, T]`` as ``transformers`` takes them (shifted
+    here). Returns ``(logp_sum [B], n_tokens [B])``: fp32 sums (fp64 for fp64 logits on the PyTorch
+    path), differentiable in ``logits``, int64 counts.
     """
     if not isinstance(logits, Tensor) or not isinstance(labels, Tensor):
         raise TypeError("sequence_logprobs expects tensors for `logits` and `labels`")

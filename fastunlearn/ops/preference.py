@@ -27,8 +27,6 @@ from torch import Tensor
 
 from fastunlearn.ops._backend import compute_dtype
 
-__all__ = ["dpo_loss", "npo_loss", "rmu_loss", "simnpo_loss"]
-
 
 def _compute(t: Tensor) -> Tensor:
     return t.to(compute_dtype(t))

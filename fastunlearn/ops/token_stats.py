@@ -19,8 +19,6 @@ from fastunlearn.ops._linear_chunks import map_chunks
 from fastunlearn.ops.fused_linear import _checked_inputs
 from fastunlearn.ops.ihl import _check_labels
 
-__all__ = ["linear_token_stats", "token_stats"]
-
 VARIANCE_FLOOR = 1e-6  # Min-K%++'s clamp of σ²: σ ≥ 1e-3 even where one token has all the mass
 
 
@@ -77,18 +75,9 @@ def token_stats(
     backend: Backend = "auto",
     validate: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(log p_y, μ, σ)`` of each row of ``logits`` (module docstring), each shaped like ``labels``.
-
-    Args:
-        logits: ``[..., V]`` scores (fp32, bf16, fp16 or fp64), any strides; aligned with ``labels``
-            as in ``F.cross_entropy`` (shift the labels for causal language modelling).
-        labels: integer ids of shape ``logits.shape[:-1]``; ``ignore_index`` rows give NaN.
-        backend: ``"auto"`` (Triton on CUDA, the PyTorch path otherwise), ``"triton"`` (CPU tensors
-            under ``TRITON_INTERPRET=1``) or ``"torch"``.
-        validate: check that labels lie in ``[0, V)`` (one host synchronisation on an accelerator);
-            with ``False`` out-of-range labels count as ignored.
-
-    Returns fp32 tensors (fp64 for fp64 logits on the PyTorch path), no gradient.
+    """``(log p_y, μ, σ)`` of each row of ``logits`` (module docstring), each shaped like ``labels``, fp32
+    (fp64 for fp64 logits on the PyTorch path), no gradient; NaN where ``labels`` is ``ignore_index``.
+    Arguments as :func:`fastunlearn.ihl_loss`.
     """
     if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.dim() < 1:
         raise TypeError("token_stats expects floating-point logits with a vocabulary dimension [..., V]")

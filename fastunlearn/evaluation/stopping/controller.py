@@ -64,17 +64,12 @@ class Decision:
 class StoppingController:
     """The stopping state machine: :meth:`record` one evaluation at a time, get a :class:`Decision`.
 
-    :meth:`set_baseline` takes the original model's metrics (the retain score's reference). With
-    ``patience = K`` the run goes on for K evaluations after the rule first holds, then stops.
-    ``restore`` keeps, among the evaluated states that satisfy the rule, the ``"first"``, the
-    ``"best"`` (highest :func:`retain_score` of ``retain_metrics``; ties to the earlier step) or the
-    ``"last"``; the final state when the rule never holds. ``rule=None`` only records.
-
-    :meth:`metrics_to_compute` asks for the teacher-forced metrics first (the rule's and ``track``),
-    then the rule's generated ones only where every teacher-forced bound is within ``near · |value|``
-    of holding: a conjunction cannot hold while one of its bounds fails, so skipping them elsewhere
-    changes no decision (``near = 0``: exactly where they can decide). ``"best"``'s generated retain
-    metrics are computed only where the rule holds, the only states it ranks.
+    With ``patience = K`` the run goes on for K evaluations after the rule first holds. ``restore``
+    keeps, among the evaluated states that satisfy it, the ``"first"``, the ``"best"`` (highest
+    :func:`retain_score` against :meth:`set_baseline`'s metrics; ties to the earlier) or the ``"last"``;
+    the final state when it never holds. ``rule=None`` only records. :meth:`metrics_to_compute` asks
+    for the rule's generated metrics only where every teacher-forced bound is within ``near · |value|``
+    of holding: a conjunction cannot hold while one bound fails, so no decision changes.
     """
 
     def __init__(

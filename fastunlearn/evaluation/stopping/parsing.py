@@ -1,10 +1,6 @@
-"""The stopping options of a run checked at once, before a model loads: :func:`plan_stopping`.
-
-The rule's syntax and metric names, whether each bound can both hold and fail within its metric's
-range, the input a reference rule needs (and no input it would ignore), and whether the run's data can
-give the metrics the rule reads. Every error is one ``ValueError`` (``FileNotFoundError`` for a missing
-input) naming the problem.
-"""
+"""The stopping options of a run checked at once, before a model loads (:func:`plan_stopping`): the
+rule's syntax, bounds that can both hold and fail, a reference rule's input, and metrics the run's data
+can give. Every error is one ``ValueError`` (``FileNotFoundError`` for a missing input)."""
 
 from __future__ import annotations
 
@@ -170,13 +166,12 @@ def parse_stop_rule(
 ) -> StopRule:
     """Parse and check a stopping rule.
 
-    ``spec``: bounds on :data:`METRIC_NAMES` joined by ``,`` (AND), ``"forget.prob<=0.05,
-    retain.rougeL>=0.5"`` (an optional ``"threshold:"`` prefix); or a reference rule with its input or
-    its values: ``"extraction"`` with ``unseen`` (a ``{"text"}`` JSON Lines path or a list of texts) or
-    ``"extraction:ma=0.2994,el10=0.0499"``; ``"tofu"`` with ``reference_model`` (a local directory or a
-    model object) or ``"tofu:acc=0.41,rougeL=0.38"``; ``"muse"`` with ``retrain_model`` or
-    ``"muse:knowmem_forget=0.3"``. An input the rule does not use is an error. ``data`` (set name →
-    record format, ``"muse": "muse"`` with a MUSE directory) checks that the run can give every metric.
+    ``spec``: bounds joined by ``,`` (AND), ``"forget.prob<=0.05,retain.rougeL>=0.5"`` (optionally
+    ``"threshold:"``-prefixed), or a reference rule with its input or values: ``"extraction"`` with
+    ``unseen`` texts (a file or a list) or ``"extraction:ma=0.3,el10=0.05"``; ``"tofu"`` with
+    ``reference_model`` or ``"tofu:acc=0.41,rougeL=0.38"``; ``"muse"`` with ``retrain_model`` or
+    ``"muse:knowmem_forget=0.3"``. An unused input is an error; ``data`` (set → record format) checks
+    that the run can give every metric.
     """
     inputs = {"unseen": unseen, "reference_model": reference_model, "retrain_model": retrain_model}
     head, body = _head_and_body(spec)
@@ -259,15 +254,11 @@ def plan_stopping(
     retrain_model: Any = None,
     data: Mapping[str, str],
 ) -> StopPlan | None:
-    """Check every stopping option of a run before anything loads; ``None`` when the run evaluates
-    nothing during training (no rule and no ``eval_every``).
-
-    ``stop``: :func:`parse_stop_rule`'s spec; without one, ``eval_every`` alone records a trajectory.
-    The retrained model is also PrivLeak's reference, so only a bare ``"muse"`` rule takes it.
-    ``eval_every``: ``"epoch"`` (default) or a number of optimiser steps; ``eval_items``: examples per
-    set; ``generate_within``: the controller's ``near``; ``best_by``: the retain metrics ranking the
-    states of ``restore="best"`` (default :data:`DEFAULT_RETAIN_METRICS` the data can give); ``data``:
-    set name → record format.
+    """Check every stopping option of a run before anything loads; ``None`` when nothing is evaluated
+    during training (no rule, no ``eval_every``). Without a rule ``eval_every`` alone records a
+    trajectory; the retrained model is also PrivLeak's, so only a bare ``"muse"`` rule takes it.
+    ``best_by``: the retain metrics ranking ``restore="best"``'s states (default
+    :data:`DEFAULT_RETAIN_METRICS` the data can give); ``data``: set name → record format.
     """
     if stop is None:
         options = dict(patience=patience, restore=restore, generate_within=generate_within,

@@ -1,17 +1,11 @@
 """Stopping rules: the metric namespace, bounds, and the rules built from them (pure logic, no torch).
 
-A metric is ``SET.KIND``, the mean over a bounded subset of the set (``forget``, ``retain``):
-``prob`` (length-normalised probability ``exp(−mean NLL)``), ``acc`` (teacher-forced token accuracy),
-``nll``, ``ma`` (memorisation accuracy, Jang et al. 2023, arXiv:2210.01504; raw text), ``rougeL``
-(ROUGE-L recall of the greedy answer; prompted sets) and ``el10`` (extraction likelihood; raw text).
-``muse.KIND`` are MUSE's criteria (Shi et al. 2024, arXiv:2407.06460) on a benchmark directory. The
-training loss is logged after the step's evaluation, so no rule can stop on it.
-
-A rule is a conjunction of :class:`Bound` s: ``threshold`` (the user's), or a reference rule of
-:data:`REFERENCE_RULES` whose bounds are a reference's values, given or measured once: ``extraction``
-(forget MA and EL₁₀ below the model's own on unseen text, Jang et al. 2023), ``tofu`` (forget accuracy
-and ROUGE-L at or below the retain-only model's) and ``muse`` (forget KnowMem at or below the
-retrained model's).
+A metric is ``SET.KIND`` (``forget``, ``retain``), a mean over a bounded subset: ``prob``
+(``exp(−mean NLL)``), ``acc`` (teacher-forced token accuracy), ``nll``, ``ma`` (memorisation accuracy,
+Jang et al. 2023; raw text), ``rougeL`` (ROUGE-L recall of the greedy answer; prompted sets),
+``el10`` (extraction likelihood; raw text); ``muse.KIND`` are MUSE's criteria (Shi et al. 2024).
+A rule is a conjunction of :class:`Bound` s: ``threshold`` (the user's) or a reference rule
+(:data:`REFERENCE_RULES`) whose bounds are a reference's values, given or measured once.
 """
 
 from __future__ import annotations
