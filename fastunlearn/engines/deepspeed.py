@@ -1,28 +1,11 @@
-"""DeepSpeed ZeRO as the training engine of :func:`fastunlearn.unlearn` (``deepspeed=CONFIG``).
+"""DeepSpeed ZeRO as the training engine (``deepspeed=CONFIG``): what must happen around ``Trainer``.
 
-``Trainer`` runs DeepSpeed when ``TrainingArguments(deepspeed=config)`` is given; this module does what
-must happen around it for an unlearning run:
-
-1. **The config, checked before any weight loads** (:func:`prepare_deepspeed`): a JSON file or a
-   mapping, read on the main process. A value that contradicts an option — ``train_micro_batch_size_per_gpu``
-   vs ``batch_size``, ``gradient_accumulation_steps``, ``train_batch_size`` (= processes × both),
-   ``gradient_clipping`` vs ``max_grad_norm``, ``optimizer.params.lr`` / ``weight_decay``, and
-   ``bf16.enabled`` / ``fp16.enabled`` vs the resolved precision — is one ``ValueError`` naming every
-   contradiction (``Trainer`` would find them only after the model had loaded). ``"auto"`` values are
-   filled from the options, as ``Trainer`` fills them.
-2. **The model created sharded** (ZeRO-3): a ``transformers.integrations.HfDeepSpeedConfig`` alive
-   while ``from_pretrained`` runs makes it build the model inside ``deepspeed.zero.Init``, so every
-   weight is partitioned as it is read and a 70B model never sits whole on one device.
-   :attr:`DeepSpeedSetup.keep_alive` holds it (``transformers`` keeps only a weak reference).
-3. **Forward and backward before training** (ZeRO-3): the partitioned weights are fetched by the
-   hooks of a DeepSpeed engine; the metrics before training, the Fisher passes and NPO's reference
-   run inside :meth:`DeepSpeedSetup.fetching`, a DeepSpeed engine without optimizer (ZeRO inference)
-   whose hooks are removed on exit, before ``Trainer`` builds its own. The Fisher hooks read only
-   layer inputs and output gradients (:mod:`fastunlearn.fisher.passes`), FILA and the exports gather
-   one layer at a time (:mod:`fastunlearn.engines.sharded`).
-
-ZeRO-1/2 partition optimizer state and gradients only: the model loads whole and everything before
-training runs as under DDP. ``deepspeed`` is an optional extra (``pip install "fastunlearn[deepspeed]"``).
+The config is checked before any weight loads: a value contradicting an option (micro-batch, gradient
+accumulation, ``train_batch_size`` = processes × both, clipping, learning rate, weight decay, bf16 /
+fp16) is one ``ValueError`` naming every contradiction, and ``"auto"`` values are filled as ``Trainer``
+fills them. Under ZeRO-3 the model is created partitioned (a 70B model is never whole on one device),
+and the passes before training fetch its weights through a DeepSpeed engine of their own; ZeRO-1/2
+partition only optimizer state and gradients, so the model loads whole as under DDP.
 """
 
 from __future__ import annotations
@@ -90,8 +73,7 @@ def check_deepspeed_config(
     config: Mapping[str, Any], cfg: Any, precision: str, world_size: int
 ) -> dict[str, Any]:
     """``config`` with its ``"auto"`` values for the options filled in, or a ``ValueError`` listing
-    every value that contradicts them (module docstring). ``precision``: the resolved one (``"fp32"``,
-    ``"bf16"`` or ``"fp16"``); ``world_size``: the number of processes."""
+    every value that contradicts them. ``precision``: the resolved one."""
     resolved = copy.deepcopy(dict(config))
     zero_stage(resolved)
     batch, accum = cfg.batch_size, cfg.gradient_accumulation_steps
@@ -143,8 +125,8 @@ class DeepSpeedSetup:
         return self.stage == 3
 
     def sharded_loading(self) -> None:
-        """Under ZeRO-3, make ``from_pretrained`` create the model partitioned (module docstring, 2);
-        kept until the run ends."""
+        """Under ZeRO-3, make ``from_pretrained`` create the model inside ``deepspeed.zero.Init``, each
+        weight partitioned as it is read (``transformers`` keeps only a weak reference: it is kept here)."""
         if self.zero3 and self.keep_alive is None:
             from transformers.integrations import HfDeepSpeedConfig
 
@@ -152,8 +134,8 @@ class DeepSpeedSetup:
 
     @contextlib.contextmanager
     def fetching(self, model: nn.Module) -> Iterator[None]:
-        """Inside the block, forward and backward passes of a ZeRO-3 ``model`` fetch its partitioned
-        weights (module docstring, 3); nothing happens under ZeRO-0/1/2."""
+        """Inside the block, passes of a ZeRO-3 ``model`` fetch its partitioned weights through a
+        DeepSpeed engine without optimizer, whose hooks are removed on exit; no-op below ZeRO-3."""
         if not self.zero3:
             yield
             return
@@ -168,11 +150,9 @@ class DeepSpeedSetup:
             self.engine = None
 
     def release(self) -> None:
-        """Partition again every weight :meth:`fetching`'s passes left whole. A backward that DeepSpeed
-        does not drive (the Fisher passes call ``loss.backward()``, and their graph starts at an input
-        that needs no gradient) never fires the post-backward hooks of the modules below that input, so
-        their weights stay gathered and marked in use; gathering them again for a write
-        (``GatheredParameters(modifier_rank=0)``, in FILA) would fail. Call between the passes and FILA."""
+        """Partition again the weights :meth:`fetching`'s passes left whole: a backward DeepSpeed does not
+        drive (the Fisher passes') never fires the post-backward hooks below its first input, and FILA's
+        gather for a write would fail on them. Call between the passes and FILA."""
         if self.engine is None:
             return
         offload = self.engine.optimizer  # ZeRO-3 without optimizer: the hooks' owner, DeepSpeedZeRoOffload
@@ -204,9 +184,7 @@ def _inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
 def prepare_deepspeed(
     source: str | os.PathLike | Mapping[str, Any], cfg: Any, precision: str, world_size: int
 ) -> DeepSpeedSetup:
-    """Read and check a run's DeepSpeed config before the model loads: ``ValueError`` in one line for an
-    unreadable config, a contradiction with the options (:func:`check_deepspeed_config`), or DeepSpeed
-    not installed."""
+    """Read and check a run's DeepSpeed config before the model loads (``ValueError`` in one line)."""
     config = check_deepspeed_config(load_deepspeed_config(source), cfg, precision, world_size)
     stage = zero_stage(config)
     if importlib.util.find_spec("deepspeed") is None:
@@ -215,8 +193,7 @@ def prepare_deepspeed(
 
 
 class DeepSpeedEngine(Engine):
-    """DeepSpeed ZeRO through ``Trainer``; ZeRO-3 creates the model partitioned and fetches its weights
-    for the passes before training (module docstring)."""
+    """DeepSpeed ZeRO through ``Trainer``."""
 
     def __init__(self, setup: DeepSpeedSetup) -> None:
         self.setup = setup
