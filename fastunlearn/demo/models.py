@@ -151,7 +151,7 @@ def memorise(
     from tqdm.auto import tqdm
 
     from fastunlearn.evaluation.likelihood import basic_metrics
-    from fastunlearn.methods.objectives import nll_mean
+    from fastunlearn.ops.nll import shifted_nll
 
     g = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(examples) / batch_size)
@@ -170,7 +170,7 @@ def memorise(
         for i in range(0, len(order), batch_size):
             batch = fdata.collate([examples[j] for j in order[i : i + batch_size]], pad_id)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = nll_mean(logits, batch["labels"])
+            loss = shifted_nll(logits, batch["labels"], "mean")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
