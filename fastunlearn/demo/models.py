@@ -1,9 +1,6 @@
-"""The demo's tokenizer and models: trained once on the synthetic data and cached.
-
-:func:`prepare_models` writes the data files, a byte-level BPE tokenizer trained on them
-(:func:`train_tokenizer`), a small Llama-architecture model trained until it has memorised every
-answer (:func:`memorise`) and a second one trained on the retain authors only (the reference for
-forget quality), under a cache directory keyed by the size and seed, so a second run skips all of it.
+"""The demo's tokenizer and models, trained once on the synthetic data and cached by size and seed:
+a byte-level BPE tokenizer, a small Llama model that memorises every answer, and one trained on the
+retain authors only (the reference for forget quality).
 """
 
 from __future__ import annotations
@@ -32,8 +29,7 @@ __all__ = [
     "train_tokenizer",
 ]
 
-# TOFU's own convention (SPEC §4.1) for Phi-style prompts: the demo is trained and evaluated the way
-# the TOFU models were.
+# TOFU's prompt convention for its Phi models: the demo is trained and evaluated as they were.
 DEMO_TEMPLATE = "tofu-phi"
 DEMO_MAX_LENGTH = 64
 
@@ -67,9 +63,8 @@ SIZES = {
         unlearn_batch=4,
         lora_r=8,
     ),
-    # Small enough for a test (~20 s on 2 cores), large enough to show the job working: the model
-    # memorises its answers (probability ≥ 0.96, seeds 0–3), and IHL + FILA takes the forgotten
-    # author's to ≤ 0.18 of that while the retained authors' keep ≥ 0.75 of theirs.
+    # Small enough for a test, large enough for the model to memorise its answers and IHL + FILA to
+    # forget the forgotten author's while keeping the others'.
     "tiny": DemoSize(
         authors=10,
         hidden=32,
@@ -83,9 +78,6 @@ SIZES = {
         lora_r=4,
     ),
 }
-
-# ---------------------------------------------------------------------------------------------------
-# Tokenizer and models
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -142,12 +134,9 @@ def memorise(
     batch_size: int = 32,
     progress: bool = True,
 ) -> dict[str, float]:
-    """Train ``model`` on the answers of ``examples`` until it reproduces them (full fine-tuning).
-
-    AdamW (weight decay 0) with a linear warm-up over 10 % of the steps and cosine decay; stops early
-    once teacher-forced answer accuracy reaches 100 %, checked every 5 epochs. Returns the final
-    :func:`fastunlearn.metrics.basic_metrics` and the number of ``epochs`` run.
-    """
+    """Train ``model`` on the answers of ``examples`` until it reproduces them: AdamW, linear warm-up
+    over 10 % of the steps then cosine decay, stopping once teacher-forced answer accuracy (checked
+    every 5 epochs) is 100 %. Returns the last :func:`basic_metrics` and the ``epochs`` run."""
     from tqdm.auto import tqdm
 
     from fastunlearn.evaluation.likelihood import basic_metrics
@@ -191,9 +180,7 @@ def memorise(
 def _cache_key(size: DemoSize, seed: int) -> str:
     import hashlib
 
-    # "v": bumped whenever the generated data or the models change (v2: perturbed answers worded as the
-    # paraphrase), so a stale cache is never reused; the models are trained with DEMO_TEMPLATE's
-    # tokenisation, so it is part of the key too.
+    # "v": bumped whenever the generated data or the models change, so a stale cache is never reused.
     blob = json.dumps(
         {"v": 2, "size": asdict(size), "seed": seed, "template": DEMO_TEMPLATE}, sort_keys=True
     ).encode()
@@ -208,12 +195,8 @@ def default_cache_dir() -> str:
 def prepare_models(
     cache_dir: str, size: DemoSize, *, seed: int = 0, progress: bool = True, log=print
 ) -> dict[str, str]:
-    """Data files, tokenizer, memorising model and retain-only model under ``cache_dir`` (cached).
-
-    Returns the paths: ``dir``, ``forget``, ``retain``, ``forget_perturbed``, ``retain_perturbed``,
-    ``tokenizer``, ``full_model``, ``retain_model``.
-    """
-
+    """Data files, tokenizer, memorising and retain-only models under ``cache_dir`` (made once); their
+    paths: ``dir``, the four splits, ``tokenizer``, ``full_model``, ``retain_model``."""
     root = os.path.join(cache_dir, f"{_cache_key(size, seed)}")
     paths = {
         "dir": root,
