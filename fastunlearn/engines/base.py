@@ -60,14 +60,13 @@ def engine_for(
     """The engine a run's options ask for, checked before anything loads: ``fsdp`` words or a
     ``deepspeed`` config (read and checked against the options on the main process)."""
     if fsdp:
-        from fastunlearn.engines.fsdp import FsdpEngine
+        from fastunlearn.engines.fsdp import FsdpEngine, check_fsdp_run
 
-        return FsdpEngine.for_run(fsdp, init, resume=resume)
+        return FsdpEngine(check_fsdp_run(fsdp, init, resume=resume))
     if deepspeed is not None:
-        from fastunlearn.engines.deepspeed import DeepSpeedEngine, prepare_deepspeed
+        from fastunlearn.engines.deepspeed import prepare_deepspeed
 
-        setup = distributed.on_main(
+        return distributed.on_main(
             lambda: prepare_deepspeed(deepspeed, cfg, precision, distributed.world_size())
         )
-        return DeepSpeedEngine(setup)
     return Engine()

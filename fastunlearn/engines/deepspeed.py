@@ -16,14 +16,13 @@ import importlib.util
 import json
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from fastunlearn.engines.base import Engine
 
-__all__ = ["DeepSpeedSetup", "check_deepspeed_config", "load_deepspeed_config", "prepare_deepspeed"]
+__all__ = ["DeepSpeedEngine", "check_deepspeed_config", "load_deepspeed_config", "prepare_deepspeed"]
 
 _AUTO = "auto"
 
@@ -111,62 +110,6 @@ def check_deepspeed_config(
     return resolved
 
 
-@dataclass
-class DeepSpeedSetup:
-    """A checked DeepSpeed config for one run (:func:`prepare_deepspeed`)."""
-
-    config: dict[str, Any]  # "auto" values of the options filled; the rest are Trainer's to fill
-    stage: int
-    keep_alive: Any = field(default=None, repr=False)  # the HfDeepSpeedConfig during loading (ZeRO-3)
-    engine: Any = field(default=None, repr=False)  # the engine of fetching(), while it runs
-
-    @property
-    def zero3(self) -> bool:
-        return self.stage == 3
-
-    def sharded_loading(self) -> None:
-        """Under ZeRO-3, make ``from_pretrained`` create the model inside ``deepspeed.zero.Init``, each
-        weight partitioned as it is read (``transformers`` keeps only a weak reference: it is kept here)."""
-        if self.zero3 and self.keep_alive is None:
-            from transformers.integrations import HfDeepSpeedConfig
-
-            self.keep_alive = HfDeepSpeedConfig(self.config)
-
-    @contextlib.contextmanager
-    def fetching(self, model: nn.Module) -> Iterator[None]:
-        """Inside the block, passes of a ZeRO-3 ``model`` fetch its partitioned weights through a
-        DeepSpeed engine without optimizer, whose hooks are removed on exit; no-op below ZeRO-3."""
-        if not self.zero3:
-            yield
-            return
-        import deepspeed
-
-        self.engine, *_ = deepspeed.initialize(model=model, config=_inference_config(self.config))
-        try:
-            yield
-        finally:
-            self.release()
-            self.engine.destroy()  # removes its hooks: Trainer's engine installs its own
-            self.engine = None
-
-    def release(self) -> None:
-        """Partition again the weights :meth:`fetching`'s passes left whole: a backward DeepSpeed does not
-        drive (the Fisher passes') never fires the post-backward hooks below its first input, and FILA's
-        gather for a write would fail on them. Call between the passes and FILA."""
-        if self.engine is None:
-            return
-        offload = self.engine.optimizer  # ZeRO-3 without optimizer: the hooks' owner, DeepSpeedZeRoOffload
-        release = getattr(offload, "release_backward_leftovers", None)
-        if release is None:
-            import deepspeed
-
-            raise RuntimeError(
-                f"DeepSpeed {deepspeed.__version__} cannot release the weights a Fisher pass left gathered "
-                "(no release_backward_leftovers); ZeRO-3 runs need deepspeed>=0.19"
-            )
-        release()
-
-
 def _inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a training config that a ZeRO-3 engine without optimizer needs: batch sizes,
     precision and ``zero_optimization`` with ``"auto"`` entries left to DeepSpeed's defaults."""
@@ -181,38 +124,74 @@ def _inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return kept
 
 
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO through ``Trainer``, for a checked ``config`` (:func:`prepare_deepspeed`: the
+    options' ``"auto"`` values filled, the rest are ``Trainer``'s to fill)."""
+
+    def __init__(self, config: dict[str, Any], stage: int) -> None:
+        self.config, self.stage = config, stage
+        self.name = f"zero{stage}" if stage >= 2 else "ddp"
+        self.keep_alive: Any = None  # the HfDeepSpeedConfig of loading(), until the run ends (ZeRO-3)
+        self.engine: Any = None  # the DeepSpeed engine of before_training(), while it runs
+
+    @contextlib.contextmanager
+    def loading(self) -> Iterator[None]:
+        """Under ZeRO-3, ``from_pretrained`` creates the model inside ``deepspeed.zero.Init``, each weight
+        partitioned as it is read (``transformers`` keeps only a weak reference to the config)."""
+        if self.stage == 3 and self.keep_alive is None:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self.keep_alive = HfDeepSpeedConfig(self.config)
+        yield
+
+    def place(self, model: nn.Module) -> None:
+        if self.stage != 3:  # ZeRO-3 shards are already on this rank's device
+            super().place(model)
+
+    @contextlib.contextmanager
+    def before_training(self, model: nn.Module) -> Iterator[None]:
+        """Inside the block, passes of a ZeRO-3 ``model`` fetch its partitioned weights through a
+        DeepSpeed engine without optimizer, whose hooks are removed on exit; no-op below ZeRO-3."""
+        if self.stage != 3:
+            yield
+            return
+        import deepspeed
+
+        self.engine, *_ = deepspeed.initialize(model=model, config=_inference_config(self.config))
+        try:
+            yield
+        finally:
+            self.after_fisher()
+            self.engine.destroy()  # removes its hooks: Trainer's engine installs its own
+            self.engine = None
+
+    def after_fisher(self) -> None:
+        """Partition again the weights the passes before training left whole: a backward DeepSpeed does
+        not drive (the Fisher passes') never fires the post-backward hooks below its first input, and
+        FILA's gather for a write would fail on them."""
+        if self.engine is None:
+            return
+        offload = self.engine.optimizer  # ZeRO-3 without optimizer: the hooks' owner, DeepSpeedZeRoOffload
+        release = getattr(offload, "release_backward_leftovers", None)
+        if release is None:
+            import deepspeed
+
+            raise RuntimeError(
+                f"DeepSpeed {deepspeed.__version__} cannot release the weights a Fisher pass left gathered "
+                "(no release_backward_leftovers); ZeRO-3 runs need deepspeed>=0.19"
+            )
+        release()
+
+    def trainer_options(self) -> dict[str, Any]:
+        return {"deepspeed": self.config}
+
+
 def prepare_deepspeed(
     source: str | os.PathLike | Mapping[str, Any], cfg: Any, precision: str, world_size: int
-) -> DeepSpeedSetup:
+) -> DeepSpeedEngine:
     """Read and check a run's DeepSpeed config before the model loads (``ValueError`` in one line)."""
     config = check_deepspeed_config(load_deepspeed_config(source), cfg, precision, world_size)
     stage = zero_stage(config)
     if importlib.util.find_spec("deepspeed") is None:
         raise ValueError('DeepSpeed is not installed: pip install "fastunlearn[deepspeed]"')
-    return DeepSpeedSetup(config, stage)
-
-
-class DeepSpeedEngine(Engine):
-    """DeepSpeed ZeRO through ``Trainer``."""
-
-    def __init__(self, setup: DeepSpeedSetup) -> None:
-        self.setup = setup
-        self.name = f"zero{setup.stage}" if setup.stage >= 2 else "ddp"
-
-    @contextlib.contextmanager
-    def loading(self) -> Iterator[None]:
-        self.setup.sharded_loading()
-        yield
-
-    def place(self, model: nn.Module) -> None:
-        if not self.setup.zero3:  # ZeRO-3 shards are already on this rank's device
-            super().place(model)
-
-    def before_training(self, model: nn.Module):
-        return self.setup.fetching(model)
-
-    def after_fisher(self) -> None:
-        self.setup.release()
-
-    def trainer_options(self) -> dict[str, Any]:
-        return {"deepspeed": self.setup.config}
+    return DeepSpeedEngine(config, stage)

@@ -23,7 +23,6 @@ T = TypeVar("T")
 
 __all__ = [
     "all_reduce_sum",
-    "barrier",
     "broadcast",
     "broadcast_object",
     "every_rank",
@@ -124,11 +123,6 @@ def world_size() -> int:
 
 def is_main() -> bool:
     return rank() == 0
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
 
 
 def shard(items: Sequence[T]) -> list[T]:

@@ -197,16 +197,9 @@ class FsdpEngine(Engine):
 
     def __init__(self, plan: FsdpPlan) -> None:
         self.plan = plan
-        self.sharded = False
-
-    @classmethod
-    def for_run(cls, spec: str, init: str, *, resume: bool) -> FsdpEngine:
-        return cls(check_fsdp_run(spec, init, resume=resume))
 
     def wrap(self, model: nn.Module, precision: str) -> nn.Module:
-        shard_model(model, self.plan)
-        self.sharded = True
-        return ShardedTrainingView(model, precision, training_device())
+        return ShardedTrainingView(shard_model(model, self.plan), precision, training_device())
 
     def gathered_state(self, model: nn.Module, *, trainable_only: bool) -> dict[str, Tensor]:
         return gathered_state(model, trainable_only=trainable_only)
