@@ -123,20 +123,12 @@ def build_model(tokenizer, size: DemoSize, *, seed: int):
 
 
 def memorise(
-    model,
-    examples: list[fdata.Example],
-    pad_id: int,
-    *,
-    epochs: int,
-    lr: float,
-    seed: int,
-    desc: str,
-    batch_size: int = 32,
-    progress: bool = True,
+    model, examples: list[fdata.Example], pad_id: int, size: DemoSize, *, seed: int, desc: str, progress: bool
 ) -> dict[str, float]:
     """Train ``model`` on the answers of ``examples`` until it reproduces them: AdamW, linear warm-up
     over 10 % of the steps then cosine decay, stopping once teacher-forced answer accuracy (checked
     every 5 epochs) is 100 %. Returns the last :func:`basic_metrics` and the ``epochs`` run."""
+    epochs, lr, batch_size = size.pretrain_epochs, size.pretrain_lr, 32
     from tqdm.auto import tqdm
 
     from fastunlearn.evaluation.likelihood import basic_metrics
@@ -200,9 +192,7 @@ def prepare_models(
     root = os.path.join(cache_dir, f"{_cache_key(size, seed)}")
     paths = {
         "dir": root,
-        "tokenizer": os.path.join(root, "tokenizer"),
-        "full_model": os.path.join(root, "full_model"),
-        "retain_model": os.path.join(root, "retain_model"),
+        **{name: os.path.join(root, name) for name in ("tokenizer", "full_model", "retain_model")},
     }
     splits = ("forget", "retain", "forget_perturbed", "retain_perturbed")
     paths.update({name: os.path.join(root, "data", f"{name}.json") for name in splits})
@@ -239,17 +229,7 @@ def prepare_models(
         ("retain_model", retain, "retain-only model"),
     ):
         model = build_model(tokenizer, size, seed=seed)
-        stats = memorise(
-            model,
-            examples,
-            pad_id,
-            epochs=size.pretrain_epochs,
-            lr=size.pretrain_lr,
-            seed=seed,
-            desc=desc,
-            progress=progress,
-        )
-        summary[key] = stats
+        summary[key] = memorise(model, examples, pad_id, size, seed=seed, desc=desc, progress=progress)
 
         def save(tmp: str, model=model) -> None:
             model.save_pretrained(tmp)

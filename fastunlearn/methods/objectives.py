@@ -66,11 +66,9 @@ class Objective:
             retain = (
                 spec.retain_weight * RETAIN[spec.retain](self, model, batch) if spec.needs_retain else None
             )
-        parts = {"forget_loss": forget.detach()}
         if retain is None:
-            return forget, parts
-        parts["retain_loss"] = retain.detach()
-        return forget + retain, parts
+            return forget, {"forget_loss": forget.detach()}
+        return forget + retain, {"forget_loss": forget.detach(), "retain_loss": retain.detach()}
 
     def _pooled(self, model: nn.Module, batch: Mapping[str, Mapping[str, Tensor]]) -> tuple[Tensor, Tensor]:
         idk, retain = batch["idk"], batch["retain"]
@@ -80,19 +78,14 @@ class Objective:
 
     def _check(self, model: nn.Module, batch: Mapping[str, Mapping[str, Tensor]]) -> None:
         spec = self.spec
-        needed = (
-            {"forget"}
-            | ({"retain"} if spec.needs_retain else set())
-            | ({"idk"} if spec.uses_refusals else set())
+        parts = (
+            ("forget", "a forget batch", True),
+            ("idk", "the refusal answers batch['idk']", spec.uses_refusals),
+            ("retain", "a retain set", spec.needs_retain),
         )
-        missing = sorted(needed - set(batch))
+        missing = [what for part, what, needed in parts if needed and part not in batch]
         if missing:
-            what = {
-                "retain": "a retain set",
-                "idk": "the refusal answers batch['idk']",
-                "forget": "a forget batch",
-            }
-            raise ValueError(f"{spec.forget} + {spec.retain} needs {', '.join(what[m] for m in missing)}")
+            raise ValueError(f"{spec.forget} + {spec.retain} needs {', '.join(missing)}")
         for part in spec.fixed_reference:
             if "ref_logp" not in batch[part]:
                 raise ValueError(
