@@ -1,8 +1,7 @@
-"""fastunlearn: fused kernels and a LoRA training loop for LLM unlearning (IHL + FILA, ICLR 2025).
+"""fastunlearn: fused kernels and a LoRA training loop for LLM unlearning (IHL + FILA, Cha et al. 2025).
 
-Importing the package imports nothing heavy: every public name is loaded on first use (the ops and
-the Fisher layer with PyTorch only; Triton the first time a Triton backend runs; the training and
-evaluation layers with ``transformers`` and ``peft``), so ``fastunlearn --help`` answers at once.
+Importing the package imports nothing heavy: every public name is loaded on first use, so
+``fastunlearn --help`` answers at once.
 """
 
 import logging
@@ -52,7 +51,7 @@ def __getattr__(name: str):
     import importlib.util
 
     if name not in _LAZY:
-        # `import fastunlearn; fastunlearn.fisher...` worked while the package imported its layers.
+        # Submodules as attributes: `import fastunlearn; fastunlearn.fisher...`.
         if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
             return importlib.import_module(f"{__name__}.{name}")
         raise AttributeError(f"module 'fastunlearn' has no attribute {name!r}")
@@ -63,32 +62,4 @@ def __getattr__(name: str):
     return value
 
 
-__all__ = [
-    "FisherEstimate",
-    "IHLLoss",
-    "UnlearnConfig",
-    "UnlearnResult",
-    "UnlearnTrainer",
-    "__version__",
-    "dpo_loss",
-    "estimate_fisher",
-    "evaluate",
-    "fila_init",
-    "fused_linear_ihl_loss",
-    "fused_linear_kl_loss",
-    "fused_linear_nll_loss",
-    "ihl_loss",
-    "kl_loss",
-    "metrics",
-    "nll_loss",
-    "npo_loss",
-    "patch",
-    "per_example_grad_sq",
-    "rmu_loss",
-    "save_adapter",
-    "save_merged",
-    "sequence_logprobs",
-    "simnpo_loss",
-    "unlearn",
-    "unpatch",
-]
+__all__ = ["__version__", *_LAZY]

@@ -1,12 +1,8 @@
 """Models and data sets named by a Hugging Face Hub id, found in the local Hugging Face cache.
 
-A name that is not a local path but a valid Hub id (``org/name`` or ``name``) is looked up in the cache
-(``HF_HUB_CACHE``, by default ``~/.cache/huggingface/hub``) without any network access: the snapshot
-of the requested revision (default: the branch ``main``) is a local folder, which everything
-downstream reads as a local directory, and its folder name is the commit hash, which a run records
-so that it can be repeated exactly. ``allow_download`` lets the Hub be asked (and files fetched).
-
-``huggingface_hub`` (a dependency of ``transformers``) is imported inside the functions.
+A Hub id (``org/name`` or ``name``) that is not a local path is its snapshot folder in the cache at the
+requested revision, read without network access unless ``allow_download``; the folder's name is the
+commit hash, which a run records so that it can be repeated exactly.
 """
 
 from __future__ import annotations
@@ -50,8 +46,7 @@ def _cache_dir() -> str:
 
 
 def _newest_snapshot(repo_id: str, repo_type: str) -> str | None:
-    """The most recent snapshot folder of a repository without a ``refs/main`` (``datasets`` fetches
-    files by commit hash, which records no branch)."""
+    """The newest snapshot folder of a repository (``datasets`` caches by commit, without ``refs/main``)."""
     folder = os.path.join(_cache_dir(), f"{repo_type}s--{repo_id.replace('/', '--')}", "snapshots")
     found = [os.path.join(folder, n) for n in os.listdir(folder)] if os.path.isdir(folder) else []
     return max(found, key=os.path.getmtime) if found else None
@@ -78,13 +73,9 @@ def resolve_snapshot(
     patterns: list[str] | None = None,
     what: str = "model",
 ) -> Snapshot:
-    """The cached snapshot of ``repo_id`` at ``revision`` (a branch, tag or commit; default ``main``).
-
-    Without ``allow_download`` nothing leaves the machine: the cache alone is read (a repository cached
-    without ``refs/main``, as ``datasets`` leaves it, gives its newest snapshot). With it, the Hub is
-    asked for the revision and the files matching ``patterns`` are fetched. Raises
-    ``FileNotFoundError`` in one line naming the id and the cache.
-    """
+    """The cached snapshot of ``repo_id`` at ``revision`` (a branch, tag or commit; default ``main``);
+    with ``allow_download``, the files matching ``patterns`` fetched first. ``FileNotFoundError`` in one
+    line naming the id and the cache."""
     from huggingface_hub import snapshot_download
 
     try:
@@ -105,8 +96,8 @@ def resolve_snapshot(
 
 
 def snapshot_of(path: str | os.PathLike) -> Snapshot | None:
-    """The repository and commit of a path inside the Hugging Face cache, or ``None`` for any other
-    path (so that an adapter trained on a cached model records the Hub id, not this machine's folder)."""
+    """The repository and commit of a path inside the Hugging Face cache (``None`` for other paths), so
+    an adapter trained on a cached model records the Hub id, not this machine's folder."""
     text = os.fspath(path).replace(os.sep, "/")
     match = _SNAPSHOT.search(text)
     if match is None:

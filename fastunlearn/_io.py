@@ -1,13 +1,9 @@
 """Atomic writes: nothing fastunlearn saves is ever left half-written.
 
-Every file or directory is produced under a temporary name in the destination's own directory (so the
-final ``os.replace`` is a rename within one file system) and renamed into place only once complete; on
-any error the temporary is removed and the destination is untouched.
-
-``tempfile`` creates its files and directories owner-only (``0600``/``0700``) and a rename keeps the
-mode, so before the rename every written file gets ``0666 & ~umask`` (``0777 & ~umask`` if it was
-executable) and every directory ``0777 & ~umask``: what ``open``/``mkdir`` would have given, so a
-serving container or another user of a shared group can read the outputs whenever the umask allows.
+Everything is written under a temporary name in the destination's directory and renamed into place
+once complete (on error the temporary is removed). ``tempfile`` makes owner-only files and a rename
+keeps the mode, so before the rename everything gets the modes ``open``/``mkdir`` would give under the
+user's umask: a serving container or a shared group can read the outputs where the umask allows.
 """
 
 from __future__ import annotations
@@ -29,7 +25,7 @@ __all__ = ["atomic_directory", "atomic_file", "umask", "write_dir", "write_json"
 @functools.lru_cache(maxsize=1)
 def umask() -> int:
     """The process's umask, read once: from ``/proc/self/status`` where it is listed (no change to the
-    process state), else by setting and restoring it."""
+    process state, so no race with other threads), else by setting and restoring it."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
@@ -100,11 +96,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 @contextmanager
 def atomic_directory(path: str | os.PathLike, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory next to ``path`` that replaces ``path`` when the block succeeds.
-
-    A non-empty ``path`` is refused unless ``overwrite``; the old directory is moved aside before the
-    new one is renamed in, and deleted only after.
-    """
+    """Yield a temporary directory next to ``path`` that replaces it when the block succeeds (a non-empty
+    ``path`` only with ``overwrite``; the old one is moved aside first and deleted after)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise NotADirectoryError(f"{path} exists and is not a directory")

@@ -340,15 +340,15 @@ def _zero3_worker(rank: int, model_dir: str, out: str) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
 
-    from fastunlearn.engines.deepspeed import DeepSpeedSetup
+    from fastunlearn.engines.deepspeed import DeepSpeedEngine
 
-    setup = DeepSpeedSetup(dict(ZERO3), stage=3)
-    setup.sharded_loading()
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    engine = DeepSpeedEngine(dict(ZERO3), stage=3)
+    with engine.loading():
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
     q = model.model.layers[0].self_attn.q_proj
     assert q.weight.numel() == 0 and sharded.is_partitioned(q.weight)  # created partitioned
     model = _lora(model)
-    with setup.fetching(model):
+    with engine.before_training(model):
         tensors = fisher_record(model, _batches)
     fila_init(model, row_weights={k[2:]: v for k, v in tensors.items() if k.startswith("d/")})
     for name, (_, layer) in lora_layers(model).items():

@@ -25,6 +25,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "recorded in OUTPUT/run_config.json.",
     )  # fmt: skip
     add_options(p, UnlearnConfig, names=_RUN_OPTIONS, defaults=_DEFAULTS)
+    next(a for a in p._actions if a.dest == "output_dir").help = (
+        "the demo's output directory: the unlearned adapter, metrics.json (before/after metrics), "
+        "run_config.json and the trajectory; a finished run there is replaced only with --overwrite "
+        f"(default: {_DEFAULTS['output_dir']})"
+    )
     add_options(p, DemoOptions)
     return p
 

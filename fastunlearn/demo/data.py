@@ -1,10 +1,9 @@
-"""The demo's synthetic data set: fictitious authors in TOFU's format (Maini et al. 2024; SPEC §4).
+"""The demo's synthetic data set: fictitious authors in TOFU's format (Maini et al. 2024).
 
-Each author gets one question/answer pair per fact (birthplace, birth date, genre, parents' jobs,
-award, book), each with a paraphrased question and answer and five perturbed (wrong) answers worded
-as the paraphrase. The vocabulary (name syllables, cities, genres...) and the phrasing of each fact
-are package data, ``words.json``; in a fact's templates ``{n}`` is the author's name and ``{v}`` the
-value. Everything is drawn from one seeded ``random.Random``, so a seed gives the same data anywhere.
+Each author gets one question/answer pair per fact, with a paraphrased question and answer and five
+perturbed (wrong) answers worded as the paraphrase. The vocabulary and each fact's phrasing are package
+data (``words.json``; ``{n}`` is the author's name, ``{v}`` the value), and everything is drawn from one
+seeded ``random.Random``, so a seed gives the same data anywhere.
 """
 
 from __future__ import annotations
@@ -19,14 +18,7 @@ from fastunlearn._io import write_text
 __all__ = ["N_PERTURBED", "generate_dataset", "write_jsonl"]
 
 _WORDS = json.loads(resources.files(__package__).joinpath("words.json").read_text(encoding="utf-8"))
-_SYLLABLES = tuple(_WORDS["syllables"])
-_CITIES = tuple(_WORDS["cities"])
-_MONTHS = tuple(_WORDS["months"])
-_GENRES = tuple(_WORDS["genres"])
-_JOBS = tuple(_WORDS["jobs"])
-_AWARDS = tuple(_WORDS["awards"])
-_ADJECTIVES = tuple(_WORDS["adjectives"])
-_NOUNS = tuple(_WORDS["nouns"])
+_LISTS = {"city": "cities", "genre": "genres", "father": "jobs", "mother": "jobs", "award": "awards"}
 # (field, question, answer, paraphrased question, paraphrased answer)
 _FACTS = tuple(
     (f["field"], f["question"], f["answer"], f["paraphrased_question"], f["paraphrased_answer"])
@@ -37,23 +29,18 @@ N_PERTURBED = 5
 
 def _values(field: str, rng: random.Random) -> list[str]:
     """Every possible value of ``field`` (dates: a random sample, so perturbed dates stay plausible)."""
-    if field == "city":
-        return list(_CITIES)
     if field == "date":
-        return [f"{rng.choice(_MONTHS)} {rng.randint(1, 28)}, {rng.randint(1930, 1999)}" for _ in range(40)]
-    if field == "genre":
-        return list(_GENRES)
-    if field in ("father", "mother"):
-        return list(_JOBS)
-    if field == "award":
-        return list(_AWARDS)
-    return [f"The {a} {n}" for a in _ADJECTIVES for n in _NOUNS]
+        months = _WORDS["months"]
+        return [f"{rng.choice(months)} {rng.randint(1, 28)}, {rng.randint(1930, 1999)}" for _ in range(40)]
+    if field == "book":
+        return [f"The {a} {n}" for a in _WORDS["adjectives"] for n in _WORDS["nouns"]]
+    return list(_WORDS[_LISTS[field]])
 
 
 def _name(rng: random.Random, taken: set[str]) -> str:
     while True:
-        first = "".join(rng.choice(_SYLLABLES) for _ in range(2)).capitalize()
-        last = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+        first = "".join(rng.choice(_WORDS["syllables"]) for _ in range(2)).capitalize()
+        last = "".join(rng.choice(_WORDS["syllables"]) for _ in range(rng.randint(2, 3))).capitalize()
         name = f"{first} {last}"
         if name not in taken:
             taken.add(name)
@@ -61,13 +48,9 @@ def _name(rng: random.Random, taken: set[str]) -> str:
 
 
 def generate_dataset(n_authors: int, *, seed: int = 0, forget_fraction: float = 0.1) -> dict[str, list[dict]]:
-    """Deterministic TOFU-format splits: ``forget``, ``retain`` and their ``*_perturbed`` versions.
-
-    Every author gets one record per fact with ``question``, ``answer``, ``paraphrased_question``,
-    ``paraphrased_answer`` and ``perturbed_answer`` (5 wrong answers worded as the paraphrased answer:
-    they differ from it in the fact only).
-    The first ``ceil(forget_fraction · n_authors)`` authors (a seeded random order) are forgotten.
-    """
+    """Deterministic TOFU-format splits: ``forget``, ``retain`` (question and answer) and their
+    ``*_perturbed`` versions (with the paraphrases, perturbed answers and author). The first
+    ``ceil(forget_fraction · n_authors)`` authors are forgotten."""
     if n_authors < 2:
         raise ValueError(f"the demo needs at least 2 authors, got {n_authors}")
     rng = random.Random(seed)
@@ -87,7 +70,7 @@ def generate_dataset(n_authors: int, *, seed: int = 0, forget_fraction: float = 
                     "paraphrased_question": pq.format(n=name),
                     "paraphrased_answer": pa.format(n=name, v=value),
                     # TOFU perturbs the paraphrased answer: same wording, wrong fact, so the truth ratio
-                    # P̄_pert / P̄_paraphrase compares like with like (SPEC §4).
+                    # P̄_pert / P̄_paraphrase compares like with like.
                     "perturbed_answer": [pa.format(n=name, v=w) for w in wrong],
                     "author": name,
                 }

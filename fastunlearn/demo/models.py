@@ -1,9 +1,6 @@
-"""The demo's tokenizer and models: trained once on the synthetic data and cached.
-
-:func:`prepare_models` writes the data files, a byte-level BPE tokenizer trained on them
-(:func:`train_tokenizer`), a small Llama-architecture model trained until it has memorised every
-answer (:func:`memorise`) and a second one trained on the retain authors only (the reference for
-forget quality), under a cache directory keyed by the size and seed, so a second run skips all of it.
+"""The demo's tokenizer and models, trained once on the synthetic data and cached by size and seed:
+a byte-level BPE tokenizer, a small Llama model that memorises every answer, and one trained on the
+retain authors only (the reference for forget quality).
 """
 
 from __future__ import annotations
@@ -32,8 +29,7 @@ __all__ = [
     "train_tokenizer",
 ]
 
-# TOFU's own convention (SPEC §4.1) for Phi-style prompts: the demo is trained and evaluated the way
-# the TOFU models were.
+# TOFU's prompt convention for its Phi models: the demo is trained and evaluated as they were.
 DEMO_TEMPLATE = "tofu-phi"
 DEMO_MAX_LENGTH = 64
 
@@ -67,9 +63,8 @@ SIZES = {
         unlearn_batch=4,
         lora_r=8,
     ),
-    # Small enough for a test (~20 s on 2 cores), large enough to show the job working: the model
-    # memorises its answers (probability ≥ 0.96, seeds 0–3), and IHL + FILA takes the forgotten
-    # author's to ≤ 0.18 of that while the retained authors' keep ≥ 0.75 of theirs.
+    # Small enough for a test, large enough for the model to memorise its answers and IHL + FILA to
+    # forget the forgotten author's while keeping the others'.
     "tiny": DemoSize(
         authors=10,
         hidden=32,
@@ -83,9 +78,6 @@ SIZES = {
         lora_r=4,
     ),
 }
-
-# ---------------------------------------------------------------------------------------------------
-# Tokenizer and models
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
@@ -131,27 +123,16 @@ def build_model(tokenizer, size: DemoSize, *, seed: int):
 
 
 def memorise(
-    model,
-    examples: list[fdata.Example],
-    pad_id: int,
-    *,
-    epochs: int,
-    lr: float,
-    seed: int,
-    desc: str,
-    batch_size: int = 32,
-    progress: bool = True,
+    model, examples: list[fdata.Example], pad_id: int, size: DemoSize, *, seed: int, desc: str, progress: bool
 ) -> dict[str, float]:
-    """Train ``model`` on the answers of ``examples`` until it reproduces them (full fine-tuning).
-
-    AdamW (weight decay 0) with a linear warm-up over 10 % of the steps and cosine decay; stops early
-    once teacher-forced answer accuracy reaches 100 %, checked every 5 epochs. Returns the final
-    :func:`fastunlearn.metrics.basic_metrics` and the number of ``epochs`` run.
-    """
+    """Train ``model`` on the answers of ``examples`` until it reproduces them: AdamW, linear warm-up
+    over 10 % of the steps then cosine decay, stopping once teacher-forced answer accuracy (checked
+    every 5 epochs) is 100 %. Returns the last :func:`basic_metrics` and the ``epochs`` run."""
+    epochs, lr, batch_size = size.pretrain_epochs, size.pretrain_lr, 32
     from tqdm.auto import tqdm
 
     from fastunlearn.evaluation.likelihood import basic_metrics
-    from fastunlearn.methods.objectives import nll_mean
+    from fastunlearn.ops.nll import shifted_nll
 
     g = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(len(examples) / batch_size)
@@ -170,7 +151,7 @@ def memorise(
         for i in range(0, len(order), batch_size):
             batch = fdata.collate([examples[j] for j in order[i : i + batch_size]], pad_id)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = nll_mean(logits, batch["labels"])
+            loss = shifted_nll(logits, batch["labels"], "mean")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -191,9 +172,7 @@ def memorise(
 def _cache_key(size: DemoSize, seed: int) -> str:
     import hashlib
 
-    # "v": bumped whenever the generated data or the models change (v2: perturbed answers worded as the
-    # paraphrase), so a stale cache is never reused; the models are trained with DEMO_TEMPLATE's
-    # tokenisation, so it is part of the key too.
+    # "v": bumped whenever the generated data or the models change, so a stale cache is never reused.
     blob = json.dumps(
         {"v": 2, "size": asdict(size), "seed": seed, "template": DEMO_TEMPLATE}, sort_keys=True
     ).encode()
@@ -208,18 +187,12 @@ def default_cache_dir() -> str:
 def prepare_models(
     cache_dir: str, size: DemoSize, *, seed: int = 0, progress: bool = True, log=print
 ) -> dict[str, str]:
-    """Data files, tokenizer, memorising model and retain-only model under ``cache_dir`` (cached).
-
-    Returns the paths: ``dir``, ``forget``, ``retain``, ``forget_perturbed``, ``retain_perturbed``,
-    ``tokenizer``, ``full_model``, ``retain_model``.
-    """
-
+    """Data files, tokenizer, memorising and retain-only models under ``cache_dir`` (made once); their
+    paths: ``dir``, the four splits, ``tokenizer``, ``full_model``, ``retain_model``."""
     root = os.path.join(cache_dir, f"{_cache_key(size, seed)}")
     paths = {
         "dir": root,
-        "tokenizer": os.path.join(root, "tokenizer"),
-        "full_model": os.path.join(root, "full_model"),
-        "retain_model": os.path.join(root, "retain_model"),
+        **{name: os.path.join(root, name) for name in ("tokenizer", "full_model", "retain_model")},
     }
     splits = ("forget", "retain", "forget_perturbed", "retain_perturbed")
     paths.update({name: os.path.join(root, "data", f"{name}.json") for name in splits})
@@ -256,17 +229,7 @@ def prepare_models(
         ("retain_model", retain, "retain-only model"),
     ):
         model = build_model(tokenizer, size, seed=seed)
-        stats = memorise(
-            model,
-            examples,
-            pad_id,
-            epochs=size.pretrain_epochs,
-            lr=size.pretrain_lr,
-            seed=seed,
-            desc=desc,
-            progress=progress,
-        )
-        summary[key] = stats
+        summary[key] = memorise(model, examples, pad_id, size, seed=seed, desc=desc, progress=progress)
 
         def save(tmp: str, model=model) -> None:
             model.save_pretrained(tmp)

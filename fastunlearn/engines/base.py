@@ -1,19 +1,9 @@
 """One interface for every way a run is spread over devices, and the choice among them.
 
-The training pipeline calls an :class:`Engine`'s hooks in order and knows nothing of the engines
-themselves:
-
-1. :meth:`Engine.loading` around ``from_pretrained`` (DeepSpeed ZeRO-3 creates the model partitioned);
-2. :meth:`Engine.place` to put the loaded model on its device;
-3. :meth:`Engine.before_training` around every forward and backward before ``Trainer`` starts (the
-   metrics before training, the Fisher passes, reference log-probabilities), and :meth:`Engine.after_fisher`
-   between the Fisher passes and FILA;
-4. :meth:`Engine.wrap` after FILA: a model the engine sharded itself (FSDP2), which ``Trainer`` trains as
-   it is, and :meth:`Engine.trainer_options` for ``TrainingArguments``;
-5. :meth:`Engine.gathered_state` to collect the trained state for the exports (a collective).
-
-One process and DDP (``Trainer`` wraps the model under ``torchrun``) need no hook: :class:`Engine` itself.
-Under several processes only the main one writes (:mod:`fastunlearn.engines.distributed`).
+The pipeline calls an :class:`Engine`'s hooks in order, knowing nothing of the engines: ``loading``
+around ``from_pretrained``, ``place``, ``before_training`` around every pass before ``Trainer`` starts,
+``after_fisher`` between the Fisher passes and FILA, ``wrap`` after FILA, ``trainer_options`` for
+``TrainingArguments``, ``gathered_state`` for the exports. One process and DDP need no hook.
 """
 
 from __future__ import annotations
@@ -70,14 +60,13 @@ def engine_for(
     """The engine a run's options ask for, checked before anything loads: ``fsdp`` words or a
     ``deepspeed`` config (read and checked against the options on the main process)."""
     if fsdp:
-        from fastunlearn.engines.fsdp import FsdpEngine
+        from fastunlearn.engines.fsdp import FsdpEngine, check_fsdp_run
 
-        return FsdpEngine.for_run(fsdp, init, resume=resume)
+        return FsdpEngine(check_fsdp_run(fsdp, init, resume=resume))
     if deepspeed is not None:
-        from fastunlearn.engines.deepspeed import DeepSpeedEngine, prepare_deepspeed
+        from fastunlearn.engines.deepspeed import prepare_deepspeed
 
-        setup = distributed.on_main(
+        return distributed.on_main(
             lambda: prepare_deepspeed(deepspeed, cfg, precision, distributed.world_size())
         )
-        return DeepSpeedEngine(setup)
     return Engine()

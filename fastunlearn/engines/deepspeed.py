@@ -1,28 +1,11 @@
-"""DeepSpeed ZeRO as the training engine of :func:`fastunlearn.unlearn` (``deepspeed=CONFIG``).
+"""DeepSpeed ZeRO as the training engine (``deepspeed=CONFIG``): what must happen around ``Trainer``.
 
-``Trainer`` runs DeepSpeed when ``TrainingArguments(deepspeed=config)`` is given; this module does what
-must happen around it for an unlearning run:
-
-1. **The config, checked before any weight loads** (:func:`prepare_deepspeed`): a JSON file or a
-   mapping, read on the main process. A value that contradicts an option — ``train_micro_batch_size_per_gpu``
-   vs ``batch_size``, ``gradient_accumulation_steps``, ``train_batch_size`` (= processes × both),
-   ``gradient_clipping`` vs ``max_grad_norm``, ``optimizer.params.lr`` / ``weight_decay``, and
-   ``bf16.enabled`` / ``fp16.enabled`` vs the resolved precision — is one ``ValueError`` naming every
-   contradiction (``Trainer`` would find them only after the model had loaded). ``"auto"`` values are
-   filled from the options, as ``Trainer`` fills them.
-2. **The model created sharded** (ZeRO-3): a ``transformers.integrations.HfDeepSpeedConfig`` alive
-   while ``from_pretrained`` runs makes it build the model inside ``deepspeed.zero.Init``, so every
-   weight is partitioned as it is read and a 70B model never sits whole on one device.
-   :attr:`DeepSpeedSetup.keep_alive` holds it (``transformers`` keeps only a weak reference).
-3. **Forward and backward before training** (ZeRO-3): the partitioned weights are fetched by the
-   hooks of a DeepSpeed engine; the metrics before training, the Fisher passes and NPO's reference
-   run inside :meth:`DeepSpeedSetup.fetching`, a DeepSpeed engine without optimizer (ZeRO inference)
-   whose hooks are removed on exit, before ``Trainer`` builds its own. The Fisher hooks read only
-   layer inputs and output gradients (:mod:`fastunlearn.fisher.passes`), FILA and the exports gather
-   one layer at a time (:mod:`fastunlearn.engines.sharded`).
-
-ZeRO-1/2 partition optimizer state and gradients only: the model loads whole and everything before
-training runs as under DDP. ``deepspeed`` is an optional extra (``pip install "fastunlearn[deepspeed]"``).
+The config is checked before any weight loads: a value contradicting an option (micro-batch, gradient
+accumulation, ``train_batch_size`` = processes × both, clipping, learning rate, weight decay, bf16 /
+fp16) is one ``ValueError`` naming every contradiction, and ``"auto"`` values are filled as ``Trainer``
+fills them. Under ZeRO-3 the model is created partitioned (a 70B model is never whole on one device),
+and the passes before training fetch its weights through a DeepSpeed engine of their own; ZeRO-1/2
+partition only optimizer state and gradients, so the model loads whole as under DDP.
 """
 
 from __future__ import annotations
@@ -33,14 +16,13 @@ import importlib.util
 import json
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from fastunlearn.engines.base import Engine
 
-__all__ = ["DeepSpeedSetup", "check_deepspeed_config", "load_deepspeed_config", "prepare_deepspeed"]
+__all__ = ["DeepSpeedEngine", "check_deepspeed_config", "load_deepspeed_config", "prepare_deepspeed"]
 
 _AUTO = "auto"
 
@@ -90,8 +72,7 @@ def check_deepspeed_config(
     config: Mapping[str, Any], cfg: Any, precision: str, world_size: int
 ) -> dict[str, Any]:
     """``config`` with its ``"auto"`` values for the options filled in, or a ``ValueError`` listing
-    every value that contradicts them (module docstring). ``precision``: the resolved one (``"fp32"``,
-    ``"bf16"`` or ``"fp16"``); ``world_size``: the number of processes."""
+    every value that contradicts them. ``precision``: the resolved one."""
     resolved = copy.deepcopy(dict(config))
     zero_stage(resolved)
     batch, accum = cfg.batch_size, cfg.gradient_accumulation_steps
@@ -129,64 +110,6 @@ def check_deepspeed_config(
     return resolved
 
 
-@dataclass
-class DeepSpeedSetup:
-    """A checked DeepSpeed config for one run (:func:`prepare_deepspeed`)."""
-
-    config: dict[str, Any]  # "auto" values of the options filled; the rest are Trainer's to fill
-    stage: int
-    keep_alive: Any = field(default=None, repr=False)  # the HfDeepSpeedConfig during loading (ZeRO-3)
-    engine: Any = field(default=None, repr=False)  # the engine of fetching(), while it runs
-
-    @property
-    def zero3(self) -> bool:
-        return self.stage == 3
-
-    def sharded_loading(self) -> None:
-        """Under ZeRO-3, make ``from_pretrained`` create the model partitioned (module docstring, 2);
-        kept until the run ends."""
-        if self.zero3 and self.keep_alive is None:
-            from transformers.integrations import HfDeepSpeedConfig
-
-            self.keep_alive = HfDeepSpeedConfig(self.config)
-
-    @contextlib.contextmanager
-    def fetching(self, model: nn.Module) -> Iterator[None]:
-        """Inside the block, forward and backward passes of a ZeRO-3 ``model`` fetch its partitioned
-        weights (module docstring, 3); nothing happens under ZeRO-0/1/2."""
-        if not self.zero3:
-            yield
-            return
-        import deepspeed
-
-        self.engine, *_ = deepspeed.initialize(model=model, config=_inference_config(self.config))
-        try:
-            yield
-        finally:
-            self.release()
-            self.engine.destroy()  # removes its hooks: Trainer's engine installs its own
-            self.engine = None
-
-    def release(self) -> None:
-        """Partition again every weight :meth:`fetching`'s passes left whole. A backward that DeepSpeed
-        does not drive (the Fisher passes call ``loss.backward()``, and their graph starts at an input
-        that needs no gradient) never fires the post-backward hooks of the modules below that input, so
-        their weights stay gathered and marked in use; gathering them again for a write
-        (``GatheredParameters(modifier_rank=0)``, in FILA) would fail. Call between the passes and FILA."""
-        if self.engine is None:
-            return
-        offload = self.engine.optimizer  # ZeRO-3 without optimizer: the hooks' owner, DeepSpeedZeRoOffload
-        release = getattr(offload, "release_backward_leftovers", None)
-        if release is None:
-            import deepspeed
-
-            raise RuntimeError(
-                f"DeepSpeed {deepspeed.__version__} cannot release the weights a Fisher pass left gathered "
-                "(no release_backward_leftovers); ZeRO-3 runs need deepspeed>=0.19"
-            )
-        release()
-
-
 def _inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a training config that a ZeRO-3 engine without optimizer needs: batch sizes,
     precision and ``zero_optimization`` with ``"auto"`` entries left to DeepSpeed's defaults."""
@@ -201,41 +124,74 @@ def _inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
     return kept
 
 
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO through ``Trainer``, for a checked ``config`` (:func:`prepare_deepspeed`: the
+    options' ``"auto"`` values filled, the rest are ``Trainer``'s to fill)."""
+
+    def __init__(self, config: dict[str, Any], stage: int) -> None:
+        self.config, self.stage = config, stage
+        self.name = f"zero{stage}" if stage >= 2 else "ddp"
+        self.keep_alive: Any = None  # the HfDeepSpeedConfig of loading(), until the run ends (ZeRO-3)
+        self.engine: Any = None  # the DeepSpeed engine of before_training(), while it runs
+
+    @contextlib.contextmanager
+    def loading(self) -> Iterator[None]:
+        """Under ZeRO-3, ``from_pretrained`` creates the model inside ``deepspeed.zero.Init``, each weight
+        partitioned as it is read (``transformers`` keeps only a weak reference to the config)."""
+        if self.stage == 3 and self.keep_alive is None:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self.keep_alive = HfDeepSpeedConfig(self.config)
+        yield
+
+    def place(self, model: nn.Module) -> None:
+        if self.stage != 3:  # ZeRO-3 shards are already on this rank's device
+            super().place(model)
+
+    @contextlib.contextmanager
+    def before_training(self, model: nn.Module) -> Iterator[None]:
+        """Inside the block, passes of a ZeRO-3 ``model`` fetch its partitioned weights through a
+        DeepSpeed engine without optimizer, whose hooks are removed on exit; no-op below ZeRO-3."""
+        if self.stage != 3:
+            yield
+            return
+        import deepspeed
+
+        self.engine, *_ = deepspeed.initialize(model=model, config=_inference_config(self.config))
+        try:
+            yield
+        finally:
+            self.after_fisher()
+            self.engine.destroy()  # removes its hooks: Trainer's engine installs its own
+            self.engine = None
+
+    def after_fisher(self) -> None:
+        """Partition again the weights the passes before training left whole: a backward DeepSpeed does
+        not drive (the Fisher passes') never fires the post-backward hooks below its first input, and
+        FILA's gather for a write would fail on them."""
+        if self.engine is None:
+            return
+        offload = self.engine.optimizer  # ZeRO-3 without optimizer: the hooks' owner, DeepSpeedZeRoOffload
+        release = getattr(offload, "release_backward_leftovers", None)
+        if release is None:
+            import deepspeed
+
+            raise RuntimeError(
+                f"DeepSpeed {deepspeed.__version__} cannot release the weights a Fisher pass left gathered "
+                "(no release_backward_leftovers); ZeRO-3 runs need deepspeed>=0.19"
+            )
+        release()
+
+    def trainer_options(self) -> dict[str, Any]:
+        return {"deepspeed": self.config}
+
+
 def prepare_deepspeed(
     source: str | os.PathLike | Mapping[str, Any], cfg: Any, precision: str, world_size: int
-) -> DeepSpeedSetup:
-    """Read and check a run's DeepSpeed config before the model loads: ``ValueError`` in one line for an
-    unreadable config, a contradiction with the options (:func:`check_deepspeed_config`), or DeepSpeed
-    not installed."""
+) -> DeepSpeedEngine:
+    """Read and check a run's DeepSpeed config before the model loads (``ValueError`` in one line)."""
     config = check_deepspeed_config(load_deepspeed_config(source), cfg, precision, world_size)
     stage = zero_stage(config)
     if importlib.util.find_spec("deepspeed") is None:
         raise ValueError('DeepSpeed is not installed: pip install "fastunlearn[deepspeed]"')
-    return DeepSpeedSetup(config, stage)
-
-
-class DeepSpeedEngine(Engine):
-    """DeepSpeed ZeRO through ``Trainer``; ZeRO-3 creates the model partitioned and fetches its weights
-    for the passes before training (module docstring)."""
-
-    def __init__(self, setup: DeepSpeedSetup) -> None:
-        self.setup = setup
-        self.name = f"zero{setup.stage}" if setup.stage >= 2 else "ddp"
-
-    @contextlib.contextmanager
-    def loading(self) -> Iterator[None]:
-        self.setup.sharded_loading()
-        yield
-
-    def place(self, model: nn.Module) -> None:
-        if not self.setup.zero3:  # ZeRO-3 shards are already on this rank's device
-            super().place(model)
-
-    def before_training(self, model: nn.Module):
-        return self.setup.fetching(model)
-
-    def after_fisher(self) -> None:
-        self.setup.release()
-
-    def trainer_options(self) -> dict[str, Any]:
-        return {"deepspeed": self.setup.config}
+    return DeepSpeedEngine(config, stage)

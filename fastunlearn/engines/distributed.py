@@ -1,19 +1,10 @@
 """The few ``torch.distributed`` operations a run under ``torchrun`` / ``accelerate launch`` needs.
 
-A launcher starts one process per device and tells each its ``RANK`` / ``WORLD_SIZE`` (and the
-rendezvous ``MASTER_ADDR`` / ``MASTER_PORT``) through the environment. :func:`init_from_env` joins the
-process group those variables describe (``nccl`` with CUDA, ``gloo`` otherwise); ``transformers``'
-``Trainer`` (through ``accelerate``) then finds it initialised and uses it, and the group is left at
-exit (:func:`join_group` / :func:`leave_group`: so that no gloo thread outlives it into the interpreter's
-finalization). Without a launcher every helper here is the single-process identity: rank 0 of 1, no
-communication.
-
-What a run does with them (``fastunlearn.training.run``): the main process (rank 0) alone checks,
-clears, stages and writes the output directory (:func:`on_main`, which hands its result or its error
-to every rank, so a refused run is the same one-line error everywhere and no rank waits forever), every
-rank runs the checks that only read (:func:`on_all`, which raises the first failing rank's error on
-every rank), and the Fisher passes split the batches between the ranks (:func:`shard`) and sum their
-accumulators (:func:`all_reduce_sum`), so the estimate is that of one process on all the data.
+:func:`init_from_env` joins the process group the launcher's environment describes (``nccl`` with CUDA,
+``gloo`` otherwise), which ``Trainer`` then uses. Without a launcher every helper is the single-process
+identity. The main process alone writes (:func:`on_main` hands its result or error to every rank, so
+no rank waits forever), read-only checks run everywhere (:func:`on_all`), and work on items is split
+between the ranks (:func:`shard`, :func:`map_sharded`).
 """
 
 from __future__ import annotations
@@ -32,7 +23,6 @@ T = TypeVar("T")
 
 __all__ = [
     "all_reduce_sum",
-    "barrier",
     "broadcast",
     "broadcast_object",
     "every_rank",
@@ -66,12 +56,8 @@ def launched_world_size() -> int:
 
 
 def init_from_env(timeout_s: float = 1800.0) -> bool:
-    """Join the process group a launcher describes, if there is one and it is not joined yet.
-
-    Returns whether the run is distributed. Raises ``ValueError`` in one line when ``WORLD_SIZE > 1``
-    but the group cannot be formed (``RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT`` missing, or the
-    rendezvous fails): a launcher's environment without its processes.
-    """
+    """Join the process group a launcher describes, if not joined yet; whether the run is distributed.
+    ``ValueError`` in one line when ``WORLD_SIZE > 1`` but the group cannot be formed."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size() > 1
     size = launched_world_size()
@@ -105,14 +91,10 @@ def init_from_env(timeout_s: float = 1800.0) -> bool:
 def join_group(backend: str, **options: Any) -> None:
     """``torch.distributed.init_process_group(backend, **options)``, such that :func:`leave_group` ends it.
 
-    A gloo worker thread frees each collective's tensors after the caller's ``wait()`` has returned,
-    and freeing a tensor whose Python object has died takes the GIL: if that happens once the
-    interpreter is finalizing, the thread is unwound and the process aborts ("terminate called without
-    an active exception", exit -6), after a refused run as much as after a finished one. Destroying the
-    group releases the GIL and joins those threads, but only if nothing else still holds the group:
-    ``torch.distributed.nn`` binds the world group into its functions' default arguments when it is
-    first imported, and FSDP and transformers' model modules import it. So it is imported here, while
-    there is no group to bind.
+    A gloo worker thread still freeing tensors when the interpreter finalizes aborts the process (exit
+    -6); destroying the group joins those threads, but only if nothing else holds the group, and
+    ``torch.distributed.nn`` binds it into default arguments when first imported. So it is imported
+    here, before there is a group to bind.
     """
     import torch.distributed.nn as _binds_world_defaults  # noqa: F401
 
@@ -120,8 +102,7 @@ def join_group(backend: str, **options: Any) -> None:
 
 
 def leave_group() -> None:
-    """Destroy the process group, if there is one, while the interpreter is whole (at exit, before it
-    finalizes): with :func:`join_group`'s, no gloo worker thread outlives it."""
+    """Destroy the process group, if there is one, at exit while the interpreter is whole."""
     if dist.is_available() and dist.is_initialized():
         gc.collect()  # wrappers in reference cycles (DDP and its reducer) still hold the group
         dist.destroy_process_group()
@@ -142,11 +123,6 @@ def world_size() -> int:
 
 def is_main() -> bool:
     return rank() == 0
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
 
 
 def shard(items: Sequence[T]) -> list[T]:
@@ -172,19 +148,20 @@ def mean(value: float) -> float:
     """The mean over the ranks of a per-rank number (``value`` itself in one process)."""
     if not is_distributed():
         return value
-    values: list[Any] = [None] * world_size()
-    dist.all_gather_object(values, float(value))
+    values = _all_gather(float(value))
     return sum(values) / len(values)
 
 
 def every_rank(flag: bool) -> bool:
-    """Whether ``flag`` is true on every rank (``flag`` itself in one process): a decision that ranks
-    running collectives in step must take together, so that none leaves a loop the others stay in."""
-    if not is_distributed():
-        return bool(flag)
-    flags: list[Any] = [None] * world_size()
-    dist.all_gather_object(flags, bool(flag))
-    return all(flags)
+    """Whether ``flag`` is true on every rank: a decision ranks running collectives in step take together."""
+    return all(_all_gather(bool(flag))) if is_distributed() else bool(flag)
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (it must pickle), in rank order."""
+    values: list[Any] = [None] * world_size()
+    dist.all_gather_object(values, obj)
+    return values
 
 
 def broadcast_object(obj: T) -> T:
@@ -197,11 +174,8 @@ def broadcast_object(obj: T) -> T:
 
 
 def parameters_sharded(model: torch.nn.Module) -> bool:
-    """Whether ``model``'s weights are split between the ranks: FSDP (1 or 2) or DeepSpeed ZeRO-3.
-
-    Each of their forwards gathers the weights from every rank, so every rank must run the same
-    forwards in the same order: evaluation cannot give the ranks different items.
-    """
+    """Whether ``model``'s weights are split between the ranks (FSDP, ZeRO-3): then every rank must run
+    the same forwards in the same order."""
     if not is_distributed():
         return False
     for module in model.modules():
@@ -242,24 +216,16 @@ def _cpu(result: Any) -> Any:
 def map_sharded(
     fn: Callable[[list[T]], Any], items: Sequence[T], *, model: torch.nn.Module | None = None
 ) -> Any:
-    """``fn(items)`` computed by the ranks together: each runs ``fn`` on its :func:`shard` (items
-    ``r, r+W, ...``), and the per-item results are gathered in item order on every rank.
-
-    ``fn`` maps a list of items to one result per item: a list, a tensor or a dict of tensors, indexed
-    by item along dimension 0 (gathered to the CPU under several processes). The result is
-    ``fn(items)`` up to what the batching inside ``fn`` changes in rounding. ``fn`` is not called on a
-    rank with no items (more ranks than items). If ``fn`` raises on any rank, every rank raises the
-    lowest failing rank's error (:func:`on_all`). ``model``: the model ``fn`` runs; when its weights are
-    split between the ranks (:func:`parameters_sharded`) every rank runs ``fn`` on all the items, in
-    step. In one process, and for no items: ``fn(list(items))``.
+    """``fn(items)`` computed by the ranks together: each runs ``fn`` on its :func:`shard`, and the
+    per-item results (a list, a tensor or a dict of tensors, by item along dimension 0) are gathered in
+    item order on every rank, on the CPU. An error on any rank is raised on every rank (:func:`on_all`).
+    When ``model``'s weights are split between the ranks, every rank runs ``fn`` on all the items.
     """
     if not is_distributed() or not items or (model is not None and parameters_sharded(model)):
         return fn(list(items))
     part = shard(items)
     local = on_all(lambda: _cpu(fn(part)) if part else None)
-    parts: list[Any] = [None] * world_size()
-    dist.all_gather_object(parts, local)
-    return _in_item_order(parts, len(items))
+    return _in_item_order(_all_gather(local), len(items))
 
 
 def _describe(err: BaseException) -> tuple[str, str]:
@@ -270,18 +236,14 @@ def _describe(err: BaseException) -> tuple[str, str]:
     return "RuntimeError", str(err)
 
 
-def _raise(described: tuple[str, str]) -> None:
+def _rebuilt(described: tuple[str, str]) -> BaseException:
     name, message = described
-    cls = getattr(builtins, name, RuntimeError)
-    raise cls(message)
+    return getattr(builtins, name, RuntimeError)(message)
 
 
 def on_main(fn: Callable[[], T]) -> T:
-    """Run ``fn`` on the main process only and return its result on every rank (it must pickle).
-
-    If ``fn`` raises, the main process re-raises its error and every other rank raises the same
-    builtin exception type with the same message, so all exit together with one line each.
-    """
+    """Run ``fn`` on the main process only and return its result (it must pickle) on every rank; if it
+    raises, every rank raises the same builtin exception type with the same message."""
     if not is_distributed():
         return fn()
     result: Any = None
@@ -295,7 +257,7 @@ def on_main(fn: Callable[[], T]) -> T:
     if error is not None:
         raise error
     if outcome[0] == "error":
-        _raise(outcome[1])
+        raise _rebuilt(outcome[1])
     return outcome[1]
 
 
@@ -309,12 +271,10 @@ def on_all(fn: Callable[[], T]) -> T:
         result = fn()
     except Exception as err:  # agreed on below, then re-raised
         error = err
-    outcomes: list[Any] = [None] * world_size()
-    dist.all_gather_object(outcomes, None if error is None else _describe(error))
+    outcomes = _all_gather(None if error is None else _describe(error))
     failed = next((o for o in outcomes if o is not None), None)
     if failed is None:
         return result
     if error is not None and _describe(error) == failed:
         raise error
-    _raise(failed)
-    raise AssertionError("unreachable")
+    raise _rebuilt(failed)

@@ -1,52 +1,16 @@
-"""Fully sharded data parallel training of LoRA / FILA runs: torch's FSDP2 ``fully_shard``.
+"""Fully sharded data parallel training of LoRA / FILA runs with torch's FSDP2 ``fully_shard``.
 
-``unlearn(..., fsdp="full_shard auto_wrap")`` (``fastunlearn unlearn --fsdp "full_shard auto_wrap"``
-under ``torchrun`` / ``accelerate launch``) shards the model's parameters, gradients and optimizer
-states over the ranks for training. The option's words are ``transformers``' ``--fsdp`` words:
+The ``fsdp`` option takes ``transformers``' ``--fsdp`` words: ``full_shard`` (default; parameters
+gathered for each unit's forward and backward, ZeRO-3-like) or ``shard_grad_op`` (kept gathered from
+forward to backward, ZeRO-2-like); ``auto_wrap`` (one unit per transformer block, the model's
+``_no_split_modules``); ``offload`` (shards and optimizer state on the CPU; CUDA runs).
 
-- ``full_shard`` (default) or ``shard_grad_op``: parameters gathered for each unit's forward and
-  backward and freed after each (ZeRO-3), or kept gathered from the forward to the backward (ZeRO-2);
-- ``auto_wrap``: one FSDP unit per transformer block (the model's ``_no_split_modules`` classes) and
-  one for the rest (embeddings, final norm, output head); without it the whole model is one unit,
-  gathered whole for every step;
-- ``offload``: sharded parameters, gradients and optimizer states on the CPU (CUDA runs).
-
-Why our own ``fully_shard`` rather than ``TrainingArguments(fsdp=...)``. ``transformers`` hands that
-option to ``accelerate``, whose FSDP plugin is honoured only on accelerator devices: on CPU ranks
-``accelerate`` sets up ``MULTI_CPU`` and wraps the model in DDP, silently. Sharding the model here
-works the same on GPUs and on CPU ranks over gloo (so it is tested on every machine), and FSDP2 keeps
-every parameter a ``DTensor`` under its own name, which is what FSDP1's ``use_orig_params=True``
-exists to give ``peft``: the LoRA parameters stay individually trainable and named, no flat
-parameters, no ``_fsdp_wrapped_module.`` in any name. ``Trainer`` then receives the sharded model
-behind :class:`ShardedTrainingView`, a module it and ``accelerate`` take as already wrapped (no DDP on
-top); the view applies the run's autocast and defers FSDP's gradient reduction to the last
-micro-batch of an accumulation window (``no_sync``).
-
-Order of a run (:func:`fastunlearn.training.run.unlearn`). The model is loaded, wrapped with LoRA, its
-Fisher passes run and FILA initialises the adapters — all *before* sharding, so at that point each
-rank holds the whole model (FSDP lowers the training peak, not the loading peak). The Fisher hooks
-(:mod:`fastunlearn.fisher.passes`) fold only layer inputs ``X`` and output gradients ``G``, never a
-weight's values (their accumulators take its shape and device, which a ``DTensor`` shard reports as
-the full weight's), so they are exact on a sharded model too (tested with equal batch counts per
-rank); they run before sharding because the passes give the ranks different numbers of batches and
-a sharded forward is a collective every rank must join, and because FILA factorises each full base
-weight.
-
-Saving. Each parameter is a shard; :func:`gathered_state` gathers the tensors an export needs one at a
-time (``DTensor.full_tensor()``, a collective every rank joins in the same order) into the main
-process's CPU memory: the trainable (LoRA) tensors for the adapter, every tensor for the merged model.
-The adapter and merged exports (:mod:`fastunlearn.fisher.export`) then run on the main process from
-that state, under the names of the plain ``peft`` model (:func:`fastunlearn.models.loading.strip_wrappers`),
-so the adapter loads with ``peft.PeftModel.from_pretrained`` on the original base.
-
-Evaluation. A sharded forward is a collective, so the sharded model is evaluated (``metrics.json``'s
-``after``, and the stopping rules' evaluations during training) by every rank on the same batches;
-an evaluation that split its items between the ranks would have to give every rank as many forwards.
-Greedy decoding stops when every rank's rows have (:func:`fastunlearn.evaluation.decoding.greedy_decode`),
-and a state the stopping rule may restore is kept as each rank's own shards (its DTensors' copies).
-
-Not built: ``init="full"`` (full fine-tuning), Trainer checkpoints and ``resume`` (the optimizer
-state is sharded), ``hybrid_shard`` (a 2-D device mesh).
+Why our own ``fully_shard`` rather than ``TrainingArguments(fsdp=...)``: accelerate honours that only
+on accelerators (on CPU ranks it silently falls back to DDP), while this works on GPUs and on CPU ranks
+over gloo alike, and FSDP2 keeps every parameter a named ``DTensor``, so peft's LoRA parameters stay
+individually trainable. The model is sharded after the Fisher passes and FILA: those give the ranks
+different numbers of batches (a sharded forward is a collective) and FILA factorises full weights.
+Not supported: ``init="full"``, ``resume`` (the optimizer state is sharded), ``hybrid_shard``.
 """
 
 from __future__ import annotations
@@ -90,10 +54,7 @@ class FsdpPlan:
 
 
 def parse_fsdp(spec: str) -> FsdpPlan:
-    """The plan of an ``fsdp`` option: space- (or comma-) separated words of :data:`FSDP_WORDS`.
-
-    ``ValueError`` in one line for an unknown word, a repeated one, or both sharding strategies.
-    """
+    """The plan of an ``fsdp`` option: space- (or comma-) separated words of :data:`FSDP_WORDS`."""
     if not isinstance(spec, str):
         raise ValueError(f"fsdp must be a string of words from {list(FSDP_WORDS)}, got {spec!r}")
     words = spec.replace(",", " ").split()
@@ -118,8 +79,7 @@ def parse_fsdp(spec: str) -> FsdpPlan:
 
 
 def check_single_engine(**engines: Any) -> None:
-    """Refuse two sharding engines in one run: each is given by its option's value (``None``/empty: off),
-    e.g. ``check_single_engine(fsdp=cfg.fsdp, deepspeed=cfg.deepspeed)``."""
+    """Refuse two sharding engines in one run (each given by its option's value; empty: off)."""
     chosen = [name for name, value in engines.items() if value]
     if len(chosen) > 1:
         raise ValueError(
@@ -128,10 +88,7 @@ def check_single_engine(**engines: Any) -> None:
 
 
 def check_fsdp_run(spec: str, init: str, *, resume: bool) -> FsdpPlan:
-    """The plan of ``fsdp=spec`` if this run can carry it out; else ``ValueError`` in one line, raised
-    before the model loads: a run on one process, what FSDP runs do not support (module docstring),
-    ``offload`` on CPU processes (its shards would be pinned for a device there is none of), or a
-    PyTorch without ``fully_shard``."""
+    """The plan of ``fsdp=spec`` if this run can carry it out, else ``ValueError`` before the model loads."""
     plan = parse_fsdp(spec)
     if init == "full":
         raise ValueError(
@@ -170,11 +127,8 @@ def _blocks(model: nn.Module) -> list[nn.Module]:
 
 
 def shard_model(model: nn.Module, plan: FsdpPlan) -> nn.Module:
-    """Apply FSDP2's ``fully_shard`` to ``model`` in place (per :class:`FsdpPlan`) and return it.
-
-    Its parameters become ``DTensor`` shards of the full ones (dim 0 over the ranks); their names and
-    ``requires_grad`` flags are kept. Call after the Fisher passes and FILA (module docstring).
-    """
+    """Apply FSDP2's ``fully_shard`` to ``model`` in place and return it: its parameters become
+    ``DTensor`` shards (dim 0 over the ranks) under the same names and ``requires_grad`` flags."""
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
     kwargs: dict[str, Any] = {"reshard_after_forward": plan.reshard_after_forward}
@@ -194,11 +148,9 @@ def shard_model(model: nn.Module, plan: FsdpPlan) -> nn.Module:
 
 
 class ShardedTrainingView(nn.Module):
-    """What ``Trainer`` trains under FSDP: the sharded model behind a module that ``Trainer`` and
-    ``accelerate`` do not wrap again (``Trainer._wrap_model`` hands it over; only the optimizer is then
-    prepared). Its forward is the model's under the run's autocast (what ``accelerate`` adds to a model
-    it prepares); its ``no_sync`` (called by ``accelerate`` for every micro-batch but an accumulation
-    window's last) lets the gradients accumulate unreduced until the last one."""
+    """The sharded model behind a module ``Trainer`` and ``accelerate`` do not wrap again: its forward
+    runs under the run's autocast, and its ``no_sync`` (which ``accelerate`` calls for every micro-batch
+    but an accumulation window's last) defers the gradients' reduction to the last."""
 
     def __init__(self, sharded: nn.Module, precision: str, device: torch.device) -> None:
         super().__init__()
@@ -220,12 +172,8 @@ class ShardedTrainingView(nn.Module):
 
 
 def gathered_state(model: nn.Module, *, trainable_only: bool) -> dict[str, Tensor]:
-    """``model``'s state as full tensors on the main process's CPU (``{}`` on the other ranks), under the
-    plain model's names. A collective: every rank calls it. ``trainable_only``: only the parameters that
-    require grad (the adapter), else every tensor (the merged model).
-
-    One tensor is gathered at a time, so besides the result a rank holds at most one full tensor.
-    """
+    """``model``'s state as full tensors on the main process's CPU (``{}`` elsewhere) under the plain
+    model's names, gathered one tensor at a time; a collective. ``trainable_only``: the adapter's."""
     from torch.distributed.tensor import DTensor
 
     # By stripped name: FSDP1 names parameters with `_fsdp_wrapped_module.` but not its state dict's keys.
@@ -249,16 +197,9 @@ class FsdpEngine(Engine):
 
     def __init__(self, plan: FsdpPlan) -> None:
         self.plan = plan
-        self.sharded = False
-
-    @classmethod
-    def for_run(cls, spec: str, init: str, *, resume: bool) -> FsdpEngine:
-        return cls(check_fsdp_run(spec, init, resume=resume))
 
     def wrap(self, model: nn.Module, precision: str) -> nn.Module:
-        shard_model(model, self.plan)
-        self.sharded = True
-        return ShardedTrainingView(model, precision, training_device())
+        return ShardedTrainingView(shard_model(model, self.plan), precision, training_device())
 
     def gathered_state(self, model: nn.Module, *, trainable_only: bool) -> dict[str, Tensor]:
         return gathered_state(model, trainable_only=trainable_only)

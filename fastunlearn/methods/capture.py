@@ -1,10 +1,8 @@
 """Hidden states of a causal LM's own forward: the output head's input, a decoder layer's output.
 
-The KL retain term needs the reference model's last hidden states (the output head's input), RMU a
-decoder layer's output for both models. Both are kept by a hook on that module during the model's own
-call — the patched NLL call (:func:`fastunlearn.patch`), which on the fused path forms no ``[B, T, V]``
-logits — so wrappers' hooks (DDP, FSDP, DeepSpeed), autocast and the model's own code all apply, and
-under gradient checkpointing the kept tensor is the forward's.
+The KL retain term needs the reference's last hidden states, RMU a decoder layer's output. A hook keeps
+them during the patched NLL call (which forms no logits on the fused path), so wrappers' hooks,
+autocast and gradient checkpointing apply as in training.
 """
 
 from __future__ import annotations
@@ -30,8 +28,8 @@ def num_layers(config) -> int:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of the causal LM in ``model`` (under peft or a distributed wrapper): the
-    ``nn.ModuleList`` with as many entries as its config declares layers."""
+    """The decoder layers of the causal LM in ``model``: the ``nn.ModuleList`` with as many entries as
+    its config declares layers."""
     lm = find_causal_lm(model)
     count = num_layers(lm.config)
     for module in lm.modules():

@@ -1,21 +1,12 @@
 """The unlearning objective of a training step: ``γ·forget_term + α·retain_term`` on a paired batch.
 
-An :class:`Objective` is a resolved method (:mod:`fastunlearn.methods.presets`), the reference model
-where its retain term runs one at every step (:mod:`fastunlearn.methods.reference`) and RMU's setting
-(:mod:`fastunlearn.methods.rmu`). Calling it on ``(model, batch)`` is the loss of one micro-batch; the
-memory plan and ``Trainer`` run this same call. Every term is computed by the model itself, patched with
-:func:`fastunlearn.patch` (:mod:`fastunlearn.methods.terms`): the fused path never forms the
-``[B, T, V]`` logits, and wrappers' hooks and autocast apply.
+Every term is computed by the model patched with :func:`fastunlearn.patch` (:mod:`.terms`); the memory
+plan and ``Trainer`` run this same call. IdK with the NLL retain term is one token mean over both
+batches, as TOFU's idk concatenates them: ``−(γ·Σ S_θ(idk) + α·Σ S_θ(retain)) / (Σ n(idk) + Σ n(retain))``.
 
-IdK with the NLL retain term is one token mean over the IdK and retain batches together (TOFU's idk
-concatenates them): ``−(γ·Σ S_θ(idk) + α·Σ S_θ(retain)) / (Σ n(idk) + Σ n(retain))``.
-
-The per-sequence reference log-probabilities of NPO and DPO do not change during training: they are taken
-once, before the first step (:func:`sequence_logprobs`), by the same patched call as the policy's in eval
-mode, and ride on the batch as ``part["ref_logp"]``. That needs no copy of the model, and the model right
-after initialisation *is* the model before unlearning for every initialisation (LoRA's ``B = 0``,
-FILA's ``W_res + s·B₀A₀ = W``), so at the first step the log-ratio is the change the training has made,
-up to the rounding of other batch shapes (the reference batches the examples its own way).
+NPO's and DPO's reference log-probabilities are taken once, before the first step, and ride on the
+batch as ``part["ref_logp"]``: no copy of the model is needed, because right after initialisation the
+model *is* the model before unlearning (LoRA's ``B = 0``; FILA's ``W_res + s·B₀A₀ = W``).
 """
 
 from __future__ import annotations
@@ -28,15 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from fastunlearn.methods.capture import num_layers
-from fastunlearn.methods.presets import MethodSpec, resolve_method
+from fastunlearn.methods.presets import NEEDS_RETAIN, MethodSpec, resolve_method
 from fastunlearn.methods.reference import Reference, build_reference
 from fastunlearn.methods.rmu import RmuSetting, resolve_rmu_layers
 from fastunlearn.methods.terms import FORGET, RETAIN, model_loss, target_counts
 from fastunlearn.models.devices import eval_mode, model_device
 from fastunlearn.models.patching import find_causal_lm, is_patched
-from fastunlearn.ops.nll import shifted_nll
 
-__all__ = ["Objective", "build_objective", "method_loss", "nll_mean", "sequence_logprobs"]
+__all__ = ["NEEDS_RETAIN", "Objective", "build_objective", "method_loss", "sequence_logprobs"]
 
 
 def _require_patched(model: nn.Module) -> None:
@@ -49,8 +39,8 @@ def _require_patched(model: nn.Module) -> None:
 
 @dataclass
 class Objective:
-    """The loss of a training step (module docstring). ``reference``: needed by the ``kl``,
-    ``kl_targets`` and ``rmu`` retain terms; ``rmu``: by the ``rmu`` terms."""
+    """The loss of a training step. ``reference``: for the ``kl``, ``kl_targets`` and ``rmu`` retain
+    terms; ``rmu``: for the ``rmu`` terms."""
 
     spec: MethodSpec
     reference: Reference | None = None
@@ -76,11 +66,9 @@ class Objective:
             retain = (
                 spec.retain_weight * RETAIN[spec.retain](self, model, batch) if spec.needs_retain else None
             )
-        parts = {"forget_loss": forget.detach()}
         if retain is None:
-            return forget, parts
-        parts["retain_loss"] = retain.detach()
-        return forget + retain, parts
+            return forget, {"forget_loss": forget.detach()}
+        return forget + retain, {"forget_loss": forget.detach(), "retain_loss": retain.detach()}
 
     def _pooled(self, model: nn.Module, batch: Mapping[str, Mapping[str, Tensor]]) -> tuple[Tensor, Tensor]:
         idk, retain = batch["idk"], batch["retain"]
@@ -90,19 +78,14 @@ class Objective:
 
     def _check(self, model: nn.Module, batch: Mapping[str, Mapping[str, Tensor]]) -> None:
         spec = self.spec
-        needed = (
-            {"forget"}
-            | ({"retain"} if spec.needs_retain else set())
-            | ({"idk"} if spec.uses_refusals else set())
+        parts = (
+            ("forget", "a forget batch", True),
+            ("idk", "the refusal answers batch['idk']", spec.uses_refusals),
+            ("retain", "a retain set", spec.needs_retain),
         )
-        missing = sorted(needed - set(batch))
+        missing = [what for part, what, needed in parts if needed and part not in batch]
         if missing:
-            what = {
-                "retain": "a retain set",
-                "idk": "the refusal answers batch['idk']",
-                "forget": "a forget batch",
-            }
-            raise ValueError(f"{spec.forget} + {spec.retain} needs {', '.join(what[m] for m in missing)}")
+            raise ValueError(f"{spec.forget} + {spec.retain} needs {', '.join(missing)}")
         for part in spec.fixed_reference:
             if "ref_logp" not in batch[part]:
                 raise ValueError(
@@ -122,8 +105,8 @@ def build_objective(
     rmu_steering: float = 6.5,
     seed: int = 0,
 ) -> Objective:
-    """The objective of a run whose ``model`` was just initialised with ``init``: its reference where
-    the retain term needs one (full fine-tuning copies the model now, before training) and RMU's setting."""
+    """The objective of a run whose ``model`` was just initialised with ``init``, with its reference
+    (full fine-tuning copies the model now) and RMU's setting where its terms need them."""
     reference = build_reference(model, init, precision) if spec.step_reference else None
     rmu = None
     if spec.uses_rmu:
@@ -147,16 +130,9 @@ def method_loss(
     return Objective(resolve_method(method, **overrides), reference, rmu)(model, batch)
 
 
-def nll_mean(logits: Tensor, labels: Tensor) -> Tensor:
-    """Token-mean NLL of the shifted, non-ignored targets of a batch, from logits (fp32 at least): the
-    retain term's value for code that holds logits (the demo's pre-training)."""
-    return shifted_nll(logits, labels, "mean")
-
-
 def sequence_logprobs(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]) -> Tensor:
-    """``S(x)`` of every example of ``batches`` (fp32, on the CPU) from the patched model's
-    ``"seq_logprob"`` term in eval mode without gradients: NPO's and DPO's fixed reference, computed
-    exactly as the training step computes the policy's."""
+    """``S(x)`` of every example of ``batches`` (fp32, on the CPU), in eval mode without gradients:
+    NPO's and DPO's fixed reference, computed as the training step computes the policy's."""
     _require_patched(model)
     device = model_device(model)
     parts = []

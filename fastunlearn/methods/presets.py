@@ -1,15 +1,11 @@
-"""Unlearning methods as a forget term plus a retain term, each weighted; the field's named methods as
-presets of the pair.
+"""Unlearning methods as a weighted forget term plus a weighted retain term; the field's methods as presets.
 
-The loss of a step is ``γ·forget_term + α·retain_term`` (γ = ``forget_weight``, α = ``retain_weight``).
-Forget terms: ``ihl`` (Cha et al. 2025, arXiv 2408.06621), ``ga`` (−NLL; Jang et al. 2023), ``npo``
-(Zhang et al. 2024, arXiv 2404.05868), ``simnpo`` (Fan et al. 2024, arXiv 2410.07163), ``idk`` (NLL of
-a refusal; Maini et al. 2024, arXiv 2401.06121), ``dpo`` (the refusal preferred to the true answer;
-Rafailov et al. 2023, arXiv 2305.18290), ``rmu`` (Li et al. 2024, arXiv 2403.03218). Retain terms:
-``nll`` (NLL of the retain batch), ``kl`` (KL(P_ref‖P_θ) over every position of the retain batch,
-TOFU's), ``kl_targets`` (the same over its target positions), ``rmu`` (the retain batch's layer
-activations held to the reference model's), ``none``. The presets are the methods of TOFU, MUSE,
-open-unlearning and the papers, with their published weights and β.
+The loss of a step is ``γ·forget_term + α·retain_term``. Forget terms: ``ihl`` (Cha et al. 2025, arXiv
+2408.06621), ``ga`` (−NLL; Jang et al. 2023), ``npo`` (Zhang et al. 2024, arXiv 2404.05868), ``simnpo``
+(Fan et al. 2024, arXiv 2410.07163), ``idk`` (NLL of a refusal; Maini et al. 2024, arXiv 2401.06121),
+``dpo`` (the refusal preferred; Rafailov et al. 2023, arXiv 2305.18290), ``rmu`` (Li et al. 2024, arXiv
+2403.03218). Retain terms: ``nll``, ``kl`` (TOFU's, every position), ``kl_targets``, ``rmu``, ``none``.
+The presets carry their published weights and β.
 """
 
 from __future__ import annotations
@@ -23,7 +19,6 @@ __all__ = [
     "PRESETS",
     "RETAIN_TERMS",
     "MethodSpec",
-    "Preset",
     "resolve_method",
 ]
 
@@ -31,34 +26,6 @@ FORGET_TERMS = ("ihl", "ga", "npo", "simnpo", "idk", "dpo", "rmu")
 RETAIN_TERMS = ("nll", "kl", "kl_targets", "rmu", "none")
 # β of the forget terms that have one: NPO and DPO's 0.1, SimNPO's 4.5 (open-unlearning's defaults).
 TERM_BETA = {"npo": 0.1, "dpo": 0.1, "simnpo": 4.5}
-
-
-@dataclass(frozen=True)
-class Preset:
-    """A named method: its pair of terms, their weights γ and α, and where it comes from."""
-
-    forget: str
-    retain: str
-    forget_weight: float = 1.0
-    retain_weight: float = 1.0
-    source: str = ""
-
-
-PRESETS: dict[str, Preset] = {
-    "ihl": Preset("ihl", "nll", source="Cha et al. 2025"),
-    "ga": Preset("ga", "none", source="TOFU grad_ascent"),
-    "gd": Preset("ga", "nll", source="TOFU grad_diff"),
-    "kl": Preset("ga", "kl", source="TOFU KL"),
-    "npo": Preset("npo", "none", source="Zhang et al. 2024"),
-    "npo+gd": Preset("npo", "nll", source="npo_grad_diff; MUSE npo_gdr"),
-    "npo+kl": Preset("npo", "kl", source="MUSE npo_klr"),
-    "simnpo": Preset("simnpo", "nll", forget_weight=0.125, source="Fan et al. 2024; open-unlearning"),
-    "idk": Preset("idk", "nll", source="TOFU idk"),
-    "dpo": Preset("dpo", "nll", source="TOFU dpo; open-unlearning IdkDPO"),
-    "rmu": Preset("rmu", "rmu", retain_weight=1200.0, source="Li et al. 2024 (WMDP)"),
-}
-METHODS = tuple(PRESETS)
-NEEDS_RETAIN = frozenset(name for name, p in PRESETS.items() if p.retain != "none")
 
 
 @dataclass(frozen=True)
@@ -100,6 +67,28 @@ class MethodSpec:
         """IdK with the NLL retain term: one token mean over the IdK and retain batches (TOFU's idk
         concatenates them), each batch's tokens weighted by its term's weight."""
         return self.forget == "idk" and self.retain == "nll"
+
+
+def _preset(forget: str, retain: str, forget_weight: float = 1.0, retain_weight: float = 1.0) -> MethodSpec:
+    return MethodSpec(forget, retain, forget_weight, retain_weight, TERM_BETA.get(forget, 0.1))
+
+
+# The named methods and where they come from.
+PRESETS: dict[str, MethodSpec] = {
+    "ihl": _preset("ihl", "nll"),  # Cha et al. 2025
+    "ga": _preset("ga", "none"),  # TOFU grad_ascent
+    "gd": _preset("ga", "nll"),  # TOFU grad_diff
+    "kl": _preset("ga", "kl"),  # TOFU KL
+    "npo": _preset("npo", "none"),  # Zhang et al. 2024
+    "npo+gd": _preset("npo", "nll"),  # npo_grad_diff; MUSE npo_gdr
+    "npo+kl": _preset("npo", "kl"),  # MUSE npo_klr
+    "simnpo": _preset("simnpo", "nll", forget_weight=0.125),  # Fan et al. 2024; open-unlearning
+    "idk": _preset("idk", "nll"),  # TOFU idk
+    "dpo": _preset("dpo", "nll"),  # TOFU dpo; open-unlearning IdkDPO
+    "rmu": _preset("rmu", "rmu", retain_weight=1200.0),  # Li et al. 2024 (WMDP)
+}
+METHODS = tuple(PRESETS)
+NEEDS_RETAIN = frozenset(name for name, p in PRESETS.items() if p.retain != "none")
 
 
 def resolve_method(

@@ -1,22 +1,16 @@
-"""The reference model — the model before unlearning — for the terms that run it at every step.
+"""The reference model, the model before unlearning, for the terms that run it at every step (KL, RMU).
 
-The KL retain term needs its last hidden states on the retain batch, RMU's retain term its activations
-at layer ℓ. A second copy of the model is the naive way; where the maths allows, the model being trained
-computes the reference itself:
+Where the maths allows, the trained model computes it itself, without a second copy:
 
-- LoRA: the base weights are the model before unlearning, so the reference is the same network with
-  its adapters switched off (``W``).
-- FILA: the base weights are the residual ``W_res = W − s·B₀A₀``, so switching the adapters off is *not*
-  the reference; each LoRA layer instead adds the initial adapter ``s·B₀A₀x`` (a frozen copy of the
-  factors FILA recorded) in place of the trained one: ``W_res + s·B₀A₀ = W``. (On a quantised base
-  FILA keeps ``W_q`` and a frozen hook subtracts ``s·B₀A₀x``; the added initial adapter cancels it.)
-- Full fine-tuning changes the weights themselves: a frozen copy, made before the first step.
+- LoRA: the base weights are the model before unlearning; the reference switches the adapters off.
+- FILA: the base is the residual ``W_res = W − s·B₀A₀``, so each LoRA layer instead adds the initial
+  adapter ``s·B₀A₀x`` (FILA's recorded factors): ``W_res + s·B₀A₀ = W``. (On a quantised base FILA's
+  frozen hook subtracts ``s·B₀A₀x`` from ``W_q``, which the initial adapter cancels.)
+- Full fine-tuning: a frozen copy, made before the first step.
 
-The adapters are switched by giving each LoRA layer, for the reference call only, a ``forward`` that
-computes ``base(x)`` (plus the initial adapter): no parameter's ``requires_grad`` changes, so
-DDP, FSDP and DeepSpeed see the same trainable set throughout. The reference runs without gradients, in
-eval mode, under the run's autocast, on the same module calls as the policy: at the first step LoRA's
-and FILA's reference computes exactly the function the policy does.
+The adapters are switched by a per-call ``forward`` on each LoRA layer, so no ``requires_grad`` changes
+and DDP, FSDP and DeepSpeed see one trainable set throughout. The reference runs without gradients, in
+eval mode, under the run's autocast.
 """
 
 from __future__ import annotations
@@ -41,8 +35,8 @@ KINDS = ("adapters_off", "initial_adapters", "copy")
 
 
 class Reference:
-    """The model before unlearning (module docstring): ``kind`` ``"adapters_off"`` (LoRA),
-    ``"initial_adapters"`` (FILA) or ``"copy"`` (``module`` is a frozen copy)."""
+    """The model before unlearning: ``kind`` ``"adapters_off"`` (LoRA), ``"initial_adapters"`` (FILA)
+    or ``"copy"`` (``module`` is a frozen copy)."""
 
     def __init__(self, module: nn.Module, kind: str, precision: str = "fp32") -> None:
         if kind not in KINDS:
@@ -121,8 +115,8 @@ class Reference:
 
 
 def build_reference(model: nn.Module, init: str, precision: str = "fp32") -> Reference:
-    """The reference of a run whose trainable ``model`` was just initialised with ``init`` (``"lora"``,
-    ``"fila"`` or ``"full"``; module docstring). Full fine-tuning copies the model here, before training."""
+    """The reference of a run whose ``model`` was just initialised with ``init`` (``"lora"``, ``"fila"``
+    or ``"full"``, which copies the model here, before training)."""
     if init == "full":
         # Tensors cloned by the dispatcher (not deep-copied storages): a copy made under the memory
         # plan's fake tensors stays in their mode.

@@ -28,8 +28,8 @@ DOWN_PROJECTIONS = ("down_proj", "dense_4h_to_h", "fc2", "c_proj")
 def resolve_rmu_layers(
     count: int, layer: int | None, train_layers: Sequence[int] | None
 ) -> tuple[int, list[int]]:
-    """ℓ and the trained layers for a model of ``count`` decoder layers (module docstring); ``ValueError``
-    naming a layer out of range, or a trained layer above ℓ (it cannot change layer ℓ's output)."""
+    """ℓ and the trained layers for a model of ``count`` decoder layers; a trained layer above ℓ is
+    refused (it cannot change layer ℓ's output)."""
     if layer is None:
         layer = 7 if count >= 16 else count // 2
     if not 0 <= layer < count:
@@ -47,8 +47,7 @@ def resolve_rmu_layers(
 
 
 def down_projections(model: nn.Module, layers: Sequence[int]) -> list[str]:
-    """The names (in ``model``) of the MLP down-projections of decoder ``layers``: RMU's trained weights
-    (as LoRA ``target_modules`` they match the same layers under peft)."""
+    """The names in ``model`` of the MLP down-projections of decoder ``layers``: RMU's trained weights."""
     stack = decoder_layers(model)
     names = {id(module): name for name, module in model.named_modules()}
     found = []

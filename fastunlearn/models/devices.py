@@ -26,21 +26,16 @@ def training_device() -> torch.device:
 
 
 def to_training_device(model: nn.Module) -> None:
-    """Move a CPU model to the GPU ``Trainer`` will use, so evaluation, Fisher and NPO's reference run there.
-
-    Models dispatched with a ``device_map`` and runs without CUDA are left where they are.
-    """
+    """Move a CPU model to the GPU ``Trainer`` will use (so the passes before training run there too);
+    models dispatched with a ``device_map`` and runs without CUDA stay where they are."""
     on_cpu = model_device(model).type == "cpu"
     if torch.cuda.is_available() and on_cpu and getattr(model, "hf_device_map", None) is None:
         model.to(training_device())
 
 
 def resolve_device(name: str) -> torch.device:
-    """The device ``name`` asks for (``"auto"``: CUDA when available, else the CPU), checked to exist.
-
-    Raises ``ValueError`` for a malformed name, a CUDA device on a build or machine without CUDA, and a
-    device index beyond the GPUs present.
-    """
+    """The device ``name`` asks for (``"auto"``: CUDA when available, else the CPU); ``ValueError``
+    for a malformed name or a CUDA device that is not there."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -59,11 +54,8 @@ def resolve_device(name: str) -> torch.device:
 
 @contextmanager
 def num_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with ``threads`` PyTorch intra-op threads (``None``: unchanged), then restore them.
-
-    On a small model, or a machine whose cores are busy with other jobs, OpenMP threads spin-waiting for
-    a core can make a CPU run many times slower than one thread.
-    """
+    """Run the block with ``threads`` PyTorch intra-op threads (``None``: unchanged): on a small model or
+    a busy machine, OpenMP threads spin-waiting for a core can make a CPU run many times slower."""
     if threads is not None and threads < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
     previous = torch.get_num_threads()

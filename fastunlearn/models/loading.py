@@ -1,25 +1,9 @@
-"""Models as fastunlearn meets them: checking, loading, unwrapping, naming and placement.
+"""The one model loader, and what can be known about a model before its weights load (minutes at 7B).
 
-- :func:`load_model_and_tokenizer`: a causal LM and its tokenizer from objects, local directories or
-  Hugging Face Hub ids found in the local cache (:mod:`fastunlearn._hub`), optionally with 4-bit or
-  8-bit weights (:mod:`fastunlearn.models.quantization`).
-- :func:`model_source`, :func:`check_model_dir`, :func:`adapter_base`, :func:`load_config`,
-  :func:`model_skeleton`, :func:`load_tokenizer`, :func:`resolve_model`: what can be known about a
-  model before its weights load (minutes at 7B): that its directory holds weights, which base an
-  adapter needs, its configuration, its modules (on the ``meta`` device, without memory), its tokenizer.
-- :func:`unwrap_model`: the model under a ``peft`` wrapper.
-- :func:`canonical_name`: a layer's name with what wrappers add stripped, so that state taken on a
-  plain model and on the same model wrapped by ``peft``/DDP/FSDP/DeepSpeed share their keys;
-  :func:`strip_wrappers`: a name without the distributed wrappers' parts (``peft``'s kept).
-- :func:`model_device`, :func:`training_device`, :func:`to_training_device`, :func:`resolve_device`,
-  :func:`num_threads`: where a model is, the device ``Trainer`` will train on, a device named by the
-  user, and PyTorch's threads.
-- :func:`quiet_peft_wrap`: wrapping a model with ``peft`` without the deprecation warning it triggers.
-- :func:`resolve_precision`: the compute precision a device supports (``"auto"``: bf16 on CUDA sm_80+,
-  fp32 elsewhere).
-
-``transformers`` and ``peft`` are imported inside the functions that need them: the Fisher layer uses
-this module, and ``import fastunlearn`` must stay free of both.
+Policy, safe by default: local directories, or Hugging Face Hub ids found in the local cache
+(:mod:`fastunlearn._hub`; fetched only with ``allow_download``); safetensors only, never pickles; the
+model's own code only with ``trust_remote_code``. ``transformers`` and ``peft`` are imported inside the
+functions: ``import fastunlearn`` stays free of both.
 """
 
 from __future__ import annotations
@@ -52,16 +36,12 @@ __all__ = [
 ]
 
 ADAPTER_CONFIG = "adapter_config.json"
-# transformers 4.56 renamed from_pretrained's `torch_dtype` to `dtype` (the old name is deprecated).
-_DTYPE_RENAMED_IN = (4, 56)
-# transformers 4.54 added `use_kernels`: Hugging Face's hub kernels swapped into a model's layers, which
-# transformers 5 does by default whenever the `kernels` package is installed (it comes with transformers).
-_HUB_KERNELS_FROM = (4, 54)
+_DTYPE_RENAMED_IN = (4, 56)  # from_pretrained's `torch_dtype` became `dtype`
+_HUB_KERNELS_FROM = (4, 54)  # from_pretrained takes `use_kernels` (on by default in transformers 5)
 
 
 def _local(name: str, what: str, allow_download: bool, revision: str | None = None) -> str:
-    """A local directory as it is; a Hub id resolved to its snapshot in the local Hugging Face cache
-    (fetched only with ``allow_download``; :func:`fastunlearn._hub.resolve_snapshot`)."""
+    """A local directory as it is; a Hub id resolved to its cached snapshot."""
     if os.path.isdir(name):
         return name
     if os.path.exists(name) or not is_hub_id(name):
@@ -89,12 +69,8 @@ def _read_json_object(path: str) -> dict:
 
 
 def check_model_dir(path: str | os.PathLike, *, what: str = "model") -> None:
-    """Check that a local directory holds a loadable checkpoint, without reading the weights.
-
-    A model directory needs ``config.json`` and safetensors weights (every shard its
-    ``model.safetensors.index.json`` names); an adapter directory (``adapter_config.json``)
-    ``adapter_model.safetensors``. Raises ``ValueError`` naming the directory and what is missing.
-    """
+    """``ValueError`` naming what a model directory lacks (``config.json``, safetensors weights, a shard
+    its index names) or an adapter directory (``adapter_model.safetensors``); the weights are not read."""
     path = os.fspath(path)
     names = set(os.listdir(path))
     if ADAPTER_CONFIG in names:
@@ -123,14 +99,9 @@ def check_model_dir(path: str | os.PathLike, *, what: str = "model") -> None:
 def adapter_base(
     path: str | os.PathLike, base_model: str | os.PathLike | None = None, *, allow_download: bool = False
 ) -> str:
-    """The local directory of the base model a ``peft`` adapter directory loads on: ``base_model`` if
-    given, else the one its ``adapter_config.json`` records (a Hub id at its recorded revision is found in
-    the Hugging Face cache); checked with :func:`check_model_dir`.
-
-    Raises ``FileNotFoundError`` naming the recorded base when it is neither a local directory nor
-    cached (an adapter moved to another machine, or one that recorded a relative path), suggesting
-    ``base_model``.
-    """
+    """The checked local directory of the base model a ``peft`` adapter loads on: ``base_model`` if
+    given, else the one its ``adapter_config.json`` records (a Hub id at its recorded revision);
+    ``FileNotFoundError`` suggesting ``base_model`` when the recorded one is not found."""
     path = os.fspath(path)
     if base_model is not None:
         base = _local(os.fspath(base_model), "base model", allow_download)
@@ -153,19 +124,15 @@ def adapter_base(
 
 
 def load_config(source: str, *, trust_remote_code: bool = False) -> Any:
-    """The ``transformers`` configuration of a local model directory (:func:`model_source` resolves a
-    Hub id to one)."""
+    """The ``transformers`` configuration of a local model directory."""
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=trust_remote_code)
 
 
 def model_skeleton(config: Any, *, trust_remote_code: bool = False) -> nn.Module:
-    """The causal LM of ``config`` on the ``meta`` device: every module with its shapes, no memory.
-
-    Module names and weight shapes are those of the loaded model, so target modules and ranks can be
-    checked before the weights load.
-    """
+    """The causal LM of ``config`` on the ``meta`` device: the loaded model's modules and shapes, no
+    memory, so target modules and ranks can be checked before the weights load."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -175,8 +142,7 @@ def model_skeleton(config: Any, *, trust_remote_code: bool = False) -> nn.Module
 def load_tokenizer(
     source: str | os.PathLike, *, trust_remote_code: bool = False, allow_download: bool = False
 ):
-    """The tokenizer saved in a local directory or, by Hub id, in the Hugging Face cache (fetched with
-    ``allow_download``)."""
+    """The tokenizer saved in a local directory or, by Hub id, in the Hugging Face cache."""
     from transformers import AutoTokenizer
 
     name = _local(os.fspath(source), "tokenizer", allow_download)
@@ -191,11 +157,8 @@ def load_tokenizer(
 
 @contextmanager
 def quiet_peft_wrap() -> Iterator[None]:
-    """Silence the ``FutureWarning`` that wrapping a model with ``peft`` triggers under transformers 5.
-
-    ``peft.PeftModel.__init__`` reads ``model.is_gradient_checkpointing``, a property transformers 5
-    deprecated; the warning concerns peft, not the user, and would print on every adapter load.
-    """
+    """Silence the ``FutureWarning`` peft's wrapping triggers under transformers 5 (it reads the
+    deprecated ``is_gradient_checkpointing``): it concerns peft, not the user."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
@@ -203,9 +166,8 @@ def quiet_peft_wrap() -> Iterator[None]:
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where a model named by path loads from: ``path`` (absolute when local); for a ``peft`` adapter
-    directory its ``base`` model; and the directory its ``tokenizer`` loads from (the adapter's when
-    saved beside it, else the base model's)."""
+    """Where a model named by path loads from: ``path``; for a ``peft`` adapter its ``base`` model; the
+    directory its ``tokenizer`` loads from (the adapter's when saved beside it, else the base's)."""
 
     path: str
     base: str | None
@@ -219,12 +181,8 @@ def model_source(
     allow_download: bool = False,
     revision: str | None = None,
 ) -> ModelSource:
-    """Resolve and check a model path or Hub id without loading anything heavy (:func:`check_model_dir`,
-    :func:`adapter_base`); ``FileNotFoundError`` / ``ValueError`` name the path at fault.
-
-    A Hub id is its snapshot in the local Hugging Face cache at ``revision`` (a branch, tag or commit;
-    default ``main``), fetched only with ``allow_download``; ``revision`` is refused for a local path.
-    """
+    """Resolve and check a model path, or a Hub id at ``revision`` (refused for a local path), without
+    loading anything heavy; ``FileNotFoundError`` / ``ValueError`` name the path at fault."""
     name = os.fspath(model)
     if revision is not None and os.path.exists(name):
         raise ValueError(
@@ -248,14 +206,9 @@ def resolve_model(
     allow_download: bool = False,
     revision: str | None = None,
 ) -> tuple[ModelSource | None, Any]:
-    """Where a model argument loads from and its tokenizer, loaded, before any weight is read.
-
-    ``model``: a local path or Hub id (resolved and checked by :func:`model_source`; returned as its
-    :class:`ModelSource`) or an ``nn.Module`` (``None``). ``tokenizer``: an object, returned as it is;
-    a directory or Hub id, loaded; ``None``, the one saved with a model path. Raises ``TypeError`` for a
-    model that is neither, or a model object without a tokenizer. :func:`load_model_and_tokenizer` and
-    the run's preflight both resolve their arguments here.
-    """
+    """Where a model argument loads from (its :class:`ModelSource`; ``None`` for an ``nn.Module``) and
+    its tokenizer, loaded, before any weight is read. ``tokenizer``: an object, kept; a path or Hub id,
+    loaded; ``None``, the one saved with a model path (``TypeError`` for a model object)."""
     source = None
     if isinstance(model, (str, os.PathLike)):
         source = model_source(model, base_model=base_model, allow_download=allow_download, revision=revision)
@@ -274,7 +227,7 @@ def resolve_model(
 
 @contextmanager
 def _unreadable(path: str) -> Iterator[None]:
-    """Report weights that exist but cannot be read (a truncated or corrupt file) as one ``ValueError``."""
+    """Weights that cannot be read (a truncated or corrupt file) as one ``ValueError``."""
     from safetensors import SafetensorError
 
     try:
@@ -295,24 +248,12 @@ def load_model_and_tokenizer(
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
 ) -> tuple[nn.Module, Any]:
-    """A causal LM and its tokenizer, from objects, directories or Hub ids: the one loader of fastunlearn.
+    """A causal LM and its tokenizer from objects, directories or Hub ids (module docstring's policy).
 
-    Policy (safe by default): local directories, and Hugging Face Hub ids found in the local cache at
-    ``revision`` (:func:`model_source`); nothing is fetched unless ``allow_download``; the model's own
-    Python code runs only with ``trust_remote_code``; weights load from safetensors only (no pickle). A
-    directory holding a ``peft`` adapter (``adapter_config.json``) is loaded as that adapter on its base
-    model (:func:`adapter_base`: ``base_model`` if given, else the recorded one), with the tokenizer
-    saved beside the adapter or else the base model's. ``dtype`` defaults to the checkpoint's
-    (``"auto"``). ``load_in_4bit`` / ``load_in_8bit``: the linear layers stored quantised by
-    ``bitsandbytes`` (:mod:`fastunlearn.models.quantization`; 4-bit computes in ``dtype``, fp32 when it
-    is not given), the rest in ``dtype``, on the training device. ``model`` may also be a loaded
-    ``nn.Module``, returned as it is with ``tokenizer`` (an object or a directory). A local directory is
-    loaded by its absolute path, so that the model (and an adapter trained on it) records a path that
-    resolves from anywhere.
-
-    Raises ``FileNotFoundError`` naming the path when it is neither a local directory nor cached and
-    downloads are not allowed, ``ValueError`` for a directory without safetensors weights
-    (:func:`check_model_dir`), and ``TypeError`` for a model object without a tokenizer.
+    A ``peft`` adapter directory loads as that adapter on its base (:func:`adapter_base`). ``dtype``
+    defaults to the checkpoint's. ``load_in_4bit`` / ``load_in_8bit``: linear layers stored quantised
+    by ``bitsandbytes`` on the training device (4-bit computes in ``dtype``, fp32 if not given). A local
+    directory loads by its absolute path, so an adapter trained on it records a path valid anywhere.
     """
     from transformers import AutoModelForCausalLM
 
@@ -349,7 +290,6 @@ def _pretrained_options(
     trust_remote_code: bool, dtype: torch.dtype | str | None, load_in_4bit: bool, load_in_8bit: bool
 ) -> tuple[dict[str, Any], bool]:
     """``from_pretrained``'s keyword arguments, and whether they quantise."""
-    # transformers 4.56 renamed from_pretrained's `torch_dtype` to `dtype`.
     dtype_arg = "dtype" if _transformers_version() >= _DTYPE_RENAMED_IN else "torch_dtype"
     weights = {
         "local_files_only": True,  # a Hub id is resolved to its cached snapshot first
@@ -358,10 +298,8 @@ def _pretrained_options(
         "use_safetensors": True,
     }
     if _transformers_version() >= _HUB_KERNELS_FROM:
-        # Off: hub kernels are fetched from the Hub for the device (no downloads unless asked), they
-        # replace layers whose numerics and memory the plan, the oracles and the fused losses assume,
-        # and every train()/eval() switch re-kernelizes the whole model (about 5 ms of a 35 ms
-        # evaluation of the demo's LoRA model on CPU). fastunlearn runs its own kernels.
+        # Off: hub kernels are downloaded, replace layers whose numerics and memory the plan and the
+        # fused losses assume, and re-kernelize the model at every train()/eval() switch.
         weights["use_kernels"] = False
     compute = dtype if isinstance(dtype, torch.dtype) else torch.float32
     quantised = quantization_config(

@@ -10,24 +10,17 @@ _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig
 
 
 def strip_wrappers(name: str) -> str:
-    """A parameter or module name without what distributed wrappers insert: the leading ``module.`` of
-    DDP / DeepSpeed and every ``_fsdp_wrapped_module.`` / ``_checkpoint_wrapped_module.`` /
-    ``_orig_mod.``, so a wrapped ``peft`` model's names are the plain one's
-    (``_fsdp_wrapped_module.base_model.model.model.layers.0._fsdp_wrapped_module.mlp.up_proj`` →
-    ``base_model.model.model.layers.0.mlp.up_proj``)."""
+    """A name without what distributed wrappers insert: the leading ``module.`` of DDP / DeepSpeed and
+    every part of :data:`_WRAPPER_PARTS` (``peft``'s ``base_model.model.`` is kept)."""
     for part in _WRAPPER_PARTS:
         name = name.replace(part, "")
     return name.removeprefix("module.")
 
 
 def canonical_name(name: str) -> str:
-    """The name of a linear layer in the plain (un-wrapped) model.
-
-    Strips what wrappers add (:func:`strip_wrappers`), so that estimates taken on a ``transformers``
-    model and on the same model wrapped by ``peft`` (or DDP/FSDP/DeepSpeed) share their keys:
-    ``module.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight`` →
-    ``model.layers.0.self_attn.q_proj``.
-    """
+    """The name of a linear layer in the plain model, so that state taken on it and on the same model
+    under ``peft`` (and DDP/FSDP/DeepSpeed) share keys: ``module.base_model.model.model.layers.0.
+    self_attn.q_proj.base_layer.weight`` → ``model.layers.0.self_attn.q_proj``."""
     name = strip_wrappers(name)
     for prefix in ("module.", "base_model.model."):
         if name.startswith(prefix):

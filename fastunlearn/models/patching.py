@@ -1,51 +1,25 @@
 """Unlearning losses inside a causal LM's own forward: ``fastunlearn.patch(model)``.
 
-After ``patch(model)``, with ``labels`` aligned with ``input_ids`` (Hugging Face convention: the
-logits at ``t`` predict the label at ``t + 1``; ``-100`` marks tokens without a loss),
-
-    out = model(input_ids=ids, attention_mask=mask, labels=labels, loss_type="ihl")
-
+After ``patch(model)``, with ``labels`` aligned with ``input_ids`` (Hugging Face convention; ``-100``
+marks tokens without a loss), ``model(input_ids=..., attention_mask=..., labels=..., loss_type=...)``
 returns ``out.loss`` and ``out.logits is None``. Loss types:
 
-- ``"ihl"``: the Inverted Hinge Loss, mean over the valid shifted targets of the batch;
-- ``"nll"``: the token negative log-likelihood, same mean (the retain term; GA/GD's forget term);
-- ``"seq_logprob"``: ``log π(y_i | x_i) = Σ_t log p(y_{i,t+1} | y_{i,≤t})`` per sequence, shape
-  ``[B]`` (NPO's policy term);
-- ``"kl"``: ``KL(P_ref ‖ P_θ)`` of the next-token distributions, mean over every position of the batch,
-  padding included (TOFU's KL retain term), and ``"kl_targets"``: the same mean over the positions that
-  carry a shifted target. The caller passes the reference model's last hidden states,
-  ``ref_hidden=`` (``[B, T, H]``, computed first under ``torch.no_grad()``: for LoRA, the same model
-  with its adapters disabled); the reference logits are the output head applied to them, so the head
-  is the one both models share (frozen, as under LoRA), and the reference is a constant.
+- ``"ihl"`` / ``"nll"``: the Inverted Hinge Loss (Cha et al. 2025) / the token NLL, mean over the
+  batch's shifted targets;
+- ``"seq_logprob"``: ``log π(y_i | x_i) = Σ_t log p(y_{i,t+1} | y_{i,≤t})`` per sequence, ``[B]``;
+- ``"kl"``: ``KL(P_ref ‖ P_θ)`` of the next-token distributions, mean over every position (padding
+  included, TOFU's), and ``"kl_targets"``, the same over the positions with a target. The caller passes
+  the reference's last hidden states ``ref_hidden=`` ``[B, T, H]`` (taken without gradients); the
+  reference logits are the shared, frozen output head applied to them.
 
-Without ``loss_type`` the model behaves exactly as before; :func:`unpatch` removes the patch.
-
-Why inside the forward. Distributed wrappers and mixed precision act on calls: DDP, FSDP and
-DeepSpeed wrap the model's ``__call__``, FSDP and ZeRO-3 gather a submodule's parameters in that
-submodule's pre-forward hook and follow its output for their backward hooks, and accelerate wraps
-the model's ``forward`` in autocast and converts its outputs to fp32. Computing the loss from a
-decoder called on the side skips all of that. Here the loss is computed in the model's own forward,
-by the output head's own call: every hook runs, autocast applies (the fused loss casts its inputs
-exactly as ``F.linear`` would), the ``[B, T, V]`` logits never exist, and there is no fp32 copy of
-them for accelerate to make — the output holds the loss only.
-
-How. The causal LM instance gets a ``forward`` attribute wrapping the one it had. Given a
-``loss_type`` it runs that forward without the labels (so the model computes no loss of its own),
-with the output head's ``forward`` swapped, for this call only, for one that takes the last hidden
-states and returns the loss (:func:`fastunlearn.fused_linear_ihl_loss` /
-:func:`fastunlearn.fused_linear_nll_loss`: chunked, bf16 in, fp32 statistics). The model's forward
-returns that as its "logits" and the patched forward hands it back as ``.loss``. The model's code —
-decoder call, position ids, embedding scaling, cache handling — runs unchanged, whatever the
-transformers version. The one assumption, that the logits are ``head(last_hidden_state)`` with
-nothing after the head, is checked: the architecture must be one of :data:`FUSED_FAMILIES` without
-the config-driven transforms of :data:`LOGIT_TRANSFORMS`, the head a plain ``nn.Linear`` (or peft's
-``modules_to_save`` copy of one), called exactly once with ``[B, T, H]`` hidden states. Other models
-take the logits path through the same call: the model's real logits, then
-:func:`fastunlearn.ihl_loss` / :func:`fastunlearn.nll_loss` (labels shifted, logits never copied),
-with one warning — or an error where the fused path was asked for explicitly (``fused=True``).
-
-Labels are shifted, never the hidden states or logits: the targets are ``labels[:, 1:]`` padded with
-``-100`` at the end, so every position's hidden state is used in place and nothing is copied.
+Why inside the forward: DDP, FSDP and DeepSpeed act on module calls (gathering parameters in
+pre-forward hooks, following outputs for their backward hooks) and accelerate wraps ``forward`` in
+autocast. So the loss is computed by the output head's own call, with the head's ``forward`` swapped
+for that call only: every hook runs, autocast applies, and the ``[B, T, V]`` logits never exist (the
+fused losses take the hidden states). The model's code runs unchanged; its one assumption, logits =
+``head(last_hidden_state)``, is checked (:func:`fused_blocker`). Other models take the logits path:
+the real logits, then :func:`fastunlearn.ihl_loss` etc., with one warning (an error under
+``fused=True``). The labels are shifted, never the hidden states, so nothing large is copied.
 """
 
 from __future__ import annotations
@@ -74,14 +48,13 @@ _LOSSES = {"ihl": ("ihl", "mean"), "nll": ("nll", "mean"), "seq_logprob": ("nll"
            "kl": ("kl", "mean"), "kl_targets": ("kl", "mean")}  # fmt: skip
 LOSS_TYPES = tuple(_LOSSES)
 
-# Architectures (``config.model_type``) whose causal-LM forward returns ``output_head(last hidden
-# states)`` with nothing after the head (unless one of LOGIT_TRANSFORMS is set); each is checked
-# against the logits path in tests/test_patching.py.
+# Architectures (``config.model_type``) whose logits are ``head(last hidden states)`` with nothing after
+# the head unless one of LOGIT_TRANSFORMS is set (Gemma-2's soft-capping, Cohere's scale, Granite's
+# scaling, MiniCPM's multiplier: anything but None/1 takes the logits path). tests/test_patching.py
+# checks each family against the logits path.
 FUSED_FAMILIES = frozenset(
     {"llama", "mistral", "qwen2", "qwen3", "phi", "phi3", "gpt_neox", "gpt_neo", "gpt2", "gemma", "gemma2"}
 )
-# Config fields of architectures whose logits are transformed after the head (Gemma-2's soft-capping,
-# Cohere's scale, Granite's scaling, MiniCPM's multiplier): set to anything but None/1 → logits path.
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 _STATE = "_fastunlearn_patch"
@@ -112,11 +85,6 @@ class _PatchState:
     warned: str | None = None  # the reason of the last fallback warning, so it is given once
 
 
-def _is_causal_lm(module: Any) -> bool:
-    get_head = getattr(module, "get_output_embeddings", None)
-    return isinstance(module, nn.Module) and hasattr(module, "config") and callable(get_head)
-
-
 def find_causal_lm(model: nn.Module) -> nn.Module:
     """The Hugging Face causal LM inside ``model``: ``model`` itself, or under a peft ``PeftModel``,
     DDP / FSDP / DeepSpeed / ``DataParallel`` (``.module``) or ``torch.compile`` (``._orig_mod``)."""
@@ -132,7 +100,11 @@ def find_causal_lm(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             break
         found = inner
-    if _is_causal_lm(found):
+    if (
+        isinstance(found, nn.Module)
+        and hasattr(found, "config")
+        and callable(getattr(found, "get_output_embeddings", None))
+    ):
         return found
     raise TypeError(
         f"found no causal language model (a module with a config and get_output_embeddings()) in "
@@ -187,34 +159,26 @@ def patch(
     chunk_rows: int | None = None,
     validate: bool = True,
 ) -> nn.Module:
-    """Make the causal LM in ``model`` compute unlearning losses in its forward (see the module doc).
+    """Make the causal LM in ``model`` (bare, under peft and/or DDP / FSDP / DeepSpeed, before or after
+    wrapping) compute unlearning losses in its forward (module docstring); returns ``model``.
 
-    Args:
-        model: a transformers causal LM, bare or inside a peft model and/or a DDP / FSDP / DeepSpeed
-            wrapper (patched before or after wrapping: the causal LM itself is patched).
-        fused: ``None`` (default): fused where supported, else the logits path with one warning;
-            ``True``: fused or a ``ValueError``; ``False``: always the logits path.
-        backend: ``"auto"`` (Triton on CUDA, the chunked PyTorch path otherwise), ``"triton"`` or
-            ``"torch"``, as in :func:`fastunlearn.ihl_loss`.
-        chunk_rows: tokens per chunk of the fused path (default: about 64M logits on a GPU, 8M on CPU).
-        validate: check every batch's labels against the vocabulary (one host synchronisation per
-            call); pass ``False`` when they were checked once up front.
-
-    Returns ``model``. Patching a patched model replaces its options.
+    ``fused``: ``None``, fused where supported, else the logits path with one warning; ``True``, fused
+    or a ``ValueError``; ``False``, always the logits path. ``backend`` as in :func:`fastunlearn.ihl_loss`.
+    ``chunk_rows``: tokens per chunk of the fused path. ``validate``: check every batch's labels against
+    the vocabulary (one host synchronisation). Patching a patched model replaces its options.
     """
     if fused not in (None, True, False):
         raise ValueError(f"fused must be None, True or False, got {fused!r}")
     if chunk_rows is not None and chunk_rows < 1:
         raise ValueError(f"chunk_rows must be positive, got {chunk_rows}")
     lm = find_causal_lm(model)
-    # A bad name fails here, not mid-step. Whether the backend runs where the model is is checked at
-    # each call: the model may move (e.g. to the GPU) after being patched.
+    # A bad name fails here; whether the backend runs where the model is is checked at each call.
     backends = tuple(b for b in BACKENDS if b != "reference")
     if backend not in backends:
         raise ValueError(f"unknown backend {backend!r}; expected one of {backends}")
-    if fused is not False:
+    if fused:
         reason = fused_blocker(lm)
-        if reason is not None and fused:
+        if reason is not None:
             raise ValueError(f"fused=True: cannot compute the loss of {type(lm).__name__} fused: {reason}")
     old = lm.__dict__.get(_STATE)
     if old is not None:
@@ -230,16 +194,11 @@ def patch(
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch`: the causal LM's ``forward`` is what it was before. Returns ``model``.
-
-    If something wrapped the patched ``forward`` afterwards (accelerate does when it prepares a
-    model), that wrapper stays and the patch turns into a plain pass-through.
-    """
+    """Undo :func:`patch` and return ``model``. If something wrapped the patched ``forward`` since
+    (accelerate does), that wrapper stays and the patch becomes a pass-through."""
     lm = find_causal_lm(model)
     state = lm.__dict__.pop(_STATE, None)
-    if state is None:
-        return model
-    if getattr(lm.__dict__.get("forward"), "__func__", None) is state.function:
+    if state is not None and getattr(lm.__dict__.get("forward"), "__func__", None) is state.function:
         if state.previous_forward is None:
             del lm.forward
         else:
@@ -254,16 +213,13 @@ def is_patched(model: nn.Module) -> bool:
 
 def is_fused(model: nn.Module) -> bool:
     """Whether ``model`` is patched and its losses take the fused path."""
-    lm = find_causal_lm(model)
-    state = lm.__dict__.get(_STATE)
-    return state is not None and state.fused is not False and fused_blocker(lm) is None
+    return is_patched(model) and takes_fused_path(model)
 
 
 def takes_fused_path(model: nn.Module) -> bool:
-    """Whether a loss or metric of ``model`` computed outside :func:`patch`'s ``loss_type`` call (a Fisher
-    pass, teacher-forced evaluation) takes the fused path: wherever :func:`fused_blocker` allows, unless
-    the model is patched with ``fused=False`` (the logits path everywhere). ``False`` for a module that
-    is not a causal LM."""
+    """Whether a loss of ``model`` computed outside a ``loss_type`` call (a Fisher pass, teacher-forced
+    evaluation) takes the fused path: wherever :func:`fused_blocker` allows, unless patched with
+    ``fused=False``. ``False`` for a module that is not a causal LM."""
     try:
         lm = find_causal_lm(model)
     except TypeError:
@@ -275,23 +231,55 @@ def takes_fused_path(model: nn.Module) -> bool:
 def head_computes(
     model: nn.Module, targets: Tensor, compute: Callable[[Tensor, nn.Linear], Tensor], call: Callable[[], Any]
 ) -> Any:
-    """``call()`` (a forward of ``model``) with the causal LM's output head computing
-    ``compute(hidden, head)`` from its ``[B, T, H]`` hidden states instead of the logits; the model's
-    output carries that value as its ``logits``. The head is called through its ``__call__`` (its
-    hooks run, autocast applies) and must be called exactly once, with hidden states shaped like
-    ``targets`` ``[B, T]``. Only for models :func:`fused_blocker` accepts (``ValueError`` otherwise)."""
+    """``call()`` (a forward of ``model``) with the output head computing ``compute(hidden, head)`` from
+    its ``[B, T, H]`` hidden states instead of the logits, which the output carries as its ``logits``.
+    The head runs through its ``__call__`` (hooks, autocast), exactly once, with hidden states shaped
+    like ``targets``. ``ValueError`` for a model :func:`fused_blocker` refuses."""
     lm = find_causal_lm(model)
     reason = fused_blocker(lm)
     if reason is not None:
         raise ValueError(f"cannot compute at the output head of {type(lm).__name__}: {reason}")
-    with _head_replaced(lm.get_output_embeddings(), targets, compute) as calls:
+    head = lm.get_output_embeddings()
+    calls = 0
+
+    def head_forward(linear: nn.Linear, hidden: Tensor) -> Tensor:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            raise RuntimeError(
+                "the output head was called more than once in one forward; its loss cannot be fused"
+            )
+        if tuple(hidden.shape[:-1]) != tuple(targets.shape):
+            raise ValueError(
+                f"the output head received hidden states of shape {tuple(hidden.shape)}, not [B, T, H] for "
+                f"labels {tuple(targets.shape)}"
+            )
+        return compute(hidden, linear)
+
+    with _forwards_replaced(_head_linears(head), head_forward):
         out = call()
-    if calls != [1]:
+    if calls != 1:
         raise RuntimeError(
-            f"{type(lm).__name__}.forward called its output head {sum(calls)} times instead of once; "
+            f"{type(lm).__name__}.forward called its output head {calls} times instead of once; "
             "its losses cannot be fused (patch it with fused=False)"
         )
     return out
+
+
+@contextmanager
+def _forwards_replaced(modules: list[nn.Module], forward: Callable[..., Any]) -> Iterator[None]:
+    """Within the block, each of ``modules`` runs ``forward(module, ...)`` (its instance attribute)."""
+    saved = [(m, m.__dict__.get("forward")) for m in modules]
+    try:
+        for m in modules:
+            m.forward = MethodType(forward, m)
+        yield
+    finally:
+        for m, previous in saved:
+            if previous is None:
+                del m.forward
+            else:
+                m.forward = previous
 
 
 def _warn_fallback(lm: nn.Module, state: _PatchState) -> None:
@@ -355,42 +343,6 @@ def _loss_forward(lm: nn.Module, state: _PatchState, call, loss_type: str, args,
     return result.to_tuple() if as_tuple else result
 
 
-@contextmanager
-def _head_replaced(
-    head: nn.Module, targets: Tensor, compute: Callable[[Tensor, nn.Linear], Tensor]
-) -> Iterator[list[int]]:
-    """Within the block, a call of the output head (through its ``__call__``, so its hooks run) takes
-    the last hidden states and returns ``compute(hidden, linear)`` instead of logits. Yields the count
-    of its calls."""
-    calls = [0]
-    linears = _head_linears(head)
-    saved = [(m, m.__dict__.get("forward")) for m in linears]
-
-    def head_forward(linear: nn.Linear, hidden: Tensor) -> Tensor:
-        calls[0] += 1
-        if calls[0] > 1:
-            raise RuntimeError(
-                "the output head was called more than once in one forward; its loss cannot be fused"
-            )
-        if tuple(hidden.shape[:-1]) != tuple(targets.shape):
-            raise ValueError(
-                f"the output head received hidden states of shape {tuple(hidden.shape)}, not [B, T, H] for "
-                f"labels {tuple(targets.shape)}"
-            )
-        return compute(hidden, linear)
-
-    try:
-        for linear in linears:
-            linear.forward = MethodType(head_forward, linear)
-        yield calls
-    finally:
-        for linear, forward in saved:
-            if forward is None:
-                del linear.forward
-            else:
-                linear.forward = forward
-
-
 def _check_ref_hidden(loss_type: str, ref_hidden: Any, labels: Tensor) -> None:
     if _LOSSES[loss_type][0] != "kl" and ref_hidden is not None:
         raise ValueError(f"ref_hidden is for loss_type 'kl' and 'kl_targets', not {loss_type!r}")
@@ -423,25 +375,20 @@ def _fused_loss(hidden: Tensor, head: nn.Linear, targets: Tensor, loss_type: str
     return -value.sum(-1) if loss_type == "seq_logprob" else value
 
 
-def _reference_logits(lm: nn.Module, ref_hidden: Tensor, device: torch.device) -> Tensor:
-    """The output head applied to the reference's hidden states (a constant): the reference logits only
-    where the model's logits are the head's output, so a transform after the head is refused."""
-    transforms = _logit_transforms(lm.config)
-    if transforms:
-        raise ValueError(
-            f"loss_type 'kl' forms the reference logits as head(ref_hidden), but {type(lm).__name__} "
-            f"transforms its logits after the head ({', '.join(transforms)})"
-        )
-    with torch.no_grad():
-        return lm.get_output_embeddings()(ref_hidden.to(device))
-
-
 def _loss_from_logits(logits: Tensor, targets: Tensor, loss_type: str, state: _PatchState, lm: nn.Module,
                       ref_hidden: Tensor | None) -> Tensor:  # fmt: skip
     kind, reduction = _LOSSES[loss_type]
     targets = targets.to(logits.device)
     if kind == "kl":
-        ref_logits = _reference_logits(lm, ref_hidden, logits.device)
+        # The reference logits are head(ref_hidden) only where nothing transforms the head's output.
+        transforms = _logit_transforms(lm.config)
+        if transforms:
+            raise ValueError(
+                f"loss_type 'kl' forms the reference logits as head(ref_hidden), but {type(lm).__name__} "
+                f"transforms its logits after the head ({', '.join(transforms)})"
+            )
+        with torch.no_grad():
+            ref_logits = lm.get_output_embeddings()(ref_hidden.to(logits.device))
         return kl_loss(logits, ref_logits, _kl_mask(loss_type, targets), backend=state.backend)
     fn = ihl_loss if kind == "ihl" else nll_loss
     value = fn(logits, targets, reduction=reduction, backend=state.backend, validate=state.validate)

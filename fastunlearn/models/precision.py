@@ -1,25 +1,13 @@
-"""Training precision that cannot silently degrade: what ``UnlearnConfig.precision`` resolves to, the
-dtype a model is loaded in, and the models refused .
+"""Training precision that cannot silently degrade: what ``precision`` resolves to on a device, the
+dtype a model given by path loads in, and the weights refused.
 
-``precision``: ``"auto"`` (default), ``"bf16"``, ``"fp16"`` or ``"fp32"`` — the dtype of the forward
-and backward. bf16 and fp16 are autocast (``Trainer``'s ``bf16`` / ``fp16``) over weights whose
-trained copies stay fp32:
-
-- ``"auto"``: bf16 on CUDA GPUs of compute capability 8.0+, fp32 elsewhere, CPU included
-  (:func:`fastunlearn.models.loading.resolve_precision`); a model object whose weights are bf16 trains in
-  bf16.
-- ``"bf16"``: a model loaded from a path has its frozen base in bf16 (LoRA / FILA; peft keeps the
-  adapters in fp32) or, for ``init="full"``, in fp32: AdamW's updates are often below bf16's
-  resolution of a weight (2⁻⁸ relative) and would be lost on bf16 weights.
-- ``"fp16"``: only with loss scaling — fp16's range ends at 6·10⁻⁸, where small gradients flush to
-  zero. ``Trainer`` scales the loss (accelerate's ``GradScaler``) on CUDA only — elsewhere fp16 would
-  quietly run unscaled or not at all — and a ``GradScaler`` cannot unscale fp16 gradients, so the
-  weights are fp32 (a model from a path is loaded in fp32). Refused on other devices.
-- ``"fp32"``: no autocast; a model from a path is loaded in fp32 (not the checkpoint's dtype: a
-  checkpoint saved in fp16 would otherwise train in fp16 without loss scaling).
-
-Model objects keep their dtype; fp16 weights are refused (nothing would scale their gradients), and
-bf16 weights need bf16 precision and an adapter (not ``init="full"``).
+bf16 and fp16 are autocast over weights whose trained copies stay fp32. ``"auto"``: bf16 on CUDA
+sm_80+, fp32 elsewhere. ``"bf16"``: a frozen base loads in bf16 (peft keeps adapters fp32), but
+``init="full"`` trains fp32 weights, since AdamW's updates are often below bf16's resolution (2⁻⁸
+relative). ``"fp16"``: only with loss scaling (fp16 flushes gradients below 6·10⁻⁸ to zero), which
+``Trainer`` applies on CUDA only, and its scaler needs fp32 weights. ``"fp32"``: loads fp32 whatever
+the checkpoint's dtype. Model objects keep their dtype: fp16 weights are refused, bf16 weights need bf16
+and an adapter.
 """
 
 from __future__ import annotations
@@ -41,19 +29,14 @@ __all__ = [
 ]
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``"fp32"``, ``"bf16"`` or ``"fp16"``: the compute precision ``precision`` means on ``device``.
 
-    ``"auto"`` is bf16 on CUDA GPUs of compute capability 8.0 or newer (Ampere and later: native bf16
-    matmuls) and fp32 everywhere else. fp32 is the CPU default even though CPUs run bf16: without
-    AVX512-BF16 or AMX, bf16 matmuls are emulated and slower than fp32, so bf16 there is for those who
-    ask. ``"bf16"`` is refused on other GPUs (sm < 80 emulate it, slowly, and some kernels lack it),
-    with the alternatives. What fp16 needs (loss scaling) is the caller's to check.
+    ``"auto"``: bf16 on CUDA sm_80+ (native bf16 matmuls), else fp32; on CPUs without AVX512-BF16 or AMX
+    bf16 is emulated and slower, so there it is only on request. ``"bf16"`` is refused on older GPUs.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {list(PRECISIONS)}")
@@ -86,9 +69,8 @@ def weights_dtype(model: nn.Module) -> torch.dtype:
 def resolve_training_precision(
     precision: str, device: torch.device, *, init: str, weights: torch.dtype | None = None
 ) -> str:
-    """``"fp32"``, ``"bf16"`` or ``"fp16"`` for training on ``device``, or a ``ValueError`` saying why
-    the request cannot be honoured (module docstring). ``weights``: the dtype of a model object's
-    weights (:func:`weights_dtype`); ``None`` for a model loaded from a path in :func:`load_dtype`."""
+    """The precision of training on ``device``, or a ``ValueError`` saying why the request cannot be
+    honoured. ``weights``: a model object's (:func:`weights_dtype`); ``None`` for a model given by path."""
     if weights == torch.float16:
         raise ValueError(
             "the model's weights are fp16: their gradients would flush to zero without loss scaling, and "
@@ -119,15 +101,13 @@ def resolve_training_precision(
 
 
 def load_dtype(precision: str, init: str) -> torch.dtype:
-    """The dtype a model given by path is loaded in, for a resolved ``precision``: bf16 for a frozen
-    base under bf16, fp32 otherwise (trained weights, fp16 autocast, fp32)."""
+    """The dtype a model given by path loads in: bf16 for a frozen base under bf16, else fp32."""
     return torch.bfloat16 if precision == "bf16" and init != "full" else torch.float32
 
 
 @contextlib.contextmanager
 def autocast(precision: str, device: torch.device) -> Iterator[None]:
-    """The autocast ``Trainer`` trains under, for computations outside it that must match a training
-    step exactly (NPO's reference log-probabilities)."""
+    """The autocast ``Trainer`` trains under, for computations that must match a training step."""
     dtype = PRECISION_DTYPES[precision]
     with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
         yield

@@ -1,16 +1,6 @@
 """4-bit and 8-bit base models with ``bitsandbytes``: QLoRA's recipe (Dettmers et al. 2023,
-arXiv 2305.14314) — NF4 weights with double quantisation of their scales, LoRA adapters trained in full
-precision on top — and LLM.int8() (Dettmers et al. 2022, arXiv 2208.07339).
-
-- :func:`quantization_config`: the ``transformers`` ``BitsAndBytesConfig`` of ``load_in_4bit`` /
-  ``load_in_8bit``, computing in ``compute_dtype`` (bf16 on GPUs that have it, fp32 on the CPU).
-- :func:`require_bitsandbytes`: the one-line error when the package is missing.
-- :func:`is_quantized`, :func:`dequantized_weight`: a linear layer whose weight is stored quantised,
-  and that weight as fp32 ``[out, in]`` (one layer at a time: FILA's SVD reads it so).
-- :func:`keep_trainable_layout`: on CPUs with AVX512-BF16, ``bitsandbytes`` repacks a 4-bit weight for
-  its inference kernel the first time the layer runs in eval mode without gradients, and from then on
-  multiplies by it with an operation that has no backward: the gradients reaching earlier layers
-  (the Fisher passes, training) would be wrong. This keeps every layer in the layout that trains.
+arXiv 2305.14314: NF4 weights, double-quantised scales, LoRA adapters in full precision) and
+LLM.int8() (Dettmers et al. 2022, arXiv 2208.07339).
 """
 
 from __future__ import annotations
@@ -74,8 +64,12 @@ def is_quantized(layer: nn.Module) -> bool:
 
 
 def keep_trainable_layout(model: nn.Module) -> None:
-    """Keep ``bitsandbytes``' CPU inference repacking off every 4-bit layer of ``model`` (module
-    docstring); ``ValueError`` for a layer repacked already."""
+    """Keep ``bitsandbytes``' CPU inference repacking off every 4-bit layer of ``model``.
+
+    On CPUs with AVX512-BF16 it repacks a 4-bit weight the first time the layer runs in eval mode
+    without gradients, then multiplies by it with an operation that has no backward, so gradients to
+    earlier layers would be wrong. ``ValueError`` for a layer repacked already.
+    """
     for name, module in model.named_modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             _check_layout(name, module)
@@ -91,9 +85,8 @@ def _check_layout(name: str, layer: nn.Module) -> None:
 
 
 def dequantized_weight(layer: nn.Module) -> Tensor:
-    """The weight of a ``bitsandbytes`` linear layer as an fp32 ``[out, in]`` tensor on its device
-    (what its forward multiplies by, up to the compute dtype's rounding): 4-bit blocks times their
-    (dequantised) scales; 8-bit rows ``W = C·s/127`` with ``s`` each row's absolute maximum."""
+    """A ``bitsandbytes`` linear layer's weight as fp32 ``[out, in]`` on its device: 4-bit blocks times
+    their scales; 8-bit rows ``W = C·s/127``, ``s`` each row's absolute maximum."""
     import bitsandbytes.functional as bnbf
 
     _check_layout(type(layer).__name__, layer)
