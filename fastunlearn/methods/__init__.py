@@ -6,7 +6,6 @@ training step (:mod:`.objectives`); the reference model without a second copy wh
 from fastunlearn.methods.presets import (
     FORGET_TERMS,
     METHODS,
-    NEEDS_RETAIN,
     PRESETS,
     RETAIN_TERMS,
     MethodSpec,
@@ -16,7 +15,6 @@ from fastunlearn.methods.presets import (
 __all__ = [
     "FORGET_TERMS",
     "METHODS",
-    "NEEDS_RETAIN",
     "PRESETS",
     "RETAIN_TERMS",
     "MethodSpec",

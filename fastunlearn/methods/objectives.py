@@ -19,14 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from fastunlearn.methods.capture import num_layers
-from fastunlearn.methods.presets import NEEDS_RETAIN, MethodSpec, resolve_method
+from fastunlearn.methods.presets import MethodSpec, resolve_method
 from fastunlearn.methods.reference import Reference, build_reference
 from fastunlearn.methods.rmu import RmuSetting, resolve_rmu_layers
 from fastunlearn.methods.terms import FORGET, RETAIN, model_loss, target_counts
 from fastunlearn.models.devices import eval_mode, model_device
 from fastunlearn.models.patching import find_causal_lm, is_patched
 
-__all__ = ["NEEDS_RETAIN", "Objective", "build_objective", "method_loss", "sequence_logprobs"]
+__all__ = ["Objective", "build_objective", "method_loss", "sequence_logprobs"]
 
 
 def _require_patched(model: nn.Module) -> None:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 __all__ = [
     "FORGET_TERMS",
     "METHODS",
-    "NEEDS_RETAIN",
     "PRESETS",
     "RETAIN_TERMS",
     "MethodSpec",
@@ -88,7 +87,6 @@ PRESETS: dict[str, MethodSpec] = {
     "rmu": _preset("rmu", "rmu", retain_weight=1200.0),  # Li et al. 2024 (WMDP)
 }
 METHODS = tuple(PRESETS)
-NEEDS_RETAIN = frozenset(name for name, p in PRESETS.items() if p.retain != "none")
 
 
 def resolve_method(
