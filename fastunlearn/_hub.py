@@ -11,8 +11,6 @@ import os
 import re
 from dataclasses import dataclass
 
-__all__ = ["Snapshot", "is_hub_id", "resolve_snapshot", "snapshot_of"]
-
 # What a model loads from (safetensors weights, configs, tokenizers, chat templates): never pickles.
 MODEL_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
 _SNAPSHOT = re.compile(r"(models|datasets)--(.+?)/snapshots/([0-9a-f]{40})(/|$)")

@@ -19,8 +19,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_directory", "atomic_file", "umask", "write_dir", "write_json", "write_text"]
-
 
 @functools.lru_cache(maxsize=1)
 def umask() -> int:

@@ -15,8 +15,6 @@ from importlib import resources
 
 from fastunlearn._io import write_text
 
-__all__ = ["N_PERTURBED", "generate_dataset", "write_jsonl"]
-
 _WORDS = json.loads(resources.files(__package__).joinpath("words.json").read_text(encoding="utf-8"))
 _LISTS = {"city": "cities", "genre": "genres", "father": "jobs", "mother": "jobs", "award": "awards"}
 # (field, question, answer, paraphrased question, paraphrased answer)

@@ -17,18 +17,6 @@ from fastunlearn._io import write_dir, write_json
 from fastunlearn.data.tofu_format import tofu_family
 from fastunlearn.demo.data import generate_dataset, write_jsonl
 
-__all__ = [
-    "DEMO_MAX_LENGTH",
-    "DEMO_TEMPLATE",
-    "SIZES",
-    "DemoSize",
-    "build_model",
-    "default_cache_dir",
-    "memorise",
-    "prepare_models",
-    "train_tokenizer",
-]
-
 # TOFU's prompt convention for its Phi models: the demo is trained and evaluated as they were.
 DEMO_TEMPLATE = "tofu-phi"
 DEMO_MAX_LENGTH = 64

@@ -23,8 +23,6 @@ from fastunlearn.demo.models import (
     prepare_models,
 )
 
-__all__ = ["STOP_PATIENCE", "run_demo", "unlearn_options"]
-
 # Evaluations past the first crossing of a stopped demo: IHL + FILA's retain numbers dip at the
 # crossing and recover after it.
 STOP_PATIENCE = 3

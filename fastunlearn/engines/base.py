@@ -17,8 +17,6 @@ from torch import nn
 from fastunlearn.engines import distributed
 from fastunlearn.models.devices import to_training_device
 
-__all__ = ["ENGINES", "Engine", "engine_for"]
-
 # What the memory plan and run_config.json call each engine.
 ENGINES = ("ddp", "fsdp", "zero2", "zero3")
 

@@ -22,8 +22,6 @@ from torch import nn
 
 from fastunlearn.engines.base import Engine
 
-__all__ = ["DeepSpeedEngine", "check_deepspeed_config", "load_deepspeed_config", "prepare_deepspeed"]
-
 _AUTO = "auto"
 
 

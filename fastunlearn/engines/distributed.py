@@ -21,27 +21,6 @@ import torch.distributed as dist
 
 T = TypeVar("T")
 
-__all__ = [
-    "all_reduce_sum",
-    "broadcast",
-    "broadcast_object",
-    "every_rank",
-    "init_from_env",
-    "is_distributed",
-    "is_main",
-    "join_group",
-    "launched_world_size",
-    "leave_group",
-    "map_sharded",
-    "mean",
-    "on_all",
-    "on_main",
-    "parameters_sharded",
-    "rank",
-    "shard",
-    "world_size",
-]
-
 
 def launched_world_size() -> int:
     """The ``WORLD_SIZE`` a launcher set (1 without one); ``ValueError`` if it is not a positive integer."""

@@ -32,17 +32,6 @@ from fastunlearn.models.precision import autocast
 SHARDING = ("full_shard", "shard_grad_op")
 FSDP_WORDS = (*SHARDING, "auto_wrap", "offload")
 
-__all__ = [
-    "FSDP_WORDS",
-    "FsdpPlan",
-    "ShardedTrainingView",
-    "check_fsdp_run",
-    "check_single_engine",
-    "gathered_state",
-    "parse_fsdp",
-    "shard_model",
-]
-
 
 @dataclass(frozen=True)
 class FsdpPlan:

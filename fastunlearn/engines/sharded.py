@@ -15,8 +15,6 @@ from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["gathered", "gathered_state_dict", "is_partitioned", "linear_shape"]
-
 
 def is_partitioned(param: Tensor) -> bool:
     """Whether ``param`` is a ZeRO-3 parameter (DeepSpeed marks them with ``ds_id`` / ``ds_status``)."""

@@ -13,8 +13,6 @@ from torch import Tensor, nn
 
 from fastunlearn.models.patching import find_causal_lm
 
-__all__ = ["decoder_layers", "forward_capturing", "num_layers"]
-
 _LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers")
 
 

@@ -26,8 +26,6 @@ from fastunlearn.methods.terms import FORGET, RETAIN, model_loss, target_counts
 from fastunlearn.models.devices import eval_mode, model_device
 from fastunlearn.models.patching import find_causal_lm, is_patched
 
-__all__ = ["Objective", "build_objective", "method_loss", "sequence_logprobs"]
-
 
 def _require_patched(model: nn.Module) -> None:
     if not is_patched(model):

@@ -12,15 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = [
-    "FORGET_TERMS",
-    "METHODS",
-    "PRESETS",
-    "RETAIN_TERMS",
-    "MethodSpec",
-    "resolve_method",
-]
-
 FORGET_TERMS = ("ihl", "ga", "npo", "simnpo", "idk", "dpo", "rmu")
 RETAIN_TERMS = ("nll", "kl", "kl_targets", "rmu", "none")
 # β of the forget terms that have one: NPO and DPO's 0.1, SimNPO's 4.5 (open-unlearning's defaults).

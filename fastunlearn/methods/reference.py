@@ -29,8 +29,6 @@ from fastunlearn.models.devices import eval_mode, model_device
 from fastunlearn.models.patching import find_causal_lm
 from fastunlearn.models.precision import autocast
 
-__all__ = ["Reference", "build_reference"]
-
 KINDS = ("adapters_off", "initial_adapters", "copy")
 
 

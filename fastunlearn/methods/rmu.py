@@ -18,8 +18,6 @@ from torch import Tensor, nn
 
 from fastunlearn.methods.capture import decoder_layers
 
-__all__ = ["RmuSetting", "down_projections", "resolve_rmu_layers"]
-
 # The MLP's output projection under each architecture's name (Llama/Mistral/Qwen/Gemma, GPT-NeoX, Phi,
 # GPT-2/GPT-Neo).
 DOWN_PROJECTIONS = ("down_proj", "dense_4h_to_h", "fc2", "c_proj")

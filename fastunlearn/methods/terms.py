@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 Part = Mapping[str, Tensor]
 Term = Callable[["Objective", nn.Module, Mapping[str, Part]], Tensor]
 
-__all__ = ["FORGET", "RETAIN", "model_loss", "target_counts"]
-
 
 def model_loss(model: nn.Module, part: Part, loss_type: LossType, **extra: Tensor) -> Tensor:
     """The ``loss_type`` term of one batch part, computed by the patched model's own forward."""

@@ -22,19 +22,6 @@ from torch import nn
 from fastunlearn._hub import MODEL_FILES, is_hub_id, resolve_snapshot
 from fastunlearn.models.quantization import keep_trainable_layout, quantization_config
 
-__all__ = [
-    "ModelSource",
-    "adapter_base",
-    "check_model_dir",
-    "load_config",
-    "load_model_and_tokenizer",
-    "load_tokenizer",
-    "model_skeleton",
-    "model_source",
-    "quiet_peft_wrap",
-    "resolve_model",
-]
-
 ADAPTER_CONFIG = "adapter_config.json"
 _DTYPE_RENAMED_IN = (4, 56)  # from_pretrained's `torch_dtype` became `dtype`
 _HUB_KERNELS_FROM = (4, 54)  # from_pretrained takes `use_kernels` (on by default in transformers 5)

@@ -59,20 +59,6 @@ LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", 
 
 _STATE = "_fastunlearn_patch"
 
-__all__ = [
-    "FUSED_FAMILIES",
-    "LOSS_TYPES",
-    "LossType",
-    "find_causal_lm",
-    "fused_blocker",
-    "head_computes",
-    "is_fused",
-    "is_patched",
-    "patch",
-    "takes_fused_path",
-    "unpatch",
-]
-
 
 @dataclass
 class _PatchState:

@@ -18,16 +18,6 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = [
-    "PRECISIONS",
-    "PRECISION_DTYPES",
-    "autocast",
-    "load_dtype",
-    "resolve_precision",
-    "resolve_training_precision",
-    "weights_dtype",
-]
-
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -12,14 +12,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "dequantized_weight",
-    "is_quantized",
-    "keep_trainable_layout",
-    "quantization_config",
-    "require_bitsandbytes",
-]
-
 _QUANTISED_PARAMS = ("Params4bit", "Int8Params")
 
 
