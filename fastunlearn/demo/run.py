@@ -1,10 +1,8 @@
 """The demo job: the cached models, :func:`fastunlearn.unlearn` on the forget set, a before/after table.
 
-``DIR/metrics.json`` adds to the run's metrics TOFU's forget quality and model utility before and after
-(``tofu``, against the retain-only model's forget-set truth ratios, computed once and cached) and the
-``fastunlearn unlearn`` command line that trains the same model (``command``): the demo's settings are
-not the command's defaults, which are the paper's for a 7B model. The run is evaluated every epoch, so
-``DIR/trajectory.csv`` and ``.png`` show forgetting over the steps.
+``DIR/metrics.json`` adds TOFU's forget quality and model utility before and after (``tofu``) and the
+``fastunlearn unlearn`` command line that trains the same model (``command``: the demo's settings are
+not the command's 7B defaults); evaluated every epoch, ``DIR/trajectory.csv`` / ``.png`` show the run.
 """
 
 from __future__ import annotations

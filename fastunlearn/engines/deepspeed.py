@@ -1,11 +1,8 @@
 """DeepSpeed ZeRO as the training engine (``deepspeed=CONFIG``): what must happen around ``Trainer``.
 
-The config is checked before any weight loads: a value contradicting an option (micro-batch, gradient
-accumulation, ``train_batch_size`` = processes × both, clipping, learning rate, weight decay, bf16 /
-fp16) is one ``ValueError`` naming every contradiction, and ``"auto"`` values are filled as ``Trainer``
-fills them. Under ZeRO-3 the model is created partitioned (a 70B model is never whole on one device),
-and the passes before training fetch its weights through a DeepSpeed engine of their own; ZeRO-1/2
-partition only optimizer state and gradients, so the model loads whole as under DDP.
+The config is checked before any weight loads (every value contradicting an option in one ``ValueError``;
+``"auto"`` filled as ``Trainer`` fills it). Under ZeRO-3 the model is created partitioned and the passes
+before training fetch its weights through a DeepSpeed engine of their own; ZeRO-1/2 load it whole.
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
-"""Fully sharded data parallel training of LoRA / FILA runs with torch's FSDP2 ``fully_shard``.
+"""LoRA / FILA runs sharded with torch's FSDP2 ``fully_shard``, taking ``transformers``' ``--fsdp``
+words: ``full_shard`` (default, ZeRO-3-like), ``shard_grad_op`` (ZeRO-2-like), ``auto_wrap`` (a unit per
+transformer block), ``offload`` (CPU shards and optimizer state; CUDA runs).
 
-The ``fsdp`` option takes ``transformers``' ``--fsdp`` words: ``full_shard`` (default; parameters
-gathered for each unit's forward and backward, ZeRO-3-like) or ``shard_grad_op`` (kept gathered from
-forward to backward, ZeRO-2-like); ``auto_wrap`` (one unit per transformer block, the model's
-``_no_split_modules``); ``offload`` (shards and optimizer state on the CPU; CUDA runs).
-
-Why our own ``fully_shard`` rather than ``TrainingArguments(fsdp=...)``: accelerate honours that only
-on accelerators (on CPU ranks it silently falls back to DDP), while this works on GPUs and on CPU ranks
-over gloo alike, and FSDP2 keeps every parameter a named ``DTensor``, so peft's LoRA parameters stay
-individually trainable. The model is sharded after the Fisher passes and FILA: those give the ranks
-different numbers of batches (a sharded forward is a collective) and FILA factorises full weights.
-Not supported: ``init="full"``, ``resume`` (the optimizer state is sharded), ``hybrid_shard``.
+Ours rather than ``TrainingArguments(fsdp=...)``, which accelerate silently turns into DDP on CPU ranks;
+FSDP2 keeps peft's LoRA parameters named, individually trainable ``DTensor``s. The model is sharded after
+the Fisher passes and FILA (uneven batches per rank; FILA factorises whole weights). Not supported:
+``init="full"``, ``resume`` (sharded optimizer state), ``hybrid_shard``.
 """
 
 from __future__ import annotations

@@ -1,16 +1,11 @@
-"""The reference model, the model before unlearning, for the terms that run it at every step (KL, RMU).
-
-Where the maths allows, the trained model computes it itself, without a second copy:
-
-- LoRA: the base weights are the model before unlearning; the reference switches the adapters off.
-- FILA: the base is the residual ``W_res = W − s·B₀A₀``, so each LoRA layer instead adds the initial
-  adapter ``s·B₀A₀x`` (FILA's recorded factors): ``W_res + s·B₀A₀ = W``. (On a quantised base FILA's
-  frozen hook subtracts ``s·B₀A₀x`` from ``W_q``, which the initial adapter cancels.)
-- Full fine-tuning: a frozen copy, made before the first step.
+"""The reference model (the model before unlearning) for the terms that run it at every step (KL, RMU),
+computed by the trained model itself where the maths allows: with LoRA the adapters are switched off;
+with FILA each LoRA layer adds its initial adapter ``s·B₀A₀x`` instead (``W_res + s·B₀A₀ = W``; on a
+quantised base it cancels FILA's frozen ``−s·B₀A₀x`` hook); full fine-tuning keeps a frozen copy.
 
 The adapters are switched by a per-call ``forward`` on each LoRA layer, so no ``requires_grad`` changes
-and DDP, FSDP and DeepSpeed see one trainable set throughout. The reference runs without gradients, in
-eval mode, under the run's autocast.
+and DDP, FSDP and DeepSpeed see one trainable set. The reference runs without gradients, in eval mode,
+under the run's autocast.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """The forget and retain terms of the unlearning objectives, each computed by the patched model.
 
-Per sequence ``x``, ``S_θ(x) = Σ_t log π_θ(y_t | y_<t)`` over its target tokens (the positions whose
-shifted label is not ``-100``), ``n(x)`` their count; ``NLL(D)`` is the token mean over every target of
-batch ``D``. A batch holds the parts ``forget``, ``retain`` and ``idk`` (each forget question with a
-refusal answer); ``ref_logp`` rides on the parts whose reference log-probabilities were taken once.
-
-Forget terms: ``ihl`` — the Inverted Hinge Loss, token mean of ``1 + p_y − max_{v≠y} p_v``; ``ga`` —
-``−NLL(forget)``; ``npo`` — ``−(2/β)·mean log σ(−β·(S_θ − S_ref))``; ``simnpo`` —
-``−(2/β)·mean log σ(β·(−S_θ/n − δ))``; ``idk`` — ``NLL(idk)``; ``dpo`` — ``−(2/β)·mean log σ(β·Δ)``,
-``Δ = (S_θ − S_ref)(idk) − (S_θ − S_ref)(forget)``; ``rmu`` — the forget batch's layer-ℓ activations
-against ``c·u``. Retain terms: ``nll`` — ``NLL(retain)``; ``kl`` / ``kl_targets`` — ``KL(P_ref‖P_θ)``
-over every position of the retain batch (padding included, TOFU's) or over its targets; ``rmu`` — the
-retain batch's layer-ℓ activations against the reference model's. The losses on per-sequence values
-and activations are :mod:`fastunlearn.ops.preference`'s; RMU's ``act(h, g) = mean_x Σ_{t target}
-mean_d (h_t − g_t)²/n(x)``.
+A batch holds the parts ``forget``, ``retain`` and ``idk`` (each forget question with a refusal
+answer); ``ref_logp`` rides on the parts whose reference log-probabilities were taken once. Forget
+terms: ``ihl``, ``ga`` (``−NLL(forget)``), ``npo``, ``simnpo``, ``idk`` (``NLL(idk)``), ``dpo`` (idk
+preferred over forget), ``rmu``; retain terms: ``nll``, ``kl`` (every position, padding included, as
+TOFU's) / ``kl_targets`` (the targets only), ``rmu``. Their formulas are :mod:`fastunlearn.ops.preference`'s.
 """
 
 from __future__ import annotations

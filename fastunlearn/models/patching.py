@@ -1,25 +1,16 @@
 """Unlearning losses inside a causal LM's own forward: ``fastunlearn.patch(model)``.
 
-After ``patch(model)``, with ``labels`` aligned with ``input_ids`` (Hugging Face convention; ``-100``
-marks tokens without a loss), ``model(input_ids=..., attention_mask=..., labels=..., loss_type=...)``
-returns ``out.loss`` and ``out.logits is None``. Loss types:
+After ``patch(model)``, ``model(input_ids=..., labels=..., loss_type=...)`` (labels aligned with
+``input_ids``, ``-100`` without a loss) returns ``out.loss`` and ``out.logits is None``. Loss types:
+``"ihl"`` / ``"nll"`` (mean over the shifted targets), ``"seq_logprob"`` (``[B]`` sums of target
+log-probabilities), ``"kl"`` / ``"kl_targets"`` (``KL(P_ref ‖ P_θ)`` over every position, padding
+included as TOFU's, or over the targets; ``ref_hidden=`` the reference's ``[B, T, H]`` last hidden
+states, put through the shared frozen head).
 
-- ``"ihl"`` / ``"nll"``: the Inverted Hinge Loss (Cha et al. 2025) / the token NLL, mean over the
-  batch's shifted targets;
-- ``"seq_logprob"``: ``log π(y_i | x_i) = Σ_t log p(y_{i,t+1} | y_{i,≤t})`` per sequence, ``[B]``;
-- ``"kl"``: ``KL(P_ref ‖ P_θ)`` of the next-token distributions, mean over every position (padding
-  included, TOFU's), and ``"kl_targets"``, the same over the positions with a target. The caller passes
-  the reference's last hidden states ``ref_hidden=`` ``[B, T, H]`` (taken without gradients); the
-  reference logits are the shared, frozen output head applied to them.
-
-Why inside the forward: DDP, FSDP and DeepSpeed act on module calls (gathering parameters in
-pre-forward hooks, following outputs for their backward hooks) and accelerate wraps ``forward`` in
-autocast. So the loss is computed by the output head's own call, with the head's ``forward`` swapped
-for that call only: every hook runs, autocast applies, and the ``[B, T, V]`` logits never exist (the
-fused losses take the hidden states). The model's code runs unchanged; its one assumption, logits =
-``head(last_hidden_state)``, is checked (:func:`fused_blocker`). Other models take the logits path:
-the real logits, then :func:`fastunlearn.ihl_loss` etc., with one warning (an error under
-``fused=True``). The labels are shifted, never the hidden states, so nothing large is copied.
+The loss is computed by the output head's own call (its ``forward`` swapped for that call only), so the
+hooks of DDP / FSDP / DeepSpeed and accelerate's autocast apply and the ``[B, T, V]`` logits never exist.
+A model whose logits may not be ``head(last_hidden_state)`` (:func:`fused_blocker`) takes the logits
+path with one warning (an error under ``fused=True``).
 """
 
 from __future__ import annotations

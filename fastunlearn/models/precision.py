@@ -1,13 +1,9 @@
 """Training precision that cannot silently degrade: what ``precision`` resolves to on a device, the
 dtype a model given by path loads in, and the weights refused.
 
-bf16 and fp16 are autocast over weights whose trained copies stay fp32. ``"auto"``: bf16 on CUDA
-sm_80+, fp32 elsewhere. ``"bf16"``: a frozen base loads in bf16 (peft keeps adapters fp32), but
-``init="full"`` trains fp32 weights, since AdamW's updates are often below bf16's resolution (2⁻⁸
-relative). ``"fp16"``: only with loss scaling (fp16 flushes gradients below 6·10⁻⁸ to zero), which
-``Trainer`` applies on CUDA only, and its scaler needs fp32 weights. ``"fp32"``: loads fp32 whatever
-the checkpoint's dtype. Model objects keep their dtype: fp16 weights are refused, bf16 weights need bf16
-and an adapter.
+bf16 and fp16 are autocast over fp32 trained weights (AdamW's updates are often below bf16's 2⁻⁸
+resolution; fp16's loss scaling, CUDA only, needs fp32 weights); a frozen base may load in bf16.
+Model objects keep their dtype: fp16 weights are refused, bf16 weights need bf16 and an adapter.
 """
 
 from __future__ import annotations
