@@ -33,6 +33,7 @@ from fastunlearn.methods import METHODS, PRESETS, resolve_method
 from fastunlearn.methods.objectives import Objective, method_loss, sequence_logprobs
 from fastunlearn.methods.reference import build_reference
 from fastunlearn.methods.rmu import RmuSetting
+from fastunlearn.models import patching
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -132,7 +133,7 @@ def test_fused_path_equals_the_logits_path_in_fp64(method):
     results = []
     for fused in (False, True):
         fastunlearn.patch(model, fused=fused, backend="torch")
-        assert fastunlearn.models.patching.is_fused(model) == fused
+        assert (patching.is_patched(model) and patching.takes_fused_path(model)) == fused
         loss, parts = objective(model, batch)
         loss.backward()
         results.append((loss.detach(), parts, grads(model)))

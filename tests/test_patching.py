@@ -30,7 +30,7 @@ from references.formulations import ihl_reference
 from torch import nn
 
 import fastunlearn
-from fastunlearn.models.patching import find_causal_lm, fused_blocker, is_fused, is_patched
+from fastunlearn.models.patching import find_causal_lm, fused_blocker, is_patched, takes_fused_path
 
 VOCAB = 131  # not a power of two
 COMMON = {
@@ -51,6 +51,11 @@ FAMILIES = {
     "gemma2": {"num_key_value_heads": 2, "head_dim": 8, "final_logit_softcapping": None},
 }
 LOSS_TYPES = ["ihl", "nll", "seq_logprob"]
+
+
+def is_fused(model) -> bool:
+    """Patched, and its losses take the fused path."""
+    return is_patched(model) and takes_fused_path(model)
 
 
 def build(family: str, seed: int = 0, **overrides) -> nn.Module:

@@ -63,7 +63,6 @@ def _preset(forget: str, retain: str, forget_weight: float = 1.0, retain_weight:
     return MethodSpec(forget, retain, forget_weight, retain_weight, TERM_BETA.get(forget, 0.1))
 
 
-# The named methods and where they come from.
 PRESETS: dict[str, MethodSpec] = {
     "ihl": _preset("ihl", "nll"),  # Cha et al. 2025
     "ga": _preset("ga", "none"),  # TOFU grad_ascent

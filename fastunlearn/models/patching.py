@@ -188,11 +188,6 @@ def is_patched(model: nn.Module) -> bool:
     return _STATE in find_causal_lm(model).__dict__
 
 
-def is_fused(model: nn.Module) -> bool:
-    """Whether ``model`` is patched and its losses take the fused path."""
-    return is_patched(model) and takes_fused_path(model)
-
-
 def takes_fused_path(model: nn.Module) -> bool:
     """Whether a loss of ``model`` computed outside a ``loss_type`` call (a Fisher pass, teacher-forced
     evaluation) takes the fused path: wherever :func:`fused_blocker` allows, unless patched with
