@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from fastunlearn.data.examples import pad_id_of
+from fastunlearn.data.examples import Example, collate, pad_id_of
 from fastunlearn.evaluation.likelihood import backend_for, eval_mode, model_inputs, stats_at_head
 from fastunlearn.models.devices import model_device
 from fastunlearn.models.patching import takes_fused_path
@@ -55,14 +55,6 @@ def batch_token_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
         return torch.stack(token_stats(logits, targets, backend=backend_for(logits), validate=False), dim=-1)
 
 
-def _raw_text_batch(rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` of raw texts (``-100`` on padding)."""
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([list(r) + [pad_id] * (width - len(r)) for r in rows], dtype=torch.long)
-    mask = torch.arange(width) < torch.tensor([len(r) for r in rows])[:, None]
-    return {"input_ids": ids, "attention_mask": mask.long(), "labels": ids.masked_fill(~mask, IGNORE_INDEX)}
-
-
 def map_text_batches(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -80,7 +72,8 @@ def map_text_batches(
     parts: dict[str, list[torch.Tensor]] = {}
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
-            batch = _raw_text_batch([token_ids[i] for i in order[start : start + batch_size]], pad_id)
+            rows = [token_ids[i] for i in order[start : start + batch_size]]
+            batch = collate([Example(tuple(r), tuple(r), "") for r in rows], pad_id)  # every token a label
             for key, value in reduce(batch_token_stats(model, batch)).items():
                 parts.setdefault(key, []).append(value)
     inverse = torch.empty(len(order), dtype=torch.long)
