@@ -120,24 +120,6 @@ def membership_scores(
     return distributed.map_sharded(scores, range(len(texts)), model=model)
 
 
-def _retrained_auc(
-    retrain_auc: float | None,
-    retrain_model: torch.nn.Module | None,
-    tokenizer: Any,
-    sets: dict[str, list[str]],
-    opts: dict[str, Any],
-) -> float | None:
-    if retrain_auc is not None and retrain_model is not None:
-        raise ValueError("give the retrained model's AUC or the retrained model, not both")
-    if retrain_model is None:
-        return None if retrain_auc is None else float(retrain_auc)
-    forget, holdout = (
-        membership_scores(retrain_model, tokenizer, texts, name=name, **opts)["min_k"]
-        for name, texts in sets.items()
-    )
-    return auc(forget, holdout)
-
-
 def evaluate_mia(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -159,6 +141,8 @@ def evaluate_mia(
     model's Min-K% AUC (``retrain_auc``, or computed on ``retrain_model``) adds ``privleak``. The other
     models share ``tokenizer``.
     """
+    if retrain_auc is not None and retrain_model is not None:
+        raise ValueError("give the retrained model's AUC or the retrained model, not both")
     sets = {"forget": text_field(forget, "text", "forget"), "holdout": text_field(holdout, "text", "holdout")}
     opts = {"k": k, "batch_size": batch_size, "max_length": max_length}
     scores = {
@@ -182,9 +166,11 @@ def evaluate_mia(
             "forget": forget_scores.tolist(),
             "holdout": holdout_scores.tolist(),
         }
-    retrained = _retrained_auc(retrain_auc, retrain_model, tokenizer, sets, opts)
-    if retrained is not None:
-        results["retrain_auc"] = retrained
-        results["privleak"] = privleak(results["min_k"]["auc"], retrained)
+    if retrain_model is not None:
+        retrained = [membership_scores(retrain_model, tokenizer, t, name=n, **opts) for n, t in sets.items()]
+        retrain_auc = auc(retrained[0]["min_k"], retrained[1]["min_k"])
+    if retrain_auc is not None:
+        results["retrain_auc"] = float(retrain_auc)
+        results["privleak"] = privleak(results["min_k"]["auc"], results["retrain_auc"])
         results["privleak_convention"] = PRIVLEAK_CONVENTION
     return results
