@@ -315,8 +315,6 @@ def test_families_and_bad_input(tokenizers):
     for name, (start, end, tag, marker, keep) in SPEC_TAGS.items():
         assert tofu_family(name) == TofuTags(start, end, tag, marker, keep)
     assert set(TOFU_FAMILIES) == set(SPEC_TAGS)
-    tags = TofuTags("Q: ", "\n", "A: ", "A: ", False)
-    assert tofu_family(tags) is tags
     tok = tokenizers["byte_level_phi"]
     for bad in ("llama2", "phi", None):
         with pytest.raises(

@@ -202,12 +202,12 @@ class PairedDataset(torch.utils.data.Dataset):
         return item
 
 
+@dataclass(frozen=True)
 class PairCollator:
     """Collate :class:`PairedDataset` items into ``{"forget": batch, "retain": batch, "idk": batch}`` (the
     parts they hold, each padded alone), their ``ref_logp`` as ``batch[part]["ref_logp"]`` ``[B]`` fp32."""
 
-    def __init__(self, pad_id: int) -> None:
-        self.pad_id = pad_id
+    pad_id: int
 
     def __call__(self, items: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
         out = {

@@ -143,17 +143,13 @@ class HubDataset:
         return f"{self.repo_id}{config}@{self.split}"
 
 
-def _parse_hub_name(name: str) -> tuple[str, str | None, str]:
-    rest, _, split = name.partition("@")
-    repo_id, _, config = rest.partition(":")
-    return repo_id, config or None, split or "train"
-
-
 def resolve_hub_dataset(name: str, *, allow_download: bool = False) -> HubDataset:
     """The repository, configuration, split and commit that ``name[:config][@split]`` reads: the
     cached snapshot, or with ``allow_download`` the Hub's current commit (the cached one when the Hub
     cannot be reached). ``FileNotFoundError`` when the name is neither a file nor a Hub id found."""
-    repo_id, config, split = _parse_hub_name(name)
+    rest, _, split = name.partition("@")
+    repo_id, _, config = rest.partition(":")
+    config, split = config or None, split or "train"
     if not is_hub_id(repo_id) or repo_id.lower().endswith(FILE_SUFFIXES):
         raise FileNotFoundError(f"data file not found: {name}")
     unreachable = None

@@ -58,10 +58,8 @@ class TofuExample(NamedTuple):
     cut: bool
 
 
-def tofu_family(family: str | TofuTags) -> TofuTags:
-    """The tags of a TOFU family name (``TofuTags`` pass through); ``ValueError`` listing the known ones."""
-    if isinstance(family, TofuTags):
-        return family
+def tofu_family(family: str) -> TofuTags:
+    """The tags of a TOFU family name; ``ValueError`` listing the known ones."""
     try:
         return TOFU_FAMILIES[family]
     except (KeyError, TypeError):
@@ -76,7 +74,7 @@ def eos_id(tokenizer) -> int:
 
 
 def encode_tofu_example(
-    tokenizer, question: str, answer: str, family: str | TofuTags, max_length: int, *, where: str = "example"
+    tokenizer, question: str, answer: str, family: str, max_length: int, *, where: str = "example"
 ) -> TofuExample:
     """Tokenise one (question, answer) pair exactly as TOFU does (module docstring), cut by the
     tokenizer's own truncation. ``ValueError`` naming ``where`` when the question fills ``max_length``
@@ -101,7 +99,7 @@ def encode_tofu_example(
 
 
 def tofu_generation_prompt(
-    tokenizer, input_ids: Sequence[int] | torch.Tensor, family: str | TofuTags
+    tokenizer, input_ids: Sequence[int] | torch.Tensor, family: str
 ) -> tuple[str, str]:
     """The generation prompt and the ROUGE reference of an example encoded at the evaluation length:
     decoded without special tokens and split at the family's marker (the reference code's

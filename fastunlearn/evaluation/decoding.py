@@ -19,11 +19,6 @@ from fastunlearn.models.naming import unwrap_model
 EOS_CHECK_EVERY = 8
 
 
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    # With left padding a sequence's first real token must still sit at position 0.
-    return (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-
-
 def _decode_arguments(model: torch.nn.Module) -> tuple[str, dict[str, int]]:
     """The forward's KV-cache argument (``cache`` from transformers 5.2x, else ``past_key_values``) and
     the one limiting logits to the last position, where there is one: prefill then skips the
@@ -72,7 +67,7 @@ def greedy_decode(
     for r, p in enumerate(prompts):
         ids[r, width - len(p) :] = p.to(device)
         mask[r, width - len(p) :] = 1
-    positions = _position_ids(mask)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padded: the first real token at position 0
     cache_arg, keep_last = _decode_arguments(model)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep_last)
     next_tok = out.logits[:, -1].argmax(dim=-1)

@@ -22,14 +22,6 @@ _INSTALL = 'pip install "fastunlearn[eval]"'
 _DROPPED = ("samples",)
 
 
-def _task_list(tasks: str | Sequence[str]) -> list[str]:
-    names = tasks.split(",") if isinstance(tasks, str) else list(tasks)
-    names = [t.strip() for t in names if t.strip()]
-    if not names:
-        raise ValueError("no lm-eval task given")
-    return names
-
-
 def _harness():
     try:
         import lm_eval
@@ -56,7 +48,9 @@ def check_tasks(
     """The task names and the task manager that knows them (an index of ``include_path`` alone when it
     has every task: the harness's own take seconds to index); ``ValueError`` naming unknown tasks."""
     _harness()
-    names = _task_list(tasks)
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    if not names:
+        raise ValueError("no lm-eval task given")
     paths = [include_path] if isinstance(include_path, (str, os.PathLike)) else list(include_path or [])
     paths = tuple(os.fspath(p) for p in paths)
     for defaults in dict.fromkeys((False, include_defaults) if paths else (include_defaults,)):

@@ -10,7 +10,8 @@ log-probabilities; ``min_k_plus_plus`` (Min-K%++, Zhang et al. 2024) the same ov
 
 An attack's AUC is ``P(holdout score > forget score)``, ties counting ½: near 1 for a model trained on
 the forget set, 0.5 for one that never saw it. PrivLeak (MUSE, Shi et al. 2024) compares the Min-K%
-AUC with a retrained model's (:data:`PRIVLEAK_CONVENTION`).
+AUC with a retrained model's (:data:`PRIVLEAK_CONVENTION`). The token statistics ``(log p_y, μ_t, σ_t)``
+come from one forward per right-padded batch, at the output head where the architecture allows.
 """
 
 from __future__ import annotations
@@ -18,14 +19,21 @@ from __future__ import annotations
 import math
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from fastunlearn.data.examples import Example, collate, pad_id_of
 from fastunlearn.data.records import text_field
 from fastunlearn.engines import distributed
-from fastunlearn.evaluation.sequence_stats import map_text_batches, tokenize_texts
+from fastunlearn.evaluation.likelihood import backend_for, eval_mode, model_inputs, stats_at_head
+from fastunlearn.models.devices import model_device
+from fastunlearn.models.patching import takes_fused_path
+from fastunlearn.ops import IGNORE_INDEX
+from fastunlearn.ops.ihl import check_label_range
+from fastunlearn.ops.nll import shift_labels
+from fastunlearn.ops.token_stats import linear_token_stats, token_stats
 
 ATTACKS = ("loss", "zlib", "min_k", "min_k_plus_plus")
 AUC_CONVENTION = (
@@ -40,6 +48,67 @@ PRIVLEAK_CONVENTION = (
 )
 
 MembershipData = str | os.PathLike | Sequence[str] | Sequence[dict[str, Any]]
+
+
+def tokenize_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int, name: str) -> list[list[int]]:
+    """Token ids of each text with the tokenizer's special tokens, cut at ``max_length``. A text of fewer
+    than two tokens has nothing to score: ``ValueError`` naming it (``name`` labels the set)."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    ids = tokenizer(list(texts), add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+    for i, row in enumerate(ids):
+        if len(row) < 2:
+            raise ValueError(f"{name} item {i} has {len(row)} token(s): no target token to score")
+    return [list(row) for row in ids]
+
+
+def batch_token_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``[B, T, 3]`` ``(log p_y, μ, σ)`` of one right-padded CPU batch: position ``t`` holds the label at
+    ``t + 1``'s, NaN where there is none. Right padding needs no attention mask in a causal model (a
+    real token attends only to real ones before it), so the mask is passed only for other padding."""
+    mask = batch["attention_mask"]
+    right_padded = not bool((mask[:, 1:] > mask[:, :-1]).any())  # a host check: the batch is on the CPU
+    inputs = model_inputs(model, batch["input_ids"], None if right_padded else mask)
+    host_targets = shift_labels(batch["labels"])  # range-checked here, with no device synchronisation
+    targets = host_targets.to(model_device(model))
+
+    def row_stats(h: torch.Tensor, y: torch.Tensor, head: torch.nn.Linear) -> torch.Tensor:
+        check_label_range(host_targets, head.weight.shape[0], IGNORE_INDEX)
+        stats = linear_token_stats(h, head.weight, y, bias=head.bias, backend=backend_for(h), validate=False)
+        return torch.stack(stats, dim=-1)
+
+    with torch.no_grad():
+        if takes_fused_path(model):
+            return stats_at_head(model, inputs, targets, host_targets, row_stats, float("nan"))
+        logits = model(**inputs).logits
+        check_label_range(host_targets, logits.shape[-1], IGNORE_INDEX)
+        return torch.stack(token_stats(logits, targets, backend=backend_for(logits), validate=False), dim=-1)
+
+
+def map_text_batches(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    token_ids: Sequence[Sequence[int]],
+    reduce: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    *,
+    batch_size: int,
+) -> dict[str, torch.Tensor]:
+    """``reduce`` (a batch's ``[B, T, 3]`` statistics → per-sequence ``[B]`` tensors) over batches of
+    ``token_ids`` sorted by length, in item order on the CPU, in eval mode."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
+    pad_id = pad_id_of(tokenizer)
+    parts: dict[str, list[torch.Tensor]] = {}
+    with eval_mode(model):
+        for start in range(0, len(order), batch_size):
+            rows = [token_ids[i] for i in order[start : start + batch_size]]
+            batch = collate([Example(tuple(r), tuple(r), "") for r in rows], pad_id)  # every token a label
+            for key, value in reduce(batch_token_stats(model, batch)).items():
+                parts.setdefault(key, []).append(value)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
+    return {key: torch.cat(values).cpu()[inverse] for key, values in parts.items()}
 
 
 def auc(
@@ -120,24 +189,6 @@ def membership_scores(
     return distributed.map_sharded(scores, range(len(texts)), model=model)
 
 
-def _retrained_auc(
-    retrain_auc: float | None,
-    retrain_model: torch.nn.Module | None,
-    tokenizer: Any,
-    sets: dict[str, list[str]],
-    opts: dict[str, Any],
-) -> float | None:
-    if retrain_auc is not None and retrain_model is not None:
-        raise ValueError("give the retrained model's AUC or the retrained model, not both")
-    if retrain_model is None:
-        return None if retrain_auc is None else float(retrain_auc)
-    forget, holdout = (
-        membership_scores(retrain_model, tokenizer, texts, name=name, **opts)["min_k"]
-        for name, texts in sets.items()
-    )
-    return auc(forget, holdout)
-
-
 def evaluate_mia(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -159,6 +210,8 @@ def evaluate_mia(
     model's Min-K% AUC (``retrain_auc``, or computed on ``retrain_model``) adds ``privleak``. The other
     models share ``tokenizer``.
     """
+    if retrain_auc is not None and retrain_model is not None:
+        raise ValueError("give the retrained model's AUC or the retrained model, not both")
     sets = {"forget": text_field(forget, "text", "forget"), "holdout": text_field(holdout, "text", "holdout")}
     opts = {"k": k, "batch_size": batch_size, "max_length": max_length}
     scores = {
@@ -182,9 +235,11 @@ def evaluate_mia(
             "forget": forget_scores.tolist(),
             "holdout": holdout_scores.tolist(),
         }
-    retrained = _retrained_auc(retrain_auc, retrain_model, tokenizer, sets, opts)
-    if retrained is not None:
-        results["retrain_auc"] = retrained
-        results["privleak"] = privleak(results["min_k"]["auc"], retrained)
+    if retrain_model is not None:
+        retrained = [membership_scores(retrain_model, tokenizer, t, name=n, **opts) for n, t in sets.items()]
+        retrain_auc = auc(retrained[0]["min_k"], retrained[1]["min_k"])
+    if retrain_auc is not None:
+        results["retrain_auc"] = float(retrain_auc)
+        results["privleak"] = privleak(results["min_k"]["auc"], results["retrain_auc"])
         results["privleak_convention"] = PRIVLEAK_CONVENTION
     return results

@@ -60,17 +60,6 @@ def _scored(
     return recall
 
 
-def _privleak(mia: Mapping[str, Any], results: dict[str, Any]) -> None:
-    """Record C3 from :func:`~fastunlearn.evaluation.mia.evaluate_mia`'s results on the privleak sets."""
-    results["privleak_auc"] = mia["min_k"]["auc"]
-    results["privleak_aucs"] = {attack: mia[attack]["auc"] for attack in ATTACKS}
-    results["num_items"].update(privleak_forget=mia["num_forget"], privleak_holdout=mia["num_holdout"])
-    if "privleak" in mia:
-        results["privleak"] = mia["privleak"]
-        results["privleak_retrain_auc"] = mia["retrain_auc"]
-        results["privleak_convention"] = mia["privleak_convention"]
-
-
 def evaluate_muse(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -119,5 +108,11 @@ def evaluate_muse(
             k=k, retrain_auc=retrain_auc, retrain_model=retrain_model, batch_size=batch_size,
             max_length=max_length,
         )  # fmt: skip
-        _privleak(mia, results)
+        results["privleak_auc"] = mia["min_k"]["auc"]
+        results["privleak_aucs"] = {attack: mia[attack]["auc"] for attack in ATTACKS}
+        results["num_items"].update(privleak_forget=mia["num_forget"], privleak_holdout=mia["num_holdout"])
+        if "privleak" in mia:
+            results["privleak"] = mia["privleak"]
+            results["privleak_retrain_auc"] = mia["retrain_auc"]
+            results["privleak_convention"] = mia["privleak_convention"]
     return results

@@ -74,11 +74,10 @@ class SetEvaluator:
         for name, value in (
             ("eval_items", 1 if eval_items is None else eval_items),
             ("batch_size", batch_size),
+            ("max_new_tokens", max_new_tokens),
         ):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         self.tokenizer, self.batch_size, self.max_new_tokens = tokenizer, batch_size, max_new_tokens
         self.pad_id = fdata.pad_id_of(tokenizer)
         self.muse = None if muse is None else dict(muse)

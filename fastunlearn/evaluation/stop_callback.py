@@ -37,17 +37,6 @@ def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _put_back(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Copy :func:`_trainable_state`'s tensors back (under ZeRO-3 through a gather that DeepSpeed
-    partitions back on exit)."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in state.items():
-            param = params[name]
-            with gathered([param], modifier_rank=0):
-                param.copy_(value.to(param.device))
-
-
 def measure_reference(rule: StopRule, evaluator: SetEvaluator, model: torch.nn.Module) -> StopRule:
     """``rule`` resolved with its reference values measured on ``model`` (the model before unlearning,
     or the retain-only / retrained one, sharing the tokenizer) by ``evaluator``."""
@@ -236,7 +225,11 @@ class StoppingCallback(TrainerCallback):
         if target is not None and model is not None:
             if self._snapshot is None or self._snapshot[0] != target.step:
                 raise RuntimeError(f"no saved state for step {target.step} to restore")  # a bug, not input
-            _put_back(model, self._snapshot[1])
+            params = dict(model.named_parameters())
+            with torch.no_grad():  # under ZeRO-3 through a gather that DeepSpeed partitions back on exit
+                for name, value in self._snapshot[1].items():
+                    with gathered([params[name]], modifier_rank=0):
+                        params[name].copy_(value.to(params[name].device))
         self._snapshot = None
         summary, rule = self.controller.summary(), self.controller.rule
         plot_path = None

@@ -8,7 +8,7 @@ import csv
 import io
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastunlearn._io import atomic_file, write_text
@@ -18,12 +18,6 @@ LEADING = ("step", "epoch")
 # The training loss logged at the step (its mean since the previous log), whether the rule held, the
 # best-restore criterion, seconds spent evaluating.
 TRAILING = ("loss", "forget_loss", "retain_loss", "satisfied", "retain_score", "eval_s")
-
-
-def _columns(rows: Iterable[Mapping[str, Any]]) -> list[str]:
-    names = {key for row in rows for key in row}
-    known = [*LEADING, *METRIC_NAMES, *TRAILING]
-    return [c for c in known if c in names] + sorted(names - set(known))
 
 
 def _cell(value: Any) -> str:
@@ -59,17 +53,17 @@ class Trajectory:
 
     def write(self) -> None:
         """Write the rows held now (a resumed run's replace what an interrupted one left after them)."""
-        if self.path is not None:
-            write_text(self.path, self.to_csv())
-
-    def to_csv(self) -> str:
-        columns = _columns(self.rows)
+        if self.path is None:
+            return
+        names = {key for row in self.rows for key in row}
+        known = [*LEADING, *METRIC_NAMES, *TRAILING]
+        columns = [c for c in known if c in names] + sorted(names - set(known))
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(columns)
         for row in self.rows:
             writer.writerow([_cell(row.get(c)) for c in columns])
-        return out.getvalue()
+        write_text(self.path, out.getvalue())
 
 
 def _parse_cell(text: str) -> float | str | None:

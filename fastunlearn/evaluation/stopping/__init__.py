@@ -1,9 +1,5 @@
-"""Stopping rules for unlearning runs: *when* has the model forgotten, and which state to keep.
-
-:mod:`~.rules` (the metrics, bounds and rules), :mod:`~.parsing` (every check before a model loads)
-and :mod:`~.controller` (the decisions). Pure Python; the callback that evaluates during training is
-:mod:`fastunlearn.evaluation.stop_callback`'s.
-"""
+"""Stopping rules (when has the model forgotten, which state to keep), pure Python: :mod:`~.rules`,
+:mod:`~.parsing` (every check before a model loads), :mod:`~.controller` (the decisions)."""
 
 from fastunlearn.evaluation.stopping.controller import (
     DEFAULT_RETAIN_METRICS,

@@ -123,11 +123,8 @@ def _check_input(name: str, value: Any) -> None:
     path = isinstance(value, (str, os.PathLike))
     if name == "unseen" and path and not os.path.isfile(value):
         raise FileNotFoundError(f'unseen text file not found: {os.fspath(value)} ({{"text"}} JSON Lines)')
-    if (
-        name == "unseen"
-        and not path
-        and not (isinstance(value, Sequence) and value and all(isinstance(t, str) and t for t in value))
-    ):
+    texts = isinstance(value, Sequence) and value and all(isinstance(t, str) and t for t in value)
+    if name == "unseen" and not path and not texts:
         raise ValueError("unseen must be a JSON Lines file path or a non-empty list of non-empty texts")
     if name != "unseen" and path and not os.path.isdir(value):
         what, meaning = _INPUTS[name]
