@@ -11,8 +11,6 @@ import argparse
 import math
 import os
 
-__all__ = ["add_parser"]
-
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from fastunlearn.cli.parser import add_command, add_options

@@ -16,8 +16,6 @@ from typing import Any
 from fastunlearn.options.files import read_config_file
 from fastunlearn.options.schema import Spec, fields_of, flag_of
 
-__all__ = ["add_command", "add_options", "flags_of", "options_from_args", "to_flags"]
-
 
 def flags_of(*schemas: type) -> dict[str, str]:
     """Python name → the flag a user types, for error messages (``overwrite=True`` → ``--overwrite``)."""

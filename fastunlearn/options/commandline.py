@@ -10,8 +10,6 @@ from typing import Any
 
 from fastunlearn.options.schema import fields_of, flag_of
 
-__all__ = ["command_line"]
-
 
 def _spell(flag: str, value: Any, negate: bool, tp: Any) -> list[str]:
     if isinstance(value, bool):

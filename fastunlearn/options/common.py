@@ -10,8 +10,6 @@ from fastunlearn.data import FORMATS, TEMPLATE_NAMES
 from fastunlearn.models.quantization import require_bitsandbytes
 from fastunlearn.options.schema import option
 
-__all__ = ["DataShape", "ModelAccess", "RunControl"]
-
 
 @dataclass
 class ModelAccess:

@@ -6,8 +6,6 @@ from dataclasses import dataclass
 
 from fastunlearn.options.schema import option, validate
 
-__all__ = ["DEMO_SIZES", "DemoOptions"]
-
 DEMO_SIZES = ("small", "tiny")
 
 

@@ -9,8 +9,6 @@ from fastunlearn.data import TEMPLATE_NAMES
 from fastunlearn.options.common import ModelAccess, RunControl
 from fastunlearn.options.schema import option, validate
 
-__all__ = ["TOFU_MODES", "EvalConfig", "EvalSuite"]
-
 TOFU_MODES = ("full", "legacy")
 _MIA, _PRIVLEAK = "membership inference", "PrivLeak (membership inference, MUSE)"
 

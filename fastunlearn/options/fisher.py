@@ -10,8 +10,6 @@ from fastunlearn.models.precision import PRECISIONS
 from fastunlearn.options.common import DataShape, ModelAccess, RunControl
 from fastunlearn.options.schema import option, validate
 
-__all__ = ["FisherConfig"]
-
 
 @dataclass
 class FisherConfig(RunControl, DataShape, ModelAccess):

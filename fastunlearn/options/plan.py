@@ -7,8 +7,6 @@ from dataclasses import dataclass
 from fastunlearn.engines.base import ENGINES
 from fastunlearn.options.schema import option, validate
 
-__all__ = ["PlanOptions"]
-
 
 @dataclass
 class PlanOptions:

@@ -14,8 +14,6 @@ from typing import Any
 
 _META = "fastunlearn.option"
 
-__all__ = ["OptionTypeError", "Spec", "fields_of", "flag_of", "option", "require", "to_record", "validate"]
-
 
 @dataclass(frozen=True)
 class Spec:

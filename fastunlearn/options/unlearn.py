@@ -27,8 +27,6 @@ INITS = ("fila", "lora", "full")
 # Experiment trackers (transformers' integrations) and the packages that provide each.
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "trackio": ("trackio",)}
 
-__all__ = ["INITS", "TRACKERS", "UnlearnConfig", "check_trackers"]
-
 
 @dataclass
 class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):

@@ -34,8 +34,6 @@ from fastunlearn.plan.tracker import LiveTensors
 from fastunlearn.training.adapters import reference_logprobs, trainable_model
 from fastunlearn.training.exports import collect_outputs
 
-__all__ = ["PhaseRunner", "Setting", "measure_phases", "quantised_bytes"]
-
 Step = tuple[str, str, str, Callable[[], object]]  # (phase, step, kind of its allocations, call)
 
 

@@ -30,8 +30,6 @@ from fastunlearn.plan.peak_memory import young_garbage
 from fastunlearn.plan.phases import PhaseRunner, Setting
 from fastunlearn.plan.tracker import KINDS, LiveTensors, PhasePeak
 
-__all__ = ["MemoryPlan", "plan_memory"]
-
 GiB = 2**30
 CONTEXT_BYTES = GiB // 2  # the CUDA context and cuBLAS workspaces, outside the allocator
 SHARDED = ("fsdp", "zero3")

@@ -20,8 +20,6 @@ from fastunlearn.models.loading import quiet_peft_wrap
 from fastunlearn.models.precision import autocast
 from fastunlearn.options.unlearn import UnlearnConfig
 
-__all__ = ["initialise_adapters", "reference_logprobs", "trainable_model"]
-
 ROW_WEIGHTS = os.path.join("fisher", "row_weights.safetensors")
 
 

@@ -11,8 +11,6 @@ from fastunlearn._io import write_dir
 from fastunlearn.engines import distributed
 from fastunlearn.models.naming import unwrap_model
 
-__all__ = ["collect_outputs", "save_outputs"]
-
 
 def collect_outputs(
     model: nn.Module, *, init: str, merge: bool, state_dict: dict | None = None

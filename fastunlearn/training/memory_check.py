@@ -24,8 +24,6 @@ from fastunlearn.models.precision import weights_dtype
 from fastunlearn.options.unlearn import UnlearnConfig
 from fastunlearn.plan.plan import MemoryPlan, plan_memory
 
-__all__ = ["check_run_memory", "device_available", "run_plan"]
-
 
 def device_available(device: torch.device) -> int:
     """Bytes that tensors on ``device`` could take now (module docstring)."""

@@ -28,8 +28,6 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # _io's temporaries next to an entry: ".metrics.json.x1y2.tmp", ".adapter.x1y2.old"
 _TEMPORARY = re.compile(r"^\.(" + "|".join(re.escape(e) for e in OUTPUT_ENTRIES) + r")\..+\.(tmp|old)$")
 
-__all__ = ["RunDirs", "finish_run", "inspect_output", "interrupted_message", "last_checkpoint", "plan_run"]
-
 
 @dataclass(frozen=True)
 class OutputState:

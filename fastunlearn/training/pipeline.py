@@ -45,8 +45,6 @@ from fastunlearn.training.run_record import check_resumable, pin_revision, run_r
 from fastunlearn.training.stopping_setup import plan_run_stopping, prepare_unseen, stopping_callback
 from fastunlearn.training.trainer import build_trainer
 
-__all__ = ["RunState", "UnlearnResult", "run_unlearning", "unlearn"]
-
 
 @dataclass
 class UnlearnResult:

@@ -23,8 +23,6 @@ from fastunlearn.models.loading import load_config, model_skeleton, resolve_mode
 from fastunlearn.models.naming import canonical_name
 from fastunlearn.options.unlearn import UnlearnConfig
 
-__all__ = ["Checked", "check_context", "check_target_modules", "check_vocab", "preflight", "read_data"]
-
 Records = tuple[list[dict[str, Any]], str]  # a data set's records and its detected format
 
 

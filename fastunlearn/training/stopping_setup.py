@@ -19,8 +19,6 @@ from fastunlearn.evaluation.stop_callback import StoppingCallback, measure_refer
 from fastunlearn.evaluation.stopping import PLAN_OPTIONS, StopPlan, plan_stopping
 from fastunlearn.options.unlearn import UnlearnConfig
 
-__all__ = ["plan_run_stopping", "prepare_unseen", "stopping_callback"]
-
 
 def plan_run_stopping(cfg: UnlearnConfig, formats: Mapping[str, str]) -> StopPlan | None:
     """The run's checked stopping options, or ``None``; ``formats`` (set name → record format) decides

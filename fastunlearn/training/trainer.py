@@ -22,8 +22,6 @@ from fastunlearn.methods.objectives import Objective
 from fastunlearn.models.devices import training_device
 from fastunlearn.options.unlearn import UnlearnConfig
 
-__all__ = ["RUN_LOSS_FILE", "UnlearnTrainer", "build_trainer"]
-
 RUN_LOSS_FILE = "run_loss.json"  # beside each checkpoint: the loss summed over the steps before it
 LOGS_DIR = "logs"  # TensorBoard's event files, inside the output directory
 # Trajectory columns that are not evaluation results: the step itself, and the loss Trainer logs anyway.
