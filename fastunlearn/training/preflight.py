@@ -17,6 +17,7 @@ from torch import nn
 
 from fastunlearn import data as fdata
 from fastunlearn.data.examples import tokenize_records
+from fastunlearn.evaluation.muse_files import read_muse
 from fastunlearn.fisher.budget import FILA_ACCUMULATORS, fila_accumulator_bytes, parse_bytes, plan_groups
 from fastunlearn.fisher.layers import select_linear_layers
 from fastunlearn.models.loading import load_config, model_skeleton, resolve_model
@@ -40,17 +41,18 @@ class Checked:
         return fdata.pad_id_of(self.tokenizer)
 
 
-def read_data(
-    forget: str | os.PathLike | Iterable[Mapping[str, Any]],
-    retain: str | os.PathLike | Iterable[Mapping[str, Any]] | None,
-    *,
-    data_format: str,
-    allow_download: bool = False,
-) -> dict[str, Records]:
-    """The records and format of ``forget`` and ``retain`` (unless ``None``), read once."""
+def read_data(cfg: UnlearnConfig) -> dict[str, Records]:
+    """The records and format of ``forget`` and ``retain`` (unless ``None``), read once; a MUSE directory
+    stands for those not given with its ``raw/forget`` and ``raw/retain1`` (Shi et al. 2024)."""
+    forget, retain = cfg.forget, cfg.retain
+    if cfg.muse is not None:
+        forget = forget if forget is not None else read_muse(cfg.muse, "raw/forget")
+        retain = retain if retain is not None else read_muse(cfg.muse, "raw/retain1")
     sets = {"forget": forget, **({"retain": retain} if retain is not None else {})}
     return {
-        name: fdata.load_records(data, data_format=data_format, name=name, allow_download=allow_download)
+        name: fdata.load_records(
+            data, data_format=cfg.data_format, name=name, allow_download=cfg.allow_download
+        )
         for name, data in sets.items()
     }
 
@@ -117,6 +119,17 @@ def check_target_modules(
                 )
 
 
+def on_meta(model: nn.Module | str | os.PathLike, tokenizer: Any, cfg: Any) -> tuple[Any, nn.Module, Any]:
+    """The tokenizer, the model built on the ``meta`` device from its config (a module: itself) and the
+    config; ``cfg``: the command's options (model access)."""
+    access = dict(trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download)
+    source, tokenizer = resolve_model(model, tokenizer, **access, revision=cfg.revision)
+    if source is None:
+        return tokenizer, model, getattr(model, "config", None)
+    config = load_config(source.base or source.path, trust_remote_code=cfg.trust_remote_code)
+    return tokenizer, model_skeleton(config, trust_remote_code=cfg.trust_remote_code), config
+
+
 def preflight(
     model: nn.Module | str | os.PathLike,
     tokenizer: Any,
@@ -126,13 +139,7 @@ def preflight(
     cfg: UnlearnConfig,
 ) -> Checked:
     """Check a run's model, tokenizer and ``data`` (from :func:`read_data`); raise the first problem."""
-    access = dict(trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download)
-    source, tokenizer = resolve_model(model, tokenizer, **access, revision=cfg.revision)
-    if source is not None:
-        config = load_config(source.base or source.path, trust_remote_code=cfg.trust_remote_code)
-        skeleton = model_skeleton(config, trust_remote_code=cfg.trust_remote_code)
-    else:
-        skeleton, config = model, getattr(model, "config", None)
+    tokenizer, skeleton, config = on_meta(model, tokenizer, cfg)
     examples = {
         name: tokenize_records(
             records, tokenizer, data_format=fmt, template=cfg.template, max_length=cfg.max_length
