@@ -107,7 +107,6 @@ class EvalConfig(RunControl, EvalSuite, ModelAccess):
     base_model: Any = option(
         None, "base model of a peft adapter MODEL (default: the one it records)", path=True, group="model"
     )
-    # TOFU
     tofu: Any = option(None, "directory of TOFU-format JSON Lines files", path=True, group="TOFU")
     forget_split: str | None = option(None, "forget split to use from --tofu, e.g. forget10", group="TOFU")
     forget: Any = option(None, "TOFU-format file of the forget set", path=True, group="TOFU")
@@ -137,7 +136,6 @@ class EvalConfig(RunControl, EvalSuite, ModelAccess):
         None, "token cap of a question + answer (default: the run's, else 512; legacy: 200)", positive=True,
         group="TOFU",
     )  # fmt: skip
-    # extraction
     extraction: Any = option(None, 'data file of {"text"} sequences', path=True, group="extraction")
     n: int = option(10, "n-gram size of EL_n", positive=True, group="extraction")
     sequence_length: int = option(200, "tokens per sequence", positive=True, group="extraction")

@@ -16,10 +16,9 @@ import re
 import shutil
 from dataclasses import dataclass
 
-TRAJECTORY_FILES = ("trajectory.csv", "trajectory.png")
 # Entries a run writes; nothing else in an output directory is ever removed.
 OUTPUT_ENTRIES = ("adapter", "model", "merged", "fisher", "checkpoints", "logs", "run_config.json")
-OUTPUT_ENTRIES += (*TRAJECTORY_FILES, "metrics.json")
+OUTPUT_ENTRIES += ("trajectory.csv", "trajectory.png", "metrics.json")
 COMPLETE_MARKER = "metrics.json"
 CONFIG = "run_config.json"
 STAGING = ".fastunlearn-new"  # a run being built to replace a finished one

@@ -103,12 +103,7 @@ def _versions() -> dict[str, str]:
 
     from fastunlearn import __version__
 
-    return {
-        "fastunlearn": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
+    return {"fastunlearn": __version__, **{m.__name__: m.__version__ for m in (torch, transformers, peft)}}
 
 
 def run_record(cfg: Any, *, precision: str, world_size: int, engine: str) -> dict[str, Any]:
