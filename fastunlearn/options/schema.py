@@ -77,24 +77,14 @@ def _type_ok(value: Any, tp: Any) -> bool:
         origin = typing.get_origin(part) or part
         if part is Any or (part is type(None) and value is None):
             return True
-        if origin is bool and isinstance(value, bool):
-            return True
         if origin in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
             return origin is float or isinstance(value, int)
         if origin is list and isinstance(value, (list, tuple)):
             (item,) = typing.get_args(part) or (Any,)
             return all(_type_ok(v, item) for v in value)
-        if origin is str and isinstance(value, str):
-            return True
-        if origin is os.PathLike and isinstance(value, os.PathLike):
-            return True
         if origin is dict and isinstance(value, Mapping):
             return True
-        if (
-            isinstance(origin, type)
-            and origin not in (int, float, bool, str, list, dict)
-            and isinstance(value, origin)
-        ):
+        if isinstance(origin, type) and origin is not int and isinstance(value, origin):  # True is an int
             return True
     return False
 
