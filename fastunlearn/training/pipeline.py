@@ -39,8 +39,12 @@ from fastunlearn.models.precision import load_dtype, resolve_training_precision,
 from fastunlearn.models.quantization import keep_trainable_layout
 from fastunlearn.options.unlearn import UnlearnConfig
 from fastunlearn.training import outputs
-from fastunlearn.training.adapters import initialise_adapters, reference_logprobs
-from fastunlearn.training.exports import collect_outputs, save_outputs
+from fastunlearn.training.adapters import (
+    collect_outputs,
+    initialise_adapters,
+    reference_logprobs,
+    save_outputs,
+)
 from fastunlearn.training.memory_check import check_run_memory
 from fastunlearn.training.preflight import Checked, check_vocab, preflight, read_data
 from fastunlearn.training.run_record import check_resumable, pin_revision, run_record
