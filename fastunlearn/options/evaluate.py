@@ -7,7 +7,7 @@ from typing import Any
 
 from fastunlearn.data import TEMPLATE_NAMES
 from fastunlearn.options.common import ModelAccess, RunControl
-from fastunlearn.options.schema import option, validate
+from fastunlearn.options.schema import Validated, option
 
 TOFU_MODES = ("full", "legacy")
 _MIA, _PRIVLEAK = "membership inference", "PrivLeak (membership inference, MUSE)"
@@ -101,7 +101,7 @@ class EvalSuite:
 
 
 @dataclass
-class EvalConfig(RunControl, EvalSuite, ModelAccess):
+class EvalConfig(RunControl, EvalSuite, ModelAccess, Validated):
     """Every option of an evaluation."""
 
     base_model: Any = option(
@@ -144,6 +144,3 @@ class EvalConfig(RunControl, EvalSuite, ModelAccess):
     device: str = option("auto", "cpu, cuda, cuda:1... (default: cuda when available)")
     output: Any = option(None, "write the results as JSON to this file", path="output")
     overwrite: bool = option(False, "replace an existing --output / --save-reference")
-
-    def __post_init__(self) -> None:
-        validate(self)

@@ -119,6 +119,13 @@ def validate(obj: Any) -> None:
             spec.check(value)
 
 
+class Validated:
+    """A schema class whose options are validated (:func:`validate`) when an instance is made."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
 def require(obj: Any) -> None:
     """``ValueError`` naming the first required option (the positional one included) left unset."""
     for f, spec, _ in fields_of(obj):
