@@ -116,14 +116,10 @@ def plan_run(
     if out.state == "empty" or (out.state == "interrupted" and overwrite):
         return RunDirs(path, path, resume=False)
     if out.state == "interrupted":
-        raise FileExistsError(
-            f"output_dir {path!r} holds an interrupted run{_progress(path)}: "
-            + (
-                "pass resume=True to continue it, or overwrite=True to start again"
-                if resume_offered
-                else "pass overwrite=True to start again"
-            )
-        )
+        checkpoint = last_checkpoint(path)
+        at = "" if checkpoint is None else f" at step {_step(checkpoint)}"
+        how = "resume=True to continue it, or overwrite=True" if resume_offered else "overwrite=True"
+        raise FileExistsError(f"output_dir {path!r} holds an interrupted run{at}: pass {how} to start again")
     if overwrite:
         return RunDirs(path, staging, resume=False)
     if out.state == "foreign":
@@ -141,11 +137,6 @@ def plan_run(
 
 def _step(checkpoint: str) -> int:
     return int(_CHECKPOINT.match(os.path.basename(checkpoint)).group(1))
-
-
-def _progress(build: str) -> str:
-    checkpoint = last_checkpoint(build)
-    return "" if checkpoint is None else f" at step {_step(checkpoint)}"
 
 
 def _clear(directory: str) -> None:
