@@ -56,7 +56,7 @@ def _run_fisher(args: argparse.Namespace) -> int:
             "--dtype fp16: the Fisher estimate squares per-example gradients, which in fp16 flush to zero "
             "below 6e-8 without loss scaling (which it does not apply); use bf16 (same memory) or fp32"
         )
-    tokenizer, skeleton, _ = on_meta(cfg.model, cfg.tokenizer, cfg)
+    tokenizer, skeleton, _ = on_meta(cfg)
     examples = fdata.prepare(
         cfg.data, tokenizer, name="data", data_format=cfg.data_format, template=cfg.template,
         max_length=cfg.max_length, allow_download=cfg.allow_download,

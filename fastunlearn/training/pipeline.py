@@ -96,8 +96,7 @@ def check(cfg: UnlearnConfig) -> RunState:
     """Every check that can fail, before the weights load and before anything is written."""
     cfg.require()
     cfg = pin_revision(cfg)  # a Hub model id: the commit it resolves to now, for the whole run
-    model = cfg.model
-    weights = None if isinstance(model, (str, os.PathLike)) else weights_dtype(model)
+    weights = None if isinstance(cfg.model, (str, os.PathLike)) else weights_dtype(cfg.model)
     precision = resolve_training_precision(cfg.precision, training_device(), init=cfg.init, weights=weights)
     distributed.init_from_env()  # under torchrun / accelerate launch: join the ranks' process group
     engine = engine_for(
@@ -111,7 +110,7 @@ def check(cfg: UnlearnConfig) -> RunState:
     suite = distributed.on_all(lambda: _suite(cfg))
     record = run_record(cfg, precision=precision, world_size=distributed.world_size(), engine=engine.name)
     dirs = distributed.on_main(lambda: _plan_output(cfg, record))
-    checked = distributed.on_all(lambda: preflight(model, cfg.tokenizer, data, init=cfg.init, cfg=cfg))
+    checked = distributed.on_all(lambda: preflight(cfg, data))
     spec = cfg.method_spec()
     idk = distributed.on_all(lambda: _check_method(cfg, spec, checked, data["forget"], engine))
     if cfg.memory_check:  # the main process decides; its refusal is every rank's

@@ -8,8 +8,7 @@ of every adapted weight (the solver takes ``r`` singular directions of each).
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,35 +81,28 @@ def check_context(config: Any, examples: Iterable[fdata.Example]) -> None:
         )
 
 
-def check_target_modules(
-    model: nn.Module,
-    target_modules: Sequence[str] | None,
-    *,
-    init: str,
-    lora_r: int,
-    fisher_memory: int | str | None = None,
-) -> None:
-    """The adapters ``init`` would place on ``model`` exist and fit: FILA's layers (those the Fisher
+def check_target_modules(model: nn.Module, cfg: UnlearnConfig) -> None:
+    """The adapters ``cfg.init`` would place on ``model`` exist and fit: FILA's layers (those the Fisher
     estimate covers) have ``r ≤ min(out, in)`` and their accumulators fit ``fisher_memory``; each LoRA
     entry names a leaf module (a full name or a dotted suffix, as peft matches)."""
-    if init == "fila":
-        layers = select_linear_layers(model, target_modules)
+    if cfg.init == "fila":
+        layers = select_linear_layers(model, cfg.target_modules)
         small = {name: tuple(layer.weight.shape) for name, layer in layers.items()}
-        small = {name: shape for name, shape in small.items() if lora_r > min(shape)}
+        small = {name: shape for name, shape in small.items() if cfg.lora_r > min(shape)}
         if small:
             name, shape = next(iter(small.items()))
             raise ValueError(
-                f"lora_r={lora_r} exceeds min(out, in) = {min(shape)} of layer {name!r} (weight {shape}) "
-                f"and {len(small) - 1} other layer(s); FILA needs r <= the smaller side of every "
+                f"lora_r={cfg.lora_r} exceeds min(out, in) = {min(shape)} of layer {name!r} (weight "
+                f"{shape}) and {len(small) - 1} other layer(s); FILA needs r <= the smaller side of every "
                 "adapted weight"
             )
-        if fisher_memory is not None:  # refused now rather than after the weights load
-            budget = parse_bytes(fisher_memory)
+        if cfg.fisher_memory is not None:  # refused now rather than after the weights load
+            budget = parse_bytes(cfg.fisher_memory)
             plan_groups(fila_accumulator_bytes(layers), budget, what=FILA_ACCUMULATORS,
                         origin="the Fisher memory budget (fisher_memory)")  # fmt: skip
-    elif init == "lora" and target_modules is not None:
+    elif cfg.init == "lora" and cfg.target_modules is not None:
         leaves = [canonical_name(n) for n, m in model.named_modules() if n and not any(m.children())]
-        for spec in target_modules:
+        for spec in cfg.target_modules:
             key = canonical_name(spec)
             if not any(n == key or n.endswith("." + key) for n in leaves):
                 kinds = sorted({n.rsplit(".", 1)[-1] for n in leaves})
@@ -119,27 +111,20 @@ def check_target_modules(
                 )
 
 
-def on_meta(model: nn.Module | str | os.PathLike, tokenizer: Any, cfg: Any) -> tuple[Any, nn.Module, Any]:
+def on_meta(cfg: Any) -> tuple[Any, nn.Module, Any]:
     """The tokenizer, the model built on the ``meta`` device from its config (a module: itself) and the
-    config; ``cfg``: the command's options (model access)."""
+    config, of a command's options ``cfg``."""
     access = dict(trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download)
-    source, tokenizer = resolve_model(model, tokenizer, **access, revision=cfg.revision)
+    source, tokenizer = resolve_model(cfg.model, cfg.tokenizer, **access, revision=cfg.revision)
     if source is None:
-        return tokenizer, model, getattr(model, "config", None)
+        return tokenizer, cfg.model, getattr(cfg.model, "config", None)
     config = load_config(source.base or source.path, trust_remote_code=cfg.trust_remote_code)
     return tokenizer, model_skeleton(config, trust_remote_code=cfg.trust_remote_code), config
 
 
-def preflight(
-    model: nn.Module | str | os.PathLike,
-    tokenizer: Any,
-    data: Mapping[str, Records],
-    *,
-    init: str,
-    cfg: UnlearnConfig,
-) -> Checked:
+def preflight(cfg: UnlearnConfig, data: Mapping[str, Records]) -> Checked:
     """Check a run's model, tokenizer and ``data`` (from :func:`read_data`); raise the first problem."""
-    tokenizer, skeleton, config = on_meta(model, tokenizer, cfg)
+    tokenizer, skeleton, config = on_meta(cfg)
     examples = {
         name: tokenize_records(
             records, tokenizer, data_format=fmt, template=cfg.template, max_length=cfg.max_length
@@ -150,7 +135,5 @@ def preflight(
     for name, ex in (("forget", forget_ex), ("retain", retain_ex)):
         check_vocab(skeleton, ex, name)
     check_context(config, forget_ex + retain_ex)
-    check_target_modules(
-        skeleton, cfg.target_modules, init=init, lora_r=cfg.lora_r, fisher_memory=cfg.fisher_memory
-    )
+    check_target_modules(skeleton, cfg)
     return Checked(tokenizer, forget_ex, retain_ex, config)
