@@ -93,7 +93,6 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn.options",
         "fastunlearn.evaluation",
         "fastunlearn.training.adapters",
-        "fastunlearn.training.exports",
     ),
     "fastunlearn.plan.tracker": (),
     "fastunlearn.plan.peak_memory": (),

@@ -1,6 +1,6 @@
 """``unlearn`` refuses, before the weights load, a run whose memory plan does not fit the device.
 
-The device's capacity is injected (``memory_check.device_available``) so the tiny workspace model is
+The device's capacity is injected (``memory_check.available_memory``) so the tiny workspace model is
 refused; the refusal must carry the plan of the run's own options (compared with an independent
 :func:`plan_memory` call made with the values the run implies), happen before any weight is read, and
 be skipped by ``memory_check=False`` / ``--no-memory-check``. A model the plan cannot run is run with a
@@ -45,7 +45,7 @@ def weights_reached(monkeypatch):
 
 
 def capacity(monkeypatch, available: int) -> None:
-    monkeypatch.setattr(memory_check, "device_available", lambda device: available)
+    monkeypatch.setattr(memory_check, "available_memory", lambda device: available)
 
 
 OPTIONS = dict(
@@ -169,7 +169,7 @@ def _two_ranks(rank: int, ws: str, out: str) -> None:
     AutoModelForCausalLM.from_pretrained = load
     results = []
     for tiny_on in (1, 0):
-        mc.device_available = lambda device, tiny=(rank == tiny_on): 0 if tiny else 1 << 50
+        mc.available_memory = lambda device, tiny=(rank == tiny_on): 0 if tiny else 1 << 50
         try:
             unlearn(
                 os.path.join(ws, "model"),

@@ -50,12 +50,14 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentParser:
     """The ``fastunlearn`` parser: ``commands`` (default: all) with their options, the others by name."""
+    from fastunlearn import __version__  # the package's __init__ imports nothing heavy
+
     full = set(SUBCOMMANDS if commands is None else commands)
     parser = _Parser(
         prog="fastunlearn",
         description="LLM unlearning with Inverted Hinge Loss and Fisher-initialised LoRA.",
     )
-    parser.add_argument("--version", action="version", version=f"fastunlearn {_version()}")
+    parser.add_argument("--version", action="version", version=f"fastunlearn {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module, summary) in SUBCOMMANDS.items():
@@ -64,12 +66,6 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
         else:
             subparsers.add_parser(name, help=summary, add_help=False)
     return parser
-
-
-def _version() -> str:
-    from fastunlearn import __version__  # the package's __init__ imports nothing heavy
-
-    return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,7 +84,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args is not None and args.debug:
             raise
-        print(_interrupted(args), file=sys.stderr)
+        what = getattr(args, "interrupted", None)
+        print("interrupted" if what is None else _cli_message(what(args), args), file=sys.stderr)
         return INTERRUPTED
     except USER_ERRORS as err:
         if args is None or args.debug:
@@ -147,10 +144,3 @@ def _cli_message(message: str, args: argparse.Namespace) -> str:
 
     first, newline, rest = message.partition("\n")
     return to_flags(first, flags) + newline + rest
-
-
-def _interrupted(args: argparse.Namespace | None) -> str:
-    what = getattr(args, "interrupted", None)
-    if what is None:
-        return "interrupted"
-    return _cli_message(what(args), args)

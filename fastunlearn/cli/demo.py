@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["add_parser"]
-
 # The run's options the demo takes, and its own defaults for them.
 _RUN_OPTIONS = ("output_dir", "method", "init", "seed", "overwrite", "progress", "threads")
 _DEFAULTS = {"output_dir": "fastunlearn-demo", "threads": 1}

@@ -26,8 +26,6 @@ import argparse
 import os
 from typing import Any
 
-__all__ = ["add_parser"]
-
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from fastunlearn.cli.parser import add_command, add_options

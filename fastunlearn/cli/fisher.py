@@ -11,8 +11,6 @@ import argparse
 import math
 import os
 
-__all__ = ["add_parser"]
-
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from fastunlearn.cli.parser import add_command, add_options
@@ -42,16 +40,11 @@ def _run_fisher(args: argparse.Namespace) -> int:
     from fastunlearn.fisher import save_fisher
     from fastunlearn.fisher.layers import select_linear_layers
     from fastunlearn.models.devices import to_training_device, training_device
-    from fastunlearn.models.loading import (
-        load_config,
-        load_model_and_tokenizer,
-        model_skeleton,
-        resolve_model,
-    )
+    from fastunlearn.models.loading import load_model_and_tokenizer
     from fastunlearn.models.precision import PRECISION_DTYPES, resolve_precision
     from fastunlearn.options.fisher import FisherConfig
     from fastunlearn.options.schema import require
-    from fastunlearn.training.preflight import check_vocab
+    from fastunlearn.training.preflight import check_vocab, on_meta
 
     cfg = FisherConfig(**options_from_args(args, FisherConfig))
     require(cfg)
@@ -63,16 +56,11 @@ def _run_fisher(args: argparse.Namespace) -> int:
             "--dtype fp16: the Fisher estimate squares per-example gradients, which in fp16 flush to zero "
             "below 6e-8 without loss scaling (which it does not apply); use bf16 (same memory) or fp32"
         )
-    access = dict(trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download)
-    source, tokenizer = resolve_model(cfg.model, cfg.tokenizer, **access, revision=cfg.revision)
+    tokenizer, skeleton, _ = on_meta(cfg)
     examples = fdata.prepare(
         cfg.data, tokenizer, name="data", data_format=cfg.data_format, template=cfg.template,
         max_length=cfg.max_length, allow_download=cfg.allow_download,
     )  # fmt: skip
-    skeleton = model_skeleton(
-        load_config(source.base or source.path, trust_remote_code=cfg.trust_remote_code),
-        trust_remote_code=cfg.trust_remote_code,
-    )
     check_vocab(skeleton, examples, "data")
     select_linear_layers(skeleton, cfg.target_modules)
     del skeleton

@@ -16,8 +16,6 @@ from typing import Any
 from fastunlearn.options.files import read_config_file
 from fastunlearn.options.schema import Spec, fields_of, flag_of
 
-__all__ = ["add_command", "add_options", "flags_of", "options_from_args", "to_flags"]
-
 
 def flags_of(*schemas: type) -> dict[str, str]:
     """Python name → the flag a user types, for error messages (``overwrite=True`` → ``--overwrite``)."""
@@ -72,10 +70,6 @@ def _is_bool(tp: Any) -> bool:
     return tp is bool or set(typing.get_args(tp)) == {bool, type(None)}
 
 
-def _is_list(tp: Any) -> bool:
-    return any(typing.get_origin(p) is list for p in typing.get_args(tp) or (tp,))
-
-
 def _add_one(target, name: str, spec: Spec, tp: Any, default: Any) -> None:
     flag, S = flag_of(name, spec), argparse.SUPPRESS
     shown = f" (default: {default})" if default not in (None, False, True, "") else ""
@@ -90,7 +84,7 @@ def _add_one(target, name: str, spec: Spec, tp: Any, default: Any) -> None:
         target.add_argument(
             switch, dest=name, action="store_const", const=not spec.negate, default=S, help=text
         )
-    elif _is_list(tp):
+    elif any(typing.get_origin(p) is list for p in typing.get_args(tp) or (tp,)):
         target.add_argument(flag, dest=name, action=_CommaList, default=S, help=text, metavar=spec.metavar)
     else:
         allowed = spec.allowed()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 
-__all__ = ["add_parser"]
-
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from fastunlearn.cli.parser import add_command, add_options

@@ -10,8 +10,6 @@ from typing import Any
 
 from fastunlearn.options.schema import fields_of, flag_of
 
-__all__ = ["command_line"]
-
 
 def _spell(flag: str, value: Any, negate: bool, tp: Any) -> list[str]:
     if isinstance(value, bool):
@@ -21,12 +19,9 @@ def _spell(flag: str, value: Any, negate: bool, tp: Any) -> list[str]:
         return [flag]
     if isinstance(value, (list, tuple)):
         return [flag, ",".join(map(str, value))]
-    return [
-        flag,
-        repr(value)
-        if isinstance(value, float)
-        else str(os.fspath(value) if isinstance(value, os.PathLike) else value),
-    ]
+    if isinstance(value, float):
+        return [flag, repr(value)]
+    return [flag, str(os.fspath(value) if isinstance(value, os.PathLike) else value)]
 
 
 def command_line(

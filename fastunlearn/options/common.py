@@ -10,8 +10,6 @@ from fastunlearn.data import FORMATS, TEMPLATE_NAMES
 from fastunlearn.models.quantization import require_bitsandbytes
 from fastunlearn.options.schema import option
 
-__all__ = ["DataShape", "ModelAccess", "RunControl"]
-
 
 @dataclass
 class ModelAccess:
@@ -40,13 +38,8 @@ class ModelAccess:
 
     def loading_options(self) -> dict[str, Any]:
         """The keyword arguments of ``load_model_and_tokenizer`` these options set."""
-        return {
-            "trust_remote_code": self.trust_remote_code,
-            "allow_download": self.allow_download,
-            "revision": self.revision,
-            "load_in_4bit": self.load_in_4bit,
-            "load_in_8bit": self.load_in_8bit,
-        }
+        names = ("trust_remote_code", "allow_download", "revision", "load_in_4bit", "load_in_8bit")
+        return {name: getattr(self, name) for name in names}
 
     @property
     def quantised(self) -> bool:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastunlearn.options.schema import option, validate
-
-__all__ = ["DEMO_SIZES", "DemoOptions"]
+from fastunlearn.options.schema import Validated, option
 
 DEMO_SIZES = ("small", "tiny")
 
 
 @dataclass
-class DemoOptions:
+class DemoOptions(Validated):
     """The synthetic data and models of the demo, and its stopping rule."""
 
     cache_dir: str | None = option(
@@ -20,6 +18,3 @@ class DemoOptions:
     )
     size: str = option("small", "'tiny' is a reduced, faster demo used by the tests", choices=DEMO_SIZES)
     stop: bool = option(False, "stop by the tofu rule instead of after 10 epochs")
-
-    def __post_init__(self) -> None:
-        validate(self)

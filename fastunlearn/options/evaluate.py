@@ -7,9 +7,7 @@ from typing import Any
 
 from fastunlearn.data import TEMPLATE_NAMES
 from fastunlearn.options.common import ModelAccess, RunControl
-from fastunlearn.options.schema import option, validate
-
-__all__ = ["TOFU_MODES", "EvalConfig", "EvalSuite"]
+from fastunlearn.options.schema import Validated, option
 
 TOFU_MODES = ("full", "legacy")
 _MIA, _PRIVLEAK = "membership inference", "PrivLeak (membership inference, MUSE)"
@@ -103,13 +101,12 @@ class EvalSuite:
 
 
 @dataclass
-class EvalConfig(RunControl, EvalSuite, ModelAccess):
+class EvalConfig(RunControl, EvalSuite, ModelAccess, Validated):
     """Every option of an evaluation."""
 
     base_model: Any = option(
         None, "base model of a peft adapter MODEL (default: the one it records)", path=True, group="model"
     )
-    # TOFU
     tofu: Any = option(None, "directory of TOFU-format JSON Lines files", path=True, group="TOFU")
     forget_split: str | None = option(None, "forget split to use from --tofu, e.g. forget10", group="TOFU")
     forget: Any = option(None, "TOFU-format file of the forget set", path=True, group="TOFU")
@@ -139,7 +136,6 @@ class EvalConfig(RunControl, EvalSuite, ModelAccess):
         None, "token cap of a question + answer (default: the run's, else 512; legacy: 200)", positive=True,
         group="TOFU",
     )  # fmt: skip
-    # extraction
     extraction: Any = option(None, 'data file of {"text"} sequences', path=True, group="extraction")
     n: int = option(10, "n-gram size of EL_n", positive=True, group="extraction")
     sequence_length: int = option(200, "tokens per sequence", positive=True, group="extraction")
@@ -148,6 +144,3 @@ class EvalConfig(RunControl, EvalSuite, ModelAccess):
     device: str = option("auto", "cpu, cuda, cuda:1... (default: cuda when available)")
     output: Any = option(None, "write the results as JSON to this file", path="output")
     overwrite: bool = option(False, "replace an existing --output / --save-reference")
-
-    def __post_init__(self) -> None:
-        validate(self)

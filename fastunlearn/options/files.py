@@ -10,8 +10,6 @@ from typing import Any
 
 from fastunlearn.options.schema import coerce, fields_of, flag_of
 
-__all__ = ["read_config_file"]
-
 
 def _load(path: str) -> Any:
     if not os.path.isfile(path):

@@ -8,13 +8,11 @@ from typing import Any
 from fastunlearn.fisher import FISHER_MODES, parse_bytes
 from fastunlearn.models.precision import PRECISIONS
 from fastunlearn.options.common import DataShape, ModelAccess, RunControl
-from fastunlearn.options.schema import option, validate
-
-__all__ = ["FisherConfig"]
+from fastunlearn.options.schema import Validated, option
 
 
 @dataclass
-class FisherConfig(RunControl, DataShape, ModelAccess):
+class FisherConfig(RunControl, DataShape, ModelAccess, Validated):
     """Every option of a Fisher estimate."""
 
     data: Any = option(
@@ -37,6 +35,3 @@ class FisherConfig(RunControl, DataShape, ModelAccess):
         choices=PRECISIONS,
     )  # fmt: skip
     overwrite: bool = option(False, "replace an existing --output", identity=False)
-
-    def __post_init__(self) -> None:
-        validate(self)

@@ -5,13 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fastunlearn.engines.base import ENGINES
-from fastunlearn.options.schema import option, validate
-
-__all__ = ["PlanOptions"]
+from fastunlearn.options.schema import Validated, option
 
 
 @dataclass
-class PlanOptions:
+class PlanOptions(Validated):
     """Where the run is planned and how the plan is shown."""
 
     device: str = option("cuda", "the kind of device the run trains on", choices=("cuda", "cpu"))
@@ -19,6 +17,3 @@ class PlanOptions:
     engine: str = option("ddp", "how the devices share the model (fsdp, zero3: sharded)", choices=ENGINES)
     terms: bool = option(False, "list each phase's bytes by kind under its row")
     json: bool = option(False, "print the plan as JSON")
-
-    def __post_init__(self) -> None:
-        validate(self)

@@ -14,8 +14,6 @@ from typing import Any
 
 _META = "fastunlearn.option"
 
-__all__ = ["OptionTypeError", "Spec", "fields_of", "flag_of", "option", "require", "to_record", "validate"]
-
 
 @dataclass(frozen=True)
 class Spec:
@@ -59,16 +57,12 @@ def flag_of(name: str, spec: Spec) -> str:
     return spec.flag if spec.flag is not None else "--" + name.replace("_", "-")
 
 
-def spec_of(f: dataclasses.Field) -> Spec:
-    return f.metadata.get(_META) or Spec(help="", cli=False)
-
-
 def fields_of(cls_or_obj: Any) -> Iterator[tuple[dataclasses.Field, Spec, Any]]:
     """``(field, spec, type)`` of every option of a schema class or instance, in declaration order."""
     cls = cls_or_obj if isinstance(cls_or_obj, type) else type(cls_or_obj)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        yield f, spec_of(f), hints[f.name]
+        yield f, f.metadata.get(_META) or Spec(help="", cli=False), hints[f.name]
 
 
 def _parts(tp: Any) -> tuple[Any, ...]:
@@ -83,64 +77,53 @@ def _type_ok(value: Any, tp: Any) -> bool:
         origin = typing.get_origin(part) or part
         if part is Any or (part is type(None) and value is None):
             return True
-        if origin is bool and isinstance(value, bool):
-            return True
         if origin in (int, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
             return origin is float or isinstance(value, int)
         if origin is list and isinstance(value, (list, tuple)):
             (item,) = typing.get_args(part) or (Any,)
             return all(_type_ok(v, item) for v in value)
-        if origin is str and isinstance(value, str):
-            return True
-        if origin is os.PathLike and isinstance(value, os.PathLike):
-            return True
         if origin is dict and isinstance(value, Mapping):
             return True
-        if (
-            isinstance(origin, type)
-            and origin not in (int, float, bool, str, list, dict)
-            and isinstance(value, origin)
-        ):
+        if isinstance(origin, type) and origin is not int and isinstance(value, origin):  # True is an int
             return True
     return False
 
 
 def _type_name(tp: Any) -> str:
-    names = []
-    for part in _parts(tp):
-        if part is type(None):
-            names.append("None")
-        else:
-            names.append(getattr(typing.get_origin(part) or part, "__name__", str(part)))
-    return " or ".join(names)
+    names = [getattr(typing.get_origin(part) or part, "__name__", str(part)) for part in _parts(tp)]
+    return " or ".join("None" if name == "NoneType" else name for name in names)
 
 
 class OptionTypeError(TypeError, ValueError):
     """A value of the wrong type: a ``TypeError`` in Python, a user error from a ``--config`` file."""
 
 
-def check_value(name: str, value: Any, spec: Spec, tp: Any) -> None:
-    """``ValueError`` (:class:`OptionTypeError` for a wrong type) if ``value`` breaks ``spec``."""
-    if not _type_ok(value, tp):
-        raise OptionTypeError(f"{name} must be {_type_name(tp)}, got {value!r}")
-    if value is None:
-        return
-    allowed = spec.allowed()
-    if allowed is not None and isinstance(value, (str, int)) and value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; expected one of {list(allowed)}")
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if number and spec.positive and not value > 0:
-        raise ValueError(f"{name} must be positive, got {value}")
-    if number and spec.minimum is not None and value < spec.minimum:
-        raise ValueError(f"{name} must be at least {spec.minimum:g}, got {value}")
-    if spec.check is not None:
-        spec.check(value)
-
-
 def validate(obj: Any) -> None:
-    """Check every option of a schema instance against its spec (types, choices, bounds, checks)."""
+    """``ValueError`` (:class:`OptionTypeError` for a wrong type) for the first option of a schema
+    instance that breaks its spec (type, choices, bounds, check)."""
     for f, spec, tp in fields_of(obj):
-        check_value(f.name, getattr(obj, f.name), spec, tp)
+        name, value = f.name, getattr(obj, f.name)
+        if not _type_ok(value, tp):
+            raise OptionTypeError(f"{name} must be {_type_name(tp)}, got {value!r}")
+        if value is None:
+            continue
+        allowed = spec.allowed()
+        if allowed is not None and isinstance(value, (str, int)) and value not in allowed:
+            raise ValueError(f"unknown {name} {value!r}; expected one of {list(allowed)}")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and spec.positive and not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+        if number and spec.minimum is not None and value < spec.minimum:
+            raise ValueError(f"{name} must be at least {spec.minimum:g}, got {value}")
+        if spec.check is not None:
+            spec.check(value)
+
+
+class Validated:
+    """A schema class whose options are validated (:func:`validate`) when an instance is made."""
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 def require(obj: Any) -> None:

@@ -27,8 +27,6 @@ INITS = ("fila", "lora", "full")
 # Experiment trackers (transformers' integrations) and the packages that provide each.
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "trackio": ("trackio",)}
 
-__all__ = ["INITS", "TRACKERS", "UnlearnConfig", "check_trackers"]
-
 
 @dataclass
 class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
@@ -49,7 +47,6 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
         "ihl", "unlearning method: a forget term plus a retain term", choices=METHODS, plan=True
     )
     init: str = option("fila", "adapter initialisation (full: full fine-tuning)", choices=INITS, plan=True)
-    # training
     num_epochs: float = option(5.0, "epochs", flag="--epochs", positive=True, group="training")
     learning_rate: float = option(1e-4, "peak learning rate", flag="--lr", positive=True, group="training")
     batch_size: int = option(
@@ -89,7 +86,6 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
         None, "train under DeepSpeed ZeRO with this config", metavar="CONFIG.json", path=True,
         group="training",
     )  # fmt: skip
-    # the method's terms
     forget_term: str | None = option(
         None, "the forget term, instead of the method's", choices=FORGET_TERMS, plan=True, group="method"
     )
@@ -118,7 +114,6 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
         None, "layers whose MLP down-projection RMU trains (default: rmu_layer-2 .. rmu_layer)",
         metavar="I[,I...]", plan=True, group="method",
     )  # fmt: skip
-    # LoRA / FILA
     lora_r: int = option(32, "LoRA rank r", flag="--rank", positive=True, plan=True, group="LoRA / FILA")
     lora_alpha: float = option(64, "LoRA alpha", flag="--alpha", positive=True, group="LoRA / FILA")
     lora_dropout: float = option(
@@ -142,7 +137,6 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
     fila_solver: str = option(
         "truncated", "FILA's rank-r SVD", choices=SOLVERS, plan=True, group="LoRA / FILA"
     )
-    # evaluation during training and stopping
     stop: str | None = option(
         None, "stopping rule: tofu, extraction, muse, or bounds such as forget.prob<=0.05,retain.rougeL>=0.5",
         flag="--stop-when", metavar="RULE", group="stopping",
@@ -172,7 +166,6 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
     eval_max_new_tokens: int = option(
         200, "cap of the greedy answers scored by ROUGE-L", positive=True, group="stopping"
     )
-    # output
     merge: bool = option(
         False, "also write the merged model to OUTPUT/merged", identity=False, group="output", plan=True
     )

@@ -7,8 +7,6 @@ import json
 import os
 from typing import Any
 
-__all__ = ["KNOWN_MODELS", "first_line", "model_config"]
-
 _LLAMA = {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32}
 _GQA = {**_LLAMA, "intermediate_size": 14336, "num_key_value_heads": 8}
 KNOWN_MODELS: dict[str, dict[str, Any]] = {

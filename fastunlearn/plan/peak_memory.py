@@ -14,8 +14,6 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-__all__ = ["peak_tensor_bytes", "step_peaks", "young_garbage"]
-
 
 @contextlib.contextmanager
 def young_garbage() -> Iterator[None]:

@@ -31,10 +31,7 @@ from fastunlearn.models.precision import autocast, load_dtype
 from fastunlearn.options.unlearn import UnlearnConfig
 from fastunlearn.plan.peak_memory import step_peaks
 from fastunlearn.plan.tracker import LiveTensors
-from fastunlearn.training.adapters import reference_logprobs, trainable_model
-from fastunlearn.training.exports import collect_outputs
-
-__all__ = ["PhaseRunner", "Setting", "measure_phases", "quantised_bytes"]
+from fastunlearn.training.adapters import collect_outputs, reference_logprobs, trainable_model
 
 Step = tuple[str, str, str, Callable[[], object]]  # (phase, step, kind of its allocations, call)
 

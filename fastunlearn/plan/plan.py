@@ -30,8 +30,6 @@ from fastunlearn.plan.peak_memory import young_garbage
 from fastunlearn.plan.phases import PhaseRunner, Setting
 from fastunlearn.plan.tracker import KINDS, LiveTensors, PhasePeak
 
-__all__ = ["MemoryPlan", "plan_memory"]
-
 GiB = 2**30
 CONTEXT_BYTES = GiB // 2  # the CUDA context and cuBLAS workspaces, outside the allocator
 SHARDED = ("fsdp", "zero3")
@@ -171,10 +169,8 @@ def _rows_forward(
     logits: Tensor, labels: Tensor, ignore_index: int, *, loss: str = "ihl"
 ) -> tuple[Tensor, ...]:
     """The row kernels' outputs: per-row loss, four statistics and argmax."""
-    n, dtype = (
-        logits.shape[0] * logits.shape[1],
-        torch.float64 if logits.dtype == torch.float64 else torch.float32,
-    )
+    n = logits.shape[0] * logits.shape[1]
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return logits.new_empty(n, dtype=dtype), logits.new_empty(n, 4, dtype=dtype), labels.new_empty(n)
 
 
@@ -189,7 +185,7 @@ def _notes(cfg: UnlearnConfig, runner: PhaseRunner, engine: str, world_size: int
     if cfg.init == "fila":
         why = "" if cfg.fisher_memory is not None else ": the smallest, the run takes what is free"
         notes.append(f"Fisher passes in {runner.groups} groups of layers, {runner.budget / GiB:.2f} GiB{why}")
-    if getattr(cfg, "load_in_4bit", False) or getattr(cfg, "load_in_8bit", False):
+    if cfg.quantised:
         notes.append("linear layers' weights quantised (bitsandbytes), the rest in the compute dtype")
     if engine in SHARDED and world_size > 1:
         notes.append(

@@ -23,8 +23,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["KINDS", "LiveTensors", "PhasePeak"]
-
 KINDS = {
     "weights": "weights (frozen)",
     "trainable": "trainable parameters and their gradients",

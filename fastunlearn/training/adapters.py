@@ -1,5 +1,6 @@
 """What trains: LoRA, FILA's Fisher-initialised adapters (Cha et al., ICLR 2025) or every weight (RMU:
-its MLP down-projections); and the fixed reference log-probabilities of NPO and DPO."""
+its MLP down-projections); the fixed reference log-probabilities of NPO and DPO; and what a finished run
+writes of it: the adapter or the whole model, and the merged model."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from fastunlearn import data as fdata
+from fastunlearn._io import write_dir
 from fastunlearn.engines import distributed
 from fastunlearn.engines.base import Engine
 from fastunlearn.methods.capture import num_layers
@@ -17,10 +19,9 @@ from fastunlearn.methods.objectives import sequence_logprobs
 from fastunlearn.methods.rmu import down_projections, resolve_rmu_layers
 from fastunlearn.models.devices import training_device
 from fastunlearn.models.loading import quiet_peft_wrap
+from fastunlearn.models.naming import unwrap_model
 from fastunlearn.models.precision import autocast
 from fastunlearn.options.unlearn import UnlearnConfig
-
-__all__ = ["initialise_adapters", "reference_logprobs", "trainable_model"]
 
 ROW_WEIGHTS = os.path.join("fisher", "row_weights.safetensors")
 
@@ -124,3 +125,49 @@ def reference_logprobs(
             name: sequence_logprobs(model, fdata.batches(examples, pad_id, cfg.eval_batch_size))
             for name, examples in parts.items()
         }
+
+
+def collect_outputs(
+    model: nn.Module, *, init: str, merge: bool, state_dict: dict | None = None
+) -> dict[str, Any]:
+    """What :func:`save_outputs` writes, read by every rank (a collective under ZeRO-3) and kept by the
+    main one. ``state_dict``: the state an engine gathered itself (FSDP)."""
+    from fastunlearn.engines.sharded import gathered_state_dict, is_partitioned
+
+    keep = distributed.is_main()
+    if init == "full":  # whole weights are saved from the model itself, without a copy in memory
+        partitioned = any(is_partitioned(p) for p in model.parameters())
+        return {"model": gathered_state_dict(unwrap_model(model), keep=keep) if partitioned else None}
+    if state_dict is not None and not keep:  # gathered already, into the main process alone
+        return {}
+    from fastunlearn.fisher import adapter_export, merged_state_dict
+
+    collected: dict[str, Any] = {"adapter": adapter_export(model, state_dict=state_dict)}
+    if merge:
+        collected["merged"] = merged_state_dict(model, keep=keep, state_dict=state_dict)
+    return collected
+
+
+def save_outputs(
+    model: nn.Module, tokenizer: Any, collected: dict[str, Any], build: str, *, init: str
+) -> dict[str, str]:
+    """Write the collected outputs into ``build``; the paths written, by kind."""
+    if init == "full":
+
+        def save_full(tmp: str) -> None:
+            unwrap_model(model).save_pretrained(tmp, state_dict=collected["model"])
+            tokenizer.save_pretrained(tmp)
+
+        return {"model": write_dir(os.path.join(build, "model"), save_full)}
+    from fastunlearn.fisher import save_merged, write_adapter
+
+    adapter = write_adapter(collected["adapter"], os.path.join(build, "adapter"), overwrite=True)
+    written = {"adapter": os.fspath(adapter)}
+    if "merged" in collected:
+
+        def save_merged_model(tmp: str) -> None:
+            save_merged(model, tmp, overwrite=True, state_dict=collected["merged"])
+            tokenizer.save_pretrained(tmp)
+
+        written["merged"] = write_dir(os.path.join(build, "merged"), save_merged_model)
+    return written

@@ -1,12 +1,10 @@
 """Refuse, before the weights load, a run whose memory plan peaks above what the device has.
 
-The plan (:func:`~fastunlearn.plan.plan.plan_memory`) is made with the run's options, its resolved
-precision and engine, every example as long as the longest tokenised one (batches are padded), and
-``fisher_memory=None`` as one layer's accumulators (the smallest budget the passes can run with). The
-available bytes are CUDA's free memory plus the caching allocator's unused blocks (the context is
-already taken), or the host's ``MemAvailable`` on CPU; the bytes of a model given as a module already on
-the device count as available, since the plan counts them too. A model the plan cannot run is not
-refused: the check is skipped with a warning.
+The plan is made with the run's options, precision and engine, every example as long as the longest
+(batches are padded) and ``fisher_memory=None`` as one layer's accumulators. Available: what
+:func:`~fastunlearn.fisher.budget.available_memory` finds, plus the bytes of a model given as a module
+already on the device (the plan counts them too). A model the plan cannot run is not refused: the check
+is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -24,24 +22,6 @@ from fastunlearn.models.precision import weights_dtype
 from fastunlearn.options.unlearn import UnlearnConfig
 from fastunlearn.plan.plan import MemoryPlan, plan_memory
 
-__all__ = ["check_run_memory", "device_available", "run_plan"]
-
-
-def device_available(device: torch.device) -> int:
-    """Bytes that tensors on ``device`` could take now (module docstring)."""
-    return available_memory(device)
-
-
-def run_plan(cfg: UnlearnConfig, checked: Any, precision: str, engine: str) -> MemoryPlan:
-    """The memory plan of a checked run (module docstring)."""
-    module = cfg.model if isinstance(cfg.model, nn.Module) else None
-    tokens = max((len(e.input_ids) for e in checked.forget + checked.retain), default=2)
-    return plan_memory(
-        cfg, config=checked.config, tokens=tokens, device=training_device().type, precision=precision,
-        dtype=weights_dtype(module) if module is not None else None, world_size=distributed.world_size(),
-        engine=engine,
-    )  # fmt: skip
-
 
 def _resident(model: nn.Module | None, device: torch.device) -> int:
     """Bytes of ``model``'s parameters already on ``device``: counted by the plan as well."""
@@ -53,15 +33,20 @@ def _resident(model: nn.Module | None, device: torch.device) -> int:
 def check_run_memory(cfg: UnlearnConfig, checked: Any, precision: str, engine: str) -> MemoryPlan | None:
     """``ValueError`` (a line, then the plan's table) if the plan's peak exceeds what the device has;
     the plan, or ``None`` with a warning when there is none."""
+    device = training_device()
+    module = cfg.model if isinstance(cfg.model, nn.Module) else None
+    tokens = max((len(e.input_ids) for e in checked.forget + checked.retain), default=2)
     try:
-        plan = run_plan(cfg, checked, precision, engine)
+        plan = plan_memory(
+            cfg, config=checked.config, tokens=tokens, device=device.type, precision=precision,
+            dtype=weights_dtype(module) if module is not None else None, world_size=distributed.world_size(),
+            engine=engine,
+        )  # fmt: skip
     except Exception as err:  # the plan advises; a model it cannot run still runs
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         warnings.warn(f"memory check skipped: no memory plan for this model ({reason})", stacklevel=2)
         return None
-    device = training_device()
-    module = cfg.model if isinstance(cfg.model, nn.Module) else None
-    available = device_available(device) + _resident(module, device)
+    available = available_memory(device) + _resident(module, device)
     if plan.peak_bytes > available:
         remedies = "lower batch_size, max_length or lora_r"
         if not cfg.gradient_checkpointing:

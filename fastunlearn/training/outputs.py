@@ -16,10 +16,9 @@ import re
 import shutil
 from dataclasses import dataclass
 
-TRAJECTORY_FILES = ("trajectory.csv", "trajectory.png")
 # Entries a run writes; nothing else in an output directory is ever removed.
 OUTPUT_ENTRIES = ("adapter", "model", "merged", "fisher", "checkpoints", "logs", "run_config.json")
-OUTPUT_ENTRIES += (*TRAJECTORY_FILES, "metrics.json")
+OUTPUT_ENTRIES += ("trajectory.csv", "trajectory.png", "metrics.json")
 COMPLETE_MARKER = "metrics.json"
 CONFIG = "run_config.json"
 STAGING = ".fastunlearn-new"  # a run being built to replace a finished one
@@ -27,8 +26,6 @@ PREVIOUS = ".fastunlearn-old"  # the finished run's entries during the swap
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # _io's temporaries next to an entry: ".metrics.json.x1y2.tmp", ".adapter.x1y2.old"
 _TEMPORARY = re.compile(r"^\.(" + "|".join(re.escape(e) for e in OUTPUT_ENTRIES) + r")\..+\.(tmp|old)$")
-
-__all__ = ["RunDirs", "finish_run", "inspect_output", "interrupted_message", "last_checkpoint", "plan_run"]
 
 
 @dataclass(frozen=True)
@@ -119,14 +116,10 @@ def plan_run(
     if out.state == "empty" or (out.state == "interrupted" and overwrite):
         return RunDirs(path, path, resume=False)
     if out.state == "interrupted":
-        raise FileExistsError(
-            f"output_dir {path!r} holds an interrupted run{_progress(path)}: "
-            + (
-                "pass resume=True to continue it, or overwrite=True to start again"
-                if resume_offered
-                else "pass overwrite=True to start again"
-            )
-        )
+        checkpoint = last_checkpoint(path)
+        at = "" if checkpoint is None else f" at step {_step(checkpoint)}"
+        how = "resume=True to continue it, or overwrite=True" if resume_offered else "overwrite=True"
+        raise FileExistsError(f"output_dir {path!r} holds an interrupted run{at}: pass {how} to start again")
     if overwrite:
         return RunDirs(path, staging, resume=False)
     if out.state == "foreign":
@@ -144,11 +137,6 @@ def plan_run(
 
 def _step(checkpoint: str) -> int:
     return int(_CHECKPOINT.match(os.path.basename(checkpoint)).group(1))
-
-
-def _progress(build: str) -> str:
-    checkpoint = last_checkpoint(build)
-    return "" if checkpoint is None else f" at step {_step(checkpoint)}"
 
 
 def _clear(directory: str) -> None:

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from fastunlearn import data as fdata
@@ -23,9 +24,10 @@ from fastunlearn.data.refusals import refusal_examples
 from fastunlearn.engines import distributed
 from fastunlearn.engines.base import Engine, engine_for
 from fastunlearn.evaluation.evaluator import check as check_evaluations
-from fastunlearn.evaluation.evaluator import evaluate
-from fastunlearn.evaluation.muse_files import read_muse
+from fastunlearn.evaluation.evaluator import evaluate, load_like
 from fastunlearn.evaluation.sets import SetEvaluator
+from fastunlearn.evaluation.stop_callback import StoppingCallback, measure_reference
+from fastunlearn.evaluation.stopping import PLAN_OPTIONS, plan_stopping
 from fastunlearn.methods.capture import num_layers
 from fastunlearn.methods.objectives import Objective, build_objective
 from fastunlearn.methods.presets import MethodSpec
@@ -37,15 +39,16 @@ from fastunlearn.models.precision import load_dtype, resolve_training_precision,
 from fastunlearn.models.quantization import keep_trainable_layout
 from fastunlearn.options.unlearn import UnlearnConfig
 from fastunlearn.training import outputs
-from fastunlearn.training.adapters import initialise_adapters, reference_logprobs
-from fastunlearn.training.exports import collect_outputs, save_outputs
+from fastunlearn.training.adapters import (
+    collect_outputs,
+    initialise_adapters,
+    reference_logprobs,
+    save_outputs,
+)
 from fastunlearn.training.memory_check import check_run_memory
 from fastunlearn.training.preflight import Checked, check_vocab, preflight, read_data
 from fastunlearn.training.run_record import check_resumable, pin_revision, run_record
-from fastunlearn.training.stopping_setup import plan_run_stopping, prepare_unseen, stopping_callback
 from fastunlearn.training.trainer import build_trainer
-
-__all__ = ["RunState", "UnlearnResult", "run_unlearning", "unlearn"]
 
 
 @dataclass
@@ -93,24 +96,21 @@ def check(cfg: UnlearnConfig) -> RunState:
     """Every check that can fail, before the weights load and before anything is written."""
     cfg.require()
     cfg = pin_revision(cfg)  # a Hub model id: the commit it resolves to now, for the whole run
-    model = cfg.model
-    weights = None if isinstance(model, (str, os.PathLike)) else weights_dtype(model)
+    weights = None if isinstance(cfg.model, (str, os.PathLike)) else weights_dtype(cfg.model)
     precision = resolve_training_precision(cfg.precision, training_device(), init=cfg.init, weights=weights)
     distributed.init_from_env()  # under torchrun / accelerate launch: join the ranks' process group
     engine = engine_for(
         cfg.fsdp, cfg.deepspeed, init=cfg.init, resume=cfg.resume, cfg=cfg, precision=precision
     )
-    data = distributed.on_all(
-        lambda: read_data(
-            *_training_data(cfg), data_format=cfg.data_format, allow_download=cfg.allow_download
-        )
-    )
+    data = distributed.on_all(lambda: read_data(cfg))
     formats = {n: fmt for n, (_, fmt) in data.items()} | ({"muse": "muse"} if cfg.muse is not None else {})
-    stop_plan = distributed.on_all(lambda: plan_run_stopping(cfg, formats))
+    stop_plan = distributed.on_all(
+        lambda: plan_stopping(**{name: getattr(cfg, name) for name in PLAN_OPTIONS}, data=formats)
+    )
     suite = distributed.on_all(lambda: _suite(cfg))
     record = run_record(cfg, precision=precision, world_size=distributed.world_size(), engine=engine.name)
     dirs = distributed.on_main(lambda: _plan_output(cfg, record))
-    checked = distributed.on_all(lambda: preflight(model, cfg.tokenizer, data, init=cfg.init, cfg=cfg))
+    checked = distributed.on_all(lambda: preflight(cfg, data))
     spec = cfg.method_spec()
     idk = distributed.on_all(lambda: _check_method(cfg, spec, checked, data["forget"], engine))
     if cfg.memory_check:  # the main process decides; its refusal is every rank's
@@ -168,7 +168,7 @@ def prepare_data(run: RunState) -> None:
     """The paired data set, the metrics before training, the stopping callback (its reference measured
     on the model before unlearning), then the output directory started."""
     cfg, checked = run.cfg, run.checked
-    unseen = prepare_unseen(cfg, checked.tokenizer) if run.stop_plan is not None else []
+    unseen = _prepare_unseen(cfg, checked.tokenizer) if run.stop_plan is not None else []
     check_vocab(run.model, unseen, "unseen")
     check_vocab(run.model, run.idk or [], "idk")
     run.dataset = fdata.PairedDataset(checked.forget, checked.retain, seed=cfg.seed, idk=run.idk)
@@ -179,8 +179,7 @@ def prepare_data(run: RunState) -> None:
     if cfg.evaluate:
         run.metrics["before"] = _evaluate(run, {})
     if run.stop_plan is not None:
-        args = (checked.forget, checked.retain, unseen, run.dirs.build)
-        run.callbacks.append(stopping_callback(run.stop_plan, cfg, run.model, run.tokenizer, *args))
+        run.callbacks.append(_stopping_callback(run, unseen))
     # The output directory is touched only now: a run refused above leaves it as it was.
     config_path = os.path.join(run.dirs.build, outputs.CONFIG)
     distributed.on_main(lambda: (outputs.start_run(run.dirs), write_json(config_path, run.record)))
@@ -227,7 +226,10 @@ def train(run: RunState) -> None:
         "runtime_s": time.perf_counter() - start,
     }
     if run.callbacks:  # the callback has put the kept state back: "after" and the files are that state
-        run.metrics["stopping"] = _published_stopping(run)
+        stopping = run.metrics["stopping"] = dict(run.callbacks[0].summary)
+        for key in ("trajectory_csv", "trajectory_png"):  # where they are once the run is published
+            if stopping.get(key):
+                stopping[key] = os.path.join(run.dirs.output, os.path.basename(stopping[key]))
     if cfg.evaluate or run.suite:
         run.metrics["after"] = _evaluate(run, run.suite)
 
@@ -304,15 +306,6 @@ def unlearn(
     return run_unlearning(cfg)
 
 
-def _training_data(cfg: UnlearnConfig) -> tuple[Any, Any]:
-    """``forget`` / ``retain``, or else a MUSE directory's ``raw/forget`` and ``raw/retain1`` (Shi et al.
-    2024)."""
-    if cfg.muse is None:
-        return cfg.forget, cfg.retain
-    forget = cfg.forget if cfg.forget is not None else read_muse(cfg.muse, "raw/forget")
-    return forget, cfg.retain if cfg.retain is not None else read_muse(cfg.muse, "raw/retain1")
-
-
 def _suite(cfg: UnlearnConfig) -> dict[str, dict[str, Any]]:
     """The field's evaluations to run after training, their inputs read and checked now."""
     suite = cfg.suite_requests(cfg.eval_batch_size, retrain_elsewhere=cfg.stop == "muse")
@@ -329,9 +322,35 @@ def _evaluate(run: RunState, suite: Mapping[str, Any]) -> dict[str, Any]:
     return {**results.pop("sets", {}), **results}
 
 
-def _published_stopping(run: RunState) -> dict[str, Any]:
-    summary = dict(run.callbacks[0].summary)
-    for key in ("trajectory_csv", "trajectory_png"):  # where they are once the run is published
-        if summary.get(key):
-            summary[key] = os.path.join(run.dirs.output, os.path.basename(summary[key]))
-    return summary
+def _prepare_unseen(cfg: UnlearnConfig, tokenizer: Any) -> list[fdata.Example]:
+    """The extraction rule's unseen text (a ``{"text"}`` file or a list of texts) as examples."""
+    if cfg.unseen is None:
+        return []
+    data = cfg.unseen if isinstance(cfg.unseen, (str, os.PathLike)) else [{"text": t} for t in cfg.unseen]
+    return fdata.prepare(
+        data, tokenizer, name="unseen", data_format="text", max_length=cfg.max_length,
+        allow_download=cfg.allow_download,
+    )  # fmt: skip
+
+
+def _stopping_callback(run: RunState, unseen: list[fdata.Example]) -> StoppingCallback:
+    """The run's evaluating, stopping callback; call it with the model before LoRA / FILA."""
+    plan, cfg, model, tokenizer = run.stop_plan, run.cfg, run.model, run.tokenizer
+    muse = {"muse_dir": cfg.muse, "max_items": plan.eval_items, "batch_size": cfg.eval_batch_size}
+    evaluator = SetEvaluator(
+        tokenizer, run.checked.forget, run.checked.retain or None, unseen or None, eval_items=plan.eval_items,
+        batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
+        muse=None if cfg.muse is None else muse,
+    )  # fmt: skip
+    rule = plan.rule
+    if rule is not None and not rule.resolved and rule.reference_source == "model":
+        rule = measure_reference(rule, evaluator, model)
+    elif rule is not None and not rule.resolved:
+        access = dict(trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download)
+        reference = load_like(rule.input, model, tokenizer, **access)
+        rule = measure_reference(rule, evaluator, reference)
+        del reference
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    controller = dataclasses.replace(plan, rule=rule).controller()
+    return StoppingCallback(controller, evaluator, every=plan.every, output_dir=run.dirs.build)

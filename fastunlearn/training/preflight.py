@@ -8,8 +8,7 @@ of every adapted weight (the solver takes ``r`` singular directions of each).
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,13 +16,12 @@ from torch import nn
 
 from fastunlearn import data as fdata
 from fastunlearn.data.examples import tokenize_records
+from fastunlearn.evaluation.muse_files import read_muse
 from fastunlearn.fisher.budget import FILA_ACCUMULATORS, fila_accumulator_bytes, parse_bytes, plan_groups
 from fastunlearn.fisher.layers import select_linear_layers
 from fastunlearn.models.loading import load_config, model_skeleton, resolve_model
 from fastunlearn.models.naming import canonical_name
 from fastunlearn.options.unlearn import UnlearnConfig
-
-__all__ = ["Checked", "check_context", "check_target_modules", "check_vocab", "preflight", "read_data"]
 
 Records = tuple[list[dict[str, Any]], str]  # a data set's records and its detected format
 
@@ -42,17 +40,18 @@ class Checked:
         return fdata.pad_id_of(self.tokenizer)
 
 
-def read_data(
-    forget: str | os.PathLike | Iterable[Mapping[str, Any]],
-    retain: str | os.PathLike | Iterable[Mapping[str, Any]] | None,
-    *,
-    data_format: str,
-    allow_download: bool = False,
-) -> dict[str, Records]:
-    """The records and format of ``forget`` and ``retain`` (unless ``None``), read once."""
+def read_data(cfg: UnlearnConfig) -> dict[str, Records]:
+    """The records and format of ``forget`` and ``retain`` (unless ``None``), read once; a MUSE directory
+    stands for those not given with its ``raw/forget`` and ``raw/retain1`` (Shi et al. 2024)."""
+    forget, retain = cfg.forget, cfg.retain
+    if cfg.muse is not None:
+        forget = forget if forget is not None else read_muse(cfg.muse, "raw/forget")
+        retain = retain if retain is not None else read_muse(cfg.muse, "raw/retain1")
     sets = {"forget": forget, **({"retain": retain} if retain is not None else {})}
     return {
-        name: fdata.load_records(data, data_format=data_format, name=name, allow_download=allow_download)
+        name: fdata.load_records(
+            data, data_format=cfg.data_format, name=name, allow_download=cfg.allow_download
+        )
         for name, data in sets.items()
     }
 
@@ -82,35 +81,28 @@ def check_context(config: Any, examples: Iterable[fdata.Example]) -> None:
         )
 
 
-def check_target_modules(
-    model: nn.Module,
-    target_modules: Sequence[str] | None,
-    *,
-    init: str,
-    lora_r: int,
-    fisher_memory: int | str | None = None,
-) -> None:
-    """The adapters ``init`` would place on ``model`` exist and fit: FILA's layers (those the Fisher
+def check_target_modules(model: nn.Module, cfg: UnlearnConfig) -> None:
+    """The adapters ``cfg.init`` would place on ``model`` exist and fit: FILA's layers (those the Fisher
     estimate covers) have ``r ≤ min(out, in)`` and their accumulators fit ``fisher_memory``; each LoRA
     entry names a leaf module (a full name or a dotted suffix, as peft matches)."""
-    if init == "fila":
-        layers = select_linear_layers(model, target_modules)
+    if cfg.init == "fila":
+        layers = select_linear_layers(model, cfg.target_modules)
         small = {name: tuple(layer.weight.shape) for name, layer in layers.items()}
-        small = {name: shape for name, shape in small.items() if lora_r > min(shape)}
+        small = {name: shape for name, shape in small.items() if cfg.lora_r > min(shape)}
         if small:
             name, shape = next(iter(small.items()))
             raise ValueError(
-                f"lora_r={lora_r} exceeds min(out, in) = {min(shape)} of layer {name!r} (weight {shape}) "
-                f"and {len(small) - 1} other layer(s); FILA needs r <= the smaller side of every "
+                f"lora_r={cfg.lora_r} exceeds min(out, in) = {min(shape)} of layer {name!r} (weight "
+                f"{shape}) and {len(small) - 1} other layer(s); FILA needs r <= the smaller side of every "
                 "adapted weight"
             )
-        if fisher_memory is not None:  # refused now rather than after the weights load
-            budget = parse_bytes(fisher_memory)
+        if cfg.fisher_memory is not None:  # refused now rather than after the weights load
+            budget = parse_bytes(cfg.fisher_memory)
             plan_groups(fila_accumulator_bytes(layers), budget, what=FILA_ACCUMULATORS,
                         origin="the Fisher memory budget (fisher_memory)")  # fmt: skip
-    elif init == "lora" and target_modules is not None:
+    elif cfg.init == "lora" and cfg.target_modules is not None:
         leaves = [canonical_name(n) for n, m in model.named_modules() if n and not any(m.children())]
-        for spec in target_modules:
+        for spec in cfg.target_modules:
             key = canonical_name(spec)
             if not any(n == key or n.endswith("." + key) for n in leaves):
                 kinds = sorted({n.rsplit(".", 1)[-1] for n in leaves})
@@ -119,22 +111,20 @@ def check_target_modules(
                 )
 
 
-def preflight(
-    model: nn.Module | str | os.PathLike,
-    tokenizer: Any,
-    data: Mapping[str, Records],
-    *,
-    init: str,
-    cfg: UnlearnConfig,
-) -> Checked:
-    """Check a run's model, tokenizer and ``data`` (from :func:`read_data`); raise the first problem."""
+def on_meta(cfg: Any) -> tuple[Any, nn.Module, Any]:
+    """The tokenizer, the model built on the ``meta`` device from its config (a module: itself) and the
+    config, of a command's options ``cfg``."""
     access = dict(trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download)
-    source, tokenizer = resolve_model(model, tokenizer, **access, revision=cfg.revision)
-    if source is not None:
-        config = load_config(source.base or source.path, trust_remote_code=cfg.trust_remote_code)
-        skeleton = model_skeleton(config, trust_remote_code=cfg.trust_remote_code)
-    else:
-        skeleton, config = model, getattr(model, "config", None)
+    source, tokenizer = resolve_model(cfg.model, cfg.tokenizer, **access, revision=cfg.revision)
+    if source is None:
+        return tokenizer, cfg.model, getattr(cfg.model, "config", None)
+    config = load_config(source.base or source.path, trust_remote_code=cfg.trust_remote_code)
+    return tokenizer, model_skeleton(config, trust_remote_code=cfg.trust_remote_code), config
+
+
+def preflight(cfg: UnlearnConfig, data: Mapping[str, Records]) -> Checked:
+    """Check a run's model, tokenizer and ``data`` (from :func:`read_data`); raise the first problem."""
+    tokenizer, skeleton, config = on_meta(cfg)
     examples = {
         name: tokenize_records(
             records, tokenizer, data_format=fmt, template=cfg.template, max_length=cfg.max_length
@@ -145,7 +135,5 @@ def preflight(
     for name, ex in (("forget", forget_ex), ("retain", retain_ex)):
         check_vocab(skeleton, ex, name)
     check_context(config, forget_ex + retain_ex)
-    check_target_modules(
-        skeleton, cfg.target_modules, init=init, lora_r=cfg.lora_r, fisher_memory=cfg.fisher_memory
-    )
+    check_target_modules(skeleton, cfg)
     return Checked(tokenizer, forget_ex, retain_ex, config)

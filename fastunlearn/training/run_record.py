@@ -18,8 +18,6 @@ from fastunlearn.data.sources import resolve_hub_dataset
 from fastunlearn.options.commandline import command_line
 from fastunlearn.options.schema import fields_of, to_record, with_absolute_paths
 
-__all__ = ["check_resumable", "fingerprint", "pin_revision", "run_record"]
-
 # Files of a model, tokenizer or data set directory hashed whole (data sets' Arrow and Parquet files
 # included); weights are fingerprinted by name and size.
 _SMALL_SUFFIXES = (".json", ".model", ".txt", ".py", ".tiktoken", ".arrow", ".parquet")
@@ -105,12 +103,7 @@ def _versions() -> dict[str, str]:
 
     from fastunlearn import __version__
 
-    return {
-        "fastunlearn": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-    }
+    return {"fastunlearn": __version__, **{m.__name__: m.__version__ for m in (torch, transformers, peft)}}
 
 
 def run_record(cfg: Any, *, precision: str, world_size: int, engine: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -22,21 +22,10 @@ from fastunlearn.methods.objectives import Objective
 from fastunlearn.models.devices import training_device
 from fastunlearn.options.unlearn import UnlearnConfig
 
-__all__ = ["RUN_LOSS_FILE", "UnlearnTrainer", "build_trainer"]
-
 RUN_LOSS_FILE = "run_loss.json"  # beside each checkpoint: the loss summed over the steps before it
 LOGS_DIR = "logs"  # TensorBoard's event files, inside the output directory
 # Trajectory columns that are not evaluation results: the step itself, and the loss Trainer logs anyway.
 _NOT_LOGGED = frozenset({"step", "epoch", "loss", "forget_loss", "retain_loss", "eval_s"})
-
-
-def _scalars(row: Mapping[str, Any]) -> dict[str, float]:
-    """An evaluation row as tracker scalars: ``eval_<name>`` (shown as ``eval/<name>``), booleans 0/1."""
-    return {
-        f"eval_{name}": float(value)
-        for name, value in row.items()
-        if name not in _NOT_LOGGED and isinstance(value, (int, float))
-    }
 
 
 class _EvaluationLog(TrainerCallback):
@@ -46,12 +35,17 @@ class _EvaluationLog(TrainerCallback):
         self.trainer, self.trajectory = trainer, trajectory
         self.logged = 0
 
-    def _log_new(self, state, control) -> None:
+    def on_step_end(self, args, state, control, **kwargs) -> None:
         rows = self.trajectory.rows
         for row in rows[self.logged :]:
             # A resumed run's earlier rows were logged by the run that evaluated them.
             if row["step"] == state.global_step:
-                scalars = _scalars(row)
+                # tracker scalars: eval_<name> (shown as eval/<name>), booleans 0/1
+                scalars = {
+                    f"eval_{k}": float(v)
+                    for k, v in row.items()
+                    if k not in _NOT_LOGGED and isinstance(v, (int, float))
+                }
                 # Trainer stops at its last step anyway; before it, a stop is the rule's.
                 if control.should_training_stop and 0 < state.global_step < state.max_steps:
                     scalars["eval_stopped"] = 1.0
@@ -60,25 +54,7 @@ class _EvaluationLog(TrainerCallback):
                 control.should_log = should_log
         self.logged = len(rows)
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._log_new(state, control)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self._log_new(state, control)
-
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self._log_new(state, control)
-
-
-def connect_trackers(trainer: Trainer, build_dir: str, trajectory: Any = None) -> None:
-    """Point TensorBoard at ``build_dir/logs`` and log the rows of ``trajectory`` as they are added."""
-    from transformers.integrations import TensorBoardCallback
-
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
-            callback.logging_dir = os.path.join(build_dir, LOGS_DIR)
-    if trajectory is not None:
-        trainer.add_callback(_EvaluationLog(trainer, trajectory))
+    on_train_begin = on_epoch_end = on_step_end
 
 
 class _EpochPairing(TrainerCallback):
@@ -109,7 +85,7 @@ class UnlearnTrainer(Trainer):
         self._parts: dict[str, torch.Tensor] = {}
         self._parts_n = 0
         # The run's loss over every optimiser step, a resumed run's earlier steps included
-        # (read_run_loss restores them): Trainer's own training_loss covers this call's steps only.
+        # (resume_run_loss restores them): Trainer's own training_loss covers this call's steps only.
         self._loss_sum: torch.Tensor | float = 0.0
         self._earlier_loss_sum = 0.0
         if isinstance(self.train_dataset, fdata.PairedDataset):
@@ -216,5 +192,11 @@ def build_trainer(
         model=model, args=args, callbacks=[*(cfg.callbacks or ()), *extra_callbacks], train_dataset=dataset,
         data_collator=fdata.PairCollator(pad_id), objective=objective, wrapped_model=wrapped_model,
     )  # fmt: skip
-    connect_trackers(trainer, output_dir, trajectory)
+    from transformers.integrations import TensorBoardCallback
+
+    for callback in trainer.callback_handler.callbacks:  # TensorBoard writes to OUTPUT/logs
+        if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+            callback.logging_dir = os.path.join(output_dir, LOGS_DIR)
+    if trajectory is not None:
+        trainer.add_callback(_EvaluationLog(trainer, trajectory))
     return trainer
