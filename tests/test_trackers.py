@@ -73,3 +73,26 @@ def test_a_bad_tracker_is_one_line_and_nothing_is_written(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_trackio_takes_its_project_and_space_from_its_own_variables(workspace, tmp_path, monkeypatch):
+    """transformers reads WANDB_PROJECT itself but trackio's project and Space only from its arguments:
+    the run passes TRACKIO_PROJECT and TRACKIO_SPACE_ID on (checked on the arguments Trainer gets)."""
+    from transformers import TrainerCallback, TrainingArguments
+
+    if "project" not in TrainingArguments.__dataclass_fields__:
+        pytest.skip("this transformers has no trackio arguments")
+    monkeypatch.setenv("TRACKIO_PROJECT", "unlearning")
+    monkeypatch.setenv("TRACKIO_SPACE_ID", "someone/runs")
+    seen = {}
+
+    class Spy(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen.update(project=args.project, space=args.trackio_space_id)
+
+    unlearn(
+        str(workspace / "model"), None, str(workspace / "forget.json"), str(workspace / "retain.json"),
+        init="lora", output_dir=tmp_path / "run", num_epochs=1, batch_size=2, lora_r=4, progress=False,
+        evaluate=False, callbacks=[Spy()],
+    )  # fmt: skip
+    assert seen == {"project": "unlearning", "space": "someone/runs"}

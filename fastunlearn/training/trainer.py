@@ -134,6 +134,14 @@ class UnlearnTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
+def _trackio_arguments(arguments: type) -> dict[str, Any]:
+    """trackio's project and Space from its own variables, as wandb's are: transformers reads
+    ``WANDB_PROJECT`` itself but takes trackio's from ``TrainingArguments`` (newer versions' fields)."""
+    values = {"project": "TRACKIO_PROJECT", "trackio_space_id": "TRACKIO_SPACE_ID"}
+    values = {field: os.environ.get(variable) for field, variable in values.items()}
+    return {k: v for k, v in values.items() if v and k in arguments.__dataclass_fields__}
+
+
 def build_trainer(
     model: nn.Module,
     dataset: fdata.PairedDataset,
@@ -179,6 +187,7 @@ def build_trainer(
         save_total_limit=1,
         report_to="none" if cfg.report_to == ["none"] else list(cfg.report_to),
         run_name=cfg.run_name or os.path.basename(os.path.abspath(os.fspath(cfg.output_dir or output_dir))),
+        **_trackio_arguments(TrainingArguments),
         seed=cfg.seed,
         remove_unused_columns=False,
         disable_tqdm=not cfg.progress,
