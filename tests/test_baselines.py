@@ -15,6 +15,7 @@ import os
 
 import pytest
 import torch
+from helpers.crash import crash_after_the_first_checkpoint
 from helpers.memorised import memorised
 from helpers.stopping import qa_record
 from helpers.workspace import build_workspace
@@ -25,7 +26,6 @@ from fastunlearn.cli import main
 from fastunlearn.data.refusals import read_refusals, refusal_records
 from fastunlearn.methods import METHODS
 from fastunlearn.training.pipeline import unlearn
-from fastunlearn.training.trainer import UnlearnTrainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -200,17 +200,7 @@ def test_a_resumed_dpo_kl_fila_run_is_the_uninterrupted_one(tmp_path, monkeypatc
     crash in the second epoch, the resumed run trains what the uninterrupted run trains."""
     options = dict(retain_term="kl", evaluate=False)
     full = run("dpo", "fila", tmp_path / "a", **options)
-    original = UnlearnTrainer.compute_loss
-
-    def crash_in_second_epoch(self, *args, **kw):
-        if self.state.global_step >= 2:
-            raise RuntimeError("simulated crash")
-        return original(self, *args, **kw)
-
-    monkeypatch.setattr(UnlearnTrainer, "compute_loss", crash_in_second_epoch)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run("dpo", "fila", tmp_path / "b", **options)
-    monkeypatch.setattr(UnlearnTrainer, "compute_loss", original)
+    crash_after_the_first_checkpoint(monkeypatch, lambda: run("dpo", "fila", tmp_path / "b", **options))
     assert os.path.isdir(tmp_path / "b" / "checkpoints" / "checkpoint-2")
     resumed = run("dpo", "fila", tmp_path / "b", resume=True, **options)
     assert resumed.metrics["train"]["global_step"] == 4

@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from helpers.crash import crash_after_the_first_checkpoint
 from helpers.methods import ref_objective, ref_seq_logp
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, TrainerCallback
@@ -17,7 +18,6 @@ from fastunlearn import demo
 from fastunlearn.fisher import FilaRowWeights, estimate_fisher, fila_init
 from fastunlearn.methods import resolve_method
 from fastunlearn.training.pipeline import unlearn
-from fastunlearn.training.trainer import UnlearnTrainer
 
 # The tiny demo model (hidden 32, 2 layers) on 4 authors.
 SIZE = dataclasses.replace(demo.SIZES["tiny"], authors=4, hidden=32, layers=2, vocab=300)
@@ -286,22 +286,6 @@ def test_output_dir_refusal_and_overwrite(setup, tmp_path):
 
 
 @pytest.mark.slow
-def _crash_after_the_first_checkpoint(monkeypatch, run) -> None:
-    """``run()`` (a 2-epoch run of 2 steps an epoch) crashing in its second epoch, after the checkpoint
-    of the first (step 2) is written."""
-    original = UnlearnTrainer.compute_loss
-
-    def crash_in_second_epoch(self, *args, **kw):
-        if self.state.global_step >= 2:
-            raise RuntimeError("simulated crash")
-        return original(self, *args, **kw)
-
-    monkeypatch.setattr(UnlearnTrainer, "compute_loss", crash_in_second_epoch)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run()
-    monkeypatch.setattr(UnlearnTrainer, "compute_loss", original)
-
-
 def test_resume_after_a_crash_matches_an_uninterrupted_fila_run(setup, tmp_path, monkeypatch):
     tokenizer, forget, retain = setup
     kwargs = dict(
@@ -315,7 +299,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_fila_run(setup, tmp_path,
     )
     full = unlearn(fresh_model(tokenizer), tokenizer, forget, retain, output_dir=tmp_path / "a", **kwargs)
 
-    _crash_after_the_first_checkpoint(monkeypatch, lambda: unlearn(
+    crash_after_the_first_checkpoint(monkeypatch, lambda: unlearn(
         fresh_model(tokenizer), tokenizer, forget, retain, output_dir=tmp_path / "b", **kwargs))  # fmt: skip
     assert os.path.isdir(tmp_path / "b" / "checkpoints" / "checkpoint-2")
 
@@ -354,7 +338,7 @@ def test_resume_after_a_crash_continues_the_stopping_rule(setup, tmp_path, monke
     # Holds from step 1 (first kept), three more evaluations, stops at the last step: step 1 put back.
     assert (s["first_satisfied_step"], s["kept_step"], s["stopped_step"], s["restored"]) == (1, 1, 4, True)
 
-    _crash_after_the_first_checkpoint(monkeypatch, lambda: unlearn(
+    crash_after_the_first_checkpoint(monkeypatch, lambda: unlearn(
         fresh_model(tokenizer), tokenizer, forget, retain, output_dir=tmp_path / "b", **kwargs))  # fmt: skip
     checkpoint = tmp_path / "b" / "checkpoints" / "checkpoint-2"
     assert (checkpoint / RECORD_FILE).is_file() and (checkpoint / SNAPSHOT_FILE).is_file()
