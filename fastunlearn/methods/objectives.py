@@ -26,6 +26,12 @@ from fastunlearn.methods.terms import FORGET, RETAIN, model_loss, target_counts
 from fastunlearn.models.devices import eval_mode, model_device
 from fastunlearn.models.patching import find_causal_lm, is_patched
 
+_PART_NAMES = {
+    "forget": "a forget batch",
+    "idk": "the refusal answers batch['idk']",
+    "retain": "a retain set",
+}
+
 
 def _require_patched(model: nn.Module) -> None:
     if not is_patched(model):
@@ -76,12 +82,7 @@ class Objective:
 
     def _check(self, model: nn.Module, batch: Mapping[str, Mapping[str, Tensor]]) -> None:
         spec = self.spec
-        parts = (
-            ("forget", "a forget batch", True),
-            ("idk", "the refusal answers batch['idk']", spec.uses_refusals),
-            ("retain", "a retain set", spec.needs_retain),
-        )
-        missing = [what for part, what, needed in parts if needed and part not in batch]
+        missing = [_PART_NAMES[part] for part in spec.parts if part not in batch]
         if missing:
             raise ValueError(f"{spec.forget} + {spec.retain} needs {', '.join(missing)}")
         for part in spec.fixed_reference:

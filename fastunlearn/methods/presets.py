@@ -39,6 +39,11 @@ class MethodSpec:
         return self.forget in ("idk", "dpo")
 
     @property
+    def parts(self) -> tuple[str, ...]:
+        """The parts of a training batch the objective reads."""
+        return ("forget",) + ("idk",) * self.uses_refusals + ("retain",) * self.needs_retain
+
+    @property
     def fixed_reference(self) -> tuple[str, ...]:
         """The batch parts whose reference log-probabilities are taken once before training."""
         return {"npo": ("forget",), "dpo": ("forget", "idk")}.get(self.forget, ())

@@ -186,8 +186,7 @@ class PhaseRunner:
 
     def micro_batch(self) -> None:
         spec, size = self.spec, self.cfg.batch_size
-        parts = ["forget"] + ["retain"] * spec.needs_retain + ["idk"] * spec.uses_refusals
-        batch = {name: self.batch(size) for name in parts}
+        batch = {name: self.batch(size) for name in spec.parts}
         for name in spec.fixed_reference:
             batch[name]["ref_logp"] = torch.zeros(size, device=self.setting.device)
         loss, _ = self.objective(_AutocastEachCall(self.model, self.setting.precision), batch)
