@@ -28,7 +28,7 @@ import torch
 from helpers import stopping as H
 from helpers.distributed import EVAL_ATOL as ATOL
 from helpers.distributed import EVAL_RTOL as RTOL
-from helpers.distributed import spawn, torchrun
+from helpers.distributed import assert_results_close, spawn, torchrun
 from helpers.workspace import build_workspace
 
 from fastunlearn.engines import distributed
@@ -159,22 +159,6 @@ def model_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-def _close(got, want, where: str) -> None:
-    """Nested results equal: numbers within RTOL/ATOL, everything else exactly."""
-    if isinstance(want, dict):
-        assert set(got) == set(want), where
-        for key in want:
-            _close(got[key], want[key], f"{where}.{key}")
-    elif isinstance(want, list):
-        assert len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want)):
-            _close(g, w, f"{where}[{i}]")
-    elif isinstance(want, float) and not isinstance(want, bool):
-        assert abs(got - want) <= ATOL + RTOL * abs(want), (where, got, want)
-    else:
-        assert got == want, (where, got, want)
-
-
 def _single_process_on_shards(model, tok) -> dict:
     """The per-item statistics computed in one process on each rank's share, in item order."""
     from fastunlearn.evaluation.likelihood import example_stats
@@ -207,9 +191,11 @@ def test_two_rank_evaluation_equals_one_process(model_dir, tmp_path):
     assert got["stats"] == on_shards  # the gather puts each rank's numbers back where they belong
     # Per item, then every aggregate computed from the items (means, truth ratios, the KS test).
     for name in ("forget", "retain"):
-        _close(got["tofu"]["sets"][name]["avg_nll"], want["tofu"]["sets"][name]["avg_nll"], f"{name}.avg_nll")
-    _close(got["tofu"]["forget_truth_ratios"], want["tofu"]["forget_truth_ratios"], "truth ratios")
-    _close(got, want, "results")
+        got_nll, want_nll = (r["tofu"]["sets"][name]["avg_nll"] for r in (got, want))
+        assert_results_close(got_nll, want_nll, f"{name}.avg_nll")
+    ratios = "forget_truth_ratios"
+    assert_results_close(got["tofu"][ratios], want["tofu"][ratios], "truth ratios")
+    assert_results_close(got, want, "results")
     assert want["tofu"]["forget_quality"] is not None and want["subset"]["retain.rougeL"] > 0
     assert 0 < want["extraction"]["ma"] < 1  # something to share: not all hits, not none
 
@@ -239,7 +225,7 @@ def test_eval_under_torchrun_prints_and_writes_once_what_one_process_computes(tm
         want = json.loads((tmp_path / "one" / name).read_text())
         for record in (got, want):  # where each run saved its reference
             record.get("tofu", {}).pop("reference_saved_to", None)
-        _close(got, want, name)
+        assert_results_close(got, want, name)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import stopping as H
-from helpers.distributed import EVAL_ATOL, EVAL_RTOL, spawn
+from helpers.distributed import assert_results_close, spawn
 from helpers.memorised import memorised
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,21 +47,6 @@ def _worker(rank: int, model_dir: str, muse_dir: str, out: str) -> None:
     Path(out, f"rank{rank}.json").write_text(json.dumps(_evaluate(model, tok, muse_dir)))
 
 
-def _close(got, want, where: str = "") -> None:
-    if isinstance(want, dict):
-        assert set(got) == set(want), where
-        for key in want:
-            _close(got[key], want[key], f"{where}.{key}")
-    elif isinstance(want, list):
-        assert len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want)):
-            _close(g, w, f"{where}[{i}]")
-    elif isinstance(want, float):
-        assert abs(got - want) <= EVAL_ATOL + EVAL_RTOL * abs(want), (where, got, want)
-    else:
-        assert got == want, (where, got, want)
-
-
 def test_two_ranks_equal_one_process(tmp_path):
     model, tok = memorised()
     model_dir, muse_dir = tmp_path / "model", tmp_path / "muse"
@@ -85,4 +70,4 @@ def test_two_ranks_equal_one_process(tmp_path):
     finally:
         torch.set_num_threads(threads)
     want["muse"]["dir"] = ranks[0]["muse"]["dir"]
-    _close(ranks[0], want)
+    assert_results_close(ranks[0], want)

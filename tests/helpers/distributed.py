@@ -27,6 +27,22 @@ from fastunlearn.engines import distributed
 EVAL_RTOL = EVAL_ATOL = 2.0**8 * 2.0**-24 * 2.0**4
 
 
+def assert_results_close(got, want, where: str = "") -> None:
+    """Nested evaluation results equal: floats within ``EVAL_RTOL``/``EVAL_ATOL``, the rest exactly."""
+    if isinstance(want, dict):
+        assert set(got) == set(want), where
+        for key in want:
+            assert_results_close(got[key], want[key], f"{where}.{key}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_results_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert abs(got - want) <= EVAL_ATOL + EVAL_RTOL * abs(want), (where, got, want)
+    else:
+        assert got == want, (where, got, want)
+
+
 ROOT = Path(__file__).resolve().parents[2]  # the repository
 
 
