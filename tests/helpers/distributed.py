@@ -4,11 +4,14 @@ ranks started by hand, and the tolerance of an evaluation the ranks share."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -54,6 +57,7 @@ def free_port() -> int:
 
 def _entry(rank: int, world: int, store: str, fn: Callable, args: tuple) -> None:
     torch.set_num_threads(1)
+    faulthandler.register(signal.SIGUSR1)  # spawn's deadline dumps every rank's stack before it kills
     distributed.join_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         fn(rank, *args)
@@ -61,14 +65,24 @@ def _entry(rank: int, world: int, store: str, fn: Callable, args: tuple) -> None
         distributed.leave_group()
 
 
-def spawn(fn: Callable, *args, world: int = 2) -> None:
-    """``fn(rank, *args)`` on ``world`` processes joined in one gloo group (``fn`` must be importable).
+def spawn(fn: Callable, *args, world: int = 2, timeout: float = 300) -> None:
+    """``fn(rank, *args)`` on ``world`` processes joined in one gloo group (``fn`` must be importable);
+    ranks still running after ``timeout`` seconds print their stacks and are killed: a rank waiting
+    for ever (a collective, a lock another process left) fails the test instead of hanging the suite.
 
     The ranks meet through a file, not a TCP port: a port found free here can be taken by another
     process before the ranks bind it (a setup error that depends on what else the machine runs)."""
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        mp.spawn(_entry, args=(world, store, fn, args), nprocs=world, join=True)
+        ranks = mp.spawn(_entry, args=(world, store, fn, args), nprocs=world, join=False)
+        deadline = time.monotonic() + timeout
+        while not ranks.join(timeout=max(0.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                for process in ranks.processes:  # one stack at a time: they print to one stderr
+                    os.kill(process.pid, signal.SIGUSR1)
+                    time.sleep(0.5)
+                    process.kill()
+                raise TimeoutError(f"{fn.__name__} on {world} ranks did not finish in {timeout:g} s")
 
 
 def launcher_env(rank: int, world: int, port: int) -> dict[str, str]:
