@@ -37,8 +37,8 @@ from fastunlearn import (
     simnpo_loss,
 )
 from fastunlearn.ops import _ihl_torch
-from fastunlearn.ops._fused_ops import fused_linear_row_loss
-from fastunlearn.ops._row_ops import row_loss
+from fastunlearn.ops.fused_linear import fused_linear_row_loss
+from fastunlearn.ops.ihl import row_loss
 from fastunlearn.plan.peak_memory import peak_tensor_bytes
 
 BACKENDS = ["torch", "triton"]

@@ -7,11 +7,9 @@ CPU tensors runs the kernels under the Triton interpreter, which must be switche
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import sys
-from types import ModuleType
 from typing import Literal
 
 import torch
@@ -42,12 +40,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"backend='triton' does not support {device.type} tensors")
     return backend
-
-
-def implementation(backend: str, kernel: str, torch_path: ModuleType) -> ModuleType:
-    """The module computing an operation for a resolved backend: ``fastunlearn.kernels.<kernel>``
-    (importing triton only now) or the PyTorch path, which offers the same functions."""
-    return importlib.import_module(f"fastunlearn.kernels.{kernel}") if backend == "triton" else torch_path
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:

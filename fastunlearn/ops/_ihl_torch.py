@@ -1,12 +1,15 @@
-"""The PyTorch (CPU) path of the row kernels: the IHL and NLL forward and backward of
-``fastunlearn.kernels.ihl``, with its stored statistics and cancellation-free formulas, a cache-sized
-block of rows at a time, so the few vectorised passes per block cost little more than one read of the
-logits; the only full-size buffer is the gradient.
+"""The PyTorch (CPU) path of the row kernels, ``fastunlearn.kernels.ihl`` (IHL and NLL) and
+``fastunlearn.kernels.kl``: their functions, with their stored statistics and cancellation-free formulas,
+a cache-sized block of rows at a time, so the few vectorised passes per block cost little more than one
+read of the logits; the only full-size buffer is the gradient. fp64 logits are kept in fp64.
 """
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 
@@ -16,6 +19,14 @@ from fastunlearn.ops._backend import compute_dtype
 # blocks keep the launch overhead small, still a bounded buffer.
 CPU_BLOCK_ELEMENTS = 1 << 18
 DEVICE_BLOCK_ELEMENTS = 1 << 26
+
+
+def implementation(backend: str, kernel: str) -> ModuleType:
+    """The module computing ``fastunlearn.kernels.<kernel>``'s functions for a resolved backend: that one
+    (importing triton only now) or this one, which offers the same functions."""
+    if backend == "triton":
+        return importlib.import_module(f"fastunlearn.kernels.{kernel}")
+    return sys.modules[__name__]
 
 
 def row_ranges(n: int, vocab: int, device: torch.device) -> Iterator[tuple[int, int]]:
@@ -52,7 +63,7 @@ def _first_argmax(x: torch.Tensor, row_max: torch.Tensor, width: int = 512) -> t
 def ihl_forward(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, *, loss: str = "ihl"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``fastunlearn.kernels.ihl.ihl_forward`` (fp64 logits kept in fp64). Per block, with ``y`` masked
+    """``fastunlearn.kernels.ihl.ihl_forward``. Per block, with ``y`` masked
     out: for IHL the best other logit ``z_m``, its first index and ``q = softmax``, whose entries outside
     ``m`` sum to ``R/S_{≠y}`` with no subtraction (``log S_{≠y} = z_m − log q_m``, accurate since
     ``q_m ≥ 1/(V−1)``); for NLL ``log S_{≠y}`` from ``logsumexp``, with ``y`` standing in for ``m``."""
@@ -135,4 +146,52 @@ def ihl_backward(
         torch.mul(torch.softmax(block, dim=1, dtype=stats.dtype), coef[r0:r1], out=out)
         out.scatter_(1, targets[r0:r1], g_y[r0:r1])
         out.scatter_(1, argmax[r0:r1].unsqueeze(1), g_m[r0:r1])
+    return grad
+
+
+def _shift(maximum: torch.Tensor) -> torch.Tensor:
+    """The row maximum, or 0 for a row of ``-inf`` (which would give ``exp(-inf − -inf) = nan``)."""
+    return torch.where(maximum == float("-inf"), 0.0, maximum)
+
+
+def kl_forward(
+    logits: torch.Tensor, ref_logits: torch.Tensor, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fastunlearn.kernels.kl.kl_forward``."""
+    n, vocab = logits.shape
+    acc = compute_dtype(logits)
+    kl = torch.empty(n, dtype=acc, device=logits.device)
+    lse = torch.empty(n, 2, dtype=acc, device=logits.device)
+    for r0, r1 in row_ranges(n, vocab, logits.device):
+        z, r = logits[r0:r1].to(acc), ref_logits[r0:r1].to(acc)
+        shift_z = _shift(z.amax(dim=1, keepdim=True))
+        shift_r = _shift(r.amax(dim=1, keepdim=True))
+        sum_z = (z - shift_z).exp_().sum(dim=1, keepdim=True)
+        e_r = (r - shift_r).exp_()
+        sum_r = e_r.sum(dim=1, keepdim=True)
+        cross = torch.where(e_r > 0, e_r * (r - z), 0.0).sum(dim=1, keepdim=True)
+        kl[r0:r1] = (cross / sum_r + (shift_z - shift_r) + torch.log(sum_z / sum_r)).squeeze(1)
+        torch.cat([shift_z + sum_z.log(), shift_r + sum_r.log()], dim=1, out=lse[r0:r1])
+    if weights is not None:  # skipped rows: zeros, whatever their logits hold
+        active = (weights != 0).unsqueeze(1)
+        kl = torch.where(active.squeeze(1), kl, 0.0)
+        lse = torch.where(active, lse, 0.0)
+    return kl, lse
+
+
+def kl_backward(
+    logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    lse: torch.Tensor,
+    grad_rows: torch.Tensor,
+    grad: torch.Tensor,
+) -> torch.Tensor:
+    """``fastunlearn.kernels.kl.kl_backward``."""
+    n, vocab = logits.shape
+    scale = grad_rows.to(lse.dtype).reshape(-1, 1).expand(n, 1)
+    for r0, r1 in row_ranges(n, vocab, logits.device):
+        z, r = logits[r0:r1].to(lse.dtype), ref_logits[r0:r1].to(lse.dtype)
+        g = (z - lse[r0:r1, :1]).exp_().sub_((r - lse[r0:r1, 1:]).exp_())
+        g = torch.where(scale[r0:r1] != 0, g.mul_(scale[r0:r1]), 0.0)
+        grad[r0:r1].copy_(g)
     return grad

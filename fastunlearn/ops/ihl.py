@@ -5,8 +5,10 @@ For each target token, with ``p = softmax(z)``, IHL is ``ℓ = 1 + p_y − max_{
 minimising it pushes the true token below its best alternative, so the mass goes to a plausible
 replacement instead of collapsing the model (gradient ascent's failure). :func:`nll_loss` is
 ``−log p_y`` on the same kernels in NLL mode. Both read the logits once forward and once backward, with
-fp32 statistics and no ``[N, V]`` log-softmax, through the custom operators of
-:mod:`fastunlearn.ops._row_ops` (Triton on CUDA, a chunked PyTorch path with the same numerics on CPU).
+fp32 statistics and no ``[N, V]`` log-softmax, through the custom operator ``fastunlearn::row_loss``
+(Triton on CUDA, a chunked PyTorch path with the same numerics on CPU): the per-row results of
+``fastunlearn.kernels.ihl.ihl_forward``, differentiable in the ``[B, T, V]`` logits, whose backward
+writes a new tensor (``row_loss_backward``) or over the logits (``row_loss_backward_``).
 """
 
 from __future__ import annotations
@@ -16,12 +18,91 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from fastunlearn.ops._backend import Backend, resolve_backend
-from fastunlearn.ops._ihl_torch import valid_targets
-from fastunlearn.ops._row_ops import row_loss
+from fastunlearn.ops._backend import Backend, resolve_backend, result_dtype
+from fastunlearn.ops._ihl_torch import implementation, valid_targets
 
 Reduction = Literal["mean", "sum", "none"]
 REDUCTIONS = ("mean", "sum", "none")
+
+
+def index_dtype(backend: str) -> torch.dtype:
+    return torch.int32 if backend == "triton" else torch.int64
+
+
+@torch.library.custom_op("fastunlearn::row_loss", mutates_args=())
+def row_loss(
+    logits: Tensor, labels: Tensor, loss: str, ignore_index: int, backend: str, inplace_backward: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return implementation(backend, "ihl").ihl_forward(logits, labels, ignore_index, loss=loss)
+
+
+@row_loss.register_fake
+def _(logits, labels, loss, ignore_index, backend, inplace_backward):
+    n, dtype = labels.shape[0], result_dtype(logits, backend)
+    stats = logits.new_empty(n, 4, dtype=dtype)
+    return logits.new_empty(n, dtype=dtype), stats, logits.new_empty(n, dtype=index_dtype(backend))
+
+
+@torch.library.custom_op("fastunlearn::row_loss_backward", mutates_args=())
+def row_loss_backward(
+    logits: Tensor,
+    labels: Tensor,
+    stats: Tensor,
+    argmax: Tensor,
+    grad_rows: Tensor,
+    ignore_index: int,
+    backend: str,
+) -> Tensor:
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return implementation(backend, "ihl").ihl_backward(
+        logits, labels, stats, argmax, grad_rows, grad, ignore_index
+    )
+
+
+@row_loss_backward.register_fake
+def _(logits, labels, stats, argmax, grad_rows, ignore_index, backend):
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.custom_op("fastunlearn::row_loss_backward_", mutates_args=("logits",))
+def row_loss_backward_(
+    logits: Tensor,
+    labels: Tensor,
+    stats: Tensor,
+    argmax: Tensor,
+    grad_rows: Tensor,
+    ignore_index: int,
+    backend: str,
+) -> None:
+    implementation(backend, "ihl").ihl_backward(
+        logits, labels, stats, argmax, grad_rows, logits, ignore_index
+    )
+
+
+@row_loss_backward_.register_fake
+def _(logits, labels, stats, argmax, grad_rows, ignore_index, backend):
+    return None
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    logits, labels, _, ignore_index, backend, inplace_backward = inputs
+    _, stats, argmax = output
+    ctx.mark_non_differentiable(stats, argmax)
+    ctx.save_for_backward(logits, labels, stats, argmax)
+    ctx.options = (ignore_index, backend, inplace_backward)
+
+
+def _backward(ctx, grad_loss: Tensor, _grad_stats, _grad_argmax):
+    logits, labels, stats, argmax = ctx.saved_tensors
+    ignore_index, backend, inplace_backward = ctx.options
+    if not inplace_backward:
+        grad = row_loss_backward(logits, labels, stats, argmax, grad_loss, ignore_index, backend)
+        return grad, None, None, None, None, None
+    row_loss_backward_(logits, labels, stats, argmax, grad_loss, ignore_index, backend)
+    return logits, None, None, None, None, None
+
+
+row_loss.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _as_rows(logits: Tensor) -> Tensor:

@@ -8,13 +8,11 @@ computes both models' logits a chunk of rows at a time from their hidden states 
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
 from torch import Tensor
 
-from fastunlearn.ops import _kl_torch
-from fastunlearn.ops._backend import Backend, compute_dtype, implementation, resolve_backend, result_dtype
+from fastunlearn.ops._backend import Backend, compute_dtype, resolve_backend, result_dtype
+from fastunlearn.ops._ihl_torch import implementation
 from fastunlearn.ops._linear_chunks import (
     autocast_inputs,
     check_head,
@@ -25,17 +23,13 @@ from fastunlearn.ops._linear_chunks import (
 from fastunlearn.ops.fused_linear import input_needs, resolve_chunk_rows
 
 
-def _implementation(backend: str) -> ModuleType:
-    return implementation(backend, "kl", _kl_torch)
-
-
 @torch.library.custom_op("fastunlearn::kl_rows", mutates_args=())
 def kl_rows(
     logits: Tensor, ref_logits: Tensor, weights: Tensor | None, backend: str
 ) -> tuple[Tensor, Tensor]:
     """Per-row ``KL(softmax(ref_logits) ‖ softmax(logits))`` of ``[N, V]`` rows and ``(lse(z), lse(r))``
     per row; rows whose ``weights`` entry is 0 are skipped (0). Differentiable in ``logits``."""
-    return _implementation(backend).kl_forward(logits, ref_logits, weights)
+    return implementation(backend, "kl").kl_forward(logits, ref_logits, weights)
 
 
 @kl_rows.register_fake
@@ -50,7 +44,7 @@ def kl_rows_backward(
 ) -> Tensor:
     """``grad_rows[r]·(softmax(z_r) − softmax(r_r))`` into a new tensor shaped like ``logits``."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    return _implementation(backend).kl_backward(logits, ref_logits, lse, grad_rows, grad)
+    return implementation(backend, "kl").kl_backward(logits, ref_logits, lse, grad_rows, grad)
 
 
 @kl_rows_backward.register_fake
@@ -90,7 +84,7 @@ def fused_linear_kl(
     """``Σ_rows weights·KL`` of the logits ``hidden @ weight.T (+ bias)`` against
     ``ref_hidden @ weight.T (+ bias)``, and the gradients named by ``needs`` (``∂h``, ``∂W``, ``∂b``;
     empty where not needed), formed chunk by chunk during the forward; then the workspace's handle."""
-    impl = _implementation(backend)
+    impl = implementation(backend, "kl")
     with torch.autocast(hidden.device.type, enabled=False):
         workspace, grads = chunk_scratch(hidden, weight, bias, chunk_rows, tuple(needs), _BUFFERS)
         kls = []
