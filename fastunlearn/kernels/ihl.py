@@ -178,6 +178,13 @@ def _launch_config(vocab: int, max_block: int = MAX_BLOCK_V) -> tuple[int, int]:
     return block, 4 if block <= 2048 else (8 if block <= max_block // 2 else 16)
 
 
+def _launch(kernel, rows: int, vocab: int, *args, max_block: int = MAX_BLOCK_V, **constants) -> None:
+    """``kernel`` with one program per row over a vocabulary of ``vocab`` (nothing for 0 rows)."""
+    if rows:
+        block, num_warps = _launch_config(vocab, max_block)
+        kernel[(rows,)](*args, **constants, BLOCK_V=block, num_warps=num_warps)
+
+
 def ihl_forward(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, *, loss: str = "ihl"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -185,17 +192,12 @@ def ihl_forward(
     ``labels`` ``[B·T]``: ``(loss [N], stats [N, 4], argmax [N] int32)``, ``stats`` = ``(lse, c,
     ∂ℓ/∂z_y, ∂ℓ/∂z_m)`` with ``c`` the coefficient of ``p_j`` elsewhere; all 0 on ignored rows."""
     B, T, V = logits.shape
-    n_rows = B * T
-    row_loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
-    stats = torch.empty(n_rows, 4, dtype=torch.float32, device=logits.device)
-    argmax = torch.zeros(n_rows, dtype=torch.int32, device=logits.device)
-    if n_rows == 0:
-        return row_loss, stats, argmax
-    block, num_warps = _launch_config(V)
-    _ihl_forward_kernel[(n_rows,)](
-        logits, labels, row_loss, stats, argmax,
-        T, V, *logits.stride(), ignore_index,
-        NLL=loss == "nll", BLOCK_V=block, num_warps=num_warps,
+    row_loss = torch.empty(B * T, dtype=torch.float32, device=logits.device)
+    stats = torch.empty(B * T, 4, dtype=torch.float32, device=logits.device)
+    argmax = torch.zeros(B * T, dtype=torch.int32, device=logits.device)
+    _launch(
+        _ihl_forward_kernel, B * T, V, logits, labels, row_loss, stats, argmax,
+        T, V, *logits.stride(), ignore_index, NLL=loss == "nll",
     )  # fmt: skip
     return row_loss, stats, argmax
 
@@ -212,13 +214,9 @@ def ihl_backward(
     """Write ``grad_rows[r]·∂ℓ_r/∂logits[r]`` into ``grad`` (``[B, T, V]``, any strides; may be ``logits``
     itself: each element is read before the same program overwrites it). ``grad_rows``: 0-d or ``[N]``."""
     B, T, V = logits.shape
-    if B * T == 0:
-        return grad
     rows_stride = 0 if grad_rows.dim() == 0 else grad_rows.stride(0)
-    block, num_warps = _launch_config(V)
-    _ihl_backward_kernel[(B * T,)](
-        logits, labels, stats, argmax, grad_rows, rows_stride, grad,
+    _launch(
+        _ihl_backward_kernel, B * T, V, logits, labels, stats, argmax, grad_rows, rows_stride, grad,
         T, V, *logits.stride(), *grad.stride(), ignore_index,
-        BLOCK_V=block, num_warps=num_warps,
     )  # fmt: skip
     return grad

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastunlearn.kernels.ihl import _launch_config, _round_to_output, _store_zeros
+from fastunlearn.kernels.ihl import _launch, _round_to_output, _store_zeros
 
 # Two rows per iteration: half the IHL kernel's block keeps the same registers per thread.
 MAX_BLOCK_V = 8192
@@ -105,13 +105,9 @@ def kl_forward(
     n, vocab = logits.shape
     kl = torch.empty(n, dtype=torch.float32, device=logits.device)
     lse = torch.empty(n, 2, dtype=torch.float32, device=logits.device)
-    if n == 0:
-        return kl, lse
-    block, num_warps = _launch_config(vocab, MAX_BLOCK_V)
-    _kl_forward_kernel[(n,)](
-        logits, ref_logits, kl if weights is None else weights, kl, lse,
-        vocab, *logits.stride(), *ref_logits.stride(),
-        HAS_WEIGHTS=weights is not None, BLOCK_V=block, num_warps=num_warps,
+    _launch(
+        _kl_forward_kernel, n, vocab, logits, ref_logits, kl if weights is None else weights, kl, lse,
+        vocab, *logits.stride(), *ref_logits.stride(), HAS_WEIGHTS=weights is not None, max_block=MAX_BLOCK_V,
     )  # fmt: skip
     return kl, lse
 
@@ -126,13 +122,9 @@ def kl_backward(
     """Write ``grad_rows[r]·(softmax(z_r) − softmax(r_r))`` into ``grad`` (``[N, V]``, any strides; may be
     ``logits``). ``grad_rows``: 0-d or ``[N]``; rows where it is 0 get zeros."""
     n, vocab = logits.shape
-    if n == 0:
-        return grad
     rows_stride = 0 if grad_rows.dim() == 0 else grad_rows.stride(0)
-    block, num_warps = _launch_config(vocab, MAX_BLOCK_V)
-    _kl_backward_kernel[(n,)](
-        logits, ref_logits, lse, grad_rows, rows_stride, grad,
-        vocab, *logits.stride(), *ref_logits.stride(), *grad.stride(),
-        BLOCK_V=block, num_warps=num_warps,
+    _launch(
+        _kl_backward_kernel, n, vocab, logits, ref_logits, lse, grad_rows, rows_stride, grad,
+        vocab, *logits.stride(), *ref_logits.stride(), *grad.stride(), max_block=MAX_BLOCK_V,
     )  # fmt: skip
     return grad

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastunlearn.kernels.ihl import _launch_config, _log1p_unit
+from fastunlearn.kernels.ihl import _launch, _log1p_unit
 
 
 @triton.jit
@@ -81,11 +81,8 @@ def token_stats(
     contiguous ``labels`` ``[N]``, with ``σ² ≥ variance_floor``; NaN on ignored rows."""
     n_rows, vocab = logits.shape
     out = torch.empty(n_rows, 3, dtype=torch.float32, device=logits.device)
-    if n_rows == 0:
-        return out
-    block, num_warps = _launch_config(vocab)
-    _token_stats_kernel[(n_rows,)](
-        logits, labels, out, vocab, *logits.stride(), ignore_index, variance_floor,
-        BLOCK_V=block, num_warps=num_warps,
+    _launch(
+        _token_stats_kernel, n_rows, vocab, logits, labels, out, vocab, *logits.stride(), ignore_index,
+        variance_floor,
     )  # fmt: skip
     return out
