@@ -1,18 +1,28 @@
-"""The ``backend=`` argument every fused operation shares, and the dtypes its results take.
+"""What every operator shares: the ``backend=`` argument, the dtypes its results take, its scratch memory.
 
 ``"auto"`` sends CUDA tensors to Triton and everything else to the chunked PyTorch path. ``"triton"`` on
 CPU tensors runs the kernels under the Triton interpreter, which must be switched on
 (``TRITON_INTERPRET=1``) before ``triton`` is first imported.
+
+A tracker that is a ``TorchDispatchMode`` (PyTorch's ``MemTracker``, a memory plan under
+``FakeTensorMode``) sees an operator's inputs and outputs, never what it allocates and frees inside.
+So an operator takes all its scratch memory as one byte buffer carved into typed views
+(:class:`Workspace`) and returns a zero-element view of it as its last output: the buffer stays alive
+until the caller drops that view, so the tracker sees the operator's peak. The fake implementation
+builds the same layout, so real and fake report the same bytes.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import sys
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
+from torch import Tensor
 
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
@@ -50,3 +60,33 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 def result_dtype(tensor: torch.Tensor, backend: str) -> torch.dtype:
     """The dtype of per-row results: fp32, or fp64 for fp64 inputs on the PyTorch path."""
     return compute_dtype(tensor) if backend == "torch" else torch.float32
+
+
+ALIGN = 256  # bytes: every view starts at a multiple (element alignment, aligned vector loads)
+
+Layout = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+class Workspace:
+    """One ``uint8`` buffer holding a named, typed, contiguous view per entry of ``layout``
+    (``name -> (shape, dtype)``); ``ws[name]`` is the view, ``None`` for a name not in the layout."""
+
+    def __init__(self, layout: Layout, device: torch.device) -> None:
+        offsets, total = {}, 0
+        for name, (shape, dtype) in layout.items():
+            offsets[name] = total
+            total += -(-math.prod(shape) * dtype.itemsize // ALIGN) * ALIGN
+        self.buffer = torch.empty(total, dtype=torch.uint8, device=device)
+        self._views = {
+            name: self.buffer[offsets[name] : offsets[name] + math.prod(shape) * dtype.itemsize]
+            .view(dtype)
+            .view(shape)
+            for name, (shape, dtype) in layout.items()
+        }
+
+    def __getitem__(self, name: str) -> Tensor | None:
+        return self._views.get(name)
+
+    def handle(self) -> Tensor:
+        """The zero-element view an operator returns as its last output."""
+        return self.buffer[:0]

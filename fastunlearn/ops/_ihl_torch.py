@@ -63,10 +63,10 @@ def _first_argmax(x: torch.Tensor, row_max: torch.Tensor, width: int = 512) -> t
 def ihl_forward(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, *, loss: str = "ihl"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``fastunlearn.kernels.ihl.ihl_forward``. Per block, with ``y`` masked
-    out: for IHL the best other logit ``z_m``, its first index and ``q = softmax``, whose entries outside
-    ``m`` sum to ``R/S_{≠y}`` with no subtraction (``log S_{≠y} = z_m − log q_m``, accurate since
-    ``q_m ≥ 1/(V−1)``); for NLL ``log S_{≠y}`` from ``logsumexp``, with ``y`` standing in for ``m``."""
+    """``fastunlearn.kernels.ihl.ihl_forward``. Per block, with ``y`` masked out: for IHL the best other
+    logit ``z_m``, its first index and ``q = softmax``, whose entries outside ``m`` sum to ``R/S_{≠y}``
+    with no subtraction (``log S_{≠y} = z_m − log q_m``, accurate since ``q_m ≥ 1/(V−1)``); for NLL
+    ``log S_{≠y}`` from ``logsumexp``, with ``y`` standing in for ``m``."""
     B, T, V = logits.shape
     acc = compute_dtype(logits)
     n = B * T

@@ -7,13 +7,12 @@ folding of each chunk's logit gradient ``G`` into ``∂h = G W``, ``∂W = Gᵀ 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
-from fastunlearn.ops._backend import compute_dtype
-from fastunlearn.ops._workspace import Workspace
+from fastunlearn.ops._backend import Workspace, compute_dtype
 
 
 def chunk_logits(
@@ -47,41 +46,37 @@ def map_chunks(
     return tuple(torch.cat(parts) for parts in zip(*results))
 
 
-def chunk_scratch(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    chunk_rows: int,
-    needs: tuple[bool, ...],
-    buffers: tuple[str, ...] = ("logits",),
-) -> tuple[Workspace, HeadGrads]:
-    """An operator's workspace, a ``[chunk, V]`` buffer per name of ``buffers`` and what
-    :class:`HeadGrads` needs for ``needs = (∂h, ∂W, ∂b)`` (a ``[V, H]`` product in the head's dtype when
-    it is narrower than the accumulator, a ``[V]`` row sum for ``∂b``), and those gradients."""
-    acc = compute_dtype(weight)
-    chunk = ((min(chunk_rows, hidden.shape[0]), weight.shape[0]), hidden.dtype)
-    layout = dict.fromkeys(buffers, chunk)
-    if needs[1] and weight.dtype != acc:
-        layout["weight_product"] = (tuple(weight.shape), weight.dtype)
-    if needs[2]:
-        layout["bias_sum"] = ((weight.shape[0],), acc)
-    workspace = Workspace(layout, hidden.device)
-    return workspace, HeadGrads(needs, hidden, weight, bias, workspace)
-
-
-class HeadGrads:
-    """``∂h`` (the hidden states' dtype) and zeroed ``∂W``, ``∂b`` accumulators for the inputs in
-    ``needs`` (none under ``no_grad``, no ``∂W`` for a frozen head), filled chunk by chunk."""
+class ChunkScratch:
+    """An operator's scratch memory and head gradients: one workspace holding a ``[chunk, V]`` buffer per
+    name of ``buffers`` and what :meth:`fold` needs (a ``[V, H]`` product in the head's dtype when it is
+    narrower than the accumulator, a ``[V]`` row sum for ``∂b``); ``∂h`` (the hidden states' dtype) and
+    zeroed ``∂W``, ``∂b`` accumulators for the inputs in ``needs`` (none under ``no_grad``, no ``∂W``
+    for a frozen head), filled chunk by chunk."""
 
     def __init__(
-        self, needs: tuple[bool, ...], h: Tensor, weight: Tensor, bias: Tensor | None, workspace: Workspace
+        self,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        chunk_rows: int,
+        needs: Sequence[bool],
+        buffers: tuple[str, ...] = ("logits",),
     ) -> None:
         acc = {"dtype": compute_dtype(weight), "device": weight.device}
-        self.weight = weight
-        self.h = torch.empty_like(h) if needs[0] else None
+        layout = dict.fromkeys(buffers, ((min(chunk_rows, hidden.shape[0]), weight.shape[0]), hidden.dtype))
+        if needs[1] and weight.dtype != acc["dtype"]:
+            layout["weight_product"] = (tuple(weight.shape), weight.dtype)
+        if needs[2]:
+            layout["bias_sum"] = ((weight.shape[0],), acc["dtype"])
+        self.workspace = Workspace(layout, hidden.device)
+        self.hidden, self.weight, self.bias, self.chunk_rows = hidden, weight, bias, chunk_rows
+        self.h = torch.empty_like(hidden) if needs[0] else None
         self.w = torch.zeros(weight.shape, **acc) if needs[1] else None
         self.b = torch.zeros(weight.shape[0], **acc) if bias is not None and needs[2] else None
-        self.product, self.bias_sum = workspace["weight_product"], workspace["bias_sum"]
+
+    def chunks(self, h: Tensor, buffer: str = "logits") -> Iterator[tuple[int, Tensor, Tensor]]:
+        """:func:`chunk_logits` of ``h`` (``hidden`` or rows like it) into the workspace's ``buffer``."""
+        return chunk_logits(h, self.weight, self.bias, self.chunk_rows, self.workspace[buffer])
 
     @property
     def any(self) -> bool:
@@ -92,16 +87,18 @@ class HeadGrads:
         if self.h is not None:
             torch.mm(grad_logits, self.weight, out=self.h[r0 : r0 + h_chunk.shape[0]])
         if self.w is not None:
-            if self.product is None:
+            if self.workspace["weight_product"] is None:
                 self.w.addmm_(grad_logits.t(), h_chunk)
             else:
-                self.w += torch.mm(grad_logits.t(), h_chunk, out=self.product)
+                self.w += torch.mm(grad_logits.t(), h_chunk, out=self.workspace["weight_product"])
         if self.b is not None:
-            self.b += torch.sum(grad_logits, 0, dtype=self.b.dtype, out=self.bias_sum)
+            self.b += torch.sum(grad_logits, 0, dtype=self.b.dtype, out=self.workspace["bias_sum"])
 
-    def outputs(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(∂h, ∂W, ∂b)`` as operator outputs: an empty tensor for each one not computed."""
-        return tuple(like.new_empty(0) if g is None else g for g in (self.h, self.w, self.b))
+    def outputs(self) -> tuple[Tensor, ...]:
+        """``(∂h, ∂W, ∂b)`` as operator outputs (an empty tensor for each one not computed), then the
+        workspace's handle."""
+        grads = (self.hidden.new_empty(0) if g is None else g for g in (self.h, self.w, self.b))
+        return *grads, self.workspace.handle()
 
 
 def input_grads(

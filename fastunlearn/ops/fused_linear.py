@@ -9,7 +9,8 @@ each chunk's logits (as Cut Cross-Entropy does). Logits stay in the inputs' dtyp
 ``∂W``, ``∂b`` accumulate in fp32; under autocast the inputs are cast as ``F.linear`` casts them.
 
 The custom operator ``fastunlearn::fused_linear_row_loss`` returns ``(value, stats, argmax, ∂h, ∂W, ∂b,
-workspace)``: scratch memory is one workspace (:mod:`fastunlearn.ops._workspace`), as in the fakes.
+workspace)``, the gradients ``needs`` names formed in the forward; its scratch memory is one workspace
+(:mod:`fastunlearn.ops._backend`), as in the fakes.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fastunlearn.ops._backend import Backend, compute_dtype, resolve_backend, result_dtype
+from fastunlearn.ops._backend import Backend, compute_dtype, resolve_backend
 from fastunlearn.ops._ihl_torch import implementation, valid_targets
-from fastunlearn.ops._linear_chunks import check_head, chunk_logits, chunk_scratch, input_grads, map_chunks
-from fastunlearn.ops.ihl import _check_labels, _check_reduction, index_dtype, row_loss
+from fastunlearn.ops._linear_chunks import ChunkScratch, check_head, input_grads, map_chunks
+from fastunlearn.ops.ihl import _check_labels, _check_reduction, fake_rows, row_loss
 
 # Logits per chunk: on a GPU 64M (256 MB in fp32) keeps the chunk's matmuls at full rate; on CPU a few
 # hundred rows already are, so 8M.
@@ -46,11 +47,6 @@ def input_needs(*tensors: Tensor | None) -> list[bool]:
     return [enabled and t is not None and t.requires_grad for t in tensors]
 
 
-def _forward_grads(reduction: str, needs: list[bool]) -> tuple[bool, bool, bool]:
-    """The gradients the forward forms: those asked for, except for per-row losses."""
-    return (False, False, False) if reduction == "none" else (needs[0], needs[1], needs[2])
-
-
 @torch.library.custom_op("fastunlearn::fused_linear_row_loss", mutates_args=())
 def fused_linear_row_loss(
     hidden: Tensor,
@@ -70,31 +66,27 @@ def fused_linear_row_loss(
         count = valid_targets(labels, weight.shape[0], ignore_index).sum().clamp_min(1)
         count = count.to(compute_dtype(hidden))
         scale = count.reciprocal() if reduction == "mean" else torch.ones_like(count)
-        workspace, grads = chunk_scratch(hidden, weight, bias, chunk_rows, _forward_grads(reduction, needs))
+        scratch = ChunkScratch(hidden, weight, bias, chunk_rows, needs)
         outs = []
-        for r0, h_chunk, logits in chunk_logits(hidden, weight, bias, chunk_rows, workspace["logits"]):
+        for r0, h_chunk, logits in scratch.chunks(hidden):
             rows, y = logits.unsqueeze(0), labels[r0 : r0 + h_chunk.shape[0]]
             out = impl.ihl_forward(rows, y, ignore_index, loss=loss)
             outs.append(out)
-            if grads.any:
+            if scratch.any:
                 impl.ihl_backward(rows, y, out[1], out[2], scale, rows, ignore_index)  # in place
-                grads.fold(r0, h_chunk, logits)
+                scratch.fold(r0, h_chunk, logits)
         losses, stats, argmax = (torch.cat(parts) for parts in zip(*outs))
     value = losses if reduction == "none" else losses.sum() * scale
-    return value, stats, argmax, *grads.outputs(hidden), workspace.handle()
+    return value, stats, argmax, *scratch.outputs()
 
 
 @fused_linear_row_loss.register_fake
 def _(hidden, weight, bias, labels, loss, ignore_index, reduction, backend, chunk_rows, needs):
-    n, dtype = hidden.shape[0], result_dtype(hidden, backend)
-    workspace, grads = chunk_scratch(hidden, weight, bias, chunk_rows, _forward_grads(reduction, needs))
-    if reduction == "none":
-        value = hidden.new_empty(n, dtype=dtype)
-    else:
-        value = hidden.new_empty((), dtype=torch.promote_types(dtype, compute_dtype(hidden)))
-    stats = hidden.new_empty(n, 4, dtype=dtype)
-    argmax = hidden.new_empty(n, dtype=index_dtype(backend))
-    return value, stats, argmax, *grads.outputs(hidden), workspace.handle()
+    scratch = ChunkScratch(hidden, weight, bias, chunk_rows, needs)
+    value, stats, argmax = fake_rows(hidden, hidden.shape[0], backend)
+    if reduction != "none":
+        value = hidden.new_empty((), dtype=torch.promote_types(value.dtype, compute_dtype(hidden)))
+    return value, stats, argmax, *scratch.outputs()
 
 
 @torch.library.custom_op("fastunlearn::fused_linear_row_loss_backward", mutates_args=())
@@ -114,20 +106,20 @@ def fused_linear_row_loss_backward(
     impl = implementation(backend, "ihl")
     grad_rows = grad_rows.to(stats.dtype)
     with torch.autocast(hidden.device.type, enabled=False):
-        workspace, grads = chunk_scratch(hidden, weight, bias, chunk_rows, tuple(needs))
-        for r0, h_chunk, logits in chunk_logits(hidden, weight, bias, chunk_rows, workspace["logits"]):
+        scratch = ChunkScratch(hidden, weight, bias, chunk_rows, needs)
+        for r0, h_chunk, logits in scratch.chunks(hidden):
             r1, rows = r0 + h_chunk.shape[0], logits.unsqueeze(0)
             impl.ihl_backward(
                 rows, labels[r0:r1], stats[r0:r1], argmax[r0:r1], grad_rows[r0:r1], rows, ignore_index
             )
-            grads.fold(r0, h_chunk, logits)
-    return *grads.outputs(hidden), workspace.handle()
+            scratch.fold(r0, h_chunk, logits)
+    return scratch.outputs()
 
 
 @fused_linear_row_loss_backward.register_fake
 def _(grad_rows, hidden, weight, bias, labels, stats, argmax, ignore_index, backend, chunk_rows, needs):
-    workspace, grads = chunk_scratch(hidden, weight, bias, chunk_rows, tuple(needs))
-    return *grads.outputs(hidden), workspace.handle()
+    scratch = ChunkScratch(hidden, weight, bias, chunk_rows, needs)
+    return scratch.outputs()
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -165,13 +157,15 @@ def _checked_inputs(
     backend: str,
     chunk_rows: int | None,
     validate: bool,
-) -> tuple[Tensor, Tensor, Tensor | None, str, int]:
-    """``(hidden, weight, bias)`` as ``F.linear`` sees them under autocast, the resolved backend and the
-    rows per chunk, after checking every argument."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, str, int]:
+    """``(h, y, weight, bias)``, the ``[N, H]`` hidden states and ``[N]`` int64 labels, with ``weight``
+    and ``bias`` as ``F.linear`` sees them under autocast; the resolved backend and the rows per chunk;
+    after checking every argument."""
     hidden, weight, bias = check_head(name, hidden, weight, bias)
     _check_labels(labels, hidden.shape[:-1], weight.shape[0], hidden.device, ignore_index, validate)
+    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
     resolved = resolve_backend(backend, hidden.device)
-    return hidden, weight, bias, resolved, resolve_chunk_rows(chunk_rows, hidden.device, weight.shape[0])
+    return h, y, weight, bias, resolved, resolve_chunk_rows(chunk_rows, hidden.device, weight.shape[0])
 
 
 def _fused_linear_loss(
@@ -187,11 +181,11 @@ def _fused_linear_loss(
     validate: bool,
 ) -> Tensor:
     _check_reduction(reduction)
-    hidden, weight, bias, resolved, chunk_rows = _checked_inputs(
+    h, y, weight, bias, resolved, chunk_rows = _checked_inputs(
         f"fused_linear_{loss}_loss", hidden, weight, labels, bias, ignore_index, backend, chunk_rows, validate
     )
-    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
-    needs = input_needs(h, weight, bias)
+    # Per-token losses get their gradients in the backward, where the tokens' weights are known.
+    needs = [False] * 3 if reduction == "none" else input_needs(h, weight, bias)
     value = fused_linear_row_loss(
         h, weight, bias, y, loss, ignore_index, reduction, resolved, chunk_rows, needs
     )[0]
@@ -257,10 +251,9 @@ def fused_linear_token_stats(
     logits ``z = hidden @ weight.T (+ bias)``, a chunk at a time and without gradients. Arguments as in
     :func:`fused_linear_nll_loss`. Returns ``(nll, hit)`` shaped like ``labels``, 0/False where ignored.
     """
-    hidden, weight, bias, resolved, chunk_rows = _checked_inputs(
+    h, y, weight, bias, resolved, chunk_rows = _checked_inputs(
         "fused_linear_token_stats", hidden, weight, labels, bias, ignore_index, backend, chunk_rows, validate
     )
-    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
 
     def stats(r0: int, logits: Tensor) -> tuple[Tensor, Tensor]:
         chunk_labels = y[r0 : r0 + logits.shape[0]]

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastunlearn.ops._backend import Backend, compute_dtype, resolve_backend
-from fastunlearn.ops._workspace import Layout, Workspace
+from fastunlearn.ops._backend import Backend, Layout, Workspace, compute_dtype, resolve_backend
 
 # Bytes of per-example gradients the PyTorch path holds at once ([chunk, out, in]): small, since on CPU
 # the chunk size does not change the speed; at 7B shapes it is one example.
@@ -55,28 +54,20 @@ def _one_token(inputs: Tensor) -> bool:
     return inputs.dim() == 2 or inputs.shape[1] == 1
 
 
-def _token_layout(inputs: Tensor, grad_outputs: Tensor) -> Layout:
-    dtype, n = compute_dtype(inputs, grad_outputs), inputs.shape[:-1].numel()
-    n_in, n_out = inputs.shape[-1], grad_outputs.shape[-1]
-    return {"x_sq": ((n, n_in), dtype), "g_sq": ((n, n_out), dtype), "product": ((n_out, n_in), dtype)}
-
-
-def _token_products(inputs: Tensor, grad_outputs: Tensor, out: Tensor) -> Tensor:
-    """``out += (G⊙G)ᵀ(X⊙X)``: with one token per example ``g_n`` is an outer product, so
-    ``Σ_n (g_n)²_{oi} = Σ_n G_n[o]²·X_n[i]²`` is one matrix product. Returns the workspace's handle."""
-    workspace = Workspace(_token_layout(inputs, grad_outputs), out.device)
-    x_sq, g_sq = workspace["x_sq"], workspace["g_sq"]
-    x_sq.copy_(inputs.reshape(x_sq.shape)).square_()
-    g_sq.copy_(grad_outputs.reshape(g_sq.shape)).square_()
-    out.add_(torch.mm(g_sq.t(), x_sq, out=workspace["product"]))
-    return workspace.handle()
-
-
-def _torch_layout(inputs: Tensor, grad_outputs: Tensor, buffer_bytes: int) -> Layout:
-    """``[chunk, out, in]`` per-example gradients (at most ``buffer_bytes``), their ``[out, in]`` sum,
-    and copies of a chunk's operands where their dtype is not the computation's."""
+def _layout(
+    inputs: Tensor, grad_outputs: Tensor, backend: str, buffer_bytes: int = TORCH_BUFFER_BYTES
+) -> Layout:
+    """The operator's workspace. With one token per example: the squared operands and their product. On
+    the PyTorch path: ``[chunk, out, in]`` per-example gradients (at most ``buffer_bytes``), their
+    ``[out, in]`` sum, and copies of a chunk's operands where their dtype is not the computation's."""
     dtype = compute_dtype(inputs, grad_outputs)
-    (B, T, n_in), n_out = inputs.shape, grad_outputs.shape[-1]
+    n_in, n_out = inputs.shape[-1], grad_outputs.shape[-1]
+    if _one_token(inputs):
+        n = inputs.shape[:-1].numel()
+        return {"x_sq": ((n, n_in), dtype), "g_sq": ((n, n_out), dtype), "product": ((n_out, n_in), dtype)}
+    if backend != "torch":
+        return {}
+    B, T = inputs.shape[:2]
     chunk = max(1, min(B, buffer_bytes // max(n_out * n_in * dtype.itemsize, 1)))
     layout = {"grads": ((chunk, n_out, n_in), dtype), "total": ((n_out, n_in), dtype)}
     if inputs.dtype != dtype:
@@ -86,11 +77,22 @@ def _torch_layout(inputs: Tensor, grad_outputs: Tensor, buffer_bytes: int) -> La
     return layout
 
 
+def _token_products(inputs: Tensor, grad_outputs: Tensor, out: Tensor) -> Tensor:
+    """``out += (G⊙G)ᵀ(X⊙X)``: with one token per example ``g_n`` is an outer product, so
+    ``Σ_n (g_n)²_{oi} = Σ_n G_n[o]²·X_n[i]²`` is one matrix product. Returns the workspace's handle."""
+    workspace = Workspace(_layout(inputs, grad_outputs, "torch"), out.device)
+    x_sq, g_sq = workspace["x_sq"], workspace["g_sq"]
+    x_sq.copy_(inputs.reshape(x_sq.shape)).square_()
+    g_sq.copy_(grad_outputs.reshape(g_sq.shape)).square_()
+    out.add_(torch.mm(g_sq.t(), x_sq, out=workspace["product"]))
+    return workspace.handle()
+
+
 def _grad_sq_torch(inputs: Tensor, grad_outputs: Tensor, out: Tensor, buffer_bytes: int) -> Tensor:
     """Batched products over chunks of examples holding at most ``buffer_bytes`` of ``g_n``, in one
     workspace written through ``out=`` (fresh buffers per chunk would fragment the allocator). Returns
     the workspace's handle."""
-    workspace = Workspace(_torch_layout(inputs, grad_outputs, buffer_bytes), out.device)
+    workspace = Workspace(_layout(inputs, grad_outputs, "torch", buffer_bytes), out.device)
     buffer, total = workspace["grads"], workspace["total"]
     for start in range(0, inputs.shape[0], buffer.shape[0]):
         x, g = inputs[start : start + buffer.shape[0]], grad_outputs[start : start + buffer.shape[0]]
@@ -102,16 +104,10 @@ def _grad_sq_torch(inputs: Tensor, grad_outputs: Tensor, out: Tensor, buffer_byt
     return workspace.handle()
 
 
-def _layout(inputs: Tensor, grad_outputs: Tensor, backend: str) -> Layout:
-    if _one_token(inputs):
-        return _token_layout(inputs, grad_outputs)
-    return _torch_layout(inputs, grad_outputs, TORCH_BUFFER_BYTES) if backend == "torch" else {}
-
-
 @torch.library.custom_op("fastunlearn::per_example_grad_sq", mutates_args=("out",))
 def _grad_sq_op(inputs: Tensor, grad_outputs: Tensor, out: Tensor, backend: str, accumulate: bool) -> Tensor:
     """Adds ``Σ_n (G_nᵀ X_n)²`` into ``out`` (Triton without ``accumulate``: writes it); returns its
-    workspace's handle (:mod:`fastunlearn.ops._workspace`), empty for the Triton kernel."""
+    workspace's handle (:mod:`fastunlearn.ops._backend`), empty for the Triton kernel."""
     if _one_token(inputs):
         return _token_products(inputs, grad_outputs, out)
     if backend == "torch":

@@ -25,8 +25,10 @@ Reduction = Literal["mean", "sum", "none"]
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def index_dtype(backend: str) -> torch.dtype:
-    return torch.int32 if backend == "triton" else torch.int64
+def fake_rows(like: Tensor, n: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Empty ``(loss, stats, argmax)`` of ``n`` rows, as ``ihl_forward`` gives them for ``backend``."""
+    dtype, index = result_dtype(like, backend), torch.int32 if backend == "triton" else torch.int64
+    return like.new_empty(n, dtype=dtype), like.new_empty(n, 4, dtype=dtype), like.new_empty(n, dtype=index)
 
 
 @torch.library.custom_op("fastunlearn::row_loss", mutates_args=())
@@ -38,9 +40,7 @@ def row_loss(
 
 @row_loss.register_fake
 def _(logits, labels, loss, ignore_index, backend, inplace_backward):
-    n, dtype = labels.shape[0], result_dtype(logits, backend)
-    stats = logits.new_empty(n, 4, dtype=dtype)
-    return logits.new_empty(n, dtype=dtype), stats, logits.new_empty(n, dtype=index_dtype(backend))
+    return fake_rows(logits, labels.shape[0], backend)
 
 
 @torch.library.custom_op("fastunlearn::row_loss_backward", mutates_args=())
@@ -160,22 +160,9 @@ def check_label_range(labels: Tensor, vocab: int, ignore_index: int = -100) -> N
         )
 
 
-def _check_reduction(reduction: str, allowed: tuple[str, ...] = REDUCTIONS) -> None:
-    if reduction not in allowed:
-        raise ValueError(f"unknown reduction {reduction!r}; expected one of {allowed}")
-
-
-def _check_inputs(
-    name: str, logits: Tensor, labels: Tensor, ignore_index: int, reduction: str, validate: bool
-) -> None:
-    if not isinstance(logits, Tensor):
-        raise TypeError(f"{name} expects a tensor of logits")
-    if not logits.is_floating_point():
-        raise TypeError(f"logits must be a floating-point tensor (fp32, bf16 or fp16), got {logits.dtype}")
-    if logits.dim() < 1:
-        raise ValueError("logits must have a vocabulary dimension")
-    _check_reduction(reduction)
-    _check_labels(labels, logits.shape[:-1], logits.shape[-1], logits.device, ignore_index, validate)
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
 
 
 def ihl_loss(
@@ -227,7 +214,14 @@ def _row_loss(
     inplace_backward: bool,
     validate: bool,
 ) -> Tensor:
-    _check_inputs(f"{loss}_loss", logits, labels, ignore_index, reduction, validate)
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{loss}_loss expects a tensor of logits")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor (fp32, bf16 or fp16), got {logits.dtype}")
+    if logits.dim() < 1:
+        raise ValueError("logits must have a vocabulary dimension")
+    _check_reduction(reduction)
+    _check_labels(labels, logits.shape[:-1], logits.shape[-1], logits.device, ignore_index, validate)
     resolved = resolve_backend(backend, logits.device)
     flat_labels = labels.reshape(-1).long()
     rows, _, _ = row_loss(_as_rows(logits), flat_labels, loss, ignore_index, resolved, inplace_backward)

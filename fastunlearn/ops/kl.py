@@ -13,13 +13,7 @@ from torch import Tensor
 
 from fastunlearn.ops._backend import Backend, compute_dtype, resolve_backend, result_dtype
 from fastunlearn.ops._ihl_torch import implementation
-from fastunlearn.ops._linear_chunks import (
-    autocast_inputs,
-    check_head,
-    chunk_logits,
-    chunk_scratch,
-    input_grads,
-)
+from fastunlearn.ops._linear_chunks import ChunkScratch, autocast_inputs, check_head, input_grads
 from fastunlearn.ops.fused_linear import input_needs, resolve_chunk_rows
 
 
@@ -86,28 +80,25 @@ def fused_linear_kl(
     empty where not needed), formed chunk by chunk during the forward; then the workspace's handle."""
     impl = implementation(backend, "kl")
     with torch.autocast(hidden.device.type, enabled=False):
-        workspace, grads = chunk_scratch(hidden, weight, bias, chunk_rows, tuple(needs), _BUFFERS)
+        scratch = ChunkScratch(hidden, weight, bias, chunk_rows, needs, _BUFFERS)
         kls = []
-        chunks = zip(
-            chunk_logits(hidden, weight, bias, chunk_rows, workspace["logits"]),
-            chunk_logits(ref_hidden, weight, bias, chunk_rows, workspace["ref_logits"]),
-        )
+        chunks = zip(scratch.chunks(hidden), scratch.chunks(ref_hidden, "ref_logits"))
         for (r0, h_chunk, logits), (_, _, ref_logits) in chunks:
             row_weights = weights[r0 : r0 + h_chunk.shape[0]]
             kl, lse = impl.kl_forward(logits, ref_logits, row_weights)
             kls.append(kl)
-            if grads.any:
+            if scratch.any:
                 impl.kl_backward(logits, ref_logits, lse, row_weights, logits)  # in place
-                grads.fold(r0, h_chunk, logits)
+                scratch.fold(r0, h_chunk, logits)
         loss = (torch.cat(kls) * weights).sum()
-    return loss, *grads.outputs(hidden), workspace.handle()
+    return loss, *scratch.outputs()
 
 
 @fused_linear_kl.register_fake
 def _(hidden, ref_hidden, weight, bias, weights, backend, chunk_rows, needs):
-    workspace, grads = chunk_scratch(hidden, weight, bias, chunk_rows, tuple(needs), _BUFFERS)
+    scratch = ChunkScratch(hidden, weight, bias, chunk_rows, needs, _BUFFERS)
     loss = hidden.new_empty((), dtype=torch.promote_types(result_dtype(hidden, backend), weights.dtype))
-    return loss, *grads.outputs(hidden), workspace.handle()
+    return loss, *scratch.outputs()
 
 
 def _fused_setup(ctx, inputs, output) -> None:

@@ -102,10 +102,9 @@ def linear_token_stats(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`token_stats` of the logits ``hidden @ weight.T (+ bias)`` a chunk of tokens at a time, never
     ``[N, V]``; arguments as in :func:`fastunlearn.ops.fused_linear.fused_linear_nll_loss`."""
-    hidden, weight, bias, resolved, chunk_rows = _checked_inputs(
+    h, y, weight, bias, resolved, chunk_rows = _checked_inputs(
         "linear_token_stats", hidden, weight, labels, bias, ignore_index, backend, chunk_rows, validate
     )
-    h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()
 
     def stats(r0: int, logits: Tensor) -> tuple[Tensor]:
         return (_token_stats_op(logits, y[r0 : r0 + logits.shape[0]], ignore_index, resolved),)
