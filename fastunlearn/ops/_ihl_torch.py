@@ -98,29 +98,21 @@ def ihl_forward(
         g_y = -torch.exp(lse_others - lse)
         stats = torch.cat([lse, torch.ones_like(lse), g_y, g_y], dim=1)
     else:
-        row_loss, stats = _ihl_rows(z_y, best, q_m, rest_q)
+        # Shifted by max(z_y, log S_{≠y}): one of e_y and S_{≠y} is 1.
+        lse_others = best - q_m.log()
+        shift = torch.maximum(z_y, lse_others)
+        e_y = (z_y - shift).exp()
+        e_m = (best - shift).exp()
+        rest = (lse_others - shift).exp() * rest_q
+        total = e_y + e_m + rest
+        p_y, p_m = e_y / total, e_m / total
+        row_loss = (2 * e_y + rest) / total
+        diff = best - z_y
+        coef = torch.where(diff.abs() < 0.5, e_y * torch.expm1(diff), e_m - e_y) / total
+        stats = torch.cat([shift + total.log(), coef, p_y * (2 * e_m + rest) / total, -p_m * row_loss], dim=1)
     # Ignored rows: zero loss and zero coefficients, so the backward writes exact zeros there.
     stats = torch.where(valid, stats, 0.0)
     return torch.where(valid, row_loss, 0.0).squeeze(1), stats, argmax.squeeze(1)
-
-
-def _ihl_rows(
-    z_y: torch.Tensor, best: torch.Tensor, q_m: torch.Tensor, rest_q: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """IHL loss and backward statistics of each row from ``z_y``, ``z_m``, ``q_m`` and ``R/S_{≠y}``."""
-    # Shifted by max(z_y, log S_{≠y}): one of e_y and S_{≠y} is 1.
-    lse_others = best - q_m.log()
-    shift = torch.maximum(z_y, lse_others)
-    e_y = (z_y - shift).exp()
-    e_m = (best - shift).exp()
-    rest = (lse_others - shift).exp() * rest_q
-    total = e_y + e_m + rest
-    p_y, p_m = e_y / total, e_m / total
-    row_loss = (2 * e_y + rest) / total
-    diff = best - z_y
-    coef = torch.where(diff.abs() < 0.5, e_y * torch.expm1(diff), e_m - e_y) / total
-    stats = torch.cat([shift + total.log(), coef, p_y * (2 * e_m + rest) / total, -p_m * row_loss], dim=1)
-    return row_loss, stats
 
 
 def ihl_backward(

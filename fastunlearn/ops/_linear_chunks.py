@@ -78,10 +78,6 @@ class ChunkScratch:
         """:func:`chunk_logits` of ``h`` (``hidden`` or rows like it) into the workspace's ``buffer``."""
         return chunk_logits(h, self.weight, self.bias, self.chunk_rows, self.workspace[buffer])
 
-    @property
-    def any(self) -> bool:
-        return self.h is not None or self.w is not None or self.b is not None
-
     def fold(self, r0: int, h_chunk: Tensor, grad_logits: Tensor) -> None:
         """Add the contribution of one chunk's logit gradient ``[rows, V]``."""
         if self.h is not None:

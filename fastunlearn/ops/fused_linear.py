@@ -9,8 +9,7 @@ each chunk's logits (as Cut Cross-Entropy does). Logits stay in the inputs' dtyp
 ``∂W``, ``∂b`` accumulate in fp32; under autocast the inputs are cast as ``F.linear`` casts them.
 
 The custom operator ``fastunlearn::fused_linear_row_loss`` returns ``(value, stats, argmax, ∂h, ∂W, ∂b,
-workspace)``, the gradients ``needs`` names formed in the forward; its scratch memory is one workspace
-(:mod:`fastunlearn.ops._backend`), as in the fakes.
+workspace)``, the gradients those ``needs`` names; its workspace is :mod:`fastunlearn.ops._backend`'s.
 """
 
 from __future__ import annotations
@@ -72,7 +71,7 @@ def fused_linear_row_loss(
             rows, y = logits.unsqueeze(0), labels[r0 : r0 + h_chunk.shape[0]]
             out = impl.ihl_forward(rows, y, ignore_index, loss=loss)
             outs.append(out)
-            if scratch.any:
+            if any(needs):
                 impl.ihl_backward(rows, y, out[1], out[2], scale, rows, ignore_index)  # in place
                 scratch.fold(r0, h_chunk, logits)
         losses, stats, argmax = (torch.cat(parts) for parts in zip(*outs))

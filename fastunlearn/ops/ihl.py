@@ -6,9 +6,8 @@ minimising it pushes the true token below its best alternative, so the mass goes
 replacement instead of collapsing the model (gradient ascent's failure). :func:`nll_loss` is
 ``−log p_y`` on the same kernels in NLL mode. Both read the logits once forward and once backward, with
 fp32 statistics and no ``[N, V]`` log-softmax, through the custom operator ``fastunlearn::row_loss``
-(Triton on CUDA, a chunked PyTorch path with the same numerics on CPU): the per-row results of
-``fastunlearn.kernels.ihl.ihl_forward``, differentiable in the ``[B, T, V]`` logits, whose backward
-writes a new tensor (``row_loss_backward``) or over the logits (``row_loss_backward_``).
+(Triton on CUDA, a chunked PyTorch path with the same numerics on CPU), whose backward writes a new
+tensor (``row_loss_backward``) or over the logits (``row_loss_backward_``).
 """
 
 from __future__ import annotations

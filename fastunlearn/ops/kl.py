@@ -87,7 +87,7 @@ def fused_linear_kl(
             row_weights = weights[r0 : r0 + h_chunk.shape[0]]
             kl, lse = impl.kl_forward(logits, ref_logits, row_weights)
             kls.append(kl)
-            if scratch.any:
+            if any(needs):
                 impl.kl_backward(logits, ref_logits, lse, row_weights, logits)  # in place
                 scratch.fold(r0, h_chunk, logits)
         loss = (torch.cat(kls) * weights).sum()
