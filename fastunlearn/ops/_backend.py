@@ -78,9 +78,7 @@ class Workspace:
             total += -(-math.prod(shape) * dtype.itemsize // ALIGN) * ALIGN
         self.buffer = torch.empty(total, dtype=torch.uint8, device=device)
         self._views = {
-            name: self.buffer[offsets[name] : offsets[name] + math.prod(shape) * dtype.itemsize]
-            .view(dtype)
-            .view(shape)
+            name: self.buffer[offsets[name] :].view(dtype)[: math.prod(shape)].view(shape)
             for name, (shape, dtype) in layout.items()
         }
 

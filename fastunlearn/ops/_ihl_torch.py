@@ -1,6 +1,6 @@
-"""The PyTorch (CPU) path of the row kernels, ``fastunlearn.kernels.ihl`` (IHL and NLL) and
-``fastunlearn.kernels.kl``: their functions, with their stored statistics and cancellation-free formulas,
-a cache-sized block of rows at a time, so the few vectorised passes per block cost little more than one
+"""The PyTorch (CPU) path of the row kernels, ``fastunlearn.kernels.ihl`` (IHL and NLL), ``.kl`` and
+``.token_stats``: their functions, with their stored statistics and cancellation-free formulas, a
+cache-sized block of rows at a time, so the few vectorised passes per block cost little more than one
 read of the logits; the only full-size buffer is the gradient. fp64 logits are kept in fp64.
 """
 
@@ -187,3 +187,34 @@ def kl_backward(
         g = torch.where(scale[r0:r1] != 0, g.mul_(scale[r0:r1]), 0.0)
         grad[r0:r1].copy_(g)
     return grad
+
+
+def token_stats(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, variance_floor: float
+) -> torch.Tensor:
+    """``fastunlearn.kernels.token_stats.token_stats``, each block's maximum taken at once. A ``−inf``
+    logit has ``e = 0`` and ``e·d`` NaN, which ``nansum`` leaves out (NaN logits still give NaN)."""
+    n, vocab = logits.shape
+    acc = compute_dtype(logits)
+    valid = valid_targets(labels, vocab, ignore_index).unsqueeze(1)
+    targets = torch.where(valid, labels.unsqueeze(1), 0)
+    sums = torch.empty(n, 4, dtype=acc, device=logits.device)  # z_y − M, s (v ≠ y), a, b (every v)
+    for r0, r1, block in _row_blocks(logits.unsqueeze(0)):
+        d = block.to(acc)
+        d = d - d.amax(dim=1, keepdim=True)
+        e = d.exp()
+        ed = e * d
+        torch.gather(d, 1, targets[r0:r1], out=sums[r0:r1, 0:1])
+        torch.nansum(ed, dim=1, keepdim=True, out=sums[r0:r1, 2:3])
+        torch.nansum(ed * d, dim=1, keepdim=True, out=sums[r0:r1, 3:4])
+        torch.sum(e.scatter_(1, targets[r0:r1], 0.0), dim=1, keepdim=True, out=sums[r0:r1, 1:2])
+    d_y, s, a, b = sums.unbind(1)
+    e_y = d_y.exp()
+    gap = s.log() - d_y
+    nll = gap.clamp_min(0) + torch.log1p(torch.exp(-gap.abs()))
+    total = e_y + s
+    log_total = torch.where(gap > 0, total.log(), d_y + nll)
+    mean = a / total
+    var = b / total - mean * mean
+    out = torch.stack([-nll, mean - log_total, var.clamp_min(variance_floor).sqrt()], dim=1)
+    return torch.where(valid, out, float("nan"))

@@ -123,13 +123,12 @@ def _(grad_rows, hidden, weight, bias, labels, stats, argmax, ignore_index, back
 
 def _setup_context(ctx, inputs, output) -> None:
     hidden, weight, bias, labels, _, ignore_index, reduction, backend, chunk_rows, _ = inputs
-    _, stats, argmax, grad_h, grad_w, grad_b, workspace = output
-    ctx.mark_non_differentiable(stats, argmax, grad_h, grad_w, grad_b, workspace)
+    ctx.mark_non_differentiable(*output[1:])
     ctx.options = (reduction == "none", ignore_index, backend, chunk_rows, weight.dtype)
     if reduction == "none":
-        ctx.save_for_backward(hidden, weight, bias, labels, stats, argmax)
+        ctx.save_for_backward(hidden, weight, bias, labels, *output[1:3])  # the row statistics
     else:
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.save_for_backward(*output[3:6])  # the gradients
 
 
 def _backward(ctx, grad_value: Tensor, *_unused):

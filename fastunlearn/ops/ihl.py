@@ -52,9 +52,8 @@ def row_loss_backward(
     ignore_index: int,
     backend: str,
 ) -> Tensor:
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     return implementation(backend, "ihl").ihl_backward(
-        logits, labels, stats, argmax, grad_rows, grad, ignore_index
+        logits, labels, stats, argmax, grad_rows, logits.new_empty(logits.shape), ignore_index
     )
 
 
@@ -78,11 +77,6 @@ def row_loss_backward_(
     )
 
 
-@row_loss_backward_.register_fake
-def _(logits, labels, stats, argmax, grad_rows, ignore_index, backend):
-    return None
-
-
 def _setup_context(ctx, inputs, output) -> None:
     logits, labels, _, ignore_index, backend, inplace_backward = inputs
     _, stats, argmax = output
@@ -92,13 +86,12 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_loss: Tensor, _grad_stats, _grad_argmax):
-    logits, labels, stats, argmax = ctx.saved_tensors
     ignore_index, backend, inplace_backward = ctx.options
-    if not inplace_backward:
-        grad = row_loss_backward(logits, labels, stats, argmax, grad_loss, ignore_index, backend)
-        return grad, None, None, None, None, None
-    row_loss_backward_(logits, labels, stats, argmax, grad_loss, ignore_index, backend)
-    return logits, None, None, None, None, None
+    args = (*ctx.saved_tensors, grad_loss, ignore_index, backend)
+    if inplace_backward:
+        row_loss_backward_(*args)  # its fake PyTorch generates: it returns nothing
+        return args[0], None, None, None, None, None
+    return row_loss_backward(*args), None, None, None, None, None
 
 
 row_loss.register_autograd(_backward, setup_context=_setup_context)

@@ -32,25 +32,20 @@ def _compute(t: Tensor) -> Tensor:
     return t.to(compute_dtype(t))
 
 
-def _check_sequences(
-    name: str, float_args: dict[str, Tensor], beta: float, counts: dict | None = None
-) -> None:
-    """One-line errors unless every argument is a 1-D tensor of one shape (floats, or integer or float
-    counts) and ``beta`` is positive."""
-    tensors = {**float_args, **(counts or {})}
-    for arg, t in tensors.items():
+def _check_sequences(name: str, args: dict[str, Tensor], beta: float, counts: tuple[str, ...] = ()) -> None:
+    """One-line errors unless every argument is a 1-D tensor of one shape (floats, or for the names in
+    ``counts`` integer or float counts) and ``beta`` is positive."""
+    for arg, t in args.items():
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}: {arg} must be a tensor, got {type(t).__name__}")
         if t.dim() != 1:
             raise ValueError(
                 f"{name}: {arg} must be 1-D (one value per sequence), got shape {tuple(t.shape)}"
             )
-        allowed = t.is_floating_point() or (
-            arg in (counts or {}) and not t.is_complex() and t.dtype != torch.bool
-        )
-        if not allowed:
+        integer = arg in counts and not t.is_complex() and t.dtype != torch.bool
+        if not (t.is_floating_point() or integer):
             raise TypeError(f"{name}: {arg} must be a floating-point tensor, got {t.dtype}")
-    shapes = {arg: tuple(t.shape) for arg, t in tensors.items()}
+    shapes = {arg: tuple(t.shape) for arg, t in args.items()}
     if len(set(shapes.values())) > 1:
         raise ValueError(f"{name}: the per-sequence tensors must have one shape, got {shapes}")
     if not beta > 0:
@@ -69,7 +64,7 @@ def simnpo_loss(logp: Tensor, n_tokens: Tensor, beta: float = 4.5, delta: float 
     """SimNPO: ``−(2/β)·mean log σ(β·(N̄ − δ))``, ``N̄ = −logp/n_tokens`` the NLL per target token, of
     ``[B]`` log-probabilities and target counts (a sequence without targets counts one, so ``N̄ = 0``).
     Returns an fp32 scalar (fp64 for fp64 ``logp``)."""
-    _check_sequences("simnpo_loss", {"logp": logp}, beta, {"n_tokens": n_tokens})
+    _check_sequences("simnpo_loss", {"logp": logp, "n_tokens": n_tokens}, beta, ("n_tokens",))
     logp = _compute(logp)
     mean_nll = -logp / n_tokens.to(logp.dtype).clamp_min(1)
     return -(2 / beta) * F.logsigmoid(beta * (mean_nll - delta)).mean()

@@ -3,9 +3,7 @@
 ``σ = sqrt(max(Var_p(log p), 1e-6))``, so that ``(log p_y − μ)/σ`` standardises the target's
 log-probability against the model's own distribution. The sums are taken relative to the row maximum
 and ``−log p_y`` as a softplus that stays accurate as ``p_y → 1`` (``fastunlearn.kernels.token_stats``).
-
-Rows whose label is ``ignore_index`` get NaN in all three outputs (undefined there, and NaN cannot be
-summed by mistake). fp32 whatever the logits' dtype (fp64 kept on the PyTorch path); no gradient.
+Rows whose label is ``ignore_index`` get NaN (undefined there, and NaN cannot be summed by mistake).
 """
 
 from __future__ import annotations
@@ -13,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastunlearn.ops._backend import Backend, compute_dtype, resolve_backend, result_dtype
-from fastunlearn.ops._ihl_torch import _row_blocks, valid_targets
+from fastunlearn.ops._backend import Backend, resolve_backend, result_dtype
+from fastunlearn.ops._ihl_torch import implementation
 from fastunlearn.ops._linear_chunks import map_chunks
 from fastunlearn.ops.fused_linear import _checked_inputs
 from fastunlearn.ops.ihl import _check_labels
@@ -22,44 +20,11 @@ from fastunlearn.ops.ihl import _check_labels
 VARIANCE_FLOOR = 1e-6  # Min-K%++'s clamp of σ²: σ ≥ 1e-3 even where one token has all the mass
 
 
-def _torch_token_stats(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
-    """The PyTorch path: the kernel's sums and formulas over cache-sized blocks of ``[N, V]`` rows, each
-    block's maximum taken at once. A ``−inf`` logit has ``e = 0`` and ``e·d`` NaN, which ``nansum``
-    leaves out (NaN logits still give NaN, through the maximum)."""
-    n, vocab = logits.shape
-    acc = compute_dtype(logits)
-    valid = valid_targets(labels, vocab, ignore_index).unsqueeze(1)
-    targets = torch.where(valid, labels.unsqueeze(1), 0)
-    sums = torch.empty(n, 4, dtype=acc, device=logits.device)  # z_y − M, s (v ≠ y), a, b (every v)
-    for r0, r1, block in _row_blocks(logits.unsqueeze(0)):
-        d = block.to(acc)
-        d = d - d.amax(dim=1, keepdim=True)
-        e = d.exp()
-        ed = e * d
-        torch.gather(d, 1, targets[r0:r1], out=sums[r0:r1, 0:1])
-        torch.nansum(ed, dim=1, keepdim=True, out=sums[r0:r1, 2:3])
-        torch.nansum(ed * d, dim=1, keepdim=True, out=sums[r0:r1, 3:4])
-        torch.sum(e.scatter_(1, targets[r0:r1], 0.0), dim=1, keepdim=True, out=sums[r0:r1, 1:2])
-    d_y, s, a, b = sums.unbind(1)
-    e_y = d_y.exp()
-    gap = s.log() - d_y
-    nll = gap.clamp_min(0) + torch.log1p(torch.exp(-gap.abs()))
-    total = e_y + s
-    log_total = torch.where(gap > 0, total.log(), d_y + nll)
-    mean = a / total
-    var = b / total - mean * mean
-    out = torch.stack([-nll, mean - log_total, var.clamp_min(VARIANCE_FLOOR).sqrt()], dim=1)
-    return torch.where(valid, out, float("nan"))
-
-
 @torch.library.custom_op("fastunlearn::token_stats", mutates_args=())
 def _token_stats_op(logits: Tensor, labels: Tensor, ignore_index: int, backend: str) -> Tensor:
     """``[N, 3]`` ``(log p_y, μ, σ)`` of ``[N, V]`` logits against ``[N]`` labels; NaN where ignored."""
-    if backend == "torch":
-        return _torch_token_stats(logits, labels, ignore_index)
-    from fastunlearn.kernels import token_stats as kernel  # imports triton: only when asked for
-
-    return kernel.token_stats(logits, labels.contiguous(), ignore_index, VARIANCE_FLOOR)
+    impl = implementation(backend, "token_stats")
+    return impl.token_stats(logits, labels.contiguous(), ignore_index, VARIANCE_FLOOR)
 
 
 @_token_stats_op.register_fake
