@@ -7,9 +7,8 @@ CPU tensors runs the kernels under the Triton interpreter, which must be switche
 A tracker that is a ``TorchDispatchMode`` (PyTorch's ``MemTracker``, a memory plan under
 ``FakeTensorMode``) sees an operator's inputs and outputs, never what it allocates and frees inside.
 So an operator takes all its scratch memory as one byte buffer carved into typed views
-(:class:`Workspace`) and returns a zero-element view of it as its last output: the buffer stays alive
-until the caller drops that view, so the tracker sees the operator's peak. The fake implementation
-builds the same layout, so real and fake report the same bytes.
+(:class:`Workspace`) and returns a zero-element view of it as its last output, alive until the caller
+drops it: the tracker sees the operator's peak, the fake implementation building the same layout.
 """
 
 from __future__ import annotations

@@ -42,8 +42,7 @@ def resolve_chunk_rows(chunk_rows: int | None, device: torch.device, vocab: int)
 
 def input_needs(*tensors: Tensor | None) -> list[bool]:
     """Which of the tensors an operator must return a gradient for (none under ``no_grad``)."""
-    enabled = torch.is_grad_enabled()
-    return [enabled and t is not None and t.requires_grad for t in tensors]
+    return [torch.is_grad_enabled() and t is not None and t.requires_grad for t in tensors]
 
 
 @torch.library.custom_op("fastunlearn::fused_linear_row_loss", mutates_args=())
@@ -156,9 +155,8 @@ def _checked_inputs(
     chunk_rows: int | None,
     validate: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None, str, int]:
-    """``(h, y, weight, bias)``, the ``[N, H]`` hidden states and ``[N]`` int64 labels, with ``weight``
-    and ``bias`` as ``F.linear`` sees them under autocast; the resolved backend and the rows per chunk;
-    after checking every argument."""
+    """The ``[N, H]`` hidden states, ``[N]`` int64 labels, ``weight`` and ``bias`` as ``F.linear`` sees
+    them under autocast, the resolved backend and the rows per chunk, after checking every argument."""
     hidden, weight, bias = check_head(name, hidden, weight, bias)
     _check_labels(labels, hidden.shape[:-1], weight.shape[0], hidden.device, ignore_index, validate)
     h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1).long()

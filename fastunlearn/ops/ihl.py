@@ -79,9 +79,8 @@ def row_loss_backward_(
 
 def _setup_context(ctx, inputs, output) -> None:
     logits, labels, _, ignore_index, backend, inplace_backward = inputs
-    _, stats, argmax = output
-    ctx.mark_non_differentiable(stats, argmax)
-    ctx.save_for_backward(logits, labels, stats, argmax)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(logits, labels, *output[1:])  # with the row statistics and arg-maxima
     ctx.options = (ignore_index, backend, inplace_backward)
 
 

@@ -75,9 +75,8 @@ def fused_linear_kl(
     chunk_rows: int,
     needs: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``Σ_rows weights·KL`` of the logits ``hidden @ weight.T (+ bias)`` against
-    ``ref_hidden @ weight.T (+ bias)``, and the gradients named by ``needs`` (``∂h``, ``∂W``, ``∂b``;
-    empty where not needed), formed chunk by chunk during the forward; then the workspace's handle."""
+    """``Σ_rows weights·KL`` of the logits ``hidden @ weight.T (+ bias)`` against ``ref_hidden``'s, the
+    gradients ``needs`` names (``∂h``, ``∂W``, ``∂b``, formed in the forward) and the workspace's handle."""
     impl = implementation(backend, "kl")
     with torch.autocast(hidden.device.type, enabled=False):
         scratch = ChunkScratch(hidden, weight, bias, chunk_rows, needs, _BUFFERS)
