@@ -19,8 +19,7 @@ from fastunlearn.evaluation.dialogue import evaluate_dialogue
 from fastunlearn.evaluation.extraction import evaluate_extraction
 from fastunlearn.evaluation.harness import check_tasks, evaluate_lm_eval
 from fastunlearn.evaluation.mia import ATTACKS, evaluate_mia
-from fastunlearn.evaluation.muse import CRITERIA, CRITERION_FILES, evaluate_muse
-from fastunlearn.evaluation.muse_files import read_muse
+from fastunlearn.evaluation.muse import CRITERIA, CRITERION_FILES, evaluate_muse, read_muse
 from fastunlearn.evaluation.report import is_lm_eval_score
 from fastunlearn.evaluation.tofu import evaluate_tofu, summarize_tofu
 from fastunlearn.models.devices import model_device

@@ -14,7 +14,7 @@ from fastunlearn.evaluation.decoding import greedy_completions
 from fastunlearn.evaluation.evaluator import evaluate, headline
 from fastunlearn.evaluation.extraction import extraction_likelihood
 from fastunlearn.evaluation.likelihood import collect_answer_stats
-from fastunlearn.evaluation.scores import rouge_l_recall
+from fastunlearn.evaluation.metrics import rouge_l_recall
 from fastunlearn.evaluation.stopping import EL_N, available_metrics
 
 _TEACHER_FORCED = ("prob", "acc", "nll", "ma")
