@@ -14,14 +14,13 @@ import torch
 
 from fastunlearn import data as fdata
 from fastunlearn.data.records import read_records, text_field
-from fastunlearn.data.tofu_files import find_tofu_files, read_tofu_file
 from fastunlearn.evaluation.dialogue import evaluate_dialogue
 from fastunlearn.evaluation.extraction import evaluate_extraction
 from fastunlearn.evaluation.harness import check_tasks, evaluate_lm_eval
 from fastunlearn.evaluation.mia import ATTACKS, evaluate_mia
 from fastunlearn.evaluation.muse import CRITERIA, CRITERION_FILES, evaluate_muse, read_muse
 from fastunlearn.evaluation.report import is_lm_eval_score
-from fastunlearn.evaluation.tofu import evaluate_tofu, summarize_tofu
+from fastunlearn.evaluation.tofu import evaluate_tofu, read_sets, summarize_tofu
 from fastunlearn.models.devices import model_device
 from fastunlearn.models.loading import load_model_and_tokenizer, model_source
 from fastunlearn.models.precision import weights_dtype
@@ -38,14 +37,6 @@ class Evaluation:
     check: Callable[[Mapping[str, Any]], None]
     headline: Callable[[Mapping[str, Any]], dict[str, float]]
     models: tuple[str, ...] = ()
-
-
-def _check_tofu(options: Mapping[str, Any]) -> None:
-    data = options["data"]
-    files = find_tofu_files(data, forget_split=options.get("forget_split")) if _is_path(data) else data
-    for source in files.values():
-        if _is_path(source):
-            read_tofu_file(source)
 
 
 def _check_retrained(options: Mapping[str, Any]) -> None:
@@ -102,7 +93,9 @@ _MUSE_NUMBERS = (
     "privleak_auc", "privleak",
 )  # fmt: skip
 EVALUATIONS: dict[str, Evaluation] = {
-    "tofu": Evaluation(evaluate_tofu, "data", _check_tofu, summarize_tofu),
+    "tofu": Evaluation(
+        evaluate_tofu, "data", lambda o: read_sets(o["data"], o.get("forget_split")), summarize_tofu
+    ),
     "extraction": Evaluation(
         evaluate_extraction,
         "data",

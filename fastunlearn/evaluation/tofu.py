@@ -45,14 +45,12 @@ def _resolve_template(mode: str, template: str | None) -> str:
     (``tofu-llama2`` by default), else the given one (default ``plain``)."""
     if mode not in TOFU_MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {list(TOFU_MODES)}")
-    if mode == "legacy":
-        template = template or "tofu-llama2"
-        if template not in LEGACY_TEMPLATES:
-            raise ValueError(
-                f"legacy mode is the paper's TOFU pipeline, defined for the model families "
-                f"{list(LEGACY_TEMPLATES)}; got template {template!r}"
-            )
-    template = template or "plain"
+    template = template or ("tofu-llama2" if mode == "legacy" else "plain")
+    if mode == "legacy" and template not in LEGACY_TEMPLATES:
+        raise ValueError(
+            f"legacy mode is the paper's TOFU pipeline, defined for the model families "
+            f"{list(LEGACY_TEMPLATES)}; got template {template!r}"
+        )
     if template not in fdata.TEMPLATE_NAMES:
         raise ValueError(f"unknown template {template!r}; expected one of {list(fdata.TEMPLATE_NAMES)}")
     return template
@@ -72,11 +70,11 @@ def _utility_components(sets: Mapping[str, Mapping[str, Any]]) -> dict[str, floa
     return components
 
 
-def _read_sets(
-    data: Any, forget_split: str | None, max_items: int | None
+def read_sets(
+    data: Any, forget_split: str | None = None, max_items: int | None = None
 ) -> tuple[dict[str, list[TofuItem]], dict[str, str]]:
-    """Every set of ``data`` read (in :data:`TOFU_SETS` order, at most ``max_items`` items each) and the
-    files they came from."""
+    """Every set of ``data`` read and checked (in :data:`TOFU_SETS` order, at most ``max_items`` items
+    each) and the files they came from."""
     if isinstance(data, (str, os.PathLike)):
         sources: Mapping[str, Any] = find_tofu_files(data, forget_split=forget_split)
     elif isinstance(data, Mapping):
@@ -95,7 +93,7 @@ def _read_sets(
         items = read_tofu_file(src) if isinstance(src, (str, os.PathLike)) else list(src)
         if not items:
             raise ValueError(f"the {name} set is empty")
-        item_sets[name] = items if max_items is None else items[:max_items]
+        item_sets[name] = items[:max_items]
     return item_sets, files
 
 
@@ -168,26 +166,25 @@ def evaluate_tofu(
         max_items = LEGACY_MAX_ITEMS if max_items is None else min(max_items, LEGACY_MAX_ITEMS)
         max_length = LEGACY_MAX_LENGTH
 
-    item_sets, files = _read_sets(data, forget_split, max_items)
+    item_sets, files = read_sets(data, forget_split, max_items)
     reference = _checked_reference(
         item_sets, files, reference_truth_ratios, save_reference, overwrite, mode=mode, template=template
     )
 
     results: dict[str, Any] = {"protocol": "tofu", "mode": mode, "template": template, "files": files}
-    results["sets"], forget_ratios = {}, None
+    results.update(sets={}, forget_truth_ratios=None)
     opts = dict(template=template, legacy=legacy, generate=generate, max_length=max_length)
+    opts.update(max_new_tokens=max_new_tokens, batch_size=batch_size)
     for name, items in item_sets.items():
-        scores, ratios = score_set(
-            model, tokenizer, name, items, max_new_tokens=max_new_tokens, batch_size=batch_size, **opts
-        )
+        scores, ratios = score_set(model, tokenizer, name, items, **opts)
         reason = missing_truth_ratio_reason(items, files.get(name))
         if reason is not None:
             scores["missing"] = {"truth_ratio": reason}
         results["sets"][name] = scores
         if name == "forget":
-            forget_ratios = ratios
+            results["forget_truth_ratios"] = ratios
 
-    results["forget_truth_ratios"] = forget_ratios
+    forget_ratios = results["forget_truth_ratios"]
     results["forget_quality"] = None if reference is None else M.forget_quality(forget_ratios, reference)
     components = _utility_components(results["sets"])
     utility = M.model_utility(components) if components else None
@@ -314,11 +311,10 @@ def load_reference_truth_ratios(
         if (
             forget_file is not None
             and saved_file
-            and os.path.basename(saved_file) != os.path.basename(os.fspath(forget_file))
+            and os.path.basename(saved_file) != os.path.basename(forget_file)
         ):
             warnings.warn(
-                f"{path} was computed on forget file {saved_file}, this evaluation uses "
-                f"{os.fspath(forget_file)}",
+                f"{path} was computed on forget file {saved_file}, this evaluation uses {forget_file}",
                 stacklevel=2,
             )
     return [float(r) for r in ratios]
