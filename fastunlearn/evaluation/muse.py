@@ -70,8 +70,7 @@ def muse_file(muse_dir: str | os.PathLike, name: str) -> str:
 
 def read_muse(muse_dir: str | os.PathLike, name: str, max_items: int | None = None) -> list[dict[str, Any]]:
     """The records of MUSE file ``name`` with its fields checked (the first ``max_items`` when given)."""
-    records = read_records(muse_file(muse_dir, name), MUSE_FILES[name])
-    return records if max_items is None else records[:max_items]
+    return read_records(muse_file(muse_dir, name), MUSE_FILES[name])[:max_items]
 
 
 def knowmem_prompt(examples: Sequence[Mapping[str, str]], question: str) -> str:
