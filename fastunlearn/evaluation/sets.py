@@ -127,18 +127,6 @@ class SetEvaluator:
         values = self.evaluate(model, [f"{s}.{k}" for s in sets for k in kinds])
         return {s: {k: values[f"{s}.{k}"] for k in kinds} for s in sets}
 
-    def _forced_batches(
-        self, set_names: tuple[str, ...], examples: Sequence[fdata.Example]
-    ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
-        """This process's share of the sets ``set_names`` as padded batches sorted by length (built once),
-        and the permutation that puts their rows back in order."""
-        key = (set_names, len(examples))
-        if key not in self._forced_inputs:
-            order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids), reverse=True)
-            batches = fdata.batches([examples[i] for i in order], self.pad_id, self.batch_size)
-            self._forced_inputs[key] = (batches, torch.tensor(order).argsort())
-        return self._forced_inputs[key]
-
     def _teacher_forced(self, model: torch.nn.Module, kinds: Mapping[str, Sequence[str]]) -> dict[str, float]:
         """``kinds[set]`` of every set in ``kinds``, from one teacher-forced pass over all their examples."""
         if not kinds:
@@ -146,7 +134,14 @@ class SetEvaluator:
         set_names = tuple(kinds)
 
         def stats_of(share: list[fdata.Example]) -> dict[str, torch.Tensor]:
-            batches, unsort = self._forced_batches(set_names, share)
+            # This process's share as padded batches sorted by length (built once), and the permutation
+            # that puts their rows back in order.
+            key = (set_names, len(share))
+            if key not in self._forced_inputs:
+                order = sorted(range(len(share)), key=lambda i: len(share[i].input_ids), reverse=True)
+                batches = fdata.batches([share[i] for i in order], self.pad_id, self.batch_size)
+                self._forced_inputs[key] = (batches, torch.tensor(order).argsort())
+            batches, unsort = self._forced_inputs[key]
             stats = collect_answer_stats(model, batches)
             return {k: stats[k][unsort.to(stats[k].device)] for k in _STATS}
 
@@ -162,8 +157,9 @@ class SetEvaluator:
             start = end
         return dict(zip(names, torch.stack(values).tolist()))  # one transfer for all of them
 
-    def _generation(self, set_name: str) -> tuple[list[torch.Tensor], list[str], list[int]]:
-        """Prompts, reference answers (decoded text) and token budgets of the set's ROUGE-L."""
+    def _rouge(self, model: torch.nn.Module, set_name: str) -> float:
+        """ROUGE-L recall of the greedy answers to the set's prompts; the prompts, reference answers
+        (decoded text) and token budgets are built once."""
         if set_name not in self._generation_inputs:
             eos = self.tokenizer.eos_token_id
             prompts, references, budgets = [], [], []
@@ -176,10 +172,7 @@ class SetEvaluator:
                 references.append(self.tokenizer.decode(answer, skip_special_tokens=True).strip())
                 budgets.append(min(self.max_new_tokens, 2 * max(len(answer), 1)))
             self._generation_inputs[set_name] = (prompts, references, budgets)
-        return self._generation_inputs[set_name]
-
-    def _rouge(self, model: torch.nn.Module, set_name: str) -> float:
-        prompts, references, budgets = self._generation(set_name)
+        prompts, references, budgets = self._generation_inputs[set_name]
 
         def generate(rows: list[int]) -> list[str]:
             chosen = [prompts[i] for i in rows]

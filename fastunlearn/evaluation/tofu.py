@@ -199,12 +199,8 @@ def evaluate_tofu(
 
 def summarize_tofu(results: Mapping[str, Any]) -> dict[str, float | int | None]:
     """The headline numbers of :func:`evaluate_tofu` as one flat dict (for ``metrics.json`` files)."""
-    out: dict[str, float | int | None] = {
-        "forget_quality": results["forget_quality"],
-        "model_utility": results["model_utility"],
-        "model_utility_partial": results["model_utility_partial"],
-        "model_utility_num_components": len(results["model_utility_components"]),
-    }
+    out = {key: results[key] for key in ("forget_quality", "model_utility", "model_utility_partial")}
+    out["model_utility_num_components"] = len(results["model_utility_components"])
     for name, scores in results["sets"].items():
         for key in ("prob", "accuracy", "rougeL_recall", "truth_ratio", "truth_ratio_mean"):
             if key in scores:
