@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -26,8 +25,7 @@ from fastunlearn.models.loading import load_model_and_tokenizer, model_source
 from fastunlearn.models.precision import weights_dtype
 
 
-@dataclass(frozen=True)
-class Evaluation:
+class Evaluation(NamedTuple):
     """One evaluation: ``run(model, tokenizer, **options)``; ``first``: the option a bare value stands
     for (``extraction="seqs.jsonl"``); ``check(options)``; ``headline(results)``; ``models``: its
     options that may name another model (a directory, loaded like the evaluated one)."""

@@ -34,7 +34,6 @@ from fastunlearn.models.loading import load_model_and_tokenizer
 # Sets whose probability/ROUGE/truth-ratio numbers make up TOFU's model utility.
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
 UTILITY_METRICS = ("prob", "rougeL_recall", "truth_ratio")
-NUM_UTILITY_COMPONENTS = len(UTILITY_SETS) * len(UTILITY_METRICS)  # TOFU's nine numbers
 TOFU_MODES = ("full", "legacy")
 LEGACY_MAX_ITEMS = 300
 LEGACY_TEMPLATES = tuple(TOFU_FAMILIES)
@@ -188,7 +187,7 @@ def evaluate_tofu(
     results["forget_quality"] = None if reference is None else M.forget_quality(forget_ratios, reference)
     components = _utility_components(results["sets"])
     utility = M.model_utility(components) if components else None
-    complete = len(components) == NUM_UTILITY_COMPONENTS
+    complete = len(components) == len(UTILITY_SETS) * len(UTILITY_METRICS)  # TOFU's nine numbers
     results.update(model_utility_components=components, model_utility=utility if complete else None)
     results["model_utility_partial"] = None if complete else utility
     if save_reference is not None:  # every rank holds the results; one writes them
