@@ -4,7 +4,7 @@ of text prompts shared by the ranks (:func:`greedy_texts`: MUSE, dialogue)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,11 +29,6 @@ def _decode_arguments(model: torch.nn.Module) -> tuple[str, dict[str, int]]:
     params = inspect.signature(type(unwrap_model(model)).forward).parameters
     keep = next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {})
     return ("cache" if "cache" in params else "past_key_values"), keep
-
-
-def _output_cache(out: Mapping[str, object]) -> object:
-    cache = out.get("cache")
-    return cache if cache is not None else out.get("past_key_values")
 
 
 def greedy_decode(
@@ -82,7 +77,7 @@ def greedy_decode(
                 break
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
         position = position + 1
-        cache = {cache_arg: _output_cache(out)}
+        cache = {cache_arg: out.get("cache") if out.get("cache") is not None else out.get("past_key_values")}
         out = model(
             input_ids=next_tok[:, None], attention_mask=mask, position_ids=position, **step_args, **cache
         )
@@ -148,8 +143,3 @@ def greedy_texts(
         return greedy_completions(model, tokenizer, part, budgets, batch_size=batch_size, strip=False)
 
     return distributed.map_sharded(continue_part, tokens, model=model)
-
-
-def cut_at(text: str, marker: str) -> str:
-    """``text`` up to the first ``marker`` (all of it without one), stripped."""
-    return text.split(marker, 1)[0].strip()

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fastunlearn.data.records import check_fields, read_records
-from fastunlearn.evaluation.decoding import cut_at, greedy_texts
+from fastunlearn.evaluation.decoding import greedy_texts
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -60,7 +60,7 @@ def evaluate_dialogue(
     records = records[:max_items]
     contexts = [r["context"] for r in records]
     outputs = greedy_texts(model, tokenizer, contexts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    responses = [cut_at(o, "\n") for o in outputs]
+    responses = [o.split("\n", 1)[0].strip() for o in outputs]
     scores = [unigram_f1(pred, r["response"]) for pred, r in zip(responses, records)]
     return {
         "protocol": "dialogue",

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from fastunlearn.data.records import read_records
-from fastunlearn.evaluation.decoding import cut_at, greedy_texts
+from fastunlearn.evaluation.decoding import greedy_texts
 from fastunlearn.evaluation.metrics import rouge_l
 from fastunlearn.evaluation.mia import ATTACKS, evaluate_mia
 
@@ -139,7 +139,8 @@ def evaluate_muse(
         if f"knowmem_{split}" in criteria:
             qa, icl = data[f"knowmem/{split}_qa"], data[f"knowmem/{split}_qa_icl"]
             prompts = [knowmem_prompt(icl, r["question"]) for r in qa]
-            answers = [cut_at(o, "\n\n") for o in generate(prompts, max_new_tokens=knowmem_max_new_tokens)]
+            outputs = generate(prompts, max_new_tokens=knowmem_max_new_tokens)
+            answers = [o.split("\n\n", 1)[0].strip() for o in outputs]  # cut at the first blank line
             recall = _scored(f"knowmem_{split}", prompts, answers, [r["answer"] for r in qa], results)
             results[f"knowmem_{split}_recall"] = _mean(recall)
     if "privleak" in criteria:
