@@ -80,17 +80,13 @@ def knowmem_prompt(examples: Sequence[Mapping[str, str]], question: str) -> str:
     return f"{shots}Question: {question}\nAnswer: "
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
-
-
 def _scored(
     name: str, prompts: list[str], predictions: list[str], references: list[str], results: dict[str, Any]
 ) -> list[float]:
     """Record ``name``'s mean ROUGE-L F1, its per-item scores and a few examples; returns the recalls."""
     scores = rouge_l(predictions, references, stem=False)
     f1, recall = [s.fmeasure for s in scores], [s.recall for s in scores]
-    results[name] = _mean(f1)
+    results[name] = sum(f1) / len(f1)
     results["num_items"][name] = len(f1)
     results["per_item"][name] = f1
     results["examples"][name] = [
@@ -142,7 +138,7 @@ def evaluate_muse(
             outputs = generate(prompts, max_new_tokens=knowmem_max_new_tokens)
             answers = [o.split("\n\n", 1)[0].strip() for o in outputs]  # cut at the first blank line
             recall = _scored(f"knowmem_{split}", prompts, answers, [r["answer"] for r in qa], results)
-            results[f"knowmem_{split}_recall"] = _mean(recall)
+            results[f"knowmem_{split}_recall"] = sum(recall) / len(recall)
     if "privleak" in criteria:
         mia = evaluate_mia(
             model, tokenizer, data["privleak/forget"], data["privleak/holdout"],
