@@ -126,14 +126,11 @@ def collect_answer_stats(
 ) -> dict[str, torch.Tensor]:
     """:func:`answer_stats` over many batches, concatenated per example, in eval mode; ``ValueError``
     for no examples or an example without an answer token (its probability would be undefined)."""
-    parts: dict[str, list[torch.Tensor]] = {"nll_sum": [], "num_tokens": [], "correct": []}
     with eval_mode(model):
-        for batch in batches:
-            for key, value in answer_stats(model, batch).items():
-                parts[key].append(value)
-    if not parts["nll_sum"]:
+        per_batch = [answer_stats(model, batch) for batch in batches]
+    if not per_batch:
         raise ValueError("no batches to evaluate: the data set is empty")
-    stats = {key: torch.cat(values) for key, values in parts.items()}
+    stats = {key: torch.cat([part[key] for part in per_batch]) for key in per_batch[0]}
     empty = (stats["num_tokens"] == 0).nonzero().flatten()
     if empty.numel():  # one sync per evaluation, not per batch
         raise ValueError(

@@ -157,15 +157,14 @@ def membership_scores(
 
     def scores(items: list[int]) -> dict[str, torch.Tensor]:
         items = sorted(items, key=lambda i: len(token_ids[i]))
-        parts: dict[str, list[torch.Tensor]] = {}
+        per_batch = []
         with eval_mode(model):
             for start in range(0, len(items), batch_size):
                 rows = [token_ids[i] for i in items[start : start + batch_size]]
                 labelled = [Example(tuple(r), tuple(r), "") for r in rows]  # every token a label
                 stats = batch_token_stats(model, collate(labelled, pad_id_of(tokenizer)))
-                for key, value in sequence_scores(stats, k).items():
-                    parts.setdefault(key, []).append(value.double())
-        out = {key: torch.cat(values).cpu() for key, values in parts.items()}
+                per_batch.append(sequence_scores(stats, k))
+        out = {key: torch.cat([part[key] for part in per_batch]).double().cpu() for key in per_batch[0]}
         sizes = [len(zlib.compress(texts[i].encode("utf-8"))) for i in items]
         out["zlib"] = out["loss"] / torch.tensor(sizes, dtype=torch.float64)
         unsort = torch.tensor(items).argsort()

@@ -147,14 +147,12 @@ class SetEvaluator:
 
         examples = [ex for name in set_names for ex in self.sets[name]]
         stats = distributed.map_sharded(stats_of, examples, model=model)  # gathered in example order
-        nll_sum, tokens, correct = (stats[k].double() for k in _STATS)
-        names, values, start = [], [], 0
-        for set_name in set_names:
-            end = start + len(self.sets[set_name])
-            per_kind = _forced_metrics(nll_sum[start:end], tokens[start:end], correct[start:end])
+        sizes = [len(self.sets[name]) for name in set_names]
+        names, values = [], []
+        for set_name, *per_set in zip(set_names, *(stats[k].double().split(sizes) for k in _STATS)):
+            per_kind = _forced_metrics(*per_set)
             names += [f"{set_name}.{kind}" for kind in kinds[set_name]]
             values += [per_kind[kind] for kind in kinds[set_name]]
-            start = end
         return dict(zip(names, torch.stack(values).tolist()))  # one transfer for all of them
 
     def _rouge(self, model: torch.nn.Module, set_name: str) -> float:
