@@ -109,27 +109,25 @@ def _checked_reference(
     """The reference truth ratios (read and matched to the forget set) and the reference file to save
     checked, before any model work."""
     forget_items = item_sets.get("forget")
-    no_ratios = forget_items is None or forget_items[0].perturbed_answers is None
-    needs = "a forget file with paraphrased_answer and perturbed_answer"
-    reference = None
-    if reference_truth_ratios is not None:
-        if isinstance(reference_truth_ratios, (str, os.PathLike)):
-            reference = load_reference_truth_ratios(
-                reference_truth_ratios, mode=mode, template=template, forget_file=files.get("forget")
-            )
-        else:
-            reference = [float(r) for r in reference_truth_ratios]
-        if no_ratios:
-            raise ValueError(f"forget quality needs {needs}")
-        if len(reference) != len(forget_items):
-            raise ValueError(
-                f"the reference has {len(reference)} truth ratios but the forget set has "
-                f"{len(forget_items)} items: was it made on the same forget split and mode?"
-            )
+    if forget_items is None or forget_items[0].perturbed_answers is None:
+        for what, given in (("forget quality", reference_truth_ratios), ("save_reference", save_reference)):
+            if given is not None:
+                raise ValueError(f"{what} needs a forget file with paraphrased_answer and perturbed_answer")
     if save_reference is not None:
-        if no_ratios:
-            raise ValueError(f"save_reference needs {needs}")
         _check_new_file(save_reference, overwrite)
+    if reference_truth_ratios is None:
+        return None
+    if isinstance(reference_truth_ratios, (str, os.PathLike)):
+        reference = load_reference_truth_ratios(
+            reference_truth_ratios, mode=mode, template=template, forget_file=files.get("forget")
+        )
+    else:
+        reference = [float(r) for r in reference_truth_ratios]
+    if len(reference) != len(forget_items):
+        raise ValueError(
+            f"the reference has {len(reference)} truth ratios but the forget set has "
+            f"{len(forget_items)} items: was it made on the same forget split and mode?"
+        )
     return reference
 
 
