@@ -104,12 +104,10 @@ def model_utility(components: Mapping[str, float] | Iterable[float]) -> float:
     """Model utility: the harmonic mean ``k / Σ_i 1/x_i`` of TOFU's numbers in [0, 1] ({probability,
     ROUGE-L recall, ``mean max(0, 1 − R)``} on {retain, real authors, world facts}); a zero makes it 0,
     the point of a harmonic mean: one collapsed ability cannot be hidden by the others."""
-    values = list(components.values() if isinstance(components, Mapping) else components)
+    values = [float(v) for v in (components.values() if isinstance(components, Mapping) else components)]
     if not values:
         raise ValueError("model utility needs at least one component")
     for v in values:
-        if not 0.0 <= float(v) <= 1.0:
+        if not 0.0 <= v <= 1.0:
             raise ValueError(f"model utility components must lie in [0, 1], got {v}")
-    if any(float(v) == 0.0 for v in values):
-        return 0.0
-    return len(values) / sum(1.0 / float(v) for v in values)
+    return 0.0 if 0.0 in values else len(values) / sum(1.0 / v for v in values)

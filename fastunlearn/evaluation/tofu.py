@@ -88,8 +88,7 @@ def read_sets(
     files = {k: os.fspath(v) for k, v in sources.items() if isinstance(v, (str, os.PathLike))}
     item_sets: dict[str, list[TofuItem]] = {}
     for name in (n for n in TOFU_SETS if n in sources):
-        src = sources[name]
-        items = read_tofu_file(src) if isinstance(src, (str, os.PathLike)) else list(src)
+        items = read_tofu_file(files[name]) if name in files else list(sources[name])
         if not items:
             raise ValueError(f"the {name} set is empty")
         item_sets[name] = items[:max_items]
