@@ -46,17 +46,16 @@ def _generation_prompts(
     paper's (the encoded example decoded and split at the family's marker, the prompt re-tokenised),
     else the training example's unlabelled head and the file's answer."""
     if template in TOFU_FAMILIES:
-        texts, references = [], []
+        pairs = []  # (prompt text, reference answer)
         for it in items:
             ex = encode_tofu_example(tokenizer, it.question, it.answer, template, max_length, where=it.source)
             try:
-                prompt, reference = tofu_generation_prompt(tokenizer, ex.input_ids, template)
+                pairs.append(tofu_generation_prompt(tokenizer, ex.input_ids, template))
             except ValueError as e:
                 raise ValueError(f"{it.source}: {e}") from None
-            texts.append(prompt)
-            references.append(reference)
+        texts, references = zip(*pairs)
         ids, mask = tofu_generation_batch(tokenizer, texts)
-        return [ids[r][mask[r].bool()] for r in range(len(texts))], references
+        return [ids[r][mask[r].bool()] for r in range(len(texts))], list(references)
     records = [{"question": it.question, "answer": it.answer, "_source": it.source} for it in items]
     examples = fdata.tokenize_records(
         records, tokenizer, data_format="qa", template=template, max_length=10**9
