@@ -175,12 +175,11 @@ def load_like(
     )
     if model_device(other) != model_device(model) and getattr(other, "hf_device_map", None) is None:
         other.to(model_device(model))
-    vocab = model.get_input_embeddings().num_embeddings
-    if other.get_input_embeddings().num_embeddings != vocab:
+    theirs, ours = (m.get_input_embeddings().num_embeddings for m in (other, model))
+    if theirs != ours:
         raise ValueError(
-            f"the reference model's vocabulary ({other.get_input_embeddings().num_embeddings}) differs "
-            f"from the model's ({vocab}): both are scored on the same tokenised data, so they must share "
-            "the tokenizer"
+            f"the reference model's vocabulary ({theirs}) differs from the model's ({ours}): both are "
+            "scored on the same tokenised data, so they must share the tokenizer"
         )
     return other
 
