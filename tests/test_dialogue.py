@@ -58,5 +58,5 @@ def test_batched_responses_match_one_by_one(tmp_path):
     assert evaluate_dialogue(model, tok, records[:2], max_new_tokens=12)["per_item"] == want[:2]
     with pytest.raises(ValueError, match="the dialogue set is empty"):
         evaluate_dialogue(model, tok, [])
-    with pytest.raises(ValueError, match="record 1: needs string fields"):
+    with pytest.raises(ValueError, match=r"dialogue record 1: missing field 'response'"):
         evaluate_dialogue(model, tok, [records[0], {"context": "x"}])

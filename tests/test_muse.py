@@ -20,8 +20,7 @@ from rouge_score import rouge_scorer
 
 from fastunlearn.evaluation import decoding
 from fastunlearn.evaluation.mia import evaluate_mia, privleak
-from fastunlearn.evaluation.muse import evaluate_muse
-from fastunlearn.evaluation.muse_files import muse_file, read_muse
+from fastunlearn.evaluation.muse import evaluate_muse, muse_file, read_muse
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

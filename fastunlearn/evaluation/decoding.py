@@ -4,7 +4,7 @@ of text prompts shared by the ranks (:func:`greedy_texts`: MUSE, dialogue)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -29,11 +29,6 @@ def _decode_arguments(model: torch.nn.Module) -> tuple[str, dict[str, int]]:
     params = inspect.signature(type(unwrap_model(model)).forward).parameters
     keep = next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in params), {})
     return ("cache" if "cache" in params else "past_key_values"), keep
-
-
-def _output_cache(out: Mapping[str, object]) -> object:
-    cache = out.get("cache")
-    return cache if cache is not None else out.get("past_key_values")
 
 
 def greedy_decode(
@@ -69,7 +64,8 @@ def greedy_decode(
         mask[r, width - len(p) :] = 1
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # left padded: the first real token at position 0
     cache_arg, keep_last = _decode_arguments(model)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep_last)
+    step_args = dict(use_cache=True, **keep_last)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **step_args)
     next_tok = out.logits[:, -1].argmax(dim=-1)
     position = positions[:, -1:]
     generated = [next_tok]
@@ -81,13 +77,9 @@ def greedy_decode(
                 break
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
         position = position + 1
+        cache = {cache_arg: out.get("cache") if out.get("cache") is not None else out.get("past_key_values")}
         out = model(
-            input_ids=next_tok[:, None],
-            attention_mask=mask,
-            position_ids=position,
-            use_cache=True,
-            **keep_last,
-            **{cache_arg: _output_cache(out)},
+            input_ids=next_tok[:, None], attention_mask=mask, position_ids=position, **step_args, **cache
         )
         next_tok = out.logits[:, -1].argmax(dim=-1)
         if done is not None:
@@ -117,14 +109,9 @@ def greedy_completions(
     with eval_mode(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            gen = greedy_decode(
-                model,
-                [prompts[i] for i in chunk],
-                max(budgets[i] for i in chunk),
-                eos_token_id=eos,
-                pad_token_id=pad,
-            ).tolist()  # one transfer per batch
-            for row, i in zip(gen, chunk):
+            steps = max(budgets[i] for i in chunk)
+            gen = greedy_decode(model, [prompts[i] for i in chunk], steps, eos_token_id=eos, pad_token_id=pad)
+            for row, i in zip(gen.tolist(), chunk):  # one transfer per batch
                 tokens = row[: budgets[i]]
                 if eos is not None and eos in tokens:
                     tokens = tokens[: tokens.index(eos)]
@@ -156,8 +143,3 @@ def greedy_texts(
         return greedy_completions(model, tokenizer, part, budgets, batch_size=batch_size, strip=False)
 
     return distributed.map_sharded(continue_part, tokens, model=model)
-
-
-def cut_at(text: str, marker: str) -> str:
-    """``text`` up to the first ``marker`` (all of it without one), stripped."""
-    return text.split(marker, 1)[0].strip()

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from fastunlearn.data.records import read_records
-from fastunlearn.evaluation.decoding import cut_at, greedy_texts
+from fastunlearn.data.records import check_fields, read_records
+from fastunlearn.evaluation.decoding import greedy_texts
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -53,16 +53,14 @@ def evaluate_dialogue(
     if isinstance(data, (str, os.PathLike)):
         records = read_records(data, ("context", "response"))
     else:
-        records = [dict(r) for r in data]
-        for i, r in enumerate(records):
-            if not all(isinstance(r.get(f), str) for f in ("context", "response")):
-                raise ValueError(f"dialogue record {i}: needs string fields 'context' and 'response'")
+        records = [{**r, "_source": f"dialogue record {i}"} for i, r in enumerate(data)]
+        check_fields(records, ("context", "response"), "a dialogue record", empty=True)
         if not records:
             raise ValueError("the dialogue set is empty")
-    records = records if max_items is None else records[:max_items]
+    records = records[:max_items]
     contexts = [r["context"] for r in records]
     outputs = greedy_texts(model, tokenizer, contexts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    responses = [cut_at(o, "\n") for o in outputs]
+    responses = [o.split("\n", 1)[0].strip() for o in outputs]
     scores = [unigram_f1(pred, r["response"]) for pred, r in zip(responses, records)]
     return {
         "protocol": "dialogue",

@@ -7,29 +7,25 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from fastunlearn import data as fdata
 from fastunlearn.data.records import read_records, text_field
-from fastunlearn.data.tofu_files import find_tofu_files, read_tofu_file
 from fastunlearn.evaluation.dialogue import evaluate_dialogue
 from fastunlearn.evaluation.extraction import evaluate_extraction
 from fastunlearn.evaluation.harness import check_tasks, evaluate_lm_eval
 from fastunlearn.evaluation.mia import ATTACKS, evaluate_mia
-from fastunlearn.evaluation.muse import CRITERIA, CRITERION_FILES, evaluate_muse
-from fastunlearn.evaluation.muse_files import read_muse
+from fastunlearn.evaluation.muse import CRITERIA, CRITERION_FILES, evaluate_muse, read_muse
 from fastunlearn.evaluation.report import is_lm_eval_score
-from fastunlearn.evaluation.tofu import evaluate_tofu, summarize_tofu
+from fastunlearn.evaluation.tofu import evaluate_tofu, read_sets, summarize_tofu
 from fastunlearn.models.devices import model_device
 from fastunlearn.models.loading import load_model_and_tokenizer, model_source
 from fastunlearn.models.precision import weights_dtype
 
 
-@dataclass(frozen=True)
-class Evaluation:
+class Evaluation(NamedTuple):
     """One evaluation: ``run(model, tokenizer, **options)``; ``first``: the option a bare value stands
     for (``extraction="seqs.jsonl"``); ``check(options)``; ``headline(results)``; ``models``: its
     options that may name another model (a directory, loaded like the evaluated one)."""
@@ -39,14 +35,6 @@ class Evaluation:
     check: Callable[[Mapping[str, Any]], None]
     headline: Callable[[Mapping[str, Any]], dict[str, float]]
     models: tuple[str, ...] = ()
-
-
-def _check_tofu(options: Mapping[str, Any]) -> None:
-    data = options["data"]
-    files = find_tofu_files(data, forget_split=options.get("forget_split")) if _is_path(data) else data
-    for source in files.values():
-        if _is_path(source):
-            read_tofu_file(source)
 
 
 def _check_retrained(options: Mapping[str, Any]) -> None:
@@ -103,7 +91,9 @@ _MUSE_NUMBERS = (
     "privleak_auc", "privleak",
 )  # fmt: skip
 EVALUATIONS: dict[str, Evaluation] = {
-    "tofu": Evaluation(evaluate_tofu, "data", _check_tofu, summarize_tofu),
+    "tofu": Evaluation(
+        evaluate_tofu, "data", lambda o: read_sets(o["data"], o.get("forget_split")), summarize_tofu
+    ),
     "extraction": Evaluation(
         evaluate_extraction,
         "data",
@@ -185,12 +175,11 @@ def load_like(
     )
     if model_device(other) != model_device(model) and getattr(other, "hf_device_map", None) is None:
         other.to(model_device(model))
-    vocab = model.get_input_embeddings().num_embeddings
-    if other.get_input_embeddings().num_embeddings != vocab:
+    theirs, ours = (m.get_input_embeddings().num_embeddings for m in (other, model))
+    if theirs != ours:
         raise ValueError(
-            f"the reference model's vocabulary ({other.get_input_embeddings().num_embeddings}) differs "
-            f"from the model's ({vocab}): both are scored on the same tokenised data, so they must share "
-            "the tokenizer"
+            f"the reference model's vocabulary ({theirs}) differs from the model's ({ours}): both are "
+            "scored on the same tokenised data, so they must share the tokenizer"
         )
     return other
 

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from fastunlearn import data as fdata
 from fastunlearn.engines import distributed
@@ -59,14 +60,10 @@ def _teacher_forced_hits(model: torch.nn.Module, seqs: list[torch.Tensor], batch
     hits = torch.zeros((len(seqs), max(len(s) for s in seqs) - 1), dtype=torch.bool, device=device)
     for start in range(0, len(seqs), batch_size):
         chunk = seqs[start : start + batch_size]
-        width = max(len(s) for s in chunk)
-        ids = torch.zeros((len(chunk), width), dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for r, s in enumerate(chunk):
-            ids[r, : len(s)] = s
-            mask[r, : len(s)] = 1
+        ids = pad_sequence(chunk, batch_first=True).long()  # right padded with 0
+        mask = pad_sequence([torch.ones_like(s) for s in chunk], batch_first=True)
         pred = model(input_ids=ids, attention_mask=mask).logits.argmax(dim=-1)[:, :-1]  # no logits slice
-        hits[start : start + len(chunk), : width - 1] = (pred == ids[:, 1:]) & (mask[:, 1:] != 0)
+        hits[start : start + len(chunk), : ids.shape[1] - 1] = (pred == ids[:, 1:]) & (mask[:, 1:] != 0)
     return hits
 
 

@@ -18,8 +18,6 @@ from fastunlearn.engines import distributed
 from fastunlearn.evaluation.likelihood import eval_mode
 
 _INSTALL = 'pip install "fastunlearn[eval]"'
-# What simple_evaluate returns beside the scores that is not kept: the per-document records.
-_DROPPED = ("samples",)
 
 
 def _harness():
@@ -91,8 +89,8 @@ def evaluate_lm_eval(
             )  # fmt: skip
         if out is None:
             return None
-        # What JSON cannot encode (a dtype, a device, a function) as its str.
-        return json.loads(json.dumps({k: v for k, v in out.items() if k not in _DROPPED}, default=str))
+        # Without the per-document records; what JSON cannot encode (a dtype, a device) as its str.
+        return json.loads(json.dumps({k: v for k, v in out.items() if k != "samples"}, default=str))
 
     if distributed.parameters_sharded(model):
         return distributed.broadcast_object(run())

@@ -21,18 +21,6 @@ from fastunlearn.ops.ihl import check_label_range
 from fastunlearn.ops.nll import labelled_rows, shift_labels, shifted_nll
 
 
-def _require_batch(batch: Mapping[str, torch.Tensor], keys: tuple[str, ...]) -> None:
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise ValueError(f"batch is missing {missing}; expected keys {list(keys)}")
-    shape = batch[keys[0]].shape
-    if len(shape) != 2:
-        raise ValueError(f"batch[{keys[0]!r}] must be 2-D [batch, seq], got shape {tuple(shape)}")
-    for k in keys[1:]:
-        if batch[k].shape != shape:
-            raise ValueError(f"batch[{k!r}] has shape {tuple(batch[k].shape)}, expected {tuple(shape)}")
-
-
 def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Shifted per-token NLL (0 where the label is ``-100``), the label mask and the teacher-forced
     hits, each ``[B, T-1]``. The labels are shifted, not the logits: bf16/fp16 logits are read as they
@@ -51,7 +39,13 @@ def answer_stats(model: torch.nn.Module, batch: Mapping[str, torch.Tensor]) -> d
     Where the architecture allows they are computed at the output head a chunk of tokens at a time
     (:func:`~fastunlearn.ops.fused_linear.fused_linear_token_stats`), so the ``[B, T, V]`` logits never
     exist; otherwise by :func:`token_nll`."""
-    _require_batch(batch, ("input_ids", "attention_mask", "labels"))
+    keys = ("input_ids", "attention_mask", "labels")
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise ValueError(f"batch is missing {missing}; expected keys {list(keys)}")
+    shapes = {k: tuple(batch[k].shape) for k in keys}
+    if len(shapes["input_ids"]) != 2 or len(set(shapes.values())) > 1:
+        raise ValueError(f"the batch's tensors must be 2-D [batch, seq] of one shape, got shapes {shapes}")
     inputs = model_inputs(model, batch["input_ids"], batch["attention_mask"])
     labels = batch["labels"].to(model_device(model))
     with torch.no_grad():
@@ -132,14 +126,11 @@ def collect_answer_stats(
 ) -> dict[str, torch.Tensor]:
     """:func:`answer_stats` over many batches, concatenated per example, in eval mode; ``ValueError``
     for no examples or an example without an answer token (its probability would be undefined)."""
-    parts: dict[str, list[torch.Tensor]] = {"nll_sum": [], "num_tokens": [], "correct": []}
     with eval_mode(model):
-        for batch in batches:
-            for key, value in answer_stats(model, batch).items():
-                parts[key].append(value)
-    if not parts["nll_sum"]:
+        per_batch = [answer_stats(model, batch) for batch in batches]
+    if not per_batch:
         raise ValueError("no batches to evaluate: the data set is empty")
-    stats = {key: torch.cat(values) for key, values in parts.items()}
+    stats = {key: torch.cat([part[key] for part in per_batch]) for key in per_batch[0]}
     empty = (stats["num_tokens"] == 0).nonzero().flatten()
     if empty.numel():  # one sync per evaluation, not per batch
         raise ValueError(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -85,32 +85,6 @@ def batch_token_stats(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
         return torch.stack(token_stats(logits, targets, backend=backend_for(logits), validate=False), dim=-1)
 
 
-def map_text_batches(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    token_ids: Sequence[Sequence[int]],
-    reduce: Callable[[torch.Tensor], dict[str, torch.Tensor]],
-    *,
-    batch_size: int,
-) -> dict[str, torch.Tensor]:
-    """``reduce`` (a batch's ``[B, T, 3]`` statistics → per-sequence ``[B]`` tensors) over batches of
-    ``token_ids`` sorted by length, in item order on the CPU, in eval mode."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    order = sorted(range(len(token_ids)), key=lambda i: len(token_ids[i]))
-    pad_id = pad_id_of(tokenizer)
-    parts: dict[str, list[torch.Tensor]] = {}
-    with eval_mode(model):
-        for start in range(0, len(order), batch_size):
-            rows = [token_ids[i] for i in order[start : start + batch_size]]
-            batch = collate([Example(tuple(r), tuple(r), "") for r in rows], pad_id)  # every token a label
-            for key, value in reduce(batch_token_stats(model, batch)).items():
-                parts.setdefault(key, []).append(value)
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order, dtype=torch.long)] = torch.arange(len(order))
-    return {key: torch.cat(values).cpu()[inverse] for key, values in parts.items()}
-
-
 def auc(
     member_scores: Sequence[float] | torch.Tensor, nonmember_scores: Sequence[float] | torch.Tensor
 ) -> float:
@@ -171,20 +145,30 @@ def membership_scores(
     max_length: int = 512,
     name: str = "data",
 ) -> dict[str, torch.Tensor]:
-    """The :data:`ATTACKS`' scores of each text (fp64 ``[N]``, in order), shared by the ranks; ``name``
-    labels the set in errors."""
+    """The :data:`ATTACKS`' scores of each text (fp64 ``[N]``, in order), shared by the ranks, from
+    batches sorted by length; ``name`` labels the set in errors."""
     if not 0.0 < k <= 1.0:
         raise ValueError(f"k must lie in (0, 1], got {k}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not texts:
         raise ValueError(f"the {name} set is empty")
     token_ids = tokenize_texts(tokenizer, texts, max_length=max_length, name=name)  # errors before sharding
-    reduce = lambda stats: {key: v.double() for key, v in sequence_scores(stats, k).items()}
 
     def scores(items: list[int]) -> dict[str, torch.Tensor]:
-        out = map_text_batches(model, tokenizer, [token_ids[i] for i in items], reduce, batch_size=batch_size)
+        items = sorted(items, key=lambda i: len(token_ids[i]))
+        per_batch = []
+        with eval_mode(model):
+            for start in range(0, len(items), batch_size):
+                rows = [token_ids[i] for i in items[start : start + batch_size]]
+                labelled = [Example(tuple(r), tuple(r), "") for r in rows]  # every token a label
+                stats = batch_token_stats(model, collate(labelled, pad_id_of(tokenizer)))
+                per_batch.append(sequence_scores(stats, k))
+        out = {key: torch.cat([part[key] for part in per_batch]).double().cpu() for key in per_batch[0]}
         sizes = [len(zlib.compress(texts[i].encode("utf-8"))) for i in items]
         out["zlib"] = out["loss"] / torch.tensor(sizes, dtype=torch.float64)
-        return {attack: out[attack] for attack in ATTACKS}
+        unsort = torch.tensor(items).argsort()
+        return {attack: out[attack][unsort] for attack in ATTACKS}
 
     return distributed.map_sharded(scores, range(len(texts)), model=model)
 

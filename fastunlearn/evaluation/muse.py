@@ -1,4 +1,7 @@
-"""MUSE (Shi et al. 2024, arXiv:2407.06460): the four criteria measured on the unlearned model.
+"""MUSE (Shi et al. 2024, arXiv:2407.06460): the four criteria measured on the unlearned model, read
+from a benchmark directory laid out like the published subsets (News, Books; :data:`MUSE_FILES`), each
+file ``NAME.jsonl``, ``NAME.json`` or ``NAME`` (exactly one), JSON Lines or a JSON array. Unlearning
+trains on ``raw/forget`` and ``raw/retain1``.
 
 C1 VerbMem: ROUGE-L F1 of the greedy continuation (128 tokens) of each ``verbmem/forget`` prompt. C2 /
 C4 KnowMem: the greedy answer (32 tokens, cut at its first blank line) to each question after the
@@ -16,10 +19,28 @@ from typing import Any
 
 import torch
 
-from fastunlearn.evaluation.decoding import cut_at, greedy_texts
+from fastunlearn.data.records import read_records
+from fastunlearn.evaluation.decoding import greedy_texts
+from fastunlearn.evaluation.metrics import rouge_l
 from fastunlearn.evaluation.mia import ATTACKS, evaluate_mia
-from fastunlearn.evaluation.muse_files import read_muse
-from fastunlearn.evaluation.scores import rouge_l
+
+_TEXT = ("text",)
+_QA = ("question", "answer")
+MUSE_FILES: dict[str, tuple[str, ...]] = {
+    "raw/forget": _TEXT,
+    "raw/retain1": _TEXT,
+    "raw/retain2": _TEXT,
+    "raw/holdout": _TEXT,
+    "verbmem/forget": ("prompt", "gt"),
+    "knowmem/forget_qa": _QA,
+    "knowmem/forget_qa_icl": _QA,
+    "knowmem/retain_qa": _QA,
+    "knowmem/retain_qa_icl": _QA,
+    "privleak/forget": _TEXT,
+    "privleak/holdout": _TEXT,
+    "privleak/retain": _TEXT,
+}
+EXTENSIONS = (".jsonl", ".json", "")
 
 CRITERIA = ("verbmem_forget", "knowmem_forget", "knowmem_retain", "privleak")
 CRITERION_FILES = {
@@ -33,15 +54,30 @@ KNOWMEM_NEW_TOKENS = 32
 _EXAMPLES = 3  # generations kept in the results, per criterion, to read what the model says
 
 
+def muse_file(muse_dir: str | os.PathLike, name: str) -> str:
+    """The path of MUSE file ``name`` (a key of :data:`MUSE_FILES`) in ``muse_dir``; ``ValueError`` when
+    several of its forms exist."""
+    if name not in MUSE_FILES:
+        raise ValueError(f"unknown MUSE file {name!r}; expected one of {list(MUSE_FILES)}")
+    stem = os.path.join(os.fspath(muse_dir), *name.split("/"))
+    found = [stem + ext for ext in EXTENSIONS if os.path.isfile(stem + ext)]
+    if not found:
+        raise FileNotFoundError(f"MUSE file not found: {stem}.jsonl (or {stem}.json, or {stem})")
+    if len(found) > 1:
+        raise ValueError(f"several MUSE files for {name} in {muse_dir}: {found}; keep one")
+    return found[0]
+
+
+def read_muse(muse_dir: str | os.PathLike, name: str, max_items: int | None = None) -> list[dict[str, Any]]:
+    """The records of MUSE file ``name`` with its fields checked (the first ``max_items`` when given)."""
+    return read_records(muse_file(muse_dir, name), MUSE_FILES[name])[:max_items]
+
+
 def knowmem_prompt(examples: Sequence[Mapping[str, str]], question: str) -> str:
     """MUSE's KnowMem prompt: each in-context ``{"question", "answer"}`` as ``"Question: q\\nAnswer:
     a\\n\\n"``, then ``"Question: q\\nAnswer: "``."""
     shots = "".join(f"Question: {e['question']}\nAnswer: {e['answer']}\n\n" for e in examples)
     return f"{shots}Question: {question}\nAnswer: "
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values)
 
 
 def _scored(
@@ -50,7 +86,7 @@ def _scored(
     """Record ``name``'s mean ROUGE-L F1, its per-item scores and a few examples; returns the recalls."""
     scores = rouge_l(predictions, references, stem=False)
     f1, recall = [s.fmeasure for s in scores], [s.recall for s in scores]
-    results[name] = _mean(f1)
+    results[name] = sum(f1) / len(f1)
     results["num_items"][name] = len(f1)
     results["per_item"][name] = f1
     results["examples"][name] = [
@@ -99,9 +135,10 @@ def evaluate_muse(
         if f"knowmem_{split}" in criteria:
             qa, icl = data[f"knowmem/{split}_qa"], data[f"knowmem/{split}_qa_icl"]
             prompts = [knowmem_prompt(icl, r["question"]) for r in qa]
-            answers = [cut_at(o, "\n\n") for o in generate(prompts, max_new_tokens=knowmem_max_new_tokens)]
+            outputs = generate(prompts, max_new_tokens=knowmem_max_new_tokens)
+            answers = [o.split("\n\n", 1)[0].strip() for o in outputs]  # cut at the first blank line
             recall = _scored(f"knowmem_{split}", prompts, answers, [r["answer"] for r in qa], results)
-            results[f"knowmem_{split}_recall"] = _mean(recall)
+            results[f"knowmem_{split}_recall"] = sum(recall) / len(recall)
     if "privleak" in criteria:
         mia = evaluate_mia(
             model, tokenizer, data["privleak/forget"], data["privleak/holdout"],

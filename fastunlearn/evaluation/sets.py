@@ -14,7 +14,7 @@ from fastunlearn.evaluation.decoding import greedy_completions
 from fastunlearn.evaluation.evaluator import evaluate, headline
 from fastunlearn.evaluation.extraction import extraction_likelihood
 from fastunlearn.evaluation.likelihood import collect_answer_stats
-from fastunlearn.evaluation.scores import rouge_l_recall
+from fastunlearn.evaluation.metrics import rouge_l_recall
 from fastunlearn.evaluation.stopping import EL_N, available_metrics
 
 _TEACHER_FORCED = ("prob", "acc", "nll", "ma")
@@ -127,18 +127,6 @@ class SetEvaluator:
         values = self.evaluate(model, [f"{s}.{k}" for s in sets for k in kinds])
         return {s: {k: values[f"{s}.{k}"] for k in kinds} for s in sets}
 
-    def _forced_batches(
-        self, set_names: tuple[str, ...], examples: Sequence[fdata.Example]
-    ) -> tuple[list[dict[str, torch.Tensor]], torch.Tensor]:
-        """This process's share of the sets ``set_names`` as padded batches sorted by length (built once),
-        and the permutation that puts their rows back in order."""
-        key = (set_names, len(examples))
-        if key not in self._forced_inputs:
-            order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids), reverse=True)
-            batches = fdata.batches([examples[i] for i in order], self.pad_id, self.batch_size)
-            self._forced_inputs[key] = (batches, torch.tensor(order).argsort())
-        return self._forced_inputs[key]
-
     def _teacher_forced(self, model: torch.nn.Module, kinds: Mapping[str, Sequence[str]]) -> dict[str, float]:
         """``kinds[set]`` of every set in ``kinds``, from one teacher-forced pass over all their examples."""
         if not kinds:
@@ -146,24 +134,30 @@ class SetEvaluator:
         set_names = tuple(kinds)
 
         def stats_of(share: list[fdata.Example]) -> dict[str, torch.Tensor]:
-            batches, unsort = self._forced_batches(set_names, share)
+            # This process's share as padded batches sorted by length (built once), and the permutation
+            # that puts their rows back in order.
+            key = (set_names, len(share))
+            if key not in self._forced_inputs:
+                order = sorted(range(len(share)), key=lambda i: len(share[i].input_ids), reverse=True)
+                batches = fdata.batches([share[i] for i in order], self.pad_id, self.batch_size)
+                self._forced_inputs[key] = (batches, torch.tensor(order).argsort())
+            batches, unsort = self._forced_inputs[key]
             stats = collect_answer_stats(model, batches)
             return {k: stats[k][unsort.to(stats[k].device)] for k in _STATS}
 
         examples = [ex for name in set_names for ex in self.sets[name]]
         stats = distributed.map_sharded(stats_of, examples, model=model)  # gathered in example order
-        nll_sum, tokens, correct = (stats[k].double() for k in _STATS)
-        names, values, start = [], [], 0
-        for set_name in set_names:
-            end = start + len(self.sets[set_name])
-            per_kind = _forced_metrics(nll_sum[start:end], tokens[start:end], correct[start:end])
+        sizes = [len(self.sets[name]) for name in set_names]
+        names, values = [], []
+        for set_name, *per_set in zip(set_names, *(stats[k].double().split(sizes) for k in _STATS)):
+            per_kind = _forced_metrics(*per_set)
             names += [f"{set_name}.{kind}" for kind in kinds[set_name]]
             values += [per_kind[kind] for kind in kinds[set_name]]
-            start = end
         return dict(zip(names, torch.stack(values).tolist()))  # one transfer for all of them
 
-    def _generation(self, set_name: str) -> tuple[list[torch.Tensor], list[str], list[int]]:
-        """Prompts, reference answers (decoded text) and token budgets of the set's ROUGE-L."""
+    def _rouge(self, model: torch.nn.Module, set_name: str) -> float:
+        """ROUGE-L recall of the greedy answers to the set's prompts; the prompts, reference answers
+        (decoded text) and token budgets are built once."""
         if set_name not in self._generation_inputs:
             eos = self.tokenizer.eos_token_id
             prompts, references, budgets = [], [], []
@@ -176,10 +170,7 @@ class SetEvaluator:
                 references.append(self.tokenizer.decode(answer, skip_special_tokens=True).strip())
                 budgets.append(min(self.max_new_tokens, 2 * max(len(answer), 1)))
             self._generation_inputs[set_name] = (prompts, references, budgets)
-        return self._generation_inputs[set_name]
-
-    def _rouge(self, model: torch.nn.Module, set_name: str) -> float:
-        prompts, references, budgets = self._generation(set_name)
+        prompts, references, budgets = self._generation_inputs[set_name]
 
         def generate(rows: list[int]) -> list[str]:
             chosen = [prompts[i] for i in rows]

@@ -34,7 +34,6 @@ from fastunlearn.models.loading import load_model_and_tokenizer
 # Sets whose probability/ROUGE/truth-ratio numbers make up TOFU's model utility.
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
 UTILITY_METRICS = ("prob", "rougeL_recall", "truth_ratio")
-NUM_UTILITY_COMPONENTS = len(UTILITY_SETS) * len(UTILITY_METRICS)  # TOFU's nine numbers
 TOFU_MODES = ("full", "legacy")
 LEGACY_MAX_ITEMS = 300
 LEGACY_TEMPLATES = tuple(TOFU_FAMILIES)
@@ -45,14 +44,12 @@ def _resolve_template(mode: str, template: str | None) -> str:
     (``tofu-llama2`` by default), else the given one (default ``plain``)."""
     if mode not in TOFU_MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {list(TOFU_MODES)}")
-    if mode == "legacy":
-        template = template or "tofu-llama2"
-        if template not in LEGACY_TEMPLATES:
-            raise ValueError(
-                f"legacy mode is the paper's TOFU pipeline, defined for the model families "
-                f"{list(LEGACY_TEMPLATES)}; got template {template!r}"
-            )
-    template = template or "plain"
+    template = template or ("tofu-llama2" if mode == "legacy" else "plain")
+    if mode == "legacy" and template not in LEGACY_TEMPLATES:
+        raise ValueError(
+            f"legacy mode is the paper's TOFU pipeline, defined for the model families "
+            f"{list(LEGACY_TEMPLATES)}; got template {template!r}"
+        )
     if template not in fdata.TEMPLATE_NAMES:
         raise ValueError(f"unknown template {template!r}; expected one of {list(fdata.TEMPLATE_NAMES)}")
     return template
@@ -72,11 +69,11 @@ def _utility_components(sets: Mapping[str, Mapping[str, Any]]) -> dict[str, floa
     return components
 
 
-def _read_sets(
-    data: Any, forget_split: str | None, max_items: int | None
+def read_sets(
+    data: Any, forget_split: str | None = None, max_items: int | None = None
 ) -> tuple[dict[str, list[TofuItem]], dict[str, str]]:
-    """Every set of ``data`` read (in :data:`TOFU_SETS` order, at most ``max_items`` items each) and the
-    files they came from."""
+    """Every set of ``data`` read and checked (in :data:`TOFU_SETS` order, at most ``max_items`` items
+    each) and the files they came from."""
     if isinstance(data, (str, os.PathLike)):
         sources: Mapping[str, Any] = find_tofu_files(data, forget_split=forget_split)
     elif isinstance(data, Mapping):
@@ -91,11 +88,10 @@ def _read_sets(
     files = {k: os.fspath(v) for k, v in sources.items() if isinstance(v, (str, os.PathLike))}
     item_sets: dict[str, list[TofuItem]] = {}
     for name in (n for n in TOFU_SETS if n in sources):
-        src = sources[name]
-        items = read_tofu_file(src) if isinstance(src, (str, os.PathLike)) else list(src)
+        items = read_tofu_file(files[name]) if name in files else list(sources[name])
         if not items:
             raise ValueError(f"the {name} set is empty")
-        item_sets[name] = items if max_items is None else items[:max_items]
+        item_sets[name] = items[:max_items]
     return item_sets, files
 
 
@@ -112,27 +108,25 @@ def _checked_reference(
     """The reference truth ratios (read and matched to the forget set) and the reference file to save
     checked, before any model work."""
     forget_items = item_sets.get("forget")
-    no_ratios = forget_items is None or forget_items[0].perturbed_answers is None
-    needs = "a forget file with paraphrased_answer and perturbed_answer"
-    reference = None
-    if reference_truth_ratios is not None:
-        if isinstance(reference_truth_ratios, (str, os.PathLike)):
-            reference = load_reference_truth_ratios(
-                reference_truth_ratios, mode=mode, template=template, forget_file=files.get("forget")
-            )
-        else:
-            reference = [float(r) for r in reference_truth_ratios]
-        if no_ratios:
-            raise ValueError(f"forget quality needs {needs}")
-        if len(reference) != len(forget_items):
-            raise ValueError(
-                f"the reference has {len(reference)} truth ratios but the forget set has "
-                f"{len(forget_items)} items: was it made on the same forget split and mode?"
-            )
+    if forget_items is None or forget_items[0].perturbed_answers is None:
+        for what, given in (("forget quality", reference_truth_ratios), ("save_reference", save_reference)):
+            if given is not None:
+                raise ValueError(f"{what} needs a forget file with paraphrased_answer and perturbed_answer")
     if save_reference is not None:
-        if no_ratios:
-            raise ValueError(f"save_reference needs {needs}")
         _check_new_file(save_reference, overwrite)
+    if reference_truth_ratios is None:
+        return None
+    if isinstance(reference_truth_ratios, (str, os.PathLike)):
+        reference = load_reference_truth_ratios(
+            reference_truth_ratios, mode=mode, template=template, forget_file=files.get("forget")
+        )
+    else:
+        reference = [float(r) for r in reference_truth_ratios]
+    if len(reference) != len(forget_items):
+        raise ValueError(
+            f"the reference has {len(reference)} truth ratios but the forget set has "
+            f"{len(forget_items)} items: was it made on the same forget split and mode?"
+        )
     return reference
 
 
@@ -168,30 +162,29 @@ def evaluate_tofu(
         max_items = LEGACY_MAX_ITEMS if max_items is None else min(max_items, LEGACY_MAX_ITEMS)
         max_length = LEGACY_MAX_LENGTH
 
-    item_sets, files = _read_sets(data, forget_split, max_items)
+    item_sets, files = read_sets(data, forget_split, max_items)
     reference = _checked_reference(
         item_sets, files, reference_truth_ratios, save_reference, overwrite, mode=mode, template=template
     )
 
     results: dict[str, Any] = {"protocol": "tofu", "mode": mode, "template": template, "files": files}
-    results["sets"], forget_ratios = {}, None
+    results.update(sets={}, forget_truth_ratios=None)
     opts = dict(template=template, legacy=legacy, generate=generate, max_length=max_length)
+    opts.update(max_new_tokens=max_new_tokens, batch_size=batch_size)
     for name, items in item_sets.items():
-        scores, ratios = score_set(
-            model, tokenizer, name, items, max_new_tokens=max_new_tokens, batch_size=batch_size, **opts
-        )
+        scores, ratios = score_set(model, tokenizer, name, items, **opts)
         reason = missing_truth_ratio_reason(items, files.get(name))
         if reason is not None:
             scores["missing"] = {"truth_ratio": reason}
         results["sets"][name] = scores
         if name == "forget":
-            forget_ratios = ratios
+            results["forget_truth_ratios"] = ratios
 
-    results["forget_truth_ratios"] = forget_ratios
+    forget_ratios = results["forget_truth_ratios"]
     results["forget_quality"] = None if reference is None else M.forget_quality(forget_ratios, reference)
     components = _utility_components(results["sets"])
     utility = M.model_utility(components) if components else None
-    complete = len(components) == NUM_UTILITY_COMPONENTS
+    complete = len(components) == len(UTILITY_SETS) * len(UTILITY_METRICS)  # TOFU's nine numbers
     results.update(model_utility_components=components, model_utility=utility if complete else None)
     results["model_utility_partial"] = None if complete else utility
     if save_reference is not None:  # every rank holds the results; one writes them
@@ -202,12 +195,8 @@ def evaluate_tofu(
 
 def summarize_tofu(results: Mapping[str, Any]) -> dict[str, float | int | None]:
     """The headline numbers of :func:`evaluate_tofu` as one flat dict (for ``metrics.json`` files)."""
-    out: dict[str, float | int | None] = {
-        "forget_quality": results["forget_quality"],
-        "model_utility": results["model_utility"],
-        "model_utility_partial": results["model_utility_partial"],
-        "model_utility_num_components": len(results["model_utility_components"]),
-    }
+    out = {key: results[key] for key in ("forget_quality", "model_utility", "model_utility_partial")}
+    out["model_utility_num_components"] = len(results["model_utility_components"])
     for name, scores in results["sets"].items():
         for key in ("prob", "accuracy", "rougeL_recall", "truth_ratio", "truth_ratio_mean"):
             if key in scores:
@@ -314,11 +303,10 @@ def load_reference_truth_ratios(
         if (
             forget_file is not None
             and saved_file
-            and os.path.basename(saved_file) != os.path.basename(os.fspath(forget_file))
+            and os.path.basename(saved_file) != os.path.basename(forget_file)
         ):
             warnings.warn(
-                f"{path} was computed on forget file {saved_file}, this evaluation uses "
-                f"{os.fspath(forget_file)}",
+                f"{path} was computed on forget file {saved_file}, this evaluation uses {forget_file}",
                 stacklevel=2,
             )
     return [float(r) for r in ratios]

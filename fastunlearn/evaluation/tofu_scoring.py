@@ -3,7 +3,7 @@ greedy answers, tokenised as in training (the ``tofu-*`` templates as the paper 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -26,25 +26,17 @@ LEGACY_GENERATION_BATCH = 30  # the paper's generation batch, whose width sets e
 
 
 def _answer_stats(
-    model,
-    tokenizer,
-    questions: Sequence[str],
-    answers: Sequence[str],
-    *,
-    template: str,
-    max_length: int,
-    batch_size: int,
+    model, tokenizer, pairs: list[tuple[str, str]], *, template: str, max_length: int, batch_size: int
 ) -> dict[str, torch.Tensor]:
-    """Answer statistics of each (question, answer) pair, tokenised as in training."""
-    records = [
-        {"question": q, "answer": a, "_source": f"item {i}"}
-        for i, (q, a) in enumerate(zip(questions, answers))
-    ]
+    """Answer statistics of each (question, answer) pair, tokenised as in training, with ``avg_nll``:
+    ``Σ NLL over targets / #targets`` (the paper's), in fp64."""
+    records = [{"question": q, "answer": a, "_source": f"item {i}"} for i, (q, a) in enumerate(pairs)]
     examples = fdata.tokenize_records(
         records, tokenizer, data_format="qa", template=template, max_length=max_length
     )
     stats = M.example_stats(model, examples, fdata.pad_id_of(tokenizer), batch_size)  # shared by the ranks
-    return {key: value.cpu() for key, value in stats.items()}
+    stats = {key: value.cpu() for key, value in stats.items()}
+    return {**stats, "avg_nll": stats["nll_sum"].double() / stats["num_tokens"].double()}
 
 
 def _generation_prompts(
@@ -54,17 +46,16 @@ def _generation_prompts(
     paper's (the encoded example decoded and split at the family's marker, the prompt re-tokenised),
     else the training example's unlabelled head and the file's answer."""
     if template in TOFU_FAMILIES:
-        texts, references = [], []
+        pairs = []  # (prompt text, reference answer)
         for it in items:
             ex = encode_tofu_example(tokenizer, it.question, it.answer, template, max_length, where=it.source)
             try:
-                prompt, reference = tofu_generation_prompt(tokenizer, ex.input_ids, template)
+                pairs.append(tofu_generation_prompt(tokenizer, ex.input_ids, template))
             except ValueError as e:
                 raise ValueError(f"{it.source}: {e}") from None
-            texts.append(prompt)
-            references.append(reference)
+        texts, references = zip(*pairs)
         ids, mask = tofu_generation_batch(tokenizer, texts)
-        return [ids[r][mask[r].bool()] for r in range(len(texts))], references
+        return [ids[r][mask[r].bool()] for r in range(len(texts))], list(references)
     records = [{"question": it.question, "answer": it.answer, "_source": it.source} for it in items]
     examples = fdata.tokenize_records(
         records, tokenizer, data_format="qa", template=template, max_length=10**9
@@ -107,11 +98,6 @@ def _greedy_answers(
     return [answer for batch in batches for answer in batch]
 
 
-def _avg_nll(stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Per-item average NLL ``Σ NLL over targets / #targets`` (the paper's), in fp64."""
-    return stats["nll_sum"].double() / stats["num_tokens"].double()
-
-
 def score_set(
     model,
     tokenizer,
@@ -126,12 +112,11 @@ def score_set(
     batch_size: int,
 ) -> tuple[dict[str, Any], list[float] | None]:
     """The scores of one set and its truth ratios (``None`` without perturbed answers)."""
-    qs = [it.question for it in items]
     opts = dict(template=template, max_length=max_length, batch_size=batch_size)
-    stats = _answer_stats(model, tokenizer, qs, [it.answer for it in items], **opts)
+    stats = _answer_stats(model, tokenizer, [(it.question, it.answer) for it in items], **opts)
     probs = M.answer_probability(stats)
     # Per item, as TOFU's eval logs record them (avg_gt_loss, avg_paraphrased_loss, ...).
-    avg_nll: dict[str, Any] = {"answer": _avg_nll(stats).tolist()}
+    avg_nll: dict[str, Any] = {"answer": stats["avg_nll"].tolist()}
     out: dict[str, Any] = {
         "num_items": len(items),
         "prob": probs.mean().item(),
@@ -144,14 +129,15 @@ def score_set(
         k = len(items[0].perturbed_answers)
         # "True" is the paraphrased answer where the file has one (forget/retain), else the answer.
         if items[0].paraphrased_answer is not None:
-            para_stats = _answer_stats(model, tokenizer, qs, [it.paraphrased_answer for it in items], **opts)
-            avg_nll["paraphrased"] = _avg_nll(para_stats).tolist()
+            pairs = [(it.question, it.paraphrased_answer) for it in items]
+            para_stats = _answer_stats(model, tokenizer, pairs, **opts)
+            avg_nll["paraphrased"] = para_stats["avg_nll"].tolist()
             true = M.answer_probability(para_stats)
         else:
             true = probs
-        perturbed = [p for it in items for p in it.perturbed_answers]
-        pert_stats = _answer_stats(model, tokenizer, [q for q in qs for _ in range(k)], perturbed, **opts)
-        avg_nll["perturbed"] = _avg_nll(pert_stats).view(len(items), k).tolist()
+        pairs = [(it.question, p) for it in items for p in it.perturbed_answers]
+        pert_stats = _answer_stats(model, tokenizer, pairs, **opts)
+        avg_nll["perturbed"] = pert_stats["avg_nll"].view(len(items), k).tolist()
         pert = M.answer_probability(pert_stats).view(len(items), k)
         r = M.truth_ratio(true, pert)
         ratios = r.tolist()
