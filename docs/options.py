@@ -20,12 +20,10 @@ from typing import Any
 
 from fastunlearn.cli import build_parser
 from fastunlearn.cli.demo import _DEFAULTS as DEMO_DEFAULTS
-from fastunlearn.options.demo import DemoOptions
 from fastunlearn.options.evaluate import EvalConfig
 from fastunlearn.options.fisher import FisherConfig
-from fastunlearn.options.plan import PlanOptions
 from fastunlearn.options.schema import Spec, fields_of, flag_of
-from fastunlearn.options.unlearn import UnlearnConfig
+from fastunlearn.options.unlearn import DemoOptions, PlanOptions, UnlearnConfig
 
 OUTPUT = Path(__file__).with_name("options.md")
 

@@ -11,8 +11,7 @@ _DEFAULTS = {"output_dir": "fastunlearn-demo", "threads": 1}
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from fastunlearn.cli.parser import add_command, add_options
-    from fastunlearn.options.demo import DemoOptions
-    from fastunlearn.options.unlearn import UnlearnConfig
+    from fastunlearn.options.unlearn import DemoOptions, UnlearnConfig
 
     p = add_command(
         subparsers, "demo", _main, [UnlearnConfig, DemoOptions], interrupted=_interrupted, config=False,
@@ -34,8 +33,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _options(args: argparse.Namespace) -> dict:
     from fastunlearn.cli.parser import options_from_args
-    from fastunlearn.options.demo import DemoOptions
-    from fastunlearn.options.unlearn import UnlearnConfig
+    from fastunlearn.options.unlearn import DemoOptions, UnlearnConfig
 
     run = {**_DEFAULTS, **options_from_args(args, UnlearnConfig)}
     return {**run, **options_from_args(args, DemoOptions)}

@@ -8,8 +8,7 @@ import json
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from fastunlearn.cli.parser import add_command, add_options
-    from fastunlearn.options.plan import PlanOptions
-    from fastunlearn.options.unlearn import UnlearnConfig
+    from fastunlearn.options.unlearn import PlanOptions, UnlearnConfig
 
     p = add_command(
         subparsers, "plan", _run_plan, [UnlearnConfig, PlanOptions],
@@ -27,9 +26,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def _run_plan(args: argparse.Namespace) -> int:
     from fastunlearn.cli.parser import options_from_args
-    from fastunlearn.options.plan import PlanOptions
     from fastunlearn.options.schema import require
-    from fastunlearn.options.unlearn import UnlearnConfig
+    from fastunlearn.options.unlearn import PlanOptions, UnlearnConfig
     from fastunlearn.plan.plan import plan_memory
 
     cfg = UnlearnConfig(**options_from_args(args, UnlearnConfig))

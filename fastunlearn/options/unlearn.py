@@ -1,4 +1,5 @@
-"""The options of ``fastunlearn unlearn`` / :func:`fastunlearn.unlearn`: :class:`UnlearnConfig`.
+"""The options of ``fastunlearn unlearn`` / :func:`fastunlearn.unlearn` (:class:`UnlearnConfig`), and
+those ``plan`` (:class:`PlanOptions`) and ``demo`` (:class:`DemoOptions`) take beside a run's.
 
 Defaults are Cha et al.'s (ICLR 2025, arXiv 2408.06621) recipe for 7B models: LoRA r = 32, alpha = 64,
 no dropout, on every linear layer but the output head; AdamW, weight decay 0.01; an effective batch of
@@ -12,6 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from fastunlearn.engines.base import ENGINES
 from fastunlearn.engines.fsdp import check_single_engine, parse_fsdp
 from fastunlearn.evaluation.stopping.controller import RESTORE
 from fastunlearn.evaluation.stopping.parsing import parse_eval_every
@@ -21,9 +23,10 @@ from fastunlearn.models.precision import PRECISIONS
 from fastunlearn.ops._backend import BACKENDS
 from fastunlearn.options.common import DataShape, ModelAccess, RunControl
 from fastunlearn.options.evaluate import EvalSuite
-from fastunlearn.options.schema import option, require, validate
+from fastunlearn.options.schema import Validated, option, require, validate
 
 INITS = ("fila", "lora", "full")
+DEMO_SIZES = ("small", "tiny")
 # Experiment trackers (transformers' integrations) and the packages that provide each.
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "trackio": ("trackio",)}
 
@@ -244,6 +247,28 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
             )
         if self.retain is None and self.muse is None and self.init == "fila":
             raise ValueError("init='fila' needs a retain set (relative Fisher information); use init='lora'")
+
+
+@dataclass
+class PlanOptions(Validated):
+    """Where ``fastunlearn plan`` plans the run and how it shows the plan."""
+
+    device: str = option("cuda", "the kind of device the run trains on", choices=("cuda", "cpu"))
+    world_size: int = option(1, "devices", positive=True)
+    engine: str = option("ddp", "how the devices share the model (fsdp, zero3: sharded)", choices=ENGINES)
+    terms: bool = option(False, "list each phase's bytes by kind under its row")
+    json: bool = option(False, "print the plan as JSON")
+
+
+@dataclass
+class DemoOptions(Validated):
+    """The synthetic data and models of ``fastunlearn demo``, and its stopping rule."""
+
+    cache_dir: str | None = option(
+        None, "where the data and pre-trained demo models are cached (default: the user cache)", path=True
+    )
+    size: str = option("small", "'tiny' is a reduced, faster demo used by the tests", choices=DEMO_SIZES)
+    stop: bool = option(False, "stop by the tofu rule instead of after 10 epochs")
 
 
 def check_trackers(value: str | list[str]) -> list[str]:
