@@ -4,37 +4,33 @@ from __future__ import annotations
 
 import argparse
 
+from fastunlearn.cli.parser import add_command, options_from_args
+from fastunlearn.options.unlearn import DemoOptions, UnlearnConfig
+
 # The run's options the demo takes, and its own defaults for them.
 _RUN_OPTIONS = ("output_dir", "method", "init", "seed", "overwrite", "progress", "threads")
 _DEFAULTS = {"output_dir": "fastunlearn-demo", "threads": 1}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from fastunlearn.cli.parser import add_command, add_options
-    from fastunlearn.options.unlearn import DemoOptions, UnlearnConfig
-
     p = add_command(
         subparsers, "demo", _main, [UnlearnConfig, DemoOptions], interrupted=_interrupted, config=False,
+        only={UnlearnConfig: lambda name, spec: name in _RUN_OPTIONS}, defaults=_DEFAULTS,
         description="Run the whole unlearning job offline: generate a synthetic TOFU-format data set of "
         "fictitious authors (10% to forget), train a tokenizer, a small Llama model that memorises it and a "
         "retain-only reference model (both cached), unlearn the forget set, print before/after metrics and "
         "write OUTPUT/metrics.json. The equivalent `fastunlearn unlearn` command line is printed and "
         "recorded in OUTPUT/run_config.json.",
     )  # fmt: skip
-    add_options(p, UnlearnConfig, names=_RUN_OPTIONS, defaults=_DEFAULTS)
     next(a for a in p._actions if a.dest == "output_dir").help = (
         "the demo's output directory: the unlearned adapter, metrics.json (before/after metrics), "
         "run_config.json and the trajectory; a finished run there is replaced only with --overwrite "
         f"(default: {_DEFAULTS['output_dir']})"
     )
-    add_options(p, DemoOptions)
     return p
 
 
 def _options(args: argparse.Namespace) -> dict:
-    from fastunlearn.cli.parser import options_from_args
-    from fastunlearn.options.unlearn import DemoOptions, UnlearnConfig
-
     run = {**_DEFAULTS, **options_from_args(args, UnlearnConfig)}
     return {**run, **options_from_args(args, DemoOptions)}
 

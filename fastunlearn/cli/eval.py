@@ -26,17 +26,16 @@ import argparse
 import os
 from typing import Any
 
+from fastunlearn.cli.parser import add_command, options_from_args
+from fastunlearn.options.evaluate import EvalConfig
+from fastunlearn.options.schema import require
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from fastunlearn.cli.parser import add_command, add_options
-    from fastunlearn.options.evaluate import EvalConfig
-
-    p = add_command(
+    return add_command(
         subparsers, "eval", _main, [EvalConfig], interrupted="interrupted; nothing was written",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    add_options(p, EvalConfig)
-    return p
 
 
 def _training_options(model_dir: str) -> dict:
@@ -58,11 +57,8 @@ def _main(args: argparse.Namespace) -> int:
     table and the files from the main process alone."""
     from fastunlearn import evaluation as ev
     from fastunlearn._io import write_json
-    from fastunlearn.cli.parser import options_from_args
     from fastunlearn.engines import distributed
     from fastunlearn.models.loading import load_model_and_tokenizer
-    from fastunlearn.options.evaluate import EvalConfig
-    from fastunlearn.options.schema import require
 
     cfg = EvalConfig(**options_from_args(args, EvalConfig))
     require(cfg)

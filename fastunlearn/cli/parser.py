@@ -15,7 +15,7 @@ import json
 import os
 import re
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastunlearn.options.schema import Spec, coerce, fields_of, flag_of
@@ -108,21 +108,15 @@ def add_options(
     parser: argparse.ArgumentParser,
     schema: type,
     *,
-    only: Callable[[Spec], bool] | None = None,
-    names: Iterable[str] | None = None,
-    defaults: dict[str, Any] | None = None,
+    only: Callable[[str, Spec], bool] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> None:
-    """Add the command-line options of ``schema`` (those ``only(spec)`` keeps, or those ``names``) to
-    ``parser``, in argument groups named by the specs. ``defaults``: the command's own defaults where
-    they differ from the schema's (shown in the help; the command applies them)."""
+    """Add the command-line options of ``schema`` (those ``only(name, spec)`` keeps) to ``parser``, in
+    argument groups named by the specs. ``defaults``: the command's own defaults where they differ from
+    the schema's (shown in the help; the command applies them)."""
     groups: dict[str | None, Any] = {None: parser}
-    chosen = None if names is None else set(names)
     for f, spec, tp in fields_of(schema):
-        if (
-            not spec.cli
-            or (only is not None and not only(spec))
-            or (chosen is not None and f.name not in chosen)
-        ):
+        if not spec.cli or (only is not None and not only(f.name, spec)):
             continue
         if spec.group not in groups:
             groups[spec.group] = parser.add_argument_group(spec.group)
@@ -132,10 +126,12 @@ def add_options(
 
 def add_command(
     subparsers, name: str, func: Callable, schemas: list[type], *, interrupted: Any = None,
-    config: bool = True, **kwargs: Any,
+    config: bool = True, only: Mapping[type, Callable[[str, Spec], bool]] | None = None,
+    defaults: Mapping[str, Any] | None = None, **kwargs: Any,
 ) -> argparse.ArgumentParser:  # fmt: skip
-    """Register subcommand ``name`` running ``func``, its messages in the flags of ``schemas``, with
-    ``--config FILE`` unless ``config=False``. ``interrupted``: what Ctrl-C prints (or makes of args)."""
+    """Register subcommand ``name`` running ``func``, with the options of ``schemas`` (``only``: which
+    of a schema's, ``defaults``: as :func:`add_options`), its messages in their flags, and ``--config
+    FILE`` unless ``config=False``. ``interrupted``: what Ctrl-C prints (or makes of args)."""
     from fastunlearn.cli import SUBCOMMANDS
 
     p = subparsers.add_parser(name, help=SUBCOMMANDS[name][1], **kwargs)
@@ -148,6 +144,8 @@ def add_command(
     if isinstance(interrupted, str):
         interrupted = lambda args, line=interrupted: line
     p.set_defaults(func=func, interrupted=interrupted, option_flags=flags_of(*schemas))
+    for schema in schemas:
+        add_options(p, schema, only=(only or {}).get(schema), defaults=defaults)
     return p
 
 

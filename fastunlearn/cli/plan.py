@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 
+from fastunlearn.cli.parser import add_command, options_from_args
+from fastunlearn.options.schema import require
+from fastunlearn.options.unlearn import PlanOptions, UnlearnConfig
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from fastunlearn.cli.parser import add_command, add_options
-    from fastunlearn.options.unlearn import PlanOptions, UnlearnConfig
-
-    p = add_command(
+    return add_command(
         subparsers, "plan", _run_plan, [UnlearnConfig, PlanOptions],
+        only={UnlearnConfig: lambda name, spec: spec.plan},
         description="Predict the peak device memory of each phase of `fastunlearn unlearn` (load, evaluate, "
         "Fisher passes, FILA, a training step, save): the phases run on fake tensors (shapes, no data) "
         "built from MODEL's config, their live tensors counted (torch.cuda.max_memory_allocated); the "
@@ -19,15 +21,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "local cache or a well-known name (llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b, phi-1.5, "
         "gpt-neo-2.7b).",
     )  # fmt: skip
-    add_options(p, UnlearnConfig, only=lambda spec: spec.plan)
-    add_options(p, PlanOptions)
-    return p
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from fastunlearn.cli.parser import options_from_args
-    from fastunlearn.options.schema import require
-    from fastunlearn.options.unlearn import PlanOptions, UnlearnConfig
     from fastunlearn.plan.plan import plan_memory
 
     cfg = UnlearnConfig(**options_from_args(args, UnlearnConfig))

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 
+from fastunlearn.cli.parser import add_command, options_from_args
+from fastunlearn.options.unlearn import UnlearnConfig
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from fastunlearn.cli.parser import add_command, add_options
-    from fastunlearn.options.unlearn import UnlearnConfig
-
-    p = add_command(
+    return add_command(
         subparsers, "unlearn", _run_unlearn, [UnlearnConfig], interrupted=_interrupted,
         description="Unlearn the records of --forget from MODEL while keeping it good on --retain "
         "(IHL + FILA, Cha et al. ICLR 2025). Data: {question, answer}, {prompt, completion} or {text} "
@@ -20,14 +20,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         epilog="example: fastunlearn unlearn ./llama2-7b-tofu --forget forget10.json --retain retain90.json "
         "--template tofu-llama2 --max-length 500 --output out/ --lr 1e-4 --bf16",
     )  # fmt: skip
-    add_options(p, UnlearnConfig)
-    return p
 
 
 def _run_unlearn(args: argparse.Namespace) -> int:
-    from fastunlearn.cli.parser import options_from_args
     from fastunlearn.evaluation.report import stopping_line, summary_table
-    from fastunlearn.options.unlearn import UnlearnConfig
     from fastunlearn.training.pipeline import run_unlearning
 
     result = run_unlearning(UnlearnConfig(**options_from_args(args, UnlearnConfig)))
