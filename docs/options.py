@@ -87,7 +87,7 @@ def _flag(name: str, spec: Spec, tp: Any, default: Any) -> str:
 
 def _description(spec: Spec) -> str:
     text = spec.help
-    allowed = spec.allowed()
+    allowed = spec.choices
     if allowed:
         text += "; one of " + ", ".join(f"`{v}`" for v in allowed)
     return _cell(text)

@@ -50,18 +50,6 @@ def _newest_snapshot(repo_id: str, repo_type: str) -> str | None:
     return max(found, key=os.path.getmtime) if found else None
 
 
-def _missing(
-    repo_id: str, what: str, revision: str | None, allow_download: bool, err: Exception
-) -> Exception:
-    at = f" at revision {revision!r}" if revision else ""
-    if allow_download:
-        return FileNotFoundError(f"{what} {repo_id!r}{at}: cannot fetch it from the Hugging Face Hub ({err})")
-    return FileNotFoundError(
-        f"{what} {repo_id!r}{at} is neither a local path nor in the Hugging Face cache ({_cache_dir()}); "
-        "pass allow_download=True to fetch it from the Hub"
-    )
-
-
 def resolve_snapshot(
     repo_id: str,
     *,
@@ -88,8 +76,16 @@ def resolve_snapshot(
         if not type(err).__module__.startswith("huggingface_hub"):
             raise
         path = None if revision or allow_download else _newest_snapshot(repo_id, repo_type)
+        at = f" at revision {revision!r}" if revision else ""
+        if path is None and allow_download:
+            raise FileNotFoundError(
+                f"{what} {repo_id!r}{at}: cannot fetch it from the Hugging Face Hub ({err})"
+            ) from None
         if path is None:
-            raise _missing(repo_id, what, revision, allow_download, err) from None
+            raise FileNotFoundError(
+                f"{what} {repo_id!r}{at} is neither a local path nor in the Hugging Face cache "
+                f"({_cache_dir()}); pass allow_download=True to fetch it from the Hub"
+            ) from None
     return Snapshot(repo_id, repo_type, os.path.basename(os.path.normpath(path)), os.fspath(path))
 
 

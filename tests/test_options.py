@@ -22,7 +22,7 @@ COMMANDS = {"unlearn": UnlearnConfig, "fisher": FisherConfig, "eval": EvalConfig
 
 def _other_value(name: str, spec, tp, default):
     """A valid value of option ``name`` other than its default, chosen from its spec and type."""
-    allowed = spec.allowed()
+    allowed = spec.choices
     if allowed:
         return next(v for v in allowed if v != default)
     if name in ("fisher_memory",):

@@ -31,8 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _options(args: argparse.Namespace) -> dict:
-    run = {**_DEFAULTS, **options_from_args(args, UnlearnConfig)}
-    return {**run, **options_from_args(args, DemoOptions)}
+    return {**_DEFAULTS, **options_from_args(args, UnlearnConfig), **options_from_args(args, DemoOptions)}
 
 
 def _main(args: argparse.Namespace) -> int:

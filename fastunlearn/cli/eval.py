@@ -38,20 +38,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )  # fmt: skip
 
 
-def _training_options(model_dir: str) -> dict:
-    """The template and length of the run whose output ``model_dir`` is (its ``run_config.json`` there or
-    one level up)."""
-    import json
-
-    for folder in (model_dir, os.path.join(model_dir, os.pardir)):
-        candidate = os.path.join(folder, "run_config.json")
-        if os.path.isfile(candidate):
-            with open(candidate, encoding="utf-8") as handle:
-                options = json.load(handle).get("options", {})
-            return {key: options[key] for key in ("template", "max_length") if key in options}
-    return {}
-
-
 def _main(args: argparse.Namespace) -> int:
     """Under a launcher every process runs this: the checks on every rank, the evaluation shared, the
     table and the files from the main process alone."""
@@ -89,11 +75,8 @@ def _say(text: str) -> None:
 
 def _tofu_data(cfg) -> Any:
     """The TOFU data: a directory or a mapping of set files; ``None`` without either."""
-    sets = {
-        name: getattr(cfg, name)
-        for name in ("forget", "retain", "real_authors", "world_facts")
-        if getattr(cfg, name) is not None
-    }
+    names = ("forget", "retain", "real_authors", "world_facts")
+    sets = {name: getattr(cfg, name) for name in names if getattr(cfg, name) is not None}
     if cfg.tofu is not None and sets:
         raise ValueError("give --tofu DIR or individual set files (--forget, --retain, ...), not both")
     if cfg.forget_split is not None and cfg.tofu is None:
@@ -141,11 +124,20 @@ def _checked(cfg) -> tuple[dict[str, Any], Any]:
 
 
 def _run_template(cfg) -> None:
-    """``cfg.template`` and ``cfg.max_length`` from the run that trained ``cfg.model`` where not given."""
+    """``cfg.template`` and ``cfg.max_length`` where not given from the run that trained ``cfg.model``:
+    its ``run_config.json`` there or one level up."""
+    import json
+
     from fastunlearn.data import TEMPLATE_NAMES
     from fastunlearn.evaluation.tofu import LEGACY_TEMPLATES
 
-    trained, taken = _training_options(cfg.model), []
+    trained, taken = {}, []
+    for folder in (cfg.model, os.path.join(cfg.model, os.pardir)):
+        record = os.path.join(folder, "run_config.json")
+        if os.path.isfile(record):
+            with open(record, encoding="utf-8") as handle:
+                trained = json.load(handle).get("options", {})
+            break
     legacy = cfg.mode == "legacy"
     if cfg.template is None and "template" in trained:
         if not legacy or trained["template"] in LEGACY_TEMPLATES:

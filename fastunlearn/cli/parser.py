@@ -91,11 +91,10 @@ def _add_one(target, name: str, spec: Spec, tp: Any, default: Any) -> None:
     elif any(typing.get_origin(p) is list for p in typing.get_args(tp) or (tp,)):
         target.add_argument(flag, dest=name, action=_CommaList, default=S, help=text, metavar=spec.metavar)
     else:
-        allowed = spec.allowed()
         target.add_argument(
             flag, dest=name, action=_Once, type=_scalar_type(tp) if spec.parse is None else str,
-            parse=spec.parse, choices=allowed, default=S, help=text,
-            metavar=spec.metavar or (None if allowed else name.upper()),
+            parse=spec.parse, choices=spec.choices, default=S, help=text,
+            metavar=spec.metavar or (None if spec.choices else name.upper()),
         )  # fmt: skip
     for const_flag, value in spec.consts.items():
         target.add_argument(

@@ -26,7 +26,7 @@ class Spec:
 
     help: str
     flag: str | None = None
-    choices: tuple[Any, ...] | Callable[[], tuple[Any, ...]] | None = None
+    choices: tuple[Any, ...] | None = None
     group: str | None = None
     metavar: str | None = None
     minimum: float | None = None
@@ -40,9 +40,6 @@ class Spec:
     check: Callable[[Any], None] | None = None
     path: bool | str = False
     required: bool = False
-
-    def allowed(self) -> tuple[Any, ...] | None:
-        return self.choices() if callable(self.choices) else self.choices
 
 
 def option(default: Any = None, help: str = "", **spec: Any) -> Any:
@@ -108,9 +105,8 @@ def validate(obj: Any) -> None:
             raise OptionTypeError(f"{name} must be {_type_name(tp)}, got {value!r}")
         if value is None:
             continue
-        allowed = spec.allowed()
-        if allowed is not None and isinstance(value, (str, int)) and value not in allowed:
-            raise ValueError(f"unknown {name} {value!r}; expected one of {list(allowed)}")
+        if spec.choices is not None and isinstance(value, (str, int)) and value not in spec.choices:
+            raise ValueError(f"unknown {name} {value!r}; expected one of {list(spec.choices)}")
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if number and spec.positive and not value > 0:
             raise ValueError(f"{name} must be positive, got {value}")
