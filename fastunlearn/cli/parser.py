@@ -55,14 +55,13 @@ class _Once(argparse.Action):
         setattr(namespace, self.dest, value)
 
 
-class _CommaList(argparse.Action):
-    """A list given as ``a,b`` and/or repeated: one value per use, so it cannot swallow positionals."""
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        items = [item.strip() for item in values.split(",")]
-        if not all(items):
-            parser.error(f"argument {option_string}: empty name in {values!r}")
-        setattr(namespace, self.dest, [*getattr(namespace, self.dest, []), *items])
+def _names(text: str) -> list[str]:
+    """The items of a list option's ``a,b`` (repeated flags extend the list: one value per use, so it
+    cannot swallow positionals)."""
+    items = [item.strip() for item in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"empty name in {text!r}")
+    return items
 
 
 def _scalar_type(tp: Any) -> Any:
@@ -89,7 +88,9 @@ def _add_one(target, name: str, spec: Spec, tp: Any, default: Any) -> None:
             switch, dest=name, action="store_const", const=not spec.negate, default=S, help=text
         )
     elif any(typing.get_origin(p) is list for p in typing.get_args(tp) or (tp,)):
-        target.add_argument(flag, dest=name, action=_CommaList, default=S, help=text, metavar=spec.metavar)
+        target.add_argument(
+            flag, dest=name, action="extend", type=_names, default=S, help=text, metavar=spec.metavar
+        )
     else:
         target.add_argument(
             flag, dest=name, action=_Once, type=_scalar_type(tp) if spec.parse is None else str,

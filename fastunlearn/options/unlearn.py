@@ -191,7 +191,7 @@ class UnlearnConfig(RunControl, EvalSuite, DataShape, ModelAccess):
     )
     report_to: str | list[str] = option(
         ["none"], f"experiment trackers: {', '.join(TRACKERS)} or none", metavar="NAME[,NAME...]",
-        check=lambda v: check_trackers(v) and None, identity=False, group="output",
+        identity=False, group="output",
     )  # fmt: skip
     run_name: str | None = option(
         None, "the run's name in the trackers (default: the output directory's)", identity=False,
