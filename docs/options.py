@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fastunlearn.cli import build_parser
-from fastunlearn.cli.demo import _DEFAULTS as DEMO_DEFAULTS
+from fastunlearn.cli.unlearn import _DEMO_DEFAULTS as DEMO_DEFAULTS
 from fastunlearn.options.evaluate import EvalConfig
 from fastunlearn.options.fisher import FisherConfig
 from fastunlearn.options.schema import Spec, fields_of, flag_of

@@ -21,19 +21,6 @@ from typing import Any
 from fastunlearn.options.schema import Spec, coerce, fields_of, flag_of
 
 
-def flags_of(*schemas: type) -> dict[str, str]:
-    """Python name → the flag a user types, for error messages (``overwrite=True`` → ``--overwrite``)."""
-    found = {}
-    for schema in schemas:
-        for f, spec, _ in fields_of(schema):
-            flag = flag_of(f.name, spec)
-            if spec.cli and flag:
-                found[f.name] = "--no-" + flag[2:] if spec.negate else flag
-            elif spec.cli:
-                found[f.name] = f.name.upper()
-    return found
-
-
 class _Once(argparse.Action):
     """Store a value; the same option (or another flag of it) given again with another value is an error."""
 
@@ -104,34 +91,16 @@ def _add_one(target, name: str, spec: Spec, tp: Any, default: Any) -> None:
         )  # fmt: skip
 
 
-def add_options(
-    parser: argparse.ArgumentParser,
-    schema: type,
-    *,
-    only: Callable[[str, Spec], bool] | None = None,
-    defaults: Mapping[str, Any] | None = None,
-) -> None:
-    """Add the command-line options of ``schema`` (those ``only(name, spec)`` keeps) to ``parser``, in
-    argument groups named by the specs. ``defaults``: the command's own defaults where they differ from
-    the schema's (shown in the help; the command applies them)."""
-    groups: dict[str | None, Any] = {None: parser}
-    for f, spec, tp in fields_of(schema):
-        if not spec.cli or (only is not None and not only(f.name, spec)):
-            continue
-        if spec.group not in groups:
-            groups[spec.group] = parser.add_argument_group(spec.group)
-        default = f.default_factory() if callable(f.default_factory) else f.default
-        _add_one(groups[spec.group], f.name, spec, tp, (defaults or {}).get(f.name, default))
-
-
 def add_command(
     subparsers, name: str, func: Callable, schemas: list[type], *, interrupted: Any = None,
     config: bool = True, only: Mapping[type, Callable[[str, Spec], bool]] | None = None,
     defaults: Mapping[str, Any] | None = None, **kwargs: Any,
 ) -> argparse.ArgumentParser:  # fmt: skip
-    """Register subcommand ``name`` running ``func``, with the options of ``schemas`` (``only``: which
-    of a schema's, ``defaults``: as :func:`add_options`), its messages in their flags, and ``--config
-    FILE`` unless ``config=False``. ``interrupted``: what Ctrl-C prints (or makes of args)."""
+    """Register subcommand ``name`` running ``func``, with ``--config FILE`` unless ``config=False`` and
+    the options of ``schemas`` (``only[schema](name, spec)``: which of a schema's) in argument groups
+    named by their specs; ``defaults``: the command's own where they differ from the schema's (shown in
+    the help; the command applies them). Its messages name the options by the flags a user types
+    (``overwrite=True`` → ``--overwrite``). ``interrupted``: what Ctrl-C prints (or makes of args)."""
     from fastunlearn.cli import SUBCOMMANDS
 
     p = subparsers.add_parser(name, help=SUBCOMMANDS[name][1], **kwargs)
@@ -141,11 +110,23 @@ def add_command(
             help="read options from a YAML or JSON file (a run's run_config.json reproduces the run); "
             "options on the command line override it",
         )  # fmt: skip
+    flags: dict[str, str] = {}
+    groups: dict[str | None, Any] = {None: p}
+    for schema in schemas:
+        for f, spec, tp in fields_of(schema):
+            if not spec.cli:
+                continue
+            flag = flag_of(f.name, spec)
+            flags[f.name] = ("--no-" + flag[2:] if spec.negate else flag) or f.name.upper()
+            if schema in (only or {}) and not only[schema](f.name, spec):
+                continue
+            if spec.group not in groups:
+                groups[spec.group] = p.add_argument_group(spec.group)
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            _add_one(groups[spec.group], f.name, spec, tp, (defaults or {}).get(f.name, default))
     if isinstance(interrupted, str):
         interrupted = lambda args, line=interrupted: line
-    p.set_defaults(func=func, interrupted=interrupted, option_flags=flags_of(*schemas))
-    for schema in schemas:
-        add_options(p, schema, only=(only or {}).get(schema), defaults=defaults)
+    p.set_defaults(func=func, interrupted=interrupted, option_flags=flags)
     return p
 
 
