@@ -37,15 +37,11 @@ def is_hub_id(name: str) -> bool:
     return True
 
 
-def _cache_dir() -> str:
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
-
-
 def _newest_snapshot(repo_id: str, repo_type: str) -> str | None:
     """The newest snapshot folder of a repository (``datasets`` caches by commit, without ``refs/main``)."""
-    folder = os.path.join(_cache_dir(), f"{repo_type}s--{repo_id.replace('/', '--')}", "snapshots")
+    from huggingface_hub import constants
+
+    folder = os.path.join(constants.HF_HUB_CACHE, f"{repo_type}s--{repo_id.replace('/', '--')}", "snapshots")
     found = [os.path.join(folder, n) for n in os.listdir(folder)] if os.path.isdir(folder) else []
     return max(found, key=os.path.getmtime) if found else None
 
@@ -62,7 +58,7 @@ def resolve_snapshot(
     """The cached snapshot of ``repo_id`` at ``revision`` (a branch, tag or commit; default ``main``);
     with ``allow_download``, the files matching ``patterns`` fetched first. ``FileNotFoundError`` in one
     line naming the id and the cache."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     try:
         path = snapshot_download(
@@ -84,7 +80,7 @@ def resolve_snapshot(
         if path is None:
             raise FileNotFoundError(
                 f"{what} {repo_id!r}{at} is neither a local path nor in the Hugging Face cache "
-                f"({_cache_dir()}); pass allow_download=True to fetch it from the Hub"
+                f"({constants.HF_HUB_CACHE}); pass allow_download=True to fetch it from the Hub"
             ) from None
     return Snapshot(repo_id, repo_type, os.path.basename(os.path.normpath(path)), os.fspath(path))
 

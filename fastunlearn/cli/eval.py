@@ -73,17 +73,6 @@ def _say(text: str) -> None:
         print(text)
 
 
-def _tofu_data(cfg) -> Any:
-    """The TOFU data: a directory or a mapping of set files; ``None`` without either."""
-    names = ("forget", "retain", "real_authors", "world_facts")
-    sets = {name: getattr(cfg, name) for name in names if getattr(cfg, name) is not None}
-    if cfg.tofu is not None and sets:
-        raise ValueError("give --tofu DIR or individual set files (--forget, --retain, ...), not both")
-    if cfg.forget_split is not None and cfg.tofu is None:
-        raise ValueError("--forget-split chooses a split of a --tofu directory; give --tofu DIR")
-    return cfg.tofu if cfg.tofu is not None else (sets or None)
-
-
 def _checked(cfg) -> tuple[dict[str, Any], Any]:
     """The evaluations asked for and the device, every input checked before the model loads."""
     from fastunlearn.evaluation import check
@@ -93,7 +82,13 @@ def _checked(cfg) -> tuple[dict[str, Any], Any]:
     model_source(
         cfg.model, base_model=cfg.base_model, allow_download=cfg.allow_download, revision=cfg.revision
     )
-    tofu = _tofu_data(cfg)
+    names = ("forget", "retain", "real_authors", "world_facts")
+    sets = {name: getattr(cfg, name) for name in names if getattr(cfg, name) is not None}
+    if cfg.tofu is not None and sets:
+        raise ValueError("give --tofu DIR or individual set files (--forget, --retain, ...), not both")
+    if cfg.forget_split is not None and cfg.tofu is None:
+        raise ValueError("--forget-split chooses a split of a --tofu directory; give --tofu DIR")
+    tofu = cfg.tofu if cfg.tofu is not None else (sets or None)  # a directory or a mapping of set files
     requests = cfg.suite_requests(cfg.batch_size)
     if cfg.extraction is not None:
         requests["extraction"] = dict(

@@ -24,17 +24,12 @@ from fastunlearn.options.schema import Spec, coerce, fields_of, flag_of
 class _Once(argparse.Action):
     """Store a value; the same option (or another flag of it) given again with another value is an error."""
 
-    def __init__(self, *args, const_value: Any = None, parse: Callable | None = None, **kwargs) -> None:
-        self.const_value, self.parse = const_value, parse
+    def __init__(self, *args, const_value: Any = None, **kwargs) -> None:
+        self.const_value = const_value
         super().__init__(*args, **kwargs)
 
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         value = self.const_value if self.nargs == 0 else values
-        if self.parse is not None and isinstance(value, str):
-            try:
-                value = self.parse(value)
-            except ValueError as err:
-                parser.error(f"argument {option_string}: {err}")
         if hasattr(namespace, self.dest) and getattr(namespace, self.dest) != value:
             parser.error(
                 f"argument {option_string}: contradicts an earlier value of the same option; give one"
@@ -80,9 +75,8 @@ def _add_one(target, name: str, spec: Spec, tp: Any, default: Any) -> None:
         )
     else:
         target.add_argument(
-            flag, dest=name, action=_Once, type=_scalar_type(tp) if spec.parse is None else str,
-            parse=spec.parse, choices=spec.choices, default=S, help=text,
-            metavar=spec.metavar or (None if spec.choices else name.upper()),
+            flag, dest=name, action=_Once, type=spec.parse or _scalar_type(tp), choices=spec.choices,
+            default=S, help=text, metavar=spec.metavar or (None if spec.choices else name.upper()),
         )  # fmt: skip
     for const_flag, value in spec.consts.items():
         target.add_argument(
