@@ -135,14 +135,13 @@ def _run_template(cfg) -> None:
             break
     legacy = cfg.mode == "legacy"
     if cfg.template is None and "template" in trained:
-        if not legacy or trained["template"] in LEGACY_TEMPLATES:
-            cfg.template = trained["template"]
-            taken.append(f"template {cfg.template!r}")
-        else:
+        if legacy and trained["template"] not in LEGACY_TEMPLATES:
             raise ValueError(
                 f"the run trained with template {trained['template']!r}, which legacy mode does not define; "
                 f"give --template, one of {list(LEGACY_TEMPLATES)}"
             )
+        cfg.template = trained["template"]
+        taken.append(f"template {cfg.template!r}")
     if cfg.template is None:
         choices = list(LEGACY_TEMPLATES) if legacy else list(TEMPLATE_NAMES)
         raise ValueError(

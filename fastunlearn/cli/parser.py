@@ -46,37 +46,30 @@ def _names(text: str) -> list[str]:
     return items
 
 
-def _scalar_type(tp: Any) -> Any:
-    parts = [p for p in typing.get_args(tp) or (tp,) if p is not type(None)]
-    return parts[0] if parts in ([int], [float]) else str
-
-
-def _is_bool(tp: Any) -> bool:
-    return tp is bool or set(typing.get_args(tp)) == {bool, type(None)}
-
-
 def _add_one(target, name: str, spec: Spec, tp: Any, default: Any) -> None:
     flag, S = flag_of(name, spec), argparse.SUPPRESS
     shown = f" (default: {default})" if default not in (None, False, True, "") else ""
     text = (spec.help + shown).replace("%", "%%")
+    parts = [p for p in typing.get_args(tp) or (tp,) if p is not type(None)]  # the type, None apart
     if flag == "":
         target.add_argument(name, nargs="?", default=S, help=text, metavar=name.upper())
-    elif _is_bool(tp) and default is None:  # tri-state: --x / --no-x
+    elif parts == [bool] and default is None:  # tri-state: --x / --no-x
         target.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=S, help=text)
-    elif _is_bool(tp):
+    elif parts == [bool]:
         switch = "--no-" + flag[2:] if spec.negate else flag
         text = ("do not: " if spec.negate else "") + text
         target.add_argument(
             switch, dest=name, action="store_const", const=not spec.negate, default=S, help=text
         )
-    elif any(typing.get_origin(p) is list for p in typing.get_args(tp) or (tp,)):
+    elif any(typing.get_origin(p) is list for p in parts):
         target.add_argument(
             flag, dest=name, action="extend", type=_names, default=S, help=text, metavar=spec.metavar
         )
     else:
+        scalar = parts[0] if parts in ([int], [float]) else str
         target.add_argument(
-            flag, dest=name, action=_Once, type=spec.parse or _scalar_type(tp), choices=spec.choices,
-            default=S, help=text, metavar=spec.metavar or (None if spec.choices else name.upper()),
+            flag, dest=name, action=_Once, type=spec.parse or scalar, choices=spec.choices, default=S,
+            help=text, metavar=spec.metavar or (None if spec.choices else name.upper()),
         )  # fmt: skip
     for const_flag, value in spec.consts.items():
         target.add_argument(
@@ -162,10 +155,8 @@ def read_config_file(path: str | os.PathLike, schema: type) -> dict[str, Any]:
     types = {f.name: tp for f, _, tp in fields_of(schema)}
     for f, spec, _ in fields_of(schema):
         if spec.cli:
-            names[f.name] = f.name
-            flag = flag_of(f.name, spec).lstrip("-")
-            if flag:
-                names[flag] = names[flag.replace("-", "_")] = f.name
+            flag = flag_of(f.name, spec).lstrip("-") or f.name  # the positional one: its name
+            names[f.name] = names[flag] = names[flag.replace("-", "_")] = f.name
     options = {}
     for key, value in data.items():
         name = names.get(str(key).lstrip("-"))
