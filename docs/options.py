@@ -19,13 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from fastunlearn.cli import build_parser
-from fastunlearn.cli.demo import _DEFAULTS as DEMO_DEFAULTS
-from fastunlearn.options.demo import DemoOptions
+from fastunlearn.cli.unlearn import _DEMO_DEFAULTS as DEMO_DEFAULTS
 from fastunlearn.options.evaluate import EvalConfig
 from fastunlearn.options.fisher import FisherConfig
-from fastunlearn.options.plan import PlanOptions
 from fastunlearn.options.schema import Spec, fields_of, flag_of
-from fastunlearn.options.unlearn import UnlearnConfig
+from fastunlearn.options.unlearn import DemoOptions, PlanOptions, UnlearnConfig
 
 OUTPUT = Path(__file__).with_name("options.md")
 
@@ -89,7 +87,7 @@ def _flag(name: str, spec: Spec, tp: Any, default: Any) -> str:
 
 def _description(spec: Spec) -> str:
     text = spec.help
-    allowed = spec.allowed()
+    allowed = spec.choices
     if allowed:
         text += "; one of " + ", ".join(f"`{v}`" for v in allowed)
     return _cell(text)

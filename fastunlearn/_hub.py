@@ -37,29 +37,13 @@ def is_hub_id(name: str) -> bool:
     return True
 
 
-def _cache_dir() -> str:
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_CACHE
-
-
 def _newest_snapshot(repo_id: str, repo_type: str) -> str | None:
     """The newest snapshot folder of a repository (``datasets`` caches by commit, without ``refs/main``)."""
-    folder = os.path.join(_cache_dir(), f"{repo_type}s--{repo_id.replace('/', '--')}", "snapshots")
+    from huggingface_hub import constants
+
+    folder = os.path.join(constants.HF_HUB_CACHE, f"{repo_type}s--{repo_id.replace('/', '--')}", "snapshots")
     found = [os.path.join(folder, n) for n in os.listdir(folder)] if os.path.isdir(folder) else []
     return max(found, key=os.path.getmtime) if found else None
-
-
-def _missing(
-    repo_id: str, what: str, revision: str | None, allow_download: bool, err: Exception
-) -> Exception:
-    at = f" at revision {revision!r}" if revision else ""
-    if allow_download:
-        return FileNotFoundError(f"{what} {repo_id!r}{at}: cannot fetch it from the Hugging Face Hub ({err})")
-    return FileNotFoundError(
-        f"{what} {repo_id!r}{at} is neither a local path nor in the Hugging Face cache ({_cache_dir()}); "
-        "pass allow_download=True to fetch it from the Hub"
-    )
 
 
 def resolve_snapshot(
@@ -74,7 +58,7 @@ def resolve_snapshot(
     """The cached snapshot of ``repo_id`` at ``revision`` (a branch, tag or commit; default ``main``);
     with ``allow_download``, the files matching ``patterns`` fetched first. ``FileNotFoundError`` in one
     line naming the id and the cache."""
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
 
     try:
         path = snapshot_download(
@@ -88,8 +72,16 @@ def resolve_snapshot(
         if not type(err).__module__.startswith("huggingface_hub"):
             raise
         path = None if revision or allow_download else _newest_snapshot(repo_id, repo_type)
+        at = f" at revision {revision!r}" if revision else ""
+        if path is None and allow_download:
+            raise FileNotFoundError(
+                f"{what} {repo_id!r}{at}: cannot fetch it from the Hugging Face Hub ({err})"
+            ) from None
         if path is None:
-            raise _missing(repo_id, what, revision, allow_download, err) from None
+            raise FileNotFoundError(
+                f"{what} {repo_id!r}{at} is neither a local path nor in the Hugging Face cache "
+                f"({constants.HF_HUB_CACHE}); pass allow_download=True to fetch it from the Hub"
+            ) from None
     return Snapshot(repo_id, repo_type, os.path.basename(os.path.normpath(path)), os.fspath(path))
 
 

@@ -43,14 +43,12 @@ def _file_mode(current: int) -> int:
 def _apply_umask(path: Path) -> None:
     """Give ``path`` (and, for a directory, everything under it) the modes of the user's umask."""
     if path.is_dir() and not path.is_symlink():
-        for root, dirs, files in os.walk(path):
+        for root, _, files in os.walk(path):  # every directory under it but symlinks, itself first
+            os.chmod(root, 0o777 & ~umask())
             for name in files:
                 target = os.path.join(root, name)
                 if not os.path.islink(target):
                     os.chmod(target, _file_mode(os.stat(target).st_mode))
-            for name in dirs:
-                os.chmod(os.path.join(root, name), 0o777 & ~umask())
-        os.chmod(path, 0o777 & ~umask())
     elif path.is_file() and not path.is_symlink():
         os.chmod(path, _file_mode(path.stat().st_mode))
 

@@ -12,10 +12,9 @@ import pytest
 
 from fastunlearn.cli import build_parser, main
 from fastunlearn.cli.parser import options_from_args
-from fastunlearn.options.commandline import command_line
 from fastunlearn.options.evaluate import EvalConfig
 from fastunlearn.options.fisher import FisherConfig
-from fastunlearn.options.schema import fields_of, to_record
+from fastunlearn.options.schema import command_line, fields_of, to_record
 from fastunlearn.options.unlearn import UnlearnConfig
 
 COMMANDS = {"unlearn": UnlearnConfig, "fisher": FisherConfig, "eval": EvalConfig}
@@ -23,7 +22,7 @@ COMMANDS = {"unlearn": UnlearnConfig, "fisher": FisherConfig, "eval": EvalConfig
 
 def _other_value(name: str, spec, tp, default):
     """A valid value of option ``name`` other than its default, chosen from its spec and type."""
-    allowed = spec.allowed()
+    allowed = spec.choices
     if allowed:
         return next(v for v in allowed if v != default)
     if name in ("fisher_memory",):

@@ -1,5 +1,5 @@
-"""The ``fastunlearn`` command. Each subcommand is a module of this package whose ``add_parser(subparsers)``
-registers it with ``func`` (``args -> exit code``); only the command being run is imported, so
+"""The ``fastunlearn`` command. Each subcommand is registered by a function of a module of this package
+(``SUBCOMMANDS``) with ``func`` (``args -> exit code``); only the command being run is imported, so
 ``fastunlearn --help`` loads neither PyTorch nor ``transformers``. A user error is one line in the
 command's flags with exit status 2 (``--debug``: the traceback); Ctrl-C says what is left (status 130).
 """
@@ -15,13 +15,14 @@ import sys
 import warnings
 from collections.abc import Iterable, Sequence
 
-# name -> (module exposing add_parser(subparsers), one-line help shown by `fastunlearn --help`)
+# name -> (what registers it: "module:function(subparsers)" in this package, one-line help shown by
+# `fastunlearn --help`)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "unlearn": ("fastunlearn.cli.unlearn", "unlearn a forget set from a model (LoRA, FILA or all weights)"),
-    "fisher": ("fastunlearn.cli.fisher", "estimate a model's diagonal Fisher information on a data set"),
-    "plan": ("fastunlearn.cli.plan", "predict the peak device memory of each phase of an unlearn run"),
-    "demo": ("fastunlearn.cli.demo", "run the whole unlearning job offline on a synthetic data set"),
-    "eval": ("fastunlearn.cli.eval", "evaluate a model: TOFU, extraction, MIA, MUSE, lm-eval, dialogue"),
+    "unlearn": ("unlearn:add_parser", "unlearn a forget set from a model (LoRA, FILA or all weights)"),
+    "fisher": ("fisher:add_parser", "estimate a model's diagonal Fisher information on a data set"),
+    "plan": ("unlearn:add_plan_parser", "predict the peak device memory of each phase of an unlearn run"),
+    "demo": ("unlearn:add_demo_parser", "run the whole unlearning job offline on a synthetic data set"),
+    "eval": ("eval:add_parser", "evaluate a model: TOFU, extraction, MIA, MUSE, lm-eval, dialogue"),
 }
 # Errors that mean "the user asked for something impossible", reported without a traceback
 # (ImportError: an optional extra that is not installed, named with its pip command).
@@ -60,9 +61,10 @@ def build_parser(commands: Iterable[str] | None = None) -> argparse.ArgumentPars
     parser.add_argument("--version", action="version", version=f"fastunlearn {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module, summary) in SUBCOMMANDS.items():
+    for name, (registers, summary) in SUBCOMMANDS.items():
         if name in full:
-            importlib.import_module(module).add_parser(subparsers)
+            module, function = registers.split(":")
+            getattr(importlib.import_module(f"{__name__}.{module}"), function)(subparsers)
         else:
             subparsers.add_parser(name, help=summary, add_help=False)
     return parser

@@ -26,31 +26,16 @@ import argparse
 import os
 from typing import Any
 
+from fastunlearn.cli.parser import add_command, options_from_args
+from fastunlearn.options.evaluate import EvalConfig
+from fastunlearn.options.schema import require
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from fastunlearn.cli.parser import add_command, add_options
-    from fastunlearn.options.evaluate import EvalConfig
-
-    p = add_command(
+    return add_command(
         subparsers, "eval", _main, [EvalConfig], interrupted="interrupted; nothing was written",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    add_options(p, EvalConfig)
-    return p
-
-
-def _training_options(model_dir: str) -> dict:
-    """The template and length of the run whose output ``model_dir`` is (its ``run_config.json`` there or
-    one level up)."""
-    import json
-
-    for folder in (model_dir, os.path.join(model_dir, os.pardir)):
-        candidate = os.path.join(folder, "run_config.json")
-        if os.path.isfile(candidate):
-            with open(candidate, encoding="utf-8") as handle:
-                options = json.load(handle).get("options", {})
-            return {key: options[key] for key in ("template", "max_length") if key in options}
-    return {}
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -58,11 +43,8 @@ def _main(args: argparse.Namespace) -> int:
     table and the files from the main process alone."""
     from fastunlearn import evaluation as ev
     from fastunlearn._io import write_json
-    from fastunlearn.cli.parser import options_from_args
     from fastunlearn.engines import distributed
     from fastunlearn.models.loading import load_model_and_tokenizer
-    from fastunlearn.options.evaluate import EvalConfig
-    from fastunlearn.options.schema import require
 
     cfg = EvalConfig(**options_from_args(args, EvalConfig))
     require(cfg)
@@ -91,20 +73,6 @@ def _say(text: str) -> None:
         print(text)
 
 
-def _tofu_data(cfg) -> Any:
-    """The TOFU data: a directory or a mapping of set files; ``None`` without either."""
-    sets = {
-        name: getattr(cfg, name)
-        for name in ("forget", "retain", "real_authors", "world_facts")
-        if getattr(cfg, name) is not None
-    }
-    if cfg.tofu is not None and sets:
-        raise ValueError("give --tofu DIR or individual set files (--forget, --retain, ...), not both")
-    if cfg.forget_split is not None and cfg.tofu is None:
-        raise ValueError("--forget-split chooses a split of a --tofu directory; give --tofu DIR")
-    return cfg.tofu if cfg.tofu is not None else (sets or None)
-
-
 def _checked(cfg) -> tuple[dict[str, Any], Any]:
     """The evaluations asked for and the device, every input checked before the model loads."""
     from fastunlearn.evaluation import check
@@ -114,7 +82,13 @@ def _checked(cfg) -> tuple[dict[str, Any], Any]:
     model_source(
         cfg.model, base_model=cfg.base_model, allow_download=cfg.allow_download, revision=cfg.revision
     )
-    tofu = _tofu_data(cfg)
+    names = ("forget", "retain", "real_authors", "world_facts")
+    sets = {name: getattr(cfg, name) for name in names if getattr(cfg, name) is not None}
+    if cfg.tofu is not None and sets:
+        raise ValueError("give --tofu DIR or individual set files (--forget, --retain, ...), not both")
+    if cfg.forget_split is not None and cfg.tofu is None:
+        raise ValueError("--forget-split chooses a split of a --tofu directory; give --tofu DIR")
+    tofu = cfg.tofu if cfg.tofu is not None else (sets or None)  # a directory or a mapping of set files
     requests = cfg.suite_requests(cfg.batch_size)
     if cfg.extraction is not None:
         requests["extraction"] = dict(
@@ -145,21 +119,29 @@ def _checked(cfg) -> tuple[dict[str, Any], Any]:
 
 
 def _run_template(cfg) -> None:
-    """``cfg.template`` and ``cfg.max_length`` from the run that trained ``cfg.model`` where not given."""
+    """``cfg.template`` and ``cfg.max_length`` where not given from the run that trained ``cfg.model``:
+    its ``run_config.json`` there or one level up."""
+    import json
+
     from fastunlearn.data import TEMPLATE_NAMES
     from fastunlearn.evaluation.tofu import LEGACY_TEMPLATES
 
-    trained, taken = _training_options(cfg.model), []
+    trained, taken = {}, []
+    for folder in (cfg.model, os.path.join(cfg.model, os.pardir)):
+        record = os.path.join(folder, "run_config.json")
+        if os.path.isfile(record):
+            with open(record, encoding="utf-8") as handle:
+                trained = json.load(handle).get("options", {})
+            break
     legacy = cfg.mode == "legacy"
     if cfg.template is None and "template" in trained:
-        if not legacy or trained["template"] in LEGACY_TEMPLATES:
-            cfg.template = trained["template"]
-            taken.append(f"template {cfg.template!r}")
-        else:
+        if legacy and trained["template"] not in LEGACY_TEMPLATES:
             raise ValueError(
                 f"the run trained with template {trained['template']!r}, which legacy mode does not define; "
                 f"give --template, one of {list(LEGACY_TEMPLATES)}"
             )
+        cfg.template = trained["template"]
+        taken.append(f"template {cfg.template!r}")
     if cfg.template is None:
         choices = list(LEGACY_TEMPLATES) if legacy else list(TEMPLATE_NAMES)
         raise ValueError(

@@ -11,19 +11,18 @@ import argparse
 import math
 import os
 
+from fastunlearn.cli.parser import add_command, options_from_args
+from fastunlearn.options.fisher import FisherConfig
+from fastunlearn.options.schema import require
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from fastunlearn.cli.parser import add_command, add_options
-    from fastunlearn.options.fisher import FisherConfig
-
-    p = add_command(
+    return add_command(
         subparsers, "fisher", _run_fisher, [FisherConfig], interrupted="interrupted; nothing was written",
         description="Estimate the diagonal empirical Fisher information F = (1/N) Σ_n g_n² of every linear "
         "layer of MODEL (but the output head) on the examples of --data, and save it as safetensors "
         "(load it with fastunlearn.fisher.FisherEstimate.load).",
     )  # fmt: skip
-    add_options(p, FisherConfig)
-    return p
 
 
 def _check_output(cfg) -> None:
@@ -35,15 +34,12 @@ def _check_output(cfg) -> None:
 
 def _run_fisher(args: argparse.Namespace) -> int:
     from fastunlearn import data as fdata
-    from fastunlearn.cli.parser import options_from_args
     from fastunlearn.engines import distributed
     from fastunlearn.fisher import save_fisher
     from fastunlearn.fisher.layers import select_linear_layers
     from fastunlearn.models.devices import to_training_device, training_device
     from fastunlearn.models.loading import load_model_and_tokenizer
     from fastunlearn.models.precision import PRECISION_DTYPES, resolve_precision
-    from fastunlearn.options.fisher import FisherConfig
-    from fastunlearn.options.schema import require
     from fastunlearn.training.preflight import check_vocab, on_meta
 
     cfg = FisherConfig(**options_from_args(args, FisherConfig))

@@ -69,8 +69,7 @@ def run_demo(
     from fastunlearn.evaluation import cached_reference_truth_ratios
     from fastunlearn.models.devices import num_threads
     from fastunlearn.models.loading import load_model_and_tokenizer
-    from fastunlearn.options.commandline import command_line
-    from fastunlearn.options.schema import with_absolute_paths
+    from fastunlearn.options.schema import command_line, with_absolute_paths
     from fastunlearn.options.unlearn import UnlearnConfig
     from fastunlearn.training.outputs import plan_run
     from fastunlearn.training.pipeline import run_unlearning

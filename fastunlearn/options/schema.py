@@ -1,11 +1,12 @@
 """The option schema: every option of every command is a dataclass field whose :class:`Spec` (made by
 :func:`option`) gives its flag, help, validation, identity, plan input and record; its annotation gives
-its type."""
+its type. From it: validation, ``run_config.json``'s record and the command line that reruns a config."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 import types
 import typing
 from collections.abc import Callable, Iterator, Mapping
@@ -25,7 +26,7 @@ class Spec:
 
     help: str
     flag: str | None = None
-    choices: tuple[Any, ...] | Callable[[], tuple[Any, ...]] | None = None
+    choices: tuple[Any, ...] | None = None
     group: str | None = None
     metavar: str | None = None
     minimum: float | None = None
@@ -39,9 +40,6 @@ class Spec:
     check: Callable[[Any], None] | None = None
     path: bool | str = False
     required: bool = False
-
-    def allowed(self) -> tuple[Any, ...] | None:
-        return self.choices() if callable(self.choices) else self.choices
 
 
 def option(default: Any = None, help: str = "", **spec: Any) -> Any:
@@ -107,9 +105,8 @@ def validate(obj: Any) -> None:
             raise OptionTypeError(f"{name} must be {_type_name(tp)}, got {value!r}")
         if value is None:
             continue
-        allowed = spec.allowed()
-        if allowed is not None and isinstance(value, (str, int)) and value not in allowed:
-            raise ValueError(f"unknown {name} {value!r}; expected one of {list(allowed)}")
+        if spec.choices is not None and isinstance(value, (str, int)) and value not in spec.choices:
+            raise ValueError(f"unknown {name} {value!r}; expected one of {list(spec.choices)}")
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if number and spec.positive and not value > 0:
             raise ValueError(f"{name} must be positive, got {value}")
@@ -178,3 +175,43 @@ def with_absolute_paths(obj: Any) -> Any:
 def to_record(obj: Any) -> dict[str, Any]:
     """Every option of ``obj`` as a JSON value (what ``run_config.json`` holds and ``--config`` reads)."""
     return {f.name: record_value(getattr(obj, f.name), spec) for f, spec, _ in fields_of(obj)}
+
+
+def _spell(flag: str, value: Any, negate: bool, tp: Any) -> list[str]:
+    if isinstance(value, bool):
+        tri_state = type(None) in typing.get_args(tp)
+        if negate or (tri_state and not value):
+            return ["--no-" + flag[2:]]
+        return [flag]
+    if isinstance(value, (list, tuple)):
+        return [flag, ",".join(map(str, value))]
+    if isinstance(value, float):
+        return [flag, repr(value)]
+    return [flag, str(os.fspath(value) if isinstance(value, os.PathLike) else value)]
+
+
+def command_line(
+    obj: Any, command: str, *, skip: tuple[str, ...] = ("overwrite", "resume", "progress")
+) -> str | None:
+    """``fastunlearn COMMAND ...`` running what ``obj`` holds, or ``None`` when none can (Python objects
+    as values). ``skip``: options saying how to run, left out."""
+    positional: list[str] = []
+    argv: list[str] = []
+    for f, spec, tp in fields_of(obj):
+        value = getattr(obj, f.name)
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if value == default or f.name in skip:
+            continue
+        plain = value is None or isinstance(value, (str, os.PathLike, bool, int, float, list, tuple))
+        if (
+            not spec.cli
+            or not plain
+            or (isinstance(value, (list, tuple)) and not all(isinstance(v, (str, int)) for v in value))
+        ):
+            return None
+        flag = flag_of(f.name, spec)
+        if flag == "":
+            positional.append(os.fspath(value))
+        elif value is not None:
+            argv += _spell(flag, value, spec.negate, tp)
+    return shlex.join(["fastunlearn", command, *positional, *argv])

@@ -15,8 +15,7 @@ from typing import Any
 
 from fastunlearn._hub import MODEL_FILES, is_hub_id, resolve_snapshot
 from fastunlearn.data.sources import resolve_hub_dataset
-from fastunlearn.options.commandline import command_line
-from fastunlearn.options.schema import fields_of, to_record, with_absolute_paths
+from fastunlearn.options.schema import command_line, fields_of, to_record, with_absolute_paths
 
 # Files of a model, tokenizer or data set directory hashed whole (data sets' Arrow and Parquet files
 # included); weights are fingerprinted by name and size.
