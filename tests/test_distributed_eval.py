@@ -255,13 +255,14 @@ def _stop_run(model, tok, out: str | None, threshold: float | None):
         rule = parse_stop_rule(f"forget.prob<={threshold!r}", data={"forget": "qa", "retain": "qa"})
     controller = StoppingController(
         rule,
+        every=1,
         patience=0 if rule is None else 2,
         restore="first" if rule is None else "best",
         retain_metrics=("retain.prob", "retain.acc"),
         track=("forget.prob", "retain.prob", "retain.acc"),
     )
     evaluator = SetEvaluator(tok, forget, retain, eval_items=7, batch_size=3, max_new_tokens=12)
-    cb = StoppingCallback(controller, evaluator, every=1, output_dir=out, plot=False)
+    cb = StoppingCallback(controller, evaluator, output_dir=out, plot=False)
     state, control = TrainerState(), TrainerControl()
     state.max_steps = STEPS
     cb.on_train_begin(None, state, control, model=model)

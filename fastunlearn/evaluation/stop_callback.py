@@ -17,7 +17,7 @@ from fastunlearn._io import atomic_file, write_json
 from fastunlearn.engines import distributed
 from fastunlearn.engines.sharded import gathered
 from fastunlearn.evaluation.sets import SetEvaluator
-from fastunlearn.evaluation.stopping import StoppingController, StopRule, parse_eval_every
+from fastunlearn.evaluation.stopping import StoppingController, StopRule
 from fastunlearn.evaluation.trajectory import Trajectory, plot_trajectory
 
 # Beside each Trainer checkpoint of a run that evaluates during training (StoppingCallback.on_save).
@@ -48,11 +48,11 @@ def measure_reference(rule: StopRule, evaluator: SetEvaluator, model: torch.nn.M
 class StoppingCallback(TrainerCallback):
     """Evaluate during training, stop by a rule, keep the chosen state, write the trajectory.
 
-    The model at ``on_train_begin`` is the baseline (step 0); then every ``every`` optimiser steps (or
-    each ``"epoch"``, and the final step) the controller's ``metrics_to_compute`` is followed until it
-    asks for nothing. States the controller may restore are copied to the CPU and the chosen one is put
-    back at ``on_train_end``. Every rank runs the callback and gets the main process's numbers, so all
-    decide alike; the main process alone writes files (``trajectory.csv``, ``.png``).
+    The model at ``on_train_begin`` is the baseline (step 0); then every ``controller.every`` optimiser
+    steps (or each ``"epoch"``, and the final step) the controller's ``metrics_to_compute`` is followed
+    until it asks for nothing. States the controller may restore are copied to the CPU and the chosen
+    one is put back at ``on_train_end``. Every rank runs the callback and gets the main process's
+    numbers, so all decide alike; the main process alone writes files (``trajectory.csv``, ``.png``).
     """
 
     def __init__(
@@ -60,11 +60,9 @@ class StoppingCallback(TrainerCallback):
         controller: StoppingController,
         evaluator: SetEvaluator,
         *,
-        every: int | str = "epoch",
         output_dir: str | os.PathLike | None = None,
         plot: bool = True,
     ) -> None:
-        self.every = parse_eval_every(every)
         self.controller, self.evaluator, self.plot = controller, evaluator, plot
         rule = controller.rule
         needed = set(controller.baseline_metrics())
@@ -164,13 +162,12 @@ class StoppingCallback(TrainerCallback):
             self.trajectory.update_last(self._losses(logs))
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.every != "epoch" and (
-            state.global_step % self.every == 0 or state.global_step >= state.max_steps
-        ):
+        every = self.controller.every
+        if every != "epoch" and (state.global_step % every == 0 or state.global_step >= state.max_steps):
             self._evaluate(state, control, model)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        if self.every == "epoch":
+        if self.controller.every == "epoch":
             self._evaluate(state, control, model)
 
     def on_save(self, args, state, control, **kwargs):
