@@ -40,8 +40,8 @@ def test_parse_extraction_and_tofu_rules(tmp_path):
     unseen = tmp_path / "unseen.jsonl"
     unseen.write_text('{"text": "never seen"}\n')
     rule = S.parse_stop_rule("extraction", unseen=str(unseen), data={"forget": "text"})
-    assert not rule.resolved and rule.reference_metrics == ("unseen.ma", "unseen.el10")
-    assert rule.reference_source == "model"
+    assert not rule.resolved and rule.spec.measured == ("unseen.ma", "unseen.el10")
+    assert rule.spec.source == "model"
     resolved = rule.with_reference({"unseen.ma": 0.25, "unseen.el10": 0.04})
     assert resolved.bounds == (S.Bound("forget.ma", "<", 0.25), S.Bound("forget.el10", "<", 0.04))
     assert S.parse_stop_rule("extraction", unseen=["a text", "another"]).input == ["a text", "another"]
@@ -49,7 +49,7 @@ def test_parse_extraction_and_tofu_rules(tmp_path):
     rule = S.parse_stop_rule("tofu:acc=0.41,rougeL=0.38", data={"forget": "qa"})
     assert rule.bounds == (S.Bound("forget.acc", "<=", 0.41), S.Bound("forget.rougeL", "<=", 0.38))
     rule = S.parse_stop_rule("tofu", reference_model=str(tmp_path))
-    assert rule.reference_source == "reference_model" and rule.reference_metrics == rule.metrics
+    assert rule.spec.source == "reference_model" and rule.spec.measured == rule.metrics
     # A measured reference may make one bound trivially true (the retain-only model answers every
     # forget question perfectly in ROUGE terms): that is data, not a user error.
     assert rule.with_reference({"forget.acc": 0.5, "forget.rougeL": 1.0}).bounds[1].value == 1.0
@@ -64,8 +64,8 @@ def test_parse_muse_rule(tmp_path):
         "knowmem_forget": 0.3
     }
     rule = S.parse_stop_rule("muse", retrain_model=str(tmp_path), data=muse)
-    assert not rule.resolved and rule.reference_source == "reference_model"
-    assert rule.reference_metrics == ("muse.knowmem_forget",) and rule.input == str(tmp_path)
+    assert not rule.resolved and rule.spec.source == "reference_model"
+    assert rule.spec.measured == ("muse.knowmem_forget",) and rule.input == str(tmp_path)
     assert str(rule.with_reference({"muse.knowmem_forget": 0.25})) == "muse: muse.knowmem_forget<=0.25"
     bounds = S.parse_stop_rule("muse.knowmem_forget<=0.2,muse.knowmem_retain>=0.4", data=muse).bounds
     assert [b.metric for b in bounds] == ["muse.knowmem_forget", "muse.knowmem_retain"]

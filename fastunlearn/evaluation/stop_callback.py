@@ -42,7 +42,7 @@ def measure_reference(rule: StopRule, evaluator: SetEvaluator, model: torch.nn.M
     or the retain-only / retrained one, sharing the tokenizer) by ``evaluator``."""
     if rule.resolved:
         return rule
-    return rule.with_reference(evaluator.evaluate(model, rule.reference_metrics))
+    return rule.with_reference(evaluator.evaluate(model, rule.spec.measured))
 
 
 class StoppingCallback(TrainerCallback):
@@ -67,28 +67,26 @@ class StoppingCallback(TrainerCallback):
         rule = controller.rule
         needed = set(controller.baseline_metrics())
         if rule is not None and not rule.resolved:
-            if rule.reference_source != "model":
+            if rule.spec.source != "model":
                 raise ValueError(
                     f"the {rule.name} rule's reference values come from another model: measure them "
                     "first (measure_reference with the reference model)"
                 )
-            needed.update(rule.reference_metrics)
+            needed.update(rule.spec.measured)
         missing = sorted(needed - evaluator.available)
         if missing:
             raise ValueError(
                 f"the evaluator cannot compute {missing} on this data; "
                 f"available: {sorted(evaluator.available)}"
             )
-        self.output_dir = None if output_dir is None else os.fspath(output_dir)
-        csv_path = None if self.output_dir is None else os.path.join(self.output_dir, "trajectory.csv")
+        csv_path = None if output_dir is None else os.path.join(output_dir, "trajectory.csv")
         self.trajectory = Trajectory(csv_path)
         self.summary: dict[str, Any] = {}
         self._snapshot: tuple[int, dict[str, torch.Tensor]] | None = None
-        # Seconds of the reference and baseline, of evaluation, and of training before this process
-        # started (a resumed run); training time is wall time since _train_start less evaluation.
+        # Seconds of the reference and baseline, of evaluation, and of training (a resumed run's:
+        # before this process started, until on_train_begin).
         self._seconds = {"setup_s": 0.0, "eval_s": 0.0, "train_s": 0.0}
         self._train_start: float | None = None
-        self._eval_at_start = 0.0
         self._resumed = False
 
     @staticmethod
@@ -115,25 +113,25 @@ class StoppingCallback(TrainerCallback):
             self.trajectory.path = None  # asked now: a launcher's process group may start after __init__
         if self._resumed:  # the baseline and the evaluations up to the checkpoint come from the record
             self.trajectory.write()
-            self._train_start, self._eval_at_start = time.perf_counter(), self._seconds["eval_s"]
-            return
-        controller = self.controller
-        if controller.rule is not None:
-            controller.rule = measure_reference(controller.rule, self.evaluator, model)
-        baseline = self.evaluator.evaluate(model, controller.baseline_metrics())
-        controller.set_baseline(baseline)
-        extra: dict[str, Any] = {}
-        if controller.rule is not None:
-            extra["satisfied"] = bool(controller.rule.satisfied(baseline))
-            if extra["satisfied"] and distributed.is_main():
-                warnings.warn(
-                    f"the model satisfies the stopping rule ({controller.rule}) before unlearning: "
-                    "training stops at the first evaluation",
-                    stacklevel=2,
-                )
-        self._seconds["setup_s"] = time.perf_counter() - start
-        self._row(state, baseline, self._seconds["setup_s"], **extra)
-        self._train_start = time.perf_counter()
+        else:
+            controller = self.controller
+            if controller.rule is not None:
+                controller.rule = measure_reference(controller.rule, self.evaluator, model)
+            baseline = self.evaluator.evaluate(model, controller.baseline_metrics())
+            controller.set_baseline(baseline)
+            extra: dict[str, Any] = {}
+            if controller.rule is not None:
+                extra["satisfied"] = bool(controller.rule.satisfied(baseline))
+                if extra["satisfied"] and distributed.is_main():
+                    warnings.warn(
+                        f"the model satisfies the stopping rule ({controller.rule}) before unlearning: "
+                        "training stops at the first evaluation",
+                        stacklevel=2,
+                    )
+            self._seconds["setup_s"] = time.perf_counter() - start
+            self._row(state, baseline, self._seconds["setup_s"], **extra)
+        # As if training and evaluation had run since _train_start (a resumed run's earlier time included).
+        self._train_start = time.perf_counter() - self._seconds["train_s"] - self._seconds["eval_s"]
 
     def _evaluate(self, state, control, model) -> None:
         history = self.controller.history
@@ -213,8 +211,7 @@ class StoppingCallback(TrainerCallback):
         """Seconds training (evaluation excluded), before an interruption included."""
         if self._train_start is None:
             return self._seconds["train_s"]
-        evaluating = self._seconds["eval_s"] - self._eval_at_start
-        return self._seconds["train_s"] + time.perf_counter() - self._train_start - evaluating
+        return time.perf_counter() - self._train_start - self._seconds["eval_s"]
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         train_seconds = self._train_seconds()
@@ -236,7 +233,7 @@ class StoppingCallback(TrainerCallback):
                 "stopped": summary["stopped_step"],
                 "kept": summary["kept_step"] if summary["restored"] else None,
             }
-            plot_path = os.path.join(self.output_dir, "trajectory.png")
+            plot_path = self.trajectory.path.removesuffix(".csv") + ".png"
             bounds, title = ((), None) if rule is None else (rule.bounds, str(rule))
             plot_trajectory(self.trajectory.rows, plot_path, bounds=bounds, marks=marks, title=title)
         eval_s = self._seconds["eval_s"]

@@ -46,8 +46,6 @@ class Trajectory:
 
     def update_last(self, values: Mapping[str, Any]) -> None:
         """Add ``values`` to the last row (numbers that arrive after the evaluation: the logged loss)."""
-        if not self.rows:
-            raise ValueError("the trajectory has no row to update")
         self.rows[-1].update(values)
         self.write()
 

@@ -343,7 +343,7 @@ def _stopping_callback(run: RunState, unseen: list[fdata.Example]) -> StoppingCa
         muse=None if cfg.muse is None else muse,
     )  # fmt: skip
     rule = controller.rule
-    if rule is not None and not rule.resolved and rule.reference_source == "model":
+    if rule is not None and not rule.resolved and rule.spec.source == "model":
         rule = measure_reference(rule, evaluator, model)
     elif rule is not None and not rule.resolved:
         access = dict(trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download)

@@ -220,13 +220,12 @@ class StoppingController:
         rule by its text, which the resumed run's (its reference measured again) must reproduce."""
         if self.stopped is not None:
             raise ValueError(f"the run stopped at step {self.stopped.step}: there is nothing to resume")
-        index = {id(ev): i for i, ev in enumerate(self.history)}
         return {
             "rule": None if self.rule is None else str(self.rule),
             "baseline": self.baseline,
             "history": [asdict(ev) for ev in self.history],
-            "first": None if self.first is None else index[id(self.first)],
-            "chosen": None if self.chosen is None else index[id(self.chosen)],
+            "first": None if self.first is None else self.history.index(self.first),
+            "chosen": None if self.chosen is None else self.history.index(self.chosen),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
