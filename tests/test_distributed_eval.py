@@ -293,7 +293,7 @@ def _stop_worker(rank: int, model_dir: str, out: str, threshold: float) -> None:
 def test_two_ranks_stop_at_the_same_step_and_keep_the_same_state(model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from fastunlearn.evaluation.trajectory import read_trajectory
+    from fastunlearn.evaluation.stop_callback import read_trajectory
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -330,7 +330,7 @@ def test_two_ranks_stop_at_the_same_step_and_keep_the_same_state(model_dir, tmp_
 
 @pytest.mark.slow
 def test_torchrun_unlearn_with_a_stopping_rule_stops_every_rank_at_the_same_step(tmp_path):
-    from fastunlearn.evaluation.trajectory import read_trajectory
+    from fastunlearn.evaluation.stop_callback import read_trajectory
 
     ws = build_workspace(tmp_path / "ws")
     out = tmp_path / "run"

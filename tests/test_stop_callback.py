@@ -16,7 +16,7 @@ import fastunlearn
 from fastunlearn import data as fdata
 from fastunlearn.evaluation import metrics as M
 from fastunlearn.evaluation import stopping as S
-from fastunlearn.evaluation.trajectory import read_trajectory
+from fastunlearn.evaluation.stop_callback import read_trajectory
 
 # --------------------------------------------------------------------------------------------------
 # the subset evaluator and the callback, on a tiny model

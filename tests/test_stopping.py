@@ -1,5 +1,5 @@
 """Stopping rules (fastunlearn.evaluation.stopping) and trajectory files
-(fastunlearn.evaluation.trajectory): parsing and its errors, the controller's decisions on synthetic
+(fastunlearn.evaluation.stop_callback): parsing and its errors, the controller's decisions on synthetic
 trajectories (first crossing, patience, restore policies, a dip-and-recover retain curve, generation
 gated without changing any decision), the CSV and PNG. Pure logic: no model."""
 
@@ -11,7 +11,7 @@ import pytest
 from helpers.stopping import harmonic
 
 from fastunlearn.evaluation import stopping as S
-from fastunlearn.evaluation.trajectory import Trajectory, plot_trajectory, read_trajectory
+from fastunlearn.evaluation.stop_callback import Trajectory, plot_trajectory, read_trajectory
 from fastunlearn.options.unlearn import UnlearnConfig
 
 # --------------------------------------------------------------------------------------------------
