@@ -40,9 +40,7 @@ def _cell(value: Any) -> str:
         return ""
     if isinstance(value, bool):
         return str(int(value))
-    if isinstance(value, float):
-        return repr(value)  # round-trips exactly
-    return str(value)
+    return str(value)  # a float's shortest repr: it round-trips exactly
 
 
 class Trajectory:
@@ -59,11 +57,6 @@ class Trajectory:
         self.rows.append(dict(row))
         self.write()
 
-    def update_last(self, values: Mapping[str, Any]) -> None:
-        """Add ``values`` to the last row (numbers that arrive after the evaluation: the logged loss)."""
-        self.rows[-1].update(values)
-        self.write()
-
     def write(self) -> None:
         """Write the rows held now (a resumed run's replace what an interrupted one left after them)."""
         if self.path is None:
@@ -74,8 +67,7 @@ class Trajectory:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(columns)
-        for row in self.rows:
-            writer.writerow([_cell(row.get(c)) for c in columns])
+        writer.writerows([_cell(row.get(c)) for c in columns] for row in self.rows)
         write_text(self.path, out.getvalue())
 
 
@@ -92,11 +84,9 @@ def read_trajectory(path: str | os.PathLike) -> list[dict[str, float | str | Non
     """The rows of a ``trajectory.csv``: numbers as floats (``step`` as int), empty cells as ``None``,
     anything else as text."""
     with open(path, encoding="utf-8", newline="") as f:
-        rows = []
-        for raw in csv.DictReader(f):
-            row = {k: _parse_cell(v) for k, v in raw.items()}
-            row["step"] = int(row["step"])
-            rows.append(row)
+        rows = [{k: _parse_cell(v) for k, v in raw.items()} for raw in csv.DictReader(f)]
+    for row in rows:
+        row["step"] = int(row["step"])
     return rows
 
 
@@ -284,9 +274,11 @@ class StoppingCallback(TrainerCallback):
         control.should_training_stop = control.should_training_stop or decision.stop
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """The loss the trainer logs after an evaluation (its mean since the previous log) joins its row."""
         last = self.trajectory.rows[-1] if self.trajectory.rows else {}
         if logs and "loss" in logs and last.get("step") == state.global_step and "loss" not in last:
-            self.trajectory.update_last(self._losses(logs))
+            last.update(self._losses(logs))
+            self.trajectory.write()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         every = self.controller.every
