@@ -29,7 +29,6 @@ from fastunlearn.evaluation.stopping.rules import KINDS, METRIC_NAMES, Bound, is
 # Beside each Trainer checkpoint of a run that evaluates during training (StoppingCallback.on_save).
 RECORD_FILE = "stopping.json"
 SNAPSHOT_FILE = "stopping_snapshot.safetensors"
-LEADING = ("step", "epoch")
 # The training loss logged at the step (its mean since the previous log), whether the rule held, the
 # best-restore criterion, seconds spent evaluating.
 TRAILING = ("loss", "forget_loss", "retain_loss", "satisfied", "retain_score", "eval_s")
@@ -62,7 +61,7 @@ class Trajectory:
         if self.path is None:
             return
         names = {key for row in self.rows for key in row}
-        known = [*LEADING, *METRIC_NAMES, *TRAILING]
+        known = ["step", "epoch", *METRIC_NAMES, *TRAILING]
         columns = [c for c in known if c in names] + sorted(names - set(known))
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")

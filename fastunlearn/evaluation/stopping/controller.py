@@ -208,8 +208,7 @@ class StoppingController:
                 or (self.restore == "best" and score > self.chosen.score)
             ):
                 self.chosen = ev
-        after_first = 0 if self.first is None else len(self.history) - 1 - self.history.index(self.first)
-        stop = self.first is not None and after_first >= self.patience
+        stop = self.first is not None and self.history.index(self.first) + self.patience < len(self.history)
         if stop:
             self.stopped = ev
         keep = self.chosen is ev and not stop and not final
