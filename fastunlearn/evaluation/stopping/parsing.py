@@ -218,10 +218,10 @@ def plan_stopping(
     ``"muse"`` rule takes it. ``best_by``: the retain metrics ranking ``restore="best"``'s states
     (default :data:`DEFAULT_RETAIN_METRICS` the data can give); ``data``: set name → record format.
     """
+    options = {"patience": patience, "restore": restore, "generate_within": generate_within}
     if stop is None:
-        options = dict(patience=patience, restore=restore, generate_within=generate_within,
-                       best_by=best_by, unseen=unseen, reference_model=reference_model)  # fmt: skip
-        given = [name for name, value in options.items() if value != _DEFAULTS[name]]
+        inputs = {**options, "best_by": best_by, "unseen": unseen, "reference_model": reference_model}
+        given = [name for name, value in inputs.items() if value != _DEFAULTS[name]]
         if given:
             raise ValueError(f"{', '.join(given)} need(s) a stopping rule (stop=... / --stop-when)")
         if eval_every is None:
@@ -240,15 +240,8 @@ def plan_stopping(
     else:
         retain_metrics = _best_by(best_by, restore, data)
     track = tuple(m for m in METRIC_NAMES if m in available and not is_generated(m))
-    return StoppingController(
-        rule,
-        every="epoch" if eval_every is None else eval_every,
-        patience=patience,
-        restore=restore,
-        generate_within=generate_within,
-        retain_metrics=retain_metrics,
-        track=track,
-    )
+    every = "epoch" if eval_every is None else eval_every
+    return StoppingController(rule, every=every, retain_metrics=retain_metrics, track=track, **options)
 
 
 def _best_by(spec: str | Sequence[str], restore: str, data: Mapping[str, str]) -> tuple[str, ...]:
