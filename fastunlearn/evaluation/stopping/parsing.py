@@ -4,6 +4,7 @@ can give. Every error is one ``ValueError`` (``FileNotFoundError`` for a missing
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import re
@@ -190,14 +191,6 @@ def parse_stop_rule(
     return rule
 
 
-# The options of a run that plan_stopping reads, by the names UnlearnConfig gives them, with their defaults.
-_DEFAULTS = {
-    "patience": 0, "restore": "first", "generate_within": 0.0, "best_by": None, "unseen": None,
-    "reference_model": None,
-}  # fmt: skip
-PLAN_OPTIONS = ("stop", "eval_every", "eval_items", "retrain_model", *_DEFAULTS)
-
-
 def plan_stopping(
     stop: str | None = None,
     *,
@@ -221,7 +214,8 @@ def plan_stopping(
     options = {"patience": patience, "restore": restore, "generate_within": generate_within}
     if stop is None:
         inputs = {**options, "best_by": best_by, "unseen": unseen, "reference_model": reference_model}
-        given = [name for name, value in inputs.items() if value != _DEFAULTS[name]]
+        defaults = inspect.signature(plan_stopping).parameters
+        given = [name for name, value in inputs.items() if value != defaults[name].default]
         if given:
             raise ValueError(f"{', '.join(given)} need(s) a stopping rule (stop=... / --stop-when)")
         if eval_every is None:
@@ -242,6 +236,10 @@ def plan_stopping(
     track = tuple(m for m in METRIC_NAMES if m in available and not is_generated(m))
     every = "epoch" if eval_every is None else eval_every
     return StoppingController(rule, every=every, retain_metrics=retain_metrics, track=track, **options)
+
+
+# The options of a run that plan_stopping reads, by the names UnlearnConfig gives them.
+PLAN_OPTIONS = tuple(name for name in inspect.signature(plan_stopping).parameters if name != "data")
 
 
 def _best_by(spec: str | Sequence[str], restore: str, data: Mapping[str, str]) -> tuple[str, ...]:
