@@ -63,9 +63,8 @@ from fastunlearn import evaluation as ev
 from fastunlearn import metrics as M
 from fastunlearn._io import write_json, write_text
 from fastunlearn.evaluation.sets import SetEvaluator
-from fastunlearn.evaluation.stop_callback import measure_reference
+from fastunlearn.evaluation.stop_callback import measure_reference, read_trajectory
 from fastunlearn.evaluation.stopping import parse_stop_rule
-from fastunlearn.evaluation.trajectory import read_trajectory
 from fastunlearn.methods import METHODS
 from fastunlearn.models.loading import load_model_and_tokenizer
 

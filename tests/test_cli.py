@@ -20,7 +20,7 @@ from fastunlearn._io import write_text
 from fastunlearn.cli import build_parser, main
 from fastunlearn.demo.data import _FACTS
 from fastunlearn.demo.run import STOP_PATIENCE
-from fastunlearn.evaluation.trajectory import read_trajectory
+from fastunlearn.evaluation.stop_callback import read_trajectory
 from fastunlearn.fisher import FisherEstimate, estimate_fisher
 from fastunlearn.models.devices import training_device
 from fastunlearn.models.precision import resolve_precision

@@ -255,13 +255,14 @@ def _stop_run(model, tok, out: str | None, threshold: float | None):
         rule = parse_stop_rule(f"forget.prob<={threshold!r}", data={"forget": "qa", "retain": "qa"})
     controller = StoppingController(
         rule,
+        every=1,
         patience=0 if rule is None else 2,
         restore="first" if rule is None else "best",
         retain_metrics=("retain.prob", "retain.acc"),
         track=("forget.prob", "retain.prob", "retain.acc"),
     )
     evaluator = SetEvaluator(tok, forget, retain, eval_items=7, batch_size=3, max_new_tokens=12)
-    cb = StoppingCallback(controller, evaluator, every=1, output_dir=out, plot=False)
+    cb = StoppingCallback(controller, evaluator, output_dir=out, plot=False)
     state, control = TrainerState(), TrainerControl()
     state.max_steps = STEPS
     cb.on_train_begin(None, state, control, model=model)
@@ -292,7 +293,7 @@ def _stop_worker(rank: int, model_dir: str, out: str, threshold: float) -> None:
 def test_two_ranks_stop_at_the_same_step_and_keep_the_same_state(model_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from fastunlearn.evaluation.trajectory import read_trajectory
+    from fastunlearn.evaluation.stop_callback import read_trajectory
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -329,7 +330,7 @@ def test_two_ranks_stop_at_the_same_step_and_keep_the_same_state(model_dir, tmp_
 
 @pytest.mark.slow
 def test_torchrun_unlearn_with_a_stopping_rule_stops_every_rank_at_the_same_step(tmp_path):
-    from fastunlearn.evaluation.trajectory import read_trajectory
+    from fastunlearn.evaluation.stop_callback import read_trajectory
 
     ws = build_workspace(tmp_path / "ws")
     out = tmp_path / "run"

@@ -179,7 +179,7 @@ def test_bad_input_is_one_line_before_any_model_loads(
 @pytest.mark.slow
 def test_unlearn_on_a_muse_directory_stops_by_the_muse_rule(tmp_path):
     from fastunlearn.evaluation.muse import evaluate_muse
-    from fastunlearn.evaluation.trajectory import read_trajectory
+    from fastunlearn.evaluation.stop_callback import read_trajectory
     from fastunlearn.training.pipeline import unlearn
 
     model, tok = memorised()

@@ -233,7 +233,7 @@ def test_two_rank_fsdp_adapter_equals_one_process(workspace, fsdp_runs, tmp_path
 def test_two_rank_fsdp_stops_keeps_and_restores_as_one_process(workspace, fsdp_runs, tmp_path):
     import warnings
 
-    from fastunlearn.evaluation.trajectory import read_trajectory
+    from fastunlearn.evaluation.stop_callback import read_trajectory
 
     one = tmp_path / "one"
     with warnings.catch_warnings():

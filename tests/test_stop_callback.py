@@ -16,7 +16,7 @@ import fastunlearn
 from fastunlearn import data as fdata
 from fastunlearn.evaluation import metrics as M
 from fastunlearn.evaluation import stopping as S
-from fastunlearn.evaluation.trajectory import read_trajectory
+from fastunlearn.evaluation.stop_callback import read_trajectory
 
 # --------------------------------------------------------------------------------------------------
 # the subset evaluator and the callback, on a tiny model
@@ -156,9 +156,9 @@ def test_callback_measures_the_unseen_reference_and_refuses_unmeasured_reference
     text = examples(tok, [{"text": t} for t in TEXTS], "text")
     ev = SetEvaluator(tok, text[:4], unseen=text[4:])
     controller = S.StoppingController(
-        S.parse_stop_rule("extraction", unseen=TEXTS[4:]), track=("forget.prob",)
+        S.parse_stop_rule("extraction", unseen=TEXTS[4:]), every=1, track=("forget.prob",)
     )
-    cb = StoppingCallback(controller, ev, every=1)
+    cb = StoppingCallback(controller, ev)
     cb.on_train_begin(None, TrainerState(), TrainerControl(), model=trained)
     ref = ev.evaluate(trained, {"unseen.ma", "unseen.el10"})
     assert controller.rule.resolved
@@ -177,7 +177,7 @@ def test_callback_measures_the_unseen_reference_and_refuses_unmeasured_reference
     with pytest.raises(ValueError, match=r"cannot compute \['retain.acc', 'retain.prob'"):
         StoppingCallback(S.StoppingController(resolved, patience=1, restore="best"), ev)
     with pytest.raises(ValueError, match="eval_every must be"):
-        StoppingCallback(S.StoppingController(resolved), ev, every=0)
+        StoppingCallback(S.StoppingController(resolved, every=0), ev)
 
 
 ALL_QA = ("forget.prob", "forget.acc", "forget.nll", "forget.rougeL",
@@ -293,10 +293,9 @@ def test_training_stops_at_the_right_step_and_keeps_the_right_weights(e2e, tok, 
     restore = case.split("-")[1] if patience else "first"
     spec = f"tofu:acc={threshold!r},rougeL=1.0" if case == "tofu" else f"forget.prob<={threshold!r}"
     near = 0.05  # forget accuracy falls in big steps here: a narrow margin leaves some steps out
-    plan = S.plan_stopping(spec, eval_every=1, patience=patience, restore=restore, generate_within=near,
-                           data={"forget": "qa", "retain": "qa"})  # fmt: skip
-    controller = plan.controller()
-    cb = StoppingCallback(controller, e2e["evaluator"](), every=plan.every, output_dir=tmp_path)
+    controller = S.plan_stopping(spec, eval_every=1, patience=patience, restore=restore, generate_within=near,
+                                 data={"forget": "qa", "retain": "qa"})  # fmt: skip
+    cb = StoppingCallback(controller, e2e["evaluator"](), output_dir=tmp_path)
     model = copy.deepcopy(e2e["lora"])
     trainer, seconds = _train(model, tok, e2e["forget"], e2e["retain"], cb, tmp_path)
 
@@ -304,7 +303,7 @@ def test_training_stops_at_the_right_step_and_keeps_the_right_weights(e2e, tok, 
     if case == "patience-best":
         base = ref.metrics[0]
         score = {
-            s: harmonic(*(ref.metrics[s][m] / base[m] for m in plan.retain_metrics if base[m] > 0))
+            s: harmonic(*(ref.metrics[s][m] / base[m] for m in controller.retain_metrics if base[m] > 0))
             for s in range(k, stop + 1)
             if ref.metrics[s]["forget.prob"] <= threshold
         }
@@ -355,7 +354,7 @@ def test_schedule_without_a_rule_records_a_trajectory(e2e, tok, tmp_path, every,
     from fastunlearn.evaluation.stop_callback import StoppingCallback
 
     plan = S.plan_stopping(None, eval_every=every, data={"forget": "qa", "retain": "qa"})
-    cb = StoppingCallback(plan.controller(), e2e["evaluator"](), every=plan.every, output_dir=tmp_path)
+    cb = StoppingCallback(plan, e2e["evaluator"](), output_dir=tmp_path)
     model = copy.deepcopy(e2e["lora"])
     trainer, _ = _train(model, tok, e2e["forget"], e2e["retain"], cb, tmp_path)
     assert trainer.state.global_step == STEPS  # nothing stops it

@@ -15,7 +15,7 @@ from helpers.stopping import TEXTS, qa_record
 from fastunlearn.cli import main
 from fastunlearn.demo import write_jsonl
 from fastunlearn.evaluation.sets import SetEvaluator
-from fastunlearn.evaluation.trajectory import read_trajectory
+from fastunlearn.evaluation.stop_callback import read_trajectory
 from fastunlearn.training import pipeline as run_module
 from fastunlearn.training.pipeline import unlearn
 

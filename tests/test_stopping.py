@@ -1,5 +1,5 @@
 """Stopping rules (fastunlearn.evaluation.stopping) and trajectory files
-(fastunlearn.evaluation.trajectory): parsing and its errors, the controller's decisions on synthetic
+(fastunlearn.evaluation.stop_callback): parsing and its errors, the controller's decisions on synthetic
 trajectories (first crossing, patience, restore policies, a dip-and-recover retain curve, generation
 gated without changing any decision), the CSV and PNG. Pure logic: no model."""
 
@@ -11,7 +11,8 @@ import pytest
 from helpers.stopping import harmonic
 
 from fastunlearn.evaluation import stopping as S
-from fastunlearn.evaluation.trajectory import Trajectory, plot_trajectory, read_trajectory
+from fastunlearn.evaluation.stop_callback import Trajectory, plot_trajectory, read_trajectory
+from fastunlearn.options.unlearn import UnlearnConfig
 
 # --------------------------------------------------------------------------------------------------
 # parsing
@@ -39,8 +40,8 @@ def test_parse_extraction_and_tofu_rules(tmp_path):
     unseen = tmp_path / "unseen.jsonl"
     unseen.write_text('{"text": "never seen"}\n')
     rule = S.parse_stop_rule("extraction", unseen=str(unseen), data={"forget": "text"})
-    assert not rule.resolved and rule.reference_metrics == ("unseen.ma", "unseen.el10")
-    assert rule.reference_source == "model"
+    assert not rule.resolved and rule.spec.measured == ("unseen.ma", "unseen.el10")
+    assert rule.spec.source == "model"
     resolved = rule.with_reference({"unseen.ma": 0.25, "unseen.el10": 0.04})
     assert resolved.bounds == (S.Bound("forget.ma", "<", 0.25), S.Bound("forget.el10", "<", 0.04))
     assert S.parse_stop_rule("extraction", unseen=["a text", "another"]).input == ["a text", "another"]
@@ -48,7 +49,7 @@ def test_parse_extraction_and_tofu_rules(tmp_path):
     rule = S.parse_stop_rule("tofu:acc=0.41,rougeL=0.38", data={"forget": "qa"})
     assert rule.bounds == (S.Bound("forget.acc", "<=", 0.41), S.Bound("forget.rougeL", "<=", 0.38))
     rule = S.parse_stop_rule("tofu", reference_model=str(tmp_path))
-    assert rule.reference_source == "reference_model" and rule.reference_metrics == rule.metrics
+    assert rule.spec.source == "reference_model" and rule.spec.measured == rule.metrics
     # A measured reference may make one bound trivially true (the retain-only model answers every
     # forget question perfectly in ROUGE terms): that is data, not a user error.
     assert rule.with_reference({"forget.acc": 0.5, "forget.rougeL": 1.0}).bounds[1].value == 1.0
@@ -63,8 +64,8 @@ def test_parse_muse_rule(tmp_path):
         "knowmem_forget": 0.3
     }
     rule = S.parse_stop_rule("muse", retrain_model=str(tmp_path), data=muse)
-    assert not rule.resolved and rule.reference_source == "reference_model"
-    assert rule.reference_metrics == ("muse.knowmem_forget",) and rule.input == str(tmp_path)
+    assert not rule.resolved and rule.spec.source == "reference_model"
+    assert rule.spec.measured == ("muse.knowmem_forget",) and rule.input == str(tmp_path)
     assert str(rule.with_reference({"muse.knowmem_forget": 0.25})) == "muse: muse.knowmem_forget<=0.25"
     bounds = S.parse_stop_rule("muse.knowmem_forget<=0.2,muse.knowmem_retain>=0.4", data=muse).bounds
     assert [b.metric for b in bounds] == ["muse.knowmem_forget", "muse.knowmem_retain"]
@@ -158,7 +159,7 @@ def test_plan_stopping():
     plan = S.plan_stopping(None, eval_every="10", data=qa)
     assert plan.rule is None and plan.every == 10
     plan = S.plan_stopping("forget.prob<=0.1", patience=2, restore="best", data=qa)
-    assert plan.every == "epoch" and plan.eval_items == 32
+    assert plan.every == "epoch" and UnlearnConfig.__dataclass_fields__["eval_items"].default == 32
     assert plan.retain_metrics == ("retain.prob", "retain.acc", "retain.rougeL")
     assert plan.track == (
         "forget.prob",
@@ -184,8 +185,8 @@ def test_plan_stopping():
         S.plan_stopping("forget.prob<=0.1", eval_items=0, data=qa)
     with pytest.raises(ValueError, match="unknown restore policy 'latest'"):
         S.plan_stopping("forget.prob<=0.1", patience=1, restore="latest", data=qa)
-    assert plan.generate_within == 0.0 and plan.controller().near == 0.0
-    assert S.plan_stopping("tofu:acc=0.3,rougeL=0.4", generate_within=0.2, data=qa).controller().near == 0.2
+    assert plan.generate_within == 0.0
+    assert S.plan_stopping("tofu:acc=0.3,rougeL=0.4", generate_within=0.2, data=qa).generate_within == 0.2
     for bad in (-0.1, math.nan, math.inf, True, "0.2"):
         with pytest.raises(ValueError, match="generate_within must be a finite margin >= 0"):
             S.plan_stopping("tofu:acc=0.3,rougeL=0.4", generate_within=bad, data=qa)
@@ -195,7 +196,6 @@ def test_plan_stopping():
     rule = "tofu:acc=0.3,rougeL=0.4"
     best = S.plan_stopping(rule, patience=2, restore="best", best_by=" retain.prob,retain.acc", data=qa)
     assert best.retain_metrics == ("retain.prob", "retain.acc")
-    assert best.controller().retain_metrics == ("retain.prob", "retain.acc")
     listed = S.plan_stopping(rule, patience=2, restore="best", best_by=["retain.rougeL"], data=qa)
     assert listed.retain_metrics == ("retain.rougeL",)
     for bad, match in (
@@ -371,7 +371,7 @@ def test_extraction_rule_is_strict_and_needs_both():
 def test_rouge_only_near_the_threshold():
     rule = S.parse_stop_rule("tofu:acc=0.3,rougeL=0.4")
     rows = rows_of(forget_acc=[0.9, 0.37, 0.35, 0.25, 0.2], forget_rougeL=[0.8, 0.6, 0.5, 0.45, 0.3])
-    ctrl = S.StoppingController(rule, near=0.2, track=("forget.prob",))
+    ctrl = S.StoppingController(rule, generate_within=0.2, track=("forget.prob",))
     rows = [{**r, "forget.prob": 0.5} for r in rows]
     decisions, computed = drive(ctrl, BASE | {"forget.rougeL": 0.9}, rows)
     # near: acc ≤ 0.3·1.2 = 0.36. Steps 1, 2 are farther: no generation.
@@ -409,7 +409,7 @@ def test_gating_never_changes_a_decision(restore):
         )
         rows = [{n: rng.random() for n in names} for _ in range(rng.randint(1, 12))]
         patience = 0 if restore == "first" and trial % 2 else rng.randint(1, 3)
-        kwargs = dict(patience=patience, restore=restore, near=rng.choice([0.0, 0.1, 0.5]))
+        kwargs = dict(patience=patience, restore=restore, generate_within=rng.choice([0.0, 0.1, 0.5]))
         gated = S.StoppingController(rule, **kwargs)
         baseline = BASE | {"forget.rougeL": 0.9}
         gated_decisions, computed = drive(gated, baseline, rows)
@@ -424,7 +424,7 @@ def test_gating_never_changes_a_decision(restore):
         assert gated.summary()["kept_step"] == full.summary()["kept_step"]
         assert (gated.restore_target is None) == (full.restore_target is None)
         # ... generating exactly where every teacher-forced bound is within the margin.
-        margin = kwargs["near"]
+        margin = kwargs["generate_within"]
         for row, c in zip(rows, computed):
             acc, prob = rule.bounds[0], rule.bounds[2]
             near = row["forget.acc"] <= acc.value * (1 + margin) and row["retain.prob"] >= prob.value * (
@@ -439,8 +439,8 @@ def test_gating_never_changes_a_decision(restore):
 def test_controller_errors():
     with pytest.raises(ValueError, match="need a stopping rule"):
         S.StoppingController(None, patience=1)
-    with pytest.raises(ValueError, match="near must be a finite margin"):
-        S.StoppingController(prob_rule(), near=-0.1)
+    with pytest.raises(ValueError, match="generate_within must be a finite margin"):
+        S.StoppingController(prob_rule(), generate_within=-0.1)
     with pytest.raises(ValueError, match="retain_metrics must be retain-set metrics"):
         S.StoppingController(prob_rule(), retain_metrics=("forget.prob",))
     with pytest.raises(ValueError, match="teacher-forced metrics only"):

@@ -11,7 +11,7 @@ from helpers.workspace import build_workspace
 
 from fastunlearn import unlearn
 from fastunlearn.cli import main
-from fastunlearn.evaluation.trajectory import read_trajectory
+from fastunlearn.evaluation.stop_callback import read_trajectory
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 

@@ -327,8 +327,7 @@ def test_resume_after_a_crash_continues_the_stopping_rule(setup, tmp_path, monke
     the checkpoint come from the record kept beside it (not evaluated again), the state kept at step 1
     is put back from there."""
     from fastunlearn.evaluation.sets import SetEvaluator
-    from fastunlearn.evaluation.stop_callback import RECORD_FILE, SNAPSHOT_FILE
-    from fastunlearn.evaluation.trajectory import read_trajectory
+    from fastunlearn.evaluation.stop_callback import RECORD_FILE, SNAPSHOT_FILE, read_trajectory
 
     tokenizer, forget, retain = setup
     kwargs = dict(method="ihl", init="lora", num_epochs=2, batch_size=2, gradient_accumulation_steps=1,

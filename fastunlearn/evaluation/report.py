@@ -100,12 +100,8 @@ def _lm_eval(out: Mapping[str, Any]) -> list[str]:
 
 def is_lm_eval_score(key: str, value: Any) -> bool:
     """A harness score: ``METRIC,FILTER`` with a number, not its standard error."""
-    return (
-        "," in key
-        and "_stderr" not in key
-        and isinstance(value, (int, float))
-        and not isinstance(value, bool)
-    )
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return number and "," in key and "_stderr" not in key
 
 
 def _dialogue(d: Mapping[str, Any]) -> list[str]:

@@ -1,28 +1,146 @@
 """Evaluation during training, feeding a stopping rule: :class:`StoppingCallback`, a
-``transformers.TrainerCallback`` (it does not import the training loop)."""
+``transformers.TrainerCallback`` (it does not import the training loop), and its trajectory:
+``trajectory.csv`` (:class:`Trajectory`: one row per evaluation, step 0 before unlearning, columns
+``step``, ``epoch``, the metrics, then :data:`TRAILING`; rewritten whole and atomically after every row,
+so the header covers every row) and ``trajectory.png`` (:func:`plot_trajectory`)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
 import os
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from fastunlearn._io import atomic_file, write_json
+from fastunlearn._io import atomic_file, write_json, write_text
 from fastunlearn.engines import distributed
 from fastunlearn.engines.sharded import gathered
 from fastunlearn.evaluation.sets import SetEvaluator
-from fastunlearn.evaluation.stopping import StoppingController, StopRule, parse_eval_every
-from fastunlearn.evaluation.trajectory import Trajectory, plot_trajectory
+from fastunlearn.evaluation.stopping import StoppingController, StopRule
+from fastunlearn.evaluation.stopping.rules import KINDS, METRIC_NAMES, Bound, is_retain, kind_of
 
 # Beside each Trainer checkpoint of a run that evaluates during training (StoppingCallback.on_save).
 RECORD_FILE = "stopping.json"
 SNAPSHOT_FILE = "stopping_snapshot.safetensors"
+# The training loss logged at the step (its mean since the previous log), whether the rule held, the
+# best-restore criterion, seconds spent evaluating.
+TRAILING = ("loss", "forget_loss", "retain_loss", "satisfied", "retain_score", "eval_s")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(int(value))
+    return str(value)  # a float's shortest repr: it round-trips exactly
+
+
+class Trajectory:
+    """Evaluation rows kept in memory and, with a ``path``, written to a CSV file after each append."""
+
+    def __init__(self, path: str | os.PathLike | None = None) -> None:
+        self.path = None if path is None else os.fspath(path)
+        self.rows: list[dict[str, Any]] = []
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        """Add one evaluation (it needs ``step``) and rewrite the file atomically."""
+        if "step" not in row:
+            raise ValueError(f"a trajectory row needs a 'step', got {sorted(row)}")
+        self.rows.append(dict(row))
+        self.write()
+
+    def write(self) -> None:
+        """Write the rows held now (a resumed run's replace what an interrupted one left after them)."""
+        if self.path is None:
+            return
+        names = {key for row in self.rows for key in row}
+        known = ["step", "epoch", *METRIC_NAMES, *TRAILING]
+        columns = [c for c in known if c in names] + sorted(names - set(known))
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([_cell(row.get(c)) for c in columns] for row in self.rows)
+        write_text(self.path, out.getvalue())
+
+
+def _parse_cell(text: str) -> float | str | None:
+    if text == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def read_trajectory(path: str | os.PathLike) -> list[dict[str, float | str | None]]:
+    """The rows of a ``trajectory.csv``: numbers as floats (``step`` as int), empty cells as ``None``,
+    anything else as text."""
+    with open(path, encoding="utf-8", newline="") as f:
+        rows = [{k: _parse_cell(v) for k, v in raw.items()} for raw in csv.DictReader(f)]
+    for row in rows:
+        row["step"] = int(row["step"])
+    return rows
+
+
+_COLOURS = {kind: f"C{i}" for i, kind in enumerate(KINDS)}
+_kind = lambda name: name.partition(".")[2]
+_MARK_STYLES = ("-.", "--", ":")
+
+
+def plot_trajectory(
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike,
+    *,
+    bounds: Sequence[Bound] = (),
+    marks: Mapping[str, int | None] | None = None,
+    title: str | None = None,
+) -> None:
+    """Draw forget (solid) and retain (dashed) metrics over optimiser steps, one colour per kind, the
+    rule's bounds dotted in their metric's colour, ``marks`` (label → step) as vertical lines, and the
+    training loss and NLL in a second panel; written atomically as PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    def series(name: str) -> tuple[list[int], list[float]]:
+        pts = [(r["step"], r[name]) for r in rows if r.get(name) is not None and math.isfinite(r[name])]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    # Rates share one axis; the NLL is unbounded and drawn with the loss instead.
+    rates = [m for m in METRIC_NAMES if kind_of(m).upper == 1.0 and series(m)[0]]
+    losses = [n for n in ("loss", "forget_loss", "retain_loss", "forget.nll", "retain.nll") if series(n)[0]]
+    fig = Figure(figsize=(9, 7 if losses else 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(2 if losses else 1, 1, 1)
+    for name in rates:
+        style = "--" if is_retain(name) else "-"
+        ax.plot(*series(name), style, marker="o", markersize=3, color=_COLOURS[_kind(name)], label=name)
+    for bound in bounds:
+        ax.axhline(bound.value, linestyle=":", color=_COLOURS[_kind(bound.metric)], label=f"rule: {bound}")
+    for i, (label, step) in enumerate((marks or {}).items()):
+        if step is not None:
+            style = _MARK_STYLES[i % len(_MARK_STYLES)]
+            ax.axvline(step, linestyle=style, color="black", alpha=0.6, label=f"{label} (step {step})")
+    ax.set_ylabel("metric (mean over the evaluated subset)")
+    ax.set_title(title or "", fontsize=9)
+    axes = [ax]
+    if losses:
+        axes.append(fig.add_subplot(2, 1, 2, sharex=ax))
+        for name in losses:
+            axes[1].plot(*series(name), "--" if "retain" in name else "-", marker=".", label=name)
+        axes[1].set_ylabel("loss / NLL")
+    for a in axes:
+        a.set_xlabel("optimiser step")
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    atomic_file(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -42,17 +160,17 @@ def measure_reference(rule: StopRule, evaluator: SetEvaluator, model: torch.nn.M
     or the retain-only / retrained one, sharing the tokenizer) by ``evaluator``."""
     if rule.resolved:
         return rule
-    return rule.with_reference(evaluator.evaluate(model, rule.reference_metrics))
+    return rule.with_reference(evaluator.evaluate(model, rule.spec.measured))
 
 
 class StoppingCallback(TrainerCallback):
     """Evaluate during training, stop by a rule, keep the chosen state, write the trajectory.
 
-    The model at ``on_train_begin`` is the baseline (step 0); then every ``every`` optimiser steps (or
-    each ``"epoch"``, and the final step) the controller's ``metrics_to_compute`` is followed until it
-    asks for nothing. States the controller may restore are copied to the CPU and the chosen one is put
-    back at ``on_train_end``. Every rank runs the callback and gets the main process's numbers, so all
-    decide alike; the main process alone writes files (``trajectory.csv``, ``.png``).
+    The model at ``on_train_begin`` is the baseline (step 0); then every ``controller.every`` optimiser
+    steps (or each ``"epoch"``, and the final step) the controller's ``metrics_to_compute`` is followed
+    until it asks for nothing. States the controller may restore are copied to the CPU and the chosen
+    one is put back at ``on_train_end``. Every rank runs the callback and gets the main process's
+    numbers, so all decide alike; the main process alone writes files (``trajectory.csv``, ``.png``).
     """
 
     def __init__(
@@ -60,37 +178,33 @@ class StoppingCallback(TrainerCallback):
         controller: StoppingController,
         evaluator: SetEvaluator,
         *,
-        every: int | str = "epoch",
         output_dir: str | os.PathLike | None = None,
         plot: bool = True,
     ) -> None:
-        self.every = parse_eval_every(every)
         self.controller, self.evaluator, self.plot = controller, evaluator, plot
         rule = controller.rule
         needed = set(controller.baseline_metrics())
         if rule is not None and not rule.resolved:
-            if rule.reference_source != "model":
+            if rule.spec.source != "model":
                 raise ValueError(
                     f"the {rule.name} rule's reference values come from another model: measure them "
                     "first (measure_reference with the reference model)"
                 )
-            needed.update(rule.reference_metrics)
+            needed.update(rule.spec.measured)
         missing = sorted(needed - evaluator.available)
         if missing:
             raise ValueError(
                 f"the evaluator cannot compute {missing} on this data; "
                 f"available: {sorted(evaluator.available)}"
             )
-        self.output_dir = None if output_dir is None else os.fspath(output_dir)
-        csv_path = None if self.output_dir is None else os.path.join(self.output_dir, "trajectory.csv")
+        csv_path = None if output_dir is None else os.path.join(output_dir, "trajectory.csv")
         self.trajectory = Trajectory(csv_path)
         self.summary: dict[str, Any] = {}
         self._snapshot: tuple[int, dict[str, torch.Tensor]] | None = None
-        # Seconds of the reference and baseline, of evaluation, and of training before this process
-        # started (a resumed run); training time is wall time since _train_start less evaluation.
+        # Seconds of the reference and baseline, of evaluation, and of training (a resumed run's:
+        # before this process started, until on_train_begin).
         self._seconds = {"setup_s": 0.0, "eval_s": 0.0, "train_s": 0.0}
         self._train_start: float | None = None
-        self._eval_at_start = 0.0
         self._resumed = False
 
     @staticmethod
@@ -117,25 +231,25 @@ class StoppingCallback(TrainerCallback):
             self.trajectory.path = None  # asked now: a launcher's process group may start after __init__
         if self._resumed:  # the baseline and the evaluations up to the checkpoint come from the record
             self.trajectory.write()
-            self._train_start, self._eval_at_start = time.perf_counter(), self._seconds["eval_s"]
-            return
-        controller = self.controller
-        if controller.rule is not None:
-            controller.rule = measure_reference(controller.rule, self.evaluator, model)
-        baseline = self.evaluator.evaluate(model, controller.baseline_metrics())
-        controller.set_baseline(baseline)
-        extra: dict[str, Any] = {}
-        if controller.rule is not None:
-            extra["satisfied"] = bool(controller.rule.satisfied(baseline))
-            if extra["satisfied"] and distributed.is_main():
-                warnings.warn(
-                    f"the model satisfies the stopping rule ({controller.rule}) before unlearning: "
-                    "training stops at the first evaluation",
-                    stacklevel=2,
-                )
-        self._seconds["setup_s"] = time.perf_counter() - start
-        self._row(state, baseline, self._seconds["setup_s"], **extra)
-        self._train_start = time.perf_counter()
+        else:
+            controller = self.controller
+            if controller.rule is not None:
+                controller.rule = measure_reference(controller.rule, self.evaluator, model)
+            baseline = self.evaluator.evaluate(model, controller.baseline_metrics())
+            controller.set_baseline(baseline)
+            extra: dict[str, Any] = {}
+            if controller.rule is not None:
+                extra["satisfied"] = bool(controller.rule.satisfied(baseline))
+                if extra["satisfied"] and distributed.is_main():
+                    warnings.warn(
+                        f"the model satisfies the stopping rule ({controller.rule}) before unlearning: "
+                        "training stops at the first evaluation",
+                        stacklevel=2,
+                    )
+            self._seconds["setup_s"] = time.perf_counter() - start
+            self._row(state, baseline, self._seconds["setup_s"], **extra)
+        # As if training and evaluation had run since _train_start (a resumed run's earlier time included).
+        self._train_start = time.perf_counter() - self._seconds["train_s"] - self._seconds["eval_s"]
 
     def _evaluate(self, state, control, model) -> None:
         history = self.controller.history
@@ -159,18 +273,19 @@ class StoppingCallback(TrainerCallback):
         control.should_training_stop = control.should_training_stop or decision.stop
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        """The loss the trainer logs after an evaluation (its mean since the previous log) joins its row."""
         last = self.trajectory.rows[-1] if self.trajectory.rows else {}
         if logs and "loss" in logs and last.get("step") == state.global_step and "loss" not in last:
-            self.trajectory.update_last(self._losses(logs))
+            last.update(self._losses(logs))
+            self.trajectory.write()
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        if self.every != "epoch" and (
-            state.global_step % self.every == 0 or state.global_step >= state.max_steps
-        ):
+        every = self.controller.every
+        if every != "epoch" and (state.global_step % every == 0 or state.global_step >= state.max_steps):
             self._evaluate(state, control, model)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        if self.every == "epoch":
+        if self.controller.every == "epoch":
             self._evaluate(state, control, model)
 
     def on_save(self, args, state, control, **kwargs):
@@ -216,8 +331,7 @@ class StoppingCallback(TrainerCallback):
         """Seconds training (evaluation excluded), before an interruption included."""
         if self._train_start is None:
             return self._seconds["train_s"]
-        evaluating = self._seconds["eval_s"] - self._eval_at_start
-        return self._seconds["train_s"] + time.perf_counter() - self._train_start - evaluating
+        return time.perf_counter() - self._train_start - self._seconds["eval_s"]
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         train_seconds = self._train_seconds()
@@ -239,7 +353,7 @@ class StoppingCallback(TrainerCallback):
                 "stopped": summary["stopped_step"],
                 "kept": summary["kept_step"] if summary["restored"] else None,
             }
-            plot_path = os.path.join(self.output_dir, "trajectory.png")
+            plot_path = self.trajectory.path.removesuffix(".csv") + ".png"
             bounds, title = ((), None) if rule is None else (rule.bounds, str(rule))
             plot_trajectory(self.trajectory.rows, plot_path, bounds=bounds, marks=marks, title=title)
         eval_s = self._seconds["eval_s"]

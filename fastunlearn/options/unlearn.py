@@ -15,8 +15,7 @@ from typing import Any
 
 from fastunlearn.engines.base import ENGINES
 from fastunlearn.engines.fsdp import check_single_engine, parse_fsdp
-from fastunlearn.evaluation.stopping.controller import RESTORE
-from fastunlearn.evaluation.stopping.parsing import parse_eval_every
+from fastunlearn.evaluation.stopping.controller import RESTORE, parse_eval_every
 from fastunlearn.fisher import FISHER_MODES, SOLVERS, parse_bytes
 from fastunlearn.methods.presets import FORGET_TERMS, METHODS, RETAIN_TERMS, MethodSpec, resolve_method
 from fastunlearn.models.precision import PRECISIONS

@@ -335,15 +335,15 @@ def _prepare_unseen(cfg: UnlearnConfig, tokenizer: Any) -> list[fdata.Example]:
 
 def _stopping_callback(run: RunState, unseen: list[fdata.Example]) -> StoppingCallback:
     """The run's evaluating, stopping callback; call it with the model before LoRA / FILA."""
-    plan, cfg, model, tokenizer = run.stop_plan, run.cfg, run.model, run.tokenizer
-    muse = {"muse_dir": cfg.muse, "max_items": plan.eval_items, "batch_size": cfg.eval_batch_size}
+    controller, cfg, model, tokenizer = run.stop_plan, run.cfg, run.model, run.tokenizer
+    muse = {"muse_dir": cfg.muse, "max_items": cfg.eval_items, "batch_size": cfg.eval_batch_size}
     evaluator = SetEvaluator(
-        tokenizer, run.checked.forget, run.checked.retain or None, unseen or None, eval_items=plan.eval_items,
+        tokenizer, run.checked.forget, run.checked.retain or None, unseen or None, eval_items=cfg.eval_items,
         batch_size=cfg.eval_batch_size, max_new_tokens=cfg.eval_max_new_tokens,
         muse=None if cfg.muse is None else muse,
     )  # fmt: skip
-    rule = plan.rule
-    if rule is not None and not rule.resolved and rule.reference_source == "model":
+    rule = controller.rule
+    if rule is not None and not rule.resolved and rule.spec.source == "model":
         rule = measure_reference(rule, evaluator, model)
     elif rule is not None and not rule.resolved:
         access = dict(trust_remote_code=cfg.trust_remote_code, allow_download=cfg.allow_download)
@@ -352,5 +352,5 @@ def _stopping_callback(run: RunState, unseen: list[fdata.Example]) -> StoppingCa
         del reference
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    controller = dataclasses.replace(plan, rule=rule).controller()
-    return StoppingCallback(controller, evaluator, every=plan.every, output_dir=run.dirs.build)
+    controller.rule = rule
+    return StoppingCallback(controller, evaluator, output_dir=run.dirs.build)

@@ -4,15 +4,10 @@
 from fastunlearn.evaluation.stopping.controller import (
     DEFAULT_RETAIN_METRICS,
     StoppingController,
+    parse_eval_every,
     retain_score,
 )
-from fastunlearn.evaluation.stopping.parsing import (
-    PLAN_OPTIONS,
-    StopPlan,
-    parse_eval_every,
-    parse_stop_rule,
-    plan_stopping,
-)
+from fastunlearn.evaluation.stopping.parsing import PLAN_OPTIONS, parse_stop_rule, plan_stopping
 from fastunlearn.evaluation.stopping.rules import (
     EL_N,
     Bound,
@@ -27,7 +22,6 @@ __all__ = [
     "EL_N",
     "PLAN_OPTIONS",
     "Bound",
-    "StopPlan",
     "StopRule",
     "StoppingController",
     "available_metrics",

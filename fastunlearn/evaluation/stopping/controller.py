@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fastunlearn.evaluation.stopping.rules import (
     METRIC_NAMES,
@@ -17,7 +17,6 @@ from fastunlearn.evaluation.stopping.rules import (
 )
 
 RESTORE = ("first", "best", "last")
-NEAR = 0.0  # generate only where the generated metrics can decide (StoppingController's near)
 DEFAULT_RETAIN_METRICS = ("retain.prob", "retain.acc", "retain.rougeL")
 
 
@@ -61,24 +60,38 @@ class Decision:
     keep_state: bool
 
 
+def parse_eval_every(value: int | str) -> int | Literal["epoch"]:
+    """``"epoch"`` or a positive number of optimiser steps (an int or its decimal string)."""
+    if value == "epoch":
+        return "epoch"
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"eval_every must be 'epoch' or a positive number of optimiser steps, got {value!r}")
+    return value
+
+
 class StoppingController:
-    """The stopping state machine: :meth:`record` one evaluation at a time, get a :class:`Decision`.
+    """The stopping state machine: :meth:`record` one evaluation at a time, get a :class:`Decision`;
+    ``every`` (:func:`parse_eval_every`) says when its callback evaluates.
 
     With ``patience = K`` the run goes on for K evaluations after the rule first holds. ``restore``
     keeps, among the evaluated states that satisfy it, the ``"first"``, the ``"best"`` (highest
     :func:`retain_score` against :meth:`set_baseline`'s metrics; ties to the earlier) or the ``"last"``;
     the final state when it never holds. ``rule=None`` only records. :meth:`metrics_to_compute` asks
-    for the rule's generated metrics only where every teacher-forced bound is within ``near · |value|``
-    of holding: a conjunction cannot hold while one bound fails, so no decision changes.
+    for the rule's generated metrics only where every teacher-forced bound is within
+    ``generate_within · |value|`` of holding: a conjunction cannot hold while one bound fails, so no
+    decision changes.
     """
 
     def __init__(
         self,
         rule: StopRule | None,
         *,
+        every: int | str = "epoch",
         patience: int = 0,
         restore: str = "first",
-        near: float = NEAR,
+        generate_within: float = 0.0,
         retain_metrics: Sequence[str] = DEFAULT_RETAIN_METRICS,
         track: Sequence[str] = (),
     ) -> None:
@@ -93,7 +106,12 @@ class StoppingController:
                 f"restore={restore!r} chooses among the evaluations after the rule first holds; with "
                 "patience 0 training stops there and there is one: give patience >= 1"
             )
-        check_margin(near, "near")
+        margin = generate_within
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin < math.inf:
+            raise ValueError(
+                "generate_within must be a finite margin >= 0 (a fraction of each bound's value), got "
+                f"{margin!r}"
+            )
         for name in (*retain_metrics, *track):
             if name not in METRIC_NAMES:
                 raise ValueError(unknown_metric(name, name))
@@ -107,7 +125,8 @@ class StoppingController:
         generated = [m for m in track if is_generated(m)]
         if generated:
             raise ValueError(f"track holds teacher-forced metrics only (no generation); got {generated}")
-        self.rule, self.patience, self.restore, self.near = rule, patience, restore, float(near)
+        self.every, self.generate_within = parse_eval_every(every), float(generate_within)
+        self.rule, self.patience, self.restore = rule, patience, restore
         self.retain_metrics, self.track = tuple(retain_metrics), tuple(track)
         self.baseline: dict[str, float] | None = None
         self.history: list[Evaluation] = []
@@ -146,7 +165,7 @@ class StoppingController:
         generated = [m for m in self.rule.metrics if is_generated(m) and m not in values]
         if generated:
             cheap_bounds = [b for b in self.rule.bounds if not is_generated(b.metric)]
-            if all(b.near(values[b.metric], self.near) for b in cheap_bounds):
+            if all(b.near(values[b.metric], self.generate_within) for b in cheap_bounds):
                 return frozenset(generated)
             return frozenset()
         if self.restore == "best" and self.rule.satisfied(values):
@@ -162,8 +181,6 @@ class StoppingController:
             raise ValueError(f"the run stopped at step {self.stopped.step}; nothing more to record")
         if self.history and step <= self.history[-1].step:
             raise ValueError(f"step {step} is not after the last evaluated step {self.history[-1].step}")
-        if self.rule is not None and not self.rule.resolved:
-            raise ValueError(f"the {self.rule.name} rule's reference values are not measured yet")
         satisfied = False
         if self.rule is not None:
             verdict = self.rule.satisfied(values)
@@ -191,8 +208,7 @@ class StoppingController:
                 or (self.restore == "best" and score > self.chosen.score)
             ):
                 self.chosen = ev
-        after_first = 0 if self.first is None else len(self.history) - 1 - self.history.index(self.first)
-        stop = self.first is not None and after_first >= self.patience
+        stop = self.first is not None and self.history.index(self.first) + self.patience < len(self.history)
         if stop:
             self.stopped = ev
         keep = self.chosen is ev and not stop and not final
@@ -203,13 +219,12 @@ class StoppingController:
         rule by its text, which the resumed run's (its reference measured again) must reproduce."""
         if self.stopped is not None:
             raise ValueError(f"the run stopped at step {self.stopped.step}: there is nothing to resume")
-        index = {id(ev): i for i, ev in enumerate(self.history)}
         return {
             "rule": None if self.rule is None else str(self.rule),
             "baseline": self.baseline,
             "history": [asdict(ev) for ev in self.history],
-            "first": None if self.first is None else index[id(self.first)],
-            "chosen": None if self.chosen is None else index[id(self.chosen)],
+            "first": None if self.first is None else self.history.index(self.first),
+            "chosen": None if self.chosen is None else self.history.index(self.chosen),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -249,15 +264,3 @@ class StoppingController:
             "restored": self.restore_target is not None,
             "satisfied": self.first is not None,
         }
-
-
-def check_margin(value: Any, name: str) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(
-            f"{name} must be a finite margin >= 0 (a fraction of each bound's value), got {value!r}"
-        )

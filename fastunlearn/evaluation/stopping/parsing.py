@@ -4,19 +4,14 @@ can give. Every error is one ``ValueError`` (``FileNotFoundError`` for a missing
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from fastunlearn.evaluation.stopping.controller import (
-    DEFAULT_RETAIN_METRICS,
-    NEAR,
-    StoppingController,
-    check_margin,
-)
+from fastunlearn.evaluation.stopping.controller import DEFAULT_RETAIN_METRICS, StoppingController
 from fastunlearn.evaluation.stopping.rules import (
     METRIC_NAMES,
     OPS,
@@ -196,47 +191,6 @@ def parse_stop_rule(
     return rule
 
 
-def parse_eval_every(value: int | str) -> int | Literal["epoch"]:
-    """``"epoch"`` or a positive number of optimiser steps (an int or its decimal string)."""
-    if value == "epoch":
-        return "epoch"
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"eval_every must be 'epoch' or a positive number of optimiser steps, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class StopPlan:
-    """A run's validated stopping options; :meth:`controller` makes the state machine.
-    ``retain_metrics``: the best-restore criterion's; ``track``: the teacher-forced metrics recorded at
-    every evaluation."""
-
-    rule: StopRule | None
-    every: int | Literal["epoch"]
-    patience: int
-    restore: str
-    eval_items: int
-    retain_metrics: tuple[str, ...]
-    track: tuple[str, ...]
-    generate_within: float = NEAR
-
-    def controller(self) -> StoppingController:
-        return StoppingController(
-            self.rule, patience=self.patience, restore=self.restore, near=self.generate_within,
-            retain_metrics=self.retain_metrics, track=self.track,
-        )  # fmt: skip
-
-
-# The options of a run that plan_stopping reads, by the names UnlearnConfig gives them, with their defaults.
-_DEFAULTS = {
-    "patience": 0, "restore": "first", "generate_within": NEAR, "best_by": None, "unseen": None,
-    "reference_model": None,
-}  # fmt: skip
-PLAN_OPTIONS = ("stop", "eval_every", "eval_items", "retrain_model", *_DEFAULTS)
-
-
 def plan_stopping(
     stop: str | None = None,
     *,
@@ -244,23 +198,24 @@ def plan_stopping(
     patience: int = 0,
     restore: str = "first",
     eval_items: int = 32,
-    generate_within: float = NEAR,
+    generate_within: float = 0.0,
     best_by: str | Sequence[str] | None = None,
     unseen: str | os.PathLike | Sequence[str] | None = None,
     reference_model: Any = None,
     retrain_model: Any = None,
     data: Mapping[str, str],
-) -> StopPlan | None:
-    """Check every stopping option of a run before anything loads; ``None`` when nothing is evaluated
-    during training (no rule, no ``eval_every``). Without a rule ``eval_every`` alone records a
-    trajectory; the retrained model is also PrivLeak's, so only a bare ``"muse"`` rule takes it.
-    ``best_by``: the retain metrics ranking ``restore="best"``'s states (default
-    :data:`DEFAULT_RETAIN_METRICS` the data can give); ``data``: set name → record format.
+) -> StoppingController | None:
+    """Check every stopping option of a run before anything loads and make its controller; ``None``
+    when nothing is evaluated during training (no rule, no ``eval_every``). Without a rule
+    ``eval_every`` alone records a trajectory; the retrained model is also PrivLeak's, so only a bare
+    ``"muse"`` rule takes it. ``best_by``: the retain metrics ranking ``restore="best"``'s states
+    (default :data:`DEFAULT_RETAIN_METRICS` the data can give); ``data``: set name → record format.
     """
+    options = {"patience": patience, "restore": restore, "generate_within": generate_within}
     if stop is None:
-        options = dict(patience=patience, restore=restore, generate_within=generate_within,
-                       best_by=best_by, unseen=unseen, reference_model=reference_model)  # fmt: skip
-        given = [name for name, value in options.items() if value != _DEFAULTS[name]]
+        inputs = {**options, "best_by": best_by, "unseen": unseen, "reference_model": reference_model}
+        defaults = inspect.signature(plan_stopping).parameters
+        given = [name for name, value in inputs.items() if value != defaults[name].default]
         if given:
             raise ValueError(f"{', '.join(given)} need(s) a stopping rule (stop=... / --stop-when)")
         if eval_every is None:
@@ -271,19 +226,20 @@ def plan_stopping(
         rule = parse_stop_rule(
             stop, unseen=unseen, reference_model=reference_model, retrain_model=retrain, data=data
         )
-    every = parse_eval_every("epoch" if eval_every is None else eval_every)
     if isinstance(eval_items, bool) or not isinstance(eval_items, int) or eval_items < 1:
         raise ValueError(f"eval_items must be a positive number of examples per set, got {eval_items!r}")
-    check_margin(generate_within, "generate_within")
     available = available_metrics(data)
     if best_by is None:
         retain_metrics = tuple(m for m in DEFAULT_RETAIN_METRICS if m in available)
     else:
         retain_metrics = _best_by(best_by, restore, data)
     track = tuple(m for m in METRIC_NAMES if m in available and not is_generated(m))
-    plan = StopPlan(rule, every, patience, restore, eval_items, retain_metrics, track, generate_within)
-    plan.controller()  # patience / restore errors now, not after the model has loaded
-    return plan
+    every = "epoch" if eval_every is None else eval_every
+    return StoppingController(rule, every=every, retain_metrics=retain_metrics, track=track, **options)
+
+
+# The options of a run that plan_stopping reads, by the names UnlearnConfig gives them.
+PLAN_OPTIONS = tuple(name for name in inspect.signature(plan_stopping).parameters if name != "data")
 
 
 def _best_by(spec: str | Sequence[str], restore: str, data: Mapping[str, str]) -> tuple[str, ...]:

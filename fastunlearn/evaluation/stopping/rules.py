@@ -213,16 +213,6 @@ class StopRule:
         return self.spec is None or self.values is not None
 
     @property
-    def reference_source(self) -> str | None:
-        """Where the reference is measured: ``"model"`` (before training), ``"reference_model"``."""
-        return None if self.spec is None else self.spec.source
-
-    @property
-    def reference_metrics(self) -> tuple[str, ...]:
-        """What must be measured to resolve the rule (empty when resolved)."""
-        return () if self.resolved else self.spec.measured
-
-    @property
     def metrics(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(b.metric for b in self.terms)) if self.spec is None else self.spec.metrics
 
@@ -232,7 +222,7 @@ class StopRule:
         return None if self.values is None else dict(zip(self.spec.keys, self.values))
 
     def with_reference(self, values: Mapping[str, float]) -> StopRule:
-        """The rule resolved with the measured ``values`` of :attr:`reference_metrics`."""
+        """The rule resolved with the measured ``values`` of its reference's ``measured`` metrics."""
         if self.spec is None:
             raise ValueError(f"the {self.name} rule has no reference to measure")
         missing = [m for m in self.spec.measured if m not in values]
