@@ -94,7 +94,6 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn.evaluation",
         "fastunlearn.training.adapters",
     ),
-    "fastunlearn.plan.tracker": (),
     "fastunlearn.plan.peak_memory": (),
     "fastunlearn.training": (
         "fastunlearn",
@@ -150,7 +149,6 @@ EXTERNAL: dict[str, tuple[str, ...]] = {
     "fastunlearn._io": (),
     "fastunlearn.engines.distributed": ("torch",),
     "fastunlearn.engines.sharded": ("torch", "deepspeed"),
-    "fastunlearn.plan.tracker": ("torch",),
     "fastunlearn.plan.peak_memory": ("torch",),
     "fastunlearn.fisher.solver": ("torch",),
 }

@@ -40,7 +40,7 @@ def _local(name: str, what: str, allow_download: bool, revision: str | None = No
     ).path
 
 
-def _read_json_object(path: str) -> dict:
+def read_json_object(path: str) -> dict:
     """A JSON object from ``path``, or a one-line ``ValueError`` naming the file and what is wrong."""
     try:
         with open(path, encoding="utf-8") as handle:
@@ -68,7 +68,7 @@ def check_model_dir(path: str | os.PathLike, *, what: str = "model") -> None:
         raise ValueError(
             f"{what} directory {path!r} holds no config.json: it is not a Hugging Face model directory"
         )
-    _read_json_object(os.path.join(path, "config.json"))
+    read_json_object(os.path.join(path, "config.json"))
     if not any(name.endswith(".safetensors") for name in names):
         raise ValueError(
             f"{what} directory {path!r} holds no safetensors weights; fastunlearn does not load pickled "

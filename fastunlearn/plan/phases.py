@@ -29,8 +29,7 @@ from fastunlearn.models.devices import eval_mode, model_device
 from fastunlearn.models.patching import patch
 from fastunlearn.models.precision import autocast, load_dtype
 from fastunlearn.options.unlearn import UnlearnConfig
-from fastunlearn.plan.peak_memory import step_peaks
-from fastunlearn.plan.tracker import LiveTensors
+from fastunlearn.plan.peak_memory import LiveTensors, step_peaks
 from fastunlearn.training.adapters import collect_outputs, reference_logprobs, trainable_model
 
 Step = tuple[str, str, str, Callable[[], object]]  # (phase, step, kind of its allocations, call)
