@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -97,3 +98,16 @@ def autocast(precision: str, device: torch.device) -> Iterator[None]:
     dtype = PRECISION_DTYPES[precision]
     with torch.autocast(device.type, dtype=dtype, enabled=precision != "fp32"):
         yield
+
+
+class AutocastEachCall(nn.Module):
+    """``module`` under the run's autocast on ``device``, a region per call as accelerate wraps
+    ``Trainer``'s model."""
+
+    def __init__(self, module: nn.Module, precision: str, device: torch.device) -> None:
+        super().__init__()
+        self.module, self.precision, self.compute_device = module, precision, device
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with autocast(self.precision, self.compute_device):
+            return self.module(*args, **kwargs)

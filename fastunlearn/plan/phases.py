@@ -25,9 +25,9 @@ from fastunlearn.fisher import FilaRowWeights, fila_init, fila_row_weights, lora
 from fastunlearn.fisher.budget import plan_groups
 from fastunlearn.fisher.layers import select_linear_layers
 from fastunlearn.methods.objectives import Objective, build_objective
-from fastunlearn.models.devices import eval_mode, model_device
+from fastunlearn.models.devices import eval_mode
 from fastunlearn.models.patching import patch
-from fastunlearn.models.precision import autocast, load_dtype
+from fastunlearn.models.precision import AutocastEachCall, load_dtype
 from fastunlearn.options.unlearn import UnlearnConfig
 from fastunlearn.plan.peak_memory import LiveTensors, step_peaks
 from fastunlearn.training.adapters import collect_outputs, reference_logprobs, trainable_model
@@ -47,18 +47,6 @@ class Setting:
     dtype: torch.dtype | None = None
     device: str = "cpu"
     target: str = "cpu"
-
-
-class _AutocastEachCall(nn.Module):
-    """``module`` under the run's autocast, a region per call as accelerate wraps ``Trainer``'s model."""
-
-    def __init__(self, module: nn.Module, precision: str) -> None:
-        super().__init__()
-        self.module, self.precision = module, precision
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with autocast(self.precision, model_device(self.module)):
-            return self.module(*args, **kwargs)
 
 
 class PhaseRunner:
@@ -188,7 +176,8 @@ class PhaseRunner:
         batch = {name: self.batch(size) for name in spec.parts}
         for name in spec.fixed_reference:
             batch[name]["ref_logp"] = torch.zeros(size, device=self.setting.device)
-        loss, _ = self.objective(_AutocastEachCall(self.model, self.setting.precision), batch)
+        model = AutocastEachCall(self.model, self.setting.precision, torch.device(self.setting.device))
+        loss, _ = self.objective(model, batch)
         loss.backward()
 
     def optimizer_step(self) -> None:
