@@ -20,9 +20,8 @@ from torch import Tensor, nn
 
 from fastunlearn.engines import distributed
 from fastunlearn.engines.base import Engine
-from fastunlearn.models.devices import training_device
+from fastunlearn.models.devices import AutocastEachCall, training_device
 from fastunlearn.models.naming import strip_wrappers, unwrap_model
-from fastunlearn.models.precision import AutocastEachCall
 
 SHARDING = ("full_shard", "shard_grad_op")
 FSDP_WORDS = (*SHARDING, "auto_wrap", "offload")

@@ -23,9 +23,8 @@ from fastunlearn.evaluation.muse import CRITERIA, CRITERION_FILES, evaluate_muse
 from fastunlearn.evaluation.muse_files import read_muse
 from fastunlearn.evaluation.report import is_lm_eval_score
 from fastunlearn.evaluation.tofu import evaluate_tofu, summarize_tofu
-from fastunlearn.models.devices import model_device
+from fastunlearn.models.devices import model_device, weights_dtype
 from fastunlearn.models.loading import load_model_and_tokenizer, model_source
-from fastunlearn.models.precision import weights_dtype
 
 
 @dataclass(frozen=True)

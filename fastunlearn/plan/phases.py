@@ -25,9 +25,8 @@ from fastunlearn.fisher import FilaRowWeights, fila_init, fila_row_weights, lora
 from fastunlearn.fisher.budget import plan_groups
 from fastunlearn.fisher.layers import select_linear_layers
 from fastunlearn.methods.objectives import Objective, build_objective
-from fastunlearn.models.devices import eval_mode
+from fastunlearn.models.devices import AutocastEachCall, eval_mode, load_dtype
 from fastunlearn.models.patching import patch
-from fastunlearn.models.precision import AutocastEachCall, load_dtype
 from fastunlearn.options.unlearn import UnlearnConfig
 from fastunlearn.plan.peak_memory import LiveTensors, step_peaks
 from fastunlearn.training.adapters import collect_outputs, reference_logprobs, trainable_model
