@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 
 from fastunlearn._io import atomic_file, write_json
 from fastunlearn.engines import distributed
-from fastunlearn.engines.sharded import gathered
+from fastunlearn.engines.distributed import gathered
 from fastunlearn.evaluation.sets import SetEvaluator
 from fastunlearn.evaluation.stopping import StoppingController, StopRule, parse_eval_every
 from fastunlearn.evaluation.trajectory import Trajectory, plot_trajectory

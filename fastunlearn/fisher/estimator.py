@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from fastunlearn.engines import distributed
-from fastunlearn.engines.sharded import linear_shape
+from fastunlearn.engines.distributed import linear_shape
 from fastunlearn.fisher.budget import (
     FILA_ACCUMULATORS,
     available_memory,

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from fastunlearn.engines import distributed
-from fastunlearn.engines.sharded import gathered, linear_shape
+from fastunlearn.engines.distributed import gathered, linear_shape
 from fastunlearn.fisher.estimate import layer_table
 from fastunlearn.fisher.residual import attach_residual
 from fastunlearn.fisher.row_weights import check_eps, row_weight

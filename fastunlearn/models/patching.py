@@ -25,7 +25,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from fastunlearn.engines.sharded import is_partitioned
+from fastunlearn.engines.distributed import is_partitioned
 from fastunlearn.ops import IGNORE_INDEX
 from fastunlearn.ops._backend import BACKENDS, Backend
 from fastunlearn.ops.fused_linear import fused_linear_ihl_loss, fused_linear_nll_loss

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fastunlearn import data as fdata
-from fastunlearn.engines.sharded import linear_shape
+from fastunlearn.engines.distributed import linear_shape
 from fastunlearn.evaluation.likelihood import answer_stats
 from fastunlearn.fisher import FilaRowWeights, fila_init, fila_row_weights, lora_layers, parse_bytes
 from fastunlearn.fisher.budget import plan_groups

@@ -131,7 +131,7 @@ def collect_outputs(
 ) -> dict[str, Any]:
     """What :func:`save_outputs` writes, read by every rank (a collective under ZeRO-3) and kept by the
     main one. ``state_dict``: the state an engine gathered itself (FSDP)."""
-    from fastunlearn.engines.sharded import gathered_state_dict, is_partitioned
+    from fastunlearn.engines.distributed import gathered_state_dict, is_partitioned
 
     keep = distributed.is_main()
     if init == "full":  # whole weights are saved from the model itself, without a copy in memory
