@@ -112,8 +112,8 @@ def test_every_contradiction_is_named_in_one_error():
     ("content", "match"),
     [
         (None, "is not a file"),
-        ("{not json", "is not readable JSON"),
-        ("[1, 2]", "must hold a JSON object"),
+        ("{not json", r"ds\.json: invalid JSON"),
+        ("[1, 2]", r"ds\.json: expected a JSON object"),
         ('{"zero_optimization": {"stage": 4}}', "stage must be 0, 1, 2 or 3"),
         ('{"zero_optimization": 3}', "zero_optimization must be an object"),
     ],

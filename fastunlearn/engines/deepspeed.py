@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from fastunlearn.engines.base import Engine
+from fastunlearn.models.loading import read_json_object
 
 _AUTO = "auto"
 
@@ -31,14 +32,7 @@ def load_deepspeed_config(source: str | os.PathLike | Mapping[str, Any]) -> dict
     path = os.fspath(source)
     if not os.path.isfile(path):
         raise ValueError(f"deepspeed config {path!r} is not a file")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"deepspeed config {path!r} is not readable JSON: {err}") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"deepspeed config {path!r} must hold a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(path)
 
 
 def _node(config: Mapping[str, Any], dotted: str) -> tuple[dict[str, Any] | None, str]:

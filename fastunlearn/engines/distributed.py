@@ -1,17 +1,12 @@
 """The few ``torch.distributed`` operations a run under ``torchrun`` / ``accelerate launch`` needs, and
-DeepSpeed ZeRO-3's partitioned parameters.
+DeepSpeed ZeRO-3's partitioned parameters; without a launcher (or partitioning) each is a no-op.
 
-:func:`init_from_env` joins the process group the launcher's environment describes (``nccl`` with CUDA,
-``gloo`` otherwise), which ``Trainer`` then uses. Without a launcher every helper is the single-process
-identity. The main process alone writes (:func:`on_main` hands its result or error to every rank, so
-no rank waits forever), read-only checks run everywhere (:func:`on_all`), and work on items is split
-between the ranks (:func:`shard`, :func:`map_sharded`).
-
-Under ZeRO-3 a rank's ``layer.weight`` is empty (``shape == (0,)``) and the whole tensor exists only
-inside ``deepspeed.zero.GatheredParameters`` or the module's own forward and backward. So shapes come
-from the module (:func:`linear_shape`), and code that reads or writes whole weights (FILA, the exports)
-wraps one module at a time in :func:`gathered`: a no-op without partitioned parameters, so the same code
-runs in one process, under DDP and under ZeRO-0/1/2.
+:func:`init_from_env` joins the launcher's process group (``nccl`` with CUDA, else ``gloo``). The main
+process alone writes (:func:`on_main` hands its result or error to every rank, so no rank waits forever),
+checks run everywhere (:func:`on_all`), items are split between the ranks (:func:`map_sharded`). Under
+ZeRO-3 a rank's ``layer.weight`` is empty (``shape == (0,)``), whole only inside ``GatheredParameters``
+or the module's own forward and backward: shapes come from the module (:func:`linear_shape`), and code
+reading or writing whole weights (FILA, the exports) wraps one module at a time in :func:`gathered`.
 """
 
 from __future__ import annotations

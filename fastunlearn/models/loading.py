@@ -47,6 +47,8 @@ def read_json_object(path: str) -> dict:
             data = json.load(handle)
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not a text file (JSON expected)") from None
+    except OSError as err:
+        raise ValueError(f"{path}: cannot be read ({err.strerror or err})") from None
     except json.JSONDecodeError as err:
         what = "empty" if not err.doc.strip() else f"invalid JSON ({err.msg} at line {err.lineno})"
         raise ValueError(f"{path}: {what}") from None
