@@ -100,16 +100,13 @@ def check_deepspeed_config(
 
 
 def _inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The parts of a training config that a ZeRO-3 engine without optimizer needs: batch sizes,
-    precision and ``zero_optimization`` with ``"auto"`` entries left to DeepSpeed's defaults."""
-    zero = {k: v for k, v in config.get("zero_optimization", {}).items() if v != _AUTO}
-    kept = {"zero_optimization": zero}
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "fp16"):
-        if key in config:
-            kept[key] = config[key]
-    for key in ("bf16", "fp16"):
-        if isinstance(kept.get(key), Mapping):
-            kept[key] = {k: v for k, v in kept[key].items() if v != _AUTO}
+    """What a ZeRO-3 engine without optimizer needs of a training config: batch sizes, precision and
+    ``zero_optimization`` (there under ZeRO-3), ``"auto"`` entries left to DeepSpeed's defaults."""
+    keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "fp16")
+    kept = {key: config[key] for key in keys if key in config}
+    for key in ("zero_optimization", "bf16", "fp16"):
+        if isinstance(config.get(key), Mapping):
+            kept[key] = {k: v for k, v in config[key].items() if v != _AUTO}
     return kept
 
 
