@@ -26,24 +26,18 @@ from torch import Tensor, nn
 T = TypeVar("T")
 
 
-def launched_world_size() -> int:
-    """The ``WORLD_SIZE`` a launcher set (1 without one); ``ValueError`` if it is not a positive integer."""
-    raw = os.environ.get("WORLD_SIZE", "1")
+def init_from_env(timeout_s: float = 1800.0) -> bool:
+    """Join the process group a launcher describes, if not joined yet; whether the run is distributed.
+    ``ValueError`` in one line when ``WORLD_SIZE > 1`` but the group cannot be formed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    raw = os.environ.get("WORLD_SIZE", "1")  # a launcher's (1 without one)
     try:
         size = int(raw)
     except ValueError:
         size = 0
     if size < 1:
         raise ValueError(f"environment variable WORLD_SIZE={raw!r} is not a positive integer")
-    return size
-
-
-def init_from_env(timeout_s: float = 1800.0) -> bool:
-    """Join the process group a launcher describes, if not joined yet; whether the run is distributed.
-    ``ValueError`` in one line when ``WORLD_SIZE > 1`` but the group cannot be formed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size() > 1
-    size = launched_world_size()
     if size == 1:
         return False
     if not dist.is_available():
