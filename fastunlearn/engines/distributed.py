@@ -218,18 +218,20 @@ def _rebuilt(described: tuple[str, str]) -> BaseException:
     return getattr(builtins, name, RuntimeError)(message)
 
 
+def _attempt(fn: Callable[[], T]) -> tuple[T | None, Exception | None]:
+    """``fn()``'s result, or the error it raised: handed to the other ranks, then re-raised."""
+    try:
+        return fn(), None
+    except Exception as err:
+        return None, err
+
+
 def on_main(fn: Callable[[], T]) -> T:
     """Run ``fn`` on the main process only and return its result (it must pickle) on every rank; if it
     raises, every rank raises the same builtin exception type with the same message."""
     if not is_distributed():
         return fn()
-    result: Any = None
-    error: BaseException | None = None
-    if is_main():
-        try:
-            result = fn()
-        except Exception as err:  # handed to the other ranks, then re-raised here
-            error = err
+    result, error = _attempt(fn) if is_main() else (None, None)
     outcome = broadcast_object(("error", _describe(error)) if error is not None else ("ok", result))
     if error is not None:
         raise error
@@ -242,12 +244,7 @@ def on_all(fn: Callable[[], T]) -> T:
     """Run ``fn`` on every rank; if it raised on any, every rank raises the lowest failing rank's error."""
     if not is_distributed():
         return fn()
-    result: Any = None
-    error: BaseException | None = None
-    try:
-        result = fn()
-    except Exception as err:  # agreed on below, then re-raised
-        error = err
+    result, error = _attempt(fn)
     outcomes = _all_gather(None if error is None else _describe(error))
     failed = next((o for o in outcomes if o is not None), None)
     if failed is None:

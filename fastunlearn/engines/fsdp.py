@@ -97,12 +97,6 @@ def check_fsdp_run(spec: str, init: str, *, resume: bool) -> FsdpPlan:
     return plan
 
 
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of ``model`` (instances of its ``_no_split_modules`` classes)."""
-    names = set(getattr(unwrap_model(model), "_no_split_modules", None) or ())
-    return [m for m in model.modules() if type(m).__name__ in names]
-
-
 def shard_model(model: nn.Module, plan: FsdpPlan) -> nn.Module:
     """Apply FSDP2's ``fully_shard`` to ``model`` in place and return it: its parameters become
     ``DTensor`` shards (dim 0 over the ranks) under the same names and ``requires_grad`` flags."""
@@ -112,7 +106,8 @@ def shard_model(model: nn.Module, plan: FsdpPlan) -> nn.Module:
     if plan.offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     if plan.auto_wrap:
-        blocks = _blocks(model)
+        names = set(getattr(unwrap_model(model), "_no_split_modules", None) or ())
+        blocks = [m for m in model.modules() if type(m).__name__ in names]  # the transformer blocks
         if not blocks:
             raise ValueError(
                 f"fsdp auto_wrap: {type(unwrap_model(model)).__name__} names no transformer blocks "

@@ -69,7 +69,8 @@ class PhaseRunner:
         yield "fisher" if cfg.init == "fila" else "train_step", "adapters", "trainable", self.adapters
         if cfg.init == "fila":
             for group in self.fisher_groups():
-                yield "fisher", f"passes over {_span(group)}", "activations", lambda g=group: self.fisher(g)
+                span = group[0] if len(group) == 1 else f"{group[0]} … {group[-1]}"
+                yield "fisher", f"passes over {span}", "activations", lambda g=group: self.fisher(g)
             yield "fila", "fila_init", "solver", self.fila
         if self.spec.fixed_reference:
             yield "reference", "reference log-probabilities", "activations", self.reference
@@ -204,10 +205,6 @@ def quantised_bytes(weight: torch.Tensor, bits: int) -> int:
         blocks = math.ceil(n / 64)
         return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * (256 + 16 + 1)
     return n + 4 * weight.shape[0]
-
-
-def _span(group: list[str]) -> str:
-    return group[0] if len(group) == 1 else f"{group[0]} … {group[-1]}"
 
 
 def measure_phases(cfg: UnlearnConfig, setting: Setting) -> dict[str, int]:
