@@ -82,8 +82,7 @@ def check_model_dir(path: str | os.PathLike, *, what: str = "model") -> None:
         )
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as handle:
-            shards = set(json.load(handle).get("weight_map", {}).values())
+        shards = set(read_json_object(index).get("weight_map", {}).values())
         missing = sorted(shards - names)
         if missing:
             raise ValueError(f"{what} directory {path!r} lacks the weight shard(s) {missing} its index names")
@@ -99,8 +98,7 @@ def adapter_base(
     if base_model is not None:
         base = _local(os.fspath(base_model), "base model", allow_download)
     else:
-        with open(os.path.join(path, ADAPTER_CONFIG), encoding="utf-8") as handle:
-            recorded = json.load(handle)
+        recorded = read_json_object(os.path.join(path, ADAPTER_CONFIG))
         base_model, revision = recorded.get("base_model_name_or_path"), recorded.get("revision")
         if not base_model:
             raise ValueError(f"adapter {path!r} records no base model; pass base_model=PATH")
