@@ -41,9 +41,8 @@ from _common import ResultLog, environment, slug
 
 from fastunlearn.fisher.budget import parse_bytes
 from fastunlearn.options.unlearn import UnlearnConfig
-from fastunlearn.plan.configs import KNOWN_MODELS, model_config
 from fastunlearn.plan.phases import Setting, measure_phases
-from fastunlearn.plan.plan import plan_memory
+from fastunlearn.plan.plan import KNOWN_MODELS, model_config, plan_memory
 
 
 def run_config(args: argparse.Namespace) -> UnlearnConfig:

@@ -29,11 +29,14 @@ INTERNAL: dict[str, tuple[str, ...]] = {
     # torch.distributed for runs under torchrun / accelerate launch, and ZeRO-3 partitioned parameters:
     # the engines' primitives, below everything that runs on several ranks.
     "fastunlearn.engines.distributed": (),
-    "fastunlearn.engines.sharded": (),
     # Loading and checking models, names under wrappers, devices, precision.
     "fastunlearn.models": ("fastunlearn._hub",),
     # The losses inside a causal LM's forward: ops applied to a model.
-    "fastunlearn.models.patching": ("fastunlearn.ops", "fastunlearn.models", "fastunlearn.engines.sharded"),
+    "fastunlearn.models.patching": (
+        "fastunlearn.ops",
+        "fastunlearn.models",
+        "fastunlearn.engines.distributed",
+    ),
     # FILA's truncated SVD: linear algebra on tensors, nothing of the package.
     "fastunlearn.fisher.solver": (),
     "fastunlearn.fisher": (
@@ -42,7 +45,6 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn._io",
         "fastunlearn._hub",
         "fastunlearn.engines.distributed",
-        "fastunlearn.engines.sharded",
     ),
     # Stopping rules and their controller: pure logic over metric values, read by the option schema.
     "fastunlearn.evaluation.stopping": (),
@@ -77,7 +79,6 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn.models",
         "fastunlearn._io",
         "fastunlearn.engines.distributed",
-        "fastunlearn.engines.sharded",
         "fastunlearn.data",
     ),
     # The memory plan: the run's phases executed on fake tensors, so it calls the code of every phase
@@ -94,7 +95,6 @@ INTERNAL: dict[str, tuple[str, ...]] = {
         "fastunlearn.evaluation",
         "fastunlearn.training.adapters",
     ),
-    "fastunlearn.plan.tracker": (),
     "fastunlearn.plan.peak_memory": (),
     "fastunlearn.training": (
         "fastunlearn",
@@ -148,9 +148,7 @@ EXTERNAL: dict[str, tuple[str, ...]] = {
     "fastunlearn.kernels": ("torch", "triton"),
     "fastunlearn.ops": ("torch",),
     "fastunlearn._io": (),
-    "fastunlearn.engines.distributed": ("torch",),
-    "fastunlearn.engines.sharded": ("torch", "deepspeed"),
-    "fastunlearn.plan.tracker": ("torch",),
+    "fastunlearn.engines.distributed": ("torch", "deepspeed"),
     "fastunlearn.plan.peak_memory": ("torch",),
     "fastunlearn.fisher.solver": ("torch",),
 }

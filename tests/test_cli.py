@@ -22,8 +22,7 @@ from fastunlearn.demo.data import _FACTS
 from fastunlearn.demo.run import STOP_PATIENCE
 from fastunlearn.evaluation.stop_callback import read_trajectory
 from fastunlearn.fisher import FisherEstimate, estimate_fisher
-from fastunlearn.models.devices import training_device
-from fastunlearn.models.precision import resolve_precision
+from fastunlearn.models.devices import resolve_precision, training_device
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ from helpers.fisher import fisher_llama, fisher_record, make_batch
 from helpers.workspace import build_workspace
 from torch import nn
 
-from fastunlearn.engines import sharded
+from fastunlearn.engines import distributed
 from fastunlearn.engines.deepspeed import check_deepspeed_config, load_deepspeed_config
 from fastunlearn.fisher import adapter_export, fila_init, fila_record, lora_layers, merged_state_dict
 from fastunlearn.models.patching import fused_blocker
@@ -112,8 +112,8 @@ def test_every_contradiction_is_named_in_one_error():
     ("content", "match"),
     [
         (None, "is not a file"),
-        ("{not json", "is not readable JSON"),
-        ("[1, 2]", "must hold a JSON object"),
+        ("{not json", r"ds\.json: invalid JSON"),
+        ("[1, 2]", r"ds\.json: expected a JSON object"),
         ('{"zero_optimization": {"stage": 4}}', "stage must be 0, 1, 2 or 3"),
         ('{"zero_optimization": 3}', "zero_optimization must be an object"),
     ],
@@ -221,7 +221,9 @@ def _lora(model, rank=4):
 def _row_weights(model, seed=3):
     gen = torch.Generator().manual_seed(seed)
     return {
-        name: torch.rand(sharded.linear_shape(layer.get_base_layer())[0], generator=gen, dtype=torch.float64)
+        name: torch.rand(
+            distributed.linear_shape(layer.get_base_layer())[0], generator=gen, dtype=torch.float64
+        )
         for name, (_, layer) in sorted(lora_layers(model).items())
     }
 
@@ -229,26 +231,26 @@ def _row_weights(model, seed=3):
 def test_linear_shape_comes_from_the_module():
     layer = nn.Linear(5, 3)
     layer.weight.data = torch.empty(0)
-    assert sharded.linear_shape(layer) == (3, 5)
+    assert distributed.linear_shape(layer) == (3, 5)
 
     class Bare(nn.Module):  # no in_features/out_features: the weight decides
         def __init__(self):
             super().__init__()
             self.weight = nn.Parameter(torch.zeros(7, 2))
 
-    assert sharded.linear_shape(Bare()) == (7, 2)
+    assert distributed.linear_shape(Bare()) == (7, 2)
     bare = Bare()
     bare.weight.data = torch.empty(0)
     with pytest.raises(ValueError, match="cannot tell its"):
-        sharded.linear_shape(bare)
+        distributed.linear_shape(bare)
 
 
 def test_gathered_is_a_no_op_without_partitioned_parameters(monkeypatch):
     def refuse(*args):
         raise AssertionError("gathered without partitioned parameters")
 
-    monkeypatch.setattr(sharded, "_gather_context", refuse)
-    with sharded.gathered(nn.Linear(2, 2).parameters(), modifier_rank=0):
+    monkeypatch.setattr(distributed, "_gather_context", refuse)
+    with distributed.gathered(nn.Linear(2, 2).parameters(), modifier_rank=0):
         pass
 
 
@@ -258,7 +260,7 @@ def test_fila_and_exports_on_partitioned_weights_equal_the_plain_model(monkeypat
     d = _row_weights(plain)
     fila_init(plain, row_weights=d)
     zero = FakeZero3(parted)
-    monkeypatch.setattr(sharded, "_gather_context", zero.gather)
+    monkeypatch.setattr(distributed, "_gather_context", zero.gather)
     fila_init(parted, row_weights=d)  # before the fix: "rank exceeds min(out, in) = 0"
     layers = lora_layers(parted)
     assert zero.gathers == [3] * len(layers)  # base weight, A, B: one layer at a time
@@ -287,19 +289,19 @@ def test_gathered_state_dict_reads_partitioned_modules_one_at_a_time(monkeypatch
     model = fisher_llama(dtype=torch.float32)
     want = {k: v.clone() for k, v in model.state_dict().items()}
     zero = FakeZero3(model)
-    monkeypatch.setattr(sharded, "_gather_context", zero.gather)
-    got = sharded.gathered_state_dict(model)
+    monkeypatch.setattr(distributed, "_gather_context", zero.gather)
+    got = distributed.gathered_state_dict(model)
     assert got.keys() == want.keys()
     for key, value in want.items():
         assert torch.equal(got[key], value), key
     assert zero.writes == [] and max(zero.gathers) <= 3  # read only; q/k/v... one module each
-    assert sharded.gathered_state_dict(model, keep=False) == {}  # takes part, keeps nothing
+    assert distributed.gathered_state_dict(model, keep=False) == {}  # takes part, keeps nothing
 
 
 def test_partitioned_checks_read_the_module_shapes(monkeypatch):
     model = _lora(fisher_llama(dtype=torch.float32), rank=40)  # 40 > min(out, in) = 32 of q_proj
     zero = FakeZero3(model)
-    monkeypatch.setattr(sharded, "_gather_context", zero.gather)
+    monkeypatch.setattr(distributed, "_gather_context", zero.gather)
     with pytest.raises(ValueError, match=r"exceeds min\(out, in\) = 32 of its weight \(32, 32\)"):
         fila_init(model, row_weights=_row_weights(model))
     assert zero.gathers == []  # checked before any layer is gathered or written
@@ -346,7 +348,7 @@ def _zero3_worker(rank: int, model_dir: str, out: str) -> None:
     with engine.loading():
         model = AutoModelForCausalLM.from_pretrained(model_dir)
     q = model.model.layers[0].self_attn.q_proj
-    assert q.weight.numel() == 0 and sharded.is_partitioned(q.weight)  # created partitioned
+    assert q.weight.numel() == 0 and distributed.is_partitioned(q.weight)  # created partitioned
     model = _lora(model)
     with engine.before_training(model):
         tensors = fisher_record(model, _batches)

@@ -29,7 +29,7 @@ from helpers.oracles import assert_close
 from helpers.workspace import build_workspace
 
 from fastunlearn import demo
-from fastunlearn.engines.fsdp import FsdpPlan, check_single_engine, gathered_state, parse_fsdp, shard_model
+from fastunlearn.engines.fsdp import FsdpEngine, FsdpPlan, check_single_engine, parse_fsdp, shard_model
 from fastunlearn.fisher import estimate_fisher
 from fastunlearn.models.naming import canonical_name, strip_wrappers
 from fastunlearn.options.unlearn import UnlearnConfig
@@ -92,6 +92,7 @@ def test_gathered_state_of_one_process():
     model._fsdp_wrapped_module = torch.nn.Linear(3, 2)
     model.head = torch.nn.Linear(2, 2)
     model.head.requires_grad_(False)
+    gathered_state = FsdpEngine(parse_fsdp("full_shard")).gathered_state
     state = gathered_state(model, trainable_only=True)
     assert set(state) == {"weight", "bias"}
     assert torch.equal(state["weight"], model._fsdp_wrapped_module.weight)

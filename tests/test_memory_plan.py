@@ -21,10 +21,9 @@ import torch
 from fastunlearn.fisher import fila_row_weights
 from fastunlearn.ops import _ihl_torch
 from fastunlearn.options.unlearn import UnlearnConfig
-from fastunlearn.plan.configs import model_config
 from fastunlearn.plan.peak_memory import step_peaks
 from fastunlearn.plan.phases import PhaseRunner, Setting, measure_phases
-from fastunlearn.plan.plan import plan_memory
+from fastunlearn.plan.plan import model_config, plan_memory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

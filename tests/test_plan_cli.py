@@ -10,8 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from fastunlearn.cli import main
 from fastunlearn.options.unlearn import UnlearnConfig
-from fastunlearn.plan.configs import KNOWN_MODELS, model_config
-from fastunlearn.plan.plan import plan_memory
+from fastunlearn.plan.plan import KNOWN_MODELS, model_config, plan_memory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,7 +105,7 @@ def test_the_well_known_models_build(name):
             "transformers cannot build a 'llama' config",
         ),
         ({**TINY, "num_attention_heads": 5}, "the plan's 'before training' step cannot run a 'qwen2' model"),
-        ("[1, 2]", "a config.json holds a JSON object"),
+        ("[1, 2]", "config.json: expected a JSON object, got list"),
     ],
 )
 def test_bad_models_are_one_line_exit_2(source, message, tmp_path, capsys):

@@ -13,13 +13,13 @@ import torch
 from helpers.models import tiny_llama
 
 from fastunlearn.models import loading as modeling
-from fastunlearn.models.loading import load_model_and_tokenizer
-from fastunlearn.models.precision import (
+from fastunlearn.models.devices import (
     load_dtype,
     resolve_precision,
     resolve_training_precision,
     weights_dtype,
 )
+from fastunlearn.models.loading import load_model_and_tokenizer
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
 

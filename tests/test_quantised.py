@@ -25,8 +25,7 @@ from fastunlearn import unlearn
 from fastunlearn.cli import main
 from fastunlearn.fisher import fila_init, fila_row_weights
 from fastunlearn.fisher.fila import fila_record, lora_layers
-from fastunlearn.models.loading import load_model_and_tokenizer
-from fastunlearn.models.quantization import dequantized_weight, is_quantized
+from fastunlearn.models.loading import dequantized_weight, is_quantized, load_model_and_tokenizer
 
 pytest.importorskip("bitsandbytes")
 

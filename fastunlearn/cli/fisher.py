@@ -37,9 +37,13 @@ def _run_fisher(args: argparse.Namespace) -> int:
     from fastunlearn.engines import distributed
     from fastunlearn.fisher import save_fisher
     from fastunlearn.fisher.layers import select_linear_layers
-    from fastunlearn.models.devices import to_training_device, training_device
+    from fastunlearn.models.devices import (
+        PRECISION_DTYPES,
+        resolve_precision,
+        to_training_device,
+        training_device,
+    )
     from fastunlearn.models.loading import load_model_and_tokenizer
-    from fastunlearn.models.precision import PRECISION_DTYPES, resolve_precision
     from fastunlearn.training.preflight import check_vocab, on_meta
 
     cfg = FisherConfig(**options_from_args(args, FisherConfig))

@@ -1,2 +1,2 @@
-"""How a run is spread over devices: the process group and its collectives (:mod:`.distributed`),
-ZeRO-3 partitioned parameters (:mod:`.sharded`), FSDP2 (:mod:`.fsdp`) and DeepSpeed (:mod:`.deepspeed`)."""
+"""How a run is spread over devices: the process group, its collectives and ZeRO-3 partitioned parameters
+(:mod:`.distributed`), FSDP2 (:mod:`.fsdp`) and DeepSpeed (:mod:`.deepspeed`)."""

@@ -9,7 +9,6 @@ around ``from_pretrained``, ``place``, ``before_training`` around every pass bef
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
@@ -26,16 +25,14 @@ class Engine:
 
     name = "ddp"
 
-    @contextlib.contextmanager
-    def loading(self) -> Iterator[None]:
-        yield
+    def loading(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     def place(self, model: nn.Module) -> None:
         to_training_device(model)
 
-    @contextlib.contextmanager
-    def before_training(self, model: nn.Module) -> Iterator[None]:
-        yield
+    def before_training(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
 
     def after_fisher(self) -> None:
         """Called between the Fisher passes and FILA's writes into the weights."""

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from fastunlearn.engines.base import Engine
+from fastunlearn.models.loading import read_json_object
 
 _AUTO = "auto"
 
@@ -31,14 +32,7 @@ def load_deepspeed_config(source: str | os.PathLike | Mapping[str, Any]) -> dict
     path = os.fspath(source)
     if not os.path.isfile(path):
         raise ValueError(f"deepspeed config {path!r} is not a file")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"deepspeed config {path!r} is not readable JSON: {err}") from err
-    if not isinstance(config, dict):
-        raise ValueError(f"deepspeed config {path!r} must hold a JSON object, got {type(config).__name__}")
-    return config
+    return read_json_object(path)
 
 
 def _node(config: Mapping[str, Any], dotted: str) -> tuple[dict[str, Any] | None, str]:
@@ -106,16 +100,13 @@ def check_deepspeed_config(
 
 
 def _inference_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The parts of a training config that a ZeRO-3 engine without optimizer needs: batch sizes,
-    precision and ``zero_optimization`` with ``"auto"`` entries left to DeepSpeed's defaults."""
-    zero = {k: v for k, v in config.get("zero_optimization", {}).items() if v != _AUTO}
-    kept = {"zero_optimization": zero}
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "fp16"):
-        if key in config:
-            kept[key] = config[key]
-    for key in ("bf16", "fp16"):
-        if isinstance(kept.get(key), Mapping):
-            kept[key] = {k: v for k, v in kept[key].items() if v != _AUTO}
+    """What a ZeRO-3 engine without optimizer needs of a training config: batch sizes, precision and
+    ``zero_optimization`` (there under ZeRO-3), ``"auto"`` entries left to DeepSpeed's defaults."""
+    keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "bf16", "fp16")
+    kept = {key: config[key] for key in keys if key in config}
+    for key in ("zero_optimization", "bf16", "fp16"):
+        if isinstance(config.get(key), Mapping):
+            kept[key] = {k: v for k, v in config[key].items() if v != _AUTO}
     return kept
 
 

@@ -1,37 +1,29 @@
-"""The few ``torch.distributed`` operations a run under ``torchrun`` / ``accelerate launch`` needs.
+"""The few ``torch.distributed`` operations a run under ``torchrun`` / ``accelerate launch`` needs, and
+DeepSpeed ZeRO-3's partitioned parameters; without a launcher (or partitioning) each is a no-op.
 
-:func:`init_from_env` joins the process group the launcher's environment describes (``nccl`` with CUDA,
-``gloo`` otherwise), which ``Trainer`` then uses. Without a launcher every helper is the single-process
-identity. The main process alone writes (:func:`on_main` hands its result or error to every rank, so
-no rank waits forever), read-only checks run everywhere (:func:`on_all`), and work on items is split
-between the ranks (:func:`shard`, :func:`map_sharded`).
+:func:`init_from_env` joins the launcher's process group (``nccl`` with CUDA, else ``gloo``). The main
+process alone writes (:func:`on_main` hands its result or error to every rank, so no rank waits forever),
+checks run everywhere (:func:`on_all`), items are split between the ranks (:func:`map_sharded`). Under
+ZeRO-3 a rank's ``layer.weight`` is empty (``shape == (0,)``), whole only inside ``GatheredParameters``
+or the module's own forward and backward: shapes come from the module (:func:`linear_shape`), and code
+reading or writing whole weights (FILA, the exports) wraps one module at a time in :func:`gathered`.
 """
 
 from __future__ import annotations
 
 import atexit
 import builtins
+import contextlib
 import gc
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 
 T = TypeVar("T")
-
-
-def launched_world_size() -> int:
-    """The ``WORLD_SIZE`` a launcher set (1 without one); ``ValueError`` if it is not a positive integer."""
-    raw = os.environ.get("WORLD_SIZE", "1")
-    try:
-        size = int(raw)
-    except ValueError:
-        size = 0
-    if size < 1:
-        raise ValueError(f"environment variable WORLD_SIZE={raw!r} is not a positive integer")
-    return size
 
 
 def init_from_env(timeout_s: float = 1800.0) -> bool:
@@ -39,7 +31,13 @@ def init_from_env(timeout_s: float = 1800.0) -> bool:
     ``ValueError`` in one line when ``WORLD_SIZE > 1`` but the group cannot be formed."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size() > 1
-    size = launched_world_size()
+    raw = os.environ.get("WORLD_SIZE", "1")  # a launcher's (1 without one)
+    try:
+        size = int(raw)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise ValueError(f"environment variable WORLD_SIZE={raw!r} is not a positive integer")
     if size == 1:
         return False
     if not dist.is_available():
@@ -220,18 +218,20 @@ def _rebuilt(described: tuple[str, str]) -> BaseException:
     return getattr(builtins, name, RuntimeError)(message)
 
 
+def _attempt(fn: Callable[[], T]) -> tuple[T | None, Exception | None]:
+    """``fn()``'s result, or the error it raised: handed to the other ranks, then re-raised."""
+    try:
+        return fn(), None
+    except Exception as err:
+        return None, err
+
+
 def on_main(fn: Callable[[], T]) -> T:
     """Run ``fn`` on the main process only and return its result (it must pickle) on every rank; if it
     raises, every rank raises the same builtin exception type with the same message."""
     if not is_distributed():
         return fn()
-    result: Any = None
-    error: BaseException | None = None
-    if is_main():
-        try:
-            result = fn()
-        except Exception as err:  # handed to the other ranks, then re-raised here
-            error = err
+    result, error = _attempt(fn) if is_main() else (None, None)
     outcome = broadcast_object(("error", _describe(error)) if error is not None else ("ok", result))
     if error is not None:
         raise error
@@ -244,12 +244,7 @@ def on_all(fn: Callable[[], T]) -> T:
     """Run ``fn`` on every rank; if it raised on any, every rank raises the lowest failing rank's error."""
     if not is_distributed():
         return fn()
-    result: Any = None
-    error: BaseException | None = None
-    try:
-        result = fn()
-    except Exception as err:  # agreed on below, then re-raised
-        error = err
+    result, error = _attempt(fn)
     outcomes = _all_gather(None if error is None else _describe(error))
     failed = next((o for o in outcomes if o is not None), None)
     if failed is None:
@@ -257,3 +252,57 @@ def on_all(fn: Callable[[], T]) -> T:
     if error is not None and _describe(error) == failed:
         raise error
     raise _rebuilt(failed)
+
+
+def is_partitioned(param: Tensor) -> bool:
+    """Whether ``param`` is a ZeRO-3 parameter (DeepSpeed marks them with ``ds_id`` / ``ds_status``)."""
+    return hasattr(param, "ds_id") and hasattr(param, "ds_status")
+
+
+def linear_shape(layer: nn.Module) -> tuple[int, int]:
+    """``(out, in)`` of a linear layer's weight, from ``out_features`` / ``in_features`` when it has them."""
+    out_features, in_features = getattr(layer, "out_features", None), getattr(layer, "in_features", None)
+    if isinstance(out_features, int) and isinstance(in_features, int):
+        return out_features, in_features
+    weight = layer.weight
+    if weight.dim() != 2:
+        raise ValueError(
+            f"{type(layer).__name__} has no out_features/in_features and a weight of shape "
+            f"{tuple(weight.shape)}; cannot tell its [out, in] shape"
+        )
+    return tuple(weight.shape)  # type: ignore[return-value]
+
+
+def _gather_context(params: list[Tensor], modifier_rank: int | None) -> contextlib.AbstractContextManager:
+    """DeepSpeed's ``GatheredParameters`` over ``params`` (looked up here so a test can stand in for it)."""
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[Tensor], *, modifier_rank: int | None = None) -> Iterator[None]:
+    """Inside the block, every partitioned parameter of ``params`` is whole on every rank (a collective;
+    a no-op when none is). ``modifier_rank=r``: rank ``r``'s values are partitioned back on exit;
+    ``None``: changes are discarded."""
+    partitioned = [p for p in params if is_partitioned(p)]
+    if not partitioned:
+        yield
+        return
+    with _gather_context(partitioned, modifier_rank):
+        yield
+
+
+def gathered_state_dict(module: nn.Module, *, keep: bool = True) -> dict[str, Tensor]:
+    """``module.state_dict()`` on the CPU, gathered one submodule at a time (``keep=False``: only take
+    part in the collective)."""
+    state: dict[str, Any] = {}
+    for prefix, sub in module.named_modules():
+        own = dict(sub.named_parameters(recurse=False))
+        with gathered(own.values()):
+            if keep:
+                for name, tensor in sub.state_dict(keep_vars=True).items():
+                    if "." in name:  # a descendant's: taken when that module's turn comes
+                        continue
+                    state[f"{prefix}.{name}" if prefix else name] = tensor.detach().to("cpu", copy=True)
+    return state if keep else {}

@@ -20,9 +20,8 @@ from torch import Tensor, nn
 
 from fastunlearn.engines import distributed
 from fastunlearn.engines.base import Engine
-from fastunlearn.models.devices import training_device
+from fastunlearn.models.devices import AutocastEachCall, training_device
 from fastunlearn.models.naming import strip_wrappers, unwrap_model
-from fastunlearn.models.precision import autocast
 
 SHARDING = ("full_shard", "shard_grad_op")
 FSDP_WORDS = (*SHARDING, "auto_wrap", "offload")
@@ -84,30 +83,18 @@ def check_fsdp_run(spec: str, init: str, *, resume: bool) -> FsdpPlan:
         )
     if plan.offload and training_device().type != "cuda":
         raise ValueError(f"fsdp {spec!r}: offload moves shards off a GPU to the CPU; this run has no GPU")
-    if not _has_fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
         raise ValueError(
             f"fsdp needs torch.distributed.fsdp.fully_shard (PyTorch 2.6+), not in {torch.__version__}"
-        )
+        ) from None
     if not distributed.is_distributed():
         raise ValueError(
             "fsdp shards the model over several processes, but this run has one: start it with "
             "torchrun --nproc_per_node N or accelerate launch, or drop fsdp"
         )
     return plan
-
-
-def _has_fully_shard() -> bool:
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of ``model`` (instances of its ``_no_split_modules`` classes)."""
-    names = set(getattr(unwrap_model(model), "_no_split_modules", None) or ())
-    return [m for m in model.modules() if type(m).__name__ in names]
 
 
 def shard_model(model: nn.Module, plan: FsdpPlan) -> nn.Module:
@@ -119,7 +106,8 @@ def shard_model(model: nn.Module, plan: FsdpPlan) -> nn.Module:
     if plan.offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     if plan.auto_wrap:
-        blocks = _blocks(model)
+        names = set(getattr(unwrap_model(model), "_no_split_modules", None) or ())
+        blocks = [m for m in model.modules() if type(m).__name__ in names]  # the transformer blocks
         if not blocks:
             raise ValueError(
                 f"fsdp auto_wrap: {type(unwrap_model(model)).__name__} names no transformer blocks "
@@ -131,20 +119,10 @@ def shard_model(model: nn.Module, plan: FsdpPlan) -> nn.Module:
     return model
 
 
-class ShardedTrainingView(nn.Module):
+class ShardedTrainingView(AutocastEachCall):
     """The sharded model behind a module ``Trainer`` and ``accelerate`` do not wrap again: its forward
     runs under the run's autocast, and its ``no_sync`` (which ``accelerate`` calls for every micro-batch
     but an accumulation window's last) defers the gradients' reduction to the last."""
-
-    def __init__(self, sharded: nn.Module, precision: str, device: torch.device) -> None:
-        super().__init__()
-        self.module = sharded
-        self.precision = precision
-        self.compute_device = device
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with autocast(self.precision, self.compute_device):
-            return self.module(*args, **kwargs)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -153,25 +131,6 @@ class ShardedTrainingView(nn.Module):
             yield
         finally:
             self.module.set_requires_gradient_sync(True)
-
-
-def gathered_state(model: nn.Module, *, trainable_only: bool) -> dict[str, Tensor]:
-    """``model``'s state as full tensors on the main process's CPU (``{}`` elsewhere) under the plain
-    model's names, gathered one tensor at a time; a collective. ``trainable_only``: the adapter's."""
-    from torch.distributed.tensor import DTensor
-
-    # By stripped name: FSDP1 names parameters with `_fsdp_wrapped_module.` but not its state dict's keys.
-    keep = {strip_wrappers(n) for n, p in model.named_parameters() if p.requires_grad}
-    state: dict[str, Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        key = strip_wrappers(name)
-        if trainable_only and key not in keep:
-            continue
-        full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # every rank, same order
-        if distributed.is_main():
-            state[key] = full.detach().to("cpu", copy=True)
-        del full
-    return state
 
 
 class FsdpEngine(Engine):
@@ -186,4 +145,19 @@ class FsdpEngine(Engine):
         return ShardedTrainingView(shard_model(model, self.plan), precision, training_device())
 
     def gathered_state(self, model: nn.Module, *, trainable_only: bool) -> dict[str, Tensor]:
-        return gathered_state(model, trainable_only=trainable_only)
+        """``model``'s state as full tensors on the main process's CPU (``{}`` elsewhere) under the plain
+        model's names, gathered one tensor at a time; a collective. ``trainable_only``: the adapter's."""
+        from torch.distributed.tensor import DTensor
+
+        # By stripped name: FSDP1 names parameters with `_fsdp_wrapped_module.` but not its state dict's keys.
+        keep = {strip_wrappers(n) for n, p in model.named_parameters() if p.requires_grad}
+        state: dict[str, Tensor] = {}
+        for name, tensor in model.state_dict().items():
+            key = strip_wrappers(name)
+            if trainable_only and key not in keep:
+                continue
+            full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor  # every rank, same order
+            if distributed.is_main():
+                state[key] = full.detach().to("cpu", copy=True)
+            del full
+        return state

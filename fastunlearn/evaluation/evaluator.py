@@ -20,9 +20,8 @@ from fastunlearn.evaluation.mia import ATTACKS, evaluate_mia
 from fastunlearn.evaluation.muse import CRITERIA, CRITERION_FILES, evaluate_muse, read_muse
 from fastunlearn.evaluation.report import is_lm_eval_score
 from fastunlearn.evaluation.tofu import evaluate_tofu, read_sets, summarize_tofu
-from fastunlearn.models.devices import model_device
+from fastunlearn.models.devices import model_device, weights_dtype
 from fastunlearn.models.loading import load_model_and_tokenizer, model_source
-from fastunlearn.models.precision import weights_dtype
 
 
 class Evaluation(NamedTuple):

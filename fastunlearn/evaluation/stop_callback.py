@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 
 from fastunlearn._io import atomic_file, write_json, write_text
 from fastunlearn.engines import distributed
-from fastunlearn.engines.sharded import gathered
+from fastunlearn.engines.distributed import gathered
 from fastunlearn.evaluation.sets import SetEvaluator
 from fastunlearn.evaluation.stopping import StoppingController, StopRule
 from fastunlearn.evaluation.stopping.rules import KINDS, METRIC_NAMES, Bound, is_retain, kind_of

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from fastunlearn.engines.sharded import linear_shape
+from fastunlearn.engines.distributed import linear_shape
 from fastunlearn.fisher.passes import Data, largest_batch, run_pass
 
 _UNITS = {"": 1, "b": 1, **{p + "b": 10 ** (3 * i) for i, p in enumerate("kmgt", 1)}}

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from fastunlearn.engines import distributed
-from fastunlearn.engines.sharded import linear_shape
+from fastunlearn.engines.distributed import linear_shape
 from fastunlearn.fisher.budget import (
     FILA_ACCUMULATORS,
     available_memory,
@@ -34,7 +34,7 @@ from fastunlearn.fisher.budget import (
 from fastunlearn.fisher.estimate import FisherEstimate, FisherFile, FisherMode, check_finite, check_mode
 from fastunlearn.fisher.layers import select_linear_layers
 from fastunlearn.fisher.passes import Data, fisher_session, prepare_batches, run_pass
-from fastunlearn.models.quantization import is_quantized
+from fastunlearn.models.loading import is_quantized
 from fastunlearn.ops._backend import Backend, resolve_backend
 
 

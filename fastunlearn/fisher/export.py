@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from fastunlearn._hub import snapshot_of
 from fastunlearn._io import atomic_directory
-from fastunlearn.engines.sharded import gathered
+from fastunlearn.engines.distributed import gathered
 from fastunlearn.fisher.fila import _require_lora_model, fila_record
 from fastunlearn.models.naming import strip_wrappers, unwrap_model
 

@@ -27,13 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from fastunlearn.engines import distributed
-from fastunlearn.engines.sharded import gathered, linear_shape
+from fastunlearn.engines.distributed import gathered, linear_shape
 from fastunlearn.fisher.estimate import layer_table
 from fastunlearn.fisher.residual import attach_residual
 from fastunlearn.fisher.row_weights import check_eps, row_weight
 from fastunlearn.fisher.solver import truncated_svd
+from fastunlearn.models.loading import dequantized_weight, is_quantized
 from fastunlearn.models.naming import canonical_name
-from fastunlearn.models.quantization import dequantized_weight, is_quantized
 
 Solver = Literal["truncated", "svd", "randomized"]
 SOLVERS = ("truncated", "svd", "randomized")

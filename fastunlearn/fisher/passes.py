@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from fastunlearn.engines import distributed
-from fastunlearn.engines.sharded import is_partitioned, linear_shape
+from fastunlearn.engines.distributed import is_partitioned, linear_shape
 from fastunlearn.models.devices import model_device
 from fastunlearn.models.naming import unwrap_model
 from fastunlearn.models.patching import find_causal_lm, head_computes, takes_fused_path

@@ -20,9 +20,8 @@ from torch import Tensor, nn
 
 from fastunlearn.fisher.fila import fila_record, lora_layers
 from fastunlearn.methods.capture import decoder_layers, forward_capturing
-from fastunlearn.models.devices import eval_mode, model_device
+from fastunlearn.models.devices import autocast, eval_mode, model_device
 from fastunlearn.models.patching import find_causal_lm
-from fastunlearn.models.precision import autocast
 
 KINDS = ("adapters_off", "initial_adapters", "copy")
 

@@ -21,14 +21,8 @@ def canonical_name(name: str) -> str:
     """The name of a linear layer in the plain model, so that state taken on it and on the same model
     under ``peft`` (and DDP/FSDP/DeepSpeed) share keys: ``module.base_model.model.model.layers.0.
     self_attn.q_proj.base_layer.weight`` → ``model.layers.0.self_attn.q_proj``."""
-    name = strip_wrappers(name)
-    for prefix in ("module.", "base_model.model."):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-    for suffix in (".weight", ".base_layer"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return name
+    name = strip_wrappers(name).removeprefix("module.").removeprefix("base_model.model.")
+    return name.removesuffix(".weight").removesuffix(".base_layer")
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -16,8 +16,7 @@ path with one warning (an error under ``fused=True``).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import MethodType
 from typing import Any, Literal
@@ -25,7 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from fastunlearn.engines.sharded import is_partitioned
+from fastunlearn.engines.distributed import is_partitioned
 from fastunlearn.ops import IGNORE_INDEX
 from fastunlearn.ops._backend import BACKENDS, Backend
 from fastunlearn.ops.fused_linear import fused_linear_ihl_loss, fused_linear_nll_loss
@@ -228,30 +227,24 @@ def head_computes(
             )
         return compute(hidden, linear)
 
-    with _forwards_replaced(_head_linears(head), head_forward):
+    linears = _head_linears(head)
+    saved = [m.__dict__.get("forward") for m in linears]  # instance attributes, restored after the call
+    try:
+        for m in linears:
+            m.forward = MethodType(head_forward, m)
         out = call()
+    finally:
+        for m, previous in zip(linears, saved):
+            if previous is None:
+                del m.forward
+            else:
+                m.forward = previous
     if calls != 1:
         raise RuntimeError(
             f"{type(lm).__name__}.forward called its output head {calls} times instead of once; "
             "its losses cannot be fused (patch it with fused=False)"
         )
     return out
-
-
-@contextmanager
-def _forwards_replaced(modules: list[nn.Module], forward: Callable[..., Any]) -> Iterator[None]:
-    """Within the block, each of ``modules`` runs ``forward(module, ...)`` (its instance attribute)."""
-    saved = [(m, m.__dict__.get("forward")) for m in modules]
-    try:
-        for m in modules:
-            m.forward = MethodType(forward, m)
-        yield
-    finally:
-        for m, previous in saved:
-            if previous is None:
-                del m.forward
-            else:
-                m.forward = previous
 
 
 def _warn_fallback(lm: nn.Module, state: _PatchState) -> None:

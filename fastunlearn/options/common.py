@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastunlearn.data import FORMATS, TEMPLATE_NAMES
-from fastunlearn.models.quantization import require_bitsandbytes
+from fastunlearn.models.loading import require_bitsandbytes
 from fastunlearn.options.schema import option
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastunlearn.fisher import FISHER_MODES, parse_bytes
-from fastunlearn.models.precision import PRECISIONS
+from fastunlearn.models.devices import PRECISIONS
 from fastunlearn.options.common import DataShape, ModelAccess, RunControl
 from fastunlearn.options.schema import Validated, option
 

@@ -19,18 +19,16 @@ import torch
 from torch import nn
 
 from fastunlearn import data as fdata
-from fastunlearn.engines.sharded import linear_shape
+from fastunlearn.engines.distributed import linear_shape
 from fastunlearn.evaluation.likelihood import answer_stats
 from fastunlearn.fisher import FilaRowWeights, fila_init, fila_row_weights, lora_layers, parse_bytes
 from fastunlearn.fisher.budget import plan_groups
 from fastunlearn.fisher.layers import select_linear_layers
 from fastunlearn.methods.objectives import Objective, build_objective
-from fastunlearn.models.devices import eval_mode, model_device
+from fastunlearn.models.devices import AutocastEachCall, eval_mode, load_dtype
 from fastunlearn.models.patching import patch
-from fastunlearn.models.precision import autocast, load_dtype
 from fastunlearn.options.unlearn import UnlearnConfig
-from fastunlearn.plan.peak_memory import step_peaks
-from fastunlearn.plan.tracker import LiveTensors
+from fastunlearn.plan.peak_memory import LiveTensors, step_peaks
 from fastunlearn.training.adapters import collect_outputs, reference_logprobs, trainable_model
 
 Step = tuple[str, str, str, Callable[[], object]]  # (phase, step, kind of its allocations, call)
@@ -48,18 +46,6 @@ class Setting:
     dtype: torch.dtype | None = None
     device: str = "cpu"
     target: str = "cpu"
-
-
-class _AutocastEachCall(nn.Module):
-    """``module`` under the run's autocast, a region per call as accelerate wraps ``Trainer``'s model."""
-
-    def __init__(self, module: nn.Module, precision: str) -> None:
-        super().__init__()
-        self.module, self.precision = module, precision
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with autocast(self.precision, model_device(self.module)):
-            return self.module(*args, **kwargs)
 
 
 class PhaseRunner:
@@ -83,7 +69,8 @@ class PhaseRunner:
         yield "fisher" if cfg.init == "fila" else "train_step", "adapters", "trainable", self.adapters
         if cfg.init == "fila":
             for group in self.fisher_groups():
-                yield "fisher", f"passes over {_span(group)}", "activations", lambda g=group: self.fisher(g)
+                span = group[0] if len(group) == 1 else f"{group[0]} … {group[-1]}"
+                yield "fisher", f"passes over {span}", "activations", lambda g=group: self.fisher(g)
             yield "fila", "fila_init", "solver", self.fila
         if self.spec.fixed_reference:
             yield "reference", "reference log-probabilities", "activations", self.reference
@@ -189,7 +176,8 @@ class PhaseRunner:
         batch = {name: self.batch(size) for name in spec.parts}
         for name in spec.fixed_reference:
             batch[name]["ref_logp"] = torch.zeros(size, device=self.setting.device)
-        loss, _ = self.objective(_AutocastEachCall(self.model, self.setting.precision), batch)
+        model = AutocastEachCall(self.model, self.setting.precision, torch.device(self.setting.device))
+        loss, _ = self.objective(model, batch)
         loss.backward()
 
     def optimizer_step(self) -> None:
@@ -217,10 +205,6 @@ def quantised_bytes(weight: torch.Tensor, bits: int) -> int:
         blocks = math.ceil(n / 64)
         return math.ceil(n / 2) + blocks + 4 * math.ceil(blocks / 256) + 4 * (256 + 16 + 1)
     return n + 4 * weight.shape[0]
-
-
-def _span(group: list[str]) -> str:
-    return group[0] if len(group) == 1 else f"{group[0]} … {group[-1]}"
 
 
 def measure_phases(cfg: UnlearnConfig, setting: Setting) -> dict[str, int]:

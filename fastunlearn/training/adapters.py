@@ -17,10 +17,9 @@ from fastunlearn.engines.base import Engine
 from fastunlearn.methods.capture import num_layers
 from fastunlearn.methods.objectives import sequence_logprobs
 from fastunlearn.methods.rmu import down_projections, resolve_rmu_layers
-from fastunlearn.models.devices import training_device
+from fastunlearn.models.devices import autocast, training_device
 from fastunlearn.models.loading import quiet_peft_wrap
 from fastunlearn.models.naming import unwrap_model
-from fastunlearn.models.precision import autocast
 from fastunlearn.options.unlearn import UnlearnConfig
 
 ROW_WEIGHTS = os.path.join("fisher", "row_weights.safetensors")
@@ -132,7 +131,7 @@ def collect_outputs(
 ) -> dict[str, Any]:
     """What :func:`save_outputs` writes, read by every rank (a collective under ZeRO-3) and kept by the
     main one. ``state_dict``: the state an engine gathered itself (FSDP)."""
-    from fastunlearn.engines.sharded import gathered_state_dict, is_partitioned
+    from fastunlearn.engines.distributed import gathered_state_dict, is_partitioned
 
     keep = distributed.is_main()
     if init == "full":  # whole weights are saved from the model itself, without a copy in memory

@@ -17,8 +17,7 @@ from torch import nn
 
 from fastunlearn.engines import distributed
 from fastunlearn.fisher.budget import available_memory, format_bytes
-from fastunlearn.models.devices import training_device
-from fastunlearn.models.precision import weights_dtype
+from fastunlearn.models.devices import training_device, weights_dtype
 from fastunlearn.options.unlearn import UnlearnConfig
 from fastunlearn.plan.plan import MemoryPlan, plan_memory
 

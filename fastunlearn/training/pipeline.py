@@ -32,11 +32,9 @@ from fastunlearn.methods.capture import num_layers
 from fastunlearn.methods.objectives import Objective, build_objective
 from fastunlearn.methods.presets import MethodSpec
 from fastunlearn.methods.rmu import resolve_rmu_layers
-from fastunlearn.models.devices import training_device
-from fastunlearn.models.loading import load_model_and_tokenizer
+from fastunlearn.models.devices import load_dtype, resolve_training_precision, training_device, weights_dtype
+from fastunlearn.models.loading import keep_trainable_layout, load_model_and_tokenizer
 from fastunlearn.models.patching import fused_blocker, patch, unpatch
-from fastunlearn.models.precision import load_dtype, resolve_training_precision, weights_dtype
-from fastunlearn.models.quantization import keep_trainable_layout
 from fastunlearn.options.unlearn import UnlearnConfig
 from fastunlearn.training import outputs
 from fastunlearn.training.adapters import (
