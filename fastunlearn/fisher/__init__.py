@@ -3,8 +3,7 @@ on it (Cha et al. 2025, arXiv 2408.06621). Uses :mod:`fastunlearn.ops` and :mod:
 knows nothing of training loops, evaluation or the command line."""
 
 from fastunlearn.fisher.budget import parse_bytes
-from fastunlearn.fisher.estimate import FISHER_MODES, FisherEstimate, FisherFile
-from fastunlearn.fisher.estimator import estimate_fisher, save_fisher
+from fastunlearn.fisher.estimate import FISHER_MODES, FisherEstimate, FisherFile, estimate_fisher, save_fisher
 from fastunlearn.fisher.export import (
     adapter_export,
     merged_state_dict,
