@@ -11,7 +11,7 @@ of rank ``r`` and scaling ``s`` is initialised in fp32, one layer at a time::
 and ``s·B₀A₀`` is ``M*`` up to ``d/(d+ε)``: the adapters start on the part of ``W`` that matters most to
 the forget set relative to the retain set, and ``W_res + s·B₀A₀ = W`` keeps the model's function. Rows
 with ``d_i = 0`` get exact zeros in ``B₀``. A quantised base is not rewritten: ``−s·B₀A₀`` becomes a
-frozen adapter (:mod:`fastunlearn.fisher.residual`). ``A₀``, ``B₀``, ``s`` are recorded on each layer
+frozen adapter (:func:`attach_residual`). ``A₀``, ``B₀``, ``s`` are recorded on each layer
 for the export; the result is deterministic (seeded solvers), so a run resumes by calling
 :func:`fila_init` again on the original base and loading its trained factors over them.
 """
@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastunlearn.engines import distributed
 from fastunlearn.engines.sharded import gathered, linear_shape
 from fastunlearn.fisher.estimate import layer_table
-from fastunlearn.fisher.residual import attach_residual
 from fastunlearn.fisher.row_weights import check_eps, row_weight
 from fastunlearn.fisher.solver import truncated_svd
 from fastunlearn.models.naming import canonical_name
@@ -38,6 +38,7 @@ from fastunlearn.models.quantization import dequantized_weight, is_quantized
 Solver = Literal["truncated", "svd", "randomized"]
 SOLVERS = ("truncated", "svd", "randomized")
 _RECORD_ATTR = "_fastunlearn_fila"
+_A, _B = "fila_residual_A", "fila_residual_B"
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,7 @@ def _init_layer(
         raise ValueError(f"layer {name!r}: FILA produced non-finite values (check the weights and Fisher)")
     lora_A.copy_(A0)
     lora_B.copy_(B0)
-    if quantised:  # the base stays W_q; −s·B₀A₀ rides along, frozen (fastunlearn.fisher.residual)
+    if quantised:  # the base stays W_q; −s·B₀A₀ rides along, frozen (attach_residual)
         attach_residual(layer, lora_A.detach(), lora_B.detach(), scaling)
     else:
         base.weight.copy_(residual)
@@ -283,6 +284,28 @@ def _init_layer(
     getattr(layer, _RECORD_ATTR)[adapter] = FilaInit(
         A0=A0.to("cpu", copy=True), B0=B0.to("cpu", copy=True), scaling=scaling
     )
+
+
+def _subtract(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    A, B = getattr(module, _A), getattr(module, _B)
+    x = args[0].to(A.dtype)
+    return output - (F.linear(F.linear(x, A), B) * module._fila_residual_scaling).to(output.dtype)
+
+
+def attach_residual(layer: nn.Module, A0: Tensor, B0: Tensor, scaling: float) -> None:
+    """Make ``layer`` (a LoRA layer on a quantised base) compute ``W_q x + s·B A x − s·B₀ A₀ x``: a
+    quantised weight cannot take ``W_res`` without being quantised again, and this is ``W_q x`` at
+    initialisation and the same ``ΔW`` (and export) as on a full-precision base after training. The
+    frozen term is a forward hook over two non-persistent buffers (a resumed run recomputes them),
+    ``A0`` / ``B0`` as they are (the adapter's dtype) on its device, computed as ``peft`` computes the
+    trained one."""
+    if isinstance(getattr(layer, _A, None), torch.Tensor):
+        raise ValueError("this layer already carries a FILA residual")
+    device = layer.lora_A[next(iter(layer.lora_A))].weight.device
+    layer.register_buffer(_A, A0.detach().to(device, copy=True), persistent=False)
+    layer.register_buffer(_B, B0.detach().to(device, copy=True), persistent=False)
+    layer._fila_residual_scaling = float(scaling)
+    layer.register_forward_hook(_subtract)
 
 
 def fila_record(layer: nn.Module, adapter_name: str = "default") -> FilaInit | None:
