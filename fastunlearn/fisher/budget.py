@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fastunlearn.engines.sharded import linear_shape
-from fastunlearn.fisher.passes import Data, largest_batch, run_pass
+from fastunlearn.fisher.passes import Data, run_pass
 
 _UNITS = {"": 1, "b": 1, **{p + "b": 10 ** (3 * i) for i, p in enumerate("kmgt", 1)}}
 _UNITS |= {p + "ib": 2 ** (10 * i) for i, p in enumerate("kmgt", 1)}
@@ -120,7 +120,9 @@ def resolve_budget(
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    run_pass(model, largest_batch(data), layers, mode=mode, backend=backend, fold=False)
+    batch = max((b for d in data for b in d.batches), key=lambda b: b.labels.numel())
+    largest = Data([batch], batch.examples, batch.tokens)  # the batch with the most token positions
+    run_pass(model, largest, layers, mode=mode, backend=backend, fold=False)
     torch.cuda.synchronize(device)
     activations = torch.cuda.max_memory_allocated(device) - before
     scratch = 4 * max(math.prod(linear_shape(layer)) for layer in layers.values())

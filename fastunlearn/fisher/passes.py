@@ -15,8 +15,8 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,16 +204,6 @@ def _batch_loss(model: nn.Module, batch: Batch, mode: str, fused: bool) -> Tenso
     return shifted_nll(logits, batch.labels, reduction)
 
 
-def _fused_loss_applies(model: nn.Module, layers: Mapping[str, nn.Linear]) -> bool:
-    """Whether a pass computes its loss fused: where the model allows it and the output head is not
-    measured (its output gradient is the logits' gradient, which only the logits path forms)."""
-    if not takes_fused_path(model):
-        return False
-    head = find_causal_lm(model).get_output_embeddings()
-    heads = {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
-    return not any(id(layer) in heads for layer in layers.values())
-
-
 def _zeros(layer: nn.Linear) -> Tensor:
     # The shape from the module: under ZeRO-3 the weight itself is an empty shard.
     return torch.zeros(linear_shape(layer), dtype=torch.float32, device=layer.weight.device)
@@ -240,7 +230,11 @@ def run_pass(
 
     anchor = torch.zeros((), device=model_device(model), requires_grad=True)
     folder = _Folder(layers, fold, mode, backend, anchor)
-    fused = _fused_loss_applies(model, layers)
+    fused = takes_fused_path(model)
+    if fused:  # not when the output head is measured: its output gradient is the logits', never formed
+        head = find_causal_lm(model).get_output_embeddings()
+        heads = {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
+        fused = not any(id(layer) in heads for layer in layers.values())
     handles = [layer.register_forward_hook(folder.hook(name)) for name, layer in layers.items()]
     try:
         batches = distributed.shard(data.batches) if fold else data.batches
@@ -306,10 +300,9 @@ def _checkpoint_forward(module: nn.Module) -> Callable[[], None]:
     module.forward = forward
 
     def undo() -> None:
+        del module.forward  # the instance attribute set above
         if own:
             module.forward = previous
-        else:
-            del module.forward
 
     return undo
 
@@ -322,11 +315,11 @@ def _detach_output(module: nn.Module, args: tuple, output: Any) -> Any:
 def fisher_session(model: nn.Module, gradient_checkpointing: bool | None) -> Iterator[None]:
     """The model as passes need it, restored however the block exits: eval mode, every parameter frozen,
     the input embeddings' output detached and the blocks of :func:`_checkpoint_units` checkpointed."""
-    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    training = [(m, m.training) for m in model.modules()]
-    handles = []
-    undo: list[Callable[[], None]] = []
-    try:
+    with ExitStack() as restore:
+        for m in model.modules():
+            restore.callback(setattr, m, "training", m.training)
+        for p in model.parameters():
+            restore.callback(p.requires_grad_, p.requires_grad)
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -336,22 +329,7 @@ def fisher_session(model: nn.Module, gradient_checkpointing: bool | None) -> Ite
         except NotImplementedError:
             embeddings = None
         if isinstance(embeddings, nn.Module):
-            handles.append(embeddings.register_forward_hook(_detach_output))
+            restore.callback(embeddings.register_forward_hook(_detach_output).remove)
         for unit in _checkpoint_units(model, gradient_checkpointing):
-            undo.append(_checkpoint_forward(unit))
+            restore.callback(_checkpoint_forward(unit))
         yield
-    finally:
-        for restore in reversed(undo):
-            restore()
-        for handle in handles:
-            handle.remove()
-        for p, flag in requires_grad:
-            p.requires_grad_(flag)
-        for m, flag in training:
-            m.training = flag
-
-
-def largest_batch(data: Sequence[Data]) -> Data:
-    """The one batch with the most token positions across ``data``, as a data set of its own."""
-    batch = max((b for d in data for b in d.batches), key=lambda b: b.labels.numel())
-    return Data([batch], batch.examples, batch.tokens)
