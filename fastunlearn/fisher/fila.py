@@ -133,39 +133,25 @@ def fila_factors(
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """FILA's initial factors ``(A₀ [r, in], B₀ [out, r])`` for one weight from its two Fisher estimates
-    (module docstring), in fp32; the arguments of :func:`fila_factors_from_row_weights`."""
+    (module docstring), in fp32; ``solver`` and ``seed`` as in :func:`fila_init`."""
     if weight.dim() != 2 or forget.shape != weight.shape or retain.shape != weight.shape:
         raise ValueError(
             f"Fisher shapes {tuple(forget.shape)} (forget) and {tuple(retain.shape)} (retain) must match the "
             f"2-D weight {tuple(weight.shape)}"
         )
-    d = row_weight(forget.to(weight.device), retain.to(weight.device), eps)
-    return fila_factors_from_row_weights(weight, d, rank, scaling, eps=eps, solver=solver, seed=seed)
-
-
-def fila_factors_from_row_weights(
-    weight: Tensor,
-    row_weights: Tensor,
-    rank: int,
-    scaling: float,
-    *,
-    eps: float = 1e-5,
-    solver: Solver = "truncated",
-    seed: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """FILA's ``(A₀, B₀)`` of ``weight`` ``[out, in]`` from its row weights ``d`` ``[out]``, in fp32
-    (module docstring; ``solver`` as in :func:`fila_init`)."""
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out, in], got {tuple(weight.shape)}")
-    if tuple(row_weights.shape) != (weight.shape[0],):
-        raise ValueError(
-            f"row weights of shape {tuple(row_weights.shape)} must have one entry per output row of the "
-            f"weight {tuple(weight.shape)}"
-        )
     if not 1 <= rank <= min(weight.shape):
         raise ValueError(f"LoRA rank {rank} must lie in [1, min(out, in) = {min(weight.shape)}]")
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
+    d = row_weight(forget.to(weight.device), retain.to(weight.device), eps)
+    return _factors(weight, d, rank, scaling, eps, solver, seed)
+
+
+def _factors(
+    weight: Tensor, row_weights: Tensor, rank: int, scaling: float, eps: float, solver: str, seed: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`fila_factors` from the row weights ``d`` ``[out]`` of ``weight`` ``[out, in]`` (the
+    callers check the shapes, rank and solver)."""
     W = weight.detach().float()
     d = row_weights.to(W.device, torch.float32)
     weighted = d[:, None] * W
@@ -253,7 +239,7 @@ def _init_layer(
     scaling = float(layer.scaling[adapter])
     quantised = is_quantized(base)
     W = dequantized_weight(base) if quantised else base.weight.float()
-    A, B = fila_factors_from_row_weights(W, d, layer.r[adapter], scaling, eps=eps, solver=solver, seed=seed)
+    A, B = _factors(W, d, layer.r[adapter], scaling, eps, solver, seed)
     # Every rank computes the same factors from the same W and d; rank 0's are sent to all anyway, so the
     # records (and any adapter exported from any rank) are the same bits everywhere, whatever the
     # solver's reduction order on each device.
