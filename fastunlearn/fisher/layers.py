@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from torch import nn
 
@@ -41,24 +41,6 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     return found
 
 
-def _output_embedding(model: nn.Module) -> nn.Module | None:
-    root = unwrap_model(model)
-    get_out = getattr(root, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    tuner = _tuner_layer_class()
-    if head is not None and tuner is not None and isinstance(head, tuner):
-        head = head.get_base_layer()
-    return head
-
-
-def _layer_summary(names: Iterable[str], limit: int = 12) -> str:
-    """The layer types and (the first ``limit``) names, for an error message naming the candidates."""
-    names = sorted(names)
-    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
-    return f"layer types {suffixes}; layers: {shown}"
-
-
 def select_linear_layers(
     model: nn.Module, target_modules: str | Sequence[str] | None
 ) -> dict[str, nn.Linear]:
@@ -68,7 +50,11 @@ def select_linear_layers(
     if not layers:
         raise ValueError(f"{type(model).__name__} has no nn.Linear layers to measure")
     if target_modules is None:
-        head = _output_embedding(model)
+        get_out = getattr(unwrap_model(model), "get_output_embeddings", None)
+        head = get_out() if callable(get_out) else None
+        tuner = _tuner_layer_class()
+        if tuner is not None and isinstance(head, tuner):
+            head = head.get_base_layer()
         selected = {name: layer for name, layer in layers.items() if layer is not head}
         if not selected:
             raise ValueError("the model's only linear layer is its output embedding; name it explicitly")
@@ -82,8 +68,11 @@ def select_linear_layers(
         key = canonical_name(spec)
         matched = {n: m for n, m in layers.items() if n == key or n.endswith("." + key)}
         if not matched:
+            names = sorted(layers)
+            shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
             raise ValueError(
-                f"target module {spec!r} matches no linear layer of the model; {_layer_summary(layers)}"
+                f"target module {spec!r} matches no linear layer of the model; layer types "
+                f"{sorted({n.rsplit('.', 1)[-1] for n in names})}; layers: {shown}"
             )
         selected.update(matched)
     return selected
