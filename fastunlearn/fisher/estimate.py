@@ -163,13 +163,8 @@ class FisherEstimate(LayerTable):
 
 
 def _metadata(mode: str, num_examples: int, num_tokens: int) -> dict[str, str]:
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "mode": mode,
-        "num_examples": str(num_examples),
-        "num_tokens": str(num_tokens),
-    }
+    counts = {"num_examples": str(num_examples), "num_tokens": str(num_tokens)}
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "mode": mode, **counts}
 
 
 class FisherFile:

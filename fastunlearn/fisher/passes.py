@@ -113,12 +113,10 @@ class _Tap(torch.autograd.Function):
 class _Folder:
     """The forward hooks of one pass and the fold of ``(X, G)`` into the accumulators ``sums``."""
 
-    def __init__(
-        self, layers: Mapping[str, nn.Linear], fold: bool, mode: str, backend: str, anchor: Tensor
-    ) -> None:
+    def __init__(self, layers: Mapping[str, nn.Linear], mode: str, backend: str, anchor: Tensor) -> None:
         self.layers = layers
-        # Made at a layer's first output gradient, as `.grad` is, not at the forward's peak. None: dry pass.
-        self.sums: dict[str, Tensor] | None = {} if fold else None
+        # Made at a layer's first output gradient, as `.grad` is, not at the forward's peak.
+        self.sums: dict[str, Tensor] = {}
         self.mode = mode
         self.backend = backend
         self.anchor = anchor
@@ -126,7 +124,7 @@ class _Folder:
         self.batch_weight = 1.0
         self.in_forward = False
         self.calls: dict[str, int] = {}
-        self.folding = True  # False: a pass run only to take part in ZeRO-3's collectives (run_pass)
+        self.folding = True  # False: a dry pass, or one only to take part in ZeRO-3's collectives
 
     def start_batch(self, batch: Batch) -> None:
         self.batch_size = batch.labels.shape[0]
@@ -160,7 +158,7 @@ class _Folder:
         return forward_hook
 
     def fold(self, name: str, x: Tensor, grad: Tensor) -> None:
-        if self.sums is None or not self.folding:
+        if not self.folding:
             return
         B = x.shape[0]
         inputs = x.reshape(B, -1, x.shape[-1])
@@ -229,7 +227,7 @@ def run_pass(
     from tqdm.auto import tqdm
 
     anchor = torch.zeros((), device=model_device(model), requires_grad=True)
-    folder = _Folder(layers, fold, mode, backend, anchor)
+    folder = _Folder(layers, mode, backend, anchor)
     fused = takes_fused_path(model)
     if fused:  # not when the output head is measured: its output gradient is the logits', never formed
         head = find_causal_lm(model).get_output_embeddings()
@@ -238,7 +236,7 @@ def run_pass(
     handles = [layer.register_forward_hook(folder.hook(name)) for name, layer in layers.items()]
     try:
         batches = distributed.shard(data.batches) if fold else data.batches
-        folding = [True] * len(batches)
+        folding = [fold] * len(batches)
         if fold and any(is_partitioned(p) for p in model.parameters()):
             missing = math.ceil(len(data.batches) / distributed.world_size()) - len(batches)
             batches, folding = batches + data.batches[:missing], folding + [False] * missing
@@ -254,7 +252,7 @@ def run_pass(
     finally:
         for handle in handles:
             handle.remove()
-    if folder.sums is None:
+    if not fold:
         return {}
     return {
         name: distributed.all_reduce_sum(folder.sums.pop(name) if name in folder.sums else _zeros(layer))
@@ -265,14 +263,11 @@ def run_pass(
 def _checkpoint_units(model: nn.Module, requested: bool | None) -> list[nn.Module]:
     """The blocks to checkpoint: ``transformers``' checkpointable layers, those it checkpoints itself
     when ``requested`` is ``None`` (follow the model), all of them when ``True``, none when ``False``."""
-    units: list[nn.Module] = []
-    if "transformers" in sys.modules:  # a model can only hold its layers if it has been imported
-        try:
-            from transformers.modeling_layers import GradientCheckpointingLayer
-        except ImportError:  # older transformers checkpoint in the model's loop, in training mode only
-            GradientCheckpointingLayer = None
-        if GradientCheckpointingLayer is not None:
-            units = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    # A model can only hold these layers if their module has been imported; older transformers have none
+    # (they checkpoint in the model's loop, in training mode only).
+    modeling_layers = sys.modules.get("transformers.modeling_layers")
+    checkpointable = getattr(modeling_layers, "GradientCheckpointingLayer", None)
+    units = [m for m in model.modules() if isinstance(m, checkpointable)] if checkpointable else []
     enabled = [m for m in units if getattr(m, "gradient_checkpointing", False)]
     if requested is None:
         return enabled
@@ -288,8 +283,7 @@ def _checkpoint_units(model: nn.Module, requested: bool | None) -> list[nn.Modul
 
 def _checkpoint_forward(module: nn.Module) -> Callable[[], None]:
     """Make ``module``'s forward run under non-reentrant checkpointing; returns the undo."""
-    own = "forward" in module.__dict__  # e.g. accelerate's dispatch hooks set an instance forward
-    previous = module.__dict__.get("forward")
+    previous = module.__dict__.get("forward")  # e.g. accelerate's dispatch hooks set an instance forward
     inner = module.forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -301,7 +295,7 @@ def _checkpoint_forward(module: nn.Module) -> Callable[[], None]:
 
     def undo() -> None:
         del module.forward  # the instance attribute set above
-        if own:
+        if previous is not None:
             module.forward = previous
 
     return undo
