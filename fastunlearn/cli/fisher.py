@@ -37,8 +37,7 @@ def _run_fisher(args: argparse.Namespace) -> int:
     from fastunlearn import data as fdata
     from fastunlearn.cli.parser import options_from_args
     from fastunlearn.engines import distributed
-    from fastunlearn.fisher import save_fisher
-    from fastunlearn.fisher.layers import select_linear_layers
+    from fastunlearn.fisher import save_fisher, select_linear_layers
     from fastunlearn.models.devices import to_training_device, training_device
     from fastunlearn.models.loading import load_model_and_tokenizer
     from fastunlearn.models.precision import PRECISION_DTYPES, resolve_precision

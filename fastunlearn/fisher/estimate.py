@@ -38,8 +38,8 @@ from fastunlearn.fisher.budget import (
     parse_bytes,
     plan_groups,
     resolve_budget,
+    select_linear_layers,
 )
-from fastunlearn.fisher.layers import select_linear_layers
 from fastunlearn.fisher.passes import Data, fisher_session, prepare_batches, run_pass
 from fastunlearn.models.naming import canonical_name
 from fastunlearn.models.quantization import is_quantized
