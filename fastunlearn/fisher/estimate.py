@@ -295,11 +295,8 @@ def layer_estimates(
                 subset = {name: layers[name] for name in group}
                 sums = {label: run(d, subset, desc=f"Fisher ({label}){part}") for label, d in data.items()}
                 for name in group:
-                    yield (
-                        name,
-                        {label: sums[label].pop(name).mul_(scale[label]) for label in data},
-                        len(groups),
-                    )
+                    estimates = {label: sums[label].pop(name).mul_(scale[label]) for label in data}
+                    yield name, estimates, len(groups)
 
     return layers, data, passes()
 

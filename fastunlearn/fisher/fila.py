@@ -252,9 +252,7 @@ def _init_layer(
             stacklevel=3,
         )
     lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    # The residual uses the factors as they will be stored (rounded to the adapter dtype), so that
-    # W_res + s·B₀A₀ = W holds for what the model computes.
-    A0, B0 = A.to(lora_A.dtype).float(), B.to(lora_B.dtype).float()
+    A0, B0 = A.to(lora_A.dtype).float(), B.to(lora_B.dtype).float()  # as stored: W_res + s·B₀A₀ = W
     residual = W - scaling * (B0 @ A0)
     if not bool(torch.isfinite(residual).all()):
         raise ValueError(f"layer {name!r}: FILA produced non-finite values (check the weights and Fisher)")
@@ -264,10 +262,8 @@ def _init_layer(
         attach_residual(layer, lora_A.detach(), lora_B.detach(), scaling)
     else:
         base.weight.copy_(residual)
-    if not hasattr(layer, _RECORD_ATTR):
-        setattr(layer, _RECORD_ATTR, {})
     # Copies, not views: training updates the adapter parameters in place.
-    getattr(layer, _RECORD_ATTR)[adapter] = FilaInit(
+    layer.__dict__.setdefault(_RECORD_ATTR, {})[adapter] = FilaInit(
         A0=A0.to("cpu", copy=True), B0=B0.to("cpu", copy=True), scaling=scaling
     )
 

@@ -133,29 +133,27 @@ class _Folder:
         self.calls = dict.fromkeys(self.layers, 0)
         self.in_forward = True
 
-    def hook(self, name: str) -> Callable:
-        def forward_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-            if not torch.is_grad_enabled():
-                return None
-            if self.in_forward:  # recomputations run in the backward and are not counted
-                self.calls[name] += 1
-                if self.calls[name] > 1:
-                    raise ValueError(
-                        f"layer {name!r} ran more than once in one forward pass (shared weights); its "
-                        "per-example gradient is a sum over calls, which is not supported"
-                    )
-            if not args or not isinstance(args[0], Tensor):
-                raise ValueError(f"layer {name!r} was called without a positional input tensor")
-            x = args[0].detach()
-            if x.dim() < 2 or x.shape[0] != self.batch_size:
+    def hook(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        """Layer ``name``'s forward hook: its output through a :class:`_Tap`."""
+        if not torch.is_grad_enabled():
+            return None
+        if self.in_forward:  # recomputations run in the backward and are not counted
+            self.calls[name] += 1
+            if self.calls[name] > 1:
                 raise ValueError(
-                    f"layer {name!r} received inputs of shape {tuple(x.shape)}; per-example Fisher needs "
-                    f"the batch ({self.batch_size} examples) as the leading dimension"
+                    f"layer {name!r} ran more than once in one forward pass (shared weights); its "
+                    "per-example gradient is a sum over calls, which is not supported"
                 )
-            anchor = None if output.requires_grad else self.anchor
-            return _Tap.apply(output, x, anchor, functools.partial(self.fold, name))
-
-        return forward_hook
+        if not args or not isinstance(args[0], Tensor):
+            raise ValueError(f"layer {name!r} was called without a positional input tensor")
+        x = args[0].detach()
+        if x.dim() < 2 or x.shape[0] != self.batch_size:
+            raise ValueError(
+                f"layer {name!r} received inputs of shape {tuple(x.shape)}; per-example Fisher needs "
+                f"the batch ({self.batch_size} examples) as the leading dimension"
+            )
+        anchor = None if output.requires_grad else self.anchor
+        return _Tap.apply(output, x, anchor, functools.partial(self.fold, name))
 
     def fold(self, name: str, x: Tensor, grad: Tensor) -> None:
         if not self.folding:
@@ -233,7 +231,7 @@ def run_pass(
         head = find_causal_lm(model).get_output_embeddings()
         heads = {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
         fused = not any(id(layer) in heads for layer in layers.values())
-    handles = [layer.register_forward_hook(folder.hook(name)) for name, layer in layers.items()]
+    handles = [m.register_forward_hook(functools.partial(folder.hook, n)) for n, m in layers.items()]
     try:
         batches = distributed.shard(data.batches) if fold else data.batches
         folding = [fold] * len(batches)
