@@ -1,5 +1,4 @@
-"""The diagonal empirical Fisher information of a model's linear layers, without per-example gradients,
-and its file.
+"""The diagonal empirical Fisher information of a model's linear layers, without per-example gradients.
 
 For a linear layer and example ``n`` with inputs ``X_n`` and output gradients ``G_n`` of its loss
 ``L_n``, the weight gradient is ``g_n = G_nᵀ X_n`` and the diagonal empirical Fisher (Cha et al. 2025)
@@ -8,10 +7,9 @@ is ``F = (1/N) Σ_n g_n ⊙ g_n``: one backward of ``Σ_n L_n`` gives every ``G_
 sum and outside the token sum; ``mode="token"`` squares per token, ``mode="batch"`` is the paper
 code's ``Σ_b c_b·(∇L̄_b)² / Σ_b c_b`` (``L̄_b`` batch ``b``'s token-mean NLL, ``c_b`` its label
 tokens). Under a memory budget the layers are split into groups whose fp32 accumulators fit, and the
-data is passed once per group; a layer's estimate does not depend on the grouping.
-
-A :class:`FisherEstimate` is saved as safetensors (no pickle) with the estimator and its counts in the
-metadata, so it can be reused across runs; :class:`FisherFile` writes the same file layer by layer.
+data is passed once per group; a layer's estimate does not depend on the grouping. A
+:class:`FisherEstimate` is saved as safetensors (no pickle) with the estimator and its counts in the
+metadata, for reuse across runs; :class:`FisherFile` writes the same file layer by layer.
 """
 
 from __future__ import annotations
