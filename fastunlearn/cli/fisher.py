@@ -35,8 +35,7 @@ def _check_output(cfg) -> None:
 def _run_fisher(args: argparse.Namespace) -> int:
     from fastunlearn import data as fdata
     from fastunlearn.engines import distributed
-    from fastunlearn.fisher import save_fisher
-    from fastunlearn.fisher.layers import select_linear_layers
+    from fastunlearn.fisher import save_fisher, select_linear_layers
     from fastunlearn.models.devices import (
         PRECISION_DTYPES,
         resolve_precision,

@@ -2,9 +2,8 @@
 on it (Cha et al. 2025, arXiv 2408.06621). Uses :mod:`fastunlearn.ops` and :mod:`fastunlearn.models`;
 knows nothing of training loops, evaluation or the command line."""
 
-from fastunlearn.fisher.budget import parse_bytes
-from fastunlearn.fisher.estimate import FISHER_MODES, FisherEstimate, FisherFile
-from fastunlearn.fisher.estimator import estimate_fisher, save_fisher
+from fastunlearn.fisher.budget import linear_layers, parse_bytes, select_linear_layers
+from fastunlearn.fisher.estimate import FISHER_MODES, FisherEstimate, FisherFile, estimate_fisher, save_fisher
 from fastunlearn.fisher.export import (
     adapter_export,
     merged_state_dict,
@@ -13,7 +12,6 @@ from fastunlearn.fisher.export import (
     write_adapter,
 )
 from fastunlearn.fisher.fila import SOLVERS, fila_factors, fila_init, fila_record, lora_layers
-from fastunlearn.fisher.layers import linear_layers, select_linear_layers
 from fastunlearn.fisher.row_weights import FilaRowWeights, fila_row_weights
 
 __all__ = [

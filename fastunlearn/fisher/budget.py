@@ -1,19 +1,22 @@
-"""The memory budget of the Fisher accumulators (one fp32 value per measured weight and data set, 26 GB
-for Llama-2-7B): sizes in bytes, groups of consecutive layers that fit a budget (the data is passed once
-per group), the default budget."""
+"""The linear layers a Fisher estimate measures, by canonical name (the same on a model and on it wrapped
+by ``peft``, DDP or DeepSpeed; for a ``peft`` adapter layer, its frozen base), and the memory budget of
+their accumulators, one fp32 value per weight and data set (26 GB for Llama-2-7B): sizes in bytes, groups
+of consecutive layers that fit a budget (the data is passed once per group), the default budget."""
 
 from __future__ import annotations
 
 import math
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from fastunlearn.engines.distributed import linear_shape
-from fastunlearn.fisher.passes import Data, largest_batch, run_pass
+from fastunlearn.fisher.passes import Data, run_pass
+from fastunlearn.models.naming import canonical_name, unwrap_model
 
 _UNITS = {"": 1, "b": 1, **{p + "b": 10 ** (3 * i) for i, p in enumerate("kmgt", 1)}}
 _UNITS |= {p + "ib": 2 ** (10 * i) for i, p in enumerate("kmgt", 1)}
@@ -120,7 +123,9 @@ def resolve_budget(
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    run_pass(model, largest_batch(data), layers, mode=mode, backend=backend, fold=False)
+    batch = max((b for d in data for b in d.batches), key=lambda b: b.labels.numel())
+    largest = Data([batch], batch.examples, batch.tokens)  # the batch with the most token positions
+    run_pass(model, largest, layers, mode=mode, backend=backend, fold=False)
     torch.cuda.synchronize(device)
     activations = torch.cuda.max_memory_allocated(device) - before
     scratch = 4 * max(math.prod(linear_shape(layer)) for layer in layers.values())
@@ -130,3 +135,70 @@ def resolve_budget(
         f"{format_bytes(activations)} of activations)"
     )
     return budget, origin
+
+
+def _tuner_layer_class() -> type | None:
+    # A model can only hold peft layers if peft has been imported.
+    if "peft" not in sys.modules:
+        return None
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return BaseTunerLayer
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` of ``model`` by canonical name; for a ``peft`` adapter layer its frozen base,
+    not the adapters' own layers."""
+    root = unwrap_model(model)
+    tuner = _tuner_layer_class()
+    found: dict[str, nn.Linear] = {}
+    skip = None  # named_modules is pre-order: a tuner layer's submodules follow it directly
+    for name, module in root.named_modules():
+        if skip is not None and name.startswith(skip):
+            continue
+        skip = None
+        if tuner is not None and isinstance(module, tuner):
+            skip = name + "."
+            base = module.get_base_layer()
+            if isinstance(base, nn.Linear):
+                found[canonical_name(name)] = base
+        elif isinstance(module, nn.Linear):
+            found[canonical_name(name)] = module
+    return found
+
+
+def select_linear_layers(
+    model: nn.Module, target_modules: str | Sequence[str] | None
+) -> dict[str, nn.Linear]:
+    """Resolve ``target_modules`` (canonical names or dotted suffixes) to linear layers; ``None``: every
+    ``nn.Linear`` but the output embedding. ``ValueError`` naming an entry that matches nothing."""
+    layers = linear_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layers to measure")
+    if target_modules is None:
+        get_out = getattr(unwrap_model(model), "get_output_embeddings", None)
+        head = get_out() if callable(get_out) else None
+        tuner = _tuner_layer_class()
+        if tuner is not None and isinstance(head, tuner):
+            head = head.get_base_layer()
+        selected = {name: layer for name, layer in layers.items() if layer is not head}
+        if not selected:
+            raise ValueError("the model's only linear layer is its output embedding; name it explicitly")
+        return selected
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+    selected = {}
+    for spec in target_modules:
+        if not isinstance(spec, str) or not spec:
+            raise TypeError(f"target_modules entries must be non-empty strings, got {spec!r}")
+        key = canonical_name(spec)
+        matched = {n: m for n, m in layers.items() if n == key or n.endswith("." + key)}
+        if not matched:
+            names = sorted(layers)
+            shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+            raise ValueError(
+                f"target module {spec!r} matches no linear layer of the model; layer types "
+                f"{sorted({n.rsplit('.', 1)[-1] for n in names})}; layers: {shown}"
+            )
+        selected.update(matched)
+    return selected

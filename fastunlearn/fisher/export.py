@@ -90,14 +90,13 @@ def adapter_export(
             params = [layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight]
             with gathered(params):  # whole on every rank inside (ZeRO-3), copied out before the shards return
                 state[key_A], state[key_B] = (p.detach().to("cpu", copy=True) for p in params)
-        scaling = float(layer.scaling[adapter_name])
         record = fila_record(layer, adapter_name)
         if record is not None:
             A, B = state[key_A], state[key_B]
             state[key_A] = torch.cat([A.float(), record.A0.to(A.device)], dim=0)
             state[key_B] = torch.cat([B.float(), -record.B0.to(B.device)], dim=1)
         ranks[name] = state[key_A].shape[0]
-        alphas[name] = scaling * ranks[name]
+        alphas[name] = float(layer.scaling[adapter_name]) * ranks[name]
     config = copy.deepcopy(model.peft_config[adapter_name])
     config.r = max(set(ranks.values()), key=list(ranks.values()).count)
     config.lora_alpha = _integral(max(set(alphas.values()), key=list(alphas.values()).count))

@@ -11,7 +11,7 @@ of rank ``r`` and scaling ``s`` is initialised in fp32, one layer at a time::
 and ``s·B₀A₀`` is ``M*`` up to ``d/(d+ε)``: the adapters start on the part of ``W`` that matters most to
 the forget set relative to the retain set, and ``W_res + s·B₀A₀ = W`` keeps the model's function. Rows
 with ``d_i = 0`` get exact zeros in ``B₀``. A quantised base is not rewritten: ``−s·B₀A₀`` becomes a
-frozen adapter (:mod:`fastunlearn.fisher.residual`). ``A₀``, ``B₀``, ``s`` are recorded on each layer
+frozen adapter (:func:`attach_residual`). ``A₀``, ``B₀``, ``s`` are recorded on each layer
 for the export; the result is deterministic (seeded solvers), so a run resumes by calling
 :func:`fila_init` again on the original base and loading its trained factors over them.
 """
@@ -24,12 +24,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastunlearn.engines import distributed
 from fastunlearn.engines.distributed import gathered, linear_shape
 from fastunlearn.fisher.estimate import layer_table
-from fastunlearn.fisher.residual import attach_residual
 from fastunlearn.fisher.row_weights import check_eps, row_weight
 from fastunlearn.fisher.solver import truncated_svd
 from fastunlearn.models.loading import dequantized_weight, is_quantized
@@ -38,6 +38,7 @@ from fastunlearn.models.naming import canonical_name
 Solver = Literal["truncated", "svd", "randomized"]
 SOLVERS = ("truncated", "svd", "randomized")
 _RECORD_ATTR = "_fastunlearn_fila"
+_A, _B = "fila_residual_A", "fila_residual_B"
 
 
 @dataclass(frozen=True)
@@ -132,39 +133,25 @@ def fila_factors(
     seed: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """FILA's initial factors ``(A₀ [r, in], B₀ [out, r])`` for one weight from its two Fisher estimates
-    (module docstring), in fp32; the arguments of :func:`fila_factors_from_row_weights`."""
+    (module docstring), in fp32; ``solver`` and ``seed`` as in :func:`fila_init`."""
     if weight.dim() != 2 or forget.shape != weight.shape or retain.shape != weight.shape:
         raise ValueError(
             f"Fisher shapes {tuple(forget.shape)} (forget) and {tuple(retain.shape)} (retain) must match the "
             f"2-D weight {tuple(weight.shape)}"
         )
-    d = row_weight(forget.to(weight.device), retain.to(weight.device), eps)
-    return fila_factors_from_row_weights(weight, d, rank, scaling, eps=eps, solver=solver, seed=seed)
-
-
-def fila_factors_from_row_weights(
-    weight: Tensor,
-    row_weights: Tensor,
-    rank: int,
-    scaling: float,
-    *,
-    eps: float = 1e-5,
-    solver: Solver = "truncated",
-    seed: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """FILA's ``(A₀, B₀)`` of ``weight`` ``[out, in]`` from its row weights ``d`` ``[out]``, in fp32
-    (module docstring; ``solver`` as in :func:`fila_init`)."""
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [out, in], got {tuple(weight.shape)}")
-    if tuple(row_weights.shape) != (weight.shape[0],):
-        raise ValueError(
-            f"row weights of shape {tuple(row_weights.shape)} must have one entry per output row of the "
-            f"weight {tuple(weight.shape)}"
-        )
     if not 1 <= rank <= min(weight.shape):
         raise ValueError(f"LoRA rank {rank} must lie in [1, min(out, in) = {min(weight.shape)}]")
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {SOLVERS}")
+    d = row_weight(forget.to(weight.device), retain.to(weight.device), eps)
+    return _factors(weight, d, rank, scaling, eps, solver, seed)
+
+
+def _factors(
+    weight: Tensor, row_weights: Tensor, rank: int, scaling: float, eps: float, solver: str, seed: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`fila_factors` from the row weights ``d`` ``[out]`` of ``weight`` ``[out, in]`` (the
+    callers check the shapes, rank and solver)."""
     W = weight.detach().float()
     d = row_weights.to(W.device, torch.float32)
     weighted = d[:, None] * W
@@ -252,7 +239,7 @@ def _init_layer(
     scaling = float(layer.scaling[adapter])
     quantised = is_quantized(base)
     W = dequantized_weight(base) if quantised else base.weight.float()
-    A, B = fila_factors_from_row_weights(W, d, layer.r[adapter], scaling, eps=eps, solver=solver, seed=seed)
+    A, B = _factors(W, d, layer.r[adapter], scaling, eps, solver, seed)
     # Every rank computes the same factors from the same W and d; rank 0's are sent to all anyway, so the
     # records (and any adapter exported from any rank) are the same bits everywhere, whatever the
     # solver's reduction order on each device.
@@ -265,24 +252,42 @@ def _init_layer(
             stacklevel=3,
         )
     lora_A, lora_B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    # The residual uses the factors as they will be stored (rounded to the adapter dtype), so that
-    # W_res + s·B₀A₀ = W holds for what the model computes.
-    A0, B0 = A.to(lora_A.dtype).float(), B.to(lora_B.dtype).float()
+    A0, B0 = A.to(lora_A.dtype).float(), B.to(lora_B.dtype).float()  # as stored: W_res + s·B₀A₀ = W
     residual = W - scaling * (B0 @ A0)
     if not bool(torch.isfinite(residual).all()):
         raise ValueError(f"layer {name!r}: FILA produced non-finite values (check the weights and Fisher)")
     lora_A.copy_(A0)
     lora_B.copy_(B0)
-    if quantised:  # the base stays W_q; −s·B₀A₀ rides along, frozen (fastunlearn.fisher.residual)
+    if quantised:  # the base stays W_q; −s·B₀A₀ rides along, frozen (attach_residual)
         attach_residual(layer, lora_A.detach(), lora_B.detach(), scaling)
     else:
         base.weight.copy_(residual)
-    if not hasattr(layer, _RECORD_ATTR):
-        setattr(layer, _RECORD_ATTR, {})
     # Copies, not views: training updates the adapter parameters in place.
-    getattr(layer, _RECORD_ATTR)[adapter] = FilaInit(
+    layer.__dict__.setdefault(_RECORD_ATTR, {})[adapter] = FilaInit(
         A0=A0.to("cpu", copy=True), B0=B0.to("cpu", copy=True), scaling=scaling
     )
+
+
+def _subtract(module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+    A, B = getattr(module, _A), getattr(module, _B)
+    x = args[0].to(A.dtype)
+    return output - (F.linear(F.linear(x, A), B) * module._fila_residual_scaling).to(output.dtype)
+
+
+def attach_residual(layer: nn.Module, A0: Tensor, B0: Tensor, scaling: float) -> None:
+    """Make ``layer`` (a LoRA layer on a quantised base) compute ``W_q x + s·B A x − s·B₀ A₀ x``: a
+    quantised weight cannot take ``W_res`` without being quantised again, and this is ``W_q x`` at
+    initialisation and the same ``ΔW`` (and export) as on a full-precision base after training. The
+    frozen term is a forward hook over two non-persistent buffers (a resumed run recomputes them),
+    ``A0`` / ``B0`` as they are (the adapter's dtype) on its device, computed as ``peft`` computes the
+    trained one."""
+    if isinstance(getattr(layer, _A, None), torch.Tensor):
+        raise ValueError("this layer already carries a FILA residual")
+    device = layer.lora_A[next(iter(layer.lora_A))].weight.device
+    layer.register_buffer(_A, A0.detach().to(device, copy=True), persistent=False)
+    layer.register_buffer(_B, B0.detach().to(device, copy=True), persistent=False)
+    layer._fila_residual_scaling = float(scaling)
+    layer.register_forward_hook(_subtract)
 
 
 def fila_record(layer: nn.Module, adapter_name: str = "default") -> FilaInit | None:

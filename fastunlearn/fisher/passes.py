@@ -15,8 +15,8 @@ from __future__ import annotations
 import functools
 import math
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -113,12 +113,10 @@ class _Tap(torch.autograd.Function):
 class _Folder:
     """The forward hooks of one pass and the fold of ``(X, G)`` into the accumulators ``sums``."""
 
-    def __init__(
-        self, layers: Mapping[str, nn.Linear], fold: bool, mode: str, backend: str, anchor: Tensor
-    ) -> None:
+    def __init__(self, layers: Mapping[str, nn.Linear], mode: str, backend: str, anchor: Tensor) -> None:
         self.layers = layers
-        # Made at a layer's first output gradient, as `.grad` is, not at the forward's peak. None: dry pass.
-        self.sums: dict[str, Tensor] | None = {} if fold else None
+        # Made at a layer's first output gradient, as `.grad` is, not at the forward's peak.
+        self.sums: dict[str, Tensor] = {}
         self.mode = mode
         self.backend = backend
         self.anchor = anchor
@@ -126,7 +124,7 @@ class _Folder:
         self.batch_weight = 1.0
         self.in_forward = False
         self.calls: dict[str, int] = {}
-        self.folding = True  # False: a pass run only to take part in ZeRO-3's collectives (run_pass)
+        self.folding = True  # False: a dry pass, or one only to take part in ZeRO-3's collectives
 
     def start_batch(self, batch: Batch) -> None:
         self.batch_size = batch.labels.shape[0]
@@ -135,32 +133,30 @@ class _Folder:
         self.calls = dict.fromkeys(self.layers, 0)
         self.in_forward = True
 
-    def hook(self, name: str) -> Callable:
-        def forward_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-            if not torch.is_grad_enabled():
-                return None
-            if self.in_forward:  # recomputations run in the backward and are not counted
-                self.calls[name] += 1
-                if self.calls[name] > 1:
-                    raise ValueError(
-                        f"layer {name!r} ran more than once in one forward pass (shared weights); its "
-                        "per-example gradient is a sum over calls, which is not supported"
-                    )
-            if not args or not isinstance(args[0], Tensor):
-                raise ValueError(f"layer {name!r} was called without a positional input tensor")
-            x = args[0].detach()
-            if x.dim() < 2 or x.shape[0] != self.batch_size:
+    def hook(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        """Layer ``name``'s forward hook: its output through a :class:`_Tap`."""
+        if not torch.is_grad_enabled():
+            return None
+        if self.in_forward:  # recomputations run in the backward and are not counted
+            self.calls[name] += 1
+            if self.calls[name] > 1:
                 raise ValueError(
-                    f"layer {name!r} received inputs of shape {tuple(x.shape)}; per-example Fisher needs "
-                    f"the batch ({self.batch_size} examples) as the leading dimension"
+                    f"layer {name!r} ran more than once in one forward pass (shared weights); its "
+                    "per-example gradient is a sum over calls, which is not supported"
                 )
-            anchor = None if output.requires_grad else self.anchor
-            return _Tap.apply(output, x, anchor, functools.partial(self.fold, name))
-
-        return forward_hook
+        if not args or not isinstance(args[0], Tensor):
+            raise ValueError(f"layer {name!r} was called without a positional input tensor")
+        x = args[0].detach()
+        if x.dim() < 2 or x.shape[0] != self.batch_size:
+            raise ValueError(
+                f"layer {name!r} received inputs of shape {tuple(x.shape)}; per-example Fisher needs "
+                f"the batch ({self.batch_size} examples) as the leading dimension"
+            )
+        anchor = None if output.requires_grad else self.anchor
+        return _Tap.apply(output, x, anchor, functools.partial(self.fold, name))
 
     def fold(self, name: str, x: Tensor, grad: Tensor) -> None:
-        if self.sums is None or not self.folding:
+        if not self.folding:
             return
         B = x.shape[0]
         inputs = x.reshape(B, -1, x.shape[-1])
@@ -204,16 +200,6 @@ def _batch_loss(model: nn.Module, batch: Batch, mode: str, fused: bool) -> Tenso
     return shifted_nll(logits, batch.labels, reduction)
 
 
-def _fused_loss_applies(model: nn.Module, layers: Mapping[str, nn.Linear]) -> bool:
-    """Whether a pass computes its loss fused: where the model allows it and the output head is not
-    measured (its output gradient is the logits' gradient, which only the logits path forms)."""
-    if not takes_fused_path(model):
-        return False
-    head = find_causal_lm(model).get_output_embeddings()
-    heads = {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
-    return not any(id(layer) in heads for layer in layers.values())
-
-
 def _zeros(layer: nn.Linear) -> Tensor:
     # The shape from the module: under ZeRO-3 the weight itself is an empty shard.
     return torch.zeros(linear_shape(layer), dtype=torch.float32, device=layer.weight.device)
@@ -239,12 +225,16 @@ def run_pass(
     from tqdm.auto import tqdm
 
     anchor = torch.zeros((), device=model_device(model), requires_grad=True)
-    folder = _Folder(layers, fold, mode, backend, anchor)
-    fused = _fused_loss_applies(model, layers)
-    handles = [layer.register_forward_hook(folder.hook(name)) for name, layer in layers.items()]
+    folder = _Folder(layers, mode, backend, anchor)
+    fused = takes_fused_path(model)
+    if fused:  # not when the output head is measured: its output gradient is the logits', never formed
+        head = find_causal_lm(model).get_output_embeddings()
+        heads = {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
+        fused = not any(id(layer) in heads for layer in layers.values())
+    handles = [m.register_forward_hook(functools.partial(folder.hook, n)) for n, m in layers.items()]
     try:
         batches = distributed.shard(data.batches) if fold else data.batches
-        folding = [True] * len(batches)
+        folding = [fold] * len(batches)
         if fold and any(is_partitioned(p) for p in model.parameters()):
             missing = math.ceil(len(data.batches) / distributed.world_size()) - len(batches)
             batches, folding = batches + data.batches[:missing], folding + [False] * missing
@@ -260,7 +250,7 @@ def run_pass(
     finally:
         for handle in handles:
             handle.remove()
-    if folder.sums is None:
+    if not fold:
         return {}
     return {
         name: distributed.all_reduce_sum(folder.sums.pop(name) if name in folder.sums else _zeros(layer))
@@ -271,14 +261,11 @@ def run_pass(
 def _checkpoint_units(model: nn.Module, requested: bool | None) -> list[nn.Module]:
     """The blocks to checkpoint: ``transformers``' checkpointable layers, those it checkpoints itself
     when ``requested`` is ``None`` (follow the model), all of them when ``True``, none when ``False``."""
-    units: list[nn.Module] = []
-    if "transformers" in sys.modules:  # a model can only hold its layers if it has been imported
-        try:
-            from transformers.modeling_layers import GradientCheckpointingLayer
-        except ImportError:  # older transformers checkpoint in the model's loop, in training mode only
-            GradientCheckpointingLayer = None
-        if GradientCheckpointingLayer is not None:
-            units = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    # A model can only hold these layers if their module has been imported; older transformers have none
+    # (they checkpoint in the model's loop, in training mode only).
+    modeling_layers = sys.modules.get("transformers.modeling_layers")
+    checkpointable = getattr(modeling_layers, "GradientCheckpointingLayer", None)
+    units = [m for m in model.modules() if isinstance(m, checkpointable)] if checkpointable else []
     enabled = [m for m in units if getattr(m, "gradient_checkpointing", False)]
     if requested is None:
         return enabled
@@ -294,8 +281,7 @@ def _checkpoint_units(model: nn.Module, requested: bool | None) -> list[nn.Modul
 
 def _checkpoint_forward(module: nn.Module) -> Callable[[], None]:
     """Make ``module``'s forward run under non-reentrant checkpointing; returns the undo."""
-    own = "forward" in module.__dict__  # e.g. accelerate's dispatch hooks set an instance forward
-    previous = module.__dict__.get("forward")
+    previous = module.__dict__.get("forward")  # e.g. accelerate's dispatch hooks set an instance forward
     inner = module.forward
 
     def forward(*args: Any, **kwargs: Any) -> Any:
@@ -306,10 +292,9 @@ def _checkpoint_forward(module: nn.Module) -> Callable[[], None]:
     module.forward = forward
 
     def undo() -> None:
-        if own:
+        del module.forward  # the instance attribute set above
+        if previous is not None:
             module.forward = previous
-        else:
-            del module.forward
 
     return undo
 
@@ -322,11 +307,11 @@ def _detach_output(module: nn.Module, args: tuple, output: Any) -> Any:
 def fisher_session(model: nn.Module, gradient_checkpointing: bool | None) -> Iterator[None]:
     """The model as passes need it, restored however the block exits: eval mode, every parameter frozen,
     the input embeddings' output detached and the blocks of :func:`_checkpoint_units` checkpointed."""
-    requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-    training = [(m, m.training) for m in model.modules()]
-    handles = []
-    undo: list[Callable[[], None]] = []
-    try:
+    with ExitStack() as restore:
+        for m in model.modules():
+            restore.callback(setattr, m, "training", m.training)
+        for p in model.parameters():
+            restore.callback(p.requires_grad_, p.requires_grad)
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -336,22 +321,7 @@ def fisher_session(model: nn.Module, gradient_checkpointing: bool | None) -> Ite
         except NotImplementedError:
             embeddings = None
         if isinstance(embeddings, nn.Module):
-            handles.append(embeddings.register_forward_hook(_detach_output))
+            restore.callback(embeddings.register_forward_hook(_detach_output).remove)
         for unit in _checkpoint_units(model, gradient_checkpointing):
-            undo.append(_checkpoint_forward(unit))
+            restore.callback(_checkpoint_forward(unit))
         yield
-    finally:
-        for restore in reversed(undo):
-            restore()
-        for handle in handles:
-            handle.remove()
-        for p, flag in requires_grad:
-            p.requires_grad_(flag)
-        for m, flag in training:
-            m.training = flag
-
-
-def largest_batch(data: Sequence[Data]) -> Data:
-    """The one batch with the most token positions across ``data``, as a data set of its own."""
-    batch = max((b for d in data for b in d.batches), key=lambda b: b.labels.numel())
-    return Data([batch], batch.examples, batch.tokens)

@@ -20,9 +20,9 @@ from fastunlearn.fisher.estimate import (
     LayerTable,
     check_finite,
     check_mode,
+    layer_estimates,
     read_tagged_safetensors,
 )
-from fastunlearn.fisher.estimator import layer_estimates
 from fastunlearn.ops._backend import Backend
 
 FORMAT = "fastunlearn.fila_row_weights"

@@ -22,8 +22,7 @@ from fastunlearn import data as fdata
 from fastunlearn.engines.distributed import linear_shape
 from fastunlearn.evaluation.likelihood import answer_stats
 from fastunlearn.fisher import FilaRowWeights, fila_init, fila_row_weights, lora_layers, parse_bytes
-from fastunlearn.fisher.budget import plan_groups
-from fastunlearn.fisher.layers import select_linear_layers
+from fastunlearn.fisher.budget import plan_groups, select_linear_layers
 from fastunlearn.methods.objectives import Objective, build_objective
 from fastunlearn.models.devices import AutocastEachCall, eval_mode, load_dtype
 from fastunlearn.models.patching import patch

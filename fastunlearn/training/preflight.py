@@ -17,8 +17,8 @@ from torch import nn
 from fastunlearn import data as fdata
 from fastunlearn.data.examples import tokenize_records
 from fastunlearn.evaluation.muse import read_muse
+from fastunlearn.fisher import select_linear_layers
 from fastunlearn.fisher.budget import FILA_ACCUMULATORS, fila_accumulator_bytes, parse_bytes, plan_groups
-from fastunlearn.fisher.layers import select_linear_layers
 from fastunlearn.models.loading import load_config, model_skeleton, resolve_model
 from fastunlearn.models.naming import canonical_name
 from fastunlearn.options.unlearn import UnlearnConfig
