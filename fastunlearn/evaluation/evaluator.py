@@ -14,7 +14,7 @@ import torch
 
 from fastunlearn import data as fdata
 from fastunlearn.data.records import read_records, text_field
-from fastunlearn.data.tofu_files import find_tofu_files, read_tofu_file
+from fastunlearn.data.tofu_format import find_tofu_files, read_tofu_file
 from fastunlearn.evaluation.dialogue import evaluate_dialogue
 from fastunlearn.evaluation.extraction import evaluate_extraction
 from fastunlearn.evaluation.harness import check_tasks, evaluate_lm_eval

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fastunlearn._hub import MODEL_FILES, is_hub_id, resolve_snapshot
-from fastunlearn.data.sources import resolve_hub_dataset
+from fastunlearn.data.records import resolve_hub_dataset
 from fastunlearn.options.commandline import command_line
 from fastunlearn.options.schema import fields_of, to_record, with_absolute_paths
 
