@@ -18,7 +18,7 @@ from fastunlearn import data as fdata
 from fastunlearn import demo
 from fastunlearn._io import write_text
 from fastunlearn.cli import build_parser, main
-from fastunlearn.demo.data import _FACTS
+from fastunlearn.demo.models import _FACTS
 from fastunlearn.demo.run import STOP_PATIENCE
 from fastunlearn.evaluation.trajectory import read_trajectory
 from fastunlearn.fisher import FisherEstimate, estimate_fisher

@@ -17,6 +17,7 @@ from importlib import resources
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from fastunlearn.data.records import FORMATS, DataFormat, check_fields, load_records, read_source
 from fastunlearn.data.tofu_format import TOFU_FAMILIES, encode_tofu_example, eos_id
@@ -136,17 +137,13 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     (padding masked by position)."""
     if not examples:
         raise ValueError("cannot collate an empty list of examples")
-    T = max(len(e.input_ids) for e in examples)
-    B = len(examples)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        input_ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    ids = [torch.tensor(e.input_ids, dtype=torch.long) for e in examples]
+    labels = [torch.tensor(e.labels, dtype=torch.long) for e in examples]
+    return {
+        "input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id),
+        "attention_mask": pad_sequence([torch.ones_like(row) for row in ids], batch_first=True),
+        "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
+    }
 
 
 def batches(examples: Sequence[Example], pad_id: int, batch_size: int) -> list[dict[str, torch.Tensor]]:

@@ -106,16 +106,6 @@ def _read_parquet(path: str) -> list[dict[str, Any]]:
     return _rows(table.to_pylist(), path)
 
 
-def _pick_split(splits: dict[str, Any], split: str | None, name: str) -> Any:
-    if split is None and len(splits) == 1:
-        return next(iter(splits.values()))
-    if split is None:
-        raise ValueError(f"{name} holds the splits {sorted(splits)}; name one as {name}@SPLIT")
-    if split not in splits:
-        raise ValueError(f"{name} has no split {split!r}; it has {sorted(splits)}")
-    return splits[split]
-
-
 def _read_saved(path: str, split: str | None) -> list[dict[str, Any]]:
     """A ``save_to_disk`` folder: a ``Dataset`` or a ``DatasetDict`` (one split chosen)."""
     names = set(os.listdir(path))
@@ -128,12 +118,15 @@ def _read_saved(path: str, split: str | None) -> list[dict[str, Any]]:
     from datasets import DatasetDict, load_from_disk
 
     data = load_from_disk(path)
-    where = path if split is None else f"{path}@{split}"
-    if isinstance(data, DatasetDict):
-        data = _pick_split(dict(data), split, path)
-    elif split is not None:
-        raise ValueError(f"{path} holds one data set without splits; drop @{split}")
-    return _rows(data, where)
+    if not isinstance(data, DatasetDict):
+        if split is not None:
+            raise ValueError(f"{path} holds one data set without splits; drop @{split}")
+        return _rows(data, path)
+    if split is None and len(data) != 1:
+        raise ValueError(f"{path} holds the splits {sorted(data)}; name one as {path}@SPLIT")
+    if split is not None and split not in data:
+        raise ValueError(f"{path} has no split {split!r}; it has {sorted(data)}")
+    return _rows(data[split or next(iter(data))], path if split is None else f"{path}@{split}")
 
 
 @dataclass(frozen=True)

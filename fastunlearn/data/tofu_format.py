@@ -213,23 +213,14 @@ def find_tofu_files(data_dir: str | os.PathLike, *, forget_split: str | None = N
     data_dir = os.fspath(data_dir)
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"TOFU data directory not found: {data_dir}")
-
-    def pick(kind: str, patterns: list[str]) -> str | None:
-        for pattern in patterns:
-            found = sorted(glob.glob(os.path.join(data_dir, pattern)))
-            if len(found) == 1:
-                return found[0]
-            if len(found) > 1:
-                names = [os.path.basename(f) for f in found]
-                raise ValueError(
-                    f"several {kind} files in {data_dir}: {names}; choose one (forget_split=... for the "
-                    "forget set, or pass the set's file explicitly)"
-                )
-        return None
-
     split = forget_split or "forget*"
-    forget_patterns = [f"{split}_perturbed.json", f"{split}.json"]
-    present = [p for p in forget_patterns if os.path.isfile(os.path.join(data_dir, p))]
+    patterns = {
+        "forget": [f"{split}_perturbed.json", f"{split}.json"],
+        "retain": ["retain_perturbed.json", "retain*.json"],
+        "real_authors": ["real_authors_perturbed.json", "real_authors.json"],
+        "world_facts": ["world_facts_perturbed.json", "world_facts.json"],
+    }
+    present = [p for p in patterns["forget"] if os.path.isfile(os.path.join(data_dir, p))]
     if forget_split is not None and not present:
         found = sorted(
             {
@@ -238,16 +229,22 @@ def find_tofu_files(data_dir: str | os.PathLike, *, forget_split: str | None = N
             }
         )
         raise ValueError(
-            f"no forget split {forget_split!r} in {data_dir} (neither {' nor '.join(forget_patterns)}); "
+            f"no forget split {forget_split!r} in {data_dir} (neither {' nor '.join(patterns['forget'])}); "
             f"splits found: {found or 'none'}"
         )
-    files = {
-        "forget": pick("forget", forget_patterns),
-        "retain": pick("retain", ["retain_perturbed.json", "retain*.json"]),
-        "real_authors": pick("real authors", ["real_authors_perturbed.json", "real_authors.json"]),
-        "world_facts": pick("world facts", ["world_facts_perturbed.json", "world_facts.json"]),
-    }
-    files = {k: v for k, v in files.items() if v is not None}
+    files = {}
+    for name, candidates in patterns.items():
+        for pattern in candidates:
+            found = sorted(glob.glob(os.path.join(data_dir, pattern)))
+            if len(found) > 1:
+                raise ValueError(
+                    f"several {name.replace('_', ' ')} files in {data_dir}: "
+                    f"{[os.path.basename(f) for f in found]}; choose one (forget_split=... for the "
+                    "forget set, or pass the set's file explicitly)"
+                )
+            if found:
+                files[name] = found[0]
+                break
     if not files:
         raise ValueError(f"no TOFU files (forget*, retain*, real_authors*, world_facts*) in {data_dir}")
     return files

@@ -24,6 +24,9 @@ from fastunlearn.demo.models import (
 # Evaluations past the first crossing of a stopped demo: IHL + FILA's retain numbers dip at the
 # crossing and recover after it.
 STOP_PATIENCE = 3
+# Greedy answers of up to 32 tokens: "Answer: " (the tofu-phi prompt stops before it) and every demo
+# answer fit, so ROUGE-L sees the answer whole.
+_TOFU_OPTIONS = dict(template=DEMO_TEMPLATE, max_length=DEMO_MAX_LENGTH, max_new_tokens=32, batch_size=64)
 
 
 def unlearn_options(spec: DemoSize, *, seed: int) -> dict[str, Any]:
@@ -88,7 +91,7 @@ def run_demo(
             paths["retain_model"],
             {"forget": paths["forget_perturbed"]},
             os.path.join(paths["dir"], "reference_truth_ratios.json"),
-            **_tofu_options(),
+            **_TOFU_OPTIONS,
         )
         full_model, tokenizer = load_model_and_tokenizer(paths["full_model"])
         before = _tofu_metrics(full_model, tokenizer, paths, reference)
@@ -123,12 +126,6 @@ def run_demo(
     return result
 
 
-def _tofu_options() -> dict:
-    # Greedy answers of up to 32 tokens: "Answer: " (the tofu-phi prompt stops before it) and every demo
-    # answer fit, so ROUGE-L sees the answer whole.
-    return dict(template=DEMO_TEMPLATE, max_length=DEMO_MAX_LENGTH, max_new_tokens=32, batch_size=64)
-
-
 def _tofu_metrics(model, tokenizer, paths: dict[str, str], reference: list[float]) -> dict[str, float]:
     """TOFU's forget quality (the KS-test p-value of the forget-set truth ratios against the retain-only
     model's ``reference``) and 3 of model utility's 9 numbers (the demo has no real-authors or
@@ -137,7 +134,7 @@ def _tofu_metrics(model, tokenizer, paths: dict[str, str], reference: list[float
 
     sets = {"forget": paths["forget_perturbed"], "retain": paths["retain_perturbed"]}
     return summarize_tofu(
-        evaluate_tofu(model, tokenizer, sets, reference_truth_ratios=reference, **_tofu_options())
+        evaluate_tofu(model, tokenizer, sets, reference_truth_ratios=reference, **_TOFU_OPTIONS)
     )
 
 
