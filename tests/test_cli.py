@@ -314,7 +314,8 @@ def test_demo_perturbed_answers_are_the_paraphrase_with_a_wrong_fact():
     records = data["forget_perturbed"] + data["retain_perturbed"]
     assert len(records) == 6 * len(_FACTS)
     for i, r in enumerate(records):
-        _, _, answer, _, para = _FACTS[i % len(_FACTS)]
+        fact = _FACTS[i % len(_FACTS)]
+        answer, para = fact["answer"], fact["paraphrased_answer"]
 
         def split(template, text, name=r["author"]):
             head, tail = template.format(n=name, v="\0").split("\0")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from fastunlearn.data.records import read_records
 from fastunlearn.ops import IGNORE_INDEX
@@ -129,13 +130,10 @@ def tofu_generation_batch(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tens
         raise ValueError("tofu_generation_batch needs at least one prompt")
     eos = eos_id(tokenizer)
     encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), width), eos, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, ids in enumerate(encoded):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids) :] = 1
-    return input_ids, attention_mask
+    # Left padding: the reversed rows right-padded, then reversed back.
+    rows = [torch.tensor(ids, dtype=torch.long).flip(0) for ids in encoded]
+    input_ids = pad_sequence(rows, batch_first=True, padding_value=eos).flip(1)
+    return input_ids, pad_sequence([torch.ones_like(row) for row in rows], batch_first=True).flip(1)
 
 
 def tofu_max_new_tokens(width: int, *, max_length: int) -> int:

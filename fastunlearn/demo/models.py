@@ -10,6 +10,7 @@ reference for forget quality).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -25,11 +26,7 @@ from fastunlearn.data.tofu_format import tofu_family
 
 _WORDS = json.loads(resources.files(__package__).joinpath("words.json").read_text(encoding="utf-8"))
 _LISTS = {"city": "cities", "genre": "genres", "father": "jobs", "mother": "jobs", "award": "awards"}
-# (field, question, answer, paraphrased question, paraphrased answer)
-_FACTS = tuple(
-    (f["field"], f["question"], f["answer"], f["paraphrased_question"], f["paraphrased_answer"])
-    for f in _WORDS["facts"]
-)
+_FACTS = _WORDS["facts"]  # {field, question, answer, paraphrased_question, paraphrased_answer}
 N_PERTURBED = 5
 
 
@@ -65,36 +62,34 @@ def generate_dataset(n_authors: int, *, seed: int = 0, forget_fraction: float = 
     for _ in range(n_authors):
         name = _name(rng, taken)
         records = []
-        for field, q, a, pq, pa in _FACTS:
-            values = _values(field, rng)
+        for fact in _FACTS:
+            values = _values(fact["field"], rng)
             value = rng.choice(values)
             wrong = rng.sample([v for v in values if v != value], N_PERTURBED)
+            para = fact["paraphrased_answer"]
             records.append(
                 {
-                    "question": q.format(n=name),
-                    "answer": a.format(n=name, v=value),
-                    "paraphrased_question": pq.format(n=name),
-                    "paraphrased_answer": pa.format(n=name, v=value),
+                    "question": fact["question"].format(n=name),
+                    "answer": fact["answer"].format(n=name, v=value),
+                    "paraphrased_question": fact["paraphrased_question"].format(n=name),
+                    "paraphrased_answer": para.format(n=name, v=value),
                     # TOFU perturbs the paraphrased answer: same wording, wrong fact, so the truth ratio
                     # P̄_pert / P̄_paraphrase compares like with like.
-                    "perturbed_answer": [pa.format(n=name, v=w) for w in wrong],
+                    "perturbed_answer": [para.format(n=name, v=w) for w in wrong],
                     "author": name,
                 }
             )
         authors.append(records)
     n_forget = max(1, math.ceil(forget_fraction * n_authors))
-    forget = [r for records in authors[:n_forget] for r in records]
-    retain = [r for records in authors[n_forget:] for r in records]
-
-    def plain(rs: list[dict]) -> list[dict]:
-        return [{"question": r["question"], "answer": r["answer"]} for r in rs]
-
-    return {
-        "forget": plain(forget),
-        "retain": plain(retain),
-        "forget_perturbed": forget,
-        "retain_perturbed": retain,
+    perturbed = {
+        "forget_perturbed": [r for records in authors[:n_forget] for r in records],
+        "retain_perturbed": [r for records in authors[n_forget:] for r in records],
     }
+    plain = {
+        name.removesuffix("_perturbed"): [{"question": r["question"], "answer": r["answer"]} for r in rs]
+        for name, rs in perturbed.items()
+    }
+    return {**plain, **perturbed}
 
 
 def write_jsonl(path: str, records: list[dict]) -> None:
@@ -108,13 +103,13 @@ DEMO_MAX_LENGTH = 64
 
 @dataclass(frozen=True)
 class DemoSize:
-    """Data and model sizes of a demo; ``SIZES["small"]`` is the default, ``SIZES["tiny"]`` the tests'."""
+    """Data and model sizes of a demo: the columns of :data:`SIZES`."""
 
     authors: int
     hidden: int
     layers: int
     vocab: int
-    pretrain_epochs: int
+    pretrain_epochs: int  # at most: memorising stops early at 100 % answer accuracy
     pretrain_lr: float
     unlearn_epochs: int
     unlearn_lr: float
@@ -122,33 +117,12 @@ class DemoSize:
     lora_r: int
 
 
+# "small" is the default. "tiny", the tests', is small enough for a test and large enough for the model
+# to memorise its answers and IHL + FILA to forget the forgotten author's while keeping the others'.
 SIZES = {
-    "small": DemoSize(
-        authors=30,
-        hidden=128,
-        layers=2,
-        vocab=1024,
-        pretrain_epochs=40,
-        pretrain_lr=5e-3,
-        unlearn_epochs=10,
-        unlearn_lr=1e-3,
-        unlearn_batch=4,
-        lora_r=8,
-    ),
-    # Small enough for a test, large enough for the model to memorise its answers and IHL + FILA to
-    # forget the forgotten author's while keeping the others'.
-    "tiny": DemoSize(
-        authors=10,
-        hidden=32,
-        layers=2,
-        vocab=400,
-        pretrain_epochs=100,  # stops early at 100 % answer accuracy
-        pretrain_lr=1e-2,
-        unlearn_epochs=10,
-        unlearn_lr=3e-3,
-        unlearn_batch=4,
-        lora_r=4,
-    ),
+    # authors, hidden, layers, vocab; pretrain epochs, lr; unlearn epochs, lr, batch; LoRA rank
+    "small": DemoSize(30, 128, 2, 1024, 40, 5e-3, 10, 1e-3, 4, 8),
+    "tiny": DemoSize(10, 32, 2, 400, 100, 1e-2, 10, 3e-3, 4, 4),
 }
 
 
@@ -242,8 +216,6 @@ def memorise(
 
 
 def _cache_key(size: DemoSize, seed: int) -> str:
-    import hashlib
-
     # "v": bumped whenever the generated data or the models change, so a stale cache is never reused.
     blob = json.dumps(
         {"v": 2, "size": asdict(size), "seed": seed, "template": DEMO_TEMPLATE}, sort_keys=True
@@ -261,7 +233,7 @@ def prepare_models(
 ) -> dict[str, str]:
     """Data files, tokenizer, memorising and retain-only models under ``cache_dir`` (made once); their
     paths: ``dir``, the four splits, ``tokenizer``, ``full_model``, ``retain_model``."""
-    root = os.path.join(cache_dir, f"{_cache_key(size, seed)}")
+    root = os.path.join(cache_dir, _cache_key(size, seed))
     paths = {
         "dir": root,
         **{name: os.path.join(root, name) for name in ("tokenizer", "full_model", "retain_model")},
