@@ -134,7 +134,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
 
     from fastunlearn import demo
-    from fastunlearn.demo.run import unlearn_options
+    from fastunlearn.demo import unlearn_options
     from fastunlearn.models.loading import load_model_and_tokenizer
 
     spec = demo.SIZES["small"]

@@ -18,8 +18,8 @@ from fastunlearn import data as fdata
 from fastunlearn import demo
 from fastunlearn._io import write_text
 from fastunlearn.cli import build_parser, main
+from fastunlearn.demo import STOP_PATIENCE
 from fastunlearn.demo.models import _FACTS
-from fastunlearn.demo.run import STOP_PATIENCE
 from fastunlearn.evaluation.trajectory import read_trajectory
 from fastunlearn.fisher import FisherEstimate, estimate_fisher
 from fastunlearn.models.devices import training_device

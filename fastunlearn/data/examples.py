@@ -5,6 +5,10 @@ Formats: ``qa`` (the question in a prompt template, the loss on the answer and a
 (raw sequences, Jang et al. 2023: the loss on every token). Labels are ``-100`` where there is no loss
 (the loss does the causal shift). Prompt and answer are tokenised separately, so their boundary is
 exact; masks come from positions, never from pad ids (a pad equal to EOS keeps its EOS targets).
+
+The IdK and DPO baselines (TOFU, Maini et al. 2024; Rafailov et al. 2023) pair each forget question with
+a refusal drawn once per run by a generator seeded by the run's seed, so a resumed run draws the same
+and the reference log-probabilities are taken once.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -234,9 +239,6 @@ def prepare(
     return tokenize_records(records, tokenizer, data_format=fmt, template=template, max_length=max_length)
 
 
-# Refusal answers for the IdK and DPO baselines (TOFU, Maini et al. 2024; Rafailov et al. 2023): each
-# forget question paired with an "I don't know" drawn once per run by a generator seeded by the run's
-# seed, so a resumed run draws the same and the reference log-probabilities are taken once.
 _SEED_OFFSET = 7_000_003  # kept apart from the retain pairing's generator (seeded by the same seed)
 
 
@@ -244,16 +246,13 @@ def read_refusals(path: str | os.PathLike | None = None) -> list[str]:
     """The refusal answers of ``path`` (the package's list when ``None``): one a line, blank lines
     skipped, or JSON Lines ``{"answer"}`` when the first non-blank line is a JSON object."""
     name = "the package's refusals" if path is None else os.fspath(path)
-    if path is None:
-        text = resources.files("fastunlearn.data").joinpath("refusals.txt").read_text(encoding="utf-8")
-    elif not os.path.isfile(path):
+    if path is not None and not os.path.isfile(path):
         raise FileNotFoundError(f"refusal file not found: {name}")
-    else:
-        try:
-            with open(path, encoding="utf-8") as handle:
-                text = handle.read()
-        except UnicodeDecodeError:
-            raise ValueError(f"{name}: not a UTF-8 text file (one refusal a line expected)") from None
+    file = resources.files("fastunlearn.data").joinpath("refusals.txt") if path is None else Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{name}: not a UTF-8 text file (one refusal a line expected)") from None
     answers = [line.strip() for line in text.splitlines() if line.strip()]
     if not answers:
         raise ValueError(f"{name}: no refusal answers (the file is empty)")

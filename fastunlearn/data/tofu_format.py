@@ -220,12 +220,8 @@ def find_tofu_files(data_dir: str | os.PathLike, *, forget_split: str | None = N
     }
     present = [p for p in patterns["forget"] if os.path.isfile(os.path.join(data_dir, p))]
     if forget_split is not None and not present:
-        found = sorted(
-            {
-                os.path.basename(f)[: -len(".json")].removesuffix("_perturbed")
-                for f in glob.glob(os.path.join(data_dir, "forget*.json"))
-            }
-        )
+        names = glob.glob("forget*.json", root_dir=data_dir)
+        found = sorted({name[: -len(".json")].removesuffix("_perturbed") for name in names})
         raise ValueError(
             f"no forget split {forget_split!r} in {data_dir} (neither {' nor '.join(patterns['forget'])}); "
             f"splits found: {found or 'none'}"

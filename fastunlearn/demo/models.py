@@ -1,11 +1,10 @@
 """The demo's data, tokenizer and models, made once and cached by size and seed.
 
 The data: fictitious authors in TOFU's format (Maini et al. 2024), one question/answer pair per fact
-with a paraphrase and five perturbed (wrong) answers worded as the paraphrase; the phrasing is package
-data (``words.json``: ``{n}`` the author's name, ``{v}`` the value), all drawn from one seeded
-``random.Random``, so a seed gives the same data anywhere. The models: a byte-level BPE tokenizer, a
-small Llama model that memorises every answer, and one trained on the retain authors only (the
-reference for forget quality).
+with a paraphrase and five perturbed (wrong) answers worded as the paraphrase, all drawn from one seeded
+``random.Random`` over ``words.json`` (``{n}``: the author's name, ``{v}``: the value). The models: a
+byte-level BPE tokenizer, a small Llama model that memorises every answer, and one trained on the
+retain authors only (the reference for forget quality).
 """
 
 from __future__ import annotations
@@ -134,15 +133,13 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=["<pad>", "<s>", "</s>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
+    tok.train_from_iterator(texts, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
@@ -234,10 +231,8 @@ def prepare_models(
     """Data files, tokenizer, memorising and retain-only models under ``cache_dir`` (made once); their
     paths: ``dir``, the four splits, ``tokenizer``, ``full_model``, ``retain_model``."""
     root = os.path.join(cache_dir, _cache_key(size, seed))
-    paths = {
-        "dir": root,
-        **{name: os.path.join(root, name) for name in ("tokenizer", "full_model", "retain_model")},
-    }
+    folders = ("tokenizer", "full_model", "retain_model")
+    paths = {"dir": root, **{name: os.path.join(root, name) for name in folders}}
     splits = ("forget", "retain", "forget_perturbed", "retain_perturbed")
     paths.update({name: os.path.join(root, "data", f"{name}.json") for name in splits})
     done = os.path.join(root, "complete.json")
