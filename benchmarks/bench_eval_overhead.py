@@ -43,7 +43,7 @@ import torch
 from _common import RESULTS_DIR, ResultLog, environment, slug
 
 from fastunlearn import data as fdata
-from fastunlearn.demo import data as demo_data
+from fastunlearn.demo import generate_dataset
 
 # name -> (forget authors, retain authors, epochs); 7 question/answer items per author.
 SHAPES = {"demo": None, "issue": (12, 57, 5), "forget10": (57, 514, 2)}
@@ -59,7 +59,7 @@ def shape_data(name: str, demo_paths: dict[str, str]) -> tuple[object, object, f
     n_forget, n_retain, epochs = SHAPES[name]
     n = n_forget + n_retain
     # Half an author below n_forget / n: ceil() in generate_dataset then gives exactly n_forget.
-    data = demo_data.generate_dataset(n, seed=1, forget_fraction=(n_forget - 0.5) / n)
+    data = generate_dataset(n, seed=1, forget_fraction=(n_forget - 0.5) / n)
     return data["forget"], data["retain"], epochs
 
 
@@ -134,7 +134,7 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
 
     from fastunlearn import demo
-    from fastunlearn.demo.run import unlearn_options
+    from fastunlearn.demo import unlearn_options
     from fastunlearn.models.loading import load_model_and_tokenizer
 
     spec = demo.SIZES["small"]

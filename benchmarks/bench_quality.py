@@ -82,7 +82,7 @@ def demo_inputs(size: str, cache_dir: str | None, seed: int) -> dict[str, Any]:
     """Paths of the demo's data and models, and its unlearning options
     (:func:`fastunlearn.demo.unlearn_options`: what ``fastunlearn demo`` trains with)."""
     from fastunlearn import demo
-    from fastunlearn.demo.run import unlearn_options
+    from fastunlearn.demo import unlearn_options
 
     spec = demo.SIZES[size]
     paths = demo.prepare_models(cache_dir or demo.default_cache_dir(), spec, seed=seed, progress=False)

@@ -55,7 +55,7 @@ def main() -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     device = torch.device("cpu" if args.dry_run else "cuda")
     from fastunlearn import demo, unlearn
-    from fastunlearn.demo.run import run_demo, unlearn_options
+    from fastunlearn.demo import run_demo, unlearn_options
 
     log = ResultLog(f"gpu_smoke_{slug(device)}", environment(device))
     failures: list[str] = []

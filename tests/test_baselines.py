@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 
 from fastunlearn import data as fdata
 from fastunlearn.cli import main
-from fastunlearn.data.refusals import read_refusals, refusal_records
+from fastunlearn.data.examples import read_refusals, refusal_records
 from fastunlearn.methods import METHODS
 from fastunlearn.training.pipeline import unlearn
 

@@ -18,8 +18,8 @@ from fastunlearn import data as fdata
 from fastunlearn import demo
 from fastunlearn._io import write_text
 from fastunlearn.cli import build_parser, main
-from fastunlearn.demo.data import _FACTS
-from fastunlearn.demo.run import STOP_PATIENCE
+from fastunlearn.demo import STOP_PATIENCE
+from fastunlearn.demo.models import _FACTS
 from fastunlearn.evaluation.stop_callback import read_trajectory
 from fastunlearn.fisher import FisherEstimate, estimate_fisher
 from fastunlearn.models.devices import resolve_precision, training_device
@@ -313,7 +313,8 @@ def test_demo_perturbed_answers_are_the_paraphrase_with_a_wrong_fact():
     records = data["forget_perturbed"] + data["retain_perturbed"]
     assert len(records) == 6 * len(_FACTS)
     for i, r in enumerate(records):
-        _, _, answer, _, para = _FACTS[i % len(_FACTS)]
+        fact = _FACTS[i % len(_FACTS)]
+        answer, para = fact["answer"], fact["paraphrased_answer"]
 
         def split(template, text, name=r["author"]):
             head, tail = template.format(n=name, v="\0").split("\0")

@@ -13,8 +13,7 @@ from helpers.workspace import build_workspace
 
 from fastunlearn.cli import main
 from fastunlearn.data import load_records
-from fastunlearn.data.records import read_records
-from fastunlearn.data.sources import read_source, resolve_hub_dataset
+from fastunlearn.data.records import read_records, read_source, resolve_hub_dataset
 
 datasets = pytest.importorskip("datasets")
 pq = pytest.importorskip("pyarrow.parquet")

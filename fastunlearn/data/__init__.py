@@ -1,6 +1,6 @@
-"""Data below training and evaluation: records and their formats (:mod:`.records`), prompt templates,
-tokenisation and batches (:mod:`.examples`), TOFU's own tokenisation (:mod:`.tofu_format`) and files
-(:mod:`.tofu_files`)."""
+"""Data below training and evaluation: records, their sources and formats (:mod:`.records`), prompt
+templates, tokenisation, batches and refusals (:mod:`.examples`), TOFU's files and tokenisation
+(:mod:`.tofu_format`)."""
 
 from fastunlearn.data.examples import (
     IGNORE_INDEX,

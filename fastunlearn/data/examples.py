@@ -5,6 +5,10 @@ Formats: ``qa`` (the question in a prompt template, the loss on the answer and a
 (raw sequences, Jang et al. 2023: the loss on every token). Labels are ``-100`` where there is no loss
 (the loss does the causal shift). Prompt and answer are tokenised separately, so their boundary is
 exact; masks come from positions, never from pad ids (a pad equal to EOS keeps its EOS targets).
+
+The IdK and DPO baselines (TOFU, Maini et al. 2024; Rafailov et al. 2023) pair each forget question with
+a refusal drawn once per run by a generator seeded by the run's seed, so a resumed run draws the same
+and the reference log-probabilities are taken once.
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
-from fastunlearn.data.records import FORMATS, DataFormat, load_records
+from fastunlearn.data.records import FORMATS, DataFormat, check_fields, load_records, read_source
 from fastunlearn.data.tofu_format import TOFU_FAMILIES, encode_tofu_example, eos_id
 from fastunlearn.ops import IGNORE_INDEX
 
@@ -135,17 +142,13 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     (padding masked by position)."""
     if not examples:
         raise ValueError("cannot collate an empty list of examples")
-    T = max(len(e.input_ids) for e in examples)
-    B = len(examples)
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
-    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((B, T), dtype=torch.long)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        input_ids[i, :n] = torch.tensor(e.input_ids)
-        labels[i, :n] = torch.tensor(e.labels)
-        attention_mask[i, :n] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    ids = [torch.tensor(e.input_ids, dtype=torch.long) for e in examples]
+    labels = [torch.tensor(e.labels, dtype=torch.long) for e in examples]
+    return {
+        "input_ids": pad_sequence(ids, batch_first=True, padding_value=pad_id),
+        "attention_mask": pad_sequence([torch.ones_like(row) for row in ids], batch_first=True),
+        "labels": pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX),
+    }
 
 
 def batches(examples: Sequence[Example], pad_id: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -234,3 +237,67 @@ def prepare(
     """:func:`load_records` then :func:`tokenize_records`: the one call the trainer and the CLI use."""
     records, fmt = load_records(data, data_format=data_format, name=name, allow_download=allow_download)
     return tokenize_records(records, tokenizer, data_format=fmt, template=template, max_length=max_length)
+
+
+_SEED_OFFSET = 7_000_003  # kept apart from the retain pairing's generator (seeded by the same seed)
+
+
+def read_refusals(path: str | os.PathLike | None = None) -> list[str]:
+    """The refusal answers of ``path`` (the package's list when ``None``): one a line, blank lines
+    skipped, or JSON Lines ``{"answer"}`` when the first non-blank line is a JSON object."""
+    name = "the package's refusals" if path is None else os.fspath(path)
+    if path is not None and not os.path.isfile(path):
+        raise FileNotFoundError(f"refusal file not found: {name}")
+    file = resources.files("fastunlearn.data").joinpath("refusals.txt") if path is None else Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{name}: not a UTF-8 text file (one refusal a line expected)") from None
+    answers = [line.strip() for line in text.splitlines() if line.strip()]
+    if not answers:
+        raise ValueError(f"{name}: no refusal answers (the file is empty)")
+    if answers[0].startswith("{"):
+        records = read_source(path)
+        check_fields(records, ("answer",), "a JSON Lines refusal file", empty=False)
+        answers = [r["answer"].strip() for r in records]
+    return answers
+
+
+def refusal_records(
+    records: Sequence[Mapping[str, Any]], data_format: str, refusals: Sequence[str], seed: int
+) -> list[dict[str, Any]]:
+    """Each forget record with its answer (``qa``) or completion (``prompt_completion``) replaced by a
+    refusal drawn uniformly from ``refusals`` by a generator seeded from ``seed``."""
+    fields = {"qa": "answer", "prompt_completion": "completion"}
+    if data_format not in fields:
+        raise ValueError(
+            f"idk and dpo answer each forget question with a refusal; {data_format!r} forget records have no "
+            "question (give question/answer or prompt/completion records)"
+        )
+    if not refusals:
+        raise ValueError("no refusal answers to pair the forget questions with")
+    g = torch.Generator().manual_seed(seed + _SEED_OFFSET)
+    drawn = torch.randint(len(refusals), (len(records),), generator=g).tolist()
+    field = fields[data_format]
+    return [
+        {**record, field: refusals[k], "_source": f"{record.get('_source', f'records[{i}]')} (refusal)"}
+        for i, (record, k) in enumerate(zip(records, drawn, strict=True))
+    ]
+
+
+def refusal_examples(
+    records: Sequence[Mapping[str, Any]],
+    data_format: str,
+    tokenizer: Any,
+    *,
+    path: str | os.PathLike | None,
+    seed: int,
+    template: str,
+    max_length: int,
+) -> list[Example]:
+    """The forget records with refusal answers (:func:`refusal_records` over :func:`read_refusals` of
+    ``path``), tokenised as the forget set is."""
+    records = refusal_records(records, data_format, read_refusals(path), seed)
+    return tokenize_records(
+        records, tokenizer, data_format=data_format, template=template, max_length=max_length
+    )

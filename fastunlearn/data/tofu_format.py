@@ -1,4 +1,5 @@
-"""TOFU's own tokenisation, token for token (Maini et al. 2024): training/scoring examples and prompts.
+"""TOFU's format (Maini et al. 2024): its evaluation files (:func:`read_tofu_file`, found in a
+directory by TOFU's names by :func:`find_tofu_files`) and its own tokenisation, token for token.
 
 The public TOFU checkpoints were trained, and the paper's numbers computed (reused by Cha et al.
 2025), with one convention; another tokenisation changes every number. Per model family:
@@ -18,13 +19,19 @@ reference's ``loss / (labels != -100).sum()``.
 
 from __future__ import annotations
 
+import glob
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
+from fastunlearn.data.records import read_records
 from fastunlearn.ops import IGNORE_INDEX
+
+TOFU_SETS = ("forget", "retain", "real_authors", "world_facts")
 
 
 @dataclass(frozen=True)
@@ -123,13 +130,10 @@ def tofu_generation_batch(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tens
         raise ValueError("tofu_generation_batch needs at least one prompt")
     eos = eos_id(tokenizer)
     encoded = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), width), eos, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, ids in enumerate(encoded):
-        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, width - len(ids) :] = 1
-    return input_ids, attention_mask
+    # Left padding: the reversed rows right-padded, then reversed back.
+    rows = [torch.tensor(ids, dtype=torch.long).flip(0) for ids in encoded]
+    input_ids = pad_sequence(rows, batch_first=True, padding_value=eos).flip(1)
+    return input_ids, pad_sequence([torch.ones_like(row) for row in rows], batch_first=True).flip(1)
 
 
 def tofu_max_new_tokens(width: int, *, max_length: int) -> int:
@@ -139,3 +143,102 @@ def tofu_max_new_tokens(width: int, *, max_length: int) -> int:
     if width < 1 or max_length < 1:
         raise ValueError(f"width and max_length must be positive, got {width} and {max_length}")
     return max(max_length - width, 0)
+
+
+@dataclass(frozen=True)
+class TofuItem:
+    """One TOFU question with its answers; plain split files (``forget10.json``) have no paraphrased
+    and perturbed answers (3 perturbed in real authors / world facts, 5 in forget / retain)."""
+
+    question: str
+    answer: str
+    paraphrased_answer: str | None
+    perturbed_answers: tuple[str, ...] | None
+    source: str
+
+
+def read_tofu_file(path: str | os.PathLike) -> list[TofuItem]:
+    """The items of a TOFU-format file; errors name the file and line. Every item must have the same
+    fields and number of perturbed answers (the truth ratio is computed on an ``[N, K]`` table)."""
+    items = []
+    for record in read_records(path, ("question", "answer")):
+        where = record["_source"]
+        para = record.get("paraphrased_answer")
+        if para is not None and not isinstance(para, str):
+            raise ValueError(f"{where}: 'paraphrased_answer' must be a string")
+        pert = record.get("perturbed_answer")
+        if pert is not None:
+            if isinstance(pert, str):
+                pert = [pert]
+            if not isinstance(pert, list) or not pert or not all(isinstance(p, str) for p in pert):
+                raise ValueError(f"{where}: 'perturbed_answer' must be a non-empty list of strings")
+            pert = tuple(pert)
+        items.append(TofuItem(record["question"], record["answer"], para, pert, where))
+    first = items[0]
+    for item in items[1:]:
+        if (item.paraphrased_answer is None) != (first.paraphrased_answer is None):
+            raise ValueError(f"{item.source}: 'paraphrased_answer' is present on some lines and not others")
+        k0 = None if first.perturbed_answers is None else len(first.perturbed_answers)
+        k = None if item.perturbed_answers is None else len(item.perturbed_answers)
+        if k != k0:
+            raise ValueError(
+                f"{item.source}: {k} perturbed answers where {first.source} has {k0}; "
+                "every line of a file needs the same number"
+            )
+    return items
+
+
+def missing_truth_ratio_reason(items: list[TofuItem], source: str | os.PathLike | None) -> str | None:
+    """Why a set read from ``source`` has no truth ratio (no ``perturbed_answer``), or ``None``; TOFU
+    keeps them in ``NAME_perturbed.json`` beside ``NAME.json``, which the reason names."""
+    if not items or items[0].perturbed_answers is not None:
+        return None
+    if source is None:
+        return "its items have no perturbed_answer"
+    path = os.fspath(source)
+    stem, ext = os.path.splitext(path)
+    sibling = f"{stem}_perturbed{ext or '.json'}"
+    if stem.endswith("_perturbed"):
+        return f"{path} has no perturbed_answer field"
+    state = "use it instead" if os.path.isfile(sibling) else "not found"
+    return f"{path} has no perturbed_answer field (TOFU keeps them in {os.path.basename(sibling)}: {state})"
+
+
+def find_tofu_files(data_dir: str | os.PathLike, *, forget_split: str | None = None) -> dict[str, str]:
+    """TOFU's files in a directory by TOFU's names, the ``*_perturbed.json`` first: forget
+    (``{forget_split}``, or the only ``forget*``), retain, real authors, world facts; absent sets are
+    left out. ``ValueError`` for several candidates or a ``forget_split`` with no file."""
+    data_dir = os.fspath(data_dir)
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"TOFU data directory not found: {data_dir}")
+    split = forget_split or "forget*"
+    patterns = {
+        "forget": [f"{split}_perturbed.json", f"{split}.json"],
+        "retain": ["retain_perturbed.json", "retain*.json"],
+        "real_authors": ["real_authors_perturbed.json", "real_authors.json"],
+        "world_facts": ["world_facts_perturbed.json", "world_facts.json"],
+    }
+    present = [p for p in patterns["forget"] if os.path.isfile(os.path.join(data_dir, p))]
+    if forget_split is not None and not present:
+        names = glob.glob("forget*.json", root_dir=data_dir)
+        found = sorted({name[: -len(".json")].removesuffix("_perturbed") for name in names})
+        raise ValueError(
+            f"no forget split {forget_split!r} in {data_dir} (neither {' nor '.join(patterns['forget'])}); "
+            f"splits found: {found or 'none'}"
+        )
+    files = {}
+    for name, candidates in patterns.items():
+        for pattern in candidates:
+            found = sorted(glob.glob(os.path.join(data_dir, pattern)))
+            if len(found) > 1:
+                raise ValueError(
+                    f"several {name.replace('_', ' ')} files in {data_dir}: "
+                    f"{[os.path.basename(f) for f in found]}; choose one (forget_split=... for the "
+                    "forget set, or pass the set's file explicitly)"
+                )
+            if found:
+                files[name] = found[0]
+                break
+    if not files:
+        raise ValueError(f"no TOFU files (forget*, retain*, real_authors*, world_facts*) in {data_dir}")
+    return files

@@ -1,21 +1,99 @@
-"""The demo's tokenizer and models, trained once on the synthetic data and cached by size and seed:
-a byte-level BPE tokenizer, a small Llama model that memorises every answer, and one trained on the
+"""The demo's data, tokenizer and models, made once and cached by size and seed.
+
+The data: fictitious authors in TOFU's format (Maini et al. 2024), one question/answer pair per fact
+with a paraphrase and five perturbed (wrong) answers worded as the paraphrase, all drawn from one seeded
+``random.Random`` over ``words.json`` (``{n}``: the author's name, ``{v}``: the value). The models: a
+byte-level BPE tokenizer, a small Llama model that memorises every answer, and one trained on the
 retain authors only (the reference for forget quality).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import random
 from dataclasses import asdict, dataclass
+from importlib import resources
 
 import torch
 
 from fastunlearn import data as fdata
-from fastunlearn._io import write_dir, write_json
+from fastunlearn._io import write_dir, write_json, write_text
 from fastunlearn.data.tofu_format import tofu_family
-from fastunlearn.demo.data import generate_dataset, write_jsonl
+
+_WORDS = json.loads(resources.files(__package__).joinpath("words.json").read_text(encoding="utf-8"))
+_LISTS = {"city": "cities", "genre": "genres", "father": "jobs", "mother": "jobs", "award": "awards"}
+_FACTS = _WORDS["facts"]  # {field, question, answer, paraphrased_question, paraphrased_answer}
+N_PERTURBED = 5
+
+
+def _values(field: str, rng: random.Random) -> list[str]:
+    """Every possible value of ``field`` (dates: a random sample, so perturbed dates stay plausible)."""
+    if field == "date":
+        months = _WORDS["months"]
+        return [f"{rng.choice(months)} {rng.randint(1, 28)}, {rng.randint(1930, 1999)}" for _ in range(40)]
+    if field == "book":
+        return [f"The {a} {n}" for a in _WORDS["adjectives"] for n in _WORDS["nouns"]]
+    return list(_WORDS[_LISTS[field]])
+
+
+def _name(rng: random.Random, taken: set[str]) -> str:
+    while True:
+        first = "".join(rng.choice(_WORDS["syllables"]) for _ in range(2)).capitalize()
+        last = "".join(rng.choice(_WORDS["syllables"]) for _ in range(rng.randint(2, 3))).capitalize()
+        name = f"{first} {last}"
+        if name not in taken:
+            taken.add(name)
+            return name
+
+
+def generate_dataset(n_authors: int, *, seed: int = 0, forget_fraction: float = 0.1) -> dict[str, list[dict]]:
+    """Deterministic TOFU-format splits: ``forget``, ``retain`` (question and answer) and their
+    ``*_perturbed`` versions (with the paraphrases, perturbed answers and author). The first
+    ``ceil(forget_fraction · n_authors)`` authors are forgotten."""
+    if n_authors < 2:
+        raise ValueError(f"the demo needs at least 2 authors, got {n_authors}")
+    rng = random.Random(seed)
+    taken: set[str] = set()
+    authors = []
+    for _ in range(n_authors):
+        name = _name(rng, taken)
+        records = []
+        for fact in _FACTS:
+            values = _values(fact["field"], rng)
+            value = rng.choice(values)
+            wrong = rng.sample([v for v in values if v != value], N_PERTURBED)
+            para = fact["paraphrased_answer"]
+            records.append(
+                {
+                    "question": fact["question"].format(n=name),
+                    "answer": fact["answer"].format(n=name, v=value),
+                    "paraphrased_question": fact["paraphrased_question"].format(n=name),
+                    "paraphrased_answer": para.format(n=name, v=value),
+                    # TOFU perturbs the paraphrased answer: same wording, wrong fact, so the truth ratio
+                    # P̄_pert / P̄_paraphrase compares like with like.
+                    "perturbed_answer": [para.format(n=name, v=w) for w in wrong],
+                    "author": name,
+                }
+            )
+        authors.append(records)
+    n_forget = max(1, math.ceil(forget_fraction * n_authors))
+    perturbed = {
+        "forget_perturbed": [r for records in authors[:n_forget] for r in records],
+        "retain_perturbed": [r for records in authors[n_forget:] for r in records],
+    }
+    plain = {
+        name.removesuffix("_perturbed"): [{"question": r["question"], "answer": r["answer"]} for r in rs]
+        for name, rs in perturbed.items()
+    }
+    return {**plain, **perturbed}
+
+
+def write_jsonl(path: str, records: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
 
 # TOFU's prompt convention for its Phi models: the demo is trained and evaluated as they were.
 DEMO_TEMPLATE = "tofu-phi"
@@ -24,13 +102,13 @@ DEMO_MAX_LENGTH = 64
 
 @dataclass(frozen=True)
 class DemoSize:
-    """Data and model sizes of a demo; ``SIZES["small"]`` is the default, ``SIZES["tiny"]`` the tests'."""
+    """Data and model sizes of a demo: the columns of :data:`SIZES`."""
 
     authors: int
     hidden: int
     layers: int
     vocab: int
-    pretrain_epochs: int
+    pretrain_epochs: int  # at most: memorising stops early at 100 % answer accuracy
     pretrain_lr: float
     unlearn_epochs: int
     unlearn_lr: float
@@ -38,33 +116,12 @@ class DemoSize:
     lora_r: int
 
 
+# "small" is the default. "tiny", the tests', is small enough for a test and large enough for the model
+# to memorise its answers and IHL + FILA to forget the forgotten author's while keeping the others'.
 SIZES = {
-    "small": DemoSize(
-        authors=30,
-        hidden=128,
-        layers=2,
-        vocab=1024,
-        pretrain_epochs=40,
-        pretrain_lr=5e-3,
-        unlearn_epochs=10,
-        unlearn_lr=1e-3,
-        unlearn_batch=4,
-        lora_r=8,
-    ),
-    # Small enough for a test, large enough for the model to memorise its answers and IHL + FILA to
-    # forget the forgotten author's while keeping the others'.
-    "tiny": DemoSize(
-        authors=10,
-        hidden=32,
-        layers=2,
-        vocab=400,
-        pretrain_epochs=100,  # stops early at 100 % answer accuracy
-        pretrain_lr=1e-2,
-        unlearn_epochs=10,
-        unlearn_lr=3e-3,
-        unlearn_batch=4,
-        lora_r=4,
-    ),
+    # authors, hidden, layers, vocab; pretrain epochs, lr; unlearn epochs, lr, batch; LoRA rank
+    "small": DemoSize(30, 128, 2, 1024, 40, 5e-3, 10, 1e-3, 4, 8),
+    "tiny": DemoSize(10, 32, 2, 400, 100, 1e-2, 10, 3e-3, 4, 4),
 }
 
 
@@ -76,15 +133,13 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(
-            vocab_size=vocab_size,
-            special_tokens=["<pad>", "<s>", "</s>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        ),
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
+    tok.train_from_iterator(texts, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
@@ -158,8 +213,6 @@ def memorise(
 
 
 def _cache_key(size: DemoSize, seed: int) -> str:
-    import hashlib
-
     # "v": bumped whenever the generated data or the models change, so a stale cache is never reused.
     blob = json.dumps(
         {"v": 2, "size": asdict(size), "seed": seed, "template": DEMO_TEMPLATE}, sort_keys=True
@@ -177,11 +230,9 @@ def prepare_models(
 ) -> dict[str, str]:
     """Data files, tokenizer, memorising and retain-only models under ``cache_dir`` (made once); their
     paths: ``dir``, the four splits, ``tokenizer``, ``full_model``, ``retain_model``."""
-    root = os.path.join(cache_dir, f"{_cache_key(size, seed)}")
-    paths = {
-        "dir": root,
-        **{name: os.path.join(root, name) for name in ("tokenizer", "full_model", "retain_model")},
-    }
+    root = os.path.join(cache_dir, _cache_key(size, seed))
+    folders = ("tokenizer", "full_model", "retain_model")
+    paths = {"dir": root, **{name: os.path.join(root, name) for name in folders}}
     splits = ("forget", "retain", "forget_perturbed", "retain_perturbed")
     paths.update({name: os.path.join(root, "data", f"{name}.json") for name in splits})
     done = os.path.join(root, "complete.json")

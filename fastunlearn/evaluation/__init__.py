@@ -4,7 +4,7 @@ Data is read and tokenised as in training."""
 
 from __future__ import annotations
 
-from fastunlearn.data.tofu_files import TOFU_SETS, TofuItem, find_tofu_files, read_tofu_file
+from fastunlearn.data.tofu_format import TOFU_SETS, TofuItem, find_tofu_files, read_tofu_file
 from fastunlearn.evaluation.evaluator import EVALUATIONS, check, evaluate, headline
 from fastunlearn.evaluation.extraction import evaluate_extraction, tokenize_texts
 from fastunlearn.evaluation.report import format_table, summary_table

@@ -18,14 +18,14 @@ import torch
 
 from fastunlearn import data as fdata
 from fastunlearn._io import write_json
-from fastunlearn.data.tofu_files import (
+from fastunlearn.data.tofu_format import (
+    TOFU_FAMILIES,
     TOFU_SETS,
     TofuItem,
     find_tofu_files,
     missing_truth_ratio_reason,
     read_tofu_file,
 )
-from fastunlearn.data.tofu_format import TOFU_FAMILIES
 from fastunlearn.engines import distributed
 from fastunlearn.evaluation import metrics as M
 from fastunlearn.evaluation.tofu_scoring import LEGACY_MAX_LENGTH, score_set

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 
 from fastunlearn import data as fdata
-from fastunlearn.data.tofu_files import TofuItem
 from fastunlearn.data.tofu_format import (
     TOFU_FAMILIES,
+    TofuItem,
     encode_tofu_example,
     tofu_generation_batch,
     tofu_generation_prompt,

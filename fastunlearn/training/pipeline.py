@@ -20,7 +20,7 @@ from torch import nn
 
 from fastunlearn import data as fdata
 from fastunlearn._io import write_json
-from fastunlearn.data.refusals import refusal_examples
+from fastunlearn.data.examples import refusal_examples
 from fastunlearn.engines import distributed
 from fastunlearn.engines.base import Engine, engine_for
 from fastunlearn.evaluation.evaluator import check as check_evaluations

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fastunlearn._hub import MODEL_FILES, is_hub_id, resolve_snapshot
-from fastunlearn.data.sources import resolve_hub_dataset
+from fastunlearn.data.records import resolve_hub_dataset
 from fastunlearn.options.schema import command_line, fields_of, to_record, with_absolute_paths
 
 # Files of a model, tokenizer or data set directory hashed whole (data sets' Arrow and Parquet files
