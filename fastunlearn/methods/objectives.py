@@ -1,8 +1,11 @@
 """The unlearning objective of a training step: ``γ·forget_term + α·retain_term`` on a paired batch.
 
-Every term is computed by the model patched with :func:`fastunlearn.patch` (:mod:`.terms`); the memory
-plan and ``Trainer`` run this same call. IdK with the NLL retain term is one token mean over both
-batches, as TOFU's idk concatenates them: ``−(γ·Σ S_θ(idk) + α·Σ S_θ(retain)) / (Σ n(idk) + Σ n(retain))``.
+A batch holds the parts ``forget``, ``retain`` and ``idk`` (each forget question with a refusal answer).
+Every term is computed by the model patched with :func:`fastunlearn.patch` (their formulas are
+:mod:`fastunlearn.ops.preference`'s); the memory plan and ``Trainer`` run this same call. The ``kl``
+retain term covers every position, padding included, as TOFU's; ``kl_targets`` the targets only. IdK
+with the NLL retain term is one token mean over both batches, as TOFU's idk concatenates them:
+``−(γ·Σ S_θ(idk) + α·Σ S_θ(retain)) / (Σ n(idk) + Σ n(retain))``.
 
 NPO's and DPO's reference log-probabilities are taken once, before the first step, and ride on the
 batch as ``part["ref_logp"]``: no copy of the model is needed, because right after initialisation the
@@ -11,20 +14,21 @@ model *is* the model before unlearning (LoRA's ``B = 0``; FILA's ``W_res + s·B�
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fastunlearn.methods.capture import num_layers
-from fastunlearn.methods.presets import MethodSpec, resolve_method
+from fastunlearn.methods import MethodSpec, resolve_method
 from fastunlearn.methods.reference import Reference, build_reference
-from fastunlearn.methods.rmu import RmuSetting, resolve_rmu_layers
-from fastunlearn.methods.terms import FORGET, RETAIN, model_loss, target_counts
+from fastunlearn.methods.rmu import RmuSetting, decoder_layers, forward_capturing, resolve_rmu_layers
 from fastunlearn.models.devices import eval_mode, model_device
-from fastunlearn.models.patching import find_causal_lm, is_patched
+from fastunlearn.models.patching import LossType, find_causal_lm, is_patched
+from fastunlearn.ops import IGNORE_INDEX
+from fastunlearn.ops.nll import shift_labels
+from fastunlearn.ops.preference import dpo_loss, npo_loss, rmu_loss, simnpo_loss
 
 _PART_NAMES = {
     "forget": "a forget batch",
@@ -39,6 +43,91 @@ def _require_patched(model: nn.Module) -> None:
             "the unlearning losses are computed by the patched model: call fastunlearn.patch(model) first "
             "(fused=False for the logits path)"
         )
+
+
+Part = Mapping[str, Tensor]
+Term = Callable[["Objective", nn.Module, Mapping[str, Part]], Tensor]
+
+
+def model_loss(model: nn.Module, part: Part, loss_type: LossType, **extra: Tensor) -> Tensor:
+    """The ``loss_type`` term of one batch part, computed by the patched model's own forward."""
+    return model(
+        input_ids=part["input_ids"],
+        attention_mask=part["attention_mask"],
+        labels=part["labels"],
+        loss_type=loss_type,
+        **extra,
+    ).loss
+
+
+def _targets(part: Part) -> Tensor:
+    """``[B, T]``: the positions whose shifted label is a target."""
+    return shift_labels(part["labels"]) != IGNORE_INDEX
+
+
+def target_counts(part: Part) -> Tensor:
+    """``n(x)`` ``[B]``: the target tokens of each sequence (on the batch's device, no sync)."""
+    return _targets(part).sum(-1)
+
+
+def _layer_output(objective: Objective, model: nn.Module, part: Part) -> Tensor:
+    return forward_capturing(model, decoder_layers(model)[objective.rmu.layer], part, inputs=False)
+
+
+def _npo(o: Objective, model: nn.Module, batch: Mapping[str, Part]) -> Tensor:
+    forget = batch["forget"]
+    return npo_loss(model_loss(model, forget, "seq_logprob"), forget["ref_logp"], o.spec.beta)
+
+
+def _simnpo(o: Objective, model: nn.Module, batch: Mapping[str, Part]) -> Tensor:
+    forget = batch["forget"]
+    logp = model_loss(model, forget, "seq_logprob")
+    return simnpo_loss(logp, target_counts(forget), o.spec.beta, o.spec.delta)
+
+
+def _dpo(o: Objective, model: nn.Module, batch: Mapping[str, Part]) -> Tensor:
+    chosen, rejected = batch["idk"], batch["forget"]
+    return dpo_loss(
+        model_loss(model, chosen, "seq_logprob"), chosen["ref_logp"],
+        model_loss(model, rejected, "seq_logprob"), rejected["ref_logp"], o.spec.beta,
+    )  # fmt: skip
+
+
+def _rmu_forget(o: Objective, model: nn.Module, batch: Mapping[str, Part]) -> Tensor:
+    forget = batch["forget"]
+    hidden = _layer_output(o, model, forget)
+    return rmu_loss(hidden, o.rmu.target(hidden.device), _targets(forget))
+
+
+def _kl(loss_type: LossType) -> Term:
+    def term(o: Objective, model: nn.Module, batch: Mapping[str, Part]) -> Tensor:
+        retain = batch["retain"]
+        return model_loss(model, retain, loss_type, ref_hidden=o.reference.hidden(retain))
+
+    return term
+
+
+def _rmu_retain(o: Objective, model: nn.Module, batch: Mapping[str, Part]) -> Tensor:
+    retain = batch["retain"]
+    reference = o.reference.activations(retain, o.rmu.layer)
+    return rmu_loss(_layer_output(o, model, retain), reference, _targets(retain))
+
+
+FORGET: dict[str, Term] = {
+    "ihl": lambda o, model, batch: model_loss(model, batch["forget"], "ihl"),
+    "ga": lambda o, model, batch: -model_loss(model, batch["forget"], "nll"),
+    "npo": _npo,
+    "simnpo": _simnpo,
+    "idk": lambda o, model, batch: model_loss(model, batch["idk"], "nll"),
+    "dpo": _dpo,
+    "rmu": _rmu_forget,
+}
+RETAIN: dict[str, Term] = {
+    "nll": lambda o, model, batch: model_loss(model, batch["retain"], "nll"),
+    "kl": _kl("kl"),
+    "kl_targets": _kl("kl_targets"),
+    "rmu": _rmu_retain,
+}
 
 
 @dataclass
@@ -110,7 +199,7 @@ def build_objective(
     rmu = None
     if spec.uses_rmu:
         config = find_causal_lm(model).config
-        layer, _ = resolve_rmu_layers(num_layers(config), rmu_layer, None)
+        layer, _ = resolve_rmu_layers(config, rmu_layer, None)
         rmu = RmuSetting(layer, rmu_steering, config.hidden_size, seed)
     return Objective(spec, reference, rmu)
 
@@ -125,7 +214,7 @@ def method_loss(
     **overrides: Any,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The objective of preset ``method`` (terms, weights, β overridable as in
-    :func:`~fastunlearn.methods.presets.resolve_method`) on one batch: ``(loss, parts)``."""
+    :func:`~fastunlearn.methods.resolve_method`) on one batch: ``(loss, parts)``."""
     return Objective(resolve_method(method, **overrides), reference, rmu)(model, batch)
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastunlearn.fisher.fila import fila_record, lora_layers
-from fastunlearn.methods.capture import decoder_layers, forward_capturing
+from fastunlearn.methods.rmu import decoder_layers, forward_capturing
 from fastunlearn.models.devices import eval_mode, model_device
 from fastunlearn.models.patching import find_causal_lm
 from fastunlearn.models.precision import autocast

@@ -1,22 +1,79 @@
-"""RMU's setting: the steered layer, the random direction, and the weights it trains (Li et al. 2024,
-WMDP, arXiv 2403.03218).
+"""RMU's setting (Li et al. 2024, WMDP, arXiv 2403.03218), and the hidden states of a causal LM's own
+forward that RMU and the KL retain term read.
 
 At decoder layer ℓ the forget batch's activations are pushed towards ``c·u`` (``u`` a fixed random
 direction, uniform in ``[0, 1)^d`` and normalised, ``c`` the steering coefficient) and the retain
 batch's held to the reference model's; only the MLP down-projections of layers ℓ−2..ℓ train (full
 weights or LoRA on them). ℓ defaults to 7 (WMDP's, for 7B models of 32 layers) and to the middle layer
 of models with fewer than 16 layers.
+
+A hook keeps a hidden state during the patched NLL call (which forms no logits on the fused path), so
+wrappers' hooks, autocast and gradient checkpointing apply as in training.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from fastunlearn.methods.capture import decoder_layers
+from fastunlearn.models.patching import find_causal_lm
+
+_LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def num_layers(config) -> int:
+    """The number of decoder layers a ``transformers`` config declares."""
+    for key in _LAYER_COUNTS:
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"the model's config ({type(config).__name__}) gives no number of decoder layers")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of the causal LM in ``model``: the ``nn.ModuleList`` with as many entries as
+    its config declares layers."""
+    lm = find_causal_lm(model)
+    count = num_layers(lm.config)
+    for module in lm.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError(f"found no list of {count} decoder layers in {type(lm).__name__}")
+
+
+def forward_capturing(
+    model: nn.Module, module: nn.Module, part: Mapping[str, Tensor], *, inputs: bool
+) -> Tensor:
+    """``module``'s first input (``inputs=True``) or its output's first tensor, from one patched NLL call
+    of ``model`` on ``part`` (``input_ids``, ``attention_mask``, ``labels``); the loss is dropped.
+    ``RuntimeError`` unless ``module`` ran exactly once."""
+    kept: list[Tensor] = []
+
+    def keep_input(_module, args):
+        kept.append(args[0])
+
+    def keep_output(_module, _args, output):
+        kept.append(output[0] if isinstance(output, tuple) else output)
+
+    hook = (
+        module.register_forward_pre_hook(keep_input) if inputs else module.register_forward_hook(keep_output)
+    )
+    try:
+        model(
+            input_ids=part["input_ids"],
+            attention_mask=part["attention_mask"],
+            labels=part["labels"],
+            loss_type="nll",
+        )
+    finally:
+        hook.remove()
+    if len(kept) != 1:
+        raise RuntimeError(f"{type(module).__name__} ran {len(kept)} times in one forward, not once")
+    return kept[0]
+
 
 # The MLP's output projection under each architecture's name (Llama/Mistral/Qwen/Gemma, GPT-NeoX, Phi,
 # GPT-2/GPT-Neo).
@@ -24,10 +81,11 @@ DOWN_PROJECTIONS = ("down_proj", "dense_4h_to_h", "fc2", "c_proj")
 
 
 def resolve_rmu_layers(
-    count: int, layer: int | None, train_layers: Sequence[int] | None
+    config, layer: int | None, train_layers: Sequence[int] | None
 ) -> tuple[int, list[int]]:
-    """ℓ and the trained layers for a model of ``count`` decoder layers; a trained layer above ℓ is
-    refused (it cannot change layer ℓ's output)."""
+    """ℓ and the trained layers for a model of ``config``; a trained layer above ℓ is refused (it cannot
+    change layer ℓ's output)."""
+    count = num_layers(config)
     if layer is None:
         layer = 7 if count >= 16 else count // 2
     if not 0 <= layer < count:

@@ -16,7 +16,7 @@ from fastunlearn.engines.fsdp import check_single_engine, parse_fsdp
 from fastunlearn.evaluation.stopping.controller import RESTORE
 from fastunlearn.evaluation.stopping.parsing import parse_eval_every
 from fastunlearn.fisher import FISHER_MODES, SOLVERS, parse_bytes
-from fastunlearn.methods.presets import FORGET_TERMS, METHODS, RETAIN_TERMS, MethodSpec, resolve_method
+from fastunlearn.methods import FORGET_TERMS, METHODS, RETAIN_TERMS, MethodSpec, resolve_method
 from fastunlearn.models.precision import PRECISIONS
 from fastunlearn.ops._backend import BACKENDS
 from fastunlearn.options.common import DataShape, ModelAccess, RunControl

@@ -14,7 +14,6 @@ from fastunlearn import data as fdata
 from fastunlearn._io import write_dir
 from fastunlearn.engines import distributed
 from fastunlearn.engines.base import Engine
-from fastunlearn.methods.capture import num_layers
 from fastunlearn.methods.objectives import sequence_logprobs
 from fastunlearn.methods.rmu import down_projections, resolve_rmu_layers
 from fastunlearn.models.devices import training_device
@@ -30,7 +29,7 @@ def _rmu_weights(model: nn.Module, cfg: UnlearnConfig) -> list[str] | None:
     """The modules RMU trains (``None`` for the other methods)."""
     if cfg.method_spec().forget != "rmu":
         return None
-    _, layers = resolve_rmu_layers(num_layers(model.config), cfg.rmu_layer, cfg.rmu_train_layers)
+    _, layers = resolve_rmu_layers(model.config, cfg.rmu_layer, cfg.rmu_train_layers)
     return down_projections(model, layers)
 
 

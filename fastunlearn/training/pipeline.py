@@ -28,9 +28,8 @@ from fastunlearn.evaluation.evaluator import evaluate, load_like
 from fastunlearn.evaluation.sets import SetEvaluator
 from fastunlearn.evaluation.stop_callback import StoppingCallback, measure_reference
 from fastunlearn.evaluation.stopping import PLAN_OPTIONS, plan_stopping
-from fastunlearn.methods.capture import num_layers
+from fastunlearn.methods import MethodSpec
 from fastunlearn.methods.objectives import Objective, build_objective
-from fastunlearn.methods.presets import MethodSpec
 from fastunlearn.methods.rmu import resolve_rmu_layers
 from fastunlearn.models.devices import training_device
 from fastunlearn.models.loading import load_model_and_tokenizer
@@ -129,7 +128,7 @@ def _check_method(
             "reference, which DeepSpeed ZeRO-3's partitioned weights do not allow; use init='lora' or 'fila'"
         )
     if spec.uses_rmu and checked.config is not None:
-        resolve_rmu_layers(num_layers(checked.config), cfg.rmu_layer, cfg.rmu_train_layers)
+        resolve_rmu_layers(checked.config, cfg.rmu_layer, cfg.rmu_train_layers)
     if not spec.uses_refusals:
         return None
     records, fmt = forget
