@@ -19,7 +19,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
 from fastunlearn import data as fdata
@@ -158,13 +157,6 @@ def preflight(cfg: UnlearnConfig, data: Mapping[str, Records]) -> Checked:
     return Checked(tokenizer, forget_ex, retain_ex, config)
 
 
-def _resident(model: nn.Module | None, device: torch.device) -> int:
-    """Bytes of ``model``'s parameters already on ``device``: counted by the plan as well."""
-    if model is None:
-        return 0
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type == device.type)
-
-
 def check_run_memory(cfg: UnlearnConfig, checked: Any, precision: str, engine: str) -> MemoryPlan | None:
     """``ValueError`` (a line, then the plan's table) if the plan's peak exceeds what the device has;
     the plan, or ``None`` with a warning when there is none."""
@@ -181,7 +173,11 @@ def check_run_memory(cfg: UnlearnConfig, checked: Any, precision: str, engine: s
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         warnings.warn(f"memory check skipped: no memory plan for this model ({reason})", stacklevel=2)
         return None
-    available = available_memory(device) + _resident(module, device)
+    available = available_memory(device)
+    if module is not None:  # its parameters already on the device, which the plan counts too
+        available += sum(
+            p.numel() * p.element_size() for p in module.parameters() if p.device.type == device.type
+        )
     if plan.peak_bytes > available:
         remedies = "lower batch_size, max_length or lora_r"
         if not cfg.gradient_checkpointing:
