@@ -4,7 +4,7 @@ The objectives are computed by the patched model (``fastunlearn.patch``), fused 
 states) or on the logits path (``fused=False``, the oracle the fused path is held to). The model is
 wrapped with LoRA whose ``B`` is non-zero (as after some training), so the policy differs from the
 reference: the package's reference is the same model with its adapters switched off
-(:mod:`fastunlearn.methods.reference`), the oracle's a true copy taken before wrapping. Two checks:
+(:mod:`fastunlearn.methods.objectives`), the oracle's a true copy taken before wrapping. Two checks:
 
 - the fused path against the objective written out on fp64 logits (:mod:`helpers.methods`), on an fp32
   model: the loss to fp32 rounding of the row statistics (rtol 1e-5), the parameter gradients to fp32
@@ -30,8 +30,7 @@ from peft import LoraConfig, get_peft_model
 
 import fastunlearn
 from fastunlearn.methods import METHODS, PRESETS, resolve_method
-from fastunlearn.methods.objectives import Objective, method_loss, sequence_logprobs
-from fastunlearn.methods.reference import build_reference
+from fastunlearn.methods.objectives import Objective, build_reference, method_loss, sequence_logprobs
 from fastunlearn.methods.rmu import RmuSetting
 from fastunlearn.models import patching
 
