@@ -25,14 +25,13 @@ import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MethodType
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastunlearn.fisher.fila import fila_record, lora_layers
-from fastunlearn.methods import MethodSpec, resolve_method
+from fastunlearn.methods import MethodSpec
 from fastunlearn.methods.rmu import RmuSetting, decoder_layers, forward_capturing, resolve_rmu_layers
 from fastunlearn.models.devices import eval_mode, model_device
 from fastunlearn.models.patching import LossType, find_causal_lm, is_patched
@@ -303,20 +302,6 @@ def build_objective(
         layer, _ = resolve_rmu_layers(config, rmu_layer, None)
         rmu = RmuSetting(layer, rmu_steering, config.hidden_size, seed)
     return Objective(spec, reference, rmu)
-
-
-def method_loss(
-    model: nn.Module,
-    batch: Mapping[str, Mapping[str, Tensor]],
-    method: str,
-    *,
-    reference: Reference | None = None,
-    rmu: RmuSetting | None = None,
-    **overrides: Any,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """The objective of preset ``method`` (terms, weights, β overridable as in
-    :func:`~fastunlearn.methods.resolve_method`) on one batch: ``(loss, parts)``."""
-    return Objective(resolve_method(method, **overrides), reference, rmu)(model, batch)
 
 
 def sequence_logprobs(model: nn.Module, batches: Iterable[Mapping[str, Tensor]]) -> Tensor:
