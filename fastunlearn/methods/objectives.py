@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from fastunlearn.fisher.fila import fila_record, lora_layers
 from fastunlearn.methods import MethodSpec
-from fastunlearn.methods.rmu import RmuSetting, decoder_layers, forward_capturing, resolve_rmu_layers
+from fastunlearn.methods.rmu import RmuSetting, decoder_layers, resolve_rmu_layers
 from fastunlearn.models.devices import eval_mode, model_device
 from fastunlearn.models.patching import LossType, find_causal_lm, is_patched
 from fastunlearn.models.precision import autocast
@@ -68,6 +68,31 @@ def model_loss(model: nn.Module, part: Part, loss_type: LossType, **extra: Tenso
         loss_type=loss_type,
         **extra,
     ).loss
+
+
+def forward_capturing(model: nn.Module, module: nn.Module, part: Part, *, inputs: bool) -> Tensor:
+    """``module``'s first input (``inputs=True``) or its output's first tensor, from one patched NLL call
+    of ``model`` on ``part``; the loss is dropped. ``RuntimeError`` unless ``module`` ran exactly once.
+    The hook keeps it during the call (which forms no logits on the fused path), so wrappers' hooks,
+    autocast and gradient checkpointing apply as in training."""
+    kept: list[Tensor] = []
+
+    def keep_input(_module, args):
+        kept.append(args[0])
+
+    def keep_output(_module, _args, output):
+        kept.append(output[0] if isinstance(output, tuple) else output)
+
+    hook = (
+        module.register_forward_pre_hook(keep_input) if inputs else module.register_forward_hook(keep_output)
+    )
+    try:
+        model_loss(model, part, "nll")
+    finally:
+        hook.remove()
+    if len(kept) != 1:
+        raise RuntimeError(f"{type(module).__name__} ran {len(kept)} times in one forward, not once")
+    return kept[0]
 
 
 def _targets(part: Part) -> Tensor:

@@ -1,19 +1,16 @@
-"""RMU's setting (Li et al. 2024, WMDP, arXiv 2403.03218), and the hidden states of a causal LM's own
-forward that RMU and the KL retain term read.
+"""RMU's setting: the steered layer, the random direction, and the weights it trains (Li et al. 2024,
+WMDP, arXiv 2403.03218); a causal LM's decoder layers.
 
 At decoder layer ℓ the forget batch's activations are pushed towards ``c·u`` (``u`` a fixed random
 direction, uniform in ``[0, 1)^d`` and normalised, ``c`` the steering coefficient) and the retain
 batch's held to the reference model's; only the MLP down-projections of layers ℓ−2..ℓ train (full
 weights or LoRA on them). ℓ defaults to 7 (WMDP's, for 7B models of 32 layers) and to the middle layer
 of models with fewer than 16 layers.
-
-A hook keeps a hidden state during the patched NLL call (which forms no logits on the fused path), so
-wrappers' hooks, autocast and gradient checkpointing apply as in training.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -42,37 +39,6 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and len(module) == count:
             return module
     raise ValueError(f"found no list of {count} decoder layers in {type(lm).__name__}")
-
-
-def forward_capturing(
-    model: nn.Module, module: nn.Module, part: Mapping[str, Tensor], *, inputs: bool
-) -> Tensor:
-    """``module``'s first input (``inputs=True``) or its output's first tensor, from one patched NLL call
-    of ``model`` on ``part`` (``input_ids``, ``attention_mask``, ``labels``); the loss is dropped.
-    ``RuntimeError`` unless ``module`` ran exactly once."""
-    kept: list[Tensor] = []
-
-    def keep_input(_module, args):
-        kept.append(args[0])
-
-    def keep_output(_module, _args, output):
-        kept.append(output[0] if isinstance(output, tuple) else output)
-
-    hook = (
-        module.register_forward_pre_hook(keep_input) if inputs else module.register_forward_hook(keep_output)
-    )
-    try:
-        model(
-            input_ids=part["input_ids"],
-            attention_mask=part["attention_mask"],
-            labels=part["labels"],
-            loss_type="nll",
-        )
-    finally:
-        hook.remove()
-    if len(kept) != 1:
-        raise RuntimeError(f"{type(module).__name__} ran {len(kept)} times in one forward, not once")
-    return kept[0]
 
 
 # The MLP's output projection under each architecture's name (Llama/Mistral/Qwen/Gemma, GPT-NeoX, Phi,
