@@ -17,14 +17,13 @@ model id is pinned to its commit.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import re
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastunlearn._hub import MODEL_FILES, is_hub_id, resolve_snapshot
@@ -320,7 +319,7 @@ def pin_revision(cfg: Any) -> Any:
     source = _hub_source("model", cfg.model, cfg)
     if source is None or source["revision"] == cfg.revision:
         return cfg
-    return dataclasses.replace(cfg, revision=source["revision"])
+    return replace(cfg, revision=source["revision"])
 
 
 def run_record(cfg: Any, *, precision: str, engine: str) -> dict[str, Any]:
@@ -355,16 +354,6 @@ def run_record(cfg: Any, *, precision: str, engine: str) -> dict[str, Any]:
     }
 
 
-def _differences(saved: Mapping[str, Any], record: Mapping[str, Any], cfg_type: type) -> list[str]:
-    kept = {f.name for f, spec, _ in fields_of(cfg_type) if spec.identity}
-    options, before = record["options"], saved.get("options", {})
-    found = [name for name in options if name in kept and before.get(name) != options[name]]
-    for name, value in record["fingerprints"].items():
-        if saved.get("fingerprints", {}).get(name) != value and name not in found:
-            found.append(f"{name} (its content changed)" if before.get(name) == options.get(name) else name)
-    return found
-
-
 def check_resumable(build_dir: str, record: Mapping[str, Any], cfg_type: type) -> None:
     """``ValueError`` unless the run recorded in ``build_dir`` is the run ``record`` describes."""
     path = os.path.join(build_dir, CONFIG)
@@ -378,9 +367,14 @@ def check_resumable(build_dir: str, record: Mapping[str, Any], cfg_type: type) -
             f"cannot resume: the run in {build_dir} was started on {started} process(es), this one has "
             f"{record['world_size']} (the data order and global batch depend on it)"
         )
-    differences = _differences(saved, record, cfg_type)
-    if differences:
+    kept = {f.name for f, spec, _ in fields_of(cfg_type) if spec.identity}
+    options, before = record["options"], saved.get("options", {})
+    found = [name for name in options if name in kept and before.get(name) != options[name]]
+    for name, value in record["fingerprints"].items():
+        if saved.get("fingerprints", {}).get(name) != value and name not in found:
+            found.append(f"{name} (its content changed)" if before.get(name) == options.get(name) else name)
+    if found:
         raise ValueError(
-            f"cannot resume: the run in {build_dir} differs in {', '.join(differences)}; resume it with its "
+            f"cannot resume: the run in {build_dir} differs in {', '.join(found)}; resume it with its "
             "own options (--config its run_config.json) or start a new run with --overwrite"
         )
