@@ -9,10 +9,9 @@ and swaps only when the new one has finished (a crash inside the swap is rolled 
 :func:`inspect_output`), so a failed run never costs a finished one.
 
 ``run_config.json`` (:func:`run_record`) holds every option, fingerprints of the model, tokenizer and
-data, the Hub commits, the precision, engine, process count and library versions. A resumed run must be
-the same run (:func:`check_resumable`): the same identity options and the same fingerprints (other
-weights in the same directory, edited data or a Hub id now at another commit make another run). A Hub
-model id is pinned to its commit.
+data, the Hub commits (a Hub model id is pinned to one), the precision, engine, process count and
+versions. A resumed run must be the same run (:func:`check_resumable`): the same identity options and
+fingerprints (other weights in the same directory, edited data or a Hub id now at another commit differ).
 """
 
 from __future__ import annotations
@@ -258,33 +257,27 @@ def _hash_file(path: str, digest: Any) -> None:
             digest.update(block)
 
 
-def _hash_directory(path: str) -> str:
-    digest = hashlib.sha256()
-    for folder, dirs, names in sorted(os.walk(path)):
-        dirs.sort()
-        for name in sorted(names):
-            full = os.path.join(folder, name)
-            rel = os.path.relpath(full, path)
-            if name.endswith(_WEIGHT_SUFFIXES):
-                digest.update(f"{rel}:{os.path.getsize(full)}\n".encode())
-            elif name.endswith(_SMALL_SUFFIXES):
-                digest.update(f"{rel}\n".encode())
-                _hash_file(full, digest)
-    return digest.hexdigest()
-
-
 def fingerprint(value: Any) -> str | None:
     """A content fingerprint of a file, a directory, records, a ``datasets.Dataset`` or a loaded model
     (its config); ``None`` for anything else (a Hub id: its commit is recorded instead)."""
     if isinstance(value, (str, os.PathLike)):
-        path = os.fspath(value)
-        if os.path.isdir(path):
-            return "dir:" + _hash_directory(path)
+        path, digest = os.fspath(value), hashlib.sha256()
         if os.path.isfile(path):
-            digest = hashlib.sha256()
             _hash_file(path, digest)
             return "file:" + digest.hexdigest()
-        return None
+        if not os.path.isdir(path):
+            return None
+        for folder, dirs, names in sorted(os.walk(path)):
+            dirs.sort()
+            for name in sorted(names):
+                full = os.path.join(folder, name)
+                rel = os.path.relpath(full, path)
+                if name.endswith(_WEIGHT_SUFFIXES):
+                    digest.update(f"{rel}:{os.path.getsize(full)}\n".encode())
+                elif name.endswith(_SMALL_SUFFIXES):
+                    digest.update(f"{rel}\n".encode())
+                    _hash_file(full, digest)
+        return "dir:" + digest.hexdigest()
     if isinstance(getattr(value, "_fingerprint", None), str):  # a datasets.Dataset: its own content hash
         return "dataset:" + value._fingerprint
     config = getattr(value, "config", None)

@@ -46,16 +46,14 @@ Records = tuple[list[dict[str, Any]], str]  # a data set's records and its detec
 
 @dataclass
 class Checked:
-    """The tokenizer, the tokenised forget and retain sets, and the model's config (or ``None``)."""
+    """The tokenizer and its padding id, the tokenised forget and retain sets, and the model's config (or
+    ``None``)."""
 
     tokenizer: Any
     forget: list[fdata.Example]
     retain: list[fdata.Example]
     config: Any
-
-    @property
-    def pad_id(self) -> int:
-        return fdata.pad_id_of(self.tokenizer)
+    pad_id: int
 
 
 def read_data(cfg: UnlearnConfig) -> dict[str, Records]:
@@ -154,7 +152,7 @@ def preflight(cfg: UnlearnConfig, data: Mapping[str, Records]) -> Checked:
         check_vocab(skeleton, ex, name)
     check_context(config, forget_ex + retain_ex)
     check_target_modules(skeleton, cfg)
-    return Checked(tokenizer, forget_ex, retain_ex, config)
+    return Checked(tokenizer, forget_ex, retain_ex, config, fdata.pad_id_of(tokenizer))
 
 
 def check_run_memory(cfg: UnlearnConfig, checked: Any, precision: str, engine: str) -> MemoryPlan | None:
