@@ -4,7 +4,7 @@ The objectives are computed by the patched model (``fastunlearn.patch``), fused 
 states) or on the logits path (``fused=False``, the oracle the fused path is held to). The model is
 wrapped with LoRA whose ``B`` is non-zero (as after some training), so the policy differs from the
 reference: the package's reference is the same model with its adapters switched off
-(:mod:`fastunlearn.methods.reference`), the oracle's a true copy taken before wrapping. Two checks:
+(:mod:`fastunlearn.methods.objectives`), the oracle's a true copy taken before wrapping. Two checks:
 
 - the fused path against the objective written out on fp64 logits (:mod:`helpers.methods`), on an fp32
   model: the loss to fp32 rounding of the row statistics (rtol 1e-5), the parameter gradients to fp32
@@ -30,8 +30,7 @@ from peft import LoraConfig, get_peft_model
 
 import fastunlearn
 from fastunlearn.methods import METHODS, PRESETS, resolve_method
-from fastunlearn.methods.objectives import Objective, method_loss, sequence_logprobs
-from fastunlearn.methods.reference import build_reference
+from fastunlearn.methods.objectives import Objective, build_reference, sequence_logprobs
 from fastunlearn.methods.rmu import RmuSetting
 from fastunlearn.models import patching
 
@@ -178,7 +177,7 @@ def test_at_the_reference_npo_and_dpo_are_two_log_two_over_beta(method):
         fastunlearn.patch(model, fused=fused)
         for part in batch.values():
             part["ref_logp"] = sequence_logprobs(model, [part])
-        loss, _ = method_loss(model, batch, method, retain_term="none")
+        loss, _ = Objective(resolve_method(method, retain_term="none"))(model, batch)
         torch.testing.assert_close(loss, torch.tensor(2 / 0.1 * math.log(2)), rtol=1e-6, atol=0)
 
 
@@ -204,21 +203,21 @@ def test_objective_bad_inputs():
     model = tiny_llama(V)
     forget = random_batch(g, [4], prompt=1)
     with pytest.raises(ValueError, match=r"fastunlearn\.patch\(model\)"):
-        method_loss(model, {"forget": forget}, "ga")
+        Objective(resolve_method("ga"))(model, {"forget": forget})
     fastunlearn.patch(model)
     with pytest.raises(ValueError, match="unknown method 'sgd'"):
-        method_loss(model, {"forget": forget}, "sgd")
+        Objective(resolve_method("sgd"))(model, {"forget": forget})
     with pytest.raises(ValueError, match="unknown retain_term 'l2'"):
-        method_loss(model, {"forget": forget}, "ga", retain_term="l2")
+        Objective(resolve_method("ga", retain_term="l2"))(model, {"forget": forget})
     with pytest.raises(ValueError, match="ga \\+ nll needs a retain set"):
-        method_loss(model, {"forget": forget}, "gd")
+        Objective(resolve_method("gd"))(model, {"forget": forget})
     with pytest.raises(ValueError, match="ref_logp"):
-        method_loss(model, {"forget": forget}, "npo")
+        Objective(resolve_method("npo"))(model, {"forget": forget})
     with pytest.raises(ValueError, match=r"batch\['idk'\]"):
-        method_loss(model, {"forget": forget, "retain": forget}, "idk")
+        Objective(resolve_method("idk"))(model, {"forget": forget, "retain": forget})
     with pytest.raises(ValueError, match="'kl' retain term needs the reference model"):
-        method_loss(model, {"forget": forget, "retain": forget}, "kl")
+        Objective(resolve_method("kl"))(model, {"forget": forget, "retain": forget})
     with pytest.raises(ValueError, match="rmu terms need"):
-        method_loss(
-            model, {"forget": forget, "retain": forget}, "rmu", reference=build_reference(model, "full")
+        Objective(resolve_method("rmu"), build_reference(model, "full"))(
+            model, {"forget": forget, "retain": forget}
         )

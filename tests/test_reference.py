@@ -17,8 +17,7 @@ from peft import LoraConfig, get_peft_model
 
 import fastunlearn
 from fastunlearn.fisher.fila import fila_init, lora_layers
-from fastunlearn.methods.capture import forward_capturing
-from fastunlearn.methods.reference import build_reference
+from fastunlearn.methods.objectives import build_reference, forward_capturing
 from fastunlearn.models.devices import eval_mode
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,5 +1,5 @@
 """RMU's setting: the steered layer, the random direction, and the weights it trains (Li et al. 2024,
-WMDP, arXiv 2403.03218).
+WMDP, arXiv 2403.03218); a causal LM's decoder layers.
 
 At decoder layer ℓ the forget batch's activations are pushed towards ``c·u`` (``u`` a fixed random
 direction, uniform in ``[0, 1)^d`` and normalised, ``c`` the steering coefficient) and the retain
@@ -16,7 +16,30 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from fastunlearn.methods.capture import decoder_layers
+from fastunlearn.models.patching import find_causal_lm
+
+_LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def num_layers(config) -> int:
+    """The number of decoder layers a ``transformers`` config declares."""
+    for key in _LAYER_COUNTS:
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"the model's config ({type(config).__name__}) gives no number of decoder layers")
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of the causal LM in ``model``: the ``nn.ModuleList`` with as many entries as
+    its config declares layers."""
+    lm = find_causal_lm(model)
+    count = num_layers(lm.config)
+    for module in lm.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError(f"found no list of {count} decoder layers in {type(lm).__name__}")
+
 
 # The MLP's output projection under each architecture's name (Llama/Mistral/Qwen/Gemma, GPT-NeoX, Phi,
 # GPT-2/GPT-Neo).
@@ -24,10 +47,11 @@ DOWN_PROJECTIONS = ("down_proj", "dense_4h_to_h", "fc2", "c_proj")
 
 
 def resolve_rmu_layers(
-    count: int, layer: int | None, train_layers: Sequence[int] | None
+    config, layer: int | None, train_layers: Sequence[int] | None
 ) -> tuple[int, list[int]]:
-    """ℓ and the trained layers for a model of ``count`` decoder layers; a trained layer above ℓ is
-    refused (it cannot change layer ℓ's output)."""
+    """ℓ and the trained layers for a model of ``config``; a trained layer above ℓ is refused (it cannot
+    change layer ℓ's output)."""
+    count = num_layers(config)
     if layer is None:
         layer = 7 if count >= 16 else count // 2
     if not 0 <= layer < count:

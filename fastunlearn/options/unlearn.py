@@ -17,7 +17,7 @@ from fastunlearn.engines.base import ENGINES
 from fastunlearn.engines.fsdp import check_single_engine, parse_fsdp
 from fastunlearn.evaluation.stopping.controller import RESTORE, parse_eval_every
 from fastunlearn.fisher import FISHER_MODES, SOLVERS, parse_bytes
-from fastunlearn.methods.presets import FORGET_TERMS, METHODS, RETAIN_TERMS, MethodSpec, resolve_method
+from fastunlearn.methods import FORGET_TERMS, METHODS, RETAIN_TERMS, MethodSpec, resolve_method
 from fastunlearn.models.devices import PRECISIONS
 from fastunlearn.ops._backend import BACKENDS
 from fastunlearn.options.common import DataShape, ModelAccess, RunControl

@@ -14,7 +14,6 @@ from fastunlearn import data as fdata
 from fastunlearn._io import write_dir
 from fastunlearn.engines import distributed
 from fastunlearn.engines.base import Engine
-from fastunlearn.methods.capture import num_layers
 from fastunlearn.methods.objectives import sequence_logprobs
 from fastunlearn.methods.rmu import down_projections, resolve_rmu_layers
 from fastunlearn.models.devices import autocast, training_device
@@ -23,28 +22,6 @@ from fastunlearn.models.naming import unwrap_model
 from fastunlearn.options.unlearn import UnlearnConfig
 
 ROW_WEIGHTS = os.path.join("fisher", "row_weights.safetensors")
-
-
-def _rmu_weights(model: nn.Module, cfg: UnlearnConfig) -> list[str] | None:
-    """The modules RMU trains (``None`` for the other methods)."""
-    if cfg.method_spec().forget != "rmu":
-        return None
-    _, layers = resolve_rmu_layers(num_layers(model.config), cfg.rmu_layer, cfg.rmu_train_layers)
-    return down_projections(model, layers)
-
-
-def _lora_model(model: nn.Module, cfg: UnlearnConfig, targets: list[str] | None) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
-    if targets is None:
-        targets = cfg.target_modules if cfg.target_modules is not None else "all-linear"
-    lora = LoraConfig(
-        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-        bias="none", task_type="CAUSAL_LM",
-    )  # fmt: skip
-    torch.manual_seed(cfg.seed)  # peft draws A at random
-    with quiet_peft_wrap():
-        return get_peft_model(model, lora)
 
 
 def _enable_gradient_checkpointing(model: nn.Module) -> None:
@@ -60,38 +37,31 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
         model.config.use_cache = False
 
 
-def _fila(
-    model: nn.Module, forget, retain, cfg: UnlearnConfig, build_dir: str, engine: Engine
-) -> dict[str, str]:
-    """FILA's row weights (computed, or reloaded on resume) and the adapters initialised from them."""
-    from fastunlearn.fisher import FilaRowWeights, fila_init, fila_row_weights
-
-    path = os.path.join(build_dir, ROW_WEIGHTS)
-    if distributed.on_main(lambda: os.path.isfile(path)):
-        row_weights = FilaRowWeights.load(path)
-    else:
-        row_weights = fila_row_weights(
-            model, forget, retain, target_modules=cfg.target_modules, mode=cfg.fisher_mode, eps=cfg.fila_eps,
-            max_memory=cfg.fisher_memory, progress=cfg.progress,
-        )  # fmt: skip
-        distributed.on_main(lambda: row_weights.save(path, overwrite=True))
-    engine.after_fisher()
-    fila_init(model, row_weights=row_weights, eps=cfg.fila_eps, solver=cfg.fila_solver, seed=cfg.seed)
-    return {"row_weights": path}
-
-
 def trainable_model(model: nn.Module, cfg: UnlearnConfig) -> nn.Module:
     """``model`` as it trains: every weight (RMU: its down-projections) for ``init="full"``, else with
-    fresh LoRA adapters."""
+    fresh LoRA adapters (RMU: on its down-projections)."""
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
-    rmu = _rmu_weights(model, cfg)
+    targets = None  # RMU trains its down-projections alone
+    if cfg.method_spec().forget == "rmu":
+        _, layers = resolve_rmu_layers(model.config, cfg.rmu_layer, cfg.rmu_train_layers)
+        targets = down_projections(model, layers)
     if cfg.init == "full":
-        trained = None if rmu is None else {f"{name}.weight" for name in rmu}
+        trained = None if targets is None else {f"{name}.weight" for name in targets}
         for name, p in model.named_parameters():
             p.requires_grad_(trained is None or name in trained)
         return model
-    return _lora_model(model, cfg, rmu)
+    from peft import LoraConfig, get_peft_model
+
+    if targets is None:
+        targets = cfg.target_modules if cfg.target_modules is not None else "all-linear"
+    lora = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+        bias="none", task_type="CAUSAL_LM",
+    )  # fmt: skip
+    torch.manual_seed(cfg.seed)  # peft draws A at random
+    with quiet_peft_wrap():
+        return get_peft_model(model, lora)
 
 
 def initialise_adapters(
@@ -102,16 +72,32 @@ def initialise_adapters(
     build_dir: str,
     engine: Engine,
 ) -> tuple[nn.Module, dict[str, str]]:
-    """The model ready to train (wrapped with LoRA unless ``init="full"``) and the files FILA wrote."""
+    """The model ready to train (wrapped with LoRA unless ``init="full"``) and the files FILA wrote: its
+    row weights (computed, or reloaded on resume), from which the adapters are initialised."""
     model = trainable_model(model, cfg)
     if cfg.init != "fila":
         return model, {}
+    from fastunlearn.fisher import FilaRowWeights, fila_init, fila_row_weights
+
     # Fisher over one pass of the forget set and of the retain examples paired with it.
     paired = [checked.retain[j] for j in dataset.pairing] if dataset.pairing else []
     if not paired:
         raise ValueError("init='fila' needs a retain set (relative Fisher information)")
-    batches = (fdata.batches(ex, checked.pad_id, cfg.fisher_batch_size) for ex in (checked.forget, paired))
-    return model, _fila(model, *batches, cfg, build_dir, engine)
+    path = os.path.join(build_dir, ROW_WEIGHTS)
+    if distributed.on_main(lambda: os.path.isfile(path)):
+        row_weights = FilaRowWeights.load(path)
+    else:
+        batches = (
+            fdata.batches(ex, checked.pad_id, cfg.fisher_batch_size) for ex in (checked.forget, paired)
+        )
+        row_weights = fila_row_weights(
+            model, *batches, target_modules=cfg.target_modules, mode=cfg.fisher_mode, eps=cfg.fila_eps,
+            max_memory=cfg.fisher_memory, progress=cfg.progress,
+        )  # fmt: skip
+        distributed.on_main(lambda: row_weights.save(path, overwrite=True))
+    engine.after_fisher()
+    fila_init(model, row_weights=row_weights, eps=cfg.fila_eps, solver=cfg.fila_solver, seed=cfg.seed)
+    return model, {"row_weights": path}
 
 
 def reference_logprobs(

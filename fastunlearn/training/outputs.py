@@ -1,4 +1,4 @@
-"""The output directory of a run: its states, where a run is built, and the swap.
+"""What a run writes: its output directory's states, where a run is built, the swap, and ``run_config.json``.
 
 ``metrics.json``, written last, marks a finished run. A directory is ``empty``, ``complete``,
 ``interrupted`` (run entries without ``metrics.json``) or ``foreign`` (files fastunlearn did not write);
@@ -7,14 +7,28 @@ decides what a run does in each state (the table in docs/cli.md), :func:`start_r
 and data are known to be good, :func:`finish_run` publishes. ``overwrite`` builds beside a finished run
 and swaps only when the new one has finished (a crash inside the swap is rolled forward by the next
 :func:`inspect_output`), so a failed run never costs a finished one.
+
+``run_config.json`` (:func:`run_record`) holds every option, fingerprints of the model, tokenizer and
+data, the Hub commits (a Hub model id is pinned to one), the precision, engine, process count and
+versions. A resumed run must be the same run (:func:`check_resumable`): the same identity options and
+fingerprints (other weights in the same directory, edited data or a Hub id now at another commit differ).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fastunlearn._hub import MODEL_FILES, is_hub_id, resolve_snapshot
+from fastunlearn.data.records import resolve_hub_dataset
+from fastunlearn.engines import distributed
+from fastunlearn.options.schema import command_line, fields_of, to_record, with_absolute_paths
 
 # Entries a run writes; nothing else in an output directory is ever removed.
 OUTPUT_ENTRIES = ("adapter", "model", "merged", "fisher", "checkpoints", "logs", "run_config.json")
@@ -226,3 +240,133 @@ def interrupted_message(output_dir: str | os.PathLike, *, resume_offered: bool =
             f"(reusing what was computed) or with overwrite=True to start over{kept}"
         )
     return f"interrupted; rerun with resume=True to continue from step {_step(checkpoint)}{kept}"
+
+
+# Files of a model, tokenizer or data set directory hashed whole (data sets' Arrow and Parquet files
+# included); weights are fingerprinted by name and size.
+_SMALL_SUFFIXES = (".json", ".model", ".txt", ".py", ".tiktoken", ".arrow", ".parquet")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+# Options naming a model or tokenizer (a Hub id there is a model repository; elsewhere a data set).
+_MODEL_OPTIONS = ("model", "tokenizer", "reference_model", "base_model")
+
+
+def _hash_file(path: str, digest: Any) -> None:
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+
+
+def fingerprint(value: Any) -> str | None:
+    """A content fingerprint of a file, a directory, records, a ``datasets.Dataset`` or a loaded model
+    (its config); ``None`` for anything else (a Hub id: its commit is recorded instead)."""
+    if isinstance(value, (str, os.PathLike)):
+        path, digest = os.fspath(value), hashlib.sha256()
+        if os.path.isfile(path):
+            _hash_file(path, digest)
+            return "file:" + digest.hexdigest()
+        if not os.path.isdir(path):
+            return None
+        for folder, dirs, names in sorted(os.walk(path)):
+            dirs.sort()
+            for name in sorted(names):
+                full = os.path.join(folder, name)
+                rel = os.path.relpath(full, path)
+                if name.endswith(_WEIGHT_SUFFIXES):
+                    digest.update(f"{rel}:{os.path.getsize(full)}\n".encode())
+                elif name.endswith(_SMALL_SUFFIXES):
+                    digest.update(f"{rel}\n".encode())
+                    _hash_file(full, digest)
+        return "dir:" + digest.hexdigest()
+    if isinstance(getattr(value, "_fingerprint", None), str):  # a datasets.Dataset: its own content hash
+        return "dataset:" + value._fingerprint
+    config = getattr(value, "config", None)
+    if config is not None and hasattr(config, "to_json_string"):
+        return "config:" + hashlib.sha256(config.to_json_string().encode()).hexdigest()
+    if isinstance(value, (list, tuple)) and value and all(isinstance(r, Mapping) for r in value):
+        text = json.dumps(list(value), sort_keys=True, default=str)
+        return "records:" + hashlib.sha256(text.encode()).hexdigest()
+    return None
+
+
+def _hub_source(name: str, value: Any, cfg: Any) -> dict[str, Any] | None:
+    """The repository and commit a Hub id option resolved to (``None`` for anything else)."""
+    if (
+        not isinstance(value, str)
+        or os.path.exists(value)
+        or not is_hub_id(value.partition(":")[0].partition("@")[0])
+    ):
+        return None
+    if name in _MODEL_OPTIONS:
+        revision = cfg.revision if name == "model" else None
+        snapshot = resolve_snapshot(
+            value, revision=revision, allow_download=cfg.allow_download, patterns=MODEL_FILES
+        )
+        return {"hub": snapshot.repo_id, "revision": snapshot.revision}
+    dataset = resolve_hub_dataset(value, allow_download=cfg.allow_download)
+    return {"hub": str(dataset), "revision": dataset.revision}
+
+
+def pin_revision(cfg: Any) -> Any:
+    """``cfg`` with ``revision`` the commit its Hub model id resolves to: the run loads and records one."""
+    source = _hub_source("model", cfg.model, cfg)
+    if source is None or source["revision"] == cfg.revision:
+        return cfg
+    return replace(cfg, revision=source["revision"])
+
+
+def run_record(cfg: Any, *, precision: str, engine: str) -> dict[str, Any]:
+    """What ``run_config.json`` holds (module docstring); ``--config`` reads back its ``options``."""
+    import peft
+    import torch
+    import transformers
+
+    import fastunlearn
+
+    absolute = with_absolute_paths(cfg)
+    sources = {
+        f.name: (fingerprint(getattr(cfg, f.name)), _hub_source(f.name, getattr(cfg, f.name), cfg))
+        for f, spec, _ in fields_of(cfg)
+        if spec.path and spec.identity and getattr(cfg, f.name) is not None
+    }
+    identity = {
+        name: found if hub is None else f"hub:{hub['hub']}@{hub['revision']}"
+        for name, (found, hub) in sources.items()
+    }
+    if "model" in identity and cfg.tokenizer is None:
+        identity["tokenizer"] = identity["model"]  # the model directory's own tokenizer
+    return {
+        "command": command_line(absolute, "unlearn"),
+        "options": to_record(absolute),
+        "fingerprints": identity,
+        "hub": {name: hub for name, (_, hub) in sources.items() if hub is not None},
+        "precision": precision,
+        "engine": engine,
+        "world_size": distributed.world_size(),  # the data order and global batch depend on it
+        "versions": {m.__name__: m.__version__ for m in (fastunlearn, torch, transformers, peft)},
+    }
+
+
+def check_resumable(build_dir: str, record: Mapping[str, Any], cfg_type: type) -> None:
+    """``ValueError`` unless the run recorded in ``build_dir`` is the run ``record`` describes."""
+    path = os.path.join(build_dir, CONFIG)
+    if not os.path.isfile(path):
+        raise ValueError(f"cannot resume: {path} is missing")
+    with open(path, encoding="utf-8") as handle:
+        saved = json.load(handle)
+    started = saved.get("world_size", 1)
+    if started != record["world_size"]:
+        raise ValueError(
+            f"cannot resume: the run in {build_dir} was started on {started} process(es), this one has "
+            f"{record['world_size']} (the data order and global batch depend on it)"
+        )
+    kept = {f.name for f, spec, _ in fields_of(cfg_type) if spec.identity}
+    options, before = record["options"], saved.get("options", {})
+    found = [name for name in options if name in kept and before.get(name) != options[name]]
+    for name, value in record["fingerprints"].items():
+        if saved.get("fingerprints", {}).get(name) != value and name not in found:
+            found.append(f"{name} (its content changed)" if before.get(name) == options.get(name) else name)
+    if found:
+        raise ValueError(
+            f"cannot resume: the run in {build_dir} differs in {', '.join(found)}; resume it with its "
+            "own options (--config its run_config.json) or start a new run with --overwrite"
+        )

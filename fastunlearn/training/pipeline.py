@@ -28,9 +28,8 @@ from fastunlearn.evaluation.evaluator import evaluate, load_like
 from fastunlearn.evaluation.sets import SetEvaluator
 from fastunlearn.evaluation.stop_callback import StoppingCallback, measure_reference
 from fastunlearn.evaluation.stopping import PLAN_OPTIONS, plan_stopping
-from fastunlearn.methods.capture import num_layers
+from fastunlearn.methods import MethodSpec
 from fastunlearn.methods.objectives import Objective, build_objective
-from fastunlearn.methods.presets import MethodSpec
 from fastunlearn.methods.rmu import resolve_rmu_layers
 from fastunlearn.models.devices import load_dtype, resolve_training_precision, training_device, weights_dtype
 from fastunlearn.models.loading import keep_trainable_layout, load_model_and_tokenizer
@@ -43,9 +42,7 @@ from fastunlearn.training.adapters import (
     reference_logprobs,
     save_outputs,
 )
-from fastunlearn.training.memory_check import check_run_memory
-from fastunlearn.training.preflight import Checked, check_vocab, preflight, read_data
-from fastunlearn.training.run_record import check_resumable, pin_revision, run_record
+from fastunlearn.training.preflight import Checked, check_run_memory, check_vocab, preflight, read_data
 from fastunlearn.training.trainer import build_trainer
 
 
@@ -93,7 +90,7 @@ class RunState:
 def check(cfg: UnlearnConfig) -> RunState:
     """Every check that can fail, before the weights load and before anything is written."""
     cfg.require()
-    cfg = pin_revision(cfg)  # a Hub model id: the commit it resolves to now, for the whole run
+    cfg = outputs.pin_revision(cfg)  # a Hub model id: the commit it resolves to now, for the whole run
     weights = None if isinstance(cfg.model, (str, os.PathLike)) else weights_dtype(cfg.model)
     precision = resolve_training_precision(cfg.precision, training_device(), init=cfg.init, weights=weights)
     distributed.init_from_env()  # under torchrun / accelerate launch: join the ranks' process group
@@ -106,7 +103,7 @@ def check(cfg: UnlearnConfig) -> RunState:
         lambda: plan_stopping(**{name: getattr(cfg, name) for name in PLAN_OPTIONS}, data=formats)
     )
     suite = distributed.on_all(lambda: _suite(cfg))
-    record = run_record(cfg, precision=precision, world_size=distributed.world_size(), engine=engine.name)
+    record = outputs.run_record(cfg, precision=precision, engine=engine.name)
     dirs = distributed.on_main(lambda: _plan_output(cfg, record))
     checked = distributed.on_all(lambda: preflight(cfg, data))
     spec = cfg.method_spec()
@@ -127,7 +124,7 @@ def _check_method(
             "reference, which DeepSpeed ZeRO-3's partitioned weights do not allow; use init='lora' or 'fila'"
         )
     if spec.uses_rmu and checked.config is not None:
-        resolve_rmu_layers(num_layers(checked.config), cfg.rmu_layer, cfg.rmu_train_layers)
+        resolve_rmu_layers(checked.config, cfg.rmu_layer, cfg.rmu_train_layers)
     if not spec.uses_refusals:
         return None
     records, fmt = forget
@@ -140,7 +137,7 @@ def _check_method(
 def _plan_output(cfg: UnlearnConfig, record: dict[str, Any]) -> outputs.RunDirs:
     dirs = outputs.plan_run(cfg.output_dir, overwrite=cfg.overwrite, resume=cfg.resume)
     if dirs.resume:
-        check_resumable(dirs.build, record, UnlearnConfig)
+        outputs.check_resumable(dirs.build, record, UnlearnConfig)
     return dirs
 
 

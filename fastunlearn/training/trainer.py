@@ -134,14 +134,6 @@ class UnlearnTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
-def _trackio_arguments(arguments: type) -> dict[str, Any]:
-    """trackio's project and Space from its own variables, as wandb's are: transformers reads
-    ``WANDB_PROJECT`` itself but takes trackio's from ``TrainingArguments`` (newer versions' fields)."""
-    values = {"project": "TRACKIO_PROJECT", "trackio_space_id": "TRACKIO_SPACE_ID"}
-    values = {field: os.environ.get(variable) for field, variable in values.items()}
-    return {k: v for k, v in values.items() if v and k in arguments.__dataclass_fields__}
-
-
 def build_trainer(
     model: nn.Module,
     dataset: fdata.PairedDataset,
@@ -165,6 +157,10 @@ def build_trainer(
     # Under torchrun each of the W ranks takes its own batch: a step consumes W·batch_size pairs.
     batches_per_epoch = math.ceil(len(dataset) / (cfg.batch_size * distributed.world_size()))
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps))
+    # trackio's project and Space from its own variables, as wandb's are: transformers reads
+    # WANDB_PROJECT itself but takes trackio's from TrainingArguments (newer versions' fields).
+    trackio = {"project": "TRACKIO_PROJECT", "trackio_space_id": "TRACKIO_SPACE_ID"}
+    trackio = {field: os.environ.get(variable) for field, variable in trackio.items()}
     args = TrainingArguments(
         output_dir=os.path.join(output_dir, "checkpoints"),
         per_device_train_batch_size=cfg.batch_size,
@@ -187,7 +183,7 @@ def build_trainer(
         save_total_limit=1,
         report_to="none" if cfg.report_to == ["none"] else list(cfg.report_to),
         run_name=cfg.run_name or os.path.basename(os.path.abspath(os.fspath(cfg.output_dir or output_dir))),
-        **_trackio_arguments(TrainingArguments),
+        **{k: v for k, v in trackio.items() if v and k in TrainingArguments.__dataclass_fields__},
         seed=cfg.seed,
         remove_unused_columns=False,
         disable_tqdm=not cfg.progress,
