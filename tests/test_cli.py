@@ -518,7 +518,7 @@ def test_the_readme_shows_the_committed_demo_run():
     assert config["command"] == metrics["command"]
     argv = shlex.split(config["command"])
     argv[argv.index("--output") + 1] = "fastunlearn-demo"
-    cache = os.path.dirname(config["model"])
+    cache = os.path.dirname(config["options"]["model"])
     expected = " ".join(arg.replace(cache, "CACHE") for arg in argv)
     block = readme.split("```bash\nfastunlearn unlearn CACHE/")[1].split("```")[0]
     assert " ".join(("fastunlearn unlearn CACHE/" + block).replace("\\\n", " ").split()) == expected
