@@ -130,7 +130,7 @@ def run_demo(
             threads=threads,
             **options,
         )
-        command = command_line(with_absolute_paths(cfg), "unlearn", skip=("overwrite", "resume", "progress"))
+        command = command_line(with_absolute_paths(cfg), "unlearn")
         name = os.path.basename(paths["forget"])
         log(f"Unlearning {name} with method={method}, init={init}; the same run as the command\n  {command}")
         result = run_unlearning(cfg)
