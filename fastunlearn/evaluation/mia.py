@@ -50,7 +50,7 @@ PRIVLEAK_CONVENTION = (
 MembershipData = str | os.PathLike | Sequence[str] | Sequence[dict[str, Any]]
 
 
-def tokenize_texts(tokenizer: Any, texts: Sequence[str], *, max_length: int, name: str) -> list[list[int]]:
+def _token_ids(tokenizer: Any, texts: Sequence[str], *, max_length: int, name: str) -> list[list[int]]:
     """Token ids of each text with the tokenizer's special tokens, cut at ``max_length``. A text of fewer
     than two tokens has nothing to score: ``ValueError`` naming it (``name`` labels the set)."""
     if max_length < 2:
@@ -153,7 +153,7 @@ def membership_scores(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not texts:
         raise ValueError(f"the {name} set is empty")
-    token_ids = tokenize_texts(tokenizer, texts, max_length=max_length, name=name)  # errors before sharding
+    token_ids = _token_ids(tokenizer, texts, max_length=max_length, name=name)  # errors before sharding
 
     def scores(items: list[int]) -> dict[str, torch.Tensor]:
         items = sorted(items, key=lambda i: len(token_ids[i]))
