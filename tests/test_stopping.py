@@ -180,8 +180,6 @@ def test_plan_stopping():
         S.plan_stopping("forget.prob<=0.1", restore="best", data=qa)
     with pytest.raises(ValueError, match="no retain metric is available"):
         S.plan_stopping("forget.prob<=0.1", patience=1, restore="best", data={"forget": "qa"})
-    with pytest.raises(ValueError, match="eval_items must be a positive number"):
-        S.plan_stopping("forget.prob<=0.1", eval_items=0, data=qa)
     with pytest.raises(ValueError, match="unknown restore policy 'latest'"):
         S.plan_stopping("forget.prob<=0.1", patience=1, restore="latest", data=qa)
     assert plan.generate_within == 0.0

@@ -197,7 +197,6 @@ def plan_stopping(
     eval_every: int | str | None = None,
     patience: int = 0,
     restore: str = "first",
-    eval_items: int = 32,
     generate_within: float = 0.0,
     best_by: str | Sequence[str] | None = None,
     unseen: str | os.PathLike | Sequence[str] | None = None,
@@ -226,8 +225,6 @@ def plan_stopping(
         rule = parse_stop_rule(
             stop, unseen=unseen, reference_model=reference_model, retrain_model=retrain, data=data
         )
-    if isinstance(eval_items, bool) or not isinstance(eval_items, int) or eval_items < 1:
-        raise ValueError(f"eval_items must be a positive number of examples per set, got {eval_items!r}")
     available = available_metrics(data)
     if best_by is None:
         retain_metrics = tuple(m for m in DEFAULT_RETAIN_METRICS if m in available)
