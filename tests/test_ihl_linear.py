@@ -151,3 +151,23 @@ def test_no_grad_gives_the_same_loss():
         loss = fused_linear_ihl_loss(hidden, weight, labels, backend="torch", chunk_rows=4)
     want_loss, _, _, _ = oracle(hidden, weight, None, labels, "mean")
     assert_close(loss, want_loss, 1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gradients_are_folded_once_where_they_are_used(monkeypatch, reduction):
+    """``"mean"`` forms the gradients in the forward and the backward only scales them; ``"none"``
+    forms them in the backward, where the per-token weights are known, and none in the forward (they
+    would be thrown away)."""
+    from fastunlearn.ops._linear_chunks import ChunkScratch
+
+    folds = []
+    fold = ChunkScratch.fold
+    monkeypatch.setattr(ChunkScratch, "fold", lambda self, *args: folds.append(1) or fold(self, *args))
+    gen = torch.Generator().manual_seed(29)
+    hidden = torch.randn(9, 16, generator=gen, requires_grad=True)
+    weight = torch.randn(301, 16, generator=gen, requires_grad=True)
+    labels = torch.randint(0, 301, (9,), generator=gen)
+    loss = fused_linear_nll_loss(hidden, weight, labels, reduction=reduction, backend="torch", chunk_rows=4)
+    assert len(folds) == (3 if reduction == "mean" else 0)
+    loss.sum().backward()
+    assert len(folds) == 3

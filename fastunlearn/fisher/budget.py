@@ -56,9 +56,9 @@ def format_bytes(size: float) -> str:
 FILA_ACCUMULATORS = "fp32 forget and retain accumulators"
 
 
-def fila_accumulator_bytes(layers: Mapping[str, nn.Module]) -> dict[str, int]:
-    """Bytes of FILA's two fp32 Fisher accumulators (forget and retain) of each layer."""
-    return {name: 8 * math.prod(linear_shape(layer)) for name, layer in layers.items()}
+def accumulator_bytes(layers: Mapping[str, nn.Module], sets: int) -> dict[str, int]:
+    """Bytes of each layer's fp32 Fisher accumulators, one per data set (FILA's: forget and retain)."""
+    return {name: 4 * sets * math.prod(linear_shape(layer)) for name, layer in layers.items()}
 
 
 def plan_groups(

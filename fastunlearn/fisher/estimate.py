@@ -32,6 +32,7 @@ from fastunlearn.engines import distributed
 from fastunlearn.engines.distributed import linear_shape
 from fastunlearn.fisher.budget import (
     FILA_ACCUMULATORS,
+    accumulator_bytes,
     available_memory,
     parse_bytes,
     plan_groups,
@@ -276,7 +277,7 @@ def layer_estimates(
             )
     named = len(batches) > 1
     data = {label: prepare_batches(b, label if named else None) for label, b in batches.items()}
-    sizes = {name: 4 * len(data) * math.prod(linear_shape(layer)) for name, layer in layers.items()}
+    sizes = accumulator_bytes(layers, len(data))
     what = FILA_ACCUMULATORS if named else "fp32 accumulator"
     cpu = (lambda: available_memory(torch.device("cpu")) // 2) if cpu_half else lambda: sum(sizes.values())
     scale = {label: 1 / (d.num_tokens if mode == "batch" else d.num_examples) for label, d in data.items()}

@@ -102,8 +102,7 @@ def input_grads(
 ) -> tuple[Tensor | None, ...]:
     """The ``(∂h, ∂W, ∂b)`` an operator's backward returns: ``None`` where not needed, times ``scale``
     (for gradients formed in the forward), ``∂W`` and ``∂b`` in the weight's dtype."""
-    out = [g if scale is None else g * scale.to(g.dtype) for g in grads]
-    out = [g if need else None for g, need in zip(out, needs)]
+    out = [(g if scale is None else g * scale.to(g.dtype)) if n else None for g, n in zip(grads, needs)]
     return out[0], *(None if g is None else g.to(weight_dtype) for g in out[1:])
 
 

@@ -28,8 +28,8 @@ from fastunlearn.evaluation.muse import read_muse
 from fastunlearn.fisher import select_linear_layers
 from fastunlearn.fisher.budget import (
     FILA_ACCUMULATORS,
+    accumulator_bytes,
     available_memory,
-    fila_accumulator_bytes,
     format_bytes,
     parse_bytes,
     plan_groups,
@@ -113,7 +113,7 @@ def check_target_modules(model: nn.Module, cfg: UnlearnConfig) -> None:
             )
         if cfg.fisher_memory is not None:  # refused now rather than after the weights load
             budget = parse_bytes(cfg.fisher_memory)
-            plan_groups(fila_accumulator_bytes(layers), budget, what=FILA_ACCUMULATORS,
+            plan_groups(accumulator_bytes(layers, 2), budget, what=FILA_ACCUMULATORS,
                         origin="the Fisher memory budget (fisher_memory)")  # fmt: skip
     elif cfg.init == "lora" and cfg.target_modules is not None:
         leaves = [canonical_name(n) for n, m in model.named_modules() if n and not any(m.children())]
