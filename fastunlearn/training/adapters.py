@@ -117,12 +117,11 @@ def collect_outputs(
 ) -> dict[str, Any]:
     """What :func:`save_outputs` writes, read by every rank (a collective under ZeRO-3) and kept by the
     main one. ``state_dict``: the state an engine gathered itself (FSDP)."""
-    from fastunlearn.engines.distributed import gathered_state_dict, is_partitioned
-
     keep = distributed.is_main()
     if init == "full":  # whole weights are saved from the model itself, without a copy in memory
-        partitioned = any(is_partitioned(p) for p in model.parameters())
-        return {"model": gathered_state_dict(unwrap_model(model), keep=keep) if partitioned else None}
+        partitioned = any(distributed.is_partitioned(p) for p in model.parameters())
+        whole = distributed.gathered_state_dict(unwrap_model(model), keep=keep) if partitioned else None
+        return {"model": whole}
     if state_dict is not None and not keep:  # gathered already, into the main process alone
         return {}
     from fastunlearn.fisher import adapter_export, merged_state_dict
