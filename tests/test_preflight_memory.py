@@ -1,6 +1,6 @@
 """``unlearn`` refuses, before the weights load, a run whose memory plan does not fit the device.
 
-The device's capacity is injected (``preflight.available_memory``) so the tiny workspace model is
+The device's capacity is injected (``pipeline.available_memory``) so the tiny workspace model is
 refused; the refusal must carry the plan of the run's own options (compared with an independent
 :func:`plan_memory` call made with the values the run implies), happen before any weight is read, and
 be skipped by ``memory_check=False`` / ``--no-memory-check``. A model the plan cannot run is run with a
@@ -23,7 +23,7 @@ from fastunlearn.engines import base as engines_base
 from fastunlearn.models.devices import training_device
 from fastunlearn.options.unlearn import UnlearnConfig
 from fastunlearn.plan.plan import plan_memory
-from fastunlearn.training import preflight
+from fastunlearn.training import pipeline
 from fastunlearn.training.pipeline import unlearn
 
 
@@ -45,7 +45,7 @@ def weights_reached(monkeypatch):
 
 
 def capacity(monkeypatch, available: int) -> None:
-    monkeypatch.setattr(preflight, "available_memory", lambda device: available)
+    monkeypatch.setattr(pipeline, "available_memory", lambda device: available)
 
 
 OPTIONS = dict(
@@ -130,7 +130,7 @@ def test_a_model_the_plan_cannot_run_is_run_with_a_warning(ws, tmp_path, monkeyp
         raise ValueError("transformers cannot build a 'custom' causal LM from this config (no such class)")
 
     capacity(monkeypatch, 0)
-    monkeypatch.setattr(preflight, "plan_memory", fails)
+    monkeypatch.setattr(pipeline, "plan_memory", fails)
     skipped = r"memory check skipped: no memory plan for this model \(transformers cannot build"
     with pytest.warns(UserWarning, match=skipped), pytest.raises(Loaded):
         unlearn(
@@ -161,7 +161,7 @@ def test_a_model_object_counts_its_resident_weights(ws, tmp_path, monkeypatch):
 def _two_ranks(rank: int, ws: str, out: str) -> None:
     """Rank 0's capacity decides: a tiny capacity on rank 1 alone is not a refusal; on rank 0 it is
     every rank's."""
-    import fastunlearn.training.preflight as mc
+    import fastunlearn.training.pipeline as mc
 
     def load(*args, **kwargs):
         raise Loaded

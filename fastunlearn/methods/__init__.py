@@ -1,7 +1,7 @@
 """Unlearning methods as a weighted forget term plus a weighted retain term; the field's methods as presets.
 
 The loss of a step is ``γ·forget_term + α·retain_term`` (:mod:`.objectives`, with the reference model
-of :mod:`.reference` and RMU's setting of :mod:`.rmu`). Forget terms: ``ihl`` (Cha et al. 2025, arXiv
+before unlearning, and RMU's setting of :mod:`.rmu`). Forget terms: ``ihl`` (Cha et al. 2025, arXiv
 2408.06621), ``ga`` (−NLL; Jang et al. 2023), ``npo`` (Zhang et al. 2024, arXiv 2404.05868), ``simnpo``
 (Fan et al. 2024, arXiv 2410.07163), ``idk`` (NLL of a refusal; Maini et al. 2024, arXiv 2401.06121),
 ``dpo`` (the refusal preferred; Rafailov et al. 2023, arXiv 2305.18290), ``rmu`` (Li et al. 2024, arXiv

@@ -101,7 +101,7 @@ class PhaseRunner:
 
     def _quantised(self, model: nn.Module) -> None:
         """Count the linear layers' weights but the head's as bitsandbytes stores them (4 or 8 bits)."""
-        bits = 4 if getattr(self.cfg, "load_in_4bit", False) else 8 * getattr(self.cfg, "load_in_8bit", False)
+        bits = 4 if self.cfg.load_in_4bit else 8 * self.cfg.load_in_8bit
         if not bits:
             return
         head = model.get_output_embeddings()

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from fastunlearn import data as fdata
+from fastunlearn import fisher
 from fastunlearn._io import write_dir
 from fastunlearn.engines import distributed
 from fastunlearn.engines.base import Engine
@@ -77,26 +78,24 @@ def initialise_adapters(
     model = trainable_model(model, cfg)
     if cfg.init != "fila":
         return model, {}
-    from fastunlearn.fisher import FilaRowWeights, fila_init, fila_row_weights
-
     # Fisher over one pass of the forget set and of the retain examples paired with it.
     paired = [checked.retain[j] for j in dataset.pairing] if dataset.pairing else []
     if not paired:
         raise ValueError("init='fila' needs a retain set (relative Fisher information)")
     path = os.path.join(build_dir, ROW_WEIGHTS)
     if distributed.on_main(lambda: os.path.isfile(path)):
-        row_weights = FilaRowWeights.load(path)
+        row_weights = fisher.FilaRowWeights.load(path)
     else:
         batches = (
             fdata.batches(ex, checked.pad_id, cfg.fisher_batch_size) for ex in (checked.forget, paired)
         )
-        row_weights = fila_row_weights(
+        row_weights = fisher.fila_row_weights(
             model, *batches, target_modules=cfg.target_modules, mode=cfg.fisher_mode, eps=cfg.fila_eps,
             max_memory=cfg.fisher_memory, progress=cfg.progress,
         )  # fmt: skip
         distributed.on_main(lambda: row_weights.save(path, overwrite=True))
     engine.after_fisher()
-    fila_init(model, row_weights=row_weights, eps=cfg.fila_eps, solver=cfg.fila_solver, seed=cfg.seed)
+    fisher.fila_init(model, row_weights=row_weights, eps=cfg.fila_eps, solver=cfg.fila_solver, seed=cfg.seed)
     return model, {"row_weights": path}
 
 
@@ -117,19 +116,16 @@ def collect_outputs(
 ) -> dict[str, Any]:
     """What :func:`save_outputs` writes, read by every rank (a collective under ZeRO-3) and kept by the
     main one. ``state_dict``: the state an engine gathered itself (FSDP)."""
-    from fastunlearn.engines.distributed import gathered_state_dict, is_partitioned
-
     keep = distributed.is_main()
     if init == "full":  # whole weights are saved from the model itself, without a copy in memory
-        partitioned = any(is_partitioned(p) for p in model.parameters())
-        return {"model": gathered_state_dict(unwrap_model(model), keep=keep) if partitioned else None}
+        partitioned = any(distributed.is_partitioned(p) for p in model.parameters())
+        whole = distributed.gathered_state_dict(unwrap_model(model), keep=keep) if partitioned else None
+        return {"model": whole}
     if state_dict is not None and not keep:  # gathered already, into the main process alone
         return {}
-    from fastunlearn.fisher import adapter_export, merged_state_dict
-
-    collected: dict[str, Any] = {"adapter": adapter_export(model, state_dict=state_dict)}
+    collected: dict[str, Any] = {"adapter": fisher.adapter_export(model, state_dict=state_dict)}
     if merge:
-        collected["merged"] = merged_state_dict(model, keep=keep, state_dict=state_dict)
+        collected["merged"] = fisher.merged_state_dict(model, keep=keep, state_dict=state_dict)
     return collected
 
 
@@ -144,14 +140,12 @@ def save_outputs(
             tokenizer.save_pretrained(tmp)
 
         return {"model": write_dir(os.path.join(build, "model"), save_full)}
-    from fastunlearn.fisher import save_merged, write_adapter
-
-    adapter = write_adapter(collected["adapter"], os.path.join(build, "adapter"), overwrite=True)
+    adapter = fisher.write_adapter(collected["adapter"], os.path.join(build, "adapter"), overwrite=True)
     written = {"adapter": os.fspath(adapter)}
     if "merged" in collected:
 
         def save_merged_model(tmp: str) -> None:
-            save_merged(model, tmp, overwrite=True, state_dict=collected["merged"])
+            fisher.save_merged(model, tmp, overwrite=True, state_dict=collected["merged"])
             tokenizer.save_pretrained(tmp)
 
         written["merged"] = write_dir(os.path.join(build, "merged"), save_merged_model)

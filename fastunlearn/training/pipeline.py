@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import os
 import time
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from fastunlearn.evaluation.evaluator import evaluate, load_like
 from fastunlearn.evaluation.sets import SetEvaluator
 from fastunlearn.evaluation.stop_callback import StoppingCallback, measure_reference
 from fastunlearn.evaluation.stopping import PLAN_OPTIONS, plan_stopping
+from fastunlearn.fisher.budget import available_memory, format_bytes
 from fastunlearn.methods import MethodSpec
 from fastunlearn.methods.objectives import Objective, build_objective
 from fastunlearn.methods.rmu import resolve_rmu_layers
@@ -35,6 +37,7 @@ from fastunlearn.models.devices import load_dtype, resolve_training_precision, t
 from fastunlearn.models.loading import keep_trainable_layout, load_model_and_tokenizer
 from fastunlearn.models.patching import fused_blocker, patch, unpatch
 from fastunlearn.options.unlearn import UnlearnConfig
+from fastunlearn.plan.plan import MemoryPlan, plan_memory
 from fastunlearn.training import outputs
 from fastunlearn.training.adapters import (
     collect_outputs,
@@ -42,7 +45,7 @@ from fastunlearn.training.adapters import (
     reference_logprobs,
     save_outputs,
 )
-from fastunlearn.training.preflight import Checked, check_run_memory, check_vocab, preflight, read_data
+from fastunlearn.training.preflight import Checked, check_vocab, preflight, read_data
 from fastunlearn.training.trainer import build_trainer
 
 
@@ -132,6 +135,43 @@ def _check_method(
         records, fmt, checked.tokenizer, path=cfg.idk, seed=cfg.seed, template=cfg.template,
         max_length=cfg.max_length,
     )  # fmt: skip
+
+
+def check_run_memory(cfg: UnlearnConfig, checked: Checked, precision: str, engine: str) -> MemoryPlan | None:
+    """``ValueError`` (a line, then the plan's table) if the plan's peak exceeds what the device has;
+    the plan, or ``None`` with a warning when there is none. The plan: the run's options, precision and
+    engine, every example as long as the longest (batches are padded), ``fisher_memory=None`` as one
+    layer's accumulators. Available: :func:`available_memory`, plus a model module's bytes already on
+    the device (the plan counts them too)."""
+    device = training_device()
+    module = cfg.model if isinstance(cfg.model, nn.Module) else None
+    tokens = max((len(e.input_ids) for e in checked.forget + checked.retain), default=2)
+    try:
+        plan = plan_memory(
+            cfg, config=checked.config, tokens=tokens, device=device.type, precision=precision,
+            dtype=weights_dtype(module) if module is not None else None, world_size=distributed.world_size(),
+            engine=engine,
+        )  # fmt: skip
+    except Exception as err:  # the plan advises; a model it cannot run still runs
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        warnings.warn(f"memory check skipped: no memory plan for this model ({reason})", stacklevel=2)
+        return None
+    available = available_memory(device)
+    if module is not None:  # its parameters already on the device, which the plan counts too
+        available += sum(
+            p.numel() * p.element_size() for p in module.parameters() if p.device.type == device.type
+        )
+    if plan.peak_bytes > available:
+        remedies = "lower batch_size, max_length or lora_r"
+        if not cfg.gradient_checkpointing:
+            remedies += ", use gradient_checkpointing"
+        raise ValueError(
+            f"the run does not fit the device ({device}): phase {plan.peak_phase.name!r} is predicted to "
+            f"take {format_bytes(plan.peak_bytes)} ({plan.peak_bytes} bytes) but {format_bytes(available)} "
+            f"({available} bytes) is available; {remedies}, or pass memory_check=False to run anyway "
+            "(the plan is an estimate)\n" + plan.format_table()
+        )
+    return plan
 
 
 def _plan_output(cfg: UnlearnConfig, record: dict[str, Any]) -> outputs.RunDirs:

@@ -4,17 +4,10 @@ The data is read once and tokenised with the run's tokenizer; the model is built
 from its config (a module given as such is checked itself) to check token ids against the vocabulary,
 lengths against the context, ``target_modules`` against its modules and, for FILA, ``r ≤ min(out, in)``
 of every adapted weight (the solver takes ``r`` singular directions of each).
-
-The memory plan is made with the run's options, precision and engine, every example as long as the
-longest (batches are padded) and ``fisher_memory=None`` as one layer's accumulators. Available: what
-:func:`~fastunlearn.fisher.budget.available_memory` finds, plus the bytes of a model given as a module
-already on the device (the plan counts them too). A model the plan cannot run is not refused: the check
-is skipped with a warning.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,22 +16,12 @@ from torch import nn
 
 from fastunlearn import data as fdata
 from fastunlearn.data.examples import tokenize_records
-from fastunlearn.engines import distributed
 from fastunlearn.evaluation.muse import read_muse
 from fastunlearn.fisher import select_linear_layers
-from fastunlearn.fisher.budget import (
-    FILA_ACCUMULATORS,
-    accumulator_bytes,
-    available_memory,
-    format_bytes,
-    parse_bytes,
-    plan_groups,
-)
-from fastunlearn.models.devices import training_device, weights_dtype
+from fastunlearn.fisher.budget import FILA_ACCUMULATORS, accumulator_bytes, parse_bytes, plan_groups
 from fastunlearn.models.loading import load_config, model_skeleton, resolve_model
 from fastunlearn.models.naming import canonical_name
 from fastunlearn.options.unlearn import UnlearnConfig
-from fastunlearn.plan.plan import MemoryPlan, plan_memory
 
 Records = tuple[list[dict[str, Any]], str]  # a data set's records and its detected format
 
@@ -152,37 +135,3 @@ def preflight(cfg: UnlearnConfig, data: Mapping[str, Records]) -> Checked:
     check_context(config, forget_ex + retain_ex)
     check_target_modules(skeleton, cfg)
     return Checked(tokenizer, forget_ex, retain_ex, config, fdata.pad_id_of(tokenizer))
-
-
-def check_run_memory(cfg: UnlearnConfig, checked: Any, precision: str, engine: str) -> MemoryPlan | None:
-    """``ValueError`` (a line, then the plan's table) if the plan's peak exceeds what the device has;
-    the plan, or ``None`` with a warning when there is none."""
-    device = training_device()
-    module = cfg.model if isinstance(cfg.model, nn.Module) else None
-    tokens = max((len(e.input_ids) for e in checked.forget + checked.retain), default=2)
-    try:
-        plan = plan_memory(
-            cfg, config=checked.config, tokens=tokens, device=device.type, precision=precision,
-            dtype=weights_dtype(module) if module is not None else None, world_size=distributed.world_size(),
-            engine=engine,
-        )  # fmt: skip
-    except Exception as err:  # the plan advises; a model it cannot run still runs
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        warnings.warn(f"memory check skipped: no memory plan for this model ({reason})", stacklevel=2)
-        return None
-    available = available_memory(device)
-    if module is not None:  # its parameters already on the device, which the plan counts too
-        available += sum(
-            p.numel() * p.element_size() for p in module.parameters() if p.device.type == device.type
-        )
-    if plan.peak_bytes > available:
-        remedies = "lower batch_size, max_length or lora_r"
-        if not cfg.gradient_checkpointing:
-            remedies += ", use gradient_checkpointing"
-        raise ValueError(
-            f"the run does not fit the device ({device}): phase {plan.peak_phase.name!r} is predicted to "
-            f"take {format_bytes(plan.peak_bytes)} ({plan.peak_bytes} bytes) but {format_bytes(available)} "
-            f"({available} bytes) is available; {remedies}, or pass memory_check=False to run anyway "
-            "(the plan is an estimate)\n" + plan.format_table()
-        )
-    return plan
