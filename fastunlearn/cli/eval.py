@@ -121,17 +121,15 @@ def _checked(cfg) -> tuple[dict[str, Any], Any]:
 def _run_template(cfg) -> None:
     """``cfg.template`` and ``cfg.max_length`` where not given from the run that trained ``cfg.model``:
     its ``run_config.json`` there or one level up."""
-    import json
-
     from fastunlearn.data import TEMPLATE_NAMES
     from fastunlearn.evaluation.tofu import LEGACY_TEMPLATES
+    from fastunlearn.models.loading import read_json_object
 
     trained, taken = {}, []
     for folder in (cfg.model, os.path.join(cfg.model, os.pardir)):
         record = os.path.join(folder, "run_config.json")
         if os.path.isfile(record):
-            with open(record, encoding="utf-8") as handle:
-                trained = json.load(handle).get("options", {})
+            trained = read_json_object(record).get("options", {})
             break
     legacy = cfg.mode == "legacy"
     if cfg.template is None and "template" in trained:
